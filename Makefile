@@ -1,0 +1,93 @@
+# ML Defender config plane. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3.11
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+TOOLS_BIN    = $(shell hack/tools.sh --bindir)
+RUN_DIR     ?= $(CURDIR)/.devcluster
+export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS_BIN):$(PATH)
+export DEFENDER_TOOLS_BIN := $(TOOLS_BIN)
+
+##@ General
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} \
+	  /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Setup
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev]'
+	touch $@
+
+.PHONY: venv
+venv: $(STAMP) ## Create .venv with the package and dev tools (pinned by requirements/constraints.txt).
+
+.PHONY: tools
+tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, etcdctl, helm from Go modules (cached).
+	hack/tools.sh
+
+.PHONY: deps
+deps: venv tools ## Everything needed to run and test (Python deps + Go-built tools).
+
+##@ Local cluster
+
+.PHONY: cluster-up
+cluster-up: deps ## Start a local kube-apiserver/controller-manager/scheduler and a 3-member defender etcd.
+	$(PY) -m defender_devcluster up --run-dir $(RUN_DIR)
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local cluster (every process by PID).
+	-[ -x $(PY) ] && $(PY) -m defender_devcluster down --run-dir $(RUN_DIR)
+
+.PHONY: cluster-status
+cluster-status: ## Show the local cluster's processes, endpoints and health.
+	$(PY) -m defender_devcluster status --run-dir $(RUN_DIR)
+
+.PHONY: up
+up: cluster-up ## Run the whole system locally: cluster, CRDs, operator, samples.
+	$(PY) -m defender_devcluster system-up --run-dir $(RUN_DIR)
+
+.PHONY: down
+down: ## Stop the operator and the local cluster.
+	-[ -x $(PY) ] && $(PY) -m defender_devcluster system-down --run-dir $(RUN_DIR)
+
+##@ Development
+
+.PHONY: lint
+lint: venv ## ruff (lint + format check).
+	$(VENV)/bin/ruff check src operator tests bench
+	$(VENV)/bin/ruff format --check src operator tests bench
+
+.PHONY: fmt
+fmt: venv ## Format and autofix with ruff.
+	$(VENV)/bin/ruff format src operator tests bench
+	$(VENV)/bin/ruff check --fix src operator tests bench
+
+.PHONY: typecheck
+typecheck: venv ## mypy --strict on the library.
+	$(VENV)/bin/mypy
+
+.PHONY: test-unit
+test-unit: venv ## Fast unit tests (no cluster).
+	$(PY) -m pytest tests/unit -q
+
+.PHONY: test-integration
+test-integration: deps ## Integration tests against the real local control plane and 3-member etcd.
+	$(PY) -m pytest tests/harness tests/integration -q
+
+.PHONY: test-e2e
+test-e2e: deps ## End-to-end tests: operator, agent, chart against the real local cluster.
+	$(PY) -m pytest tests/e2e -q
+
+.PHONY: test
+test: deps lint typecheck ## ruff, mypy, unit, integration and end-to-end tests.
+	$(PY) -m pytest tests -q -m "not slow"
