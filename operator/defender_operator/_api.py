@@ -1,0 +1,413 @@
+"""The DefenderComponent v1alpha1 API as pydantic models.
+
+These models are the single source of the CRD schema (`python -m defender_operator.crdgen`
+renders `crds/defendercomponents.yaml` from them) and of the operator's own validation, so the
+API server and the operator can never disagree about what a valid object is.
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+Every field carries a description because `kubectl explain defendercomponent.spec...` shows it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "mldefender.io"
+VERSION = "v1alpha1"
+KIND = "DefenderComponent"
+PLURAL = "defendercomponents"
+SINGULAR = "defendercomponent"
+# `dc` is OpenShift's DeploymentConfig; `dfc` collides with nothing well known.
+SHORT_NAMES = ("dfc",)
+CATEGORIES = ("defender",)
+
+# Annotations a person sets to give the operator a one-off command (documented in docs/operator.md).
+ROLLBACK_ANNOTATION = f"{GROUP}/rollback-to"
+ROTATE_ANNOTATION = f"{GROUP}/rotate-key"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class ComponentTypeName(StrEnum):
+    """The values of `spec.componentType` (same strings as the library's ComponentType)."""
+
+    SNIFFER = "sniffer"
+    ML_DETECTOR = "ml-detector"
+    FIREWALL = "firewall"
+    RAG = "rag"
+    CUSTOM = "custom"
+
+
+class RetentionPolicy(StrEnum):
+    KEEP = "Keep"
+    PURGE = "Purge"
+
+
+class InvalidConfigPolicy(StrEnum):
+    REJECT = "Reject"
+    REVERT_TO_MASTER = "RevertToMaster"
+
+
+class Selector(_Model):
+    match_labels: dict[str, str] = Field(
+        min_length=1,
+        description=(
+            "Labels that select this component's pods. The operator only ever restarts pods that"
+            " carry all of these labels, and counts them as the expected instances."
+        ),
+    )
+
+
+class HeartbeatSpec(_Model):
+    interval_seconds: int = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="How often each instance writes its lease-bound heartbeat, in seconds.",
+    )
+    missed_before_restart: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description=(
+            "How many consecutive intervals an instance may miss before its pod is restarted."
+        ),
+    )
+    startup_grace_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description=(
+            "Seconds a new pod may run before its first heartbeat is required. Pods younger"
+            " than this are never restarted for missing heartbeats."
+        ),
+    )
+
+
+class CompressionSpec(_Model):
+    enabled: bool = Field(default=True, description="Compress stored values (zstd) before sealing.")
+    level: int = Field(default=3, ge=1, le=22, description="zstd compression level, 1 to 22.")
+    threshold_bytes: int = Field(
+        default=256,
+        ge=0,
+        le=1_048_576,
+        description="Values smaller than this many bytes are stored uncompressed.",
+    )
+
+
+class EncryptionSpec(_Model):
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Encrypt stored values with the shared keyring (AEAD). Turn off only for debugging:"
+            " values are then readable with etcdctl."
+        ),
+    )
+
+
+class StorageSpec(_Model):
+    compression: CompressionSpec = Field(
+        default_factory=CompressionSpec,
+        description="Compression of values written to etcd (applied before encryption).",
+    )
+    encryption: EncryptionSpec = Field(
+        default_factory=EncryptionSpec,
+        description="Encryption of values written to etcd (applied after compression).",
+    )
+
+
+class RolloutSpec(_Model):
+    max_unhealthy_percent: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description=(
+            "After an ACTIVE change, trip the breaker when more than this percentage of"
+            " instances turn unhealthy within windowSeconds."
+        ),
+    )
+    max_unhealthy_instances: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "After an ACTIVE change, trip the breaker when more than this many instances turn"
+            " unhealthy within windowSeconds."
+        ),
+    )
+    window_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="How long after an ACTIVE change the breaker watches instance health.",
+    )
+    history_limit: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="How many past ACTIVE versions to keep in etcd for rollback.",
+    )
+    on_invalid_config: InvalidConfigPolicy = Field(
+        default=InvalidConfigPolicy.REJECT,
+        description=(
+            "What to do when spec.config fails validation: Reject keeps ACTIVE as it is;"
+            " RevertToMaster also rolls ACTIVE back to the MASTER copy."
+        ),
+    )
+
+
+class RestartBudgetSpec(_Model):
+    enabled: bool = Field(
+        default=True, description="Restart pods that miss heartbeats. False only reports them."
+    )
+    max_restarts: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description=(
+            "Restarts allowed within windowSeconds. Beyond this the component is marked"
+            " degraded and the operator stops restarting it."
+        ),
+    )
+    window_seconds: int = Field(
+        default=1800,
+        ge=60,
+        le=604_800,
+        description="The window over which maxRestarts is counted.",
+    )
+    backoff_base_seconds: int = Field(
+        default=10,
+        ge=0,
+        le=3600,
+        description="Wait before the second restart; doubles with each further restart.",
+    )
+    backoff_max_seconds: int = Field(
+        default=600,
+        ge=0,
+        le=86_400,
+        description="Upper bound of the wait between two restarts of the same component.",
+    )
+
+
+class DefenderComponentSpec(_Model):
+    component_type: ComponentTypeName = Field(
+        description=(
+            "Which ML Defender component this is. Selects the config model the config is"
+            " validated with; `custom` uses customSchema instead. Immutable."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "componentType is immutable"}
+            ]
+        },
+    )
+    node_id: str = Field(
+        default="",
+        max_length=253,
+        description="The node id the component registers with (e.g. detector-01).",
+    )
+    version: str = Field(
+        default="",
+        max_length=64,
+        description="The component's software version, as reported in its registration.",
+    )
+    capabilities: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="What the component can do (e.g. ddos, ransomware, traffic, internal).",
+    )
+    config: dict[str, Any] = Field(
+        description=(
+            "The component's JSON config. The first one seen becomes MASTER (never modified);"
+            " each change is committed as a new ACTIVE version after validation."
+        ),
+    )
+    custom_schema: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "JSON Schema the config must satisfy. Required when componentType is custom,"
+            " forbidden otherwise."
+        ),
+    )
+    selector: Selector = Field(
+        description="Which pods are instances of this component.",
+    )
+    heartbeat: HeartbeatSpec = Field(
+        default_factory=HeartbeatSpec,
+        description="How instances prove they are alive, and when they are restarted.",
+    )
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec,
+        description="How this component's values are stored in etcd.",
+    )
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec,
+        description="Guards against a bad config spreading: blast-radius breaker and history.",
+    )
+    restart_budget: RestartBudgetSpec = Field(
+        default_factory=RestartBudgetSpec,
+        description="Limits on restarting pods that miss heartbeats.",
+    )
+    retention: RetentionPolicy = Field(
+        default=RetentionPolicy.KEEP,
+        description=(
+            "What happens to this component's etcd data when the resource is deleted: Keep"
+            " leaves it (re-creating the resource resumes it), Purge deletes every key."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _custom_schema_only_for_custom(self) -> DefenderComponentSpec:
+        is_custom = self.component_type is ComponentTypeName.CUSTOM
+        if is_custom and self.custom_schema is None:
+            raise ValueError("componentType custom needs customSchema")
+        if not is_custom and self.custom_schema is not None:
+            raise ValueError("customSchema is only allowed with componentType custom")
+        return self
+
+
+# The CEL twins of the validator above, so the API server refuses what the operator would.
+SPEC_VALIDATIONS: list[dict[str, str]] = [
+    {
+        "rule": "self.componentType != 'custom' || has(self.customSchema)",
+        "message": "componentType custom needs customSchema",
+    },
+    {
+        "rule": "self.componentType == 'custom' || !has(self.customSchema)",
+        "message": "customSchema is only allowed with componentType custom",
+    },
+]
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(_Model):
+    """One observation about the component, keyed by type (Kubernetes API conventions)."""
+
+    type: str = Field(
+        max_length=316,
+        description="Ready, ConfigSynced, Heartbeating, KeyCurrent or Misconfigured.",
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="One CamelCase word saying why, for machines.",
+    )
+    message: str = Field(default="", max_length=32768, description="What happened, for people.")
+    last_transition_time: datetime = Field(
+        description="When status last changed (not when the condition was last checked).",
+    )
+    observed_generation: int = Field(
+        default=0, ge=0, description="The metadata.generation this condition was computed for."
+    )
+
+
+class InstancesStatus(_Model):
+    alive: int = Field(default=0, ge=0, description="Instances with a live heartbeat.")
+    expected: int = Field(default=0, ge=0, description="Pods that match spec.selector.")
+
+
+class RotationStage(StrEnum):
+    """Where the shared key rotation stands (the same for every component)."""
+
+    IDLE = "Idle"
+    DISTRIBUTING = "Distributing"  # new key added decrypt-only, waiting for every instance
+    PROMOTED = "Promoted"  # new key is primary, stored values being rewrapped
+    GRACE = "Grace"  # everything rewrapped, old key kept until the grace period ends
+
+
+class DefenderComponentStatus(_Model):
+    observed_generation: int = Field(
+        default=0, ge=0, description="The metadata.generation the operator last acted on."
+    )
+    active_version: int = Field(default=0, ge=0, description="Version number of ACTIVE in etcd.")
+    master_digest: str = Field(default="", description="SHA-256 of MASTER's canonical JSON.")
+    active_digest: str = Field(default="", description="SHA-256 of ACTIVE's canonical JSON.")
+    spec_config_digest: str = Field(
+        default="",
+        description=(
+            "SHA-256 of the spec.config last handled; a different digest means spec.config"
+            " changed and is committed (or refused) on the next reconcile."
+        ),
+    )
+    instances: InstancesStatus = Field(
+        default_factory=InstancesStatus, description="Live instances against expected pods."
+    )
+    instance_summary: str = Field(default="0/0", description="alive/expected, for `kubectl get`.")
+    last_heartbeat_time: datetime | None = Field(
+        default=None, description="Newest heartbeat seen from any instance."
+    )
+    restarts: int = Field(default=0, ge=0, description="Pods restarted for missed heartbeats.")
+    rotation_stage: RotationStage = Field(
+        default=RotationStage.IDLE, description="Stage of the shared key rotation."
+    )
+    key_fingerprint: str = Field(
+        default="",
+        description="Fingerprint (SHA-256 prefix, not the key) of the primary key in use.",
+    )
+    frozen: bool = Field(
+        default=False,
+        description="True while the breaker holds commits for this component.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, ConfigSynced, Heartbeating, KeyCurrent, Misconfigured.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+
+
+class DefenderComponent(_Model):
+    """The whole object as the operator reads it (metadata left to kopf)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    spec: DefenderComponentSpec = Field(
+        description="What the component should run with (desired state)."
+    )
+    status: DefenderComponentStatus = Field(
+        default_factory=DefenderComponentStatus,
+        description="What the operator observed (written only by the operator).",
+    )
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Type", "type": "string", "jsonPath": ".spec.componentType"},
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+    },
+    {"name": "Active", "type": "integer", "jsonPath": ".status.activeVersion"},
+    {"name": "Instances", "type": "string", "jsonPath": ".status.instanceSummary"},
+    {"name": "Heartbeat", "type": "date", "jsonPath": ".status.lastHeartbeatTime"},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Reason",
+        "type": "string",
+        "priority": 1,
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+    },
+    {"name": "Rotation", "type": "string", "priority": 1, "jsonPath": ".status.rotationStage"},
+]
+
+
+def parse_spec(spec: dict[str, Any]) -> DefenderComponentSpec:
+    """Validate a spec as it arrives from the API server (camelCase keys)."""
+    return DefenderComponentSpec.model_validate(spec)

@@ -1,0 +1,100 @@
+"""The DefenderComponent models and the CRD rendered from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from defender_operator import _api, crdgen
+
+REPO = Path(__file__).resolve().parents[3]
+CRD_FILE = REPO / "crds" / "defendercomponents.yaml"
+
+
+def _spec(**over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "componentType": "sniffer",
+        "config": {"interface": "eth0"},
+        "selector": {"matchLabels": {"app": "sniffer"}},
+    }
+    spec.update(over)
+    return spec
+
+
+def test_committed_crd_is_not_stale() -> None:
+    assert CRD_FILE.read_text() == crdgen.render(), (
+        "crds/defendercomponents.yaml is stale: run `python -m defender_operator.crdgen`"
+    )
+
+
+def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
+    stale = tmp_path / "crd.yaml"
+    stale.write_text("# old\n")
+    assert crdgen.main(["--check", "--output", str(stale)]) == 1
+    crdgen.main(["--output", str(stale)])
+    assert crdgen.main(["--check", "--output", str(stale)]) == 0
+
+
+def _walk_properties(node: dict[str, Any], where: str) -> list[str]:
+    missing = []
+    for name, prop in node.get("properties", {}).items():
+        if "description" not in prop:
+            missing.append(f"{where}.{name}")
+        missing += _walk_properties(prop, f"{where}.{name}")
+        if prop.get("type") == "array":
+            missing += _walk_properties(prop["items"], f"{where}.{name}[]")
+    return missing
+
+
+def test_every_field_has_a_description_and_no_refs() -> None:
+    doc = yaml.safe_load(CRD_FILE.read_text())
+    schema = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert _walk_properties(schema, "") == []
+    text = CRD_FILE.read_text()
+    assert "$ref" not in text
+    assert "anyOf" not in text
+    assert "title:" not in text
+
+
+def test_crd_names_and_subresources() -> None:
+    doc = yaml.safe_load(CRD_FILE.read_text())
+    names = doc["spec"]["names"]
+    assert names["plural"] == "defendercomponents"
+    assert "defender" in names["categories"]
+    assert "dc" not in names["shortNames"]
+    version = doc["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"] for c in version["additionalPrinterColumns"]}
+    assert {"Type", "Ready", "Active", "Instances", "Heartbeat", "Restarts", "Age"} <= columns
+
+
+def test_spec_defaults_match_the_brief() -> None:
+    spec = _api.parse_spec(_spec())
+    assert spec.heartbeat.interval_seconds == 30
+    assert spec.heartbeat.missed_before_restart == 3
+    assert spec.retention is _api.RetentionPolicy.KEEP
+    assert spec.storage.compression.enabled and spec.storage.encryption.enabled
+
+
+def test_custom_needs_a_schema_and_only_custom_may_have_one() -> None:
+    with pytest.raises(ValidationError, match="custom needs customSchema"):
+        _api.parse_spec(_spec(componentType="custom"))
+    with pytest.raises(ValidationError, match="only allowed with componentType custom"):
+        _api.parse_spec(_spec(customSchema={"type": "object"}))
+    ok = _api.parse_spec(_spec(componentType="custom", customSchema={"type": "object"}))
+    assert ok.custom_schema == {"type": "object"}
+
+
+def test_unknown_spec_fields_and_bad_ranges_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        _api.parse_spec(_spec(surprise=1))
+    with pytest.raises(ValidationError):
+        _api.parse_spec(_spec(heartbeat={"intervalSeconds": 0}))
+    with pytest.raises(ValidationError):
+        _api.parse_spec(_spec(selector={"matchLabels": {}}))
+    with pytest.raises(ValidationError):
+        _api.parse_spec(_spec(componentType="toaster"))
