@@ -1,1 +1,29 @@
-"""Placeholder."""
+"""Local control plane for development and tests: real etcd and Kubernetes processes on 127.0.0.1.
+
+See docs/local-cluster.md. The pytest fixtures live in ``defender_devcluster.pytest_plugin``.
+"""
+
+from ._errors import (
+    DevClusterError,
+    PortInUseError,
+    ProcessStartError,
+    StaleProcessError,
+    StateError,
+    ToolNotFoundError,
+)
+from ._etcd import EtcdCluster, etcd_member_healthy, etcd_status
+from ._tools import tool, tools_bin
+
+__all__ = [
+    "DevClusterError",
+    "EtcdCluster",
+    "PortInUseError",
+    "ProcessStartError",
+    "StaleProcessError",
+    "StateError",
+    "ToolNotFoundError",
+    "etcd_member_healthy",
+    "etcd_status",
+    "tool",
+    "tools_bin",
+]

@@ -1,0 +1,262 @@
+"""A local etcd cluster of N members on 127.0.0.1, each a real etcd process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ._errors import PortInUseError, ProcessStartError
+from ._http import get_json, post_json
+from ._procs import ManagedProcess, free_ports, reap_stale
+from ._tools import tool
+
+log = logging.getLogger(__name__)
+
+_PORT_ATTEMPTS = 3
+
+
+def etcd_member_healthy(endpoint: str, timeout: float = 2.0) -> bool:
+    """etcd's /health is true only when the member sees a leader and has no alarm."""
+    try:
+        body = get_json(f"{endpoint}/health", timeout=timeout)
+    except (OSError, ValueError):
+        return False
+    return isinstance(body, dict) and body.get("health") == "true"
+
+
+def etcd_status(endpoint: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The maintenance Status of one member through etcd's JSON gateway, or None."""
+    try:
+        body = post_json(f"{endpoint}/v3/maintenance/status", {}, timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+class EtcdCluster:
+    """``members`` etcd processes forming one cluster; logs and data under ``run_dir/name``.
+
+    Ports are picked at start time. ``start()`` always forms a fresh cluster (old data is
+    wiped, stale processes of an earlier crashed run in the same directory are stopped);
+    ``restart_member`` keeps a member's data dir and ports.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        members: int = 3,
+        name: str = "defender",
+        *,
+        start_timeout: float = 60.0,
+        die_with_parent: bool = False,
+    ) -> None:
+        if members < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        self.run_dir = Path(run_dir).resolve()
+        self.members = members
+        self.name = name
+        self.start_timeout = start_timeout
+        self.die_with_parent = die_with_parent
+        self.dir = self.run_dir / f"etcd-{name}"
+        self.client_ports: list[int] = []
+        self.peer_ports: list[int] = []
+        self._procs: list[ManagedProcess] = []
+
+    # ----------------------------------------------------------------- public face
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.client_ports]
+
+    @property
+    def member_pids(self) -> list[int | None]:
+        """PID per member; None for a member that is not running."""
+        return [p.pid if p.running() else None for p in self._procs]
+
+    def member_name(self, i: int) -> str:
+        return f"{self.name}-{i}"
+
+    def data_dir(self, i: int) -> Path:
+        return self.dir / f"{self.member_name(i)}.data"
+
+    def log_path(self, i: int) -> Path:
+        return self.dir / f"{self.member_name(i)}.log"
+
+    def start(self) -> EtcdCluster:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        reap_stale(self.dir)
+        etcd = tool("etcd")
+        t0 = time.monotonic()
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            self._wipe_data()
+            ports = free_ports(2 * self.members)
+            self.client_ports = ports[: self.members]
+            self.peer_ports = ports[self.members :]
+            self._procs = [self._process(etcd, i) for i in range(self.members)]
+            try:
+                for p in self._procs:
+                    p.start()
+                self._wait_ready(range(self.members), time.monotonic() + self.start_timeout)
+            except PortInUseError:
+                self._stop_all(timeout=2.0)
+                if attempt == _PORT_ATTEMPTS:
+                    raise
+                log.info("etcd %s lost a port race, retrying with new ports", self.name)
+                continue
+            except BaseException:
+                self._stop_all(timeout=2.0)
+                raise
+            break
+        log.info(
+            "etcd cluster %s up in %.1fs: %s", self.name, time.monotonic() - t0, self.endpoints
+        )
+        return self
+
+    def stop(self) -> None:
+        self._stop_all()
+
+    def kill_member(self, i: int) -> int:
+        """SIGKILL member ``i`` by PID (a crash, not a shutdown). Returns the killed PID."""
+        proc = self._procs[i]
+        pid = proc.pid
+        if pid is None or not proc.running():
+            raise ProcessStartError(self.member_name(i), proc.log_path, "member is not running")
+        proc.kill()
+        return pid
+
+    def stop_member(self, i: int) -> None:
+        self._procs[i].stop()
+
+    def restart_member(self, i: int) -> None:
+        """(Re)start member ``i`` on its old data dir and ports; wait until it is healthy."""
+        proc = self._procs[i]
+        if proc.running():
+            proc.stop()
+        proc.start()
+        self._wait_ready([i], time.monotonic() + self.start_timeout)
+
+    def leader_endpoint(self) -> str | None:
+        """Client URL of the member that is leader right now, if any answers."""
+        for ep in self._live_endpoints():
+            st = etcd_status(ep)
+            if (
+                st is not None
+                and st.get("leader")
+                and st.get("leader") == st.get("header", {}).get("member_id")
+            ):
+                return ep
+        return None
+
+    def wait_for_leader(self, timeout: float = 30.0) -> str:
+        """Block until a running member reports itself leader (after a kill, an election runs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.leader_endpoint()
+            if leader is not None:
+                return leader
+            time.sleep(0.2)
+        raise ProcessStartError(
+            f"etcd cluster {self.name}", self.dir, f"no leader elected within {timeout:.0f}s"
+        )
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"EtcdCluster(name={self.name!r}, members={self.members}, endpoints={self.endpoints})"
+        )
+
+    # ----------------------------------------------------------------- internals
+    def _live_endpoints(self) -> list[str]:
+        return [ep for ep, p in zip(self.endpoints, self._procs, strict=True) if p.running()]
+
+    def _wipe_data(self) -> None:
+        for i in range(self.members):
+            shutil.rmtree(self.data_dir(i), ignore_errors=True)
+
+    def _process(self, etcd: Path, i: int) -> ManagedProcess:
+        peers = ",".join(
+            f"{self.member_name(j)}=http://127.0.0.1:{self.peer_ports[j]}"
+            for j in range(self.members)
+        )
+        client = f"http://127.0.0.1:{self.client_ports[i]}"
+        peer = f"http://127.0.0.1:{self.peer_ports[i]}"
+        data_dir = self.data_dir(i)
+        argv = [
+            str(etcd),
+            f"--name={self.member_name(i)}",
+            f"--data-dir={data_dir}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster={peers}",
+            f"--initial-cluster-token=defender-devcluster-{self.name}",
+            "--initial-cluster-state=new",
+            # The machine is shared with builds; etcd's 100 ms/1 s defaults flap under load.
+            "--heartbeat-interval=200",
+            "--election-timeout=2000",
+            "--log-level=warn",
+        ]
+        # etcd also reads ETCD_* variables: one left in a shell would change the cluster.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        return ManagedProcess(
+            self.member_name(i),
+            argv,
+            self.dir,
+            marker=str(data_dir),
+            env=env,
+            die_with_parent=self.die_with_parent,
+        )
+
+    def _wait_ready(self, indices: range | list[int], deadline: float) -> None:
+        pending = set(indices)
+        while True:
+            for i in sorted(pending):
+                proc = self._procs[i]
+                if not proc.running():
+                    tail = proc.tail()
+                    cls = PortInUseError if "address already in use" in tail else ProcessStartError
+                    raise cls(
+                        self.member_name(i),
+                        proc.log_path,
+                        f"exited with code {proc.exit_code()}",
+                        tail,
+                    )
+                if etcd_member_healthy(self.endpoints[i]):
+                    pending.discard(i)
+            if not pending and self.leader_endpoint() is not None:
+                return
+            if time.monotonic() > deadline:
+                i = min(pending) if pending else 0
+                raise ProcessStartError(
+                    self.member_name(i),
+                    self.log_path(i),
+                    f"no healthy member with a leader after {self.start_timeout:.0f}s "
+                    f"(waiting for {sorted(self.member_name(j) for j in pending) or 'a leader'})",
+                    self._procs[i].tail(),
+                )
+            time.sleep(0.2)
+
+    def _stop_all(self, timeout: float = 10.0) -> None:
+        errors: list[BaseException] = []
+        for p in self._procs:
+            try:
+                p.stop(timeout=timeout)
+            except Exception as exc:  # keep stopping the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,47 @@
+"""The defender etcd of the harness is a real 3-member cluster that survives losing a member."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from defender_devcluster import EtcdCluster, tool
+
+
+def etcdctl(endpoint: str, *args: str) -> str:
+    argv = [str(tool("etcdctl")), f"--endpoints={endpoint}", "--command-timeout=10s", *args]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"{argv[2:]} failed: {out.stderr}"
+    return out.stdout
+
+
+def test_three_voting_members(defender_etcd: EtcdCluster) -> None:
+    listing = json.loads(etcdctl(defender_etcd.endpoints[0], "member", "list", "-w", "json"))
+    members = listing["members"]
+    assert len(members) == 3
+    assert not any(m.get("isLearner", False) for m in members)
+    advertised = sorted(url for m in members for url in m["clientURLs"])
+    assert advertised == sorted(defender_etcd.endpoints)
+
+
+def test_write_after_killing_a_member_reads_back_elsewhere(
+    defender_etcd: EtcdCluster, etcd_prefix: str
+) -> None:
+    # Kill the leader when we can find it: the harder case (forces an election).
+    leader = defender_etcd.leader_endpoint()
+    victim = defender_etcd.endpoints.index(leader) if leader else 0
+    pid = defender_etcd.kill_member(victim)
+    try:
+        assert defender_etcd.member_pids[victim] is None
+        survivors = [ep for i, ep in enumerate(defender_etcd.endpoints) if i != victim]
+        key = f"{etcd_prefix}after-kill"
+        # Killing the leader starts an election; the two survivors still form a quorum.
+        assert defender_etcd.wait_for_leader(timeout=30) in survivors
+        etcdctl(survivors[0], "put", key, f"written-after-killing-pid-{pid}")
+        got = etcdctl(survivors[1], "get", key, "--print-value-only", "--consistency=l")
+        assert got.strip() == f"written-after-killing-pid-{pid}"
+    finally:
+        defender_etcd.restart_member(victim)
+    # The restarted member rejoins with its old data and catches up on what it missed.
+    got = etcdctl(defender_etcd.endpoints[victim], "get", key, "--print-value-only")
+    assert got.strip() == f"written-after-killing-pid-{pid}"
