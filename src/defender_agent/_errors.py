@@ -1,0 +1,103 @@
+"""Errors raised by the sidecar agent.
+
+The tree (one root, so a caller can catch everything the agent raises on purpose)::
+
+    AgentError
+    ├── AgentSettingsError        bad flags / environment at start-up
+    ├── WriteError                the decoded config could not be written to the shared volume
+    └── ReloadError               the target process could not be told to reload
+        ├── ProcessNotFoundError  no process (or no live pid in the pidfile) to signal
+        ├── SignalDeliveryError   the kernel refused the signal
+        └── HttpReloadError       the reload URL failed after every retry
+
+Errors from the shared library (``defender_config.DefenderConfigError`` and its tree) are not
+wrapped: the agent reports their ``.reason`` as they are.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "AgentSettingsError",
+    "HttpReloadError",
+    "ProcessNotFoundError",
+    "ReloadError",
+    "SignalDeliveryError",
+    "WriteError",
+]
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+    reason = "AgentError"
+
+
+class AgentSettingsError(AgentError):
+    """Flags or environment variables are missing, malformed or contradict each other."""
+
+    reason = "AgentSettings"
+
+
+class WriteError(AgentError):
+    """Writing the config file failed; the previous file is left in place."""
+
+    reason = "WriteFailed"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"could not write {path}: {detail}; check that the shared volume is mounted, "
+            "writable by the agent and not full"
+        )
+
+
+class ReloadError(AgentError):
+    """The target process could not be told to reload."""
+
+    reason = "ReloadFailed"
+
+
+class ProcessNotFoundError(ReloadError):
+    """No process matches the configured name or pidfile."""
+
+    reason = "ProcessNotFound"
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        self.detail = detail
+        super().__init__(
+            f"no process to reload for {what}: {detail}; check that the pod sets "
+            "shareProcessNamespace: true and that the process name or pidfile is right"
+        )
+
+
+class SignalDeliveryError(ReloadError):
+    """The kernel refused to deliver the signal (usually a permission problem)."""
+
+    reason = "SignalFailed"
+
+    def __init__(self, pid: int, signal_name: str, detail: str) -> None:
+        self.pid = pid
+        self.signal_name = signal_name
+        self.detail = detail
+        super().__init__(
+            f"could not send {signal_name} to pid {pid}: {detail}; check that the agent runs "
+            "as the same user as the target or has CAP_KILL"
+        )
+
+
+class HttpReloadError(ReloadError):
+    """The reload URL did not answer with a 2xx status after every retry."""
+
+    reason = "HttpReloadFailed"
+
+    def __init__(self, url: str, attempts: int, detail: str) -> None:
+        self.url = url
+        self.attempts = attempts
+        self.detail = detail
+        super().__init__(
+            f"reload call {url} failed after {attempts} attempt(s): {detail}; check that the "
+            "component listens on that address and accepts the method"
+        )

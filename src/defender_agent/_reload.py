@@ -1,0 +1,222 @@
+"""Telling the component to reload its config: a signal to a process in the pod, or an HTTP call.
+
+With ``shareProcessNamespace: true`` every container of the pod sees the others' processes under
+``/proc``, so the agent finds the component by name and signals it, the way ``nginx -s reload``
+or ``kill -HUP`` would be used by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ._errors import HttpReloadError, ProcessNotFoundError, SignalDeliveryError
+
+__all__ = [
+    "HttpReloader",
+    "NoReload",
+    "ProcessInfo",
+    "Reloader",
+    "SignalReloader",
+    "find_processes",
+    "parse_signal",
+    "read_pidfile",
+]
+
+log = logging.getLogger(__name__)
+
+# The kernel keeps at most 15 characters of a process name in /proc/<pid>/comm.
+_COMM_LEN = 15
+
+
+class Reloader(Protocol):
+    """Something that makes the component pick up the file the agent just wrote."""
+
+    def reload(self) -> str:
+        """Trigger a reload; return a short description of what was done (for logs)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    ppid: int
+    comm: str
+    argv0: str
+
+
+def parse_signal(name: str) -> signal.Signals:
+    """Turn ``HUP``, ``SIGHUP`` or ``1`` into a signal; ``ValueError`` names the bad input."""
+    text = name.strip().upper()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            raise ValueError(f"unknown signal number {name!r}") from None
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ValueError(f"unknown signal name {name!r} (use e.g. SIGHUP, SIGUSR1)") from None
+
+
+def _read_process(proc: Path) -> ProcessInfo | None:
+    try:
+        pid = int(proc.name)
+        comm = (proc / "comm").read_text().rstrip("\n")
+        stat = (proc / "stat").read_text()
+        cmdline = (proc / "cmdline").read_bytes()
+    except (OSError, ValueError):
+        # The process exited while we looked, or is not ours to read: skip it.
+        return None
+    # The comm field in stat is in parentheses and may itself contain spaces or ')'.
+    after = stat[stat.rfind(")") + 2 :].split()
+    try:
+        ppid = int(after[1])
+    except (IndexError, ValueError):
+        return None
+    argv0 = cmdline.split(b"\0", 1)[0].decode(errors="replace")
+    return ProcessInfo(pid=pid, ppid=ppid, comm=comm, argv0=argv0)
+
+
+def _matches(info: ProcessInfo, name: str) -> bool:
+    if info.argv0 and os.path.basename(info.argv0) == name:
+        return True
+    return info.comm == name[:_COMM_LEN]
+
+
+def find_processes(name: str, proc_root: Path = Path("/proc")) -> list[ProcessInfo]:
+    """Processes whose name (``comm`` or the base name of ``argv[0]``) is ``name``.
+
+    The agent itself is never returned. When a matching process has a matching parent (nginx
+    master and workers, a forking server) only the topmost ones are returned: the parent is the
+    one that handles reload signals.
+    """
+    own = os.getpid()
+    found: dict[int, ProcessInfo] = {}
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        info = _read_process(entry)
+        if info is None or info.pid == own or not _matches(info, name):
+            continue
+        found[info.pid] = info
+    return sorted((p for p in found.values() if p.ppid not in found), key=lambda p: p.pid)
+
+
+def read_pidfile(path: Path) -> int:
+    """The pid written in ``path``; :class:`ProcessNotFoundError` if missing, bad or stale."""
+    what = f"pidfile {path}"
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ProcessNotFoundError(what, f"cannot read it: {exc.strerror or exc}") from exc
+    try:
+        pid = int(text.split()[0])
+    except (IndexError, ValueError):
+        raise ProcessNotFoundError(what, f"it does not hold a pid (found {text[:40]!r})") from None
+    if pid <= 0:
+        raise ProcessNotFoundError(what, f"it holds an invalid pid {pid}")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise ProcessNotFoundError(what, f"pid {pid} is not running (stale pidfile)") from None
+    except PermissionError:
+        # The process exists; whether we may signal it is decided when we send the signal.
+        pass
+    return pid
+
+
+@dataclass
+class SignalReloader:
+    """Send ``sig`` to the process named ``process_name`` or to the pid in ``pidfile``."""
+
+    sig: signal.Signals
+    process_name: str | None = None
+    pidfile: Path | None = None
+    proc_root: Path = field(default=Path("/proc"))
+
+    def __post_init__(self) -> None:
+        if (self.process_name is None) == (self.pidfile is None):
+            raise ValueError("give exactly one of process_name or pidfile")
+
+    def targets(self) -> list[int]:
+        if self.pidfile is not None:
+            return [read_pidfile(self.pidfile)]
+        assert self.process_name is not None
+        found = find_processes(self.process_name, self.proc_root)
+        if not found:
+            raise ProcessNotFoundError(
+                f"process name {self.process_name!r}",
+                f"no process with that name under {self.proc_root}",
+            )
+        return [p.pid for p in found]
+
+    def reload(self) -> str:
+        pids = self.targets()
+        for pid in pids:
+            try:
+                os.kill(pid, self.sig)
+            except ProcessLookupError as exc:
+                raise ProcessNotFoundError(f"pid {pid}", "it exited before the signal") from exc
+            except OSError as exc:
+                raise SignalDeliveryError(pid, self.sig.name, exc.strerror or str(exc)) from exc
+        return f"sent {self.sig.name} to pid(s) {','.join(map(str, pids))}"
+
+
+@dataclass
+class HttpReloader:
+    """Call ``url`` with ``method``; retry on connection errors, timeouts and 5xx answers.
+
+    A 4xx answer is not retried: the component understood the call and refused it, asking again
+    will not help.
+    """
+
+    url: str
+    method: str = "POST"
+    timeout_seconds: float = 5.0
+    retries: int = 3
+    backoff_seconds: float = 0.2
+
+    def reload(self) -> str:
+        attempts = 0
+        last = "no attempt made"
+        for attempt in range(1, self.retries + 1):
+            attempts = attempt
+            request = urllib.request.Request(self.url, method=self.method, data=b"")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
+                    status = int(response.status)
+                return f"{self.method} {self.url} -> {status}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code} {exc.reason}"
+                if exc.code < 500:
+                    break
+            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                last = f"{type(exc).__name__}: {reason}"
+            log.warning(
+                "reload call failed, attempt %d of %d: %s",
+                attempt,
+                self.retries,
+                last,
+                extra={"url": self.url, "attempt": attempt},
+            )
+            if attempt < self.retries:
+                time.sleep(self.backoff_seconds * (2 ** (attempt - 1)))
+        raise HttpReloadError(self.url, attempts, last)
+
+
+class NoReload:
+    """For components that watch the file themselves (inotify): writing is enough."""
+
+    def reload(self) -> str:
+        return "no reload configured"

@@ -1,0 +1,237 @@
+"""Agent settings: command-line flags over ``DEFENDER_AGENT_*`` environment variables.
+
+Every field can come from a flag (``--output-path``) or from the environment
+(``DEFENDER_AGENT_OUTPUT_PATH``); flags win. The instance name falls back to ``POD_NAME`` and the
+node to ``NODE_NAME``, which a pod sets from the downward API. Settings are validated once at
+start-up and a bad value stops the agent with exit code 2 and a message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ._errors import AgentSettingsError
+from ._reload import parse_signal
+
+__all__ = [
+    "AgentSettings",
+    "ComponentTypeName",
+    "ReloadMethod",
+    "build_parser",
+    "load_agent_settings",
+]
+
+ComponentTypeName = Literal["sniffer", "ml-detector", "firewall", "rag", "custom"]
+ReloadMethod = Literal["signal", "http", "none"]
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent needs to know; one documented field per knob."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEFENDER_AGENT_",
+        extra="forbid",
+        populate_by_name=True,
+        # The docstring under each field becomes its description (shown by --help).
+        use_attribute_docstrings=True,
+    )
+
+    component: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Component name, as in the DefenderComponent resource and the etcd path."""
+
+    component_type: ComponentTypeName = "custom"
+    """Which config model validates the config; ``custom`` accepts any JSON object
+    (or the JSON schema in ``schema_path``)."""
+
+    instance: str = Field(
+        min_length=1,
+        validation_alias=AliasChoices("instance", "DEFENDER_AGENT_INSTANCE", "POD_NAME"),
+    )
+    """This instance's name: the pod name from the downward API (``POD_NAME``)."""
+
+    node_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("node_id", "DEFENDER_AGENT_NODE_ID", "NODE_NAME"),
+    )
+    """Node the pod runs on (``NODE_NAME`` from the downward API); shown in heartbeats."""
+
+    output_path: Path
+    """Where the decoded config is written, on a volume shared with the component."""
+
+    file_mode: int = Field(default=0o640, ge=0, le=0o777)
+    """Permissions of the written file (default 0640: owner read/write, group read)."""
+
+    schema_path: Path | None = None
+    """Optional JSON schema the config must also satisfy."""
+
+    etcd_endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:2379"]
+    )
+    """etcd client URLs, comma-separated in the environment; any member will do."""
+
+    etcd_ca_file: Path | None = None
+    etcd_cert_file: Path | None = None
+    etcd_key_file: Path | None = None
+    etcd_user: str | None = None
+    etcd_password: SecretStr | None = None
+
+    prefix: str = "/ml-defender"
+    """Root of the defender layout in etcd."""
+
+    keyring_path: Path = Path("/var/run/ml-defender/keyring")
+    """Directory where the key Secret is mounted (holds ``keyring.json``). Changes to the
+    mounted Secret are picked up without a restart."""
+
+    reload_method: ReloadMethod = "signal"
+    """How the component is told to reload: ``signal``, ``http`` or ``none`` (the component
+    watches the file itself)."""
+
+    reload_process: str | None = None
+    """Process name to signal (``comm`` or base name of ``argv[0]``); needs
+    ``shareProcessNamespace: true`` on the pod."""
+
+    reload_pidfile: Path | None = None
+    """Alternative to ``reload_process``: a file holding the pid to signal."""
+
+    reload_signal: str = "SIGHUP"
+    """Signal to send, e.g. ``SIGHUP`` or ``USR1``."""
+
+    reload_url: str | None = None
+    """URL to call when ``reload_method`` is ``http``."""
+
+    reload_http_method: Literal["GET", "POST", "PUT"] = "POST"
+    reload_timeout_seconds: float = Field(default=5.0, gt=0)
+    reload_retries: int = Field(default=3, ge=1, le=20)
+    reload_backoff_seconds: float = Field(default=0.2, ge=0)
+
+    heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
+    """Seconds between heartbeats (lease keep-alives)."""
+
+    heartbeat_misses: int = Field(default=3, ge=1)
+    """Missed heartbeats before the lease expires and the operator restarts the pod."""
+
+    keyring_poll_seconds: float = Field(default=2.0, gt=0)
+    """How often the mounted Secret is checked for a new keyring."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("etcd_endpoints", mode="before")
+    @classmethod
+    def _endpoints_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("etcd_endpoints")
+    @classmethod
+    def _endpoints_present(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one etcd endpoint")
+        return value
+
+    @field_validator("file_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: Any) -> Any:
+        # "0640" from a flag or env var is octal, as chmod reads it, not decimal 640.
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an octal mode such as 0640") from None
+        return value
+
+    @field_validator("reload_signal")
+    @classmethod
+    def _known_signal(cls, value: str) -> str:
+        return parse_signal(value).name
+
+    @field_validator("reload_process")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and ("/" in value or not value.strip()):
+            raise ValueError("a process name, not a path (e.g. 'sniffer', not '/usr/bin/sniffer')")
+        return value
+
+    @model_validator(mode="after")
+    def _reload_target_given(self) -> AgentSettings:
+        one_target = (self.reload_process is None) != (self.reload_pidfile is None)
+        if self.reload_method == "signal" and not one_target:
+            raise ValueError(
+                "reload_method=signal needs exactly one of reload_process or reload_pidfile"
+            )
+        url_ok = (self.reload_url or "").startswith(("http://", "https://"))
+        if self.reload_method == "http" and not url_ok:
+            raise ValueError(
+                "reload_method=http needs reload_url starting with http:// or https://"
+            )
+        if self.output_path.name in ("", ".", ".."):
+            raise ValueError("output_path must name a file")
+        return self
+
+    @property
+    def reload_signum(self) -> signal.Signals:
+        return parse_signal(self.reload_signal)
+
+    @property
+    def lease_ttl_seconds(self) -> int:
+        """Lease time-to-live: the heartbeat interval times the tolerated misses, rounded up."""
+        return max(2, math.ceil(self.heartbeat_interval_seconds * self.heartbeat_misses))
+
+
+# Flags are derived from the fields so a new field cannot be forgotten on the command line.
+_FLAG_HELP_SKIP = {"etcd_password"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defender-agent",
+        description=(
+            "Sidecar that registers a component, keeps its heartbeat, writes its decoded config "
+            "to a shared file and tells it to reload. Every flag can also be set as "
+            "DEFENDER_AGENT_<FLAG> in the environment."
+        ),
+    )
+    for name, info in AgentSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = " ".join((info.description or "").split()).replace("%", "%%") or None
+        if name in _FLAG_HELP_SKIP:
+            help_text = "prefer DEFENDER_AGENT_ETCD_PASSWORD from a Secret over this flag"
+        parser.add_argument(flag, dest=name, default=None, help=help_text)
+    return parser
+
+
+def load_agent_settings(argv: Sequence[str] | None = None) -> AgentSettings:
+    """Parse flags, merge with the environment, validate; :class:`AgentSettingsError` if bad."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(namespace).items() if v is not None}
+    try:
+        return AgentSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise AgentSettingsError(
+            f"invalid agent settings: {problems} (set flags or DEFENDER_AGENT_* variables; "
+            "the instance comes from POD_NAME)"
+        ) from exc

@@ -1,0 +1,254 @@
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from defender_agent import (
+    HttpReloader,
+    HttpReloadError,
+    ProcessNotFoundError,
+    SignalDeliveryError,
+    SignalReloader,
+)
+from defender_agent._reload import NoReload, find_processes, parse_signal, read_pidfile
+
+Spawn = Callable[[str], tuple[subprocess.Popen[bytes], Path]]
+Wait = Callable[..., None]
+
+
+def test_parse_signal_forms() -> None:
+    assert parse_signal("SIGHUP") is signal.SIGHUP
+    assert parse_signal("hup") is signal.SIGHUP
+    assert parse_signal("usr1") is signal.SIGUSR1
+    assert parse_signal(str(int(signal.SIGTERM))) is signal.SIGTERM
+
+
+@pytest.mark.parametrize("bad", ["SIGNOPE", "", "999"])
+def test_parse_signal_rejects(bad: str) -> None:
+    with pytest.raises(ValueError, match="unknown signal"):
+        parse_signal(bad)
+
+
+def test_find_by_argv0_name(spawn_named: Spawn, unique_name: str) -> None:
+    child, _ = spawn_named(unique_name)
+    found = find_processes(unique_name)
+    assert [p.pid for p in found] == [child.pid]
+
+
+def test_find_by_comm(tmp_path: Path) -> None:
+    # `sleep` is found through /proc/<pid>/comm and argv[0]; several may run, ours is among them.
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in [p.pid for p in find_processes("sleep")]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_find_returns_only_topmost_of_a_tree(
+    tmp_path: Path, unique_name: str, wait_for: Wait
+) -> None:
+    # A parent with the name starts a child with the same name: only the parent is a target,
+    # like an nginx master and its workers.
+    code = (
+        "import subprocess, sys, time\n"
+        f"c = subprocess.Popen([{unique_name!r}, '-c', 'import time; time.sleep(30)'],"
+        f" executable={sys.executable!r})\n"
+        f"open({str(tmp_path / 'child')!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([unique_name, "-c", code], executable=sys.executable)
+    try:
+        wait_for(lambda: (tmp_path / "child").exists() and (tmp_path / "child").read_text() != "")
+        child_pid = int((tmp_path / "child").read_text())
+        wait_for(
+            lambda: Path(f"/proc/{child_pid}/cmdline").read_bytes().startswith(unique_name.encode())
+        )
+        assert [p.pid for p in find_processes(unique_name)] == [parent.pid]
+    finally:
+        parent.kill()
+        parent.wait()
+        child_pid_text = (tmp_path / "child").read_text() if (tmp_path / "child").exists() else ""
+        if child_pid_text:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child_pid_text), signal.SIGKILL)
+
+
+def test_find_never_returns_self() -> None:
+    own = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    assert os.getpid() not in [p.pid for p in find_processes(own)]
+
+
+def test_signal_reloader_by_name_delivers(
+    spawn_named: Spawn, unique_name: str, wait_for: Wait
+) -> None:
+    child, marker = spawn_named(unique_name)
+    reloader = SignalReloader(signal.SIGHUP, process_name=unique_name)
+    assert str(child.pid) in reloader.reload()
+    wait_for(lambda: marker.read_text() == "1")
+    reloader.reload()
+    wait_for(lambda: marker.read_text() == "2")
+
+
+def test_signal_reloader_by_pidfile(
+    spawn_named: Spawn, unique_name: str, tmp_path: Path, wait_for: Wait
+) -> None:
+    child, marker = spawn_named(unique_name)
+    pidfile = tmp_path / "target.pid"
+    pidfile.write_text(f"{child.pid}\n")
+    SignalReloader(signal.SIGHUP, pidfile=pidfile).reload()
+    wait_for(lambda: marker.read_text() == "1")
+
+
+def test_signal_reloader_unknown_name(unique_name: str) -> None:
+    with pytest.raises(ProcessNotFoundError, match="shareProcessNamespace") as info:
+        SignalReloader(signal.SIGHUP, process_name=unique_name).reload()
+    assert info.value.reason == "ProcessNotFound"
+
+
+def test_signal_reloader_needs_one_target(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        SignalReloader(signal.SIGHUP)
+    with pytest.raises(ValueError, match="exactly one"):
+        SignalReloader(signal.SIGHUP, process_name="x", pidfile=tmp_path / "p")
+
+
+def test_pidfile_missing(tmp_path: Path) -> None:
+    with pytest.raises(ProcessNotFoundError, match="cannot read"):
+        read_pidfile(tmp_path / "absent.pid")
+
+
+@pytest.mark.parametrize("content", ["", "abc", "-4", "0"])
+def test_pidfile_garbage(tmp_path: Path, content: str) -> None:
+    pidfile = tmp_path / "bad.pid"
+    pidfile.write_text(content)
+    with pytest.raises(ProcessNotFoundError, match="pid"):
+        read_pidfile(pidfile)
+
+
+def test_pidfile_stale(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile = tmp_path / "stale.pid"
+    pidfile.write_text(str(dead.pid))
+    with pytest.raises(ProcessNotFoundError, match="stale"):
+        read_pidfile(pidfile)
+
+
+def test_signal_refused_by_kernel() -> None:
+    # Signalling pid 1 of the machine as an unprivileged user is refused with EPERM. When the
+    # tests run as root we drop to `nobody` in a child to get the same refusal from the kernel.
+    code = (
+        "import os, signal, sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from defender_agent import SignalReloader, SignalDeliveryError\n"
+        "if os.getuid() == 0:\n"
+        "    os.setgid(65534); os.setuid(65534)\n"
+        "p = Path(tempfile.mkdtemp()) / 'one.pid'; p.write_text('1')\n"
+        "try:\n"
+        "    SignalReloader(signal.SIGCONT, pidfile=p).reload()\n"
+        "except SignalDeliveryError as e:\n"
+        "    print(e.reason, e.pid); sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SignalFailed", "1"]
+    assert issubclass(SignalDeliveryError, Exception)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    # A scripted server: each request pops the next status from the class-level plan.
+    plan: list[int | str] = []
+    seen: list[str] = []
+
+    def _answer(self) -> None:
+        type(self).seen.append(self.command)
+        step = type(self).plan.pop(0) if type(self).plan else 200
+        if step == "sleep":
+            time.sleep(1.0)
+            step = 200
+        self.send_response(int(step))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET = do_PUT = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, type[_Handler]]]:
+    handler = type("H", (_Handler,), {"plan": [], "seen": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/-/reload", handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_reload_ok(server: tuple[str, type[_Handler]]) -> None:
+    url, handler = server
+    assert "-> 200" in HttpReloader(url, method="PUT").reload()
+    assert handler.seen == ["PUT"]
+
+
+def test_http_reload_retries_5xx(server: tuple[str, type[_Handler]]) -> None:
+    url, handler = server
+    handler.plan = [503, 500, 204]
+    assert "-> 204" in HttpReloader(url, retries=3, backoff_seconds=0.01).reload()
+    assert len(handler.seen) == 3
+
+
+def test_http_reload_gives_up(server: tuple[str, type[_Handler]]) -> None:
+    url, handler = server
+    handler.plan = [500, 500, 500]
+    with pytest.raises(HttpReloadError, match="3 attempt") as info:
+        HttpReloader(url, retries=3, backoff_seconds=0.01).reload()
+    assert info.value.reason == "HttpReloadFailed"
+    assert "HTTP 500" in info.value.detail
+
+
+def test_http_reload_4xx_not_retried(server: tuple[str, type[_Handler]]) -> None:
+    url, handler = server
+    handler.plan = [404, 200]
+    with pytest.raises(HttpReloadError, match="1 attempt"):
+        HttpReloader(url, retries=3, backoff_seconds=0.01).reload()
+    assert len(handler.seen) == 1
+
+
+def test_http_reload_timeout(server: tuple[str, type[_Handler]]) -> None:
+    url, handler = server
+    handler.plan = ["sleep", "sleep"]
+    with pytest.raises(HttpReloadError, match="2 attempt") as info:
+        HttpReloader(url, retries=2, timeout_seconds=0.2, backoff_seconds=0.01).reload()
+    assert "timed out" in info.value.detail.lower()
+
+
+def test_http_reload_connection_refused() -> None:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens on this port now
+    with pytest.raises(HttpReloadError, match="refused"):
+        HttpReloader(f"http://127.0.0.1:{port}/", retries=2, backoff_seconds=0.01).reload()
+
+
+def test_no_reload() -> None:
+    assert NoReload().reload() == "no reload configured"

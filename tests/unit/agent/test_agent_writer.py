@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from defender_agent import WriteError, write_atomic
+from defender_agent._writer import read_current
+
+
+def test_writes_content_with_mode(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    write_atomic(target, b'{"a": 1}', mode=0o640)
+    assert target.read_bytes() == b'{"a": 1}'
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    write_atomic(target, b'{"a": 2}', mode=0o600)
+    assert target.read_bytes() == b'{"a": 2}'
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_mode_ignores_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        write_atomic(tmp_path / "c", b"x", mode=0o644)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o644
+
+
+def test_replaces_inode_so_open_readers_keep_old_content(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    write_atomic(target, b"old")
+    with target.open("rb") as reader:
+        write_atomic(target, b"new")
+        assert reader.read() == b"old"
+    assert target.read_bytes() == b"new"
+
+
+def test_no_temp_files_left(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    for i in range(5):
+        write_atomic(target, str(i).encode())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_missing_directory_raises_write_error(tmp_path: Path) -> None:
+    with pytest.raises(WriteError, match="temporary file") as info:
+        write_atomic(tmp_path / "nope" / "config.json", b"x")
+    assert info.value.reason == "WriteFailed"
+
+
+def test_failed_rename_keeps_previous_file_and_cleans_up(tmp_path: Path) -> None:
+    # The target is a non-empty directory: rename(2) fails after the temp file was written.
+    target = tmp_path / "config.json"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    with pytest.raises(WriteError, match=r"config\.json"):
+        write_atomic(target, b"new")
+    assert (target / "keep").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_read_current(tmp_path: Path) -> None:
+    assert read_current(tmp_path / "absent") is None
+    write_atomic(tmp_path / "c", b"abc")
+    assert read_current(tmp_path / "c") == b"abc"
+
+
+def test_concurrent_reader_never_sees_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    # Large, distinct payloads so a torn read would be visible as a mix or a short read.
+    payloads = [bytes([65 + i]) * 300_000 for i in range(4)]
+    write_atomic(target, payloads[0])
+    stop = threading.Event()
+    bad: list[int] = []
+    reads = 0
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            data = target.read_bytes()
+            reads += 1
+            if data not in payloads:
+                bad.append(len(data))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(60):
+            write_atomic(target, payloads[i % len(payloads)])
+    finally:
+        stop.set()
+        thread.join()
+    assert reads > 0
+    assert bad == []
