@@ -1,0 +1,416 @@
+"""The self-describing envelope around every sealed value (format: docs/envelope.md).
+
+Write: data → compress → encrypt. Read: decrypt → decompress. Encrypting first would leave
+compression nothing to find, so the order is fixed.
+
+```
+offset  size  field
+0       4     magic 0x89 'D' 'F' 'C'   (0x89 never starts UTF-8 text, JSON or YAML)
+4       1     format version (1)
+5       1     flags: bit 0 compressed, bit 1 encrypted, others reserved (0)
+6       1     compression codec id (0 none, 1 zstd)
+7       1     cipher id (0 none, 1 aes-256-gcm, 2 chacha20-poly1305)
+8       4     uncompressed length, big endian
+12      1     key id length n (0 when unencrypted, ≤ 64)
+13      n     key id, ASCII
+13+n    12    nonce                  (encrypted only)
+...           AEAD ciphertext + 16-byte tag, or the (compressed) payload when unencrypted
+```
+
+Associated data = header bytes [0, 13+n) followed by the UTF-8 etcd key path, so a changed
+header byte or a value copied to another key fails authentication.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+
+from ._codecs import (
+    NO_CIPHER,
+    NO_COMPRESSION,
+    Cipher,
+    Compressor,
+    cipher_by_id,
+    cipher_by_name,
+    compressor_by_id,
+    compressor_by_name,
+)
+from ._errors import (
+    AuthenticationFailedError,
+    CodecMismatchError,
+    NotAnEnvelopeError,
+    SizeAnomalyError,
+    UnexpectedEnvelopeError,
+    UnknownCodecError,
+    UnknownKeyError,
+    UnsupportedFormatError,
+    ValueTooLargeError,
+)
+from ._keyring import Keyring
+from ._settings import EnvelopeOptions
+
+__all__ = [
+    "FLAG_COMPRESSED",
+    "FLAG_ENCRYPTED",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "Envelope",
+    "EnvelopeHeader",
+    "KeyringProvider",
+    "expect_plaintext",
+    "inspect",
+    "is_envelope",
+]
+
+MAGIC = b"\x89DFC"
+FORMAT_VERSION = 1
+FLAG_COMPRESSED = 0x01
+FLAG_ENCRYPTED = 0x02
+_KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_ENCRYPTED
+_FIXED = struct.Struct(">4sBBBBIB")
+FIXED_HEADER_BYTES = _FIXED.size  # 13
+MAX_KEY_ID_BYTES = 64
+MAX_DECLARED_BYTES = 0xFFFFFFFF
+#: Bytes a PutRequest adds around key and value (field tags, lengths, lease id), rounded up.
+_REQUEST_OVERHEAD = 64
+
+
+class KeyringProvider(Protocol):
+    """Anything with `current() -> Keyring`: KeyringSource, StaticKeyringSource."""
+
+    def current(self) -> Keyring: ...
+
+
+class _Fixed:
+    """Adapts a bare Keyring to the provider protocol."""
+
+    __slots__ = ("_keyring",)
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+
+    def current(self) -> Keyring:
+        return self._keyring
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeHeader:
+    """What `inspect` sees in a header. Holds no secret: safe to log and print."""
+
+    version: int
+    flags: int
+    compressed: bool
+    encrypted: bool
+    compression_id: int
+    compression: str
+    cipher_id: int
+    cipher: str
+    key_id: str | None
+    declared_length: int
+    header_length: int
+    stored_length: int
+
+    @property
+    def codec(self) -> str:
+        """`compression+cipher`, e.g. `zstd+aes-256-gcm`, as heartbeats report it."""
+        return f"{self.compression}+{self.cipher}"
+
+
+def is_envelope(blob: bytes) -> bool:
+    """True when `blob` starts with the envelope magic."""
+    return blob[:4] == MAGIC
+
+
+def expect_plaintext(blob: bytes, path: str | None = None) -> bytes:
+    """Return `blob` unchanged; UnexpectedEnvelopeError if it is a sealed envelope.
+
+    For keys that must stay plaintext (metadata, status, heartbeats).
+    """
+    if blob[:4] == MAGIC:
+        raise UnexpectedEnvelopeError(path=path)
+    return blob
+
+
+def _describe_plaintext(blob: bytes) -> str:
+    if not blob:
+        return "the value is empty"
+    head = blob.lstrip()[:1]
+    if head in (b"{", b"["):
+        return "it looks like JSON text"
+    if blob[:1] == MAGIC[:1]:
+        return "it starts like an envelope but the magic is damaged"
+    return "it does not start with the envelope magic 89 44 46 43"
+
+
+def _codec_name(codec_id: int, kind: str) -> str:
+    try:
+        return (compressor_by_id if kind == "compression" else cipher_by_id)(codec_id).name
+    except UnknownCodecError:
+        return f"unknown(0x{codec_id:02x})"
+
+
+def _parse(blob: bytes, path: str | None) -> tuple[int, int, int, int, int, int, str | None]:
+    """(flags, compression id, cipher id, declared, header length, key id length, key id)."""
+    if len(blob) < FIXED_HEADER_BYTES:
+        raise SizeAnomalyError(
+            FIXED_HEADER_BYTES, len(blob), "envelope shorter than its fixed header", path=path
+        )
+    _, version, flags, comp_id, cipher_id, declared, kid_len = _FIXED.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"format version {version}, this library reads {FORMAT_VERSION}", path=path
+        )
+    if flags & ~_KNOWN_FLAGS:
+        raise UnsupportedFormatError(f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x}", path=path)
+    if kid_len > MAX_KEY_ID_BYTES:
+        raise SizeAnomalyError(
+            MAX_KEY_ID_BYTES, kid_len, "key id length over the maximum; corrupt header", path=path
+        )
+    header_len = FIXED_HEADER_BYTES + kid_len
+    if len(blob) < header_len:
+        raise SizeAnomalyError(header_len, len(blob), "envelope truncated in its key id", path=path)
+    key_id: str | None = None
+    if kid_len:
+        try:
+            key_id = blob[FIXED_HEADER_BYTES:header_len].decode("ascii")
+        except UnicodeDecodeError:
+            raise NotAnEnvelopeError(path=path, detail="its key id is not ASCII") from None
+    return flags, comp_id, cipher_id, declared, header_len, kid_len, key_id
+
+
+def inspect(blob: bytes) -> EnvelopeHeader:
+    """Read the header of a sealed value without any key.
+
+    NotAnEnvelopeError for plaintext, SizeAnomalyError when too short, UnsupportedFormatError for
+    a newer format. Unknown codec ids are shown as `unknown(0x..)` rather than raised.
+    """
+    if blob[:4] != MAGIC:
+        raise NotAnEnvelopeError(detail=_describe_plaintext(blob))
+    flags, comp_id, cipher_id, declared, header_len, _, key_id = _parse(blob, None)
+    return EnvelopeHeader(
+        version=FORMAT_VERSION,
+        flags=flags,
+        compressed=bool(flags & FLAG_COMPRESSED),
+        encrypted=bool(flags & FLAG_ENCRYPTED),
+        compression_id=comp_id,
+        compression=_codec_name(comp_id, "compression"),
+        cipher_id=cipher_id,
+        cipher=_codec_name(cipher_id, "cipher"),
+        key_id=key_id,
+        declared_length=declared,
+        header_length=header_len,
+        stored_length=len(blob) - header_len,
+    )
+
+
+class Envelope:
+    """Seals and opens values with a keyring and store-wide options (overridable per call).
+
+    Thread-safe: it keeps no per-call state; codecs keep per-thread contexts, ciphers cache one
+    AEAD object per key.
+    """
+
+    __slots__ = ("_options", "_provider")
+
+    def __init__(
+        self,
+        keyring: Keyring | KeyringProvider | None = None,
+        options: EnvelopeOptions | None = None,
+    ) -> None:
+        self._provider: KeyringProvider | None = (
+            _Fixed(keyring) if isinstance(keyring, Keyring) else keyring
+        )
+        self._options = options if options is not None else EnvelopeOptions()
+        if self._options.encrypt and self._provider is None:
+            raise ValueError(
+                "encrypt=True needs a keyring (or pass EnvelopeOptions(encrypt=False))"
+            )
+        # Fail at construction, not at the first write, on a codec name this library lacks.
+        compressor_by_name(self._options.compression)
+        cipher_by_name(self._options.cipher)
+
+    @property
+    def options(self) -> EnvelopeOptions:
+        return self._options
+
+    def keyring(self) -> Keyring | None:
+        """The current keyring (None when this envelope has none)."""
+        return self._provider.current() if self._provider is not None else None
+
+    def codec_label(self, options: EnvelopeOptions | None = None) -> str:
+        """What `seal` writes with these options, e.g. `zstd+aes-256-gcm` (for heartbeats)."""
+        opts = options or self._options
+        return (
+            f"{opts.compression if opts.compress else 'none'}+"
+            f"{opts.cipher if opts.encrypt else 'none'}"
+        )
+
+    # --- write ---------------------------------------------------------------------------------
+
+    def seal(self, data: bytes, path: str, options: EnvelopeOptions | None = None) -> bytes:
+        """data → compress → encrypt, bound to `path`. Returns the bytes to store.
+
+        With compression and encryption both off the value is stored as plaintext (readable with
+        etcdctl), unless it happens to start with the magic, which gets an empty envelope so
+        readers stay unambiguous.
+        """
+        opts = options or self._options
+        size = len(data)
+        if size > opts.max_decompressed_bytes or size > MAX_DECLARED_BYTES:
+            raise ValueTooLargeError(
+                size,
+                min(opts.max_decompressed_bytes, MAX_DECLARED_BYTES),
+                path=path,
+                what="readers' decompressed-size cap (envelope.max_decompressed_bytes)",
+            )
+        path_b = path.encode("utf-8")
+        if not opts.compress and not opts.encrypt and data[:4] != MAGIC:
+            self._check_request(len(data), len(path_b), opts, path)
+            return bytes(data)
+
+        flags = 0
+        comp: Compressor = NO_COMPRESSION
+        payload = data
+        if opts.compress and size >= opts.threshold_bytes:
+            codec = compressor_by_name(opts.compression)
+            packed = codec.compress(data, opts.level)
+            # Incompressible data (already compressed, random) is kept as is: smaller and
+            # faster to read.
+            if len(packed) < size:
+                flags, comp, payload = FLAG_COMPRESSED, codec, packed
+
+        if opts.encrypt:
+            provider = self._provider
+            if provider is None:
+                raise ValueError("encrypt=True needs a keyring; this Envelope has none")
+            key = provider.current().primary
+            cipher = cipher_by_name(opts.cipher)
+            kid = key.key_id.encode("ascii")
+            header = _FIXED.pack(
+                MAGIC, FORMAT_VERSION, flags | FLAG_ENCRYPTED, comp.id, cipher.id, size, len(kid)
+            )
+            header += kid
+            # A random 96-bit nonce per value: configs are written a few times a day, far from
+            # the ~2^32 messages per key where random GCM nonces start to risk a collision.
+            nonce = os.urandom(cipher.nonce_size)
+            sealed = cipher.aead(key.material).encrypt(nonce, payload, header + path_b)
+            blob = b"".join((header, nonce, sealed))
+        else:
+            header = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, comp.id, NO_CIPHER.id, size, 0)
+            blob = header + payload
+        self._check_request(len(blob), len(path_b), opts, path)
+        return blob
+
+    @staticmethod
+    def _check_request(value_len: int, path_len: int, opts: EnvelopeOptions, path: str) -> None:
+        needed = value_len + path_len + _REQUEST_OVERHEAD
+        if needed > opts.request_limit_bytes:
+            raise ValueTooLargeError(
+                needed, opts.request_limit_bytes, path=path, what="etcd request limit"
+            )
+
+    # --- read ----------------------------------------------------------------------------------
+
+    def open(self, blob: bytes, path: str, options: EnvelopeOptions | None = None) -> bytes:
+        """fetch → decrypt → decompress. Returns the original data or raises an EnvelopeError."""
+        opts = options or self._options
+        if blob[:4] != MAGIC:
+            if opts.encrypt or opts.compress:
+                raise NotAnEnvelopeError(path=path, detail=_describe_plaintext(blob))
+            return bytes(blob)
+        flags, comp_id, cipher_id, declared, header_len, kid_len, key_id = _parse(blob, path)
+        comp = compressor_by_id(comp_id, path)
+        cipher: Cipher = cipher_by_id(cipher_id, path)
+        compressed = bool(flags & FLAG_COMPRESSED)
+        encrypted = bool(flags & FLAG_ENCRYPTED)
+        if compressed != (comp is not NO_COMPRESSION):
+            raise CodecMismatchError(
+                "a compression codec" if compressed else "compression 'none'",
+                comp.name,
+                path=path,
+                detail=f"the compressed flag is {'set' if compressed else 'clear'}",
+            )
+        if encrypted != (cipher is not NO_CIPHER) or encrypted != bool(kid_len):
+            raise CodecMismatchError(
+                "a cipher and key id" if encrypted else "cipher 'none' and no key id",
+                f"cipher {cipher.name}, key id length {kid_len}",
+                path=path,
+                detail=f"the encrypted flag is {'set' if encrypted else 'clear'}",
+            )
+        if opts.encrypt and not encrypted:
+            raise CodecMismatchError(
+                f"an encrypted value ({opts.cipher})",
+                "an unencrypted value",
+                path=path,
+                detail="readers with encryption on refuse unencrypted values, which anyone with "
+                "etcd write access could forge",
+            )
+        if declared > opts.max_decompressed_bytes:
+            raise SizeAnomalyError(
+                declared,
+                None,
+                f"declared size over the cap of {opts.max_decompressed_bytes} bytes "
+                "(envelope.max_decompressed_bytes)",
+                path=path,
+            )
+
+        if encrypted:
+            assert key_id is not None  # kid_len > 0 checked above
+            body_start = header_len + cipher.nonce_size
+            if len(blob) < body_start + cipher.tag_size:
+                raise SizeAnomalyError(
+                    body_start + cipher.tag_size,
+                    len(blob),
+                    "envelope truncated before the end of nonce and tag",
+                    path=path,
+                )
+            provider = self._provider
+            if provider is None:
+                raise UnknownKeyError(key_id, (), path=path)
+            key = provider.current().decryption_key(key_id, path)
+            try:
+                payload = cipher.aead(key.material).decrypt(
+                    blob[header_len:body_start],
+                    blob[body_start:],
+                    blob[:header_len] + path.encode("utf-8"),
+                )
+            except InvalidTag:
+                raise AuthenticationFailedError(path, key_id, fingerprint=key.fingerprint) from None
+        else:
+            payload = blob[header_len:]
+
+        if compressed:
+            stored = len(payload)
+            if declared > opts.ratio_floor_bytes and declared > opts.max_ratio * stored:
+                raise SizeAnomalyError(
+                    declared,
+                    stored,
+                    f"compression ratio over the cap of {opts.max_ratio:g} (envelope.max_ratio)",
+                    path=path,
+                )
+        return comp.decompress(payload, declared, path)
+
+    # --- maintenance ---------------------------------------------------------------------------
+
+    def needs_reseal(self, blob: bytes, options: EnvelopeOptions | None = None) -> bool:
+        """True when `blob` is not sealed as `seal` would seal it now: another key than the
+        primary, or other codecs. Raises like `inspect` for non-envelopes."""
+        opts = options or self._options
+        header = inspect(blob)
+        if opts.encrypt:
+            keyring = self.keyring()
+            if keyring is None or header.key_id != keyring.primary.key_id:
+                return True
+            if header.cipher != opts.cipher:
+                return True
+        elif header.encrypted:
+            return True
+        return header.compressed and (not opts.compress or header.compression != opts.compression)
+
+    def __repr__(self) -> str:
+        return f"Envelope(codec={self.codec_label()!r}, provider={self._provider!r})"

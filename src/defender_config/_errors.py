@@ -1,0 +1,441 @@
+"""Every error the library raises, under one root.
+
+```
+DefenderConfigError                          reason
+├── SettingsError                            InvalidSettings
+├── EnvelopeError                            EnvelopeError
+│   ├── UnknownKeyError                      UnknownKey        wrong / retired key id
+│   ├── AuthenticationFailedError            AuthenticationFailed  tampered, corrupt, moved
+│   ├── CodecError                           CodecError
+│   │   ├── UnknownCodecError                UnknownCodec
+│   │   └── CodecMismatchError               CodecMismatch
+│   ├── SizeAnomalyError                     SizeAnomaly       lengths, ratio, cap, truncated
+│   ├── UnsupportedFormatError               UnsupportedFormat newer envelope version / flags
+│   ├── NotAnEnvelopeError                   NotAnEnvelope     plaintext where sealed expected
+│   ├── UnexpectedEnvelopeError              UnexpectedEnvelope  sealed where plaintext expected
+│   └── ValueTooLargeError                   ValueTooLarge     over etcd's request limit
+├── KeyringError                             KeyringInvalid
+├── StoreError                               StoreError
+│   ├── StoreUnavailableError                StoreUnavailable
+│   ├── StoreAuthError                       StoreAuth         bad user/password/cert
+│   ├── ConflictError                        Conflict
+│   └── NotFoundError                        NotFound
+├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
+└── ConfigValidationError                    ConfigInvalid
+```
+
+`.reason` is a stable CamelCase word: alerts, heartbeats and Kubernetes conditions carry it, so it
+never changes once released. Constructors take structured fields and build the message; messages
+say what is wrong and what to check. None of them ever receives key material, only key ids and
+fingerprints, so no message can leak a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "AuthenticationFailedError",
+    "CodecError",
+    "CodecMismatchError",
+    "ConfigFrozenError",
+    "ConfigValidationError",
+    "ConflictError",
+    "DefenderConfigError",
+    "EnvelopeError",
+    "FieldError",
+    "KeyringError",
+    "NotAnEnvelopeError",
+    "NotFoundError",
+    "SettingsError",
+    "SizeAnomalyError",
+    "StoreAuthError",
+    "StoreError",
+    "StoreUnavailableError",
+    "UnexpectedEnvelopeError",
+    "UnknownCodecError",
+    "UnknownKeyError",
+    "UnsupportedFormatError",
+    "ValueTooLargeError",
+]
+
+
+def _at(path: str | None) -> str:
+    return f" at {path!r}" if path else ""
+
+
+class DefenderConfigError(Exception):
+    """Root of every error raised by `defender_config`."""
+
+    reason: ClassVar[str] = "DefenderConfigError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class SettingsError(DefenderConfigError):
+    """A settings file or environment value is missing, unreadable or invalid."""
+
+    reason = "InvalidSettings"
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        prefix = f"settings file {path}: " if path else "settings: "
+        super().__init__(prefix + message)
+
+
+# --- envelope ---------------------------------------------------------------------------------
+
+
+class EnvelopeError(DefenderConfigError):
+    """Anything that went wrong sealing or opening a stored value.
+
+    `path` is the etcd key the value belongs to, when known; the store layer fills it in.
+    """
+
+    reason = "EnvelopeError"
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class UnknownKeyError(EnvelopeError):
+    """The value was sealed with a key this component does not hold (or holds only as retired)."""
+
+    reason = "UnknownKey"
+
+    def __init__(
+        self,
+        key_id: str,
+        known_key_ids: Iterable[str],
+        *,
+        path: str | None = None,
+        retired: bool = False,
+    ) -> None:
+        self.key_id = key_id
+        self.known_key_ids = tuple(known_key_ids)
+        self.retired = retired
+        known = ", ".join(self.known_key_ids) or "none"
+        if retired:
+            what = (
+                f"value{_at(path)} is sealed with key {key_id!r}, which this keyring has retired; "
+                "re-seal the value with the primary key (rewrap) or restore the key as "
+                "decrypt-only"
+            )
+        else:
+            what = (
+                f"value{_at(path)} is sealed with key {key_id!r}, which this component does not "
+                "hold; check that the component mounts the current keyring Secret and that it "
+                "has reloaded"
+            )
+        super().__init__(f"{what} (keys held: {known})", path=path)
+
+
+class AuthenticationFailedError(EnvelopeError):
+    """AEAD verification failed: the value was tampered with, is corrupt, or was sealed for
+    another etcd key (the key path is associated data)."""
+
+    reason = "AuthenticationFailed"
+
+    def __init__(self, path: str | None, key_id: str, *, fingerprint: str | None = None) -> None:
+        self.key_id = key_id
+        self.fingerprint = fingerprint
+        fp = f" (fingerprint {fingerprint})" if fingerprint else ""
+        super().__init__(
+            f"value{_at(path)} failed authentication with key {key_id!r}{fp}: it was modified "
+            "after sealing, is corrupt, was copied from another etcd key, or the key with this "
+            "id holds different material on this component; compare key fingerprints and "
+            "restore the value from MASTER or history",
+            path=path,
+        )
+
+
+class CodecError(EnvelopeError):
+    """A compression or cipher codec problem."""
+
+    reason = "CodecError"
+
+
+class UnknownCodecError(CodecError):
+    """The header names a codec id this library does not know."""
+
+    reason = "UnknownCodec"
+
+    def __init__(
+        self,
+        codec_id: int | str,
+        *,
+        kind: str = "compression",
+        known: Iterable[str] = (),
+        path: str | None = None,
+    ) -> None:
+        self.codec_id = codec_id
+        self.kind = kind
+        self.known = tuple(known)
+        shown = f"0x{codec_id:02x}" if isinstance(codec_id, int) else repr(codec_id)
+        known_s = ", ".join(self.known) or "none"
+        super().__init__(
+            f"unknown {kind} codec {shown}{_at(path)} (this library knows: {known_s}); the "
+            "writer uses a codec or library version this reader lacks: align the envelope "
+            "settings of all components or upgrade the reader",
+            path=path,
+        )
+
+
+class CodecMismatchError(CodecError):
+    """The value's codecs do not match what the reader requires or what the header claims."""
+
+    reason = "CodecMismatch"
+
+    def __init__(
+        self, expected: str, found: str, *, path: str | None = None, detail: str = ""
+    ) -> None:
+        self.expected = expected
+        self.found = found
+        extra = f": {detail}" if detail else ""
+        super().__init__(
+            f"codec mismatch{_at(path)}: expected {expected}, found {found}{extra}; check the "
+            "envelope settings (compress/encrypt/compression/cipher) of the writer and reader",
+            path=path,
+        )
+
+
+class SizeAnomalyError(EnvelopeError):
+    """Lengths do not add up: truncated, declared ≠ actual, or over the ratio / size cap."""
+
+    reason = "SizeAnomaly"
+
+    def __init__(
+        self, declared: int | None, actual: int | None, detail: str, *, path: str | None = None
+    ) -> None:
+        self.declared = declared
+        self.actual = actual
+        self.detail = detail
+        nums = []
+        if declared is not None:
+            nums.append(f"declared {declared} bytes")
+        if actual is not None:
+            nums.append(f"actual {actual} bytes")
+        shown = f" ({', '.join(nums)})" if nums else ""
+        super().__init__(
+            f"size anomaly{_at(path)}: {detail}{shown}; the value is truncated or corrupt, or "
+            "the writer and reader disagree on compression/encryption settings or size caps",
+            path=path,
+        )
+
+
+class UnsupportedFormatError(EnvelopeError):
+    """The envelope uses a format version or flag bits newer than this library."""
+
+    reason = "UnsupportedFormat"
+
+    def __init__(self, detail: str, *, path: str | None = None) -> None:
+        self.detail = detail
+        super().__init__(
+            f"unsupported envelope format{_at(path)}: {detail}; upgrade this component's "
+            "defender_config library to the writer's version",
+            path=path,
+        )
+
+
+class NotAnEnvelopeError(EnvelopeError):
+    """Plaintext (or garbage) found where a sealed value was expected."""
+
+    reason = "NotAnEnvelope"
+
+    def __init__(self, *, path: str | None = None, detail: str = "") -> None:
+        self.detail = detail
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"value{_at(path)} is not a sealed envelope{extra}; it was probably written by a "
+            "client with compression and encryption off, or by hand with etcdctl: re-seal it or "
+            "align the envelope settings",
+            path=path,
+        )
+
+
+class UnexpectedEnvelopeError(EnvelopeError):
+    """A sealed envelope found where plaintext was expected."""
+
+    reason = "UnexpectedEnvelope"
+
+    def __init__(self, *, path: str | None = None) -> None:
+        super().__init__(
+            f"value{_at(path)} is a sealed envelope where plaintext was expected; a writer "
+            "sealed a key that must stay readable with etcdctl (metadata, status, heartbeats), "
+            "or the reader has encryption and compression switched off",
+            path=path,
+        )
+
+
+class ValueTooLargeError(EnvelopeError):
+    """The value would not fit: etcd's request limit, or the readers' decompressed-size cap."""
+
+    reason = "ValueTooLarge"
+
+    def __init__(
+        self, size: int, limit: int, *, path: str | None = None, what: str = "etcd request limit"
+    ) -> None:
+        self.size = size
+        self.limit = limit
+        self.what = what
+        super().__init__(
+            f"value{_at(path)} is {size} bytes, over the {what} of {limit} bytes; split the "
+            "config, enable compression, or raise the limit on every member and reader",
+            path=path,
+        )
+
+
+# --- keyring, store, validation -----------------------------------------------------------------
+
+
+class KeyringError(DefenderConfigError):
+    """The keyring is empty, has no (or two) primary keys, or its Secret layout is wrong."""
+
+    reason = "KeyringInvalid"
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        self.source = source
+        prefix = f"keyring {source}: " if source else "keyring: "
+        super().__init__(prefix + message)
+
+
+class StoreError(DefenderConfigError):
+    """etcd access failed."""
+
+    reason = "StoreError"
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class StoreUnavailableError(StoreError):
+    """No endpoint answered or the cluster has no quorum, after all retries."""
+
+    reason = "StoreUnavailable"
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        detail: str,
+        *,
+        attempts: int | None = None,
+        path: str | None = None,
+    ) -> None:
+        self.endpoints = tuple(endpoints)
+        self.detail = detail
+        self.attempts = attempts
+        tries = f" after {attempts} attempts" if attempts is not None else ""
+        super().__init__(
+            f"etcd unavailable{tries} (endpoints: {', '.join(self.endpoints) or 'none'}): "
+            f"{detail}; check that the members run, have quorum, and that TLS/auth settings "
+            "match",
+            path=path,
+        )
+
+
+class StoreAuthError(StoreError):
+    """etcd refused the credentials: wrong user/password, no permission, or an expired token
+    that could not be renewed. Never retried: retrying cannot fix a credential."""
+
+    reason = "StoreAuth"
+
+    def __init__(self, detail: str, *, path: str | None = None) -> None:
+        self.detail = detail
+        super().__init__(
+            f"etcd refused the request{_at(path)}: {detail}; check etcd.user/etcd.password, "
+            "the client certificate and the user's role permissions on the prefix",
+            path=path,
+        )
+
+
+class ConflictError(StoreError):
+    """A compare-and-swap lost: someone else changed the key first."""
+
+    reason = "Conflict"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        expected: int | None = None,
+        found: int | None = None,
+        detail: str = "",
+    ) -> None:
+        self.expected = expected
+        self.found = found
+        rev = ""
+        if expected is not None or found is not None:
+            rev = f" (expected revision {expected}, found {found})"
+        extra = f": {detail}" if detail else ""
+        super().__init__(
+            f"conflicting update of {path!r}{rev}{extra}; re-read the current value and retry",
+            path=path,
+        )
+
+
+class NotFoundError(StoreError):
+    """The key does not exist."""
+
+    reason = "NotFound"
+
+    def __init__(self, path: str, *, detail: str = "") -> None:
+        extra = f"; {detail}" if detail else ""
+        super().__init__(f"no value at {path!r}{extra}", path=path)
+
+
+class ConfigFrozenError(DefenderConfigError):
+    """Commits to the component are refused while its freeze marker exists."""
+
+    reason = "ConfigFrozen"
+
+    def __init__(self, component: str, *, why: str = "", since: str = "", marker: str = "") -> None:
+        self.component = component
+        self.why = why
+        self.since = since
+        parts = [
+            p for p in (f"reason: {why}" if why else "", f"since {since}" if since else "") if p
+        ]
+        shown = f" ({', '.join(parts)})" if parts else ""
+        where = f" delete {marker!r}" if marker else " unfreeze it"
+        super().__init__(
+            f"config of {component!r} is frozen{shown}; commits are refused until an operator "
+            f"lifts the freeze:{where}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One readable validation problem: where (dotted location) and what."""
+
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class ConfigValidationError(DefenderConfigError):
+    """A component config was rejected by its pydantic model or JSON schema."""
+
+    reason = "ConfigInvalid"
+
+    def __init__(self, component: str, errors: Sequence[FieldError]) -> None:
+        self.component = component
+        self.errors = tuple(errors)
+        listed = "; ".join(str(e) for e in self.errors) or "no detail"
+        n = len(self.errors)
+        super().__init__(
+            f"config for {component!r} rejected ({n} error{'s' if n != 1 else ''}): {listed}"
+        )

@@ -1,0 +1,232 @@
+"""Library settings: one place, documented fields, validated at start-up.
+
+Sources, strongest first: `DEFENDER_*` environment variables (nested with `__`, e.g.
+`DEFENDER_ETCD__TIMEOUT_SECONDS=2`), then the JSON/YAML file given to `load_settings`, then the
+defaults below. A bad file or value raises `SettingsError` naming the field and the source.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ._errors import SettingsError
+
+__all__ = [
+    "ETCD_REQUEST_LIMIT_BYTES",
+    "EnvelopeOptions",
+    "EtcdSettings",
+    "LibrarySettings",
+    "load_settings",
+]
+
+#: etcd's default `--max-request-bytes` (1.5 MiB). A put carries the key, the value and a little
+#: framing, so the envelope checks key + value against this.
+ETCD_REQUEST_LIMIT_BYTES = 1_572_864
+_MiB = 1024 * 1024
+
+
+class EnvelopeOptions(BaseModel):
+    """How values are sealed. Per store (settings) and overridable per call.
+
+    Frozen so one instance can be shared between threads and used as a cache key.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    compress: bool = True
+    """Compress values of at least `threshold_bytes` before encrypting."""
+    encrypt: bool = True
+    """Encrypt with the keyring's primary key. When True, readers also refuse unencrypted values."""
+    compression: Literal["zstd"] = "zstd"
+    """Compression codec used when writing. Readers decode whatever the header names."""
+    cipher: Literal["aes-256-gcm", "chacha20-poly1305"] = "aes-256-gcm"
+    """AEAD used when writing. ChaCha20-Poly1305 is faster on CPUs without AES instructions
+    (Raspberry Pi 4 and older)."""
+    level: int = Field(default=3, ge=1, le=22)
+    """zstd level; 3 is zstd's default and compresses a 4 KiB JSON config in a few µs."""
+    threshold_bytes: int = Field(default=256, ge=0)
+    """Values shorter than this are stored uncompressed (flag clear): zstd's frame overhead eats
+    the gain on tiny values."""
+    max_decompressed_bytes: int = Field(default=16 * _MiB, ge=1)
+    """Readers refuse values that declare or produce more than this (decompression bombs)."""
+    max_ratio: float = Field(default=1000.0, gt=1.0)
+    """Readers refuse values whose declared size is over `max_ratio` x compressed size, once the
+    declared size is over `ratio_floor_bytes`. Real configs compress 3-20x."""
+    ratio_floor_bytes: int = Field(default=64 * 1024, ge=0)
+    """Below this declared size the ratio is not checked: a small value cannot be a bomb."""
+    request_limit_bytes: int = Field(default=ETCD_REQUEST_LIMIT_BYTES, ge=1024)
+    """etcd's `--max-request-bytes`; sealing refuses key + value over it (ValueTooLargeError)."""
+
+
+class EtcdSettings(BaseModel):
+    """How to reach the etcd cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:2379"]
+    )
+    """Every member; clients fail over between them. Env form: comma separated or a JSON list."""
+    ca_file: Path | None = None
+    """CA bundle to verify the members' certificates (enables TLS)."""
+    cert_file: Path | None = None
+    """Client certificate for mutual TLS; needs `key_file`."""
+    key_file: Path | None = None
+    """Client certificate key for mutual TLS; needs `cert_file`."""
+    user: str | None = None
+    """etcd user for password authentication; needs `password`."""
+    password: SecretStr | None = None
+    """etcd password (never shown in reprs or logs)."""
+    timeout_seconds: float = Field(default=5.0, gt=0)
+    """Deadline of one etcd call."""
+    retries: int = Field(default=5, ge=0)
+    """Retries of a transient failure (unavailable, deadline) before StoreUnavailableError."""
+    backoff_base_seconds: float = Field(default=0.1, gt=0)
+    """First retry delay; doubles per retry, with full jitter."""
+    backoff_max_seconds: float = Field(default=5.0, gt=0)
+    """Upper bound of one retry delay."""
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one endpoint is required")
+        for endpoint in value:
+            if "://" in endpoint and not endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {endpoint!r} must use http:// or https://")
+            hostport = endpoint.split("://", 1)[-1].rstrip("/")
+            host, sep, port = hostport.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"endpoint {endpoint!r} must look like [scheme://]host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> EtcdSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together (mutual TLS)")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password must be set together (etcd auth)")
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("backoff_max_seconds must be >= backoff_base_seconds")
+        return self
+
+
+class LibrarySettings(BaseSettings):
+    """Everything the library needs, from env `DEFENDER_*` and/or a file (`load_settings`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEFENDER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+    """etcd connection."""
+    envelope: EnvelopeOptions = Field(default_factory=EnvelopeOptions)
+    """Store-wide sealing options."""
+    prefix: str = Field(default="/ml-defender", pattern=r"^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$")
+    """Root of every key this library writes."""
+    keyring_path: Path | None = None
+    """Mounted keyring Secret (directory or `keyring.json`). Needed when `envelope.encrypt`."""
+    keyring_poll_seconds: float = Field(default=2.0, gt=0)
+    """How often the keyring file is checked for a new version."""
+    history_limit: int = Field(default=10, ge=1)
+    """Versions of ACTIVE kept under `history/`."""
+    heartbeat_interval_seconds: float = Field(default=30.0, gt=0)
+    """Heartbeat refresh interval (the old design used 30 s)."""
+    heartbeat_allowed_misses: int = Field(default=3, ge=1)
+    """Lease TTL = interval x allowed misses: an instance is gone after this many misses."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The deployer's environment wins over the file (passed as init kwargs by load_settings),
+        # so one image and one file serve every environment.
+        return (env_settings, init_settings)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(
+            f"cannot read it ({exc.strerror or exc}); check the path and the mount",
+            path=str(path),
+        ) from exc
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data: Any = json.loads(text)
+        else:
+            # YAML is a superset of JSON, so unknown suffixes are parsed as YAML.
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(
+            f"not valid {'JSON' if suffix == '.json' else 'YAML'}: {exc}", path=str(path)
+        ) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(
+            f"top level must be a mapping of settings, found {type(data).__name__}",
+            path=str(path),
+        )
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        env = "DEFENDER_" + "__".join(str(p) for p in err["loc"]).upper()
+        parts.append(f"{loc or '(top)'}: {err['msg']} (file key {loc!r} or env {env})")
+    return "; ".join(parts)
+
+
+def load_settings(path: str | Path | None = None) -> LibrarySettings:
+    """Load settings from a JSON or YAML file (optional) and `DEFENDER_*` environment variables.
+
+    Raises SettingsError naming every bad field.
+    """
+    data: dict[str, Any] = {}
+    shown: str | None = None
+    if path is not None:
+        file_path = Path(path)
+        shown = str(file_path)
+        data = _read_file(file_path)
+    try:
+        return LibrarySettings(**data)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc), path=shown) from exc
+    except ValueError as exc:  # pydantic-settings raises plain ValueError for undecodable env
+        raise SettingsError(f"{exc}; check the DEFENDER_* environment", path=shown) from exc
