@@ -1,0 +1,279 @@
+{{/*
+Naming, labels and shared fragments. Every template takes its names and labels from here so a
+rename or a new label happens in one place.
+*/}}
+
+{{/* Chart name, overridable with nameOverride. */}}
+{{- define "ml-defender.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Fully qualified release name. Kept to 40 characters so "<fullname>-etcd-headless" and the etcd pod
+DNS names stay inside the 63-character label limit.
+*/}}
+{{- define "ml-defender.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* name-version, as helm.sh/chart wants it. */}}
+{{- define "ml-defender.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels for selectors: only name and instance, because selectors are immutable. */}}
+{{- define "ml-defender.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ml-defender.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels for every object. */}}
+{{- define "ml-defender.labels" -}}
+helm.sh/chart: {{ include "ml-defender.chart" . }}
+{{ include "ml-defender.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ml-defender
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Per-component labels: call with (dict "ctx" $ "component" "etcd"). */}}
+{{- define "ml-defender.componentLabels" -}}
+{{ include "ml-defender.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "ml-defender.componentSelectorLabels" -}}
+{{ include "ml-defender.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- names of objects */}}
+
+{{- define "ml-defender.operator.fullname" -}}
+{{- printf "%s-operator" (include "ml-defender.fullname" .) -}}
+{{- end -}}
+
+{{- define "ml-defender.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (include "ml-defender.operator.fullname" .) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ml-defender.config.fullname" -}}
+{{- printf "%s-config" (include "ml-defender.fullname" .) -}}
+{{- end -}}
+
+{{/* The Secret holding the shared keyring; the operator creates and rotates it. */}}
+{{- define "ml-defender.keyringSecretName" -}}
+{{- default (printf "%s-keyring" (include "ml-defender.fullname" .)) .Values.operator.keyring.secretName -}}
+{{- end -}}
+
+{{- define "ml-defender.etcd.fullname" -}}
+{{- printf "%s-etcd" (include "ml-defender.fullname" .) -}}
+{{- end -}}
+
+{{- define "ml-defender.etcd.headlessName" -}}
+{{- printf "%s-etcd-headless" (include "ml-defender.fullname" .) -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- images */}}
+
+{{/* Call with (dict "image" .Values.x.image "default" "tag-if-empty"). */}}
+{{- define "ml-defender.imageRef" -}}
+{{- $tag := default .default .image.tag -}}
+{{- if .image.digest -}}
+{{- printf "%s/%s@%s" .image.registry .image.repository .image.digest -}}
+{{- else if .image.registry -}}
+{{- printf "%s/%s:%s" .image.registry .image.repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ml-defender.image" -}}
+{{- include "ml-defender.imageRef" (dict "image" .Values.image "default" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "ml-defender.etcd.image" -}}
+{{- include "ml-defender.imageRef" (dict "image" .Values.etcd.image "default" "v3.6.16") -}}
+{{- end -}}
+
+{{- define "ml-defender.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- etcd addressing */}}
+
+{{- define "ml-defender.etcd.clientScheme" -}}
+{{- ternary "https" "http" .Values.etcd.tls.client.enabled -}}
+{{- end -}}
+
+{{- define "ml-defender.etcd.peerScheme" -}}
+{{- ternary "https" "http" .Values.etcd.tls.peer.enabled -}}
+{{- end -}}
+
+{{/* Stable DNS suffix of the etcd pods: <headless>.<namespace>.svc.<clusterDomain>. */}}
+{{- define "ml-defender.etcd.podDomain" -}}
+{{- printf "%s.%s.svc.%s" (include "ml-defender.etcd.headlessName" .) .Release.Namespace .Values.clusterDomain -}}
+{{- end -}}
+
+{{/* name=peerURL for every member, from the stable pod names; etcd needs it to bootstrap. */}}
+{{- define "ml-defender.etcd.initialCluster" -}}
+{{- $full := include "ml-defender.etcd.fullname" . -}}
+{{- $domain := include "ml-defender.etcd.podDomain" . -}}
+{{- $scheme := include "ml-defender.etcd.peerScheme" . -}}
+{{- $members := list -}}
+{{- range $i := until (int .Values.etcd.replicaCount) -}}
+{{- $members = append $members (printf "%s-%d=%s://%s-%d.%s:%d" $full $i $scheme $full $i $domain (int $.Values.etcd.ports.peer)) -}}
+{{- end -}}
+{{- join "," $members -}}
+{{- end -}}
+
+{{/*
+Client endpoints the operator and agents dial: every member by its stable name, so the client
+library can fail over itself instead of relying on the Service's connection balancing.
+*/}}
+{{- define "ml-defender.etcd.endpoints" -}}
+{{- if .Values.etcd.enabled -}}
+{{- $full := include "ml-defender.etcd.fullname" . -}}
+{{- $domain := include "ml-defender.etcd.podDomain" . -}}
+{{- $scheme := include "ml-defender.etcd.clientScheme" . -}}
+{{- $eps := list -}}
+{{- range $i := until (int .Values.etcd.replicaCount) -}}
+{{- $eps = append $eps (printf "%s://%s-%d.%s:%d" $scheme $full $i $domain (int $.Values.etcd.ports.client)) -}}
+{{- end -}}
+{{- toJson $eps -}}
+{{- else -}}
+{{- toJson .Values.externalEtcd.endpoints -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- library settings */}}
+
+{{/*
+The defender_config LibrarySettings document shared by the operator and the agents (JSON; read
+with load_settings). Secrets are never in here: the keyring and client certificates are mounted.
+*/}}
+{{- define "ml-defender.librarySettings" -}}
+{{- $etcd := dict "endpoints" (include "ml-defender.etcd.endpoints" . | fromJsonArray) "timeout_seconds" .Values.config.etcd.timeoutSeconds "retries" .Values.config.etcd.retries "backoff_base_seconds" .Values.config.etcd.backoffBaseSeconds "backoff_max_seconds" .Values.config.etcd.backoffMaxSeconds -}}
+{{- if include "ml-defender.etcd.clientTlsEnabled" . -}}
+{{- $_ := set $etcd "ca_file" "/etc/ml-defender/etcd-tls/ca.crt" -}}
+{{- $_ := set $etcd "cert_file" "/etc/ml-defender/etcd-tls/tls.crt" -}}
+{{- $_ := set $etcd "key_file" "/etc/ml-defender/etcd-tls/tls.key" -}}
+{{- end -}}
+{{- $envelope := dict "compress" .Values.config.envelope.compress "encrypt" .Values.config.envelope.encrypt "level" .Values.config.envelope.level "threshold_bytes" .Values.config.envelope.thresholdBytes "max_decompressed_bytes" .Values.config.envelope.maxDecompressedBytes -}}
+{{- $settings := dict "etcd" $etcd "envelope" $envelope "prefix" .Values.config.prefix "keyring_path" "/etc/ml-defender/keyring" -}}
+{{- toPrettyJson $settings -}}
+{{- end -}}
+
+{{/* True (non-empty) when the clients must talk TLS to etcd. */}}
+{{- define "ml-defender.etcd.clientTlsEnabled" -}}
+{{- if .Values.etcd.enabled -}}
+{{- if .Values.etcd.tls.client.enabled }}true{{ end -}}
+{{- else -}}
+{{- if .Values.externalEtcd.tls.secretName }}true{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ml-defender.etcd.clientTlsSecret" -}}
+{{- if .Values.etcd.enabled -}}
+{{- default .Values.etcd.tls.client.secretName .Values.etcd.tls.client.clientSecretName -}}
+{{- else -}}
+{{- .Values.externalEtcd.tls.secretName -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- agent sidecar */}}
+
+{{/*
+The defender-agent sidecar container. Other charts or the operator include it into a component
+pod:   containers:
+         {{- include "ml-defender.agent.container" (dict "ctx" $ "component" "sniffer") | nindent 8 }}
+and add the volumes from "ml-defender.agent.volumes". The agent reads the shared settings from
+the <fullname>-config ConfigMap and the keyring from the Secret the operator fans out to the
+component namespace.
+*/}}
+{{- define "ml-defender.agent.container" -}}
+{{- $ctx := .ctx -}}
+{{- $agent := $ctx.Values.agent -}}
+- name: defender-agent
+  image: {{ include "ml-defender.imageRef" (dict "image" (default $ctx.Values.image $agent.image) "default" $ctx.Chart.AppVersion) | quote }}
+  imagePullPolicy: {{ (default $ctx.Values.image $agent.image).pullPolicy }}
+  command: ["defender-agent"]
+  args:
+    - --component={{ .component }}
+    - --settings=/etc/ml-defender/config/defender.json
+  env:
+    - name: DEFENDER_AGENT_COMPONENT
+      value: {{ .component | quote }}
+    - name: DEFENDER_AGENT_HEARTBEAT_INTERVAL_SECONDS
+      value: {{ $agent.heartbeatIntervalSeconds | quote }}
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: POD_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    - name: NODE_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: spec.nodeName
+    {{- with $agent.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $agent.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $ctx.Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - name: defender-config
+      mountPath: /etc/ml-defender/config
+      readOnly: true
+    - name: defender-keyring
+      mountPath: /etc/ml-defender/keyring
+      readOnly: true
+    {{- if include "ml-defender.etcd.clientTlsEnabled" $ctx }}
+    - name: defender-etcd-tls
+      mountPath: /etc/ml-defender/etcd-tls
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/* Volumes the agent sidecar mounts; same call convention as ml-defender.agent.container. */}}
+{{- define "ml-defender.agent.volumes" -}}
+{{- $ctx := .ctx -}}
+- name: defender-config
+  configMap:
+    name: {{ include "ml-defender.config.fullname" $ctx }}
+- name: defender-keyring
+  secret:
+    secretName: {{ $ctx.Values.operator.keyring.fanOutSecretName }}
+{{- if include "ml-defender.etcd.clientTlsEnabled" $ctx }}
+- name: defender-etcd-tls
+  secret:
+    secretName: {{ include "ml-defender.etcd.clientTlsSecret" $ctx }}
+{{- end }}
+{{- end -}}
