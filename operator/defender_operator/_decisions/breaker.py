@@ -1,0 +1,71 @@
+"""The blast-radius breaker: stop a bad ACTIVE change before it spreads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True)
+class ActiveChange:
+    """The last ACTIVE commit and the version it replaced (the revert target)."""
+
+    version: int
+    previous_version: int
+    time: datetime
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    max_unhealthy_instances: int
+    max_unhealthy_percent: int
+    window_seconds: int
+
+
+@dataclass(frozen=True)
+class BreakerVerdict:
+    trip: bool
+    reason: str
+    message: str
+    revert_to: int | None = None
+    unhealthy: tuple[str, ...] = ()
+
+
+def evaluate_breaker(
+    *,
+    now: datetime,
+    change: ActiveChange | None,
+    unhealthy_since: Mapping[str, datetime],
+    expected: int,
+    policy: BreakerPolicy,
+    frozen: bool,
+) -> BreakerVerdict:
+    """Trip when, within the window after an ACTIVE change, more than N instances (or more than
+    X % of the expected instances) turned unhealthy.
+
+    Only instances that turned unhealthy *after* the change count: ones already broken before it
+    were not broken by it.
+    """
+    if frozen:
+        return BreakerVerdict(False, "Frozen", "commits already frozen")
+    if change is None or change.previous_version <= 0:
+        return BreakerVerdict(False, "NoChange", "no ACTIVE change to guard")
+    if now > change.time + timedelta(seconds=policy.window_seconds):
+        return BreakerVerdict(False, "WindowClosed", f"version {change.version} has settled")
+    hit = tuple(sorted(i for i, t in unhealthy_since.items() if t >= change.time))
+    over_count = len(hit) > policy.max_unhealthy_instances
+    over_percent = expected > 0 and len(hit) * 100 > policy.max_unhealthy_percent * expected
+    if hit and (over_count or over_percent):
+        return BreakerVerdict(
+            True,
+            "BlastRadiusExceeded",
+            f"{len(hit)} of {expected} instance(s) turned unhealthy within"
+            f" {policy.window_seconds}s of ACTIVE version {change.version}"
+            f" ({', '.join(hit)}); froze commits and reverted to version"
+            f" {change.previous_version}. Fix spec.config, then remove the freeze with"
+            " `kubectl annotate` (see docs/operator.md)",
+            revert_to=change.previous_version,
+            unhealthy=hit,
+        )
+    return BreakerVerdict(False, "WithinLimits", f"{len(hit)} instance(s) unhealthy since change")

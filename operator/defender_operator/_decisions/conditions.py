@@ -1,0 +1,112 @@
+"""Status conditions: what each one says, and merging without losing transition times."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+READY = "Ready"
+CONFIG_SYNCED = "ConfigSynced"
+HEARTBEATING = "Heartbeating"
+KEY_CURRENT = "KeyCurrent"
+MISCONFIGURED = "Misconfigured"
+CONDITION_TYPES = (READY, CONFIG_SYNCED, HEARTBEATING, KEY_CURRENT, MISCONFIGURED)
+
+TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    status: str
+    reason: str
+    message: str = ""
+
+
+class ConfigState(StrEnum):
+    UNKNOWN = "Unknown"  # not reconciled yet
+    SYNCED = "Synced"  # ACTIVE in etcd matches what the operator intends
+    INVALID = "Invalid"  # spec.config refused by validation, ACTIVE untouched
+    FROZEN = "Frozen"  # breaker tripped: commits refused
+    STORE_UNAVAILABLE = "StoreUnavailable"  # etcd could not be reached
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the conditions depend on, gathered by the caller."""
+
+    config: ConfigState = ConfigState.UNKNOWN
+    config_message: str = ""
+    # Heartbeat judgement: (status, reason, message), from the restart decision or None.
+    heartbeat: Cond | None = None
+    key: Cond | None = None
+    misconfig: Cond | None = None
+
+
+_CONFIG = {
+    ConfigState.UNKNOWN: (UNKNOWN, "Pending", "not reconciled yet"),
+    ConfigState.SYNCED: (TRUE, "Committed", "ACTIVE in etcd matches spec"),
+    ConfigState.INVALID: (FALSE, "ConfigInvalid", "spec.config was refused"),
+    ConfigState.FROZEN: (FALSE, "Frozen", "commits are frozen by the breaker"),
+    ConfigState.STORE_UNAVAILABLE: (UNKNOWN, "StoreUnavailable", "defender etcd unreachable"),
+}
+
+
+def compute(obs: Observation) -> list[Cond]:
+    """The five conditions. Each is always present (Unknown until known)."""
+    status, reason, default_msg = _CONFIG[obs.config]
+    config = Cond(CONFIG_SYNCED, status, reason, obs.config_message or default_msg)
+    heartbeat = obs.heartbeat or Cond(HEARTBEATING, UNKNOWN, "Pending", "not observed yet")
+    key = obs.key or Cond(KEY_CURRENT, UNKNOWN, "Pending", "not observed yet")
+    misconfig = obs.misconfig or Cond(MISCONFIGURED, UNKNOWN, "Pending", "not observed yet")
+    # Ready is True only when everything a person cares about is fine; its reason names the
+    # first thing that is not, in order of how much it matters.
+    blockers = [c for c in (config, heartbeat, key) if c.status != TRUE]
+    if misconfig.status == TRUE:
+        blockers.insert(0, misconfig)
+    if not blockers:
+        ready = Cond(READY, TRUE, "AllGood", "config synced, instances heartbeating, key current")
+    else:
+        first = blockers[0]
+        status = FALSE if any(c.status == FALSE or c is misconfig for c in blockers) else UNKNOWN
+        ready = Cond(READY, status, first.reason, f"{first.type}: {first.message}")
+    return [ready, config, heartbeat, key, misconfig]
+
+
+def rfc3339(when: datetime) -> str:
+    """Kubernetes' time format: UTC, whole seconds, `Z` suffix."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge(
+    existing: Sequence[Mapping[str, Any]],
+    desired: Sequence[Cond],
+    *,
+    now: datetime,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """New condition list in wire form. lastTransitionTime changes only when status changes;
+    conditions of other types (set by someone else) are kept."""
+    by_type = {c.get("type"): c for c in existing}
+    out: list[dict[str, Any]] = []
+    for cond in desired:
+        old = by_type.pop(cond.type, None)
+        if old is None or old.get("status") != cond.status or "lastTransitionTime" not in old:
+            when = rfc3339(now)
+        else:
+            when = old["lastTransitionTime"]
+        out.append(
+            {
+                "type": cond.type,
+                "status": cond.status,
+                "reason": cond.reason,
+                "message": cond.message,
+                "lastTransitionTime": when,
+                "observedGeneration": generation,
+            }
+        )
+    out.extend(dict(c) for c in by_type.values())
+    return out

@@ -1,0 +1,198 @@
+"""Whether to restart one of a component's pods because its heartbeats stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+
+class RestartAction(StrEnum):
+    NONE = "None"  # every pod is heartbeating (or still in its grace period)
+    RESTART = "Restart"  # delete `pod`; its controller recreates it
+    HOLD = "Hold"  # stale pods exist but restarting now would be wrong (see reason)
+    DEGRADED = "Degraded"  # restart budget spent: stop and tell a person
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    created: datetime
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class EtcdView:
+    """etcd health as the operator last measured it."""
+
+    reachable: bool
+    quorum: bool
+    # Since when etcd has been continuously reachable with quorum (None = not healthy now).
+    healthy_since: datetime | None
+
+
+@dataclass(frozen=True)
+class HeartbeatPolicy:
+    interval_seconds: int
+    missed_before_restart: int
+    startup_grace_seconds: int
+
+    @property
+    def threshold(self) -> timedelta:
+        return timedelta(seconds=self.interval_seconds * self.missed_before_restart)
+
+    @property
+    def grace(self) -> timedelta:
+        return timedelta(seconds=self.startup_grace_seconds)
+
+
+@dataclass(frozen=True)
+class RestartBudget:
+    enabled: bool
+    max_restarts: int
+    window_seconds: int
+    backoff_base_seconds: int
+    backoff_max_seconds: int
+
+
+@dataclass(frozen=True)
+class RestartDecision:
+    action: RestartAction
+    reason: str
+    message: str
+    pod: str | None = None
+    stale_pods: tuple[str, ...] = field(default=())
+    retry_after: datetime | None = None
+
+
+def stale_pods(
+    now: datetime,
+    pods: Sequence[PodView],
+    last_seen: Mapping[str, datetime],
+    watch_started: datetime,
+    policy: HeartbeatPolicy,
+) -> list[tuple[datetime, str]]:
+    """Pods whose heartbeat deadline has passed, as (deadline, name), oldest deadline first.
+
+    A pod never seen heartbeating gets its startup grace, and the operator must itself have
+    watched for a full threshold: right after an operator restart, "no heartbeat seen" only
+    means "not seen yet".
+    """
+    out = []
+    for pod in pods:
+        if pod.deleting:
+            continue
+        seen = last_seen.get(pod.name)
+        if seen is None:
+            deadline = max(pod.created + policy.grace, watch_started + policy.threshold)
+        else:
+            deadline = max(seen + policy.threshold, pod.created + policy.grace)
+        if now > deadline:
+            out.append((deadline, pod.name))
+    return sorted(out)
+
+
+def backoff(budget: RestartBudget, recent_restarts: int) -> timedelta:
+    """Wait before the next restart: 0 for the first, then base, 2*base, 4*base... capped."""
+    if recent_restarts <= 0:
+        return timedelta(0)
+    seconds = budget.backoff_base_seconds * 2 ** min(recent_restarts - 1, 30)
+    return timedelta(seconds=min(seconds, budget.backoff_max_seconds))
+
+
+def decide_restart(
+    *,
+    now: datetime,
+    pods: Sequence[PodView],
+    last_seen: Mapping[str, datetime],
+    watch_started: datetime,
+    etcd: EtcdView,
+    policy: HeartbeatPolicy,
+    budget: RestartBudget,
+    restart_times: Sequence[datetime],
+) -> RestartDecision:
+    """Pick at most one pod to restart, or say why not.
+
+    etcd health is checked first: when etcd is unreachable or without quorum, heartbeats cannot
+    be written, so their absence says nothing about the pods, and restarting would turn one
+    outage into two. After etcd recovers, restarts wait one full heartbeat threshold so
+    instances have time to re-register.
+    """
+    if not etcd.reachable:
+        return RestartDecision(
+            RestartAction.HOLD,
+            "EtcdUnavailable",
+            "defender etcd is unreachable: heartbeats cannot be judged, no pod is restarted",
+        )
+    if not etcd.quorum:
+        return RestartDecision(
+            RestartAction.HOLD,
+            "EtcdNoQuorum",
+            "defender etcd has lost quorum: heartbeats cannot be judged, no pod is restarted",
+        )
+    if etcd.healthy_since is None or now - etcd.healthy_since < policy.threshold:
+        return RestartDecision(
+            RestartAction.HOLD,
+            "EtcdRecovering",
+            "defender etcd recovered recently: waiting one heartbeat threshold before judging",
+        )
+    stale = stale_pods(now, pods, last_seen, watch_started, policy)
+    names = tuple(name for _, name in stale)
+    if not stale:
+        return RestartDecision(RestartAction.NONE, "Heartbeating", "every pod is heartbeating")
+    if not budget.enabled:
+        return RestartDecision(
+            RestartAction.HOLD,
+            "RestartsDisabled",
+            f"{len(names)} pod(s) missed heartbeats; restartBudget.enabled is false",
+            stale_pods=names,
+        )
+    window_start = now - timedelta(seconds=budget.window_seconds)
+    recent = sorted(t for t in restart_times if t > window_start)
+    if len(recent) >= budget.max_restarts:
+        return RestartDecision(
+            RestartAction.DEGRADED,
+            "RestartBudgetExhausted",
+            f"{len(recent)} restarts within {budget.window_seconds}s did not bring the pods"
+            f" back; stopped restarting. Check the pods' logs: {', '.join(names)}",
+            stale_pods=names,
+        )
+    if any(p.deleting for p in pods):
+        return RestartDecision(
+            RestartAction.HOLD,
+            "RestartInProgress",
+            "a pod of this component is still terminating; one restart at a time",
+            stale_pods=names,
+        )
+    if recent:
+        last = recent[-1]
+        replacement_starting = any(
+            p.created >= last and p.name not in last_seen and now < p.created + policy.grace
+            for p in pods
+        )
+        if replacement_starting:
+            return RestartDecision(
+                RestartAction.HOLD,
+                "RestartInProgress",
+                "the last restarted pod's replacement is still starting; one restart at a time",
+                stale_pods=names,
+            )
+        not_before = last + backoff(budget, len(recent))
+        if now < not_before:
+            return RestartDecision(
+                RestartAction.HOLD,
+                "RestartBackoff",
+                f"waiting until {not_before.isoformat()} before the next restart",
+                stale_pods=names,
+                retry_after=not_before,
+            )
+    pod = names[0]
+    return RestartDecision(
+        RestartAction.RESTART,
+        "MissedHeartbeats",
+        f"pod {pod} missed {policy.missed_before_restart} heartbeats"
+        f" ({policy.interval_seconds}s interval); restarting it",
+        pod=pod,
+        stale_pods=names,
+    )

@@ -1,0 +1,136 @@
+"""The next step of the staged shared-key rotation.
+
+Stages (stored in the operator's keyring Secret, shown in every component's status):
+
+    Idle --request--> Distributing --every live instance has the new key (or timeout)-->
+    Promoted --every stored value rewrapped--> Grace --grace period over--> Idle (old key retired)
+
+Distributing adds the new key decrypt-only, so instances learn it before anything is sealed
+with it; only then does it become primary. The old key stays decrypt-only through Grace so a
+reader that cached an old value, or an instance that missed the distribution, still decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from defender_operator._api import RotationStage
+
+
+class RotationAction(StrEnum):
+    NONE = "None"
+    ADD_KEY = "AddKey"  # add a new key, decrypt-only, and fan the keyring out
+    PROMOTE = "Promote"  # make the new key primary
+    REWRAP = "Rewrap"  # re-seal every stored value under the new primary
+    RETIRE = "Retire"  # drop the old key
+    WAIT = "Wait"
+
+
+@dataclass(frozen=True)
+class RotationState:
+    stage: RotationStage = RotationStage.IDLE
+    since: datetime | None = None  # when the current stage was entered
+    new_key_id: str | None = None
+    old_key_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RotationTimings:
+    distribute_timeout_seconds: int
+    grace_seconds: int
+
+
+@dataclass(frozen=True)
+class RotationStep:
+    action: RotationAction
+    stage_after: RotationStage
+    reason: str
+    message: str
+    lagging: tuple[str, ...] = ()
+
+
+def next_rotation_step(
+    *,
+    now: datetime,
+    state: RotationState,
+    requested: bool,
+    new_fingerprint: str | None,
+    live_fingerprints: Mapping[str, frozenset[str]],
+    timings: RotationTimings,
+) -> RotationStep:
+    """Decide one step. The caller performs the action and, if it succeeds, stores stage_after.
+
+    `live_fingerprints` maps each live instance to the fingerprints of the keys it holds (from
+    its heartbeat). `requested` is true when the schedule is due or a person asked.
+    """
+    since = state.since or now
+    if state.stage is RotationStage.IDLE:
+        if requested:
+            return RotationStep(
+                RotationAction.ADD_KEY,
+                RotationStage.DISTRIBUTING,
+                "RotationStarted",
+                "new key added decrypt-only; waiting for every instance to load it",
+            )
+        return RotationStep(RotationAction.NONE, RotationStage.IDLE, "Idle", "no rotation")
+    if state.stage is RotationStage.DISTRIBUTING:
+        lagging = tuple(
+            sorted(i for i, fps in live_fingerprints.items() if new_fingerprint not in fps)
+        )
+        if not lagging:
+            return RotationStep(
+                RotationAction.PROMOTE,
+                RotationStage.PROMOTED,
+                "KeyDistributed",
+                f"all {len(live_fingerprints)} live instance(s) hold the new key; promoting it",
+            )
+        if now - since >= timedelta(seconds=timings.distribute_timeout_seconds):
+            # Laggards are usually dead pods; the old key stays decrypt-only through Grace, so
+            # promoting only risks them failing to read new writes until they reload.
+            return RotationStep(
+                RotationAction.PROMOTE,
+                RotationStage.PROMOTED,
+                "DistributionTimedOut",
+                f"{len(lagging)} instance(s) did not report the new key within"
+                f" {timings.distribute_timeout_seconds}s: {', '.join(lagging)}; promoting anyway",
+                lagging=lagging,
+            )
+        return RotationStep(
+            RotationAction.WAIT,
+            RotationStage.DISTRIBUTING,
+            "WaitingForInstances",
+            f"waiting for {len(lagging)} instance(s) to load the new key: {', '.join(lagging)}",
+            lagging=lagging,
+        )
+    if state.stage is RotationStage.PROMOTED:
+        return RotationStep(
+            RotationAction.REWRAP,
+            RotationStage.GRACE,
+            "Rewrapping",
+            "re-sealing every stored value under the new primary key",
+        )
+    if now - since >= timedelta(seconds=timings.grace_seconds):
+        return RotationStep(
+            RotationAction.RETIRE,
+            RotationStage.IDLE,
+            "RotationComplete",
+            "grace period over; old key retired",
+        )
+    return RotationStep(
+        RotationAction.WAIT,
+        RotationStage.GRACE,
+        "GracePeriod",
+        f"old key kept decrypt-only until {(since + timedelta(seconds=timings.grace_seconds))}",
+    )
+
+
+def schedule_due(now: datetime, last_rotation: datetime | None, every_seconds: int) -> bool:
+    """True when the periodic rotation is due (every_seconds <= 0 disables the schedule)."""
+    if every_seconds <= 0:
+        return False
+    if last_rotation is None:
+        return False  # the first key was just generated: nothing to rotate yet
+    return now - last_rotation >= timedelta(seconds=every_seconds)

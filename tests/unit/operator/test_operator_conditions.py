@@ -1,0 +1,84 @@
+"""Conditions: all five always present, transition time kept while status holds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from defender_operator._decisions import conditions as c
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def by_type(conds: list[c.Cond]) -> dict[str, c.Cond]:
+    return {x.type: x for x in conds}
+
+
+def test_first_visit_sets_every_condition_unknown() -> None:
+    conds = c.compute(c.Observation())
+    assert [x.type for x in conds] == list(c.CONDITION_TYPES)
+    assert all(x.status == c.UNKNOWN for x in conds)
+
+
+def test_ready_when_everything_is_true() -> None:
+    obs = c.Observation(
+        config=c.ConfigState.SYNCED,
+        heartbeat=c.Cond(c.HEARTBEATING, c.TRUE, "Heartbeating"),
+        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
+        misconfig=c.Cond(c.MISCONFIGURED, c.FALSE, "NoErrorsReported"),
+    )
+    ready = by_type(c.compute(obs))[c.READY]
+    assert (ready.status, ready.reason) == (c.TRUE, "AllGood")
+
+
+def test_invalid_config_makes_ready_false_with_its_reason() -> None:
+    obs = c.Observation(
+        config=c.ConfigState.INVALID,
+        config_message="threshold must be > 0",
+        heartbeat=c.Cond(c.HEARTBEATING, c.TRUE, "Heartbeating"),
+        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
+        misconfig=c.Cond(c.MISCONFIGURED, c.FALSE, "NoErrorsReported"),
+    )
+    got = by_type(c.compute(obs))
+    assert (got[c.CONFIG_SYNCED].status, got[c.CONFIG_SYNCED].reason) == (c.FALSE, "ConfigInvalid")
+    assert (got[c.READY].status, got[c.READY].reason) == (c.FALSE, "ConfigInvalid")
+    assert "threshold" in got[c.READY].message
+
+
+def test_misconfigured_wins_ready_reason() -> None:
+    obs = c.Observation(
+        config=c.ConfigState.SYNCED,
+        heartbeat=c.Cond(c.HEARTBEATING, c.TRUE, "Heartbeating"),
+        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
+        misconfig=c.Cond(c.MISCONFIGURED, c.TRUE, "UnknownKey", "pod-a holds the wrong key"),
+    )
+    ready = by_type(c.compute(obs))[c.READY]
+    assert (ready.status, ready.reason) == (c.FALSE, "UnknownKey")
+
+
+def test_etcd_outage_makes_ready_unknown_not_false() -> None:
+    obs = c.Observation(
+        config=c.ConfigState.STORE_UNAVAILABLE,
+        heartbeat=c.Cond(c.HEARTBEATING, c.UNKNOWN, "EtcdNoQuorum"),
+        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
+        misconfig=c.Cond(c.MISCONFIGURED, c.FALSE, "NoErrorsReported"),
+    )
+    ready = by_type(c.compute(obs))[c.READY]
+    assert (ready.status, ready.reason) == (c.UNKNOWN, "StoreUnavailable")
+
+
+def test_merge_keeps_transition_time_while_status_holds() -> None:
+    first = c.merge([], [c.Cond(c.READY, c.FALSE, "Pending")], now=T0, generation=1)
+    assert first[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    later = T0 + timedelta(minutes=5)
+    same = c.merge(first, [c.Cond(c.READY, c.FALSE, "Other", "m")], now=later, generation=2)
+    assert same[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert same[0]["reason"] == "Other"
+    assert same[0]["observedGeneration"] == 2
+    flipped = c.merge(same, [c.Cond(c.READY, c.TRUE, "AllGood")], now=later, generation=2)
+    assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:05:00Z"
+
+
+def test_merge_keeps_foreign_conditions() -> None:
+    foreign = {"type": "Custom", "status": "True", "reason": "X", "lastTransitionTime": "t"}
+    out = c.merge([foreign], [c.Cond(c.READY, c.TRUE, "AllGood")], now=T0, generation=1)
+    assert out[-1] == foreign
