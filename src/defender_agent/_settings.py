@@ -9,7 +9,6 @@ start-up and a bad value stops the agent with exit code 2 and a message naming t
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from defender_config import EtcdSettings, LibrarySettings, load_settings
 
 from ._errors import AgentSettingsError
 from ._reload import parse_signal
@@ -85,10 +86,13 @@ class AgentSettings(BaseSettings):
     schema_path: Path | None = None
     """Optional JSON schema the config must also satisfy."""
 
-    etcd_endpoints: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["http://127.0.0.1:2379"]
-    )
-    """etcd client URLs, comma-separated in the environment; any member will do."""
+    settings_file: Path | None = None
+    """The shared library settings file (JSON/YAML, the chart's ``defender.json``): etcd
+    connection, envelope options, prefix, keyring path. The ``etcd_*``, ``prefix`` and
+    ``keyring_path`` settings below override it; ``DEFENDER_*`` variables apply as usual."""
+
+    etcd_endpoints: Annotated[list[str] | None, NoDecode] = None
+    """etcd client URLs, comma-separated; any member will do. Overrides the settings file."""
 
     etcd_ca_file: Path | None = None
     etcd_cert_file: Path | None = None
@@ -96,12 +100,12 @@ class AgentSettings(BaseSettings):
     etcd_user: str | None = None
     etcd_password: SecretStr | None = None
 
-    prefix: str = "/ml-defender"
-    """Root of the defender layout in etcd."""
+    prefix: str | None = None
+    """Root of the defender layout in etcd (default from the settings file: ``/ml-defender``)."""
 
-    keyring_path: Path = Path("/var/run/ml-defender/keyring")
-    """Directory where the key Secret is mounted (holds ``keyring.json``). Changes to the
-    mounted Secret are picked up without a restart."""
+    keyring_path: Path | None = None
+    """Directory where the key Secret is mounted (holds ``keyring.json``); default from the
+    settings file. Changes to the mounted Secret are picked up without a restart."""
 
     reload_method: ReloadMethod = "signal"
     """How the component is told to reload: ``signal``, ``http`` or ``none`` (the component
@@ -125,13 +129,13 @@ class AgentSettings(BaseSettings):
     reload_retries: int = Field(default=3, ge=1, le=20)
     reload_backoff_seconds: float = Field(default=0.2, ge=0)
 
-    heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
-    """Seconds between heartbeats (lease keep-alives)."""
+    heartbeat_interval_seconds: float | None = Field(default=None, gt=0)
+    """Seconds between heartbeats (lease keep-alives); default from the settings file (30)."""
 
-    heartbeat_misses: int = Field(default=3, ge=1)
+    heartbeat_misses: int | None = Field(default=None, ge=1)
     """Missed heartbeats before the lease expires and the operator restarts the pod."""
 
-    keyring_poll_seconds: float = Field(default=2.0, gt=0)
+    keyring_poll_seconds: float | None = Field(default=None, gt=0)
     """How often the mounted Secret is checked for a new keyring."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -143,8 +147,8 @@ class AgentSettings(BaseSettings):
 
     @field_validator("etcd_endpoints")
     @classmethod
-    def _endpoints_present(cls, value: list[str]) -> list[str]:
-        if not value:
+    def _endpoints_present(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
             raise ValueError("give at least one etcd endpoint")
         return value
 
@@ -191,14 +195,10 @@ class AgentSettings(BaseSettings):
     def reload_signum(self) -> signal.Signals:
         return parse_signal(self.reload_signal)
 
-    @property
-    def lease_ttl_seconds(self) -> int:
-        """Lease time-to-live: the heartbeat interval times the tolerated misses, rounded up."""
-        return max(2, math.ceil(self.heartbeat_interval_seconds * self.heartbeat_misses))
-
 
 # Flags are derived from the fields so a new field cannot be forgotten on the command line.
 _FLAG_HELP_SKIP = {"etcd_password"}
+_FLAG_ALIASES = {"settings_file": ["--settings"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = " ".join((info.description or "").split()).replace("%", "%%") or None
         if name in _FLAG_HELP_SKIP:
             help_text = "prefer DEFENDER_AGENT_ETCD_PASSWORD from a Secret over this flag"
-        parser.add_argument(flag, dest=name, default=None, help=help_text)
+        parser.add_argument(
+            flag, *_FLAG_ALIASES.get(name, []), dest=name, default=None, help=help_text
+        )
     return parser
 
 
@@ -235,3 +237,33 @@ def load_agent_settings(argv: Sequence[str] | None = None) -> AgentSettings:
             f"invalid agent settings: {problems} (set flags or DEFENDER_AGENT_* variables; "
             "the instance comes from POD_NAME)"
         ) from exc
+
+
+def library_settings(agent: AgentSettings) -> LibrarySettings:
+    """The shared library's settings: the settings file and ``DEFENDER_*`` variables, with the
+    agent's own etcd/prefix/keyring/heartbeat flags on top. Raises ``SettingsError`` (from the
+    library) or :class:`AgentSettingsError`."""
+    base = load_settings(agent.settings_file)
+    etcd_update: dict[str, Any] = {}
+    for field_name in ("endpoints", "ca_file", "cert_file", "key_file", "user", "password"):
+        value = getattr(agent, f"etcd_{field_name}")
+        if value is not None:
+            etcd_update[field_name] = value
+    update: dict[str, Any] = {}
+    try:
+        if etcd_update:
+            update["etcd"] = EtcdSettings.model_validate({**base.etcd.model_dump(), **etcd_update})
+    except ValidationError as exc:
+        raise AgentSettingsError(f"invalid etcd setting: {exc}") from exc
+    if agent.prefix is not None:
+        # The library's Layout validates the prefix when the client is built.
+        update["prefix"] = agent.prefix
+    if agent.keyring_path is not None:
+        update["keyring_path"] = agent.keyring_path
+    if agent.heartbeat_interval_seconds is not None:
+        update["heartbeat_interval_seconds"] = agent.heartbeat_interval_seconds
+    if agent.heartbeat_misses is not None:
+        update["heartbeat_allowed_misses"] = agent.heartbeat_misses
+    if agent.keyring_poll_seconds is not None:
+        update["keyring_poll_seconds"] = agent.keyring_poll_seconds
+    return base.model_copy(update=update)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from defender_agent import AgentSettingsError, load_agent_settings
-from defender_agent._settings import build_parser
+from defender_agent._settings import build_parser, library_settings
+from defender_config import SettingsError
 
 BASE = [
     "--component",
@@ -62,7 +64,10 @@ def test_everything_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.etcd_endpoints == ["http://a:2379", "http://b:2379", "http://c:2379"]
     assert settings.file_mode == 0o600
     assert settings.output_path == Path("/shared/fw.json")
-    assert settings.lease_ttl_seconds == 8  # ceil(2.5 * 3)
+    lib = library_settings(settings)
+    assert lib.heartbeat_interval_seconds == 2.5
+    assert lib.heartbeat_allowed_misses == 3
+    assert lib.etcd.endpoints == settings.etcd_endpoints
 
 
 def test_signal_by_short_name() -> None:
@@ -134,3 +139,57 @@ def test_help_lists_documented_flags() -> None:
     text = build_parser().format_help()
     assert "--reload-process" in text
     assert "shareProcessNamespace" in text
+
+
+def test_library_settings_file_with_agent_overrides(tmp_path: Path) -> None:
+    shared = tmp_path / "defender.json"
+    shared.write_text(
+        json.dumps(
+            {
+                "etcd": {"endpoints": ["http://etcd-0:2379"], "timeout_seconds": 2},
+                "prefix": "/from-file",
+                "keyring_path": "/etc/ml-defender/keyring",
+                "envelope": {"compress": False},
+            }
+        )
+    )
+    plain = load_agent_settings([*BASE, "--instance", "i", "--settings", str(shared)])
+    lib = library_settings(plain)
+    assert lib.prefix == "/from-file"
+    assert lib.etcd.endpoints == ["http://etcd-0:2379"]
+    assert lib.envelope.compress is False
+    assert lib.keyring_path == Path("/etc/ml-defender/keyring")
+    over = load_agent_settings(
+        [
+            *BASE,
+            "--instance",
+            "i",
+            "--settings-file",
+            str(shared),
+            "--etcd-endpoints",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--prefix",
+            "/test-x",
+            "--keyring-path",
+            str(tmp_path),
+        ]
+    )
+    lib = library_settings(over)
+    assert lib.etcd.endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert lib.etcd.timeout_seconds == 2  # untouched fields come from the file
+    assert lib.prefix == "/test-x"
+    assert lib.keyring_path == tmp_path
+
+
+def test_library_settings_bad_endpoint() -> None:
+    settings = load_agent_settings([*BASE, "--instance", "i", "--etcd-endpoints", "ftp://x:1"])
+    with pytest.raises(AgentSettingsError, match="http"):
+        library_settings(settings)
+
+
+def test_library_settings_missing_file(tmp_path: Path) -> None:
+    settings = load_agent_settings(
+        [*BASE, "--instance", "i", "--settings", str(tmp_path / "no.json")]
+    )
+    with pytest.raises(SettingsError, match="cannot read"):
+        library_settings(settings)

@@ -1,0 +1,213 @@
+"""What the agent does with one ACTIVE config, free of etcd: validate, write, reload, report.
+
+The etcd side (`_agent.py`) feeds configs and decode errors in; this part decides what reaches
+the shared file and what is reported. Rules:
+
+* only a config that passed validation is written; anything else leaves the last good file;
+* the file is replaced atomically and the component is told to reload only when the bytes change;
+* every failure becomes ``last_error`` in the heartbeat and one alert (repeats of the same
+  failure are not re-alerted, so a broken value does not flood the alert prefix);
+* a reload that failed (the component had not started yet, or was restarting) is retried by
+  :meth:`ConfigApplier.retry_reload` until it succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from defender_config import (
+    ComponentType,
+    ConfigValidationError,
+    FieldError,
+    config_digest,
+    validate_config,
+)
+
+from ._errors import AgentError, ReloadError, WriteError
+from ._reload import Reloader
+from ._writer import read_current, write_atomic
+
+__all__ = ["ConfigApplier", "LastError", "StatusSink", "render_config"]
+
+log = logging.getLogger("defender_agent")
+
+
+@dataclass(frozen=True)
+class LastError:
+    """The heartbeat's ``last_error``: a stable reason word and a human detail."""
+
+    reason: str
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"reason": self.reason, "detail": self.detail}
+
+
+class StatusSink(Protocol):
+    """Where the applier reports: the heartbeat fields and the alert records."""
+
+    def update_heartbeat(self, **fields: Any) -> None: ...
+
+    def alert(self, kind: str, detail: str) -> None: ...
+
+
+def render_config(config: Mapping[str, Any]) -> bytes:
+    """The bytes written for the component: indented JSON, keys in the order they were stored."""
+    return (json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def error_of(exc: BaseException) -> LastError:
+    """Reason and detail of any failure; unexpected exceptions get reason ``InternalError``."""
+    reason = getattr(exc, "reason", None)
+    if not isinstance(reason, str):
+        reason = "InternalError"
+    return LastError(reason, str(exc) or type(exc).__name__)
+
+
+class ConfigApplier:
+    """Validates and delivers configs to the component. Thread-safe: the watch thread, the
+    keyring poller and the main loop all call it."""
+
+    def __init__(
+        self,
+        *,
+        component: str,
+        component_type: str,
+        output_path: Path,
+        reloader: Reloader,
+        sink: StatusSink,
+        file_mode: int = 0o640,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._component = component
+        self._type = ComponentType(component_type)
+        self._path = output_path
+        self._mode = file_mode
+        self._schema = json_schema
+        self._reloader = reloader
+        self._sink = sink
+        self._lock = threading.RLock()
+        self.config_version: int | None = None
+        self.config_digest: str | None = None
+        self.last_error: LastError | None = None
+        self.reload_pending = False
+        self._alerted: LastError | None = None
+        self.applied = 0
+
+    # --- the two ways in --------------------------------------------------------------------
+
+    def apply(self, config: Any, version: int | None = None) -> bool:
+        """Deliver ``config`` (decoded ACTIVE) to the component. True if it is now in the file;
+        never raises: failures are reported."""
+        with self._lock:
+            try:
+                checked = self._validate(config)
+                data = render_config(checked)
+                digest = config_digest(checked)
+            except ConfigValidationError as exc:
+                self._fail(exc, version)
+                return False
+            except ValueError as exc:
+                # NaN/Infinity slip through Python's JSON decoder but are not JSON.
+                bad = ConfigValidationError(
+                    self._component, [FieldError("", f"not representable as JSON: {exc}")]
+                )
+                self._fail(bad, version)
+                return False
+            try:
+                changed = read_current(self._path) != data
+                if changed:
+                    write_atomic(self._path, data, self._mode)
+            except (WriteError, OSError) as exc:
+                self._fail(exc, version)
+                return False
+            self.config_version = version
+            self.config_digest = digest
+            self.applied += 1
+            self._sink.update_heartbeat(config_version=version, config_digest=digest)
+            log.info(
+                "config version %s %s %s",
+                version,
+                "written to" if changed else "already in",
+                self._path,
+                extra={"config_version": version, "config_digest": digest[:16]},
+            )
+            if changed or self.reload_pending:
+                self.reload_pending = True
+                self._reload()
+            else:
+                self._clear_error()
+            return True
+
+    def reject(self, exc: BaseException, version: int | None = None) -> None:
+        """ACTIVE could not be decoded or read: keep the last good file and report why."""
+        with self._lock:
+            self._fail(exc, version)
+
+    def retry_reload(self) -> bool:
+        """Retry a reload that failed earlier; True when nothing is pending any more."""
+        with self._lock:
+            if self.reload_pending:
+                self._reload()
+            return not self.reload_pending
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _validate(self, config: Any) -> dict[str, Any]:
+        if self._type is ComponentType.CUSTOM and self._schema is None:
+            # No model and no schema: the component owns the format; only insist on an object,
+            # which is what the shared file must hold.
+            if not isinstance(config, Mapping):
+                raise ConfigValidationError(
+                    self._component,
+                    [FieldError("", f"config must be a JSON object, not {type(config).__name__}")],
+                )
+            return dict(config)
+        validate_config(self._type, config, self._schema, component=self._component)
+        # The normalized form fills defaults the component never asked for; deliver what was
+        # committed, now known to be valid.
+        return dict(config)
+
+    def _reload(self) -> None:
+        try:
+            what = self._reloader.reload()
+        except ReloadError as exc:
+            self._fail(exc, self.config_version)
+            return
+        self.reload_pending = False
+        log.info("reload triggered: %s", what, extra={"config_version": self.config_version})
+        self._clear_error()
+
+    def _clear_error(self) -> None:
+        if self.last_error is not None:
+            log.info("recovered from %s", self.last_error.reason)
+            self.last_error = None
+            self._alerted = None
+            self._sink.update_heartbeat(last_error=None)
+
+    def _fail(self, exc: BaseException, version: int | None) -> None:
+        error = error_of(exc)
+        self.last_error = error
+        known = isinstance(exc, AgentError) or hasattr(exc, "reason")
+        log.error(
+            "%s (keeping the last good file, version %s): %s",
+            error.reason,
+            self.config_version,
+            error.detail,
+            exc_info=None if known else exc,
+            extra={"reason": error.reason, "rejected_version": version},
+        )
+        self._sink.update_heartbeat(last_error=error.as_dict())
+        if error != self._alerted:
+            self._alerted = error
+            detail = error.detail if version is None else f"version {version}: {error.detail}"
+            try:
+                self._sink.alert(error.reason, detail)
+            except Exception:  # an alert that cannot be stored must not stop config delivery
+                log.exception("could not record the %s alert", error.reason)

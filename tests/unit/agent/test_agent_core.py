@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from defender_agent import NoReload, SignalReloader
+from defender_agent._core import ConfigApplier, render_config
+from defender_config import AuthenticationFailedError, UnknownKeyError
+
+Spawn = Callable[[str], tuple[subprocess.Popen[bytes], Path]]
+
+SNIFFER = {
+    "node_id": "sniffer-01",
+    "version": "1.0.0",
+    "interface": "eth0",
+}
+
+
+class RecordingSink:
+    """Collects what the applier reports (the real sink writes etcd; that is tested e2e)."""
+
+    def __init__(self) -> None:
+        self.heartbeat: dict[str, Any] = {}
+        self.alerts: list[tuple[str, str]] = []
+
+    def update_heartbeat(self, **fields: Any) -> None:
+        self.heartbeat.update(fields)
+
+    def alert(self, kind: str, detail: str) -> None:
+        self.alerts.append((kind, detail))
+
+
+class BrokenSink(RecordingSink):
+    def alert(self, kind: str, detail: str) -> None:
+        raise RuntimeError("etcd is down")
+
+
+def applier(tmp_path: Path, sink: RecordingSink, reloader: Any = None, **kw: Any) -> ConfigApplier:
+    return ConfigApplier(
+        component="demo",
+        component_type=kw.pop("component_type", "custom"),
+        output_path=tmp_path / "demo.json",
+        reloader=reloader or NoReload(),
+        sink=sink,
+        **kw,
+    )
+
+
+def test_valid_config_is_written_and_reported(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    assert a.apply({"b": 1, "a": [1, 2]}, version=3)
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"b": 1, "a": [1, 2]}
+    assert sink.heartbeat["config_version"] == 3
+    assert len(sink.heartbeat["config_digest"]) == 64
+    assert sink.alerts == []
+    assert a.last_error is None
+
+
+def test_custom_without_schema_needs_an_object(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    assert a.apply({"ok": True}, version=1)
+    assert not a.apply(["not", "an", "object"], version=2)
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"ok": True}
+    assert sink.heartbeat["last_error"]["reason"] == "ConfigInvalid"
+    assert sink.heartbeat["config_version"] == 1
+    assert [kind for kind, _ in sink.alerts] == ["ConfigInvalid"]
+    assert "version 2" in sink.alerts[0][1]
+
+
+def test_schema_for_custom(tmp_path: Path) -> None:
+    schema = {"type": "object", "required": ["port"], "properties": {"port": {"type": "integer"}}}
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, json_schema=schema)
+    assert a.apply({"port": 80}, version=1)
+    assert not a.apply({"port": "eighty"}, version=2)
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"port": 80}
+    assert "port" in sink.heartbeat["last_error"]["detail"]
+
+
+def test_typed_component_uses_library_model(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, component_type="sniffer")
+    good = dict(SNIFFER)
+    assert a.apply(good, version=1), sink.heartbeat.get("last_error")
+    assert not a.apply({**good, "no_such_field": 1}, version=2)
+    assert json.loads((tmp_path / "demo.json").read_text()) == good
+
+
+def test_decode_error_keeps_file_and_alerts_once(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    a.apply({"v": 1}, version=1)
+    before = (tmp_path / "demo.json").read_bytes()
+    err = UnknownKeyError("k-new", ["k-old"], path="/p/components/demo/active_config")
+    a.reject(err, version=2)
+    a.reject(err, version=2)  # the same failure again (e.g. a watch resync)
+    assert (tmp_path / "demo.json").read_bytes() == before
+    assert sink.heartbeat["last_error"]["reason"] == "UnknownKey"
+    assert [kind for kind, _ in sink.alerts] == ["UnknownKey"]
+    a.reject(AuthenticationFailedError("/p/x", "k-old"), version=3)
+    assert [kind for kind, _ in sink.alerts] == ["UnknownKey", "AuthenticationFailed"]
+    # A later good config clears the error.
+    assert a.apply({"v": 4}, version=4)
+    assert sink.heartbeat["last_error"] is None
+    assert a.last_error is None
+
+
+def test_unexpected_exception_is_internal_error(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    a.reject(RuntimeError("surprise"))
+    assert sink.heartbeat["last_error"] == {"reason": "InternalError", "detail": "surprise"}
+
+
+def test_alert_failure_does_not_stop_delivery(tmp_path: Path) -> None:
+    sink = BrokenSink()
+    a = applier(tmp_path, sink)
+    a.reject(RuntimeError("x"))
+    assert a.apply({"v": 1}, version=1)
+    assert (tmp_path / "demo.json").exists()
+
+
+def test_write_failure_is_reported(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = ConfigApplier(
+        component="demo",
+        component_type="custom",
+        output_path=tmp_path / "missing-dir" / "demo.json",
+        reloader=NoReload(),
+        sink=sink,
+    )
+    assert not a.apply({"v": 1}, version=1)
+    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
+    assert sink.alerts[0][0] == "WriteFailed"
+
+
+def test_reload_only_when_bytes_change(
+    tmp_path: Path, spawn_named: Spawn, unique_name: str, wait_for: Any
+) -> None:
+    _, marker = spawn_named(unique_name)
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, reloader=SignalReloader(signal.SIGHUP, process_name=unique_name))
+    a.apply({"v": 1}, version=1)
+    wait_for(lambda: marker.read_text() == "1")
+    a.apply({"v": 1}, version=1)  # same bytes: no second signal
+    a.apply({"v": 2}, version=2)
+    wait_for(lambda: marker.read_text() == "2")
+    assert a.last_error is None
+
+
+def test_reload_failure_is_retried_until_the_process_appears(
+    tmp_path: Path, spawn_named: Spawn, unique_name: str, wait_for: Any
+) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, reloader=SignalReloader(signal.SIGHUP, process_name=unique_name))
+    assert a.apply({"v": 1}, version=1)  # the file is written even though nobody is there
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"v": 1}
+    assert sink.heartbeat["last_error"]["reason"] == "ProcessNotFound"
+    assert a.reload_pending
+    assert not a.retry_reload()
+    assert [kind for kind, _ in sink.alerts] == ["ProcessNotFound"]  # not re-alerted
+    _, marker = spawn_named(unique_name)
+    assert a.retry_reload()
+    wait_for(lambda: marker.read_text() == "1")
+    assert sink.heartbeat["last_error"] is None
+
+
+def test_render_is_json_with_trailing_newline() -> None:
+    assert render_config({"a": 1}) == b'{\n  "a": 1\n}\n'
+    with pytest.raises(ValueError):
+        render_config({"a": float("nan")})
+
+
+def test_non_json_numbers_are_rejected_not_crashing(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    assert not a.apply({"a": float("nan")}, version=1)
+    assert sink.heartbeat["last_error"]["reason"] == "ConfigInvalid"
+    assert not (tmp_path / "demo.json").exists()
