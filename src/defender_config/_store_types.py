@@ -1,0 +1,272 @@
+"""Plain records and pure helpers of the etcd access layer (no gRPC here, so they unit-test fast).
+
+`_store.py` is the only module that talks to etcd; what it hands out is defined here.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = [
+    "OPS",
+    "Compare",
+    "DeleteOp",
+    "GetOp",
+    "HealthReport",
+    "Lease",
+    "MemberHealth",
+    "PutOp",
+    "StoreMetrics",
+    "StoredValue",
+    "TxnResult",
+    "WatchEvent",
+    "backoff_delay",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredValue:
+    """One key as read from etcd. `stale` is True when etcd could not be reached and the value
+    comes from the last-known-good cache: it was true at `mod_revision`, maybe not now."""
+
+    key: str
+    value: bytes = field(repr=False)
+    mod_revision: int
+    create_revision: int
+    version: int
+    lease_id: int = 0
+    stale: bool = False
+
+    def __repr__(self) -> str:
+        # Values are usually sealed, but plaintext records still do not belong in logs.
+        return (
+            f"StoredValue(key={self.key!r}, bytes={len(self.value)}, "
+            f"mod_revision={self.mod_revision}, version={self.version}, stale={self.stale})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """A change under a watched prefix. A lease expiry arrives as kind="delete".
+
+    `resync` marks synthetic "put" events sent after the watch had to restart from a compacted
+    revision: the callback sees the current value of every key again (deletes in the gap are
+    not replayed)."""
+
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes = field(repr=False)
+    mod_revision: int
+    version: int
+    lease_id: int = 0
+    prev_value: bytes | None = field(default=None, repr=False)
+    resync: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A granted etcd lease. Keys put with it vanish when it expires or is revoked."""
+
+    id: int
+    ttl: int
+
+
+_CompareTarget = Literal["version", "mod", "create", "value"]
+_CompareOp = Literal["==", "!=", "<", ">"]
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """One condition of a transaction, e.g. `Compare.absent(key)`."""
+
+    key: str
+    target: _CompareTarget
+    op: _CompareOp
+    value: int | bytes
+
+    @staticmethod
+    def absent(key: str) -> Compare:
+        return Compare(key, "create", "==", 0)
+
+    @staticmethod
+    def present(key: str) -> Compare:
+        return Compare(key, "create", ">", 0)
+
+    @staticmethod
+    def mod_revision_is(key: str, revision: int) -> Compare:
+        """0 means "the key does not exist"."""
+        return Compare(key, "mod", "==", revision)
+
+    @staticmethod
+    def version_is(key: str, version: int) -> Compare:
+        return Compare(key, "version", "==", version)
+
+
+@dataclass(frozen=True, slots=True)
+class PutOp:
+    key: str
+    value: bytes = field(repr=False)
+    lease_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GetOp:
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    """`gets` holds, in order, the result of every GetOp of the branch that ran."""
+
+    succeeded: bool
+    revision: int
+    gets: tuple[tuple[StoredValue, ...], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MemberHealth:
+    """What one endpoint said. `healthy` means it answered a linearizable read (it sees a
+    leader and a quorum)."""
+
+    endpoint: str
+    healthy: bool
+    member_id: int | None = None
+    name: str | None = None
+    is_leader: bool = False
+    raft_term: int | None = None
+    raft_index: int | None = None
+    db_size_bytes: int | None = None
+    version: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    members: tuple[MemberHealth, ...]
+    cluster_size: int
+    leader_id: int | None
+    quorum: bool
+
+    @property
+    def healthy_count(self) -> int:
+        return sum(1 for m in self.members if m.healthy)
+
+    @property
+    def leader(self) -> MemberHealth | None:
+        return next((m for m in self.members if m.is_leader), None)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Delay before retry number `attempt` (0-based): exponential, capped, with full jitter.
+
+    Full jitter (uniform over [0, min(cap, base·2^attempt)]) spreads the retries of many
+    components that lost etcd at the same moment, so they do not return in lock-step.
+    """
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    ceiling = min(cap, base * (2 ** min(attempt, 62)))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+#: Every value the `op` label takes: a fixed set, so the metrics have bounded cardinality.
+OPS: tuple[str, ...] = (
+    "get",
+    "list",
+    "put",
+    "delete",
+    "delete_prefix",
+    "put_if_absent",
+    "compare_and_swap",
+    "txn",
+    "lease_grant",
+    "lease_keepalive",
+    "lease_revoke",
+    "lease_ttl",
+    "watch",
+    "revision",
+    "status",
+    "authenticate",
+)
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class StoreMetrics:
+    """The Prometheus series of one EtcdStore, on `registry` (a private one if None).
+
+    Pass the process registry (`prometheus_client.REGISTRY`) to expose them; tests pass fresh
+    registries so several stores can live in one process.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.calls = Counter(
+            "defender_etcd_calls",
+            "etcd operations started by the library, by operation.",
+            ["op"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "defender_etcd_errors",
+            "etcd operations that failed after retries, by operation and reason.",
+            ["op", "reason"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "defender_etcd_call_duration_seconds",
+            "Duration of etcd operations including retries, by operation.",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "defender_etcd_retries",
+            "Retries after a transient etcd error, by operation.",
+            ["op"],
+            registry=self.registry,
+        )
+        self.stale_reads = Counter(
+            "defender_etcd_stale_reads",
+            "Reads served from the last-known-good cache while etcd was unreachable.",
+            ["op"],
+            registry=self.registry,
+        )
+        self.watch_restarts = Counter(
+            "defender_etcd_watch_restarts",
+            "Watches re-established after their stream broke (member down, failover).",
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "defender_etcd_endpoint_failovers",
+            "Switches of the client to another etcd endpoint.",
+            registry=self.registry,
+        )
+
+    def observe(self, op: str, seconds: float) -> None:
+        self.latency.labels(op).observe(seconds)
