@@ -1,0 +1,477 @@
+"""Envelope: round trips and every error path, with hand-crafted blobs where needed."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from defender_config import (
+    AuthenticationFailedError,
+    CodecMismatchError,
+    Envelope,
+    EnvelopeError,
+    EnvelopeOptions,
+    Keyring,
+    NotAnEnvelopeError,
+    SizeAnomalyError,
+    UnexpectedEnvelopeError,
+    UnknownCodecError,
+    UnknownKeyError,
+    UnsupportedFormatError,
+    ValueTooLargeError,
+    expect_plaintext,
+    inspect,
+    is_envelope,
+)
+from defender_config._codecs import AES256GCM
+from defender_config._envelope import MAGIC
+
+PATH = "/ml-defender/components/detector/active_config"
+PLAIN = EnvelopeOptions(compress=False, encrypt=False)
+COMPRESS_ONLY = EnvelopeOptions(compress=True, encrypt=False)
+MiB = 1024 * 1024
+
+
+def craft(
+    payload: bytes,
+    *,
+    declared: int,
+    flags: int,
+    comp: int,
+    cipher: int = 0,
+    key_id: bytes = b"",
+    version: int = 1,
+    keyring: Keyring | None = None,
+    path: str = PATH,
+) -> bytes:
+    """Build an envelope by hand, encrypting correctly when a keyring is given, so the reader's
+    checks after decryption can be reached."""
+    header = struct.pack(">4sBBBBIB", MAGIC, version, flags, comp, cipher, declared, len(key_id))
+    header += key_id
+    if keyring is None:
+        return header + payload
+    nonce = os.urandom(12)
+    aead = AES256GCM.aead(keyring.primary.material)
+    return header + nonce + aead.encrypt(nonce, payload, header + path.encode())
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+paths = st.text(min_size=1, max_size=200).map(lambda s: "/" + s)
+option_sets = st.builds(
+    EnvelopeOptions,
+    compress=st.booleans(),
+    encrypt=st.booleans(),
+    cipher=st.sampled_from(["aes-256-gcm", "chacha20-poly1305"]),
+    level=st.integers(1, 9),
+    threshold_bytes=st.integers(0, 512),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=8192), path=paths, opts=option_sets)
+def test_round_trip_any_bytes_any_path_any_options(
+    keyring: Keyring, data: bytes, path: str, opts: EnvelopeOptions
+) -> None:
+    env = Envelope(keyring, opts)
+    blob = env.seal(data, path)
+    assert env.open(blob, path) == data
+    if opts.encrypt:
+        header = inspect(blob)
+        assert header.encrypted and header.key_id == keyring.primary.key_id
+        assert header.cipher == opts.cipher
+        assert header.declared_length == len(data)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=2048), opts=option_sets)
+def test_plaintext_starting_with_magic_still_round_trips(
+    keyring: Keyring, data: bytes, opts: EnvelopeOptions
+) -> None:
+    env = Envelope(keyring, opts)
+    value = MAGIC + data
+    blob = env.seal(value, PATH)
+    assert is_envelope(blob)  # never stored bare, or readers would misparse it
+    assert env.open(blob, PATH) == value
+
+
+def test_plain_options_store_plaintext_readable_with_etcdctl(keyring: Keyring) -> None:
+    env = Envelope(keyring, PLAIN)
+    assert env.seal(b'{"a": 1}', PATH) == b'{"a": 1}'
+    assert env.open(b'{"a": 1}', PATH) == b'{"a": 1}'
+
+
+def test_threshold_leaves_small_values_uncompressed(
+    envelope: Envelope, config_bytes: bytes
+) -> None:
+    small = inspect(envelope.seal(b"x" * 100, PATH))
+    assert not small.compressed and small.compression == "none"
+    big = inspect(envelope.seal(config_bytes, PATH))
+    assert big.compressed and big.compression == "zstd"
+    assert big.stored_length < len(config_bytes)
+
+
+def test_incompressible_value_is_stored_uncompressed(envelope: Envelope) -> None:
+    data = os.urandom(4096)
+    header = inspect(envelope.seal(data, PATH))
+    assert not header.compressed
+    assert envelope.open(envelope.seal(data, PATH), PATH) == data
+
+
+def test_per_call_options_override_the_store(envelope: Envelope, config_bytes: bytes) -> None:
+    blob = envelope.seal(config_bytes, PATH, COMPRESS_ONLY)
+    header = inspect(blob)
+    assert header.compressed and not header.encrypted and header.key_id is None
+    assert envelope.open(blob, PATH, COMPRESS_ONLY) == config_bytes
+    # The store default (encrypt on) refuses the same unencrypted value.
+    with pytest.raises(CodecMismatchError):
+        envelope.open(blob, PATH)
+
+
+def test_chacha_value_opens_for_a_reader_configured_for_aes(keyring: Keyring) -> None:
+    writer = Envelope(keyring, EnvelopeOptions(cipher="chacha20-poly1305"))
+    blob = writer.seal(b"hello" * 100, PATH)
+    assert inspect(blob).cipher == "chacha20-poly1305"
+    assert Envelope(keyring).open(blob, PATH) == b"hello" * 100
+
+
+def test_codec_label(envelope: Envelope) -> None:
+    assert envelope.codec_label() == "zstd+aes-256-gcm"
+    assert envelope.codec_label(PLAIN) == "none+none"
+    assert inspect(envelope.seal(b"y" * 1000, PATH)).codec == "zstd+aes-256-gcm"
+
+
+# --- tampering, moving, keys ---------------------------------------------------------------------
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.integers(min_value=0), flip=st.integers(1, 255))
+def test_any_changed_byte_is_a_typed_error(
+    envelope: Envelope, config_bytes: bytes, index: int, flip: int
+) -> None:
+    blob = bytearray(envelope.seal(config_bytes, PATH))
+    header_len = inspect(bytes(blob)).header_length
+    index %= len(blob)
+    blob[index] ^= flip
+    with pytest.raises(EnvelopeError) as info:
+        envelope.open(bytes(blob), PATH)
+    if index >= header_len:  # nonce, ciphertext or tag
+        assert isinstance(info.value, AuthenticationFailedError)
+
+
+def test_header_only_change_fails_authentication(envelope: Envelope, config_bytes: bytes) -> None:
+    blob = bytearray(envelope.seal(config_bytes, PATH))
+    # Declared length 4096 -> 4097: still under every cap, so only the AEAD can notice.
+    struct.pack_into(">I", blob, 8, len(config_bytes) + 1)
+    with pytest.raises(AuthenticationFailedError) as info:
+        envelope.open(bytes(blob), PATH)
+    assert info.value.reason == "AuthenticationFailed"
+    assert envelope.keyring() is not None
+    assert info.value.fingerprint == envelope.keyring().primary.fingerprint  # type: ignore[union-attr]
+
+
+def test_value_moved_to_another_path_fails_authentication(envelope: Envelope) -> None:
+    blob = envelope.seal(b"secret config" * 50, PATH)
+    other = PATH.replace("detector", "firewall")
+    with pytest.raises(AuthenticationFailedError) as info:
+        envelope.open(blob, other)
+    assert info.value.path == other
+    assert other in str(info.value)
+
+
+def test_unknown_key_id_names_the_key_and_what_is_held(config_bytes: bytes) -> None:
+    writer_ring, reader_ring = Keyring.generate(), Keyring.generate()
+    blob = Envelope(writer_ring).seal(config_bytes, PATH)
+    with pytest.raises(UnknownKeyError) as info:
+        Envelope(reader_ring).open(blob, PATH)
+    err = info.value
+    assert err.reason == "UnknownKey"
+    assert err.key_id == writer_ring.primary.key_id
+    assert err.known_key_ids == reader_ring.key_ids
+    assert writer_ring.primary.key_id in str(err) and reader_ring.primary.key_id in str(err)
+
+
+def test_same_key_id_with_other_material_fails_authentication(config_bytes: bytes) -> None:
+    from defender_config import Key
+
+    ring = Keyring.generate()
+    impostor = Keyring([Key.generate(key_id=ring.primary.key_id)])
+    blob = Envelope(ring).seal(config_bytes, PATH)
+    with pytest.raises(AuthenticationFailedError):
+        Envelope(impostor).open(blob, PATH)
+
+
+def test_encrypted_value_without_any_keyring_is_unknown_key(envelope: Envelope) -> None:
+    blob = envelope.seal(b"x" * 300, PATH)
+    with pytest.raises(UnknownKeyError) as info:
+        Envelope(None, PLAIN).open(blob, PATH, COMPRESS_ONLY)
+    assert info.value.known_key_ids == ()
+
+
+def test_envelope_needs_a_keyring_to_encrypt() -> None:
+    with pytest.raises(ValueError, match="needs a keyring"):
+        Envelope(None, EnvelopeOptions())
+    env = Envelope(None, PLAIN)
+    with pytest.raises(ValueError, match="needs a keyring"):
+        env.seal(b"x", PATH, EnvelopeOptions())
+
+
+# --- codecs --------------------------------------------------------------------------------------
+
+
+def test_unknown_compression_codec_id() -> None:
+    blob = craft(b"abc", declared=3, flags=1, comp=0x07)
+    with pytest.raises(UnknownCodecError) as info:
+        Envelope(None, PLAIN).open(blob, PATH)
+    assert info.value.codec_id == 0x07 and info.value.kind == "compression"
+    assert "0x07" in str(info.value) and "zstd" in str(info.value)
+    assert inspect(blob).compression == "unknown(0x07)"
+
+
+def test_unknown_cipher_id(keyring: Keyring) -> None:
+    blob = craft(b"\0" * 40, declared=3, flags=2, comp=0, cipher=0x09, key_id=b"k1")
+    with pytest.raises(UnknownCodecError) as info:
+        Envelope(keyring).open(blob, PATH)
+    assert info.value.kind == "cipher" and info.value.reason == "UnknownCodec"
+    assert inspect(blob).cipher == "unknown(0x09)"
+
+
+@pytest.mark.parametrize(
+    ("flags", "comp", "cipher", "key_id"),
+    [
+        (0x01, 0, 0, b""),  # compressed flag, codec none
+        (0x00, 1, 0, b""),  # zstd codec, flag clear
+        (0x02, 0, 0, b"k1"),  # encrypted flag, cipher none
+        (0x00, 0, 1, b""),  # cipher set, flag clear
+        (0x00, 0, 0, b"k1"),  # key id on an unencrypted value
+    ],
+)
+def test_flags_that_contradict_codec_ids(flags: int, comp: int, cipher: int, key_id: bytes) -> None:
+    blob = craft(
+        b"abc" + b"\0" * 40, declared=3, flags=flags, comp=comp, cipher=cipher, key_id=key_id
+    )
+    with pytest.raises(CodecMismatchError) as info:
+        Envelope(Keyring.generate(), PLAIN).open(blob, PATH)
+    assert info.value.reason == "CodecMismatch"
+
+
+def test_reader_requiring_encryption_refuses_unencrypted(envelope: Envelope) -> None:
+    blob = Envelope(None, COMPRESS_ONLY).seal(b"z" * 1000, PATH)
+    with pytest.raises(CodecMismatchError) as info:
+        envelope.open(blob, PATH)
+    assert info.value.expected.startswith("an encrypted value")
+    assert info.value.found == "an unencrypted value"
+
+
+# --- sizes ---------------------------------------------------------------------------------------
+
+
+def test_declared_length_differs_from_uncompressed_payload() -> None:
+    with pytest.raises(SizeAnomalyError) as info:
+        Envelope(None, PLAIN).open(craft(b"abcd", declared=10, flags=0, comp=0), PATH)
+    assert (info.value.declared, info.value.actual) == (10, 4)
+
+
+def test_declared_length_differs_from_zstd_frame_size() -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"a" * 1000)
+    with pytest.raises(SizeAnomalyError) as info:
+        Envelope(None, PLAIN).open(craft(frame, declared=999, flags=1, comp=1), PATH)
+    assert (info.value.declared, info.value.actual) == (999, 1000)
+
+
+def test_declared_length_differs_after_decryption(keyring: Keyring) -> None:
+    """A writer with a bug that lies consistently (valid tag) is still caught."""
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(b"a" * 1000)
+    kid = keyring.primary.key_id.encode()
+    blob = craft(frame, declared=2000, flags=3, comp=1, cipher=1, key_id=kid, keyring=keyring)
+    with pytest.raises(SizeAnomalyError) as info:
+        Envelope(keyring).open(blob, PATH)
+    assert info.value.declared == 2000 and info.value.actual == 1000
+
+
+def test_frame_without_size_that_expands_past_declared_is_stopped() -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 4 * MiB)
+    with pytest.raises(SizeAnomalyError, match="longer than declared"):
+        Envelope(None, PLAIN).open(craft(frame, declared=1000, flags=1, comp=1), PATH)
+
+
+def test_bomb_declared_over_the_cap_is_refused_before_decompressing() -> None:
+    # The payload is not even zstd: the cap check must come first.
+    blob = craft(b"not zstd at all", declared=100 * MiB, flags=1, comp=1)
+    with pytest.raises(SizeAnomalyError, match="max_decompressed_bytes") as info:
+        Envelope(None, PLAIN).open(blob, PATH)
+    assert info.value.declared == 100 * MiB
+
+
+def test_bomb_frame_claiming_more_than_declared() -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * 64 * MiB)
+    with pytest.raises(SizeAnomalyError, match="frame size differs") as info:
+        Envelope(None, PLAIN).open(craft(frame, declared=1024, flags=1, comp=1), PATH)
+    assert info.value.actual == 64 * MiB
+
+
+def test_compression_ratio_over_the_cap(envelope: Envelope) -> None:
+    data = b"\0" * (8 * MiB)  # zstd packs this ~10,000x
+    blob = envelope.seal(data, PATH)
+    with pytest.raises(SizeAnomalyError, match="ratio"):
+        envelope.open(blob, PATH)
+    assert envelope.open(blob, PATH, EnvelopeOptions(max_ratio=1e6)) == data
+
+
+def test_smaller_cap_per_call(envelope: Envelope, config_bytes: bytes) -> None:
+    blob = envelope.seal(config_bytes, PATH)
+    with pytest.raises(SizeAnomalyError):
+        envelope.open(blob, PATH, EnvelopeOptions(max_decompressed_bytes=1000))
+
+
+def test_corrupt_zstd_payload_unencrypted() -> None:
+    frame = bytearray(zstandard.ZstdCompressor().compress(b"hello world " * 100))
+    frame[-3] ^= 0xFF
+    frame[8] ^= 0xFF
+    with pytest.raises(SizeAnomalyError):
+        Envelope(None, PLAIN).open(craft(bytes(frame), declared=1200, flags=1, comp=1), PATH)
+    with pytest.raises(SizeAnomalyError, match="not a zstd frame"):
+        Envelope(None, PLAIN).open(craft(b"garbage!", declared=8, flags=1, comp=1), PATH)
+
+
+@pytest.mark.parametrize("opts", [EnvelopeOptions(), COMPRESS_ONLY])
+def test_every_truncation_is_a_typed_error(keyring: Keyring, opts: EnvelopeOptions) -> None:
+    env = Envelope(keyring, opts)
+    blob = env.seal(b"some config text " * 40, PATH)
+    for cut in range(len(blob)):
+        with pytest.raises(EnvelopeError):
+            env.open(blob[:cut], PATH)
+    # Short ones say "truncated" or "shorter", not just "bad".
+    with pytest.raises(SizeAnomalyError, match="shorter than its fixed header"):
+        env.open(blob[:8], PATH)
+    with pytest.raises(SizeAnomalyError, match="truncated"):
+        env.open(blob[: inspect(blob).header_length - 1], PATH)
+
+
+def test_truncated_before_the_tag(envelope: Envelope) -> None:
+    blob = envelope.seal(b"x" * 300, PATH)
+    header_len = inspect(blob).header_length
+    with pytest.raises(SizeAnomalyError, match="nonce and tag"):
+        envelope.open(blob[: header_len + 20], PATH)
+
+
+def test_value_over_the_etcd_request_limit(envelope: Envelope) -> None:
+    data = os.urandom(int(1.6 * MiB))  # incompressible
+    with pytest.raises(ValueTooLargeError) as info:
+        envelope.seal(data, PATH)
+    assert info.value.limit == 1_572_864 and info.value.size > info.value.limit
+    assert info.value.reason == "ValueTooLarge"
+    with pytest.raises(ValueTooLargeError):
+        Envelope(None, PLAIN).seal(data, PATH)
+
+
+def test_large_compressible_value_fits_after_compression(envelope: Envelope) -> None:
+    data = b"".join(  # ~2.3 MiB of varied rules, packs ~10x
+        b'{"id":"r%d","action":"deny","dst_cidr":"10.%d.%d.0/24"}\n' % (i, i % 256, i // 256 % 256)
+        for i in range(40_000)
+    )
+    assert len(data) > 1.5 * MiB
+    assert envelope.open(envelope.seal(data, PATH), PATH) == data
+
+
+def test_value_over_the_readers_cap_is_refused_at_write(envelope: Envelope) -> None:
+    with pytest.raises(ValueTooLargeError, match="max_decompressed_bytes"):
+        envelope.seal(b"a" * 2000, PATH, EnvelopeOptions(max_decompressed_bytes=1000))
+
+
+# --- format detection ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("blob", "hint"),
+    [
+        (b'{"node_id": "x"}', "JSON"),
+        (b"", "empty"),
+        (b"\x89DFX....", "damaged"),
+        (b"node_id: x", "magic"),
+    ],
+)
+def test_plaintext_where_envelope_expected(envelope: Envelope, blob: bytes, hint: str) -> None:
+    with pytest.raises(NotAnEnvelopeError, match=hint) as info:
+        envelope.open(blob, PATH)
+    assert info.value.reason == "NotAnEnvelope"
+    with pytest.raises(NotAnEnvelopeError):
+        Envelope(None, COMPRESS_ONLY).open(blob, PATH)
+    with pytest.raises(NotAnEnvelopeError):
+        inspect(blob)
+
+
+def test_envelope_where_plaintext_expected(envelope: Envelope) -> None:
+    blob = envelope.seal(b'{"status": "RUNNING"}', PATH)
+    with pytest.raises(UnexpectedEnvelopeError) as info:
+        expect_plaintext(blob, "/ml-defender/components/x/status")
+    assert info.value.reason == "UnexpectedEnvelope"
+    assert "/ml-defender/components/x/status" in str(info.value)
+    assert expect_plaintext(b'{"status": "RUNNING"}') == b'{"status": "RUNNING"}'
+
+
+def test_newer_format_version_and_flags() -> None:
+    with pytest.raises(UnsupportedFormatError, match="version 2"):
+        Envelope(None, PLAIN).open(craft(b"abc", declared=3, flags=0, comp=0, version=2), PATH)
+    with pytest.raises(UnsupportedFormatError, match="flag bits 0x80"):
+        Envelope(None, PLAIN).open(craft(b"abc", declared=3, flags=0x80, comp=0), PATH)
+
+
+def test_corrupt_key_id_fields(keyring: Keyring) -> None:
+    env = Envelope(keyring)
+    too_long = craft(b"\0" * 200, declared=3, flags=2, comp=0, cipher=1, key_id=b"k" * 65)
+    with pytest.raises(SizeAnomalyError, match="key id length"):
+        env.open(too_long, PATH)
+    not_ascii = craft(b"\0" * 40, declared=3, flags=2, comp=0, cipher=1, key_id=b"\xff\xfe")
+    with pytest.raises(NotAnEnvelopeError, match="not ASCII"):
+        env.open(not_ascii, PATH)
+
+
+# --- rotation through the envelope ---------------------------------------------------------------
+
+
+def test_rotation_window(config_bytes: bytes) -> None:
+    stage0 = Keyring.generate()
+    old_id = stage0.primary.key_id
+    old_blob = Envelope(stage0).seal(config_bytes, PATH)
+
+    stage1 = stage0.with_new_decrypt_only()
+    new_id = stage1.key_ids[-1]
+    env1 = Envelope(stage1)
+    assert inspect(env1.seal(config_bytes, PATH)).key_id == old_id  # still seals with old
+    assert env1.open(old_blob, PATH) == config_bytes
+
+    stage2 = stage1.promote(new_id)
+    env2 = Envelope(stage2)
+    new_blob = env2.seal(config_bytes, PATH)
+    assert inspect(new_blob).key_id == new_id
+    assert env2.open(old_blob, PATH) == config_bytes  # old key still decrypts
+    assert env2.needs_reseal(old_blob) and not env2.needs_reseal(new_blob)
+    # A component still on stage 1 reads what stage 2 writes: that is why stage 1 exists.
+    assert env1.open(new_blob, PATH) == config_bytes
+
+    stage4 = stage2.retire(old_id)
+    env4 = Envelope(stage4)
+    assert env4.open(new_blob, PATH) == config_bytes
+    with pytest.raises(UnknownKeyError, match="retired") as info:
+        env4.open(old_blob, PATH)
+    assert info.value.retired and info.value.known_key_ids == (new_id,)
+
+
+def test_needs_reseal_on_codec_changes(keyring: Keyring, config_bytes: bytes) -> None:
+    env = Envelope(keyring)
+    blob = env.seal(config_bytes, PATH)
+    assert not env.needs_reseal(blob)
+    assert env.needs_reseal(blob, EnvelopeOptions(cipher="chacha20-poly1305"))
+    assert env.needs_reseal(blob, EnvelopeOptions(compress=False))
+    assert env.needs_reseal(blob, COMPRESS_ONLY)
+    plain = env.seal(config_bytes, PATH, COMPRESS_ONLY)
+    assert env.needs_reseal(plain)
+    assert not env.needs_reseal(plain, COMPRESS_ONLY)
+    assert not Envelope(None, COMPRESS_ONLY).needs_reseal(plain)
+    assert Envelope(None, PLAIN).needs_reseal(blob)
