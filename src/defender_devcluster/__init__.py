@@ -3,6 +3,7 @@
 See docs/local-cluster.md. The pytest fixtures live in ``defender_devcluster.pytest_plugin``.
 """
 
+from ._cluster import ClusterState, LocalCluster, stop_run_dir
 from ._errors import (
     DevClusterError,
     PortInUseError,
@@ -12,11 +13,15 @@ from ._errors import (
     ToolNotFoundError,
 )
 from ._etcd import EtcdCluster, etcd_member_healthy, etcd_status
+from ._kube import ControlPlane
 from ._tools import tool, tools_bin
 
 __all__ = [
+    "ClusterState",
+    "ControlPlane",
     "DevClusterError",
     "EtcdCluster",
+    "LocalCluster",
     "PortInUseError",
     "ProcessStartError",
     "StaleProcessError",
@@ -24,6 +29,7 @@ __all__ = [
     "ToolNotFoundError",
     "etcd_member_healthy",
     "etcd_status",
+    "stop_run_dir",
     "tool",
     "tools_bin",
 ]

@@ -63,9 +63,21 @@ def read_cmdline(pid: int) -> list[str] | None:
 
 
 def pid_matches(pid: int, marker: str) -> bool:
-    """True when ``pid`` is alive and its command line contains ``marker``."""
+    """True when ``pid`` is alive and its command line or environment contains ``marker``.
+
+    The environment counts because some commands (``python -m defender_operator``) carry no
+    run-dir path in argv; the harness then sets ``DEFENDER_DEVCLUSTER_RUN_DIR`` for them.
+    """
     argv = read_cmdline(pid)
-    return argv is not None and any(marker in arg for arg in argv)
+    if argv is None:
+        return False
+    if any(marker in arg for arg in argv):
+        return True
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return marker.encode() in environ.split(b"\0")
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the forked child
@@ -143,6 +155,14 @@ class PidFile:
             return None
 
 
+def _stop_order(path: Path) -> tuple[int, str]:
+    # Clients before servers: the operator, then Kubernetes, then etcd. kube-apiserver waits
+    # for etcd while shutting down, so stopping etcd first would make it hang until SIGKILL.
+    parent = path.parent.name
+    rank = 0 if parent == "operator" else 1 if parent == "kube" else 2
+    return rank, str(path)
+
+
 def reap_stale(directory: Path) -> list[PidFile]:
     """Stop every process recorded by a ``*.pid`` file under ``directory`` that still matches.
 
@@ -151,7 +171,7 @@ def reap_stale(directory: Path) -> list[PidFile]:
     stopped: list[PidFile] = []
     if not directory.is_dir():
         return stopped
-    for path in sorted(directory.rglob("*.pid")):
+    for path in sorted(directory.rglob("*.pid"), key=_stop_order):
         rec = PidFile.read(path)
         if rec is not None and pid_matches(rec.pid, rec.marker):
             log.warning("stopping %s (pid %s) left over from an earlier run", rec.name, rec.pid)

@@ -1,8 +1,12 @@
 """pytest fixtures on the local cluster harness. Enable with
 ``pytest_plugins = ["defender_devcluster.pytest_plugin"]`` (tests/conftest.py does).
 
-Session scope: ``defender_etcd`` (a 3-member :class:`EtcdCluster`).
-Function scope: ``etcd_prefix`` (a key prefix unique to the test).
+Session scope: ``defender_etcd`` (a 3-member :class:`EtcdCluster`), ``local_cluster``
+(:class:`LocalCluster`: kube-apiserver, controller-manager, scheduler, and ``defender_etcd``),
+``kubeconfig_path`` (admin kubeconfig; also exported as ``KUBECONFIG`` for subprocesses such as
+kubectl, helm and kopf), ``k8s_api`` (a ``kubernetes.client.ApiClient``).
+Function scope: ``etcd_prefix`` (a key prefix unique to the test), ``namespace`` (a fresh
+namespace whose ``default`` ServiceAccount exists, deleted afterwards).
 
 A missing binary skips the tests that need it, except under ``CI=true`` where it fails them:
 CI must never go green by skipping the real parts.
@@ -12,12 +16,17 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
 
+from ._cluster import LocalCluster
 from ._errors import ToolNotFoundError
 from ._etcd import EtcdCluster
 
@@ -58,3 +67,73 @@ def etcd_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix no other test uses, e.g. ``/test/test_put_get-3f2a9c1b/`` (ends with /)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:60]
     return f"/test/{name}-{uuid.uuid4().hex[:8]}/"
+
+
+@pytest.fixture(scope="session")
+def local_cluster(
+    tmp_path_factory: pytest.TempPathFactory, defender_etcd: EtcdCluster
+) -> Iterator[LocalCluster]:
+    """kube-apiserver + controller-manager + scheduler (own 1-member etcd) and ``defender_etcd``.
+
+    No kubelet runs: pods are created (and scheduled nowhere) but never start.
+    """
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp("local-cluster"), etcd=defender_etcd, die_with_parent=True
+    )
+    try:
+        cluster.start()
+    except ToolNotFoundError as exc:
+        missing_tool(exc)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig_path(local_cluster: LocalCluster) -> Iterator[Path]:
+    """Admin kubeconfig of the local cluster, also set as ``KUBECONFIG`` for the session."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBECONFIG", str(local_cluster.kubeconfig))
+        yield local_cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def k8s_api(kubeconfig_path: Path) -> Iterator[k8s_client.ApiClient]:
+    """A ``kubernetes`` ApiClient for the local cluster (admin, group system:masters)."""
+    api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(kubeconfig_path)
+    )
+    try:
+        yield api
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+
+
+def namespace_name(test_name: str) -> str:
+    """A DNS-1123 label unique to one test: ``t-<test name>-<8 hex>``, at most 63 chars."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:44].strip("-")
+    return f"t-{slug}-{uuid.uuid4().hex[:8]}" if slug else f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, k8s_api: k8s_client.ApiClient) -> Iterator[str]:
+    """A fresh namespace for this test; its ``default`` ServiceAccount exists; deleted after."""
+    core = k8s_client.CoreV1Api(k8s_api)
+    name = namespace_name(request.node.name)
+    core.create_namespace(k8s_client.V1Namespace(metadata=k8s_client.V1ObjectMeta(name=name)))
+    try:
+        # Admission refuses pods until the serviceaccount controller has made `default`.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                core.read_namespaced_service_account("default", name)
+                break
+            except k8s_client.ApiException as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield name
+    finally:
+        # Not waiting for the namespace controller to finish: later tests use new names.
+        core.delete_namespace(name)

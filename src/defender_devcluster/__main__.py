@@ -1,0 +1,130 @@
+"""``python -m defender_devcluster {up,down,status,system-up,system-down} --run-dir DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+import sys
+from pathlib import Path
+
+from ._cluster import ClusterState, LocalCluster, etcd_health, process_alive, stop_run_dir
+from ._errors import DevClusterError, StateError
+from ._http import get_text
+from ._system import stop_operator, system_up
+
+log = logging.getLogger("defender_devcluster")
+
+
+def _readyz(state: ClusterState) -> str:
+    pki = Path(state.run_dir) / "kube" / "pki"
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        status, body = get_text(f"{state.api_url}/readyz", context=ctx, timeout=5)
+    except (OSError, ssl.SSLError) as exc:
+        return f"unreachable ({exc.__class__.__name__}: {exc})"
+    return body.strip() if status == 200 else f"HTTP {status}: {body.strip()[:200]}"
+
+
+def _try_lines(state: ClusterState) -> list[str]:
+    return [
+        f"export KUBECONFIG={state.kubeconfig}",
+        "kubectl get defendercomponents -A",
+    ]
+
+
+def cmd_up(run_dir: Path) -> int:
+    try:
+        state = ClusterState.read(run_dir)
+    except StateError:
+        state = None
+    alive = state is not None and all(process_alive(p) for p in state.processes)
+    if state is not None and alive and _readyz(state) == "ok":
+        print(f"already up: {state.api_url} (run dir {run_dir})")
+        return 0
+    cluster = LocalCluster(run_dir).start()
+    state = ClusterState.read(run_dir)
+    print(f"local cluster up in {cluster.start_seconds:.1f}s (run dir {run_dir})")
+    print(f"  kube-apiserver  {state.api_url}")
+    print(f"  defender etcd   {','.join(state.etcd_endpoints)}")
+    print(f"  kubeconfig      {state.kubeconfig}")
+    print(*_try_lines(state), sep="\n")
+    return 0
+
+
+def cmd_down(run_dir: Path) -> int:
+    stopped = stop_run_dir(run_dir)
+    print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    return 0
+
+
+def cmd_status(run_dir: Path) -> int:
+    state = ClusterState.read(run_dir)
+    ok = True
+    print(f"run dir      {state.run_dir}")
+    print(f"kubeconfig   {state.kubeconfig}")
+    for rec in state.processes:
+        alive = process_alive(rec)
+        ok &= alive
+        print(f"  {rec.name:<26} pid {rec.pid:<8} {'running' if alive else 'NOT RUNNING'}")
+    ready = _readyz(state)
+    ok &= ready == "ok"
+    print(f"kube-apiserver {state.api_url} readyz: {ready}")
+    for ep, healthy in etcd_health(state.etcd_endpoints).items():
+        ok &= healthy
+        print(f"defender etcd  {ep} {'healthy' if healthy else 'UNHEALTHY'}")
+    return 0 if ok else 1
+
+
+def cmd_system_up(run_dir: Path) -> int:
+    lines: list[str] = []
+    state = system_up(run_dir, lines)
+    print(*lines, sep="\n")
+    print("\nTry:")
+    print(*_try_lines(state), sep="\n")
+    return 0
+
+
+def cmd_system_down(run_dir: Path) -> int:
+    try:
+        state = ClusterState.read(run_dir)
+    except StateError:
+        state = None
+    if state is not None and stop_operator(state):
+        print("operator stopped")
+    return cmd_down(run_dir)
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
+    "system-up": cmd_system_up,
+    "system-down": cmd_system_down,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="defender-devcluster",
+        description="Local kube-apiserver/controller-manager/scheduler and 3-member defender etcd.",
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("--run-dir", type=Path, default=Path(".devcluster"))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    run_dir: Path = args.run_dir.resolve()
+    try:
+        return COMMANDS[args.command](run_dir)
+    except DevClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
