@@ -205,41 +205,73 @@ with load_settings). Secrets are never in here: the keyring and client certifica
 {{/* ---------------------------------------------------------------- agent sidecar */}}
 
 {{/*
-The defender-agent sidecar container. Other charts or the operator include it into a component
-pod:   containers:
-         {{- include "ml-defender.agent.container" (dict "ctx" $ "component" "sniffer") | nindent 8 }}
-and add the volumes from "ml-defender.agent.volumes". The agent reads the shared settings from
-the <fullname>-config ConfigMap and the keyring from the Secret the operator fans out to the
-component namespace.
+The defender-agent sidecar container, for component pods (another chart, or a manifest rendered
+from this one). Call with a dict:
+  ctx            the root context ($)
+  component      component name (DefenderComponent name, etcd path), required
+  componentType  sniffer | ml-detector | firewall | rag | custom (default custom)
+  outputPath     file the agent writes the decoded config to, on a volume shared with the
+                 component (required)
+  env            extra EnvVar list, e.g. the reload settings (DEFENDER_AGENT_RELOAD_METHOD=http,
+                 DEFENDER_AGENT_RELOAD_URL=...); the default reload method is none
+Example:
+  containers:
+    {{- include "ml-defender.agent.container" (dict "ctx" $ "component" "sniffer"
+          "componentType" "sniffer" "outputPath" "/etc/sniffer/config.json") | nindent 4 }}
+  volumes:
+    {{- include "ml-defender.agent.volumes" (dict "ctx" $) | nindent 4 }}
+Everything is passed as DEFENDER_AGENT_* values (defender_agent.AgentSettings): a component
+namespace cannot read this release's ConfigMap. The keyring comes from the Secret the operator
+copies into the component namespace (operator.keyring.fanOutSecretName).
 */}}
 {{- define "ml-defender.agent.container" -}}
 {{- $ctx := .ctx -}}
 {{- $agent := $ctx.Values.agent -}}
+{{- $image := default $ctx.Values.image $agent.image -}}
+{{- if not .component }}{{ fail "ml-defender.agent.container needs component" }}{{ end -}}
+{{- if not .outputPath }}{{ fail "ml-defender.agent.container needs outputPath (the file the component reads)" }}{{ end -}}
 - name: defender-agent
-  image: {{ include "ml-defender.imageRef" (dict "image" (default $ctx.Values.image $agent.image) "default" $ctx.Chart.AppVersion) | quote }}
-  imagePullPolicy: {{ (default $ctx.Values.image $agent.image).pullPolicy }}
+  image: {{ include "ml-defender.imageRef" (dict "image" $image "default" $ctx.Chart.AppVersion) | quote }}
+  imagePullPolicy: {{ $image.pullPolicy }}
   command: ["defender-agent"]
-  args:
-    - --component={{ .component }}
-    - --settings=/etc/ml-defender/config/defender.json
   env:
     - name: DEFENDER_AGENT_COMPONENT
       value: {{ .component | quote }}
+    - name: DEFENDER_AGENT_COMPONENT_TYPE
+      value: {{ default "custom" .componentType | quote }}
+    - name: DEFENDER_AGENT_OUTPUT_PATH
+      value: {{ .outputPath | quote }}
+    - name: DEFENDER_AGENT_ETCD_ENDPOINTS
+      value: {{ include "ml-defender.etcd.endpoints" $ctx | fromJsonArray | join "," | quote }}
+    - name: DEFENDER_AGENT_PREFIX
+      value: {{ $ctx.Values.config.prefix | quote }}
+    - name: DEFENDER_AGENT_KEYRING_PATH
+      value: /var/run/ml-defender/keyring
     - name: DEFENDER_AGENT_HEARTBEAT_INTERVAL_SECONDS
       value: {{ $agent.heartbeatIntervalSeconds | quote }}
+    - name: DEFENDER_AGENT_RELOAD_METHOD
+      value: "none"
+    {{- if include "ml-defender.etcd.clientTlsEnabled" $ctx }}
+    - name: DEFENDER_AGENT_ETCD_CA_FILE
+      value: /var/run/ml-defender/etcd-tls/ca.crt
+    - name: DEFENDER_AGENT_ETCD_CERT_FILE
+      value: /var/run/ml-defender/etcd-tls/tls.crt
+    - name: DEFENDER_AGENT_ETCD_KEY_FILE
+      value: /var/run/ml-defender/etcd-tls/tls.key
+    {{- end }}
+    # The instance is the pod and the node is shown in heartbeats (downward API).
     - name: POD_NAME
       valueFrom:
         fieldRef:
           fieldPath: metadata.name
-    - name: POD_NAMESPACE
-      valueFrom:
-        fieldRef:
-          fieldPath: metadata.namespace
     - name: NODE_NAME
       valueFrom:
         fieldRef:
           fieldPath: spec.nodeName
     {{- with $agent.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with .env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- with $agent.resources }}
@@ -249,31 +281,30 @@ component namespace.
   securityContext:
     {{- toYaml $ctx.Values.containerSecurityContext | nindent 4 }}
   volumeMounts:
-    - name: defender-config
-      mountPath: /etc/ml-defender/config
-      readOnly: true
     - name: defender-keyring
-      mountPath: /etc/ml-defender/keyring
+      mountPath: /var/run/ml-defender/keyring
       readOnly: true
     {{- if include "ml-defender.etcd.clientTlsEnabled" $ctx }}
     - name: defender-etcd-tls
-      mountPath: /etc/ml-defender/etcd-tls
+      mountPath: /var/run/ml-defender/etcd-tls
       readOnly: true
     {{- end }}
 {{- end -}}
 
-{{/* Volumes the agent sidecar mounts; same call convention as ml-defender.agent.container. */}}
+{{/*
+Volumes of the agent sidecar; call with (dict "ctx" $). With etcd client TLS, a Secret of the same
+name as the client certificate Secret must exist in the component namespace too.
+*/}}
 {{- define "ml-defender.agent.volumes" -}}
 {{- $ctx := .ctx -}}
-- name: defender-config
-  configMap:
-    name: {{ include "ml-defender.config.fullname" $ctx }}
 - name: defender-keyring
   secret:
     secretName: {{ $ctx.Values.operator.keyring.fanOutSecretName }}
+    defaultMode: 0440
 {{- if include "ml-defender.etcd.clientTlsEnabled" $ctx }}
 - name: defender-etcd-tls
   secret:
     secretName: {{ include "ml-defender.etcd.clientTlsSecret" $ctx }}
+    defaultMode: 0440
 {{- end }}
 {{- end -}}

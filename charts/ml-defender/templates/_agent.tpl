@@ -1,0 +1,181 @@
+{{/*
+Sidecar helpers for the defender-agent (docs/agent.md). They put the agent beside any
+component container, in any chart that has this chart's templates loaded (as a dependency,
+or by copying this file and _helpers.tpl):
+
+  spec:
+    shareProcessNamespace: true          # only for reload.method=signal
+    containers:
+      - name: sniffer
+        ...
+        volumeMounts:
+          {{- include "ml-defender.agent.sharedMount" (dict "ctx" $) | nindent 10 }}
+      {{- include "ml-defender.agent.sidecar" (dict "ctx" $ "component" "sniffer" "componentType" "sniffer" "process" "sniffer") | nindent 6 }}
+    volumes:
+      {{- include "ml-defender.agent.sidecarVolumes" (dict "ctx" $) | nindent 6 }}
+
+Arguments (a dict):
+  ctx            the root context ($); values are read from .Values.agent and .Values.image
+  component      the component name in etcd (the DefenderComponent name)
+  componentType  sniffer | ml-detector | firewall | rag | custom (default custom)
+  process        process name to signal (reload.method=signal, unless pidfile is given)
+  pidfile        file holding the pid to signal, on the shared volume (alternative to process)
+  url            reload URL (reload.method=http)
+  seedConfig     optional path (in the agent container) of a JSON file registered as MASTER
+
+The agent writes <sharedMountPath>/<component>.json; the component reads it from the same path.
+*/}}
+
+{{- define "ml-defender.agent.sidecar" -}}
+{{- $ctx := .ctx -}}
+{{- $agent := $ctx.Values.agent -}}
+{{- $reload := $agent.reload -}}
+{{- $component := required "ml-defender.agent.sidecar: component is required" .component -}}
+{{- $image := default $ctx.Values.image $agent.image -}}
+{{- $endpoints := $agent.etcdEndpoints -}}
+{{- if not $endpoints -}}
+{{- if $ctx.Values.etcd -}}
+{{- $endpoints = include "ml-defender.etcd.endpoints" $ctx | fromJsonArray -}}
+{{- else -}}
+{{- fail "ml-defender.agent.sidecar: set agent.etcdEndpoints (no etcd of this release to default to)" -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $reload.method "signal" -}}
+{{- if and (not .process) (not .pidfile) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s uses reload.method=signal; pass process or pidfile (and set shareProcessNamespace: true on the pod)" $component) -}}
+{{- end -}}
+{{- else if eq $reload.method "http" -}}
+{{- if not .url -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s uses reload.method=http; pass url" $component) -}}
+{{- end -}}
+{{- end -}}
+- name: defender-agent
+  image: {{ include "ml-defender.imageRef" (dict "image" $image "default" $ctx.Chart.AppVersion) | quote }}
+  imagePullPolicy: {{ $image.pullPolicy | default "IfNotPresent" }}
+  command: ["defender-agent"]
+  env:
+    - name: DEFENDER_AGENT_COMPONENT
+      value: {{ $component | quote }}
+    - name: DEFENDER_AGENT_COMPONENT_TYPE
+      value: {{ default "custom" .componentType | quote }}
+    - name: DEFENDER_AGENT_OUTPUT_PATH
+      value: {{ printf "%s/%s.json" $agent.sharedMountPath $component | quote }}
+    - name: DEFENDER_AGENT_ETCD_ENDPOINTS
+      value: {{ join "," $endpoints | quote }}
+    - name: DEFENDER_AGENT_PREFIX
+      value: {{ $agent.prefix | default (and $ctx.Values.config $ctx.Values.config.prefix) | default "/ml-defender" | quote }}
+    - name: DEFENDER_AGENT_KEYRING_PATH
+      value: {{ $agent.keyringMountPath | quote }}
+    - name: DEFENDER_AGENT_RELOAD_METHOD
+      value: {{ $reload.method | quote }}
+    {{- if eq $reload.method "signal" }}
+    - name: DEFENDER_AGENT_RELOAD_SIGNAL
+      value: {{ $reload.signal | quote }}
+    {{- if .pidfile }}
+    - name: DEFENDER_AGENT_RELOAD_PIDFILE
+      value: {{ .pidfile | quote }}
+    {{- else }}
+    - name: DEFENDER_AGENT_RELOAD_PROCESS
+      value: {{ .process | quote }}
+    {{- end }}
+    {{- else if eq $reload.method "http" }}
+    - name: DEFENDER_AGENT_RELOAD_URL
+      value: {{ .url | quote }}
+    - name: DEFENDER_AGENT_RELOAD_HTTP_METHOD
+      value: {{ $reload.httpMethod | quote }}
+    {{- end }}
+    {{- with .seedConfig }}
+    - name: DEFENDER_AGENT_SEED_CONFIG_PATH
+      value: {{ . | quote }}
+    {{- end }}
+    - name: DEFENDER_AGENT_HEARTBEAT_INTERVAL_SECONDS
+      value: {{ $agent.heartbeatIntervalSeconds | quote }}
+    - name: DEFENDER_AGENT_HEARTBEAT_MISSES
+      value: {{ $agent.heartbeatMisses | quote }}
+    - name: DEFENDER_AGENT_LOG_LEVEL
+      value: {{ $agent.logLevel | quote }}
+    {{- if include "ml-defender.agent.tlsSecret" $ctx }}
+    - name: DEFENDER_AGENT_ETCD_CA_FILE
+      value: /var/run/ml-defender/etcd-tls/ca.crt
+    - name: DEFENDER_AGENT_ETCD_CERT_FILE
+      value: /var/run/ml-defender/etcd-tls/tls.crt
+    - name: DEFENDER_AGENT_ETCD_KEY_FILE
+      value: /var/run/ml-defender/etcd-tls/tls.key
+    {{- end }}
+    # The instance is the pod: heartbeats are keyed by pod name, which is what the operator
+    # restarts when they stop.
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: NODE_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: spec.nodeName
+    {{- with $agent.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $agent.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $ctx.Values.containerSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: {{ $agent.sharedVolumeName }}
+      mountPath: {{ $agent.sharedMountPath }}
+    - name: {{ $agent.sharedVolumeName }}-keyring
+      mountPath: {{ $agent.keyringMountPath }}
+      readOnly: true
+    {{- if include "ml-defender.agent.tlsSecret" $ctx }}
+    - name: {{ $agent.sharedVolumeName }}-etcd-tls
+      mountPath: /var/run/ml-defender/etcd-tls
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/* Secret with the etcd client certificate (ca.crt, tls.crt, tls.key), or empty for plain HTTP. */}}
+{{- define "ml-defender.agent.tlsSecret" -}}
+{{- if .Values.agent.etcdTlsSecretName -}}
+{{- .Values.agent.etcdTlsSecretName -}}
+{{- else if and .Values.etcd (include "ml-defender.etcd.clientTlsEnabled" .) -}}
+{{- include "ml-defender.etcd.clientTlsSecret" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The shared volume as the component container mounts it (read-only). */}}
+{{- define "ml-defender.agent.sharedMount" -}}
+{{- $agent := .ctx.Values.agent -}}
+- name: {{ $agent.sharedVolumeName }}
+  mountPath: {{ $agent.sharedMountPath }}
+  readOnly: true
+{{- end -}}
+
+{{/*
+Pod volumes: the emptyDir shared by agent and component (in memory: the decoded config never
+touches the node's disk) and the keyring Secret the operator copies into the namespace.
+*/}}
+{{- define "ml-defender.agent.sidecarVolumes" -}}
+{{- $ctx := .ctx -}}
+{{- $agent := $ctx.Values.agent -}}
+{{- $secret := $agent.keyringSecretName -}}
+{{- if and (not $secret) $ctx.Values.operator -}}
+{{- $secret = $ctx.Values.operator.keyring.fanOutSecretName -}}
+{{- end -}}
+- name: {{ $agent.sharedVolumeName }}
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ $agent.sharedSizeLimit | quote }}
+- name: {{ $agent.sharedVolumeName }}-keyring
+  secret:
+    secretName: {{ required "set agent.keyringSecretName (the Secret holding keyring.json in this namespace)" $secret }}
+    defaultMode: 0440
+{{- with include "ml-defender.agent.tlsSecret" $ctx }}
+- name: {{ $agent.sharedVolumeName }}-etcd-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}

@@ -1,0 +1,65 @@
+"""Impossible values stop `helm template` early, with a message that says what to change."""
+
+from __future__ import annotations
+
+import pytest
+from packaging_chart import HelmFailed, Render, find
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4, 6])
+def test_etcd_needs_an_odd_member_count_of_at_least_three(render: Render, replicas: int) -> None:
+    with pytest.raises(HelmFailed, match=rf"etcd.replicaCount={replicas}: .*odd number"):
+        render("--set", f"etcd.replicaCount={replicas}")
+
+
+def test_unsafe_member_count_is_allowed_when_asked_for(render: Render) -> None:
+    objects = render(
+        "--set",
+        "etcd.replicaCount=1,etcd.allowUnsafeReplicaCount=true,etcd.pdb.create=false",
+    )
+    assert find(objects, "StatefulSet")["spec"]["replicas"] == 1
+
+
+def test_five_members_with_quorum_pdb_render(render: Render) -> None:
+    objects = render("--set", "etcd.replicaCount=5,etcd.pdb.minAvailable=3")
+    assert find(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 3
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("etcd.pdb.minAvailable=3", r"no member could ever be evicted"),
+        ("etcd.pdb.minAvailable=1", r"below the quorum"),
+        ("etcd.tls.client.enabled=true", r"needs etcd.tls.client.secretName"),
+        ("etcd.tls.peer.enabled=true", r"needs etcd.tls.peer.secretName"),
+        ("etcd.tls.client.clientCertAuth=true", r"only checked on a TLS listener"),
+        ("etcd.enabled=false", r"needs externalEtcd.endpoints"),
+        (
+            "operator.serviceAccount.create=false",
+            r"needs operator.serviceAccount.name",
+        ),
+    ],
+)
+def test_impossible_combinations_fail(render: Render, values: str, message: str) -> None:
+    with pytest.raises(HelmFailed, match=message):
+        render("--set", values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        # A typo must not be ignored silently.
+        ("etcd.replicas=3", r"additional properties 'replicas' not allowed"),
+        ("etcd.replicaCount=three", r"/etcd/replicaCount"),
+        ("etcd.podAntiAffinityPreset=sometimes", r"value must be one of"),
+        ("etcd.persistence.size=lots", r"/etcd/persistence/size"),
+        ("operator.logLevel=LOUD", r"/operator/logLevel"),
+        ("etcd.ports.client=70000", r"/etcd/ports/client"),
+        ("image.digest=md5:abc", r"/image/digest"),
+        ("fullnameOverride=" + "x" * 41, r"/fullnameOverride"),
+    ],
+)
+def test_schema_rejects_bad_values(render: Render, values: str, message: str) -> None:
+    with pytest.raises(HelmFailed, match=message) as info:
+        render("--set", values)
+    assert "values don't meet the specifications of the schema" in str(info.value)

@@ -1,0 +1,245 @@
+"""Files around the chart: rendered manifests, schema, kind config, image, agent helper."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging_chart import CHART, REPO, Render, find
+
+from defender_devcluster import tools_bin
+
+
+def _run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=120, check=False, env=env, cwd=REPO
+    )
+
+
+def _script_env(helm_bin: Path) -> dict[str, str]:
+    return {**os.environ, "DEFENDER_TOOLS_BIN": str(helm_bin.parent), "PYTHON": sys.executable}
+
+
+def test_rendered_manifests_are_current(helm_bin: Path) -> None:
+    proc = _run(str(REPO / "hack" / "render-manifests.sh"), "--check", env=_script_env(helm_bin))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_stale_manifests_are_reported(helm_bin: Path, tmp_path: Path) -> None:
+    # A copy of the parts the script reads, with one chart value changed after rendering.
+    for part in ("hack", "crds", "manifests"):
+        shutil.copytree(REPO / part, tmp_path / part)
+    shutil.copytree(CHART, tmp_path / "charts" / "ml-defender")
+    values = tmp_path / "charts" / "ml-defender" / "values.yaml"
+    values.write_text(values.read_text().replace("size: 1Gi", "size: 2Gi"))
+    proc = _run(
+        str(tmp_path / "hack" / "render-manifests.sh"), "--check", env=_script_env(helm_bin)
+    )
+    assert proc.returncode == 1
+    assert "stale" in proc.stderr and "manifests/install.yaml" in proc.stderr
+
+
+def test_install_yaml_creates_its_namespace_first() -> None:
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
+    assert docs[0]["kind"] == "Namespace" and docs[0]["metadata"]["name"] == "ml-defender"
+    assert not [d for d in docs if d["kind"] == "Pod"], "helm test pods do not belong in it"
+    assert {d["kind"] for d in docs} >= {"StatefulSet", "Deployment", "CustomResourceDefinition"}
+
+
+def test_schema_is_generated_from_values() -> None:
+    proc = _run(sys.executable, str(REPO / "hack" / "chart-schema.py"), "--check")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_an_undocumented_value_is_refused(tmp_path: Path) -> None:
+    hack = tmp_path / "hack"
+    hack.mkdir()
+    shutil.copy(REPO / "hack" / "chart-schema.py", hack)
+    shutil.copytree(CHART, tmp_path / "charts" / "ml-defender")
+    values = tmp_path / "charts" / "ml-defender" / "values.yaml"
+    values.write_text(values.read_text() + "\nundocumented: 1\n")
+    proc = _run(sys.executable, str(hack / "chart-schema.py"))
+    assert proc.returncode == 1
+    assert "undocumented has no `## @param undocumented" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ kind
+
+KIND_CLUSTER_KEYS = {
+    "kind", "apiVersion", "name", "nodes", "networking", "featureGates", "runtimeConfig",
+    "kubeadmConfigPatches", "kubeadmConfigPatchesJSON6902", "containerdConfigPatches",
+    "containerdConfigPatchesJSON6902",
+}  # fmt: skip
+KIND_NODE_KEYS = {
+    "role", "image", "labels", "extraMounts", "extraPortMappings", "kubeadmConfigPatches",
+    "kubeadmConfigPatchesJSON6902",
+}  # fmt: skip
+
+
+def test_kind_config_is_a_cluster_with_three_workers() -> None:
+    config = yaml.safe_load((REPO / "kind-config.yaml").read_text())
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    assert config["kind"] == "Cluster"
+    assert set(config) <= KIND_CLUSTER_KEYS, set(config) - KIND_CLUSTER_KEYS
+    roles = [node["role"] for node in config["nodes"]]
+    assert roles == ["control-plane", "worker", "worker", "worker"]
+    for node in config["nodes"]:
+        assert set(node) <= KIND_NODE_KEYS, set(node) - KIND_NODE_KEYS
+        assert all(isinstance(v, str) for v in node.get("labels", {}).values())
+
+
+def test_kind_script_explains_itself() -> None:
+    proc = _run(str(REPO / "hack" / "kind.sh"))
+    assert proc.returncode == 2
+    assert "hack/kind.sh up" in proc.stderr and "helm-install" in proc.stderr
+
+
+def test_image_script_says_when_docker_is_missing(tmp_path: Path) -> None:
+    # A PATH without docker: the script must stop with a message, not half-build.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name in ("bash", "sed", "head", "dirname"):
+        found = shutil.which(name)
+        assert found, name
+        (bindir / name).symlink_to(found)
+    proc = _run(str(REPO / "hack" / "image.sh"), env={"PATH": str(bindir)})
+    assert proc.returncode == 1
+    assert "docker is not installed" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ image
+
+
+def _dockerfile() -> list[str]:
+    return [ln.strip() for ln in (REPO / "Dockerfile").read_text().splitlines()]
+
+
+def test_image_runs_as_a_numeric_non_root_user() -> None:
+    users = [ln.split()[1] for ln in _dockerfile() if ln.startswith("USER ")]
+    assert users, "the final stage must set USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == int(uid)
+
+
+def test_image_base_is_pinned_and_slim() -> None:
+    args = [ln for ln in _dockerfile() if ln.startswith("ARG PYTHON_IMAGE=")]
+    assert len(args) == 1
+    image = args[0].split("=", 1)[1]
+    name, _, tag = image.partition(":")
+    assert name == "python"
+    # A full patch version and a Debian release, never `latest` or a floating `3.11`.
+    version, _, variant = tag.partition("-")
+    assert version.count(".") == 2 and "slim" in variant, image
+    assert all(ln.split()[1] == "${PYTHON_IMAGE}" for ln in _dockerfile() if ln.startswith("FROM "))
+
+
+def test_image_installs_the_wheel_with_pinned_dependencies() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert "--constraint requirements/constraints.txt" in text
+    assert "pip install --no-index" in text
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    assert lines[lines.index("*") :], "allow-list: ignore everything first"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert allowed == {
+        "pyproject.toml",
+        "README.md",
+        "requirements/constraints.txt",
+        "src",
+        "operator",
+    }
+
+
+# ------------------------------------------------------------------------------------ agent
+
+AGENT_POD = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: sniffer-0
+  labels:
+    {{- include "ml-defender.labels" . | nindent 4 }}
+spec:
+  containers:
+    {{- include "ml-defender.agent.container" (dict "ctx" $ "component" "sniffer"
+        "componentType" "sniffer" "outputPath" "/etc/sniffer/config.json") | nindent 4 }}
+  volumes:
+    {{- include "ml-defender.agent.volumes" (dict "ctx" $) | nindent 4 }}
+"""
+
+
+@pytest.fixture
+def chart_with_agent_pod(tmp_path: Path) -> Path:
+    chart = tmp_path / "ml-defender"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "zz-agent-pod.yaml").write_text(AGENT_POD)
+    return chart
+
+
+def _agent(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = find(objects, "Pod", "sniffer-0")
+    (container,) = pod["spec"]["containers"]
+    mounts = {m["name"] for m in container["volumeMounts"]}
+    assert mounts == {v["name"] for v in pod["spec"]["volumes"]}
+    return container
+
+
+def test_agent_helper_renders_settings_the_agent_accepts(
+    render: Render, chart_with_agent_pod: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from defender_agent._settings import load_agent_settings
+
+    container = _agent(render(chart=chart_with_agent_pod))
+    assert container["command"] == ["defender-agent"]
+    for var in container["env"]:
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+    monkeypatch.setenv("POD_NAME", "sniffer-0")
+    settings = load_agent_settings([])
+    assert settings.component == "sniffer"
+    assert settings.component_type == "sniffer"
+    assert len(settings.etcd_endpoints) == 3
+    assert settings.heartbeat_interval_seconds == 30
+    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert str(settings.keyring_path) == mount["defender-keyring"]
+
+
+def test_agent_helper_with_tls_mounts_the_client_certificate(
+    render: Render, chart_with_agent_pod: Path
+) -> None:
+    container = _agent(
+        render(
+            "--set",
+            "etcd.tls.client.enabled=true,etcd.tls.client.secretName=etcd-client",
+            chart=chart_with_agent_pod,
+        )
+    )
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DEFENDER_AGENT_ETCD_CA_FILE"].endswith("/ca.crt")
+    assert env["DEFENDER_AGENT_ETCD_ENDPOINTS"].startswith("https://")
+
+
+def test_agent_helper_without_output_path_fails(render: Render, tmp_path: Path) -> None:
+    from packaging_chart import HelmFailed
+
+    chart = tmp_path / "ml-defender"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "zz-agent-pod.yaml").write_text(
+        AGENT_POD.replace('"outputPath" "/etc/sniffer/config.json"', "")
+    )
+    with pytest.raises(HelmFailed, match="needs outputPath"):
+        render(chart=chart)
+
+
+def test_tools_bin_is_where_helm_came_from(helm_bin: Path) -> None:
+    assert helm_bin.parent == tools_bin()

@@ -1,0 +1,98 @@
+"""The operator's RBAC grants exactly what it uses, namespaced where it can be."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from packaging_chart import Render, find
+
+Rule = tuple[str, str, str | None, frozenset[str]]
+
+
+def _rules(obj: dict[str, Any]) -> set[Rule]:
+    out: set[Rule] = set()
+    for rule in obj["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for name in rule.get("resourceNames") or [None]:
+                    out.add((group, resource, name, frozenset(rule["verbs"])))
+    return out
+
+
+def test_cluster_role_for_components_is_exactly_what_the_operator_does(render: Render) -> None:
+    role = find(render(), "ClusterRole", "rel-ml-defender-operator-components")
+    assert _rules(role) == {
+        (
+            "mldefender.io",
+            "defendercomponents",
+            None,
+            frozenset({"get", "list", "watch", "patch", "update"}),
+        ),
+        ("mldefender.io", "defendercomponents/status", None, frozenset({"get", "patch", "update"})),
+        ("mldefender.io", "defendercomponents/finalizers", None, frozenset({"update"})),
+        ("", "events", None, frozenset({"create", "patch"})),
+        ("events.k8s.io", "events", None, frozenset({"create", "patch"})),
+        ("", "pods", None, frozenset({"list", "watch", "delete"})),
+        ("", "secrets", None, frozenset({"create"})),
+        ("", "secrets", "ml-defender-keyring", frozenset({"get", "patch", "update", "delete"})),
+    }
+
+
+def test_no_wildcards_and_no_cluster_wide_secret_reads(render: Render) -> None:
+    for obj in render("--set", "operator.replicaCount=2"):
+        if obj["kind"] not in ("ClusterRole", "Role"):
+            continue
+        for group, resource, name, verbs in _rules(obj):
+            assert "*" not in verbs and resource != "*" and group != "*", obj["metadata"]["name"]
+            if resource == "secrets" and name is None:
+                assert verbs == {"create"}, f"{obj['metadata']['name']} may read any Secret"
+
+
+def test_own_namespace_role_covers_the_keyring_and_leases(render: Render) -> None:
+    role = find(render(), "Role", "rel-ml-defender-operator")
+    rules = _rules(role)
+    assert (
+        "",
+        "secrets",
+        "rel-ml-defender-keyring",
+        frozenset({"get", "list", "watch", "patch", "update"}),
+    ) in rules
+    assert ("coordination.k8s.io", "leases", None, frozenset({"get", "create", "update"})) in rules
+
+
+def test_peering_rights_only_with_several_replicas(render: Render) -> None:
+    def groups(*args: str) -> set[str]:
+        role = find(render(*args), "ClusterRole", "rel-ml-defender-operator-cluster")
+        return {g for g, *_ in _rules(role)}
+
+    assert "kopf.dev" not in groups()
+    assert "kopf.dev" in groups("--set", "operator.replicaCount=2")
+
+
+def test_watch_namespaces_bind_per_namespace(render: Render) -> None:
+    objects = render("--set", "operator.watchNamespaces={edge,core}")
+    bindings = [
+        o for o in objects if o["kind"] == "RoleBinding" and o["roleRef"]["kind"] == "ClusterRole"
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["core", "edge"]
+    assert not [
+        o
+        for o in objects
+        if o["kind"] == "ClusterRoleBinding"
+        and o["roleRef"]["name"] == "rel-ml-defender-operator-components"
+    ]
+    args = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=edge" in args and "--namespace=core" in args
+    assert "--all-namespaces" not in args
+
+
+def test_bindings_point_at_the_operator_service_account(render: Render) -> None:
+    objects = render()
+    sa = find(objects, "ServiceAccount")["metadata"]["name"]
+    dep = find(objects, "Deployment")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa
+    for obj in objects:
+        if obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            assert obj["subjects"] == [
+                {"kind": "ServiceAccount", "name": sa, "namespace": "ml-defender"}
+            ]
