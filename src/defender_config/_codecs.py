@@ -36,6 +36,8 @@ __all__ = [
     "Compressor",
     "cipher_by_id",
     "cipher_by_name",
+    "cipher_names",
+    "compression_names",
     "compressor_by_id",
     "compressor_by_name",
     "register_cipher",
@@ -254,6 +256,16 @@ ZSTD = register_compressor(ZstdCompressor())
 NO_CIPHER = register_cipher(NoCipher())
 AES256GCM = register_cipher(AesGcmCipher())
 CHACHA20_POLY1305 = register_cipher(ChaChaPolyCipher())
+
+
+def compression_names() -> list[str]:
+    """Registered compression codec names, sorted."""
+    return sorted(_COMPRESSORS_BY_NAME)
+
+
+def cipher_names() -> list[str]:
+    """Registered cipher names, sorted."""
+    return sorted(_CIPHERS_BY_NAME)
 
 
 def compressor_by_id(codec_id: int, path: str | None = None) -> Compressor:

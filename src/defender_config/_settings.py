@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ._codecs import cipher_names, compression_names
 from ._errors import SettingsError
 
 __all__ = [
@@ -51,11 +52,12 @@ class EnvelopeOptions(BaseModel):
     """Compress values of at least `threshold_bytes` before encrypting."""
     encrypt: bool = True
     """Encrypt with the keyring's primary key. When True, readers also refuse unencrypted values."""
-    compression: Literal["zstd"] = "zstd"
-    """Compression codec used when writing. Readers decode whatever the header names."""
-    cipher: Literal["aes-256-gcm", "chacha20-poly1305"] = "aes-256-gcm"
-    """AEAD used when writing. ChaCha20-Poly1305 is faster on CPUs without AES instructions
-    (Raspberry Pi 4 and older)."""
+    compression: str = "zstd"
+    """Compression codec used when writing (a registered name; `zstd` built in). Readers decode
+    whatever the header names."""
+    cipher: str = "aes-256-gcm"
+    """AEAD used when writing: `aes-256-gcm` (default) or `chacha20-poly1305`, which is faster on
+    CPUs without AES instructions (Raspberry Pi 4 and older)."""
     level: int = Field(default=3, ge=1, le=22)
     """zstd level; 3 is zstd's default and compresses a 4 KiB JSON config in a few µs."""
     threshold_bytes: int = Field(default=256, ge=0)
@@ -70,6 +72,26 @@ class EnvelopeOptions(BaseModel):
     """Below this declared size the ratio is not checked: a small value cannot be a bomb."""
     request_limit_bytes: int = Field(default=ETCD_REQUEST_LIMIT_BYTES, ge=1024)
     """etcd's `--max-request-bytes`; sealing refuses key + value over it (ValueTooLargeError)."""
+
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, value: str) -> str:
+        known = [n for n in compression_names() if n != "none"]
+        if value not in known:
+            raise ValueError(
+                f"unknown compression {value!r}; use one of {', '.join(known)} (or compress: false)"
+            )
+        return value
+
+    @field_validator("cipher")
+    @classmethod
+    def _known_cipher(cls, value: str) -> str:
+        known = [n for n in cipher_names() if n != "none"]
+        if value not in known:
+            raise ValueError(
+                f"unknown cipher {value!r}; use one of {', '.join(known)} (or encrypt: false)"
+            )
+        return value
 
 
 class EtcdSettings(BaseModel):

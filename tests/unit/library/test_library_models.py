@@ -1,0 +1,289 @@
+"""Config models, validate_config, config_digest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from defender_config import (
+    ComponentType,
+    ConfigValidationError,
+    FieldError,
+    canonical_json,
+    config_digest,
+    validate_config,
+)
+from defender_config._models import model_for
+
+SNIFFER: dict[str, Any] = {
+    "node_id": "sniffer-01",
+    "version": "1.0.0",
+    "interface": "eth0",
+    "capture_mode": "af_packet",
+    "ring": {"block_size": 1048576, "block_count": 32, "frame_size": 2048},
+    "filters": ["tcp port 443"],
+}
+DETECTOR: dict[str, Any] = {
+    "node_id": "detector-01",
+    "version": "1.0.0",
+    "capabilities": ["ddos", "ransomware", "traffic", "internal"],
+    "detectors": {"ddos": {"threshold": 0.8, "model_path": "/models/ddos.onnx"}},
+}
+FIREWALL: dict[str, Any] = {
+    "node_id": "fw-01",
+    "version": "2.1.0-rc.1",
+    "default_policy": "deny",
+    "rules": [
+        {"id": "ssh", "action": "allow", "proto": "tcp", "src_cidr": "10.0.0.0/8", "ports": [22]},
+        {"id": "web", "action": "allow", "proto": "tcp", "ports": ["8000-8080", 443]},
+        {"id": "v6", "action": "deny", "src_cidr": "2001:db8::/32", "dst_cidr": "2001:db8:1::/48"},
+    ],
+}
+RAG: dict[str, Any] = {
+    "node_id": "rag-01",
+    "version": "1.0.0",
+    "log_sources": [{"name": "fw", "location": "/var/log/fw/*.json"}],
+    "may_modify_active": True,
+    "modifiable_components": ["firewall"],
+}
+
+
+@pytest.mark.parametrize(
+    ("ctype", "config"),
+    [("sniffer", SNIFFER), ("ml-detector", DETECTOR), ("firewall", FIREWALL), ("rag", RAG)],
+)
+def test_valid_configs_normalize(ctype: str, config: dict[str, Any]) -> None:
+    out = validate_config(ctype, config)
+    assert out["node_id"] == config["node_id"]
+    # Normalized output validates again to itself (idempotent) and is JSON-ready.
+    assert validate_config(ComponentType(ctype), out) == out
+    canonical_json(out)
+    assert model_for(ctype) is not None
+
+
+def test_defaults_are_filled() -> None:
+    out = validate_config("sniffer", {"node_id": "s", "version": "1.0.0", "interface": "eth0"})
+    assert out["capture_mode"] == "xdp" and out["ring"]["frame_size"] == 2048
+    assert validate_config("ml-detector", DETECTOR)["detectors"]["ddos"]["enabled"] is True
+
+
+def _errors(ctype: str, config: Any, schema: Any = None) -> ConfigValidationError:
+    with pytest.raises(ConfigValidationError) as info:
+        validate_config(ctype, config, schema)
+    assert info.value.reason == "ConfigInvalid"
+    return info.value
+
+
+def _with(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    out = dict(base)
+    out.update(changes)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("ctype", "config", "location", "fragment"),
+    [
+        ("sniffer", _with(SNIFFER, capture_mode="pcap"), "capture_mode", "'xdp' or 'af_packet'"),
+        ("sniffer", _with(SNIFFER, interface="a-very-long-interface0"), "interface", "pattern"),
+        (
+            "sniffer",
+            _with(SNIFFER, ring={"block_size": 3000}),
+            "ring.block_size",
+            "greater than or equal to 4096",
+        ),
+        ("sniffer", _with(SNIFFER, ring={"block_size": 6144}), "ring", "power of two"),
+        (
+            "sniffer",
+            _with(SNIFFER, ring={"block_size": 4096, "frame_size": 8192}),
+            "ring",
+            "multiple of frame_size",
+        ),
+        ("sniffer", _with(SNIFFER, filters=[" "]), "filters", "filter 0 is empty"),
+        ("sniffer", _with(SNIFFER, colour="red"), "colour", "Extra inputs"),
+        ("sniffer", _with(SNIFFER, node_id="-bad"), "node_id", "pattern"),
+        ("sniffer", _with(SNIFFER, version="one"), "version", "pattern"),
+        ("ml-detector", _with(DETECTOR, capabilities=["ddos", "dns"]), "capabilities.1", "'ddos'"),
+        ("ml-detector", _with(DETECTOR, capabilities=[]), "capabilities", "at least 1"),
+        ("ml-detector", _with(DETECTOR, capabilities=["ddos", "ddos"]), "capabilities", "twice"),
+        (
+            "ml-detector",
+            _with(DETECTOR, detectors={"ddos": {"threshold": 1.5}}),
+            "detectors.ddos.threshold",
+            "less than or equal to 1",
+        ),
+        (
+            "ml-detector",
+            _with(DETECTOR, capabilities=["ddos"], detectors={"traffic": {}}),
+            "",
+            "not in capabilities: traffic",
+        ),
+        (
+            "firewall",
+            _with(FIREWALL, rules=[{"id": "x", "action": "allow", "src_cidr": "10.0.0.1/8"}]),
+            "rules.0.src_cidr",
+            "has host bits set",
+        ),
+        (
+            "firewall",
+            _with(FIREWALL, rules=[{"id": "x", "action": "allow", "dst_cidr": "banana"}]),
+            "rules.0.dst_cidr",
+            "not a network in CIDR form",
+        ),
+        (
+            "firewall",
+            _with(FIREWALL, rules=[{"id": "x", "action": "allow", "proto": "icmp", "ports": [1]}]),
+            "rules.0",
+            "ports need proto tcp or udp",
+        ),
+        (
+            "firewall",
+            _with(FIREWALL, rules=[{"id": "x", "action": "allow", "proto": "tcp", "ports": [0]}]),
+            "rules.0.ports",
+            "within 1-65535",
+        ),
+        (
+            "firewall",
+            _with(
+                FIREWALL,
+                rules=[{"id": "x", "action": "allow", "proto": "udp", "ports": ["90-80"]}],
+            ),
+            "rules.0.ports",
+            "low before high",
+        ),
+        (
+            "firewall",
+            _with(FIREWALL, rules=[{"id": "x", "action": "allow", "proto": "tcp", "ports": ["x"]}]),
+            "rules.0.ports",
+            "a number or a range",
+        ),
+        (
+            "firewall",
+            _with(
+                FIREWALL,
+                rules=[
+                    {"id": "x", "action": "allow", "src_cidr": "10.0.0.0/8", "dst_cidr": "::/0"}
+                ],
+            ),
+            "rules.0",
+            "mix IPv4 and IPv6",
+        ),
+        (
+            "firewall",
+            _with(FIREWALL, rules=[{"id": "a", "action": "deny"}, {"id": "a", "action": "log"}]),
+            "rules",
+            "rule ids used twice: a",
+        ),
+        (
+            "firewall",
+            {k: v for k, v in FIREWALL.items() if k != "default_policy"},
+            "default_policy",
+            "Field required",
+        ),
+        ("rag", _with(RAG, may_modify_active=False), "", "may_modify_active is false"),
+        (
+            "rag",
+            _with(
+                RAG, log_sources=[{"name": "a", "location": "x"}, {"name": "a", "location": "y"}]
+            ),
+            "",
+            "log source names used twice",
+        ),
+        ("rag", _with(RAG, alert_intake={"prefix": "alerts"}), "alert_intake.prefix", "pattern"),
+    ],
+)
+def test_readable_field_errors(
+    ctype: str, config: dict[str, Any], location: str, fragment: str
+) -> None:
+    err = _errors(ctype, config)
+    assert any(e.location == location and fragment in e.message for e in err.errors), err.errors
+    assert "Value error," not in str(err)
+    assert f"config for '{ctype}' rejected" in str(err)
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    err = _errors("sniffer", {"node_id": "s"})
+    assert {e.location for e in err.errors} == {"version", "interface"}
+    assert "(2 errors)" in str(err)
+
+
+def test_error_messages_do_not_echo_input_values() -> None:
+    err = _errors("rag", _with(RAG, embedding_model={"token": "sk-very-secret"}))
+    assert "sk-very-secret" not in str(err) and "sk-very-secret" not in repr(err)
+
+
+def test_component_name_in_the_message() -> None:
+    with pytest.raises(ConfigValidationError, match="config for 'edge-fw' rejected") as info:
+        validate_config("firewall", {}, component="edge-fw")
+    assert info.value.component == "edge-fw"
+
+
+def test_unknown_type_and_non_object() -> None:
+    assert "unknown component type 'router'" in str(_errors("router", {}))
+    assert "must be a JSON object, not list" in str(_errors("sniffer", [1, 2]))
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"rate": {"type": "integer", "minimum": 1}, "name": {"type": "string"}},
+    "required": ["rate"],
+    "additionalProperties": False,
+}
+
+
+def test_custom_type_with_schema() -> None:
+    assert validate_config("custom", {"rate": 5, "name": "x"}, SCHEMA) == {"rate": 5, "name": "x"}
+    err = _errors("custom", {"rate": 0, "extra": True}, SCHEMA)
+    locations = {e.location for e in err.errors}
+    assert locations == {"", "rate"}
+    assert any("0 is less than the minimum of 1" in e.message for e in err.errors)
+
+
+def test_custom_type_needs_a_schema() -> None:
+    assert "must carry a JSON schema" in str(_errors("custom", {"a": 1}))
+
+
+def test_invalid_schema() -> None:
+    err = _errors("custom", {"a": 1}, {"type": "objekt"})
+    assert err.errors[0].location.startswith("(schema)")
+
+
+def test_schema_on_top_of_a_model() -> None:
+    schema = {"type": "object", "properties": {"node_id": {"pattern": "^fw-"}}}
+    assert validate_config("firewall", FIREWALL, schema)["node_id"] == "fw-01"
+    bad = _with(FIREWALL, node_id="edge-1")
+    assert _errors("firewall", bad, schema).errors[0].location == "node_id"
+
+
+def test_field_error_str() -> None:
+    assert str(FieldError("a.b", "bad")) == "a.b: bad"
+    assert str(FieldError("", "bad")) == "bad"
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), json_values, max_size=6))
+def test_digest_ignores_key_order(config: dict[str, Any]) -> None:
+    reordered = dict(reversed(list(config.items())))
+    assert config_digest(config) == config_digest(reordered)
+    assert len(config_digest(config)) == 64
+
+
+def test_digest_differs_on_change_and_rejects_non_json() -> None:
+    assert config_digest({"a": 1}) != config_digest({"a": 2})
+    assert config_digest({"a": 1}) == config_digest({"a": 1})
+    with pytest.raises(ConfigValidationError, match="not representable as JSON"):
+        config_digest({"a": float("nan")})
+    with pytest.raises(ConfigValidationError, match="not representable as JSON"):
+        config_digest({"a": object()})

@@ -1,0 +1,153 @@
+"""Settings: files (JSON/YAML), env overrides, and the error messages of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from defender_config import (
+    EnvelopeOptions,
+    EtcdSettings,
+    LibrarySettings,
+    SettingsError,
+    load_settings,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("DEFENDER_") and not name.startswith("DEFENDER_TOOLS"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings()
+    assert settings.prefix == "/ml-defender"
+    assert settings.etcd.endpoints == ["http://127.0.0.1:2379"]
+    assert settings.envelope == EnvelopeOptions()
+    assert settings.envelope.compress and settings.envelope.encrypt
+    assert settings.heartbeat_interval_seconds == 30.0
+
+
+def test_json_and_yaml_files(tmp_path: Path) -> None:
+    doc = {
+        "prefix": "/lab",
+        "etcd": {"endpoints": ["https://e1:2379", "https://e2:2379"], "retries": 2},
+        "envelope": {"compress": False, "level": 7, "cipher": "chacha20-poly1305"},
+        "keyring_path": "/var/run/defender/keyring",
+    }
+    as_json = tmp_path / "s.json"
+    as_json.write_text(json.dumps(doc))
+    as_yaml = tmp_path / "s.yaml"
+    as_yaml.write_text(
+        "prefix: /lab\n"
+        "etcd:\n  endpoints: [https://e1:2379, https://e2:2379]\n  retries: 2\n"
+        "envelope:\n  compress: false\n  level: 7\n  cipher: chacha20-poly1305\n"
+        "keyring_path: /var/run/defender/keyring\n"
+    )
+    for path in (as_json, str(as_yaml)):
+        settings = load_settings(path)
+        assert settings.prefix == "/lab"
+        assert settings.etcd.endpoints == ["https://e1:2379", "https://e2:2379"]
+        assert settings.etcd.retries == 2 and settings.etcd.timeout_seconds == 5.0
+        assert not settings.envelope.compress and settings.envelope.level == 7
+        assert settings.envelope.cipher == "chacha20-poly1305"
+        assert settings.keyring_path == Path("/var/run/defender/keyring")
+
+
+def test_empty_yaml_means_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "s.yml"
+    empty.write_text("")
+    assert load_settings(empty) == LibrarySettings()
+
+
+def test_env_overrides_the_file_field_by_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("etcd:\n  retries: 3\n  timeout_seconds: 9\nenvelope:\n  level: 4\n")
+    monkeypatch.setenv("DEFENDER_ETCD__TIMEOUT_SECONDS", "2")
+    monkeypatch.setenv("DEFENDER_ETCD__ENDPOINTS", "http://a:2379, http://b:2379")
+    monkeypatch.setenv("DEFENDER_ENVELOPE__ENCRYPT", "false")
+    monkeypatch.setenv("DEFENDER_TOOLS_BIN", "/somewhere")  # other DEFENDER_* vars are ignored
+    settings = load_settings(path)
+    assert settings.etcd.timeout_seconds == 2.0
+    assert settings.etcd.retries == 3  # from the file, not lost by the env merge
+    assert settings.etcd.endpoints == ["http://a:2379", "http://b:2379"]
+    assert settings.envelope.level == 4 and not settings.envelope.encrypt
+
+
+def test_endpoints_as_json_list_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFENDER_ETCD__ENDPOINTS", '["127.0.0.1:2379", "127.0.0.1:22379"]')
+    assert load_settings().etcd.endpoints == ["127.0.0.1:2379", "127.0.0.1:22379"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"cannot read it .*check the path") as info:
+        load_settings(tmp_path / "nope.yaml")
+    assert info.value.reason == "InvalidSettings"
+    assert info.value.path == str(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("s.json", "{not json", "not valid JSON"),
+        ("s.yaml", "etcd: [unclosed", "not valid YAML"),
+        ("s.yaml", "- a\n- b\n", "top level must be a mapping of settings, found list"),
+        ("s.json", '{"etcd": {"timeout_seconds": -1}}', r"etcd\.timeout_seconds: .*greater than 0"),
+        ("s.json", '{"etcd": {"timeout_secs": 1}}', r"etcd\.timeout_secs: Extra inputs"),
+        ("s.json", '{"etcd": {"endpoints": []}}', "at least one endpoint"),
+        ("s.json", '{"etcd": {"endpoints": ["grpc://x:1"]}}', "must use http:// or https://"),
+        ("s.json", '{"etcd": {"endpoints": ["nohost"]}}', r"must look like \[scheme://\]host"),
+        ("s.json", '{"etcd": {"endpoints": ["h:99999"]}}', "must look like"),
+        ("s.json", '{"etcd": {"cert_file": "/c.pem"}}', "cert_file and key_file"),
+        ("s.json", '{"etcd": {"user": "root"}}', "user and password"),
+        (
+            "s.json",
+            '{"etcd": {"backoff_base_seconds": 2, "backoff_max_seconds": 1}}',
+            "backoff_max_seconds must be >=",
+        ),
+        ("s.json", '{"envelope": {"compression": "lz4"}}', "unknown compression 'lz4'"),
+        ("s.json", '{"envelope": {"cipher": "rot13"}}', "unknown cipher 'rot13'"),
+        ("s.json", '{"envelope": {"level": 40}}', r"envelope\.level"),
+        ("s.json", '{"prefix": "no-slash"}', "prefix"),
+        ("s.json", '{"surprise": 1}', "surprise: Extra inputs"),
+    ],
+)
+def test_bad_files_say_which_field(tmp_path: Path, name: str, content: str, match: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SettingsError, match=match) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)
+
+
+def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFENDER_ETCD__RETRIES", "many")
+    with pytest.raises(SettingsError, match="DEFENDER_ETCD__RETRIES"):
+        load_settings()
+
+
+def test_undecodable_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFENDER_ENVELOPE", "{broken")
+    with pytest.raises(SettingsError, match="DEFENDER_"):
+        load_settings()
+
+
+def test_password_is_hidden() -> None:
+    etcd = EtcdSettings(user="root", password="hunter2")  # type: ignore[arg-type]
+    assert "hunter2" not in repr(etcd) and "hunter2" not in str(etcd)
+    assert etcd.password is not None and etcd.password.get_secret_value() == "hunter2"
+
+
+def test_envelope_options_are_frozen() -> None:
+    opts = EnvelopeOptions()
+    with pytest.raises(ValueError, match="frozen"):
+        opts.level = 9
+    assert hash(opts) == hash(EnvelopeOptions())
