@@ -62,6 +62,12 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "agent.image": {"type": ["object", "null"]},
     "agent.heartbeatIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
     "agent.extraEnv": _ENV_LIST,
+    "agent.etcdEndpoints": {"items": {"type": "string", "pattern": r"^https?://[^/]+:[0-9]+/?$"}},
+    "agent.heartbeatMisses": {"minimum": 1},
+    "agent.logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+    "agent.reload.method": {"enum": ["signal", "http", "none"]},
+    "agent.reload.httpMethod": {"enum": ["GET", "POST", "PUT"]},
+    "agent.sharedSizeLimit": {"pattern": _QUANTITY},
     "etcd.replicaCount": {"minimum": 1, "maximum": 9},
     "etcd.ports.client": _PORT,
     "etcd.ports.peer": _PORT,
@@ -89,7 +95,9 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "etcd.readinessProbe.failureThreshold": {"minimum": 1},
     "etcd.service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
     "etcd.pdb.minAvailable": {"minimum": 0},
-    "externalEtcd.endpoints": {"items": {"type": "string", "pattern": r"^https?://[^/]+:[0-9]+/?$"}},
+    "externalEtcd.endpoints": {
+        "items": {"type": "string", "pattern": r"^https?://[^/]+:[0-9]+/?$"}
+    },
 }
 
 

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -170,11 +169,16 @@ metadata:
   labels:
     {{- include "ml-defender.labels" . | nindent 4 }}
 spec:
+  shareProcessNamespace: true
   containers:
-    {{- include "ml-defender.agent.container" (dict "ctx" $ "component" "sniffer"
-        "componentType" "sniffer" "outputPath" "/etc/sniffer/config.json") | nindent 4 }}
+    - name: sniffer
+      image: sniffer:1
+      volumeMounts:
+        {{- include "ml-defender.agent.sharedMount" (dict "ctx" $) | nindent 8 }}
+    {{- include "ml-defender.agent.sidecar" (dict "ctx" $ "component" "sniffer"
+        "componentType" "sniffer" "process" "sniffer") | nindent 4 }}
   volumes:
-    {{- include "ml-defender.agent.volumes" (dict "ctx" $) | nindent 4 }}
+    {{- include "ml-defender.agent.sidecarVolumes" (dict "ctx" $) | nindent 4 }}
 """
 
 
@@ -186,59 +190,26 @@ def chart_with_agent_pod(tmp_path: Path) -> Path:
     return chart
 
 
-def _agent(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    pod = find(objects, "Pod", "sniffer-0")
-    (container,) = pod["spec"]["containers"]
-    mounts = {m["name"] for m in container["volumeMounts"]}
-    assert mounts == {v["name"] for v in pod["spec"]["volumes"]}
-    return container
-
-
-def test_agent_helper_renders_settings_the_agent_accepts(
+def test_agent_sidecar_renders_settings_the_agent_accepts(
     render: Render, chart_with_agent_pod: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The chart helper and defender_agent.AgentSettings are written apart: this ties them.
     from defender_agent._settings import load_agent_settings
 
-    container = _agent(render(chart=chart_with_agent_pod))
-    assert container["command"] == ["defender-agent"]
-    for var in container["env"]:
+    pod = find(render(chart=chart_with_agent_pod), "Pod", "sniffer-0")
+    agent = next(c for c in pod["spec"]["containers"] if c["name"] == "defender-agent")
+    volumes = {v["name"] for v in pod["spec"]["volumes"]}
+    assert {m["name"] for m in agent["volumeMounts"]} <= volumes
+    for var in agent["env"]:
         if "value" in var:
             monkeypatch.setenv(var["name"], var["value"])
     monkeypatch.setenv("POD_NAME", "sniffer-0")
     settings = load_agent_settings([])
     assert settings.component == "sniffer"
-    assert settings.component_type == "sniffer"
     assert len(settings.etcd_endpoints) == 3
-    assert settings.heartbeat_interval_seconds == 30
-    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert str(settings.keyring_path) == mount["defender-keyring"]
-
-
-def test_agent_helper_with_tls_mounts_the_client_certificate(
-    render: Render, chart_with_agent_pod: Path
-) -> None:
-    container = _agent(
-        render(
-            "--set",
-            "etcd.tls.client.enabled=true,etcd.tls.client.secretName=etcd-client",
-            chart=chart_with_agent_pod,
-        )
-    )
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["DEFENDER_AGENT_ETCD_CA_FILE"].endswith("/ca.crt")
-    assert env["DEFENDER_AGENT_ETCD_ENDPOINTS"].startswith("https://")
-
-
-def test_agent_helper_without_output_path_fails(render: Render, tmp_path: Path) -> None:
-    from packaging_chart import HelmFailed
-
-    chart = tmp_path / "ml-defender"
-    shutil.copytree(CHART, chart)
-    (chart / "templates" / "zz-agent-pod.yaml").write_text(
-        AGENT_POD.replace('"outputPath" "/etc/sniffer/config.json"', "")
-    )
-    with pytest.raises(HelmFailed, match="needs outputPath"):
-        render(chart=chart)
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert str(settings.keyring_path) in mounts
+    assert str(settings.output_path.parent) in mounts
 
 
 def test_tools_bin_is_where_helm_came_from(helm_bin: Path) -> None:
