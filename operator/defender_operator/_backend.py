@@ -1,0 +1,117 @@
+"""What the operator needs from the defender etcd, as one narrow interface.
+
+`Backend` lists the operations; `_library_backend.LibraryBackend` implements them with the
+library (`ConfigStore`, `Registry`, `DefenderClient`): the operator never touches etcd, pyetcd
+or the envelope itself. Keeping the interface narrow lets the async code call a handful of
+blocking methods through `asyncio.to_thread` and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ComponentState:
+    """What etcd holds for one component (None = absent)."""
+
+    master_digest: str | None
+    active_digest: str | None
+    active_version: int | None
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One live instance, from its lease-bound heartbeat key (plaintext, no secrets)."""
+
+    instance: str
+    pod: str | None
+    time: datetime
+    status: str = ""
+    config_version: int | None = None
+    key_fingerprint: str | None = None
+    key_fingerprints: frozenset[str] = field(default_factory=frozenset)
+    last_error_reason: str | None = None
+    last_error_detail: str = ""
+
+    def holds(self, fingerprint: str) -> bool:
+        return fingerprint in self.key_fingerprints or fingerprint == self.key_fingerprint
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    component: str
+    instance: str | None
+    reason: str
+    detail: str
+    time: datetime
+
+
+@dataclass(frozen=True)
+class EtcdHealth:
+    reachable: bool
+    quorum: bool
+    detail: str = ""
+
+
+class Backend(Protocol):
+    """Blocking calls; every StoreError etc. is the library's, translated by `_errors`."""
+
+    def health(self) -> EtcdHealth: ...
+
+    def state(self, component: str) -> ComponentState: ...
+
+    def seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+    ) -> ComponentState:
+        """Create MASTER (only if absent) and ACTIVE (only if absent) from `config`."""
+        ...
+
+    def commit(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        history_limit: int,
+    ) -> int:
+        """Validate and write a new ACTIVE version; returns it. ConfigValidationError /
+        ConfigFrozenError leave ACTIVE untouched."""
+        ...
+
+    def rollback(self, component: str, to_version: int | None, *, modified_by: str) -> int:
+        """Make ACTIVE a copy of MASTER (`to_version` None) or of a history version; returns
+        the new ACTIVE version number."""
+        ...
+
+    def freeze(self, component: str, reason: str) -> None: ...
+
+    def unfreeze(self, component: str) -> None: ...
+
+    def purge(self, component: str) -> int:
+        """Delete every key of the component; returns how many."""
+        ...
+
+    def instances(self, component: str) -> Sequence[InstanceRecord]: ...
+
+    def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]: ...
+
+    def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]: ...
+
+    def rewrap_all(self) -> int:
+        """Re-seal every stored value under the current primary key; returns how many."""
+        ...
+
+    def close(self) -> None: ...

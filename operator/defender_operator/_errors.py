@@ -1,0 +1,81 @@
+"""Operator errors, and the ONE place library errors become kopf errors.
+
+```
+OperatorError
+├── OperatorConfigurationError   bad DEFENDER_OPERATOR_* settings (fail at start-up)
+├── KeySecretError               the keyring Secret cannot be read or written
+└── KubeError                    another Kubernetes API call failed
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import kopf
+
+from defender_config import (
+    ConfigFrozenError,
+    ConfigValidationError,
+    ConflictError,
+    DefenderConfigError,
+    EnvelopeError,
+    KeyringError,
+    StoreAuthError,
+    StoreUnavailableError,
+)
+
+
+class OperatorError(Exception):
+    """Root of the operator's own errors."""
+
+
+class OperatorConfigurationError(OperatorError):
+    """Settings are invalid; the message names each bad variable."""
+
+
+class KeySecretError(OperatorError):
+    """The keyring Secret could not be read or written.
+
+    Built from the HTTP status and reason only: an API error body may echo the object sent,
+    and for a Secret that is key material.
+    """
+
+    def __init__(self, action: str, namespace: str, name: str, status: int | None, why: str):
+        self.status = status
+        super().__init__(
+            f"cannot {action} Secret {namespace}/{name}: HTTP {status} {why}; check the"
+            " operator's RBAC for secrets in that namespace"
+        )
+
+
+class KubeError(OperatorError):
+    """A Kubernetes API call other than on Secrets failed."""
+
+
+# Seconds before kopf retries, per kind of failure: an unreachable store gets a longer pause so
+# a reconcile storm does not hammer it while it recovers.
+RETRY_STORE_UNAVAILABLE = 15.0
+RETRY_CONFLICT = 1.0
+RETRY_DEFAULT = 10.0
+
+
+@contextlib.contextmanager
+def kopf_errors() -> Iterator[None]:
+    """Translate library and operator errors into kopf's retry semantics."""
+    try:
+        yield
+    except (StoreUnavailableError, KeySecretError, KubeError) as exc:
+        raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc
+    except ConflictError as exc:
+        raise kopf.TemporaryError(str(exc), delay=RETRY_CONFLICT) from exc
+    except (ConfigValidationError, ConfigFrozenError, StoreAuthError) as exc:
+        # Retrying cannot help until a person changes something (spec, freeze, credentials);
+        # the next spec change triggers a new attempt anyway.
+        raise kopf.PermanentError(str(exc)) from exc
+    except (EnvelopeError, KeyringError) as exc:
+        # The stored data or keyring is wrong; retry slowly in case a rotation is completing.
+        raise kopf.TemporaryError(str(exc), delay=60.0) from exc
+    except DefenderConfigError as exc:
+        raise kopf.TemporaryError(str(exc), delay=RETRY_DEFAULT) from exc

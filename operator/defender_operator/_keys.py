@@ -1,0 +1,270 @@
+"""The shared keyring: its source Secret, its copies, and the rotation state kept beside it.
+
+The source Secret lives in the operator's namespace. Each namespace that has DefenderComponents
+gets a copy with the same name, for component pods to mount. Copies are labelled as managed by
+the operator and carry the source's digest in an annotation, so "in sync" is a string compare
+and never needs the key material outside `data`.
+
+Rotation state (stage, since, key ids; nothing secret) is stored as annotations on the source
+Secret: it changes in the same write as the keyring, so the two can never disagree.
+
+Key material never leaves `data`: Secret objects are not logged, API errors are reduced to
+status + reason (see `KeySecretError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from defender_config import Keyring
+from defender_operator._api import GROUP, RotationStage
+from defender_operator._decisions.rotation import RotationState
+from defender_operator._errors import KeySecretError
+
+log = logging.getLogger("defender_operator.keys")
+
+MANAGED_BY = "defender-operator"
+LABELS = {
+    "app.kubernetes.io/name": "ml-defender",
+    "app.kubernetes.io/component": "keyring",
+    "app.kubernetes.io/part-of": "ml-defender",
+    "app.kubernetes.io/managed-by": MANAGED_BY,
+}
+A_STAGE = f"{GROUP}/rotation-stage"
+A_SINCE = f"{GROUP}/rotation-since"
+A_NEW = f"{GROUP}/rotation-new-key"
+A_OLD = f"{GROUP}/rotation-old-key"
+A_LAST = f"{GROUP}/last-rotation-time"
+A_DIGEST = f"{GROUP}/keyring-digest"
+A_SOURCE = f"{GROUP}/source"
+
+
+class MutableKeyringSource:
+    """The operator's in-memory keyring provider: `current()` for the library's Envelope,
+    `set()` when the operator itself changes the keyring. Thread-safe."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._lock = threading.Lock()
+        self._keyring = keyring
+
+    def current(self) -> Keyring:
+        with self._lock:
+            return self._keyring
+
+    def set(self, keyring: Keyring) -> None:
+        with self._lock:
+            self._keyring = keyring
+
+    def __repr__(self) -> str:
+        return f"MutableKeyringSource(primary={self.current().primary_fingerprint})"
+
+
+@dataclass(frozen=True)
+class StoredKeyring:
+    keyring: Keyring
+    rotation: RotationState
+    last_rotation: datetime | None
+    resource_version: str
+
+
+def keyring_digest(keyring: Keyring) -> str:
+    """Digest of the serialized keyring: identifies a version without revealing it."""
+    return hashlib.sha256(keyring.to_json()).hexdigest()[:32]
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _rotation_from(annotations: dict[str, str]) -> RotationState:
+    return RotationState(
+        stage=RotationStage(annotations.get(A_STAGE, RotationStage.IDLE.value)),
+        since=_time(annotations.get(A_SINCE)),
+        new_key_id=annotations.get(A_NEW) or None,
+        old_key_id=annotations.get(A_OLD) or None,
+    )
+
+
+def _annotations(
+    keyring: Keyring, rotation: RotationState, last_rotation: datetime | None
+) -> dict[str, str | None]:
+    # None values remove the annotation in a merge patch / replace.
+    return {
+        A_STAGE: rotation.stage.value,
+        A_SINCE: rotation.since.isoformat() if rotation.since else None,
+        A_NEW: rotation.new_key_id,
+        A_OLD: rotation.old_key_id,
+        A_LAST: last_rotation.isoformat() if last_rotation else None,
+        A_DIGEST: keyring_digest(keyring),
+    }
+
+
+def _fail(action: str, namespace: str, name: str, exc: ApiException) -> KeySecretError:
+    return KeySecretError(action, namespace, name, exc.status, str(exc.reason))
+
+
+class KeyringSecrets:
+    """Reads and writes the keyring Secrets through the Kubernetes API (blocking calls: run
+    them in a thread from async code)."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str, name: str) -> None:
+        self._core = core
+        self.namespace = namespace
+        self.name = name
+
+    def _parse(self, secret: Any) -> StoredKeyring:
+        source = f"Secret {self.namespace}/{self.name}"
+        keyring = Keyring.from_secret_data(secret.data or {}, source=source)
+        annotations = dict(secret.metadata.annotations or {})
+        return StoredKeyring(
+            keyring=keyring,
+            rotation=_rotation_from(annotations),
+            last_rotation=_time(annotations.get(A_LAST)),
+            resource_version=secret.metadata.resource_version,
+        )
+
+    def load(self) -> StoredKeyring | None:
+        try:
+            secret = self._core.read_namespaced_secret(self.name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _fail("read", self.namespace, self.name, exc) from None
+        return self._parse(secret)
+
+    def ensure(self) -> StoredKeyring:
+        """The source keyring, generated and stored on first start.
+
+        Two operator replicas may race here: the loser of the create gets 409 and reads the
+        winner's keyring, so there is only ever one key.
+        """
+        found = self.load()
+        if found is not None:
+            return found
+        keyring = Keyring.generate()
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=self.name,
+                namespace=self.namespace,
+                labels=LABELS,
+                annotations={
+                    k: v
+                    for k, v in _annotations(keyring, RotationState(), None).items()
+                    if v is not None
+                },
+            ),
+            type="Opaque",
+            data=keyring.to_secret_data(),
+        )
+        try:
+            self._core.create_namespaced_secret(self.namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise _fail("create", self.namespace, self.name, exc) from None
+        else:
+            log.info(
+                "generated the shared keyring (primary %s) in Secret %s/%s",
+                keyring.primary_fingerprint,
+                self.namespace,
+                self.name,
+            )
+        stored = self.load()
+        if stored is None:
+            raise KeySecretError("read back", self.namespace, self.name, 404, "vanished")
+        return stored
+
+    def save(
+        self,
+        keyring: Keyring,
+        rotation: RotationState,
+        last_rotation: datetime | None,
+        resource_version: str,
+    ) -> StoredKeyring:
+        """Replace the source Secret if nobody changed it since `resource_version`
+        (409 → KeySecretError with status 409: re-load and decide again)."""
+        annotations = {
+            k: v for k, v in _annotations(keyring, rotation, last_rotation).items() if v is not None
+        }
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=self.name,
+                namespace=self.namespace,
+                labels=LABELS,
+                annotations=annotations,
+                resource_version=resource_version,
+            ),
+            type="Opaque",
+            data=keyring.to_secret_data(),
+        )
+        try:
+            secret = self._core.replace_namespaced_secret(self.name, self.namespace, body)
+        except ApiException as exc:
+            raise _fail("replace", self.namespace, self.name, exc) from None
+        return self._parse(secret)
+
+    def fan_out(self, keyring: Keyring, namespace: str) -> bool:
+        """Create or update the copy in `namespace`. True when something was written."""
+        if namespace == self.namespace:
+            return False  # the source itself is mountable there
+        digest = keyring_digest(keyring)
+        meta = client.V1ObjectMeta(
+            name=self.name,
+            namespace=namespace,
+            labels=LABELS,
+            annotations={A_DIGEST: digest, A_SOURCE: f"{self.namespace}/{self.name}"},
+        )
+        current: Any
+        try:
+            current = self._core.read_namespaced_secret(self.name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _fail("read", namespace, self.name, exc) from None
+            current = None
+        if current is None:
+            body = client.V1Secret(metadata=meta, type="Opaque", data=keyring.to_secret_data())
+            try:
+                self._core.create_namespaced_secret(namespace, body)
+            except ApiException as exc:
+                if exc.status == 409:
+                    return self.fan_out(keyring, namespace)
+                raise _fail("create", namespace, self.name, exc) from None
+            log.info("copied the keyring to %s/%s (%s)", namespace, self.name, digest)
+            return True
+        labels = current.metadata.labels or {}
+        if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+            raise KeySecretError(
+                "update",
+                namespace,
+                self.name,
+                None,
+                "exists but is not managed by the operator; rename or delete it",
+            )
+        if (current.metadata.annotations or {}).get(A_DIGEST) == digest:
+            return False
+        meta.resource_version = current.metadata.resource_version
+        body = client.V1Secret(metadata=meta, type="Opaque", data=keyring.to_secret_data())
+        try:
+            self._core.replace_namespaced_secret(self.name, namespace, body)
+        except ApiException as exc:
+            raise _fail("replace", namespace, self.name, exc) from None
+        log.info("updated the keyring copy %s/%s (%s)", namespace, self.name, digest)
+        return True
+
+    def copy_digest(self, namespace: str) -> str | None:
+        """Digest annotation of the copy in `namespace` (None when absent)."""
+        current: Any
+        try:
+            current = self._core.read_namespaced_secret(self.name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _fail("read", namespace, self.name, exc) from None
+        return (current.metadata.annotations or {}).get(A_DIGEST)

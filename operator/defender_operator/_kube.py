@@ -1,0 +1,113 @@
+"""The few Kubernetes calls the operator makes besides Secrets (blocking; run in a thread)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from defender_operator._api import GROUP, PLURAL, VERSION
+from defender_operator._errors import KubeError
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    uid: str
+    created: datetime
+    deleting: bool
+
+
+def label_selector(match_labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(match_labels.items()))
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def pods(self, namespace: str, match_labels: Mapping[str, str]) -> list[Pod]:
+        try:
+            found = self.core.list_namespaced_pod(
+                namespace, label_selector=label_selector(match_labels)
+            )
+        except ApiException as exc:
+            raise KubeError(
+                f"cannot list pods in {namespace} ({exc.status} {exc.reason}); check the"
+                " operator's RBAC for pods"
+            ) from exc
+        out = []
+        for item in found.items:
+            meta: Any = item.metadata
+            out.append(
+                Pod(
+                    name=meta.name,
+                    uid=meta.uid,
+                    created=meta.creation_timestamp,
+                    deleting=meta.deletion_timestamp is not None,
+                )
+            )
+        return out
+
+    def delete_pod(self, namespace: str, pod: Pod) -> bool:
+        """Delete exactly this pod (uid precondition: never its same-named replacement).
+        False when it was already gone."""
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=pod.uid))
+        try:
+            self.core.delete_namespaced_pod(pod.name, namespace, body=body)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise KubeError(
+                f"cannot delete pod {namespace}/{pod.name} ({exc.status} {exc.reason}); check"
+                " the operator's RBAC for pods/delete"
+            ) from exc
+        return True
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # deleted meanwhile: nothing to report on
+            raise KubeError(
+                f"cannot patch status of {namespace}/{name} ({exc.status} {exc.reason})"
+            ) from exc
+
+    def get_component(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: Any = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise KubeError(f"cannot read {namespace}/{name} ({exc.status} {exc.reason})") from exc
+        return dict(obj)
+
+    def component_namespaces(self) -> set[str]:
+        try:
+            found: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        except ApiException as exc:
+            raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
+        return {item["metadata"]["namespace"] for item in found.get("items", [])}
+
+    def remove_annotation(self, namespace: str, name: str, key: str) -> None:
+        body = {"metadata": {"annotations": {key: None}}}
+        try:
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, body
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise KubeError(
+                    f"cannot remove annotation {key} from {namespace}/{name}"
+                    f" ({exc.status} {exc.reason})"
+                ) from exc

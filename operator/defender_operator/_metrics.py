@@ -1,0 +1,33 @@
+"""Prometheus metrics of the operator (the library adds its own etcd call metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+RECONCILES = Counter(
+    "defender_operator_reconciles_total", "Reconciles of DefenderComponents", ["result"]
+)
+ERRORS = Counter("defender_operator_errors_total", "Errors by kind", ["kind"])
+RESTARTS = Counter(
+    "defender_operator_pod_restarts_total", "Pods restarted for missed heartbeats", ["component"]
+)
+COMMITS = Counter("defender_operator_commits_total", "ACTIVE versions committed", ["component"])
+BREAKER_TRIPS = Counter(
+    "defender_operator_breaker_trips_total", "Blast-radius breaker trips", ["component"]
+)
+HEARTBEAT_AGE = Gauge(
+    "defender_operator_heartbeat_age_seconds",
+    "Seconds since the newest heartbeat of a component",
+    ["component"],
+)
+INSTANCES_ALIVE = Gauge(
+    "defender_operator_instances_alive", "Instances with a live heartbeat", ["component"]
+)
+ROTATION_STAGE = Gauge(
+    "defender_operator_rotation_stage",
+    "Key rotation stage (1 for the current stage, 0 for the others)",
+    ["stage"],
+)
+ETCD_AVAILABLE = Gauge(
+    "defender_operator_etcd_available", "1 when defender etcd is reachable with quorum"
+)

@@ -1,0 +1,68 @@
+"""Operator settings: env `DEFENDER_OPERATOR_*`, validated once at start-up.
+
+etcd connection, prefix and sealing defaults are the library's own `DEFENDER_*` settings
+(`defender_config.load_settings`), so the operator and the components read one vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from defender_config import LibrarySettings, load_settings
+from defender_operator._errors import OperatorConfigurationError
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator itself decides, one documented field each."""
+
+    model_config = SettingsConfigDict(env_prefix="DEFENDER_OPERATOR_", extra="ignore")
+
+    namespace: str = Field(default="ml-defender", min_length=1)
+    """The operator's own namespace: the source keyring Secret lives here."""
+    keyring_secret: str = Field(default="ml-defender-keyring", min_length=1)
+    """Name of the source keyring Secret, and of its copy in every component namespace."""
+    watch_namespaces: list[str] = Field(default_factory=list)
+    """Namespaces to watch for DefenderComponents; empty means the whole cluster."""
+    library_settings_file: Path | None = None
+    """Optional JSON/YAML file of the library settings (env DEFENDER_* still wins)."""
+
+    monitor_interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    """How often each component's heartbeats, pods and breaker are evaluated."""
+    etcd_health_interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    """How often etcd health (reachable, quorum) is measured."""
+    liveness_etcd_max_unavailable_seconds: float = Field(default=300.0, gt=0)
+    """Liveness fails when etcd has been unreachable this long (a restart may help a stuck
+    client; a short outage must not restart the operator)."""
+    misconfig_window_seconds: int = Field(default=600, ge=1)
+    """Reports (heartbeat errors, alerts) older than this no longer count as misconfiguration."""
+
+    rotation_every_seconds: int = Field(default=0, ge=0)
+    """Rotate the shared key on this schedule; 0 rotates only on command."""
+    rotation_distribute_timeout_seconds: int = Field(default=600, ge=1)
+    """How long to wait for every live instance to load a new key before promoting anyway."""
+    rotation_grace_seconds: int = Field(default=3600, ge=0)
+    """How long the old key stays decrypt-only after every value was rewrapped."""
+    rotation_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often the rotation stage machine is stepped."""
+
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """Prometheus metrics port (0 disables the endpoint)."""
+    log_format: str = Field(default="json", pattern="^(json|text)$")
+    """json for machines (the default), text for a terminal."""
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+
+def load_operator_settings() -> tuple[OperatorSettings, LibrarySettings]:
+    """Both settings objects, or OperatorConfigurationError naming every bad field."""
+    try:
+        ours = OperatorSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"DEFENDER_OPERATOR_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise OperatorConfigurationError(f"bad operator settings: {problems}") from exc
+    return ours, load_settings(ours.library_settings_file)
