@@ -1,0 +1,1 @@
+../../../templates/_helpers.tpl

@@ -1,0 +1,140 @@
+"""The agent sidecar helpers (charts/ml-defender/templates/_agent.tpl) rendered by real helm.
+
+The example chart charts/ml-defender/examples/agent-sidecar uses the helpers exactly as a
+component chart would; its rendered env must be accepted by the agent's own settings parser.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from defender_agent import load_agent_settings
+from defender_devcluster import ToolNotFoundError, tool
+from defender_devcluster.pytest_plugin import missing_tool
+
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLE = REPO / "charts" / "ml-defender" / "examples" / "agent-sidecar"
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    try:
+        return tool("helm")
+    except ToolNotFoundError as exc:
+        missing_tool(exc)
+
+
+def render(helm: Path, *sets: str) -> subprocess.CompletedProcess[str]:
+    args = [str(helm), "template", "demo", str(EXAMPLE)]
+    for item in sets:
+        args += ["--set", item]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+
+def deployment(helm: Path, *sets: str) -> dict[str, Any]:
+    proc = render(helm, *sets)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    [dep] = [d for d in docs if d["kind"] == "Deployment"]
+    return dep
+
+
+def containers(dep: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_example_pod_has_agent_beside_component(helm: Path) -> None:
+    dep = deployment(helm)
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["shareProcessNamespace"] is True
+    by_name = containers(dep)
+    assert set(by_name) == {"sniffer", "defender-agent"}
+    agent, component = by_name["defender-agent"], by_name["sniffer"]
+    env = env_of(agent)
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["DEFENDER_AGENT_RELOAD_PROCESS"] == "sniffer"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["defender-shared"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["defender-shared-keyring"]["secret"]["secretName"] == "ml-defender-keyring"
+    agent_mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    comp_mounts = {m["name"]: m for m in component["volumeMounts"]}
+    # Same shared directory in both containers; only the agent may write it.
+    assert (
+        agent_mounts["defender-shared"]["mountPath"] == comp_mounts["defender-shared"]["mountPath"]
+    )
+    assert comp_mounts["defender-shared"]["readOnly"] is True
+    assert not agent_mounts["defender-shared"].get("readOnly", False)
+    assert agent_mounts["defender-shared-keyring"]["readOnly"] is True
+    assert (
+        env["DEFENDER_AGENT_KEYRING_PATH"] == agent_mounts["defender-shared-keyring"]["mountPath"]
+    )
+    assert env["DEFENDER_AGENT_OUTPUT_PATH"].startswith(
+        agent_mounts["defender-shared"]["mountPath"] + "/"
+    )
+    # The key never reaches the component container.
+    assert all("keyring" not in m["name"] for m in component["volumeMounts"])
+
+
+def test_rendered_env_is_valid_agent_settings(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = env_of(containers(deployment(helm))["defender-agent"])
+    for key, value in env.items():
+        # The kubelet fills valueFrom fields; use a plausible pod name for the downward API.
+        monkeypatch.setenv(key, value if isinstance(value, str) else "sniffer-6c9d-x2")
+    settings = load_agent_settings([])
+    assert settings.component == "sniffer"
+    assert settings.component_type == "sniffer"
+    assert settings.instance == "sniffer-6c9d-x2"
+    assert settings.reload_method == "signal"
+    assert settings.etcd_endpoints is not None and len(settings.etcd_endpoints) == 3
+
+
+def test_http_reload(helm: Path) -> None:
+    dep = deployment(helm, "agent.reload.method=http", "reloadUrl=http://127.0.0.1:8080/-/reload")
+    env = env_of(containers(dep)["defender-agent"])
+    assert env["DEFENDER_AGENT_RELOAD_URL"] == "http://127.0.0.1:8080/-/reload"
+    assert env["DEFENDER_AGENT_RELOAD_HTTP_METHOD"] == "POST"
+    assert "DEFENDER_AGENT_RELOAD_PROCESS" not in env
+
+
+def test_http_reload_without_url_fails(helm: Path) -> None:
+    proc = render(helm, "agent.reload.method=http")
+    assert proc.returncode != 0
+    assert "pass url" in proc.stderr
+
+
+def test_missing_component_fails(helm: Path) -> None:
+    proc = render(helm, "component=")
+    assert proc.returncode != 0
+    assert "component is required" in proc.stderr
+
+
+def test_no_endpoints_outside_the_release_fails(helm: Path) -> None:
+    proc = render(helm, "agent.etcdEndpoints=null")
+    assert proc.returncode != 0
+    assert "agent.etcdEndpoints" in proc.stderr
+
+
+def test_tls_secret_is_mounted_and_configured(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dep = deployment(helm, "agent.etcdTlsSecretName=etcd-client")
+    agent = containers(dep)["defender-agent"]
+    env = env_of(agent)
+    assert env["DEFENDER_AGENT_ETCD_CA_FILE"].endswith("/ca.crt")
+    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
+    assert env["DEFENDER_AGENT_ETCD_CERT_FILE"].startswith(mounts["defender-shared-etcd-tls"])
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["defender-shared-etcd-tls"]["secret"]["secretName"] == "etcd-client"
+
+
+def test_no_signal_without_shared_process_namespace(helm: Path) -> None:
+    dep = deployment(helm, "agent.reload.method=none")
+    assert dep["spec"]["template"]["spec"]["shareProcessNamespace"] is False
+    assert "DEFENDER_AGENT_RELOAD_PROCESS" not in env_of(containers(dep)["defender-agent"])
