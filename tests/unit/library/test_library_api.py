@@ -1,0 +1,93 @@
+"""The public face: `__all__` complete and sorted, the error tree as the contract states it."""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import types
+
+import defender_config
+from defender_config import _errors
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    # The order ruff's RUF022 keeps: CONSTANTS, then Classes, then functions.
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+def test_all_is_sorted_and_unique() -> None:
+    names = defender_config.__all__
+    assert names == sorted(names, key=_isort_key)
+    assert len(set(names)) == len(names)
+
+
+def test_all_is_complete() -> None:
+    public = {
+        name
+        for name, value in vars(defender_config).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(defender_config.__all__)
+    for name in defender_config.__all__:
+        assert hasattr(defender_config, name), name
+
+
+def test_every_error_is_exported() -> None:
+    for name in _errors.__all__:
+        assert name in defender_config.__all__, name
+
+
+def test_error_tree_matches_the_contract() -> None:
+    e = defender_config
+    tree = {
+        e.SettingsError: e.DefenderConfigError,
+        e.EnvelopeError: e.DefenderConfigError,
+        e.UnknownKeyError: e.EnvelopeError,
+        e.AuthenticationFailedError: e.EnvelopeError,
+        e.CodecError: e.EnvelopeError,
+        e.UnknownCodecError: e.CodecError,
+        e.CodecMismatchError: e.CodecError,
+        e.SizeAnomalyError: e.EnvelopeError,
+        e.NotAnEnvelopeError: e.EnvelopeError,
+        e.UnexpectedEnvelopeError: e.EnvelopeError,
+        e.ValueTooLargeError: e.EnvelopeError,
+        e.UnsupportedFormatError: e.EnvelopeError,
+        e.KeyringError: e.DefenderConfigError,
+        e.StoreError: e.DefenderConfigError,
+        e.StoreUnavailableError: e.StoreError,
+        e.ConflictError: e.StoreError,
+        e.NotFoundError: e.StoreError,
+        e.ConfigValidationError: e.DefenderConfigError,
+    }
+    for child, parent in tree.items():
+        assert child.__bases__ == (parent,), child
+    assert issubclass(e.DefenderConfigError, Exception)
+
+
+def test_reasons_are_unique_camel_case_and_in_the_docstring() -> None:
+    classes = [
+        obj
+        for _, obj in pyinspect.getmembers(_errors, pyinspect.isclass)
+        if issubclass(obj, _errors.DefenderConfigError)
+    ]
+    reasons = [c.reason for c in classes]
+    assert len(set(reasons)) == len(reasons)
+    doc = _errors.__doc__ or ""
+    for cls in classes:
+        assert cls.reason.isalnum() and cls.reason[0].isupper(), cls
+        assert cls.__name__ in doc and cls.reason in doc, cls
+
+
+def test_errors_render_structured_fields() -> None:
+    e = defender_config
+    assert "at '/p'" in str(e.UnknownCodecError(7, path="/p"))
+    assert "after 3 attempts" in str(e.StoreUnavailableError(["http://a:1"], "timeout", attempts=3))
+    assert "endpoints: none" in str(e.StoreUnavailableError([], "no endpoints"))
+    conflict = e.ConflictError("/p", expected=4, found=5)
+    assert "expected revision 4, found 5" in str(conflict) and conflict.path == "/p"
+    assert "re-read" in str(e.ConflictError("/p", detail="lost the race"))
+    assert str(e.NotFoundError("/p", detail="register first")) == "no value at '/p'; register first"
+    assert e.SettingsError("bad").message == "settings: bad"
+    assert repr(e.KeyringError("x")) == "KeyringError('keyring: x')"
+    sized = e.SizeAnomalyError(None, None, "odd")
+    assert "declared" not in str(sized) and "odd" in str(sized)
+    assert str(e.ConfigValidationError("x", [])).endswith("(0 errors): no detail")
