@@ -315,6 +315,8 @@ def _to_op(op: PutOp | DeleteOp | GetOp) -> Any:
         return etcd_txn.Put(op.key, op.value, lease=op.lease_id or None)
     end = etcd_utils.prefix_range_end(op.key.encode()) if op.prefix else None
     if isinstance(op, DeleteOp):
+        if op.range_end is not None:
+            end = op.range_end.encode()
         return etcd_txn.Delete(op.key, range_end=end)
     return etcd_txn.Get(op.key, range_end=end)
 
@@ -691,7 +693,7 @@ class EtcdStore:
         for o in ran:
             if isinstance(o, PutOp):
                 self._cache.set(o.key, StoredValue(o.key, o.value, revision, 0, 0, o.lease_id))
-            elif isinstance(o, DeleteOp) and not o.prefix:
+            elif isinstance(o, DeleteOp) and not o.prefix and o.range_end is None:
                 self._cache.set(o.key, _ABSENT)
         return TxnResult(succeeded=bool(response.succeeded), revision=revision, gets=gets)
 

@@ -115,8 +115,11 @@ class PutOp:
 
 @dataclass(frozen=True, slots=True)
 class DeleteOp:
+    """Delete `key`; every key under it with `prefix`; or the range [key, range_end)."""
+
     key: str
     prefix: bool = False
+    range_end: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

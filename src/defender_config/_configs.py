@@ -1,0 +1,615 @@
+"""Versioned component configs: MASTER (create-only), ACTIVE (CAS on version), metadata, history.
+
+Every write of a version is ONE etcd transaction that puts ACTIVE, metadata and the history entry
+and prunes history beyond the limit, guarded by the metadata's mod_revision (so two writers never
+both win) and by the absence of the freeze marker (so a freeze takes effect atomically).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._client import DefenderClient
+from ._envelope import is_envelope
+from ._errors import (
+    ConfigFrozenError,
+    ConfigValidationError,
+    ConflictError,
+    DefenderConfigError,
+    EnvelopeError,
+    FieldError,
+    NotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
+from ._models import ComponentType, canonical_json, config_digest, validate_config
+from ._store import WatchHandle
+from ._store_types import Compare, DeleteOp, GetOp, PutOp, StoredValue, WatchEvent
+
+__all__ = [
+    "ActiveConfig",
+    "ConfigMetadata",
+    "ConfigStore",
+    "FreezeInfo",
+    "HistoryEntry",
+    "InvalidConfigPolicy",
+    "RewrapReport",
+    "SeedResult",
+]
+
+log = logging.getLogger("defender_config.configs")
+
+
+class InvalidConfigPolicy(enum.StrEnum):
+    """What a rejected commit does to ACTIVE (it is always alerted and raised)."""
+
+    KEEP = "keep"
+    """ACTIVE stays as it was."""
+    REVERT_TO_MASTER = "revert_to_master"
+    """ACTIVE is rolled back to MASTER: the component returns to its known-good original."""
+
+
+class ConfigMetadata(BaseModel):
+    """`components/<name>/metadata` (plaintext JSON, readable with etcdctl)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int = Field(ge=1)
+    last_modified: datetime
+    modified_by: str
+    digest: str
+    type: str
+    json_schema: dict[str, Any] | None = None
+    note: str | None = None
+
+
+class FreezeInfo(BaseModel):
+    """`control/<name>/freeze`: while present, commits are refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    reason: str = ""
+    since: datetime
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveConfig:
+    """ACTIVE, decoded. `version` is None only if metadata could not be matched to it (a
+    commit landed between the two reads and the store became unreachable)."""
+
+    component: str
+    config: dict[str, Any] = field(repr=False)
+    version: int | None
+    digest: str
+    mod_revision: int
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    version: int
+    config: dict[str, Any] = field(repr=False)
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class SeedResult:
+    """`created` is True for the one registration that wrote MASTER; the others adopt it."""
+
+    created: bool
+    metadata: ConfigMetadata
+    matches_master: bool
+
+
+@dataclass(slots=True)
+class RewrapReport:
+    scanned: int = 0
+    sealed: int = 0
+    rewrapped: int = 0
+    already_current: int = 0
+    conflicts: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ConfigStore:
+    """MASTER/ACTIVE/history of every component, through one DefenderClient."""
+
+    def __init__(
+        self,
+        client: DefenderClient,
+        *,
+        history_limit: int | None = None,
+        on_invalid: InvalidConfigPolicy | Literal["keep", "revert_to_master"] = "keep",
+    ) -> None:
+        self.client = client
+        self.layout = client.layout
+        self.history_limit = history_limit or client.settings.history_limit
+        if self.history_limit < 1:
+            raise ValueError("history_limit must be at least 1")
+        self.on_invalid = InvalidConfigPolicy(on_invalid)
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def get_metadata(self, component: str) -> ConfigMetadata | None:
+        got = self._metadata(component)
+        return got[0] if got is not None else None
+
+    def _metadata(self, component: str) -> tuple[ConfigMetadata, StoredValue] | None:
+        path = self.layout.metadata(component)
+        got = self.client.get_json(path)
+        if got is None:
+            return None
+        data, stored = got
+        return _parse_metadata(path, data), stored
+
+    def _open_config(self, path: str, blob: bytes, component: str) -> dict[str, Any]:
+        data = self.client.open(path, blob, component=component)
+        return _decode_config(path, data, component)
+
+    def get_master(self, component: str) -> dict[str, Any]:
+        """MASTER, decoded. NotFoundError if the component never registered."""
+        path = self.layout.master_config(component)
+        stored = self.client.store.get(path)
+        if stored is None:
+            raise NotFoundError(path, detail=f"component {component!r} is not registered")
+        return self._open_config(path, stored.value, component)
+
+    def get_active(self, component: str) -> ActiveConfig:
+        """ACTIVE with its version. Served stale (flagged) from cache when etcd is unreachable."""
+        path = self.layout.active_config(component)
+        attempts = 3
+        for attempt in range(attempts):
+            stored = self.client.store.get(path)
+            if stored is None:
+                raise NotFoundError(path, detail=f"component {component!r} is not registered")
+            config = self._open_config(path, stored.value, component)
+            digest = config_digest(config)
+            meta = self._metadata(component)
+            version = meta[0].version if meta is not None and meta[0].digest == digest else None
+            if version is not None or stored.stale or attempt == attempts - 1:
+                return ActiveConfig(
+                    component, config, version, digest, stored.mod_revision, stored.stale
+                )
+            # A commit landed between the two reads: read both again.
+        raise AssertionError("unreachable")
+
+    def history(self, component: str) -> list[HistoryEntry]:
+        """The kept versions of ACTIVE, oldest first."""
+        entries: list[HistoryEntry] = []
+        for sv in self.client.store.list_prefix(self.layout.history_dir(component)):
+            parsed = self.layout.parse(sv.key)
+            if parsed is None or parsed.version is None:
+                continue
+            config = self._open_config(sv.key, sv.value, component)
+            entries.append(HistoryEntry(parsed.version, config, config_digest(config)))
+        return entries
+
+    def frozen(self, component: str) -> FreezeInfo | None:
+        stored = self.client.store.get(self.layout.freeze(component))
+        if stored is None:
+            return None
+        return _parse_freeze(stored.value)
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def seed(
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        component_type: ComponentType | str,
+        *,
+        by: str,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> SeedResult:
+        """Register the component's config: MASTER, ACTIVE v1, metadata and history/1 in ONE
+        create-only transaction. If MASTER exists already (another instance won), nothing is
+        written and the existing metadata is returned: MASTER is never overwritten."""
+        ctype = ComponentType(component_type)
+        normalized = self._validate(component, ctype.value, config, json_schema)
+        digest = config_digest(normalized)
+        data = canonical_json(normalized)
+        meta = ConfigMetadata(
+            version=1,
+            last_modified=_now(),
+            modified_by=by,
+            digest=digest,
+            type=ctype.value,
+            json_schema=dict(json_schema) if json_schema is not None else None,
+            note="registered",
+        )
+        lay, c = self.layout, self.client
+        master, active, meta_key = (
+            lay.master_config(component),
+            lay.active_config(component),
+            lay.metadata(component),
+        )
+        history = lay.history(component, 1)
+        result = c.store.txn(
+            [Compare.absent(master)],
+            [
+                PutOp(master, c.seal(master, data)),
+                PutOp(active, c.seal(active, data)),
+                PutOp(meta_key, _encode_metadata(meta)),
+                PutOp(history, c.seal(history, data)),
+            ],
+            [GetOp(meta_key), GetOp(master)],
+        )
+        if result.succeeded:
+            log.info("component %s registered (MASTER written by %s)", component, by)
+            return SeedResult(created=True, metadata=meta, matches_master=True)
+        existing_meta = result.gets[0][0] if result.gets and result.gets[0] else None
+        existing_master = result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None
+        if existing_meta is None or existing_master is None:
+            raise ConflictError(
+                meta_key, detail="MASTER exists but metadata is missing; repair the component keys"
+            )
+        current = _parse_metadata(meta_key, c.decode_json(meta_key, existing_meta.value))
+        master_cfg = self._open_config(master, existing_master.value, component)
+        same = config_digest(master_cfg) == digest
+        if not same:
+            log.info(
+                "component %s: MASTER exists with another config; adopting it (%s)",
+                component,
+                by,
+            )
+        return SeedResult(created=False, metadata=current, matches_master=same)
+
+    def commit(
+        self,
+        component: str,
+        new_config: Mapping[str, Any],
+        by: str,
+        expected_version: int | None = None,
+        *,
+        note: str | None = None,
+    ) -> int:
+        """Validate and write a new ACTIVE version; returns the version now active.
+
+        Refused with ConfigFrozenError while the freeze marker exists, ConflictError if the
+        version moved on (`expected_version`, or a concurrent commit). A config the component's
+        model rejects raises ConfigValidationError after an alert; with policy
+        REVERT_TO_MASTER, ACTIVE is rolled back to MASTER first."""
+        freeze = self.frozen(component)
+        if freeze is not None:
+            raise self._frozen_error(component, freeze)
+        got = self._metadata(component)
+        if got is None:
+            raise NotFoundError(
+                self.layout.metadata(component),
+                detail=f"component {component!r} is not registered; seed it first",
+            )
+        meta, meta_stored = got
+        if meta_stored.stale:
+            raise self._unavailable_for_write(component)
+        if expected_version is not None and expected_version != meta.version:
+            raise ConflictError(
+                self.layout.active_config(component),
+                expected=expected_version,
+                found=meta.version,
+                detail="config version moved on",
+            )
+        try:
+            normalized = self._validate(component, meta.type, new_config, meta.json_schema)
+        except ConfigValidationError:
+            if self.on_invalid is InvalidConfigPolicy.REVERT_TO_MASTER:
+                try:
+                    self.rollback(component, "master", f"{by} (auto: rejected config)")
+                except DefenderConfigError as exc:
+                    log.error("automatic rollback of %s to MASTER failed: %s", component, exc)
+            raise
+        if config_digest(normalized) == meta.digest:
+            return meta.version  # nothing changes: no new version, no watch event
+        return self._write_version(
+            component, normalized, by, meta, meta_stored, note=note, respect_freeze=True
+        )
+
+    def rollback(self, component: str, to: Literal["master"] | int, by: str) -> int:
+        """Make MASTER (`to="master"`) or a kept history version ACTIVE again, as a new
+        version. Allowed while frozen: it is the way back to a known-good config."""
+        got = self._metadata(component)
+        if got is None:
+            raise NotFoundError(
+                self.layout.metadata(component), detail=f"component {component!r} not registered"
+            )
+        meta, meta_stored = got
+        if meta_stored.stale:
+            raise self._unavailable_for_write(component)
+        if to == "master":
+            target = self.get_master(component)
+        else:
+            path = self.layout.history(component, int(to))
+            stored = self.client.store.get(path)
+            if stored is None:
+                kept = [e.version for e in self.history(component)]
+                raise NotFoundError(
+                    path,
+                    detail=f"version {to} is not kept (history holds {kept}); "
+                    "roll back to one of those or to master",
+                )
+            target = self._open_config(path, stored.value, component)
+        version = self._write_version(
+            component, target, by, meta, meta_stored, note=f"rollback to {to}", respect_freeze=False
+        )
+        self.client.alerter.event(
+            "ConfigRolledBack",
+            component,
+            f"ACTIVE of {component!r} rolled back to {to} as version {version} by {by}",
+            instance=self.client.instance,
+        )
+        return version
+
+    def _write_version(
+        self,
+        component: str,
+        config: dict[str, Any],
+        by: str,
+        meta: ConfigMetadata,
+        meta_stored: StoredValue,
+        *,
+        note: str | None,
+        respect_freeze: bool,
+    ) -> int:
+        lay, c = self.layout, self.client
+        version = meta.version + 1
+        data = canonical_json(config)
+        new_meta = meta.model_copy(
+            update={
+                "version": version,
+                "last_modified": _now(),
+                "modified_by": by,
+                "digest": config_digest(config),
+                "note": note,
+            }
+        )
+        active, meta_key, freeze = (
+            lay.active_config(component),
+            lay.metadata(component),
+            lay.freeze(component),
+        )
+        history = lay.history(component, version)
+        compares = [Compare.mod_revision_is(meta_key, meta_stored.mod_revision)]
+        if respect_freeze:
+            compares.append(Compare.absent(freeze))
+        success: list[PutOp | DeleteOp | GetOp] = [
+            PutOp(active, c.seal(active, data)),
+            PutOp(meta_key, _encode_metadata(new_meta)),
+            PutOp(history, c.seal(history, data)),
+        ]
+        oldest_kept = version - self.history_limit + 1
+        if oldest_kept > 1:
+            # Everything below the oldest kept version, in one range delete.
+            success.append(
+                DeleteOp(lay.history_dir(component), range_end=lay.history(component, oldest_kept))
+            )
+        result = c.store.txn(compares, success, [GetOp(freeze), GetOp(meta_key)])
+        if result.succeeded:
+            log.info("component %s: version %d written by %s", component, version, by)
+            return version
+        frozen_now = result.gets[0] if result.gets else ()
+        if respect_freeze and frozen_now:
+            raise self._frozen_error(component, _parse_freeze(frozen_now[0].value))
+        found: int | None = None
+        if len(result.gets) > 1 and result.gets[1]:
+            found = _parse_metadata(
+                meta_key, c.decode_json(meta_key, result.gets[1][0].value)
+            ).version
+        raise ConflictError(
+            active, expected=meta.version, found=found, detail="another commit landed first"
+        )
+
+    def freeze(self, component: str, reason: str, by: str | None = None) -> None:
+        """Refuse commits to `component` until `unfreeze`."""
+        info = FreezeInfo(reason=reason, since=_now(), by=by)
+        self.client.put_json(self.layout.freeze(component), info.model_dump(mode="json"))
+        self.client.alerter.event(
+            "ConfigFrozen", component, f"commits refused: {reason}", instance=self.client.instance
+        )
+
+    def unfreeze(self, component: str) -> bool:
+        return self.client.store.delete(self.layout.freeze(component))
+
+    # --- watch ----------------------------------------------------------------------------------
+
+    def watch_active(
+        self,
+        component: str,
+        callback: Callable[[ActiveConfig], None],
+        *,
+        on_error: Callable[[DefenderConfigError], None] | None = None,
+        initial: bool = True,
+    ) -> WatchHandle:
+        """Call `callback(active)` with the decoded ACTIVE config on every change (and once at
+        start when `initial`). A value that fails to decode is alerted and handed to `on_error`
+        (logged if None); the watch goes on. Re-seals that do not change the config (key
+        rotation) are not delivered."""
+        path = self.layout.active_config(component)
+        store = self.client.store
+        start = store.current_revision() + 1
+        last_digest: list[str | None] = [None]
+
+        def fail(exc: DefenderConfigError) -> None:
+            if on_error is not None:
+                try:
+                    on_error(exc)
+                except Exception:
+                    log.exception("watch_active on_error callback failed")
+            else:
+                log.error("watch_active %s: %s", component, exc)
+
+        def deliver(value: bytes, mod_revision: int) -> None:
+            try:
+                config = self._open_config(path, value, component)
+            except EnvelopeError as exc:  # already alerted by client.open
+                fail(exc)
+                return
+            except DefenderConfigError as exc:
+                self.client.report(exc, path=path, component=component)
+                fail(exc)
+                return
+            digest = config_digest(config)
+            if digest == last_digest[0]:
+                return
+            version: int | None = None
+            try:
+                meta = self.get_metadata(component)
+                if meta is not None and meta.digest == digest:
+                    version = meta.version
+            except DefenderConfigError as exc:
+                log.warning("watch_active %s: metadata unreadable: %s", component, exc)
+            last_digest[0] = digest
+            callback(ActiveConfig(component, config, version, digest, mod_revision))
+
+        if initial:
+            stored = store.get(path)
+            if stored is not None:
+                deliver(stored.value, stored.mod_revision)
+
+        def on_event(event: WatchEvent) -> None:
+            if event.kind == "put":
+                deliver(event.value, event.mod_revision)
+
+        def on_store_error(exc: StoreError) -> None:
+            fail(exc)
+
+        return store.watch_key(path, on_event, start_revision=start, on_error=on_store_error)
+
+    # --- key rotation ---------------------------------------------------------------------------
+
+    def rewrap_all(self, prefix: str | None = None) -> RewrapReport:
+        """Re-seal every sealed value under `prefix` (default: the whole deployment) that is not
+        sealed with the current primary key and codecs, each with compare-and-swap so a
+        concurrent commit is never overwritten (a conflicting key is re-read and retried
+        once). Values that cannot be opened are alerted and counted as failed."""
+        report = RewrapReport()
+        c = self.client
+        for sv in c.store.list_prefix(prefix or self.layout.prefix + "/"):
+            report.scanned += 1
+            if not is_envelope(sv.value):
+                continue
+            report.sealed += 1
+            current: StoredValue | None = sv
+            for attempt in range(2):
+                if current is None:
+                    break
+                try:
+                    if not c.envelope.needs_reseal(current.value):
+                        report.already_current += 1
+                        break
+                    data = c.open(current.key, current.value)
+                    resealed = c.seal(current.key, data)
+                    c.store.compare_and_swap(
+                        current.key, current.mod_revision, resealed, lease=current.lease_id
+                    )
+                    report.rewrapped += 1
+                    break
+                except ConflictError:
+                    if attempt == 1:
+                        report.conflicts += 1
+                        break
+                    current = c.store.get(sv.key)
+                except EnvelopeError as exc:
+                    report.failed += 1
+                    report.errors.append(f"{sv.key}: {exc.reason}")
+                    break
+        log.info(
+            "rewrap: %d scanned, %d rewrapped, %d current, %d conflicts, %d failed",
+            report.scanned,
+            report.rewrapped,
+            report.already_current,
+            report.conflicts,
+            report.failed,
+        )
+        return report
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _validate(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        json_schema: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        try:
+            return validate_config(component_type, config, json_schema, component=component)
+        except ConfigValidationError as exc:
+            self.client.alerter.error(exc, component, instance=self.client.instance)
+            raise
+
+    def _frozen_error(self, component: str, info: FreezeInfo) -> ConfigFrozenError:
+        return ConfigFrozenError(
+            component,
+            why=info.reason,
+            since=info.since.isoformat(),
+            marker=self.layout.freeze(component),
+        )
+
+    def _unavailable_for_write(self, component: str) -> StoreError:
+        return StoreUnavailableError(
+            self.client.store.endpoints,
+            f"cannot write the config of {component!r}: only a cached copy of its metadata "
+            "is readable",
+        )
+
+
+def _encode_metadata(meta: ConfigMetadata) -> bytes:
+    return json.dumps(meta.model_dump(mode="json"), sort_keys=True).encode()
+
+
+def _parse_metadata(path: str, data: Any) -> ConfigMetadata:
+    try:
+        return ConfigMetadata.model_validate(data)
+    except ValidationError as exc:
+        raise StoreError(
+            f"metadata at {path!r} is not a valid record ({exc.error_count()} problems: "
+            f"{_first_error(exc)}); it was edited by hand: restore it from the component's "
+            "history or re-register",
+            path=path,
+        ) from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+
+
+def _parse_freeze(raw: bytes | Any) -> FreezeInfo:
+    data = raw
+    if isinstance(raw, bytes):
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            data = raw.decode("utf-8", "replace")
+    try:
+        return FreezeInfo.model_validate(data)
+    except ValidationError:
+        # A marker written by hand (etcdctl put .../freeze yes) still freezes.
+        return FreezeInfo(reason=str(data)[:200], since=_now())
+
+
+def _decode_config(path: str, data: bytes, component: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigValidationError(
+            component, [FieldError("", f"stored config at {path} is not JSON")]
+        ) from exc
+    if not isinstance(value, dict):
+        raise ConfigValidationError(
+            component, [FieldError("", f"stored config at {path} is not a JSON object")]
+        )
+    return value

@@ -1,0 +1,475 @@
+"""Component registry: registration (MASTER create-only), status, lease-bound heartbeats.
+
+A heartbeat is `components/<name>/instances/<instance>`, a plaintext JSON record put with a lease
+of TTL = interval * allowed misses and kept alive by a background thread. When an instance dies
+its lease expires and etcd deletes the key: watchers see a delete event, nobody polls.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._client import DefenderClient
+from ._configs import ActiveConfig, ConfigStore, SeedResult
+from ._errors import DefenderConfigError, StoreError
+from ._models import ComponentType
+from ._store import WatchHandle
+from ._store_types import Lease, WatchEvent, backoff_delay
+
+__all__ = [
+    "ComponentStatus",
+    "ComponentSummary",
+    "ErrorInfo",
+    "Heartbeat",
+    "Heartbeater",
+    "InstanceEvent",
+    "Registration",
+    "Registry",
+    "StatusRecord",
+]
+
+log = logging.getLogger("defender_config.registry")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ComponentStatus(enum.StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    reason: str
+    detail: str = Field(max_length=2000)
+
+
+class Heartbeat(BaseModel):
+    """The instance record (CONTRACT.md). Plaintext: it holds fingerprints, never keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    component: str
+    instance: str
+    pod: str | None = None
+    node_id: str | None = None
+    status: ComponentStatus
+    time: datetime
+    config_version: int | None = None
+    config_digest: str | None = None
+    key_fingerprint: str | None = None
+    key_fingerprints: list[str] = Field(default_factory=list)
+    codec: str | None = None
+    last_error: ErrorInfo | None = None
+    capabilities: list[str] = Field(default_factory=list)
+    software_version: str | None = None
+    lease_ttl_seconds: int | None = None
+
+
+class StatusRecord(BaseModel):
+    """`components/<name>/status`: the latest status any instance reported."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: ComponentStatus
+    time: datetime
+    instance: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceEvent:
+    """An instance key changed. `kind="delete"` with heartbeat None: the instance stopped or
+    its lease expired (it missed `allowed_misses` heartbeats)."""
+
+    kind: Literal["put", "delete"]
+    component: str
+    instance: str
+    heartbeat: Heartbeat | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentSummary:
+    name: str
+    type: str | None
+    status: ComponentStatus | None
+    active_version: int | None
+    last_modified: datetime | None
+    modified_by: str | None
+    instances: tuple[Heartbeat, ...] = field(default=())
+
+
+class Heartbeater:
+    """Keeps one instance key alive. Thread-safe; `update()` changes the record's mutable fields
+    (config version/digest, key fingerprints, codec, last_error) and pushes them at once.
+
+    Transient etcd errors are logged and retried sooner than the interval; if the lease expired
+    meanwhile (etcd was unreachable for longer than the TTL) a new lease is granted and the key
+    written again.
+    """
+
+    _MUTABLE = frozenset(
+        {
+            "config_version",
+            "config_digest",
+            "key_fingerprint",
+            "key_fingerprints",
+            "codec",
+            "last_error",
+            "pod",
+            "node_id",
+            "capabilities",
+            "software_version",
+        }
+    )
+
+    def __init__(
+        self,
+        client: DefenderClient,
+        component: str,
+        instance: str,
+        *,
+        interval_seconds: float | None = None,
+        allowed_misses: int | None = None,
+        **fields: Any,
+    ) -> None:
+        s = client.settings
+        self.client = client
+        self.component = component
+        self.instance = instance
+        self.interval = interval_seconds or s.heartbeat_interval_seconds
+        misses = allowed_misses or s.heartbeat_allowed_misses
+        self.ttl = max(2, math.ceil(self.interval * misses))
+        self.key = client.layout.instance(component, instance)
+        unknown = set(fields) - self._MUTABLE
+        if unknown:
+            raise TypeError(f"unknown heartbeat fields: {sorted(unknown)}")
+        self._lock = threading.Lock()
+        self._record = Heartbeat(
+            component=component,
+            instance=instance,
+            status=ComponentStatus.STARTING,
+            time=_now(),
+            lease_ttl_seconds=self.ttl,
+            **{**self._key_fields(), **fields},
+        )
+        self._lease: Lease | None = None
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.beats = 0
+        self.failures = 0
+        self.regrants = 0
+
+    def _key_fields(self) -> dict[str, Any]:
+        keyring = self.client.envelope.keyring()
+        if keyring is None:
+            return {"codec": self.client.envelope.codec_label()}
+        return {
+            "key_fingerprint": keyring.primary_fingerprint,
+            "key_fingerprints": sorted(keyring.fingerprint(k) for k in keyring.key_ids),
+            "codec": self.client.envelope.codec_label(),
+        }
+
+    @property
+    def record(self) -> Heartbeat:
+        with self._lock:
+            return self._record
+
+    @property
+    def lease(self) -> Lease | None:
+        return self._lease
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> Heartbeater:
+        """Grant the lease and write the record now (raises if etcd is unreachable), then keep
+        it alive in the background."""
+        self._beat(initial=True)
+        self._thread = threading.Thread(
+            target=self._run,
+            name=f"defender-heartbeat:{self.component}/{self.instance}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def update(self, **fields: Any) -> None:
+        """Change mutable record fields; pushed to etcd right away by the background thread."""
+        unknown = set(fields) - self._MUTABLE
+        if unknown:
+            raise TypeError(f"unknown heartbeat fields: {sorted(unknown)}")
+        if isinstance(fields.get("last_error"), DefenderConfigError):
+            err = fields["last_error"]
+            fields["last_error"] = ErrorInfo(reason=err.reason, detail=str(err)[:2000])
+        with self._lock:
+            self._record = self._record.model_copy(update=fields)
+        self._wake.set()
+
+    def refresh_key_fields(self) -> None:
+        """Re-read fingerprints and codec from the client's keyring (after a rotation)."""
+        self.update(**self._key_fields())
+
+    def set_status(self, status: ComponentStatus | str, detail: str | None = None) -> None:
+        """Set this instance's status and the component's status key."""
+        st = ComponentStatus(status)
+        with self._lock:
+            self._record = self._record.model_copy(update={"status": st})
+        record = StatusRecord(status=st, time=_now(), instance=self.instance, detail=detail)
+        self.client.put_json(
+            self.client.layout.status(self.component), record.model_dump(mode="json")
+        )
+        self._wake.set()
+
+    def stop(self, *, status: ComponentStatus = ComponentStatus.STOPPED) -> None:
+        """Mark STOPPED (component status key), stop the thread, revoke the lease (etcd deletes
+        the instance key at once). Idempotent; etcd errors are logged, not raised: the lease
+        expires on its own anyway."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.client.settings.etcd.timeout_seconds * 2 + 5)
+        try:
+            self.set_status(status)
+        except StoreError as exc:
+            log.warning("heartbeat %s: could not write %s: %s", self.key, status, exc)
+        lease = self._lease
+        if lease is not None:
+            try:
+                self.client.store.revoke_lease(lease)
+            except StoreError as exc:
+                log.warning(
+                    "heartbeat %s: lease revoke failed (expires in %ss): %s",
+                    self.key,
+                    self.ttl,
+                    exc,
+                )
+        self._lease = None
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _beat(self, *, initial: bool = False) -> None:
+        store = self.client.store
+        with self._lock:
+            self._record = self._record.model_copy(update={"time": _now()})
+            body = self.client.encode_json(self._record.model_dump(mode="json"))
+        lease = self._lease
+        if lease is not None and not initial and store.refresh_lease(lease) <= 0:
+            log.warning("heartbeat %s: lease expired, granting a new one", self.key)
+            self.regrants += 1
+            lease = None
+        if lease is None:
+            lease = store.grant_lease(self.ttl)
+            self._lease = lease
+        store.put(self.key, body, lease=lease)
+        self.beats += 1
+
+    def _run(self) -> None:
+        failures = 0
+        s = self.client.settings.etcd
+        while not self._stopped.is_set():
+            if failures:
+                delay = min(
+                    self.interval,
+                    backoff_delay(failures - 1, s.backoff_base_seconds, s.backoff_max_seconds),
+                )
+            else:
+                delay = self.interval
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stopped.is_set():
+                break
+            try:
+                self._beat()
+                failures = 0
+            except StoreError as exc:
+                failures += 1
+                self.failures += 1
+                log.warning("heartbeat %s failed (%s); retrying", self.key, exc)
+            except Exception:
+                failures += 1
+                self.failures += 1
+                log.exception("heartbeat %s: unexpected error; retrying", self.key)
+
+
+@dataclass
+class Registration:
+    """What `register` did: whether this call wrote MASTER, the ACTIVE config to run with, and
+    the started heartbeater (call `.heartbeater.set_status(RUNNING)` once serving)."""
+
+    component: str
+    instance: str
+    seed: SeedResult
+    active: ActiveConfig
+    heartbeater: Heartbeater
+
+    @property
+    def created_master(self) -> bool:
+        return self.seed.created
+
+
+class Registry:
+    """Registration, status and instances of components."""
+
+    def __init__(self, client: DefenderClient, configs: ConfigStore | None = None) -> None:
+        self.client = client
+        self.layout = client.layout
+        self.configs = configs or ConfigStore(client)
+
+    def register(
+        self,
+        component: str,
+        instance: str,
+        config: Mapping[str, Any],
+        component_type: ComponentType | str,
+        *,
+        json_schema: Mapping[str, Any] | None = None,
+        pod: str | None = None,
+        node_id: str | None = None,
+        capabilities: Iterable[str] = (),
+        software_version: str | None = None,
+        interval_seconds: float | None = None,
+        allowed_misses: int | None = None,
+    ) -> Registration:
+        """Register an instance: seed MASTER/ACTIVE v1 create-only (exactly one of concurrent
+        registrations wins; the others adopt what it wrote), set status STARTING and start the
+        lease-bound heartbeat. Returns the ACTIVE config the instance should run."""
+        seed = self.configs.seed(
+            component, config, component_type, by=f"{component}/{instance}", json_schema=json_schema
+        )
+        active = self.configs.get_active(component)
+        beat = Heartbeater(
+            self.client,
+            component,
+            instance,
+            interval_seconds=interval_seconds,
+            allowed_misses=allowed_misses,
+            pod=pod,
+            node_id=node_id,
+            capabilities=list(capabilities),
+            software_version=software_version,
+            config_version=active.version,
+            config_digest=active.digest,
+        )
+        beat.start()
+        beat.set_status(ComponentStatus.STARTING)
+        if not seed.matches_master:
+            self.client.alerter.event(
+                "ConfigDrift",
+                component,
+                f"instance {instance!r} registered with a config that differs from MASTER; "
+                f"it runs ACTIVE version {active.version} instead",
+                instance=instance,
+            )
+        return Registration(component, instance, seed, active, beat)
+
+    def set_status(
+        self, component: str, status: ComponentStatus | str, *, detail: str | None = None
+    ) -> None:
+        """Write the component's status key (without a heartbeater, e.g. from the operator)."""
+        record = StatusRecord(status=ComponentStatus(status), time=_now(), detail=detail)
+        self.client.put_json(self.layout.status(component), record.model_dump(mode="json"))
+
+    def get_status(self, component: str) -> StatusRecord | None:
+        got = self.client.get_json(self.layout.status(component))
+        return StatusRecord.model_validate(got[0]) if got is not None else None
+
+    def list_instances(self, component: str) -> list[Heartbeat]:
+        """The live instances of `component` (expired leases are already gone)."""
+        out: list[Heartbeat] = []
+        for sv in self.client.store.list_prefix(self.layout.instances_dir(component)):
+            hb = self._heartbeat(sv.key, sv.value)
+            if hb is not None:
+                out.append(hb)
+        return out
+
+    def list_components(self) -> list[ComponentSummary]:
+        """Every registered component with type, status, ACTIVE version and live instances, from
+        one range read."""
+        meta: dict[str, dict[str, Any]] = {}
+        status: dict[str, ComponentStatus] = {}
+        instances: dict[str, list[Heartbeat]] = {}
+        names: set[str] = set()
+        for sv in self.client.store.list_prefix(self.layout.components_dir):
+            parsed = self.layout.parse(sv.key)
+            if parsed is None:
+                continue
+            names.add(parsed.component)
+            try:
+                if parsed.kind == "metadata":
+                    meta[parsed.component] = self.client.decode_json(sv.key, sv.value)
+                elif parsed.kind == "status":
+                    status[parsed.component] = StatusRecord.model_validate(
+                        self.client.decode_json(sv.key, sv.value)
+                    ).status
+                elif parsed.kind == "instance":
+                    hb = self._heartbeat(sv.key, sv.value)
+                    if hb is not None:
+                        instances.setdefault(parsed.component, []).append(hb)
+            except (DefenderConfigError, ValidationError, ValueError) as exc:
+                log.warning("skipping unreadable %s: %s", sv.key, exc)
+        out = []
+        for name in sorted(names):
+            m = meta.get(name, {})
+            last = m.get("last_modified")
+            out.append(
+                ComponentSummary(
+                    name=name,
+                    type=m.get("type"),
+                    status=status.get(name),
+                    active_version=m.get("version"),
+                    last_modified=datetime.fromisoformat(last) if isinstance(last, str) else None,
+                    modified_by=m.get("modified_by"),
+                    instances=tuple(instances.get(name, [])),
+                )
+            )
+        return out
+
+    def watch_instances(
+        self,
+        callback: Callable[[InstanceEvent], None],
+        *,
+        component: str | None = None,
+        on_error: Callable[[StoreError], None] | None = None,
+    ) -> WatchHandle:
+        """Call `callback` for every instance put/delete (all components, or one). A lease
+        expiry arrives as a delete."""
+        prefix = (
+            self.layout.instances_dir(component)
+            if component is not None
+            else self.layout.components_dir
+        )
+
+        def on_event(event: WatchEvent) -> None:
+            parsed = self.layout.parse(event.key)
+            if parsed is None or parsed.kind != "instance" or parsed.instance is None:
+                return
+            hb = self._heartbeat(event.key, event.value) if event.kind == "put" else None
+            callback(
+                InstanceEvent(event.kind, parsed.component, parsed.instance, hb, event.mod_revision)
+            )
+
+        return self.client.store.watch_prefix(prefix, on_event, on_error=on_error)
+
+    def _heartbeat(self, key: str, value: bytes) -> Heartbeat | None:
+        try:
+            return Heartbeat.model_validate(self.client.decode_json(key, value))
+        except (DefenderConfigError, ValidationError, ValueError) as exc:
+            log.warning("unreadable heartbeat %s: %s", key, exc)
+            return None
