@@ -1,0 +1,166 @@
+"""The harness's own failure modes: missing binaries, crashing processes, stale run dirs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from defender_devcluster import (
+    ControlPlane,
+    EtcdCluster,
+    PortInUseError,
+    ProcessStartError,
+    ToolNotFoundError,
+    tool,
+    tools_bin,
+)
+from defender_devcluster.__main__ import main
+from defender_devcluster._procs import PidFile, pid_matches
+
+
+def fake_binary(directory: Path, name: str, script: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(script))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_missing_tools_dir_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEFENDER_TOOLS_BIN", str(tmp_path / "nope"))
+    with pytest.raises(ToolNotFoundError) as err:
+        tools_bin()
+    assert str(tmp_path / "nope") in str(err.value)
+    assert "make tools" in str(err.value) and "DEFENDER_TOOLS_BIN" in str(err.value)
+
+
+def test_missing_etcd_binary_names_it_and_make_tools(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEFENDER_TOOLS_BIN", str(tmp_path))
+    with pytest.raises(ToolNotFoundError) as err:
+        EtcdCluster(tmp_path / "run", members=1).start()
+    assert err.value.binary == "etcd"
+    assert f"etcd not found in {tmp_path}" in str(err.value)
+    assert "make tools" in str(err.value)
+
+
+def test_missing_kube_binary_fails_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "etcd").symlink_to(tool("etcd"))
+    monkeypatch.setenv("DEFENDER_TOOLS_BIN", str(bindir))
+    run = tmp_path / "run"
+    with pytest.raises(ToolNotFoundError) as err:
+        ControlPlane(run).start()
+    assert err.value.binary == "kube-apiserver"
+    assert not list(run.rglob("*.pid")), "no process may be started when a binary is missing"
+
+
+def test_crashing_member_reports_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = tmp_path / "bin"
+    fake_binary(bindir, "etcd", 'echo "fatal: cannot open data dir (simulated)"; exit 3\n')
+    monkeypatch.setenv("DEFENDER_TOOLS_BIN", str(bindir))
+    with pytest.raises(ProcessStartError) as err:
+        EtcdCluster(tmp_path / "run", members=1, start_timeout=20).start()
+    assert not isinstance(err.value, PortInUseError)
+    assert "exited with code 3" in str(err.value)
+    assert "cannot open data dir (simulated)" in err.value.log_tail
+
+
+def test_port_race_is_retried_then_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir = tmp_path / "bin"
+    calls = tmp_path / "calls"
+    fake_binary(
+        bindir,
+        "etcd",
+        f"""\
+        echo run >> {calls}
+        echo "listen tcp 127.0.0.1:1: bind: address already in use"
+        exit 1
+        """,
+    )
+    monkeypatch.setenv("DEFENDER_TOOLS_BIN", str(bindir))
+    with pytest.raises(PortInUseError):
+        EtcdCluster(tmp_path / "run", members=1, start_timeout=20).start()
+    # Three attempts, each with freshly chosen ports.
+    assert calls.read_text().splitlines() == ["run", "run", "run"]
+
+
+def test_crashed_run_in_same_dir_is_cleaned_up(tmp_path: Path) -> None:
+    crashed = EtcdCluster(tmp_path, members=1, name="crash").start()
+    (old_pid,) = crashed.member_pids
+    assert old_pid is not None
+    # No stop(): as if the test process had died. The next run must cope.
+    fresh = EtcdCluster(tmp_path, members=1, name="crash")
+    try:
+        fresh.start()
+        assert not pid_matches(old_pid, str(fresh.data_dir(0)))
+        (new_pid,) = fresh.member_pids
+        assert new_pid is not None and new_pid != old_pid
+        assert fresh.wait_for_leader(timeout=10) == fresh.endpoints[0]
+    finally:
+        fresh.stop()
+        crashed.stop()  # reaps the killed child; nothing else left to stop
+
+
+def test_stale_pid_file_of_an_unrelated_process_is_left_alone(tmp_path: Path) -> None:
+    cluster = EtcdCluster(tmp_path, members=1, name="reuse")
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        cluster.dir.mkdir(parents=True)
+        # The PID was "recycled": the pid file names a process that is not our etcd.
+        PidFile("reuse-0", bystander.pid, str(cluster.data_dir(0))).write(
+            cluster.dir / "reuse-0.pid"
+        )
+        (cluster.dir / "garbage.pid").write_text("{not json")
+        cluster.start()
+        assert bystander.poll() is None, "an unrelated process was killed"
+        assert not (cluster.dir / "garbage.pid").exists()
+    finally:
+        cluster.stop()
+        bystander.kill()
+        bystander.wait()
+
+
+def test_status_without_a_cluster_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--run-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no state file" in err and "make cluster-up" in err
+
+
+@pytest.mark.parametrize(("ci", "expected"), [("true", "1 error"), ("", "1 skipped")])
+def test_plugin_fails_under_ci_and_skips_otherwise(tmp_path: Path, ci: str, expected: str) -> None:
+    (tmp_path / "test_inner.py").write_text("def test_needs_etcd(defender_etcd):\n    pass\n")
+    env = {**os.environ, "DEFENDER_TOOLS_BIN": str(tmp_path), "CI": ci}
+    argv = [sys.executable, "-m", "pytest", "-p", "defender_devcluster.pytest_plugin", "-q"]
+    argv += ["-rs", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "test_inner.py"]
+    out = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert expected in out.stdout, out.stdout
+    assert "etcd not found" in out.stdout and "make tools" in out.stdout
+    if ci:
+        assert out.returncode != 0
+        assert "CI=true and a required binary is missing" in out.stdout
+    else:
+        assert out.returncode == 0
