@@ -43,6 +43,7 @@ from ._codecs import (
 from ._errors import (
     AuthenticationFailedError,
     CodecMismatchError,
+    KeyringError,
     NotAnEnvelopeError,
     SizeAnomalyError,
     UnexpectedEnvelopeError,
@@ -78,6 +79,10 @@ MAX_KEY_ID_BYTES = 64
 MAX_DECLARED_BYTES = 0xFFFFFFFF
 #: Bytes a PutRequest adds around key and value (field tags, lengths, lease id), rounded up.
 _REQUEST_OVERHEAD = 64
+_NO_KEYRING = (
+    "encryption is on (envelope.encrypt) but no keyring was given; set keyring_path "
+    "(DEFENDER_KEYRING_PATH) to the mounted keyring Secret, or switch encryption off"
+)
 
 
 class KeyringProvider(Protocol):
@@ -227,9 +232,7 @@ class Envelope:
         )
         self._options = options if options is not None else EnvelopeOptions()
         if self._options.encrypt and self._provider is None:
-            raise ValueError(
-                "encrypt=True needs a keyring (or pass EnvelopeOptions(encrypt=False))"
-            )
+            raise KeyringError(_NO_KEYRING)
         # Fail at construction, not at the first write, on a codec name this library lacks.
         compressor_by_name(self._options.compression)
         cipher_by_name(self._options.cipher)
@@ -287,7 +290,7 @@ class Envelope:
         if opts.encrypt:
             provider = self._provider
             if provider is None:
-                raise ValueError("encrypt=True needs a keyring; this Envelope has none")
+                raise KeyringError(_NO_KEYRING)
             key = provider.current().primary
             cipher = cipher_by_name(opts.cipher)
             kid = key.key_id.encode("ascii")

@@ -57,6 +57,8 @@ def test_error_tree_matches_the_contract() -> None:
         e.ConflictError: e.StoreError,
         e.NotFoundError: e.StoreError,
         e.ConfigValidationError: e.DefenderConfigError,
+        e.StoreAuthError: e.StoreError,
+        e.ConfigFrozenError: e.DefenderConfigError,
     }
     for child, parent in tree.items():
         assert child.__bases__ == (parent,), child
@@ -91,3 +93,8 @@ def test_errors_render_structured_fields() -> None:
     sized = e.SizeAnomalyError(None, None, "odd")
     assert "declared" not in str(sized) and "odd" in str(sized)
     assert str(e.ConfigValidationError("x", [])).endswith("(0 errors): no detail")
+    assert "check etcd.user/etcd.password" in str(e.StoreAuthError("permission denied", path="/p"))
+    frozen = e.ConfigFrozenError("fw", why="bad rollout", since="2026-01-01T00:00:00Z", marker="/m")
+    assert "reason: bad rollout, since 2026-01-01T00:00:00Z" in str(frozen)
+    assert "delete '/m'" in str(frozen)
+    assert "unfreeze it" in str(e.ConfigFrozenError("fw"))

@@ -17,6 +17,7 @@ from defender_config import (
     EnvelopeError,
     EnvelopeOptions,
     Keyring,
+    KeyringError,
     NotAnEnvelopeError,
     SizeAnomalyError,
     UnexpectedEnvelopeError,
@@ -214,10 +215,10 @@ def test_encrypted_value_without_any_keyring_is_unknown_key(envelope: Envelope) 
 
 
 def test_envelope_needs_a_keyring_to_encrypt() -> None:
-    with pytest.raises(ValueError, match="needs a keyring"):
+    with pytest.raises(KeyringError, match="no keyring was given; set keyring_path"):
         Envelope(None, EnvelopeOptions())
     env = Envelope(None, PLAIN)
-    with pytest.raises(ValueError, match="needs a keyring"):
+    with pytest.raises(KeyringError, match="DEFENDER_KEYRING_PATH"):
         env.seal(b"x", PATH, EnvelopeOptions())
 
 
@@ -475,3 +476,49 @@ def test_needs_reseal_on_codec_changes(keyring: Keyring, config_bytes: bytes) ->
     assert not env.needs_reseal(plain, COMPRESS_ONLY)
     assert not Envelope(None, COMPRESS_ONLY).needs_reseal(plain)
     assert Envelope(None, PLAIN).needs_reseal(blob)
+
+
+# --- writer and reader settings disagree ---------------------------------------------------------
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048), writer=option_sets, reader=option_sets)
+def test_reader_with_other_settings(
+    keyring: Keyring, data: bytes, writer: EnvelopeOptions, reader: EnvelopeOptions
+) -> None:
+    """The header decides how to decode; the reader's settings only add requirements."""
+    blob = Envelope(keyring, writer).seal(data, PATH)
+    env = Envelope(keyring, reader)
+    stored_plain = not is_envelope(blob)
+    if stored_plain and (reader.compress or reader.encrypt):
+        with pytest.raises(NotAnEnvelopeError):
+            env.open(blob, PATH)
+    elif not stored_plain and reader.encrypt and not inspect(blob).encrypted:
+        with pytest.raises(CodecMismatchError):
+            env.open(blob, PATH)
+    else:
+        assert env.open(blob, PATH) == data
+
+
+def test_threads_share_one_envelope(keyring: Keyring, config_bytes: bytes) -> None:
+    import threading
+
+    env = Envelope(keyring)
+    failures: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(200):
+                data = config_bytes + str(n * 1000 + i).encode()
+                path = f"{PATH}/{n}"
+                if env.open(env.seal(data, path), path) != data:
+                    raise AssertionError("round trip differs")
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
