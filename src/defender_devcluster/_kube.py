@@ -114,8 +114,8 @@ class ControlPlane:
 
     @property
     def kubeconfig(self) -> Path:
-        """Admin kubeconfig (user kubernetes-admin in group system:masters)."""
-        return self.dir / "admin.kubeconfig"
+        """Admin kubeconfig (user kubernetes-admin in group system:masters): run_dir/kubeconfig."""
+        return self.run_dir / "kubeconfig"
 
     @property
     def api_url(self) -> str:
@@ -132,8 +132,8 @@ class ControlPlane:
         bins = {b: tool(b) for b in KUBE_BINARIES}
         self.dir.mkdir(parents=True, exist_ok=True)
         reap_stale(self.dir)
-        for stale in self.dir.glob("*.kubeconfig"):
-            stale.unlink()
+        for stale in [self.kubeconfig, *self.dir.glob("*.kubeconfig")]:
+            stale.unlink(missing_ok=True)
         self.pki = make_pki(self.dir / "pki", SERVICE_IP)
         deadline = t0 + self.start_timeout
         try:

@@ -61,9 +61,9 @@ def apply_samples(kubeconfig: Path, samples_dir: Path) -> list[Path]:
     return files
 
 
-def operator_available() -> bool:
+def operator_available(module: str = OPERATOR_MODULE) -> bool:
     try:
-        return importlib.util.find_spec(f"{OPERATOR_MODULE}.__main__") is not None
+        return importlib.util.find_spec(f"{module}.__main__") is not None
     except ModuleNotFoundError:
         return False
 
@@ -80,12 +80,12 @@ def operator_env(state: ClusterState) -> dict[str, str]:
     return env
 
 
-def start_operator(state: ClusterState) -> ProcessRecord:
-    """Run ``python -m defender_operator`` detached, logging to run_dir/operator/operator.log."""
+def start_operator(state: ClusterState, module: str = OPERATOR_MODULE) -> ProcessRecord:
+    """Run ``python -m <module>`` detached, logging to run_dir/operator/operator.log."""
     run_dir = Path(state.run_dir)
     proc = ManagedProcess(
         "operator",
-        [sys.executable, "-m", OPERATOR_MODULE],
+        [sys.executable, "-m", module],
         run_dir / "operator",
         marker=f"{RUN_DIR_ENV}={state.run_dir}",
         env=operator_env(state),
@@ -110,23 +110,30 @@ def stop_operator(state: ClusterState) -> bool:
     return stopped
 
 
-def system_up(run_dir: Path, out: list[str]) -> ClusterState:
+def system_up(
+    run_dir: Path,
+    out: list[str],
+    *,
+    crds_dir: Path = REPO_ROOT / "crds",
+    samples_dir: Path = REPO_ROOT / "manifests" / "samples",
+    operator_module: str = OPERATOR_MODULE,
+) -> ClusterState:
     """CRDs, operator, samples against a running local cluster; lines for the user go to ``out``."""
     state = ClusterState.read(run_dir)
     kubeconfig = Path(state.kubeconfig)
-    crds = apply_crds(kubeconfig, REPO_ROOT / "crds")
+    crds = apply_crds(kubeconfig, crds_dir)
     out.append(f"CRDs applied: {', '.join(p.name for p in crds) or 'none found in crds/'}")
     if any(r.name == "operator" for r in state.processes):
         stop_operator(state)
         state.processes = [r for r in state.processes if r.name != "operator"]
-    if operator_available():
-        rec = start_operator(state)
+    if operator_available(operator_module):
+        rec = start_operator(state, operator_module)
         # First in the list: system-down and down stop it before the cluster it talks to.
         state.processes.insert(0, rec)
         state.write(Path(state.run_dir))
         out.append(f"operator running, pid {rec.pid}, log {rec.log}")
     else:
-        out.append(f"operator not started: module {OPERATOR_MODULE}.__main__ is not importable yet")
-    samples = apply_samples(kubeconfig, REPO_ROOT / "manifests" / "samples")
+        out.append(f"operator not started: module {operator_module}.__main__ is not importable yet")
+    samples = apply_samples(kubeconfig, samples_dir)
     out.append(f"samples applied: {', '.join(p.name for p in samples) or 'none'}")
     return state

@@ -24,7 +24,7 @@ def test_up_status_crash_recovery_and_down(tmp_path: Path) -> None:
     try:
         up = devcluster(run, "up")
         assert up.returncode == 0, up.stderr
-        assert f"export KUBECONFIG={run / 'kube' / 'admin.kubeconfig'}" in up.stdout
+        assert f"export KUBECONFIG={run / 'kubeconfig'}" in up.stdout
         first = ClusterState.read(run)
         assert len(first.etcd_endpoints) == 3
         names = {p.name for p in first.processes}
