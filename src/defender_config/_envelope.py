@@ -402,8 +402,11 @@ class Envelope:
 
     def needs_reseal(self, blob: bytes, options: EnvelopeOptions | None = None) -> bool:
         """True when `blob` is not sealed as `seal` would seal it now: another key than the
-        primary, or other codecs. Raises like `inspect` for non-envelopes."""
+        primary, other codecs, or plaintext while compression or encryption is on. Raises like
+        `inspect` for a damaged header."""
         opts = options or self._options
+        if blob[:4] != MAGIC:
+            return opts.encrypt or opts.compress
         header = inspect(blob)
         if opts.encrypt:
             keyring = self.keyring()

@@ -476,6 +476,11 @@ def test_needs_reseal_on_codec_changes(keyring: Keyring, config_bytes: bytes) ->
     assert not env.needs_reseal(plain, COMPRESS_ONLY)
     assert not Envelope(None, COMPRESS_ONLY).needs_reseal(plain)
     assert Envelope(None, PLAIN).needs_reseal(blob)
+    # Plaintext left over from before encryption was switched on.
+    assert env.needs_reseal(b'{"a": 1}')
+    assert not env.needs_reseal(b'{"a": 1}', PLAIN)
+    with pytest.raises(UnsupportedFormatError):
+        env.needs_reseal(craft(b"abc", declared=3, flags=0, comp=0, version=9))
 
 
 # --- writer and reader settings disagree ---------------------------------------------------------
