@@ -25,7 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from defender_config import Keyring
-from defender_operator._api import GROUP, RotationStage
+from defender_operator._api import GROUP, ROTATE_ANNOTATION, RotationStage
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeySecretError
 
@@ -73,6 +73,7 @@ class StoredKeyring:
     rotation: RotationState
     last_rotation: datetime | None
     resource_version: str
+    request_pending: bool = False
 
 
 def keyring_digest(keyring: Keyring) -> str:
@@ -129,6 +130,7 @@ class KeyringSecrets:
             rotation=_rotation_from(annotations),
             last_rotation=_time(annotations.get(A_LAST)),
             resource_version=secret.metadata.resource_version,
+            request_pending=ROTATE_ANNOTATION in annotations,
         )
 
     def load(self) -> StoredKeyring | None:
@@ -140,16 +142,18 @@ class KeyringSecrets:
             raise _fail("read", self.namespace, self.name, exc) from None
         return self._parse(secret)
 
-    def ensure(self) -> StoredKeyring:
+    def ensure(self, known: Keyring | None = None) -> StoredKeyring:
         """The source keyring, generated and stored on first start.
 
-        Two operator replicas may race here: the loser of the create gets 409 and reads the
-        winner's keyring, so there is only ever one key.
+        `known` is the keyring this process already uses: if the Secret was deleted while
+        running, it is restored from memory rather than replaced by a new key that could not
+        open anything already stored. Two operator replicas may race here: the loser of the
+        create gets 409 and reads the winner's keyring, so there is only ever one key.
         """
         found = self.load()
         if found is not None:
             return found
-        keyring = Keyring.generate()
+        keyring = known if known is not None else Keyring.generate()
         body = client.V1Secret(
             metadata=client.V1ObjectMeta(
                 name=self.name,
@@ -171,7 +175,8 @@ class KeyringSecrets:
                 raise _fail("create", self.namespace, self.name, exc) from None
         else:
             log.info(
-                "generated the shared keyring (primary %s) in Secret %s/%s",
+                "%s the shared keyring (primary %s) in Secret %s/%s",
+                "restored" if known is not None else "generated",
                 keyring.primary_fingerprint,
                 self.namespace,
                 self.name,
@@ -189,7 +194,8 @@ class KeyringSecrets:
         resource_version: str,
     ) -> StoredKeyring:
         """Replace the source Secret if nobody changed it since `resource_version`
-        (409 → KeySecretError with status 409: re-load and decide again)."""
+        (409 → KeySecretError with status 409: re-load and decide again). Drops a pending
+        rotation request: the caller has acted on it."""
         annotations = {
             k: v for k, v in _annotations(keyring, rotation, last_rotation).items() if v is not None
         }

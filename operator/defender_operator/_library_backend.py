@@ -1,0 +1,165 @@
+"""`Backend` implemented with the shared library: every etcd read/write, every seal/open and
+every key operation below goes through `defender_config` (ConfigStore, Registry,
+DefenderClient); this module only adapts shapes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from defender_config import (
+    Alert,
+    ConfigStore,
+    DefenderClient,
+    DefenderConfigError,
+    Heartbeat,
+    KeyringError,
+    LibrarySettings,
+    NotFoundError,
+    Registry,
+    config_digest,
+)
+from defender_operator._backend import (
+    AlertRecord,
+    ComponentState,
+    EtcdHealth,
+    InstanceRecord,
+)
+from defender_operator._keys import MutableKeyringSource
+
+log = logging.getLogger("defender_operator.backend")
+
+
+def _instance(hb: Heartbeat) -> InstanceRecord:
+    err = hb.last_error
+    return InstanceRecord(
+        instance=hb.instance,
+        pod=hb.pod,
+        time=hb.time,
+        status=str(hb.status),
+        config_version=hb.config_version,
+        key_fingerprint=hb.key_fingerprint,
+        key_fingerprints=frozenset(hb.key_fingerprints),
+        last_error_reason=err.reason if err is not None else None,
+        last_error_detail=err.detail if err is not None else "",
+    )
+
+
+class LibraryBackend:
+    def __init__(self, settings: LibrarySettings, keyring: MutableKeyringSource, identity: str):
+        self.client = DefenderClient(settings, keyring, instance=identity)
+        self.configs = ConfigStore(self.client)
+        self.registry = Registry(self.client, self.configs)
+        self.layout = self.client.layout
+
+    def health(self) -> EtcdHealth:
+        report = self.client.store.health()
+        reachable = report.healthy_count > 0 or any(m.error is None for m in report.members)
+        down = [m.endpoint for m in report.members if not m.healthy]
+        return EtcdHealth(
+            reachable=reachable,
+            quorum=report.quorum,
+            detail=f"{report.healthy_count}/{report.cluster_size} healthy"
+            + (f", down: {', '.join(down)}" if down else ""),
+        )
+
+    def state(self, component: str) -> ComponentState:
+        meta = self.configs.get_metadata(component)
+        try:
+            master: dict[str, Any] | None = self.configs.get_master(component)
+        except NotFoundError:
+            master = None
+        return ComponentState(
+            master_digest=config_digest(master) if master is not None else None,
+            active_digest=meta.digest if meta is not None else None,
+            active_version=meta.version if meta is not None else None,
+            frozen=self.configs.frozen(component) is not None,
+        )
+
+    def seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+    ) -> ComponentState:
+        # The library writes MASTER, ACTIVE v1 and metadata in one create-only transaction;
+        # when MASTER exists it writes nothing and returns what is there.
+        self.configs.seed(
+            component, config, component_type, by=modified_by, json_schema=json_schema
+        )
+        return self.state(component)
+
+    def commit(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        history_limit: int,
+    ) -> int:
+        store = ConfigStore(self.client, history_limit=history_limit)
+        return store.commit(component, config, modified_by)
+
+    def rollback(self, component: str, to_version: int | None, *, modified_by: str) -> int:
+        return self.configs.rollback(
+            component, "master" if to_version is None else to_version, modified_by
+        )
+
+    def freeze(self, component: str, reason: str) -> None:
+        self.configs.freeze(component, reason, by="defender-operator")
+
+    def unfreeze(self, component: str) -> None:
+        self.configs.unfreeze(component)
+
+    def purge(self, component: str) -> int:
+        store = self.client.store
+        removed = store.delete_prefix(self.layout.component_dir(component))
+        removed += store.delete_prefix(self.layout.component_alerts_dir(component))
+        removed += int(store.delete(self.layout.freeze(component)))
+        return removed
+
+    def instances(self, component: str) -> Sequence[InstanceRecord]:
+        return [_instance(hb) for hb in self.registry.list_instances(component)]
+
+    def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]:
+        return {
+            summary.name: [_instance(hb) for hb in summary.instances]
+            for summary in self.registry.list_components()
+        }
+
+    def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]:
+        out = []
+        for sv in self.client.store.list_prefix(self.layout.component_alerts_dir(component)):
+            try:
+                alert = Alert.model_validate(self.client.decode_json(sv.key, sv.value))
+            except (DefenderConfigError, ValidationError, ValueError) as exc:
+                log.warning("skipping unreadable alert %s: %s", sv.key, exc)
+                continue
+            if alert.time >= since:
+                out.append(
+                    AlertRecord(
+                        alert.component, alert.instance, alert.kind, alert.detail, alert.time
+                    )
+                )
+        return out
+
+    def rewrap_all(self) -> int:
+        report = self.configs.rewrap_all()
+        if report.failed:
+            # Values nobody can open stay as they are; say which, by key and reason only.
+            raise KeyringError(
+                f"rewrap left {report.failed} value(s) unopened: {'; '.join(report.errors[:5])}"
+            )
+        return report.rewrapped
+
+    def close(self) -> None:
+        self.client.close()

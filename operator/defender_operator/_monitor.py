@@ -1,0 +1,290 @@
+"""One monitoring pass over a component: heartbeats → restarts, misconfiguration, breaker,
+key currency, status. A kopf daemon calls `tick` every `monitor_interval_seconds`.
+
+All judgement is in `_decisions`; this module only gathers inputs and applies outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import kopf
+
+from defender_config import DefenderConfigError
+from defender_operator import _api
+from defender_operator._backend import InstanceRecord
+from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.breaker import BreakerPolicy, evaluate_breaker
+from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
+from defender_operator._decisions.restarts import (
+    HeartbeatPolicy,
+    PodView,
+    RestartAction,
+    RestartBudget,
+    RestartDecision,
+    decide_restart,
+)
+from defender_operator._errors import OperatorError
+from defender_operator._keys import keyring_digest
+from defender_operator._kube import Pod
+from defender_operator._metrics import (
+    BREAKER_TRIPS,
+    ERRORS,
+    HEARTBEAT_AGE,
+    INSTANCES_ALIVE,
+    RESTARTS,
+)
+from defender_operator._reconcile import publish_status
+from defender_operator._runtime import ComponentMemory, Runtime, utcnow
+
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+def _rfc3339(when: datetime) -> str:
+    return cond.rfc3339(when)
+
+
+def _heartbeat_condition(
+    decision: RestartDecision, alive: int, expected: int, degraded: bool
+) -> cond.Cond:
+    if decision.reason in ("EtcdUnavailable", "EtcdNoQuorum", "EtcdRecovering"):
+        return cond.Cond(cond.HEARTBEATING, cond.UNKNOWN, decision.reason, decision.message)
+    if degraded or decision.action is RestartAction.DEGRADED:
+        return cond.Cond(cond.HEARTBEATING, cond.FALSE, "RestartBudgetExhausted", decision.message)
+    if expected == 0:
+        return cond.Cond(
+            cond.HEARTBEATING, cond.FALSE, "NoPods", "no pod matches spec.selector.matchLabels"
+        )
+    if decision.stale_pods:
+        return cond.Cond(
+            cond.HEARTBEATING,
+            cond.FALSE,
+            "MissedHeartbeats",
+            f"{len(decision.stale_pods)} pod(s) missed heartbeats: {', '.join(decision.stale_pods)}"
+            f" ({decision.reason})",
+        )
+    if alive == 0:
+        return cond.Cond(cond.HEARTBEATING, cond.UNKNOWN, "Starting", "pods in startup grace")
+    return cond.Cond(cond.HEARTBEATING, cond.TRUE, "Heartbeating", f"{alive}/{expected} alive")
+
+
+def _key_condition(
+    rt: Runtime, instances: Sequence[InstanceRecord], copy_digest: str | None, source_digest: str
+) -> cond.Cond:
+    if copy_digest != source_digest:
+        return cond.Cond(
+            cond.KEY_CURRENT,
+            cond.FALSE,
+            "CopyOutOfSync",
+            "the namespace's keyring Secret differs from the source; the operator is updating it",
+        )
+    primary = rt.keyring.current().primary_fingerprint
+    behind = sorted(i.instance for i in instances if not i.holds(primary))
+    if behind:
+        return cond.Cond(
+            cond.KEY_CURRENT,
+            cond.FALSE,
+            "InstancesBehind",
+            f"{len(behind)} instance(s) do not hold primary key {primary}: {', '.join(behind)}",
+        )
+    return cond.Cond(cond.KEY_CURRENT, cond.TRUE, "KeyCurrent", f"primary key {primary}")
+
+
+def _reports(instances: Sequence[InstanceRecord], alerts: Sequence[Report]) -> list[Report]:
+    out = list(alerts)
+    for inst in instances:
+        if inst.last_error_reason:
+            out.append(
+                Report(inst.instance, inst.last_error_reason, inst.last_error_detail, inst.time)
+            )
+    return out
+
+
+async def tick(
+    rt: Runtime,
+    *,
+    body: Any,
+    namespace: str,
+    name: str,
+    generation: int,
+    raw_spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    logger: Logger,
+) -> None:
+    mem = rt.memory(namespace, name)
+    spec = _api.parse_spec(dict(raw_spec))
+    now = utcnow()
+    pods = await asyncio.to_thread(rt.kube.pods, namespace, spec.selector.match_labels)
+    etcd = rt.etcd.view()
+    instances: Sequence[InstanceRecord] = ()
+    alerts: list[Report] = []
+    etcd_ok = etcd.reachable and etcd.quorum
+    if etcd_ok:
+        try:
+            instances = await asyncio.to_thread(rt.backend.instances, name)
+            window = timedelta(seconds=rt.settings.misconfig_window_seconds)
+            alerts = [
+                Report(a.instance or "?", a.reason, a.detail, a.time)
+                for a in await asyncio.to_thread(rt.backend.alerts, name, now - window)
+            ]
+        except DefenderConfigError as exc:
+            # etcd went away between the health check and this read: judge nothing this pass.
+            ERRORS.labels("monitor_read").inc()
+            logger.warning("cannot read heartbeats: %s", exc)
+            etcd_ok = False
+    pod_names = {p.name for p in pods}
+    for inst in instances:
+        if inst.pod in pod_names:
+            previous = mem.last_seen.get(inst.pod)
+            if previous is None or inst.time > previous:
+                mem.last_seen[inst.pod] = inst.time
+    for gone in set(mem.last_seen) - pod_names:
+        del mem.last_seen[gone]
+
+    hb = spec.heartbeat
+    policy = HeartbeatPolicy(
+        hb.interval_seconds, hb.missed_before_restart, hb.startup_grace_seconds
+    )
+    rb = spec.restart_budget
+    budget = RestartBudget(
+        rb.enabled,
+        rb.max_restarts,
+        rb.window_seconds,
+        rb.backoff_base_seconds,
+        rb.backoff_max_seconds,
+    )
+    decision = decide_restart(
+        now=now,
+        pods=[PodView(p.name, p.created, p.deleting) for p in pods],
+        last_seen=mem.last_seen,
+        watch_started=mem.watch_started,
+        etcd=etcd,
+        policy=policy,
+        budget=budget,
+        restart_times=mem.restart_times,
+    )
+    restarts = int(status.get("restarts") or 0)
+    if decision.action is RestartAction.RESTART and decision.pod is not None:
+        restarts += await _restart(rt, body, namespace, name, pods, decision, mem, now, logger)
+    if decision.action is RestartAction.DEGRADED and not mem.degraded_reported:
+        mem.degraded_reported = True
+        kopf.event(body, type="Warning", reason="RestartBudgetExhausted", message=decision.message)
+        logger.error("restart budget exhausted: %s", decision.message)
+    elif decision.action is not RestartAction.DEGRADED:
+        mem.degraded_reported = False
+
+    expected = sum(1 for p in pods if not p.deleting)
+    threshold = policy.threshold
+    live = [i for i in instances if now - i.time <= threshold]
+    alive = len({i.pod or i.instance for i in live})
+    mem.heartbeat = _heartbeat_condition(decision, alive, expected, mem.degraded_reported)
+
+    if etcd_ok:
+        verdict = assess(now, _reports(instances, alerts), rt.settings.misconfig_window_seconds)
+        was = mem.misconfig.status if mem.misconfig else None
+        mem.misconfig = cond.Cond(
+            cond.MISCONFIGURED,
+            cond.TRUE if verdict.misconfigured else cond.FALSE,
+            verdict.reason,
+            verdict.message,
+        )
+        if verdict.misconfigured and was != cond.TRUE:
+            kopf.event(body, type="Warning", reason=verdict.reason, message=verdict.message)
+            logger.warning("misconfigured: %s", verdict.message)
+        await _breaker(rt, body, name, spec, instances, decision, expected, mem, now, logger)
+
+    copy_digest = await asyncio.to_thread(rt.secrets.copy_digest, namespace)
+    source_digest = keyring_digest(rt.keyring.current())
+    if namespace == rt.secrets.namespace:
+        copy_digest = source_digest
+    mem.key = _key_condition(rt, live, copy_digest, source_digest)
+
+    newest = max((i.time for i in instances), default=None)
+    fields: dict[str, Any] = {
+        "instances": {"alive": alive, "expected": expected},
+        "instanceSummary": f"{alive}/{expected}",
+        "restarts": restarts,
+        "rotationStage": rt.rotation_stage,
+        "keyFingerprint": rt.keyring.current().primary_fingerprint,
+    }
+    if newest is not None:
+        fields["lastHeartbeatTime"] = _rfc3339(newest)
+        HEARTBEAT_AGE.labels(name).set((now - newest).total_seconds())
+    INSTANCES_ALIVE.labels(name).set(alive)
+    await publish_status(rt, namespace, name, generation, status, fields)
+
+
+async def _restart(
+    rt: Runtime,
+    body: Any,
+    namespace: str,
+    name: str,
+    pods: Sequence[Pod],
+    decision: RestartDecision,
+    mem: ComponentMemory,
+    now: datetime,
+    logger: Logger,
+) -> int:
+    pod = next(p for p in pods if p.name == decision.pod)
+    try:
+        deleted = await asyncio.to_thread(rt.kube.delete_pod, namespace, pod)
+    except OperatorError as exc:
+        ERRORS.labels("restart").inc()
+        logger.error("restart of pod %s failed: %s", pod.name, exc)
+        kopf.event(body, type="Warning", reason="RestartFailed", message=str(exc))
+        return 0
+    if not deleted:
+        return 0
+    mem.restart_times.append(now)
+    mem.last_seen.pop(pod.name, None)
+    RESTARTS.labels(name).inc()
+    logger.warning("restarted pod %s: %s", pod.name, decision.message)
+    kopf.event(body, type="Warning", reason="PodRestarted", message=decision.message)
+    return 1
+
+
+async def _breaker(
+    rt: Runtime,
+    body: Any,
+    name: str,
+    spec: _api.DefenderComponentSpec,
+    instances: Sequence[InstanceRecord],
+    decision: RestartDecision,
+    expected: int,
+    mem: ComponentMemory,
+    now: datetime,
+    logger: Logger,
+) -> None:
+    unhealthy = {i.instance for i in instances if i.last_error_reason in MISCONFIG_REASONS}
+    unhealthy |= set(decision.stale_pods)
+    for key in list(mem.unhealthy_since):
+        if key not in unhealthy:
+            del mem.unhealthy_since[key]
+    for key in unhealthy:
+        mem.unhealthy_since.setdefault(key, now)
+    state = await asyncio.to_thread(rt.backend.state, name)
+    ro = spec.rollout
+    verdict = evaluate_breaker(
+        now=now,
+        change=mem.last_change,
+        unhealthy_since=mem.unhealthy_since,
+        expected=expected,
+        policy=BreakerPolicy(
+            ro.max_unhealthy_instances, ro.max_unhealthy_percent, ro.window_seconds
+        ),
+        frozen=state.frozen,
+    )
+    if not verdict.trip or verdict.revert_to is None:
+        return
+    await asyncio.to_thread(rt.backend.freeze, name, verdict.message)
+    version = await asyncio.to_thread(
+        rt.backend.rollback, name, verdict.revert_to, modified_by=f"operator:{rt.identity}"
+    )
+    mem.last_change = None
+    BREAKER_TRIPS.labels(name).inc()
+    logger.error("breaker tripped: %s (ACTIVE now version %s)", verdict.message, version)
+    kopf.event(body, type="Warning", reason=verdict.reason, message=verdict.message)

@@ -1,0 +1,281 @@
+"""Reconcile one DefenderComponent: commands, seeding, commits, keyring copy, status.
+
+Called by kopf on create, resume and spec/annotation changes (see `handlers`). Level-based: it
+compares what etcd holds with the spec and writes only the difference, so running it twice, or
+after an operator restart, changes nothing that is already right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from defender_config import ConfigValidationError, config_digest, validate_config
+from defender_operator import _api
+from defender_operator._backend import ComponentState
+from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.seeding import StoredState, plan_seed
+from defender_operator._errors import kopf_errors
+from defender_operator._metrics import COMMITS
+from defender_operator._runtime import ComponentMemory, Runtime, utcnow
+
+UNFREEZE_ANNOTATION = f"{_api.GROUP}/unfreeze"
+
+
+def _etcd_name(name: str) -> str:
+    # The resource name is the component name in etcd (what components register under).
+    return name
+
+
+async def publish_status(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    generation: int,
+    current_status: Mapping[str, Any],
+    fields: Mapping[str, Any],
+) -> None:
+    """Write `fields` plus freshly computed conditions to the status subresource."""
+    mem = rt.memory(namespace, name)
+    obs = cond.Observation(
+        config=mem.config_state,
+        config_message=mem.config_message,
+        heartbeat=mem.heartbeat,
+        key=mem.key,
+        misconfig=mem.misconfig,
+    )
+    conditions = cond.merge(
+        current_status.get("conditions") or [],
+        cond.compute(obs),
+        now=utcnow(),
+        generation=generation,
+    )
+    patch = {**fields, "conditions": conditions}
+    unchanged = all(current_status.get(k) == v for k, v in patch.items())
+    if not unchanged:
+        await asyncio.to_thread(rt.kube.patch_status, namespace, name, patch)
+
+
+def _state_fields(state: ComponentState) -> dict[str, Any]:
+    return {
+        "activeVersion": state.active_version or 0,
+        "masterDigest": state.master_digest or "",
+        "activeDigest": state.active_digest or "",
+        "frozen": state.frozen,
+    }
+
+
+async def reconcile(
+    rt: Runtime,
+    *,
+    body: Any,
+    namespace: str,
+    name: str,
+    generation: int,
+    raw_spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    annotations: Mapping[str, str],
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
+    mem = rt.memory(namespace, name)
+    async with mem.lock:
+        try:
+            with kopf_errors():
+                await _reconcile(
+                    rt,
+                    mem,
+                    body,
+                    namespace,
+                    name,
+                    generation,
+                    raw_spec,
+                    status,
+                    annotations,
+                    logger,
+                )
+        except kopf.TemporaryError as exc:
+            if "StoreUnavailable" in type(exc.__cause__).__name__ or mem.config_state is (
+                cond.ConfigState.UNKNOWN
+            ):
+                mem.config_state = cond.ConfigState.STORE_UNAVAILABLE
+                mem.config_message = str(exc)
+            await publish_status(rt, namespace, name, generation, status, {})
+            raise
+
+
+async def _reconcile(
+    rt: Runtime,
+    mem: ComponentMemory,
+    body: Any,
+    namespace: str,
+    name: str,
+    generation: int,
+    raw_spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    annotations: Mapping[str, str],
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
+    component = _etcd_name(name)
+    try:
+        spec = _api.parse_spec(dict(raw_spec))
+    except ValueError as exc:
+        # The API server's schema should have refused this; an old CRD version may not have.
+        raise kopf.PermanentError(
+            f"spec does not match the DefenderComponent schema: {exc}"
+        ) from exc
+    who = f"operator:{rt.identity}"
+
+    # The namespace's keyring copy comes first: pods cannot read anything without it.
+    await asyncio.to_thread(rt.secrets.fan_out, rt.keyring.current(), namespace)
+
+    fields: dict[str, Any] = {}
+    if UNFREEZE_ANNOTATION in annotations:
+        await asyncio.to_thread(rt.backend.unfreeze, component)
+        await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, UNFREEZE_ANNOTATION)
+        kopf.event(
+            body,
+            type="Normal",
+            reason="Unfrozen",
+            message="commits allowed again (unfreeze command)",
+        )
+        logger.info("unfrozen by command")
+
+    target = annotations.get(_api.ROLLBACK_ANNOTATION)
+    if target is not None:
+        await _rollback_command(rt, body, component, namespace, name, target, who, logger)
+
+    raw_digest = config_digest(spec.config)
+    try:
+        normalized = validate_config(
+            spec.component_type.value, spec.config, spec.custom_schema, component=component
+        )
+    except ConfigValidationError as exc:
+        mem.config_state = cond.ConfigState.INVALID
+        mem.config_message = str(exc)
+        kopf.event(
+            body, type="Warning", reason="ConfigInvalid", message=f"spec.config refused: {exc}"
+        )
+        logger.warning("spec.config refused, ACTIVE untouched: %s", exc)
+        if spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER:
+            version = await asyncio.to_thread(rt.backend.rollback, component, None, modified_by=who)
+            kopf.event(
+                body,
+                type="Warning",
+                reason="RevertedToMaster",
+                message=f"ACTIVE reverted to MASTER as version {version} (onInvalidConfig)",
+            )
+        state = await asyncio.to_thread(rt.backend.state, component)
+        fields.update(_state_fields(state), specConfigDigest=raw_digest)
+        fields["observedGeneration"] = generation
+        await publish_status(rt, namespace, name, generation, status, fields)
+        return
+
+    digest = config_digest(normalized)
+    state = await asyncio.to_thread(rt.backend.state, component)
+    plan = plan_seed(
+        digest,
+        StoredState(state.master_digest, state.active_digest, state.active_version),
+        str(status.get("specConfigDigest") or ""),
+    )
+    if plan.seed_master or plan.seed_active:
+        state = await asyncio.to_thread(
+            rt.backend.seed,
+            component,
+            spec.component_type.value,
+            normalized,
+            json_schema=spec.custom_schema,
+            modified_by=who,
+        )
+        logger.info(
+            "seeded %s (MASTER %s, ACTIVE version %s)",
+            component,
+            "created" if plan.seed_master else "kept",
+            state.active_version,
+        )
+        kopf.event(
+            body,
+            type="Normal",
+            reason="Seeded",
+            message=f"MASTER and ACTIVE seeded in etcd for {component}",
+        )
+    mem.config_state = cond.ConfigState.SYNCED
+    mem.config_message = ""
+    if plan.commit:
+        if state.frozen:
+            mem.config_state = cond.ConfigState.FROZEN
+            mem.config_message = (
+                "commits are frozen by the blast-radius breaker; fix spec.config and run"
+                f" `kubectl annotate defendercomponent {name} {UNFREEZE_ANNOTATION}=now`"
+            )
+            kopf.event(body, type="Warning", reason="CommitFrozen", message=mem.config_message)
+            fields.update(_state_fields(state), observedGeneration=generation)
+            await publish_status(rt, namespace, name, generation, status, fields)
+            return
+        previous = state.active_version or 0
+        version = await asyncio.to_thread(
+            rt.backend.commit,
+            component,
+            spec.component_type.value,
+            normalized,
+            json_schema=spec.custom_schema,
+            modified_by=who,
+            history_limit=spec.rollout.history_limit,
+        )
+        COMMITS.labels(component).inc()
+        mem.last_change = ActiveChange(version=version, previous_version=previous, time=utcnow())
+        logger.info("committed ACTIVE version %s (was %s)", version, previous)
+        kopf.event(
+            body, type="Normal", reason="Committed", message=f"ACTIVE version {version} committed"
+        )
+        state = await asyncio.to_thread(rt.backend.state, component)
+    fields.update(
+        _state_fields(state),
+        specConfigDigest=digest,
+        observedGeneration=generation,
+        keyFingerprint=rt.keyring.current().primary_fingerprint,
+    )
+    await publish_status(rt, namespace, name, generation, status, fields)
+
+
+async def _rollback_command(
+    rt: Runtime,
+    body: Any,
+    component: str,
+    namespace: str,
+    name: str,
+    target: str,
+    who: str,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
+    to_version: int | None
+    if target.strip().lower() in ("master", ""):
+        to_version = None
+    elif target.strip().isdigit():
+        to_version = int(target.strip())
+    else:
+        await asyncio.to_thread(
+            rt.kube.remove_annotation, namespace, name, _api.ROLLBACK_ANNOTATION
+        )
+        kopf.event(
+            body,
+            type="Warning",
+            reason="RollbackRefused",
+            message=f"{_api.ROLLBACK_ANNOTATION}={target!r}: use `master` or a version number",
+        )
+        return
+    version = await asyncio.to_thread(rt.backend.rollback, component, to_version, modified_by=who)
+    # The command is done: remove it so a later reconcile does not roll back again.
+    await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, _api.ROLLBACK_ANNOTATION)
+    what = "MASTER" if to_version is None else f"version {to_version}"
+    logger.info("rolled back to %s as ACTIVE version %s", what, version)
+    kopf.event(
+        body,
+        type="Normal",
+        reason="RolledBack",
+        message=f"ACTIVE is {what} again (version {version})",
+    )

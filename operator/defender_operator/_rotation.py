@@ -1,0 +1,138 @@
+"""Apply the staged key rotation decided by `_decisions.rotation`, one step per call.
+
+State lives on the source keyring Secret (annotations), written together with the keyring under
+optimistic concurrency: with two operator replicas, the one that loses the write (HTTP 409)
+re-reads and decides again, so a step is never applied twice to diverging keyrings.
+
+A person starts a rotation with
+`kubectl -n <operator ns> annotate secret <keyring secret> mldefender.io/rotate-key=now`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from defender_config import Keyring, KeyState
+from defender_operator._api import ROTATE_ANNOTATION, RotationStage
+from defender_operator._decisions.rotation import (
+    RotationAction,
+    RotationState,
+    RotationStep,
+    RotationTimings,
+    next_rotation_step,
+    schedule_due,
+)
+from defender_operator._keys import StoredKeyring
+from defender_operator._metrics import ROTATION_STAGE
+from defender_operator._runtime import Runtime, utcnow
+
+log = logging.getLogger("defender_operator.rotation")
+
+
+def _drop_retired(keyring: Keyring) -> Keyring:
+    for key in keyring.keys:
+        if key.state is KeyState.RETIRED:
+            keyring = keyring.remove(key.key_id)
+    return keyring
+
+
+async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
+    namespaces = await asyncio.to_thread(rt.kube.component_namespaces)
+    for ns in sorted(namespaces):
+        await asyncio.to_thread(rt.secrets.fan_out, keyring, ns)
+
+
+async def step(rt: Runtime) -> RotationStep:
+    """Load the state, decide one step, apply it. Returns the step taken."""
+    current = await asyncio.to_thread(rt.secrets.ensure, rt.keyring.current())
+    now = utcnow()
+    requested = current.request_pending or schedule_due(
+        now, current.last_rotation, rt.settings.rotation_every_seconds
+    )
+    keyring = current.keyring
+    state = current.rotation
+    new_fp = (
+        keyring.fingerprint(state.new_key_id)
+        if state.new_key_id and state.new_key_id in keyring
+        else None
+    )
+    live: dict[str, frozenset[str]] = {}
+    if state.stage is RotationStage.DISTRIBUTING:
+        everything = await asyncio.to_thread(rt.backend.all_instances)
+        for component, records in everything.items():
+            for rec in records:
+                fps = set(rec.key_fingerprints)
+                if rec.key_fingerprint:
+                    fps.add(rec.key_fingerprint)
+                live[f"{component}/{rec.instance}"] = frozenset(fps)
+    decided = next_rotation_step(
+        now=now,
+        state=state,
+        requested=requested,
+        new_fingerprint=new_fp,
+        live_fingerprints=live,
+        timings=RotationTimings(
+            rt.settings.rotation_distribute_timeout_seconds, rt.settings.rotation_grace_seconds
+        ),
+    )
+    await _apply(rt, current, decided)
+    return decided
+
+
+async def _apply(rt: Runtime, current: StoredKeyring, decided: RotationStep) -> None:
+    keyring = current.keyring
+    state = current.rotation
+    now = utcnow()
+    last_rotation = current.last_rotation
+    if decided.action is RotationAction.ADD_KEY:
+        keyring = _drop_retired(keyring)
+        old_id = keyring.primary.key_id
+        keyring = keyring.with_new_decrypt_only()
+        new_id = next(k.key_id for k in keyring.keys if k.key_id not in current.keyring)
+        state = RotationState(RotationStage.DISTRIBUTING, now, new_id, old_id)
+    elif decided.action is RotationAction.PROMOTE and state.new_key_id:
+        keyring = keyring.promote(state.new_key_id)
+        state = RotationState(RotationStage.PROMOTED, now, state.new_key_id, state.old_key_id)
+    elif decided.action is RotationAction.REWRAP:
+        rt.keyring.set(keyring)  # seal with the new primary before rewrapping
+        count = await asyncio.to_thread(rt.backend.rewrap_all)
+        log.info("rewrapped %s stored value(s) under key %s", count, keyring.primary.key_id)
+        state = RotationState(RotationStage.GRACE, now, state.new_key_id, state.old_key_id)
+    elif decided.action is RotationAction.RETIRE:
+        if state.old_key_id and state.old_key_id in keyring:
+            keyring = keyring.retire(state.old_key_id)
+        state = RotationState(RotationStage.IDLE, None, None, None)
+        last_rotation = now
+    else:
+        _publish_stage(rt, state.stage)
+        if decided.action is RotationAction.WAIT:
+            log.info("key rotation: %s", decided.message)
+        elif current.request_pending:
+            # A request arrived mid-rotation: drop it, the running rotation covers it.
+            await asyncio.to_thread(
+                rt.secrets.save, keyring, state, last_rotation, current.resource_version
+            )
+        return
+    saved = await asyncio.to_thread(
+        rt.secrets.save, keyring, state, last_rotation, current.resource_version
+    )
+    rt.keyring.set(saved.keyring)
+    await fan_out_everywhere(rt, saved.keyring)
+    _publish_stage(rt, state.stage)
+    log.info(
+        "key rotation %s → %s: %s (primary %s)",
+        decided.action.value,
+        state.stage.value,
+        decided.message,
+        saved.keyring.primary_fingerprint,
+    )
+
+
+def _publish_stage(rt: Runtime, stage: RotationStage) -> None:
+    rt.rotation_stage = stage.value
+    for s in RotationStage:
+        ROTATION_STAGE.labels(s.value).set(1 if s is stage else 0)
+
+
+__all__ = ["ROTATE_ANNOTATION", "fan_out_everywhere", "step"]

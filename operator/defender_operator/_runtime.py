@@ -1,0 +1,94 @@
+"""The operator's state in one object: settings, clients, and what it remembers per component.
+
+Memory is an optimisation, never the truth: everything here can be lost on restart and is
+rebuilt from the cluster and etcd (heartbeat absence is only judged after watching for a full
+threshold again, see `_decisions.restarts.stale_pods`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from defender_operator._backend import Backend, EtcdHealth
+from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.conditions import Cond, ConfigState
+from defender_operator._decisions.restarts import EtcdView
+from defender_operator._keys import KeyringSecrets, MutableKeyringSource
+from defender_operator._kube import Kube
+from defender_operator._metrics import ETCD_AVAILABLE
+from defender_operator._settings import OperatorSettings
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class ComponentMemory:
+    watch_started: datetime = field(default_factory=utcnow)
+    last_seen: dict[str, datetime] = field(default_factory=dict)
+    restart_times: list[datetime] = field(default_factory=list)
+    unhealthy_since: dict[str, datetime] = field(default_factory=dict)
+    last_change: ActiveChange | None = None
+    config_state: ConfigState = ConfigState.UNKNOWN
+    config_message: str = ""
+    heartbeat: Cond | None = None
+    key: Cond | None = None
+    misconfig: Cond | None = None
+    degraded_reported: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class EtcdTracker:
+    """etcd health over time: since when it is healthy, since when it is not."""
+
+    def __init__(self) -> None:
+        self.last = EtcdHealth(reachable=False, quorum=False, detail="not measured yet")
+        self.healthy_since: datetime | None = None
+        self.unhealthy_since: datetime | None = utcnow()
+
+    def record(self, now: datetime, health: EtcdHealth) -> None:
+        ok = health.reachable and health.quorum
+        if ok and self.healthy_since is None:
+            self.healthy_since, self.unhealthy_since = now, None
+        elif not ok and self.unhealthy_since is None:
+            self.healthy_since, self.unhealthy_since = None, now
+        self.last = health
+        ETCD_AVAILABLE.set(1 if ok else 0)
+
+    def view(self) -> EtcdView:
+        return EtcdView(
+            reachable=self.last.reachable, quorum=self.last.quorum, healthy_since=self.healthy_since
+        )
+
+    def unavailable_for(self, now: datetime) -> timedelta:
+        return now - self.unhealthy_since if self.unhealthy_since else timedelta(0)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        backend: Backend,
+        kube: Kube,
+        secrets: KeyringSecrets,
+        keyring: MutableKeyringSource,
+        identity: str,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.kube = kube
+        self.secrets = secrets
+        self.keyring = keyring
+        self.identity = identity
+        self.etcd = EtcdTracker()
+        self.components: dict[tuple[str, str], ComponentMemory] = {}
+        self.rotation_stage = "Idle"
+
+    def memory(self, namespace: str, name: str) -> ComponentMemory:
+        return self.components.setdefault((namespace, name), ComponentMemory())
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.components.pop((namespace, name), None)

@@ -1,0 +1,221 @@
+"""kopf wiring only: each handler hands its event to a function in another module.
+
+startup   → build the Runtime (settings, keyring Secret, library backend), start the etcd
+            health and key-rotation loops
+create / resume / update of a DefenderComponent → `_reconcile.reconcile`
+delete    → retention policy (a finalizer holds the object until it is applied)
+daemon    → `_monitor.tick` every monitor_interval_seconds
+probe     → liveness fails when etcd has been unreachable for too long
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from defender_config import DefenderConfigError
+from defender_operator import _api, _monitor, _reconcile, _rotation
+from defender_operator._backend import EtcdHealth
+from defender_operator._errors import OperatorError, kopf_errors
+from defender_operator._keys import KeyringSecrets, MutableKeyringSource
+from defender_operator._kube import Kube
+from defender_operator._library_backend import LibraryBackend
+from defender_operator._metrics import ERRORS, RECONCILES
+from defender_operator._runtime import Runtime, utcnow
+from defender_operator._settings import load_operator_settings
+
+log = logging.getLogger("defender_operator")
+
+RESOURCE = (_api.GROUP, _api.VERSION, _api.PLURAL)
+FINALIZER = f"{_api.GROUP}/retention"
+
+
+def _api_client() -> k8s_client.ApiClient:
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    return k8s_client.ApiClient()
+
+
+async def _etcd_health_loop(rt: Runtime) -> None:
+    while True:
+        try:
+            health = await asyncio.to_thread(rt.backend.health)
+        except DefenderConfigError as exc:
+            health = EtcdHealth(reachable=False, quorum=False, detail=str(exc))
+        was_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
+        rt.etcd.record(utcnow(), health)
+        now_ok = health.reachable and health.quorum
+        if was_ok != now_ok:
+            log.warning("defender etcd %s: %s", "healthy" if now_ok else "UNHEALTHY", health.detail)
+        await asyncio.sleep(rt.settings.etcd_health_interval_seconds)
+
+
+async def _rotation_loop(rt: Runtime) -> None:
+    ticks = 0
+    while True:
+        try:
+            if rt.etcd.last.reachable and rt.etcd.last.quorum:
+                await _rotation.step(rt)
+            if ticks % 6 == 0:
+                # Keep copies in sync even if someone edited or deleted one.
+                await _rotation.fan_out_everywhere(rt, rt.keyring.current())
+        except (DefenderConfigError, OperatorError) as exc:
+            ERRORS.labels("rotation").inc()
+            log.warning("key rotation step failed, retrying: %s", exc)
+        ticks += 1
+        await asyncio.sleep(rt.settings.rotation_interval_seconds)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours, library = load_operator_settings()
+    settings.persistence.finalizer = FINALIZER
+    # Events are posted explicitly (kopf.event) for what a person should act on; log lines
+    # are not copied into Events.
+    settings.posting.loggers = False
+    settings.watching.server_timeout = 300
+    identity = os.environ.get("POD_NAME") or socket.gethostname()
+    api = await asyncio.to_thread(_api_client)
+    kube = Kube(api)
+    secrets = KeyringSecrets(kube.core, ours.namespace, ours.keyring_secret)
+    with kopf_errors():
+        stored = await asyncio.to_thread(secrets.ensure)
+    keyring = MutableKeyringSource(stored.keyring)
+    backend = LibraryBackend(library, keyring, identity)
+    rt = Runtime(ours, backend, kube, secrets, keyring, identity)
+    rt.rotation_stage = stored.rotation.stage.value
+    memo["runtime"] = rt
+    memo["tasks"] = [
+        asyncio.create_task(_etcd_health_loop(rt), name="etcd-health"),
+        asyncio.create_task(_rotation_loop(rt), name="key-rotation"),
+    ]
+    log.info(
+        "operator %s started: keyring %s/%s primary %s, etcd prefix %s",
+        identity,
+        ours.namespace,
+        ours.keyring_secret,
+        stored.keyring.primary_fingerprint,
+        library.prefix,
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    for task in memo.get("tasks", []):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    rt: Runtime | None = memo.get("runtime")
+    if rt is not None:
+        await asyncio.to_thread(rt.backend.close)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE)
+async def reconcile_component(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    namespace: str | None,
+    name: str,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    try:
+        await _reconcile.reconcile(
+            memo["runtime"],
+            body=body,
+            namespace=namespace or "",
+            name=name,
+            generation=int(meta.get("generation") or 0),
+            raw_spec=dict(spec),
+            status=dict(status),
+            annotations=dict(meta.annotations),
+            logger=logger,
+        )
+    except Exception:
+        RECONCILES.labels("error").inc()
+        raise
+    RECONCILES.labels("ok").inc()
+
+
+@kopf.on.delete(*RESOURCE)
+async def apply_retention(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    namespace: str | None,
+    name: str,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    rt: Runtime = memo["runtime"]
+    retention = spec.get("retention", _api.RetentionPolicy.KEEP.value)
+    if retention == _api.RetentionPolicy.PURGE.value:
+        with kopf_errors():
+            removed = await asyncio.to_thread(rt.backend.purge, name)
+        logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, name)
+    else:
+        logger.info("retention Keep: etcd data of %s left in place", name)
+    rt.forget(namespace or "", name)
+
+
+@kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
+async def monitor_component(
+    stopped: kopf.DaemonStopped,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    rt: Runtime = memo["runtime"]
+    while not stopped:
+        if body.get("status", {}).get("observedGeneration"):
+            # `body` is kopf's live view: spec and status as of the latest watch event.
+            try:
+                await _monitor.tick(
+                    rt,
+                    body=body,
+                    namespace=namespace or "",
+                    name=name,
+                    generation=int(body.meta.get("generation") or 0),
+                    raw_spec=dict(body.spec),
+                    status=dict(body.status),
+                    logger=logger,
+                )
+            except (DefenderConfigError, OperatorError, ValueError) as exc:
+                ERRORS.labels("monitor").inc()
+                logger.warning(
+                    "monitor pass failed, next pass in %ss: %s",
+                    rt.settings.monitor_interval_seconds,
+                    exc,
+                )
+        await stopped.wait(rt.settings.monitor_interval_seconds)
+
+
+@kopf.on.probe(id="etcd")
+def etcd_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    rt: Runtime | None = memo.get("runtime")
+    if rt is None:
+        return {"starting": True}
+    down = rt.etcd.unavailable_for(utcnow()).total_seconds()
+    if down > rt.settings.liveness_etcd_max_unavailable_seconds:
+        raise kopf.PermanentError(
+            f"defender etcd unreachable for {down:.0f}s ({rt.etcd.last.detail})"
+        )
+    return {"reachable": rt.etcd.last.reachable, "quorum": rt.etcd.last.quorum}
