@@ -102,12 +102,21 @@ class ConfigApplier:
 
     # --- the two ways in --------------------------------------------------------------------
 
-    def apply(self, config: Any, version: int | None = None) -> bool:
+    def apply(
+        self,
+        config: Any,
+        version: int | None = None,
+        *,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Deliver ``config`` (decoded ACTIVE) to the component. True if it is now in the file;
-        never raises: failures are reported."""
+        never raises: failures are reported. ``json_schema`` (the one stored in the component's
+        metadata) is used when the agent was not given its own."""
         with self._lock:
             try:
-                checked = self._validate(config)
+                checked = self._validate(
+                    config, self._schema if self._schema is not None else json_schema
+                )
                 data = render_config(checked)
                 digest = config_digest(checked)
             except ConfigValidationError as exc:
@@ -145,10 +154,13 @@ class ConfigApplier:
                 self._clear_error()
             return True
 
-    def reject(self, exc: BaseException, version: int | None = None) -> None:
-        """ACTIVE could not be decoded or read: keep the last good file and report why."""
+    def reject(
+        self, exc: BaseException, version: int | None = None, *, alerted: bool = False
+    ) -> None:
+        """ACTIVE could not be decoded or read: keep the last good file and report why.
+        ``alerted``: the library has already written the alert for this error."""
         with self._lock:
-            self._fail(exc, version)
+            self._fail(exc, version, alerted=alerted)
 
     def retry_reload(self) -> bool:
         """Retry a reload that failed earlier; True when nothing is pending any more."""
@@ -159,8 +171,8 @@ class ConfigApplier:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _validate(self, config: Any) -> dict[str, Any]:
-        if self._type is ComponentType.CUSTOM and self._schema is None:
+    def _validate(self, config: Any, schema: Mapping[str, Any] | None) -> dict[str, Any]:
+        if self._type is ComponentType.CUSTOM and schema is None:
             # No model and no schema: the component owns the format; only insist on an object,
             # which is what the shared file must hold.
             if not isinstance(config, Mapping):
@@ -169,7 +181,7 @@ class ConfigApplier:
                     [FieldError("", f"config must be a JSON object, not {type(config).__name__}")],
                 )
             return dict(config)
-        validate_config(self._type, config, self._schema, component=self._component)
+        validate_config(self._type, config, schema, component=self._component)
         # The normalized form fills defaults the component never asked for; deliver what was
         # committed, now known to be valid.
         return dict(config)
@@ -191,7 +203,7 @@ class ConfigApplier:
             self._alerted = None
             self._sink.update_heartbeat(last_error=None)
 
-    def _fail(self, exc: BaseException, version: int | None) -> None:
+    def _fail(self, exc: BaseException, version: int | None, *, alerted: bool = False) -> None:
         error = error_of(exc)
         self.last_error = error
         known = isinstance(exc, AgentError) or hasattr(exc, "reason")
@@ -206,6 +218,8 @@ class ConfigApplier:
         self._sink.update_heartbeat(last_error=error.as_dict())
         if error != self._alerted:
             self._alerted = error
+            if alerted:
+                return
             detail = error.detail if version is None else f"version {version}: {error.detail}"
             try:
                 self._sink.alert(error.reason, detail)

@@ -83,6 +83,10 @@ class AgentSettings(BaseSettings):
     file_mode: int = Field(default=0o640, ge=0, le=0o777)
     """Permissions of the written file (default 0640: owner read/write, group read)."""
 
+    seed_config_path: Path | None = None
+    """Optional JSON file with the component's own default config. On first start it is
+    registered as MASTER (create-only: an existing MASTER is never changed)."""
+
     schema_path: Path | None = None
     """Optional JSON schema the config must also satisfy."""
 

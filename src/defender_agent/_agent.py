@@ -1,0 +1,305 @@
+"""The agent process: register, heartbeat, watch ACTIVE, deliver, follow the keyring, stop cleanly.
+
+Threads: the library's watch thread calls :meth:`Agent._on_active`, its heartbeat thread keeps the
+lease, the keyring poller calls :meth:`Agent._on_keyring_change`, and the main thread waits for a
+signal while retrying failed reloads. All of them meet in the thread-safe ConfigApplier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from defender_config import (
+    ActiveConfig,
+    ConfigStore,
+    DefenderClient,
+    DefenderConfigError,
+    EnvelopeError,
+    ErrorInfo,
+    Heartbeater,
+    Keyring,
+    KeyringError,
+    KeyringSource,
+    LibrarySettings,
+    Registry,
+    StoreAuthError,
+    StoreError,
+)
+
+from ._core import ConfigApplier
+from ._errors import AgentSettingsError
+from ._reload import HttpReloader, NoReload, Reloader, SignalReloader
+from ._settings import AgentSettings
+
+__all__ = ["Agent", "build_reloader"]
+
+log = logging.getLogger("defender_agent")
+
+# How often the main loop retries a failed reload and checks for a stop request.
+_TICK_SECONDS = 1.0
+# Longest wait between two attempts to reach etcd at start-up.
+_MAX_START_BACKOFF = 30.0
+
+
+def build_reloader(settings: AgentSettings) -> Reloader:
+    if settings.reload_method == "signal":
+        return SignalReloader(
+            settings.reload_signum,
+            process_name=settings.reload_process,
+            pidfile=settings.reload_pidfile,
+        )
+    if settings.reload_method == "http":
+        assert settings.reload_url is not None  # checked by AgentSettings
+        return HttpReloader(
+            settings.reload_url,
+            method=settings.reload_http_method,
+            timeout_seconds=settings.reload_timeout_seconds,
+            retries=settings.reload_retries,
+            backoff_seconds=settings.reload_backoff_seconds,
+        )
+    return NoReload()
+
+
+def _read_json_file(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise AgentSettingsError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise AgentSettingsError(f"the {what} {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise AgentSettingsError(f"the {what} {path} must hold a JSON object")
+    return data
+
+
+class _HeartbeatSink:
+    """Connects the applier to the heartbeat record and the library's alerter."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def update_heartbeat(self, **fields: Any) -> None:
+        if "last_error" in fields and isinstance(fields["last_error"], dict):
+            fields["last_error"] = ErrorInfo(**fields["last_error"])
+        self._agent._pending_fields.update(fields)
+        beat = self._agent.heartbeater
+        if beat is not None:
+            beat.update(**fields)
+
+    def alert(self, kind: str, detail: str) -> None:
+        agent = self._agent
+        if agent.client is not None:
+            agent.client.alerter.event(
+                kind, agent.settings.component, detail, instance=agent.settings.instance
+            )
+
+
+class Agent:
+    """One agent process. ``run()`` blocks until :meth:`stop` (SIGTERM/SIGINT) and returns the
+    exit code."""
+
+    def __init__(self, settings: AgentSettings, library: LibrarySettings) -> None:
+        self.settings = settings
+        self.library = library
+        self.stop_requested = threading.Event()
+        self.client: DefenderClient | None = None
+        self.configs: ConfigStore | None = None
+        self.heartbeater: Heartbeater | None = None
+        self.keyring: KeyringSource | None = None
+        self._watch: Any = None
+        # Heartbeat fields set before the heartbeater exists (e.g. the first delivery races it).
+        self._pending_fields: dict[str, Any] = {}
+        schema = (
+            _read_json_file(settings.schema_path, "JSON schema") if settings.schema_path else None
+        )
+        self.seed_config = (
+            _read_json_file(settings.seed_config_path, "seed config")
+            if settings.seed_config_path
+            else None
+        )
+        self.applier = ConfigApplier(
+            component=settings.component,
+            component_type=settings.component_type,
+            output_path=settings.output_path,
+            reloader=build_reloader(settings),
+            sink=_HeartbeatSink(self),
+            file_mode=settings.file_mode,
+            json_schema=schema,
+        )
+        self._running_reported = False
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def _open_keyring(self) -> KeyringSource | None:
+        path = self.library.keyring_path
+        if path is None:
+            if self.library.envelope.encrypt:
+                raise KeyringError(
+                    "encryption is on but no keyring path is set; mount the keyring Secret and "
+                    "pass --keyring-path (DEFENDER_AGENT_KEYRING_PATH)"
+                )
+            return None
+        source = KeyringSource(
+            path,
+            poll_seconds=self.library.keyring_poll_seconds,
+            on_change=self._on_keyring_change,
+            on_error=self._on_keyring_error,
+        )
+        return source
+
+    def _register(self) -> None:
+        """Seed (if asked) and start the heartbeat; retried by the caller while etcd is down."""
+        assert self.client is not None and self.configs is not None
+        s = self.settings
+        common: dict[str, Any] = {
+            "pod": s.instance,
+            "node_id": s.node_id,
+            "interval_seconds": self.library.heartbeat_interval_seconds,
+            "allowed_misses": self.library.heartbeat_allowed_misses,
+        }
+        if self.seed_config is not None:
+            try:
+                registration = Registry(self.client, self.configs).register(
+                    s.component, s.instance, self.seed_config, s.component_type, **common
+                )
+            except (StoreError, KeyringError):
+                raise
+            except DefenderConfigError as exc:
+                # The seed was refused (invalid) or ACTIVE cannot be opened: run anyway with the
+                # plain heartbeat, the error is in last_error and alerted.
+                self.applier.reject(exc, alerted=True)
+            else:
+                self.heartbeater = registration.heartbeater
+                self._flush_pending()
+                return
+        beat = Heartbeater(self.client, s.component, s.instance, **common)
+        beat.update(**self._pending_fields)
+        beat.start()
+        self.heartbeater = beat
+        beat.set_status("STARTING")
+
+    def _flush_pending(self) -> None:
+        if self.heartbeater is not None and self._pending_fields:
+            self.heartbeater.update(**self._pending_fields)
+
+    def _start(self) -> None:
+        self.keyring = self._open_keyring()
+        self.client = DefenderClient(self.library, self.keyring, instance=self.settings.instance)
+        self.configs = ConfigStore(self.client)
+        delay = 0.5
+        while not self.stop_requested.is_set():
+            try:
+                self._register()
+                break
+            except StoreAuthError:
+                raise
+            except StoreError as exc:
+                log.warning(
+                    "cannot register yet, retrying in %.1fs: %s",
+                    delay,
+                    exc,
+                    extra={"reason": exc.reason},
+                )
+                self.stop_requested.wait(delay)
+                delay = min(delay * 2, _MAX_START_BACKOFF)
+        if self.stop_requested.is_set():
+            return
+        if self.keyring is not None:
+            self.keyring.start()
+        self._watch = self.configs.watch_active(
+            self.settings.component, self._on_active, on_error=self._on_watch_error, initial=True
+        )
+
+    # --- callbacks --------------------------------------------------------------------------
+
+    def _on_active(self, active: ActiveConfig) -> None:
+        try:
+            schema = None
+            if self.settings.schema_path is None and self.configs is not None:
+                meta = self.configs.get_metadata(self.settings.component)
+                schema = meta.json_schema if meta is not None else None
+            ok = self.applier.apply(active.config, active.version, json_schema=schema)
+        except Exception as exc:  # never let a bad value kill the watch thread
+            self.applier.reject(exc)
+            return
+        if ok and not self._running_reported and self.heartbeater is not None:
+            try:
+                self.heartbeater.set_status("RUNNING")
+                self._running_reported = True
+            except StoreError as exc:
+                log.warning("could not report RUNNING yet: %s", exc)
+
+    def _on_watch_error(self, exc: DefenderConfigError) -> None:
+        # The library alerted decode and format errors already (client.open / client.report);
+        # store errors are transient and belong in the heartbeat, not in an alert record.
+        self.applier.reject(exc, alerted=True)
+
+    def _on_keyring_change(self, old: Keyring, new: Keyring) -> None:
+        log.info(
+            "keyring changed: primary %s, %d key(s)",
+            new.primary_fingerprint,
+            len(new),
+            extra={"key_fingerprint": new.primary_fingerprint},
+        )
+        if self.heartbeater is not None:
+            self.heartbeater.refresh_key_fields()
+        self._reread_active()
+
+    def _on_keyring_error(self, exc: KeyringError) -> None:
+        self.applier.reject(exc)
+
+    def _reread_active(self) -> None:
+        """Read ACTIVE again: a value that failed with the old keyring may open with the new."""
+        if self.configs is None:
+            return
+        try:
+            active = self.configs.get_active(self.settings.component)
+        except DefenderConfigError as exc:
+            if exc.reason != "NotFound":
+                self.applier.reject(exc, alerted=isinstance(exc, EnvelopeError))
+            return
+        self._on_active(active)
+
+    # --- run / stop -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> None:
+        """Start, then loop until stopped. Raises KeyringError / StoreAuthError at start-up."""
+        try:
+            self._start()
+            while not self.stop_requested.wait(_TICK_SECONDS):
+                if self.applier.reload_pending:
+                    self.applier.retry_reload()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._watch is not None:
+            try:
+                self._watch.cancel()
+            except Exception:
+                log.exception("cancelling the watch failed")
+        if self.keyring is not None:
+            self.keyring.stop()
+        if self.heartbeater is not None:
+            # Marks STOPPED and revokes the lease: the instance key disappears at once.
+            self.heartbeater.stop()
+        if self.client is not None:
+            self.client.close()
+        log.info("agent stopped")

@@ -1,0 +1,290 @@
+"""The agent against the real 3-member etcd, as a real process, with a real reloading target.
+
+Delays are measured and recorded (``record_property`` and the test output), never asserted
+beyond a generous timeout: this checks behaviour, the benchmarks judge speed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from agent_e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, Plane, wait_until, write_keyring
+
+from defender_config import Envelope, Keyring, KeyState
+from defender_operator._decisions.restarts import (
+    EtcdView,
+    HeartbeatPolicy,
+    PodView,
+    RestartAction,
+    RestartBudget,
+    decide_restart,
+)
+
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(180)]
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["threshold"],
+    "properties": {"threshold": {"type": "number"}, "mode": {"type": "string"}},
+}
+
+
+def config(n: int) -> dict[str, Any]:
+    return {"threshold": n, "mode": f"mode-{n}"}
+
+
+def seed(plane: Plane, n: int = 1) -> None:
+    plane.configs.seed(plane.component, config(n), "custom", by="e2e", json_schema=SCHEMA)
+
+
+def file_config(plane: Plane) -> dict[str, Any]:
+    return json.loads(plane.output_path.read_text())
+
+
+def target_loads(plane_target: Any, n: int, timeout: float = 20) -> list[dict[str, Any]]:
+    """Wait until the target process has loaded config(n); return those load records."""
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: [r for r in plane_target.loaded() if r["config"] == config(n)],
+        timeout,
+        f"the target to load config {n}",
+    )
+
+
+def test_commit_reaches_file_and_process(plane: Plane, record_property: Any) -> None:
+    seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(target)
+    hb = plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "version 1 delivered")
+    wait_until(
+        lambda: any(r["config"] == config(1) for r in target.loaded()), 20, "target loads v1"
+    )
+    assert hb["key_fingerprint"] == plane.keyring.current().primary_fingerprint
+    assert hb["codec"] == "zstd+aes-256-gcm"
+    assert hb["node_id"] == "node-e2e"
+    assert hb["last_error"] is None
+    plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "status RUNNING")
+
+    delays = []
+    for n in (2, 3, 4):
+        committed_at = time.time()
+        assert plane.configs.commit(plane.component, config(n), by="e2e") == n
+        loaded = target_loads(target, n, timeout=30)
+        delays.append(loaded[0]["time"] - committed_at)
+        assert file_config(plane) == config(n)
+        plane.wait_heartbeat(agent, lambda h, n=n: h["config_version"] == n, f"heartbeat v{n}")
+    assert oct(plane.output_path.stat().st_mode & 0o777) == "0o640"
+    assert target.bad_reads() == []
+    record_property("commit_to_process_seconds", json.dumps([round(d, 4) for d in delays]))
+    print(f"\ncommit -> target reload delays (s): {[round(d, 4) for d in delays]}")
+    assert agent.errors() == []
+
+
+def test_bad_values_keep_last_good_file_and_alert(plane: Plane) -> None:
+    seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(target)
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "version 1 delivered")
+    target_loads(target, 1)
+    good = plane.output_path.read_bytes()
+    path = plane.client.layout.active_config(plane.component)
+    loads_before = len(target.loaded())
+
+    # 1. A corrupted value: one ciphertext byte flipped in the stored envelope.
+    sealed = bytearray(plane.client.store.get(path).value)  # type: ignore[union-attr]
+    sealed[-5] ^= 0x40
+    plane.client.store.put(path, bytes(sealed))
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "AuthenticationFailed",
+        "AuthenticationFailed in the heartbeat",
+    )
+    assert "failed authentication" in hb["last_error"]["detail"]
+    assert hb["config_version"] == 1
+    alerts = wait_until(
+        lambda: [a for a in plane.alerts() if a["kind"] == "AuthenticationFailed"],
+        20,
+        "an AuthenticationFailed alert",
+    )
+    assert alerts[0]["instance"] == agent.instance
+    assert alerts[0]["path"] == path
+    assert plane.output_path.read_bytes() == good
+
+    # 2. A value sealed with a key the component does not hold.
+    stranger = Envelope(Keyring.generate())
+    plane.client.store.put(path, stranger.seal(json.dumps(config(9)).encode(), path))
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "UnknownKey",
+        "UnknownKey in the heartbeat",
+    )
+    wait_until(
+        lambda: [a for a in plane.alerts() if a["kind"] == "UnknownKey"], 20, "an UnknownKey alert"
+    )
+    assert plane.output_path.read_bytes() == good
+    assert len(target.loaded()) == loads_before  # the process was never told to reload garbage
+    assert agent.proc.poll() is None  # and the agent did not crash
+
+    # 3. A corrected config goes through and clears the error.
+    plane.configs.commit(plane.component, config(5), by="e2e")
+    plane.wait_heartbeat(
+        agent, lambda h: h["config_version"] == 2 and h["last_error"] is None, "recovered"
+    )
+    wait_until(
+        lambda: any(r["config"] == config(5) for r in target.loaded()), 20, "target loads fix"
+    )
+    assert file_config(plane) == config(5)
+    assert target.bad_reads() == []
+
+
+def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -> None:
+    seed(plane)
+    agent = plane.start_agent(None)
+    hb = plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "first heartbeat")
+    assert hb["lease_ttl_seconds"] == HEARTBEAT_INTERVAL * HEARTBEAT_MISSES
+    policy = HeartbeatPolicy(
+        interval_seconds=int(HEARTBEAT_INTERVAL),
+        missed_before_restart=HEARTBEAT_MISSES,
+        startup_grace_seconds=5,
+    )
+    budget = RestartBudget(
+        enabled=True,
+        max_restarts=3,
+        window_seconds=600,
+        backoff_base_seconds=10,
+        backoff_max_seconds=60,
+    )
+    pod = PodView(name=agent.instance, created=datetime.now(UTC) - timedelta(minutes=5))
+    etcd_ok = EtcdView(
+        reachable=True, quorum=True, healthy_since=datetime.now(UTC) - timedelta(hours=1)
+    )
+    watch_started = datetime.now(UTC) - timedelta(minutes=5)
+
+    deletes: list[Any] = []
+    handle = plane.registry.watch_instances(
+        lambda ev: deletes.append(ev) if ev.kind == "delete" else None, component=plane.component
+    )
+    try:
+        last_seen = datetime.fromisoformat(plane.heartbeat(agent.instance)["time"])  # type: ignore[index]
+        alive = decide_restart(
+            now=datetime.now(UTC),
+            pods=[pod],
+            last_seen={agent.instance: last_seen},
+            watch_started=watch_started,
+            etcd=etcd_ok,
+            policy=policy,
+            budget=budget,
+            restart_times=[],
+        )
+        assert alive.action is RestartAction.NONE
+
+        killed_at = time.monotonic()
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait()
+        # Keep reading the heartbeat until it vanishes: the last time seen is what the operator had.
+        seen: list[str] = []
+
+        def gone() -> bool:
+            hb_now = plane.heartbeat(agent.instance)
+            if hb_now is not None:
+                seen.append(hb_now["time"])
+            return hb_now is None and any(e.instance == agent.instance for e in deletes)
+
+        wait_until(gone, 30, "the instance key to be deleted by lease expiry")
+        expired_after = time.monotonic() - killed_at
+        print(
+            f"\nlease expired {expired_after:.2f}s after SIGKILL (TTL {hb['lease_ttl_seconds']}s)"
+        )
+        assert expired_after >= 1.0  # removed by etcd's lease expiry, not by a clean shutdown
+        last_seen = datetime.fromisoformat(seen[-1]) if seen else last_seen
+        decision = decide_restart(
+            now=datetime.now(UTC),
+            pods=[pod],
+            last_seen={agent.instance: last_seen},
+            watch_started=watch_started,
+            etcd=etcd_ok,
+            policy=policy,
+            budget=budget,
+            restart_times=[],
+        )
+        assert decision.action is RestartAction.RESTART
+        assert decision.pod == agent.instance
+    finally:
+        handle.cancel()
+
+
+def test_sigterm_marks_stopped_and_revokes_the_lease(plane: Plane) -> None:
+    seed(plane)
+    agent = plane.start_agent(None, "--heartbeat-interval-seconds", "10")
+    plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "RUNNING")
+    stopped_at = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=20) == 0
+    # The lease TTL is 30 s here: the key is gone at once only because the agent revoked it.
+    assert plane.heartbeat(agent.instance) is None
+    assert time.monotonic() - stopped_at < 30
+    status = plane.registry.get_status(plane.component)
+    assert status is not None and status.status == "STOPPED"
+    assert status.instance == agent.instance
+
+
+def test_key_rotation_without_a_failed_read(plane: Plane) -> None:
+    seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(target)
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "version 1 delivered")
+    old = plane.keyring.current()
+    old_id = old.primary.key_id
+    version = 1
+
+    def commit_and_check(n: int) -> None:
+        nonlocal version
+        version = plane.configs.commit(plane.component, config(n), by="e2e-rotation")
+        plane.wait_heartbeat(agent, lambda h: h["config_version"] == version, f"v{version}")
+        wait_until(
+            lambda: any(r["config"] == config(n) for r in target.loaded()), 20, f"target {n}"
+        )
+
+    def stage(keyring: Keyring) -> None:
+        write_keyring(plane.keyring_dir, keyring)
+        plane.keyring.refresh()
+        assert plane.keyring.current() == keyring
+
+    # Stage 1: the new key arrives decrypt-only; nothing is sealed with it yet.
+    staged = old.with_new_decrypt_only()
+    new_id = staged.key_ids[-1]
+    new_fp = staged.fingerprint(new_id)
+    stage(staged)
+    plane.wait_heartbeat(
+        agent, lambda h: new_fp in h["key_fingerprints"], "agent holds the new key"
+    )
+    commit_and_check(2)
+
+    # Stage 2: promote. Writers now seal with the new key; the old one still opens old values.
+    promoted = staged.promote(new_id)
+    stage(promoted)
+    plane.wait_heartbeat(
+        agent, lambda h: h["key_fingerprint"] == new_fp, "agent sees the new primary"
+    )
+    commit_and_check(3)
+
+    # Stage 3: re-seal everything with the new key, then retire the old one.
+    report = plane.configs.rewrap_all(plane.prefix + "/")
+    assert report.failed == 0, report.errors
+    assert report.rewrapped >= 1
+    retired = promoted.retire(old_id)
+    assert retired.get(old_id).state is KeyState.RETIRED  # type: ignore[union-attr]
+    stage(retired)
+    time.sleep(5 * 0.2)  # several keyring polls of the agent with the retired key in place
+    commit_and_check(4)
+
+    hb = plane.heartbeat(agent.instance)
+    assert hb is not None and hb["last_error"] is None
+    assert plane.alerts() == []
+    assert target.bad_reads() == []
+    assert [r["config"]["threshold"] for r in target.loaded()][-4:] == [1, 2, 3, 4]
+    assert agent.errors() == []
