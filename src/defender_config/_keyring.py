@@ -459,7 +459,9 @@ class KeyringSource:
 
     def current(self) -> Keyring:
         """The latest good keyring."""
-        if self._clock() >= self._next_check:
+        # While another thread re-reads the file, hand out the current keyring instead of
+        # queueing behind its I/O.
+        if self._clock() >= self._next_check and not self._lock.locked():
             self.refresh()
         return self._keyring
 
