@@ -162,7 +162,7 @@ touches the node's disk) and the keyring Secret the operator copies into the nam
 {{- $agent := $ctx.Values.agent -}}
 {{- $secret := $agent.keyringSecretName -}}
 {{- if and (not $secret) $ctx.Values.operator -}}
-{{- $secret = $ctx.Values.operator.keyring.fanOutSecretName -}}
+{{- $secret = $ctx.Values.operator.keyring.secretName -}}
 {{- end -}}
 - name: {{ $agent.sharedVolumeName }}
   emptyDir:

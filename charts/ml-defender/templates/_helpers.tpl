@@ -77,9 +77,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-config" (include "ml-defender.fullname" .) -}}
 {{- end -}}
 
-{{/* The Secret holding the shared keyring; the operator creates and rotates it. */}}
+{{/* The Secret holding the shared keyring (same name in every namespace it is copied to). */}}
 {{- define "ml-defender.keyringSecretName" -}}
-{{- default (printf "%s-keyring" (include "ml-defender.fullname" .)) .Values.operator.keyring.secretName -}}
+{{- .Values.operator.keyring.secretName -}}
 {{- end -}}
 
 {{- define "ml-defender.etcd.fullname" -}}
@@ -170,8 +170,9 @@ library can fail over itself instead of relying on the Service's connection bala
 {{/* ---------------------------------------------------------------- library settings */}}
 
 {{/*
-The defender_config LibrarySettings document shared by the operator and the agents (JSON; read
-with load_settings). Secrets are never in here: the keyring and client certificates are mounted.
+The defender_config LibrarySettings document of the operator (JSON; read with load_settings).
+Secrets are never in here: the operator reads the keyring through the API, certificates are
+mounted. Agents get the same values as DEFENDER_AGENT_* variables (_agent.tpl).
 */}}
 {{- define "ml-defender.librarySettings" -}}
 {{- $etcd := dict "endpoints" (include "ml-defender.etcd.endpoints" . | fromJsonArray) "timeout_seconds" .Values.config.etcd.timeoutSeconds "retries" .Values.config.etcd.retries "backoff_base_seconds" .Values.config.etcd.backoffBaseSeconds "backoff_max_seconds" .Values.config.etcd.backoffMaxSeconds -}}
@@ -181,7 +182,7 @@ with load_settings). Secrets are never in here: the keyring and client certifica
 {{- $_ := set $etcd "key_file" "/etc/ml-defender/etcd-tls/tls.key" -}}
 {{- end -}}
 {{- $envelope := dict "compress" .Values.config.envelope.compress "encrypt" .Values.config.envelope.encrypt "level" .Values.config.envelope.level "threshold_bytes" .Values.config.envelope.thresholdBytes "max_decompressed_bytes" .Values.config.envelope.maxDecompressedBytes -}}
-{{- $settings := dict "etcd" $etcd "envelope" $envelope "prefix" .Values.config.prefix "keyring_path" "/etc/ml-defender/keyring" -}}
+{{- $settings := dict "etcd" $etcd "envelope" $envelope "prefix" .Values.config.prefix -}}
 {{- toPrettyJson $settings -}}
 {{- end -}}
 

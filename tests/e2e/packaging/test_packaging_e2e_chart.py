@@ -211,7 +211,7 @@ def test_operator_service_account_has_exactly_the_rights_it_needs(
     assert can("create", "events", "-n", "component-ns")
     assert can("create", "secrets", "-n", "component-ns")
     assert can("update", "secrets/ml-defender-keyring", "-n", "component-ns")
-    assert can("get", f"secrets/{release}-ml-defender-keyring", "-n", namespace)
+    assert can("get", "secrets/ml-defender-keyring", "-n", namespace)
     assert can("list", "namespaces")
     # Least privilege: no reading other Secrets, no touching workloads, nothing cluster-admin.
     assert not can("get", "secrets/some-other-secret", "-n", "component-ns")
@@ -219,6 +219,7 @@ def test_operator_service_account_has_exactly_the_rights_it_needs(
     assert not can("delete", "deployments", "-n", "component-ns")
     assert not can("create", "pods", "-n", "component-ns")
     assert not can("delete", "defendercomponents.mldefender.io", "-n", "any")
+    assert not can("delete", "secrets/ml-defender-keyring", "-n", "component-ns")
     assert not can("*", "*")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import yaml
 from packaging_chart import CHART, REPO, Render, find, kube_version, run_helm
 
@@ -251,6 +252,34 @@ def test_operator_replicas_use_peering(render: Render) -> None:
     assert peering["metadata"]["name"] == "ml-defender"
     crds = {o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition"}
     assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+
+
+def test_operator_env_is_what_the_operator_reads(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OperatorSettings ignores unknown DEFENDER_OPERATOR_* names, so a typo in the chart would
+    # silently fall back to a default: every name must be a field, and the values must validate.
+    from defender_operator._settings import OperatorSettings
+
+    objects = render(
+        "--set",
+        "operator.watchNamespaces={edge,core}",
+        "--set",
+        "operator.rotation.everySeconds=86400",
+    )
+    container = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    prefix = "DEFENDER_OPERATOR_"
+    env = {e["name"]: e for e in container["env"] if e["name"].startswith(prefix)}
+    fields = {name.upper() for name in OperatorSettings.model_fields}
+    assert {name.removeprefix(prefix) for name in env} <= fields
+    for name, var in env.items():
+        monkeypatch.setenv(name, var.get("value", "ml-defender"))
+    settings = OperatorSettings()
+    assert settings.watch_namespaces == ["edge", "core"]
+    assert settings.rotation_every_seconds == 86400
+    assert settings.keyring_secret == "ml-defender-keyring"
+    config_mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert str(settings.library_settings_file).startswith(config_mount["mountPath"] + "/")
 
 
 def test_operator_pod_is_locked_down(render: Render) -> None:

@@ -22,19 +22,13 @@ def _rules(obj: dict[str, Any]) -> set[Rule]:
 def test_cluster_role_for_components_is_exactly_what_the_operator_does(render: Render) -> None:
     role = find(render(), "ClusterRole", "rel-ml-defender-operator-components")
     assert _rules(role) == {
-        (
-            "mldefender.io",
-            "defendercomponents",
-            None,
-            frozenset({"get", "list", "watch", "patch", "update"}),
-        ),
-        ("mldefender.io", "defendercomponents/status", None, frozenset({"get", "patch", "update"})),
+        ("mldefender.io", "defendercomponents", None, frozenset({"get", "list", "watch", "patch"})),
+        ("mldefender.io", "defendercomponents/status", None, frozenset({"get", "patch"})),
         ("mldefender.io", "defendercomponents/finalizers", None, frozenset({"update"})),
         ("", "events", None, frozenset({"create", "patch"})),
-        ("events.k8s.io", "events", None, frozenset({"create", "patch"})),
         ("", "pods", None, frozenset({"list", "watch", "delete"})),
         ("", "secrets", None, frozenset({"create"})),
-        ("", "secrets", "ml-defender-keyring", frozenset({"get", "patch", "update", "delete"})),
+        ("", "secrets", "ml-defender-keyring", frozenset({"get", "update"})),
     }
 
 
@@ -48,16 +42,13 @@ def test_no_wildcards_and_no_cluster_wide_secret_reads(render: Render) -> None:
                 assert verbs == {"create"}, f"{obj['metadata']['name']} may read any Secret"
 
 
-def test_own_namespace_role_covers_the_keyring_and_leases(render: Render) -> None:
-    role = find(render(), "Role", "rel-ml-defender-operator")
-    rules = _rules(role)
-    assert (
-        "",
-        "secrets",
-        "rel-ml-defender-keyring",
-        frozenset({"get", "list", "watch", "patch", "update"}),
-    ) in rules
-    assert ("coordination.k8s.io", "leases", None, frozenset({"get", "create", "update"})) in rules
+def test_own_namespace_role_covers_only_the_keyring_and_events(render: Render) -> None:
+    role = find(render("--set", "operator.keyring.secretName=my-keys"), "Role")
+    assert _rules(role) == {
+        ("", "secrets", None, frozenset({"create"})),
+        ("", "secrets", "my-keys", frozenset({"get", "update"})),
+        ("", "events", None, frozenset({"create", "patch"})),
+    }
 
 
 def test_peering_rights_only_with_several_replicas(render: Render) -> None:
@@ -84,6 +75,9 @@ def test_watch_namespaces_bind_per_namespace(render: Render) -> None:
     args = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=edge" in args and "--namespace=core" in args
     assert "--all-namespaces" not in args
+    # Finding the namespaces that need a keyring copy lists components cluster-wide.
+    cluster = find(objects, "ClusterRole", "rel-ml-defender-operator-cluster")
+    assert ("mldefender.io", "defendercomponents", None, frozenset({"list"})) in _rules(cluster)
 
 
 def test_bindings_point_at_the_operator_service_account(render: Render) -> None:
