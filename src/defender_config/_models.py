@@ -356,7 +356,7 @@ def validate_config(
                 who,
                 [FieldError("", "a custom component must carry a JSON schema for its config")],
             )
-        result = json.loads(canonical_json(config))
+        result = json.loads(canonical_json(config, component=who))
     if json_schema is not None:
         try:
             jsonschema.validators.validator_for(json_schema).check_schema(dict(json_schema))
@@ -371,15 +371,18 @@ def validate_config(
     return result
 
 
-def canonical_json(config: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8, no NaN: equal configs give equal bytes."""
+def canonical_json(config: Any, *, component: str = "config") -> bytes:
+    """Sorted keys, no whitespace, UTF-8, no NaN: equal configs give equal bytes.
+
+    ConfigValidationError (naming `component`) for values JSON cannot hold.
+    """
     try:
         return json.dumps(
             config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ConfigValidationError(
-            "config", [FieldError("", f"not representable as JSON: {exc}")]
+            component, [FieldError("", f"not representable as JSON: {exc}")]
         ) from exc
 
 

@@ -241,6 +241,12 @@ def test_custom_type_with_schema() -> None:
     assert any("0 is less than the minimum of 1" in e.message for e in err.errors)
 
 
+def test_custom_config_must_be_json() -> None:
+    with pytest.raises(ConfigValidationError, match="config for 'probe' rejected") as info:
+        validate_config("custom", {"rate": float("inf")}, SCHEMA, component="probe")
+    assert "not representable as JSON" in info.value.errors[0].message
+
+
 def test_custom_type_needs_a_schema() -> None:
     assert "must carry a JSON schema" in str(_errors("custom", {"a": 1}))
 
