@@ -286,6 +286,16 @@ class Envelope:
             # faster to read.
             if len(packed) < size:
                 flags, comp, payload = FLAG_COMPRESSED, codec, packed
+                if size > opts.ratio_floor_bytes and size > opts.max_ratio * len(packed):
+                    # Readers with the same options would refuse it as a bomb: fail the write
+                    # now rather than store a value nobody can read.
+                    raise SizeAnomalyError(
+                        size,
+                        len(packed),
+                        f"value compresses more than max_ratio {opts.max_ratio:g}, so readers "
+                        "would refuse it; raise envelope.max_ratio on writers and readers",
+                        path=path,
+                    )
 
         if opts.encrypt:
             provider = self._provider

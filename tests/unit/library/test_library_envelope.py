@@ -318,10 +318,15 @@ def test_bomb_frame_claiming_more_than_declared() -> None:
 
 def test_compression_ratio_over_the_cap(envelope: Envelope) -> None:
     data = b"\0" * (8 * MiB)  # zstd packs this ~10,000x
-    blob = envelope.seal(data, PATH)
-    with pytest.raises(SizeAnomalyError, match="ratio"):
+    # The writer refuses what its readers would refuse...
+    with pytest.raises(SizeAnomalyError, match="compresses more than max_ratio 1000"):
+        envelope.seal(data, PATH)
+    # ...and a reader refuses what a more permissive writer stored.
+    lenient = EnvelopeOptions(max_ratio=1e6)
+    blob = envelope.seal(data, PATH, lenient)
+    with pytest.raises(SizeAnomalyError, match="ratio over the cap of 1000"):
         envelope.open(blob, PATH)
-    assert envelope.open(blob, PATH, EnvelopeOptions(max_ratio=1e6)) == data
+    assert envelope.open(blob, PATH, lenient) == data
 
 
 def test_smaller_cap_per_call(envelope: Envelope, config_bytes: bytes) -> None:
