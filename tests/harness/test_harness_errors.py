@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,28 @@ def test_plugin_fails_under_ci_and_skips_otherwise(tmp_path: Path, ci: str, expe
         assert "CI=true and a required binary is missing" in out.stdout
     else:
         assert out.returncode == 0
+
+
+def test_processes_die_with_a_crashed_parent(tmp_path: Path) -> None:
+    # The fixtures start members with die_with_parent=True: a pytest killed mid-run leaves no etcd.
+    script = textwrap.dedent(
+        f"""\
+        import os, sys
+        from pathlib import Path
+        from defender_devcluster import EtcdCluster
+        c = EtcdCluster(Path({str(tmp_path)!r}), members=1, name="orphan", die_with_parent=True)
+        c.start()
+        print(c.member_pids[0], flush=True)
+        os._exit(9)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 9, out.stderr
+    pid = int(out.stdout.strip())
+    marker = str(tmp_path / "etcd-orphan" / "orphan-0.data")
+    deadline = time.monotonic() + 10
+    while pid_matches(pid, marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_matches(pid, marker), f"etcd pid {pid} outlived its parent"
