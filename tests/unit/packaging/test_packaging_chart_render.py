@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -238,8 +241,8 @@ def test_operator_single_replica_runs_standalone(render: Render) -> None:
     dep = find(objects, "Deployment")
     assert dep["spec"]["replicas"] == 1
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
-    assert not [o for o in objects if o["kind"] == "ClusterKopfPeering"]
+    assert not any(a.startswith("--peering") for a in args)
+    assert not [o for o in objects if o["kind"] in ("ClusterKopfPeering", "KopfPeering")]
 
 
 def test_operator_replicas_use_peering(render: Render) -> None:
@@ -247,11 +250,38 @@ def test_operator_replicas_use_peering(render: Render) -> None:
     dep = find(objects, "Deployment")
     assert dep["spec"]["replicas"] == 2
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--peering=ml-defender" in args and "--standalone" not in args
+    assert "--peering=ml-defender" in args
     peering = find(objects, "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "ml-defender"
     crds = {o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition"}
     assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+
+
+def test_operator_replicas_watching_namespaces_peer_in_each(render: Render) -> None:
+    objects = render("--set", "operator.replicaCount=2,operator.watchNamespaces={edge,core}")
+    peerings = [o for o in objects if o["kind"] == "KopfPeering"]
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["core", "edge"]
+    assert not [o for o in objects if o["kind"] == "ClusterKopfPeering"]
+
+
+def test_operator_accepts_the_chart_arguments(render: Render) -> None:
+    # The real entry point parses the flags first; an invalid setting then stops it with exit
+    # code 2 and its own message, which proves the flags were accepted (argparse would say
+    # "unrecognized arguments" instead).
+    for values in ([], ["--set", "operator.replicaCount=2"]):
+        container = find(render(*values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"] == ["defender-operator"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "defender_operator", *container["args"]],
+            env={**os.environ, "DEFENDER_OPERATOR_LOG_LEVEL": "LOUD"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "unrecognized arguments" not in proc.stderr
+        assert "DEFENDER_OPERATOR_LOG_LEVEL" in proc.stderr
 
 
 def test_operator_env_is_what_the_operator_reads(

@@ -58,6 +58,15 @@ def test_peering_rights_only_with_several_replicas(render: Render) -> None:
 
     assert "kopf.dev" not in groups()
     assert "kopf.dev" in groups("--set", "operator.replicaCount=2")
+    # Peering per watched namespace: the right goes with the per-namespace binding instead.
+    objects = render("--set", "operator.replicaCount=2,operator.watchNamespaces={edge}")
+    components = find(objects, "ClusterRole", "rel-ml-defender-operator-components")
+    assert (
+        "kopf.dev",
+        "kopfpeerings",
+        None,
+        frozenset({"list", "watch", "patch", "get"}),
+    ) in _rules(components)
 
 
 def test_watch_namespaces_bind_per_namespace(render: Render) -> None:
@@ -72,9 +81,6 @@ def test_watch_namespaces_bind_per_namespace(render: Render) -> None:
         if o["kind"] == "ClusterRoleBinding"
         and o["roleRef"]["name"] == "rel-ml-defender-operator-components"
     ]
-    args = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--namespace=edge" in args and "--namespace=core" in args
-    assert "--all-namespaces" not in args
     # Finding the namespaces that need a keyring copy lists components cluster-wide.
     cluster = find(objects, "ClusterRole", "rel-ml-defender-operator-cluster")
     assert ("mldefender.io", "defendercomponents", None, frozenset({"list"})) in _rules(cluster)
