@@ -86,6 +86,9 @@ class LocalCluster:
             self.run_dir, die_with_parent=die_with_parent, start_timeout=start_timeout
         )
         self._owns_etcd = etcd is None
+        if etcd is not None and etcd.dir.is_relative_to(self.run_dir):
+            # start() sweeps run_dir for stale processes and would kill the etcd handed to us.
+            raise ValueError(f"pass an etcd that lives outside {self.run_dir}, not in it")
         self.etcd = etcd or EtcdCluster(
             self.run_dir, members=3, name="defender", die_with_parent=die_with_parent
         )

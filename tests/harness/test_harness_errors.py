@@ -15,6 +15,7 @@ import pytest
 from defender_devcluster import (
     ControlPlane,
     EtcdCluster,
+    LocalCluster,
     PortInUseError,
     ProcessStartError,
     ToolNotFoundError,
@@ -190,3 +191,9 @@ def test_processes_die_with_a_crashed_parent(tmp_path: Path) -> None:
     while pid_matches(pid, marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_matches(pid, marker), f"etcd pid {pid} outlived its parent"
+
+
+def test_local_cluster_refuses_an_etcd_inside_its_run_dir(tmp_path: Path) -> None:
+    inside = EtcdCluster(tmp_path / "etcd-defender-parent", members=1)
+    with pytest.raises(ValueError, match="outside"):
+        LocalCluster(tmp_path, etcd=inside)
