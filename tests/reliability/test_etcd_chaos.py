@@ -1,0 +1,311 @@
+"""etcd chaos: members SIGKILLed by PID under continuous writes through the library.
+
+* one of three members down (the leader): every acknowledged write is read back afterwards,
+  through the library and from every member's own copy;
+* two of three down (no quorum): writes fail with StoreUnavailableError saying what to check,
+  reads are served from the last-known-good cache flagged stale, the operator's restart decision
+  (fed by its own health probe) restarts nothing, and everything recovers when members return.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prometheus_client import CollectorRegistry
+from reliability_support import etcd_settings, make_client, member_index, new_keyring, wait_for
+
+from defender_config import (
+    Alert,
+    ConfigStore,
+    DefenderClient,
+    DefenderConfigError,
+    EtcdStore,
+    StoreUnavailableError,
+)
+from defender_devcluster import EtcdCluster
+
+pytestmark = pytest.mark.etcd
+
+FIREWALL = {
+    "node_id": "fw-01",
+    "version": "1.0.0",
+    "default_policy": "deny",
+    "rules": [{"id": "ssh", "action": "allow", "proto": "tcp", "ports": [22]}],
+}
+
+
+@dataclass
+class LedgerWriter:
+    """A thread writing sealed values to fresh keys through the library, recording exactly
+    which writes etcd acknowledged (the call returned) and which raised."""
+
+    client: DefenderClient
+    prefix: str
+    acked: dict[str, bytes] = field(default_factory=dict)
+    failed: list[tuple[str, DefenderConfigError]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> LedgerWriter:
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        rng = random.Random(1)
+        i = 0
+        while not self._stop.is_set():
+            key = f"{self.prefix}ledger/{i:06d}"
+            # Sizes vary so some values are compressed and some are below the threshold.
+            size = rng.choice((16, 900, 5000))
+            payload = f"{key}|".encode() + rng.randbytes(size // 2) + b"a" * (size // 2)
+            try:
+                self.client.put_sealed(key, payload)
+            except DefenderConfigError as exc:
+                self.failed.append((key, exc))
+            else:
+                self.acked[key] = payload
+            i += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+            assert not self._thread.is_alive(), "writer thread hung"
+
+
+def leader_index(cluster: EtcdCluster) -> int:
+    return member_index(cluster, cluster.wait_for_leader())
+
+
+def assert_all_acknowledged_writes_present(
+    cluster: EtcdCluster, prefix: str, keyring_client: DefenderClient, acked: dict[str, bytes]
+) -> None:
+    """Read every acknowledged key back through a fresh client (no cache) and compare each
+    member's own copy byte for byte."""
+    assert acked, "the writer acknowledged nothing: the test proved nothing"
+    for key, payload in acked.items():
+        got = keyring_client.get_sealed(key)
+        assert got is not None, f"acknowledged write {key} is lost"
+        assert not got.stale
+        assert got.data == payload, f"acknowledged write {key} reads back different bytes"
+    reference = {sv.key: sv.value for sv in keyring_client.store.list_prefix(prefix + "ledger/")}
+    for i, endpoint in enumerate(cluster.endpoints):
+        # One endpoint only: this member's applied state (a linearizable read waits until the
+        # member has applied up to the leader's commit index).
+        with EtcdStore(
+            etcd_settings(cluster, endpoints=[endpoint]), registry=CollectorRegistry()
+        ) as member:
+            wait_for(
+                lambda m=member: len(m.list_prefix(prefix + "ledger/")) == len(reference),
+                timeout=30,
+                what=f"member {i} to catch up",
+            )
+            copy = {sv.key: sv.value for sv in member.list_prefix(prefix + "ledger/")}
+        missing = sorted(set(acked) - set(copy))
+        assert not missing, f"member {i} lacks {len(missing)} acknowledged writes: {missing[:3]}"
+        assert copy == reference, f"member {i} holds other bytes than the cluster's answer"
+
+
+def test_kill_the_leader_under_continuous_writes_loses_no_acknowledged_write(
+    healthy_etcd: EtcdCluster, etcd_prefix: str, alerts: list[Alert]
+) -> None:
+    cluster = healthy_etcd
+    keyring = new_keyring()
+    client = make_client(cluster, etcd_prefix, keyring, alerts)
+    writer = LedgerWriter(client, etcd_prefix).start()
+    try:
+        wait_for(lambda: len(writer.acked) >= 30, what="30 writes before the kill")
+        victim = leader_index(cluster)
+        cluster.kill_member(victim)
+        before = len(writer.acked)
+        wait_for(lambda: len(writer.acked) >= before + 100, what="100 writes with a member dead")
+        cluster.restart_member(victim)
+        after_restart = len(writer.acked)
+        wait_for(lambda: len(writer.acked) >= after_restart + 30, what="writes after the restart")
+    finally:
+        writer.stop()
+        client.close()
+    # With one member of three down the cluster keeps quorum: no write may fail.
+    assert writer.failed == [], f"writes failed with quorum intact: {writer.failed[:3]}"
+    reader = make_client(cluster, etcd_prefix, keyring, alerts)
+    try:
+        assert_all_acknowledged_writes_present(cluster, etcd_prefix, reader, writer.acked)
+    finally:
+        reader.close()
+    assert alerts == []
+
+
+def test_no_quorum_fails_writes_clearly_serves_stale_reads_restarts_nothing_and_recovers(
+    healthy_etcd: EtcdCluster, etcd_prefix: str, alerts: list[Alert]
+) -> None:
+    from defender_operator._decisions.restarts import (
+        HeartbeatPolicy,
+        PodView,
+        RestartAction,
+        RestartBudget,
+        decide_restart,
+    )
+    from defender_operator._keys import MutableKeyringSource
+    from defender_operator._library_backend import LibraryBackend
+    from defender_operator._runtime import EtcdTracker
+
+    cluster = healthy_etcd
+    keyring = new_keyring()
+    # Few short retries: the outage is certain, the test is about what happens after them.
+    fast = {"retries": 1, "timeout_seconds": 1.0, "backoff_base_seconds": 0.02}
+    client = make_client(cluster, etcd_prefix, keyring, alerts, etcd=fast)
+    configs = ConfigStore(client)
+    configs.seed("firewall", FIREWALL, "firewall", by="test")
+    assert configs.get_active("firewall").version == 1
+    client.put_sealed(etcd_prefix + "known", b"known-good value")
+    assert client.get_sealed(etcd_prefix + "known") is not None
+    settings = client.settings
+    backend = LibraryBackend(settings, MutableKeyringSource(keyring), identity="reliability")
+    tracker = EtcdTracker()
+    try:
+        victims = [0, 1]
+        for i in victims:
+            cluster.kill_member(i)
+        survivor = cluster.endpoints[2]
+
+        with pytest.raises(StoreUnavailableError) as info:
+            client.put_sealed(etcd_prefix + "during-outage", b"x")
+        message = str(info.value)
+        assert "etcd unavailable" in message
+        assert "quorum" in message, "the message must say what to check"
+        assert survivor in message, "the message must name the endpoints tried"
+        with pytest.raises(StoreUnavailableError):
+            configs.commit("firewall", {**FIREWALL, "default_policy": "allow"}, by="test")
+
+        active = configs.get_active("firewall")
+        assert active.stale and active.version == 1 and active.config["default_policy"] == "deny"
+        known = client.get_sealed(etcd_prefix + "known")
+        assert known is not None and known.stale and known.data == b"known-good value"
+        assert (
+            client.store.metrics.registry.get_sample_value(
+                "defender_etcd_stale_reads_total", {"op": "get"}
+            )
+            >= 2
+        )
+
+        # The operator's own probe and decision: a surviving member answers, but without
+        # quorum heartbeats cannot be written, so their absence must not restart any pod.
+        health = backend.health()
+        assert not health.quorum, health
+        now = datetime.now(UTC)
+        tracker.record(now, health)
+        long_ago = now - timedelta(hours=1)
+        decision = decide_restart(
+            now=now,
+            pods=[PodView(f"firewall-{n}", created=long_ago) for n in range(3)],
+            last_seen={f"firewall-{n}": long_ago for n in range(3)},
+            watch_started=long_ago,
+            etcd=tracker.view(),
+            policy=HeartbeatPolicy(1, 3, 0),
+            budget=RestartBudget(True, 5, 1800, 0, 0),
+            restart_times=[],
+        )
+        assert decision.action is RestartAction.HOLD and decision.pod is None, decision
+        # The probe reports a member that answers without quorum as unreachable (it cannot
+        # serve a quorum read); either way the decision must be to hold.
+        assert decision.reason in ("EtcdNoQuorum", "EtcdUnavailable"), decision
+
+        for i in victims:
+            cluster.restart_member(i)
+        cluster.wait_for_leader()
+
+        # The same client recovers without being recreated.
+        wait_for(lambda: _writes(client, etcd_prefix + "after"), timeout=60, what="writes back")
+        assert configs.commit("firewall", {**FIREWALL, "default_policy": "allow"}, by="test") == 2
+        active = configs.get_active("firewall")
+        assert not active.stale and active.version == 2
+        # No assertion on "during-outage": a write that timed out has an unknown outcome (a
+        # leader cut off from its followers may still commit it once they return).
+        health = backend.health()
+        assert health.reachable and health.quorum
+        tracker.record(datetime.now(UTC), health)
+        assert tracker.view().quorum
+    finally:
+        backend.client.close()
+        client.close()
+    assert alerts == [], "an outage is not a decoding problem: nothing to alert"
+
+
+def _writes(client: DefenderClient, key: str) -> bool:
+    try:
+        client.put_sealed(key, b"back")
+    except StoreUnavailableError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_rolling_kills_under_writes_and_commits_lose_nothing(
+    healthy_etcd: EtcdCluster, etcd_prefix: str, alerts: list[Alert]
+) -> None:
+    """Every member in turn, then the leader three times, killed while a writer and a
+    committer run; ACTIVE versions seen by a watcher only ever go up and end at the last
+    committed version."""
+    cluster = healthy_etcd
+    keyring = new_keyring()
+    client = make_client(cluster, etcd_prefix, keyring, alerts)
+    committer_client = make_client(cluster, etcd_prefix, keyring, alerts)
+    configs = ConfigStore(committer_client)
+    configs.seed("firewall", FIREWALL, "firewall", by="test")
+    seen: list[int | None] = []
+    watch = ConfigStore(client).watch_active("firewall", lambda a: seen.append(a.version))
+    stop = threading.Event()
+    committed: list[int] = []
+    commit_errors: list[BaseException] = []
+
+    def committer() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            rules = [{"id": f"r{n}", "action": "allow", "proto": "tcp", "ports": [1 + n % 60000]}]
+            try:
+                committed.append(configs.commit("firewall", {**FIREWALL, "rules": rules}, by="t"))
+            except DefenderConfigError as exc:
+                commit_errors.append(exc)
+            time.sleep(0.02)
+
+    writer = LedgerWriter(client, etcd_prefix).start()
+    thread = threading.Thread(target=committer, daemon=True)
+    thread.start()
+    try:
+        victims: list[int | None] = [0, 1, 2, None, None, None]  # None: the leader
+        for victim in victims:
+            i = leader_index(cluster) if victim is None else victim
+            before, commits_before = len(writer.acked), len(committed)
+            cluster.kill_member(i)
+            wait_for(lambda b=before: len(writer.acked) >= b + 40, what="writes during the kill")
+            wait_for(lambda c=commits_before: len(committed) >= c + 5, what="commits during kill")
+            cluster.restart_member(i)
+    finally:
+        stop.set()
+        writer.stop()
+        thread.join(timeout=120)
+    try:
+        assert writer.failed == [] and commit_errors == []
+        reader = make_client(cluster, etcd_prefix, keyring, alerts)
+        try:
+            assert_all_acknowledged_writes_present(cluster, etcd_prefix, reader, writer.acked)
+        finally:
+            reader.close()
+        assert committed == sorted(committed) and len(set(committed)) == len(committed)
+        final = configs.get_active("firewall").version
+        assert final == committed[-1]
+        wait_for(lambda: seen and seen[-1] == final, what="the watcher to see the last version")
+        versions = [v for v in seen if v is not None]
+        assert versions == sorted(versions), f"ACTIVE went back: {versions}"
+    finally:
+        watch.cancel()
+        client.close()
+        committer_client.close()
+    assert alerts == []
