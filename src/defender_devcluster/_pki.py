@@ -40,6 +40,9 @@ class Pki:
     serving_key: Path
     sa_key: Path
     sa_pub: Path
+    front_proxy_ca: Path
+    front_proxy_client_cert: Path
+    front_proxy_client_key: Path
 
     def client(self, user: str) -> tuple[Path, Path]:
         """(cert, key) of a client certificate made by ``make_pki``."""
@@ -92,13 +95,9 @@ def _builder(
     )
 
 
-def make_pki(directory: Path, service_ip: str) -> Pki:
-    """Write a fresh CA, serving and client certificates and the service-account key pair."""
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
-
+def _make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("defender-devcluster-ca")
+    ca_name = _name(cn)
     ca_cert = (
         _builder(ca_name, ca_name, ca_key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -119,6 +118,37 @@ def make_pki(directory: Path, service_ip: str) -> Pki:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_cert, ca_key
+
+
+def _leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    cn: str,
+    orgs: tuple[str, ...],
+    sans: list[x509.GeneralName] | None,
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A leaf certificate: a server one when ``sans`` is given, else a client one."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if sans else ExtendedKeyUsageOID.CLIENT_AUTH
+    b = (
+        _builder(_name(cn, orgs), ca_cert.subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return b.sign(ca_key, hashes.SHA256()), key
+
+
+def make_pki(directory: Path, service_ip: str) -> Pki:
+    """Write a fresh CA, serving and client certificates and the service-account key pair."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    ca_cert, ca_key = _make_ca("defender-devcluster-ca")
     pki = Pki(
         dir=directory,
         ca_cert=directory / "ca.crt",
@@ -127,45 +157,32 @@ def make_pki(directory: Path, service_ip: str) -> Pki:
         serving_key=directory / "apiserver.key",
         sa_key=directory / "sa.key",
         sa_pub=directory / "sa.pub",
+        front_proxy_ca=directory / "front-proxy-ca.crt",
+        front_proxy_client_cert=directory / "front-proxy-client.crt",
+        front_proxy_client_key=directory / "front-proxy-client.key",
     )
     _write_key(pki.ca_key, ca_key)
     _write_cert(pki.ca_cert, ca_cert)
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
 
-    def leaf(cn: str, orgs: tuple[str, ...], server: bool) -> tuple[x509.Certificate, PrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (
-            _builder(_name(cn, orgs), ca_name, key.public_key())
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(aki, critical=False)
-        )
-        if server:
-            b = b.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(d) for d in _SAN_DNS]
-                    + [
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                        x509.IPAddress(ipaddress.ip_address(service_ip)),
-                    ]
-                ),
-                critical=False,
-            )
-        return b.sign(ca_key, hashes.SHA256()), key
-
-    cert, key = leaf("kube-apiserver", (), server=True)
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in _SAN_DNS]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip)]
+    cert, key = _leaf(ca_cert, ca_key, "kube-apiserver", (), sans)
     _write_cert(pki.serving_cert, cert)
     _write_key(pki.serving_key, key)
     for user, (cn, orgs) in CLIENTS.items():
-        cert, key = leaf(cn, orgs, server=False)
+        cert, key = _leaf(ca_cert, ca_key, cn, orgs, None)
         crt_path, key_path = pki.client(user)
         _write_cert(crt_path, cert)
         _write_key(key_path, key)
+
+    # The request-header (front-proxy) CA is separate: a client certificate from the main CA
+    # must not be able to assert any identity through X-Remote-User headers. Configuring it also
+    # keeps controller-manager and scheduler from logging a missing-CA error every few seconds.
+    fp_ca_cert, fp_ca_key = _make_ca("defender-devcluster-front-proxy-ca")
+    _write_cert(pki.front_proxy_ca, fp_ca_cert)
+    cert, key = _leaf(fp_ca_cert, fp_ca_key, "front-proxy-client", (), None)
+    _write_cert(pki.front_proxy_client_cert, cert)
+    _write_key(pki.front_proxy_client_key, key)
 
     # Service-account tokens are RS256 by convention; kube-apiserver accepts RSA keys here.
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)

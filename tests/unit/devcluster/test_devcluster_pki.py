@@ -92,3 +92,13 @@ def test_namespace_names_are_unique_dns_labels(test_name: str) -> None:
     for n in (a, b):
         assert len(n) <= 63
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", n), n
+
+
+def test_front_proxy_ca_is_not_the_cluster_ca(pki: Pki) -> None:
+    # A client cert from the cluster CA must not be able to act as the request-header proxy.
+    fp_ca, ca = load(pki.front_proxy_ca), load(pki.ca_cert)
+    assert fp_ca.public_key() != ca.public_key()
+    client = load(pki.front_proxy_client_cert)
+    client.verify_directly_issued_by(fp_ca)
+    with pytest.raises(ValueError):
+        load(pki.client("admin")[0]).verify_directly_issued_by(fp_ca)
