@@ -118,6 +118,7 @@ class Agent:
         schema = (
             _read_json_file(settings.schema_path, "JSON schema") if settings.schema_path else None
         )
+        self.schema = schema
         self.seed_config = (
             _read_json_file(settings.seed_config_path, "seed config")
             if settings.seed_config_path
@@ -166,7 +167,12 @@ class Agent:
         if self.seed_config is not None:
             try:
                 registration = Registry(self.client, self.configs).register(
-                    s.component, s.instance, self.seed_config, s.component_type, **common
+                    s.component,
+                    s.instance,
+                    self.seed_config,
+                    s.component_type,
+                    json_schema=self.schema,
+                    **common,
                 )
             except (StoreError, KeyringError):
                 raise
@@ -189,13 +195,12 @@ class Agent:
             self.heartbeater.update(**self._pending_fields)
 
     def _start(self) -> None:
+        """Connect, register and start watching; every step is retried while etcd is down."""
         self.keyring = self._open_keyring()
-        self.client = DefenderClient(self.library, self.keyring, instance=self.settings.instance)
-        self.configs = ConfigStore(self.client)
         delay = 0.5
         while not self.stop_requested.is_set():
             try:
-                self._register()
+                self._connect_step()
                 break
             except StoreAuthError:
                 raise
@@ -208,8 +213,18 @@ class Agent:
                 )
                 self.stop_requested.wait(delay)
                 delay = min(delay * 2, _MAX_START_BACKOFF)
-        if self.stop_requested.is_set():
-            return
+
+    def _connect_step(self) -> None:
+        if self.client is None:
+            # With etcd auth the client logs in when built, so building it can fail like any
+            # other call while etcd is down.
+            self.client = DefenderClient(
+                self.library, self.keyring, instance=self.settings.instance
+            )
+        if self.configs is None:
+            self.configs = ConfigStore(self.client)
+        if self.heartbeater is None:
+            self._register()
         if self.keyring is not None:
             self.keyring.start()
         self._watch = self.configs.watch_active(

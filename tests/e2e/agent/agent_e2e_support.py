@@ -190,7 +190,12 @@ class Plane:
             hb = self.heartbeat(agent.instance)
             return hb if hb is not None and predicate(hb) else None
 
-        result: dict[str, Any] = wait_until(check, timeout, what)
+        try:
+            result: dict[str, Any] = wait_until(check, timeout, what)
+        except AssertionError as exc:
+            tail = agent.log_path.read_text()[-4000:]
+            hb = self.heartbeat(agent.instance)
+            raise AssertionError(f"{exc}\nheartbeat: {hb}\nagent log tail:\n{tail}") from None
         return result
 
     def alerts(self) -> list[dict[str, Any]]:

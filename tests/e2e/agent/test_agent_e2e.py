@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, Plane, wait_until, write_keyring
 
 from defender_config import Envelope, Keyring, KeyState
+from defender_devcluster import EtcdCluster, tool
 from defender_operator._decisions.restarts import (
     EtcdView,
     HeartbeatPolicy,
@@ -288,3 +291,157 @@ def test_key_rotation_without_a_failed_read(plane: Plane) -> None:
     assert target.bad_reads() == []
     assert [r["config"]["threshold"] for r in target.loaded()][-4:] == [1, 2, 3, 4]
     assert agent.errors() == []
+
+
+def test_seed_config_registers_master_once(plane: Plane) -> None:
+    seed_file = plane.tmp / "seed.json"
+    seed_file.write_text(json.dumps(config(7)))
+    schema_file = plane.tmp / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    args = ("--seed-config-path", str(seed_file), "--schema-path", str(schema_file))
+    first = plane.start_agent(None, *args)
+    plane.wait_heartbeat(first, lambda h: h["config_version"] == 1, "first agent registered")
+    assert plane.configs.get_master(plane.component) == config(7)
+    assert file_config(plane) == config(7)
+    # A second instance with another default config adopts MASTER instead of overwriting it.
+    seed_file.write_text(json.dumps(config(8)))
+    second = plane.start_agent(None, *args)
+    plane.wait_heartbeat(second, lambda h: h["config_version"] == 1, "second agent registered")
+    assert plane.configs.get_master(plane.component) == config(7)
+    drift = wait_until(
+        lambda: [a for a in plane.alerts() if a["kind"] == "ConfigDrift"], 20, "a drift alert"
+    )
+    assert drift[0]["instance"] == second.instance
+    assert {i.instance for i in plane.registry.list_instances(plane.component)} == {
+        first.instance,
+        second.instance,
+    }
+
+
+def test_agent_side_schema_rejects_and_keeps_last_good(plane: Plane) -> None:
+    # The stored schema accepts any mode; this agent's component only understands "fast".
+    seed(plane)
+    strict = dict(SCHEMA, properties={**SCHEMA["properties"], "mode": {"enum": ["mode-1"]}})
+    schema_file = plane.tmp / "strict.json"
+    schema_file.write_text(json.dumps(strict))
+    agent = plane.start_agent(None, "--schema-path", str(schema_file))
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "v1 delivered")
+    plane.configs.commit(plane.component, config(2), by="e2e")
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "ConfigInvalid",
+        "ConfigInvalid in the heartbeat",
+    )
+    assert "mode" in hb["last_error"]["detail"]
+    assert hb["config_version"] == 1
+    assert file_config(plane) == config(1)
+    alerts = wait_until(
+        lambda: [a for a in plane.alerts() if a["kind"] == "ConfigInvalid"], 20, "an alert"
+    )
+    assert alerts[0]["instance"] == agent.instance
+
+
+def test_broken_keyring_secret_keeps_the_last_good_keyring(plane: Plane) -> None:
+    seed(plane)
+    agent = plane.start_agent(None)
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "v1 delivered")
+    good = plane.keyring.current()
+    (plane.keyring_dir / ".tmp").write_text('{"version": 1, "keys": []}')
+    (plane.keyring_dir / ".tmp").replace(plane.keyring_dir / "keyring.json")
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "KeyringInvalid",
+        "KeyringInvalid in the heartbeat",
+    )
+    assert hb["key_fingerprint"] == good.primary_fingerprint
+    wait_until(lambda: [a for a in plane.alerts() if a["kind"] == "KeyringInvalid"], 20, "alert")
+    # Still serving with the last good keyring: a commit sealed with it is delivered.
+    plane.configs.commit(plane.component, config(2), by="e2e")
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 2, "v2 with the old keyring")
+    assert file_config(plane) == config(2)
+    write_keyring(plane.keyring_dir, good)  # the Secret is repaired
+    plane.configs.commit(plane.component, config(3), by="e2e")
+    plane.wait_heartbeat(
+        agent, lambda h: h["config_version"] == 3 and h["last_error"] is None, "recovered"
+    )
+
+
+def test_rejected_seed_still_heartbeats_with_the_error(plane: Plane) -> None:
+    seed_file = plane.tmp / "seed.json"
+    seed_file.write_text(json.dumps(config(1)))
+    # A custom component without a schema cannot be registered: the library refuses the seed.
+    agent = plane.start_agent(None, "--seed-config-path", str(seed_file))
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "ConfigInvalid",
+        "ConfigInvalid in the heartbeat",
+    )
+    assert hb["status"] == "STARTING"
+    assert "schema" in hb["last_error"]["detail"]
+    assert not plane.output_path.exists()
+    assert plane.configs.get_metadata(plane.component) is None
+
+
+def test_wrong_etcd_password_exits_4(tmp_path: Path, plane: Plane) -> None:
+    # A separate one-member etcd with auth on: the shared cluster stays open for other tests.
+    secured = EtcdCluster(tmp_path / "auth-etcd", members=1, name="auth", die_with_parent=True)
+    secured.start()
+    try:
+        etcdctl = [str(tool("etcdctl")), "--endpoints", secured.endpoints[0]]
+        for args in (["user", "add", "root:s3cret-pw"], ["auth", "enable"]):
+            subprocess.run([*etcdctl, *args], check=True, capture_output=True, timeout=30)
+        base = ("--etcd-endpoints", secured.endpoints[0], "--etcd-user", "root")
+        wrong = plane.start_agent(None, *base, "--etcd-password", "not-the-password")
+        assert wrong.proc.wait(timeout=60) == 4
+        errors = wrong.errors()
+        assert errors[-1]["reason"] == "StoreAuth"
+        assert "not-the-password" not in wrong.log_path.read_text()
+        # The same agent with the right password works, so the refusal above was the password.
+        right = plane.start_agent(None, *base, "--etcd-password", "s3cret-pw")
+        key = f"{plane.prefix}/components/{plane.component}/instances/{right.instance}"
+
+        def registered() -> bool:
+            assert right.proc.poll() is None, right.log_path.read_text()[-2000:]
+            out = subprocess.run(
+                [*etcdctl, "--user", "root:s3cret-pw", "get", key, "--print-value-only"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+            return bool(out.stdout.strip())
+
+        wait_until(registered, 30, "the agent to register with the right password")
+    finally:
+        for agent in plane.agents:
+            if agent.proc.poll() is None:
+                agent.proc.send_signal(signal.SIGTERM)
+                agent.proc.wait(timeout=20)
+        secured.stop()
+
+
+def test_etcd_member_loss_and_quorum_loss(plane: Plane) -> None:
+    seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(target)
+    plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "RUNNING")
+    etcd = plane.etcd
+    try:
+        # One member down: quorum holds, the agent's client fails over.
+        etcd.kill_member(0)
+        plane.configs.commit(plane.component, config(2), by="e2e")
+        target_loads(target, 2, timeout=60)
+        # Two members down: no quorum. Nothing can be read or written; the agent must keep the
+        # file and keep running, and come back by itself.
+        etcd.kill_member(1)
+        time.sleep(HEARTBEAT_INTERVAL * HEARTBEAT_MISSES + 1)  # long enough for the lease to lapse
+        assert agent.proc.poll() is None
+        assert file_config(plane) == config(2)
+    finally:
+        etcd.restart_member(0)
+        etcd.restart_member(1)
+        etcd.wait_for_leader()
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 2, "heartbeat back", timeout=60)
+    plane.configs.commit(plane.component, config(3), by="e2e")
+    target_loads(target, 3, timeout=60)
+    assert target.bad_reads() == []

@@ -1,0 +1,147 @@
+"""`defender-agent` as a real process: exit codes and start-up behaviour that need no etcd."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from defender_config import Keyring
+
+
+def agent_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_") and k != "POD_NAME"}
+    env.update(extra)
+    return env
+
+
+def run_agent(
+    args: list[str], env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "defender_agent", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+BASE = [
+    "--component",
+    "demo",
+    "--output-path",
+    "/tmp/never-written.json",
+    "--reload-method",
+    "none",
+]
+
+
+def test_help_exits_zero() -> None:
+    proc = run_agent(["--help"], agent_env())
+    assert proc.returncode == 0
+    assert "--reload-process" in proc.stdout
+
+
+def test_bad_settings_exit_2_with_json_log() -> None:
+    proc = run_agent(BASE, agent_env())  # no POD_NAME, no --instance
+    assert proc.returncode == 2
+    [line] = [entry for entry in json_lines(proc.stderr) if entry["level"] == "ERROR"]
+    assert line["reason"] == "AgentSettings"
+    assert "POD_NAME" in line["msg"]
+
+
+def test_unreadable_settings_file_exit_2(tmp_path: Path) -> None:
+    proc = run_agent([*BASE, "--settings", str(tmp_path / "absent.json")], agent_env(POD_NAME="p"))
+    assert proc.returncode == 2
+    assert "cannot read" in proc.stderr
+
+
+def test_bad_seed_config_exit_2(tmp_path: Path) -> None:
+    seed = tmp_path / "seed.json"
+    seed.write_text("[1, 2")
+    proc = run_agent([*BASE, "--seed-config-path", str(seed)], agent_env(POD_NAME="p"))
+    assert proc.returncode == 2
+    assert "not valid JSON" in proc.stderr
+
+
+def test_missing_keyring_exit_3(tmp_path: Path) -> None:
+    proc = run_agent(
+        [
+            *BASE,
+            "--keyring-path",
+            str(tmp_path / "no-secret-here"),
+            "--etcd-endpoints",
+            f"http://127.0.0.1:{closed_port()}",
+        ],
+        agent_env(POD_NAME="p"),
+    )
+    assert proc.returncode == 3
+    errors = [entry for entry in json_lines(proc.stderr) if entry["level"] == "ERROR"]
+    assert errors[-1]["reason"] == "KeyringInvalid"
+    assert "mounted" in errors[-1]["msg"]
+
+
+def test_unreachable_etcd_keeps_retrying_until_sigterm(tmp_path: Path) -> None:
+    keyring = Keyring.generate()
+    (tmp_path / "keyring.json").write_bytes(keyring.to_json())
+    log_path = tmp_path / "agent.log"
+    env = agent_env(
+        POD_NAME="p-1",
+        DEFENDER_ETCD__TIMEOUT_SECONDS="0.3",
+        DEFENDER_ETCD__RETRIES="0",
+    )
+    args = [
+        *BASE,
+        "--keyring-path",
+        str(tmp_path),
+        "--etcd-endpoints",
+        f"http://127.0.0.1:{closed_port()}",
+    ]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "defender_agent", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            retries = [e for e in json_lines(log_path.read_text()) if "retrying" in e["msg"]]
+            if len(retries) >= 2:
+                break
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        assert retries[0]["reason"] == "StoreUnavailable"
+        # Key material never reaches the logs, even on error paths.
+        text = log_path.read_text()
+        assert keyring.primary.material.hex() not in text
+        assert base64.b64encode(keyring.primary.material).decode() not in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
