@@ -45,3 +45,21 @@ def test_write_after_killing_a_member_reads_back_elsewhere(
     # The restarted member rejoins with its old data and catches up on what it missed.
     got = etcdctl(defender_etcd.endpoints[victim], "get", key, "--print-value-only")
     assert got.strip() == f"written-after-killing-pid-{pid}"
+
+
+def test_stopped_member_catches_up_after_restart(
+    defender_etcd: EtcdCluster, etcd_prefix: str
+) -> None:
+    old_pid = defender_etcd.member_pids[2]
+    defender_etcd.stop_member(2)
+    try:
+        assert defender_etcd.member_pids[2] is None
+        defender_etcd.wait_for_leader(timeout=30)
+        etcdctl(defender_etcd.endpoints[0], "put", f"{etcd_prefix}while-down", "v1")
+    finally:
+        defender_etcd.restart_member(2)
+    assert defender_etcd.member_pids[2] not in (None, old_pid)
+    got = etcdctl(
+        defender_etcd.endpoints[2], "get", f"{etcd_prefix}while-down", "--print-value-only"
+    )
+    assert got.strip() == "v1"
