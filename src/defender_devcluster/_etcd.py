@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -138,6 +139,25 @@ class EtcdCluster:
             proc.stop()
         proc.start()
         self._wait_ready([i], time.monotonic() + self.start_timeout)
+
+    def restart_members(self, indices: Iterable[int] | None = None) -> list[int]:
+        """(Re)start several members at once (default: every member that is down), then wait.
+
+        Needed after losing quorum: one member restarted alone cannot become healthy, so
+        restarting them one by one would never finish. Returns the indices restarted.
+        """
+        if indices is None:
+            chosen = [i for i, p in enumerate(self._procs) if not p.running()]
+        else:
+            chosen = sorted(set(indices))
+        for i in chosen:
+            if self._procs[i].running():
+                self._procs[i].stop()
+        for i in chosen:
+            self._procs[i].start()
+        if chosen:
+            self._wait_ready(chosen, time.monotonic() + self.start_timeout)
+        return chosen
 
     def leader_endpoint(self) -> str | None:
         """Client URL of the member that is leader right now, if any answers."""

@@ -8,6 +8,7 @@ left alone.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import json
@@ -17,7 +18,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,15 @@ def pid_matches(pid: int, marker: str) -> bool:
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the forked child
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. A child
+# started from a short-lived thread (tests restart members in parallel) would be killed as soon
+# as that thread ends, so every such child is forked from this one thread that lives as long as
+# the interpreter.
+_spawner = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="devcluster-spawn"
+)
 
 
 def _wait_gone(
@@ -232,16 +242,23 @@ class ManagedProcess:
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n=== start {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
             logf.flush()
-            self._popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                # Own session: a Ctrl-C aimed at pytest or make does not hit the cluster halfway.
-                start_new_session=True,
-                preexec_fn=_set_pdeathsig if self.die_with_parent else None,
-            )
+
+            def spawn(preexec: Callable[[], None] | None) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    # Own session: a Ctrl-C aimed at pytest or make does not hit the cluster.
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                )
+
+            if self.die_with_parent:
+                self._popen = _spawner.submit(spawn, _set_pdeathsig).result()
+            else:
+                self._popen = spawn(None)
         PidFile(self.name, self._popen.pid, self.marker, self.argv).write(self.pid_path)
         log.debug("started %s pid=%s", self.name, self._popen.pid)
         return self._popen.pid

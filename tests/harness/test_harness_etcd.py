@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 
 from defender_devcluster import EtcdCluster, tool
 
@@ -63,3 +65,28 @@ def test_stopped_member_catches_up_after_restart(
         defender_etcd.endpoints[2], "get", f"{etcd_prefix}while-down", "--print-value-only"
     )
     assert got.strip() == "v1"
+
+
+def test_quorum_loss_recovered_by_restarting_members_together(
+    defender_etcd: EtcdCluster, etcd_prefix: str
+) -> None:
+    etcdctl(defender_etcd.endpoints[0], "put", f"{etcd_prefix}before", "kept")
+    defender_etcd.kill_member(1)
+    defender_etcd.kill_member(2)
+    try:
+        # One member of three has no quorum: a linearizable read must fail, not answer stale.
+        argv = [str(tool("etcdctl")), f"--endpoints={defender_etcd.endpoints[0]}"]
+        argv += ["--command-timeout=3s", "get", f"{etcd_prefix}before"]
+        no_quorum = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert no_quorum.returncode != 0
+    finally:
+        # From a thread that ends right away: the restarted members must outlive it.
+        t = threading.Thread(target=defender_etcd.restart_members)
+        t.start()
+        t.join()
+    assert all(pid is not None for pid in defender_etcd.member_pids)
+    time.sleep(1.0)
+    assert all(pid is not None for pid in defender_etcd.member_pids), "members died with thread"
+    defender_etcd.wait_for_leader(timeout=30)
+    got = etcdctl(defender_etcd.endpoints[2], "get", f"{etcd_prefix}before", "--print-value-only")
+    assert got.strip() == "kept"
