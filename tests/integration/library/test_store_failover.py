@@ -1,0 +1,158 @@
+"""Failover against the real cluster: members are SIGKILLed / stopped by PID, then restarted."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from defender_config import EtcdSettings, EtcdStore, StoreUnavailableError, WatchEvent
+from defender_devcluster import EtcdCluster
+
+pytestmark = pytest.mark.etcd
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def member_in_use(store: EtcdStore, cluster: EtcdCluster) -> int:
+    """Index of the member the store's client talks to right now."""
+    label = store._client._current_endpoint_label
+    return [e.split("://")[-1] for e in cluster.endpoints].index(label)
+
+
+def test_get_put_and_watch_survive_a_killed_member(
+    members_restored: EtcdCluster, make_etcd_settings: Callable[..., EtcdSettings], etcd_prefix: str
+) -> None:
+    cluster = members_restored
+    store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    # The writer uses its own client so the watch's stream is the only thing on `store`.
+    writer = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    try:
+        events: list[WatchEvent] = []
+        handle = store.watch_prefix(etcd_prefix, events.append)
+        assert handle.wait_connected(10)
+        store.put(etcd_prefix + "before", b"0")
+        victim = member_in_use(store, cluster)
+        cluster.kill_member(victim)
+
+        for i in range(20):
+            writer.put(f"{etcd_prefix}w{i:02d}", str(i).encode())
+            store.put(f"{etcd_prefix}s{i:02d}", str(i).encode())
+            got = store.get(f"{etcd_prefix}w{i:02d}")
+            assert got is not None and got.value == str(i).encode() and not got.stale
+        assert member_in_use(store, cluster) != victim
+
+        wait_for(lambda: len(events) == 41, what="41 watch events after the kill")
+        keys = [e.key.removeprefix(etcd_prefix) for e in events]
+        assert keys[0] == "before"
+        assert sorted(keys[1:]) == sorted(
+            [f"w{i:02d}" for i in range(20)] + [f"s{i:02d}" for i in range(20)]
+        )
+        revisions = [e.mod_revision for e in events]
+        assert revisions == sorted(set(revisions)), "events lost order or were repeated"
+        assert handle.restarts >= 1
+        assert store.metrics.registry.get_sample_value("defender_etcd_watch_restarts_total") >= 1
+
+        report = store.health()
+        assert report.quorum and report.healthy_count == 2
+        dead = [m for m in report.members if not m.healthy]
+        assert len(dead) == 1 and dead[0].endpoint in cluster.endpoints[victim]
+        assert dead[0].error
+        handle.cancel()
+    finally:
+        store.close()
+        writer.close()
+
+
+def test_many_threads_keep_working_through_a_kill(
+    members_restored: EtcdCluster, make_etcd_settings: Callable[..., EtcdSettings], etcd_prefix: str
+) -> None:
+    cluster = members_restored
+    store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    errors: list[BaseException] = []
+    done = threading.Event()
+    counts = [0] * 8
+
+    def worker(n: int) -> None:
+        i = 0
+        try:
+            while not done.is_set():
+                store.put(f"{etcd_prefix}{n}/{i}", b"x")
+                assert store.get(f"{etcd_prefix}{n}/{i}") is not None
+                i += 1
+                counts[n] = i
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: min(counts) >= 5, what="workers running")
+        cluster.kill_member(member_in_use(store, cluster))
+        before = sum(counts)
+        wait_for(lambda: sum(counts) >= before + 80, what="progress after the kill")
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+        store.close()
+    assert errors == []
+
+
+def test_stale_reads_when_every_member_is_down(
+    members_restored: EtcdCluster,
+    restart_members: Callable[[], None],
+    make_etcd_settings: Callable[..., EtcdSettings],
+    etcd_prefix: str,
+) -> None:
+    cluster = members_restored
+    registry = CollectorRegistry()
+    # Few, short retries: the point is what happens once they are exhausted.
+    store = EtcdStore(
+        make_etcd_settings(retries=2, timeout_seconds=1.0, backoff_base_seconds=0.02),
+        registry=registry,
+    )
+    try:
+        store.put(etcd_prefix + "cfg", b"known-good")
+        assert store.get(etcd_prefix + "absent") is None
+        listed = store.list_prefix(etcd_prefix)
+        assert [v.key for v in listed] == [etcd_prefix + "cfg"]
+        for i in range(cluster.members):
+            cluster.stop_member(i)
+
+        got = store.get(etcd_prefix + "cfg")
+        assert got is not None and got.value == b"known-good" and got.stale is True
+        assert store.get(etcd_prefix + "absent") is None  # absence is cached too
+        assert all(v.stale for v in store.list_prefix(etcd_prefix))
+        with pytest.raises(StoreUnavailableError) as info:
+            store.get(etcd_prefix + "never-read")
+        assert info.value.attempts == 3
+        with pytest.raises(StoreUnavailableError):
+            store.put(etcd_prefix + "cfg", b"new")
+        assert not store.has_quorum()
+        report = store.health()
+        assert not report.quorum and report.healthy_count == 0
+
+        def sample(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
+
+        assert sample("defender_etcd_stale_reads_total", op="get") == 2
+        assert sample("defender_etcd_errors_total", op="put", reason="unavailable") == 1
+        assert sample("defender_etcd_retries_total", op="put") == 2
+
+        restart_members()
+        fresh = store.get(etcd_prefix + "cfg")
+        assert fresh is not None and fresh.stale is False
+    finally:
+        store.close()
