@@ -132,6 +132,7 @@ class Agent:
             sink=_HeartbeatSink(self),
             file_mode=settings.file_mode,
             json_schema=schema,
+            process_grace_seconds=settings.reload_grace_seconds,
         )
         self._running_reported = False
 
@@ -170,7 +171,7 @@ class Agent:
                     s.component,
                     s.instance,
                     self.seed_config,
-                    s.component_type,
+                    s.component_type or "custom",
                     json_schema=self.schema,
                     **common,
                 )
@@ -235,11 +236,15 @@ class Agent:
 
     def _on_active(self, active: ActiveConfig) -> None:
         try:
-            schema = None
-            if self.settings.schema_path is None and self.configs is not None:
+            meta = None
+            if self.configs is not None:
                 meta = self.configs.get_metadata(self.settings.component)
-                schema = meta.json_schema if meta is not None else None
-            ok = self.applier.apply(active.config, active.version, json_schema=schema)
+            ok = self.applier.apply(
+                active.config,
+                active.version,
+                json_schema=meta.json_schema if meta is not None else None,
+                component_type=meta.type if meta is not None else None,
+            )
         except Exception as exc:  # never let a bad value kill the watch thread
             self.applier.reject(exc)
             return

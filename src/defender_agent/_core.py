@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from defender_config import (
     validate_config,
 )
 
-from ._errors import AgentError, ReloadError, WriteError
+from ._errors import AgentError, ProcessNotFoundError, ReloadError, WriteError
 from ._reload import Reloader
 from ._writer import read_current, write_atomic
 
@@ -78,15 +79,18 @@ class ConfigApplier:
         self,
         *,
         component: str,
-        component_type: str,
+        component_type: str | None,
         output_path: Path,
         reloader: Reloader,
         sink: StatusSink,
         file_mode: int = 0o640,
         json_schema: Mapping[str, Any] | None = None,
+        process_grace_seconds: float = 0.0,
     ) -> None:
         self._component = component
-        self._type = ComponentType(component_type)
+        self._type = component_type
+        self._grace = process_grace_seconds
+        self._pending_since: float | None = None
         self._path = output_path
         self._mode = file_mode
         self._schema = json_schema
@@ -108,14 +112,17 @@ class ConfigApplier:
         version: int | None = None,
         *,
         json_schema: Mapping[str, Any] | None = None,
+        component_type: str | None = None,
     ) -> bool:
         """Deliver ``config`` (decoded ACTIVE) to the component. True if it is now in the file;
-        never raises: failures are reported. ``json_schema`` (the one stored in the component's
-        metadata) is used when the agent was not given its own."""
+        never raises: failures are reported. ``json_schema`` and ``component_type`` (as stored in
+        the component's metadata) are used where the agent was not given its own."""
         with self._lock:
             try:
                 checked = self._validate(
-                    config, self._schema if self._schema is not None else json_schema
+                    config,
+                    self._schema if self._schema is not None else json_schema,
+                    self._type or component_type or ComponentType.CUSTOM.value,
                 )
                 data = render_config(checked)
                 digest = config_digest(checked)
@@ -171,8 +178,10 @@ class ConfigApplier:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _validate(self, config: Any, schema: Mapping[str, Any] | None) -> dict[str, Any]:
-        if self._type is ComponentType.CUSTOM and schema is None:
+    def _validate(
+        self, config: Any, schema: Mapping[str, Any] | None, component_type: str
+    ) -> dict[str, Any]:
+        if component_type == ComponentType.CUSTOM.value and schema is None:
             # No model and no schema: the component owns the format; only insist on an object,
             # which is what the shared file must hold.
             if not isinstance(config, Mapping):
@@ -181,18 +190,30 @@ class ConfigApplier:
                     [FieldError("", f"config must be a JSON object, not {type(config).__name__}")],
                 )
             return dict(config)
-        validate_config(self._type, config, schema, component=self._component)
+        validate_config(component_type, config, schema, component=self._component)
         # The normalized form fills defaults the component never asked for; deliver what was
         # committed, now known to be valid.
         return dict(config)
 
     def _reload(self) -> None:
+        now = time.monotonic()
+        if self._pending_since is None:
+            self._pending_since = now
         try:
             what = self._reloader.reload()
+        except ProcessNotFoundError as exc:
+            if now - self._pending_since < self._grace:
+                # Usually the component container is still starting; it reads the file when it
+                # starts, and the signal is retried meanwhile.
+                log.warning("no process to reload yet, will retry: %s", exc.detail)
+                return
+            self._fail(exc, self.config_version)
+            return
         except ReloadError as exc:
             self._fail(exc, self.config_version)
             return
         self.reload_pending = False
+        self._pending_since = None
         log.info("reload triggered: %s", what, extra={"config_version": self.config_version})
         self._clear_error()
 

@@ -61,9 +61,10 @@ class AgentSettings(BaseSettings):
     component: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     """Component name, as in the DefenderComponent resource and the etcd path."""
 
-    component_type: ComponentTypeName = "custom"
-    """Which config model validates the config; ``custom`` accepts any JSON object
-    (or the JSON schema in ``schema_path``)."""
+    component_type: ComponentTypeName | None = None
+    """Which config model validates the config. Default: the type stored in the component's
+    metadata. ``custom`` accepts any JSON object, or what the JSON schema (``schema_path`` or the
+    one stored with the component) allows."""
 
     instance: str = Field(
         min_length=1,
@@ -127,6 +128,10 @@ class AgentSettings(BaseSettings):
 
     reload_url: str | None = None
     """URL to call when ``reload_method`` is ``http``."""
+
+    reload_grace_seconds: float = Field(default=30.0, ge=0)
+    """How long a missing target process is normal (the component container still starting:
+    it reads the file when it starts) before it is reported as ProcessNotFound."""
 
     reload_http_method: Literal["GET", "POST", "PUT"] = "POST"
     reload_timeout_seconds: float = Field(default=5.0, gt=0)

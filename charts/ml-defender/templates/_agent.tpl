@@ -17,7 +17,7 @@ or by copying this file and _helpers.tpl):
 Arguments (a dict):
   ctx            the root context ($); values are read from .Values.agent and .Values.image
   component      the component name in etcd (the DefenderComponent name)
-  componentType  sniffer | ml-detector | firewall | rag | custom (default custom)
+  componentType  sniffer | ml-detector | firewall | rag | custom (default: the stored type)
   process        process name to signal (reload.method=signal, unless pidfile is given)
   pidfile        file holding the pid to signal, on the shared volume (alternative to process)
   url            reload URL (reload.method=http)
@@ -56,8 +56,10 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
   env:
     - name: DEFENDER_AGENT_COMPONENT
       value: {{ $component | quote }}
+    {{- with .componentType }}
     - name: DEFENDER_AGENT_COMPONENT_TYPE
-      value: {{ default "custom" .componentType | quote }}
+      value: {{ . | quote }}
+    {{- end }}
     - name: DEFENDER_AGENT_OUTPUT_PATH
       value: {{ printf "%s/%s.json" $agent.sharedMountPath $component | quote }}
     - name: DEFENDER_AGENT_ETCD_ENDPOINTS

@@ -147,8 +147,6 @@ class Plane:
             "defender_agent",
             "--component",
             self.component,
-            "--component-type",
-            "custom",
             "--output-path",
             str(self.output_path),
             "--etcd-endpoints",

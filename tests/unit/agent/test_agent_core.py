@@ -185,3 +185,42 @@ def test_non_json_numbers_are_rejected_not_crashing(tmp_path: Path) -> None:
     assert not a.apply({"a": float("nan")}, version=1)
     assert sink.heartbeat["last_error"]["reason"] == "ConfigInvalid"
     assert not (tmp_path / "demo.json").exists()
+
+
+def test_type_from_metadata_when_not_set(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = ConfigApplier(
+        component="demo",
+        component_type=None,
+        output_path=tmp_path / "demo.json",
+        reloader=NoReload(),
+        sink=sink,
+    )
+    assert a.apply(dict(SNIFFER), version=1, component_type="sniffer")
+    assert not a.apply({**SNIFFER, "bogus": 1}, version=2, component_type="sniffer")
+    assert not a.apply(dict(SNIFFER), version=3, component_type="toaster")
+    assert "toaster" in sink.heartbeat["last_error"]["detail"]
+    # The agent's own type wins over the stored one.
+    b = applier(tmp_path, RecordingSink(), component_type="sniffer")
+    assert not b.apply({"free": "form"}, version=1, component_type="custom")
+
+
+def test_missing_process_within_grace_is_not_an_error(
+    tmp_path: Path, spawn_named: Spawn, unique_name: str, wait_for: Any
+) -> None:
+    sink = RecordingSink()
+    a = applier(
+        tmp_path,
+        sink,
+        reloader=SignalReloader(signal.SIGHUP, process_name=unique_name),
+        process_grace_seconds=0.5,
+    )
+    assert a.apply({"v": 1}, version=1)
+    assert a.reload_pending
+    assert a.last_error is None and sink.alerts == []
+    wait_for(lambda: not a.retry_reload() and a.last_error is not None, timeout=5)
+    assert a.last_error is not None and a.last_error.reason == "ProcessNotFound"
+    _, marker = spawn_named(unique_name)
+    assert a.retry_reload()
+    wait_for(lambda: marker.read_text() == "1")
+    assert a.last_error is None
