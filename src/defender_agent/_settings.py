@@ -100,10 +100,15 @@ class AgentSettings(BaseSettings):
     """etcd client URLs, comma-separated; any member will do. Overrides the settings file."""
 
     etcd_ca_file: Path | None = None
+    """CA bundle that signed the etcd members' certificates (turns TLS on)."""
     etcd_cert_file: Path | None = None
+    """Client certificate for mutual TLS (with ``etcd_key_file``)."""
     etcd_key_file: Path | None = None
+    """Key of the client certificate."""
     etcd_user: str | None = None
+    """etcd user, when etcd authentication is on (with ``etcd_password``)."""
     etcd_password: SecretStr | None = None
+    """etcd password; never logged. Prefer the environment variable, from a Secret."""
 
     prefix: str | None = None
     """Root of the defender layout in etcd (default from the settings file: ``/ml-defender``)."""
@@ -134,9 +139,13 @@ class AgentSettings(BaseSettings):
     it reads the file when it starts) before it is reported as ProcessNotFound."""
 
     reload_http_method: Literal["GET", "POST", "PUT"] = "POST"
+    """HTTP method of the reload call."""
     reload_timeout_seconds: float = Field(default=5.0, gt=0)
+    """Timeout of one reload call."""
     reload_retries: int = Field(default=3, ge=1, le=20)
+    """Attempts of a reload call (connection errors, timeouts and 5xx are retried, 4xx not)."""
     reload_backoff_seconds: float = Field(default=0.2, ge=0)
+    """First wait between reload call attempts; doubles each attempt."""
 
     heartbeat_interval_seconds: float | None = Field(default=None, gt=0)
     """Seconds between heartbeats (lease keep-alives); default from the settings file (30)."""
@@ -148,6 +157,7 @@ class AgentSettings(BaseSettings):
     """How often the mounted Secret is checked for a new keyring."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level; logs are JSON lines on stderr."""
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod

@@ -193,3 +193,10 @@ def test_library_settings_missing_file(tmp_path: Path) -> None:
     )
     with pytest.raises(SettingsError, match="cannot read"):
         library_settings(settings)
+
+
+def test_every_setting_is_documented() -> None:
+    from defender_agent import AgentSettings
+
+    undocumented = [n for n, f in AgentSettings.model_fields.items() if not f.description]
+    assert undocumented == []
