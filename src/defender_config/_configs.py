@@ -463,13 +463,7 @@ class ConfigStore:
             digest = config_digest(config)
             if digest == last_digest[0]:
                 return
-            version: int | None = None
-            try:
-                meta = self.get_metadata(component)
-                if meta is not None and meta.digest == digest:
-                    version = meta.version
-            except DefenderConfigError as exc:
-                log.warning("watch_active %s: metadata unreadable: %s", component, exc)
+            version = self._version_at(component, digest, mod_revision)
             last_digest[0] = digest
             callback(ActiveConfig(component, config, version, digest, mod_revision))
 
@@ -486,6 +480,23 @@ class ConfigStore:
             fail(exc)
 
         return store.watch_key(path, on_event, start_revision=start, on_error=on_store_error)
+
+    def _version_at(self, component: str, digest: str, revision: int) -> int | None:
+        """The metadata version written with ACTIVE at `revision` (same transaction), read as
+        of that revision so later commits do not hide it; None if it cannot be matched."""
+        meta_key = self.layout.metadata(component)
+        try:
+            try:
+                stored = self.client.store.get(meta_key, revision=revision)
+            except StoreError:  # compacted: the current metadata may still match
+                stored = self.client.store.get(meta_key)
+            if stored is None:
+                return None
+            meta = _parse_metadata(meta_key, self.client.decode_json(meta_key, stored.value))
+        except DefenderConfigError as exc:
+            log.warning("watch_active %s: metadata unreadable: %s", component, exc)
+            return None
+        return meta.version if meta.digest == digest else None
 
     # --- key rotation ---------------------------------------------------------------------------
 

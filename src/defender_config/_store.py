@@ -556,9 +556,17 @@ class EtcdStore:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    def get(self, path: str) -> StoredValue | None:
+    def get(self, path: str, *, revision: int | None = None) -> StoredValue | None:
         """The value at `path`, None if absent. When etcd is unreachable, the last value seen
-        by this store (flagged `stale=True`); StoreUnavailableError if it never saw one."""
+        by this store (flagged `stale=True`); StoreUnavailableError if it never saw one.
+
+        With `revision`, the value as it was at that revision (no cache; a compacted revision
+        raises StoreError)."""
+        if revision is not None:
+            old = self._call(
+                "get", lambda c: c.range(path.encode(), None, revision=revision), path=path
+            )
+            return _stored(old.kvs[0]) if old.kvs else None
         try:
             response = self._call("get", lambda c: c.range(path.encode(), None), path=path)
         except StoreUnavailableError:

@@ -1,0 +1,270 @@
+"""ConfigStore against the real cluster: seed, commit (CAS), history, freeze, rollback, watch,
+wrong keys and alerts, key rotation with rewrap_all."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from defender_config import (
+    ActiveConfig,
+    Alert,
+    ConfigFrozenError,
+    ConfigStore,
+    ConfigValidationError,
+    ConflictError,
+    DefenderClient,
+    DefenderConfigError,
+    Keyring,
+    LibrarySettings,
+    NotFoundError,
+    UnknownKeyError,
+    inspect,
+)
+
+pytestmark = pytest.mark.etcd
+
+SNIFFER: dict[str, Any] = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@pytest.fixture
+def configs(client: DefenderClient) -> ConfigStore:
+    cs = ConfigStore(client)
+    cs.seed("sniffer", SNIFFER, "sniffer", by="test")
+    return cs
+
+
+def snaplen(n: int) -> dict[str, Any]:
+    return {**SNIFFER, "snaplen": n}
+
+
+def stored_alerts(client: DefenderClient, component: str) -> list[dict[str, Any]]:
+    prefix = client.layout.component_alerts_dir(component)
+    return [json.loads(v.value) for v in client.store.list_prefix(prefix)]
+
+
+def test_seed_writes_master_active_metadata_history(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.version == 1 and meta.type == "sniffer"
+    assert configs.get_master("sniffer")["interface"] == "eth0"
+    active = configs.get_active("sniffer")
+    assert active.version == 1 and active.config == configs.get_master("sniffer")
+    assert [e.version for e in configs.history("sniffer")] == [1]
+    # Sealed values are envelopes bound to their key path; metadata stays readable JSON.
+    raw = client.store.get(client.layout.master_config("sniffer"))
+    assert raw is not None and inspect(raw.value).encrypted
+    meta_raw = client.store.get(client.layout.metadata("sniffer"))
+    assert meta_raw is not None and json.loads(meta_raw.value)["version"] == 1
+    again = configs.seed("sniffer", snaplen(64), "sniffer", by="late")
+    assert not again.created and not again.matches_master
+    assert configs.get_master("sniffer")["snaplen"] == 256  # never overwritten
+
+
+def test_commit_versions_and_history_pruning(configs: ConfigStore) -> None:
+    versions = [configs.commit("sniffer", snaplen(100 + i), by="ops") for i in range(5)]
+    assert versions == [2, 3, 4, 5, 6]
+    assert configs.history_limit == 3
+    assert [e.version for e in configs.history("sniffer")] == [4, 5, 6]
+    assert [e.config["snaplen"] for e in configs.history("sniffer")] == [102, 103, 104]
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.version == 6 and meta.modified_by == "ops"
+    # An identical config is not a new version.
+    assert configs.commit("sniffer", snaplen(104), by="ops") == 6
+
+
+def test_commit_with_stale_expected_version_conflicts(configs: ConfigStore) -> None:
+    configs.commit("sniffer", snaplen(100), by="a", expected_version=1)
+    with pytest.raises(ConflictError) as info:
+        configs.commit("sniffer", snaplen(200), by="b", expected_version=1)
+    assert info.value.expected == 1 and info.value.found == 2
+    assert configs.get_active("sniffer").config["snaplen"] == 100
+
+
+def test_concurrent_commits_one_wins_per_version(client: DefenderClient) -> None:
+    cs = ConfigStore(client, history_limit=20)
+    cs.seed("sniffer", SNIFFER, "sniffer", by="test")
+    results: list[int | str] = []
+    gate = threading.Barrier(6)
+
+    def commit(n: int) -> None:
+        gate.wait()
+        try:
+            results.append(cs.commit("sniffer", snaplen(1000 + n), by=f"w{n}"))
+        except ConflictError:
+            results.append("conflict")
+
+    threads = [threading.Thread(target=commit, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    won = sorted(r for r in results if isinstance(r, int))
+    assert len(results) == 6 and won == list(range(2, 2 + len(won)))
+    meta = cs.get_metadata("sniffer")
+    assert meta is not None and meta.version == 1 + len(won)
+    assert [e.version for e in cs.history("sniffer")] == list(range(1, 2 + len(won)))
+
+
+def test_freeze_refuses_commits(configs: ConfigStore, client: DefenderClient) -> None:
+    configs.freeze("sniffer", "bad rollout", by="oncall")
+    with pytest.raises(ConfigFrozenError) as info:
+        configs.commit("sniffer", snaplen(100), by="ops")
+    assert "bad rollout" in str(info.value)
+    assert configs.get_active("sniffer").version == 1
+    # Rollback is the way back and stays allowed while frozen.
+    assert configs.rollback("sniffer", "master", by="oncall") == 2
+    assert configs.unfreeze("sniffer")
+    assert configs.commit("sniffer", snaplen(100), by="ops") == 3
+    # A marker written by hand with etcdctl (not JSON) freezes too.
+    client.store.put(client.layout.freeze("sniffer"), b"yes")
+    with pytest.raises(ConfigFrozenError):
+        configs.commit("sniffer", snaplen(101), by="ops")
+
+
+def test_freeze_set_between_read_and_write_is_honoured(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    # The freeze check is part of the write transaction, not only a read before it.
+    meta = configs._metadata("sniffer")
+    assert meta is not None
+    client.store.put(
+        client.layout.freeze("sniffer"), b'{"reason":"race","since":"2026-01-01T00:00:00Z"}'
+    )
+    with pytest.raises(ConfigFrozenError):
+        configs._write_version(
+            "sniffer", snaplen(5), "ops", meta[0], meta[1], note=None, respect_freeze=True
+        )
+
+
+def test_rollback_to_master_and_to_version(configs: ConfigStore) -> None:
+    configs.commit("sniffer", snaplen(100), by="ops")  # v2
+    configs.commit("sniffer", snaplen(200), by="ops")  # v3
+    assert configs.rollback("sniffer", 2, by="ops") == 4
+    assert configs.get_active("sniffer").config["snaplen"] == 100
+    assert configs.rollback("sniffer", "master", by="ops") == 5
+    active = configs.get_active("sniffer")
+    assert active.version == 5 and active.config == configs.get_master("sniffer")
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.note == "rollback to master"
+    with pytest.raises(NotFoundError, match="not kept"):
+        configs.rollback("sniffer", 1, by="ops")  # pruned (limit 3 keeps 3..5)
+
+
+def test_invalid_commit_keeps_active_and_alerts(
+    configs: ConfigStore, client: DefenderClient, alerts: list[Alert]
+) -> None:
+    configs.commit("sniffer", snaplen(100), by="ops")
+    with pytest.raises(ConfigValidationError):
+        configs.commit("sniffer", {**SNIFFER, "snaplen": 5}, by="ops")
+    assert configs.get_active("sniffer").config["snaplen"] == 100
+    assert [a.kind for a in alerts] == ["ConfigInvalid"]
+    assert [a["kind"] for a in stored_alerts(client, "sniffer")] == ["ConfigInvalid"]
+
+
+def test_invalid_commit_reverts_to_master_by_policy(
+    client: DefenderClient, alerts: list[Alert]
+) -> None:
+    cs = ConfigStore(client, on_invalid="revert_to_master")
+    cs.seed("sniffer", SNIFFER, "sniffer", by="test")
+    cs.commit("sniffer", snaplen(100), by="ops")
+    with pytest.raises(ConfigValidationError):
+        cs.commit("sniffer", {**SNIFFER, "capture_mode": "carrier-pigeon"}, by="ops")
+    active = cs.get_active("sniffer")
+    assert active.version == 3 and active.config == cs.get_master("sniffer")
+    assert [a.kind for a in alerts] == ["ConfigInvalid", "ConfigRolledBack"]
+
+
+def test_watch_active_delivers_decoded_changes(configs: ConfigStore) -> None:
+    seen: list[ActiveConfig] = []
+    handle = configs.watch_active("sniffer", seen.append)
+    configs.commit("sniffer", snaplen(100), by="ops")
+    configs.commit("sniffer", snaplen(200), by="ops")
+    configs.rollback("sniffer", "master", by="ops")
+    wait_for(lambda: len(seen) == 4, what="initial + 3 changes")
+    handle.cancel()
+    assert [(a.version, a.config["snaplen"]) for a in seen] == [
+        (1, 256),
+        (2, 100),
+        (3, 200),
+        (4, 256),
+    ]
+
+
+def test_wrong_key_is_typed_error_and_alert_record(
+    configs: ConfigStore, settings: LibrarySettings, alerts: list[Alert]
+) -> None:
+    errors: list[DefenderConfigError] = []
+    intruder_alerts: list[Alert] = []
+    from defender_config import CallableSink, EtcdAlertSink
+
+    with DefenderClient(
+        settings, Keyring.generate(), registry=CollectorRegistry(), alert_sinks=[]
+    ) as wrong:
+        wrong.alerter.add_sink(CallableSink(intruder_alerts.append))
+        wrong.alerter.add_sink(EtcdAlertSink(wrong.store, wrong.layout, ttl_seconds=600))
+        other = ConfigStore(wrong)
+        with pytest.raises(UnknownKeyError) as info:
+            other.get_active("sniffer")
+        assert info.value.path == wrong.layout.active_config("sniffer")
+        # A watch with the wrong key hands the error over and keeps running.
+        handle = other.watch_active("sniffer", lambda a: None, on_error=errors.append)
+        configs.commit("sniffer", snaplen(100), by="ops")
+        wait_for(lambda: len(errors) == 2, what="initial + 1 decode error")
+        handle.cancel()
+        assert all(isinstance(e, UnknownKeyError) for e in errors)
+        records = stored_alerts(wrong, "sniffer")
+    assert [a.kind for a in intruder_alerts] == ["UnknownKey"] * 3
+    assert [r["kind"] for r in records] == ["UnknownKey"] * 3
+    assert all(r["path"].endswith("/components/sniffer/active_config") for r in records)
+    assert alerts == []  # the right-key client saw nothing wrong
+
+
+def test_rewrap_all_after_rotation(
+    configs: ConfigStore, settings: LibrarySettings, keyring: Keyring
+) -> None:
+    for i in range(3):
+        configs.commit("sniffer", snaplen(100 + i), by="ops")
+    staged = keyring.with_new_decrypt_only()
+    new_id = next(k for k in staged.key_ids if k != keyring.primary.key_id)
+    rotated = staged.promote(new_id)
+    with DefenderClient(settings, rotated, registry=CollectorRegistry(), alert_sinks=[]) as c2:
+        cs2 = ConfigStore(c2)
+        report = cs2.rewrap_all()
+        # master, active, 3 history entries (limit 3)
+        assert (report.sealed, report.rewrapped, report.failed) == (5, 5, 0)
+        for sv in c2.store.list_prefix(c2.layout.component_dir("sniffer")):
+            if sv.key.endswith(("metadata", "status")):
+                continue
+            assert inspect(sv.value).key_id == new_id, sv.key
+        assert cs2.rewrap_all().rewrapped == 0
+        assert cs2.get_active("sniffer").config["snaplen"] == 102
+    # The old key alone no longer opens anything: the old primary's holders need the new key.
+    with pytest.raises(UnknownKeyError):
+        configs.get_active("sniffer")
+
+
+def test_dump_decrypts_only_when_asked(configs: ConfigStore, client: DefenderClient) -> None:
+    sealed = {e.key: e for e in client.dump() if e.sealed}
+    master = sealed[client.layout.master_config("sniffer")]
+    assert master.value is None and master.header is not None
+    assert master.header["key_id"] == client.envelope.keyring().primary.key_id  # type: ignore[union-attr]
+    opened = {e.key: e for e in client.dump(decrypt=True)}
+    assert opened[client.layout.master_config("sniffer")].value["interface"] == "eth0"
+    assert opened[client.layout.metadata("sniffer")].value["version"] == 1

@@ -1,0 +1,219 @@
+"""Registry and heartbeats against the real cluster: registration races, lease-bound instance
+keys, a SIGKILLed instance disappearing by lease expiry, status transitions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from defender_config import (
+    ComponentStatus,
+    ConfigStore,
+    DefenderClient,
+    InstanceEvent,
+    Keyring,
+    LibrarySettings,
+    Registration,
+    Registry,
+)
+
+pytestmark = pytest.mark.etcd
+
+DETECTOR: dict[str, Any] = {
+    "node_id": "detector-01",
+    "version": "1.0.0",
+    "capabilities": ["ddos", "ransomware"],
+}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def test_concurrent_registrations_leave_exactly_one_master(
+    settings: LibrarySettings, keyring: Keyring
+) -> None:
+    clients = [
+        DefenderClient(settings, keyring, registry=CollectorRegistry(), alert_sinks=[])
+        for _ in range(8)
+    ]
+    results: list[Registration] = []
+    errors: list[BaseException] = []
+    gate = threading.Barrier(8)
+
+    def register(n: int) -> None:
+        try:
+            gate.wait()
+            config = {**DETECTOR, "node_id": f"detector-{n:02d}"}
+            results.append(
+                Registry(clients[n]).register(
+                    "ml-detector", f"pod-{n}", config, "ml-detector", interval_seconds=5
+                )
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        winners = [r for r in results if r.created_master]
+        assert len(results) == 8 and len(winners) == 1
+        master = ConfigStore(clients[0]).get_master("ml-detector")
+        assert master["node_id"] == f"detector-{int(winners[0].instance.removeprefix('pod-')):02d}"
+        raw = clients[0].store.get(clients[0].layout.master_config("ml-detector"))
+        assert raw is not None and raw.version == 1  # written once, never overwritten
+        # Everyone runs what the winner wrote.
+        assert {r.active.digest for r in results} == {winners[0].active.digest}
+        assert all(r.active.version == 1 for r in results)
+        instances = Registry(clients[0]).list_instances("ml-detector")
+        assert sorted(h.instance for h in instances) == [f"pod-{n}" for n in range(8)]
+    finally:
+        for r in results:
+            r.heartbeater.stop()
+        for c in clients:
+            c.close()
+
+
+def test_status_transitions_and_stop_revokes_lease(client: DefenderClient) -> None:
+    reg = Registry(client)
+    r = reg.register(
+        "firewall",
+        "fw-a",
+        {"node_id": "fw-01", "version": "1.0.0", "default_policy": "deny"},
+        "firewall",
+    )
+    status = reg.get_status("firewall")
+    assert status is not None and status.status is ComponentStatus.STARTING
+    assert [h.status for h in reg.list_instances("firewall")] == [ComponentStatus.STARTING]
+    r.heartbeater.set_status(ComponentStatus.RUNNING)
+    wait_for(
+        lambda: [h.status for h in reg.list_instances("firewall")] == [ComponentStatus.RUNNING]
+    )
+    lease = r.heartbeater.lease
+    assert lease is not None
+    r.heartbeater.stop()
+    assert reg.list_instances("firewall") == []
+    assert client.store.lease_ttl(lease) == -1
+    status = reg.get_status("firewall")
+    assert status is not None and status.status is ComponentStatus.STOPPED
+    summary = {c.name: c for c in reg.list_components()}["firewall"]
+    assert summary.status is ComponentStatus.STOPPED and summary.active_version == 1
+    assert summary.type == "firewall" and summary.instances == ()
+
+
+def test_heartbeat_carries_mutable_fields(client: DefenderClient, keyring: Keyring) -> None:
+    reg = Registry(client)
+    r = reg.register("rag", "rag-0", {"node_id": "rag-01", "version": "1.0.0"}, "rag", pod="rag-0")
+    try:
+        [hb] = reg.list_instances("rag")
+        assert hb.pod == "rag-0" and hb.config_version == 1
+        assert hb.key_fingerprint == keyring.primary_fingerprint
+        assert hb.key_fingerprints == [keyring.primary_fingerprint]
+        assert hb.codec == "zstd+aes-256-gcm"
+        assert hb.last_error is None
+        from defender_config import CodecMismatchError
+
+        r.heartbeater.update(
+            config_version=7, last_error=CodecMismatchError("zstd", "none", path="/x")
+        )
+        wait_for(lambda: reg.list_instances("rag")[0].config_version == 7)
+        [hb] = reg.list_instances("rag")
+        assert hb.last_error is not None and hb.last_error.reason == "CodecMismatch"
+    finally:
+        r.heartbeater.stop()
+
+
+def test_heartbeater_regrants_an_expired_lease(client: DefenderClient) -> None:
+    reg = Registry(client)
+    r = reg.register(
+        "sniffer",
+        "s-0",
+        {"node_id": "s-01", "version": "1.0.0", "interface": "eth0"},
+        "sniffer",
+        interval_seconds=0.5,
+        allowed_misses=4,
+    )
+    try:
+        first = r.heartbeater.lease
+        assert first is not None
+        client.store.revoke_lease(first)  # what a long etcd outage does to the lease
+        wait_for(lambda: r.heartbeater.regrants == 1, what="a new lease")
+        wait_for(lambda: len(reg.list_instances("sniffer")) == 1, what="the key written again")
+        stored = client.store.get(client.layout.instance("sniffer", "s-0"))
+        assert stored is not None and stored.lease_id not in (0, first.id)
+    finally:
+        r.heartbeater.stop()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from defender_config import DefenderClient, Registry, load_settings
+    client = DefenderClient(load_settings(None), alert_sinks=[])
+    r = Registry(client).register(
+        "ml-detector", "doomed",
+        {"node_id": "d-01", "version": "1.0.0", "capabilities": ["ddos"]}, "ml-detector",
+        interval_seconds=1, allowed_misses=2,
+    )
+    r.heartbeater.set_status("RUNNING")
+    print("registered", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_killed_instance_disappears_by_lease_expiry(
+    client: DefenderClient, settings: LibrarySettings, keyring: Keyring, tmp_path: Path
+) -> None:
+    keyring_file = tmp_path / "keyring.json"
+    keyring_file.write_bytes(keyring.to_json())
+    env = {
+        **os.environ,
+        "DEFENDER_ETCD__ENDPOINTS": ",".join(settings.etcd.endpoints),
+        "DEFENDER_PREFIX": settings.prefix,
+        "DEFENDER_KEYRING_PATH": str(keyring_file),
+    }
+    events: list[InstanceEvent] = []
+    handle = Registry(client).watch_instances(events.append, component="ml-detector")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "registered"
+        wait_for(lambda: any(e.kind == "put" for e in events), what="the heartbeat put")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        killed_at = time.monotonic()
+        wait_for(lambda: any(e.kind == "delete" for e in events), what="the lease expiry")
+        # TTL 2 s: etcd expires it within a few seconds, not at some poll interval.
+        assert time.monotonic() - killed_at < 15
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+        handle.cancel()
+    last = events[-1]
+    assert last.kind == "delete" and last.instance == "doomed" and last.heartbeat is None
+    assert all(e.heartbeat is not None for e in events if e.kind == "put")
+    assert Registry(client).list_instances("ml-detector") == []
