@@ -116,7 +116,8 @@ def openapi_schema() -> dict[str, Any]:
                 "description": "Versioned schema of this object (mldefender.io/v1alpha1).",
             },
             "kind": {"type": "string", "description": "DefenderComponent."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The API server allows nothing but `type` here (metadata is its own schema).
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },

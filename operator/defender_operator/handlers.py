@@ -56,7 +56,12 @@ async def _etcd_health_loop(rt: Runtime) -> None:
         rt.etcd.record(utcnow(), health)
         now_ok = health.reachable and health.quorum
         if was_ok != now_ok:
-            log.warning("defender etcd %s: %s", "healthy" if now_ok else "UNHEALTHY", health.detail)
+            log.log(
+                logging.INFO if now_ok else logging.WARNING,
+                "defender etcd %s: %s",
+                "healthy" if now_ok else "UNHEALTHY",
+                health.detail,
+            )
         await asyncio.sleep(rt.settings.etcd_health_interval_seconds)
 
 
@@ -184,27 +189,29 @@ async def monitor_component(
     **_: Any,
 ) -> None:
     rt: Runtime = memo["runtime"]
+    ns = namespace or ""
     while not stopped:
-        if body.get("status", {}).get("observedGeneration"):
-            # `body` is kopf's live view: spec and status as of the latest watch event.
-            try:
+        try:
+            # Read fresh each pass: level-based, and independent of kopf's body caching.
+            current = await asyncio.to_thread(rt.kube.get_component, ns, name)
+            if current is not None and current.get("status", {}).get("observedGeneration"):
                 await _monitor.tick(
                     rt,
                     body=body,
-                    namespace=namespace or "",
+                    namespace=ns,
                     name=name,
-                    generation=int(body.meta.get("generation") or 0),
-                    raw_spec=dict(body.spec),
-                    status=dict(body.status),
+                    generation=int(current["metadata"].get("generation") or 0),
+                    raw_spec=current["spec"],
+                    status=current["status"],
                     logger=logger,
                 )
-            except (DefenderConfigError, OperatorError, ValueError) as exc:
-                ERRORS.labels("monitor").inc()
-                logger.warning(
-                    "monitor pass failed, next pass in %ss: %s",
-                    rt.settings.monitor_interval_seconds,
-                    exc,
-                )
+        except (DefenderConfigError, OperatorError, ValueError) as exc:
+            ERRORS.labels("monitor").inc()
+            logger.warning(
+                "monitor pass failed, next pass in %ss: %s",
+                rt.settings.monitor_interval_seconds,
+                exc,
+            )
         await stopped.wait(rt.settings.monitor_interval_seconds)
 
 

@@ -131,16 +131,17 @@ def decide_restart(
             "EtcdNoQuorum",
             "defender etcd has lost quorum: heartbeats cannot be judged, no pod is restarted",
         )
+    stale = stale_pods(now, pods, last_seen, watch_started, policy)
+    names = tuple(name for _, name in stale)
+    if not stale:
+        return RestartDecision(RestartAction.NONE, "Heartbeating", "every pod is heartbeating")
     if etcd.healthy_since is None or now - etcd.healthy_since < policy.threshold:
         return RestartDecision(
             RestartAction.HOLD,
             "EtcdRecovering",
             "defender etcd recovered recently: waiting one heartbeat threshold before judging",
+            stale_pods=names,
         )
-    stale = stale_pods(now, pods, last_seen, watch_started, policy)
-    names = tuple(name for _, name in stale)
-    if not stale:
-        return RestartDecision(RestartAction.NONE, "Heartbeating", "every pod is heartbeating")
     if not budget.enabled:
         return RestartDecision(
             RestartAction.HOLD,

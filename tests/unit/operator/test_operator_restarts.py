@@ -144,3 +144,9 @@ def test_one_at_a_time_replacement_still_starting() -> None:
     # Once the replacement heartbeats, the next stale pod may go.
     d = decide(T0, [replacement, stale], {"a2": T0}, restart_times=[last], policy=policy)
     assert d.pod == "b"
+
+
+def test_recovering_etcd_does_not_hide_healthy_pods() -> None:
+    etcd = EtcdView(reachable=True, quorum=True, healthy_since=T0 - timedelta(seconds=5))
+    d = decide(T0, [PodView("a", OLD)], {"a": T0}, etcd=etcd)
+    assert d.action is RestartAction.NONE

@@ -1,0 +1,251 @@
+"""Helpers for the operator end-to-end tests (imported by conftest and tests).
+
+The operator end to end: the real local control plane, the real 3-member defender etcd, the
+operator as a subprocess (`python -m defender_operator`), kubectl from the built tools.
+
+Pods never run (no kubelet): tests play the component instances themselves, writing heartbeats
+with the library's Heartbeater under the pod names their Deployments created.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes import client as k8s
+
+from defender_config import (
+    ConfigStore,
+    DefenderClient,
+    Heartbeater,
+    Keyring,
+    LibrarySettings,
+    Registry,
+)
+from defender_devcluster import EtcdCluster, tools_bin
+from defender_operator import _api
+
+REPO = Path(__file__).resolve().parents[3]
+SAMPLES = REPO / "manifests" / "samples"
+CRD = REPO / "crds" / "defendercomponents.yaml"
+SECRET = "ml-defender-keyring"
+T = TypeVar("T")
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, every: float = 0.5) -> T:
+    """Poll `fn` until it returns something truthy; fail naming `what` (and the last error)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            got = fn()
+            if got:
+                return got
+        except Exception as exc:  # kept for the failure message
+            last = exc
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
+
+
+def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [str(tools_bin() / "kubectl"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class OperatorRun:
+    namespace: str  # where the components live
+    operator_namespace: str  # where the source keyring Secret lives
+    prefix: str
+    etcd: EtcdCluster
+    api: k8s.ApiClient
+    log_path: Path
+    liveness_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    heartbeaters: list[Heartbeater] = field(default_factory=list)
+    clients: list[DefenderClient] = field(default_factory=list)
+
+    # --- kubernetes helpers -------------------------------------------------------------------
+
+    @property
+    def custom(self) -> k8s.CustomObjectsApi:
+        return k8s.CustomObjectsApi(self.api)
+
+    @property
+    def core(self) -> k8s.CoreV1Api:
+        return k8s.CoreV1Api(self.api)
+
+    def get(self, name: str) -> dict[str, Any]:
+        obj: Any = self.custom.get_namespaced_custom_object(
+            _api.GROUP, _api.VERSION, self.namespace, _api.PLURAL, name
+        )
+        return dict(obj)
+
+    def patch(self, name: str, body: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            _api.GROUP, _api.VERSION, self.namespace, _api.PLURAL, name, body
+        )
+
+    def condition(self, name: str, ctype: str) -> dict[str, Any] | None:
+        for c in self.get(name).get("status", {}).get("conditions", []):
+            if c["type"] == ctype:
+                return dict(c)
+        return None
+
+    def events(self, name: str) -> list[Any]:
+        found = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return list(found.items)
+
+    def event_reasons(self, name: str) -> set[str]:
+        return {e.reason for e in self.events(name)}
+
+    def apply_sample(self, sample: str, **spec_overrides: Any) -> dict[str, Any]:
+        doc = yaml.safe_load((SAMPLES / f"{sample}.yaml").read_text())
+        doc["spec"].update(spec_overrides)
+        self.custom.create_namespaced_custom_object(
+            _api.GROUP, _api.VERSION, self.namespace, _api.PLURAL, doc
+        )
+        return dict(doc)
+
+    def deployment(self, name: str, labels: dict[str, str], replicas: int = 1) -> None:
+        apps = k8s.AppsV1Api(self.api)
+        body = k8s.V1Deployment(
+            metadata=k8s.V1ObjectMeta(name=name),
+            spec=k8s.V1DeploymentSpec(
+                replicas=replicas,
+                selector=k8s.V1LabelSelector(match_labels=labels),
+                template=k8s.V1PodTemplateSpec(
+                    metadata=k8s.V1ObjectMeta(labels=labels),
+                    spec=k8s.V1PodSpec(
+                        containers=[k8s.V1Container(name="c", image="registry.invalid/none:0")]
+                    ),
+                ),
+            ),
+        )
+        apps.create_namespaced_deployment(self.namespace, body)
+
+    def pods(self, labels: dict[str, str]) -> list[Any]:
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        found = self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+        return [p for p in found.items if p.metadata.deletion_timestamp is None]
+
+    # --- etcd / library helpers ---------------------------------------------------------------
+
+    def library_settings(self) -> LibrarySettings:
+        return LibrarySettings(etcd={"endpoints": self.etcd.endpoints}, prefix=self.prefix)
+
+    def keyring_copy(self) -> Keyring:
+        secret: Any = self.core.read_namespaced_secret(SECRET, self.namespace)
+        return Keyring.from_secret_data(dict(secret.data))
+
+    def client(self, keyring: Any = None) -> DefenderClient:
+        c = DefenderClient(
+            self.library_settings(), keyring if keyring is not None else self.keyring_copy()
+        )
+        self.clients.append(c)
+        return c
+
+    def configs(self) -> ConfigStore:
+        return ConfigStore(self.client())
+
+    def heartbeat(
+        self, component: str, pod: str, client: DefenderClient | None = None, **fields: Any
+    ) -> Heartbeater:
+        c = client or self.client()
+        hb = Heartbeater(
+            c, component, pod, interval_seconds=1.0, allowed_misses=3, pod=pod, **fields
+        )
+        hb.start()
+        hb.set_status("RUNNING")
+        self.heartbeaters.append(hb)
+        return hb
+
+    def registry(self) -> Registry:
+        return Registry(self.client())
+
+    # --- the operator process -----------------------------------------------------------------
+
+    def start(self, **env: str) -> None:
+        full = {
+            **os.environ,
+            "DEFENDER_ETCD__ENDPOINTS": ",".join(self.etcd.endpoints),
+            "DEFENDER_PREFIX": self.prefix,
+            "DEFENDER_OPERATOR_NAMESPACE": self.operator_namespace,
+            "DEFENDER_OPERATOR_METRICS_PORT": "0",
+            "DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS": "1",
+            "DEFENDER_OPERATOR_ETCD_HEALTH_INTERVAL_SECONDS": "1",
+            "DEFENDER_OPERATOR_ROTATION_INTERVAL_SECONDS": "1",
+            "DEFENDER_OPERATOR_LOG_FORMAT": "text",
+            **env,
+        }
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "defender_operator",
+                "-n",
+                self.namespace,
+                "--liveness",
+                f"http://127.0.0.1:{self.liveness_port}/healthz",
+            ],
+            env=full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log_tail(self, lines: int = 80) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        for hb in self.heartbeaters:
+            try:
+                hb.stop()
+            except Exception:  # etcd may be partly down in a failing test; keep cleaning up
+                pass
+        self.stop()
+        for c in self.clients:
+            c.close()
+
+
+def b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()

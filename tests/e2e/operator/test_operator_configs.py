@@ -1,0 +1,213 @@
+"""Samples → MASTER/ACTIVE in etcd and Ready; edit → version 2; invalid edit refused; rollback;
+retention on delete. Everything against the real control plane and defender etcd."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from operator_e2e_support import SAMPLES, OperatorRun, kubectl, wait_for
+
+from defender_config import NotFoundError, config_digest, validate_config
+
+SAMPLE_NAMES = ["sniffer", "ml-detector", "firewall", "rag"]
+
+pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
+
+
+def _labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": name}
+
+
+def _ready(run: OperatorRun, name: str) -> bool:
+    cond = run.condition(name, "Ready")
+    return cond is not None and cond["status"] == "True"
+
+
+def _start_instances(run: OperatorRun, names: list[str]) -> None:
+    for name in names:
+        run.deployment(name, _labels(name))
+    for name in names:
+        pods = wait_for(f"a pod of {name}", lambda n=name: run.pods(_labels(n)))  # type: ignore[misc]
+        run.heartbeat(name, pods[0].metadata.name)
+
+
+def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    kubectl("apply", "-n", run.namespace, "-f", str(SAMPLES))
+    # Seeding does not wait for pods: MASTER and ACTIVE v1 appear first.
+    for name in SAMPLE_NAMES:
+        wait_for(
+            f"{name} activeVersion 1",
+            lambda n=name: run.get(n).get("status", {}).get("activeVersion") == 1,
+        )  # type: ignore[misc]
+    configs = run.configs()
+    for name in SAMPLE_NAMES:
+        doc = yaml.safe_load((SAMPLES / f"{name}.yaml").read_text())
+        expected = validate_config(doc["spec"]["componentType"], doc["spec"]["config"])
+        assert configs.get_master(name) == expected
+        active = configs.get_active(name)
+        assert (active.version, active.config) == (1, expected)
+        status = run.get(name)["status"]
+        assert status["masterDigest"] == status["activeDigest"] == config_digest(expected)
+        # Every condition is present from the first visit.
+        types = {c["type"] for c in status["conditions"]}
+        assert types == {"Ready", "ConfigSynced", "Heartbeating", "KeyCurrent", "Misconfigured"}
+    # Without pods a component is not Ready, and says why.
+    wait_for(
+        "Heartbeating reason NoPods",
+        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["reason"] == "NoPods",
+    )
+    assert run.condition("sniffer", "Ready")["status"] == "False"  # type: ignore[index]
+
+    _start_instances(run, SAMPLE_NAMES)
+    for name in SAMPLE_NAMES:
+        wait_for(f"{name} Ready", lambda n=name: _ready(run, n), timeout=60)  # type: ignore[misc]
+
+    out = kubectl("get", "defendercomponents", "-n", run.namespace).stdout
+    header = out.splitlines()[0].split()
+    assert header == [
+        "NAME",
+        "TYPE",
+        "READY",
+        "ACTIVE",
+        "INSTANCES",
+        "HEARTBEAT",
+        "RESTARTS",
+        "AGE",
+    ]
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert sorted(rows) == sorted(SAMPLE_NAMES)
+    for name in SAMPLE_NAMES:
+        assert rows[name][1:5] == [name, "True", "1", "1/1"], out
+        assert rows[name][6] == "0"
+    # The short name and category work too.
+    assert "sniffer" in kubectl("get", "dfc", "-n", run.namespace).stdout
+    assert "sniffer" in kubectl("get", "defender", "-n", run.namespace).stdout
+    # The namespace got its keyring copy, and it holds the operator's key.
+    source = run.core.read_namespaced_secret("ml-defender-keyring", run.operator_namespace)
+    copy = run.core.read_namespaced_secret("ml-defender-keyring", run.namespace)
+    assert copy.data == source.data
+    assert copy.metadata.labels["app.kubernetes.io/managed-by"] == "defender-operator"
+
+
+def _set_config(run: OperatorRun, name: str, config: dict[str, Any]) -> None:
+    run.patch(name, {"spec": {"config": config}})
+
+
+def test_edit_commits_version_2_invalid_is_refused_and_rollback(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    run.start()
+    doc = run.apply_sample("firewall")
+    wait_for("version 1", lambda: run.get("firewall").get("status", {}).get("activeVersion") == 1)
+    configs = run.configs()
+
+    edited = dict(doc["spec"]["config"], block_ttl_seconds=600)
+    _set_config(run, "firewall", edited)
+    wait_for("version 2", lambda: run.get("firewall")["status"].get("activeVersion") == 2)
+    assert configs.get_active("firewall").config["block_ttl_seconds"] == 600
+    assert configs.get_master("firewall")["block_ttl_seconds"] == 3600
+    assert "Committed" in run.event_reasons("firewall")
+
+    # 10.0.0.1/8 is a host address with a network mask: the library's model refuses it.
+    bad_rule = {"id": "bad", "action": "deny", "src_cidr": "10.0.0.1/8"}
+    invalid = dict(edited, rules=[*edited["rules"], bad_rule])
+    _set_config(run, "firewall", invalid)
+    synced = wait_for(
+        "ConfigSynced=False",
+        lambda: (c := run.condition("firewall", "ConfigSynced")) and c["status"] == "False" and c,
+    )
+    assert synced["reason"] == "ConfigInvalid"
+    assert "CIDR" in synced["message"]
+    assert run.condition("firewall", "Ready")["status"] == "False"  # type: ignore[index]
+    active = configs.get_active("firewall")
+    assert active.version == 2 and active.config["block_ttl_seconds"] == 600
+    wait_for("ConfigInvalid event", lambda: "ConfigInvalid" in run.event_reasons("firewall"))
+
+    # The API server's schema refuses what never reaches the operator.
+    refused = kubectl(
+        "patch",
+        "defendercomponent",
+        "firewall",
+        "-n",
+        run.namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"heartbeat":{"intervalSeconds":0}}}',
+        check=False,
+    )
+    assert refused.returncode != 0 and "intervalSeconds" in refused.stderr
+
+    # Fix the config again, then roll back to MASTER by the documented command.
+    _set_config(run, "firewall", edited)
+    wait_for(
+        "ConfigSynced=True",
+        lambda: (c := run.condition("firewall", "ConfigSynced")) and c["status"] == "True",
+    )
+    kubectl(
+        "annotate",
+        "defendercomponent",
+        "firewall",
+        "-n",
+        run.namespace,
+        "mldefender.io/rollback-to=master",
+    )
+    wait_for(
+        "rollback to MASTER",
+        lambda: (
+            configs.get_active("firewall").digest == config_digest(configs.get_master("firewall"))
+        ),
+    )
+    wait_for(
+        "annotation removed",
+        lambda: (
+            "mldefender.io/rollback-to"
+            not in run.get("firewall")["metadata"].get("annotations", {})
+        ),
+    )
+    version = configs.get_active("firewall").version
+    assert version is not None and version >= 3
+    assert "RolledBack" in run.event_reasons("firewall")
+    # The unchanged spec does not undo the rollback, also not after an operator restart.
+    run.stop()
+    run.start()
+    wait_for("status refreshed", lambda: _ready_or_known(run))
+    assert configs.get_active("firewall").version == version
+
+
+def _ready_or_known(run: OperatorRun) -> bool:
+    cond = run.condition("firewall", "ConfigSynced")
+    return cond is not None and cond["status"] == "True"
+
+
+@pytest.mark.parametrize("retention", ["Keep", "Purge"])
+def test_delete_applies_retention(operator_run: OperatorRun, retention: str) -> None:
+    run = operator_run
+    run.start()
+    run.apply_sample("rag", retention=retention)
+    wait_for("version 1", lambda: run.get("rag").get("status", {}).get("activeVersion") == 1)
+    configs = run.configs()
+    run.custom.delete_namespaced_custom_object(
+        "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", "rag"
+    )
+    wait_for("resource gone", lambda: _gone(run, "rag"))
+    if retention == "Keep":
+        assert configs.get_active("rag").version == 1
+    else:
+        with pytest.raises(NotFoundError):
+            configs.get_master("rag")
+        assert configs.get_metadata("rag") is None
+
+
+def _gone(run: OperatorRun, name: str) -> bool:
+    from kubernetes.client import ApiException
+
+    try:
+        run.get(name)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
