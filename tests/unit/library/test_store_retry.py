@@ -1,0 +1,234 @@
+"""Retry classification and backoff of the etcd layer, without a cluster.
+
+The loop is driven with real gRPC against a port nobody listens on (connection refused is a
+real UNAVAILABLE) and with RpcError instances carrying a status code, as grpc raises them."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+from pyetcd import exceptions as etcd_exc
+
+from defender_config import (
+    EtcdSettings,
+    EtcdStore,
+    NotFoundError,
+    SettingsError,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailableError,
+)
+from defender_config._store import classify_error, parse_endpoint
+from defender_config._store_types import backoff_delay
+
+
+class StatusError(grpc.RpcError):
+    """An RpcError with a status, as grpc's _InactiveRpcError presents it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+TRANSIENT = [
+    etcd_exc.ConnectionFailedError(),
+    etcd_exc.ConnectionTimeoutError(),
+    etcd_exc.NoServerAvailableError(),
+    etcd_exc.WatchTimedOut(),
+    StatusError(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"),
+    StatusError(grpc.StatusCode.DEADLINE_EXCEEDED),
+]
+PERMANENT = [
+    (StatusError(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token"), "auth"),
+    (StatusError(grpc.StatusCode.PERMISSION_DENIED), "auth"),
+    (StatusError(grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found"), "not_found"),
+    (StatusError(grpc.StatusCode.OUT_OF_RANGE), "compacted"),
+    (etcd_exc.RevisionCompactedError(5), "compacted"),
+    (StatusError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large"), "error"),
+    (StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED), "error"),
+    (StatusError(grpc.StatusCode.FAILED_PRECONDITION), "error"),
+    (StatusError(grpc.StatusCode.INTERNAL), "error"),
+    (etcd_exc.InternalServerError(), "error"),
+    (etcd_exc.PreconditionFailedError(), "error"),
+    (StatusError(grpc.StatusCode.DATA_LOSS), "error"),  # not in the table: unknown, permanent
+]
+
+
+@pytest.mark.parametrize("exc", TRANSIENT, ids=lambda e: type(e).__name__)
+def test_transient_errors_are_retried(exc: BaseException) -> None:
+    rule = classify_error(exc)
+    assert rule is not None and rule.transient and rule.kind == "unavailable"
+
+
+@pytest.mark.parametrize(("exc", "kind"), PERMANENT, ids=lambda e: str(e)[:30])
+def test_other_errors_are_not_retried(exc: BaseException, kind: str) -> None:
+    rule = classify_error(exc)
+    assert rule is not None and not rule.transient and rule.kind == kind
+
+
+def test_non_etcd_exceptions_are_not_classified() -> None:
+    assert classify_error(TypeError("a bug")) is None
+    assert classify_error(KeyError("x")) is None
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    rng = random.Random(7)
+    for attempt in range(12):
+        ceiling = min(2.0, 0.1 * 2**attempt)
+        samples = [backoff_delay(attempt, 0.1, 2.0, rng) for _ in range(200)]
+        assert all(0.0 <= s <= ceiling for s in samples)
+        assert max(samples) > ceiling * 0.8  # full jitter uses the whole range
+        assert len(set(samples)) > 150  # and is not a constant
+    assert backoff_delay(10_000, 0.1, 2.0, rng) <= 2.0  # no overflow on huge attempts
+    with pytest.raises(ValueError):
+        backoff_delay(-1, 0.1, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("127.0.0.1:2379", ("127.0.0.1", 2379, False)),
+        ("http://etcd-0.etcd:2379", ("etcd-0.etcd", 2379, False)),
+        ("https://etcd:2379/", ("etcd", 2379, True)),
+        ("[::1]:2379", ("[::1]", 2379, False)),
+    ],
+)
+def test_parse_endpoint(endpoint: str, expected: tuple[str, int, bool]) -> None:
+    assert parse_endpoint(endpoint) == expected
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://x:1", "x", "x:port"])
+def test_parse_endpoint_refuses_garbage(endpoint: str) -> None:
+    with pytest.raises(SettingsError):
+        parse_endpoint(endpoint)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def dead_store() -> EtcdStore:
+    settings = EtcdSettings(
+        endpoints=[f"127.0.0.1:{_closed_port()}", f"127.0.0.1:{_closed_port()}"],
+        retries=3,
+        timeout_seconds=1.0,
+        backoff_base_seconds=0.001,
+        backoff_max_seconds=0.002,
+    )
+    return EtcdStore(settings, registry=CollectorRegistry())
+
+
+def test_unreachable_endpoints_exhaust_retries(dead_store: EtcdStore) -> None:
+    with pytest.raises(StoreUnavailableError) as info:
+        dead_store.put("/k", b"v")
+    assert info.value.attempts == 4
+    assert "UNAVAILABLE" in str(info.value)
+    assert isinstance(info.value.__cause__, Exception)  # the gRPC cause is kept
+    reg = dead_store.metrics.registry
+    assert reg.get_sample_value("defender_etcd_retries_total", {"op": "put"}) == 3
+    assert (
+        reg.get_sample_value("defender_etcd_errors_total", {"op": "put", "reason": "unavailable"})
+        == 1
+    )
+    # Never read, nothing cached: no stale value to fall back on.
+    with pytest.raises(StoreUnavailableError):
+        dead_store.get("/k")
+    assert not dead_store.has_quorum()
+    report = dead_store.health()
+    assert not report.quorum and report.healthy_count == 0
+    assert all(m.error for m in report.members)
+    dead_store.close()
+
+
+@pytest.mark.parametrize(
+    ("exc", "typed"),
+    [
+        (
+            StatusError(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied"),
+            StoreAuthError,
+        ),
+        (
+            StatusError(grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found"),
+            NotFoundError,
+        ),
+        (
+            StatusError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large"),
+            StoreError,
+        ),
+    ],
+)
+def test_permanent_errors_are_raised_typed_after_one_attempt(
+    dead_store: EtcdStore, exc: grpc.RpcError, typed: type[StoreError]
+) -> None:
+    calls = []
+
+    def failing(_client: object) -> None:
+        calls.append(1)
+        raise exc
+
+    with pytest.raises(typed) as info:
+        dead_store._call("put", failing, path="/k")
+    assert calls == [1]
+    assert info.value.__cause__ is exc
+    assert exc.details() in str(info.value)
+    dead_store.close()
+
+
+def test_transient_then_success_is_retried(dead_store: EtcdStore) -> None:
+    outcomes: list[BaseException | str] = [
+        StatusError(grpc.StatusCode.UNAVAILABLE),
+        StatusError(grpc.StatusCode.DEADLINE_EXCEEDED),
+        "ok",
+    ]
+
+    def flaky(_client: object) -> str:
+        item = outcomes.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    assert dead_store._call("get", flaky) == "ok"
+    assert (
+        dead_store.metrics.registry.get_sample_value("defender_etcd_retries_total", {"op": "get"})
+        == 2
+    )
+    dead_store.close()
+
+
+def test_bugs_are_not_wrapped(dead_store: EtcdStore) -> None:
+    def buggy(_client: object) -> None:
+        raise TypeError("programming error")
+
+    with pytest.raises(TypeError):
+        dead_store._call("get", buggy)
+    dead_store.close()
+
+
+def test_closed_store_refuses_calls(dead_store: EtcdStore) -> None:
+    dead_store.close()
+    with pytest.raises(StoreError, match="closed"):
+        dead_store.get("/k")
+
+
+def test_mixed_schemes_are_refused() -> None:
+    with pytest.raises(SettingsError, match="mix"):
+        EtcdStore(EtcdSettings(endpoints=["http://a:1", "https://b:2"]))
+
+
+def test_missing_ca_file_is_a_settings_error() -> None:
+    with pytest.raises(SettingsError, match="ca_file"):
+        EtcdStore(EtcdSettings(endpoints=["https://a:1"], ca_file="/nonexistent/ca.pem"))
