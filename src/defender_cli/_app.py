@@ -1,0 +1,212 @@
+"""Command line: flags, dispatch, and turning library errors into one readable line."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, TextIO
+
+from defender_config import DefenderConfigError, EnvelopeError, StoreUnavailableError
+
+from . import _commands as cmd
+from ._connect import (
+    DEFAULT_KEYRING_SECRET,
+    DEFAULT_OPERATOR_NAMESPACE,
+    Connection,
+    add_connection_flags,
+)
+from ._errors import CliError
+from ._output import Printer
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 15m, 2h or 7d")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def rollback_target(text: str) -> str:
+    if text == "master" or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use `master` or a version number (see history)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubectl defender",
+        description="Look at and steer the ML Defender config plane (etcd + operator).",
+        epilog="Reach etcd from outside the cluster with "
+        "`kubectl -n ml-defender port-forward svc/ml-defender-etcd 2379` and "
+        "--etcd-endpoints http://127.0.0.1:2379.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="output format"
+    )
+    colour = common.add_mutually_exclusive_group()
+    colour.add_argument("--color", dest="colour", action="store_true", default=None)
+    colour.add_argument("--no-color", dest="colour", action="store_false")
+    add_connection_flags(common)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "status", parents=[common], help="components, versions, instances, heartbeats, alerts"
+    )
+    p.add_argument("component", nargs="?", help="only this component")
+    p.add_argument("--alerts-since", type=duration, default=timedelta(hours=1), metavar="DURATION")
+
+    p = sub.add_parser(
+        "diff", parents=[common], help="MASTER vs ACTIVE config (exit 1 when they differ)"
+    )
+    p.add_argument("component")
+
+    p = sub.add_parser("history", parents=[common], help="kept versions of ACTIVE")
+    p.add_argument("component")
+    p.add_argument(
+        "--show", type=int, metavar="VERSION", help="print that version's config (decrypts)"
+    )
+
+    p = sub.add_parser(
+        "rollback", parents=[common], help="make MASTER or an older version ACTIVE again"
+    )
+    p.add_argument("component", help="DefenderComponent name (etcd component name with --direct)")
+    p.add_argument(
+        "--to", type=rollback_target, default="master", help="master (default) or a version"
+    )
+    p.add_argument(
+        "-n", "--namespace", default="default", help="namespace of the DefenderComponent"
+    )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="write etcd through the library instead of asking the operator (needs a keyring)",
+    )
+
+    p = sub.add_parser(
+        "rotate-key", parents=[common], help="ask the operator to rotate the shared key"
+    )
+    p.add_argument("--operator-namespace", default=DEFAULT_OPERATOR_NAMESPACE)
+    p.add_argument("--secret", default=DEFAULT_KEYRING_SECRET, help="the keyring Secret's name")
+
+    p = sub.add_parser("alerts", parents=[common], help="misconfiguration alerts, newest first")
+    p.add_argument("component", nargs="?")
+    p.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 30m, 2h, 7d")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
+
+    p = sub.add_parser(
+        "dump", parents=[common], help="every key for debugging (sealed values stay sealed)"
+    )
+    p.add_argument(
+        "key_prefix",
+        nargs="?",
+        metavar="PREFIX",
+        help="only keys under this prefix, relative to --prefix, e.g. components/sniffer",
+    )
+    p.add_argument(
+        "--decrypt",
+        action="store_true",
+        help="open sealed values: prints configs in clear text; needs --keyring/--keyring-secret",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace, printer: Printer) -> int:
+    conn = Connection(args)
+    try:
+        data: Any
+        show: Callable[[Printer, Any], None]
+        exit_code = 0
+        if args.command == "status":
+            data = cmd.collect_status(conn.client(), args.component, args.alerts_since)
+            show = cmd.show_status
+        elif args.command == "alerts":
+            data = cmd.collect_alerts(conn.client(), args.component, args.since, args.limit or None)
+            show = cmd.show_alerts
+        elif args.command == "diff":
+            data = cmd.collect_diff(conn.client(keyring=conn.keyring("diff")), args.component)
+            show = cmd.show_diff
+            exit_code = 0 if data["identical"] else 1
+        elif args.command == "history":
+            needs_keys = args.show is not None or bool(args.keyring or args.keyring_secret)
+            client = conn.client(keyring=conn.keyring("history --show") if needs_keys else None)
+            data = cmd.collect_history(client, args.component, decrypt=needs_keys, show=args.show)
+            show = cmd.show_history
+        elif args.command == "rollback":
+            if args.direct:
+                client = conn.client(keyring=conn.keyring("rollback --direct"))
+                data = cmd.rollback_direct(client, args.component, args.to)
+            else:
+                data = cmd.annotate_rollback(conn.kube(), args.namespace, args.component, args.to)
+            show = _show_done
+        elif args.command == "rotate-key":
+            data = cmd.annotate_rotation(conn.kube(), args.operator_namespace, args.secret)
+            show = _show_done
+        elif args.command == "dump":
+            keyring = conn.keyring("dump --decrypt") if args.decrypt else None
+            data = cmd.collect_dump(
+                conn.client(keyring=keyring), args.key_prefix, decrypt=args.decrypt
+            )
+            show = cmd.show_dump
+        else:  # pragma: no cover - argparse refuses unknown commands
+            raise CliError(f"unknown command {args.command}")
+        if args.output == "json":
+            printer.json(data)
+        else:
+            show(printer, data)
+        return exit_code
+    finally:
+        conn.close()
+
+
+def _show_done(printer: Printer, data: dict[str, Any]) -> None:
+    if "annotation" in data:
+        printer.line(
+            f"Rotation requested on Secret {data['secret']} ({data['annotation']}). Follow it with"
+            " `kubectl get defendercomponents -A -o wide` (ROTATION column)."
+        )
+    elif data["via"] == "etcd":
+        printer.line(
+            f"{data['component']}: ACTIVE is now version {data['activeVersion']}"
+            f" (a copy of {data['rolledBackTo']})."
+        )
+    else:
+        printer.line(
+            f"Asked the operator to roll {data['namespace']}/{data['component']} back to"
+            f" {data['rolledBackTo']} ({data['via']}). Watch: kubectl -n {data['namespace']}"
+            f" describe defendercomponent {data['component']}"
+        )
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    args = build_parser().parse_args(argv)
+    printer = Printer.for_stream(out, args.colour)
+    errors = err if err is not None else sys.stderr
+    try:
+        return run(args, printer)
+    except CliError as exc:
+        errors.write(f"kubectl defender {args.command}: {exc}\n")
+        return exc.exit_code
+    except StoreUnavailableError as exc:
+        errors.write(
+            f"kubectl defender {args.command}: etcd is unavailable ({exc}); check --etcd-endpoints,"
+            " the port-forward and `kubectl -n ml-defender get pods`\n"
+        )
+        return 2
+    except EnvelopeError as exc:
+        errors.write(
+            f"kubectl defender {args.command}: {exc.reason}: {exc} (docs/troubleshooting.md#"
+            f"{exc.reason.lower()})\n"
+        )
+        return 2
+    except DefenderConfigError as exc:
+        errors.write(f"kubectl defender {args.command}: {type(exc).__name__}: {exc}\n")
+        return 2

@@ -1,0 +1,446 @@
+"""The plugin's commands. Each `collect_*` reads the store and returns plain data (what `-o json`
+prints); each `show_*` turns that data into a table. Commands that change something ask the
+operator through an annotation, or with --direct use the library like the operator would."""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from defender_config import (
+    Alert,
+    ConfigStore,
+    DefenderClient,
+    DefenderConfigError,
+    Registry,
+    inspect,
+    is_envelope,
+)
+
+from ._errors import CliError
+from ._output import Printer, age, seconds_since, shorten
+
+# The operator's command annotations (mldefender.io API, see docs/key-rotation.md and
+# docs/troubleshooting.md). Repeated here because the plugin must not import the operator.
+GROUP = "mldefender.io"
+VERSION = "v1alpha1"
+PLURAL = "defendercomponents"
+ROLLBACK_ANNOTATION = f"{GROUP}/rollback-to"
+ROTATE_ANNOTATION = f"{GROUP}/rotate-key"
+
+
+def who() -> str:
+    try:
+        return f"kubectl-defender:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "kubectl-defender"
+
+
+# ------------------------------------------------------------------------------------- alerts
+
+
+def collect_alerts(
+    client: DefenderClient,
+    component: str | None = None,
+    since: timedelta | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Alert records, newest first. Unreadable records are listed with an `error`."""
+    layout = client.layout
+    prefix = layout.component_alerts_dir(component) if component else layout.alerts_dir
+    cutoff = datetime.now(UTC) - since if since is not None else None
+    alerts: list[dict[str, Any]] = []
+    for stored in client.store.list_prefix(prefix):
+        try:
+            alert = Alert.model_validate(client.decode_json(stored.key, stored.value))
+        except (DefenderConfigError, ValidationError, ValueError) as exc:
+            alerts.append({"key": stored.key, "error": shorten(str(exc), 200)})
+            continue
+        if cutoff is not None and alert.time < cutoff:
+            continue
+        record = alert.model_dump(mode="json")
+        record["key"] = stored.key
+        alerts.append(record)
+    alerts.sort(key=lambda a: a.get("time", ""), reverse=True)
+    return alerts[:limit] if limit else alerts
+
+
+def show_alerts(printer: Printer, alerts: list[dict[str, Any]]) -> None:
+    if not alerts:
+        printer.line("No alerts.")
+        return
+    rows = []
+    for a in alerts:
+        if "error" in a:
+            rows.append(["-", "-", printer.paint("unreadable", "red"), a["key"], a["error"]])
+            continue
+        when = datetime.fromisoformat(a["time"])
+        rows.append(
+            [
+                age(when),
+                a["component"],
+                printer.paint(a["kind"], "red" if a["kind"][0].isupper() else "yellow"),
+                a.get("instance") or "-",
+                shorten(a["detail"], 100),
+            ]
+        )
+    printer.table(["AGE", "COMPONENT", "KIND", "INSTANCE", "DETAIL"], rows)
+
+
+# ------------------------------------------------------------------------------------- status
+
+
+def collect_status(
+    client: DefenderClient, component: str | None = None, alert_window: timedelta | None = None
+) -> dict[str, Any]:
+    window = alert_window or timedelta(hours=1)
+    now = datetime.now(UTC)
+    registry = Registry(client)
+    summaries = registry.list_components()
+    if component is not None:
+        summaries = [s for s in summaries if s.name == component]
+        if not summaries:
+            raise CliError(
+                f"component {component!r} is not registered under {client.layout.prefix}/"
+                "components/; check the name (`kubectl defender status` lists them) and --prefix"
+            )
+    alerts = collect_alerts(client, component, since=window)
+    per_component: dict[str, int] = {}
+    for a in alerts:
+        if "component" in a:
+            per_component[a["component"]] = per_component.get(a["component"], 0) + 1
+    components = []
+    for s in summaries:
+        instances = []
+        for hb in sorted(s.instances, key=lambda h: h.instance):
+            instances.append(
+                {
+                    "instance": hb.instance,
+                    "pod": hb.pod,
+                    "node": hb.node_id,
+                    "status": hb.status.value,
+                    "configVersion": hb.config_version,
+                    "configDigest": hb.config_digest,
+                    "softwareVersion": hb.software_version,
+                    "keyFingerprint": hb.key_fingerprint,
+                    "codec": hb.codec,
+                    "heartbeatTime": hb.time.isoformat(),
+                    "heartbeatAgeSeconds": seconds_since(hb.time, now),
+                    "lastError": hb.last_error.model_dump() if hb.last_error else None,
+                }
+            )
+        components.append(
+            {
+                "name": s.name,
+                "type": s.type,
+                "status": s.status.value if s.status else None,
+                "activeVersion": s.active_version,
+                "lastModified": s.last_modified.isoformat() if s.last_modified else None,
+                "modifiedBy": s.modified_by,
+                "instances": instances,
+                "alerts": per_component.get(s.name, 0),
+            }
+        )
+    return {
+        "prefix": client.layout.prefix,
+        "alertWindowSeconds": int(window.total_seconds()),
+        "components": components,
+    }
+
+
+def show_status(printer: Printer, data: dict[str, Any]) -> None:
+    components = data["components"]
+    if not components:
+        printer.line(f"No components registered under {data['prefix']}/components/.")
+        return
+    rows = []
+    for c in components:
+        ages = [i["heartbeatAgeSeconds"] for i in c["instances"]]
+        newest = min(ages) if ages else None
+        alerts = str(c["alerts"])
+        rows.append(
+            [
+                c["name"],
+                c["type"] or "-",
+                printer.status(c["status"] or "Unknown"),
+                str(c["activeVersion"] or "-"),
+                str(len(c["instances"])),
+                _age_seconds(newest),
+                printer.paint(alerts, "red") if c["alerts"] else alerts,
+            ]
+        )
+    window = data["alertWindowSeconds"] // 60
+    printer.table(
+        ["COMPONENT", "TYPE", "STATUS", "VERSION", "INSTANCES", "HEARTBEAT", f"ALERTS({window}m)"],
+        rows,
+    )
+    instance_rows = []
+    for c in components:
+        for i in c["instances"]:
+            version = str(i["configVersion"] or "-")
+            if c["activeVersion"] and i["configVersion"] != c["activeVersion"]:
+                version = printer.paint(f"{version} (behind)", "yellow")
+            error = i["lastError"]
+            instance_rows.append(
+                [
+                    c["name"],
+                    i["instance"],
+                    i["node"] or "-",
+                    printer.status(i["status"]),
+                    version,
+                    i["softwareVersion"] or "-",
+                    _age_seconds(i["heartbeatAgeSeconds"]),
+                    i["keyFingerprint"] or "-",
+                    printer.paint(error["reason"], "red") if error else "-",
+                ]
+            )
+    if instance_rows:
+        printer.line()
+        printer.table(
+            [
+                "COMPONENT",
+                "INSTANCE",
+                "NODE",
+                "STATUS",
+                "CONFIG",
+                "SOFTWARE",
+                "HEARTBEAT",
+                "KEY",
+                "ERROR",
+            ],
+            instance_rows,
+        )
+
+
+def _age_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return age(datetime.now(UTC) - timedelta(seconds=seconds))
+
+
+# ------------------------------------------------------------------------------------- diff
+
+
+def pretty(config: Any) -> list[str]:
+    return json.dumps(config, indent=2, sort_keys=True).splitlines()
+
+
+def collect_diff(client: DefenderClient, component: str) -> dict[str, Any]:
+    configs = ConfigStore(client)
+    master = configs.get_master(component)
+    active = configs.get_active(component)
+    lines = list(
+        difflib.unified_diff(
+            pretty(master),
+            pretty(active.config),
+            fromfile=f"{component}/master_config",
+            tofile=f"{component}/active_config (version {active.version})",
+            lineterm="",
+        )
+    )
+    return {
+        "component": component,
+        "activeVersion": active.version,
+        "identical": not lines,
+        "diff": lines,
+    }
+
+
+def show_diff(printer: Printer, data: dict[str, Any]) -> None:
+    if data["identical"]:
+        printer.line(
+            f"{data['component']}: ACTIVE (version {data['activeVersion']}) equals MASTER."
+        )
+        return
+    for line in data["diff"]:
+        if line.startswith(("+++", "---")):
+            printer.line(printer.paint(line, "bold"))
+        elif line.startswith("@@"):
+            printer.line(printer.paint(line, "blue"))
+        elif line.startswith("+"):
+            printer.line(printer.paint(line, "green"))
+        elif line.startswith("-"):
+            printer.line(printer.paint(line, "red"))
+        else:
+            printer.line(line)
+
+
+# ------------------------------------------------------------------------------------- history
+
+
+def collect_history(
+    client: DefenderClient, component: str, *, decrypt: bool, show: int | None = None
+) -> dict[str, Any]:
+    configs = ConfigStore(client)
+    meta = configs.get_metadata(component)
+    if meta is None:
+        raise CliError(
+            f"component {component!r} has no metadata under {client.layout.prefix}/components/;"
+            " check the name and --prefix"
+        )
+    versions: list[dict[str, Any]] = []
+    for stored in client.store.list_prefix(client.layout.history_dir(component)):
+        parsed = client.layout.parse(stored.key)
+        if parsed is None or parsed.version is None:
+            continue
+        entry: dict[str, Any] = {
+            "version": parsed.version,
+            "size": len(stored.value),
+            "active": parsed.version == meta.version,
+            "keyId": inspect(stored.value).key_id if is_envelope(stored.value) else None,
+        }
+        versions.append(entry)
+    if decrypt:
+        by_version = {h.version: h for h in configs.history(component)}
+        for entry in versions:
+            found = by_version.get(entry["version"])
+            entry["digest"] = found.digest if found else None
+    data: dict[str, Any] = {
+        "component": component,
+        "activeVersion": meta.version,
+        "lastModified": meta.last_modified.isoformat(),
+        "modifiedBy": meta.modified_by,
+        "versions": sorted(versions, key=lambda v: v["version"]),
+    }
+    if show is not None:
+        wanted = [h for h in configs.history(component) if h.version == show]
+        if not wanted:
+            kept = ", ".join(str(v["version"]) for v in data["versions"]) or "none"
+            raise CliError(f"{component} keeps no version {show} (kept: {kept})")
+        data["config"] = wanted[0].config
+    return data
+
+
+def show_history(printer: Printer, data: dict[str, Any]) -> None:
+    if "config" in data:
+        for line in pretty(data["config"]):
+            printer.line(line)
+        return
+    printer.line(
+        f"{data['component']}: ACTIVE is version {data['activeVersion']}, modified by "
+        f"{data['modifiedBy']} at {data['lastModified']}"
+    )
+    headers = ["VERSION", "SIZE", "KEY", "DIGEST", ""]
+    rows = []
+    for v in reversed(data["versions"]):
+        digest = v.get("digest")
+        rows.append(
+            [
+                str(v["version"]),
+                str(v["size"]),
+                v["keyId"] or "-",
+                digest[:12] if digest else "-",
+                printer.paint("active", "green") if v["active"] else "",
+            ]
+        )
+    printer.table(headers, rows)
+
+
+# ------------------------------------------------------------------------------------- dump
+
+
+def collect_dump(
+    client: DefenderClient, prefix: str | None, *, decrypt: bool
+) -> list[dict[str, Any]]:
+    full = None
+    if prefix:
+        full = (
+            prefix
+            if prefix.startswith(client.layout.prefix)
+            else f"{client.layout.prefix}/{prefix.lstrip('/')}"
+        )
+    entries = []
+    for e in client.dump(full, decrypt=decrypt):
+        entries.append(
+            {
+                "key": e.key,
+                "modRevision": e.mod_revision,
+                "version": e.version,
+                "lease": e.lease_id or None,
+                "size": e.size,
+                "sealed": e.sealed,
+                "header": e.header,
+                "value": e.value,
+                "error": e.error,
+            }
+        )
+    return entries
+
+
+def show_dump(printer: Printer, entries: list[dict[str, Any]]) -> None:
+    if not entries:
+        printer.line("No keys.")
+        return
+    rows = []
+    for e in entries:
+        if e["error"]:
+            shown = printer.paint(shorten(e["error"], 80), "red")
+        elif e["sealed"] and e["value"] is None:
+            h = e["header"] or {}
+            shown = printer.paint(
+                f"<sealed key={h.get('key_id') or '-'} codec={h.get('codec') or '-'}"
+                f" {h.get('declared_length')}B>",
+                "dim",
+            )
+        else:
+            value = e["value"]
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            shown = shorten(text, 80)
+        rows.append([e["key"], str(e["modRevision"]), str(e["size"]), shown])
+    printer.table(["KEY", "REV", "SIZE", "VALUE"], rows)
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def rollback_direct(client: DefenderClient, component: str, to: str) -> dict[str, Any]:
+    target: Any = "master" if to == "master" else int(to)
+    version = ConfigStore(client).rollback(component, target, by=who())
+    return {"component": component, "rolledBackTo": to, "activeVersion": version, "via": "etcd"}
+
+
+def annotate_rollback(kube: Any, namespace: str, name: str, to: str) -> dict[str, Any]:
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+
+    body = {"metadata": {"annotations": {ROLLBACK_ANNOTATION: to}}}
+    try:
+        CustomObjectsApi(kube).patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body
+        )
+    except ApiException as exc:
+        raise CliError(
+            f"cannot annotate defendercomponent {namespace}/{name}: {exc.status} {exc.reason};"
+            " check the name, the namespace (-n) and that you may patch defendercomponents"
+        ) from None
+    return {
+        "component": name,
+        "namespace": namespace,
+        "rolledBackTo": to,
+        "via": f"annotation {ROLLBACK_ANNOTATION}",
+    }
+
+
+def annotate_rotation(kube: Any, namespace: str, secret: str) -> dict[str, Any]:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    requested = f"{datetime.now(UTC).isoformat()} by {who()}"
+    body = {"metadata": {"annotations": {ROTATE_ANNOTATION: requested}}}
+    try:
+        CoreV1Api(kube).patch_namespaced_secret(secret, namespace, body)
+    except ApiException as exc:
+        raise CliError(
+            f"cannot annotate Secret {namespace}/{secret}: {exc.status} {exc.reason}; check"
+            " --operator-namespace / --secret and that you may patch Secrets there"
+        ) from None
+    return {
+        "secret": f"{namespace}/{secret}",
+        "requested": requested,
+        "annotation": ROTATE_ANNOTATION,
+    }

@@ -1,0 +1,144 @@
+"""How the plugin reaches etcd (library settings) and Kubernetes (kubeconfig), and where it
+gets a keyring when a command must decrypt."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defender_config import (
+    DefenderClient,
+    DefenderConfigError,
+    Keyring,
+    KeyringError,
+    LibrarySettings,
+    load_settings,
+)
+
+from ._errors import CliError, NeedsKeyringError
+
+DEFAULT_OPERATOR_NAMESPACE = "ml-defender"
+DEFAULT_KEYRING_SECRET = "ml-defender-keyring"
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--settings",
+        metavar="FILE",
+        help="library settings file (JSON/YAML, as in the chart's <release>-config ConfigMap);"
+        " DEFENDER_* environment variables apply on top",
+    )
+    group.add_argument(
+        "--etcd-endpoints",
+        metavar="URLS",
+        help="comma-separated etcd client URLs, e.g. http://127.0.0.1:2379 after"
+        " `kubectl -n ml-defender port-forward svc/ml-defender-etcd 2379`",
+    )
+    group.add_argument("--prefix", help="etcd key prefix (default from settings: /ml-defender)")
+    group.add_argument(
+        "--keyring",
+        metavar="PATH",
+        help="keyring file or mounted Secret directory; needed by diff, history --show,"
+        " rollback --direct and dump --decrypt",
+    )
+    group.add_argument(
+        "--keyring-secret",
+        metavar="[NAMESPACE/]NAME",
+        help=f"read the keyring from this Secret (default namespace {DEFAULT_OPERATOR_NAMESPACE})",
+    )
+    group.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)"
+    )
+    group.add_argument("--context", help="kubeconfig context")
+
+
+@dataclass
+class Connection:
+    """Built from the parsed flags; opens what a command needs, once."""
+
+    args: argparse.Namespace
+    _kube: Any = field(default=None, repr=False)
+    _clients: list[DefenderClient] = field(default_factory=list, repr=False)
+
+    def settings(self, *, decrypting: bool) -> LibrarySettings:
+        try:
+            settings = load_settings(self.args.settings)
+        except DefenderConfigError as exc:
+            raise CliError(f"settings: {exc}") from exc
+        etcd = settings.etcd
+        if self.args.etcd_endpoints:
+            endpoints = [e.strip() for e in self.args.etcd_endpoints.split(",") if e.strip()]
+            etcd = etcd.model_validate({**etcd.model_dump(), "endpoints": endpoints})
+        update: dict[str, Any] = {"etcd": etcd}
+        if self.args.prefix:
+            update["prefix"] = self.args.prefix
+        if not decrypting:
+            # Without a keyring nothing sealed is opened: status, alerts and plain dumps read
+            # plaintext records and envelope headers only.
+            update["envelope"] = settings.envelope.model_copy(update={"encrypt": False})
+        try:
+            return LibrarySettings.model_validate({**settings.model_dump(), **_dumped(update)})
+        except ValueError as exc:
+            raise CliError(f"settings: {exc}") from exc
+
+    def keyring(self, command: str) -> Keyring:
+        """The keyring from --keyring or --keyring-secret; NeedsKeyringError when neither."""
+        try:
+            if self.args.keyring:
+                return Keyring.from_path(Path(self.args.keyring))
+            if self.args.keyring_secret:
+                namespace, _, name = self.args.keyring_secret.rpartition("/")
+                return self._keyring_from_secret(namespace or DEFAULT_OPERATOR_NAMESPACE, name)
+        except KeyringError as exc:
+            raise CliError(f"keyring: {exc}") from exc
+        raise NeedsKeyringError(command)
+
+    def _keyring_from_secret(self, namespace: str, name: str) -> Keyring:
+        from kubernetes.client import CoreV1Api
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            secret = CoreV1Api(self.kube()).read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            raise CliError(
+                f"cannot read Secret {namespace}/{name}: {exc.status} {exc.reason};"
+                " check the name and that you may get Secrets there"
+            ) from None
+        return Keyring.from_secret_data(secret.data or {}, source=f"Secret {namespace}/{name}")
+
+    def client(self, *, keyring: Keyring | None = None) -> DefenderClient:
+        settings = self.settings(decrypting=keyring is not None)
+        try:
+            # No alert sinks: a read-only look must not write alerts into the store.
+            client = DefenderClient(settings, keyring, alert_sinks=[])
+        except DefenderConfigError as exc:
+            raise CliError(str(exc)) from exc
+        self._clients.append(client)
+        return client
+
+    def kube(self) -> Any:
+        if self._kube is None:
+            from kubernetes import config
+
+            try:
+                self._kube = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                    config_file=self.args.kubeconfig, context=self.args.context
+                )
+            except (config.ConfigException, OSError) as exc:
+                raise CliError(f"kubeconfig: {exc}; pass --kubeconfig or set KUBECONFIG") from exc
+        return self._kube
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        if self._kube is not None:
+            self._kube.close()
+            self._kube = None
+
+
+def _dumped(update: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in update.items()}

@@ -1,0 +1,104 @@
+"""Tables, colours and JSON. Colour only on a terminal (and never with NO_COLOR set), so piped
+output stays plain text for grep and awk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CODES = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
+
+# Words that get a colour wherever they appear in a STATUS-like cell.
+_GOOD = {"RUNNING", "True", "ok", "yes"}
+_WARN = {"STARTING", "Unknown", "stale", "behind"}
+_BAD = {"STOPPED", "False", "error", "missing"}
+
+
+def use_colour(stream: TextIO, forced: bool | None = None) -> bool:
+    if forced is not None:
+        return forced
+    if os.environ.get("NO_COLOR"):
+        return False
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+@dataclass
+class Printer:
+    out: TextIO
+    colour: bool
+
+    @classmethod
+    def for_stream(cls, out: TextIO | None = None, colour: bool | None = None) -> Printer:
+        stream = out if out is not None else sys.stdout
+        return cls(stream, use_colour(stream, colour))
+
+    def paint(self, text: str, colour: str) -> str:
+        if not self.colour or not text:
+            return text
+        return f"\x1b[{_CODES[colour]}m{text}\x1b[0m"
+
+    def status(self, text: str) -> str:
+        if text in _GOOD:
+            return self.paint(text, "green")
+        if text in _WARN:
+            return self.paint(text, "yellow")
+        if text in _BAD:
+            return self.paint(text, "red")
+        return text
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        """Columns padded to the widest cell (measured without colour codes), kubectl style."""
+        cells = [list(headers), *[list(r) for r in rows]]
+        widths = [max(len(_ANSI.sub("", row[i])) for row in cells) for i in range(len(headers))]
+        for n, row in enumerate(cells):
+            padded = []
+            for i, cell in enumerate(row):
+                pad = widths[i] - len(_ANSI.sub("", cell))
+                text = self.paint(cell, "bold") if n == 0 else cell
+                padded.append(text + " " * pad if i < len(row) - 1 else text)
+            self.line("   ".join(padded).rstrip())
+
+    def json(self, data: Any) -> None:
+        self.out.write(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot show {type(value).__name__} as JSON")
+
+
+def age(then: datetime | None, now: datetime | None = None) -> str:
+    """kubectl-style age: 42s, 3m, 2h, 5d; `-` when unknown."""
+    if then is None:
+        return "-"
+    now = now or datetime.now(UTC)
+    seconds = max(0, int((now - then).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def seconds_since(then: datetime | None, now: datetime | None = None) -> float | None:
+    if then is None:
+        return None
+    return round(((now or datetime.now(UTC)) - then).total_seconds(), 3)
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
