@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_library.py [--endpoints URL,URL,URL] [--rounds N] [--ops N]
 
 Without --endpoints it starts a throwaway 3-member etcd on 127.0.0.1 (the harness's
-EtcdCluster) and stops it afterwards. Raw and library blocks alternate round by round so drift
-of a shared machine hits both sides alike; each side's latency is the median over all its ops.
+EtcdCluster) and stops it afterwards. Raw and library calls alternate op by op (random order
+per pair) so drift of a shared machine hits both sides alike; each side's latency is the median
+over all its ops. Both clients talk to the same member.
 Prints the ratio library/raw per operation (target <= 1.05) and writes docs/bench/library.json.
 """
 
@@ -13,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,6 @@ def config_4k() -> bytes:
     doc = {"node_id": "fw-01", "version": "1.0.0", "default_policy": "deny", "rules": rules}
     data = json.dumps(doc).encode()
     return data[:4096] if len(data) > 4096 else data + b" " * (4096 - len(data))
-
-
-def timed(fn: Callable[[int], object], n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        fn(i)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def run(endpoints: list[str], rounds: int, ops: int) -> dict[str, Any]:
@@ -107,15 +99,25 @@ def run(endpoints: list[str], rounds: int, ops: int) -> dict[str, Any]:
         client.put_sealed(lib_keys[i], payload)
         raw_get(i)
         lib_get(i)
-    for r in range(rounds):
-        first, second = ("raw", "lib") if r % 2 == 0 else ("lib", "raw")
-        for side in (first, second):
-            if side == "raw":
-                samples["raw_set"] += timed(lambda i: raw.put(raw_keys[i], payload), ops)
-                samples["raw_get"] += timed(raw_get, ops)
-            else:
-                samples["lib_set"] += timed(lambda i: client.put_sealed(lib_keys[i], payload), ops)
-                samples["lib_get"] += timed(lib_get, ops)
+    # Interleave op by op, in random order per pair: machine drift and any order effect (a
+    # warm cache for whoever runs second) hit both sides alike.
+    order = random.Random(42)
+    sides = {
+        "set": {
+            "raw": lambda i: raw.put(raw_keys[i], payload),
+            "lib": lambda i: client.put_sealed(lib_keys[i], payload),
+        },
+        "get": {"raw": raw_get, "lib": lib_get},
+    }
+    for _ in range(rounds):
+        for op in ("set", "get"):
+            for i in range(ops):
+                pair = ["raw", "lib"]
+                order.shuffle(pair)
+                for side in pair:
+                    t0 = time.perf_counter()
+                    sides[op][side](i)
+                    samples[f"{side}_{op}"].append(time.perf_counter() - t0)
     member = client.store._client._current_endpoint_label
     assert member == raw._current_endpoint_label, "the clients drifted to different members"
     stored = client.store.get(lib_keys[0])

@@ -497,7 +497,8 @@ class EtcdStore:
     ) -> T:
         if self._closed:
             raise StoreError("the EtcdStore is closed; create a new one", path=path)
-        self.metrics.calls.labels(op).inc()
+        calls, latency = self.metrics.for_op(op)
+        calls.inc()
         started = time.perf_counter()
         attempt = 0
         renewed = False
@@ -541,7 +542,7 @@ class EtcdStore:
                     self.metrics.errors.labels(op, rule.reason).inc()
                     raise self._typed(rule, exc, path, attempt + 1) from exc
         finally:
-            self.metrics.observe(op, time.perf_counter() - started)
+            latency.observe(time.perf_counter() - started)
 
     def _typed(self, rule: ErrorRule, exc: BaseException, path: str | None, n: int) -> StoreError:
         detail = f"{rule.hint} ({_details(exc)})"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -271,5 +271,16 @@ class StoreMetrics:
             registry=self.registry,
         )
 
+        # labels() costs a lock and a dict lookup per call; the op set is fixed, so resolve
+        # each op's children once.
+        self._per_op: dict[str, tuple[Any, Any]] = {}
+
+    def for_op(self, op: str) -> tuple[Any, Any]:
+        """(calls counter, latency histogram) of `op`, cached."""
+        children = self._per_op.get(op)
+        if children is None:
+            children = self._per_op[op] = (self.calls.labels(op), self.latency.labels(op))
+        return children
+
     def observe(self, op: str, seconds: float) -> None:
-        self.latency.labels(op).observe(seconds)
+        self.for_op(op)[1].observe(seconds)
