@@ -46,6 +46,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "config.etcd.retries": {"minimum": 0, "maximum": 100},
     "config.etcd.backoffBaseSeconds": {"type": "number", "exclusiveMinimum": 0},
     "config.etcd.backoffMaxSeconds": {"type": "number", "exclusiveMinimum": 0},
+    "config.envelope.cipher": {"enum": ["aes-256-gcm", "chacha20-poly1305"]},
     "config.envelope.level": {"minimum": 1, "maximum": 22},
     "config.envelope.thresholdBytes": {"minimum": 0},
     "config.envelope.maxDecompressedBytes": {"minimum": 1},

@@ -181,7 +181,7 @@ mounted. Agents get the same values as DEFENDER_AGENT_* variables (_agent.tpl).
 {{- $_ := set $etcd "cert_file" "/etc/ml-defender/etcd-tls/tls.crt" -}}
 {{- $_ := set $etcd "key_file" "/etc/ml-defender/etcd-tls/tls.key" -}}
 {{- end -}}
-{{- $envelope := dict "compress" .Values.config.envelope.compress "encrypt" .Values.config.envelope.encrypt "level" .Values.config.envelope.level "threshold_bytes" .Values.config.envelope.thresholdBytes "max_decompressed_bytes" .Values.config.envelope.maxDecompressedBytes -}}
+{{- $envelope := dict "compress" .Values.config.envelope.compress "encrypt" .Values.config.envelope.encrypt "cipher" .Values.config.envelope.cipher "level" .Values.config.envelope.level "threshold_bytes" .Values.config.envelope.thresholdBytes "max_decompressed_bytes" .Values.config.envelope.maxDecompressedBytes -}}
 {{- $settings := dict "etcd" $etcd "envelope" $envelope "prefix" .Values.config.prefix -}}
 {{- toPrettyJson $settings -}}
 {{- end -}}
