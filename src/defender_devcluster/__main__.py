@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._cluster import ClusterState, LocalCluster, etcd_health, process_alive, stop_run_dir
 from ._errors import DevClusterError, StateError
-from ._http import get_text
+from ._http import get_text, http_ok
 from ._system import stop_operator, system_up
 
 log = logging.getLogger("defender_devcluster")
@@ -67,7 +67,12 @@ def cmd_status(run_dir: Path) -> int:
     for rec in state.processes:
         alive = process_alive(rec)
         ok &= alive
-        print(f"  {rec.name:<26} pid {rec.pid:<8} {'running' if alive else 'NOT RUNNING'}")
+        line = f"  {rec.name:<26} pid {rec.pid:<8} {'running' if alive else 'NOT RUNNING'}"
+        if rec.health_url:
+            healthy = alive and http_ok(rec.health_url)
+            ok &= healthy
+            line += f"  {rec.health_url} {'ok' if healthy else 'NOT OK'}"
+        print(line)
     ready = _readyz(state)
     ok &= ready == "ok"
     print(f"kube-apiserver {state.api_url} readyz: {ready}")

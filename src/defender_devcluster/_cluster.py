@@ -28,6 +28,7 @@ class ProcessRecord(BaseModel):
     pid: int
     marker: str
     log: str
+    health_url: str | None = None
 
 
 class ClusterState(BaseModel):

@@ -38,3 +38,12 @@ def get_text(
             return int(resp.status), resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read().decode(errors="replace")
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when a plain-HTTP GET answers 200 (liveness probes on 127.0.0.1)."""
+    try:
+        status, _ = get_text(url, timeout=timeout)
+    except OSError:
+        return False
+    return status == 200

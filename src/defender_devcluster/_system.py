@@ -13,25 +13,27 @@ from pathlib import Path
 
 from ._cluster import ClusterState, ProcessRecord
 from ._errors import DevClusterError, ProcessStartError
-from ._procs import ManagedProcess, stop_pid
+from ._http import http_ok
+from ._procs import ManagedProcess, free_ports, stop_pid
 from ._tools import REPO_ROOT, tool
 
 log = logging.getLogger(__name__)
 
 OPERATOR_MODULE = "defender_operator"
 RUN_DIR_ENV = "DEFENDER_DEVCLUSTER_RUN_DIR"
-# The operator must survive this long after start to count as started.
-_OPERATOR_SETTLE_SECONDS = 5.0
+DEFAULT_OPERATOR_NAMESPACE = "ml-defender"
+# kopf answers its liveness probe once start-up handlers are done (keyring Secret created).
+_OPERATOR_READY_SECONDS = 90.0
 
 
 class KubectlError(DevClusterError):
     """kubectl exited non-zero; the message carries its stderr."""
 
 
-def kubectl(kubeconfig: Path, *args: str, timeout: float = 120.0) -> str:
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None, timeout: float = 120.0) -> str:
     argv = [str(tool("kubectl")), f"--kubeconfig={kubeconfig}", *args]
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise KubectlError(f"kubectl {' '.join(args)} timed out after {timeout:.0f}s") from exc
     if out.returncode != 0:
@@ -50,8 +52,33 @@ def apply_crds(kubeconfig: Path, crds_dir: Path) -> list[Path]:
     if not files:
         return []
     kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(crds_dir))
-    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(crds_dir))
+    wait_established(kubeconfig, crds_dir)
     return files
+
+
+def wait_established(kubeconfig: Path, crds_dir: Path, timeout: float = 60.0) -> None:
+    """Poll until every CRD in ``crds_dir`` is Established.
+
+    Not `kubectl wait`: on a CRD created a moment ago it fails outright because
+    `.status.conditions` is still null.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = json.loads(kubectl(kubeconfig, "get", "-f", str(crds_dir), "-o", "json"))
+        items = doc.get("items", [doc]) if doc.get("kind") == "List" else [doc]
+        pending = [
+            item["metadata"]["name"]
+            for item in items
+            if not any(
+                c.get("type") == "Established" and c.get("status") == "True"
+                for c in (item.get("status") or {}).get("conditions") or []
+            )
+        ]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise KubectlError(f"CRDs not Established after {timeout:.0f}s: {', '.join(pending)}")
+        time.sleep(0.5)
 
 
 def apply_samples(kubeconfig: Path, samples_dir: Path) -> list[Path]:
@@ -68,38 +95,78 @@ def operator_available(module: str = OPERATOR_MODULE) -> bool:
         return False
 
 
-def operator_env(state: ClusterState) -> dict[str, str]:
+def operator_namespace() -> str:
+    """The operator's own namespace (where its keyring Secret lives), as the operator reads it."""
+    return os.environ.get("DEFENDER_OPERATOR_NAMESPACE", DEFAULT_OPERATOR_NAMESPACE)
+
+
+def operator_env(state: ClusterState, metrics_port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             "KUBECONFIG": state.kubeconfig,
             "DEFENDER_ETCD__ENDPOINTS": json.dumps(state.etcd_endpoints),
+            "DEFENDER_OPERATOR_NAMESPACE": operator_namespace(),
+            # The operator's fixed default port would clash with a second local run.
+            "DEFENDER_OPERATOR_METRICS_PORT": str(metrics_port),
             RUN_DIR_ENV: state.run_dir,
         }
     )
     return env
 
 
-def start_operator(state: ClusterState, module: str = OPERATOR_MODULE) -> ProcessRecord:
-    """Run ``python -m <module>`` detached, logging to run_dir/operator/operator.log."""
+def ensure_namespace(kubeconfig: Path, name: str) -> None:
+    doc = json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    kubectl(kubeconfig, "apply", "-f", "-", stdin=doc)
+
+
+def start_operator(
+    state: ClusterState,
+    module: str = OPERATOR_MODULE,
+    *,
+    ready_timeout: float = _OPERATOR_READY_SECONDS,
+) -> ProcessRecord:
+    """Run ``python -m <module> --liveness=...`` detached; wait until its liveness answers 200.
+
+    Logs go to run_dir/operator/operator.log. A process that exits while we wait is an error;
+    one that runs but never answers is an error too, since `make up` would otherwise print a
+    success over an operator that does nothing.
+    """
     run_dir = Path(state.run_dir)
+    liveness_port, metrics_port = free_ports(2)
+    liveness = f"http://127.0.0.1:{liveness_port}/healthz"
     proc = ManagedProcess(
         "operator",
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", module, f"--liveness={liveness}"],
         run_dir / "operator",
         marker=f"{RUN_DIR_ENV}={state.run_dir}",
-        env=operator_env(state),
+        env=operator_env(state, metrics_port),
     )
     proc.start()
-    deadline = time.monotonic() + _OPERATOR_SETTLE_SECONDS
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + ready_timeout
+    while not http_ok(liveness):
         if not proc.running():
             raise ProcessStartError(
                 "operator", proc.log_path, f"exited with code {proc.exit_code()}", proc.tail(30)
             )
-        time.sleep(0.2)
+        if time.monotonic() > deadline:
+            tail = proc.tail(30)
+            proc.stop()
+            raise ProcessStartError(
+                "operator",
+                proc.log_path,
+                f"{liveness} did not answer 200 within {ready_timeout:.0f}s",
+                tail,
+            )
+        time.sleep(0.3)
     assert proc.pid is not None
-    return ProcessRecord(name="operator", pid=proc.pid, marker=proc.marker, log=str(proc.log_path))
+    return ProcessRecord(
+        name="operator",
+        pid=proc.pid,
+        marker=proc.marker,
+        log=str(proc.log_path),
+        health_url=liveness,
+    )
 
 
 def stop_operator(state: ClusterState) -> bool:
@@ -127,11 +194,12 @@ def system_up(
         stop_operator(state)
         state.processes = [r for r in state.processes if r.name != "operator"]
     if operator_available(operator_module):
+        ensure_namespace(kubeconfig, operator_namespace())
         rec = start_operator(state, operator_module)
         # First in the list: system-down and down stop it before the cluster it talks to.
         state.processes.insert(0, rec)
         state.write(Path(state.run_dir))
-        out.append(f"operator running, pid {rec.pid}, log {rec.log}")
+        out.append(f"operator running, pid {rec.pid}, liveness {rec.health_url}, log {rec.log}")
     else:
         out.append(f"operator not started: module {operator_module}.__main__ is not importable yet")
     samples = apply_samples(kubeconfig, samples_dir)

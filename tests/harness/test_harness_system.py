@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from defender_devcluster import ClusterState, EtcdCluster, LocalCluster, ProcessStartError
-from defender_devcluster._procs import pid_matches
-from defender_devcluster._system import REPO_ROOT, kubectl, stop_operator, system_up
+from defender_devcluster._procs import PidFile, pid_matches
+from defender_devcluster._system import (
+    REPO_ROOT,
+    kubectl,
+    start_operator,
+    stop_operator,
+    system_up,
+)
 
 CRD = """\
 apiVersion: apiextensions.k8s.io/v1
@@ -38,6 +43,21 @@ spec:
               type: object
               properties:
                 colour: {type: string}
+"""
+
+
+# A stand-in operator that answers its --liveness URL like kopf does, after running `body`.
+LIVENESS_SERVER = """\
+import http.server, sys, urllib.parse
+arg = next(a for a in sys.argv if a.startswith("--liveness="))
+url = urllib.parse.urlsplit(arg.split("=", 1)[1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == url.path else 404)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer((url.hostname, url.port), H).serve_forever()
 """
 
 
@@ -70,13 +90,16 @@ def test_system_up_applies_crds_samples_and_runs_the_operator(
     module = fake_operator(
         tmp_path / "py",
         "fake_operator_ok",
-        f"""\
+        textwrap.dedent(
+            f"""\
         import json, os, time
-        keys = ("KUBECONFIG", "DEFENDER_ETCD__ENDPOINTS", "DEFENDER_DEVCLUSTER_RUN_DIR")
+        keys = ("KUBECONFIG", "DEFENDER_ETCD__ENDPOINTS", "DEFENDER_DEVCLUSTER_RUN_DIR",
+                "DEFENDER_OPERATOR_NAMESPACE", "DEFENDER_OPERATOR_METRICS_PORT")
         with open({str(seen)!r}, "w") as f:
             json.dump({{k: os.environ.get(k) for k in keys}}, f)
-        time.sleep(600)
-        """,
+        """
+        )
+        + LIVENESS_SERVER,
         monkeypatch,
     )
     out: list[str] = []
@@ -95,13 +118,16 @@ def test_system_up_applies_crds_samples_and_runs_the_operator(
             r for r in ClusterState.read(local_cluster.run_dir).processes if r.name == "operator"
         ]
         assert pid_matches(rec.pid, rec.marker)
-        deadline = time.monotonic() + 30
-        while not seen.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        assert rec.health_url is not None
+        assert f"liveness {rec.health_url}" in " ".join(out)
+        # Liveness answered, so the stand-in had written its environment before serving.
         env = json.loads(seen.read_text())
         assert env["KUBECONFIG"] == str(local_cluster.kubeconfig)
         assert json.loads(env["DEFENDER_ETCD__ENDPOINTS"]) == defender_etcd.endpoints
         assert env["DEFENDER_DEVCLUSTER_RUN_DIR"] == str(local_cluster.run_dir)
+        assert int(env["DEFENDER_OPERATOR_METRICS_PORT"]) > 0
+        # The operator's namespace exists before it starts: its keyring Secret goes there.
+        kubectl(local_cluster.kubeconfig, "get", "namespace", env["DEFENDER_OPERATOR_NAMESPACE"])
     finally:
         stopped = stop_operator(ClusterState.read(local_cluster.run_dir))
         kubectl(local_cluster.kubeconfig, "delete", "-f", str(crds), "--wait=false")
@@ -154,3 +180,22 @@ def test_repo_crds_are_accepted_by_the_api_server(local_cluster: LocalCluster) -
     files = sorted((REPO_ROOT / "crds").glob("*.yaml"))
     assert files, "crds/ holds no CRD"
     kubectl(local_cluster.kubeconfig, "apply", "--dry-run=server", "-f", str(REPO_ROOT / "crds"))
+
+
+def test_operator_that_never_becomes_live_is_stopped_and_reported(
+    local_cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = fake_operator(
+        tmp_path / "py",
+        "fake_operator_mute",
+        'import time\nprint("waiting for something forever (simulated)", flush=True)\n'
+        "time.sleep(600)\n",
+        monkeypatch,
+    )
+    state = ClusterState.read(local_cluster.run_dir)
+    with pytest.raises(ProcessStartError) as err:
+        start_operator(state, module, ready_timeout=3)
+    assert "did not answer 200 within 3s" in str(err.value)
+    assert "waiting for something forever (simulated)" in err.value.log_tail
+    pid_file = PidFile.read(local_cluster.run_dir / "operator" / "operator.pid")
+    assert pid_file is None, "the silent operator must have been stopped"
