@@ -157,10 +157,11 @@ _STANDARD_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message
 class HygieneLedger:
     """Everything the suites produced that could hold a key, and every key they made."""
 
-    keys: list[bytes] = field(default_factory=list)
+    # repr=False: an assertion message showing the ledger must not print the keys.
+    keys: list[bytes] = field(default_factory=list, repr=False)
     prefixes: set[str] = field(default_factory=set)
-    log_lines: list[str] = field(default_factory=list)
-    texts: dict[str, bytes] = field(default_factory=dict)
+    log_lines: list[str] = field(default_factory=list, repr=False)
+    texts: dict[str, bytes] = field(default_factory=dict, repr=False)
     log_files: set[Path] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _handler: _LedgerHandler | None = None
