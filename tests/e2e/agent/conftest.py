@@ -31,7 +31,7 @@ def plane(defender_etcd: EtcdCluster, etcd_prefix: str, tmp_path: Path) -> Itera
     shared = tmp_path / "shared"
     shared.mkdir()
     settings = LibrarySettings(
-        etcd=EtcdSettings(endpoints=defender_etcd.endpoints, timeout_seconds=2, retries=2),
+        etcd=EtcdSettings(endpoints=defender_etcd.endpoints),
         prefix=prefix,
         keyring_path=keyring_dir,
     )
