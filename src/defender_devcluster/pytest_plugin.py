@@ -30,6 +30,22 @@ from ._cluster import LocalCluster
 from ._errors import ToolNotFoundError
 from ._etcd import EtcdCluster
 
+# Start-up times measured this session, shown in the terminal summary (CI logs keep them).
+_TIMINGS = pytest.StashKey[dict[str, float]]()
+
+
+def _record_timing(config: pytest.Config, what: str, seconds: float) -> None:
+    config.stash.setdefault(_TIMINGS, {})[what] = seconds
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    timings = config.stash.get(_TIMINGS, {})
+    if timings:
+        parts = ", ".join(f"{what} {secs:.1f}s" for what, secs in timings.items())
+        terminalreporter.write_line(f"defender_devcluster start-up: {parts}")
+
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
@@ -43,7 +59,9 @@ def missing_tool(exc: ToolNotFoundError) -> NoReturn:
 
 
 @pytest.fixture(scope="session")
-def defender_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+def defender_etcd(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[EtcdCluster]:
     """A real 3-member etcd cluster on 127.0.0.1, shared by the whole session.
 
     Tests must keep to their own ``etcd_prefix`` and restart any member they kill or stop
@@ -52,10 +70,12 @@ def defender_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClus
     cluster = EtcdCluster(
         tmp_path_factory.mktemp("defender-etcd"), members=3, name="defender", die_with_parent=True
     )
+    t0 = time.monotonic()
     try:
         cluster.start()
     except ToolNotFoundError as exc:
         missing_tool(exc)
+    _record_timing(pytestconfig, "defender etcd (3 members)", time.monotonic() - t0)
     try:
         yield cluster
     finally:
@@ -71,7 +91,9 @@ def etcd_prefix(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def local_cluster(
-    tmp_path_factory: pytest.TempPathFactory, defender_etcd: EtcdCluster
+    tmp_path_factory: pytest.TempPathFactory,
+    defender_etcd: EtcdCluster,
+    pytestconfig: pytest.Config,
 ) -> Iterator[LocalCluster]:
     """kube-apiserver + controller-manager + scheduler (own 1-member etcd) and ``defender_etcd``.
 
@@ -84,6 +106,7 @@ def local_cluster(
         cluster.start()
     except ToolNotFoundError as exc:
         missing_tool(exc)
+    _record_timing(pytestconfig, "control plane", cluster.start_seconds or 0.0)
     try:
         yield cluster
     finally:
