@@ -438,7 +438,7 @@ class ConfigStore:
         rotation) are not delivered."""
         path = self.layout.active_config(component)
         store = self.client.store
-        start = store.current_revision() + 1
+        start = store.current_revision(path) + 1
         last_digest: list[str | None] = [None]
 
         def fail(exc: DefenderConfigError) -> None:

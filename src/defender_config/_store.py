@@ -605,10 +605,11 @@ class EtcdStore:
         self._cache.set_list(prefix, values)
         return values, response.header.revision
 
-    def current_revision(self) -> int:
-        """The cluster's current revision (a linearizable read)."""
+    def current_revision(self, key: str = "/") -> int:
+        """The cluster's current revision (a linearizable read). `key` is the key read to get
+        it: with etcd auth, pick one the user may read."""
         response = self._call(
-            "revision", lambda c: c.range(b"\0", None, count_only=True), path=None
+            "revision", lambda c: c.range(key.encode(), None, count_only=True), path=key
         )
         return int(response.header.revision)
 
@@ -773,7 +774,7 @@ class EtcdStore:
         prev_kv: bool,
     ) -> WatchHandle:
         if start_revision is None:
-            start_revision = self.current_revision() + 1
+            start_revision = self.current_revision(key) + 1
         handle = WatchHandle(self, key, prefix, callback, start_revision, on_error, prev_kv)
         with self._watches_lock:
             self._watches.add(handle)
@@ -850,7 +851,9 @@ class EtcdStore:
         )
 
     def has_quorum(self) -> bool:
-        """True if a linearizable read succeeds (with the usual retries)."""
+        """True if a linearizable read succeeds (with the usual retries). A "permission
+        denied" answer counts as success, as in `etcdctl endpoint health`: the member is up
+        and answering for the cluster."""
         try:
             self._call(
                 "revision",
@@ -859,6 +862,8 @@ class EtcdStore:
             )
         except StoreUnavailableError:
             return False
+        except StoreAuthError:
+            return True
         return True
 
     # --- lifecycle ------------------------------------------------------------------------------

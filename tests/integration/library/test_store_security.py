@@ -1,0 +1,226 @@
+"""TLS (CA + client certificate) and user/password auth against real single-member etcds.
+
+The harness cluster is plaintext without auth, so these start their own etcd processes (by PID,
+stopped afterwards): one serving TLS with client-certificate auth, one with auth enabled.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from defender_config import (
+    EtcdSettings,
+    EtcdStore,
+    StoreAuthError,
+    StoreUnavailableError,
+    WatchEvent,
+)
+from defender_devcluster import EtcdCluster, etcd_member_healthy, tool
+from defender_devcluster._errors import ToolNotFoundError
+from defender_devcluster._pki import Pki, make_pki
+from defender_devcluster._procs import ManagedProcess, free_ports
+from defender_devcluster.pytest_plugin import missing_tool
+
+pytestmark = pytest.mark.etcd
+
+
+@dataclass
+class TlsEtcd:
+    endpoint: str
+    pki: Pki
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEtcd]:
+    try:
+        etcd = tool("etcd")
+    except ToolNotFoundError as exc:
+        missing_tool(exc)
+    run = tmp_path_factory.mktemp("tls-etcd")
+    pki = make_pki(run / "pki", "10.0.0.1")
+    client_port, peer_port = free_ports(2)
+    endpoint = f"https://127.0.0.1:{client_port}"
+    proc = ManagedProcess(
+        "etcd-tls",
+        [
+            str(etcd),
+            "--name=tls",
+            f"--data-dir={run / 'data'}",
+            f"--listen-client-urls={endpoint}",
+            f"--advertise-client-urls={endpoint}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=tls=http://127.0.0.1:{peer_port}",
+            f"--cert-file={pki.serving_cert}",
+            f"--key-file={pki.serving_key}",
+            f"--trusted-ca-file={pki.ca_cert}",
+            "--client-cert-auth",
+            "--log-level=warn",
+        ],
+        run,
+        marker=str(run / "data"),
+        die_with_parent=True,
+    )
+    proc.start()
+    try:
+        cert, key = pki.client("admin")
+        settings = EtcdSettings(
+            endpoints=[endpoint], ca_file=pki.ca_cert, cert_file=cert, key_file=key, retries=0
+        )
+
+        def up() -> bool:
+            try:
+                with EtcdStore(settings, registry=CollectorRegistry()) as s:
+                    return s.has_quorum()
+            except Exception:
+                return False
+
+        _wait(up, 60, "the TLS etcd")
+        yield TlsEtcd(endpoint, pki)
+    finally:
+        proc.stop()
+
+
+def test_tls_with_client_certificate(tls_etcd: TlsEtcd, etcd_prefix: str) -> None:
+    cert, key = tls_etcd.pki.client("admin")
+    settings = EtcdSettings(
+        endpoints=[tls_etcd.endpoint], ca_file=tls_etcd.pki.ca_cert, cert_file=cert, key_file=key
+    )
+    with EtcdStore(settings, registry=CollectorRegistry()) as store:
+        store.put(etcd_prefix + "k", b"over tls")
+        got = store.get(etcd_prefix + "k")
+        assert got is not None and got.value == b"over tls"
+        assert store.health().quorum
+
+
+def test_tls_without_client_certificate_is_refused(tls_etcd: TlsEtcd, etcd_prefix: str) -> None:
+    settings = EtcdSettings(
+        endpoints=[tls_etcd.endpoint],
+        ca_file=tls_etcd.pki.ca_cert,
+        retries=1,
+        timeout_seconds=2,
+        backoff_base_seconds=0.01,
+    )
+    # The handshake fails, which gRPC reports as UNAVAILABLE: the message says to check TLS.
+    with (
+        EtcdStore(settings, registry=CollectorRegistry()) as store,
+        pytest.raises(StoreUnavailableError, match="TLS/auth settings"),
+    ):
+        store.put(etcd_prefix + "k", b"x")
+
+
+def test_tls_with_wrong_ca_is_refused(tls_etcd: TlsEtcd, tmp_path: Path, etcd_prefix: str) -> None:
+    other = make_pki(tmp_path / "other", "10.0.0.1")
+    cert, key = other.client("admin")
+    settings = EtcdSettings(
+        endpoints=[tls_etcd.endpoint],
+        ca_file=other.ca_cert,
+        cert_file=cert,
+        key_file=key,
+        retries=1,
+        timeout_seconds=2,
+        backoff_base_seconds=0.01,
+    )
+    with (
+        EtcdStore(settings, registry=CollectorRegistry()) as store,
+        pytest.raises(StoreUnavailableError),
+    ):
+        store.get(etcd_prefix + "k")
+
+
+def _etcdctl(endpoint: str, *args: str, user: str | None = None) -> str:
+    argv = [str(tool("etcdctl")), f"--endpoints={endpoint}"]
+    if user:
+        argv.append(f"--user={user}")
+    out = subprocess.run(argv + list(args), check=True, capture_output=True, text=True)
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    cluster = EtcdCluster(
+        tmp_path_factory.mktemp("auth-etcd"), members=1, name="auth", die_with_parent=True
+    )
+    try:
+        cluster.start()
+    except ToolNotFoundError as exc:
+        missing_tool(exc)
+    try:
+        ep = cluster.endpoints[0]
+        _etcdctl(ep, "user", "add", "root:rootpw", "--interactive=false")
+        _etcdctl(ep, "user", "add", "app:apppw", "--interactive=false")
+        _etcdctl(ep, "role", "add", "app")
+        _etcdctl(ep, "role", "grant-permission", "app", "--prefix=true", "readwrite", "/test/")
+        _etcdctl(ep, "user", "grant-role", "app", "app")
+        _etcdctl(ep, "user", "add", "reader:readerpw", "--interactive=false")
+        _etcdctl(ep, "role", "add", "reader")
+        _etcdctl(ep, "role", "grant-permission", "reader", "--prefix=true", "read", "/test/")
+        _etcdctl(ep, "user", "grant-role", "reader", "reader")
+        _etcdctl(ep, "auth", "enable")
+        assert etcd_member_healthy(ep)
+        yield ep
+    finally:
+        cluster.stop()
+
+
+def _auth_settings(endpoint: str, user: str, password: str) -> EtcdSettings:
+    return EtcdSettings.model_validate(
+        {
+            "endpoints": [endpoint],
+            "user": user,
+            "password": password,
+            "retries": 2,
+            "timeout_seconds": 3,
+            "backoff_base_seconds": 0.01,
+        }
+    )
+
+
+def test_user_password_auth_and_token_renewal(auth_etcd: str, etcd_prefix: str) -> None:
+    with EtcdStore(_auth_settings(auth_etcd, "app", "apppw"), registry=CollectorRegistry()) as s:
+        events: list[WatchEvent] = []
+        handle = s.watch_prefix(etcd_prefix, events.append)
+        s.put(etcd_prefix + "k", b"authorized")
+        got = s.get(etcd_prefix + "k")
+        assert got is not None and got.value == b"authorized"
+        # An expired/invalid token (simple tokens live 5 minutes) is renewed once, transparently.
+        s._client.metadata = (("token", "expired.token"),)
+        s.put(etcd_prefix + "k", b"after renewal")
+        _wait(lambda: len(events) == 2, 10, "watch events under auth")
+        handle.cancel()
+        calls = s.metrics.registry.get_sample_value(
+            "defender_etcd_calls_total", {"op": "authenticate"}
+        )
+        assert calls == 2
+
+
+def test_wrong_password_is_an_auth_error(auth_etcd: str) -> None:
+    with pytest.raises(StoreAuthError, match="authentication as 'app' failed"):
+        EtcdStore(_auth_settings(auth_etcd, "app", "wrong"), registry=CollectorRegistry())
+
+
+def test_missing_permission_is_an_auth_error_not_retried(auth_etcd: str, etcd_prefix: str) -> None:
+    registry = CollectorRegistry()
+    with EtcdStore(_auth_settings(auth_etcd, "reader", "readerpw"), registry=registry) as s:
+        assert s.get(etcd_prefix + "k") is None  # read is granted
+        with pytest.raises(StoreAuthError, match="permission"):
+            s.put(etcd_prefix + "k", b"x")
+        with pytest.raises(StoreAuthError):
+            s.get("/outside/the/granted/prefix")
+    assert registry.get_sample_value("defender_etcd_retries_total", {"op": "put"}) is None
