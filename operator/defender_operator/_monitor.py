@@ -16,7 +16,7 @@ import kopf
 
 from defender_config import DefenderConfigError
 from defender_operator import _api
-from defender_operator._backend import InstanceRecord
+from defender_operator._backend import ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import BreakerPolicy, evaluate_breaker
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
@@ -38,7 +38,7 @@ from defender_operator._metrics import (
     INSTANCES_ALIVE,
     RESTARTS,
 )
-from defender_operator._reconcile import publish_status
+from defender_operator._reconcile import _state_fields, publish_status
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -183,6 +183,7 @@ async def tick(
     alive = len({i.pod or i.instance for i in live})
     mem.heartbeat = _heartbeat_condition(decision, alive, expected, mem.degraded_reported)
 
+    state_fields: dict[str, Any] = {}
     if etcd_ok:
         verdict = assess(now, _reports(instances, alerts), rt.settings.misconfig_window_seconds)
         was = mem.misconfig.status if mem.misconfig else None
@@ -195,7 +196,10 @@ async def tick(
         if verdict.misconfigured and was != cond.TRUE:
             kopf.event(body, type="Warning", reason=verdict.reason, message=verdict.message)
             logger.warning("misconfigured: %s", verdict.message)
-        await _breaker(rt, body, name, spec, instances, decision, expected, mem, now, logger)
+        state = await _breaker(
+            rt, body, name, spec, instances, decision, expected, mem, now, logger
+        )
+        state_fields = _state_fields(state)
 
     copy_digest = await asyncio.to_thread(rt.secrets.copy_digest, namespace)
     source_digest = keyring_digest(rt.keyring.current())
@@ -210,6 +214,7 @@ async def tick(
         "restarts": restarts,
         "rotationStage": rt.rotation_stage,
         "keyFingerprint": rt.keyring.current().primary_fingerprint,
+        **state_fields,
     }
     if newest is not None:
         fields["lastHeartbeatTime"] = _rfc3339(newest)
@@ -258,7 +263,7 @@ async def _breaker(
     mem: ComponentMemory,
     now: datetime,
     logger: Logger,
-) -> None:
+) -> ComponentState:
     unhealthy = {i.instance for i in instances if i.last_error_reason in MISCONFIG_REASONS}
     unhealthy |= set(decision.stale_pods)
     for key in list(mem.unhealthy_since):
@@ -279,7 +284,7 @@ async def _breaker(
         frozen=state.frozen,
     )
     if not verdict.trip or verdict.revert_to is None:
-        return
+        return state
     await asyncio.to_thread(rt.backend.freeze, name, verdict.message)
     version = await asyncio.to_thread(
         rt.backend.rollback, name, verdict.revert_to, modified_by=f"operator:{rt.identity}"
@@ -288,3 +293,6 @@ async def _breaker(
     BREAKER_TRIPS.labels(name).inc()
     logger.error("breaker tripped: %s (ACTIVE now version %s)", verdict.message, version)
     kopf.event(body, type="Warning", reason=verdict.reason, message=verdict.message)
+    mem.config_state = cond.ConfigState.FROZEN
+    mem.config_message = verdict.message
+    return await asyncio.to_thread(rt.backend.state, name)

@@ -63,8 +63,8 @@ def evaluate_breaker(
             f"{len(hit)} of {expected} instance(s) turned unhealthy within"
             f" {policy.window_seconds}s of ACTIVE version {change.version}"
             f" ({', '.join(hit)}); froze commits and reverted to version"
-            f" {change.previous_version}. Fix spec.config, then remove the freeze with"
-            " `kubectl annotate` (see docs/operator.md)",
+            f" {change.previous_version}. Fix spec.config, then lift the freeze with"
+            " `kubectl annotate defendercomponent <name> mldefender.io/unfreeze=now`",
             revert_to=change.previous_version,
             unhealthy=hit,
         )

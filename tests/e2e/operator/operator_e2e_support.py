@@ -10,6 +10,7 @@ with the library's Heartbeater under the pod names their Deployments created.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -238,10 +239,9 @@ class OperatorRun:
 
     def close(self) -> None:
         for hb in self.heartbeaters:
-            try:
+            # etcd may be partly down in a failing test; keep cleaning up.
+            with contextlib.suppress(Exception):
                 hb.stop()
-            except Exception:  # etcd may be partly down in a failing test; keep cleaning up
-                pass
         self.stop()
         for c in self.clients:
             c.close()

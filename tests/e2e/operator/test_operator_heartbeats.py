@@ -1,0 +1,162 @@
+"""Heartbeats → restarts: a silent instance's pod is deleted and recreated by its controller;
+an etcd quorum loss restarts nothing and says why; misconfiguration and the breaker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from operator_e2e_support import OperatorRun, wait_for
+
+from defender_config import CodecMismatchError, UnknownKeyError
+
+pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
+
+LABELS = {"app.kubernetes.io/name": "sniffer"}
+FAST = {
+    "heartbeat": {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 5},
+    "restartBudget": {"maxRestarts": 3, "windowSeconds": 600, "backoffBaseSeconds": 1},
+}
+
+
+def _pod_names(run: OperatorRun) -> set[str]:
+    return {p.metadata.name for p in run.pods(LABELS)}
+
+
+def _running_sniffer(run: OperatorRun, replicas: int) -> set[str]:
+    run.apply_sample("sniffer", **FAST)
+    wait_for("seeded", lambda: run.get("sniffer").get("status", {}).get("activeVersion") == 1)
+    run.deployment("sniffer", LABELS, replicas=replicas)
+    pods = wait_for(
+        f"{replicas} pods", lambda: len(_pod_names(run)) == replicas and _pod_names(run)
+    )
+    for pod in sorted(pods):
+        run.heartbeat("sniffer", pod)
+    wait_for(
+        "Heartbeating",
+        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["status"] == "True",
+    )
+    return pods
+
+
+def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    pods = _running_sniffer(run, replicas=2)
+    victim, survivor = sorted(pods)
+    # Stop one instance's heartbeats the hard way: its lease is revoked, the key vanishes.
+    next(hb for hb in run.heartbeaters if hb.instance == victim).stop()
+
+    wait_for("victim pod deleted", lambda: victim not in _pod_names(run), timeout=60)
+    replacement = wait_for(
+        "replacement pod from the ReplicaSet",
+        lambda: (_pod_names(run) - {survivor}) or None,
+        timeout=60,
+    )
+    assert survivor in _pod_names(run), "only the silent pod may be restarted"
+    assert replacement and victim not in replacement
+    status = wait_for(
+        "restart counted", lambda: (s := run.get("sniffer")["status"])["restarts"] == 1 and s
+    )
+    assert status["restarts"] == 1
+    assert "PodRestarted" in run.event_reasons("sniffer")
+    # The replacement heartbeats again: the component is healthy with no further restarts.
+    run.heartbeat("sniffer", next(iter(replacement)))
+    wait_for(
+        "Heartbeating again",
+        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["status"] == "True",
+    )
+    assert run.get("sniffer")["status"]["restarts"] == 1
+
+
+def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    pods = _running_sniffer(run, replicas=2)
+    etcd = run.etcd
+    stopped = [1, 2]
+    for i in stopped:
+        etcd.stop_member(i)
+    try:
+        cond = wait_for(
+            "Heartbeating Unknown because of etcd",
+            lambda: (
+                (c := run.condition("sniffer", "Heartbeating"))
+                and c["reason"] in ("EtcdNoQuorum", "EtcdUnavailable")
+                and c
+            ),
+            timeout=60,
+        )
+        assert cond["status"] == "Unknown"
+        # Heartbeats cannot be written now; wait well past the restart threshold (3 s).
+        time.sleep(12)
+        assert _pod_names(run) == pods
+        assert run.get("sniffer")["status"]["restarts"] == 0
+        ready = run.condition("sniffer", "Ready")
+        assert ready is not None and ready["status"] == "Unknown"
+    finally:
+        for i in stopped:
+            etcd.restart_member(i)
+        etcd.wait_for_leader()
+    # Back to normal, still without a restart: the heartbeaters re-register on their own.
+    wait_for(
+        "Heartbeating again after etcd recovered",
+        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["status"] == "True",
+        timeout=90,
+    )
+    assert _pod_names(run) == pods
+    assert run.get("sniffer")["status"]["restarts"] == 0
+
+
+def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    pods = _running_sniffer(run, replicas=1)
+    hb = next(h for h in run.heartbeaters if h.instance in pods)
+    hb.update(last_error=UnknownKeyError("k9", ["k1"]))
+    cond = wait_for(
+        "Misconfigured=True",
+        lambda: (c := run.condition("sniffer", "Misconfigured")) and c["status"] == "True" and c,
+    )
+    assert cond["reason"] == "UnknownKey"
+    assert hb.instance in cond["message"]
+    assert run.condition("sniffer", "Ready")["reason"] == "UnknownKey"  # type: ignore[index]
+    wait_for("Event", lambda: "UnknownKey" in run.event_reasons("sniffer"))
+    hb.update(last_error=None)
+    wait_for(
+        "Misconfigured=False",
+        lambda: (c := run.condition("sniffer", "Misconfigured")) and c["status"] == "False",
+    )
+
+
+def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    pods = _running_sniffer(run, replicas=2)
+    run.patch("sniffer", {"spec": {"rollout": {"maxUnhealthyInstances": 1}}})
+    configs = run.configs()
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
+    wait_for("version 2", lambda: run.get("sniffer")["status"].get("activeVersion") == 2)
+    # Both instances fail to decode right after the change: more than 1 → trip.
+    for hb in run.heartbeaters:
+        if hb.instance in pods:
+            hb.update(last_error=CodecMismatchError("zstd", "none"))
+    wait_for("frozen", lambda: run.get("sniffer")["status"].get("frozen") is True, timeout=60)
+    active = configs.get_active("sniffer")
+    assert active.version == 3
+    assert active.config["snaplen"] == 256  # version 1's value, restored as version 3
+    assert "BlastRadiusExceeded" in run.event_reasons("sniffer")
+    # Further commits are refused while frozen, and say so.
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
+    cond = wait_for(
+        "ConfigSynced Frozen",
+        lambda: (c := run.condition("sniffer", "ConfigSynced")) and c["reason"] == "Frozen" and c,
+    )
+    assert "unfreeze" in cond["message"]
+    assert configs.get_active("sniffer").version == 3
+    # A person fixes things and lifts the freeze: the pending spec is committed.
+    for hb in run.heartbeaters:
+        hb.update(last_error=None)
+    run.patch("sniffer", {"metadata": {"annotations": {"mldefender.io/unfreeze": "now"}}})
+    wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
+    assert configs.get_active("sniffer").config["snaplen"] == 1024
