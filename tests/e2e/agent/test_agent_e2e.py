@@ -6,9 +6,11 @@ beyond a generous timeout: this checks behaviour, the benchmarks judge speed.
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -445,3 +447,34 @@ def test_etcd_member_loss_and_quorum_loss(plane: Plane) -> None:
     plane.configs.commit(plane.component, config(3), by="e2e")
     target_loads(target, 3, timeout=60)
     assert target.bad_reads() == []
+
+
+def test_http_reload_reads_the_new_file(plane: Plane) -> None:
+    seen: list[dict[str, Any]] = []
+    output = plane.output_path
+
+    class Reload(http.server.BaseHTTPRequestHandler):
+        # The component's reload endpoint: it reads the file when called, as a real one would.
+        def do_POST(self) -> None:
+            seen.append(json.loads(output.read_text()))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Reload)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/-/reload"
+        seed(plane)
+        agent = plane.start_agent(None, "--reload-method", "http", "--reload-url", url)
+        wait_until(lambda: config(1) in seen, 20, "the reload call for v1")
+        plane.configs.commit(plane.component, config(2), by="e2e")
+        wait_until(lambda: config(2) in seen, 20, "the reload call for v2")
+        hb = plane.wait_heartbeat(agent, lambda h: h["config_version"] == 2, "v2")
+        assert hb["last_error"] is None
+    finally:
+        server.shutdown()
+        server.server_close()
