@@ -58,7 +58,8 @@ async def step(rt: Runtime) -> RotationStep:
         else None
     )
     live: dict[str, frozenset[str]] = {}
-    if state.stage is RotationStage.DISTRIBUTING:
+    primaries: dict[str, str | None] = {}
+    if state.stage in (RotationStage.DISTRIBUTING, RotationStage.PROMOTED):
         everything = await asyncio.to_thread(rt.backend.all_instances)
         for component, records in everything.items():
             for rec in records:
@@ -66,12 +67,14 @@ async def step(rt: Runtime) -> RotationStep:
                 if rec.key_fingerprint:
                     fps.add(rec.key_fingerprint)
                 live[f"{component}/{rec.instance}"] = frozenset(fps)
+                primaries[f"{component}/{rec.instance}"] = rec.key_fingerprint
     decided = next_rotation_step(
         now=now,
         state=state,
         requested=requested,
         new_fingerprint=new_fp,
         live_fingerprints=live,
+        live_primaries=primaries,
         timings=RotationTimings(
             rt.settings.rotation_distribute_timeout_seconds, rt.settings.rotation_grace_seconds
         ),

@@ -3,7 +3,8 @@
 Stages (stored in the operator's keyring Secret, shown in every component's status):
 
     Idle --request--> Distributing --every live instance has the new key (or timeout)-->
-    Promoted --every stored value rewrapped--> Grace --grace period over--> Idle (old key retired)
+    Promoted --every live instance seals with it (or timeout); every stored value rewrapped-->
+    Grace --grace period over--> Idle (old key retired)
 
 Distributing adds the new key decrypt-only, so instances learn it before anything is sealed
 with it; only then does it become primary. The old key stays decrypt-only through Grace so a
@@ -60,11 +61,13 @@ def next_rotation_step(
     new_fingerprint: str | None,
     live_fingerprints: Mapping[str, frozenset[str]],
     timings: RotationTimings,
+    live_primaries: Mapping[str, str | None] | None = None,
 ) -> RotationStep:
     """Decide one step. The caller performs the action and, if it succeeds, stores stage_after.
 
-    `live_fingerprints` maps each live instance to the fingerprints of the keys it holds (from
-    its heartbeat). `requested` is true when the schedule is due or a person asked.
+    `live_fingerprints` maps each live instance to the fingerprints of the keys it holds, and
+    `live_primaries` to the fingerprint it seals with (both from its heartbeat). `requested`
+    is true when the schedule is due or a person asked.
     """
     since = state.since or now
     if state.stage is RotationStage.IDLE:
@@ -106,11 +109,28 @@ def next_rotation_step(
             lagging=lagging,
         )
     if state.stage is RotationStage.PROMOTED:
+        # Rewrap only once every instance seals with the new key too: a value an instance
+        # sealed with the old key after the rewrap would become unreadable at retirement.
+        behind = tuple(
+            sorted(i for i, fp in (live_primaries or {}).items() if fp != new_fingerprint)
+        )
+        timed_out = now - since >= timedelta(seconds=timings.distribute_timeout_seconds)
+        if behind and not timed_out:
+            return RotationStep(
+                RotationAction.WAIT,
+                RotationStage.PROMOTED,
+                "WaitingForPromotion",
+                f"waiting for {len(behind)} instance(s) to seal with the new key:"
+                f" {', '.join(behind)}",
+                lagging=behind,
+            )
         return RotationStep(
             RotationAction.REWRAP,
             RotationStage.GRACE,
-            "Rewrapping",
-            "re-sealing every stored value under the new primary key",
+            "Rewrapping" if not behind else "PromotionTimedOut",
+            "re-sealing every stored value under the new primary key"
+            + (f"; still on the old key: {', '.join(behind)}" if behind else ""),
+            lagging=behind,
         )
     if now - since >= timedelta(seconds=timings.grace_seconds):
         return RotationStep(

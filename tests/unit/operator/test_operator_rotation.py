@@ -18,7 +18,7 @@ TIMINGS = RotationTimings(distribute_timeout_seconds=120, grace_seconds=300)
 NEW, OLD = "fp-new", "fp-old"
 
 
-def step(state: RotationState, *, requested: bool = False, live=None, now=T0):  # type: ignore[no-untyped-def]
+def step(state: RotationState, *, requested: bool = False, live=None, now=T0, primaries=None):  # type: ignore[no-untyped-def]
     return next_rotation_step(
         now=now,
         state=state,
@@ -26,6 +26,7 @@ def step(state: RotationState, *, requested: bool = False, live=None, now=T0):  
         new_fingerprint=NEW,
         live_fingerprints=live or {},
         timings=TIMINGS,
+        live_primaries=primaries,
     )
 
 
@@ -64,8 +65,20 @@ def test_distribution_timeout_promotes_and_names_laggards() -> None:
     assert "b" in s.message
 
 
+def test_promoted_waits_until_every_instance_seals_with_the_new_key() -> None:
+    promoted = RotationState(RotationStage.PROMOTED, since=T0)
+    s = step(promoted, primaries={"a": NEW, "b": OLD}, now=T0 + timedelta(seconds=5))
+    assert (s.action, s.stage_after, s.lagging) == (
+        RotationAction.WAIT,
+        RotationStage.PROMOTED,
+        ("b",),
+    )
+    s = step(promoted, primaries={"a": NEW, "b": OLD}, now=T0 + timedelta(seconds=120))
+    assert (s.action, s.reason, s.lagging) == (RotationAction.REWRAP, "PromotionTimedOut", ("b",))
+
+
 def test_promoted_rewraps_then_grace_then_retire() -> None:
-    s = step(RotationState(RotationStage.PROMOTED, since=T0))
+    s = step(RotationState(RotationStage.PROMOTED, since=T0), primaries={"a": NEW})
     assert (s.action, s.stage_after) == (RotationAction.REWRAP, RotationStage.GRACE)
     grace = RotationState(RotationStage.GRACE, since=T0)
     assert step(grace, now=T0 + timedelta(seconds=299)).action is RotationAction.WAIT
