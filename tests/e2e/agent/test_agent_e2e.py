@@ -6,6 +6,7 @@ beyond a generous timeout: this checks behaviour, the benchmarks judge speed.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import signal
@@ -293,6 +294,10 @@ def test_key_rotation_without_a_failed_read(plane: Plane) -> None:
     assert target.bad_reads() == []
     assert [r["config"]["threshold"] for r in target.loaded()][-4:] == [1, 2, 3, 4]
     assert agent.errors() == []
+    log_text = agent.log_path.read_text()
+    for key in retired:
+        assert base64.b64encode(key.material).decode() not in log_text
+        assert key.material.hex() not in log_text
 
 
 def test_seed_config_registers_master_once(plane: Plane) -> None:
@@ -478,3 +483,17 @@ def test_http_reload_reads_the_new_file(plane: Plane) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_agent_started_before_the_component_is_seeded(plane: Plane) -> None:
+    target = plane.start_target()
+    agent = plane.start_agent(target)
+    hb = plane.wait_heartbeat(agent, lambda h: True, "a heartbeat before any config exists")
+    assert hb["status"] == "STARTING"
+    assert hb["config_version"] is None
+    assert not plane.output_path.exists()
+    seed(plane, 6)  # the operator seeds from the DefenderComponent later
+    plane.wait_heartbeat(
+        agent, lambda h: h["status"] == "RUNNING" and h["config_version"] == 1, "RUNNING v1"
+    )
+    target_loads(target, 6)
