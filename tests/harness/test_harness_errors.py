@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 
 from defender_devcluster import (
+    ClusterState,
     ControlPlane,
     EtcdCluster,
     LocalCluster,
     PortInUseError,
     ProcessStartError,
+    StateError,
     ToolNotFoundError,
+    stop_run_dir,
     tool,
     tools_bin,
 )
@@ -197,3 +200,38 @@ def test_local_cluster_refuses_an_etcd_inside_its_run_dir(tmp_path: Path) -> Non
     inside = EtcdCluster(tmp_path / "etcd-defender-parent", members=1)
     with pytest.raises(ValueError, match="outside"):
         LocalCluster(tmp_path, etcd=inside)
+
+
+def test_control_plane_failure_stops_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "etcd").symlink_to(tool("etcd"))
+    fake_binary(bindir, "kube-apiserver", 'echo "E0000 bad flag (simulated)"; exit 1\n')
+    for name in ("kube-controller-manager", "kube-scheduler"):
+        fake_binary(bindir, name, "exit 1\n")
+    monkeypatch.setenv("DEFENDER_TOOLS_BIN", str(bindir))
+    plane = ControlPlane(tmp_path / "run", start_timeout=60)
+    with pytest.raises(ProcessStartError) as err:
+        plane.start()
+    assert err.value.name == "kube-apiserver"
+    assert "bad flag (simulated)" in err.value.log_tail
+    # The Kubernetes etcd it had started is gone again, and so are the pid files.
+    assert plane.etcd.member_pids == [None]
+    assert not list((tmp_path / "run").rglob("*.pid"))
+
+
+def test_corrupt_state_file_is_a_state_error_and_down_still_sweeps(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"api_url": 12')
+    with pytest.raises(StateError, match="unreadable state file"):
+        ClusterState.read(tmp_path)
+    crashed = EtcdCluster(tmp_path, members=1, name="left").start()
+    (pid,) = crashed.member_pids
+    assert pid is not None
+    try:
+        assert stop_run_dir(tmp_path) == ["left-0"]
+        assert not pid_matches(pid, str(crashed.data_dir(0)))
+        assert not (tmp_path / "state.json").exists()
+    finally:
+        crashed.stop()

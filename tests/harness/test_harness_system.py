@@ -16,10 +16,12 @@ from defender_devcluster import ClusterState, EtcdCluster, LocalCluster, Process
 from defender_devcluster._procs import PidFile, pid_matches
 from defender_devcluster._system import (
     REPO_ROOT,
+    KubectlError,
     kubectl,
     start_operator,
     stop_operator,
     system_up,
+    wait_established,
 )
 
 CRD = """\
@@ -199,3 +201,38 @@ def test_operator_that_never_becomes_live_is_stopped_and_reported(
     assert "waiting for something forever (simulated)" in err.value.log_tail
     pid_file = PidFile.read(local_cluster.run_dir / "operator" / "operator.pid")
     assert pid_file is None, "the silent operator must have been stopped"
+
+
+def test_kubectl_failure_carries_the_server_message(local_cluster: LocalCluster) -> None:
+    bad = '{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "Not_A_DNS_Name"}}'
+    with pytest.raises(KubectlError) as err:
+        kubectl(local_cluster.kubeconfig, "apply", "-n", "default", "-f", "-", stdin=bad)
+    assert "Not_A_DNS_Name" in str(err.value) and "invalid" in str(err.value).lower()
+
+
+def test_crd_that_never_becomes_established_times_out(
+    local_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    # Two CRDs of one group claiming the same kind: the second is refused (NamesAccepted=False)
+    # and never Established.
+    crds = tmp_path / "crds"
+    crds.mkdir()
+    first = CRD.replace("system.harness", "conflict.harness")
+    second = (
+        first.replace("gadgets.conflict", "gizmos.conflict")
+        .replace("plural: gadgets", "plural: gizmos")
+        .replace("singular: gadget", "singular: gizmo")
+    )
+    (crds / "a.yaml").write_text(first)
+    kubectl(local_cluster.kubeconfig, "apply", "-f", str(crds / "a.yaml"))
+    wait_established(local_cluster.kubeconfig, crds)
+    (crds / "b.yaml").write_text(second)
+    try:
+        kubectl(local_cluster.kubeconfig, "apply", "-f", str(crds / "b.yaml"))
+        with pytest.raises(KubectlError, match=r"not Established after 3s: gizmos\."):
+            wait_established(local_cluster.kubeconfig, crds, timeout=3)
+        got = kubectl(local_cluster.kubeconfig, "get", "-f", str(crds / "b.yaml"), "-o", "json")
+        conds = {c["type"]: c for c in json.loads(got)["status"]["conditions"]}
+        assert conds["NamesAccepted"]["status"] == "False"
+    finally:
+        kubectl(local_cluster.kubeconfig, "delete", "-f", str(crds), "--wait=false")
