@@ -47,6 +47,27 @@ def pytest_terminal_summary(
         terminalreporter.write_line(f"defender_devcluster start-up: {parts}")
 
 
+_ETCD_FIXTURES = {"defender_etcd"}
+_CLUSTER_FIXTURES = {"local_cluster", "kubeconfig_path", "k8s_api", "namespace"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "etcd: needs the local 3-member defender etcd cluster")
+    config.addinivalue_line(
+        "markers", "cluster: needs the local kube-apiserver/controller-manager (make tools)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the fixtures they use, so `-m "not cluster"` selects without guessing."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _CLUSTER_FIXTURES:
+            item.add_marker("cluster")
+        if names & (_ETCD_FIXTURES | _CLUSTER_FIXTURES):
+            item.add_marker("etcd")
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
