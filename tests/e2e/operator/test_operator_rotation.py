@@ -1,0 +1,187 @@
+"""Staged key rotation while instances read and write: no decode failure at any point."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from operator_e2e_support import SAMPLES, SECRET, OperatorRun, kubectl, wait_for
+
+from defender_config import (
+    ConfigStore,
+    ConflictError,
+    DefenderConfigError,
+    EnvelopeError,
+    Keyring,
+    KeyringSource,
+    KeyState,
+    StoreUnavailableError,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
+
+LABELS = {"app.kubernetes.io/name": "sniffer"}
+
+
+class FakeKubelet(threading.Thread):
+    """Copies the namespace's keyring Secret into a file the way kubelet updates a mounted
+    Secret: a whole new file swapped in atomically."""
+
+    def __init__(self, run: OperatorRun, directory: Path) -> None:
+        super().__init__(daemon=True)
+        self.run_ = run
+        self.file = directory / "keyring.json"
+        self.stop_event = threading.Event()
+        self.sync()
+
+    def sync(self) -> None:
+        keyring = self.run_.keyring_copy()
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_bytes(keyring.to_json())
+        os.replace(tmp, self.file)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.3):
+            try:
+                self.sync()
+            except Exception:  # the API server may be briefly busy; next round syncs
+                continue
+
+
+class Load(threading.Thread):
+    """A component instance at work: commits to firewall (as rag may) and reads everything."""
+
+    def __init__(self, configs: ConfigStore, base: dict[str, Any], write: bool) -> None:
+        super().__init__(daemon=True)
+        self.configs = configs
+        self.base = base
+        self.write = write
+        self.stop_event = threading.Event()
+        self.ops = 0
+        self.decode_failures: list[str] = []
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop_event.is_set():
+            i += 1
+            try:
+                if self.write:
+                    cfg = dict(self.base, block_ttl_seconds=1000 + i % 50)
+                    self.configs.commit("firewall", cfg, "rag/e2e")
+                self.configs.get_active("firewall")
+                self.configs.get_master("sniffer")
+                self.ops += 1
+            except ConflictError:
+                continue
+            except EnvelopeError as exc:
+                self.decode_failures.append(f"{exc.reason}: {exc}")
+            except StoreUnavailableError:
+                continue
+            except DefenderConfigError as exc:
+                self.decode_failures.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.05)
+
+
+def test_rotation_under_load_has_no_decode_failures(
+    operator_run: OperatorRun, tmp_path: Path
+) -> None:
+    run = operator_run
+    run.start(
+        DEFENDER_OPERATOR_ROTATION_DISTRIBUTE_TIMEOUT_SECONDS="120",
+        DEFENDER_OPERATOR_ROTATION_GRACE_SECONDS="3",
+    )
+    run.apply_sample("sniffer")
+    run.apply_sample("firewall")
+    for name in ("sniffer", "firewall"):
+        wait_for(f"{name} seeded", lambda n=name: run.get(n).get("status", {}).get("activeVersion"))  # type: ignore[misc]
+    run.deployment("sniffer", LABELS, replicas=2)
+    pods = wait_for("2 pods", lambda: len(p := run.pods(LABELS)) == 2 and p)
+
+    kubelet = FakeKubelet(run, tmp_path)
+    kubelet.start()
+    source = KeyringSource(kubelet.file, poll_seconds=0.2)
+    old = source.current()
+    firewall = yaml.safe_load((SAMPLES / "firewall.yaml").read_text())["spec"]["config"]
+    heartbeaters = []
+    loads = []
+    for i, pod in enumerate(pods):
+        client = run.client(source)
+        heartbeaters.append(run.heartbeat("sniffer", pod.metadata.name, client=client))
+        loads.append(Load(ConfigStore(client), firewall, write=i == 0))
+    for load in loads:
+        load.start()
+    stop_refresh = threading.Event()
+
+    def refresh() -> None:
+        # What the agent does when its keyring file changes: report the new fingerprints.
+        while not stop_refresh.wait(0.3):
+            for hb in heartbeaters:
+                hb.refresh_key_fields()
+
+    refresher = threading.Thread(target=refresh, daemon=True)
+    refresher.start()
+    try:
+        kubectl(
+            "annotate",
+            "secret",
+            SECRET,
+            "-n",
+            run.operator_namespace,
+            "mldefender.io/rotate-key=now",
+        )
+        wait_for(
+            "rotation started",
+            lambda: _stage(run) != "Idle" or _rotated(run, old),
+            timeout=30,
+        )
+        wait_for("rotation finished", lambda: _rotated(run, old), timeout=120)
+    finally:
+        stop_refresh.set()
+        for load in loads:
+            load.stop_event.set()
+        for load in loads:
+            load.join(timeout=30)
+        kubelet.stop_event.set()
+
+    new = Keyring.from_secret_data(
+        dict(run.core.read_namespaced_secret(SECRET, run.operator_namespace).data)
+    )
+    assert new.primary.key_id != old.primary.key_id
+    assert new.get(old.primary.key_id).state is KeyState.RETIRED  # type: ignore[union-attr]
+    failures = [f for load in loads for f in load.decode_failures]
+    assert failures == [], failures
+    assert all(load.ops > 0 for load in loads)
+    # Every sealed value is now under the new key; the old one opens nothing any more.
+    checker = run.client(new)
+    sealed = [e for e in checker.dump() if e.sealed]
+    assert sealed and {e.header["key_id"] for e in sealed if e.header} == {new.primary.key_id}
+    assert ConfigStore(checker).get_master("sniffer")["interface"] == "eth0"
+    wait_for(
+        "KeyCurrent on the new key",
+        lambda: (
+            (c := run.condition("sniffer", "KeyCurrent"))
+            and c["status"] == "True"
+            and new.primary_fingerprint in c["message"]
+        ),
+        timeout=30,
+    )
+
+
+def _stage(run: OperatorRun) -> str:
+    secret = run.core.read_namespaced_secret(SECRET, run.operator_namespace)
+    return str((secret.metadata.annotations or {}).get("mldefender.io/rotation-stage", "Idle"))
+
+
+def _rotated(run: OperatorRun, old: Keyring) -> bool:
+    secret = run.core.read_namespaced_secret(SECRET, run.operator_namespace)
+    annotations = secret.metadata.annotations or {}
+    keyring = Keyring.from_secret_data(dict(secret.data))
+    return (
+        annotations.get("mldefender.io/rotation-stage") == "Idle"
+        and keyring.primary.key_id != old.primary.key_id
+    )
