@@ -224,3 +224,29 @@ def test_missing_process_within_grace_is_not_an_error(
     assert a.retry_reload()
     wait_for(lambda: marker.read_text() == "1")
     assert a.last_error is None
+
+
+def test_http_reload_failure_is_reported_but_file_is_new(tmp_path: Path) -> None:
+    import socket
+
+    from defender_agent import HttpReloader
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    sink = RecordingSink()
+    reloader = HttpReloader(f"http://127.0.0.1:{port}/-/reload", retries=1, backoff_seconds=0)
+    a = applier(tmp_path, sink, reloader=reloader)
+    assert a.apply({"v": 1}, version=1)
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"v": 1}
+    assert sink.heartbeat["last_error"]["reason"] == "HttpReloadFailed"
+    assert a.reload_pending
+
+
+def test_already_alerted_errors_only_reach_the_heartbeat(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    a.reject(UnknownKeyError("k2", ["k1"]), version=2, alerted=True)
+    assert sink.heartbeat["last_error"]["reason"] == "UnknownKey"
+    assert sink.alerts == []
