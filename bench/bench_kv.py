@@ -1,0 +1,162 @@
+"""Library vs raw client: put/get latency for values of 1 KiB to 1 MiB.
+
+Three clients talk to the SAME etcd member (the leader), in interleaved rounds so load from
+other processes on the machine hits all of them alike:
+
+* raw      pyetcd's own client, bytes in, bytes out (the baseline);
+* store    the library's EtcdStore (retries, metrics, cache), no envelope;
+* library  DefenderClient.put_sealed/get_sealed: zstd + AES-256-GCM envelope on top.
+
+Two kinds of data: JSON config text (compresses ~5-10x: the library then sends fewer bytes)
+and random bytes (incompressible: the envelope is pure overhead).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyetcd
+from prometheus_client import CollectorRegistry
+
+from bench_support import config_bytes, etcd_cluster, store_for, summary, write_result
+from defender_config import DefenderClient, Keyring, LibrarySettings
+from defender_config._store import parse_endpoint
+
+SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
+TARGET_RATIO = 1.05
+
+
+def ops_for(size: int, quick: bool) -> tuple[int, int]:
+    """(rounds, operations per client per round) for a value size."""
+    if quick:
+        return 2, 5
+    if size <= 16 << 10:
+        return 10, 30
+    if size <= 256 << 10:
+        return 8, 10
+    return 6, 5
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    with etcd_cluster() as cluster:
+        leader = cluster.wait_for_leader()
+        host, port, _ = parse_endpoint(leader)
+        raw = pyetcd.client(host, port, timeout=10)
+        store = store_for([leader], timeout_seconds=10)
+        lib = DefenderClient(
+            LibrarySettings(etcd=store.settings, prefix="/bench"),
+            Keyring.generate(),
+            store=store_for([leader], timeout_seconds=10),
+            registry=CollectorRegistry(),
+            alert_sinks=[],
+        )
+        try:
+            for kind in ("config", "random"):
+                for size in SIZES:
+                    data = config_bytes(size) if kind == "config" else os.urandom(size)
+                    results.append(measure(kind, size, data, raw, store, lib, quick))
+                    r = results[-1]
+                    print(
+                        f"{kind:7s} {size:>8d} B  put raw {r['put']['raw']['p50'] * 1e3:7.2f} ms"
+                        f"  lib {r['put']['library']['p50'] * 1e3:7.2f} ms"
+                        f" (x{r['ratio_put_p50']:.3f})  get raw "
+                        f"{r['get']['raw']['p50'] * 1e3:6.2f} ms  lib "
+                        f"{r['get']['library']['p50'] * 1e3:6.2f} ms (x{r['ratio_get_p50']:.3f})"
+                    )
+        finally:
+            raw.close()
+            store.close()
+            lib.store.close()
+    worst_put = max(r["ratio_put_p50"] for r in results)
+    worst_get = max(r["ratio_get_p50"] for r in results)
+    return {
+        "description": __doc__,
+        "unit": "seconds per operation",
+        "target_ratio": TARGET_RATIO,
+        "endpoint": "the leader, same member for all three clients",
+        "results": results,
+        "worst_ratio_put_p50": worst_put,
+        "worst_ratio_get_p50": worst_get,
+        "target_met": worst_put <= TARGET_RATIO and worst_get <= TARGET_RATIO,
+    }
+
+
+def measure(
+    kind: str,
+    size: int,
+    data: bytes,
+    raw: Any,
+    store: Any,
+    lib: DefenderClient,
+    quick: bool,
+) -> dict[str, Any]:
+    rounds, per = ops_for(size, quick)
+    keys = {c: f"/bench/kv/{kind}/{size}/{c}" for c in ("raw", "store", "library")}
+    lib_key = lib.layout.prefix + keys["library"]
+    put_fns: dict[str, Callable[[], object]] = {
+        "raw": lambda: raw.put(keys["raw"], data),
+        "store": lambda: store.put(keys["store"], data),
+        "library": lambda: lib.put_sealed(lib_key, data),
+    }
+
+    def raw_get() -> bytes:
+        value, _ = raw.get(keys["raw"])
+        return bytes(value)
+
+    def store_get() -> bytes:
+        got = store.get(keys["store"])
+        assert got is not None
+        return got.value
+
+    def lib_get() -> bytes:
+        got = lib.get_sealed(lib_key)
+        assert got is not None
+        return got.data
+
+    get_fns: dict[str, Callable[[], bytes]] = {
+        "raw": raw_get,
+        "store": store_get,
+        "library": lib_get,
+    }
+    timings: dict[str, dict[str, list[float]]] = {
+        op: {c: [] for c in put_fns} for op in ("put", "get")
+    }
+    for fn in put_fns.values():  # warm up connections and caches
+        fn()
+    for name, get in get_fns.items():
+        assert get() == data, f"{name} read back other bytes"
+    for r in range(rounds):
+        order = list(put_fns) if r % 2 == 0 else list(reversed(list(put_fns)))
+        for name in order:
+            for _ in range(per):
+                t = time.perf_counter()
+                put_fns[name]()
+                timings["put"][name].append(time.perf_counter() - t)
+            for _ in range(per):
+                t = time.perf_counter()
+                get_fns[name]()
+                timings["get"][name].append(time.perf_counter() - t)
+    stored = lib.store.get(lib_key)
+    assert stored is not None
+    out: dict[str, Any] = {
+        "data": kind,
+        "size": size,
+        "stored_bytes_library": len(stored.value),
+        "put": {c: summary(v) for c, v in timings["put"].items()},
+        "get": {c: summary(v) for c, v in timings["get"].items()},
+    }
+    out["ratio_put_p50"] = out["put"]["library"]["p50"] / out["put"]["raw"]["p50"]
+    out["ratio_get_p50"] = out["get"]["library"]["p50"] / out["get"]["raw"]["p50"]
+    out["ratio_put_p50_store"] = out["put"]["store"]["p50"] / out["put"]["raw"]["p50"]
+    out["ratio_get_p50_store"] = out["get"]["store"]["p50"] / out["get"]["raw"]["p50"]
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_result("kv", run(quick="--quick" in sys.argv))
