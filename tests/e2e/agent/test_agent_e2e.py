@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from agent_e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, Plane, wait_until, write_keyring
 
-from defender_config import Envelope, Keyring, KeyState
+from defender_config import ConfigStore, DefenderClient, Envelope, Keyring, KeyState
 from defender_devcluster import EtcdCluster, tool
 from defender_operator._decisions.restarts import (
     EtcdView,
@@ -497,3 +497,36 @@ def test_agent_started_before_the_component_is_seeded(plane: Plane) -> None:
         agent, lambda h: h["status"] == "RUNNING" and h["config_version"] == 1, "RUNNING v1"
     )
     target_loads(target, 6)
+
+
+def test_value_sealed_with_a_key_not_yet_mounted_opens_once_the_secret_catches_up(
+    plane: Plane,
+) -> None:
+    seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(target)
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "v1 delivered")
+    target_loads(target, 1)
+    # A writer that already has the next keyring (promoted new key) commits before this pod's
+    # Secret is updated: the agent cannot open the value yet.
+    ahead = plane.keyring.current().with_new_decrypt_only()
+    ahead = ahead.promote(ahead.key_ids[-1])
+    writer = DefenderClient(plane.client.settings, ahead, instance="writer-ahead")
+    try:
+        ConfigStore(writer).commit(plane.component, config(2), by="writer-ahead")
+    finally:
+        writer.close()
+    plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "UnknownKey",
+        "UnknownKey while the Secret lags",
+    )
+    assert file_config(plane) == config(1)
+    # The kubelet updates the Secret: the agent re-reads ACTIVE without waiting for a new commit.
+    write_keyring(plane.keyring_dir, ahead)
+    plane.wait_heartbeat(
+        agent,
+        lambda h: h["config_version"] == 2 and h["last_error"] is None,
+        "v2 delivered after the keyring update",
+    )
+    target_loads(target, 2)

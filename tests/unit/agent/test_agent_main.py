@@ -102,6 +102,14 @@ def test_missing_keyring_exit_3(tmp_path: Path) -> None:
     assert "mounted" in errors[-1]["msg"]
 
 
+def test_no_keyring_path_with_encryption_on_exit_3() -> None:
+    proc = run_agent(
+        [*BASE, "--etcd-endpoints", f"http://127.0.0.1:{closed_port()}"], agent_env(POD_NAME="p")
+    )
+    assert proc.returncode == 3
+    assert "--keyring-path" in proc.stderr
+
+
 def test_unreachable_etcd_keeps_retrying_until_sigterm(tmp_path: Path) -> None:
     keyring = Keyring.generate()
     (tmp_path / "keyring.json").write_bytes(keyring.to_json())
