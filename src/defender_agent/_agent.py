@@ -282,7 +282,9 @@ class Agent:
             active = self.configs.get_active(self.settings.component)
         except DefenderConfigError as exc:
             if exc.reason != "NotFound":
-                self.applier.reject(exc, alerted=isinstance(exc, EnvelopeError))
+                # Decode errors were alerted by client.open; an unreachable store is not a
+                # misconfiguration and only shows in the heartbeat.
+                self.applier.reject(exc, alerted=isinstance(exc, EnvelopeError | StoreError))
             return
         self._on_active(active)
 
