@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -311,11 +311,25 @@ class ConfigStore:
                 except DefenderConfigError as exc:
                     log.error("automatic rollback of %s to MASTER failed: %s", component, exc)
             raise
-        if config_digest(normalized) == meta.digest:
+        digest = config_digest(normalized)
+        if digest == meta.digest:
             return meta.version  # nothing changes: no new version, no watch event
-        return self._write_version(
-            component, normalized, by, meta, meta_stored, note=note, respect_freeze=True
-        )
+        try:
+            return self._write_version(
+                component, normalized, by, meta, meta_stored, note=note, respect_freeze=True
+            )
+        except ConflictError:
+            # A write retried after a lost response finds its own first attempt applied and
+            # reports the compare as lost: if the version after ours is ours, it landed.
+            now = self.get_metadata(component)
+            if (
+                now is not None
+                and now.version == meta.version + 1
+                and now.digest == digest
+                and now.modified_by == by
+            ):
+                return now.version
+            raise
 
     def rollback(self, component: str, to: Literal["master"] | int, by: str) -> int:
         """Make MASTER (`to="master"`) or a kept history version ACTIVE again, as a new
@@ -502,12 +516,16 @@ class ConfigStore:
 
     def rewrap_all(self, prefix: str | None = None) -> RewrapReport:
         """Re-seal every sealed value under `prefix` (default: the whole deployment) that is not
-        sealed with the current primary key and codecs, each with compare-and-swap so a
-        concurrent commit is never overwritten (a conflicting key is re-read and retried
-        once). Values that cannot be opened are alerted and counted as failed."""
+        sealed with the current primary key and codecs. See `rewrap_values`."""
+        return self.rewrap_values(self.client.store.list_prefix(prefix or self.layout.prefix + "/"))
+
+    def rewrap_values(self, values: Iterable[StoredValue]) -> RewrapReport:
+        """Re-seal these values with compare-and-swap, so a concurrent commit is never
+        overwritten: a value that changed since it was read is re-read and retried once.
+        Values that cannot be opened are alerted and counted as failed."""
         report = RewrapReport()
         c = self.client
-        for sv in c.store.list_prefix(prefix or self.layout.prefix + "/"):
+        for sv in values:
             report.scanned += 1
             if not is_envelope(sv.value):
                 continue
@@ -515,7 +533,7 @@ class ConfigStore:
             current: StoredValue | None = sv
             for attempt in range(2):
                 if current is None:
-                    break
+                    break  # deleted meanwhile: nothing left to rewrap
                 try:
                     if not c.envelope.needs_reseal(current.value):
                         report.already_current += 1

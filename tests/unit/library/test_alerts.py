@@ -54,3 +54,35 @@ def test_bad_alert_fields_are_logged_not_raised(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.ERROR, logger="defender_config.alerts"):
         alerter.event("", "rag", "empty kind is invalid")
     assert got == [] and "cannot build alert" in caplog.text
+
+
+def test_etcd_sink_refuses_tiny_ttl() -> None:
+    from defender_config import EtcdSettings, EtcdStore, Layout
+    from defender_config._alerts import EtcdAlertSink
+
+    store = EtcdStore(EtcdSettings(endpoints=["127.0.0.1:1"]))
+    with pytest.raises(ValueError, match="at least 10 seconds"):
+        EtcdAlertSink(store, Layout(), ttl_seconds=5)
+    store.close()
+
+
+def test_heartbeater_refuses_unknown_fields() -> None:
+    from defender_config import (
+        DefenderClient,
+        EnvelopeOptions,
+        EtcdSettings,
+        Heartbeater,
+        LibrarySettings,
+    )
+
+    settings = LibrarySettings(
+        etcd=EtcdSettings(endpoints=["127.0.0.1:1"]),
+        envelope=EnvelopeOptions(encrypt=False),
+    )
+    with DefenderClient(settings, alert_sinks=[]) as client:
+        with pytest.raises(TypeError, match="unknown heartbeat fields"):
+            Heartbeater(client, "rag", "rag-0", colour="blue")
+        beat = Heartbeater(client, "rag", "rag-0", interval_seconds=10, allowed_misses=3)
+        assert beat.ttl == 30 and beat.record.codec == "zstd+none"
+        with pytest.raises(TypeError, match="unknown heartbeat fields"):
+            beat.update(status="RUNNING")  # status goes through set_status

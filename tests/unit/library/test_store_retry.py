@@ -232,3 +232,9 @@ def test_mixed_schemes_are_refused() -> None:
 def test_missing_ca_file_is_a_settings_error() -> None:
     with pytest.raises(SettingsError, match="ca_file"):
         EtcdStore(EtcdSettings(endpoints=["https://a:1"], ca_file="/nonexistent/ca.pem"))
+
+
+def test_lease_ttl_must_be_positive(dead_store: EtcdStore) -> None:
+    with pytest.raises(ValueError, match="at least 1 second"):
+        dead_store.grant_lease(0)
+    dead_store.close()
