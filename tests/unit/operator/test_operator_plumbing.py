@@ -1,0 +1,131 @@
+"""Error translation to kopf, settings validation, JSON logs, keyring Secret errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import kopf
+import pytest
+
+from defender_config import (
+    AuthenticationFailedError,
+    ConfigFrozenError,
+    ConfigValidationError,
+    ConflictError,
+    FieldError,
+    Keyring,
+    KeyringError,
+    NotFoundError,
+    StoreAuthError,
+    StoreUnavailableError,
+)
+from defender_operator import __main__ as entry
+from defender_operator._errors import (
+    RETRY_CONFLICT,
+    RETRY_STORE_UNAVAILABLE,
+    KeySecretError,
+    KubeError,
+    OperatorConfigurationError,
+    kopf_errors,
+)
+from defender_operator._keys import MutableKeyringSource, keyring_digest
+from defender_operator._logging import JsonFormatter
+from defender_operator._settings import load_operator_settings
+
+
+def _raise(exc: Exception) -> None:
+    with kopf_errors():
+        raise exc
+
+
+@pytest.mark.parametrize(
+    ("error", "delay"),
+    [
+        (StoreUnavailableError(["http://127.0.0.1:2379"], "no leader"), RETRY_STORE_UNAVAILABLE),
+        (KeySecretError("read", "ns", "s", 500, "boom"), RETRY_STORE_UNAVAILABLE),
+        (KubeError("cannot list pods"), RETRY_STORE_UNAVAILABLE),
+        (ConflictError("/p/components/x/active_config"), RETRY_CONFLICT),
+        (AuthenticationFailedError("/p/x", "k1"), 60.0),
+        (KeyringError("no primary"), 60.0),
+        (NotFoundError("/p/x"), 10.0),
+    ],
+)
+def test_retryable_errors_become_temporary(error: Exception, delay: float) -> None:
+    with pytest.raises(kopf.TemporaryError) as info:
+        _raise(error)
+    assert info.value.delay == delay
+    assert info.value.__cause__ is error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConfigValidationError("firewall", [FieldError("rules.0.src_cidr", "not a network")]),
+        ConfigFrozenError("firewall", why="breaker"),
+        StoreAuthError("permission denied"),
+    ],
+)
+def test_errors_a_person_must_fix_are_permanent(error: Exception) -> None:
+    with pytest.raises(kopf.PermanentError) as info:
+        _raise(error)
+    assert info.value.__cause__ is error
+
+
+def test_other_exceptions_pass_through() -> None:
+    with pytest.raises(ZeroDivisionError):
+        _raise(ZeroDivisionError())
+
+
+def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS", "0")
+    monkeypatch.setenv("DEFENDER_OPERATOR_LOG_FORMAT", "xml")
+    with pytest.raises(OperatorConfigurationError) as info:
+        load_operator_settings()
+    text = str(info.value)
+    assert "DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS" in text
+    assert "DEFENDER_OPERATOR_LOG_FORMAT" in text
+
+
+def test_entry_point_fails_fast_on_bad_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEFENDER_OPERATOR_METRICS_PORT", "70000")
+    assert entry.main([]) == 2
+    assert "DEFENDER_OPERATOR_METRICS_PORT" in capsys.readouterr().err
+
+
+def test_library_settings_errors_fail_fast_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEFENDER_ETCD__TIMEOUT_SECONDS", "-1")
+    assert entry.main([]) == 2
+    assert "timeout_seconds" in capsys.readouterr().err
+
+
+def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours, library = load_operator_settings()
+    assert ours.namespace == "ml-defender"
+    assert ours.rotation_every_seconds == 0
+    assert library.prefix == "/ml-defender"
+
+
+def test_json_logs_are_one_object_per_line_with_extras() -> None:
+    record = logging.LogRecord("defender_operator", logging.INFO, __file__, 1, "x=%s", ("y",), None)
+    record.k8s_ref = {"name": "sniffer"}
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["message"] == "x=y"
+    assert doc["level"] == "INFO"
+    assert "sniffer" in doc["k8s_ref"]
+
+
+def test_key_secret_error_says_what_to_check_and_holds_no_key() -> None:
+    keyring = Keyring.generate()
+    err = KeySecretError("replace", "ml-defender", "ml-defender-keyring", 403, "Forbidden")
+    assert "RBAC" in str(err)
+    material = keyring.primary.material
+    assert material.hex() not in str(err)
+    # The in-memory source and digests never show material either.
+    shown = repr(MutableKeyringSource(keyring)) + keyring_digest(keyring)
+    assert material.hex() not in shown
+    assert keyring.primary_fingerprint in repr(MutableKeyringSource(keyring))
