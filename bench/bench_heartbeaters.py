@@ -1,0 +1,189 @@
+"""Many instances heartbeating every 1 s: the library's Heartbeater (lease keep-alive + put of
+the JSON record, one thread per instance) vs the old design (a plain put of a timestamp per
+instance, no lease) at the same rate, same process, same etcd.
+
+All instances share one DefenderClient in this process (1,000 processes do not fit on this
+machine): the CPU figures are this process's CPU for N instances, i.e. the sum of what N
+components would each spend; etcd's CPU is the three members' together. A run lasts
+WINDOW_SECONDS after every instance has started. Gaps are the times between two completed
+beats of one instance; regrants count leases that expired (an instance wrongly seen dead).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from bench_support import (
+    etcd_cluster,
+    process_cpu_seconds,
+    settings_for,
+    summary,
+    write_result,
+)
+from defender_config import DefenderClient, Heartbeater, Keyring, LibrarySettings
+from defender_devcluster import EtcdCluster
+
+INTERVAL = 1.0
+MISSES = 3
+WINDOW_SECONDS = 15.0
+
+
+class TimedHeartbeater(Heartbeater):
+    """Records when each beat completed (bench instrumentation only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.done_at: list[float] = []
+
+    def _beat(self, *, initial: bool = False) -> None:
+        super()._beat(initial=initial)
+        self.done_at.append(time.perf_counter())
+
+
+def etcd_cpu(cluster: EtcdCluster) -> float:
+    return sum(process_cpu_seconds(p) for p in cluster.member_pids if p is not None)
+
+
+def gaps(times: list[list[float]], start: float, end: float) -> list[float]:
+    out: list[float] = []
+    for ts in times:
+        inside = [t for t in ts if start <= t <= end]
+        out += [b - a for a, b in itertools.pairwise(inside)]
+    return out
+
+
+def measure(cluster: EtcdCluster, start_all: Any, n: int) -> dict[str, Any]:
+    """`start_all()` starts n instances and returns (per-instance completion lists, stop fn,
+    counters fn)."""
+    times, stop, counters = start_all()
+    pid = os.getpid()
+    cpu0, etcd0, t0 = process_cpu_seconds(pid), etcd_cpu(cluster), time.perf_counter()
+    time.sleep(WINDOW_SECONDS)
+    cpu1, etcd1, t1 = process_cpu_seconds(pid), etcd_cpu(cluster), time.perf_counter()
+    wall = t1 - t0
+    stop()
+    g = gaps(times, t0, t1)
+    beats = sum(len([t for t in ts if t0 <= t <= t1]) for ts in times)
+    return {
+        "instances": n,
+        "window_seconds": wall,
+        "beats": beats,
+        "beats_expected": n * wall / INTERVAL,
+        "beats_per_second": beats / wall,
+        "client_cpu_percent": 100 * (cpu1 - cpu0) / wall,
+        "client_cpu_ms_per_beat": 1000 * (cpu1 - cpu0) / max(1, beats),
+        "etcd_cpu_percent": 100 * (etcd1 - etcd0) / wall,
+        "gap_seconds": summary(g),
+        **counters(),
+    }
+
+
+def library_run(cluster: EtcdCluster, n: int) -> dict[str, Any]:
+    settings = LibrarySettings(etcd=settings_for(cluster.endpoints), prefix="/bench-beats")
+    client = DefenderClient(
+        settings, Keyring.generate(), registry=CollectorRegistry(), alert_sinks=[]
+    )
+    beaters = [
+        TimedHeartbeater(
+            client, f"c{i % 10}", f"i{i:04d}", interval_seconds=INTERVAL, allowed_misses=MISSES
+        )
+        for i in range(n)
+    ]
+
+    def start_all() -> Any:
+        for b in beaters:
+            b.start()
+
+        def stop() -> None:
+            stoppers = [threading.Thread(target=b.stop) for b in beaters]
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join()
+
+        def counters() -> dict[str, int]:
+            return {
+                "lease_regrants": sum(b.regrants for b in beaters),
+                "failures": sum(b.failures for b in beaters),
+            }
+
+        return [b.done_at for b in beaters], stop, counters
+
+    try:
+        return {"design": "library (lease + keep-alive)", **measure(cluster, start_all, n)}
+    finally:
+        client.close()
+
+
+def old_design_run(cluster: EtcdCluster, n: int) -> dict[str, Any]:
+    settings = LibrarySettings(etcd=settings_for(cluster.endpoints), prefix="/bench-old-beats")
+    client = DefenderClient(
+        settings, Keyring.generate(), registry=CollectorRegistry(), alert_sinks=[]
+    )
+    stop_event = threading.Event()
+    times: list[list[float]] = [[] for _ in range(n)]
+    failures = [0]
+
+    def beat(i: int) -> None:
+        key = f"/bench-old-beats/heartbeats/i{i:04d}"
+        while not stop_event.is_set():
+            try:
+                client.put_json(key, {"last_heartbeat": time.time(), "status": "RUNNING"})
+                times[i].append(time.perf_counter())
+            except Exception:
+                failures[0] += 1
+            stop_event.wait(INTERVAL)
+
+    threads = [threading.Thread(target=beat, args=(i,), daemon=True) for i in range(n)]
+
+    def start_all() -> Any:
+        for t in threads:
+            t.start()
+
+        def stop() -> None:
+            stop_event.set()
+            for t in threads:
+                t.join()
+
+        return times, stop, lambda: {"lease_regrants": 0, "failures": failures[0]}
+
+    try:
+        return {"design": "old (plain timestamp put)", **measure(cluster, start_all, n)}
+    finally:
+        client.close()
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    sizes = [50] if quick else [100, 500, 1000]
+    library: list[dict[str, Any]] = []
+    old: list[dict[str, Any]] = []
+    with etcd_cluster() as cluster:
+        for n in sizes:
+            for runner, sink in ((old_design_run, old), (library_run, library)):
+                row = runner(cluster, n)
+                sink.append(row)
+                print(
+                    f"{row['design']:30s} n={n:5d}: {row['beats_per_second']:7.1f} beats/s of "
+                    f"{n / INTERVAL:.0f}, client CPU {row['client_cpu_percent']:5.1f}%, etcd CPU "
+                    f"{row['etcd_cpu_percent']:5.1f}%, gap p99 {row['gap_seconds']['p99']:.2f}s, "
+                    f"regrants {row['lease_regrants']}"
+                )
+    return {
+        "description": __doc__,
+        "interval_seconds": INTERVAL,
+        "allowed_misses": MISSES,
+        "library": library,
+        "baseline_old_design": old,
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_result("heartbeaters", run(quick="--quick" in sys.argv))
