@@ -6,6 +6,7 @@ import argparse
 import io
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -85,8 +86,8 @@ def test_every_command_has_help_and_json_output() -> None:
         assert args.output == "table"
 
 
-def test_bad_settings_file_is_one_readable_line(tmp_path: pytest.TempPathFactory) -> None:
-    bad = tmp_path / "settings.json"  # type: ignore[operator]
+def test_bad_settings_file_is_one_readable_line(tmp_path: Path) -> None:
+    bad = tmp_path / "settings.json"
     bad.write_text("{not json")
     err = io.StringIO()
     code = main(["status", "--settings", str(bad)], out=io.StringIO(), err=err)
