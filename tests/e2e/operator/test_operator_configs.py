@@ -172,6 +172,17 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     version = configs.get_active("firewall").version
     assert version is not None and version >= 3
     assert "RolledBack" in run.event_reasons("firewall")
+    # A rollback target that is neither `master` nor a number is refused and removed.
+    kubectl(
+        "annotate",
+        "defendercomponent",
+        "firewall",
+        "-n",
+        run.namespace,
+        "mldefender.io/rollback-to=yesterday",
+    )
+    wait_for("RollbackRefused", lambda: "RollbackRefused" in run.event_reasons("firewall"))
+    assert configs.get_active("firewall").version == version
     # The unchanged spec does not undo the rollback, also not after an operator restart.
     run.stop()
     run.start()

@@ -4,6 +4,8 @@ an etcd quorum loss restarts nothing and says why; misconfiguration and the brea
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from operator_e2e_support import OperatorRun, wait_for
@@ -69,15 +71,42 @@ def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: Operat
     assert run.get("sniffer")["status"]["restarts"] == 1
 
 
+def _liveness(run: OperatorRun) -> int:
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{run.liveness_port}/healthz", timeout=5
+        ) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
     run = operator_run
-    run.start()
+    run.start(
+        DEFENDER_OPERATOR_LIVENESS_ETCD_MAX_UNAVAILABLE_SECONDS="4",
+        DEFENDER_ETCD__TIMEOUT_SECONDS="1",
+        DEFENDER_ETCD__RETRIES="1",
+    )
     pods = _running_sniffer(run, replicas=2)
+    assert wait_for("liveness 200", lambda: _liveness(run) == 200)
     etcd = run.etcd
     stopped = [1, 2]
     for i in stopped:
         etcd.stop_member(i)
     try:
+        # A component created during the outage says why it is not seeded yet.
+        run.apply_sample("firewall")
+        synced = wait_for(
+            "firewall ConfigSynced StoreUnavailable",
+            lambda: (
+                (c := run.condition("firewall", "ConfigSynced"))
+                and c["reason"] == "StoreUnavailable"
+                and c
+            ),
+            timeout=90,
+        )
+        assert synced["status"] == "Unknown"
         cond = wait_for(
             "Heartbeating Unknown because of etcd",
             lambda: (
@@ -94,6 +123,9 @@ def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
         assert run.get("sniffer")["status"]["restarts"] == 0
         ready = run.condition("sniffer", "Ready")
         assert ready is not None and ready["status"] == "Unknown"
+        # The operator's liveness fails once etcd has been gone longer than the limit (4 s);
+        # kopf caches probe results for 10 s.
+        wait_for("liveness 500", lambda: _liveness(run) == 500, timeout=30)
     finally:
         for i in stopped:
             etcd.restart_member(i)
@@ -106,6 +138,13 @@ def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
     )
     assert _pod_names(run) == pods
     assert run.get("sniffer")["status"]["restarts"] == 0
+    # kopf retries the firewall reconcile: seeded once etcd is back.
+    wait_for(
+        "firewall seeded after recovery",
+        lambda: run.get("firewall")["status"].get("activeVersion") == 1,
+        timeout=90,
+    )
+    wait_for("liveness 200 again", lambda: _liveness(run) == 200, timeout=30)
 
 
 def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
