@@ -283,6 +283,17 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             self._manage_grpc_errors(exc)
             raise  # unreachable: _manage_grpc_errors always raises
 
+    def add_watch(self, key: str, callback: Callable[[Any], None], **kwargs: Any) -> Any:
+        """Create a watch; returns (the watcher stream it lives on, its id)."""
+        watcher = self.watcher
+        try:
+            return watcher, watcher.add_callback(key, callback, **kwargs)
+        except grpc.RpcError as exc:
+            self._manage_grpc_errors(exc)
+            raise
+        except queue.Empty as exc:
+            raise etcd_exc.WatchTimedOut() from exc
+
     def range(self, key: bytes, range_end: bytes | None, **kwargs: Any) -> Any:
         request = self._build_get_range_request(key, range_end=range_end, **kwargs)
         try:
@@ -941,6 +952,7 @@ class WatchHandle:
         self._queue: queue.Queue[_Item] = queue.Queue()
         self._generation = 0
         self._watch_id: int | None = None
+        self._watcher: Any = None
         self._stopped = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"defender-watch:{key}", daemon=True)
@@ -961,12 +973,6 @@ class WatchHandle:
             return
         self._stopped.set()
         self._queue.put((self._generation, _STOP))
-        watch_id = self._watch_id
-        if watch_id is not None:
-            try:
-                self._store._client.cancel_watch(watch_id)
-            except Exception as exc:  # the stream may already be gone; nothing to cancel
-                log.debug("watch cancel of %s: %s", self.key, exc)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
         self._store._forget(self)
@@ -1020,6 +1026,7 @@ class WatchHandle:
                 self._lost_stream(item)
                 continue
             self._dispatch(item)
+        self._cancel_server_watch()
         self._connected.clear()
 
     def _establish(self) -> None:
@@ -1029,9 +1036,9 @@ class WatchHandle:
         def enqueue(response: Any) -> None:
             self._queue.put((generation, response))
 
-        self._watch_id = self._store._call(
+        self._watcher, self._watch_id = self._store._call(
             "watch",
-            lambda c: c.add_watch_callback(
+            lambda c: c.add_watch(
                 self.key,
                 enqueue,
                 range_end=self._range_end,
@@ -1043,8 +1050,19 @@ class WatchHandle:
         )
         self._connected.set()
 
+    def _cancel_server_watch(self) -> None:
+        # Cancel on the stream the watch was created on: watch ids are per stream, so the same
+        # id on a newer stream (after a failover) may belong to another watch.
+        watcher, watch_id = self._watcher, self._watch_id
+        self._watcher, self._watch_id = None, None
+        if watcher is not None and watch_id is not None:
+            try:
+                watcher.cancel(watch_id)
+            except Exception as exc:  # the stream may already be gone: nothing to cancel
+                log.debug("watch cancel of %s: %s", self.key, exc)
+
     def _lost_stream(self, why: Any) -> None:
-        self._watch_id = None
+        self._watcher, self._watch_id = None, None
         self._connected.clear()
         self.restarts += 1
         self._store.metrics.watch_restarts.inc()
@@ -1069,7 +1087,11 @@ class WatchHandle:
             log.warning("watch resync of %s failed: %s", self.key, exc)
             self._stopped.wait(self._store.settings.backoff_base_seconds)
             return
-        self._watch_id = None
+        if not revision:
+            # Served from the stale cache: no revision to resume from. Try again later.
+            self._stopped.wait(self._store.settings.backoff_base_seconds)
+            return
+        self._watcher, self._watch_id = None, None
         for v in values:
             event = WatchEvent(
                 kind="put",
