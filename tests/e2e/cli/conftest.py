@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ def store(
     defender_etcd: EtcdCluster, etcd_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Store]:
     # The plugin reads DEFENDER_* too: keep the machine's environment out of the test.
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("DEFENDER_") and name != "DEFENDER_TOOLS_BIN":
             monkeypatch.delenv(name)
     prefix = etcd_prefix.rstrip("/")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -255,7 +257,7 @@ def test_dump_decrypts_only_when_asked_with_a_keyring(store: Store) -> None:
 def test_no_key_material_in_any_output(store: Store) -> None:
     register(store, "ml-detector", "detector-01")
     secret = store.keyring.primary.material
-    forms = {secret.hex(), __import__("base64").b64encode(secret).decode()}
+    forms = {secret.hex(), base64.b64encode(secret).decode()}
     for args in (["status"], ["dump", "--decrypt"], ["history", "ml-detector"], ["alerts"]):
         for output in ("table", "json"):
             result = store.cli(*args, "-o", output, keyring=True)
@@ -267,7 +269,7 @@ def test_no_key_material_in_any_output(store: Store) -> None:
 
 def test_console_script_runs_as_a_kubectl_plugin(store: Store) -> None:
     register(store, "sniffer", "sniffer-01")
-    exe = __import__("pathlib").Path(sys.executable).with_name("kubectl-defender")
+    exe = Path(sys.executable).with_name("kubectl-defender")
     assert exe.is_file(), "pip install -e . installs the kubectl-defender script"
     proc = subprocess.run(
         [str(exe), "status", *store.flags()],

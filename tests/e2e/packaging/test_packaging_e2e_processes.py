@@ -5,6 +5,7 @@ no cluster DNS here), the readiness path the probes use, and the `helm test` com
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import os
 import re
 import socket
@@ -44,14 +45,99 @@ def _expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
+TLS_VALUES = (
+    "etcd.tls.client.enabled=true,etcd.tls.client.secretName=etcd-tls,"
+    "etcd.tls.client.clientCertAuth=true,etcd.tls.peer.enabled=true,etcd.tls.peer.secretName=etcd-tls"
+)
+
+
+def _write_tls(directory: Path) -> None:
+    """A CA and one certificate for 127.0.0.1 usable as server and client (etcd peers are both),
+    laid out like a kubernetes.io/tls Secret with ca.crt."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("chart-test-ca"))
+        .issuer_name(name("chart-test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("etcd"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True)
+    pem = serialization.Encoding.PEM
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (directory / "tls.crt").write_bytes(cert.public_bytes(pem))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+@pytest.fixture(scope="module", params=["plain", "tls"])
+def variant(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The rendered chart and where its mounted files live here (TLS Secrets as directories)."""
+    root = tmp_path_factory.mktemp(f"chart-etcd-{request.param}")
+    if request.param == "plain":
+        return {"objects": render_chart(_tool("helm")), "root": root, "scheme": "http"}
+    for secret in ("client", "peer"):
+        _write_tls(root / "tls" / secret)
+    return {
+        "objects": render_chart(_tool("helm"), "--set", TLS_VALUES),
+        "root": root,
+        "scheme": "https",
+    }
+
+
+def _files(value: str, root: Path) -> str:
+    # The Secrets the pods mount under /etc/etcd/tls/ are directories under root/tls/ here.
+    return value.replace("/etc/etcd/tls/", f"{root}/tls/")
+
+
 @pytest.fixture(scope="module")
-def rendered() -> list[dict[str, Any]]:
-    return render_chart(_tool("helm"))
+def rendered(variant: dict[str, Any]) -> list[dict[str, Any]]:
+    return variant["objects"]
 
 
 @pytest.fixture(scope="module")
 def members(
-    rendered: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+    variant: dict[str, Any], rendered: list[dict[str, Any]]
 ) -> Iterator[list[dict[str, Any]]]:
     etcd = _tool("etcd")
     config = find(rendered, "ConfigMap", "rel-ml-defender-etcd-env")["data"]
@@ -74,12 +160,12 @@ def members(
         )
 
     procs: list[dict[str, Any]] = []
-    root = tmp_path_factory.mktemp("chart-etcd")
+    root = variant["root"]
     try:
         for i, name in enumerate(names):
             env = {"PATH": os.environ.get("PATH", "")}
             for key, value in config.items():
-                env[key] = localize(value, i)
+                env[key] = _files(localize(value, i), root)
             for var in container["env"]:
                 if "valueFrom" in var:
                     assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -115,7 +201,9 @@ def _get(url: str) -> int:
         return 0
 
 
-def test_members_form_a_cluster_from_the_chart_settings(members: list[dict[str, Any]]) -> None:
+def test_members_form_a_cluster_from_the_chart_settings(
+    variant: dict[str, Any], members: list[dict[str, Any]]
+) -> None:
     deadline = time.monotonic() + 60
     for m in members:
         # The readiness and startup probes' path on the metrics port.
@@ -129,10 +217,19 @@ def test_members_form_a_cluster_from_the_chart_settings(members: list[dict[str, 
         # etcd names settings it does not know; a typo in the chart would show here.
         assert "unrecognized environment variable" not in log, log[-2000:]
     # One cluster of three, named after the pods (what ETCD_INITIAL_CLUSTER promised).
+    tls = (
+        [
+            f"--{flag}={variant['root']}/tls/client/{f}"
+            for flag, f in (("cacert", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
+        ]
+        if variant["scheme"] == "https"
+        else []
+    )
     listed = subprocess.run(
         [
             str(_tool("etcdctl")),
-            f"--endpoints=http://127.0.0.1:{members[0]['ports']['client']}",
+            f"--endpoints={variant['scheme']}://127.0.0.1:{members[0]['ports']['client']}",
+            *tls,
             "member",
             "list",
             "-w",
@@ -149,13 +246,17 @@ def test_members_form_a_cluster_from_the_chart_settings(members: list[dict[str, 
 
 
 def test_helm_test_etcdctl_command_succeeds(
-    rendered: list[dict[str, Any]], members: list[dict[str, Any]]
+    variant: dict[str, Any], rendered: list[dict[str, Any]], members: list[dict[str, Any]]
 ) -> None:
-    test_members_form_a_cluster_from_the_chart_settings(members)
+    test_members_form_a_cluster_from_the_chart_settings(variant, members)
     pod = find(rendered, "Pod", "rel-ml-defender-test-etcd")
     container = pod["spec"]["containers"][0]
-    local = ",".join(f"http://127.0.0.1:{m['ports']['client']}" for m in members)
-    args = [re.sub(r"^--endpoints=.*$", f"--endpoints={local}", a) for a in container["args"]]
+    scheme = variant["scheme"]
+    local = ",".join(f"{scheme}://127.0.0.1:{m['ports']['client']}" for m in members)
+    args = [
+        _files(re.sub(r"^--endpoints=.*$", f"--endpoints={local}", a), variant["root"])
+        for a in container["args"]
+    ]
     assert args != container["args"], "the test pod names the endpoints"
     proc = subprocess.run(
         [str(_tool("etcdctl")), *args], capture_output=True, text=True, timeout=60, check=False
