@@ -1,0 +1,359 @@
+"""Render docs/bench/README.md and the PNG plots from the JSON results in docs/bench/.
+
+Every figure is shown next to its baseline from the same run, with its target and whether it
+was met. A benchmark without a JSON file is listed as not measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from bench_support import OUT_DIR
+
+KIB = 1024
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = OUT_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def size_label(n: int) -> str:
+    return f"{n // (1 << 20)} MiB" if n >= 1 << 20 else f"{n // KIB} KiB"
+
+
+def verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("**met**" if met else "**NOT met**")
+
+
+def save(fig: Any, name: str) -> str:
+    path = OUT_DIR / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def section_kv(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## Library vs raw client: put/get, 1 KiB to 1 MiB",
+        "",
+        "Same etcd member (the leader) for all clients, interleaved rounds. `raw` = pyetcd's "
+        "client (baseline); `store` = the library's EtcdStore without envelope; `library` = "
+        "`put_sealed`/`get_sealed` (zstd + AES-256-GCM). Median (p50) and p99 in ms; ratio = "
+        f"library p50 / raw p50, target ≤ {d['target_ratio']}.",
+        "",
+        "| data | size | stored | put raw p50 | put lib p50 | put ratio | put lib p99 | "
+        "get raw p50 | get lib p50 | get ratio | get lib p99 | store/raw put, get |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in d["results"]:
+        p, g = r["put"], r["get"]
+        out.append(
+            f"| {r['data']} | {size_label(r['size'])} | {r['stored_bytes_library']:,} B | "
+            f"{p['raw']['p50'] * 1e3:.2f} | {p['library']['p50'] * 1e3:.2f} | "
+            f"{r['ratio_put_p50']:.2f} | {p['library']['p99'] * 1e3:.2f} | "
+            f"{g['raw']['p50'] * 1e3:.2f} | {g['library']['p50'] * 1e3:.2f} | "
+            f"{r['ratio_get_p50']:.2f} | {g['library']['p99'] * 1e3:.2f} | "
+            f"{r['ratio_put_p50_store']:.2f}, {r['ratio_get_p50_store']:.2f} |"
+        )
+    out += [
+        "",
+        f"Worst ratio: put {d['worst_ratio_put_p50']:.2f}, get {d['worst_ratio_get_p50']:.2f} "
+        f"→ target ≤ {d['target_ratio']} {verdict(d['target_met'])} (every row must meet it).",
+        "",
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, op in zip(axes, ("put", "get"), strict=True):
+        for kind, style in (("config", "-"), ("random", "--")):
+            rows = [r for r in d["results"] if r["data"] == kind]
+            sizes = [r["size"] / KIB for r in rows]
+            for client, color in (("raw", "black"), ("store", "tab:blue"), ("library", "tab:red")):
+                ax.plot(
+                    sizes,
+                    [r[op][client]["p50"] * 1e3 for r in rows],
+                    style,
+                    color=color,
+                    marker="o",
+                    label=f"{client} ({kind})",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("value size (KiB)")
+        ax.set_ylabel("p50 latency (ms)")
+        ax.set_title(f"{op}: library vs raw client")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    out += [f"![library vs raw]({save(fig, 'kv')})", ""]
+    return out
+
+
+def section_envelope(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## Envelope seal/open (no etcd)",
+        "",
+        "µs per call (best of 5 runs). Baseline: the bare primitives doing the same work "
+        "(zstd level 3 + AES-256-GCM with the path as associated data) without the envelope.",
+        "",
+        "| size | stored | seal µs | primitives µs | open µs | primitives µs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["results"]:
+        out.append(
+            f"| {size_label(r['size'])} | {r['stored_bytes']:,} B | {r['seal_us']['min']:.1f} | "
+            f"{r['baseline_seal_us']['min']:.1f} | {r['open_us']['min']:.1f} | "
+            f"{r['baseline_open_us']['min']:.1f} |"
+        )
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [size_label(r["size"]) for r in d["results"]]
+    xs = range(len(labels))
+    w = 0.2
+    for i, (key, name) in enumerate(
+        (
+            ("seal_us", "seal"),
+            ("baseline_seal_us", "seal primitives"),
+            ("open_us", "open"),
+            ("baseline_open_us", "open primitives"),
+        )
+    ):
+        ax.bar(
+            [x + (i - 1.5) * w for x in xs], [r[key]["min"] for r in d["results"]], w, label=name
+        )
+    ax.set_xticks(list(xs), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per call")
+    ax.set_title("envelope vs bare primitives")
+    ax.legend(fontsize=8)
+    return [*out, "", f"![envelope]({save(fig, 'envelope')})", ""]
+
+
+def section_heartbeat(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## Missed-heartbeat detection: lease TTL vs the old polled timestamps",
+        "",
+        "A heartbeating process (the library's Heartbeater) is SIGKILLed; latency = the lease's "
+        "delete event seen through `Registry.watch_instances` minus the kill, on one "
+        "`perf_counter` clock. Old design simulated with the same clock: timestamps written and "
+        f"polled every interval, dead after 3 intervals; scale: {d['old_design_scale']}.",
+        "",
+        "| design | lease TTL / threshold | n | p50 s | p99 s | max s | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ttl, s in d["lease_summary"].items():
+        ok = s["max"] <= float(ttl) + 1.0
+        out.append(
+            f"| lease (this design) | {ttl} s | {s['n']} | {s['p50']:.2f} | {s['p99']:.2f} | "
+            f"{s['max']:.2f} | ≤ TTL + 1 s: {verdict(ok)} |"
+        )
+    o, o30 = d["old_design_summary"], d["old_design_summary_scaled_to_30s"]
+    out += [
+        f"| old, polled (1 s scale) | 3 s | {o['n']} | {o['p50']:.2f} | {o['p99']:.2f} | "
+        f"{o['max']:.2f} | baseline |",
+        f"| old, polled, x30 = real 30 s interval | 90 s | {o30['n']} | {o30['p50']:.1f} | "
+        f"{o30['p99']:.1f} | {o30['max']:.1f} | baseline |",
+        "",
+        f"Worst detection - TTL: {d['worst_detection_minus_ttl_seconds']:+.2f} s → target "
+        f"{verdict(d['target_met'])}. Time from detection to the restart call: "
+        f"{d['restart_call_latency']}.",
+        "",
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ttls = [row["lease_ttl_seconds"] for row in d["lease"]]
+    ax.scatter(
+        ttls, [row["detection_after_death_seconds"] for row in d["lease"]], label="lease (measured)"
+    )
+    line = sorted(set(ttls))
+    ax.plot(line, [t + 1 for t in line], "r--", label="target: TTL + 1 s")
+    ax.scatter(
+        [3.15] * len(d["old_design"]),
+        [row["detection_after_death_seconds"] for row in d["old_design"]],
+        marker="x",
+        color="black",
+        label="old polled design (1 s scale)",
+    )
+    ax.set_xlabel("lease TTL / old threshold (s)")
+    ax.set_ylabel("detection after death (s)")
+    ax.set_title("missed-heartbeat detection")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return [*out, f"![heartbeat detection]({save(fig, 'heartbeat_detection')})", ""]
+
+
+def section_rewrap(d: dict[str, Any]) -> list[str]:
+    lib, raw = d["library_seconds"], d["baseline_raw_seconds"]
+    out = [
+        f"## Rewrap of {d['values']:,} values during a rotation",
+        "",
+        f"{d['values']:,} values of {d['value_bytes']} B sealed with the old key, "
+        "`ConfigStore.rewrap_all()` with the promoted keyring (list, open, seal, "
+        "compare-and-swap each). Baseline: the raw client reading them all and writing each "
+        "back unchanged.",
+        "",
+        "| what | runs | median s | max s |",
+        "|---|---|---|---|",
+        f"| library rewrap_all | {lib['n']} | {lib['p50']:.2f} | {lib['max']:.2f} |",
+        f"| raw read + write (baseline) | {raw['n']} | {raw['p50']:.2f} | {raw['max']:.2f} |",
+        "",
+        f"Target ≤ {d['target_seconds']:g} s: {verdict(d['target_met'])}.",
+        "",
+    ]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(["library rewrap", "raw read+write"], [lib["p50"], raw["p50"]], color=["tab:red", "k"])
+    ax.axhline(d["target_seconds"], color="r", linestyle="--", label="target")
+    ax.set_ylabel(f"seconds for {d['values']:,} values")
+    ax.legend()
+    return [*out, f"![rewrap]({save(fig, 'rewrap')})", ""]
+
+
+def section_heartbeaters(d: dict[str, Any]) -> list[str]:
+    out = [
+        f"## Many instances heartbeating every {d['interval_seconds']:g} s",
+        "",
+        "All instances in one process sharing one client (their summed cost); etcd CPU is the "
+        "three members together; 100 % = one core. Baseline: the old design's plain "
+        "timestamp put per instance at the same rate.",
+        "",
+        "| design | instances | beats/s (expected) | client CPU % | CPU ms/beat | etcd CPU % | "
+        "gap p50 s | gap p99 s | gap max s | lease regrants | failures |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in [*d["baseline_old_design"], *d["library"]]:
+        g = row["gap_seconds"]
+        out.append(
+            f"| {row['design']} | {row['instances']} | {row['beats_per_second']:.0f} "
+            f"({row['beats_expected'] / row['window_seconds']:.0f}) | "
+            f"{row['client_cpu_percent']:.1f} | {row['client_cpu_ms_per_beat']:.2f} | "
+            f"{row['etcd_cpu_percent']:.1f} | {g['p50']:.2f} | {g['p99']:.2f} | {g['max']:.2f} | "
+            f"{row['lease_regrants']} | {row['failures']} |"
+        )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for rows, name, color in (
+        (d["library"], "library (lease)", "tab:red"),
+        (d["baseline_old_design"], "old (plain put)", "black"),
+    ):
+        n = [r["instances"] for r in rows]
+        axes[0].plot(n, [r["client_cpu_percent"] for r in rows], "o-", color=color, label=name)
+        axes[0].plot(
+            n, [r["etcd_cpu_percent"] for r in rows], "s--", color=color, label=f"etcd, {name}"
+        )
+        axes[1].plot(n, [r["gap_seconds"]["p99"] for r in rows], "o-", color=color, label=name)
+    axes[0].set_xlabel("instances")
+    axes[0].set_ylabel("CPU % (100 = one core)")
+    axes[0].set_title("CPU")
+    axes[1].set_xlabel("instances")
+    axes[1].set_ylabel("p99 gap between beats (s)")
+    axes[1].set_title("beat regularity")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return [*out, "", f"![heartbeaters]({save(fig, 'heartbeaters')})", ""]
+
+
+def section_operator(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## Operator: create → Ready, memory",
+        "",
+        "DefenderComponents created at once against the local control plane and etcd; latency = "
+        "the `Ready=True` condition's first sighting (watch) minus the create call's return. "
+        "Baseline: the API server's own create → watch-visible latency for the same objects.",
+        "",
+        "| components | Ready | p50 s | p99 s | max s | API create→seen p50 s | operator RSS MiB | "
+        "target p99 ≤ 2 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in d["runs"]:
+        s = row["create_to_ready_seconds"]
+        out.append(
+            f"| {row['components']} | {row['ready']} | {s['p50']:.2f} | {s['p99']:.2f} | "
+            f"{s['max']:.2f} | {row['baseline_create_to_seen_seconds']['p50']:.3f} | "
+            f"{row['operator_rss_bytes'] / (1 << 20):.0f} | {verdict(s['p99'] <= 2.0)} |"
+        )
+    out += ["", *(f"- {note}" for note in d.get("notes", [])), ""]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in d["runs"]:
+        vals = sorted(row["latencies"])
+        ax.plot(
+            vals,
+            [(i + 1) / len(vals) for i in range(len(vals))],
+            label=f"{row['components']} components",
+        )
+    ax.axvline(2.0, color="r", linestyle="--", label="target p99")
+    ax.set_xlabel("create → Ready (s)")
+    ax.set_ylabel("fraction of components")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return [*out, f"![operator]({save(fig, 'operator')})", ""]
+
+
+def section_fuzz(d: dict[str, Any]) -> list[str]:
+    return [
+        "## Envelope decoder fuzz (`make bench-fuzz`)",
+        "",
+        f"{d['inputs']:,} generated inputs (seed {d['seed']}) in {d['seconds']:.0f} s "
+        f"({d['inputs_per_second']:,.0f}/s), each through `inspect`, an authenticated reader "
+        f"and a lenient one: {d['untyped_or_wrong']} untyped errors or wrong plaintexts → "
+        f"{verdict(d['target_met'])}.",
+        "",
+        "Input kinds: " + ", ".join(f"{k} {v:,}" for k, v in d["input_kinds"].items()) + ".",
+        "",
+    ]
+
+
+SECTIONS = [
+    ("kv", section_kv),
+    ("envelope", section_envelope),
+    ("heartbeat_detection", section_heartbeat),
+    ("rewrap", section_rewrap),
+    ("heartbeaters", section_heartbeaters),
+    ("operator", section_operator),
+    ("fuzz_envelope", section_fuzz),
+]
+
+
+def main() -> Path:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (bench/run.py → bench/report.py) from the JSON files in this "
+        "folder; numbers measured on this machine, a 2-core VM shared with other builds and "
+        "tests, so absolute times are noisy: compare each figure with its baseline from the "
+        "same run. Re-render without measuring: `.venv/bin/python bench/run.py --report-only`.",
+        "",
+    ]
+    summary_rows = []
+    for name, render in SECTIONS:
+        data = load(name)
+        if data is None:
+            lines += [f"## {name}", "", "Not measured (no JSON result).", ""]
+            summary_rows.append(f"| {name} | not measured | |")
+            continue
+        lines += render(data)
+        m = data.get("machine", {})
+        summary_rows.append(
+            f"| {name} | {verdict(data.get('target_met')) if 'target_met' in data else 'no target'}"
+            f" | {m.get('time', '?')}, load {m.get('loadavg_at_start', '?')} |"
+        )
+    lines[4:4] = [
+        "| benchmark | target | measured at (UTC), load average |",
+        "|---|---|---|",
+        *summary_rows,
+        "",
+    ]
+    path = OUT_DIR / "README.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
