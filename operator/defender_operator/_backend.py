@@ -110,6 +110,10 @@ class Backend(Protocol):
 
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]: ...
 
+    def alert(self, kind: str, component: str, detail: str) -> None:
+        """Raise an alert (logs + `<prefix>/alerts/`, where rag reads them); never raises."""
+        ...
+
     def rewrap_all(self) -> int:
         """Re-seal every stored value under the current primary key; returns how many."""
         ...

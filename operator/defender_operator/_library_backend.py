@@ -152,6 +152,9 @@ class LibraryBackend:
                 )
         return out
 
+    def alert(self, kind: str, component: str, detail: str) -> None:
+        self.client.alerter.event(kind, component, detail, instance=self.client.instance)
+
     def rewrap_all(self) -> int:
         report = self.configs.rewrap_all()
         if report.failed:

@@ -196,6 +196,7 @@ async def tick(
         if verdict.misconfigured and was != cond.TRUE:
             kopf.event(body, type="Warning", reason=verdict.reason, message=verdict.message)
             logger.warning("misconfigured: %s", verdict.message)
+            await asyncio.to_thread(rt.backend.alert, "Misconfigured", name, verdict.message)
         state = await _breaker(
             rt, body, name, spec, instances, decision, expected, mem, now, logger
         )
@@ -249,6 +250,7 @@ async def _restart(
     RESTARTS.labels(name).inc()
     logger.warning("restarted pod %s: %s", pod.name, decision.message)
     kopf.event(body, type="Warning", reason="PodRestarted", message=decision.message)
+    await asyncio.to_thread(rt.backend.alert, "PodRestarted", name, decision.message)
     return 1
 
 

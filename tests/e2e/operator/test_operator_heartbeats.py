@@ -3,9 +3,11 @@ an etcd quorum loss restarts nothing and says why; misconfiguration and the brea
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
 from operator_e2e_support import OperatorRun, wait_for
@@ -62,6 +64,7 @@ def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: Operat
     )
     assert status["restarts"] == 1
     assert "PodRestarted" in run.event_reasons("sniffer")
+    assert "PodRestarted" in _alert_kinds(run.client().store, f"{run.prefix}/alerts/sniffer/")
     # The replacement heartbeats again: the component is healthy with no further restarts.
     run.heartbeat("sniffer", next(iter(replacement)))
     wait_for(
@@ -147,6 +150,10 @@ def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
     wait_for("liveness 200 again", lambda: _liveness(run) == 200, timeout=30)
 
 
+def _alert_kinds(store: Any, prefix: str) -> set[str]:
+    return {json.loads(v.value)["kind"] for v in store.list_prefix(prefix)}
+
+
 def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
     run = operator_run
     run.start()
@@ -161,6 +168,12 @@ def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
     assert hb.instance in cond["message"]
     assert run.condition("sniffer", "Ready")["reason"] == "UnknownKey"  # type: ignore[index]
     wait_for("Event", lambda: "UnknownKey" in run.event_reasons("sniffer"))
+    # ... and an alert record where rag reads alerts.
+    store = run.client().store
+    wait_for(
+        "Misconfigured alert in etcd",
+        lambda: "Misconfigured" in _alert_kinds(store, f"{run.prefix}/alerts/sniffer/"),
+    )
     hb.update(last_error=None)
     wait_for(
         "Misconfigured=False",
