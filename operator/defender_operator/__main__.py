@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 
 import kopf
@@ -31,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="kopf peering name for several replicas (needs the KopfPeering CRD);"
         " default: standalone",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority (highest wins); default: random, so two replicas of one"
+        " Deployment never tie (kopf lets equal priorities run side by side)",
     )
     parser.add_argument(
         "-n",
@@ -57,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         f"namespaces {','.join(namespaces)}" if namespaces else "cluster-wide",
         args.peering or "off",
     )
+    priority = args.priority
+    if priority is None:
+        priority = secrets.randbelow(1_000_000) + 1
     kopf.run(
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=priority,
         liveness_endpoint=args.liveness or None,
         clusterwide=not namespaces,
         namespaces=namespaces,

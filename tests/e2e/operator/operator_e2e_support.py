@@ -86,7 +86,7 @@ class OperatorRun:
     api: k8s.ApiClient
     log_path: Path
     liveness_port: int
-    proc: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     heartbeaters: list[Heartbeater] = field(default_factory=list)
     clients: list[DefenderClient] = field(default_factory=list)
 
@@ -192,7 +192,7 @@ class OperatorRun:
 
     # --- the operator process -----------------------------------------------------------------
 
-    def start(self, **env: str) -> None:
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
         full = {
             **os.environ,
             "DEFENDER_ETCD__ENDPOINTS": ",".join(self.etcd.endpoints),
@@ -206,7 +206,7 @@ class OperatorRun:
             **env,
         }
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -214,7 +214,8 @@ class OperatorRun:
                 "-n",
                 self.namespace,
                 "--liveness",
-                f"http://127.0.0.1:{self.liveness_port}/healthz",
+                f"http://127.0.0.1:{self.liveness_port if not self.procs else free_port()}/healthz",
+                *args,
             ],
             env=full,
             stdout=log,
@@ -222,16 +223,20 @@ class OperatorRun:
             start_new_session=True,
         )
         log.close()
+        self.procs.append(proc)
+        return proc
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
+    def stop(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        """Stop one operator process (default: all of them)."""
+        for p in [proc] if proc is not None else list(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=10)
+            self.procs.remove(p)
 
     def log_tail(self, lines: int = 80) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
