@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from ._alerts import Alerter, AlertSink, EtcdAlertSink, LoggingSink
 from ._envelope import Envelope, KeyringProvider, expect_plaintext, inspect, is_envelope
-from ._errors import DefenderConfigError, EnvelopeError
+from ._errors import DefenderConfigError, EnvelopeError, SettingsError
 from ._keyring import Keyring, KeyringSource
 from ._layout import Layout
 from ._settings import EnvelopeOptions, LibrarySettings
@@ -76,6 +76,12 @@ class DefenderClient:
         if keyring_source is None and settings.keyring_path is not None:
             keyring_source = KeyringSource(
                 settings.keyring_path, poll_seconds=settings.keyring_poll_seconds
+            )
+        if keyring_source is None and settings.envelope.encrypt:
+            raise SettingsError(
+                "envelope.encrypt is on but there is no keyring: set keyring_path "
+                "(env DEFENDER_KEYRING_PATH) to the mounted keyring Secret, pass a keyring, or "
+                "set envelope.encrypt=false"
             )
         self.envelope = Envelope(keyring_source, settings.envelope)
         self._owns_store = store is None

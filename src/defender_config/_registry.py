@@ -295,6 +295,9 @@ class Heartbeater:
             self._wake.clear()
             if self._stopped.is_set():
                 break
+            if self.client.store.closed:
+                log.warning("heartbeat %s: the store was closed; heartbeats end", self.key)
+                break
             try:
                 self._beat()
                 failures = 0

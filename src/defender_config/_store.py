@@ -879,6 +879,10 @@ class EtcdStore:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Stop every watch and close the channels. Idempotent."""
         if self._closed:

@@ -70,6 +70,9 @@ def test_full_outage_and_recovery(
             "sniffer", "s-0", SNIFFER, "sniffer", interval_seconds=0.5, allowed_misses=4
         )
         reg.heartbeater.set_status(ComponentStatus.RUNNING)
+        other = registry.register(
+            "sniffer", "s-1", SNIFFER, "sniffer", interval_seconds=0.5, allowed_misses=4
+        )
         seen: list[ActiveConfig] = []
         outages: list[StoreError] = []
         handle = configs.watch_active(
@@ -90,11 +93,14 @@ def test_full_outage_and_recovery(
         client.alerter.event("Probe", "sniffer", "during the outage")
         assert client.alerter.failed == 1 and [a.kind for a in alerts] == ["Probe"]
         wait_for(lambda: reg.heartbeater.failures >= 2, what="failed heartbeats")
+        other.heartbeater.stop()  # cannot reach etcd: logs, does not raise; the lease expires
         wait_for(lambda: len(outages) >= 1, what="the watch reporting the outage")
         assert all(isinstance(e, StoreUnavailableError) for e in outages)
         time.sleep(2.5)  # longer than the heartbeat TTL (2 s): the lease expires meanwhile
 
         restart_members()
+        # The client's channels come back on their own (reconnect backoff <= 1 s).
+        wait_for(client.store.has_quorum, timeout=20, what="the client reaching etcd again")
         assert configs.commit("sniffer", {**SNIFFER, "snaplen": 100}, by="ops") == 2
         wait_for(lambda: len(seen) == 2, what="the watch delivering after recovery")
         assert seen[-1].version == 2 and seen[-1].config["snaplen"] == 100

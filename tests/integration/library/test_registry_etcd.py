@@ -217,3 +217,16 @@ def test_killed_instance_disappears_by_lease_expiry(
     assert last.kind == "delete" and last.instance == "doomed" and last.heartbeat is None
     assert all(e.heartbeat is not None for e in events if e.kind == "put")
     assert Registry(client).list_instances("ml-detector") == []
+
+
+def test_heartbeats_end_when_the_store_is_closed(
+    settings: LibrarySettings, keyring: Keyring
+) -> None:
+    c = DefenderClient(settings, keyring, registry=CollectorRegistry(), alert_sinks=[])
+    r = Registry(c).register(
+        "rag", "rag-0", {"node_id": "rag-01", "version": "1.0.0"}, "rag", interval_seconds=0.2
+    )
+    thread = r.heartbeater._thread
+    assert thread is not None and thread.is_alive()
+    c.close()
+    wait_for(lambda: not thread.is_alive(), what="the heartbeat thread to end")

@@ -86,3 +86,16 @@ def test_heartbeater_refuses_unknown_fields() -> None:
         assert beat.ttl == 30 and beat.record.codec == "zstd+none"
         with pytest.raises(TypeError, match="unknown heartbeat fields"):
             beat.update(status="RUNNING")  # status goes through set_status
+
+
+def test_client_without_keyring_fails_fast_when_encrypting() -> None:
+    from defender_config import (
+        DefenderClient,
+        EtcdSettings,
+        LibrarySettings,
+        SettingsError,
+    )
+
+    settings = LibrarySettings(etcd=EtcdSettings(endpoints=["127.0.0.1:1"]))
+    with pytest.raises(SettingsError, match="keyring_path"):
+        DefenderClient(settings, alert_sinks=[])
