@@ -14,7 +14,12 @@ from typing import Any
 
 import kopf
 
-from defender_config import ConfigValidationError, config_digest, validate_config
+from defender_config import (
+    ConfigValidationError,
+    StoreUnavailableError,
+    config_digest,
+    validate_config,
+)
 from defender_operator import _api
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
@@ -99,11 +104,10 @@ async def reconcile(
                     logger,
                 )
         except kopf.TemporaryError as exc:
-            if "StoreUnavailable" in type(exc.__cause__).__name__ or mem.config_state is (
-                cond.ConfigState.UNKNOWN
-            ):
+            if isinstance(exc.__cause__, StoreUnavailableError):
                 mem.config_state = cond.ConfigState.STORE_UNAVAILABLE
                 mem.config_message = str(exc)
+            # Conditions appear even when the first visit fails, saying why where known.
             await publish_status(rt, namespace, name, generation, status, {})
             raise
 

@@ -47,8 +47,10 @@ async def step(rt: Runtime) -> RotationStep:
     """Load the state, decide one step, apply it. Returns the step taken."""
     current = await asyncio.to_thread(rt.secrets.ensure, rt.keyring.current())
     now = utcnow()
+    # Before the first rotation the primary key's creation time starts the schedule.
+    last = current.last_rotation or current.keyring.primary.created
     requested = current.request_pending or schedule_due(
-        now, current.last_rotation, rt.settings.rotation_every_seconds
+        now, last, rt.settings.rotation_every_seconds
     )
     keyring = current.keyring
     state = current.rotation

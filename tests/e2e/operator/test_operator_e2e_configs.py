@@ -141,6 +141,18 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
         check=False,
     )
     assert refused.returncode != 0 and "intervalSeconds" in refused.stderr
+    immutable = kubectl(
+        "patch",
+        "defendercomponent",
+        "firewall",
+        "-n",
+        run.namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"componentType":"rag"}}',
+        check=False,
+    )
+    assert immutable.returncode != 0 and "componentType is immutable" in immutable.stderr
 
     # Fix the config again, then roll back to MASTER by the documented command.
     _set_config(run, "firewall", edited)
