@@ -201,12 +201,19 @@ def parse_endpoint(endpoint: str) -> tuple[str, int, bool]:
 # --- the pyetcd client, made safe to share ------------------------------------------------------
 
 
+# The endpoint whose stub this thread fetched last, i.e. the one its current call goes to.
+_call_endpoint = threading.local()
+
+
 def _locked_stub(name: str, stub_class: Any) -> property:
     def get(self: _SharedClient) -> Any:
         with self._ep_lock:
             stub = self._stubs.get(name)
             if stub is None:
                 stub = self._stubs[name] = stub_class(self.channel)
+            # Cached stubs are dropped whenever the current endpoint changes, so a stub is
+            # always bound to the current endpoint.
+            _call_endpoint.label = self._current_endpoint_label
             return stub
 
     return property(get)
@@ -241,6 +248,7 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             watcher = self._stubs.get("watcher")
             if watcher is None:
                 watcher = self._stubs["watcher"] = self.get_watcher()
+            _call_endpoint.label = self._current_endpoint_label
             return watcher
 
     @property
@@ -265,8 +273,23 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             return self.endpoints[label].use()
 
     def _manage_grpc_errors(self, exc: grpc.RpcError) -> Any:
+        """pyetcd's handler marks the *current* endpoint failed; with many threads the call
+        that failed may have gone to an endpoint another thread already switched away from.
+        Mark the one this thread's call used, and drop the stubs (which closes the shared
+        watch stream) only if that is still the current endpoint."""
         with self._ep_lock:
-            return super()._manage_grpc_errors(exc)
+            code = exc.code()
+            if code in _ENDPOINT_FAILURE_CODES:
+                label = getattr(_call_endpoint, "label", None)
+                if label not in self.endpoints:
+                    label = self._current_endpoint_label
+                self.endpoints[label].fail()
+                if label == self._current_endpoint_label:
+                    self._clear_old_stubs()
+            mapped = _PYETCD_EXCEPTIONS.get(code)
+        if mapped is None:
+            raise exc
+        raise mapped() from exc
 
     def run_txn(self, compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
         """A Txn that returns the raw response (pyetcd's drops the header revision)."""
@@ -304,6 +327,17 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             self._manage_grpc_errors(exc)
             raise
 
+
+# pyetcd's own choices (client.py): which codes fail an endpoint, which become its exceptions.
+_ENDPOINT_FAILURE_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+)
+_PYETCD_EXCEPTIONS: Final = {
+    grpc.StatusCode.INTERNAL: etcd_exc.InternalServerError,
+    grpc.StatusCode.UNAVAILABLE: etcd_exc.ConnectionFailedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: etcd_exc.ConnectionTimeoutError,
+    grpc.StatusCode.FAILED_PRECONDITION: etcd_exc.PreconditionFailedError,
+}
 
 _OPS_TO_PB: Final = {"==": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
 _TARGETS: Final = {
