@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_e2e_support import Store
 
-from conftest import Store
 from defender_config import ComponentStatus, UnknownKeyError
 
 pytestmark = pytest.mark.etcd

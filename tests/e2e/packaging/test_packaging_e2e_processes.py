@@ -258,10 +258,17 @@ def test_helm_test_etcdctl_command_succeeds(
         for a in container["args"]
     ]
     assert args != container["args"], "the test pod names the endpoints"
-    proc = subprocess.run(
-        [str(_tool("etcdctl")), *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
+    # Right after start-up a member may still be catching up on the first proposal; the chart's
+    # test pod runs after readiness, which this loop stands in for.
+    deadline = time.monotonic() + 30
+    while True:
+        proc = subprocess.run(
+            [str(_tool("etcdctl")), *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.count("is healthy") + proc.stdout.count("is healthy") == MEMBERS
 
     members[0]["proc"].terminate()
