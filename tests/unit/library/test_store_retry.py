@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 
 import grpc
 import pytest
@@ -237,4 +238,29 @@ def test_missing_ca_file_is_a_settings_error() -> None:
 def test_lease_ttl_must_be_positive(dead_store: EtcdStore) -> None:
     with pytest.raises(ValueError, match="at least 1 second"):
         dead_store.grant_lease(0)
+    dead_store.close()
+
+
+def test_a_failed_call_marks_the_endpoint_it_used(dead_store: EtcdStore) -> None:
+    client = dead_store._client
+    assert client.kvstub is not None  # this thread's next call goes to the current endpoint
+    used = client._current_endpoint_label
+
+    def switch_elsewhere() -> None:
+        client.endpoints[used].fail()
+        assert client.channel is not None  # another thread moves the client elsewhere
+
+    t = threading.Thread(target=switch_elsewhere)
+    t.start()
+    t.join()
+    now = client._current_endpoint_label
+    assert now != used
+    with pytest.raises(etcd_exc.ConnectionFailedError):
+        try:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        except grpc.RpcError as exc:
+            client._manage_grpc_errors(exc)
+    # pyetcd alone would have marked `now`, the endpoint this call never talked to.
+    assert client.endpoints[used].is_failed()
+    assert not client.endpoints[now].is_failed()
     dead_store.close()
