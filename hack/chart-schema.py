@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Generate charts/ml-defender/values.schema.json from values.yaml.
+"""Generate charts/ml-defender/values.schema.json and the chart's README from values.yaml.
 
 Types come from the default values, descriptions from the `## @param path description` comments,
 and the few constraints a default cannot express (ranges, enums, patterns) from CONSTRAINTS below.
 Every mapping that is not itself a documented value gets `additionalProperties: false`, so a typo
 such as `etcd.replicas` is rejected by `helm install` instead of being silently ignored.
 
-    hack/chart-schema.py           write the schema
-    hack/chart-schema.py --check   exit 1 when the file on disk is stale (used by the tests)
+    hack/chart-schema.py           write the schema and the README's parameter tables
+    hack/chart-schema.py --check   exit 1 when either file on disk is stale (used by the tests)
+
+The README is charts/ml-defender/README.md.in with `@PARAMETERS@` replaced by one table per
+`## @section` of values.yaml (Bitnami's layout: name, description, default).
 
 A value without an `## @param` line is an error: every value is documented where it is defined.
 """
@@ -26,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "ml-defender"
 PARAM = re.compile(r"^\s*## @param (\S+) (.+)$")
+SECTION = re.compile(r"^\s*## @section (.+)$")
 
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -174,24 +178,51 @@ def generate() -> str:
     return json.dumps(schema, indent=2) + "\n"
 
 
+def _lookup(values: Any, path: str) -> Any:
+    for part in path.split("."):
+        values = values[part]
+    return values
+
+
+def readme() -> str:
+    text = (CHART / "values.yaml").read_text(encoding="utf-8")
+    values = yaml.safe_load(text)
+    out: list[str] = []
+    for line in text.splitlines():
+        section = SECTION.match(line)
+        if section:
+            out += ["", f"### {section.group(1).strip()}", ""]
+            out += ["| Name | Description | Default |", "|---|---|---|"]
+            continue
+        param = PARAM.match(line)
+        if param:
+            path, description = param.groups()
+            default = json.dumps(_lookup(values, path), separators=(",", ":"))
+            cell = description.strip().replace("|", "\\|")
+            out.append(f"| `{path}` | {cell} | `{default}` |")
+    template = (CHART / "README.md.in").read_text(encoding="utf-8")
+    return template.replace("@PARAMETERS@", "\n".join(out).strip())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail when the schema is stale")
     args = parser.parse_args()
-    target = CHART / "values.schema.json"
     try:
-        wanted = generate()
+        outputs = {CHART / "values.schema.json": generate(), CHART / "README.md": readme()}
     except SchemaError as exc:
         print(f"chart-schema: {exc}", file=sys.stderr)
         return 1
-    if args.check:
-        current = target.read_text(encoding="utf-8") if target.exists() else ""
-        if current != wanted:
-            print(f"chart-schema: {target} is stale; run hack/chart-schema.py", file=sys.stderr)
-            return 1
-        return 0
-    target.write_text(wanted, encoding="utf-8")
-    return 0
+    stale = False
+    for target, wanted in outputs.items():
+        if args.check:
+            current = target.read_text(encoding="utf-8") if target.exists() else ""
+            if current != wanted:
+                print(f"chart-schema: {target} is stale; run hack/chart-schema.py", file=sys.stderr)
+                stale = True
+        else:
+            target.write_text(wanted, encoding="utf-8")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

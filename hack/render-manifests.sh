@@ -54,7 +54,7 @@ if $check; then
   for f in "$root"/crds/*.yaml; do
     cmp -s "$f" "$chart/files/crds/$(basename "$f")" || stale+=("charts/ml-defender/files/crds/$(basename "$f")")
   done
-  "$python" "$root/hack/chart-schema.py" --check || stale+=("charts/ml-defender/values.schema.json")
+  "$python" "$root/hack/chart-schema.py" --check || stale+=("charts/ml-defender/values.schema.json or README.md")
   render "$chart" > "$tmp/install.yaml"
   cmp -s "$tmp/install.yaml" "$out" || stale+=("manifests/install.yaml")
   if ((${#stale[@]})); then
@@ -70,4 +70,4 @@ cp "$root"/crds/*.yaml "$chart/files/crds/"
 render "$chart" > "$tmp/install.yaml"
 mkdir -p "$(dirname "$out")"
 mv "$tmp/install.yaml" "$out"
-echo "render-manifests: wrote manifests/install.yaml, charts/ml-defender/files/crds/, values.schema.json" >&2
+echo "render-manifests: wrote manifests/install.yaml, charts/ml-defender/files/crds/, values.schema.json, README.md" >&2
