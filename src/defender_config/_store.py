@@ -451,8 +451,14 @@ class EtcdStore:
         self._auth_lock = threading.Lock()
         self.endpoints: tuple[str, ...] = tuple(settings.endpoints)
         self._client = self._build_client()
+        self._token_ready = settings.user is None
         if settings.user is not None:
-            self._authenticate()
+            try:
+                self._authenticate()
+            except StoreUnavailableError as exc:
+                # Start anyway, like without auth: the first call logs in once etcd answers.
+                # Wrong credentials (StoreAuthError) still fail here, at start-up.
+                log.warning("etcd login deferred: %s", exc)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -528,6 +534,7 @@ class EtcdStore:
             self._client.call_credentials = None
             # Watch streams carry the token they were opened with: reopen them.
             self._client._clear_old_stubs()
+        self._token_ready = True
 
     # --- the retry loop -------------------------------------------------------------------------
 
@@ -542,6 +549,10 @@ class EtcdStore:
     ) -> T:
         if self._closed:
             raise StoreError("the EtcdStore is closed; create a new one", path=path)
+        if not self._token_ready and renew_auth:
+            with self._auth_lock:
+                if not self._token_ready:
+                    self._authenticate()
         calls, latency = self.metrics.for_op(op)
         calls.inc()
         started = time.perf_counter()

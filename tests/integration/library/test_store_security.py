@@ -224,3 +224,44 @@ def test_missing_permission_is_an_auth_error_not_retried(auth_etcd: str, etcd_pr
         with pytest.raises(StoreAuthError):
             s.get("/outside/the/granted/prefix")
     assert registry.get_sample_value("defender_etcd_retries_total", {"op": "put"}) is None
+
+
+def test_login_is_deferred_while_etcd_is_down(tmp_path: Path, etcd_prefix: str) -> None:
+    # The store is created before its etcd exists; the first call after etcd comes up logs in.
+    client_port, peer_port = free_ports(2)
+    endpoint = f"http://127.0.0.1:{client_port}"
+    store = EtcdStore(_auth_settings(endpoint, "root", "rootpw"), registry=CollectorRegistry())
+    proc = ManagedProcess(
+        "etcd-late",
+        [
+            str(tool("etcd")),
+            "--name=late",
+            f"--data-dir={tmp_path / 'data'}",
+            f"--listen-client-urls={endpoint}",
+            f"--advertise-client-urls={endpoint}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=late=http://127.0.0.1:{peer_port}",
+            "--log-level=warn",
+        ],
+        tmp_path,
+        marker=str(tmp_path / "data"),
+        die_with_parent=True,
+    )
+    try:
+        with pytest.raises(StoreUnavailableError):
+            store.put(etcd_prefix + "k", b"x")
+        proc.start()
+        _wait(lambda: etcd_member_healthy(endpoint), 60, "the late etcd")
+        _etcdctl(endpoint, "user", "add", "root:rootpw", "--interactive=false")
+        _etcdctl(endpoint, "auth", "enable")
+        store.put(etcd_prefix + "k", b"logged in late")
+        got = store.get(etcd_prefix + "k")
+        assert got is not None and got.value == b"logged in late"
+        logins = store.metrics.registry.get_sample_value(
+            "defender_etcd_calls_total", {"op": "authenticate"}
+        )
+        assert logins is not None and logins >= 2  # the failed one at start, then the late one
+    finally:
+        store.close()
+        proc.stop()
