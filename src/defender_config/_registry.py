@@ -371,7 +371,11 @@ class Registry:
             config_digest=active.digest,
         )
         beat.start()
-        beat.set_status(ComponentStatus.STARTING)
+        try:
+            beat.set_status(ComponentStatus.STARTING)
+        except BaseException:
+            beat.stop()  # no orphan heartbeat thread for a registration that failed
+            raise
         if not seed.matches_master:
             self.client.alerter.event(
                 "ConfigDrift",
