@@ -1,0 +1,213 @@
+"""Operator: create → Ready latency for 1 and 100 DefenderComponents (1,000 with --big), and
+the operator's memory (RSS), against a private local control plane + 3-member etcd.
+
+Uses the operator end-to-end harness (tests/e2e/operator/operator_e2e_support.OperatorRun):
+the operator runs as a subprocess (`python -m defender_operator`); no kubelet runs, so this
+process plays every component instance: for each component a Deployment is created, and once
+its pod object exists a library Heartbeater beats (1 s) under the pod's name. Instances start
+BEFORE the DefenderComponents are created, so the measured latency is the operator's: create
+call → first `Ready=True` seen by a watch. Baseline: the same watch's create → ADDED latency
+(what the API server itself costs).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
+
+from bench_support import REPO, process_rss_bytes, summary, write_result
+from defender_devcluster import LocalCluster
+from defender_devcluster._system import apply_crds
+
+sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
+from operator_e2e_support import OperatorRun, free_port, wait_for
+
+GROUP, VERSION, PLURAL = "mldefender.io", "v1alpha1", "defendercomponents"
+
+
+def component_doc(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((REPO / "manifests/samples/firewall.yaml").read_text())
+    doc = copy.deepcopy(doc)
+    doc["metadata"] = {"name": name}
+    doc["spec"]["selector"] = {"matchLabels": {"app": name}}
+    doc["spec"]["heartbeat"] = {"intervalSeconds": 1, "missedBeforeRestart": 3}
+    return doc
+
+
+class ReadyWatch:
+    """Watches DefenderComponents of one namespace; first ADDED and first Ready=True times."""
+
+    def __init__(self, api: k8s.ApiClient, namespace: str) -> None:
+        self.custom = k8s.CustomObjectsApi(api)
+        self.namespace = namespace
+        self.added: dict[str, float] = {}
+        self.ready: dict[str, float] = {}
+        self._watch = k8s_watch.Watch()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                for ev in self._watch.stream(
+                    self.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    timeout_seconds=300,
+                ):
+                    now = time.perf_counter()
+                    obj = ev["object"]
+                    name = obj["metadata"]["name"]
+                    self.added.setdefault(name, now)
+                    for c in obj.get("status", {}).get("conditions", []):
+                        if c["type"] == "Ready" and c["status"] == "True":
+                            self.ready.setdefault(name, now)
+            except Exception:  # a dropped watch: resume (this is a benchmark probe)
+                time.sleep(0.2)
+                continue
+            return
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+
+def batch(run: OperatorRun, watcher: ReadyWatch, n: int, tag: str) -> dict[str, Any]:
+    names = [f"{tag}-{i:04d}" for i in range(n)]
+    for name in names:
+        run.deployment(name, {"app": name})
+    pods: dict[str, str] = {}
+    for name in names:
+        found = wait_for(f"pod of {name}", lambda nm=name: run.pods({"app": nm}), timeout=300)
+        pods[name] = found[0].metadata.name
+    shared = run.client()
+    for name in names:
+        run.heartbeat(name, pods[name], client=shared)
+    created: dict[str, float] = {}
+    for name in names:
+        created[name] = time.perf_counter()
+        run.custom.create_namespaced_custom_object(
+            GROUP, VERSION, run.namespace, PLURAL, component_doc(name)
+        )
+    deadline = time.monotonic() + max(120, n * 1.0)
+    while time.monotonic() < deadline and not all(nm in watcher.ready for nm in names):
+        time.sleep(0.2)
+    (proc,) = run.procs
+    latencies = [watcher.ready[nm] - created[nm] for nm in names if nm in watcher.ready]
+    seen = [watcher.added[nm] - created[nm] for nm in names if nm in watcher.added]
+    row = {
+        "components": n,
+        "ready": len(latencies),
+        "create_to_ready_seconds": summary(latencies),
+        "baseline_create_to_seen_seconds": summary(seen),
+        "operator_rss_bytes": process_rss_bytes(proc.pid),
+        "latencies": latencies,
+    }
+    print(
+        f"{n} components: {len(latencies)} Ready, p50 "
+        f"{row['create_to_ready_seconds']['p50']:.2f}s p99 "
+        f"{row['create_to_ready_seconds']['p99']:.2f}s, RSS "
+        f"{row['operator_rss_bytes'] / (1 << 20):.0f} MiB",
+        flush=True,
+    )
+    return row
+
+
+def run(quick: bool = False, big: bool = False) -> dict[str, Any]:
+    sizes = [1, 10] if quick else [1, 100] + ([1000] if big else [])
+    notes = [
+        "The operator ran with DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS=1 (Ready needs a "
+        "monitor pass that sees the heartbeats) and heartbeats every 1 s.",
+        "Time from missed-heartbeat detection to the restart call was not measured here.",
+    ]
+    if not big:
+        notes.append(
+            "1,000 components were not measured in this run (`bench/run.py --only operator` "
+            "with BENCH_OPERATOR_BIG=1 tries it); RSS is reported for the sizes measured."
+        )
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="defender-bench-op-") as tmp:
+        cluster = LocalCluster(Path(tmp) / "kube", die_with_parent=True)
+        cluster.start()
+        etcd = cluster.etcd
+        try:
+            apply_crds(cluster.kubeconfig, REPO / "crds")
+            api: k8s.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+                config_file=str(cluster.kubeconfig)
+            )
+            core = k8s.CoreV1Api(api)
+            ns, op_ns = f"bench-{uuid.uuid4().hex[:6]}", f"op-{uuid.uuid4().hex[:6]}"
+            for name in (ns, op_ns):
+                core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+                wait_for(
+                    f"default SA in {name}",
+                    lambda nm=name: core.read_namespaced_service_account("default", nm),
+                )
+            os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+            op = OperatorRun(
+                namespace=ns,
+                operator_namespace=op_ns,
+                prefix=f"/bench-op-{uuid.uuid4().hex[:6]}",
+                etcd=etcd,
+                api=api,
+                log_path=Path(tmp) / "operator.log",
+                liveness_port=free_port(),
+            )
+            op.start(DEFENDER_OPERATOR_LOG_LEVEL="WARNING")
+            watcher = ReadyWatch(api, ns)
+            try:
+                # Warm-up: the keyring Secret copy appears in the namespace with the first
+                # component; instances need it to report the right key fingerprint.
+                warm = component_doc("warm")
+                warm_created = time.perf_counter()
+                op.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, warm)
+                wait_for("the keyring Secret copy", op.keyring_copy, timeout=120)
+                op.deployment("warm", {"app": "warm"})
+                pod = wait_for("warm pod", lambda: op.pods({"app": "warm"}), timeout=120)
+                op.heartbeat("warm", pod[0].metadata.name)
+                wait_for("warm Ready", lambda: "warm" in watcher.ready, timeout=120)
+                notes.append(
+                    "Warm-up component (first reconcile, Secret copy, its instance started "
+                    f"after the create): create → Ready "
+                    f"{watcher.ready['warm'] - warm_created:.2f} s, not counted."
+                )
+                for n in sizes:
+                    runs.append(batch(op, watcher, n, f"b{n}"))
+            finally:
+                watcher.stop()
+                tail = op.log_tail(20)
+                op.close()
+                api.close()  # type: ignore[no-untyped-call]
+            if any(r["ready"] < r["components"] for r in runs):
+                notes.append("Some components never became Ready; operator log tail: " + tail)
+        finally:
+            cluster.stop()
+    worst = max(r["create_to_ready_seconds"]["p99"] for r in runs)
+    return {
+        "description": __doc__,
+        "unit": "seconds",
+        "target": "p99 create → Ready <= 2 s; RSS <= 250 MB at 1,000 components",
+        "runs": runs,
+        "notes": notes,
+        "target_met": worst <= 2.0 and all(r["ready"] == r["components"] for r in runs),
+    }
+
+
+if __name__ == "__main__":
+    write_result(
+        "operator",
+        run(quick="--quick" in sys.argv, big=os.environ.get("BENCH_OPERATOR_BIG") == "1"),
+    )
