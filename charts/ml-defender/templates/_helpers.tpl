@@ -204,3 +204,29 @@ mounted. Agents get the same values as DEFENDER_AGENT_* variables (_agent.tpl).
 {{- end -}}
 
 {{/* The agent sidecar helpers are in _agent.tpl (ml-defender.agent.sidecar and friends). */}}
+
+{{/*
+CRDs copied from the repository's crds/ into files/crds/ (by `make manifests`), rendered with the
+release's labels and, when keep is true, `helm.sh/resource-policy: keep`. A file may hold several
+documents. Call with (dict "ctx" $ "file" "files/crds/x.yaml" "keep" true).
+*/}}
+{{- define "ml-defender.crdsFromFile" -}}
+{{- $ctx := .ctx -}}
+{{- $keep := .keep -}}
+{{- $content := $ctx.Files.Get .file -}}
+{{- if not $content -}}
+{{- fail (printf "%s is missing from the chart: run `make manifests` to copy crds/ into it" .file) -}}
+{{- end -}}
+{{- range $doc := splitList "\n---\n" $content }}
+{{- $crd := fromYaml $doc }}
+{{- if $crd.kind }}
+{{- $meta := $crd.metadata }}
+{{- $_ := set $meta "labels" (merge (include "ml-defender.labels" $ctx | fromYaml) (default (dict) $meta.labels)) }}
+{{- if $keep }}
+{{- $_ := set $meta "annotations" (merge (dict "helm.sh/resource-policy" "keep") (default (dict) $meta.annotations)) }}
+{{- end }}
+---
+{{ toYaml $crd }}
+{{- end }}
+{{- end }}
+{{- end -}}

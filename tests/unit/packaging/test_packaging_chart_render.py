@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from packaging_chart import CHART, REPO, Render, find, kube_version, run_helm
+from packaging_chart import CHART, REPO, HelmFailed, Render, find, kube_version, run_helm
 
 REQUIRED_LABELS = (
     "app.kubernetes.io/name",
@@ -362,3 +364,26 @@ def test_helm_test_pods_check_operator_and_etcd(render: Render) -> None:
     operator = by_name["rel-ml-defender-test-operator"]["spec"]["containers"][0]
     assert operator["command"][-1].endswith(":8080/healthz")
     assert not [o for o in render("--set", "tests.enabled=false") if o["kind"] == "Pod"]
+
+
+def test_peering_crds_are_the_repository_files(render: Render) -> None:
+    text = (REPO / "crds" / "kopf-peering.yaml").read_text()
+    source = {d["metadata"]["name"]: d for d in yaml.safe_load_all(text) if d}
+    objects = render("--set", "operator.replicaCount=2")
+    rendered = {
+        o["metadata"]["name"]: o
+        for o in objects
+        if o["kind"] == "CustomResourceDefinition" and o["spec"]["group"] == "kopf.dev"
+    }
+    assert set(rendered) == set(source) == {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    for name, crd in rendered.items():
+        assert crd["spec"] == source[name]["spec"]
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_a_chart_without_its_crd_copy_says_how_to_fix_it(render: Render, tmp_path: Path) -> None:
+    chart = tmp_path / "ml-defender"
+    shutil.copytree(CHART, chart)
+    (chart / "files" / "crds" / "defendercomponents.yaml").unlink()
+    with pytest.raises(HelmFailed, match="run `make manifests`"):
+        render(chart=chart)
