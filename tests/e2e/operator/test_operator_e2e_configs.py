@@ -234,3 +234,44 @@ def _gone(run: OperatorRun, name: str) -> bool:
     except ApiException as exc:
         return exc.status == 404
     return False
+
+
+def test_custom_component_needs_and_uses_its_schema(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    base: dict[str, Any] = {
+        "apiVersion": "mldefender.io/v1alpha1",
+        "kind": "DefenderComponent",
+        "metadata": {"name": "honeypot"},
+        "spec": {
+            "componentType": "custom",
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "honeypot"}},
+            "config": {"ports": [2222, 2323], "banner": "SSH-2.0-OpenSSH_9.6"},
+        },
+    }
+    from kubernetes.client import ApiException
+
+    # The API server's CEL rule refuses custom without a schema.
+    with pytest.raises(ApiException) as info:
+        run.custom.create_namespaced_custom_object(
+            "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", base
+        )
+    assert "custom needs customSchema" in str(info.value.body)
+    schema = {
+        "type": "object",
+        "required": ["ports"],
+        "properties": {"ports": {"type": "array", "items": {"type": "integer", "maximum": 65535}}},
+    }
+    base["spec"]["customSchema"] = schema
+    run.custom.create_namespaced_custom_object(
+        "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", base
+    )
+    wait_for("seeded", lambda: run.get("honeypot").get("status", {}).get("activeVersion") == 1)
+    assert run.configs().get_master("honeypot")["ports"] == [2222, 2323]
+    run.patch("honeypot", {"spec": {"config": {"ports": [70000]}}})
+    cond = wait_for(
+        "ConfigInvalid by the custom schema",
+        lambda: (c := run.condition("honeypot", "ConfigSynced")) and c["status"] == "False" and c,
+    )
+    assert "70000" in cond["message"]
+    assert run.configs().get_active("honeypot").version == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -185,3 +186,41 @@ def _rotated(run: OperatorRun, old: Keyring) -> bool:
         annotations.get("mldefender.io/rotation-stage") == "Idle"
         and keyring.primary.key_id != old.primary.key_id
     )
+
+
+def test_instance_that_never_loads_the_key_times_out_and_is_reported(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    run.start(
+        DEFENDER_OPERATOR_ROTATION_DISTRIBUTE_TIMEOUT_SECONDS="3",
+        DEFENDER_OPERATOR_ROTATION_GRACE_SECONDS="1",
+    )
+    run.apply_sample("sniffer")
+    wait_for("seeded", lambda: run.get("sniffer").get("status", {}).get("activeVersion") == 1)
+    run.deployment("sniffer", LABELS, replicas=1)
+    pod = wait_for("a pod", lambda: run.pods(LABELS))[0]
+    # This instance keeps its old keyring and never refreshes its fingerprints.
+    old = run.keyring_copy()
+    run.heartbeat("sniffer", pod.metadata.name, client=run.client(old))
+    kubectl(
+        "annotate",
+        "secret",
+        SECRET,
+        "-n",
+        run.operator_namespace,
+        "mldefender.io/rotate-key=now",
+    )
+    wait_for("rotation finished anyway", lambda: _rotated(run, old), timeout=90)
+    kinds = {
+        json.loads(v.value)["kind"]
+        for v in run.client(old).store.list_prefix(f"{run.prefix}/alerts/sniffer/")
+    }
+    assert {"DistributionTimedOut", "PromotionTimedOut"} <= kinds
+    # The laggard is visible on the component too.
+    cond = wait_for(
+        "KeyCurrent=False",
+        lambda: (c := run.condition("sniffer", "KeyCurrent")) and c["status"] == "False" and c,
+    )
+    assert cond["reason"] == "InstancesBehind"
+    assert pod.metadata.name in cond["message"]
