@@ -29,6 +29,7 @@ from ._errors import (
     NotFoundError,
     StoreError,
     StoreUnavailableError,
+    ValueTooLargeError,
 )
 from ._models import ComponentType, canonical_json, config_digest, validate_config
 from ._store import WatchHandle
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("defender_config.configs")
+
+#: Bytes a RequestOp adds around key and value in a TxnRequest (tags, lengths), rounded up.
+_PER_OP_OVERHEAD = 64
 
 
 class InvalidConfigPolicy(enum.StrEnum):
@@ -238,16 +242,14 @@ class ConfigStore:
             lay.metadata(component),
         )
         history = lay.history(component, 1)
-        result = c.store.txn(
-            [Compare.absent(master)],
-            [
-                PutOp(master, c.seal(master, data)),
-                PutOp(active, c.seal(active, data)),
-                PutOp(meta_key, _encode_metadata(meta)),
-                PutOp(history, c.seal(history, data)),
-            ],
-            [GetOp(meta_key), GetOp(master)],
-        )
+        puts: list[PutOp | DeleteOp | GetOp] = [
+            PutOp(master, c.seal(master, data)),
+            PutOp(active, c.seal(active, data)),
+            PutOp(meta_key, _encode_metadata(meta)),
+            PutOp(history, c.seal(history, data)),
+        ]
+        self._check_request_size(active, puts)
+        result = c.store.txn([Compare.absent(master)], puts, [GetOp(meta_key), GetOp(master)])
         if result.succeeded:
             log.info("component %s registered (MASTER written by %s)", component, by)
             return SeedResult(created=True, metadata=meta, matches_master=True)
@@ -409,6 +411,7 @@ class ConfigStore:
             success.append(
                 DeleteOp(lay.history_dir(component), range_end=lay.history(component, oldest_kept))
             )
+        self._check_request_size(active, success)
         result = c.store.txn(compares, success, [GetOp(freeze), GetOp(meta_key)])
         if result.succeeded:
             log.info("component %s: version %d written by %s", component, version, by)
@@ -578,6 +581,23 @@ class ConfigStore:
         except ConfigValidationError as exc:
             self.client.alerter.error(exc, component, instance=self.client.instance)
             raise
+
+    def _check_request_size(self, path: str, ops: list[PutOp | DeleteOp | GetOp]) -> None:
+        """One version is written as one transaction holding several sealed copies (ACTIVE,
+        history, and MASTER at registration); etcd refuses requests over its limit as a whole,
+        so check the sum before sending instead of failing with an opaque etcd error."""
+        limit = self.client.envelope.options.request_limit_bytes
+        size = sum(
+            len(op.key) + len(op.value) + _PER_OP_OVERHEAD for op in ops if isinstance(op, PutOp)
+        )
+        if size > limit:
+            raise ValueTooLargeError(
+                size,
+                limit,
+                path=path,
+                what="etcd request limit for one config version (ACTIVE + history copy + "
+                "metadata, + MASTER at registration)",
+            )
 
     def _frozen_error(self, component: str, info: FreezeInfo) -> ConfigFrozenError:
         return ConfigFrozenError(

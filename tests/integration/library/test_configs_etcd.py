@@ -268,3 +268,26 @@ def test_dump_decrypts_only_when_asked(configs: ConfigStore, client: DefenderCli
     opened = {e.key: e for e in client.dump(decrypt=True)}
     assert opened[client.layout.master_config("sniffer")].value["interface"] == "eth0"
     assert opened[client.layout.metadata("sniffer")].value["version"] == 1
+
+
+def test_config_too_large_for_one_transaction_is_refused_before_sending(
+    client: DefenderClient,
+) -> None:
+    import base64
+    import os
+
+    from defender_config import ValueTooLargeError
+
+    schema = {"type": "object"}
+    # ~560 KB sealed (base64 of random bytes compresses to about 3/4): one copy fits etcd's 1.5 MiB limit,
+    # the three copies of a registration do not.
+    big = {"blob": base64.b64encode(os.urandom(560_000)).decode()}
+    cs = ConfigStore(client)
+    with pytest.raises(ValueTooLargeError, match="one config version") as info:
+        cs.seed("bulky", big, "custom", by="t", json_schema=schema)
+    assert info.value.size > info.value.limit
+    assert cs.get_metadata("bulky") is None  # nothing was written
+    # A small registration, then a commit of two big copies (ACTIVE + history) still fits.
+    cs.seed("bulky", {"blob": "x"}, "custom", by="t", json_schema=schema)
+    assert cs.commit("bulky", big, by="ops") == 2
+    assert cs.get_active("bulky").config == big
