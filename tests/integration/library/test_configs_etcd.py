@@ -279,8 +279,8 @@ def test_config_too_large_for_one_transaction_is_refused_before_sending(
     from defender_config import ValueTooLargeError
 
     schema = {"type": "object"}
-    # ~560 KB sealed (base64 of random bytes compresses to about 3/4): one copy fits etcd's 1.5 MiB limit,
-    # the three copies of a registration do not.
+    # ~560 KB sealed (base64 of random bytes compresses to about 3/4): one copy fits etcd's
+    # 1.5 MiB limit, the three copies of a registration do not.
     big = {"blob": base64.b64encode(os.urandom(560_000)).decode()}
     cs = ConfigStore(client)
     with pytest.raises(ValueTooLargeError, match="one config version") as info:
@@ -291,3 +291,24 @@ def test_config_too_large_for_one_transaction_is_refused_before_sending(
     cs.seed("bulky", {"blob": "x"}, "custom", by="t", json_schema=schema)
     assert cs.commit("bulky", big, by="ops") == 2
     assert cs.get_active("bulky").config == big
+
+
+def test_watch_active_survives_undecodable_values_and_failing_handlers(
+    configs: ConfigStore, client: DefenderClient, alerts: list[Alert]
+) -> None:
+    seen: list[ActiveConfig] = []
+    errors: list[DefenderConfigError] = []
+
+    def on_error(exc: DefenderConfigError) -> None:
+        errors.append(exc)
+        raise RuntimeError("handler bug")  # must not kill the watch thread
+
+    handle = configs.watch_active("sniffer", seen.append, on_error=on_error)
+    client.put_sealed(client.layout.active_config("sniffer"), b"not json at all")
+    wait_for(lambda: len(errors) == 1, what="the decode error")
+    assert isinstance(errors[0], ConfigValidationError)
+    assert [a.kind for a in alerts] == ["ConfigInvalid"]
+    configs.commit("sniffer", snaplen(100), by="ops")
+    wait_for(lambda: len(seen) == 2, what="the next good value")
+    handle.cancel()
+    assert seen[-1].config["snaplen"] == 100

@@ -223,6 +223,11 @@ def test_missing_permission_is_an_auth_error_not_retried(auth_etcd: str, etcd_pr
             s.put(etcd_prefix + "k", b"x")
         with pytest.raises(StoreAuthError):
             s.get("/outside/the/granted/prefix")
+        # Health reads a key the user may not read: "permission denied" still proves the member
+        # answered through the quorum, as in `etcdctl endpoint health`.
+        report = s.health()
+        assert report.quorum and report.healthy_count == 1 and report.leader is not None
+        assert s.has_quorum()
     assert registry.get_sample_value("defender_etcd_retries_total", {"op": "put"}) is None
 
 
