@@ -1,7 +1,7 @@
 """Library vs raw client: put/get latency for values of 1 KiB to 1 MiB.
 
-Three clients talk to the SAME etcd member (the leader), in interleaved rounds so load from
-other processes on the machine hits all of them alike:
+Three clients talk to the SAME etcd member (the leader), interleaved op by op in a random
+order so load from other processes on the machine hits all of them alike:
 
 * raw      pyetcd's own client, bytes in, bytes out (the baseline);
 * store    the library's EtcdStore (retries, metrics, cache), no envelope;
@@ -14,6 +14,7 @@ and random bytes (incompressible: the envelope is pure overhead).
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,8 +37,8 @@ def ops_for(size: int, quick: bool) -> tuple[int, int]:
     if size <= 16 << 10:
         return 10, 30
     if size <= 256 << 10:
-        return 8, 10
-    return 6, 5
+        return 10, 10
+    return 10, 6
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -129,17 +130,20 @@ def measure(
         fn()
     for name, get in get_fns.items():
         assert get() == data, f"{name} read back other bytes"
-    for r in range(rounds):
-        order = list(put_fns) if r % 2 == 0 else list(reversed(list(put_fns)))
-        for name in order:
-            for _ in range(per):
-                t = time.perf_counter()
-                put_fns[name]()
-                timings["put"][name].append(time.perf_counter() - t)
-            for _ in range(per):
-                t = time.perf_counter()
-                get_fns[name]()
-                timings["get"][name].append(time.perf_counter() - t)
+    # Op by op, clients in a random order each time: drift of a shared machine hits all alike.
+    rng = random.Random(size)
+    clients = list(put_fns)
+    for _ in range(rounds * per):
+        rng.shuffle(clients)
+        for name in clients:
+            t = time.perf_counter()
+            put_fns[name]()
+            timings["put"][name].append(time.perf_counter() - t)
+        rng.shuffle(clients)
+        for name in clients:
+            t = time.perf_counter()
+            get_fns[name]()
+            timings["get"][name].append(time.perf_counter() - t)
     stored = lib.store.get(lib_key)
     assert stored is not None
     out: dict[str, Any] = {

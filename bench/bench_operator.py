@@ -1,5 +1,6 @@
-"""Operator: create → Ready latency for 1 and 100 DefenderComponents (1,000 with --big), and
-the operator's memory (RSS), against a private local control plane + 3-member etcd.
+"""Operator: create → Ready latency for 1 and 100 DefenderComponents, create → seeded for
+1,000 (without instances), and the operator's memory (RSS), against a private local control
+plane + 3-member etcd.
 
 Uses the operator end-to-end harness (tests/e2e/operator/operator_e2e_support.OperatorRun):
 the operator runs as a subprocess (`python -m defender_operator`); no kubelet runs, so this
@@ -54,6 +55,7 @@ class ReadyWatch:
         self.namespace = namespace
         self.added: dict[str, float] = {}
         self.ready: dict[str, float] = {}
+        self.seeded: dict[str, float] = {}
         self._watch = k8s_watch.Watch()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -73,6 +75,8 @@ class ReadyWatch:
                     obj = ev["object"]
                     name = obj["metadata"]["name"]
                     self.added.setdefault(name, now)
+                    if obj.get("status", {}).get("activeVersion") == 1:
+                        self.seeded.setdefault(name, now)
                     for c in obj.get("status", {}).get("conditions", []):
                         if c["type"] == "Ready" and c["status"] == "True":
                             self.ready.setdefault(name, now)
@@ -126,19 +130,57 @@ def batch(run: OperatorRun, watcher: ReadyWatch, n: int, tag: str) -> dict[str, 
     return row
 
 
-def run(quick: bool = False, big: bool = False) -> dict[str, Any]:
-    sizes = [1, 10] if quick else [1, 100] + ([1000] if big else [])
+def seed_only_batch(run: OperatorRun, watcher: ReadyWatch, n: int, tag: str) -> dict[str, Any]:
+    """n components without instances: create → seeded (status.activeVersion 1), and RSS."""
+    names = [f"{tag}-{i:04d}" for i in range(n)]
+    created: dict[str, float] = {}
+    for name in names:
+        created[name] = time.perf_counter()
+        run.custom.create_namespaced_custom_object(
+            GROUP, VERSION, run.namespace, PLURAL, component_doc(name)
+        )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not all(nm in watcher.seeded for nm in names):
+        time.sleep(0.5)
+    time.sleep(10)  # a few monitor passes over all of them before reading memory
+    (proc,) = run.procs
+    latencies = [watcher.seeded[nm] - created[nm] for nm in names if nm in watcher.seeded]
+    seen = [watcher.added[nm] - created[nm] for nm in names if nm in watcher.added]
+    row = {
+        "components": n,
+        "seeded": len(latencies),
+        "create_to_seeded_seconds": summary(latencies),
+        "baseline_create_to_seen_seconds": summary(seen),
+        "operator_rss_bytes": process_rss_bytes(proc.pid),
+        "latencies": latencies,
+    }
+    print(
+        f"{n} components without instances: {len(latencies)} seeded, p50 "
+        f"{row['create_to_seeded_seconds']['p50']:.2f}s p99 "
+        f"{row['create_to_seeded_seconds']['p99']:.2f}s, RSS "
+        f"{row['operator_rss_bytes'] / (1 << 20):.0f} MiB",
+        flush=True,
+    )
+    return row
+
+
+def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
+    sizes = [1, 10] if quick else [1, 100]
+    seed_only = [] if quick or not big else [1000]
     notes = [
         "The operator ran with DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS=1 (Ready needs a "
         "monitor pass that sees the heartbeats) and heartbeats every 1 s.",
         "Time from missed-heartbeat detection to the restart call was not measured here.",
     ]
-    if not big:
-        notes.append(
-            "1,000 components were not measured in this run (`bench/run.py --only operator` "
-            "with BENCH_OPERATOR_BIG=1 tries it); RSS is reported for the sizes measured."
-        )
+    notes.append(
+        "Ready at 1,000 components was not measured: this machine cannot play 1,000 "
+        "heartbeating instances in one process (see the heartbeaters section: lease "
+        "keep-alives fall behind past ~300 instances per process). At 1,000 the components "
+        "have no instances; create → seeded (MASTER/ACTIVE written, status.activeVersion 1) "
+        "and the operator's RSS after a few monitor passes are measured instead."
+    )
     runs = []
+    seeded_runs = []
     with tempfile.TemporaryDirectory(prefix="defender-bench-op-") as tmp:
         cluster = LocalCluster(Path(tmp) / "kube", die_with_parent=True)
         cluster.start()
@@ -186,6 +228,8 @@ def run(quick: bool = False, big: bool = False) -> dict[str, Any]:
                 )
                 for n in sizes:
                     runs.append(batch(op, watcher, n, f"b{n}"))
+                for n in seed_only:
+                    seeded_runs.append(seed_only_batch(op, watcher, n, f"s{n}"))
             finally:
                 watcher.stop()
                 tail = op.log_tail(20)
@@ -201,6 +245,7 @@ def run(quick: bool = False, big: bool = False) -> dict[str, Any]:
         "unit": "seconds",
         "target": "p99 create → Ready <= 2 s; RSS <= 250 MB at 1,000 components",
         "runs": runs,
+        "seed_only_runs": seeded_runs,
         "notes": notes,
         "target_met": worst <= 2.0 and all(r["ready"] == r["components"] for r in runs),
     }
@@ -209,5 +254,5 @@ def run(quick: bool = False, big: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     write_result(
         "operator",
-        run(quick="--quick" in sys.argv, big=os.environ.get("BENCH_OPERATOR_BIG") == "1"),
+        run(quick="--quick" in sys.argv, big=os.environ.get("BENCH_OPERATOR_BIG", "1") == "1"),
     )
