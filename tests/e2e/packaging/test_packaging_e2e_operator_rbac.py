@@ -1,0 +1,276 @@
+"""The real operator, started from the chart's own settings, signed in as the chart's
+ServiceAccount: proves the RBAC is enough for what the operator does (and the chart's env, flags
+and settings file are what it reads). Anything the operator needs and the chart does not grant
+shows up as a 403 in its log or as work not done."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from packaging_chart import CHART, REPO, find, kube_version
+
+from defender_devcluster import EtcdCluster
+
+pytestmark = pytest.mark.cluster
+
+T = TypeVar("T")
+Helm = Callable[..., str]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, probe: Callable[[], T | None], timeout: float, log: Path) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = probe()
+        except Exception:  # a probe against a starting process may fail any way
+            got = None
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out waiting for {what}; operator log:\n{log.read_text()[-3000:]}"
+            )
+        time.sleep(0.5)
+
+
+def _service_account_kubeconfig(admin: Path, token: str, target: Path) -> Path:
+    config = yaml.safe_load(admin.read_text())
+    cluster = config["clusters"][0]["cluster"]
+    target.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": cluster}],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [
+                    {"name": "operator", "context": {"cluster": "local", "user": "operator"}}
+                ],
+                "current-context": "operator",
+            }
+        )
+    )
+    return target
+
+
+def _key_ids(core: Any, namespace: str) -> list[str]:
+    from defender_config import Keyring
+
+    data = core.read_namespaced_secret("ml-defender-keyring", namespace).data
+    return sorted(Keyring.from_secret_data(data).key_ids)
+
+
+@pytest.fixture
+def component_namespace(k8s_api: Any) -> Iterator[str]:
+    from kubernetes import client
+
+    name = f"t-components-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
+
+
+def test_operator_runs_with_exactly_the_chart_rbac(
+    helm: Helm,
+    namespace: str,
+    component_namespace: str,
+    release: str,
+    k8s_api: Any,
+    kubeconfig_path: Path,
+    defender_etcd: EtcdCluster,
+    etcd_prefix: str,
+    tmp_path: Path,
+) -> None:
+    from kubernetes import client
+
+    prefix = etcd_prefix.rstrip("/")
+    values = [
+        "--set",
+        f"operator.watchNamespaces={{{component_namespace}}}",
+        "--set",
+        f"config.prefix={prefix}",
+    ]
+    helm("install", release, str(CHART), "--namespace", namespace, "--take-ownership", *values)
+    rendered = [
+        d
+        for d in yaml.safe_load_all(
+            helm(
+                "template",
+                release,
+                str(CHART),
+                "--namespace",
+                namespace,
+                "--kube-version",
+                kube_version(),
+                *values,
+            )
+        )
+        if d
+    ]
+    full = f"{release}-ml-defender"
+    container = find(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    settings = json.loads(find(rendered, "ConfigMap", f"{full}-config")["data"]["defender.json"])
+
+    # What the pod would get, mapped onto this machine: etcd members by their local URLs, the
+    # ConfigMap as a file, the ServiceAccount's token as the only credential.
+    settings["etcd"]["endpoints"] = defender_etcd.endpoints
+    settings_file = tmp_path / "defender.json"
+    settings_file.write_text(json.dumps(settings))
+    core = client.CoreV1Api(k8s_api)
+    token = core.create_namespaced_service_account_token(
+        f"{full}-operator",
+        namespace,
+        client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+        ),
+    ).status.token
+    sa_kubeconfig = _service_account_kubeconfig(kubeconfig_path, token, tmp_path / "kubeconfig")
+
+    health_port, metrics_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")}
+    env["KUBECONFIG"] = str(sa_kubeconfig)
+    for var in container["env"]:
+        if "valueFrom" in var:
+            env[var["name"]] = {"metadata.namespace": namespace, "metadata.name": "operator-0"}[
+                var["valueFrom"]["fieldRef"]["fieldPath"]
+            ]
+        else:
+            env[var["name"]] = var["value"]
+    assert env["DEFENDER_OPERATOR_LIBRARY_SETTINGS_FILE"].startswith("/etc/ml-defender/config/")
+    env["DEFENDER_OPERATOR_LIBRARY_SETTINGS_FILE"] = str(settings_file)
+    env["DEFENDER_OPERATOR_METRICS_PORT"] = str(metrics_port)
+    env["DEFENDER_OPERATOR_LOG_FORMAT"] = "text"
+    args = [re.sub(r":\d+/healthz$", f":{health_port}/healthz", a) for a in container["args"]]
+    args = [a.replace("0.0.0.0", "127.0.0.1") for a in args]
+
+    log = tmp_path / "operator.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "defender_operator", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as r:
+                return r.status == 200
+
+        _wait("the operator's /healthz", healthy, 90, log)
+        # Its own namespace: the source keyring Secret.
+        _wait(
+            "the keyring Secret",
+            lambda: core.read_namespaced_secret("ml-defender-keyring", namespace),
+            60,
+            log,
+        )
+
+        sample = yaml.safe_load((REPO / "manifests" / "samples" / "sniffer.yaml").read_text())
+        custom = client.CustomObjectsApi(k8s_api)
+        custom.create_namespaced_custom_object(
+            "mldefender.io", "v1alpha1", component_namespace, "defendercomponents", sample
+        )
+        name = sample["metadata"]["name"]
+        # A component namespace: the keyring copy, the status, the Events.
+        _wait(
+            "the keyring copy in the component namespace",
+            lambda: core.read_namespaced_secret("ml-defender-keyring", component_namespace),
+            60,
+            log,
+        )
+        _wait(
+            "status conditions on the DefenderComponent",
+            lambda: (
+                custom.get_namespaced_custom_object(
+                    "mldefender.io", "v1alpha1", component_namespace, "defendercomponents", name
+                )
+                .get("status", {})
+                .get("conditions")
+            ),
+            60,
+            log,
+        )
+        _wait(
+            "an Event about the DefenderComponent",
+            lambda: (
+                core.list_namespaced_event(
+                    component_namespace, field_selector=f"involvedObject.name={name}"
+                ).items
+            ),
+            60,
+            log,
+        )
+        # A key rotation asked for with the plugin: the operator rewrites the source Secret and
+        # its copy (secrets update in both namespaces).
+        from defender_cli import main as kubectl_defender
+
+        assert (
+            kubectl_defender(
+                [
+                    "rotate-key",
+                    "--operator-namespace",
+                    namespace,
+                    "--kubeconfig",
+                    str(kubeconfig_path),
+                ],
+                out=io.StringIO(),
+                err=io.StringIO(),
+            )
+            == 0
+        )
+
+        def stage(ns: str) -> str | None:
+            annotations = core.read_namespaced_secret(
+                "ml-defender-keyring", ns
+            ).metadata.annotations
+            value = (annotations or {}).get("mldefender.io/rotation-stage")
+            return value if value not in (None, "Idle") else None
+
+        _wait("the rotation to start", lambda: stage(namespace), 60, log)
+        copy_keys = _wait(
+            "the new key in the component namespace's copy",
+            lambda: (
+                _key_ids(core, component_namespace)
+                if len(_key_ids(core, component_namespace)) > 1
+                else None
+            ),
+            90,
+            log,
+        )
+        assert len(copy_keys) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    forbidden = [ln for ln in text.splitlines() if "403" in ln or "forbidden" in ln.lower()]
+    assert not forbidden, "the chart's RBAC refused the operator:\n" + "\n".join(forbidden[:10])
