@@ -38,7 +38,7 @@ from defender_operator._metrics import (
     INSTANCES_ALIVE,
     RESTARTS,
 )
-from defender_operator._reconcile import _state_fields, publish_status
+from defender_operator._reconcile import publish_status, state_fields
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -183,7 +183,7 @@ async def tick(
     alive = len({i.pod or i.instance for i in live})
     mem.heartbeat = _heartbeat_condition(decision, alive, expected, mem.degraded_reported)
 
-    state_fields: dict[str, Any] = {}
+    stored_fields: dict[str, Any] = {}
     if etcd_ok:
         verdict = assess(now, _reports(instances, alerts), rt.settings.misconfig_window_seconds)
         was = mem.misconfig.status if mem.misconfig else None
@@ -200,7 +200,7 @@ async def tick(
         state = await _breaker(
             rt, body, name, spec, instances, decision, expected, mem, now, logger
         )
-        state_fields = _state_fields(state)
+        stored_fields = state_fields(state)
 
     copy_digest = await asyncio.to_thread(rt.secrets.copy_digest, namespace)
     source_digest = keyring_digest(rt.keyring.current())
@@ -215,7 +215,7 @@ async def tick(
         "restarts": restarts,
         "rotationStage": rt.rotation_stage,
         "keyFingerprint": rt.keyring.current().primary_fingerprint,
-        **state_fields,
+        **stored_fields,
     }
     if newest is not None:
         fields["lastHeartbeatTime"] = _rfc3339(newest)
@@ -298,3 +298,33 @@ async def _breaker(
     mem.config_state = cond.ConfigState.FROZEN
     mem.config_message = verdict.message
     return await asyncio.to_thread(rt.backend.state, name)
+
+
+async def run(
+    rt: Runtime, stopped: Any, body: Any, namespace: str, name: str, logger: Logger
+) -> None:
+    """The per-component daemon: `tick` every monitor_interval_seconds until `stopped`."""
+    while not stopped:
+        try:
+            # Read fresh each pass: level-based, and independent of kopf's body caching.
+            current = await asyncio.to_thread(rt.kube.get_component, namespace, name)
+            # Before the first reconcile there is nothing to judge (and no status to merge).
+            if current is not None and current.get("status", {}).get("observedGeneration"):
+                await tick(
+                    rt,
+                    body=body,
+                    namespace=namespace,
+                    name=name,
+                    generation=int(current["metadata"].get("generation") or 0),
+                    raw_spec=current["spec"],
+                    status=current["status"],
+                    logger=logger,
+                )
+        except (DefenderConfigError, OperatorError, ValueError) as exc:
+            ERRORS.labels("monitor").inc()
+            logger.warning(
+                "monitor pass failed, next pass in %ss: %s",
+                rt.settings.monitor_interval_seconds,
+                exc,
+            )
+        await stopped.wait(rt.settings.monitor_interval_seconds)

@@ -66,7 +66,7 @@ async def publish_status(
         await asyncio.to_thread(rt.kube.patch_status, namespace, name, patch)
 
 
-def _state_fields(state: ComponentState) -> dict[str, Any]:
+def state_fields(state: ComponentState) -> dict[str, Any]:
     return {
         "activeVersion": state.active_version or 0,
         "masterDigest": state.master_digest or "",
@@ -174,7 +174,7 @@ async def _reconcile(
                 message=f"ACTIVE reverted to MASTER as version {version} (onInvalidConfig)",
             )
         state = await asyncio.to_thread(rt.backend.state, component)
-        fields.update(_state_fields(state), specConfigDigest=raw_digest)
+        fields.update(state_fields(state), specConfigDigest=raw_digest)
         fields["observedGeneration"] = generation
         await publish_status(rt, namespace, name, generation, status, fields)
         return
@@ -217,7 +217,7 @@ async def _reconcile(
                 f" `kubectl annotate defendercomponent {name} {UNFREEZE_ANNOTATION}=now`"
             )
             kopf.event(body, type="Warning", reason="CommitFrozen", message=mem.config_message)
-            fields.update(_state_fields(state), observedGeneration=generation)
+            fields.update(state_fields(state), observedGeneration=generation)
             await publish_status(rt, namespace, name, generation, status, fields)
             return
         previous = state.active_version or 0
@@ -238,7 +238,7 @@ async def _reconcile(
         )
         state = await asyncio.to_thread(rt.backend.state, component)
     fields.update(
-        _state_fields(state),
+        state_fields(state),
         specConfigDigest=digest,
         observedGeneration=generation,
         keyFingerprint=rt.keyring.current().primary_fingerprint,
@@ -283,3 +283,21 @@ async def _rollback_command(
         reason="RolledBack",
         message=f"ACTIVE is {what} again (version {version})",
     )
+
+
+async def apply_retention(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    retention: str,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
+    """The finalizer's work on delete: Purge removes every etcd key of the component, Keep none
+    (a re-created resource then resumes with its old MASTER)."""
+    if retention == _api.RetentionPolicy.PURGE.value:
+        with kopf_errors():
+            removed = await asyncio.to_thread(rt.backend.purge, _etcd_name(name))
+        logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, name)
+    else:
+        logger.info("retention Keep: etcd data of %s left in place", name)
+    rt.forget(namespace, name)

@@ -21,14 +21,12 @@ import kopf
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from defender_config import DefenderConfigError
-from defender_operator import _api, _monitor, _reconcile, _rotation
-from defender_operator._backend import EtcdHealth
-from defender_operator._errors import OperatorError, kopf_errors
+from defender_operator import _api, _loops, _monitor, _reconcile
+from defender_operator._errors import kopf_errors
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
-from defender_operator._metrics import ERRORS, RECONCILES
+from defender_operator._metrics import RECONCILES
 from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import load_operator_settings
 
@@ -44,41 +42,6 @@ def _api_client() -> k8s_client.ApiClient:
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     return k8s_client.ApiClient()
-
-
-async def _etcd_health_loop(rt: Runtime) -> None:
-    while True:
-        try:
-            health = await asyncio.to_thread(rt.backend.health)
-        except DefenderConfigError as exc:
-            health = EtcdHealth(reachable=False, quorum=False, detail=str(exc))
-        was_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
-        rt.etcd.record(utcnow(), health)
-        now_ok = health.reachable and health.quorum
-        if was_ok != now_ok:
-            log.log(
-                logging.INFO if now_ok else logging.WARNING,
-                "defender etcd %s: %s",
-                "healthy" if now_ok else "UNHEALTHY",
-                health.detail,
-            )
-        await asyncio.sleep(rt.settings.etcd_health_interval_seconds)
-
-
-async def _rotation_loop(rt: Runtime) -> None:
-    ticks = 0
-    while True:
-        try:
-            if rt.etcd.last.reachable and rt.etcd.last.quorum:
-                await _rotation.step(rt)
-            if ticks % 6 == 0:
-                # Keep copies in sync even if someone edited or deleted one.
-                await _rotation.fan_out_everywhere(rt, rt.keyring.current())
-        except (DefenderConfigError, OperatorError) as exc:
-            ERRORS.labels("rotation").inc()
-            log.warning("key rotation step failed, retrying: %s", exc)
-        ticks += 1
-        await asyncio.sleep(rt.settings.rotation_interval_seconds)
 
 
 @kopf.on.startup()
@@ -101,8 +64,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     rt.rotation_stage = stored.rotation.stage.value
     memo["runtime"] = rt
     memo["tasks"] = [
-        asyncio.create_task(_etcd_health_loop(rt), name="etcd-health"),
-        asyncio.create_task(_rotation_loop(rt), name="key-rotation"),
+        asyncio.create_task(_loops.etcd_health(rt), name="etcd-health"),
+        asyncio.create_task(_loops.key_rotation(rt), name="key-rotation"),
     ]
     log.info(
         "operator %s started: keyring %s/%s primary %s, etcd prefix %s",
@@ -167,15 +130,9 @@ async def apply_retention(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    rt: Runtime = memo["runtime"]
-    retention = spec.get("retention", _api.RetentionPolicy.KEEP.value)
-    if retention == _api.RetentionPolicy.PURGE.value:
-        with kopf_errors():
-            removed = await asyncio.to_thread(rt.backend.purge, name)
-        logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, name)
-    else:
-        logger.info("retention Keep: etcd data of %s left in place", name)
-    rt.forget(namespace or "", name)
+    await _reconcile.apply_retention(
+        memo["runtime"], namespace or "", name, str(spec.get("retention", "Keep")), logger
+    )
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
@@ -188,31 +145,7 @@ async def monitor_component(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    rt: Runtime = memo["runtime"]
-    ns = namespace or ""
-    while not stopped:
-        try:
-            # Read fresh each pass: level-based, and independent of kopf's body caching.
-            current = await asyncio.to_thread(rt.kube.get_component, ns, name)
-            if current is not None and current.get("status", {}).get("observedGeneration"):
-                await _monitor.tick(
-                    rt,
-                    body=body,
-                    namespace=ns,
-                    name=name,
-                    generation=int(current["metadata"].get("generation") or 0),
-                    raw_spec=current["spec"],
-                    status=current["status"],
-                    logger=logger,
-                )
-        except (DefenderConfigError, OperatorError, ValueError) as exc:
-            ERRORS.labels("monitor").inc()
-            logger.warning(
-                "monitor pass failed, next pass in %ss: %s",
-                rt.settings.monitor_interval_seconds,
-                exc,
-            )
-        await stopped.wait(rt.settings.monitor_interval_seconds)
+    await _monitor.run(memo["runtime"], stopped, body, namespace or "", name, logger)
 
 
 @kopf.on.probe(id="etcd")
