@@ -1,6 +1,6 @@
 """Plain records and pure helpers of the etcd access layer (no gRPC here, so they unit-test fast).
 
-`_store.py` is the only module that talks to etcd; what it hands out is defined here.
+The `_store` package is the only code that talks to etcd; what it hands out is defined here.
 """
 
 from __future__ import annotations

@@ -1,0 +1,588 @@
+"""EtcdStore: every etcd operation of the library, with retries, failover and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import grpc
+import pyetcd
+from prometheus_client import CollectorRegistry
+from pyetcd import etcdrpc
+from pyetcd import utils as etcd_utils
+
+from .._errors import (
+    ConflictError,
+    NotFoundError,
+    SettingsError,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .._settings import EtcdSettings
+from .._store_types import (
+    Compare,
+    DeleteOp,
+    GetOp,
+    HealthReport,
+    Lease,
+    MemberHealth,
+    PutOp,
+    StoredValue,
+    StoreMetrics,
+    TxnResult,
+    WatchEvent,
+    backoff_delay,
+)
+from ._cache import _ABSENT, _Absent, _LastKnownGood
+from ._pyetcd import (
+    _ENDPOINT_QUARANTINE_SECONDS,
+    _GRPC_OPTIONS,
+    _HEALTH_TIMEOUT_SECONDS,
+    _SharedClient,
+    _stored,
+    _to_compare,
+    _to_op,
+    parse_endpoint,
+)
+from ._rules import ErrorRule, _details, _grpc_code, classify_error
+from ._watch import WatchHandle
+
+log = logging.getLogger("defender_config.store")
+
+T = TypeVar("T")
+
+
+class EtcdStore:
+    """Thread-safe access to one etcd cluster. Create one per process and share it.
+
+    Every method raises StoreError subclasses only: StoreUnavailableError once retries are
+    exhausted, StoreAuthError for refused credentials, ConflictError when a compare lost.
+    """
+
+    def __init__(
+        self,
+        settings: EtcdSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        cache_entries: int = 10_000,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = StoreMetrics(registry)
+        self._rng = rng or random.Random()
+        self._cache = _LastKnownGood(cache_entries)
+        self._closed = False
+        self._watches: set[WatchHandle] = set()
+        self._watches_lock = threading.Lock()
+        self._auth_lock = threading.Lock()
+        self.endpoints: tuple[str, ...] = tuple(settings.endpoints)
+        self._client = self._build_client()
+        self._token_ready = settings.user is None
+        if settings.user is not None:
+            try:
+                self._authenticate()
+            except StoreUnavailableError as exc:
+                # Start anyway, like without auth: the first call logs in once etcd answers.
+                # Wrong credentials (StoreAuthError) still fail here, at start-up.
+                log.warning("etcd login deferred: %s", exc)
+
+    # --- construction ---------------------------------------------------------------------------
+
+    def _credentials(self, secure: bool) -> grpc.ChannelCredentials | None:
+        s = self.settings
+        if not secure:
+            return None
+
+        def read(path: Any, what: str) -> bytes:
+            try:
+                with open(path, "rb") as fh:
+                    return fh.read()
+            except OSError as exc:
+                raise SettingsError(
+                    f"cannot read etcd {what} {str(path)!r}: {exc.strerror or exc}"
+                ) from exc
+
+        ca = read(s.ca_file, "ca_file") if s.ca_file else None
+        key = read(s.key_file, "key_file") if s.key_file else None
+        cert = read(s.cert_file, "cert_file") if s.cert_file else None
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+    def _build_client(self) -> _SharedClient:
+        parsed = [parse_endpoint(e) for e in self.endpoints]
+        tls = {secure for _, _, secure in parsed}
+        if len(tls) > 1:
+            raise SettingsError("etcd endpoints mix http:// and https://; use one scheme")
+        secure = tls.pop() or self.settings.ca_file is not None
+        creds = self._credentials(secure)
+        endpoints = [
+            pyetcd.Endpoint(
+                host,
+                port,
+                secure=secure,
+                creds=creds,
+                time_retry=_ENDPOINT_QUARANTINE_SECONDS,
+                opts=_GRPC_OPTIONS,
+            )
+            for host, port, _ in parsed
+        ]
+        return _SharedClient(
+            endpoints=endpoints,
+            timeout=self.settings.timeout_seconds,
+            failover=True,
+            on_failover=self.metrics.failovers.inc,
+        )
+
+    def _authenticate(self) -> None:
+        s = self.settings
+        assert s.user is not None and s.password is not None
+        request = etcdrpc.AuthenticateRequest(name=s.user, password=s.password.get_secret_value())
+
+        def call(c: _SharedClient) -> Any:
+            try:
+                return c.authstub.Authenticate(request, c.timeout)
+            except grpc.RpcError as exc:
+                c._manage_grpc_errors(exc)
+                raise
+
+        try:
+            response = self._call("authenticate", call, renew_auth=False)
+        except StoreAuthError:
+            raise
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:
+            # etcd answers a wrong password with INVALID_ARGUMENT and a server without auth
+            # with FAILED_PRECONDITION: both are credential problems for the caller.
+            raise StoreAuthError(f"authentication as {s.user!r} failed ({exc})") from exc
+        with self._client._ep_lock:
+            # Only the token metadata: gRPC refuses call credentials on plaintext channels.
+            self._client.metadata = (("token", response.token),)
+            self._client.call_credentials = None
+            # Watch streams carry the token they were opened with: reopen them.
+            self._client._clear_old_stubs()
+        self._token_ready = True
+
+    # --- the retry loop -------------------------------------------------------------------------
+
+    def _call(
+        self,
+        op: str,
+        fn: Callable[[_SharedClient], T],
+        *,
+        path: str | None = None,
+        retry: bool = True,
+        renew_auth: bool = True,
+    ) -> T:
+        if self._closed:
+            raise StoreError("the EtcdStore is closed; create a new one", path=path)
+        if not self._token_ready and renew_auth:
+            with self._auth_lock:
+                if not self._token_ready:
+                    self._authenticate()
+        calls, latency = self.metrics.for_op(op)
+        calls.inc()
+        started = time.perf_counter()
+        attempt = 0
+        renewed = False
+        try:
+            while True:
+                try:
+                    return fn(self._client)
+                except Exception as exc:
+                    rule = classify_error(exc)
+                    if rule is None:
+                        raise
+                    if (
+                        rule.reason == "unauthenticated"
+                        and renew_auth
+                        and not renewed
+                        and self.settings.user is not None
+                    ):
+                        # Simple tokens expire (5 min by default): log in again once.
+                        renewed = True
+                        with self._auth_lock:
+                            self._authenticate()
+                        continue
+                    if rule.transient and retry and attempt < self.settings.retries:
+                        delay = backoff_delay(
+                            attempt,
+                            self.settings.backoff_base_seconds,
+                            self.settings.backoff_max_seconds,
+                            self._rng,
+                        )
+                        attempt += 1
+                        self.metrics.retries.labels(op).inc()
+                        log.debug(
+                            "etcd %s failed (%s), retry %d in %.3fs",
+                            op,
+                            rule.reason,
+                            attempt,
+                            delay,
+                        )
+                        time.sleep(delay)
+                        continue
+                    self.metrics.errors.labels(op, rule.reason).inc()
+                    raise self._typed(rule, exc, path, attempt + 1) from exc
+        finally:
+            latency.observe(time.perf_counter() - started)
+
+    def _typed(self, rule: ErrorRule, exc: BaseException, path: str | None, n: int) -> StoreError:
+        detail = f"{rule.hint} ({_details(exc)})"
+        if rule.kind == "unavailable":
+            return StoreUnavailableError(self.endpoints, detail, attempts=n, path=path)
+        if rule.kind == "auth":
+            return StoreAuthError(detail, path=path)
+        if rule.kind == "not_found":
+            return NotFoundError(path or "?", detail=detail)
+        where = f" at {path!r}" if path else ""
+        return StoreError(f"etcd request failed{where}: {detail}", path=path)
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def get(self, path: str, *, revision: int | None = None) -> StoredValue | None:
+        """The value at `path`, None if absent. When etcd is unreachable, the last value seen
+        by this store (flagged `stale=True`); StoreUnavailableError if it never saw one.
+
+        With `revision`, the value as it was at that revision (no cache; a compacted revision
+        raises StoreError)."""
+        if revision is not None:
+            old = self._call(
+                "get", lambda c: c.range(path.encode(), None, revision=revision), path=path
+            )
+            return _stored(old.kvs[0]) if old.kvs else None
+        try:
+            response = self._call("get", lambda c: c.range(path.encode(), None), path=path)
+        except StoreUnavailableError:
+            cached = self._cache.get(path)
+            if cached is None:
+                raise
+            self.metrics.stale_reads.labels("get").inc()
+            log.warning("etcd unreachable: serving cached value of %s", path)
+            return None if isinstance(cached, _Absent) else replace(cached, stale=True)
+        if not response.kvs:
+            self._cache.set(path, _ABSENT)
+            return None
+        value = _stored(response.kvs[0])
+        self._cache.set(path, value)
+        return value
+
+    def list_prefix(self, prefix: str) -> list[StoredValue]:
+        """Every key under `prefix`, in key order. Served stale from cache like `get`."""
+        values, _ = self._list(prefix)
+        return values
+
+    def _list(self, prefix: str) -> tuple[list[StoredValue], int]:
+        key = prefix.encode()
+        end = etcd_utils.prefix_range_end(key)
+        try:
+            response = self._call("list", lambda c: c.range(key, end), path=prefix)
+        except StoreUnavailableError:
+            cached = self._cache.get_list(prefix)
+            if cached is None:
+                raise
+            self.metrics.stale_reads.labels("list").inc()
+            log.warning("etcd unreachable: serving cached listing of %s", prefix)
+            return [replace(v, stale=True) for v in cached], 0
+        values = [_stored(kv) for kv in response.kvs]
+        self._cache.set_list(prefix, values)
+        return values, response.header.revision
+
+    def current_revision(self, key: str = "/") -> int:
+        """The cluster's current revision (a linearizable read). `key` is the key read to get
+        it: with etcd auth, pick one the user may read."""
+        response = self._call(
+            "revision", lambda c: c.range(key.encode(), None, count_only=True), path=key
+        )
+        return int(response.header.revision)
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def put(self, path: str, value: bytes, *, lease: Lease | int | None = None) -> int:
+        """Write `value`; returns the new revision."""
+        lease_id = _lease_id(lease)
+        response = self._call(
+            "put", lambda c: c.put(path, value, lease=lease_id or None), path=path
+        )
+        revision = int(response.header.revision)
+        self._cache.set(path, StoredValue(path, bytes(value), revision, 0, 0, lease_id=lease_id))
+        return revision
+
+    def delete(self, path: str) -> bool:
+        """Delete one key; True if it existed."""
+        deleted = self._call("delete", lambda c: c.delete(path), path=path)
+        self._cache.set(path, _ABSENT)
+        return bool(deleted)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under `prefix`; returns how many."""
+        response = self._call("delete_prefix", lambda c: c.delete_prefix(prefix), path=prefix)
+        return int(response.deleted)
+
+    def put_if_absent(self, path: str, value: bytes, *, lease: Lease | int | None = None) -> bool:
+        """Create `path` only if it does not exist; True if this call created it."""
+        result = self._txn(
+            "put_if_absent",
+            [Compare.absent(path)],
+            [PutOp(path, value, _lease_id(lease))],
+            [],
+            path=path,
+        )
+        return result.succeeded
+
+    def compare_and_swap(
+        self,
+        path: str,
+        expected_mod_revision: int,
+        value: bytes,
+        *,
+        lease: Lease | int | None = None,
+    ) -> int:
+        """Write `value` only if the key's mod_revision is still `expected_mod_revision`
+        (0 = the key must not exist). Returns the new revision; ConflictError otherwise."""
+        result = self._txn(
+            "compare_and_swap",
+            [Compare.mod_revision_is(path, expected_mod_revision)],
+            [PutOp(path, value, _lease_id(lease))],
+            [GetOp(path)],
+            path=path,
+        )
+        if not result.succeeded:
+            found = result.gets[0][0].mod_revision if result.gets and result.gets[0] else 0
+            raise ConflictError(path, expected=expected_mod_revision, found=found)
+        return result.revision
+
+    def txn(
+        self,
+        compares: Iterable[Compare],
+        success: Iterable[PutOp | DeleteOp | GetOp],
+        failure: Iterable[PutOp | DeleteOp | GetOp] = (),
+    ) -> TxnResult:
+        """One atomic etcd transaction: if every compare holds run `success`, else `failure`."""
+        return self._txn("txn", list(compares), list(success), list(failure))
+
+    def _txn(
+        self,
+        op: str,
+        compares: list[Compare],
+        success: list[PutOp | DeleteOp | GetOp],
+        failure: list[PutOp | DeleteOp | GetOp],
+        *,
+        path: str | None = None,
+    ) -> TxnResult:
+        pb_compares = [_to_compare(c) for c in compares]
+        pb_success = [_to_op(o) for o in success]
+        pb_failure = [_to_op(o) for o in failure]
+        response = self._call(
+            op, lambda c: c.run_txn(pb_compares, pb_success, pb_failure), path=path
+        )
+        gets = tuple(
+            tuple(_stored(kv) for kv in r.response_range.kvs)
+            for r in response.responses
+            if r.WhichOneof("response") == "response_range"
+        )
+        ran = success if response.succeeded else failure
+        revision = int(response.header.revision)
+        for o in ran:
+            if isinstance(o, PutOp):
+                self._cache.set(o.key, StoredValue(o.key, o.value, revision, 0, 0, o.lease_id))
+            elif isinstance(o, DeleteOp) and not o.prefix and o.range_end is None:
+                self._cache.set(o.key, _ABSENT)
+        return TxnResult(succeeded=bool(response.succeeded), revision=revision, gets=gets)
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    def grant_lease(self, ttl: int) -> Lease:
+        """A new lease of `ttl` seconds (etcd may round it up to its minimum)."""
+        if ttl < 1:
+            raise ValueError("lease TTL must be at least 1 second")
+        lease = self._call("lease_grant", lambda c: c.lease(int(ttl)))
+        return Lease(id=int(lease.id), ttl=int(lease.ttl))
+
+    def refresh_lease(self, lease: Lease | int) -> int:
+        """Keep a lease alive once; returns its new TTL, 0 if it has already expired."""
+        lease_id = _lease_id(lease)
+        responses = self._call("lease_keepalive", lambda c: list(c.refresh_lease(lease_id)))
+        return max((int(r.TTL) for r in responses), default=0)
+
+    def revoke_lease(self, lease: Lease | int) -> None:
+        """Revoke a lease (deleting its keys). An already expired lease is not an error."""
+        lease_id = _lease_id(lease)
+        with contextlib.suppress(NotFoundError):
+            self._call("lease_revoke", lambda c: c.revoke_lease(lease_id))
+
+    def lease_ttl(self, lease: Lease | int) -> int:
+        """Seconds left on a lease, -1 if it does not exist (expired or revoked)."""
+        lease_id = _lease_id(lease)
+        info = self._call("lease_ttl", lambda c: c.get_lease_info(lease_id))
+        return int(info.TTL)
+
+    # --- watches --------------------------------------------------------------------------------
+
+    def watch_prefix(
+        self,
+        prefix: str,
+        callback: Callable[[WatchEvent], None],
+        *,
+        start_revision: int | None = None,
+        on_error: Callable[[StoreError], None] | None = None,
+        prev_kv: bool = False,
+    ) -> WatchHandle:
+        """Call `callback(event)` for every change under `prefix`, in revision order, from
+        `start_revision` (default: changes after this call). The callback runs on the watch's
+        own thread; exceptions it raises are logged and do not stop the watch. If the stream
+        breaks (member down) the watch is re-created on another endpoint from the next revision,
+        so no event is lost or repeated; `on_error` hears about each outage once."""
+        return self._watch(prefix, True, callback, start_revision, on_error, prev_kv)
+
+    def watch_key(
+        self,
+        key: str,
+        callback: Callable[[WatchEvent], None],
+        *,
+        start_revision: int | None = None,
+        on_error: Callable[[StoreError], None] | None = None,
+        prev_kv: bool = False,
+    ) -> WatchHandle:
+        """Like `watch_prefix`, for exactly one key."""
+        return self._watch(key, False, callback, start_revision, on_error, prev_kv)
+
+    def _watch(
+        self,
+        key: str,
+        prefix: bool,
+        callback: Callable[[WatchEvent], None],
+        start_revision: int | None,
+        on_error: Callable[[StoreError], None] | None,
+        prev_kv: bool,
+    ) -> WatchHandle:
+        if start_revision is None:
+            start_revision = self.current_revision(key) + 1
+        handle = WatchHandle(self, key, prefix, callback, start_revision, on_error, prev_kv)
+        with self._watches_lock:
+            self._watches.add(handle)
+        handle._start()
+        return handle
+
+    def _forget(self, handle: WatchHandle) -> None:
+        with self._watches_lock:
+            self._watches.discard(handle)
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def health(self) -> HealthReport:
+        """Ask every endpoint for its status and a linearizable read (what `etcdctl endpoint
+        health` does). Never raises for an unreachable member: it is reported unhealthy."""
+        client = self._client
+        timeout = min(self.settings.timeout_seconds, _HEALTH_TIMEOUT_SECONDS)
+        names: dict[int, str] = {}
+        cluster_size = len(self.endpoints)
+        members: list[MemberHealth] = []
+        for label, endpoint in client.endpoints.items():
+            channel = endpoint.channel
+            md = client.metadata
+            try:
+                status = etcdrpc.MaintenanceStub(channel).Status(
+                    etcdrpc.StatusRequest(), timeout, metadata=md
+                )
+            except grpc.RpcError as exc:
+                members.append(MemberHealth(endpoint=label, healthy=False, error=_details(exc)))
+                continue
+            if not names:
+                try:
+                    listing = etcdrpc.ClusterStub(channel).MemberList(
+                        etcdrpc.MemberListRequest(), timeout, metadata=md
+                    )
+                    names = {m.ID: m.name for m in listing.members}
+                    cluster_size = len(listing.members) or cluster_size
+                except grpc.RpcError:
+                    pass
+            error: str | None = None
+            try:
+                etcdrpc.KVStub(channel).Range(
+                    etcdrpc.RangeRequest(key=b"health", count_only=True), timeout, metadata=md
+                )
+                healthy = True
+            except grpc.RpcError as exc:
+                # A member that answers "permission denied" did the quorum read: healthy.
+                healthy = _grpc_code(exc) == grpc.StatusCode.PERMISSION_DENIED
+                error = None if healthy else _details(exc)
+            member_id = int(status.header.member_id)
+            # Older protos (etcd < 3.4) have no `errors` field.
+            alarms = [str(e) for e in getattr(status, "errors", ())]
+            members.append(
+                MemberHealth(
+                    endpoint=label,
+                    healthy=healthy and not alarms,
+                    member_id=member_id,
+                    name=names.get(member_id),
+                    is_leader=status.leader != 0 and status.leader == member_id,
+                    raft_term=int(status.raftTerm),
+                    raft_index=int(status.raftIndex),
+                    db_size_bytes=int(status.dbSize),
+                    version=str(status.version),
+                    error=error or ("; ".join(alarms) or None),
+                )
+            )
+        leaders = {m.member_id for m in members if m.healthy and m.is_leader}
+        healthy_count = sum(1 for m in members if m.healthy)
+        leader_id = next(iter(leaders)) if len(leaders) == 1 else None
+        # A linearizable read only succeeds through a quorum, so one healthy member proves it.
+        quorum = healthy_count > 0
+        return HealthReport(
+            members=tuple(members), cluster_size=cluster_size, leader_id=leader_id, quorum=quorum
+        )
+
+    def has_quorum(self) -> bool:
+        """True if a linearizable read succeeds (with the usual retries). A "permission
+        denied" answer counts as success, as in `etcdctl endpoint health`: the member is up
+        and answering for the cluster."""
+        try:
+            self._call(
+                "revision",
+                lambda c: c.range(b"health", None, count_only=True),
+                retry=True,
+            )
+        except StoreUnavailableError:
+            return False
+        except StoreAuthError:
+            return True
+        return True
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop every watch and close the channels. Idempotent."""
+        if self._closed:
+            return
+        with self._watches_lock:
+            watches = list(self._watches)
+        for handle in watches:
+            handle.cancel()
+        self._closed = True
+        self._client.close()
+
+    def __enter__(self) -> EtcdStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EtcdStore(endpoints={list(self.endpoints)!r})"
+
+
+def _lease_id(lease: Lease | int | None) -> int:
+    if lease is None:
+        return 0
+    return lease.id if isinstance(lease, Lease) else int(lease)

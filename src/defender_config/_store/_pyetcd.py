@@ -1,0 +1,256 @@
+"""pyetcd's multi-endpoint client made safe to share between threads, and conversions between
+pyetcd/protobuf objects and our records."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+import grpc
+import pyetcd
+from pyetcd import etcdrpc
+from pyetcd import events as etcd_events
+from pyetcd import exceptions as etcd_exc
+from pyetcd import transactions as etcd_txn
+from pyetcd import utils as etcd_utils
+
+from .._errors import SettingsError
+from .._store_types import (
+    Compare,
+    DeleteOp,
+    GetOp,
+    PutOp,
+    StoredValue,
+    WatchEvent,
+)
+
+log = logging.getLogger("defender_config.store")
+
+# gRPC channel options. Reconnect backoff is short so a restarted member is used again within a
+# second (gRPC's default grows to two minutes); keepalive pings detect a silently dead member
+# under a watch stream (etcd accepts pings every 5 s or slower by default).
+_GRPC_OPTIONS: Final = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+]
+
+# A failed endpoint is avoided for this long when another one is available.
+_ENDPOINT_QUARANTINE_SECONDS: Final = 2.0
+_HEALTH_TIMEOUT_SECONDS: Final = 2.0
+
+
+# --- the pyetcd client, made safe to share ------------------------------------------------------
+
+
+# The endpoint whose stub this thread fetched last, i.e. the one its current call goes to.
+_call_endpoint = threading.local()
+
+
+def _locked_stub(name: str, stub_class: Any) -> property:
+    def get(self: _SharedClient) -> Any:
+        with self._ep_lock:
+            stub = self._stubs.get(name)
+            if stub is None:
+                stub = self._stubs[name] = stub_class(self.channel)
+            # Cached stubs are dropped whenever the current endpoint changes, so a stub is
+            # always bound to the current endpoint.
+            _call_endpoint.label = self._current_endpoint_label
+            return stub
+
+    return property(get)
+
+
+class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
+    """pyetcd's multi-endpoint client with endpoint selection under a lock.
+
+    pyetcd swaps the current endpoint and its cached stubs without locking, and raises
+    NoServerAvailableError without trying anything once every endpoint failed in the last
+    `time_retry` seconds. Here switching is serialized, and when all endpoints are
+    quarantined the one that failed longest ago is tried anyway: our retry loop decides when
+    to give up, not a timer.
+    """
+
+    _current_endpoint_label: str  # pyetcd's property; its setter drops the cached stubs
+
+    def __init__(self, *args: Any, on_failover: Callable[[], None], **kwargs: Any) -> None:
+        self._ep_lock = threading.RLock()
+        self._on_failover = on_failover
+        super().__init__(*args, **kwargs)
+
+    kvstub = _locked_stub("kvstub", etcdrpc.KVStub)
+    leasestub = _locked_stub("leasestub", etcdrpc.LeaseStub)
+    clusterstub = _locked_stub("clusterstub", etcdrpc.ClusterStub)
+    maintenancestub = _locked_stub("maintenancestub", etcdrpc.MaintenanceStub)
+    authstub = _locked_stub("authstub", etcdrpc.AuthStub)
+
+    @property
+    def watcher(self) -> Any:
+        with self._ep_lock:
+            watcher = self._stubs.get("watcher")
+            if watcher is None:
+                watcher = self._stubs["watcher"] = self.get_watcher()
+            _call_endpoint.label = self._current_endpoint_label
+            return watcher
+
+    @property
+    def channel(self) -> Any:
+        with self._ep_lock:
+            current = self.endpoints[self._current_endpoint_label]
+            if not current.is_failed():
+                return current.use()
+            healthy = [lbl for lbl, ep in self.endpoints.items() if not ep.is_failed()]
+            if healthy:
+                label = random.choice(healthy)
+            else:
+                label = min(self.endpoints, key=lambda lbl: self.endpoints[lbl].last_failed)
+                self.endpoints[label].last_failed = 0
+            if label != self._current_endpoint_label:
+                self._on_failover()
+                log.info(
+                    "etcd endpoint switch",
+                    extra={"event": "failover", "from": self._current_endpoint_label, "to": label},
+                )
+            self._current_endpoint_label = label
+            return self.endpoints[label].use()
+
+    def _manage_grpc_errors(self, exc: grpc.RpcError) -> Any:
+        """pyetcd's handler marks the *current* endpoint failed; with many threads the call
+        that failed may have gone to an endpoint another thread already switched away from.
+        Mark the one this thread's call used, and drop the stubs (which closes the shared
+        watch stream) only if that is still the current endpoint."""
+        with self._ep_lock:
+            code = exc.code()
+            if code in _ENDPOINT_FAILURE_CODES:
+                label = getattr(_call_endpoint, "label", None)
+                if label not in self.endpoints:
+                    label = self._current_endpoint_label
+                self.endpoints[label].fail()
+                if label == self._current_endpoint_label:
+                    self._clear_old_stubs()
+            mapped = _PYETCD_EXCEPTIONS.get(code)
+        if mapped is None:
+            raise exc
+        raise mapped() from exc
+
+    def run_txn(self, compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
+        """A Txn that returns the raw response (pyetcd's drops the header revision)."""
+        request = etcdrpc.TxnRequest(
+            compare=[c.build_message() for c in compare],
+            success=self._ops_to_requests(success),
+            failure=self._ops_to_requests(failure),
+        )
+        try:
+            return self.kvstub.Txn(
+                request, self.timeout, credentials=self.call_credentials, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            self._manage_grpc_errors(exc)
+            raise  # unreachable: _manage_grpc_errors always raises
+
+    def add_watch(self, key: str, callback: Callable[[Any], None], **kwargs: Any) -> Any:
+        """Create a watch; returns (the watcher stream it lives on, its id)."""
+        watcher = self.watcher
+        try:
+            return watcher, watcher.add_callback(key, callback, **kwargs)
+        except grpc.RpcError as exc:
+            self._manage_grpc_errors(exc)
+            raise
+        except queue.Empty as exc:
+            raise etcd_exc.WatchTimedOut() from exc
+
+    def range(self, key: bytes, range_end: bytes | None, **kwargs: Any) -> Any:
+        request = self._build_get_range_request(key, range_end=range_end, **kwargs)
+        try:
+            return self.kvstub.Range(
+                request, self.timeout, credentials=self.call_credentials, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            self._manage_grpc_errors(exc)
+            raise
+
+
+# pyetcd's own choices (client.py): which codes fail an endpoint, which become its exceptions.
+_ENDPOINT_FAILURE_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+)
+_PYETCD_EXCEPTIONS: Final = {
+    grpc.StatusCode.INTERNAL: etcd_exc.InternalServerError,
+    grpc.StatusCode.UNAVAILABLE: etcd_exc.ConnectionFailedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: etcd_exc.ConnectionTimeoutError,
+    grpc.StatusCode.FAILED_PRECONDITION: etcd_exc.PreconditionFailedError,
+}
+
+_OPS_TO_PB: Final = {"==": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
+_TARGETS: Final = {
+    "version": etcd_txn.Version,
+    "mod": etcd_txn.Mod,
+    "create": etcd_txn.Create,
+    "value": etcd_txn.Value,
+}
+
+
+def _to_compare(c: Compare) -> Any:
+    compare = _TARGETS[c.target](c.key)
+    compare.op = getattr(etcdrpc.Compare, _OPS_TO_PB[c.op])
+    compare.value = c.value
+    return compare
+
+
+def _to_op(op: PutOp | DeleteOp | GetOp) -> Any:
+    if isinstance(op, PutOp):
+        return etcd_txn.Put(op.key, op.value, lease=op.lease_id or None)
+    end = etcd_utils.prefix_range_end(op.key.encode()) if op.prefix else None
+    if isinstance(op, DeleteOp):
+        if op.range_end is not None:
+            end = op.range_end.encode()
+        return etcd_txn.Delete(op.key, range_end=end)
+    return etcd_txn.Get(op.key, range_end=end)
+
+
+def _stored(kv: Any, stale: bool = False) -> StoredValue:
+    return StoredValue(
+        key=kv.key.decode("utf-8", "replace"),
+        value=bytes(kv.value),
+        mod_revision=kv.mod_revision,
+        create_revision=kv.create_revision,
+        version=kv.version,
+        lease_id=kv.lease,
+        stale=stale,
+    )
+
+
+def _event(raw: Any) -> WatchEvent:
+    pb = raw._event
+    kv = pb.kv
+    prev = bytes(pb.prev_kv.value) if pb.HasField("prev_kv") else None
+    return WatchEvent(
+        kind="delete" if isinstance(raw, etcd_events.DeleteEvent) else "put",
+        key=kv.key.decode("utf-8", "replace"),
+        value=bytes(kv.value),
+        mod_revision=int(kv.mod_revision),
+        version=int(kv.version),
+        lease_id=int(kv.lease),
+        prev_value=prev,
+    )
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int, bool]:
+    """'https://host:2379' -> ('host', 2379, True); no scheme means plain http."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "http", endpoint
+    if scheme not in ("http", "https"):
+        raise SettingsError(f"endpoint {endpoint!r} must use http:// or https://")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise SettingsError(f"endpoint {endpoint!r} must look like [scheme://]host:port")
+    return host, int(port), scheme == "https"

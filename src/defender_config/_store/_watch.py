@@ -1,0 +1,228 @@
+"""Watches that survive a member dying: re-created from the next revision on another endpoint."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from pyetcd import exceptions as etcd_exc
+from pyetcd import utils as etcd_utils
+
+from .._errors import StoreError
+from .._store_types import (
+    WatchEvent,
+    backoff_delay,
+)
+from ._pyetcd import _event, _stored
+from ._rules import _details, _is_compacted
+
+if TYPE_CHECKING:
+    from ._etcd_store import EtcdStore
+
+log = logging.getLogger("defender_config.store")
+
+_Item = tuple[int, Any]  # (generation, pyetcd WatchResponse | exception | None | _STOP)
+_STOP: Final = object()
+
+
+class WatchHandle:
+    """A running watch. Call `cancel()` (or the handle itself) to stop it."""
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        key: str,
+        prefix: bool,
+        callback: Callable[[WatchEvent], None],
+        start_revision: int,
+        on_error: Callable[[StoreError], None] | None,
+        prev_kv: bool,
+    ) -> None:
+        self._store = store
+        self.key = key
+        self._range_end = etcd_utils.prefix_range_end(key.encode()) if prefix else None
+        self._callback = callback
+        self._on_error = on_error
+        self._prev_kv = prev_kv
+        self.next_revision = start_revision
+        self.restarts = 0
+        self._queue: queue.Queue[_Item] = queue.Queue()
+        self._generation = 0
+        self._watch_id: int | None = None
+        self._watcher: Any = None
+        self._stopped = threading.Event()
+        self._connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"defender-watch:{key}", daemon=True)
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    def cancel(self) -> None:
+        """Stop the watch; no callback runs after this returns (unless called from one)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._queue.put((self._generation, _STOP))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+        self._store._forget(self)
+
+    __call__ = cancel
+
+    # The thread: (re)establish the watch, then dispatch what pyetcd's watcher thread queued.
+    def _run(self) -> None:
+        failures = 0
+        reported = False
+        store = self._store
+        while not self._stopped.is_set():
+            if self._watch_id is None:
+                try:
+                    self._establish()
+                except StoreError as exc:
+                    if _is_compacted(exc):
+                        self._resync()
+                        continue
+                    if not reported and self._on_error is not None:
+                        reported = True
+                        _safe(self._on_error, exc)
+                    delay = backoff_delay(
+                        failures,
+                        store.settings.backoff_base_seconds,
+                        store.settings.backoff_max_seconds,
+                        store._rng,
+                    )
+                    failures += 1
+                    log.warning(
+                        "watch on %s not established (%s); retry in %.2fs", self.key, exc, delay
+                    )
+                    self._stopped.wait(delay)
+                    continue
+                if reported or failures:
+                    log.info(
+                        "watch on %s re-established at revision %d", self.key, self.next_revision
+                    )
+                failures = 0
+                reported = False
+            generation, item = self._queue.get()
+            if item is _STOP:
+                break
+            if generation != self._generation:
+                continue  # leftovers of a stream that was already replaced
+            if isinstance(item, etcd_exc.RevisionCompactedError):
+                self._lost_stream(item)
+                self._resync()
+                continue
+            if item is None or isinstance(item, BaseException):
+                self._lost_stream(item)
+                continue
+            self._dispatch(item)
+        self._cancel_server_watch()
+        self._connected.clear()
+
+    def _establish(self) -> None:
+        self._generation += 1
+        generation = self._generation
+
+        def enqueue(response: Any) -> None:
+            self._queue.put((generation, response))
+
+        self._watcher, self._watch_id = self._store._call(
+            "watch",
+            lambda c: c.add_watch(
+                self.key,
+                enqueue,
+                range_end=self._range_end,
+                start_revision=self.next_revision,
+                prev_kv=self._prev_kv,
+            ),
+            path=self.key,
+            retry=False,
+        )
+        self._connected.set()
+
+    def _cancel_server_watch(self) -> None:
+        # Cancel on the stream the watch was created on: watch ids are per stream, so the same
+        # id on a newer stream (after a failover) may belong to another watch.
+        watcher, watch_id = self._watcher, self._watch_id
+        self._watcher, self._watch_id = None, None
+        if watcher is not None and watch_id is not None:
+            try:
+                watcher.cancel(watch_id)
+            except Exception as exc:  # the stream may already be gone: nothing to cancel
+                log.debug("watch cancel of %s: %s", self.key, exc)
+
+    def _lost_stream(self, why: Any) -> None:
+        self._watcher, self._watch_id = None, None
+        self._connected.clear()
+        self.restarts += 1
+        self._store.metrics.watch_restarts.inc()
+        log.info(
+            "watch stream on %s ended (%s); resuming from revision %d",
+            self.key,
+            _details(why) if isinstance(why, BaseException) else "closed",
+            self.next_revision,
+        )
+
+    def _resync(self) -> None:
+        """The revision to resume from was compacted: hand out the current state instead."""
+        try:
+            if self._range_end is None:
+                response = self._store._call(
+                    "list", lambda c: c.range(self.key.encode(), None), path=self.key
+                )
+                values, revision = [_stored(kv) for kv in response.kvs], response.header.revision
+            else:
+                values, revision = self._store._list(self.key)
+        except StoreError as exc:
+            log.warning("watch resync of %s failed: %s", self.key, exc)
+            self._stopped.wait(self._store.settings.backoff_base_seconds)
+            return
+        if not revision:
+            # Served from the stale cache: no revision to resume from. Try again later.
+            self._stopped.wait(self._store.settings.backoff_base_seconds)
+            return
+        self._watcher, self._watch_id = None, None
+        for v in values:
+            event = WatchEvent(
+                kind="put",
+                key=v.key,
+                value=v.value,
+                mod_revision=v.mod_revision,
+                version=v.version,
+                lease_id=v.lease_id,
+                resync=True,
+            )
+            _safe(self._callback, event)
+        self.next_revision = int(revision) + 1
+
+    def _dispatch(self, response: Any) -> None:
+        delivered = False
+        for raw in response.events:
+            if self._stopped.is_set():
+                return
+            event = _event(raw)
+            if event.mod_revision < self.next_revision:
+                continue  # already delivered before the stream was re-created
+            self.next_revision = event.mod_revision + 1
+            delivered = True
+            _safe(self._callback, event)
+        if not delivered and not response.events:
+            # A progress notification: nothing changed up to the header revision.
+            self.next_revision = max(self.next_revision, int(response.header.revision) + 1)
+
+
+def _safe(fn: Callable[[Any], None], arg: Any) -> None:
+    try:
+        fn(arg)
+    except Exception:
+        log.exception("watch callback %r failed; the watch goes on", fn)
