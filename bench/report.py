@@ -341,6 +341,33 @@ def section_fuzz(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def section_findings() -> list[str]:
+    """What the numbers mean, with the causes measured while writing the benchmarks."""
+    return [
+        "## Findings",
+        "",
+        "- **Heartbeats at scale.** One `Heartbeater` beat is two RPCs: a lease keep-alive and a "
+        "put of the JSON record. pyetcd's `refresh_lease` opens a new LeaseKeepAlive stream per "
+        "call: ~1.2 ms of client CPU against ~0.45 ms for a put (measured: 300 calls each on "
+        "this machine). Up to ~100 instances per process this is invisible; at 500-1,000 "
+        "instances in ONE process the beats fall behind and leases expire (regrants above). "
+        "Real deployments run one instance per process, where the cost is ~2 ms CPU per beat. "
+        "Fix to consider in the library: one long-lived keep-alive stream per client.",
+        "- **Small gets cost ~5-10 % more than raw pyetcd** (≈ 50-70 µs per call), of which the "
+        "envelope is ~6 µs (see the envelope table): the rest is EtcdStore's per-call "
+        "bookkeeping (metrics, cache, endpoint lock). Compressible values ≥ 4 KiB are cheaper "
+        "than raw because fewer bytes go to etcd.",
+        "- **Missed heartbeats** are seen when the lease expires: detection ≤ TTL after the "
+        "death (the key's last keep-alive was at most one interval before it). The old design "
+        "adds up to one poll interval on top of its threshold and depends on synchronized "
+        "clocks; at the old 30 s interval that is tens of seconds more.",
+        "- **Operator create → Ready** includes one monitor pass (1 s here) after the seed; "
+        "with 100 components created at once the reconciles queue up behind each other on this "
+        "2-core machine (p99 several seconds), and at 1,000 seeding alone takes tens of seconds.",
+        "",
+    ]
+
+
 SECTIONS = [
     ("library", section_library),
     ("kv", section_kv),
@@ -384,6 +411,7 @@ def main() -> Path:
         *summary_rows,
         "",
     ]
+    lines += section_findings()
     path = OUT_DIR / "README.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {path}")

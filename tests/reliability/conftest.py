@@ -17,8 +17,10 @@ from defender_config import Alert
 from defender_devcluster import EtcdCluster
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _hygiene_ledger() -> Iterator[None]:
+    # Per module, not per session: the root logger goes to DEBUG only while this folder's
+    # tests run, so suites collected later see the logging setup they expect.
     HYGIENE.install()
     try:
         yield
