@@ -538,7 +538,12 @@ class ConfigStore:
                 if current is None:
                     break  # deleted meanwhile: nothing left to rewrap
                 try:
-                    if not c.envelope.needs_reseal(current.value):
+                    try:
+                        stale_seal = c.envelope.needs_reseal(current.value)
+                    except EnvelopeError as exc:  # a corrupt header: c.open did not see it
+                        c.report(exc, path=current.key)
+                        raise
+                    if not stale_seal:
                         report.already_current += 1
                         break
                     data = c.open(current.key, current.value)

@@ -199,11 +199,14 @@ def test_rewrap_counts_undecryptable_and_retries_conflicts(
         configs.commit("sniffer", {**SNIFFER, "snaplen": 100}, by="ops")
         report = cs2.rewrap_values(stale)
         assert report.rewrapped >= 1 and report.failed == 0
+        # A value with the magic but a header from a future format version.
+        c2.store.put(c2.layout.active_config("rag"), b"\x89DFC\x09" + bytes(20))
         report = cs2.rewrap_all()
-        assert report.failed == 1 and report.errors == [
-            f"{c2.layout.active_config('firewall')}: UnknownKey"
+        assert report.failed == 2 and report.errors == [
+            f"{c2.layout.active_config('firewall')}: UnknownKey",
+            f"{c2.layout.active_config('rag')}: UnsupportedFormat",
         ]
-        assert [a.kind for a in got] == ["UnknownKey"]
+        assert [a.kind for a in got] == ["UnknownKey", "UnsupportedFormat"]
         assert cs2.get_active("sniffer").config["snaplen"] == 100
 
 
