@@ -10,7 +10,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from operator_e2e_support import OperatorRun, wait_for
+from operator_e2e_support import OperatorRun, free_port, wait_for
 
 from defender_config import CodecMismatchError, UnknownKeyError
 
@@ -45,7 +45,8 @@ def _running_sniffer(run: OperatorRun, replicas: int) -> set[str]:
 
 def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: OperatorRun) -> None:
     run = operator_run
-    run.start()
+    metrics_port = free_port()
+    run.start(DEFENDER_OPERATOR_METRICS_PORT=str(metrics_port))
     pods = _running_sniffer(run, replicas=2)
     victim, survivor = sorted(pods)
     # Stop one instance's heartbeats the hard way: its lease is revoked, the key vanishes.
@@ -72,6 +73,11 @@ def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: Operat
         lambda: (c := run.condition("sniffer", "Heartbeating")) and c["status"] == "True",
     )
     assert run.get("sniffer")["status"]["restarts"] == 1
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert 'defender_operator_pod_restarts_total{component="sniffer"} 1.0' in metrics
+    assert "defender_operator_etcd_available 1.0" in metrics
 
 
 def _liveness(run: OperatorRun) -> int:

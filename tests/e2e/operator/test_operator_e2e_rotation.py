@@ -162,6 +162,7 @@ def test_rotation_under_load_has_no_decode_failures(
     sealed = [e for e in checker.dump() if e.sealed]
     assert sealed and {e.header["key_id"] for e in sealed if e.header} == {new.primary.key_id}
     assert ConfigStore(checker).get_master("sniffer")["interface"] == "eth0"
+    _assert_no_key_material(run, [old, new])
     wait_for(
         "KeyCurrent on the new key",
         lambda: (
@@ -224,3 +225,22 @@ def test_instance_that_never_loads_the_key_times_out_and_is_reported(
     )
     assert cond["reason"] == "InstancesBehind"
     assert pod.metadata.name in cond["message"]
+
+
+def _assert_no_key_material(run: OperatorRun, keyrings: list[Keyring]) -> None:
+    """Neither the operator's log, nor Events, nor any DefenderComponent holds a key."""
+    import base64
+
+    shown = run.log_path.read_text(errors="replace")
+    shown += json.dumps([e.message for e in run.core.list_namespaced_event(run.namespace).items])
+    shown += json.dumps(
+        run.custom.list_namespaced_custom_object(
+            "mldefender.io", "v1alpha1", run.namespace, "defendercomponents"
+        )
+    )
+    for keyring in keyrings:
+        for key in keyring.keys:
+            for form in (key.material.hex(), base64.b64encode(key.material).decode()):
+                assert form not in shown, f"key {key.key_id} material leaked"
+            # Fingerprints are what may be shown instead.
+    assert keyrings[-1].primary_fingerprint in shown
