@@ -204,10 +204,8 @@ def test_killed_instance_disappears_by_lease_expiry(
         wait_for(lambda: any(e.kind == "put" for e in events), what="the heartbeat put")
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
-        killed_at = time.monotonic()
+        # Nothing deletes the key but etcd's lease expiry (TTL 2 s): no revoke, no poller.
         wait_for(lambda: any(e.kind == "delete" for e in events), what="the lease expiry")
-        # TTL 2 s: etcd expires it within a few seconds, not at some poll interval.
-        assert time.monotonic() - killed_at < 15
     finally:
         if child.poll() is None:
             child.kill()
