@@ -218,3 +218,31 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     run.patch("sniffer", {"metadata": {"annotations": {"mldefender.io/unfreeze": "now"}}})
     wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
     assert configs.get_active("sniffer").config["snaplen"] == 1024
+
+
+def test_restart_budget_exhausted_marks_degraded_and_stops(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    budget = {"maxRestarts": 1, "windowSeconds": 600, "backoffBaseSeconds": 0}
+    run.apply_sample("sniffer", **{**FAST, "restartBudget": budget})
+    wait_for("seeded", lambda: run.get("sniffer").get("status", {}).get("activeVersion") == 1)
+    run.deployment("sniffer", LABELS, replicas=1)
+    # The pod never heartbeats: restarted once after its grace, then the replacement never
+    # heartbeats either, and the budget (1) is spent.
+    first = wait_for("a pod", lambda: _pod_names(run))
+    wait_for("first pod restarted", lambda: first.isdisjoint(_pod_names(run)), timeout=60)
+    cond = wait_for(
+        "RestartBudgetExhausted",
+        lambda: (
+            (c := run.condition("sniffer", "Heartbeating"))
+            and c["reason"] == "RestartBudgetExhausted"
+            and c
+        ),
+        timeout=60,
+    )
+    assert cond["status"] == "False"
+    assert "RestartBudgetExhausted" in run.event_reasons("sniffer")
+    survivor = _pod_names(run)
+    time.sleep(8)  # well past another threshold + grace: nothing more is restarted
+    assert _pod_names(run) == survivor
+    assert run.get("sniffer")["status"]["restarts"] == 1
