@@ -88,6 +88,64 @@ test-integration: deps ## Integration tests against the real local control plane
 test-e2e: deps ## End-to-end tests: operator, agent, chart against the real local cluster.
 	$(PY) -m pytest tests/e2e -q
 
+.PHONY: test-reliability
+test-reliability: deps ## The whole reliability suite (chaos, bad input, rotation under load, hygiene), slow ones included.
+	$(PY) -m pytest tests/reliability -q
+
 .PHONY: test
-test: deps lint typecheck ## ruff, mypy, unit, integration and end-to-end tests.
+test: deps lint typecheck ## ruff, mypy, unit, integration, end-to-end and the reduced reliability tests.
 	$(PY) -m pytest tests -q -m "not slow"
+
+##@ Generated files
+
+.PHONY: crds
+crds: venv ## Regenerate crds/ from the operator's API models.
+	$(PY) -m defender_operator.crdgen
+
+.PHONY: manifests
+manifests: crds tools ## Regenerate crds/, the chart's CRD copies, values.schema.json and manifests/install.yaml.
+	hack/render-manifests.sh
+
+.PHONY: verify-manifests
+verify-manifests: tools ## Fail if any generated file is stale.
+	hack/render-manifests.sh --check
+
+##@ Benchmarks
+
+.PHONY: bench
+bench: deps ## Benchmarks vs baselines from the same run: JSON, table and plots under docs/bench/.
+	$(PY) bench/run.py
+
+.PHONY: bench-quick
+bench-quick: deps ## A few iterations of every benchmark (smoke run).
+	$(PY) bench/run.py --quick
+
+.PHONY: fuzz
+fuzz: venv ## Fuzz the envelope decoder with >= 1 M generated inputs (only typed errors allowed).
+	$(PY) bench/fuzz_envelope.py
+
+##@ Packaging (kind and image targets need Docker, which the dev machine does not have)
+
+.PHONY: helm-lint
+helm-lint: tools ## helm lint the chart.
+	helm lint charts/ml-defender
+
+.PHONY: image
+image: ## Build the operator/agent image with Docker.
+	hack/image.sh
+
+.PHONY: kind-up
+kind-up: ## Create a kind cluster from kind-config.yaml (1 control plane, 3 workers).
+	hack/kind.sh up
+
+.PHONY: kind-load
+kind-load: ## Build the image and load it into the kind cluster.
+	hack/kind.sh load
+
+.PHONY: helm-install
+helm-install: tools ## helm upgrade --install the chart into the kind cluster, then helm test.
+	hack/kind.sh helm-install
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster.
+	hack/kind.sh down
