@@ -245,10 +245,8 @@ class Heartbeater:
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.client.settings.etcd.timeout_seconds * 2 + 5)
-        try:
-            self.set_status(status)
-        except StoreError as exc:
-            log.warning("heartbeat %s: could not write %s: %s", self.key, status, exc)
+        with self._lock:
+            self._record = self._record.model_copy(update={"status": ComponentStatus(status)})
         lease = self._lease
         if lease is not None:
             try:
@@ -261,6 +259,20 @@ class Heartbeater:
                     exc,
                 )
         self._lease = None
+        # The component's status key speaks for every instance: one replica stopping must not
+        # mark a component STOPPED while its other replicas still heartbeat.
+        try:
+            others = [
+                sv.key
+                for sv in self.client.store.list_prefix(
+                    self.client.layout.instances_dir(self.component)
+                )
+                if sv.key != self.key
+            ]
+            if not others:
+                self.set_status(status)
+        except StoreError as exc:
+            log.warning("heartbeat %s: could not write %s: %s", self.key, status, exc)
 
     # --- the loop -------------------------------------------------------------------------------
 

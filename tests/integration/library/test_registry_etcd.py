@@ -121,6 +121,22 @@ def test_status_transitions_and_stop_revokes_lease(client: DefenderClient) -> No
     assert summary.type == "firewall" and summary.instances == ()
 
 
+def test_one_replica_stopping_leaves_the_component_running(client: DefenderClient) -> None:
+    reg = Registry(client)
+    config = {"node_id": "fw-01", "version": "1.0.0", "default_policy": "deny"}
+    first = reg.register("fw-pair", "fw-a", config, "firewall")
+    second = reg.register("fw-pair", "fw-b", config, "firewall")
+    for r in (first, second):
+        r.heartbeater.set_status(ComponentStatus.RUNNING)
+    first.heartbeater.stop()
+    status = reg.get_status("fw-pair")
+    assert status is not None and status.status is ComponentStatus.RUNNING
+    assert [h.instance for h in reg.list_instances("fw-pair")] == ["fw-b"]
+    second.heartbeater.stop()
+    status = reg.get_status("fw-pair")
+    assert status is not None and status.status is ComponentStatus.STOPPED
+
+
 def test_heartbeat_carries_mutable_fields(client: DefenderClient, keyring: Keyring) -> None:
     reg = Registry(client)
     r = reg.register("rag", "rag-0", {"node_id": "rag-01", "version": "1.0.0"}, "rag", pod="rag-0")
