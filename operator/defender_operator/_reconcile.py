@@ -165,7 +165,12 @@ async def _reconcile(
             body, type="Warning", reason="ConfigInvalid", message=f"spec.config refused: {exc}"
         )
         logger.warning("spec.config refused, ACTIVE untouched: %s", exc)
-        if spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER:
+        first_time = status.get("specConfigDigest") != raw_digest
+        # Only when this invalid spec is new: a resume must not roll back once more.
+        if (
+            first_time
+            and spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER
+        ):
             version = await asyncio.to_thread(rt.backend.rollback, component, None, modified_by=who)
             kopf.event(
                 body,

@@ -3,6 +3,7 @@ retention on delete. Everything against the real control plane and defender etcd
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -275,3 +276,30 @@ def test_custom_component_needs_and_uses_its_schema(operator_run: OperatorRun) -
     )
     assert "70000" in cond["message"]
     assert run.configs().get_active("honeypot").version == 1
+
+
+def test_invalid_config_reverts_to_master_once(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    doc = run.apply_sample(
+        "firewall", rollout={"onInvalidConfig": "RevertToMaster", "historyLimit": 5}
+    )
+    wait_for("version 1", lambda: run.get("firewall").get("status", {}).get("activeVersion") == 1)
+    configs = run.configs()
+    _set_config(run, "firewall", dict(doc["spec"]["config"], dry_run=True))
+    wait_for("version 2", lambda: configs.get_active("firewall").version == 2)
+    _set_config(run, "firewall", dict(doc["spec"]["config"], default_policy="maybe"))
+    wait_for("reverted as version 3", lambda: configs.get_active("firewall").version == 3)
+    assert configs.get_active("firewall").config["dry_run"] is False
+    wait_for("Event", lambda: "RevertedToMaster" in run.event_reasons("firewall"))
+    # A resume with the same invalid spec does not revert again.
+    before = _count(run, "firewall", "ConfigInvalid")
+    run.stop()
+    run.start()
+    wait_for("resume handled", lambda: _count(run, "firewall", "ConfigInvalid") > before)
+    time.sleep(2)
+    assert configs.get_active("firewall").version == 3
+
+
+def _count(run: OperatorRun, name: str, reason: str) -> int:
+    return sum(e.count or 1 for e in run.events(name) if e.reason == reason)
