@@ -29,7 +29,7 @@ from defender_config import (
     LoggingSink,
 )
 from defender_config._envelope import KeyringProvider
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, ProcessStartError
 
 # --- waiting ---------------------------------------------------------------------------------
 
@@ -87,11 +87,24 @@ def make_client(
     return client
 
 
+def restart_member(cluster: EtcdCluster, i: int) -> None:
+    """`cluster.restart_member(i)`, tried twice: the harness forks from this multi-threaded
+    (gRPC) process and the forked child has been seen to die with SIGSEGV before exec (exit
+    -11, reported to the harness owner). A second failure is raised."""
+    try:
+        cluster.restart_member(i)
+    except ProcessStartError as exc:
+        if "exited with code -11" not in str(exc):
+            raise
+        logging.getLogger(__name__).warning("member %d died before exec (SIGSEGV); retrying", i)
+        cluster.restart_member(i)
+
+
 def restore_members(cluster: EtcdCluster) -> None:
     """Restart every member a test killed or stopped, then wait for a leader."""
     for i, pid in enumerate(cluster.member_pids):
         if pid is None:
-            cluster.restart_member(i)
+            restart_member(cluster, i)
     cluster.wait_for_leader()
 
 

@@ -17,7 +17,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
-from reliability_support import etcd_settings, make_client, member_index, new_keyring, wait_for
+from reliability_support import (
+    etcd_settings,
+    make_client,
+    member_index,
+    new_keyring,
+    restart_member,
+    wait_for,
+)
 
 from defender_config import (
     Alert,
@@ -125,7 +132,7 @@ def test_kill_the_leader_under_continuous_writes_loses_no_acknowledged_write(
         cluster.kill_member(victim)
         before = len(writer.acked)
         wait_for(lambda: len(writer.acked) >= before + 100, what="100 writes with a member dead")
-        cluster.restart_member(victim)
+        restart_member(cluster, victim)
         after_restart = len(writer.acked)
         wait_for(lambda: len(writer.acked) >= after_restart + 30, what="writes after the restart")
     finally:
@@ -217,7 +224,7 @@ def test_no_quorum_fails_writes_clearly_serves_stale_reads_restarts_nothing_and_
         assert decision.reason in ("EtcdNoQuorum", "EtcdUnavailable"), decision
 
         for i in victims:
-            cluster.restart_member(i)
+            restart_member(cluster, i)
         cluster.wait_for_leader()
 
         # The same client recovers without being recreated.
@@ -286,7 +293,7 @@ def test_rolling_kills_under_writes_and_commits_lose_nothing(
             cluster.kill_member(i)
             wait_for(lambda b=before: len(writer.acked) >= b + 40, what="writes during the kill")
             wait_for(lambda c=commits_before: len(committed) >= c + 5, what="commits during kill")
-            cluster.restart_member(i)
+            restart_member(cluster, i)
     finally:
         stop.set()
         writer.stop()

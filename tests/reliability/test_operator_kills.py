@@ -15,6 +15,7 @@ etcd's own MVCC history is read back afterwards. Then:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -30,13 +31,13 @@ from kubernetes import client as k8s
 from prometheus_client import CollectorRegistry
 from reliability_support import HYGIENE, etcd_settings, wait_for
 
-from defender_config import EtcdStore, StoredValue, config_digest, validate_config
+from defender_config import EtcdStore, Keyring, StoredValue, config_digest, validate_config
 from defender_devcluster import EtcdCluster, LocalCluster
 from defender_devcluster._system import apply_crds
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
-from operator_e2e_support import OperatorRun, free_port  # noqa: E402
+from operator_e2e_support import SECRET, OperatorRun, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -93,6 +94,10 @@ def operator(
             run.patch(item["metadata"]["name"], {"metadata": {"finalizers": None}})
         events = run.core.list_namespaced_event(namespace)
         HYGIENE.add_text(f"events {namespace}", str([e.to_dict() for e in events.items]))
+        # The operator's own key is what its logs, Events, status and etcd values must not hold.
+        with contextlib.suppress(k8s.ApiException):
+            secret = core.read_namespaced_secret(SECRET, op_ns)
+            HYGIENE.register(Keyring.from_secret_data(dict(secret.data)))
         core.delete_namespace(op_ns)
 
 
@@ -189,7 +194,20 @@ def edits_with_kills(
             assert configs.get_master(name) == validate_config("firewall", BASE["spec"]["config"])
         finals = check_invariants(store, run.prefix, names)
         for name in names:
-            assert run.get(name)["status"]["activeVersion"] == finals[name]
+            # Status is written after etcd: give the operator time to publish the version.
+            try:
+                wait_for(
+                    lambda n=name: run.get(n)["status"]["activeVersion"] == finals[n],
+                    timeout=30,
+                    what=f"{name} status.activeVersion {finals[name]}",
+                )
+            except AssertionError as exc:
+                status = run.get(name)["status"]
+                shown = {k: status.get(k) for k in ("activeVersion", "activeDigest")}
+                raise AssertionError(
+                    f"{exc}: status {shown}, etcd final version {finals[name]} with digest "
+                    f"{expected[name]}; operator log:\n{run.log_tail(40)}"
+                ) from None
         assert [p.poll() for p in run.procs] == [None], run.log_tail()
         return kills, sum(finals.values()) - len(names)
     finally:
