@@ -36,6 +36,7 @@ def main() -> None:
         instance,
         interval_seconds=float(interval),
         allowed_misses=int(misses),
+        pod=instance,  # the operator maps heartbeats to pods by this field
     ).start()
     print("READY", flush=True)
     threading.Event().wait()
