@@ -7,8 +7,10 @@
 #                                     values.schema.json, write manifests/install.yaml
 #   hack/render-manifests.sh --check  change nothing; exit 1 and name the stale file if any
 #
-# The chart's files/crds/ is a copy because Helm cannot read files outside the chart; crds/ (the
-# operator's generator output) stays the source of truth.
+# The chart holds copies because Helm cannot read files outside the chart; crds/ (the operator's
+# generator output) stays the source of truth. The DefenderComponent CRD goes to files/crds/ (the
+# chart templates it, so upgrades reach it); kopf's peering CRDs go to the chart's crds/ folder,
+# which Helm installs before the KopfPeering objects that need them.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 chart="$root/charts/ml-defender"
@@ -44,15 +46,23 @@ render() {
     echo "    app.kubernetes.io/instance: $release"
     echo "    app.kubernetes.io/part-of: ml-defender"
     echo "    app.kubernetes.io/managed-by: kubectl"
-    "$helm" template "$release" "$1" --namespace "$namespace" --skip-tests \
+    "$helm" template "$release" "$1" --namespace "$namespace" --skip-tests --include-crds \
       --kube-version "${KUBERNETES_VERSION#v}"
   } | sed -e 's/[[:space:]]*$//'
+}
+
+chart_copy() {
+  case "$(basename "$1")" in
+    kopf-*.yaml) echo "crds/$(basename "$1")" ;;
+    *) echo "files/crds/$(basename "$1")" ;;
+  esac
 }
 
 stale=()
 if $check; then
   for f in "$root"/crds/*.yaml; do
-    cmp -s "$f" "$chart/files/crds/$(basename "$f")" || stale+=("charts/ml-defender/files/crds/$(basename "$f")")
+    copy="$(chart_copy "$f")"
+    cmp -s "$f" "$chart/$copy" || stale+=("charts/ml-defender/$copy")
   done
   "$python" "$root/hack/chart-schema.py" --check || stale+=("charts/ml-defender/values.schema.json or README.md")
   render "$chart" > "$tmp/install.yaml"
@@ -64,8 +74,11 @@ if $check; then
   exit 0
 fi
 
-rm -f "$chart"/files/crds/*.yaml
-cp "$root"/crds/*.yaml "$chart/files/crds/"
+rm -f "$chart"/files/crds/*.yaml "$chart"/crds/*.yaml
+mkdir -p "$chart/files/crds" "$chart/crds"
+for f in "$root"/crds/*.yaml; do
+  cp "$f" "$chart/$(chart_copy "$f")"
+done
 "$python" "$root/hack/chart-schema.py"
 render "$chart" > "$tmp/install.yaml"
 mkdir -p "$(dirname "$out")"

@@ -87,6 +87,7 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
             namespace,
             "--kube-version",
             kube_version(),
+            "--include-crds",
             *values,
         )
     )

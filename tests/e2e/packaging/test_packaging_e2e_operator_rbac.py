@@ -81,6 +81,30 @@ def _key_ids(core: Any, namespace: str) -> list[str]:
     return sorted(Keyring.from_secret_data(data).key_ids)
 
 
+def _delete_component(custom: Any, namespace: str, log: Path) -> None:
+    from kubernetes import client
+
+    found = custom.list_namespaced_custom_object(
+        "mldefender.io", "v1alpha1", namespace, "defendercomponents"
+    )["items"]
+    for item in found:
+        name = item["metadata"]["name"]
+        custom.delete_namespaced_custom_object(
+            "mldefender.io", "v1alpha1", namespace, "defendercomponents", name
+        )
+
+        def gone(name: str = name) -> bool:
+            try:
+                custom.get_namespaced_custom_object(
+                    "mldefender.io", "v1alpha1", namespace, "defendercomponents", name
+                )
+            except client.ApiException as exc:
+                return exc.status == 404
+            return False
+
+        _wait(f"DefenderComponent {namespace}/{name} to be deleted", gone, 60, log)
+
+
 @pytest.fixture
 def component_namespace(k8s_api: Any) -> Iterator[str]:
     from kubernetes import client
@@ -94,7 +118,9 @@ def component_namespace(k8s_api: Any) -> Iterator[str]:
         core.delete_namespace(name)
 
 
+@pytest.mark.parametrize("replicas", [1, 2], ids=["standalone", "peering"])
 def test_operator_runs_with_exactly_the_chart_rbac(
+    replicas: int,
     helm: Helm,
     namespace: str,
     component_namespace: str,
@@ -113,6 +139,8 @@ def test_operator_runs_with_exactly_the_chart_rbac(
         f"operator.watchNamespaces={{{component_namespace}}}",
         "--set",
         f"config.prefix={prefix}",
+        "--set",
+        f"operator.replicaCount={replicas}",
     ]
     helm("install", release, str(CHART), "--namespace", namespace, "--take-ownership", *values)
     rendered = [
@@ -265,6 +293,9 @@ def test_operator_runs_with_exactly_the_chart_rbac(
         )
         assert len(copy_keys) == 2
     finally:
+        # The operator's finalizer stays on the DefenderComponent once the operator is gone, and
+        # would keep the namespace terminating forever: delete it while the operator runs.
+        _delete_component(client.CustomObjectsApi(k8s_api), component_namespace, log)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
