@@ -201,6 +201,10 @@ async def tick(
             rt, body, name, spec, instances, decision, expected, mem, now, logger
         )
         stored_fields = state_fields(state)
+        handled = status.get("specConfigDigest")
+        if mem.config_state in (cond.ConfigState.SYNCED, cond.ConfigState.DIVERGED) and handled:
+            diverged = state.active_digest != handled
+            mem.config_state = cond.ConfigState.DIVERGED if diverged else cond.ConfigState.SYNCED
 
     copy_digest = await asyncio.to_thread(rt.secrets.copy_digest, namespace)
     source_digest = keyring_digest(rt.keyring.current())

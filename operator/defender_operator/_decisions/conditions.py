@@ -32,6 +32,9 @@ class ConfigState(StrEnum):
     INVALID = "Invalid"  # spec.config refused by validation, ACTIVE untouched
     FROZEN = "Frozen"  # breaker tripped: commits refused
     STORE_UNAVAILABLE = "StoreUnavailable"  # etcd could not be reached
+    # ACTIVE differs from spec.config on purpose (rollback, breaker revert, a commit by rag):
+    # in sync with what the operator intends, but worth saying.
+    DIVERGED = "Diverged"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ _CONFIG = {
     ConfigState.INVALID: (FALSE, "ConfigInvalid", "spec.config was refused"),
     ConfigState.FROZEN: (FALSE, "Frozen", "commits are frozen by the breaker"),
     ConfigState.STORE_UNAVAILABLE: (UNKNOWN, "StoreUnavailable", "defender etcd unreachable"),
+    ConfigState.DIVERGED: (
+        TRUE,
+        "ActiveDiffersFromSpec",
+        "ACTIVE differs from spec.config (rollback, breaker revert or a commit by rag);"
+        " edit spec.config to commit it again",
+    ),
 }
 
 

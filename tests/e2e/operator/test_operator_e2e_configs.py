@@ -185,6 +185,13 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     version = configs.get_active("firewall").version
     assert version is not None and version >= 3
     assert "RolledBack" in run.event_reasons("firewall")
+    wait_for(
+        "ConfigSynced says ACTIVE differs from spec",
+        lambda: (
+            (c := run.condition("firewall", "ConfigSynced"))
+            and (c["status"], c["reason"]) == ("True", "ActiveDiffersFromSpec")
+        ),
+    )
     # A rollback target that is neither `master` nor a number is refused and removed.
     kubectl(
         "annotate",

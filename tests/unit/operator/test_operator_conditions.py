@@ -82,3 +82,9 @@ def test_merge_keeps_foreign_conditions() -> None:
     foreign = {"type": "Custom", "status": "True", "reason": "X", "lastTransitionTime": "t"}
     out = c.merge([foreign], [c.Cond(c.READY, c.TRUE, "AllGood")], now=T0, generation=1)
     assert out[-1] == foreign
+
+
+def test_diverged_active_is_synced_but_says_so() -> None:
+    obs = c.Observation(config=c.ConfigState.DIVERGED)
+    synced = by_type(c.compute(obs))[c.CONFIG_SYNCED]
+    assert (synced.status, synced.reason) == (c.TRUE, "ActiveDiffersFromSpec")
