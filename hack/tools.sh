@@ -20,6 +20,10 @@ all_bins=("${k8s_bins[@]}" etcd etcdctl helm)
 if [[ "${1:-}" == "--bindir" ]]; then echo "$bindir"; exit 0; fi
 
 have_all() { for b in "$@"; do [[ -x "$bindir/$b" ]] || return 1; done; }
+# A stamp per tool group records what it was built from (version + flags), so changing either
+# rebuilds that group only; a directory given by DEFENDER_TOOLS_DIR is taken as it is.
+stamp_ok() { [[ -f "$bindir/.stamp-$1" && "$(cat "$bindir/.stamp-$1")" == "$2" ]]; }
+stamp() { printf '%s' "$2" > "$bindir/.stamp-$1"; }
 log() { printf '[tools %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 if [[ -n "${DEFENDER_TOOLS_DIR:-}" ]]; then
@@ -34,8 +38,13 @@ mkdir -p "$work"
 export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
 
 build_kubernetes() {
-  have_all "${k8s_bins[@]}" && { log "kubernetes $KUBERNETES_VERSION: cached"; return; }
-  local mod="$work/kubernetes" staging="v0${KUBERNETES_VERSION#v1}"
+  local mod="$work/kubernetes" staging="v0${KUBERNETES_VERSION#v1}" p
+  local ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
+    ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  if have_all "${k8s_bins[@]}" && stamp_ok kubernetes "$ld"; then log "kubernetes $KUBERNETES_VERSION: cached"; return; fi
   mkdir -p "$mod"
   log "kubernetes $KUBERNETES_VERSION: resolving k8s.io/kubernetes go.mod"
   local gomod
@@ -52,20 +61,17 @@ build_kubernetes() {
     grep -E '^\s*k8s\.io/[^ ]+ => \./staging/' "$gomod" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
   } > "$mod/go.mod"
   log "kubernetes: $(grep -c '^replace' "$mod/go.mod") staging replaces generated"
-  local ld="-s -w"
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
-    ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
-  done
   local pkgs=()
   for b in "${k8s_bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
   log "kubernetes: go build ${k8s_bins[*]} (a cold build takes 20-40 min on 2 cores)"
   (cd "$mod" && go build -tags selinux,notest -ldflags "$ld" -o "$bindir/" "${pkgs[@]}")
+  stamp kubernetes "$ld"
   log "kubernetes: built"
 }
 
 build_etcd() {
-  have_all etcd etcdctl && { log "etcd $ETCD_VERSION: cached"; return; }
+  local ld="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=release-$ETCD_VERSION"
+  if have_all etcd etcdctl && stamp_ok etcd "$ld"; then log "etcd $ETCD_VERSION: cached"; return; fi
   local mod="$work/etcd"
   mkdir -p "$mod"
   cat > "$mod/go.mod" <<MOD
@@ -78,18 +84,27 @@ require (
 	go.etcd.io/etcd/etcdctl/v3 $ETCD_VERSION
 )
 MOD
-  local ld="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=release-$ETCD_VERSION"
   log "etcd $ETCD_VERSION: go build etcd etcdctl"
   (cd "$mod" && go build -ldflags "$ld" -o "$bindir/etcd" go.etcd.io/etcd/server/v3 \
      && go build -ldflags "$ld" -o "$bindir/etcdctl" go.etcd.io/etcd/etcdctl/v3)
+  stamp etcd "$ld"
   log "etcd: built"
 }
 
 build_helm() {
-  have_all helm && { log "helm $HELM_VERSION: cached"; return; }
+  # Helm's default Capabilities.KubeVersion (used by `helm template` and `helm lint`) is a
+  # build-time value; upstream stamps it from client-go, else it says v1.20 and charts that
+  # require a newer kubeVersion fail to render.
+  local kminor ld p
+  kminor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)
+  ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$kminor"
+  done
+  if have_all helm && stamp_ok helm "$ld"; then log "helm $HELM_VERSION: cached"; return; fi
   log "helm $HELM_VERSION: go install"
-  GOBIN="$bindir" go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  GOBIN="$bindir" go install -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  stamp helm "$ld"
   log "helm: built"
 }
 
