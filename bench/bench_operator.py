@@ -60,6 +60,7 @@ class ReadyWatch:
         self.added: dict[str, float] = {}
         self.ready: dict[str, float] = {}
         self.seeded: dict[str, float] = {}
+        self.heartbeating: dict[str, float] = {}
         self._watch = k8s_watch.Watch()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -84,6 +85,8 @@ class ReadyWatch:
                     for c in obj.get("status", {}).get("conditions", []):
                         if c["type"] == "Ready" and c["status"] == "True":
                             self.ready.setdefault(name, now)
+                        if c["type"] == "Heartbeating" and c["status"] == "True":
+                            self.heartbeating.setdefault(name, now)
             except Exception:  # a dropped watch: resume (this is a benchmark probe)
                 time.sleep(0.2)
                 continue
@@ -207,7 +210,10 @@ def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[d
         )
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == "READY"
-            wait_for(f"{name} Ready", lambda nm=name: nm in watcher.ready, timeout=120)
+            # Heartbeating, not Ready: this instance holds no keyring, so KeyCurrent stays False.
+            wait_for(
+                f"{name} Heartbeating", lambda nm=name: nm in watcher.heartbeating, timeout=120
+            )
             time.sleep(2.0 + random.uniform(0, 1))
             killed = time.perf_counter()
             child.kill()
@@ -243,6 +249,8 @@ def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[d
 
 def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
     sizes = [1, 10] if quick else [1, 100]
+    if os.environ.get("BENCH_OPERATOR_SIZES") is not None:  # e.g. "" to skip the Ready runs
+        sizes = [int(x) for x in os.environ["BENCH_OPERATOR_SIZES"].split(",") if x]
     seed_only = [] if quick or not big else [1000]
     notes = [
         "The operator ran with DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS=1 (Ready needs a "
@@ -321,7 +329,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 notes.append("Some components never became Ready; operator log tail: " + tail)
         finally:
             cluster.stop()
-    worst = max(r["create_to_ready_seconds"]["p99"] for r in runs)
+    worst = max((r["create_to_ready_seconds"]["p99"] for r in runs), default=float("inf"))
     return {
         "description": __doc__,
         "unit": "seconds",
