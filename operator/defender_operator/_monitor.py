@@ -48,7 +48,7 @@ def _rfc3339(when: datetime) -> str:
     return cond.rfc3339(when)
 
 
-def _heartbeat_condition(
+def heartbeat_condition(
     decision: RestartDecision, alive: int, expected: int, degraded: bool
 ) -> cond.Cond:
     if decision.reason in ("EtcdUnavailable", "EtcdNoQuorum", "EtcdRecovering"):
@@ -72,8 +72,15 @@ def _heartbeat_condition(
     return cond.Cond(cond.HEARTBEATING, cond.TRUE, "Heartbeating", f"{alive}/{expected} alive")
 
 
-def _key_condition(
-    rt: Runtime, instances: Sequence[InstanceRecord], copy_digest: str | None, source_digest: str
+def _seals_with(instance: InstanceRecord, primary: str) -> bool:
+    # Older heartbeats without key_fingerprint can only say which keys they hold.
+    if instance.key_fingerprint:
+        return instance.key_fingerprint == primary
+    return instance.holds(primary)
+
+
+def key_condition(
+    primary: str, instances: Sequence[InstanceRecord], copy_digest: str | None, source_digest: str
 ) -> cond.Cond:
     if copy_digest != source_digest:
         return cond.Cond(
@@ -82,14 +89,14 @@ def _key_condition(
             "CopyOutOfSync",
             "the namespace's keyring Secret differs from the source; the operator is updating it",
         )
-    primary = rt.keyring.current().primary_fingerprint
-    behind = sorted(i.instance for i in instances if not i.holds(primary))
+    behind = sorted(i.instance for i in instances if not _seals_with(i, primary))
     if behind:
         return cond.Cond(
             cond.KEY_CURRENT,
             cond.FALSE,
             "InstancesBehind",
-            f"{len(behind)} instance(s) do not hold primary key {primary}: {', '.join(behind)}",
+            f"{len(behind)} instance(s) do not seal with primary key {primary}:"
+            f" {', '.join(behind)}",
         )
     return cond.Cond(cond.KEY_CURRENT, cond.TRUE, "KeyCurrent", f"primary key {primary}")
 
@@ -181,7 +188,7 @@ async def tick(
     threshold = policy.threshold
     live = [i for i in instances if now - i.time <= threshold]
     alive = len({i.pod or i.instance for i in live})
-    mem.heartbeat = _heartbeat_condition(decision, alive, expected, mem.degraded_reported)
+    mem.heartbeat = heartbeat_condition(decision, alive, expected, mem.degraded_reported)
 
     stored_fields: dict[str, Any] = {}
     if etcd_ok:
@@ -210,7 +217,8 @@ async def tick(
     source_digest = keyring_digest(rt.keyring.current())
     if namespace == rt.secrets.namespace:
         copy_digest = source_digest
-    mem.key = _key_condition(rt, live, copy_digest, source_digest)
+    primary = rt.keyring.current().primary_fingerprint
+    mem.key = key_condition(primary, live, copy_digest, source_digest)
 
     newest = max((i.time for i in instances), default=None)
     fields: dict[str, Any] = {
