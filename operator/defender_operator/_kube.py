@@ -92,12 +92,23 @@ class Kube:
             raise KubeError(f"cannot read {namespace}/{name} ({exc.status} {exc.reason})") from exc
         return dict(obj)
 
-    def component_namespaces(self) -> set[str]:
+    def component_namespaces(self, watched: list[str] | None = None) -> set[str]:
+        """Namespaces holding DefenderComponents. With `watched` the operator only looks there:
+        its RBAC may not allow a cluster-wide list, and components elsewhere are not its own."""
         try:
-            found: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            if not watched:
+                found: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+                return {item["metadata"]["namespace"] for item in found.get("items", [])}
+            holding: set[str] = set()
+            for ns in watched:
+                page: Any = self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, ns, PLURAL, limit=1
+                )
+                if page.get("items"):
+                    holding.add(ns)
+            return holding
         except ApiException as exc:
             raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
-        return {item["metadata"]["namespace"] for item in found.get("items", [])}
 
     def remove_annotation(self, namespace: str, name: str, key: str) -> None:
         body = {"metadata": {"annotations": {key: None}}}

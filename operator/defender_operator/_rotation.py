@@ -23,6 +23,7 @@ from defender_operator._decisions.rotation import (
     next_rotation_step,
     schedule_due,
 )
+from defender_operator._errors import KubeError, OperatorError
 from defender_operator._keys import StoredKeyring
 from defender_operator._metrics import ROTATION_STAGE
 from defender_operator._runtime import Runtime, utcnow
@@ -38,9 +39,21 @@ def _drop_retired(keyring: Keyring) -> Keyring:
 
 
 async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
-    namespaces = await asyncio.to_thread(rt.kube.component_namespaces)
+    """Copy the keyring to every namespace with components. One namespace failing (RBAC, a
+    foreign Secret in the way) must not starve the others: try all, then report the failures."""
+    namespaces = await asyncio.to_thread(rt.kube.component_namespaces, rt.settings.watch_namespaces)
+    failed: list[str] = []
     for ns in sorted(namespaces):
-        await asyncio.to_thread(rt.secrets.fan_out, keyring, ns)
+        try:
+            await asyncio.to_thread(rt.secrets.fan_out, keyring, ns)
+        except OperatorError as exc:
+            log.warning("keyring copy to namespace %s failed: %s", ns, exc)
+            failed.append(ns)
+    if failed:
+        raise KubeError(
+            f"could not copy the keyring Secret to namespace(s) {', '.join(failed)}; the other"
+            " copies are current (see the warnings above)"
+        )
 
 
 async def step(rt: Runtime) -> RotationStep:
