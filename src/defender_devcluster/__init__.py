@@ -15,6 +15,7 @@ from ._errors import (
 from ._etcd import EtcdCluster, etcd_member_healthy, etcd_status
 from ._kube import ControlPlane
 from ._tools import tool, tools_bin
+from ._wait import wait_for
 
 __all__ = [
     "ClusterState",
@@ -32,4 +33,5 @@ __all__ = [
     "stop_run_dir",
     "tool",
     "tools_bin",
+    "wait_for",
 ]
