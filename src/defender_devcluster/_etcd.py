@@ -15,6 +15,7 @@ from ._errors import PortInUseError, ProcessStartError
 from ._http import get_json, post_json
 from ._procs import ManagedProcess, free_ports, reap_stale
 from ._tools import tool
+from ._wait import poll
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,9 @@ class EtcdCluster:
 
     def wait_for_leader(self, timeout: float = 30.0) -> str:
         """Block until a running member reports itself leader (after a kill, an election runs)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            leader = self.leader_endpoint()
-            if leader is not None:
-                return leader
-            time.sleep(0.2)
+        leader, _ = poll(self.leader_endpoint, timeout, 0.2)
+        if leader is not None:
+            return leader
         raise ProcessStartError(
             f"etcd cluster {self.name}", self.dir, f"no leader elected within {timeout:.0f}s"
         )
@@ -244,7 +242,8 @@ class EtcdCluster:
 
     def _wait_ready(self, indices: range | list[int], deadline: float) -> None:
         pending = set(indices)
-        while True:
+
+        def ready() -> bool:
             for i in sorted(pending):
                 proc = self._procs[i]
                 if not proc.running():
@@ -258,18 +257,18 @@ class EtcdCluster:
                     )
                 if etcd_member_healthy(self.endpoints[i]):
                     pending.discard(i)
-            if not pending and self.leader_endpoint() is not None:
-                return
-            if time.monotonic() > deadline:
-                i = min(pending) if pending else 0
-                raise ProcessStartError(
-                    self.member_name(i),
-                    self.log_path(i),
-                    f"no healthy member with a leader after {self.start_timeout:.0f}s "
-                    f"(waiting for {sorted(self.member_name(j) for j in pending) or 'a leader'})",
-                    self._procs[i].tail(),
-                )
-            time.sleep(0.2)
+            return not pending and self.leader_endpoint() is not None
+
+        done, _ = poll(ready, deadline - time.monotonic(), 0.2)
+        if done is None:
+            i = min(pending) if pending else 0
+            raise ProcessStartError(
+                self.member_name(i),
+                self.log_path(i),
+                f"no healthy member with a leader after {self.start_timeout:.0f}s "
+                f"(waiting for {sorted(self.member_name(j) for j in pending) or 'a leader'})",
+                self._procs[i].tail(),
+            )
 
     def _stop_all(self, timeout: float = 10.0) -> None:
         errors: list[BaseException] = []

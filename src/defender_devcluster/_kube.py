@@ -22,6 +22,7 @@ from ._http import get_text
 from ._pki import Pki, make_pki
 from ._procs import ManagedProcess, free_ports, reap_stale
 from ._tools import tool
+from ._wait import poll
 
 log = logging.getLogger(__name__)
 
@@ -220,19 +221,23 @@ class ControlPlane:
     def _wait(
         self, proc: ManagedProcess, probe: Callable[[], bool], deadline: float, what: str
     ) -> None:
-        while not probe():
+        def ready() -> bool:
+            if probe():
+                return True
             if not proc.running():
                 tail = proc.tail(30)
                 cls = PortInUseError if "address already in use" in tail else ProcessStartError
                 raise cls(proc.name, proc.log_path, f"exited with code {proc.exit_code()}", tail)
-            if time.monotonic() > deadline:
-                raise ProcessStartError(
-                    proc.name,
-                    proc.log_path,
-                    f"{what} not ready after {self.start_timeout:.0f}s",
-                    proc.tail(30),
-                )
-            time.sleep(0.5)
+            return False
+
+        done, _ = poll(ready, deadline - time.monotonic(), 0.5)
+        if done is None:
+            raise ProcessStartError(
+                proc.name,
+                proc.log_path,
+                f"{what} not ready after {self.start_timeout:.0f}s",
+                proc.tail(30),
+            )
 
     def _start_with_retry(
         self, make: Callable[[], ManagedProcess], probe: Callable[[], bool], deadline: float

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import StaleProcessError
+from ._wait import poll
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +99,13 @@ _spawner = concurrent.futures.ThreadPoolExecutor(
 def _wait_gone(
     pid: int, marker: str, timeout: float, popen: subprocess.Popen[bytes] | None
 ) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         if popen is not None:
-            if popen.poll() is not None:
-                return True
-        elif not pid_matches(pid, marker):
-            return True
-        time.sleep(0.05)
-    return False
+            return popen.poll() is not None
+        return not pid_matches(pid, marker)
+
+    done, _ = poll(gone, timeout, 0.05)
+    return done is not None
 
 
 def stop_pid(

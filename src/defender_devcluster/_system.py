@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ._cluster import ClusterState, ProcessRecord
@@ -16,6 +15,7 @@ from ._errors import DevClusterError, ProcessStartError
 from ._http import http_ok
 from ._procs import ManagedProcess, free_ports, stop_pid
 from ._tools import REPO_ROOT, tool
+from ._wait import poll
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,12 @@ def wait_established(kubeconfig: Path, crds_dir: Path, timeout: float = 60.0) ->
     Not `kubectl wait`: on a CRD created a moment ago it fails outright because
     `.status.conditions` is still null.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    pending: list[str] = []
+
+    def established() -> bool:
         doc = json.loads(kubectl(kubeconfig, "get", "-f", str(crds_dir), "-o", "json"))
         items = doc.get("items", [doc]) if doc.get("kind") == "List" else [doc]
-        pending = [
+        pending[:] = [
             item["metadata"]["name"]
             for item in items
             if not any(
@@ -74,11 +75,11 @@ def wait_established(kubeconfig: Path, crds_dir: Path, timeout: float = 60.0) ->
                 for c in (item.get("status") or {}).get("conditions") or []
             )
         ]
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise KubectlError(f"CRDs not Established after {timeout:.0f}s: {', '.join(pending)}")
-        time.sleep(0.5)
+        return not pending
+
+    done, _ = poll(established, timeout, 0.5)
+    if done is None:
+        raise KubectlError(f"CRDs not Established after {timeout:.0f}s: {', '.join(pending)}")
 
 
 def apply_samples(kubeconfig: Path, samples_dir: Path) -> list[Path]:
@@ -143,22 +144,26 @@ def start_operator(
         env=operator_env(state, metrics_port),
     )
     proc.start()
-    deadline = time.monotonic() + ready_timeout
-    while not http_ok(liveness):
+
+    def live() -> bool:
+        if http_ok(liveness):
+            return True
         if not proc.running():
             raise ProcessStartError(
                 "operator", proc.log_path, f"exited with code {proc.exit_code()}", proc.tail(30)
             )
-        if time.monotonic() > deadline:
-            tail = proc.tail(30)
-            proc.stop()
-            raise ProcessStartError(
-                "operator",
-                proc.log_path,
-                f"{liveness} did not answer 200 within {ready_timeout:.0f}s",
-                tail,
-            )
-        time.sleep(0.3)
+        return False
+
+    done, _ = poll(live, ready_timeout, 0.3)
+    if done is None:
+        tail = proc.tail(30)
+        proc.stop()
+        raise ProcessStartError(
+            "operator",
+            proc.log_path,
+            f"{liveness} did not answer 200 within {ready_timeout:.0f}s",
+            tail,
+        )
     assert proc.pid is not None
     return ProcessRecord(
         name="operator",

@@ -29,6 +29,7 @@ from kubernetes import config as k8s_config
 from ._cluster import LocalCluster
 from ._errors import ToolNotFoundError
 from ._etcd import EtcdCluster
+from ._wait import wait_for
 
 # Start-up times measured this session, shown in the terminal summary (CI logs keep them).
 _TIMINGS = pytest.StashKey[dict[str, float]]()
@@ -168,15 +169,16 @@ def namespace(request: pytest.FixtureRequest, k8s_api: k8s_client.ApiClient) -> 
     core.create_namespace(k8s_client.V1Namespace(metadata=k8s_client.V1ObjectMeta(name=name)))
     try:
         # Admission refuses pods until the serviceaccount controller has made `default`.
-        deadline = time.monotonic() + 60
-        while True:
+        def default_account() -> bool:
             try:
                 core.read_namespaced_service_account("default", name)
-                break
             except k8s_client.ApiException as exc:
-                if exc.status != 404 or time.monotonic() > deadline:
+                if exc.status != 404:
                     raise
-                time.sleep(0.2)
+                return False
+            return True
+
+        wait_for(f"ServiceAccount {name}/default", default_account, timeout=60, every=0.2)
         yield name
     finally:
         # Not waiting for the namespace controller to finish: later tests use new names.
