@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,19 +25,11 @@ from defender_config import (
     UnknownKeyError,
     inspect,
 )
+from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.etcd
 
 SNIFFER: dict[str, Any] = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 @pytest.fixture
@@ -197,7 +187,7 @@ def test_watch_active_delivers_decoded_changes(configs: ConfigStore) -> None:
     configs.commit("sniffer", snaplen(100), by="ops")
     configs.commit("sniffer", snaplen(200), by="ops")
     configs.rollback("sniffer", "master", by="ops")
-    wait_for(lambda: len(seen) == 4, what="initial + 3 changes")
+    wait_for("initial + 3 changes", lambda: len(seen) == 4, timeout=15)
     handle.cancel()
     assert [(a.version, a.config["snaplen"]) for a in seen] == [
         (1, 256),
@@ -226,7 +216,7 @@ def test_wrong_key_is_typed_error_and_alert_record(
         # A watch with the wrong key hands the error over and keeps running.
         handle = other.watch_active("sniffer", lambda a: None, on_error=errors.append)
         configs.commit("sniffer", snaplen(100), by="ops")
-        wait_for(lambda: len(errors) == 2, what="initial + 1 decode error")
+        wait_for("initial + 1 decode error", lambda: len(errors) == 2, timeout=15)
         handle.cancel()
         assert all(isinstance(e, UnknownKeyError) for e in errors)
         records = stored_alerts(wrong, "sniffer")
@@ -305,10 +295,10 @@ def test_watch_active_survives_undecodable_values_and_failing_handlers(
 
     handle = configs.watch_active("sniffer", seen.append, on_error=on_error)
     client.put_sealed(client.layout.active_config("sniffer"), b"not json at all")
-    wait_for(lambda: len(errors) == 1, what="the decode error")
+    wait_for("the decode error", lambda: len(errors) == 1, timeout=15)
     assert isinstance(errors[0], ConfigValidationError)
     assert [a.kind for a in alerts] == ["ConfigInvalid"]
     configs.commit("sniffer", snaplen(100), by="ops")
-    wait_for(lambda: len(seen) == 2, what="the next good value")
+    wait_for("the next good value", lambda: len(seen) == 2, timeout=15)
     handle.cancel()
     assert seen[-1].config["snaplen"] == 100

@@ -29,20 +29,11 @@ from defender_config import (
     StoreUnavailableError,
     UnexpectedEnvelopeError,
 )
-from defender_devcluster import EtcdCluster, tool
+from defender_devcluster import EtcdCluster, tool, wait_for
 
 pytestmark = pytest.mark.etcd
 
 SNIFFER: dict[str, Any] = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 def test_full_outage_and_recovery(
@@ -92,21 +83,21 @@ def test_full_outage_and_recovery(
             configs.commit("sniffer", {**SNIFFER, "snaplen": 100}, by="ops")
         client.alerter.event("Probe", "sniffer", "during the outage")
         assert client.alerter.failed == 1 and [a.kind for a in alerts] == ["Probe"]
-        wait_for(lambda: reg.heartbeater.failures >= 2, what="failed heartbeats")
+        wait_for("failed heartbeats", lambda: reg.heartbeater.failures >= 2)
         other.heartbeater.stop()  # cannot reach etcd: logs, does not raise; the lease expires
-        wait_for(lambda: len(outages) >= 1, what="the watch reporting the outage")
+        wait_for("the watch reporting the outage", lambda: len(outages) >= 1)
         assert all(isinstance(e, StoreUnavailableError) for e in outages)
         time.sleep(2.5)  # longer than the heartbeat TTL (2 s): the lease expires meanwhile
 
         restart_members()
         # The client's channels come back on their own (reconnect backoff <= 1 s).
-        wait_for(client.store.has_quorum, timeout=20, what="the client reaching etcd again")
+        wait_for("the client reaching etcd again", client.store.has_quorum, timeout=20)
         assert configs.commit("sniffer", {**SNIFFER, "snaplen": 100}, by="ops") == 2
-        wait_for(lambda: len(seen) == 2, what="the watch delivering after recovery")
+        wait_for("the watch delivering after recovery", lambda: len(seen) == 2)
         assert seen[-1].version == 2 and seen[-1].config["snaplen"] == 100
         wait_for(
+            "the heartbeat back",
             lambda: [h.instance for h in registry.list_instances("sniffer")] == ["s-0"],
-            what="the heartbeat back",
         )
         [hb] = registry.list_instances("sniffer")
         assert hb.status is ComponentStatus.RUNNING

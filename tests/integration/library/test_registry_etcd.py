@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from defender_config import (
     Registration,
     Registry,
 )
+from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -35,15 +34,6 @@ DETECTOR: dict[str, Any] = {
     "version": "1.0.0",
     "capabilities": ["ddos", "ransomware"],
 }
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 def test_concurrent_registrations_leave_exactly_one_master(
@@ -107,7 +97,9 @@ def test_status_transitions_and_stop_revokes_lease(client: DefenderClient) -> No
     assert [h.status for h in reg.list_instances("firewall")] == [ComponentStatus.STARTING]
     r.heartbeater.set_status(ComponentStatus.RUNNING)
     wait_for(
-        lambda: [h.status for h in reg.list_instances("firewall")] == [ComponentStatus.RUNNING]
+        "the firewall heartbeat to say RUNNING",
+        lambda: [h.status for h in reg.list_instances("firewall")] == [ComponentStatus.RUNNING],
+        timeout=20,
     )
     lease = r.heartbeater.lease
     assert lease is not None
@@ -152,7 +144,11 @@ def test_heartbeat_carries_mutable_fields(client: DefenderClient, keyring: Keyri
         r.heartbeater.update(
             config_version=7, last_error=CodecMismatchError("zstd", "none", path="/x")
         )
-        wait_for(lambda: reg.list_instances("rag")[0].config_version == 7)
+        wait_for(
+            "config_version 7 in the rag heartbeat",
+            lambda: reg.list_instances("rag")[0].config_version == 7,
+            timeout=20,
+        )
         [hb] = reg.list_instances("rag")
         assert hb.last_error is not None and hb.last_error.reason == "CodecMismatch"
     finally:
@@ -173,8 +169,10 @@ def test_heartbeater_regrants_an_expired_lease(client: DefenderClient) -> None:
         first = r.heartbeater.lease
         assert first is not None
         client.store.revoke_lease(first)  # what a long etcd outage does to the lease
-        wait_for(lambda: r.heartbeater.regrants == 1, what="a new lease")
-        wait_for(lambda: len(reg.list_instances("sniffer")) == 1, what="the key written again")
+        wait_for("a new lease", lambda: r.heartbeater.regrants == 1, timeout=20)
+        wait_for(
+            "the key written again", lambda: len(reg.list_instances("sniffer")) == 1, timeout=20
+        )
         stored = client.store.get(client.layout.instance("sniffer", "s-0"))
         assert stored is not None and stored.lease_id not in (0, first.id)
     finally:
@@ -217,11 +215,11 @@ def test_killed_instance_disappears_by_lease_expiry(
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "registered"
-        wait_for(lambda: any(e.kind == "put" for e in events), what="the heartbeat put")
+        wait_for("the heartbeat put", lambda: any(e.kind == "put" for e in events), timeout=20)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
         # Nothing deletes the key but etcd's lease expiry (TTL 2 s): no revoke, no poller.
-        wait_for(lambda: any(e.kind == "delete" for e in events), what="the lease expiry")
+        wait_for("the lease expiry", lambda: any(e.kind == "delete" for e in events), timeout=20)
     finally:
         if child.poll() is None:
             child.kill()
@@ -243,4 +241,4 @@ def test_heartbeats_end_when_the_store_is_closed(
     thread = r.heartbeater._thread
     assert thread is not None and thread.is_alive()
     c.close()
-    wait_for(lambda: not thread.is_alive(), what="the heartbeat thread to end")
+    wait_for("the heartbeat thread to end", lambda: not thread.is_alive(), timeout=20)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -21,18 +20,9 @@ from defender_config import (
     PutOp,
     WatchEvent,
 )
-from defender_devcluster import EtcdCluster, tool
+from defender_devcluster import EtcdCluster, tool, wait_for
 
 pytestmark = pytest.mark.etcd
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 def test_put_get_list_delete(store: EtcdStore, etcd_prefix: str) -> None:
@@ -141,7 +131,7 @@ def test_lease_expiry_is_a_delete_event(store: EtcdStore, etcd_prefix: str) -> N
     handle = store.watch_prefix(etcd_prefix, events.append)
     lease = store.grant_lease(2)
     store.put(etcd_prefix + "ephemeral", b"x", lease=lease)
-    wait_for(lambda: any(e.kind == "delete" for e in events), timeout=20, what="lease expiry")
+    wait_for("lease expiry", lambda: any(e.kind == "delete" for e in events), timeout=20)
     handle.cancel()
     assert [e.kind for e in events] == ["put", "delete"]
     assert store.get(etcd_prefix + "ephemeral") is None
@@ -154,7 +144,7 @@ def test_watch_delivers_in_order_with_prev_value(store: EtcdStore, etcd_prefix: 
     store.put(etcd_prefix + "k", b"2")
     store.delete(etcd_prefix + "k")
     store.put(etcd_prefix.rstrip("/") + "-sibling", b"not under the prefix")
-    wait_for(lambda: len(events) >= 3)
+    wait_for("put, put, delete events", lambda: len(events) >= 3, timeout=15)
     handle.cancel()
     assert [(e.kind, e.value, e.prev_value) for e in events] == [
         ("put", b"1", None),
@@ -175,7 +165,7 @@ def test_watch_callback_errors_do_not_stop_the_watch(store: EtcdStore, etcd_pref
     handle = store.watch_prefix(etcd_prefix, callback)
     store.put(etcd_prefix + "k", b"boom")
     store.put(etcd_prefix + "k", b"after")
-    wait_for(lambda: len(seen) == 2)
+    wait_for("both values at the callback", lambda: len(seen) == 2, timeout=15)
     handle.cancel()
     assert seen == [b"boom", b"after"]
 
@@ -193,9 +183,9 @@ def test_watch_from_compacted_revision_resyncs(
     )
     events: list[WatchEvent] = []
     handle = store.watch_prefix(etcd_prefix, events.append, start_revision=old)
-    wait_for(lambda: len(events) >= 2, what="resync events")
+    wait_for("resync events", lambda: len(events) >= 2, timeout=15)
     store.put(etcd_prefix + "c", b"4")
-    wait_for(lambda: len(events) >= 3, what="event after resync")
+    wait_for("event after resync", lambda: len(events) >= 3, timeout=15)
     handle.cancel()
     assert [(e.key[-1], e.value, e.resync) for e in events] == [
         ("a", b"2", True),

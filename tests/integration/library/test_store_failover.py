@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from defender_config import EtcdSettings, EtcdStore, StoreUnavailableError, WatchEvent
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 def member_in_use(store: EtcdStore, cluster: EtcdCluster) -> int:
@@ -52,7 +42,7 @@ def test_get_put_and_watch_survive_a_killed_member(
             assert got is not None and got.value == str(i).encode() and not got.stale
         assert member_in_use(store, cluster) != victim
 
-        wait_for(lambda: len(events) == 41, what="41 watch events after the kill")
+        wait_for("41 watch events after the kill", lambda: len(events) == 41)
         keys = [e.key.removeprefix(etcd_prefix) for e in events]
         assert keys[0] == "before"
         assert sorted(keys[1:]) == sorted(
@@ -98,10 +88,10 @@ def test_many_threads_keep_working_through_a_kill(
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: min(counts) >= 5, what="workers running")
+        wait_for("workers running", lambda: min(counts) >= 5)
         cluster.kill_member(member_in_use(store, cluster))
         before = sum(counts)
-        wait_for(lambda: sum(counts) >= before + 80, what="progress after the kill")
+        wait_for("progress after the kill", lambda: sum(counts) >= before + 80)
     finally:
         done.set()
         for t in threads:

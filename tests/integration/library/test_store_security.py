@@ -7,7 +7,6 @@ stopped afterwards): one serving TLS with client-certificate auth, one with auth
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from defender_config import (
     StoreUnavailableError,
     WatchEvent,
 )
-from defender_devcluster import EtcdCluster, etcd_member_healthy, tool
+from defender_devcluster import EtcdCluster, etcd_member_healthy, tool, wait_for
 from defender_devcluster._errors import ToolNotFoundError
 from defender_devcluster._pki import Pki, make_pki
 from defender_devcluster._procs import ManagedProcess, free_ports
@@ -35,15 +34,6 @@ pytestmark = pytest.mark.etcd
 class TlsEtcd:
     endpoint: str
     pki: Pki
-
-
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +81,7 @@ def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEtcd]:
             except Exception:
                 return False
 
-        _wait(up, 60, "the TLS etcd")
+        wait_for("the TLS etcd", up, timeout=60)
         yield TlsEtcd(endpoint, pki)
     finally:
         proc.stop()
@@ -202,7 +192,7 @@ def test_user_password_auth_and_token_renewal(auth_etcd: str, etcd_prefix: str) 
         # An expired/invalid token (simple tokens live 5 minutes) is renewed once, transparently.
         s._client.metadata = (("token", "expired.token"),)
         s.put(etcd_prefix + "k", b"after renewal")
-        _wait(lambda: len(events) == 2, 10, "watch events under auth")
+        wait_for("watch events under auth", lambda: len(events) == 2, timeout=10)
         handle.cancel()
         calls = s.metrics.registry.get_sample_value(
             "defender_etcd_calls_total", {"op": "authenticate"}
@@ -257,7 +247,7 @@ def test_login_is_deferred_while_etcd_is_down(tmp_path: Path, etcd_prefix: str) 
         with pytest.raises(StoreUnavailableError):
             store.put(etcd_prefix + "k", b"x")
         proc.start()
-        _wait(lambda: etcd_member_healthy(endpoint), 60, "the late etcd")
+        wait_for("the late etcd", lambda: etcd_member_healthy(endpoint), timeout=60)
         _etcdctl(endpoint, "user", "add", "root:rootpw", "--interactive=false")
         _etcdctl(endpoint, "auth", "enable")
         store.put(etcd_prefix + "k", b"logged in late")
