@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from defender_devcluster import wait_for
 
 # A child that counts SIGHUPs into a file, so a test can see the signal arrived.
 _HUP_COUNTER = """
@@ -29,14 +30,6 @@ while True:
 """
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def spawn_named(tmp_path: Path) -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], Path]]]:
     """Start a Python child whose argv[0] is a given name and that counts SIGHUPs."""
@@ -46,7 +39,11 @@ def spawn_named(tmp_path: Path) -> Iterator[Callable[[str], tuple[subprocess.Pop
         marker = tmp_path / f"hup-{uuid.uuid4().hex[:8]}"
         child = subprocess.Popen([name, "-c", _HUP_COUNTER, str(marker)], executable=sys.executable)
         children.append(child)
-        wait_for(lambda: marker.exists() and marker.read_text() == "ready")
+        wait_for(
+            "the child to install its SIGHUP handler",
+            lambda: marker.exists() and marker.read_text() == "ready",
+            timeout=10,
+        )
         return child, marker
 
     yield start
@@ -54,11 +51,6 @@ def spawn_named(tmp_path: Path) -> Iterator[Callable[[str], tuple[subprocess.Pop
         if child.poll() is None:
             child.kill()
         child.wait(timeout=10)
-
-
-@pytest.fixture(name="wait_for")
-def wait_for_fixture() -> Callable[..., None]:
-    return wait_for
 
 
 @pytest.fixture

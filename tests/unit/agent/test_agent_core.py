@@ -12,6 +12,7 @@ import pytest
 from defender_agent import NoReload, SignalReloader
 from defender_agent._core import ConfigApplier, render_config
 from defender_config import AuthenticationFailedError, UnknownKeyError
+from defender_devcluster import wait_for
 
 Spawn = Callable[[str], tuple[subprocess.Popen[bytes], Path]]
 
@@ -143,21 +144,21 @@ def test_write_failure_is_reported(tmp_path: Path) -> None:
 
 
 def test_reload_only_when_bytes_change(
-    tmp_path: Path, spawn_named: Spawn, unique_name: str, wait_for: Any
+    tmp_path: Path, spawn_named: Spawn, unique_name: str
 ) -> None:
     _, marker = spawn_named(unique_name)
     sink = RecordingSink()
     a = applier(tmp_path, sink, reloader=SignalReloader(signal.SIGHUP, process_name=unique_name))
     a.apply({"v": 1}, version=1)
-    wait_for(lambda: marker.read_text() == "1")
+    wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     a.apply({"v": 1}, version=1)  # same bytes: no second signal
     a.apply({"v": 2}, version=2)
-    wait_for(lambda: marker.read_text() == "2")
+    wait_for("the second SIGHUP", lambda: marker.read_text() == "2", timeout=10)
     assert a.last_error is None
 
 
 def test_reload_failure_is_retried_until_the_process_appears(
-    tmp_path: Path, spawn_named: Spawn, unique_name: str, wait_for: Any
+    tmp_path: Path, spawn_named: Spawn, unique_name: str
 ) -> None:
     sink = RecordingSink()
     a = applier(tmp_path, sink, reloader=SignalReloader(signal.SIGHUP, process_name=unique_name))
@@ -169,7 +170,7 @@ def test_reload_failure_is_retried_until_the_process_appears(
     assert [kind for kind, _ in sink.alerts] == ["ProcessNotFound"]  # not re-alerted
     _, marker = spawn_named(unique_name)
     assert a.retry_reload()
-    wait_for(lambda: marker.read_text() == "1")
+    wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     assert sink.heartbeat["last_error"] is None
 
 
@@ -206,7 +207,7 @@ def test_type_from_metadata_when_not_set(tmp_path: Path) -> None:
 
 
 def test_missing_process_within_grace_is_not_an_error(
-    tmp_path: Path, spawn_named: Spawn, unique_name: str, wait_for: Any
+    tmp_path: Path, spawn_named: Spawn, unique_name: str
 ) -> None:
     sink = RecordingSink()
     a = applier(
@@ -218,11 +219,15 @@ def test_missing_process_within_grace_is_not_an_error(
     assert a.apply({"v": 1}, version=1)
     assert a.reload_pending
     assert a.last_error is None and sink.alerts == []
-    wait_for(lambda: not a.retry_reload() and a.last_error is not None, timeout=5)
+    wait_for(
+        "the retry to give up past the grace period",
+        lambda: not a.retry_reload() and a.last_error is not None,
+        timeout=5,
+    )
     assert a.last_error is not None and a.last_error.reason == "ProcessNotFound"
     _, marker = spawn_named(unique_name)
     assert a.retry_reload()
-    wait_for(lambda: marker.read_text() == "1")
+    wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     assert a.last_error is None
 
 

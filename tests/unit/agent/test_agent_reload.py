@@ -21,9 +21,9 @@ from defender_agent import (
     SignalReloader,
 )
 from defender_agent._reload import NoReload, find_processes, parse_signal, read_pidfile
+from defender_devcluster import wait_for
 
 Spawn = Callable[[str], tuple[subprocess.Popen[bytes], Path]]
-Wait = Callable[..., None]
 
 
 def test_parse_signal_forms() -> None:
@@ -55,9 +55,7 @@ def test_find_by_comm(tmp_path: Path) -> None:
         child.wait()
 
 
-def test_find_returns_only_topmost_of_a_tree(
-    tmp_path: Path, unique_name: str, wait_for: Wait
-) -> None:
+def test_find_returns_only_topmost_of_a_tree(tmp_path: Path, unique_name: str) -> None:
     # A parent with the name starts a child with the same name: only the parent is a target,
     # like an nginx master and its workers.
     code = (
@@ -69,10 +67,18 @@ def test_find_returns_only_topmost_of_a_tree(
     )
     parent = subprocess.Popen([unique_name, "-c", code], executable=sys.executable)
     try:
-        wait_for(lambda: (tmp_path / "child").exists() and (tmp_path / "child").read_text() != "")
+        wait_for(
+            "the parent to write its child's pid",
+            lambda: (tmp_path / "child").exists() and (tmp_path / "child").read_text() != "",
+            timeout=10,
+        )
         child_pid = int((tmp_path / "child").read_text())
         wait_for(
-            lambda: Path(f"/proc/{child_pid}/cmdline").read_bytes().startswith(unique_name.encode())
+            "the child to run under the same name",
+            lambda: (
+                Path(f"/proc/{child_pid}/cmdline").read_bytes().startswith(unique_name.encode())
+            ),
+            timeout=10,
         )
         assert [p.pid for p in find_processes(unique_name)] == [parent.pid]
     finally:
@@ -89,25 +95,21 @@ def test_find_never_returns_self() -> None:
     assert os.getpid() not in [p.pid for p in find_processes(own)]
 
 
-def test_signal_reloader_by_name_delivers(
-    spawn_named: Spawn, unique_name: str, wait_for: Wait
-) -> None:
+def test_signal_reloader_by_name_delivers(spawn_named: Spawn, unique_name: str) -> None:
     child, marker = spawn_named(unique_name)
     reloader = SignalReloader(signal.SIGHUP, process_name=unique_name)
     assert str(child.pid) in reloader.reload()
-    wait_for(lambda: marker.read_text() == "1")
+    wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     reloader.reload()
-    wait_for(lambda: marker.read_text() == "2")
+    wait_for("the second SIGHUP", lambda: marker.read_text() == "2", timeout=10)
 
 
-def test_signal_reloader_by_pidfile(
-    spawn_named: Spawn, unique_name: str, tmp_path: Path, wait_for: Wait
-) -> None:
+def test_signal_reloader_by_pidfile(spawn_named: Spawn, unique_name: str, tmp_path: Path) -> None:
     child, marker = spawn_named(unique_name)
     pidfile = tmp_path / "target.pid"
     pidfile.write_text(f"{child.pid}\n")
     SignalReloader(signal.SIGHUP, pidfile=pidfile).reload()
-    wait_for(lambda: marker.read_text() == "1")
+    wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
 
 
 def test_signal_reloader_unknown_name(unique_name: str) -> None:
