@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from defender_config import (
     KeyringSource,
     Registry,
 )
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, wait_for
 
 HERE = Path(__file__).resolve().parent
 TARGET_SCRIPT = HERE / "reload_target.py"
@@ -32,19 +31,6 @@ TARGET_SCRIPT = HERE / "reload_target.py"
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_MISSES = 3
 KEYRING_POLL = 0.2
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll until ``predicate()`` is truthy; returns its value. The timeout is generous: this is a
-    correctness check, not a speed test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def write_keyring(directory: Path, keyring: Keyring) -> None:
@@ -125,7 +111,7 @@ class Plane:
         )
         target = Target(proc, name, self.output_path, record)
         self.targets.append(target)
-        wait_until(lambda: target.records(), 15, "the target to start")
+        wait_for("the target to start", lambda: target.records(), timeout=15)
         return target
 
     def start_agent(
@@ -189,7 +175,7 @@ class Plane:
             return hb if hb is not None and predicate(hb) else None
 
         try:
-            result: dict[str, Any] = wait_until(check, timeout, what)
+            result: dict[str, Any] = wait_for(what, check, timeout=timeout)
         except AssertionError as exc:
             tail = agent.log_path.read_text()[-4000:]
             hb = self.heartbeat(agent.instance)

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, Plane, wait_until, write_keyring
+from agent_e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, Plane, write_keyring
 
 from defender_config import ConfigStore, DefenderClient, Envelope, Keyring, KeyState
-from defender_devcluster import EtcdCluster, tool
+from defender_devcluster import EtcdCluster, tool, wait_for
 from defender_operator._decisions.restarts import (
     EtcdView,
     HeartbeatPolicy,
@@ -54,10 +54,10 @@ def file_config(plane: Plane) -> dict[str, Any]:
 
 def target_loads(plane_target: Any, n: int, timeout: float = 20) -> list[dict[str, Any]]:
     """Wait until the target process has loaded config(n); return those load records."""
-    return wait_until(  # type: ignore[no-any-return]
-        lambda: [r for r in plane_target.loaded() if r["config"] == config(n)],
-        timeout,
+    return wait_for(
         f"the target to load config {n}",
+        lambda: [r for r in plane_target.loaded() if r["config"] == config(n)],
+        timeout=timeout,
     )
 
 
@@ -66,8 +66,10 @@ def test_commit_reaches_file_and_process(plane: Plane, record_property: Any) -> 
     target = plane.start_target()
     agent = plane.start_agent(target)
     hb = plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "version 1 delivered")
-    wait_until(
-        lambda: any(r["config"] == config(1) for r in target.loaded()), 20, "target loads v1"
+    wait_for(
+        "target loads v1",
+        lambda: any(r["config"] == config(1) for r in target.loaded()),
+        timeout=20,
     )
     assert hb["key_fingerprint"] == plane.keyring.current().primary_fingerprint
     assert hb["codec"] == "zstd+aes-256-gcm"
@@ -111,10 +113,10 @@ def test_bad_values_keep_last_good_file_and_alert(plane: Plane) -> None:
     )
     assert "failed authentication" in hb["last_error"]["detail"]
     assert hb["config_version"] == 1
-    alerts = wait_until(
-        lambda: [a for a in plane.alerts() if a["kind"] == "AuthenticationFailed"],
-        20,
+    alerts = wait_for(
         "an AuthenticationFailed alert",
+        lambda: [a for a in plane.alerts() if a["kind"] == "AuthenticationFailed"],
+        timeout=20,
     )
     assert alerts[0]["instance"] == agent.instance
     assert alerts[0]["path"] == path
@@ -128,8 +130,10 @@ def test_bad_values_keep_last_good_file_and_alert(plane: Plane) -> None:
         lambda h: (h["last_error"] or {}).get("reason") == "UnknownKey",
         "UnknownKey in the heartbeat",
     )
-    wait_until(
-        lambda: [a for a in plane.alerts() if a["kind"] == "UnknownKey"], 20, "an UnknownKey alert"
+    wait_for(
+        "an UnknownKey alert",
+        lambda: [a for a in plane.alerts() if a["kind"] == "UnknownKey"],
+        timeout=20,
     )
     assert plane.output_path.read_bytes() == good
     assert len(target.loaded()) == loads_before  # the process was never told to reload garbage
@@ -140,8 +144,10 @@ def test_bad_values_keep_last_good_file_and_alert(plane: Plane) -> None:
     plane.wait_heartbeat(
         agent, lambda h: h["config_version"] == 2 and h["last_error"] is None, "recovered"
     )
-    wait_until(
-        lambda: any(r["config"] == config(5) for r in target.loaded()), 20, "target loads fix"
+    wait_for(
+        "target loads fix",
+        lambda: any(r["config"] == config(5) for r in target.loaded()),
+        timeout=20,
     )
     assert file_config(plane) == config(5)
     assert target.bad_reads() == []
@@ -200,7 +206,7 @@ def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -
                 seen.append(hb_now["time"])
             return hb_now is None and any(e.instance == agent.instance for e in deletes)
 
-        wait_until(gone, 30, "the instance key to be deleted by lease expiry")
+        wait_for("the instance key to be deleted by lease expiry", gone, timeout=30)
         expired_after = time.monotonic() - killed_at
         print(
             f"\nlease expired {expired_after:.2f}s after SIGKILL (TTL {hb['lease_ttl_seconds']}s)"
@@ -251,8 +257,10 @@ def test_key_rotation_without_a_failed_read(plane: Plane) -> None:
         nonlocal version
         version = plane.configs.commit(plane.component, config(n), by="e2e-rotation")
         plane.wait_heartbeat(agent, lambda h: h["config_version"] == version, f"v{version}")
-        wait_until(
-            lambda: any(r["config"] == config(n) for r in target.loaded()), 20, f"target {n}"
+        wait_for(
+            f"target {n}",
+            lambda: any(r["config"] == config(n) for r in target.loaded()),
+            timeout=20,
         )
 
     def stage(keyring: Keyring) -> None:
@@ -315,8 +323,10 @@ def test_seed_config_registers_master_once(plane: Plane) -> None:
     second = plane.start_agent(None, *args)
     plane.wait_heartbeat(second, lambda h: h["config_version"] == 1, "second agent registered")
     assert plane.configs.get_master(plane.component) == config(7)
-    drift = wait_until(
-        lambda: [a for a in plane.alerts() if a["kind"] == "ConfigDrift"], 20, "a drift alert"
+    drift = wait_for(
+        "a drift alert",
+        lambda: [a for a in plane.alerts() if a["kind"] == "ConfigDrift"],
+        timeout=20,
     )
     assert drift[0]["instance"] == second.instance
     assert {i.instance for i in plane.registry.list_instances(plane.component)} == {
@@ -342,8 +352,8 @@ def test_agent_side_schema_rejects_and_keeps_last_good(plane: Plane) -> None:
     assert "mode" in hb["last_error"]["detail"]
     assert hb["config_version"] == 1
     assert file_config(plane) == config(1)
-    alerts = wait_until(
-        lambda: [a for a in plane.alerts() if a["kind"] == "ConfigInvalid"], 20, "an alert"
+    alerts = wait_for(
+        "an alert", lambda: [a for a in plane.alerts() if a["kind"] == "ConfigInvalid"], timeout=20
     )
     assert alerts[0]["instance"] == agent.instance
 
@@ -361,7 +371,9 @@ def test_broken_keyring_secret_keeps_the_last_good_keyring(plane: Plane) -> None
         "KeyringInvalid in the heartbeat",
     )
     assert hb["key_fingerprint"] == good.primary_fingerprint
-    wait_until(lambda: [a for a in plane.alerts() if a["kind"] == "KeyringInvalid"], 20, "alert")
+    wait_for(
+        "alert", lambda: [a for a in plane.alerts() if a["kind"] == "KeyringInvalid"], timeout=20
+    )
     # Still serving with the last good keyring: a commit sealed with it is delivered.
     plane.configs.commit(plane.component, config(2), by="e2e")
     plane.wait_heartbeat(agent, lambda h: h["config_version"] == 2, "v2 with the old keyring")
@@ -418,7 +430,7 @@ def test_wrong_etcd_password_exits_4(tmp_path: Path, plane: Plane) -> None:
             )
             return bool(out.stdout.strip())
 
-        wait_until(registered, 30, "the agent to register with the right password")
+        wait_for("the agent to register with the right password", registered, timeout=30)
     finally:
         for agent in plane.agents:
             if agent.proc.poll() is None:
@@ -475,9 +487,9 @@ def test_http_reload_reads_the_new_file(plane: Plane) -> None:
         url = f"http://127.0.0.1:{server.server_address[1]}/-/reload"
         seed(plane)
         agent = plane.start_agent(None, "--reload-method", "http", "--reload-url", url)
-        wait_until(lambda: config(1) in seen, 20, "the reload call for v1")
+        wait_for("the reload call for v1", lambda: config(1) in seen, timeout=20)
         plane.configs.commit(plane.component, config(2), by="e2e")
-        wait_until(lambda: config(2) in seen, 20, "the reload call for v2")
+        wait_for("the reload call for v2", lambda: config(2) in seen, timeout=20)
         hb = plane.wait_heartbeat(agent, lambda h: h["config_version"] == 2, "v2")
         assert hb["last_error"] is None
     finally:
