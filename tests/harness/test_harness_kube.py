@@ -5,29 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from defender_devcluster import LocalCluster, tool
+from defender_devcluster import LocalCluster, tool, wait_for
 
 GROUP = "harness.defender.test"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def test_readyz_through_kubectl_and_kubeconfig_env(
@@ -89,7 +77,7 @@ def widget_crd(k8s_api: client.ApiClient) -> Iterator[str]:
         conds = crd.status.conditions or []
         return any(c.type == "Established" and c.status == "True" for c in conds)
 
-    wait_for("the CRD to be Established", established)
+    wait_for("the CRD to be Established", established, timeout=60, every=0.25)
     try:
         yield plural
     finally:
@@ -164,7 +152,11 @@ def test_statefulset_pods_are_created_by_the_controller_manager(
         names = sorted(p.metadata.name for p in pods)
         return names if len(names) == 3 else []
 
-    assert wait_for("3 StatefulSet pods", pod_names) == ["web-0", "web-1", "web-2"]
+    assert wait_for("3 StatefulSet pods", pod_names, timeout=60, every=0.25) == [
+        "web-0",
+        "web-1",
+        "web-2",
+    ]
     for pod in core.list_namespaced_pod(namespace, label_selector="app=web").items:
         (owner,) = pod.metadata.owner_references
         assert (owner.kind, owner.uid) == ("StatefulSet", created.metadata.uid)
@@ -194,7 +186,12 @@ def test_deleting_an_owner_garbage_collects_its_dependents(
         names = {cm.metadata.name for cm in core.list_namespaced_config_map(namespace).items}
         return "dependent" not in names
 
-    wait_for("the garbage collector to delete the dependent ConfigMap", dependent_gone)
+    wait_for(
+        "the garbage collector to delete the dependent ConfigMap",
+        dependent_gone,
+        timeout=60,
+        every=0.25,
+    )
     names = {cm.metadata.name for cm in core.list_namespaced_config_map(namespace).items}
     assert "bystander" in names
 
@@ -225,6 +222,8 @@ def test_deployment_replicaset_pods_chain_and_cascading_delete(
             len(apps.list_namespaced_replica_set(namespace).items) == 1
             and len(core.list_namespaced_pod(namespace, label_selector="app=api").items) == 2
         ),
+        timeout=60,
+        every=0.25,
     )
     apps.delete_namespaced_deployment(
         "api", namespace, body=client.V1DeleteOptions(propagation_policy="Background")
@@ -235,4 +234,6 @@ def test_deployment_replicaset_pods_chain_and_cascading_delete(
             not apps.list_namespaced_replica_set(namespace).items
             and not core.list_namespaced_pod(namespace, label_selector="app=api").items
         ),
+        timeout=60,
+        every=0.25,
     )

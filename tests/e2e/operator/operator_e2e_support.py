@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from defender_config import (
     Registry,
 )
 from defender_devcluster import EtcdCluster, tools_bin
+from defender_devcluster import wait_for as shared_wait_for
 from defender_operator import _api
 
 REPO = Path(__file__).resolve().parents[3]
@@ -44,18 +44,9 @@ T = TypeVar("T")
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, every: float = 0.5) -> T:
-    """Poll `fn` until it returns something truthy; fail naming `what` (and the last error)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            got = fn()
-            if got:
-                return got
-        except Exception as exc:  # kept for the failure message
-            last = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
+    """The shared wait with this suite's defaults: ``fn`` reads an operator and API objects that
+    are still appearing, so any error it raises means "not yet" (the last one is in the failure)."""
+    return shared_wait_for(what, fn, timeout, every, ignore=(Exception,))
 
 
 def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

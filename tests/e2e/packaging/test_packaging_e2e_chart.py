@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import yaml
 from packaging_chart import CHART, REPO, HelmFailed, kube_version
+
+from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -48,17 +49,6 @@ def _establish_crds(kubectl: Kubectl, objects: list[dict[str, Any]]) -> list[dic
                 f"crd/{crd['metadata']['name']}",
             )
     return [o for o in objects if o["kind"] != "CustomResourceDefinition"]
-
-
-def _wait_for(what: str, probe: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 @pytest.mark.parametrize(
@@ -146,10 +136,14 @@ def test_helm_install_creates_the_whole_release(
         return names if len(names) == 3 else []
 
     # All three at once (Parallel); Pending, since this cluster has no kubelet.
-    assert _wait_for("3 etcd pods", etcd_pods) == [f"{full}-etcd-{i}" for i in range(3)]
-    claims = _wait_for(
+    assert wait_for("3 etcd pods", etcd_pods, timeout=60, every=0.5) == [
+        f"{full}-etcd-{i}" for i in range(3)
+    ]
+    claims = wait_for(
         "3 etcd PVCs",
         lambda: [c for c in core.list_namespaced_persistent_volume_claim(namespace).items] or None,
+        timeout=60,
+        every=0.5,
     )
     assert sorted(c.metadata.name for c in claims) == [f"data-{full}-etcd-{i}" for i in range(3)]
     headless = core.read_namespaced_service(f"{full}-etcd-headless", namespace)
@@ -175,7 +169,7 @@ def test_helm_install_creates_the_whole_release(
             label_selector=f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator",
         ).items
 
-    assert len(_wait_for("the operator pod", operator_pod)) == 1
+    assert len(wait_for("the operator pod", operator_pod, timeout=60, every=0.5)) == 1
     # helm test pods are hooks: not created by install.
     assert not [p for p in core.list_namespaced_pod(namespace).items if "-test-" in p.metadata.name]
 

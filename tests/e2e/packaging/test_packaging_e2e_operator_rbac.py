@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ import pytest
 import yaml
 from packaging_chart import CHART, REPO, find, kube_version
 
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -39,19 +38,12 @@ def _free_port() -> int:
 
 
 def _wait(what: str, probe: Callable[[], T | None], timeout: float, log: Path) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = probe()
-        except Exception:  # a probe against a starting process may fail any way
-            got = None
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out waiting for {what}; operator log:\n{log.read_text()[-3000:]}"
-            )
-        time.sleep(0.5)
+    """The shared wait with the operator's log tail in the failure message."""
+    try:
+        # A probe against a starting process may fail any way: every error means "not yet".
+        return wait_for(what, probe, timeout, every=0.5, ignore=(Exception,))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; operator log:\n{log.read_text()[-3000:]}") from exc
 
 
 def _service_account_kubeconfig(admin: Path, token: str, target: Path) -> Path:
