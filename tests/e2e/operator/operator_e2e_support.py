@@ -108,6 +108,29 @@ class OperatorRun:
                 return dict(c)
         return None
 
+    def wait_condition(
+        self,
+        name: str,
+        ctype: str,
+        *,
+        status: str | None = None,
+        reason: str | tuple[str, ...] | None = None,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        """Wait until ``name`` has condition ``ctype`` with this status and (one of) this reason;
+        returns the condition."""
+        reasons = (reason,) if isinstance(reason, str) else reason
+
+        def matching() -> dict[str, Any] | None:
+            c = self.condition(name, ctype)
+            if c is None or (status is not None and c["status"] != status):
+                return None
+            return c if reasons is None or c["reason"] in reasons else None
+
+        wanted = [f"status {status}"] if status else []
+        wanted += [f"reason {' or '.join(reasons)}"] if reasons else []
+        return wait_for(f"{name} {ctype} with {' and '.join(wanted)}", matching, timeout)
+
     def events(self, name: str) -> list[Any]:
         found = self.core.list_namespaced_event(
             self.namespace, field_selector=f"involvedObject.name={name}"

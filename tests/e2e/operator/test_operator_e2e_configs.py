@@ -3,6 +3,7 @@ retention on delete. Everything against the real control plane and defender etcd
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import Any
 
@@ -57,10 +58,7 @@ def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
         types = {c["type"] for c in status["conditions"]}
         assert types == {"Ready", "ConfigSynced", "Heartbeating", "KeyCurrent", "Misconfigured"}
     # Without pods a component is not Ready, and says why.
-    wait_for(
-        "Heartbeating reason NoPods",
-        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["reason"] == "NoPods",
-    )
+    run.wait_condition("sniffer", "Heartbeating", reason="NoPods")
     assert run.condition("sniffer", "Ready")["status"] == "False"  # type: ignore[index]
 
     _start_instances(run, SAMPLE_NAMES)
@@ -118,10 +116,7 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     bad_rule = {"id": "bad", "action": "deny", "src_cidr": "10.0.0.1/8"}
     invalid = dict(edited, rules=[*edited["rules"], bad_rule])
     _set_config(run, "firewall", invalid)
-    synced = wait_for(
-        "ConfigSynced=False",
-        lambda: (c := run.condition("firewall", "ConfigSynced")) and c["status"] == "False" and c,
-    )
+    synced = run.wait_condition("firewall", "ConfigSynced", status="False")
     assert synced["reason"] == "ConfigInvalid"
     assert "CIDR" in synced["message"]
     assert run.condition("firewall", "Ready")["status"] == "False"  # type: ignore[index]
@@ -130,45 +125,24 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     wait_for("ConfigInvalid event", lambda: "ConfigInvalid" in run.event_reasons("firewall"))
 
     # The API server's schema refuses what never reaches the operator.
-    refused = kubectl(
+    refused = _on_firewall(
+        run,
         "patch",
-        "defendercomponent",
-        "firewall",
-        "-n",
-        run.namespace,
         "--type=merge",
         "-p",
         '{"spec":{"heartbeat":{"intervalSeconds":0}}}',
         check=False,
     )
     assert refused.returncode != 0 and "intervalSeconds" in refused.stderr
-    immutable = kubectl(
-        "patch",
-        "defendercomponent",
-        "firewall",
-        "-n",
-        run.namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"componentType":"rag"}}',
-        check=False,
+    immutable = _on_firewall(
+        run, "patch", "--type=merge", "-p", '{"spec":{"componentType":"rag"}}', check=False
     )
     assert immutable.returncode != 0 and "componentType is immutable" in immutable.stderr
 
     # Fix the config again, then roll back to MASTER by the documented command.
     _set_config(run, "firewall", edited)
-    wait_for(
-        "ConfigSynced=True",
-        lambda: (c := run.condition("firewall", "ConfigSynced")) and c["status"] == "True",
-    )
-    kubectl(
-        "annotate",
-        "defendercomponent",
-        "firewall",
-        "-n",
-        run.namespace,
-        "mldefender.io/rollback-to=master",
-    )
+    run.wait_condition("firewall", "ConfigSynced", status="True")
+    _on_firewall(run, "annotate", "mldefender.io/rollback-to=master")
     wait_for(
         "rollback to MASTER",
         lambda: (
@@ -185,22 +159,9 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     version = configs.get_active("firewall").version
     assert version is not None and version >= 3
     assert "RolledBack" in run.event_reasons("firewall")
-    wait_for(
-        "ConfigSynced says ACTIVE differs from spec",
-        lambda: (
-            (c := run.condition("firewall", "ConfigSynced"))
-            and (c["status"], c["reason"]) == ("True", "ActiveDiffersFromSpec")
-        ),
-    )
+    run.wait_condition("firewall", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec")
     # A rollback target that is neither `master` nor a number is refused and removed.
-    kubectl(
-        "annotate",
-        "defendercomponent",
-        "firewall",
-        "-n",
-        run.namespace,
-        "mldefender.io/rollback-to=yesterday",
-    )
+    _on_firewall(run, "annotate", "mldefender.io/rollback-to=yesterday")
     wait_for("RollbackRefused", lambda: "RollbackRefused" in run.event_reasons("firewall"))
     assert configs.get_active("firewall").version == version
     # The unchanged spec does not undo the rollback, also not after an operator restart.
@@ -208,6 +169,13 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     run.start()
     wait_for("status refreshed", lambda: _ready_or_known(run))
     assert configs.get_active("firewall").version == version
+
+
+def _on_firewall(
+    run: OperatorRun, verb: str, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``kubectl VERB`` on the firewall DefenderComponent."""
+    return kubectl(verb, "defendercomponent", "firewall", "-n", run.namespace, *args, check=check)
 
 
 def _ready_or_known(run: OperatorRun) -> bool:
@@ -277,10 +245,7 @@ def test_custom_component_needs_and_uses_its_schema(operator_run: OperatorRun) -
     wait_for("seeded", lambda: run.get("honeypot").get("status", {}).get("activeVersion") == 1)
     assert run.configs().get_master("honeypot")["ports"] == [2222, 2323]
     run.patch("honeypot", {"spec": {"config": {"ports": [70000]}}})
-    cond = wait_for(
-        "ConfigInvalid by the custom schema",
-        lambda: (c := run.condition("honeypot", "ConfigSynced")) and c["status"] == "False" and c,
-    )
+    cond = run.wait_condition("honeypot", "ConfigSynced", status="False")
     assert "70000" in cond["message"]
     assert run.configs().get_active("honeypot").version == 1
 

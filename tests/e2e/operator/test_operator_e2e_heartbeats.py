@@ -36,10 +36,7 @@ def _running_sniffer(run: OperatorRun, replicas: int) -> set[str]:
     )
     for pod in sorted(pods):
         run.heartbeat("sniffer", pod)
-    wait_for(
-        "Heartbeating",
-        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["status"] == "True",
-    )
+    run.wait_condition("sniffer", "Heartbeating", status="True")
     return pods
 
 
@@ -68,10 +65,7 @@ def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: Operat
     assert "PodRestarted" in _alert_kinds(run.client().store, f"{run.prefix}/alerts/sniffer/")
     # The replacement heartbeats again: the component is healthy with no further restarts.
     run.heartbeat("sniffer", next(iter(replacement)))
-    wait_for(
-        "Heartbeating again",
-        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["status"] == "True",
-    )
+    run.wait_condition("sniffer", "Heartbeating", status="True")
     assert run.get("sniffer")["status"]["restarts"] == 1
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as resp:
@@ -106,24 +100,12 @@ def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
     try:
         # A component created during the outage says why it is not seeded yet.
         run.apply_sample("firewall")
-        synced = wait_for(
-            "firewall ConfigSynced StoreUnavailable",
-            lambda: (
-                (c := run.condition("firewall", "ConfigSynced"))
-                and c["reason"] == "StoreUnavailable"
-                and c
-            ),
-            timeout=90,
+        synced = run.wait_condition(
+            "firewall", "ConfigSynced", reason="StoreUnavailable", timeout=90
         )
         assert synced["status"] == "Unknown"
-        cond = wait_for(
-            "Heartbeating Unknown because of etcd",
-            lambda: (
-                (c := run.condition("sniffer", "Heartbeating"))
-                and c["reason"] in ("EtcdNoQuorum", "EtcdUnavailable")
-                and c
-            ),
-            timeout=60,
+        cond = run.wait_condition(
+            "sniffer", "Heartbeating", reason=("EtcdNoQuorum", "EtcdUnavailable"), timeout=60
         )
         assert cond["status"] == "Unknown"
         # Heartbeats cannot be written now; wait well past the restart threshold (3 s).
@@ -140,11 +122,7 @@ def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
             etcd.restart_member(i)
         etcd.wait_for_leader()
     # Back to normal, still without a restart: the heartbeaters re-register on their own.
-    wait_for(
-        "Heartbeating again after etcd recovered",
-        lambda: (c := run.condition("sniffer", "Heartbeating")) and c["status"] == "True",
-        timeout=90,
-    )
+    run.wait_condition("sniffer", "Heartbeating", status="True", timeout=90)
     assert _pod_names(run) == pods
     assert run.get("sniffer")["status"]["restarts"] == 0
     # kopf retries the firewall reconcile: seeded once etcd is back.
@@ -166,10 +144,7 @@ def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
     pods = _running_sniffer(run, replicas=1)
     hb = next(h for h in run.heartbeaters if h.instance in pods)
     hb.update(last_error=UnknownKeyError("k9", ["k1"]))
-    cond = wait_for(
-        "Misconfigured=True",
-        lambda: (c := run.condition("sniffer", "Misconfigured")) and c["status"] == "True" and c,
-    )
+    cond = run.wait_condition("sniffer", "Misconfigured", status="True")
     assert cond["reason"] == "UnknownKey"
     assert hb.instance in cond["message"]
     assert run.condition("sniffer", "Ready")["reason"] == "UnknownKey"  # type: ignore[index]
@@ -181,10 +156,7 @@ def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
         lambda: "Misconfigured" in _alert_kinds(store, f"{run.prefix}/alerts/sniffer/"),
     )
     hb.update(last_error=None)
-    wait_for(
-        "Misconfigured=False",
-        lambda: (c := run.condition("sniffer", "Misconfigured")) and c["status"] == "False",
-    )
+    run.wait_condition("sniffer", "Misconfigured", status="False")
 
 
 def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> None:
@@ -206,10 +178,7 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     assert "BlastRadiusExceeded" in run.event_reasons("sniffer")
     # Further commits are refused while frozen, and say so.
     run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
-    cond = wait_for(
-        "ConfigSynced Frozen",
-        lambda: (c := run.condition("sniffer", "ConfigSynced")) and c["reason"] == "Frozen" and c,
-    )
+    cond = run.wait_condition("sniffer", "ConfigSynced", reason="Frozen")
     assert "unfreeze" in cond["message"]
     assert configs.get_active("sniffer").version == 3
     # A person fixes things and lifts the freeze: the pending spec is committed.
@@ -231,15 +200,7 @@ def test_restart_budget_exhausted_marks_degraded_and_stops(operator_run: Operato
     # heartbeats either, and the budget (1) is spent.
     first = wait_for("a pod", lambda: _pod_names(run))
     wait_for("first pod restarted", lambda: first.isdisjoint(_pod_names(run)), timeout=60)
-    cond = wait_for(
-        "RestartBudgetExhausted",
-        lambda: (
-            (c := run.condition("sniffer", "Heartbeating"))
-            and c["reason"] == "RestartBudgetExhausted"
-            and c
-        ),
-        timeout=60,
-    )
+    cond = run.wait_condition("sniffer", "Heartbeating", reason="RestartBudgetExhausted")
     assert cond["status"] == "False"
     assert "RestartBudgetExhausted" in run.event_reasons("sniffer")
     survivor = _pod_names(run)

@@ -219,10 +219,7 @@ def test_instance_that_never_loads_the_key_times_out_and_is_reported(
     }
     assert {"DistributionTimedOut", "PromotionTimedOut"} <= kinds
     # The laggard is visible on the component too.
-    cond = wait_for(
-        "KeyCurrent=False",
-        lambda: (c := run.condition("sniffer", "KeyCurrent")) and c["status"] == "False" and c,
-    )
+    cond = run.wait_condition("sniffer", "KeyCurrent", status="False")
     assert cond["reason"] == "InstancesBehind"
     assert pod.metadata.name in cond["message"]
 
