@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from defender_operator._decisions import conditions as c
 
@@ -13,6 +15,17 @@ def by_type(conds: list[c.Cond]) -> dict[str, c.Cond]:
     return {x.type: x for x in conds}
 
 
+def all_good(**changes: Any) -> c.Observation:
+    """A component with nothing wrong, but for ``changes``."""
+    healthy = c.Observation(
+        config=c.ConfigState.SYNCED,
+        heartbeat=c.Cond(c.HEARTBEATING, c.TRUE, "Heartbeating"),
+        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
+        misconfig=c.Cond(c.MISCONFIGURED, c.FALSE, "NoErrorsReported"),
+    )
+    return dataclasses.replace(healthy, **changes)
+
+
 def test_first_visit_sets_every_condition_unknown() -> None:
     conds = c.compute(c.Observation())
     assert [x.type for x in conds] == list(c.CONDITION_TYPES)
@@ -20,24 +33,12 @@ def test_first_visit_sets_every_condition_unknown() -> None:
 
 
 def test_ready_when_everything_is_true() -> None:
-    obs = c.Observation(
-        config=c.ConfigState.SYNCED,
-        heartbeat=c.Cond(c.HEARTBEATING, c.TRUE, "Heartbeating"),
-        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
-        misconfig=c.Cond(c.MISCONFIGURED, c.FALSE, "NoErrorsReported"),
-    )
-    ready = by_type(c.compute(obs))[c.READY]
+    ready = by_type(c.compute(all_good()))[c.READY]
     assert (ready.status, ready.reason) == (c.TRUE, "AllGood")
 
 
 def test_invalid_config_makes_ready_false_with_its_reason() -> None:
-    obs = c.Observation(
-        config=c.ConfigState.INVALID,
-        config_message="threshold must be > 0",
-        heartbeat=c.Cond(c.HEARTBEATING, c.TRUE, "Heartbeating"),
-        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
-        misconfig=c.Cond(c.MISCONFIGURED, c.FALSE, "NoErrorsReported"),
-    )
+    obs = all_good(config=c.ConfigState.INVALID, config_message="threshold must be > 0")
     got = by_type(c.compute(obs))
     assert (got[c.CONFIG_SYNCED].status, got[c.CONFIG_SYNCED].reason) == (c.FALSE, "ConfigInvalid")
     assert (got[c.READY].status, got[c.READY].reason) == (c.FALSE, "ConfigInvalid")
@@ -45,22 +46,17 @@ def test_invalid_config_makes_ready_false_with_its_reason() -> None:
 
 
 def test_misconfigured_wins_ready_reason() -> None:
-    obs = c.Observation(
-        config=c.ConfigState.SYNCED,
-        heartbeat=c.Cond(c.HEARTBEATING, c.TRUE, "Heartbeating"),
-        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
-        misconfig=c.Cond(c.MISCONFIGURED, c.TRUE, "UnknownKey", "pod-a holds the wrong key"),
+    obs = all_good(
+        misconfig=c.Cond(c.MISCONFIGURED, c.TRUE, "UnknownKey", "pod-a holds the wrong key")
     )
     ready = by_type(c.compute(obs))[c.READY]
     assert (ready.status, ready.reason) == (c.FALSE, "UnknownKey")
 
 
 def test_etcd_outage_makes_ready_unknown_not_false() -> None:
-    obs = c.Observation(
+    obs = all_good(
         config=c.ConfigState.STORE_UNAVAILABLE,
         heartbeat=c.Cond(c.HEARTBEATING, c.UNKNOWN, "EtcdNoQuorum"),
-        key=c.Cond(c.KEY_CURRENT, c.TRUE, "KeyCurrent"),
-        misconfig=c.Cond(c.MISCONFIGURED, c.FALSE, "NoErrorsReported"),
     )
     ready = by_type(c.compute(obs))[c.READY]
     assert (ready.status, ready.reason) == (c.UNKNOWN, "StoreUnavailable")
