@@ -28,6 +28,7 @@ from defender_operator._decisions.restarts import (
     PodView,
     RestartAction,
     RestartBudget,
+    RestartDecision,
     decide_restart,
 )
 
@@ -177,12 +178,10 @@ def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -
     watch_started = datetime.now(UTC) - timedelta(minutes=5)
 
     deletes: list[Any] = []
-    handle = plane.registry.watch_instances(
-        lambda ev: deletes.append(ev) if ev.kind == "delete" else None, component=plane.component
-    )
-    try:
-        last_seen = datetime.fromisoformat(plane.heartbeat(agent.instance)["time"])  # type: ignore[index]
-        alive = decide_restart(
+
+    def decide(last_seen: datetime) -> RestartDecision:
+        """What the operator decides now, given the heartbeat time it last saw."""
+        return decide_restart(
             now=datetime.now(UTC),
             pods=[pod],
             last_seen={agent.instance: last_seen},
@@ -192,6 +191,13 @@ def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -
             budget=budget,
             restart_times=[],
         )
+
+    handle = plane.registry.watch_instances(
+        lambda ev: deletes.append(ev) if ev.kind == "delete" else None, component=plane.component
+    )
+    try:
+        last_seen = datetime.fromisoformat(plane.heartbeat(agent.instance)["time"])  # type: ignore[index]
+        alive = decide(last_seen)
         assert alive.action is RestartAction.NONE
 
         killed_at = time.monotonic()
@@ -213,16 +219,7 @@ def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -
         )
         assert expired_after >= 1.0  # removed by etcd's lease expiry, not by a clean shutdown
         last_seen = datetime.fromisoformat(seen[-1]) if seen else last_seen
-        decision = decide_restart(
-            now=datetime.now(UTC),
-            pods=[pod],
-            last_seen={agent.instance: last_seen},
-            watch_started=watch_started,
-            etcd=etcd_ok,
-            policy=policy,
-            budget=budget,
-            restart_times=[],
-        )
+        decision = decide(last_seen)
         assert decision.action is RestartAction.RESTART
         assert decision.pod == agent.instance
     finally:
