@@ -102,6 +102,14 @@ class OperatorRun:
             _api.GROUP, _api.VERSION, self.namespace, _api.PLURAL, name, body
         )
 
+    def wait_active_version(self, name: str, version: int, timeout: float = 60.0) -> None:
+        """Wait until the operator reports ``version`` as ``name``'s ``status.activeVersion``."""
+        wait_for(
+            f"{name} status.activeVersion {version}",
+            lambda: self.get(name).get("status", {}).get("activeVersion") == version,
+            timeout,
+        )
+
     def condition(self, name: str, ctype: str) -> dict[str, Any] | None:
         for c in self.get(name).get("status", {}).get("conditions", []):
             if c["type"] == ctype:

@@ -41,10 +41,7 @@ def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
     kubectl("apply", "-n", run.namespace, "-f", str(SAMPLES))
     # Seeding does not wait for pods: MASTER and ACTIVE v1 appear first.
     for name in SAMPLE_NAMES:
-        wait_for(
-            f"{name} activeVersion 1",
-            lambda n=name: run.get(n).get("status", {}).get("activeVersion") == 1,
-        )  # type: ignore[misc]
+        run.wait_active_version(name, 1)
     configs = run.configs()
     for name in SAMPLE_NAMES:
         doc = yaml.safe_load((SAMPLES / f"{name}.yaml").read_text())
@@ -102,12 +99,12 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     run = operator_run
     run.start()
     doc = run.apply_sample("firewall")
-    wait_for("version 1", lambda: run.get("firewall").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("firewall", 1)
     configs = run.configs()
 
     edited = dict(doc["spec"]["config"], block_ttl_seconds=600)
     _set_config(run, "firewall", edited)
-    wait_for("version 2", lambda: run.get("firewall")["status"].get("activeVersion") == 2)
+    run.wait_active_version("firewall", 2)
     assert configs.get_active("firewall").config["block_ttl_seconds"] == 600
     assert configs.get_master("firewall")["block_ttl_seconds"] == 3600
     assert "Committed" in run.event_reasons("firewall")
@@ -188,7 +185,7 @@ def test_delete_applies_retention(operator_run: OperatorRun, retention: str) -> 
     run = operator_run
     run.start()
     run.apply_sample("rag", retention=retention)
-    wait_for("version 1", lambda: run.get("rag").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("rag", 1)
     configs = run.configs()
     run.custom.delete_namespaced_custom_object(
         "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", "rag"
@@ -242,7 +239,7 @@ def test_custom_component_needs_and_uses_its_schema(operator_run: OperatorRun) -
     run.custom.create_namespaced_custom_object(
         "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", base
     )
-    wait_for("seeded", lambda: run.get("honeypot").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("honeypot", 1)
     assert run.configs().get_master("honeypot")["ports"] == [2222, 2323]
     run.patch("honeypot", {"spec": {"config": {"ports": [70000]}}})
     cond = run.wait_condition("honeypot", "ConfigSynced", status="False")
@@ -256,7 +253,7 @@ def test_invalid_config_reverts_to_master_once(operator_run: OperatorRun) -> Non
     doc = run.apply_sample(
         "firewall", rollout={"onInvalidConfig": "RevertToMaster", "historyLimit": 5}
     )
-    wait_for("version 1", lambda: run.get("firewall").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("firewall", 1)
     configs = run.configs()
     _set_config(run, "firewall", dict(doc["spec"]["config"], dry_run=True))
     wait_for("version 2", lambda: configs.get_active("firewall").version == 2)

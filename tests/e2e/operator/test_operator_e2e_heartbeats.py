@@ -29,7 +29,7 @@ def _pod_names(run: OperatorRun) -> set[str]:
 
 def _running_sniffer(run: OperatorRun, replicas: int) -> set[str]:
     run.apply_sample("sniffer", **FAST)
-    wait_for("seeded", lambda: run.get("sniffer").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("sniffer", 1)
     run.deployment("sniffer", LABELS, replicas=replicas)
     pods = wait_for(
         f"{replicas} pods", lambda: len(_pod_names(run)) == replicas and _pod_names(run)
@@ -126,11 +126,7 @@ def test_etcd_quorum_loss_restarts_nothing(operator_run: OperatorRun) -> None:
     assert _pod_names(run) == pods
     assert run.get("sniffer")["status"]["restarts"] == 0
     # kopf retries the firewall reconcile: seeded once etcd is back.
-    wait_for(
-        "firewall seeded after recovery",
-        lambda: run.get("firewall")["status"].get("activeVersion") == 1,
-        timeout=90,
-    )
+    run.wait_active_version("firewall", 1, timeout=90)
     wait_for("liveness 200 again", lambda: _liveness(run) == 200, timeout=30)
 
 
@@ -166,7 +162,7 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     run.patch("sniffer", {"spec": {"rollout": {"maxUnhealthyInstances": 1}}})
     configs = run.configs()
     run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
-    wait_for("version 2", lambda: run.get("sniffer")["status"].get("activeVersion") == 2)
+    run.wait_active_version("sniffer", 2)
     # Both instances fail to decode right after the change: more than 1 → trip.
     for hb in run.heartbeaters:
         if hb.instance in pods:
@@ -194,7 +190,7 @@ def test_restart_budget_exhausted_marks_degraded_and_stops(operator_run: Operato
     run.start()
     budget = {"maxRestarts": 1, "windowSeconds": 600, "backoffBaseSeconds": 0}
     run.apply_sample("sniffer", **{**FAST, "restartBudget": budget})
-    wait_for("seeded", lambda: run.get("sniffer").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("sniffer", 1)
     run.deployment("sniffer", LABELS, replicas=1)
     # The pod never heartbeats: restarted once after its grace, then the replacement never
     # heartbeats either, and the budget (1) is spent.

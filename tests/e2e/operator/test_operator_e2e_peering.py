@@ -23,7 +23,7 @@ def test_two_replicas_one_active_then_failover(operator_run: OperatorRun) -> Non
     run.start("--peering", "ml-defender", "--priority", "100", POD_NAME="op-b")
     wait_for("both replicas in the peering", lambda: len(_peers(run)) == 2)
     doc = run.apply_sample("firewall")
-    wait_for("version 1", lambda: run.get("firewall").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("firewall", 1)
     configs = run.configs()
     meta = configs.get_metadata("firewall")
     assert meta is not None and meta.modified_by == "operator:op-a"

@@ -198,7 +198,7 @@ def test_instance_that_never_loads_the_key_times_out_and_is_reported(
         DEFENDER_OPERATOR_ROTATION_GRACE_SECONDS="1",
     )
     run.apply_sample("sniffer")
-    wait_for("seeded", lambda: run.get("sniffer").get("status", {}).get("activeVersion") == 1)
+    run.wait_active_version("sniffer", 1)
     run.deployment("sniffer", LABELS, replicas=1)
     pod = wait_for("a pod", lambda: run.pods(LABELS))[0]
     # This instance keeps its old keyring and never refreshes its fingerprints.
