@@ -247,8 +247,9 @@ def section_heartbeaters(d: dict[str, Any]) -> list[str]:
         "timestamp put per instance at the same rate.",
         "",
         "| design | instances | beats/s (expected) | client CPU % | CPU ms/beat | etcd CPU % | "
-        "gap p50 s | gap p99 s | gap max s | lease regrants | failures |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "gap p50 s | gap p99 s | gap max s | lease regrants | failures | start failures | "
+        "not stopped in 60 s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in [*d["baseline_old_design"], *d["library"]]:
         g = row["gap_seconds"]
@@ -257,7 +258,8 @@ def section_heartbeaters(d: dict[str, Any]) -> list[str]:
             f"({row['beats_expected'] / row['window_seconds']:.0f}) | "
             f"{row['client_cpu_percent']:.1f} | {row['client_cpu_ms_per_beat']:.2f} | "
             f"{row['etcd_cpu_percent']:.1f} | {g['p50']:.2f} | {g['p99']:.2f} | {g['max']:.2f} | "
-            f"{row['lease_regrants']} | {row['failures']} |"
+            f"{row['lease_regrants']} | {row['failures']} | {row.get('start_failures', 0)} | "
+            f"{row.get('not_stopped_within_seconds', 0)} |"
         )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for rows, name, color in (
@@ -374,7 +376,12 @@ def section_findings() -> list[str]:
         "this machine). Up to ~100 instances per process this is invisible; at 500-1,000 "
         "instances in ONE process the beats fall behind and leases expire (regrants above). "
         "Real deployments run one instance per process, where the cost is ~2 ms CPU per beat. "
-        "Fix to consider in the library: one long-lived keep-alive stream per client.",
+        "Fix to consider in the library: one long-lived keep-alive stream per client. Two "
+        "related library issues showed up here: `Heartbeater.start()` grants the lease and "
+        "puts in two calls, so under load the put can find the 3 s lease already expired "
+        "(NotFoundError from start()), and a retried start() reuses that dead lease; and a "
+        "previous run with 1,000 instances did not finish stopping within 10 minutes (stopping "
+        "is now bounded and counted).",
         "- **Small gets cost ~5-10 % more than raw pyetcd** (≈ 50-70 µs per call), of which the "
         "envelope is ~6 µs (see the envelope table): the rest is EtcdStore's per-call "
         "bookkeeping (metrics, cache, endpoint lock). Compressible values ≥ 4 KiB are cheaper "
