@@ -1,10 +1,8 @@
 """A watch must deliver every key a transaction changed: seeding and commits write MASTER,
 ACTIVE, metadata and history in ONE transaction, so all four share one revision.
 
-Found by the reliability suites: `WatchHandle._dispatch` skips events whose revision is below
-`next_revision`, and advances `next_revision` after the first event of a revision, so the other
-keys of the same transaction are dropped. Marked xfail(strict) until the library is fixed: the
-marker then fails the run and must be removed.
+Found by the reliability suites: `WatchHandle._dispatch` used to advance `next_revision` after the
+first event of a revision and then skip the other keys of the same transaction.
 """
 
 from __future__ import annotations
@@ -19,10 +17,6 @@ from defender_devcluster import EtcdCluster
 pytestmark = pytest.mark.etcd
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the watch drops all but the first key of a multi-key transaction",
-)
 def test_watch_delivers_every_key_of_a_transaction(
     healthy_etcd: EtcdCluster, etcd_prefix: str
 ) -> None:

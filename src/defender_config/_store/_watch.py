@@ -207,13 +207,16 @@ class WatchHandle:
 
     def _dispatch(self, response: Any) -> None:
         delivered = False
+        # Every key of one transaction shares one revision and arrives in one response: compare
+        # against the floor as it was before this response, else only the first key gets through.
+        floor = self.next_revision
         for raw in response.events:
             if self._stopped.is_set():
                 return
             event = _event(raw)
-            if event.mod_revision < self.next_revision:
+            if event.mod_revision < floor:
                 continue  # already delivered before the stream was re-created
-            self.next_revision = event.mod_revision + 1
+            self.next_revision = max(self.next_revision, event.mod_revision + 1)
             delivered = True
             _safe(self._callback, event)
         if not delivered and not response.events:
