@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._client import DefenderClient
 from ._configs import ActiveConfig, ConfigStore, SeedResult
-from ._errors import DefenderConfigError, StoreError
+from ._errors import DefenderConfigError, NotFoundError, StoreError
 from ._models import ComponentType
 from ._store import WatchHandle
 from ._store_types import Lease, WatchEvent, backoff_delay
@@ -289,7 +289,16 @@ class Heartbeater:
         if lease is None:
             lease = store.grant_lease(self.ttl)
             self._lease = lease
-        store.put(self.key, body, lease=lease)
+        try:
+            store.put(self.key, body, lease=lease)
+        except NotFoundError:
+            # The lease died between grant/refresh and this put (a loaded etcd or a stalled
+            # process, or a start() retried after its first put failed): take a fresh one.
+            log.warning("heartbeat %s: lease gone before the write, granting a new one", self.key)
+            self.regrants += 1
+            lease = store.grant_lease(self.ttl)
+            self._lease = lease
+            store.put(self.key, body, lease=lease)
         self.beats += 1
 
     def _run(self) -> None:

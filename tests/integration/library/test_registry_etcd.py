@@ -19,6 +19,7 @@ from defender_config import (
     ComponentStatus,
     ConfigStore,
     DefenderClient,
+    Heartbeater,
     InstanceEvent,
     Keyring,
     LibrarySettings,
@@ -127,6 +128,22 @@ def test_one_replica_stopping_leaves_the_component_running(client: DefenderClien
     second.heartbeater.stop()
     status = reg.get_status("fw-pair")
     assert status is not None and status.status is ComponentStatus.STOPPED
+
+
+def test_start_with_a_lease_that_died_takes_a_fresh_one(client: DefenderClient) -> None:
+    beat = Heartbeater(client, "fw-dead-lease", "fw-a", interval_seconds=30, allowed_misses=3)
+    dead = client.store.grant_lease(90)
+    client.store.revoke_lease(dead)
+    # What a start() retried after its first write failed looks like: it holds a lease that
+    # etcd has since dropped, and the initial beat writes without refreshing it first.
+    beat._lease = dead
+    beat.start()
+    try:
+        assert beat.lease is not None and beat.lease != dead and beat.regrants == 1
+        got = [h.instance for h in Registry(client).list_instances("fw-dead-lease")]
+        assert got == ["fw-a"]
+    finally:
+        beat.stop()
 
 
 def test_heartbeat_carries_mutable_fields(client: DefenderClient, keyring: Keyring) -> None:
