@@ -14,6 +14,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,9 +243,11 @@ class ManagedProcess:
             logf.write(f"\n=== start {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
             logf.flush()
 
-            def spawn(preexec: Callable[[], None] | None) -> subprocess.Popen[bytes]:
+            def spawn(
+                argv: list[str], preexec: Callable[[], None] | None
+            ) -> subprocess.Popen[bytes]:
                 return subprocess.Popen(
-                    self.argv,
+                    argv,
                     stdin=subprocess.DEVNULL,
                     stdout=logf,
                     stderr=subprocess.STDOUT,
@@ -255,12 +258,23 @@ class ManagedProcess:
                 )
 
             if self.die_with_parent:
-                self._popen = _spawner.submit(spawn, _set_pdeathsig).result()
+                self._popen = _spawner.submit(self._spawn_dying_with_parent, spawn).result()
             else:
-                self._popen = spawn(None)
+                self._popen = spawn(self.argv, None)
         PidFile(self.name, self._popen.pid, self.marker, self.argv).write(self.pid_path)
         log.debug("started %s pid=%s", self.name, self._popen.pid)
         return self._popen.pid
+
+    def _spawn_dying_with_parent(
+        self, spawn: Callable[[list[str], Callable[[], None] | None], subprocess.Popen[bytes]]
+    ) -> subprocess.Popen[bytes]:
+        # Python code between fork and exec (preexec_fn) can crash the child when the parent
+        # runs gRPC threads (seen: a restarted etcd member dying with SIGSEGV). util-linux's
+        # setpriv sets the same parent-death signal and then execs, so no Python runs there.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            return spawn(self.argv, _set_pdeathsig)
+        return spawn([setpriv, "--pdeathsig", "KILL", "--", *self.argv], None)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._popen is not None:
