@@ -314,7 +314,12 @@ def test_seed_config_registers_master_once(plane: Plane) -> None:
     first = plane.start_agent(None, *args)
     plane.wait_heartbeat(first, lambda h: h["config_version"] == 1, "first agent registered")
     assert plane.configs.get_master(plane.component) == config(7)
-    assert file_config(plane) == config(7)
+    # Registration reports ACTIVE v1 in the heartbeat before the watch has written the file.
+    wait_for(
+        "the seed config in the shared file",
+        lambda: plane.output_path.exists() and file_config(plane) == config(7),
+        timeout=20,
+    )
     # A second instance with another default config adopts MASTER instead of overwriting it.
     seed_file.write_text(json.dumps(config(8)))
     second = plane.start_agent(None, *args)
