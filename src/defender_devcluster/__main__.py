@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import ssl
 import sys
@@ -12,6 +13,7 @@ from ._cluster import ClusterState, LocalCluster, etcd_health, process_alive, st
 from ._errors import DevClusterError, StateError
 from ._http import get_text, http_ok
 from ._system import stop_operator, system_up
+from ._tools import tools_bin
 
 log = logging.getLogger("defender_devcluster")
 
@@ -28,9 +30,17 @@ def _readyz(state: ClusterState) -> str:
 
 
 def _try_lines(state: ClusterState) -> list[str]:
+    # The built kubectl and the venv's kubectl-defender plugin first on PATH; the plugin and the
+    # library read the defender etcd endpoints from DEFENDER_ETCD__ENDPOINTS.
+    path = f"{tools_bin()}:{Path(sys.executable).parent}"
+    endpoints = json.dumps(list(state.etcd_endpoints))
     return [
         f"export KUBECONFIG={state.kubeconfig}",
+        f'export PATH="{path}:$PATH"',
+        f"export DEFENDER_ETCD__ENDPOINTS='{endpoints}'",
+        "kubectl get --raw /readyz",
         "kubectl get defendercomponents -A",
+        "kubectl defender status",
     ]
 
 
