@@ -63,9 +63,10 @@ down: ## Stop the operator and the local cluster.
 ##@ Development
 
 .PHONY: lint
-lint: venv ## ruff (lint + format check).
+lint: venv ## ruff (lint + format check) and the import layering contracts (.importlinter).
 	$(VENV)/bin/ruff check src operator tests bench
 	$(VENV)/bin/ruff format --check src operator tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 .PHONY: fmt
 fmt: venv ## Format and autofix with ruff.
