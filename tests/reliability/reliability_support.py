@@ -11,8 +11,7 @@ import base64
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,19 +29,6 @@ from defender_config import (
 )
 from defender_config._envelope import KeyringProvider
 from defender_devcluster import EtcdCluster, ProcessStartError
-
-# --- waiting ---------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    """Poll `predicate` until true; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
-
 
 # --- clients on the harness cluster --------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from defender_config import (
     ValueTooLargeError,
     validate_config,
 )
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -333,9 +333,7 @@ def test_watchers_get_typed_errors_for_tampered_values(
         good = client.store.get(active_path)
         assert good is not None
         client.store.put(active_path, _flip(good.value, len(good.value) - 3))
-        from reliability_support import wait_for
-
-        wait_for(lambda: errors != [], timeout=30, what="the watcher to report the tampering")
+        wait_for("the watcher to report the tampering", lambda: errors != [], timeout=30)
     finally:
         handle.cancel()
     assert isinstance(errors[0], AuthenticationFailedError)

@@ -23,7 +23,6 @@ from reliability_support import (
     member_index,
     new_keyring,
     restart_member,
-    wait_for,
 )
 
 from defender_config import (
@@ -34,7 +33,7 @@ from defender_config import (
     EtcdStore,
     StoreUnavailableError,
 )
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -109,9 +108,9 @@ def assert_all_acknowledged_writes_present(
             etcd_settings(cluster, endpoints=[endpoint]), registry=CollectorRegistry()
         ) as member:
             wait_for(
+                f"member {i} to catch up",
                 lambda m=member: len(m.list_prefix(prefix + "ledger/")) == len(reference),
                 timeout=30,
-                what=f"member {i} to catch up",
             )
             copy = {sv.key: sv.value for sv in member.list_prefix(prefix + "ledger/")}
         missing = sorted(set(acked) - set(copy))
@@ -127,14 +126,18 @@ def test_kill_the_leader_under_continuous_writes_loses_no_acknowledged_write(
     client = make_client(cluster, etcd_prefix, keyring, alerts)
     writer = LedgerWriter(client, etcd_prefix).start()
     try:
-        wait_for(lambda: len(writer.acked) >= 30, what="30 writes before the kill")
+        wait_for("30 writes before the kill", lambda: len(writer.acked) >= 30, timeout=60)
         victim = leader_index(cluster)
         cluster.kill_member(victim)
         before = len(writer.acked)
-        wait_for(lambda: len(writer.acked) >= before + 100, what="100 writes with a member dead")
+        wait_for(
+            "100 writes with a member dead", lambda: len(writer.acked) >= before + 100, timeout=60
+        )
         restart_member(cluster, victim)
         after_restart = len(writer.acked)
-        wait_for(lambda: len(writer.acked) >= after_restart + 30, what="writes after the restart")
+        wait_for(
+            "writes after the restart", lambda: len(writer.acked) >= after_restart + 30, timeout=60
+        )
     finally:
         writer.stop()
         client.close()
@@ -228,7 +231,7 @@ def test_no_quorum_fails_writes_clearly_serves_stale_reads_restarts_nothing_and_
         cluster.wait_for_leader()
 
         # The same client recovers without being recreated.
-        wait_for(lambda: _writes(client, etcd_prefix + "after"), timeout=60, what="writes back")
+        wait_for("writes back", lambda: _writes(client, etcd_prefix + "after"), timeout=60)
         assert configs.commit("firewall", {**FIREWALL, "default_policy": "allow"}, by="test") == 2
         active = configs.get_active("firewall")
         assert not active.stale and active.version == 2
@@ -291,8 +294,12 @@ def test_rolling_kills_under_writes_and_commits_lose_nothing(
             i = leader_index(cluster) if victim is None else victim
             before, commits_before = len(writer.acked), len(committed)
             cluster.kill_member(i)
-            wait_for(lambda b=before: len(writer.acked) >= b + 40, what="writes during the kill")
-            wait_for(lambda c=commits_before: len(committed) >= c + 5, what="commits during kill")
+            wait_for(
+                "writes during the kill", lambda b=before: len(writer.acked) >= b + 40, timeout=60
+            )
+            wait_for(
+                "commits during kill", lambda c=commits_before: len(committed) >= c + 5, timeout=60
+            )
             restart_member(cluster, i)
     finally:
         stop.set()
@@ -308,7 +315,9 @@ def test_rolling_kills_under_writes_and_commits_lose_nothing(
         assert committed == sorted(committed) and len(set(committed)) == len(committed)
         final = configs.get_active("firewall").version
         assert final == committed[-1]
-        wait_for(lambda: seen and seen[-1] == final, what="the watcher to see the last version")
+        wait_for(
+            "the watcher to see the last version", lambda: seen and seen[-1] == final, timeout=60
+        )
         versions = [v for v in seen if v is not None]
         assert versions == sorted(versions), f"ACTIVE went back: {versions}"
     finally:

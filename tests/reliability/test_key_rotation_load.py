@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from reliability_support import make_client, new_keyring, wait_for, write_keyring_file
+from reliability_support import make_client, new_keyring, write_keyring_file
 
 from defender_config import (
     Alert,
@@ -34,7 +34,7 @@ from defender_config import (
     inspect,
     is_envelope,
 )
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -160,17 +160,19 @@ def roll_out(
     """Write the stage, wait until every component runs with it and every write begun before
     has finished, then let the load run on it for a moment."""
     write_keyring_file(file, target)
-    wait_for(lambda: all(s.current() == target for s in sources), what=f"{stage} everywhere")
+    wait_for(f"{stage} everywhere", lambda: all(s.current() == target for s in sources), timeout=60)
     switched = time.monotonic()
     wait_for(
+        f"writes begun before {stage} to finish",
         lambda: all(t > switched for t in load.last_write_started.values()),
-        what=f"writes begun before {stage} to finish",
+        timeout=60,
     )
     load.stage = stage
     until = time.monotonic() + STAGE_SECONDS
     wait_for(
+        f"reads and writes during {stage}",
         lambda: time.monotonic() > until and load.reads[stage] >= 50 and load.writes[stage] >= 10,
-        what=f"reads and writes during {stage}",
+        timeout=60,
     )
 
 
@@ -201,7 +203,7 @@ def rotate_under_load(
     load = Load(clients, keys)
     load.start(writers, readers, committers)
     try:
-        wait_for(lambda: load.reads["initial"] >= 20, what="the load to start")
+        wait_for("the load to start", lambda: load.reads["initial"] >= 20, timeout=60)
         for r in range(rotations):
             old_id = keyring.primary.key_id
             staged = keyring.with_new_decrypt_only()

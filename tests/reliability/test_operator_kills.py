@@ -29,10 +29,10 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 from prometheus_client import CollectorRegistry
-from reliability_support import HYGIENE, etcd_settings, wait_for
+from reliability_support import HYGIENE, etcd_settings
 
 from defender_config import EtcdStore, Keyring, StoredValue, config_digest, validate_config
-from defender_devcluster import EtcdCluster, LocalCluster
+from defender_devcluster import EtcdCluster, LocalCluster, wait_for
 from defender_devcluster._system import apply_crds
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,9 +165,9 @@ def edits_with_kills(
             )
         for name in names:
             wait_for(
+                f"{name} seeded",
                 lambda n=name: run.get(n).get("status", {}).get("activeVersion") == 1,
                 timeout=120,
-                what=f"{name} seeded",
             )
         last: dict[str, dict[str, Any]] = {n: BASE["spec"]["config"] for n in names}
         kills = 0
@@ -184,9 +184,9 @@ def edits_with_kills(
         expected = {n: config_digest(validate_config("firewall", c)) for n, c in last.items()}
         for name in names:
             wait_for(
+                f"{name} to converge on its last spec.config",
                 lambda n=name: run.get(n).get("status", {}).get("activeDigest") == expected[n],
                 timeout=180,
-                what=f"{name} to converge on its last spec.config",
             )
         configs = run.configs()
         for name in names:
@@ -197,9 +197,9 @@ def edits_with_kills(
             # Status is written after etcd: give the operator time to publish the version.
             try:
                 wait_for(
+                    f"{name} status.activeVersion {finals[name]}",
                     lambda n=name: run.get(n)["status"]["activeVersion"] == finals[n],
                     timeout=30,
-                    what=f"{name} status.activeVersion {finals[name]}",
                 )
             except AssertionError as exc:
                 status = run.get(name)["status"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry
-from reliability_support import etcd_settings, wait_for
+from reliability_support import etcd_settings
 
 from defender_config import EtcdStore, PutOp, WatchEvent
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -27,7 +27,7 @@ def test_watch_delivers_every_key_of_a_transaction(
             keys = [f"{etcd_prefix}{k}" for k in ("master", "active", "metadata", "history")]
             store.txn([], [PutOp(k, b"v") for k in keys])
             store.put(etcd_prefix + "after", b"v")
-            wait_for(lambda: any(e.key.endswith("after") for e in seen), what="the last put")
+            wait_for("the last put", lambda: any(e.key.endswith("after") for e in seen), timeout=60)
         finally:
             handle.cancel()
     assert [e.key for e in seen] == [*keys, etcd_prefix + "after"]
