@@ -8,7 +8,7 @@ blocking methods through `asyncio.to_thread` and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -49,6 +49,14 @@ class AlertRecord:
     reason: str
     detail: str
     time: datetime
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+# (component, instance, heartbeat or None for a delete: the instance stopped or its lease expired)
+InstanceCallback = Callable[[str, str, InstanceRecord | None], None]
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,13 @@ class Backend(Protocol):
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
 
     def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]: ...
+
+    def watch_instances(
+        self, callback: InstanceCallback, on_error: Callable[[Exception], None]
+    ) -> Cancellable:
+        """Watch every instance key; `callback` and `on_error` run on the watch's own thread.
+        The watch survives member outages by itself (`on_error` hears of each once)."""
+        ...
 
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]: ...
 

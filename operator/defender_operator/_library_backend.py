@@ -5,7 +5,7 @@ DefenderClient); this module only adapts shapes."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from defender_config import (
     DefenderClient,
     DefenderConfigError,
     Heartbeat,
+    InstanceEvent,
     KeyringError,
     LibrarySettings,
     NotFoundError,
@@ -25,10 +26,13 @@ from defender_config import (
 )
 from defender_operator._backend import (
     AlertRecord,
+    Cancellable,
     ComponentState,
     EtcdHealth,
+    InstanceCallback,
     InstanceRecord,
 )
+from defender_operator._etcd_health import etcd_health
 from defender_operator._keys import MutableKeyringSource
 
 log = logging.getLogger("defender_operator.backend")
@@ -57,15 +61,7 @@ class LibraryBackend:
         self.layout = self.client.layout
 
     def health(self) -> EtcdHealth:
-        report = self.client.store.health()
-        reachable = report.healthy_count > 0 or any(m.error is None for m in report.members)
-        down = [m.endpoint for m in report.members if not m.healthy]
-        return EtcdHealth(
-            reachable=reachable,
-            quorum=report.quorum,
-            detail=f"{report.healthy_count}/{report.cluster_size} healthy"
-            + (f", down: {', '.join(down)}" if down else ""),
-        )
+        return etcd_health(self.client.store.health())
 
     def state(self, component: str) -> ComponentState:
         meta = self.configs.get_metadata(component)
@@ -135,6 +131,17 @@ class LibraryBackend:
             summary.name: [_instance(hb) for hb in summary.instances]
             for summary in self.registry.list_components()
         }
+
+    def watch_instances(
+        self, callback: InstanceCallback, on_error: Callable[[Exception], None]
+    ) -> Cancellable:
+        def on_event(event: InstanceEvent) -> None:
+            if event.kind == "delete":
+                callback(event.component, event.instance, None)
+            elif event.heartbeat is not None:  # the library logged an unreadable one
+                callback(event.component, event.instance, _instance(event.heartbeat))
+
+        return self.registry.watch_instances(on_event, on_error=on_error)
 
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]:
         out = []

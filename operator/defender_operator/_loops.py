@@ -7,13 +7,14 @@ replica takes over, and rotation steps are safe to race (see `_rotation`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from defender_config import DefenderConfigError
 from defender_operator import _rotation
-from defender_operator._backend import EtcdHealth
+from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord
 from defender_operator._errors import OperatorError
-from defender_operator._metrics import ERRORS
+from defender_operator._metrics import ERRORS, HEARTBEAT_RESYNCS
 from defender_operator._runtime import Runtime, utcnow
 
 log = logging.getLogger("defender_operator")
@@ -36,6 +37,43 @@ async def etcd_health(rt: Runtime) -> None:
                 health.detail,
             )
         await asyncio.sleep(rt.settings.etcd_health_interval_seconds)
+
+
+async def heartbeat_watch(rt: Runtime) -> None:
+    """One watch on every instance key feeding `rt.heartbeats`, plus a full re-read every
+    heartbeat_resync_seconds (sooner after the watch reported an outage)."""
+    loop = asyncio.get_running_loop()
+    view = rt.heartbeats
+
+    def on_event(component: str, instance: str, record: InstanceRecord | None) -> None:
+        loop.call_soon_threadsafe(view.apply, utcnow(), component, instance, record)
+
+    def on_error(exc: Exception) -> None:
+        log.warning("heartbeat watch interrupted, it reconnects by itself: %s", exc)
+        loop.call_soon_threadsafe(view.watch_failed)
+
+    handle: Cancellable | None = None
+    try:
+        while True:
+            wait = rt.settings.heartbeat_resync_seconds
+            try:
+                if handle is None:
+                    handle = await asyncio.to_thread(rt.backend.watch_instances, on_event, on_error)
+                    view.watching = True
+                since = view.begin_resync()
+                listing = await asyncio.to_thread(rt.backend.all_instances)
+                view.resync(utcnow(), since, listing)
+                HEARTBEAT_RESYNCS.inc()
+            except (DefenderConfigError, OperatorError) as exc:
+                ERRORS.labels("heartbeat_resync").inc()
+                log.warning("heartbeat watch/resync failed, retrying: %s", exc)
+                wait = min(wait, rt.settings.etcd_health_interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)
+    finally:
+        view.watching = False
+        if handle is not None:
+            await asyncio.to_thread(handle.cancel)
 
 
 async def key_rotation(rt: Runtime) -> None:

@@ -31,3 +31,15 @@ ROTATION_STAGE = Gauge(
 ETCD_AVAILABLE = Gauge(
     "defender_operator_etcd_available", "1 when defender etcd is reachable with quorum"
 )
+HEARTBEAT_EVENTS = Counter(
+    "defender_operator_heartbeat_events_total",
+    "Instance key events from the heartbeat watch (a delete: stopped or lease expired)",
+    ["kind"],
+)
+HEARTBEAT_RESYNCS = Counter(
+    "defender_operator_heartbeat_resyncs_total", "Full re-reads of every instance key"
+)
+HEARTBEAT_DIRECT_READS = Counter(
+    "defender_operator_heartbeat_direct_reads_total",
+    "Monitor passes that read heartbeats from etcd because the watch view was not trusted",
+)

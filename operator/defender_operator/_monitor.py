@@ -27,6 +27,7 @@ from defender_operator._decisions.restarts import (
     RestartBudget,
     RestartDecision,
     decide_restart,
+    next_deadline,
 )
 from defender_operator._errors import OperatorError
 from defender_operator._keys import keyring_digest
@@ -35,6 +36,7 @@ from defender_operator._metrics import (
     BREAKER_TRIPS,
     ERRORS,
     HEARTBEAT_AGE,
+    HEARTBEAT_DIRECT_READS,
     INSTANCES_ALIVE,
     RESTARTS,
 )
@@ -121,7 +123,9 @@ async def tick(
     raw_spec: Mapping[str, Any],
     status: Mapping[str, Any],
     logger: Logger,
-) -> None:
+) -> datetime | None:
+    """One pass; returns when the next pass should run at the latest to judge a pod the moment
+    its heartbeat deadline passes (None: the regular interval is soon enough)."""
     mem = rt.memory(namespace, name)
     spec = _api.parse_spec(dict(raw_spec))
     now = utcnow()
@@ -132,7 +136,12 @@ async def tick(
     etcd_ok = etcd.reachable and etcd.quorum
     if etcd_ok:
         try:
-            instances = await asyncio.to_thread(rt.backend.instances, name)
+            if rt.heartbeats.trusted:
+                instances = rt.heartbeats.instances(name)
+            else:
+                # Before the first resync, or after a watch outage until the next one.
+                HEARTBEAT_DIRECT_READS.inc()
+                instances = await asyncio.to_thread(rt.backend.instances, name)
             window = timedelta(seconds=rt.settings.misconfig_window_seconds)
             alerts = [
                 Report(a.instance or "?", a.reason, a.detail, a.time)
@@ -234,6 +243,16 @@ async def tick(
         HEARTBEAT_AGE.labels(name).set((now - newest).total_seconds())
     INSTANCES_ALIVE.labels(name).set(alive)
     await publish_status(rt, namespace, name, generation, status, fields)
+    wake = next_deadline(
+        utcnow(),
+        [PodView(p.name, p.created, p.deleting) for p in pods],
+        mem.last_seen,
+        mem.watch_started,
+        policy,
+    )
+    if decision.retry_after is not None:
+        wake = min(wake, decision.retry_after) if wake else decision.retry_after
+    return wake
 
 
 async def _restart(
@@ -312,17 +331,41 @@ async def _breaker(
     return await asyncio.to_thread(rt.backend.state, name)
 
 
+async def _pause(stopped: Any, wake: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less when `wake` is set (a heartbeat watch event) or the daemon
+    is stopped."""
+
+    async def until_stopped() -> None:
+        await stopped.wait()
+
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(until_stopped())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+# Floor between passes, so a burst of watch events costs a few passes, not one each.
+_MIN_PAUSE_SECONDS = 0.2
+
+
 async def run(
     rt: Runtime, stopped: Any, body: Any, namespace: str, name: str, logger: Logger
 ) -> None:
-    """The per-component daemon: `tick` every monitor_interval_seconds until `stopped`."""
+    """The per-component daemon: `tick` every monitor_interval_seconds until `stopped`, and
+    sooner when the heartbeat watch says an instance of this component appeared or vanished,
+    or a pod's heartbeat deadline comes first."""
+    wake = rt.heartbeats.waker(name)
     while not stopped:
+        wake.clear()
+        pause = rt.settings.monitor_interval_seconds
         try:
             # Read fresh each pass: level-based, and independent of kopf's body caching.
             current = await asyncio.to_thread(rt.kube.get_component, namespace, name)
             # Before the first reconcile there is nothing to judge (and no status to merge).
             if current is not None and current.get("status", {}).get("observedGeneration"):
-                await tick(
+                due = await tick(
                     rt,
                     body=body,
                     namespace=namespace,
@@ -332,11 +375,12 @@ async def run(
                     status=current["status"],
                     logger=logger,
                 )
+                if due is not None:
+                    # A hair past the deadline, so the pass sees it passed.
+                    until = (due - utcnow()).total_seconds() + 0.05
+                    pause = min(pause, max(until, _MIN_PAUSE_SECONDS))
         except (DefenderConfigError, OperatorError, ValueError) as exc:
             ERRORS.labels("monitor").inc()
-            logger.warning(
-                "monitor pass failed, next pass in %ss: %s",
-                rt.settings.monitor_interval_seconds,
-                exc,
-            )
-        await stopped.wait(rt.settings.monitor_interval_seconds)
+            logger.warning("monitor pass failed, next pass in %ss: %s", pause, exc)
+        await asyncio.sleep(_MIN_PAUSE_SECONDS)
+        await _pause(stopped, wake, pause)

@@ -15,6 +15,7 @@ from defender_operator._backend import Backend, EtcdHealth
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.conditions import Cond, ConfigState
 from defender_operator._decisions.restarts import EtcdView
+from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._metrics import ETCD_AVAILABLE
@@ -84,6 +85,7 @@ class Runtime:
         self.keyring = keyring
         self.identity = identity
         self.etcd = EtcdTracker()
+        self.heartbeats = HeartbeatView(utcnow())
         self.components: dict[tuple[str, str], ComponentMemory] = {}
         self.rotation_stage = "Idle"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from defender_config import LibrarySettings, load_settings
@@ -36,6 +36,12 @@ class OperatorSettings(BaseSettings):
     liveness_etcd_max_unavailable_seconds: float = Field(default=300.0, gt=0)
     """Liveness fails when etcd has been unreachable this long (a restart may help a stuck
     client; a short outage must not restart the operator)."""
+    heartbeat_resync_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """How often every instance key is re-read in full; the watch delivers changes in between
+    (a resync repairs what a watch can miss across compaction)."""
+    liveness_watch_stall_seconds: float = Field(default=300.0, gt=0)
+    """Liveness fails when, with etcd healthy, neither a heartbeat watch event nor a successful
+    resync arrived this long; must exceed heartbeat_resync_seconds."""
     misconfig_window_seconds: int = Field(default=600, ge=1)
     """Reports (heartbeat errors, alerts) older than this no longer count as misconfiguration."""
 
@@ -53,6 +59,16 @@ class OperatorSettings(BaseSettings):
     log_format: str = Field(default="json", pattern="^(json|text)$")
     """json for machines (the default), text for a terminal."""
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _stall_after_resync(self) -> OperatorSettings:
+        if self.liveness_watch_stall_seconds <= self.heartbeat_resync_seconds:
+            raise ValueError(
+                f"liveness_watch_stall_seconds ({self.liveness_watch_stall_seconds}) must exceed"
+                f" heartbeat_resync_seconds ({self.heartbeat_resync_seconds}), or a quiet"
+                " cluster with no heartbeat events would fail liveness between resyncs"
+            )
+        return self
 
 
 def load_operator_settings() -> tuple[OperatorSettings, LibrarySettings]:

@@ -5,7 +5,8 @@ startup   → build the Runtime (settings, keyring Secret, library backend), sta
 create / resume / update of a DefenderComponent → `_reconcile.reconcile`
 delete    → retention policy (a finalizer holds the object until it is applied)
 daemon    → `_monitor.tick` every monitor_interval_seconds
-probe     → liveness fails when etcd has been unreachable for too long
+probe     → liveness fails when etcd has been unreachable for too long, or the heartbeat
+            watch has stalled (etcd healthy, yet no event and no resync for too long)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 import kopf
@@ -22,6 +24,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from defender_operator import _api, _loops, _monitor, _reconcile
+from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._errors import kopf_errors
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
@@ -66,6 +69,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo["tasks"] = [
         asyncio.create_task(_loops.etcd_health(rt), name="etcd-health"),
         asyncio.create_task(_loops.key_rotation(rt), name="key-rotation"),
+        asyncio.create_task(_loops.heartbeat_watch(rt), name="heartbeat-watch"),
     ]
     log.info(
         "operator %s started: keyring %s/%s primary %s, etcd prefix %s",
@@ -153,9 +157,22 @@ def etcd_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
     rt: Runtime | None = memo.get("runtime")
     if rt is None:
         return {"starting": True}
-    down = rt.etcd.unavailable_for(utcnow()).total_seconds()
+    now = utcnow()
+    down = rt.etcd.unavailable_for(now).total_seconds()
     if down > rt.settings.liveness_etcd_max_unavailable_seconds:
         raise kopf.PermanentError(
             f"defender etcd unreachable for {down:.0f}s ({rt.etcd.last.detail})"
+        )
+    limit = rt.settings.liveness_watch_stall_seconds
+    if watch_stalled(
+        now=now,
+        started=rt.heartbeats.started,
+        last_progress=rt.heartbeats.last_progress,
+        etcd_healthy_since=rt.etcd.healthy_since,
+        threshold=timedelta(seconds=limit),
+    ):
+        raise kopf.PermanentError(
+            f"heartbeat watch stalled: no instance event and no resync for over {limit:.0f}s"
+            " while defender etcd is healthy"
         )
     return {"reachable": rt.etcd.last.reachable, "quorum": rt.etcd.last.quorum}

@@ -93,6 +93,29 @@ def stale_pods(
     return sorted(out)
 
 
+def next_deadline(
+    now: datetime,
+    pods: Sequence[PodView],
+    last_seen: Mapping[str, datetime],
+    watch_started: datetime,
+    policy: HeartbeatPolicy,
+) -> datetime | None:
+    """The earliest future moment a pod turns stale if nothing new arrives, so the monitor can
+    judge it then instead of at its next interval; None when no such moment is ahead."""
+    ahead = []
+    for pod in pods:
+        if pod.deleting:
+            continue
+        seen = last_seen.get(pod.name)
+        if seen is None:
+            deadline = max(pod.created + policy.grace, watch_started + policy.threshold)
+        else:
+            deadline = max(seen + policy.threshold, pod.created + policy.grace)
+        if deadline >= now:
+            ahead.append(deadline)
+    return min(ahead, default=None)
+
+
 def backoff(budget: RestartBudget, recent_restarts: int) -> timedelta:
     """Wait before the next restart: 0 for the first, then base, 2*base, 4*base... capped."""
     if recent_restarts <= 0:

@@ -1,0 +1,214 @@
+"""The heartbeat watch's pure parts: the in-memory view (events vs. resync), the next
+deadline to wake for, the stalled-watch liveness rule, the resync/stall settings, and how
+etcd member health maps to unreachable vs. no quorum."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from defender_config import HealthReport, MemberHealth
+from defender_operator._backend import InstanceRecord
+from defender_operator._decisions.liveness import watch_stalled
+from defender_operator._decisions.restarts import HeartbeatPolicy, PodView, next_deadline
+from defender_operator._errors import OperatorConfigurationError
+from defender_operator._etcd_health import etcd_health
+from defender_operator._heartbeats import HeartbeatView
+from defender_operator._settings import OperatorSettings, load_operator_settings
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+S = timedelta(seconds=1)
+
+
+def rec(instance: str, at: datetime) -> InstanceRecord:
+    return InstanceRecord(instance=instance, pod=f"pod-{instance}", time=at)
+
+
+def times(view: HeartbeatView, component: str) -> dict[str, datetime]:
+    return {r.instance: r.time for r in view.instances(component)}
+
+
+# --- the view ---------------------------------------------------------------------------
+
+
+def test_view_is_not_trusted_until_watching_and_resynced() -> None:
+    view = HeartbeatView(T0)
+    assert not view.trusted
+    view.watching = True
+    assert not view.trusted
+    view.resync(T0, view.begin_resync(), {})
+    assert view.trusted
+    view.watch_failed()
+    assert not view.trusted
+    assert view.resync_requested.is_set()
+    view.begin_resync()
+    assert not view.resync_requested.is_set()
+
+
+def test_delete_removes_the_instance_and_wakes_its_component() -> None:
+    view = HeartbeatView(T0)
+    view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0), rec("b", T0)]})
+    wake, other = view.waker("sniffer"), view.waker("firewall")
+    view.apply(T0 + S, "sniffer", "a", None)
+    assert set(times(view, "sniffer")) == {"b"}
+    assert wake.is_set()
+    assert not other.is_set()
+    assert view.last_progress == T0 + S
+
+
+def test_a_put_updates_and_only_a_new_instance_wakes() -> None:
+    view = HeartbeatView(T0)
+    view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0)]})
+    wake = view.waker("sniffer")
+    view.apply(T0 + S, "sniffer", "a", rec("a", T0 + S))
+    assert times(view, "sniffer") == {"a": T0 + S}
+    assert not wake.is_set(), "a routine heartbeat must not cost a monitor pass"
+    view.apply(T0 + S, "sniffer", "c", rec("c", T0 + S))
+    assert wake.is_set()
+
+
+def test_events_during_a_resync_win_over_the_older_listing() -> None:
+    view = HeartbeatView(T0)
+    view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0), rec("b", T0)]})
+    since = view.begin_resync()
+    # While the listing is being read: a expires, b heartbeats, c starts.
+    view.apply(T0 + S, "sniffer", "a", None)
+    view.apply(T0 + 2 * S, "sniffer", "b", rec("b", T0 + 2 * S))
+    view.apply(T0 + 2 * S, "sniffer", "c", rec("c", T0 + 2 * S))
+    listing = {"sniffer": [rec("a", T0), rec("b", T0 + S)]}  # read before those events
+    view.resync(T0 + 3 * S, since, listing)
+    assert times(view, "sniffer") == {"b": T0 + 2 * S, "c": T0 + 2 * S}
+
+
+def test_a_resync_drops_what_the_watch_missed() -> None:
+    view = HeartbeatView(T0)
+    view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0), rec("b", T0)]})
+    # A delete lost across compaction: only the next listing can tell.
+    view.resync(T0 + S, view.begin_resync(), {"sniffer": [rec("b", T0 + S)]})
+    assert times(view, "sniffer") == {"b": T0 + S}
+    assert view.instances("unknown") == []
+
+
+def test_a_tombstone_older_than_the_listing_does_not_hide_a_new_registration() -> None:
+    view = HeartbeatView(T0)
+    view.apply(T0, "sniffer", "a", None)
+    # The instance re-registered before this listing began: the listing is authoritative.
+    view.resync(T0 + S, view.begin_resync(), {"sniffer": [rec("a", T0 + S)]})
+    assert times(view, "sniffer") == {"a": T0 + S}
+
+
+# --- next deadline ----------------------------------------------------------------------
+
+POLICY = HeartbeatPolicy(interval_seconds=10, missed_before_restart=3, startup_grace_seconds=60)
+OLD = T0 - timedelta(hours=1)
+
+
+def test_next_deadline_is_the_earliest_future_one() -> None:
+    pods = [PodView("p1", OLD), PodView("p2", OLD), PodView("gone", OLD, deleting=True)]
+    seen = {"p1": T0 - 5 * S, "p2": T0 - 20 * S, "gone": T0 - 29 * S}
+    assert next_deadline(T0, pods, seen, OLD, POLICY) == T0 + 10 * S
+
+
+def test_next_deadline_ignores_passed_deadlines_and_respects_grace() -> None:
+    # p1 is already stale (the decision handles it); p2 is new and in its startup grace.
+    pods = [PodView("p1", OLD), PodView("p2", T0 - 10 * S)]
+    seen = {"p1": T0 - 40 * S}
+    assert next_deadline(T0, pods, seen, OLD, POLICY) == T0 + 50 * S
+    assert next_deadline(T0, [PodView("p1", OLD)], seen, OLD, POLICY) is None
+
+
+def test_next_deadline_after_operator_start_waits_a_full_threshold() -> None:
+    pods = [PodView("p1", OLD)]
+    assert next_deadline(T0, pods, {}, T0 - 5 * S, POLICY) == T0 + 25 * S
+
+
+# --- stalled watch ----------------------------------------------------------------------
+
+LIMIT = timedelta(seconds=300)
+
+
+def stalled(now: datetime, progress: datetime | None, healthy: datetime | None) -> bool:
+    return watch_stalled(
+        now=now, started=OLD, last_progress=progress, etcd_healthy_since=healthy, threshold=LIMIT
+    )
+
+
+def test_watch_with_recent_progress_is_not_stalled() -> None:
+    assert not stalled(T0, T0 - 299 * S, OLD)
+
+
+def test_watch_without_progress_past_the_limit_is_stalled() -> None:
+    assert stalled(T0, T0 - 301 * S, OLD)
+    assert stalled(T0, None, OLD)  # never a resync, and the operator started long ago
+
+
+def test_no_stall_while_etcd_is_unhealthy_or_just_recovered() -> None:
+    assert not stalled(T0, T0 - 3600 * S, None)
+    assert not stalled(T0, T0 - 3600 * S, T0 - 10 * S)
+
+
+def test_a_fresh_operator_is_not_stalled() -> None:
+    assert not watch_stalled(
+        now=T0, started=T0 - 10 * S, last_progress=None, etcd_healthy_since=OLD, threshold=LIMIT
+    )
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_stall_limit_must_exceed_resync_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "300")
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "300")
+    with pytest.raises(OperatorConfigurationError, match="must exceed heartbeat_resync_seconds"):
+        load_operator_settings()
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "301")
+    assert OperatorSettings().liveness_watch_stall_seconds == 301
+
+
+# --- etcd health ------------------------------------------------------------------------
+
+
+def member(i: int, healthy: bool, answered: bool) -> MemberHealth:
+    return MemberHealth(
+        endpoint=f"127.0.0.1:{2379 + i}",
+        healthy=healthy,
+        member_id=i + 1 if answered else None,
+        error=None if healthy else ("etcdserver: request timed out" if answered else "refused"),
+    )
+
+
+def report(*members: MemberHealth) -> HealthReport:
+    return HealthReport(
+        members=members,
+        cluster_size=len(members),
+        leader_id=None,
+        quorum=any(m.healthy for m in members),
+    )
+
+
+def test_members_answering_without_quorum_read_as_no_quorum() -> None:
+    h = etcd_health(
+        report(member(0, False, True), member(1, False, False), member(2, False, False))
+    )
+    assert (h.reachable, h.quorum) == (True, False)
+    assert "0/3 healthy" in h.detail
+
+
+def test_no_member_answering_reads_as_unreachable() -> None:
+    h = etcd_health(report(*(member(i, False, False) for i in range(3))))
+    assert (h.reachable, h.quorum) == (False, False)
+    assert "down: 127.0.0.1:2379, 127.0.0.1:2380, 127.0.0.1:2381" in h.detail
+
+
+def test_one_healthy_member_means_quorum() -> None:
+    h = etcd_health(report(member(0, True, True), member(1, False, False), member(2, False, False)))
+    assert (h.reachable, h.quorum) == (True, True)
+    assert h.detail == "1/3 healthy, down: 127.0.0.1:2380, 127.0.0.1:2381"
+
+
+def test_waker_is_an_asyncio_event_per_component() -> None:
+    view = HeartbeatView(T0)
+    assert view.waker("a") is view.waker("a")
+    assert isinstance(view.waker("a"), asyncio.Event)
