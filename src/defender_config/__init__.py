@@ -16,6 +16,7 @@ from ._configs import (
     InvalidConfigPolicy,
     RewrapReport,
     SeedResult,
+    StoragePolicy,
 )
 from ._envelope import Envelope, EnvelopeHeader, expect_plaintext, inspect, is_envelope
 from ._errors import (
@@ -158,6 +159,7 @@ __all__ = [
     "SnifferConfig",
     "StaticKeyringSource",
     "StatusRecord",
+    "StoragePolicy",
     "StoreAuthError",
     "StoreError",
     "StoreMetrics",

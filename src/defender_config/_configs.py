@@ -32,6 +32,7 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._models import ComponentType, canonical_json, config_digest, validate_config
+from ._settings import EnvelopeOptions
 from ._store import WatchHandle
 from ._store_types import Compare, DeleteOp, GetOp, PutOp, StoredValue, WatchEvent
 
@@ -44,6 +45,7 @@ __all__ = [
     "InvalidConfigPolicy",
     "RewrapReport",
     "SeedResult",
+    "StoragePolicy",
 ]
 
 log = logging.getLogger("defender_config.configs")
@@ -61,6 +63,46 @@ class InvalidConfigPolicy(enum.StrEnum):
     """ACTIVE is rolled back to MASTER: the component returns to its known-good original."""
 
 
+class StoragePolicy(BaseModel):
+    """How a component's sealed values (MASTER, ACTIVE, history) are written, recorded in its
+    metadata. Readers take `encrypt` from here, not from the value: a component recorded with
+    `encrypt=false` may be read unencrypted even by a reader whose store-wide options encrypt,
+    and one recorded with `encrypt=true` is never accepted unencrypted, whatever the reader's
+    own options say. The header of a value never decides what is acceptable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compress: bool
+    encrypt: bool
+    level: int = Field(ge=1, le=22)
+    threshold_bytes: int = Field(ge=0)
+
+    @classmethod
+    def from_options(cls, options: EnvelopeOptions) -> StoragePolicy:
+        return cls(
+            compress=options.compress,
+            encrypt=options.encrypt,
+            level=options.level,
+            threshold_bytes=options.threshold_bytes,
+        )
+
+    def write_options(self, base: EnvelopeOptions) -> EnvelopeOptions:
+        """`base` (codecs, caps) with this policy's switches and compression settings."""
+        return base.model_copy(
+            update={
+                "compress": self.compress,
+                "encrypt": self.encrypt,
+                "level": self.level,
+                "threshold_bytes": self.threshold_bytes,
+            }
+        )
+
+    def read_options(self, base: EnvelopeOptions) -> EnvelopeOptions:
+        """What a reader requires: encryption exactly when the policy says so. A policy without
+        encryption and compression also accepts values stored as bare plaintext."""
+        return base.model_copy(update={"compress": self.compress, "encrypt": self.encrypt})
+
+
 class ConfigMetadata(BaseModel):
     """`components/<name>/metadata` (plaintext JSON, readable with etcdctl)."""
 
@@ -73,6 +115,8 @@ class ConfigMetadata(BaseModel):
     type: str
     json_schema: dict[str, Any] | None = None
     note: str | None = None
+    storage: StoragePolicy | None = None
+    """None for records written before per-component storage existed: store-wide options."""
 
 
 class FreezeInfo(BaseModel):
@@ -160,8 +204,37 @@ class ConfigStore:
         data, stored = got
         return _parse_metadata(path, data), stored
 
-    def _open_config(self, path: str, blob: bytes, component: str) -> dict[str, Any]:
-        data = self.client.open(path, blob, component=component)
+    def _metadata_at(self, component: str, revision: int) -> ConfigMetadata | None:
+        """The metadata as of `revision`: the record written in the same transaction as a value
+        read at that revision, so its storage policy is the one that value was sealed under."""
+        meta_key = self.layout.metadata(component)
+        try:
+            stored = self.client.store.get(meta_key, revision=revision)
+        except StoreError:  # compacted: the current record (same policy unless it changed)
+            stored = self.client.store.get(meta_key)
+        if stored is None:
+            return None
+        return _parse_metadata(meta_key, self.client.decode_json(meta_key, stored.value))
+
+    def _read_options(self, meta: ConfigMetadata | None) -> EnvelopeOptions | None:
+        """Per-component reader options from the metadata record; None = store-wide."""
+        if meta is None or meta.storage is None:
+            return None
+        return meta.storage.read_options(self.client.envelope.options)
+
+    def _effective_policy(self, meta: ConfigMetadata | None) -> StoragePolicy:
+        if meta is not None and meta.storage is not None:
+            return meta.storage
+        return StoragePolicy.from_options(self.client.envelope.options)
+
+    def _open_config(
+        self,
+        path: str,
+        blob: bytes,
+        component: str,
+        options: EnvelopeOptions | None = None,
+    ) -> dict[str, Any]:
+        data = self.client.open(path, blob, options, component=component)
         return _decode_config(path, data, component)
 
     def get_master(self, component: str) -> dict[str, Any]:
@@ -170,7 +243,8 @@ class ConfigStore:
         stored = self.client.store.get(path)
         if stored is None:
             raise NotFoundError(path, detail=f"component {component!r} is not registered")
-        return self._open_config(path, stored.value, component)
+        meta = self.get_metadata(component)
+        return self._open_config(path, stored.value, component, self._read_options(meta))
 
     def get_active(self, component: str) -> ActiveConfig:
         """ACTIVE with its version. Served stale (flagged) from cache when etcd is unreachable."""
@@ -180,10 +254,25 @@ class ConfigStore:
             stored = self.client.store.get(path)
             if stored is None:
                 raise NotFoundError(path, detail=f"component {component!r} is not registered")
-            config = self._open_config(path, stored.value, component)
+            # Metadata as of ACTIVE's revision carries the policy ACTIVE was sealed under; a
+            # cached (stale) ACTIVE can only be matched with the cached current record.
+            meta: ConfigMetadata | None = None
+            meta_error: DefenderConfigError | None = None
+            try:
+                if stored.stale:
+                    got = self._metadata(component)
+                    meta = got[0] if got is not None else None
+                else:
+                    meta = self._metadata_at(component, stored.mod_revision)
+            except DefenderConfigError as exc:
+                # A broken record is reported after ACTIVE itself, opened with the store-wide
+                # options, so a broken value is not masked by it.
+                meta_error = exc
+            config = self._open_config(path, stored.value, component, self._read_options(meta))
+            if meta_error is not None:
+                raise meta_error
             digest = config_digest(config)
-            meta = self._metadata(component)
-            version = meta[0].version if meta is not None and meta[0].digest == digest else None
+            version = meta.version if meta is not None and meta.digest == digest else None
             if version is not None or stored.stale or attempt == attempts - 1:
                 return ActiveConfig(
                     component, config, version, digest, stored.mod_revision, stored.stale
@@ -194,11 +283,12 @@ class ConfigStore:
     def history(self, component: str) -> list[HistoryEntry]:
         """The kept versions of ACTIVE, oldest first."""
         entries: list[HistoryEntry] = []
+        options = self._read_options(self.get_metadata(component))
         for sv in self.client.store.list_prefix(self.layout.history_dir(component)):
             parsed = self.layout.parse(sv.key)
             if parsed is None or parsed.version is None:
                 continue
-            config = self._open_config(sv.key, sv.value, component)
+            config = self._open_config(sv.key, sv.value, component, options)
             entries.append(HistoryEntry(parsed.version, config, config_digest(config)))
         return entries
 
@@ -218,10 +308,15 @@ class ConfigStore:
         *,
         by: str,
         json_schema: Mapping[str, Any] | None = None,
+        options: EnvelopeOptions | None = None,
     ) -> SeedResult:
         """Register the component's config: MASTER, ACTIVE v1, metadata and history/1 in ONE
         create-only transaction. If MASTER exists already (another instance won), nothing is
-        written and the existing metadata is returned: MASTER is never overwritten."""
+        written and the existing metadata is returned: MASTER is never overwritten.
+
+        `options` seals this component's values (instead of the store-wide options) and is
+        recorded in the metadata as its StoragePolicy: later commits keep it unless they pass
+        their own, and readers take the encryption requirement from it."""
         ctype = ComponentType(component_type)
         normalized = self._validate(component, ctype.value, config, json_schema)
         digest = config_digest(normalized)
@@ -234,6 +329,7 @@ class ConfigStore:
             type=ctype.value,
             json_schema=dict(json_schema) if json_schema is not None else None,
             note="registered",
+            storage=StoragePolicy.from_options(options) if options is not None else None,
         )
         lay, c = self.layout, self.client
         master, active, meta_key = (
@@ -243,10 +339,10 @@ class ConfigStore:
         )
         history = lay.history(component, 1)
         puts: list[PutOp | DeleteOp | GetOp] = [
-            PutOp(master, c.seal(master, data)),
-            PutOp(active, c.seal(active, data)),
+            PutOp(master, c.seal(master, data, options)),
+            PutOp(active, c.seal(active, data, options)),
             PutOp(meta_key, _encode_metadata(meta)),
-            PutOp(history, c.seal(history, data)),
+            PutOp(history, c.seal(history, data, options)),
         ]
         self._check_request_size(active, puts)
         result = c.store.txn([Compare.absent(master)], puts, [GetOp(meta_key), GetOp(master)])
@@ -260,7 +356,9 @@ class ConfigStore:
                 meta_key, detail="MASTER exists but metadata is missing; repair the component keys"
             )
         current = _parse_metadata(meta_key, c.decode_json(meta_key, existing_meta.value))
-        master_cfg = self._open_config(master, existing_master.value, component)
+        master_cfg = self._open_config(
+            master, existing_master.value, component, self._read_options(current)
+        )
         same = config_digest(master_cfg) == digest
         if not same:
             log.info(
@@ -278,8 +376,14 @@ class ConfigStore:
         expected_version: int | None = None,
         *,
         note: str | None = None,
+        options: EnvelopeOptions | None = None,
     ) -> int:
         """Validate and write a new ACTIVE version; returns the version now active.
+
+        `options` (None = the component's recorded StoragePolicy, else the store-wide options)
+        seals the new version and becomes the component's policy. A change of the encryption
+        or compression switch also re-seals MASTER and the kept history in the same
+        transaction, so readers can apply one policy to every value of the component.
 
         Refused with ConfigFrozenError while the freeze marker exists, ConflictError if the
         version moved on (`expected_version`, or a concurrent commit). A config the component's
@@ -314,11 +418,19 @@ class ConfigStore:
                     log.error("automatic rollback of %s to MASTER failed: %s", component, exc)
             raise
         digest = config_digest(normalized)
-        if digest == meta.digest:
+        policy_unchanged = options is None or (meta.storage == StoragePolicy.from_options(options))
+        if digest == meta.digest and policy_unchanged:
             return meta.version  # nothing changes: no new version, no watch event
         try:
             return self._write_version(
-                component, normalized, by, meta, meta_stored, note=note, respect_freeze=True
+                component,
+                normalized,
+                by,
+                meta,
+                meta_stored,
+                note=note,
+                respect_freeze=True,
+                options=options,
             )
         except ConflictError:
             # A write retried after a lost response finds its own first attempt applied and
@@ -333,9 +445,17 @@ class ConfigStore:
                 return now.version
             raise
 
-    def rollback(self, component: str, to: Literal["master"] | int, by: str) -> int:
+    def rollback(
+        self,
+        component: str,
+        to: Literal["master"] | int,
+        by: str,
+        *,
+        options: EnvelopeOptions | None = None,
+    ) -> int:
         """Make MASTER (`to="master"`) or a kept history version ACTIVE again, as a new
-        version. Allowed while frozen: it is the way back to a known-good config."""
+        version. Allowed while frozen: it is the way back to a known-good config. `options` as
+        in `commit`."""
         got = self._metadata(component)
         if got is None:
             raise NotFoundError(
@@ -356,9 +476,16 @@ class ConfigStore:
                     detail=f"version {to} is not kept (history holds {kept}); "
                     "roll back to one of those or to master",
                 )
-            target = self._open_config(path, stored.value, component)
+            target = self._open_config(path, stored.value, component, self._read_options(meta))
         version = self._write_version(
-            component, target, by, meta, meta_stored, note=f"rollback to {to}", respect_freeze=False
+            component,
+            target,
+            by,
+            meta,
+            meta_stored,
+            note=f"rollback to {to}",
+            respect_freeze=False,
+            options=options,
         )
         self.client.alerter.event(
             "ConfigRolledBack",
@@ -378,10 +505,17 @@ class ConfigStore:
         *,
         note: str | None,
         respect_freeze: bool,
+        options: EnvelopeOptions | None = None,
     ) -> int:
         lay, c = self.layout, self.client
         version = meta.version + 1
         data = canonical_json(config)
+        if options is not None:
+            policy: StoragePolicy | None = StoragePolicy.from_options(options)
+            write: EnvelopeOptions | None = options
+        else:
+            policy = meta.storage
+            write = policy.write_options(c.envelope.options) if policy is not None else None
         new_meta = meta.model_copy(
             update={
                 "version": version,
@@ -389,6 +523,7 @@ class ConfigStore:
                 "modified_by": by,
                 "digest": config_digest(config),
                 "note": note,
+                "storage": policy,
             }
         )
         active, meta_key, freeze = (
@@ -401,11 +536,16 @@ class ConfigStore:
         if respect_freeze:
             compares.append(Compare.absent(freeze))
         success: list[PutOp | DeleteOp | GetOp] = [
-            PutOp(active, c.seal(active, data)),
+            PutOp(active, c.seal(active, data, write)),
             PutOp(meta_key, _encode_metadata(new_meta)),
-            PutOp(history, c.seal(history, data)),
+            PutOp(history, c.seal(history, data, write)),
         ]
         oldest_kept = version - self.history_limit + 1
+        old, new = self._effective_policy(meta), self._effective_policy(new_meta)
+        if (old.encrypt, old.compress) != (new.encrypt, new.compress):
+            # Readers apply the current policy to every value of the component: re-seal the
+            # ones kept from before, guarded so a concurrent rewrap is not overwritten.
+            compares.extend(self._reseal_kept(component, meta, write, oldest_kept, success))
         if oldest_kept > 1:
             # Everything below the oldest kept version, in one range delete.
             success.append(
@@ -427,6 +567,33 @@ class ConfigStore:
         raise ConflictError(
             active, expected=meta.version, found=found, detail="another commit landed first"
         )
+
+    def _reseal_kept(
+        self,
+        component: str,
+        meta: ConfigMetadata,
+        write: EnvelopeOptions | None,
+        oldest_kept: int,
+        success: list[PutOp | DeleteOp | GetOp],
+    ) -> list[Compare]:
+        """Append puts re-sealing MASTER and the history kept after this version; return the
+        compares that guard them."""
+        lay, c = self.layout, self.client
+        read = self._read_options(meta)
+        kept = [
+            sv
+            for sv in c.store.list_prefix(lay.history_dir(component))
+            if (parsed := lay.parse(sv.key)) is not None
+            and parsed.version is not None
+            and parsed.version >= oldest_kept
+        ]
+        master = c.store.get(lay.master_config(component))
+        compares: list[Compare] = []
+        for sv in [*kept, *([master] if master is not None else [])]:
+            plain = c.open(sv.key, sv.value, read, component=component)
+            success.append(PutOp(sv.key, c.seal(sv.key, plain, write)))
+            compares.append(Compare.mod_revision_is(sv.key, sv.mod_revision))
+        return compares
 
     def freeze(self, component: str, reason: str, by: str | None = None) -> None:
         """Refuse commits to `component` until `unfreeze`."""
@@ -468,8 +635,9 @@ class ConfigStore:
                 log.error("watch_active %s: %s", component, exc)
 
         def deliver(value: bytes, mod_revision: int) -> None:
+            meta = self._meta_for_watch(component, mod_revision)
             try:
-                config = self._open_config(path, value, component)
+                config = self._open_config(path, value, component, self._read_options(meta))
             except EnvelopeError as exc:  # already alerted by client.open
                 fail(exc)
                 return
@@ -480,7 +648,7 @@ class ConfigStore:
             digest = config_digest(config)
             if digest == last_digest[0]:
                 return
-            version = self._version_at(component, digest, mod_revision)
+            version = meta.version if meta is not None and meta.digest == digest else None
             last_digest[0] = digest
             callback(ActiveConfig(component, config, version, digest, mod_revision))
 
@@ -499,21 +667,19 @@ class ConfigStore:
         return store.watch_key(path, on_event, start_revision=start, on_error=on_store_error)
 
     def _version_at(self, component: str, digest: str, revision: int) -> int | None:
-        """The metadata version written with ACTIVE at `revision` (same transaction), read as
-        of that revision so later commits do not hide it; None if it cannot be matched."""
-        meta_key = self.layout.metadata(component)
+        """The metadata version written with ACTIVE at `revision` if it matches `digest`."""
+        meta = self._meta_for_watch(component, revision)
+        return meta.version if meta is not None and meta.digest == digest else None
+
+    def _meta_for_watch(self, component: str, revision: int) -> ConfigMetadata | None:
+        """The metadata written with ACTIVE at `revision` (same transaction), read as of that
+        revision so later commits do not hide its version and policy; None if unreadable (the
+        value is then opened with the store-wide options)."""
         try:
-            try:
-                stored = self.client.store.get(meta_key, revision=revision)
-            except StoreError:  # compacted: the current metadata may still match
-                stored = self.client.store.get(meta_key)
-            if stored is None:
-                return None
-            meta = _parse_metadata(meta_key, self.client.decode_json(meta_key, stored.value))
+            return self._metadata_at(component, revision)
         except DefenderConfigError as exc:
             log.warning("watch_active %s: metadata unreadable: %s", component, exc)
             return None
-        return meta.version if meta.digest == digest else None
 
     # --- key rotation ---------------------------------------------------------------------------
 
@@ -528,26 +694,29 @@ class ConfigStore:
         Values that cannot be opened are alerted and counted as failed."""
         report = RewrapReport()
         c = self.client
+        # Per component: (read, write) options from its recorded StoragePolicy.
+        policies: dict[str, tuple[EnvelopeOptions | None, EnvelopeOptions | None]] = {}
         for sv in values:
             report.scanned += 1
             if not is_envelope(sv.value):
                 continue
             report.sealed += 1
+            read, write = self._rewrap_options(sv.key, policies)
             current: StoredValue | None = sv
             for attempt in range(2):
                 if current is None:
                     break  # deleted meanwhile: nothing left to rewrap
                 try:
                     try:
-                        stale_seal = c.envelope.needs_reseal(current.value)
+                        stale_seal = c.envelope.needs_reseal(current.value, write)
                     except EnvelopeError as exc:  # a corrupt header: c.open did not see it
                         c.report(exc, path=current.key)
                         raise
                     if not stale_seal:
                         report.already_current += 1
                         break
-                    data = c.open(current.key, current.value)
-                    resealed = c.seal(current.key, data)
+                    data = c.open(current.key, current.value, read)
+                    resealed = c.seal(current.key, data, write)
                     c.store.compare_and_swap(
                         current.key, current.mod_revision, resealed, lease=current.lease_id
                     )
@@ -571,6 +740,25 @@ class ConfigStore:
             report.failed,
         )
         return report
+
+    def _rewrap_options(
+        self,
+        key: str,
+        cache: dict[str, tuple[EnvelopeOptions | None, EnvelopeOptions | None]],
+    ) -> tuple[EnvelopeOptions | None, EnvelopeOptions | None]:
+        parsed = self.layout.parse(key)
+        if parsed is None or parsed.kind not in ("master_config", "active_config", "history"):
+            return None, None
+        if parsed.component not in cache:
+            meta = self.get_metadata(parsed.component)
+            policy = meta.storage if meta is not None else None
+            base = self.client.envelope.options
+            cache[parsed.component] = (
+                (policy.read_options(base), policy.write_options(base))
+                if policy is not None
+                else (None, None)
+            )
+        return cache[parsed.component]
 
     # --- helpers --------------------------------------------------------------------------------
 

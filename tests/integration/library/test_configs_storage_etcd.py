@@ -1,0 +1,221 @@
+"""Per-component storage options (ConfigStore `options=`) against the real cluster: what the raw
+etcd values look like, that readers with other store-wide options still read them, and that the
+encryption requirement recorded in the metadata is enforced on readers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zstandard
+from prometheus_client import CollectorRegistry
+
+from defender_config import (
+    ActiveConfig,
+    CodecMismatchError,
+    ConfigStore,
+    DefenderClient,
+    DefenderConfigError,
+    EnvelopeOptions,
+    Keyring,
+    LibrarySettings,
+    NotAnEnvelopeError,
+    StoragePolicy,
+    canonical_json,
+    inspect,
+    is_envelope,
+)
+from defender_devcluster import wait_for
+
+pytestmark = pytest.mark.etcd
+
+# Long enough (over the default 256-byte threshold) and repetitive enough to be compressed.
+RULES = [
+    {"action": "deny", "src": f"10.{i}.0.0/16", "dst": "0.0.0.0/0", "ports": [22, 23, 3389]}
+    for i in range(40)
+]
+SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+def config(n: int = 0) -> dict[str, Any]:
+    return {"node_id": "fw-01", "revision": n, "rules": RULES}
+
+
+def raw(client: DefenderClient, path: str) -> bytes:
+    stored = client.store.get(path)
+    assert stored is not None, path
+    return stored.value
+
+
+def sealed_paths(client: DefenderClient, component: str) -> list[str]:
+    lay = client.layout
+    history = [sv.key for sv in client.store.list_prefix(lay.history_dir(component))]
+    return [lay.master_config(component), lay.active_config(component), *history]
+
+
+def seed(configs: ConfigStore, component: str, options: EnvelopeOptions | None) -> None:
+    result = configs.seed(
+        component, config(), "custom", by="test", json_schema=SCHEMA, options=options
+    )
+    assert result.created
+
+
+@pytest.fixture
+def configs(client: DefenderClient) -> ConfigStore:
+    return ConfigStore(client)
+
+
+@pytest.fixture
+def plain_reader(settings: LibrarySettings) -> Iterator[DefenderClient]:
+    """A reader without keyring whose store-wide options neither encrypt nor compress."""
+    s = settings.model_copy(update={"envelope": EnvelopeOptions(compress=False, encrypt=False)})
+    c = DefenderClient(s, None, registry=CollectorRegistry(), alert_sinks=[])
+    yield c
+    c.close()
+
+
+def watch_first(configs: ConfigStore, component: str) -> ActiveConfig:
+    seen: list[ActiveConfig] = []
+    errors: list[DefenderConfigError] = []
+    handle = configs.watch_active(component, seen.append, on_error=errors.append)
+    try:
+        wait_for("initial ACTIVE delivered", lambda: bool(seen or errors), timeout=15)
+    finally:
+        handle.cancel()
+    assert errors == []
+    return seen[0]
+
+
+def test_compression_off_is_stored_uncompressed_and_reads_back(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    seed(configs, "fw", EnvelopeOptions(compress=False))
+    for path in sealed_paths(client, "fw"):
+        header = inspect(raw(client, path))
+        assert (header.compressed, header.encrypted) == (False, True), path
+    meta = configs.get_metadata("fw")
+    assert meta is not None and meta.storage is not None
+    assert (meta.storage.compress, meta.storage.encrypt) == (False, True)
+    # The default policy compresses the same config: the option made the difference.
+    seed(configs, "fw-default", None)
+    assert inspect(raw(client, client.layout.active_config("fw-default"))).compressed
+    assert configs.get_active("fw").config == config()
+    assert watch_first(configs, "fw").config == config()
+
+
+def test_encryption_off_is_readable_by_an_encrypting_reader(
+    configs: ConfigStore, client: DefenderClient, alerts: list[Any]
+) -> None:
+    seed(configs, "fw", EnvelopeOptions(encrypt=False))
+    for path in sealed_paths(client, "fw"):
+        header = inspect(raw(client, path))
+        assert (header.compressed, header.encrypted, header.key_id) == (True, False, None)
+    # `client` encrypts store-wide and would refuse an unencrypted value of another component;
+    # the metadata record of this one allows it.
+    assert client.envelope.options.encrypt
+    assert configs.get_active("fw").config == config()
+    assert configs.get_master("fw") == config()
+    version = configs.commit("fw", config(1), by="ops")
+    assert [e.version for e in configs.history("fw")] == [1, 2]
+    assert not inspect(raw(client, client.layout.active_config("fw"))).encrypted  # kept policy
+    assert watch_first(configs, "fw").version == version
+    assert alerts == []
+
+
+def test_both_off_is_bare_json_in_etcd(configs: ConfigStore, client: DefenderClient) -> None:
+    seed(configs, "fw", EnvelopeOptions(compress=False, encrypt=False))
+    value = raw(client, client.layout.active_config("fw"))
+    assert not is_envelope(value)
+    assert value == canonical_json(config())
+    assert configs.get_active("fw").config == config()
+    assert watch_first(configs, "fw").config == config()
+
+
+def test_custom_level_and_threshold(configs: ConfigStore, client: DefenderClient) -> None:
+    seed(configs, "fw19", EnvelopeOptions(encrypt=False, level=19))
+    value = raw(client, client.layout.active_config("fw19"))
+    header = inspect(value)
+    data = canonical_json(config())
+    level19 = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(data)
+    level1 = zstandard.ZstdCompressor(level=1, write_checksum=False).compress(data)
+    assert level19 != level1  # the check below tells the two levels apart
+    assert header.compressed and value[header.header_length :] == level19
+    meta = configs.get_metadata("fw19")
+    assert meta is not None and meta.storage == StoragePolicy(
+        compress=True, encrypt=False, level=19, threshold_bytes=256
+    )
+    # A threshold above the value's size leaves it uncompressed (the flag is clear).
+    seed(configs, "fwbig", EnvelopeOptions(threshold_bytes=len(data) + 1))
+    assert not inspect(raw(client, client.layout.active_config("fwbig"))).compressed
+    assert configs.get_active("fw19").config == configs.get_active("fwbig").config == config()
+
+
+def test_reader_refuses_plaintext_when_metadata_requires_encryption(
+    configs: ConfigStore, client: DefenderClient, plain_reader: DefenderClient
+) -> None:
+    seed(configs, "fw", EnvelopeOptions(encrypt=True))
+    active = client.layout.active_config("fw")
+    lenient = ConfigStore(plain_reader)
+    # Forged values: bare JSON, and an unencrypted envelope. The reader's own options would
+    # accept both; the component's metadata requires encryption, so it refuses them.
+    forged_plain = canonical_json(config(9))
+    client.store.put(active, forged_plain)
+    with pytest.raises(NotAnEnvelopeError) as plain_err:
+        lenient.get_active("fw")
+    assert plain_err.value.reason == "NotAnEnvelope"
+    client.store.put(active, client.seal(active, forged_plain, EnvelopeOptions(encrypt=False)))
+    with pytest.raises(CodecMismatchError):
+        configs.get_active("fw")
+    with pytest.raises(CodecMismatchError):
+        lenient.get_active("fw")
+    errors: list[DefenderConfigError] = []
+    handle = lenient.watch_active("fw", lambda a: None, on_error=errors.append)
+    try:
+        wait_for("decode error delivered", lambda: bool(errors), timeout=15)
+    finally:
+        handle.cancel()
+    assert isinstance(errors[0], CodecMismatchError)
+
+
+def test_policy_change_reseals_master_and_history(
+    configs: ConfigStore, client: DefenderClient, plain_reader: DefenderClient
+) -> None:
+    seed(configs, "fw", None)
+    configs.commit("fw", config(1), by="ops")
+    configs.commit("fw", config(2), by="ops", options=EnvelopeOptions(encrypt=False))
+    for path in sealed_paths(client, "fw"):
+        assert not inspect(raw(client, path)).encrypted, path
+    # Without a keyring, this reader can now read every value of the component.
+    lenient = ConfigStore(plain_reader)
+    assert [e.version for e in lenient.history("fw")] == [1, 2, 3]
+    assert lenient.get_master("fw") == config()
+    # Same config, encryption back on: a new version, everything encrypted again.
+    v = configs.commit("fw", config(2), by="ops", options=EnvelopeOptions())
+    assert v == 4
+    for path in sealed_paths(client, "fw"):
+        assert inspect(raw(client, path)).encrypted, path
+    # history_limit is 3: versions 2-4 are kept, each readable under the current policy.
+    assert configs.rollback("fw", 2, by="ops") == 5
+    assert configs.get_active("fw").config == config(1)
+    assert configs.rollback("fw", "master", by="ops") == 6
+    assert configs.get_active("fw").config == config()
+
+
+def test_rewrap_keeps_each_components_policy(
+    configs: ConfigStore, settings: LibrarySettings, keyring: Keyring
+) -> None:
+    seed(configs, "plain", EnvelopeOptions(encrypt=False))
+    seed(configs, "sealed", None)
+    staged = keyring.with_new_decrypt_only()
+    new_id = next(k for k in staged.key_ids if k != keyring.primary.key_id)
+    with DefenderClient(
+        settings, staged.promote(new_id), registry=CollectorRegistry(), alert_sinks=[]
+    ) as c2:
+        report = ConfigStore(c2).rewrap_all()
+        assert report.failed == 0 and report.rewrapped == 3  # "sealed": MASTER, ACTIVE, hist/1
+        for path in sealed_paths(c2, "plain"):
+            assert not inspect(raw(c2, path)).encrypted, path
+        for path in sealed_paths(c2, "sealed"):
+            assert inspect(raw(c2, path)).key_id == new_id, path
+        assert ConfigStore(c2).get_active("plain").config == config()
