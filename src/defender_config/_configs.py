@@ -545,7 +545,9 @@ class ConfigStore:
         if (old.encrypt, old.compress) != (new.encrypt, new.compress):
             # Readers apply the current policy to every value of the component: re-seal the
             # ones kept from before, guarded so a concurrent rewrap is not overwritten.
-            compares.extend(self._reseal_kept(component, meta, write, oldest_kept, success))
+            compares.extend(
+                self._reseal_kept(component, meta, write, oldest_kept, success, with_active=False)
+            )
         if oldest_kept > 1:
             # Everything below the oldest kept version, in one range delete.
             success.append(
@@ -575,9 +577,11 @@ class ConfigStore:
         write: EnvelopeOptions | None,
         oldest_kept: int,
         success: list[PutOp | DeleteOp | GetOp],
+        *,
+        with_active: bool,
     ) -> list[Compare]:
-        """Append puts re-sealing MASTER and the history kept after this version; return the
-        compares that guard them."""
+        """Append puts re-sealing MASTER, the history from `oldest_kept` on (and ACTIVE when
+        `with_active`); return the compares that guard them."""
         lay, c = self.layout, self.client
         read = self._read_options(meta)
         kept = [
@@ -587,13 +591,53 @@ class ConfigStore:
             and parsed.version is not None
             and parsed.version >= oldest_kept
         ]
-        master = c.store.get(lay.master_config(component))
+        singles = [lay.master_config(component)]
+        if with_active:
+            singles.append(lay.active_config(component))
+        others = [sv for sv in (c.store.get(p) for p in singles) if sv is not None]
         compares: list[Compare] = []
-        for sv in [*kept, *([master] if master is not None else [])]:
+        for sv in [*kept, *others]:
             plain = c.open(sv.key, sv.value, read, component=component)
             success.append(PutOp(sv.key, c.seal(sv.key, plain, write)))
             compares.append(Compare.mod_revision_is(sv.key, sv.mod_revision))
         return compares
+
+    def set_storage(self, component: str, options: EnvelopeOptions, by: str) -> bool:
+        """Make `options` the component's StoragePolicy without a new config version: MASTER,
+        ACTIVE, the kept history and the metadata record are re-sealed/rewritten in one
+        transaction guarded by their mod_revisions. Returns False when the policy is already
+        that. Allowed while frozen: the config does not change (watchers see the same digest)."""
+        got = self._metadata(component)
+        if got is None:
+            raise NotFoundError(
+                self.layout.metadata(component), detail=f"component {component!r} not registered"
+            )
+        meta, meta_stored = got
+        if meta_stored.stale:
+            raise self._unavailable_for_write(component)
+        policy = StoragePolicy.from_options(options)
+        if meta.storage == policy:
+            return False
+        meta_key = self.layout.metadata(component)
+        success: list[PutOp | DeleteOp | GetOp] = [
+            PutOp(meta_key, _encode_metadata(meta.model_copy(update={"storage": policy})))
+        ]
+        compares = [Compare.mod_revision_is(meta_key, meta_stored.mod_revision)]
+        compares.extend(self._reseal_kept(component, meta, options, 1, success, with_active=True))
+        self._check_request_size(self.layout.active_config(component), success)
+        if not self.client.store.txn(compares, success, []).succeeded:
+            raise ConflictError(
+                self.layout.active_config(component),
+                detail="a commit or rewrap landed while the storage policy was changing; retry",
+            )
+        log.info(
+            "component %s: storage policy %s set by %s (%d values re-sealed)",
+            component,
+            policy,
+            by,
+            len(success) - 1,
+        )
+        return True
 
     def freeze(self, component: str, reason: str, by: str | None = None) -> None:
         """Refuse commits to `component` until `unfreeze`."""

@@ -15,12 +15,14 @@ from defender_config import (
     ActiveConfig,
     CodecMismatchError,
     ConfigStore,
+    ConflictError,
     DefenderClient,
     DefenderConfigError,
     EnvelopeOptions,
     Keyring,
     LibrarySettings,
     NotAnEnvelopeError,
+    NotFoundError,
     StoragePolicy,
     canonical_json,
     inspect,
@@ -219,3 +221,43 @@ def test_rewrap_keeps_each_components_policy(
         for path in sealed_paths(c2, "sealed"):
             assert inspect(raw(c2, path)).key_id == new_id, path
         assert ConfigStore(c2).get_active("plain").config == config()
+
+
+def test_set_storage_reseals_without_a_new_version(
+    configs: ConfigStore, client: DefenderClient, plain_reader: DefenderClient
+) -> None:
+    seed(configs, "fw", None)
+    configs.commit("fw", config(1), by="ops")
+    off = EnvelopeOptions(compress=False, encrypt=False)
+    assert configs.set_storage("fw", off, by="ops")
+    for path in sealed_paths(client, "fw"):
+        assert not is_envelope(raw(client, path)), path
+    meta = configs.get_metadata("fw")
+    assert (
+        meta is not None and meta.version == 2 and meta.storage == StoragePolicy.from_options(off)
+    )
+    lenient = ConfigStore(plain_reader)
+    assert lenient.get_active("fw").version == 2
+    assert [e.config for e in lenient.history("fw")] == [config(), config(1)]
+    assert not configs.set_storage("fw", off, by="ops")  # already so: nothing written
+    with pytest.raises(NotFoundError):
+        configs.set_storage("nope", off, by="ops")
+
+
+def test_set_storage_loses_to_a_concurrent_commit(
+    configs: ConfigStore, client: DefenderClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed(configs, "fw", None)
+    real = configs._reseal_kept
+
+    def commit_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        # Another writer commits after set_storage read the metadata, before its transaction.
+        ConfigStore(client).commit("fw", config(5), by="other")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(configs, "_reseal_kept", commit_meanwhile)
+    with pytest.raises(ConflictError, match="retry"):
+        configs.set_storage("fw", EnvelopeOptions(encrypt=False), by="ops")
+    meta = configs.get_metadata("fw")
+    assert meta is not None and meta.storage is None and meta.version == 2
+    assert inspect(raw(client, client.layout.active_config("fw"))).encrypted
