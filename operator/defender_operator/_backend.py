@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from defender_config import StoragePolicy
+
 
 @dataclass(frozen=True)
 class ComponentState:
@@ -22,6 +24,8 @@ class ComponentState:
     active_digest: str | None
     active_version: int | None
     frozen: bool = False
+    storage: StoragePolicy | None = None
+    """The policy recorded in the metadata (None = the store-wide envelope options)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,10 @@ class Backend(Protocol):
         *,
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
+        storage: StoragePolicy | None = None,
     ) -> ComponentState:
-        """Create MASTER (only if absent) and ACTIVE (only if absent) from `config`."""
+        """Create MASTER (only if absent) and ACTIVE (only if absent) from `config`, sealed
+        with `storage` (None = store-wide options), which becomes the component's policy."""
         ...
 
     def commit(
@@ -94,14 +100,27 @@ class Backend(Protocol):
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
         history_limit: int,
+        storage: StoragePolicy | None = None,
     ) -> int:
         """Validate and write a new ACTIVE version; returns it. ConfigValidationError /
         ConfigFrozenError leave ACTIVE untouched."""
         ...
 
-    def rollback(self, component: str, to_version: int | None, *, modified_by: str) -> int:
+    def rollback(
+        self,
+        component: str,
+        to_version: int | None,
+        *,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> int:
         """Make ACTIVE a copy of MASTER (`to_version` None) or of a history version; returns
         the new ACTIVE version number."""
+        ...
+
+    def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:
+        """Re-seal the component's stored values under `storage` without a new version;
+        False when that is already its policy."""
         ...
 
     def freeze(self, component: str, reason: str) -> None: ...

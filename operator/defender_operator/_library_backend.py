@@ -16,12 +16,14 @@ from defender_config import (
     ConfigStore,
     DefenderClient,
     DefenderConfigError,
+    EnvelopeOptions,
     Heartbeat,
     InstanceEvent,
     KeyringError,
     LibrarySettings,
     NotFoundError,
     Registry,
+    StoragePolicy,
     config_digest,
 )
 from defender_operator._backend import (
@@ -74,7 +76,13 @@ class LibraryBackend:
             active_digest=meta.digest if meta is not None else None,
             active_version=meta.version if meta is not None else None,
             frozen=self.configs.frozen(component) is not None,
+            storage=meta.storage if meta is not None else None,
         )
+
+    def _options(self, storage: StoragePolicy | None) -> EnvelopeOptions | None:
+        # Codecs and size caps stay the store-wide ones; the spec chooses the switches, the
+        # zstd level and the threshold.
+        return storage.write_options(self.client.envelope.options) if storage is not None else None
 
     def seed(
         self,
@@ -84,11 +92,17 @@ class LibraryBackend:
         *,
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
+        storage: StoragePolicy | None = None,
     ) -> ComponentState:
         # The library writes MASTER, ACTIVE v1 and metadata in one create-only transaction;
         # when MASTER exists it writes nothing and returns what is there.
         self.configs.seed(
-            component, config, component_type, by=modified_by, json_schema=json_schema
+            component,
+            config,
+            component_type,
+            by=modified_by,
+            json_schema=json_schema,
+            options=self._options(storage),
         )
         return self.state(component)
 
@@ -101,14 +115,29 @@ class LibraryBackend:
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
         history_limit: int,
+        storage: StoragePolicy | None = None,
     ) -> int:
         store = ConfigStore(self.client, history_limit=history_limit)
-        return store.commit(component, config, modified_by)
+        return store.commit(component, config, modified_by, options=self._options(storage))
 
-    def rollback(self, component: str, to_version: int | None, *, modified_by: str) -> int:
+    def rollback(
+        self,
+        component: str,
+        to_version: int | None,
+        *,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> int:
         return self.configs.rollback(
-            component, "master" if to_version is None else to_version, modified_by
+            component,
+            "master" if to_version is None else to_version,
+            modified_by,
+            options=self._options(storage),
         )
+
+    def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:
+        options = storage.write_options(self.client.envelope.options)
+        return self.configs.set_storage(component, options, modified_by)
 
     def freeze(self, component: str, reason: str) -> None:
         self.configs.freeze(component, reason, by="defender-operator")

@@ -16,6 +16,7 @@ import kopf
 
 from defender_config import (
     ConfigValidationError,
+    StoragePolicy,
     StoreUnavailableError,
     config_digest,
     validate_config,
@@ -30,6 +31,16 @@ from defender_operator._metrics import COMMITS
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 UNFREEZE_ANNOTATION = f"{_api.GROUP}/unfreeze"
+
+
+def storage_policy(storage: _api.StorageSpec) -> StoragePolicy:
+    """spec.storage as the library's per-component policy (seal options of its values)."""
+    return StoragePolicy(
+        compress=storage.compression.enabled,
+        encrypt=storage.encryption.enabled,
+        level=storage.compression.level,
+        threshold_bytes=storage.compression.threshold_bytes,
+    )
 
 
 def _etcd_name(name: str) -> str:
@@ -185,6 +196,7 @@ async def _reconcile(
         return
 
     digest = config_digest(normalized)
+    storage = storage_policy(spec.storage)
     state = await asyncio.to_thread(rt.backend.state, component)
     plan = plan_seed(
         digest,
@@ -199,6 +211,7 @@ async def _reconcile(
             normalized,
             json_schema=spec.custom_schema,
             modified_by=who,
+            storage=storage,
         )
         logger.info(
             "seeded %s (MASTER %s, ACTIVE version %s)",
@@ -234,12 +247,28 @@ async def _reconcile(
             json_schema=spec.custom_schema,
             modified_by=who,
             history_limit=spec.rollout.history_limit,
+            storage=storage,
         )
         COMMITS.labels(component).inc()
         mem.last_change = ActiveChange(version=version, previous_version=previous, time=utcnow())
         logger.info("committed ACTIVE version %s (was %s)", version, previous)
         kopf.event(
             body, type="Normal", reason="Committed", message=f"ACTIVE version {version} committed"
+        )
+        state = await asyncio.to_thread(rt.backend.state, component)
+    if state.active_version is not None and state.storage != storage:
+        # spec.storage changed alone (or MASTER was adopted from before): re-seal what is
+        # stored under the new policy; the config and its version stay as they are.
+        await asyncio.to_thread(rt.backend.set_storage, component, storage, modified_by=who)
+        logger.info("storage policy of %s is now %s", component, storage)
+        kopf.event(
+            body,
+            type="Normal",
+            reason="StorageChanged",
+            message=(
+                f"stored values re-sealed: compression {'on' if storage.compress else 'off'}"
+                f" (level {storage.level}), encryption {'on' if storage.encrypt else 'off'}"
+            ),
         )
         state = await asyncio.to_thread(rt.backend.state, component)
     fields.update(
