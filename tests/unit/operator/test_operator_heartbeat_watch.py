@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import kopf
 import pytest
 
 from defender_config import HealthReport, MemberHealth
-from defender_operator._backend import InstanceRecord
+from defender_operator import handlers
+from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._decisions.restarts import HeartbeatPolicy, PodView, next_deadline
 from defender_operator._errors import OperatorConfigurationError
 from defender_operator._etcd_health import etcd_health
 from defender_operator._heartbeats import HeartbeatView
+from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import OperatorSettings, load_operator_settings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -212,3 +216,28 @@ def test_waker_is_an_asyncio_event_per_component() -> None:
     view = HeartbeatView(T0)
     assert view.waker("a") is view.waker("a")
     assert isinstance(view.waker("a"), asyncio.Event)
+
+
+# --- the liveness probe itself ----------------------------------------------------------
+
+
+def _probe_runtime(monkeypatch: pytest.MonkeyPatch, stall_seconds: str) -> Runtime:
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "1")
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", stall_seconds)
+    # The probe reads only settings, etcd health and the heartbeat view.
+    parts: Any = None
+    return Runtime(OperatorSettings(), parts, parts, parts, parts, "unit")
+
+
+def test_probe_fails_when_the_watch_stalls_with_etcd_healthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt = _probe_runtime(monkeypatch, "2")
+    now = utcnow()
+    rt.etcd.record(now - timedelta(hours=1), EtcdHealth(reachable=True, quorum=True))
+    rt.heartbeats.started = now - timedelta(hours=1)
+    rt.heartbeats.last_progress = now - timedelta(seconds=10)
+    with pytest.raises(kopf.PermanentError, match="heartbeat watch stalled"):
+        handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
+    rt.heartbeats.last_progress = utcnow()
+    assert handlers.etcd_probe(memo=kopf.Memo(runtime=rt)) == {"reachable": True, "quorum": True}
