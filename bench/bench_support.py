@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from defender_config import EtcdSettings, EtcdStore
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, etcd_client_settings
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "docs" / "bench"
@@ -40,15 +40,7 @@ def etcd_cluster() -> Iterator[EtcdCluster]:
 
 
 def settings_for(endpoints: Sequence[str], **overrides: Any) -> EtcdSettings:
-    base: dict[str, Any] = {
-        "endpoints": list(endpoints),
-        "timeout_seconds": 5.0,
-        "retries": 6,
-        "backoff_base_seconds": 0.05,
-        "backoff_max_seconds": 1.0,
-    }
-    base.update(overrides)
-    return EtcdSettings.model_validate(base)
+    return EtcdSettings.model_validate({**etcd_client_settings(endpoints), **overrides})
 
 
 def store_for(endpoints: Sequence[str], **overrides: Any) -> EtcdStore:

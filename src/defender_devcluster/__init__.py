@@ -12,7 +12,7 @@ from ._errors import (
     StateError,
     ToolNotFoundError,
 )
-from ._etcd import EtcdCluster, etcd_member_healthy, etcd_status
+from ._etcd import EtcdCluster, etcd_client_settings, etcd_member_healthy, etcd_status
 from ._kube import ControlPlane
 from ._tools import tool, tools_bin
 from ._wait import wait_for
@@ -28,6 +28,7 @@ __all__ = [
     "StaleProcessError",
     "StateError",
     "ToolNotFoundError",
+    "etcd_client_settings",
     "etcd_member_healthy",
     "etcd_status",
     "stop_run_dir",

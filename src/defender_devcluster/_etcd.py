@@ -40,6 +40,23 @@ def etcd_status(endpoint: str, timeout: float = 2.0) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def etcd_client_settings(endpoints: Iterable[str]) -> dict[str, Any]:
+    """Client settings that suit this harness's etcd, as plain data named like the fields of
+    ``defender_config.EtcdSettings``: tests and benchmarks build their settings with
+    ``EtcdSettings.model_validate({**etcd_client_settings(endpoints), **overrides})``, and the
+    harness stays free of the library it tests."""
+    return {
+        "endpoints": list(endpoints),
+        # Members run with a 2 s election timeout (EtcdCluster._process): a write during an
+        # election can take that long, so the deadline leaves room for one, and the retries
+        # outlast a leader change.
+        "timeout_seconds": 5.0,
+        "retries": 6,
+        "backoff_base_seconds": 0.05,
+        "backoff_max_seconds": 1.0,
+    }
+
+
 class EtcdCluster:
     """``members`` etcd processes forming one cluster; logs and data under ``run_dir/name``.
 

@@ -28,22 +28,13 @@ from defender_config import (
     LoggingSink,
 )
 from defender_config._envelope import KeyringProvider
-from defender_devcluster import EtcdCluster, ProcessStartError
+from defender_devcluster import EtcdCluster, ProcessStartError, etcd_client_settings
 
 # --- clients on the harness cluster --------------------------------------------------------------
 
 
 def etcd_settings(cluster: EtcdCluster, **overrides: Any) -> EtcdSettings:
-    base: dict[str, Any] = {
-        "endpoints": cluster.endpoints,
-        # The harness runs etcd with a 2 s election timeout: the deadline leaves room for one.
-        "timeout_seconds": 5.0,
-        "retries": 6,
-        "backoff_base_seconds": 0.05,
-        "backoff_max_seconds": 1.0,
-    }
-    base.update(overrides)
-    return EtcdSettings.model_validate(base)
+    return EtcdSettings.model_validate({**etcd_client_settings(cluster.endpoints), **overrides})
 
 
 def make_client(

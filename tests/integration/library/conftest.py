@@ -22,23 +22,13 @@ from defender_config import (
     Keyring,
     LibrarySettings,
 )
-from defender_devcluster import EtcdCluster
+from defender_devcluster import EtcdCluster, etcd_client_settings
 
 pytestmark = pytest.mark.etcd
 
 
 def etcd_settings(cluster: EtcdCluster, **overrides: object) -> EtcdSettings:
-    base: dict[str, object] = {
-        "endpoints": cluster.endpoints,
-        # The harness runs etcd with a 2 s election timeout: a write during an election can
-        # take that long, so the deadline leaves room for it.
-        "timeout_seconds": 5.0,
-        "retries": 6,
-        "backoff_base_seconds": 0.05,
-        "backoff_max_seconds": 1.0,
-    }
-    base.update(overrides)
-    return EtcdSettings.model_validate(base)
+    return EtcdSettings.model_validate({**etcd_client_settings(cluster.endpoints), **overrides})
 
 
 def library_settings(cluster: EtcdCluster, prefix: str, **overrides: object) -> LibrarySettings:
