@@ -20,7 +20,6 @@ import json
 import random
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from defender_devcluster._system import apply_crds
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
-from operator_e2e_support import SECRET, OperatorRun, free_port  # noqa: E402
+from operator_e2e_support import SECRET, OperatorRun, new_operator_run  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -68,17 +67,8 @@ def operator(
     tmp_path: Path,
 ) -> Iterator[OperatorRun]:
     apply_crds(local_cluster.kubeconfig, REPO / "crds")
-    core = k8s.CoreV1Api(k8s_api)
-    op_ns = f"op-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=op_ns)))
-    run = OperatorRun(
-        namespace=namespace,
-        operator_namespace=op_ns,
-        prefix=f"/reliability-op-{uuid.uuid4().hex[:8]}",
-        etcd=healthy_etcd,
-        api=k8s_api,
-        log_path=tmp_path / "operator.log",
-        liveness_port=free_port(),
+    run = new_operator_run(
+        k8s_api, healthy_etcd, namespace, tmp_path / "operator.log", "reliability-op"
     )
     HYGIENE.log_files.add(run.log_path)
     HYGIENE.prefixes.add(run.prefix + "/")
@@ -96,9 +86,9 @@ def operator(
         HYGIENE.add_text(f"events {namespace}", str([e.to_dict() for e in events.items]))
         # The operator's own key is what its logs, Events, status and etcd values must not hold.
         with contextlib.suppress(k8s.ApiException):
-            secret = core.read_namespaced_secret(SECRET, op_ns)
+            secret = run.core.read_namespaced_secret(SECRET, run.operator_namespace)
             HYGIENE.register(Keyring.from_secret_data(dict(secret.data)))
-        core.delete_namespace(op_ns)
+        run.core.delete_namespace(run.operator_namespace)
 
 
 def key_history(store: EtcdStore, key: str) -> list[StoredValue]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
-from operator_e2e_support import CRD, OperatorRun, free_port, kubectl, wait_for
+from operator_e2e_support import CRD, OperatorRun, kubectl, new_operator_run
 
 from defender_devcluster import EtcdCluster
 from defender_operator import _api
@@ -20,15 +19,6 @@ def crd_installed(kubeconfig_path: Path) -> None:
     kubectl("apply", "-f", str(CRD))
     kubectl(
         "wait", "--for=condition=Established", "--timeout=60s", f"crd/{_api.PLURAL}.{_api.GROUP}"
-    )
-
-
-def _namespace(core: k8s.CoreV1Api, name: str) -> None:
-    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    wait_for(
-        f"serviceaccount default in {name}",
-        lambda: core.read_namespaced_service_account("default", name),
-        timeout=60,
     )
 
 
@@ -43,18 +33,7 @@ def operator_run(
 ) -> Iterator[OperatorRun]:
     """A (not yet started) operator for this test: own component namespace, own operator
     namespace, own etcd prefix. Call `.start()`; it is stopped and its log shown on failure."""
-    core = k8s.CoreV1Api(k8s_api)
-    op_ns = f"op-{uuid.uuid4().hex[:8]}"
-    _namespace(core, op_ns)
-    run = OperatorRun(
-        namespace=namespace,
-        operator_namespace=op_ns,
-        prefix=f"/e2e-{uuid.uuid4().hex[:8]}",
-        etcd=defender_etcd,
-        api=k8s_api,
-        log_path=tmp_path / "operator.log",
-        liveness_port=free_port(),
-    )
+    run = new_operator_run(k8s_api, defender_etcd, namespace, tmp_path / "operator.log", "e2e")
     try:
         yield run
     finally:
@@ -70,7 +49,7 @@ def operator_run(
                 run.patch(item["metadata"]["name"], {"metadata": {"finalizers": None}})
         except k8s.ApiException:
             pass
-        core.delete_namespace(op_ns)
+        run.core.delete_namespace(run.operator_namespace)
 
 
 @pytest.hookimpl(hookwrapper=True)

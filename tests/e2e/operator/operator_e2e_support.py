@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,31 @@ class OperatorRun:
         self.stop()
         for c in self.clients:
             c.close()
+
+
+def new_operator_run(
+    api: k8s.ApiClient, etcd: EtcdCluster, namespace: str, log_path: Path, prefix_stem: str
+) -> OperatorRun:
+    """A not yet started operator for the components in ``namespace``, on an operator namespace
+    ``op-<hex>`` created here (the caller deletes it), an etcd prefix ``/<prefix_stem>-<hex>``
+    of its own and a free liveness port."""
+    core = k8s.CoreV1Api(api)
+    op_ns = f"op-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=op_ns)))
+    wait_for(
+        f"serviceaccount default in {op_ns}",
+        lambda: core.read_namespaced_service_account("default", op_ns),
+        timeout=60,
+    )
+    return OperatorRun(
+        namespace=namespace,
+        operator_namespace=op_ns,
+        prefix=f"/{prefix_stem}-{uuid.uuid4().hex[:8]}",
+        etcd=etcd,
+        api=api,
+        log_path=log_path,
+        liveness_port=free_port(),
+    )
 
 
 def b64(value: str) -> str:
