@@ -261,3 +261,20 @@ def test_set_storage_loses_to_a_concurrent_commit(
     meta = configs.get_metadata("fw")
     assert meta is not None and meta.storage is None and meta.version == 2
     assert inspect(raw(client, client.layout.active_config("fw"))).encrypted
+
+
+def test_policy_change_refuses_to_launder_a_forged_value(
+    configs: ConfigStore, client: DefenderClient, alerts: list[Any]
+) -> None:
+    seed(configs, "fw", EnvelopeOptions(encrypt=True))
+    history = client.layout.history("fw", 1)
+    client.store.put(history, canonical_json(config(7)))  # forged: bare JSON in history
+    # Re-sealing under the new policy opens every kept value under the old one first: the
+    # forged value is refused (and alerted), and nothing of the commit is written.
+    with pytest.raises(NotAnEnvelopeError):
+        configs.commit("fw", config(1), by="ops", options=EnvelopeOptions(encrypt=False))
+    meta = configs.get_metadata("fw")
+    assert meta is not None and meta.version == 1 and meta.storage is not None
+    assert meta.storage.encrypt
+    assert [a.kind for a in alerts] == ["NotAnEnvelope"]
+    assert raw(client, history) == canonical_json(config(7))
