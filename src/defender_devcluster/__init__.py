@@ -14,6 +14,7 @@ from ._errors import (
 )
 from ._etcd import EtcdCluster, etcd_client_settings, etcd_member_healthy, etcd_status
 from ._kube import ControlPlane
+from ._procs import free_ports
 from ._tools import tool, tools_bin
 from ._wait import wait_for
 
@@ -31,6 +32,7 @@ __all__ = [
     "etcd_client_settings",
     "etcd_member_healthy",
     "etcd_status",
+    "free_ports",
     "stop_run_dir",
     "tool",
     "tools_bin",

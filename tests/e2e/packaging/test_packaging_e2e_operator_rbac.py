@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,18 +22,12 @@ import pytest
 import yaml
 from packaging_chart import CHART, REPO, find, kube_version
 
-from defender_devcluster import EtcdCluster, wait_for
+from defender_devcluster import EtcdCluster, free_ports, wait_for
 
 pytestmark = pytest.mark.cluster
 
 T = TypeVar("T")
 Helm = Callable[..., str]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(what: str, probe: Callable[[], T | None], timeout: float, log: Path) -> T:
@@ -170,7 +163,7 @@ def test_operator_runs_with_exactly_the_chart_rbac(
     ).status.token
     sa_kubeconfig = _service_account_kubeconfig(kubeconfig_path, token, tmp_path / "kubeconfig")
 
-    health_port, metrics_port = _free_port(), _free_port()
+    health_port, metrics_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")}
     env["KUBECONFIG"] = str(sa_kubeconfig)
     for var in container["env"]:

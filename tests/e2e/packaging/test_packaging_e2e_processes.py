@@ -8,7 +8,6 @@ import http.server
 import ipaddress
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from packaging_chart import find, render_chart
 
-from defender_devcluster import ToolNotFoundError, tool
+from defender_devcluster import ToolNotFoundError, free_ports, tool
 from defender_devcluster.pytest_plugin import missing_tool
 
 MEMBERS = 3
@@ -32,12 +31,6 @@ def _tool(name: str) -> Path:
         return tool(name)
     except ToolNotFoundError as exc:
         missing_tool(exc)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
@@ -144,7 +137,9 @@ def members(
     sts = find(rendered, "StatefulSet")
     container = sts["spec"]["template"]["spec"]["containers"][0]
     names = [f"{sts['metadata']['name']}-{i}" for i in range(MEMBERS)]
-    ports = [{"client": _free_port(), "peer": _free_port(), "metrics": _free_port()} for _ in names]
+    # All ports picked at once: one at a time, the kernel may hand the same port out twice.
+    picked = iter(free_ports(3 * len(names)))
+    ports = [{"client": next(picked), "peer": next(picked), "metrics": next(picked)} for _ in names]
     port_of = {"2379": "client", "2380": "peer", "2381": "metrics"}
 
     def localize(value: str, i: int) -> str:
