@@ -81,14 +81,8 @@ def stale_pods(
     """
     out = []
     for pod in pods:
-        if pod.deleting:
-            continue
-        seen = last_seen.get(pod.name)
-        if seen is None:
-            deadline = max(pod.created + policy.grace, watch_started + policy.threshold)
-        else:
-            deadline = max(seen + policy.threshold, pod.created + policy.grace)
-        if now > deadline:
+        deadline = _deadline(pod, last_seen, watch_started, policy)
+        if deadline is not None and now > deadline:
             out.append((deadline, pod.name))
     return sorted(out)
 
@@ -104,16 +98,27 @@ def next_deadline(
     judge it then instead of at its next interval; None when no such moment is ahead."""
     ahead = []
     for pod in pods:
-        if pod.deleting:
-            continue
-        seen = last_seen.get(pod.name)
-        if seen is None:
-            deadline = max(pod.created + policy.grace, watch_started + policy.threshold)
-        else:
-            deadline = max(seen + policy.threshold, pod.created + policy.grace)
-        if deadline >= now:
+        deadline = _deadline(pod, last_seen, watch_started, policy)
+        if deadline is not None and deadline >= now:
             ahead.append(deadline)
     return min(ahead, default=None)
+
+
+def _deadline(
+    pod: PodView,
+    last_seen: Mapping[str, datetime],
+    watch_started: datetime,
+    policy: HeartbeatPolicy,
+) -> datetime | None:
+    """When `pod` turns stale if nothing new arrives; None for a pod already being deleted.
+    A pod never seen heartbeating gets its startup grace, and the operator must itself have
+    watched for a full threshold first."""
+    if pod.deleting:
+        return None
+    seen = last_seen.get(pod.name)
+    if seen is None:
+        return max(pod.created + policy.grace, watch_started + policy.threshold)
+    return max(seen + policy.threshold, pod.created + policy.grace)
 
 
 def backoff(budget: RestartBudget, recent_restarts: int) -> timedelta:
