@@ -392,15 +392,7 @@ class ConfigStore:
         freeze = self.frozen(component)
         if freeze is not None:
             raise self._frozen_error(component, freeze)
-        got = self._metadata(component)
-        if got is None:
-            raise NotFoundError(
-                self.layout.metadata(component),
-                detail=f"component {component!r} is not registered; seed it first",
-            )
-        meta, meta_stored = got
-        if meta_stored.stale:
-            raise self._unavailable_for_write(component)
+        meta, meta_stored = self._metadata_for_write(component, "; seed it first")
         if expected_version is not None and expected_version != meta.version:
             raise ConflictError(
                 self.layout.active_config(component),
@@ -456,14 +448,7 @@ class ConfigStore:
         """Make MASTER (`to="master"`) or a kept history version ACTIVE again, as a new
         version. Allowed while frozen: it is the way back to a known-good config. `options` as
         in `commit`."""
-        got = self._metadata(component)
-        if got is None:
-            raise NotFoundError(
-                self.layout.metadata(component), detail=f"component {component!r} not registered"
-            )
-        meta, meta_stored = got
-        if meta_stored.stale:
-            raise self._unavailable_for_write(component)
+        meta, meta_stored = self._metadata_for_write(component)
         if to == "master":
             target = self.get_master(component)
         else:
@@ -607,14 +592,7 @@ class ConfigStore:
         ACTIVE, the kept history and the metadata record are re-sealed/rewritten in one
         transaction guarded by their mod_revisions. Returns False when the policy is already
         that. Allowed while frozen: the config does not change (watchers see the same digest)."""
-        got = self._metadata(component)
-        if got is None:
-            raise NotFoundError(
-                self.layout.metadata(component), detail=f"component {component!r} not registered"
-            )
-        meta, meta_stored = got
-        if meta_stored.stale:
-            raise self._unavailable_for_write(component)
+        meta, meta_stored = self._metadata_for_write(component)
         policy = StoragePolicy.from_options(options)
         if meta.storage == policy:
             return False
@@ -843,6 +821,21 @@ class ConfigStore:
             since=info.since.isoformat(),
             marker=self.layout.freeze(component),
         )
+
+    def _metadata_for_write(
+        self, component: str, hint: str = ""
+    ) -> tuple[ConfigMetadata, StoredValue]:
+        """The metadata record a write is based on: it must exist and be fresh, since a write
+        computed from a stale (cached) record would be built on a version that may be gone."""
+        got = self._metadata(component)
+        if got is None:
+            raise NotFoundError(
+                self.layout.metadata(component),
+                detail=f"component {component!r} is not registered{hint}",
+            )
+        if got[1].stale:
+            raise self._unavailable_for_write(component)
+        return got
 
     def _unavailable_for_write(self, component: str) -> StoreError:
         return StoreUnavailableError(
