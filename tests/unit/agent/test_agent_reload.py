@@ -148,26 +148,40 @@ def test_pidfile_stale(tmp_path: Path) -> None:
 
 
 def test_signal_refused_by_kernel() -> None:
-    # Signalling pid 1 of the machine as an unprivileged user is refused with EPERM. When the
-    # tests run as root we drop to `nobody` in a child to get the same refusal from the kernel.
+    # The kernel refuses a signal to another user's process (EPERM). As root we start the target
+    # ourselves and drop to `nobody` in the signalling child; unprivileged, pid 1 is another
+    # user's process. SIGWINCH, not SIGCONT: SIGCONT is allowed within one session whatever the
+    # owner, and a CI sandbox may run us in pid 1's session.
+    target = None
+    if os.getuid() == 0:
+        target = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        pid = target.pid
+    else:
+        pid = 1
+    # The pidfile is written after the drop, where `nobody` can read it.
     code = (
         "import os, signal, sys, tempfile\n"
         "from pathlib import Path\n"
         "from defender_agent import SignalReloader, SignalDeliveryError\n"
         "if os.getuid() == 0:\n"
-        "    os.setgid(65534); os.setuid(65534)\n"
-        "p = Path(tempfile.mkdtemp()) / 'one.pid'; p.write_text('1')\n"
+        "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "p = Path(tempfile.mkdtemp()) / 'target.pid'; p.write_text(sys.argv[1])\n"
         "try:\n"
-        "    SignalReloader(signal.SIGCONT, pidfile=p).reload()\n"
+        "    SignalReloader(signal.SIGWINCH, pidfile=p).reload()\n"
         "except SignalDeliveryError as e:\n"
         "    print(e.reason, e.pid); sys.exit(0)\n"
         "sys.exit(3)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(pid)], capture_output=True, text=True, timeout=30
+        )
+    finally:
+        if target is not None:
+            target.kill()
+            target.wait()
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["SignalFailed", "1"]
+    assert result.stdout.split() == ["SignalFailed", str(pid)]
     assert issubclass(SignalDeliveryError, Exception)
 
 
