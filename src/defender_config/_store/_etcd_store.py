@@ -41,6 +41,7 @@ from .._store_types import (
     backoff_delay,
 )
 from ._cache import _ABSENT, _Absent, _LastKnownGood
+from ._keepalive import KeepAliveMux
 from ._pyetcd import (
     _ENDPOINT_QUARANTINE_SECONDS,
     _GRPC_OPTIONS,
@@ -84,6 +85,7 @@ class EtcdStore:
         self._auth_lock = threading.Lock()
         self.endpoints: tuple[str, ...] = tuple(settings.endpoints)
         self._client = self._build_client()
+        self._keepalive = KeepAliveMux()
         self._token_ready = settings.user is None
         if settings.user is not None:
             try:
@@ -406,10 +408,12 @@ class EtcdStore:
         return Lease(id=int(lease.id), ttl=int(lease.ttl))
 
     def refresh_lease(self, lease: Lease | int) -> int:
-        """Keep a lease alive once; returns its new TTL, 0 if it has already expired."""
+        """Keep a lease alive once; returns its new TTL, 0 if it has already expired.
+
+        All keep-alives of this store share one LeaseKeepAlive stream (see `_keepalive`); a
+        broken stream is retried like any call, on a new stream to the endpoint chosen then."""
         lease_id = _lease_id(lease)
-        responses = self._call("lease_keepalive", lambda c: list(c.refresh_lease(lease_id)))
-        return max((int(r.TTL) for r in responses), default=0)
+        return self._call("lease_keepalive", lambda c: self._keepalive.refresh(c, lease_id))
 
     def revoke_lease(self, lease: Lease | int) -> None:
         """Revoke a lease (deleting its keys). An already expired lease is not an error."""
@@ -562,7 +566,7 @@ class EtcdStore:
         return self._closed
 
     def close(self) -> None:
-        """Stop every watch and close the channels. Idempotent."""
+        """Stop every watch and the keep-alive stream, close the channels. Idempotent."""
         if self._closed:
             return
         with self._watches_lock:
@@ -570,6 +574,7 @@ class EtcdStore:
         for handle in watches:
             handle.cancel()
         self._closed = True
+        self._keepalive.close()
         self._client.close()
 
     def __enter__(self) -> EtcdStore:
