@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -120,6 +121,14 @@ class KeyringSecrets:
         self._core = core
         self.namespace = namespace
         self.name = name
+        # namespace -> (digest of its copy, monotonic time it was read or written)
+        self._copies: dict[str, tuple[str | None, float]] = {}
+
+    def _recent(self, namespace: str, max_age: float) -> tuple[str | None, bool]:
+        seen = self._copies.get(namespace)
+        if seen is None or max_age <= 0 or time.monotonic() - seen[1] > max_age:
+            return None, False
+        return seen[0], True
 
     def _parse(self, secret: Any) -> StoredKeyring:
         source = f"Secret {self.namespace}/{self.name}"
@@ -216,11 +225,17 @@ class KeyringSecrets:
             raise _fail("replace", self.namespace, self.name, exc) from None
         return self._parse(secret)
 
-    def fan_out(self, keyring: Keyring, namespace: str) -> bool:
-        """Create or update the copy in `namespace`. True when something was written."""
+    def fan_out(self, keyring: Keyring, namespace: str, *, max_age: float = 0.0) -> bool:
+        """Create or update the copy in `namespace`. True when something was written.
+
+        With `max_age`, a copy this operator read or wrote with the same digest less than
+        `max_age` seconds ago is taken as current without reading it again."""
         if namespace == self.namespace:
             return False  # the source itself is mountable there
         digest = keyring_digest(keyring)
+        known, fresh = self._recent(namespace, max_age)
+        if fresh and known == digest:
+            return False
         meta = client.V1ObjectMeta(
             name=self.name,
             namespace=namespace,
@@ -242,6 +257,7 @@ class KeyringSecrets:
                 if exc.status == 409:
                     return self.fan_out(keyring, namespace)
                 raise _fail("create", namespace, self.name, exc) from None
+            self._copies[namespace] = (digest, time.monotonic())
             log.info("copied the keyring to %s/%s (%s)", namespace, self.name, digest)
             return True
         labels = current.metadata.labels or {}
@@ -254,6 +270,7 @@ class KeyringSecrets:
                 "exists but is not managed by the operator; rename or delete it",
             )
         if (current.metadata.annotations or {}).get(A_DIGEST) == digest:
+            self._copies[namespace] = (digest, time.monotonic())
             return False
         meta.resource_version = current.metadata.resource_version
         body = client.V1Secret(metadata=meta, type="Opaque", data=keyring.to_secret_data())
@@ -261,16 +278,24 @@ class KeyringSecrets:
             self._core.replace_namespaced_secret(self.name, namespace, body)
         except ApiException as exc:
             raise _fail("replace", namespace, self.name, exc) from None
+        self._copies[namespace] = (digest, time.monotonic())
         log.info("updated the keyring copy %s/%s (%s)", namespace, self.name, digest)
         return True
 
-    def copy_digest(self, namespace: str) -> str | None:
-        """Digest annotation of the copy in `namespace` (None when absent)."""
+    def copy_digest(self, namespace: str, *, max_age: float = 0.0) -> str | None:
+        """Digest annotation of the copy in `namespace` (None when absent). With `max_age`,
+        what this operator read or wrote less than `max_age` seconds ago."""
+        known, fresh = self._recent(namespace, max_age)
+        if fresh:
+            return known
         current: Any
         try:
             current = self._core.read_namespaced_secret(self.name, namespace)
         except ApiException as exc:
             if exc.status == 404:
+                self._copies[namespace] = (None, time.monotonic())
                 return None
             raise _fail("read", namespace, self.name, exc) from None
-        return (current.metadata.annotations or {}).get(A_DIGEST)
+        digest: str | None = (current.metadata.annotations or {}).get(A_DIGEST)
+        self._copies[namespace] = (digest, time.monotonic())
+        return digest

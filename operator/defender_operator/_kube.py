@@ -69,28 +69,22 @@ class Kube:
             ) from exc
         return True
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge `status` into the status subresource; the status as stored afterwards (None
+        when the object is gone)."""
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            obj: Any = self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}
             )
         except ApiException as exc:
             if exc.status == 404:
-                return  # deleted meanwhile: nothing to report on
+                return None  # deleted meanwhile: nothing to report on
             raise KubeError(
                 f"cannot patch status of {namespace}/{name} ({exc.status} {exc.reason})"
             ) from exc
-
-    def get_component(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj: Any = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise KubeError(f"cannot read {namespace}/{name} ({exc.status} {exc.reason})") from exc
-        return dict(obj)
+        return dict(obj.get("status") or {})
 
     def component_namespaces(self, watched: list[str] | None = None) -> set[str]:
         """Namespaces holding DefenderComponents. With `watched` the operator only looks there:

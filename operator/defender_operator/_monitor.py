@@ -40,6 +40,7 @@ from defender_operator._metrics import (
     INSTANCES_ALIVE,
     RESTARTS,
 )
+from defender_operator._pods import select_pods
 from defender_operator._reconcile import publish_status, state_fields
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
@@ -72,6 +73,19 @@ def heartbeat_condition(
     if alive == 0:
         return cond.Cond(cond.HEARTBEATING, cond.UNKNOWN, "Starting", "pods in startup grace")
     return cond.Cond(cond.HEARTBEATING, cond.TRUE, "Heartbeating", f"{alive}/{expected} alive")
+
+
+def heartbeat_time_field(published: Any, newest: datetime, refresh_seconds: float) -> str:
+    """status.lastHeartbeatTime to publish: the newest heartbeat, or the published value while
+    it is less than `refresh_seconds` behind (so a quiet component costs no status write)."""
+    if isinstance(published, str) and refresh_seconds > 0:
+        try:
+            shown = datetime.fromisoformat(published.replace("Z", "+00:00"))
+        except ValueError:
+            return _rfc3339(newest)
+        if timedelta(0) <= newest - shown < timedelta(seconds=refresh_seconds):
+            return published
+    return _rfc3339(newest)
 
 
 def _seals_with(instance: InstanceRecord, primary: str) -> bool:
@@ -129,7 +143,10 @@ async def tick(
     mem = rt.memory(namespace, name)
     spec = _api.parse_spec(dict(raw_spec))
     now = utcnow()
-    pods = await asyncio.to_thread(rt.kube.pods, namespace, spec.selector.match_labels)
+    if rt.pod_index is not None:
+        pods = select_pods(rt.pod_index, namespace, spec.selector.match_labels)
+    else:
+        pods = await asyncio.to_thread(rt.kube.pods, namespace, spec.selector.match_labels)
     etcd = rt.etcd.view()
     instances: Sequence[InstanceRecord] = ()
     alerts: list[Report] = []
@@ -222,7 +239,9 @@ async def tick(
             diverged = state.active_digest != handled
             mem.config_state = cond.ConfigState.DIVERGED if diverged else cond.ConfigState.SYNCED
 
-    copy_digest = await asyncio.to_thread(rt.secrets.copy_digest, namespace)
+    copy_digest = await asyncio.to_thread(
+        rt.secrets.copy_digest, namespace, max_age=rt.settings.secret_copy_check_seconds
+    )
     source_digest = keyring_digest(rt.keyring.current())
     if namespace == rt.secrets.namespace:
         copy_digest = source_digest
@@ -239,7 +258,9 @@ async def tick(
         **stored_fields,
     }
     if newest is not None:
-        fields["lastHeartbeatTime"] = _rfc3339(newest)
+        fields["lastHeartbeatTime"] = heartbeat_time_field(
+            status.get("lastHeartbeatTime"), newest, rt.settings.status_heartbeat_refresh_seconds
+        )
         HEARTBEAT_AGE.labels(name).set((now - newest).total_seconds())
     INSTANCES_ALIVE.labels(name).set(alive)
     await publish_status(rt, namespace, name, generation, status, fields)
@@ -357,22 +378,24 @@ async def run(
     sooner when the heartbeat watch says an instance of this component appeared or vanished,
     or a pod's heartbeat deadline comes first."""
     wake = rt.heartbeats.waker(name)
+    mem = rt.memory(namespace, name)
     while not stopped:
         wake.clear()
         pause = rt.settings.monitor_interval_seconds
         try:
-            # Read fresh each pass: level-based, and independent of kopf's body caching.
-            current = await asyncio.to_thread(rt.kube.get_component, namespace, name)
+            # kopf keeps `body` current from its watch (no read per pass); the status is ours
+            # as last written when we wrote it, since the body lags our own writes.
+            status = mem.status if mem.status is not None else dict(body.get("status") or {})
             # Before the first reconcile there is nothing to judge (and no status to merge).
-            if current is not None and current.get("status", {}).get("observedGeneration"):
+            if status.get("observedGeneration"):
                 due = await tick(
                     rt,
                     body=body,
                     namespace=namespace,
                     name=name,
-                    generation=int(current["metadata"].get("generation") or 0),
-                    raw_spec=current["spec"],
-                    status=current["status"],
+                    generation=int(body.get("metadata", {}).get("generation") or 0),
+                    raw_spec=dict(body.get("spec") or {}),
+                    status=status,
                     logger=logger,
                 )
                 if due is not None:

@@ -58,6 +58,9 @@ async def publish_status(
 ) -> None:
     """Write `fields` plus freshly computed conditions to the status subresource."""
     mem = rt.memory(namespace, name)
+    if mem.status is not None:
+        # Ours as last written: the caller's copy may lag our previous write.
+        current_status = mem.status
     obs = cond.Observation(
         config=mem.config_state,
         config_message=mem.config_message,
@@ -73,8 +76,11 @@ async def publish_status(
     )
     patch = {**fields, "conditions": conditions}
     unchanged = all(current_status.get(k) == v for k, v in patch.items())
-    if not unchanged:
-        await asyncio.to_thread(rt.kube.patch_status, namespace, name, patch)
+    if unchanged:
+        mem.status = dict(current_status)
+        return
+    stored = await asyncio.to_thread(rt.kube.patch_status, namespace, name, patch)
+    mem.status = stored
 
 
 def state_fields(state: ComponentState) -> dict[str, Any]:
@@ -121,6 +127,9 @@ async def reconcile(
             # Conditions appear even when the first visit fails, saying why where known.
             await publish_status(rt, namespace, name, generation, status, {})
             raise
+    # The monitor judges heartbeats, keys and Ready right away rather than at its next
+    # interval: a new component is Ready as soon as its instances are seen.
+    rt.heartbeats.waker(name).set()
 
 
 async def _reconcile(
@@ -146,7 +155,12 @@ async def _reconcile(
     who = f"operator:{rt.identity}"
 
     # The namespace's keyring copy comes first: pods cannot read anything without it.
-    await asyncio.to_thread(rt.secrets.fan_out, rt.keyring.current(), namespace)
+    await asyncio.to_thread(
+        rt.secrets.fan_out,
+        rt.keyring.current(),
+        namespace,
+        max_age=rt.settings.secret_copy_check_seconds,
+    )
 
     fields: dict[str, Any] = {}
     if UNFREEZE_ANNOTATION in annotations:

@@ -8,8 +8,10 @@ threshold again, see `_decisions.restarts.stale_pods`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from defender_operator._backend import Backend, EtcdHealth
 from defender_operator._decisions.breaker import ActiveChange
@@ -17,7 +19,7 @@ from defender_operator._decisions.conditions import Cond, ConfigState
 from defender_operator._decisions.restarts import EtcdView
 from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
-from defender_operator._kube import Kube
+from defender_operator._kube import Kube, Pod
 from defender_operator._metrics import ETCD_AVAILABLE
 from defender_operator._settings import OperatorSettings
 
@@ -39,6 +41,9 @@ class ComponentMemory:
     key: Cond | None = None
     misconfig: Cond | None = None
     degraded_reported: bool = False
+    # The status as this operator last wrote it (the patch response): fresher than kopf's body
+    # of the object, which lags our own writes by a watch event.
+    status: dict[str, Any] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -88,6 +93,8 @@ class Runtime:
         self.heartbeats = HeartbeatView(utcnow())
         self.components: dict[tuple[str, str], ComponentMemory] = {}
         self.rotation_stage = "Idle"
+        # kopf's pod index (see `_pods`); None until handed over, then pods come from memory.
+        self.pod_index: Mapping[tuple[str, str, str], Iterable[Pod]] | None = None
 
     def memory(self, namespace: str, name: str) -> ComponentMemory:
         return self.components.setdefault((namespace, name), ComponentMemory())

@@ -31,6 +31,16 @@ class OperatorSettings(BaseSettings):
 
     monitor_interval_seconds: float = Field(default=5.0, gt=0, le=300)
     """How often each component's heartbeats, pods and breaker are evaluated."""
+    status_heartbeat_refresh_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """status.lastHeartbeatTime is rewritten only when it is this much behind the newest
+    heartbeat (or when anything else in status changes): heartbeats live in etcd leases, and
+    copying each one into status would be a status write per component per pass. 0 writes
+    every pass."""
+    secret_copy_check_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """How long a read of a namespace's keyring copy (its digest) is reused by monitor passes;
+    the operator's own writes update it at once. 0 reads it every pass."""
+    worker_threads: int = Field(default=32, ge=4, le=256)
+    """Threads (and API server connections) for blocking etcd and Kubernetes calls."""
     etcd_health_interval_seconds: float = Field(default=5.0, gt=0, le=300)
     """How often etcd health (reachable, quorum) is measured."""
     liveness_etcd_max_unavailable_seconds: float = Field(default=300.0, gt=0)

@@ -5,6 +5,8 @@ startup   → build the Runtime (settings, keyring Secret, library backend), sta
 create / resume / update of a DefenderComponent → `_reconcile.reconcile`
 delete    → retention policy (a finalizer holds the object until it is applied)
 daemon    → `_monitor.tick` every monitor_interval_seconds
+index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
+            component's pods from memory instead of listing them
 probe     → liveness fails when etcd has been unreachable for too long, or the heartbeat
             watch has stalled (etcd healthy, yet no event and no resync for too long)
 """
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +26,7 @@ import kopf
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from defender_operator import _api, _loops, _monitor, _reconcile
+from defender_operator import _api, _loops, _monitor, _pods, _reconcile
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._errors import kopf_errors
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
@@ -39,12 +42,15 @@ RESOURCE = (_api.GROUP, _api.VERSION, _api.PLURAL)
 FINALIZER = f"{_api.GROUP}/retention"
 
 
-def _api_client() -> k8s_client.ApiClient:
+def _api_client(connections: int) -> k8s_client.ApiClient:
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-    return k8s_client.ApiClient()
+    conf = k8s_client.Configuration.get_default_copy()
+    # As many pooled connections as threads that may call the API server at once.
+    conf.connection_pool_maxsize = connections
+    return k8s_client.ApiClient(conf)
 
 
 @kopf.on.startup()
@@ -56,7 +62,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.loggers = False
     settings.watching.server_timeout = 300
     identity = os.environ.get("POD_NAME") or socket.gethostname()
-    api = await asyncio.to_thread(_api_client)
+    # Blocking calls (etcd, the Kubernetes client) run in the loop's default executor; its
+    # default size (CPUs + 4) would queue a burst of reconciles behind a handful of threads.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=ours.worker_threads, thread_name_prefix="defender")
+    )
+    api = await asyncio.to_thread(_api_client, ours.worker_threads)
     kube = Kube(api)
     secrets = KeyringSecrets(kube.core, ours.namespace, ours.keyring_secret)
     with kopf_errors():
@@ -139,6 +150,13 @@ async def apply_retention(
     )
 
 
+@kopf.index("", "v1", "pods")
+def defender_pods(
+    namespace: str | None, name: str, meta: kopf.Meta, **_: Any
+) -> dict[_pods.PodKey, Any]:
+    return _pods.index_keys(namespace, name, meta)
+
+
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
 async def monitor_component(
     stopped: kopf.DaemonStopped,
@@ -147,9 +165,12 @@ async def monitor_component(
     name: str,
     logger: kopf.Logger,
     memo: kopf.Memo,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
-    await _monitor.run(memo["runtime"], stopped, body, namespace or "", name, logger)
+    rt: Runtime = memo["runtime"]
+    # kopf hands every index to every handler as a keyword named after it.
+    rt.pod_index = kwargs["defender_pods"]
+    await _monitor.run(rt, stopped, body, namespace or "", name, logger)
 
 
 @kopf.on.probe(id="etcd")
