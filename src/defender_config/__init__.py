@@ -9,6 +9,7 @@ from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
 from ._configs import (
     ActiveConfig,
+    ComponentOverview,
     ConfigMetadata,
     ConfigStore,
     FreezeInfo,
@@ -102,6 +103,7 @@ __all__ = [
     "CodecError",
     "CodecMismatchError",
     "Compare",
+    "ComponentOverview",
     "ComponentStatus",
     "ComponentSummary",
     "ComponentType",

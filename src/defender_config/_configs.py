@@ -129,6 +129,15 @@ class FreezeInfo(BaseModel):
     by: str | None = None
 
 
+@dataclass(frozen=True)
+class ComponentOverview:
+    """What `ConfigStore.overview` read: None where the record is absent."""
+
+    metadata: ConfigMetadata | None
+    master: dict[str, Any] | None
+    frozen: FreezeInfo | None
+
+
 @dataclass(frozen=True, slots=True)
 class ActiveConfig:
     """ACTIVE, decoded. `version` is None only if metadata could not be matched to it (a
@@ -297,6 +306,33 @@ class ConfigStore:
         if stored is None:
             return None
         return _parse_freeze(stored.value)
+
+    def overview(self, component: str) -> ComponentOverview:
+        """Metadata, MASTER (decoded) and the freeze record, read in one etcd transaction: one
+        round trip and one revision, for callers that look at many components often (the
+        operator's monitor passes). Errors as `get_metadata` and `get_master`."""
+        paths = (
+            self.layout.metadata(component),
+            self.layout.master_config(component),
+            self.layout.freeze(component),
+        )
+        gets = self.client.store.txn([], [GetOp(p) for p in paths]).gets
+        meta_sv, master_sv, freeze_sv = (found[0] if found else None for found in gets)
+        meta = (
+            _parse_metadata(paths[0], self.client.decode_json(paths[0], meta_sv.value))
+            if meta_sv is not None
+            else None
+        )
+        master = (
+            self._open_config(paths[1], master_sv.value, component, self._read_options(meta))
+            if master_sv is not None
+            else None
+        )
+        return ComponentOverview(
+            metadata=meta,
+            master=master,
+            frozen=_parse_freeze(freeze_sv.value) if freeze_sv is not None else None,
+        )
 
     # --- writes ---------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     NotFoundError,
+    StoreError,
     UnknownKeyError,
     inspect,
 )
@@ -302,3 +303,28 @@ def test_watch_active_survives_undecodable_values_and_failing_handlers(
     wait_for("the next good value", lambda: len(seen) == 2, timeout=15)
     handle.cancel()
     assert seen[-1].config["snaplen"] == 100
+
+
+def test_overview_reads_metadata_master_and_freeze_at_once(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    seen = configs.overview("sniffer")
+    assert seen.metadata == configs.get_metadata("sniffer")
+    assert seen.master == configs.get_master("sniffer")
+    assert seen.frozen is None
+    configs.commit("sniffer", snaplen(100), by="ops")
+    configs.freeze("sniffer", "bad rollout", by="oncall")
+    seen = configs.overview("sniffer")
+    assert seen.metadata is not None and seen.metadata.version == 2
+    assert seen.master is not None and seen.master["snaplen"] == 256  # MASTER, not ACTIVE
+    assert seen.frozen is not None and seen.frozen.reason == "bad rollout"
+    absent = configs.overview("never-seeded")
+    assert (absent.metadata, absent.master, absent.frozen) == (None, None, None)
+
+
+def test_overview_refuses_a_hand_edited_metadata_record(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    client.store.put(client.layout.metadata("sniffer"), b'{"version": "many"}')
+    with pytest.raises(StoreError, match="not a valid record"):
+        configs.overview("sniffer")
