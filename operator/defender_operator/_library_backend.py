@@ -21,7 +21,6 @@ from defender_config import (
     InstanceEvent,
     KeyringError,
     LibrarySettings,
-    NotFoundError,
     Registry,
     StoragePolicy,
     config_digest,
@@ -66,16 +65,13 @@ class LibraryBackend:
         return etcd_health(self.client.store.health())
 
     def state(self, component: str) -> ComponentState:
-        meta = self.configs.get_metadata(component)
-        try:
-            master: dict[str, Any] | None = self.configs.get_master(component)
-        except NotFoundError:
-            master = None
+        seen = self.configs.overview(component)
+        meta = seen.metadata
         return ComponentState(
-            master_digest=config_digest(master) if master is not None else None,
+            master_digest=config_digest(seen.master) if seen.master is not None else None,
             active_digest=meta.digest if meta is not None else None,
             active_version=meta.version if meta is not None else None,
-            frozen=self.configs.frozen(component) is not None,
+            frozen=seen.frozen is not None,
             storage=meta.storage if meta is not None else None,
         )
 

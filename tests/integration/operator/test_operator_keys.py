@@ -72,6 +72,35 @@ def test_copy_created_updated_and_left_alone_when_in_sync(
         core.delete_namespace(other)
 
 
+def test_copy_digest_reused_within_max_age_and_read_again_after(
+    core: k8s.CoreV1Api, namespace: str
+) -> None:
+    secrets = KeyringSecrets(core, namespace, NAME)
+    keyring = secrets.ensure().keyring
+    other = _other_namespace(core)
+    try:
+        assert secrets.copy_digest(other, max_age=60) is None  # absent, and remembered so
+        assert secrets.fan_out(keyring, other) is True
+        digest = keyring_digest(keyring)
+        assert secrets.copy_digest(other, max_age=60) == digest
+        # Someone deletes the copy: within max_age the remembered digest stands, and a
+        # reconcile's fan-out with max_age trusts it; without max_age both look again.
+        core.delete_namespaced_secret(NAME, other)
+        assert secrets.copy_digest(other, max_age=60) == digest
+        assert secrets.fan_out(keyring, other, max_age=60) is False
+        assert secrets.copy_digest(other) is None
+        assert secrets.fan_out(keyring, other, max_age=60) is True  # the read said absent
+        assert secrets.copy_digest(other, max_age=60) == digest
+        # A rotated keyring never matches what was remembered: written at once.
+        rotated = keyring.with_new_decrypt_only()
+        assert secrets.fan_out(rotated, other, max_age=60) is True
+        assert core.read_namespaced_secret(NAME, other).metadata.annotations[A_DIGEST] == (
+            keyring_digest(rotated)
+        )
+    finally:
+        core.delete_namespace(other)
+
+
 def test_foreign_secret_with_the_same_name_is_not_overwritten(
     core: k8s.CoreV1Api, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
