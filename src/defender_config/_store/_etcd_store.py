@@ -268,10 +268,15 @@ class EtcdStore:
             self.metrics.stale_reads.labels("get").inc()
             log.warning("etcd unreachable: serving cached value of %s", path)
             return None if isinstance(cached, _Absent) else replace(cached, stale=True)
-        if not response.kvs:
+        kvs = response.kvs
+        if not kvs:
             self._cache.set(path, _ABSENT)
             return None
-        value = _stored(response.kvs[0])
+        kv = kvs[0]
+        # The key read is `path` itself: no need to decode it back from the response.
+        value = StoredValue(
+            path, kv.value, kv.mod_revision, kv.create_revision, kv.version, kv.lease
+        )
         self._cache.set(path, value)
         return value
 
@@ -309,11 +314,10 @@ class EtcdStore:
     def put(self, path: str, value: bytes, *, lease: Lease | int | None = None) -> int:
         """Write `value`; returns the new revision."""
         lease_id = _lease_id(lease)
-        response = self._call(
-            "put", lambda c: c.put(path, value, lease=lease_id or None), path=path
-        )
+        key = path.encode()
+        response = self._call("put", lambda c: c.put_value(key, value, lease_id), path=path)
         revision = int(response.header.revision)
-        self._cache.set(path, StoredValue(path, bytes(value), revision, 0, 0, lease_id=lease_id))
+        self._cache.set(path, StoredValue(path, bytes(value), revision, 0, 0, lease_id))
         return revision
 
     def delete(self, path: str) -> bool:

@@ -41,6 +41,12 @@ _GRPC_OPTIONS: Final = [
     ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # EtcdStore._call retries and fails over itself. gRPC's own retry machinery (on by default,
+    # even without a retry policy) keeps a copy of every outgoing message and adds a retry
+    # filter to every call: measured 8-13 µs per unary Range/Put, same member, interleaved.
+    # Without it a call on a connection that breaks fails at once with UNAVAILABLE, which our
+    # loop retries on another endpoint.
+    ("grpc.enable_retries", 0),
 ]
 
 # A failed endpoint is avoided for this long when another one is available.
@@ -84,6 +90,7 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
     def __init__(self, *args: Any, on_failover: Callable[[], None], **kwargs: Any) -> None:
         self._ep_lock = threading.RLock()
         self._on_failover = on_failover
+        self._kv: tuple[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
     kvstub = _locked_stub("kvstub", etcdrpc.KVStub)
@@ -121,6 +128,25 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
                 )
             self._current_endpoint_label = label
             return self.endpoints[label].use()
+
+    def _clear_old_stubs(self) -> None:
+        # pyetcd calls this whenever the current endpoint changes (and we do after a failure or
+        # a new token): the hot-path KV stub goes with the others.
+        self._kv = None
+        super()._clear_old_stubs()
+
+    def _kv_stub(self) -> tuple[str, Any]:
+        """(endpoint label, KV stub) of the current endpoint for get/put.
+
+        Read without the lock: the pair is one attribute, replaced or dropped whole under the
+        lock. A call that read it just before another thread failed over still goes to the
+        endpoint named in the pair, and a failure marks that one, as with `kvstub`."""
+        kv = self._kv
+        if kv is None:
+            with self._ep_lock:
+                stub = self.kvstub  # picks the endpoint (and fails over) like every call
+                kv = self._kv = (self._current_endpoint_label, stub)
+        return kv
 
     def _manage_grpc_errors(self, exc: grpc.RpcError) -> Any:
         """pyetcd's handler marks the *current* endpoint failed; with many threads the call
@@ -167,13 +193,43 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
         except queue.Empty as exc:
             raise etcd_exc.WatchTimedOut() from exc
 
-    def range(self, key: bytes, range_end: bytes | None, **kwargs: Any) -> Any:
-        request = self._build_get_range_request(key, range_end=range_end, **kwargs)
+    def range(
+        self,
+        key: bytes,
+        range_end: bytes | None,
+        *,
+        revision: int | None = None,
+        count_only: bool = False,
+    ) -> Any:
+        """A linearizable Range. The request is built directly: pyetcd's builder sets every
+        field and builds two lookup dicts per call, measurable on a 0.7 ms get."""
+        request = etcdrpc.RangeRequest(key=key)
+        if range_end is not None:
+            request.range_end = range_end
+        if revision is not None:
+            request.revision = revision
+        if count_only:
+            request.count_only = True
+        label, stub = self._kv_stub()
         try:
-            return self.kvstub.Range(
+            return stub.Range(
                 request, self.timeout, credentials=self.call_credentials, metadata=self.metadata
             )
         except grpc.RpcError as exc:
+            _call_endpoint.label = label
+            self._manage_grpc_errors(exc)
+            raise
+
+    def put_value(self, key: bytes, value: bytes, lease_id: int) -> Any:
+        """A Put (pyetcd's `put` converts and checks each argument again and wraps the call)."""
+        request = etcdrpc.PutRequest(key=key, value=value, lease=lease_id)
+        label, stub = self._kv_stub()
+        try:
+            return stub.Put(
+                request, self.timeout, credentials=self.call_credentials, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            _call_endpoint.label = label
             self._manage_grpc_errors(exc)
             raise
 
@@ -217,14 +273,15 @@ def _to_op(op: PutOp | DeleteOp | GetOp) -> Any:
 
 
 def _stored(kv: Any, stale: bool = False) -> StoredValue:
+    # protobuf hands out `value` as a new bytes object already: no copy needed.
     return StoredValue(
-        key=kv.key.decode("utf-8", "replace"),
-        value=bytes(kv.value),
-        mod_revision=kv.mod_revision,
-        create_revision=kv.create_revision,
-        version=kv.version,
-        lease_id=kv.lease,
-        stale=stale,
+        kv.key.decode("utf-8", "replace"),
+        kv.value,
+        kv.mod_revision,
+        kv.create_revision,
+        kv.version,
+        kv.lease,
+        stale,
     )
 
 
