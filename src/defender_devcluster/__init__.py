@@ -6,6 +6,7 @@ See docs/local-cluster.md. The pytest fixtures live in ``defender_devcluster.pyt
 from ._cluster import ClusterState, LocalCluster, stop_run_dir
 from ._errors import (
     DevClusterError,
+    PeerProxyError,
     PortInUseError,
     ProcessStartError,
     StaleProcessError,
@@ -24,6 +25,7 @@ __all__ = [
     "DevClusterError",
     "EtcdCluster",
     "LocalCluster",
+    "PeerProxyError",
     "PortInUseError",
     "ProcessStartError",
     "StaleProcessError",

@@ -5,7 +5,8 @@ DevClusterError
 ├── PortInUseError(name, log_path)        a process could not bind its port (lost a race)
 ├── ProcessStartError(name, log_path)     a process exited or never became healthy
 ├── StaleProcessError(pid, name)          a process from an earlier run would not die
-└── StateError(path)                      the run dir has no (valid) state file
+├── StateError(path)                      the run dir has no (valid) state file
+└── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
 """
 
 from __future__ import annotations
@@ -68,3 +69,7 @@ class StateError(DevClusterError):
     def __init__(self, path: Path, detail: str) -> None:
         self.path = path
         super().__init__(f"{path}: {detail}")
+
+
+class PeerProxyError(DevClusterError):
+    """A partition was asked of a cluster that runs without its peer proxy."""

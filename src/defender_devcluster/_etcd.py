@@ -11,8 +11,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._errors import PortInUseError, ProcessStartError
+from ._errors import PeerProxyError, PortInUseError, ProcessStartError
 from ._http import get_json, post_json
+from ._peerproxy import PeerProxy
 from ._procs import ManagedProcess, free_ports, reap_stale
 from ._tools import tool
 from ._wait import poll
@@ -63,6 +64,11 @@ class EtcdCluster:
     Ports are picked at start time. ``start()`` always forms a fresh cluster (old data is
     wiped, stale processes of an earlier crashed run in the same directory are stopped);
     ``restart_member`` keeps a member's data dir and ports.
+
+    With ``peer_proxy=True`` every member advertises a peer URL served by a ``PeerProxy`` in
+    this process that forwards to its real peer port, so ``partition(i)`` can cut member i
+    off from the others (both ways) and ``heal(i)`` can restore it. Client ports are never
+    proxied: a cut member still answers clients, it just has no quorum.
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class EtcdCluster:
         *,
         start_timeout: float = 60.0,
         die_with_parent: bool = False,
+        peer_proxy: bool = False,
     ) -> None:
         if members < 1:
             raise ValueError("an etcd cluster needs at least one member")
@@ -84,6 +91,11 @@ class EtcdCluster:
         self.dir = self.run_dir / f"etcd-{name}"
         self.client_ports: list[int] = []
         self.peer_ports: list[int] = []
+        self.peer_proxy = peer_proxy
+        # Ports the members advertise to each other: the proxy's, or the real peer ports.
+        self.advertised_peer_ports: list[int] = []
+        self._proxy: PeerProxy | None = None
+        self._member_ids: list[str] = []
         self._procs: list[ManagedProcess] = []
 
     # ----------------------------------------------------------------- public face
@@ -112,22 +124,33 @@ class EtcdCluster:
         t0 = time.monotonic()
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             self._wipe_data()
-            ports = free_ports(2 * self.members)
-            self.client_ports = ports[: self.members]
-            self.peer_ports = ports[self.members :]
-            self._procs = [self._process(etcd, i) for i in range(self.members)]
+            n = self.members
+            ports = free_ports((3 if self.peer_proxy else 2) * n)
+            self.client_ports = ports[:n]
+            self.peer_ports = ports[n : 2 * n]
+            self.advertised_peer_ports = ports[2 * n :] if self.peer_proxy else self.peer_ports
+            self._procs = [self._process(etcd, i) for i in range(n)]
             try:
+                if self.peer_proxy:
+                    self._proxy = PeerProxy(
+                        self.advertised_peer_ports, self.peer_ports, run_dir=self.dir
+                    ).start()
                 for p in self._procs:
                     p.start()
                 self._wait_ready(range(self.members), time.monotonic() + self.start_timeout)
+                if self._proxy is not None:
+                    self._member_ids = self._fetch_member_ids()
+                    self._proxy.set_member_ids(dict(enumerate(self._member_ids)))
             except PortInUseError:
                 self._stop_all(timeout=2.0)
+                self._stop_proxy()
                 if attempt == _PORT_ATTEMPTS:
                     raise
                 log.info("etcd %s lost a port race, retrying with new ports", self.name)
                 continue
             except BaseException:
                 self._stop_all(timeout=2.0)
+                self._stop_proxy()
                 raise
             break
         log.info(
@@ -136,7 +159,40 @@ class EtcdCluster:
         return self
 
     def stop(self) -> None:
-        self._stop_all()
+        try:
+            self._stop_all()
+        finally:
+            self._stop_proxy()
+
+    @property
+    def member_ids(self) -> list[str]:
+        """etcd's member id of each member, lower-case hex (as etcd logs and rafthttp send it)."""
+        if not self._member_ids:
+            self._member_ids = self._fetch_member_ids()
+        return list(self._member_ids)
+
+    @property
+    def proxy(self) -> PeerProxy:
+        """The peer proxy (PeerProxyError without ``peer_proxy=True`` or before start)."""
+        if self._proxy is None:
+            raise PeerProxyError(
+                f"etcd cluster {self.name} has no peer proxy: create it with "
+                f"EtcdCluster(..., peer_proxy=True) and start it before partitioning"
+            )
+        return self._proxy
+
+    def partition(self, i: int) -> int:
+        """Cut member i from every other member, both ways: its open peer connections are
+        closed and new ones refused until ``heal(i)``. Returns the connections closed."""
+        return self.proxy.partition(i)
+
+    def heal(self, i: int) -> None:
+        """Let member i reach the others again (it catches up through raft)."""
+        self.proxy.heal(i)
+
+    @property
+    def partitioned(self) -> frozenset[int]:
+        return self._proxy.partitioned if self._proxy is not None else frozenset()
 
     def kill_member(self, i: int) -> int:
         """SIGKILL member ``i`` by PID (a crash, not a shutdown). Returns the killed PID."""
@@ -224,11 +280,12 @@ class EtcdCluster:
 
     def _process(self, etcd: Path, i: int) -> ManagedProcess:
         peers = ",".join(
-            f"{self.member_name(j)}=http://127.0.0.1:{self.peer_ports[j]}"
+            f"{self.member_name(j)}=http://127.0.0.1:{self.advertised_peer_ports[j]}"
             for j in range(self.members)
         )
         client = f"http://127.0.0.1:{self.client_ports[i]}"
         peer = f"http://127.0.0.1:{self.peer_ports[i]}"
+        advertised_peer = f"http://127.0.0.1:{self.advertised_peer_ports[i]}"
         data_dir = self.data_dir(i)
         argv = [
             str(etcd),
@@ -237,7 +294,7 @@ class EtcdCluster:
             f"--listen-client-urls={client}",
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={advertised_peer}",
             f"--initial-cluster={peers}",
             f"--initial-cluster-token=defender-devcluster-{self.name}",
             "--initial-cluster-state=new",
@@ -286,6 +343,27 @@ class EtcdCluster:
                 f"(waiting for {sorted(self.member_name(j) for j in pending) or 'a leader'})",
                 self._procs[i].tail(),
             )
+
+    def _fetch_member_ids(self) -> list[str]:
+        """Member ids by member name, from the cluster API of any running member."""
+        last: Exception | None = None
+        for ep in self._live_endpoints():
+            try:
+                body = post_json(f"{ep}/v3/cluster/member/list", {}, timeout=5.0)
+                by_name = {m["name"]: format(int(m["ID"]), "x") for m in body["members"]}
+                return [by_name[self.member_name(i)] for i in range(self.members)]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                last = exc
+        raise ProcessStartError(
+            f"etcd cluster {self.name}",
+            self.dir,
+            f"could not read the member list to learn member ids: {last!r}",
+        )
+
+    def _stop_proxy(self) -> None:
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._proxy = None
 
     def _stop_all(self, timeout: float = 10.0) -> None:
         errors: list[BaseException] = []
