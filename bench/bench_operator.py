@@ -32,7 +32,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
 from bench_support import REPO, process_rss_bytes, summary, write_result
-from defender_config import Registry
+from defender_config import Heartbeater, Registry
 from defender_devcluster import LocalCluster
 from defender_devcluster._system import apply_crds
 
@@ -62,11 +62,14 @@ class ReadyWatch:
         self.seeded: dict[str, float] = {}
         self.heartbeating: dict[str, float] = {}
         self._watch = k8s_watch.Watch()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        # The server ends a watch after timeout_seconds: start again (a fresh list shows what
+        # changed meanwhile) until stop() is called.
+        while not self._stopped:
             try:
                 for ev in self._watch.stream(
                     self.custom.list_namespaced_custom_object,
@@ -89,39 +92,79 @@ class ReadyWatch:
                             self.heartbeating.setdefault(name, now)
             except Exception:  # a dropped watch: resume (this is a benchmark probe)
                 time.sleep(0.2)
-                continue
-            return
 
     def stop(self) -> None:
+        self._stopped = True
         self._watch.stop()
 
 
-def batch(run: OperatorRun, watcher: ReadyWatch, n: int, tag: str) -> dict[str, Any]:
+def bare_pod(name: str, labels: dict[str, str]) -> k8s.V1Pod:
+    return k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name=name, labels=labels),
+        spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="registry.invalid/none:0")]),
+    )
+
+
+def batch(
+    run: OperatorRun,
+    watcher: ReadyWatch,
+    n: int,
+    tag: str,
+    *,
+    heartbeat_seconds: float = 1.0,
+    bare_pods: bool = False,
+) -> dict[str, Any]:
+    """n components, each with one instance heartbeating before its DefenderComponent exists.
+
+    Pods come from Deployments (the controller-manager makes them), or with `bare_pods` are
+    created directly: at 1,000 the controller-manager's client rate limit (20 qps) would take
+    minutes to make 2,000 objects, which measures it, not the operator."""
     names = [f"{tag}-{i:04d}" for i in range(n)]
-    for name in names:
-        run.deployment(name, {"app": name})
     pods: dict[str, str] = {}
-    for name in names:
-        found = wait_for(f"pod of {name}", lambda nm=name: run.pods({"app": nm}), timeout=300)
-        pods[name] = found[0].metadata.name
+    if bare_pods:
+        for name in names:
+            run.core.create_namespaced_pod(run.namespace, bare_pod(f"{name}-0", {"app": name}))
+            pods[name] = f"{name}-0"
+    else:
+        for name in names:
+            run.deployment(name, {"app": name})
+        for name in names:
+            found = wait_for(f"pod of {name}", lambda nm=name: run.pods({"app": nm}), timeout=300)
+            pods[name] = found[0].metadata.name
     shared = run.client()
     for name in names:
-        run.heartbeat(name, pods[name], client=shared)
-    created: dict[str, float] = {}
-    for name in names:
-        created[name] = time.perf_counter()
-        run.custom.create_namespaced_custom_object(
-            GROUP, VERSION, run.namespace, PLURAL, component_doc(name)
+        hb = Heartbeater(
+            shared,
+            name,
+            pods[name],
+            interval_seconds=heartbeat_seconds,
+            allowed_misses=3,
+            pod=pods[name],
         )
+        hb.start()
+        hb.set_status("RUNNING")
+        run.heartbeaters.append(hb)
+    created: dict[str, float] = {}
+    create_started = time.perf_counter()
+    for name in names:
+        doc = component_doc(name)
+        doc["spec"]["heartbeat"]["intervalSeconds"] = max(1, round(heartbeat_seconds))
+        created[name] = time.perf_counter()
+        run.custom.create_namespaced_custom_object(GROUP, VERSION, run.namespace, PLURAL, doc)
+    create_seconds = time.perf_counter() - create_started
     deadline = time.monotonic() + max(120, n * 1.0)
     while time.monotonic() < deadline and not all(nm in watcher.ready for nm in names):
         time.sleep(0.2)
+    time.sleep(2 * heartbeat_seconds)  # monitor passes over all of them before reading memory
     (proc,) = run.procs
     latencies = [watcher.ready[nm] - created[nm] for nm in names if nm in watcher.ready]
     seen = [watcher.added[nm] - created[nm] for nm in names if nm in watcher.added]
     row = {
         "components": n,
         "ready": len(latencies),
+        "heartbeat_interval_seconds": heartbeat_seconds,
+        "pods": "bare" if bare_pods else "deployments",
+        "create_calls_seconds": round(create_seconds, 2),
         "create_to_ready_seconds": summary(latencies),
         "baseline_create_to_seen_seconds": summary(seen),
         "operator_rss_bytes": process_rss_bytes(proc.pid),
@@ -131,41 +174,7 @@ def batch(run: OperatorRun, watcher: ReadyWatch, n: int, tag: str) -> dict[str, 
         f"{n} components: {len(latencies)} Ready, p50 "
         f"{row['create_to_ready_seconds']['p50']:.2f}s p99 "
         f"{row['create_to_ready_seconds']['p99']:.2f}s, RSS "
-        f"{row['operator_rss_bytes'] / (1 << 20):.0f} MiB",
-        flush=True,
-    )
-    return row
-
-
-def seed_only_batch(run: OperatorRun, watcher: ReadyWatch, n: int, tag: str) -> dict[str, Any]:
-    """n components without instances: create → seeded (status.activeVersion 1), and RSS."""
-    names = [f"{tag}-{i:04d}" for i in range(n)]
-    created: dict[str, float] = {}
-    for name in names:
-        created[name] = time.perf_counter()
-        run.custom.create_namespaced_custom_object(
-            GROUP, VERSION, run.namespace, PLURAL, component_doc(name)
-        )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not all(nm in watcher.seeded for nm in names):
-        time.sleep(0.5)
-    time.sleep(10)  # a few monitor passes over all of them before reading memory
-    (proc,) = run.procs
-    latencies = [watcher.seeded[nm] - created[nm] for nm in names if nm in watcher.seeded]
-    seen = [watcher.added[nm] - created[nm] for nm in names if nm in watcher.added]
-    row = {
-        "components": n,
-        "seeded": len(latencies),
-        "create_to_seeded_seconds": summary(latencies),
-        "baseline_create_to_seen_seconds": summary(seen),
-        "operator_rss_bytes": process_rss_bytes(proc.pid),
-        "latencies": latencies,
-    }
-    print(
-        f"{n} components without instances: {len(latencies)} seeded, p50 "
-        f"{row['create_to_seeded_seconds']['p50']:.2f}s p99 "
-        f"{row['create_to_seeded_seconds']['p99']:.2f}s, RSS "
-        f"{row['operator_rss_bytes'] / (1 << 20):.0f} MiB",
+        f"{row['operator_rss_bytes'] / (1 << 20):.0f} MiB (creates took {create_seconds:.1f}s)",
         flush=True,
     )
     return row
@@ -231,6 +240,12 @@ def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[d
                 time.sleep(0.05)
             restart_seen = time.perf_counter()
             ok = restarted()
+            # The operator judges a pod by its heartbeat deadline (last beat + interval x
+            # misses) and may act before etcd expires the lease: wait for the expiry anyway,
+            # so such a restart shows as a negative delay after detection.
+            deadline = time.monotonic() + 15
+            while not expired and time.monotonic() < deadline:
+                time.sleep(0.05)
         finally:
             if child.poll() is None:
                 child.kill()
@@ -251,27 +266,22 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
     sizes = [1, 10] if quick else [1, 100]
     if os.environ.get("BENCH_OPERATOR_SIZES") is not None:  # e.g. "" to skip the Ready runs
         sizes = [int(x) for x in os.environ["BENCH_OPERATOR_SIZES"].split(",") if x]
-    seed_only = [] if quick or not big else [1000]
+    big_runs = [] if quick or not big else [1000]
     notes = [
-        "The operator ran with DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS=1 (Ready needs a "
-        "monitor pass that sees the heartbeats) and heartbeats every 1 s.",
+        "The operator ran with its default settings (monitor pass every 5 s; a reconcile wakes "
+        "the component's monitor at once, so Ready does not wait for the interval). Instances "
+        "heartbeat every 1 s at 1 and 100 components; at 1,000 every 10 s (spec "
+        "heartbeat.intervalSeconds 10; the CRD default is 30), with bare pods instead of "
+        "Deployments (see batch()). All instances are Heartbeaters of one DefenderClient in "
+        "the benchmark process.",
         "Restart trials: a component's only instance (heartbeat interval 1 s, 3 misses, lease "
         "TTL 3 s, startupGraceSeconds 0) is SIGKILLed; detection = lease-expiry delete event, "
         "restart = the pod's deletionTimestamp set by the operator (pods are polled every "
-        "50 ms). Target: restart ≤ 2 s after detection. The trials run after the Ready "
-        "batches, so the operator's 1 s monitor pass covers 100+ other components meanwhile "
-        "(run alone, `BENCH_OPERATOR_SIZES= BENCH_OPERATOR_BIG=0 bench/bench_operator.py "
-        "--quick`, the restart came 0.4-0.6 s after detection on this machine).",
+        "50 ms). Target: restart ≤ 2 s after detection. A negative delay means the operator's "
+        "own heartbeat deadline (last beat + 3 s) passed before etcd expired the lease. The "
+        "trials run after the 1 and 100 batches, whose components keep heartbeating meanwhile.",
     ]
-    notes.append(
-        "Ready at 1,000 components was not measured: this machine cannot play 1,000 "
-        "heartbeating instances in one process (see the heartbeaters section: lease "
-        "keep-alives fall behind past ~300 instances per process). At 1,000 the components "
-        "have no instances; create → seeded (MASTER/ACTIVE written, status.activeVersion 1) "
-        "and the operator's RSS after a few monitor passes are measured instead."
-    )
     runs = []
-    seeded_runs = []
     restarts: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="defender-bench-op-") as tmp:
         cluster = LocalCluster(Path(tmp) / "kube", die_with_parent=True)
@@ -300,7 +310,13 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 log_path=Path(tmp) / "operator.log",
                 liveness_port=free_port(),
             )
-            op.start(DEFENDER_OPERATOR_LOG_LEVEL="WARNING")
+            # The operator's defaults, not the e2e tests' fast intervals.
+            op.start(
+                DEFENDER_OPERATOR_LOG_LEVEL="WARNING",
+                DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS="5",
+                DEFENDER_OPERATOR_ETCD_HEALTH_INTERVAL_SECONDS="5",
+                DEFENDER_OPERATOR_ROTATION_INTERVAL_SECONDS="5",
+            )
             watcher = ReadyWatch(api, ns)
             try:
                 # Warm-up: the keyring Secret copy appears in the namespace with the first
@@ -321,8 +337,10 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 for n in sizes:
                     runs.append(batch(op, watcher, n, f"b{n}"))
                 restarts = restart_trials(op, watcher, 2 if quick else 3)
-                for n in seed_only:
-                    seeded_runs.append(seed_only_batch(op, watcher, n, f"s{n}"))
+                for n in big_runs:
+                    runs.append(
+                        batch(op, watcher, n, f"k{n}", heartbeat_seconds=10.0, bare_pods=True)
+                    )
             finally:
                 watcher.stop()
                 tail = op.log_tail(20)
@@ -333,21 +351,25 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
         finally:
             cluster.stop()
     worst = max((r["create_to_ready_seconds"]["p99"] for r in runs), default=float("inf"))
+    rss_at_big = [r["operator_rss_bytes"] for r in runs if r["components"] >= 1000]
+    latency_met = worst <= 2.0 and all(r["ready"] == r["components"] for r in runs)
+    rss_met = bool(rss_at_big) and max(rss_at_big) <= 250e6
+    restart_met = bool(restarts) and all(
+        r["restart_after_detection_seconds"] is not None
+        and r["restart_after_detection_seconds"] <= 2.0
+        for r in restarts
+    )
     return {
         "description": __doc__,
         "unit": "seconds",
         "target": "p99 create → Ready <= 2 s; RSS <= 250 MB at 1,000 components",
         "runs": runs,
-        "seed_only_runs": seeded_runs,
         "restart_trials": restarts,
         "notes": notes,
-        "target_met": worst <= 2.0 and all(r["ready"] == r["components"] for r in runs),
-        "restart_target_met": bool(restarts)
-        and all(
-            r["restart_after_detection_seconds"] is not None
-            and r["restart_after_detection_seconds"] <= 2.0
-            for r in restarts
-        ),
+        "latency_target_met": latency_met,
+        "rss_target_met": rss_met,
+        "restart_target_met": restart_met,
+        "target_met": latency_met and rss_met and restart_met,
     }
 
 
