@@ -193,6 +193,10 @@ class PeerProxy:
 
     def stop(self) -> None:
         self._stop.set()
+        for s in self._listeners:
+            # On Linux shutdown() wakes a thread blocked in accept(); close() alone does not.
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
