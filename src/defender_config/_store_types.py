@@ -6,10 +6,22 @@ The `_store` package is the only code that talks to etcd; what it hands out is d
 from __future__ import annotations
 
 import random
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from itertools import accumulate
+from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 __all__ = [
     "OPS",
@@ -220,32 +232,92 @@ _LATENCY_BUCKETS = (
 )
 
 
+class OpStats:
+    """Call count and latency histogram of one etcd operation: what every store call records.
+
+    prometheus_client's `Counter.inc` + `Histogram.observe` cost about eleven Python calls and
+    three lock round trips per store call: 6-17 µs in situ on a 0.6 ms get (measured against
+    no-op metrics, interleaved). Here it is two short critical sections on one lock; the
+    `_OpsCollector` turns the numbers into the same Prometheus series.
+    """
+
+    __slots__ = ("_lock", "buckets", "created", "started", "total")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = 0
+        #: Non-cumulative counts: index i = first bucket bound >= the duration (last = +Inf).
+        self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self.created = time.time()
+
+    def start(self) -> None:
+        """One call of this operation began."""
+        with self._lock:
+            self.started += 1
+
+    def finish(self, seconds: float) -> None:
+        """One call ended after `seconds` (retries included)."""
+        # Prometheus buckets are "less or equal": the first bound >= seconds.
+        i = bisect_left(_LATENCY_BUCKETS, seconds)
+        with self._lock:
+            self.buckets[i] += 1
+            self.total += seconds
+
+    def snapshot(self) -> tuple[int, list[int], float]:
+        with self._lock:
+            return self.started, list(self.buckets), self.total
+
+
+class _OpsCollector(Collector):
+    """Exposes `defender_etcd_calls` (counter) and `defender_etcd_call_duration_seconds`
+    (histogram) by op, from the OpStats of one store."""
+
+    def __init__(self, per_op: dict[str, OpStats]) -> None:
+        self._per_op = per_op
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "defender_etcd_calls",
+            "etcd operations started by the library, by operation.",
+            labels=["op"],
+        )
+        latency = HistogramMetricFamily(
+            "defender_etcd_call_duration_seconds",
+            "Duration of etcd operations including retries, by operation.",
+            labels=["op"],
+        )
+        for op, stats in sorted(self._per_op.items()):
+            started, buckets, total = stats.snapshot()
+            calls.add_metric([op], started, created=stats.created)
+            latency.add_metric(
+                [op], list(zip(_BUCKET_LABELS, accumulate(buckets), strict=True)), total
+            )
+            latency.samples.append(Sample(latency.name + "_created", {"op": op}, stats.created))
+        yield calls
+        yield latency
+
+
+# `le` labels as prometheus_client writes them (str() matches its Go-style format for these).
+_BUCKET_LABELS = (*(str(b) for b in _LATENCY_BUCKETS), "+Inf")
+
+
 class StoreMetrics:
     """The Prometheus series of one EtcdStore, on `registry` (a private one if None).
 
     Pass the process registry (`prometheus_client.REGISTRY`) to expose them; tests pass fresh
-    registries so several stores can live in one process.
+    registries so several stores can live in one process. Per-call counts and latencies are
+    recorded through `for_op(op)` (an `OpStats`); the rarer events are prometheus Counters.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.calls = Counter(
-            "defender_etcd_calls",
-            "etcd operations started by the library, by operation.",
-            ["op"],
-            registry=self.registry,
-        )
+        self._per_op: dict[str, OpStats] = {}
+        self.registry.register(_OpsCollector(self._per_op))
         self.errors = Counter(
             "defender_etcd_errors",
             "etcd operations that failed after retries, by operation and reason.",
             ["op", "reason"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "defender_etcd_call_duration_seconds",
-            "Duration of etcd operations including retries, by operation.",
-            ["op"],
-            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.retries = Counter(
@@ -271,16 +343,14 @@ class StoreMetrics:
             registry=self.registry,
         )
 
-        # labels() costs a lock and a dict lookup per call; the op set is fixed, so resolve
-        # each op's children once.
-        self._per_op: dict[str, tuple[Any, Any]] = {}
-
-    def for_op(self, op: str) -> tuple[Any, Any]:
-        """(calls counter, latency histogram) of `op`, cached."""
-        children = self._per_op.get(op)
-        if children is None:
-            children = self._per_op[op] = (self.calls.labels(op), self.latency.labels(op))
-        return children
+    def for_op(self, op: str) -> OpStats:
+        """The call count and latency recorder of `op` (made on first use)."""
+        stats = self._per_op.get(op)
+        if stats is None:
+            # setdefault is atomic: two threads racing on a new op share one recorder.
+            stats = self._per_op.setdefault(op, OpStats())
+        return stats
 
     def observe(self, op: str, seconds: float) -> None:
-        self.for_op(op)[1].observe(seconds)
+        """Record the duration of one call of `op` (its start is counted by `start`)."""
+        self.for_op(op).finish(seconds)

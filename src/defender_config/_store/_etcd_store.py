@@ -188,8 +188,8 @@ class EtcdStore:
             with self._auth_lock:
                 if not self._token_ready:
                     self._authenticate()
-        calls, latency = self.metrics.for_op(op)
-        calls.inc()
+        stats = self.metrics.for_op(op)
+        stats.start()
         started = time.perf_counter()
         attempt = 0
         renewed = False
@@ -233,7 +233,7 @@ class EtcdStore:
                     self.metrics.errors.labels(op, rule.reason).inc()
                     raise self._typed(rule, exc, path, attempt + 1) from exc
         finally:
-            latency.observe(time.perf_counter() - started)
+            stats.finish(time.perf_counter() - started)
 
     def _typed(self, rule: ErrorRule, exc: BaseException, path: str | None, n: int) -> StoreError:
         detail = f"{rule.hint} ({_details(exc)})"

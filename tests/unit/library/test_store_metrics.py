@@ -10,7 +10,7 @@ from defender_config._store_types import OPS
 
 def test_metric_names_and_label_names() -> None:
     m = StoreMetrics(CollectorRegistry())
-    m.calls.labels("get").inc()
+    m.for_op("get").start()
     m.errors.labels("put", "unavailable").inc()
     m.observe("get", 0.002)
     m.retries.labels("txn").inc()
@@ -52,7 +52,7 @@ def test_metric_names_and_label_names() -> None:
 def test_two_stores_do_not_collide() -> None:
     # Each store gets its own registry unless one is passed: no duplicate-series errors.
     a, b = StoreMetrics(), StoreMetrics()
-    a.calls.labels("get").inc()
+    a.for_op("get").start()
     assert a.registry is not b.registry
     assert b.registry.get_sample_value("defender_etcd_calls_total", {"op": "get"}) is None
 
@@ -71,3 +71,86 @@ def test_op_labels_used_by_the_store_are_a_fixed_set() -> None:
     used |= set(re.findall(r'stale_reads\.labels\("([a-z_]+)"\)', source))
     assert used, "found no op labels: the pattern is stale"
     assert used <= set(OPS), used - set(OPS)
+
+
+def test_per_op_series_equal_what_prometheus_client_would_expose() -> None:
+    # The store records calls through OpStats (cheaper than Counter + Histogram per call);
+    # the series must be exactly those a prometheus_client Counter and Histogram give.
+    from prometheus_client import Counter, Histogram
+
+    from defender_config._store_types import _LATENCY_BUCKETS
+
+    durations = [0.0001, 0.0005, 0.0007, 0.0025, 0.003, 3.0, 99.0]
+    ours = StoreMetrics(CollectorRegistry())
+    reference = CollectorRegistry()
+    calls = Counter("defender_etcd_calls", "x", ["op"], registry=reference)
+    latency = Histogram(
+        "defender_etcd_call_duration_seconds",
+        "x",
+        ["op"],
+        buckets=_LATENCY_BUCKETS,
+        registry=reference,
+    )
+    for op, extra_start in (("get", 0), ("put", 2)):
+        stats = ours.for_op(op)
+        for seconds in durations:
+            stats.start()
+            stats.finish(seconds)
+            calls.labels(op).inc()
+            latency.labels(op).observe(seconds)
+        for _ in range(extra_start):  # started, not finished yet
+            stats.start()
+            calls.labels(op).inc()
+
+    def series(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in registry.collect()
+            if fam.name in ("defender_etcd_calls", "defender_etcd_call_duration_seconds")
+            for s in fam.samples
+            if not s.name.endswith("_created")
+        }
+
+    def created(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())))
+            for fam in registry.collect()
+            if fam.name in ("defender_etcd_calls", "defender_etcd_call_duration_seconds")
+            for s in fam.samples
+            if s.name.endswith("_created")
+        }
+
+    assert series(ours.registry) == series(reference)
+    assert created(ours.registry) == created(reference)
+    assert ours.registry.get_sample_value("defender_etcd_calls_total", {"op": "put"}) == 9
+    assert (
+        ours.registry.get_sample_value(
+            "defender_etcd_call_duration_seconds_bucket", {"op": "get", "le": "+Inf"}
+        )
+        == 7
+    )
+
+
+def test_racing_first_use_of_an_op_shares_one_recorder() -> None:
+    import threading
+
+    m = StoreMetrics(CollectorRegistry())
+    barrier = threading.Barrier(8)
+
+    def hammer() -> None:
+        barrier.wait()
+        for _ in range(1000):
+            stats = m.for_op("txn")
+            stats.start()
+            stats.finish(0.001)
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert m.registry.get_sample_value("defender_etcd_calls_total", {"op": "txn"}) == 8000
+    assert (
+        m.registry.get_sample_value("defender_etcd_call_duration_seconds_count", {"op": "txn"})
+        == 8000
+    )
