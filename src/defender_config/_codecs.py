@@ -149,7 +149,9 @@ class Aead(Protocol):
 
     def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
 
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    def decrypt(
+        self, nonce: bytes | memoryview, data: bytes | memoryview, associated_data: bytes | None
+    ) -> bytes: ...
 
 
 class Cipher(ABC):

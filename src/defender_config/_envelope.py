@@ -386,10 +386,13 @@ class Envelope:
             if provider is None:
                 raise UnknownKeyError(key_id, (), path=path)
             key = provider.current().decryption_key(key_id, path)
+            # Nonce and ciphertext as views of the blob: slicing a 1 MiB value copied it first,
+            # which cost more than decrypting it (1.5 ms vs 0.13 ms, fresh pages each time).
+            view = memoryview(blob)
             try:
                 payload = cipher.aead(key.material).decrypt(
-                    blob[header_len:body_start],
-                    blob[body_start:],
+                    view[header_len:body_start],
+                    view[body_start:],
                     blob[:header_len] + path.encode("utf-8"),
                 )
             except InvalidTag:
