@@ -254,6 +254,33 @@ class EtcdCluster:
             f"etcd cluster {self.name}", self.dir, f"no leader elected within {timeout:.0f}s"
         )
 
+    def move_leader(self, i: int, timeout: float = 30.0) -> None:
+        """Make member i the leader (etcd's leadership transfer), then wait until it leads.
+
+        Tests use it to put the leader where a client is connected."""
+        target = self.member_ids[i]
+        leader = self.wait_for_leader(timeout)
+        if leader != self.endpoints[i]:
+            try:
+                post_json(
+                    f"{leader}/v3/maintenance/transfer-leadership",
+                    {"targetID": str(int(target, 16))},
+                    timeout=timeout,
+                )
+            except (OSError, ValueError) as exc:
+                raise ProcessStartError(
+                    self.member_name(i),
+                    self.log_path(i),
+                    f"leader {leader} refused to hand leadership to {target}: {exc}",
+                ) from exc
+        done, _ = poll(lambda: self.leader_endpoint() == self.endpoints[i], timeout, 0.1)
+        if done is None:
+            raise ProcessStartError(
+                self.member_name(i),
+                self.log_path(i),
+                f"did not become leader within {timeout:.0f}s of the transfer",
+            )
+
     def __enter__(self) -> EtcdCluster:
         return self.start()
 
