@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         start_http_server(ours.metrics_port)
     namespaces = args.namespace or ours.watch_namespaces
     # Importing registers the handlers with kopf's default registry.
-    from defender_operator import handlers  # noqa: F401
+    from defender_operator import _login, handlers  # noqa: F401
+
+    _login.watched_namespaces = len(namespaces)
 
     logging.getLogger("defender_operator").info(
         "starting (%s, peering %s)",

@@ -41,6 +41,9 @@ class OperatorSettings(BaseSettings):
     the operator's own writes update it at once. 0 reads it every pass."""
     worker_threads: int = Field(default=32, ge=4, le=256)
     """Threads (and API server connections) for blocking etcd and Kubernetes calls."""
+    api_connections: int = Field(default=32, ge=4, le=1024)
+    """Connections kopf may open to the API server for requests (plus two per watched
+    namespace for its watch streams); a burst of events waits for a free one."""
     etcd_health_interval_seconds: float = Field(default=5.0, gt=0, le=300)
     """How often etcd health (reachable, quorum) is measured."""
     liveness_etcd_max_unavailable_seconds: float = Field(default=300.0, gt=0)

@@ -1,5 +1,6 @@
 """kopf wiring only: each handler hands its event to a function in another module.
 
+login     → kopf's API session, with a bounded connection pool (`_login`)
 startup   → build the Runtime (settings, keyring Secret, library backend), start the etcd
             health and key-rotation loops
 create / resume / update of a DefenderComponent → `_reconcile.reconcile`
@@ -26,7 +27,7 @@ import kopf
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from defender_operator import _api, _loops, _monitor, _pods, _reconcile
+from defender_operator import _api, _login, _loops, _monitor, _pods, _reconcile
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._errors import kopf_errors
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
@@ -51,6 +52,13 @@ def _api_client(connections: int) -> k8s_client.ApiClient:
     # As many pooled connections as threads that may call the API server at once.
     conf.connection_pool_maxsize = connections
     return k8s_client.ApiClient(conf)
+
+
+@kopf.on.login()
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    ours, _ = load_operator_settings()
+    limit = _login.connection_limit(ours.api_connections, _login.watched_namespaces)
+    return await _login.pooled_login(limit, **kwargs)
 
 
 @kopf.on.startup()
