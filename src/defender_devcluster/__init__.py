@@ -6,6 +6,7 @@ See docs/local-cluster.md. The pytest fixtures live in ``defender_devcluster.pyt
 from ._cluster import ClusterState, LocalCluster, stop_run_dir
 from ._errors import (
     DevClusterError,
+    LeaderTransferError,
     PeerProxyError,
     PortInUseError,
     ProcessStartError,
@@ -24,6 +25,7 @@ __all__ = [
     "ControlPlane",
     "DevClusterError",
     "EtcdCluster",
+    "LeaderTransferError",
     "LocalCluster",
     "PeerProxyError",
     "PortInUseError",

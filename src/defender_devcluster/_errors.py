@@ -6,7 +6,8 @@ DevClusterError
 ├── ProcessStartError(name, log_path)     a process exited or never became healthy
 ├── StaleProcessError(pid, name)          a process from an earlier run would not die
 ├── StateError(path)                      the run dir has no (valid) state file
-└── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
+├── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
+└── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
 """
 
 from __future__ import annotations
@@ -73,3 +74,15 @@ class StateError(DevClusterError):
 
 class PeerProxyError(DevClusterError):
     """A partition was asked of a cluster that runs without its peer proxy."""
+
+
+class LeaderTransferError(DevClusterError):
+    """``EtcdCluster.move_leader`` could not make the member leader."""
+
+    def __init__(self, member: str, log_path: Path, detail: str) -> None:
+        self.member = member
+        self.log_path = log_path
+        super().__init__(
+            f"could not make {member} the etcd leader: {detail}; is it running and reachable "
+            f"by its peers (not partitioned)? see {log_path}"
+        )

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._errors import PeerProxyError, PortInUseError, ProcessStartError
+from ._errors import LeaderTransferError, PeerProxyError, PortInUseError, ProcessStartError
 from ._http import get_json, post_json
 from ._peerproxy import PeerProxy
 from ._procs import ManagedProcess, free_ports, reap_stale
@@ -257,7 +257,9 @@ class EtcdCluster:
     def move_leader(self, i: int, timeout: float = 30.0) -> None:
         """Make member i the leader (etcd's leadership transfer), then wait until it leads.
 
-        Tests use it to put the leader where a client is connected."""
+        Tests use it to put the leader where a client is connected. LeaderTransferError when
+        etcd refuses or does not finish the transfer within ``timeout`` (etcd itself gives up
+        after its request timeout, 9 s with this harness' settings)."""
         target = self.member_ids[i]
         leader = self.wait_for_leader(timeout)
         if leader != self.endpoints[i]:
@@ -268,17 +270,17 @@ class EtcdCluster:
                     timeout=timeout,
                 )
             except (OSError, ValueError) as exc:
-                raise ProcessStartError(
+                raise LeaderTransferError(
                     self.member_name(i),
                     self.log_path(i),
-                    f"leader {leader} refused to hand leadership to {target}: {exc}",
+                    f"leader {leader} did not hand over to member id {target} ({exc})",
                 ) from exc
         done, _ = poll(lambda: self.leader_endpoint() == self.endpoints[i], timeout, 0.1)
         if done is None:
-            raise ProcessStartError(
+            raise LeaderTransferError(
                 self.member_name(i),
                 self.log_path(i),
-                f"did not become leader within {timeout:.0f}s of the transfer",
+                f"transfer accepted but no member reported it as leader within {timeout:.0f}s",
             )
 
     def __enter__(self) -> EtcdCluster:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from defender_config import (
 )
 from defender_devcluster import (
     EtcdCluster,
+    LeaderTransferError,
     ToolNotFoundError,
     etcd_member_healthy,
     etcd_status,
@@ -116,15 +117,14 @@ def puts_started(cluster: EtcdCluster, i: int) -> float:
     )
 
 
-def serving_member(cluster: EtcdCluster, writer: LedgerWriter) -> int:
-    """The member the writer's client sends its puts to (the client picks one at random)."""
+def serving_member(cluster: EtcdCluster, make_puts: Callable[[], object], puts: int) -> int:
+    """The one member that received the `puts` Put calls `make_puts` causes (a client picks
+    its member at random). Nothing else puts into this cluster."""
     before = [puts_started(cluster, i) for i in range(cluster.members)]
-    acked = len(writer.acked)
-    wait_for("20 more writes", lambda: len(writer.acked) >= acked + 20, timeout=60)
+    make_puts()
     grown = [puts_started(cluster, i) - b for i, b in enumerate(before)]
     busy = [i for i, g in enumerate(grown) if g > 0]
-    # Nothing else puts into this cluster: exactly one member served them.
-    assert len(busy) == 1 and grown[busy[0]] >= 20, f"puts per member: {grown}"
+    assert len(busy) == 1 and grown[busy[0]] >= puts, f"puts per member: {grown}"
     return busy[0]
 
 
@@ -221,28 +221,40 @@ def _clients(
 
 def _run_partition(
     cluster: EtcdCluster, prefix: str, alerts: list[Alert], *, cut_leader: bool
-) -> None:
+) -> int:
+    """Cut the member a writer is on, check, heal, check again; returns the member cut."""
     members = list(range(cluster.members))
     keyring = new_keyring()
     client, committer_client = _clients(cluster, prefix, keyring, alerts)
     configs = ConfigStore(committer_client)
     configs.seed("firewall", FIREWALL, "firewall", by="partition-test")
+
+    # The victim is the member the writer's client is on, so its writes must fail over. It is
+    # made leader (or not) before any load: a leader drops proposals while it hands over.
+    def probe_puts() -> None:
+        for n in range(5):
+            client.put_sealed(f"{prefix}probe/{n}", b"where am I")
+
+    victim = serving_member(cluster, probe_puts, 5)
+    others = [j for j in members if j != victim]
+    cluster.move_leader(victim if cut_leader else others[0])
+    leader_id = wait_for(
+        "all members to agree on the leader",
+        lambda: common_leader(cluster, members),
+        timeout=ELECTION_WAIT_SECONDS,
+    )
+    assert (leader_id == cluster.member_ids[victim]) is cut_leader
+    term_before = max(view(cluster, j)[1] for j in members)
+
     writer = LedgerWriter(client, prefix).start()
     committer = Committer(configs).start()
     try:
-        wait_for("30 writes before the cut", lambda: len(writer.acked) >= 30, timeout=60)
-        # Cut the member the writer is on, so its writes must fail over; first make that
-        # member the leader (or not) as the test asks.
-        victim = serving_member(cluster, writer)
-        others = [j for j in members if j != victim]
-        cluster.move_leader(victim if cut_leader else others[0])
-        leader_id = wait_for(
-            "all members to agree on the leader",
-            lambda: common_leader(cluster, members),
-            timeout=ELECTION_WAIT_SECONDS,
-        )
-        assert (leader_id == cluster.member_ids[victim]) is cut_leader
-        term_before = max(view(cluster, j)[1] for j in members)
+
+        def thirty_writes() -> None:
+            acked = len(writer.acked)
+            wait_for("30 writes before the cut", lambda: len(writer.acked) >= acked + 30)
+
+        assert serving_member(cluster, thirty_writes, 30) == victim, "the writer moved"
         assert cluster.proxy.open_links(victim) > 0, "the victim had no peer links to cut"
         assert cluster.partition(victim) > 0
         assert cluster.proxy.open_links(victim) == 0
@@ -331,6 +343,7 @@ def _run_partition(
         reader.close()
         committer_client.close()
     assert alerts == [], "a partition is not a decoding problem: nothing to alert"
+    return victim
 
 
 def test_cut_leader_is_replaced_refuses_clients_and_catches_up_losing_nothing(
@@ -342,4 +355,9 @@ def test_cut_leader_is_replaced_refuses_clients_and_catches_up_losing_nothing(
 def test_cut_follower_refuses_clients_and_catches_up_losing_nothing(
     cluster: EtcdCluster, etcd_prefix: str, alerts: list[Alert]
 ) -> None:
-    _run_partition(cluster, etcd_prefix, alerts, cut_leader=False)
+    victim = _run_partition(cluster, etcd_prefix, alerts, cut_leader=False)
+    # Without load (the leader drops proposals while a transfer is pending): leadership cannot
+    # be handed to a cut member either, since the transfer needs raft messages to reach it.
+    cluster.partition(victim)
+    with pytest.raises(LeaderTransferError, match="not partitioned"):
+        cluster.move_leader(victim, timeout=2.0)
