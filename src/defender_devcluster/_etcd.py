@@ -13,7 +13,7 @@ from typing import Any
 
 from ._errors import LeaderTransferError, PeerProxyError, PortInUseError, ProcessStartError
 from ._http import get_json, post_json
-from ._peerproxy import PeerProxy
+from ._peerproxy import PeerProxy, socket_owner
 from ._procs import ManagedProcess, free_ports, reap_stale
 from ._tools import tool
 from ._wait import poll
@@ -133,7 +133,10 @@ class EtcdCluster:
             try:
                 if self.peer_proxy:
                     self._proxy = PeerProxy(
-                        self.advertised_peer_ports, self.peer_ports, run_dir=self.dir
+                        self.advertised_peer_ports,
+                        self.peer_ports,
+                        run_dir=self.dir,
+                        owner=self._peer_socket_owner,
                     ).start()
                 for p in self._procs:
                     p.start()
@@ -388,6 +391,10 @@ class EtcdCluster:
             self.dir,
             f"could not read the member list to learn member ids: {last!r}",
         )
+
+    def _peer_socket_owner(self, dialer_port: int, proxy_port: int) -> int | None:
+        pids = {i: pid for i, pid in enumerate(self.member_pids) if pid is not None}
+        return socket_owner(dialer_port, proxy_port, pids)
 
     def _stop_proxy(self) -> None:
         if self._proxy is not None:

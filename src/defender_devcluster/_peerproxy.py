@@ -10,20 +10,22 @@ dialer is i or whose target is i, and refuses such new connections, until it is 
 
 Why not iptables or network namespaces: they need privileges CI sandboxes do not grant.
 
-Limit: peer requests that are not raft messages (the leader's ``/version`` probe, a follower
-forwarding a lease renewal to the leader, rafthttp's ``/raft/probing``) carry no member id. At a
-cut member's proxy they are refused like everything else; arriving elsewhere they pass, since
-their dialer is unknown. Raft itself (elections, replication, read index) is cut both ways.
+Peer requests that are not raft messages (the leader's ``/version`` probe, a follower
+forwarding a lease renewal to the leader, rafthttp's ``/raft/probing``) carry no member id. For
+those the proxy asks the kernel which process owns the dialing socket (``/proc/net/tcp`` gives
+the socket's inode, ``/proc/<pid>/fd`` which member holds it); where that fails (no /proc) an
+anonymous request is refused only at a cut member's proxy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,12 +96,56 @@ def read_request_head(sock: socket.socket) -> tuple[RequestHead, bytes]:
         buf += chunk
 
 
+def _tcp_inode(local_port: int, remote_port: int) -> int | None:
+    """Inode of the IPv4 TCP socket with these local and remote ports, from /proc/net/tcp."""
+    want = (f"{local_port:04X}", f"{remote_port:04X}")
+    try:
+        with open("/proc/net/tcp", encoding="ascii") as f:
+            next(f)  # the column header
+            for line in f:
+                fields = line.split()
+                local, remote = fields[1].rpartition(":")[2], fields[2].rpartition(":")[2]
+                if (local, remote) == want:
+                    return int(fields[9])
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return None
+
+
+def socket_owner(local_port: int, remote_port: int, pids: Mapping[int, int]) -> int | None:
+    """Which key of ``pids`` (member index -> pid) holds the TCP socket that goes from
+    ``local_port`` to ``remote_port`` on loopback; None if none of them (or no /proc)."""
+    inode = _tcp_inode(local_port, remote_port)
+    if inode is None:
+        return None
+    needle = f"socket:[{inode}]"
+    for index, pid in pids.items():
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") == needle:
+                    return index
+            except OSError:
+                continue  # closed since listdir
+    return None
+
+
+# (dialer's port, proxy's port) -> member index of the dialing process, or None.
+OwnerLookup = Callable[[int, int], int | None]
+
+
 @dataclass(eq=False)
 class _Link:
     """One proxied connection: dialer -> proxy of `target` -> member `target`."""
 
     target: int
     dialer_id: str | None
+    # Set when the dialer named no id and the kernel told us which member it is.
+    dialer_index: int | None
     downstream: socket.socket
     upstream: socket.socket
     _closed: bool = False
@@ -145,6 +191,7 @@ class PeerProxy:
         host: str = "127.0.0.1",
         *,
         run_dir: Path | None = None,
+        owner: OwnerLookup | None = None,
     ) -> None:
         if len(listen_ports) != len(target_ports):
             raise ValueError("one listen port per target port")
@@ -153,6 +200,7 @@ class PeerProxy:
         self.target_ports = list(target_ports)
         # Named in errors only: the proxy logs through `logging`, it has no file of its own.
         self.run_dir = run_dir or Path.cwd()
+        self._owner = owner
         self._lock = threading.Lock()
         self._ids: dict[str, int] = {}
         self._cut: set[int] = set()
@@ -221,7 +269,11 @@ class PeerProxy:
         self._check_index(i)
         with self._lock:
             self._cut.add(i)
-            doomed = [link for link in self._links if self._is_cut(link.target, link.dialer_id)]
+            doomed = [
+                link
+                for link in self._links
+                if self._is_cut(link.target, link.dialer_id, link.dialer_index)
+            ]
             self._links.difference_update(doomed)
             self._stats.cut += len(doomed)
         for link in doomed:
@@ -253,8 +305,7 @@ class PeerProxy:
             return sum(
                 1
                 for link in self._links
-                if link.target == i
-                or (link.dialer_id is not None and self._ids.get(link.dialer_id) == i)
+                if i in (link.target, self._dialer(link.dialer_id, link.dialer_index))
             )
 
     # --- internals --------------------------------------------------------------------------
@@ -262,11 +313,18 @@ class PeerProxy:
         if not 0 <= i < len(self.listen_ports):
             raise IndexError(f"no member {i}: the proxy fronts {len(self.listen_ports)} members")
 
-    def _is_cut(self, target: int, dialer_id: str | None) -> bool:
+    def _dialer(self, dialer_id: str | None, dialer_index: int | None) -> int | None:
+        # Caller holds the lock.
+        if dialer_index is not None:
+            return dialer_index
+        return self._ids.get(dialer_id) if dialer_id is not None else None
+
+    def _is_cut(self, target: int, dialer_id: str | None, dialer_index: int | None) -> bool:
         # Caller holds the lock.
         if target in self._cut:
             return True
-        return dialer_id is not None and self._ids.get(dialer_id) in self._cut
+        dialer = self._dialer(dialer_id, dialer_index)
+        return dialer is not None and dialer in self._cut
 
     def _accept_loop(self, target: int, listener: socket.socket) -> None:
         while not self._stop.is_set():
@@ -298,8 +356,14 @@ class PeerProxy:
             _close(downstream)
             return
         dialer = head.dialer_id
+        index: int | None = None
+        if dialer is None and self._owner is not None:
+            try:
+                index = self._owner(downstream.getpeername()[1], self.listen_ports[target])
+            except OSError:
+                index = None  # the dialer is gone already; nothing to forward for
         with self._lock:
-            refused = self._is_cut(target, dialer)
+            refused = self._is_cut(target, dialer, index)
             if refused:
                 self._stats.refused += 1
         if refused:
@@ -316,17 +380,17 @@ class PeerProxy:
             log.debug("peer proxy %d: member unreachable: %s", target, exc)
             _close(downstream)
             return
-        link = _Link(target, dialer, downstream, upstream)
+        link = _Link(target, dialer, index, downstream, upstream)
         with self._lock:
             # Re-checked under the lock that partition() takes: a cut that came while we
             # connected upstream must not miss this link.
-            if self._is_cut(target, dialer):
+            if self._is_cut(target, dialer, index):
                 self._stats.refused += 1
                 admitted = False
             else:
                 self._links.add(link)
                 self._stats.forwarded += 1
-                key = dialer or "unknown"
+                key = dialer or ("unknown" if index is None else f"member {index}")
                 self._stats.by_dialer[key] = self._stats.by_dialer.get(key, 0) + 1
                 admitted = True
         if not admitted:

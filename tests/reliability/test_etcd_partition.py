@@ -321,6 +321,9 @@ def _run_partition(
         failovers,
         cluster.proxy.stats(),
     )
+    # Every peer connection was attributed to a member (by the id it sent or, for requests
+    # that name none, by the socket's owner): nothing could slip past the cut unseen.
+    assert "unknown" not in cluster.proxy.stats().by_dialer, cluster.proxy.stats()
     # The writer was on the victim: it only kept writing by moving to another member.
     assert failovers is not None and failovers >= 1, "the writer never failed over"
 

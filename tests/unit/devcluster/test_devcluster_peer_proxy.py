@@ -5,6 +5,7 @@ refuses a partitioned member's connections both ways, heals, and survives garbag
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from defender_devcluster._peerproxy import (
     MalformedRequestError,
     PeerProxy,
     parse_request_head,
+    socket_owner,
 )
 
 IDS = ["a1", "b2", "c3"]  # member ids, hex as etcd writes them
@@ -188,9 +190,9 @@ def test_partition_cuts_both_ways_refuses_new_links_and_heal_restores(
         before = [m.connections for m in members]
         for target, dialer in ((1, "a1"), (0, "b2"), (0, "zz-unknown")):
             with dial(proxy, target, stream_head(dialer)) as s:
-                assert s.recv(10) == b"", f"{dialer}->{target} must be refused"
+                assert hung_up(s), f"{dialer}->{target} must be refused"
         with dial(proxy, 0, b"GET /version HTTP/1.1\r\n\r\n") as s:
-            assert s.recv(10) == b"", "an anonymous request to the cut member must be refused"
+            assert hung_up(s), "an anonymous request to the cut member must be refused"
         assert [m.connections for m in members] == before, "refused links reached a member"
         assert proxy.stats().refused == 4
 
@@ -237,7 +239,7 @@ def test_a_member_that_is_down_closes_its_dialers(members: list[EchoMember]) -> 
     proxy = PeerProxy(free_ports(2), [members[0].port, dead_port]).start()
     try:
         with dial(proxy, 1, stream_head("a1")) as s:
-            assert s.recv(10) == b""
+            assert hung_up(s)
         with open_link(proxy, 0, "b2"):
             pass
     finally:
@@ -250,6 +252,66 @@ def test_stop_closes_open_links(members: list[EchoMember]) -> None:
     proxy.stop()
     assert is_closed(link)
     link.close()
+
+
+# --- dialers that name no member id (/version, /leases, /raft/probing) -------------------------
+
+
+def test_socket_owner_finds_the_process_holding_a_loopback_connection() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server_port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", server_port), timeout=5) as c:
+            client_port = c.getsockname()[1]
+            me = {7: os.getpid()}
+            assert socket_owner(client_port, server_port, me) == 7
+            # The server's end belongs to no process until it is accepted.
+            assert socket_owner(server_port, client_port, me) is None
+            accepted, _ = server.accept()
+            with accepted:
+                assert socket_owner(server_port, client_port, me) == 7
+            assert socket_owner(client_port, server_port, {}) is None
+            gone = free_ports(1)[0]
+            assert socket_owner(client_port, gone, me) is None, "no such connection"
+            # A pid whose fds we may not read (or that does not exist) is skipped.
+            assert socket_owner(client_port, server_port, {1: 1, 2: 2**22 + 1}) is None
+
+
+def test_an_anonymous_dialer_is_identified_by_the_kernel_and_cut(
+    members: list[EchoMember],
+) -> None:
+    # This test process is "member 0": every connection it dials is one of its sockets.
+    def owner(dialer_port: int, proxy_port: int) -> int | None:
+        return socket_owner(dialer_port, proxy_port, {0: os.getpid()})
+
+    proxy = PeerProxy(free_ports(3), [m.port for m in members], owner=owner).start()
+    version = b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        link = dial(proxy, 1, version)
+        assert read_exactly(link, len(version)) == version
+        assert proxy.stats().by_dialer == {"member 0": 1}
+        assert proxy.open_links(0) == 1
+        assert proxy.partition(0) == 1
+        assert is_closed(link)
+        link.close()
+        with dial(proxy, 2, version) as s:
+            assert hung_up(s), "an anonymous request from the cut member must be refused"
+        proxy.heal(0)
+        with dial(proxy, 2, version) as s:
+            assert read_exactly(s, len(version)) == version
+    finally:
+        proxy.stop()
+
+
+def test_without_an_owner_lookup_anonymous_dialers_pass_except_to_a_cut_member(
+    proxy: PeerProxy,
+) -> None:
+    version = b"GET /version HTTP/1.1\r\n\r\n"
+    proxy.partition(0)
+    with dial(proxy, 1, version) as s:
+        assert read_exactly(s, len(version)) == version
+    with dial(proxy, 0, version) as s:
+        assert hung_up(s)
+    assert proxy.stats().by_dialer == {"unknown": 1}
 
 
 # --- errors ----------------------------------------------------------------------------------
