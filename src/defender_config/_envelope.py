@@ -296,6 +296,10 @@ class Envelope:
                         "would refuse it; raise envelope.max_ratio on writers and readers",
                         path=path,
                     )
+            # Drop the unused attempt now, not at return: freed before the next large buffers
+            # are allocated, its memory is reused instead of fresh pages (for 1 MiB, one less
+            # megabyte of page faults per write).
+            del packed
 
         if opts.encrypt:
             provider = self._provider
@@ -312,7 +316,9 @@ class Envelope:
             # the ~2^32 messages per key where random GCM nonces start to risk a collision.
             nonce = os.urandom(cipher.nonce_size)
             sealed = cipher.aead(key.material).encrypt(nonce, payload, header + path_b)
+            del payload  # the compressed copy: free before the join allocates the blob
             blob = b"".join((header, nonce, sealed))
+            del sealed
         else:
             header = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, comp.id, NO_CIPHER.id, size, 0)
             blob = header + payload
