@@ -89,8 +89,32 @@ def _details(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# Passing conditions etcd reports without a retryable status code: a proposal the leader
+# dropped while handing leadership over (UNKNOWN "raft proposal dropped"; a rolling restart of
+# the etcd StatefulSet causes it) and its request throttle (RESOURCE_EXHAUSTED "too many
+# requests"). Neither was applied, so a retry is safe.
+_PASSING: Final = {
+    grpc.StatusCode.UNKNOWN: ("raft proposal dropped",),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ("etcdserver: too many requests",),
+}
+_BUSY = ErrorRule(
+    "unavailable",
+    True,
+    "leader_busy",
+    "etcd dropped the request while its leader was handing over or throttling",
+)
+
+
+def _passing(exc: BaseException) -> bool:
+    code = _grpc_code(exc)
+    texts = _PASSING.get(code) if code is not None else None
+    return bool(texts) and any(t in _details(exc) for t in texts or ())
+
+
 def classify_error(exc: BaseException) -> ErrorRule | None:
     """Look up how to handle `exc`; None means "not an etcd failure" (a bug: re-raise as is)."""
+    if _passing(exc):
+        return _BUSY
     if isinstance(exc, grpc.RpcError):
         code = getattr(exc, "code", None)
         try:

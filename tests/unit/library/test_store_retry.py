@@ -49,6 +49,9 @@ TRANSIENT = [
     etcd_exc.WatchTimedOut(),
     StatusError(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"),
     StatusError(grpc.StatusCode.DEADLINE_EXCEEDED),
+    # A leader handing over drops proposals; a throttled leader refuses them: not applied.
+    StatusError(grpc.StatusCode.UNKNOWN, "raft proposal dropped"),
+    StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
 ]
 PERMANENT = [
     (StatusError(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token"), "auth"),
@@ -58,6 +61,7 @@ PERMANENT = [
     (etcd_exc.RevisionCompactedError(5), "compacted"),
     (StatusError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large"), "error"),
     (StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED), "error"),
+    (StatusError(grpc.StatusCode.UNKNOWN, "something else"), "error"),
     (StatusError(grpc.StatusCode.FAILED_PRECONDITION), "error"),
     (StatusError(grpc.StatusCode.INTERNAL), "error"),
     (etcd_exc.InternalServerError(), "error"),
