@@ -372,3 +372,33 @@ def test_cut_follower_refuses_clients_and_catches_up_losing_nothing(
     cluster.partition(victim)
     with pytest.raises(LeaderTransferError, match="not partitioned"):
         cluster.move_leader(victim, timeout=2.0)
+
+
+def test_leader_handover_under_load_fails_no_write(cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """A leader handing over drops proposals ("raft proposal dropped"); the library retries
+    them, so a rolling restart of etcd costs latency, not failed writes."""
+    alerts: list[Alert] = []
+    keyring = new_keyring()
+    client = make_client(cluster, etcd_prefix, keyring, alerts)
+    writer = LedgerWriter(client, etcd_prefix).start()
+    try:
+        for target in (1, 2, 0):
+            before = len(writer.acked)
+            cluster.move_leader(target)
+            wait_for(
+                "writes after the handover",
+                lambda b=before: len(writer.acked) > b + 20 or None,
+                timeout=ELECTION_WAIT_SECONDS,
+            )
+    finally:
+        writer.stop()
+    try:
+        assert not writer.failed, f"{len(writer.failed)} writes failed, first: {writer.failed[0]}"
+        assert len(writer.acked) > 60
+        reader = make_client(cluster, etcd_prefix, keyring, alerts)
+        try:
+            assert_all_acknowledged_writes_present(cluster, etcd_prefix, reader, writer.acked)
+        finally:
+            reader.close()
+    finally:
+        client.close()
