@@ -7,6 +7,7 @@ the flags below only choose how kopf runs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import secrets
 import sys
@@ -18,6 +19,19 @@ from defender_config import DefenderConfigError
 from defender_operator._errors import OperatorConfigurationError
 from defender_operator._logging import configure
 from defender_operator._settings import load_operator_settings
+
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas before any thread starts. glibc gives threads their own arenas
+    (up to 8 per CPU); with the operator's worker threads, half-empty arenas held tens of MiB
+    at 1,000 components. False where there is no glibc (musl) or it refuses."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"defender-operator: {exc}\n")
         return 2
     configure(ours.log_format, ours.log_level)
+    limit_malloc_arenas()
     if ours.metrics_port:
         start_http_server(ours.metrics_port)
     namespaces = args.namespace or ours.watch_namespaces
