@@ -268,3 +268,22 @@ def test_a_failed_call_marks_the_endpoint_it_used(dead_store: EtcdStore) -> None
     assert client.endpoints[used].is_failed()
     assert not client.endpoints[now].is_failed()
     dead_store.close()
+
+
+def test_get_and_put_fail_over_from_the_endpoint_their_call_used(dead_store: EtcdStore) -> None:
+    # get/put use a cached (endpoint, KV stub) pair read without the lock: a failed call must
+    # still mark the endpoint it went to and drop the pair, so the next call picks another.
+    client = dead_store._client
+    first, _ = client._kv_stub()
+    assert client._kv_stub()[0] == first  # cached
+    with pytest.raises(etcd_exc.ConnectionFailedError):  # real UNAVAILABLE: nobody listens
+        client.range(b"/k", None)
+    assert client.endpoints[first].is_failed()
+    assert client._kv is None
+    second, _ = client._kv_stub()
+    assert second != first
+    with pytest.raises(etcd_exc.ConnectionFailedError):
+        client.put_value(b"/k", b"v", 0)
+    assert client.endpoints[second].is_failed()
+    assert client._kv is None
+    dead_store.close()
