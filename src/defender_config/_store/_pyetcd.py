@@ -210,22 +210,17 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             request.revision = revision
         if count_only:
             request.count_only = True
-        label, stub = self._kv_stub()
-        try:
-            return stub.Range(
-                request, self.timeout, credentials=self.call_credentials, metadata=self.metadata
-            )
-        except grpc.RpcError as exc:
-            _call_endpoint.label = label
-            self._manage_grpc_errors(exc)
-            raise
+        return self._kv_call("Range", request)
 
     def put_value(self, key: bytes, value: bytes, lease_id: int) -> Any:
         """A Put (pyetcd's `put` converts and checks each argument again and wraps the call)."""
-        request = etcdrpc.PutRequest(key=key, value=value, lease=lease_id)
+        return self._kv_call("Put", etcdrpc.PutRequest(key=key, value=value, lease=lease_id))
+
+    def _kv_call(self, method: str, request: Any) -> Any:
+        """One unary KV call on the cached stub; a failure marks the endpoint it went to."""
         label, stub = self._kv_stub()
         try:
-            return stub.Put(
+            return getattr(stub, method)(
                 request, self.timeout, credentials=self.call_credentials, metadata=self.metadata
             )
         except grpc.RpcError as exc:

@@ -374,7 +374,8 @@ def test_poller_survives_a_failing_callback(
                 time.sleep(0.02)
             third = Keyring.generate()
             mount.write(third.to_json())
-            while source.current() != third and time.monotonic() < deadline:
+            # The new keyring is visible before its callback has run: wait for both.
+            while (source.current() != third or len(calls) < 2) and time.monotonic() < deadline:
                 time.sleep(0.02)
         finally:
             source.stop()
