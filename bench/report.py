@@ -408,9 +408,17 @@ def section_findings() -> list[str]:
         "death (the key's last keep-alive was at most one interval before it). The old design "
         "adds up to one poll interval on top of its threshold and depends on synchronized "
         "clocks; at the old 30 s interval that is tens of seconds more.",
-        "- **Operator create → Ready** includes one monitor pass (1 s here) after the seed; "
-        "with 100 components created at once the reconciles queue up behind each other on this "
-        "2-core machine (p99 several seconds), and at 1,000 seeding alone takes tens of seconds.",
+        "- **Operator create → Ready.** A monitor pass reads nothing from the API server (pods "
+        "from a kopf index, the component from kopf's live body, its status as last written), "
+        "component state is one etcd transaction, a reconcile wakes its monitor at once, and "
+        "kopf's API session has a bounded pool. With that, 100 components created at once are "
+        "Ready with p99 ≈ 1.2 s (session 1: 8.4 s). At 1,000 (p99 ≈ 15 s) the API server of "
+        "this 2-core machine is the limit: each component costs about five API writes (kopf's "
+        "finalizer and progress annotations, a Seeded Event, two status patches), and the "
+        "benchmark's own create calls slowed from ~10 ms to ~130 ms each meanwhile (the "
+        "'create calls took' column). Memory: the bounded pool removed ~160 MiB of TLS read "
+        "buffers (a burst of 1,000 had opened ~650 connections); what remains is mostly "
+        "imported code (~90 MiB before any component) and the JSON bodies kopf keeps per object.",
         "",
     ]
 
