@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -153,3 +154,41 @@ def test_unreachable_etcd_keeps_retrying_until_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_unexpected_crash_exits_1_with_the_traceback_logged(
+    tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    # Nothing in a healthy agent raises out of run(); a bug would. Inject one to drive the
+    # last-resort handler in-process: exit code 1 and the traceback in the log.
+    from defender_agent import __main__ as entry
+    from defender_agent import _agent
+
+    def crash(self: object) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(_agent.Agent, "run", crash)
+    monkeypatch.setattr(_agent.Agent, "install_signal_handlers", lambda self: None)
+    for name in [k for k in os.environ if k.startswith("DEFENDER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("POD_NAME", "p-crash")
+    (tmp_path / "keyring.json").write_bytes(Keyring.generate().to_json())
+    # main() installs the agent's JSON handler on the root logger: put pytest's back after.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        code = entry.main(
+            [
+                *BASE,
+                "--keyring-path",
+                str(tmp_path),
+                "--etcd-endpoints",
+                f"http://127.0.0.1:{closed_port()}",
+            ]
+        )
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert code == entry.EXIT_INTERNAL == 1
+    logged = capsys.readouterr().err
+    assert "agent crashed" in logged and "injected bug" in logged

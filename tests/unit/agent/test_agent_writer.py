@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -96,3 +97,36 @@ def test_concurrent_reader_never_sees_partial_file(tmp_path: Path) -> None:
         thread.join()
     assert reads > 0
     assert bad == []
+
+
+def _fail_dir_fsync(monkeypatch: pytest.MonkeyPatch, code: int) -> list[int]:
+    """Make fsync of a directory fail with `code`, as some file systems do; files still sync."""
+    real = os.fsync
+    refused: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            refused.append(fd)
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return refused
+
+
+def test_directory_fsync_refused_with_einval_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = _fail_dir_fsync(monkeypatch, errno.EINVAL)
+    target = tmp_path / "config.json"
+    write_atomic(target, b'{"v": 1}')
+    assert refused, "the directory fsync was not attempted"
+    assert target.read_bytes() == b'{"v": 1}'
+
+
+def test_directory_fsync_io_error_is_a_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_dir_fsync(monkeypatch, errno.EIO)
+    with pytest.raises(WriteError, match="cannot flush the directory"):
+        write_atomic(tmp_path / "config.json", b'{"v": 1}')
