@@ -124,12 +124,13 @@ class Agent:
             if settings.seed_config_path
             else None
         )
+        self._heartbeat_sink = _HeartbeatSink(self)
         self.applier = ConfigApplier(
             component=settings.component,
             component_type=settings.component_type,
             output_path=settings.output_path,
             reloader=build_reloader(settings),
-            sink=_HeartbeatSink(self),
+            sink=self._heartbeat_sink,
             file_mode=settings.file_mode,
             json_schema=schema,
             process_grace_seconds=settings.reload_grace_seconds,
@@ -248,6 +249,9 @@ class Agent:
         except Exception as exc:  # never let a bad value kill the watch thread
             self.applier.reject(exc)
             return
+        if ok and active.codec:
+            # The component's own storage rule, as its ACTIVE is stored.
+            self._heartbeat_sink.update_heartbeat(codec=active.codec)
         if ok and not self._running_reported and self.heartbeater is not None:
             try:
                 self.heartbeater.set_status("RUNNING")

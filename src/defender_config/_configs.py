@@ -149,6 +149,9 @@ class ActiveConfig:
     digest: str
     mod_revision: int
     stale: bool = False
+    codec: str = ""
+    """The component's own storage rule (`zstd+aes-256-gcm`, `none+none`, ...) from its
+    metadata record, not the store-wide default; what heartbeats report."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +234,11 @@ class ConfigStore:
             return None
         return meta.storage.read_options(self.client.envelope.options)
 
+    def _codec(self, meta: ConfigMetadata | None) -> str:
+        """The label of the rule values of this component are sealed with."""
+        base = self.client.envelope.options
+        return self.client.envelope.codec_label(self._effective_policy(meta).write_options(base))
+
     def _effective_policy(self, meta: ConfigMetadata | None) -> StoragePolicy:
         if meta is not None and meta.storage is not None:
             return meta.storage
@@ -284,7 +292,13 @@ class ConfigStore:
             version = meta.version if meta is not None and meta.digest == digest else None
             if version is not None or stored.stale or attempt == attempts - 1:
                 return ActiveConfig(
-                    component, config, version, digest, stored.mod_revision, stored.stale
+                    component,
+                    config,
+                    version,
+                    digest,
+                    stored.mod_revision,
+                    stored.stale,
+                    self._codec(meta),
                 )
             # A commit landed between the two reads: read both again.
         raise AssertionError("unreachable")
@@ -708,7 +722,11 @@ class ConfigStore:
                 return
             version = meta.version if meta is not None and meta.digest == digest else None
             last_digest[0] = digest
-            callback(ActiveConfig(component, config, version, digest, mod_revision))
+            callback(
+                ActiveConfig(
+                    component, config, version, digest, mod_revision, codec=self._codec(meta)
+                )
+            )
 
         if initial:
             stored = store.get(path)

@@ -159,6 +159,7 @@ class Heartbeater:
         if unknown:
             raise TypeError(f"unknown heartbeat fields: {sorted(unknown)}")
         self._lock = threading.Lock()
+        self._codec: str | None = str(fields["codec"]) if fields.get("codec") else None
         self._record = Heartbeat(
             component=component,
             instance=instance,
@@ -176,13 +177,16 @@ class Heartbeater:
         self.regrants = 0
 
     def _key_fields(self) -> dict[str, Any]:
+        # A codec the component reported (how its ACTIVE is really stored) wins over the
+        # store-wide default, also after a key rotation re-reads the other fields.
+        codec = self._codec or self.client.envelope.codec_label()
         keyring = self.client.envelope.keyring()
         if keyring is None:
-            return {"codec": self.client.envelope.codec_label()}
+            return {"codec": codec}
         return {
             "key_fingerprint": keyring.primary_fingerprint,
             "key_fingerprints": sorted(keyring.fingerprint(k) for k in keyring.key_ids),
-            "codec": self.client.envelope.codec_label(),
+            "codec": codec,
         }
 
     @property
@@ -213,6 +217,8 @@ class Heartbeater:
         unknown = set(fields) - self._MUTABLE
         if unknown:
             raise TypeError(f"unknown heartbeat fields: {sorted(unknown)}")
+        if fields.get("codec"):
+            self._codec = str(fields["codec"])
         if isinstance(fields.get("last_error"), DefenderConfigError):
             err = fields["last_error"]
             fields["last_error"] = ErrorInfo(reason=err.reason, detail=str(err)[:2000])

@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 from agent_e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, Plane, write_keyring
 
-from defender_config import ConfigStore, DefenderClient, Envelope, Keyring, KeyState
+from defender_config import (
+    ConfigStore,
+    DefenderClient,
+    Envelope,
+    EnvelopeOptions,
+    Keyring,
+    KeyState,
+)
 from defender_devcluster import EtcdCluster, tool, wait_for
 from defender_operator._decisions.restarts import (
     EtcdView,
@@ -90,6 +97,23 @@ def test_commit_reaches_file_and_process(plane: Plane, record_property: Any) -> 
     assert target.bad_reads() == []
     record_property("commit_to_process_seconds", json.dumps([round(d, 4) for d in delays]))
     print(f"\ncommit -> target reload delays (s): {[round(d, 4) for d in delays]}")
+    assert agent.errors() == []
+
+
+def test_heartbeat_reports_the_components_own_storage_rule(plane: Plane) -> None:
+    # The component's rule says no compression; the agent's store-wide default compresses.
+    plane.configs.seed(
+        plane.component,
+        config(1),
+        "custom",
+        by="e2e",
+        json_schema=SCHEMA,
+        options=EnvelopeOptions(compress=False),
+    )
+    agent = plane.start_agent(plane.start_target())
+    hb = plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "version 1 delivered")
+    plane.wait_heartbeat(agent, lambda h: h["codec"] == "none+aes-256-gcm", "the component's codec")
+    assert hb["last_error"] is None
     assert agent.errors() == []
 
 

@@ -278,3 +278,22 @@ def test_policy_change_refuses_to_launder_a_forged_value(
     assert meta.storage.encrypt
     assert [a.kind for a in alerts] == ["NotAnEnvelope"]
     assert raw(client, history) == canonical_json(config(7))
+
+
+@pytest.mark.parametrize(
+    ("options", "codec"),
+    [
+        (None, "zstd+aes-256-gcm"),
+        (EnvelopeOptions(encrypt=False), "zstd+none"),
+        (EnvelopeOptions(compress=False, encrypt=False), "none+none"),
+    ],
+    ids=["default", "no-encryption", "plaintext"],
+)
+def test_active_says_how_it_is_stored(
+    configs: ConfigStore, options: EnvelopeOptions | None, codec: str
+) -> None:
+    # What a component reports in its heartbeat: its own rule, not the store-wide default
+    # (this client's default is zstd+aes-256-gcm).
+    seed(configs, "fw", options)
+    assert configs.get_active("fw").codec == codec
+    assert watch_first(configs, "fw").codec == codec

@@ -172,6 +172,30 @@ def test_heartbeat_carries_mutable_fields(client: DefenderClient, keyring: Keyri
         r.heartbeater.stop()
 
 
+def test_reported_codec_survives_a_key_refresh(client: DefenderClient) -> None:
+    # A component whose ACTIVE is stored without encryption reports so; a key rotation
+    # re-reads the key fields but must not put the store-wide label back.
+    reg = Registry(client)
+    beat = Heartbeater(client, "fw-codec", "fw-0", interval_seconds=30, allowed_misses=3)
+    beat.start()
+    try:
+        assert beat.record.codec == "zstd+aes-256-gcm"
+        beat.update(codec="zstd+none")
+        beat.refresh_key_fields()
+        assert beat.record.codec == "zstd+none"
+        wait_for(
+            "the reported codec in etcd",
+            lambda: reg.list_instances("fw-codec")[0].codec == "zstd+none",
+            timeout=20,
+        )
+    finally:
+        beat.stop()
+    # Given at construction, it wins the same way.
+    seeded = Heartbeater(client, "fw-codec", "fw-1", codec="none+none")
+    seeded.refresh_key_fields()
+    assert seeded.record.codec == "none+none"
+
+
 def test_heartbeater_regrants_an_expired_lease(client: DefenderClient) -> None:
     reg = Registry(client)
     r = reg.register(
