@@ -254,9 +254,11 @@ class Heartbeater:
         with self._lock:
             self._record = self._record.model_copy(update={"status": ComponentStatus(status)})
         lease = self._lease
+        own_key_gone = lease is None
         if lease is not None:
             try:
                 self.client.store.revoke_lease(lease)
+                own_key_gone = True
             except StoreError as exc:
                 log.warning(
                     "heartbeat %s: lease revoke failed (expires in %ss): %s",
@@ -268,13 +270,15 @@ class Heartbeater:
         # The component's status key speaks for every instance: one replica stopping must not
         # mark a component STOPPED while its other replicas still heartbeat.
         try:
-            others = [
-                sv.key
-                for sv in self.client.store.list_prefix(
-                    self.client.layout.instances_dir(self.component)
+            instances = self.client.layout.instances_dir(self.component)
+            if own_key_gone:
+                # Any key left is another instance. A count, not a listing: a thousand
+                # replicas stopping at once must not cost a thousand listings of a thousand.
+                others = self.client.store.count_prefix(instances)
+            else:
+                others = sum(
+                    1 for sv in self.client.store.list_prefix(instances) if sv.key != self.key
                 )
-                if sv.key != self.key
-            ]
             if not others:
                 self.set_status(status)
         except StoreError as exc:

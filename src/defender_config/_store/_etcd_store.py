@@ -301,6 +301,14 @@ class EtcdStore:
         self._cache.set_list(prefix, values)
         return values, response.header.revision
 
+    def count_prefix(self, prefix: str) -> int:
+        """How many keys are under `prefix` (etcd counts; no value crosses the network). Not
+        served from cache: StoreUnavailableError when etcd is unreachable."""
+        key = prefix.encode()
+        end = etcd_utils.prefix_range_end(key)
+        response = self._call("count", lambda c: c.range(key, end, count_only=True), path=prefix)
+        return int(response.count)
+
     def current_revision(self, key: str = "/") -> int:
         """The cluster's current revision (a linearizable read). `key` is the key read to get
         it: with etcd auth, pick one the user may read."""

@@ -33,6 +33,9 @@ def test_put_get_list_delete(store: EtcdStore, etcd_prefix: str) -> None:
     assert got.stale is False
     assert store.get(etcd_prefix + "missing") is None
     assert [v.key for v in store.list_prefix(etcd_prefix)] == [etcd_prefix + "a", etcd_prefix + "b"]
+    assert store.count_prefix(etcd_prefix) == 2
+    assert store.count_prefix(etcd_prefix + "a") == 1
+    assert store.count_prefix(etcd_prefix + "none/") == 0
     assert store.delete(etcd_prefix + "a") is True
     assert store.delete(etcd_prefix + "a") is False
     assert store.delete_prefix(etcd_prefix) == 1

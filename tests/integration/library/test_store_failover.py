@@ -130,6 +130,9 @@ def test_stale_reads_when_every_member_is_down(
         assert info.value.attempts == 3
         with pytest.raises(StoreUnavailableError):
             store.put(etcd_prefix + "cfg", b"new")
+        # A count is never served from cache: it says so rather than guess.
+        with pytest.raises(StoreUnavailableError):
+            store.count_prefix(etcd_prefix)
         assert not store.has_quorum()
         report = store.health()
         assert not report.quorum and report.healthy_count == 0
@@ -146,3 +149,35 @@ def test_stale_reads_when_every_member_is_down(
         assert fresh is not None and fresh.stale is False
     finally:
         store.close()
+
+
+def test_heartbeater_stop_with_etcd_down_logs_and_returns(
+    members_restored: EtcdCluster,
+    make_etcd_settings: Callable[..., EtcdSettings],
+    etcd_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The revoke fails, so this instance's key may still be there: stop() decides from a
+    # listing without its own key (served from cache), cannot write the status, logs both
+    # and returns; the lease expires on its own.
+    import logging
+
+    from defender_config import DefenderClient, Heartbeater, Keyring, LibrarySettings
+
+    settings = LibrarySettings(
+        etcd=make_etcd_settings(retries=1, timeout_seconds=1.0, backoff_base_seconds=0.02),
+        prefix=etcd_prefix.rstrip("/"),
+        keyring_path=None,
+    )
+    client = DefenderClient(settings, Keyring.generate(), registry=CollectorRegistry())
+    try:
+        beat = Heartbeater(client, "fw", "fw-0", interval_seconds=30, allowed_misses=3).start()
+        client.store.list_prefix(client.layout.instances_dir("fw"))  # cached for the outage
+        for i in range(members_restored.members):
+            members_restored.stop_member(i)
+        with caplog.at_level(logging.WARNING, logger="defender_config"):
+            beat.stop()
+        assert "lease revoke failed" in caplog.text
+        assert "could not write STOPPED" in caplog.text
+    finally:
+        client.close()
