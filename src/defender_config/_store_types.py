@@ -198,6 +198,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
 OPS: tuple[str, ...] = (
     "get",
     "list",
+    "count",
     "put",
     "delete",
     "delete_prefix",
