@@ -1,4 +1,5 @@
-"""The few Kubernetes calls the operator makes besides Secrets (blocking; run in a thread)."""
+"""The few Kubernetes calls the operator makes besides Secrets (blocking; run in a thread).
+Pods are not listed here: monitor passes read them from kopf's index (`_pods`)."""
 
 from __future__ import annotations
 
@@ -22,37 +23,10 @@ class Pod:
     deleting: bool
 
 
-def label_selector(match_labels: Mapping[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(match_labels.items()))
-
-
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-
-    def pods(self, namespace: str, match_labels: Mapping[str, str]) -> list[Pod]:
-        try:
-            found = self.core.list_namespaced_pod(
-                namespace, label_selector=label_selector(match_labels)
-            )
-        except ApiException as exc:
-            raise KubeError(
-                f"cannot list pods in {namespace} ({exc.status} {exc.reason}); check the"
-                " operator's RBAC for pods"
-            ) from exc
-        out = []
-        for item in found.items:
-            meta: Any = item.metadata
-            out.append(
-                Pod(
-                    name=meta.name,
-                    uid=meta.uid,
-                    created=meta.creation_timestamp,
-                    deleting=meta.deletion_timestamp is not None,
-                )
-            )
-        return out
 
     def delete_pod(self, namespace: str, pod: Pod) -> bool:
         """Delete exactly this pod (uid precondition: never its same-named replacement).

@@ -40,7 +40,7 @@ from defender_operator._metrics import (
     INSTANCES_ALIVE,
     RESTARTS,
 )
-from defender_operator._pods import select_pods
+from defender_operator._pods import PodIndex, select_pods
 from defender_operator._reconcile import publish_status, state_fields
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
@@ -137,16 +137,14 @@ async def tick(
     raw_spec: Mapping[str, Any],
     status: Mapping[str, Any],
     logger: Logger,
+    pod_index: PodIndex,
 ) -> datetime | None:
     """One pass; returns when the next pass should run at the latest to judge a pod the moment
     its heartbeat deadline passes (None: the regular interval is soon enough)."""
     mem = rt.memory(namespace, name)
     spec = _api.parse_spec(dict(raw_spec))
     now = utcnow()
-    if rt.pod_index is not None:
-        pods = select_pods(rt.pod_index, namespace, spec.selector.match_labels)
-    else:
-        pods = await asyncio.to_thread(rt.kube.pods, namespace, spec.selector.match_labels)
+    pods = select_pods(pod_index, namespace, spec.selector.match_labels)
     etcd = rt.etcd.view()
     instances: Sequence[InstanceRecord] = ()
     alerts: list[Report] = []
@@ -372,7 +370,13 @@ _MIN_PAUSE_SECONDS = 0.2
 
 
 async def run(
-    rt: Runtime, stopped: Any, body: Any, namespace: str, name: str, logger: Logger
+    rt: Runtime,
+    stopped: Any,
+    body: Any,
+    namespace: str,
+    name: str,
+    logger: Logger,
+    pod_index: PodIndex,
 ) -> None:
     """The per-component daemon: `tick` every monitor_interval_seconds until `stopped`, and
     sooner when the heartbeat watch says an instance of this component appeared or vanished,
@@ -397,6 +401,7 @@ async def run(
                     raw_spec=dict(body.get("spec") or {}),
                     status=status,
                     logger=logger,
+                    pod_index=pod_index,
                 )
                 if due is not None:
                     # A hair past the deadline, so the pass sees it passed.

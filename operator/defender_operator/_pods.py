@@ -19,6 +19,8 @@ from typing import Any
 from defender_operator._kube import Pod
 
 PodKey = tuple[str, str, str]
+# kopf's index as monitor passes read it: key -> the pods filed under it.
+PodIndex = Mapping[PodKey, Iterable[Pod]]
 
 
 def pod_record(name: str, meta: Mapping[str, Any]) -> Pod | None:
@@ -49,9 +51,7 @@ def index_keys(namespace: str | None, name: str, meta: Mapping[str, Any]) -> dic
     return {(namespace, str(k), str(v)): record for k, v in labels.items()}
 
 
-def select_pods(
-    index: Mapping[PodKey, Iterable[Pod]], namespace: str, match_labels: Mapping[str, str]
-) -> list[Pod]:
+def select_pods(index: PodIndex, namespace: str, match_labels: Mapping[str, str]) -> list[Pod]:
     """Pods of `namespace` carrying every label of `match_labels`, by name.
 
     An empty selector selects nothing: the CRD requires at least one label, and matching every

@@ -8,7 +8,6 @@ threshold again, see `_decisions.restarts.stale_pods`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +18,7 @@ from defender_operator._decisions.conditions import Cond, ConfigState
 from defender_operator._decisions.restarts import EtcdView
 from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
-from defender_operator._kube import Kube, Pod
+from defender_operator._kube import Kube
 from defender_operator._metrics import ETCD_AVAILABLE
 from defender_operator._settings import OperatorSettings
 
@@ -93,8 +92,6 @@ class Runtime:
         self.heartbeats = HeartbeatView(utcnow())
         self.components: dict[tuple[str, str], ComponentMemory] = {}
         self.rotation_stage = "Idle"
-        # kopf's pod index (see `_pods`); None until handed over, then pods come from memory.
-        self.pod_index: Mapping[tuple[str, str, str], Iterable[Pod]] | None = None
 
     def memory(self, namespace: str, name: str) -> ComponentMemory:
         return self.components.setdefault((namespace, name), ComponentMemory())

@@ -175,10 +175,10 @@ async def monitor_component(
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
-    rt: Runtime = memo["runtime"]
     # kopf hands every index to every handler as a keyword named after it.
-    rt.pod_index = kwargs["defender_pods"]
-    await _monitor.run(rt, stopped, body, namespace or "", name, logger)
+    await _monitor.run(
+        memo["runtime"], stopped, body, namespace or "", name, logger, kwargs["defender_pods"]
+    )
 
 
 @kopf.on.probe(id="etcd")
