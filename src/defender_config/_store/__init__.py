@@ -3,7 +3,8 @@
 Built on `pyetcd` (etcd-sdk-python, the maintained fork of python-etcd3) and its
 `MultiEndpointEtcd3Client`. On top of it this module adds what the library needs:
 
-* retries of transient failures only (UNAVAILABLE, DEADLINE_EXCEEDED, connection failures), with
+* retries of transient failures only (UNAVAILABLE, DEADLINE_EXCEEDED, connection failures, a
+  stream reset by a member shutting down, a proposal dropped by a leader handing over), with
   exponential backoff and full jitter; failed compares, auth and argument errors are not retried;
 * one table (`_RULES`) that maps gRPC codes and pyetcd exceptions to our typed errors;
 * endpoint failover that never gives up on the cluster while retries remain (pyetcd refuses to

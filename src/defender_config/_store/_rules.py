@@ -105,16 +105,32 @@ _BUSY = ErrorRule(
 )
 
 
+# A member that shuts down resets its open HTTP/2 streams; grpc reports that as CANCELLED
+# ("Stream removed", RST_STREAM), the same code as a cancel by this process. Only the reset is
+# the member going away, as ambiguous as UNAVAILABLE and retried like it; a local cancel is not.
+_RESET_TEXTS: Final = ("RST_STREAM", "Stream removed")
+_RESET = ErrorRule("unavailable", True, "stream_reset", "the member reset the call")
+
+
 def _passing(exc: BaseException) -> bool:
     code = _grpc_code(exc)
     texts = _PASSING.get(code) if code is not None else None
     return bool(texts) and any(t in _details(exc) for t in texts or ())
 
 
+def _reset(exc: BaseException) -> bool:
+    if _grpc_code(exc) != grpc.StatusCode.CANCELLED:
+        return False
+    details = _details(exc)
+    return any(t in details for t in _RESET_TEXTS)
+
+
 def classify_error(exc: BaseException) -> ErrorRule | None:
     """Look up how to handle `exc`; None means "not an etcd failure" (a bug: re-raise as is)."""
     if _passing(exc):
         return _BUSY
+    if _reset(exc):
+        return _RESET
     if isinstance(exc, grpc.RpcError):
         code = getattr(exc, "code", None)
         try:

@@ -52,6 +52,11 @@ TRANSIENT = [
     # A leader handing over drops proposals; a throttled leader refuses them: not applied.
     StatusError(grpc.StatusCode.UNKNOWN, "raft proposal dropped"),
     StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
+    # A member shutting down resets its streams (seen in CI while a member was killed).
+    StatusError(
+        grpc.StatusCode.CANCELLED,
+        "Stream removed (RST_STREAM (Received RST_STREAM with error code 8))",
+    ),
 ]
 PERMANENT = [
     (StatusError(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token"), "auth"),
@@ -64,6 +69,8 @@ PERMANENT = [
     (StatusError(grpc.StatusCode.UNKNOWN, "something else"), "error"),
     (StatusError(grpc.StatusCode.FAILED_PRECONDITION), "error"),
     (StatusError(grpc.StatusCode.INTERNAL), "error"),
+    # This process cancelled the call itself: not a member going away, never retried.
+    (StatusError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"), "error"),
     (etcd_exc.InternalServerError(), "error"),
     (etcd_exc.PreconditionFailedError(), "error"),
     (StatusError(grpc.StatusCode.DATA_LOSS), "error"),  # not in the table: unknown, permanent
