@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -21,6 +22,7 @@ from defender_config import (
     StoreUnavailableError,
     WatchEvent,
 )
+from defender_config._store._keepalive import _Failure
 from defender_devcluster import EtcdCluster, etcd_member_healthy, tool, wait_for
 from defender_devcluster._errors import ToolNotFoundError
 from defender_devcluster._pki import Pki, make_pki
@@ -260,3 +262,24 @@ def test_login_is_deferred_while_etcd_is_down(tmp_path: Path, etcd_prefix: str) 
     finally:
         store.close()
         proc.stop()
+
+
+def test_lease_keepalive_stream_under_auth(auth_etcd: str, etcd_prefix: str) -> None:
+    # Keep-alives share one stream opened with the token of its time; a stream opened with a
+    # token etcd no longer accepts is refused, and the store logs in again and reopens it.
+    registry = CollectorRegistry()
+    with EtcdStore(_auth_settings(auth_etcd, "app", "apppw"), registry=registry) as s:
+        lease = s.grant_lease(30)
+        s.put(etcd_prefix + "beat", b"alive", lease=lease)
+        assert 0 < s.refresh_lease(lease) <= 30
+        s._client.metadata = (("token", "expired.token"),)
+        stream = s._keepalive._stream
+        assert stream is not None
+        stream.fail(_Failure(grpc.StatusCode.UNAVAILABLE, "closed by the test"))
+        assert 0 < s.refresh_lease(lease) <= 30
+        got = s.get(etcd_prefix + "beat")
+        assert got is not None and got.value == b"alive"
+        logins = registry.get_sample_value("defender_etcd_calls_total", {"op": "authenticate"})
+        assert logins == 2  # at start, then once for the refused stream
+        s.revoke_lease(lease)
+        assert s.get(etcd_prefix + "beat") is None
