@@ -33,7 +33,7 @@ from kubernetes import watch as k8s_watch
 
 from bench_support import REPO, process_rss_bytes, summary, write_result
 from defender_config import Heartbeater, Registry
-from defender_devcluster import LocalCluster
+from defender_devcluster import LocalCluster, popen_dying_with_parent
 from defender_devcluster._system import apply_crds
 
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
@@ -152,7 +152,7 @@ def batch(
                     }
                 )
             )
-            child = subprocess.Popen(
+            child = popen_dying_with_parent(
                 [sys.executable, str(REPO / "bench" / "heartbeat_many.py"), str(plan)],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -234,7 +234,7 @@ def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[d
             ),
             component=name,
         )
-        child = subprocess.Popen(
+        child = popen_dying_with_parent(
             [
                 sys.executable,
                 str(REPO / "bench" / "heartbeat_child.py"),

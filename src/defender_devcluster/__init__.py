@@ -16,7 +16,7 @@ from ._errors import (
 )
 from ._etcd import EtcdCluster, etcd_client_settings, etcd_member_healthy, etcd_status
 from ._kube import ControlPlane
-from ._procs import free_ports
+from ._procs import free_ports, popen_dying_with_parent
 from ._tools import tool, tools_bin
 from ._wait import wait_for
 
@@ -37,6 +37,7 @@ __all__ = [
     "etcd_member_healthy",
     "etcd_status",
     "free_ports",
+    "popen_dying_with_parent",
     "stop_run_dir",
     "tool",
     "tools_bin",

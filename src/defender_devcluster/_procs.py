@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._errors import StaleProcessError
 from ._wait import poll
@@ -95,6 +96,32 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the forked child
 _spawner = concurrent.futures.ThreadPoolExecutor(
     max_workers=1, thread_name_prefix="devcluster-spawn"
 )
+
+
+def _spawn_dying_with_parent(
+    argv: list[str],
+    spawn: Callable[[list[str], Callable[[], None] | None], subprocess.Popen[bytes]],
+) -> subprocess.Popen[bytes]:
+    def fork() -> subprocess.Popen[bytes]:
+        # Python code between fork and exec (preexec_fn) can crash the child when the parent
+        # runs gRPC threads (seen: a restarted etcd member dying with SIGSEGV). util-linux's
+        # setpriv sets the same parent-death signal and then execs, so no Python runs there.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            return spawn(argv, _set_pdeathsig)
+        return spawn([setpriv, "--pdeathsig", "KILL", "--", *argv], None)
+
+    return _spawner.submit(fork).result()
+
+
+def popen_dying_with_parent(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """`subprocess.Popen(argv, **kwargs)` for a child the kernel kills (SIGKILL) when this
+    process dies, so an interrupted test or benchmark leaves no operator or agent running."""
+
+    def spawn(args: list[str], preexec: Callable[[], None] | None) -> subprocess.Popen[Any]:
+        return subprocess.Popen(args, preexec_fn=preexec, **kwargs)
+
+    return _spawn_dying_with_parent(argv, spawn)
 
 
 def _wait_gone(
@@ -258,23 +285,12 @@ class ManagedProcess:
                 )
 
             if self.die_with_parent:
-                self._popen = _spawner.submit(self._spawn_dying_with_parent, spawn).result()
+                self._popen = _spawn_dying_with_parent(self.argv, spawn)
             else:
                 self._popen = spawn(self.argv, None)
         PidFile(self.name, self._popen.pid, self.marker, self.argv).write(self.pid_path)
         log.debug("started %s pid=%s", self.name, self._popen.pid)
         return self._popen.pid
-
-    def _spawn_dying_with_parent(
-        self, spawn: Callable[[list[str], Callable[[], None] | None], subprocess.Popen[bytes]]
-    ) -> subprocess.Popen[bytes]:
-        # Python code between fork and exec (preexec_fn) can crash the child when the parent
-        # runs gRPC threads (seen: a restarted etcd member dying with SIGSEGV). util-linux's
-        # setpriv sets the same parent-death signal and then execs, so no Python runs there.
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            return spawn(self.argv, _set_pdeathsig)
-        return spawn([setpriv, "--pdeathsig", "KILL", "--", *self.argv], None)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._popen is not None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,29 @@ def test_processes_die_with_a_crashed_parent(tmp_path: Path) -> None:
     while pid_matches(pid, marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_matches(pid, marker), f"etcd pid {pid} outlived its parent"
+
+
+def test_popen_dying_with_parent_leaves_no_orphan(tmp_path: Path) -> None:
+    # Tests and benchmarks start operators and agents this way: an interrupted run leaves none.
+    marker = f"orphan-{uuid.uuid4().hex[:8]}"
+    script = textwrap.dedent(
+        f"""\
+        import os, sys
+        from defender_devcluster import popen_dying_with_parent
+        child = popen_dying_with_parent(
+            [sys.executable, "-c", "import time; time.sleep(300)", {marker!r}]
+        )
+        print(child.pid, flush=True)
+        os._exit(9)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 9, out.stderr
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while pid_matches(pid, marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_matches(pid, marker), f"pid {pid} outlived its parent"
 
 
 def test_local_cluster_refuses_an_etcd_inside_its_run_dir(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from defender_config import (
     KeyringSource,
     Registry,
 )
-from defender_devcluster import EtcdCluster, wait_for
+from defender_devcluster import EtcdCluster, popen_dying_with_parent, wait_for
 
 HERE = Path(__file__).resolve().parent
 TARGET_SCRIPT = HERE / "reload_target.py"
@@ -151,7 +151,7 @@ class Plane:
             *extra,
         ]
         with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            proc = popen_dying_with_parent(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         agent = AgentProc(proc, instance, log_path)
         self.agents.append(agent)
         return agent

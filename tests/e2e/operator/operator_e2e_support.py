@@ -33,7 +33,7 @@ from defender_config import (
     LibrarySettings,
     Registry,
 )
-from defender_devcluster import EtcdCluster, tools_bin
+from defender_devcluster import EtcdCluster, popen_dying_with_parent, tools_bin
 from defender_devcluster import wait_for as shared_wait_for
 from defender_operator import _api
 
@@ -229,7 +229,7 @@ class OperatorRun:
             **env,
         }
         log = self.log_path.open("ab")
-        proc = subprocess.Popen(
+        proc = popen_dying_with_parent(
             [
                 sys.executable,
                 "-m",

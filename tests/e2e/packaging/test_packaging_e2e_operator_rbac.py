@@ -22,7 +22,7 @@ import pytest
 import yaml
 from packaging_chart import CHART, REPO, find, kube_version
 
-from defender_devcluster import EtcdCluster, free_ports, wait_for
+from defender_devcluster import EtcdCluster, free_ports, popen_dying_with_parent, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -182,7 +182,7 @@ def test_operator_runs_with_exactly_the_chart_rbac(
 
     log = tmp_path / "operator.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        proc = popen_dying_with_parent(
             [sys.executable, "-m", "defender_operator", *args],
             env=env,
             stdout=out,
