@@ -9,16 +9,15 @@
 
 from __future__ import annotations
 
-import random
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from prometheus_client import CollectorRegistry
 from reliability_support import (
-    etcd_settings,
+    FIREWALL,
+    LedgerWriter,
+    assert_all_acknowledged_writes_present,
     make_client,
     member_index,
     new_keyring,
@@ -30,92 +29,15 @@ from defender_config import (
     ConfigStore,
     DefenderClient,
     DefenderConfigError,
-    EtcdStore,
     StoreUnavailableError,
 )
 from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
 
-FIREWALL = {
-    "node_id": "fw-01",
-    "version": "1.0.0",
-    "default_policy": "deny",
-    "rules": [{"id": "ssh", "action": "allow", "proto": "tcp", "ports": [22]}],
-}
-
-
-@dataclass
-class LedgerWriter:
-    """A thread writing sealed values to fresh keys through the library, recording exactly
-    which writes etcd acknowledged (the call returned) and which raised."""
-
-    client: DefenderClient
-    prefix: str
-    acked: dict[str, bytes] = field(default_factory=dict)
-    failed: list[tuple[str, DefenderConfigError]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> LedgerWriter:
-        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        rng = random.Random(1)
-        i = 0
-        while not self._stop.is_set():
-            key = f"{self.prefix}ledger/{i:06d}"
-            # Sizes vary so some values are compressed and some are below the threshold.
-            size = rng.choice((16, 900, 5000))
-            payload = f"{key}|".encode() + rng.randbytes(size // 2) + b"a" * (size // 2)
-            try:
-                self.client.put_sealed(key, payload)
-            except DefenderConfigError as exc:
-                self.failed.append((key, exc))
-            else:
-                self.acked[key] = payload
-            i += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=120)
-            assert not self._thread.is_alive(), "writer thread hung"
-
 
 def leader_index(cluster: EtcdCluster) -> int:
     return member_index(cluster, cluster.wait_for_leader())
-
-
-def assert_all_acknowledged_writes_present(
-    cluster: EtcdCluster, prefix: str, keyring_client: DefenderClient, acked: dict[str, bytes]
-) -> None:
-    """Read every acknowledged key back through a fresh client (no cache) and compare each
-    member's own copy byte for byte."""
-    assert acked, "the writer acknowledged nothing: the test proved nothing"
-    for key, payload in acked.items():
-        got = keyring_client.get_sealed(key)
-        assert got is not None, f"acknowledged write {key} is lost"
-        assert not got.stale
-        assert got.data == payload, f"acknowledged write {key} reads back different bytes"
-    reference = {sv.key: sv.value for sv in keyring_client.store.list_prefix(prefix + "ledger/")}
-    for i, endpoint in enumerate(cluster.endpoints):
-        # One endpoint only: this member's applied state (a linearizable read waits until the
-        # member has applied up to the leader's commit index).
-        with EtcdStore(
-            etcd_settings(cluster, endpoints=[endpoint]), registry=CollectorRegistry()
-        ) as member:
-            wait_for(
-                f"member {i} to catch up",
-                lambda m=member: len(m.list_prefix(prefix + "ledger/")) == len(reference),
-                timeout=30,
-            )
-            copy = {sv.key: sv.value for sv in member.list_prefix(prefix + "ledger/")}
-        missing = sorted(set(acked) - set(copy))
-        assert not missing, f"member {i} lacks {len(missing)} acknowledged writes: {missing[:3]}"
-        assert copy == reference, f"member {i} holds other bytes than the cluster's answer"
 
 
 def test_kill_the_leader_under_continuous_writes_loses_no_acknowledged_write(

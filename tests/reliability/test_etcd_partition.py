@@ -24,8 +24,15 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from reliability_support import HYGIENE, etcd_settings, make_client, new_keyring
-from test_etcd_chaos import FIREWALL, LedgerWriter, assert_all_acknowledged_writes_present
+from reliability_support import (
+    FIREWALL,
+    HYGIENE,
+    LedgerWriter,
+    assert_all_acknowledged_writes_present,
+    etcd_settings,
+    make_client,
+    new_keyring,
+)
 
 from defender_config import (
     Alert,
