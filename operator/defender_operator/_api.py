@@ -351,6 +351,15 @@ class DefenderComponentStatus(_Model):
         default=None, description="Newest heartbeat seen from any instance."
     )
     restarts: int = Field(default=0, ge=0, description="Pods restarted for missed heartbeats.")
+    recent_restart_times: list[datetime] = Field(
+        default_factory=list,
+        max_length=1000,
+        description=(
+            "When the operator last restarted pods of this component (the newest"
+            " restartBudget.maxRestarts), so the restart budget and its backoff survive an"
+            " operator restart or a failover to another replica."
+        ),
+    )
     rotation_stage: RotationStage = Field(
         default=RotationStage.IDLE, description="Stage of the shared key rotation."
     )

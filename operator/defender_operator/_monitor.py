@@ -26,6 +26,7 @@ from defender_operator._decisions.restarts import (
     RestartAction,
     RestartBudget,
     RestartDecision,
+    budget_report,
     decide_restart,
     next_deadline,
 )
@@ -41,7 +42,7 @@ from defender_operator._metrics import (
     RESTARTS,
 )
 from defender_operator._pods import PodIndex, select_pods
-from defender_operator._reconcile import publish_status, state_fields
+from defender_operator._reconcile import publish_status, recall, state_fields
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -144,6 +145,7 @@ async def tick(
     mem = rt.memory(namespace, name)
     spec = _api.parse_spec(dict(raw_spec))
     now = utcnow()
+    recall(mem, status)
     pods = select_pods(pod_index, namespace, spec.selector.match_labels)
     etcd = rt.etcd.view()
     instances: Sequence[InstanceRecord] = ()
@@ -201,17 +203,16 @@ async def tick(
     restarts = int(status.get("restarts") or 0)
     if decision.action is RestartAction.RESTART and decision.pod is not None:
         restarts += await _restart(rt, body, namespace, name, pods, decision, mem, now, logger)
-    if decision.action is RestartAction.DEGRADED and not mem.degraded_reported:
-        mem.degraded_reported = True
-        kopf.event(body, type="Warning", reason="RestartBudgetExhausted", message=decision.message)
-        logger.error("restart budget exhausted: %s", decision.message)
-    elif decision.action is not RestartAction.DEGRADED:
-        mem.degraded_reported = False
-
     expected = sum(1 for p in pods if not p.deleting)
     threshold = policy.threshold
     live = [i for i in instances if now - i.time <= threshold]
     alive = len({i.pod or i.instance for i in live})
+    mem.degraded_reported, announce = budget_report(
+        decision.action, mem.degraded_reported, recovered=0 < expected <= alive
+    )
+    if announce:
+        kopf.event(body, type="Warning", reason="RestartBudgetExhausted", message=decision.message)
+        logger.error("restart budget exhausted: %s", decision.message)
     mem.heartbeat = heartbeat_condition(decision, alive, expected, mem.degraded_reported)
 
     stored_fields: dict[str, Any] = {}
@@ -251,6 +252,7 @@ async def tick(
         "instances": {"alive": alive, "expected": expected},
         "instanceSummary": f"{alive}/{expected}",
         "restarts": restarts,
+        **_history_fields(mem, rb.max_restarts),
         "rotationStage": rt.rotation_stage,
         "keyFingerprint": rt.keyring.current().primary_fingerprint,
         **stored_fields,
@@ -272,6 +274,15 @@ async def tick(
     if decision.retry_after is not None:
         wake = min(wake, decision.retry_after) if wake else decision.retry_after
     return wake
+
+
+def _history_fields(mem: ComponentMemory, limit: int) -> dict[str, Any]:
+    """`recentRestartTimes`: the newest `limit` restarts, all the budget needs. Absent until
+    the first restart, so a component never restarted costs no status field."""
+    del mem.restart_times[: max(len(mem.restart_times) - max(limit, 1), 0)]
+    if not mem.restart_times:
+        return {}
+    return {"recentRestartTimes": [_rfc3339(t) for t in mem.restart_times]}
 
 
 async def _restart(

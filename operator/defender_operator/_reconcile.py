@@ -25,6 +25,7 @@ from defender_operator import _api
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
 from defender_operator._errors import kopf_errors
 from defender_operator._metrics import COMMITS
@@ -83,6 +84,24 @@ async def publish_status(
     mem.status = stored
 
 
+def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
+    """Take what the last operator knew from the status, once per component: a new operator
+    (restarted, or a standby taking over) shows the last known conditions until it observes
+    its own instead of flapping them to Pending, and inherits the restart budget it spent."""
+    if mem.history_loaded:
+        return
+    mem.history_loaded = True
+    status = mem.status or status
+    if not mem.restart_times:
+        mem.restart_times = restart_history(status.get("recentRestartTimes"), limit=1000)
+    conditions = status.get("conditions")
+    mem.heartbeat = mem.heartbeat or cond.last_known(conditions, cond.HEARTBEATING)
+    mem.key = mem.key or cond.last_known(conditions, cond.KEY_CURRENT)
+    mem.misconfig = mem.misconfig or cond.last_known(conditions, cond.MISCONFIGURED)
+    if mem.heartbeat is not None and mem.heartbeat.reason == "RestartBudgetExhausted":
+        mem.degraded_reported = True  # already told: no second Event from a new operator
+
+
 def state_fields(state: ComponentState) -> dict[str, Any]:
     return {
         "activeVersion": state.active_version or 0,
@@ -106,6 +125,7 @@ async def reconcile(
 ) -> None:
     mem = rt.memory(namespace, name)
     async with mem.lock:
+        recall(mem, status)
         try:
             with kopf_errors():
                 await _reconcile(

@@ -32,6 +32,9 @@ class ComponentMemory:
     watch_started: datetime = field(default_factory=utcnow)
     last_seen: dict[str, datetime] = field(default_factory=dict)
     restart_times: list[datetime] = field(default_factory=list)
+    # restart_times and degraded_reported are taken from the status once, on the first pass:
+    # a new operator (restarted, or a standby taking over) must not start a fresh budget.
+    history_loaded: bool = False
     unhealthy_since: dict[str, datetime] = field(default_factory=dict)
     last_change: ActiveChange | None = None
     config_state: ConfigState = ConfigState.UNKNOWN

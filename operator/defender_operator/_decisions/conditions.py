@@ -26,6 +26,21 @@ class Cond:
     message: str = ""
 
 
+def last_known(conditions: object, ctype: str) -> Cond | None:
+    """Condition `ctype` as a status holds it, None if absent or not well formed (a person can
+    edit the status): what a new operator shows until its own first observation."""
+    if not isinstance(conditions, list):
+        return None
+    for c in conditions:
+        if isinstance(c, Mapping) and c.get("type") == ctype:
+            status, reason = c.get("status"), c.get("reason")
+            if status in (TRUE, FALSE, UNKNOWN) and isinstance(reason, str) and reason:
+                message = c.get("message")
+                return Cond(ctype, status, reason, message if isinstance(message, str) else "")
+            return None
+    return None
+
+
 class ConfigState(StrEnum):
     UNKNOWN = "Unknown"  # not reconciled yet
     SYNCED = "Synced"  # ACTIVE in etcd matches what the operator intends

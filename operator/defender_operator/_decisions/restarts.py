@@ -121,6 +121,41 @@ def _deadline(
     return max(seen + policy.threshold, pod.created + policy.grace)
 
 
+def budget_report(action: RestartAction, reported: bool, recovered: bool) -> tuple[bool, bool]:
+    """(whether the exhausted budget stands reported, whether to announce it now).
+
+    Announced once per exhaustion. It ends when a restart goes through again (the window
+    moved on) or every pod heartbeats (`recovered`); a pass that merely finds no pod stale
+    yet does not end it: a new operator must watch for a full threshold before judging, and
+    its first passes would otherwise announce the same exhaustion again."""
+    if action is RestartAction.DEGRADED:
+        return True, not reported
+    if action is RestartAction.RESTART or recovered:
+        return False, False
+    return reported, False
+
+
+def restart_history(stored: object, limit: int) -> list[datetime]:
+    """Restart times kept in `status.recentRestartTimes`, so the budget and the backoff survive
+    an operator restart or a failover to another replica: the newest `limit`, oldest first.
+
+    The status is ours, but a person can edit it: entries that are not RFC 3339 times with a
+    zone are dropped rather than trusted or fatal."""
+    if not isinstance(stored, list):
+        return []
+    times = []
+    for item in stored:
+        if not isinstance(item, str):
+            continue
+        try:
+            t = datetime.fromisoformat(item.replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        if t.tzinfo is not None:
+            times.append(t)
+    return sorted(times)[-limit:] if limit > 0 else []
+
+
 def backoff(budget: RestartBudget, recent_restarts: int) -> timedelta:
     """Wait before the next restart: 0 for the first, then base, 2*base, 4*base... capped."""
     if recent_restarts <= 0:

@@ -247,4 +247,25 @@ def test_restart_budget_exhausted_marks_degraded_and_stops(operator_run: Operato
     survivor = _pod_names(run)
     time.sleep(8)  # well past another threshold + grace: nothing more is restarted
     assert _pod_names(run) == survivor
+    status = run.get("sniffer")["status"]
+    assert status["restarts"] == 1
+    assert len(status["recentRestartTimes"]) == 1
+    # A new operator (restarted, or a standby taking over) inherits the spent budget from the
+    # status: it restarts nothing and does not announce the exhausted budget a second time.
+    run.stop()
+    run.start()
+    run.patch("sniffer", {"spec": {"version": "1.0.1"}})
+    wait_for(
+        "the new operator to handle the component",
+        lambda: (
+            run.get("sniffer")["status"]["observedGeneration"]
+            == run.get("sniffer")["metadata"]["generation"]
+        ),
+    )
+    time.sleep(8)  # the new operator's own threshold (3 s) and then some
+    assert _pod_names(run) == survivor
     assert run.get("sniffer")["status"]["restarts"] == 1
+    exhausted = [e for e in run.events("sniffer") if e.reason == "RestartBudgetExhausted"]
+    assert sum(e.count or 1 for e in exhausted) == 1, [e.metadata.name for e in exhausted]
+    cond = run.condition("sniffer", "Heartbeating")
+    assert cond is not None and cond["reason"] == "RestartBudgetExhausted"

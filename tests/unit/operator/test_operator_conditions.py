@@ -84,3 +84,31 @@ def test_diverged_active_is_synced_but_says_so() -> None:
     obs = c.Observation(config=c.ConfigState.DIVERGED)
     synced = by_type(c.compute(obs))[c.CONFIG_SYNCED]
     assert (synced.status, synced.reason) == (c.TRUE, "ActiveDiffersFromSpec")
+
+
+def test_last_known_reads_a_condition_back_from_status() -> None:
+    stored = [
+        {"type": c.READY, "status": "True", "reason": "AllGood"},
+        {
+            "type": c.HEARTBEATING,
+            "status": "False",
+            "reason": "RestartBudgetExhausted",
+            "message": "3 restarts",
+        },
+    ]
+    got = c.last_known(stored, c.HEARTBEATING)
+    assert got == c.Cond(c.HEARTBEATING, c.FALSE, "RestartBudgetExhausted", "3 restarts")
+    assert c.last_known(stored, c.KEY_CURRENT) is None
+    assert c.last_known(None, c.READY) is None
+
+
+def test_last_known_ignores_a_hand_edited_condition() -> None:
+    for bad in (
+        {"type": c.HEARTBEATING, "status": "Maybe", "reason": "X"},
+        {"type": c.HEARTBEATING, "status": "True", "reason": ""},
+        {"type": c.HEARTBEATING, "status": "True"},
+    ):
+        assert c.last_known([bad], c.HEARTBEATING) is None
+    assert c.last_known(["not a mapping"], c.HEARTBEATING) is None
+    odd = {"type": c.HEARTBEATING, "status": "True", "reason": "Ok", "message": 3}
+    assert c.last_known([odd], c.HEARTBEATING) == c.Cond(c.HEARTBEATING, c.TRUE, "Ok", "")

@@ -13,7 +13,9 @@ from defender_operator._decisions.restarts import (
     RestartAction,
     RestartBudget,
     backoff,
+    budget_report,
     decide_restart,
+    restart_history,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -150,3 +152,46 @@ def test_recovering_etcd_does_not_hide_healthy_pods() -> None:
     etcd = EtcdView(reachable=True, quorum=True, healthy_since=T0 - timedelta(seconds=5))
     d = decide(T0, [PodView("a", OLD)], {"a": T0}, etcd=etcd)
     assert d.action is RestartAction.NONE
+
+
+def test_restart_history_from_status_keeps_the_newest_valid_times() -> None:
+    stored = [
+        "2026-01-01T00:00:03Z",
+        "2026-01-01T00:00:01Z",
+        "2026-01-01T00:00:02+00:00",
+        "yesterday",  # edited by hand: dropped, not fatal
+        "2026-01-01T00:00:04",  # no zone: cannot be compared, dropped
+        7,
+    ]
+    got = restart_history(stored, limit=2)
+    assert got == [T0 + timedelta(seconds=2), T0 + timedelta(seconds=3)]
+    assert restart_history(stored, limit=0) == []
+    assert restart_history(None, limit=3) == []
+    assert restart_history("2026-01-01T00:00:03Z", limit=3) == []
+
+
+def test_a_budget_read_back_from_status_still_holds() -> None:
+    # What a new operator does with the history the last one wrote: the budget stays spent.
+    stored = ["2026-01-01T00:00:00Z"] * 3
+    times = restart_history(stored, BUDGET.max_restarts)
+    d = decide(T0 + timedelta(seconds=60), [PodView("a", OLD)], {}, restart_times=times)
+    assert (d.action, d.reason) == (RestartAction.DEGRADED, "RestartBudgetExhausted")
+
+
+def test_an_exhausted_budget_is_announced_once_until_pods_recover_or_a_restart_passes() -> None:
+    degraded, hold, none, restart = (
+        RestartAction.DEGRADED,
+        RestartAction.HOLD,
+        RestartAction.NONE,
+        RestartAction.RESTART,
+    )
+    assert budget_report(degraded, reported=False, recovered=False) == (True, True)
+    assert budget_report(degraded, reported=True, recovered=False) == (True, False)
+    # A new operator first holds (etcd counts as recovering), then finds no pod stale *yet*
+    # (it has not watched a full threshold): neither ends the reported exhaustion.
+    assert budget_report(hold, reported=True, recovered=False) == (True, False)
+    assert budget_report(none, reported=True, recovered=False) == (True, False)
+    assert budget_report(hold, reported=False, recovered=False) == (False, False)
+    # Every pod heartbeats again, or the window let a restart through: the next one is news.
+    assert budget_report(none, reported=True, recovered=True) == (False, False)
+    assert budget_report(restart, reported=True, recovered=False) == (False, False)
