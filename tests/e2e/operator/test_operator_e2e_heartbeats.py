@@ -74,6 +74,30 @@ def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: Operat
     assert "defender_operator_etcd_available 1.0" in metrics
 
 
+def test_an_operator_restart_leaves_a_healthy_component_ready(operator_run: OperatorRun) -> None:
+    # Restarting the operator changes nothing that is already right: no condition flaps to
+    # Pending while the new operator has not yet watched a full heartbeat threshold.
+    run = operator_run
+    run.start()
+    _running_sniffer(run, replicas=1)
+    ready = run.wait_condition("sniffer", "Ready", status="True")
+    before = {c["type"]: c for c in run.get("sniffer")["status"]["conditions"]}
+    run.stop()
+    run.start()
+    seen = []
+    deadline = time.monotonic() + 10  # several passes, well past the 3 s threshold
+    while time.monotonic() < deadline:
+        seen.append({c["type"]: c for c in run.get("sniffer")["status"]["conditions"]})
+        time.sleep(0.3)
+    for conditions in seen:
+        assert conditions["Ready"]["status"] == "True", conditions["Ready"]
+        for ctype, was in before.items():
+            assert conditions[ctype]["status"] == was["status"], (ctype, conditions[ctype])
+            assert conditions[ctype]["lastTransitionTime"] == was["lastTransitionTime"]
+    assert seen[-1]["Ready"]["lastTransitionTime"] == ready["lastTransitionTime"]
+    assert run.get("sniffer")["status"]["restarts"] == 0
+
+
 def _metric(metrics_port: int, line_prefix: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
