@@ -26,6 +26,10 @@ class ComponentState:
     frozen: bool = False
     storage: StoragePolicy | None = None
     """The policy recorded in the metadata (None = the store-wide envelope options)."""
+    active_modified: datetime | None = None
+    """When ACTIVE was last committed (any writer)."""
+    active_rollback: bool = False
+    """ACTIVE was written by a rollback (to MASTER or a kept version), not a commit."""
 
 
 @dataclass(frozen=True)

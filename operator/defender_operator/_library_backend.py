@@ -73,6 +73,8 @@ class LibraryBackend:
             active_version=meta.version if meta is not None else None,
             frozen=seen.frozen is not None,
             storage=meta.storage if meta is not None else None,
+            active_modified=meta.last_modified if meta is not None else None,
+            active_rollback=meta is not None and (meta.note or "").startswith("rollback"),
         )
 
     def _options(self, storage: StoragePolicy | None) -> EnvelopeOptions | None:

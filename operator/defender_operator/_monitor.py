@@ -18,7 +18,11 @@ from defender_config import DefenderConfigError
 from defender_operator import _api
 from defender_operator._backend import ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
-from defender_operator._decisions.breaker import BreakerPolicy, evaluate_breaker
+from defender_operator._decisions.breaker import (
+    BreakerPolicy,
+    evaluate_breaker,
+    recovered_change,
+)
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
 from defender_operator._decisions.restarts import (
     HeartbeatPolicy,
@@ -336,6 +340,15 @@ async def _breaker(
         mem.unhealthy_since.setdefault(key, now)
     state = await asyncio.to_thread(rt.backend.state, name)
     ro = spec.rollout
+    if not mem.change_recovered:
+        mem.change_recovered = True
+        mem.last_change = mem.last_change or recovered_change(
+            state.active_version,
+            state.active_modified,
+            now,
+            ro.window_seconds,
+            rollback=state.active_rollback,
+        )
     verdict = evaluate_breaker(
         now=now,
         change=mem.last_change,

@@ -35,6 +35,8 @@ class ComponentMemory:
     # restart_times and degraded_reported are taken from the status once, on the first pass:
     # a new operator (restarted, or a standby taking over) must not start a fresh budget.
     history_loaded: bool = False
+    # last_change is taken from etcd (ACTIVE's metadata) once, on the first monitor pass.
+    change_recovered: bool = False
     unhealthy_since: dict[str, datetime] = field(default_factory=dict)
     last_change: ActiveChange | None = None
     config_state: ConfigState = ConfigState.UNKNOWN

@@ -16,6 +16,28 @@ class ActiveChange:
     time: datetime
 
 
+def recovered_change(
+    version: int | None,
+    committed: datetime | None,
+    now: datetime,
+    window_seconds: int,
+    *,
+    rollback: bool = False,
+) -> ActiveChange | None:
+    """The ACTIVE change a new operator still has to guard, from what etcd says about ACTIVE.
+
+    The operator that committed it kept the change in memory; a restarted operator, or a
+    standby taking over, inside the change's window would otherwise stop guarding it exactly
+    while the new config spreads. Versions are sequential, so the one it replaced is the
+    previous number. A rollback is not guarded (as when the operator keeps it in memory): it
+    returns to a known-good config, and its "previous" version may be the bad one."""
+    if rollback or version is None or version <= 1 or committed is None:
+        return None
+    if committed.tzinfo is None or now > committed + timedelta(seconds=window_seconds):
+        return None
+    return ActiveChange(version=version, previous_version=version - 1, time=committed)
+
+
 @dataclass(frozen=True)
 class BreakerPolicy:
     max_unhealthy_instances: int

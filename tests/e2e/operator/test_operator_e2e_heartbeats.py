@@ -254,6 +254,29 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     assert configs.get_active("sniffer").config["snaplen"] == 1024
 
 
+def test_a_new_operator_keeps_guarding_a_change_committed_before_it(
+    operator_run: OperatorRun,
+) -> None:
+    # The operator that committed version 2 stops before the instances fail; the next one
+    # learns of the change from etcd and trips on it inside its window.
+    run = operator_run
+    run.start()
+    pods = _running_sniffer(run, replicas=2)
+    run.patch("sniffer", {"spec": {"rollout": {"maxUnhealthyInstances": 1}}})
+    configs = run.configs()
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
+    run.wait_active_version("sniffer", 2)
+    run.stop()
+    run.start()
+    for hb in run.heartbeaters:
+        if hb.instance in pods:
+            hb.update(last_error=CodecMismatchError("zstd", "none"))
+    wait_for("frozen", lambda: run.get("sniffer")["status"].get("frozen") is True, timeout=60)
+    active = configs.get_active("sniffer")
+    assert (active.version, active.config["snaplen"]) == (3, 256)
+    assert "BlastRadiusExceeded" in run.event_reasons("sniffer")
+
+
 def test_restart_budget_exhausted_marks_degraded_and_stops(operator_run: OperatorRun) -> None:
     run = operator_run
     run.start()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from defender_operator._decisions.breaker import ActiveChange, BreakerPolicy, evaluate_breaker
+from defender_operator._decisions.breaker import (
+    ActiveChange,
+    BreakerPolicy,
+    evaluate_breaker,
+    recovered_change,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CHANGE = ActiveChange(version=5, previous_version=4, time=T0)
@@ -55,3 +60,25 @@ def test_outside_window_no_change_or_frozen_does_not_trip() -> None:
     first = ActiveChange(version=1, previous_version=0, time=T0)
     assert not ev(two, change=first).trip
     assert ev(two, frozen=True).reason == "Frozen"
+
+
+def test_a_new_operator_keeps_guarding_a_change_inside_its_window() -> None:
+    # What etcd says about ACTIVE (version 5 committed at T0) stands in for the memory of the
+    # operator that committed it.
+    got = recovered_change(5, T0, AFTER, POLICY.window_seconds)
+    assert got == CHANGE
+    trip = ev({"a": AFTER, "b": AFTER}, change=got)
+    assert trip.trip and trip.revert_to == 4
+
+
+def test_nothing_to_guard_after_the_window_for_a_first_version_or_a_rollback() -> None:
+    late = T0 + timedelta(seconds=POLICY.window_seconds + 1)
+    assert recovered_change(5, T0, late, POLICY.window_seconds) is None
+    assert recovered_change(1, T0, AFTER, POLICY.window_seconds) is None
+    assert recovered_change(None, T0, AFTER, POLICY.window_seconds) is None
+    assert recovered_change(5, None, AFTER, POLICY.window_seconds) is None
+    # A rollback returns to known-good; its "previous" version may be the bad one.
+    assert recovered_change(5, T0, AFTER, POLICY.window_seconds, rollback=True) is None
+    # A time without a zone cannot be compared: not guessed.
+    naive = T0.replace(tzinfo=None)
+    assert recovered_change(5, naive, AFTER, POLICY.window_seconds) is None
