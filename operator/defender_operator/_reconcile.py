@@ -95,6 +95,8 @@ def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
     if not mem.restart_times:
         mem.restart_times = restart_history(status.get("recentRestartTimes"), limit=1000)
     conditions = status.get("conditions")
+    if mem.config_state is cond.ConfigState.UNKNOWN:
+        mem.config_state, mem.config_message = cond.last_config_state(conditions)
     mem.heartbeat = mem.heartbeat or cond.last_known(conditions, cond.HEARTBEATING)
     mem.key = mem.key or cond.last_known(conditions, cond.KEY_CURRENT)
     mem.misconfig = mem.misconfig or cond.last_known(conditions, cond.MISCONFIGURED)

@@ -58,9 +58,11 @@ class EtcdTracker:
         self.last = EtcdHealth(reachable=False, quorum=False, detail="not measured yet")
         self.healthy_since: datetime | None = None
         self.unhealthy_since: datetime | None = utcnow()
+        self.measured = False
 
     def record(self, now: datetime, health: EtcdHealth) -> None:
         ok = health.reachable and health.quorum
+        self.measured = True
         if ok and self.healthy_since is None:
             self.healthy_since, self.unhealthy_since = now, None
         elif not ok and self.unhealthy_since is None:

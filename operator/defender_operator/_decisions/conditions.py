@@ -79,6 +79,17 @@ _CONFIG = {
 }
 
 
+def last_config_state(conditions: object) -> tuple[ConfigState, str]:
+    """ConfigSynced as a status holds it, as (state, message): what a new operator shows until
+    its own first reconcile. (UNKNOWN, "") when absent or not one of ours."""
+    known = last_known(conditions, CONFIG_SYNCED)
+    if known is not None:
+        for state, (status, reason, _) in _CONFIG.items():
+            if (status, reason) == (known.status, known.reason):
+                return state, known.message
+    return ConfigState.UNKNOWN, ""
+
+
 def compute(obs: Observation) -> list[Cond]:
     """The five conditions. Each is always present (Unknown until known)."""
     status, reason, default_msg = _CONFIG[obs.config]

@@ -112,3 +112,24 @@ def test_last_known_ignores_a_hand_edited_condition() -> None:
     assert c.last_known(["not a mapping"], c.HEARTBEATING) is None
     odd = {"type": c.HEARTBEATING, "status": "True", "reason": "Ok", "message": 3}
     assert c.last_known([odd], c.HEARTBEATING) == c.Cond(c.HEARTBEATING, c.TRUE, "Ok", "")
+
+
+def test_last_config_state_reads_config_synced_back_from_status() -> None:
+    for state in c.ConfigState:
+        (shown,) = [
+            x
+            for x in c.compute(c.Observation(config=state, config_message="m"))
+            if x.type == c.CONFIG_SYNCED
+        ]
+        stored = [
+            {
+                "type": shown.type,
+                "status": shown.status,
+                "reason": shown.reason,
+                "message": shown.message,
+            }
+        ]
+        assert c.last_config_state(stored) == (state, "m")
+    odd = [{"type": c.CONFIG_SYNCED, "status": "True", "reason": "SomethingElse"}]
+    assert c.last_config_state(odd) == (c.ConfigState.UNKNOWN, "")
+    assert c.last_config_state(None) == (c.ConfigState.UNKNOWN, "")
