@@ -213,6 +213,28 @@ def inspect(blob: bytes) -> EnvelopeHeader:
     )
 
 
+# Values this large are probed before a full compression attempt: three samples (head, middle,
+# tail) that all fail to shrink by _PROBE_GAIN mean random or already-compressed data, and the
+# attempt would only burn CPU and memory bandwidth before being thrown away. Base64 of random
+# bytes still shrinks ~25 % and passes; a value whose samples all miss its compressible parts is
+# stored uncompressed, as correct as before and only larger.
+_PROBE_MIN_BYTES = 32 * 1024
+_PROBE_SAMPLE_BYTES = 4096
+_PROBE_GAIN = 0.95
+
+
+def _worth_trying(codec: Compressor, data: bytes) -> bool:
+    size = len(data)
+    if size < _PROBE_MIN_BYTES:
+        return True
+    view = memoryview(data)
+    for start in (0, (size - _PROBE_SAMPLE_BYTES) // 2, size - _PROBE_SAMPLE_BYTES):
+        sample = bytes(view[start : start + _PROBE_SAMPLE_BYTES])
+        if len(codec.compress(sample, 1)) < _PROBE_GAIN * _PROBE_SAMPLE_BYTES:
+            return True
+    return False
+
+
 class Envelope:
     """Seals and opens values with a keyring and store-wide options (overridable per call).
 
@@ -281,7 +303,7 @@ class Envelope:
         payload = data
         if opts.compress and size >= opts.threshold_bytes:
             codec = compressor_by_name(opts.compression)
-            packed = codec.compress(data, opts.level)
+            packed = codec.compress(data, opts.level) if _worth_trying(codec, data) else data
             # Incompressible data (already compressed, random) is kept as is: smaller and
             # faster to read.
             if len(packed) < size:

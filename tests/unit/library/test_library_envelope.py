@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import struct
 
@@ -29,8 +30,8 @@ from defender_config import (
     inspect,
     is_envelope,
 )
-from defender_config._codecs import AES256GCM
-from defender_config._envelope import MAGIC
+from defender_config._codecs import AES256GCM, compressor_by_name
+from defender_config._envelope import MAGIC, _worth_trying
 
 PATH = "/ml-defender/components/detector/active_config"
 PLAIN = EnvelopeOptions(compress=False, encrypt=False)
@@ -122,6 +123,37 @@ def test_incompressible_value_is_stored_uncompressed(envelope: Envelope) -> None
     header = inspect(envelope.seal(data, PATH))
     assert not header.compressed
     assert envelope.open(envelope.seal(data, PATH), PATH) == data
+
+
+def test_large_values_are_probed_before_compressing() -> None:
+    # From 32 KiB on, three 4 KiB samples (head, middle, tail) decide whether a full
+    # compression attempt is worth it: random data skips it, base64 and text do not.
+    size = 64 * 1024
+    codec = compressor_by_name("zstd")
+    assert not _worth_trying(codec, os.urandom(size))
+    assert _worth_trying(codec, base64.b64encode(os.urandom(size * 3 // 4)))
+    assert _worth_trying(codec, b'{"rule": "allow tcp 22"}' * (size // 24))
+    # One compressible sample is enough.
+    mixed = bytearray(os.urandom(size))
+    mixed[-4096:] = bytes(4096)
+    assert _worth_trying(codec, bytes(mixed))
+    # Below the probe size every value is tried in full.
+    assert _worth_trying(codec, os.urandom(16 * 1024))
+
+
+def test_a_value_whose_samples_miss_its_compressible_part_is_stored_whole(
+    envelope: Envelope,
+) -> None:
+    # The documented price of the probe: zeros between three random samples go uncompressed;
+    # the value is stored as is, not lost or damaged.
+    size = 64 * 1024
+    data = bytearray(size)
+    mid = (size - 4096) // 2
+    for start in (0, mid, size - 4096):
+        data[start : start + 4096] = os.urandom(4096)
+    header = inspect(envelope.seal(bytes(data), PATH))
+    assert not header.compressed
+    assert envelope.open(envelope.seal(bytes(data), PATH), PATH) == bytes(data)
 
 
 def test_per_call_options_override_the_store(envelope: Envelope, config_bytes: bytes) -> None:
