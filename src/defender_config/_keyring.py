@@ -504,11 +504,13 @@ class KeyringSource:
                     new.primary_fingerprint,
                     ",".join(new.key_ids),
                 )
-        # Callbacks run outside the lock so they may call current() themselves.
+        # Callbacks run outside the lock so they may call current() themselves. A failing one
+        # is logged, never raised: current() refreshes inline in whatever thread reads the
+        # keyring, and a callback's bug must not fail that reader's decrypt.
         if error is not None and self._on_error is not None:
-            self._on_error(error)
+            _notify(self._on_error, error)
         if changed is not None and self._on_change is not None:
-            self._on_change(*changed)
+            _notify(self._on_change, *changed)
         return changed is not None
 
     def start(self) -> None:
@@ -533,11 +535,18 @@ class KeyringSource:
         while not self._stop.wait(self._poll):
             try:
                 self.refresh()
-            except Exception:  # a callback bug must not kill the poller
-                log.exception("keyring poll callback failed")
+            except Exception:  # nothing may kill the poller; the next poll tries again
+                log.exception("keyring poll failed")
 
     def __repr__(self) -> str:
         return f"KeyringSource({str(self._path)!r}, primary={self._keyring.primary_fingerprint})"
+
+
+def _notify(callback: Callable[..., None], *args: Any) -> None:
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("keyring callback failed")
 
 
 class StaticKeyringSource:

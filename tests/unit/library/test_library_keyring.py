@@ -380,7 +380,36 @@ def test_poller_survives_a_failing_callback(
         finally:
             source.stop()
     assert len(calls) >= 2 and source.current() == third
-    assert "keyring poll callback failed" in caplog.text
+    assert "keyring callback failed" in caplog.text
+
+
+def test_a_failing_callback_never_reaches_a_reader(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # current() refreshes inline once the poll interval passed (seen in CI under load: the
+    # poller thread was late, a reader did the refresh and got the callback's exception).
+    mount = SecretMount(tmp_path / "secret")
+    mount.write(Keyring.generate().to_json())
+    now = [0.0]
+    calls: list[str] = []
+
+    def boom(*_: object) -> None:
+        calls.append("called")
+        raise RuntimeError("callback bug")
+
+    source = KeyringSource(
+        mount.root, poll_seconds=5, on_change=boom, on_error=boom, clock=lambda: now[0]
+    )
+    new = Keyring.generate()
+    mount.write(new.to_json())
+    now[0] += 10
+    with caplog.at_level(logging.ERROR, logger="defender_config.keyring"):
+        assert source.current() == new
+        mount.write(b"not a keyring")
+        now[0] += 10
+        assert source.current() == new  # the last good one, and on_error's bug stays here
+    assert calls == ["called", "called"]
+    assert caplog.text.count("keyring callback failed") == 2
 
 
 def test_concurrent_readers_always_see_a_whole_keyring(tmp_path: Path) -> None:
