@@ -36,6 +36,14 @@ log = logging.getLogger("defender_config.store")
 _GRPC_OPTIONS: Final = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # A frozen member (paused VM, black-holed host) keeps its TCP connections open. gRPC's
+    # other pings (flow-control probes) wait 60 s for an answer and hold keep-alive pings back
+    # meanwhile: a watch stayed on a frozen member for 60 s. Every ping now gives up after 5 s.
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    # gRPC stops pinging after 2 pings with no data sent in between, and an idle watch sends
+    # none. etcd allows a ping every 5 s on a connection with an open stream, so pinging on
+    # without a limit is within its policy.
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),

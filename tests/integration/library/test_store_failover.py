@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -62,6 +65,41 @@ def test_get_put_and_watch_survive_a_killed_member(
     finally:
         store.close()
         writer.close()
+
+
+def test_watch_leaves_a_frozen_member(
+    members_restored: EtcdCluster, make_etcd_settings: Callable[..., EtcdSettings], etcd_prefix: str
+) -> None:
+    # A paused VM or a black-holed member keeps its TCP connections open and answers nothing:
+    # no error ever reaches the watch. gRPC keepalive pings (10 s, 5 s to answer) must close
+    # the channel so the watch moves to another member instead of waiting forever.
+    cluster = members_restored
+    store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    try:
+        events: list[WatchEvent] = []
+        handle = store.watch_prefix(etcd_prefix, events.append)
+        assert handle.wait_connected(10)
+        victim = member_in_use(store, cluster)
+        others = [e for i, e in enumerate(cluster.endpoints) if i != victim]
+        writer = EtcdStore(make_etcd_settings(endpoints=others), registry=CollectorRegistry())
+        pid = cluster.member_pids[victim]
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(5):
+                writer.put(f"{etcd_prefix}f{i}", str(i).encode())
+            started = time.monotonic()
+            wait_for("5 watch events from another member", lambda: len(events) == 5, timeout=60)
+            moved_after = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            writer.close()
+        assert [e.key.removeprefix(etcd_prefix) for e in events] == [f"f{i}" for i in range(5)]
+        assert handle.restarts >= 1
+        assert moved_after < 40, f"the watch took {moved_after:.0f}s to leave the frozen member"
+        handle.cancel()
+    finally:
+        store.close()
 
 
 def test_many_threads_keep_working_through_a_kill(
