@@ -224,19 +224,30 @@ def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
     run.wait_condition("sniffer", "Misconfigured", status="False")
 
 
-def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> None:
-    run = operator_run
+def _two_instances_on_version_2(run: OperatorRun) -> set[str]:
+    """Two heartbeating sniffer pods, a breaker that trips above 1, and ACTIVE version 2."""
     run.start()
     pods = _running_sniffer(run, replicas=2)
     run.patch("sniffer", {"spec": {"rollout": {"maxUnhealthyInstances": 1}}})
-    configs = run.configs()
     run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
     run.wait_active_version("sniffer", 2)
-    # Both instances fail to decode right after the change: more than 1 → trip.
+    return pods
+
+
+def _fail_and_wait_frozen(run: OperatorRun, pods: set[str]) -> None:
+    """Both instances report a decode error: more than 1 → the breaker trips."""
     for hb in run.heartbeaters:
         if hb.instance in pods:
             hb.update(last_error=CodecMismatchError("zstd", "none"))
     wait_for("frozen", lambda: run.get("sniffer")["status"].get("frozen") is True, timeout=60)
+
+
+def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> None:
+    run = operator_run
+    pods = _two_instances_on_version_2(run)
+    # Both instances fail to decode right after the change: more than 1 → trip.
+    _fail_and_wait_frozen(run, pods)
+    configs = run.configs()
     active = configs.get_active("sniffer")
     assert active.version == 3
     assert active.config["snaplen"] == 256  # version 1's value, restored as version 3
@@ -260,19 +271,11 @@ def test_a_new_operator_keeps_guarding_a_change_committed_before_it(
     # The operator that committed version 2 stops before the instances fail; the next one
     # learns of the change from etcd and trips on it inside its window.
     run = operator_run
-    run.start()
-    pods = _running_sniffer(run, replicas=2)
-    run.patch("sniffer", {"spec": {"rollout": {"maxUnhealthyInstances": 1}}})
-    configs = run.configs()
-    run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
-    run.wait_active_version("sniffer", 2)
+    pods = _two_instances_on_version_2(run)
     run.stop()
     run.start()
-    for hb in run.heartbeaters:
-        if hb.instance in pods:
-            hb.update(last_error=CodecMismatchError("zstd", "none"))
-    wait_for("frozen", lambda: run.get("sniffer")["status"].get("frozen") is True, timeout=60)
-    active = configs.get_active("sniffer")
+    _fail_and_wait_frozen(run, pods)
+    active = run.configs().get_active("sniffer")
     assert (active.version, active.config["snaplen"]) == (3, 256)
     assert "BlastRadiusExceeded" in run.event_reasons("sniffer")
 
