@@ -89,48 +89,43 @@ def _details(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-# Passing conditions etcd reports without a retryable status code: a proposal the leader
-# dropped while handing leadership over (UNKNOWN "raft proposal dropped"; a rolling restart of
-# the etcd StatefulSet causes it) and its request throttle (RESOURCE_EXHAUSTED "too many
-# requests"). Neither was applied, so a retry is safe.
-_PASSING: Final = {
-    grpc.StatusCode.UNKNOWN: ("raft proposal dropped",),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ("etcdserver: too many requests",),
-}
+# Conditions etcd reports under a code that is otherwise not retried, told apart by the
+# details text:
+# - a proposal the leader dropped while handing leadership over (UNKNOWN "raft proposal
+#   dropped"; a rolling restart of the etcd StatefulSet causes it) and its request throttle
+#   (RESOURCE_EXHAUSTED "too many requests"): neither was applied, so a retry is safe;
+# - a member that shuts down resets its open HTTP/2 streams, which grpc reports as CANCELLED
+#   ("Stream removed", RST_STREAM), the same code as a cancel by this process. Only the reset
+#   is the member going away, as ambiguous as UNAVAILABLE and retried like it.
 _BUSY = ErrorRule(
     "unavailable",
     True,
     "leader_busy",
     "etcd dropped the request while its leader was handing over or throttling",
 )
-
-
-# A member that shuts down resets its open HTTP/2 streams; grpc reports that as CANCELLED
-# ("Stream removed", RST_STREAM), the same code as a cancel by this process. Only the reset is
-# the member going away, as ambiguous as UNAVAILABLE and retried like it; a local cancel is not.
-_RESET_TEXTS: Final = ("RST_STREAM", "Stream removed")
 _RESET = ErrorRule("unavailable", True, "stream_reset", "the member reset the call")
+_BY_DETAILS: Final = (
+    (grpc.StatusCode.UNKNOWN, ("raft proposal dropped",), _BUSY),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ("etcdserver: too many requests",), _BUSY),
+    (grpc.StatusCode.CANCELLED, ("RST_STREAM", "Stream removed"), _RESET),
+)
 
 
-def _passing(exc: BaseException) -> bool:
+def _by_details(exc: BaseException) -> ErrorRule | None:
     code = _grpc_code(exc)
-    texts = _PASSING.get(code) if code is not None else None
-    return bool(texts) and any(t in _details(exc) for t in texts or ())
-
-
-def _reset(exc: BaseException) -> bool:
-    if _grpc_code(exc) != grpc.StatusCode.CANCELLED:
-        return False
-    details = _details(exc)
-    return any(t in details for t in _RESET_TEXTS)
+    for known, texts, rule in _BY_DETAILS:
+        if code == known:
+            details = _details(exc)
+            if any(t in details for t in texts):
+                return rule
+    return None
 
 
 def classify_error(exc: BaseException) -> ErrorRule | None:
     """Look up how to handle `exc`; None means "not an etcd failure" (a bug: re-raise as is)."""
-    if _passing(exc):
-        return _BUSY
-    if _reset(exc):
-        return _RESET
+    rule = _by_details(exc)
+    if rule is not None:
+        return rule
     if isinstance(exc, grpc.RpcError):
         code = getattr(exc, "code", None)
         try:
