@@ -83,13 +83,11 @@ def heartbeat_condition(
 def heartbeat_time_field(published: Any, newest: datetime, refresh_seconds: float) -> str:
     """status.lastHeartbeatTime to publish: the newest heartbeat, or the published value while
     it is less than `refresh_seconds` behind (so a quiet component costs no status write)."""
-    if isinstance(published, str) and refresh_seconds > 0:
-        try:
-            shown = datetime.fromisoformat(published.replace("Z", "+00:00"))
-        except ValueError:
-            return _rfc3339(newest)
-        if timedelta(0) <= newest - shown < timedelta(seconds=refresh_seconds):
-            return published
+    shown = cond.parse_rfc3339(published)
+    if shown is None or refresh_seconds <= 0:
+        return _rfc3339(newest)
+    if timedelta(0) <= newest - shown < timedelta(seconds=refresh_seconds):
+        return str(published)
     return _rfc3339(newest)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from defender_operator._decisions.conditions import parse_rfc3339
 from defender_operator._kube import Pod
 
 PodKey = tuple[str, str, str]
@@ -29,11 +30,9 @@ def pod_record(name: str, meta: Mapping[str, Any]) -> Pod | None:
     created = meta.get("creationTimestamp")
     if not uid or not created:
         return None
-    when = (
-        created
-        if isinstance(created, datetime)
-        else datetime.fromisoformat(str(created).replace("Z", "+00:00"))
-    )
+    when = created if isinstance(created, datetime) else parse_rfc3339(created)
+    if when is None:
+        return None
     return Pod(
         name=name,
         uid=str(uid),

@@ -32,8 +32,8 @@ class ComponentMemory:
     watch_started: datetime = field(default_factory=utcnow)
     last_seen: dict[str, datetime] = field(default_factory=dict)
     restart_times: list[datetime] = field(default_factory=list)
-    # restart_times and degraded_reported are taken from the status once, on the first pass:
-    # a new operator (restarted, or a standby taking over) must not start a fresh budget.
+    # Restart times, conditions and the announced budget are taken from the status once
+    # (`_reconcile.recall`): a new operator, restarted or a standby taking over, carries on.
     history_loaded: bool = False
     # last_change is taken from etcd (ACTIVE's metadata) once, on the first monitor pass.
     change_recovered: bool = False

@@ -116,6 +116,18 @@ def rfc3339(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_rfc3339(text: object) -> datetime | None:
+    """A time as Kubernetes writes it (`Z` or an offset); None when `text` is not one with a
+    zone (a status is ours, but a person can edit it)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
+
+
 def merge(
     existing: Sequence[Mapping[str, Any]],
     desired: Sequence[Cond],

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from defender_operator._decisions.conditions import parse_rfc3339
+
 
 class RestartAction(StrEnum):
     NONE = "None"  # every pod is heartbeating (or still in its grace period)
@@ -143,16 +145,7 @@ def restart_history(stored: object, limit: int) -> list[datetime]:
     zone are dropped rather than trusted or fatal."""
     if not isinstance(stored, list):
         return []
-    times = []
-    for item in stored:
-        if not isinstance(item, str):
-            continue
-        try:
-            t = datetime.fromisoformat(item.replace("Z", "+00:00"))
-        except ValueError:
-            continue
-        if t.tzinfo is not None:
-            times.append(t)
+    times = [t for t in map(parse_rfc3339, stored) if t is not None]
     return sorted(times)[-limit:] if limit > 0 else []
 
 
