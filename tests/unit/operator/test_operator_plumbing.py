@@ -116,7 +116,22 @@ def test_json_logs_are_one_object_per_line_with_extras() -> None:
     doc = json.loads(JsonFormatter().format(record))
     assert doc["message"] == "x=y"
     assert doc["level"] == "INFO"
-    assert "sniffer" in doc["k8s_ref"]
+    assert doc["k8s_ref"] == {"name": "sniffer"}
+
+
+def test_json_logs_drop_kopfs_settings_repr() -> None:
+    # kopf's per-object adapter passes its whole OperatorSettings with every record.
+    import kopf
+
+    record = logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, "Handler done", (), None)
+    record.settings = kopf.OperatorSettings()
+    record.k8s_skip = False
+    record.k8s_ref = {"namespace": "default", "name": "sniffer", "uid": None}
+    line = JsonFormatter().format(record)
+    doc = json.loads(line)
+    assert "settings" not in doc and "k8s_skip" not in doc
+    assert doc["k8s_ref"] == {"namespace": "default", "name": "sniffer"}
+    assert len(line) < 400, line
 
 
 def test_key_secret_error_says_what_to_check_and_holds_no_key() -> None:
