@@ -15,6 +15,7 @@ from defender_operator._decisions.keyring import (
     keyring_condition,
     may_replace_copy,
 )
+from defender_operator._keys import KeyringUnavailableError, MutableKeyringSource
 
 OLD, NEW = "k-old", "k-new"
 FP = {OLD: "fp-old", NEW: "fp-new"}
@@ -189,3 +190,12 @@ def test_keyring_condition_and_ready() -> None:
         )
     )
     assert fine[0].status == cond.TRUE
+
+
+def test_without_a_keyring_nothing_is_sealed() -> None:
+    source = MutableKeyringSource(None)
+    with pytest.raises(KeyringUnavailableError) as info:
+        source.current()
+    assert info.value.reason == "KeyUnavailable"
+    assert "troubleshooting.md#keyringmissing" in str(info.value)
+    assert repr(source) == "MutableKeyringSource(primary=None)"
