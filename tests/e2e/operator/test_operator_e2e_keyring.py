@@ -82,6 +82,10 @@ def test_deleted_source_with_operator_down_is_restored_from_a_copy(
     run.wait_active_version(COMPONENT, 3)
     assert unreadable(run, keyring) == []
     run.wait_condition(COMPONENT, "KeyUnavailable", status="False")
+    # Deleted while the operator runs: put back from its memory, loudly.
+    delete_source(run)
+    back = wait_restored(run, keyring)
+    assert back.metadata.annotations["mldefender.io/restored-from"] == "the operator's memory"
 
 
 def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
