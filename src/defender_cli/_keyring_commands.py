@@ -38,6 +38,13 @@ LABELS = {
 }
 
 
+def _listed(keyring: Keyring) -> list[dict[str, str]]:
+    """Ids, states and fingerprints: what a person may see of a keyring."""
+    return [
+        {"id": k.key_id, "state": k.state.value, "fingerprint": k.fingerprint} for k in keyring.keys
+    ]
+
+
 def read_passphrase(file: str | None, env: str | None) -> str | None:
     """The passphrase from --passphrase-file (first line) or --passphrase-env NAME; None when
     neither was given."""
@@ -107,10 +114,7 @@ def export_keyring(
         "secret": f"{namespace}/{secret}",
         "protected": passphrase is not None,
         "exported": when,
-        "keys": [
-            {"id": k.key_id, "state": k.state.value, "fingerprint": k.fingerprint}
-            for k in keyring.keys
-        ],
+        "keys": _listed(keyring),
     }
 
 
@@ -216,10 +220,7 @@ def import_keyring(
         "secret": f"{namespace}/{secret}",
         "replaced": existing is not None,
         "sealedValuesOpened": sealed,
-        "keys": [
-            {"id": k.key_id, "state": k.state.value, "fingerprint": k.fingerprint}
-            for k in keyring.keys
-        ],
+        "keys": _listed(keyring),
     }
 
 
