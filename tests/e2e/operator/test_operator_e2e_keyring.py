@@ -180,3 +180,10 @@ def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
     found = source(run)
     assert found is not None
     assert "mldefender.io/last-export-time" in found.metadata.annotations
+    # An existing Secret is replaced only on request, and only by a keyring that opens the data.
+    twice = cli(run, kubeconfig_path, "keyring", "import", "-f", str(export),
+                "--passphrase-file", str(passphrase))  # fmt: skip
+    assert twice.code == 2 and "--replace" in twice.err
+    lacking = cli(run, kubeconfig_path, "keyring", "import", "-f", str(stranger), "--replace")
+    assert lacking.code == 2 and "KeyringLacksKeysError" in lacking.err
+    assert source_keyring(run) == keyring

@@ -14,6 +14,7 @@ from defender_operator._api import RotationStage
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeyDropRefusedError, KeySecretError
 from defender_operator._keys import A_DIGEST, MANAGED_BY, KeyringSecrets, keyring_digest
+from defender_operator._kube import Kube, ObjectRef
 
 pytestmark = [pytest.mark.cluster]
 NAME = "ml-defender-keyring"
@@ -238,3 +239,21 @@ def test_create_is_create_only_and_keeps_annotations(core: k8s.CoreV1Api, namesp
         stored.kept,
     )
     assert saved.exported == stored.exported
+
+
+def test_an_event_that_cannot_be_posted_is_logged_not_raised(
+    k8s_api: k8s.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = Kube(k8s_api)
+    ref = ObjectRef("v1", "Secret", f"missing-{uuid.uuid4().hex[:8]}", NAME)
+    with caplog.at_level(logging.WARNING):
+        kube.post_event(ref, "Warning", "KeyUnavailable", "test")
+    assert "could not post Event KeyUnavailable" in caplog.text
+
+
+def test_unreadable_time_annotations_read_as_absent(core: k8s.CoreV1Api, namespace: str) -> None:
+    secrets = KeyringSecrets(core, namespace, NAME)
+    secrets.ensure(Keyring.generate())
+    secrets.annotate_source({"mldefender.io/last-export-time": "last tuesday"})
+    stored = secrets.load()
+    assert stored is not None and stored.exported is None
