@@ -298,7 +298,9 @@ class Condition(_Model):
 
     type: str = Field(
         max_length=316,
-        description="Ready, ConfigSynced, Heartbeating, KeyCurrent, Misconfigured or KeyUnavailable.",
+        description=(
+            "Ready, ConfigSynced, Heartbeating, KeyCurrent, Misconfigured or KeyUnavailable."
+        ),
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(
