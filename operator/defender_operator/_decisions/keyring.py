@@ -84,11 +84,12 @@ def _covers(
     return True, ""
 
 
-def _rank(holder: Holder, recorded: Mapping[str, str]) -> tuple[int, int, str]:
-    # Prefer the holder closest to the last recorded keyring, then the one with most keys (a
-    # copy that missed the end of a rotation holds fewer), then a stable order.
+def _rank(holder: Holder, recorded: Mapping[str, str]) -> tuple[bool, int, int, str]:
+    # Prefer the operator's own keyring (it is what it last wrote), then the holder closest to
+    # the last recorded keyring, then the one with most keys (a copy that missed the end of a
+    # rotation holds fewer), then a stable order.
     known = sum(1 for kid in holder.fingerprints if kid in recorded)
-    return (-known, -len(holder.fingerprints), holder.name)
+    return (not holder.trusted, -known, -len(holder.fingerprints), holder.name)
 
 
 def _describe(missing: Mapping[str, str | None]) -> str:

@@ -53,6 +53,11 @@ def test_only_a_truly_empty_store_gets_a_new_keyring() -> None:
     memory = Holder("memory", {OLD: FP[OLD]}, trusted=True)
     plan = decide(None, holder("copy ns1", NEW), memory)
     assert (plan.action, plan.holder) == (KeyringAction.RESTORE, "memory")
+    # With data, memory wins over an equally good copy: it is what the operator last wrote.
+    memory = Holder("the operator's memory", {OLD: FP[OLD]}, frozenset({OLD}), trusted=True)
+    copy = holder("copy a", OLD, opens=(OLD,))
+    plan = decide(None, copy, memory, referenced=(OLD,), recorded={OLD: FP[OLD]})
+    assert plan.holder == "the operator's memory"
 
 
 def test_missing_source_restored_from_the_copy_that_opens_the_values() -> None:
