@@ -35,10 +35,8 @@ from keyring_loss_support import (
     unreadable,
     wait_restored,
 )
-from operator_e2e_support import OperatorRun
+from operator_e2e_support import OperatorRun, wait_for
 from reliability_support import HYGIENE
-
-from defender_devcluster import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -82,7 +80,7 @@ def test_keyring_lost_with_operator_crashes_is_restored_refused_and_imported(
         lambda: run.log_path.read_text().count("keyring refused, no Secret written") >= 2,
         timeout=90,
     )
-    assert liveness_ok(run)
+    wait_for("liveness up", lambda: liveness_ok(run), timeout=60)
     assert source(run) is None
     assert not copy_exists(run)
     after = snapshot(run)

@@ -129,7 +129,7 @@ def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
     assert ready is not None and (ready["status"], ready["reason"]) == ("False", "KeyringMissing")
     event = wait_for("KeyUnavailable Event", lambda: events_with(run, "KeyUnavailable"))[0]
     assert keyring.primary.key_id in event and keyring.primary_fingerprint in event
-    assert liveness_ok(run)
+    wait_for("liveness up", lambda: liveness_ok(run), timeout=60)
     # The reconcile is retried and paused again (twice), and nothing is written meanwhile.
     wait_for(
         "two paused reconciles",
@@ -144,7 +144,7 @@ def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
         k: before[k][0] for k in sealed_values(before)
     }  # not even rewritten with the same bytes
     assert run.get(COMPONENT)["status"]["activeVersion"] == 2
-    assert liveness_ok(run)
+    wait_for("liveness up", lambda: liveness_ok(run), timeout=60)
 
     # Wrong passphrase and a stranger's keyring are refused with typed errors; nothing written.
     wrong = tmp_path / "wrong"
