@@ -298,7 +298,9 @@ class Condition(_Model):
 
     type: str = Field(
         max_length=316,
-        description="Ready, ConfigSynced, Heartbeating, KeyCurrent or Misconfigured.",
+        description=(
+            "Ready, ConfigSynced, Heartbeating, KeyCurrent, Misconfigured or KeyUnavailable."
+        ),
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(
@@ -373,7 +375,7 @@ class DefenderComponentStatus(_Model):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, ConfigSynced, Heartbeating, KeyCurrent, Misconfigured.",
+        description="Ready, ConfigSynced, Heartbeating, KeyCurrent, Misconfigured, KeyUnavailable.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],

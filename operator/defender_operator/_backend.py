@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from defender_config import StoragePolicy
+from defender_config import Keyring, KeyUsage, StoragePolicy
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,23 @@ class Backend(Protocol):
 
     def rewrap_all(self) -> int:
         """Re-seal every stored value under the current primary key; returns how many."""
+        ...
+
+    def key_usage(self) -> KeyUsage:
+        """Scan every stored value's envelope header for the key id it is sealed with."""
+        ...
+
+    def opens(self, keyring: Keyring, usage: KeyUsage) -> frozenset[str]:
+        """The key ids of `usage` whose sample value `keyring` actually opens (retired keys
+        included: what matters is whether the material is there)."""
+        ...
+
+    def keyring_record(self) -> dict[str, str]:
+        """Key id → fingerprint as recorded in etcd (empty when never recorded)."""
+        ...
+
+    def record_keyring(self, keyring: Keyring) -> None:
+        """Record the keyring's key ids and fingerprints (never material) in etcd."""
         ...
 
     def close(self) -> None: ...

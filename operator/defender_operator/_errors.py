@@ -4,6 +4,7 @@
 OperatorError
 ├── OperatorConfigurationError   bad DEFENDER_OPERATOR_* settings (fail at start-up)
 ├── KeySecretError               the keyring Secret cannot be read or written
+├── KeyDropRefusedError          a copy would lose a key that stored values still use
 └── KubeError                    another Kubernetes API call failed
 ```
 """
@@ -50,6 +51,20 @@ class KeySecretError(OperatorError):
         )
 
 
+class KeyDropRefusedError(OperatorError):
+    """A keyring copy was left alone: the keyring meant to replace it lacks key ids that stored
+    values are still sealed with, and the copy may be their last holder."""
+
+    def __init__(self, namespace: str, name: str, key_ids: list[str]) -> None:
+        self.namespace = namespace
+        self.key_ids = tuple(key_ids)
+        super().__init__(
+            f"left the keyring copy {namespace}/{name} as it is: the keyring meant to replace"
+            f" it lacks key id(s) {', '.join(key_ids)} that stored values are still sealed"
+            " with; see docs/troubleshooting.md#keyringmissing"
+        )
+
+
 class KubeError(OperatorError):
     """A Kubernetes API call other than on Secrets failed."""
 
@@ -59,6 +74,9 @@ class KubeError(OperatorError):
 RETRY_STORE_UNAVAILABLE = 15.0
 RETRY_CONFLICT = 1.0
 RETRY_DEFAULT = 10.0
+# While the keyring is unavailable a reconcile waits for a person; retried often enough that a
+# restored keyring is acted on soon.
+RETRY_KEYRING = 5.0
 
 
 @contextlib.contextmanager
@@ -66,7 +84,7 @@ def kopf_errors() -> Iterator[None]:
     """Translate library and operator errors into kopf's retry semantics."""
     try:
         yield
-    except (StoreUnavailableError, KeySecretError, KubeError) as exc:
+    except (StoreUnavailableError, KeySecretError, KubeError, KeyDropRefusedError) as exc:
         raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc
     except ConflictError as exc:
         raise kopf.TemporaryError(str(exc), delay=RETRY_CONFLICT) from exc

@@ -18,17 +18,19 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from defender_config import Keyring
+from defender_config import Keyring, KeyringError
 from defender_operator._api import GROUP, ROTATE_ANNOTATION, RotationStage
+from defender_operator._decisions.keyring import may_replace_copy
 from defender_operator._decisions.rotation import RotationState
-from defender_operator._errors import KeySecretError
+from defender_operator._errors import KeyDropRefusedError, KeySecretError
 
 log = logging.getLogger("defender_operator.keys")
 
@@ -46,26 +48,55 @@ A_OLD = f"{GROUP}/rotation-old-key"
 A_LAST = f"{GROUP}/last-rotation-time"
 A_DIGEST = f"{GROUP}/keyring-digest"
 A_SOURCE = f"{GROUP}/source"
+A_EXPORTED = f"{GROUP}/last-export-time"
+A_RESTORED = f"{GROUP}/restored-from"
+# Annotations a person's tools or a restore add; kept across the operator's own rewrites.
+_KEPT = (A_EXPORTED, A_RESTORED)
+
+
+class KeyringUnavailableError(KeyringError):
+    """The operator holds no verified keyring (refused, or not settled yet): nothing is sealed
+    or opened until a person restores it (docs/troubleshooting.md#keyringmissing)."""
+
+    reason = "KeyUnavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the shared keyring is unavailable: the operator refuses to seal or open values"
+            " until the keyring Secret is restored (docs/troubleshooting.md#keyringmissing)"
+        )
 
 
 class MutableKeyringSource:
     """The operator's in-memory keyring provider: `current()` for the library's Envelope,
-    `set()` when the operator itself changes the keyring. Thread-safe."""
+    `set()` when the operator itself changes the keyring. Thread-safe.
 
-    def __init__(self, keyring: Keyring) -> None:
+    Empty (None) until a keyring has been checked against the store, and again while the
+    operator refuses one: `current()` then raises KeyringUnavailableError, so nothing can be
+    sealed under a keyring that could not open what is stored."""
+
+    def __init__(self, keyring: Keyring | None) -> None:
         self._lock = threading.Lock()
         self._keyring = keyring
 
     def current(self) -> Keyring:
         with self._lock:
+            if self._keyring is None:
+                raise KeyringUnavailableError()
             return self._keyring
 
-    def set(self, keyring: Keyring) -> None:
+    def peek(self) -> Keyring | None:
+        """The keyring held, or None; never raises."""
+        with self._lock:
+            return self._keyring
+
+    def set(self, keyring: Keyring | None) -> None:
         with self._lock:
             self._keyring = keyring
 
     def __repr__(self) -> str:
-        return f"MutableKeyringSource(primary={self.current().primary_fingerprint})"
+        held = self.peek()
+        return f"MutableKeyringSource(primary={held.primary_fingerprint if held else None})"
 
 
 @dataclass(frozen=True)
@@ -75,6 +106,12 @@ class StoredKeyring:
     last_rotation: datetime | None
     resource_version: str
     request_pending: bool = False
+    kept: dict[str, str] = field(default_factory=dict)
+    """Annotations the operator does not manage but carries over (last export time)."""
+
+    @property
+    def exported(self) -> datetime | None:
+        return _time(self.kept.get(A_EXPORTED))
 
 
 def keyring_digest(keyring: Keyring) -> str:
@@ -83,7 +120,12 @@ def keyring_digest(keyring: Keyring) -> str:
 
 
 def _time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None  # a person's edit; read as absent
 
 
 def _rotation_from(annotations: dict[str, str]) -> RotationState:
@@ -140,6 +182,7 @@ class KeyringSecrets:
             last_rotation=_time(annotations.get(A_LAST)),
             resource_version=secret.metadata.resource_version,
             request_pending=ROTATE_ANNOTATION in annotations,
+            kept={k: annotations[k] for k in _KEPT if k in annotations},
         )
 
     def load(self) -> StoredKeyring | None:
@@ -151,49 +194,58 @@ class KeyringSecrets:
             raise _fail("read", self.namespace, self.name, exc) from None
         return self._parse(secret)
 
-    def ensure(self, known: Keyring | None = None) -> StoredKeyring:
-        """The source keyring, generated and stored on first start.
-
-        `known` is the keyring this process already uses: if the Secret was deleted while
-        running, it is restored from memory rather than replaced by a new key that could not
-        open anything already stored. Two operator replicas may race here: the loser of the
-        create gets 409 and reads the winner's keyring, so there is only ever one key.
-        """
+    def ensure(self, known: Keyring) -> StoredKeyring:
+        """The source keyring; if the Secret is missing, it is written back from `known`, the
+        keyring this process checked against the store. Never generates: that is decided by
+        `_keyguard` (`_decisions.keyring`), only for an empty store."""
         found = self.load()
         if found is not None:
             return found
-        keyring = known if known is not None else Keyring.generate()
+        stored, created = self.create(known)
+        if created:
+            log.warning(
+                "the keyring Secret %s/%s was deleted; restored it from the operator's memory"
+                " (primary %s)",
+                self.namespace,
+                self.name,
+                known.primary_fingerprint,
+            )
+        return stored
+
+    def create(
+        self, keyring: Keyring, annotations: Mapping[str, str] | None = None
+    ) -> tuple[StoredKeyring, bool]:
+        """Create the source Secret (create-only). Two operator replicas may race here: the
+        loser gets 409 and reads the winner's keyring, so there is only ever one key. Returns
+        what is stored and whether this call wrote it."""
         body = client.V1Secret(
             metadata=client.V1ObjectMeta(
                 name=self.name,
                 namespace=self.namespace,
                 labels=LABELS,
                 annotations={
-                    k: v
-                    for k, v in _annotations(keyring, RotationState(), None).items()
-                    if v is not None
+                    **{
+                        k: v
+                        for k, v in _annotations(keyring, RotationState(), None).items()
+                        if v is not None
+                    },
+                    **(annotations or {}),
                 },
             ),
             type="Opaque",
             data=keyring.to_secret_data(),
         )
+        created = True
         try:
             self._core.create_namespaced_secret(self.namespace, body)
         except ApiException as exc:
             if exc.status != 409:
                 raise _fail("create", self.namespace, self.name, exc) from None
-        else:
-            log.info(
-                "%s the shared keyring (primary %s) in Secret %s/%s",
-                "restored" if known is not None else "generated",
-                keyring.primary_fingerprint,
-                self.namespace,
-                self.name,
-            )
+            created = False
         stored = self.load()
         if stored is None:
             raise KeySecretError("read back", self.namespace, self.name, 404, "vanished")
-        return stored
+        return stored, created
 
     def save(
         self,
@@ -201,12 +253,19 @@ class KeyringSecrets:
         rotation: RotationState,
         last_rotation: datetime | None,
         resource_version: str,
+        keep: Mapping[str, str] | None = None,
     ) -> StoredKeyring:
         """Replace the source Secret if nobody changed it since `resource_version`
         (409 → KeySecretError with status 409: re-load and decide again). Drops a pending
-        rotation request: the caller has acted on it."""
+        rotation request: the caller has acted on it. `keep`: annotations to carry over
+        (`StoredKeyring.kept`)."""
         annotations = {
-            k: v for k, v in _annotations(keyring, rotation, last_rotation).items() if v is not None
+            **(keep or {}),
+            **{
+                k: v
+                for k, v in _annotations(keyring, rotation, last_rotation).items()
+                if v is not None
+            },
         }
         body = client.V1Secret(
             metadata=client.V1ObjectMeta(
@@ -225,11 +284,23 @@ class KeyringSecrets:
             raise _fail("replace", self.namespace, self.name, exc) from None
         return self._parse(secret)
 
-    def fan_out(self, keyring: Keyring, namespace: str, *, max_age: float = 0.0) -> bool:
+    def fan_out(
+        self,
+        keyring: Keyring,
+        namespace: str,
+        *,
+        max_age: float = 0.0,
+        referenced: Callable[[], frozenset[str]] | None = None,
+    ) -> bool:
         """Create or update the copy in `namespace`. True when something was written.
 
         With `max_age`, a copy this operator read or wrote with the same digest less than
-        `max_age` seconds ago is taken as current without reading it again."""
+        `max_age` seconds ago is taken as current without reading it again.
+
+        A copy may be the last holder of a key (the source was deleted), so it is replaced only
+        by a keyring that keeps every key id it holds that stored values still use:
+        `referenced()` returns those ids and is called only when the replacement drops a key
+        (without it, any drop is refused). Refusals raise KeyDropRefusedError."""
         if namespace == self.namespace:
             return False  # the source itself is mountable there
         digest = keyring_digest(keyring)
@@ -255,7 +326,7 @@ class KeyringSecrets:
                 self._core.create_namespaced_secret(namespace, body)
             except ApiException as exc:
                 if exc.status == 409:
-                    return self.fan_out(keyring, namespace)
+                    return self.fan_out(keyring, namespace, referenced=referenced)
                 raise _fail("create", namespace, self.name, exc) from None
             self._copies[namespace] = (digest, time.monotonic())
             log.info("copied the keyring to %s/%s (%s)", namespace, self.name, digest)
@@ -272,6 +343,15 @@ class KeyringSecrets:
         if (current.metadata.annotations or {}).get(A_DIGEST) == digest:
             self._copies[namespace] = (digest, time.monotonic())
             return False
+        held = self._held(current, namespace)
+        new_ids = frozenset(keyring.key_ids)
+        verdict = may_replace_copy(
+            held,
+            new_ids,
+            None if held is None or held <= new_ids else _referenced_or_all(referenced, held),
+        )
+        if not verdict.replace:
+            raise KeyDropRefusedError(namespace, self.name, sorted(verdict.dropped))
         meta.resource_version = current.metadata.resource_version
         body = client.V1Secret(metadata=meta, type="Opaque", data=keyring.to_secret_data())
         try:
@@ -281,6 +361,45 @@ class KeyringSecrets:
         self._copies[namespace] = (digest, time.monotonic())
         log.info("updated the keyring copy %s/%s (%s)", namespace, self.name, digest)
         return True
+
+    def _held(self, secret: Any, namespace: str) -> frozenset[str] | None:
+        try:
+            copy = Keyring.from_secret_data(
+                secret.data or {}, source=f"Secret {namespace}/{self.name}"
+            )
+        except KeyringError:
+            return None  # unreadable: it holds nothing anyone can use
+        return frozenset(copy.key_ids)
+
+    def read_copy(self, namespace: str) -> tuple[Keyring | None, str | None] | None:
+        """The operator-managed copy in `namespace`: (keyring, None), (None, why unreadable),
+        or None when there is none (absent, or not labelled as the operator's)."""
+        current: Any
+        try:
+            current = self._core.read_namespaced_secret(self.name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _fail("read", namespace, self.name, exc) from None
+        labels = current.metadata.labels or {}
+        if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+            return None
+        try:
+            keyring = Keyring.from_secret_data(
+                current.data or {}, source=f"Secret {namespace}/{self.name}"
+            )
+        except KeyringError as exc:
+            return None, exc.message
+        return keyring, None
+
+    def annotate_source(self, annotations: Mapping[str, str | None]) -> None:
+        """Merge-patch annotations on the source Secret (no data: nothing secret is sent)."""
+        try:
+            self._core.patch_namespaced_secret(
+                self.name, self.namespace, {"metadata": {"annotations": dict(annotations)}}
+            )
+        except ApiException as exc:
+            raise _fail("annotate", self.namespace, self.name, exc) from None
 
     def copy_digest(self, namespace: str, *, max_age: float = 0.0) -> str | None:
         """Digest annotation of the copy in `namespace` (None when absent). With `max_age`,
@@ -299,3 +418,10 @@ class KeyringSecrets:
         digest: str | None = (current.metadata.annotations or {}).get(A_DIGEST)
         self._copies[namespace] = (digest, time.monotonic())
         return digest
+
+
+def _referenced_or_all(
+    referenced: Callable[[], frozenset[str]] | None, held: frozenset[str]
+) -> frozenset[str]:
+    # Without a way to look, every held key counts as used: refusing is the safe answer.
+    return referenced() if referenced is not None else held

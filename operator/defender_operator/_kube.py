@@ -3,16 +3,30 @@ Pods are not listed here: monitor passes read them from kopf's index (`_pods`)."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from defender_operator._api import GROUP, PLURAL, VERSION
+from defender_operator._api import GROUP, KIND, PLURAL, VERSION
 from defender_operator._errors import KubeError
+
+log = logging.getLogger("defender_operator.kube")
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """What an Event is about."""
+
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,67 @@ class Kube:
             return holding
         except ApiException as exc:
             raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
+
+    def components(self, watched: list[str] | None = None) -> list[ObjectRef]:
+        """Every DefenderComponent (in `watched` namespaces when given), as Event targets."""
+        try:
+            if not watched:
+                found: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+                items = list(found.get("items", []))
+            else:
+                items = []
+                for ns in watched:
+                    page: Any = self.custom.list_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL
+                    )
+                    items += page.get("items", [])
+        except ApiException as exc:
+            raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
+        return [
+            ObjectRef(
+                f"{GROUP}/{VERSION}",
+                KIND,
+                item["metadata"]["namespace"],
+                item["metadata"]["name"],
+                item["metadata"].get("uid", ""),
+            )
+            for item in items
+        ]
+
+    def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
+        """An Event about `ref` for people (`kubectl describe`). Never raises: an Event that
+        cannot be posted must not stop what it reports on; the caller logs the same text."""
+        now = datetime.now(UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{ref.name}.", namespace=ref.namespace),
+            involved_object=client.V1ObjectReference(
+                api_version=ref.api_version,
+                kind=ref.kind,
+                namespace=ref.namespace,
+                name=ref.name,
+                uid=ref.uid or None,
+            ),
+            type=type_,
+            reason=reason,
+            message=message[:1024],
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component="defender-operator"),
+            reporting_component="defender-operator",
+        )
+        try:
+            self.core.create_namespaced_event(ref.namespace, body)
+        except ApiException as exc:
+            log.warning(
+                "could not post Event %s on %s %s/%s: %s %s",
+                reason,
+                ref.kind,
+                ref.namespace,
+                ref.name,
+                exc.status,
+                exc.reason,
+            )
 
     def remove_annotation(self, namespace: str, name: str, key: str) -> None:
         body = {"metadata": {"annotations": {key: None}}}

@@ -19,11 +19,17 @@ from defender_config import (
     EnvelopeOptions,
     Heartbeat,
     InstanceEvent,
+    Keyring,
     KeyringError,
+    KeyUsage,
     LibrarySettings,
     Registry,
     StoragePolicy,
     config_digest,
+    key_usage,
+    keys_opened,
+    read_key_record,
+    write_key_record,
 )
 from defender_operator._backend import (
     AlertRecord,
@@ -197,6 +203,18 @@ class LibraryBackend:
                 f"rewrap left {report.failed} value(s) unopened: {'; '.join(report.errors[:5])}"
             )
         return report.rewrapped
+
+    def key_usage(self) -> KeyUsage:
+        return key_usage(self.client.store.list_prefix(self.layout.prefix + "/"))
+
+    def opens(self, keyring: Keyring, usage: KeyUsage) -> frozenset[str]:
+        return keys_opened(keyring, usage, self.client.envelope.options)
+
+    def keyring_record(self) -> dict[str, str]:
+        return read_key_record(self.client.store, self.layout)
+
+    def record_keyring(self, keyring: Keyring) -> None:
+        write_key_record(self.client.store, self.layout, keyring)
 
     def close(self) -> None:
         self.client.close()

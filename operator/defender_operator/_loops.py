@@ -11,7 +11,7 @@ import contextlib
 import logging
 
 from defender_config import DefenderConfigError
-from defender_operator import _rotation
+from defender_operator import _keyguard, _rotation
 from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord
 from defender_operator._errors import OperatorError
 from defender_operator._metrics import ERRORS, HEARTBEAT_RESYNCS
@@ -80,9 +80,12 @@ async def key_rotation(rt: Runtime) -> None:
     ticks = 0
     while True:
         try:
-            if rt.etcd.last.reachable and rt.etcd.last.quorum:
+            # The keyring is checked first: a deleted or replaced source Secret is judged
+            # (restored, or refused) before a rotation step could act on it.
+            etcd_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
+            if etcd_ok and await _keyguard.settle(rt):
                 await _rotation.step(rt)
-            if ticks % 6 == 0:
+            if ticks % 6 == 0 and rt.keyring_ready:
                 # Keep copies in sync even if someone edited or deleted one.
                 await _rotation.fan_out_everywhere(rt, rt.keyring.current())
         except (DefenderConfigError, OperatorError) as exc:

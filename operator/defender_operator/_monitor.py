@@ -148,6 +148,13 @@ async def tick(
     spec = _api.parse_spec(dict(raw_spec))
     now = utcnow()
     recall(mem, status)
+    if not rt.keyring_ready:
+        # Paused while the keyring is unavailable (`_keyguard`): no restart, no breaker, no key
+        # judgement; only the KeyUnavailable condition is published.
+        await publish_status(
+            rt, namespace, name, generation, status, {"rotationStage": rt.rotation_stage}
+        )
+        return None
     pods = select_pods(pod_index, namespace, spec.selector.match_labels)
     etcd = rt.etcd.view()
     instances: Sequence[InstanceRecord] = ()

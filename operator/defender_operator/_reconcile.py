@@ -8,6 +8,7 @@ after an operator restart, changes nothing that is already right.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +28,7 @@ from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
-from defender_operator._errors import kopf_errors
+from defender_operator._errors import RETRY_KEYRING, kopf_errors
 from defender_operator._metrics import COMMITS
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
@@ -68,6 +69,7 @@ async def publish_status(
         heartbeat=mem.heartbeat,
         key=mem.key,
         misconfig=mem.misconfig,
+        keyring=rt.keyring_condition(),
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],
@@ -175,13 +177,23 @@ async def _reconcile(
             f"spec does not match the DefenderComponent schema: {exc}"
         ) from exc
     who = f"operator:{rt.identity}"
+    if not rt.keyring_ready:
+        # No keyring that opens the stored values (`_keyguard`): nothing is committed, seeded
+        # or copied until a person restores it; `reconcile` publishes KeyUnavailable.
+        raise kopf.TemporaryError(
+            f"paused, keyring unavailable: {rt.keyring_condition().message}",
+            delay=RETRY_KEYRING,
+        )
 
     # The namespace's keyring copy comes first: pods cannot read anything without it.
     await asyncio.to_thread(
-        rt.secrets.fan_out,
+        functools.partial(
+            rt.secrets.fan_out,
+            max_age=rt.settings.secret_copy_check_seconds,
+            referenced=lambda: rt.backend.key_usage().key_ids,
+        ),
         rt.keyring.current(),
         namespace,
-        max_age=rt.settings.secret_copy_check_seconds,
     )
 
     fields: dict[str, Any] = {}

@@ -11,6 +11,7 @@ A person starts a rotation with
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from defender_config import Keyring, KeyState
@@ -31,11 +32,18 @@ from defender_operator._runtime import Runtime, utcnow
 log = logging.getLogger("defender_operator.rotation")
 
 
-def _drop_retired(keyring: Keyring) -> Keyring:
+def _drop_retired(keyring: Keyring, referenced: frozenset[str]) -> Keyring:
+    """Drop retired keys, except one a stored value is still sealed with (written by a lagging
+    instance after the rewrap): dropping it would make that value unreadable for good."""
     for key in keyring.keys:
-        if key.state is KeyState.RETIRED:
+        if key.state is KeyState.RETIRED and key.key_id not in referenced:
             keyring = keyring.remove(key.key_id)
     return keyring
+
+
+def _referenced(rt: Runtime) -> frozenset[str]:
+    """Key ids stored values use (blocking: scans the store)."""
+    return rt.backend.key_usage().key_ids
 
 
 async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
@@ -45,7 +53,13 @@ async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
     failed: list[str] = []
     for ns in sorted(namespaces):
         try:
-            await asyncio.to_thread(rt.secrets.fan_out, keyring, ns)
+            await asyncio.to_thread(
+                functools.partial(
+                    rt.secrets.fan_out, referenced=functools.partial(_referenced, rt)
+                ),
+                keyring,
+                ns,
+            )
         except OperatorError as exc:
             log.warning("keyring copy to namespace %s failed: %s", ns, exc)
             failed.append(ns)
@@ -104,7 +118,9 @@ async def _apply(rt: Runtime, current: StoredKeyring, decided: RotationStep) -> 
     now = utcnow()
     last_rotation = current.last_rotation
     if decided.action is RotationAction.ADD_KEY:
-        keyring = _drop_retired(keyring)
+        retired = any(k.state is KeyState.RETIRED for k in keyring.keys)
+        used = await asyncio.to_thread(_referenced, rt) if retired else frozenset()
+        keyring = _drop_retired(keyring, used)
         old_id = keyring.primary.key_id
         keyring = keyring.with_new_decrypt_only()
         new_id = next(k.key_id for k in keyring.keys if k.key_id not in current.keyring)
@@ -129,7 +145,12 @@ async def _apply(rt: Runtime, current: StoredKeyring, decided: RotationStep) -> 
         elif current.request_pending:
             # A request arrived mid-rotation: drop it, the running rotation covers it.
             await asyncio.to_thread(
-                rt.secrets.save, keyring, state, last_rotation, current.resource_version
+                rt.secrets.save,
+                keyring,
+                state,
+                last_rotation,
+                current.resource_version,
+                current.kept,
             )
         return
     if decided.lagging and decided.action in (RotationAction.PROMOTE, RotationAction.REWRAP):
@@ -138,9 +159,11 @@ async def _apply(rt: Runtime, current: StoredKeyring, decided: RotationStep) -> 
         for component in sorted({lag.split("/", 1)[0] for lag in decided.lagging}):
             await asyncio.to_thread(rt.backend.alert, decided.reason, component, decided.message)
     saved = await asyncio.to_thread(
-        rt.secrets.save, keyring, state, last_rotation, current.resource_version
+        rt.secrets.save, keyring, state, last_rotation, current.resource_version, current.kept
     )
     rt.keyring.set(saved.keyring)
+    # Later starts learn from the record which key ids exist, even with no value left.
+    await asyncio.to_thread(rt.backend.record_keyring, saved.keyring)
     await fan_out_everywhere(rt, saved.keyring)
     _publish_stage(rt, state.stage)
     log.info(

@@ -15,6 +15,7 @@ from typing import Any
 from defender_operator._backend import Backend, EtcdHealth
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.conditions import Cond, ConfigState
+from defender_operator._decisions.keyring import KeyringPlan, keyring_condition
 from defender_operator._decisions.restarts import EtcdView
 from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
@@ -99,6 +100,15 @@ class Runtime:
         self.heartbeats = HeartbeatView(utcnow())
         self.components: dict[tuple[str, str], ComponentMemory] = {}
         self.rotation_stage = "Idle"
+        # Set by `_keyguard.settle`: ready once a keyring was checked against the store; while
+        # `keyring_refused` is set, commits, rotations, copies and restarts wait.
+        self.keyring_ready = False
+        self.keyring_refused: KeyringPlan | None = None
+        self.keyring_announced: str | None = None
+        self.export_warned = False
+
+    def keyring_condition(self) -> Cond:
+        return keyring_condition(self.keyring_ready, self.keyring_refused)
 
     def memory(self, namespace: str, name: str) -> ComponentMemory:
         return self.components.setdefault((namespace, name), ComponentMemory())

@@ -1,8 +1,8 @@
 """kopf wiring only: each handler hands its event to a function in another module.
 
 login     → kopf's API session, with a bounded connection pool (`_login`)
-startup   → build the Runtime (settings, keyring Secret, library backend), start the etcd
-            health and key-rotation loops
+startup   → build the Runtime (settings, keyring Secret, library backend), settle the keyring
+            against the store (`_keyguard`), start the etcd health and key-rotation loops
 create / resume / update of a DefenderComponent → `_reconcile.reconcile`
 delete    → retention policy (a finalizer holds the object until it is applied)
 daemon    → `_monitor.tick` every monitor_interval_seconds
@@ -27,9 +27,8 @@ import kopf
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from defender_operator import _api, _login, _loops, _monitor, _pods, _reconcile
+from defender_operator import _api, _keyguard, _login, _loops, _monitor, _pods, _reconcile
 from defender_operator._decisions.liveness import watch_stalled
-from defender_operator._errors import kopf_errors
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
@@ -78,24 +77,25 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     api = await asyncio.to_thread(_api_client, ours.worker_threads)
     kube = Kube(api)
     secrets = KeyringSecrets(kube.core, ours.namespace, ours.keyring_secret)
-    with kopf_errors():
-        stored = await asyncio.to_thread(secrets.ensure)
-    keyring = MutableKeyringSource(stored.keyring)
+    # No keyring until one is checked against the store (`_keyguard`): the operator starts
+    # and stays up either way; the key-rotation loop settles it when this first try cannot.
+    keyring = MutableKeyringSource(None)
     backend = LibraryBackend(library, keyring, identity)
     rt = Runtime(ours, backend, kube, secrets, keyring, identity)
-    rt.rotation_stage = stored.rotation.stage.value
+    await _keyguard.first_settle(rt)
     memo["runtime"] = rt
     memo["tasks"] = [
         asyncio.create_task(_loops.etcd_health(rt), name="etcd-health"),
         asyncio.create_task(_loops.key_rotation(rt), name="key-rotation"),
         asyncio.create_task(_loops.heartbeat_watch(rt), name="heartbeat-watch"),
     ]
+    held = keyring.peek()
     log.info(
         "operator %s started: keyring %s/%s primary %s, etcd prefix %s",
         identity,
         ours.namespace,
         ours.keyring_secret,
-        stored.keyring.primary_fingerprint,
+        held.primary_fingerprint if held is not None else "unavailable",
         library.prefix,
     )
 

@@ -7,11 +7,13 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TextIO
 
 from defender_config import DefenderConfigError, EnvelopeError, StoreUnavailableError
 
 from . import _commands as cmd
+from . import _keyring_commands as keys
 from ._connect import (
     DEFAULT_KEYRING_SECRET,
     DEFAULT_OPERATOR_NAMESPACE,
@@ -95,6 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator-namespace", default=DEFAULT_OPERATOR_NAMESPACE)
     p.add_argument("--secret", default=DEFAULT_KEYRING_SECRET, help="the keyring Secret's name")
 
+    p = sub.add_parser(
+        "keyring",
+        help="export / import the shared keyring: the one thing to keep safe (docs/security.md)",
+    )
+    actions = p.add_subparsers(dest="keyring_command", required=True, metavar="ACTION")
+    for action, helptext in (
+        ("export", "write the keyring to a file (passphrase-wrapped with --passphrase-*)"),
+        ("import", "write the keyring Secret from an export, if it opens every stored value"),
+    ):
+        k = actions.add_parser(action, parents=[common], help=helptext)
+        k.add_argument("-f", "--file", required=True, type=Path, help="the export file")
+        k.add_argument("--operator-namespace", default=DEFAULT_OPERATOR_NAMESPACE)
+        k.add_argument("--secret", default=DEFAULT_KEYRING_SECRET, help="the keyring Secret")
+        k.add_argument(
+            "--passphrase-file", metavar="FILE", help="passphrase in the first line of FILE"
+        )
+        k.add_argument(
+            "--passphrase-env", metavar="NAME", help="passphrase in environment variable NAME"
+        )
+        if action == "export":
+            k.add_argument("--force", action="store_true", help="overwrite an existing file")
+        else:
+            k.add_argument(
+                "--raw", action="store_true", help="FILE is a plain keyring.json from a Secret"
+            )
+            k.add_argument(
+                "--replace", action="store_true", help="overwrite an existing keyring Secret"
+            )
+
     p = sub.add_parser("alerts", parents=[common], help="misconfiguration alerts, newest first")
     p.add_argument("component", nargs="?")
     p.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 30m, 2h, 7d")
@@ -148,6 +179,9 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         elif args.command == "rotate-key":
             data = cmd.annotate_rotation(conn.kube(), args.operator_namespace, args.secret)
             show = _show_done
+        elif args.command == "keyring":
+            data = _keyring(conn, args)
+            show = _show_keyring
         elif args.command == "dump":
             keyring = conn.keyring("dump --decrypt") if args.decrypt else None
             data = cmd.collect_dump(
@@ -163,6 +197,47 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         return exit_code
     finally:
         conn.close()
+
+
+def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
+    passphrase = keys.read_passphrase(args.passphrase_file, args.passphrase_env)
+    if args.keyring_command == "export":
+        return keys.export_keyring(
+            conn.kube(),
+            args.operator_namespace,
+            args.secret,
+            args.file,
+            passphrase,
+            force=args.force,
+        )
+    return keys.import_keyring(
+        conn.kube(),
+        conn.client(),
+        args.operator_namespace,
+        args.secret,
+        args.file,
+        passphrase,
+        raw=args.raw,
+        replace=args.replace,
+    )
+
+
+def _show_keyring(printer: Printer, data: dict[str, Any]) -> None:
+    rows = [[k["id"], k["state"], k["fingerprint"]] for k in data["keys"]]
+    printer.table(["KEY ID", "STATE", "FINGERPRINT"], rows)
+    if "exported" in data:
+        wrapped = "passphrase-protected" if data["protected"] else "NOT passphrase-protected"
+        printer.line(
+            f"Exported Secret {data['secret']} to {data['file']} ({wrapped}). Keep this file"
+            " safe and apart from etcd snapshots: without it a lost Secret means every stored"
+            " config is unreadable."
+        )
+    else:
+        printer.line(
+            f"{'Replaced' if data['replaced'] else 'Created'} Secret {data['secret']} from"
+            f" {data['file']}; it opens all {data['sealedValuesOpened']} sealed value(s). The"
+            " operator picks it up within its rotation interval."
+        )
 
 
 def _show_done(printer: Printer, data: dict[str, Any]) -> None:

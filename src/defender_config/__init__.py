@@ -30,7 +30,9 @@ from ._errors import (
     DefenderConfigError,
     EnvelopeError,
     FieldError,
+    KeyringBackupError,
     KeyringError,
+    KeyringLacksKeysError,
     NotAnEnvelopeError,
     NotFoundError,
     SettingsError,
@@ -43,8 +45,11 @@ from ._errors import (
     UnknownKeyError,
     UnsupportedFormatError,
     ValueTooLargeError,
+    WrongPassphraseError,
 )
+from ._key_usage import KeyUsage, key_usage, keys_opened, read_key_record, write_key_record
 from ._keyring import Key, Keyring, KeyringSource, KeyState, StaticKeyringSource
+from ._keyring_backup import KeyringBackup, read_keyring_backup, write_keyring_backup
 from ._layout import Layout, ParsedKey
 from ._models import (
     AclRule,
@@ -137,8 +142,12 @@ __all__ = [
     "InvalidConfigPolicy",
     "Key",
     "KeyState",
+    "KeyUsage",
     "Keyring",
+    "KeyringBackup",
+    "KeyringBackupError",
     "KeyringError",
+    "KeyringLacksKeysError",
     "KeyringSource",
     "Layout",
     "Lease",
@@ -175,13 +184,20 @@ __all__ = [
     "ValueTooLargeError",
     "WatchEvent",
     "WatchHandle",
+    "WrongPassphraseError",
     "canonical_json",
     "config_digest",
     "expect_plaintext",
     "inspect",
     "is_envelope",
+    "key_usage",
+    "keys_opened",
     "load_settings",
+    "read_key_record",
+    "read_keyring_backup",
     "register_cipher",
     "register_compressor",
     "validate_config",
+    "write_key_record",
+    "write_keyring_backup",
 ]

@@ -15,6 +15,9 @@ DefenderConfigError                          reason
 │   ├── UnexpectedEnvelopeError              UnexpectedEnvelope  sealed where plaintext expected
 │   └── ValueTooLargeError                   ValueTooLarge     over etcd's request limit
 ├── KeyringError                             KeyringInvalid
+│   ├── KeyringBackupError                   KeyringBackupInvalid  corrupt / unknown export file
+│   │   └── WrongPassphraseError             WrongPassphrase   wrong or no passphrase
+│   └── KeyringLacksKeysError                KeyringLacksKeys  stored values need key ids it lacks
 ├── StoreError                               StoreError
 │   ├── StoreUnavailableError                StoreUnavailable
 │   ├── StoreAuthError                       StoreAuth         bad user/password/cert
@@ -46,7 +49,9 @@ __all__ = [
     "DefenderConfigError",
     "EnvelopeError",
     "FieldError",
+    "KeyringBackupError",
     "KeyringError",
+    "KeyringLacksKeysError",
     "NotAnEnvelopeError",
     "NotFoundError",
     "SettingsError",
@@ -59,6 +64,7 @@ __all__ = [
     "UnknownKeyError",
     "UnsupportedFormatError",
     "ValueTooLargeError",
+    "WrongPassphraseError",
 ]
 
 
@@ -308,6 +314,39 @@ class KeyringError(DefenderConfigError):
         self.source = source
         prefix = f"keyring {source}: " if source else "keyring: "
         super().__init__(prefix + message)
+
+
+class KeyringBackupError(KeyringError):
+    """A keyring export file is not one, is damaged, or is of a newer format."""
+
+    reason = "KeyringBackupInvalid"
+
+
+class WrongPassphraseError(KeyringBackupError):
+    """A passphrase-wrapped export did not open: wrong passphrase, none given, or the wrapped
+    part was altered (AES-GCM cannot tell these apart)."""
+
+    reason = "WrongPassphrase"
+
+
+class KeyringLacksKeysError(KeyringError):
+    """A keyring would replace one that stored values need, but lacks some of their key ids."""
+
+    reason = "KeyringLacksKeys"
+
+    def __init__(
+        self, missing: Iterable[tuple[str, str | None]], *, source: str | None = None
+    ) -> None:
+        self.missing = dict(missing)
+        listed = ", ".join(
+            f"{kid} (fingerprint {fp or 'not recorded'})"
+            for kid, fp in sorted(self.missing.items())
+        )
+        super().__init__(
+            f"lacks key id(s) that stored values are sealed with: {listed}; use an export that"
+            " holds them (every value sealed with a missing key would become unreadable)",
+            source=source,
+        )
 
 
 class StoreError(DefenderConfigError):

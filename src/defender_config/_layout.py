@@ -9,6 +9,7 @@
 <prefix>/components/<name>/instances/<instance>          JSON heartbeat, bound to a lease
 <prefix>/alerts/<component>/<time-ns>-<rand>             JSON alert record
 <prefix>/control/<component>/freeze                      JSON {reason, since}
+<prefix>/keyring/record                                  JSON key ids + fingerprints (no key)
 ```
 
 Only this module builds key strings, so a change of layout is a change of one file.
@@ -104,6 +105,12 @@ class Layout:
     @property
     def control_dir(self) -> str:
         return f"{self.prefix}/control/"
+
+    @property
+    def keyring_record(self) -> str:
+        """Which key ids (and fingerprints) the keyring holds, written by the operator: a later
+        start learns from it that keys exist even when no sealed value is left."""
+        return f"{self.prefix}/keyring/record"
 
     # --- keys ------------------------------------------------------------------------------------
 

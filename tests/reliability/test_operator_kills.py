@@ -15,28 +15,24 @@ etcd's own MVCC history is read back afterwards. Then:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client as k8s
 from prometheus_client import CollectorRegistry
-from reliability_support import HYGIENE, etcd_settings
+from reliability_support import etcd_settings
 
-from defender_config import EtcdStore, Keyring, StoredValue, config_digest, validate_config
-from defender_devcluster import EtcdCluster, LocalCluster, wait_for
-from defender_devcluster._system import apply_crds
+from defender_config import EtcdStore, StoredValue, config_digest, validate_config
+from defender_devcluster import EtcdCluster, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
-from operator_e2e_support import SECRET, OperatorRun, new_operator_run  # noqa: E402
+from operator_e2e_support import OperatorRun  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -56,39 +52,6 @@ def edited_config(n: int) -> dict[str, Any]:
     config = json.loads(json.dumps(BASE["spec"]["config"]))
     config["block_ttl_seconds"] = 10_000 + n
     return config
-
-
-@pytest.fixture
-def operator(
-    local_cluster: LocalCluster,
-    k8s_api: k8s.ApiClient,
-    namespace: str,
-    healthy_etcd: EtcdCluster,
-    tmp_path: Path,
-) -> Iterator[OperatorRun]:
-    apply_crds(local_cluster.kubeconfig, REPO / "crds")
-    run = new_operator_run(
-        k8s_api, healthy_etcd, namespace, tmp_path / "operator.log", "reliability-op"
-    )
-    HYGIENE.log_files.add(run.log_path)
-    HYGIENE.prefixes.add(run.prefix + "/")
-    try:
-        yield run
-    finally:
-        run.close()
-        for item in run.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
-            "items"
-        ]:
-            # Status and Events are searched for key material by the hygiene suite.
-            HYGIENE.add_text(f"status {item['metadata']['name']}", json.dumps(item))
-            run.patch(item["metadata"]["name"], {"metadata": {"finalizers": None}})
-        events = run.core.list_namespaced_event(namespace)
-        HYGIENE.add_text(f"events {namespace}", str([e.to_dict() for e in events.items]))
-        # The operator's own key is what its logs, Events, status and etcd values must not hold.
-        with contextlib.suppress(k8s.ApiException):
-            secret = run.core.read_namespaced_secret(SECRET, run.operator_namespace)
-            HYGIENE.register(Keyring.from_secret_data(dict(secret.data)))
-        run.core.delete_namespace(run.operator_namespace)
 
 
 def key_history(store: EtcdStore, key: str) -> list[StoredValue]:

@@ -14,6 +14,10 @@ HEARTBEATING = "Heartbeating"
 KEY_CURRENT = "KeyCurrent"
 MISCONFIGURED = "Misconfigured"
 CONDITION_TYPES = (READY, CONFIG_SYNCED, HEARTBEATING, KEY_CURRENT, MISCONFIGURED)
+# True while the operator refuses every keyring it can find (none opens the stored values):
+# commits, rotations and restarts wait for a person (docs/troubleshooting.md#keyringmissing).
+# Shown once the operator has judged the keyring (Observation.keyring), after the five above.
+KEY_UNAVAILABLE = "KeyUnavailable"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
@@ -62,6 +66,9 @@ class Observation:
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None
+    # The operator-wide keyring verdict (`_decisions.keyring.keyring_condition`); None leaves
+    # the condition out (callers that do not judge the keyring).
+    keyring: Cond | None = None
 
 
 _CONFIG = {
@@ -91,7 +98,8 @@ def last_config_state(conditions: object) -> tuple[ConfigState, str]:
 
 
 def compute(obs: Observation) -> list[Cond]:
-    """The five conditions. Each is always present (Unknown until known)."""
+    """The five conditions, each always present (Unknown until known), and KeyUnavailable when
+    the keyring has been judged."""
     status, reason, default_msg = _CONFIG[obs.config]
     config = Cond(CONFIG_SYNCED, status, reason, obs.config_message or default_msg)
     heartbeat = obs.heartbeat or Cond(HEARTBEATING, UNKNOWN, "Pending", "not observed yet")
@@ -102,13 +110,22 @@ def compute(obs: Observation) -> list[Cond]:
     blockers = [c for c in (config, heartbeat, key) if c.status != TRUE]
     if misconfig.status == TRUE:
         blockers.insert(0, misconfig)
+    if obs.keyring is not None and obs.keyring.status != FALSE:
+        # Nothing can be read or written without the keyring: it is named first.
+        blockers.insert(0, obs.keyring)
     if not blockers:
         ready = Cond(READY, TRUE, "AllGood", "config synced, instances heartbeating, key current")
     else:
         first = blockers[0]
-        status = FALSE if any(c.status == FALSE or c is misconfig for c in blockers) else UNKNOWN
+        refused = obs.keyring is not None and obs.keyring.status == TRUE
+        status = (
+            FALSE
+            if refused or any(c.status == FALSE or c is misconfig for c in blockers)
+            else UNKNOWN
+        )
         ready = Cond(READY, status, first.reason, f"{first.type}: {first.message}")
-    return [ready, config, heartbeat, key, misconfig]
+    out = [ready, config, heartbeat, key, misconfig]
+    return [*out, obs.keyring] if obs.keyring is not None else out
 
 
 def rfc3339(when: datetime) -> str:

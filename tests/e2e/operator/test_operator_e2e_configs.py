@@ -53,7 +53,14 @@ def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
         assert status["masterDigest"] == status["activeDigest"] == config_digest(expected)
         # Every condition is present from the first visit.
         types = {c["type"] for c in status["conditions"]}
-        assert types == {"Ready", "ConfigSynced", "Heartbeating", "KeyCurrent", "Misconfigured"}
+        assert types == {
+            "Ready",
+            "ConfigSynced",
+            "Heartbeating",
+            "KeyCurrent",
+            "Misconfigured",
+            "KeyUnavailable",
+        }
     # Without pods a component is not Ready, and says why.
     run.wait_condition("sniffer", "Heartbeating", reason="NoPods")
     assert run.condition("sniffer", "Ready")["status"] == "False"  # type: ignore[index]

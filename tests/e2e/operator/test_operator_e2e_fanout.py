@@ -13,6 +13,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from defender_config import Keyring
 from defender_operator import _api
 from defender_operator._errors import KubeError
 from defender_operator._keys import KeyringSecrets
@@ -49,7 +50,7 @@ def test_fan_out_reaches_every_watched_namespace_despite_one_refusal(
             k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=NAME), string_data={"x": "mine"}),
         )
         secrets = KeyringSecrets(core, namespace, NAME)
-        keyring = secrets.ensure().keyring
+        keyring = secrets.ensure(Keyring.generate()).keyring
         # Sorted order puts the refusing namespace first or second; either way `ok` must get
         # its copy, which is what the old loop (stop at the first error) failed to do.
         rt = SimpleNamespace(

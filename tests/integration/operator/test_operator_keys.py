@@ -12,8 +12,9 @@ from kubernetes import client as k8s
 from defender_config import Keyring
 from defender_operator._api import RotationStage
 from defender_operator._decisions.rotation import RotationState
-from defender_operator._errors import KeySecretError
+from defender_operator._errors import KeyDropRefusedError, KeySecretError
 from defender_operator._keys import A_DIGEST, MANAGED_BY, KeyringSecrets, keyring_digest
+from defender_operator._kube import Kube, ObjectRef
 
 pytestmark = [pytest.mark.cluster]
 NAME = "ml-defender-keyring"
@@ -33,8 +34,8 @@ def _other_namespace(core: k8s.CoreV1Api) -> str:
 def test_generated_once_and_kept(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
     assert secrets.load() is None
-    first = secrets.ensure()
-    again = KeyringSecrets(core, namespace, NAME).ensure()
+    first = secrets.ensure(Keyring.generate())
+    again = KeyringSecrets(core, namespace, NAME).ensure(Keyring.generate())
     assert again.keyring == first.keyring
     assert first.rotation.stage is RotationStage.IDLE
     secret = core.read_namespaced_secret(NAME, namespace)
@@ -46,7 +47,7 @@ def test_deleted_source_is_restored_from_memory_not_regenerated(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    known = secrets.ensure().keyring
+    known = secrets.ensure(Keyring.generate()).keyring
     core.delete_namespaced_secret(NAME, namespace)
     assert secrets.ensure(known).keyring == known
 
@@ -55,7 +56,7 @@ def test_copy_created_updated_and_left_alone_when_in_sync(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    keyring = secrets.ensure().keyring
+    keyring = secrets.ensure(Keyring.generate()).keyring
     other = _other_namespace(core)
     try:
         assert secrets.fan_out(keyring, other) is True
@@ -76,7 +77,7 @@ def test_copy_digest_reused_within_max_age_and_read_again_after(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    keyring = secrets.ensure().keyring
+    keyring = secrets.ensure(Keyring.generate()).keyring
     other = _other_namespace(core)
     try:
         assert secrets.copy_digest(other, max_age=60) is None  # absent, and remembered so
@@ -111,7 +112,7 @@ def test_foreign_secret_with_the_same_name_is_not_overwritten(
             k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=NAME), string_data={"x": "mine"}),
         )
         secrets = KeyringSecrets(core, namespace, NAME)
-        keyring = secrets.ensure().keyring
+        keyring = secrets.ensure(Keyring.generate()).keyring
         with caplog.at_level(logging.DEBUG), pytest.raises(KeySecretError) as info:
             secrets.fan_out(keyring, other)
         assert "not managed by the operator" in str(info.value)
@@ -126,7 +127,7 @@ def test_api_refusals_are_typed_and_hold_no_key_material(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    keyring = secrets.ensure().keyring
+    keyring = secrets.ensure(Keyring.generate()).keyring
     with pytest.raises(KeySecretError) as info:
         secrets.fan_out(keyring, f"missing-{uuid.uuid4().hex[:8]}")
     assert info.value.status == 404
@@ -137,7 +138,7 @@ def test_api_refusals_are_typed_and_hold_no_key_material(
 
 def test_save_refuses_a_stale_version(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    stored = secrets.ensure()
+    stored = secrets.ensure(Keyring.generate())
     moved = secrets.save(
         stored.keyring.with_new_decrypt_only(),
         RotationState(RotationStage.DISTRIBUTING),
@@ -149,3 +150,110 @@ def test_save_refuses_a_stale_version(core: k8s.CoreV1Api, namespace: str) -> No
         secrets.save(stored.keyring, RotationState(), None, stored.resource_version)
     assert info.value.status == 409
     assert secrets.load().keyring == moved.keyring  # type: ignore[union-attr]
+
+
+def test_copy_never_replaced_by_a_keyring_that_drops_a_used_key(
+    core: k8s.CoreV1Api, namespace: str
+) -> None:
+    """The deleted-source hole: a new keyring must not overwrite the last holder of a key that
+    stored values use. Only when no value uses the dropped key is the copy replaced."""
+    secrets = KeyringSecrets(core, namespace, NAME)
+    old = secrets.ensure(Keyring.generate()).keyring
+    other = _other_namespace(core)
+    try:
+        assert secrets.fan_out(old, other) is True
+        stranger = Keyring.generate()
+        used = frozenset({old.primary.key_id})
+        looked: list[int] = []
+
+        def referenced() -> frozenset[str]:
+            looked.append(1)
+            return used
+
+        with pytest.raises(KeyDropRefusedError) as info:
+            secrets.fan_out(stranger, other, referenced=referenced)
+        assert info.value.key_ids == (old.primary.key_id,)
+        assert looked  # the store was consulted, not guessed
+        assert Keyring.from_secret_data(dict(core.read_namespaced_secret(NAME, other).data)) == old
+        # Without a way to look, a drop is refused too.
+        with pytest.raises(KeyDropRefusedError):
+            secrets.fan_out(stranger, other)
+        # A superset (rotation stage 1) needs no look-up at all.
+        staged = old.with_new_decrypt_only()
+        looked.clear()
+        assert secrets.fan_out(staged, other, referenced=referenced) is True
+        assert not looked
+        # Rotation finished: the old key is used by nothing any more, the copy follows.
+        new_id = staged.keys[-1].key_id
+        finished = staged.promote(new_id).retire(old.primary.key_id).remove(old.primary.key_id)
+        assert secrets.fan_out(finished, other, referenced=lambda: frozenset({new_id})) is True
+        found = secrets.read_copy(other)
+        assert found is not None and found[0] == finished
+    finally:
+        core.delete_namespace(other)
+
+
+def test_read_copy_ignores_foreign_secrets_and_reports_broken_ones(
+    core: k8s.CoreV1Api, namespace: str
+) -> None:
+    secrets = KeyringSecrets(core, namespace, NAME)
+    other = _other_namespace(core)
+    try:
+        assert secrets.read_copy(other) is None
+        core.create_namespaced_secret(
+            other, k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=NAME), string_data={"x": "y"})
+        )
+        assert secrets.read_copy(other) is None  # not labelled as ours: not a candidate
+        core.delete_namespaced_secret(NAME, other)
+        core.create_namespaced_secret(
+            other,
+            k8s.V1Secret(
+                metadata=k8s.V1ObjectMeta(
+                    name=NAME, labels={"app.kubernetes.io/managed-by": MANAGED_BY}
+                ),
+                string_data={"keyring.json": "{broken"},
+            ),
+        )
+        found = secrets.read_copy(other)
+        assert found is not None and found[0] is None and "not valid JSON" in str(found[1])
+    finally:
+        core.delete_namespace(other)
+
+
+def test_create_is_create_only_and_keeps_annotations(core: k8s.CoreV1Api, namespace: str) -> None:
+    secrets = KeyringSecrets(core, namespace, NAME)
+    first, created = secrets.create(Keyring.generate(), {"mldefender.io/restored-from": "x"})
+    assert created
+    second, created_again = secrets.create(Keyring.generate())
+    assert not created_again and second.keyring == first.keyring
+    assert first.kept == {"mldefender.io/restored-from": "x"}
+    secrets.annotate_source({"mldefender.io/last-export-time": "2026-12-01T00:00:00Z"})
+    stored = secrets.load()
+    assert stored is not None and stored.exported is not None
+    # The operator's own rewrites carry the export time over.
+    saved = secrets.save(
+        stored.keyring.with_new_decrypt_only(),
+        RotationState(RotationStage.DISTRIBUTING),
+        None,
+        stored.resource_version,
+        stored.kept,
+    )
+    assert saved.exported == stored.exported
+
+
+def test_an_event_that_cannot_be_posted_is_logged_not_raised(
+    k8s_api: k8s.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = Kube(k8s_api)
+    ref = ObjectRef("v1", "Secret", f"missing-{uuid.uuid4().hex[:8]}", NAME)
+    with caplog.at_level(logging.WARNING):
+        kube.post_event(ref, "Warning", "KeyUnavailable", "test")
+    assert "could not post Event KeyUnavailable" in caplog.text
+
+
+def test_unreadable_time_annotations_read_as_absent(core: k8s.CoreV1Api, namespace: str) -> None:
+    secrets = KeyringSecrets(core, namespace, NAME)
+    secrets.ensure(Keyring.generate())
+    secrets.annotate_source({"mldefender.io/last-export-time": "last tuesday"})
+    stored = secrets.load()
+    assert stored is not None and stored.exported is None

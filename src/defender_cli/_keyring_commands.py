@@ -1,0 +1,234 @@
+"""`kubectl defender keyring export` / `import`: the keyring as a file a person keeps safe.
+
+The keyring Secret and its copies live in the cluster; an etcd snapshot without the keyring is
+unreadable. The export is the one thing to keep apart from both (docs/security.md). Import
+writes the source Secret back only when the keyring proves it opens every stored value, so an
+old or foreign export cannot replace the key the data needs.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from defender_config import (
+    DefenderClient,
+    Keyring,
+    KeyringLacksKeysError,
+    key_usage,
+    keys_opened,
+    read_key_record,
+    read_keyring_backup,
+    write_keyring_backup,
+)
+
+from ._commands import GROUP
+from ._errors import CliError
+
+# The operator's Secret conventions (docs/key-rotation.md); repeated because the plugin must
+# not import the operator.
+EXPORTED_ANNOTATION = f"{GROUP}/last-export-time"
+LABELS = {
+    "app.kubernetes.io/name": "ml-defender",
+    "app.kubernetes.io/component": "keyring",
+    "app.kubernetes.io/part-of": "ml-defender",
+    "app.kubernetes.io/managed-by": "defender-operator",
+}
+
+
+def _listed(keyring: Keyring) -> list[dict[str, str]]:
+    """Ids, states and fingerprints: what a person may see of a keyring."""
+    return [
+        {"id": k.key_id, "state": k.state.value, "fingerprint": k.fingerprint} for k in keyring.keys
+    ]
+
+
+def read_passphrase(file: str | None, env: str | None) -> str | None:
+    """The passphrase from --passphrase-file (first line) or --passphrase-env NAME; None when
+    neither was given."""
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot read the passphrase file {file}: {exc.strerror}") from None
+        passphrase = text.splitlines()[0] if text else ""
+        if not passphrase:
+            raise CliError(f"the passphrase file {file} is empty")
+        return passphrase
+    if env:
+        value = os.environ.get(env)
+        if not value:
+            raise CliError(f"environment variable {env} (--passphrase-env) is not set or empty")
+        return value
+    return None
+
+
+def _read_secret(kube: Any, namespace: str, name: str) -> Any:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return CoreV1Api(kube).read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise CliError(
+            f"cannot read Secret {namespace}/{name}: {exc.status} {exc.reason}; check"
+            " --operator-namespace / --secret and that you may get Secrets there"
+        ) from None
+
+
+def export_keyring(
+    kube: Any,
+    namespace: str,
+    secret: str,
+    path: Path,
+    passphrase: str | None,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    found = _read_secret(kube, namespace, secret)
+    if found is None:
+        raise CliError(
+            f"Secret {namespace}/{secret} does not exist: nothing to export. If it was deleted,"
+            " see docs/troubleshooting.md#keyringmissing"
+        )
+    keyring = Keyring.from_secret_data(found.data or {}, source=f"Secret {namespace}/{secret}")
+    content = write_keyring_backup(keyring, passphrase)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        # 0600 from the start: the file holds the key (wrapped or not).
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise CliError(f"{path} exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(content)
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    _annotate(kube, namespace, secret, {EXPORTED_ANNOTATION: when})
+    return {
+        "file": str(path),
+        "secret": f"{namespace}/{secret}",
+        "protected": passphrase is not None,
+        "exported": when,
+        "keys": _listed(keyring),
+    }
+
+
+def _annotate(kube: Any, namespace: str, secret: str, annotations: dict[str, str]) -> None:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        CoreV1Api(kube).patch_namespaced_secret(
+            secret, namespace, {"metadata": {"annotations": annotations}}
+        )
+    except ApiException as exc:
+        raise CliError(
+            f"the export was written, but Secret {namespace}/{secret} could not be annotated"
+            f" ({exc.status} {exc.reason}); the operator will keep warning that no export"
+            " was taken"
+        ) from None
+
+
+def load_import(path: Path, passphrase: str | None, *, raw: bool) -> tuple[Keyring, str | None]:
+    """The keyring in an export file (or with `raw`, a keyring.json) and when it was exported."""
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    if raw:
+        return Keyring.from_json(content, source=str(path)), None
+    backup = read_keyring_backup(content, passphrase, source=str(path))
+    return backup.keyring, backup.created.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_opens_store(client: DefenderClient, keyring: Keyring, source: str) -> int:
+    """KeyringLacksKeysError unless `keyring` opens a stored value of every key id in use (or,
+    with no sealed value left, holds a key etcd records). Returns how many sealed values use
+    keys it proved."""
+    layout = client.layout
+    usage = key_usage(client.store.list_prefix(layout.prefix + "/"))
+    recorded = read_key_record(client.store, layout)
+    opened = keys_opened(keyring, usage, client.envelope.options)
+    lacking = usage.key_ids - opened
+    if lacking:
+        raise KeyringLacksKeysError(
+            ((kid, recorded.get(kid)) for kid in sorted(lacking)), source=source
+        )
+    held = keyring.fingerprints()
+    if (
+        not usage.key_ids
+        and recorded
+        and not any(held.get(kid) == fp for kid, fp in recorded.items())
+    ):
+        raise KeyringLacksKeysError(recorded.items(), source=source)
+    return usage.sealed
+
+
+def import_keyring(
+    kube: Any,
+    client: DefenderClient,
+    namespace: str,
+    secret: str,
+    path: Path,
+    passphrase: str | None,
+    *,
+    raw: bool = False,
+    replace: bool = False,
+) -> dict[str, Any]:
+    from kubernetes.client import CoreV1Api, V1ObjectMeta, V1Secret
+    from kubernetes.client.exceptions import ApiException
+
+    keyring, exported = load_import(path, passphrase, raw=raw)
+    sealed = check_opens_store(client, keyring, str(path))
+    existing = _read_secret(kube, namespace, secret)
+    if existing is not None and not replace:
+        raise CliError(
+            f"Secret {namespace}/{secret} exists; pass --replace to overwrite it with {path}"
+            " (checked: the file opens every stored value)"
+        )
+    annotations = {EXPORTED_ANNOTATION: exported} if exported else {}
+    body = V1Secret(
+        metadata=V1ObjectMeta(
+            name=secret,
+            namespace=namespace,
+            labels=LABELS,
+            annotations=annotations,
+            resource_version=existing.metadata.resource_version if existing is not None else None,
+        ),
+        type="Opaque",
+        data=keyring.to_secret_data(),
+    )
+    core = CoreV1Api(kube)
+    try:
+        if existing is None:
+            core.create_namespaced_secret(namespace, body)
+        else:
+            core.replace_namespaced_secret(secret, namespace, body)
+    except ApiException as exc:
+        # Only status and reason: the API's body may echo the Secret sent.
+        raise CliError(
+            f"cannot write Secret {namespace}/{secret}: {exc.status} {exc.reason}; check that"
+            " you may create and update Secrets there"
+        ) from None
+    return {
+        "file": str(path),
+        "secret": f"{namespace}/{secret}",
+        "replaced": existing is not None,
+        "sealedValuesOpened": sealed,
+        "keys": _listed(keyring),
+    }
+
+
+__all__ = [
+    "EXPORTED_ANNOTATION",
+    "check_opens_store",
+    "export_keyring",
+    "import_keyring",
+    "load_import",
+    "read_passphrase",
+]

@@ -1,0 +1,172 @@
+"""Keyring export files: plain and passphrase-wrapped, and every way a file can be wrong."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from defender_config import (
+    Envelope,
+    Keyring,
+    KeyringBackupError,
+    KeyringLacksKeysError,
+    StoredValue,
+    WrongPassphraseError,
+    key_usage,
+    keys_opened,
+    read_keyring_backup,
+    write_keyring_backup,
+)
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    first = Keyring.generate()
+    return first.with_new_decrypt_only()
+
+
+def _material_texts(keyring: Keyring) -> list[str]:
+    return [
+        t for k in keyring.keys for t in (k.material.hex(), base64.b64encode(k.material).decode())
+    ]
+
+
+def test_plain_round_trip(keyring: Keyring) -> None:
+    content = write_keyring_backup(keyring)
+    back = read_keyring_backup(content)
+    assert back.keyring == keyring
+    assert not back.wrapped
+    doc = json.loads(content)
+    assert [k["fingerprint"] for k in doc["keys"]] == [k.fingerprint for k in keyring.keys]
+
+
+def test_wrapped_round_trip_hides_the_material(keyring: Keyring) -> None:
+    content = write_keyring_backup(keyring, "correct horse")
+    text = content.decode()
+    for secret in _material_texts(keyring):
+        assert secret not in text
+    back = read_keyring_backup(content, "correct horse")
+    assert back.keyring == keyring
+    assert back.wrapped
+
+
+def test_wrong_or_missing_passphrase_is_typed(keyring: Keyring) -> None:
+    content = write_keyring_backup(keyring, "correct horse")
+    with pytest.raises(WrongPassphraseError) as wrong:
+        read_keyring_backup(content, "battery staple", source="x.json")
+    assert wrong.value.reason == "WrongPassphrase"
+    assert "x.json" in str(wrong.value)
+    with pytest.raises(WrongPassphraseError, match="passphrase-protected"):
+        read_keyring_backup(content)
+    with pytest.raises(KeyringBackupError, match="not passphrase-protected"):
+        read_keyring_backup(write_keyring_backup(keyring), "unneeded")
+    with pytest.raises(KeyringBackupError, match="empty passphrase"):
+        write_keyring_backup(keyring, "")
+
+
+def _edit(content: bytes, **changes: object) -> bytes:
+    doc = json.loads(content)
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("mangle", "match"),
+    [
+        (lambda c: b"\xff\xfe not json", "not JSON"),
+        (lambda c: b'{"keys": []}', "not a keyring export"),
+        (lambda c: _edit(c, version=9), "version 9"),
+        (lambda c: _edit(c, protection="rot13"), "unknown protection"),
+        (lambda c: _edit(c, created="yesterday"), "created"),
+        (lambda c: _edit(c, keys=[]), "key list does not match"),
+        (lambda c: _edit(c, keyring={"version": 1, "keys": []}), "damaged"),
+        (lambda c: _edit(c, keyring="x"), "must be an object"),
+    ],
+)
+def test_corrupt_plain_files_are_typed(keyring: Keyring, mangle, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(KeyringBackupError, match=match) as info:
+        read_keyring_backup(mangle(write_keyring_backup(keyring)))
+    assert not isinstance(info.value, WrongPassphraseError)
+    for secret in _material_texts(keyring):
+        assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "match"),
+    [
+        ("nonce", "%%%", KeyringBackupError, "base64"),
+        ("nonce", base64.b64encode(b"short").decode(), KeyringBackupError, "12 bytes"),
+        ("kdf", {"name": "pbkdf2"}, KeyringBackupError, "scrypt"),
+        (
+            "kdf",
+            {"name": "scrypt", "salt": "AA==", "n": 3, "r": 8, "p": 1},
+            KeyringBackupError,
+            "power of two",
+        ),
+        (
+            "kdf",
+            {"name": "scrypt", "salt": "AA==", "n": 2**30, "r": 8, "p": 1},
+            KeyringBackupError,
+            "kdf.n",
+        ),
+        # A listed key removed or the cost lowered: authenticated, so it fails like a wrong
+        # passphrase instead of opening.
+        ("keys", [], WrongPassphraseError, "does not open"),
+    ],
+)
+def test_corrupt_wrapped_files_are_typed(
+    keyring: Keyring, field: str, value: object, error: type, match: str
+) -> None:
+    content = _edit(write_keyring_backup(keyring, "pw"), **{field: value})
+    with pytest.raises(error, match=match):
+        read_keyring_backup(content, "pw")
+
+
+def test_flipped_ciphertext_is_refused(keyring: Keyring) -> None:
+    doc = json.loads(write_keyring_backup(keyring, "pw"))
+    raw = bytearray(base64.b64decode(doc["ciphertext"]))
+    raw[5] ^= 1
+    doc["ciphertext"] = base64.b64encode(bytes(raw)).decode()
+    with pytest.raises(WrongPassphraseError):
+        read_keyring_backup(json.dumps(doc).encode(), "pw")
+
+
+def _sealed(keyring: Keyring, path: str) -> StoredValue:
+    blob = Envelope(keyring).seal(b'{"a": 1}', path)
+    return StoredValue(path, blob, 1, 1, 1)
+
+
+def test_key_usage_and_proof_by_opening(keyring: Keyring) -> None:
+    other = Keyring.generate()
+    values = [
+        _sealed(keyring, "/p/components/a/master_config"),
+        _sealed(keyring, "/p/components/b/master_config"),
+        StoredValue("/p/components/a/metadata", b'{"plain": true}', 1, 1, 1),
+        StoredValue("/p/x", b"\x89DFC\x09broken", 1, 1, 1),
+    ]
+    usage = key_usage(values)
+    assert usage.key_ids == {keyring.primary.key_id}
+    assert usage.sealed == 2
+    assert keys_opened(keyring, usage) == {keyring.primary.key_id}
+    assert keys_opened(other, usage) == frozenset()
+    # Same key id, other material: not a proof.
+    forged = Keyring.from_json(
+        keyring.to_json().replace(
+            base64.b64encode(keyring.primary.material),
+            base64.b64encode(other.primary.material),
+        )
+    )
+    assert keys_opened(forged, usage) == frozenset()
+    # A retired key still proves the material is there.
+    promoted = keyring.promote(keyring.keys[-1].key_id)
+    retired = promoted.retire(keyring.primary.key_id)
+    assert keys_opened(retired, usage) == {keyring.primary.key_id}
+
+
+def test_lacks_keys_error_names_ids_and_fingerprints_only() -> None:
+    exc = KeyringLacksKeysError([("k1", "abcd"), ("k2", None)], source="f.json")
+    assert exc.reason == "KeyringLacksKeys"
+    assert "k1 (fingerprint abcd)" in str(exc) and "k2 (fingerprint not recorded)" in str(exc)
+    assert exc.missing == {"k1": "abcd", "k2": None}

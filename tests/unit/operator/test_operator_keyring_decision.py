@@ -1,0 +1,206 @@
+"""decide_keyring / may_replace_copy / keyring_condition: which keyring the operator may use,
+and when a copy may be replaced, without ever losing a key stored values need."""
+
+from __future__ import annotations
+
+import pytest
+
+from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.keyring import (
+    Holder,
+    KeyringAction,
+    KeyringPlan,
+    decide_keyring,
+    describe_missing,
+    keyring_condition,
+    may_replace_copy,
+)
+from defender_operator._keys import KeyringUnavailableError, MutableKeyringSource
+
+OLD, NEW = "k-old", "k-new"
+FP = {OLD: "fp-old", NEW: "fp-new"}
+
+
+def holder(name: str, *ids: str, opens: tuple[str, ...] = (), error: str | None = None) -> Holder:
+    return Holder(name, {i: FP.get(i, f"fp-{i}") for i in ids}, frozenset(opens), error)
+
+
+def decide(
+    source: Holder | None,
+    *candidates: Holder,
+    referenced: tuple[str, ...] = (),
+    recorded: dict[str, str] | None = None,
+) -> KeyringPlan:
+    return decide_keyring(
+        source=source,
+        candidates=candidates,
+        referenced=frozenset(referenced),
+        recorded=recorded or {},
+    )
+
+
+def test_source_that_opens_every_value_is_used() -> None:
+    plan = decide(holder("source", OLD, opens=(OLD,)), referenced=(OLD,), recorded={OLD: FP[OLD]})
+    assert plan.action is KeyringAction.USE_SOURCE
+
+
+def test_only_a_truly_empty_store_gets_a_new_keyring() -> None:
+    assert decide(None).action is KeyringAction.GENERATE
+    # A copy in a namespace is not proof of anything on an empty store: still a new keyring,
+    # never a planted one.
+    assert decide(None, holder("copy ns1", OLD)).action is KeyringAction.GENERATE
+    # The operator's own memory (it wrote or verified that keyring) is put back as it was.
+    memory = Holder("memory", {OLD: FP[OLD]}, trusted=True)
+    plan = decide(None, holder("copy ns1", NEW), memory)
+    assert (plan.action, plan.holder) == (KeyringAction.RESTORE, "memory")
+    # With data, memory wins over an equally good copy: it is what the operator last wrote.
+    memory = Holder("the operator's memory", {OLD: FP[OLD]}, frozenset({OLD}), trusted=True)
+    copy = holder("copy a", OLD, opens=(OLD,))
+    plan = decide(None, copy, memory, referenced=(OLD,), recorded={OLD: FP[OLD]})
+    assert plan.holder == "the operator's memory"
+
+
+def test_missing_source_restored_from_the_copy_that_opens_the_values() -> None:
+    plan = decide(
+        None,
+        holder("copy a", NEW, opens=()),  # a stranger's keyring: opens nothing
+        holder("copy b", OLD, opens=(OLD,)),
+        referenced=(OLD,),
+    )
+    assert plan.action is KeyringAction.RESTORE
+    assert plan.holder == "copy b"
+    assert plan.reason == "KeyringRestored"
+
+
+def test_restore_needs_every_referenced_key_and_prefers_the_most_complete_copy() -> None:
+    partial = holder("copy a", OLD, opens=(OLD,))
+    full = holder("copy z", OLD, NEW, opens=(OLD, NEW))
+    plan = decide(None, partial, full, referenced=(OLD, NEW), recorded=dict(FP))
+    assert (plan.action, plan.holder) == (KeyringAction.RESTORE, "copy z")
+    # Between two that both open everything, the one holding more recorded keys wins.
+    lagging = holder("copy a", OLD, opens=(OLD,))
+    current = holder("copy z", OLD, NEW, opens=(OLD,))
+    plan = decide(None, lagging, current, referenced=(OLD,), recorded=dict(FP))
+    assert plan.holder == "copy z"
+
+
+def test_no_copy_opens_the_data_refuses_and_names_ids_and_fingerprints() -> None:
+    plan = decide(None, holder("copy a", NEW, opens=()), referenced=(OLD,), recorded={OLD: FP[OLD]})
+    assert plan.action is KeyringAction.REFUSE
+    assert plan.reason == "KeyringMissing"
+    assert dict(plan.missing) == {OLD: FP[OLD]}
+    assert OLD in plan.message and FP[OLD] in plan.message
+    assert "keyring import" in plan.message
+
+
+def test_refusal_names_unrecorded_ids_too() -> None:
+    plan = decide(None, referenced=(OLD,))
+    assert plan.action is KeyringAction.REFUSE
+    assert dict(plan.missing) == {OLD: None}
+    assert "fingerprint not recorded" in describe_missing(plan.missing)
+
+
+def test_recorded_keys_without_values_still_forbid_generation() -> None:
+    plan = decide(None, recorded={OLD: FP[OLD]})
+    assert plan.action is KeyringAction.REFUSE
+    assert dict(plan.missing) == {OLD: FP[OLD]}
+    # A copy holding the recorded key (same fingerprint) restores it.
+    plan = decide(None, holder("copy a", OLD), recorded={OLD: FP[OLD]})
+    assert (plan.action, plan.holder) == (KeyringAction.RESTORE, "copy a")
+
+
+def test_same_id_other_material_is_not_our_key() -> None:
+    forged = Holder("copy evil", {OLD: "fp-forged"}, frozenset())
+    plan = decide(None, forged, recorded={OLD: FP[OLD]})
+    assert plan.action is KeyringAction.REFUSE
+    # Even when it somehow opened a value, a clashing fingerprint disqualifies it.
+    forged = Holder("copy evil", {OLD: "fp-forged", NEW: FP[NEW]}, frozenset({NEW}))
+    plan = decide(None, forged, referenced=(NEW,), recorded=dict(FP))
+    assert plan.action is KeyringAction.REFUSE
+
+
+def test_present_source_lacking_keys_is_refused_not_overwritten() -> None:
+    plan = decide(
+        holder("source", NEW, opens=()),
+        holder("copy b", OLD, opens=(OLD,)),
+        referenced=(OLD,),
+    )
+    assert plan.action is KeyringAction.REFUSE
+    assert plan.reason == "SourceLacksKeys"
+    assert "copy b opens everything" in plan.message
+    assert dict(plan.missing) == {OLD: None}
+
+
+def test_unreadable_source_is_refused() -> None:
+    plan = decide(holder("source", error="not valid JSON"), referenced=(OLD,))
+    assert plan.action is KeyringAction.REFUSE
+    assert "unreadable" in plan.message
+
+
+def test_unreadable_copy_is_never_a_candidate() -> None:
+    plan = decide(None, holder("copy a", error="broken"), referenced=(OLD,))
+    assert plan.action is KeyringAction.REFUSE
+
+
+@pytest.mark.parametrize(
+    ("held", "new", "referenced", "replace", "dropped"),
+    [
+        (None, {NEW}, None, True, set()),  # unreadable copy holds nothing usable
+        ({OLD}, {OLD, NEW}, None, True, set()),  # superset: nothing dropped, no lookup
+        ({OLD}, {NEW}, {OLD}, False, {OLD}),  # the deleted-source hole
+        ({OLD, NEW}, {NEW}, {NEW}, True, set()),  # rotation finished: OLD no longer used
+        ({OLD, NEW}, {NEW}, set(), True, set()),
+    ],
+)
+def test_copy_replacement(
+    held: set[str] | None,
+    new: set[str],
+    referenced: set[str] | None,
+    replace: bool,
+    dropped: set[str],
+) -> None:
+    verdict = may_replace_copy(
+        frozenset(held) if held is not None else None,
+        frozenset(new),
+        frozenset(referenced) if referenced is not None else None,
+    )
+    assert verdict.replace is replace
+    assert verdict.dropped == dropped
+
+
+def test_copy_replacement_that_drops_keys_needs_the_referenced_ids() -> None:
+    with pytest.raises(ValueError, match="drops keys"):
+        may_replace_copy(frozenset({OLD}), frozenset({NEW}), None)
+
+
+def test_keyring_condition_and_ready() -> None:
+    refused = decide(None, referenced=(OLD,))
+    c = keyring_condition(False, refused)
+    assert (c.type, c.status, c.reason) == (cond.KEY_UNAVAILABLE, cond.TRUE, "KeyringMissing")
+    assert keyring_condition(True, None).status == cond.FALSE
+    assert keyring_condition(False, None).status == cond.UNKNOWN
+    got = cond.compute(cond.Observation(config=cond.ConfigState.SYNCED, keyring=c))
+    ready = got[0]
+    assert (ready.status, ready.reason) == (cond.FALSE, "KeyringMissing")
+    assert got[-1] == c
+    # Without a keyring verdict the five conditions stay as they were.
+    assert len(cond.compute(cond.Observation())) == 5
+    fine = cond.compute(
+        cond.Observation(
+            config=cond.ConfigState.SYNCED,
+            heartbeat=cond.Cond(cond.HEARTBEATING, cond.TRUE, "ok"),
+            key=cond.Cond(cond.KEY_CURRENT, cond.TRUE, "ok"),
+            misconfig=cond.Cond(cond.MISCONFIGURED, cond.FALSE, "ok"),
+            keyring=keyring_condition(True, None),
+        )
+    )
+    assert fine[0].status == cond.TRUE
+
+
+def test_without_a_keyring_nothing_is_sealed() -> None:
+    source = MutableKeyringSource(None)
+    with pytest.raises(KeyringUnavailableError) as info:
+        source.current()
+    assert info.value.reason == "KeyUnavailable"
+    assert "troubleshooting.md#keyringmissing" in str(info.value)
+    assert repr(source) == "MutableKeyringSource(primary=None)"
