@@ -33,6 +33,8 @@ from ._errors import (
     KeyringError,
     NotAnEnvelopeError,
     NotFoundError,
+    RecordAuthError,
+    RecordReplayError,
     SettingsError,
     SizeAnomalyError,
     StoreAuthError,
@@ -57,6 +59,7 @@ from ._models import (
     config_digest,
     validate_config,
 )
+from ._records import sign_record, verify_record
 from ._registry import (
     ComponentStatus,
     ComponentSummary,
@@ -151,6 +154,8 @@ __all__ = [
     "ParsedKey",
     "PutOp",
     "RagConfig",
+    "RecordAuthError",
+    "RecordReplayError",
     "Registration",
     "Registry",
     "RewrapReport",
@@ -183,5 +188,7 @@ __all__ = [
     "load_settings",
     "register_cipher",
     "register_compressor",
+    "sign_record",
     "validate_config",
+    "verify_record",
 ]
