@@ -82,6 +82,33 @@ class LibraryBackend:
         # zstd level and the threshold.
         return storage.write_options(self.client.envelope.options) if storage is not None else None
 
+    def declare(
+        self,
+        component: str,
+        component_type: str,
+        *,
+        json_schema: Mapping[str, Any] | None,
+        storage: StoragePolicy,
+        digest: str,
+        modified_by: str,
+    ) -> bool:
+        # The spec (from the Kubernetes API) is the operator's own setting: a component may be
+        # read unencrypted only when its spec stores it so. Permission is withdrawn only after
+        # its values were re-sealed encrypted (commit / set_storage), which reads them first.
+        if not storage.encrypt:
+            self.configs.allow_plaintext(component)
+        return self.configs.repair_metadata(
+            component,
+            component_type=component_type,
+            json_schema=json_schema,
+            by=modified_by,
+            trusted_digest=digest,
+        )
+
+    def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:
+        if storage is not None and storage.encrypt:
+            self.configs.allow_plaintext(component, False)
+
     def seed(
         self,
         component: str,
@@ -115,8 +142,14 @@ class LibraryBackend:
         history_limit: int,
         storage: StoragePolicy | None = None,
     ) -> int:
-        store = ConfigStore(self.client, history_limit=history_limit)
-        return store.commit(component, config, modified_by, options=self._options(storage))
+        store = ConfigStore(
+            self.client,
+            history_limit=history_limit,
+            plaintext_components=self.configs.plaintext_components,
+        )
+        version = store.commit(component, config, modified_by, options=self._options(storage))
+        self._sealed_as(component, storage)
+        return version
 
     def rollback(
         self,
@@ -135,7 +168,9 @@ class LibraryBackend:
 
     def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:
         options = storage.write_options(self.client.envelope.options)
-        return self.configs.set_storage(component, options, modified_by)
+        changed = self.configs.set_storage(component, options, modified_by)
+        self._sealed_as(component, storage)
+        return changed
 
     def freeze(self, component: str, reason: str) -> None:
         self.configs.freeze(component, reason, by="defender-operator")

@@ -233,6 +233,23 @@ async def _reconcile(
 
     digest = config_digest(normalized)
     storage = storage_policy(spec.storage)
+    resigned = await asyncio.to_thread(
+        rt.backend.declare,
+        component,
+        spec.component_type.value,
+        json_schema=spec.custom_schema,
+        storage=storage,
+        digest=digest,
+        modified_by=who,
+    )
+    if resigned:
+        kopf.event(
+            body,
+            type="Warning",
+            reason="MetadataResigned",
+            message="the metadata record in etcd did not verify (unsigned or forged); it was "
+            "rebuilt from the newest authenticated config and signed",
+        )
     state = await asyncio.to_thread(rt.backend.state, component)
     plan = plan_seed(
         digest,

@@ -367,11 +367,18 @@ class ConfigStore:
             # (and a reader with the wrong key reports its key, not the record, once).
             meta_error = exc
         config = self._open_config(path, value, component, self._read_options(component, meta))
+        digest = config_digest(config)
+        if self._verifying() and not stale and (meta is None or meta.digest != digest):
+            # The record as of ACTIVE's revision may have been re-signed since (key rotation
+            # re-signs it in its own write, after the value): a consistent read of both now,
+            # with this very value still in ACTIVE, decides instead.
+            current = self._current_metadata_for(component, value)
+            if current is not None and current.digest == digest:
+                meta, meta_error, exact = current, None, True
         if isinstance(meta_error, RecordAuthError):
             self._refuse(meta_error, component)
         if meta_error is not None:
             raise meta_error
-        digest = config_digest(config)
         version: int | None = None
         if meta is not None and meta.digest == digest:
             version = meta.version
@@ -410,6 +417,19 @@ class ConfigStore:
             self._codec(meta),
             metadata=meta,
         )
+
+    def _current_metadata_for(self, component: str, value: bytes) -> ConfigMetadata | None:
+        """The authentic current metadata, read in one transaction with ACTIVE, if ACTIVE
+        still holds exactly `value`; None otherwise (nothing reported: the caller does)."""
+        paths = (self.layout.active_config(component), self.layout.metadata(component))
+        try:
+            gets = self.client.store.txn([], [GetOp(p) for p in paths]).gets
+            active_sv, meta_sv = (found[0] if found else None for found in gets)
+            if active_sv is None or meta_sv is None or active_sv.value != value:
+                return None
+            return self._decode_metadata(paths[1], meta_sv.value, component, report=False)
+        except DefenderConfigError:
+            return None
 
     def _accept(self, component: str, meta: ConfigMetadata) -> None:
         """Remember the newest authentic version this reader accepted; refuse an older one."""
@@ -704,7 +724,9 @@ class ConfigStore:
         a forged marker's revision), guarding the write; None ignores the freeze (rollback)."""
         lay, c = self.layout, self.client
         respect_freeze = freeze_revision is not None
-        version = meta.version + 1
+        # Versions only grow, even after an authentic old record was put back (replay): readers
+        # refuse a version lower than one they accepted, so the next one must pass them all.
+        version = max(meta.version, self._newest_kept(component)) + 1
         data = canonical_json(config)
         if options is not None:
             policy: StoragePolicy | None = StoragePolicy.from_options(options)
@@ -768,6 +790,14 @@ class ConfigStore:
         raise ConflictError(
             active, expected=meta.version, found=found, detail="another commit landed first"
         )
+
+    def _newest_kept(self, component: str) -> int:
+        versions = [
+            parsed.version
+            for sv in self.client.store.list_prefix(self.layout.history_dir(component))
+            if (parsed := self.layout.parse(sv.key)) is not None and parsed.version is not None
+        ]
+        return max(versions, default=0)
 
     def _reseal_kept(
         self,
@@ -845,7 +875,9 @@ class ConfigStore:
     ) -> bool:
         """Re-sign the component's metadata when it does not verify: records written before
         control records were signed (the migration: the operator calls this on its next pass),
-        forged ones, or a deleted one while MASTER exists. Returns False when it verifies.
+        forged ones, a deleted one while MASTER exists, or an authentic but stale record put
+        back (replay: older than the newest kept history entry, or not matching ACTIVE).
+        Returns False when the record verifies and matches ACTIVE and the newest entry.
 
         The record is rebuilt only from what is authenticated: version and config from the
         newest kept history entry that opens (its version is part of its etcd path, which is
@@ -862,13 +894,13 @@ class ConfigStore:
         meta_key, active_key = lay.metadata(component), lay.active_config(component)
         meta_sv = c.store.get(meta_key)
         old: Any = None
+        verified: ConfigMetadata | None = None
         if meta_sv is not None:
             try:
                 old = json.loads(meta_sv.value)
-                verify_record(keyring, meta_key, old)
-                return False
-            except (ValueError, UnicodeDecodeError, RecordAuthError):
-                pass
+                verified = _parse_metadata(meta_key, verify_record(keyring, meta_key, old))
+            except (ValueError, UnicodeDecodeError, DefenderConfigError):
+                verified = None
         elif c.store.get(lay.master_config(component)) is None:
             return False  # not registered: seed writes a signed record
         read = self._read_options(component, None)
@@ -883,19 +915,35 @@ class ConfigStore:
             except DefenderConfigError:
                 continue  # alerted by client.open; an older kept entry may still open
         if newest is None:
+            if verified is not None:
+                return False
             raise RecordAuthError(
                 meta_key, "it cannot be rebuilt: no kept history version opens; re-register"
             )
         hist_sv, config, version = newest
         digest = config_digest(config)
+        active_sv = c.store.get(active_key)
+        active_ok = False
+        if active_sv is not None:
+            try:
+                opened = self._open_config(active_key, active_sv.value, component, read)
+                active_ok = config_digest(opened) == digest
+            except DefenderConfigError:
+                active_ok = False  # alerted; restored below
+        if (
+            verified is not None
+            and (verified.version, verified.digest) == (version, digest)
+            and active_ok
+        ):
+            return False
         if not self.requires_encryption(component) and digest != trusted_digest:
             raise RecordAuthError(
                 meta_key,
                 "it cannot be rebuilt: the component is stored unencrypted, so its history is "
                 "not authenticated either; commit its config again or re-register",
             )
-        storage: StoragePolicy | None = None
-        if isinstance(old, dict):
+        storage: StoragePolicy | None = verified.storage if verified is not None else None
+        if verified is None and isinstance(old, dict):
             try:
                 storage = StoragePolicy.model_validate(old.get("storage"))
             except ValidationError:
@@ -919,14 +967,6 @@ class ConfigStore:
         success: list[PutOp | DeleteOp | GetOp] = [
             PutOp(meta_key, self._encode_metadata(component, meta))
         ]
-        active_sv = c.store.get(active_key)
-        active_ok = False
-        if active_sv is not None:
-            try:
-                opened = self._open_config(active_key, active_sv.value, component, read)
-                active_ok = config_digest(opened) == digest
-            except DefenderConfigError:
-                active_ok = False  # alerted; restored below
         if not active_ok:
             write = storage.write_options(c.envelope.options) if storage is not None else None
             success.append(PutOp(active_key, c.seal(active_key, canonical_json(config), write)))
