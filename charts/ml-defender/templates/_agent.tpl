@@ -62,7 +62,9 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
     - name: DEFENDER_AGENT_COMPONENT_TYPE
       value: {{ . | quote }}
     {{- end }}
-    {{- if or .allowPlaintext (has $component ($ctx.Values.config.plaintextComponents | default list)) }}
+    {{- $plaintext := list -}}
+    {{- with $ctx.Values.config }}{{ $plaintext = .plaintextComponents | default list }}{{ end }}
+    {{- if or .allowPlaintext (has $component $plaintext) }}
     - name: DEFENDER_AGENT_ALLOW_PLAINTEXT
       value: "true"
     {{- end }}
