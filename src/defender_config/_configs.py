@@ -1278,7 +1278,8 @@ def _parse_freeze(raw: bytes | Any) -> FreezeInfo:
     try:
         return FreezeInfo.model_validate(data)
     except ValidationError:
-        # A marker written by hand (etcdctl put .../freeze yes) still freezes.
+        # Readers without a keyring cannot verify markers: any one they see freezes. Readers
+        # with one only get here for an authentic record (a key holder's odd reason field).
         return FreezeInfo(reason=str(data)[:200], since=_now())
 
 

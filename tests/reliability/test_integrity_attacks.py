@@ -131,6 +131,25 @@ GOOD_N = validate_config("firewall", GOOD)
 BETTER_N = validate_config("firewall", BETTER)
 
 
+# --- read access only -------------------------------------------------------------------------
+
+
+def test_etcd_read_access_sees_bookkeeping_but_no_config(scene: Scene) -> None:
+    """Row "etcd read": every key under the prefix, raw. Records are readable (that is their
+    point); no config field appears anywhere; the record MACs are not the key."""
+    scene.configs.commit("firewall", BETTER, by="operator")
+    scene.configs.freeze("firewall", "look", by="oncall")
+    values = scene.attacker.list_prefix(scene.prefix)
+    assert len(values) >= 6
+    blob = b"\n".join(sv.value for sv in values)
+    for secret_field in (b"default_policy", b'"r0"', b"2001", b"fw-01"):
+        assert secret_field not in blob
+    meta = scene.metadata_doc()
+    assert meta["version"] == 2 and meta["type"] == "firewall"
+    material = scene.keyring.primary.material
+    assert material not in blob and material.hex().encode() not in blob
+
+
 # --- the library reader -----------------------------------------------------------------------
 
 
