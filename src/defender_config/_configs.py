@@ -154,6 +154,9 @@ class ActiveConfig:
     metadata: ConfigMetadata | None = field(default=None, repr=False)
     """The metadata record written with this ACTIVE value (authenticated when the reader
     holds a keyring): its type and schema are the ones to validate this config with."""
+    outdated: bool = False
+    """Read at an older revision than a newer version this reader already accepted (not a
+    replay: an old watch event or cache entry). Watches do not deliver it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +208,9 @@ class ConfigStore:
             if plaintext_components is None
             else plaintext_components
         )
-        # component -> (version, digest) of the newest authentic metadata this reader accepted.
-        self._accepted: dict[str, tuple[int, str]] = {}
+        # component -> (version, digest, ACTIVE mod_revision) of the newest authentic metadata
+        # this reader accepted.
+        self._accepted: dict[str, tuple[int, str, int]] = {}
         self._accepted_lock = threading.Lock()
         self.history_limit = history_limit or client.settings.history_limit
         if self.history_limit < 1:
@@ -380,11 +384,15 @@ class ConfigStore:
         if meta_error is not None:
             raise meta_error
         version: int | None = None
+        outdated = False
         if meta is not None and meta.digest == digest:
             version = meta.version
             if self._verifying():
-                self._accept(component, meta)
-        elif self._verifying():
+                outdated = not self._accept(component, meta, mod_revision)
+        elif self._verifying() and not (stale and meta is not None):
+            # (A stale pair comes from this process's own cache of two separate reads while
+            # etcd is unreachable; both passed their checks, they may just be of two commits:
+            # served flagged stale, without a version, as before.)
             if meta is not None and not exact and not final:
                 return None
             if meta is None:
@@ -416,6 +424,7 @@ class ConfigStore:
             stale,
             self._codec(meta),
             metadata=meta,
+            outdated=outdated,
         )
 
     def _current_metadata_for(self, component: str, value: bytes) -> ConfigMetadata | None:
@@ -431,17 +440,20 @@ class ConfigStore:
         except DefenderConfigError:
             return None
 
-    def _accept(self, component: str, meta: ConfigMetadata) -> None:
-        """Remember the newest authentic version this reader accepted; refuse an older one."""
+    def _accept(self, component: str, meta: ConfigMetadata, mod_revision: int) -> bool:
+        """Remember the newest authentic version this reader accepted and refuse an older one
+        written later (a replay: etcd gives every write, a replayed one too, a new, higher
+        revision). An older version read at an older revision is no replay, just an old read
+        (a watch event handled after a newer get): False, nothing remembered."""
         with self._accepted_lock:
             seen = self._accepted.get(component)
-            if seen is not None and (
-                meta.version < seen[0] or (meta.version == seen[0] and meta.digest != seen[1])
-            ):
-                newest = seen[0]
-            else:
-                self._accepted[component] = (meta.version, meta.digest)
-                return
+            if seen is None or meta.version > seen[0] or (meta.version, meta.digest) == seen[:2]:
+                if seen is None or mod_revision >= seen[2] or meta.version > seen[0]:
+                    self._accepted[component] = (meta.version, meta.digest, mod_revision)
+                return True
+            if mod_revision < seen[2]:
+                return False
+            newest = seen[0]
         self._refuse(
             RecordReplayError(
                 self.layout.metadata(component),
@@ -1040,7 +1052,7 @@ class ConfigStore:
                 fail(exc)
                 return
             assert active is not None  # final=True never asks for a re-read
-            if active.digest == last_digest[0]:
+            if active.outdated or active.digest == last_digest[0]:
                 return
             last_digest[0] = active.digest
             callback(active)

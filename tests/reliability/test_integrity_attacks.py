@@ -258,10 +258,19 @@ def test_replayed_metadata_is_refused(scene: Scene) -> None:
     meta_path = scene.layout.metadata("firewall")
     active_path = scene.layout.active_config("firewall")
     v1_meta, v1_active = scene.raw(meta_path), scene.raw(active_path)
-    assert scene.configs.get_active("firewall").version == 1
+    first = scene.configs.get_active("firewall")
+    assert first.version == 1
+    first_revision = first.mod_revision
     scene.configs.commit("firewall", BETTER, by="operator")
     v2_active = scene.raw(active_path)
     assert scene.configs.get_active("firewall").version == 2
+    # An old read handled late (a watch event for v1 after v2 was accepted) is no replay: etcd
+    # gave it an older revision. It is flagged outdated (watches skip it), not alerted.
+    old_event = scene.configs._active_from(
+        "firewall", v1_active, first_revision, stale=False, final=True
+    )
+    assert old_event is not None and old_event.outdated and old_event.version == 1
+    assert scene.kinds() == []
     # (a) an authentic sealed ACTIVE put back alone: the record of its revision is v2's.
     scene.attacker.put(active_path, v1_active)
     with pytest.raises(RecordReplayError, match="not the config of the metadata"):
