@@ -89,7 +89,7 @@ class LibraryBackend:
         *,
         json_schema: Mapping[str, Any] | None,
         storage: StoragePolicy,
-        digest: str,
+        digest: str | None,
         modified_by: str,
     ) -> bool:
         # The spec (from the Kubernetes API) is the operator's own setting: a component may be
@@ -97,6 +97,8 @@ class LibraryBackend:
         # its values were re-sealed encrypted (commit / set_storage), which reads them first.
         if not storage.encrypt:
             self.configs.allow_plaintext(component)
+        if digest is None:
+            return False
         return self.configs.repair_metadata(
             component,
             component_type=component_type,

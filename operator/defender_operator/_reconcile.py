@@ -175,6 +175,17 @@ async def _reconcile(
             f"spec does not match the DefenderComponent schema: {exc}"
         ) from exc
     who = f"operator:{rt.identity}"
+    # Before anything is read: whether this reader accepts the component unencrypted comes
+    # from its spec, never from etcd.
+    await asyncio.to_thread(
+        rt.backend.declare,
+        component,
+        spec.component_type.value,
+        json_schema=spec.custom_schema,
+        storage=storage_policy(spec.storage),
+        digest=None,
+        modified_by=who,
+    )
 
     # The namespace's keyring copy comes first: pods cannot read anything without it.
     await asyncio.to_thread(
