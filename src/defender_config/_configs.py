@@ -1096,35 +1096,21 @@ class ConfigStore:
                 continue
             report.sealed += 1
             read, write = self._rewrap_options(sv.key, policies)
-            current: StoredValue | None = sv
-            for attempt in range(2):
-                if current is None:
-                    break  # deleted meanwhile: nothing left to rewrap
+
+            def reseal(
+                current: StoredValue,
+                read: EnvelopeOptions | None = read,
+                write: EnvelopeOptions | None = write,
+            ) -> bytes | None:
                 try:
-                    try:
-                        stale_seal = c.envelope.needs_reseal(current.value, write)
-                    except EnvelopeError as exc:  # a corrupt header: c.open did not see it
-                        c.report(exc, path=current.key)
-                        raise
-                    if not stale_seal:
-                        report.already_current += 1
-                        break
-                    data = c.open(current.key, current.value, read)
-                    resealed = c.seal(current.key, data, write)
-                    c.store.compare_and_swap(
-                        current.key, current.mod_revision, resealed, lease=current.lease_id
-                    )
-                    report.rewrapped += 1
-                    break
-                except ConflictError:
-                    if attempt == 1:
-                        report.conflicts += 1
-                        break
-                    current = c.store.get(sv.key)
-                except EnvelopeError as exc:
-                    report.failed += 1
-                    report.errors.append(f"{sv.key}: {exc.reason}")
-                    break
+                    if not c.envelope.needs_reseal(current.value, write):
+                        return None
+                except EnvelopeError as exc:  # a corrupt header: c.open did not see it
+                    c.report(exc, path=current.key)
+                    raise
+                return c.seal(current.key, c.open(current.key, current.value, read), write)
+
+            self._rewrite(sv, reseal, report)
         log.info(
             "rewrap: %d scanned, %d rewrapped, %d current, %d conflicts, %d failed",
             report.scanned,
@@ -1145,21 +1131,46 @@ class ConfigStore:
             data = json.loads(sv.value)
         except (ValueError, UnicodeDecodeError):
             return  # not a JSON record: nothing this pass signs
-        kid = record_key_id(data)
-        if not is_signed(data) or kid == keyring.primary.key_id:
-            if is_signed(data):
-                report.already_current += 1
+        if not is_signed(data):
             return
         report.sealed += 1
+
+        def resign(current: StoredValue) -> bytes | None:
+            try:
+                doc = json.loads(current.value)
+            except (ValueError, UnicodeDecodeError):
+                return None  # replaced meanwhile by something that is not a record
+            if record_key_id(doc) == keyring.primary.key_id:
+                return None
+            try:
+                body = verify_record(keyring, current.key, doc)
+            except RecordAuthError as exc:
+                c.report(exc, path=current.key)
+                raise
+            return c.encode_json(sign_record(keyring, current.key, body))
+
+        self._rewrite(sv, resign, report)
+
+    def _rewrite(
+        self,
+        sv: StoredValue,
+        rewrite: Callable[[StoredValue], bytes | None],
+        report: RewrapReport,
+    ) -> None:
+        """Compare-and-swap `rewrite(value)` over `sv`, so a concurrent write is never lost: on
+        a conflict the value is re-read and rewritten once more. `rewrite` returns None when
+        the value is already current; its EnvelopeErrors (alerted by it) count as failed."""
         current: StoredValue | None = sv
         for attempt in range(2):
             if current is None:
-                return
+                return  # deleted meanwhile: nothing left to rewrite
             try:
-                body = verify_record(keyring, current.key, json.loads(current.value))
-                signed = c.encode_json(sign_record(keyring, current.key, body))
-                c.store.compare_and_swap(
-                    current.key, current.mod_revision, signed, lease=current.lease_id
+                new = rewrite(current)
+                if new is None:
+                    report.already_current += 1
+                    return
+                self.client.store.compare_and_swap(
+                    current.key, current.mod_revision, new, lease=current.lease_id
                 )
                 report.rewrapped += 1
                 return
@@ -1167,14 +1178,11 @@ class ConfigStore:
                 if attempt == 1:
                     report.conflicts += 1
                     return
-                current = c.store.get(sv.key)
-            except RecordAuthError as exc:
-                c.report(exc, path=current.key)
+                current = self.client.store.get(sv.key)
+            except EnvelopeError as exc:
                 report.failed += 1
                 report.errors.append(f"{sv.key}: {exc.reason}")
                 return
-            except (ValueError, UnicodeDecodeError):
-                return  # replaced meanwhile by something that is not a record
 
     def _rewrap_options(
         self,
