@@ -542,3 +542,63 @@ def test_reader_without_plaintext_setting_refuses_a_plaintext_component(scene: S
             ),
         )
         scene.configs.get_master("firewall")
+
+
+# --- the operator's backend -------------------------------------------------------------------
+
+
+def test_operator_backend_resigns_on_its_next_pass(scene: Scene) -> None:
+    """Row "etcd write", operator side: the operator never builds on a forged record; once a
+    reconcile declared the spec, its next pass (a monitor's `state`) re-signs the record from
+    the authenticated history; a plaintext spec is what lets it read that component."""
+    from defender_operator._api import StorageSpec
+    from defender_operator._keys import MutableKeyringSource
+    from defender_operator._library_backend import LibraryBackend
+    from defender_operator._reconcile import storage_policy
+
+    backend = LibraryBackend(
+        scene.client.settings, MutableKeyringSource(scene.keyring), identity="reliability"
+    )
+    try:
+        doc = scene.metadata_doc()
+        doc["type"] = "custom"  # looser validation, MAC kept: does not verify
+        scene.forge(metadata=doc)
+        with pytest.raises(RecordAuthError):
+            backend.state("firewall")  # nothing declared yet: refused, not obeyed
+        encrypted = storage_policy(StorageSpec())
+        assert backend.declare(
+            "firewall",
+            "firewall",
+            json_schema=None,
+            storage=encrypted,
+            digest=config_digest(GOOD_N),
+            modified_by="operator:reliability",
+        )
+        scene.forge(metadata={**doc, "type": "rag"})
+        state = backend.state("firewall")  # the monitor's pass re-signs
+        assert state.active_version == 1 and state.active_digest == config_digest(GOOD_N)
+        meta = scene.configs.get_metadata("firewall")
+        assert meta is not None and meta.type == "firewall"
+        # A component stored unencrypted: readable by the operator only once its spec says so.
+        plain = EnvelopeOptions(compress=False, encrypt=False)
+        rag = {"node_id": "rag-01", "version": "1.0.0"}
+        ConfigStore(scene.client, plaintext_components={"rag"}).seed(
+            "rag", rag, "rag", by="op", options=plain
+        )
+        with pytest.raises(NotAnEnvelopeError):
+            backend.state("rag")
+        backend.declare(
+            "rag",
+            "rag",
+            json_schema=None,
+            storage=storage_policy(
+                StorageSpec.model_validate(
+                    {"compression": {"enabled": False}, "encryption": {"enabled": False}}
+                )
+            ),
+            digest=None,
+            modified_by="operator:reliability",
+        )
+        assert backend.state("rag").active_version == 1
+    finally:
+        backend.close()
