@@ -236,8 +236,8 @@ class ConfigStore:
 
     def _read_options(self, component: str, meta: ConfigMetadata | None) -> EnvelopeOptions:
         """What a value of `component` must be to be accepted. Encryption is required when the
-        reader's settings say so. Only then may the metadata make it stricter (a component
-        recorded as encrypted is never read in plaintext), never looser."""
+        reader's settings say so; otherwise the metadata may still make it stricter (a
+        component recorded as encrypted is never read in plaintext), never looser."""
         base = self.client.envelope.options
         required = self.requires_encryption(component) or (
             meta is not None and meta.storage is not None and meta.storage.encrypt
