@@ -81,6 +81,24 @@ class Backend(Protocol):
 
     def state(self, component: str) -> ComponentState: ...
 
+    def declare(
+        self,
+        component: str,
+        component_type: str,
+        *,
+        json_schema: Mapping[str, Any] | None,
+        storage: StoragePolicy,
+        digest: str | None,
+        modified_by: str,
+    ) -> bool:
+        """Tell the backend what the spec says before anything is read: whether the
+        component's values may be read unencrypted (`storage`), and (when `digest`, the valid
+        spec config's digest, is given) re-sign its metadata record when it does not verify
+        (written before records were signed, forged, or an older one put back), rebuilt from
+        authenticated values, `component_type`/`json_schema` and, for a plaintext component,
+        only when it holds `digest`. True when it re-signed; RecordAuthError when it cannot."""
+        ...
+
     def seed(
         self,
         component: str,

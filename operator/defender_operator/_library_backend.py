@@ -23,6 +23,7 @@ from defender_config import (
     KeyringError,
     KeyUsage,
     LibrarySettings,
+    RecordAuthError,
     Registry,
     StoragePolicy,
     config_digest,
@@ -66,12 +67,29 @@ class LibraryBackend:
         self.configs = ConfigStore(self.client)
         self.registry = Registry(self.client, self.configs)
         self.layout = self.client.layout
+        # component -> (type, schema, digest) of its spec, as last declared by a reconcile: lets
+        # a monitor pass re-sign a record that stopped verifying without waiting for one.
+        self._declared: dict[str, tuple[str, Mapping[str, Any] | None, str]] = {}
 
     def health(self) -> EtcdHealth:
         return etcd_health(self.client.store.health())
 
     def state(self, component: str) -> ComponentState:
-        seen = self.configs.overview(component)
+        try:
+            seen = self.configs.overview(component)
+        except RecordAuthError:
+            declared = self._declared.get(component)
+            if declared is None:
+                raise
+            ctype, schema, digest = declared
+            self.configs.repair_metadata(
+                component,
+                component_type=ctype,
+                json_schema=schema,
+                by=f"operator:{self.client.instance}",
+                trusted_digest=digest,
+            )
+            seen = self.configs.overview(component)
         meta = seen.metadata
         return ComponentState(
             master_digest=config_digest(seen.master) if seen.master is not None else None,
@@ -87,6 +105,36 @@ class LibraryBackend:
         # Codecs and size caps stay the store-wide ones; the spec chooses the switches, the
         # zstd level and the threshold.
         return storage.write_options(self.client.envelope.options) if storage is not None else None
+
+    def declare(
+        self,
+        component: str,
+        component_type: str,
+        *,
+        json_schema: Mapping[str, Any] | None,
+        storage: StoragePolicy,
+        digest: str | None,
+        modified_by: str,
+    ) -> bool:
+        # The spec (from the Kubernetes API) is the operator's own setting: a component may be
+        # read unencrypted only when its spec stores it so. Permission is withdrawn only after
+        # its values were re-sealed encrypted (commit / set_storage), which reads them first.
+        if not storage.encrypt:
+            self.configs.allow_plaintext(component)
+        if digest is None:
+            return False
+        self._declared[component] = (component_type, json_schema, digest)
+        return self.configs.repair_metadata(
+            component,
+            component_type=component_type,
+            json_schema=json_schema,
+            by=modified_by,
+            trusted_digest=digest,
+        )
+
+    def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:
+        if storage is not None and storage.encrypt:
+            self.configs.allow_plaintext(component, False)
 
     def seed(
         self,
@@ -121,8 +169,14 @@ class LibraryBackend:
         history_limit: int,
         storage: StoragePolicy | None = None,
     ) -> int:
-        store = ConfigStore(self.client, history_limit=history_limit)
-        return store.commit(component, config, modified_by, options=self._options(storage))
+        store = ConfigStore(
+            self.client,
+            history_limit=history_limit,
+            plaintext_components=self.configs.plaintext_components,
+        )
+        version = store.commit(component, config, modified_by, options=self._options(storage))
+        self._sealed_as(component, storage)
+        return version
 
     def rollback(
         self,
@@ -141,7 +195,9 @@ class LibraryBackend:
 
     def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:
         options = storage.write_options(self.client.envelope.options)
-        return self.configs.set_storage(component, options, modified_by)
+        changed = self.configs.set_storage(component, options, modified_by)
+        self._sealed_as(component, storage)
+        return changed
 
     def freeze(self, component: str, reason: str) -> None:
         self.configs.freeze(component, reason, by="defender-operator")
@@ -150,6 +206,7 @@ class LibraryBackend:
         self.configs.unfreeze(component)
 
     def purge(self, component: str) -> int:
+        self._declared.pop(component, None)
         store = self.client.store
         removed = store.delete_prefix(self.layout.component_dir(component))
         removed += store.delete_prefix(self.layout.component_alerts_dir(component))

@@ -184,6 +184,17 @@ async def _reconcile(
             f"paused, keyring unavailable: {rt.keyring_condition().message}",
             delay=RETRY_KEYRING,
         )
+    # Before anything is read: whether this reader accepts the component unencrypted comes
+    # from its spec, never from etcd.
+    await asyncio.to_thread(
+        rt.backend.declare,
+        component,
+        spec.component_type.value,
+        json_schema=spec.custom_schema,
+        storage=storage_policy(spec.storage),
+        digest=None,
+        modified_by=who,
+    )
 
     # The namespace's keyring copy comes first: pods cannot read anything without it.
     await asyncio.to_thread(
@@ -245,6 +256,23 @@ async def _reconcile(
 
     digest = config_digest(normalized)
     storage = storage_policy(spec.storage)
+    resigned = await asyncio.to_thread(
+        rt.backend.declare,
+        component,
+        spec.component_type.value,
+        json_schema=spec.custom_schema,
+        storage=storage,
+        digest=digest,
+        modified_by=who,
+    )
+    if resigned:
+        kopf.event(
+            body,
+            type="Warning",
+            reason="MetadataResigned",
+            message="the metadata record in etcd did not verify (unsigned or forged); it was "
+            "rebuilt from the newest authenticated config and signed",
+        )
     state = await asyncio.to_thread(rt.backend.state, component)
     plan = plan_seed(
         digest,

@@ -237,9 +237,9 @@ class Agent:
 
     def _on_active(self, active: ActiveConfig) -> None:
         try:
-            meta = None
-            if self.configs is not None:
-                meta = self.configs.get_metadata(self.settings.component)
+            # The record written with this ACTIVE value (authenticated by the library), not the
+            # current one: a later record cannot change how this config is validated.
+            meta = active.metadata
             ok = self.applier.apply(
                 active.config,
                 active.version,

@@ -117,6 +117,12 @@ class AgentSettings(BaseSettings):
     """Directory where the key Secret is mounted (holds ``keyring.json``); default from the
     settings file. Changes to the mounted Secret are picked up without a restart."""
 
+    allow_plaintext: bool = False
+    """Accept this component's configs unencrypted: only for a component stored in plaintext
+    on purpose (``spec.storage.encryption.enabled: false``). Otherwise an unencrypted config is
+    refused, whatever the records in etcd say. Same as listing the component in the library's
+    ``plaintext_components``."""
+
     reload_method: ReloadMethod = "signal"
     """How the component is told to reload: ``signal``, ``http`` or ``none`` (the component
     watches the file itself)."""
@@ -285,4 +291,6 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
         update["heartbeat_allowed_misses"] = agent.heartbeat_misses
     if agent.keyring_poll_seconds is not None:
         update["keyring_poll_seconds"] = agent.keyring_poll_seconds
+    if agent.allow_plaintext and agent.component not in base.plaintext_components:
+        update["plaintext_components"] = [*base.plaintext_components, agent.component]
     return base.model_copy(update=update)

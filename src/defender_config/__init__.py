@@ -35,6 +35,8 @@ from ._errors import (
     KeyringLacksKeysError,
     NotAnEnvelopeError,
     NotFoundError,
+    RecordAuthError,
+    RecordReplayError,
     SettingsError,
     SizeAnomalyError,
     StoreAuthError,
@@ -62,6 +64,7 @@ from ._models import (
     config_digest,
     validate_config,
 )
+from ._records import sign_record, verify_record
 from ._registry import (
     ComponentStatus,
     ComponentSummary,
@@ -160,6 +163,8 @@ __all__ = [
     "ParsedKey",
     "PutOp",
     "RagConfig",
+    "RecordAuthError",
+    "RecordReplayError",
     "Registration",
     "Registry",
     "RewrapReport",
@@ -197,7 +202,9 @@ __all__ = [
     "read_keyring_backup",
     "register_cipher",
     "register_compressor",
+    "sign_record",
     "validate_config",
+    "verify_record",
     "write_key_record",
     "write_keyring_backup",
 ]

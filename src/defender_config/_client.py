@@ -13,9 +13,10 @@ from prometheus_client import CollectorRegistry
 
 from ._alerts import Alerter, AlertSink, EtcdAlertSink, LoggingSink
 from ._envelope import Envelope, KeyringProvider, expect_plaintext, inspect, is_envelope
-from ._errors import DefenderConfigError, EnvelopeError, SettingsError
+from ._errors import DefenderConfigError, EnvelopeError, RecordAuthError, SettingsError
 from ._keyring import Keyring, KeyringSource
 from ._layout import Layout
+from ._records import is_signed, sign_record, verify_record
 from ._settings import EnvelopeOptions, LibrarySettings
 from ._store import EtcdStore
 from ._store_types import Lease, StoredValue
@@ -157,6 +158,56 @@ class DefenderClient:
 
     def put_json(self, path: str, value: Any, *, lease: Lease | int | None = None) -> int:
         return self.store.put(path, self.encode_json(value), lease=lease)
+
+    # --- authenticated control records (metadata, freeze, ...; see _records.py) -------------
+
+    @property
+    def verifies_records(self) -> bool:
+        """True when this client holds a keyring: it signs the control records it writes and
+        refuses ones whose MAC does not verify. A client without a keyring writes them unsigned
+        and reads them unverified (it cannot tell a forged record from a real one)."""
+        return self.envelope.keyring() is not None
+
+    def encode_record(self, path: str, record: Any) -> bytes:
+        """A control record (JSON-ready mapping) for `path`, signed when a keyring is held."""
+        keyring = self.envelope.keyring()
+        return self.encode_json(sign_record(keyring, path, record) if keyring else dict(record))
+
+    def decode_record(
+        self, path: str, blob: bytes, *, component: str | None = None, report: bool = True
+    ) -> Any:
+        """The record stored at `path`, without its `auth` block. With a keyring the MAC must
+        verify: a RecordAuthError is alerted (unless `report` is False: the caller reports it
+        itself), then raised; the caller ignores the record."""
+        keyring = self.envelope.keyring()
+        try:
+            data = self.decode_json(path, blob)
+        except (ValueError, UnicodeDecodeError):
+            if keyring is None:
+                raise
+            exc = RecordAuthError(path, "it is not JSON")
+            if report:
+                self.report(exc, path=path, component=component)
+            raise exc from None
+        if keyring is None:
+            return {k: v for k, v in data.items() if k != "auth"} if is_signed(data) else data
+        try:
+            return verify_record(keyring, path, data)
+        except RecordAuthError as exc:
+            if report:
+                self.report(exc, path=path, component=component)
+            raise
+
+    def put_record(self, path: str, record: Any, *, lease: Lease | int | None = None) -> int:
+        """Sign (with a keyring) and write a control record; returns the revision."""
+        return self.store.put(path, self.encode_record(path, record), lease=lease)
+
+    def get_record(self, path: str) -> tuple[Any, StoredValue] | None:
+        """Read and verify a control record (see `decode_record`); None if absent."""
+        stored = self.store.get(path)
+        if stored is None:
+            return None
+        return self.decode_record(path, stored.value), stored
 
     # --- alerts ---------------------------------------------------------------------------------
 

@@ -13,7 +13,10 @@ DefenderConfigError                          reason
 │   ├── UnsupportedFormatError               UnsupportedFormat newer envelope version / flags
 │   ├── NotAnEnvelopeError                   NotAnEnvelope     plaintext where sealed expected
 │   ├── UnexpectedEnvelopeError              UnexpectedEnvelope  sealed where plaintext expected
-│   └── ValueTooLargeError                   ValueTooLarge     over etcd's request limit
+│   ├── ValueTooLargeError                   ValueTooLarge     over etcd's request limit
+│   └── RecordAuthError                      RecordUnauthenticated  control record: no/bad MAC
+│       └── RecordReplayError                RecordReplayed    authentic, but older / not the
+│                                                              record of the value beside it
 ├── KeyringError                             KeyringInvalid
 │   ├── KeyringBackupError                   KeyringBackupInvalid  corrupt / unknown export file
 │   │   └── WrongPassphraseError             WrongPassphrase   wrong or no passphrase
@@ -54,6 +57,8 @@ __all__ = [
     "KeyringLacksKeysError",
     "NotAnEnvelopeError",
     "NotFoundError",
+    "RecordAuthError",
+    "RecordReplayError",
     "SettingsError",
     "SizeAnomalyError",
     "StoreAuthError",
@@ -300,6 +305,43 @@ class ValueTooLargeError(EnvelopeError):
             "config, enable compression, or raise the limit on every member and reader",
             path=path,
         )
+
+
+class RecordAuthError(EnvelopeError):
+    """A control record (metadata, freeze marker, ...) that steers readers or the operator has
+    no valid MAC: missing, malformed, made with a key this reader does not hold, or not matching
+    the record and its etcd path. Such a record is ignored and reported, never obeyed."""
+
+    reason = "RecordUnauthenticated"
+
+    def __init__(self, path: str | None, problem: str, *, key_id: str | None = None) -> None:
+        self.problem = problem
+        self.key_id = key_id
+        kid = f" (key {key_id!r})" if key_id else ""
+        super().__init__(
+            f"control record{_at(path)} failed authentication{kid}: {problem}; it was written "
+            "without the keyring (by hand, by an old version, or by someone with etcd write "
+            "access only) and is ignored. The operator re-signs records it can verify against "
+            "the sealed configs on its next pass; otherwise re-register the component",
+            path=path,
+        )
+
+
+class RecordReplayError(RecordAuthError):
+    """An authentic control record that is not the current one: older than a version this
+    reader already accepted, or not the record of the sealed value written beside it."""
+
+    reason = "RecordReplayed"
+
+    def __init__(self, path: str | None, problem: str, *, key_id: str | None = None) -> None:
+        EnvelopeError.__init__(
+            self,
+            f"control record{_at(path)} is authentic but stale: {problem}; an older record was "
+            "put back (replay) and is ignored; the last accepted config stays in force",
+            path=path,
+        )
+        self.problem = problem
+        self.key_id = key_id
 
 
 # --- keyring, store, validation -----------------------------------------------------------------

@@ -451,7 +451,11 @@ class Registry:
             names.add(parsed.component)
             try:
                 if parsed.kind == "metadata":
-                    meta[parsed.component] = self.client.decode_json(sv.key, sv.value)
+                    # Shown only: a record failing its MAC is skipped here and alerted by the
+                    # readers that would act on it.
+                    meta[parsed.component] = self.client.decode_record(
+                        sv.key, sv.value, report=False
+                    )
                 elif parsed.kind == "status":
                     status[parsed.component] = StatusRecord.model_validate(
                         self.client.decode_json(sv.key, sv.value)

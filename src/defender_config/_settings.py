@@ -40,6 +40,16 @@ ETCD_REQUEST_LIMIT_BYTES = 1_572_864
 _MiB = 1024 * 1024
 
 
+def _split_list(value: Any) -> Any:
+    """A list setting from the environment: comma separated, or a JSON list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
 class EnvelopeOptions(BaseModel):
     """How values are sealed. Per store (settings) and overridable per call.
 
@@ -125,12 +135,7 @@ class EtcdSettings(BaseModel):
     @field_validator("endpoints", mode="before")
     @classmethod
     def _split_endpoints(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return _split_list(value)
 
     @field_validator("endpoints")
     @classmethod
@@ -174,6 +179,11 @@ class LibrarySettings(BaseSettings):
     """Root of every key this library writes."""
     keyring_path: Path | None = None
     """Mounted keyring Secret (directory or `keyring.json`). Needed when `envelope.encrypt`."""
+    plaintext_components: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Components whose configs this reader accepts unencrypted (a deliberately plaintext
+    component, `spec.storage.encrypt: false`). Every other component must be encrypted when
+    `envelope.encrypt` is on, whatever its metadata in etcd says: etcd content never lowers a
+    reader's requirement. Env form: comma separated or a JSON list."""
     keyring_poll_seconds: float = Field(default=2.0, gt=0)
     """How often the keyring file is checked for a new version."""
     history_limit: int = Field(default=10, ge=1)
@@ -182,6 +192,16 @@ class LibrarySettings(BaseSettings):
     """Heartbeat refresh interval (the old design used 30 s)."""
     heartbeat_allowed_misses: int = Field(default=3, ge=1)
     """Lease TTL = interval x allowed misses: an instance is gone after this many misses."""
+
+    @field_validator("plaintext_components", mode="before")
+    @classmethod
+    def _split_components(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    def requires_encryption(self, component: str) -> bool:
+        """Whether this reader refuses an unencrypted MASTER/ACTIVE/history value of
+        `component`: decided by these settings alone, never by a record in etcd."""
+        return self.envelope.encrypt and component not in self.plaintext_components
 
     @classmethod
     def settings_customise_sources(

@@ -22,6 +22,8 @@ Arguments (a dict):
   pidfile        file holding the pid to signal, on the shared volume (alternative to process)
   url            reload URL (reload.method=http)
   seedConfig     optional path (in the agent container) of a JSON file registered as MASTER
+  allowPlaintext true for a component stored unencrypted on purpose (spec.storage); the agent
+                 refuses unencrypted configs otherwise (also set for config.plaintextComponents)
 
 The agent writes <sharedMountPath>/<component>.json; the component reads it from the same path.
 */}}
@@ -59,6 +61,12 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
     {{- with .componentType }}
     - name: DEFENDER_AGENT_COMPONENT_TYPE
       value: {{ . | quote }}
+    {{- end }}
+    {{- $plaintext := list -}}
+    {{- with $ctx.Values.config }}{{ $plaintext = .plaintextComponents | default list }}{{ end }}
+    {{- if or .allowPlaintext (has $component $plaintext) }}
+    - name: DEFENDER_AGENT_ALLOW_PLAINTEXT
+      value: "true"
     {{- end }}
     - name: DEFENDER_AGENT_OUTPUT_PATH
       value: {{ printf "%s/%s.json" $agent.sharedMountPath $component | quote }}

@@ -183,6 +183,9 @@ mounted. Agents get the same values as DEFENDER_AGENT_* variables (_agent.tpl).
 {{- end -}}
 {{- $envelope := dict "compress" .Values.config.envelope.compress "encrypt" .Values.config.envelope.encrypt "cipher" .Values.config.envelope.cipher "level" .Values.config.envelope.level "threshold_bytes" .Values.config.envelope.thresholdBytes "max_decompressed_bytes" .Values.config.envelope.maxDecompressedBytes -}}
 {{- $settings := dict "etcd" $etcd "envelope" $envelope "prefix" .Values.config.prefix -}}
+{{- with .Values.config.plaintextComponents }}
+{{- $_ := set $settings "plaintext_components" . -}}
+{{- end -}}
 {{- toPrettyJson $settings -}}
 {{- end -}}
 

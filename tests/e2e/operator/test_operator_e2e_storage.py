@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from operator_e2e_support import OperatorRun, wait_for
 
-from defender_config import EnvelopeHeader, inspect
+from defender_config import CodecMismatchError, ConfigStore, EnvelopeHeader, inspect
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -46,9 +46,12 @@ def test_compression_off_then_encryption_off(operator_run: OperatorRun) -> None:
     h = header(run, "master_config")
     assert (h.compressed, h.encrypted, h.key_id) == (True, False, None)
     wait_for("StorageChanged event", lambda: "StorageChanged" in run.event_reasons(NAME))
-    # A reader whose store-wide options encrypt still reads it: the component's metadata says
-    # this component is stored unencrypted.
+    # A reader whose store-wide options encrypt refuses it: only a reader whose own settings
+    # list the component reads it unencrypted; the metadata record decides nothing.
     assert configs.client.envelope.options.encrypt
-    again = configs.get_active(NAME)
+    with pytest.raises(CodecMismatchError):
+        configs.get_active(NAME)
+    lenient = ConfigStore(configs.client, plaintext_components={NAME})
+    again = lenient.get_active(NAME)
     assert (again.version, again.config) == (1, active.config)
     assert run.get(NAME)["status"]["activeVersion"] == 1

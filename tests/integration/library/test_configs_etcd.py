@@ -22,6 +22,7 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     NotFoundError,
+    RecordAuthError,
     StoreError,
     UnknownKeyError,
     inspect,
@@ -123,10 +124,12 @@ def test_freeze_refuses_commits(configs: ConfigStore, client: DefenderClient) ->
     assert configs.rollback("sniffer", "master", by="oncall") == 2
     assert configs.unfreeze("sniffer")
     assert configs.commit("sniffer", snaplen(100), by="ops") == 3
-    # A marker written by hand with etcdctl (not JSON) freezes too.
+    # A marker written by hand with etcdctl carries no MAC: anyone with etcd write access could
+    # write it, so it does not freeze (tests/reliability/test_integrity_attacks.py: forged
+    # freezes are alerted).
     client.store.put(client.layout.freeze("sniffer"), b"yes")
-    with pytest.raises(ConfigFrozenError):
-        configs.commit("sniffer", snaplen(101), by="ops")
+    assert configs.frozen("sniffer") is None
+    assert configs.commit("sniffer", snaplen(101), by="ops") == 4
 
 
 def test_freeze_set_between_read_and_write_is_honoured(
@@ -135,12 +138,12 @@ def test_freeze_set_between_read_and_write_is_honoured(
     # The freeze check is part of the write transaction, not only a read before it.
     meta = configs._metadata("sniffer")
     assert meta is not None
-    client.store.put(
-        client.layout.freeze("sniffer"), b'{"reason":"race","since":"2026-01-01T00:00:00Z"}'
+    client.put_record(
+        client.layout.freeze("sniffer"), {"reason": "race", "since": "2026-01-01T00:00:00Z"}
     )
     with pytest.raises(ConfigFrozenError):
         configs._write_version(
-            "sniffer", snaplen(5), "ops", meta[0], meta[1], note=None, respect_freeze=True
+            "sniffer", snaplen(5), "ops", meta[0], meta[1], note=None, freeze_revision=0
         )
 
 
@@ -238,8 +241,8 @@ def test_rewrap_all_after_rotation(
     with DefenderClient(settings, rotated, registry=CollectorRegistry(), alert_sinks=[]) as c2:
         cs2 = ConfigStore(c2)
         report = cs2.rewrap_all()
-        # master, active, 3 history entries (limit 3)
-        assert (report.sealed, report.rewrapped, report.failed) == (5, 5, 0)
+        # master, active, 3 history entries (limit 3), and the metadata record's MAC
+        assert (report.sealed, report.rewrapped, report.failed) == (6, 6, 0)
         for sv in c2.store.list_prefix(c2.layout.component_dir("sniffer")):
             if sv.key.endswith(("metadata", "status")):
                 continue
@@ -325,6 +328,11 @@ def test_overview_reads_metadata_master_and_freeze_at_once(
 def test_overview_refuses_a_hand_edited_metadata_record(
     configs: ConfigStore, client: DefenderClient
 ) -> None:
-    client.store.put(client.layout.metadata("sniffer"), b'{"version": "many"}')
+    path = client.layout.metadata("sniffer")
+    client.store.put(path, b'{"version": "many"}')
+    with pytest.raises(RecordAuthError, match="carries no MAC"):
+        configs.overview("sniffer")
+    # Signed with the key but not a metadata record: typed too.
+    client.put_record(path, {"version": "many"})
     with pytest.raises(StoreError, match="not a valid record"):
         configs.overview("sniffer")

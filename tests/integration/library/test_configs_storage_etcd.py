@@ -1,6 +1,7 @@
 """Per-component storage options (ConfigStore `options=`) against the real cluster: what the raw
-etcd values look like, that readers with other store-wide options still read them, and that the
-encryption requirement recorded in the metadata is enforced on readers."""
+etcd values look like, that a reader accepts an unencrypted component only when its own settings
+list it (`plaintext_components`), and that a record requiring encryption only tightens a
+lenient reader."""
 
 from __future__ import annotations
 
@@ -63,9 +64,13 @@ def seed(configs: ConfigStore, component: str, options: EnvelopeOptions | None) 
     assert result.created
 
 
+#: Components the tests below store unencrypted on purpose; the reader's own settings list them.
+PLAINTEXT = {"fw", "fw19", "plain"}
+
+
 @pytest.fixture
 def configs(client: DefenderClient) -> ConfigStore:
-    return ConfigStore(client)
+    return ConfigStore(client, plaintext_components=PLAINTEXT)
 
 
 @pytest.fixture
@@ -113,9 +118,15 @@ def test_encryption_off_is_readable_by_an_encrypting_reader(
     for path in sealed_paths(client, "fw"):
         header = inspect(raw(client, path))
         assert (header.compressed, header.encrypted, header.key_id) == (True, False, None)
-    # `client` encrypts store-wide and would refuse an unencrypted value of another component;
-    # the metadata record of this one allows it.
+    # `client` encrypts store-wide: a reader whose settings do not list "fw" refuses it, whatever
+    # the (authentic) metadata record says; `configs` lists it.
     assert client.envelope.options.encrypt
+    with pytest.raises(CodecMismatchError):
+        ConfigStore(client).get_active("fw")
+    with pytest.raises(CodecMismatchError):
+        ConfigStore(client).get_master("fw")
+    assert [a.kind for a in alerts] == ["CodecMismatch", "CodecMismatch"]
+    alerts.clear()
     assert configs.get_active("fw").config == config()
     assert configs.get_master("fw") == config()
     version = configs.commit("fw", config(1), by="ops")
@@ -215,12 +226,15 @@ def test_rewrap_keeps_each_components_policy(
         settings, staged.promote(new_id), registry=CollectorRegistry(), alert_sinks=[]
     ) as c2:
         report = ConfigStore(c2).rewrap_all()
-        assert report.failed == 0 and report.rewrapped == 3  # "sealed": MASTER, ACTIVE, hist/1
+        # "sealed": MASTER, ACTIVE, hist/1; and both metadata records are re-signed
+        assert report.failed == 0 and report.rewrapped == 5
         for path in sealed_paths(c2, "plain"):
             assert not inspect(raw(c2, path)).encrypted, path
         for path in sealed_paths(c2, "sealed"):
             assert inspect(raw(c2, path)).key_id == new_id, path
-        assert ConfigStore(c2).get_active("plain").config == config()
+        assert ConfigStore(c2, plaintext_components=PLAINTEXT).get_active("plain").config == (
+            config()
+        )
 
 
 def test_set_storage_reseals_without_a_new_version(

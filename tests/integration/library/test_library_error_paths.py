@@ -24,6 +24,8 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     NotFoundError,
+    RecordAuthError,
+    RecordReplayError,
     Registry,
     StoreError,
     StoreUnavailableError,
@@ -126,6 +128,10 @@ def test_hand_edited_values(client: DefenderClient) -> None:
     configs.seed("sniffer", SNIFFER, "sniffer", by="t")
     lay = client.layout
     client.store.put(lay.metadata("sniffer"), b'{"version": "two"}')
+    with pytest.raises(RecordAuthError, match="carries no MAC"):
+        configs.commit("sniffer", {**SNIFFER, "snaplen": 100}, by="ops")
+    # Signed (a key holder's bug) but not a valid record: a typed store error.
+    client.put_record(lay.metadata("sniffer"), {"version": "two"})
     with pytest.raises(StoreError, match="edited by hand"):
         configs.commit("sniffer", {**SNIFFER, "snaplen": 100}, by="ops")
     # Sealed correctly but not a JSON object: a typed validation error, not a crash.
@@ -242,7 +248,16 @@ def test_historical_read_of_a_compacted_revision(
     )
     with pytest.raises(StoreError, match="compacted"):
         client.store.get(client.layout.metadata("sniffer"), revision=old.mod_revision)
-    # The watch falls back to the current metadata: it still matches the current ACTIVE.
+    # Reading at a compacted revision falls back to the current metadata: it still matches the
+    # current ACTIVE, and the version is known.
     active = configs.get_active("sniffer")
-    assert configs._version_at("sniffer", active.digest, old.mod_revision) == 2
-    assert configs._version_at("sniffer", "not-the-digest", old.mod_revision) is None
+    assert active.version == 2
+    current = client.store.get(client.layout.active_config("sniffer"))
+    assert current is not None
+    again = configs._active_from(
+        "sniffer", current.value, old.mod_revision, stale=False, final=True
+    )
+    assert again is not None and again.version == 2
+    # The old ACTIVE value against the (fallback) current record is a mismatch: not accepted.
+    with pytest.raises(RecordReplayError):
+        configs._active_from("sniffer", old.value, old.mod_revision, stale=False, final=True)

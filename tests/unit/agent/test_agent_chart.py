@@ -138,3 +138,23 @@ def test_no_signal_without_shared_process_namespace(helm: Path) -> None:
     dep = deployment(helm, "agent.reload.method=none")
     assert dep["spec"]["template"]["spec"]["shareProcessNamespace"] is False
     assert "DEFENDER_AGENT_RELOAD_PROCESS" not in env_of(containers(dep)["defender-agent"])
+
+
+def test_plaintext_is_allowed_only_where_the_values_say(
+    helm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Default: no DEFENDER_AGENT_ALLOW_PLAINTEXT, the agent refuses unencrypted configs.
+    assert "DEFENDER_AGENT_ALLOW_PLAINTEXT" not in env_of(
+        containers(deployment(helm))["defender-agent"]
+    )
+    assert "DEFENDER_AGENT_ALLOW_PLAINTEXT" not in env_of(
+        containers(deployment(helm, "config.plaintextComponents={rag}"))["defender-agent"]
+    )
+    env = env_of(
+        containers(deployment(helm, "config.plaintextComponents={sniffer}"))["defender-agent"]
+    )
+    assert env["DEFENDER_AGENT_ALLOW_PLAINTEXT"] == "true"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value if isinstance(value, str) else "sniffer-6c9d-x2")
+    settings = load_agent_settings([])
+    assert settings.allow_plaintext is True

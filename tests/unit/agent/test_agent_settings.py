@@ -200,3 +200,15 @@ def test_every_setting_is_documented() -> None:
 
     undocumented = [n for n, f in AgentSettings.model_fields.items() if not f.description]
     assert undocumented == []
+
+
+def test_allow_plaintext_lists_the_component_for_the_library() -> None:
+    strict = library_settings(load_agent_settings([*BASE, "--instance", "i"]))
+    assert strict.plaintext_components == []
+    assert strict.requires_encryption("sniffer") is True
+    lenient = library_settings(
+        load_agent_settings([*BASE, "--instance", "i", "--allow-plaintext", "true"])
+    )
+    assert lenient.plaintext_components == ["sniffer"]
+    assert lenient.requires_encryption("sniffer") is False
+    assert lenient.requires_encryption("firewall") is True

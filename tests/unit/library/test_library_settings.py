@@ -151,3 +151,23 @@ def test_envelope_options_are_frozen() -> None:
     with pytest.raises(ValueError, match="frozen"):
         opts.level = 9
     assert hash(opts) == hash(EnvelopeOptions())
+
+
+def test_plaintext_components_from_env_and_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert load_settings().requires_encryption("firewall") is True
+    monkeypatch.setenv("DEFENDER_PLAINTEXT_COMPONENTS", "rag, sniffer")
+    settings = load_settings()
+    assert settings.plaintext_components == ["rag", "sniffer"]
+    assert settings.requires_encryption("rag") is False
+    assert settings.requires_encryption("firewall") is True
+    monkeypatch.setenv("DEFENDER_PLAINTEXT_COMPONENTS", '["rag"]')
+    assert load_settings().plaintext_components == ["rag"]
+    monkeypatch.delenv("DEFENDER_PLAINTEXT_COMPONENTS")
+    path = tmp_path / "s.json"
+    path.write_text('{"plaintext_components": ["rag"], "envelope": {"encrypt": false}}')
+    loaded = load_settings(path)
+    # With encryption off store-wide nothing is required, listed or not.
+    assert loaded.requires_encryption("rag") is False
+    assert loaded.requires_encryption("firewall") is False

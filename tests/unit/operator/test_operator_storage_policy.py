@@ -33,5 +33,3 @@ def test_write_options_keep_store_wide_codecs_and_caps() -> None:
     opts = policy.write_options(base)
     assert (opts.compress, opts.encrypt, opts.level) == (True, False, 7)
     assert (opts.cipher, opts.max_decompressed_bytes) == ("chacha20-poly1305", 1024)
-    read = policy.read_options(base)
-    assert read.encrypt is False and read.cipher == "chacha20-poly1305"
