@@ -4,6 +4,7 @@
 OperatorError
 ├── OperatorConfigurationError   bad DEFENDER_OPERATOR_* settings (fail at start-up)
 ├── KeySecretError               the keyring Secret cannot be read or written
+├── OwnerRecordError             a component's owner record in etcd is not one of ours
 └── KubeError                    another Kubernetes API call failed
 ```
 """
@@ -48,6 +49,11 @@ class KeySecretError(OperatorError):
             f"cannot {action} Secret {namespace}/{name}: HTTP {status} {why}; check the"
             " operator's RBAC for secrets in that namespace"
         )
+
+
+class OwnerRecordError(OperatorError):
+    """`<prefix>/control/<name>/owner` exists but cannot be read as an owner record: nobody
+    may write the component until a person removes or repairs it."""
 
 
 class KubeError(OperatorError):

@@ -44,6 +44,8 @@ class ComponentMemory:
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None
+    # Set while another DefenderComponent owns this name in etcd: nothing is written or judged.
+    conflict: Cond | None = None
     degraded_reported: bool = False
     # The status as this operator last wrote it (the patch response): fresher than kopf's body
     # of the object, which lags our own writes by a watch event.

@@ -14,6 +14,8 @@ HEARTBEATING = "Heartbeating"
 KEY_CURRENT = "KeyCurrent"
 MISCONFIGURED = "Misconfigured"
 CONDITION_TYPES = (READY, CONFIG_SYNCED, HEARTBEATING, KEY_CURRENT, MISCONFIGURED)
+# Only on a resource refused the etcd name it asks for (see `ownership`): absent otherwise.
+CONFLICT = "Conflict"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
@@ -62,6 +64,7 @@ class Observation:
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None
+    conflict: Cond | None = None
 
 
 _CONFIG = {
@@ -91,7 +94,8 @@ def last_config_state(conditions: object) -> tuple[ConfigState, str]:
 
 
 def compute(obs: Observation) -> list[Cond]:
-    """The five conditions. Each is always present (Unknown until known)."""
+    """The five conditions, each always present (Unknown until known), and Conflict while the
+    resource is refused its etcd name."""
     status, reason, default_msg = _CONFIG[obs.config]
     config = Cond(CONFIG_SYNCED, status, reason, obs.config_message or default_msg)
     heartbeat = obs.heartbeat or Cond(HEARTBEATING, UNKNOWN, "Pending", "not observed yet")
@@ -108,6 +112,11 @@ def compute(obs: Observation) -> list[Cond]:
         first = blockers[0]
         status = FALSE if any(c.status == FALSE or c is misconfig for c in blockers) else UNKNOWN
         ready = Cond(READY, status, first.reason, f"{first.type}: {first.message}")
+    if obs.conflict is not None:
+        # The refusal is the only thing worth reading: the rest is not judged for it.
+        config = Cond(CONFIG_SYNCED, FALSE, obs.conflict.reason, obs.conflict.message)
+        ready = Cond(READY, FALSE, obs.conflict.reason, f"{CONFLICT}: {obs.conflict.message}")
+        return [ready, config, heartbeat, key, misconfig, obs.conflict]
     return [ready, config, heartbeat, key, misconfig]
 
 
@@ -136,7 +145,8 @@ def merge(
     generation: int,
 ) -> list[dict[str, Any]]:
     """New condition list in wire form. lastTransitionTime changes only when status changes;
-    conditions of other types (set by someone else) are kept."""
+    conditions of other types (set by someone else) are kept, a Conflict no longer desired is
+    dropped."""
     by_type = {c.get("type"): c for c in existing}
     out: list[dict[str, Any]] = []
     for cond in desired:
@@ -155,5 +165,5 @@ def merge(
                 "observedGeneration": generation,
             }
         )
-    out.extend(dict(c) for c in by_type.values())
+    out.extend(dict(c) for c in by_type.values() if c.get("type") != CONFLICT)
     return out

@@ -149,6 +149,12 @@ class OperatorRun:
     def event_reasons(self, name: str) -> set[str]:
         return {e.reason for e in self.events(name)}
 
+    def wait_event(self, name: str, reason: str, timeout: float = 60.0) -> None:
+        """Wait for an Event ``reason`` on ``name``. kopf posts Events from a queue of its own,
+        so one may arrive after the status or etcd change it accompanies: never assert on an
+        Event without waiting for it."""
+        wait_for(f"{reason} event on {name}", lambda: reason in self.event_reasons(name), timeout)
+
     def apply_sample(self, sample: str, **spec_overrides: Any) -> dict[str, Any]:
         doc = yaml.safe_load((SAMPLES / f"{sample}.yaml").read_text())
         doc["spec"].update(spec_overrides)
