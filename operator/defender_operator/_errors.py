@@ -25,6 +25,8 @@ from defender_config import (
     KeyringError,
     StoreAuthError,
     StoreUnavailableError,
+    UnknownKeyError,
+    ValueTooLargeError,
 )
 
 
@@ -67,21 +69,40 @@ RETRY_CONFLICT = 1.0
 RETRY_DEFAULT = 10.0
 
 
+def is_permanent(exc: DefenderConfigError) -> bool:
+    """A refusal that retrying cannot fix until a person changes something: the spec (too
+    large, invalid), the freeze, credentials, keys the operator does not hold, or stored keys
+    that contradict each other. Only outages and lost compare-and-swaps are transient."""
+    if isinstance(exc, ConflictError):
+        return not exc.retryable
+    return isinstance(
+        exc,
+        ValueTooLargeError
+        | UnknownKeyError
+        | ConfigValidationError
+        | ConfigFrozenError
+        | StoreAuthError,
+    )
+
+
 @contextlib.contextmanager
 def kopf_errors() -> Iterator[None]:
-    """Translate library and operator errors into kopf's retry semantics."""
+    """Translate library and operator errors into kopf's retry semantics. A PermanentError's
+    `__cause__` is the library's error (its `.reason` and message go to the condition and the
+    Event, see `_reconcile`)."""
     try:
         yield
-    except (StoreUnavailableError, KeySecretError, KubeError) as exc:
-        raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc
-    except ConflictError as exc:
-        raise kopf.TemporaryError(str(exc), delay=RETRY_CONFLICT) from exc
-    except (ConfigValidationError, ConfigFrozenError, StoreAuthError) as exc:
-        # Retrying cannot help until a person changes something (spec, freeze, credentials);
-        # the next spec change triggers a new attempt anyway.
-        raise kopf.PermanentError(str(exc)) from exc
-    except (EnvelopeError, KeyringError) as exc:
-        # The stored data or keyring is wrong; retry slowly in case a rotation is completing.
-        raise kopf.TemporaryError(str(exc), delay=60.0) from exc
     except DefenderConfigError as exc:
+        if is_permanent(exc):
+            # The next spec change (or annotation) triggers a new attempt anyway.
+            raise kopf.PermanentError(str(exc)) from exc
+        if isinstance(exc, StoreUnavailableError):
+            raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc
+        if isinstance(exc, ConflictError):
+            raise kopf.TemporaryError(str(exc), delay=RETRY_CONFLICT) from exc
+        if isinstance(exc, EnvelopeError | KeyringError):
+            # Stored data or keyring unreadable; retry slowly in case a rotation is completing.
+            raise kopf.TemporaryError(str(exc), delay=60.0) from exc
         raise kopf.TemporaryError(str(exc), delay=RETRY_DEFAULT) from exc
+    except (KeySecretError, KubeError) as exc:
+        raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc

@@ -16,6 +16,7 @@ import kopf
 
 from defender_config import (
     ConfigValidationError,
+    DefenderConfigError,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
@@ -75,6 +76,7 @@ async def publish_status(
     obs = cond.Observation(
         config=mem.config_state,
         config_message=mem.config_message,
+        config_reason=mem.config_reason,
         heartbeat=mem.heartbeat,
         key=mem.key,
         misconfig=mem.misconfig,
@@ -164,6 +166,17 @@ async def reconcile(
                 mem.config_state = cond.ConfigState.STORE_UNAVAILABLE
                 mem.config_message = str(exc)
             # Conditions appear even when the first visit fails, saying why where known.
+            await publish_status(rt, namespace, name, generation, status, {})
+            raise
+        except kopf.PermanentError as exc:
+            # Not retried: a person must act, so the resource says what and why.
+            cause = exc.__cause__
+            reason = cause.reason if isinstance(cause, DefenderConfigError) else "SpecRefused"
+            mem.config_state = cond.ConfigState.REFUSED
+            mem.config_reason = reason
+            mem.config_message = str(exc)
+            kopf.event(body, type="Warning", reason=reason, message=str(exc))
+            logger.error("refused, not retried: %s", exc)
             await publish_status(rt, namespace, name, generation, status, {})
             raise
     # The monitor judges heartbeats, keys and Ready right away rather than at its next

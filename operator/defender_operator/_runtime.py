@@ -41,6 +41,7 @@ class ComponentMemory:
     last_change: ActiveChange | None = None
     config_state: ConfigState = ConfigState.UNKNOWN
     config_message: str = ""
+    config_reason: str = ""  # for ConfigState.REFUSED: the library error's reason
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None

@@ -403,7 +403,9 @@ class ConfigStore:
         existing_master = result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None
         if existing_meta is None or existing_master is None:
             raise ConflictError(
-                meta_key, detail="MASTER exists but metadata is missing; repair the component keys"
+                meta_key,
+                detail="MASTER exists but metadata is missing; repair the component keys",
+                retryable=False,
             )
         current = _parse_metadata(meta_key, c.decode_json(meta_key, existing_meta.value))
         master_cfg = self._open_config(

@@ -52,6 +52,9 @@ class ConfigState(StrEnum):
     # ACTIVE differs from spec.config on purpose (rollback, breaker revert, a commit by rag):
     # in sync with what the operator intends, but worth saying.
     DIVERGED = "Diverged"
+    # The library refused a write that retrying cannot fix (too large, invalid, unknown key,
+    # contradictory keys): the condition's reason is the library's (`config_reason`).
+    REFUSED = "Refused"
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Observation:
 
     config: ConfigState = ConfigState.UNKNOWN
     config_message: str = ""
+    config_reason: str = ""
+    """For REFUSED: the library error's reason (ValueTooLarge, ConfigInvalid, UnknownKey, ...)."""
     # Heartbeat judgement: (status, reason, message), from the restart decision or None.
     heartbeat: Cond | None = None
     key: Cond | None = None
@@ -79,6 +84,7 @@ _CONFIG = {
         "ACTIVE differs from spec.config (rollback, breaker revert or a commit by rag);"
         " edit spec.config to commit it again",
     ),
+    ConfigState.REFUSED: (FALSE, "Refused", "etcd refused the change; retrying cannot help"),
 }
 
 
@@ -97,6 +103,8 @@ def compute(obs: Observation) -> list[Cond]:
     """The five conditions, each always present (Unknown until known), and Conflict while the
     resource is refused its etcd name."""
     status, reason, default_msg = _CONFIG[obs.config]
+    if obs.config is ConfigState.REFUSED and obs.config_reason:
+        reason = obs.config_reason
     config = Cond(CONFIG_SYNCED, status, reason, obs.config_message or default_msg)
     heartbeat = obs.heartbeat or Cond(HEARTBEATING, UNKNOWN, "Pending", "not observed yet")
     key = obs.key or Cond(KEY_CURRENT, UNKNOWN, "Pending", "not observed yet")
