@@ -163,7 +163,10 @@ class OperatorRun:
         )
         return dict(doc)
 
-    def deployment(self, name: str, labels: dict[str, str], replicas: int = 1) -> None:
+    def deployment(
+        self, name: str, labels: dict[str, str], replicas: int = 1, namespace: str | None = None
+    ) -> None:
+        """A Deployment whose pods never run (no kubelet), in ``namespace`` (default: ours)."""
         apps = k8s.AppsV1Api(self.api)
         body = k8s.V1Deployment(
             metadata=k8s.V1ObjectMeta(name=name),
@@ -178,7 +181,7 @@ class OperatorRun:
                 ),
             ),
         )
-        apps.create_namespaced_deployment(self.namespace, body)
+        apps.create_namespaced_deployment(namespace or self.namespace, body)
 
     def pods(self, labels: dict[str, str]) -> list[Any]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())

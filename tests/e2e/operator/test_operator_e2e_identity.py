@@ -22,6 +22,10 @@ from defender_operator import _api
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
 NAME = "firewall"
+FAST = {
+    "heartbeat": {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 2},
+    "restartBudget": {"maxRestarts": 3, "windowSeconds": 600, "backoffBaseSeconds": 1},
+}
 
 
 @pytest.fixture
@@ -142,7 +146,12 @@ def test_same_name_in_another_namespace_is_refused_and_writes_nothing(
     owner_before = run.get(NAME)["status"]
     owner_events = _event_reasons(run, run.namespace)
 
-    _create(run, other_namespace, _sample(default_policy="allow", block_ttl_seconds=7))
+    # Heartbeat settings under which an owner would restart a silent pod within seconds.
+    intruder = _sample(default_policy="allow", block_ttl_seconds=7)
+    intruder["spec"].update(FAST)
+    _create(run, other_namespace, intruder)
+    pod = _silent_pod(run, other_namespace)
+    created = time.monotonic()
     conflict = _wait_conflict(run, other_namespace, "NameClaimedElsewhere")
     assert f"{run.namespace}/{NAME}" in conflict["message"]
     assert _wait_event(run, other_namespace, "NameClaimedElsewhere") == "Warning"
@@ -157,7 +166,14 @@ def test_same_name_in_another_namespace_is_refused_and_writes_nothing(
         "the edit handled",
         lambda: _condition(run, other_namespace, "Conflict")["observedGeneration"] == 2,  # type: ignore[index]
     )
-    time.sleep(3)  # several monitor passes (1 s) of both resources
+    # Several monitor passes (1 s), and past the grace + threshold after which an owner would
+    # restart the pod that never heartbeats (pods never run here).
+    time.sleep(max(3.0, 15.0 - (time.monotonic() - created)))
+    # The monitor judged nothing for the refused resource: its pod was not restarted.
+    names = [p.metadata.name for p in run.core.list_namespaced_pod(other_namespace).items]
+    assert names == [pod]
+    assert "PodRestarted" not in _event_reasons(run, other_namespace)
+    assert "restarts" not in _get(run, other_namespace).get("status", {})
 
     # Nothing was written by the second resource: no etcd key changed ...
     assert _etcd_snapshot(run) == etcd_before
@@ -175,29 +191,27 @@ def test_same_name_in_another_namespace_is_refused_and_writes_nothing(
     assert "Conflict" not in {c["type"] for c in owner_after["conditions"]}
 
     # Deleting the refused resource with retention Purge purges nothing of the owner's.
-    run.custom.patch_namespaced_custom_object(
-        _api.GROUP,
-        _api.VERSION,
-        other_namespace,
-        _api.PLURAL,
-        NAME,
-        {"spec": {"retention": "Purge"}},
-    )
+    _patch(run, other_namespace, {"spec": {"retention": "Purge"}})
     _delete(run, other_namespace)
     assert _etcd_snapshot(run) == etcd_before
     assert _owner(run) == owner
 
 
-def _set_ttl(run: OperatorRun, namespace: str, ttl: int) -> None:
-    doc = _sample(block_ttl_seconds=ttl)
+def _silent_pod(run: OperatorRun, namespace: str) -> str:
+    """A Deployment of the firewall labels in `namespace`; its pod never heartbeats."""
+    run.deployment(NAME, {"app.kubernetes.io/name": NAME}, namespace=namespace)
+    pods = wait_for(f"a pod in {namespace}", lambda: run.core.list_namespaced_pod(namespace).items)
+    return str(pods[0].metadata.name)
+
+
+def _patch(run: OperatorRun, namespace: str, body: dict[str, Any]) -> None:
     run.custom.patch_namespaced_custom_object(
-        _api.GROUP,
-        _api.VERSION,
-        namespace,
-        _api.PLURAL,
-        NAME,
-        {"spec": {"config": doc["spec"]["config"]}},
+        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, NAME, body
     )
+
+
+def _set_ttl(run: OperatorRun, namespace: str, ttl: int) -> None:
+    _patch(run, namespace, {"spec": {"config": _sample(block_ttl_seconds=ttl)["spec"]["config"]}})
 
 
 def test_recreate_keep_and_adopt_move_the_claim_as_documented(
@@ -233,14 +247,8 @@ def test_recreate_keep_and_adopt_move_the_claim_as_documented(
     # Released again; now the other namespace adopts it by the annotation naming the old owner.
     _delete(run, run.namespace)
     wait_for("claim released again", lambda: (_owner(run) or {}).get("released") is True)
-    run.custom.patch_namespaced_custom_object(
-        _api.GROUP,
-        _api.VERSION,
-        other_namespace,
-        _api.PLURAL,
-        NAME,
-        {"metadata": {"annotations": {"mldefender.io/adopt": f"{run.namespace}/{NAME}"}}},
-    )
+    adopt = {"mldefender.io/adopt": f"{run.namespace}/{NAME}"}
+    _patch(run, other_namespace, {"metadata": {"annotations": adopt}})
     wait_for("adopted", lambda: (_owner(run) or {}).get("namespace") == other_namespace)
     wait_for("Conflict gone", lambda: _condition(run, other_namespace, "Conflict") is None)
     expected = validate_config(NAME, _sample(block_ttl_seconds=7)["spec"]["config"])
