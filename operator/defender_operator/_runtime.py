@@ -108,3 +108,9 @@ class Runtime:
 
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
+
+    def refused_namespaces(self) -> set[str]:
+        """Namespaces where every component this operator knows is refused its etcd name: they
+        get no keyring copy (a resource that may write nothing needs no key)."""
+        refused = {ns for (ns, _), mem in self.components.items() if mem.conflict is not None}
+        return refused - {ns for (ns, _), mem in self.components.items() if mem.conflict is None}

@@ -197,6 +197,16 @@ class OperatorRun:
         secret: Any = self.core.read_namespaced_secret(SECRET, self.namespace)
         return Keyring.from_secret_data(dict(secret.data))
 
+    def operator_keyring(self) -> Keyring:
+        """The operator's source keyring (in its own namespace), once the operator made it:
+        usable before any component namespace has a copy."""
+        return wait_for(
+            "the operator's keyring Secret",
+            lambda: Keyring.from_secret_data(
+                dict(self.core.read_namespaced_secret(SECRET, self.operator_namespace).data)
+            ),
+        )
+
     def client(self, keyring: Any = None) -> DefenderClient:
         c = DefenderClient(
             self.library_settings(), keyring if keyring is not None else self.keyring_copy()

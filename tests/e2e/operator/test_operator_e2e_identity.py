@@ -16,7 +16,7 @@ import yaml
 from kubernetes import client as k8s
 from operator_e2e_support import SAMPLES, SECRET, OperatorRun, wait_for
 
-from defender_config import validate_config
+from defender_config import ConfigStore, EtcdStore, validate_config
 from defender_operator import _api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
@@ -114,14 +114,24 @@ def _delete(run: OperatorRun, namespace: str) -> None:
     wait_for(f"{namespace}/{NAME} deleted", gone)
 
 
+_STORES: dict[str, EtcdStore] = {}
+
+
+def _store(run: OperatorRun) -> EtcdStore:
+    """One client per run with the operator's keyring (the namespace copy may not exist)."""
+    if run.prefix not in _STORES:
+        _STORES[run.prefix] = run.client(run.operator_keyring()).store
+    return _STORES[run.prefix]
+
+
 def _owner(run: OperatorRun) -> dict[str, Any] | None:
-    stored = run.client().store.get(f"{run.prefix}/control/{NAME}/owner")
+    stored = _store(run).get(f"{run.prefix}/control/{NAME}/owner")
     return None if stored is None else dict(json.loads(stored.value))
 
 
 def _etcd_snapshot(run: OperatorRun) -> dict[str, int]:
     """Every key under the run's prefix with its mod revision: any write changes it."""
-    return {sv.key: sv.mod_revision for sv in run.client().store.list_prefix(run.prefix + "/")}
+    return {sv.key: sv.mod_revision for sv in _store(run).list_prefix(run.prefix + "/")}
 
 
 def test_same_name_in_another_namespace_is_refused_and_writes_nothing(
@@ -261,24 +271,25 @@ def test_data_from_before_claims_is_adopted_by_the_first_reconciler(
     operator_run: OperatorRun,
 ) -> None:
     run = operator_run
-    # Seeded the way an older operator did: MASTER/ACTIVE/metadata and no owner record.
-    config = validate_config(NAME, _sample()["spec"]["config"])
-    run.configs().seed(NAME, config, NAME, by="operator:older")
-    assert _owner(run) is None
     run.start()
+    # Seeded the way an older operator did: MASTER/ACTIVE/metadata and no owner record.
+    configs = ConfigStore(run.client(run.operator_keyring()))
+    configs.seed(NAME, validate_config(NAME, _sample()["spec"]["config"]), NAME, by="older")
+    assert _owner(run) is None
     run.apply_sample(NAME)
     run.wait_condition(NAME, "ConfigSynced", status="True")
     owner = wait_for("claim recorded", lambda: _owner(run))
     assert (owner["namespace"], owner["uid"]) == (run.namespace, run.get(NAME)["metadata"]["uid"])
-    meta = run.configs().get_metadata(NAME)
-    assert meta is not None and (meta.version, meta.modified_by) == (1, "operator:older")
+    meta = configs.get_metadata(NAME)
+    assert meta is not None and (meta.version, meta.modified_by) == (1, "older")
 
 
 def test_an_unreadable_owner_record_refuses_every_claimant(operator_run: OperatorRun) -> None:
     run = operator_run
-    key = f"{run.prefix}/control/{NAME}/owner"
-    run.client().store.put(key, b"not an owner record")
     run.start()
+    configs = ConfigStore(run.client(run.operator_keyring()))
+    key = configs.client.layout.owner(NAME)
+    configs.client.store.put(key, b"not an owner record")
     run.apply_sample(NAME)
     conflict = wait_for(
         "Conflict OwnerRecordUnreadable",
@@ -287,9 +298,9 @@ def test_an_unreadable_owner_record_refuses_every_claimant(operator_run: Operato
         ),
     )
     assert key in conflict["message"] and "etcdctl del" in conflict["message"]
-    assert run.configs().get_metadata(NAME) is None  # nothing seeded
+    assert configs.get_metadata(NAME) is None  # nothing seeded
     # Repaired by a person: the next change of the resource claims the name and seeds it.
-    run.client().store.delete(key)
+    configs.client.store.delete(key)
     run.patch(NAME, {"metadata": {"annotations": {"retry": "1"}}})
     run.wait_active_version(NAME, 1)
     wait_for("Conflict gone", lambda: run.condition(NAME, "Conflict") is None)

@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import pytest
-from operator_e2e_support import SECRET, OperatorRun, wait_for
+from operator_e2e_support import OperatorRun, wait_for
 
-from defender_config import ConfigStore, DefenderClient, Keyring, validate_config
+from defender_config import ConfigStore, Keyring, validate_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -98,8 +98,7 @@ def test_data_sealed_with_a_key_the_operator_lacks_is_refused_as_unknown_key(
     run = operator_run
     # Seeded by someone with another keyring (a restore from another cluster, say).
     config = validate_config("custom", {"mode": "x"}, {"type": "object"})
-    foreign = DefenderClient(run.library_settings(), Keyring.generate())
-    run.clients.append(foreign)
+    foreign = run.client(Keyring.generate())
     ConfigStore(foreign).seed(
         "stray", config, "custom", by="elsewhere", json_schema={"type": "object"}
     )
@@ -114,14 +113,7 @@ def test_contradictory_stored_keys_are_refused_as_a_conflict(operator_run: Opera
     run = operator_run
     run.start()
     # The operator's own keyring, so MASTER opens; then the metadata record goes missing.
-    keyring = wait_for(
-        "the operator's keyring Secret",
-        lambda: Keyring.from_secret_data(
-            dict(run.core.read_namespaced_secret(SECRET, run.operator_namespace).data)
-        ),
-    )
-    client = DefenderClient(run.library_settings(), keyring)
-    run.clients.append(client)
+    client = run.client(run.operator_keyring())
     config = validate_config("custom", {"mode": "x"}, {"type": "object"})
     ConfigStore(client).seed("torn", config, "custom", by="e2e", json_schema={"type": "object"})
     client.store.delete(client.layout.metadata("torn"))
