@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from defender_config import Keyring, KeyUsage, StoragePolicy
+from defender_operator._decisions.ownership import Claim
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,17 @@ class Backend(Protocol):
     def unfreeze(self, component: str) -> None: ...
 
     def purge(self, component: str) -> int:
-        """Delete every key of the component; returns how many."""
+        """Delete every key of the component, its owner record included; returns how many."""
+        ...
+
+    def read_claim(self, component: str) -> tuple[Claim | None, int]:
+        """The owner record of `component` and its etcd mod revision ((None, 0) when absent);
+        OwnerRecordError when it exists but is not one (edited by hand or by an attacker)."""
+        ...
+
+    def write_claim(self, component: str, claim: Claim, *, revision: int) -> bool:
+        """Store `claim` if the owner record is still at `revision` (0: still absent); False
+        when someone changed it meanwhile."""
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...

@@ -5,6 +5,7 @@ OperatorError
 ├── OperatorConfigurationError   bad DEFENDER_OPERATOR_* settings (fail at start-up)
 ├── KeySecretError               the keyring Secret cannot be read or written
 ├── KeyDropRefusedError          a copy would lose a key that stored values still use
+├── OwnerRecordError             a component's owner record in etcd is not one of ours
 └── KubeError                    another Kubernetes API call failed
 ```
 """
@@ -25,6 +26,8 @@ from defender_config import (
     KeyringError,
     StoreAuthError,
     StoreUnavailableError,
+    UnknownKeyError,
+    ValueTooLargeError,
 )
 
 
@@ -65,6 +68,11 @@ class KeyDropRefusedError(OperatorError):
         )
 
 
+class OwnerRecordError(OperatorError):
+    """`<prefix>/control/<name>/owner` exists but cannot be read as an owner record: nobody
+    may write the component until a person removes or repairs it."""
+
+
 class KubeError(OperatorError):
     """A Kubernetes API call other than on Secrets failed."""
 
@@ -79,21 +87,40 @@ RETRY_DEFAULT = 10.0
 RETRY_KEYRING = 5.0
 
 
+def is_permanent(exc: DefenderConfigError) -> bool:
+    """A refusal that retrying cannot fix until a person changes something: the spec (too
+    large, invalid), the freeze, credentials, keys the operator does not hold, or stored keys
+    that contradict each other. Only outages and lost compare-and-swaps are transient."""
+    if isinstance(exc, ConflictError):
+        return not exc.retryable
+    return isinstance(
+        exc,
+        ValueTooLargeError
+        | UnknownKeyError
+        | ConfigValidationError
+        | ConfigFrozenError
+        | StoreAuthError,
+    )
+
+
 @contextlib.contextmanager
 def kopf_errors() -> Iterator[None]:
-    """Translate library and operator errors into kopf's retry semantics."""
+    """Translate library and operator errors into kopf's retry semantics. A PermanentError's
+    `__cause__` is the library's error (its `.reason` and message go to the condition and the
+    Event, see `_reconcile`)."""
     try:
         yield
-    except (StoreUnavailableError, KeySecretError, KubeError, KeyDropRefusedError) as exc:
-        raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc
-    except ConflictError as exc:
-        raise kopf.TemporaryError(str(exc), delay=RETRY_CONFLICT) from exc
-    except (ConfigValidationError, ConfigFrozenError, StoreAuthError) as exc:
-        # Retrying cannot help until a person changes something (spec, freeze, credentials);
-        # the next spec change triggers a new attempt anyway.
-        raise kopf.PermanentError(str(exc)) from exc
-    except (EnvelopeError, KeyringError) as exc:
-        # The stored data or keyring is wrong; retry slowly in case a rotation is completing.
-        raise kopf.TemporaryError(str(exc), delay=60.0) from exc
     except DefenderConfigError as exc:
+        if is_permanent(exc):
+            # The next spec change (or annotation) triggers a new attempt anyway.
+            raise kopf.PermanentError(str(exc)) from exc
+        if isinstance(exc, StoreUnavailableError):
+            raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc
+        if isinstance(exc, ConflictError):
+            raise kopf.TemporaryError(str(exc), delay=RETRY_CONFLICT) from exc
+        if isinstance(exc, EnvelopeError | KeyringError):
+            # Stored data or keyring unreadable; retry slowly in case a rotation is completing.
+            raise kopf.TemporaryError(str(exc), delay=60.0) from exc
         raise kopf.TemporaryError(str(exc), delay=RETRY_DEFAULT) from exc
+    except (KeySecretError, KubeError, KeyDropRefusedError) as exc:
+        raise kopf.TemporaryError(str(exc), delay=RETRY_STORE_UNAVAILABLE) from exc

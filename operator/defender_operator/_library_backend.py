@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from defender_config import (
     Alert,
+    Compare,
     ConfigStore,
     DefenderClient,
     DefenderConfigError,
@@ -23,9 +24,11 @@ from defender_config import (
     KeyringError,
     KeyUsage,
     LibrarySettings,
+    PutOp,
     RecordAuthError,
     Registry,
     StoragePolicy,
+    StoreUnavailableError,
     config_digest,
     key_usage,
     keys_opened,
@@ -40,6 +43,8 @@ from defender_operator._backend import (
     InstanceCallback,
     InstanceRecord,
 )
+from defender_operator._decisions.ownership import Claim
+from defender_operator._errors import OwnerRecordError
 from defender_operator._etcd_health import etcd_health
 from defender_operator._keys import MutableKeyringSource
 
@@ -59,6 +64,21 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         last_error_reason=err.reason if err is not None else None,
         last_error_detail=err.detail if err is not None else "",
     )
+
+
+class OwnerRecord(BaseModel):
+    """`<prefix>/control/<name>/owner`: plaintext JSON, readable with etcdctl. It names a
+    Kubernetes object, nothing secret; changing it only changes which resource the operator
+    lets write, never what a component runs."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    namespace: str
+    name: str
+    uid: str
+    released: bool = False
+    since: datetime | None = None
+    by: str = ""
 
 
 class LibraryBackend:
@@ -211,7 +231,43 @@ class LibraryBackend:
         removed = store.delete_prefix(self.layout.component_dir(component))
         removed += store.delete_prefix(self.layout.component_alerts_dir(component))
         removed += int(store.delete(self.layout.freeze(component)))
+        # Last: a purge cut short leaves the claim, so only the owner can finish it.
+        removed += int(store.delete(self.layout.owner(component)))
         return removed
+
+    def read_claim(self, component: str) -> tuple[Claim | None, int]:
+        key = self.layout.owner(component)
+        stored = self.client.store.get(key)
+        if stored is None:
+            return None, 0
+        if stored.stale:
+            # Deciding who owns a name from a cached copy could let two resources write.
+            raise StoreUnavailableError(
+                self.client.store.endpoints, f"cannot read the owner record {key}"
+            )
+        try:
+            rec = OwnerRecord.model_validate(self.client.decode_json(key, stored.value))
+        except (DefenderConfigError, ValidationError, ValueError) as exc:
+            raise OwnerRecordError(
+                f"owner record {key} is not readable ({type(exc).__name__}); nobody may write"
+                f" component {component!r} until it is repaired or deleted (etcdctl del {key})"
+            ) from exc
+        claim = Claim(rec.namespace, rec.name, rec.uid, released=rec.released)
+        return claim, stored.mod_revision
+
+    def write_claim(self, component: str, claim: Claim, *, revision: int) -> bool:
+        key = self.layout.owner(component)
+        rec = OwnerRecord(
+            namespace=claim.namespace,
+            name=claim.name,
+            uid=claim.uid,
+            released=claim.released,
+            since=datetime.now(UTC),
+            by=self.client.instance or "",
+        )
+        value = self.client.encode_json(rec.model_dump(mode="json"))
+        done = self.client.store.txn([Compare.mod_revision_is(key, revision)], [PutOp(key, value)])
+        return done.succeeded
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]

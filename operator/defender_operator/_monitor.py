@@ -419,10 +419,15 @@ async def run(
             # kopf keeps `body` current from its watch (no read per pass); the status is ours
             # as last written when we wrote it, since the body lags our own writes.
             status = mem.status if mem.status is not None else dict(body.get("status") or {})
+            if status:
+                recall(mem, status)  # a Conflict shown before this operator started counts
             # Before the first reconcile there is nothing to judge (and no status to merge);
             # before etcd's health is first measured, a pass would report an outage that
             # is only "not measured yet" and flap the conditions a restarted operator kept.
-            if status.get("observedGeneration") and rt.etcd.measured:
+            # A resource refused its etcd name (another owns it) has no instances of its
+            # own to judge, and its pods must not be restarted for the owner's heartbeats.
+            judge = mem.conflict is None and bool(status.get("observedGeneration"))
+            if judge and rt.etcd.measured:
                 due = await tick(
                     rt,
                     body=body,

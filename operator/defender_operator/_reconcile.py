@@ -17,6 +17,7 @@ import kopf
 
 from defender_config import (
     ConfigValidationError,
+    DefenderConfigError,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
@@ -26,13 +27,23 @@ from defender_operator import _api
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.ownership import (
+    Claim,
+    ClaimAction,
+    ClaimDecision,
+    Release,
+    decide_claim,
+    decide_release,
+)
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
-from defender_operator._errors import RETRY_KEYRING, kopf_errors
+from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
 from defender_operator._metrics import COMMITS
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 UNFREEZE_ANNOTATION = f"{_api.GROUP}/unfreeze"
+ADOPT_ANNOTATION = f"{_api.GROUP}/adopt"
+OWNER_RECORD_UNREADABLE = "OwnerRecordUnreadable"
 
 
 def storage_policy(storage: _api.StorageSpec) -> StoragePolicy:
@@ -66,10 +77,12 @@ async def publish_status(
     obs = cond.Observation(
         config=mem.config_state,
         config_message=mem.config_message,
+        config_reason=mem.config_reason,
         heartbeat=mem.heartbeat,
         key=mem.key,
         misconfig=mem.misconfig,
         keyring=rt.keyring_condition(),
+        conflict=mem.conflict,
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],
@@ -102,6 +115,9 @@ def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
     mem.heartbeat = mem.heartbeat or cond.last_known(conditions, cond.HEARTBEATING)
     mem.key = mem.key or cond.last_known(conditions, cond.KEY_CURRENT)
     mem.misconfig = mem.misconfig or cond.last_known(conditions, cond.MISCONFIGURED)
+    conflict = cond.last_known(conditions, cond.CONFLICT)
+    if mem.conflict is None and conflict is not None and conflict.status == cond.TRUE:
+        mem.conflict = conflict  # refused before: the monitor judges nothing until reconciled
     if mem.heartbeat is not None and mem.heartbeat.reason == "RestartBudgetExhausted":
         mem.degraded_reported = True  # already told: no second Event from a new operator
 
@@ -132,6 +148,9 @@ async def reconcile(
         recall(mem, status)
         try:
             with kopf_errors():
+                if not await _claim(rt, mem, body, namespace, name, annotations, logger):
+                    await publish_status(rt, namespace, name, generation, status, {})
+                    return
                 await _reconcile(
                     rt,
                     mem,
@@ -151,9 +170,78 @@ async def reconcile(
             # Conditions appear even when the first visit fails, saying why where known.
             await publish_status(rt, namespace, name, generation, status, {})
             raise
+        except kopf.PermanentError as exc:
+            # Not retried: a person must act, so the resource says what and why.
+            cause = exc.__cause__
+            reason = cause.reason if isinstance(cause, DefenderConfigError) else "SpecRefused"
+            mem.config_state = cond.ConfigState.REFUSED
+            mem.config_reason = reason
+            mem.config_message = str(exc)
+            kopf.event(body, type="Warning", reason=reason, message=str(exc))
+            logger.error("refused, not retried: %s", exc)
+            await publish_status(rt, namespace, name, generation, status, {})
+            raise
     # The monitor judges heartbeats, keys and Ready right away rather than at its next
     # interval: a new component is Ready as soon as its instances are seen.
     rt.heartbeats.waker(name).set()
+
+
+def _uid(body: Any) -> str:
+    return str((body.get("metadata") or {}).get("uid") or "")
+
+
+async def _claim(
+    rt: Runtime,
+    mem: ComponentMemory,
+    body: Any,
+    namespace: str,
+    name: str,
+    annotations: Mapping[str, str],
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> bool:
+    """Make sure this resource owns its etcd name before anything is written (see
+    `_decisions.ownership`); False, with the Conflict condition and a Warning Event, when
+    another resource owns it."""
+    component = _etcd_name(name)
+    claimant = Claim(namespace, name, _uid(body))
+    # A lost compare means someone wrote the record meanwhile: decide again on what is there.
+    for _ in range(3):
+        try:
+            existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
+        except OwnerRecordError as exc:
+            decision = ClaimDecision(
+                ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
+            )
+        else:
+            decision = decide_claim(existing, claimant, annotations.get(ADOPT_ANNOTATION))
+        if decision.record is not None and not await asyncio.to_thread(
+            rt.backend.write_claim, component, decision.record, revision=revision
+        ):
+            continue
+        if decision.allowed:
+            _claimed(body, component, decision, existing, logger)
+            mem.conflict = None
+            return True
+        mem.conflict = cond.Cond(cond.CONFLICT, cond.TRUE, decision.reason, decision.message)
+        kopf.event(body, type="Warning", reason=decision.reason, message=decision.message)
+        logger.warning("refused, nothing written: %s", decision.message)
+        return False
+    raise kopf.TemporaryError(f"the owner record of {component} keeps changing", delay=1.0)
+
+
+def _claimed(
+    body: Any,
+    component: str,
+    decision: ClaimDecision,
+    existing: Claim | None,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
+    if decision.action is ClaimAction.CREATE:
+        logger.info("claimed etcd component %s", component)
+    elif decision.action in (ClaimAction.TAKE_OVER, ClaimAction.ADOPT) and existing is not None:
+        message = f"etcd component {component} taken over from {existing.ref} (uid {existing.uid})"
+        logger.info(message)
+        kopf.event(body, type="Normal", reason="NameAdopted", message=message)
 
 
 async def _reconcile(
@@ -397,17 +485,34 @@ async def _rollback_command(
 
 async def apply_retention(
     rt: Runtime,
+    body: Any,
     namespace: str,
     name: str,
     retention: str,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
 ) -> None:
-    """The finalizer's work on delete: Purge removes every etcd key of the component, Keep none
-    (a re-created resource then resumes with its old MASTER)."""
-    if retention == _api.RetentionPolicy.PURGE.value:
-        with kopf_errors():
-            removed = await asyncio.to_thread(rt.backend.purge, _etcd_name(name))
-        logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, name)
-    else:
-        logger.info("retention Keep: etcd data of %s left in place", name)
+    """The finalizer's work on delete, by the owner only: Purge removes every etcd key of the
+    component and its claim; Keep leaves the data and marks the claim released (a resource
+    re-created under the same namespace/name takes it back; another namespace only by the
+    adopt annotation). A resource that does not own the name touches nothing."""
+    component = _etcd_name(name)
+    with kopf_errors():
+        try:
+            existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
+        except OwnerRecordError as exc:
+            logger.warning("retention skipped, etcd untouched: %s", exc)
+            existing, revision = None, 0
+        release = decide_release(existing, Claim(namespace, name, _uid(body)), retention)
+        if release is Release.PURGE:
+            removed = await asyncio.to_thread(rt.backend.purge, component)
+            logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
+        elif release is Release.KEEP and existing is not None:
+            released = Claim(existing.namespace, existing.name, existing.uid, released=True)
+            if not await asyncio.to_thread(
+                rt.backend.write_claim, component, released, revision=revision
+            ):
+                raise kopf.TemporaryError(f"owner record of {component} changed", delay=1.0)
+            logger.info("retention Keep: etcd data of %s left in place, claim released", component)
+        else:
+            logger.info("not the owner of etcd component %s: etcd untouched", component)
     rt.forget(namespace, name)

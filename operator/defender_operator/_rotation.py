@@ -50,6 +50,7 @@ async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
     """Copy the keyring to every namespace with components. One namespace failing (RBAC, a
     foreign Secret in the way) must not starve the others: try all, then report the failures."""
     namespaces = await asyncio.to_thread(rt.kube.component_namespaces, rt.settings.watch_namespaces)
+    namespaces = set(namespaces) - rt.refused_namespaces()
     failed: list[str] = []
     for ns in sorted(namespaces):
         try:

@@ -42,9 +42,12 @@ class ComponentMemory:
     last_change: ActiveChange | None = None
     config_state: ConfigState = ConfigState.UNKNOWN
     config_message: str = ""
+    config_reason: str = ""  # for ConfigState.REFUSED: the library error's reason
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None
+    # Set while another DefenderComponent owns this name in etcd: nothing is written or judged.
+    conflict: Cond | None = None
     degraded_reported: bool = False
     # The status as this operator last wrote it (the patch response): fresher than kopf's body
     # of the object, which lags our own writes by a watch event.
@@ -115,3 +118,9 @@ class Runtime:
 
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
+
+    def refused_namespaces(self) -> set[str]:
+        """Namespaces where every component this operator knows is refused its etcd name: they
+        get no keyring copy (a resource that may write nothing needs no key)."""
+        refused = {ns for (ns, _), mem in self.components.items() if mem.conflict is not None}
+        return refused - {ns for (ns, _), mem in self.components.items() if mem.conflict is None}

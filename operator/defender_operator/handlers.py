@@ -154,7 +154,7 @@ async def apply_retention(
     **_: Any,
 ) -> None:
     await _reconcile.apply_retention(
-        memo["runtime"], namespace or "", name, str(spec.get("retention", "Keep")), logger
+        memo["runtime"], body, namespace or "", name, str(spec.get("retention", "Keep")), logger
     )
 
 

@@ -591,7 +591,9 @@ class ConfigStore:
         existing_master = result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None
         if existing_meta is None or existing_master is None:
             raise ConflictError(
-                meta_key, detail="MASTER exists but metadata is missing; repair the component keys"
+                meta_key,
+                detail="MASTER exists but metadata is missing; repair the component keys",
+                retryable=False,
             )
         current = self._decode_metadata(meta_key, existing_meta.value, component)
         master_cfg = self._open_config(

@@ -442,7 +442,9 @@ class StoreAuthError(StoreError):
 
 
 class ConflictError(StoreError):
-    """A compare-and-swap lost: someone else changed the key first."""
+    """A compare-and-swap lost: someone else changed the key first (`retryable`: re-read and
+    try again). `retryable=False` when the stored keys contradict each other and no retry can
+    succeed until a person repairs them."""
 
     reason = "Conflict"
 
@@ -453,17 +455,17 @@ class ConflictError(StoreError):
         expected: int | None = None,
         found: int | None = None,
         detail: str = "",
+        retryable: bool = True,
     ) -> None:
         self.expected = expected
         self.found = found
+        self.retryable = retryable
         rev = ""
         if expected is not None or found is not None:
             rev = f" (expected revision {expected}, found {found})"
         extra = f": {detail}" if detail else ""
-        super().__init__(
-            f"conflicting update of {path!r}{rev}{extra}; re-read the current value and retry",
-            path=path,
-        )
+        advice = "re-read the current value and retry" if retryable else "retrying cannot help"
+        super().__init__(f"conflicting update of {path!r}{rev}{extra}; {advice}", path=path)
 
 
 class NotFoundError(StoreError):

@@ -10,6 +10,7 @@
 <prefix>/alerts/<component>/<time-ns>-<rand>             JSON alert record
 <prefix>/control/<component>/freeze                      JSON {reason, since}
 <prefix>/keyring/record                                  JSON key ids + fingerprints (no key)
+<prefix>/control/<component>/owner                       JSON {namespace, name, uid, released}
 ```
 
 Only this module builds key strings, so a change of layout is a change of one file.
@@ -38,6 +39,7 @@ KeyKind = Literal[
     "instance",
     "alert",
     "freeze",
+    "owner",
 ]
 
 _COMPONENT_LEAVES: frozenset[str] = frozenset(
@@ -146,6 +148,10 @@ class Layout:
     def freeze(self, component: str) -> str:
         return f"{self.control_dir}{check_name(component, 'component')}/freeze"
 
+    def owner(self, component: str) -> str:
+        """Which DefenderComponent (namespace, name, uid) may write this component's keys."""
+        return f"{self.control_dir}{check_name(component, 'component')}/owner"
+
     # --- parsing ---------------------------------------------------------------------------------
 
     def parse(self, key: str | bytes) -> ParsedKey | None:
@@ -170,4 +176,6 @@ class Layout:
                 return ParsedKey(kind="alert", component=comp)
             case ["control", comp, "freeze"]:
                 return ParsedKey(kind="freeze", component=comp)
+            case ["control", comp, "owner"]:
+                return ParsedKey(kind="owner", component=comp)
         return None

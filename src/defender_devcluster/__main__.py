@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import ssl
 import sys
 from pathlib import Path
@@ -29,15 +30,34 @@ def _readyz(state: ClusterState) -> str:
     return body.strip() if status == 200 else f"HTTP {status}: {body.strip()[:200]}"
 
 
-def _try_lines(state: ClusterState) -> list[str]:
+ENV_FILE = "env.sh"
+
+
+def _exports(state: ClusterState) -> list[str]:
     # The built kubectl and the venv's kubectl-defender plugin first on PATH; the plugin and the
     # library read the defender etcd endpoints from DEFENDER_ETCD__ENDPOINTS.
     path = f"{tools_bin()}:{Path(sys.executable).parent}"
     endpoints = json.dumps(list(state.etcd_endpoints))
     return [
-        f"export KUBECONFIG={state.kubeconfig}",
+        f"export KUBECONFIG={shlex.quote(state.kubeconfig)}",
         f'export PATH="{path}:$PATH"',
-        f"export DEFENDER_ETCD__ENDPOINTS='{endpoints}'",
+        f"export DEFENDER_ETCD__ENDPOINTS={shlex.quote(endpoints)}",
+    ]
+
+
+def write_env_file(state: ClusterState) -> Path:
+    """The exports for a shell that uses this cluster, as `<run dir>/env.sh` to `source`: kept
+    out of the shell's profile, so they are gone with the shell (the test suite ignores them
+    anyway, see `pytest_plugin`)."""
+    path = Path(state.run_dir) / ENV_FILE
+    header = f"# ML Defender local cluster (run dir {state.run_dir}); `make down` stops it.\n"
+    path.write_text(header + "\n".join(_exports(state)) + "\n")
+    return path
+
+
+def _try_lines(state: ClusterState) -> list[str]:
+    return [
+        f"source {shlex.quote(str(write_env_file(state)))}",
         "kubectl get --raw /readyz",
         "kubectl get defendercomponents -A",
         "kubectl defender status",

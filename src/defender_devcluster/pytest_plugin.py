@@ -8,6 +8,12 @@ kubectl, helm and kopf), ``k8s_api`` (a ``kubernetes.client.ApiClient``).
 Function scope: ``etcd_prefix`` (a key prefix unique to the test), ``namespace`` (a fresh
 namespace whose ``default`` ServiceAccount exists, deleted afterwards).
 
+Autouse, session scope: ``isolated_env`` clears what a developer's shell may still export after
+``source .devcluster/env.sh`` (``DEFENDER_*``, ``KUBECONFIG``, ``ETCDCTL_*``) for the test process
+and every process it starts, so no test talks to a cluster it did not start. Only
+``DEFENDER_TOOLS_BIN``/``DEFENDER_TOOLS_DIR`` stay: they say where the binaries are, not which
+cluster to use.
+
 A missing binary skips the tests that need it, except under ``CI=true`` where it fails them:
 CI must never go green by skipping the real parts.
 """
@@ -18,7 +24,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -46,6 +52,31 @@ def pytest_terminal_summary(
     if timings:
         parts = ", ".join(f"{what} {secs:.1f}s" for what, secs in timings.items())
         terminalreporter.write_line(f"defender_devcluster start-up: {parts}")
+
+
+# Where the built binaries are: chosen by the Makefile and hack/tools.sh, no cluster state.
+_KEPT_ENV = frozenset({"DEFENDER_TOOLS_BIN", "DEFENDER_TOOLS_DIR"})
+
+
+def caller_env_names(environ: Mapping[str, str]) -> list[str]:
+    """The variables of `environ` that would point tests at somebody else's cluster."""
+    return sorted(
+        name
+        for name in environ
+        if name not in _KEPT_ENV
+        and (name.startswith(("DEFENDER_", "ETCDCTL_")) or name == "KUBECONFIG")
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env() -> Iterator[None]:
+    """Clear the caller's cluster exports for the session (restored afterwards). Subprocesses
+    inherit os.environ, so they are cleared for them too; fixtures then set what the session's
+    own cluster needs (``kubeconfig_path`` exports its ``KUBECONFIG``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in caller_env_names(os.environ):
+            mp.delenv(name)
+        yield
 
 
 _ETCD_FIXTURES = {"defender_etcd"}
@@ -136,7 +167,7 @@ def local_cluster(
 
 
 @pytest.fixture(scope="session")
-def kubeconfig_path(local_cluster: LocalCluster) -> Iterator[Path]:
+def kubeconfig_path(local_cluster: LocalCluster, isolated_env: None) -> Iterator[Path]:
     """Admin kubeconfig of the local cluster, also set as ``KUBECONFIG`` for the session."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KUBECONFIG", str(local_cluster.kubeconfig))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,21 @@ def test_up_status_crash_recovery_and_down(tmp_path: Path) -> None:
     try:
         up = devcluster(run, "up")
         assert up.returncode == 0, up.stderr
-        assert f"export KUBECONFIG={run / 'kubeconfig'}" in up.stdout
+        # The exports go to a file to source, not into the caller's shell profile.
+        env_file = run / "env.sh"
+        assert f"source {env_file}" in up.stdout
+        assert f"export KUBECONFIG={run / 'kubeconfig'}" in env_file.read_text()
+        assert "export DEFENDER_ETCD__ENDPOINTS=" in env_file.read_text()
+        sourced = subprocess.run(
+            ["bash", "-c", f'source "{env_file}" && echo "$DEFENDER_ETCD__ENDPOINTS"'],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         first = ClusterState.read(run)
         assert len(first.etcd_endpoints) == 3
+        assert json.loads(sourced.stdout) == list(first.etcd_endpoints)
         names = {p.name for p in first.processes}
         assert {"kube-apiserver", "kube-controller-manager", "kube-scheduler"} <= names
 

@@ -18,6 +18,8 @@ CONDITION_TYPES = (READY, CONFIG_SYNCED, HEARTBEATING, KEY_CURRENT, MISCONFIGURE
 # commits, rotations and restarts wait for a person (docs/troubleshooting.md#keyringmissing).
 # Shown once the operator has judged the keyring (Observation.keyring), after the five above.
 KEY_UNAVAILABLE = "KeyUnavailable"
+# Only on a resource refused the etcd name it asks for (see `ownership`): absent otherwise.
+CONFLICT = "Conflict"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
@@ -54,6 +56,9 @@ class ConfigState(StrEnum):
     # ACTIVE differs from spec.config on purpose (rollback, breaker revert, a commit by rag):
     # in sync with what the operator intends, but worth saying.
     DIVERGED = "Diverged"
+    # The library refused a write that retrying cannot fix (too large, invalid, unknown key,
+    # contradictory keys): the condition's reason is the library's (`config_reason`).
+    REFUSED = "Refused"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Observation:
 
     config: ConfigState = ConfigState.UNKNOWN
     config_message: str = ""
+    config_reason: str = ""
+    """For REFUSED: the library error's reason (ValueTooLarge, ConfigInvalid, UnknownKey, ...)."""
     # Heartbeat judgement: (status, reason, message), from the restart decision or None.
     heartbeat: Cond | None = None
     key: Cond | None = None
@@ -69,6 +76,7 @@ class Observation:
     # The operator-wide keyring verdict (`_decisions.keyring.keyring_condition`); None leaves
     # the condition out (callers that do not judge the keyring).
     keyring: Cond | None = None
+    conflict: Cond | None = None
 
 
 _CONFIG = {
@@ -83,6 +91,7 @@ _CONFIG = {
         "ACTIVE differs from spec.config (rollback, breaker revert or a commit by rag);"
         " edit spec.config to commit it again",
     ),
+    ConfigState.REFUSED: (FALSE, "Refused", "etcd refused the change; retrying cannot help"),
 }
 
 
@@ -98,9 +107,11 @@ def last_config_state(conditions: object) -> tuple[ConfigState, str]:
 
 
 def compute(obs: Observation) -> list[Cond]:
-    """The five conditions, each always present (Unknown until known), and KeyUnavailable when
-    the keyring has been judged."""
+    """The five conditions, each always present (Unknown until known); KeyUnavailable when
+    the keyring has been judged; Conflict while the resource is refused its etcd name."""
     status, reason, default_msg = _CONFIG[obs.config]
+    if obs.config is ConfigState.REFUSED and obs.config_reason:
+        reason = obs.config_reason
     config = Cond(CONFIG_SYNCED, status, reason, obs.config_message or default_msg)
     heartbeat = obs.heartbeat or Cond(HEARTBEATING, UNKNOWN, "Pending", "not observed yet")
     key = obs.key or Cond(KEY_CURRENT, UNKNOWN, "Pending", "not observed yet")
@@ -124,6 +135,11 @@ def compute(obs: Observation) -> list[Cond]:
             else UNKNOWN
         )
         ready = Cond(READY, status, first.reason, f"{first.type}: {first.message}")
+    if obs.conflict is not None:
+        # The refusal is the only thing worth reading: the rest is not judged for it.
+        config = Cond(CONFIG_SYNCED, FALSE, obs.conflict.reason, obs.conflict.message)
+        ready = Cond(READY, FALSE, obs.conflict.reason, f"{CONFLICT}: {obs.conflict.message}")
+        return [ready, config, heartbeat, key, misconfig, obs.conflict]
     out = [ready, config, heartbeat, key, misconfig]
     return [*out, obs.keyring] if obs.keyring is not None else out
 
@@ -153,7 +169,8 @@ def merge(
     generation: int,
 ) -> list[dict[str, Any]]:
     """New condition list in wire form. lastTransitionTime changes only when status changes;
-    conditions of other types (set by someone else) are kept."""
+    conditions of other types (set by someone else) are kept, a Conflict no longer desired is
+    dropped."""
     by_type = {c.get("type"): c for c in existing}
     out: list[dict[str, Any]] = []
     for cond in desired:
@@ -172,5 +189,5 @@ def merge(
                 "observedGeneration": generation,
             }
         )
-    out.extend(dict(c) for c in by_type.values())
+    out.extend(dict(c) for c in by_type.values() if c.get("type") != CONFLICT)
     return out

@@ -149,6 +149,12 @@ class OperatorRun:
     def event_reasons(self, name: str) -> set[str]:
         return {e.reason for e in self.events(name)}
 
+    def wait_event(self, name: str, reason: str, timeout: float = 60.0) -> None:
+        """Wait for an Event ``reason`` on ``name``. kopf posts Events from a queue of its own,
+        so one may arrive after the status or etcd change it accompanies: never assert on an
+        Event without waiting for it."""
+        wait_for(f"{reason} event on {name}", lambda: reason in self.event_reasons(name), timeout)
+
     def apply_sample(self, sample: str, **spec_overrides: Any) -> dict[str, Any]:
         doc = yaml.safe_load((SAMPLES / f"{sample}.yaml").read_text())
         doc["spec"].update(spec_overrides)
@@ -157,7 +163,10 @@ class OperatorRun:
         )
         return dict(doc)
 
-    def deployment(self, name: str, labels: dict[str, str], replicas: int = 1) -> None:
+    def deployment(
+        self, name: str, labels: dict[str, str], replicas: int = 1, namespace: str | None = None
+    ) -> None:
+        """A Deployment whose pods never run (no kubelet), in ``namespace`` (default: ours)."""
         apps = k8s.AppsV1Api(self.api)
         body = k8s.V1Deployment(
             metadata=k8s.V1ObjectMeta(name=name),
@@ -172,7 +181,7 @@ class OperatorRun:
                 ),
             ),
         )
-        apps.create_namespaced_deployment(self.namespace, body)
+        apps.create_namespaced_deployment(namespace or self.namespace, body)
 
     def pods(self, labels: dict[str, str]) -> list[Any]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
@@ -187,6 +196,16 @@ class OperatorRun:
     def keyring_copy(self) -> Keyring:
         secret: Any = self.core.read_namespaced_secret(SECRET, self.namespace)
         return Keyring.from_secret_data(dict(secret.data))
+
+    def operator_keyring(self) -> Keyring:
+        """The operator's source keyring (in its own namespace), once the operator made it:
+        usable before any component namespace has a copy."""
+        return wait_for(
+            "the operator's keyring Secret",
+            lambda: Keyring.from_secret_data(
+                dict(self.core.read_namespaced_secret(SECRET, self.operator_namespace).data)
+            ),
+        )
 
     def client(self, keyring: Any = None) -> DefenderClient:
         c = DefenderClient(

@@ -114,7 +114,7 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     run.wait_active_version("firewall", 2)
     assert configs.get_active("firewall").config["block_ttl_seconds"] == 600
     assert configs.get_master("firewall")["block_ttl_seconds"] == 3600
-    assert "Committed" in run.event_reasons("firewall")
+    run.wait_event("firewall", "Committed")
 
     # 10.0.0.1/8 is a host address with a network mask: the library's model refuses it.
     bad_rule = {"id": "bad", "action": "deny", "src_cidr": "10.0.0.1/8"}
@@ -126,7 +126,7 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     assert run.condition("firewall", "Ready")["status"] == "False"  # type: ignore[index]
     active = configs.get_active("firewall")
     assert active.version == 2 and active.config["block_ttl_seconds"] == 600
-    wait_for("ConfigInvalid event", lambda: "ConfigInvalid" in run.event_reasons("firewall"))
+    run.wait_event("firewall", "ConfigInvalid")
 
     # The API server's schema refuses what never reaches the operator.
     refused = _on_firewall(
@@ -162,11 +162,11 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     )
     version = configs.get_active("firewall").version
     assert version is not None and version >= 3
-    assert "RolledBack" in run.event_reasons("firewall")
+    run.wait_event("firewall", "RolledBack")
     run.wait_condition("firewall", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec")
     # A rollback target that is neither `master` nor a number is refused and removed.
     _on_firewall(run, "annotate", "mldefender.io/rollback-to=yesterday")
-    wait_for("RollbackRefused", lambda: "RollbackRefused" in run.event_reasons("firewall"))
+    run.wait_event("firewall", "RollbackRefused")
     assert configs.get_active("firewall").version == version
     # The unchanged spec does not undo the rollback, also not after an operator restart.
     run.stop()
@@ -267,7 +267,7 @@ def test_invalid_config_reverts_to_master_once(operator_run: OperatorRun) -> Non
     _set_config(run, "firewall", dict(doc["spec"]["config"], default_policy="maybe"))
     wait_for("reverted as version 3", lambda: configs.get_active("firewall").version == 3)
     assert configs.get_active("firewall").config["dry_run"] is False
-    wait_for("Event", lambda: "RevertedToMaster" in run.event_reasons("firewall"))
+    run.wait_event("firewall", "RevertedToMaster")
     # A resume with the same invalid spec does not revert again.
     before = _count(run, "firewall", "ConfigInvalid")
     run.stop()

@@ -61,7 +61,7 @@ def test_silent_instance_pod_is_restarted_by_its_controller(operator_run: Operat
         "restart counted", lambda: (s := run.get("sniffer")["status"])["restarts"] == 1 and s
     )
     assert status["restarts"] == 1
-    assert "PodRestarted" in run.event_reasons("sniffer")
+    run.wait_event("sniffer", "PodRestarted")
     assert "PodRestarted" in _alert_kinds(run.client().store, f"{run.prefix}/alerts/sniffer/")
     # The replacement heartbeats again: the component is healthy with no further restarts.
     run.heartbeat("sniffer", next(iter(replacement)))
@@ -213,7 +213,7 @@ def test_decode_errors_set_misconfigured(operator_run: OperatorRun) -> None:
     assert cond["reason"] == "UnknownKey"
     assert hb.instance in cond["message"]
     assert run.condition("sniffer", "Ready")["reason"] == "UnknownKey"  # type: ignore[index]
-    wait_for("Event", lambda: "UnknownKey" in run.event_reasons("sniffer"))
+    run.wait_event("sniffer", "UnknownKey")
     # ... and an alert record where rag reads alerts.
     store = run.client().store
     wait_for(
@@ -251,7 +251,7 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     active = configs.get_active("sniffer")
     assert active.version == 3
     assert active.config["snaplen"] == 256  # version 1's value, restored as version 3
-    assert "BlastRadiusExceeded" in run.event_reasons("sniffer")
+    run.wait_event("sniffer", "BlastRadiusExceeded")
     # Further commits are refused while frozen, and say so.
     run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
     cond = run.wait_condition("sniffer", "ConfigSynced", reason="Frozen")
@@ -277,7 +277,7 @@ def test_a_new_operator_keeps_guarding_a_change_committed_before_it(
     _fail_and_wait_frozen(run, pods)
     active = run.configs().get_active("sniffer")
     assert (active.version, active.config["snaplen"]) == (3, 256)
-    assert "BlastRadiusExceeded" in run.event_reasons("sniffer")
+    run.wait_event("sniffer", "BlastRadiusExceeded")
 
 
 def test_restart_budget_exhausted_marks_degraded_and_stops(operator_run: OperatorRun) -> None:
@@ -293,7 +293,7 @@ def test_restart_budget_exhausted_marks_degraded_and_stops(operator_run: Operato
     wait_for("first pod restarted", lambda: first.isdisjoint(_pod_names(run)), timeout=60)
     cond = run.wait_condition("sniffer", "Heartbeating", reason="RestartBudgetExhausted")
     assert cond["status"] == "False"
-    assert "RestartBudgetExhausted" in run.event_reasons("sniffer")
+    run.wait_event("sniffer", "RestartBudgetExhausted")
     survivor = _pod_names(run)
     time.sleep(8)  # well past another threshold + grace: nothing more is restarted
     assert _pod_names(run) == survivor

@@ -45,7 +45,7 @@ def test_compression_off_then_encryption_off(operator_run: OperatorRun) -> None:
     )
     h = header(run, "master_config")
     assert (h.compressed, h.encrypted, h.key_id) == (True, False, None)
-    wait_for("StorageChanged event", lambda: "StorageChanged" in run.event_reasons(NAME))
+    run.wait_event(NAME, "StorageChanged")
     # A reader whose store-wide options encrypt refuses it: only a reader whose own settings
     # list the component reads it unencrypted; the metadata record decides nothing.
     assert configs.client.envelope.options.encrypt

@@ -19,6 +19,8 @@ from defender_config import (
     NotFoundError,
     StoreAuthError,
     StoreUnavailableError,
+    UnknownKeyError,
+    ValueTooLargeError,
 )
 from defender_operator import __main__ as entry
 from defender_operator._errors import (
@@ -46,6 +48,7 @@ def _raise(exc: Exception) -> None:
         (KeySecretError("read", "ns", "s", 500, "boom"), RETRY_STORE_UNAVAILABLE),
         (KubeError("cannot list pods"), RETRY_STORE_UNAVAILABLE),
         (ConflictError("/p/components/x/active_config"), RETRY_CONFLICT),
+        (ConflictError("/p/x", expected=3, found=4, detail="another commit"), RETRY_CONFLICT),
         (AuthenticationFailedError("/p/x", "k1"), 60.0),
         (KeyringError("no primary"), 60.0),
         (NotFoundError("/p/x"), 10.0),
@@ -64,6 +67,9 @@ def test_retryable_errors_become_temporary(error: Exception, delay: float) -> No
         ConfigValidationError("firewall", [FieldError("rules.0.src_cidr", "not a network")]),
         ConfigFrozenError("firewall", why="breaker"),
         StoreAuthError("permission denied"),
+        ValueTooLargeError(1_900_000, 1_572_864, path="/p/components/x/active_config"),
+        UnknownKeyError("k9", ["k1", "k2"], path="/p/components/x/master_config"),
+        ConflictError("/p/components/x/metadata", detail="MASTER without it", retryable=False),
     ],
 )
 def test_errors_a_person_must_fix_are_permanent(error: Exception) -> None:

@@ -1,0 +1,306 @@
+"""One DefenderComponent per etcd name: a resource of the same name in another namespace is
+refused and writes nothing (issue 16, point 1), the owner's delete-and-recreate and the
+retention policies move the claim as docs/operator.md says, and data from before claims is
+adopted. Against the real control plane and defender etcd."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+from operator_e2e_support import SAMPLES, SECRET, OperatorRun, wait_for
+
+from defender_config import ConfigStore, EtcdStore, validate_config
+from defender_operator import _api
+
+pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
+
+NAME = "firewall"
+FAST = {
+    "heartbeat": {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 2},
+    "restartBudget": {"maxRestarts": 3, "windowSeconds": 600, "backoffBaseSeconds": 1},
+}
+
+
+@pytest.fixture
+def other_namespace(operator_run: OperatorRun) -> Iterator[str]:
+    """A second namespace the operator also watches (start it with ``-n`` of it)."""
+    name = f"t-other-{uuid.uuid4().hex[:8]}"
+    run = operator_run
+    run.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    try:
+        yield name
+    finally:
+        try:
+            for item in run.custom.list_namespaced_custom_object(
+                _api.GROUP, _api.VERSION, name, _api.PLURAL
+            )["items"]:
+                run.custom.patch_namespaced_custom_object(
+                    _api.GROUP,
+                    _api.VERSION,
+                    name,
+                    _api.PLURAL,
+                    item["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                )
+        except k8s.ApiException:
+            pass
+        run.core.delete_namespace(name)
+
+
+def _sample(**config: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((SAMPLES / f"{NAME}.yaml").read_text())
+    doc["spec"]["config"].update(config)
+    return doc
+
+
+def _create(run: OperatorRun, namespace: str, doc: dict[str, Any]) -> None:
+    run.custom.create_namespaced_custom_object(
+        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, doc
+    )
+
+
+def _get(run: OperatorRun, namespace: str) -> dict[str, Any]:
+    obj: Any = run.custom.get_namespaced_custom_object(
+        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, NAME
+    )
+    return dict(obj)
+
+
+def _condition(run: OperatorRun, namespace: str, ctype: str) -> dict[str, Any] | None:
+    for c in _get(run, namespace).get("status", {}).get("conditions", []):
+        if c["type"] == ctype:
+            return dict(c)
+    return None
+
+
+def _wait_conflict(run: OperatorRun, namespace: str, reason: str) -> dict[str, Any]:
+    def conflict() -> dict[str, Any] | None:
+        c = _condition(run, namespace, "Conflict")
+        return c if c and (c["status"], c["reason"]) == ("True", reason) else None
+
+    return wait_for(f"{namespace}/{NAME} Conflict {reason}", conflict)
+
+
+def _event_reasons(run: OperatorRun, namespace: str) -> dict[str, str]:
+    found = run.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}")
+    return {e.reason: e.type for e in found.items}
+
+
+def _wait_event(run: OperatorRun, namespace: str, reason: str) -> str:
+    return wait_for(
+        f"{reason} event in {namespace}", lambda: _event_reasons(run, namespace).get(reason)
+    )
+
+
+def _delete(run: OperatorRun, namespace: str) -> None:
+    run.custom.delete_namespaced_custom_object(
+        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, NAME
+    )
+
+    def gone() -> bool:
+        try:
+            _get(run, namespace)
+        except k8s.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(f"{namespace}/{NAME} deleted", gone)
+
+
+_STORES: dict[str, EtcdStore] = {}
+
+
+def _store(run: OperatorRun) -> EtcdStore:
+    """One client per run with the operator's keyring (the namespace copy may not exist)."""
+    if run.prefix not in _STORES:
+        _STORES[run.prefix] = run.client(run.operator_keyring()).store
+    return _STORES[run.prefix]
+
+
+def _owner(run: OperatorRun) -> dict[str, Any] | None:
+    stored = _store(run).get(f"{run.prefix}/control/{NAME}/owner")
+    return None if stored is None else dict(json.loads(stored.value))
+
+
+def _etcd_snapshot(run: OperatorRun) -> dict[str, int]:
+    """Every key under the run's prefix with its mod revision: any write changes it."""
+    return {sv.key: sv.mod_revision for sv in _store(run).list_prefix(run.prefix + "/")}
+
+
+def test_same_name_in_another_namespace_is_refused_and_writes_nothing(
+    operator_run: OperatorRun, other_namespace: str
+) -> None:
+    # The measured takeover: the samples in one namespace, a `firewall` that allows everything
+    # in a second one, both watched by one operator.
+    run = operator_run
+    run.start("-n", other_namespace)
+    run.apply_sample(NAME)
+    run.wait_active_version(NAME, 1)
+    run.wait_condition(NAME, "ConfigSynced", status="True", reason="Committed")
+    owner = _owner(run)
+    assert owner is not None
+    assert (owner["namespace"], owner["name"], owner["uid"], owner["released"]) == (
+        run.namespace,
+        NAME,
+        run.get(NAME)["metadata"]["uid"],
+        False,
+    )
+    etcd_before = _etcd_snapshot(run)
+    owner_before = run.get(NAME)["status"]
+    owner_events = _event_reasons(run, run.namespace)
+
+    # Heartbeat settings under which an owner would restart a silent pod within seconds.
+    intruder = _sample(default_policy="allow", block_ttl_seconds=7)
+    intruder["spec"].update(FAST)
+    _create(run, other_namespace, intruder)
+    pod = _silent_pod(run, other_namespace)
+    created = time.monotonic()
+    conflict = _wait_conflict(run, other_namespace, "NameClaimedElsewhere")
+    assert f"{run.namespace}/{NAME}" in conflict["message"]
+    assert _wait_event(run, other_namespace, "NameClaimedElsewhere") == "Warning"
+    ready = _condition(run, other_namespace, "Ready")
+    assert ready is not None and (ready["status"], ready["reason"]) == (
+        "False",
+        "NameClaimedElsewhere",
+    )
+    # An edit of the refused resource is refused the same way.
+    _set_ttl(run, other_namespace, 8)
+    wait_for(
+        "the edit handled",
+        lambda: _condition(run, other_namespace, "Conflict")["observedGeneration"] == 2,  # type: ignore[index]
+    )
+    # Several monitor passes (1 s), and past the grace + threshold after which an owner would
+    # restart the pod that never heartbeats (pods never run here).
+    time.sleep(max(3.0, 15.0 - (time.monotonic() - created)))
+    # The monitor judged nothing for the refused resource: its pod was not restarted.
+    names = [p.metadata.name for p in run.core.list_namespaced_pod(other_namespace).items]
+    assert names == [pod]
+    assert "PodRestarted" not in _event_reasons(run, other_namespace)
+    assert "restarts" not in _get(run, other_namespace).get("status", {})
+
+    # Nothing was written by the second resource: no etcd key changed ...
+    assert _etcd_snapshot(run) == etcd_before
+    active = run.configs().get_active(NAME)
+    assert active.version == 1 and active.config["default_policy"] == "deny"
+    # ... no keyring copy went to its namespace ...
+    with pytest.raises(k8s.ApiException) as info:
+        run.core.read_namespaced_secret(SECRET, other_namespace)
+    assert info.value.status == 404
+    # ... and the owner's status and Events are as they were: nothing blames another cause.
+    owner_after = run.get(NAME)["status"]
+    for field in ("activeVersion", "activeDigest", "specConfigDigest", "conditions"):
+        assert owner_after.get(field) == owner_before.get(field), field
+    assert _event_reasons(run, run.namespace) == owner_events
+    assert "Conflict" not in {c["type"] for c in owner_after["conditions"]}
+
+    # Deleting the refused resource with retention Purge purges nothing of the owner's.
+    _patch(run, other_namespace, {"spec": {"retention": "Purge"}})
+    _delete(run, other_namespace)
+    assert _etcd_snapshot(run) == etcd_before
+    assert _owner(run) == owner
+
+
+def _silent_pod(run: OperatorRun, namespace: str) -> str:
+    """A Deployment of the firewall labels in `namespace`; its pod never heartbeats."""
+    run.deployment(NAME, {"app.kubernetes.io/name": NAME}, namespace=namespace)
+    pods = wait_for(f"a pod in {namespace}", lambda: run.core.list_namespaced_pod(namespace).items)
+    return str(pods[0].metadata.name)
+
+
+def _patch(run: OperatorRun, namespace: str, body: dict[str, Any]) -> None:
+    run.custom.patch_namespaced_custom_object(
+        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, NAME, body
+    )
+
+
+def _set_ttl(run: OperatorRun, namespace: str, ttl: int) -> None:
+    _patch(run, namespace, {"spec": {"config": _sample(block_ttl_seconds=ttl)["spec"]["config"]}})
+
+
+def test_recreate_keep_and_adopt_move_the_claim_as_documented(
+    operator_run: OperatorRun, other_namespace: str
+) -> None:
+    run = operator_run
+    run.start("-n", other_namespace)
+    run.apply_sample(NAME)  # retention Keep
+    run.wait_active_version(NAME, 1)
+    first_uid = run.get(NAME)["metadata"]["uid"]
+
+    # Keep: the data stays, the claim is released but still names the old owner.
+    _delete(run, run.namespace)
+    wait_for("claim released", lambda: (_owner(run) or {}).get("released") is True)
+    assert (_owner(run) or {})["uid"] == first_uid
+    assert run.configs().get_active(NAME).version == 1
+
+    # Another namespace may not take kept data without saying so.
+    before = _etcd_snapshot(run)
+    _create(run, other_namespace, _sample(block_ttl_seconds=7))
+    conflict = _wait_conflict(run, other_namespace, "NameRetained")
+    assert f"mldefender.io/adopt={run.namespace}/{NAME}" in conflict["message"]
+    assert _etcd_snapshot(run) == before
+
+    # The owner re-created under the same namespace/name (a new uid) takes its claim back.
+    run.apply_sample(NAME)
+    second_uid = run.get(NAME)["metadata"]["uid"]
+    wait_for("claim taken back", lambda: (_owner(run) or {}).get("uid") == second_uid)
+    assert (_owner(run) or {})["released"] is False
+    run.wait_condition(NAME, "ConfigSynced", status="True")
+    run.wait_event(NAME, "NameAdopted")
+
+    # Released again; now the other namespace adopts it by the annotation naming the old owner.
+    _delete(run, run.namespace)
+    wait_for("claim released again", lambda: (_owner(run) or {}).get("released") is True)
+    adopt = {"mldefender.io/adopt": f"{run.namespace}/{NAME}"}
+    _patch(run, other_namespace, {"metadata": {"annotations": adopt}})
+    wait_for("adopted", lambda: (_owner(run) or {}).get("namespace") == other_namespace)
+    wait_for("Conflict gone", lambda: _condition(run, other_namespace, "Conflict") is None)
+    expected = validate_config(NAME, _sample(block_ttl_seconds=7)["spec"]["config"])
+    wait_for("its spec committed", lambda: run.configs().get_active(NAME).config == expected)
+    synced = _condition(run, other_namespace, "ConfigSynced")
+    assert synced is not None and synced["status"] == "True"
+
+
+def test_data_from_before_claims_is_adopted_by_the_first_reconciler(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    run.start()
+    # Seeded the way an older operator did: MASTER/ACTIVE/metadata and no owner record.
+    configs = ConfigStore(run.client(run.operator_keyring()))
+    configs.seed(NAME, validate_config(NAME, _sample()["spec"]["config"]), NAME, by="older")
+    assert _owner(run) is None
+    run.apply_sample(NAME)
+    run.wait_condition(NAME, "ConfigSynced", status="True")
+    owner = wait_for("claim recorded", lambda: _owner(run))
+    assert (owner["namespace"], owner["uid"]) == (run.namespace, run.get(NAME)["metadata"]["uid"])
+    meta = configs.get_metadata(NAME)
+    assert meta is not None and (meta.version, meta.modified_by) == (1, "older")
+
+
+def test_an_unreadable_owner_record_refuses_every_claimant(operator_run: OperatorRun) -> None:
+    run = operator_run
+    run.start()
+    configs = ConfigStore(run.client(run.operator_keyring()))
+    key = configs.client.layout.owner(NAME)
+    configs.client.store.put(key, b"not an owner record")
+    run.apply_sample(NAME)
+    conflict = wait_for(
+        "Conflict OwnerRecordUnreadable",
+        lambda: (
+            (c := run.condition(NAME, "Conflict")) and c["reason"] == "OwnerRecordUnreadable" and c
+        ),
+    )
+    assert key in conflict["message"] and "etcdctl del" in conflict["message"]
+    assert configs.get_metadata(NAME) is None  # nothing seeded
+    # Repaired by a person: the next change of the resource claims the name and seeds it.
+    configs.client.store.delete(key)
+    run.patch(NAME, {"metadata": {"annotations": {"retry": "1"}}})
+    run.wait_active_version(NAME, 1)
+    wait_for("Conflict gone", lambda: run.condition(NAME, "Conflict") is None)
