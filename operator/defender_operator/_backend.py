@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from defender_config import StoragePolicy
+from defender_config import Cadence, StoragePolicy
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class InstanceRecord:
     key_fingerprints: frozenset[str] = field(default_factory=frozenset)
     last_error_reason: str | None = None
     last_error_detail: str = ""
+    # The cadence the instance runs, as it advertises it (None: an older heartbeater).
+    lease_ttl_seconds: int | None = None
+    interval_seconds: float | None = None
 
     def holds(self, fingerprint: str) -> bool:
         return fingerprint in self.key_fingerprints or fingerprint == self.key_fingerprint
@@ -136,6 +139,12 @@ class Backend(Protocol):
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
+
+    def cadence(self, component: str) -> Cadence | None:
+        """The published heartbeat cadence; None when absent or unreadable (logged)."""
+        ...
+
+    def publish_cadence(self, component: str, cadence: Cadence) -> None: ...
 
     def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]: ...
 

@@ -68,6 +68,7 @@ async def publish_status(
         heartbeat=mem.heartbeat,
         key=mem.key,
         misconfig=mem.misconfig,
+        cadence=mem.cadence_condition,
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],

@@ -5,6 +5,7 @@ Everything public is re-exported here; the `_modules` are private and may change
 """
 
 from ._alerts import Alert, Alerter, AlertSink, CallableSink, EtcdAlertSink, LoggingSink
+from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
 from ._configs import (
@@ -63,6 +64,7 @@ from ._registry import (
     ErrorInfo,
     Heartbeat,
     Heartbeater,
+    HeartbeatGate,
     InstanceEvent,
     Registration,
     Registry,
@@ -98,6 +100,7 @@ __all__ = [
     "AlertSink",
     "Alerter",
     "AuthenticationFailedError",
+    "Cadence",
     "CallableSink",
     "Cipher",
     "CodecError",
@@ -131,6 +134,7 @@ __all__ = [
     "GetOp",
     "HealthReport",
     "Heartbeat",
+    "HeartbeatGate",
     "Heartbeater",
     "HistoryEntry",
     "InstanceEvent",
@@ -180,8 +184,11 @@ __all__ = [
     "expect_plaintext",
     "inspect",
     "is_envelope",
+    "lease_ttl",
     "load_settings",
+    "read_cadence",
     "register_cipher",
     "register_compressor",
     "validate_config",
+    "write_cadence",
 ]

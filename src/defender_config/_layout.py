@@ -9,6 +9,7 @@
 <prefix>/components/<name>/instances/<instance>          JSON heartbeat, bound to a lease
 <prefix>/alerts/<component>/<time-ns>-<rand>             JSON alert record
 <prefix>/control/<component>/freeze                      JSON {reason, since}
+<prefix>/control/<component>/heartbeat                   JSON cadence the instances follow
 ```
 
 Only this module builds key strings, so a change of layout is a change of one file.
@@ -37,6 +38,7 @@ KeyKind = Literal[
     "instance",
     "alert",
     "freeze",
+    "cadence",
 ]
 
 _COMPONENT_LEAVES: frozenset[str] = frozenset(
@@ -139,6 +141,10 @@ class Layout:
     def freeze(self, component: str) -> str:
         return f"{self.control_dir}{check_name(component, 'component')}/freeze"
 
+    def cadence(self, component: str) -> str:
+        """The heartbeat cadence the operator publishes from `spec.heartbeat`."""
+        return f"{self.control_dir}{check_name(component, 'component')}/heartbeat"
+
     # --- parsing ---------------------------------------------------------------------------------
 
     def parse(self, key: str | bytes) -> ParsedKey | None:
@@ -163,4 +169,6 @@ class Layout:
                 return ParsedKey(kind="alert", component=comp)
             case ["control", comp, "freeze"]:
                 return ParsedKey(kind="freeze", component=comp)
+            case ["control", comp, "heartbeat"]:
+                return ParsedKey(kind="cadence", component=comp)
         return None

@@ -62,6 +62,8 @@ class Observation:
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None
+    # Informational (never blocks Ready): whether instances follow spec.heartbeat's cadence.
+    cadence: Cond | None = None
 
 
 _CONFIG = {
@@ -91,7 +93,8 @@ def last_config_state(conditions: object) -> tuple[ConfigState, str]:
 
 
 def compute(obs: Observation) -> list[Cond]:
-    """The five conditions. Each is always present (Unknown until known)."""
+    """The five conditions, each always present (Unknown until known), then the cadence
+    condition once it has been judged."""
     status, reason, default_msg = _CONFIG[obs.config]
     config = Cond(CONFIG_SYNCED, status, reason, obs.config_message or default_msg)
     heartbeat = obs.heartbeat or Cond(HEARTBEATING, UNKNOWN, "Pending", "not observed yet")
@@ -108,7 +111,8 @@ def compute(obs: Observation) -> list[Cond]:
         first = blockers[0]
         status = FALSE if any(c.status == FALSE or c is misconfig for c in blockers) else UNKNOWN
         ready = Cond(READY, status, first.reason, f"{first.type}: {first.message}")
-    return [ready, config, heartbeat, key, misconfig]
+    extra = [obs.cadence] if obs.cadence is not None else []
+    return [ready, config, heartbeat, key, misconfig, *extra]
 
 
 def rfc3339(when: datetime) -> str:
