@@ -108,7 +108,7 @@ def http_server() -> Iterator[tuple[str, dict[str, int]]]:
     answer = {"code": 200}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(answer["code"])
             self.end_headers()
 
