@@ -4,8 +4,10 @@ The operator publishes `spec.heartbeat` there; every Heartbeater of the componen
 the resource is the single source of the cadence and an instance's own setting is only the
 fallback before the first read (or while the record is absent or unreadable).
 
-`write_cadence` / `read_cadence` are the only code that touches the record: whatever protects
-control records later (a MAC) wraps these two functions and nothing else.
+`write_cadence` encodes and writes the record; `decode_cadence` is the only code that turns its
+stored bytes into a cadence, used by `read_cadence` and by the heartbeater (which fetches the
+record in the same transaction as its heartbeat put, so following it costs no extra request).
+Whatever protects control records later (a MAC) wraps `write_cadence` and `decode_cadence`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._client import DefenderClient
 from ._envelope import expect_plaintext
 from ._errors import DefenderConfigError
+from ._store_types import StoredValue
 
-__all__ = ["Cadence", "lease_ttl", "read_cadence", "write_cadence"]
+__all__ = ["Cadence", "decode_cadence", "lease_ttl", "read_cadence", "write_cadence"]
 
 log = logging.getLogger("defender_config.cadence")
 
@@ -77,7 +80,12 @@ def read_cadence(client: DefenderClient, component: str) -> Cadence | None:
     (garbled, sealed, out of bounds), which is logged: the caller then uses its own setting.
     Store errors (etcd unreachable) are raised: they say nothing about the record."""
     key = client.layout.cadence(component)
-    stored = client.store.get(key)
+    return decode_cadence(key, client.store.get(key))
+
+
+def decode_cadence(key: str, stored: StoredValue | None) -> Cadence | None:
+    """The cadence in `stored` (the record at `key` as read); None when absent or unreadable,
+    with one warning per bad write."""
     if stored is None:
         return None
     try:

@@ -5,7 +5,7 @@ of TTL = interval * allowed misses and kept alive by a background thread. When a
 its lease expires and etcd deletes the key: watchers see a delete event, nobody polls.
 
 The interval and misses come from the component's published cadence (`_cadence`, written by the
-operator from `spec.heartbeat`), re-read at every beat; the instance's own setting is only the
+operator from `spec.heartbeat`), read with every beat; the instance's own setting is only the
 fallback while no readable cadence is published.
 """
 
@@ -22,13 +22,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._cadence import Cadence, lease_ttl, read_cadence
+from ._cadence import Cadence, decode_cadence, lease_ttl, read_cadence
 from ._client import DefenderClient
 from ._configs import ActiveConfig, ConfigStore, SeedResult
 from ._errors import DefenderConfigError, NotFoundError, StoreError
 from ._models import ComponentType
 from ._store import WatchHandle
-from ._store_types import Lease, WatchEvent, backoff_delay
+from ._store_types import GetOp, Lease, PutOp, WatchEvent, backoff_delay
 
 __all__ = [
     "ComponentStatus",
@@ -132,10 +132,11 @@ class Heartbeater:
     meanwhile (etcd was unreachable for longer than the TTL) a new lease is granted and the key
     written again.
 
-    With `follow_cadence` (the default) every beat re-reads the component's published cadence
-    and adopts it: the next wait uses its interval, and a new TTL takes a new lease at once (the
-    key moves to it, the old lease is revoked). `interval_seconds`/`allowed_misses` are the
-    fallback while none is published or it is unreadable.
+    With `follow_cadence` (the default) every beat reads the component's published cadence, in
+    the same transaction as its put (no extra request), and adopts it: the next wait uses its
+    interval, and a new TTL takes a new lease at once (one extra beat moves the key to it and
+    revokes the old lease). `interval_seconds`/`allowed_misses` are the fallback while none is
+    published or it is unreadable.
 
     `gate` is asked before every renewal after the first: while it returns an error the lease
     is not renewed (it expires after its TTL and whoever watches the instance acts), and the
@@ -323,9 +324,9 @@ class Heartbeater:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def _follow(self) -> None:
-        """Adopt the published cadence (or fall back to the local setting)."""
-        published = read_cadence(self.client, self.component)
+    def _adopt(self, published: Cadence | None) -> None:
+        """Follow the published cadence (None: the local setting) from the next wait on; a new
+        TTL takes a new lease at the next beat."""
         if published is not None:
             interval, misses = published.interval_seconds, published.allowed_misses
         else:
@@ -348,6 +349,10 @@ class Heartbeater:
             self._record = self._record.model_copy(
                 update={"interval_seconds": interval, "lease_ttl_seconds": ttl}
             )
+        if self._lease is not None and self._lease_ttl != ttl:
+            # Beat again at once, on a lease of the new TTL: waiting a longer new interval
+            # under the old, shorter lease would let the key expire.
+            self._wake.set()
 
     def _hold(self, reason: ErrorInfo) -> None:
         """The gate failed: say why in the record, but do not renew the lease."""
@@ -366,13 +371,26 @@ class Heartbeater:
         with contextlib.suppress(NotFoundError):
             self.client.store.put(self.key, body, lease=lease)
 
+    def _write(self, body: bytes, lease: Lease) -> None:
+        """Put the record; when following the cadence, read it in the same transaction."""
+        if not self.follow_cadence:
+            self.client.store.put(self.key, body, lease=lease)
+            return
+        cadence_key = self.client.layout.cadence(self.component)
+        result = self.client.store.txn([], [PutOp(self.key, body, lease.id), GetOp(cadence_key)])
+        found = result.gets[0] if result.gets else ()
+        self._adopt(decode_cadence(cadence_key, found[0] if found else None))
+
     def _beat(self, *, initial: bool = False) -> None:
         store = self.client.store
-        if self.follow_cadence:
-            self._follow()
+        if self.follow_cadence and initial:
+            # The first lease already gets the published TTL.
+            self._adopt(read_cadence(self.client, self.component))
         if self._gate is not None and not initial:
             reason = self._gate()
             if reason is not None:
+                if self.follow_cadence:
+                    self._adopt(read_cadence(self.client, self.component))
                 self._hold(reason)
                 return
             self._held = None
@@ -384,7 +402,7 @@ class Heartbeater:
             # A new cadence: the key moves to a lease of the new TTL, then the old one goes.
             old, lease = lease, store.grant_lease(self.ttl)
             self._lease, self._lease_ttl = lease, self.ttl
-            store.put(self.key, body, lease=lease)
+            self._write(body, lease)
             try:
                 store.revoke_lease(old)
             except StoreError as exc:
@@ -399,7 +417,7 @@ class Heartbeater:
             lease = store.grant_lease(self.ttl)
             self._lease, self._lease_ttl = lease, self.ttl
         try:
-            store.put(self.key, body, lease=lease)
+            self._write(body, lease)
         except NotFoundError:
             # The lease died between grant/refresh and this put (a loaded etcd or a stalled
             # process, or a start() retried after its first put failed): take a fresh one.
@@ -407,7 +425,7 @@ class Heartbeater:
             self.regrants += 1
             lease = store.grant_lease(self.ttl)
             self._lease, self._lease_ttl = lease, self.ttl
-            store.put(self.key, body, lease=lease)
+            self._write(body, lease)
         self.beats += 1
 
     def _run(self) -> None:

@@ -57,8 +57,9 @@ def test_heartbeater_follows_a_new_cadence_from_its_next_beat(client: DefenderCl
         # Picked up at the next beat (at most one old interval), without a restart.
         wait_for("the published cadence", lambda: hb.interval == 0.5, timeout=3 + 5)
         wait_for("the new TTL in the record", lambda: hb.record.lease_ttl_seconds == 2)
-        ttl, lease = _stored_ttl(client)
-        assert lease != old_lease, "a new TTL needs a new lease"
+        # A new TTL needs a new lease: the key moves to it at once.
+        wait_for("the key on a new lease", lambda: _stored_ttl(client)[1] != old_lease)
+        ttl, _ = _stored_ttl(client)
         assert ttl <= 2
         assert client.store.lease_ttl(old_lease) == -1, "the old lease was revoked"
         beats = hb.beats
@@ -147,6 +148,28 @@ def test_a_failing_gate_holds_renewals_until_the_lease_expires(client: DefenderC
             timeout=10,
         )
         assert hb.held is None and hb.regrants >= 1
+    finally:
+        hb.stop()
+        handle.cancel()
+
+
+def test_a_longer_cadence_moves_to_a_longer_lease_before_the_old_one_ends(
+    client: DefenderClient,
+) -> None:
+    """0.5 s x 4 (a 2 s lease) → 4 s x 3: waiting the new 4 s interval under the old 2 s lease
+    would let the key expire; the heartbeater takes the 12 s lease at once instead."""
+    write_cadence(client, "sniffer", Cadence(interval_seconds=0.5, allowed_misses=4))
+    events = []
+    handle = Registry(client).watch_instances(events.append, component="sniffer")
+    hb = _beater(client)
+    try:
+        assert (hb.interval, hb.ttl) == (0.5, 2)
+        write_cadence(client, "sniffer", Cadence(interval_seconds=4, allowed_misses=3))
+        wait_for("the 12 s lease", lambda: _stored_ttl(client)[0] > 2, timeout=10)
+        assert hb.record.lease_ttl_seconds == 12
+        time.sleep(6)  # past the old lease's 2 s many times over, less than one new interval x 2
+        assert not [e for e in events if e.kind == "delete"], "the key expired in between"
+        assert client.store.get(client.layout.instance("sniffer", "s-0")) is not None
     finally:
         hb.stop()
         handle.cancel()
