@@ -16,6 +16,7 @@ from defender_config import (
     ErrorInfo,
     Heartbeater,
     Registry,
+    StoreUnavailableError,
     read_cadence,
     write_cadence,
 )
@@ -173,3 +174,29 @@ def test_a_longer_cadence_moves_to_a_longer_lease_before_the_old_one_ends(
     finally:
         hb.stop()
         handle.cancel()
+
+
+def test_an_old_lease_that_cannot_be_revoked_is_left_to_expire(
+    client: DefenderClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    hb = _beater(client)
+    try:
+        _, old_lease = _stored_ttl(client)
+
+        def refuse(lease: object) -> None:
+            raise StoreUnavailableError(["127.0.0.1:2379"], "member gone")
+
+        monkeypatch.setattr(client.store, "revoke_lease", refuse)
+        with caplog.at_level(logging.WARNING, logger="defender_config.registry"):
+            write_cadence(client, "sniffer", Cadence(interval_seconds=0.5, allowed_misses=4))
+            wait_for("the key on a new lease", lambda: _stored_ttl(client)[1] != old_lease)
+        assert "old lease not revoked (it expires)" in caplog.text
+        beats = hb.beats
+        wait_for("beating on", lambda: hb.beats > beats + 2, timeout=10)
+        assert hb.failures == 0, "the move to the new lease succeeded; nothing failed"
+        assert client.store.lease_ttl(old_lease) > 0, (
+            "still there, holding no key, until it expires"
+        )
+    finally:
+        monkeypatch.undo()
+        hb.stop()

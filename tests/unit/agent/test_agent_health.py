@@ -324,3 +324,43 @@ def test_status_port_in_use_is_a_settings_error() -> None:
             StatusServer("127.0.0.1", port, dict)
     # Never started: stopping does not wait for a loop that never ran.
     StatusServer("127.0.0.1", 0, dict).stop()
+
+
+# --- the agent's wiring ------------------------------------------------------------------------
+
+
+def _agent(tmp_path: Path, *args: str) -> Any:
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    settings = load_agent_settings(
+        ["--component", "sniffer", "--output-path", str(tmp_path / "s.json"), *args]
+    )
+    return Agent(settings, LibrarySettings(envelope=EnvelopeOptions(encrypt=False)))
+
+
+def test_an_alert_that_cannot_be_stored_does_not_stop_the_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    agent = _agent(
+        tmp_path, "--reload-method", "none", "--health-check", "exec", "--health-exec", "false"
+    )
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("etcd gone")
+
+    agent.client = SimpleNamespace(alerter=SimpleNamespace(event=refuse))
+    assert agent.health is not None
+    held = agent.health()  # within the start grace: reported, not held
+    assert held is None and agent.health.problem == "exec false exited 1"
+    assert "could not record the ComponentUnhealthy alert" in caplog.text
+    assert "fails its health check" in caplog.text
+
+
+def test_status_before_registration(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, "--reload-method", "none")
+    snap = agent.status_snapshot()
+    assert snap["healthy"] is False and snap["renewing"] is False
+    assert snap["cadence"] is None and snap["health_check"] == "none"
