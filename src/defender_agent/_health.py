@@ -22,7 +22,7 @@ from typing import Protocol
 from defender_config import ErrorInfo
 
 from ._errors import ProcessNotFoundError
-from ._reload import find_processes, read_pidfile
+from ._reload import target_pids
 
 __all__ = [
     "UNHEALTHY",
@@ -89,16 +89,10 @@ class ProcessCheck:
         return f"process {self.process_name!r}"
 
     def check(self) -> str | None:
-        if self.pidfile is not None:
-            try:
-                pids = [read_pidfile(self.pidfile)]
-            except ProcessNotFoundError as exc:
-                return f"{exc.what}: {exc.detail}"
-        else:
-            assert self.process_name is not None
-            pids = [p.pid for p in find_processes(self.process_name, self.proc_root)]
-            if not pids:
-                return f"no process named {self.process_name!r} is running"
+        try:
+            pids = target_pids(self.process_name, self.pidfile, self.proc_root)
+        except ProcessNotFoundError as exc:
+            return f"{exc.what}: {exc.detail}"
         for pid in pids:
             state = process_state(pid, self.proc_root)
             if state is None:

@@ -168,6 +168,21 @@ def _status(port: int) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read())
 
 
+def _agent_checking(run: OperatorRun, pod: str, process: str, *args: str) -> None:
+    """An agent for `pod` that renews only while `process` is alive and not stopped."""
+    run.start_agent(
+        "sniffer",
+        pod,
+        "--health-check",
+        "process",
+        "--health-process",
+        process,
+        "--health-start-grace-seconds",
+        "0",
+        *args,
+    )
+
+
 def test_a_stopped_component_beside_a_healthy_agent_is_restarted(
     operator_run: OperatorRun, record_property: Any
 ) -> None:
@@ -177,20 +192,7 @@ def test_a_stopped_component_beside_a_healthy_agent_is_restarted(
     name = f"sniffer-{os.getpid() % 10000}-{pod[-5:]}"
     component = run.start_component(name, SLEEPER)
     port = free_port()
-    run.start_agent(
-        "sniffer",
-        pod,
-        "--health-check",
-        "process",
-        "--health-process",
-        name,
-        "--health-start-grace-seconds",
-        "0",
-        "--status-port",
-        str(port),
-        "--status-address",
-        "127.0.0.1",
-    )
+    _agent_checking(run, pod, name, "--status-port", str(port), "--status-address", "127.0.0.1")
     run.wait_condition("sniffer", "Heartbeating", status="True")
     assert wait_for("status 200", lambda: _status(port)[0] == 200)
 
@@ -210,16 +212,7 @@ def test_a_stopped_component_beside_a_healthy_agent_is_restarted(
     [replacement] = wait_for("the replacement pod", lambda: list(_pod_names(run)) or None)
     fresh = f"sniffer-{os.getpid() % 10000}-{replacement[-5:]}"
     run.start_component(fresh, SLEEPER)
-    run.start_agent(
-        "sniffer",
-        replacement,
-        "--health-check",
-        "process",
-        "--health-process",
-        fresh,
-        "--health-start-grace-seconds",
-        "0",
-    )
+    _agent_checking(run, replacement, fresh)
     wait_for("the new pod registers", lambda: run.instance_record("sniffer", replacement))
     run.wait_condition("sniffer", "Heartbeating", status="True")
     assert run.get("sniffer")["status"]["restarts"] == 1

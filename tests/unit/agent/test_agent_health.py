@@ -72,7 +72,7 @@ def test_process_check_sees_an_exited_process(
     child.kill()
     child.wait(timeout=10)
     problem = ProcessCheck(process_name=unique_name).check()
-    assert problem == f"no process named {unique_name!r} is running"
+    assert problem == f"process name {unique_name!r}: no process with that name under /proc"
 
 
 def test_process_check_by_pidfile(

@@ -22,6 +22,7 @@ from defender_operator._decisions.restarts import (
     PodView,
     RestartAction,
     RestartBudget,
+    RestartDecision,
     decide_restart,
     next_deadline,
 )
@@ -35,7 +36,7 @@ BUDGET = RestartBudget(True, 3, 600, 10, 40)
 NEW_SPEC = HeartbeatPolicy(interval_seconds=5, missed_before_restart=2, startup_grace_seconds=5)
 
 
-def decide(now: datetime, seen: datetime, ttls: dict[str, int] | None) -> RestartAction:
+def decision(now: datetime, seen: datetime, ttls: dict[str, int] | None) -> RestartDecision:
     return decide_restart(
         now=now,
         pods=[PodView("a", OLD)],
@@ -46,7 +47,11 @@ def decide(now: datetime, seen: datetime, ttls: dict[str, int] | None) -> Restar
         budget=BUDGET,
         restart_times=[],
         lease_ttls=ttls,
-    ).action
+    )
+
+
+def decide(now: datetime, seen: datetime, ttls: dict[str, int] | None) -> RestartAction:
+    return decision(now, seen, ttls).action
 
 
 def test_advertised_lease_longer_than_the_spec_postpones_the_judgement() -> None:
@@ -81,18 +86,7 @@ def test_next_deadline_follows_the_advertised_lease() -> None:
 
 
 def test_restart_message_says_how_long_was_waited() -> None:
-    seen = T0 - timedelta(seconds=100)
-    d = decide_restart(
-        now=T0,
-        pods=[PodView("a", OLD)],
-        last_seen={"a": seen},
-        watch_started=OLD,
-        etcd=HEALTHY,
-        policy=NEW_SPEC,
-        budget=BUDGET,
-        restart_times=[],
-        lease_ttls={"a": 90},
-    )
+    d = decision(T0, T0 - timedelta(seconds=100), {"a": 90})
     assert d.action is RestartAction.RESTART
     assert "over 90s" in d.message
 
