@@ -326,7 +326,7 @@ class Heartbeater:
 
     def _adopt(self, published: Cadence | None) -> None:
         """Follow the published cadence (None: the local setting) from the next wait on; a new
-        TTL takes a new lease at the next beat."""
+        TTL wakes the loop for a beat at once, which moves the key to a lease of that TTL."""
         if published is not None:
             interval, misses = published.interval_seconds, published.allowed_misses
         else:
