@@ -30,17 +30,18 @@ FAST = {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 5
 
 # A component that only has to exist (and can be stopped).
 SLEEPER = "import time\nwhile True:\n    time.sleep(0.2)\n"
-# A component that touches its heartbeat file every `period` seconds, once one period late.
+# A component that touches its heartbeat file every `period` seconds; once `<file>.go` exists,
+# one touch comes one period late (and `<file>.late` says when).
 TOUCHER = """
 import os, sys, time
-path, period, late_after = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-n = 0
+path, period = sys.argv[1], float(sys.argv[2])
+late_done = False
 while True:
     with open(path, "a"):
         pass
     os.utime(path)
-    n += 1
-    if n == late_after:
+    if not late_done and os.path.exists(path + ".go"):
+        late_done = True
         with open(path + ".late", "w") as f:
             f.write(str(time.time()))
         time.sleep(period)  # the next touch comes one period late
@@ -226,8 +227,8 @@ def test_a_heartbeat_file_touched_one_period_late_restarts_nothing(
     run.start()
     [pod] = _pods(run, FAST, replicas=1)
     alive = tmp_path / "alive"
-    # Touched every 1 s, the fourth touch one period late (a 2 s gap).
-    run.start_component(f"toucher-{pod[-5:]}", TOUCHER, str(alive), "1", "4")
+    # Touched every 1 s; one touch one period late (a 2 s gap) once the test says so.
+    run.start_component(f"toucher-{pod[-5:]}", TOUCHER, str(alive), "1")
     wait_for("the first touch", alive.exists)
     run.start_agent(
         "sniffer",
@@ -248,6 +249,7 @@ def test_a_heartbeat_file_touched_one_period_late_restarts_nothing(
         lambda e: deletes.append(e) if e.kind == "delete" else None, component="sniffer"
     )
     try:
+        Path(str(alive) + ".go").touch()
         wait_for("the late touch", Path(str(alive) + ".late").exists, timeout=30)
         _no_restart_for(run, 6, {pod})
     finally:
