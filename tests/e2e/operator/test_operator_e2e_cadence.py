@@ -258,3 +258,30 @@ def test_a_heartbeat_file_touched_one_period_late_restarts_nothing(
     record = run.instance_record("sniffer", pod)
     assert record is not None and record["last_error"] is None
     assert "ComponentUnhealthy" not in run.agent_log(pod)
+
+
+def test_a_deleted_or_forged_cadence_record_is_put_right(operator_run: OperatorRun) -> None:
+    """etcdctl del, or a write by someone with etcd access: the operator rewrites the record
+    from spec.heartbeat within a pass, and running agents follow it back."""
+    run = operator_run
+    run.start()
+    [pod] = _pods(run, FAST, replicas=1)
+    run.start_agent("sniffer", pod)
+    wait_for("the agent on the spec's cadence", lambda: _cadence_of(run, pod) == (1, 3))
+    client = run.client()
+    key = client.layout.cadence("sniffer")
+    client.store.delete(key)
+    wait_for("the record rewritten", lambda: read_cadence(client, "sniffer"))
+    client.put_json(key, {"interval_seconds": 3600, "allowed_misses": 100})
+    wait_for(
+        "the forged record rewritten",
+        lambda: (c := read_cadence(client, "sniffer")) is not None and c.interval_seconds == 1,
+    )
+    client.store.put(key, b"\xffgarbage")
+    wait_for(
+        "the garbled record rewritten",
+        lambda: (c := read_cadence(client, "sniffer")) is not None and c.interval_seconds == 1,
+    )
+    # The agent never left the spec's cadence for long, and nothing was restarted.
+    wait_for("the agent on the spec's cadence", lambda: _cadence_of(run, pod) == (1, 3))
+    _no_restart_for(run, 3, {pod})
