@@ -14,6 +14,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.etcd, pytest.mark.timeout(300)]
 
 LABELS = {"app.kubernetes.io/name": "sniffer"}
 BUDGET = {"maxRestarts": 3, "windowSeconds": 600, "backoffBaseSeconds": 1}
-FAST = {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 5}
+# Long enough for an agent process to start on a loaded machine. Every judgement a test makes
+# waits until the pods are older than this (`_after_grace`): inside it no pod is restarted
+# anyway, and a "nothing restarted" seen there would prove nothing.
+GRACE = 20
+FAST = {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": GRACE}
 
 # A component that only has to exist (and can be stopped).
 SLEEPER = "import time\nwhile True:\n    time.sleep(0.2)\n"
@@ -66,6 +71,16 @@ def _pods(run: OperatorRun, heartbeat: dict[str, Any], replicas: int) -> list[st
     return sorted(found)
 
 
+def _after_grace(run: OperatorRun) -> None:
+    """Wait until every pod of the component is past its startup grace."""
+    now = datetime.now(UTC)
+    for pod in run.pods(LABELS):
+        age = (now - pod.metadata.creation_timestamp).total_seconds()
+        if age < GRACE + 1:
+            time.sleep(GRACE + 1 - age)
+            now = datetime.now(UTC)
+
+
 def _cadence_of(run: OperatorRun, pod: str) -> tuple[float, int] | None:
     record = run.instance_record("sniffer", pod)
     if record is None:
@@ -89,7 +104,7 @@ def test_changing_spec_heartbeat_under_running_agents_restarts_nothing(
     spec.heartbeat becomes 1 s x 2 (a 2 s threshold)."""
     run = operator_run
     run.start()
-    slow = {"intervalSeconds": 6, "missedBeforeRestart": 3, "startupGraceSeconds": 5}
+    slow = {"intervalSeconds": 6, "missedBeforeRestart": 3, "startupGraceSeconds": GRACE}
     pods = _pods(run, slow, replicas=2)
     for pod in pods:
         # At the agent's defaults (30 s x 3): the published cadence wins from the first beat.
@@ -97,13 +112,14 @@ def test_changing_spec_heartbeat_under_running_agents_restarts_nothing(
     for pod in pods:
         wait_for(f"{pod} on the spec's cadence", lambda p=pod: _cadence_of(run, p) == (6, 18))
     run.wait_condition("sniffer", "Heartbeating", status="True")
+    _after_grace(run)
     puts: list[InstanceEvent] = []
     handle = run.registry().watch_instances(
         lambda e: puts.append(e) if e.kind == "put" else None, component="sniffer"
     )
     try:
         changed = time.monotonic()
-        faster = {"intervalSeconds": 1, "missedBeforeRestart": 2, "startupGraceSeconds": 5}
+        faster = {"intervalSeconds": 1, "missedBeforeRestart": 2, "startupGraceSeconds": GRACE}
         run.patch("sniffer", {"spec": {"heartbeat": faster}})
         # Each agent learns the new cadence at its next beat: within one old interval (6 s)
         # after the operator published it. Bounded generously; the time is reported.
@@ -151,6 +167,7 @@ def test_an_instance_on_another_cadence_is_waited_for_and_shown(
     ).start()
     run.heartbeaters.append(stubborn)
     stubborn.set_status("RUNNING")
+    _after_grace(run)
     cond = run.wait_condition("sniffer", "HeartbeatCadence", reason="CadenceMismatch")
     assert cond["status"] == "False"
     assert f"{pod} (4s, lease 12s)" in cond["message"]
@@ -196,6 +213,7 @@ def test_a_stopped_component_beside_a_healthy_agent_is_restarted(
     _agent_checking(run, pod, name, "--status-port", str(port), "--status-address", "127.0.0.1")
     run.wait_condition("sniffer", "Heartbeating", status="True")
     assert wait_for("status 200", lambda: _status(port)[0] == 200)
+    _after_grace(run)
 
     stopped = time.monotonic()
     os.kill(component.pid, signal.SIGSTOP)
@@ -244,6 +262,7 @@ def test_a_heartbeat_file_touched_one_period_late_restarts_nothing(
         "0",
     )
     run.wait_condition("sniffer", "Heartbeating", status="True")
+    _after_grace(run)
     deletes: list[InstanceEvent] = []
     handle = run.registry().watch_instances(
         lambda e: deletes.append(e) if e.kind == "delete" else None, component="sniffer"
@@ -268,6 +287,7 @@ def test_a_deleted_or_forged_cadence_record_is_put_right(operator_run: OperatorR
     [pod] = _pods(run, FAST, replicas=1)
     run.start_agent("sniffer", pod)
     wait_for("the agent on the spec's cadence", lambda: _cadence_of(run, pod) == (1, 3))
+    _after_grace(run)
     client = run.client()
     key = client.layout.cadence("sniffer")
     client.store.delete(key)
