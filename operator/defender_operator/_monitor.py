@@ -25,10 +25,8 @@ from defender_operator._decisions.breaker import (
 )
 from defender_operator._decisions.cadence import (
     InstanceBeat,
-    Published,
     SpecCadence,
     cadence_condition,
-    lease_allowance,
 )
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
 from defender_operator._decisions.restarts import (
@@ -192,14 +190,11 @@ async def tick(
         del mem.lease_ttls[gone]
 
     hb = spec.heartbeat
-    if etcd_ok:
-        await _publish_cadence(rt, body, name, hb, instances, mem, now, logger)
     policy = HeartbeatPolicy(
-        hb.interval_seconds,
-        hb.missed_before_restart,
-        hb.startup_grace_seconds,
-        lease_allowance_seconds=_allowance(mem.cadence, now),
+        hb.interval_seconds, hb.missed_before_restart, hb.startup_grace_seconds
     )
+    if etcd_ok:
+        await _publish_cadence(rt, body, name, hb, instances, mem, logger)
     rb = spec.restart_budget
     budget = RestartBudget(
         rb.enabled,
@@ -295,40 +290,6 @@ async def tick(
     return wake
 
 
-def _allowance(published: Cadence | None, now: datetime) -> int | None:
-    if published is None:
-        return None  # nothing published yet (etcd unreachable so far): the API's maximum
-    return lease_allowance(
-        now,
-        Published(
-            published.lease_ttl_seconds,
-            published.since,
-            published.previous_interval_seconds,
-            published.previous_lease_ttl_seconds,
-        ),
-    )
-
-
-def _desired_cadence(
-    want: Cadence, known: Cadence | None, current: Cadence | None, now: datetime
-) -> Cadence:
-    """The record this operator stands behind: its own while the spec is unchanged (a record
-    changed by someone else is rewritten), a new one naming the cadence it replaces when the
-    spec changed, and after an operator restart the stored record if it says the same."""
-    if known is not None and known.same_rhythm(want):
-        return known
-    replaced = known if known is not None else current
-    if known is None and current is not None and current.same_rhythm(want):
-        return current
-    return want.model_copy(
-        update={
-            "since": now,
-            "previous_interval_seconds": replaced.interval_seconds if replaced else None,
-            "previous_allowed_misses": replaced.allowed_misses if replaced else None,
-        }
-    )
-
-
 async def _publish_cadence(
     rt: Runtime,
     body: Any,
@@ -336,11 +297,10 @@ async def _publish_cadence(
     hb: _api.HeartbeatSpec,
     instances: Sequence[InstanceRecord],
     mem: ComponentMemory,
-    now: datetime,
     logger: Logger,
 ) -> None:
-    """Publish spec.heartbeat as the component's cadence (one read per pass, a write only when
-    the record differs) and judge whether the instances follow it."""
+    """Publish spec.heartbeat as the component's cadence (only when the record says something
+    else: one read per pass, a write per change) and judge whether the instances follow it."""
     want = Cadence(
         interval_seconds=hb.interval_seconds,
         allowed_misses=hb.missed_before_restart,
@@ -350,23 +310,26 @@ async def _publish_cadence(
         # Read every pass rather than trusting memory: a record deleted or overwritten by hand
         # is put right within one pass.
         current = await asyncio.to_thread(rt.backend.cadence, name)
-        desired = _desired_cadence(want, mem.cadence, current, now)
-        if current != desired:
-            await asyncio.to_thread(rt.backend.publish_cadence, name, desired)
-            if current is not None and not desired.same_rhythm(current):
+        if want.same_rhythm(current):
+            mem.cadence = current
+        else:
+            await asyncio.to_thread(rt.backend.publish_cadence, name, want)
+            if mem.cadence is not None:
                 logger.info(
                     "heartbeat cadence now %ss x %s (lease %ss); instances follow it from"
                     " their next beat",
-                    desired.interval_seconds,
-                    desired.allowed_misses,
-                    desired.lease_ttl_seconds,
+                    want.interval_seconds,
+                    want.allowed_misses,
+                    want.lease_ttl_seconds,
                 )
-        mem.cadence = desired
+            mem.cadence = want
     except (DefenderConfigError, OperatorError) as exc:
         ERRORS.labels("cadence").inc()
         logger.warning("cannot publish the heartbeat cadence: %s", exc)
         return
-    spec = SpecCadence(desired.interval_seconds, desired.lease_ttl_seconds, desired.since)
+    published = mem.cadence
+    assert published is not None
+    spec = SpecCadence(published.interval_seconds, published.lease_ttl_seconds, published.since)
     beats = [
         InstanceBeat(i.instance, i.time, i.interval_seconds, i.lease_ttl_seconds) for i in instances
     ]

@@ -57,19 +57,10 @@ class Cadence(BaseModel):
     # another one does not follow it.
     since: datetime = Field(default_factory=lambda: datetime.now(UTC))
     by: str | None = None
-    # The cadence this one replaced: instances may run it for one more old interval and lease.
-    previous_interval_seconds: float | None = Field(default=None, gt=0, le=_MAX_INTERVAL_SECONDS)
-    previous_allowed_misses: int | None = Field(default=None, ge=1, le=_MAX_MISSES)
 
     @property
     def lease_ttl_seconds(self) -> int:
         return lease_ttl(self.interval_seconds, self.allowed_misses)
-
-    @property
-    def previous_lease_ttl_seconds(self) -> int | None:
-        if self.previous_interval_seconds is None or self.previous_allowed_misses is None:
-            return None
-        return lease_ttl(self.previous_interval_seconds, self.previous_allowed_misses)
 
     def same_rhythm(self, other: Cadence | None) -> bool:
         """Same interval and misses (who wrote it and when do not matter)."""

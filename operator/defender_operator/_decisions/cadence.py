@@ -34,30 +34,6 @@ class SpecCadence:
     """When the operator published this cadence (the record's `since`)."""
 
 
-@dataclass(frozen=True)
-class Published:
-    """The cadence the operator published, and the one it replaced (for the transition)."""
-
-    lease_ttl_seconds: int
-    since: datetime
-    previous_interval_seconds: float | None = None
-    previous_lease_ttl_seconds: int | None = None
-
-
-def lease_allowance(now: datetime, published: Published) -> int:
-    """The longest lease an instance may advertise and be waited for: the published cadence's,
-    or the one it replaced while instances may still run that one. An instance learns a new
-    cadence at its next beat (one old interval), and its last lease of the old TTL then runs
-    out (one old TTL): after that no follower can hold the old lease any more."""
-    ttl = published.lease_ttl_seconds
-    old_ttl = published.previous_lease_ttl_seconds
-    old_interval = published.previous_interval_seconds
-    if old_ttl is None or old_interval is None or old_ttl <= ttl:
-        return ttl
-    transition = timedelta(seconds=old_interval + old_ttl) + CLOCK_SLACK
-    return old_ttl if now < published.since + transition else ttl
-
-
 def off_cadence(instances: Sequence[InstanceBeat], spec: SpecCadence) -> list[str]:
     """The instances that beat after the cadence was published and still run another one, in
     name order. Instances that have not beaten since are not judged: they learn the cadence at

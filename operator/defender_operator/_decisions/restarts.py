@@ -45,9 +45,6 @@ class HeartbeatPolicy:
     interval_seconds: int
     missed_before_restart: int
     startup_grace_seconds: int
-    # The longest advertised lease honoured now: the longest cadence the operator itself
-    # published lately (`_decisions.cadence.lease_allowance`). None: up to the API's maximum.
-    lease_allowance_seconds: int | None = None
 
     @property
     def threshold(self) -> timedelta:
@@ -67,12 +64,8 @@ class HeartbeatPolicy:
         spec's threshold: its lease expiry is seen as a delete anyway."""
         if lease_ttl_seconds is None or lease_ttl_seconds <= 0:
             return self.threshold
-        cap = MAX_HONOURED_LEASE_TTL_SECONDS
-        if self.lease_allowance_seconds is not None:
-            # A lease longer than any cadence the operator published was not taken by
-            # following it (a forged cadence record, or a forged heartbeat): not waited for.
-            cap = min(cap, self.lease_allowance_seconds)
-        return max(self.threshold, timedelta(seconds=min(lease_ttl_seconds, cap)))
+        ttl = timedelta(seconds=min(lease_ttl_seconds, MAX_HONOURED_LEASE_TTL_SECONDS))
+        return max(self.threshold, ttl)
 
 
 @dataclass(frozen=True)

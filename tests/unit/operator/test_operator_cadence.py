@@ -11,10 +11,8 @@ from defender_operator._decisions.cadence import (
     CLOCK_SLACK,
     HEARTBEAT_CADENCE,
     InstanceBeat,
-    Published,
     SpecCadence,
     cadence_condition,
-    lease_allowance,
     off_cadence,
 )
 from defender_operator._decisions.restarts import (
@@ -75,30 +73,6 @@ def test_patience_is_the_later_deadline_and_bounded() -> None:
     assert NEW_SPEC.patience(0) == timedelta(seconds=10)
     assert NEW_SPEC.patience(90) == timedelta(seconds=90)
     assert NEW_SPEC.patience(10**9) == timedelta(seconds=MAX_HONOURED_LEASE_TTL_SECONDS)
-
-
-def test_an_advertised_lease_is_honoured_only_up_to_the_allowance() -> None:
-    # A forged cadence record (or heartbeat) claiming a 100 h lease: waited for only as long
-    # as the operator's own cadences allow.
-    policy = HeartbeatPolicy(5, 2, 5, lease_allowance_seconds=90)
-    assert policy.patience(360_000) == timedelta(seconds=90)
-    assert policy.patience(60) == timedelta(seconds=60)
-    assert HeartbeatPolicy(5, 2, 5, lease_allowance_seconds=4).patience(90) == timedelta(
-        seconds=10
-    ), "the spec's own threshold always stands"
-
-
-def test_lease_allowance_covers_the_replaced_cadence_for_one_transition() -> None:
-    # 30 s x 3 (90 s lease) replaced by 5 s x 2 (10 s lease) at T0.
-    changed = Published(10, T0, previous_interval_seconds=30, previous_lease_ttl_seconds=90)
-    transition = timedelta(seconds=30 + 90) + CLOCK_SLACK
-    assert lease_allowance(T0, changed) == 90
-    assert lease_allowance(T0 + transition - timedelta(seconds=1), changed) == 90
-    assert lease_allowance(T0 + transition, changed) == 10
-    # Nothing replaced, or a shorter one replaced: the published lease alone.
-    assert lease_allowance(T0, Published(10, T0)) == 10
-    shorter = Published(90, T0, previous_interval_seconds=5, previous_lease_ttl_seconds=10)
-    assert lease_allowance(T0, shorter) == 90
 
 
 def test_next_deadline_follows_the_advertised_lease() -> None:

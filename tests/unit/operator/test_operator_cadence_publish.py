@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -39,14 +39,9 @@ class Backend:
         self.stored = cadence
 
 
-NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
-
-
-def publish(
-    backend: Backend, mem: ComponentMemory, spec: _api.HeartbeatSpec = SPEC, now: datetime = NOW
-) -> None:
+def publish(backend: Backend, mem: ComponentMemory) -> None:
     rt: Any = SimpleNamespace(backend=backend, identity="op-0")
-    asyncio.run(_publish_cadence(rt, {}, "sniffer", spec, [], mem, now, LOG))
+    asyncio.run(_publish_cadence(rt, {}, "sniffer", SPEC, [], mem, LOG))
 
 
 def test_absent_or_different_record_is_written() -> None:
@@ -79,28 +74,3 @@ def test_etcd_failure_is_a_warning_not_a_failed_pass(caplog: pytest.LogCaptureFi
     assert "cannot publish the heartbeat cadence" in caplog.text
     assert ERRORS.labels("cadence")._value.get() == before + 1
     assert mem.cadence is None and mem.cadence_condition is None
-
-
-def test_a_spec_change_names_the_cadence_it_replaces() -> None:
-    backend, mem = Backend(None), ComponentMemory()
-    publish(backend, mem)
-    faster = _api.HeartbeatSpec(interval_seconds=1, missed_before_restart=2)
-    later = NOW + timedelta(minutes=5)
-    publish(backend, mem, faster, later)
-    new = backend.writes[-1]
-    assert (new.interval_seconds, new.allowed_misses, new.since) == (1, 2, later)
-    assert (new.previous_interval_seconds, new.previous_allowed_misses) == (5, 2)
-    assert new.previous_lease_ttl_seconds == 10
-    # Forging the record (a longer "previous" to be waited for) gets it rewritten as it was.
-    backend.stored = new.model_copy(update={"previous_interval_seconds": 3600})
-    publish(backend, mem, faster, later + timedelta(seconds=1))
-    assert backend.stored == new
-
-
-def test_a_new_operator_replaces_a_record_of_another_cadence() -> None:
-    stored = Cadence(interval_seconds=30, allowed_misses=3, since=NOW)
-    backend, mem = Backend(stored), ComponentMemory()
-    publish(backend, mem)  # the spec (5 s x 2) changed while no operator ran
-    new = backend.writes[-1]
-    assert (new.previous_interval_seconds, new.previous_allowed_misses) == (30, 3)
-    assert mem.cadence == new
