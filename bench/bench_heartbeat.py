@@ -13,6 +13,11 @@ SCALE: the old design beat and polled every 30 s; here both run at 1 s (30x fast
 measured latencies are also reported multiplied by 30 (`*_scaled_to_30s`) for a real-time
 comparison. Polling latency scales linearly with the interval, so the scaling is exact up to
 the list call's own cost.
+
+Stopped component: a real defender-agent (`--health-check process`) runs beside a component
+process that is SIGSTOPped while the agent stays healthy; latency = the lease's delete event
+minus the SIGSTOP. The agent checks once per beat and stops renewing, so detection is bounded
+by the lease TTL after the last renewal before the stop.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -129,6 +135,100 @@ def lease_trials(endpoints: list[str], interval: float, misses: int, trials: int
     return out
 
 
+# The stand-in component: it only has to exist, and to be stopped.
+SLEEPER = "import time\nwhile True:\n    time.sleep(0.2)\n"
+
+
+def stopped_component_trials(
+    endpoints: list[str], interval: float, misses: int, trials: int, workdir: Path
+) -> list[dict]:
+    settings = LibrarySettings(
+        etcd=settings_for(endpoints),
+        prefix="/bench-stop",
+        envelope=EnvelopeOptions(compress=False, encrypt=False),
+    )
+    client = DefenderClient(settings, None, registry=CollectorRegistry(), alert_sinks=[])
+    registry = Registry(client)
+    # Plaintext values: the agent needs no keyring here.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")}
+    env.update(DEFENDER_ENVELOPE__ENCRYPT="false", DEFENDER_ENVELOPE__COMPRESS="false")
+    ttl = max(2, int(interval * misses + 0.999))
+    out = []
+    try:
+        for trial in range(trials):
+            component, instance = f"stop-{ttl}", f"s{trial}"
+            name = f"bench-comp-{os.getpid() % 10000}-{trial}"
+            puts: list[float] = []
+            deleted = threading.Event()
+            deleted_at: list[float] = []
+
+            def on_event(
+                ev: InstanceEvent,
+                inst: str = instance,
+                puts: list[float] = puts,
+                deletes: list[float] = deleted_at,
+                done: threading.Event = deleted,
+            ) -> None:
+                if ev.instance != inst:
+                    return
+                (puts if ev.kind == "put" else deletes).append(time.perf_counter())
+                if ev.kind == "delete":
+                    done.set()
+
+            watch = registry.watch_instances(on_event, component=component)
+            comp = subprocess.Popen([name, "-c", SLEEPER], executable=sys.executable)
+            agent = subprocess.Popen(
+                [
+                    sys.executable, "-m", "defender_agent",
+                    "--component", component,
+                    "--output-path", str(workdir / f"{instance}.json"),
+                    "--etcd-endpoints", ",".join(endpoints),
+                    "--prefix", settings.prefix,
+                    "--reload-method", "none",
+                    "--heartbeat-interval-seconds", str(interval),
+                    "--heartbeat-misses", str(misses),
+                    "--health-check", "process",
+                    "--health-process", name,
+                    "--health-start-grace-seconds", "0",
+                ],
+                env={**env, "POD_NAME": instance},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 30
+                while len(puts) < 2:
+                    if time.monotonic() > deadline or agent.poll() is not None:
+                        raise RuntimeError("the agent did not start heartbeating")
+                    time.sleep(0.05)
+                time.sleep(2 * interval + random.uniform(0, interval))
+                stopped = time.perf_counter()
+                os.kill(comp.pid, signal.SIGSTOP)
+                if not deleted.wait(ttl + 30):
+                    raise RuntimeError(f"no delete event within {ttl + 30}s of the SIGSTOP")
+            finally:
+                watch.cancel()
+                os.kill(comp.pid, signal.SIGCONT)
+                comp.kill()
+                comp.wait(timeout=10)
+                agent.terminate()
+                agent.wait(timeout=30)
+            row = {
+                "interval_seconds": interval,
+                "misses": misses,
+                "lease_ttl_seconds": ttl,
+                "detection_after_stop_seconds": deleted_at[0] - stopped,
+            }
+            out.append(row)
+            print(
+                f"stopped component, lease TTL {ttl:>2d}s: detected "
+                f"{row['detection_after_stop_seconds']:.2f}s after SIGSTOP"
+            )
+    finally:
+        client.close()
+    return out
+
+
 def old_design_trials(endpoints: list[str], interval: float, misses: int, trials: int) -> list:
     """Polled timestamps, run in this process with the library's store (plain JSON puts)."""
     settings = LibrarySettings(
@@ -212,6 +312,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             n = trials if interval * misses <= 5 else max(2, trials - 2)
             lease += lease_trials(endpoints, interval, misses, n)
         old = old_design_trials(endpoints, 1.0, 3, trials)
+        with tempfile.TemporaryDirectory() as workdir:
+            stopped = stopped_component_trials(endpoints, 1.0, 3, trials, Path(workdir))
     by_ttl: dict[int, list[float]] = {}
     for row in lease:
         by_ttl.setdefault(row["lease_ttl_seconds"], []).append(row["detection_after_death_seconds"])
@@ -229,6 +331,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "old_design": old,
         "old_design_summary": summary(old_lat),
         "old_design_summary_scaled_to_30s": summary([x * OLD_SCALE for x in old_lat]),
+        "stopped_component": stopped,
+        "stopped_component_summary": summary([r["detection_after_stop_seconds"] for r in stopped]),
         "worst_detection_minus_ttl_seconds": worst_over_ttl,
         "target_met": worst_over_ttl <= TARGET_SLACK_SECONDS,
         "restart_call_latency": "measured by bench_operator.py (restart trials)",

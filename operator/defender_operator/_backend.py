@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from defender_config import Keyring, KeyUsage, StoragePolicy
+from defender_config import Cadence, Keyring, KeyUsage, StoragePolicy
 from defender_operator._decisions.ownership import Claim
 
 
@@ -46,6 +46,9 @@ class InstanceRecord:
     key_fingerprints: frozenset[str] = field(default_factory=frozenset)
     last_error_reason: str | None = None
     last_error_detail: str = ""
+    # The cadence the instance runs, as it advertises it (None: an older heartbeater).
+    lease_ttl_seconds: int | None = None
+    interval_seconds: float | None = None
 
     def holds(self, fingerprint: str) -> bool:
         return fingerprint in self.key_fingerprints or fingerprint == self.key_fingerprint
@@ -165,6 +168,12 @@ class Backend(Protocol):
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
+
+    def cadence(self, component: str) -> Cadence | None:
+        """The published heartbeat cadence; None when absent or unreadable (logged)."""
+        ...
+
+    def publish_cadence(self, component: str, cadence: Cadence) -> None: ...
 
     def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]: ...
 

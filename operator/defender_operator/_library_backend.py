@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from defender_config import (
     Alert,
+    Cadence,
     Compare,
     ConfigStore,
     DefenderClient,
@@ -34,6 +35,8 @@ from defender_config import (
     keys_opened,
     read_key_record,
     write_key_record,
+    read_cadence,
+    write_cadence,
 )
 from defender_operator._backend import (
     AlertRecord,
@@ -63,6 +66,8 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         key_fingerprints=frozenset(hb.key_fingerprints),
         last_error_reason=err.reason if err is not None else None,
         last_error_detail=err.detail if err is not None else "",
+        lease_ttl_seconds=hb.lease_ttl_seconds,
+        interval_seconds=hb.interval_seconds,
     )
 
 
@@ -231,6 +236,7 @@ class LibraryBackend:
         removed = store.delete_prefix(self.layout.component_dir(component))
         removed += store.delete_prefix(self.layout.component_alerts_dir(component))
         removed += int(store.delete(self.layout.freeze(component)))
+        removed += int(store.delete(self.layout.cadence(component)))
         # Last: a purge cut short leaves the claim, so only the owner can finish it.
         removed += int(store.delete(self.layout.owner(component)))
         return removed
@@ -271,6 +277,12 @@ class LibraryBackend:
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]
+
+    def cadence(self, component: str) -> Cadence | None:
+        return read_cadence(self.client, component)
+
+    def publish_cadence(self, component: str, cadence: Cadence) -> None:
+        write_cadence(self.client, component, cadence)
 
     def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]:
         return {

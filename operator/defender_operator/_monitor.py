@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from defender_config import DefenderConfigError
+from defender_config import Cadence, DefenderConfigError
 from defender_operator import _api
 from defender_operator._backend import ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
@@ -22,6 +22,11 @@ from defender_operator._decisions.breaker import (
     BreakerPolicy,
     evaluate_breaker,
     recovered_change,
+)
+from defender_operator._decisions.cadence import (
+    InstanceBeat,
+    SpecCadence,
+    cadence_condition,
 )
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
 from defender_operator._decisions.restarts import (
@@ -184,13 +189,19 @@ async def tick(
             previous = mem.last_seen.get(inst.pod)
             if previous is None or inst.time > previous:
                 mem.last_seen[inst.pod] = inst.time
+                if inst.lease_ttl_seconds is not None:
+                    mem.lease_ttls[inst.pod] = inst.lease_ttl_seconds
     for gone in set(mem.last_seen) - pod_names:
         del mem.last_seen[gone]
+    for gone in set(mem.lease_ttls) - pod_names:
+        del mem.lease_ttls[gone]
 
     hb = spec.heartbeat
     policy = HeartbeatPolicy(
         hb.interval_seconds, hb.missed_before_restart, hb.startup_grace_seconds
     )
+    if etcd_ok:
+        await _publish_cadence(rt, body, name, hb, instances, mem, logger)
     rb = spec.restart_budget
     budget = RestartBudget(
         rb.enabled,
@@ -208,13 +219,13 @@ async def tick(
         policy=policy,
         budget=budget,
         restart_times=mem.restart_times,
+        lease_ttls=mem.lease_ttls,
     )
     restarts = int(status.get("restarts") or 0)
     if decision.action is RestartAction.RESTART and decision.pod is not None:
         restarts += await _restart(rt, body, namespace, name, pods, decision, mem, now, logger)
     expected = sum(1 for p in pods if not p.deleting)
-    threshold = policy.threshold
-    live = [i for i in instances if now - i.time <= threshold]
+    live = [i for i in instances if now - i.time <= policy.patience(i.lease_ttl_seconds)]
     alive = len({i.pod or i.instance for i in live})
     mem.degraded_reported, announce = budget_report(
         decision.action, mem.degraded_reported, recovered=0 < expected <= alive
@@ -279,10 +290,62 @@ async def tick(
         mem.last_seen,
         mem.watch_started,
         policy,
+        mem.lease_ttls,
     )
     if decision.retry_after is not None:
         wake = min(wake, decision.retry_after) if wake else decision.retry_after
     return wake
+
+
+async def _publish_cadence(
+    rt: Runtime,
+    body: Any,
+    name: str,
+    hb: _api.HeartbeatSpec,
+    instances: Sequence[InstanceRecord],
+    mem: ComponentMemory,
+    logger: Logger,
+) -> None:
+    """Publish spec.heartbeat as the component's cadence (only when the record says something
+    else: one read per pass, a write per change) and judge whether the instances follow it."""
+    want = Cadence(
+        interval_seconds=hb.interval_seconds,
+        allowed_misses=hb.missed_before_restart,
+        by=f"operator:{rt.identity}",
+    )
+    try:
+        # Read every pass rather than trusting memory: a record deleted or overwritten by hand
+        # is put right within one pass.
+        current = await asyncio.to_thread(rt.backend.cadence, name)
+        if want.same_rhythm(current):
+            mem.cadence = current
+        else:
+            await asyncio.to_thread(rt.backend.publish_cadence, name, want)
+            if mem.cadence is not None:
+                logger.info(
+                    "heartbeat cadence now %ss x %s (lease %ss); instances follow it from"
+                    " their next beat",
+                    want.interval_seconds,
+                    want.allowed_misses,
+                    want.lease_ttl_seconds,
+                )
+            mem.cadence = want
+    except (DefenderConfigError, OperatorError) as exc:
+        ERRORS.labels("cadence").inc()
+        logger.warning("cannot publish the heartbeat cadence: %s", exc)
+        return
+    published = mem.cadence
+    assert published is not None
+    spec = SpecCadence(published.interval_seconds, published.lease_ttl_seconds, published.since)
+    beats = [
+        InstanceBeat(i.instance, i.time, i.interval_seconds, i.lease_ttl_seconds) for i in instances
+    ]
+    was = mem.cadence_condition
+    mem.cadence_condition = cadence_condition(beats, spec)
+    if mem.cadence_condition.status == cond.FALSE and (was is None or was.status != cond.FALSE):
+        message = mem.cadence_condition.message
+        kopf.event(body, type="Warning", reason="CadenceMismatch", message=message)
+        logger.warning("heartbeat cadence mismatch: %s", message)
 
 
 def _history_fields(mem: ComponentMemory, limit: int) -> dict[str, Any]:

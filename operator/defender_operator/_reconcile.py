@@ -83,6 +83,7 @@ async def publish_status(
         misconfig=mem.misconfig,
         keyring=rt.keyring_condition(),
         conflict=mem.conflict,
+        cadence=mem.cadence_condition,
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from defender_config import Cadence
 from defender_operator._backend import Backend, EtcdHealth
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.conditions import Cond, ConfigState
@@ -32,6 +33,11 @@ def utcnow() -> datetime:
 class ComponentMemory:
     watch_started: datetime = field(default_factory=utcnow)
     last_seen: dict[str, datetime] = field(default_factory=dict)
+    # The lease TTL each pod's instance last advertised: judged no sooner than that.
+    lease_ttls: dict[str, int] = field(default_factory=dict)
+    # The heartbeat cadence as last published or read for this component.
+    cadence: Cadence | None = None
+    cadence_condition: Cond | None = None
     restart_times: list[datetime] = field(default_factory=list)
     # Restart times, conditions and the announced budget are taken from the status once
     # (`_reconcile.recall`): a new operator, restarted or a standby taking over, carries on.

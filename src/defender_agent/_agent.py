@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -34,10 +35,21 @@ from defender_config import (
 
 from ._core import ConfigApplier
 from ._errors import AgentSettingsError
+from ._health import (
+    UNHEALTHY,
+    ExecCheck,
+    FileCheck,
+    HealthCheck,
+    HealthGate,
+    HttpCheck,
+    ProcessCheck,
+    TcpCheck,
+)
 from ._reload import HttpReloader, NoReload, Reloader, SignalReloader
 from ._settings import AgentSettings
+from ._status import StatusServer
 
-__all__ = ["Agent", "build_reloader"]
+__all__ = ["Agent", "build_health_check", "build_reloader"]
 
 log = logging.getLogger("defender_agent")
 
@@ -64,6 +76,27 @@ def build_reloader(settings: AgentSettings) -> Reloader:
             backoff_seconds=settings.reload_backoff_seconds,
         )
     return NoReload()
+
+
+def build_health_check(settings: AgentSettings) -> HealthCheck | None:
+    """The component check the settings choose; None for ``none``."""
+    kind, timeout = settings.health_check, settings.health_timeout_seconds
+    if kind == "process":
+        name, pidfile = settings.health_target_process
+        return ProcessCheck(process_name=name, pidfile=pidfile)
+    if kind == "http":
+        assert settings.health_url is not None  # checked by AgentSettings
+        return HttpCheck(settings.health_url, timeout)
+    if kind == "tcp":
+        host, _, port = (settings.health_tcp or "").rpartition(":")
+        return TcpCheck(host.strip("[]"), int(port), timeout)
+    if kind == "exec":
+        return ExecCheck(shlex.split(settings.health_exec or ""), timeout)
+    if kind == "file":
+        assert settings.health_file is not None
+        assert settings.health_file_max_age_seconds is not None
+        return FileCheck(settings.health_file, settings.health_file_max_age_seconds)
+    return None
 
 
 def _read_json_file(path: Path, what: str) -> dict[str, Any]:
@@ -136,6 +169,66 @@ class Agent:
             process_grace_seconds=settings.reload_grace_seconds,
         )
         self._running_reported = False
+        check = build_health_check(settings)
+        self.health: HealthGate | None = None
+        if check is not None:
+            self.health = HealthGate(
+                check,
+                start_grace_seconds=settings.health_start_grace_seconds,
+                on_fail=self._on_unhealthy,
+                on_recover=self._on_healthy,
+            )
+        self._status: StatusServer | None = None
+        if settings.status_port is not None:
+            self._status = StatusServer(
+                settings.status_address, settings.status_port, self.status_snapshot
+            )
+
+    # --- component health -------------------------------------------------------------------
+
+    def _on_unhealthy(self, problem: str) -> None:
+        log.error(
+            "the component fails its health check; heartbeats stop until it passes: %s",
+            problem,
+            extra={"reason": UNHEALTHY},
+        )
+        try:
+            self._heartbeat_sink.alert(UNHEALTHY, problem)
+        except Exception:  # an alert that cannot be stored must not stop the check
+            log.exception("could not record the %s alert", UNHEALTHY)
+
+    def _on_healthy(self, problem: str) -> None:
+        log.info("the component passes its health check again (was: %s)", problem)
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """What `GET /status` shows."""
+        beat = self.heartbeater
+        health = self.health
+        record = beat.record if beat is not None else None
+        renewing = beat is not None and beat.held is None
+        problem = health.problem if health is not None else None
+        return {
+            "component": self.settings.component,
+            "instance": self.settings.instance,
+            "healthy": renewing and problem is None,
+            "renewing": renewing,
+            "health_check": health.check.describe() if health is not None else "none",
+            "problem": problem,
+            "cadence": None
+            if beat is None
+            else {
+                "interval_seconds": beat.interval,
+                "lease_ttl_seconds": beat.ttl,
+                "source": "published" if beat.cadence is not None else "local",
+            },
+            "beats": beat.beats if beat is not None else 0,
+            "config_version": self.applier.config_version,
+            "last_error": (
+                beat.held.model_dump()
+                if beat is not None and beat.held is not None
+                else (record.last_error.model_dump() if record and record.last_error else None)
+            ),
+        }
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -165,6 +258,7 @@ class Agent:
             "node_id": s.node_id,
             "interval_seconds": self.library.heartbeat_interval_seconds,
             "allowed_misses": self.library.heartbeat_allowed_misses,
+            "gate": self.health,
         }
         if self.seed_config is not None:
             try:
@@ -308,6 +402,8 @@ class Agent:
     def run(self) -> None:
         """Start, then loop until stopped. Raises KeyringError / StoreAuthError at start-up."""
         try:
+            if self._status is not None:
+                self._status.start()
             self._start()
             while not self.stop_requested.wait(_TICK_SECONDS):
                 if self.applier.reload_pending:
@@ -328,4 +424,6 @@ class Agent:
             self.heartbeater.stop()
         if self.client is not None:
             self.client.close()
+        if self._status is not None:
+            self._status.stop()
         log.info("agent stopped")

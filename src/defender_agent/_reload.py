@@ -28,6 +28,7 @@ __all__ = [
     "find_processes",
     "parse_signal",
     "read_pidfile",
+    "target_pids",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,20 @@ def read_pidfile(path: Path) -> int:
     return pid
 
 
+def target_pids(process_name: str | None, pidfile: Path | None, proc_root: Path) -> list[int]:
+    """The component's pid(s): from `pidfile`, else the topmost processes named `process_name`;
+    :class:`ProcessNotFoundError` when there is none."""
+    if pidfile is not None:
+        return [read_pidfile(pidfile)]
+    assert process_name is not None
+    found = find_processes(process_name, proc_root)
+    if not found:
+        raise ProcessNotFoundError(
+            f"process name {process_name!r}", f"no process with that name under {proc_root}"
+        )
+    return [p.pid for p in found]
+
+
 @dataclass
 class SignalReloader:
     """Send ``sig`` to the process named ``process_name`` or to the pid in ``pidfile``."""
@@ -149,16 +164,7 @@ class SignalReloader:
             raise ValueError("give exactly one of process_name or pidfile")
 
     def targets(self) -> list[int]:
-        if self.pidfile is not None:
-            return [read_pidfile(self.pidfile)]
-        assert self.process_name is not None
-        found = find_processes(self.process_name, self.proc_root)
-        if not found:
-            raise ProcessNotFoundError(
-                f"process name {self.process_name!r}",
-                f"no process with that name under {self.proc_root}",
-            )
-        return [p.pid for p in found]
+        return target_pids(self.process_name, self.pidfile, self.proc_root)
 
     def reload(self) -> str:
         pids = self.targets()

@@ -9,6 +9,7 @@ start-up and a bad value stops the agent with exit code 2 and a message naming t
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from ._reload import parse_signal
 __all__ = [
     "AgentSettings",
     "ComponentTypeName",
+    "HealthCheckKind",
     "ReloadMethod",
     "build_parser",
     "load_agent_settings",
@@ -39,6 +41,7 @@ __all__ = [
 
 ComponentTypeName = Literal["sniffer", "ml-detector", "firewall", "rag", "custom"]
 ReloadMethod = Literal["signal", "http", "none"]
+HealthCheckKind = Literal["none", "process", "http", "tcp", "exec", "file"]
 
 
 def _split_csv(value: Any) -> Any:
@@ -159,6 +162,51 @@ class AgentSettings(BaseSettings):
     heartbeat_misses: int | None = Field(default=None, ge=1)
     """Missed heartbeats before the lease expires and the operator restarts the pod."""
 
+    health_check: HealthCheckKind = "none"
+    """How the agent checks that the component itself is well before each heartbeat:
+    ``process`` (alive and not stopped, from /proc; needs shareProcessNamespace), ``http``,
+    ``tcp``, ``exec`` or ``file`` (a file the component touches). While the check fails the
+    agent stops renewing the lease, so the operator restarts the pod. ``none``: the agent's
+    heartbeat only says the agent runs."""
+
+    health_process: str | None = None
+    """``process`` check: the process name; default ``reload_process``."""
+
+    health_pidfile: Path | None = None
+    """``process`` check: a file holding the pid, instead of a name; default
+    ``reload_pidfile``."""
+
+    health_url: str | None = None
+    """``http`` check: URL that answers 2xx/3xx while the component is well."""
+
+    health_tcp: str | None = None
+    """``tcp`` check: ``host:port`` that accepts connections while the component is well."""
+
+    health_exec: str | None = None
+    """``exec`` check: command line (split like a shell would, no shell features) that exits
+    0 while the component is well; run in the agent's container."""
+
+    health_file: Path | None = None
+    """``file`` check: the file the component touches while it works (on the shared volume)."""
+
+    health_file_max_age_seconds: float | None = Field(default=None, gt=0)
+    """``file`` check: the oldest the file may be; at least two of the component's touch
+    periods, so one late touch is not a failure."""
+
+    health_timeout_seconds: float = Field(default=2.0, gt=0)
+    """Timeout of one ``http``, ``tcp`` or ``exec`` check."""
+
+    health_start_grace_seconds: float = Field(default=30.0, ge=0)
+    """Seconds after the agent starts during which a failing check is reported but the lease
+    still renewed: the component container may still be starting."""
+
+    status_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve ``GET /status`` (JSON: health, cadence, last error) and ``GET /healthz`` on this
+    port; off by default."""
+
+    status_address: str = "0.0.0.0"
+    """Address the status endpoint listens on."""
+
     keyring_poll_seconds: float | None = Field(default=None, gt=0)
     """How often the mounted Secret is checked for a new keyring."""
 
@@ -193,7 +241,7 @@ class AgentSettings(BaseSettings):
     def _known_signal(cls, value: str) -> str:
         return parse_signal(value).name
 
-    @field_validator("reload_process")
+    @field_validator("reload_process", "health_process")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
         if value is not None and ("/" in value or not value.strip()):
@@ -214,7 +262,37 @@ class AgentSettings(BaseSettings):
             )
         if self.output_path.name in ("", ".", ".."):
             raise ValueError("output_path must name a file")
+        self._health_target_given()
         return self
+
+    def _health_target_given(self) -> None:
+        kind = self.health_check
+        if self.health_process is not None and self.health_pidfile is not None:
+            raise ValueError("give at most one of health_process or health_pidfile")
+        if kind == "process" and self.health_target_process == (None, None):
+            raise ValueError(
+                "health_check=process needs health_process or health_pidfile"
+                " (or reload_process / reload_pidfile)"
+            )
+        if kind == "http" and not (self.health_url or "").startswith(("http://", "https://")):
+            raise ValueError("health_check=http needs health_url starting with http:// or https://")
+        if kind == "tcp":
+            host, _, port = (self.health_tcp or "").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("health_check=tcp needs health_tcp as host:port")
+        if kind == "exec" and not shlex.split(self.health_exec or ""):
+            raise ValueError("health_check=exec needs health_exec (a command line)")
+        if kind == "file" and (
+            self.health_file is None or self.health_file_max_age_seconds is None
+        ):
+            raise ValueError("health_check=file needs health_file and health_file_max_age_seconds")
+
+    @property
+    def health_target_process(self) -> tuple[str | None, Path | None]:
+        """(process name, pidfile) of the ``process`` check: its own, else the reload target."""
+        if self.health_process is not None or self.health_pidfile is not None:
+            return self.health_process, self.health_pidfile
+        return self.reload_process, self.reload_pidfile
 
     @property
     def reload_signum(self) -> signal.Signals:

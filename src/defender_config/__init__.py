@@ -5,6 +5,7 @@ Everything public is re-exported here; the `_modules` are private and may change
 """
 
 from ._alerts import Alert, Alerter, AlertSink, CallableSink, EtcdAlertSink, LoggingSink
+from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
 from ._configs import (
@@ -71,6 +72,7 @@ from ._registry import (
     ErrorInfo,
     Heartbeat,
     Heartbeater,
+    HeartbeatGate,
     InstanceEvent,
     Registration,
     Registry,
@@ -106,6 +108,7 @@ __all__ = [
     "AlertSink",
     "Alerter",
     "AuthenticationFailedError",
+    "Cadence",
     "CallableSink",
     "Cipher",
     "CodecError",
@@ -139,6 +142,7 @@ __all__ = [
     "GetOp",
     "HealthReport",
     "Heartbeat",
+    "HeartbeatGate",
     "Heartbeater",
     "HistoryEntry",
     "InstanceEvent",
@@ -197,7 +201,9 @@ __all__ = [
     "is_envelope",
     "key_usage",
     "keys_opened",
+    "lease_ttl",
     "load_settings",
+    "read_cadence",
     "read_key_record",
     "read_keyring_backup",
     "register_cipher",
@@ -205,6 +211,7 @@ __all__ = [
     "sign_record",
     "validate_config",
     "verify_record",
+    "write_cadence",
     "write_key_record",
     "write_keyring_backup",
 ]

@@ -11,6 +11,7 @@
 <prefix>/control/<component>/freeze                      JSON {reason, since}
 <prefix>/keyring/record                                  JSON key ids + fingerprints (no key)
 <prefix>/control/<component>/owner                       JSON {namespace, name, uid, released}
+<prefix>/control/<component>/heartbeat                   JSON cadence the instances follow
 ```
 
 Only this module builds key strings, so a change of layout is a change of one file.
@@ -40,6 +41,7 @@ KeyKind = Literal[
     "alert",
     "freeze",
     "owner",
+    "cadence",
 ]
 
 _COMPONENT_LEAVES: frozenset[str] = frozenset(
@@ -152,6 +154,10 @@ class Layout:
         """Which DefenderComponent (namespace, name, uid) may write this component's keys."""
         return f"{self.control_dir}{check_name(component, 'component')}/owner"
 
+    def cadence(self, component: str) -> str:
+        """The heartbeat cadence the operator publishes from `spec.heartbeat`."""
+        return f"{self.control_dir}{check_name(component, 'component')}/heartbeat"
+
     # --- parsing ---------------------------------------------------------------------------------
 
     def parse(self, key: str | bytes) -> ParsedKey | None:
@@ -178,4 +184,6 @@ class Layout:
                 return ParsedKey(kind="freeze", component=comp)
             case ["control", comp, "owner"]:
                 return ParsedKey(kind="owner", component=comp)
+            case ["control", comp, "heartbeat"]:
+                return ParsedKey(kind="cadence", component=comp)
         return None

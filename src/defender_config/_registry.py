@@ -3,13 +3,17 @@
 A heartbeat is `components/<name>/instances/<instance>`, a plaintext JSON record put with a lease
 of TTL = interval * allowed misses and kept alive by a background thread. When an instance dies
 its lease expires and etcd deletes the key: watchers see a delete event, nobody polls.
+
+The interval and misses come from the component's published cadence (`_cadence`, written by the
+operator from `spec.heartbeat`), read with every beat; the instance's own setting is only the
+fallback while no readable cadence is published.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,18 +22,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ._cadence import Cadence, decode_cadence, lease_ttl, read_cadence
 from ._client import DefenderClient
 from ._configs import ActiveConfig, ConfigStore, SeedResult
 from ._errors import DefenderConfigError, NotFoundError, StoreError
 from ._models import ComponentType
 from ._store import WatchHandle
-from ._store_types import Lease, WatchEvent, backoff_delay
+from ._store_types import GetOp, Lease, PutOp, WatchEvent, backoff_delay
 
 __all__ = [
     "ComponentStatus",
     "ComponentSummary",
     "ErrorInfo",
     "Heartbeat",
+    "HeartbeatGate",
     "Heartbeater",
     "InstanceEvent",
     "Registration",
@@ -77,6 +83,7 @@ class Heartbeat(BaseModel):
     capabilities: list[str] = Field(default_factory=list)
     software_version: str | None = None
     lease_ttl_seconds: int | None = None
+    interval_seconds: float | None = None
 
 
 class StatusRecord(BaseModel):
@@ -113,6 +120,10 @@ class ComponentSummary:
     instances: tuple[Heartbeat, ...] = field(default=())
 
 
+# What a gate says when the instance must not renew its lease: the reason shown as last_error.
+HeartbeatGate = Callable[[], ErrorInfo | None]
+
+
 class Heartbeater:
     """Keeps one instance key alive. Thread-safe; `update()` changes the record's mutable fields
     (config version/digest, key fingerprints, codec, last_error) and pushes them at once.
@@ -120,6 +131,16 @@ class Heartbeater:
     Transient etcd errors are logged and retried sooner than the interval; if the lease expired
     meanwhile (etcd was unreachable for longer than the TTL) a new lease is granted and the key
     written again.
+
+    With `follow_cadence` (the default) every beat reads the component's published cadence, in
+    the same transaction as its put (no extra request), and adopts it: the next wait uses its
+    interval, and a new TTL takes a new lease at once (one extra beat moves the key to it and
+    revokes the old lease). `interval_seconds`/`allowed_misses` are the fallback while none is
+    published or it is unreadable.
+
+    `gate` is asked before every renewal after the first: while it returns an error the lease
+    is not renewed (it expires after its TTL and whoever watches the instance acts), and the
+    record says why in `last_error`, written once without renewing.
     """
 
     _MUTABLE = frozenset(
@@ -145,15 +166,23 @@ class Heartbeater:
         *,
         interval_seconds: float | None = None,
         allowed_misses: int | None = None,
+        follow_cadence: bool = True,
+        gate: HeartbeatGate | None = None,
         **fields: Any,
     ) -> None:
         s = client.settings
         self.client = client
         self.component = component
         self.instance = instance
-        self.interval = interval_seconds or s.heartbeat_interval_seconds
-        misses = allowed_misses or s.heartbeat_allowed_misses
-        self.ttl = max(2, math.ceil(self.interval * misses))
+        self.local_interval = interval_seconds or s.heartbeat_interval_seconds
+        self.local_misses = allowed_misses or s.heartbeat_allowed_misses
+        self.interval = self.local_interval
+        self.ttl = lease_ttl(self.interval, self.local_misses)
+        self.follow_cadence = follow_cadence
+        # The published cadence in use; None while the local setting is.
+        self.cadence: Cadence | None = None
+        self._gate = gate
+        self._held: ErrorInfo | None = None
         self.key = client.layout.instance(component, instance)
         unknown = set(fields) - self._MUTABLE
         if unknown:
@@ -166,15 +195,19 @@ class Heartbeater:
             status=ComponentStatus.STARTING,
             time=_now(),
             lease_ttl_seconds=self.ttl,
+            interval_seconds=self.interval,
             **{**self._key_fields(), **fields},
         )
         self._lease: Lease | None = None
+        # The TTL the current lease was granted for (etcd may round the granted one up).
+        self._lease_ttl = self.ttl
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self.beats = 0
         self.failures = 0
         self.regrants = 0
+        self.held_beats = 0
 
     def _key_fields(self) -> dict[str, Any]:
         # A codec the component reported (how its ACTIVE is really stored) wins over the
@@ -197,6 +230,11 @@ class Heartbeater:
     @property
     def lease(self) -> Lease | None:
         return self._lease
+
+    @property
+    def held(self) -> ErrorInfo | None:
+        """Why renewals are held back now (the gate's last answer), None while they go on."""
+        return self._held
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -286,29 +324,108 @@ class Heartbeater:
 
     # --- the loop -------------------------------------------------------------------------------
 
+    def _adopt(self, published: Cadence | None) -> None:
+        """Follow the published cadence (None: the local setting) from the next wait on; a new
+        TTL wakes the loop for a beat at once, which moves the key to a lease of that TTL."""
+        if published is not None:
+            interval, misses = published.interval_seconds, published.allowed_misses
+        else:
+            interval, misses = self.local_interval, self.local_misses
+        if published != self.cadence:
+            self.cadence = published
+        ttl = lease_ttl(interval, misses)
+        if (interval, ttl) == (self.interval, self.ttl):
+            return
+        log.info(
+            "heartbeat %s: cadence %ss x %s (lease %ss) from the %s",
+            self.key,
+            interval,
+            misses,
+            ttl,
+            "published cadence" if published is not None else "local setting",
+        )
+        self.interval, self.ttl = interval, ttl
+        with self._lock:
+            self._record = self._record.model_copy(
+                update={"interval_seconds": interval, "lease_ttl_seconds": ttl}
+            )
+        if self._lease is not None and self._lease_ttl != ttl:
+            # Beat again at once, on a lease of the new TTL: waiting a longer new interval
+            # under the old, shorter lease would let the key expire.
+            self._wake.set()
+
+    def _hold(self, reason: ErrorInfo) -> None:
+        """The gate failed: say why in the record, but do not renew the lease."""
+        self.held_beats += 1
+        first = self._held != reason
+        self._held = reason
+        lease = self._lease
+        if not first or lease is None:
+            return
+        with self._lock:
+            body = self.client.encode_json(
+                self._record.model_copy(update={"last_error": reason}).model_dump(mode="json")
+            )
+        # A put does not extend the lease: the key still expires on time. A lease already
+        # expired means the key is gone, which says enough.
+        with contextlib.suppress(NotFoundError):
+            self.client.store.put(self.key, body, lease=lease)
+
+    def _write(self, body: bytes, lease: Lease) -> None:
+        """Put the record; when following the cadence, read it in the same transaction."""
+        if not self.follow_cadence:
+            self.client.store.put(self.key, body, lease=lease)
+            return
+        cadence_key = self.client.layout.cadence(self.component)
+        result = self.client.store.txn([], [PutOp(self.key, body, lease.id), GetOp(cadence_key)])
+        found = result.gets[0] if result.gets else ()
+        self._adopt(decode_cadence(cadence_key, found[0] if found else None))
+
     def _beat(self, *, initial: bool = False) -> None:
         store = self.client.store
+        if self.follow_cadence and initial:
+            # The first lease already gets the published TTL.
+            self._adopt(read_cadence(self.client, self.component))
+        if self._gate is not None and not initial:
+            reason = self._gate()
+            if reason is not None:
+                if self.follow_cadence:
+                    self._adopt(read_cadence(self.client, self.component))
+                self._hold(reason)
+                return
+            self._held = None
         with self._lock:
             self._record = self._record.model_copy(update={"time": _now()})
             body = self.client.encode_json(self._record.model_dump(mode="json"))
         lease = self._lease
+        if lease is not None and not initial and self._lease_ttl != self.ttl:
+            # A new cadence: the key moves to a lease of the new TTL, then the old one goes.
+            old, lease = lease, store.grant_lease(self.ttl)
+            self._lease, self._lease_ttl = lease, self.ttl
+            self._write(body, lease)
+            try:
+                store.revoke_lease(old)
+            except StoreError as exc:
+                log.warning("heartbeat %s: old lease not revoked (it expires): %s", self.key, exc)
+            self.beats += 1
+            return
         if lease is not None and not initial and store.refresh_lease(lease) <= 0:
             log.warning("heartbeat %s: lease expired, granting a new one", self.key)
             self.regrants += 1
             lease = None
         if lease is None:
             lease = store.grant_lease(self.ttl)
-            self._lease = lease
+            self._lease, self._lease_ttl = lease, self.ttl
         try:
-            store.put(self.key, body, lease=lease)
+            self._write(body, lease)
         except NotFoundError:
             # The lease died between grant/refresh and this put (a loaded etcd or a stalled
             # process, or a start() retried after its first put failed): take a fresh one.
             log.warning("heartbeat %s: lease gone before the write, granting a new one", self.key)
             self.regrants += 1
             lease = store.grant_lease(self.ttl)
-            self._lease = lease
-            store.put(self.key, body, lease=lease)
+            self._lease, self._lease_ttl = lease, self.ttl
+            self._write(body, lease)
         self.beats += 1
 
     def _run(self) -> None:
@@ -380,6 +497,7 @@ class Registry:
         software_version: str | None = None,
         interval_seconds: float | None = None,
         allowed_misses: int | None = None,
+        gate: HeartbeatGate | None = None,
     ) -> Registration:
         """Register an instance: seed MASTER/ACTIVE v1 create-only (exactly one of concurrent
         registrations wins; the others adopt what it wrote), set status STARTING and start the
@@ -394,6 +512,7 @@ class Registry:
             instance,
             interval_seconds=interval_seconds,
             allowed_misses=allowed_misses,
+            gate=gate,
             pod=pod,
             node_id=node_id,
             capabilities=list(capabilities),

@@ -24,6 +24,15 @@ Arguments (a dict):
   seedConfig     optional path (in the agent container) of a JSON file registered as MASTER
   allowPlaintext true for a component stored unencrypted on purpose (spec.storage); the agent
                  refuses unencrypted configs otherwise (also set for config.plaintextComponents)
+  processUser    UID the component process runs as (reload.method=signal): the agent runs as
+                 the same UID so it may signal it (reload.signalAccess=sameUser, the default)
+  healthCheck    none | process | http | tcp | exec | file (default agent.healthCheck.type)
+  healthProcess  process check: process name (default: process) — or healthPidfile
+  healthUrl      http check: URL answering 2xx/3xx while the component is well
+  healthTcp      tcp check: host:port
+  healthExec     exec check: command line run in the agent container
+  healthFile     file check: file the component touches (on the shared volume), with
+  healthFileMaxAgeSeconds  the oldest it may be (at least two touch periods)
 
 The agent writes <sharedMountPath>/<component>.json; the component reads it from the same path.
 */}}
@@ -49,6 +58,40 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
 {{- else if eq $reload.method "http" -}}
 {{- if not .url -}}
 {{- fail (printf "ml-defender.agent.sidecar: component %s uses reload.method=http; pass url" $component) -}}
+{{- end -}}
+{{- end -}}
+{{- $health := $agent.healthCheck | default dict -}}
+{{- $healthType := .healthCheck | default $health.type | default "none" -}}
+{{- $healthProcess := .healthProcess | default .process -}}
+{{- $healthPidfile := .healthPidfile | default (and (not .healthProcess) .pidfile) -}}
+{{- if and (eq $healthType "process") (not $healthProcess) (not $healthPidfile) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s uses healthCheck=process; pass healthProcess (or process) and set shareProcessNamespace: true on the pod" $component) -}}
+{{- else if and (eq $healthType "http") (not .healthUrl) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s uses healthCheck=http; pass healthUrl" $component) -}}
+{{- else if and (eq $healthType "tcp") (not .healthTcp) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s uses healthCheck=tcp; pass healthTcp (host:port)" $component) -}}
+{{- else if and (eq $healthType "exec") (not .healthExec) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s uses healthCheck=exec; pass healthExec" $component) -}}
+{{- else if and (eq $healthType "file") (or (not .healthFile) (not .healthFileMaxAgeSeconds)) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s uses healthCheck=file; pass healthFile and healthFileMaxAgeSeconds" $component) -}}
+{{- else if not (has $healthType (list "none" "process" "http" "tcp" "exec" "file")) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s: healthCheck %q is not one of none, process, http, tcp, exec, file" $component $healthType) -}}
+{{- end -}}
+{{- $security := deepCopy ($ctx.Values.containerSecurityContext | default dict) -}}
+{{- if eq $reload.method "signal" -}}
+{{- $access := $reload.signalAccess | default "sameUser" -}}
+{{- if eq $access "capKill" -}}
+{{- /* CAP_KILL only reaches the effective set of a root process: a non-root container gets
+       added capabilities in its bounding set only. Root with every capability but KILL
+       dropped may signal the component whatever its UID, and nothing else. */ -}}
+{{- $security = mergeOverwrite $security (dict "runAsUser" 0 "runAsNonRoot" false "allowPrivilegeEscalation" false "capabilities" (dict "drop" (list "ALL") "add" (list "KILL"))) -}}
+{{- else if eq $access "sameUser" -}}
+{{- if ne (toString .processUser) "<nil>" -}}
+{{- $uid := int .processUser -}}
+{{- $security = mergeOverwrite $security (dict "runAsUser" $uid "runAsNonRoot" (ne $uid 0)) -}}
+{{- end -}}
+{{- else -}}
+{{- fail (printf "ml-defender.agent.sidecar: agent.reload.signalAccess %q is not sameUser or capKill" $access) -}}
 {{- end -}}
 {{- end -}}
 - name: defender-agent
@@ -104,6 +147,41 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
       value: {{ $agent.heartbeatMisses | quote }}
     - name: DEFENDER_AGENT_LOG_LEVEL
       value: {{ $agent.logLevel | quote }}
+    - name: DEFENDER_AGENT_HEALTH_CHECK
+      value: {{ $healthType | quote }}
+    {{- if eq $healthType "process" }}
+    {{- if $healthProcess }}
+    - name: DEFENDER_AGENT_HEALTH_PROCESS
+      value: {{ $healthProcess | quote }}
+    {{- else }}
+    - name: DEFENDER_AGENT_HEALTH_PIDFILE
+      value: {{ $healthPidfile | quote }}
+    {{- end }}
+    {{- else if eq $healthType "http" }}
+    - name: DEFENDER_AGENT_HEALTH_URL
+      value: {{ .healthUrl | quote }}
+    {{- else if eq $healthType "tcp" }}
+    - name: DEFENDER_AGENT_HEALTH_TCP
+      value: {{ .healthTcp | quote }}
+    {{- else if eq $healthType "exec" }}
+    - name: DEFENDER_AGENT_HEALTH_EXEC
+      value: {{ .healthExec | quote }}
+    {{- else if eq $healthType "file" }}
+    - name: DEFENDER_AGENT_HEALTH_FILE
+      value: {{ .healthFile | quote }}
+    - name: DEFENDER_AGENT_HEALTH_FILE_MAX_AGE_SECONDS
+      value: {{ .healthFileMaxAgeSeconds | quote }}
+    {{- end }}
+    {{- if ne $healthType "none" }}
+    - name: DEFENDER_AGENT_HEALTH_TIMEOUT_SECONDS
+      value: {{ $health.timeoutSeconds | default 2 | quote }}
+    - name: DEFENDER_AGENT_HEALTH_START_GRACE_SECONDS
+      value: {{ $health.startGraceSeconds | default 30 | quote }}
+    {{- end }}
+    {{- with $agent.statusPort }}
+    - name: DEFENDER_AGENT_STATUS_PORT
+      value: {{ . | quote }}
+    {{- end }}
     {{- if include "ml-defender.agent.tlsSecret" $ctx }}
     - name: DEFENDER_AGENT_ETCD_CA_FILE
       value: /var/run/ml-defender/etcd-tls/ca.crt
@@ -129,7 +207,12 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
   resources:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $ctx.Values.containerSecurityContext }}
+  {{- with $agent.statusPort }}
+  ports:
+    - name: agent-status
+      containerPort: {{ . }}
+  {{- end }}
+  {{- with $security }}
   securityContext:
     {{- toYaml . | nindent 4 }}
   {{- end }}

@@ -77,6 +77,8 @@ class Observation:
     # the condition out (callers that do not judge the keyring).
     keyring: Cond | None = None
     conflict: Cond | None = None
+    # Informational (never blocks Ready): whether instances follow spec.heartbeat's cadence.
+    cadence: Cond | None = None
 
 
 _CONFIG = {
@@ -108,7 +110,8 @@ def last_config_state(conditions: object) -> tuple[ConfigState, str]:
 
 def compute(obs: Observation) -> list[Cond]:
     """The five conditions, each always present (Unknown until known); KeyUnavailable when
-    the keyring has been judged; Conflict while the resource is refused its etcd name."""
+    the keyring has been judged; Conflict while the resource is refused its etcd name; the
+    cadence condition once it has been judged."""
     status, reason, default_msg = _CONFIG[obs.config]
     if obs.config is ConfigState.REFUSED and obs.config_reason:
         reason = obs.config_reason
@@ -140,8 +143,8 @@ def compute(obs: Observation) -> list[Cond]:
         config = Cond(CONFIG_SYNCED, FALSE, obs.conflict.reason, obs.conflict.message)
         ready = Cond(READY, FALSE, obs.conflict.reason, f"{CONFLICT}: {obs.conflict.message}")
         return [ready, config, heartbeat, key, misconfig, obs.conflict]
-    out = [ready, config, heartbeat, key, misconfig]
-    return [*out, obs.keyring] if obs.keyring is not None else out
+    extra = [c for c in (obs.keyring, obs.cadence) if c is not None]
+    return [ready, config, heartbeat, key, misconfig, *extra]
 
 
 def rfc3339(when: datetime) -> str:

@@ -34,6 +34,12 @@ class EtcdView:
     healthy_since: datetime | None
 
 
+# The longest lease an instance may advertise and still be waited for: the API's largest
+# spec.heartbeat (3600 s x 100 misses). A record claiming more was not written by a heartbeater
+# (the library's cadence is bounded the same way) and is not trusted to postpone a restart.
+MAX_HONOURED_LEASE_TTL_SECONDS = 3600 * 100
+
+
 @dataclass(frozen=True)
 class HeartbeatPolicy:
     interval_seconds: int
@@ -47,6 +53,19 @@ class HeartbeatPolicy:
     @property
     def grace(self) -> timedelta:
         return timedelta(seconds=self.startup_grace_seconds)
+
+    def patience(self, lease_ttl_seconds: int | None) -> timedelta:
+        """How long after its last heartbeat an instance is judged: the spec's threshold, or
+        the lease TTL the instance advertises when that is longer (the later deadline wins).
+
+        An instance only learns a new spec.heartbeat at its next beat; until then it beats at
+        its old interval under its old, longer lease, and judging it by the new, shorter
+        threshold would restart a healthy pod. A shorter advertised TTL does not shorten the
+        spec's threshold: its lease expiry is seen as a delete anyway."""
+        if lease_ttl_seconds is None or lease_ttl_seconds <= 0:
+            return self.threshold
+        ttl = timedelta(seconds=min(lease_ttl_seconds, MAX_HONOURED_LEASE_TTL_SECONDS))
+        return max(self.threshold, ttl)
 
 
 @dataclass(frozen=True)
@@ -74,16 +93,18 @@ def stale_pods(
     last_seen: Mapping[str, datetime],
     watch_started: datetime,
     policy: HeartbeatPolicy,
+    lease_ttls: Mapping[str, int] | None = None,
 ) -> list[tuple[datetime, str]]:
     """Pods whose heartbeat deadline has passed, as (deadline, name), oldest deadline first.
 
     A pod never seen heartbeating gets its startup grace, and the operator must itself have
     watched for a full threshold: right after an operator restart, "no heartbeat seen" only
-    means "not seen yet".
+    means "not seen yet". `lease_ttls` holds the lease TTL each pod's instance last
+    advertised (see `HeartbeatPolicy.patience`).
     """
     out = []
     for pod in pods:
-        deadline = _deadline(pod, last_seen, watch_started, policy)
+        deadline = _deadline(pod, last_seen, watch_started, policy, lease_ttls)
         if deadline is not None and now > deadline:
             out.append((deadline, pod.name))
     return sorted(out)
@@ -95,12 +116,13 @@ def next_deadline(
     last_seen: Mapping[str, datetime],
     watch_started: datetime,
     policy: HeartbeatPolicy,
+    lease_ttls: Mapping[str, int] | None = None,
 ) -> datetime | None:
     """The earliest future moment a pod turns stale if nothing new arrives, so the monitor can
     judge it then instead of at its next interval; None when no such moment is ahead."""
     ahead = []
     for pod in pods:
-        deadline = _deadline(pod, last_seen, watch_started, policy)
+        deadline = _deadline(pod, last_seen, watch_started, policy, lease_ttls)
         if deadline is not None and deadline >= now:
             ahead.append(deadline)
     return min(ahead, default=None)
@@ -111,6 +133,7 @@ def _deadline(
     last_seen: Mapping[str, datetime],
     watch_started: datetime,
     policy: HeartbeatPolicy,
+    lease_ttls: Mapping[str, int] | None,
 ) -> datetime | None:
     """When `pod` turns stale if nothing new arrives; None for a pod already being deleted.
     A pod never seen heartbeating gets its startup grace, and the operator must itself have
@@ -120,7 +143,8 @@ def _deadline(
     seen = last_seen.get(pod.name)
     if seen is None:
         return max(pod.created + policy.grace, watch_started + policy.threshold)
-    return max(seen + policy.threshold, pod.created + policy.grace)
+    patience = policy.patience((lease_ttls or {}).get(pod.name))
+    return max(seen + patience, pod.created + policy.grace)
 
 
 def budget_report(action: RestartAction, reported: bool, recovered: bool) -> tuple[bool, bool]:
@@ -167,6 +191,7 @@ def decide_restart(
     policy: HeartbeatPolicy,
     budget: RestartBudget,
     restart_times: Sequence[datetime],
+    lease_ttls: Mapping[str, int] | None = None,
 ) -> RestartDecision:
     """Pick at most one pod to restart, or say why not.
 
@@ -187,7 +212,7 @@ def decide_restart(
             "EtcdNoQuorum",
             "defender etcd has lost quorum: heartbeats cannot be judged, no pod is restarted",
         )
-    stale = stale_pods(now, pods, last_seen, watch_started, policy)
+    stale = stale_pods(now, pods, last_seen, watch_started, policy, lease_ttls)
     names = tuple(name for _, name in stale)
     if not stale:
         return RestartDecision(RestartAction.NONE, "Heartbeating", "every pod is heartbeating")
@@ -245,11 +270,13 @@ def decide_restart(
                 retry_after=not_before,
             )
     pod = names[0]
+    waited = policy.patience((lease_ttls or {}).get(pod))
     return RestartDecision(
         RestartAction.RESTART,
         "MissedHeartbeats",
         f"pod {pod} missed {policy.missed_before_restart} heartbeats"
-        f" ({policy.interval_seconds}s interval); restarting it",
+        f" ({policy.interval_seconds}s interval, no heartbeat for over"
+        f" {int(waited.total_seconds())}s); restarting it",
         pod=pod,
         stale_pods=names,
     )

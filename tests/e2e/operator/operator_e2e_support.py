@@ -81,6 +81,9 @@ class OperatorRun:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     heartbeaters: list[Heartbeater] = field(default_factory=list)
     clients: list[DefenderClient] = field(default_factory=list)
+    # Real defender-agent processes and the component processes beside them.
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    components: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     # --- kubernetes helpers -------------------------------------------------------------------
 
@@ -232,6 +235,67 @@ class OperatorRun:
     def registry(self) -> Registry:
         return Registry(self.client())
 
+    # --- real agents and components -----------------------------------------------------------
+
+    @property
+    def workdir(self) -> Path:
+        return self.log_path.parent
+
+    def start_agent(self, component: str, pod: str, *args: str) -> subprocess.Popen[bytes]:
+        """A real `defender-agent` for `pod` (its instance name), with the namespace's keyring
+        copy mounted as a directory, like the chart's sidecar. Pods never run here: the agent
+        runs on this machine in the pod's name."""
+        keyring_dir = self.workdir / "keyring"
+        keyring_dir.mkdir(exist_ok=True)
+        (keyring_dir / "keyring.json").write_bytes(self.keyring_copy().to_json())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")}
+        env.update(POD_NAME=pod, NODE_NAME="node-e2e")
+        log = (self.workdir / f"agent-{pod}.log").open("ab")
+        proc = popen_dying_with_parent(
+            [
+                sys.executable,
+                "-m",
+                "defender_agent",
+                "--component",
+                component,
+                "--output-path",
+                str(self.workdir / f"{pod}.json"),
+                "--etcd-endpoints",
+                ",".join(self.etcd.endpoints),
+                "--prefix",
+                self.prefix,
+                "--keyring-path",
+                str(keyring_dir),
+                "--reload-method",
+                "none",
+                *args,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.agents.append(proc)
+        return proc
+
+    def agent_log(self, pod: str) -> str:
+        path = self.workdir / f"agent-{pod}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_component(self, name: str, script: str, *args: str) -> subprocess.Popen[bytes]:
+        """A stand-in for a C++ component: a Python `script` whose process name is `name`, so
+        the agent's process check finds it under /proc as it would find `sniffer`."""
+        proc = subprocess.Popen(
+            [name, "-c", script, *args], executable=sys.executable, start_new_session=True
+        )
+        self.components.append(proc)
+        return proc
+
+    def instance_record(self, component: str, pod: str) -> dict[str, Any] | None:
+        client = self.clients[0] if self.clients else self.client()
+        got = client.get_json(client.layout.instance(component, pod))
+        return dict(got[0]) if got is not None else None
+
     # --- the operator process -----------------------------------------------------------------
 
     def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
@@ -285,6 +349,16 @@ class OperatorRun:
         return "\n".join(text.splitlines()[-lines:])
 
     def close(self) -> None:
+        for proc in [*self.agents, *self.components]:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
         for hb in self.heartbeaters:
             # etcd may be partly down in a failing test; keep cleaning up.
             with contextlib.suppress(Exception):

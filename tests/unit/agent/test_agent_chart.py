@@ -158,3 +158,119 @@ def test_plaintext_is_allowed_only_where_the_values_say(
         monkeypatch.setenv(key, value if isinstance(value, str) else "sniffer-6c9d-x2")
     settings = load_agent_settings([])
     assert settings.allow_plaintext is True
+
+
+# --- signals across users (privileged components) ----------------------------------------------
+
+
+def test_signal_same_user_runs_the_agent_as_the_component_uid(helm: Path) -> None:
+    agent = containers(deployment(helm, "processUser=4242"))["defender-agent"]
+    security = agent["securityContext"]
+    assert (security["runAsUser"], security["runAsNonRoot"]) == (4242, True)
+    # The rest of the hardening stays.
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["allowPrivilegeEscalation"] is False
+
+
+def test_signal_to_a_root_component_as_the_same_user(helm: Path) -> None:
+    # The privileged sniffer runs as root: the same UID is 0, with no capability at all.
+    security = containers(deployment(helm, "processUser=0"))["defender-agent"]["securityContext"]
+    assert (security["runAsUser"], security["runAsNonRoot"]) == (0, False)
+    assert security["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_signal_with_cap_kill(helm: Path) -> None:
+    security = containers(deployment(helm, "agent.reload.signalAccess=capKill"))["defender-agent"][
+        "securityContext"
+    ]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["KILL"]}
+    # KILL only reaches the effective set of a root process.
+    assert (security["runAsUser"], security["runAsNonRoot"]) == (0, False)
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+
+
+def test_no_signal_no_user_change(helm: Path) -> None:
+    security = containers(deployment(helm, "agent.reload.method=none", "processUser=0"))[
+        "defender-agent"
+    ]["securityContext"]
+    assert "runAsUser" not in security and "add" not in security["capabilities"]
+
+
+def test_unknown_signal_access_fails(helm: Path) -> None:
+    proc = render(helm, "agent.reload.signalAccess=sudo")
+    assert proc.returncode != 0
+    assert "is not sameUser or capKill" in proc.stderr
+
+
+# --- component health checks -------------------------------------------------------------------
+
+
+def _settings_of(agent: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    for key, value in env_of(agent).items():
+        monkeypatch.setenv(key, value if isinstance(value, str) else "sniffer-6c9d-x2")
+    return load_agent_settings([])
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["healthCheck=process"], {"health_check": "process", "health_process": "sniffer"}),
+        (
+            ["healthCheck=http", "healthUrl=http://127.0.0.1:9090/healthz"],
+            {"health_check": "http", "health_url": "http://127.0.0.1:9090/healthz"},
+        ),
+        (
+            ["healthCheck=tcp", "healthTcp=127.0.0.1:5571"],
+            {"health_check": "tcp", "health_tcp": "127.0.0.1:5571"},
+        ),
+        (
+            ["healthCheck=exec", "healthExec=/bin/rag-ping --quiet"],
+            {"health_check": "exec", "health_exec": "/bin/rag-ping --quiet"},
+        ),
+        (
+            [
+                "healthCheck=file",
+                "healthFile=/var/run/ml-defender/config/alive",
+                "healthFileMaxAgeSeconds=20",
+            ],
+            {"health_check": "file", "health_file_max_age_seconds": 20.0},
+        ),
+    ],
+)
+def test_each_health_check_renders_valid_agent_settings(
+    helm: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str], expected: dict[str, Any]
+) -> None:
+    dep = deployment(helm, *sets)
+    settings = _settings_of(containers(dep)["defender-agent"], monkeypatch)
+    for field, value in expected.items():
+        assert getattr(settings, field) == value
+    assert settings.health_start_grace_seconds == 30
+
+
+def test_process_health_check_shares_the_process_namespace(helm: Path) -> None:
+    dep = deployment(helm, "agent.reload.method=none", "healthCheck=process")
+    assert dep["spec"]["template"]["spec"]["shareProcessNamespace"] is True
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["healthCheck=http"], "pass healthUrl"),
+        (["healthCheck=tcp"], "pass healthTcp"),
+        (["healthCheck=exec"], "pass healthExec"),
+        (["healthCheck=file", "healthFile=/x"], "pass healthFile and healthFileMaxAgeSeconds"),
+        (["healthCheck=ping"], "is not one of none, process"),
+    ],
+)
+def test_health_check_without_its_target_fails(helm: Path, sets: list[str], message: str) -> None:
+    proc = render(helm, *sets)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_status_port_is_rendered(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = containers(deployment(helm, "agent.statusPort=8089"))["defender-agent"]
+    assert agent["ports"] == [{"name": "agent-status", "containerPort": 8089}]
+    assert _settings_of(agent, monkeypatch).status_port == 8089
+    assert "ports" not in containers(deployment(helm))["defender-agent"]

@@ -17,6 +17,7 @@ def test_keys_match_the_contract() -> None:
     assert lay.instance("sniffer", "pod-1") == "/ml-defender/components/sniffer/instances/pod-1"
     assert lay.freeze("sniffer") == "/ml-defender/control/sniffer/freeze"
     assert lay.owner("sniffer") == "/ml-defender/control/sniffer/owner"
+    assert lay.cadence("sniffer") == "/ml-defender/control/sniffer/heartbeat"
     assert lay.alert("rag", 12, "ab12") == "/ml-defender/alerts/rag/0000000000000000012-ab12"
     assert lay.components_dir == "/ml-defender/components/"
     assert lay.instances_dir("rag") == "/ml-defender/components/rag/instances/"
@@ -51,6 +52,7 @@ def test_alert_keys_sort_by_time() -> None:
         ("/p/alerts/rag/0000000000000000012-ab", ParsedKey("alert", "rag")),
         ("/p/control/rag/freeze", ParsedKey("freeze", "rag")),
         ("/p/control/rag/owner", ParsedKey("owner", "rag")),
+        ("/p/control/rag/heartbeat", ParsedKey("cadence", "rag")),
         (b"/p/components/rag/status", ParsedKey("status", "rag")),
         ("/p/components/rag/unknown_leaf", None),
         ("/p/components/rag/history/3", None),  # not zero-padded: not ours
@@ -70,6 +72,7 @@ def test_parse_round_trips_every_builder() -> None:
     assert lay.parse(lay.history("x", 42)) == ParsedKey("history", "x", version=42)
     assert lay.parse(lay.freeze("x")) == ParsedKey("freeze", "x")
     assert lay.parse(lay.owner("x")) == ParsedKey("owner", "x")
+    assert lay.parse(lay.cadence("x")) == ParsedKey("cadence", "x")
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "-lead", "trail-", "spa ce", "ü", "x" * 254, "..a/"])

@@ -1,0 +1,247 @@
+"""Is the component well? The agent renews its instance's lease only while the answer is yes.
+
+The sidecar's own heartbeat says nothing about the component beside it: a C++ process that hung,
+was stopped or crash-loops leaves a healthy agent. Each check here looks at the component
+itself and returns None when it is well, or one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from defender_config import ErrorInfo
+
+from ._errors import ProcessNotFoundError
+from ._reload import target_pids
+
+__all__ = [
+    "UNHEALTHY",
+    "ExecCheck",
+    "FileCheck",
+    "HealthCheck",
+    "HealthGate",
+    "HttpCheck",
+    "ProcessCheck",
+    "TcpCheck",
+    "process_state",
+]
+
+# The last_error reason and alert kind while the component fails its check.
+UNHEALTHY = "ComponentUnhealthy"
+
+# /proc/<pid>/stat states of a process that does no work: stopped (SIGSTOP, or a tracer),
+# zombie (exited, not reaped), dead.
+_NOT_WORKING = {
+    "T": "stopped",
+    "t": "stopped by a tracer",
+    "Z": "a zombie (it exited)",
+    "X": "dead",
+}
+
+
+class HealthCheck(Protocol):
+    def check(self) -> str | None:
+        """None when the component is well, else what is wrong (one line)."""
+        ...
+
+    def describe(self) -> str:
+        """What is checked, for logs and the status endpoint."""
+        ...
+
+
+def process_state(pid: int, proc_root: Path = Path("/proc")) -> str | None:
+    """The state letter of `pid` from /proc/<pid>/stat (R, S, D, T, Z...), None if it is gone."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The name field is in parentheses and may itself hold spaces or ')'.
+    after = stat[stat.rfind(")") + 2 :].split()
+    return after[0] if after else None
+
+
+@dataclass
+class ProcessCheck:
+    """The named process (or the pid in a pidfile) exists and is not stopped, a zombie or dead.
+    Needs `shareProcessNamespace: true` on the pod."""
+
+    process_name: str | None = None
+    pidfile: Path | None = None
+    proc_root: Path = field(default=Path("/proc"))
+
+    def __post_init__(self) -> None:
+        if (self.process_name is None) == (self.pidfile is None):
+            raise ValueError("give exactly one of process_name or pidfile")
+
+    def describe(self) -> str:
+        if self.pidfile is not None:
+            return f"process in pidfile {self.pidfile}"
+        return f"process {self.process_name!r}"
+
+    def check(self) -> str | None:
+        try:
+            pids = target_pids(self.process_name, self.pidfile, self.proc_root)
+        except ProcessNotFoundError as exc:
+            return f"{exc.what}: {exc.detail}"
+        for pid in pids:
+            state = process_state(pid, self.proc_root)
+            if state is None:
+                return f"{self.describe()} (pid {pid}) exited"
+            if state in _NOT_WORKING:
+                return f"{self.describe()} (pid {pid}) is {_NOT_WORKING[state]} (state {state})"
+        return None
+
+
+@dataclass
+class HttpCheck:
+    """A GET answered with 2xx or 3xx within the timeout."""
+
+    url: str
+    timeout_seconds: float = 2.0
+
+    def describe(self) -> str:
+        return f"GET {self.url}"
+
+    def check(self) -> str | None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=self.timeout_seconds) as resp:
+                code = int(resp.status)
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            return f"GET {self.url} failed: {reason}"
+        if code >= 400:
+            return f"GET {self.url} answered HTTP {code}"
+        return None
+
+
+@dataclass
+class TcpCheck:
+    """A TCP connection to host:port is accepted within the timeout."""
+
+    host: str
+    port: int
+    timeout_seconds: float = 2.0
+
+    def describe(self) -> str:
+        return f"TCP {self.host}:{self.port}"
+
+    def check(self) -> str | None:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=self.timeout_seconds):
+                return None
+        except OSError as exc:
+            return f"TCP {self.host}:{self.port} refused or timed out: {exc.strerror or exc}"
+
+
+@dataclass
+class ExecCheck:
+    """A command (run by the agent, in its own container) exits 0 within the timeout."""
+
+    command: list[str]
+    timeout_seconds: float = 2.0
+
+    def describe(self) -> str:
+        return f"exec {shlex.join(self.command)}"
+
+    def check(self) -> str | None:
+        try:
+            done = subprocess.run(
+                self.command,
+                capture_output=True,
+                timeout=self.timeout_seconds,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return f"{self.describe()} did not finish within {self.timeout_seconds:g}s"
+        except OSError as exc:
+            return f"{self.describe()} could not run: {exc.strerror or exc}"
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            said = f": {tail[0][:200]}" if tail else ""
+            return f"{self.describe()} exited {done.returncode}{said}"
+        return None
+
+
+@dataclass
+class FileCheck:
+    """A file the component touches while it works is younger than `max_age_seconds`: the
+    simplest contract for a C++ main loop (touch it once per loop). Set the age to at least two
+    touch periods so one late touch is not a failure."""
+
+    path: Path
+    max_age_seconds: float
+
+    def describe(self) -> str:
+        return f"heartbeat file {self.path} (younger than {self.max_age_seconds:g}s)"
+
+    def check(self) -> str | None:
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError as exc:
+            return f"heartbeat file {self.path} cannot be read: {exc.strerror or exc}"
+        age = time.time() - mtime
+        if age > self.max_age_seconds:
+            return (
+                f"heartbeat file {self.path} was last touched {age:.1f}s ago"
+                f" (more than {self.max_age_seconds:g}s)"
+            )
+        return None
+
+
+class HealthGate:
+    """Asked by the heartbeater before each renewal: runs the check, says when it starts and
+    stops failing (once per episode, through `on_fail` / `on_recover`), and answers with the
+    reason to hold renewals, or None.
+
+    During `start_grace_seconds` after the agent started a failure is reported but renewals go
+    on: the component container may still be starting."""
+
+    def __init__(
+        self,
+        check: HealthCheck,
+        *,
+        start_grace_seconds: float,
+        on_fail: Callable[[str], None],
+        on_recover: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.check = check
+        self.problem: str | None = None
+        self.checked_at: float | None = None
+        self._grace_until = clock() + start_grace_seconds
+        self._on_fail = on_fail
+        self._on_recover = on_recover
+        self._clock = clock
+
+    @property
+    def holding(self) -> bool:
+        return self.problem is not None and self._clock() >= self._grace_until
+
+    def __call__(self) -> ErrorInfo | None:
+        try:
+            problem = self.check.check()
+        except Exception as exc:  # a check that crashes says nothing good about the component
+            problem = f"{self.check.describe()} crashed: {type(exc).__name__}: {exc}"
+        self.checked_at = time.time()
+        was, self.problem = self.problem, problem
+        if problem is None:
+            if was is not None:
+                self._on_recover(was)
+            return None
+        if was is None:
+            self._on_fail(problem)
+        if self._clock() < self._grace_until:
+            return None
+        return ErrorInfo(reason=UNHEALTHY, detail=problem[:2000])

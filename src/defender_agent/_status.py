@@ -1,0 +1,74 @@
+"""The agent's status endpoint: `GET /status` (JSON) and `GET /healthz`.
+
+`/status` answers 200 while the component passes its health check and the lease is renewed,
+503 otherwise, so it can serve as the component's readiness probe; `/healthz` answers 200 while
+the agent itself runs (its liveness probe).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ._errors import AgentSettingsError
+
+__all__ = ["StatusServer"]
+
+log = logging.getLogger("defender_agent")
+
+
+class StatusServer:
+    def __init__(self, address: str, port: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+        snap = snapshot
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    self._send(200, {"ok": True})
+                elif self.path == "/status":
+                    body = snap()
+                    self._send(200 if body.get("healthy") else 503, body)
+                else:
+                    self._send(404, {"error": "use /status or /healthz"})
+
+            def _send(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body, default=str).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # probes every few seconds would flood the log
+
+        self._started = False
+        try:
+            self._server = http.server.ThreadingHTTPServer((address, port), Handler)
+        except OSError as exc:
+            raise AgentSettingsError(
+                f"cannot serve the status endpoint on {address}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="defender-agent-status", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> StatusServer:
+        self._started = True
+        self._thread.start()
+        log.info("status endpoint on port %s", self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._started:  # shutdown() waits for serve_forever, which never ran otherwise
+            self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,105 @@
+"""The heartbeat cadence of a component: one record, `control/<component>/heartbeat`.
+
+The operator publishes `spec.heartbeat` there; every Heartbeater of the component follows it, so
+the resource is the single source of the cadence and an instance's own setting is only the
+fallback before the first read (or while the record is absent or unreadable).
+
+`write_cadence` encodes and writes the record; `decode_cadence` is the only code that turns its
+stored bytes into a cadence, used by `read_cadence` and by the heartbeater (which fetches the
+record in the same transaction as its heartbeat put, so following it costs no extra request).
+Whatever protects control records later (a MAC) wraps `write_cadence` and `decode_cadence`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._client import DefenderClient
+from ._envelope import expect_plaintext
+from ._errors import DefenderConfigError
+from ._store_types import StoredValue
+
+__all__ = ["Cadence", "decode_cadence", "lease_ttl", "read_cadence", "write_cadence"]
+
+log = logging.getLogger("defender_config.cadence")
+
+# The DefenderComponent API's bounds (spec.heartbeat): a record outside them was not written
+# by the operator and is ignored like a garbled one.
+_MAX_INTERVAL_SECONDS = 3600
+_MAX_MISSES = 100
+
+# The revision of each unreadable record already warned about: every instance reads the record
+# at every beat, and one bad write must not fill the log.
+_warned: dict[str, int] = {}
+_warned_lock = threading.Lock()
+
+
+def lease_ttl(interval_seconds: float, allowed_misses: int) -> int:
+    """The lease TTL of an instance beating every `interval_seconds` that may miss
+    `allowed_misses` beats: whole seconds, at least 2 (etcd's lease granularity)."""
+    return max(2, math.ceil(interval_seconds * allowed_misses))
+
+
+class Cadence(BaseModel):
+    """How often the instances of a component beat and how many beats they may miss."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    interval_seconds: float = Field(gt=0, le=_MAX_INTERVAL_SECONDS)
+    allowed_misses: int = Field(ge=1, le=_MAX_MISSES)
+    # When the operator wrote this cadence: an instance that beat later and still runs
+    # another one does not follow it.
+    since: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    by: str | None = None
+
+    @property
+    def lease_ttl_seconds(self) -> int:
+        return lease_ttl(self.interval_seconds, self.allowed_misses)
+
+    def same_rhythm(self, other: Cadence | None) -> bool:
+        """Same interval and misses (who wrote it and when do not matter)."""
+        return other is not None and (self.interval_seconds, self.allowed_misses) == (
+            other.interval_seconds,
+            other.allowed_misses,
+        )
+
+
+def write_cadence(client: DefenderClient, component: str, cadence: Cadence) -> None:
+    """Publish `cadence` for `component` (plaintext JSON: it holds no secret)."""
+    client.put_json(client.layout.cadence(component), cadence.model_dump(mode="json"))
+
+
+def read_cadence(client: DefenderClient, component: str) -> Cadence | None:
+    """The published cadence of `component`; None when there is none or it cannot be read
+    (garbled, sealed, out of bounds), which is logged: the caller then uses its own setting.
+    Store errors (etcd unreachable) are raised: they say nothing about the record."""
+    key = client.layout.cadence(component)
+    return decode_cadence(key, client.store.get(key))
+
+
+def decode_cadence(key: str, stored: StoredValue | None) -> Cadence | None:
+    """The cadence in `stored` (the record at `key` as read); None when absent or unreadable,
+    with one warning per bad write."""
+    if stored is None:
+        return None
+    try:
+        # Not client.decode_json: that raises an alert per read, and this is read every beat.
+        return Cadence.model_validate(json.loads(expect_plaintext(stored.value, key)))
+    except (DefenderConfigError, ValidationError, ValueError) as exc:
+        with _warned_lock:
+            first = _warned.get(key) != stored.mod_revision
+            _warned[key] = stored.mod_revision
+        if first:
+            log.warning(
+                "ignoring the unreadable heartbeat cadence %s (using the local setting): %s",
+                key,
+                " ".join(str(exc).split())[:300],
+                extra={"reason": "CadenceUnreadable"},
+            )
+        return None

@@ -1,0 +1,366 @@
+"""Component health checks on real processes, sockets, files and commands; the gate's grace and
+transitions; the settings that choose a check; the status endpoint."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from defender_agent import AgentSettingsError, load_agent_settings
+from defender_agent._agent import build_health_check
+from defender_agent._health import (
+    UNHEALTHY,
+    ExecCheck,
+    FileCheck,
+    HealthGate,
+    HttpCheck,
+    ProcessCheck,
+    TcpCheck,
+    process_state,
+)
+from defender_agent._status import StatusServer
+from defender_devcluster import wait_for
+
+BASE = ["--component", "sniffer", "--output-path", "/shared/sniffer.json"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("DEFENDER_AGENT_") or key in ("POD_NAME", "NODE_NAME"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("POD_NAME", "sniffer-0")
+
+
+# --- process -----------------------------------------------------------------------------------
+
+
+def test_process_check_sees_a_stopped_process_and_its_return(
+    spawn_named: Callable[[str], tuple[subprocess.Popen[bytes], Path]], unique_name: str
+) -> None:
+    child, _ = spawn_named(unique_name)
+    check = ProcessCheck(process_name=unique_name)
+    assert check.check() is None
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        wait_for("state T", lambda: process_state(child.pid) == "T", timeout=10)
+        problem = check.check()
+        assert problem is not None
+        assert f"pid {child.pid}" in problem and "stopped (state T)" in problem
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    wait_for("running again", lambda: check.check() is None, timeout=10)
+
+
+def test_process_check_sees_an_exited_process(
+    spawn_named: Callable[[str], tuple[subprocess.Popen[bytes], Path]], unique_name: str
+) -> None:
+    child, _ = spawn_named(unique_name)
+    child.kill()
+    child.wait(timeout=10)
+    problem = ProcessCheck(process_name=unique_name).check()
+    assert problem == f"process name {unique_name!r}: no process with that name under /proc"
+
+
+def test_process_check_by_pidfile(
+    spawn_named: Callable[[str], tuple[subprocess.Popen[bytes], Path]],
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    child, _ = spawn_named(unique_name)
+    pidfile = tmp_path / "component.pid"
+    pidfile.write_text(f"{child.pid}\n")
+    check = ProcessCheck(pidfile=pidfile)
+    assert check.check() is None
+    pidfile.write_text("not a pid")
+    assert "does not hold a pid" in (check.check() or "")
+    with pytest.raises(ValueError, match="exactly one"):
+        ProcessCheck()
+
+
+def test_zombie_is_not_alive(tmp_path: Path) -> None:
+    # A fake /proc: the state letter is all the check reads.
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "stat").write_text("4242 (we (ird) name) Z 1 4242 4242 0 -1")
+    assert process_state(4242, proc) == "Z"
+    assert process_state(4243, proc) is None
+
+
+# --- http / tcp / exec / file ------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_server() -> Iterator[tuple[str, dict[str, int]]]:
+    answer = {"code": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(answer["code"])
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/health", answer
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_check(http_server: tuple[str, dict[str, int]]) -> None:
+    url, answer = http_server
+    check = HttpCheck(url, timeout_seconds=2)
+    assert check.check() is None
+    answer["code"] = 503
+    assert check.check() == f"GET {url} answered HTTP 503"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_http_check_connection_refused() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/health"
+    assert (HttpCheck(url, 1).check() or "").startswith(f"GET {url} failed:")
+
+
+def test_tcp_check() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = int(listener.getsockname()[1])
+        assert TcpCheck("127.0.0.1", port, 1).check() is None
+    assert "refused or timed out" in (TcpCheck("127.0.0.1", port, 1).check() or "")
+
+
+def test_exec_check(tmp_path: Path) -> None:
+    assert ExecCheck(["true"]).check() is None
+    failing = ExecCheck(["sh", "-c", "echo 'queue stuck' >&2; exit 3"])
+    assert (
+        failing.check()
+        == "exec sh -c 'echo '\"'\"'queue stuck'\"'\"' >&2; exit 3' exited 3: queue stuck"
+    )
+    assert "did not finish within 0.2s" in (ExecCheck(["sleep", "5"], 0.2).check() or "")
+    assert "could not run" in (ExecCheck([str(tmp_path / "missing")]).check() or "")
+
+
+def test_file_check(tmp_path: Path) -> None:
+    path = tmp_path / "alive"
+    check = FileCheck(path, max_age_seconds=5)
+    assert "cannot be read" in (check.check() or "")
+    path.touch()
+    assert check.check() is None
+    old = time.time() - 6
+    os.utime(path, (old, old))
+    assert "last touched 6." in (check.check() or "")
+
+
+# --- the gate ----------------------------------------------------------------------------------
+
+
+class Flaky:
+    def __init__(self) -> None:
+        self.problem: str | None = None
+        self.raises = False
+
+    def describe(self) -> str:
+        return "flaky"
+
+    def check(self) -> str | None:
+        if self.raises:
+            raise RuntimeError("boom")
+        return self.problem
+
+
+def test_gate_reports_once_holds_after_grace_and_recovers() -> None:
+    now = [0.0]
+    fails: list[str] = []
+    recovers: list[str] = []
+    check = Flaky()
+    gate = HealthGate(
+        check,
+        start_grace_seconds=10,
+        on_fail=fails.append,
+        on_recover=recovers.append,
+        clock=lambda: now[0],
+    )
+    assert gate() is None
+    check.problem = "stuck"
+    # Within the start grace: reported, not held.
+    assert gate() is None
+    assert fails == ["stuck"] and not gate.holding
+    now[0] = 11
+    held = gate()
+    assert held is not None and (held.reason, held.detail) == (UNHEALTHY, "stuck")
+    assert gate.holding
+    assert gate() is not None
+    assert fails == ["stuck"], "one report per episode"
+    check.problem = None
+    assert gate() is None
+    assert recovers == ["stuck"] and gate.problem is None
+
+
+def test_a_crashing_check_counts_as_a_failure() -> None:
+    check = Flaky()
+    check.raises = True
+    fails: list[str] = []
+    gate = HealthGate(check, start_grace_seconds=0, on_fail=fails.append, on_recover=print)
+    held = gate()
+    assert held is not None and "flaky crashed: RuntimeError: boom" in held.detail
+    assert fails and "boom" in fails[0]
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [
+        (["--health-check", "process", "--health-process", "sniffer"], ProcessCheck),
+        (["--health-check", "http", "--health-url", "http://127.0.0.1:8080/ok"], HttpCheck),
+        (["--health-check", "tcp", "--health-tcp", "127.0.0.1:9000"], TcpCheck),
+        (["--health-check", "exec", "--health-exec", "pgrep -x sniffer"], ExecCheck),
+        (
+            [
+                "--health-check",
+                "file",
+                "--health-file",
+                "/shared/alive",
+                "--health-file-max-age-seconds",
+                "10",
+            ],
+            FileCheck,
+        ),
+    ],
+)
+def test_settings_build_each_check(args: list[str], kind: type) -> None:
+    settings = load_agent_settings([*BASE, "--reload-method", "none", *args])
+    assert isinstance(build_health_check(settings), kind)
+
+
+def test_process_check_defaults_to_the_reload_target() -> None:
+    settings = load_agent_settings(
+        [*BASE, "--reload-process", "sniffer", "--health-check", "process"]
+    )
+    check = build_health_check(settings)
+    assert isinstance(check, ProcessCheck) and check.process_name == "sniffer"
+    none = load_agent_settings([*BASE, "--reload-process", "sniffer"])
+    assert build_health_check(none) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--health-check", "process"], "health_check=process needs"),
+        (["--health-check", "http", "--health-url", "ftp://x"], "health_check=http needs"),
+        (["--health-check", "tcp", "--health-tcp", "nohost"], "health_check=tcp needs"),
+        (["--health-check", "tcp", "--health-tcp", "h:99999"], "health_check=tcp needs"),
+        (["--health-check", "exec", "--health-exec", "  "], "health_check=exec needs"),
+        (["--health-check", "file", "--health-file", "/x"], "health_check=file needs"),
+        (["--health-check", "bogus"], "health_check"),
+        (
+            ["--health-process", "a", "--health-pidfile", "/p", "--health-check", "process"],
+            "at most one",
+        ),
+        (["--health-check", "process", "--health-process", "/usr/bin/x"], "a process name"),
+    ],
+)
+def test_bad_health_settings_name_the_problem(args: list[str], message: str) -> None:
+    with pytest.raises(AgentSettingsError, match=message):
+        load_agent_settings([*BASE, "--reload-method", "none", *args])
+
+
+# --- status endpoint ---------------------------------------------------------------------------
+
+
+def _get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_status_endpoint_answers_by_health() -> None:
+    state: dict[str, Any] = {"healthy": True, "problem": None}
+    server = StatusServer("127.0.0.1", 0, lambda: dict(state)).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert _get(f"{base}/status") == (200, state)
+        state.update(healthy=False, problem="stopped")
+        code, body = _get(f"{base}/status")
+        assert (code, body["problem"]) == (503, "stopped")
+        assert _get(f"{base}/healthz") == (200, {"ok": True})
+        assert _get(f"{base}/other")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_status_port_in_use_is_a_settings_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = int(taken.getsockname()[1])
+        with pytest.raises(AgentSettingsError, match="cannot serve the status endpoint"):
+            StatusServer("127.0.0.1", port, dict)
+    # Never started: stopping does not wait for a loop that never ran.
+    StatusServer("127.0.0.1", 0, dict).stop()
+
+
+# --- the agent's wiring ------------------------------------------------------------------------
+
+
+def _agent(tmp_path: Path, *args: str) -> Any:
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    settings = load_agent_settings(
+        ["--component", "sniffer", "--output-path", str(tmp_path / "s.json"), *args]
+    )
+    return Agent(settings, LibrarySettings(envelope=EnvelopeOptions(encrypt=False)))
+
+
+def test_an_alert_that_cannot_be_stored_does_not_stop_the_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    agent = _agent(
+        tmp_path, "--reload-method", "none", "--health-check", "exec", "--health-exec", "false"
+    )
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("etcd gone")
+
+    agent.client = SimpleNamespace(alerter=SimpleNamespace(event=refuse))
+    assert agent.health is not None
+    held = agent.health()  # within the start grace: reported, not held
+    assert held is None and agent.health.problem == "exec false exited 1"
+    assert "could not record the ComponentUnhealthy alert" in caplog.text
+    assert "fails its health check" in caplog.text
+
+
+def test_status_before_registration(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, "--reload-method", "none")
+    snap = agent.status_snapshot()
+    assert snap["healthy"] is False and snap["renewing"] is False
+    assert snap["cadence"] is None and snap["health_check"] == "none"
