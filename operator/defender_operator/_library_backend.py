@@ -33,10 +33,10 @@ from defender_config import (
     config_digest,
     key_usage,
     keys_opened,
-    read_key_record,
-    write_key_record,
     read_cadence,
+    read_key_record,
     write_cadence,
+    write_key_record,
 )
 from defender_operator._backend import (
     AlertRecord,
