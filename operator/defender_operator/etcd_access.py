@@ -170,7 +170,9 @@ class _Auth:
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
 
-    def connect(self) -> None:
+    def connect(self) -> bool:
+        """Reach one member and log in as root; False when authentication is not on yet (this
+        etcd version's Auth service has no status call: a login attempt tells)."""
         errors = []
         for endpoint in self._settings.endpoints:
             host, port, secure = parse_endpoint(endpoint)
@@ -180,14 +182,25 @@ class _Auth:
             else:
                 channel = grpc.insecure_channel(target)
             stub = etcdrpc.AuthStub(channel)
+            request = etcdrpc.AuthenticateRequest(name=ROOT, password=self._root_password)
             try:
-                stub.AuthStatus(etcdrpc.AuthStatusRequest(), timeout=self._timeout)
+                answer = stub.Authenticate(request, timeout=self._timeout)
             except grpc.RpcError as exc:
-                errors.append(f"{endpoint}: {exc.code().name}")  # type: ignore[attr-defined]
+                code = exc.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    self._channel, self._stub = channel, stub
+                    return False
                 channel.close()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise EtcdAccessError(
+                        "etcd authentication is on and refused the root password of the auth "
+                        "Secret (authentication failed): was the Secret replaced?"
+                    ) from exc
+                errors.append(f"{endpoint}: {code.name}")
                 continue
             self._channel, self._stub = channel, stub
-            return
+            self._metadata = (("token", answer.token),)
+            return True
         raise EtcdAccessError("no etcd member answered: " + "; ".join(errors))
 
     @property
@@ -205,15 +218,15 @@ class _Auth:
     def call(self, method: str, request: Any) -> Any:
         return getattr(self._stub, method)(request, timeout=self._timeout, metadata=self._metadata)
 
-    def enabled(self) -> bool:
-        return bool(self.call("AuthStatus", etcdrpc.AuthStatusRequest()).enabled)
-
-    def login(self) -> None:
-        answer = self._stub.Authenticate(
-            etcdrpc.AuthenticateRequest(name=ROOT, password=self._root_password),
-            timeout=self._timeout,
-        )
-        self._metadata = (("token", answer.token),)
+    def accepts(self, name: str, password: str) -> bool:
+        """True if etcd (with authentication on) logs `name` in with `password`."""
+        try:
+            self._stub.Authenticate(
+                etcdrpc.AuthenticateRequest(name=name, password=password), timeout=self._timeout
+            )
+        except grpc.RpcError:
+            return False
+        return True
 
     def close(self) -> None:
         if self._channel is not None:
@@ -231,11 +244,14 @@ def _ensure_user(auth: _Auth, name: str, password: str) -> None:
     except grpc.RpcError as exc:
         if not _exists(exc):
             raise
-        # Sets the password from the Secret every run: a rotated Secret takes effect.
-        auth.call(
-            "UserChangePassword",
-            etcdrpc.AuthUserChangePasswordRequest(name=name, password=password),
-        )
+        # A password changed in the Secret takes effect; an unchanged one is left alone, since
+        # every change of users or roles makes etcd bump its auth revision.
+        if not auth.accepts(name, password):
+            auth.call(
+                "UserChangePassword",
+                etcdrpc.AuthUserChangePasswordRequest(name=name, password=password),
+            )
+            log.info("etcd user %s: password set from the Secret", name)
 
 
 def _ensure_role(auth: _Auth, name: str, grants: Iterable[Grant]) -> None:
@@ -281,10 +297,8 @@ def apply_plan(plan: AccessPlan, settings: EtcdSettings) -> None:
     root_password = _read_password(plan.root_password_file)
     roles = _roles(plan)
     auth = _Auth(settings, root_password)
-    auth.connect()
+    enabled = auth.connect()
     try:
-        if auth.enabled():
-            auth.login()
         _ensure_user(auth, ROOT, root_password)
         _ensure_role(auth, ROOT, ())
         _ensure_user_roles(auth, ROOT, [ROOT])
@@ -292,7 +306,7 @@ def apply_plan(plan: AccessPlan, settings: EtcdSettings) -> None:
             _ensure_role(auth, role.user, role.grants)
             _ensure_user(auth, role.user, role.password)
             _ensure_user_roles(auth, role.user, [role.user])
-        if not auth.enabled():
+        if not enabled:
             auth.call("AuthEnable", etcdrpc.AuthEnableRequest())
             log.info("etcd authentication enabled")
     except grpc.RpcError as exc:

@@ -1,0 +1,312 @@
+"""The chart's default lock-down, run for real: three etcd members started from the chart's
+ETCD_* settings with the certificates it generated (client and peer TLS), the access plan applied
+by exactly the command of the operator pod's init container, then who may do what with the
+credentials the chart put in its Secrets.
+
+The NetworkPolicy half of "a pod without the agent's credentials cannot reach etcd" needs a real
+node with an enforcing CNI; these processes have no pod network. What is tested here is the
+etcd side: no credentials, or another component's, are refused by etcd itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chart_processes import client_urls, start_members, write_member_tls, write_secret
+from packaging_chart import find, render_chart
+from prometheus_client import CollectorRegistry
+
+from defender_config import (
+    ConfigStore,
+    DefenderClient,
+    EnvelopeOptions,
+    EtcdSettings,
+    EtcdStore,
+    Heartbeater,
+    Keyring,
+    LibrarySettings,
+    StoreAuthError,
+    StoredValue,
+    StoreError,
+)
+from defender_devcluster import ToolNotFoundError, free_ports, tool, wait_for
+from defender_devcluster.pytest_plugin import missing_tool
+
+COMPONENTS = {"firewall": "edge", "sniffer": "edge"}
+PREFIX = "/ml-defender"
+
+
+def _tool(name: str) -> Path:
+    try:
+        return tool(name)
+    except ToolNotFoundError as exc:
+        missing_tool(exc)
+
+
+def _values() -> list[str]:
+    sets = []
+    for i, (name, ns) in enumerate(COMPONENTS.items()):
+        sets += [f"agent.components[{i}].name={name}", f"agent.components[{i}].namespace={ns}"]
+    return ["--set", ",".join(sets)]
+
+
+@pytest.fixture(scope="module")
+def chart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The chart rendered with default values plus two agent components, and the files its
+    pods mount, laid out under root."""
+    root = tmp_path_factory.mktemp("lockdown")
+    objects = render_chart(_tool("helm"), *_values())
+    write_member_tls(objects, root)
+    dep = find(objects, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in dep["volumes"]}
+    # The operator's CA-only view of the client Secret, and the init container's auth Secret.
+    ca_secret = find(objects, "Secret", volumes["etcd-tls"]["secret"]["secretName"])
+    items = {i["key"] for i in volumes["etcd-tls"]["secret"]["items"]}
+    write_secret({"data": {k: v for k, v in ca_secret["data"].items() if k in items}}, root / "ca")
+    write_secret(find(objects, "Secret", volumes["etcd-auth"]["secret"]["secretName"]), root / "auth")
+    return {"objects": objects, "root": root, "deployment": dep}
+
+
+@pytest.fixture(scope="module")
+def members(chart: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    with start_members(_tool("etcd"), chart["objects"], chart["root"], free_ports(9)) as procs:
+        yield procs
+
+
+def _settings(chart: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rendered defender.json with the endpoints and mount paths of this machine."""
+    data = find(chart["objects"], "ConfigMap", "rel-ml-defender-config")["data"]
+    settings = json.loads(data["defender.json"])
+    assert all(e.startswith("https://") for e in settings["etcd"]["endpoints"])
+    assert "cert_file" not in settings["etcd"], "clients get the CA only"
+    settings["etcd"]["endpoints"] = client_urls(members, "https")
+    settings["etcd"]["ca_file"] = str(chart["root"] / "ca" / "ca.crt")
+    settings["etcd"]["timeout_seconds"] = 5
+    settings["etcd"]["retries"] = 2
+    return settings
+
+
+def _run_init_step(chart: dict[str, Any], members: list[dict[str, Any]]) -> None:
+    """The operator pod's init container, as the chart renders it, with its mounts mapped here."""
+    root = chart["root"]
+    [init] = chart["deployment"]["initContainers"]
+    assert init["command"][:3] == ["python", "-m", "defender_operator.etcd_access"]
+    data = find(chart["objects"], "ConfigMap", "rel-ml-defender-config")["data"]
+    plan = data["etcd-access.json"].replace("/etc/ml-defender/etcd-auth", str(root / "auth"))
+    (root / "plan.json").write_text(plan)
+    (root / "settings.json").write_text(json.dumps(_settings(chart, members)))
+    args = [
+        a.replace(
+            "/etc/ml-defender/config/etcd-access.json", str(root / "plan.json")
+        ).replace("/etc/ml-defender/config/defender.json", str(root / "settings.json"))
+        for a in init["args"]
+    ]
+    proc = subprocess.run(
+        [sys.executable, *init["command"][1:], *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for password in (root / "auth").iterdir():
+        assert password.read_text() not in proc.stderr, "a password reached the log"
+
+
+@pytest.fixture(scope="module")
+def locked(chart: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
+    deadline = time.monotonic() + 90
+    for m in members:
+        url = f"http://127.0.0.1:{m['ports']['metrics']}/readyz"
+        while subprocess.run(
+            ["python3", "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout=2)"],
+            capture_output=True,
+            check=False,
+        ).returncode:
+            assert m["proc"].poll() is None, m["log"].read_text()[-2000:]
+            assert time.monotonic() < deadline, m["log"].read_text()[-2000:]
+            time.sleep(0.3)
+    _run_init_step(chart, members)
+    return {"settings": _settings(chart, members)}
+
+
+def _password(chart: dict[str, Any], secret: str, key: str) -> str:
+    return base64.b64decode(find(chart["objects"], "Secret", secret)["data"][key]).decode()
+
+
+def _store(locked: dict[str, Any], user: str | None, password: str | None) -> EtcdStore:
+    etcd = {**locked["settings"]["etcd"], "user": user, "password": password}
+    return EtcdStore(EtcdSettings(**etcd), registry=CollectorRegistry())
+
+
+def _operator_env(chart: dict[str, Any]) -> tuple[str, str]:
+    env = {e["name"]: e for e in chart["deployment"]["containers"][0]["env"]}
+    ref = env["DEFENDER_ETCD__PASSWORD"]["valueFrom"]["secretKeyRef"]
+    return env["DEFENDER_ETCD__USER"]["value"], _password(chart, ref["name"], ref["key"])
+
+
+def _agent_credentials(chart: dict[str, Any], component: str) -> tuple[str, str]:
+    secret = find(chart["objects"], "Secret", f"rel-ml-defender-etcd-agent-{component}")
+    assert secret["metadata"]["namespace"] == COMPONENTS[component]
+    data = secret["data"]
+    return base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode()
+
+
+def _client(
+    locked: dict[str, Any], keyring: Keyring, user: str, password: str, instance: str
+) -> DefenderClient:
+    settings = LibrarySettings(
+        etcd=EtcdSettings(**{**locked["settings"]["etcd"], "user": user, "password": password}),
+        envelope=EnvelopeOptions(),
+        prefix=PREFIX,
+    )
+    return DefenderClient(settings, keyring, registry=CollectorRegistry(), instance=instance)
+
+
+def test_operator_credentials_read_and_write_the_prefix(
+    chart: dict[str, Any], locked: dict[str, Any]
+) -> None:
+    user, password = _operator_env(chart)
+    with _store(locked, user, password) as store:
+        store.put(f"{PREFIX}/components/anything/status", b"{}")
+        got = store.get(f"{PREFIX}/components/anything/status")
+        assert isinstance(got, StoredValue) and got.value == b"{}"
+        assert store.delete(f"{PREFIX}/components/anything/status")
+        # The operator's health view of etcd works under its own (non-root) user.
+        report = store.health()
+        assert report.quorum and report.healthy_count == 3, report
+        # Nothing outside the prefix.
+        with pytest.raises(StoreAuthError):
+            store.put("/elsewhere", b"x")
+
+
+def test_no_credentials_are_refused(locked: dict[str, Any]) -> None:
+    # etcd answers INVALID_ARGUMENT "user name is empty", which the library's error table types
+    # as a plain StoreError (not StoreAuthError): refused either way, nothing read or written.
+    with _store(locked, None, None) as store:
+        with pytest.raises(StoreError, match="user name is empty"):
+            store.get(f"{PREFIX}/components/firewall/active_config")
+        with pytest.raises(StoreError, match="user name is empty"):
+            store.put(f"{PREFIX}/components/firewall/active_config", b"{}")
+        assert not store.health().quorum
+
+
+def test_wrong_password_is_refused(locked: dict[str, Any]) -> None:
+    with pytest.raises(StoreAuthError, match="authentication as"):
+        _store(locked, "ml-defender-agent-firewall", "not-the-password-at-all")
+
+
+def test_agent_runs_with_its_credentials_and_nothing_more(
+    chart: dict[str, Any], locked: dict[str, Any]
+) -> None:
+    keyring = Keyring.generate()
+    op_user, op_password = _operator_env(chart)
+    with _client(locked, keyring, op_user, op_password, "operator") as operator:
+        for component in COMPONENTS:
+            ConfigStore(operator).seed(
+                component, {"limit": 1}, "custom", by="test-operator"
+            )
+    user, password = _agent_credentials(chart, "firewall")
+    assert user == "ml-defender-agent-firewall"
+    with _client(locked, keyring, user, password, "fw-0") as agent:
+        configs = ConfigStore(agent)
+        # What the agent does: read ACTIVE and its metadata, watch it, heartbeat, report status,
+        # write alerts.
+        assert configs.get_active("firewall").config == {"limit": 1}
+        assert configs.get_metadata("firewall") is not None
+        seen: list[Any] = []
+        handle = configs.watch_active("firewall", seen.append, initial=True)
+        try:
+            wait_for("the initial ACTIVE", lambda: seen, timeout=20)
+        finally:
+            handle.cancel()
+        beat = Heartbeater(agent, "firewall", "fw-0", interval_seconds=1).start()
+        beat.set_status("RUNNING")
+        agent.alerter.event("LockdownProbe", "firewall", "written with the agent's user")
+        beat.stop()
+        assert agent.alerter.failed == 0
+
+        store = agent.store
+        layout = agent.layout
+        for key in (
+            layout.active_config("firewall"),
+            layout.master_config("firewall"),
+            layout.metadata("firewall"),
+            layout.history("firewall", 1),
+            layout.freeze("firewall"),
+            layout.instance("sniffer", "s-0"),
+            layout.active_config("sniffer"),
+            layout.alert("sniffer", 1, "abcd"),
+        ):
+            with pytest.raises(StoreAuthError):
+                store.put(key, b'{"default_policy": "allow"}')
+        for key in (layout.active_config("sniffer"), layout.metadata("sniffer")):
+            with pytest.raises(StoreAuthError):
+                store.get(key)
+
+    # What the agent wrote is there, read back with the operator's user.
+    with _store(locked, op_user, op_password) as store:
+        alerts = store.list_prefix(f"{PREFIX}/alerts/firewall/")
+        assert any(b"LockdownProbe" in a.value for a in alerts)
+        status = store.get(f"{PREFIX}/components/firewall/status")
+        assert status is not None and b"STOPPED" in status.value
+
+
+def test_the_init_step_is_idempotent_and_takes_back_extra_rights(
+    chart: dict[str, Any], locked: dict[str, Any], members: list[dict[str, Any]]
+) -> None:
+    # Every operator start runs it again (two replicas may run it at once): a right granted by
+    # hand, or left by an older chart, is revoked; what the plan grants stays.
+    root = _password(chart, "rel-ml-defender-etcd-auth", "root")
+    active = f"{PREFIX}/components/firewall/active_config"
+    etcdctl = [
+        str(_tool("etcdctl")),
+        f"--endpoints={client_urls(members, 'https')[0]}",
+        f"--cacert={chart['root'] / 'ca' / 'ca.crt'}",
+        f"--user=root:{root}",
+    ]
+    subprocess.run(
+        [*etcdctl, "role", "grant-permission", "ml-defender-agent-firewall", "readwrite", active],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    user, password = _agent_credentials(chart, "firewall")
+    with _store(locked, user, password) as store:
+        store.put(f"{PREFIX}/components/firewall/instances/fw-1", b"{}")
+        before = store.get(active)
+    _run_init_step(chart, members)
+    with _store(locked, user, password) as store:
+        with pytest.raises(StoreAuthError):
+            store.put(active, before.value if before else b"{}")
+        store.put(f"{PREFIX}/components/firewall/instances/fw-1", b"{}")
+
+
+def test_helm_test_pod_passes_with_ca_only_and_no_credentials(
+    chart: dict[str, Any], locked: dict[str, Any], members: list[dict[str, Any]]
+) -> None:
+    pod = find(render_chart(_tool("helm"), *_values()), "Pod", "rel-ml-defender-test-etcd")
+    [container] = pod["spec"]["containers"]
+    assert pod["metadata"]["labels"]["mldefender.io/etcd-client"] == "true"
+    local = ",".join(client_urls(members, "https"))
+    args = [
+        f"--endpoints={local}"
+        if a.startswith("--endpoints=")
+        else a.replace("/etc/etcd/tls/client/", f"{chart['root']}/ca/")
+        for a in container["args"]
+    ]
+    assert not [a for a in args if a.startswith(("--cert=", "--key=", "--user"))]
+    proc = subprocess.run(
+        [str(_tool("etcdctl")), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("is healthy") == 3
