@@ -186,7 +186,7 @@ class _Auth:
             try:
                 answer = stub.Authenticate(request, timeout=self._timeout)
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code = exc.code()
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     self._channel, self._stub = channel, stub
                     return False
@@ -234,7 +234,7 @@ class _Auth:
 
 
 def _exists(exc: grpc.RpcError) -> bool:
-    return "already exists" in (exc.details() or "")  # type: ignore[attr-defined]
+    return "already exists" in (exc.details() or "")
 
 
 def _ensure_user(auth: _Auth, name: str, password: str) -> None:
@@ -310,9 +310,7 @@ def apply_plan(plan: AccessPlan, settings: EtcdSettings) -> None:
             auth.call("AuthEnable", etcdrpc.AuthEnableRequest())
             log.info("etcd authentication enabled")
     except grpc.RpcError as exc:
-        raise EtcdAccessError(
-            f"etcd refused: {exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-        ) from exc
+        raise EtcdAccessError(f"etcd refused: {exc.code().name}: {exc.details()}") from exc
     finally:
         auth.close()
 
@@ -347,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ValidationError, EtcdAccessError) as exc:
         print(f"etcd_access: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - one line for the pod's termination message
+    except Exception as exc:
         print(f"etcd_access: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -71,7 +71,9 @@ def chart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ca_secret = find(objects, "Secret", volumes["etcd-tls"]["secret"]["secretName"])
     items = {i["key"] for i in volumes["etcd-tls"]["secret"]["items"]}
     write_secret({"data": {k: v for k, v in ca_secret["data"].items() if k in items}}, root / "ca")
-    write_secret(find(objects, "Secret", volumes["etcd-auth"]["secret"]["secretName"]), root / "auth")
+    write_secret(
+        find(objects, "Secret", volumes["etcd-auth"]["secret"]["secretName"]), root / "auth"
+    )
     return {"objects": objects, "root": root, "deployment": dep}
 
 
@@ -104,9 +106,9 @@ def _run_init_step(chart: dict[str, Any], members: list[dict[str, Any]]) -> None
     (root / "plan.json").write_text(plan)
     (root / "settings.json").write_text(json.dumps(_settings(chart, members)))
     args = [
-        a.replace(
-            "/etc/ml-defender/config/etcd-access.json", str(root / "plan.json")
-        ).replace("/etc/ml-defender/config/defender.json", str(root / "settings.json"))
+        a.replace("/etc/ml-defender/config/etcd-access.json", str(root / "plan.json")).replace(
+            "/etc/ml-defender/config/defender.json", str(root / "settings.json")
+        )
         for a in init["args"]
     ]
     proc = subprocess.run(
@@ -212,9 +214,7 @@ def test_agent_runs_with_its_credentials_and_nothing_more(
     op_user, op_password = _operator_env(chart)
     with _client(locked, keyring, op_user, op_password, "operator") as operator:
         for component in COMPONENTS:
-            ConfigStore(operator).seed(
-                component, {"limit": 1}, "custom", by="test-operator"
-            )
+            ConfigStore(operator).seed(component, {"limit": 1}, "custom", by="test-operator")
     user, password = _agent_credentials(chart, "firewall")
     assert user == "ml-defender-agent-firewall"
     with _client(locked, keyring, user, password, "fw-0") as agent:

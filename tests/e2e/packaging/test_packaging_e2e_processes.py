@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
-import os
 import re
 import subprocess
 import sys

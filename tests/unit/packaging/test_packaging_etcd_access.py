@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from defender_config import Layout
+from defender_config import EtcdSettings, Layout
 from defender_operator.etcd_access import (
     AccessPlan,
     EtcdAccessError,
@@ -17,7 +17,6 @@ from defender_operator.etcd_access import (
     main,
     role_grants,
 )
-from defender_config import EtcdSettings
 
 
 def _allowed(grants: frozenset[Grant], key: str, write: bool) -> bool:
