@@ -278,7 +278,7 @@ def test_a_component_listed_twice_is_refused(render: Render) -> None:
 
 
 def test_a_component_entry_needs_a_namespace(render: Render) -> None:
-    with pytest.raises(HelmFailed, match="namespace is required"):
+    with pytest.raises(HelmFailed, match="missing property 'namespace'"):
         render("--set", "agent.components[0].name=firewall")
 
 

@@ -221,7 +221,8 @@ def test_tls_mounts_secrets_and_switches_schemes(render: Render) -> None:
 def test_persistence_off_uses_empty_dir(render: Render) -> None:
     sts = find(render("--set", "etcd.persistence.enabled=false"), "StatefulSet")
     assert "volumeClaimTemplates" not in sts["spec"]
-    assert sts["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    volumes = sts["spec"]["template"]["spec"]["volumes"]
+    assert [v for v in volumes if v["name"] == "data"] == [{"name": "data", "emptyDir": {}}]
 
 
 def test_external_etcd_renders_no_statefulset(render: Render) -> None:
