@@ -117,6 +117,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "etcd.tls.certManager.duration": {"pattern": _DURATION},
     "etcd.tls.certManager.renewBefore": {"pattern": _DURATION},
     "etcd.auth.operatorUser": {"pattern": _DNS_LABEL},
+    "etcd.auth.healthUser": {"pattern": _DNS_LABEL},
     "etcd.auth.agentUserPrefix": {"pattern": r"^[a-z0-9][-a-z0-9]*$", "maxLength": 190},
     "agent.components": {
         "items": {

@@ -84,6 +84,10 @@ class AccessPlan(BaseModel):
     operator_user: str
     operator_password_file: str
     agents: list[AgentAccess] = Field(default_factory=list)
+    health_user: str | None = None
+    """A user without any right, for `helm test`: etcd answers its reads "permission denied",
+    which proves the member serves requests (what `etcdctl endpoint health` checks)."""
+    health_password_file: str | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -121,9 +125,11 @@ def role_grants(layout: Layout, component: str | None) -> frozenset[Grant]:
 
 @dataclass(frozen=True)
 class _Role:
+    """An etcd user and its role of the same name; `grants` None: a user without any role."""
+
     user: str
     password: str
-    grants: frozenset[Grant]
+    grants: frozenset[Grant] | None
 
 
 def _read_password(path: str) -> str:
@@ -146,6 +152,11 @@ def _roles(plan: AccessPlan) -> list[_Role]:
         )
     ]
     seen = {plan.operator_user, ROOT}
+    if plan.health_user is not None:
+        if plan.health_password_file is None:
+            raise EtcdAccessError("health_user needs health_password_file")
+        roles.append(_Role(plan.health_user, _read_password(plan.health_password_file), None))
+        seen.add(plan.health_user)
     for agent in plan.agents:
         if agent.user in seen:
             raise EtcdAccessError(f"etcd user {agent.user!r} appears twice in the plan")
@@ -254,12 +265,15 @@ def _ensure_user(auth: _Auth, name: str, password: str) -> None:
             log.info("etcd user %s: password set from the Secret", name)
 
 
-def _ensure_role(auth: _Auth, name: str, grants: Iterable[Grant]) -> None:
+def _ensure_role(auth: _Auth, name: str, grants: Iterable[Grant] | None) -> None:
+    """Create the role; with `grants`, make its permissions exactly those."""
     try:
         auth.call("RoleAdd", etcdrpc.AuthRoleAddRequest(name=name))
     except grpc.RpcError as exc:
         if not _exists(exc):
             raise
+    if grants is None:
+        return
     wanted = {(g.key.encode(), g.range_end): _PERM_TYPE[g.right] for g in grants}
     current = {
         (bytes(p.key), bytes(p.range_end)): int(p.permType)
@@ -300,12 +314,15 @@ def apply_plan(plan: AccessPlan, settings: EtcdSettings) -> None:
     enabled = auth.connect()
     try:
         _ensure_user(auth, ROOT, root_password)
-        _ensure_role(auth, ROOT, ())
+        # etcd's built-in root role: only created, never reconciled (etcd reports a synthetic
+        # "everything" permission for it that cannot be revoked).
+        _ensure_role(auth, ROOT, None)
         _ensure_user_roles(auth, ROOT, [ROOT])
         for role in roles:
-            _ensure_role(auth, role.user, role.grants)
+            if role.grants is not None:
+                _ensure_role(auth, role.user, role.grants)
             _ensure_user(auth, role.user, role.password)
-            _ensure_user_roles(auth, role.user, [role.user])
+            _ensure_user_roles(auth, role.user, [] if role.grants is None else [role.user])
         if not enabled:
             auth.call("AuthEnable", etcdrpc.AuthEnableRequest())
             log.info("etcd authentication enabled")

@@ -88,7 +88,7 @@ and taken from the live Secrets with `lookup` when they exist, so `helm upgrade`
 {{- toJson $out -}}
 {{- end -}}
 
-{{/* Passwords by Secret key (root, operator, agent-<component>): the live Secret's, else new. */}}
+{{/* Passwords by Secret key (root, operator, health, agent-<component>): the live Secret's, else new. */}}
 {{- define "ml-defender.etcd.passwords" -}}
 {{- if not (hasKey .Values "_mlDefenderPasswords") -}}
 {{- $live := lookup "v1" "Secret" .Release.Namespace (include "ml-defender.etcd.authSecret" .) -}}
@@ -96,7 +96,7 @@ and taken from the live Secrets with `lookup` when they exist, so `helm upgrade`
 {{- if and $live $live.data -}}
 {{- $have = $live.data -}}
 {{- end -}}
-{{- $keys := list "root" "operator" -}}
+{{- $keys := list "root" "operator" "health" -}}
 {{- range include "ml-defender.agent.componentList" . | fromJsonArray -}}
 {{- $keys = append $keys (printf "agent-%s" .name) -}}
 {{- end -}}
@@ -120,7 +120,7 @@ and taken from the live Secrets with `lookup` when they exist, so `helm upgrade`
 {{- range include "ml-defender.agent.componentList" . | fromJsonArray -}}
 {{- $agents = append $agents (dict "component" .name "user" (printf "%s%s" $.Values.etcd.auth.agentUserPrefix .name) "password_file" (printf "%s/agent-%s" $dir .name)) -}}
 {{- end -}}
-{{- toPrettyJson (dict "prefix" .Values.config.prefix "root_password_file" (printf "%s/root" $dir) "operator_user" .Values.etcd.auth.operatorUser "operator_password_file" (printf "%s/operator" $dir) "agents" $agents) -}}
+{{- toPrettyJson (dict "prefix" .Values.config.prefix "root_password_file" (printf "%s/root" $dir) "operator_user" .Values.etcd.auth.operatorUser "operator_password_file" (printf "%s/operator" $dir) "agents" $agents "health_user" .Values.etcd.auth.healthUser "health_password_file" (printf "%s/health" $dir)) -}}
 {{- end -}}
 
 {{/* Namespaces of the agents other than the release's, each once. */}}

@@ -42,6 +42,7 @@ from defender_devcluster.pytest_plugin import missing_tool
 
 COMPONENTS = {"firewall": "edge", "sniffer": "edge"}
 PREFIX = "/ml-defender"
+SCHEMA = {"type": "object", "properties": {"limit": {"type": "integer"}}}
 
 
 def _tool(name: str) -> Path:
@@ -214,7 +215,9 @@ def test_agent_runs_with_its_credentials_and_nothing_more(
     op_user, op_password = _operator_env(chart)
     with _client(locked, keyring, op_user, op_password, "operator") as operator:
         for component in COMPONENTS:
-            ConfigStore(operator).seed(component, {"limit": 1}, "custom", by="test-operator")
+            ConfigStore(operator).seed(
+                component, {"limit": 1}, "custom", by="test-operator", json_schema=SCHEMA
+            )
     user, password = _agent_credentials(chart, "firewall")
     assert user == "ml-defender-agent-firewall"
     with _client(locked, keyring, user, password, "fw-0") as agent:
@@ -291,7 +294,7 @@ def test_the_init_step_is_idempotent_and_takes_back_extra_rights(
         store.put(f"{PREFIX}/components/firewall/instances/fw-1", b"{}")
 
 
-def test_helm_test_pod_passes_with_ca_only_and_no_credentials(
+def test_helm_test_pod_passes_with_ca_only_and_a_user_without_rights(
     chart: dict[str, Any], locked: dict[str, Any], members: list[dict[str, Any]]
 ) -> None:
     pod = find(render_chart(_tool("helm"), *_values()), "Pod", "rel-ml-defender-test-etcd")
@@ -305,8 +308,19 @@ def test_helm_test_pod_passes_with_ca_only_and_no_credentials(
         for a in container["args"]
     ]
     assert not [a for a in args if a.startswith(("--cert=", "--key=", "--user"))]
-    proc = subprocess.run(
-        [str(_tool("etcdctl")), *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    env = {"PATH": "/usr/bin:/bin"}
+    for var in container["env"]:
+        ref = var.get("valueFrom", {}).get("secretKeyRef")
+        env[var["name"]] = _password(chart, ref["name"], ref["key"]) if ref else var["value"]
+    assert env["ETCDCTL_USER"] == "ml-defender-health"
+    etcdctl = [str(_tool("etcdctl")), *args]
+    proc = subprocess.run(etcdctl, capture_output=True, text=True, timeout=60, check=False, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (proc.stdout + proc.stderr).count("is healthy") == 3
+    # That user can do nothing else.
+    user, password = env["ETCDCTL_USER"], env["ETCDCTL_PASSWORD"]
+    with _store(locked, user, password) as store:
+        with pytest.raises(StoreAuthError):
+            store.get(f"{PREFIX}/components/firewall/active_config")
+        with pytest.raises(StoreAuthError):
+            store.put(f"{PREFIX}/components/firewall/instances/x", b"{}")

@@ -111,7 +111,7 @@ def test_helm_template_without_a_cluster_mints_new_material_each_time(render: Re
     # (The e2e chart test proves `helm upgrade` keeps them.)
     first = find(render(), "Secret", "rel-ml-defender-etcd-auth")["data"]
     second = find(render(), "Secret", "rel-ml-defender-etcd-auth")["data"]
-    assert first.keys() == second.keys() == {"root", "operator"}
+    assert first.keys() == second.keys() == {"root", "operator", "health"}
     assert all(first[k] != second[k] for k in first)
     assert all(len(base64.b64decode(v)) == 32 for v in first.values())
 
