@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 import yaml
-from packaging_chart import CHART, REPO, HelmFailed, kube_version
+from packaging_chart import (
+    CHART,
+    KEEP_PLAIN_VALUES,
+    PLAIN_CHART_COMMIT,
+    REPO,
+    HelmFailed,
+    chart_at,
+    kube_version,
+)
 
 from defender_devcluster import wait_for
 
@@ -67,7 +75,7 @@ def _establish_crds(kubectl: Kubectl, objects: list[dict[str, Any]]) -> list[dic
             "agent.components[0].name=firewall,agent.components[0].namespace=edge,"
             "agent.components[1].name=sniffer,agent.components[1].namespace=core",
         ],
-        ["--values", str(CHART / "examples" / "upgrade-keep-plain.yaml")],
+        ["--values", str(KEEP_PLAIN_VALUES)],
     ],
     ids=[
         "defaults",
@@ -276,23 +284,12 @@ def test_samples_are_accepted_by_the_installed_crd(kubectl: Kubectl, namespace: 
 
 # ------------------------------------------------------------------------------------ lock-down
 
-# The last commit of the chart before the lock-down defaults (an existing install's chart).
-PLAIN_CHART_COMMIT = "9398a48"
-KEEP_PLAIN = CHART / "examples" / "upgrade-keep-plain.yaml"
+KEEP_PLAIN = KEEP_PLAIN_VALUES
 
 
 @pytest.fixture(scope="module")
 def plain_chart(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    out = tmp_path_factory.mktemp("plain-chart")
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", PLAIN_CHART_COMMIT, "charts/ml-defender"],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert archive.returncode == 0, archive.stderr.decode()
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True, timeout=60)
-    return out / "charts" / "ml-defender"
+    return chart_at(PLAIN_CHART_COMMIT, tmp_path_factory.mktemp("plain-chart"))
 
 
 def _secret_data(kubectl: Kubectl, namespace: str, name: str) -> dict[str, str]:

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 from chart_processes import mounted, start_members, write_member_tls
-from packaging_chart import CHART, find, render_chart
+from packaging_chart import KEEP_PLAIN_VALUES, find, render_chart
 
 from defender_devcluster import ToolNotFoundError, free_ports, tool
 from defender_devcluster.pytest_plugin import missing_tool
 
 MEMBERS = 3
 # The values that keep a pre-lockdown install as it was (docs/install.md, upgrading).
-KEEP_PLAIN = CHART / "examples" / "upgrade-keep-plain.yaml"
+KEEP_PLAIN = KEEP_PLAIN_VALUES
 
 
 def _tool(name: str) -> Path:

@@ -16,16 +16,21 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from packaging_chart import CHART, REPO, HelmFailed, Render, find
+from packaging_chart import (
+    CHART,
+    KEEP_PLAIN_VALUES,
+    PLAIN_CHART_COMMIT,
+    HelmFailed,
+    Render,
+    chart_at,
+    find,
+)
 
 AGENTS = "agent.components[0].name=firewall,agent.components[0].namespace=edge," + (
     "agent.components[1].name=sniffer,agent.components[1].namespace=core"
 )
-KEEP_PLAIN = CHART / "examples" / "upgrade-keep-plain.yaml"
+KEEP_PLAIN = KEEP_PLAIN_VALUES
 EXAMPLE = CHART / "examples" / "agent-sidecar"
-# The last commit of the chart before the lock-down defaults: the "old defaults" an existing
-# install was made with.
-PLAIN_CHART_COMMIT = "9398a48"
 
 
 def _b64(secret: dict[str, Any], key: str) -> bytes:
@@ -418,19 +423,7 @@ def test_network_policy_extra_peers_and_metrics_sources(render: Render) -> None:
 @pytest.fixture(scope="module")
 def plain_chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The chart as it was before the lock-down defaults, from the repository's history."""
-    out = tmp_path_factory.mktemp("plain-chart")
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", PLAIN_CHART_COMMIT, "charts/ml-defender"],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert archive.returncode == 0, (
-        f"git archive {PLAIN_CHART_COMMIT} failed (a shallow clone? fetch the history): "
-        + archive.stderr.decode()
-    )
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True, timeout=60)
-    return out / "charts" / "ml-defender"
+    return chart_at(PLAIN_CHART_COMMIT, tmp_path_factory.mktemp("plain-chart"))
 
 
 def _by_ref(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:

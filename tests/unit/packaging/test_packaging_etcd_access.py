@@ -37,30 +37,23 @@ AGENT = role_grants(LAYOUT, "firewall")
 OPERATOR = role_grants(LAYOUT, None)
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        LAYOUT.active_config("firewall"),
-        LAYOUT.master_config("firewall"),
-        LAYOUT.metadata("firewall"),
-        LAYOUT.history("firewall", 3),
-        LAYOUT.freeze("firewall"),
-        LAYOUT.status("firewall"),
-        LAYOUT.instance("firewall", "fw-0"),
-    ],
-)
+# The records that decide what the component runs.
+STEERING = [
+    LAYOUT.active_config("firewall"),
+    LAYOUT.master_config("firewall"),
+    LAYOUT.metadata("firewall"),
+    LAYOUT.history("firewall", 3),
+    LAYOUT.freeze("firewall"),
+]
+OWN = [LAYOUT.status("firewall"), LAYOUT.instance("firewall", "fw-0")]
+
+
+@pytest.mark.parametrize("key", STEERING + OWN)
 def test_agent_reads_its_component(key: str) -> None:
     assert _allowed(AGENT, key, write=False)
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        LAYOUT.instance("firewall", "fw-0"),
-        LAYOUT.status("firewall"),
-        LAYOUT.alert("firewall", 1, "abcd"),
-    ],
-)
+@pytest.mark.parametrize("key", [*OWN, LAYOUT.alert("firewall", 1, "abcd")])
 def test_agent_writes_only_its_heartbeats_status_and_alerts(key: str) -> None:
     assert _allowed(AGENT, key, write=True)
 
@@ -68,11 +61,7 @@ def test_agent_writes_only_its_heartbeats_status_and_alerts(key: str) -> None:
 @pytest.mark.parametrize(
     "key",
     [
-        LAYOUT.active_config("firewall"),
-        LAYOUT.master_config("firewall"),
-        LAYOUT.metadata("firewall"),
-        LAYOUT.history("firewall", 3),
-        LAYOUT.freeze("firewall"),
+        *STEERING,
         LAYOUT.active_config("firewall-2"),
         LAYOUT.instance("sniffer", "s-0"),
         LAYOUT.alert("sniffer", 1, "abcd"),
