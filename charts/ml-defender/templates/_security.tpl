@@ -26,25 +26,47 @@ and taken from the live Secrets with `lookup` when they exist, so `helm upgrade`
 {{- end -}}
 
 {{/*
-{"ca": PEM, "client": {crt, key}, "peer": {crt, key}}: the live Secrets' data when both exist
-(one CA signs both, so they are kept or replaced together), else freshly generated.
+{"ca": PEM, "client": {crt, key}, "peer": {crt, key}} for the listeners whose certificate the
+chart makes: the live Secrets' data when all of them exist with one CA (they are kept or
+replaced together), else freshly generated.
 */}}
 {{- define "ml-defender.etcd.generatedTls" -}}
 {{- if not (hasKey .Values "_mlDefenderTls") -}}
 {{- $ns := .Release.Namespace -}}
-{{- $client := lookup "v1" "Secret" $ns (include "ml-defender.etcd.clientServerSecret" .) -}}
-{{- $peer := lookup "v1" "Secret" $ns (include "ml-defender.etcd.peerServerSecret" .) -}}
+{{- /* The listeners whose certificate this chart makes, and what of them is live already. */ -}}
+{{- $needed := list -}}
+{{- $live := dict -}}
+{{- range $listener := list "client" "peer" -}}
+{{- $tls := index $.Values.etcd.tls $listener -}}
+{{- if and $tls.enabled (not $tls.secretName) -}}
+{{- $needed = append $needed $listener -}}
+{{- $found := lookup "v1" "Secret" $ns (include (printf "ml-defender.etcd.%sServerSecret" $listener) $) -}}
+{{- if and $found $found.data (index $found.data "tls.crt") -}}
+{{- $_ := set $live $listener $found.data -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $cas := list -}}
+{{- range $listener, $data := $live -}}
+{{- $cas = append $cas (index $data "ca.crt") -}}
+{{- end -}}
 {{- $out := dict -}}
-{{- if and $client $peer $client.data $peer.data -}}
-{{- $out = dict "ca" (index $client.data "ca.crt" | b64dec) "client" (dict "crt" (index $client.data "tls.crt" | b64dec) "key" (index $client.data "tls.key" | b64dec)) "peer" (dict "crt" (index $peer.data "tls.crt" | b64dec) "key" (index $peer.data "tls.key" | b64dec)) -}}
+{{- if and (eq (len $live) (len $needed)) (eq (len (uniq $cas)) 1) -}}
+{{- /* All live and signed by one CA: keep them. */ -}}
+{{- $_ := set $out "ca" (first $cas | b64dec) -}}
+{{- range $listener, $data := $live -}}
+{{- $_ := set $out $listener (dict "crt" (index $data "tls.crt" | b64dec) "key" (index $data "tls.key" | b64dec)) -}}
+{{- end -}}
 {{- else -}}
 {{- $days := int .Values.etcd.tls.validityDays -}}
 {{- $ca := genCA (printf "%s-ca" (include "ml-defender.etcd.fullname" .)) $days -}}
 {{- $names := include "ml-defender.etcd.dnsNames" . | fromJsonArray -}}
 {{- $cn := include "ml-defender.etcd.fullname" . -}}
+{{- $_ := set $out "ca" $ca.Cert -}}
+{{- range $listener := $needed -}}
 {{- $c := genSignedCert $cn (list "127.0.0.1") $names $days $ca -}}
-{{- $p := genSignedCert $cn (list "127.0.0.1") $names $days $ca -}}
-{{- $out = dict "ca" $ca.Cert "client" (dict "crt" $c.Cert "key" $c.Key) "peer" (dict "crt" $p.Cert "key" $p.Key) -}}
+{{- $_ := set $out $listener (dict "crt" $c.Cert "key" $c.Key) -}}
+{{- end -}}
 {{- end -}}
 {{- $_ := set .Values "_mlDefenderTls" $out -}}
 {{- end -}}
@@ -53,12 +75,14 @@ and taken from the live Secrets with `lookup` when they exist, so `helm upgrade`
 
 {{/* The PEM CA the clients trust, when the chart knows it (generated, or issued by cert-manager already). */}}
 {{- define "ml-defender.etcd.caPem" -}}
-{{- if include "ml-defender.etcd.tlsGenerated" . -}}
+{{- if include "ml-defender.etcd.tlsManaged" . -}}
+{{- if not .Values.etcd.tls.certManager.enabled -}}
 {{- (include "ml-defender.etcd.generatedTls" . | fromJson).ca -}}
-{{- else if include "ml-defender.etcd.tlsManaged" . -}}
+{{- else -}}
 {{- $issued := lookup "v1" "Secret" .Release.Namespace (include "ml-defender.etcd.clientServerSecret" .) -}}
 {{- if and $issued $issued.data (index $issued.data "ca.crt") -}}
 {{- index $issued.data "ca.crt" | b64dec -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -467,3 +467,22 @@ def test_upgrade_to_the_new_defaults_changes_what_the_docs_say(
     new_sts = new[("StatefulSet", "rel-ml-defender-etcd")]["spec"]
     for field in ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy"):
         assert new_sts[field] == old_sts[field], field
+
+
+def test_only_the_listeners_the_chart_certifies_get_generated_secrets(render: Render) -> None:
+    def tls_secrets(*args: str) -> list[dict[str, Any]]:
+        return [
+            o
+            for o in render("--set", AGENTS, *args)
+            if o["kind"] == "Secret" and o["metadata"]["name"].endswith(("-tls", "-etcd-ca"))
+        ]
+
+    client_only = tls_secrets("--set", "etcd.tls.peer.enabled=false")
+    assert {s["metadata"]["name"] for s in client_only} == {
+        "rel-ml-defender-etcd-client-tls",
+        "rel-ml-defender-etcd-ca",
+    }
+    # Your own client certificate with a generated peer one: the agents are not handed the
+    # peer CA as if it were the client CA.
+    own_client = tls_secrets("--set", "etcd.tls.client.secretName=mine")
+    assert {s["metadata"]["name"] for s in own_client} == {"rel-ml-defender-etcd-peer-tls"}
