@@ -15,7 +15,9 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,31 +99,43 @@ def _settings(chart: dict[str, Any], members: list[dict[str, Any]]) -> dict[str,
     return settings
 
 
-def _run_init_step(chart: dict[str, Any], members: list[dict[str, Any]]) -> None:
-    """The operator pod's init container, as the chart renders it, with its mounts mapped here."""
+def _init_step(
+    chart: dict[str, Any], members: list[dict[str, Any]], plan_edit: Any = None
+) -> subprocess.CompletedProcess[str]:
+    """The operator pod's init container, as the chart renders it, with its mounts mapped here;
+    `plan_edit(plan_dict)` may change the rendered plan first."""
     root = chart["root"]
     [init] = chart["deployment"]["initContainers"]
     assert init["command"][:3] == ["python", "-m", "defender_operator.etcd_access"]
     data = find(chart["objects"], "ConfigMap", "rel-ml-defender-config")["data"]
-    plan = data["etcd-access.json"].replace("/etc/ml-defender/etcd-auth", str(root / "auth"))
-    (root / "plan.json").write_text(plan)
+    plan = json.loads(
+        data["etcd-access.json"].replace("/etc/ml-defender/etcd-auth", str(root / "auth"))
+    )
+    if plan_edit is not None:
+        plan_edit(plan)
+    plan_file = root / f"plan-{uuid.uuid4().hex[:8]}.json"
+    plan_file.write_text(json.dumps(plan))
     (root / "settings.json").write_text(json.dumps(_settings(chart, members)))
     args = [
-        a.replace("/etc/ml-defender/config/etcd-access.json", str(root / "plan.json")).replace(
+        a.replace("/etc/ml-defender/config/etcd-access.json", str(plan_file)).replace(
             "/etc/ml-defender/config/defender.json", str(root / "settings.json")
         )
         for a in init["args"]
     ]
-    proc = subprocess.run(
-        [sys.executable, *init["command"][1:], *args],
+    return subprocess.run(
+        [sys.executable, *init["command"][1:], *args, "--wait-seconds", "60"],
         capture_output=True,
         text=True,
         timeout=180,
         check=False,
         env={"PATH": "/usr/bin:/bin"},
     )
+
+
+def _run_init_step(chart: dict[str, Any], members: list[dict[str, Any]]) -> None:
+    proc = _init_step(chart, members)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for password in (root / "auth").iterdir():
+    for password in (chart["root"] / "auth").iterdir():
         assert password.read_text() not in proc.stderr, "a password reached the log"
 
 
@@ -287,11 +301,37 @@ def test_the_init_step_is_idempotent_and_takes_back_extra_rights(
     with _store(locked, user, password) as store:
         store.put(f"{PREFIX}/components/firewall/instances/fw-1", b"{}")
         before = store.get(active)
-    _run_init_step(chart, members)
+    # Two operator replicas starting together.
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: _init_step(chart, members), range(2)))
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
     with _store(locked, user, password) as store:
         with pytest.raises(StoreAuthError):
             store.put(active, before.value if before else b"{}")
         store.put(f"{PREFIX}/components/firewall/instances/fw-1", b"{}")
+
+
+def test_init_step_refuses_a_root_password_etcd_does_not_know(
+    chart: dict[str, Any], locked: dict[str, Any], members: list[dict[str, Any]]
+) -> None:
+    wrong = chart["root"] / "wrong-root"
+    wrong.write_text("w" * 32)
+    proc = _init_step(chart, members, lambda plan: plan.update(root_password_file=str(wrong)))
+    assert proc.returncode == 1
+    # At once, not after the whole wait: a wrong password does not heal by retrying.
+    assert "refused the root password" in proc.stderr and "retrying" not in proc.stderr
+    assert "w" * 32 not in proc.stderr
+
+
+def test_init_step_reports_what_etcd_refuses(
+    chart: dict[str, Any], locked: dict[str, Any], members: list[dict[str, Any]]
+) -> None:
+    def empty_user(plan: dict[str, Any]) -> None:
+        plan["agents"][0]["user"] = ""
+
+    proc = _init_step(chart, members, empty_user)
+    assert proc.returncode == 1
+    assert "etcd refused: INVALID_ARGUMENT" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_helm_test_pod_passes_with_ca_only_and_a_user_without_rights(

@@ -167,3 +167,9 @@ def test_main_refuses_an_unknown_plan_field(
     (tmp_path / "plan.json").write_text(json.dumps({"root_password_file": "x", "oops": 1}))
     assert main(["--plan", str(tmp_path / "plan.json"), "--wait-seconds", "0"]) == 1
     assert "oops" in capsys.readouterr().err
+
+
+def test_a_health_user_needs_its_password_file(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, health_user="health")
+    with pytest.raises(EtcdAccessError, match="health_user needs health_password_file"):
+        apply_plan(plan, EtcdSettings(endpoints=["http://127.0.0.1:1"]))
