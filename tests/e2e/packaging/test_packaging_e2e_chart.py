@@ -332,6 +332,13 @@ def test_upgrade_from_a_plain_install_first_keeps_it_then_locks_it_down(
 
     plain = etcd_env()
     assert plain["ETCD_LISTEN_CLIENT_URLS"].startswith("http://")
+    # --reuse-values would take the old chart's defaults, which lack the new settings: the
+    # docs say to use --reset-then-reuse-values; this is what happens otherwise.
+    with pytest.raises(HelmFailed, match="nil pointer"):
+        helm(
+            "upgrade", release, str(CHART), "--namespace", namespace,
+            "--reuse-values", "--values", str(KEEP_PLAIN),
+        )  # fmt: skip
     # Step 1 of docs/install.md: the new chart with the old behaviour.
     helm(
         "upgrade", release, str(CHART), "--namespace", namespace,
@@ -340,10 +347,6 @@ def test_upgrade_from_a_plain_install_first_keeps_it_then_locks_it_down(
     assert etcd_env() == plain
     kinds = {o["kind"] for o in _objects(helm("get", "manifest", release, "-n", namespace))}
     assert "NetworkPolicy" not in kinds and "Secret" not in kinds
-    # --reuse-values would take the old chart's defaults, which lack the new settings: the
-    # docs say to use --reset-then-reuse-values; this is what happens otherwise.
-    with pytest.raises(HelmFailed):
-        helm("upgrade", release, str(CHART), "--namespace", namespace, "--reuse-values")
     # And all the way to the new defaults: the API server accepts every change (no immutable
     # field of the StatefulSet or Deployment is touched).
     helm("upgrade", release, str(CHART), "--namespace", namespace, "--reset-values")
