@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from packaging_chart import CHART, REPO, find, kube_version
+from packaging_chart import CHART, KEEP_PLAIN_VALUES, REPO, find, kube_version
 
 from defender_devcluster import EtcdCluster, free_ports, popen_dying_with_parent, wait_for
 
@@ -119,7 +119,11 @@ def test_operator_runs_with_exactly_the_chart_rbac(
     from kubernetes import client
 
     prefix = etcd_prefix.rstrip("/")
+    # The harness etcd is plain (no TLS, no etcd users): this test is about the Kubernetes RBAC.
+    # The lock-down's etcd side runs in test_packaging_e2e_lockdown.py.
     values = [
+        "--values",
+        str(KEEP_PLAIN_VALUES),
         "--set",
         f"operator.watchNamespaces={{{component_namespace}}}",
         "--set",
