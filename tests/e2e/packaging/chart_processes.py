@@ -5,10 +5,15 @@ mounted Secrets laid out as directories. Shared by the chart's process tests."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,3 +112,104 @@ def start_members(
             except subprocess.TimeoutExpired:
                 p["proc"].kill()
                 p["proc"].wait()
+
+
+# ------------------------------------------------------------------------ the operator pod's view
+
+
+def operator_pod(rendered: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(find(rendered, "Deployment")["spec"]["template"]["spec"])
+
+
+def _config_data(rendered: list[dict[str, Any]]) -> dict[str, str]:
+    volumes = {v["name"]: v for v in operator_pod(rendered)["volumes"]}
+    return dict(find(rendered, "ConfigMap", volumes["config"]["configMap"]["name"])["data"])
+
+
+def write_operator_mounts(rendered: list[dict[str, Any]], root: Path) -> None:
+    """The operator pod's Secret volumes under root: `ca/` (the CA-only view of the members'
+    client Secret) and `auth/` (the etcd passwords, mounted in the init container only)."""
+    volumes = {v["name"]: v for v in operator_pod(rendered)["volumes"]}
+    ca_secret = find(rendered, "Secret", volumes["etcd-tls"]["secret"]["secretName"])
+    items = {i["key"] for i in volumes["etcd-tls"]["secret"]["items"]}
+    write_secret({"data": {k: v for k, v in ca_secret["data"].items() if k in items}}, root / "ca")
+    write_secret(
+        find(rendered, "Secret", volumes["etcd-auth"]["secret"]["secretName"]), root / "auth"
+    )
+
+
+def operator_settings(
+    rendered: list[dict[str, Any]], root: Path, members: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The rendered defender.json with this machine's endpoints and mount paths."""
+    settings = json.loads(_config_data(rendered)["defender.json"])
+    assert all(e.startswith("https://") for e in settings["etcd"]["endpoints"])
+    assert "cert_file" not in settings["etcd"], "clients get the CA only"
+    settings["etcd"]["endpoints"] = client_urls(members, "https")
+    settings["etcd"]["ca_file"] = str(root / "ca" / "ca.crt")
+    return dict(settings)
+
+
+def secret_value(rendered: list[dict[str, Any]], ref: dict[str, str]) -> str:
+    """What a secretKeyRef resolves to in the render."""
+    return base64.b64decode(find(rendered, "Secret", ref["name"])["data"][ref["key"]]).decode()
+
+
+def wait_members_ready(members: list[dict[str, Any]], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    for m in members:
+        url = f"http://127.0.0.1:{m['ports']['metrics']}/readyz"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert m["proc"].poll() is None, m["log"].read_text()[-2000:]
+            assert time.monotonic() < deadline, m["log"].read_text()[-2000:]
+            time.sleep(0.3)
+
+
+def run_init_container(
+    rendered: list[dict[str, Any]],
+    root: Path,
+    members: list[dict[str, Any]],
+    plan_edit: Callable[[dict[str, Any]], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The operator pod's init container exactly as rendered, its mounts mapped under root;
+    `plan_edit` may change the rendered plan first."""
+    [init] = operator_pod(rendered)["initContainers"]
+    assert init["command"][:3] == ["python", "-m", "defender_operator.etcd_access"]
+    text = _config_data(rendered)["etcd-access.json"]
+    plan = json.loads(text.replace("/etc/ml-defender/etcd-auth", str(root / "auth")))
+    if plan_edit is not None:
+        plan_edit(plan)
+    plan_file = root / f"plan-{uuid.uuid4().hex[:8]}.json"
+    plan_file.write_text(json.dumps(plan))
+    settings = operator_settings(rendered, root, members)
+    settings["etcd"].update(timeout_seconds=5, retries=2)
+    (root / "settings.json").write_text(json.dumps(settings))
+    args = [
+        a.replace("/etc/ml-defender/config/etcd-access.json", str(plan_file)).replace(
+            "/etc/ml-defender/config/defender.json", str(root / "settings.json")
+        )
+        for a in init["args"]
+    ]
+    return subprocess.run(
+        [sys.executable, *init["command"][1:], *args, "--wait-seconds", "60"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+def lock_down(rendered: list[dict[str, Any]], root: Path, members: list[dict[str, Any]]) -> None:
+    """What the operator pod's first start does to a new etcd: wait for it, apply the plan."""
+    wait_members_ready(members)
+    proc = run_init_container(rendered, root, members)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for password in (root / "auth").iterdir():
+        assert password.read_text() not in proc.stderr, "a password reached the log"

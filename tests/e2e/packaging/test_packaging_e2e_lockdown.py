@@ -11,18 +11,23 @@ etcd side: no credentials, or another component's, are refused by etcd itself.
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
-import sys
-import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from chart_processes import client_urls, start_members, write_member_tls, write_secret
+from chart_processes import (
+    client_urls,
+    lock_down,
+    operator_pod,
+    operator_settings,
+    run_init_container,
+    start_members,
+    write_member_tls,
+    write_operator_mounts,
+)
 from packaging_chart import find, render_chart
 from prometheus_client import CollectorRegistry
 
@@ -68,16 +73,8 @@ def chart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("lockdown")
     objects = render_chart(_tool("helm"), *_values())
     write_member_tls(objects, root)
-    dep = find(objects, "Deployment")["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in dep["volumes"]}
-    # The operator's CA-only view of the client Secret, and the init container's auth Secret.
-    ca_secret = find(objects, "Secret", volumes["etcd-tls"]["secret"]["secretName"])
-    items = {i["key"] for i in volumes["etcd-tls"]["secret"]["items"]}
-    write_secret({"data": {k: v for k, v in ca_secret["data"].items() if k in items}}, root / "ca")
-    write_secret(
-        find(objects, "Secret", volumes["etcd-auth"]["secret"]["secretName"]), root / "auth"
-    )
-    return {"objects": objects, "root": root, "deployment": dep}
+    write_operator_mounts(objects, root)
+    return {"objects": objects, "root": root, "deployment": operator_pod(objects)}
 
 
 @pytest.fixture(scope="module")
@@ -86,74 +83,18 @@ def members(chart: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         yield procs
 
 
-def _settings(chart: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
-    """The rendered defender.json with the endpoints and mount paths of this machine."""
-    data = find(chart["objects"], "ConfigMap", "rel-ml-defender-config")["data"]
-    settings = json.loads(data["defender.json"])
-    assert all(e.startswith("https://") for e in settings["etcd"]["endpoints"])
-    assert "cert_file" not in settings["etcd"], "clients get the CA only"
-    settings["etcd"]["endpoints"] = client_urls(members, "https")
-    settings["etcd"]["ca_file"] = str(chart["root"] / "ca" / "ca.crt")
-    settings["etcd"]["timeout_seconds"] = 5
-    settings["etcd"]["retries"] = 2
-    return settings
-
-
 def _init_step(
     chart: dict[str, Any], members: list[dict[str, Any]], plan_edit: Any = None
 ) -> subprocess.CompletedProcess[str]:
-    """The operator pod's init container, as the chart renders it, with its mounts mapped here;
-    `plan_edit(plan_dict)` may change the rendered plan first."""
-    root = chart["root"]
-    [init] = chart["deployment"]["initContainers"]
-    assert init["command"][:3] == ["python", "-m", "defender_operator.etcd_access"]
-    data = find(chart["objects"], "ConfigMap", "rel-ml-defender-config")["data"]
-    plan = json.loads(
-        data["etcd-access.json"].replace("/etc/ml-defender/etcd-auth", str(root / "auth"))
-    )
-    if plan_edit is not None:
-        plan_edit(plan)
-    plan_file = root / f"plan-{uuid.uuid4().hex[:8]}.json"
-    plan_file.write_text(json.dumps(plan))
-    (root / "settings.json").write_text(json.dumps(_settings(chart, members)))
-    args = [
-        a.replace("/etc/ml-defender/config/etcd-access.json", str(plan_file)).replace(
-            "/etc/ml-defender/config/defender.json", str(root / "settings.json")
-        )
-        for a in init["args"]
-    ]
-    return subprocess.run(
-        [sys.executable, *init["command"][1:], *args, "--wait-seconds", "60"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-
-
-def _run_init_step(chart: dict[str, Any], members: list[dict[str, Any]]) -> None:
-    proc = _init_step(chart, members)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for password in (chart["root"] / "auth").iterdir():
-        assert password.read_text() not in proc.stderr, "a password reached the log"
+    return run_init_container(chart["objects"], chart["root"], members, plan_edit)
 
 
 @pytest.fixture(scope="module")
 def locked(chart: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
-    deadline = time.monotonic() + 90
-    for m in members:
-        url = f"http://127.0.0.1:{m['ports']['metrics']}/readyz"
-        while subprocess.run(
-            ["python3", "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout=2)"],
-            capture_output=True,
-            check=False,
-        ).returncode:
-            assert m["proc"].poll() is None, m["log"].read_text()[-2000:]
-            assert time.monotonic() < deadline, m["log"].read_text()[-2000:]
-            time.sleep(0.3)
-    _run_init_step(chart, members)
-    return {"settings": _settings(chart, members)}
+    lock_down(chart["objects"], chart["root"], members)
+    settings = operator_settings(chart["objects"], chart["root"], members)
+    settings["etcd"].update(timeout_seconds=5, retries=2)
+    return {"settings": settings}
 
 
 def _password(chart: dict[str, Any], secret: str, key: str) -> str:
