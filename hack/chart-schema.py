@@ -34,6 +34,7 @@ SECTION = re.compile(r"^\s*## @section (.+)$")
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[mkMGTPE])?$"
+_DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"
 _ENV_LIST = {"type": "array", "items": {"type": "object", "required": ["name"]}}
 
 # Constraints merged over the inferred schema of one value.
@@ -103,6 +104,37 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "etcd.readinessProbe.failureThreshold": {"minimum": 1},
     "etcd.service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
     "etcd.pdb.minAvailable": {"minimum": 0},
+    "etcd.tls.validityDays": {"minimum": 1, "maximum": 36500},
+    "etcd.tls.certManager.issuerRef": {
+        "required": ["name", "kind"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+            "group": {"type": "string", "minLength": 1},
+        },
+    },
+    "etcd.tls.certManager.duration": {"pattern": _DURATION},
+    "etcd.tls.certManager.renewBefore": {"pattern": _DURATION},
+    "etcd.auth.operatorUser": {"pattern": _DNS_LABEL},
+    "etcd.auth.healthUser": {"pattern": _DNS_LABEL},
+    "etcd.auth.agentUserPrefix": {"pattern": r"^[a-z0-9][-a-z0-9]*$", "maxLength": 190},
+    "agent.components": {
+        "items": {
+            "type": "object",
+            "required": ["name", "namespace"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "pattern": _DNS_LABEL, "maxLength": 63},
+                "namespace": {"type": "string", "pattern": _DNS_LABEL, "maxLength": 63},
+            },
+        }
+    },
+    "agent.etcdAuth.enabled": {"type": ["boolean", "null"]},
+    "agent.etcdAuth.secretPrefix": {"pattern": r"^([a-z0-9][-a-z0-9.]*)?$"},
+    "agent.etcdCaSecretName": {"pattern": r"^([a-z0-9][-a-z0-9.]*)?$"},
+    "networkPolicy.extraClientPeers": {"items": {"type": "object"}},
+    "networkPolicy.metricsFrom": {"items": {"type": "object"}},
     "externalEtcd.endpoints": {
         "items": {"type": "string", "pattern": r"^https?://[^/]+:[0-9]+/?$"}
     },

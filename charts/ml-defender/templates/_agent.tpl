@@ -14,6 +14,12 @@ or by copying this file and _helpers.tpl):
     volumes:
       {{- include "ml-defender.agent.sidecarVolumes" (dict "ctx" $) | nindent 6 }}
 
+and on the pod template's labels, so the etcd NetworkPolicy lets the pod in:
+
+  metadata:
+    labels:
+      {{- include "ml-defender.agent.podLabels" (dict "ctx" $) | nindent 8 }}
+
 Arguments (a dict):
   ctx            the root context ($); values are read from .Values.agent and .Values.image
   component      the component name in etcd (the DefenderComponent name)
@@ -189,6 +195,22 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
       value: /var/run/ml-defender/etcd-tls/tls.crt
     - name: DEFENDER_AGENT_ETCD_KEY_FILE
       value: /var/run/ml-defender/etcd-tls/tls.key
+    {{- else if include "ml-defender.agent.caSecret" $ctx }}
+    - name: DEFENDER_AGENT_ETCD_CA_FILE
+      value: /var/run/ml-defender/etcd-ca/ca.crt
+    {{- end }}
+    {{- with include "ml-defender.agent.authSecretPrefix" $ctx }}
+    # This component's etcd user (etcd.auth): read its configs, write its heartbeats and alerts.
+    - name: DEFENDER_AGENT_ETCD_USER
+      valueFrom:
+        secretKeyRef:
+          name: {{ printf "%s%s" . $component }}
+          key: username
+    - name: DEFENDER_AGENT_ETCD_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ printf "%s%s" . $component }}
+          key: password
     {{- end }}
     # The instance is the pod: heartbeats are keyed by pod name, which is what the operator
     # restarts when they stop.
@@ -226,14 +248,53 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
     - name: {{ $agent.sharedVolumeName }}-etcd-tls
       mountPath: /var/run/ml-defender/etcd-tls
       readOnly: true
+    {{- else if include "ml-defender.agent.caSecret" $ctx }}
+    - name: {{ $agent.sharedVolumeName }}-etcd-ca
+      mountPath: /var/run/ml-defender/etcd-ca
+      readOnly: true
     {{- end }}
+{{- end -}}
+
+{{/* Pod labels of an agent-carrying pod: the etcd NetworkPolicy admits pods with them. */}}
+{{- define "ml-defender.agent.podLabels" -}}
+mldefender.io/etcd-client: "true"
+{{- end -}}
+
+{{/*
+Name prefix of the agents' etcd credentials Secrets (`<prefix><component>`, keys username and
+password), or empty when the agents connect without etcd authentication.
+*/}}
+{{- define "ml-defender.agent.authSecretPrefix" -}}
+{{- $auth := default (dict) .Values.agent.etcdAuth -}}
+{{- $on := $auth.enabled -}}
+{{- if kindIs "invalid" $on -}}
+{{- $on = and .Values.etcd .Values.etcd.enabled .Values.etcd.auth .Values.etcd.auth.enabled -}}
+{{- end -}}
+{{- if $on -}}
+{{- if $auth.secretPrefix -}}
+{{- $auth.secretPrefix -}}
+{{- else if .Values.etcd -}}
+{{- printf "%s-agent-" (include "ml-defender.etcd.fullname" .) -}}
+{{- else -}}
+{{- fail "agent.etcdAuth.enabled=true needs agent.etcdAuth.secretPrefix (no ml-defender release values to default to)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret holding only ca.crt of etcd's generated/cert-manager certificates, or empty. */}}
+{{- define "ml-defender.agent.caSecret" -}}
+{{- if .Values.agent.etcdCaSecretName -}}
+{{- .Values.agent.etcdCaSecretName -}}
+{{- else if and .Values.etcd (include "ml-defender.etcd.tlsManaged" .) -}}
+{{- printf "%s-ca" (include "ml-defender.etcd.fullname" .) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Secret with the etcd client certificate (ca.crt, tls.crt, tls.key), or empty for plain HTTP. */}}
 {{- define "ml-defender.agent.tlsSecret" -}}
 {{- if .Values.agent.etcdTlsSecretName -}}
 {{- .Values.agent.etcdTlsSecretName -}}
-{{- else if and .Values.etcd (include "ml-defender.etcd.clientTlsEnabled" .) -}}
+{{- else if and .Values.etcd (include "ml-defender.etcd.clientTlsEnabled" .) (not (include "ml-defender.etcd.tlsManaged" .)) -}}
 {{- include "ml-defender.etcd.clientTlsSecret" . -}}
 {{- end -}}
 {{- end -}}
@@ -270,5 +331,12 @@ touches the node's disk) and the keyring Secret the operator copies into the nam
   secret:
     secretName: {{ . }}
     defaultMode: 0440
+{{- else }}
+{{- with include "ml-defender.agent.caSecret" $ctx }}
+- name: {{ $agent.sharedVolumeName }}-etcd-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 {{- end -}}

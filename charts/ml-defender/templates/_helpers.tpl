@@ -167,6 +167,20 @@ library can fail over itself instead of relying on the Service's connection bala
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret of a listener: the user's, or the generated/cert-manager one. */}}
+{{- define "ml-defender.etcd.clientServerSecret" -}}
+{{- default (printf "%s-client-tls" (include "ml-defender.etcd.fullname" .)) .Values.etcd.tls.client.secretName -}}
+{{- end -}}
+
+{{- define "ml-defender.etcd.peerServerSecret" -}}
+{{- default (printf "%s-peer-tls" (include "ml-defender.etcd.fullname" .)) .Values.etcd.tls.peer.secretName -}}
+{{- end -}}
+
+{{/* True when the clients' CA comes from a Secret this chart owns (generated or cert-manager). */}}
+{{- define "ml-defender.etcd.tlsManaged" -}}
+{{- if and .Values.etcd.enabled .Values.etcd.tls.client.enabled (not .Values.etcd.tls.client.secretName) }}true{{ end -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- library settings */}}
 
 {{/*
@@ -178,8 +192,11 @@ mounted. Agents get the same values as DEFENDER_AGENT_* variables (_agent.tpl).
 {{- $etcd := dict "endpoints" (include "ml-defender.etcd.endpoints" . | fromJsonArray) "timeout_seconds" .Values.config.etcd.timeoutSeconds "retries" .Values.config.etcd.retries "backoff_base_seconds" .Values.config.etcd.backoffBaseSeconds "backoff_max_seconds" .Values.config.etcd.backoffMaxSeconds -}}
 {{- if include "ml-defender.etcd.clientTlsEnabled" . -}}
 {{- $_ := set $etcd "ca_file" "/etc/ml-defender/etcd-tls/ca.crt" -}}
+{{- /* A generated or cert-manager certificate is the members' own: clients get only its CA. */ -}}
+{{- if not (include "ml-defender.etcd.tlsManaged" .) -}}
 {{- $_ := set $etcd "cert_file" "/etc/ml-defender/etcd-tls/tls.crt" -}}
 {{- $_ := set $etcd "key_file" "/etc/ml-defender/etcd-tls/tls.key" -}}
+{{- end -}}
 {{- end -}}
 {{- $envelope := dict "compress" .Values.config.envelope.compress "encrypt" .Values.config.envelope.encrypt "cipher" .Values.config.envelope.cipher "level" .Values.config.envelope.level "threshold_bytes" .Values.config.envelope.thresholdBytes "max_decompressed_bytes" .Values.config.envelope.maxDecompressedBytes -}}
 {{- $settings := dict "etcd" $etcd "envelope" $envelope "prefix" .Values.config.prefix -}}
@@ -200,13 +217,14 @@ mounted. Agents get the same values as DEFENDER_AGENT_* variables (_agent.tpl).
 
 {{- define "ml-defender.etcd.clientTlsSecret" -}}
 {{- if .Values.etcd.enabled -}}
-{{- default .Values.etcd.tls.client.secretName .Values.etcd.tls.client.clientSecretName -}}
+{{- default (include "ml-defender.etcd.clientServerSecret" .) .Values.etcd.tls.client.clientSecretName -}}
 {{- else -}}
 {{- .Values.externalEtcd.tls.secretName -}}
 {{- end -}}
 {{- end -}}
 
-{{/* The agent sidecar helpers are in _agent.tpl (ml-defender.agent.sidecar and friends). */}}
+{{/* The agent sidecar helpers are in _agent.tpl (ml-defender.agent.sidecar and friends); the
+etcd lock-down helpers (generated certificates and passwords) in _security.tpl. */}}
 
 {{/*
 CRDs copied from the repository's crds/ into files/crds/ (by `make manifests`), rendered with the

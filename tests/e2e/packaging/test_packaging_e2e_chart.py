@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 import yaml
-from packaging_chart import CHART, REPO, HelmFailed, kube_version
+from packaging_chart import (
+    CHART,
+    KEEP_PLAIN_VALUES,
+    PLAIN_CHART_COMMIT,
+    REPO,
+    HelmFailed,
+    chart_at,
+    kube_version,
+)
 
 from defender_devcluster import wait_for
 
@@ -62,8 +70,20 @@ def _establish_crds(kubectl: Kubectl, objects: list[dict[str, Any]]) -> list[dic
             "etcd.tls.client.clientCertAuth=true,etcd.tls.peer.enabled=true,"
             "etcd.tls.peer.secretName=etcd-peer,etcd.persistence.enabled=false",
         ],
+        [
+            "--set",
+            "agent.components[0].name=firewall,agent.components[0].namespace=edge,"
+            "agent.components[1].name=sniffer,agent.components[1].namespace=core",
+        ],
+        ["--values", str(KEEP_PLAIN_VALUES)],
     ],
-    ids=["defaults", "peering-and-watched-namespaces", "tls-no-persistence"],
+    ids=[
+        "defaults",
+        "peering-and-watched-namespaces",
+        "own-tls-no-persistence",
+        "agents-in-two-namespaces",
+        "keep-plain",
+    ],
 )
 def test_every_rendered_object_passes_a_server_side_dry_run(
     helm: Helm, kubectl: Kubectl, namespace: str, values: list[str]
@@ -224,9 +244,9 @@ def test_operator_service_account_has_exactly_the_rights_it_needs(
         (["--set", "etcd.replicas=3"], "additional properties 'replicas' not allowed"),
         (["--set", "etcd.podAntiAffinityPreset=maybe"], "value must be one of"),
         (["--set", "etcd.replicaCount=2"], "etcd needs an odd number of members"),
-        (["--set", "etcd.tls.peer.enabled=true"], "needs etcd.tls.peer.secretName"),
+        (["--set", "etcd.tls.certManager.enabled=true"], "needs etcd.tls.certManager.issuerRef"),
     ],
-    ids=["schema-typo", "schema-enum", "fail-even-members", "fail-tls-without-secret"],
+    ids=["schema-typo", "schema-enum", "fail-even-members", "fail-cert-manager-without-issuer"],
 )
 def test_install_refuses_bad_values_and_creates_nothing(
     helm: Helm, namespace: str, release: str, values: list[str], message: str
@@ -260,3 +280,77 @@ def test_samples_are_accepted_by_the_installed_crd(kubectl: Kubectl, namespace: 
     _establish_crds(kubectl, _objects((REPO / "crds" / "defendercomponents.yaml").read_text()))
     for sample in samples:
         kubectl("apply", "--dry-run=server", "--namespace", namespace, "-f", str(sample))
+
+
+# ------------------------------------------------------------------------------------ lock-down
+
+KEEP_PLAIN = KEEP_PLAIN_VALUES
+
+
+@pytest.fixture(scope="module")
+def plain_chart(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return chart_at(PLAIN_CHART_COMMIT, tmp_path_factory.mktemp("plain-chart"))
+
+
+def _secret_data(kubectl: Kubectl, namespace: str, name: str) -> dict[str, str]:
+    return dict(
+        json.loads(kubectl("get", "secret", name, "-n", namespace, "-o", "json").stdout)["data"]
+    )
+
+
+def test_upgrade_keeps_the_generated_certificates_and_passwords(
+    helm: Helm, kubectl: Kubectl, namespace: str, release: str
+) -> None:
+    full = f"{release}-ml-defender"
+    one = f"agent.components[0].name=firewall,agent.components[0].namespace={namespace}"
+    helm("install", release, str(CHART), "--namespace", namespace, "--take-ownership", "--set", one)
+    names = (f"{full}-etcd-client-tls", f"{full}-etcd-peer-tls", f"{full}-etcd-auth")
+    before = {n: _secret_data(kubectl, namespace, n) for n in names}
+    agent = _secret_data(kubectl, namespace, f"{full}-etcd-agent-firewall")
+    two = one + f",agent.components[1].name=sniffer,agent.components[1].namespace={namespace}"
+    helm("upgrade", release, str(CHART), "--namespace", namespace, "--set", two)
+    after = {n: _secret_data(kubectl, namespace, n) for n in names}
+    assert after[names[0]] == before[names[0]] and after[names[1]] == before[names[1]]
+    # Existing passwords kept, the new component's added.
+    assert {k: v for k, v in after[names[2]].items() if k in before[names[2]]} == before[names[2]]
+    assert set(after[names[2]]) - set(before[names[2]]) == {"agent-sniffer"}
+    assert _secret_data(kubectl, namespace, f"{full}-etcd-agent-firewall") == agent
+    assert (
+        _secret_data(kubectl, namespace, f"{full}-etcd-ca")["ca.crt"] == before[names[0]]["ca.crt"]
+    )
+
+
+def test_upgrade_from_a_plain_install_first_keeps_it_then_locks_it_down(
+    helm: Helm, kubectl: Kubectl, namespace: str, release: str, plain_chart: Any
+) -> None:
+    full = f"{release}-ml-defender"
+    helm("install", release, str(plain_chart), "--namespace", namespace, "--take-ownership")
+
+    def etcd_env() -> dict[str, str]:
+        cm = kubectl("get", "configmap", f"{full}-etcd-env", "-n", namespace, "-o", "json")
+        return dict(json.loads(cm.stdout)["data"])
+
+    plain = etcd_env()
+    assert plain["ETCD_LISTEN_CLIENT_URLS"].startswith("http://")
+    # --reuse-values would take the old chart's defaults, which lack the new settings: the
+    # docs say to use --reset-then-reuse-values; this is what happens otherwise.
+    with pytest.raises(HelmFailed, match="nil pointer"):
+        helm(
+            "upgrade", release, str(CHART), "--namespace", namespace,
+            "--reuse-values", "--values", str(KEEP_PLAIN),
+        )  # fmt: skip
+    # Step 1 of docs/install.md: the new chart with the old behaviour.
+    helm(
+        "upgrade", release, str(CHART), "--namespace", namespace,
+        "--reset-then-reuse-values", "--values", str(KEEP_PLAIN),
+    )  # fmt: skip
+    assert etcd_env() == plain
+    kinds = {o["kind"] for o in _objects(helm("get", "manifest", release, "-n", namespace))}
+    assert "NetworkPolicy" not in kinds and "Secret" not in kinds
+    # And all the way to the new defaults: the API server accepts every change (no immutable
+    # field of the StatefulSet or Deployment is touched).
+    helm("upgrade", release, str(CHART), "--namespace", namespace, "--reset-values")
+    locked = etcd_env()
+    assert locked["ETCD_LISTEN_CLIENT_URLS"].startswith("https://")
+    kinds = {o["kind"] for o in _objects(helm("get", "manifest", release, "-n", namespace))}
+    assert {"NetworkPolicy", "Secret"} <= kinds

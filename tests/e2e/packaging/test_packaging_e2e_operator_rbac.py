@@ -5,6 +5,7 @@ shows up as a 403 in its log or as work not done."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -20,9 +21,17 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from packaging_chart import CHART, REPO, find, kube_version
+from chart_processes import (
+    lock_down,
+    operator_settings,
+    secret_value,
+    start_members,
+    write_member_tls,
+    write_operator_mounts,
+)
+from packaging_chart import CHART, KEEP_PLAIN_VALUES, REPO, find, kube_version
 
-from defender_devcluster import EtcdCluster, free_ports, popen_dying_with_parent, wait_for
+from defender_devcluster import EtcdCluster, free_ports, popen_dying_with_parent, tool, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -103,9 +112,21 @@ def component_namespace(k8s_api: Any) -> Iterator[str]:
         core.delete_namespace(name)
 
 
-@pytest.mark.parametrize("replicas", [1, 2], ids=["standalone", "peering"])
+@pytest.fixture
+def exit_stack() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+@pytest.mark.parametrize(
+    ("replicas", "locked"),
+    [(1, False), (2, False), (1, True)],
+    ids=["standalone", "peering", "locked-down-etcd"],
+)
 def test_operator_runs_with_exactly_the_chart_rbac(
     replicas: int,
+    locked: bool,
+    exit_stack: contextlib.ExitStack,
     helm: Helm,
     namespace: str,
     component_namespace: str,
@@ -119,7 +140,11 @@ def test_operator_runs_with_exactly_the_chart_rbac(
     from kubernetes import client
 
     prefix = etcd_prefix.rstrip("/")
-    values = [
+    # Either the harness's plain etcd with the values that keep a plain install, or (locked)
+    # the chart's defaults: its own three members with TLS and etcd users, the operator signed
+    # in as its etcd user.
+    values = [] if locked else ["--values", str(KEEP_PLAIN_VALUES)]
+    values += [
         "--set",
         f"operator.watchNamespaces={{{component_namespace}}}",
         "--set",
@@ -150,7 +175,17 @@ def test_operator_runs_with_exactly_the_chart_rbac(
 
     # What the pod would get, mapped onto this machine: etcd members by their local URLs, the
     # ConfigMap as a file, the ServiceAccount's token as the only credential.
-    settings["etcd"]["endpoints"] = defender_etcd.endpoints
+    if locked:
+        root = tmp_path / "etcd"
+        write_member_tls(rendered, root)
+        write_operator_mounts(rendered, root)
+        members = exit_stack.enter_context(
+            start_members(tool("etcd"), rendered, root, free_ports(9))
+        )
+        lock_down(rendered, root, members)
+        settings = operator_settings(rendered, root, members)
+    else:
+        settings["etcd"]["endpoints"] = defender_etcd.endpoints
     settings_file = tmp_path / "defender.json"
     settings_file.write_text(json.dumps(settings))
     core = client.CoreV1Api(k8s_api)
@@ -167,12 +202,16 @@ def test_operator_runs_with_exactly_the_chart_rbac(
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")}
     env["KUBECONFIG"] = str(sa_kubeconfig)
     for var in container["env"]:
-        if "valueFrom" in var:
-            env[var["name"]] = {"metadata.namespace": namespace, "metadata.name": "operator-0"}[
-                var["valueFrom"]["fieldRef"]["fieldPath"]
-            ]
-        else:
+        source = var.get("valueFrom")
+        if source is None:
             env[var["name"]] = var["value"]
+        elif "secretKeyRef" in source:
+            env[var["name"]] = secret_value(rendered, source["secretKeyRef"])
+        else:
+            env[var["name"]] = {"metadata.namespace": namespace, "metadata.name": "operator-0"}[
+                source["fieldRef"]["fieldPath"]
+            ]
+    assert ("DEFENDER_ETCD__USER" in env) is locked
     assert env["DEFENDER_OPERATOR_LIBRARY_SETTINGS_FILE"].startswith("/etc/ml-defender/config/")
     env["DEFENDER_OPERATOR_LIBRARY_SETTINGS_FILE"] = str(settings_file)
     env["DEFENDER_OPERATOR_METRICS_PORT"] = str(metrics_port)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
-import os
 import re
 import subprocess
 import sys
@@ -18,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from packaging_chart import find, render_chart
+from chart_processes import mounted, start_members, write_member_tls
+from packaging_chart import KEEP_PLAIN_VALUES, find, render_chart
 
 from defender_devcluster import ToolNotFoundError, free_ports, tool
 from defender_devcluster.pytest_plugin import missing_tool
 
 MEMBERS = 3
+# The values that keep a pre-lockdown install as it was (docs/install.md, upgrading).
+KEEP_PLAIN = KEEP_PLAIN_VALUES
 
 
 def _tool(name: str) -> Path:
@@ -31,11 +33,6 @@ def _tool(name: str) -> Path:
         return tool(name)
     except ToolNotFoundError as exc:
         missing_tool(exc)
-
-
-def _expand(value: str, env: dict[str, str]) -> str:
-    # Kubernetes' $(VAR) expansion of earlier variables.
-    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
 TLS_VALUES = (
@@ -101,26 +98,39 @@ def _write_tls(directory: Path) -> None:
     )
 
 
-@pytest.fixture(scope="module", params=["plain", "tls"])
+@pytest.fixture(scope="module", params=["plain", "tls", "defaults"])
 def variant(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    """The rendered chart and where its mounted files live here (TLS Secrets as directories)."""
+    """The rendered chart and where its mounted files live here (TLS Secrets as directories):
+    the pre-lockdown plain settings, your own TLS Secrets, and the defaults (certificates the
+    chart generates, etcd authentication on)."""
     root = tmp_path_factory.mktemp(f"chart-etcd-{request.param}")
+    helm = _tool("helm")
     if request.param == "plain":
-        return {"objects": render_chart(_tool("helm")), "root": root, "scheme": "http"}
-    for secret in ("client", "peer"):
-        _write_tls(root / "tls" / secret)
+        objects = render_chart(helm, "--values", str(KEEP_PLAIN))
+        return {"objects": objects, "root": root, "scheme": "http", "client_tls": []}
+    if request.param == "tls":
+        for secret in ("client", "peer"):
+            _write_tls(root / "tls" / secret)
+        objects = render_chart(helm, "--values", str(KEEP_PLAIN), "--set", TLS_VALUES)
+        client_tls = [
+            f"--{flag}={root}/tls/client/{f}"
+            for flag, f in (("cacert", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
+        ]
+        return {"objects": objects, "root": root, "scheme": "https", "client_tls": client_tls}
+    objects = render_chart(helm)
+    write_member_tls(objects, root)
     return {
-        "objects": render_chart(_tool("helm"), "--set", TLS_VALUES),
+        "objects": objects,
         "root": root,
         "scheme": "https",
+        "client_tls": [f"--cacert={root}/tls/client/ca.crt"],
     }
 
 
 def _files(value: str, root: Path) -> str:
-    # The Secrets the pods mount under /etc/etcd/tls/ are directories under root/tls/ here.
-    return value.replace("/etc/etcd/tls/", f"{root}/tls/")
+    return mounted(value, root)
 
 
 @pytest.fixture(scope="module")
@@ -132,60 +142,10 @@ def rendered(variant: dict[str, Any]) -> list[dict[str, Any]]:
 def members(
     variant: dict[str, Any], rendered: list[dict[str, Any]]
 ) -> Iterator[list[dict[str, Any]]]:
-    etcd = _tool("etcd")
-    config = find(rendered, "ConfigMap", "rel-ml-defender-etcd-env")["data"]
-    sts = find(rendered, "StatefulSet")
-    container = sts["spec"]["template"]["spec"]["containers"][0]
-    names = [f"{sts['metadata']['name']}-{i}" for i in range(MEMBERS)]
     # All ports picked at once: one at a time, the kernel may hand the same port out twice.
-    picked = iter(free_ports(3 * len(names)))
-    ports = [{"client": next(picked), "peer": next(picked), "metrics": next(picked)} for _ in names]
-    port_of = {"2379": "client", "2380": "peer", "2381": "metrics"}
-
-    def localize(value: str, i: int) -> str:
-        # <member>.<headless>.<ns>.svc.<domain>:<port> -> 127.0.0.1:<that member's port>
-        for j, name in enumerate(names):
-            value = re.sub(
-                rf"{name}\.[a-z0-9.-]+:(\d+)",
-                lambda m, j=j: f"127.0.0.1:{ports[j][port_of[m.group(1)]]}",
-                value,
-            )
-        return re.sub(
-            r"0\.0\.0\.0:(\d+)", lambda m: f"127.0.0.1:{ports[i][port_of[m.group(1)]]}", value
-        )
-
-    procs: list[dict[str, Any]] = []
-    root = variant["root"]
-    try:
-        for i, name in enumerate(names):
-            env = {"PATH": os.environ.get("PATH", "")}
-            for key, value in config.items():
-                env[key] = _files(localize(value, i), root)
-            for var in container["env"]:
-                if "valueFrom" in var:
-                    assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-                    env[var["name"]] = name
-                else:
-                    env[var["name"]] = localize(_expand(var["value"], env), i)
-            # The data dir is the chart's path under this member's own directory.
-            env["ETCD_DATA_DIR"] = str(root / name / config["ETCD_DATA_DIR"].lstrip("/"))
-            log = (root / f"{name}.log").open("w")
-            proc = subprocess.Popen(
-                [str(etcd)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root
-            )
-            procs.append(
-                {"name": name, "proc": proc, "ports": ports[i], "log": root / f"{name}.log"}
-            )
+    ports = free_ports(3 * MEMBERS)
+    with start_members(_tool("etcd"), rendered, variant["root"], ports) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p["proc"].terminate()
-        for p in procs:
-            try:
-                p["proc"].wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p["proc"].kill()
-                p["proc"].wait()
 
 
 def _get(url: str) -> int:
@@ -212,14 +172,7 @@ def test_members_form_a_cluster_from_the_chart_settings(
         # etcd names settings it does not know; a typo in the chart would show here.
         assert "unrecognized environment variable" not in log, log[-2000:]
     # One cluster of three, named after the pods (what ETCD_INITIAL_CLUSTER promised).
-    tls = (
-        [
-            f"--{flag}={variant['root']}/tls/client/{f}"
-            for flag, f in (("cacert", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
-        ]
-        if variant["scheme"] == "https"
-        else []
-    )
+    tls = variant["client_tls"]
     listed = subprocess.run(
         [
             str(_tool("etcdctl")),

@@ -12,6 +12,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "ml-defender"
 TOOLS_ENV = REPO / "hack" / "tools.env"
+# The last commit of the chart before etcd was locked down by default: the chart an existing
+# (plain) install was made with, for the upgrade tests.
+PLAIN_CHART_COMMIT = "9398a48"
+KEEP_PLAIN_VALUES = CHART / "examples" / "upgrade-keep-plain.yaml"
 
 
 def kube_version() -> str:
@@ -67,3 +71,19 @@ def render_chart(
         *args,
     )
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def chart_at(commit: str, out: Path) -> Path:
+    """charts/ml-defender as it was at `commit` (from the repository's history), under `out`."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "charts/ml-defender"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert archive.returncode == 0, (
+        f"git archive {commit} failed (a shallow clone? fetch the history): "
+        + archive.stderr.decode()
+    )
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True, timeout=60)
+    return out / "charts" / "ml-defender"

@@ -30,9 +30,12 @@ def test_five_members_with_quorum_pdb_render(render: Render) -> None:
     [
         ("etcd.pdb.minAvailable=3", r"no member could ever be evicted"),
         ("etcd.pdb.minAvailable=1", r"below the quorum"),
-        ("etcd.tls.client.enabled=true", r"needs etcd.tls.client.secretName"),
-        ("etcd.tls.peer.enabled=true", r"needs etcd.tls.peer.secretName"),
-        ("etcd.tls.client.clientCertAuth=true", r"only checked on a TLS listener"),
+        (
+            "etcd.tls.client.enabled=false,etcd.tls.client.clientCertAuth=true",
+            r"only checked on a TLS listener",
+        ),
+        ("etcd.tls.client.clientCertAuth=true", r"needs etcd.tls.client.clientSecretName"),
+        ("etcd.tls.certManager.enabled=true", r"needs etcd.tls.certManager.issuerRef.name"),
         ("etcd.enabled=false", r"needs externalEtcd.endpoints"),
         (
             "operator.serviceAccount.create=false",

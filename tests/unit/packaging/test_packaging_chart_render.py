@@ -127,7 +127,7 @@ def test_initial_cluster_names_every_member_by_its_stable_dns_name(render: Rende
     service = sts["spec"]["serviceName"]
     expected = {
         f"rel-ml-defender-etcd-{i}": (
-            f"http://rel-ml-defender-etcd-{i}.{service}.ml-defender.svc.cluster.local:2380"
+            f"https://rel-ml-defender-etcd-{i}.{service}.ml-defender.svc.cluster.local:2380"
         )
         for i in range(5)
     }
@@ -136,7 +136,7 @@ def test_initial_cluster_names_every_member_by_its_stable_dns_name(render: Rende
     container_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert container_env["ETCD_NAME"]["value"] == "$(POD_NAME)"
     assert container_env["ETCD_INITIAL_ADVERTISE_PEER_URLS"]["value"] == (
-        f"http://$(POD_NAME).{service}.ml-defender.svc.cluster.local:2380"
+        f"https://$(POD_NAME).{service}.ml-defender.svc.cluster.local:2380"
     )
     # $(POD_NAME) only expands when POD_NAME is defined before it.
     names = list(container_env)
@@ -221,7 +221,8 @@ def test_tls_mounts_secrets_and_switches_schemes(render: Render) -> None:
 def test_persistence_off_uses_empty_dir(render: Render) -> None:
     sts = find(render("--set", "etcd.persistence.enabled=false"), "StatefulSet")
     assert "volumeClaimTemplates" not in sts["spec"]
-    assert sts["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    volumes = sts["spec"]["template"]["spec"]["volumes"]
+    assert [v for v in volumes if v["name"] == "data"] == [{"name": "data", "emptyDir": {}}]
 
 
 def test_external_etcd_renders_no_statefulset(render: Render) -> None:
