@@ -402,6 +402,34 @@ def _tree_digest(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    prefix = str(path.resolve())
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    inside = [p for p in points if p == prefix or p.startswith(prefix + "/")]
+    return sorted(inside, key=len, reverse=True)
+
+
+def unmount_under(path: Path) -> None:
+    for point in mounts_under(path):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=60)
+    left = mounts_under(path)
+    if left:
+        raise ImageBuildError("project", f"could not unmount {', '.join(left)}; unmount by hand")
+
+
+def _empty_dir(target: Path) -> None:
+    if not target.is_dir() or target.is_symlink():
+        return
+    if mounts_under(target):
+        raise ImageBuildError("project", f"{target} has a mount below it; refusing to delete")
+    for child in target.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def _debootstrap_version() -> str:
     return _run("project", ["dpkg-query", "-W", "-f", "${Version}", "debootstrap"]).strip()
 
@@ -428,19 +456,25 @@ def rootfs_tarball(ctx: BuildContext) -> Path:
             "(a few minutes)"
         )
         t0 = time.monotonic()
-        _run(
-            "project",
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(DEBIAN_INCLUDE)}",
-                DEBIAN_SUITE,
-                str(root),
-                DEBIAN_MIRROR,
-            ],
-            timeout=3600,
-        )
-        # What an image does not need: package lists and caches, logs, docs.
+        try:
+            _run(
+                "project",
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(DEBIAN_INCLUDE)}",
+                    DEBIAN_SUITE,
+                    str(root),
+                    DEBIAN_MIRROR,
+                ],
+                timeout=3600,
+            )
+        finally:
+            # debootstrap mounts proc (and, in some containers, binds /dev nodes) in the
+            # target; nothing below may be deleted while a host filesystem is mounted there.
+            unmount_under(root)
+        # What an image does not need: package lists and caches, logs, docs; and the runtime
+        # provides /dev, /proc and /sys.
         for junk in (
             "var/cache/apt",
             "var/lib/apt/lists",
@@ -448,21 +482,11 @@ def rootfs_tarball(ctx: BuildContext) -> Path:
             "usr/share/doc",
             "usr/share/man",
             "usr/share/info",
+            "dev",
+            "proc",
+            "sys",
         ):
-            target = root / junk
-            if target.is_dir():
-                for child in target.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-        for d in ("dev", "proc", "sys"):
-            with contextlib.suppress(FileNotFoundError):
-                for child in (root / d).iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
+            _empty_dir(root / junk)
         partial = tarball.with_suffix(".tar.partial")
         _run(
             "project",

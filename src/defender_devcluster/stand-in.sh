@@ -31,6 +31,12 @@ load() {
   log "\"event\":\"loaded\",\"trigger\":\"$1\",\"version\":\"$version\",\"sha256\":\"$digest\""
 }
 
+if [ ! -c /dev/null ]; then
+  # Background jobs read from /dev/null; without it the loop below would spin. Every container
+  # runtime provides it, so its absence is a broken environment: say so and stop.
+  log "\"event\":\"failed\",\"reason\":\"/dev/null is missing\""
+  exit 1
+fi
 hup=0
 trap 'hup=1' HUP
 trap 'log "\"event\":\"stopping\""; exit 0' TERM INT
