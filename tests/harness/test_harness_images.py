@@ -259,6 +259,34 @@ def test_containerd_imports_the_archives_lists_the_tags_and_runs_them(
         for image in built.values():
             line = next(line for line in listed.splitlines() if line.startswith(image.ref + " "))
             assert image.digest in line
+        # kind (`kind load image-archive`) and k3s import with these flags; the tag must hold.
+        subprocess.run(
+            [*ctr, "images", "rm", built["stand-in"].ref],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        subprocess.run(
+            [
+                *ctr,
+                "images",
+                "import",
+                "--all-platforms",
+                "--digests",
+                str(built["stand-in"].archive),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        names = subprocess.run(
+            [*ctr, "images", "list", "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.split()
+        assert built["stand-in"].ref in names
         # The etcd image runs through runc: the chart's etcd test pod runs exactly this binary.
         run = subprocess.run(
             [
