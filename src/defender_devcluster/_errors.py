@@ -7,7 +7,10 @@ DevClusterError
 ├── StaleProcessError(pid, name)          a process from an earlier run would not die
 ├── StateError(path)                      the run dir has no (valid) state file
 ├── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
-└── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
+├── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
+├── OciError                              an image archive could not be written or read
+└── ImageBuildError(name, detail)         `make images` could not build an image
+    └── ImageInputMissing                 what it is made from is not there (binary, package)
 """
 
 from __future__ import annotations
@@ -86,3 +89,20 @@ class LeaderTransferError(DevClusterError):
             f"could not make {member} the etcd leader: {detail}; is it running and reachable "
             f"by its peers (not partitioned)? see {log_path}"
         )
+
+
+class OciError(DevClusterError):
+    """An image could not be written: bad reference, bad entry, unreadable source."""
+
+
+class ImageBuildError(DevClusterError):
+    """An image could not be built; the message says which and what to do."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        self.detail = detail
+        super().__init__(f"image {name}: {detail}")
+
+
+class ImageInputMissing(ImageBuildError):
+    """What the image is made from is not there yet (a binary not built, a package missing)."""

@@ -8,13 +8,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._errors import DevClusterError
+from ._errors import DevClusterError, ImageBuildError, ImageInputMissing
 from ._images import (
     IMAGE_NAMES,
     BuildContext,
     BuiltImage,
-    ImageBuildError,
-    ImageInputMissing,
     build_image,
     default_cache_dir,
     import_archives,

@@ -30,11 +30,15 @@ from images_support import (
     throwaway_containerd,
 )
 
-from defender_devcluster import ToolNotFoundError, tools_bin, wait_for
-from defender_devcluster._images import (
-    BuiltImage,
+from defender_devcluster import (
     ImageBuildError,
     ImageInputMissing,
+    ToolNotFoundError,
+    tools_bin,
+    wait_for,
+)
+from defender_devcluster._images import (
+    BuiltImage,
     build_image,
     chart_refs,
     import_archives,

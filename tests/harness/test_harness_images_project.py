@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from images_support import ctx_for, extract, missing_input, require, skopeo_inspect
 
+from defender_devcluster import ImageInputMissing
 from defender_devcluster._images import (
     PROJECT_UID,
     BuiltImage,
-    ImageInputMissing,
     build_image,
     chart_refs,
     default_cache_dir,
@@ -68,7 +68,7 @@ def test_tag_user_and_command_are_what_the_chart_runs(project: BuiltImage) -> No
     assert run["User"] == f"{PROJECT_UID}:{PROJECT_UID}"
     assert run["Cmd"] == ["defender-operator"]
     assert run["Env"][0].startswith("PATH=/opt/ml-defender/bin:")
-    assert len(inspected["rootfs"]["diff_ids"]) == 2
+    assert len(inspected["rootfs"]["diff_ids"]) == 3  # debian root, dependencies, project
 
 
 @pytest.mark.parametrize(
