@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -154,6 +154,19 @@ def _passwd(users: Sequence[tuple[str, int]]) -> list[Entry]:
     return [file_entry("etc/passwd", pw.encode()), file_entry("etc/group", gr.encode())]
 
 
+def _small_image(
+    archive: Path,
+    ref: str,
+    files: Sequence[Entry],
+    user: tuple[str, int],
+    config: ImageConfig,
+) -> ImageInfo:
+    """One layer: the files, an /etc/passwd naming the user the image runs as, a /tmp."""
+    name, uid = user
+    layer = [*files, *_passwd([(name, uid)]), dir_entry("tmp", 0o1777)]
+    return write_image(archive, ref, [layer], replace(config, user=f"{uid}:{uid}"))
+
+
 # -- the context a recipe reads ---------------------------------------------------------------
 
 
@@ -264,20 +277,17 @@ def plan_etcd(ctx: BuildContext) -> Plan:
         )
 
     def write(archive: Path, work: str) -> ImageInfo:
-        layer = [
-            file_entry("usr/local/bin/etcd", etcd, 0o755),
-            file_entry("usr/local/bin/etcdctl", etcdctl, 0o755),
-            *_passwd([("nonroot", NONROOT_UID)]),
-            dir_entry("tmp", 0o1777),
-            dir_entry("var/lib/etcd", 0o700, NONROOT_UID, NONROOT_UID),
-        ]
-        return write_image(
+        return _small_image(
             archive,
             ref,
-            [layer],
+            [
+                file_entry("usr/local/bin/etcd", etcd, 0o755),
+                file_entry("usr/local/bin/etcdctl", etcdctl, 0o755),
+                dir_entry("var/lib/etcd", 0o700, NONROOT_UID, NONROOT_UID),
+            ],
+            ("nonroot", NONROOT_UID),
             ImageConfig(
                 cmd=("/usr/local/bin/etcd",),
-                user=f"{NONROOT_UID}:{NONROOT_UID}",
                 workdir="/var/lib/etcd",
                 labels={"org.opencontainers.image.version": version},
             ),
@@ -297,18 +307,13 @@ def plan_coredns(ctx: BuildContext) -> Plan:
     ref = ctx.refs.get("coredns", f"registry.k8s.io/coredns/coredns:v{version}")
 
     def write(archive: Path, work: str) -> ImageInfo:
-        layer = [
-            file_entry("coredns", coredns, 0o755),
-            *_passwd([("nonroot", NONROOT_UID)]),
-            dir_entry("tmp", 0o1777),
-        ]
-        return write_image(
+        return _small_image(
             archive,
             ref,
-            [layer],
+            [file_entry("coredns", coredns, 0o755)],
+            ("nonroot", NONROOT_UID),
             ImageConfig(
                 entrypoint=("/coredns",),
-                user=f"{NONROOT_UID}:{NONROOT_UID}",
                 labels={"org.opencontainers.image.version": version},
             ),
         )
@@ -356,21 +361,18 @@ def plan_stand_in(ctx: BuildContext) -> Plan:
     ref = ctx.refs.get("stand-in", f"ghcr.io/ml-defender/stand-in:{project_version()}")
 
     def write(archive: Path, work: str) -> ImageInfo:
-        layer = [
-            file_entry("bin/busybox", busybox, 0o755),
-            *(symlink_entry(f"bin/{a}", "busybox") for a in applets),
-            file_entry(STAND_IN_PATH, script, 0o755),
-            *_passwd([("defender", PROJECT_UID)]),
-            dir_entry("tmp", 0o1777),
-        ]
-        return write_image(
+        return _small_image(
             archive,
             ref,
-            [layer],
+            [
+                file_entry("bin/busybox", busybox, 0o755),
+                *(symlink_entry(f"bin/{a}", "busybox") for a in applets),
+                file_entry(STAND_IN_PATH, script, 0o755),
+            ],
+            ("defender", PROJECT_UID),
             ImageConfig(
                 entrypoint=(f"/{STAND_IN_PATH}",),
                 env=("PATH=/usr/local/bin:/bin",),
-                user=f"{PROJECT_UID}:{PROJECT_UID}",
                 labels={"org.opencontainers.image.title": "ml-defender stand-in component"},
             ),
         )

@@ -8,8 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._errors import DevClusterError, ImageBuildError, ImageInputMissing
-from ._images import (
+from . import (
     IMAGE_NAMES,
     BuildContext,
     BuiltImage,
@@ -18,6 +17,7 @@ from ._images import (
     import_archives,
     write_index,
 )
+from ._errors import DevClusterError, ImageBuildError, ImageInputMissing
 from ._oci import check_ref
 
 
