@@ -176,6 +176,8 @@ class BuildContext:
     bindir: Path | None = None
     refs: dict[str, str] = field(default_factory=dict)
     progress: Callable[[str], None] = print
+    # Debian's busybox-static puts it here; the stand-in image is built around it.
+    busybox: Path = Path("/bin/busybox")
 
     def tools_dir(self, name: str) -> Path:
         if self.bindir is None:
@@ -345,18 +347,16 @@ def stand_in_script() -> bytes:
 
 
 def plan_stand_in(ctx: BuildContext) -> Plan:
-    busybox = Path("/bin/busybox")
+    busybox = ctx.busybox
     if not busybox.is_file():
-        raise ImageInputMissing(
-            "stand-in", "/bin/busybox is missing: apt-get install busybox-static"
-        )
-    applets = sorted(set(_run("stand-in", [str(busybox), "--list"]).split()) - {"busybox"})
+        raise ImageInputMissing("stand-in", f"{busybox} is missing: apt-get install busybox-static")
     # Debian's `busybox` package is dynamically linked; only busybox-static runs in an image
     # that has no libc.
     if not is_static_elf(busybox):
         raise ImageInputMissing(
             "stand-in", f"{busybox} is dynamically linked: apt-get install busybox-static"
         )
+    applets = sorted(set(_run("stand-in", [str(busybox), "--list"]).split()) - {"busybox"})
     script = stand_in_script()
     ref = ctx.refs.get("stand-in", f"ghcr.io/ml-defender/stand-in:{project_version()}")
 

@@ -342,6 +342,20 @@ def test_missing_inputs_and_wrong_versions_are_named(tmp_path: Path) -> None:
         build_image(ctx, "coredns")
 
 
+def test_the_stand_in_needs_a_static_busybox(tmp_path: Path) -> None:
+    missing = ctx_for(tmp_path, busybox=tmp_path / "busybox")
+    with pytest.raises(
+        ImageInputMissing, match="busybox is missing: apt-get install busybox-static"
+    ):
+        build_image(missing, "stand-in")
+    dynamic = ctx_for(tmp_path, busybox=Path(sys.executable).resolve())
+    assert not is_static_elf(Path(sys.executable).resolve())
+    with pytest.raises(ImageInputMissing, match="is dynamically linked"):
+        build_image(dynamic, "stand-in")
+    (tmp_path / "text").write_text("not an ELF file")
+    assert not is_static_elf(tmp_path / "text")
+
+
 def test_the_cli_reports_what_it_could_not_build(tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
