@@ -106,7 +106,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tools_env() -> dict[str, str]:
+def tools_env() -> dict[str, str]:
     out: dict[str, str] = {}
     for line in (REPO_ROOT / "hack" / "tools.env").read_text().splitlines():
         m = re.match(r"^([A-Z_]+)=(\S+)", line)
@@ -216,7 +216,7 @@ class Plan:
 
 def pause_source() -> tuple[Path, str]:
     """pause.c of the pinned Kubernetes module and the TAG its Makefile builds."""
-    version = _tools_env()["KUBERNETES_VERSION"]
+    version = tools_env()["KUBERNETES_VERSION"]
     gomodcache = _run("pause", ["go", "env", "GOMODCACHE"]).strip()
     moddir = Path(gomodcache) / "k8s.io" / f"kubernetes@{version}"
     if not (moddir / "build" / "pause" / "linux" / "pause.c").is_file():

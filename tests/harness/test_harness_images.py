@@ -44,6 +44,7 @@ from defender_devcluster._images import (
     import_archives,
     is_static_elf,
     pause_source,
+    tools_env,
     write_index,
 )
 from defender_devcluster.pytest_plugin import missing_tool
@@ -340,6 +341,26 @@ def test_missing_inputs_and_wrong_versions_are_named(tmp_path: Path) -> None:
     (empty / "coredns").write_text("#!/bin/sh\nexit 3\n")
     with pytest.raises(ImageBuildError, match="exited 3"):
         build_image(ctx, "coredns")
+
+
+def test_coredns_image_from_the_node_tools(tmp_path: Path) -> None:
+    pinned = tools_env().get("COREDNS_VERSION")
+    ctx = ctx_for(tmp_path / "cache", bindir=tools_bin())
+    if pinned is None:
+        # This checkout's tools build no CoreDNS (the node tools are not in it): the target must
+        # say so, naming the binary.
+        with pytest.raises(ImageInputMissing, match="coredns does not exist"):
+            build_image(ctx, "coredns")
+        return
+    image = build_image(ctx, "coredns")
+    assert image.ref == f"registry.k8s.io/coredns/coredns:{pinned}"
+    assert skopeo_inspect(image.archive)["Digest"] == image.digest
+    _, config, _ = blobs(image.archive)
+    assert config["config"]["Entrypoint"] == ["/coredns"]
+    root = extract(image.archive, tmp_path / "root")
+    assert is_static_elf(root / "coredns")
+    out = subprocess.run([root / "coredns", "-version"], capture_output=True, text=True, timeout=30)
+    assert f"CoreDNS-{pinned.removeprefix('v')}" in out.stdout
 
 
 def test_the_stand_in_needs_a_static_busybox(tmp_path: Path) -> None:
