@@ -33,13 +33,13 @@ from ._tools import tool, tools_bin
 from ._wait import wait_for
 
 __all__ = [
-    "IMAGE_NAMES",
     "BuildContext",
     "BuiltImage",
     "ClusterState",
     "ControlPlane",
     "DevClusterError",
     "EtcdCluster",
+    "IMAGE_NAMES",
     "ImageBuildError",
     "ImageInputMissing",
     "LeaderTransferError",
