@@ -19,7 +19,6 @@ from ._errors import (
 )
 from ._etcd import EtcdCluster, etcd_client_settings, etcd_member_healthy, etcd_status
 from ._images import (
-    IMAGE_NAMES,
     BuildContext,
     BuiltImage,
     build_image,
@@ -39,7 +38,6 @@ __all__ = [
     "ControlPlane",
     "DevClusterError",
     "EtcdCluster",
-    "IMAGE_NAMES",
     "ImageBuildError",
     "ImageInputMissing",
     "LeaderTransferError",

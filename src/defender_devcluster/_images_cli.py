@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import (
-    IMAGE_NAMES,
     BuildContext,
     BuiltImage,
     build_image,
@@ -18,6 +17,7 @@ from . import (
     write_index,
 )
 from ._errors import DevClusterError, ImageBuildError, ImageInputMissing
+from ._images import IMAGE_NAMES
 from ._oci import check_ref
 
 
