@@ -7,10 +7,10 @@ DevClusterError
 ├── StaleProcessError(pid, name)          a process from an earlier run would not die
 ├── StateError(path)                      the run dir has no (valid) state file
 ├── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
-├── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
 ├── OciError                              an image archive could not be written or read
-└── ImageBuildError(name, detail)         `make images` could not build an image
-    └── ImageInputMissing                 what it is made from is not there (binary, package)
+├── ImageBuildError(name, detail)         `make images` could not build an image
+│   └── ImageInputMissing                 what it is made from is not there (binary, package)
+└── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
 """
 
 from __future__ import annotations
@@ -75,22 +75,6 @@ class StateError(DevClusterError):
         super().__init__(f"{path}: {detail}")
 
 
-class PeerProxyError(DevClusterError):
-    """A partition was asked of a cluster that runs without its peer proxy."""
-
-
-class LeaderTransferError(DevClusterError):
-    """``EtcdCluster.move_leader`` could not make the member leader."""
-
-    def __init__(self, member: str, log_path: Path, detail: str) -> None:
-        self.member = member
-        self.log_path = log_path
-        super().__init__(
-            f"could not make {member} the etcd leader: {detail}; is it running and reachable "
-            f"by its peers (not partitioned)? see {log_path}"
-        )
-
-
 class OciError(DevClusterError):
     """An image could not be written: bad reference, bad entry, unreadable source."""
 
@@ -106,3 +90,19 @@ class ImageBuildError(DevClusterError):
 
 class ImageInputMissing(ImageBuildError):
     """What the image is made from is not there yet (a binary not built, a package missing)."""
+
+
+class PeerProxyError(DevClusterError):
+    """A partition was asked of a cluster that runs without its peer proxy."""
+
+
+class LeaderTransferError(DevClusterError):
+    """``EtcdCluster.move_leader`` could not make the member leader."""
+
+    def __init__(self, member: str, log_path: Path, detail: str) -> None:
+        self.member = member
+        self.log_path = log_path
+        super().__init__(
+            f"could not make {member} the etcd leader: {detail}; is it running and reachable "
+            f"by its peers (not partitioned)? see {log_path}"
+        )
