@@ -5,11 +5,11 @@ DevClusterError
 ├── PortInUseError(name, log_path)        a process could not bind its port (lost a race)
 ├── ProcessStartError(name, log_path)     a process exited or never became healthy
 ├── StaleProcessError(pid, name)          a process from an earlier run would not die
-├── StateError(path)                      the run dir has no (valid) state file
-├── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
 ├── OciError                              an image archive could not be written or read
 ├── ImageBuildError(name, detail)         `make images` could not build an image
 │   └── ImageInputMissing                 what it is made from is not there (binary, package)
+├── StateError(path)                      the run dir has no (valid) state file
+├── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
 └── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
 """
 
