@@ -3,6 +3,11 @@
 #
 #   hack/tools.sh            build what is missing, print the bin directory on the last line
 #   hack/tools.sh --bindir   print the bin directory only
+#   hack/tools.sh --no-node  only the control-plane tools (no kubelet, containerd, CoreDNS, ...)
+#
+# The node group (kubelet, kube-proxy, CoreDNS from Go modules; containerd, runc and the CNI
+# plugins from Debian packages, linked into the bin dir) has its own stamps in the same bin dir,
+# so adding it never rebuilds the control-plane binaries.
 #
 # DEFENDER_TOOLS_DIR (like envtest's KUBEBUILDER_ASSETS) points to a directory that already has
 # the binaries; when every binary is there, nothing is built.
@@ -16,8 +21,14 @@ cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/ml-defender"
 bindir="${DEFENDER_TOOLS_DIR:-$cache_root/$tag/bin}"
 k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 all_bins=("${k8s_bins[@]}" etcd etcdctl helm)
+k8s_node_bins=(kubelet kube-proxy)
+# Linked from Debian packages (see build_node_packages): the harness finds every node binary in
+# the bin dir, whatever its origin.
+pkg_links=(containerd:/usr/bin/containerd ctr:/usr/bin/ctr runc:/usr/sbin/runc cni:/usr/lib/cni)
 
 if [[ "${1:-}" == "--bindir" ]]; then echo "$bindir"; exit 0; fi
+with_node=1
+if [[ "${1:-}" == "--no-node" ]]; then with_node=0; fi
 
 have_all() { for b in "$@"; do [[ -x "$bindir/$b" ]] || return 1; done; }
 # A stamp per tool group records what it was built from (version + flags), so changing either
@@ -37,13 +48,19 @@ work="$cache_root/$tag/src"
 mkdir -p "$work"
 export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
 
-build_kubernetes() {
-  local mod="$work/kubernetes" staging="v0${KUBERNETES_VERSION#v1}" p
-  local ld="-s -w"
+kubernetes_ldflags() {
+  local p ld="-s -w"
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
   done
+  echo "$ld"
+}
+
+build_kubernetes() {
+  local mod="$work/kubernetes" staging="v0${KUBERNETES_VERSION#v1}"
+  local ld
+  ld=$(kubernetes_ldflags)
   if have_all "${k8s_bins[@]}" && stamp_ok kubernetes "$ld"; then log "kubernetes $KUBERNETES_VERSION: cached"; return; fi
   mkdir -p "$mod"
   log "kubernetes $KUBERNETES_VERSION: resolving k8s.io/kubernetes go.mod"
@@ -108,7 +125,60 @@ build_helm() {
   log "helm: built"
 }
 
+build_kubernetes_node() {
+  # The same wrapper module as build_kubernetes (its go.mod must exist: that group runs first).
+  local mod="$work/kubernetes" ld pkgs=() b
+  ld=$(kubernetes_ldflags)
+  if have_all "${k8s_node_bins[@]}" && stamp_ok kubernetes-node "$ld"; then log "kubelet, kube-proxy $KUBERNETES_VERSION: cached"; return; fi
+  [[ -f "$mod/go.mod" ]] || { log "kubernetes-node: $mod/go.mod missing (build_kubernetes did not run)"; exit 1; }
+  for b in "${k8s_node_bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  log "kubernetes-node: go build ${k8s_node_bins[*]} (1-3 min once the control plane is built)"
+  (cd "$mod" && go build -tags selinux,notest -ldflags "$ld" -o "$bindir/" "${pkgs[@]}")
+  stamp kubernetes-node "$ld"
+  log "kubernetes-node: built"
+}
+
+build_coredns() {
+  local ld="-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
+  if have_all coredns && stamp_ok coredns "$ld"; then log "coredns $COREDNS_VERSION: cached"; return; fi
+  log "coredns $COREDNS_VERSION: go install (every upstream plugin; 5-10 min cold on 2 cores)"
+  GOBIN="$bindir" go install -ldflags "$ld" "github.com/coredns/coredns@$COREDNS_VERSION"
+  stamp coredns "$ld"
+  log "coredns: built"
+}
+
+build_node_packages() {
+  # containerd, runc and the CNI plugins come from Debian (see docs/local-cluster.md: why).
+  # apt only when a package is missing, so a second run changes nothing.
+  local missing=() pkg versions link name target
+  for pkg in $NODE_APT_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then log "node: missing Debian packages ${missing[*]}: run as root or apt-get install them"; exit 1; fi
+    log "node: apt-get install ${missing[*]}"
+    # Another apt may hold the lock (a colleague's install): wait for it rather than fail.
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # shellcheck disable=SC2086
+  versions=$(dpkg-query -W -f='${Package}=${Version} ' $NODE_APT_PACKAGES)
+  if stamp_ok node-packages "$versions" && have_all containerd ctr runc cni/bridge; then log "node packages: cached ($versions)"; return; fi
+  for link in "${pkg_links[@]}"; do
+    name=${link%%:*} target=${link#*:}
+    [[ -e "$target" ]] || { log "node: $target missing after installing $NODE_APT_PACKAGES"; exit 1; }
+    ln -sfn "$target" "$bindir/$name"
+  done
+  stamp node-packages "$versions"
+  log "node packages: linked ($versions)"
+}
+
 build_etcd
 build_helm
 build_kubernetes
+if ((with_node)); then
+  build_node_packages
+  build_kubernetes_node
+  build_coredns
+fi
 echo "$bindir"
