@@ -40,6 +40,7 @@ from ._nodenet import (
     registered_networks,
     remove_network,
 )
+from ._oci import OciError, read_index
 from ._procs import ManagedProcess, PidFile, pid_matches, reap_stale, stop_pid
 from ._tools import tool
 from ._wait import poll
@@ -52,8 +53,9 @@ log = logging.getLogger(__name__)
 NODE_NAME = "defender-node"
 CLUSTER_DOMAIN = "cluster.local"
 DNS_SERVICE_IP = "10.0.0.10"
-# What containerd runs as every pod's sandbox; `make images` writes it (hack/images.sh).
-PAUSE_IMAGE = "registry.k8s.io/pause:3.10.1"
+# containerd runs this image as every pod's sandbox; it must be among the imported archives
+# (`make images` writes it, tagged with the TAG of Kubernetes' build/pause/Makefile).
+PAUSE_REPOSITORY = "registry.k8s.io/pause"
 STORAGE_CLASS = "defender-local"
 PERSISTENT_VOLUMES = 12
 PV_SIZE = "2Gi"
@@ -271,7 +273,6 @@ class Node:
                 "k8s.io",
                 "images",
                 "import",
-                "--no-unpack",
                 str(archive),
             ]
             out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
@@ -316,6 +317,26 @@ class Node:
         }
         (conf_dir / "10-defender.conflist").write_text(json.dumps(conflist, indent=2))
 
+    def _sandbox_image(self) -> str:
+        refs: list[str] = []
+        for archive in self.images:
+            try:
+                index = read_index(archive)
+            except OciError as exc:
+                raise NodeSetupError(str(exc)) from exc
+            manifests = index.get("manifests")
+            for m in manifests if isinstance(manifests, list) else []:
+                ref = (m.get("annotations") or {}).get("io.containerd.image.name")
+                if isinstance(ref, str):
+                    refs.append(ref)
+        pauses = sorted(r for r in refs if r.startswith(f"{PAUSE_REPOSITORY}:"))
+        if not pauses:
+            raise NodeSetupError(
+                f"no {PAUSE_REPOSITORY} image among the node's images "
+                f"({', '.join(refs) or 'none'}): pods cannot start without it; `make images`"
+            )
+        return pauses[-1]
+
     def _write_containerd_config(self) -> Path:
         d = self.dir
         cri = 'plugins."io.containerd.grpc.v1.cri"'
@@ -341,7 +362,7 @@ disabled_plugins = [
   path = "{d / "containerd" / "opt"}"
 
 [{cri}]
-  sandbox_image = "{PAUSE_IMAGE}"
+  sandbox_image = "{self._sandbox_image()}"
   # This machine refuses a negative oom_score_adj; without this runc fails with
   # "can't get final child's PID from pipe: EOF".
   restrict_oom_score_adj = true

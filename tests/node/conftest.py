@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from defender_devcluster import (
-    DevClusterError,
     EtcdCluster,
     LocalCluster,
     ToolNotFoundError,
@@ -26,7 +25,7 @@ from defender_devcluster import (
 )
 from defender_devcluster.pytest_plugin import in_ci, missing_tool
 
-from ._images import BUSYBOX_IMAGE, node_test_images
+from ._images import ImageInputMissing, node_test_images
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,19 +45,28 @@ def _need_root() -> None:
 
 
 @pytest.fixture(scope="session")
-def node_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """OCI archives of the pause and busybox images, written without Docker."""
+def node_images() -> dict[str, tuple[str, Path]]:
+    """name -> (reference, OCI archive) of the pause and stand-in (busybox) images, written
+    without Docker into the images cache that `make images` uses."""
+    from defender_devcluster._images import default_cache_dir
+
     try:
-        return node_test_images(tmp_path_factory.mktemp("node-images"))
-    except ToolNotFoundError as exc:
+        return node_test_images(default_cache_dir())
+    except (ToolNotFoundError, ImageInputMissing) as exc:
         missing_tool(exc)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(node_images: dict[str, tuple[str, Path]]) -> str:
+    """Reference of an image with busybox's applets (sh, httpd, wget, nslookup, ...)."""
+    return node_images["stand-in"][0]
 
 
 @pytest.fixture(scope="session")
 def node_cluster(
     tmp_path_factory: pytest.TempPathFactory,
     defender_etcd: EtcdCluster,
-    node_images: list[Path],
+    node_images: dict[str, tuple[str, Path]],
 ) -> Iterator[LocalCluster]:
     """kube-apiserver, controller-manager, scheduler and a Ready node, with the pause and busybox
     images imported. The defender etcd is the session's."""
@@ -67,7 +75,7 @@ def node_cluster(
         tmp_path_factory.mktemp("node-cluster"),
         etcd=defender_etcd,
         node=True,
-        images=node_images,
+        images=[archive for _, archive in node_images.values()],
         die_with_parent=True,
     )
     try:
@@ -129,14 +137,16 @@ def node_namespace(request: pytest.FixtureRequest, node_kubectl: Kubectl) -> Ite
         node_kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
-def busybox_pod(name: str, namespace: str, command: str, **extra: Any) -> dict[str, Any]:
-    """A pod running ``sh -c command`` in the busybox image, never pulled (imported)."""
+def busybox_pod(
+    image: str, name: str, namespace: str, command: str, **extra: Any
+) -> dict[str, Any]:
+    """A pod running ``sh -c command`` in ``image``, never pulled (it was imported)."""
     spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": 1,
         "containers": [
             {
                 "name": "main",
-                "image": BUSYBOX_IMAGE,
+                "image": image,
                 "imagePullPolicy": "Never",
                 "command": ["sh", "-c", command],
                 **extra.pop("container", {}),
@@ -163,6 +173,3 @@ def wait_pod_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float =
         return None
 
     return wait_for(f"pod {namespace}/{name} Ready", ready, timeout=timeout, every=0.5)
-
-
-__all__ = ["DevClusterError", "Kubectl", "busybox_pod", "wait_pod_ready"]

@@ -24,9 +24,11 @@ def test_the_node_is_ready_with_a_non_loopback_internal_ip(
 
 
 def test_a_pod_runs_to_ready_and_gets_an_ip_in_the_pod_cidr(
-    node_cluster: LocalCluster, node_kubectl: Kubectl, node_namespace: str
+    node_cluster: LocalCluster, node_kubectl: Kubectl, node_namespace: str, busybox_image: str
 ) -> None:
-    node_kubectl.apply(busybox_pod("sleeper", node_namespace, "echo started; sleep 3600"))
+    node_kubectl.apply(
+        busybox_pod(busybox_image, "sleeper", node_namespace, "echo started; sleep 3600")
+    )
     pod = wait_pod_ready(node_kubectl, node_namespace, "sleeper")
     assert pod["spec"]["nodeName"] == "defender-node"
     pod_cidr = node_cluster.state().pod_cidr
@@ -35,9 +37,11 @@ def test_a_pod_runs_to_ready_and_gets_an_ip_in_the_pod_cidr(
 
 
 def test_kubectl_logs_and_exec_reach_the_container(
-    node_kubectl: Kubectl, node_namespace: str
+    node_kubectl: Kubectl, node_namespace: str, busybox_image: str
 ) -> None:
-    node_kubectl.apply(busybox_pod("talker", node_namespace, "echo hello-from-the-pod; sleep 3600"))
+    node_kubectl.apply(
+        busybox_pod(busybox_image, "talker", node_namespace, "echo hello-from-the-pod; sleep 3600")
+    )
     wait_pod_ready(node_kubectl, node_namespace, "talker")
 
     def logged() -> bool:
@@ -52,11 +56,12 @@ def test_kubectl_logs_and_exec_reach_the_container(
 
 
 def test_a_service_name_resolves_through_coredns_and_answers_through_kube_proxy(
-    node_kubectl: Kubectl, node_namespace: str
+    node_kubectl: Kubectl, node_namespace: str, busybox_image: str
 ) -> None:
     ns = node_namespace
-    serve = "mkdir -p /www && echo served-by-web > /www/index.html && httpd -f -p 8080 -h /www"
-    node_kubectl.apply(busybox_pod("web", ns, serve))
+    www = "/tmp/www"
+    serve = f"mkdir -p {www} && echo served-by-web > {www}/index.html && httpd -f -p 8080 -h {www}"
+    node_kubectl.apply(busybox_pod(busybox_image, "web", ns, serve))
     node_kubectl.apply(
         {
             "apiVersion": "v1",
@@ -65,7 +70,7 @@ def test_a_service_name_resolves_through_coredns_and_answers_through_kube_proxy(
             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
         }
     )
-    node_kubectl.apply(busybox_pod("client", ns, "sleep 3600"))
+    node_kubectl.apply(busybox_pod(busybox_image, "client", ns, "sleep 3600"))
     wait_pod_ready(node_kubectl, ns, "web")
     wait_pod_ready(node_kubectl, ns, "client")
     cluster_ip = node_kubectl.get("-n", ns, "service", "web")["spec"]["clusterIP"]
@@ -87,7 +92,7 @@ def test_a_service_name_resolves_through_coredns_and_answers_through_kube_proxy(
 
 
 def test_a_pvc_binds_to_a_harness_volume_and_keeps_what_a_pod_wrote(
-    node_cluster: LocalCluster, node_kubectl: Kubectl, node_namespace: str
+    node_cluster: LocalCluster, node_kubectl: Kubectl, node_namespace: str, busybox_image: str
 ) -> None:
     ns = node_namespace
     node_kubectl.apply(
@@ -108,6 +113,7 @@ def test_a_pvc_binds_to_a_harness_volume_and_keeps_what_a_pod_wrote(
 
     volume = wait_for("PVC data Bound", bound, timeout=60, every=0.5)
     pod = busybox_pod(
+        busybox_image,
         "writer",
         ns,
         f"echo kept-by-{ns} > /data/proof && sleep 3600",
@@ -130,10 +136,10 @@ def test_a_pvc_binds_to_a_harness_volume_and_keeps_what_a_pod_wrote(
 
 
 def test_a_pod_cannot_reach_anything_outside_the_machine(
-    node_kubectl: Kubectl, node_namespace: str
+    node_kubectl: Kubectl, node_namespace: str, busybox_image: str
 ) -> None:
     ns = node_namespace
-    node_kubectl.apply(busybox_pod("prisoner", ns, "sleep 3600"))
+    node_kubectl.apply(busybox_pod(busybox_image, "prisoner", ns, "sleep 3600"))
     wait_pod_ready(node_kubectl, ns, "prisoner")
     # The host's own outside addresses (a packet to them never leaves the machine even if the
     # fence failed): the node has no route to them, only to the pod and service ranges.

@@ -23,7 +23,11 @@ from .conftest import Kubectl, busybox_pod, wait_pod_ready
 
 @pytest.fixture
 def crashed_node(
-    tmp_path: Path, defender_etcd: EtcdCluster, node_images: list[Path], node_cluster: LocalCluster
+    tmp_path: Path,
+    defender_etcd: EtcdCluster,
+    node_images: dict[str, tuple[str, Path]],
+    busybox_image: str,
+    node_cluster: LocalCluster,
 ) -> Iterator[tuple[Path, str, str]]:
     """A second cluster whose node ran a pod, then lost every node process to SIGKILL (as when
     the process that started it dies): containers and shims live on.
@@ -31,14 +35,18 @@ def crashed_node(
     Yields (run dir, netns, host interface); the control plane is stopped afterwards."""
     del node_cluster  # started first, so both nodes run at once
     cluster = LocalCluster(
-        tmp_path / "run", etcd=defender_etcd, node=True, images=node_images, die_with_parent=True
+        tmp_path / "run",
+        etcd=defender_etcd,
+        node=True,
+        images=[archive for _, archive in node_images.values()],
+        die_with_parent=True,
     )
     cluster.start()
     try:
         assert cluster.node is not None and cluster.node.network is not None
         net = cluster.node.network
         kubectl = Kubectl(cluster.kubeconfig)
-        kubectl.apply(busybox_pod("doomed", "default", "sleep 3600"))
+        kubectl.apply(busybox_pod(busybox_image, "doomed", "default", "sleep 3600"))
         wait_pod_ready(kubectl, "default", "doomed")
         # The pod's traces exist before the crash: the check below can fail.
         assert node_leftovers(cluster.run_dir, net.netns, net.host_if)
