@@ -25,7 +25,6 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -214,17 +213,6 @@ class Node:
         self.network = None
         if errors:
             raise errors[0]
-
-    def __enter__(self) -> Node:
-        raise TypeError("use LocalCluster(node=True): the node needs the control plane")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ helpers
     def _start(
@@ -420,6 +408,7 @@ disabled_plugins = [
             # Pods learn no DNS server of the host: cluster names only.
             "resolvConf": "",
             "podLogsDir": str(self.dir / "pod-logs"),
+            "volumePluginDir": str(self.dir / "volume-plugins"),
             "registerNode": True,
             "serializeImagePulls": False,
             "imageGCHighThresholdPercent": 100,
@@ -628,15 +617,27 @@ def _runc_binary() -> str | None:
         return None
 
 
+# kubelet links every container's log here (a fixed path); the links point into the run dir.
+CONTAINER_LOG_LINKS = Path("/var/log/containers")
+
+
+def _remove_log_links(directory: Path) -> None:
+    for link in CONTAINER_LOG_LINKS.glob("*.log") if CONTAINER_LOG_LINKS.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if link.is_symlink() and Path(os.readlink(link)).is_relative_to(directory):
+                link.unlink()
+
+
 def teardown_node(run_dir: Path) -> None:
     """Remove everything a node of ``run_dir`` may have left: processes (by pid file),
-    containers, shims, mounts, the network. Safe to call when nothing is there."""
+    containers, shims, mounts, log links, the network. Safe to call when nothing is there."""
     directory = node_dir(run_dir)
     if directory.is_dir():
         reap_stale(directory)
         stop_containers(directory)
         reap_stale(directory)
         unmount_under(directory)
+        _remove_log_links(directory)
     for net in registered_networks():
         if net.run_dir == Path(run_dir).resolve():
             remove_network(net.netns, net.host_if)
@@ -664,13 +665,18 @@ def recover_stale_nodes(keep: Path | None) -> list[Path]:
             continue
         log.warning("removing the node of a crashed run (%s)", net.run_dir)
         teardown_node(net.run_dir)
-        if net.run_dir.exists() is False:
-            remove_network(net.netns, net.host_if)
         cleaned.append(net.run_dir)
     return cleaned
 
 
 def node_leftovers(run_dir: Path, netns: str, host_if: str) -> list[str]:
     """What a node of ``run_dir`` left on the machine: mounts, netns, veth, host rules."""
-    found = [f"mount {p}" for p in mounts_under(node_dir(run_dir))]
+    directory = node_dir(run_dir)
+    found = [f"mount {p}" for p in mounts_under(directory)]
+    links = CONTAINER_LOG_LINKS.glob("*.log") if CONTAINER_LOG_LINKS.is_dir() else []
+    found += [
+        f"log link {link}"
+        for link in links
+        if link.is_symlink() and Path(os.readlink(link)).is_relative_to(directory)
+    ]
     return found + leftovers(netns, host_if)
