@@ -144,7 +144,7 @@ class Node:
                 lambda: self.socket.exists() and self._ctr("version") is not None,
                 deadline,
             )
-            self._import_images()
+            self.import_images(self.images)
             kubelet_kc = self._kubeconfig(cp, "kubelet")
             self.kubelet = self._start(
                 "kubelet",
@@ -251,8 +251,10 @@ class Node:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         return out.stdout if out.returncode == 0 else None
 
-    def _import_images(self) -> None:
-        for archive in self.images:
+    def import_images(self, archives: Sequence[Path]) -> None:
+        """Import OCI image archives into containerd's ``k8s.io`` namespace (what the kubelet
+        sees); pods use them with ``imagePullPolicy: IfNotPresent`` or ``Never``."""
+        for archive in archives:
             argv = [
                 str(tool("ctr")),
                 "--address",
