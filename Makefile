@@ -38,6 +38,20 @@ tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, et
 .PHONY: deps
 deps: venv tools ## Everything needed to run and test (Python deps + Go-built tools).
 
+##@ Images (OCI archives built without Docker; docs/images.md)
+
+IMAGES      ?=
+IMPORT_TO   ?=
+IMAGE_ARGS  ?=
+
+.PHONY: images-deps
+images-deps: ## Install the Debian packages image builds and their tests use, when missing.
+	hack/images.sh --deps
+
+.PHONY: images
+images: venv tools images-deps ## Build pause, etcd, coredns, stand-in and project image archives (cached). IMAGES="pause etcd" picks, IMPORT_TO=<containerd socket> loads them.
+	hack/images.sh $(IMAGES) $(if $(IMPORT_TO),--import-to $(IMPORT_TO)) $(IMAGE_ARGS)
+
 ##@ Local cluster
 
 .PHONY: cluster-up

@@ -1,4 +1,8 @@
-"""``python -m defender_devcluster {up,down,status,system-up,system-down} --run-dir DIR``."""
+"""``python -m defender_devcluster {up,down,status,system-up,system-down} --run-dir DIR``.
+
+``python -m defender_devcluster images ...`` builds the node's OCI image archives (its own
+options: ``images --help``).
+"""
 
 from __future__ import annotations
 
@@ -125,6 +129,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["images"]:
+        from ._images_cli import images_main
+
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        return images_main(args_in[1:])
     parser = argparse.ArgumentParser(
         prog="defender-devcluster",
         description="Local kube-apiserver/controller-manager/scheduler and 3-member defender etcd.",
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="up --node: an OCI image archive to import into the node (repeatable)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_in)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
