@@ -7,25 +7,20 @@ Missing either skips locally and fails under CI=true.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from node_support import ImageInputMissing, Kubectl, node_test_images
 
 from defender_devcluster import (
     EtcdCluster,
     LocalCluster,
     ToolNotFoundError,
-    tool,
     wait_for,
 )
 from defender_devcluster.pytest_plugin import in_ci, missing_tool
-
-from ._images import ImageInputMissing, node_test_images
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,8 +47,12 @@ def node_images() -> dict[str, tuple[str, Path]]:
 
     try:
         return node_test_images(default_cache_dir())
-    except (ToolNotFoundError, ImageInputMissing) as exc:
+    except ToolNotFoundError as exc:
         missing_tool(exc)
+    except ImageInputMissing as exc:
+        if in_ci():
+            pytest.fail(f"CI=true and an image input is missing: {exc}", pytrace=False)
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -88,32 +87,6 @@ def node_cluster(
         cluster.stop()
 
 
-class Kubectl:
-    """kubectl against one cluster, failing the test with stderr on a non-zero exit."""
-
-    def __init__(self, kubeconfig: Path) -> None:
-        self.kubeconfig = kubeconfig
-
-    def run(
-        self, *args: str, stdin: str | None = None, timeout: float = 60.0, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        argv = [str(tool("kubectl")), f"--kubeconfig={self.kubeconfig}", *args]
-        out = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
-        if check and out.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} exited {out.returncode}: {out.stderr}")
-        return out
-
-    def __call__(self, *args: str, stdin: str | None = None, timeout: float = 60.0) -> str:
-        return self.run(*args, stdin=stdin, timeout=timeout).stdout
-
-    def apply(self, doc: dict[str, Any]) -> None:
-        self("apply", "-f", "-", stdin=json.dumps(doc))
-
-    def get(self, *args: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self("get", *args, "-o", "json"))
-        return data
-
-
 @pytest.fixture(scope="session")
 def node_kubectl(node_cluster: LocalCluster) -> Kubectl:
     return Kubectl(node_cluster.kubeconfig)
@@ -135,41 +108,3 @@ def node_namespace(request: pytest.FixtureRequest, node_kubectl: Kubectl) -> Ite
         yield name
     finally:
         node_kubectl.run("delete", "namespace", name, "--wait=false", check=False)
-
-
-def busybox_pod(
-    image: str, name: str, namespace: str, command: str, **extra: Any
-) -> dict[str, Any]:
-    """A pod running ``sh -c command`` in ``image``, never pulled (it was imported)."""
-    spec: dict[str, Any] = {
-        "terminationGracePeriodSeconds": 1,
-        "containers": [
-            {
-                "name": "main",
-                "image": image,
-                "imagePullPolicy": "Never",
-                "command": ["sh", "-c", command],
-                **extra.pop("container", {}),
-            }
-        ],
-        **extra,
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
-        "spec": spec,
-    }
-
-
-def wait_pod_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float = 120.0) -> Any:
-    """The pod's JSON once its Ready condition is True; the last status in the failure."""
-
-    def ready() -> dict[str, Any] | None:
-        pod = kubectl.get("-n", namespace, "pod", name)
-        conds = pod.get("status", {}).get("conditions", [])
-        if any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
-            return pod
-        return None
-
-    return wait_for(f"pod {namespace}/{name} Ready", ready, timeout=timeout, every=0.5)

@@ -7,9 +7,9 @@ import ipaddress
 import subprocess
 from pathlib import Path
 
-from defender_devcluster import LocalCluster, wait_for
+from node_support import Kubectl, busybox_pod, wait_pod_ready
 
-from .conftest import Kubectl, busybox_pod, wait_pod_ready
+from defender_devcluster import LocalCluster, wait_for
 
 
 def test_the_node_is_ready_with_a_non_loopback_internal_ip(

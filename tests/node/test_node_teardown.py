@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from node_support import Kubectl, busybox_pod, wait_pod_ready
 
 from defender_devcluster import EtcdCluster, LocalCluster, stop_run_dir, tool
 from defender_devcluster._node import node_alive, node_leftovers, recover_stale_nodes
-
-from .conftest import Kubectl, busybox_pod, wait_pod_ready
 
 
 @pytest.fixture
