@@ -48,7 +48,7 @@ def _try_lines(state: ClusterState) -> list[str]:
     ]
 
 
-def cmd_up(run_dir: Path, node: bool = False, images: tuple[Path, ...] = ()) -> int:
+def cmd_up(run_dir: Path, node: bool = False, images: tuple[Path, ...] | None = None) -> int:
     try:
         state = ClusterState.read(run_dir)
     except StateError:
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         type=Path,
         default=[],
-        help="up --node: an OCI image archive to import into the node (repeatable)",
+        help="up --node: an OCI image archive to import into the node (repeatable; default: "
+        "the pause image and every archive `make images` built)",
     )
     args = parser.parse_args(args_in)
     logging.basicConfig(
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir: Path = args.run_dir.resolve()
     try:
         if args.command == "up":
-            return cmd_up(run_dir, node=args.node, images=tuple(args.images))
+            images = tuple(args.images) if args.images else None
+            return cmd_up(run_dir, node=args.node, images=images)
         return COMMANDS[args.command](run_dir)
     except DevClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)

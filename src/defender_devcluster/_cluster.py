@@ -78,7 +78,8 @@ class LocalCluster:
 
     Pass ``etcd`` to reuse a defender etcd that is already running (the pytest session does);
     it is then left running by ``stop()``. ``node=True`` adds a real node (containerd, kubelet,
-    kube-proxy, CoreDNS; ``_node.py``) into which ``images`` (OCI archives) are imported.
+    kube-proxy, CoreDNS; ``_node.py``) into which ``images`` (OCI archives; default: the pause
+    image and what `make images` built) are imported.
     """
 
     def __init__(
@@ -89,7 +90,7 @@ class LocalCluster:
         die_with_parent: bool = False,
         start_timeout: float = 240.0,
         node: bool = False,
-        images: Sequence[Path] = (),
+        images: Sequence[Path] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.control_plane = ControlPlane(

@@ -65,6 +65,22 @@ _PROXY_HEALTHZ_PORT = 10256
 _COREDNS_READY_PORT = 8181
 
 
+def default_node_images() -> list[Path]:
+    """The pause image (built now if missing: it takes a second) and every other archive
+    `make images` left in the images cache (``images.json``)."""
+    from ._images import BuildContext, build_image, default_cache_dir, write_index
+
+    cache = default_cache_dir()
+    pause = build_image(BuildContext(cache_dir=cache, progress=log.info), "pause")
+    index = Path(write_index(cache, [pause]))
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NodeSetupError(f"{index}: unreadable ({exc})") from exc
+    archives = [Path(str(entry["archive"])) for entry in listed.values() if "archive" in entry]
+    return [a for a in archives if a.is_file()]
+
+
 def node_dir(run_dir: Path) -> Path:
     return Path(run_dir).resolve() / "node"
 
@@ -81,13 +97,14 @@ class Node:
         self,
         run_dir: Path,
         *,
-        images: Sequence[Path] = (),
+        images: Sequence[Path] | None = None,
         die_with_parent: bool = False,
         start_timeout: float = 180.0,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.dir = node_dir(self.run_dir)
-        self.images = [Path(p) for p in images]
+        # None: the pause image and whatever `make images` built (default_node_images).
+        self.images = [Path(p) for p in images] if images is not None else None
         self.die_with_parent = die_with_parent
         self.start_timeout = start_timeout
         self.network: NodeNetwork | None = None
@@ -136,6 +153,8 @@ class Node:
         deadline = t0 + self.start_timeout
         cp = control_plane
         assert cp.pki is not None
+        if self.images is None:
+            self.images = default_node_images()
         try:
             self._write_cni()
             self.containerd = self._start(
@@ -309,7 +328,7 @@ class Node:
 
     def _sandbox_image(self) -> str:
         refs: list[str] = []
-        for archive in self.images:
+        for archive in self.images or []:
             try:
                 index = read_index(archive)
             except OciError as exc:
