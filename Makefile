@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 venv: $(STAMP) ## Create .venv with the package and dev tools (pinned by requirements/constraints.txt).
 
 .PHONY: tools
-tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, etcdctl, helm from Go modules (cached).
+tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, etcdctl, helm, kubelet, kube-proxy, CoreDNS from Go modules; link Debian containerd/runc/CNI (cached).
 	hack/tools.sh
 
 .PHONY: deps

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from defender_devcluster import tool, wait_for
-from defender_devcluster._images import BuildContext, ImageInputMissing, build_image
+from defender_devcluster._images import (
+    BuildContext,
+    ImageInputMissing,
+    build_image,
+    default_cache_dir,
+)
 
 # pause (every pod's sandbox) and stand-in (busybox applets: sh, httpd, wget, nslookup).
 TEST_IMAGES = ("pause", "stand-in")
@@ -23,6 +28,12 @@ def node_test_images(cache_dir: Path) -> dict[str, tuple[str, Path]]:
         image = build_image(ctx, name)
         built[name] = (image.ref, image.archive)
     return built
+
+
+def build_images(names: tuple[str, ...]) -> dict[str, Path]:
+    """name -> archive of images built (or found cached) in the images cache."""
+    ctx = BuildContext(cache_dir=default_cache_dir(), progress=lambda _line: None)
+    return {name: build_image(ctx, name).archive for name in names}
 
 
 class Kubectl:
@@ -91,6 +102,7 @@ def wait_pod_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float =
 
 __all__ = [
     "TEST_IMAGES",
+    "build_images",
     "ImageInputMissing",
     "Kubectl",
     "busybox_pod",
