@@ -102,9 +102,9 @@ def wait_pod_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float =
 
 __all__ = [
     "TEST_IMAGES",
-    "build_images",
     "ImageInputMissing",
     "Kubectl",
+    "build_images",
     "busybox_pod",
     "node_test_images",
     "wait_pod_ready",
