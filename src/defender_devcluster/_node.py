@@ -40,7 +40,7 @@ from ._nodenet import (
     remove_network,
 )
 from ._oci import OciError, read_index
-from ._procs import ManagedProcess, PidFile, pid_matches, reap_stale, stop_pid
+from ._procs import ManagedProcess, PidFile, pid_matches, read_cmdline, reap_stale, stop_pid
 from ._tools import tool
 from ._wait import poll
 
@@ -604,8 +604,7 @@ def _api_get_json(cp: ControlPlane, path: str) -> dict[str, Any] | None:
 def stop_containers(directory: Path) -> list[str]:
     """Remove every container runc knows under ``directory/runc`` and stop their shims.
 
-    Works without containerd (a crashed run): runc's state is on disk, and containerd recorded
-    each shim's PID next to its bundle.
+    Works without containerd (a crashed run): runc's state is on disk.
     """
     removed: list[str] = []
     runc = _runc_binary()
@@ -620,15 +619,32 @@ def stop_containers(directory: Path) -> list[str]:
                     timeout=30,
                 )
             removed.append(state.name)
-    marker = str(directory)
-    bundles = directory / "containerd" / "state" / "io.containerd.runtime.v2.task"
-    for pid_file in sorted(bundles.glob("*/*/shim.pid")) if bundles.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().strip())
-            # The shim's command line names our containerd socket: a reused PID is left alone.
-            if pid_matches(pid, marker):
-                stop_pid(pid, marker, "containerd-shim", timeout=5.0)
+    # containerd 1.6 records no shim PID on disk; a shim names its containerd's socket on its
+    # command line (`-address <run dir>/node/c.sock`), which no other process shares.
+    for pid in _shim_pids(directory / "c.sock"):
+        stop_pid(pid, str(directory), "containerd-shim", timeout=5.0)
+    _remove_empty_cgroup_parents()
     return removed
+
+
+def _shim_pids(socket: Path) -> list[int]:
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = read_cmdline(int(entry.name))
+        if argv and "-address" in argv[:-1] and argv[argv.index("-address") + 1] == str(socket):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _remove_empty_cgroup_parents() -> None:
+    # containerd puts pod containers under a `k8s.io` cgroup in each v1 hierarchy; runc removes
+    # each container's own cgroup, the parent stays. rmdir only succeeds on an empty one, so a
+    # node of another run that still has containers there keeps it.
+    for parent in Path("/sys/fs/cgroup").glob("*/k8s.io"):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def _runc_binary() -> str | None:
@@ -691,7 +707,8 @@ def recover_stale_nodes(keep: Path | None) -> list[Path]:
 
 
 def node_leftovers(run_dir: Path, netns: str, host_if: str) -> list[str]:
-    """What a node of ``run_dir`` left on the machine: mounts, netns, veth, host rules."""
+    """What a node of ``run_dir`` left on the machine: mounts, log links, shims, netns, veth,
+    host rules."""
     directory = node_dir(run_dir)
     found = [f"mount {p}" for p in mounts_under(directory)]
     links = CONTAINER_LOG_LINKS.glob("*.log") if CONTAINER_LOG_LINKS.is_dir() else []
@@ -700,4 +717,5 @@ def node_leftovers(run_dir: Path, netns: str, host_if: str) -> list[str]:
         for link in links
         if link.is_symlink() and Path(os.readlink(link)).is_relative_to(directory)
     ]
+    found += [f"containerd-shim pid {pid}" for pid in _shim_pids(directory / "c.sock")]
     return found + leftovers(netns, host_if)
