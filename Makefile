@@ -8,6 +8,8 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 TOOLS_BIN    = $(shell hack/tools.sh --bindir)
 RUN_DIR     ?= $(CURDIR)/.devcluster
+# NODE=1: `cluster-up`/`up` also run a node (containerd, kubelet, kube-proxy, CoreDNS; root).
+NODE        ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS_BIN):$(PATH)
 export DEFENDER_TOOLS_BIN := $(TOOLS_BIN)
 
@@ -32,7 +34,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 venv: $(STAMP) ## Create .venv with the package and dev tools (pinned by requirements/constraints.txt).
 
 .PHONY: tools
-tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, etcdctl, helm from Go modules (cached).
+tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, etcdctl, helm, kubelet, kube-proxy, CoreDNS from Go modules; link Debian containerd/runc/CNI (cached).
 	hack/tools.sh
 
 .PHONY: deps
@@ -55,8 +57,8 @@ images: venv images-deps ## Build pause, etcd, coredns, stand-in and project ima
 ##@ Local cluster
 
 .PHONY: cluster-up
-cluster-up: deps ## Start a local kube-apiserver/controller-manager/scheduler and a 3-member defender etcd.
-	$(PY) -m defender_devcluster up --run-dir $(RUN_DIR)
+cluster-up: deps ## Start a local kube-apiserver/controller-manager/scheduler and a 3-member defender etcd (NODE=1: and a node).
+	$(PY) -m defender_devcluster up --run-dir $(RUN_DIR) $(if $(NODE),--node)
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local cluster (every process by PID).
@@ -98,6 +100,10 @@ test-unit: venv ## Fast unit tests (no cluster).
 .PHONY: test-integration
 test-integration: deps ## Integration tests against the real local control plane and 3-member etcd.
 	$(PY) -m pytest tests/harness tests/integration -q
+
+.PHONY: test-node
+test-node: deps ## Pods on a real node: Ready, logs/exec, DNS, Services, PVCs, teardown (root).
+	$(PY) -m pytest tests/node -q
 
 .PHONY: test-e2e
 test-e2e: deps ## End-to-end tests: operator, agent, chart against the real local cluster.

@@ -68,7 +68,7 @@ def _try_lines(state: ClusterState) -> list[str]:
     ]
 
 
-def cmd_up(run_dir: Path) -> int:
+def cmd_up(run_dir: Path, node: bool = False, images: tuple[Path, ...] | None = None) -> int:
     try:
         state = ClusterState.read(run_dir)
     except StateError:
@@ -77,10 +77,14 @@ def cmd_up(run_dir: Path) -> int:
     if state is not None and alive and _readyz(state) == "ok":
         print(f"already up: {state.api_url} (run dir {run_dir})")
         return 0
-    cluster = LocalCluster(run_dir).start()
+    cluster = LocalCluster(run_dir, node=node, images=images).start()
     state = ClusterState.read(run_dir)
     print(f"local cluster up in {cluster.start_seconds:.1f}s (run dir {run_dir})")
     print(f"  kube-apiserver  {state.api_url}")
+    if state.node_ip is not None:
+        print(
+            f"  node            {state.node_ip} (netns {state.node_netns}, pods {state.pod_cidr})"
+        )
     print(f"  defender etcd   {','.join(state.etcd_endpoints)}")
     print(f"  kubeconfig      {state.kubeconfig}")
     print(*_try_lines(state), sep="\n")
@@ -160,6 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--run-dir", type=Path, default=Path(".devcluster"))
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--node",
+        action="store_true",
+        help="up: also run a node (containerd, kubelet, kube-proxy, CoreDNS); needs root",
+    )
+    parser.add_argument(
+        "--image",
+        dest="images",
+        action="append",
+        type=Path,
+        default=[],
+        help="up --node: an OCI image archive to import into the node (repeatable; default: "
+        "the pause image and every archive `make images` built)",
+    )
     args = parser.parse_args(args_in)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -167,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_dir: Path = args.run_dir.resolve()
     try:
+        if args.command == "up":
+            images = tuple(args.images) if args.images else None
+            return cmd_up(run_dir, node=args.node, images=images)
         return COMMANDS[args.command](run_dir)
     except DevClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -15,7 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from ._errors import StateError
 from ._etcd import EtcdCluster, etcd_member_healthy
-from ._kube import ControlPlane
+from ._kube import SERVICE_CIDR, ControlPlane
+from ._node import Node, teardown_node
 from ._procs import ManagedProcess, pid_matches, reap_stale, stop_pid
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ class ClusterState(BaseModel):
     processes: list[ProcessRecord]
     started_at: float
     start_seconds: float
+    # Set when a node runs (LocalCluster(node=True), `up --node`).
+    node_ip: str | None = None
+    node_netns: str | None = None
+    pod_cidr: str | None = None
 
     def write(self, run_dir: Path) -> None:
         path = run_dir / STATE_FILE
@@ -71,7 +77,9 @@ class LocalCluster:
     """ControlPlane + a 3-member defender EtcdCluster in one run dir.
 
     Pass ``etcd`` to reuse a defender etcd that is already running (the pytest session does);
-    it is then left running by ``stop()``.
+    it is then left running by ``stop()``. ``node=True`` adds a real node (containerd, kubelet,
+    kube-proxy, CoreDNS; ``_node.py``) into which ``images`` (OCI archives; default: the pause
+    image and what `make images` built) are imported.
     """
 
     def __init__(
@@ -81,6 +89,8 @@ class LocalCluster:
         etcd: EtcdCluster | None = None,
         die_with_parent: bool = False,
         start_timeout: float = 240.0,
+        node: bool = False,
+        images: Sequence[Path] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.control_plane = ControlPlane(
@@ -92,6 +102,9 @@ class LocalCluster:
             raise ValueError(f"pass an etcd that lives outside {self.run_dir}, not in it")
         self.etcd = etcd or EtcdCluster(
             self.run_dir, members=3, name="defender", die_with_parent=die_with_parent
+        )
+        self.node = (
+            Node(self.run_dir, images=images, die_with_parent=die_with_parent) if node else None
         )
         self.start_seconds: float | None = None
 
@@ -113,10 +126,17 @@ class LocalCluster:
         (self.run_dir / STATE_FILE).unlink(missing_ok=True)
         # A crashed run leaves processes and pid files behind; clear them all before starting.
         reap_stale(self.run_dir)
+        # Containers, mounts and the network of a crashed node run here outlive its pid files.
+        teardown_node(self.run_dir)
         try:
             if self._owns_etcd:
                 self.etcd.start()
+            if self.node is not None:
+                # kube-apiserver listens on the host end of the node's veth (pods reach it).
+                self.control_plane.address = self.node.prepare(SERVICE_CIDR).host_ip
             self.control_plane.start()
+            if self.node is not None:
+                self.node.start(self.control_plane)
         except BaseException:
             self.stop()
             raise
@@ -127,9 +147,11 @@ class LocalCluster:
 
     def state(self) -> ClusterState:
         cp = self.control_plane
-        procs = [*cp.processes(), *cp.etcd._procs]
+        node = self.node
+        procs = [*(node.processes() if node else []), *cp.processes(), *cp.etcd._procs]
         if self._owns_etcd:
             procs += self.etcd._procs
+        net = node.network if node is not None else None
         return ClusterState(
             run_dir=str(self.run_dir),
             api_url=cp.api_url,
@@ -139,10 +161,15 @@ class LocalCluster:
             processes=[_record(p) for p in procs if p.running()],
             started_at=time.time(),
             start_seconds=self.start_seconds or 0.0,
+            node_ip=net.node_ip if net else None,
+            node_netns=net.netns if net else None,
+            pod_cidr=net.pod_cidr if net else None,
         )
 
     def stop(self) -> None:
         try:
+            if self.node is not None:
+                self.node.stop()
             self.control_plane.stop()
         finally:
             if self._owns_etcd:
@@ -178,6 +205,8 @@ def stop_run_dir(run_dir: Path) -> list[str]:
             if stop_pid(rec.pid, rec.marker, rec.name):
                 stopped.append(rec.name)
     stopped += [rec.name for rec in reap_stale(run_dir)]
+    # A node leaves containers, mounts and a network namespace besides its processes.
+    teardown_node(run_dir)
     (run_dir / STATE_FILE).unlink(missing_ok=True)
     return stopped
 

@@ -10,7 +10,8 @@ DevClusterError
 │   └── ImageInputMissing                 what it is made from is not there (binary, package)
 ├── StateError(path)                      the run dir has no (valid) state file
 ├── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
-└── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
+├── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
+└── NodeSetupError                       a node (netns, mounts, containerd, kubelet) failed
 """
 
 from __future__ import annotations
@@ -106,3 +107,7 @@ class LeaderTransferError(DevClusterError):
             f"could not make {member} the etcd leader: {detail}; is it running and reachable "
             f"by its peers (not partitioned)? see {log_path}"
         )
+
+
+class NodeSetupError(DevClusterError):
+    """The node could not be set up or torn down: a command failed, root or a tool is missing."""

@@ -1,6 +1,8 @@
 """A local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
 
-No kubelet runs: pods are created and scheduled nowhere (there are no nodes), never started.
+Alone, no kubelet runs: pods are created and scheduled nowhere (there are no nodes), never
+started. With a node (``_node.py``) the apiserver listens on the host end of the node's veth
+(``address``) instead of 127.0.0.1, so pods reach it through the ``kubernetes`` Service.
 """
 
 from __future__ import annotations
@@ -97,9 +99,12 @@ class ControlPlane:
         *,
         start_timeout: float = 240.0,
         die_with_parent: bool = False,
+        address: str = "127.0.0.1",
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.dir = self.run_dir / "kube"
+        # Where kube-apiserver listens and what it advertises (the `kubernetes` endpoint).
+        self.address = address
         self.start_timeout = start_timeout
         self.die_with_parent = die_with_parent
         self.etcd = EtcdCluster(
@@ -120,7 +125,7 @@ class ControlPlane:
 
     @property
     def api_url(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.address}:{self.api_port}"
 
     def processes(self) -> list[ManagedProcess]:
         """Started processes, in the order they should be stopped."""
@@ -135,7 +140,8 @@ class ControlPlane:
         reap_stale(self.dir)
         for stale in [self.kubeconfig, *self.dir.glob("*.kubeconfig")]:
             stale.unlink(missing_ok=True)
-        self.pki = make_pki(self.dir / "pki", SERVICE_IP)
+        extra = () if self.address == "127.0.0.1" else (self.address,)
+        self.pki = make_pki(self.dir / "pki", SERVICE_IP, extra)
         deadline = t0 + self.start_timeout
         try:
             self.etcd.start()
@@ -272,14 +278,20 @@ class ControlPlane:
 
     def _apiserver(self, binary: Path) -> ManagedProcess:
         assert self.pki is not None
-        (self.api_port,) = free_ports(1)
+        (self.api_port,) = free_ports(1, self.address)
         pki = self.pki
+        kubelet_crt, kubelet_key = pki.client("apiserver-kubelet-client")
         return self._managed(
             "kube-apiserver",
             [
                 str(binary),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
+                # logs/exec/port-forward go to the kubelet at its node IP: no DNS lookup of
+                # the node name, and a client certificate the kubelet's webhook authorizes.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_crt}",
+                f"--kubelet-client-key={kubelet_key}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.dir / 'apiserver-certs'}",
                 f"--etcd-servers={','.join(self.etcd.endpoints)}",

@@ -54,6 +54,13 @@ CLIENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "admin": ("kubernetes-admin", ("system:masters",)),
     "controller-manager": ("system:kube-controller-manager", ()),
     "scheduler": ("system:kube-scheduler", ()),
+    # The node (docs/local-cluster.md): the Node authorizer knows a kubelet by this name/group;
+    # kube-proxy is bound to system:node-proxier by the default RBAC policy; the apiserver's
+    # client identity towards kubelets (logs, exec) is an admin one, as kubeadm's is.
+    "kubelet": ("system:node:defender-node", ("system:nodes",)),
+    "kube-proxy": ("system:kube-proxy", ()),
+    "coredns": ("system:coredns", ()),
+    "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", ("system:masters",)),
 }
 
 
@@ -144,8 +151,10 @@ def _leaf(
     return b.sign(ca_key, hashes.SHA256()), key
 
 
-def make_pki(directory: Path, service_ip: str) -> Pki:
-    """Write a fresh CA, serving and client certificates and the service-account key pair."""
+def make_pki(directory: Path, service_ip: str, extra_ips: tuple[str, ...] = ()) -> Pki:
+    """Write a fresh CA, serving and client certificates and the service-account key pair.
+
+    ``extra_ips`` are more addresses of the API server (the host end of a node's veth)."""
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     ca_cert, ca_key = _make_ca("defender-devcluster-ca")
@@ -165,7 +174,9 @@ def make_pki(directory: Path, service_ip: str) -> Pki:
     _write_cert(pki.ca_cert, ca_cert)
 
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in _SAN_DNS]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip)]
+    sans += [
+        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip, *extra_ips)
+    ]
     cert, key = _leaf(ca_cert, ca_key, "kube-apiserver", (), sans)
     _write_cert(pki.serving_cert, cert)
     _write_key(pki.serving_key, key)

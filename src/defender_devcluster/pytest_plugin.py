@@ -88,6 +88,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cluster: needs the local kube-apiserver/controller-manager (make tools)"
     )
+    config.addinivalue_line(
+        "markers", "node: runs pods on a real node (kubelet, containerd); needs root (tests/node)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,98 @@
+"""A node leaves nothing behind: after `cluster-down`, and after a crash cleaned up by the next
+run, no process, container, mount, network namespace, veth or iptables rule of it remains.
+
+Each test runs its own second cluster next to the session's (its own netns and pod range), so
+this also shows two nodes side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_support import Kubectl, busybox_pod, wait_pod_ready
+
+from defender_devcluster import EtcdCluster, LocalCluster, stop_run_dir, tool
+from defender_devcluster._node import node_alive, node_leftovers, recover_stale_nodes
+
+
+@pytest.fixture
+def crashed_node(
+    tmp_path: Path,
+    defender_etcd: EtcdCluster,
+    node_images: dict[str, tuple[str, Path]],
+    busybox_image: str,
+    node_cluster: LocalCluster,
+) -> Iterator[tuple[Path, str, str]]:
+    """A second cluster whose node ran a pod, then lost every node process to SIGKILL (as when
+    the process that started it dies): containers and shims live on.
+
+    Yields (run dir, netns, host interface); the control plane is stopped afterwards."""
+    del node_cluster  # started first, so both nodes run at once
+    cluster = LocalCluster(
+        tmp_path / "run",
+        etcd=defender_etcd,
+        node=True,
+        images=[archive for _, archive in node_images.values()],
+        die_with_parent=True,
+    )
+    cluster.start()
+    try:
+        assert cluster.node is not None and cluster.node.network is not None
+        net = cluster.node.network
+        kubectl = Kubectl(cluster.kubeconfig)
+        kubectl.apply(busybox_pod(busybox_image, "doomed", "default", "sleep 3600"))
+        wait_pod_ready(kubectl, "default", "doomed")
+        # The pod's traces exist before the crash: the check below can fail.
+        assert node_leftovers(cluster.run_dir, net.netns, net.host_if)
+        assert _containers(cluster.run_dir)
+        for proc in cluster.node.processes():
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGKILL)
+        yield cluster.run_dir, net.netns, net.host_if
+    finally:
+        cluster.control_plane.stop()
+
+
+def _containers(run_dir: Path) -> list[str]:
+    root = run_dir / "node" / "runc" / "k8s.io"
+    if not root.is_dir():
+        return []
+    out = subprocess.run(
+        [str(tool("runc")), "--root", str(root), "list", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split()
+
+
+def _assert_nothing_left(run_dir: Path, netns: str, host_if: str) -> None:
+    assert node_leftovers(run_dir, netns, host_if) == []
+    assert _containers(run_dir) == []
+    assert not node_alive(run_dir)
+
+
+def test_cluster_down_after_a_crash_removes_everything_the_node_made(
+    crashed_node: tuple[Path, str, str],
+) -> None:
+    run_dir, netns, host_if = crashed_node
+    stop_run_dir(run_dir)
+    _assert_nothing_left(run_dir, netns, host_if)
+
+
+def test_the_next_run_recovers_a_crashed_node_of_another_run_dir(
+    crashed_node: tuple[Path, str, str], node_cluster: LocalCluster
+) -> None:
+    run_dir, netns, host_if = crashed_node
+    cleaned = recover_stale_nodes(keep=None)
+    assert run_dir in cleaned
+    _assert_nothing_left(run_dir, netns, host_if)
+    # The live node of the session is not touched.
+    assert node_cluster.node is not None and node_cluster.node.network is not None
+    assert node_cluster.run_dir not in cleaned
+    assert node_alive(node_cluster.run_dir)
