@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from defender_config import Keyring
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.keyring import (
     Holder,
@@ -204,3 +205,16 @@ def test_without_a_keyring_nothing_is_sealed() -> None:
     assert info.value.reason == "KeyUnavailable"
     assert "troubleshooting.md#keyringmissing" in str(info.value)
     assert repr(source) == "MutableKeyringSource(primary=None)"
+
+
+def test_rotation_keeps_a_retired_key_that_a_stored_value_still_uses() -> None:
+    from defender_operator._rotation import _drop_retired
+
+    first = Keyring.generate()
+    staged = first.with_new_decrypt_only()
+    new_id = staged.keys[-1].key_id
+    retired = staged.promote(new_id).retire(first.primary.key_id)
+    kept = _drop_retired(retired, frozenset({first.primary.key_id}))
+    assert first.primary.key_id in kept
+    dropped = _drop_retired(retired, frozenset({new_id}))
+    assert dropped.key_ids == (new_id,)
