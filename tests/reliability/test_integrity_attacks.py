@@ -34,6 +34,7 @@ from defender_config import (
     DeleteOp,
     EnvelopeOptions,
     EtcdStore,
+    GetOp,
     Keyring,
     Layout,
     NotAnEnvelopeError,
@@ -311,7 +312,10 @@ def test_deleted_mac_is_refused(scene: Scene) -> None:
         scene.configs.overview("firewall")
     # The record deleted in the same transaction as ACTIVE is put back.
     active_path = scene.layout.active_config("firewall")
-    ops = [DeleteOp(scene.layout.metadata("firewall")), PutOp(active_path, scene.raw(active_path))]
+    ops: list[PutOp | DeleteOp | GetOp] = [
+        DeleteOp(scene.layout.metadata("firewall")),
+        PutOp(active_path, scene.raw(active_path)),
+    ]
     assert scene.attacker.txn([], ops, []).succeeded
     with pytest.raises(RecordAuthError, match="missing"):
         scene.configs.get_active("firewall")
@@ -419,6 +423,15 @@ class RunningAgent:
         data: dict[str, Any] = json.loads(self.output.read_bytes())
         return data
 
+    def wait_refused(self, reason: str) -> None:
+        """Until the agent reports `reason` as its last error (heartbeat `last_error`)."""
+
+        def reported() -> bool:
+            error = self.agent.applier.last_error
+            return error is not None and error.reason == reason
+
+        wait_for(f"the agent to refuse with {reason}", reported, timeout=30)
+
 
 @pytest.fixture
 def agent(scene: Scene, tmp_path: Path) -> Iterator[RunningAgent]:
@@ -457,12 +470,7 @@ def test_downgrade_attack_is_refused_by_the_agent(scene: Scene, agent: RunningAg
     config, its heartbeat carries the typed error, and an alert is stored for rag."""
     wait_for("the agent writes the good config", lambda: agent.content() == GOOD_N, timeout=30)
     scene.downgrade(EVIL)
-    applier = agent.agent.applier
-    wait_for(
-        "the agent refuses the forged value",
-        lambda: applier.last_error is not None and applier.last_error.reason == "NotAnEnvelope",
-        timeout=30,
-    )
+    agent.wait_refused("NotAnEnvelope")
     assert agent.content() == GOOD_N
     assert any(
         a["kind"] == "NotAnEnvelope" and a.get("instance") == "fw-pod-1"
@@ -477,11 +485,7 @@ def test_downgrade_attack_is_refused_by_the_agent(scene: Scene, agent: RunningAg
         EnvelopeOptions(encrypt=False),
     )
     scene.forge(metadata=doc, active_config=unencrypted)
-    wait_for(
-        "CodecMismatch reported",
-        lambda: applier.last_error is not None and applier.last_error.reason == "CodecMismatch",
-        timeout=30,
-    )
+    agent.wait_refused("CodecMismatch")
     assert agent.content() == GOOD_N
     # The operator's pass repairs; the next real commit reaches the file.
     scene.configs.repair_metadata("firewall", component_type="firewall", json_schema=None, by="op")
@@ -503,20 +507,10 @@ def test_forged_metadata_and_replay_do_not_reach_the_agent_file(
     doc = scene.metadata_doc()
     doc.update(type="custom", json_schema=None)
     scene.forge(metadata=doc, active_config=scene.raw(active_path))
-    wait_for(
-        "forged record refused",
-        lambda: (
-            applier.last_error is not None and applier.last_error.reason == "RecordUnauthenticated"
-        ),
-        timeout=30,
-    )
+    agent.wait_refused("RecordUnauthenticated")
     # The authentic version-1 pair replayed: older than what the agent accepted.
     scene.forge(metadata=old_meta, active_config=old_active)
-    wait_for(
-        "replay refused",
-        lambda: applier.last_error is not None and applier.last_error.reason == "RecordReplayed",
-        timeout=30,
-    )
+    agent.wait_refused("RecordReplayed")
     assert agent.content() == BETTER_N
     assert applier.config_version == 2
     kinds = {a["kind"] for a in _agent_alerts(scene) if a.get("instance") == "fw-pod-1"}
