@@ -117,3 +117,18 @@ def test_a_resolved_conflict_is_dropped_from_the_status() -> None:
     foreign = [*before, {"type": "Audited", "status": "True", "reason": "x"}]
     kept = cond.merge(foreign, cond.compute(cond.Observation()), now=now, generation=1)
     assert "Audited" in {c["type"] for c in kept}
+
+
+def test_only_namespaces_with_nothing_but_refused_components_lose_the_keyring_copy() -> None:
+    from typing import Any
+
+    from defender_operator._runtime import Runtime
+
+    nothing: Any = None
+    rt = Runtime(nothing, nothing, nothing, nothing, nothing, "op")
+    conflict = cond.Cond(cond.CONFLICT, cond.TRUE, NAME_CLAIMED_ELSEWHERE, "owned elsewhere")
+    rt.memory("default", "firewall")
+    rt.memory("tenant-b", "firewall").conflict = conflict
+    rt.memory("tenant-c", "firewall").conflict = conflict
+    rt.memory("tenant-c", "honeypot")  # owns its own name: tenant-c still needs the key
+    assert rt.refused_namespaces() == {"tenant-b"}
