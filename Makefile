@@ -51,7 +51,7 @@ images-deps: ## Install the Debian packages image builds and their tests use, wh
 	hack/images.sh --deps
 
 .PHONY: images
-images: venv tools images-deps ## Build pause, etcd, coredns, stand-in and project image archives (cached). IMAGES="pause etcd" picks, IMPORT_TO=<containerd socket> loads them.
+images: venv images-deps ## Build pause, etcd, coredns, stand-in and project image archives (cached; etcd and coredns need `make tools`). IMAGES="pause etcd" picks, IMPORT_TO=<containerd socket> loads them.
 	hack/images.sh $(IMAGES) $(if $(IMPORT_TO),--import-to $(IMPORT_TO)) $(IMAGE_ARGS)
 
 ##@ Local cluster

@@ -6,7 +6,10 @@ See docs/local-cluster.md. The pytest fixtures live in ``defender_devcluster.pyt
 from ._cluster import ClusterState, LocalCluster, stop_run_dir
 from ._errors import (
     DevClusterError,
+    ImageBuildError,
+    ImageInputMissing,
     LeaderTransferError,
+    OciError,
     PeerProxyError,
     PortInUseError,
     ProcessStartError,
@@ -15,31 +18,48 @@ from ._errors import (
     ToolNotFoundError,
 )
 from ._etcd import EtcdCluster, etcd_client_settings, etcd_member_healthy, etcd_status
+from ._images import (
+    BuildContext,
+    BuiltImage,
+    build_image,
+    default_cache_dir,
+    import_archives,
+    write_index,
+)
 from ._kube import ControlPlane
 from ._procs import free_ports, popen_dying_with_parent
 from ._tools import tool, tools_bin
 from ._wait import wait_for
 
 __all__ = [
+    "BuildContext",
+    "BuiltImage",
     "ClusterState",
     "ControlPlane",
     "DevClusterError",
     "EtcdCluster",
+    "ImageBuildError",
+    "ImageInputMissing",
     "LeaderTransferError",
     "LocalCluster",
+    "OciError",
     "PeerProxyError",
     "PortInUseError",
     "ProcessStartError",
     "StaleProcessError",
     "StateError",
     "ToolNotFoundError",
+    "build_image",
+    "default_cache_dir",
     "etcd_client_settings",
     "etcd_member_healthy",
     "etcd_status",
     "free_ports",
+    "import_archives",
     "popen_dying_with_parent",
     "stop_run_dir",
     "tool",
     "tools_bin",
     "wait_for",
+    "write_index",
 ]

@@ -5,6 +5,9 @@ DevClusterError
 ├── PortInUseError(name, log_path)        a process could not bind its port (lost a race)
 ├── ProcessStartError(name, log_path)     a process exited or never became healthy
 ├── StaleProcessError(pid, name)          a process from an earlier run would not die
+├── OciError                              an image archive could not be written or read
+├── ImageBuildError(name, detail)         `make images` could not build an image
+│   └── ImageInputMissing                 what it is made from is not there (binary, package)
 ├── StateError(path)                      the run dir has no (valid) state file
 ├── PeerProxyError                        partition/heal on a cluster without peer_proxy=True
 ├── LeaderTransferError(member, log_path) etcd did not hand leadership to the member asked
@@ -71,6 +74,23 @@ class StateError(DevClusterError):
     def __init__(self, path: Path, detail: str) -> None:
         self.path = path
         super().__init__(f"{path}: {detail}")
+
+
+class OciError(DevClusterError):
+    """An image could not be written: bad reference, bad entry, unreadable source."""
+
+
+class ImageBuildError(DevClusterError):
+    """An image could not be built; the message says which and what to do."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        self.detail = detail
+        super().__init__(f"image {name}: {detail}")
+
+
+class ImageInputMissing(ImageBuildError):
+    """What the image is made from is not there yet (a binary not built, a package missing)."""
 
 
 class PeerProxyError(DevClusterError):

@@ -32,29 +32,34 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from ._errors import DevClusterError
+from ._errors import DevClusterError, ImageBuildError, ImageInputMissing
 from ._oci import (
     ANNOTATION_CONTAINERD_NAME,
+    MEDIA_LAYER_GZIP,
+    Descriptor,
     Entry,
     ImageConfig,
     ImageInfo,
+    LayerBlob,
     dir_entry,
     entries_from_dir,
+    extract_layer,
     file_entry,
     read_index,
     symlink_entry,
     write_image,
+    write_layer,
 )
 from ._tools import REPO_ROOT, tools_bin
 
 log = logging.getLogger(__name__)
 
 # Bumped when a recipe changes what it writes for the same inputs.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 IMAGE_NAMES = ("pause", "etcd", "coredns", "stand-in", "project")
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -65,19 +70,6 @@ PROJECT_UID = 10001
 NONROOT_UID = 65532
 PAUSE_UID = 65535
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class ImageBuildError(DevClusterError):
-    """An image could not be built; the message says which and what to do."""
-
-    def __init__(self, name: str, detail: str) -> None:
-        self.name = name
-        self.detail = detail
-        super().__init__(f"image {name}: {detail}")
-
-
-class ImageInputMissing(ImageBuildError):
-    """What the image is made from is not there yet (a binary not built, a package missing)."""
 
 
 def default_cache_dir() -> Path:
@@ -114,7 +106,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tools_env() -> dict[str, str]:
+def tools_env() -> dict[str, str]:
     out: dict[str, str] = {}
     for line in (REPO_ROOT / "hack" / "tools.env").read_text().splitlines():
         m = re.match(r"^([A-Z_]+)=(\S+)", line)
@@ -162,6 +154,19 @@ def _passwd(users: Sequence[tuple[str, int]]) -> list[Entry]:
     return [file_entry("etc/passwd", pw.encode()), file_entry("etc/group", gr.encode())]
 
 
+def _small_image(
+    archive: Path,
+    ref: str,
+    files: Sequence[Entry],
+    user: tuple[str, int],
+    config: ImageConfig,
+) -> ImageInfo:
+    """One layer: the files, an /etc/passwd naming the user the image runs as, a /tmp."""
+    name, uid = user
+    layer = [*files, *_passwd([(name, uid)]), dir_entry("tmp", 0o1777)]
+    return write_image(archive, ref, [layer], replace(config, user=f"{uid}:{uid}"))
+
+
 # -- the context a recipe reads ---------------------------------------------------------------
 
 
@@ -171,6 +176,8 @@ class BuildContext:
     bindir: Path | None = None
     refs: dict[str, str] = field(default_factory=dict)
     progress: Callable[[str], None] = print
+    # Debian's busybox-static puts it here; the stand-in image is built around it.
+    busybox: Path = Path("/bin/busybox")
 
     def tools_dir(self, name: str) -> Path:
         if self.bindir is None:
@@ -209,7 +216,7 @@ class Plan:
 
 def pause_source() -> tuple[Path, str]:
     """pause.c of the pinned Kubernetes module and the TAG its Makefile builds."""
-    version = _tools_env()["KUBERNETES_VERSION"]
+    version = tools_env()["KUBERNETES_VERSION"]
     gomodcache = _run("pause", ["go", "env", "GOMODCACHE"]).strip()
     moddir = Path(gomodcache) / "k8s.io" / f"kubernetes@{version}"
     if not (moddir / "build" / "pause" / "linux" / "pause.c").is_file():
@@ -272,20 +279,17 @@ def plan_etcd(ctx: BuildContext) -> Plan:
         )
 
     def write(archive: Path, work: str) -> ImageInfo:
-        layer = [
-            file_entry("usr/local/bin/etcd", etcd, 0o755),
-            file_entry("usr/local/bin/etcdctl", etcdctl, 0o755),
-            *_passwd([("nonroot", NONROOT_UID)]),
-            dir_entry("tmp", 0o1777),
-            dir_entry("var/lib/etcd", 0o700, NONROOT_UID, NONROOT_UID),
-        ]
-        return write_image(
+        return _small_image(
             archive,
             ref,
-            [layer],
+            [
+                file_entry("usr/local/bin/etcd", etcd, 0o755),
+                file_entry("usr/local/bin/etcdctl", etcdctl, 0o755),
+                dir_entry("var/lib/etcd", 0o700, NONROOT_UID, NONROOT_UID),
+            ],
+            ("nonroot", NONROOT_UID),
             ImageConfig(
                 cmd=("/usr/local/bin/etcd",),
-                user=f"{NONROOT_UID}:{NONROOT_UID}",
                 workdir="/var/lib/etcd",
                 labels={"org.opencontainers.image.version": version},
             ),
@@ -305,18 +309,13 @@ def plan_coredns(ctx: BuildContext) -> Plan:
     ref = ctx.refs.get("coredns", f"registry.k8s.io/coredns/coredns:v{version}")
 
     def write(archive: Path, work: str) -> ImageInfo:
-        layer = [
-            file_entry("coredns", coredns, 0o755),
-            *_passwd([("nonroot", NONROOT_UID)]),
-            dir_entry("tmp", 0o1777),
-        ]
-        return write_image(
+        return _small_image(
             archive,
             ref,
-            [layer],
+            [file_entry("coredns", coredns, 0o755)],
+            ("nonroot", NONROOT_UID),
             ImageConfig(
                 entrypoint=("/coredns",),
-                user=f"{NONROOT_UID}:{NONROOT_UID}",
                 labels={"org.opencontainers.image.version": version},
             ),
         )
@@ -348,37 +347,32 @@ def stand_in_script() -> bytes:
 
 
 def plan_stand_in(ctx: BuildContext) -> Plan:
-    busybox = Path("/bin/busybox")
+    busybox = ctx.busybox
     if not busybox.is_file():
-        raise ImageInputMissing(
-            "stand-in", "/bin/busybox is missing: apt-get install busybox-static"
-        )
-    applets = sorted(set(_run("stand-in", [str(busybox), "--list"]).split()) - {"busybox"})
+        raise ImageInputMissing("stand-in", f"{busybox} is missing: apt-get install busybox-static")
     # Debian's `busybox` package is dynamically linked; only busybox-static runs in an image
     # that has no libc.
     if not is_static_elf(busybox):
         raise ImageInputMissing(
             "stand-in", f"{busybox} is dynamically linked: apt-get install busybox-static"
         )
+    applets = sorted(set(_run("stand-in", [str(busybox), "--list"]).split()) - {"busybox"})
     script = stand_in_script()
     ref = ctx.refs.get("stand-in", f"ghcr.io/ml-defender/stand-in:{project_version()}")
 
     def write(archive: Path, work: str) -> ImageInfo:
-        layer = [
-            file_entry("bin/busybox", busybox, 0o755),
-            *(symlink_entry(f"bin/{a}", "busybox") for a in applets),
-            file_entry(STAND_IN_PATH, script, 0o755),
-            *_passwd([("defender", PROJECT_UID)]),
-            dir_entry("tmp", 0o1777),
-        ]
-        return write_image(
+        return _small_image(
             archive,
             ref,
-            [layer],
+            [
+                file_entry("bin/busybox", busybox, 0o755),
+                *(symlink_entry(f"bin/{a}", "busybox") for a in applets),
+                file_entry(STAND_IN_PATH, script, 0o755),
+            ],
+            ("defender", PROJECT_UID),
             ImageConfig(
                 entrypoint=(f"/{STAND_IN_PATH}",),
                 env=("PATH=/usr/local/bin:/bin",),
-                user=f"{PROJECT_UID}:{PROJECT_UID}",
                 labels={"org.opencontainers.image.title": "ml-defender stand-in component"},
             ),
         )
@@ -497,41 +491,8 @@ def rootfs_tarball(ctx: BuildContext) -> Path:
     return tarball
 
 
-def build_wheels(ctx: BuildContext, dest: Path) -> None:
-    """The project's wheel, its dependencies' at the pinned versions, and pip to install them."""
-    constraints = REPO_ROOT / "requirements" / "constraints.txt"
-    ctx.progress("project: pip wheel (project + pinned dependencies)")
-    _run(
-        "project",
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--wheel-dir",
-            str(dest),
-            "-c",
-            str(constraints),
-            str(REPO_ROOT),
-        ],
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-    )
-    _run(
-        "project",
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "-q",
-            "--only-binary=:all:",
-            "--no-deps",
-            "-d",
-            str(dest),
-            "pip",
-        ],
-    )
+def _pip(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"]
 
 
 def _chroot(root: Path, *argv: str, env: Mapping[str, str] | None = None) -> str:
@@ -544,7 +505,82 @@ def _chroot(root: Path, *argv: str, env: Mapping[str, str] | None = None) -> str
     return _run("project", ["chroot", str(root), *argv], env=run_env)
 
 
+def _pip_in_root(root: Path, wheels: Path, *args: str) -> None:
+    """pip, run from its own wheel inside the root, so the image carries no pip.
+
+    SOURCE_DATE_EPOCH makes the .pyc files hash-based: the same wheels give the same layer.
+    """
+    inside = Path("/tmp") / wheels.name
+    staged = root / inside.relative_to("/")
+    shutil.copytree(wheels, staged)
+    try:
+        pip_whl = next(staged.glob("pip-*.whl"))
+        _chroot(
+            root,
+            f"{PROJECT_PREFIX}/bin/python",
+            f"{inside}/{pip_whl.name}/pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--find-links",
+            str(inside),
+            *(a.replace("{wheels}", str(inside)) for a in args),
+            env={"SOURCE_DATE_EPOCH": "0"},
+        )
+    finally:
+        shutil.rmtree(staged)
+
+
+def _files_state(top: Path) -> dict[str, tuple[int, int, int]]:
+    return {
+        str(p.relative_to(top)): (p.lstat().st_size, p.lstat().st_mtime_ns, p.lstat().st_mode)
+        for p in top.rglob("*")
+    }
+
+
+@dataclass(frozen=True)
+class _CachedLayer:
+    """A layer kept in ``<cache>/layers`` under the key of what it was made from."""
+
+    cache_dir: Path
+    key: str
+
+    @property
+    def record(self) -> Path:
+        return self.cache_dir / "layers" / f"{self.key}.json"
+
+    def load(self) -> LayerBlob | None:
+        try:
+            data = json.loads(self.record.read_text())
+            path = self.cache_dir / "layers" / str(data["digest"]).split(":", 1)[1]
+            if path.stat().st_size != int(data["size"]):
+                return None
+            desc = Descriptor(MEDIA_LAYER_GZIP, str(data["digest"]), int(data["size"]))
+            return LayerBlob(desc, str(data["diff_id"]), path)
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+
+    def save(self, entries: Sequence[Entry]) -> LayerBlob:
+        blob = write_layer(entries, self.cache_dir / "layers")
+        d = blob.descriptor
+        tmp = self.record.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"digest": d.digest, "size": d.size, "diff_id": blob.diff_id}))
+        tmp.replace(self.record)
+        return blob
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("|".join((RECIPE_VERSION, *parts)).encode()).hexdigest()[:24]
+
+
 def plan_project(ctx: BuildContext) -> Plan:
+    """Three layers: the Debian root, the pinned dependencies in a venv, the project itself.
+
+    The first two are cached by what they are made from (the debootstrap spec; constraints.txt
+    and pyproject.toml), so a change to the sources rebuilds only the small top layer.
+    """
     ref = ctx.refs.get("project") or chart_refs()["project"]
     version = project_version()
     sources = [REPO_ROOT / p for p in ("pyproject.toml", "README.md", "src", "operator")]
@@ -555,12 +591,24 @@ def plan_project(ctx: BuildContext) -> Plan:
         raise ImageInputMissing(
             "project", "debootstrap is not installed: apt-get install debootstrap"
         )
+    debian = f"{DEBIAN_SUITE}|minbase|{','.join(DEBIAN_INCLUDE)}|{_debootstrap_version()}"
+    python = sys.version.split()[0]
+    deps_inputs = (
+        debian,
+        _sha256_file(constraints),
+        _sha256_file(REPO_ROOT / "pyproject.toml"),
+        python,
+    )
     inputs = {
-        "debian": f"{DEBIAN_SUITE}|minbase|{','.join(DEBIAN_INCLUDE)}|{_debootstrap_version()}",
+        "debian": debian,
         "sources": _tree_digest(sources),
         "constraints": _sha256_file(constraints),
-        "python": sys.version.split()[0],
+        "python": python,
     }
+    users = (
+        f"defender:x:{PROJECT_UID}:{PROJECT_UID}::/nonexistent:/usr/sbin/nologin\n",
+        f"defender:x:{PROJECT_UID}:\n",
+    )
 
     def write(archive: Path, work: str) -> ImageInfo:
         tarball = rootfs_tarball(ctx)
@@ -569,57 +617,86 @@ def plan_project(ctx: BuildContext) -> Plan:
         _run(
             "project", ["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-xpf", str(tarball)]
         )
-        ctx.progress("project: base layer from the debian root")
-        base = entries_from_dir(
-            root, keep_owner=True, exclude=("dev", "proc", "sys", "tmp"), skip_special=True
+        venv = root / PROJECT_PREFIX.lstrip("/")
+
+        base_cache = _CachedLayer(ctx.cache_dir, "base-" + _key(debian))
+        base = base_cache.load()
+        if base is None:
+            ctx.progress("project: base layer from the debian root")
+            base = base_cache.save(
+                entries_from_dir(
+                    root, keep_owner=True, exclude=("dev", "proc", "sys", "tmp"), skip_special=True
+                )
+            )
+
+        deps_cache = _CachedLayer(ctx.cache_dir, "deps-" + _key(*deps_inputs))
+        deps = deps_cache.load()
+        if deps is not None:
+            ctx.progress("project: dependency layer cached")
+            extract_layer(deps.path, root)
+        else:
+            wheels = Path(work) / "wheels"
+            ctx.progress("project: pip wheel (project + pinned dependencies)")
+            _run(
+                "project",
+                [
+                    *_pip("wheel", "--wheel-dir", str(wheels), "-c", str(constraints)),
+                    str(REPO_ROOT),
+                ],
+            )
+            for own in wheels.glob("ml_defender_config-*.whl"):
+                own.unlink()
+            _run(
+                "project",
+                [*_pip("download", "--only-binary=:all:", "--no-deps", "-d", str(wheels)), "pip"],
+            )
+            ctx.progress(f"project: install the dependencies into {PROJECT_PREFIX} (chroot)")
+            _chroot(root, "python3.11", "-m", "venv", "--without-pip", PROJECT_PREFIX)
+            names = sorted(w.name for w in wheels.glob("*.whl") if not w.name.startswith("pip-"))
+            _pip_in_root(root, wheels, "--no-deps", *(f"{{wheels}}/{n}" for n in names))
+            passwd = (root / "etc" / "passwd").read_text() + users[0]
+            group = (root / "etc" / "group").read_text() + users[1]
+            deps = deps_cache.save(
+                [
+                    *entries_from_dir(venv, prefix=PROJECT_PREFIX, keep_owner=True),
+                    file_entry("etc/passwd", passwd.encode()),
+                    file_entry("etc/group", group.encode()),
+                ]
+            )
+
+        ctx.progress("project: pip wheel + install the project (chroot)")
+        before = _files_state(venv)
+        own_wheels = Path(work) / "own"
+        _run(
+            "project", [*_pip("wheel", "--no-deps", "--wheel-dir", str(own_wheels)), str(REPO_ROOT)]
         )
-        wheels = Path(work) / "wheels"
-        build_wheels(ctx, wheels)
-        staged = root / "tmp" / "wheels"
-        shutil.copytree(wheels, staged)
-        pip_whl = next(staged.glob("pip-*.whl"))
-        ctx.progress(f"project: install the wheels into {PROJECT_PREFIX} (chroot)")
-        _chroot(root, "python3.11", "-m", "venv", "--without-pip", PROJECT_PREFIX)
-        # pip runs from its wheel so the image carries no pip; SOURCE_DATE_EPOCH makes the .pyc
-        # files hash-based, so the same wheels give the same layer.
-        _chroot(
-            root,
-            f"{PROJECT_PREFIX}/bin/python",
-            f"/tmp/wheels/{pip_whl.name}/pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--no-cache-dir",
-            "--disable-pip-version-check",
-            "--find-links",
-            "/tmp/wheels",
-            f"ml-defender-config=={version}",
-            env={"SOURCE_DATE_EPOCH": "0"},
+        _run(
+            "project",
+            [*_pip("download", "--only-binary=:all:", "--no-deps", "-d", str(own_wheels)), "pip"],
         )
-        shutil.rmtree(staged)
+        _pip_in_root(root, own_wheels, "--no-deps", f"ml-defender-config=={version}")
         for cmd in (
             ("defender-operator", "--help"),
+            ("python", "-m", "defender_operator", "--help"),
             ("defender-agent", "--help"),
             ("kubectl-defender", "--help"),
         ):
             _chroot(root, *cmd)
         ctx.progress("project: entrypoints answer --help inside the root")
-        passwd = (root / "etc" / "passwd").read_text() + (
-            f"defender:x:{PROJECT_UID}:{PROJECT_UID}::/nonexistent:/usr/sbin/nologin\n"
-        )
-        group = (root / "etc" / "group").read_text() + f"defender:x:{PROJECT_UID}:\n"
+        after = _files_state(venv)
+        changed = {p for p, st in after.items() if before.get(p) != st}
         app = [
-            *entries_from_dir(
-                root / PROJECT_PREFIX.lstrip("/"), prefix=PROJECT_PREFIX, keep_owner=True
-            ),
-            file_entry("etc/passwd", passwd.encode()),
-            file_entry("etc/group", group.encode()),
+            e
+            for e in entries_from_dir(venv, prefix=PROJECT_PREFIX, keep_owner=True)
+            if e.path.removeprefix(PROJECT_PREFIX.lstrip("/") + "/") in changed
         ]
-        ctx.progress("project: writing the archive (gzip of two layers)")
+        if not app:
+            raise ImageBuildError("project", "installing the project changed nothing in the venv")
+        ctx.progress("project: writing the archive")
         return write_image(
             archive,
             ref,
-            [base, app],
+            [base, deps, app],
             ImageConfig(
                 cmd=("defender-operator",),
                 env=(

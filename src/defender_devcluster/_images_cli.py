@@ -8,18 +8,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._errors import DevClusterError
-from ._images import (
-    IMAGE_NAMES,
+from . import (
     BuildContext,
     BuiltImage,
-    ImageBuildError,
-    ImageInputMissing,
     build_image,
     default_cache_dir,
     import_archives,
     write_index,
 )
+from ._errors import DevClusterError, ImageBuildError, ImageInputMissing
+from ._images import IMAGE_NAMES
 from ._oci import check_ref
 
 

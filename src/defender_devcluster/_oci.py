@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
-from ._errors import DevClusterError
+from ._errors import OciError as OciError  # re-exported: callers of the writer catch it here
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -51,10 +51,6 @@ _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 _DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?/)?"
 _REF_RE = re.compile(rf"^{_DOMAIN}{_COMPONENT}(?:/{_COMPONENT})*:[\w][\w.-]{{0,127}}$")
 _GZIP_LEVEL = 6
-
-
-class OciError(DevClusterError):
-    """An image could not be written: bad reference, bad entry, unreadable source."""
 
 
 @dataclass(frozen=True)
@@ -400,10 +396,34 @@ def _add_tree(tar: tarfile.TarFile, layout: Path) -> None:
                 tar.addfile(info, f)
 
 
+def _place_blob(layer: LayerBlob, blobs: Path) -> LayerBlob:
+    """A layer written earlier (a cache) joins this image's blobs: linked when it can be."""
+    target = blobs / layer.descriptor.digest.split(":", 1)[1]
+    try:
+        if layer.path.stat().st_size != layer.descriptor.size:
+            raise OciError(f"{layer.path} is not the {layer.descriptor.size}-byte layer recorded")
+        try:
+            os.link(layer.path, target)
+        except OSError:
+            shutil.copyfile(layer.path, target)
+    except OSError as exc:
+        raise OciError(f"cannot use the layer {layer.path}: {exc}") from exc
+    return LayerBlob(layer.descriptor, layer.diff_id, target)
+
+
+def extract_layer(blob: Path, dest: Path) -> None:
+    """Unpack one gzip layer under ``dest`` with its owners and modes (no whiteouts expected)."""
+    try:
+        with gzip.open(blob) as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+            tar.extractall(dest, numeric_owner=True, filter="fully_trusted")
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise OciError(f"cannot unpack the layer {blob}: {exc}") from exc
+
+
 def write_image(
     archive: Path,
     ref: str,
-    layers: Sequence[Sequence[Entry]],
+    layers: Sequence[Sequence[Entry] | LayerBlob],
     config: ImageConfig,
     *,
     arch: str | None = None,
@@ -411,7 +431,8 @@ def write_image(
 ) -> ImageInfo:
     """Write ``archive`` (an OCI image-layout tar) holding one image tagged ``ref``.
 
-    ``layers`` go bottom to top. The archive is written beside its final name and renamed,
+    ``layers`` go bottom to top: entries to write, or a LayerBlob written before (a cached
+    layer is then linked, not rewritten). The archive is written beside its final name and renamed,
     so a reader never finds half an archive.
     """
     check_ref(ref)
@@ -423,7 +444,10 @@ def write_image(
         layout = staging / "layout"
         blobs = layout / "blobs" / "sha256"
         blobs.mkdir(parents=True)
-        written = [write_layer(entries, blobs) for entries in layers]
+        written = [
+            _place_blob(layer, blobs) if isinstance(layer, LayerBlob) else write_layer(layer, blobs)
+            for layer in layers
+        ]
         diff_ids = tuple(w.diff_id for w in written)
         cfg = _write_json_blob(
             _config_json(config, diff_ids, arch or host_arch()), MEDIA_CONFIG, blobs

@@ -14,8 +14,13 @@ from typing import Any
 
 import pytest
 
-from defender_devcluster import ToolNotFoundError, popen_dying_with_parent, wait_for
-from defender_devcluster._images import BuildContext, ImageInputMissing
+from defender_devcluster import (
+    BuildContext,
+    ImageInputMissing,
+    ToolNotFoundError,
+    popen_dying_with_parent,
+    wait_for,
+)
 from defender_devcluster.pytest_plugin import in_ci, missing_tool
 
 

@@ -30,16 +30,21 @@ from images_support import (
     throwaway_containerd,
 )
 
-from defender_devcluster import ToolNotFoundError, tools_bin, wait_for
-from defender_devcluster._images import (
-    BuiltImage,
+from defender_devcluster import (
     ImageBuildError,
     ImageInputMissing,
+    ToolNotFoundError,
+    tools_bin,
+    wait_for,
+)
+from defender_devcluster._images import (
+    BuiltImage,
     build_image,
     chart_refs,
     import_archives,
     is_static_elf,
     pause_source,
+    tools_env,
     write_index,
 )
 from defender_devcluster.pytest_plugin import missing_tool
@@ -259,6 +264,34 @@ def test_containerd_imports_the_archives_lists_the_tags_and_runs_them(
         for image in built.values():
             line = next(line for line in listed.splitlines() if line.startswith(image.ref + " "))
             assert image.digest in line
+        # kind (`kind load image-archive`) and k3s import with these flags; the tag must hold.
+        subprocess.run(
+            [*ctr, "images", "rm", built["stand-in"].ref],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        subprocess.run(
+            [
+                *ctr,
+                "images",
+                "import",
+                "--all-platforms",
+                "--digests",
+                str(built["stand-in"].archive),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        names = subprocess.run(
+            [*ctr, "images", "list", "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.split()
+        assert built["stand-in"].ref in names
         # The etcd image runs through runc: the chart's etcd test pod runs exactly this binary.
         run = subprocess.run(
             [
@@ -308,6 +341,45 @@ def test_missing_inputs_and_wrong_versions_are_named(tmp_path: Path) -> None:
     (empty / "coredns").write_text("#!/bin/sh\nexit 3\n")
     with pytest.raises(ImageBuildError, match="exited 3"):
         build_image(ctx, "coredns")
+
+
+def test_coredns_image_from_the_node_tools(tmp_path: Path) -> None:
+    bindir = tools_bin()
+    ctx = ctx_for(tmp_path / "cache", bindir=bindir)
+    if not (bindir / "coredns").exists():
+        # The node tools (which build CoreDNS) have not run for this checkout: the target must
+        # say so, naming the binary.
+        assert "COREDNS_VERSION" not in tools_env(), "CoreDNS is pinned but was not built"
+        with pytest.raises(ImageInputMissing, match="coredns does not exist"):
+            build_image(ctx, "coredns")
+        return
+    image = build_image(ctx, "coredns")
+    version = image.ref.rsplit(":v", 1)[1]
+    assert image.ref == f"registry.k8s.io/coredns/coredns:v{version}"
+    pinned = tools_env().get("COREDNS_VERSION")
+    assert pinned is None or pinned == f"v{version}"
+    assert skopeo_inspect(image.archive)["Digest"] == image.digest
+    _, config, _ = blobs(image.archive)
+    assert config["config"]["Entrypoint"] == ["/coredns"]
+    assert config["config"]["User"] == "65532:65532"
+    root = extract(image.archive, tmp_path / "root")
+    assert is_static_elf(root / "coredns")
+    out = subprocess.run([root / "coredns", "-version"], capture_output=True, text=True, timeout=30)
+    assert f"CoreDNS-{version}" in out.stdout
+
+
+def test_the_stand_in_needs_a_static_busybox(tmp_path: Path) -> None:
+    missing = ctx_for(tmp_path, busybox=tmp_path / "busybox")
+    with pytest.raises(
+        ImageInputMissing, match="busybox is missing: apt-get install busybox-static"
+    ):
+        build_image(missing, "stand-in")
+    dynamic = ctx_for(tmp_path, busybox=Path(sys.executable).resolve())
+    assert not is_static_elf(Path(sys.executable).resolve())
+    with pytest.raises(ImageInputMissing, match="is dynamically linked"):
+        build_image(dynamic, "stand-in")
+    (tmp_path / "text").write_text("not an ELF file")
+    assert not is_static_elf(tmp_path / "text")
 
 
 def test_the_cli_reports_what_it_could_not_build(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from defender_devcluster import OciError
 from defender_devcluster._oci import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
@@ -25,7 +26,6 @@ from defender_devcluster._oci import (
     MEDIA_MANIFEST,
     Entry,
     ImageConfig,
-    OciError,
     check_ref,
     dir_entry,
     entries_from_dir,
@@ -192,7 +192,12 @@ def test_read_index_returns_the_tag(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "ref",
-    ["registry.k8s.io/pause:3.10.1", "localhost:5000/a/b:v1", "busybox:1", "ghcr.io/a_b/c-d:0.1.0-rc.1"],
+    [
+        "registry.k8s.io/pause:3.10.1",
+        "localhost:5000/a/b:v1",
+        "busybox:1",
+        "ghcr.io/a_b/c-d:0.1.0-rc.1",
+    ],
 )
 def test_valid_references(ref: str) -> None:
     assert check_ref(ref) == ref
@@ -232,7 +237,7 @@ def test_an_image_needs_a_layer(tmp_path: Path) -> None:
 
 
 def test_unreadable_or_missing_sources_are_named(tmp_path: Path) -> None:
-    with pytest.raises(OciError, match="cannot read .*nope"):
+    with pytest.raises(OciError, match=r"cannot read .*nope"):
         write_layer([file_entry("a", tmp_path / "nope")], tmp_path / "blobs")
     with pytest.raises(OciError, match="is not a directory"):
         entries_from_dir(tmp_path / "nope")
