@@ -9,6 +9,7 @@ from ._errors import (
     ImageBuildError,
     ImageInputMissing,
     LeaderTransferError,
+    NodeSetupError,
     OciError,
     PeerProxyError,
     PortInUseError,
@@ -27,6 +28,7 @@ from ._images import (
     write_index,
 )
 from ._kube import ControlPlane
+from ._node import Node, node_alive, node_leftovers, recover_stale_nodes, teardown_node
 from ._procs import free_ports, popen_dying_with_parent
 from ._tools import tool, tools_bin
 from ._wait import wait_for
@@ -42,6 +44,8 @@ __all__ = [
     "ImageInputMissing",
     "LeaderTransferError",
     "LocalCluster",
+    "Node",
+    "NodeSetupError",
     "OciError",
     "PeerProxyError",
     "PortInUseError",
@@ -56,8 +60,12 @@ __all__ = [
     "etcd_status",
     "free_ports",
     "import_archives",
+    "node_alive",
+    "node_leftovers",
     "popen_dying_with_parent",
+    "recover_stale_nodes",
     "stop_run_dir",
+    "teardown_node",
     "tool",
     "tools_bin",
     "wait_for",

@@ -273,21 +273,9 @@ class Node:
     def import_images(self, archives: Sequence[Path]) -> None:
         """Import OCI image archives into containerd's ``k8s.io`` namespace (what the kubelet
         sees); pods use them with ``imagePullPolicy: IfNotPresent`` or ``Never``."""
-        for archive in archives:
-            argv = [
-                str(tool("ctr")),
-                "--address",
-                str(self.socket),
-                "--namespace",
-                "k8s.io",
-                "images",
-                "import",
-                str(archive),
-            ]
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-            if out.returncode != 0:
-                raise NodeSetupError(f"ctr images import {archive}: {out.stderr.strip()}")
-            log.info("imported %s", archive.name)
+        from ._images import import_archives
+
+        import_archives(self.socket, list(archives), ctr=str(tool("ctr")), progress=log.info)
 
     def _kubeconfig(self, cp: ControlPlane, user: str) -> Path:
         from ._kube import write_kubeconfig

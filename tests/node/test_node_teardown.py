@@ -16,8 +16,15 @@ from pathlib import Path
 import pytest
 from node_support import Kubectl, busybox_pod, wait_pod_ready
 
-from defender_devcluster import EtcdCluster, LocalCluster, stop_run_dir, tool
-from defender_devcluster._node import node_alive, node_leftovers, recover_stale_nodes
+from defender_devcluster import (
+    EtcdCluster,
+    LocalCluster,
+    node_alive,
+    node_leftovers,
+    recover_stale_nodes,
+    stop_run_dir,
+    tool,
+)
 
 
 @pytest.fixture
