@@ -252,7 +252,7 @@ class LibraryBackend:
                 self.client.store.endpoints, f"cannot read the owner record {key}"
             )
         try:
-            rec = OwnerRecord.model_validate(self.client.decode_json(key, stored.value))
+            rec = OwnerRecord.model_validate(self.client.decode_record(key, stored.value))
         except (DefenderConfigError, ValidationError, ValueError) as exc:
             raise OwnerRecordError(
                 f"owner record {key} is not readable ({type(exc).__name__}); nobody may write"
@@ -271,7 +271,7 @@ class LibraryBackend:
             since=datetime.now(UTC),
             by=self.client.instance or "",
         )
-        value = self.client.encode_json(rec.model_dump(mode="json"))
+        value = self.client.encode_record(key, rec.model_dump(mode="json"))
         done = self.client.store.txn([Compare.mod_revision_is(key, revision)], [PutOp(key, value)])
         return done.succeeded
 

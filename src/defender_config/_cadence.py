@@ -7,7 +7,9 @@ fallback before the first read (or while the record is absent or unreadable).
 `write_cadence` encodes and writes the record; `decode_cadence` is the only code that turns its
 stored bytes into a cadence, used by `read_cadence` and by the heartbeater (which fetches the
 record in the same transaction as its heartbeat put, so following it costs no extra request).
-Whatever protects control records later (a MAC) wraps `write_cadence` and `decode_cadence`.
+Like every control record it carries a MAC made with the shared keyring (`_records`): a reader
+holding the keyring ignores a record nobody with the key wrote, so write access to etcd alone
+cannot stretch a component's cadence (and with it the time a hung instance goes unnoticed).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._client import DefenderClient
 from ._envelope import expect_plaintext
-from ._errors import DefenderConfigError
+from ._errors import DefenderConfigError, RecordAuthError
+from ._records import AUTH_FIELD, is_signed, verify_record
 from ._store_types import StoredValue
 
 __all__ = ["Cadence", "decode_cadence", "lease_ttl", "read_cadence", "write_cadence"]
@@ -71,8 +74,9 @@ class Cadence(BaseModel):
 
 
 def write_cadence(client: DefenderClient, component: str, cadence: Cadence) -> None:
-    """Publish `cadence` for `component` (plaintext JSON: it holds no secret)."""
-    client.put_json(client.layout.cadence(component), cadence.model_dump(mode="json"))
+    """Publish `cadence` for `component` (plaintext JSON, signed when the client holds a
+    keyring: it holds no secret but steers every instance)."""
+    client.put_record(client.layout.cadence(component), cadence.model_dump(mode="json"))
 
 
 def read_cadence(client: DefenderClient, component: str) -> Cadence | None:
@@ -80,21 +84,30 @@ def read_cadence(client: DefenderClient, component: str) -> Cadence | None:
     (garbled, sealed, out of bounds), which is logged: the caller then uses its own setting.
     Store errors (etcd unreachable) are raised: they say nothing about the record."""
     key = client.layout.cadence(component)
-    return decode_cadence(key, client.store.get(key))
+    return decode_cadence(client, key, client.store.get(key))
 
 
-def decode_cadence(key: str, stored: StoredValue | None) -> Cadence | None:
+def decode_cadence(client: DefenderClient, key: str, stored: StoredValue | None) -> Cadence | None:
     """The cadence in `stored` (the record at `key` as read); None when absent or unreadable,
-    with one warning per bad write."""
+    with one warning per bad write, and one alert per bad write when its MAC fails (a reader
+    with the keyring never follows a record nobody with the key wrote)."""
     if stored is None:
         return None
     try:
-        # Not client.decode_json: that raises an alert per read, and this is read every beat.
-        return Cadence.model_validate(json.loads(expect_plaintext(stored.value, key)))
+        # Not client.decode_record: that alerts on every read, and this is read every beat.
+        data = json.loads(expect_plaintext(stored.value, key))
+        keyring = client.envelope.keyring()
+        if keyring is not None:
+            data = verify_record(keyring, key, data)
+        elif is_signed(data):
+            data = {k: v for k, v in data.items() if k != AUTH_FIELD}
+        return Cadence.model_validate(data)
     except (DefenderConfigError, ValidationError, ValueError) as exc:
         with _warned_lock:
             first = _warned.get(key) != stored.mod_revision
             _warned[key] = stored.mod_revision
+        if first and isinstance(exc, RecordAuthError):
+            client.report(exc, path=key)
         if first:
             log.warning(
                 "ignoring the unreadable heartbeat cadence %s (using the local setting): %s",

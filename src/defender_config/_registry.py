@@ -379,7 +379,7 @@ class Heartbeater:
         cadence_key = self.client.layout.cadence(self.component)
         result = self.client.store.txn([], [PutOp(self.key, body, lease.id), GetOp(cadence_key)])
         found = result.gets[0] if result.gets else ()
-        self._adopt(decode_cadence(cadence_key, found[0] if found else None))
+        self._adopt(decode_cadence(self.client, cadence_key, found[0] if found else None))
 
     def _beat(self, *, initial: bool = False) -> None:
         store = self.client.store

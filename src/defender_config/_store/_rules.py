@@ -104,10 +104,16 @@ _BUSY = ErrorRule(
     "etcd dropped the request while its leader was handing over or throttling",
 )
 _RESET = ErrorRule("unavailable", True, "stream_reset", "the member reset the call")
+# etcd with authentication on answers a request that carries no credentials at all with
+# INVALID_ARGUMENT "user name is empty": an auth refusal, whatever the code says.
+_NO_CREDENTIALS = ErrorRule(
+    "auth", False, "unauthenticated", "etcd requires credentials and none were given"
+)
 _BY_DETAILS: Final = (
     (grpc.StatusCode.UNKNOWN, ("raft proposal dropped",), _BUSY),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, ("etcdserver: too many requests",), _BUSY),
     (grpc.StatusCode.CANCELLED, ("RST_STREAM", "Stream removed"), _RESET),
+    (grpc.StatusCode.INVALID_ARGUMENT, ("user name is empty",), _NO_CREDENTIALS),
 )
 
 

@@ -284,12 +284,21 @@ def test_data_from_before_claims_is_adopted_by_the_first_reconciler(
     assert meta is not None and (meta.version, meta.modified_by) == (1, "older")
 
 
-def test_an_unreadable_owner_record_refuses_every_claimant(operator_run: OperatorRun) -> None:
+@pytest.mark.parametrize("forged", [False, True], ids=["garbled", "forged-unsigned"])
+def test_an_unreadable_owner_record_refuses_every_claimant(
+    operator_run: OperatorRun, forged: bool
+) -> None:
     run = operator_run
     run.start()
     configs = ConfigStore(run.client(run.operator_keyring()))
     key = configs.client.layout.owner(NAME)
-    configs.client.store.put(key, b"not an owner record")
+    if forged:
+        # Write access to etcd alone: a well-formed record handing the name to another
+        # namespace, without the keyring's MAC, is not obeyed.
+        record = {"namespace": "attacker", "name": NAME, "uid": str(uuid.uuid4())}
+        configs.client.put_json(key, {**record, "released": False, "since": "2026-01-01T00:00:00Z"})
+    else:
+        configs.client.store.put(key, b"not an owner record")
     run.apply_sample(NAME)
     conflict = wait_for(
         "Conflict OwnerRecordUnreadable",

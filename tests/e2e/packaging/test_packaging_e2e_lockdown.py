@@ -42,7 +42,6 @@ from defender_config import (
     LibrarySettings,
     StoreAuthError,
     StoredValue,
-    StoreError,
 )
 from defender_devcluster import ToolNotFoundError, free_ports, tool, wait_for
 from defender_devcluster.pytest_plugin import missing_tool
@@ -148,12 +147,12 @@ def test_operator_credentials_read_and_write_the_prefix(
 
 
 def test_no_credentials_are_refused(locked: dict[str, Any]) -> None:
-    # etcd answers INVALID_ARGUMENT "user name is empty", which the library's error table types
-    # as a plain StoreError (not StoreAuthError): refused either way, nothing read or written.
+    # etcd answers INVALID_ARGUMENT "user name is empty"; the library types it as the auth
+    # refusal it is.
     with _store(locked, None, None) as store:
-        with pytest.raises(StoreError, match="user name is empty"):
+        with pytest.raises(StoreAuthError, match="user name is empty"):
             store.get(f"{PREFIX}/components/firewall/active_config")
-        with pytest.raises(StoreError, match="user name is empty"):
+        with pytest.raises(StoreAuthError, match="user name is empty"):
             store.put(f"{PREFIX}/components/firewall/active_config", b"{}")
         assert not store.health().quorum
 

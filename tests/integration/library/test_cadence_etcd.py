@@ -200,3 +200,31 @@ def test_an_old_lease_that_cannot_be_revoked_is_left_to_expire(
     finally:
         monkeypatch.undo()
         hb.stop()
+
+
+def test_a_record_without_the_keyrings_mac_is_never_followed(
+    client: DefenderClient, alerts: list[object]
+) -> None:
+    # Write access to etcd alone: a well-formed cadence of an hour between beats, unsigned or
+    # signed with another keyring, would hide a hung instance for hours if it were followed.
+    from defender_config import Keyring, sign_record
+
+    key = client.layout.cadence("sniffer")
+    forged = {"interval_seconds": 3600, "allowed_misses": 100}
+    client.put_json(key, forged)
+    assert read_cadence(client, "sniffer") is None
+    client.put_json(key, sign_record(Keyring.generate(), key, forged))
+    assert read_cadence(client, "sniffer") is None
+    hb = _beater(client)
+    try:
+        beats = hb.beats
+        wait_for("beating on the local setting", lambda: hb.beats > beats + 1, timeout=10)
+        assert (hb.interval, hb.cadence) == (3, None)
+        reasons = [getattr(a, "kind", None) for a in alerts]
+        assert reasons.count("RecordUnauthenticated") == 2, reasons  # one per bad write
+        # The operator's signed record is followed.
+        write_cadence(client, "sniffer", Cadence(interval_seconds=0.5, allowed_misses=4))
+        wait_for("the signed cadence", lambda: hb.interval == 0.5, timeout=3 + 5)
+        assert b'"auth"' in client.store.get(key).value  # type: ignore[union-attr]
+    finally:
+        hb.stop()

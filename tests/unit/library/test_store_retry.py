@@ -61,6 +61,8 @@ TRANSIENT = [
 PERMANENT = [
     (StatusError(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token"), "auth"),
     (StatusError(grpc.StatusCode.PERMISSION_DENIED), "auth"),
+    # etcd with auth on, a client with no credentials: refused under another code.
+    (StatusError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: user name is empty"), "auth"),
     (StatusError(grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found"), "not_found"),
     (StatusError(grpc.StatusCode.OUT_OF_RANGE), "compacted"),
     (etcd_exc.RevisionCompactedError(5), "compacted"),
