@@ -36,6 +36,7 @@ from ._nodenet import (
     NodeNetwork,
     create_network,
     leftovers,
+    owner_alive,
     registered_networks,
     remove_network,
 )
@@ -679,14 +680,16 @@ def node_alive(run_dir: Path) -> bool:
 
 
 def recover_stale_nodes(keep: Path | None) -> list[Path]:
-    """Tear down every registered node whose processes are all gone (a crashed or killed
-    run, e.g. an interrupted pytest session whose temporary dir is gone). Live nodes of other
-    runs are left alone. Returns the run dirs cleaned."""
+    """Tear down every registered node whose processes are all gone and whose creator is gone
+    too (a crashed or killed run, e.g. an interrupted pytest session whose temporary dir is
+    gone). Live nodes of other runs, and nodes still starting, are left alone. Returns the run
+    dirs cleaned."""
     cleaned: list[Path] = []
     for net in registered_networks():
         if keep is not None and net.run_dir == keep:
             continue
-        if node_alive(net.run_dir):
+        # A node whose creator still runs may be starting (no node process yet): not stale.
+        if node_alive(net.run_dir) or owner_alive(net.netns):
             continue
         log.warning("removing the node of a crashed run (%s)", net.run_dir)
         teardown_node(net.run_dir)

@@ -100,7 +100,37 @@ class NodeNetwork:
         return ["nsenter", f"--net={self.netns_path}", "--", *argv]
 
     def record(self) -> dict[str, object]:
-        return {"run_dir": str(self.run_dir), "slot": self.slot, "netns": self.netns}
+        # The creator is recorded so that another run does not take a node that is still
+        # starting (no node process yet) for a crashed one.
+        pid = os.getpid()
+        return {
+            "run_dir": str(self.run_dir),
+            "slot": self.slot,
+            "netns": self.netns,
+            "owner_pid": pid,
+            "owner_start": process_start_time(pid),
+        }
+
+
+def process_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks): with the PID, it names one
+    process even after the PID is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def owner_alive(netns: str) -> bool:
+    """Whether the process that created ``netns`` (per its registry record) still runs."""
+    try:
+        data = json.loads((REGISTRY / f"{netns}.json").read_text(encoding="utf-8"))
+        pid, start = int(data["owner_pid"]), data["owner_start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return start is not None and process_start_time(pid) == start
 
 
 def _require_root_tools() -> None:

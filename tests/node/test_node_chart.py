@@ -74,6 +74,9 @@ def test_helm_install_runs_the_etcd_members_and_the_operator_in_pods(
             "etcdctl", "member", "list", "-w", "simple",
         )  # fmt: skip
         assert out.count(", started, ") == 3, out
+        # The chart's own test pods (etcd health through the client Service, operator health).
+        tested = _helm(node_cluster, "test", RELEASE, "--namespace", NAMESPACE, "--timeout", "5m")
+        assert "Phase:          Succeeded" in tested and "Failed" not in tested, tested
     finally:
         subprocess.run(
             [str(tool("helm")), f"--kubeconfig={node_cluster.kubeconfig}", "uninstall", RELEASE,

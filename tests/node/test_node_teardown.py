@@ -7,6 +7,7 @@ this also shows two nodes side by side.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,9 @@ from defender_devcluster import (
     recover_stale_nodes,
     stop_run_dir,
     tool,
+    wait_for,
 )
+from defender_devcluster._nodenet import REGISTRY, process_start_time
 
 
 @pytest.fixture
@@ -60,6 +63,7 @@ def crashed_node(
         for proc in cluster.node.processes():
             assert proc.pid is not None
             os.kill(proc.pid, signal.SIGKILL)
+        wait_for("the node processes gone", lambda: not node_alive(cluster.run_dir), timeout=30)
         yield cluster.run_dir, net.netns, net.host_if
     finally:
         cluster.control_plane.stop()
@@ -92,12 +96,37 @@ def test_cluster_down_after_a_crash_removes_everything_the_node_made(
     _assert_nothing_left(run_dir, netns, host_if)
 
 
+def _creator_dies(netns: str) -> None:
+    """Make the registry say the node was created by a process that is gone, as when the
+    pytest session or `up` that made it was killed (here the creator is this test process)."""
+    record = REGISTRY / f"{netns}.json"
+    data = json.loads(record.read_text())
+    child = subprocess.Popen(["sleep", "30"])
+    data["owner_pid"], data["owner_start"] = child.pid, process_start_time(child.pid)
+    record.write_text(json.dumps(data))
+    child.kill()
+    child.wait()
+
+
+def test_a_node_still_starting_is_not_taken_for_a_crashed_one(
+    crashed_node: tuple[Path, str, str],
+) -> None:
+    run_dir, netns, _ = crashed_node
+    # No node process runs, but its creator (this process) does: another run leaves it alone.
+    assert not node_alive(run_dir)
+    assert run_dir not in recover_stale_nodes(keep=None)
+    assert (REGISTRY / f"{netns}.json").is_file()
+    stop_run_dir(run_dir)
+
+
 def test_the_next_run_recovers_a_crashed_node_of_another_run_dir(
     crashed_node: tuple[Path, str, str], node_cluster: LocalCluster
 ) -> None:
     run_dir, netns, host_if = crashed_node
+    _creator_dies(netns)
     cleaned = recover_stale_nodes(keep=None)
-    assert run_dir in cleaned
+    # Another session's node start may have recovered it first (it runs the same sweep).
+    assert run_dir in cleaned or not (REGISTRY / f"{netns}.json").exists()
     _assert_nothing_left(run_dir, netns, host_if)
     # The live node of the session is not touched.
     assert node_cluster.node is not None and node_cluster.node.network is not None

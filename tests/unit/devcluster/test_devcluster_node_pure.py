@@ -55,3 +55,17 @@ def test_mounts_under_root_lists_deepest_first() -> None:
     assert points, "/proc/self/mountinfo lists at least /"
     depths = [len(p.parts) for p in points]
     assert depths == sorted(depths, reverse=True)
+
+
+def test_a_process_is_named_by_pid_and_start_time_even_after_it_exits() -> None:
+    import os
+    import subprocess
+
+    from defender_devcluster._nodenet import process_start_time
+
+    assert process_start_time(os.getpid()) is not None
+    child = subprocess.Popen(["sleep", "30"])
+    assert process_start_time(child.pid) is not None
+    child.kill()
+    child.wait()
+    assert process_start_time(child.pid) is None
