@@ -90,7 +90,7 @@ fmt: venv ## Format and autofix with ruff.
 	$(VENV)/bin/ruff check --fix src operator tests bench
 
 .PHONY: typecheck
-typecheck: venv ## mypy --strict on the library.
+typecheck: venv ## mypy --strict on every package (library, agent, operator, plugin, harness).
 	$(VENV)/bin/mypy
 
 .PHONY: test-unit

@@ -44,9 +44,9 @@ FINALIZER = f"{_api.GROUP}/retention"
 
 def _api_client(connections: int) -> k8s_client.ApiClient:
     try:
-        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+        k8s_config.load_kube_config()
     conf = k8s_client.Configuration.get_default_copy()
     # As many pooled connections as threads that may call the API server at once.
     conf.connection_pool_maxsize = connections

@@ -124,7 +124,7 @@ class Connection:
             from kubernetes import config
 
             try:
-                self._kube = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                self._kube = config.new_client_from_config(
                     config_file=self.args.kubeconfig, context=self.args.context
                 )
             except (config.ConfigException, OSError) as exc:

@@ -77,7 +77,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "ml-defender" / "images"
 
 
-def _run(name: str, argv: Sequence[str], *, timeout: float = 1800, **kw: object) -> str:
+def _run(
+    name: str,
+    argv: Sequence[str],
+    *,
+    timeout: float = 1800,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> str:
     """Run a build step; its output is returned, a failure names the image and the step."""
     try:
         proc = subprocess.run(
@@ -86,7 +93,8 @@ def _run(name: str, argv: Sequence[str], *, timeout: float = 1800, **kw: object)
             text=True,
             timeout=timeout,
             check=False,
-            **kw,  # type: ignore[call-overload]
+            env=env,
+            cwd=cwd,
         )
     except FileNotFoundError as exc:
         raise ImageInputMissing(name, f"{argv[0]} is not installed ({exc})") from exc

@@ -28,9 +28,12 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Literal, Protocol
 
 from ._errors import OciError as OciError  # re-exported: callers of the writer catch it here
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -241,7 +244,7 @@ def _with_parents(entries: Sequence[Entry]) -> list[Entry]:
 
 
 class _Sink(Protocol):
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: ReadableBuffer, /) -> int: ...
 
 
 class _HashingWriter(io.RawIOBase):
@@ -256,11 +259,12 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        self.sha.update(data)
-        self.size += len(data)
-        self._sink.write(data)
-        return len(data)
+    def write(self, data: ReadableBuffer, /) -> int:
+        view = memoryview(data)
+        self.sha.update(view)
+        self.size += view.nbytes
+        self._sink.write(view)
+        return view.nbytes
 
 
 def _tarinfo(e: Entry) -> tarfile.TarInfo:

@@ -180,13 +180,11 @@ def kubeconfig_path(local_cluster: LocalCluster, isolated_env: None) -> Iterator
 @pytest.fixture(scope="session")
 def k8s_api(kubeconfig_path: Path) -> Iterator[k8s_client.ApiClient]:
     """A ``kubernetes`` ApiClient for the local cluster (admin, group system:masters)."""
-    api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-        config_file=str(kubeconfig_path)
-    )
+    api: k8s_client.ApiClient = k8s_config.new_client_from_config(config_file=str(kubeconfig_path))
     try:
         yield api
     finally:
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
 
 
 def namespace_name(test_name: str) -> str:
