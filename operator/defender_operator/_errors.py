@@ -24,6 +24,8 @@ from defender_config import (
     DefenderConfigError,
     EnvelopeError,
     KeyringError,
+    RecordAuthError,
+    RecordReplayError,
     StoreAuthError,
     StoreUnavailableError,
     UnknownKeyError,
@@ -93,6 +95,11 @@ def is_permanent(exc: DefenderConfigError) -> bool:
     that contradict each other. Only outages and lost compare-and-swaps are transient."""
     if isinstance(exc, ConflictError):
         return not exc.retryable
+    if isinstance(exc, RecordAuthError) and not isinstance(exc, RecordReplayError):
+        # A control record the operator could neither verify nor rebuild from the sealed
+        # history (`repair_metadata` ran first): foreign or forged, a person must act. A
+        # replayed record is left to the next pass, which repairs it.
+        return True
     return isinstance(
         exc,
         ValueTooLargeError

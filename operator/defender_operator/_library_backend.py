@@ -253,6 +253,8 @@ class LibraryBackend:
             )
         try:
             rec = OwnerRecord.model_validate(self.client.decode_record(key, stored.value))
+        except KeyringError:
+            raise  # no keyring to check the MAC with: the record is not to blame
         except (DefenderConfigError, ValidationError, ValueError) as exc:
             raise OwnerRecordError(
                 f"owner record {key} is not readable ({type(exc).__name__}); nobody may write"

@@ -149,6 +149,14 @@ async def reconcile(
         recall(mem, status)
         try:
             with kopf_errors():
+                if not rt.keyring_ready:
+                    # No keyring that opens the stored values (`_keyguard`): nothing is read,
+                    # claimed, committed, seeded or copied until a person restores it (the owner
+                    # record's MAC cannot be checked either); the status shows KeyUnavailable.
+                    raise kopf.TemporaryError(
+                        f"paused, keyring unavailable: {rt.keyring_condition().message}",
+                        delay=RETRY_KEYRING,
+                    )
                 if not await _claim(rt, mem, body, namespace, name, annotations, logger):
                     await publish_status(rt, namespace, name, generation, status, {})
                     return
@@ -266,13 +274,6 @@ async def _reconcile(
             f"spec does not match the DefenderComponent schema: {exc}"
         ) from exc
     who = f"operator:{rt.identity}"
-    if not rt.keyring_ready:
-        # No keyring that opens the stored values (`_keyguard`): nothing is committed, seeded
-        # or copied until a person restores it; `reconcile` publishes KeyUnavailable.
-        raise kopf.TemporaryError(
-            f"paused, keyring unavailable: {rt.keyring_condition().message}",
-            delay=RETRY_KEYRING,
-        )
     # Before anything is read: whether this reader accepts the component unencrypted comes
     # from its spec, never from etcd.
     await asyncio.to_thread(

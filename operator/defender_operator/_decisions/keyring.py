@@ -67,7 +67,11 @@ def _covers(
     """Whether `holder` may serve as the keyring, and if not, why (for the message)."""
     if holder.error is not None:
         return False, f"{holder.name} is unreadable ({holder.error})"
-    lacking = sorted(referenced - holder.opens)
+    # Once etcd records our key ids, a value sealed under an id never recorded is foreign (a
+    # restore from another cluster, or planted by someone with etcd write access): it is that
+    # component's UnknownKey refusal, not a reason to stop using the keyring for everyone.
+    needed = referenced & set(recorded) if recorded else referenced
+    lacking = sorted(needed - holder.opens)
     if lacking:
         return False, f"{holder.name} opens no value sealed with {', '.join(lacking)}"
     clashing = sorted(
@@ -76,7 +80,7 @@ def _covers(
     if clashing:
         # Same id, other material: not our key, whatever its labels say.
         return False, f"{holder.name} holds other material under {', '.join(clashing)}"
-    if not referenced and recorded and not set(recorded) & set(holder.fingerprints):
+    if not needed and recorded and not set(recorded) & set(holder.fingerprints):
         return False, f"{holder.name} holds none of the recorded keys"
     if not referenced and not recorded and not holder.trusted:
         # Nothing to prove it against: a Secret anyone could have planted is not taken.

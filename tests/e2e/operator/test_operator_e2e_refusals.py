@@ -92,33 +92,48 @@ def test_a_config_over_the_etcd_request_limit_is_refused_with_its_reason(
     run.wait_condition("bulky", "ConfigSynced", status="True")
 
 
-def test_data_sealed_with_a_key_the_operator_lacks_is_refused_as_unknown_key(
+def test_data_sealed_with_a_key_the_operator_lacks_is_refused_not_retried(
     operator_run: OperatorRun,
 ) -> None:
     run = operator_run
-    # Seeded by someone with another keyring (a restore from another cluster, say).
+    # The operator starts on an empty store: it mints the keyring and records its key id.
+    run.start()
+    run.operator_keyring()
+    probe = run.client(run.operator_keyring())
+    wait_for(
+        "the key record",
+        lambda: probe.store.get(probe.layout.keyring_record) is not None,
+    )
+    # Then someone with another keyring seeds a component (a restore from another cluster).
+    # Data under a never-recorded key id is that component's refusal, not a lost keyring.
     config = validate_config("custom", {"mode": "x"}, {"type": "object"})
     foreign = run.client(Keyring.generate())
     ConfigStore(foreign).seed(
         "stray", config, "custom", by="elsewhere", json_schema={"type": "object"}
     )
-    run.start()
     _create(run, _custom("stray", {"mode": "x"}))
-    synced = _refused(run, "stray", "UnknownKey")
-    assert "stray" in synced["message"]
-    _not_retried(run, "stray", "UnknownKey")
+    # The first thing read is its metadata, signed under the foreign key: refused there, with
+    # the record named, and not retried (nothing this operator holds can open or rebuild it).
+    synced = _refused(run, "stray", "RecordUnauthenticated")
+    assert "components/stray/metadata" in synced["message"]
+    assert "cannot be rebuilt" in synced["message"]
+    _not_retried(run, "stray", "RecordUnauthenticated")
 
 
-def test_contradictory_stored_keys_are_refused_as_a_conflict(operator_run: OperatorRun) -> None:
+def test_metadata_lost_with_its_history_is_refused_not_retried(operator_run: OperatorRun) -> None:
     run = operator_run
     run.start()
-    # The operator's own keyring, so MASTER opens; then the metadata record goes missing.
+    # The operator's own keyring, so MASTER opens; then the metadata record goes missing, and
+    # with it the history it could be rebuilt from (a record with history left is rebuilt:
+    # test_integrity_attacks covers that repair).
     client = run.client(run.operator_keyring())
     config = validate_config("custom", {"mode": "x"}, {"type": "object"})
     ConfigStore(client).seed("torn", config, "custom", by="e2e", json_schema={"type": "object"})
     client.store.delete(client.layout.metadata("torn"))
+    client.store.delete_prefix(client.layout.history_dir("torn"))
     _create(run, _custom("torn", {"mode": "x"}))
-    synced = _refused(run, "torn", "Conflict")
-    assert "MASTER exists but metadata is missing" in synced["message"]
-    assert "retrying cannot help" in synced["message"]
-    _not_retried(run, "torn", "Conflict")
+    # Nothing left to rebuild the record from: refused for a person to re-register it.
+    synced = _refused(run, "torn", "RecordUnauthenticated")
+    assert "components/torn/metadata" in synced["message"]
+    assert "cannot be rebuilt" in synced["message"] and "re-register" in synced["message"]
+    _not_retried(run, "torn", "RecordUnauthenticated")

@@ -132,6 +132,32 @@ def test_present_source_lacking_keys_is_refused_not_overwritten() -> None:
     assert dict(plan.missing) == {OLD: None}
 
 
+def test_a_value_under_a_never_recorded_id_does_not_stop_the_keyring() -> None:
+    # Foreign data (restored from another cluster, or planted with etcd write access) next to
+    # ours: the source still serves every recorded key; the stray value is its component's
+    # UnknownKey, not a reason to refuse the keyring for everyone.
+    source = holder("source", OLD, opens=(OLD,))
+    plan = decide(source, referenced=(OLD, "k-foreign"), recorded={OLD: FP[OLD]})
+    assert plan.action is KeyringAction.USE_SOURCE
+    # A missing source is restored from a copy that opens every recorded key.
+    plan = decide(
+        None,
+        holder("copy a", OLD, opens=(OLD,)),
+        referenced=(OLD, "k-foreign"),
+        recorded={OLD: FP[OLD]},
+    )
+    assert (plan.action, plan.holder) == (KeyringAction.RESTORE, "copy a")
+    # Only foreign values: a holder must still hold a recorded key to be taken.
+    plan = decide(None, holder("copy a", NEW), referenced=("k-foreign",), recorded={OLD: FP[OLD]})
+    assert plan.action is KeyringAction.REFUSE
+    # A recorded key the source lacks still refuses it (the record is what etcd knows of ours).
+    plan = decide(holder("source", NEW, opens=(NEW,)), referenced=(OLD, NEW), recorded=dict(FP))
+    assert plan.action is KeyringAction.REFUSE
+    # With no record (a store from before the record existed), every referenced id counts.
+    plan = decide(holder("source", OLD, opens=(OLD,)), referenced=(OLD, "k-foreign"))
+    assert plan.action is KeyringAction.REFUSE
+
+
 def test_unreadable_source_is_refused() -> None:
     plan = decide(holder("source", error="not valid JSON"), referenced=(OLD,))
     assert plan.action is KeyringAction.REFUSE

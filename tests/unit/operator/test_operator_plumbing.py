@@ -17,6 +17,8 @@ from defender_config import (
     Keyring,
     KeyringError,
     NotFoundError,
+    RecordAuthError,
+    RecordReplayError,
     StoreAuthError,
     StoreUnavailableError,
     UnknownKeyError,
@@ -52,6 +54,8 @@ def _raise(exc: Exception) -> None:
         (AuthenticationFailedError("/p/x", "k1"), 60.0),
         (KeyringError("no primary"), 60.0),
         (NotFoundError("/p/x"), 10.0),
+        # A replayed record is repaired by the next pass.
+        (RecordReplayError("/p/components/x/metadata", "older than version 3"), 60.0),
     ],
 )
 def test_retryable_errors_become_temporary(error: Exception, delay: float) -> None:
@@ -70,6 +74,7 @@ def test_retryable_errors_become_temporary(error: Exception, delay: float) -> No
         ValueTooLargeError(1_900_000, 1_572_864, path="/p/components/x/active_config"),
         UnknownKeyError("k9", ["k1", "k2"], path="/p/components/x/master_config"),
         ConflictError("/p/components/x/metadata", detail="MASTER without it", retryable=False),
+        RecordAuthError("/p/components/x/metadata", "names a key this reader does not hold"),
     ],
 )
 def test_errors_a_person_must_fix_are_permanent(error: Exception) -> None:
