@@ -17,6 +17,7 @@ from pathlib import Path
 from ._cluster import ClusterState, LocalCluster, etcd_health, process_alive, stop_run_dir
 from ._errors import DevClusterError, StateError
 from ._http import get_text, http_ok
+from ._journey import try_lines as journey_try_lines
 from ._system import stop_operator, system_up
 from ._tools import tools_bin
 
@@ -126,6 +127,8 @@ def cmd_system_up(run_dir: Path) -> int:
     print(*lines, sep="\n")
     print("\nTry:")
     print(*_try_lines(state), sep="\n")
+    if state.node_ip is not None:
+        print(*journey_try_lines(), sep="\n")
     return 0
 
 

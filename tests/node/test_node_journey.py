@@ -29,7 +29,12 @@ SAMPLES = REPO_ROOT / "manifests" / "samples"
 RELEASE = "ml-defender"
 NAMESPACE = "ml-defender"
 SAMPLES_NAMESPACE = "defender-samples"
-COMPONENTS = {"sniffer": "sniffer", "ml-detector": "ml-detector", "firewall": "firewall", "rag": "rag"}
+COMPONENTS = {
+    "sniffer": "sniffer",
+    "ml-detector": "ml-detector",
+    "firewall": "firewall",
+    "rag": "rag",
+}
 SHARED_PATH = "/var/run/ml-defender/config"
 
 pytestmark = pytest.mark.slow
@@ -96,7 +101,9 @@ def _stand_in_versions(kubectl: Kubectl, component: str) -> list[str]:
     return versions
 
 
-def _install_workload(cluster: LocalCluster, component: str, component_type: str, image: str) -> None:
+def _install_workload(
+    cluster: LocalCluster, component: str, component_type: str, image: str
+) -> None:
     _helm(
         cluster,
         "upgrade", "--install", component, str(WORKLOAD_CHART),
