@@ -126,9 +126,11 @@ def cmd_system_up(run_dir: Path) -> int:
     state = system_up(run_dir, lines)
     print(*lines, sep="\n")
     print("\nTry:")
-    print(*_try_lines(state), sep="\n")
-    if state.node_ip is not None:
-        print(*journey_try_lines(), sep="\n")
+    if state.node_ip is None:
+        print(*_try_lines(state), sep="\n")
+    else:
+        # The components' etcd is the chart's, in pods (TLS, etcd auth), not the harness's.
+        print(*_try_lines(state)[:2], *journey_try_lines(), sep="\n")
     return 0
 
 
