@@ -205,6 +205,6 @@ def try_lines(namespace: str = SAMPLES_NAMESPACE) -> list[str]:
         f"kubectl -n {namespace} patch dfc sniffer --type=merge "
         """-p '{"spec":{"config":{"version":"1.0.1"}}}'   # a new config version""",
         f"kubectl -n {namespace} delete pod -l app.kubernetes.io/name=firewall   # comes back",
-        f"kubectl -n {NAMESPACE} logs deploy/{RELEASE}-operator   # the operator",
+        f"kubectl -n {NAMESPACE} logs deploy/{RELEASE}-operator -c operator   # the operator",
         f"helm test {RELEASE} -n {NAMESPACE}",
     ]
