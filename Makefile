@@ -69,7 +69,7 @@ cluster-status: ## Show the local cluster's processes, endpoints and health.
 	$(PY) -m defender_devcluster status --run-dir $(RUN_DIR)
 
 .PHONY: up
-up: cluster-up ## Run the whole system locally: cluster, CRDs, operator, samples.
+up: $(if $(NODE),images) cluster-up ## Run the whole system locally: cluster, CRDs, operator, samples (NODE=1: the chart on the node, samples with stand-in workloads).
 	$(PY) -m defender_devcluster system-up --run-dir $(RUN_DIR)
 
 .PHONY: down

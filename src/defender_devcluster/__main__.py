@@ -17,6 +17,7 @@ from pathlib import Path
 from ._cluster import ClusterState, LocalCluster, etcd_health, process_alive, stop_run_dir
 from ._errors import DevClusterError, StateError
 from ._http import get_text, http_ok
+from ._journey import try_lines as journey_try_lines
 from ._system import stop_operator, system_up
 from ._tools import tools_bin
 
@@ -125,7 +126,11 @@ def cmd_system_up(run_dir: Path) -> int:
     state = system_up(run_dir, lines)
     print(*lines, sep="\n")
     print("\nTry:")
-    print(*_try_lines(state), sep="\n")
+    if state.node_ip is None:
+        print(*_try_lines(state), sep="\n")
+    else:
+        # The components' etcd is the chart's, in pods (TLS, etcd auth), not the harness's.
+        print(*_try_lines(state)[:2], *journey_try_lines(), sep="\n")
     return 0
 
 

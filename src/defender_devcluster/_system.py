@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ._cluster import ClusterState, ProcessRecord
@@ -190,9 +191,14 @@ def system_up(
     samples_dir: Path = REPO_ROOT / "manifests" / "samples",
     operator_module: str = OPERATOR_MODULE,
 ) -> ClusterState:
-    """CRDs, operator, samples against a running local cluster; lines for the user go to ``out``."""
+    """CRDs, operator, samples against a running local cluster; lines for the user go to ``out``.
+
+    On a cluster with a node (`up --node`) the chart runs the operator and etcd in pods instead,
+    and every sample gets a workload (_journey.py)."""
     state = ClusterState.read(run_dir)
     kubeconfig = Path(state.kubeconfig)
+    if state.node_ip is not None:
+        return _node_system_up(state, out)
     crds = apply_crds(kubeconfig, crds_dir)
     out.append(f"CRDs applied: {', '.join(p.name for p in crds) or 'none found in crds/'}")
     if any(r.name == "operator" for r in state.processes):
@@ -209,4 +215,17 @@ def system_up(
         out.append(f"operator not started: module {operator_module}.__main__ is not importable yet")
     samples = apply_samples(kubeconfig, samples_dir)
     out.append(f"samples applied: {', '.join(p.name for p in samples) or 'none'}")
+    return state
+
+
+def _node_system_up(state: ClusterState, out: list[str]) -> ClusterState:
+    from ._images import project_version
+    from ._journey import Journey
+
+    journey = Journey(Path(state.kubeconfig), f"ghcr.io/ml-defender/stand-in:{project_version()}")
+    out.extend(journey.install())
+    started = time.monotonic()
+    journey.wait_ready()
+    out.append(f"every sample component Ready 1/1 after {time.monotonic() - started:.0f}s")
+    out.append(journey.summary().rstrip())
     return state
