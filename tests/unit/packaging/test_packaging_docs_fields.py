@@ -18,6 +18,8 @@ CRD = REPO / "crds" / "defendercomponents.yaml"
 VALUES = REPO / "charts" / "ml-defender" / "values.yaml"
 # The sidecar helper's arguments (`include "ml-defender.agent.*" (dict ...)`) live in templates.
 TEMPLATES = REPO / "charts" / "ml-defender" / "templates"
+# The example charts (the agent-sidecar workload) have values of their own the docs quote.
+EXAMPLES = REPO / "charts" / "ml-defender" / "examples"
 DOC_FILES = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
 
 # camelCase names the docs quote that neither the CRD nor the chart defines: kubelet's
@@ -99,6 +101,8 @@ def drift(docs: list[Path]) -> list[str]:
     schemas = _schemas()
     known = {n for s in schemas for n in _property_names(s)}
     known |= set(_value_keys(yaml.safe_load(VALUES.read_text())))
+    for example in EXAMPLES.glob("*/values.yaml"):
+        known |= set(_value_keys(yaml.safe_load(example.read_text())))
     for template in TEMPLATES.rglob("*.*"):
         known |= set(_CAMEL_WORD.findall(template.read_text()))
     known |= OUTSIDE
