@@ -107,11 +107,16 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-def missing_tool(exc: ToolNotFoundError) -> NoReturn:
-    """Skip locally, fail under CI (the house rule: CI never skips a real part)."""
+def missing_part(what: str) -> NoReturn:
+    """A real part a test needs is missing (`what` says which and how to get it): skip
+    locally, fail under CI (the house rule: CI never skips a real part)."""
     if in_ci():
-        pytest.fail(f"CI=true and a required binary is missing: {exc}", pytrace=False)
-    pytest.skip(f"{exc}")
+        pytest.fail(f"CI=true and {what}", pytrace=False)
+    pytest.skip(what)
+
+
+def missing_tool(exc: ToolNotFoundError) -> NoReturn:
+    missing_part(f"a required binary is missing: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -21,7 +21,7 @@ from defender_devcluster import (
     popen_dying_with_parent,
     wait_for,
 )
-from defender_devcluster.pytest_plugin import in_ci, missing_tool
+from defender_devcluster.pytest_plugin import missing_part, missing_tool
 
 
 def require(binary: str, package: str) -> str:
@@ -32,10 +32,8 @@ def require(binary: str, package: str) -> str:
     return path
 
 
-def missing_input(exc: ImageInputMissing) -> None:
-    if in_ci():
-        pytest.fail(f"CI=true and an image input is missing: {exc}", pytrace=False)
-    pytest.skip(str(exc))
+def missing_input(exc: ImageInputMissing) -> NoReturn:
+    missing_part(f"an image input is missing: {exc}")
 
 
 def blobs(archive: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -20,7 +20,7 @@ from defender_devcluster import (
     ToolNotFoundError,
     wait_for,
 )
-from defender_devcluster.pytest_plugin import in_ci, missing_tool
+from defender_devcluster.pytest_plugin import missing_part, missing_tool
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -33,10 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        msg = "the node needs root (network namespace, mounts, iptables)"
-        if in_ci():
-            pytest.fail(f"CI=true and {msg}", pytrace=False)
-        pytest.skip(msg)
+        missing_part("the node needs root (network namespace, mounts, iptables)")
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +47,7 @@ def node_images() -> dict[str, tuple[str, Path]]:
     except ToolNotFoundError as exc:
         missing_tool(exc)
     except ImageInputMissing as exc:
-        if in_ci():
-            pytest.fail(f"CI=true and an image input is missing: {exc}", pytrace=False)
-        pytest.skip(str(exc))
+        missing_part(f"an image input is missing: {exc}")
 
 
 @pytest.fixture(scope="session")
