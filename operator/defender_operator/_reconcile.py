@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -39,6 +40,7 @@ from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
 from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
 from defender_operator._metrics import COMMITS
+from defender_operator._outcome import ConfigVerdict, Outcome, normal, remember, warning
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 UNFREEZE_ANNOTATION = f"{_api.GROUP}/unfreeze"
@@ -132,87 +134,145 @@ def state_fields(state: ComponentState) -> dict[str, Any]:
     }
 
 
-async def reconcile(
-    rt: Runtime,
-    *,
-    body: Any,
-    namespace: str,
-    name: str,
-    generation: int,
-    raw_spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    annotations: Mapping[str, str],
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> None:
-    mem = rt.memory(namespace, name)
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One reconcile of one resource: what kopf handed over, and the operator it runs in."""
+
+    rt: Runtime
+    body: Any
+    namespace: str
+    name: str
+    generation: int
+    status: Mapping[str, Any]
+    annotations: Mapping[str, str]
+    logger: Logger
+
+    @property
+    def component(self) -> str:
+        return _etcd_name(self.name)
+
+    @property
+    def who(self) -> str:
+        return f"operator:{self.rt.identity}"
+
+
+async def reconcile(v: Visit, raw_spec: Mapping[str, Any]) -> None:
+    """Run the steps under the component's lock, then publish what they found: conditions and
+    status fields always (a refusal included), Events in the order the steps produced them."""
+    mem = v.rt.memory(v.namespace, v.name)
     async with mem.lock:
-        recall(mem, status)
+        recall(mem, v.status)
+        found = Outcome()
         try:
             with kopf_errors():
-                if not rt.keyring_ready:
-                    # No keyring that opens the stored values (`_keyguard`): nothing is read,
-                    # claimed, committed, seeded or copied until a person restores it (the owner
-                    # record's MAC cannot be checked either); the status shows KeyUnavailable.
-                    raise kopf.TemporaryError(
-                        f"paused, keyring unavailable: {rt.keyring_condition().message}",
-                        delay=RETRY_KEYRING,
-                    )
-                if not await _claim(rt, mem, body, namespace, name, annotations, logger):
-                    await publish_status(rt, namespace, name, generation, status, {})
-                    return
-                await _reconcile(
-                    rt,
-                    mem,
-                    body,
-                    namespace,
-                    name,
-                    generation,
-                    raw_spec,
-                    status,
-                    annotations,
-                    logger,
-                )
+                await _steps(v, mem, raw_spec, found)
+                await _finish(v, mem, found)
         except kopf.TemporaryError as exc:
-            if isinstance(exc.__cause__, StoreUnavailableError):
-                mem.config_state = cond.ConfigState.STORE_UNAVAILABLE
-                mem.config_message = str(exc)
             # Conditions appear even when the first visit fails, saying why where known.
-            await publish_status(rt, namespace, name, generation, status, {})
+            _fold(mem, found, _temporary(exc))
+            await _finish(v, mem, found)
             raise
         except kopf.PermanentError as exc:
             # Not retried: a person must act, so the resource says what and why.
-            cause = exc.__cause__
-            reason = cause.reason if isinstance(cause, DefenderConfigError) else "SpecRefused"
-            mem.config_state = cond.ConfigState.REFUSED
-            mem.config_reason = reason
-            mem.config_message = str(exc)
-            kopf.event(body, type="Warning", reason=reason, message=str(exc))
-            logger.error("refused, not retried: %s", exc)
-            await publish_status(rt, namespace, name, generation, status, {})
+            v.logger.error("refused, not retried: %s", exc)
+            _fold(mem, found, refused(exc))
+            await _finish(v, mem, found)
             raise
     # The monitor judges heartbeats, keys and Ready right away rather than at its next
     # interval: a new component is Ready as soon as its instances are seen.
-    rt.heartbeats.waker(name).set()
+    v.rt.heartbeats.waker(v.name).set()
+
+
+def _fold(mem: ComponentMemory, found: Outcome, step: Outcome) -> bool:
+    """Take one step's outcome: into memory now (a later step may read it) and into what this
+    visit publishes. True when the steps after it may run."""
+    found.add(step)
+    remember(mem, step)
+    return not step.done
+
+
+async def _finish(v: Visit, mem: ComponentMemory, found: Outcome) -> None:
+    events, found.events = found.events, []  # posted once, even if publishing fails after
+    for event in events:
+        v.rt.post_event(v.body, event)
+    await publish_status(v.rt, v.namespace, v.name, v.generation, v.status, found.fields)
+
+
+async def _steps(
+    v: Visit, mem: ComponentMemory, raw_spec: Mapping[str, Any], found: Outcome
+) -> None:
+    keyring_gate(v.rt)
+    if not _fold(mem, found, await claim(v)):
+        return
+    spec = parse_spec(raw_spec)
+    await prepare(v, spec)
+    _fold(mem, found, await unfreeze_command(v))
+    _fold(mem, found, await rollback_command(v))
+    normalized, checked = validate(v, spec)
+    if normalized is None:
+        _fold(mem, found, checked)
+        _fold(mem, found, await refuse_invalid(v, spec))
+        return
+    state, commit_due, seeded = await seed(v, spec, normalized)
+    _fold(mem, found, seeded)
+    if commit_due:
+        state, committed = await commit(v, spec, normalized, state)
+        if not _fold(mem, found, committed):
+            return
+    # Only now, with ACTIVE as intended: a failed commit above never shows Synced.
+    _fold(mem, found, Outcome(config=ConfigVerdict(cond.ConfigState.SYNCED)))
+    state, resealed = await apply_storage(v, spec, state)
+    _fold(mem, found, resealed)
+    fields = {
+        **state_fields(state),
+        "specConfigDigest": config_digest(normalized),
+        "observedGeneration": v.generation,
+        "keyFingerprint": v.rt.keyring.current().primary_fingerprint,
+    }
+    _fold(mem, found, Outcome(fields=fields))
+
+
+def keyring_gate(rt: Runtime) -> None:
+    """No keyring that opens the stored values (`_keyguard`): nothing is read, claimed,
+    committed, seeded or copied until a person restores it (the owner record's MAC cannot be
+    checked either); the status shows KeyUnavailable."""
+    if not rt.keyring_ready:
+        raise kopf.TemporaryError(
+            f"paused, keyring unavailable: {rt.keyring_condition().message}",
+            delay=RETRY_KEYRING,
+        )
+
+
+def _temporary(exc: kopf.TemporaryError) -> Outcome:
+    if isinstance(exc.__cause__, StoreUnavailableError):
+        return Outcome(config=ConfigVerdict(cond.ConfigState.STORE_UNAVAILABLE, str(exc)))
+    return Outcome()
+
+
+def refused(exc: kopf.PermanentError) -> Outcome:
+    """A refusal retrying cannot fix: ConfigSynced False with the library's reason, and an
+    Event carrying its message."""
+    cause = exc.__cause__
+    reason = cause.reason if isinstance(cause, DefenderConfigError) else "SpecRefused"
+    return Outcome(
+        events=[warning(reason, str(exc))],
+        config=ConfigVerdict(cond.ConfigState.REFUSED, str(exc), reason),
+    )
 
 
 def _uid(body: Any) -> str:
     return str((body.get("metadata") or {}).get("uid") or "")
 
 
-async def _claim(
-    rt: Runtime,
-    mem: ComponentMemory,
-    body: Any,
-    namespace: str,
-    name: str,
-    annotations: Mapping[str, str],
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> bool:
+async def claim(v: Visit) -> Outcome:
     """Make sure this resource owns its etcd name before anything is written (see
-    `_decisions.ownership`); False, with the Conflict condition and a Warning Event, when
+    `_decisions.ownership`); done, with the Conflict condition and a Warning Event, when
     another resource owns it."""
-    component = _etcd_name(name)
-    claimant = Claim(namespace, name, _uid(body))
+    rt, component = v.rt, v.component
+    claimant = Claim(v.namespace, v.name, _uid(v.body))
     # A lost compare means someone wrote the record meanwhile: decide again on what is there.
     for _ in range(3):
         try:
@@ -222,71 +282,63 @@ async def _claim(
                 ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
             )
         else:
-            decision = decide_claim(existing, claimant, annotations.get(ADOPT_ANNOTATION))
+            decision = decide_claim(existing, claimant, v.annotations.get(ADOPT_ANNOTATION))
         if decision.record is not None and not await asyncio.to_thread(
             rt.backend.write_claim, component, decision.record, revision=revision
         ):
             continue
         if decision.allowed:
-            _claimed(body, component, decision, existing, logger)
-            mem.conflict = None
-            return True
-        mem.conflict = cond.Cond(cond.CONFLICT, cond.TRUE, decision.reason, decision.message)
-        kopf.event(body, type="Warning", reason=decision.reason, message=decision.message)
-        logger.warning("refused, nothing written: %s", decision.message)
-        return False
+            return _claimed(v, decision, existing)
+        v.logger.warning("refused, nothing written: %s", decision.message)
+        return Outcome(
+            events=[warning(decision.reason, decision.message)],
+            conditions={
+                cond.CONFLICT: cond.Cond(
+                    cond.CONFLICT, cond.TRUE, decision.reason, decision.message
+                )
+            },
+            done=True,
+        )
     raise kopf.TemporaryError(f"the owner record of {component} keeps changing", delay=1.0)
 
 
-def _claimed(
-    body: Any,
-    component: str,
-    decision: ClaimDecision,
-    existing: Claim | None,
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> None:
+def _claimed(v: Visit, decision: ClaimDecision, existing: Claim | None) -> Outcome:
+    out = Outcome(conditions={cond.CONFLICT: None})
     if decision.action is ClaimAction.CREATE:
-        logger.info("claimed etcd component %s", component)
+        v.logger.info("claimed etcd component %s", v.component)
     elif decision.action in (ClaimAction.TAKE_OVER, ClaimAction.ADOPT) and existing is not None:
-        message = f"etcd component {component} taken over from {existing.ref} (uid {existing.uid})"
-        logger.info(message)
-        kopf.event(body, type="Normal", reason="NameAdopted", message=message)
+        message = (
+            f"etcd component {v.component} taken over from {existing.ref} (uid {existing.uid})"
+        )
+        v.logger.info(message)
+        out.events.append(normal("NameAdopted", message))
+    return out
 
 
-async def _reconcile(
-    rt: Runtime,
-    mem: ComponentMemory,
-    body: Any,
-    namespace: str,
-    name: str,
-    generation: int,
-    raw_spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    annotations: Mapping[str, str],
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> None:
-    component = _etcd_name(name)
+def parse_spec(raw_spec: Mapping[str, Any]) -> _api.DefenderComponentSpec:
     try:
-        spec = _api.parse_spec(dict(raw_spec))
+        return _api.parse_spec(dict(raw_spec))
     except ValueError as exc:
         # The API server's schema should have refused this; an old CRD version may not have.
         raise kopf.PermanentError(
             f"spec does not match the DefenderComponent schema: {exc}"
         ) from exc
-    who = f"operator:{rt.identity}"
-    # Before anything is read: whether this reader accepts the component unencrypted comes
-    # from its spec, never from etcd.
+
+
+async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:
+    """What must hold before anything is read: whether this reader accepts the component
+    unencrypted (from its spec, never from etcd), and the namespace's keyring copy (pods
+    cannot read anything without it)."""
+    rt = v.rt
     await asyncio.to_thread(
         rt.backend.declare,
-        component,
+        v.component,
         spec.component_type.value,
         json_schema=spec.custom_schema,
         storage=storage_policy(spec.storage),
         digest=None,
-        modified_by=who,
+        modified_by=v.who,
     )
-
-    # The namespace's keyring copy comes first: pods cannot read anything without it.
     await asyncio.to_thread(
         functools.partial(
             rt.secrets.fan_out,
@@ -294,58 +346,102 @@ async def _reconcile(
             referenced=lambda: rt.backend.key_usage().key_ids,
         ),
         rt.keyring.current(),
-        namespace,
+        v.namespace,
     )
 
-    fields: dict[str, Any] = {}
-    if UNFREEZE_ANNOTATION in annotations:
-        await asyncio.to_thread(rt.backend.unfreeze, component)
-        await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, UNFREEZE_ANNOTATION)
-        kopf.event(
-            body,
-            type="Normal",
-            reason="Unfrozen",
-            message="commits allowed again (unfreeze command)",
+
+async def unfreeze_command(v: Visit) -> Outcome:
+    if UNFREEZE_ANNOTATION not in v.annotations:
+        return Outcome()
+    await asyncio.to_thread(v.rt.backend.unfreeze, v.component)
+    await asyncio.to_thread(v.rt.kube.remove_annotation, v.namespace, v.name, UNFREEZE_ANNOTATION)
+    v.logger.info("unfrozen by command")
+    return Outcome(events=[normal("Unfrozen", "commits allowed again (unfreeze command)")])
+
+
+async def rollback_command(v: Visit) -> Outcome:
+    target = v.annotations.get(_api.ROLLBACK_ANNOTATION)
+    if target is None:
+        return Outcome()
+    rt = v.rt
+    to_version: int | None
+    if target.strip().lower() in ("master", ""):
+        to_version = None
+    elif target.strip().isdigit():
+        to_version = int(target.strip())
+    else:
+        await asyncio.to_thread(
+            rt.kube.remove_annotation, v.namespace, v.name, _api.ROLLBACK_ANNOTATION
         )
-        logger.info("unfrozen by command")
+        return Outcome(
+            events=[
+                warning(
+                    "RollbackRefused",
+                    f"{_api.ROLLBACK_ANNOTATION}={target!r}: use `master` or a version number",
+                )
+            ]
+        )
+    version = await asyncio.to_thread(
+        rt.backend.rollback, v.component, to_version, modified_by=v.who
+    )
+    # The command is done: remove it so a later reconcile does not roll back again.
+    await asyncio.to_thread(
+        rt.kube.remove_annotation, v.namespace, v.name, _api.ROLLBACK_ANNOTATION
+    )
+    what = "MASTER" if to_version is None else f"version {to_version}"
+    v.logger.info("rolled back to %s as ACTIVE version %s", what, version)
+    return Outcome(events=[normal("RolledBack", f"ACTIVE is {what} again (version {version})")])
 
-    target = annotations.get(_api.ROLLBACK_ANNOTATION)
-    if target is not None:
-        await _rollback_command(rt, body, component, namespace, name, target, who, logger)
 
-    raw_digest = config_digest(spec.config)
+def validate(v: Visit, spec: _api.DefenderComponentSpec) -> tuple[dict[str, Any] | None, Outcome]:
+    """spec.config normalized by the component's model, or None and why it is refused."""
     try:
         normalized = validate_config(
-            spec.component_type.value, spec.config, spec.custom_schema, component=component
+            spec.component_type.value, spec.config, spec.custom_schema, component=v.component
         )
     except ConfigValidationError as exc:
-        mem.config_state = cond.ConfigState.INVALID
-        mem.config_message = str(exc)
-        kopf.event(
-            body, type="Warning", reason="ConfigInvalid", message=f"spec.config refused: {exc}"
+        v.logger.warning("spec.config refused, ACTIVE untouched: %s", exc)
+        return None, Outcome(
+            events=[warning("ConfigInvalid", f"spec.config refused: {exc}")],
+            config=ConfigVerdict(cond.ConfigState.INVALID, str(exc)),
         )
-        logger.warning("spec.config refused, ACTIVE untouched: %s", exc)
-        first_time = status.get("specConfigDigest") != raw_digest
-        # Only when this invalid spec is new: a resume must not roll back once more.
-        if (
-            first_time
-            and spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER
-        ):
-            version = await asyncio.to_thread(rt.backend.rollback, component, None, modified_by=who)
-            kopf.event(
-                body,
-                type="Warning",
-                reason="RevertedToMaster",
-                message=f"ACTIVE reverted to MASTER as version {version} (onInvalidConfig)",
-            )
-        state = await asyncio.to_thread(rt.backend.state, component)
-        fields.update(state_fields(state), specConfigDigest=raw_digest)
-        fields["observedGeneration"] = generation
-        await publish_status(rt, namespace, name, generation, status, fields)
-        return
+    return normalized, Outcome()
 
+
+async def refuse_invalid(v: Visit, spec: _api.DefenderComponentSpec) -> Outcome:
+    """ACTIVE stays as it is, or reverts to MASTER when the spec says so; the visit ends."""
+    raw_digest = config_digest(spec.config)
+    out = Outcome(done=True)
+    # Only when this invalid spec is new: a resume must not roll back once more.
+    if (
+        v.status.get("specConfigDigest") != raw_digest
+        and spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER
+    ):
+        version = await asyncio.to_thread(
+            v.rt.backend.rollback, v.component, None, modified_by=v.who
+        )
+        out.events.append(
+            warning(
+                "RevertedToMaster",
+                f"ACTIVE reverted to MASTER as version {version} (onInvalidConfig)",
+            )
+        )
+    state = await asyncio.to_thread(v.rt.backend.state, v.component)
+    out.fields.update(
+        state_fields(state), specConfigDigest=raw_digest, observedGeneration=v.generation
+    )
+    return out
+
+
+async def seed(
+    v: Visit, spec: _api.DefenderComponentSpec, normalized: Mapping[str, Any]
+) -> tuple[ComponentState, bool, Outcome]:
+    """Re-sign a metadata record that does not verify, then create MASTER and ACTIVE where
+    absent. Returns what etcd holds, whether a commit is due, and what happened."""
+    rt, component = v.rt, v.component
     digest = config_digest(normalized)
     storage = storage_policy(spec.storage)
+    out = Outcome()
     resigned = await asyncio.to_thread(
         rt.backend.declare,
         component,
@@ -353,21 +449,21 @@ async def _reconcile(
         json_schema=spec.custom_schema,
         storage=storage,
         digest=digest,
-        modified_by=who,
+        modified_by=v.who,
     )
     if resigned:
-        kopf.event(
-            body,
-            type="Warning",
-            reason="MetadataResigned",
-            message="the metadata record in etcd did not verify (unsigned or forged); it was "
-            "rebuilt from the newest authenticated config and signed",
+        out.events.append(
+            warning(
+                "MetadataResigned",
+                "the metadata record in etcd did not verify (unsigned or forged); it was "
+                "rebuilt from the newest authenticated config and signed",
+            )
         )
     state = await asyncio.to_thread(rt.backend.state, component)
     plan = plan_seed(
         digest,
         StoredState(state.master_digest, state.active_digest, state.active_version),
-        str(status.get("specConfigDigest") or ""),
+        str(v.status.get("specConfigDigest") or ""),
     )
     if plan.seed_master or plan.seed_active:
         state = await asyncio.to_thread(
@@ -376,112 +472,77 @@ async def _reconcile(
             spec.component_type.value,
             normalized,
             json_schema=spec.custom_schema,
-            modified_by=who,
+            modified_by=v.who,
             storage=storage,
         )
-        logger.info(
+        v.logger.info(
             "seeded %s (MASTER %s, ACTIVE version %s)",
             component,
             "created" if plan.seed_master else "kept",
             state.active_version,
         )
-        kopf.event(
-            body,
-            type="Normal",
-            reason="Seeded",
-            message=f"MASTER and ACTIVE seeded in etcd for {component}",
+        out.events.append(normal("Seeded", f"MASTER and ACTIVE seeded in etcd for {component}"))
+    return state, plan.commit, out
+
+
+async def commit(
+    v: Visit,
+    spec: _api.DefenderComponentSpec,
+    normalized: Mapping[str, Any],
+    state: ComponentState,
+) -> tuple[ComponentState, Outcome]:
+    """Write spec.config as the next ACTIVE version, unless the breaker froze commits."""
+    rt, component = v.rt, v.component
+    if state.frozen:
+        message = (
+            "commits are frozen by the blast-radius breaker; fix spec.config and run"
+            f" `kubectl annotate defendercomponent {v.name} {UNFREEZE_ANNOTATION}=now`"
         )
-    mem.config_state = cond.ConfigState.SYNCED
-    mem.config_message = ""
-    if plan.commit:
-        if state.frozen:
-            mem.config_state = cond.ConfigState.FROZEN
-            mem.config_message = (
-                "commits are frozen by the blast-radius breaker; fix spec.config and run"
-                f" `kubectl annotate defendercomponent {name} {UNFREEZE_ANNOTATION}=now`"
-            )
-            kopf.event(body, type="Warning", reason="CommitFrozen", message=mem.config_message)
-            fields.update(state_fields(state), observedGeneration=generation)
-            await publish_status(rt, namespace, name, generation, status, fields)
-            return
-        previous = state.active_version or 0
-        version = await asyncio.to_thread(
-            rt.backend.commit,
-            component,
-            spec.component_type.value,
-            normalized,
-            json_schema=spec.custom_schema,
-            modified_by=who,
-            history_limit=spec.rollout.history_limit,
-            storage=storage,
+        return state, Outcome(
+            events=[warning("CommitFrozen", message)],
+            config=ConfigVerdict(cond.ConfigState.FROZEN, message),
+            fields={**state_fields(state), "observedGeneration": v.generation},
+            done=True,
         )
-        COMMITS.labels(component).inc()
-        mem.last_change = ActiveChange(version=version, previous_version=previous, time=utcnow())
-        logger.info("committed ACTIVE version %s (was %s)", version, previous)
-        kopf.event(
-            body, type="Normal", reason="Committed", message=f"ACTIVE version {version} committed"
-        )
-        state = await asyncio.to_thread(rt.backend.state, component)
-    if state.active_version is not None and state.storage != storage:
-        # spec.storage changed alone (or MASTER was adopted from before): re-seal what is
-        # stored under the new policy; the config and its version stay as they are.
-        await asyncio.to_thread(rt.backend.set_storage, component, storage, modified_by=who)
-        logger.info("storage policy of %s is now %s", component, storage)
-        kopf.event(
-            body,
-            type="Normal",
-            reason="StorageChanged",
-            message=(
-                f"stored values re-sealed: compression {'on' if storage.compress else 'off'}"
-                f" (level {storage.level}), encryption {'on' if storage.encrypt else 'off'}"
-            ),
-        )
-        state = await asyncio.to_thread(rt.backend.state, component)
-    fields.update(
-        state_fields(state),
-        specConfigDigest=digest,
-        observedGeneration=generation,
-        keyFingerprint=rt.keyring.current().primary_fingerprint,
+    previous = state.active_version or 0
+    version = await asyncio.to_thread(
+        rt.backend.commit,
+        component,
+        spec.component_type.value,
+        normalized,
+        json_schema=spec.custom_schema,
+        modified_by=v.who,
+        history_limit=spec.rollout.history_limit,
+        storage=storage_policy(spec.storage),
     )
-    await publish_status(rt, namespace, name, generation, status, fields)
+    COMMITS.labels(component).inc()
+    v.logger.info("committed ACTIVE version %s (was %s)", version, previous)
+    state = await asyncio.to_thread(rt.backend.state, component)
+    return state, Outcome(
+        events=[normal("Committed", f"ACTIVE version {version} committed")],
+        change=ActiveChange(version=version, previous_version=previous, time=utcnow()),
+    )
 
 
-async def _rollback_command(
-    rt: Runtime,
-    body: Any,
-    component: str,
-    namespace: str,
-    name: str,
-    target: str,
-    who: str,
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> None:
-    to_version: int | None
-    if target.strip().lower() in ("master", ""):
-        to_version = None
-    elif target.strip().isdigit():
-        to_version = int(target.strip())
-    else:
-        await asyncio.to_thread(
-            rt.kube.remove_annotation, namespace, name, _api.ROLLBACK_ANNOTATION
-        )
-        kopf.event(
-            body,
-            type="Warning",
-            reason="RollbackRefused",
-            message=f"{_api.ROLLBACK_ANNOTATION}={target!r}: use `master` or a version number",
-        )
-        return
-    version = await asyncio.to_thread(rt.backend.rollback, component, to_version, modified_by=who)
-    # The command is done: remove it so a later reconcile does not roll back again.
-    await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, _api.ROLLBACK_ANNOTATION)
-    what = "MASTER" if to_version is None else f"version {to_version}"
-    logger.info("rolled back to %s as ACTIVE version %s", what, version)
-    kopf.event(
-        body,
-        type="Normal",
-        reason="RolledBack",
-        message=f"ACTIVE is {what} again (version {version})",
+async def apply_storage(
+    v: Visit, spec: _api.DefenderComponentSpec, state: ComponentState
+) -> tuple[ComponentState, Outcome]:
+    """spec.storage changed alone (or MASTER was adopted from before): re-seal what is stored
+    under the new policy; the config and its version stay as they are."""
+    storage = storage_policy(spec.storage)
+    if state.active_version is None or state.storage == storage:
+        return state, Outcome()
+    await asyncio.to_thread(v.rt.backend.set_storage, v.component, storage, modified_by=v.who)
+    v.logger.info("storage policy of %s is now %s", v.component, storage)
+    state = await asyncio.to_thread(v.rt.backend.state, v.component)
+    return state, Outcome(
+        events=[
+            normal(
+                "StorageChanged",
+                f"stored values re-sealed: compression {'on' if storage.compress else 'off'}"
+                f" (level {storage.level}), encryption {'on' if storage.encrypt else 'off'}",
+            )
+        ]
     )
 
 
@@ -498,23 +559,27 @@ async def apply_retention(
     re-created under the same namespace/name takes it back; another namespace only by the
     adopt annotation). A resource that does not own the name touches nothing."""
     component = _etcd_name(name)
-    with kopf_errors():
-        try:
-            existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
-        except OwnerRecordError as exc:
-            logger.warning("retention skipped, etcd untouched: %s", exc)
-            existing, revision = None, 0
-        release = decide_release(existing, Claim(namespace, name, _uid(body)), retention)
-        if release is Release.PURGE:
-            removed = await asyncio.to_thread(rt.backend.purge, component)
-            logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
-        elif release is Release.KEEP and existing is not None:
-            released = Claim(existing.namespace, existing.name, existing.uid, released=True)
-            if not await asyncio.to_thread(
-                rt.backend.write_claim, component, released, revision=revision
-            ):
-                raise kopf.TemporaryError(f"owner record of {component} changed", delay=1.0)
-            logger.info("retention Keep: etcd data of %s left in place, claim released", component)
-        else:
-            logger.info("not the owner of etcd component %s: etcd untouched", component)
-    rt.forget(namespace, name)
+    # Under the lock: a monitor pass of this component finishes first.
+    async with rt.memory(namespace, name).lock:
+        with kopf_errors():
+            try:
+                existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
+            except OwnerRecordError as exc:
+                logger.warning("retention skipped, etcd untouched: %s", exc)
+                existing, revision = None, 0
+            release = decide_release(existing, Claim(namespace, name, _uid(body)), retention)
+            if release is Release.PURGE:
+                removed = await asyncio.to_thread(rt.backend.purge, component)
+                logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
+            elif release is Release.KEEP and existing is not None:
+                released = Claim(existing.namespace, existing.name, existing.uid, released=True)
+                if not await asyncio.to_thread(
+                    rt.backend.write_claim, component, released, revision=revision
+                ):
+                    raise kopf.TemporaryError(f"owner record of {component} changed", delay=1.0)
+                logger.info(
+                    "retention Keep: etcd data of %s left in place, claim released", component
+                )
+            else:
+                logger.info("not the owner of etcd component %s: etcd untouched", component)
+        rt.forget(namespace, name)

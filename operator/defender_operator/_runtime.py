@@ -22,6 +22,7 @@ from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._metrics import ETCD_AVAILABLE
+from defender_operator._outcome import EventPoster, kopf_post
 from defender_operator._settings import OperatorSettings
 
 
@@ -58,6 +59,8 @@ class ComponentMemory:
     # The status as this operator last wrote it (the patch response): fresher than kopf's body
     # of the object, which lags our own writes by a watch event.
     status: dict[str, Any] | None = None
+    # Held by every reader and writer of this memory: reconcile (a kopf handler) and the
+    # monitor pass (a kopf daemon) run beside each other in the same loop.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -115,6 +118,8 @@ class Runtime:
         self.keyring_refused: KeyringPlan | None = None
         self.keyring_announced: str | None = None
         self.export_warned = False
+        # How Events reach the resource: kopf's poster; unit tests record them instead.
+        self.post_event: EventPoster = kopf_post
 
     def keyring_condition(self) -> Cond:
         return keyring_condition(self.keyring_ready, self.keyring_refused)

@@ -126,17 +126,17 @@ async def reconcile_component(
     **_: Any,
 ) -> None:
     try:
-        await _reconcile.reconcile(
-            memo["runtime"],
+        visit = _reconcile.Visit(
+            rt=memo["runtime"],
             body=body,
             namespace=namespace or "",
             name=name,
             generation=int(meta.get("generation") or 0),
-            raw_spec=dict(spec),
             status=dict(status),
             annotations=dict(meta.annotations),
             logger=logger,
         )
+        await _reconcile.reconcile(visit, dict(spec))
     except Exception:
         RECONCILES.labels("error").inc()
         raise
