@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-
-import kopf
 
 from defender_config import Cadence, DefenderConfigError
 from defender_operator import _api
@@ -24,6 +23,7 @@ from defender_operator._decisions.breaker import (
     recovered_change,
 )
 from defender_operator._decisions.cadence import (
+    HEARTBEAT_CADENCE,
     InstanceBeat,
     SpecCadence,
     cadence_condition,
@@ -50,6 +50,7 @@ from defender_operator._metrics import (
     INSTANCES_ALIVE,
     RESTARTS,
 )
+from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
 from defender_operator._pods import PodIndex, select_pods
 from defender_operator._reconcile import publish_status, recall, state_fields
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
@@ -135,55 +136,122 @@ def _reports(instances: Sequence[InstanceRecord], alerts: Sequence[Report]) -> l
     return out
 
 
-async def tick(
-    rt: Runtime,
-    *,
-    body: Any,
-    namespace: str,
-    name: str,
-    generation: int,
-    raw_spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    logger: Logger,
-    pod_index: PodIndex,
+@dataclass(frozen=True)
+class Pass:
+    """One monitor pass over one resource: what kopf's body says, and the operator it runs in."""
+
+    rt: Runtime
+    body: Any
+    namespace: str
+    name: str
+    generation: int
+    spec: _api.DefenderComponentSpec
+    status: Mapping[str, Any]
+    logger: Logger
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What etcd says about the component's instances this pass (nothing when unreachable)."""
+
+    instances: Sequence[InstanceRecord] = ()
+    alerts: Sequence[Report] = ()
+    etcd_ok: bool = False
+
+
+@dataclass(frozen=True)
+class Judged:
+    """The heartbeat judgement the later steps build on."""
+
+    decision: RestartDecision
+    policy: HeartbeatPolicy
+    expected: int
+    live: Sequence[InstanceRecord]
+
+
+async def tick(p: Pass, mem: ComponentMemory, pod_index: PodIndex) -> datetime | None:
+    """One pass (the caller holds `mem.lock`); returns when the next pass should run at the
+    latest to judge a pod the moment its heartbeat deadline passes (None: the regular interval
+    is soon enough). Events found are posted even when a step fails."""
+    found = Outcome()
+    try:
+        return await _steps(p, mem, pod_index, found)
+    finally:
+        post_events(p.rt.post_event, p.body, found)
+
+
+async def _steps(
+    p: Pass, mem: ComponentMemory, pod_index: PodIndex, found: Outcome
 ) -> datetime | None:
-    """One pass; returns when the next pass should run at the latest to judge a pod the moment
-    its heartbeat deadline passes (None: the regular interval is soon enough)."""
-    mem = rt.memory(namespace, name)
-    spec = _api.parse_spec(dict(raw_spec))
-    now = utcnow()
-    recall(mem, status)
+    rt = p.rt
+    recall(mem, p.status)
     if not rt.keyring_ready:
         # Paused while the keyring is unavailable (`_keyguard`): no restart, no breaker, no key
         # judgement; only the KeyUnavailable condition is published.
         await publish_status(
-            rt, namespace, name, generation, status, {"rotationStage": rt.rotation_stage}
+            rt, p.namespace, p.name, p.generation, p.status, {"rotationStage": rt.rotation_stage}
         )
         return None
-    pods = select_pods(pod_index, namespace, spec.selector.match_labels)
+    pods = select_pods(pod_index, p.namespace, p.spec.selector.match_labels)
+    seen = await observe(p)
+    track(mem, seen.instances, pods)
+    if seen.etcd_ok:
+        take(mem, found, await cadence_step(p, seen.instances, mem))
+    judged, heard = await heartbeat_step(p, mem, pods, seen.instances)
+    take(mem, found, heard)
+    if seen.etcd_ok:
+        take(mem, found, await misconfig_step(p, mem, seen))
+        state, tripped = await breaker_step(p, mem, seen.instances, judged)
+        take(mem, found, tripped)
+        take(mem, found, divergence(p, mem, state))
+    take(mem, found, await key_step(p, judged.live))
+    take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
+    post_events(rt.post_event, p.body, found)
+    await publish_status(rt, p.namespace, p.name, p.generation, p.status, found.fields)
+    wake = next_deadline(
+        utcnow(),
+        [PodView(pod.name, pod.created, pod.deleting) for pod in pods],
+        mem.last_seen,
+        mem.watch_started,
+        judged.policy,
+        mem.lease_ttls,
+    )
+    retry = judged.decision.retry_after
+    if retry is not None:
+        wake = min(wake, retry) if wake else retry
+    return wake
+
+
+async def observe(p: Pass) -> Observed:
+    """The instances' heartbeats and recent alerts, when etcd is healthy and answers."""
+    rt = p.rt
     etcd = rt.etcd.view()
-    instances: Sequence[InstanceRecord] = ()
-    alerts: list[Report] = []
-    etcd_ok = etcd.reachable and etcd.quorum
-    if etcd_ok:
-        try:
-            if rt.heartbeats.trusted:
-                instances = rt.heartbeats.instances(name)
-            else:
-                # Before the first resync, or after a watch outage until the next one.
-                HEARTBEAT_DIRECT_READS.inc()
-                instances = await asyncio.to_thread(rt.backend.instances, name)
-            window = timedelta(seconds=rt.settings.misconfig_window_seconds)
-            alerts = [
-                Report(a.instance or "?", a.reason, a.detail, a.time)
-                for a in await asyncio.to_thread(rt.backend.alerts, name, now - window)
-            ]
-        except DefenderConfigError as exc:
-            # etcd went away between the health check and this read: judge nothing this pass.
-            ERRORS.labels("monitor_read").inc()
-            logger.warning("cannot read heartbeats: %s", exc)
-            etcd_ok = False
-    pod_names = {p.name for p in pods}
+    if not (etcd.reachable and etcd.quorum):
+        return Observed()
+    try:
+        if rt.heartbeats.trusted:
+            instances: Sequence[InstanceRecord] = rt.heartbeats.instances(p.name)
+        else:
+            # Before the first resync, or after a watch outage until the next one.
+            HEARTBEAT_DIRECT_READS.inc()
+            instances = await asyncio.to_thread(rt.backend.instances, p.name)
+        window = timedelta(seconds=rt.settings.misconfig_window_seconds)
+        alerts = [
+            Report(a.instance or "?", a.reason, a.detail, a.time)
+            for a in await asyncio.to_thread(rt.backend.alerts, p.name, p.now - window)
+        ]
+    except DefenderConfigError as exc:
+        # etcd went away between the health check and this read: judge nothing this pass.
+        ERRORS.labels("monitor_read").inc()
+        p.logger.warning("cannot read heartbeats: %s", exc)
+        return Observed()
+    return Observed(instances, alerts, etcd_ok=True)
+
+
+def track(mem: ComponentMemory, instances: Sequence[InstanceRecord], pods: Sequence[Pod]) -> None:
+    """Remember each pod's newest heartbeat and advertised lease; forget pods that are gone."""
+    pod_names = {pod.name for pod in pods}
     for inst in instances:
         if inst.pod in pod_names:
             previous = mem.last_seen.get(inst.pod)
@@ -196,13 +264,15 @@ async def tick(
     for gone in set(mem.lease_ttls) - pod_names:
         del mem.lease_ttls[gone]
 
-    hb = spec.heartbeat
+
+async def heartbeat_step(
+    p: Pass, mem: ComponentMemory, pods: Sequence[Pod], instances: Sequence[InstanceRecord]
+) -> tuple[Judged, Outcome]:
+    """Decide whether a pod missed its heartbeats and restart it (within the budget)."""
+    hb, rb = p.spec.heartbeat, p.spec.restart_budget
     policy = HeartbeatPolicy(
         hb.interval_seconds, hb.missed_before_restart, hb.startup_grace_seconds
     )
-    if etcd_ok:
-        await _publish_cadence(rt, body, name, hb, instances, mem, logger)
-    rb = spec.restart_budget
     budget = RestartBudget(
         rb.enabled,
         rb.max_restarts,
@@ -211,103 +281,142 @@ async def tick(
         rb.backoff_max_seconds,
     )
     decision = decide_restart(
-        now=now,
-        pods=[PodView(p.name, p.created, p.deleting) for p in pods],
+        now=p.now,
+        pods=[PodView(pod.name, pod.created, pod.deleting) for pod in pods],
         last_seen=mem.last_seen,
         watch_started=mem.watch_started,
-        etcd=etcd,
+        etcd=p.rt.etcd.view(),
         policy=policy,
         budget=budget,
         restart_times=mem.restart_times,
         lease_ttls=mem.lease_ttls,
     )
-    restarts = int(status.get("restarts") or 0)
+    out = Outcome(fields={"restarts": int(p.status.get("restarts") or 0)})
     if decision.action is RestartAction.RESTART and decision.pod is not None:
-        restarts += await _restart(rt, body, namespace, name, pods, decision, mem, now, logger)
-    expected = sum(1 for p in pods if not p.deleting)
-    live = [i for i in instances if now - i.time <= policy.patience(i.lease_ttl_seconds)]
+        out.fields["restarts"] += await _restart(p, mem, pods, decision, out)
+    expected = sum(1 for pod in pods if not pod.deleting)
+    live = [i for i in instances if p.now - i.time <= policy.patience(i.lease_ttl_seconds)]
     alive = len({i.pod or i.instance for i in live})
     mem.degraded_reported, announce = budget_report(
         decision.action, mem.degraded_reported, recovered=0 < expected <= alive
     )
     if announce:
-        kopf.event(body, type="Warning", reason="RestartBudgetExhausted", message=decision.message)
-        logger.error("restart budget exhausted: %s", decision.message)
-    mem.heartbeat = heartbeat_condition(decision, alive, expected, mem.degraded_reported)
+        out.events.append(warning("RestartBudgetExhausted", decision.message))
+        p.logger.error("restart budget exhausted: %s", decision.message)
+    out.conditions[cond.HEARTBEATING] = heartbeat_condition(
+        decision, alive, expected, mem.degraded_reported
+    )
+    out.fields.update(instances={"alive": alive, "expected": expected})
+    out.fields["instanceSummary"] = f"{alive}/{expected}"
+    return Judged(decision, policy, expected, live), out
 
-    stored_fields: dict[str, Any] = {}
-    if etcd_ok:
-        verdict = assess(now, _reports(instances, alerts), rt.settings.misconfig_window_seconds)
-        was = mem.misconfig.status if mem.misconfig else None
-        mem.misconfig = cond.Cond(
-            cond.MISCONFIGURED,
-            cond.TRUE if verdict.misconfigured else cond.FALSE,
-            verdict.reason,
-            verdict.message,
-        )
-        if verdict.misconfigured and was != cond.TRUE:
-            kopf.event(body, type="Warning", reason=verdict.reason, message=verdict.message)
-            logger.warning("misconfigured: %s", verdict.message)
-            await asyncio.to_thread(rt.backend.alert, "Misconfigured", name, verdict.message)
-        state = await _breaker(
-            rt, body, name, spec, instances, decision, expected, mem, now, logger
-        )
-        stored_fields = state_fields(state)
-        handled = status.get("specConfigDigest")
-        if mem.config_state in (cond.ConfigState.SYNCED, cond.ConfigState.DIVERGED) and handled:
-            diverged = state.active_digest != handled
-            mem.config_state = cond.ConfigState.DIVERGED if diverged else cond.ConfigState.SYNCED
 
+async def _restart(
+    p: Pass, mem: ComponentMemory, pods: Sequence[Pod], decision: RestartDecision, out: Outcome
+) -> int:
+    rt = p.rt
+    pod = next(pod for pod in pods if pod.name == decision.pod)
+    try:
+        deleted = await asyncio.to_thread(rt.kube.delete_pod, p.namespace, pod)
+    except OperatorError as exc:
+        ERRORS.labels("restart").inc()
+        p.logger.error("restart of pod %s failed: %s", pod.name, exc)
+        out.events.append(warning("RestartFailed", str(exc)))
+        return 0
+    if not deleted:
+        return 0
+    mem.restart_times.append(p.now)
+    mem.last_seen.pop(pod.name, None)
+    RESTARTS.labels(p.name).inc()
+    p.logger.warning("restarted pod %s: %s", pod.name, decision.message)
+    out.events.append(warning("PodRestarted", decision.message))
+    await asyncio.to_thread(rt.backend.alert, "PodRestarted", p.name, decision.message)
+    return 1
+
+
+async def misconfig_step(p: Pass, mem: ComponentMemory, seen: Observed) -> Outcome:
+    """Misconfigured from the instances' reported errors and recent alerts; alerted (Event and
+    an alert rag reads) when it starts."""
+    verdict = assess(
+        p.now, _reports(seen.instances, seen.alerts), p.rt.settings.misconfig_window_seconds
+    )
+    was = mem.misconfig.status if mem.misconfig else None
+    out = Outcome(
+        conditions={
+            cond.MISCONFIGURED: cond.Cond(
+                cond.MISCONFIGURED,
+                cond.TRUE if verdict.misconfigured else cond.FALSE,
+                verdict.reason,
+                verdict.message,
+            )
+        }
+    )
+    if verdict.misconfigured and was != cond.TRUE:
+        out.events.append(warning(verdict.reason, verdict.message))
+        p.logger.warning("misconfigured: %s", verdict.message)
+        await asyncio.to_thread(p.rt.backend.alert, "Misconfigured", p.name, verdict.message)
+    return out
+
+
+def divergence(p: Pass, mem: ComponentMemory, state: ComponentState) -> Outcome:
+    """What etcd holds, and whether ACTIVE still is what the last reconcile handled."""
+    out = Outcome(fields=state_fields(state))
+    handled = p.status.get("specConfigDigest")
+    if mem.config_state in (cond.ConfigState.SYNCED, cond.ConfigState.DIVERGED) and handled:
+        diverged = state.active_digest != handled
+        out.config = ConfigVerdict(
+            cond.ConfigState.DIVERGED if diverged else cond.ConfigState.SYNCED,
+            mem.config_message,
+            mem.config_reason,
+        )
+    return out
+
+
+async def key_step(p: Pass, live: Sequence[InstanceRecord]) -> Outcome:
+    """KeyCurrent: the namespace's keyring copy matches the source and the live instances seal
+    with the primary key."""
+    rt = p.rt
     copy_digest = await asyncio.to_thread(
-        rt.secrets.copy_digest, namespace, max_age=rt.settings.secret_copy_check_seconds
+        rt.secrets.copy_digest, p.namespace, max_age=rt.settings.secret_copy_check_seconds
     )
     source_digest = keyring_digest(rt.keyring.current())
-    if namespace == rt.secrets.namespace:
+    if p.namespace == rt.secrets.namespace:
         copy_digest = source_digest
     primary = rt.keyring.current().primary_fingerprint
-    mem.key = key_condition(primary, live, copy_digest, source_digest)
+    return Outcome(
+        conditions={cond.KEY_CURRENT: key_condition(primary, live, copy_digest, source_digest)}
+    )
 
-    newest = max((i.time for i in instances), default=None)
+
+def pass_fields(
+    p: Pass, mem: ComponentMemory, instances: Sequence[InstanceRecord], judged: Judged
+) -> dict[str, Any]:
+    """The status fields every pass publishes (besides the steps' own)."""
+    rt = p.rt
+    alive = len({i.pod or i.instance for i in judged.live})
     fields: dict[str, Any] = {
-        "instances": {"alive": alive, "expected": expected},
-        "instanceSummary": f"{alive}/{expected}",
-        "restarts": restarts,
-        **_history_fields(mem, rb.max_restarts),
+        **_history_fields(mem, p.spec.restart_budget.max_restarts),
         "rotationStage": rt.rotation_stage,
         "keyFingerprint": rt.keyring.current().primary_fingerprint,
-        **stored_fields,
     }
+    newest = max((i.time for i in instances), default=None)
     if newest is not None:
         fields["lastHeartbeatTime"] = heartbeat_time_field(
-            status.get("lastHeartbeatTime"), newest, rt.settings.status_heartbeat_refresh_seconds
+            p.status.get("lastHeartbeatTime"),
+            newest,
+            rt.settings.status_heartbeat_refresh_seconds,
         )
-        HEARTBEAT_AGE.labels(name).set((now - newest).total_seconds())
-    INSTANCES_ALIVE.labels(name).set(alive)
-    await publish_status(rt, namespace, name, generation, status, fields)
-    wake = next_deadline(
-        utcnow(),
-        [PodView(p.name, p.created, p.deleting) for p in pods],
-        mem.last_seen,
-        mem.watch_started,
-        policy,
-        mem.lease_ttls,
-    )
-    if decision.retry_after is not None:
-        wake = min(wake, decision.retry_after) if wake else decision.retry_after
-    return wake
+        HEARTBEAT_AGE.labels(p.name).set((p.now - newest).total_seconds())
+    INSTANCES_ALIVE.labels(p.name).set(alive)
+    return fields
 
 
-async def _publish_cadence(
-    rt: Runtime,
-    body: Any,
-    name: str,
-    hb: _api.HeartbeatSpec,
-    instances: Sequence[InstanceRecord],
-    mem: ComponentMemory,
-    logger: Logger,
-) -> None:
+async def cadence_step(
+    p: Pass, instances: Sequence[InstanceRecord], mem: ComponentMemory
+) -> Outcome:
     """Publish spec.heartbeat as the component's cadence (only when the record says something
     else: one read per pass, a write per change) and judge whether the instances follow it."""
+    rt, hb = p.rt, p.spec.heartbeat
     want = Cadence(
         interval_seconds=hb.interval_seconds,
         allowed_misses=hb.missed_before_restart,
@@ -316,13 +425,13 @@ async def _publish_cadence(
     try:
         # Read every pass rather than trusting memory: a record deleted or overwritten by hand
         # is put right within one pass.
-        current = await asyncio.to_thread(rt.backend.cadence, name)
+        current = await asyncio.to_thread(rt.backend.cadence, p.name)
         if want.same_rhythm(current):
             mem.cadence = current
         else:
-            await asyncio.to_thread(rt.backend.publish_cadence, name, want)
+            await asyncio.to_thread(rt.backend.publish_cadence, p.name, want)
             if mem.cadence is not None:
-                logger.info(
+                p.logger.info(
                     "heartbeat cadence now %ss x %s (lease %ss); instances follow it from"
                     " their next beat",
                     want.interval_seconds,
@@ -332,20 +441,21 @@ async def _publish_cadence(
             mem.cadence = want
     except (DefenderConfigError, OperatorError) as exc:
         ERRORS.labels("cadence").inc()
-        logger.warning("cannot publish the heartbeat cadence: %s", exc)
-        return
+        p.logger.warning("cannot publish the heartbeat cadence: %s", exc)
+        return Outcome()
     published = mem.cadence
     assert published is not None
     spec = SpecCadence(published.interval_seconds, published.lease_ttl_seconds, published.since)
     beats = [
         InstanceBeat(i.instance, i.time, i.interval_seconds, i.lease_ttl_seconds) for i in instances
     ]
+    judged = cadence_condition(beats, spec)
+    out = Outcome(conditions={HEARTBEAT_CADENCE: judged})
     was = mem.cadence_condition
-    mem.cadence_condition = cadence_condition(beats, spec)
-    if mem.cadence_condition.status == cond.FALSE and (was is None or was.status != cond.FALSE):
-        message = mem.cadence_condition.message
-        kopf.event(body, type="Warning", reason="CadenceMismatch", message=message)
-        logger.warning("heartbeat cadence mismatch: %s", message)
+    if judged.status == cond.FALSE and (was is None or was.status != cond.FALSE):
+        out.events.append(warning("CadenceMismatch", judged.message))
+        p.logger.warning("heartbeat cadence mismatch: %s", judged.message)
+    return out
 
 
 def _history_fields(mem: ComponentMemory, limit: int) -> dict[str, Any]:
@@ -357,57 +467,21 @@ def _history_fields(mem: ComponentMemory, limit: int) -> dict[str, Any]:
     return {"recentRestartTimes": [_rfc3339(t) for t in mem.restart_times]}
 
 
-async def _restart(
-    rt: Runtime,
-    body: Any,
-    namespace: str,
-    name: str,
-    pods: Sequence[Pod],
-    decision: RestartDecision,
-    mem: ComponentMemory,
-    now: datetime,
-    logger: Logger,
-) -> int:
-    pod = next(p for p in pods if p.name == decision.pod)
-    try:
-        deleted = await asyncio.to_thread(rt.kube.delete_pod, namespace, pod)
-    except OperatorError as exc:
-        ERRORS.labels("restart").inc()
-        logger.error("restart of pod %s failed: %s", pod.name, exc)
-        kopf.event(body, type="Warning", reason="RestartFailed", message=str(exc))
-        return 0
-    if not deleted:
-        return 0
-    mem.restart_times.append(now)
-    mem.last_seen.pop(pod.name, None)
-    RESTARTS.labels(name).inc()
-    logger.warning("restarted pod %s: %s", pod.name, decision.message)
-    kopf.event(body, type="Warning", reason="PodRestarted", message=decision.message)
-    await asyncio.to_thread(rt.backend.alert, "PodRestarted", name, decision.message)
-    return 1
-
-
-async def _breaker(
-    rt: Runtime,
-    body: Any,
-    name: str,
-    spec: _api.DefenderComponentSpec,
-    instances: Sequence[InstanceRecord],
-    decision: RestartDecision,
-    expected: int,
-    mem: ComponentMemory,
-    now: datetime,
-    logger: Logger,
-) -> ComponentState:
+async def breaker_step(
+    p: Pass, mem: ComponentMemory, instances: Sequence[InstanceRecord], judged: Judged
+) -> tuple[ComponentState, Outcome]:
+    """Trip the blast-radius breaker when too many instances turned unhealthy soon after a
+    change of ACTIVE: freeze commits and revert ACTIVE to the version before the change."""
+    rt, now = p.rt, p.now
     unhealthy = {i.instance for i in instances if i.last_error_reason in MISCONFIG_REASONS}
-    unhealthy |= set(decision.stale_pods)
+    unhealthy |= set(judged.decision.stale_pods)
     for key in list(mem.unhealthy_since):
         if key not in unhealthy:
             del mem.unhealthy_since[key]
     for key in unhealthy:
         mem.unhealthy_since.setdefault(key, now)
-    state = await asyncio.to_thread(rt.backend.state, name)
-    ro = spec.rollout
+    state = await asyncio.to_thread(rt.backend.state, p.name)
+    ro = p.spec.rollout
     if not mem.change_recovered:
         mem.change_recovered = True
         mem.last_change = mem.last_change or recovered_change(
@@ -421,25 +495,26 @@ async def _breaker(
         now=now,
         change=mem.last_change,
         unhealthy_since=mem.unhealthy_since,
-        expected=expected,
+        expected=judged.expected,
         policy=BreakerPolicy(
             ro.max_unhealthy_instances, ro.max_unhealthy_percent, ro.window_seconds
         ),
         frozen=state.frozen,
     )
     if not verdict.trip or verdict.revert_to is None:
-        return state
-    await asyncio.to_thread(rt.backend.freeze, name, verdict.message)
+        return state, Outcome()
+    await asyncio.to_thread(rt.backend.freeze, p.name, verdict.message)
     version = await asyncio.to_thread(
-        rt.backend.rollback, name, verdict.revert_to, modified_by=f"operator:{rt.identity}"
+        rt.backend.rollback, p.name, verdict.revert_to, modified_by=f"operator:{rt.identity}"
     )
-    mem.last_change = None
-    BREAKER_TRIPS.labels(name).inc()
-    logger.error("breaker tripped: %s (ACTIVE now version %s)", verdict.message, version)
-    kopf.event(body, type="Warning", reason=verdict.reason, message=verdict.message)
-    mem.config_state = cond.ConfigState.FROZEN
-    mem.config_message = verdict.message
-    return await asyncio.to_thread(rt.backend.state, name)
+    BREAKER_TRIPS.labels(p.name).inc()
+    p.logger.error("breaker tripped: %s (ACTIVE now version %s)", verdict.message, version)
+    state = await asyncio.to_thread(rt.backend.state, p.name)
+    return state, Outcome(
+        events=[warning(verdict.reason, verdict.message)],
+        config=ConfigVerdict(cond.ConfigState.FROZEN, verdict.message),
+        settled=True,
+    )
 
 
 async def _pause(stopped: Any, wake: asyncio.Event, seconds: float) -> None:
@@ -474,40 +549,51 @@ async def run(
     sooner when the heartbeat watch says an instance of this component appeared or vanished,
     or a pod's heartbeat deadline comes first."""
     wake = rt.heartbeats.waker(name)
-    mem = rt.memory(namespace, name)
     while not stopped:
         wake.clear()
         pause = rt.settings.monitor_interval_seconds
         try:
-            # kopf keeps `body` current from its watch (no read per pass); the status is ours
-            # as last written when we wrote it, since the body lags our own writes.
-            status = mem.status if mem.status is not None else dict(body.get("status") or {})
-            if status:
-                recall(mem, status)  # a Conflict shown before this operator started counts
-            # Before the first reconcile there is nothing to judge (and no status to merge);
-            # before etcd's health is first measured, a pass would report an outage that
-            # is only "not measured yet" and flap the conditions a restarted operator kept.
-            # A resource refused its etcd name (another owns it) has no instances of its
-            # own to judge, and its pods must not be restarted for the owner's heartbeats.
-            judge = mem.conflict is None and bool(status.get("observedGeneration"))
-            if judge and rt.etcd.measured:
-                due = await tick(
-                    rt,
-                    body=body,
-                    namespace=namespace,
-                    name=name,
-                    generation=int(body.get("metadata", {}).get("generation") or 0),
-                    raw_spec=dict(body.get("spec") or {}),
-                    status=status,
-                    logger=logger,
-                    pod_index=pod_index,
-                )
-                if due is not None:
-                    # A hair past the deadline, so the pass sees it passed.
-                    until = (due - utcnow()).total_seconds() + 0.05
-                    pause = min(pause, max(until, _MIN_PAUSE_SECONDS))
+            due = await _pass(rt, body, namespace, name, logger, pod_index)
+            if due is not None:
+                # A hair past the deadline, so the pass sees it passed.
+                until = (due - utcnow()).total_seconds() + 0.05
+                pause = min(pause, max(until, _MIN_PAUSE_SECONDS))
         except (DefenderConfigError, OperatorError, ValueError) as exc:
             ERRORS.labels("monitor").inc()
             logger.warning("monitor pass failed, next pass in %ss: %s", pause, exc)
         await asyncio.sleep(_MIN_PAUSE_SECONDS)
         await _pause(stopped, wake, pause)
+
+
+async def _pass(
+    rt: Runtime, body: Any, namespace: str, name: str, logger: Logger, pod_index: PodIndex
+) -> datetime | None:
+    """One pass under the component's lock (a reconcile of it waits, and vice versa)."""
+    mem = rt.memory(namespace, name)
+    async with mem.lock:
+        # kopf keeps `body` current from its watch (no read per pass); the status is ours as
+        # last written when we wrote it, since the body lags our own writes.
+        status = mem.status if mem.status is not None else dict(body.get("status") or {})
+        if status:
+            recall(mem, status)  # a Conflict shown before this operator started counts
+        # Before the first reconcile there is nothing to judge (and no status to merge);
+        # before etcd's health is first measured, a pass would report an outage that is only
+        # "not measured yet" and flap the conditions a restarted operator kept. A resource
+        # refused its etcd name (another owns it) has no instances of its own to judge, and
+        # its pods must not be restarted for the owner's heartbeats.
+        if mem.conflict is not None or not status.get("observedGeneration"):
+            return None
+        if not rt.etcd.measured:
+            return None
+        visit = Pass(
+            rt=rt,
+            body=body,
+            namespace=namespace,
+            name=name,
+            generation=int(body.get("metadata", {}).get("generation") or 0),
+            spec=_api.parse_spec(dict(body.get("spec") or {})),
+            status=status,
+            logger=logger,
+            now=utcnow(),
+        )
+        return await tick(visit, mem, pod_index)

@@ -97,6 +97,14 @@ def remember(mem: ComponentMemory, outcome: Outcome) -> None:
         mem.last_change = outcome.change
 
 
+def take(mem: ComponentMemory, found: Outcome, step: Outcome) -> bool:
+    """Take one step's outcome: into memory now (a later step may read it) and into what the
+    visit or pass publishes. True when the steps after it may run."""
+    found.add(step)
+    remember(mem, step)
+    return not step.done
+
+
 # Posts one Event on the resource `body`; the Runtime holds the one in use (tests record them).
 EventPoster = Callable[[Any, Event], None]
 
@@ -104,3 +112,10 @@ EventPoster = Callable[[Any, Event], None]
 def kopf_post(body: Any, event: Event) -> None:
     # kopf queues the Event and posts it from its own task (asynchronously).
     kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def post_events(post: EventPoster, body: Any, found: Outcome) -> None:
+    """Post the Events found so far, each once (`found` forgets them)."""
+    events, found.events = found.events, []
+    for event in events:
+        post(body, event)

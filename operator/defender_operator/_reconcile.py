@@ -40,7 +40,14 @@ from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
 from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
 from defender_operator._metrics import COMMITS
-from defender_operator._outcome import ConfigVerdict, Outcome, normal, remember, warning
+from defender_operator._outcome import (
+    ConfigVerdict,
+    Outcome,
+    normal,
+    post_events,
+    take,
+    warning,
+)
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 UNFREEZE_ANNOTATION = f"{_api.GROUP}/unfreeze"
@@ -172,13 +179,13 @@ async def reconcile(v: Visit, raw_spec: Mapping[str, Any]) -> None:
                 await _finish(v, mem, found)
         except kopf.TemporaryError as exc:
             # Conditions appear even when the first visit fails, saying why where known.
-            _fold(mem, found, _temporary(exc))
+            take(mem, found, _temporary(exc))
             await _finish(v, mem, found)
             raise
         except kopf.PermanentError as exc:
             # Not retried: a person must act, so the resource says what and why.
             v.logger.error("refused, not retried: %s", exc)
-            _fold(mem, found, refused(exc))
+            take(mem, found, refused(exc))
             await _finish(v, mem, found)
             raise
     # The monitor judges heartbeats, keys and Ready right away rather than at its next
@@ -186,18 +193,8 @@ async def reconcile(v: Visit, raw_spec: Mapping[str, Any]) -> None:
     v.rt.heartbeats.waker(v.name).set()
 
 
-def _fold(mem: ComponentMemory, found: Outcome, step: Outcome) -> bool:
-    """Take one step's outcome: into memory now (a later step may read it) and into what this
-    visit publishes. True when the steps after it may run."""
-    found.add(step)
-    remember(mem, step)
-    return not step.done
-
-
 async def _finish(v: Visit, mem: ComponentMemory, found: Outcome) -> None:
-    events, found.events = found.events, []  # posted once, even if publishing fails after
-    for event in events:
-        v.rt.post_event(v.body, event)
+    post_events(v.rt.post_event, v.body, found)  # once, even if publishing fails after
     await publish_status(v.rt, v.namespace, v.name, v.generation, v.status, found.fields)
 
 
@@ -205,34 +202,34 @@ async def _steps(
     v: Visit, mem: ComponentMemory, raw_spec: Mapping[str, Any], found: Outcome
 ) -> None:
     keyring_gate(v.rt)
-    if not _fold(mem, found, await claim(v)):
+    if not take(mem, found, await claim(v)):
         return
     spec = parse_spec(raw_spec)
     await prepare(v, spec)
-    _fold(mem, found, await unfreeze_command(v))
-    _fold(mem, found, await rollback_command(v))
+    take(mem, found, await unfreeze_command(v))
+    take(mem, found, await rollback_command(v))
     normalized, checked = validate(v, spec)
     if normalized is None:
-        _fold(mem, found, checked)
-        _fold(mem, found, await refuse_invalid(v, spec))
+        take(mem, found, checked)
+        take(mem, found, await refuse_invalid(v, spec))
         return
     state, commit_due, seeded = await seed(v, spec, normalized)
-    _fold(mem, found, seeded)
+    take(mem, found, seeded)
     if commit_due:
         state, committed = await commit(v, spec, normalized, state)
-        if not _fold(mem, found, committed):
+        if not take(mem, found, committed):
             return
     # Only now, with ACTIVE as intended: a failed commit above never shows Synced.
-    _fold(mem, found, Outcome(config=ConfigVerdict(cond.ConfigState.SYNCED)))
+    take(mem, found, Outcome(config=ConfigVerdict(cond.ConfigState.SYNCED)))
     state, resealed = await apply_storage(v, spec, state)
-    _fold(mem, found, resealed)
+    take(mem, found, resealed)
     fields = {
         **state_fields(state),
         "specConfigDigest": config_digest(normalized),
         "observedGeneration": v.generation,
         "keyFingerprint": v.rt.keyring.current().primary_fingerprint,
     }
-    _fold(mem, found, Outcome(fields=fields))
+    take(mem, found, Outcome(fields=fields))
 
 
 def keyring_gate(rt: Runtime) -> None:

@@ -16,11 +16,19 @@ from defender_config import Cadence, StoreUnavailableError
 from defender_operator import _api
 from defender_operator._decisions import conditions as c
 from defender_operator._metrics import ERRORS
-from defender_operator._monitor import _publish_cadence
+from defender_operator._monitor import Pass, cadence_step
+from defender_operator._outcome import remember
 from defender_operator._runtime import ComponentMemory
 
 LOG = logging.getLogger("test.cadence")
-SPEC = _api.HeartbeatSpec(interval_seconds=5, missed_before_restart=2)
+SPEC = _api.parse_spec(
+    {
+        "componentType": "sniffer",
+        "config": {"interface": "eth0"},
+        "selector": {"matchLabels": {"app": "sniffer"}},
+        "heartbeat": {"intervalSeconds": 5, "missedBeforeRestart": 2},
+    }
+)
 
 
 class Backend:
@@ -41,7 +49,8 @@ class Backend:
 
 def publish(backend: Backend, mem: ComponentMemory) -> None:
     rt: Any = SimpleNamespace(backend=backend, identity="op-0")
-    asyncio.run(_publish_cadence(rt, {}, "sniffer", SPEC, [], mem, LOG))
+    p = Pass(rt, {}, "default", "sniffer", 1, SPEC, {}, LOG, datetime.now(UTC))
+    remember(mem, asyncio.run(cadence_step(p, [], mem)))
 
 
 def test_absent_or_different_record_is_written() -> None:
