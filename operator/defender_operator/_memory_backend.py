@@ -1,0 +1,427 @@
+"""`Backend` held in memory, for unit tests of reconcile and the monitor pass without etcd.
+
+Used only by tests (tests/unit/operator drive the operator's steps with it;
+tests/integration/operator/test_operator_backend_contract.py runs the same contract against it
+and against `LibraryBackend` on the real etcd, so the two cannot drift apart silently). It lives
+in the package, not in tests/, so that `mypy --strict` checks it against the `Backend` protocol
+(tests are not type-checked) and both suites import it by name; an import-linter contract keeps
+the running operator from importing it.
+
+What it models as the library does: MASTER written once, ACTIVE versions that only grow
+(a rollback is a new version), the kept history (`history_limit`), metadata (digest, version,
+storage policy, time, whether a rollback wrote it), the freeze (commits refused with
+ConfigFrozenError, rollbacks allowed), validation against the type and schema recorded at seed
+time, owner records guarded by a revision, the request-size limit of one version's
+transaction (counting plain JSON: compression is not modelled), and alerts. What it does not:
+envelopes, keys and signatures (`declare` never re-signs; key usage is empty).
+
+Failures are injected per operation with `fail(operation, error)`; `unavailable = True` makes
+every call fail like an unreachable etcd.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from defender_config import (
+    ETCD_REQUEST_LIMIT_BYTES,
+    Cadence,
+    ConfigFrozenError,
+    ConfigValidationError,
+    Keyring,
+    KeyUsage,
+    NotFoundError,
+    StoragePolicy,
+    StoreUnavailableError,
+    ValueTooLargeError,
+    canonical_json,
+    config_digest,
+    validate_config,
+)
+from defender_operator._backend import (
+    AlertRecord,
+    Backend,
+    Cancellable,
+    ComponentState,
+    EtcdHealth,
+    InstanceCallback,
+    InstanceRecord,
+)
+from defender_operator._decisions.ownership import Claim
+
+ENDPOINTS = ["memory://defender"]
+# As the library counts one put of a transaction (key, value and framing).
+_PER_OP_BYTES = 64
+DEFAULT_HISTORY_LIMIT = 10
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Stored:
+    """One component's values, as the library keeps them under `components/<name>/`."""
+
+    component_type: str
+    json_schema: dict[str, Any] | None
+    master: dict[str, Any]
+    active: dict[str, Any]
+    version: int
+    history: dict[int, dict[str, Any]]
+    modified: datetime
+    modified_by: str
+    note: str
+    storage: StoragePolicy | None
+
+
+@dataclass
+class _Watch:
+    callback: InstanceCallback
+    on_error: Callable[[Exception], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class MemoryBackend:
+    history_limit: int = DEFAULT_HISTORY_LIMIT
+    request_limit_bytes: int = ETCD_REQUEST_LIMIT_BYTES
+    identity: str = "memory"
+    unavailable: bool = False
+    components: dict[str, Stored] = field(default_factory=dict)
+    frozen: dict[str, str] = field(default_factory=dict)
+    claims: dict[str, tuple[Claim, int]] = field(default_factory=dict)
+    live: dict[str, dict[str, InstanceRecord]] = field(default_factory=dict)
+    cadences: dict[str, Cadence] = field(default_factory=dict)
+    raised: list[AlertRecord] = field(default_factory=list)
+    key_record: dict[str, str] = field(default_factory=dict)
+    # Every call, in order, by operation name: what the tests assert was (not) written.
+    calls: list[str] = field(default_factory=list)
+    _failures: dict[str, list[Exception]] = field(default_factory=dict)
+    _revision: int = 0
+    _watches: list[_Watch] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- test controls ---------------------------------------------------------------------
+
+    def fail(self, operation: str, error: Exception, times: int = 1) -> None:
+        """The next `times` calls of `operation` (a method name) raise `error`."""
+        self._failures.setdefault(operation, []).extend([error] * times)
+
+    def add_instance(self, component: str, record: InstanceRecord) -> None:
+        """An instance beats (its lease-bound key is written); watchers hear of it."""
+        self.live.setdefault(component, {})[record.instance] = record
+        self._notify(component, record.instance, record)
+
+    def remove_instance(self, component: str, instance: str) -> None:
+        """An instance stops, or its lease expires; watchers hear of it."""
+        self.live.get(component, {}).pop(instance, None)
+        self._notify(component, instance, None)
+
+    def _notify(self, component: str, instance: str, record: InstanceRecord | None) -> None:
+        for watch in self._watches:
+            if not watch.cancelled:
+                watch.callback(component, instance, record)
+
+    def _enter(self, operation: str) -> None:
+        self.calls.append(operation)
+        if self.unavailable:
+            raise StoreUnavailableError(ENDPOINTS, f"{operation}: etcd unreachable (injected)")
+        queued = self._failures.get(operation)
+        if queued:
+            raise queued.pop(0)
+
+    def _next_revision(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    def _stored(self, component: str) -> Stored:
+        stored = self.components.get(component)
+        if stored is None:
+            raise NotFoundError(
+                f"/memory/components/{component}/metadata",
+                detail=f"component {component!r} is not registered",
+            )
+        return stored
+
+    def _check_size(self, component: str, config: Mapping[str, Any], copies: int) -> None:
+        size = copies * (len(canonical_json(config)) + _PER_OP_BYTES)
+        if size > self.request_limit_bytes:
+            raise ValueTooLargeError(
+                size,
+                self.request_limit_bytes,
+                path=f"/memory/components/{component}/active_config",
+                what="etcd request limit for one config version",
+            )
+
+    def _validate(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        json_schema: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        try:
+            return validate_config(component_type, config, json_schema, component=component)
+        except ConfigValidationError as exc:
+            self._alert(exc.reason, component, str(exc))
+            raise
+
+    def _alert(self, kind: str, component: str, detail: str) -> None:
+        self.raised.append(AlertRecord(component, self.identity, kind, detail, _now()))
+
+    def _write_version(
+        self,
+        component: str,
+        stored: Stored,
+        config: dict[str, Any],
+        by: str,
+        note: str,
+        storage: StoragePolicy | None,
+    ) -> int:
+        self._check_size(component, config, copies=2)
+        version = max(stored.version, max(stored.history, default=0)) + 1
+        stored.active = config
+        stored.version = version
+        stored.history[version] = config
+        for old in [v for v in stored.history if v <= version - self.history_limit]:
+            del stored.history[old]
+        stored.modified, stored.modified_by, stored.note = _now(), by, note
+        if storage is not None:
+            stored.storage = storage
+        return version
+
+    # --- Backend -------------------------------------------------------------------------
+
+    def health(self) -> EtcdHealth:
+        self.calls.append("health")
+        if self.unavailable:
+            return EtcdHealth(reachable=False, quorum=False, detail="etcd unreachable (injected)")
+        return EtcdHealth(reachable=True, quorum=True)
+
+    def state(self, component: str) -> ComponentState:
+        self._enter("state")
+        stored = self.components.get(component)
+        if stored is None:
+            return ComponentState(None, None, None, frozen=component in self.frozen)
+        return ComponentState(
+            master_digest=config_digest(stored.master),
+            active_digest=config_digest(stored.active),
+            active_version=stored.version,
+            frozen=component in self.frozen,
+            storage=stored.storage,
+            active_modified=stored.modified,
+            active_rollback=stored.note.startswith("rollback"),
+        )
+
+    def declare(
+        self,
+        component: str,
+        component_type: str,
+        *,
+        json_schema: Mapping[str, Any] | None,
+        storage: StoragePolicy,
+        digest: str | None,
+        modified_by: str,
+    ) -> bool:
+        self._enter("declare")
+        return False  # nothing here is signed, so nothing needs re-signing
+
+    def seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> ComponentState:
+        self._enter("seed")
+        normalized = self._validate(component, component_type, config, json_schema)
+        self._check_size(component, normalized, copies=3)
+        if component not in self.components:
+            self.components[component] = Stored(
+                component_type=component_type,
+                json_schema=dict(json_schema) if json_schema is not None else None,
+                master=normalized,
+                active=normalized,
+                version=1,
+                history={1: normalized},
+                modified=_now(),
+                modified_by=modified_by,
+                note="registered",
+                storage=storage,
+            )
+        return self.state(component)
+
+    def commit(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        history_limit: int,
+        storage: StoragePolicy | None = None,
+    ) -> int:
+        self._enter("commit")
+        if component in self.frozen:
+            raise ConfigFrozenError(component, why=self.frozen[component])
+        stored = self._stored(component)
+        # As the library: validated against the type and schema recorded at seed time.
+        normalized = self._validate(component, stored.component_type, config, stored.json_schema)
+        same_policy = storage is None or storage == stored.storage
+        if config_digest(normalized) == config_digest(stored.active) and same_policy:
+            return stored.version
+        limit, self.history_limit = self.history_limit, history_limit
+        try:
+            return self._write_version(component, stored, normalized, modified_by, "", storage)
+        finally:
+            self.history_limit = limit
+
+    def rollback(
+        self,
+        component: str,
+        to_version: int | None,
+        *,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> int:
+        self._enter("rollback")
+        stored = self._stored(component)
+        if to_version is None:
+            target = stored.master
+        elif to_version in stored.history:
+            target = stored.history[to_version]
+        else:
+            raise NotFoundError(
+                f"/memory/components/{component}/history/{to_version}",
+                detail=f"version {to_version} is not kept (history holds {sorted(stored.history)})",
+            )
+        what = "master" if to_version is None else to_version
+        version = self._write_version(
+            component, stored, target, modified_by, f"rollback to {what}", storage
+        )
+        self._alert(
+            "ConfigRolledBack",
+            component,
+            f"ACTIVE of {component!r} rolled back to {what} as version {version} by {modified_by}",
+        )
+        return version
+
+    def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:
+        self._enter("set_storage")
+        stored = self._stored(component)
+        if stored.storage == storage:
+            return False
+        stored.storage = storage
+        return True
+
+    def freeze(self, component: str, reason: str) -> None:
+        self._enter("freeze")
+        self.frozen[component] = reason
+
+    def unfreeze(self, component: str) -> None:
+        self._enter("unfreeze")
+        self.frozen.pop(component, None)
+
+    def purge(self, component: str) -> int:
+        self._enter("purge")
+        removed = 0
+        stored = self.components.pop(component, None)
+        if stored is not None:
+            removed += 3 + len(stored.history)  # MASTER, ACTIVE, metadata, history
+        alerts = [a for a in self.raised if a.component == component]
+        self.raised = [a for a in self.raised if a.component != component]
+        removed += len(alerts)
+        removed += int(self.frozen.pop(component, None) is not None)
+        removed += int(self.cadences.pop(component, None) is not None)
+        removed += int(self.claims.pop(component, None) is not None)
+        return removed
+
+    def read_claim(self, component: str) -> tuple[Claim | None, int]:
+        self._enter("read_claim")
+        held = self.claims.get(component)
+        return held if held is not None else (None, 0)
+
+    def write_claim(self, component: str, claim: Claim, *, revision: int) -> bool:
+        self._enter("write_claim")
+        with self._lock:
+            _, current = self.claims.get(component, (None, 0))
+            if current != revision:
+                return False
+            self.claims[component] = (claim, self._next_revision())
+            return True
+
+    def instances(self, component: str) -> Sequence[InstanceRecord]:
+        self._enter("instances")
+        return list(self.live.get(component, {}).values())
+
+    def cadence(self, component: str) -> Cadence | None:
+        self._enter("cadence")
+        return self.cadences.get(component)
+
+    def publish_cadence(self, component: str, cadence: Cadence) -> None:
+        self._enter("publish_cadence")
+        self.cadences[component] = cadence
+
+    def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]:
+        self._enter("all_instances")
+        return {name: list(found.values()) for name, found in self.live.items() if found}
+
+    def watch_instances(
+        self, callback: InstanceCallback, on_error: Callable[[Exception], None]
+    ) -> Cancellable:
+        self._enter("watch_instances")
+        watch = _Watch(callback, on_error)
+        self._watches.append(watch)
+        return watch
+
+    def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]:
+        self._enter("alerts")
+        return [a for a in self.raised if a.component == component and a.time >= since]
+
+    def alert(self, kind: str, component: str, detail: str) -> None:
+        # Never raises, as the library's alerter.
+        self.calls.append("alert")
+        self._alert(kind, component, detail)
+
+    def rewrap_all(self) -> int:
+        self._enter("rewrap_all")
+        return 0
+
+    def key_usage(self) -> KeyUsage:
+        self._enter("key_usage")
+        return KeyUsage()
+
+    def opens(self, keyring: Keyring, usage: KeyUsage) -> frozenset[str]:
+        self._enter("opens")
+        return usage.key_ids
+
+    def keyring_record(self) -> dict[str, str]:
+        self._enter("keyring_record")
+        return dict(self.key_record)
+
+    def record_keyring(self, keyring: Keyring) -> None:
+        self._enter("record_keyring")
+        self.key_record = dict(keyring.fingerprints())
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def as_backend(backend: MemoryBackend) -> Backend:
+    """Typed as the protocol: mypy --strict fails here when the two stop matching."""
+    return backend
+
+
+__all__ = ["MemoryBackend", "Stored", "as_backend"]
