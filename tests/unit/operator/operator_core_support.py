@@ -1,0 +1,168 @@
+"""An operator without a cluster: the real reconcile and monitor steps, the in-memory Backend,
+and recording stand-ins for the Kubernetes API (status patches, annotation removals, pod
+deletes, keyring copies). Imported by name (pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from defender_config import Keyring
+from defender_operator import _monitor, _reconcile
+from defender_operator._backend import EtcdHealth, InstanceRecord
+from defender_operator._keys import MutableKeyringSource, keyring_digest
+from defender_operator._kube import Pod
+from defender_operator._memory_backend import MemoryBackend
+from defender_operator._outcome import Event
+from defender_operator._runtime import ComponentMemory, Runtime, utcnow
+from defender_operator._settings import OperatorSettings
+
+NAMESPACE = "default"
+NAME = "sniffer"
+LABELS = {"app": "sniffer"}
+LOG = logging.getLogger("test.operator.core")
+
+
+@dataclass
+class FakeKube:
+    """The calls reconcile and the monitor make on `_kube.Kube`, recorded."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    patches: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        self.patches.append(dict(status))
+        self.status.update(status)
+        return dict(self.status)
+
+    def remove_annotation(self, namespace: str, name: str, key: str) -> None:
+        self.removed.append(key)
+
+    def delete_pod(self, namespace: str, pod: Pod) -> bool:
+        self.deleted.append(pod.name)
+        return True
+
+
+@dataclass
+class FakeSecrets:
+    """The keyring copies (`_keys.KeyringSecrets`), always current."""
+
+    keyring: MutableKeyringSource
+    namespace: str = "ml-defender"
+    fanned_out: list[str] = field(default_factory=list)
+
+    def fan_out(self, keyring: Keyring, namespace: str, **_: Any) -> bool:
+        self.fanned_out.append(namespace)
+        return False
+
+    def copy_digest(self, namespace: str, *, max_age: float = 0.0) -> str | None:
+        return keyring_digest(self.keyring.current())
+
+
+def spec(config: Mapping[str, Any] | None = None, **over: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "componentType": "sniffer",
+        "config": dict(
+            config or {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+        ),
+        "selector": {"matchLabels": dict(LABELS)},
+    }
+    out.update(over)
+    return out
+
+
+@dataclass
+class Harness:
+    """One operator, one DefenderComponent: drive it a step at a time."""
+
+    backend: MemoryBackend = field(default_factory=MemoryBackend)
+    kube: FakeKube = field(default_factory=FakeKube)
+    events: list[Event] = field(default_factory=list)
+    generation: int = 0
+    uid: str = "uid-1"
+    pods: dict[str, Pod] = field(default_factory=dict)
+    rt: Runtime = field(init=False)
+
+    def __post_init__(self) -> None:
+        keyring = MutableKeyringSource(Keyring.generate())
+        secrets: Any = FakeSecrets(keyring)
+        kube: Any = self.kube
+        self.rt = Runtime(OperatorSettings(), self.backend, kube, secrets, keyring, "op-0")
+        self.rt.keyring_ready = True
+        self.rt.post_event = lambda body, event: self.events.append(event)
+        self.rt.etcd.record(utcnow() - timedelta(hours=1), EtcdHealth(True, True))
+
+    @property
+    def mem(self) -> ComponentMemory:
+        return self.rt.memory(NAMESPACE, NAME)
+
+    def reasons(self) -> list[str]:
+        return [e.reason for e in self.events]
+
+    def condition(self, ctype: str) -> dict[str, Any]:
+        found = [c for c in self.kube.status.get("conditions", []) if c["type"] == ctype]
+        assert found, f"no {ctype} condition in {self.kube.status}"
+        return dict(found[0])
+
+    def body(self, raw_spec: Mapping[str, Any], annotations: Mapping[str, str]) -> dict[str, Any]:
+        return {
+            "metadata": {
+                "namespace": NAMESPACE,
+                "name": NAME,
+                "uid": self.uid,
+                "generation": self.generation,
+                "annotations": dict(annotations),
+            },
+            "spec": dict(raw_spec),
+            "status": dict(self.kube.status),
+        }
+
+    async def reconcile(
+        self, raw_spec: Mapping[str, Any], annotations: Mapping[str, str] | None = None
+    ) -> None:
+        """What kopf's create/update handler does with a new generation of the resource."""
+        self.generation += 1
+        visit = _reconcile.Visit(
+            rt=self.rt,
+            body=self.body(raw_spec, annotations or {}),
+            namespace=NAMESPACE,
+            name=NAME,
+            generation=self.generation,
+            status=dict(self.kube.status),
+            annotations=dict(annotations or {}),
+            logger=LOG,
+        )
+        await _reconcile.reconcile(visit, raw_spec)
+
+    async def monitor(self, raw_spec: Mapping[str, Any]) -> datetime | None:
+        """One pass of the monitor daemon (as `_monitor.run` makes it)."""
+        index: dict[tuple[str, str, str], list[Pod]] = {}
+        for pod in self.pods.values():
+            for key, value in LABELS.items():
+                index.setdefault((NAMESPACE, key, value), []).append(pod)
+        return await _monitor._pass(self.rt, self.body(raw_spec, {}), NAMESPACE, NAME, LOG, index)
+
+    def add_pod(self, name: str, age: timedelta = timedelta(hours=1)) -> None:
+        self.pods[name] = Pod(name, f"uid-{name}", utcnow() - age, deleting=False)
+
+    def beat(self, pod: str, *, error: str | None = None) -> None:
+        """An instance in `pod` beats now (reporting `error` as its last error)."""
+        self.backend.add_instance(
+            NAME,
+            InstanceRecord(
+                instance=f"{pod}-0",
+                pod=pod,
+                time=utcnow(),
+                status="RUNNING",
+                key_fingerprint=self.rt.keyring.current().primary_fingerprint,
+                last_error_reason=error,
+                last_error_detail=f"{error} (reported by the instance)" if error else "",
+            ),
+        )

@@ -1,0 +1,285 @@
+"""Reconcile and the monitor pass, step by step, against the in-memory Backend: no cluster, no
+etcd. Each test drives the operator the way kopf would (a new generation, a monitor pass) and
+checks what reached etcd, the status and the Events."""
+
+from __future__ import annotations
+
+import asyncio
+
+import kopf
+import pytest
+from operator_core_support import NAME, Harness, spec
+
+from defender_config import (
+    ConflictError,
+    StoreUnavailableError,
+    ValueTooLargeError,
+    config_digest,
+    validate_config,
+)
+from defender_operator import _api
+from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.keyring import KeyringAction, KeyringPlan
+from defender_operator._decisions.ownership import NAME_CLAIMED_ELSEWHERE, Claim
+from defender_operator._reconcile import UNFREEZE_ANNOTATION
+
+BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
+ETH0 = {**BASE, "interface": "eth0"}
+ETH1 = {**BASE, "interface": "eth1"}
+ETH2 = {**BASE, "interface": "eth2"}
+BAD = {**BASE, "interface": "not a valid interface name"}
+
+
+def stored(config: dict[str, str]) -> str:
+    """The digest etcd holds for `config` (normalized by the component's model)."""
+    return config_digest(validate_config("sniffer", config, None))
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_first_visit_claims_seeds_and_shows_synced() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (1, stored(ETH0))
+    assert h.backend.claims[NAME][0] == Claim("default", NAME, "uid-1")
+    assert h.reasons() == ["Seeded"]
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert synced["status"] == cond.TRUE
+    assert h.kube.status["activeVersion"] == 1
+    assert h.kube.status["observedGeneration"] == 1
+    # The steps ran in this order: plaintext permission, claim... seed; nothing committed.
+    assert "commit" not in h.backend.calls
+    assert h.backend.calls.index("read_claim") < h.backend.calls.index("seed")
+    # Resuming with the same spec writes nothing more.
+    writes = [c for c in h.backend.calls if c in ("seed", "commit", "rollback")]
+    run(h.reconcile(spec(ETH0)))
+    assert [c for c in h.backend.calls if c in ("seed", "commit", "rollback")] == writes
+    assert h.reasons() == ["Seeded"]
+
+
+def test_an_edit_commits_the_next_version() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(ETH1)))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (2, stored(ETH1))
+    assert state.master_digest == stored(ETH0)  # MASTER never changes
+    assert h.reasons() == ["Seeded", "Committed"]
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    assert h.kube.status["activeVersion"] == 2
+    # The breaker now guards the change from version 1 to 2.
+    change = h.mem.last_change
+    assert change is not None and (change.previous_version, change.version) == (1, 2)
+
+
+def test_an_invalid_config_is_refused_and_active_stays() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(BAD)))
+    assert h.backend.state(NAME).active_version == 1
+    assert "commit" not in h.backend.calls
+    assert h.reasons() == ["Seeded", "ConfigInvalid"]
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert synced["status"] == cond.FALSE
+    assert "interface" in synced["message"]
+    assert h.kube.status["specConfigDigest"] == config_digest(BAD)
+
+
+def test_an_invalid_config_reverts_to_master_once_when_the_spec_says_so() -> None:
+    h = Harness()
+    revert = {"rollout": {"onInvalidConfig": _api.InvalidConfigPolicy.REVERT_TO_MASTER.value}}
+    run(h.reconcile(spec(ETH0, **revert)))
+    run(h.reconcile(spec(ETH1, **revert)))
+    run(h.reconcile(spec(BAD, **revert)))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (3, stored(ETH0))
+    assert h.reasons()[-2:] == ["ConfigInvalid", "RevertedToMaster"]
+    # A resume with the same invalid spec does not roll back again.
+    run(h.reconcile(spec(BAD, **revert)))
+    assert h.backend.state(NAME).active_version == 3
+    assert h.reasons()[-1] == "ConfigInvalid"
+
+
+def test_rollback_command_restores_a_kept_version_and_is_consumed() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(ETH1)))
+    run(h.reconcile(spec(ETH1), {_api.ROLLBACK_ANNOTATION: "1"}))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (3, stored(ETH0))
+    assert state.active_rollback
+    assert h.kube.removed == [_api.ROLLBACK_ANNOTATION]
+    assert h.reasons()[-1] == "RolledBack"
+    # ACTIVE differs from spec.config on purpose: the unchanged spec is not re-committed.
+    run(h.reconcile(spec(ETH1)))
+    assert h.backend.state(NAME).active_version == 3
+
+
+def test_a_rollback_command_that_names_no_version_is_refused() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(ETH0), {_api.ROLLBACK_ANNOTATION: "yesterday"}))
+    assert "rollback" not in h.backend.calls
+    assert h.kube.removed == [_api.ROLLBACK_ANNOTATION]
+    assert h.reasons()[-1] == "RollbackRefused"
+
+
+def test_a_permanent_error_still_publishes_conditions_and_reason() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    too_large = ValueTooLargeError(1_900_000, 1_572_864, path="/p/components/sniffer/active")
+    h.backend.fail("commit", too_large)
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec(ETH1)))
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, too_large.reason)
+    assert str(too_large) in synced["message"]
+    assert h.condition(cond.READY)["status"] == cond.FALSE
+    assert h.events[-1].type == "Warning" and h.events[-1].reason == too_large.reason
+    assert str(too_large) in h.events[-1].message
+    assert h.backend.state(NAME).active_version == 1
+
+
+def test_a_config_too_large_for_one_etcd_request_is_refused_by_the_backend() -> None:
+    h = Harness()
+    h.backend.request_limit_bytes = 4096
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec({**ETH0, "filters": ["tcp"] * 2000})))
+    assert h.backend.state(NAME).active_version is None
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == "ValueTooLarge"
+
+
+def test_a_failed_commit_never_shows_synced() -> None:
+    # etcd already holds version 1 (seeded by an earlier operator); this operator starts
+    # with no memory and no status, and its commit of the spec loses a compare-and-swap.
+    h = Harness()
+    h.backend.seed(NAME, "sniffer", ETH0, json_schema=None, modified_by="earlier")
+    h.backend.fail("commit", ConflictError("/p/components/sniffer/metadata", detail="raced"))
+    with pytest.raises(kopf.TemporaryError):
+        run(h.reconcile(spec(ETH1)))
+    assert h.condition(cond.CONFIG_SYNCED)["status"] != cond.TRUE
+    run(h.reconcile(spec(ETH1)))  # kopf's retry
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    assert h.backend.state(NAME).active_version == 2
+
+
+def test_etcd_unavailable_is_retried_and_says_so() -> None:
+    h = Harness()
+    h.backend.unavailable = True
+    with pytest.raises(kopf.TemporaryError) as info:
+        run(h.reconcile(spec(ETH0)))
+    assert isinstance(info.value.__cause__, StoreUnavailableError)
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.UNKNOWN, "StoreUnavailable")
+
+
+def test_a_name_owned_by_another_resource_is_refused_and_nothing_is_written() -> None:
+    h = Harness()
+    owner = Claim("tenant-a", NAME, "uid-0")
+    h.backend.write_claim(NAME, owner, revision=0)
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.state(NAME).active_version is None
+    assert not {"seed", "commit", "declare"} & set(h.backend.calls)
+    assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
+    assert h.reasons() == [NAME_CLAIMED_ELSEWHERE]
+
+
+def test_the_keyring_pause_reads_and_writes_nothing_but_publishes_why() -> None:
+    h = Harness()
+    h.rt.keyring_ready = False
+    h.rt.keyring_refused = KeyringPlan(
+        KeyringAction.REFUSE, "KeyringMissing", "no keyring opens the stored values"
+    )
+    with pytest.raises(kopf.TemporaryError, match="keyring unavailable"):
+        run(h.reconcile(spec(ETH0)))
+    assert h.backend.calls == []
+    unavailable = h.condition(cond.KEY_UNAVAILABLE)
+    assert (unavailable["status"], unavailable["reason"]) == (cond.TRUE, "KeyringMissing")
+    # The monitor pass is paused too: no read, no restart; the status says why.
+    h.kube.status["observedGeneration"] = 1  # as if reconciled before the keyring was lost
+    h.add_pod("sniffer-a")
+    assert run_monitor(h) is None
+    assert h.backend.calls == [] and h.kube.deleted == []
+    assert h.condition(cond.KEY_UNAVAILABLE)["status"] == cond.TRUE
+
+
+def run_monitor(h: Harness, raw: dict[str, object] | None = None) -> object:
+    return asyncio.run(h.monitor(raw or spec(ETH0)))
+
+
+def test_a_monitor_pass_judges_heartbeats_and_keys() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    run_monitor(h)
+    assert h.condition(cond.HEARTBEATING)["status"] == cond.TRUE
+    assert h.condition(cond.KEY_CURRENT)["status"] == cond.TRUE
+    assert h.condition(cond.READY)["status"] == cond.TRUE
+    assert h.kube.status["instances"] == {"alive": 1, "expected": 1}
+    wanted = _api.parse_spec(spec(ETH0)).heartbeat
+    assert h.backend.cadences[NAME].interval_seconds == wanted.interval_seconds
+
+
+def test_the_breaker_reverts_a_change_that_breaks_instances_and_freezes_commits() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    for pod in ("sniffer-a", "sniffer-b", "sniffer-c"):
+        h.add_pod(pod)
+        h.beat(pod)
+    run_monitor(h)
+    run(h.reconcile(spec(ETH1)))  # version 2
+    for pod in ("sniffer-a", "sniffer-b"):
+        h.beat(pod, error="UnknownKey")  # more than maxUnhealthyInstances (1)
+    run_monitor(h, spec(ETH1))
+    state = h.backend.state(NAME)
+    assert state.frozen
+    assert (state.active_version, state.active_digest) == (3, stored(ETH0))
+    assert "BlastRadiusExceeded" in h.reasons()
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == "Frozen"
+    assert h.mem.last_change is None  # reverted: nothing left to guard
+    # The next edit is refused while frozen; the unfreeze command lets it through.
+    run(h.reconcile(spec(ETH2)))
+    assert h.reasons()[-1] == "CommitFrozen"
+    assert h.backend.state(NAME).active_version == 3
+    run(h.reconcile(spec(ETH2), {UNFREEZE_ANNOTATION: "now"}))
+    assert h.reasons()[-2:] == ["Unfrozen", "Committed"]
+    assert h.backend.state(NAME).active_version == 4
+
+
+def test_a_pod_that_stops_beating_is_restarted() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 1})))
+    h.add_pod("sniffer-a")
+    h.mem.watch_started = h.pods["sniffer-a"].created  # watched for longer than the deadline
+    run_monitor(h, spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 1}))
+    assert h.kube.deleted == ["sniffer-a"]
+    assert "PodRestarted" in h.reasons()
+    assert h.kube.status["restarts"] == 1
+    assert [a.reason for a in h.backend.raised if a.reason == "PodRestarted"] == ["PodRestarted"]
+
+
+@pytest.mark.parametrize("who", ["reconcile", "monitor"])
+def test_reconcile_and_monitor_wait_for_the_components_lock(who: str) -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    before = len(h.backend.calls)
+
+    async def scenario() -> None:
+        async with h.mem.lock:
+            task = asyncio.ensure_future(
+                h.reconcile(spec(ETH1)) if who == "reconcile" else h.monitor(spec(ETH0))
+            )
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert not task.done()
+            assert len(h.backend.calls) == before  # blocked before its first read
+        await task
+
+    asyncio.run(scenario())
+    assert len(h.backend.calls) > before
