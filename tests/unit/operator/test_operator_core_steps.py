@@ -8,7 +8,7 @@ import asyncio
 
 import kopf
 import pytest
-from operator_core_support import NAME, Harness, spec
+from operator_core_support import LOG, NAME, Harness, spec
 
 from defender_config import (
     ConflictError,
@@ -21,7 +21,7 @@ from defender_operator import _api
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.keyring import KeyringAction, KeyringPlan
 from defender_operator._decisions.ownership import NAME_CLAIMED_ELSEWHERE, Claim
-from defender_operator._reconcile import UNFREEZE_ANNOTATION
+from defender_operator._reconcile import UNFREEZE_ANNOTATION, apply_retention
 
 BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
 ETH0 = {**BASE, "interface": "eth0"}
@@ -283,3 +283,38 @@ def test_reconcile_and_monitor_wait_for_the_components_lock(who: str) -> None:
 
     asyncio.run(scenario())
     assert len(h.backend.calls) > before
+
+
+def test_a_storage_change_alone_reseals_without_a_new_version() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(ETH0, storage={"compression": {"enabled": False}})))
+    state = h.backend.state(NAME)
+    assert state.active_version == 1
+    assert state.storage is not None and not state.storage.compress
+    assert h.reasons()[-1] == "StorageChanged"
+
+
+@pytest.mark.parametrize("retention", ["Purge", "Keep"])
+def test_retention_by_the_owner(retention: str) -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    body = h.body(spec(ETH0), {})
+    run(apply_retention(h.rt, body, "default", NAME, retention, LOG))
+    if retention == "Purge":
+        assert h.backend.state(NAME).active_version is None
+        assert h.backend.read_claim(NAME) == (None, 0)
+    else:
+        assert h.backend.state(NAME).active_version == 1
+        claim, _ = h.backend.read_claim(NAME)
+        assert claim is not None and claim.released
+    assert ("default", NAME) not in h.rt.components  # memory forgotten
+
+
+def test_retention_by_another_resource_touches_nothing() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    intruder = {**h.body(spec(ETH0), {}), "metadata": {"uid": "uid-9"}}
+    run(apply_retention(h.rt, intruder, "tenant-b", NAME, "Purge", LOG))
+    assert h.backend.state(NAME).active_version == 1
+    assert h.backend.read_claim(NAME)[0] == Claim("default", NAME, "uid-1")
