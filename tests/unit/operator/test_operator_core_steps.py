@@ -318,3 +318,31 @@ def test_retention_by_another_resource_touches_nothing() -> None:
     run(apply_retention(h.rt, intruder, "tenant-b", NAME, "Purge", LOG))
     assert h.backend.state(NAME).active_version == 1
     assert h.backend.read_claim(NAME)[0] == Claim("default", NAME, "uid-1")
+
+
+def test_misconfiguration_is_announced_once_and_alerted() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a", error="UnknownKey")
+    run_monitor(h)
+    run_monitor(h)
+    assert h.condition(cond.MISCONFIGURED)["status"] == cond.TRUE
+    assert h.reasons().count("UnknownKey") == 1  # the Event when it starts, not every pass
+    assert [a.reason for a in h.backend.raised].count("Misconfigured") == 1
+
+
+def test_a_pass_that_cannot_read_etcd_judges_nothing_and_still_publishes() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    run_monitor(h)
+    calls = len(h.backend.calls)
+    h.backend.unavailable = True  # etcd went away after its health was measured
+    run_monitor(h)
+    # One read failed; nothing after it touched etcd (no cadence, breaker, revert).
+    assert h.backend.calls[calls:] == ["instances"]
+    assert h.kube.deleted == []
+    # No heartbeat read is no missed heartbeat: nothing is blamed on the pod.
+    assert h.condition(cond.HEARTBEATING)["status"] != cond.FALSE
