@@ -179,7 +179,7 @@ async def reconcile(v: Visit, raw_spec: Mapping[str, Any]) -> None:
                 await _finish(v, mem, found)
         except kopf.TemporaryError as exc:
             # Conditions appear even when the first visit fails, saying why where known.
-            take(mem, found, _temporary(exc))
+            take(mem, found, _temporary(exc, found))
             await _finish(v, mem, found)
             raise
         except kopf.PermanentError as exc:
@@ -216,6 +216,9 @@ async def _steps(
     state, commit_due, seeded = await seed(v, spec, normalized)
     take(mem, found, seeded)
     if commit_due:
+        # Until the commit lands: what a failed attempt leaves (see `_temporary`), never the
+        # Synced of an earlier generation.
+        take(mem, found, Outcome(config=ConfigVerdict(cond.ConfigState.UNKNOWN, _COMMITTING)))
         state, committed = await commit(v, spec, normalized, state)
         if not take(mem, found, committed):
             return
@@ -243,9 +246,15 @@ def keyring_gate(rt: Runtime) -> None:
         )
 
 
-def _temporary(exc: kopf.TemporaryError) -> Outcome:
+_COMMITTING = "committing spec.config"
+
+
+def _temporary(exc: kopf.TemporaryError, found: Outcome) -> Outcome:
     if isinstance(exc.__cause__, StoreUnavailableError):
         return Outcome(config=ConfigVerdict(cond.ConfigState.STORE_UNAVAILABLE, str(exc)))
+    if found.config is not None and found.config.message == _COMMITTING:
+        message = f"spec.config is not committed yet, retrying: {exc}"
+        return Outcome(config=ConfigVerdict(cond.ConfigState.UNKNOWN, message))
     return Outcome()
 
 

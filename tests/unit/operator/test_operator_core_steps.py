@@ -164,6 +164,14 @@ def test_a_failed_commit_never_shows_synced() -> None:
     run(h.reconcile(spec(ETH1)))  # kopf's retry
     assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
     assert h.backend.state(NAME).active_version == 2
+    # Nor does the Synced of the previous generation stay when the next commit fails.
+    h.backend.fail("commit", ConflictError("/p/components/sniffer/metadata", detail="raced"))
+    with pytest.raises(kopf.TemporaryError):
+        run(h.reconcile(spec(ETH2)))
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.UNKNOWN, "Pending")
+    assert "not committed yet, retrying" in synced["message"] and "raced" in synced["message"]
+    assert synced["observedGeneration"] == h.generation
 
 
 def test_etcd_unavailable_is_retried_and_says_so() -> None:
