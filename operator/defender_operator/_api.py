@@ -17,18 +17,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-GROUP = "mldefender.io"
-VERSION = "v1alpha1"
-KIND = "DefenderComponent"
-PLURAL = "defendercomponents"
-SINGULAR = "defendercomponent"
-# `dc` is OpenShift's DeploymentConfig; `dfc` collides with nothing well known.
-SHORT_NAMES = ("dfc",)
-CATEGORIES = ("defender",)
-
-# Annotations a person sets to give the operator a one-off command (documented in docs/operator.md).
-ROLLBACK_ANNOTATION = f"{GROUP}/rollback-to"
-ROTATE_ANNOTATION = f"{GROUP}/rotate-key"
+# The vocabulary has one home, the library's contract: re-exported for the operator's modules.
+from defender_config.contract import CATEGORIES as CATEGORIES
+from defender_config.contract import KIND as KIND
+from defender_config.contract import PLURAL as PLURAL
+from defender_config.contract import ROLLBACK_ANNOTATION as ROLLBACK_ANNOTATION
+from defender_config.contract import ROTATE_ANNOTATION as ROTATE_ANNOTATION
+from defender_config.contract import SHORT_NAMES as SHORT_NAMES
+from defender_config.contract import SINGULAR as SINGULAR
+from defender_config.contract import ComponentType as ComponentTypeName
+from defender_config.contract import InvalidConfigPolicy as InvalidConfigPolicy
+from defender_config.contract import RetentionPolicy as RetentionPolicy
 
 
 class _Model(BaseModel):
@@ -38,26 +37,6 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
     )
-
-
-class ComponentTypeName(StrEnum):
-    """The values of `spec.componentType` (same strings as the library's ComponentType)."""
-
-    SNIFFER = "sniffer"
-    ML_DETECTOR = "ml-detector"
-    FIREWALL = "firewall"
-    RAG = "rag"
-    CUSTOM = "custom"
-
-
-class RetentionPolicy(StrEnum):
-    KEEP = "Keep"
-    PURGE = "Purge"
-
-
-class InvalidConfigPolicy(StrEnum):
-    REJECT = "Reject"
-    REVERT_TO_MASTER = "RevertToMaster"
 
 
 class Selector(_Model):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from defender_config import (
     Alert,
     Cadence,
+    ChangeKind,
     Compare,
     ConfigStore,
     DefenderClient,
@@ -123,7 +124,7 @@ class LibraryBackend:
             frozen=seen.frozen is not None,
             storage=meta.storage if meta is not None else None,
             active_modified=meta.last_modified if meta is not None else None,
-            active_rollback=meta is not None and (meta.note or "").startswith("rollback"),
+            active_rollback=meta is not None and meta.change.reverts,
         )
 
     def _options(self, storage: StoragePolicy | None) -> EnvelopeOptions | None:
@@ -149,13 +150,17 @@ class LibraryBackend:
         if digest is None:
             return False
         self._declared[component] = (component_type, json_schema, digest)
-        return self.configs.repair_metadata(
+        resigned = self.configs.repair_metadata(
             component,
             component_type=component_type,
             json_schema=json_schema,
             by=modified_by,
             trusted_digest=digest,
         )
+        # An edited spec.customSchema governs the next commit even when spec.config did not
+        # change with it (a commit by rag, say).
+        self.configs.set_schema(component, json_schema, modified_by)
+        return resigned
 
     def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:
         if storage is not None and storage.encrypt:
@@ -199,7 +204,13 @@ class LibraryBackend:
             history_limit=history_limit,
             plaintext_components=self.configs.plaintext_components,
         )
-        version = store.commit(component, config, modified_by, options=self._options(storage))
+        version = store.commit(
+            component,
+            config,
+            modified_by,
+            options=self._options(storage),
+            json_schema=json_schema,
+        )
         self._sealed_as(component, storage)
         return version
 
@@ -210,12 +221,14 @@ class LibraryBackend:
         *,
         modified_by: str,
         storage: StoragePolicy | None = None,
+        change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
         return self.configs.rollback(
             component,
             "master" if to_version is None else to_version,
             modified_by,
             options=self._options(storage),
+            change=change,
         )
 
     def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:

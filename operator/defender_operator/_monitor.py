@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from defender_config import Cadence, DefenderConfigError
+from defender_config import Cadence, ChangeKind, DefenderConfigError
 from defender_operator import _api
 from defender_operator._backend import ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
@@ -431,7 +431,11 @@ async def _breaker(
         return state
     await asyncio.to_thread(rt.backend.freeze, name, verdict.message)
     version = await asyncio.to_thread(
-        rt.backend.rollback, name, verdict.revert_to, modified_by=f"operator:{rt.identity}"
+        rt.backend.rollback,
+        name,
+        verdict.revert_to,
+        modified_by=f"operator:{rt.identity}",
+        change=ChangeKind.BREAKER_REVERT,
     )
     mem.last_change = None
     BREAKER_TRIPS.labels(name).inc()

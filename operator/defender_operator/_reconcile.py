@@ -16,13 +16,17 @@ from typing import Any
 import kopf
 
 from defender_config import (
+    ChangeKind,
     ConfigValidationError,
     DefenderConfigError,
+    InvalidRollbackTargetError,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
+    parse_rollback_target,
     validate_config,
 )
+from defender_config.contract import ADOPT_ANNOTATION, UNFREEZE_ANNOTATION
 from defender_operator import _api
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
@@ -41,8 +45,6 @@ from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_erro
 from defender_operator._metrics import COMMITS
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
-UNFREEZE_ANNOTATION = f"{_api.GROUP}/unfreeze"
-ADOPT_ANNOTATION = f"{_api.GROUP}/adopt"
 OWNER_RECORD_UNREADABLE = "OwnerRecordUnreadable"
 
 
@@ -331,7 +333,13 @@ async def _reconcile(
             first_time
             and spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER
         ):
-            version = await asyncio.to_thread(rt.backend.rollback, component, None, modified_by=who)
+            version = await asyncio.to_thread(
+                rt.backend.rollback,
+                component,
+                None,
+                modified_by=who,
+                change=ChangeKind.INVALID_REVERT,
+            )
             kopf.event(
                 body,
                 type="Warning",
@@ -456,12 +464,9 @@ async def _rollback_command(
     who: str,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
 ) -> None:
-    to_version: int | None
-    if target.strip().lower() in ("master", ""):
-        to_version = None
-    elif target.strip().isdigit():
-        to_version = int(target.strip())
-    else:
+    try:
+        parsed = parse_rollback_target(target)
+    except InvalidRollbackTargetError as exc:
         await asyncio.to_thread(
             rt.kube.remove_annotation, namespace, name, _api.ROLLBACK_ANNOTATION
         )
@@ -469,9 +474,10 @@ async def _rollback_command(
             body,
             type="Warning",
             reason="RollbackRefused",
-            message=f"{_api.ROLLBACK_ANNOTATION}={target!r}: use `master` or a version number",
+            message=f"{_api.ROLLBACK_ANNOTATION}: {exc}",
         )
         return
+    to_version = None if parsed == "master" else parsed
     version = await asyncio.to_thread(rt.backend.rollback, component, to_version, modified_by=who)
     # The command is done: remove it so a later reconcile does not roll back again.
     await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, _api.ROLLBACK_ANNOTATION)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from operator_e2e_support import OperatorRun, free_port, wait_for
 
-from defender_config import CodecMismatchError, UnknownKeyError
+from defender_config import CodecMismatchError, UnknownKeyError, contract
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -260,7 +260,7 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     # A person fixes things and lifts the freeze: the pending spec is committed.
     for hb in run.heartbeaters:
         hb.update(last_error=None)
-    run.patch("sniffer", {"metadata": {"annotations": {"mldefender.io/unfreeze": "now"}}})
+    run.patch("sniffer", {"metadata": {"annotations": {contract.UNFREEZE_ANNOTATION: "now"}}})
     wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
     assert configs.get_active("sniffer").config["snaplen"] == 1024
 
