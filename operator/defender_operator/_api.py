@@ -11,7 +11,6 @@ Every field carries a description because `kubectl explain defendercomponent.spe
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,6 +27,7 @@ from defender_config.contract import SINGULAR as SINGULAR
 from defender_config.contract import ComponentType as ComponentTypeName
 from defender_config.contract import InvalidConfigPolicy as InvalidConfigPolicy
 from defender_config.contract import RetentionPolicy as RetentionPolicy
+from defender_config.contract import RotationStage as RotationStage
 
 
 class _Model(BaseModel):
@@ -299,15 +299,6 @@ class Condition(_Model):
 class InstancesStatus(_Model):
     alive: int = Field(default=0, ge=0, description="Instances with a live heartbeat.")
     expected: int = Field(default=0, ge=0, description="Pods that match spec.selector.")
-
-
-class RotationStage(StrEnum):
-    """Where the shared key rotation stands (the same for every component)."""
-
-    IDLE = "Idle"
-    DISTRIBUTING = "Distributing"  # new key added decrypt-only, waiting for every instance
-    PROMOTED = "Promoted"  # new key is primary, stored values being rewrapped
-    GRACE = "Grace"  # everything rewrapped, old key kept until the grace period ends
 
 
 class DefenderComponentStatus(_Model):

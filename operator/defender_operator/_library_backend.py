@@ -15,7 +15,6 @@ from defender_config import (
     Alert,
     Cadence,
     ChangeKind,
-    Compare,
     ConfigStore,
     DefenderClient,
     DefenderConfigError,
@@ -26,7 +25,6 @@ from defender_config import (
     KeyringError,
     KeyUsage,
     LibrarySettings,
-    PutOp,
     RecordAuthError,
     Registry,
     StoragePolicy,
@@ -39,6 +37,7 @@ from defender_config import (
     write_cadence,
     write_key_record,
 )
+from defender_config.store import Compare, PutOp
 from defender_operator._backend import (
     AlertRecord,
     Cancellable,

@@ -1,9 +1,13 @@
 """ML Defender's shared configuration library: sealed (compressed, encrypted) values in etcd,
 keyring rotation, config validation, registry, heartbeats and alerts.
 
-Everything public is re-exported here; the `_modules` are private and may change.
+The domain API is re-exported here; the store layer (raw etcd keys, transactions, the records
+the store hands back) is `defender_config.store`, the vocabulary shared with the operator, the
+agent and the plugin is `defender_config.contract`. The `_modules` are private and may change.
 """
 
+from . import contract as contract
+from . import store as store
 from ._alerts import Alert, Alerter, AlertSink, CallableSink, EtcdAlertSink, LoggingSink
 from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
@@ -78,25 +82,10 @@ from ._registry import (
     StatusRecord,
 )
 from ._settings import (
-    ETCD_REQUEST_LIMIT_BYTES,
     EnvelopeOptions,
     EtcdSettings,
     LibrarySettings,
     load_settings,
-)
-from ._store import EtcdStore, WatchHandle
-from ._store_types import (
-    Compare,
-    DeleteOp,
-    GetOp,
-    HealthReport,
-    Lease,
-    MemberHealth,
-    PutOp,
-    StoredValue,
-    StoreMetrics,
-    TxnResult,
-    WatchEvent,
 )
 from .contract import (
     ChangeKind,
@@ -109,7 +98,6 @@ from .contract import (
 )
 
 __all__ = [
-    "ETCD_REQUEST_LIMIT_BYTES",
     "AclRule",
     "ActiveConfig",
     "Alert",
@@ -122,7 +110,6 @@ __all__ = [
     "Cipher",
     "CodecError",
     "CodecMismatchError",
-    "Compare",
     "ComponentOverview",
     "ComponentStatus",
     "ComponentSummary",
@@ -135,7 +122,6 @@ __all__ = [
     "ConflictError",
     "DefenderClient",
     "DefenderConfigError",
-    "DeleteOp",
     "DumpEntry",
     "Envelope",
     "EnvelopeError",
@@ -144,12 +130,9 @@ __all__ = [
     "ErrorInfo",
     "EtcdAlertSink",
     "EtcdSettings",
-    "EtcdStore",
     "FieldError",
     "FirewallConfig",
     "FreezeInfo",
-    "GetOp",
-    "HealthReport",
     "Heartbeat",
     "HeartbeatGate",
     "Heartbeater",
@@ -167,15 +150,12 @@ __all__ = [
     "KeyringLacksKeysError",
     "KeyringSource",
     "Layout",
-    "Lease",
     "LibrarySettings",
     "LoggingSink",
-    "MemberHealth",
     "MlDetectorConfig",
     "NotAnEnvelopeError",
     "NotFoundError",
     "ParsedKey",
-    "PutOp",
     "RagConfig",
     "RecordAuthError",
     "RecordReplayError",
@@ -194,17 +174,12 @@ __all__ = [
     "StoragePolicy",
     "StoreAuthError",
     "StoreError",
-    "StoreMetrics",
     "StoreUnavailableError",
-    "StoredValue",
-    "TxnResult",
     "UnexpectedEnvelopeError",
     "UnknownCodecError",
     "UnknownKeyError",
     "UnsupportedFormatError",
     "ValueTooLargeError",
-    "WatchEvent",
-    "WatchHandle",
     "WrongPassphraseError",
     "canonical_json",
     "config_digest",

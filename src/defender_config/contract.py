@@ -42,6 +42,7 @@ __all__ = [
     "InvalidConfigPolicy",
     "RetentionPolicy",
     "RollbackTarget",
+    "RotationStage",
     "format_rollback_target",
     "parse_rollback_target",
 ]
@@ -158,6 +159,16 @@ class ChangeKind(enum.StrEnum):
         if text in ("re-signed", "re-created"):
             return cls.REPAIR
         return cls.COMMIT
+
+
+class RotationStage(enum.StrEnum):
+    """Where the shared key rotation stands (the same for every component): the keyring
+    Secret's rotation-stage annotation and `status.rotationStage`."""
+
+    IDLE = "Idle"
+    DISTRIBUTING = "Distributing"  # new key added decrypt-only, waiting for every instance
+    PROMOTED = "Promoted"  # new key is primary, stored values being rewrapped
+    GRACE = "Grace"  # everything rewrapped, old key kept until the grace period ends
 
 
 # --- rollback targets ---------------------------------------------------------------------------

@@ -27,7 +27,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from reliability_support import etcd_settings
 
-from defender_config import EtcdStore, StoredValue, config_digest, contract, validate_config
+from defender_config import config_digest, contract, validate_config
+from defender_config.store import EtcdStore, StoredValue
 from defender_devcluster import EtcdCluster, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

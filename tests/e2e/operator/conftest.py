@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client as k8s
 from operator_e2e_support import CRD, OperatorRun, kubectl, new_operator_run
 
-from defender_devcluster import EtcdCluster
 from defender_config import contract
+from defender_devcluster import EtcdCluster
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ import yaml
 from kubernetes import client as k8s
 from operator_e2e_support import SAMPLES, SECRET, OperatorRun, wait_for
 
-from defender_config import ConfigStore, EtcdStore, contract, validate_config
+from defender_config import ConfigStore, contract, validate_config
+from defender_config.store import EtcdStore
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
