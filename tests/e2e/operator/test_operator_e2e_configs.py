@@ -11,7 +11,7 @@ import pytest
 import yaml
 from operator_e2e_support import SAMPLES, OperatorRun, kubectl, wait_for
 
-from defender_config import NotFoundError, config_digest, contract, validate_config
+from defender_config import ChangeKind, NotFoundError, config_digest, contract, validate_config
 
 SAMPLE_NAMES = ["sniffer", "ml-detector", "firewall", "rag"]
 
@@ -161,13 +161,24 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
             not in run.get("firewall")["metadata"].get("annotations", {})
         ),
     )
-    version = configs.get_active("firewall").version
+    active = configs.get_active("firewall")
+    version = active.version
     assert version is not None and version >= 3
+    assert active.metadata is not None and active.metadata.change is ChangeKind.ROLLBACK
     run.wait_event("firewall", "RolledBack")
     run.wait_condition("firewall", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec")
     # A rollback target that is neither `master` nor a number is refused and removed.
     _on_firewall(run, "annotate", f"{contract.ROLLBACK_ANNOTATION}=yesterday")
     run.wait_event("firewall", "RollbackRefused")
+    assert configs.get_active("firewall").version == version
+    # So is an empty one: MASTER is asked for by name, never by an annotation left blank.
+    _on_firewall(run, "annotate", "--overwrite", f"{contract.ROLLBACK_ANNOTATION}=")
+    wait_for(
+        "empty rollback target refused",
+        lambda: (
+            sum(e.count or 1 for e in run.events("firewall") if e.reason == "RollbackRefused") >= 2
+        ),
+    )
     assert configs.get_active("firewall").version == version
     # The unchanged spec does not undo the rollback, also not after an operator restart.
     run.stop()
@@ -267,7 +278,9 @@ def test_invalid_config_reverts_to_master_once(operator_run: OperatorRun) -> Non
     wait_for("version 2", lambda: configs.get_active("firewall").version == 2)
     _set_config(run, "firewall", dict(doc["spec"]["config"], default_policy="maybe"))
     wait_for("reverted as version 3", lambda: configs.get_active("firewall").version == 3)
-    assert configs.get_active("firewall").config["dry_run"] is False
+    active = configs.get_active("firewall")
+    assert active.config["dry_run"] is False
+    assert active.metadata is not None and active.metadata.change is ChangeKind.INVALID_REVERT
     run.wait_event("firewall", "RevertedToMaster")
     # A resume with the same invalid spec does not revert again.
     before = _count(run, "firewall", "ConfigInvalid")
