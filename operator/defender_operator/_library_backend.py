@@ -16,6 +16,7 @@ from defender_config import (
     Cadence,
     ChangeKind,
     ConfigStore,
+    ConfigValidationError,
     DefenderClient,
     DefenderConfigError,
     EnvelopeOptions,
@@ -157,8 +158,12 @@ class LibraryBackend:
             trusted_digest=digest,
         )
         # An edited spec.customSchema governs the next commit even when spec.config did not
-        # change with it (a commit by rag, say).
-        self.configs.set_schema(component, json_schema, modified_by)
+        # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
+        # not valid under it, it is recorded with the next commit of spec.config instead.
+        try:
+            self.configs.set_schema(component, json_schema, modified_by)
+        except ConfigValidationError as exc:
+            log.warning("spec.customSchema of %s not recorded yet: %s", component, exc)
         return resigned
 
     def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:

@@ -107,8 +107,7 @@ class ConfigMetadata(BaseModel):
     """The schema commits are validated against (besides the type's model), as last set."""
     schema_digest: str | None = None
     """`config_digest` of the JSON schema this version was validated with; None when only the
-    type's model validated it, for a rollback (restored, not validated again) and for records
-    written before the field existed."""
+    type's model validated it, and for records written before the field existed."""
     note: str | None = None
     change: ChangeKind = ChangeKind.COMMIT
     """What made this version. Records written before the field existed get it from their
@@ -718,9 +717,11 @@ class ConfigStore:
 
     def set_schema(self, component: str, json_schema: Mapping[str, Any] | None, by: str) -> bool:
         """Make `json_schema` the schema later commits (by anyone: the operator, rag, the
-        plugin) are validated against, without a new version: ACTIVE was validated with the
-        schema its version records (`schema_digest`) and keeps running. Returns False when it
-        is already the recorded one or the component is not registered (seed records it)."""
+        plugin) are validated against, without a new version: ACTIVE keeps running, and
+        `schema_digest` still names the schema that validated its version. ACTIVE must be
+        valid under the new schema too (ConfigValidationError otherwise, nothing recorded):
+        agents check ACTIVE against the schema in its record. Returns False when it is
+        already the recorded one or the component is not registered (seed records it)."""
         got = self._metadata(component)
         if got is None:
             return False
@@ -729,6 +730,7 @@ class ConfigStore:
             raise self._unavailable_for_write(component)
         if _schema_digest(json_schema) == _schema_digest(meta.json_schema):
             return False
+        self._validate(component, meta.type, self.get_active(component).config, json_schema)
         self._record_schema(component, meta, meta_stored, json_schema)
         log.info("component %s: JSON schema set by %s", component, by)
         return True
@@ -769,8 +771,11 @@ class ConfigStore:
         """Make MASTER (`to="master"`) or a kept history version ACTIVE again, as a new
         version. Allowed while frozen: it is the way back to a known-good config. `options` as
         in `commit`; `change` says who asked (a person, the breaker, the invalid-config
-        policy) and is recorded with the version. The schema stays the recorded one: the
-        target was valid when it was written."""
+        policy) and is recorded with the version. The target is validated again with the
+        recorded schema, which may have been edited since it was written: every ACTIVE is
+        valid under the schema recorded with it, which is what agents check it against
+        (ConfigValidationError, alerted, when it is not: restore the schema or pick another
+        version)."""
         meta, meta_stored = self._metadata_for_write(component)
         if to == "master":
             target = self.get_master(component)
@@ -787,6 +792,7 @@ class ConfigStore:
             target = self._open_config(
                 path, stored.value, component, self._read_options(component, meta)
             )
+        target = self._validate(component, meta.type, target, meta.json_schema)
         version = self._write_version(
             component,
             target,
@@ -796,8 +802,7 @@ class ConfigStore:
             note=f"rollback to {to}",
             change=change,
             schema=meta.json_schema,
-            # Restored, not validated again: a way back must work under any schema.
-            validated_with=None,
+            validated_with=_schema_digest(meta.json_schema),
             freeze_revision=None,
             options=options,
         )

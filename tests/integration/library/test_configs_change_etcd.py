@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from defender_config import (
+    Alert,
     ChangeKind,
     ConfigStore,
     ConfigValidationError,
@@ -92,10 +93,24 @@ def test_a_commit_is_validated_with_the_schema_it_brings_and_records_it(
     assert cs.commit("honeypot", {"ports": [3333]}, by="rag") == 3
     with pytest.raises(ConfigValidationError, match="70000"):
         cs.commit("honeypot", {"ports": [70000]}, by="rag")
-    # A rollback restores a config without validating it again: no schema digest.
+    # A rollback validates its target again with the recorded schema: ACTIVE is always valid
+    # under the schema recorded with it (agents check it against that one).
     cs.rollback("honeypot", "master", by="ops")
     meta = cs.get_metadata("honeypot")
-    assert meta is not None and meta.schema_digest is None and meta.json_schema == high
+    assert meta is not None and meta.schema_digest == config_digest(high)
+    assert meta.json_schema == high and meta.change is ChangeKind.ROLLBACK
+
+
+def test_a_rollback_the_recorded_schema_refuses_is_refused(
+    client: DefenderClient, alerts: list[Alert]
+) -> None:
+    cs = ConfigStore(client)
+    cs.seed("honeypot", {"ports": [2222]}, "custom", by="test", json_schema=_schema(65535))
+    cs.commit("honeypot", {"ports": [22]}, by="ops", json_schema=_schema(1024))
+    with pytest.raises(ConfigValidationError, match="2222"):
+        cs.rollback("honeypot", "master", by="ops")
+    assert cs.get_active("honeypot").version == 2
+    assert [a.kind for a in alerts] == ["ConfigInvalid"]
 
 
 def test_a_schema_alone_is_recorded_without_a_new_version(client: DefenderClient) -> None:
@@ -115,3 +130,8 @@ def test_a_schema_alone_is_recorded_without_a_new_version(client: DefenderClient
     meta = cs.get_metadata("honeypot")
     assert meta is not None and meta.json_schema == mid and meta.version == 2
     assert cs.set_schema("not-registered", high, by="ops") is False
+    # A schema ACTIVE does not pass is refused, and nothing is recorded.
+    with pytest.raises(ConfigValidationError, match="2222"):
+        cs.set_schema("honeypot", low, by="ops")
+    meta = cs.get_metadata("honeypot")
+    assert meta is not None and meta.json_schema == mid
