@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from bench_support import config_bytes, etcd_cluster, store_for, summary, write_result
 from defender_config import DefenderClient, Keyring, LibrarySettings
-from defender_config._store import parse_endpoint
+from defender_config.store import parse_endpoint
 
 SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
 TARGET_RATIO = 1.05

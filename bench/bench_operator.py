@@ -39,7 +39,9 @@ from defender_devcluster._system import apply_crds
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
 from operator_e2e_support import OperatorRun, free_port, wait_for
 
-GROUP, VERSION, PLURAL = "mldefender.io", "v1alpha1", "defendercomponents"
+from defender_config import contract
+
+GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 CHILDREN: list[subprocess.Popen[str]] = []
 
 

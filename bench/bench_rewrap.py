@@ -22,7 +22,7 @@ from defender_config import (
     LibrarySettings,
     inspect,
 )
-from defender_config._store import parse_endpoint
+from defender_config.store import parse_endpoint
 
 TARGET_SECONDS = 10.0
 

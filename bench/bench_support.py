@@ -19,7 +19,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from defender_config import EtcdSettings, EtcdStore
+from defender_config import EtcdSettings
+from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster, etcd_client_settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,24 +11,23 @@ Every field carries a description because `kubectl explain defendercomponent.spe
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-GROUP = "mldefender.io"
-VERSION = "v1alpha1"
-KIND = "DefenderComponent"
-PLURAL = "defendercomponents"
-SINGULAR = "defendercomponent"
-# `dc` is OpenShift's DeploymentConfig; `dfc` collides with nothing well known.
-SHORT_NAMES = ("dfc",)
-CATEGORIES = ("defender",)
-
-# Annotations a person sets to give the operator a one-off command (documented in docs/operator.md).
-ROLLBACK_ANNOTATION = f"{GROUP}/rollback-to"
-ROTATE_ANNOTATION = f"{GROUP}/rotate-key"
+# The vocabulary has one home, the library's contract: re-exported for the operator's modules.
+from defender_config.contract import CATEGORIES as CATEGORIES
+from defender_config.contract import KIND as KIND
+from defender_config.contract import PLURAL as PLURAL
+from defender_config.contract import ROLLBACK_ANNOTATION as ROLLBACK_ANNOTATION
+from defender_config.contract import ROTATE_ANNOTATION as ROTATE_ANNOTATION
+from defender_config.contract import SHORT_NAMES as SHORT_NAMES
+from defender_config.contract import SINGULAR as SINGULAR
+from defender_config.contract import ComponentType as ComponentTypeName
+from defender_config.contract import InvalidConfigPolicy as InvalidConfigPolicy
+from defender_config.contract import RetentionPolicy as RetentionPolicy
+from defender_config.contract import RotationStage as RotationStage
 
 
 class _Model(BaseModel):
@@ -38,26 +37,6 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
     )
-
-
-class ComponentTypeName(StrEnum):
-    """The values of `spec.componentType` (same strings as the library's ComponentType)."""
-
-    SNIFFER = "sniffer"
-    ML_DETECTOR = "ml-detector"
-    FIREWALL = "firewall"
-    RAG = "rag"
-    CUSTOM = "custom"
-
-
-class RetentionPolicy(StrEnum):
-    KEEP = "Keep"
-    PURGE = "Purge"
-
-
-class InvalidConfigPolicy(StrEnum):
-    REJECT = "Reject"
-    REVERT_TO_MASTER = "RevertToMaster"
 
 
 class Selector(_Model):
@@ -320,15 +299,6 @@ class Condition(_Model):
 class InstancesStatus(_Model):
     alive: int = Field(default=0, ge=0, description="Instances with a live heartbeat.")
     expected: int = Field(default=0, ge=0, description="Pods that match spec.selector.")
-
-
-class RotationStage(StrEnum):
-    """Where the shared key rotation stands (the same for every component)."""
-
-    IDLE = "Idle"
-    DISTRIBUTING = "Distributing"  # new key added decrypt-only, waiting for every instance
-    PROMOTED = "Promoted"  # new key is primary, stored values being rewrapped
-    GRACE = "Grace"  # everything rewrapped, old key kept until the grace period ends
 
 
 class DefenderComponentStatus(_Model):

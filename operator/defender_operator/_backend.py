@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from defender_config import Cadence, Keyring, KeyUsage, StoragePolicy
+from defender_config import Cadence, ChangeKind, Keyring, KeyUsage, StoragePolicy
 from defender_operator._decisions.ownership import Claim
 
 
@@ -100,7 +100,9 @@ class Backend(Protocol):
         spec config's digest, is given) re-sign its metadata record when it does not verify
         (written before records were signed, forged, or an older one put back), rebuilt from
         authenticated values, `component_type`/`json_schema` and, for a plaintext component,
-        only when it holds `digest`. True when it re-signed; RecordAuthError when it cannot."""
+        only when it holds `digest`. With `digest`, `json_schema` also becomes the schema later
+        commits are validated against. True when it re-signed; RecordAuthError when it
+        cannot."""
         ...
 
     def seed(
@@ -128,8 +130,9 @@ class Backend(Protocol):
         history_limit: int,
         storage: StoragePolicy | None = None,
     ) -> int:
-        """Validate and write a new ACTIVE version; returns it. ConfigValidationError /
-        ConfigFrozenError leave ACTIVE untouched."""
+        """Validate `config` against its type's model and `json_schema` (which becomes the
+        component's recorded schema) and write a new ACTIVE version; returns it.
+        ConfigValidationError / ConfigFrozenError leave ACTIVE untouched."""
         ...
 
     def rollback(
@@ -139,9 +142,11 @@ class Backend(Protocol):
         *,
         modified_by: str,
         storage: StoragePolicy | None = None,
+        change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
         """Make ACTIVE a copy of MASTER (`to_version` None) or of a history version; returns
-        the new ACTIVE version number."""
+        the new ACTIVE version number. `change` (a person's rollback, the breaker's revert,
+        the invalid-config policy's) is recorded with the version."""
         ...
 
     def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:

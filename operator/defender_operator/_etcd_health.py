@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defender_config import HealthReport
+from defender_config.store import HealthReport
 from defender_operator._backend import EtcdHealth
 
 

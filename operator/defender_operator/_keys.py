@@ -27,29 +27,33 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from defender_config import Keyring, KeyringError
-from defender_operator._api import GROUP, ROTATE_ANNOTATION, RotationStage
+from defender_config.contract import (
+    API_GROUP,
+    EXPORTED_ANNOTATION,
+    KEYRING_LABELS,
+    MANAGED_BY,
+    RESTORED_ANNOTATION,
+    ROTATE_ANNOTATION,
+    ROTATION_STAGE_ANNOTATION,
+)
+from defender_operator._api import RotationStage
 from defender_operator._decisions.keyring import may_replace_copy
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeyDropRefusedError, KeySecretError
 
 log = logging.getLogger("defender_operator.keys")
 
-MANAGED_BY = "defender-operator"
-LABELS = {
-    "app.kubernetes.io/name": "ml-defender",
-    "app.kubernetes.io/component": "keyring",
-    "app.kubernetes.io/part-of": "ml-defender",
-    "app.kubernetes.io/managed-by": MANAGED_BY,
-}
-A_STAGE = f"{GROUP}/rotation-stage"
-A_SINCE = f"{GROUP}/rotation-since"
-A_NEW = f"{GROUP}/rotation-new-key"
-A_OLD = f"{GROUP}/rotation-old-key"
-A_LAST = f"{GROUP}/last-rotation-time"
-A_DIGEST = f"{GROUP}/keyring-digest"
-A_SOURCE = f"{GROUP}/source"
-A_EXPORTED = f"{GROUP}/last-export-time"
-A_RESTORED = f"{GROUP}/restored-from"
+LABELS = KEYRING_LABELS
+A_STAGE = ROTATION_STAGE_ANNOTATION
+# The operator's own bookkeeping on the Secret (nobody else reads or writes these).
+A_SINCE = f"{API_GROUP}/rotation-since"
+A_NEW = f"{API_GROUP}/rotation-new-key"
+A_OLD = f"{API_GROUP}/rotation-old-key"
+A_LAST = f"{API_GROUP}/last-rotation-time"
+A_DIGEST = f"{API_GROUP}/keyring-digest"
+A_SOURCE = f"{API_GROUP}/source"
+A_EXPORTED = EXPORTED_ANNOTATION
+A_RESTORED = RESTORED_ANNOTATION
 # Annotations a person's tools or a restore add; kept across the operator's own rewrites.
 _KEPT = (A_EXPORTED, A_RESTORED)
 

@@ -12,7 +12,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from defender_operator._api import GROUP, KIND, PLURAL, VERSION
+from defender_config.contract import API_GROUP, API_VERSION, GROUP_VERSION, KIND, PLURAL
 from defender_operator._errors import KubeError
 
 log = logging.getLogger("defender_operator.kube")
@@ -64,7 +64,7 @@ class Kube:
         when the object is gone)."""
         try:
             obj: Any = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}
+                API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": dict(status)}
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -79,12 +79,12 @@ class Kube:
         its RBAC may not allow a cluster-wide list, and components elsewhere are not its own."""
         try:
             if not watched:
-                found: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+                found: Any = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
                 return {item["metadata"]["namespace"] for item in found.get("items", [])}
             holding: set[str] = set()
             for ns in watched:
                 page: Any = self.custom.list_namespaced_custom_object(
-                    GROUP, VERSION, ns, PLURAL, limit=1
+                    API_GROUP, API_VERSION, ns, PLURAL, limit=1
                 )
                 if page.get("items"):
                     holding.add(ns)
@@ -96,20 +96,20 @@ class Kube:
         """Every DefenderComponent (in `watched` namespaces when given), as Event targets."""
         try:
             if not watched:
-                found: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+                found: Any = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
                 items = list(found.get("items", []))
             else:
                 items = []
                 for ns in watched:
                     page: Any = self.custom.list_namespaced_custom_object(
-                        GROUP, VERSION, ns, PLURAL
+                        API_GROUP, API_VERSION, ns, PLURAL
                     )
                     items += page.get("items", [])
         except ApiException as exc:
             raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
         return [
             ObjectRef(
-                f"{GROUP}/{VERSION}",
+                GROUP_VERSION,
                 KIND,
                 item["metadata"]["namespace"],
                 item["metadata"]["name"],
@@ -157,7 +157,7 @@ class Kube:
         body = {"metadata": {"annotations": {key: None}}}
         try:
             self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, body
+                API_GROUP, API_VERSION, namespace, PLURAL, name, body
             )
         except ApiException as exc:
             if exc.status != 404:

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from defender_config import (
     Alert,
     Cadence,
-    Compare,
+    ChangeKind,
     ConfigStore,
+    ConfigValidationError,
     DefenderClient,
     DefenderConfigError,
     EnvelopeOptions,
@@ -25,7 +26,6 @@ from defender_config import (
     KeyringError,
     KeyUsage,
     LibrarySettings,
-    PutOp,
     RecordAuthError,
     Registry,
     StoragePolicy,
@@ -38,6 +38,7 @@ from defender_config import (
     write_cadence,
     write_key_record,
 )
+from defender_config.store import Compare, PutOp
 from defender_operator._backend import (
     AlertRecord,
     Cancellable,
@@ -123,7 +124,7 @@ class LibraryBackend:
             frozen=seen.frozen is not None,
             storage=meta.storage if meta is not None else None,
             active_modified=meta.last_modified if meta is not None else None,
-            active_rollback=meta is not None and (meta.note or "").startswith("rollback"),
+            active_rollback=meta is not None and meta.change.reverts,
         )
 
     def _options(self, storage: StoragePolicy | None) -> EnvelopeOptions | None:
@@ -149,13 +150,21 @@ class LibraryBackend:
         if digest is None:
             return False
         self._declared[component] = (component_type, json_schema, digest)
-        return self.configs.repair_metadata(
+        resigned = self.configs.repair_metadata(
             component,
             component_type=component_type,
             json_schema=json_schema,
             by=modified_by,
             trusted_digest=digest,
         )
+        # An edited spec.customSchema governs the next commit even when spec.config did not
+        # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
+        # not valid under it, it is recorded with the next commit of spec.config instead.
+        try:
+            self.configs.set_schema(component, json_schema, modified_by)
+        except ConfigValidationError as exc:
+            log.warning("spec.customSchema of %s not recorded yet: %s", component, exc)
+        return resigned
 
     def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:
         if storage is not None and storage.encrypt:
@@ -199,7 +208,13 @@ class LibraryBackend:
             history_limit=history_limit,
             plaintext_components=self.configs.plaintext_components,
         )
-        version = store.commit(component, config, modified_by, options=self._options(storage))
+        version = store.commit(
+            component,
+            config,
+            modified_by,
+            options=self._options(storage),
+            json_schema=json_schema,
+        )
         self._sealed_as(component, storage)
         return version
 
@@ -210,12 +225,14 @@ class LibraryBackend:
         *,
         modified_by: str,
         storage: StoragePolicy | None = None,
+        change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
         return self.configs.rollback(
             component,
             "master" if to_version is None else to_version,
             modified_by,
             options=self._options(storage),
+            change=change,
         )
 
     def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:

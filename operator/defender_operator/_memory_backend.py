@@ -9,9 +9,9 @@ the running operator from importing it.
 
 What it models as the library does: MASTER written once, ACTIVE versions that only grow
 (a rollback is a new version), the kept history (`history_limit`), metadata (digest, version,
-storage policy, time, whether a rollback wrote it), the freeze (commits refused with
-ConfigFrozenError, rollbacks allowed), validation against the type and schema recorded at seed
-time, owner records guarded by a revision, the request-size limit of one version's
+storage policy, time, what kind of change wrote it), the freeze (commits refused with
+ConfigFrozenError, rollbacks allowed), validation against the type and the schema given with each
+commit, owner records guarded by a revision, the request-size limit of one version's
 transaction (counting plain JSON: compression is not modelled), and alerts. What it does not:
 envelopes, keys and signatures (`declare` never re-signs; key usage is empty).
 
@@ -30,6 +30,7 @@ from typing import Any
 from defender_config import (
     ETCD_REQUEST_LIMIT_BYTES,
     Cadence,
+    ChangeKind,
     ConfigFrozenError,
     ConfigValidationError,
     Keyring,
@@ -77,6 +78,7 @@ class Stored:
     modified_by: str
     note: str
     storage: StoragePolicy | None
+    change: ChangeKind = ChangeKind.REGISTER
 
 
 @dataclass
@@ -185,6 +187,7 @@ class MemoryBackend:
         by: str,
         note: str,
         storage: StoragePolicy | None,
+        change: ChangeKind = ChangeKind.COMMIT,
     ) -> int:
         self._check_size(component, config, copies=2)
         version = max(stored.version, max(stored.history, default=0)) + 1
@@ -194,6 +197,7 @@ class MemoryBackend:
         for old in [v for v in stored.history if v <= version - self.history_limit]:
             del stored.history[old]
         stored.modified, stored.modified_by, stored.note = _now(), by, note
+        stored.change = change
         if storage is not None:
             stored.storage = storage
         return version
@@ -218,7 +222,7 @@ class MemoryBackend:
             frozen=component in self.frozen,
             storage=stored.storage,
             active_modified=stored.modified,
-            active_rollback=stored.note.startswith("rollback"),
+            active_rollback=stored.change.reverts,
         )
 
     def declare(
@@ -277,8 +281,10 @@ class MemoryBackend:
         if component in self.frozen:
             raise ConfigFrozenError(component, why=self.frozen[component])
         stored = self._stored(component)
-        # As the library: validated against the type and schema recorded at seed time.
-        normalized = self._validate(component, stored.component_type, config, stored.json_schema)
+        # As the library: validated against the schema given with the commit, which becomes
+        # the component's recorded schema.
+        normalized = self._validate(component, stored.component_type, config, json_schema)
+        stored.json_schema = dict(json_schema) if json_schema is not None else None
         same_policy = storage is None or storage == stored.storage
         if config_digest(normalized) == config_digest(stored.active) and same_policy:
             return stored.version
@@ -295,6 +301,7 @@ class MemoryBackend:
         *,
         modified_by: str,
         storage: StoragePolicy | None = None,
+        change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
         self._enter("rollback")
         stored = self._stored(component)
@@ -309,7 +316,7 @@ class MemoryBackend:
             )
         what = "master" if to_version is None else to_version
         version = self._write_version(
-            component, stored, target, modified_by, f"rollback to {what}", storage
+            component, stored, target, modified_by, f"rollback to {what}", storage, change
         )
         self._alert(
             "ConfigRolledBack",

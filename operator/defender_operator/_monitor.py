@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from defender_config import Cadence, DefenderConfigError
+from defender_config import Cadence, ChangeKind, DefenderConfigError
 from defender_operator import _api
 from defender_operator._backend import ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
@@ -505,7 +505,11 @@ async def breaker_step(
         return state, Outcome()
     await asyncio.to_thread(rt.backend.freeze, p.name, verdict.message)
     version = await asyncio.to_thread(
-        rt.backend.rollback, p.name, verdict.revert_to, modified_by=f"operator:{rt.identity}"
+        rt.backend.rollback,
+        p.name,
+        verdict.revert_to,
+        modified_by=f"operator:{rt.identity}",
+        change=ChangeKind.BREAKER_REVERT,
     )
     BREAKER_TRIPS.labels(p.name).inc()
     p.logger.error("breaker tripped: %s (ACTIVE now version %s)", verdict.message, version)

@@ -17,13 +17,17 @@ from typing import Any
 import kopf
 
 from defender_config import (
+    ChangeKind,
     ConfigValidationError,
     DefenderConfigError,
+    InvalidRollbackTargetError,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
+    parse_rollback_target,
     validate_config,
 )
+from defender_config.contract import ADOPT_ANNOTATION, UNFREEZE_ANNOTATION
 from defender_operator import _api
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
@@ -50,8 +54,6 @@ from defender_operator._outcome import (
 )
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
-UNFREEZE_ANNOTATION = f"{_api.GROUP}/unfreeze"
-ADOPT_ANNOTATION = f"{_api.GROUP}/adopt"
 OWNER_RECORD_UNREADABLE = "OwnerRecordUnreadable"
 
 
@@ -370,23 +372,14 @@ async def rollback_command(v: Visit) -> Outcome:
     if target is None:
         return Outcome()
     rt = v.rt
-    to_version: int | None
-    if target.strip().lower() in ("master", ""):
-        to_version = None
-    elif target.strip().isdigit():
-        to_version = int(target.strip())
-    else:
+    try:
+        parsed = parse_rollback_target(target)
+    except InvalidRollbackTargetError as exc:
         await asyncio.to_thread(
             rt.kube.remove_annotation, v.namespace, v.name, _api.ROLLBACK_ANNOTATION
         )
-        return Outcome(
-            events=[
-                warning(
-                    "RollbackRefused",
-                    f"{_api.ROLLBACK_ANNOTATION}={target!r}: use `master` or a version number",
-                )
-            ]
-        )
+        return Outcome(events=[warning("RollbackRefused", f"{_api.ROLLBACK_ANNOTATION}: {exc}")])
+    to_version = None if parsed == "master" else parsed
     version = await asyncio.to_thread(
         rt.backend.rollback, v.component, to_version, modified_by=v.who
     )
@@ -424,7 +417,11 @@ async def refuse_invalid(v: Visit, spec: _api.DefenderComponentSpec) -> Outcome:
         and spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER
     ):
         version = await asyncio.to_thread(
-            v.rt.backend.rollback, v.component, None, modified_by=v.who
+            v.rt.backend.rollback,
+            v.component,
+            None,
+            modified_by=v.who,
+            change=ChangeKind.INVALID_REVERT,
         )
         out.events.append(
             warning(

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from defender_config import contract
 from defender_operator import _api
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "crds" / "defendercomponents.yaml"
@@ -129,26 +130,26 @@ def crd() -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{_api.PLURAL}.{_api.GROUP}",
+            "name": f"{contract.PLURAL}.{contract.API_GROUP}",
             "labels": {
                 "app.kubernetes.io/name": "ml-defender",
                 "app.kubernetes.io/part-of": "ml-defender",
             },
         },
         "spec": {
-            "group": _api.GROUP,
+            "group": contract.API_GROUP,
             "scope": "Namespaced",
             "names": {
                 "kind": _api.KIND,
                 "listKind": f"{_api.KIND}List",
-                "plural": _api.PLURAL,
+                "plural": contract.PLURAL,
                 "singular": _api.SINGULAR,
                 "shortNames": list(_api.SHORT_NAMES),
                 "categories": list(_api.CATEGORIES),
             },
             "versions": [
                 {
-                    "name": _api.VERSION,
+                    "name": contract.API_VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},

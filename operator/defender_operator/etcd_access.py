@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pyetcd import etcdrpc
 
 from defender_config import EtcdSettings, Layout, load_settings
-from defender_config._store._pyetcd import parse_endpoint
+from defender_config.store import parse_endpoint
 
 __all__ = [
     "AccessPlan",

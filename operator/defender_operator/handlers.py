@@ -27,7 +27,8 @@ import kopf
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from defender_operator import _api, _keyguard, _login, _loops, _monitor, _pods, _reconcile
+from defender_config import contract
+from defender_operator import _keyguard, _login, _loops, _monitor, _pods, _reconcile
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
@@ -38,8 +39,8 @@ from defender_operator._settings import load_operator_settings
 
 log = logging.getLogger("defender_operator")
 
-RESOURCE = (_api.GROUP, _api.VERSION, _api.PLURAL)
-FINALIZER = f"{_api.GROUP}/retention"
+RESOURCE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
+FINALIZER = contract.FINALIZER
 
 
 def _api_client(connections: int) -> k8s_client.ApiClient:
@@ -154,7 +155,12 @@ async def apply_retention(
     **_: Any,
 ) -> None:
     await _reconcile.apply_retention(
-        memo["runtime"], body, namespace or "", name, str(spec.get("retention", "Keep")), logger
+        memo["runtime"],
+        body,
+        namespace or "",
+        name,
+        str(spec.get("retention", contract.RetentionPolicy.KEEP)),
+        logger,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from defender_config import (
     ActiveConfig,
+    ComponentType,
     ConfigStore,
     DefenderClient,
     DefenderConfigError,
@@ -266,7 +267,7 @@ class Agent:
                     s.component,
                     s.instance,
                     self.seed_config,
-                    s.component_type or "custom",
+                    s.component_type or ComponentType.CUSTOM,
                     json_schema=self.schema,
                     **common,
                 )

@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from defender_config import EtcdSettings, LibrarySettings, load_settings
+from defender_config import ComponentType, EtcdSettings, LibrarySettings, load_settings
 
 from ._errors import AgentSettingsError
 from ._reload import parse_signal
@@ -39,7 +39,8 @@ __all__ = [
     "load_agent_settings",
 ]
 
-ComponentTypeName = Literal["sniffer", "ml-detector", "firewall", "rag", "custom"]
+# The contract's enum; the old name stays for importers of the agent's settings.
+ComponentTypeName = ComponentType
 ReloadMethod = Literal["signal", "http", "none"]
 HealthCheckKind = Literal["none", "process", "http", "tcp", "exec", "file"]
 

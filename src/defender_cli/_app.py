@@ -10,7 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from defender_config import DefenderConfigError, EnvelopeError, StoreUnavailableError
+from defender_config import (
+    DefenderConfigError,
+    EnvelopeError,
+    InvalidRollbackTargetError,
+    RollbackTarget,
+    StoreUnavailableError,
+    parse_rollback_target,
+)
 
 from . import _commands as cmd
 from . import _keyring_commands as keys
@@ -34,10 +41,11 @@ def duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def rollback_target(text: str) -> str:
-    if text == "master" or (text.isdigit() and int(text) > 0):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r}: use `master` or a version number (see history)")
+def rollback_target(text: str) -> RollbackTarget:
+    try:
+        return parse_rollback_target(text)
+    except InvalidRollbackTargetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

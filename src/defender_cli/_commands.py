@@ -18,20 +18,21 @@ from defender_config import (
     DefenderClient,
     DefenderConfigError,
     Registry,
+    RollbackTarget,
+    format_rollback_target,
     inspect,
     is_envelope,
+)
+from defender_config.contract import (
+    API_GROUP,
+    API_VERSION,
+    PLURAL,
+    ROLLBACK_ANNOTATION,
+    ROTATE_ANNOTATION,
 )
 
 from ._errors import CliError
 from ._output import Printer, age, seconds_since, shorten
-
-# The operator's command annotations (mldefender.io API, see docs/key-rotation.md and
-# docs/troubleshooting.md). Repeated here because the plugin must not import the operator.
-GROUP = "mldefender.io"
-VERSION = "v1alpha1"
-PLURAL = "defendercomponents"
-ROLLBACK_ANNOTATION = f"{GROUP}/rollback-to"
-ROTATE_ANNOTATION = f"{GROUP}/rotate-key"
 
 
 def who() -> str:
@@ -398,20 +399,24 @@ def show_dump(printer: Printer, entries: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------- commands
 
 
-def rollback_direct(client: DefenderClient, component: str, to: str) -> dict[str, Any]:
-    target: Any = "master" if to == "master" else int(to)
-    version = ConfigStore(client).rollback(component, target, by=who())
-    return {"component": component, "rolledBackTo": to, "activeVersion": version, "via": "etcd"}
+def rollback_direct(client: DefenderClient, component: str, to: RollbackTarget) -> dict[str, Any]:
+    version = ConfigStore(client).rollback(component, to, by=who())
+    return {
+        "component": component,
+        "rolledBackTo": format_rollback_target(to),
+        "activeVersion": version,
+        "via": "etcd",
+    }
 
 
-def annotate_rollback(kube: Any, namespace: str, name: str, to: str) -> dict[str, Any]:
+def annotate_rollback(kube: Any, namespace: str, name: str, to: RollbackTarget) -> dict[str, Any]:
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
 
-    body = {"metadata": {"annotations": {ROLLBACK_ANNOTATION: to}}}
+    body = {"metadata": {"annotations": {ROLLBACK_ANNOTATION: format_rollback_target(to)}}}
     try:
         CustomObjectsApi(kube).patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, body
+            API_GROUP, API_VERSION, namespace, PLURAL, name, body
         )
     except ApiException as exc:
         raise CliError(
@@ -421,7 +426,7 @@ def annotate_rollback(kube: Any, namespace: str, name: str, to: str) -> dict[str
     return {
         "component": name,
         "namespace": namespace,
-        "rolledBackTo": to,
+        "rolledBackTo": format_rollback_target(to),
         "via": f"annotation {ROLLBACK_ANNOTATION}",
     }
 

@@ -23,19 +23,11 @@ from defender_config import (
     read_keyring_backup,
     write_keyring_backup,
 )
+from defender_config.contract import EXPORTED_ANNOTATION, KEYRING_LABELS
 
-from ._commands import GROUP
 from ._errors import CliError
 
-# The operator's Secret conventions (docs/key-rotation.md); repeated because the plugin must
-# not import the operator.
-EXPORTED_ANNOTATION = f"{GROUP}/last-export-time"
-LABELS = {
-    "app.kubernetes.io/name": "ml-defender",
-    "app.kubernetes.io/component": "keyring",
-    "app.kubernetes.io/part-of": "ml-defender",
-    "app.kubernetes.io/managed-by": "defender-operator",
-}
+LABELS = KEYRING_LABELS
 
 
 def _listed(keyring: Keyring) -> list[dict[str, str]]:

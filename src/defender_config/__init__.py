@@ -1,9 +1,13 @@
 """ML Defender's shared configuration library: sealed (compressed, encrypted) values in etcd,
 keyring rotation, config validation, registry, heartbeats and alerts.
 
-Everything public is re-exported here; the `_modules` are private and may change.
+The domain API is re-exported here; the store layer (raw etcd keys, transactions, the records
+the store hands back) is `defender_config.store`, the vocabulary shared with the operator, the
+agent and the plugin is `defender_config.contract`. The `_modules` are private and may change.
 """
 
+from . import contract as contract
+from . import store as store
 from ._alerts import Alert, Alerter, AlertSink, CallableSink, EtcdAlertSink, LoggingSink
 from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
@@ -15,7 +19,6 @@ from ._configs import (
     ConfigStore,
     FreezeInfo,
     HistoryEntry,
-    InvalidConfigPolicy,
     RewrapReport,
     SeedResult,
     StoragePolicy,
@@ -31,6 +34,7 @@ from ._errors import (
     DefenderConfigError,
     EnvelopeError,
     FieldError,
+    InvalidRollbackTargetError,
     KeyringBackupError,
     KeyringError,
     KeyringLacksKeysError,
@@ -56,7 +60,6 @@ from ._keyring_backup import KeyringBackup, read_keyring_backup, write_keyring_b
 from ._layout import Layout, ParsedKey
 from ._models import (
     AclRule,
-    ComponentType,
     FirewallConfig,
     MlDetectorConfig,
     RagConfig,
@@ -79,29 +82,22 @@ from ._registry import (
     StatusRecord,
 )
 from ._settings import (
-    ETCD_REQUEST_LIMIT_BYTES,
     EnvelopeOptions,
     EtcdSettings,
     LibrarySettings,
     load_settings,
 )
-from ._store import EtcdStore, WatchHandle
-from ._store_types import (
-    Compare,
-    DeleteOp,
-    GetOp,
-    HealthReport,
-    Lease,
-    MemberHealth,
-    PutOp,
-    StoredValue,
-    StoreMetrics,
-    TxnResult,
-    WatchEvent,
+from .contract import (
+    ChangeKind,
+    ComponentType,
+    InvalidConfigPolicy,
+    RetentionPolicy,
+    RollbackTarget,
+    format_rollback_target,
+    parse_rollback_target,
 )
 
 __all__ = [
-    "ETCD_REQUEST_LIMIT_BYTES",
     "AclRule",
     "ActiveConfig",
     "Alert",
@@ -110,10 +106,10 @@ __all__ = [
     "AuthenticationFailedError",
     "Cadence",
     "CallableSink",
+    "ChangeKind",
     "Cipher",
     "CodecError",
     "CodecMismatchError",
-    "Compare",
     "ComponentOverview",
     "ComponentStatus",
     "ComponentSummary",
@@ -126,7 +122,6 @@ __all__ = [
     "ConflictError",
     "DefenderClient",
     "DefenderConfigError",
-    "DeleteOp",
     "DumpEntry",
     "Envelope",
     "EnvelopeError",
@@ -135,18 +130,16 @@ __all__ = [
     "ErrorInfo",
     "EtcdAlertSink",
     "EtcdSettings",
-    "EtcdStore",
     "FieldError",
     "FirewallConfig",
     "FreezeInfo",
-    "GetOp",
-    "HealthReport",
     "Heartbeat",
     "HeartbeatGate",
     "Heartbeater",
     "HistoryEntry",
     "InstanceEvent",
     "InvalidConfigPolicy",
+    "InvalidRollbackTargetError",
     "Key",
     "KeyState",
     "KeyUsage",
@@ -157,21 +150,20 @@ __all__ = [
     "KeyringLacksKeysError",
     "KeyringSource",
     "Layout",
-    "Lease",
     "LibrarySettings",
     "LoggingSink",
-    "MemberHealth",
     "MlDetectorConfig",
     "NotAnEnvelopeError",
     "NotFoundError",
     "ParsedKey",
-    "PutOp",
     "RagConfig",
     "RecordAuthError",
     "RecordReplayError",
     "Registration",
     "Registry",
+    "RetentionPolicy",
     "RewrapReport",
+    "RollbackTarget",
     "SealedValue",
     "SeedResult",
     "SettingsError",
@@ -182,27 +174,24 @@ __all__ = [
     "StoragePolicy",
     "StoreAuthError",
     "StoreError",
-    "StoreMetrics",
     "StoreUnavailableError",
-    "StoredValue",
-    "TxnResult",
     "UnexpectedEnvelopeError",
     "UnknownCodecError",
     "UnknownKeyError",
     "UnsupportedFormatError",
     "ValueTooLargeError",
-    "WatchEvent",
-    "WatchHandle",
     "WrongPassphraseError",
     "canonical_json",
     "config_digest",
     "expect_plaintext",
+    "format_rollback_target",
     "inspect",
     "is_envelope",
     "key_usage",
     "keys_opened",
     "lease_ttl",
     "load_settings",
+    "parse_rollback_target",
     "read_cadence",
     "read_key_record",
     "read_keyring_backup",

@@ -14,9 +14,9 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, NoReturn
+from typing import Any, Final, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._client import DefenderClient
 from ._envelope import is_envelope
@@ -34,11 +34,12 @@ from ._errors import (
     StoreUnavailableError,
     ValueTooLargeError,
 )
-from ._models import ComponentType, canonical_json, config_digest, validate_config
+from ._models import canonical_json, config_digest, validate_config
 from ._records import is_signed, record_key_id, sign_record, verify_record
 from ._settings import EnvelopeOptions
 from ._store import WatchHandle
 from ._store_types import Compare, DeleteOp, GetOp, PutOp, StoredValue, WatchEvent
+from .contract import ChangeKind, ComponentType, InvalidConfigPolicy, RollbackTarget
 
 __all__ = [
     "ActiveConfig",
@@ -46,7 +47,6 @@ __all__ = [
     "ConfigStore",
     "FreezeInfo",
     "HistoryEntry",
-    "InvalidConfigPolicy",
     "RewrapReport",
     "SeedResult",
     "StoragePolicy",
@@ -56,15 +56,6 @@ log = logging.getLogger("defender_config.configs")
 
 #: Bytes a RequestOp adds around key and value in a TxnRequest (tags, lengths), rounded up.
 _PER_OP_OVERHEAD = 64
-
-
-class InvalidConfigPolicy(enum.StrEnum):
-    """What a rejected commit does to ACTIVE (it is always alerted and raised)."""
-
-    KEEP = "keep"
-    """ACTIVE stays as it was."""
-    REVERT_TO_MASTER = "revert_to_master"
-    """ACTIVE is rolled back to MASTER: the component returns to its known-good original."""
 
 
 class StoragePolicy(BaseModel):
@@ -113,9 +104,24 @@ class ConfigMetadata(BaseModel):
     digest: str
     type: str
     json_schema: dict[str, Any] | None = None
+    """The schema commits are validated against (besides the type's model), as last set."""
+    schema_digest: str | None = None
+    """`config_digest` of the JSON schema this version was validated with; None when only the
+    type's model validated it, and for records written before the field existed."""
     note: str | None = None
+    change: ChangeKind = ChangeKind.COMMIT
+    """What made this version. Records written before the field existed get it from their
+    note (`ChangeKind.from_note`), so they read as before."""
     storage: StoragePolicy | None = None
     """None for records written before per-component storage existed: store-wide options."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _change_from_note(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("change") is None:
+            note = data.get("note")
+            return {**data, "change": ChangeKind.from_note(note if isinstance(note, str) else None)}
+        return data
 
 
 class FreezeInfo(BaseModel):
@@ -186,6 +192,15 @@ class RewrapReport:
     errors: list[str] = field(default_factory=list)
 
 
+class _Recorded(enum.Enum):
+    """The type of RECORDED: `commit` keeps the schema recorded in the metadata."""
+
+    SCHEMA = "recorded"
+
+
+RECORDED: Final = _Recorded.SCHEMA
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -198,7 +213,7 @@ class ConfigStore:
         client: DefenderClient,
         *,
         history_limit: int | None = None,
-        on_invalid: InvalidConfigPolicy | Literal["keep", "revert_to_master"] = "keep",
+        on_invalid: InvalidConfigPolicy | str = InvalidConfigPolicy.REJECT,
         plaintext_components: Iterable[str] | None = None,
     ) -> None:
         self.client = client
@@ -566,7 +581,9 @@ class ConfigStore:
             digest=digest,
             type=ctype.value,
             json_schema=dict(json_schema) if json_schema is not None else None,
+            schema_digest=_schema_digest(json_schema),
             note="registered",
+            change=ChangeKind.REGISTER,
             storage=StoragePolicy.from_options(options) if options is not None else None,
         )
         lay, c = self.layout, self.client
@@ -617,8 +634,15 @@ class ConfigStore:
         *,
         note: str | None = None,
         options: EnvelopeOptions | None = None,
+        json_schema: Mapping[str, Any] | _Recorded | None = RECORDED,
     ) -> int:
         """Validate and write a new ACTIVE version; returns the version now active.
+
+        `json_schema` is the schema to validate against (a `custom` component's, or one added
+        to a typed component's model): RECORDED (the default) uses the one in the metadata, a
+        schema or None replaces it, so an edited schema governs this commit and the ones after
+        it. The metadata records the schema's digest with the version it validated. A changed
+        schema with an unchanged config writes no new version; the schema is recorded.
 
         `options` (None = the component's recorded StoragePolicy, else the store-wide options)
         seals the new version and becomes the component's policy. A change of the encryption
@@ -640,19 +664,30 @@ class ConfigStore:
                 found=meta.version,
                 detail="config version moved on",
             )
+        schema = meta.json_schema if isinstance(json_schema, _Recorded) else json_schema
         try:
-            normalized = self._validate(component, meta.type, new_config, meta.json_schema)
+            normalized = self._validate(component, meta.type, new_config, schema)
         except ConfigValidationError:
             if self.on_invalid is InvalidConfigPolicy.REVERT_TO_MASTER:
                 try:
-                    self.rollback(component, "master", f"{by} (auto: rejected config)")
+                    self.rollback(
+                        component,
+                        "master",
+                        f"{by} (auto: rejected config)",
+                        change=ChangeKind.INVALID_REVERT,
+                    )
                 except DefenderConfigError as exc:
                     log.error("automatic rollback of %s to MASTER failed: %s", component, exc)
             raise
         digest = config_digest(normalized)
         policy_unchanged = options is None or (meta.storage == StoragePolicy.from_options(options))
+        schema_unchanged = _schema_digest(schema) == _schema_digest(meta.json_schema)
         if digest == meta.digest and policy_unchanged:
-            return meta.version  # nothing changes: no new version, no watch event
+            if not schema_unchanged:
+                # Same config (no new version, no watch event): the new schema governs the
+                # commits after this one.
+                self._record_schema(component, meta, meta_stored, schema)
+            return meta.version
         try:
             return self._write_version(
                 component,
@@ -661,6 +696,9 @@ class ConfigStore:
                 meta,
                 meta_stored,
                 note=note,
+                change=ChangeKind.COMMIT,
+                schema=schema,
+                validated_with=_schema_digest(schema),
                 freeze_revision=freeze_revision,
                 options=options,
             )
@@ -677,17 +715,67 @@ class ConfigStore:
                 return now.version
             raise
 
+    def set_schema(self, component: str, json_schema: Mapping[str, Any] | None, by: str) -> bool:
+        """Make `json_schema` the schema later commits (by anyone: the operator, rag, the
+        plugin) are validated against, without a new version: ACTIVE keeps running, and
+        `schema_digest` still names the schema that validated its version. ACTIVE must be
+        valid under the new schema too (ConfigValidationError otherwise, nothing recorded):
+        agents check ACTIVE against the schema in its record. Returns False when it is
+        already the recorded one or the component is not registered (seed records it)."""
+        got = self._metadata(component)
+        if got is None:
+            return False
+        meta, meta_stored = got
+        if meta_stored.stale:
+            raise self._unavailable_for_write(component)
+        if _schema_digest(json_schema) == _schema_digest(meta.json_schema):
+            return False
+        self._validate(component, meta.type, self.get_active(component).config, json_schema)
+        self._record_schema(component, meta, meta_stored, json_schema)
+        log.info("component %s: JSON schema set by %s", component, by)
+        return True
+
+    def _record_schema(
+        self,
+        component: str,
+        meta: ConfigMetadata,
+        meta_stored: StoredValue,
+        schema: Mapping[str, Any] | None,
+    ) -> None:
+        """Record `schema` as the one later commits are validated against, leaving the version
+        (and the digest of the schema that validated it) as they are. Guarded by the record's
+        mod_revision (ConflictError when a commit landed meanwhile)."""
+        meta_key = self.layout.metadata(component)
+        new_meta = meta.model_copy(
+            update={"json_schema": dict(schema) if schema is not None else None}
+        )
+        result = self.client.store.txn(
+            [Compare.mod_revision_is(meta_key, meta_stored.mod_revision)],
+            [PutOp(meta_key, self._encode_metadata(component, new_meta))],
+        )
+        if not result.succeeded:
+            raise ConflictError(
+                meta_key, detail="another commit landed while the schema was recorded; retry"
+            )
+        log.info("component %s: new JSON schema recorded for later commits", component)
+
     def rollback(
         self,
         component: str,
-        to: Literal["master"] | int,
+        to: RollbackTarget,
         by: str,
         *,
         options: EnvelopeOptions | None = None,
+        change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
         """Make MASTER (`to="master"`) or a kept history version ACTIVE again, as a new
         version. Allowed while frozen: it is the way back to a known-good config. `options` as
-        in `commit`."""
+        in `commit`; `change` says who asked (a person, the breaker, the invalid-config
+        policy) and is recorded with the version. The target is validated again with the
+        recorded schema, which may have been edited since it was written: every ACTIVE is
+        valid under the schema recorded with it, which is what agents check it against
+        (ConfigValidationError, alerted, when it is not: restore the schema or pick another
+        version)."""
         meta, meta_stored = self._metadata_for_write(component)
         if to == "master":
             target = self.get_master(component)
@@ -704,6 +792,7 @@ class ConfigStore:
             target = self._open_config(
                 path, stored.value, component, self._read_options(component, meta)
             )
+        target = self._validate(component, meta.type, target, meta.json_schema)
         version = self._write_version(
             component,
             target,
@@ -711,6 +800,9 @@ class ConfigStore:
             meta,
             meta_stored,
             note=f"rollback to {to}",
+            change=change,
+            schema=meta.json_schema,
+            validated_with=_schema_digest(meta.json_schema),
             freeze_revision=None,
             options=options,
         )
@@ -731,6 +823,9 @@ class ConfigStore:
         meta_stored: StoredValue,
         *,
         note: str | None,
+        change: ChangeKind,
+        schema: Mapping[str, Any] | None,
+        validated_with: str | None,
         freeze_revision: int | None,
         options: EnvelopeOptions | None = None,
     ) -> int:
@@ -755,6 +850,9 @@ class ConfigStore:
                 "modified_by": by,
                 "digest": config_digest(config),
                 "note": note,
+                "change": change,
+                "json_schema": dict(schema) if schema is not None else None,
+                "schema_digest": validated_with,
                 "storage": policy,
             }
         )
@@ -972,6 +1070,7 @@ class ConfigStore:
             type=ComponentType(component_type).value,
             json_schema=dict(json_schema) if json_schema is not None else None,
             note="re-signed" if meta_sv is not None else "re-created",
+            change=ChangeKind.REPAIR,
             storage=storage,
         )
         compares = [
@@ -1271,6 +1370,10 @@ class ConfigStore:
             f"cannot write the config of {component!r}: only a cached copy of its metadata "
             "is readable",
         )
+
+
+def _schema_digest(schema: Mapping[str, Any] | None) -> str | None:
+    return config_digest(schema) if schema is not None else None
 
 
 def _parse_metadata(path: str, data: Any) -> ConfigMetadata:

@@ -27,7 +27,8 @@ DefenderConfigError                          reason
 │   ├── ConflictError                        Conflict
 │   └── NotFoundError                        NotFound
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
-└── ConfigValidationError                    ConfigInvalid
+├── ConfigValidationError                    ConfigInvalid
+└── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
 ```
 
 `.reason` is a stable CamelCase word: alerts, heartbeats and Kubernetes conditions carry it, so it
@@ -52,6 +53,7 @@ __all__ = [
     "DefenderConfigError",
     "EnvelopeError",
     "FieldError",
+    "InvalidRollbackTargetError",
     "KeyringBackupError",
     "KeyringError",
     "KeyringLacksKeysError",
@@ -521,4 +523,18 @@ class ConfigValidationError(DefenderConfigError):
         n = len(self.errors)
         super().__init__(
             f"config for {component!r} rejected ({n} error{'s' if n != 1 else ''}): {listed}"
+        )
+
+
+class InvalidRollbackTargetError(DefenderConfigError, ValueError):
+    """A rollback target that is neither `master` nor a positive version number. Also a
+    ValueError, so argument parsers treat it as a bad value."""
+
+    reason = "InvalidRollbackTarget"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(
+            f"rollback target {text!r} is not valid: use `master` or a version number"
+            " (`kubectl defender history <component>` lists the kept versions)"
         )

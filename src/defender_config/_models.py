@@ -7,7 +7,6 @@ not be silently ignored by the component. Components that need free-form setting
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import ipaddress
 import json
@@ -19,6 +18,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigValidationError, FieldError
+from .contract import ComponentType
 
 __all__ = [
     "AclRule",
@@ -35,16 +35,6 @@ __all__ = [
     "model_for",
     "validate_config",
 ]
-
-
-class ComponentType(enum.StrEnum):
-    """The kinds of component the store knows a model for."""
-
-    SNIFFER = "sniffer"
-    ML_DETECTOR = "ml-detector"
-    FIREWALL = "firewall"
-    RAG = "rag"
-    CUSTOM = "custom"
 
 
 NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]

@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client as k8s
 from reliability_support import HYGIENE, restore_members
 
-from defender_config import Alert, Keyring
+from defender_config import Alert, Keyring, contract
 from defender_devcluster import EtcdCluster, LocalCluster
 from defender_devcluster._system import apply_crds
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
 from operator_e2e_support import SECRET, OperatorRun, new_operator_run  # noqa: E402
 
-GROUP, VERSION, PLURAL = "mldefender.io", "v1alpha1", "defendercomponents"
+GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 
 
 @pytest.fixture(scope="module", autouse=True)

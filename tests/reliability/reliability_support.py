@@ -25,12 +25,12 @@ from defender_config import (
     DefenderClient,
     DefenderConfigError,
     EtcdSettings,
-    EtcdStore,
     Keyring,
     LibrarySettings,
     LoggingSink,
 )
 from defender_config._envelope import KeyringProvider
+from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster, ProcessStartError, etcd_client_settings, wait_for
 
 # --- clients on the harness cluster --------------------------------------------------------------

@@ -21,13 +21,14 @@ import yaml
 from kubernetes import client as k8s
 from reliability_support import HYGIENE
 
+from defender_config import contract
 from defender_devcluster import LocalCluster
 from defender_devcluster._system import apply_crds
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "mldefender.io", "v1alpha1", "defendercomponents"
+GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 
 Mutation = Callable[[dict[str, Any]], None]
 

@@ -39,12 +39,12 @@ from defender_config import (
     ConfigStore,
     DefenderClient,
     DefenderConfigError,
-    EtcdStore,
     Keyring,
     StoreUnavailableError,
     config_digest,
     validate_config,
 )
+from defender_config.store import EtcdStore
 from defender_devcluster import (
     EtcdCluster,
     LeaderTransferError,

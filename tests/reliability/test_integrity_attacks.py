@@ -31,20 +31,17 @@ from defender_config import (
     ConfigValidationError,
     DefenderClient,
     DefenderConfigError,
-    DeleteOp,
     EnvelopeOptions,
-    EtcdStore,
-    GetOp,
     Keyring,
     Layout,
     NotAnEnvelopeError,
-    PutOp,
     RecordAuthError,
     RecordReplayError,
     canonical_json,
     config_digest,
     validate_config,
 )
+from defender_config.store import DeleteOp, EtcdStore, GetOp, PutOp
 from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd

@@ -27,7 +27,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from reliability_support import etcd_settings
 
-from defender_config import EtcdStore, StoredValue, config_digest, validate_config
+from defender_config import config_digest, contract, validate_config
+from defender_config.store import EtcdStore, StoredValue
 from defender_devcluster import EtcdCluster, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ from operator_e2e_support import OperatorRun  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
-GROUP, VERSION, PLURAL = "mldefender.io", "v1alpha1", "defendercomponents"
+GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 BASE: dict[str, Any] = yaml.safe_load((REPO / "manifests/samples/firewall.yaml").read_text())
 
 

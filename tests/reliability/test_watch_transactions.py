@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from reliability_support import etcd_settings
 
-from defender_config import EtcdStore, PutOp, WatchEvent
+from defender_config.store import EtcdStore, PutOp, WatchEvent
 from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd

@@ -31,12 +31,12 @@ from defender_config import (
     ConfigStore,
     EnvelopeError,
     EtcdAlertSink,
-    EtcdStore,
     Heartbeater,
     KeyringError,
     KeyringSource,
     StaticKeyringSource,
 )
+from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster
 
 pytestmark = pytest.mark.etcd

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from defender_config.contract import SINGULAR, UNFREEZE_ANNOTATION
+
 
 @dataclass(frozen=True)
 class ActiveChange:
@@ -86,7 +88,7 @@ def evaluate_breaker(
             f" {policy.window_seconds}s of ACTIVE version {change.version}"
             f" ({', '.join(hit)}); froze commits and reverted to version"
             f" {change.previous_version}. Fix spec.config, then lift the freeze with"
-            " `kubectl annotate defendercomponent <name> mldefender.io/unfreeze=now`",
+            f" `kubectl annotate {SINGULAR} <name> {UNFREEZE_ANNOTATION}=now`",
             revert_to=change.previous_version,
             unhealthy=hit,
         )

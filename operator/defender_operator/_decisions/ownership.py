@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from defender_config.contract import ADOPT_ANNOTATION, RetentionPolicy
+
 NAME_CLAIMED_ELSEWHERE = "NameClaimedElsewhere"
 NAME_RETAINED = "NameRetained"
 
@@ -80,7 +82,7 @@ def decide_claim(existing: Claim | None, claimant: Claim, adopt_from: str | None
             message=(
                 f"etcd component {claimant.name!r} holds data kept (retention Keep) from"
                 f" DefenderComponent {existing.ref}; this resource writes nothing. To take that"
-                f" data over, annotate it with mldefender.io/adopt={existing.ref}; to start"
+                f" data over, annotate it with {ADOPT_ANNOTATION}={existing.ref}; to start"
                 " afresh, use another name"
             ),
         )
@@ -113,4 +115,4 @@ def decide_release(existing: Claim | None, deleted: Claim, retention: str) -> Re
         or (existing.namespace, existing.name) != (deleted.namespace, deleted.name)
     ):
         return Release.NOTHING
-    return Release.PURGE if retention == "Purge" else Release.KEEP
+    return Release.PURGE if retention == RetentionPolicy.PURGE else Release.KEEP

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from defender_operator._api import RotationStage
+from defender_config.contract import RotationStage
 
 
 class RotationAction(StrEnum):

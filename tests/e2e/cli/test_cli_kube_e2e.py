@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from defender_cli import main
+from defender_config import contract
 
 pytestmark = pytest.mark.cluster
 
@@ -41,7 +42,7 @@ def test_rotate_key_annotates_the_keyring_secret(
     assert code == 0, err
     assert "Rotation requested" in out
     secret = core.read_namespaced_secret("ml-defender-keyring", namespace)
-    assert "mldefender.io/rotate-key" in secret.metadata.annotations
+    assert contract.ROTATE_ANNOTATION in secret.metadata.annotations
     # The data is the operator's business: untouched.
     assert secret.data["keyring.json"] == "e30="
 
@@ -96,7 +97,7 @@ def test_rollback_asks_the_operator_through_an_annotation(
     for _ in range(50):
         try:
             custom.create_namespaced_custom_object(
-                "mldefender.io", "v1alpha1", namespace, "defendercomponents", sample
+                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, sample
             )
             break
         except client.ApiException as exc:
@@ -108,9 +109,9 @@ def test_rollback_asks_the_operator_through_an_annotation(
     assert code == 0, err
     assert "Asked the operator" in out
     obj = custom.get_namespaced_custom_object(
-        "mldefender.io", "v1alpha1", namespace, "defendercomponents", name
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
     )
-    assert obj["metadata"]["annotations"]["mldefender.io/rollback-to"] == "master"
+    assert obj["metadata"]["annotations"][contract.ROLLBACK_ANNOTATION] == "master"
 
 
 def test_rollback_of_a_missing_component(kubeconfig_path: Path, namespace: str) -> None:

@@ -10,15 +10,18 @@ import pytest
 from kubernetes import client as k8s
 from operator_e2e_support import CRD, OperatorRun, kubectl, new_operator_run
 
+from defender_config import contract
 from defender_devcluster import EtcdCluster
-from defender_operator import _api
 
 
 @pytest.fixture(scope="session")
 def crd_installed(kubeconfig_path: Path) -> None:
     kubectl("apply", "-f", str(CRD))
     kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", f"crd/{_api.PLURAL}.{_api.GROUP}"
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        f"crd/{contract.PLURAL}.{contract.API_GROUP}",
     )
 
 
@@ -44,7 +47,7 @@ def operator_run(
         # Remove finalizers first so the namespace can go even if the operator is gone.
         try:
             for item in run.custom.list_namespaced_custom_object(
-                _api.GROUP, _api.VERSION, namespace, _api.PLURAL
+                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL
             )["items"]:
                 run.patch(item["metadata"]["name"], {"metadata": {"finalizers": None}})
         except k8s.ApiException:

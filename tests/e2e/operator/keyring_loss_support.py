@@ -19,7 +19,8 @@ from kubernetes import client as k8s
 from operator_e2e_support import SECRET, OperatorRun, wait_for
 
 from defender_cli import main
-from defender_config import Envelope, EnvelopeError, EtcdStore, Keyring, is_envelope
+from defender_config import Envelope, EnvelopeError, Keyring, is_envelope
+from defender_config.store import EtcdStore
 
 COMPONENT = "firewall"
 

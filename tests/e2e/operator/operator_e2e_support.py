@@ -32,10 +32,10 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     Registry,
+    contract,
 )
 from defender_devcluster import EtcdCluster, popen_dying_with_parent, tools_bin
 from defender_devcluster import wait_for as shared_wait_for
-from defender_operator import _api
 
 REPO = Path(__file__).resolve().parents[3]
 SAMPLES = REPO / "manifests" / "samples"
@@ -97,13 +97,13 @@ class OperatorRun:
 
     def get(self, name: str) -> dict[str, Any]:
         obj: Any = self.custom.get_namespaced_custom_object(
-            _api.GROUP, _api.VERSION, self.namespace, _api.PLURAL, name
+            contract.API_GROUP, contract.API_VERSION, self.namespace, contract.PLURAL, name
         )
         return dict(obj)
 
     def patch(self, name: str, body: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
-            _api.GROUP, _api.VERSION, self.namespace, _api.PLURAL, name, body
+            contract.API_GROUP, contract.API_VERSION, self.namespace, contract.PLURAL, name, body
         )
 
     def wait_active_version(self, name: str, version: int, timeout: float = 60.0) -> None:
@@ -162,7 +162,7 @@ class OperatorRun:
         doc = yaml.safe_load((SAMPLES / f"{sample}.yaml").read_text())
         doc["spec"].update(spec_overrides)
         self.custom.create_namespaced_custom_object(
-            _api.GROUP, _api.VERSION, self.namespace, _api.PLURAL, doc
+            contract.API_GROUP, contract.API_VERSION, self.namespace, contract.PLURAL, doc
         )
         return dict(doc)
 

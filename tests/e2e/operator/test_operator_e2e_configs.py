@@ -11,7 +11,7 @@ import pytest
 import yaml
 from operator_e2e_support import SAMPLES, OperatorRun, kubectl, wait_for
 
-from defender_config import NotFoundError, config_digest, validate_config
+from defender_config import ChangeKind, NotFoundError, config_digest, contract, validate_config
 
 SAMPLE_NAMES = ["sniffer", "ml-detector", "firewall", "rag"]
 
@@ -70,7 +70,7 @@ def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
     for name in SAMPLE_NAMES:
         wait_for(f"{name} Ready", lambda n=name: _ready(run, n), timeout=60)  # type: ignore[misc]
 
-    out = kubectl("get", "defendercomponents", "-n", run.namespace).stdout
+    out = kubectl("get", contract.PLURAL, "-n", run.namespace).stdout
     header = out.splitlines()[0].split()
     assert header == [
         "NAME",
@@ -147,7 +147,7 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     # Fix the config again, then roll back to MASTER by the documented command.
     _set_config(run, "firewall", edited)
     run.wait_condition("firewall", "ConfigSynced", status="True")
-    _on_firewall(run, "annotate", "mldefender.io/rollback-to=master")
+    _on_firewall(run, "annotate", f"{contract.ROLLBACK_ANNOTATION}=master")
     wait_for(
         "rollback to MASTER",
         lambda: (
@@ -157,17 +157,28 @@ def test_edit_commits_version_2_invalid_is_refused_and_rollback(
     wait_for(
         "annotation removed",
         lambda: (
-            "mldefender.io/rollback-to"
+            contract.ROLLBACK_ANNOTATION
             not in run.get("firewall")["metadata"].get("annotations", {})
         ),
     )
-    version = configs.get_active("firewall").version
+    active = configs.get_active("firewall")
+    version = active.version
     assert version is not None and version >= 3
+    assert active.metadata is not None and active.metadata.change is ChangeKind.ROLLBACK
     run.wait_event("firewall", "RolledBack")
     run.wait_condition("firewall", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec")
     # A rollback target that is neither `master` nor a number is refused and removed.
-    _on_firewall(run, "annotate", "mldefender.io/rollback-to=yesterday")
+    _on_firewall(run, "annotate", f"{contract.ROLLBACK_ANNOTATION}=yesterday")
     run.wait_event("firewall", "RollbackRefused")
+    assert configs.get_active("firewall").version == version
+    # So is an empty one: MASTER is asked for by name, never by an annotation left blank.
+    _on_firewall(run, "annotate", "--overwrite", f"{contract.ROLLBACK_ANNOTATION}=")
+    wait_for(
+        "empty rollback target refused",
+        lambda: (
+            sum(e.count or 1 for e in run.events("firewall") if e.reason == "RollbackRefused") >= 2
+        ),
+    )
     assert configs.get_active("firewall").version == version
     # The unchanged spec does not undo the rollback, also not after an operator restart.
     run.stop()
@@ -196,7 +207,7 @@ def test_delete_applies_retention(operator_run: OperatorRun, retention: str) -> 
     run.wait_active_version("rag", 1)
     configs = run.configs()
     run.custom.delete_namespaced_custom_object(
-        "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", "rag"
+        contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, "rag"
     )
     wait_for("resource gone", lambda: _gone(run, "rag"))
     if retention == "Keep":
@@ -221,8 +232,8 @@ def test_custom_component_needs_and_uses_its_schema(operator_run: OperatorRun) -
     run = operator_run
     run.start()
     base: dict[str, Any] = {
-        "apiVersion": "mldefender.io/v1alpha1",
-        "kind": "DefenderComponent",
+        "apiVersion": contract.GROUP_VERSION,
+        "kind": contract.KIND,
         "metadata": {"name": "honeypot"},
         "spec": {
             "componentType": "custom",
@@ -235,7 +246,7 @@ def test_custom_component_needs_and_uses_its_schema(operator_run: OperatorRun) -
     # The API server's CEL rule refuses custom without a schema.
     with pytest.raises(ApiException) as info:
         run.custom.create_namespaced_custom_object(
-            "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", base
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, base
         )
     assert "custom needs customSchema" in str(info.value.body)
     schema = {
@@ -245,7 +256,7 @@ def test_custom_component_needs_and_uses_its_schema(operator_run: OperatorRun) -
     }
     base["spec"]["customSchema"] = schema
     run.custom.create_namespaced_custom_object(
-        "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", base
+        contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, base
     )
     run.wait_active_version("honeypot", 1)
     assert run.configs().get_master("honeypot")["ports"] == [2222, 2323]
@@ -267,7 +278,9 @@ def test_invalid_config_reverts_to_master_once(operator_run: OperatorRun) -> Non
     wait_for("version 2", lambda: configs.get_active("firewall").version == 2)
     _set_config(run, "firewall", dict(doc["spec"]["config"], default_policy="maybe"))
     wait_for("reverted as version 3", lambda: configs.get_active("firewall").version == 3)
-    assert configs.get_active("firewall").config["dry_run"] is False
+    active = configs.get_active("firewall")
+    assert active.config["dry_run"] is False
+    assert active.metadata is not None and active.metadata.change is ChangeKind.INVALID_REVERT
     run.wait_event("firewall", "RevertedToMaster")
     # A resume with the same invalid spec does not revert again.
     before = _count(run, "firewall", "ConfigInvalid")

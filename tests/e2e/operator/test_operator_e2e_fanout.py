@@ -13,8 +13,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from defender_config import Keyring
-from defender_operator import _api
+from defender_config import Keyring, contract
 from defender_operator._errors import KubeError
 from defender_operator._keys import KeyringSecrets
 from defender_operator._kube import Kube
@@ -33,7 +32,7 @@ def _namespace_with_component(api: k8s.ApiClient) -> str:
     core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
     body = {**SAMPLE, "metadata": {"name": "firewall", "namespace": name}}
     k8s.CustomObjectsApi(api).create_namespaced_custom_object(
-        _api.GROUP, _api.VERSION, name, _api.PLURAL, body
+        contract.API_GROUP, contract.API_VERSION, name, contract.PLURAL, body
     )
     return name
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from operator_e2e_support import OperatorRun, free_port, wait_for
 
-from defender_config import CodecMismatchError, UnknownKeyError
+from defender_config import ChangeKind, CodecMismatchError, UnknownKeyError, contract
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -251,6 +251,7 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     active = configs.get_active("sniffer")
     assert active.version == 3
     assert active.config["snaplen"] == 256  # version 1's value, restored as version 3
+    assert active.metadata is not None and active.metadata.change is ChangeKind.BREAKER_REVERT
     run.wait_event("sniffer", "BlastRadiusExceeded")
     # Further commits are refused while frozen, and say so.
     run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
@@ -260,9 +261,11 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     # A person fixes things and lifts the freeze: the pending spec is committed.
     for hb in run.heartbeaters:
         hb.update(last_error=None)
-    run.patch("sniffer", {"metadata": {"annotations": {"mldefender.io/unfreeze": "now"}}})
+    run.patch("sniffer", {"metadata": {"annotations": {contract.UNFREEZE_ANNOTATION: "now"}}})
     wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
-    assert configs.get_active("sniffer").config["snaplen"] == 1024
+    active = configs.get_active("sniffer")
+    assert active.config["snaplen"] == 1024
+    assert active.metadata is not None and active.metadata.change is ChangeKind.COMMIT
 
 
 def test_a_new_operator_keeps_guarding_a_change_committed_before_it(

@@ -16,8 +16,8 @@ import yaml
 from kubernetes import client as k8s
 from operator_e2e_support import SAMPLES, SECRET, OperatorRun, wait_for
 
-from defender_config import ConfigStore, EtcdStore, validate_config
-from defender_operator import _api
+from defender_config import ConfigStore, contract, validate_config
+from defender_config.store import EtcdStore
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -39,13 +39,13 @@ def other_namespace(operator_run: OperatorRun) -> Iterator[str]:
     finally:
         try:
             for item in run.custom.list_namespaced_custom_object(
-                _api.GROUP, _api.VERSION, name, _api.PLURAL
+                contract.API_GROUP, contract.API_VERSION, name, contract.PLURAL
             )["items"]:
                 run.custom.patch_namespaced_custom_object(
-                    _api.GROUP,
-                    _api.VERSION,
+                    contract.API_GROUP,
+                    contract.API_VERSION,
                     name,
-                    _api.PLURAL,
+                    contract.PLURAL,
                     item["metadata"]["name"],
                     {"metadata": {"finalizers": None}},
                 )
@@ -62,13 +62,13 @@ def _sample(**config: Any) -> dict[str, Any]:
 
 def _create(run: OperatorRun, namespace: str, doc: dict[str, Any]) -> None:
     run.custom.create_namespaced_custom_object(
-        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, doc
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, doc
     )
 
 
 def _get(run: OperatorRun, namespace: str) -> dict[str, Any]:
     obj: Any = run.custom.get_namespaced_custom_object(
-        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, NAME
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, NAME
     )
     return dict(obj)
 
@@ -101,7 +101,7 @@ def _wait_event(run: OperatorRun, namespace: str, reason: str) -> str:
 
 def _delete(run: OperatorRun, namespace: str) -> None:
     run.custom.delete_namespaced_custom_object(
-        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, NAME
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, NAME
     )
 
     def gone() -> bool:
@@ -216,7 +216,7 @@ def _silent_pod(run: OperatorRun, namespace: str) -> str:
 
 def _patch(run: OperatorRun, namespace: str, body: dict[str, Any]) -> None:
     run.custom.patch_namespaced_custom_object(
-        _api.GROUP, _api.VERSION, namespace, _api.PLURAL, NAME, body
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, NAME, body
     )
 
 
@@ -243,7 +243,7 @@ def test_recreate_keep_and_adopt_move_the_claim_as_documented(
     before = _etcd_snapshot(run)
     _create(run, other_namespace, _sample(block_ttl_seconds=7))
     conflict = _wait_conflict(run, other_namespace, "NameRetained")
-    assert f"mldefender.io/adopt={run.namespace}/{NAME}" in conflict["message"]
+    assert f"{contract.ADOPT_ANNOTATION}={run.namespace}/{NAME}" in conflict["message"]
     assert _etcd_snapshot(run) == before
 
     # The owner re-created under the same namespace/name (a new uid) takes its claim back.
@@ -257,7 +257,7 @@ def test_recreate_keep_and_adopt_move_the_claim_as_documented(
     # Released again; now the other namespace adopts it by the annotation naming the old owner.
     _delete(run, run.namespace)
     wait_for("claim released again", lambda: (_owner(run) or {}).get("released") is True)
-    adopt = {"mldefender.io/adopt": f"{run.namespace}/{NAME}"}
+    adopt = {contract.ADOPT_ANNOTATION: f"{run.namespace}/{NAME}"}
     _patch(run, other_namespace, {"metadata": {"annotations": adopt}})
     wait_for("adopted", lambda: (_owner(run) or {}).get("namespace") == other_namespace)
     wait_for("Conflict gone", lambda: _condition(run, other_namespace, "Conflict") is None)

@@ -35,7 +35,7 @@ from keyring_loss_support import (
 )
 from operator_e2e_support import SECRET, OperatorRun, wait_for
 
-from defender_config import Keyring, write_keyring_backup
+from defender_config import Keyring, contract, write_keyring_backup
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -64,7 +64,7 @@ def test_deleted_source_with_operator_down_is_restored_from_a_copy(
     run.start()
 
     restored = wait_restored(run, keyring)
-    assert restored.metadata.annotations["mldefender.io/restored-from"] == (
+    assert restored.metadata.annotations[contract.RESTORED_ANNOTATION] == (
         f"copy {run.namespace}/{SECRET}"
     )
     assert run.keyring_copy() == keyring  # the copy was not overwritten
@@ -85,7 +85,7 @@ def test_deleted_source_with_operator_down_is_restored_from_a_copy(
     # Deleted while the operator runs: put back from its memory, loudly.
     delete_source(run)
     back = wait_restored(run, keyring)
-    assert back.metadata.annotations["mldefender.io/restored-from"] == "the operator's memory"
+    assert back.metadata.annotations[contract.RESTORED_ANNOTATION] == "the operator's memory"
 
 
 def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
@@ -104,7 +104,7 @@ def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
     assert base64.b64encode(keyring.primary.material).decode() not in text
     found = source(run)
     assert found is not None
-    assert "mldefender.io/last-export-time" in found.metadata.annotations
+    assert contract.EXPORTED_ANNOTATION in found.metadata.annotations
     again = export_file(run, kubeconfig_path, export, passphrase)
     assert again.code == 2 and "--force" in again.err  # never overwritten silently
 
@@ -179,7 +179,7 @@ def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
     # The import carried the export time over: no more "never exported" warning next start.
     found = source(run)
     assert found is not None
-    assert "mldefender.io/last-export-time" in found.metadata.annotations
+    assert contract.EXPORTED_ANNOTATION in found.metadata.annotations
     # An existing Secret is replaced only on request, and only by a keyring that opens the data.
     twice = cli(run, kubeconfig_path, "keyring", "import", "-f", str(export),
                 "--passphrase-file", str(passphrase))  # fmt: skip

@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 from operator_e2e_support import OperatorRun, wait_for
 
-from defender_config import ConfigStore, Keyring, validate_config
+from defender_config import ConfigStore, Keyring, contract, validate_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
 
 def _custom(name: str, config: dict[str, Any], **spec: Any) -> dict[str, Any]:
     return {
-        "apiVersion": "mldefender.io/v1alpha1",
-        "kind": "DefenderComponent",
+        "apiVersion": contract.GROUP_VERSION,
+        "kind": contract.KIND,
         "metadata": {"name": name},
         "spec": {
             "componentType": "custom",
@@ -35,7 +35,7 @@ def _custom(name: str, config: dict[str, Any], **spec: Any) -> dict[str, Any]:
 
 def _create(run: OperatorRun, doc: dict[str, Any]) -> None:
     run.custom.create_namespaced_custom_object(
-        "mldefender.io", "v1alpha1", run.namespace, "defendercomponents", doc
+        contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, doc
     )
 
 

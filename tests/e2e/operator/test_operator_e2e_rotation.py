@@ -22,6 +22,7 @@ from defender_config import (
     KeyringSource,
     KeyState,
     StoreUnavailableError,
+    contract,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
@@ -133,7 +134,7 @@ def test_rotation_under_load_has_no_decode_failures(
             SECRET,
             "-n",
             run.operator_namespace,
-            "mldefender.io/rotate-key=now",
+            f"{contract.ROTATE_ANNOTATION}=now",
         )
         wait_for(
             "rotation started",
@@ -176,7 +177,7 @@ def test_rotation_under_load_has_no_decode_failures(
 
 def _stage(run: OperatorRun) -> str:
     secret = run.core.read_namespaced_secret(SECRET, run.operator_namespace)
-    return str((secret.metadata.annotations or {}).get("mldefender.io/rotation-stage", "Idle"))
+    return str((secret.metadata.annotations or {}).get(contract.ROTATION_STAGE_ANNOTATION, "Idle"))
 
 
 def _rotated(run: OperatorRun, old: Keyring) -> bool:
@@ -184,7 +185,7 @@ def _rotated(run: OperatorRun, old: Keyring) -> bool:
     annotations = secret.metadata.annotations or {}
     keyring = Keyring.from_secret_data(dict(secret.data))
     return (
-        annotations.get("mldefender.io/rotation-stage") == "Idle"
+        annotations.get(contract.ROTATION_STAGE_ANNOTATION) == "Idle"
         and keyring.primary.key_id != old.primary.key_id
     )
 
@@ -210,7 +211,7 @@ def test_instance_that_never_loads_the_key_times_out_and_is_reported(
         SECRET,
         "-n",
         run.operator_namespace,
-        "mldefender.io/rotate-key=now",
+        f"{contract.ROTATE_ANNOTATION}=now",
     )
     wait_for("rotation finished anyway", lambda: _rotated(run, old), timeout=90)
     kinds = {
@@ -232,7 +233,7 @@ def _assert_no_key_material(run: OperatorRun, keyrings: list[Keyring]) -> None:
     shown += json.dumps([e.message for e in run.core.list_namespaced_event(run.namespace).items])
     shown += json.dumps(
         run.custom.list_namespaced_custom_object(
-            "mldefender.io", "v1alpha1", run.namespace, "defendercomponents"
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL
         )
     )
     for keyring in keyrings:

@@ -19,7 +19,10 @@ from packaging_chart import (
     kube_version,
 )
 
+from defender_config import contract
 from defender_devcluster import wait_for
+
+CRD_RESOURCE = f"{contract.PLURAL}.{contract.API_GROUP}"
 
 pytestmark = pytest.mark.cluster
 
@@ -220,8 +223,8 @@ def test_operator_service_account_has_exactly_the_rights_it_needs(
         proc = kubectl("auth", "can-i", *args, "--as", sa, check=False)
         return proc.stdout.strip() == "yes"
 
-    assert can("watch", "defendercomponents.mldefender.io", "--all-namespaces")
-    assert can("patch", "defendercomponents.mldefender.io", "--subresource=status", "-n", "any")
+    assert can("watch", CRD_RESOURCE, "--all-namespaces")
+    assert can("patch", CRD_RESOURCE, "--subresource=status", "-n", "any")
     assert can("delete", "pods", "-n", "component-ns")
     assert can("create", "events", "-n", "component-ns")
     assert can("create", "secrets", "-n", "component-ns")
@@ -233,7 +236,7 @@ def test_operator_service_account_has_exactly_the_rights_it_needs(
     assert not can("list", "secrets", "-n", "component-ns")
     assert not can("delete", "deployments", "-n", "component-ns")
     assert not can("create", "pods", "-n", "component-ns")
-    assert not can("delete", "defendercomponents.mldefender.io", "-n", "any")
+    assert not can("delete", CRD_RESOURCE, "-n", "any")
     assert not can("delete", "secrets/ml-defender-keyring", "-n", "component-ns")
     assert not can("*", "*")
 

@@ -36,13 +36,12 @@ from defender_config import (
     DefenderClient,
     EnvelopeOptions,
     EtcdSettings,
-    EtcdStore,
     Heartbeater,
     Keyring,
     LibrarySettings,
     StoreAuthError,
-    StoredValue,
 )
+from defender_config.store import EtcdStore, StoredValue
 from defender_devcluster import ToolNotFoundError, free_ports, tool, wait_for
 from defender_devcluster.pytest_plugin import missing_tool
 

@@ -31,6 +31,7 @@ from chart_processes import (
 )
 from packaging_chart import CHART, KEEP_PLAIN_VALUES, REPO, find, kube_version
 
+from defender_config import contract
 from defender_devcluster import EtcdCluster, free_ports, popen_dying_with_parent, tool, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -79,18 +80,18 @@ def _delete_component(custom: Any, namespace: str, log: Path) -> None:
     from kubernetes import client
 
     found = custom.list_namespaced_custom_object(
-        "mldefender.io", "v1alpha1", namespace, "defendercomponents"
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL
     )["items"]
     for item in found:
         name = item["metadata"]["name"]
         custom.delete_namespaced_custom_object(
-            "mldefender.io", "v1alpha1", namespace, "defendercomponents", name
+            contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
         )
 
         def gone(name: str = name) -> bool:
             try:
                 custom.get_namespaced_custom_object(
-                    "mldefender.io", "v1alpha1", namespace, "defendercomponents", name
+                    contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
                 )
             except client.ApiException as exc:
                 return exc.status == 404
@@ -246,7 +247,7 @@ def test_operator_runs_with_exactly_the_chart_rbac(
         sample = yaml.safe_load((REPO / "manifests" / "samples" / "sniffer.yaml").read_text())
         custom = client.CustomObjectsApi(k8s_api)
         custom.create_namespaced_custom_object(
-            "mldefender.io", "v1alpha1", component_namespace, "defendercomponents", sample
+            contract.API_GROUP, contract.API_VERSION, component_namespace, contract.PLURAL, sample
         )
         name = sample["metadata"]["name"]
         # A component namespace: the keyring copy, the status, the Events.
@@ -260,7 +261,11 @@ def test_operator_runs_with_exactly_the_chart_rbac(
             "status conditions on the DefenderComponent",
             lambda: (
                 custom.get_namespaced_custom_object(
-                    "mldefender.io", "v1alpha1", component_namespace, "defendercomponents", name
+                    contract.API_GROUP,
+                    contract.API_VERSION,
+                    component_namespace,
+                    contract.PLURAL,
+                    name,
                 )
                 .get("status", {})
                 .get("conditions")
@@ -301,7 +306,7 @@ def test_operator_runs_with_exactly_the_chart_rbac(
             annotations = core.read_namespaced_secret(
                 "ml-defender-keyring", ns
             ).metadata.annotations
-            value = (annotations or {}).get("mldefender.io/rotation-stage")
+            value = (annotations or {}).get(contract.ROTATION_STAGE_ANNOTATION)
             return value if value not in (None, "Idle") else None
 
         _wait("the rotation to start", lambda: stage(namespace), 60, log)

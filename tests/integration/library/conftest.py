@@ -18,10 +18,10 @@ from defender_config import (
     DefenderClient,
     EtcdAlertSink,
     EtcdSettings,
-    EtcdStore,
     Keyring,
     LibrarySettings,
 )
+from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster, etcd_client_settings
 
 pytestmark = pytest.mark.etcd

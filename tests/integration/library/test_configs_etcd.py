@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from defender_config import (
     ActiveConfig,
     Alert,
+    ChangeKind,
     ConfigFrozenError,
     ConfigStore,
     ConfigValidationError,
@@ -143,7 +144,16 @@ def test_freeze_set_between_read_and_write_is_honoured(
     )
     with pytest.raises(ConfigFrozenError):
         configs._write_version(
-            "sniffer", snaplen(5), "ops", meta[0], meta[1], note=None, freeze_revision=0
+            "sniffer",
+            snaplen(5),
+            "ops",
+            meta[0],
+            meta[1],
+            note=None,
+            change=ChangeKind.COMMIT,
+            schema=None,
+            validated_with=None,
+            freeze_revision=0,
         )
 
 

@@ -9,17 +9,8 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from defender_config import (
-    Compare,
-    ConflictError,
-    DeleteOp,
-    EtcdSettings,
-    EtcdStore,
-    GetOp,
-    NotFoundError,
-    PutOp,
-    WatchEvent,
-)
+from defender_config import ConflictError, EtcdSettings, NotFoundError
+from defender_config.store import Compare, DeleteOp, EtcdStore, GetOp, PutOp, WatchEvent
 from defender_devcluster import EtcdCluster, tool, wait_for
 
 pytestmark = pytest.mark.etcd

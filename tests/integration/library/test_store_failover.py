@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from defender_config import EtcdSettings, EtcdStore, StoreUnavailableError, WatchEvent
+from defender_config import EtcdSettings, StoreUnavailableError
+from defender_config.store import EtcdStore, WatchEvent
 from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd

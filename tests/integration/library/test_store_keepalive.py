@@ -15,12 +15,8 @@ from contextlib import contextmanager
 import pytest
 from prometheus_client import CollectorRegistry
 
-from defender_config import (
-    EtcdSettings,
-    EtcdStore,
-    StoreError,
-    StoreUnavailableError,
-)
+from defender_config import EtcdSettings, StoreError, StoreUnavailableError
+from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd

@@ -15,14 +15,9 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from defender_config import (
-    EtcdSettings,
-    EtcdStore,
-    StoreAuthError,
-    StoreUnavailableError,
-    WatchEvent,
-)
+from defender_config import EtcdSettings, StoreAuthError, StoreUnavailableError
 from defender_config._store._keepalive import _Failure
+from defender_config.store import EtcdStore, WatchEvent
 from defender_devcluster import EtcdCluster, etcd_member_healthy, tool, wait_for
 from defender_devcluster._errors import ToolNotFoundError
 from defender_devcluster._pki import Pki, make_pki

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from defender_config import EtcdStore, Keyring, LibrarySettings
+from defender_config import Keyring, LibrarySettings
+from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster, etcd_client_settings
 from defender_operator._keys import MutableKeyringSource
 from defender_operator._library_backend import LibraryBackend

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from kubernetes import client as k8s
 
-from defender_config import Keyring
+from defender_config import Keyring, contract
 from defender_operator._api import RotationStage
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeyDropRefusedError, KeySecretError
@@ -222,12 +222,12 @@ def test_read_copy_ignores_foreign_secrets_and_reports_broken_ones(
 
 def test_create_is_create_only_and_keeps_annotations(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    first, created = secrets.create(Keyring.generate(), {"mldefender.io/restored-from": "x"})
+    first, created = secrets.create(Keyring.generate(), {contract.RESTORED_ANNOTATION: "x"})
     assert created
     second, created_again = secrets.create(Keyring.generate())
     assert not created_again and second.keyring == first.keyring
-    assert first.kept == {"mldefender.io/restored-from": "x"}
-    secrets.annotate_source({"mldefender.io/last-export-time": "2026-12-01T00:00:00Z"})
+    assert first.kept == {contract.RESTORED_ANNOTATION: "x"}
+    secrets.annotate_source({contract.EXPORTED_ANNOTATION: "2026-12-01T00:00:00Z"})
     stored = secrets.load()
     assert stored is not None and stored.exported is not None
     # The operator's own rewrites carry the export time over.
@@ -254,6 +254,6 @@ def test_an_event_that_cannot_be_posted_is_logged_not_raised(
 def test_unreadable_time_annotations_read_as_absent(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
     secrets.ensure(Keyring.generate())
-    secrets.annotate_source({"mldefender.io/last-export-time": "last tuesday"})
+    secrets.annotate_source({contract.EXPORTED_ANNOTATION: "last tuesday"})
     stored = secrets.load()
     assert stored is not None and stored.exported is None

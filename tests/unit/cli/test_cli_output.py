@@ -33,10 +33,11 @@ def test_bad_durations_say_what_is_expected(text: str) -> None:
         duration(text)
 
 
-def test_rollback_targets() -> None:
+def test_rollback_targets_follow_the_contract_grammar() -> None:
     assert rollback_target("master") == "master"
-    assert rollback_target("12") == "12"
-    for bad in ("0", "-1", "latest", "MASTER"):
+    assert rollback_target("MASTER") == "master"
+    assert rollback_target("12") == 12
+    for bad in ("0", "-1", "latest", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="master` or a version"):
             rollback_target(bad)
 

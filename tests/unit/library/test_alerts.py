@@ -57,8 +57,9 @@ def test_bad_alert_fields_are_logged_not_raised(caplog: pytest.LogCaptureFixture
 
 
 def test_etcd_sink_refuses_tiny_ttl() -> None:
-    from defender_config import EtcdSettings, EtcdStore, Layout
+    from defender_config import EtcdSettings, Layout
     from defender_config._alerts import EtcdAlertSink
+    from defender_config.store import EtcdStore
 
     store = EtcdStore(EtcdSettings(endpoints=["127.0.0.1:1"]))
     with pytest.raises(ValueError, match="at least 10 seconds"):

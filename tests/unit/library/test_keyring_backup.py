@@ -12,13 +12,13 @@ from defender_config import (
     Keyring,
     KeyringBackupError,
     KeyringLacksKeysError,
-    StoredValue,
     WrongPassphraseError,
     key_usage,
     keys_opened,
     read_keyring_backup,
     write_keyring_backup,
 )
+from defender_config.store import StoredValue
 
 
 @pytest.fixture

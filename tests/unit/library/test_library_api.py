@@ -98,3 +98,14 @@ def test_errors_render_structured_fields() -> None:
     assert "reason: bad rollout, since 2026-01-01T00:00:00Z" in str(frozen)
     assert "delete '/m'" in str(frozen)
     assert "unfreeze it" in str(e.ConfigFrozenError("fw"))
+
+
+def test_the_store_layer_has_its_own_public_face() -> None:
+    from defender_config import store
+
+    names = store.__all__
+    assert names == sorted(names, key=_isort_key) and len(set(names)) == len(names)
+    public = {n for n, v in vars(store).items() if not n.startswith("_")} - {"annotations"}
+    assert public == set(names)
+    # Split, not duplicated: the domain API does not re-export the store's names.
+    assert not set(names) & set(defender_config.__all__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from defender_config import StoreMetrics
 from defender_config._store_types import OPS
+from defender_config.store import StoreMetrics
 
 
 def test_metric_names_and_label_names() -> None:

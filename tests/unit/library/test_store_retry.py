@@ -16,7 +16,6 @@ from pyetcd import exceptions as etcd_exc
 
 from defender_config import (
     EtcdSettings,
-    EtcdStore,
     NotFoundError,
     SettingsError,
     StoreAuthError,
@@ -25,6 +24,7 @@ from defender_config import (
 )
 from defender_config._store import classify_error, parse_endpoint
 from defender_config._store_types import backoff_delay
+from defender_config.store import EtcdStore
 
 
 class StatusError(grpc.RpcError):

@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 import pytest
 
-from defender_config import HealthReport, MemberHealth
+from defender_config.store import HealthReport, MemberHealth
 from defender_operator import handlers
 from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._decisions.liveness import watch_stalled

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from defender_config import contract
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.ownership import (
     NAME_CLAIMED_ELSEWHERE,
@@ -65,7 +66,7 @@ def test_kept_data_needs_the_adopt_annotation_naming_the_old_owner() -> None:
     other = Claim("tenant-b", "firewall", "uid-9")
     refused = decide_claim(kept, other, None)
     assert refused.action is ClaimAction.REFUSE and refused.reason == NAME_RETAINED
-    assert "mldefender.io/adopt=default/firewall" in refused.message
+    assert f"{contract.ADOPT_ANNOTATION}=default/firewall" in refused.message
     wrong = decide_claim(kept, other, "tenant-c/firewall")
     assert wrong.action is ClaimAction.REFUSE
     adopted = decide_claim(kept, other, " default/firewall ")

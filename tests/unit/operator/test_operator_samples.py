@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from defender_config import validate_config
+from defender_config import contract, validate_config
 from defender_operator import _api
 
 SAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "samples"
@@ -17,7 +17,7 @@ NAMES = ["sniffer", "ml-detector", "firewall", "rag"]
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_is_valid(name: str) -> None:
     doc = yaml.safe_load((SAMPLES / f"{name}.yaml").read_text())
-    assert doc["apiVersion"] == f"{_api.GROUP}/{_api.VERSION}"
+    assert doc["apiVersion"] == f"{contract.API_GROUP}/{contract.API_VERSION}"
     assert doc["kind"] == _api.KIND
     spec = _api.parse_spec(doc["spec"])
     assert spec.component_type.value == name

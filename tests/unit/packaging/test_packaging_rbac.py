@@ -6,6 +6,8 @@ from typing import Any
 
 from packaging_chart import Render, find
 
+from defender_config import contract
+
 Rule = tuple[str, str, str | None, frozenset[str]]
 
 
@@ -22,9 +24,9 @@ def _rules(obj: dict[str, Any]) -> set[Rule]:
 def test_cluster_role_for_components_is_exactly_what_the_operator_does(render: Render) -> None:
     role = find(render(), "ClusterRole", "rel-ml-defender-operator-components")
     assert _rules(role) == {
-        ("mldefender.io", "defendercomponents", None, frozenset({"get", "list", "watch", "patch"})),
-        ("mldefender.io", "defendercomponents/status", None, frozenset({"get", "patch"})),
-        ("mldefender.io", "defendercomponents/finalizers", None, frozenset({"update"})),
+        (contract.API_GROUP, contract.PLURAL, None, frozenset({"get", "list", "watch", "patch"})),
+        (contract.API_GROUP, f"{contract.PLURAL}/status", None, frozenset({"get", "patch"})),
+        (contract.API_GROUP, f"{contract.PLURAL}/finalizers", None, frozenset({"update"})),
         ("", "events", None, frozenset({"create", "patch"})),
         ("", "pods", None, frozenset({"list", "watch", "delete"})),
         ("", "secrets", None, frozenset({"create"})),
@@ -83,7 +85,7 @@ def test_watch_namespaces_bind_per_namespace(render: Render) -> None:
     ]
     # Finding the namespaces that need a keyring copy lists components cluster-wide.
     cluster = find(objects, "ClusterRole", "rel-ml-defender-operator-cluster")
-    assert ("mldefender.io", "defendercomponents", None, frozenset({"list"})) in _rules(cluster)
+    assert (contract.API_GROUP, contract.PLURAL, None, frozenset({"list"})) in _rules(cluster)
 
 
 def test_bindings_point_at_the_operator_service_account(render: Render) -> None:

@@ -1,0 +1,145 @@
+"""The domain vocabulary has one home (`defender_config.contract`): every program reads it from
+there, the rollback-target grammar is decided once, and metadata records say what made a
+version (with records from before the field still readable)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from defender_agent import _settings as agent_settings
+from defender_cli import _commands as cli_commands
+from defender_cli import _keyring_commands as cli_keys
+from defender_config import (
+    ChangeKind,
+    ComponentType,
+    ConfigMetadata,
+    DefenderConfigError,
+    InvalidConfigPolicy,
+    InvalidRollbackTargetError,
+    contract,
+    format_rollback_target,
+    parse_rollback_target,
+)
+from defender_config import _models as models
+from defender_operator import _api, _keys, crdgen
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        ("master", "master"),
+        ("MASTER", "master"),
+        (" Master\n", "master"),
+        ("1", 1),
+        ("12", 12),
+        (" 7 ", 7),
+    ],
+)
+def test_rollback_targets_parse_one_way(text: str, target: object) -> None:
+    assert parse_rollback_target(text) == target
+
+
+@pytest.mark.parametrize(
+    "text", ["", "   ", "0", "-1", "+3", "1.5", "latest", "yesterday", "master2", "٣"]
+)
+def test_bad_rollback_targets_are_a_typed_error_naming_the_grammar(text: str) -> None:
+    with pytest.raises(InvalidRollbackTargetError) as info:
+        parse_rollback_target(text)
+    assert isinstance(info.value, DefenderConfigError) and isinstance(info.value, ValueError)
+    assert info.value.reason == "InvalidRollbackTarget"
+    assert "use `master` or a version number" in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["master", 1, 42])
+def test_a_formatted_target_parses_back_to_itself(target: contract.RollbackTarget) -> None:
+    assert parse_rollback_target(format_rollback_target(target)) == target
+
+
+def test_invalid_config_policy_has_one_spelling_and_reads_the_old_ones() -> None:
+    assert [p.value for p in InvalidConfigPolicy] == ["Reject", "RevertToMaster"]
+    assert InvalidConfigPolicy("keep") is InvalidConfigPolicy.REJECT
+    assert InvalidConfigPolicy("revert_to_master") is InvalidConfigPolicy.REVERT_TO_MASTER
+    assert InvalidConfigPolicy("reverttomaster") is InvalidConfigPolicy.REVERT_TO_MASTER
+    with pytest.raises(ValueError):
+        InvalidConfigPolicy("rollback")
+
+
+def test_every_program_uses_the_contract_not_a_copy() -> None:
+    # The operator's API, the agent's settings and the library's models name one enum.
+    assert _api.ComponentTypeName is ComponentType
+    assert agent_settings.ComponentTypeName is ComponentType
+    assert models.ComponentType is ComponentType
+    assert _api.InvalidConfigPolicy is InvalidConfigPolicy
+    assert _api.RetentionPolicy is contract.RetentionPolicy
+    assert cli_commands.ROLLBACK_ANNOTATION is contract.ROLLBACK_ANNOTATION
+    assert cli_keys.LABELS is contract.KEYRING_LABELS
+    assert _keys.LABELS is contract.KEYRING_LABELS
+    assert _keys.A_STAGE == contract.ROTATION_STAGE_ANNOTATION
+    assert _api.ROTATE_ANNOTATION == contract.ROTATE_ANNOTATION
+
+
+def test_the_crd_is_rendered_from_the_contract_names() -> None:
+    crd = crdgen.crd()
+    assert crd["metadata"]["name"] == f"{contract.PLURAL}.{contract.API_GROUP}"
+    assert crd["spec"]["names"]["kind"] == contract.KIND
+    assert [v["name"] for v in crd["spec"]["versions"]] == [contract.API_VERSION]
+
+
+def _meta(**extra: object) -> dict[str, object]:
+    return {
+        "version": 3,
+        "last_modified": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),
+        "modified_by": "someone",
+        "digest": "0" * 64,
+        "type": "firewall",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("note", "change"),
+    [
+        ("registered", ChangeKind.REGISTER),
+        ("rollback to master", ChangeKind.ROLLBACK),
+        ("rollback to 4", ChangeKind.ROLLBACK),
+        ("re-signed", ChangeKind.REPAIR),
+        ("re-created", ChangeKind.REPAIR),
+        ("edited by rag", ChangeKind.COMMIT),
+        (None, ChangeKind.COMMIT),
+    ],
+)
+def test_records_written_before_the_change_field_still_read(
+    note: str | None, change: ChangeKind
+) -> None:
+    meta = ConfigMetadata.model_validate(_meta(note=note))
+    assert meta.change is change
+    assert meta.schema_digest is None
+
+
+def test_the_change_field_wins_over_the_note() -> None:
+    meta = ConfigMetadata.model_validate(_meta(note="rollback to 2", change="breaker-revert"))
+    assert meta.change is ChangeKind.BREAKER_REVERT
+    again = ConfigMetadata.model_validate(meta.model_dump(mode="json"))
+    assert again.change is ChangeKind.BREAKER_REVERT
+
+
+def test_an_unknown_change_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="change"):
+        ConfigMetadata.model_validate(_meta(change="teleport"))
+
+
+@pytest.mark.parametrize(
+    ("change", "reverts"),
+    [
+        (ChangeKind.REGISTER, False),
+        (ChangeKind.COMMIT, False),
+        (ChangeKind.REPAIR, False),
+        (ChangeKind.ROLLBACK, True),
+        (ChangeKind.BREAKER_REVERT, True),
+        (ChangeKind.INVALID_REVERT, True),
+    ],
+)
+def test_which_changes_put_an_earlier_config_back(change: ChangeKind, reverts: bool) -> None:
+    assert change.reverts is reverts
