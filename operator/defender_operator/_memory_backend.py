@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from defender_config import (
-    ETCD_REQUEST_LIMIT_BYTES,
     Cadence,
     ChangeKind,
     ConfigFrozenError,
@@ -43,6 +42,7 @@ from defender_config import (
     config_digest,
     validate_config,
 )
+from defender_config.store import ETCD_REQUEST_LIMIT_BYTES
 from defender_operator._backend import (
     AlertRecord,
     Backend,
