@@ -38,6 +38,7 @@ from ._errors import (
     NotFoundError,
     RecordAuthError,
     RecordReplayError,
+    RepairRefusedError,
     SettingsError,
     SizeAnomalyError,
     StoreAuthError,
@@ -78,6 +79,7 @@ from ._registry import (
     Registry,
     StatusRecord,
 )
+from ._scrub import ScrubReport, ValueCheck, restore_active, scrub_component
 from ._settings import (
     ETCD_REQUEST_LIMIT_BYTES,
     EnvelopeOptions,
@@ -171,7 +173,9 @@ __all__ = [
     "RecordReplayError",
     "Registration",
     "Registry",
+    "RepairRefusedError",
     "RewrapReport",
+    "ScrubReport",
     "SealedValue",
     "SeedResult",
     "SettingsError",
@@ -190,6 +194,7 @@ __all__ = [
     "UnknownCodecError",
     "UnknownKeyError",
     "UnsupportedFormatError",
+    "ValueCheck",
     "ValueTooLargeError",
     "WatchEvent",
     "WatchHandle",
@@ -208,6 +213,8 @@ __all__ = [
     "read_keyring_backup",
     "register_cipher",
     "register_compressor",
+    "restore_active",
+    "scrub_component",
     "sign_record",
     "validate_config",
     "verify_record",

@@ -59,6 +59,7 @@ __all__ = [
     "NotFoundError",
     "RecordAuthError",
     "RecordReplayError",
+    "RepairRefusedError",
     "SettingsError",
     "SizeAnomalyError",
     "StoreAuthError",
@@ -522,3 +523,14 @@ class ConfigValidationError(DefenderConfigError):
         super().__init__(
             f"config for {component!r} rejected ({n} error{'s' if n != 1 else ''}): {listed}"
         )
+
+
+class RepairRefusedError(DefenderConfigError):
+    """A repair was refused because its source does not verify (a scrub never restores a
+    value from anything unauthenticated) or the component changed while it was repaired."""
+
+    reason = "RepairRefused"
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        super().__init__(f"cannot repair {path!r}: {why}")
