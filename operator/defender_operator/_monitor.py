@@ -53,6 +53,7 @@ from defender_operator._metrics import (
 from defender_operator._pods import PodIndex, select_pods
 from defender_operator._reconcile import publish_status, recall, state_fields
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
+from defender_operator._scrub import scrub_step
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -237,6 +238,15 @@ async def tick(
 
     stored_fields: dict[str, Any] = {}
     if etcd_ok:
+        await scrub_step(
+            rt,
+            body=body,
+            namespace=namespace,
+            name=name,
+            generation=generation,
+            status=status,
+            logger=logger,
+        )
         verdict = assess(now, _reports(instances, alerts), rt.settings.misconfig_window_seconds)
         was = mem.misconfig.status if mem.misconfig else None
         mem.misconfig = cond.Cond(
