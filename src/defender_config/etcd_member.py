@@ -383,6 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--user")
     parser.add_argument("--password-file")
     parser.add_argument("--timeout", type=float, default=0, help="promote: 0 waits forever")
+    parser.add_argument(
+        "--forever",
+        action="store_true",
+        help="promote: keep checking every --recheck seconds after the promotion (a sidecar)",
+    )
+    parser.add_argument("--recheck", type=float, default=30.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     env = dict(os.environ)
@@ -395,7 +401,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         peer_url = env["ETCD_INITIAL_ADVERTISE_PEER_URLS"].split(",")[0]
         timeout = args.timeout if args.timeout > 0 else float("inf")
-        return 0 if promote_when_synced(cluster, peer_url, timeout=timeout) else 1
+        while True:
+            done = promote_when_synced(cluster, peer_url, timeout=timeout)
+            if not args.forever:
+                return 0 if done else 1
+            # A later replacement of this member (its volume lost again) is a learner again.
+            time.sleep(args.recheck)
     except (MemberError, KeyError, OSError) as exc:
         log.error("etcd member %s failed: %s", args.command, exc)
         return 2
