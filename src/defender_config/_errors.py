@@ -27,7 +27,8 @@ DefenderConfigError                          reason
 │   ├── ConflictError                        Conflict
 │   └── NotFoundError                        NotFound
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
-└── ConfigValidationError                    ConfigInvalid
+├── ConfigValidationError                    ConfigInvalid
+└── RepairRefusedError                       RepairRefused     scrub: the source does not verify
 ```
 
 `.reason` is a stable CamelCase word: alerts, heartbeats and Kubernetes conditions carry it, so it
