@@ -19,7 +19,7 @@ import pytest
 from operator_e2e_support import OperatorRun, wait_for
 from prometheus_client import CollectorRegistry
 
-from defender_config import EtcdStore, Layout, StoredValue
+from defender_config import EtcdStore, Layout, PutOp, StoredValue
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -37,13 +37,18 @@ def attacker(operator_run: OperatorRun) -> Iterator[EtcdStore]:
     store.close()
 
 
-def flip(store: EtcdStore, path: str) -> StoredValue:
-    sv = store.get(path)
-    assert sv is not None, path
-    raw = bytearray(sv.value)
-    raw[-7] ^= 0x01
-    store.put(path, bytes(raw))
-    after = store.get(path)
+def flip(store: EtcdStore, *paths: str) -> StoredValue:
+    """Flip one byte of each value at `paths`, in one transaction (so no scrub sees one flipped
+    and not the other); returns the first as stored after."""
+    puts = []
+    for path in paths:
+        sv = store.get(path)
+        assert sv is not None, path
+        raw = bytearray(sv.value)
+        raw[-7] ^= 0x01
+        puts.append(PutOp(path, bytes(raw)))
+    assert store.txn([], puts, []).succeeded
+    after = store.get(paths[0])
     assert after is not None
     return after
 
@@ -113,8 +118,7 @@ def test_no_restore_when_the_history_entry_is_tampered_too(
 ) -> None:
     run = operator_run
     lay = seeded(run)
-    broken = flip(attacker, lay.active_config(NAME))
-    flip(attacker, lay.history(NAME, 1))
+    broken = flip(attacker, lay.active_config(NAME), lay.history(NAME, 1))
 
     corrupt = run.wait_condition(NAME, "Corrupt", status="True", reason="ActiveCorrupt")
     assert "not restored" in corrupt["message"]
