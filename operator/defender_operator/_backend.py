@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from defender_config import Cadence, ChangeKind, Keyring, KeyUsage, StoragePolicy
+from defender_config import Cadence, ChangeKind, Keyring, KeyUsage, ScrubReport, StoragePolicy
 from defender_operator._decisions.ownership import Claim
 
 
@@ -214,6 +214,16 @@ class Backend(Protocol):
 
     def record_keyring(self, keyring: Keyring) -> None:
         """Record the keyring's key ids and fingerprints (never material) in etcd."""
+        ...
+
+    def scrub(self, component: str) -> ScrubReport | None:
+        """Open and verify every sealed value of `component` (`defender_config.scrub_component`);
+        None when it has none. Nothing is alerted: the caller announces findings."""
+        ...
+
+    def restore_active(self, component: str, version: int, *, modified_by: str) -> None:
+        """Rewrite ACTIVE from its verified history entry `version`; RepairRefusedError when
+        the entry or the metadata does not verify, or the component changed meanwhile."""
         ...
 
     def close(self) -> None: ...

@@ -28,6 +28,7 @@ from defender_config import (
     LibrarySettings,
     RecordAuthError,
     Registry,
+    ScrubReport,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
@@ -35,6 +36,8 @@ from defender_config import (
     keys_opened,
     read_cadence,
     read_key_record,
+    restore_active,
+    scrub_component,
     write_cadence,
     write_key_record,
 )
@@ -359,6 +362,12 @@ class LibraryBackend:
 
     def record_keyring(self, keyring: Keyring) -> None:
         write_key_record(self.client.store, self.layout, keyring)
+
+    def scrub(self, component: str) -> ScrubReport | None:
+        return scrub_component(self.configs, component)
+
+    def restore_active(self, component: str, version: int, *, modified_by: str) -> None:
+        restore_active(self.configs, component, version, by=modified_by)
 
     def close(self) -> None:
         self.client.close()

@@ -35,6 +35,8 @@ from defender_config import (
     Keyring,
     KeyUsage,
     NotFoundError,
+    RepairRefusedError,
+    ScrubReport,
     StoragePolicy,
     StoreUnavailableError,
     ValueTooLargeError,
@@ -421,6 +423,21 @@ class MemoryBackend:
     def record_keyring(self, keyring: Keyring) -> None:
         self._enter("record_keyring")
         self.key_record = dict(keyring.fingerprints())
+
+    def scrub(self, component: str) -> ScrubReport | None:
+        # Nothing here is sealed, so a scrub has nothing to open (see the module docstring).
+        self._enter("scrub")
+        return None
+
+    def restore_active(self, component: str, version: int, *, modified_by: str) -> None:
+        self._enter("restore_active")
+        stored = self._stored(component)
+        if version != stored.version or version not in stored.history:
+            raise RepairRefusedError(
+                f"/memory/components/{component}/active_config",
+                f"version {version} is not the kept current version",
+            )
+        stored.active = stored.history[version]
 
     def close(self) -> None:
         self.calls.append("close")

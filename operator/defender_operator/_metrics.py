@@ -39,6 +39,21 @@ HEARTBEAT_EVENTS = Counter(
 HEARTBEAT_RESYNCS = Counter(
     "defender_operator_heartbeat_resyncs_total", "Full re-reads of every instance key"
 )
+SCRUB_VALUES = Counter(
+    "defender_operator_scrub_values_checked_total",
+    "Sealed values (MASTER, ACTIVE, history) the scrub opened and verified",
+    ["component"],
+)
+SCRUB_FAILURES = Counter(
+    "defender_operator_scrub_failures_total",
+    "Values that failed a scrub (counted per scrub), by kind (master, active, history, metadata)",
+    ["component", "kind"],
+)
+SCRUB_REPAIRS = Counter(
+    "defender_operator_scrub_repairs_total",
+    "ACTIVE values restored from their verified history entry",
+    ["component", "result"],
+)
 HEARTBEAT_DIRECT_READS = Counter(
     "defender_operator_heartbeat_direct_reads_total",
     "Monitor passes that read heartbeats from etcd because the watch view was not trusted",

@@ -54,6 +54,7 @@ from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take
 from defender_operator._pods import PodIndex, select_pods
 from defender_operator._reconcile import publish_status, recall, state_fields
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
+from defender_operator._scrub import scrub_step
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -201,6 +202,15 @@ async def _steps(
     judged, heard = await heartbeat_step(p, mem, pods, seen.instances)
     take(mem, found, heard)
     if seen.etcd_ok:
+        await scrub_step(
+            rt,
+            body=p.body,
+            namespace=p.namespace,
+            name=p.name,
+            generation=p.generation,
+            status=p.status,
+            logger=p.logger,
+        )
         take(mem, found, await misconfig_step(p, mem, seen))
         state, tripped = await breaker_step(p, mem, seen.instances, judged)
         take(mem, found, tripped)

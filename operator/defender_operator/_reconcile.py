@@ -95,6 +95,7 @@ async def publish_status(
         keyring=rt.keyring_condition(),
         conflict=mem.conflict,
         cadence=mem.cadence_condition,
+        corrupt=mem.corrupt,
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],

@@ -56,6 +56,10 @@ class ComponentMemory:
     # Set while another DefenderComponent owns this name in etcd: nothing is written or judged.
     conflict: Cond | None = None
     degraded_reported: bool = False
+    # The scrub (`_scrub`): when it last ran, its condition, the failures already announced.
+    scrubbed_at: datetime | None = None
+    corrupt: Cond | None = None
+    scrub_announced: frozenset[tuple[str, str]] = frozenset()
     # The status as this operator last wrote it (the patch response): fresher than kopf's body
     # of the object, which lags our own writes by a watch event.
     status: dict[str, Any] | None = None

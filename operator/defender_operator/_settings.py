@@ -58,6 +58,11 @@ class OperatorSettings(BaseSettings):
     misconfig_window_seconds: int = Field(default=600, ge=1)
     """Reports (heartbeat errors, alerts) older than this no longer count as misconfiguration."""
 
+    scrub_interval_seconds: float = Field(default=300.0, ge=0, le=86400)
+    """Each component's sealed values (MASTER, ACTIVE, kept history) are opened and verified
+    at most once per this many seconds, from its monitor pass; 0 disables the scrub. Costs one
+    etcd read and (history limit + 2) decryptions per component per interval."""
+
     rotation_every_seconds: int = Field(default=0, ge=0)
     """Rotate the shared key on this schedule; 0 rotates only on command."""
     rotation_distribute_timeout_seconds: int = Field(default=600, ge=1)

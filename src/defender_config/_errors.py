@@ -28,7 +28,8 @@ DefenderConfigError                          reason
 │   └── NotFoundError                        NotFound
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
 ├── ConfigValidationError                    ConfigInvalid
-└── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
+├── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
+└── RepairRefusedError                       RepairRefused     scrub: the source does not verify
 ```
 
 `.reason` is a stable CamelCase word: alerts, heartbeats and Kubernetes conditions carry it, so it
@@ -61,6 +62,7 @@ __all__ = [
     "NotFoundError",
     "RecordAuthError",
     "RecordReplayError",
+    "RepairRefusedError",
     "SettingsError",
     "SizeAnomalyError",
     "StoreAuthError",
@@ -538,3 +540,14 @@ class InvalidRollbackTargetError(DefenderConfigError, ValueError):
             f"rollback target {text!r} is not valid: use `master` or a version number"
             " (`kubectl defender history <component>` lists the kept versions)"
         )
+
+
+class RepairRefusedError(DefenderConfigError):
+    """A repair was refused because its source does not verify (a scrub never restores a
+    value from anything unauthenticated) or the component changed while it was repaired."""
+
+    reason = "RepairRefused"
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        super().__init__(f"cannot repair {path!r}: {why}")

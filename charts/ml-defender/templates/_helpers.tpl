@@ -251,3 +251,38 @@ documents. Call with (dict "ctx" $ "file" "files/crds/x.yaml" "keep" true).
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/*
+Arguments of `python -m defender_config.etcd_member` in the etcd pods: every member's client URL
+(the tool leaves out its own), and how to reach them (TLS with the members' own certificate,
+which carries client usage; etcd's root user when authentication is on: member changes need it).
+*/}}
+{{- define "ml-defender.etcd.memberArgs" -}}
+- {{ printf "--endpoints=%s" (include "ml-defender.etcd.endpoints" . | fromJsonArray | join ",") | quote }}
+- --config-out=/etc/etcd/run/etcd.yaml
+{{- if .Values.etcd.tls.client.enabled }}
+- --ca-file=/etc/etcd/tls/client/ca.crt
+- --cert-file=/etc/etcd/tls/client/tls.crt
+- --key-file=/etc/etcd/tls/client/tls.key
+{{- end }}
+{{- if include "ml-defender.etcd.authEnabled" . }}
+- --user=root
+- --password-file=/etc/etcd/auth/root
+{{- end }}
+{{- end -}}
+
+{{/* What the member tool reads: where it writes etcd's config, the client TLS, the root password. */}}
+{{- define "ml-defender.etcd.memberMounts" -}}
+- name: run
+  mountPath: /etc/etcd/run
+{{- if .Values.etcd.tls.client.enabled }}
+- name: tls-client
+  mountPath: /etc/etcd/tls/client
+  readOnly: true
+{{- end }}
+{{- if include "ml-defender.etcd.authEnabled" . }}
+- name: member-auth
+  mountPath: /etc/etcd/auth
+  readOnly: true
+{{- end }}
+{{- end -}}

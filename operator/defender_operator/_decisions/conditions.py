@@ -20,6 +20,9 @@ CONDITION_TYPES = (READY, CONFIG_SYNCED, HEARTBEATING, KEY_CURRENT, MISCONFIGURE
 KEY_UNAVAILABLE = "KeyUnavailable"
 # Only on a resource refused the etcd name it asks for (see `ownership`): absent otherwise.
 CONFLICT = "Conflict"
+# From the scrub (`_decisions.scrub`): True while a sealed value the operator owns (MASTER,
+# ACTIVE, kept history) or the metadata does not verify. Absent until the first scrub.
+CORRUPT = "Corrupt"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
@@ -79,6 +82,8 @@ class Observation:
     conflict: Cond | None = None
     # Informational (never blocks Ready): whether instances follow spec.heartbeat's cadence.
     cadence: Cond | None = None
+    # The last scrub's verdict (`_decisions.scrub.plan_scrub`); None leaves it out.
+    corrupt: Cond | None = None
 
 
 _CONFIG = {
@@ -124,6 +129,9 @@ def compute(obs: Observation) -> list[Cond]:
     blockers = [c for c in (config, heartbeat, key) if c.status != TRUE]
     if misconfig.status == TRUE:
         blockers.insert(0, misconfig)
+    corrupt = obs.corrupt if obs.corrupt is not None and obs.corrupt.status == TRUE else None
+    if corrupt is not None:
+        blockers.insert(0, corrupt)
     if obs.keyring is not None and obs.keyring.status != FALSE:
         # Nothing can be read or written without the keyring: it is named first.
         blockers.insert(0, obs.keyring)
@@ -134,7 +142,7 @@ def compute(obs: Observation) -> list[Cond]:
         refused = obs.keyring is not None and obs.keyring.status == TRUE
         status = (
             FALSE
-            if refused or any(c.status == FALSE or c is misconfig for c in blockers)
+            if refused or any(c.status == FALSE or c is misconfig or c is corrupt for c in blockers)
             else UNKNOWN
         )
         ready = Cond(READY, status, first.reason, f"{first.type}: {first.message}")
@@ -143,7 +151,7 @@ def compute(obs: Observation) -> list[Cond]:
         config = Cond(CONFIG_SYNCED, FALSE, obs.conflict.reason, obs.conflict.message)
         ready = Cond(READY, FALSE, obs.conflict.reason, f"{CONFLICT}: {obs.conflict.message}")
         return [ready, config, heartbeat, key, misconfig, obs.conflict]
-    extra = [c for c in (obs.keyring, obs.cadence) if c is not None]
+    extra = [c for c in (obs.keyring, obs.cadence, obs.corrupt) if c is not None]
     return [ready, config, heartbeat, key, misconfig, *extra]
 
 

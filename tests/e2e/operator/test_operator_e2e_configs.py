@@ -52,8 +52,9 @@ def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
         status = run.get(name)["status"]
         assert status["masterDigest"] == status["activeDigest"] == config_digest(expected)
         # Every condition is present from the first visit; HeartbeatCadence (informational)
-        # joins once a monitor pass has compared the instances with spec.heartbeat.
-        types = {c["type"] for c in status["conditions"]} - {"HeartbeatCadence"}
+        # joins once a monitor pass has compared the instances with spec.heartbeat, Corrupt
+        # once the first scrub ran.
+        types = {c["type"] for c in status["conditions"]} - {"HeartbeatCadence", "Corrupt"}
         assert types == {
             "Ready",
             "ConfigSynced",

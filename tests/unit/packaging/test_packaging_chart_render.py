@@ -133,7 +133,11 @@ def test_initial_cluster_names_every_member_by_its_stable_dns_name(render: Rende
     }
     assert members == expected
     # Each member advertises the same URL the others expect, built from its pod name.
-    container_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # The member init container reads them and writes etcd's config file from them.
+    member = next(
+        c for c in sts["spec"]["template"]["spec"]["initContainers"] if c["name"] == "member"
+    )
+    container_env = {e["name"]: e for e in member["env"]}
     assert container_env["ETCD_NAME"]["value"] == "$(POD_NAME)"
     assert container_env["ETCD_INITIAL_ADVERTISE_PEER_URLS"]["value"] == (
         f"https://$(POD_NAME).{service}.ml-defender.svc.cluster.local:2380"
@@ -208,7 +212,7 @@ def test_tls_mounts_secrets_and_switches_schemes(render: Render) -> None:
     assert env["ETCD_LISTEN_METRICS_URLS"].startswith("http://"), "probes stay plain HTTP"
     pod = find(objects, "StatefulSet")["spec"]["template"]["spec"]
     secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-    assert secrets == {"etcd-client", "etcd-peer"}
+    assert secrets == {"etcd-client", "etcd-peer", "rel-ml-defender-etcd-auth"}
     settings = yaml.safe_load(
         find(objects, "ConfigMap", "rel-ml-defender-config")["data"]["defender.json"]
     )
@@ -394,3 +398,40 @@ def test_a_chart_without_its_crd_copy_says_how_to_fix_it(render: Render, tmp_pat
     (chart / "files" / "crds" / "defendercomponents.yaml").unlink()
     with pytest.raises(HelmFailed, match="run `make manifests`"):
         render(chart=chart)
+
+
+def test_members_start_through_the_member_tool(render: Render) -> None:
+    """Member replacement (docs/operations-scrub-and-members.md): the `member` init container
+    decides how etcd starts and writes its config file; etcd reads only that file; a sidecar
+    promotes a replacement learner. Both reach every member over TLS as root (member changes
+    need it)."""
+    objects = render()
+    pod = find(objects, "StatefulSet")["spec"]["template"]["spec"]
+    member = next(c for c in pod["initContainers"] if c["name"] == "member")
+    assert member["command"] == ["python", "-m", "defender_config.etcd_member", "prepare"]
+    endpoints = next(a for a in member["args"] if a.startswith("--endpoints="))
+    assert len(endpoints.split("=", 1)[1].split(",")) == 3
+    assert all(e.startswith("https://") for e in endpoints.split("=", 1)[1].split(","))
+    for arg in (
+        "--config-out=/etc/etcd/run/etcd.yaml",
+        "--ca-file=/etc/etcd/tls/client/ca.crt",
+        "--user=root",
+        "--password-file=/etc/etcd/auth/root",
+    ):
+        assert arg in member["args"]
+    etcd = next(c for c in pod["containers"] if c["name"] == "etcd")
+    assert etcd["command"] == ["/usr/local/bin/etcd", "--config-file=/etc/etcd/run/etcd.yaml"]
+    assert "env" not in etcd and "envFrom" not in etcd
+    promote = next(c for c in pod["containers"] if c["name"] == "member-promote")
+    assert promote["command"][-2:] == ["promote", "--forever"]
+    assert promote["args"] == member["args"]
+    # Without TLS or auth, no certificate and no password arguments.
+    plain = find(
+        render(
+            "--set",
+            "etcd.tls.client.enabled=false,etcd.tls.peer.enabled=false,etcd.auth.enabled=false",
+        ),
+        "StatefulSet",
+    )["spec"]["template"]["spec"]
+    args = next(c for c in plain["initContainers"] if c["name"] == "member")["args"]
+    assert not [a for a in args if a.startswith(("--ca-file", "--user", "--password-file"))]
