@@ -285,3 +285,49 @@ def test_source_restored_mid_rotation_resumes_it_and_nothing_stays_under_the_old
     assert used and set(used.values()) == {new_id}, f"left under the retired key: {used}"
     assert unreadable(run, final) == []
     assert events_with(run, "KeyringRestored")
+
+
+def test_a_source_replaced_with_a_strangers_keyring_pauses_rotation_and_is_left_alone(
+    operator_run: OperatorRun, kubeconfig_path: Path, tmp_path: Path
+) -> None:
+    run = operator_run
+    keyring = deploy(run)
+    export = tmp_path / "export.json"
+    assert export_file(run, kubeconfig_path, export, None).code == 0
+    before = snapshot(run)
+    # Someone replaces the source Secret by hand with another keyring and asks for a rotation.
+    found = source(run)
+    assert found is not None
+    stranger = Keyring.generate()
+    found.data = stranger.to_secret_data()
+    found.metadata.annotations = {"mldefender.io/rotate-key": "now"}
+    run.core.replace_namespaced_secret(SECRET, run.operator_namespace, found)
+
+    refused = run.wait_condition(
+        COMPONENT, "KeyUnavailable", status="True", reason="SourceLacksKeys", timeout=90
+    )
+    assert f"copy {run.namespace}/{SECRET} opens everything" in refused["message"]
+    run.wait_event(COMPONENT, "KeyUnavailable")
+    deadline = time.monotonic() + 10  # ten rotation ticks
+    while time.monotonic() < deadline:
+        now = source(run)
+        assert now is not None
+        assert Keyring.from_secret_data(dict(now.data)) == stranger, "the Secret was overwritten"
+        annotations = now.metadata.annotations or {}
+        assert annotations.get("mldefender.io/rotate-key") == "now", "the request was acted on"
+        assert "mldefender.io/rotation-stage" not in annotations, "a rotation ran"
+        assert run.keyring_copy() == keyring, "the copy was replaced with the stranger's keyring"
+        time.sleep(0.5)
+    after = snapshot(run)
+    assert {k: after[k][0] for k in sealed_values(before)} == {
+        k: before[k][0] for k in sealed_values(before)
+    }
+
+    # The person puts the right keyring back: everything resumes, under the same key.
+    back = cli(run, kubeconfig_path, "keyring", "import", "-f", str(export), "--replace")
+    assert back.code == 0, back.err
+    run.wait_condition(COMPONENT, "KeyUnavailable", status="False", timeout=90)
+    assert source_keyring(run) == keyring
+    _edit(run, COMPONENT, "block_ttl_seconds", 2)
+    run.wait_active_version(COMPONENT, 3, timeout=90)
+    assert unreadable(run, keyring) == []
