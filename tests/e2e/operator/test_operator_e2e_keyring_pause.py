@@ -31,21 +31,22 @@ from keyring_loss_support import (
     unreadable,
     wait_restored,
 )
-from operator_e2e_support import SECRET, OperatorRun, kubectl, wait_for
+from operator_e2e_support import (
+    FAST_RESTARTS,
+    SECRET,
+    SNIFFER_LABELS,
+    OperatorRun,
+    kubectl,
+    wait_for,
+)
 
 from defender_config import Keyring, KeyState, inspect
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
-LABELS = {"app.kubernetes.io/name": "sniffer"}
-FAST = {
-    "heartbeat": {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 5},
-    "restartBudget": {"maxRestarts": 3, "windowSeconds": 600, "backoffBaseSeconds": 1},
-}
-
 
 def _pod_names(run: OperatorRun) -> set[str]:
-    return {p.metadata.name for p in run.pods(LABELS)}
+    return {p.metadata.name for p in run.pods(SNIFFER_LABELS)}
 
 
 def _edit(run: OperatorRun, name: str, field: str, by: int) -> None:
@@ -59,9 +60,9 @@ def test_refused_keyring_pauses_restarts_and_commits_until_it_is_imported(
 ) -> None:
     run = operator_run
     keyring = deploy(run)
-    run.apply_sample("sniffer", **FAST)
+    run.apply_sample("sniffer", **FAST_RESTARTS)
     run.wait_active_version("sniffer", 1)
-    run.deployment("sniffer", LABELS, replicas=1)
+    run.deployment("sniffer", SNIFFER_LABELS, replicas=1)
     (pod,) = wait_for("1 pod", lambda: len(_pod_names(run)) == 1 and _pod_names(run))
     heartbeater = run.heartbeat("sniffer", pod)
     run.wait_condition("sniffer", "Heartbeating", status="True")
