@@ -138,12 +138,14 @@ def _stamp(kube: Any, namespace: str, secret: str, when: str, path: Path, keyrin
             raise ExportNotStampedError(
                 f"{kept}. Secret {namespace}/{secret} was deleted while it was exported, so the"
                 " export time could not be recorded; if the operator now reports KeyringMissing,"
-                f" import this file (docs/troubleshooting.md#keyringmissing)"
+                " import this file (docs/troubleshooting.md#keyringmissing)"
             ) from None
         raise ExportNotStampedError(
             f"{kept}. The export time could not be recorded on Secret {namespace}/{secret}"
-            f" ({exc.status} {exc.reason}): you may read it but not patch it, so the operator"
-            " keeps warning NoKeyringExport. Grant `patch` on that Secret, or let someone who"
+            f" ({exc.status} {exc.reason}"
+            + ("; you may read it but not patch it" if exc.status == 403 else "")
+            + "), so the operator keeps warning NoKeyringExport. Grant `patch` on that"
+            " Secret, or let someone who"
             f" may run: kubectl -n {namespace} annotate --overwrite secret {secret}"
             f" {EXPORTED_ANNOTATION}={when}"
         ) from None

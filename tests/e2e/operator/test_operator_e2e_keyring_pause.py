@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -167,6 +168,9 @@ def test_started_without_etcd_over_stored_data_waits_then_restores_the_copy(
         f"copy {run.namespace}/{SECRET}"
     )
     run.wait_condition(COMPONENT, "KeyUnavailable", status="False", timeout=90)
+    run.wait_event(COMPONENT, "KeyringRestored")
+    alerts = run.client(keyring).store.list_prefix(f"{run.prefix}/alerts/{COMPONENT}/")
+    assert "KeyringRestored" in {json.loads(a.value)["kind"] for a in alerts}
     log = run.log_path.read_text()
     assert "generated a NEW shared keyring" not in log.split("keyring not settled yet", 1)[1]
     assert run.keyring_copy() == keyring

@@ -93,7 +93,8 @@ def test_export_that_may_not_patch_the_secret_keeps_the_file_and_says_so(
     )  # fmt: skip
     assert code == 3, err.getvalue()
     message = err.getvalue()
-    assert "403" in message and "complete export" in message
+    assert "403" in message and "you may read it but not patch it" in message
+    assert "complete export" in message
     assert f"annotate --overwrite secret {NAME} {EXPORTED_ANNOTATION}=" in message
     assert keyring.primary.key_id in message and keyring.primary_fingerprint in message
     # The file is the keyring, whole, private; the Secret is unchanged.
