@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from datetime import datetime
 
 from defender_config import Keyring, KeyState
 from defender_operator._api import ROTATE_ANNOTATION, RotationStage
@@ -22,6 +23,7 @@ from defender_operator._decisions.rotation import (
     RotationStep,
     RotationTimings,
     next_rotation_step,
+    resumed_rotation,
     schedule_due,
 )
 from defender_operator._errors import KubeError, OperatorError
@@ -82,6 +84,9 @@ async def step(rt: Runtime) -> RotationStep:
     )
     keyring = current.keyring
     state = current.rotation
+    if state.stage is RotationStage.IDLE:
+        current = await _resume(rt, current, now)
+        state = current.rotation
     new_fp = (
         keyring.fingerprint(state.new_key_id)
         if state.new_key_id and state.new_key_id in keyring
@@ -111,6 +116,42 @@ async def step(rt: Runtime) -> RotationStep:
     )
     await _apply(rt, current, decided)
     return decided
+
+
+async def _resume(rt: Runtime, current: StoredKeyring, now: datetime) -> StoredKeyring:
+    """A source Secret restored mid-rotation (from a copy or an export) carries no stage: take
+    it from the keyring's shape and store it, so the rotation finishes (rewrap, then retire)
+    instead of leaving the old key decrypt-only forever."""
+    keyring = current.keyring
+    resumed = resumed_rotation(
+        primary=(keyring.primary.key_id, keyring.primary.created),
+        decrypt_only=[
+            (k.key_id, k.created)
+            for k in keyring.keys
+            if k.state is KeyState.DECRYPT_ONLY and k.key_id != keyring.primary.key_id
+        ],
+        now=now,
+    )
+    if resumed.stage is RotationStage.IDLE:
+        return current
+    saved = await asyncio.to_thread(
+        rt.secrets.save,
+        keyring,
+        resumed,
+        current.last_rotation,
+        current.resource_version,
+        current.kept,
+    )
+    log.warning(
+        "the keyring Secret says Idle but holds a rotation in progress (primary %s, decrypt-only"
+        " %s): resuming it at %s",
+        keyring.primary.key_id,
+        resumed.old_key_id if resumed.stage is RotationStage.PROMOTED else resumed.new_key_id,
+        resumed.stage.value,
+    )
+    _publish_stage(rt, resumed.stage)
+    # `save` drops a pending request: the resumed rotation covers it.
+    return saved
 
 
 async def _apply(rt: Runtime, current: StoredKeyring, decided: RotationStep) -> None:

@@ -1,7 +1,9 @@
 """Errors the plugin reports to a person. Anything else is a bug and shows a traceback.
 
 CliError                 exit 2; the message says what is wrong and what to check
-└── NeedsKeyringError    a command must decrypt and no keyring was given
+├── NeedsKeyringError    a command must decrypt and no keyring was given
+└── ExportNotStampedError exit 3; `keyring export` wrote a complete file but could not stamp
+                         the Secret's last-export-time (RBAC, or the Secret was deleted)
 """
 
 from __future__ import annotations
@@ -21,3 +23,11 @@ class NeedsKeyringError(CliError):
             f"{command} decrypts configs: pass --keyring PATH (a mounted keyring Secret or"
             " keyring.json) or --keyring-secret [NAMESPACE/]NAME to read it from Kubernetes"
         )
+
+
+class ExportNotStampedError(CliError):
+    """`keyring export` wrote the file, complete and correct (the keyring the Secret held when
+    it was read), but could not record the export on the Secret. Its own exit code, so a backup
+    script can tell "kept, not recorded" (3) from "nothing written" (2)."""
+
+    exit_code = 3

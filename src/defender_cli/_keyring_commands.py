@@ -25,7 +25,7 @@ from defender_config import (
 )
 from defender_config.contract import EXPORTED_ANNOTATION, KEYRING_LABELS
 
-from ._errors import CliError
+from ._errors import CliError, ExportNotStampedError
 
 LABELS = KEYRING_LABELS
 
@@ -99,8 +99,11 @@ def export_keyring(
         raise CliError(f"cannot write {path}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as out:
         out.write(content)
+        out.flush()
+        # On disk before the Secret says an export exists.
+        os.fsync(out.fileno())
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    _annotate(kube, namespace, secret, {EXPORTED_ANNOTATION: when})
+    _stamp(kube, namespace, secret, when, path, keyring)
     return {
         "file": str(path),
         "secret": f"{namespace}/{secret}",
@@ -110,19 +113,33 @@ def export_keyring(
     }
 
 
-def _annotate(kube: Any, namespace: str, secret: str, annotations: dict[str, str]) -> None:
+def _stamp(kube: Any, namespace: str, secret: str, when: str, path: Path, keyring: Keyring) -> None:
+    """Record the export on the Secret (the operator stops warning NoKeyringExport). The file
+    is already complete: a failure here keeps it and says so (ExportNotStampedError, exit 3)."""
     from kubernetes.client import CoreV1Api
     from kubernetes.client.exceptions import ApiException
 
     try:
         CoreV1Api(kube).patch_namespaced_secret(
-            secret, namespace, {"metadata": {"annotations": annotations}}
+            secret, namespace, {"metadata": {"annotations": {EXPORTED_ANNOTATION: when}}}
         )
     except ApiException as exc:
-        raise CliError(
-            f"the export was written, but Secret {namespace}/{secret} could not be annotated"
-            f" ({exc.status} {exc.reason}); the operator will keep warning that no export"
-            " was taken"
+        keys = ", ".join(f"{k.key_id} (fingerprint {k.fingerprint})" for k in keyring.keys)
+        kept = f"{path} was written and is a complete export of key(s) {keys}: keep it"
+        if exc.status == 404:
+            raise ExportNotStampedError(
+                f"{kept}. Secret {namespace}/{secret} was deleted while it was exported, so the"
+                " export time could not be recorded; if the operator now reports KeyringMissing,"
+                " import this file (docs/troubleshooting.md#keyringmissing)"
+            ) from None
+        raise ExportNotStampedError(
+            f"{kept}. The export time could not be recorded on Secret {namespace}/{secret}"
+            f" ({exc.status} {exc.reason}"
+            + ("; you may read it but not patch it" if exc.status == 403 else "")
+            + "), so the operator keeps warning NoKeyringExport. Grant `patch` on that"
+            " Secret, or let someone who"
+            f" may run: kubectl -n {namespace} annotate --overwrite secret {secret}"
+            f" {EXPORTED_ANNOTATION}={when}"
         ) from None
 
 

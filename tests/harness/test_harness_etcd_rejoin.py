@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from defender_config import EtcdSettings, EtcdStore
+from defender_config import EtcdSettings
 from defender_config.etcd_member import EtcdMembers
+from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster, tool, wait_for
 
 pytestmark = pytest.mark.etcd

@@ -13,7 +13,7 @@ reader that cached an old value, or an instance that missed the distribution, st
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -154,3 +154,28 @@ def schedule_due(now: datetime, last_rotation: datetime | None, every_seconds: i
     if last_rotation is None:
         return False  # the first key was just generated: nothing to rotate yet
     return now - last_rotation >= timedelta(seconds=every_seconds)
+
+
+def resumed_rotation(
+    *,
+    primary: tuple[str, datetime],
+    decrypt_only: Sequence[tuple[str, datetime]],
+    now: datetime,
+) -> RotationState:
+    """The stage a keyring's shape says a rotation was in, for a source Secret that says Idle.
+
+    The stage lives in annotations of the source Secret; a Secret restored from a copy or an
+    export has none, while its keys may be mid-rotation. `primary` and `decrypt_only` are
+    (key id, created) of the keyring's keys; retired keys do not count. A decrypt-only key
+    newer than the primary was being distributed; an older one is the previous primary, and the
+    rotation resumes at Promoted: every value is rewrapped again (idempotent) before the old
+    key can be retired, so nothing is left under it. Otherwise there is no rotation to resume.
+    Waits (distribute timeout, grace) start again at `now`."""
+    newer = [k for k in decrypt_only if k[1] > primary[1]]
+    if newer:
+        new_id = max(newer, key=lambda k: k[1])[0]
+        return RotationState(RotationStage.DISTRIBUTING, now, new_id, primary[0])
+    if decrypt_only:
+        old_id = max(decrypt_only, key=lambda k: k[1])[0]
+        return RotationState(RotationStage.PROMOTED, now, primary[0], old_id)
+    return RotationState()

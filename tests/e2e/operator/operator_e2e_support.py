@@ -42,6 +42,13 @@ SAMPLES = REPO / "manifests" / "samples"
 CRD = REPO / "crds" / "defendercomponents.yaml"
 SECRET = "ml-defender-keyring"
 T = TypeVar("T")
+# The sniffer sample's pods, and a heartbeat/restart spec fast enough for tests: a silent pod
+# is restarted 3 s after its last heartbeat (5 s after it was created).
+SNIFFER_LABELS = {"app.kubernetes.io/name": "sniffer"}
+FAST_RESTARTS = {
+    "heartbeat": {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 5},
+    "restartBudget": {"maxRestarts": 3, "windowSeconds": 600, "backoffBaseSeconds": 1},
+}
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, every: float = 0.5) -> T:

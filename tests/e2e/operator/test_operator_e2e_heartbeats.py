@@ -10,17 +10,20 @@ import urllib.request
 from typing import Any
 
 import pytest
-from operator_e2e_support import OperatorRun, free_port, wait_for
+from operator_e2e_support import (
+    FAST_RESTARTS,
+    SNIFFER_LABELS,
+    OperatorRun,
+    free_port,
+    wait_for,
+)
 
 from defender_config import ChangeKind, CodecMismatchError, UnknownKeyError, contract
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
-LABELS = {"app.kubernetes.io/name": "sniffer"}
-FAST = {
-    "heartbeat": {"intervalSeconds": 1, "missedBeforeRestart": 3, "startupGraceSeconds": 5},
-    "restartBudget": {"maxRestarts": 3, "windowSeconds": 600, "backoffBaseSeconds": 1},
-}
+LABELS = SNIFFER_LABELS
+FAST = FAST_RESTARTS
 
 
 def _pod_names(run: OperatorRun) -> set[str]:

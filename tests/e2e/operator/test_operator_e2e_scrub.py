@@ -19,7 +19,8 @@ import pytest
 from operator_e2e_support import OperatorRun, wait_for
 from prometheus_client import CollectorRegistry
 
-from defender_config import EtcdStore, Layout, PutOp, StoredValue
+from defender_config import Layout
+from defender_config.store import EtcdStore, PutOp, StoredValue
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 

@@ -15,7 +15,6 @@ from defender_config import (
     Alert,
     ConfigStore,
     DefenderClient,
-    EtcdStore,
     Keyring,
     LibrarySettings,
     RepairRefusedError,
@@ -23,6 +22,7 @@ from defender_config import (
     restore_active,
     scrub_component,
 )
+from defender_config.store import EtcdStore
 
 pytestmark = pytest.mark.etcd
 

@@ -10,6 +10,7 @@ from defender_operator._decisions.rotation import (
     RotationState,
     RotationTimings,
     next_rotation_step,
+    resumed_rotation,
     schedule_due,
 )
 
@@ -91,3 +92,36 @@ def test_schedule() -> None:
     assert not schedule_due(T0, T0 - timedelta(seconds=10), 3600)
     assert schedule_due(T0, T0 - timedelta(seconds=3600), 3600)
     assert not schedule_due(T0, T0 - timedelta(days=9), 0)
+
+
+def test_a_keyring_restored_without_a_stage_resumes_the_rotation_its_keys_show() -> None:
+    """A Secret restored from a copy or an export says Idle; its keys say where it was."""
+    now = T0 + timedelta(hours=1)
+    before, after = T0 - timedelta(days=1), T0
+    # One primary (or only retired keys besides it): nothing to resume.
+    assert resumed_rotation(primary=("k1", before), decrypt_only=[], now=now) == RotationState()
+    # A decrypt-only key newer than the primary was being distributed.
+    distributing = resumed_rotation(primary=("k1", before), decrypt_only=[("k2", after)], now=now)
+    assert distributing == RotationState(RotationStage.DISTRIBUTING, now, "k2", "k1")
+    # An older decrypt-only key is the previous primary: Promoted or Grace, resumed at Promoted
+    # so every value is rewrapped (again) before that key is retired.
+    promoted = resumed_rotation(primary=("k2", after), decrypt_only=[("k1", before)], now=now)
+    assert promoted == RotationState(RotationStage.PROMOTED, now, "k2", "k1")
+    # The resumed stage goes on as any other: Promoted rewraps once no instance seals with the
+    # old key, and only Grace's end retires it.
+    nxt = next_rotation_step(
+        now=now,
+        state=promoted,
+        requested=False,
+        new_fingerprint=NEW,
+        live_fingerprints={},
+        timings=TIMINGS,
+        live_primaries={},
+    )
+    assert (nxt.action, nxt.stage_after) == (RotationAction.REWRAP, RotationStage.GRACE)
+    # Of several, the newest decrypt-only key counts.
+    older = T0 - timedelta(days=2)
+    several = resumed_rotation(
+        primary=("k2", after), decrypt_only=[("k0", older), ("k1", before)], now=now
+    )
+    assert (several.new_key_id, several.old_key_id) == ("k2", "k1")
