@@ -31,6 +31,17 @@ ROLLBACK_ANNOTATION = f"{GROUP}/rollback-to"
 ROTATE_ANNOTATION = f"{GROUP}/rotate-key"
 
 
+def rollback_target(text: str) -> int | None:
+    """The version a rollback-to annotation names (None: MASTER); ValueError for anything
+    else. The admission webhook and the reconcile read the command with this one rule."""
+    value = text.strip().lower()
+    if value in ("master", ""):
+        return None
+    if value.isdigit():
+        return int(value)
+    raise ValueError(f"{ROLLBACK_ANNOTATION}={text!r}: use `master` or a version number")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,

@@ -23,7 +23,7 @@ from defender_config import (
     config_digest,
     validate_config,
 )
-from defender_operator import _api
+from defender_operator import _api, _attribution
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
@@ -376,7 +376,7 @@ async def _reconcile(
             spec.component_type.value,
             normalized,
             json_schema=spec.custom_schema,
-            modified_by=who,
+            modified_by=_attribution.author(rt, body, namespace, name, annotations, raw_digest),
             storage=storage,
         )
         logger.info(
@@ -405,21 +405,25 @@ async def _reconcile(
             await publish_status(rt, namespace, name, generation, status, fields)
             return
         previous = state.active_version or 0
+        author = _attribution.author(rt, body, namespace, name, annotations, raw_digest)
         version = await asyncio.to_thread(
             rt.backend.commit,
             component,
             spec.component_type.value,
             normalized,
             json_schema=spec.custom_schema,
-            modified_by=who,
+            modified_by=author,
             history_limit=spec.rollout.history_limit,
             storage=storage,
         )
         COMMITS.labels(component).inc()
         mem.last_change = ActiveChange(version=version, previous_version=previous, time=utcnow())
-        logger.info("committed ACTIVE version %s (was %s)", version, previous)
+        logger.info("committed ACTIVE version %s (was %s) by %s", version, previous, author)
         kopf.event(
-            body, type="Normal", reason="Committed", message=f"ACTIVE version {version} committed"
+            body,
+            type="Normal",
+            reason="Committed",
+            message=f"ACTIVE version {version} committed by {author}",
         )
         state = await asyncio.to_thread(rt.backend.state, component)
     if state.active_version is not None and state.storage != storage:
@@ -456,21 +460,13 @@ async def _rollback_command(
     who: str,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
 ) -> None:
-    to_version: int | None
-    if target.strip().lower() in ("master", ""):
-        to_version = None
-    elif target.strip().isdigit():
-        to_version = int(target.strip())
-    else:
+    try:
+        to_version = _api.rollback_target(target)
+    except ValueError as exc:
         await asyncio.to_thread(
             rt.kube.remove_annotation, namespace, name, _api.ROLLBACK_ANNOTATION
         )
-        kopf.event(
-            body,
-            type="Warning",
-            reason="RollbackRefused",
-            message=f"{_api.ROLLBACK_ANNOTATION}={target!r}: use `master` or a version number",
-        )
+        kopf.event(body, type="Warning", reason="RollbackRefused", message=str(exc))
         return
     version = await asyncio.to_thread(rt.backend.rollback, component, to_version, modified_by=who)
     # The command is done: remove it so a later reconcile does not roll back again.

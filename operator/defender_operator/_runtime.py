@@ -115,6 +115,8 @@ class Runtime:
         self.keyring_refused: KeyringPlan | None = None
         self.keyring_announced: str | None = None
         self.export_warned = False
+        # Set by `_webhook_setup.start` when admission is on: verifies who changed spec.config.
+        self.stamp_key: bytes | None = None
 
     def keyring_condition(self) -> Cond:
         return keyring_condition(self.keyring_ready, self.keyring_refused)

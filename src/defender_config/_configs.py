@@ -116,6 +116,9 @@ class ConfigMetadata(BaseModel):
     note: str | None = None
     storage: StoragePolicy | None = None
     """None for records written before per-component storage existed: store-wide options."""
+    authors: dict[str, str] = Field(default_factory=dict)
+    """modified_by of each kept version (version number as a string), so history shows who
+    wrote every version, not only the newest. Empty for records from before it existed."""
 
 
 class FreezeInfo(BaseModel):
@@ -567,6 +570,7 @@ class ConfigStore:
             type=ctype.value,
             json_schema=dict(json_schema) if json_schema is not None else None,
             note="registered",
+            authors={"1": by},
             storage=StoragePolicy.from_options(options) if options is not None else None,
         )
         lay, c = self.layout, self.client
@@ -741,6 +745,11 @@ class ConfigStore:
         # Versions only grow, even after an authentic old record was put back (replay): readers
         # refuse a version lower than one they accepted, so the next one must pass them all.
         version = max(meta.version, self._newest_kept(component)) + 1
+        oldest_kept = version - self.history_limit + 1
+        authors = {
+            v: who for v, who in meta.authors.items() if v.isdigit() and int(v) >= oldest_kept
+        }
+        authors[str(version)] = by
         data = canonical_json(config)
         if options is not None:
             policy: StoragePolicy | None = StoragePolicy.from_options(options)
@@ -756,6 +765,7 @@ class ConfigStore:
                 "digest": config_digest(config),
                 "note": note,
                 "storage": policy,
+                "authors": authors,
             }
         )
         active, meta_key, freeze = (
@@ -772,7 +782,6 @@ class ConfigStore:
             PutOp(meta_key, self._encode_metadata(component, new_meta)),
             PutOp(history, c.seal(history, data, write)),
         ]
-        oldest_kept = version - self.history_limit + 1
         old, new = self._effective_policy(meta), self._effective_policy(new_meta)
         if (old.encrypt, old.compress) != (new.encrypt, new.compress):
             # Readers apply the current policy to every value of the component: re-seal the
