@@ -73,9 +73,7 @@ def invalid(name: str) -> dict[str, Any]:
     return sample(name, version="one point oh", colour="red")
 
 
-def apply(
-    run: OperatorRun, tmp: Path, doc: dict[str, Any], *args: str
-) -> tuple[int, str, str]:
+def apply(run: OperatorRun, tmp: Path, doc: dict[str, Any], *args: str) -> tuple[int, str, str]:
     path = tmp / f"{doc['metadata']['name']}-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump(doc))
     done = kubectl("apply", "-n", run.namespace, "-f", str(path), *args, check=False)
@@ -87,8 +85,9 @@ def start_serving(run: OperatorRun, env: dict[str, str], tmp: Path) -> None:
     # Ready when the API server gets a refusal from the webhook for a bad object.
     wait_for(
         "the validating webhook refusing a dry run",
-        lambda: "denied the request" in apply(run, tmp, invalid("probe"), "--dry-run=server")[2]
-        or None,
+        lambda: (
+            "denied the request" in apply(run, tmp, invalid("probe"), "--dry-run=server")[2] or None
+        ),
         timeout=90,
     )
 

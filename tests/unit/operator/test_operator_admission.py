@@ -233,4 +233,3 @@ def test_a_failure_policy_other_than_ignore_or_fail_is_refused_at_start(
     monkeypatch.setenv("DEFENDER_OPERATOR_ADMISSION_FAILURE_POLICY", "Sometimes")
     with pytest.raises(OperatorConfigurationError, match="ADMISSION_FAILURE_POLICY"):
         load_operator_settings()
-
