@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -185,9 +186,14 @@ def fill_ca_bundle(api: client.ApiClient, name: str, ca_pem: bytes) -> None:
         log.info("caBundle of %s %s filled in", kind, name)
 
 
+_folders: list[Path] = []
+
+
 def _write_files(cert: _webhook_tls.ServingCert) -> tuple[Path, Path]:
-    """The serving certificate as files for the SSL context, readable by this process only."""
+    """The serving certificate as files for the SSL context, readable by this process only
+    (removed by `stop`)."""
     folder = Path(tempfile.mkdtemp(prefix="defender-webhook-"))
+    _folders.append(folder)
     paths = []
     for fname, content in (("tls.crt", cert.cert_pem), ("tls.key", cert.key_pem)):
         path = folder / fname
@@ -232,3 +238,9 @@ async def start(rt: Runtime, api: client.ApiClient, kopf_settings: kopf.Operator
         ours.admission_port,
         ours.admission_failure_policy,
     )
+
+
+def stop() -> None:
+    """Remove the certificate files written at start-up (the private key among them)."""
+    while _folders:
+        shutil.rmtree(_folders.pop(), ignore_errors=True)

@@ -122,6 +122,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime | None = memo.get("runtime")
     if rt is not None:
         await asyncio.to_thread(rt.backend.close)
+    _webhook_setup.stop()
 
 
 @kopf.on.resume(*RESOURCE)

@@ -233,3 +233,13 @@ def test_a_failure_policy_other_than_ignore_or_fail_is_refused_at_start(
     monkeypatch.setenv("DEFENDER_OPERATOR_ADMISSION_FAILURE_POLICY", "Sometimes")
     with pytest.raises(OperatorConfigurationError, match="ADMISSION_FAILURE_POLICY"):
         load_operator_settings()
+
+
+def test_the_certificate_files_are_private_and_removed_at_stop() -> None:
+    from defender_operator import _webhook_setup
+
+    certfile, keyfile = _webhook_setup._write_files(self_signed(["127.0.0.1"], NOW))
+    assert keyfile.stat().st_mode & 0o077 == 0
+    assert certfile.parent.stat().st_mode & 0o077 == 0
+    _webhook_setup.stop()
+    assert not keyfile.exists() and not certfile.parent.exists()
