@@ -216,8 +216,10 @@ def test_operator_runs_with_exactly_the_chart_rbac(
     env["DEFENDER_OPERATOR_LIBRARY_SETTINGS_FILE"] = str(settings_file)
     env["DEFENDER_OPERATOR_METRICS_PORT"] = str(metrics_port)
     env["DEFENDER_OPERATOR_LOG_FORMAT"] = "text"
-    # The chart's webhook server, on a port and address of this machine.
-    assert env["DEFENDER_OPERATOR_ADMISSION_ENABLED"] == "true"
+    # The chart's webhook server (defaults only; the keep-plain values leave it off), on a
+    # port and address of this machine.
+    admission_on = env.get("DEFENDER_OPERATOR_ADMISSION_ENABLED") == "true"
+    assert admission_on is locked
     env["DEFENDER_OPERATOR_ADMISSION_PORT"] = str(webhook_port)
     env["DEFENDER_OPERATOR_ADMISSION_LISTEN_ADDRESS"] = "127.0.0.1"
     args = [re.sub(r":\d+/healthz$", f":{health_port}/healthz", a) for a in container["args"]]
@@ -244,13 +246,16 @@ def test_operator_runs_with_exactly_the_chart_rbac(
         hooks = f"{full}-operator-admission"
         _wait(
             "the operator's CA in the chart's webhook configurations",
-            lambda: all(
-                w.client_config.ca_bundle
-                for c in (
-                    admission.read_validating_webhook_configuration(hooks),
-                    admission.read_mutating_webhook_configuration(hooks),
+            lambda: (
+                not admission_on
+                or all(
+                    w.client_config.ca_bundle
+                    for c in (
+                        admission.read_validating_webhook_configuration(hooks),
+                        admission.read_mutating_webhook_configuration(hooks),
+                    )
+                    for w in c.webhooks
                 )
-                for w in c.webhooks
             ),
             60,
             log,
