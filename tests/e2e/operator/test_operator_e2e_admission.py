@@ -23,7 +23,6 @@ from kubernetes import client as k8s
 from operator_e2e_support import SAMPLES, OperatorRun, free_port, kubectl, wait_for
 
 from defender_cli import main as defender_cli
-from defender_config import ConfigStore
 from defender_operator._decisions.attribution import (
     SEAL_ANNOTATION,
     STAMP_ANNOTATION,
@@ -95,10 +94,6 @@ def start_serving(run: OperatorRun, env: dict[str, str], tmp: Path) -> None:
 def whoami() -> str:
     got = kubectl("auth", "whoami", "-o", "json").stdout
     return str(json.loads(got)["status"]["userInfo"]["username"])
-
-
-def configs(run: OperatorRun) -> ConfigStore:
-    return run.configs()
 
 
 def metadata(run: OperatorRun, name: str) -> Any:
