@@ -68,6 +68,17 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "operator.metricsPort": _PORT,
     "operator.extraArgs": {"items": {"type": "string"}},
     "operator.extraEnv": _ENV_LIST,
+    "operator.admission.port": _PORT,
+    "operator.admission.failurePolicy": {"enum": ["Ignore", "Fail"]},
+    "operator.admission.timeoutSeconds": {"minimum": 1, "maximum": 30},
+    "operator.admission.certManager.issuerRef": {
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+            "group": {"type": "string", "minLength": 1},
+        },
+    },
     "agent.image": {"type": ["object", "null"]},
     "agent.heartbeatIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
     "agent.extraEnv": _ENV_LIST,

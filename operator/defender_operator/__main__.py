@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         start_http_server(ours.metrics_port)
     namespaces = args.namespace or ours.watch_namespaces
     # Importing registers the handlers with kopf's default registry.
-    from defender_operator import _login, handlers  # noqa: F401
+    from defender_operator import _login, _webhook_setup, handlers  # noqa: F401
 
     _login.watched_namespaces = len(namespaces)
+    _webhook_setup.namespaces = list(namespaces)
+    if ours.admission_enabled:
+        # kopf refuses to start with admission handlers and no server: import them only here.
+        from defender_operator import webhooks  # noqa: F401
 
     logging.getLogger("defender_operator").info(
         "starting (%s, peering %s)",

@@ -6,7 +6,8 @@ OperatorError
 ├── KeySecretError               the keyring Secret cannot be read or written
 ├── KeyDropRefusedError          a copy would lose a key that stored values still use
 ├── OwnerRecordError             a component's owner record in etcd is not one of ours
-└── KubeError                    another Kubernetes API call failed
+├── KubeError                    another Kubernetes API call failed
+└── AdmissionSetupError          the admission webhook's Secret, certificate or configuration
 ```
 """
 
@@ -77,6 +78,12 @@ class OwnerRecordError(OperatorError):
 
 class KubeError(OperatorError):
     """A Kubernetes API call other than on Secrets failed."""
+
+
+class AdmissionSetupError(OperatorError):
+    """The admission webhook could not be set up: its Secret, certificate files or webhook
+    configurations could not be read or written. Built from HTTP status and reason only (the
+    Secret holds a private key and the stamp key)."""
 
 
 # Seconds before kopf retries, per kind of failure: an unreachable store gets a longer pause so

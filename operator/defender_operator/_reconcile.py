@@ -28,7 +28,7 @@ from defender_config import (
     validate_config,
 )
 from defender_config.contract import ADOPT_ANNOTATION, UNFREEZE_ANNOTATION
-from defender_operator import _api
+from defender_operator import _api, _attribution
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
@@ -476,7 +476,9 @@ async def seed(
             spec.component_type.value,
             normalized,
             json_schema=spec.custom_schema,
-            modified_by=v.who,
+            modified_by=_attribution.author(
+                v.rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
+            ),
             storage=storage,
         )
         v.logger.info(
@@ -509,21 +511,24 @@ async def commit(
             done=True,
         )
     previous = state.active_version or 0
+    author = _attribution.author(
+        rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
+    )
     version = await asyncio.to_thread(
         rt.backend.commit,
         component,
         spec.component_type.value,
         normalized,
         json_schema=spec.custom_schema,
-        modified_by=v.who,
+        modified_by=author,
         history_limit=spec.rollout.history_limit,
         storage=storage_policy(spec.storage),
     )
     COMMITS.labels(component).inc()
-    v.logger.info("committed ACTIVE version %s (was %s)", version, previous)
+    v.logger.info("committed ACTIVE version %s (was %s) by %s", version, previous, author)
     state = await asyncio.to_thread(rt.backend.state, component)
     return state, Outcome(
-        events=[normal("Committed", f"ACTIVE version {version} committed")],
+        events=[normal("Committed", f"ACTIVE version {version} committed by {author}")],
         change=ActiveChange(version=version, previous_version=previous, time=utcnow()),
     )
 

@@ -124,6 +124,8 @@ class Runtime:
         self.export_warned = False
         # How Events reach the resource: kopf's poster; unit tests record them instead.
         self.post_event: EventPoster = kopf_post
+        # Set by `_webhook_setup.start` when admission is on: verifies who changed spec.config.
+        self.stamp_key: bytes | None = None
 
     def keyring_condition(self) -> Cond:
         return keyring_condition(self.keyring_ready, self.keyring_refused)

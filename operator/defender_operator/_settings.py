@@ -7,6 +7,7 @@ etcd connection, prefix and sealing defaults are the library's own `DEFENDER_*` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +72,38 @@ class OperatorSettings(BaseSettings):
     """How long the old key stays decrypt-only after every value was rewrapped."""
     rotation_interval_seconds: float = Field(default=5.0, gt=0)
     """How often the rotation stage machine is stepped."""
+
+    admission_enabled: bool = False
+    """Serve the validating and mutating admission webhooks (`webhooks`): invalid configs are
+    refused at `kubectl apply`, and commits record who changed spec.config."""
+    admission_listen_address: str = "0.0.0.0"
+    """Address the webhook server listens on (HTTPS)."""
+    admission_port: int = Field(default=9443, ge=1, le=65535)
+    """Port the webhook server listens on."""
+    admission_secret: str = Field(default="ml-defender-admission", min_length=1)
+    """Secret in the operator's namespace holding the stamp key and, unless
+    admission_cert_dir is set, the self-signed serving certificate (created when absent)."""
+    admission_cert_dir: Path | None = None
+    """Directory with tls.crt, tls.key and ca.crt (e.g. a cert-manager Certificate's Secret);
+    unset: the operator generates a self-signed certificate into admission_secret."""
+    admission_cert_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])
+    """DNS names and IP addresses the self-signed certificate is valid for (the Service's
+    names in a cluster)."""
+    admission_configuration: str = Field(default="ml-defender", min_length=1)
+    """Name of the ValidatingWebhookConfiguration and MutatingWebhookConfiguration."""
+    admission_url: str = ""
+    """Base URL the API server reaches the webhooks at. Set: the operator writes both webhook
+    configurations itself (local clusters, where the API server calls 127.0.0.1). Empty: the
+    chart rendered them, and the operator only fills in caBundle (see
+    admission_patch_ca_bundle)."""
+    admission_patch_ca_bundle: bool = True
+    """With admission_url empty: put the self-signed CA into the chart's configurations'
+    caBundle. False when cert-manager's CA injector does it."""
+    admission_failure_policy: Literal["Ignore", "Fail"] = "Ignore"
+    """What the API server does when the webhook cannot be reached (only where the operator
+    writes the configurations itself; the chart sets its own). See docs/operator.md."""
+    admission_timeout_seconds: int = Field(default=5, ge=1, le=30)
+    """How long the API server waits for the webhook before applying the failure policy."""
 
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Prometheus metrics port (0 disables the endpoint)."""

@@ -8,6 +8,8 @@ delete    → retention policy (a finalizer holds the object until it is applied
 daemon    → `_monitor.tick` every monitor_interval_seconds
 index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
             component's pods from memory instead of listing them
+admission → with admission_enabled, `_webhook_setup.start` at start-up; the webhook handlers
+            themselves are wired in `webhooks`
 probe     → liveness fails when etcd has been unreachable for too long, or the heartbeat
             watch has stalled (etcd healthy, yet no event and no resync for too long)
 """
@@ -28,7 +30,15 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from defender_config import contract
-from defender_operator import _keyguard, _login, _loops, _monitor, _pods, _reconcile
+from defender_operator import (
+    _keyguard,
+    _login,
+    _loops,
+    _monitor,
+    _pods,
+    _reconcile,
+    _webhook_setup,
+)
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
@@ -85,6 +95,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     rt = Runtime(ours, backend, kube, secrets, keyring, identity)
     await _keyguard.first_settle(rt)
     memo["runtime"] = rt
+    if ours.admission_enabled:
+        await _webhook_setup.start(rt, api, settings)
     memo["tasks"] = [
         asyncio.create_task(_loops.etcd_health(rt), name="etcd-health"),
         asyncio.create_task(_loops.key_rotation(rt), name="key-rotation"),
@@ -110,6 +122,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime | None = memo.get("runtime")
     if rt is not None:
         await asyncio.to_thread(rt.backend.close)
+    _webhook_setup.stop()
 
 
 @kopf.on.resume(*RESOURCE)

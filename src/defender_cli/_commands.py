@@ -294,6 +294,7 @@ def collect_history(
             "size": len(stored.value),
             "active": parsed.version == meta.version,
             "keyId": inspect(stored.value).key_id if is_envelope(stored.value) else None,
+            "modifiedBy": meta.authors.get(str(parsed.version)),
         }
         versions.append(entry)
     if decrypt:
@@ -326,7 +327,7 @@ def show_history(printer: Printer, data: dict[str, Any]) -> None:
         f"{data['component']}: ACTIVE is version {data['activeVersion']}, modified by "
         f"{data['modifiedBy']} at {data['lastModified']}"
     )
-    headers = ["VERSION", "SIZE", "KEY", "DIGEST", ""]
+    headers = ["VERSION", "SIZE", "KEY", "DIGEST", "BY", ""]
     rows = []
     for v in reversed(data["versions"]):
         digest = v.get("digest")
@@ -336,6 +337,7 @@ def show_history(printer: Printer, data: dict[str, Any]) -> None:
                 str(v["size"]),
                 v["keyId"] or "-",
                 digest[:12] if digest else "-",
+                v.get("modifiedBy") or "-",
                 printer.paint("active", "green") if v["active"] else "",
             ]
         )

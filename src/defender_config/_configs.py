@@ -114,6 +114,9 @@ class ConfigMetadata(BaseModel):
     note (`ChangeKind.from_note`), so they read as before."""
     storage: StoragePolicy | None = None
     """None for records written before per-component storage existed: store-wide options."""
+    authors: dict[str, str] = Field(default_factory=dict)
+    """modified_by of each kept version (version number as a string), so history shows who
+    wrote every version, not only the newest. Empty for records from before it existed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -584,6 +587,7 @@ class ConfigStore:
             schema_digest=_schema_digest(json_schema),
             note="registered",
             change=ChangeKind.REGISTER,
+            authors={"1": by},
             storage=StoragePolicy.from_options(options) if options is not None else None,
         )
         lay, c = self.layout, self.client
@@ -836,6 +840,11 @@ class ConfigStore:
         # Versions only grow, even after an authentic old record was put back (replay): readers
         # refuse a version lower than one they accepted, so the next one must pass them all.
         version = max(meta.version, self._newest_kept(component)) + 1
+        oldest_kept = version - self.history_limit + 1
+        authors = {
+            v: who for v, who in meta.authors.items() if v.isdigit() and int(v) >= oldest_kept
+        }
+        authors[str(version)] = by
         data = canonical_json(config)
         if options is not None:
             policy: StoragePolicy | None = StoragePolicy.from_options(options)
@@ -854,6 +863,7 @@ class ConfigStore:
                 "json_schema": dict(schema) if schema is not None else None,
                 "schema_digest": validated_with,
                 "storage": policy,
+                "authors": authors,
             }
         )
         active, meta_key, freeze = (
@@ -870,7 +880,6 @@ class ConfigStore:
             PutOp(meta_key, self._encode_metadata(component, new_meta)),
             PutOp(history, c.seal(history, data, write)),
         ]
-        oldest_kept = version - self.history_limit + 1
         old, new = self._effective_policy(meta), self._effective_policy(new_meta)
         if (old.encrypt, old.compress) != (new.encrypt, new.compress):
             # Readers apply the current policy to every value of the component: re-seal the

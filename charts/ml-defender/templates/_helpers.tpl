@@ -286,3 +286,17 @@ which carries client usage; etcd's root user when authentication is on: member c
   readOnly: true
 {{- end }}
 {{- end -}}
+
+{{/*
+The admission webhooks: one name for both webhook configurations, the operator's Secret, and the
+cert-manager Certificate.
+*/}}
+{{- define "ml-defender.admission.name" -}}
+{{- printf "%s-admission" (include "ml-defender.operator.fullname" .) -}}
+{{- end -}}
+
+{{/* DNS names the API server uses to reach the operator's Service. */}}
+{{- define "ml-defender.admission.dnsNames" -}}
+{{- $svc := include "ml-defender.operator.fullname" . -}}
+{{- list $svc (printf "%s.%s" $svc .Release.Namespace) (printf "%s.%s.svc" $svc .Release.Namespace) (printf "%s.%s.svc.cluster.local" $svc .Release.Namespace) | toJson -}}
+{{- end -}}

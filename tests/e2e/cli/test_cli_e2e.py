@@ -160,6 +160,7 @@ def test_history_lists_versions_and_shows_one(store: Store) -> None:
     assert [v["version"] for v in data["versions"]] == [1, 2]
     assert data["activeVersion"] == 2 and data["versions"][1]["active"] is True
     assert data["versions"][0]["keyId"] == store.keyring.primary.key_id
+    assert data["versions"][1]["modifiedBy"] == "rag"  # who wrote each kept version
     assert "digest" not in data["versions"][0], "no keyring, no decryption"
     with_keys = store.cli("history", "rag", "-o", "json", keyring=True).json()
     assert all(len(v["digest"]) == 64 for v in with_keys["versions"])

@@ -199,7 +199,7 @@ def test_operator_runs_with_exactly_the_chart_rbac(
     ).status.token
     sa_kubeconfig = _service_account_kubeconfig(kubeconfig_path, token, tmp_path / "kubeconfig")
 
-    health_port, metrics_port = free_ports(2)
+    health_port, metrics_port, webhook_port = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")}
     env["KUBECONFIG"] = str(sa_kubeconfig)
     for var in container["env"]:
@@ -217,6 +217,12 @@ def test_operator_runs_with_exactly_the_chart_rbac(
     env["DEFENDER_OPERATOR_LIBRARY_SETTINGS_FILE"] = str(settings_file)
     env["DEFENDER_OPERATOR_METRICS_PORT"] = str(metrics_port)
     env["DEFENDER_OPERATOR_LOG_FORMAT"] = "text"
+    # The chart's webhook server (defaults only; the keep-plain values leave it off), on a
+    # port and address of this machine.
+    admission_on = env.get("DEFENDER_OPERATOR_ADMISSION_ENABLED") == "true"
+    assert admission_on is locked
+    env["DEFENDER_OPERATOR_ADMISSION_PORT"] = str(webhook_port)
+    env["DEFENDER_OPERATOR_ADMISSION_LISTEN_ADDRESS"] = "127.0.0.1"
     args = [re.sub(r":\d+/healthz$", f":{health_port}/healthz", a) for a in container["args"]]
     args = [a.replace("0.0.0.0", "127.0.0.1") for a in args]
 
@@ -236,6 +242,25 @@ def test_operator_runs_with_exactly_the_chart_rbac(
                 return r.status == 200
 
         _wait("the operator's /healthz", healthy, 90, log)
+        # The chart's webhook configurations get the CA of the certificate the operator made.
+        admission = client.AdmissionregistrationV1Api(k8s_api)
+        hooks = f"{full}-operator-admission"
+        _wait(
+            "the operator's CA in the chart's webhook configurations",
+            lambda: (
+                not admission_on
+                or all(
+                    w.client_config.ca_bundle
+                    for c in (
+                        admission.read_validating_webhook_configuration(hooks),
+                        admission.read_mutating_webhook_configuration(hooks),
+                    )
+                    for w in c.webhooks
+                )
+            ),
+            60,
+            log,
+        )
         # Its own namespace: the source keyring Secret.
         _wait(
             "the keyring Secret",

@@ -82,6 +82,14 @@ def test_commit_versions_and_history_pruning(configs: ConfigStore) -> None:
     assert configs.commit("sniffer", snaplen(104), by="ops") == 6
 
 
+def test_metadata_names_the_author_of_each_kept_version_only(configs: ConfigStore) -> None:
+    for i, who in enumerate(["alice", "bob", "carol", "dave"]):
+        configs.commit("sniffer", snaplen(100 + i), by=who)
+    meta = configs.get_metadata("sniffer")
+    # history_limit 3 keeps versions 3-5; the seed's author (version 1) and alice's are gone.
+    assert meta is not None and meta.authors == {"3": "bob", "4": "carol", "5": "dave"}
+
+
 def test_commit_with_stale_expected_version_conflicts(configs: ConfigStore) -> None:
     configs.commit("sniffer", snaplen(100), by="a", expected_version=1)
     with pytest.raises(ConflictError) as info:

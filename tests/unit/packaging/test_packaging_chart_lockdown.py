@@ -496,6 +496,8 @@ def test_upgrade_to_the_new_defaults_changes_what_the_docs_say(
         ("Secret", "rel-ml-defender-etcd-peer-tls"),
         ("Secret", "rel-ml-defender-etcd-auth"),
         ("NetworkPolicy", "rel-ml-defender-etcd"),
+        ("ValidatingWebhookConfiguration", "rel-ml-defender-operator-admission"),
+        ("MutatingWebhookConfiguration", "rel-ml-defender-operator-admission"),
     }
     assert set(old) <= set(new)
     # The immutable parts of the StatefulSet stay, so `helm upgrade` can patch it in place.

@@ -86,7 +86,13 @@ def test_common_labels_reach_every_object_but_no_selector(render: Render) -> Non
 
 
 def test_namespaced_objects_name_the_release_namespace(render: Render) -> None:
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    cluster_scoped = {
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+    }
     for obj in render(namespace="defender-system"):
         if obj["kind"] in cluster_scoped:
             assert "namespace" not in obj["metadata"]

@@ -44,13 +44,18 @@ def test_no_wildcards_and_no_cluster_wide_secret_reads(render: Render) -> None:
                 assert verbs == {"create"}, f"{obj['metadata']['name']} may read any Secret"
 
 
-def test_own_namespace_role_covers_only_the_keyring_and_events(render: Render) -> None:
+def test_own_namespace_role_covers_only_the_keyring_admission_secret_and_events(
+    render: Render,
+) -> None:
     role = find(render("--set", "operator.keyring.secretName=my-keys"), "Role")
     assert _rules(role) == {
         ("", "secrets", None, frozenset({"create"})),
         ("", "secrets", "my-keys", frozenset({"get", "update"})),
+        ("", "secrets", "rel-ml-defender-operator-admission", frozenset({"get", "update"})),
         ("", "events", None, frozenset({"create", "patch"})),
     }
+    off = find(render("--set", "operator.admission.enabled=false"), "Role")
+    assert all(name != "rel-ml-defender-operator-admission" for _, _, name, _ in _rules(off))
 
 
 def test_peering_rights_only_with_several_replicas(render: Render) -> None:

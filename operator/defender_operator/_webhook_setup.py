@@ -1,0 +1,247 @@
+"""Start the admission webhooks: secrets, the HTTPS server, the webhook configurations.
+
+Where the API server finds the webhooks:
+- `admission_url` set (the local dev cluster: the API server and the operator share
+  127.0.0.1): the operator writes the ValidatingWebhookConfiguration and the
+  MutatingWebhookConfiguration itself, with url + caBundle, failure policy and timeout from
+  its settings, limited to the namespaces it watches;
+- unset (in a cluster): the chart renders both with the operator's Service, and the operator
+  fills in caBundle with its self-signed CA (or cert-manager's CA injector does).
+The configurations are left in place when the operator stops: with failurePolicy Ignore the
+API server then admits edits unchecked and the operator's reconcile validates them later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from defender_config import contract
+from defender_operator import _api, _webhook_tls
+from defender_operator._errors import AdmissionSetupError
+from defender_operator._runtime import Runtime
+from defender_operator._settings import OperatorSettings
+
+log = logging.getLogger("defender_operator.admission")
+
+VALIDATE_ID = "validate"
+STAMP_ID = "stamp"
+# Set by `__main__` before kopf runs: the namespaces the operator watches (empty: all), so a
+# configuration it writes sends it only the requests it handles.
+namespaces: list[str] = []
+
+
+def webhook_configurations(
+    name: str,
+    client_configs: dict[str, dict[str, Any]],
+    *,
+    watched: list[str],
+    failure_policy: str,
+    timeout_seconds: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ValidatingWebhookConfiguration, MutatingWebhookConfiguration) bodies; `client_configs`
+    maps each webhook id (VALIDATE_ID, STAMP_ID) to its clientConfig."""
+
+    def webhook(hook_id: str) -> dict[str, Any]:
+        hook: dict[str, Any] = {
+            "name": f"{hook_id}.{_api.PLURAL}.{contract.API_GROUP}",
+            "clientConfig": client_configs[hook_id],
+            "rules": [
+                {
+                    "apiGroups": [contract.API_GROUP],
+                    "apiVersions": [contract.API_VERSION],
+                    "resources": [_api.PLURAL],
+                    "operations": ["CREATE", "UPDATE"],
+                    "scope": "Namespaced",
+                }
+            ],
+            "failurePolicy": failure_policy,
+            "timeoutSeconds": timeout_seconds,
+            "sideEffects": "None",
+            "matchPolicy": "Equivalent",
+            "admissionReviewVersions": ["v1"],
+        }
+        if watched:
+            hook["namespaceSelector"] = {
+                "matchExpressions": [
+                    {
+                        "key": "kubernetes.io/metadata.name",
+                        "operator": "In",
+                        "values": sorted(watched),
+                    }
+                ]
+            }
+        return hook
+
+    labels = {"app.kubernetes.io/managed-by": "ml-defender-operator"}
+    validating = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": labels},
+        "webhooks": [webhook(VALIDATE_ID)],
+    }
+    mutating = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": labels},
+        "webhooks": [{**webhook(STAMP_ID), "reinvocationPolicy": "Never"}],
+    }
+    return validating, mutating
+
+
+class _Configs:
+    """Read/create/replace for both configuration kinds with one shape."""
+
+    def __init__(self, api: client.AdmissionregistrationV1Api) -> None:
+        self.api = api
+        self.kinds: dict[str, tuple[Callable[..., Any], ...]] = {
+            "ValidatingWebhookConfiguration": (
+                api.read_validating_webhook_configuration,
+                api.create_validating_webhook_configuration,
+                api.replace_validating_webhook_configuration,
+            ),
+            "MutatingWebhookConfiguration": (
+                api.read_mutating_webhook_configuration,
+                api.create_mutating_webhook_configuration,
+                api.replace_mutating_webhook_configuration,
+            ),
+        }
+
+    def read(self, kind: str, name: str) -> dict[str, Any] | None:
+        read = self.kinds[kind][0]
+        try:
+            found = read(name, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _error("read", kind, name, exc) from exc
+        return dict(json.loads(found.data))  # raw: the typed model drops nothing we keep
+
+    def write(self, body: dict[str, Any], existing: dict[str, Any] | None) -> None:
+        kind, name = body["kind"], body["metadata"]["name"]
+        _, create, replace = self.kinds[kind]
+        try:
+            if existing is None:
+                create(body)
+            else:
+                body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                replace(name, body)
+        except ApiException as exc:
+            raise _error("write", kind, name, exc) from exc
+
+
+def _error(action: str, kind: str, name: str, exc: ApiException) -> AdmissionSetupError:
+    return AdmissionSetupError(
+        f"cannot {action} {kind} {name}: HTTP {exc.status} {exc.reason}; check the operator's"
+        " RBAC for admissionregistration.k8s.io"
+    )
+
+
+def register(
+    api: client.ApiClient, settings: OperatorSettings, ca_pem: bytes, watched: list[str]
+) -> None:
+    """Write both configurations pointing at `settings.admission_url` (local clusters)."""
+    bundle = base64.b64encode(ca_pem).decode()
+    base = settings.admission_url.rstrip("/")
+    configs = _Configs(client.AdmissionregistrationV1Api(api))
+    for body in webhook_configurations(
+        settings.admission_configuration,
+        {i: {"url": f"{base}/{i}", "caBundle": bundle} for i in (VALIDATE_ID, STAMP_ID)},
+        watched=watched,
+        failure_policy=settings.admission_failure_policy,
+        timeout_seconds=settings.admission_timeout_seconds,
+    ):
+        configs.write(body, configs.read(body["kind"], body["metadata"]["name"]))
+    log.info("webhook configurations %s registered at %s", settings.admission_configuration, base)
+
+
+def fill_ca_bundle(api: client.ApiClient, name: str, ca_pem: bytes) -> None:
+    """Put `ca_pem` into every webhook of the chart-rendered configurations named `name`."""
+    bundle = base64.b64encode(ca_pem).decode()
+    configs = _Configs(client.AdmissionregistrationV1Api(api))
+    for kind in configs.kinds:
+        existing = configs.read(kind, name)
+        if existing is None:
+            raise AdmissionSetupError(
+                f"{kind} {name} not found: the chart renders it (admission.enabled); with"
+                " the operator run elsewhere, set DEFENDER_OPERATOR_ADMISSION_URL"
+            )
+        hooks = existing.get("webhooks") or []
+        if all(h.get("clientConfig", {}).get("caBundle") == bundle for h in hooks):
+            continue
+        for h in hooks:
+            h.setdefault("clientConfig", {})["caBundle"] = bundle
+        configs.write(existing, existing)
+        log.info("caBundle of %s %s filled in", kind, name)
+
+
+_folders: list[Path] = []
+
+
+def _write_files(cert: _webhook_tls.ServingCert) -> tuple[Path, Path]:
+    """The serving certificate as files for the SSL context, readable by this process only
+    (removed by `stop`)."""
+    folder = Path(tempfile.mkdtemp(prefix="defender-webhook-"))
+    _folders.append(folder)
+    paths = []
+    for fname, content in (("tls.crt", cert.cert_pem), ("tls.key", cert.key_pem)):
+        path = folder / fname
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+async def start(rt: Runtime, api: client.ApiClient, kopf_settings: kopf.OperatorSettings) -> None:
+    """Secrets, stamp key, configurations, then the server kopf runs after start-up."""
+    ours = rt.settings
+    found = await asyncio.to_thread(
+        _webhook_tls.ensure,
+        rt.kube.core,
+        ours.namespace,
+        ours.admission_secret,
+        hosts=ours.admission_cert_hosts,
+        cert_dir=ours.admission_cert_dir,
+    )
+    rt.stamp_key = found.stamp_key
+    if ours.admission_url:
+        await asyncio.to_thread(register, api, ours, found.cert.ca_pem, namespaces)
+    elif ours.admission_patch_ca_bundle and ours.admission_cert_dir is None:
+        await asyncio.to_thread(
+            fill_ca_bundle, api, ours.admission_configuration, found.cert.ca_pem
+        )
+    certfile, keyfile = await asyncio.to_thread(_write_files, found.cert)
+    kopf_settings.admission.server = kopf.WebhookServer(
+        addr=ours.admission_listen_address,
+        port=ours.admission_port,
+        certfile=str(certfile),
+        pkeyfile=str(keyfile),
+        cadata=found.cert.ca_pem,
+    )
+    # kopf's own configuration manager stays off: the configurations above are ours.
+    kopf_settings.admission.managed = None
+    log.info(
+        "admission webhooks on %s:%s (failure policy %s where the operator registers them)",
+        ours.admission_listen_address,
+        ours.admission_port,
+        ours.admission_failure_policy,
+    )
+
+
+def stop() -> None:
+    """Remove the certificate files written at start-up (the private key among them)."""
+    while _folders:
+        shutil.rmtree(_folders.pop(), ignore_errors=True)

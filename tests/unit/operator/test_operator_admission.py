@@ -1,0 +1,246 @@
+"""Admission decisions without a cluster: what is refused, the stamp, the configurations,
+the self-signed certificate."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import ipaddress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+
+from defender_operator._admission_review import refusal, review
+from defender_operator._decisions.attribution import (
+    SEAL_ANNOTATION,
+    STAMP_ANNOTATION,
+    seal,
+    stamp_changes,
+    verified_author,
+)
+from defender_operator._errors import AdmissionSetupError, OperatorConfigurationError
+from defender_operator._settings import load_operator_settings
+from defender_operator._webhook_setup import STAMP_ID, VALIDATE_ID, webhook_configurations
+from defender_operator._webhook_tls import (
+    CA,
+    CERT,
+    KEY,
+    _from_dir,
+    needs_new_cert,
+    self_signed,
+)
+
+SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "ml-detector.yaml"
+KEY_BYTES = b"k" * 32
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def spec(**config_changes: Any) -> dict[str, Any]:
+    s = dict(yaml.safe_load(SAMPLE.read_text())["spec"])
+    s["config"] = {**s["config"], **config_changes}
+    return s
+
+
+# --- what the validating webhook refuses ------------------------------------------------------
+
+
+def test_a_valid_spec_has_no_problems() -> None:
+    assert review("d", spec(), None, {}) == []
+
+
+def test_config_problems_are_listed_by_field_path_under_spec_config() -> None:
+    problems = review("d", spec(version="one point oh", colour="red"), None, {})
+    assert len(problems) == 2
+    assert problems[0].startswith("spec.config.version: String should match pattern")
+    assert problems[1] == "spec.config.colour: Extra inputs are not permitted"
+
+
+def test_spec_problems_are_listed_by_their_camel_case_path() -> None:
+    bad = spec()
+    bad["heartbeat"] = {"intervalSeconds": 0}
+    assert review("d", bad, None, {}) == [
+        "spec.heartbeat.intervalSeconds: Input should be greater than or equal to 1"
+    ]
+
+
+def test_a_custom_component_without_its_schema_is_refused_with_the_reason() -> None:
+    bad = {"componentType": "custom", "config": {}, "selector": {"matchLabels": {"a": "b"}}}
+    assert review("c", bad, None, {}) == ["spec: componentType custom needs customSchema"]
+
+
+def test_a_rollback_command_that_names_no_version_is_refused() -> None:
+    problems = review("d", spec(), None, {"mldefender.io/rollback-to": "yesterday"})
+    assert len(problems) == 1
+    assert problems[0].startswith("metadata.annotations[mldefender.io/rollback-to]: ")
+    assert "'yesterday' is not valid: use `master` or a version number" in problems[0]
+    assert review("d", spec(), None, {"mldefender.io/rollback-to": "master"}) == []
+    assert review("d", spec(), None, {"mldefender.io/rollback-to": " 3 "}) == []
+    # One grammar with the reconcile (the contract's): an empty target names nothing.
+    assert len(review("d", spec(), None, {"mldefender.io/rollback-to": ""})) == 1
+
+
+def test_an_update_that_leaves_the_spec_alone_passes_even_an_invalid_stored_spec() -> None:
+    # Stored while the webhook was down: the operator's finalizer and annotation writes must
+    # still go through.
+    stored = spec(colour="red")
+    assert review("d", stored, copy.deepcopy(stored), {}) == []
+    assert review("d", spec(colour="blue"), stored, {}) != []
+
+
+def test_the_refusal_message_counts_and_joins_the_problems() -> None:
+    assert refusal("d", ["a: x"]) == "d refused (1 problem): a: x"
+    assert refusal("d", ["a: x", "b: y"]) == "d refused (2 problems): a: x; b: y"
+
+
+# --- the stamp ------------------------------------------------------------------------------
+
+
+def changes(**kw: Any) -> dict[str, str | None]:
+    args: dict[str, Any] = {
+        "key": KEY_BYTES,
+        "namespace": "ns",
+        "name": "d",
+        "user": "alice",
+        "config_digest": "c2",
+        "old_config_digest": "c1",
+        "annotations": {},
+        "old_annotations": {},
+    }
+    args.update(kw)
+    return stamp_changes(**args)
+
+
+def test_a_new_config_is_stamped_with_the_requesting_user_and_sealed() -> None:
+    got = changes()
+    assert got[STAMP_ANNOTATION] == "alice"
+    assert got[SEAL_ANNOTATION] == seal(KEY_BYTES, "ns", "d", "alice", "c2")
+    assert changes(old_config_digest=None)[STAMP_ANNOTATION] == "alice"  # create
+
+
+def test_a_stamp_the_client_wrote_is_overwritten_when_the_config_changes() -> None:
+    forged = {STAMP_ANNOTATION: "admin", SEAL_ANNOTATION: "v1:00"}
+    got = changes(annotations=forged)
+    assert got[STAMP_ANNOTATION] == "alice" and got[SEAL_ANNOTATION] != "v1:00"
+
+
+def test_without_a_config_change_the_stored_stamp_is_put_back() -> None:
+    stored = {STAMP_ANNOTATION: "bob", SEAL_ANNOTATION: "v1:ab"}
+    edited = {STAMP_ANNOTATION: "mallory"}
+    assert changes(config_digest="c1", annotations=edited, old_annotations=stored) == {
+        STAMP_ANNOTATION: "bob",
+        SEAL_ANNOTATION: "v1:ab",
+    }
+    # Nothing stored, something added: removed again.
+    assert changes(config_digest="c1", annotations=edited) == {STAMP_ANNOTATION: None}
+    # Already right: no patch at all.
+    assert changes(config_digest="c1", annotations=stored, old_annotations=stored) == {}
+
+
+def test_a_seal_verifies_for_its_object_and_config_only() -> None:
+    good = {STAMP_ANNOTATION: "alice", SEAL_ANNOTATION: seal(KEY_BYTES, "ns", "d", "alice", "c")}
+    assert verified_author(KEY_BYTES, "ns", "d", good, "c") == "alice"
+    assert verified_author(KEY_BYTES, "ns", "d", good, "other-config") is None
+    assert verified_author(KEY_BYTES, "ns", "other", good, "c") is None
+    assert verified_author(KEY_BYTES, "other", "d", good, "c") is None
+    assert verified_author(b"x" * 32, "ns", "d", good, "c") is None
+    renamed = {**good, STAMP_ANNOTATION: "admin"}
+    assert verified_author(KEY_BYTES, "ns", "d", renamed, "c") is None
+    assert verified_author(KEY_BYTES, "ns", "d", {STAMP_ANNOTATION: "alice"}, "c") is None
+    assert verified_author(KEY_BYTES, "ns", "d", {}, "c") is None
+
+
+# --- the webhook configurations -----------------------------------------------------------------
+
+
+def test_configurations_send_only_defendercomponent_writes_of_watched_namespaces() -> None:
+    validating, mutating = webhook_configurations(
+        "ml-defender",
+        {VALIDATE_ID: {"url": "https://h/validate"}, STAMP_ID: {"url": "https://h/stamp"}},
+        watched=["b", "a"],
+        failure_policy="Ignore",
+        timeout_seconds=5,
+    )
+    (v,) = validating["webhooks"]
+    (m,) = mutating["webhooks"]
+    assert validating["kind"] == "ValidatingWebhookConfiguration"
+    assert mutating["kind"] == "MutatingWebhookConfiguration"
+    assert v["name"] == "validate.defendercomponents.mldefender.io"
+    assert v["clientConfig"] == {"url": "https://h/validate"}
+    assert m["clientConfig"] == {"url": "https://h/stamp"}
+    for hook in (v, m):
+        assert hook["failurePolicy"] == "Ignore" and hook["timeoutSeconds"] == 5
+        assert hook["rules"][0]["resources"] == ["defendercomponents"]  # not /status
+        assert hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+        assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["a", "b"]
+    cluster_wide, _ = webhook_configurations(
+        "x",
+        {VALIDATE_ID: {}, STAMP_ID: {}},
+        watched=[],
+        failure_policy="Fail",
+        timeout_seconds=10,
+    )
+    assert "namespaceSelector" not in cluster_wide["webhooks"][0]
+
+
+# --- the certificate --------------------------------------------------------------------------
+
+
+def test_the_self_signed_certificate_is_issued_by_its_ca_for_every_host() -> None:
+    made = self_signed(["svc.ns.svc", "127.0.0.1"], NOW)
+    cert = x509.load_pem_x509_certificate(made.cert_pem)
+    ca = x509.load_pem_x509_certificate(made.ca_pem)
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["svc.ns.svc"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert b"PRIVATE KEY" in made.key_pem and b"PRIVATE KEY" not in made.cert_pem
+
+
+def secret_data(hosts: list[str], now: datetime) -> dict[str, str]:
+    made = self_signed(hosts, now)
+    return {
+        CERT: base64.b64encode(made.cert_pem).decode(),
+        KEY: base64.b64encode(made.key_pem).decode(),
+        CA: base64.b64encode(made.ca_pem).decode(),
+    }
+
+
+def test_a_new_certificate_is_made_when_missing_for_other_hosts_expiring_or_unreadable() -> None:
+    hosts = ["127.0.0.1"]
+    data = secret_data(hosts, NOW)
+    assert not needs_new_cert(data, "127.0.0.1", hosts, NOW)
+    assert needs_new_cert({}, "", hosts, NOW)
+    assert needs_new_cert(data, "127.0.0.1", ["svc.ns.svc"], NOW)
+    assert needs_new_cert(data, "127.0.0.1", hosts, NOW + timedelta(days=3650 - 30))
+    garbled = {**data, CERT: base64.b64encode(b"not a certificate").decode()}
+    assert needs_new_cert(garbled, "127.0.0.1", hosts, NOW)
+
+
+def test_a_mounted_certificate_directory_without_its_files_is_a_setup_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / CERT).write_bytes(b"x")
+    with pytest.raises(AdmissionSetupError, match=r"must hold tls\.crt, tls\.key and ca\.crt"):
+        _from_dir(tmp_path)
+
+
+def test_a_failure_policy_other_than_ignore_or_fail_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DEFENDER_OPERATOR_ADMISSION_FAILURE_POLICY", "Sometimes")
+    with pytest.raises(OperatorConfigurationError, match="ADMISSION_FAILURE_POLICY"):
+        load_operator_settings()
+
+
+def test_the_certificate_files_are_private_and_removed_at_stop() -> None:
+    from defender_operator import _webhook_setup
+
+    certfile, keyfile = _webhook_setup._write_files(self_signed(["127.0.0.1"], NOW))
+    assert keyfile.stat().st_mode & 0o077 == 0
+    assert certfile.parent.stat().st_mode & 0o077 == 0
+    _webhook_setup.stop()
+    assert not keyfile.exists() and not certfile.parent.exists()
