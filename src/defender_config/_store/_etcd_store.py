@@ -550,7 +550,8 @@ class EtcdStore:
             # Our stubs predate `errors` (the member's alarms) and its neighbours: read them from
             # the wire bytes the member sent.
             extras = status_extras(status.SerializeToString())
-            alarms = list(extras.alarms)
+            # Each member lists the alarms of every member: one name each is enough here.
+            alarms = list(dict.fromkeys(extras.alarms))
             members.append(
                 MemberHealth(
                     endpoint=label,
@@ -571,11 +572,12 @@ class EtcdStore:
                     serving=healthy,
                 )
             )
-        leaders = {m.member_id for m in members if m.healthy and m.is_leader}
-        healthy_count = sum(1 for m in members if m.healthy)
+        # An alarm (NOSPACE) makes a member unhealthy but it still serves reads through the
+        # quorum: the cluster keeps its leader and quorum, it refuses writes.
+        leaders = {m.member_id for m in members if m.serving and m.is_leader}
         leader_id = next(iter(leaders)) if len(leaders) == 1 else None
-        # A linearizable read only succeeds through a quorum, so one healthy member proves it.
-        quorum = healthy_count > 0
+        # A linearizable read only succeeds through a quorum, so one serving member proves it.
+        quorum = any(m.serving for m in members)
         return HealthReport(
             members=tuple(members), cluster_size=cluster_size, leader_id=leader_id, quorum=quorum
         )

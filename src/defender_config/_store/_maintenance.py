@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,15 @@ def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
             raise ValueError(f"unsupported wire type {wire}")
 
 
+_ALARM = re.compile(r"alarm:(\w+)")
+
+
+def _alarm_of(text: str) -> str:
+    """etcd words an alarm as "memberID:<id> alarm:NOSPACE ": keep the alarm's name."""
+    match = _ALARM.search(text)
+    return match.group(1) if match else text.strip()
+
+
 def status_extras(raw: bytes) -> StatusExtras:
     """The 3.4+ fields of a serialized StatusResponse (absent ones keep their defaults).
     A malformed message yields the defaults: these fields inform, they never decide alone."""
@@ -83,7 +93,7 @@ def status_extras(raw: bytes) -> StatusExtras:
     try:
         for number, value in _fields(raw):
             if number == _STATUS_ERRORS and isinstance(value, bytes):
-                alarms.append(value.decode("utf-8", "replace"))
+                alarms.append(_alarm_of(value.decode("utf-8", "replace")))
             elif number == _STATUS_DB_SIZE_IN_USE and isinstance(value, int):
                 in_use = value
             elif number == _STATUS_IS_LEARNER and isinstance(value, int):

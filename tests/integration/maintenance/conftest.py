@@ -48,8 +48,9 @@ def run_cli(*argv: str) -> Result:
 @pytest.fixture(autouse=True)
 def _plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # The plugin reads DEFENDER_* too: keep the machine's environment out of the test.
+    kept = ("DEFENDER_TOOLS_BIN", "DEFENDER_TOOLS_DIR")
     for name in list(os.environ):
-        if name.startswith("DEFENDER_") and name not in ("DEFENDER_TOOLS_BIN", "DEFENDER_TOOLS_DIR"):
+        if name.startswith("DEFENDER_") and name not in kept:
             monkeypatch.delenv(name)
 
 
