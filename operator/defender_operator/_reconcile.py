@@ -84,6 +84,7 @@ async def publish_status(
         keyring=rt.keyring_condition(),
         conflict=mem.conflict,
         cadence=mem.cadence_condition,
+        etcd=rt.etcd.condition(),
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],

@@ -79,6 +79,8 @@ class Observation:
     conflict: Cond | None = None
     # Informational (never blocks Ready): whether instances follow spec.heartbeat's cadence.
     cadence: Cond | None = None
+    # Informational: the defender etcd's own health (`_decisions.etcd`), once measured.
+    etcd: Cond | None = None
 
 
 _CONFIG = {
@@ -143,7 +145,7 @@ def compute(obs: Observation) -> list[Cond]:
         config = Cond(CONFIG_SYNCED, FALSE, obs.conflict.reason, obs.conflict.message)
         ready = Cond(READY, FALSE, obs.conflict.reason, f"{CONFLICT}: {obs.conflict.message}")
         return [ready, config, heartbeat, key, misconfig, obs.conflict]
-    extra = [c for c in (obs.keyring, obs.cadence) if c is not None]
+    extra = [c for c in (obs.keyring, obs.cadence, obs.etcd) if c is not None]
     return [ready, config, heartbeat, key, misconfig, *extra]
 
 

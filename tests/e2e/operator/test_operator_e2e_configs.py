@@ -51,9 +51,9 @@ def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
         assert (active.version, active.config) == (1, expected)
         status = run.get(name)["status"]
         assert status["masterDigest"] == status["activeDigest"] == config_digest(expected)
-        # Every condition is present from the first visit; HeartbeatCadence (informational)
-        # joins once a monitor pass has compared the instances with spec.heartbeat.
-        types = {c["type"] for c in status["conditions"]} - {"HeartbeatCadence"}
+        # Every condition is present from the first visit; HeartbeatCadence and EtcdHealthy
+        # (informational) join once a monitor pass / an etcd health check has run.
+        types = {c["type"] for c in status["conditions"]} - {"HeartbeatCadence", "EtcdHealthy"}
         assert types == {
             "Ready",
             "ConfigSynced",
