@@ -243,6 +243,12 @@ OPS: tuple[str, ...] = (
     "revision",
     "status",
     "authenticate",
+    # Maintenance (docs/operations.md): one chosen member, rare calls.
+    "snapshot",
+    "defragment",
+    "compact",
+    "alarms",
+    "disarm_alarm",
 )
 
 _LATENCY_BUCKETS = (
