@@ -17,8 +17,7 @@ from operator_e2e_support import OperatorRun, new_operator_run
 from defender_cli import main as cli_main
 from defender_config import Alert, EtcdSettings, EtcdStore, StoreNoSpaceError
 from defender_devcluster import EtcdCluster, etcd_client_settings
-from defender_devcluster._errors import ToolNotFoundError
-from defender_devcluster.pytest_plugin import missing_tool
+from defender_devcluster.pytest_plugin import private_etcd
 from defender_operator import _api
 
 QUOTA = 2 * 1024 * 1024
@@ -27,21 +26,9 @@ CHUNK = b"z" * (200 * 1024)
 
 @pytest.fixture
 def small_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(
-        tmp_path / "etcd",
-        3,
-        name="opnospace",
-        die_with_parent=True,
-        extra_args=(f"--quota-backend-bytes={QUOTA}",),
+    yield from private_etcd(
+        tmp_path / "etcd", "opnospace", extra_args=(f"--quota-backend-bytes={QUOTA}",)
     )
-    try:
-        cluster.start()
-    except ToolNotFoundError as exc:
-        missing_tool(exc)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from defender_cli import main
 from defender_devcluster import EtcdCluster
 from defender_devcluster._errors import ToolNotFoundError
 from defender_devcluster._tools import tool
-from defender_devcluster.pytest_plugin import missing_part, missing_tool
+from defender_devcluster.pytest_plugin import missing_part, private_etcd
 
 pytestmark = pytest.mark.etcd
 
@@ -62,29 +62,17 @@ def etcdutl() -> str:
         missing_part(f"etcdutl is missing ({exc}); run `make tools` (hack/tools.sh builds it)")
 
 
-def _cluster(run_dir: Path, name: str, extra: tuple[str, ...] = ()) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(run_dir, 3, name=name, die_with_parent=True, extra_args=extra)
-    try:
-        cluster.start()
-    except ToolNotFoundError as exc:
-        missing_tool(exc)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 @pytest.fixture
 def fresh_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A 3-member cluster of this test alone (its data may be destroyed)."""
-    yield from _cluster(tmp_path / "etcd", "restore")
+    yield from private_etcd(tmp_path / "etcd", "restore")
 
 
 @pytest.fixture
 def small_quota_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A 3-member cluster whose backend quota is SMALL_QUOTA_BYTES: NOSPACE is reachable."""
-    yield from _cluster(
-        tmp_path / "etcd", "nospace", (f"--quota-backend-bytes={SMALL_QUOTA_BYTES}",)
+    yield from private_etcd(
+        tmp_path / "etcd", "nospace", extra_args=(f"--quota-backend-bytes={SMALL_QUOTA_BYTES}",)
     )
 
 
