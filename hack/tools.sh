@@ -20,7 +20,7 @@ tag="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}"
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/ml-defender"
 bindir="${DEFENDER_TOOLS_DIR:-$cache_root/$tag/bin}"
 k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-all_bins=("${k8s_bins[@]}" etcd etcdctl helm)
+all_bins=("${k8s_bins[@]}" etcd etcdctl etcdutl helm)
 k8s_node_bins=(kubelet kube-proxy)
 # Linked from Debian packages (see build_node_packages): the harness finds every node binary in
 # the bin dir, whatever its origin.
@@ -106,6 +106,26 @@ MOD
      && go build -ldflags "$ld" -o "$bindir/etcdctl" go.etcd.io/etcd/etcdctl/v3)
   stamp etcd "$ld"
   log "etcd: built"
+}
+
+build_etcdutl() {
+  # etcd 3.6 moved `snapshot status` and `snapshot restore` out of etcdctl into etcdutl (offline
+  # tool on a data file); backup verification and restore need it. Its own stamp, so adding it
+  # never rebuilds etcd/etcdctl.
+  local ld="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=release-$ETCD_VERSION" mod="$work/etcdutl"
+  if have_all etcdutl && stamp_ok etcdutl "$ld"; then log "etcdutl $ETCD_VERSION: cached"; return; fi
+  mkdir -p "$mod"
+  cat > "$mod/go.mod" <<MOD
+module ml-defender.local/tools/etcdutl
+
+go 1.26.0
+
+require go.etcd.io/etcd/etcdutl/v3 $ETCD_VERSION
+MOD
+  log "etcdutl $ETCD_VERSION: go build etcdutl"
+  (cd "$mod" && go build -ldflags "$ld" -o "$bindir/etcdutl" go.etcd.io/etcd/etcdutl/v3)
+  stamp etcdutl "$ld"
+  log "etcdutl: built"
 }
 
 build_helm() {
@@ -197,6 +217,7 @@ build_node_packages() {
 }
 
 build_etcd
+build_etcdutl
 build_helm
 build_kubernetes
 if ((with_node)); then

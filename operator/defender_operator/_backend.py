@@ -76,6 +76,10 @@ class EtcdHealth:
     reachable: bool
     quorum: bool
     detail: str = ""
+    # Filled by a full health check (`_etcd_health`); None/() when only reachability is known.
+    healthy_members: int | None = None
+    cluster_size: int | None = None
+    alarms: tuple[str, ...] = ()
 
 
 class Backend(Protocol):

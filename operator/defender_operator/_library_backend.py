@@ -52,7 +52,7 @@ from defender_operator._backend import (
 )
 from defender_operator._decisions.ownership import Claim
 from defender_operator._errors import OwnerRecordError
-from defender_operator._etcd_health import etcd_health
+from defender_operator._etcd_health import etcd_health, record_metrics
 from defender_operator._keys import MutableKeyringSource
 
 log = logging.getLogger("defender_operator.backend")
@@ -101,7 +101,9 @@ class LibraryBackend:
         self._declared: dict[str, tuple[str, Mapping[str, Any] | None, str]] = {}
 
     def health(self) -> EtcdHealth:
-        return etcd_health(self.client.store.health())
+        report = self.client.store.health()
+        record_metrics(report)
+        return etcd_health(report)
 
     def state(self, component: str) -> ComponentState:
         try:

@@ -13,6 +13,7 @@ import logging
 from defender_config import DefenderConfigError
 from defender_operator import _keyguard, _rotation
 from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord
+from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
 from defender_operator._metrics import ERRORS, HEARTBEAT_RESYNCS
 from defender_operator._runtime import Runtime, utcnow
@@ -27,7 +28,9 @@ async def etcd_health(rt: Runtime) -> None:
         except DefenderConfigError as exc:
             health = EtcdHealth(reachable=False, quorum=False, detail=str(exc))
         was_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
+        alarms_before = rt.etcd.last.alarms
         rt.etcd.record(utcnow(), health)
+        await _tell_nospace(rt, alarms_before, health)
         now_ok = health.reachable and health.quorum
         if was_ok != now_ok:
             log.log(
@@ -37,6 +40,38 @@ async def etcd_health(rt: Runtime) -> None:
                 health.detail,
             )
         await asyncio.sleep(rt.settings.etcd_health_interval_seconds)
+
+
+async def _tell_nospace(rt: Runtime, before: tuple[str, ...], health: EtcdHealth) -> None:
+    """An Event on every DefenderComponent and an alert per component when NOSPACE starts and
+    when it ends. The alert written while NOSPACE lasts is refused by etcd (it only reaches the
+    logs); the one at the end reaches `<prefix>/alerts/`, so rag learns of the outage."""
+    change = nospace_change(before, health.alarms)
+    if change is None:
+        return
+    try:
+        if change == "raised":
+            log.error("defender etcd NOSPACE alarm: writes refused; %s", NOSPACE_ADVICE)
+            await _keyguard._tell(
+                rt,
+                "Warning",
+                "EtcdNoSpace",
+                f"defender etcd raised NOSPACE: every write is refused; {NOSPACE_ADVICE}",
+                alert=True,
+            )
+        else:
+            log.info("defender etcd NOSPACE alarm cleared: writes accepted again")
+            await _keyguard._tell(
+                rt,
+                "Normal",
+                "EtcdSpaceRecovered",
+                "defender etcd NOSPACE alarm cleared: writes are accepted again (commits and"
+                " heartbeats that failed meanwhile are retried by their writers)",
+                alert=True,
+            )
+    except (DefenderConfigError, OperatorError) as exc:
+        ERRORS.labels("etcd_alarm_event").inc()
+        log.warning("could not post the NOSPACE event: %s", exc)
 
 
 async def heartbeat_watch(rt: Runtime) -> None:

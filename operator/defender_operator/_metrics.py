@@ -31,6 +31,27 @@ ROTATION_STAGE = Gauge(
 ETCD_AVAILABLE = Gauge(
     "defender_operator_etcd_available", "1 when defender etcd is reachable with quorum"
 )
+ETCD_MEMBERS_HEALTHY = Gauge(
+    "defender_operator_etcd_members_healthy", "defender etcd members that serve without alarm"
+)
+ETCD_MEMBER_HEALTHY = Gauge(
+    "defender_operator_etcd_member_healthy", "1 when the member serves without alarm", ["member"]
+)
+ETCD_MEMBER_LEADER = Gauge(
+    "defender_operator_etcd_member_is_leader", "1 for the member that leads", ["member"]
+)
+ETCD_DB_SIZE = Gauge(
+    "defender_operator_etcd_db_size_bytes", "Size of the member's database file", ["member"]
+)
+ETCD_DB_SIZE_IN_USE = Gauge(
+    "defender_operator_etcd_db_size_in_use_bytes",
+    "Bytes of the member's database in use (the rest is freed by a defrag)",
+    ["member"],
+)
+ETCD_REVISION = Gauge("defender_operator_etcd_revision", "Highest revision a member reported")
+ETCD_ALARM = Gauge(
+    "defender_operator_etcd_alarm", "1 while etcd reports this alarm (NOSPACE, CORRUPT)", ["alarm"]
+)
 HEARTBEAT_EVENTS = Counter(
     "defender_operator_heartbeat_events_total",
     "Instance key events from the heartbeat watch (a delete: stopped or lease expired)",

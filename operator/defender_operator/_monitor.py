@@ -66,7 +66,7 @@ def _rfc3339(when: datetime) -> str:
 def heartbeat_condition(
     decision: RestartDecision, alive: int, expected: int, degraded: bool
 ) -> cond.Cond:
-    if decision.reason in ("EtcdUnavailable", "EtcdNoQuorum", "EtcdRecovering"):
+    if decision.reason in ("EtcdUnavailable", "EtcdNoQuorum", "EtcdRecovering", "EtcdNoSpace"):
         return cond.Cond(cond.HEARTBEATING, cond.UNKNOWN, decision.reason, decision.message)
     if degraded or decision.action is RestartAction.DEGRADED:
         return cond.Cond(cond.HEARTBEATING, cond.FALSE, "RestartBudgetExhausted", decision.message)

@@ -96,6 +96,7 @@ async def publish_status(
         conflict=mem.conflict,
         cadence=mem.cadence_condition,
         corrupt=mem.corrupt,
+        etcd=rt.etcd.condition(),
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],

@@ -16,6 +16,7 @@ from defender_config import Cadence
 from defender_operator._backend import Backend, EtcdHealth
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.conditions import Cond, ConfigState
+from defender_operator._decisions.etcd import NOSPACE, EtcdFacts, etcd_condition
 from defender_operator._decisions.keyring import KeyringPlan, keyring_condition
 from defender_operator._decisions.restarts import EtcdView
 from defender_operator._heartbeats import HeartbeatView
@@ -76,6 +77,10 @@ class EtcdTracker:
         self.healthy_since: datetime | None = None
         self.unhealthy_since: datetime | None = utcnow()
         self.measured = False
+        # Since when writes are accepted again after a NOSPACE alarm (None: never refused).
+        # Not part of healthy_since: the liveness probe must not restart the operator for a
+        # full database, which a restart cannot fix.
+        self.writable_since: datetime | None = None
 
     def record(self, now: datetime, health: EtcdHealth) -> None:
         ok = health.reachable and health.quorum
@@ -84,12 +89,42 @@ class EtcdTracker:
             self.healthy_since, self.unhealthy_since = now, None
         elif not ok and self.unhealthy_since is None:
             self.healthy_since, self.unhealthy_since = None, now
+        if NOSPACE in health.alarms:
+            self.writable_since = None
+        elif NOSPACE in self.last.alarms:
+            self.writable_since = now
         self.last = health
         ETCD_AVAILABLE.set(1 if ok else 0)
 
+    def condition(self) -> Cond | None:
+        """EtcdHealthy, once a full health check has run (None before)."""
+        last = self.last
+        if not self.measured or last.healthy_members is None or last.cluster_size is None:
+            if self.measured and not (last.reachable and last.quorum):
+                facts = EtcdFacts(last.reachable, last.quorum, 0, 0, last.alarms, last.detail)
+                return etcd_condition(facts)
+            return None
+        return etcd_condition(
+            EtcdFacts(
+                last.reachable,
+                last.quorum,
+                last.healthy_members,
+                last.cluster_size,
+                last.alarms,
+                last.detail,
+            )
+        )
+
     def view(self) -> EtcdView:
+        since = self.healthy_since
+        if since is not None and self.writable_since is not None:
+            # After NOSPACE ends, instances need a full threshold to write heartbeats again.
+            since = max(since, self.writable_since)
         return EtcdView(
-            reachable=self.last.reachable, quorum=self.last.quorum, healthy_since=self.healthy_since
+            reachable=self.last.reachable,
+            quorum=self.last.quorum,
+            healthy_since=since,
+            writable=NOSPACE not in self.last.alarms,
         )
 
     def unavailable_for(self, now: datetime) -> timedelta:

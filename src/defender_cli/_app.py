@@ -20,6 +20,7 @@ from defender_config import (
 )
 
 from . import _commands as cmd
+from . import _etcd_commands as etcd
 from . import _keyring_commands as keys
 from ._connect import (
     DEFAULT_KEYRING_SECRET,
@@ -140,6 +141,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
 
     p = sub.add_parser(
+        "backup",
+        parents=[common],
+        help="snapshot etcd from a healthy member, verify it, keep the newest --keep",
+    )
+    p.add_argument("--dir", required=True, type=Path, help="directory of the snapshots")
+    p.add_argument("--keep", type=int, default=7, help="snapshots to keep (default 7)")
+    p.add_argument("--etcdutl", help="etcdutl binary (default: on PATH) to check revision/keys")
+
+    p = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="verify a snapshot and print (or --run) the etcdutl restore of every member",
+    )
+    p.add_argument("--snapshot", required=True, type=Path)
+    p.add_argument(
+        "--member",
+        action="append",
+        required=True,
+        metavar="NAME=PEER_URL",
+        help="each member of the new cluster, in order (repeat)",
+    )
+    p.add_argument(
+        "--data-dir", required=True, help="each member's new data directory; {name} is replaced"
+    )
+    p.add_argument(
+        "--token",
+        default="ml-defender-etcd-restored",
+        help="initial cluster token of the new cluster (differ from the old one)",
+    )
+    p.add_argument("--etcdutl", help="etcdutl binary (default: on PATH)")
+    p.add_argument(
+        "--run", action="store_true", help="run the restores here (data dirs on this machine)"
+    )
+
+    p = sub.add_parser(
+        "defrag",
+        parents=[common],
+        help="defragment every member, followers first, leader last, one at a time",
+    )
+    p.add_argument("--compact", action="store_true", help="first compact to the current revision")
+    p.add_argument(
+        "--disarm-nospace",
+        action="store_true",
+        help="afterwards clear NOSPACE alarms (docs/troubleshooting.md#storenospace)",
+    )
+
+    p = sub.add_parser(
         "dump", parents=[common], help="every key for debugging (sealed values stay sealed)"
     )
     p.add_argument(
@@ -163,8 +211,28 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         show: Callable[[Printer, Any], None]
         exit_code = 0
         if args.command == "status":
-            data = cmd.collect_status(conn.client(), args.component, args.alerts_since)
-            show = cmd.show_status
+            client = conn.client()
+            data = cmd.collect_status(client, args.component, args.alerts_since)
+            data["etcd"] = etcd.collect_etcd(client)
+            show = _show_status
+        elif args.command == "backup":
+            tool = etcd.find_etcdutl(args.etcdutl)
+            data = etcd.backup(conn.client(), args.dir, args.keep, tool)
+            show = etcd.show_backup
+        elif args.command == "restore":
+            tool = etcd.find_etcdutl(args.etcdutl)
+            data = etcd.restore(
+                args.snapshot, args.member, args.data_dir, args.token, tool, run=args.run
+            )
+            show = etcd.show_restore
+        elif args.command == "defrag":
+            data = etcd.defrag(
+                conn.client(),
+                compact=args.compact,
+                disarm_nospace=args.disarm_nospace,
+                printer=printer if args.output == "table" else None,
+            )
+            show = etcd.show_defrag
         elif args.command == "alerts":
             data = cmd.collect_alerts(conn.client(), args.component, args.since, args.limit or None)
             show = cmd.show_alerts
@@ -205,6 +273,12 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         return exit_code
     finally:
         conn.close()
+
+
+def _show_status(printer: Printer, data: dict[str, Any]) -> None:
+    cmd.show_status(printer, data)
+    printer.line()
+    etcd.show_etcd(printer, data["etcd"])
 
 
 def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 CliError                 exit 2; the message says what is wrong and what to check
 ├── NeedsKeyringError    a command must decrypt and no keyring was given
-└── ExportNotStampedError exit 3; `keyring export` wrote a complete file but could not stamp
+├── ExportNotStampedError exit 3; `keyring export` wrote a complete file but could not stamp
                          the Secret's last-export-time (RBAC, or the Secret was deleted)
+└── SkippedError         exit 3; maintenance skipped on purpose (etcd unhealthy): retry later
 """
 
 from __future__ import annotations
@@ -29,5 +30,10 @@ class ExportNotStampedError(CliError):
     """`keyring export` wrote the file, complete and correct (the keyring the Secret held when
     it was read), but could not record the export on the Secret. Its own exit code, so a backup
     script can tell "kept, not recorded" (3) from "nothing written" (2)."""
+
+
+class SkippedError(CliError):
+    """A maintenance step refused to run because etcd is not healthy enough; a CronJob sees
+    exit 3 and retries at its next schedule."""
 
     exit_code = 3

@@ -25,7 +25,10 @@ DefenderConfigError                          reason
 │   ├── StoreUnavailableError                StoreUnavailable
 │   ├── StoreAuthError                       StoreAuth         bad user/password/cert
 │   ├── ConflictError                        Conflict
-│   └── NotFoundError                        NotFound
+│   ├── NotFoundError                        NotFound
+│   └── StoreNoSpaceError                    StoreNoSpace      etcd NOSPACE alarm: writes refused
+├── MaintenanceError                         MaintenanceRefused  etcd unfit for it / would overwrite
+│   └── SnapshotInvalidError                 SnapshotInvalid   hash or etcdutl check failed
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
 ├── ConfigValidationError                    ConfigInvalid
 ├── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
@@ -58,6 +61,7 @@ __all__ = [
     "KeyringBackupError",
     "KeyringError",
     "KeyringLacksKeysError",
+    "MaintenanceError",
     "NotAnEnvelopeError",
     "NotFoundError",
     "RecordAuthError",
@@ -65,8 +69,10 @@ __all__ = [
     "RepairRefusedError",
     "SettingsError",
     "SizeAnomalyError",
+    "SnapshotInvalidError",
     "StoreAuthError",
     "StoreError",
+    "StoreNoSpaceError",
     "StoreUnavailableError",
     "UnexpectedEnvelopeError",
     "UnknownCodecError",
@@ -472,6 +478,23 @@ class ConflictError(StoreError):
         super().__init__(f"conflicting update of {path!r}{rev}{extra}; {advice}", path=path)
 
 
+class StoreNoSpaceError(StoreError):
+    """etcd refused a write because its database reached the backend quota (the NOSPACE alarm
+    is raised cluster-wide; reads still work). Never retried: only compaction, defragmentation
+    and disarming the alarm bring writes back (docs/troubleshooting.md#nospace)."""
+
+    reason = "StoreNoSpace"
+
+    def __init__(self, detail: str, *, path: str | None = None) -> None:
+        self.detail = detail
+        super().__init__(
+            f"etcd refused the write{_at(path)}: its database is full ({detail}); run"
+            " `kubectl defender defrag --compact --disarm-nospace` or raise"
+            " etcd.quotaBackendBytes (docs/troubleshooting.md#nospace)",
+            path=path,
+        )
+
+
 class NotFoundError(StoreError):
     """The key does not exist."""
 
@@ -480,6 +503,24 @@ class NotFoundError(StoreError):
     def __init__(self, path: str, *, detail: str = "") -> None:
         extra = f"; {detail}" if detail else ""
         super().__init__(f"no value at {path!r}{extra}", path=path)
+
+
+class MaintenanceError(DefenderConfigError):
+    """A maintenance step (snapshot, defragmentation, restore) refused to run or stopped: the
+    cluster is not healthy enough, or a restore would overwrite a member's data."""
+
+    reason = "MaintenanceRefused"
+
+
+class SnapshotInvalidError(MaintenanceError):
+    """A snapshot file failed its check: the SHA-256 etcd appends does not match, or etcdutl
+    could not read it. Never restore from it."""
+
+    reason = "SnapshotInvalid"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        super().__init__(f"snapshot {path} is not usable: {detail}; take a new one")
 
 
 class ConfigFrozenError(DefenderConfigError):

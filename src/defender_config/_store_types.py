@@ -164,6 +164,15 @@ class MemberHealth:
     db_size_bytes: int | None = None
     version: str | None = None
     error: str | None = None
+    # What etcd 3.4+ also reports (see _store/_maintenance.status_extras).
+    db_size_in_use_bytes: int | None = None
+    db_size_quota_bytes: int | None = None
+    revision: int | None = None
+    is_learner: bool = False
+    alarms: tuple[str, ...] = ()
+    # It answered a linearizable read. Unlike `healthy`, an alarm does not clear it: a member
+    # with NOSPACE still serves reads, and maintenance (defrag) must still reach it.
+    serving: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +189,27 @@ class HealthReport:
     @property
     def leader(self) -> MemberHealth | None:
         return next((m for m in self.members if m.is_leader), None)
+
+    @property
+    def alarms(self) -> tuple[str, ...]:
+        """Every alarm any member reports (NOSPACE, CORRUPT), each once, sorted."""
+        return tuple(sorted({a for m in self.members for a in m.alarms}))
+
+    @property
+    def degraded(self) -> bool:
+        """Serving, but not at full strength: a member down or unhealthy, or an alarm on."""
+        return self.healthy_count < self.cluster_size or bool(self.alarms)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotFile:
+    """A snapshot streamed from one member by `EtcdStore.snapshot`."""
+
+    path: str
+    size_bytes: int
+    revision: int
+    member: str
+    hash_ok: bool
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -213,6 +243,12 @@ OPS: tuple[str, ...] = (
     "revision",
     "status",
     "authenticate",
+    # Maintenance (docs/operations.md): one chosen member, rare calls.
+    "snapshot",
+    "defragment",
+    "compact",
+    "alarms",
+    "disarm_alarm",
 )
 
 _LATENCY_BUCKETS = (

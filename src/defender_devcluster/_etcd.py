@@ -80,6 +80,7 @@ class EtcdCluster:
         start_timeout: float = 60.0,
         die_with_parent: bool = False,
         peer_proxy: bool = False,
+        extra_args: Iterable[str] = (),
     ) -> None:
         if members < 1:
             raise ValueError("an etcd cluster needs at least one member")
@@ -97,6 +98,8 @@ class EtcdCluster:
         self._proxy: PeerProxy | None = None
         self._member_ids: list[str] = []
         self._procs: list[ManagedProcess] = []
+        # More etcd flags for every member, e.g. a small --quota-backend-bytes to reach NOSPACE.
+        self.extra_args = tuple(extra_args)
 
     # ----------------------------------------------------------------- public face
     @property
@@ -107,6 +110,25 @@ class EtcdCluster:
     def member_pids(self) -> list[int | None]:
         """PID per member; None for a member that is not running."""
         return [p.pid if p.running() else None for p in self._procs]
+
+    @property
+    def cluster_token(self) -> str:
+        return f"defender-devcluster-{self.name}"
+
+    def peer_url(self, i: int) -> str:
+        """The peer URL member i advertises (what a restore's --initial-cluster names)."""
+        return f"http://127.0.0.1:{self.advertised_peer_ports[i]}"
+
+    def wipe_member_data(self) -> None:
+        """Delete every member's data directory (all members must be stopped): what a restore
+        starts from. `restart_members()` then starts them on whatever the directories hold."""
+        running = [self.member_name(i) for i, p in enumerate(self._procs) if p.running()]
+        if running:
+            raise ProcessStartError(
+                f"etcd cluster {self.name}", self.dir, f"members still running: {running}"
+            )
+        self._wipe_data()
+        self._member_ids = []
 
     def member_name(self, i: int) -> str:
         return f"{self.name}-{i}"
@@ -328,12 +350,13 @@ class EtcdCluster:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={advertised_peer}",
             f"--initial-cluster={peers}",
-            f"--initial-cluster-token=defender-devcluster-{self.name}",
+            f"--initial-cluster-token={self.cluster_token}",
             "--initial-cluster-state=new",
             # The machine is shared with builds; etcd's 100 ms/1 s defaults flap under load.
             "--heartbeat-interval=200",
             "--election-timeout=2000",
             "--log-level=warn",
+            *self.extra_args,
         ]
         # etcd also reads ETCD_* variables: one left in a shell would change the cluster.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}

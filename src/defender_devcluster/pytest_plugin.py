@@ -143,6 +143,23 @@ def defender_etcd(
         cluster.stop()
 
 
+def private_etcd(
+    run_dir: Path, name: str, *, extra_args: tuple[str, ...] = ()
+) -> Iterator[EtcdCluster]:
+    """A 3-member cluster for one test alone (its data may be destroyed, its quota filled),
+    stopped afterwards; `yield from private_etcd(...)` in a fixture. A missing etcd binary
+    skips, or fails under CI, like the session cluster."""
+    cluster = EtcdCluster(run_dir, 3, name=name, die_with_parent=True, extra_args=extra_args)
+    try:
+        cluster.start()
+    except ToolNotFoundError as exc:
+        missing_tool(exc)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
 def etcd_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix no other test uses, e.g. ``/test/test_put_get-3f2a9c1b/`` (ends with /)."""

@@ -84,6 +84,8 @@ class Observation:
     cadence: Cond | None = None
     # The last scrub's verdict (`_decisions.scrub.plan_scrub`); None leaves it out.
     corrupt: Cond | None = None
+    # Informational: the defender etcd's own health (`_decisions.etcd`), once measured.
+    etcd: Cond | None = None
 
 
 _CONFIG = {
@@ -151,7 +153,7 @@ def compute(obs: Observation) -> list[Cond]:
         config = Cond(CONFIG_SYNCED, FALSE, obs.conflict.reason, obs.conflict.message)
         ready = Cond(READY, FALSE, obs.conflict.reason, f"{CONFLICT}: {obs.conflict.message}")
         return [ready, config, heartbeat, key, misconfig, obs.conflict]
-    extra = [c for c in (obs.keyring, obs.cadence, obs.corrupt) if c is not None]
+    extra = [c for c in (obs.keyring, obs.cadence, obs.corrupt, obs.etcd) if c is not None]
     return [ready, config, heartbeat, key, misconfig, *extra]
 
 

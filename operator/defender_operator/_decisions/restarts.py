@@ -32,6 +32,8 @@ class EtcdView:
     quorum: bool
     # Since when etcd has been continuously reachable with quorum (None = not healthy now).
     healthy_since: datetime | None
+    # False while the NOSPACE alarm refuses writes: heartbeats cannot be written either.
+    writable: bool = True
 
 
 # The longest lease an instance may advertise and still be waited for: the API's largest
@@ -211,6 +213,13 @@ def decide_restart(
             RestartAction.HOLD,
             "EtcdNoQuorum",
             "defender etcd has lost quorum: heartbeats cannot be judged, no pod is restarted",
+        )
+    if not etcd.writable:
+        return RestartDecision(
+            RestartAction.HOLD,
+            "EtcdNoSpace",
+            "defender etcd refuses writes (NOSPACE alarm): heartbeats cannot be written, no pod"
+            " is restarted",
         )
     stale = stale_pods(now, pods, last_seen, watch_started, policy, lease_ttls)
     names = tuple(name for _, name in stale)

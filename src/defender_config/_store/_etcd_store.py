@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -23,6 +24,7 @@ from .._errors import (
     SettingsError,
     StoreAuthError,
     StoreError,
+    StoreNoSpaceError,
     StoreUnavailableError,
 )
 from .._settings import EtcdSettings
@@ -34,6 +36,7 @@ from .._store_types import (
     Lease,
     MemberHealth,
     PutOp,
+    SnapshotFile,
     StoredValue,
     StoreMetrics,
     TxnResult,
@@ -42,6 +45,14 @@ from .._store_types import (
 )
 from ._cache import _ABSENT, _Absent, _LastKnownGood
 from ._keepalive import KeepAliveMux
+from ._maintenance import (
+    alarm_name,
+    alarm_request,
+    defragment,
+    snapshot_hash_ok,
+    snapshot_to,
+    status_extras,
+)
 from ._pyetcd import (
     _ENDPOINT_QUARANTINE_SECONDS,
     _GRPC_OPTIONS,
@@ -56,6 +67,10 @@ from ._rules import ErrorRule, _details, _grpc_code, classify_error
 from ._watch import WatchHandle
 
 log = logging.getLogger("defender_config.store")
+
+# A snapshot streams the whole database, a defrag rewrites it: both outlast a KV call's timeout.
+_SNAPSHOT_TIMEOUT_SECONDS = 300.0
+_DEFRAG_TIMEOUT_SECONDS = 120.0
 
 T = TypeVar("T")
 
@@ -243,6 +258,8 @@ class EtcdStore:
             return StoreAuthError(detail, path=path)
         if rule.kind == "not_found":
             return NotFoundError(path or "?", detail=detail)
+        if rule.kind == "nospace":
+            return StoreNoSpaceError(detail, path=path)
         where = f" at {path!r}" if path else ""
         return StoreError(f"etcd request failed{where}: {detail}", path=path)
 
@@ -530,8 +547,11 @@ class EtcdStore:
                 healthy = _grpc_code(exc) == grpc.StatusCode.PERMISSION_DENIED
                 error = None if healthy else _details(exc)
             member_id = int(status.header.member_id)
-            # Older protos (etcd < 3.4) have no `errors` field.
-            alarms = [str(e) for e in getattr(status, "errors", ())]
+            # Our stubs predate `errors` (the member's alarms) and its neighbours: read them from
+            # the wire bytes the member sent.
+            extras = status_extras(status.SerializeToString())
+            # Each member lists the alarms of every member: one name each is enough here.
+            alarms = list(dict.fromkeys(extras.alarms))
             members.append(
                 MemberHealth(
                     endpoint=label,
@@ -544,16 +564,121 @@ class EtcdStore:
                     db_size_bytes=int(status.dbSize),
                     version=str(status.version),
                     error=error or ("; ".join(alarms) or None),
+                    db_size_in_use_bytes=extras.db_size_in_use_bytes,
+                    db_size_quota_bytes=extras.db_size_quota_bytes,
+                    revision=int(status.header.revision),
+                    is_learner=extras.is_learner,
+                    alarms=tuple(alarms),
+                    serving=healthy,
                 )
             )
-        leaders = {m.member_id for m in members if m.healthy and m.is_leader}
-        healthy_count = sum(1 for m in members if m.healthy)
+        # An alarm (NOSPACE) makes a member unhealthy but it still serves reads through the
+        # quorum: the cluster keeps its leader and quorum, it refuses writes.
+        leaders = {m.member_id for m in members if m.serving and m.is_leader}
         leader_id = next(iter(leaders)) if len(leaders) == 1 else None
-        # A linearizable read only succeeds through a quorum, so one healthy member proves it.
-        quorum = healthy_count > 0
+        # A linearizable read only succeeds through a quorum, so one serving member proves it.
+        quorum = any(m.serving for m in members)
         return HealthReport(
             members=tuple(members), cluster_size=cluster_size, leader_id=leader_id, quorum=quorum
         )
+
+    # --- maintenance (one chosen member) --------------------------------------------------------
+
+    def _member_channel(self, endpoint: str) -> Any:
+        """The channel of the member `endpoint` names: a label as `health()` reports it
+        (host:port) or a URL from the settings."""
+        label = endpoint
+        if "://" in endpoint or endpoint not in self._client.endpoints:
+            host, port, _ = parse_endpoint(endpoint)
+            label = f"{host}:{port}"
+        found = self._client.endpoints.get(label)
+        if found is None:
+            raise SettingsError(
+                f"{endpoint!r} is not one of this store's endpoints"
+                f" ({', '.join(self._client.endpoints)})"
+            )
+        return found.channel
+
+    def _maintenance(self, op: str, endpoint: str, fn: Callable[[Any, Any], T]) -> T:
+        """One call to one member, never failed over elsewhere (the caller chose the member);
+        retried on transient failures against that same member."""
+        channel = self._member_channel(endpoint)
+
+        def call(c: _SharedClient) -> T:
+            return fn(channel, c.metadata)
+
+        return self._call(op, call, path=endpoint)
+
+    def snapshot(self, endpoint: str, dest: str) -> SnapshotFile:
+        """Stream a snapshot of member `endpoint` into the file `dest` (never left partial) and
+        check the SHA-256 etcd appends to it. Sealed values stay sealed: a snapshot holds the
+        stored bytes, never a key."""
+        path = Path(dest)
+        timeout = max(self.settings.timeout_seconds, _SNAPSHOT_TIMEOUT_SECONDS)
+
+        def take(channel: Any, md: Any) -> tuple[int, int]:
+            # etcd leaves the stream's header empty: the member's revision just before the
+            # stream starts is what the snapshot holds at least.
+            before = etcdrpc.MaintenanceStub(channel).Status(
+                etcdrpc.StatusRequest(), self.settings.timeout_seconds, metadata=md
+            )
+            size, revision = snapshot_to(channel, md, timeout, path)
+            return size, revision or int(before.header.revision)
+
+        size, revision = self._maintenance("snapshot", endpoint, take)
+        return SnapshotFile(
+            path=str(path),
+            size_bytes=size,
+            revision=revision,
+            member=endpoint,
+            hash_ok=snapshot_hash_ok(path),
+        )
+
+    def defragment(self, endpoint: str) -> None:
+        """Defragment member `endpoint` (it blocks that member's reads and writes meanwhile:
+        run it on one member at a time; `defender_config.defragment_cluster` does)."""
+        timeout = max(self.settings.timeout_seconds, _DEFRAG_TIMEOUT_SECONDS)
+        self._maintenance("defragment", endpoint, lambda ch, md: defragment(ch, md, timeout))
+
+    def compact(self, revision: int) -> None:
+        """Drop every key revision older than `revision` (physical: wait until it is done)."""
+        request = etcdrpc.CompactionRequest(revision=revision, physical=True)
+
+        def call(c: _SharedClient) -> Any:
+            try:
+                return c.kvstub.Compact(request, c.timeout, metadata=c.metadata)
+            except grpc.RpcError as exc:
+                c._manage_grpc_errors(exc)
+                raise
+
+        self._call("compact", call)
+
+    def alarms(self) -> list[tuple[int, str]]:
+        """Every active alarm as (member id, alarm name), e.g. (0x8e9e..., "NOSPACE")."""
+
+        def call(c: _SharedClient) -> Any:
+            try:
+                return c.maintenancestub.Alarm(alarm_request("GET"), c.timeout, metadata=c.metadata)
+            except grpc.RpcError as exc:
+                c._manage_grpc_errors(exc)
+                raise
+
+        response = self._call("alarms", call)
+        return [(int(a.memberID), alarm_name(a.alarm)) for a in response.alarms]
+
+    def disarm_alarm(self, member_id: int, alarm: str) -> None:
+        """Clear one alarm (etcd raises NOSPACE again at once if the member is still over)."""
+
+        def call(c: _SharedClient) -> Any:
+            try:
+                return c.maintenancestub.Alarm(
+                    alarm_request("DEACTIVATE", member_id, alarm), c.timeout, metadata=c.metadata
+                )
+            except grpc.RpcError as exc:
+                c._manage_grpc_errors(exc)
+                raise
+
+        self._call("disarm_alarm", call)
 
     def has_quorum(self) -> bool:
         """True if a linearizable read succeeds (with the usual retries). A "permission

@@ -9,7 +9,7 @@ from typing import Final, Literal
 import grpc
 from pyetcd import exceptions as etcd_exc
 
-_Kind = Literal["unavailable", "auth", "not_found", "compacted", "error"]
+_Kind = Literal["unavailable", "auth", "not_found", "compacted", "nospace", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +109,13 @@ _RESET = ErrorRule("unavailable", True, "stream_reset", "the member reset the ca
 _NO_CREDENTIALS = ErrorRule(
     "auth", False, "unauthenticated", "etcd requires credentials and none were given"
 )
+# A write refused because the backend reached its quota: the NOSPACE alarm is on until a person
+# (or `kubectl defender defrag --disarm-nospace`) frees space and disarms it; no retry helps.
+_NO_SPACE = ErrorRule(
+    "nospace", False, "no_space", "etcd's database reached its quota (NOSPACE alarm)"
+)
 _BY_DETAILS: Final = (
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ("database space exceeded",), _NO_SPACE),
     (grpc.StatusCode.UNKNOWN, ("raft proposal dropped",), _BUSY),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, ("etcdserver: too many requests",), _BUSY),
     (grpc.StatusCode.CANCELLED, ("RST_STREAM", "Stream removed"), _RESET),

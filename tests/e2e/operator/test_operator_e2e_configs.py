@@ -51,10 +51,11 @@ def test_samples_are_seeded_ready_and_listed(operator_run: OperatorRun) -> None:
         assert (active.version, active.config) == (1, expected)
         status = run.get(name)["status"]
         assert status["masterDigest"] == status["activeDigest"] == config_digest(expected)
-        # Every condition is present from the first visit; HeartbeatCadence (informational)
-        # joins once a monitor pass has compared the instances with spec.heartbeat, Corrupt
-        # once the first scrub ran.
-        types = {c["type"] for c in status["conditions"]} - {"HeartbeatCadence", "Corrupt"}
+        # Every condition is present from the first visit; HeartbeatCadence, EtcdHealthy and
+        # Corrupt (informational) join once a monitor pass compared the instances with
+        # spec.heartbeat, an etcd health check ran, and the first scrub ran.
+        informational = {"HeartbeatCadence", "EtcdHealthy", "Corrupt"}
+        types = {c["type"] for c in status["conditions"]} - informational
         assert types == {
             "Ready",
             "ConfigSynced",

@@ -60,6 +60,8 @@ def test_impossible_combinations_fail(render: Render, values: str, message: str)
         ("etcd.ports.client=70000", r"/etcd/ports/client"),
         ("image.digest=md5:abc", r"/image/digest"),
         ("fullnameOverride=" + "x" * 41, r"/fullnameOverride"),
+        ("etcd.backup.keep=0", r"/etcd/backup/keep"),
+        ("etcd.defrag.schedule=daily", r"/etcd/defrag/schedule"),
     ],
 )
 def test_schema_rejects_bad_values(render: Render, values: str, message: str) -> None:

@@ -407,7 +407,7 @@ def test_a_chart_without_its_crd_copy_says_how_to_fix_it(render: Render, tmp_pat
 
 
 def test_members_start_through_the_member_tool(render: Render) -> None:
-    """Member replacement (docs/operations-scrub-and-members.md): the `member` init container
+    """Member replacement (docs/operations.md): the `member` init container
     decides how etcd starts and writes its config file; etcd reads only that file; a sidecar
     promotes a replacement learner. Both reach every member over TLS as root (member changes
     need it)."""

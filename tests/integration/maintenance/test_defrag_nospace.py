@@ -1,0 +1,140 @@
+"""`kubectl defender defrag` and the NOSPACE alarm on real 3-member etcd clusters."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import SMALL_QUOTA_BYTES, run_cli
+from defender_config import EtcdSettings, StoreNoSpaceError, defragment_cluster
+from defender_config.store import EtcdStore
+from defender_devcluster import EtcdCluster, etcd_client_settings
+
+pytestmark = pytest.mark.etcd
+
+CHUNK = b"z" * (200 * 1024)
+
+
+def store_for(cluster: EtcdCluster, **overrides: object) -> EtcdStore:
+    return EtcdStore(
+        EtcdSettings.model_validate({**etcd_client_settings(cluster.endpoints), **overrides})
+    )
+
+
+def flags(cluster: EtcdCluster) -> list[str]:
+    return ["--etcd-endpoints", ",".join(cluster.endpoints), "-o", "json"]
+
+
+def grow(store: EtcdStore, rounds: int) -> None:
+    """Rewrite one key: every old revision stays in the database until compaction."""
+    for _ in range(rounds):
+        store.put("/ml-defender/test/big", CHUNK)
+
+
+def fill_until_nospace(store: EtcdStore) -> StoreNoSpaceError:
+    for _ in range(4 * SMALL_QUOTA_BYTES // len(CHUNK)):
+        try:
+            store.put("/ml-defender/test/big", CHUNK)
+        except StoreNoSpaceError as exc:
+            return exc
+    raise AssertionError(f"no NOSPACE after writing {4 * SMALL_QUOTA_BYTES} bytes")
+
+
+def test_defrag_goes_through_followers_first_and_the_leader_last(
+    fresh_etcd: EtcdCluster,
+) -> None:
+    with store_for(fresh_etcd) as store:
+        grow(store, 10)
+        leader = next(m for m in store.health().members if m.is_leader).endpoint
+        before = {m.endpoint: m.db_size_bytes or 0 for m in store.health().members}
+        result = run_cli("defrag", "--compact", *flags(fresh_etcd))
+        assert result.code == 0, result.err
+        data = result.json()
+        order = [s["endpoint"] for s in data["steps"]]
+        assert len(order) == 3 and len(set(order)) == 3
+        assert order[-1] == leader and [s["was_leader"] for s in data["steps"]] == [
+            False,
+            False,
+            True,
+        ]
+        assert data["compacted_to"] is not None
+        after = {m.endpoint: m.db_size_bytes or 0 for m in store.health().members}
+        # Ten 200 KiB revisions compacted away: every member's file shrank.
+        assert all(after[ep] < before[ep] for ep in before), (before, after)
+
+
+def test_every_member_serves_between_two_defrags(fresh_etcd: EtcdCluster) -> None:
+    seen: list[int] = []
+    with store_for(fresh_etcd) as store:
+        grow(store, 3)
+
+        def after_each(step: object) -> None:
+            # The next member is only taken once the whole cluster serves again.
+            seen.append(sum(1 for m in store.health().members if m.serving))
+
+        result = defragment_cluster(store, on_step=after_each)
+    assert result.skipped is None
+    assert seen == [3, 3, 3]
+
+
+def test_defrag_is_skipped_while_a_member_is_down(fresh_etcd: EtcdCluster) -> None:
+    with store_for(fresh_etcd, retries=1, timeout_seconds=2) as store:
+        grow(store, 1)
+        old_revision = store.current_revision()
+        grow(store, 4)
+        fresh_etcd.stop_member(2)
+        try:
+            result = run_cli("defrag", "--compact", *flags(fresh_etcd))
+            assert result.code == 3, (result.out, result.err)
+            assert "not healthy, skipped" in result.err
+            assert "nothing defragmented" in result.err
+            # Not even compacted: nothing ran, the old revision is still readable.
+            assert store.get("/ml-defender/test/big", revision=old_revision) is not None
+        finally:
+            fresh_etcd.restart_member(2)
+
+
+def test_nospace_is_a_typed_error_shown_by_status_and_cleared_by_defrag(
+    small_quota_etcd: EtcdCluster,
+) -> None:
+    with store_for(small_quota_etcd, retries=1) as store:
+        refused = fill_until_nospace(store)
+        assert refused.reason == "StoreNoSpace"
+        assert "defrag --compact --disarm-nospace" in str(refused)
+        report = store.health()
+        assert report.alarms == ("NOSPACE",)
+        assert report.degraded and report.quorum
+
+        status = run_cli("status", *flags(small_quota_etcd))
+        assert status.code == 0, status.err
+        etcd = status.json()["etcd"]
+        assert etcd["alarms"] == ["NOSPACE"] and not etcd["healthy"] and etcd["quorum"]
+        assert all(m["dbSizeQuotaBytes"] == SMALL_QUOTA_BYTES for m in etcd["members"])
+        assert all(m["dbSizeInUseBytes"] for m in etcd["members"])
+
+        table = run_cli("status", "--etcd-endpoints", ",".join(small_quota_etcd.endpoints))
+        assert "NOSPACE" in table.out and "degraded" in table.out
+
+        # Still refused: the alarm stays until someone disarms it.
+        with pytest.raises(StoreNoSpaceError):
+            store.put("/ml-defender/test/small", b"x")
+
+        fixed = run_cli("defrag", "--compact", "--disarm-nospace", *flags(small_quota_etcd))
+        assert fixed.code == 0, fixed.err
+        assert fixed.json()["alarms_left"] == []
+        assert len(fixed.json()["disarmed"]) >= 1
+        assert store.health().alarms == ()
+        store.put("/ml-defender/test/small", b"x")
+        assert store.get("/ml-defender/test/small") is not None
+
+
+def test_disarming_without_freeing_space_leaves_writes_refused(
+    small_quota_etcd: EtcdCluster,
+) -> None:
+    with store_for(small_quota_etcd, retries=1) as store:
+        fill_until_nospace(store)
+        # Defrag alone frees little (every revision is still live): after a few more writes
+        # etcd raises NOSPACE again; only compaction ends it for good.
+        result = run_cli("defrag", "--disarm-nospace", *flags(small_quota_etcd))
+        assert result.code == 0, result.err
+        fill_until_nospace(store)
+        assert store.health().alarms == ("NOSPACE",)
