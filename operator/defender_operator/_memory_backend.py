@@ -9,10 +9,11 @@ the running operator from importing it.
 
 What it models as the library does: MASTER written once, ACTIVE versions that only grow
 (a rollback is a new version), the kept history (`history_limit`), metadata (digest, version,
-storage policy, time, what kind of change wrote it), the freeze (commits refused with
-ConfigFrozenError, rollbacks allowed), validation against the type and the schema given with each
-commit, owner records guarded by a revision, the request-size limit of one version's
-transaction (counting plain JSON: compression is not modelled), and alerts. What it does not:
+storage policy, time, the kind of change that wrote it), the freeze (commits refused with
+ConfigFrozenError, rollbacks allowed), validation against the type and the schema a commit is
+given (which becomes the recorded one), owner records guarded by a revision, the request-size
+limit of one version's transaction (counting plain JSON: compression is not modelled), and
+alerts. What it does not:
 envelopes, keys and signatures (`declare` never re-signs; key usage is empty).
 
 Failures are injected per operation with `fail(operation, error)`; `unavailable = True` makes
@@ -78,9 +79,8 @@ class Stored:
     history: dict[int, dict[str, Any]]
     modified: datetime
     modified_by: str
-    note: str
+    change: ChangeKind
     storage: StoragePolicy | None
-    change: ChangeKind = ChangeKind.REGISTER
 
 
 @dataclass
@@ -187,9 +187,8 @@ class MemoryBackend:
         stored: Stored,
         config: dict[str, Any],
         by: str,
-        note: str,
+        change: ChangeKind,
         storage: StoragePolicy | None,
-        change: ChangeKind = ChangeKind.COMMIT,
     ) -> int:
         self._check_size(component, config, copies=2)
         version = max(stored.version, max(stored.history, default=0)) + 1
@@ -198,8 +197,7 @@ class MemoryBackend:
         stored.history[version] = config
         for old in [v for v in stored.history if v <= version - self.history_limit]:
             del stored.history[old]
-        stored.modified, stored.modified_by, stored.note = _now(), by, note
-        stored.change = change
+        stored.modified, stored.modified_by, stored.change = _now(), by, change
         if storage is not None:
             stored.storage = storage
         return version
@@ -238,6 +236,10 @@ class MemoryBackend:
         modified_by: str,
     ) -> bool:
         self._enter("declare")
+        stored = self.components.get(component)
+        if digest is not None and stored is not None:
+            # As the library: the spec's schema governs the next commit.
+            stored.json_schema = dict(json_schema) if json_schema is not None else None
         return False  # nothing here is signed, so nothing needs re-signing
 
     def seed(
@@ -263,7 +265,7 @@ class MemoryBackend:
                 history={1: normalized},
                 modified=_now(),
                 modified_by=modified_by,
-                note="registered",
+                change=ChangeKind.REGISTER,
                 storage=storage,
             )
         return self.state(component)
@@ -283,8 +285,7 @@ class MemoryBackend:
         if component in self.frozen:
             raise ConfigFrozenError(component, why=self.frozen[component])
         stored = self._stored(component)
-        # As the library: validated against the schema given with the commit, which becomes
-        # the component's recorded schema.
+        # As the library: validated against the schema given, which becomes the recorded one.
         normalized = self._validate(component, stored.component_type, config, json_schema)
         stored.json_schema = dict(json_schema) if json_schema is not None else None
         same_policy = storage is None or storage == stored.storage
@@ -292,7 +293,9 @@ class MemoryBackend:
             return stored.version
         limit, self.history_limit = self.history_limit, history_limit
         try:
-            return self._write_version(component, stored, normalized, modified_by, "", storage)
+            return self._write_version(
+                component, stored, normalized, modified_by, ChangeKind.COMMIT, storage
+            )
         finally:
             self.history_limit = limit
 
@@ -317,9 +320,7 @@ class MemoryBackend:
                 detail=f"version {to_version} is not kept (history holds {sorted(stored.history)})",
             )
         what = "master" if to_version is None else to_version
-        version = self._write_version(
-            component, stored, target, modified_by, f"rollback to {what}", storage, change
-        )
+        version = self._write_version(component, stored, target, modified_by, change, storage)
         self._alert(
             "ConfigRolledBack",
             component,

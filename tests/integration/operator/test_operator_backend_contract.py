@@ -13,6 +13,7 @@ import pytest
 
 from defender_config import (
     Cadence,
+    ChangeKind,
     ConfigFrozenError,
     ConfigValidationError,
     Keyring,
@@ -161,19 +162,38 @@ def test_a_freeze_refuses_commits_but_not_rollbacks(backend: Backend) -> None:
     assert commit(backend, FW_TTL) == 4
 
 
-def test_commits_validate_against_the_schema_recorded_at_seed_time(backend: Backend) -> None:
+def test_commits_validate_against_the_schema_they_are_given(backend: Backend) -> None:
     backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
     with pytest.raises(ConfigValidationError):
         backend.commit(
             "scorer",
             "custom",
             {"threshold": 50},
-            # A laxer schema passed now does not count: the stored one does (for now).
-            json_schema={"type": "object"},
+            json_schema=SCHEMA,
             modified_by=BY,
             history_limit=10,
         )
     assert backend.state("scorer").active_version == 1
+    laxer = {**SCHEMA, "properties": {"threshold": {"type": "integer"}}}
+    assert (
+        backend.commit(
+            "scorer",
+            "custom",
+            {"threshold": 50},
+            json_schema=laxer,
+            modified_by=BY,
+            history_limit=10,
+        )
+        == 2
+    )
+
+
+def test_rollbacks_record_their_kind(backend: Backend) -> None:
+    seed(backend)
+    commit(backend, FW_ALLOW)
+    assert not backend.state("firewall").active_rollback
+    backend.rollback("firewall", 1, modified_by=BY, change=ChangeKind.BREAKER_REVERT)
+    assert backend.state("firewall").active_rollback
 
 
 def test_a_config_over_the_request_limit_is_refused_whole(backend: Backend) -> None:
