@@ -367,6 +367,39 @@ def section_operator(d: dict[str, Any]) -> list[str]:
     return [*out, f"![operator]({save(fig, 'operator')})", ""]
 
 
+def section_plugin(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## `kubectl defender` start-up",
+        "",
+        "Wall time per invocation through kubectl's plugin dispatch, "
+        f"{d['runs']} runs each; `status` and `diff` read a private 3-member etcd holding one "
+        "component. Baselines from the same run: the bare interpreter and kubectl alone. "
+        "`--help` and argument errors import only argparse and the plugin's own parser "
+        "(pinned by tests/unit/cli/test_cli_startup.py); a command that runs imports the "
+        "library, which is most of the time of `status` and `diff`.",
+        "",
+        "| invocation | median s | max s | exit code |",
+        "|---|---|---|---|",
+    ]
+    for name, row in d["results"].items():
+        codes = ",".join(str(c) for c in row["exit_codes"])
+        out.append(f"| {name} | {row['p50']:.3f} | {row['max']:.3f} | {codes} |")
+    out += [
+        "",
+        f"Target ≤ {d['target_seconds']:g} s for `--help` and argument errors "
+        f"(median): {verdict(d['target_met'])}.",
+        "",
+    ]
+    names = list(d["results"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(names, [d["results"][n]["p50"] for n in names], color="tab:blue")
+    ax.axvline(d["target_seconds"], color="r", linestyle="--", label="target (help, errors)")
+    ax.set_xlabel("seconds (median)")
+    ax.invert_yaxis()
+    ax.legend()
+    return [*out, f"![plugin]({save(fig, 'plugin')})", ""]
+
+
 def section_fuzz(d: dict[str, Any]) -> list[str]:
     return [
         "## Envelope decoder fuzz (`make bench-fuzz`)",
@@ -454,6 +487,7 @@ SECTIONS = [
     ("rewrap", section_rewrap),
     ("heartbeaters", section_heartbeaters),
     ("operator", section_operator),
+    ("plugin", section_plugin),
     ("fuzz_envelope", section_fuzz),
 ]
 
