@@ -211,6 +211,26 @@ def batch(
     return row
 
 
+def steady_logs(path: Path, components: int, window: float) -> dict[str, Any]:
+    """Bytes of operator log per component per hour while every component is Ready and its
+    instances beat (nothing changes): the log growth over `window` seconds, scaled. Also the
+    mean size of every line written so far (create path included)."""
+    before = path.stat().st_size
+    time.sleep(window)
+    grown = path.stat().st_size - before
+    lines = [ln for ln in path.read_bytes().splitlines() if ln.startswith(b"{")]
+    row = {
+        "components": components,
+        "window_seconds": window,
+        "steady_bytes": grown,
+        "steady_bytes_per_component_per_hour": grown / window * 3600 / components,
+        "json_lines_so_far": len(lines),
+        "mean_line_bytes": sum(map(len, lines)) / len(lines) if lines else 0.0,
+    }
+    print(f"operator log at steady state: {row}", flush=True)
+    return row
+
+
 def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[dict[str, Any]]:
     """A component's only instance (bench/heartbeat_child.py, a separate process) is
     SIGKILLed; measured: kill → lease-expiry delete event (detection), and detection → the
@@ -314,6 +334,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
     ]
     runs = []
     restarts: list[dict[str, Any]] = []
+    logs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="defender-bench-op-") as tmp:
         cluster = LocalCluster(Path(tmp) / "kube", die_with_parent=True)
         cluster.start()
@@ -341,9 +362,10 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 log_path=Path(tmp) / "operator.log",
                 liveness_port=free_port(),
             )
-            # The operator's defaults, not the e2e tests' fast intervals.
+            # The operator's defaults (JSON logs at INFO), not the e2e tests' fast intervals.
             op.start(
-                DEFENDER_OPERATOR_LOG_LEVEL="WARNING",
+                DEFENDER_OPERATOR_LOG_FORMAT="json",
+                DEFENDER_OPERATOR_LOG_LEVEL="INFO",
                 DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS="5",
                 DEFENDER_OPERATOR_ETCD_HEALTH_INTERVAL_SECONDS="5",
                 DEFENDER_OPERATOR_ROTATION_INTERVAL_SECONDS="5",
@@ -367,6 +389,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 )
                 for n in sizes:
                     runs.append(batch(op, watcher, n, f"b{n}"))
+                logs = steady_logs(op.log_path, 1 + sum(sizes), 20.0 if quick else 120.0)
                 restarts = restart_trials(op, watcher, 2 if quick else 3)
                 for n in big_runs:
                     runs.append(
@@ -407,6 +430,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
         "target": "p99 create → Ready <= 2 s; RSS <= 250 MB at 1,000 components",
         "runs": runs,
         "restart_trials": restarts,
+        "logs": logs,
         "notes": notes,
         "latency_target_met": latency_met,
         "rss_target_met": rss_met,

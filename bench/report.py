@@ -350,6 +350,17 @@ def section_operator(d: dict[str, Any]) -> list[str]:
             "",
             f"Restart call ≤ 2 s after detection: {verdict(d.get('restart_target_met'))}.",
         ]
+    logs = d.get("logs") or {}
+    if logs:
+        out += [
+            "",
+            f"Operator log (JSON, level INFO, the defaults) at steady state: "
+            f"{logs['steady_bytes']:,} B in {logs['window_seconds']:g} s with "
+            f"{logs['components']} Ready components = "
+            f"**{logs['steady_bytes_per_component_per_hour']:,.0f} B per component per hour**; "
+            f"{logs['json_lines_so_far']:,} lines so far (create path included), "
+            f"{logs['mean_line_bytes']:.0f} B each on average.",
+        ]
     out += ["", *(f"- {note}" for note in d.get("notes", [])), ""]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in d["runs"]:

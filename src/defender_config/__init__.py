@@ -50,6 +50,7 @@ from ._errors import (
     ValueTooLargeError,
     WrongPassphraseError,
 )
+from ._json_logs import JsonLogFormatter
 from ._key_usage import KeyUsage, key_usage, keys_opened, read_key_record, write_key_record
 from ._keyring import Key, Keyring, KeyringSource, KeyState, StaticKeyringSource
 from ._keyring_backup import KeyringBackup, read_keyring_backup, write_keyring_backup
@@ -147,6 +148,7 @@ __all__ = [
     "HistoryEntry",
     "InstanceEvent",
     "InvalidConfigPolicy",
+    "JsonLogFormatter",
     "Key",
     "KeyState",
     "KeyUsage",

@@ -57,7 +57,7 @@ def test_agent_follows_the_published_cadence_live(plane: Plane, record_property:
     plane.client.store.put(plane.client.layout.cadence(plane.component), b"{not json")
     plane.wait_heartbeat(agent, lambda h: _cadence(h) == LOCAL, "back to the local cadence")
     assert agent.proc.poll() is None
-    assert any("unreadable heartbeat cadence" in e.get("msg", "") for e in agent.log_lines())
+    assert any("unreadable heartbeat cadence" in e.get("message", "") for e in agent.log_lines())
 
 
 def _free_port() -> int:
