@@ -385,12 +385,8 @@ async def _reconcile(
             "created" if plan.seed_master else "kept",
             state.active_version,
         )
-        kopf.event(
-            body,
-            type="Normal",
-            reason="Seeded",
-            message=f"MASTER and ACTIVE seeded in etcd for {component}",
-        )
+        # No Event: a routine success on every create, one API write per component for what
+        # status.activeVersion and the ConfigSynced condition already show.
     mem.config_state = cond.ConfigState.SYNCED
     mem.config_message = ""
     if plan.commit:
