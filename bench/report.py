@@ -536,7 +536,8 @@ def section_findings() -> list[str]:
         "death (the key's last keep-alive was at most one interval before it). The old design "
         "adds up to one poll interval on top of its threshold and depends on synchronized "
         "clocks; at the old 30 s interval that is tens of seconds more.",
-        "- **Operator create → Ready (main's full run, before issue 17).** A monitor pass reads nothing from the API server (pods "
+        "- **Operator create → Ready (main's full run, before issue 17).** A monitor pass "
+        "reads nothing from the API server (pods "
         "from a kopf index, the component from kopf's live body, its status as last written), "
         "component state is one etcd transaction, a reconcile wakes its monitor at once, and "
         "kopf's API session has a bounded pool. With that, 100 components created at once are "
