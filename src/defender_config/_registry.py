@@ -606,9 +606,11 @@ class Registry:
         """When the instance last beat, from its lease: a beat is a keep-alive, which does
         not rewrite the record, so the record's `time` is only when its content last changed.
 
-        etcd reports the seconds left in whole seconds (rounded down); the later end of that
-        second is taken, so a live instance is never judged older than it is. A lease already
-        gone (the key is being deleted) or unknown leaves the record's time."""
+        etcd reports the seconds left in whole seconds (rounded down), so this is up to a second
+        early: while the lease exists, last seen + TTL is never before now (a live instance is
+        not judged stale), and once it expired, the last value read + TTL is no later than the
+        expiry. A lease already gone (the key is being deleted) or unknown leaves the record's
+        time."""
         return self.lease_last_seen(heartbeat.lease_id, heartbeat.lease_ttl_seconds, heartbeat.time)
 
     def lease_last_seen(self, lease_id: int, granted: int | None, written: datetime) -> datetime:
@@ -619,7 +621,7 @@ class Registry:
         left = self.client.store.lease_ttl(lease_id)
         if left < 0:
             return written
-        since_beat = max(0, granted - (left + 1))
+        since_beat = max(0, granted - left)
         return max(written, _now() - timedelta(seconds=since_beat))
 
     def list_components(self) -> list[ComponentSummary]:
