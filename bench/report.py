@@ -267,8 +267,8 @@ def section_heartbeaters(d: dict[str, Any]) -> list[str]:
         "",
         "| design | instances | beats/s (expected) | client CPU % | CPU ms/beat | etcd CPU % | "
         "gap p50 s | gap p99 s | gap max s | lease regrants window (total) | "
-        "failures window (total) | start failures | not stopped in 60 s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "failures window (total) | start failures | not stopped in 60 s | record puts in window |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in [*d["baseline_old_design"], *d["library"]]:
         g = row["gap_seconds"]
@@ -280,8 +280,11 @@ def section_heartbeaters(d: dict[str, Any]) -> list[str]:
             f"{row.get('lease_regrants_in_window', '?')} ({row['lease_regrants']}) | "
             f"{row.get('failures_in_window', '?')} ({row['failures']}) | "
             f"{row.get('start_failures', 0)} | "
-            f"{row.get('not_stopped_within_seconds', 0)} |"
+            f"{row.get('not_stopped_within_seconds', 0)} | "
+            f"{row.get('record_writes_in_window', '?')} |"
         )
+    for check in d.get("targets", []):
+        out.append(f"- {check['what']}: {check['measured']} — {verdict(check['met'])}")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for rows, name, color in (
         (d["library"], "library (lease)", "tab:red"),
@@ -305,17 +308,18 @@ def section_heartbeaters(d: dict[str, Any]) -> list[str]:
     return [*out, "", f"![heartbeaters]({save(fig, 'heartbeaters')})", ""]
 
 
-def section_operator(d: dict[str, Any]) -> list[str]:
+def section_operator(d: dict[str, Any], title: str = "", plot: str = "operator") -> list[str]:
     out = [
-        "## Operator: create → Ready, memory",
+        f"## Operator: create → Ready, memory{title}",
         "",
         "DefenderComponents created at once against the local control plane and etcd; latency = "
         "the `Ready=True` condition's first sighting (watch) minus the create call's return. "
         "Baseline: the API server's own create → watch-visible latency for the same objects.",
         "",
         "| components | instances beat every | create calls took s | Ready | p50 s | p99 s | "
-        "max s | API create→seen p50 s | operator RSS MiB | target p99 ≤ 2 s | RSS ≤ 250 MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "max s | API create→seen p50 s | operator API writes per component until Ready "
+        "(mean, max) | operator RSS MiB | target p99 ≤ 2 s | RSS ≤ 250 MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in d["runs"]:
         s = row["create_to_ready_seconds"]
@@ -326,8 +330,20 @@ def section_operator(d: dict[str, Any]) -> list[str]:
             f"{row.get('create_calls_seconds', float('nan')):.1f} | "
             f"{row['ready']} | {s['p50']:.2f} | {s['p99']:.2f} | "
             f"{s['max']:.2f} | {row['baseline_create_to_seen_seconds']['p50']:.3f} | "
+            f"{_writes(row)} | "
             f"{rss / (1 << 20):.0f} | {verdict(s['p99'] <= 2.0)} | {rss_verdict} |"
         )
+    kinds = [r for r in d["runs"] if r.get("by_kind_per_component")]
+    if kinds:
+        out += [
+            "",
+            "Operator writes per component until Ready, by kind (from the API server's audit "
+            "log; the benchmark's own calls excluded by user agent):",
+            "",
+        ]
+        for row in kinds:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in row["by_kind_per_component"].items())
+            out.append(f"- {row['components']} components: {parts}")
     trials = d.get("restart_trials", [])
     if trials:
         out += [
@@ -350,6 +366,17 @@ def section_operator(d: dict[str, Any]) -> list[str]:
             "",
             f"Restart call ≤ 2 s after detection: {verdict(d.get('restart_target_met'))}.",
         ]
+    logs = d.get("logs") or {}
+    if logs:
+        out += [
+            "",
+            f"Operator log (JSON, level INFO, the defaults) at steady state: "
+            f"{logs['steady_bytes']:,} B in {logs['window_seconds']:g} s with "
+            f"{logs['components']} Ready components = "
+            f"**{logs['steady_bytes_per_component_per_hour']:,.0f} B per component per hour**; "
+            f"{logs['json_lines_so_far']:,} lines so far (create path included), "
+            f"{logs['mean_line_bytes']:.0f} B each on average.",
+        ]
     out += ["", *(f"- {note}" for note in d.get("notes", [])), ""]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in d["runs"]:
@@ -364,7 +391,45 @@ def section_operator(d: dict[str, Any]) -> list[str]:
     ax.set_ylabel("fraction of components")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return [*out, f"![operator]({save(fig, 'operator')})", ""]
+    return [*out, f"![{plot}]({save(fig, plot)})", ""]
+
+
+def _writes(row: dict[str, Any]) -> str:
+    w = row.get("writes_per_component")
+    return "not counted" if not w else f"{w['mean']:.2f}, {w['max']:.0f}"
+
+
+def section_plugin(d: dict[str, Any]) -> list[str]:
+    out = [
+        "## `kubectl defender` start-up",
+        "",
+        "Wall time per invocation through kubectl's plugin dispatch, "
+        f"{d['runs']} runs each; `status` and `diff` read a private 3-member etcd holding one "
+        "component. Baselines from the same run: the bare interpreter and kubectl alone. "
+        "`--help` and argument errors import only argparse and the plugin's own parser "
+        "(pinned by tests/unit/cli/test_cli_startup.py); a command that runs imports the "
+        "library, which is most of the time of `status` and `diff`.",
+        "",
+        "| invocation | median s | max s | exit code |",
+        "|---|---|---|---|",
+    ]
+    for name, row in d["results"].items():
+        codes = ",".join(str(c) for c in row["exit_codes"])
+        out.append(f"| {name} | {row['p50']:.3f} | {row['max']:.3f} | {codes} |")
+    out += [
+        "",
+        f"Target ≤ {d['target_seconds']:g} s for `--help` and argument errors "
+        f"(median): {verdict(d['target_met'])}.",
+        "",
+    ]
+    names = list(d["results"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(names, [d["results"][n]["p50"] for n in names], color="tab:blue")
+    ax.axvline(d["target_seconds"], color="r", linestyle="--", label="target (help, errors)")
+    ax.set_xlabel("seconds (median)")
+    ax.invert_yaxis()
+    ax.legend()
+    return [*out, f"![plugin]({save(fig, 'plugin')})", ""]
 
 
 def section_fuzz(d: dict[str, Any]) -> list[str]:
@@ -386,7 +451,47 @@ def section_findings() -> list[str]:
     return [
         "## Findings",
         "",
-        "- **Heartbeats at scale.** One `Heartbeater` beat is two RPCs: a lease keep-alive and a "
+        "- **Issue 17 (scale), measured on a loaded shared machine.** The `scale` branch's "
+        "figures (plugin, heartbeaters, operator quick run) were taken while other engineers' "
+        "suites ran on the same 2 cores (load average 4 at the plugin run, 18-73 during the "
+        "heartbeater and operator runs: importing the library alone took 15 s wall at the "
+        "worst): compare each row with its baseline from the same run, not with older runs. "
+        "(1) `kubectl defender --help` and argument errors import only argparse and the "
+        "plugin's parser: ~0.2 s through kubectl, twice kubectl alone, against ~1.2 s before "
+        "(0.83 s of it was importing the library); `status` and `diff` still import the "
+        "library (~1.0-1.3 s). (2) Log lines: kopf's per-object lines are time, level, "
+        "logger, message and `object: {namespace, name}` (~185 B each on average over the "
+        "create path, against 2.4 KB with the settings repr); at steady state (every "
+        "component Ready, instances beating) the operator wrote 0 B per component per hour "
+        "at its default INFO level. "
+        "A 15-run repeat of the plugin benchmark at load average 18-21 measured everything "
+        "~10 times slower (python -c pass 0.22 s, kubectl alone 0.71 s, --help 2.4 s, "
+        "argument error 2.0 s, status 13.7 s, diff 15.3 s); the table shows the 3-run "
+        "measurement at load 4. "
+        "(3) A steady beat is one lease keep-alive; the record is "
+        "put only on change (0 record puts in the measured windows when beats keep up). "
+        "Before/after in comparable conditions (bench/heartbeaters_ab.py, 300 instances in "
+        "one process, load average ~25, each tree beside the old design's plain put): main's "
+        "library 212 beats/s of 300, 1.81 ms CPU per beat, gap p99 2.28 s, 242 lease "
+        "regrants, etcd 29.6 % CPU (old design 254 beats/s, 0.78 ms); this branch 295 "
+        "beats/s, 0.90 ms per beat, gap p99 1.05 s, 0 regrants, etcd 9.4 % (old design 269 "
+        "beats/s, 0.70 ms). So a beat costs 1.3 times the old plain put (was 2.3 times in "
+        "that run): the target (≤ 1.0) is not met. The heartbeaters table below is a run at "
+        "load average 35-73: there at 500 and 1,000 instances the lease design collapsed "
+        "(beats delayed past the 3 s TTL expire leases, and each regrant costs a grant and a "
+        "put), while the old design, which has no lease to lose, only slowed down; the "
+        "1,000-instance targets are not shown met by any run here. "
+        "(4) The operator's API writes per component until Ready, counted from the API "
+        "server's audit log: 4 (2 patches of the object by kopf: finalizer, then its "
+        "last-handled-configuration annotation; 2 status patches: the reconcile's and the "
+        "monitor's Ready), after dropping the routine `Seeded` Event (5 before). Two is not "
+        "reached: kopf puts a finalizer on every object that has a daemon (the per-component "
+        "monitor), whatever the retention, so the finalizer write stays until the monitor is "
+        "no longer a kopf daemon; merging the reconcile's status into the monitor's first "
+        "patch, and kopf's diff-base into that patch, is the next step. The minimal kopf "
+        "baseline operator of the issue's point 1 is not built yet.",
+        "- **Heartbeats at scale (before issue 17; a beat is now one keep-alive, see above).** "
+        "One `Heartbeater` beat was two RPCs: a lease keep-alive and a "
         "put of the JSON record (since the published heartbeat cadence, a transaction that puts "
         "the record and reads the cadence record: still two RPCs; the figures below were "
         "measured with the plain put). The keep-alives of one `EtcdStore` now share one long-lived "
@@ -431,7 +536,8 @@ def section_findings() -> list[str]:
         "death (the key's last keep-alive was at most one interval before it). The old design "
         "adds up to one poll interval on top of its threshold and depends on synchronized "
         "clocks; at the old 30 s interval that is tens of seconds more.",
-        "- **Operator create → Ready.** A monitor pass reads nothing from the API server (pods "
+        "- **Operator create → Ready (main's full run, before issue 17).** A monitor pass "
+        "reads nothing from the API server (pods "
         "from a kopf index, the component from kopf's live body, its status as last written), "
         "component state is one etcd transaction, a reconcile wakes its monitor at once, and "
         "kopf's API session has a bounded pool. With that, 100 components created at once are "
@@ -454,6 +560,13 @@ SECTIONS = [
     ("rewrap", section_rewrap),
     ("heartbeaters", section_heartbeaters),
     ("operator", section_operator),
+    (
+        "operator_quick",
+        lambda d: section_operator(
+            d, " (quick run: `bench_operator.py --quick`)", "operator_quick"
+        ),
+    ),
+    ("plugin", section_plugin),
     ("fuzz_envelope", section_fuzz),
 ]
 

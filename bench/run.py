@@ -22,6 +22,7 @@ BENCHMARKS = {
     "heartbeat_detection": "bench_heartbeat",
     "heartbeaters": "bench_heartbeaters",
     "operator": "bench_operator",
+    "plugin": "bench_plugin",
 }
 
 

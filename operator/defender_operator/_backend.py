@@ -49,6 +49,8 @@ class InstanceRecord:
     # The cadence the instance runs, as it advertises it (None: an older heartbeater).
     lease_ttl_seconds: int | None = None
     interval_seconds: float | None = None
+    # The etcd lease the key is bound to (0: unknown); its keep-alives are the beats.
+    lease_id: int = 0
 
     def holds(self, fingerprint: str) -> bool:
         return fingerprint in self.key_fingerprints or fingerprint == self.key_fingerprint
@@ -177,6 +179,11 @@ class Backend(Protocol):
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
+
+    def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
+        """The same records with `time` = when each instance last beat, read from its lease
+        (a beat is a keep-alive; the record is rewritten only when its content changes)."""
+        ...
 
     def cadence(self, component: str) -> Cadence | None:
         """The published heartbeat cadence; None when absent or unreadable (logged)."""

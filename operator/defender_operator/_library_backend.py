@@ -4,6 +4,7 @@ DefenderClient); this module only adapts shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -72,6 +73,7 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         last_error_detail=err.detail if err is not None else "",
         lease_ttl_seconds=hb.lease_ttl_seconds,
         interval_seconds=hb.interval_seconds,
+        lease_id=hb.lease_id,
     )
 
 
@@ -301,6 +303,13 @@ class LibraryBackend:
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]
+
+    def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
+        out = []
+        for rec in instances:
+            seen = self.registry.lease_last_seen(rec.lease_id, rec.lease_ttl_seconds, rec.time)
+            out.append(rec if seen == rec.time else dataclasses.replace(rec, time=seen))
+        return out
 
     def cadence(self, component: str) -> Cadence | None:
         return read_cadence(self.client, component)

@@ -425,6 +425,11 @@ class MemoryBackend:
         self._enter("record_keyring")
         self.key_record = dict(keyring.fingerprints())
 
+    def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
+        # No leases here: an instance's record time is when it last beat (`add_instance`).
+        self._enter("last_seen")
+        return list(instances)
+
     def scrub(self, component: str) -> ScrubReport | None:
         # Nothing here is sealed, so a scrub has nothing to open (see the module docstring).
         self._enter("scrub")

@@ -246,6 +246,9 @@ async def observe(p: Pass) -> Observed:
             # Before the first resync, or after a watch outage until the next one.
             HEARTBEAT_DIRECT_READS.inc()
             instances = await asyncio.to_thread(rt.backend.instances, p.name)
+        # Beats are lease keep-alives that leave the record alone: when each instance last
+        # beat is read from its lease.
+        instances = await asyncio.to_thread(rt.backend.last_seen, instances)
         window = timedelta(seconds=rt.settings.misconfig_window_seconds)
         alerts = [
             Report(a.instance or "?", a.reason, a.detail, a.time)

@@ -488,7 +488,8 @@ async def seed(
             "created" if plan.seed_master else "kept",
             state.active_version,
         )
-        out.events.append(normal("Seeded", f"MASTER and ACTIVE seeded in etcd for {component}"))
+        # No Event: a routine success on every create, one API write per component for what
+        # status.activeVersion and the ConfigSynced condition already show.
     return state, plan.commit, out
 
 

@@ -1,4 +1,9 @@
-"""Command line: flags, dispatch, and turning library errors into one readable line."""
+"""Command line: flags, dispatch, and turning library errors into one readable line.
+
+Only argparse and the light helpers load at start: `--help` and argument errors answer before
+the library (and grpc, kubernetes, cryptography, pydantic under it) is imported, which is most of
+the plugin's start-up time. A command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,16 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from defender_config import (
-    DefenderConfigError,
-    EnvelopeError,
-    InvalidRollbackTargetError,
-    RollbackTarget,
-    StoreUnavailableError,
-    parse_rollback_target,
-)
-
-from . import _commands as cmd
-from . import _etcd_commands as etcd
-from . import _keyring_commands as keys
-from ._connect import (
-    DEFAULT_KEYRING_SECRET,
-    DEFAULT_OPERATOR_NAMESPACE,
-    Connection,
-    add_connection_flags,
-)
 from ._errors import CliError
+from ._flags import DEFAULT_KEYRING_SECRET, DEFAULT_OPERATOR_NAMESPACE, add_connection_flags
 from ._output import Printer
+
+if TYPE_CHECKING:
+    from defender_config import RollbackTarget
+
+    from ._connect import Connection
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -43,6 +36,10 @@ def duration(text: str) -> timedelta:
 
 
 def rollback_target(text: str) -> RollbackTarget:
+    # The contract's one grammar (the operator reads the annotation with it too). It lives in
+    # the library, so only a rollback's --to loads the library while arguments are parsed.
+    from defender_config import InvalidRollbackTargetError, parse_rollback_target
+
     try:
         return parse_rollback_target(text)
     except InvalidRollbackTargetError as exc:
@@ -205,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, printer: Printer) -> int:
+    from . import _commands as cmd
+    from . import _etcd_commands as etcd
+    from ._connect import Connection
+
     conn = Connection(args)
     try:
         data: Any
@@ -276,12 +277,17 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
 
 
 def _show_status(printer: Printer, data: dict[str, Any]) -> None:
+    from . import _commands as cmd
+    from . import _etcd_commands as etcd
+
     cmd.show_status(printer, data)
     printer.line()
     etcd.show_etcd(printer, data["etcd"])
 
 
 def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
+    from . import _keyring_commands as keys
+
     passphrase = keys.read_passphrase(args.passphrase_file, args.passphrase_env)
     if args.keyring_command == "export":
         return keys.export_keyring(
@@ -347,6 +353,9 @@ def main(
     args = build_parser().parse_args(argv)
     printer = Printer.for_stream(out, args.colour)
     errors = err if err is not None else sys.stderr
+    # Parsing succeeded, so the command runs and needs the library anyway.
+    from defender_config import DefenderConfigError, EnvelopeError, StoreUnavailableError
+
     try:
         return run(args, printer)
     except CliError as exc:

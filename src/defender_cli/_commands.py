@@ -119,6 +119,8 @@ def collect_status(
     for s in summaries:
         instances = []
         for hb in sorted(s.instances, key=lambda h: h.instance):
+            # A beat is a lease keep-alive; the record's time is its last content change.
+            seen = min(registry.last_seen(hb), now)
             instances.append(
                 {
                     "instance": hb.instance,
@@ -130,8 +132,8 @@ def collect_status(
                     "softwareVersion": hb.software_version,
                     "keyFingerprint": hb.key_fingerprint,
                     "codec": hb.codec,
-                    "heartbeatTime": hb.time.isoformat(),
-                    "heartbeatAgeSeconds": seconds_since(hb.time, now),
+                    "heartbeatTime": seen.isoformat(),
+                    "heartbeatAgeSeconds": seconds_since(seen, now),
                     "lastError": hb.last_error.model_dump() if hb.last_error else None,
                 }
             )

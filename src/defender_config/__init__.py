@@ -58,6 +58,7 @@ from ._errors import (
     ValueTooLargeError,
     WrongPassphraseError,
 )
+from ._json_logs import JsonLogFormatter
 from ._key_usage import KeyUsage, key_usage, keys_opened, read_key_record, write_key_record
 from ._keyring import Key, Keyring, KeyringSource, KeyState, StaticKeyringSource
 from ._keyring_backup import KeyringBackup, read_keyring_backup, write_keyring_backup
@@ -163,6 +164,7 @@ __all__ = [
     "InstanceEvent",
     "InvalidConfigPolicy",
     "InvalidRollbackTargetError",
+    "JsonLogFormatter",
     "Key",
     "KeyState",
     "KeyUsage",

@@ -4,9 +4,15 @@ A heartbeat is `components/<name>/instances/<instance>`, a plaintext JSON record
 of TTL = interval * allowed misses and kept alive by a background thread. When an instance dies
 its lease expires and etcd deletes the key: watchers see a delete event, nobody polls.
 
+A beat in steady state is one lease keep-alive: that is what proves the instance alive. The
+record is written only when its content changes (status, config version/digest, key
+fingerprints, codec, error, cadence) or the key moves to a new lease; its `time` is when it was
+written. How long ago an instance last beat is read from its lease (`Registry.last_seen`).
+
 The interval and misses come from the component's published cadence (`_cadence`, written by the
-operator from `spec.heartbeat`), read with every beat; the instance's own setting is only the
-fallback while no readable cadence is published.
+operator from `spec.heartbeat`), pushed to the heartbeaters by one watch per client
+(`_cadence_feed`); the instance's own setting is only the fallback while no readable cadence is
+published.
 """
 
 from __future__ import annotations
@@ -17,18 +23,19 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from ._cadence import Cadence, decode_cadence, lease_ttl, read_cadence
+from ._cadence import Cadence, lease_ttl, read_cadence
+from ._cadence_feed import cadence_feed
 from ._client import DefenderClient
 from ._configs import ActiveConfig, ConfigStore, SeedResult
 from ._errors import DefenderConfigError, NotFoundError, StoreError
 from ._models import ComponentType
 from ._store import WatchHandle
-from ._store_types import GetOp, Lease, PutOp, WatchEvent, backoff_delay
+from ._store_types import Lease, WatchEvent, backoff_delay
 
 __all__ = [
     "ComponentStatus",
@@ -85,6 +92,13 @@ class Heartbeat(BaseModel):
     lease_ttl_seconds: int | None = None
     interval_seconds: float | None = None
 
+    # The lease the key is bound to, as read from etcd (not part of the stored JSON).
+    _lease_id: int = PrivateAttr(default=0)
+
+    @property
+    def lease_id(self) -> int:
+        return self._lease_id
+
 
 class StatusRecord(BaseModel):
     """`components/<name>/status`: the latest status any instance reported."""
@@ -128,12 +142,13 @@ class Heartbeater:
     """Keeps one instance key alive. Thread-safe; `update()` changes the record's mutable fields
     (config version/digest, key fingerprints, codec, last_error) and pushes them at once.
 
-    Transient etcd errors are logged and retried sooner than the interval; if the lease expired
-    meanwhile (etcd was unreachable for longer than the TTL) a new lease is granted and the key
-    written again.
+    A beat is one lease keep-alive; the record is put only when its content (anything but
+    `time`) differs from what was last written, or on a new lease. Transient etcd errors are
+    logged and retried sooner than the interval; if the lease expired meanwhile (etcd was
+    unreachable for longer than the TTL) a new lease is granted and the key written again.
 
-    With `follow_cadence` (the default) every beat reads the component's published cadence, in
-    the same transaction as its put (no extra request), and adopts it: the next wait uses its
+    With `follow_cadence` (the default) the component's published cadence is read at start and
+    then pushed by the client's cadence watch; a change wakes the loop: the next wait uses its
     interval, and a new TTL takes a new lease at once (one extra beat moves the key to it and
     revokes the old lease). `interval_seconds`/`allowed_misses` are the fallback while none is
     published or it is unreadable.
@@ -204,7 +219,13 @@ class Heartbeater:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        # The record's content (without `time`) as last put; None: nothing written yet.
+        self._written: dict[str, Any] | None = None
+        # A cadence pushed by the feed, applied by the beat thread: (cadence,) or None.
+        self._pushed: tuple[Cadence | None] | None = None
+        self._feed_token: int | None = None
         self.beats = 0
+        self.writes = 0
         self.failures = 0
         self.regrants = 0
         self.held_beats = 0
@@ -289,6 +310,9 @@ class Heartbeater:
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.client.settings.etcd.timeout_seconds * 2 + 5)
+        if self._feed_token is not None:
+            cadence_feed(self.client).unsubscribe(self.component, self._feed_token)
+            self._feed_token = None
         with self._lock:
             self._record = self._record.model_copy(update={"status": ComponentStatus(status)})
         lease = self._lease
@@ -354,6 +378,12 @@ class Heartbeater:
             # under the old, shorter lease would let the key expire.
             self._wake.set()
 
+    def _pushed_cadence(self, published: Cadence | None) -> None:
+        """From the cadence watch's thread: hand the change to the beat thread."""
+        with self._lock:
+            self._pushed = (published,)
+        self._wake.set()
+
     def _hold(self, reason: ErrorInfo) -> None:
         """The gate failed: say why in the record, but do not renew the lease."""
         self.held_beats += 1
@@ -363,52 +393,53 @@ class Heartbeater:
         if not first or lease is None:
             return
         with self._lock:
-            body = self.client.encode_json(
-                self._record.model_copy(update={"last_error": reason}).model_dump(mode="json")
-            )
+            held = self._record.model_copy(update={"last_error": reason, "time": _now()})
         # A put does not extend the lease: the key still expires on time. A lease already
         # expired means the key is gone, which says enough.
         with contextlib.suppress(NotFoundError):
-            self.client.store.put(self.key, body, lease=lease)
+            self._write(held, lease)
 
-    def _write(self, body: bytes, lease: Lease) -> None:
-        """Put the record; when following the cadence, read it in the same transaction."""
-        if not self.follow_cadence:
-            self.client.store.put(self.key, body, lease=lease)
-            return
-        cadence_key = self.client.layout.cadence(self.component)
-        result = self.client.store.txn([], [PutOp(self.key, body, lease.id), GetOp(cadence_key)])
-        found = result.gets[0] if result.gets else ()
-        self._adopt(decode_cadence(self.client, cadence_key, found[0] if found else None))
+    def _write(self, record: Heartbeat, lease: Lease) -> None:
+        body = self.client.encode_json(record.model_dump(mode="json"))
+        self.client.store.put(self.key, body, lease=lease)
+        self._written = _content(record)
+        self.writes += 1
 
     def _beat(self, *, initial: bool = False) -> None:
         store = self.client.store
         if self.follow_cadence and initial:
+            if self._feed_token is None:
+                # Subscribed before the read: a change in between arrives as a push.
+                self._feed_token = cadence_feed(self.client).subscribe(
+                    self.component, self._pushed_cadence
+                )
             # The first lease already gets the published TTL.
             self._adopt(read_cadence(self.client, self.component))
+        with self._lock:
+            pushed, self._pushed = self._pushed, None
+        if pushed is not None:
+            self._adopt(pushed[0])
         if self._gate is not None and not initial:
             reason = self._gate()
             if reason is not None:
-                if self.follow_cadence:
-                    self._adopt(read_cadence(self.client, self.component))
                 self._hold(reason)
                 return
             self._held = None
         with self._lock:
-            self._record = self._record.model_copy(update={"time": _now()})
-            body = self.client.encode_json(self._record.model_dump(mode="json"))
+            record = self._record
         lease = self._lease
         if lease is not None and not initial and self._lease_ttl != self.ttl:
             # A new cadence: the key moves to a lease of the new TTL, then the old one goes.
             old, lease = lease, store.grant_lease(self.ttl)
             self._lease, self._lease_ttl = lease, self.ttl
-            self._write(body, lease)
+            self._write(self._stamped(), lease)
             try:
                 store.revoke_lease(old)
             except StoreError as exc:
                 log.warning("heartbeat %s: old lease not revoked (it expires): %s", self.key, exc)
             self.beats += 1
             return
+        must_write = initial or self._written != _content(record)
         if lease is not None and not initial and store.refresh_lease(lease) <= 0:
             log.warning("heartbeat %s: lease expired, granting a new one", self.key)
             self.regrants += 1
@@ -416,17 +447,27 @@ class Heartbeater:
         if lease is None:
             lease = store.grant_lease(self.ttl)
             self._lease, self._lease_ttl = lease, self.ttl
-        try:
-            self._write(body, lease)
-        except NotFoundError:
-            # The lease died between grant/refresh and this put (a loaded etcd or a stalled
-            # process, or a start() retried after its first put failed): take a fresh one.
-            log.warning("heartbeat %s: lease gone before the write, granting a new one", self.key)
-            self.regrants += 1
-            lease = store.grant_lease(self.ttl)
-            self._lease, self._lease_ttl = lease, self.ttl
-            self._write(body, lease)
+            must_write = True
+        if must_write:
+            try:
+                self._write(self._stamped(), lease)
+            except NotFoundError:
+                # The lease died between grant/refresh and this put (a loaded etcd or a
+                # stalled process, or a start() retried after its first put failed): take a
+                # fresh one.
+                log.warning(
+                    "heartbeat %s: lease gone before the write, granting a new one", self.key
+                )
+                self.regrants += 1
+                lease = store.grant_lease(self.ttl)
+                self._lease, self._lease_ttl = lease, self.ttl
+                self._write(self._stamped(), lease)
         self.beats += 1
+
+    def _stamped(self) -> Heartbeat:
+        with self._lock:
+            self._record = self._record.model_copy(update={"time": _now()})
+            return self._record
 
     def _run(self) -> None:
         failures = 0
@@ -457,6 +498,11 @@ class Heartbeater:
                 failures += 1
                 self.failures += 1
                 log.exception("heartbeat %s: unexpected error; retrying", self.key)
+
+
+def _content(record: Heartbeat) -> dict[str, Any]:
+    """What a reader learns from a record besides when it was written."""
+    return record.model_dump(exclude={"time"})
 
 
 @dataclass
@@ -551,10 +597,32 @@ class Registry:
         """The live instances of `component` (expired leases are already gone)."""
         out: list[Heartbeat] = []
         for sv in self.client.store.list_prefix(self.layout.instances_dir(component)):
-            hb = self._heartbeat(sv.key, sv.value)
+            hb = self._heartbeat(sv.key, sv.value, sv.lease_id)
             if hb is not None:
                 out.append(hb)
         return out
+
+    def last_seen(self, heartbeat: Heartbeat) -> datetime:
+        """When the instance last beat, from its lease: a beat is a keep-alive, which does
+        not rewrite the record, so the record's `time` is only when its content last changed.
+
+        etcd reports the seconds left in whole seconds (rounded down), so this is up to a second
+        early: while the lease exists, last seen + TTL is never before now (a live instance is
+        not judged stale), and once it expired, the last value read + TTL is no later than the
+        expiry. A lease already gone (the key is being deleted) or unknown leaves the record's
+        time."""
+        return self.lease_last_seen(heartbeat.lease_id, heartbeat.lease_ttl_seconds, heartbeat.time)
+
+    def lease_last_seen(self, lease_id: int, granted: int | None, written: datetime) -> datetime:
+        """`last_seen` from its parts: the lease, the TTL it was granted for, the record's
+        time. One LeaseTimeToLive request."""
+        if not lease_id or not granted:
+            return written
+        left = self.client.store.lease_ttl(lease_id)
+        if left < 0:
+            return written
+        since_beat = max(0, granted - left)
+        return max(written, _now() - timedelta(seconds=since_beat))
 
     def list_components(self) -> list[ComponentSummary]:
         """Every registered component with type, status, ACTIVE version and live instances, from
@@ -580,7 +648,7 @@ class Registry:
                         self.client.decode_json(sv.key, sv.value)
                     ).status
                 elif parsed.kind == "instance":
-                    hb = self._heartbeat(sv.key, sv.value)
+                    hb = self._heartbeat(sv.key, sv.value, sv.lease_id)
                     if hb is not None:
                         instances.setdefault(parsed.component, []).append(hb)
             except (DefenderConfigError, ValidationError, ValueError) as exc:
@@ -621,16 +689,22 @@ class Registry:
             parsed = self.layout.parse(event.key)
             if parsed is None or parsed.kind != "instance" or parsed.instance is None:
                 return
-            hb = self._heartbeat(event.key, event.value) if event.kind == "put" else None
+            hb = (
+                self._heartbeat(event.key, event.value, event.lease_id)
+                if event.kind == "put"
+                else None
+            )
             callback(
                 InstanceEvent(event.kind, parsed.component, parsed.instance, hb, event.mod_revision)
             )
 
         return self.client.store.watch_prefix(prefix, on_event, on_error=on_error)
 
-    def _heartbeat(self, key: str, value: bytes) -> Heartbeat | None:
+    def _heartbeat(self, key: str, value: bytes, lease_id: int = 0) -> Heartbeat | None:
         try:
-            return Heartbeat.model_validate(self.client.decode_json(key, value))
+            hb = Heartbeat.model_validate(self.client.decode_json(key, value))
         except (DefenderConfigError, ValidationError, ValueError) as exc:
             log.warning("unreadable heartbeat %s: %s", key, exc)
             return None
+        hb._lease_id = lease_id
+        return hb

@@ -91,10 +91,14 @@ class LocalCluster:
         start_timeout: float = 240.0,
         node: bool = False,
         images: Sequence[Path] | None = None,
+        apiserver_args: Sequence[str] = (),
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.control_plane = ControlPlane(
-            self.run_dir, die_with_parent=die_with_parent, start_timeout=start_timeout
+            self.run_dir,
+            die_with_parent=die_with_parent,
+            start_timeout=start_timeout,
+            apiserver_args=apiserver_args,
         )
         self._owns_etcd = etcd is None
         if etcd is not None and etcd.dir.is_relative_to(self.run_dir):

@@ -12,7 +12,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -100,9 +100,12 @@ class ControlPlane:
         start_timeout: float = 240.0,
         die_with_parent: bool = False,
         address: str = "127.0.0.1",
+        apiserver_args: Sequence[str] = (),
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.dir = self.run_dir / "kube"
+        # Added to kube-apiserver's flags (e.g. the benchmark's audit log).
+        self.apiserver_args = tuple(apiserver_args)
         # Where kube-apiserver listens and what it advertises (the `kubernetes` endpoint).
         self.address = address
         self.start_timeout = start_timeout
@@ -313,6 +316,7 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
+                *self.apiserver_args,
             ],
         )
 

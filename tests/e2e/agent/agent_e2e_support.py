@@ -73,7 +73,7 @@ class AgentProc:
             try:
                 out.append(json.loads(line))
             except ValueError:
-                out.append({"level": "RAW", "msg": line})
+                out.append({"level": "RAW", "message": line})
         return out
 
     def errors(self) -> list[dict[str, Any]]:

@@ -219,8 +219,18 @@ def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -
     handle = plane.registry.watch_instances(
         lambda ev: deletes.append(ev) if ev.kind == "delete" else None, component=plane.component
     )
+
+    def seen_now() -> datetime | None:
+        # A beat is a lease keep-alive: when the instance last beat is read from its lease.
+        for hb_now in plane.registry.list_instances(plane.component):
+            if hb_now.instance == agent.instance:
+                return plane.registry.last_seen(hb_now)
+        return None
+
     try:
-        last_seen = datetime.fromisoformat(plane.heartbeat(agent.instance)["time"])  # type: ignore[index]
+        first = seen_now()
+        assert first is not None
+        last_seen = first
         alive = decide(last_seen)
         assert alive.action is RestartAction.NONE
 
@@ -228,13 +238,13 @@ def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -
         agent.proc.send_signal(signal.SIGKILL)
         agent.proc.wait()
         # Keep reading the heartbeat until it vanishes: the last time seen is what the operator had.
-        seen: list[str] = []
+        seen: list[datetime] = []
 
         def gone() -> bool:
-            hb_now = plane.heartbeat(agent.instance)
-            if hb_now is not None:
-                seen.append(hb_now["time"])
-            return hb_now is None and any(e.instance == agent.instance for e in deletes)
+            at = seen_now()
+            if at is not None:
+                seen.append(at)
+            return at is None and any(e.instance == agent.instance for e in deletes)
 
         wait_for("the instance key to be deleted by lease expiry", gone, timeout=30)
         expired_after = time.monotonic() - killed_at
@@ -242,7 +252,7 @@ def test_sigkill_lets_the_lease_expire_and_the_operator_restarts(plane: Plane) -
             f"\nlease expired {expired_after:.2f}s after SIGKILL (TTL {hb['lease_ttl_seconds']}s)"
         )
         assert expired_after >= 1.0  # removed by etcd's lease expiry, not by a clean shutdown
-        last_seen = datetime.fromisoformat(seen[-1]) if seen else last_seen
+        last_seen = seen[-1] if seen else last_seen
         decision = decide(last_seen)
         assert decision.action is RestartAction.RESTART
         assert decision.pod == agent.instance

@@ -110,8 +110,8 @@ def _metric(metrics_port: int, line_prefix: str) -> float:
 
 
 def test_expiry_arrives_through_the_watch_not_a_poll(operator_run: OperatorRun) -> None:
-    """With the full re-read every 300 s, only the watch's delete event (and the puts that
-    keep the survivor fresh) can explain a timely, correct restart."""
+    """With the full re-read every 300 s, only the watch's delete event (and the survivor's
+    lease, read each pass, keeping it fresh) can explain a timely, correct restart."""
     run = operator_run
     metrics_port = free_port()
     run.start(

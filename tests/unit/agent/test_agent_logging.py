@@ -25,8 +25,8 @@ def test_json_lines_with_extra_fields() -> None:
         root.setLevel(saved[1])
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 2
-    assert lines[0]["msg"] == "wrote version 7"
+    assert lines[0]["message"] == "wrote version 7"
     assert lines[0]["config_version"] == 7
     assert lines[0]["component"] == "sniffer"
     assert lines[0]["level"] == "INFO"
-    assert "RuntimeError: boom" in lines[1]["exc"]
+    assert "RuntimeError: boom" in lines[1]["exception"]

@@ -69,7 +69,7 @@ def test_bad_settings_exit_2_with_json_log() -> None:
     assert proc.returncode == 2
     [line] = [entry for entry in json_lines(proc.stderr) if entry["level"] == "ERROR"]
     assert line["reason"] == "AgentSettings"
-    assert "POD_NAME" in line["msg"]
+    assert "POD_NAME" in line["message"]
 
 
 def test_unreadable_settings_file_exit_2(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_missing_keyring_exit_3(tmp_path: Path) -> None:
     assert proc.returncode == 3
     errors = [entry for entry in json_lines(proc.stderr) if entry["level"] == "ERROR"]
     assert errors[-1]["reason"] == "KeyringInvalid"
-    assert "mounted" in errors[-1]["msg"]
+    assert "mounted" in errors[-1]["message"]
 
 
 def test_no_keyring_path_with_encryption_on_exit_3() -> None:
@@ -137,7 +137,7 @@ def test_unreachable_etcd_keeps_retrying_until_sigterm(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 60
         while True:
-            retries = [e for e in json_lines(log_path.read_text()) if "retrying" in e["msg"]]
+            retries = [e for e in json_lines(log_path.read_text()) if "retrying" in e["message"]]
             if len(retries) >= 2:
                 break
             assert proc.poll() is None, log_path.read_text()

@@ -45,7 +45,7 @@ def test_first_visit_claims_seeds_and_shows_synced() -> None:
     state = h.backend.state(NAME)
     assert (state.active_version, state.active_digest) == (1, stored(ETH0))
     assert h.backend.claims[NAME][0] == Claim("default", NAME, "uid-1")
-    assert h.reasons() == ["Seeded"]
+    assert h.reasons() == []
     synced = h.condition(cond.CONFIG_SYNCED)
     assert synced["status"] == cond.TRUE
     assert h.kube.status["activeVersion"] == 1
@@ -57,7 +57,7 @@ def test_first_visit_claims_seeds_and_shows_synced() -> None:
     writes = [c for c in h.backend.calls if c in ("seed", "commit", "rollback")]
     run(h.reconcile(spec(ETH0)))
     assert [c for c in h.backend.calls if c in ("seed", "commit", "rollback")] == writes
-    assert h.reasons() == ["Seeded"]
+    assert h.reasons() == []
 
 
 def test_an_edit_commits_the_next_version() -> None:
@@ -67,7 +67,7 @@ def test_an_edit_commits_the_next_version() -> None:
     state = h.backend.state(NAME)
     assert (state.active_version, state.active_digest) == (2, stored(ETH1))
     assert state.master_digest == stored(ETH0)  # MASTER never changes
-    assert h.reasons() == ["Seeded", "Committed"]
+    assert h.reasons() == ["Committed"]
     assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
     assert h.kube.status["activeVersion"] == 2
     # The breaker now guards the change from version 1 to 2.
@@ -81,7 +81,7 @@ def test_an_invalid_config_is_refused_and_active_stays() -> None:
     run(h.reconcile(spec(BAD)))
     assert h.backend.state(NAME).active_version == 1
     assert "commit" not in h.backend.calls
-    assert h.reasons() == ["Seeded", "ConfigInvalid"]
+    assert h.reasons() == ["ConfigInvalid"]
     synced = h.condition(cond.CONFIG_SYNCED)
     assert synced["status"] == cond.FALSE
     assert "interface" in synced["message"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
-
 import kopf
 import pytest
 
@@ -34,7 +31,6 @@ from defender_operator._errors import (
     kopf_errors,
 )
 from defender_operator._keys import MutableKeyringSource, keyring_digest
-from defender_operator._logging import JsonFormatter
 from defender_operator._settings import load_operator_settings
 
 
@@ -119,30 +115,6 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ours.namespace == "ml-defender"
     assert ours.rotation_every_seconds == 0
     assert library.prefix == "/ml-defender"
-
-
-def test_json_logs_are_one_object_per_line_with_extras() -> None:
-    record = logging.LogRecord("defender_operator", logging.INFO, __file__, 1, "x=%s", ("y",), None)
-    record.k8s_ref = {"name": "sniffer"}
-    doc = json.loads(JsonFormatter().format(record))
-    assert doc["message"] == "x=y"
-    assert doc["level"] == "INFO"
-    assert doc["k8s_ref"] == {"name": "sniffer"}
-
-
-def test_json_logs_drop_kopfs_settings_repr() -> None:
-    # kopf's per-object adapter passes its whole OperatorSettings with every record.
-    import kopf
-
-    record = logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, "Handler done", (), None)
-    record.settings = kopf.OperatorSettings()
-    record.k8s_skip = False
-    record.k8s_ref = {"namespace": "default", "name": "sniffer", "uid": None}
-    line = JsonFormatter().format(record)
-    doc = json.loads(line)
-    assert "settings" not in doc and "k8s_skip" not in doc
-    assert doc["k8s_ref"] == {"namespace": "default", "name": "sniffer"}
-    assert len(line) < 400, line
 
 
 def test_key_secret_error_says_what_to_check_and_holds_no_key() -> None:

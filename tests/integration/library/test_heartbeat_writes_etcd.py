@@ -1,0 +1,104 @@
+"""One RPC per beat: in steady state a heartbeat is a lease keep-alive only; the record is put
+again only when what it says changes, and readers take "last seen" from the lease. Against the
+real 3-member etcd (the instance key's puts are counted by a watch)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from defender_config import (
+    Cadence,
+    ComponentStatus,
+    DefenderClient,
+    Heartbeater,
+    InstanceEvent,
+    Registry,
+    write_cadence,
+)
+from defender_devcluster import wait_for
+
+pytestmark = pytest.mark.etcd
+
+
+def _puts(events: list[InstanceEvent]) -> list[InstanceEvent]:
+    return [e for e in events if e.kind == "put"]
+
+
+def test_steady_beats_renew_the_lease_and_write_nothing(client: DefenderClient) -> None:
+    events: list[InstanceEvent] = []
+    registry = Registry(client)
+    handle = registry.watch_instances(events.append, component="sniffer")
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4).start()
+    try:
+        hb.set_status(ComponentStatus.RUNNING)
+        wait_for("RUNNING written", lambda: len(_puts(events)) == 2, timeout=10)
+        writes, beats = hb.writes, hb.beats
+        wait_for("six more beats", lambda: hb.beats >= beats + 6, timeout=15)
+        time.sleep(0.3)  # a put made by the last beat would have reached the watch by now
+        assert hb.writes == writes, "a beat with nothing new rewrote the record"
+        assert len(_puts(events)) == 2
+        assert not [e for e in events if e.kind == "delete"], "the lease lapsed"
+        # The record's time is its last write; the lease says the instance beat just now.
+        [listed] = registry.list_instances("sniffer")
+        assert listed.lease_id == hb.lease.id  # type: ignore[union-attr]
+        assert datetime.now(UTC) - listed.time > timedelta(seconds=2.5)
+        assert datetime.now(UTC) - registry.last_seen(listed) < timedelta(seconds=1.5)
+    finally:
+        hb.stop()
+        handle.cancel()
+
+
+def test_a_change_is_written_once(client: DefenderClient) -> None:
+    events: list[InstanceEvent] = []
+    handle = Registry(client).watch_instances(events.append, component="sniffer")
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4).start()
+    try:
+        wait_for("the first put", lambda: len(_puts(events)) == 1, timeout=10)
+        hb.update(config_version=7, config_digest="abc")
+        wait_for("the change", lambda: len(_puts(events)) == 2, timeout=10)
+        beats = hb.beats
+        wait_for("more beats", lambda: hb.beats >= beats + 4, timeout=15)
+        time.sleep(0.3)
+        puts = _puts(events)
+        assert len(puts) == 2, [e.heartbeat for e in puts]
+        assert puts[1].heartbeat is not None and puts[1].heartbeat.config_version == 7
+        # The same values again are no change.
+        hb.update(config_version=7, config_digest="abc")
+        beats = hb.beats
+        wait_for("more beats", lambda: hb.beats >= beats + 2, timeout=15)
+        time.sleep(0.3)
+        assert len(_puts(events)) == 2
+    finally:
+        hb.stop()
+        handle.cancel()
+
+
+def test_a_published_cadence_arrives_without_polling(client: DefenderClient) -> None:
+    # A 30 s interval: a heartbeater reading the cadence only with its beats would not see
+    # the new one for 30 s; the client's cadence watch brings it at once.
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=30, allowed_misses=3).start()
+    other = Heartbeater(client, "firewall", "f-0", interval_seconds=30, allowed_misses=3).start()
+    try:
+        write_cadence(client, "sniffer", Cadence(interval_seconds=0.5, allowed_misses=4))
+        wait_for("the pushed cadence", lambda: hb.interval == 0.5, timeout=10)
+        assert hb.record.lease_ttl_seconds == 2
+        assert other.interval == 30, "another component's cadence is not this one's"
+        # Deleted: back to the local setting.
+        client.store.delete(client.layout.cadence("sniffer"))
+        wait_for("the local setting again", lambda: hb.interval == 30, timeout=10)
+    finally:
+        hb.stop()
+        other.stop()
+
+
+def test_the_last_seen_of_a_gone_lease_is_the_records_time(client: DefenderClient) -> None:
+    registry = Registry(client)
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4).start()
+    try:
+        [listed] = registry.list_instances("sniffer")
+    finally:
+        hb.stop()  # revokes the lease
+    assert registry.last_seen(listed) == listed.time
