@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from journey_support import Phases
 from node_support import ImageInputMissing, Kubectl, node_test_images
 
 from defender_devcluster import (
@@ -29,6 +30,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker("node")
             item.add_marker("cluster")
+
+
+_PHASES = pytest.StashKey[list[tuple[str, Phases]]]()
+
+
+@pytest.fixture
+def journey_phases(request: pytest.FixtureRequest) -> Phases:
+    """Named phase durations of a journey test, repeated in the terminal summary."""
+    phases = Phases()
+    request.config.stash.setdefault(_PHASES, []).append((request.node.name, phases))
+    return phases
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    for test, phases in config.stash.get(_PHASES, []):
+        if phases.times:
+            terminalreporter.write_line(f"journey phases of {test}:")
+            for line in phases.lines():
+                terminalreporter.write_line(line)
 
 
 def _need_root() -> None:
