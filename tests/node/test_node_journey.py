@@ -13,10 +13,9 @@ new key, nothing fails to decode), `helm upgrade` (the operator rolls, nothing e
 
 Phase times are printed as they happen and again in the terminal summary; no time is asserted.
 
-Marked slow: on the shared 2-core machine the whole journey takes 11+ minutes, and under heavy
-contention (load average ~50) the agents take longer to start than the samples' 60 s startup
-grace, so the operator restarts them before they register (docs/local-cluster.md). Run it with
-`pytest tests/node -m slow -k journey`.
+Runs in `make test` (about 7 minutes on this 2-core machine when nothing else runs). Under heavy
+contention (load average ~50) the agents can take longer to start than the samples' 60 s startup
+grace, so the operator restarts them before they register (docs/local-cluster.md).
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ from defender_devcluster._journey import (
     Journey,
     helm,
 )
-
-pytestmark = pytest.mark.slow
 
 
 def _time(value: str) -> datetime:
