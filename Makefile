@@ -8,8 +8,11 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 TOOLS_BIN    = $(shell hack/tools.sh --bindir)
 RUN_DIR     ?= $(CURDIR)/.devcluster
-# NODE=1: `cluster-up`/`up` also run a node (containerd, kubelet, kube-proxy, CoreDNS; root).
-NODE        ?=
+# NODE=1 (the default): `cluster-up`/`up` also run a node (containerd, kubelet, kube-proxy,
+# CoreDNS; root) and `up` installs the chart on it, so pods really run. NODE=0: the control plane
+# and three etcd processes only (faster; pods stay Pending).
+NODE        ?= 1
+WITH_NODE   := $(filter-out 0 no false,$(NODE))
 export PATH := $(CURDIR)/$(VENV)/bin:$(TOOLS_BIN):$(PATH)
 export DEFENDER_TOOLS_BIN := $(TOOLS_BIN)
 
@@ -57,8 +60,8 @@ images: venv images-deps ## Build pause, etcd, coredns, stand-in and project ima
 ##@ Local cluster
 
 .PHONY: cluster-up
-cluster-up: deps ## Start a local kube-apiserver/controller-manager/scheduler and a 3-member defender etcd (NODE=1: and a node).
-	$(PY) -m defender_devcluster up --run-dir $(RUN_DIR) $(if $(NODE),--node)
+cluster-up: deps ## Start a local kube-apiserver/controller-manager/scheduler and a 3-member defender etcd, and a node (NODE=0: without).
+	$(PY) -m defender_devcluster up --run-dir $(RUN_DIR) $(if $(WITH_NODE),--node)
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local cluster (every process by PID).
@@ -69,7 +72,7 @@ cluster-status: ## Show the local cluster's processes, endpoints and health.
 	$(PY) -m defender_devcluster status --run-dir $(RUN_DIR)
 
 .PHONY: up
-up: $(if $(NODE),images) cluster-up ## Run the whole system locally: cluster, CRDs, operator, samples (NODE=1: the chart on the node, samples with stand-in workloads).
+up: $(if $(WITH_NODE),images) cluster-up ## Run the whole system locally: the chart on a real node, samples with stand-in workloads and agent sidecars (NODE=0: no node, operator as a process).
 	$(PY) -m defender_devcluster system-up --run-dir $(RUN_DIR)
 
 .PHONY: down
