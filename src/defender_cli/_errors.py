@@ -3,7 +3,7 @@
 CliError                 exit 2; the message says what is wrong and what to check
 ├── NeedsKeyringError    a command must decrypt and no keyring was given
 ├── ExportNotStampedError exit 3; `keyring export` wrote a complete file but could not stamp
-                         the Secret's last-export-time (RBAC, or the Secret was deleted)
+│                        the Secret's last-export-time (RBAC, or the Secret was deleted)
 └── SkippedError         exit 3; maintenance skipped on purpose (etcd unhealthy): retry later
 """
 
@@ -30,6 +30,8 @@ class ExportNotStampedError(CliError):
     """`keyring export` wrote the file, complete and correct (the keyring the Secret held when
     it was read), but could not record the export on the Secret. Its own exit code, so a backup
     script can tell "kept, not recorded" (3) from "nothing written" (2)."""
+
+    exit_code = 3
 
 
 class SkippedError(CliError):

@@ -1,11 +1,13 @@
-"""Published cadences pushed to the heartbeaters of one client by one etcd watch.
+"""Published cadences pushed to the heartbeaters of one client by etcd watches.
 
 A heartbeat in steady state is only a lease keep-alive, so a beat no longer reads the cadence
 record in the same transaction as its put. Instead every client that runs heartbeaters keeps
-one watch on `<prefix>/control/` (whatever the number of instances it beats for) and hands each
-change of a `control/<component>/heartbeat` record to the heartbeaters of that component. The
-watch resumes from the next revision after an outage, so no change is missed; it ends when
-the last heartbeater of the client stops.
+one watch per component on `<prefix>/control/<component>/` (whatever the number of instances it
+beats for) and hands each change of that component's `heartbeat` record to its heartbeaters.
+One watch per component, not one on `control/`: a locked-down agent's etcd role may read only
+its own component's control records (`defender_operator.etcd_access`), and a range watch needs
+read on the whole range. A watch resumes from the next revision after an outage, so no change is
+missed; it ends when the last heartbeater of its component stops.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class CadenceFeed:
         self._client = client
         self._lock = threading.Lock()
         self._subscribers: dict[str, dict[int, CadenceCallback]] = {}
-        self._handle: WatchHandle | None = None
+        self._handles: dict[str, WatchHandle] = {}
         self._tokens = itertools.count(1)
 
     def subscribe(self, component: str, callback: CadenceCallback) -> int:
@@ -37,9 +39,9 @@ class CadenceFeed:
         subscriber, before the caller reads the current record, so nothing falls in between."""
         with self._lock:
             token = next(self._tokens)
-            if self._handle is None:
-                self._handle = self._client.store.watch_prefix(
-                    self._client.layout.control_dir, self._on_event
+            if component not in self._handles:
+                self._handles[component] = self._client.store.watch_prefix(
+                    f"{self._client.layout.control_dir}{component}/", self._on_event
                 )
             self._subscribers.setdefault(component, {})[token] = callback
         return token
@@ -48,11 +50,10 @@ class CadenceFeed:
         with self._lock:
             callbacks = self._subscribers.get(component, {})
             callbacks.pop(token, None)
+            handle = None
             if not callbacks:
                 self._subscribers.pop(component, None)
-            handle = self._handle if not self._subscribers else None
-            if handle is not None:
-                self._handle = None
+                handle = self._handles.pop(component, None)
         if handle is not None:
             handle.cancel()
 

@@ -10,7 +10,7 @@ fingerprints, codec, error, cadence) or the key moves to a new lease; its `time`
 written. How long ago an instance last beat is read from its lease (`Registry.last_seen`).
 
 The interval and misses come from the component's published cadence (`_cadence`, written by the
-operator from `spec.heartbeat`), pushed to the heartbeaters by one watch per client
+operator from `spec.heartbeat`), pushed to the heartbeaters by one watch per component per client
 (`_cadence_feed`); the instance's own setting is only the fallback while no readable cadence is
 published.
 """

@@ -222,9 +222,24 @@ class EtcdMembers:
     def remove(self, member_id: int) -> None:
         self.call("/v3/cluster/member/remove", {"ID": str(member_id)})
 
-    def add_learner(self, peer_url: str) -> tuple[Member, list[Member]]:
-        got = self.call("/v3/cluster/member/add", {"peerURLs": [peer_url], "isLearner": True})
-        return _member(got["member"]), [_member(m) for m in got.get("members", ())]
+    def add_learner(
+        self, peer_url: str, *, timeout: float = 60.0, every: float = 1.0
+    ) -> tuple[Member, list[Member]]:
+        """Add `peer_url` as a learner. Right after a member is removed etcd refuses changes
+        with "unhealthy cluster" until the remaining members have been connected for a while
+        (its strict reconfiguration check): that refusal is waited out, up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got = self.call(
+                    "/v3/cluster/member/add", {"peerURLs": [peer_url], "isLearner": True}
+                )
+                return _member(got["member"]), [_member(m) for m in got.get("members", ())]
+            except MemberError as exc:
+                if "unhealthy cluster" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                log.info("member add refused for now (%s); asking again", exc)
+            time.sleep(every)
 
     def promote(self, member_id: int) -> None:
         self.call("/v3/cluster/member/promote", {"ID": str(member_id)})

@@ -61,7 +61,11 @@ def start_members(
     `ports`); yields [{name, proc, ports, log}], stops them (by PID) afterwards."""
     sts = find(rendered, "StatefulSet")
     config = find(rendered, "ConfigMap", f"{sts['metadata']['name']}-env")["data"]
-    container = sts["spec"]["template"]["spec"]["containers"][0]
+    pod = sts["spec"]["template"]["spec"]
+    # The ETCD_* variables live on the `member` init container, which turns them into etcd's
+    # config file in a pod; here they go to the etcd process directly.
+    member = [c for c in pod.get("initContainers", []) if c["name"] == "member"]
+    container = member[0] if member else pod["containers"][0]
     names = [f"{sts['metadata']['name']}-{i}" for i in range(int(sts["spec"]["replicas"]))]
     picked = iter(ports)
     member_ports = [

@@ -298,6 +298,16 @@ def test_operator_runs_with_exactly_the_chart_rbac(
             60,
             log,
         )
+        # A routine create posts no Event (it would be one more API write per component), so
+        # ask for one: an unfreeze command is answered with an `Unfrozen` Event.
+        custom.patch_namespaced_custom_object(
+            contract.API_GROUP,
+            contract.API_VERSION,
+            component_namespace,
+            contract.PLURAL,
+            name,
+            {"metadata": {"annotations": {contract.UNFREEZE_ANNOTATION: "now"}}},
+        )
         _wait(
             "an Event about the DefenderComponent",
             lambda: (

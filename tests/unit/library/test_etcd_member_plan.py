@@ -4,9 +4,18 @@ file it writes for etcd from the ETCD_* variables."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
-from defender_config.etcd_member import Member, MemberError, etcd_config, plan_start
+from defender_config.etcd_member import (
+    EtcdMembers,
+    Member,
+    MemberError,
+    etcd_config,
+    plan_start,
+)
 
 ME = "https://etcd-2.etcd:2380"
 
@@ -108,3 +117,42 @@ def test_config_file_from_the_variables() -> None:
     }
     with pytest.raises(MemberError, match="not a whole number"):
         etcd_config({"ETCD_HEARTBEAT_INTERVAL": "fast"})
+
+
+class Refusing(EtcdMembers):
+    """The members API answering member/add with the given errors first (a scripted etcd)."""
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__(["http://127.0.0.1:1"])
+        self.errors = list(errors)
+        self.asked = 0
+
+    def call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        assert path == "/v3/cluster/member/add"
+        self.asked += 1
+        if self.errors:
+            raise MemberError(self.errors.pop(0))
+        member = {"ID": "7", "name": "", "peerURLs": [ME], "isLearner": True}
+        return {"member": member, "members": [member]}
+
+
+UNHEALTHY = '/v3/cluster/member/add failed: HTTP 503 {"message":"etcdserver: unhealthy cluster"}'
+
+
+def test_add_waits_out_etcds_unhealthy_cluster_refusal_after_a_removal() -> None:
+    api = Refusing(UNHEALTHY, UNHEALTHY)
+    added, _ = api.add_learner(ME, timeout=5, every=0.01)
+    assert added.learner and api.asked == 3
+
+
+def test_add_gives_up_on_unhealthy_cluster_after_its_timeout() -> None:
+    api = Refusing(*[UNHEALTHY] * 1000)
+    with pytest.raises(MemberError, match="unhealthy cluster"):
+        api.add_learner(ME, timeout=0.05, every=0.01)
+
+
+def test_add_does_not_retry_other_refusals() -> None:
+    api = Refusing("/v3/cluster/member/add failed: HTTP 403 permission denied")
+    with pytest.raises(MemberError, match="permission denied"):
+        api.add_learner(ME, timeout=5, every=0.01)
+    assert api.asked == 1
