@@ -33,14 +33,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TypeVar
 
-import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pyetcd import etcdrpc
 
 from defender_config import EtcdSettings, Layout, load_settings
-from defender_config.store import parse_endpoint
+from defender_config.store import (
+    AuthPermission,
+    AuthRight,
+    AuthRootRefusedError,
+    EtcdAuthError,
+    EtcdAuthSession,
+)
 
 __all__ = [
     "AccessPlan",
@@ -54,9 +58,7 @@ __all__ = [
 
 log = logging.getLogger("defender_operator.etcd_access")
 
-Right = Literal["read", "write", "readwrite"]
-_PERM_TYPE: dict[Right, int] = {"read": 0, "write": 1, "readwrite": 2}
-_RIGHT_OF = {v: k for k, v in _PERM_TYPE.items()}
+Right = AuthRight
 ROOT = "root"
 
 T = TypeVar("T")
@@ -171,138 +173,37 @@ def _roles(plan: AccessPlan) -> list[_Role]:
     return roles
 
 
-class _Auth:
-    """The Auth service of one reachable member, logged in as root once auth is on."""
-
-    def __init__(self, settings: EtcdSettings, root_password: str) -> None:
-        self._settings = settings
-        self._root_password = root_password
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        self._channel: grpc.Channel | None = None
-        self._stub: Any = None
-
-    def connect(self) -> bool:
-        """Reach one member and log in as root; False when authentication is not on yet (this
-        etcd version's Auth service has no status call: a login attempt tells)."""
-        errors = []
-        for endpoint in self._settings.endpoints:
-            host, port, secure = parse_endpoint(endpoint)
-            target = f"{host}:{port}"
-            if secure or self._settings.ca_file is not None:
-                channel = grpc.secure_channel(target, self._credentials())
-            else:
-                channel = grpc.insecure_channel(target)
-            stub = etcdrpc.AuthStub(channel)
-            request = etcdrpc.AuthenticateRequest(name=ROOT, password=self._root_password)
-            try:
-                answer = stub.Authenticate(request, timeout=self._timeout)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    self._channel, self._stub = channel, stub
-                    return False
-                channel.close()
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise EtcdAccessError(
-                        "etcd authentication is on and refused the root password of the auth "
-                        "Secret (authentication failed): was the Secret replaced?"
-                    ) from exc
-                errors.append(f"{endpoint}: {code.name}")
-                continue
-            self._channel, self._stub = channel, stub
-            self._metadata = (("token", answer.token),)
-            return True
-        raise EtcdAccessError("no etcd member answered: " + "; ".join(errors))
-
-    @property
-    def _timeout(self) -> float:
-        return float(self._settings.timeout_seconds)
-
-    def _credentials(self) -> grpc.ChannelCredentials:
-        s = self._settings
-
-        def read(path: Path | None) -> bytes | None:
-            return Path(path).read_bytes() if path is not None else None
-
-        return grpc.ssl_channel_credentials(read(s.ca_file), read(s.key_file), read(s.cert_file))
-
-    def call(self, method: str, request: Any) -> Any:
-        return getattr(self._stub, method)(request, timeout=self._timeout, metadata=self._metadata)
-
-    def accepts(self, name: str, password: str) -> bool:
-        """True if etcd (with authentication on) logs `name` in with `password`."""
-        try:
-            self._stub.Authenticate(
-                etcdrpc.AuthenticateRequest(name=name, password=password), timeout=self._timeout
-            )
-        except grpc.RpcError:
-            return False
-        return True
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-
-
-def _exists(exc: grpc.RpcError) -> bool:
-    return "already exists" in (exc.details() or "")
-
-
-def _ensure_user(auth: _Auth, name: str, password: str) -> None:
-    try:
-        auth.call("UserAdd", etcdrpc.AuthUserAddRequest(name=name, password=password))
+def _ensure_user(auth: EtcdAuthSession, name: str, password: str) -> None:
+    if auth.add_user(name, password):
         log.info("etcd user %s created", name)
-    except grpc.RpcError as exc:
-        if not _exists(exc):
-            raise
-        # A password changed in the Secret takes effect; an unchanged one is left alone, since
-        # every change of users or roles makes etcd bump its auth revision.
-        if not auth.accepts(name, password):
-            auth.call(
-                "UserChangePassword",
-                etcdrpc.AuthUserChangePasswordRequest(name=name, password=password),
-            )
-            log.info("etcd user %s: password set from the Secret", name)
+    # A password changed in the Secret takes effect; an unchanged one is left alone, since
+    # every change of users or roles makes etcd bump its auth revision.
+    elif not auth.accepts(name, password):
+        auth.change_password(name, password)
+        log.info("etcd user %s: password set from the Secret", name)
 
 
-def _ensure_role(auth: _Auth, name: str, grants: Iterable[Grant] | None) -> None:
+def _ensure_role(auth: EtcdAuthSession, name: str, grants: Iterable[Grant] | None) -> None:
     """Create the role; with `grants`, make its permissions exactly those."""
-    try:
-        auth.call("RoleAdd", etcdrpc.AuthRoleAddRequest(name=name))
-    except grpc.RpcError as exc:
-        if not _exists(exc):
-            raise
+    auth.add_role(name)
     if grants is None:
         return
-    wanted = {(g.key.encode(), g.range_end): _PERM_TYPE[g.right] for g in grants}
-    current = {
-        (bytes(p.key), bytes(p.range_end)): int(p.permType)
-        for p in auth.call("RoleGet", etcdrpc.AuthRoleGetRequest(role=name)).perm
-    }
-    for (key, end), perm in current.items():
-        if wanted.get((key, end)) != perm:
-            auth.call(
-                "RoleRevokePermission",
-                etcdrpc.AuthRoleRevokePermissionRequest(role=name, key=key, range_end=end),
-            )
-    for (key, end), perm in wanted.items():
-        if current.get((key, end)) != perm:
-            auth.call(
-                "RoleGrantPermission",
-                etcdrpc.AuthRoleGrantPermissionRequest(
-                    name=name, perm=etcdrpc.Permission(permType=perm, key=key, range_end=end)
-                ),
-            )
-            log.info("etcd role %s: %s on %r", name, _RIGHT_OF[perm], key.decode())
+    wanted = {AuthPermission(g.key.encode(), g.range_end, g.right) for g in grants}
+    current = auth.role_permissions(name)
+    for perm in sorted(current - wanted):
+        auth.revoke_permission(name, perm.key, perm.range_end)
+    for perm in sorted(wanted - current):
+        auth.grant_permission(name, perm)
+        log.info("etcd role %s: %s on %r", name, perm.right, perm.key.decode())
 
 
-def _ensure_user_roles(auth: _Auth, user: str, roles: Sequence[str]) -> None:
-    have = set(auth.call("UserGet", etcdrpc.AuthUserGetRequest(name=user)).roles)
+def _ensure_user_roles(auth: EtcdAuthSession, user: str, roles: Sequence[str]) -> None:
+    have = auth.user_roles(user)
     for role in sorted(have - set(roles)):
-        auth.call("UserRevokeRole", etcdrpc.AuthUserRevokeRoleRequest(name=user, role=role))
+        auth.revoke_role(user, role)
     for role in roles:
         if role not in have:
-            auth.call("UserGrantRole", etcdrpc.AuthUserGrantRoleRequest(user=user, role=role))
+            auth.grant_role(user, role)
 
 
 def apply_plan(plan: AccessPlan, settings: EtcdSettings) -> None:
@@ -310,26 +211,28 @@ def apply_plan(plan: AccessPlan, settings: EtcdSettings) -> None:
     any number of times, also concurrently (operator replicas)."""
     root_password = _read_password(plan.root_password_file)
     roles = _roles(plan)
-    auth = _Auth(settings, root_password)
-    enabled = auth.connect()
     try:
-        _ensure_user(auth, ROOT, root_password)
-        # etcd's built-in root role: only created, never reconciled (etcd reports a synthetic
-        # "everything" permission for it that cannot be revoked).
-        _ensure_role(auth, ROOT, None)
-        _ensure_user_roles(auth, ROOT, [ROOT])
-        for role in roles:
-            if role.grants is not None:
-                _ensure_role(auth, role.user, role.grants)
-            _ensure_user(auth, role.user, role.password)
-            _ensure_user_roles(auth, role.user, [] if role.grants is None else [role.user])
-        if not enabled:
-            auth.call("AuthEnable", etcdrpc.AuthEnableRequest())
-            log.info("etcd authentication enabled")
-    except grpc.RpcError as exc:
-        raise EtcdAccessError(f"etcd refused: {exc.code().name}: {exc.details()}") from exc
-    finally:
-        auth.close()
+        with EtcdAuthSession(settings, ROOT, root_password) as auth:
+            _ensure_user(auth, ROOT, root_password)
+            # etcd's built-in root role: only created, never reconciled (etcd reports a
+            # synthetic "everything" permission for it that cannot be revoked).
+            _ensure_role(auth, ROOT, None)
+            _ensure_user_roles(auth, ROOT, [ROOT])
+            for role in roles:
+                if role.grants is not None:
+                    _ensure_role(auth, role.user, role.grants)
+                _ensure_user(auth, role.user, role.password)
+                _ensure_user_roles(auth, role.user, [] if role.grants is None else [role.user])
+            if not auth.enabled:
+                auth.enable()
+                log.info("etcd authentication enabled")
+    except AuthRootRefusedError as exc:
+        raise EtcdAccessError(
+            "etcd authentication is on and refused the root password of the auth "
+            "Secret (authentication failed): was the Secret replaced?"
+        ) from exc
+    except EtcdAuthError as exc:
+        raise EtcdAccessError(str(exc)) from exc
 
 
 def _retrying(fn: Callable[[], T], until: float) -> T:
