@@ -69,8 +69,9 @@ class HeartbeatSpec(_Model):
         ge=0,
         le=3600,
         description=(
-            "Seconds a new pod may run before its first heartbeat is required. Pods younger"
-            " than this are never restarted for missing heartbeats."
+            "Seconds a pod's containers may run before its first heartbeat is required,"
+            " counted from when the kubelet last started them (from the pod's creation when no"
+            " kubelet reports on it). A pod still being started is never restarted."
         ),
     )
 

@@ -35,6 +35,12 @@ class Pod:
     uid: str
     created: datetime
     deleting: bool
+    # When its containers were last all running (the latest start among them), None while the
+    # kubelet has not run them all or no kubelet reports on the pod.
+    started: datetime | None = None
+    # A kubelet is still starting it: pulling images, running init containers, creating
+    # containers. Deleting such a pod only starts the same wait over.
+    starting: bool = False
 
 
 class Kube:

@@ -221,7 +221,7 @@ async def _steps(
     await publish_status(rt, p.namespace, p.name, p.generation, p.status, found.fields)
     wake = next_deadline(
         utcnow(),
-        [PodView(pod.name, pod.created, pod.deleting) for pod in pods],
+        [PodView(pod.name, pod.created, pod.deleting, pod.started, pod.starting) for pod in pods],
         mem.last_seen,
         mem.watch_started,
         judged.policy,
@@ -295,7 +295,9 @@ async def heartbeat_step(
     )
     decision = decide_restart(
         now=p.now,
-        pods=[PodView(pod.name, pod.created, pod.deleting) for pod in pods],
+        pods=[
+            PodView(pod.name, pod.created, pod.deleting, pod.started, pod.starting) for pod in pods
+        ],
         last_seen=mem.last_seen,
         watch_started=mem.watch_started,
         etcd=p.rt.etcd.view(),

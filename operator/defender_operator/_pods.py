@@ -24,27 +24,66 @@ PodKey = tuple[str, str, str]
 PodIndex = Mapping[PodKey, Iterable[Pod]]
 
 
-def pod_record(name: str, meta: Mapping[str, Any]) -> Pod | None:
+def _time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    return parse_rfc3339(value) if isinstance(value, str) else None
+
+
+def _start_state(status: Mapping[str, Any] | None) -> tuple[datetime | None, bool]:
+    """(when its containers were last all running, whether a kubelet is still starting it).
+
+    A pod no kubelet reports on (no `startTime`) is neither: it is judged from its creation,
+    as before any node existed."""
+    if not status or not status.get("startTime"):
+        return None, False
+    if status.get("phase") not in ("Pending", "Running"):
+        return None, False
+    containers = status.get("containerStatuses") or []
+    starts: list[datetime] = []
+    for c in containers:
+        running = ((c or {}).get("state") or {}).get("running") or {}
+        when = _time(running.get("startedAt"))
+        if when is None:
+            break
+        starts.append(when)
+    if containers and len(starts) == len(containers):
+        return max(starts), False
+    # Some container waits or ended: the kubelet is starting (or restarting) it only while the
+    # pod never ran all its containers; a container that crashed after running is the kubelet's
+    # restart policy's business and shows as `started` None with `starting` False.
+    ever_ran = any(((c or {}).get("lastState") or {}).get("terminated") for c in containers)
+    return None, status.get("phase") == "Pending" and not ever_ran
+
+
+def pod_record(
+    name: str, meta: Mapping[str, Any], status: Mapping[str, Any] | None = None
+) -> Pod | None:
     """The `Pod` a watch event describes; None when it lacks what a record needs."""
     uid = meta.get("uid")
-    created = meta.get("creationTimestamp")
-    if not uid or not created:
+    when = _time(meta.get("creationTimestamp"))
+    if not uid or when is None:
         return None
-    when = created if isinstance(created, datetime) else parse_rfc3339(created)
-    if when is None:
-        return None
+    started, starting = _start_state(status)
     return Pod(
         name=name,
         uid=str(uid),
         created=when,
         deleting=meta.get("deletionTimestamp") is not None,
+        started=started,
+        starting=starting,
     )
 
 
-def index_keys(namespace: str | None, name: str, meta: Mapping[str, Any]) -> dict[PodKey, Pod]:
+def index_keys(
+    namespace: str | None,
+    name: str,
+    meta: Mapping[str, Any],
+    status: Mapping[str, Any] | None = None,
+) -> dict[PodKey, Pod]:
     """The index entries of one pod: one per label."""
     labels = meta.get("labels") or {}
-    record = pod_record(name, meta)
+    record = pod_record(name, meta, status)
     if namespace is None or record is None or not labels:
         return {}
     return {(namespace, str(k), str(v)): record for k, v in labels.items()}

@@ -179,9 +179,9 @@ async def apply_retention(
 
 @kopf.index("", "v1", "pods")
 def defender_pods(
-    namespace: str | None, name: str, meta: kopf.Meta, **_: Any
+    namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any
 ) -> dict[_pods.PodKey, Any]:
-    return _pods.index_keys(namespace, name, meta)
+    return _pods.index_keys(namespace, name, meta, status)
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)

@@ -22,6 +22,15 @@ class PodView:
     name: str
     created: datetime
     deleting: bool = False
+    # When its containers were last all running; the startup grace counts from then, since
+    # under load a kubelet may take longer than the grace to pull, create and start them.
+    started: datetime | None = None
+    # A kubelet is still starting it: not judged (deleting it only restarts the same wait).
+    starting: bool = False
+
+    @property
+    def grace_from(self) -> datetime:
+        return max(self.created, self.started) if self.started else self.created
 
 
 @dataclass(frozen=True)
@@ -137,16 +146,17 @@ def _deadline(
     policy: HeartbeatPolicy,
     lease_ttls: Mapping[str, int] | None,
 ) -> datetime | None:
-    """When `pod` turns stale if nothing new arrives; None for a pod already being deleted.
-    A pod never seen heartbeating gets its startup grace, and the operator must itself have
-    watched for a full threshold first."""
-    if pod.deleting:
+    """When `pod` turns stale if nothing new arrives; None for a pod already being deleted or
+    still being started by its kubelet. A pod never seen heartbeating gets its startup grace
+    (from when its containers started), and the operator must itself have watched for a full
+    threshold first."""
+    if pod.deleting or pod.starting:
         return None
     seen = last_seen.get(pod.name)
     if seen is None:
-        return max(pod.created + policy.grace, watch_started + policy.threshold)
+        return max(pod.grace_from + policy.grace, watch_started + policy.threshold)
     patience = policy.patience((lease_ttls or {}).get(pod.name))
-    return max(seen + patience, pod.created + policy.grace)
+    return max(seen + patience, pod.grace_from + policy.grace)
 
 
 def budget_report(action: RestartAction, reported: bool, recovered: bool) -> tuple[bool, bool]:

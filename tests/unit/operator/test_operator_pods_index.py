@@ -49,6 +49,52 @@ def test_deleting_pod_is_flagged() -> None:
     assert pod is not None and pod.deleting
 
 
+def _status(phase: str, *containers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "phase": phase,
+        "startTime": "2026-11-25T12:00:01Z",
+        "containerStatuses": list(containers),
+    }
+
+
+def _running(at: str) -> dict[str, Any]:
+    return {"state": {"running": {"startedAt": at}}}
+
+
+def test_started_is_the_latest_start_of_all_running_containers() -> None:
+    status = _status("Running", _running("2026-11-25T12:01:00Z"), _running("2026-11-25T12:02:00Z"))
+    pod = pod_record("a", meta("u", {"app": "x"}), status)
+    assert pod is not None
+    assert pod.started == T0 + timedelta(minutes=2) and not pod.starting
+
+
+def test_a_pod_whose_containers_are_being_created_is_starting() -> None:
+    waiting = {"state": {"waiting": {"reason": "ContainerCreating"}}}
+    pod = pod_record("a", meta("u", {"app": "x"}), _status("Pending", waiting))
+    assert pod is not None and pod.starting and pod.started is None
+    # Init containers still running: no containerStatuses beyond waiting ones yet.
+    pod = pod_record("a", meta("u", {"app": "x"}), _status("Pending"))
+    assert pod is not None and pod.starting
+
+
+def test_a_crashed_container_is_not_starting_and_has_no_start() -> None:
+    crashed = {
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": {"exitCode": 1}},
+    }
+    status = _status("Running", _running("2026-11-25T12:01:00Z"), crashed)
+    pod = pod_record("a", meta("u", {"app": "x"}), status)
+    assert pod is not None and pod.started is None and not pod.starting
+
+
+def test_a_pod_no_kubelet_reports_on_is_judged_from_its_creation() -> None:
+    # The kubelet-less control plane of the e2e tests: no startTime, no container statuses.
+    pod = pod_record("a", meta("u", {"app": "x"}), {"phase": "Pending"})
+    assert pod is not None and pod.started is None and not pod.starting
+    done = pod_record("a", meta("u", {"app": "x"}), _status("Failed"))
+    assert done is not None and not done.starting
+
+
 def test_select_is_the_intersection_of_all_labels() -> None:
     index = build(
         ("ns", "fw-1", meta("u1", {"app": "fw", "tier": "edge"})),

@@ -74,6 +74,30 @@ def test_startup_grace_protects_a_new_pod() -> None:
     assert decide(T0, [grown], {}).action is RestartAction.RESTART
 
 
+def test_grace_counts_from_when_the_containers_started() -> None:
+    # Created 5 minutes ago, but the kubelet (busy machine) only got its containers running
+    # 30 s ago: the agent still has its grace to register.
+    late = PodView("new", T0 - timedelta(minutes=5), started=T0 - timedelta(seconds=30))
+    assert decide(T0, [late], {}).action is RestartAction.NONE
+    later = PodView("new", T0 - timedelta(minutes=5), started=T0 - timedelta(seconds=61))
+    assert decide(T0 + timedelta(seconds=0), [later], {}).action is RestartAction.RESTART
+
+
+def test_a_container_restarted_by_its_kubelet_gets_the_grace_again() -> None:
+    # Its last beat is long gone (the old process died), the kubelet restarted it 10 s ago.
+    pod = PodView("a", OLD, started=T0 - timedelta(seconds=10))
+    assert decide(T0, [pod], {"a": T0 - timedelta(minutes=2)}).action is RestartAction.NONE
+    hung = PodView("a", OLD, started=T0 - timedelta(minutes=3))
+    d = decide(T0, [hung], {"a": T0 - timedelta(minutes=2)})
+    assert d.action is RestartAction.RESTART and d.pod == "a"
+
+
+def test_a_pod_its_kubelet_is_still_starting_is_never_judged() -> None:
+    pulling = PodView("a", OLD, starting=True)
+    assert decide(T0, [pulling], {}).action is RestartAction.NONE
+    assert decide(T0, [pulling, PodView("b", OLD)], {}).pod == "b"
+
+
 def test_after_operator_start_absence_must_be_watched_for_a_threshold() -> None:
     pod = PodView("a", OLD)
     just_started = T0 - timedelta(seconds=20)
