@@ -108,6 +108,18 @@ class StorageSpec(_Model):
 
 
 class CanarySpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Refused by `kubectl apply` too, not only by the operator's parse.
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.instances) != has(self.percent)",
+                    "message": "spec.rollout.canary needs exactly one of instances or percent",
+                }
+            ]
+        }
+    )
+
     instances: int | None = Field(
         default=None,
         ge=1,

@@ -376,7 +376,9 @@ class MemoryBackend:
         if found is None:
             raise NotFoundError(f"/memory/control/{component}/rollout", detail="no rollout")
         stored = self._stored(component)
-        return self._write_version(component, stored, found[1], by, ChangeKind.COMMIT, None)
+        return self._write_version(
+            component, stored, found[1], found[0].by, ChangeKind.COMMIT, None
+        )
 
     def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
         self._enter("abort_rollout")

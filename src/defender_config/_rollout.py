@@ -143,12 +143,13 @@ class Rollouts:
             raise NotFoundError(
                 self.layout.rollout(component), detail=f"{component!r} has no canary rollout"
             )
+        # The version is the author's (who changed the config), the note says who promoted it.
         version = self.configs.commit(
             component,
             found.config,
-            by,
+            found.record.by,
             expected_version=found.record.base_version,
-            note=f"canary of version {found.record.version} promoted",
+            note=f"canary of version {found.record.version} promoted by {by}",
         )
         self.end(component)
         return version
@@ -295,6 +296,8 @@ class CanaryWatch:
         with self._lock:
             try:
                 active = self._rollouts.effective(self._component, self._instance)
+            except NotFoundError:
+                return  # not registered yet: nothing to run (as `watch_active`)
             except DefenderConfigError as exc:
                 self._fail(exc)
                 return
