@@ -41,7 +41,7 @@ def rollouts(client: DefenderClient) -> Rollouts:
 
 def alert_reasons(client: DefenderClient) -> list[str]:
     prefix = client.layout.component_alerts_dir("sniffer")
-    return [json.loads(v.value).get("reason", "") for v in client.store.list_prefix(prefix)]
+    return [json.loads(v.value).get("kind", "") for v in client.store.list_prefix(prefix)]
 
 
 def test_only_the_named_canaries_run_the_candidate(rollouts: Rollouts) -> None:
@@ -142,7 +142,10 @@ def test_a_reader_without_a_keyring_ignores_rollouts(
     rollouts: Rollouts, settings: LibrarySettings
 ) -> None:
     rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
-    keyless = DefenderClient(settings, None, registry=CollectorRegistry(), alert_sinks=[])
+    plain = settings.model_copy(
+        update={"envelope": settings.envelope.model_copy(update={"encrypt": False})}
+    )
+    keyless = DefenderClient(plain, None, registry=CollectorRegistry(), alert_sinks=[])
     try:
         assert Rollouts(ConfigStore(keyless)).record("sniffer") is None
     finally:
