@@ -258,3 +258,51 @@ def test_a_forged_rollout_record_is_ignored(
     for inst in instances:
         assert 4096 not in inst.snaplens()
     assert run.configs().get_active("sniffer").version == 1
+
+
+def _written(run: OperatorRun, pod: str) -> int | None:
+    """The snaplen in the config file the real agent of `pod` wrote (None before the first)."""
+    path = run.workdir / f"{pod}.json"
+    try:
+        return int(json.loads(path.read_text())["snaplen"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def test_real_agents_honour_the_rollout(operator_run: OperatorRun) -> None:
+    # The agent sidecar runs what `Rollouts.watch` hands it: the canary's agent writes the
+    # candidate, the other keeps ACTIVE until a person promotes; an abort takes it back.
+    run = operator_run
+    run.start()
+    run.apply_sample("sniffer", **FAST_RESTARTS)
+    run.wait_active_version("sniffer", 1)
+    run.patch("sniffer", {"spec": {"rollout": {"canary": {**CANARY, "holdSeconds": 3600}}}})
+    run.deployment("sniffer", SNIFFER_LABELS, replicas=2)
+
+    def two_pods() -> list[str] | None:
+        names = sorted(p.metadata.name for p in run.pods(SNIFFER_LABELS))
+        return names if len(names) == 2 else None
+
+    pods = wait_for("2 pods", two_pods)
+    for pod in pods:
+        run.start_agent("sniffer", pod)
+    canary, other = pods
+    for pod in pods:
+        wait_for(f"{pod} wrote version 1", lambda p=pod: _written(run, p) == 256)
+    run.wait_condition("sniffer", "Heartbeating", status="True")
+
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
+    wait_for("the canary's agent wrote the candidate", lambda: _written(run, canary) == 512)
+    run.wait_condition("sniffer", "Rollout", reason=("Progressing",))
+    assert _written(run, other) == 256
+    assert run.configs().get_active("sniffer").version == 1
+    run.patch("sniffer", {"metadata": {"annotations": {contract.PROMOTE_ANNOTATION: "now"}}})
+    wait_for("the other agent on the promoted version", lambda: _written(run, other) == 512)
+    assert run.configs().get_active("sniffer").version == 2
+
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 640}}})
+    wait_for("the canary's agent wrote the next candidate", lambda: _written(run, canary) == 640)
+    run.patch("sniffer", {"metadata": {"annotations": {contract.ABORT_ANNOTATION: "now"}}})
+    wait_for("the canary's agent back on ACTIVE", lambda: _written(run, canary) == 512)
+    run.wait_condition("sniffer", "Rollout", status="False", reason="Aborted")
+    assert _written(run, other) == 512
