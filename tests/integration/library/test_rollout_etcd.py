@@ -17,9 +17,11 @@ from defender_config import (
     ConfigStore,
     ConfigValidationError,
     DefenderClient,
+    Keyring,
     LibrarySettings,
     NotFoundError,
     Rollouts,
+    inspect,
 )
 from defender_devcluster import wait_for
 
@@ -186,3 +188,22 @@ def test_watch_follows_the_rollout_for_one_instance(rollouts: Rollouts) -> None:
     finally:
         for w in watches:
             w.cancel()
+
+
+def test_a_key_rotation_reseals_the_candidate_and_resigns_the_record(
+    rollouts: Rollouts, settings: LibrarySettings, keyring: Keyring
+) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    staged = keyring.with_new_decrypt_only()
+    new_id = next(k for k in staged.key_ids if k != keyring.primary.key_id)
+    with DefenderClient(
+        settings, staged.promote(new_id), registry=CollectorRegistry(), alert_sinks=[]
+    ) as c2:
+        assert ConfigStore(c2).rewrap_all().failed == 0
+        candidate = c2.store.get(c2.layout.candidate("sniffer"))
+        assert candidate is not None and inspect(candidate.value).key_id == new_id
+        record = c2.store.get(c2.layout.rollout("sniffer"))
+        assert record is not None and json.loads(record.value)["auth"]["kid"] == new_id
+        after = Rollouts(ConfigStore(c2))
+        assert after.effective("sniffer", "pod-a").config["snaplen"] == 512
+        assert after.effective("sniffer", "pod-b").config["snaplen"] == 256
