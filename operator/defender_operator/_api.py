@@ -108,6 +108,53 @@ class StorageSpec(_Model):
     )
 
 
+class CanarySpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Refused by `kubectl apply` too, not only by the operator's parse.
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.instances) != has(self.percent)",
+                    "message": "spec.rollout.canary needs exactly one of instances or percent",
+                }
+            ]
+        }
+    )
+
+    instances: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many instances try a new version first (or use percent).",
+    )
+    percent: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Which share of the instances try a new version first, rounded up.",
+    )
+    hold_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86_400,
+        description=(
+            "How long every canary must report the new version and stay healthy before it is"
+            " promoted to all instances."
+        ),
+    )
+    progress_deadline_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="Abort when the canaries do not report the new version within this time.",
+    )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> CanarySpec:
+        if (self.instances is None) == (self.percent is None):
+            raise ValueError("spec.rollout.canary needs exactly one of instances or percent")
+        return self
+
+
 class RolloutSpec(_Model):
     max_unhealthy_percent: int = Field(
         default=50,
@@ -143,6 +190,14 @@ class RolloutSpec(_Model):
         description=(
             "What to do when spec.config fails validation: Reject keeps ACTIVE as it is;"
             " RevertToMaster also rolls ACTIVE back to the MASTER copy."
+        ),
+    )
+    canary: CanarySpec | None = Field(
+        default=None,
+        description=(
+            "Roll a new spec.config out to these instances first, promote it to all after"
+            " holdSeconds of healthy heartbeats, abort (and freeze) when a canary fails."
+            " Absent: a new version reaches every instance at once."
         ),
     )
 
@@ -302,6 +357,17 @@ class InstancesStatus(_Model):
     expected: int = Field(default=0, ge=0, description="Pods that match spec.selector.")
 
 
+class RolloutStatus(_Model):
+    version: int = Field(default=0, ge=0, description="The version being rolled out.")
+    base_version: int = Field(default=0, ge=0, description="The ACTIVE version it replaces.")
+    canaries: list[str] = Field(default_factory=list, description="The canary instances.")
+    phase: str = Field(default="", description="Progressing, Promoted or Aborted.")
+    healthy_since: datetime | None = Field(
+        default=None, description="Since when every canary reports the version, healthy."
+    )
+    message: str = Field(default="", description="What the rollout waits for, or why it ended.")
+
+
 class DefenderComponentStatus(_Model):
     observed_generation: int = Field(
         default=0, ge=0, description="The metadata.generation the operator last acted on."
@@ -343,6 +409,9 @@ class DefenderComponentStatus(_Model):
     frozen: bool = Field(
         default=False,
         description="True while the breaker holds commits for this component.",
+    )
+    rollout: RolloutStatus | None = Field(
+        default=None, description="The last canary rollout (spec.rollout.canary)."
     )
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from defender_config import Cadence, ChangeKind, Keyring, KeyUsage, ScrubReport, StoragePolicy
+from defender_config import (
+    Cadence,
+    ChangeKind,
+    Keyring,
+    KeyUsage,
+    RolloutRecord,
+    ScrubReport,
+    StoragePolicy,
+)
 from defender_operator._decisions.ownership import Claim
 
 
@@ -42,6 +50,7 @@ class InstanceRecord:
     time: datetime
     status: str = ""
     config_version: int | None = None
+    config_digest: str | None = None
     key_fingerprint: str | None = None
     key_fingerprints: frozenset[str] = field(default_factory=frozenset)
     last_error_reason: str | None = None
@@ -163,6 +172,28 @@ class Backend(Protocol):
     def freeze(self, component: str, reason: str) -> None: ...
 
     def unfreeze(self, component: str) -> None: ...
+
+    def rollout(self, component: str) -> RolloutRecord | None:
+        """The authentic canary rollout record (None: none, or one that fails its MAC)."""
+        ...
+
+    def start_rollout(
+        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+    ) -> RolloutRecord:
+        """Seal `config` as the candidate and sign the record naming `canaries`."""
+        ...
+
+    def promote_rollout(self, component: str, *, by: str) -> int:
+        """Commit the candidate as ACTIVE and end the rollout; the version now ACTIVE."""
+        ...
+
+    def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
+        """Freeze, end the rollout and write the base config again as a new ACTIVE version."""
+        ...
+
+    def end_rollout(self, component: str) -> None:
+        """Remove the rollout record and the candidate."""
+        ...
 
     def purge(self, component: str) -> int:
         """Delete every key of the component, its owner record included; returns how many."""

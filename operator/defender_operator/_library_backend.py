@@ -29,6 +29,8 @@ from defender_config import (
     LibrarySettings,
     RecordAuthError,
     Registry,
+    RolloutRecord,
+    Rollouts,
     ScrubReport,
     StoragePolicy,
     StoreUnavailableError,
@@ -67,6 +69,7 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         time=hb.time,
         status=str(hb.status),
         config_version=hb.config_version,
+        config_digest=hb.config_digest,
         key_fingerprint=hb.key_fingerprint,
         key_fingerprints=frozenset(hb.key_fingerprints),
         last_error_reason=err.reason if err is not None else None,
@@ -254,6 +257,23 @@ class LibraryBackend:
     def unfreeze(self, component: str) -> None:
         self.configs.unfreeze(component)
 
+    def rollout(self, component: str) -> RolloutRecord | None:
+        return Rollouts(self.configs).record(component)
+
+    def start_rollout(
+        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+    ) -> RolloutRecord:
+        return Rollouts(self.configs).start(component, config, canaries, by)
+
+    def promote_rollout(self, component: str, *, by: str) -> int:
+        return Rollouts(self.configs).promote(component, by)
+
+    def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
+        return Rollouts(self.configs).abort(component, reason, by)
+
+    def end_rollout(self, component: str) -> None:
+        Rollouts(self.configs).end(component)
+
     def purge(self, component: str) -> int:
         self._declared.pop(component, None)
         store = self.client.store
@@ -261,6 +281,7 @@ class LibraryBackend:
         removed += store.delete_prefix(self.layout.component_alerts_dir(component))
         removed += int(store.delete(self.layout.freeze(component)))
         removed += int(store.delete(self.layout.cadence(component)))
+        removed += int(store.delete(self.layout.rollout(component)))
         # Last: a purge cut short leaves the claim, so only the owner can finish it.
         removed += int(store.delete(self.layout.owner(component)))
         return removed

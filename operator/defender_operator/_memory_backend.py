@@ -37,6 +37,7 @@ from defender_config import (
     KeyUsage,
     NotFoundError,
     RepairRefusedError,
+    RolloutRecord,
     ScrubReport,
     StoragePolicy,
     StoreUnavailableError,
@@ -101,6 +102,7 @@ class MemoryBackend:
     unavailable: bool = False
     components: dict[str, Stored] = field(default_factory=dict)
     frozen: dict[str, str] = field(default_factory=dict)
+    rollouts: dict[str, tuple[RolloutRecord, dict[str, Any]]] = field(default_factory=dict)
     claims: dict[str, tuple[Claim, int]] = field(default_factory=dict)
     live: dict[str, dict[str, InstanceRecord]] = field(default_factory=dict)
     cadences: dict[str, Cadence] = field(default_factory=dict)
@@ -344,6 +346,54 @@ class MemoryBackend:
         self._enter("unfreeze")
         self.frozen.pop(component, None)
 
+    def rollout(self, component: str) -> RolloutRecord | None:
+        self._enter("rollout")
+        found = self.rollouts.get(component)
+        return found[0] if found is not None else None
+
+    def start_rollout(
+        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+    ) -> RolloutRecord:
+        self._enter("start_rollout")
+        if component in self.frozen:
+            raise ConfigFrozenError(component, why=self.frozen[component])
+        stored = self._stored(component)
+        normalized = self._validate(component, stored.component_type, config, stored.json_schema)
+        record = RolloutRecord(
+            version=stored.version + 1,
+            base_version=stored.version,
+            digest=config_digest(normalized),
+            canaries=tuple(sorted(set(canaries))),
+            since=datetime.now(UTC),
+            by=by,
+        )
+        self.rollouts[component] = (record, normalized)
+        return record
+
+    def promote_rollout(self, component: str, *, by: str) -> int:
+        self._enter("promote_rollout")
+        found = self.rollouts.pop(component, None)
+        if found is None:
+            raise NotFoundError(f"/memory/control/{component}/rollout", detail="no rollout")
+        stored = self._stored(component)
+        return self._write_version(
+            component, stored, found[1], found[0].by, ChangeKind.COMMIT, None
+        )
+
+    def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
+        self._enter("abort_rollout")
+        self.frozen[component] = reason
+        found = self.rollouts.pop(component, None)
+        if found is None:
+            return None
+        stored = self._stored(component)
+        target = stored.history[found[0].base_version]
+        return self._write_version(component, stored, target, by, ChangeKind.CANARY_ABORT, None)
+
+    def end_rollout(self, component: str) -> None:
+        self._enter("end_rollout")
+        self.rollouts.pop(component, None)
+
     def purge(self, component: str) -> int:
         self._enter("purge")
         removed = 0
@@ -355,6 +405,7 @@ class MemoryBackend:
         removed += len(alerts)
         removed += int(self.frozen.pop(component, None) is not None)
         removed += int(self.cadences.pop(component, None) is not None)
+        removed += int(self.rollouts.pop(component, None) is not None)
         removed += int(self.claims.pop(component, None) is not None)
         return removed
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from defender_config import Cadence, ChangeKind, DefenderConfigError
-from defender_operator import _api
+from defender_operator import _api, _canary
 from defender_operator._backend import ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import (
@@ -214,6 +214,20 @@ async def _steps(
         take(mem, found, await misconfig_step(p, mem, seen))
         state, tripped = await breaker_step(p, mem, seen.instances, judged)
         take(mem, found, tripped)
+        rolled = await _canary.watch(
+            rt,
+            p.name,
+            p.spec,
+            p.status,
+            mem,
+            active_version=state.active_version,
+            instances=seen.instances,
+            live=judged.live,
+            now=p.now,
+            logger=p.logger,
+        )
+        if take(mem, found, rolled) and "rollout" in rolled.fields:
+            state = await asyncio.to_thread(rt.backend.state, p.name)
         take(mem, found, divergence(p, mem, state))
     take(mem, found, await key_step(p, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))

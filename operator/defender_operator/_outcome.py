@@ -82,6 +82,7 @@ _SLOTS = {
     cond.MISCONFIGURED: "misconfig",
     cond.CONFLICT: "conflict",
     HEARTBEAT_CADENCE: "cadence_condition",
+    cond.ROLLOUT: "rollout_condition",
 }
 
 

@@ -28,7 +28,7 @@ from defender_config import (
     validate_config,
 )
 from defender_config.contract import ADOPT_ANNOTATION, UNFREEZE_ANNOTATION
-from defender_operator import _api, _attribution
+from defender_operator import _api, _attribution, _canary
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
@@ -97,6 +97,7 @@ async def publish_status(
         cadence=mem.cadence_condition,
         corrupt=mem.corrupt,
         etcd=rt.etcd.condition(),
+        rollout=mem.rollout_condition,
     )
     conditions = cond.merge(
         current_status.get("conditions") or [],
@@ -212,6 +213,13 @@ async def _steps(
     await prepare(v, spec)
     take(mem, found, await unfreeze_command(v))
     take(mem, found, await rollback_command(v))
+    take(
+        mem,
+        found,
+        await _canary.command(
+            v.rt, v.namespace, v.component, v.annotations, by=v.who, logger=v.logger
+        ),
+    )
     normalized, checked = validate(v, spec)
     if normalized is None:
         take(mem, found, checked)
@@ -516,6 +524,19 @@ async def commit(
     author = _attribution.author(
         rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
     )
+    if spec.rollout.canary is not None and previous > 0:
+        # A canary first: ACTIVE stays as it is until the monitor promotes the candidate.
+        started = await _canary.start(
+            rt, component, spec.rollout.canary, normalized, by=author, logger=v.logger
+        )
+        if started is not None:
+            started.fields.update(
+                state_fields(state),
+                specConfigDigest=config_digest(normalized),
+                observedGeneration=v.generation,
+            )
+            started.done = True
+            return state, started
     version = await asyncio.to_thread(
         rt.backend.commit,
         component,

@@ -61,6 +61,10 @@ class ComponentMemory:
     scrubbed_at: datetime | None = None
     corrupt: Cond | None = None
     scrub_announced: frozenset[tuple[str, str]] = frozenset()
+    # The canary rollout (`_canary`): its condition, and since when its canaries are healthy
+    # on the candidate (keyed by its digest, so a new candidate starts the hold again).
+    rollout_condition: Cond | None = None
+    canary_healthy: tuple[str, datetime] | None = None
     # The status as this operator last wrote it (the patch response): fresher than kopf's body
     # of the object, which lags our own writes by a watch event.
     status: dict[str, Any] | None = None

@@ -48,14 +48,17 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
 
 def _structural(node: dict[str, Any], where: str, *, field: bool = True) -> dict[str, Any]:
     node = {k: v for k, v in node.items() if k not in _DROP_KEYS}
+    # An Optional object defaulting to None must stay absent (absent is its meaning).
+    absent_by_default = False
     if "anyOf" in node:
         # Optional[X] arrives as anyOf [X, null]: absent means None, so keep X alone.
         variants = [v for v in node.pop("anyOf") if v.get("type") != "null"]
         if len(variants) != 1:
             raise CrdGenError(f"{where}: only Optional[X] unions are supported, got {variants}")
-        node = {**variants[0], **node}
+        node = {k: v for k, v in {**variants[0], **node}.items() if k not in _DROP_KEYS}
         if node.get("default", ...) is None:
             del node["default"]
+            absent_by_default = True
     if node.get("type") == "object":
         props = node.get("properties")
         extra = node.pop("additionalProperties", None)
@@ -63,7 +66,7 @@ def _structural(node: dict[str, Any], where: str, *, field: bool = True) -> dict
             node["properties"] = {k: _structural(v, f"{where}.{k}") for k, v in props.items()}
             if node.get("required") == []:
                 del node["required"]
-            if "default" not in node and not node.get("required"):
+            if "default" not in node and not node.get("required") and not absent_by_default:
                 # Lets the API server fill nested defaults when the whole block is omitted.
                 node["default"] = {}
             elif isinstance(node.get("default"), dict):

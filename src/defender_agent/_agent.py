@@ -30,6 +30,7 @@ from defender_config import (
     KeyringSource,
     LibrarySettings,
     Registry,
+    Rollouts,
     StoreAuthError,
     StoreError,
 )
@@ -324,8 +325,13 @@ class Agent:
             self._register()
         if self.keyring is not None:
             self.keyring.start()
-        self._watch = self.configs.watch_active(
-            self.settings.component, self._on_active, on_error=self._on_watch_error, initial=True
+        # The config this instance must run: ACTIVE, or the candidate of a canary rollout
+        # whose signed record names this instance (`defender_config.Rollouts`).
+        self._watch = Rollouts(self.configs).watch(
+            self.settings.component,
+            self.settings.instance,
+            self._on_active,
+            on_error=self._on_watch_error,
         )
 
     # --- callbacks --------------------------------------------------------------------------
@@ -378,7 +384,9 @@ class Agent:
         if self.configs is None:
             return
         try:
-            active = self.configs.get_active(self.settings.component)
+            active = Rollouts(self.configs).effective(
+                self.settings.component, self.settings.instance
+            )
         except DefenderConfigError as exc:
             if exc.reason != "NotFound":
                 # Decode errors were alerted by client.open; an unreachable store is not a

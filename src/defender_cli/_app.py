@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="write etcd through the library instead of asking the operator (needs a keyring)",
     )
 
+    for action, helptext in (
+        ("promote", "promote a canary rollout to every instance now (skip the hold)"),
+        ("abort", "abort a canary rollout: canaries back on ACTIVE, commits frozen"),
+    ):
+        p = sub.add_parser(action, parents=[common], help=helptext)
+        p.add_argument("component", help="DefenderComponent name")
+        p.add_argument(
+            "-n", "--namespace", default="default", help="namespace of the DefenderComponent"
+        )
+
     p = sub.add_parser(
         "rotate-key", parents=[common], help="ask the operator to rotate the shared key"
     )
@@ -253,6 +263,9 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
             else:
                 data = cmd.annotate_rollback(conn.kube(), args.namespace, args.component, args.to)
             show = _show_done
+        elif args.command in ("promote", "abort"):
+            data = cmd.annotate_rollout(conn.kube(), args.namespace, args.component, args.command)
+            show = _show_done
         elif args.command == "rotate-key":
             data = cmd.annotate_rotation(conn.kube(), args.operator_namespace, args.secret)
             show = _show_done
@@ -333,6 +346,13 @@ def _show_done(printer: Printer, data: dict[str, Any]) -> None:
         printer.line(
             f"Rotation requested on Secret {data['secret']} ({data['annotation']}). Follow it with"
             " `kubectl get defendercomponents -A -o wide` (ROTATION column)."
+        )
+    elif "rollout" in data:
+        printer.line(
+            f"Asked the operator to {data['rollout']} the canary rollout of"
+            f" {data['namespace']}/{data['component']} ({data['via']}). Watch: kubectl -n"
+            f" {data['namespace']} get defendercomponent {data['component']}"
+            " -o jsonpath='{.status.rollout}'"
         )
     elif data["via"] == "etcd":
         printer.line(

@@ -24,9 +24,11 @@ from defender_config import (
     is_envelope,
 )
 from defender_config.contract import (
+    ABORT_ANNOTATION,
     API_GROUP,
     API_VERSION,
     PLURAL,
+    PROMOTE_ANNOTATION,
     ROLLBACK_ANNOTATION,
     ROTATE_ANNOTATION,
 )
@@ -413,11 +415,11 @@ def rollback_direct(client: DefenderClient, component: str, to: RollbackTarget) 
     }
 
 
-def annotate_rollback(kube: Any, namespace: str, name: str, to: RollbackTarget) -> dict[str, Any]:
+def _annotate_component(kube: Any, namespace: str, name: str, annotation: str, value: str) -> None:
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
 
-    body = {"metadata": {"annotations": {ROLLBACK_ANNOTATION: format_rollback_target(to)}}}
+    body = {"metadata": {"annotations": {annotation: value}}}
     try:
         CustomObjectsApi(kube).patch_namespaced_custom_object(
             API_GROUP, API_VERSION, namespace, PLURAL, name, body
@@ -427,11 +429,29 @@ def annotate_rollback(kube: Any, namespace: str, name: str, to: RollbackTarget) 
             f"cannot annotate defendercomponent {namespace}/{name}: {exc.status} {exc.reason};"
             " check the name, the namespace (-n) and that you may patch defendercomponents"
         ) from None
+
+
+def annotate_rollback(kube: Any, namespace: str, name: str, to: RollbackTarget) -> dict[str, Any]:
+    _annotate_component(kube, namespace, name, ROLLBACK_ANNOTATION, format_rollback_target(to))
     return {
         "component": name,
         "namespace": namespace,
         "rolledBackTo": format_rollback_target(to),
         "via": f"annotation {ROLLBACK_ANNOTATION}",
+    }
+
+
+def annotate_rollout(kube: Any, namespace: str, name: str, action: str) -> dict[str, Any]:
+    """`promote` or `abort` the canary rollout of a DefenderComponent (the operator acts on the
+    annotation once and removes it; without a rollout in progress it posts a Warning Event)."""
+    annotation = {"promote": PROMOTE_ANNOTATION, "abort": ABORT_ANNOTATION}[action]
+    requested = f"{datetime.now(UTC).isoformat()} by {who()}"
+    _annotate_component(kube, namespace, name, annotation, requested)
+    return {
+        "component": name,
+        "namespace": namespace,
+        "rollout": action,
+        "via": f"annotation {annotation}",
     }
 
 

@@ -100,6 +100,7 @@ from ._registry import (
     Registry,
     StatusRecord,
 )
+from ._rollout import CanaryWatch, RolloutRecord, Rollouts
 from ._scrub import ScrubReport, ValueCheck, restore_active, scrub_component
 from ._settings import (
     EnvelopeOptions,
@@ -127,6 +128,7 @@ __all__ = [
     "BackupResult",
     "Cadence",
     "CallableSink",
+    "CanaryWatch",
     "ChangeKind",
     "Cipher",
     "CodecError",
@@ -192,6 +194,8 @@ __all__ = [
     "RetentionPolicy",
     "RewrapReport",
     "RollbackTarget",
+    "RolloutRecord",
+    "Rollouts",
     "ScrubReport",
     "SealedValue",
     "SeedResult",

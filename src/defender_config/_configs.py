@@ -1300,7 +1300,12 @@ class ConfigStore:
         cache: dict[str, tuple[EnvelopeOptions | None, EnvelopeOptions | None]],
     ) -> tuple[EnvelopeOptions | None, EnvelopeOptions | None]:
         parsed = self.layout.parse(key)
-        if parsed is None or parsed.kind not in ("master_config", "active_config", "history"):
+        if parsed is None or parsed.kind not in (
+            "master_config",
+            "active_config",
+            "history",
+            "candidate",
+        ):
             return None, None
         component = parsed.component
         if component not in cache:

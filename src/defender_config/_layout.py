@@ -12,6 +12,8 @@
 <prefix>/keyring/record                                  JSON key ids + fingerprints (no key)
 <prefix>/control/<component>/owner                       JSON {namespace, name, uid, released}
 <prefix>/control/<component>/heartbeat                   JSON cadence the instances follow
+<prefix>/components/<name>/candidate                     sealed, the config a canary rollout tries
+<prefix>/control/<component>/rollout                     JSON signed: which instances run it
 ```
 
 Only this module builds key strings, so a change of layout is a change of one file.
@@ -42,10 +44,12 @@ KeyKind = Literal[
     "freeze",
     "owner",
     "cadence",
+    "candidate",
+    "rollout",
 ]
 
 _COMPONENT_LEAVES: frozenset[str] = frozenset(
-    {"master_config", "active_config", "metadata", "status"}
+    {"master_config", "active_config", "metadata", "status", "candidate"}
 )
 
 
@@ -158,6 +162,14 @@ class Layout:
         """The heartbeat cadence the operator publishes from `spec.heartbeat`."""
         return f"{self.control_dir}{check_name(component, 'component')}/heartbeat"
 
+    def candidate(self, component: str) -> str:
+        """The config a canary rollout tries, sealed like ACTIVE (`_rollout`)."""
+        return self.component_dir(component) + "candidate"
+
+    def rollout(self, component: str) -> str:
+        """The signed record naming the canary instances and the candidate they run."""
+        return f"{self.control_dir}{check_name(component, 'component')}/rollout"
+
     # --- parsing ---------------------------------------------------------------------------------
 
     def parse(self, key: str | bytes) -> ParsedKey | None:
@@ -186,4 +198,6 @@ class Layout:
                 return ParsedKey(kind="owner", component=comp)
             case ["control", comp, "heartbeat"]:
                 return ParsedKey(kind="cadence", component=comp)
+            case ["control", comp, "rollout"]:
+                return ParsedKey(kind="rollout", component=comp)
         return None

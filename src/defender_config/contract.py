@@ -18,6 +18,7 @@ from typing import Final, Literal
 from ._errors import InvalidRollbackTargetError
 
 __all__ = [
+    "ABORT_ANNOTATION",
     "ADOPT_ANNOTATION",
     "API_GROUP",
     "API_VERSION",
@@ -30,6 +31,7 @@ __all__ = [
     "KIND",
     "MANAGED_BY",
     "PLURAL",
+    "PROMOTE_ANNOTATION",
     "RESTORED_ANNOTATION",
     "ROLLBACK_ANNOTATION",
     "ROTATE_ANNOTATION",
@@ -66,6 +68,9 @@ CATEGORIES: Final = ("defender",)
 ROLLBACK_ANNOTATION: Final = f"{API_GROUP}/rollback-to"
 UNFREEZE_ANNOTATION: Final = f"{API_GROUP}/unfreeze"
 ADOPT_ANNOTATION: Final = f"{API_GROUP}/adopt"
+# End a canary rollout now: promote it to every instance, or abort it (and freeze).
+PROMOTE_ANNOTATION: Final = f"{API_GROUP}/promote"
+ABORT_ANNOTATION: Final = f"{API_GROUP}/abort"
 # On the keyring Secret (docs/key-rotation.md).
 ROTATE_ANNOTATION: Final = f"{API_GROUP}/rotate-key"
 ROTATION_STAGE_ANNOTATION: Final = f"{API_GROUP}/rotation-stage"
@@ -139,13 +144,20 @@ class ChangeKind(enum.StrEnum):
     """The breaker put back the version before a change that made instances unhealthy."""
     INVALID_REVERT = "invalid-revert"
     """A refused config under RevertToMaster rolled ACTIVE back to MASTER."""
+    CANARY_ABORT = "canary-abort"
+    """A canary rollout was aborted: the config it was tried on top of, written again."""
     REPAIR = "repair"
     """The metadata record was rebuilt from the newest kept version and re-signed."""
 
     @property
     def reverts(self) -> bool:
         """ACTIVE was put back to an earlier config on purpose, not moved forward."""
-        return self in (ChangeKind.ROLLBACK, ChangeKind.BREAKER_REVERT, ChangeKind.INVALID_REVERT)
+        return self in (
+            ChangeKind.ROLLBACK,
+            ChangeKind.BREAKER_REVERT,
+            ChangeKind.INVALID_REVERT,
+            ChangeKind.CANARY_ABORT,
+        )
 
     @classmethod
     def from_note(cls, note: str | None) -> ChangeKind:

@@ -23,6 +23,9 @@ CONFLICT = "Conflict"
 # From the scrub (`_decisions.scrub`): True while a sealed value the operator owns (MASTER,
 # ACTIVE, kept history) or the metadata does not verify. Absent until the first scrub.
 CORRUPT = "Corrupt"
+# From a canary rollout (`_decisions.canary`): Progressing, Promoted or Aborted as its reason.
+# Absent until a component with spec.rollout.canary first rolls a version out.
+ROLLOUT = "Rollout"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
@@ -62,6 +65,9 @@ class ConfigState(StrEnum):
     # The library refused a write that retrying cannot fix (too large, invalid, unknown key,
     # contradictory keys): the condition's reason is the library's (`config_reason`).
     REFUSED = "Refused"
+    # A canary rollout of spec.config is in progress: ACTIVE is the previous version until it
+    # is promoted.
+    CANARY = "Canary"
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class Observation:
     corrupt: Cond | None = None
     # Informational: the defender etcd's own health (`_decisions.etcd`), once measured.
     etcd: Cond | None = None
+    # Informational: the last canary rollout's state, once there was one.
+    rollout: Cond | None = None
 
 
 _CONFIG = {
@@ -101,6 +109,7 @@ _CONFIG = {
         " edit spec.config to commit it again",
     ),
     ConfigState.REFUSED: (FALSE, "Refused", "etcd refused the change; retrying cannot help"),
+    ConfigState.CANARY: (UNKNOWN, "CanaryInProgress", "spec.config is tried on canaries first"),
 }
 
 
@@ -153,7 +162,9 @@ def compute(obs: Observation) -> list[Cond]:
         config = Cond(CONFIG_SYNCED, FALSE, obs.conflict.reason, obs.conflict.message)
         ready = Cond(READY, FALSE, obs.conflict.reason, f"{CONFLICT}: {obs.conflict.message}")
         return [ready, config, heartbeat, key, misconfig, obs.conflict]
-    extra = [c for c in (obs.keyring, obs.cadence, obs.corrupt, obs.etcd) if c is not None]
+    extra = [
+        c for c in (obs.keyring, obs.cadence, obs.corrupt, obs.etcd, obs.rollout) if c is not None
+    ]
     return [ready, config, heartbeat, key, misconfig, *extra]
 
 

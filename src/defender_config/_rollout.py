@@ -1,0 +1,311 @@
+"""Canary rollouts: a new config version reaches the instances a signed record names first.
+
+```
+<prefix>/components/<name>/candidate      sealed like ACTIVE: the config being tried
+<prefix>/control/<name>/rollout           signed record: {version, baseVersion, digest, canaries}
+```
+
+An instance runs the candidate only when all of these hold, otherwise it runs ACTIVE:
+
+- the rollout record's MAC verifies (write access to etcd alone cannot name canaries),
+- the record names this instance,
+- the record's `base_version` is ACTIVE's version now: a promotion or an abort writes a new
+  ACTIVE version, so a record (and candidate) put back later from an old rollout is stale and
+  ignored instead of reviving a config that was aborted,
+- the candidate opens (its AEAD binds it to its etcd path) and its digest is the record's.
+
+The operator decides who the canaries are and when to promote or abort; this module only writes
+and reads the two values, so the library and the agent honour a rollout the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._configs import ActiveConfig, ConfigStore
+from ._errors import (
+    ConflictError,
+    DefenderConfigError,
+    EnvelopeError,
+    NotFoundError,
+    RecordAuthError,
+    RecordReplayError,
+    StoreError,
+)
+from ._models import canonical_json, config_digest
+from ._store import WatchHandle
+from ._store_types import Compare, DeleteOp, PutOp, WatchEvent
+from .contract import ChangeKind
+
+__all__ = ["CanaryWatch", "RolloutRecord", "Rollouts"]
+
+log = logging.getLogger("defender_config.rollout")
+
+
+class RolloutRecord(BaseModel):
+    """`control/<name>/rollout`: which instances try which candidate, on top of which ACTIVE."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    version: int = Field(gt=0)
+    base_version: int = Field(gt=0)
+    digest: str = Field(min_length=64, max_length=64)
+    canaries: tuple[str, ...]
+    since: datetime
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    record: RolloutRecord
+    config: dict[str, Any]
+    mod_revision: int
+
+
+class Rollouts:
+    """Start, read, promote and end the canary rollout of components, through one ConfigStore."""
+
+    def __init__(self, configs: ConfigStore) -> None:
+        self.configs = configs
+        self.client = configs.client
+        self.layout = configs.layout
+
+    # --- writes (the operator) ------------------------------------------------------------------
+
+    def start(
+        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], by: str
+    ) -> RolloutRecord:
+        """Seal `config` as the candidate and name `canaries` in a signed record, on top of
+        ACTIVE as it is now. Validated like a commit (ConfigValidationError, alerted); refused
+        while frozen (ConfigFrozenError) or when a commit lands meanwhile (ConflictError)."""
+        if not canaries:
+            raise ValueError("a canary rollout needs at least one canary instance")
+        cs = self.configs
+        freeze = cs.frozen(component)
+        if freeze is not None:
+            raise cs._frozen_error(component, freeze)
+        meta, meta_stored = cs._metadata_for_write(component, "; seed it first")
+        normalized = cs._validate(component, meta.type, config, meta.json_schema)
+        record = RolloutRecord(
+            version=meta.version + 1,
+            base_version=meta.version,
+            digest=config_digest(normalized),
+            canaries=tuple(sorted(set(canaries))),
+            since=datetime.now(UTC),
+            by=by,
+        )
+        candidate, rollout = self.layout.candidate(component), self.layout.rollout(component)
+        policy = meta.storage
+        write = policy.write_options(self.client.envelope.options) if policy else None
+        ops: list[PutOp | DeleteOp] = [
+            PutOp(candidate, self.client.seal(candidate, canonical_json(normalized), write)),
+            PutOp(rollout, self.client.encode_record(rollout, record.model_dump(mode="json"))),
+        ]
+        result = self.client.store.txn(
+            [Compare.mod_revision_is(self.layout.metadata(component), meta_stored.mod_revision)],
+            ops,
+        )
+        if not result.succeeded:
+            raise ConflictError(
+                rollout, expected=meta.version, found=None, detail="ACTIVE moved on meanwhile"
+            )
+        log.info(
+            "component %s: canary rollout of version %d to %s",
+            component,
+            record.version,
+            ", ".join(record.canaries),
+        )
+        return record
+
+    def end(self, component: str) -> bool:
+        """Remove the rollout record and the candidate (canaries fall back to ACTIVE)."""
+        result = self.client.store.txn(
+            [],
+            [
+                DeleteOp(self.layout.rollout(component)),
+                DeleteOp(self.layout.candidate(component)),
+            ],
+        )
+        return result.succeeded
+
+    def promote(self, component: str, by: str) -> int:
+        """Commit the candidate as the next ACTIVE version (guarded on the base version) and
+        end the rollout; returns the version now ACTIVE. NotFoundError without a rollout."""
+        found = self._candidate(component)
+        if found is None:
+            raise NotFoundError(
+                self.layout.rollout(component), detail=f"{component!r} has no canary rollout"
+            )
+        # The version is the author's (who changed the config), the note says who promoted it.
+        version = self.configs.commit(
+            component,
+            found.config,
+            found.record.by,
+            expected_version=found.record.base_version,
+            note=f"canary of version {found.record.version} promoted by {by}",
+        )
+        self.end(component)
+        return version
+
+    def abort(self, component: str, reason: str, by: str) -> int | None:
+        """Freeze commits, end the rollout and write the base config again as a new ACTIVE
+        version (same config, so no instance reloads; the new version makes a replayed rollout
+        record stale). Returns that version, None when there was no authentic rollout."""
+        record = self.record(component)
+        self.configs.freeze(component, reason, by=by)
+        self.end(component)
+        if record is None:
+            return None
+        return self.configs.rollback(
+            component, record.base_version, by, change=ChangeKind.CANARY_ABORT
+        )
+
+    # --- reads (instances and the operator) -----------------------------------------------------
+
+    def record(self, component: str) -> RolloutRecord | None:
+        """The rollout record if present and authentic. One that fails its MAC (or has no
+        keyring to check it with) is reported and ignored: never obeyed."""
+        path = self.layout.rollout(component)
+        stored = self.client.store.get(path)
+        if stored is None:
+            return None
+        if not self.client.verifies_records:
+            log.warning("rollout record of %s ignored: no keyring to authenticate it", component)
+            return None
+        try:
+            data = self.client.decode_record(path, stored.value, component=component)
+            return RolloutRecord.model_validate(data)
+        except RecordAuthError as exc:
+            log.warning("rollout record of %s ignored: %s", component, exc)
+            return None
+        except ValidationError as exc:
+            log.warning("rollout record of %s ignored, not a rollout record: %s", component, exc)
+            return None
+
+    def _candidate(self, component: str) -> _Candidate | None:
+        record = self.record(component)
+        if record is None:
+            return None
+        path = self.layout.candidate(component)
+        stored = self.client.store.get(path)
+        if stored is None:
+            return None
+        meta = self.configs.get_metadata(component)
+        config = self.configs._open_config(
+            path, stored.value, component, self.configs._read_options(component, meta)
+        )
+        if config_digest(config) != record.digest:
+            exc = RecordReplayError(
+                path, "the candidate is not the config its rollout record names"
+            )
+            self.client.report(exc, path=path, component=component)
+            raise exc
+        return _Candidate(record, config, stored.mod_revision)
+
+    def effective(self, component: str, instance: str) -> ActiveConfig:
+        """The config `instance` must run: the candidate when an authentic rollout on top of
+        the current ACTIVE names it, ACTIVE otherwise (also when the candidate cannot be
+        opened: reported, and the instance stays on what is known good)."""
+        active = self.configs.get_active(component)
+        record = self.record(component)
+        if record is None or instance not in record.canaries:
+            return active
+        if active.version != record.base_version:
+            log.info(
+                "rollout record of %s is for base version %d, ACTIVE is %s: ignored",
+                component,
+                record.base_version,
+                active.version,
+            )
+            return active
+        try:
+            found = self._candidate(component)
+        except (EnvelopeError, DefenderConfigError) as exc:
+            log.warning("candidate of %s not used: %s", component, exc)
+            return active
+        if found is None or found.record != record:
+            return active
+        return ActiveConfig(
+            component,
+            found.config,
+            record.version,
+            record.digest,
+            found.mod_revision,
+            codec=active.codec,
+            metadata=active.metadata,
+        )
+
+    def watch(
+        self,
+        component: str,
+        instance: str,
+        callback: Callable[[ActiveConfig], None],
+        *,
+        on_error: Callable[[DefenderConfigError], None] | None = None,
+    ) -> CanaryWatch:
+        """Like `ConfigStore.watch_active`, for the config `instance` must run (`effective`):
+        called once at start and whenever ACTIVE or the rollout record changes what it is."""
+        return CanaryWatch(self, component, instance, callback, on_error)
+
+
+class CanaryWatch:
+    """Watches ACTIVE and the rollout record of one component for one instance."""
+
+    def __init__(
+        self,
+        rollouts: Rollouts,
+        component: str,
+        instance: str,
+        callback: Callable[[ActiveConfig], None],
+        on_error: Callable[[DefenderConfigError], None] | None,
+    ) -> None:
+        self._rollouts, self._component, self._instance = rollouts, component, instance
+        self._callback, self._on_error = callback, on_error
+        self._lock = threading.Lock()
+        self._last: str | None = None
+        store, layout = rollouts.client.store, rollouts.layout
+        paths = (layout.active_config(component), layout.rollout(component))
+        start = store.current_revision(paths[0]) + 1
+        self._refresh()
+        self._handles: list[WatchHandle] = [
+            store.watch_key(p, self._on_event, start_revision=start, on_error=self._fail)
+            for p in paths
+        ]
+
+    def _on_event(self, event: WatchEvent) -> None:
+        del event  # what changed does not matter: the effective config is read again
+        self._refresh()
+
+    def _fail(self, exc: StoreError | DefenderConfigError) -> None:
+        if self._on_error is None:
+            log.error("canary watch %s/%s: %s", self._component, self._instance, exc)
+            return
+        try:
+            self._on_error(exc)
+        except Exception:
+            log.exception("canary watch on_error callback failed")
+
+    def _refresh(self) -> None:
+        with self._lock:
+            try:
+                active = self._rollouts.effective(self._component, self._instance)
+            except NotFoundError:
+                return  # not registered yet: nothing to run (as `watch_active`)
+            except DefenderConfigError as exc:
+                self._fail(exc)
+                return
+            if active.outdated or active.digest == self._last:
+                return
+            self._last = active.digest
+            self._callback(active)
+
+    def cancel(self) -> None:
+        for handle in self._handles:
+            handle.cancel()

@@ -1,0 +1,308 @@
+"""Canary rollout end to end: real library instances (Heartbeater + Rollouts.watch), the real
+operator, the real 3-member etcd. A good version promotes after the hold; a bad one aborts
+with the non-canary instances never having loaded it; a rollout record forged straight into
+etcd is ignored."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_e2e_support import FAST_RESTARTS, SNIFFER_LABELS, OperatorRun, wait_for
+
+from defender_cli import main as cli
+from defender_config import (
+    ActiveConfig,
+    CanaryWatch,
+    ChangeKind,
+    ErrorInfo,
+    Heartbeater,
+    Rollouts,
+    config_digest,
+    contract,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
+
+BAD_SNAPLEN = 9999  # valid for the schema; the instances' health check refuses it
+CANARY = {"instances": 1, "holdSeconds": 3, "progressDeadlineSeconds": 60}
+
+
+@dataclass
+class Instance:
+    """One component instance played by the library: it runs whatever `Rollouts.watch` hands
+    it, records every config it loaded, and reports it (or a failed health check) in its
+    heartbeat."""
+
+    name: str
+    hb: Heartbeater
+    loaded: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    watch: CanaryWatch | None = None
+
+    def load(self, active: ActiveConfig) -> None:
+        with self.lock:
+            self.loaded.append(dict(active.config))
+        healthy = active.config.get("snaplen") != BAD_SNAPLEN
+        self.hb.update(
+            config_version=active.version,
+            config_digest=active.digest,
+            last_error=None
+            if healthy
+            else ErrorInfo(reason="HealthCheckFailed", detail="capture fails at this snaplen"),
+        )
+
+    def snaplens(self) -> list[int]:
+        with self.lock:
+            return [int(c["snaplen"]) for c in self.loaded]
+
+
+@pytest.fixture
+def instances(operator_run: OperatorRun) -> Iterator[list[Instance]]:
+    """Three sniffer instances under spec.rollout.canary (1 canary, 3 s hold)."""
+    run = operator_run
+    run.start()
+    run.apply_sample("sniffer", **FAST_RESTARTS)
+    run.wait_active_version("sniffer", 1)
+    run.patch("sniffer", {"spec": {"rollout": {"canary": CANARY}}})
+    run.deployment("sniffer", SNIFFER_LABELS, replicas=3)
+
+    def three_pods() -> set[str] | None:
+        names = {p.metadata.name for p in run.pods(SNIFFER_LABELS)}
+        return names if len(names) == 3 else None
+
+    pods = wait_for("3 pods", three_pods)
+    started: list[Instance] = []
+    for pod in sorted(pods):
+        inst = Instance(pod, run.heartbeat("sniffer", pod))
+        inst.watch = Rollouts(run.configs()).watch("sniffer", pod, inst.load)
+        started.append(inst)
+    run.wait_condition("sniffer", "Heartbeating", status="True")
+    try:
+        yield started
+    finally:
+        for inst in started:
+            if inst.watch is not None:
+                inst.watch.cancel()
+
+
+def _cli(kubeconfig: Path, *args: str) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli([*args, "--kubeconfig", str(kubeconfig), "--no-color"], out=out, err=err)
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+def _all_on(instances: list[Instance], snaplen: int) -> Callable[[], bool]:
+    return lambda: all(i.snaplens() and i.snaplens()[-1] == snaplen for i in instances)
+
+
+def test_a_good_version_goes_to_the_canary_first_then_to_all(
+    operator_run: OperatorRun, instances: list[Instance]
+) -> None:
+    run = operator_run
+    canary, *others = instances
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
+    run.wait_condition("sniffer", "Rollout", reason="Progressing")
+    rollout = run.get("sniffer")["status"]["rollout"]
+    assert rollout["canaries"] == [canary.name]
+    assert (rollout["version"], rollout["baseVersion"]) == (2, 1)
+    run.wait_event("sniffer", "CanaryStarted")
+
+    wait_for("the canary runs the candidate", lambda: canary.snaplens()[-1:] == [512])
+    # ACTIVE is still version 1 while the canary holds; the others run it.
+    run.wait_active_version("sniffer", 2, timeout=60)
+    run.wait_event("sniffer", "CanaryPromoted")
+    promoted = run.wait_condition("sniffer", "Rollout", status="True", reason="Promoted")
+    assert "healthy" in promoted["message"]
+    active = run.configs().get_active("sniffer")
+    assert (active.version, active.config["snaplen"]) == (2, 512)
+    assert active.metadata is not None and active.metadata.change is ChangeKind.COMMIT
+    wait_for("every instance on version 2", _all_on(instances, 512))
+    for other in others:
+        # They went from version 1 straight to the promoted version 2.
+        assert other.snaplens() == [256, 512]
+    assert run.get("sniffer")["status"]["rollout"]["phase"] == "Promoted"
+    run.wait_condition("sniffer", "ConfigSynced", status="True")
+    assert run.configs().client.store.get(run.configs().layout.rollout("sniffer")) is None
+
+
+def test_a_bad_version_aborts_and_never_reaches_the_others(
+    operator_run: OperatorRun, instances: list[Instance]
+) -> None:
+    run = operator_run
+    canary, *others = instances
+    run.patch("sniffer", {"spec": {"config": {"snaplen": BAD_SNAPLEN}}})
+    wait_for("the canary tried it", lambda: BAD_SNAPLEN in canary.snaplens())
+
+    aborted = run.wait_condition("sniffer", "Rollout", status="False", reason="Aborted")
+    assert canary.name in aborted["message"] and "HealthCheckFailed" in aborted["message"]
+    run.wait_event("sniffer", "CanaryAborted")
+    wait_for("frozen", lambda: run.get("sniffer")["status"].get("frozen") is True)
+    run.wait_condition("sniffer", "ConfigSynced", status="False", reason="Frozen")
+    # The canary is back on the config it ran before; ACTIVE is that config, written again.
+    wait_for("the canary back on 256", lambda: canary.snaplens()[-1:] == [256])
+    assert canary.snaplens() == [256, BAD_SNAPLEN, 256]
+    active = run.configs().get_active("sniffer")
+    assert (active.version, active.config["snaplen"]) == (2, 256)
+    assert active.metadata is not None and active.metadata.change is ChangeKind.CANARY_ABORT
+    for other in others:
+        assert other.snaplens() == [256], f"{other.name} saw the aborted version"
+    assert run.get("sniffer")["status"]["rollout"]["phase"] == "Aborted"
+    # Further spec changes wait for a person while frozen.
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
+    run.wait_condition("sniffer", "ConfigSynced", reason="Frozen")
+    assert run.configs().get_active("sniffer").version == 2
+
+
+def test_a_promote_command_skips_the_hold(
+    operator_run: OperatorRun, instances: list[Instance], kubeconfig_path: Path
+) -> None:
+    run = operator_run
+    canary, *_ = instances
+    run.patch("sniffer", {"spec": {"rollout": {"canary": {**CANARY, "holdSeconds": 3600}}}})
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 640}}})
+    wait_for("the canary runs the candidate", lambda: canary.snaplens()[-1:] == [640])
+    run.wait_condition("sniffer", "Rollout", reason="Progressing")
+    out = _cli(kubeconfig_path, "promote", "sniffer", "-n", run.namespace)
+    assert "Asked the operator to promote" in out
+    run.wait_active_version("sniffer", 2)
+    run.wait_event("sniffer", "CanaryPromoted")
+    wait_for("every instance on version 2", _all_on(instances, 640))
+    annotations = run.get("sniffer")["metadata"].get("annotations") or {}
+    assert contract.PROMOTE_ANNOTATION not in annotations
+    # Without a rollout in progress the command is refused with an Event, nothing changes.
+    _cli(kubeconfig_path, "promote", "sniffer", "-n", run.namespace)
+    run.wait_event("sniffer", "RolloutCommandIgnored")
+    assert run.configs().get_active("sniffer").version == 2
+
+
+def test_an_abort_command_ends_a_rollout_and_a_replayed_record_is_stale(
+    operator_run: OperatorRun, instances: list[Instance], kubeconfig_path: Path
+) -> None:
+    run = operator_run
+    canary, *others = instances
+    run.patch("sniffer", {"spec": {"rollout": {"canary": {**CANARY, "holdSeconds": 3600}}}})
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 768}}})
+    wait_for("the canary runs the candidate", lambda: canary.snaplens()[-1:] == [768])
+    client = run.configs().client
+    layout = client.layout
+    # What an attacker with etcd access could put back later: the authentic record+candidate.
+    saved = [
+        client.store.get(layout.rollout("sniffer")),
+        client.store.get(layout.candidate("sniffer")),
+    ]
+    assert "Asked the operator to abort" in _cli(
+        kubeconfig_path, "abort", "sniffer", "-n", run.namespace
+    )
+    run.wait_condition("sniffer", "Rollout", status="False", reason="Aborted")
+    run.wait_event("sniffer", "CanaryAborted")
+    wait_for("the canary back on 256", lambda: canary.snaplens()[-1:] == [256])
+    assert contract.ABORT_ANNOTATION not in (
+        run.get("sniffer")["metadata"].get("annotations") or {}
+    )
+
+    for stored in saved:
+        assert stored is not None
+        client.store.put(stored.key, stored.value)
+    rollouts = Rollouts(run.configs())
+    # Authentic, but built on version 1; ACTIVE moved on with the abort: ignored.
+    assert rollouts.effective("sniffer", canary.name).config["snaplen"] == 256
+    for inst in instances:
+        assert inst.snaplens()[-1] == 256
+    for other in others:
+        assert other.snaplens() == [256]
+
+
+def test_a_forged_rollout_record_is_ignored(
+    operator_run: OperatorRun, instances: list[Instance]
+) -> None:
+    run = operator_run
+    client = run.configs().client
+    layout = client.layout
+    evil = {**run.configs().get_active("sniffer").config, "snaplen": 4096}
+    names = [i.name for i in instances]
+    # Plaintext candidate and an unsigned record naming every instance.
+    client.store.put(layout.candidate("sniffer"), json.dumps(evil).encode())
+    client.store.put(
+        layout.rollout("sniffer"),
+        json.dumps(
+            {
+                "version": 2,
+                "base_version": 1,
+                "digest": config_digest(evil),
+                "canaries": names,
+                "since": "2026-01-01T00:00:00Z",
+                "by": "attacker",
+            }
+        ).encode(),
+    )
+    rollouts = Rollouts(run.configs())
+    assert rollouts.record("sniffer") is None
+    for name in names:
+        assert rollouts.effective("sniffer", name).config["snaplen"] == 256
+    # Alerted as an unauthenticated record, and no instance loaded the forged config.
+    wait_for(
+        "RecordUnauthenticated alert",
+        lambda: any(
+            b"RecordUnauthenticated" in sv.value
+            for sv in client.store.list_prefix(layout.component_alerts_dir("sniffer"))
+        ),
+    )
+    for inst in instances:
+        assert 4096 not in inst.snaplens()
+    assert run.configs().get_active("sniffer").version == 1
+
+
+def _written(run: OperatorRun, pod: str) -> int | None:
+    """The snaplen in the config file the real agent of `pod` wrote (None before the first)."""
+    path = run.workdir / f"{pod}.json"
+    try:
+        return int(json.loads(path.read_text())["snaplen"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def test_real_agents_honour_the_rollout(operator_run: OperatorRun) -> None:
+    # The agent sidecar runs what `Rollouts.watch` hands it: the canary's agent writes the
+    # candidate, the other keeps ACTIVE until a person promotes; an abort takes it back.
+    run = operator_run
+    run.start()
+    run.apply_sample("sniffer", **FAST_RESTARTS)
+    run.wait_active_version("sniffer", 1)
+    run.patch("sniffer", {"spec": {"rollout": {"canary": {**CANARY, "holdSeconds": 3600}}}})
+    run.deployment("sniffer", SNIFFER_LABELS, replicas=2)
+
+    def two_pods() -> list[str] | None:
+        names = sorted(p.metadata.name for p in run.pods(SNIFFER_LABELS))
+        return names if len(names) == 2 else None
+
+    pods = wait_for("2 pods", two_pods)
+    for pod in pods:
+        run.start_agent("sniffer", pod)
+    canary, other = pods
+    for pod in pods:
+        wait_for(f"{pod} wrote version 1", lambda p=pod: _written(run, p) == 256)
+    run.wait_condition("sniffer", "Heartbeating", status="True")
+
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
+    wait_for("the canary's agent wrote the candidate", lambda: _written(run, canary) == 512)
+    run.wait_condition("sniffer", "Rollout", reason=("Progressing",))
+    assert _written(run, other) == 256
+    assert run.configs().get_active("sniffer").version == 1
+    run.patch("sniffer", {"metadata": {"annotations": {contract.PROMOTE_ANNOTATION: "now"}}})
+    wait_for("the other agent on the promoted version", lambda: _written(run, other) == 512)
+    assert run.configs().get_active("sniffer").version == 2
+
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 640}}})
+    wait_for("the canary's agent wrote the next candidate", lambda: _written(run, canary) == 640)
+    run.patch("sniffer", {"metadata": {"annotations": {contract.ABORT_ANNOTATION: "now"}}})
+    wait_for("the canary's agent back on ACTIVE", lambda: _written(run, canary) == 512)
+    run.wait_condition("sniffer", "Rollout", status="False", reason="Aborted")
+    assert _written(run, other) == 512

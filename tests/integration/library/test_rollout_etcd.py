@@ -1,0 +1,209 @@
+"""Rollouts against the real cluster: only the instances an authentic rollout record names run
+the candidate; forged, tampered, replayed or key-less records leave every instance on ACTIVE."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from defender_config import (
+    ActiveConfig,
+    ChangeKind,
+    ConfigFrozenError,
+    ConfigStore,
+    ConfigValidationError,
+    DefenderClient,
+    Keyring,
+    LibrarySettings,
+    NotFoundError,
+    Rollouts,
+    inspect,
+)
+from defender_devcluster import wait_for
+
+pytestmark = pytest.mark.etcd
+
+SNIFFER: dict[str, Any] = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+
+
+def snaplen(n: int) -> dict[str, Any]:
+    return {**SNIFFER, "snaplen": n}
+
+
+@pytest.fixture
+def rollouts(client: DefenderClient) -> Rollouts:
+    configs = ConfigStore(client)
+    configs.seed("sniffer", SNIFFER, "sniffer", by="test")
+    return Rollouts(configs)
+
+
+def alert_reasons(client: DefenderClient) -> list[str]:
+    prefix = client.layout.component_alerts_dir("sniffer")
+    return [json.loads(v.value).get("kind", "") for v in client.store.list_prefix(prefix)]
+
+
+def test_only_the_named_canaries_run_the_candidate(rollouts: Rollouts) -> None:
+    record = rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert (record.version, record.base_version, record.canaries) == (2, 1, ("pod-a",))
+    canary = rollouts.effective("sniffer", "pod-a")
+    assert (canary.version, canary.config["snaplen"]) == (2, 512)
+    other = rollouts.effective("sniffer", "pod-b")
+    assert (other.version, other.config["snaplen"]) == (1, 256)
+    assert rollouts.configs.get_active("sniffer").version == 1
+    # The candidate is sealed like ACTIVE, never plaintext in etcd.
+    raw = rollouts.client.store.get(rollouts.layout.candidate("sniffer"))
+    assert raw is not None and b"snaplen" not in raw.value
+
+
+def test_promote_commits_the_candidate_with_its_author(rollouts: Rollouts) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert rollouts.promote("sniffer", by="operator:x") == 2
+    active = rollouts.configs.get_active("sniffer")
+    assert active.config["snaplen"] == 512
+    assert active.metadata is not None and active.metadata.modified_by == "alice"
+    assert "promoted by operator:x" in (active.metadata.note or "")
+    assert rollouts.record("sniffer") is None
+    assert rollouts.client.store.get(rollouts.layout.candidate("sniffer")) is None
+    with pytest.raises(NotFoundError, match="no canary rollout"):
+        rollouts.promote("sniffer", by="operator:x")
+
+
+def test_abort_freezes_and_makes_a_replayed_record_stale(rollouts: Rollouts) -> None:
+    rollouts.start("sniffer", snaplen(9999), ["pod-a"], by="alice")
+    store, layout = rollouts.client.store, rollouts.layout
+    saved = [store.get(layout.rollout("sniffer")), store.get(layout.candidate("sniffer"))]
+    assert rollouts.abort("sniffer", "canary failed", by="operator:x") == 2
+    assert rollouts.configs.frozen("sniffer") is not None
+    active = rollouts.configs.get_active("sniffer")
+    assert (active.version, active.config["snaplen"]) == (2, 256)
+    assert active.metadata is not None and active.metadata.change is ChangeKind.CANARY_ABORT
+    with pytest.raises(ConfigFrozenError):
+        rollouts.start("sniffer", snaplen(1024), ["pod-a"], by="alice")
+    # An attacker puts the authentic record and candidate back: built on version 1, stale.
+    for sv in saved:
+        assert sv is not None
+        store.put(sv.key, sv.value)
+    assert rollouts.record("sniffer") is not None
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    # Without a rollout an abort still freezes, and writes no version.
+    rollouts.end("sniffer")
+    rollouts.configs.unfreeze("sniffer")
+    assert rollouts.abort("sniffer", "by hand", by="oncall") is None
+    assert rollouts.configs.frozen("sniffer") is not None
+
+
+def test_a_forged_record_is_alerted_and_ignored(rollouts: Rollouts) -> None:
+    store, layout = rollouts.client.store, rollouts.layout
+    evil = snaplen(4096)
+    store.put(layout.candidate("sniffer"), json.dumps(evil).encode())
+    store.put(
+        layout.rollout("sniffer"),
+        json.dumps(
+            {
+                "version": 2,
+                "base_version": 1,
+                "digest": "0" * 64,
+                "canaries": ["pod-a"],
+                "since": "2026-01-01T00:00:00Z",
+                "by": "mallory",
+            }
+        ).encode(),
+    )
+    assert rollouts.record("sniffer") is None
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    assert "RecordUnauthenticated" in alert_reasons(rollouts.client)
+
+
+def test_a_signed_record_that_is_no_rollout_record_is_ignored(rollouts: Rollouts) -> None:
+    rollouts.client.put_record(rollouts.layout.rollout("sniffer"), {"canaries": "everyone"})
+    assert rollouts.record("sniffer") is None
+    assert rollouts.effective("sniffer", "pod-a").version == 1
+
+
+def test_a_candidate_that_is_not_the_records_is_refused(rollouts: Rollouts) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    store, layout = rollouts.client.store, rollouts.layout
+    # Another authentic sealed value (ACTIVE's) moved to the candidate key: the AEAD binds the
+    # path, so it does not open; the instance stays on ACTIVE.
+    active = store.get(layout.active_config("sniffer"))
+    assert active is not None
+    store.put(layout.candidate("sniffer"), active.value)
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    # A candidate sealed for this key but with another config: digest mismatch, alerted.
+    path = layout.candidate("sniffer")
+    store.put(path, rollouts.client.seal(path, json.dumps(snaplen(4096)).encode()))
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    assert "RecordReplayed" in alert_reasons(rollouts.client)
+
+
+def test_a_reader_without_a_keyring_ignores_rollouts(
+    rollouts: Rollouts, settings: LibrarySettings
+) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    plain = settings.model_copy(
+        update={"envelope": settings.envelope.model_copy(update={"encrypt": False})}
+    )
+    keyless = DefenderClient(plain, None, registry=CollectorRegistry(), alert_sinks=[])
+    try:
+        assert Rollouts(ConfigStore(keyless)).record("sniffer") is None
+    finally:
+        keyless.close()
+
+
+def test_start_refuses_bad_input(rollouts: Rollouts) -> None:
+    with pytest.raises(ValueError, match="at least one canary"):
+        rollouts.start("sniffer", snaplen(512), [], by="alice")
+    with pytest.raises(ConfigValidationError):
+        rollouts.start("sniffer", {**SNIFFER, "snaplen": 1}, ["pod-a"], by="alice")
+    with pytest.raises(NotFoundError):
+        rollouts.start("ghost", snaplen(512), ["pod-a"], by="alice")
+
+
+def test_watch_follows_the_rollout_for_one_instance(rollouts: Rollouts) -> None:
+    seen: dict[str, list[int]] = {"pod-a": [], "pod-b": []}
+    lock = threading.Lock()
+
+    def recorder(name: str) -> Any:
+        def on(active: ActiveConfig) -> None:
+            with lock:
+                seen[name].append(int(active.config["snaplen"]))
+
+        return on
+
+    watches = [rollouts.watch("sniffer", n, recorder(n)) for n in seen]
+    try:
+        rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+        wait_for("pod-a on the candidate", lambda: seen["pod-a"] == [256, 512])
+        rollouts.end("sniffer")
+        wait_for("pod-a back on ACTIVE", lambda: seen["pod-a"] == [256, 512, 256])
+        rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice")
+        wait_for("pod-a on the second candidate", lambda: seen["pod-a"][-1] == 640)
+        rollouts.promote("sniffer", by="operator:x")
+        wait_for("pod-b on the promoted version", lambda: seen["pod-b"] == [256, 640])
+        assert seen["pod-a"] == [256, 512, 256, 640]
+    finally:
+        for w in watches:
+            w.cancel()
+
+
+def test_a_key_rotation_reseals_the_candidate_and_resigns_the_record(
+    rollouts: Rollouts, settings: LibrarySettings, keyring: Keyring
+) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    staged = keyring.with_new_decrypt_only()
+    new_id = next(k for k in staged.key_ids if k != keyring.primary.key_id)
+    with DefenderClient(
+        settings, staged.promote(new_id), registry=CollectorRegistry(), alert_sinks=[]
+    ) as c2:
+        assert ConfigStore(c2).rewrap_all().failed == 0
+        candidate = c2.store.get(c2.layout.candidate("sniffer"))
+        assert candidate is not None and inspect(candidate.value).key_id == new_id
+        record = c2.store.get(c2.layout.rollout("sniffer"))
+        assert record is not None and json.loads(record.value)["auth"]["kid"] == new_id
+        after = Rollouts(ConfigStore(c2))
+        assert after.effective("sniffer", "pod-a").config["snaplen"] == 512
+        assert after.effective("sniffer", "pod-b").config["snaplen"] == 256

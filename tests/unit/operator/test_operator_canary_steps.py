@@ -1,0 +1,182 @@
+"""The canary rollout through reconcile and the monitor pass, against the in-memory Backend:
+started instead of a commit, promoted after the hold, aborted (and frozen) on a failing canary,
+and the promote / abort commands."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from operator_core_support import NAME, Harness, spec
+from pydantic import ValidationError
+
+from defender_config import ChangeKind, config_digest, contract, validate_config
+from defender_operator import _api
+from defender_operator._backend import InstanceRecord
+from defender_operator._decisions import conditions as cond
+from defender_operator._runtime import utcnow
+
+BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
+ETH0 = {**BASE, "interface": "eth0"}
+ETH1 = {**BASE, "interface": "eth1"}
+PODS = ("sniffer-a", "sniffer-b", "sniffer-c")
+
+
+def stored(config: dict[str, str]) -> str:
+    return config_digest(validate_config("sniffer", config, None))
+
+
+def canary_spec(config: dict[str, str], hold: int = 0, **canary: Any) -> dict[str, Any]:
+    return spec(
+        config,
+        rollout={"canary": {"instances": 1, "holdSeconds": hold, **canary}},
+    )
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def beat(h: Harness, pod: str, digest: str, error: str | None = None) -> None:
+    h.backend.add_instance(
+        NAME,
+        InstanceRecord(
+            instance=pod,
+            pod=pod,
+            time=utcnow(),
+            status="RUNNING",
+            config_digest=digest,
+            key_fingerprint=h.rt.keyring.current().primary_fingerprint,
+            last_error_reason=error,
+            last_error_detail="probe failed" if error else "",
+        ),
+    )
+
+
+def started(hold: int = 0) -> Harness:
+    """Version 1 on three beating instances, then ETH1 under a one-instance canary."""
+    h = Harness()
+    run(h.reconcile(canary_spec(ETH0, hold)))
+    for pod in PODS:
+        h.add_pod(pod)
+        beat(h, pod, stored(ETH0))
+    asyncio.run(h.monitor(canary_spec(ETH0, hold)))
+    run(h.reconcile(canary_spec(ETH1, hold)))
+    return h
+
+
+def test_a_new_config_starts_a_canary_instead_of_a_commit() -> None:
+    h = started()
+    record = h.backend.rollouts[NAME][0]
+    assert (record.version, record.base_version, record.canaries) == (2, 1, ("sniffer-a",))
+    assert record.digest == stored(ETH1)
+    assert h.backend.state(NAME).active_version == 1
+    assert "commit" not in h.backend.calls
+    assert h.reasons() == ["CanaryStarted"]
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == "CanaryInProgress"
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
+    assert h.kube.status["rollout"]["canaries"] == ["sniffer-a"]
+    # A resume with the same spec starts nothing new.
+    run(h.reconcile(canary_spec(ETH1)))
+    assert h.backend.calls.count("start_rollout") == 1
+
+
+def test_the_monitor_waits_for_the_canary_then_promotes() -> None:
+    h = started()
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
+    assert "waiting for sniffer-a" in h.kube.status["rollout"]["message"]
+    beat(h, "sniffer-a", stored(ETH1))
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (2, stored(ETH1))
+    assert NAME not in h.backend.rollouts
+    assert h.reasons()[-1] == "CanaryPromoted"
+    assert h.condition(cond.ROLLOUT)["reason"] == "Promoted"
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    assert h.kube.status["rollout"]["phase"] == "Promoted"
+    # The breaker guards the promoted version like a commit.
+    change = h.mem.last_change
+    assert change is not None and (change.previous_version, change.version) == (1, 2)
+
+
+def test_the_hold_must_pass_before_promotion() -> None:
+    h = started(hold=3600)
+    beat(h, "sniffer-a", stored(ETH1))
+    asyncio.run(h.monitor(canary_spec(ETH1, 3600)))
+    assert h.backend.state(NAME).active_version == 1
+    assert h.kube.status["rollout"]["healthySince"] is not None
+    assert "promotion in" in h.kube.status["rollout"]["message"]
+
+
+def test_a_failing_canary_aborts_freezes_and_writes_the_base_again() -> None:
+    h = started()
+    beat(h, "sniffer-a", stored(ETH1), error="HealthCheckFailed")
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    state = h.backend.state(NAME)
+    assert state.frozen
+    assert (state.active_version, state.active_digest) == (2, stored(ETH0))
+    assert h.backend.components[NAME].change is ChangeKind.CANARY_ABORT
+    assert NAME not in h.backend.rollouts
+    assert h.reasons()[-1] == "CanaryAborted"
+    aborted = h.condition(cond.ROLLOUT)
+    assert (aborted["status"], aborted["reason"]) == (cond.FALSE, "Aborted")
+    assert "sniffer-a: HealthCheckFailed" in aborted["message"]
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == "Frozen"
+    assert any(a.reason == "CanaryAborted" for a in h.backend.raised)
+
+
+def test_a_lost_canary_aborts() -> None:
+    h = started()
+    h.backend.remove_instance(NAME, "sniffer-a")
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.state(NAME).frozen
+    assert "heartbeat lost" in h.condition(cond.ROLLOUT)["message"]
+
+
+def test_promote_and_abort_commands() -> None:
+    h = started(hold=3600)
+    run(h.reconcile(canary_spec(ETH1, 3600), {contract.PROMOTE_ANNOTATION: "now"}))
+    assert h.backend.state(NAME).active_version == 2
+    assert "CanaryPromoted" in h.reasons()
+    assert contract.PROMOTE_ANNOTATION in h.kube.removed
+
+    h = started(hold=3600)
+    run(h.reconcile(canary_spec(ETH1, 3600), {contract.ABORT_ANNOTATION: "now"}))
+    state = h.backend.state(NAME)
+    assert state.frozen and state.active_digest == stored(ETH0)
+    assert "CanaryAborted" in h.reasons()
+    assert contract.ABORT_ANNOTATION in h.kube.removed
+
+
+def test_a_command_without_a_rollout_is_ignored_with_a_warning() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(ETH0), {contract.PROMOTE_ANNOTATION: "now"}))
+    assert h.reasons() == ["RolloutCommandIgnored"]
+    assert contract.PROMOTE_ANNOTATION in h.kube.removed
+    assert h.backend.state(NAME).active_version == 1
+
+
+def test_without_instances_a_canary_spec_commits_directly() -> None:
+    h = Harness()
+    run(h.reconcile(canary_spec(ETH0)))
+    run(h.reconcile(canary_spec(ETH1)))
+    assert h.backend.state(NAME).active_version == 2
+    assert h.reasons() == ["Committed"]
+
+
+def test_a_spec_change_back_to_active_ends_the_rollout() -> None:
+    h = started()
+    run(h.reconcile(canary_spec(ETH0)))
+    asyncio.run(h.monitor(canary_spec(ETH0)))
+    assert NAME not in h.backend.rollouts
+    assert h.condition(cond.ROLLOUT)["reason"] == "Superseded"
+    assert h.backend.state(NAME).active_version == 1
+
+
+@pytest.mark.parametrize("canary", [{}, {"instances": 1, "percent": 10}])
+def test_a_canary_needs_exactly_one_size(canary: dict[str, int]) -> None:
+    with pytest.raises(ValidationError, match="exactly one of instances or percent"):
+        _api.parse_spec(spec(ETH0, rollout={"canary": canary}))
