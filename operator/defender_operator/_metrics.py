@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -127,10 +128,8 @@ def forget_component(component: str) -> None:
     """Drop a deleted component's gauges: a last value left behind would keep an alert firing
     for something that no longer exists."""
     for gauge in _PER_COMPONENT:
-        try:
+        with contextlib.suppress(KeyError):  # never exported (e.g. no heartbeat seen yet)
             gauge.remove(component)
-        except KeyError:
-            pass  # never exported (e.g. no heartbeat seen yet)
     for exported, kind in sorted(_exported):
         if exported == component:
             _exported.discard((exported, kind))

@@ -29,9 +29,7 @@ def _etcd_metrics_the_chart_reads() -> frozenset[str]:
 def test_every_etcd_metric_the_chart_reads_is_exported(defender_etcd: EtcdCluster) -> None:
     with urllib.request.urlopen(f"{defender_etcd.endpoints[0]}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    exported = {
-        line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")
-    }
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     wanted = _etcd_metrics_the_chart_reads()
     assert wanted, "monitoring_names.ETCD_METRICS is empty"
     assert wanted <= exported, f"etcd does not export {sorted(wanted - exported)}"

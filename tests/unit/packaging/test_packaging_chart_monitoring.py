@@ -28,7 +28,10 @@ ALL_ON = (
 
 
 def _dashboard_maps(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]  # noqa: E501
+    return [
+        o for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")
+    ]  # fmt: skip
 
 
 def test_nothing_is_rendered_by_default(render: Render) -> None:
@@ -91,4 +94,7 @@ def test_the_dashboard_parses_and_reads_only_metrics_that_exist(render: Render) 
 
 def test_a_bad_scrape_interval_is_refused(render: Render) -> None:
     with pytest.raises(HelmFailed, match="interval"):
-        render("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.interval=often")
+        render(
+            "--set", "metrics.serviceMonitor.enabled=true",
+            "--set", "metrics.serviceMonitor.interval=often",
+        )  # fmt: skip

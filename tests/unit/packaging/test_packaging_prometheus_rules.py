@@ -83,6 +83,6 @@ def test_the_rules_read_only_metrics_that_exist() -> None:
 def test_metric_names_sees_through_promql() -> None:
     expr = (
         'sum by (component) (increase(a_total{x="b c"}[1h])) > 0'
-        ' or (b_gauge / on (instance) c_bytes unless d offset 1h) == bool 0'
+        " or (b_gauge / on (instance) c_bytes unless d offset 1h) == bool 0"
     )
     assert metric_names(expr) == {"a_total", "b_gauge", "c_bytes", "d"}
