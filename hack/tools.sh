@@ -20,7 +20,7 @@ tag="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}"
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/ml-defender"
 bindir="${DEFENDER_TOOLS_DIR:-$cache_root/$tag/bin}"
 k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-all_bins=("${k8s_bins[@]}" etcd etcdctl etcdutl helm)
+all_bins=("${k8s_bins[@]}" etcd etcdctl etcdutl helm promtool)
 k8s_node_bins=(kubelet kube-proxy)
 # Linked from Debian packages (see build_node_packages): the harness finds every node binary in
 # the bin dir, whatever its origin.
