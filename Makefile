@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 venv: $(STAMP) ## Create .venv with the package and dev tools (pinned by requirements/constraints.txt).
 
 .PHONY: tools
-tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, etcdctl, helm, kubelet, kube-proxy, CoreDNS from Go modules; link Debian containerd/runc/CNI (cached).
+tools: ## Build kube-apiserver, controller-manager, scheduler, kubectl, etcd, etcdctl, helm, promtool, kubelet, kube-proxy, CoreDNS from Go modules; link Debian containerd/runc/CNI (cached).
 	hack/tools.sh
 
 .PHONY: deps

@@ -69,6 +69,8 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "operator.logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
     "operator.healthPort": _PORT,
     "operator.metricsPort": _PORT,
+    "metrics.serviceMonitor.interval": {"pattern": _DURATION},
+    "metrics.dashboard.namespace": {"pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"},
     "operator.extraArgs": {"items": {"type": "string"}},
     "operator.extraEnv": _ENV_LIST,
     "operator.admission.port": _PORT,

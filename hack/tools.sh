@@ -20,7 +20,7 @@ tag="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}"
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/ml-defender"
 bindir="${DEFENDER_TOOLS_DIR:-$cache_root/$tag/bin}"
 k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-all_bins=("${k8s_bins[@]}" etcd etcdctl etcdutl helm)
+all_bins=("${k8s_bins[@]}" etcd etcdctl etcdutl helm promtool)
 k8s_node_bins=(kubelet kube-proxy)
 # Linked from Debian packages (see build_node_packages): the harness finds every node binary in
 # the bin dir, whatever its origin.
@@ -145,6 +145,18 @@ build_helm() {
   log "helm: built"
 }
 
+build_promtool() {
+  # `promtool check rules` / `promtool test rules` run the chart's alert rules in `make test`.
+  # remove_all_sd drops every service-discovery plugin (cloud SDKs) that promtool links only for
+  # `check service-discovery`: the rule commands need none of them and the build is much shorter.
+  local tags="remove_all_sd" ld="-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION"
+  if have_all promtool && stamp_ok promtool "$ld $tags"; then log "promtool $PROMETHEUS_VERSION: cached"; return; fi
+  log "promtool $PROMETHEUS_VERSION: go install (tags: $tags)"
+  GOBIN="$bindir" go install -tags "$tags" -ldflags "$ld" "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  stamp promtool "$ld $tags"
+  log "promtool: built"
+}
+
 build_kubernetes_node() {
   # The same wrapper module as build_kubernetes (its go.mod must exist: that group runs first).
   local mod="$work/kubernetes" ld pkgs=() b
@@ -219,6 +231,7 @@ build_node_packages() {
 build_etcd
 build_etcdutl
 build_helm
+build_promtool
 build_kubernetes
 if ((with_node)); then
   build_node_packages

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from prometheus_client import Counter, Gauge
+
+from defender_operator._decisions import conditions as cond
 
 RECONCILES = Counter(
     "defender_operator_reconciles_total", "Reconciles of DefenderComponents", ["result"]
@@ -79,3 +85,53 @@ HEARTBEAT_DIRECT_READS = Counter(
     "defender_operator_heartbeat_direct_reads_total",
     "Monitor passes that read heartbeats from etcd because the watch view was not trusted",
 )
+COMPONENT_CONDITION = Gauge(
+    "defender_operator_component_condition",
+    "1 for the status (True, False, Unknown) a condition of the component has, 0 for the others",
+    ["component", "condition", "status"],
+)
+COMPONENT_FROZEN = Gauge(
+    "defender_operator_component_frozen",
+    "1 while the breaker keeps the component's commits frozen (ConfigSynced reason Frozen)",
+    ["component"],
+)
+RESTART_BUDGET_EXHAUSTED = Gauge(
+    "defender_operator_restart_budget_exhausted",
+    "1 while the restart budget is spent and missed heartbeats no longer restart pods",
+    ["component"],
+)
+
+_STATUSES = (cond.TRUE, cond.FALSE, cond.UNKNOWN)
+# (component, condition type) pairs exported, so a deleted component's series can be dropped.
+_exported: set[tuple[str, str]] = set()
+
+
+def record_conditions(component: str, conditions: Iterable[Mapping[str, Any]]) -> None:
+    """Export the conditions just published in a component's status (what alerts read: Ready,
+    frozen, restart budget), so a rule never has to parse a reason string."""
+    for c in conditions:
+        kind, status, reason = str(c.get("type")), c.get("status"), c.get("reason")
+        _exported.add((component, kind))
+        for s in _STATUSES:
+            COMPONENT_CONDITION.labels(component, kind, s).set(1 if s == status else 0)
+        if kind == cond.CONFIG_SYNCED:
+            COMPONENT_FROZEN.labels(component).set(1 if reason == "Frozen" else 0)
+        elif kind == cond.HEARTBEATING:
+            exhausted = reason == "RestartBudgetExhausted"
+            RESTART_BUDGET_EXHAUSTED.labels(component).set(1 if exhausted else 0)
+
+
+_PER_COMPONENT = (HEARTBEAT_AGE, INSTANCES_ALIVE, COMPONENT_FROZEN, RESTART_BUDGET_EXHAUSTED)
+
+
+def forget_component(component: str) -> None:
+    """Drop a deleted component's gauges: a last value left behind would keep an alert firing
+    for something that no longer exists."""
+    for gauge in _PER_COMPONENT:
+        with contextlib.suppress(KeyError):  # never exported (e.g. no heartbeat seen yet)
+            gauge.remove(component)
+    for exported, kind in sorted(_exported):
+        if exported == component:
+            _exported.discard((exported, kind))
+            for s in _STATUSES:
+                COMPONENT_CONDITION.remove(component, kind, s)

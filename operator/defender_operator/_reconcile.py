@@ -43,7 +43,7 @@ from defender_operator._decisions.ownership import (
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
 from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
-from defender_operator._metrics import COMMITS
+from defender_operator._metrics import COMMITS, record_conditions
 from defender_operator._outcome import (
     ConfigVerdict,
     Outcome,
@@ -105,6 +105,7 @@ async def publish_status(
         now=utcnow(),
         generation=generation,
     )
+    record_conditions(name, conditions)
     patch = {**fields, "conditions": conditions}
     unchanged = all(current_status.get(k) == v for k, v in patch.items())
     if unchanged:

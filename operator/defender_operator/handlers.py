@@ -43,7 +43,7 @@ from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
-from defender_operator._metrics import RECONCILES
+from defender_operator._metrics import RECONCILES, forget_component
 from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import load_operator_settings
 
@@ -175,6 +175,7 @@ async def apply_retention(
         str(spec.get("retention", contract.RetentionPolicy.KEEP)),
         logger,
     )
+    forget_component(name)
 
 
 @kopf.index("", "v1", "pods")
