@@ -64,7 +64,8 @@ AUDIT_POLICY = {
             ],
         },
         {
-            "level": "Metadata",
+            # Request: the patch bodies, so the report can say what each write carried.
+            "level": "Request",
             "verbs": ["create", "update", "patch", "delete"],
             "resources": [{"group": GROUP, "resources": [PLURAL, f"{PLURAL}/status"]}],
         },
@@ -85,9 +86,26 @@ def audit_flags(run_dir: Path) -> tuple[list[str], Path]:
     ], log
 
 
-def operator_writes(audit_log: Path, namespace: str) -> list[tuple[float, str, str]]:
+def _carried(body: Any) -> str:
+    """What a patch set, in brief: its top-level paths two deep (status fields, metadata
+    finalizers/annotations)."""
+    if not isinstance(body, dict):
+        return ""
+    keys = []
+    for top, value in sorted(body.items()):
+        if isinstance(value, dict):
+            keys += [f"{top}.{k}" for k in sorted(value)]
+        else:
+            keys.append(top)
+    return ",".join(keys)
+
+
+def operator_writes(
+    audit_log: Path, namespace: str, carried: dict[str, list[str]] | None = None
+) -> list[tuple[float, str, str]]:
     """(time received, object name, what) of every write the operator made to a
-    DefenderComponent or an Event about one, from the API server's audit log."""
+    DefenderComponent or an Event about one, from the API server's audit log. With `carried`,
+    also each object's writes in order with what each patch set."""
     out = []
     if not audit_log.exists():
         return out
@@ -108,6 +126,10 @@ def operator_writes(audit_log: Path, namespace: str) -> list[tuple[float, str, s
         else:
             sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
             out.append((received, ref.get("name", ""), f"{ev['verb']} {PLURAL}{sub}"))
+            if carried is not None:
+                carried.setdefault(ref.get("name", ""), []).append(
+                    f"{ev['verb']} {PLURAL}{sub} [{_carried(ev.get('requestObject'))}]"
+                )
     return out
 
 
@@ -117,7 +139,8 @@ def writes_until_ready(
     """Writes per component from its creation up to the one that made it Ready."""
     per: dict[str, int] = {name: 0 for name in ready_wall}
     kinds: dict[str, int] = {}
-    for received, name, what in operator_writes(audit_log, namespace):
+    carried: dict[str, list[str]] = {}
+    for received, name, what in operator_writes(audit_log, namespace, carried):
         if name in per and received <= ready_wall[name]:
             per[name] += 1
             kinds[what] = kinds.get(what, 0) + 1
@@ -126,6 +149,10 @@ def writes_until_ready(
     return {
         "writes_per_component": summary([float(c) for c in counts]),
         "by_kind_per_component": {k: v / n for k, v in sorted(kinds.items())},
+        # One component's writes in order (until Ready, then after), with what each set.
+        "example_writes": next(
+            ([f"{nm}: {' → '.join(carried.get(nm, []))}"] for nm in sorted(ready_wall)), []
+        ),
     }
 
 

@@ -3,7 +3,8 @@
 login     → kopf's API session, with a bounded connection pool (`_login`)
 startup   → build the Runtime (settings, keyring Secret, library backend), settle the keyring
             against the store (`_keyguard`), start the etcd health and key-rotation loops
-create / resume / update of a DefenderComponent → `_reconcile.reconcile`
+create / resume / update of a DefenderComponent → `_reconcile.reconcile`, then one
+            `_monitor.after_reconcile` pass (one status patch for both)
 delete    → retention policy (a finalizer holds the object until it is applied)
 daemon    → `_monitor.tick` every monitor_interval_seconds
 index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -137,9 +139,19 @@ async def reconcile_component(
     name: str,
     logger: kopf.Logger,
     memo: kopf.Memo,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     try:
+        # The reconcile's status and the first monitor pass's go out in one patch.
+        first_pass = functools.partial(
+            _monitor.after_reconcile,
+            memo["runtime"],
+            body,
+            namespace or "",
+            name,
+            logger,
+            kwargs["defender_pods"],
+        )
         visit = _reconcile.Visit(
             rt=memo["runtime"],
             body=body,
@@ -150,7 +162,7 @@ async def reconcile_component(
             annotations=dict(meta.annotations),
             logger=logger,
         )
-        await _reconcile.reconcile(visit, dict(spec))
+        await _reconcile.reconcile(visit, dict(spec), first_pass)
     except Exception:
         RECONCILES.labels("error").inc()
         raise
