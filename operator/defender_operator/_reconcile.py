@@ -177,10 +177,14 @@ FirstPass = Callable[[Mapping[str, Any], Mapping[str, Any]], Awaitable[bool]]
 
 
 async def reconcile(
-    v: Visit, raw_spec: Mapping[str, Any], first_pass: FirstPass | None = None
+    v: Visit,
+    raw_spec: Mapping[str, Any],
+    first_pass: FirstPass | None = None,
+    handled: Mapping[str, Any] | None = None,
 ) -> None:
     """Run the steps under the component's lock, then publish what they found: conditions and
-    status fields always (a refusal included), Events in the order the steps produced them."""
+    status fields always (a refusal included), Events in the order the steps produced them.
+    `handled`: status fields published only when the steps succeed (kopf's diff base)."""
     mem = v.rt.memory(v.namespace, v.name)
     async with mem.lock:
         recall(mem, v.status)
@@ -188,6 +192,7 @@ async def reconcile(
         try:
             with kopf_errors():
                 await _steps(v, mem, raw_spec, found)
+                take(mem, found, Outcome(fields=dict(handled or {})))
                 await _finish(v, mem, found, first_pass)
         except kopf.TemporaryError as exc:
             # Conditions appear even when the first visit fails, saying why where known.

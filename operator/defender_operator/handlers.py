@@ -33,6 +33,7 @@ from kubernetes import config as k8s_config
 
 from defender_config import contract
 from defender_operator import (
+    _diffbase,
     _keyguard,
     _login,
     _loops,
@@ -77,6 +78,8 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours, library = load_operator_settings()
     settings.persistence.finalizer = FINALIZER
+    # kopf's diff base goes out with the reconcile's status patch, not as a write of its own.
+    settings.persistence.diffbase_storage = _diffbase.DIFFBASE
     # Events are posted explicitly (kopf.event) for what a person should act on; log lines
     # are not copied into Events.
     settings.posting.loggers = False
@@ -162,7 +165,9 @@ async def reconcile_component(
             annotations=dict(meta.annotations),
             logger=logger,
         )
-        await _reconcile.reconcile(visit, dict(spec), first_pass)
+        handled = {_diffbase.FIELD: _diffbase.DIFFBASE.encoded(body)}
+        await _reconcile.reconcile(visit, dict(spec), first_pass, handled)
+        _diffbase.DIFFBASE.published(body, handled[_diffbase.FIELD])
     except Exception:
         RECONCILES.labels("error").inc()
         raise
