@@ -5,10 +5,14 @@ yet. In-memory Backend, recording stand-in for the status subresource."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
+import kopf
+import pytest
 from operator_core_support import Harness, spec
 
+from defender_config import ScrubReport, ValueCheck
 from defender_operator._decisions import conditions as cond
 
 
@@ -70,3 +74,32 @@ def test_a_failing_pass_leaves_the_reconciles_fields_published(caplog: Any) -> N
     asyncio.run(h.reconcile(spec(), first_pass=True))
     assert any(p.get("observedGeneration") == 1 for p in h.kube.patches)
     assert "monitor pass after reconcile failed" in caplog.text
+
+
+def test_a_first_clean_scrub_goes_out_with_the_pass_and_corruption_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The scrub's first "verified" is no reason for a status write of its own; a corrupt
+    # value is published at once (even if the rest of the pass then fails).
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    h.backend.scrub = lambda component: ScrubReport(component, (), 1)  # type: ignore[method-assign]
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert len(h.kube.patches) == 1
+    assert h.condition(cond.CORRUPT)["status"] == cond.FALSE
+    h.mem.scrubbed_at = None
+    posted: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda *a, **k: posted.append(k["reason"]))
+    bad = ValueCheck("/p/active", "active", ok=False, version=1, reason="DigestMismatch")
+    h.backend.scrub = lambda component: ScrubReport(component, (bad,), 2)  # type: ignore[method-assign]
+    h.backend.restore_active = lambda *a, **k: None  # type: ignore[method-assign]
+
+    def later_step_fails(name: str) -> Any:
+        raise ValueError("breaker step cannot read the state")
+
+    h.backend.state = later_step_fails  # type: ignore[method-assign]
+    with contextlib.suppress(ValueError):
+        asyncio.run(h.monitor(spec()))
+    assert h.condition(cond.CORRUPT)["status"] == cond.TRUE
+    assert "ValueCorrupt" in posted
