@@ -14,6 +14,7 @@ call â†’ first `Ready=True` seen by a watch. Baseline: the same watch's create â
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import random
@@ -23,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -303,8 +305,11 @@ def batch(
     heartbeat_seconds: float = 1.0,
     bare_pods: bool = False,
     processes: int = 0,
+    baseline: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """n components, each with one instance heartbeating before its DefenderComponent exists.
+    `baseline` runs once the instances beat, right before the creates: the baseline operator's
+    batch under the same background load (the instances' beats, this process's threads).
 
     Pods come from Deployments (the controller-manager makes them), or with `bare_pods` are
     created directly: at 1,000 the controller-manager's client rate limit (20 qps) would take
@@ -362,6 +367,7 @@ def batch(
             hb.start()
             hb.set_status("RUNNING")
             run.heartbeaters.append(hb)
+    base = baseline() if baseline is not None else None
     created, create_seconds = create_and_wait(
         run.custom, run.namespace, watcher, names, heartbeat_seconds
     )
@@ -392,6 +398,8 @@ def batch(
         **writes,
         "latencies": latencies,
     }
+    if base is not None:
+        with_baseline(row, base)
     print(
         f"{n} components: {len(latencies)} Ready, p50 "
         f"{row['create_to_ready_seconds']['p50']:.2f}s p99 "
@@ -613,8 +621,17 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                     f"{watcher.ready['warm'] - warm_created:.2f} s, not counted."
                 )
                 for n in sizes:
-                    base = baseline_batch(op.custom, base_ns, base_watcher, n, f"b{n}")
-                    runs.append(with_baseline(batch(op, watcher, n, f"b{n}"), base))
+                    runs.append(
+                        batch(
+                            op,
+                            watcher,
+                            n,
+                            f"b{n}",
+                            baseline=functools.partial(
+                                baseline_batch, op.custom, base_ns, base_watcher, n, f"b{n}"
+                            ),
+                        )
+                    )
                 steady = float(os.environ.get("BENCH_OPERATOR_STEADY_SECONDS", 0) or 0)
                 logs = steady_logs(
                     op.log_path, 1 + sum(sizes), steady or (20.0 if quick else 120.0)
@@ -629,21 +646,24 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                     )
                     print(f"restart trials failed: {exc}\n{op.log_tail(30)}", flush=True)
                 for n in big_runs:
-                    base = baseline_batch(
-                        op.custom, base_ns, base_watcher, n, f"k{n}", heartbeat_seconds=10.0
-                    )
                     runs.append(
-                        with_baseline(
-                            batch(
-                                op,
-                                watcher,
+                        batch(
+                            op,
+                            watcher,
+                            n,
+                            f"k{n}",
+                            heartbeat_seconds=10.0,
+                            bare_pods=True,
+                            processes=4,
+                            baseline=functools.partial(
+                                baseline_batch,
+                                op.custom,
+                                base_ns,
+                                base_watcher,
                                 n,
                                 f"k{n}",
                                 heartbeat_seconds=10.0,
-                                bare_pods=True,
-                                processes=4,
                             ),
-                            base,
                         )
                     )
             finally:
