@@ -610,18 +610,31 @@ async def _pass(
             return None
         if not rt.etcd.measured:
             return None
-        visit = Pass(
-            rt=rt,
-            body=body,
-            namespace=namespace,
-            name=name,
-            generation=int(body.get("metadata", {}).get("generation") or 0),
-            spec=_api.parse_spec(dict(body.get("spec") or {})),
-            status=status,
-            logger=logger,
-            now=utcnow(),
-        )
-        return await tick(visit, mem, pod_index)
+        return await tick(_visit(rt, body, namespace, name, logger, status), mem, pod_index)
+
+
+def _visit(
+    rt: Runtime,
+    body: Any,
+    namespace: str,
+    name: str,
+    logger: Logger,
+    status: Mapping[str, Any],
+    **extra: Any,
+) -> Pass:
+    """A pass over `body` as kopf keeps it, judging from `status`."""
+    return Pass(
+        rt=rt,
+        body=body,
+        namespace=namespace,
+        name=name,
+        generation=int(body.get("metadata", {}).get("generation") or 0),
+        spec=_api.parse_spec(dict(body.get("spec") or {})),
+        status=status,
+        logger=logger,
+        now=utcnow(),
+        **extra,
+    )
 
 
 async def after_reconcile(
@@ -641,18 +654,8 @@ async def after_reconcile(
     mem = rt.memory(namespace, name)
     if mem.conflict is not None or not rt.etcd.measured or not rt.keyring_ready:
         return False
-    visit = Pass(
-        rt=rt,
-        body=body,
-        namespace=namespace,
-        name=name,
-        generation=int(body.get("metadata", {}).get("generation") or 0),
-        spec=_api.parse_spec(dict(body.get("spec") or {})),
-        status={**stored, **fields},
-        logger=logger,
-        now=utcnow(),
-        carry=fields,
-        stored=stored,
+    visit = _visit(
+        rt, body, namespace, name, logger, {**stored, **fields}, carry=fields, stored=stored
     )
     try:
         await tick(visit, mem, pod_index)
