@@ -10,7 +10,6 @@ failed handler kopf will not retry, kopf writes it as usual).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -29,12 +28,18 @@ def _uid(body: Any) -> str:
 
 
 class PublishedDiffBase(kopf.StatusDiffBaseStorage):
-    """kopf's status diff-base storage, told which values the operator already wrote."""
+    """kopf's status diff-base storage, told which values the operator already wrote.
+
+    It remembers the last value handled per object (published by the reconcile, or stored by
+    kopf) and answers kopf's `fetch` from it: kopf waits for its OWN patches to come back
+    through the watch before it trusts an event, not for ours, so an event older than the
+    reconcile's status patch would otherwise show the old diff base and the spec it handled
+    as a change once more (handled twice: a second revert to MASTER, say). After a restart
+    nothing is remembered and the object's status says."""
 
     def __init__(self) -> None:
         super().__init__(field=f"status.{FIELD}")
-        # uid → SHA-256 of the value published; a digest, not the value, to keep memory small.
-        self._published: dict[str, str] = {}
+        self._handled: dict[str, str] = {}  # uid → the value last handled (kopf's JSON)
 
     def encoded(self, body: Any) -> str:
         """The value kopf will store once this body's handlers succeed."""
@@ -42,13 +47,23 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
 
     def published(self, body: Any, value: str) -> None:
         """The reconcile wrote `value` for `body` with its status."""
-        self._published[_uid(body)] = hashlib.sha256(value.encode()).hexdigest()
+        self._handled[_uid(body)] = value
+
+    def forget(self, body: Any) -> None:
+        self._handled.pop(_uid(body), None)
+
+    def fetch(self, *, body: Any) -> Any:
+        handled = self._handled.get(_uid(body))
+        if handled is not None:
+            return json.loads(handled)
+        return super().fetch(body=body)
 
     def store(self, *, body: Any, patch: Any, essence: Any) -> None:
-        done = self._published.pop(_uid(body), None)
-        if done is not None and done == hashlib.sha256(_encode(essence).encode()).hexdigest():
-            return
+        value = _encode(essence)
+        if self._handled.get(_uid(body)) == value:
+            return  # published with the reconcile's status
         super().store(body=body, patch=patch, essence=essence)
+        self._handled[_uid(body)] = value
 
 
 DIFFBASE = PublishedDiffBase()

@@ -192,6 +192,7 @@ async def apply_retention(
         str(spec.get("retention", contract.RetentionPolicy.KEEP)),
         logger,
     )
+    _diffbase.DIFFBASE.forget(body)
 
 
 @kopf.index("", "v1", "pods")
