@@ -539,7 +539,14 @@ def section_findings() -> list[str]:
         "branch's own e2e tests) ran: far from the 1.5x goal. The writes are no longer what "
         "separates them (2 against 1); the operator's per-component CPU work is (kopf event "
         "cycles, a reconcile of ~10 etcd calls, a monitor pass, 100 daemons), which a 2-core "
-        "machine shared this heavily cannot show apart from the load.",
+        "machine shared this heavily cannot show apart from the load. At 1,000 (one attempt, "
+        "load average ~20-30): the baseline operator's batch finished (creates took 156 s, "
+        "status seen p50 0.31 s, p99 2.05 s, 1 write per object), but the project's did not "
+        "in the time left: 11.5 minutes after its creates began, 312 of the 1,000 had been "
+        "reconciled and the API server answered the operator's list calls with 504; the run "
+        "was stopped, so no 1,000 row, ratio or RSS is shown (main's last 1,000 row: p99 "
+        "15.2 s, RSS 229 MiB). The 100 row was measured before the diff base was answered "
+        "from memory (see _diffbase), which changes no write on the create path.",
         "- **Heartbeats at scale (before issue 17; a beat is now one keep-alive, see above).** "
         "One `Heartbeater` beat was two RPCs: a lease keep-alive and a "
         "put of the JSON record (since the published heartbeat cadence, a transaction that puts "
