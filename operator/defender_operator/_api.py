@@ -413,6 +413,14 @@ class DefenderComponentStatus(_Model):
     rollout: RolloutStatus | None = Field(
         default=None, description="The last canary rollout (spec.rollout.canary)."
     )
+    last_handled_configuration: str = Field(
+        default="",
+        description=(
+            "The spec, labels and annotations last reconciled (kopf's diff base, as JSON):"
+            " written with the operator's own status patch rather than as an annotation of"
+            " its own."
+        ),
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Ready, ConfigSynced, Heartbeating, KeyCurrent, Misconfigured, KeyUnavailable.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -150,6 +150,16 @@ class Pass:
     status: Mapping[str, Any]
     logger: Logger
     now: datetime
+    # Set when a reconcile runs this pass (`after_reconcile`): its status fields, published in
+    # the same patch as the pass's, and the status as stored (`status` then includes them).
+    carry: Mapping[str, Any] = field(default_factory=dict)
+    stored: Mapping[str, Any] | None = None
+
+    def publish(self, fields: Mapping[str, Any]) -> Any:
+        shown = self.stored if self.stored is not None else self.status
+        return publish_status(
+            self.rt, self.namespace, self.name, self.generation, shown, {**self.carry, **fields}
+        )
 
 
 @dataclass(frozen=True)
@@ -190,9 +200,7 @@ async def _steps(
     if not rt.keyring_ready:
         # Paused while the keyring is unavailable (`_keyguard`): no restart, no breaker, no key
         # judgement; only the KeyUnavailable condition is published.
-        await publish_status(
-            rt, p.namespace, p.name, p.generation, p.status, {"rotationStage": rt.rotation_stage}
-        )
+        await p.publish({"rotationStage": rt.rotation_stage})
         return None
     pods = select_pods(pod_index, p.namespace, p.spec.selector.match_labels)
     seen = await observe(p)
@@ -232,7 +240,7 @@ async def _steps(
     take(mem, found, await key_step(p, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
     post_events(rt.post_event, p.body, found)
-    await publish_status(rt, p.namespace, p.name, p.generation, p.status, found.fields)
+    await p.publish(found.fields)
     wake = next_deadline(
         utcnow(),
         [PodView(pod.name, pod.created, pod.deleting, pod.started, pod.starting) for pod in pods],
@@ -618,15 +626,57 @@ async def _pass(
             return None
         if not rt.etcd.measured:
             return None
-        visit = Pass(
-            rt=rt,
-            body=body,
-            namespace=namespace,
-            name=name,
-            generation=int(body.get("metadata", {}).get("generation") or 0),
-            spec=_api.parse_spec(dict(body.get("spec") or {})),
-            status=status,
-            logger=logger,
-            now=utcnow(),
-        )
-        return await tick(visit, mem, pod_index)
+        return await tick(_visit(rt, body, namespace, name, logger, status), mem, pod_index)
+
+
+def _visit(
+    rt: Runtime,
+    body: Any,
+    namespace: str,
+    name: str,
+    logger: Logger,
+    status: Mapping[str, Any],
+    **extra: Any,
+) -> Pass:
+    """A pass over `body` as kopf keeps it, judging from `status`."""
+    return Pass(
+        rt=rt,
+        body=body,
+        namespace=namespace,
+        name=name,
+        generation=int(body.get("metadata", {}).get("generation") or 0),
+        spec=_api.parse_spec(dict(body.get("spec") or {})),
+        status=status,
+        logger=logger,
+        now=utcnow(),
+        **extra,
+    )
+
+
+async def after_reconcile(
+    rt: Runtime,
+    body: Any,
+    namespace: str,
+    name: str,
+    logger: Logger,
+    pod_index: PodIndex,
+    stored: Mapping[str, Any],
+    fields: Mapping[str, Any],
+) -> bool:
+    """A monitor pass run by a successful reconcile under its lock, publishing the reconcile's
+    status `fields` and the pass's judgement (heartbeats, keys, Ready) in ONE status patch
+    instead of two (the reconcile's, then the pass it woke). False when no pass can judge yet
+    (the reconcile then publishes its fields alone) or the pass failed."""
+    mem = rt.memory(namespace, name)
+    if mem.conflict is not None or not rt.etcd.measured or not rt.keyring_ready:
+        return False
+    visit = _visit(
+        rt, body, namespace, name, logger, {**stored, **fields}, carry=fields, stored=stored
+    )
+    try:
+        await tick(visit, mem, pod_index)
+    except (DefenderConfigError, OperatorError, ValueError) as exc:
+        ERRORS.labels("monitor").inc()
+        logger.warning("monitor pass after reconcile failed, publishing the reconcile's: %s", exc)
+        return False
+    return True

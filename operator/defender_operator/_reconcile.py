@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,9 +172,21 @@ class Visit:
         return f"operator:{self.rt.identity}"
 
 
-async def reconcile(v: Visit, raw_spec: Mapping[str, Any]) -> None:
+# A monitor pass run after a successful reconcile (`_monitor.after_reconcile` bound to the
+# resource): given the status as stored and the reconcile's fields, it publishes both in one
+# patch and returns True, or returns False and the reconcile publishes its own.
+FirstPass = Callable[[Mapping[str, Any], Mapping[str, Any]], Awaitable[bool]]
+
+
+async def reconcile(
+    v: Visit,
+    raw_spec: Mapping[str, Any],
+    first_pass: FirstPass | None = None,
+    handled: Mapping[str, Any] | None = None,
+) -> None:
     """Run the steps under the component's lock, then publish what they found: conditions and
-    status fields always (a refusal included), Events in the order the steps produced them."""
+    status fields always (a refusal included), Events in the order the steps produced them.
+    `handled`: status fields published only when the steps succeed (kopf's diff base)."""
     mem = v.rt.memory(v.namespace, v.name)
     async with mem.lock:
         recall(mem, v.status)
@@ -182,7 +194,8 @@ async def reconcile(v: Visit, raw_spec: Mapping[str, Any]) -> None:
         try:
             with kopf_errors():
                 await _steps(v, mem, raw_spec, found)
-                await _finish(v, mem, found)
+                take(mem, found, Outcome(fields=dict(handled or {})))
+                await _finish(v, mem, found, first_pass)
         except kopf.TemporaryError as exc:
             # Conditions appear even when the first visit fails, saying why where known.
             take(mem, found, _temporary(exc, found))
@@ -199,8 +212,13 @@ async def reconcile(v: Visit, raw_spec: Mapping[str, Any]) -> None:
     v.rt.heartbeats.waker(v.name).set()
 
 
-async def _finish(v: Visit, mem: ComponentMemory, found: Outcome) -> None:
+async def _finish(
+    v: Visit, mem: ComponentMemory, found: Outcome, first_pass: FirstPass | None = None
+) -> None:
     post_events(v.rt.post_event, v.body, found)  # once, even if publishing fails after
+    stored = mem.status if mem.status is not None else v.status
+    if first_pass is not None and await first_pass(stored, found.fields):
+        return
     await publish_status(v.rt, v.namespace, v.name, v.generation, v.status, found.fields)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from defender_config import DefenderConfigError, ScrubReport
+from defender_operator._decisions import conditions as cond
 from defender_operator._decisions import scrub as decide
 from defender_operator._errors import OperatorError
 from defender_operator._metrics import ERRORS, SCRUB_FAILURES, SCRUB_REPAIRS, SCRUB_VALUES
@@ -75,8 +76,14 @@ async def scrub_step(
         f for f in plan.failures if not (restored and f.kind == "active")
     )
     was, mem.corrupt = mem.corrupt, plan.condition
-    if was != mem.corrupt:
+    if was != mem.corrupt and cond.TRUE in (_status(was), _status(mem.corrupt)):
+        # A value turned corrupt or whole again: shown now. A first "verified" is not news
+        # and goes out with the rest of the pass (no status write of its own).
         await publish_status(rt, namespace, name, generation, status, {})
+
+
+def _status(c: cond.Cond | None) -> str | None:
+    return c.status if c is not None else None
 
 
 async def _restore(

@@ -3,7 +3,8 @@
 login     → kopf's API session, with a bounded connection pool (`_login`)
 startup   → build the Runtime (settings, keyring Secret, library backend), settle the keyring
             against the store (`_keyguard`), start the etcd health and key-rotation loops
-create / resume / update of a DefenderComponent → `_reconcile.reconcile`
+create / resume / update of a DefenderComponent → `_reconcile.reconcile`, then one
+            `_monitor.after_reconcile` pass (one status patch for both)
 delete    → retention policy (a finalizer holds the object until it is applied)
 daemon    → `_monitor.tick` every monitor_interval_seconds
 index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -31,6 +33,7 @@ from kubernetes import config as k8s_config
 
 from defender_config import contract
 from defender_operator import (
+    _diffbase,
     _keyguard,
     _login,
     _loops,
@@ -75,6 +78,8 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours, library = load_operator_settings()
     settings.persistence.finalizer = FINALIZER
+    # kopf's diff base goes out with the reconcile's status patch, not as a write of its own.
+    settings.persistence.diffbase_storage = _diffbase.DIFFBASE
     # Events are posted explicitly (kopf.event) for what a person should act on; log lines
     # are not copied into Events.
     settings.posting.loggers = False
@@ -137,9 +142,19 @@ async def reconcile_component(
     name: str,
     logger: kopf.Logger,
     memo: kopf.Memo,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     try:
+        # The reconcile's status and the first monitor pass's go out in one patch.
+        first_pass = functools.partial(
+            _monitor.after_reconcile,
+            memo["runtime"],
+            body,
+            namespace or "",
+            name,
+            logger,
+            kwargs["defender_pods"],
+        )
         visit = _reconcile.Visit(
             rt=memo["runtime"],
             body=body,
@@ -150,7 +165,9 @@ async def reconcile_component(
             annotations=dict(meta.annotations),
             logger=logger,
         )
-        await _reconcile.reconcile(visit, dict(spec))
+        handled = {_diffbase.FIELD: _diffbase.DIFFBASE.encoded(body)}
+        await _reconcile.reconcile(visit, dict(spec), first_pass, handled)
+        _diffbase.DIFFBASE.published(body, handled[_diffbase.FIELD])
     except Exception:
         RECONCILES.labels("error").inc()
         raise
@@ -176,6 +193,7 @@ async def apply_retention(
         logger,
     )
     forget_component(name)
+    _diffbase.DIFFBASE.forget(body)
 
 
 @kopf.index("", "v1", "pods")

@@ -36,6 +36,8 @@ from ._pyetcd import _call_endpoint, _SharedClient
 log = logging.getLogger("defender_config.store")
 
 _END: Final = object()  # ends the request iterator (and with it gRPC's sender thread)
+# How long a reset caller waits for another thread to finish resolving its waiter.
+_SETTLE_SECONDS: Final = 1.0
 
 
 class KeepAliveStreamError(grpc.RpcError):  # type: ignore[misc]
@@ -257,8 +259,19 @@ class KeepAliveMux:
                 "stream reset",
             )
         )
-        # Done now either way: answered just before the reset, or failed by it.
-        return waiter.result(timeout=0)
+        # Answered just before the reset, or failed by it. Either may still be on its way:
+        # `answer` and `fail_all` take the waiter out under their lock and resolve it just
+        # after, so a reset that finds it gone waits for that other thread a moment.
+        try:
+            return waiter.result(timeout=_SETTLE_SECONDS)
+        except TimeoutError:
+            # Never a bare TimeoutError for the caller: a gRPC-coded timeout, which the
+            # store's retry loop classifies (transient) and finally raises as a StoreError.
+            raise KeepAliveStreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no keep-alive answer within {client.timeout:g}s from {stream.label}, "
+                "and none after the stream reset",
+            ) from None
 
     def _stream_for(self, client: _SharedClient) -> _Stream:
         with self._lock:

@@ -4,10 +4,13 @@ real 3-member etcd (the instance key's puts are counted by a watch)."""
 
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from defender_config import (
     Cadence,
@@ -15,9 +18,12 @@ from defender_config import (
     DefenderClient,
     Heartbeater,
     InstanceEvent,
+    Keyring,
+    LibrarySettings,
     Registry,
     write_cadence,
 )
+from defender_config._store import _keepalive
 from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.etcd
@@ -102,3 +108,54 @@ def test_the_last_seen_of_a_gone_lease_is_the_records_time(client: DefenderClien
     finally:
         hb.stop()  # revokes the lease
     assert registry.last_seen(listed) == listed.time
+
+
+class _UnansweredStream:
+    """A keep-alive stream whose answer never reaches the caller, even after its reset (an
+    answer or failure still being handed over by another thread, forever)."""
+
+    label = "stalled"
+    alive = True
+
+    def send(self, lease_id: int) -> Future[int]:
+        return Future()
+
+    def fail(self, why: object) -> None:
+        pass
+
+
+def test_a_keep_alive_that_times_out_is_an_expected_failure_retried_and_logged_as_such(
+    settings: LibrarySettings,
+    keyring: Keyring,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lease keep-alive gets no answer: the heartbeater logs a warning naming the timeout
+    and retries (it was a bare TimeoutError, logged as "unexpected" with a traceback), and
+    beats again once keep-alives are answered."""
+    monkeypatch.setattr(_keepalive, "_SETTLE_SECONDS", 0.05)
+    quick = settings.etcd.model_copy(update={"timeout_seconds": 0.5, "retries": 1})
+    client = DefenderClient(
+        settings.model_copy(update={"etcd": quick}),
+        keyring,
+        registry=CollectorRegistry(),
+        alert_sinks=[],
+    )
+    request.addfinalizer(client.close)
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=6).start()
+    try:
+        mux = client.store._keepalive
+        real = mux._stream_for
+        with caplog.at_level(logging.WARNING, logger="defender_config"):
+            monkeypatch.setattr(mux, "_stream_for", lambda c: _UnansweredStream())
+            wait_for("a failed beat", lambda: hb.failures >= 1, timeout=30)
+            monkeypatch.setattr(mux, "_stream_for", real)
+        failed = [r for r in caplog.records if "heartbeat" in r.getMessage()]
+        assert failed and all(r.levelno == logging.WARNING for r in failed)
+        assert not [r for r in caplog.records if "unexpected" in r.getMessage()]
+        assert any("no keep-alive answer" in r.getMessage() for r in failed)
+        beats = hb.beats
+        wait_for("beats again", lambda: hb.beats > beats, timeout=30)
+    finally:
+        hb.stop()

@@ -5,13 +5,15 @@ tests/integration/library/test_store_keepalive.py)."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import grpc
 import pytest
 
 from defender_config import StoreError, StoreUnavailableError
-from defender_config._store import classify_error
+from defender_config._store import _keepalive, classify_error
 from defender_config._store._keepalive import (
+    KeepAliveMux,
     KeepAliveStreamError,
     KeepAliveWaiters,
     _Closed,
@@ -126,3 +128,54 @@ def test_concurrent_callers_each_get_their_own_answer() -> None:
     got = [f.result(0) for f in futures.values()]
     assert sorted(got) == sorted(1000 * lease + k for lease in range(10) for k in range(160))
     assert len(waiters) == 0
+
+
+class _StalledStream:
+    """A stream whose reset finds the caller's waiter already taken by another thread (an
+    answer or a failure on its way, under `answer`/`fail_all`'s lock), so `fail` leaves it."""
+
+    label = "127.0.0.1:1"
+    alive = True
+
+    def __init__(self, resolve_after: float | None) -> None:
+        self.waiter: Future[int] = Future()
+        self.resolve_after = resolve_after
+
+    def send(self, lease_id: int) -> Future[int]:
+        return self.waiter
+
+    def fail(self, why: object) -> None:
+        if self.resolve_after is not None:
+            threading.Timer(self.resolve_after, self.waiter.set_result, (30,)).start()
+
+
+class _Client:
+    timeout = 0.05
+
+
+def _mux_with(stream: _StalledStream, monkeypatch: pytest.MonkeyPatch) -> KeepAliveMux:
+    mux = KeepAliveMux()
+    monkeypatch.setattr(mux, "_stream_for", lambda client: stream)
+    monkeypatch.setattr(_keepalive, "_SETTLE_SECONDS", 0.2)
+    return mux
+
+
+def test_a_reset_that_never_resolves_the_waiter_raises_a_grpc_coded_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was a bare TimeoutError from `waiter.result(timeout=0)`, which nothing classified: the
+    # heartbeater logged it as "unexpected".
+    mux = _mux_with(_StalledStream(resolve_after=None), monkeypatch)
+    with pytest.raises(KeepAliveStreamError) as caught:
+        mux.refresh(_Client(), 7)  # type: ignore[arg-type]
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no keep-alive answer" in caught.value.details()
+    rule = classify_error(caught.value)
+    assert rule is not None and rule.transient and rule.kind == "unavailable"
+
+
+def test_an_answer_resolved_just_after_the_reset_is_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mux = _mux_with(_StalledStream(resolve_after=0.05), monkeypatch)
+    assert mux.refresh(_Client(), 7) == 30  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ deletes, keyring copies). Imported by name (pytest puts this folder on sys.path)
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -124,10 +125,23 @@ class Harness:
             "status": dict(self.kube.status),
         }
 
+    def index(self) -> dict[tuple[str, str, str], list[Pod]]:
+        """The pods as kopf's pod index files them."""
+        index: dict[tuple[str, str, str], list[Pod]] = {}
+        for pod in self.pods.values():
+            for key, value in LABELS.items():
+                index.setdefault((NAMESPACE, key, value), []).append(pod)
+        return index
+
     async def reconcile(
-        self, raw_spec: Mapping[str, Any], annotations: Mapping[str, str] | None = None
+        self,
+        raw_spec: Mapping[str, Any],
+        annotations: Mapping[str, str] | None = None,
+        *,
+        first_pass: bool = False,
     ) -> None:
-        """What kopf's create/update handler does with a new generation of the resource."""
+        """What kopf's create/update handler does with a new generation of the resource
+        (with `first_pass`, as `handlers` wires it: the first monitor pass included)."""
         self.generation += 1
         visit = _reconcile.Visit(
             rt=self.rt,
@@ -139,15 +153,18 @@ class Harness:
             annotations=dict(annotations or {}),
             logger=LOG,
         )
-        await _reconcile.reconcile(visit, raw_spec)
+        then = None
+        if first_pass:
+            then = functools.partial(
+                _monitor.after_reconcile, self.rt, visit.body, NAMESPACE, NAME, LOG, self.index()
+            )
+        await _reconcile.reconcile(visit, raw_spec, then)
 
     async def monitor(self, raw_spec: Mapping[str, Any]) -> datetime | None:
         """One pass of the monitor daemon (as `_monitor.run` makes it)."""
-        index: dict[tuple[str, str, str], list[Pod]] = {}
-        for pod in self.pods.values():
-            for key, value in LABELS.items():
-                index.setdefault((NAMESPACE, key, value), []).append(pod)
-        return await _monitor._pass(self.rt, self.body(raw_spec, {}), NAMESPACE, NAME, LOG, index)
+        return await _monitor._pass(
+            self.rt, self.body(raw_spec, {}), NAMESPACE, NAME, LOG, self.index()
+        )
 
     def add_pod(self, name: str, age: timedelta = timedelta(hours=1)) -> None:
         self.pods[name] = Pod(name, f"uid-{name}", utcnow() - age, deleting=False)

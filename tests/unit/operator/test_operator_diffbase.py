@@ -1,0 +1,85 @@
+"""kopf's diff base travels in the reconcile's status patch (status.lastHandledConfiguration):
+kopf's own store is skipped only for the exact value the reconcile published for that object,
+and kopf reads back what was published (no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from defender_operator._diffbase import FIELD, PublishedDiffBase
+
+
+def body(uid: str = "u-1", interface: str = "eth0") -> dict[str, Any]:
+    return {
+        "apiVersion": "mldefender.io/v1alpha1",
+        "kind": "DefenderComponent",
+        "metadata": {"name": "sniffer", "namespace": "ns", "uid": uid, "labels": {"a": "b"}},
+        "spec": {"componentType": "sniffer", "config": {"interface": interface}},
+        "status": {"activeVersion": 1},
+    }
+
+
+def stored_by_kopf(storage: PublishedDiffBase, b: dict[str, Any]) -> dict[str, Any]:
+    patch = kopf.Patch()
+    storage.store(body=kopf.Body(b), patch=patch, essence=storage.build(body=kopf.Body(b)))
+    return dict(patch)
+
+
+def test_a_published_value_costs_kopf_no_write_and_reads_back_as_the_diff_base() -> None:
+    storage = PublishedDiffBase()
+    b = body()
+    value = storage.encoded(kopf.Body(b))
+    storage.published(b, value)
+    assert stored_by_kopf(storage, b) == {}
+    # What the reconcile wrote is what kopf compares the next event against: no diff.
+    b["status"][FIELD] = value
+    assert storage.fetch(body=kopf.Body(b)) == storage.build(body=kopf.Body(b))
+
+
+def test_an_event_older_than_the_reconciles_patch_is_no_change() -> None:
+    # kopf only waits for its own patches to come back: an event from before the reconcile's
+    # status patch still carries the previous diff base beside the spec just handled.
+    storage = PublishedDiffBase()
+    old, new = body(interface="eth0"), body(interface="eth1")
+    storage.published(old, storage.encoded(kopf.Body(old)))
+    stale = body(interface="eth1")
+    stale["status"][FIELD] = storage.encoded(kopf.Body(old))
+    storage.published(new, storage.encoded(kopf.Body(new)))
+    assert storage.fetch(body=kopf.Body(stale)) == storage.build(body=kopf.Body(new))
+
+
+def test_after_a_restart_the_status_says_what_was_handled() -> None:
+    before = PublishedDiffBase()
+    b = body()
+    b["status"][FIELD] = before.encoded(kopf.Body(b))
+    after = PublishedDiffBase()
+    assert after.fetch(body=kopf.Body(b)) == after.build(body=kopf.Body(b))
+    assert after.fetch(body=kopf.Body(body(uid="u-9"))) is None
+
+
+def test_kopf_writes_what_was_not_published_and_remembers_it() -> None:
+    storage = PublishedDiffBase()
+    # Nothing published (a handler kopf gives up on stores its diff base itself).
+    b = body()
+    assert FIELD in stored_by_kopf(storage, b)["status"]
+    assert storage.fetch(body=kopf.Body(body())) == storage.build(body=kopf.Body(b))
+    # Published for another spec than kopf now stores: kopf's value wins.
+    old = body(interface="eth0")
+    storage.published(old, storage.encoded(kopf.Body(old)))
+    written = stored_by_kopf(storage, body(interface="eth1"))["status"][FIELD]
+    assert "eth1" in written
+    # Published for another object: not this one's.
+    storage.published(body(uid="u-2"), storage.encoded(kopf.Body(body(uid="u-2"))))
+    assert FIELD in stored_by_kopf(storage, body(uid="u-3"))["status"]
+    # A deleted object is forgotten.
+    storage.forget(body(uid="u-2"))
+    assert storage.fetch(body=kopf.Body(body(uid="u-2"))) is None
+
+
+def test_the_status_itself_is_not_part_of_the_diff_base() -> None:
+    storage = PublishedDiffBase()
+    a, b = body(), body()
+    b["status"] = {"activeVersion": 9, FIELD: "{}"}
+    assert storage.encoded(kopf.Body(a)) == storage.encoded(kopf.Body(b))

@@ -1,0 +1,105 @@
+"""A reconcile and the first monitor pass publish in ONE status patch (issue 17: API writes per
+component on the create path), and the reconcile still publishes alone when no pass can judge
+yet. In-memory Backend, recording stand-in for the status subresource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import kopf
+import pytest
+from operator_core_support import Harness, spec
+
+from defender_config import ScrubReport, ValueCheck
+from defender_operator._decisions import conditions as cond
+
+
+def ready(h: Harness) -> dict[str, Any]:
+    return h.condition(cond.READY)
+
+
+def test_instances_beating_at_create_are_ready_in_the_reconciles_one_patch() -> None:
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert len(h.kube.patches) == 1, h.kube.patches
+    [patch] = h.kube.patches
+    # The reconcile's fields and the pass's judgement together.
+    assert patch["observedGeneration"] == 1 and patch["specConfigDigest"]
+    assert patch["activeVersion"] == 1
+    assert patch["instances"] == {"alive": 1, "expected": 1}
+    assert ready(h)["status"] == cond.TRUE
+    # The monitor's next pass finds nothing new to write.
+    asyncio.run(h.monitor(spec()))
+    assert len(h.kube.patches) == 1
+
+
+def test_without_the_first_pass_it_takes_two_patches() -> None:
+    # What the combined patch saves: the reconcile's, then the pass's.
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec()))
+    asyncio.run(h.monitor(spec()))
+    assert len(h.kube.patches) == 2
+    assert ready(h)["status"] == cond.TRUE
+
+
+def test_before_etcd_health_is_measured_the_reconcile_publishes_alone() -> None:
+    # A pass would report an outage that is only "not measured yet": none runs, and the
+    # reconcile's own fields still reach the status.
+    h = Harness()
+    h.rt.etcd.measured = False
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    [patch] = h.kube.patches
+    assert patch["observedGeneration"] == 1 and "instances" not in patch
+    assert ready(h)["status"] != cond.TRUE
+
+
+def test_a_failing_pass_leaves_the_reconciles_fields_published(caplog: Any) -> None:
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise ValueError("cadence record unreadable")
+
+    h.backend.cadence = broken  # type: ignore[method-assign]
+    h.backend.last_seen = broken  # type: ignore[method-assign]
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert any(p.get("observedGeneration") == 1 for p in h.kube.patches)
+    assert "monitor pass after reconcile failed" in caplog.text
+
+
+def test_a_first_clean_scrub_goes_out_with_the_pass_and_corruption_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The scrub's first "verified" is no reason for a status write of its own; a corrupt
+    # value is published at once (even if the rest of the pass then fails).
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    h.backend.scrub = lambda component: ScrubReport(component, (), 1)  # type: ignore[method-assign]
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert len(h.kube.patches) == 1
+    assert h.condition(cond.CORRUPT)["status"] == cond.FALSE
+    h.mem.scrubbed_at = None
+    posted: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda *a, **k: posted.append(k["reason"]))
+    bad = ValueCheck("/p/active", "active", ok=False, version=1, reason="DigestMismatch")
+    h.backend.scrub = lambda component: ScrubReport(component, (bad,), 2)  # type: ignore[method-assign]
+    h.backend.restore_active = lambda *a, **k: None  # type: ignore[method-assign]
+
+    def later_step_fails(name: str) -> Any:
+        raise ValueError("breaker step cannot read the state")
+
+    h.backend.state = later_step_fails  # type: ignore[method-assign]
+    with contextlib.suppress(ValueError):
+        asyncio.run(h.monitor(spec()))
+    assert h.condition(cond.CORRUPT)["status"] == cond.TRUE
+    assert "ValueCorrupt" in posted
