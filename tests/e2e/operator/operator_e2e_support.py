@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,15 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, every
     """The shared wait with this suite's defaults: ``fn`` reads an operator and API objects that
     are still appearing, so any error it raises means "not yet" (the last one is in the failure)."""
     return shared_wait_for(what, fn, timeout, every, ignore=(Exception,))
+
+
+def metric(metrics_port: int, line_prefix: str) -> float:
+    """One sample of the operator's metrics (0 when absent), by its exact name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(line_prefix + " "):
+                return float(line.split()[-1])
+    return 0.0
 
 
 def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
