@@ -410,5 +410,22 @@ def new_operator_run(
     )
 
 
+def close_operator_run(run: OperatorRun, *, failed: bool) -> None:
+    """Stop what `run` started, show its log when the test failed, let its resources go (the
+    finalizers first, so the namespace can go even with no operator left) and delete its
+    operator namespace."""
+    run.close()
+    if failed:
+        sys.stderr.write(f"\n--- operator log ({run.log_path}) ---\n{run.log_tail()}\n")
+    try:
+        for item in run.custom.list_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL
+        )["items"]:
+            run.patch(item["metadata"]["name"], {"metadata": {"finalizers": None}})
+    except k8s.ApiException:
+        pass
+    run.core.delete_namespace(run.operator_namespace)
+
+
 def b64(value: str) -> str:
     return base64.b64encode(value.encode()).decode()
