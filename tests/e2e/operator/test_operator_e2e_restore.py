@@ -38,6 +38,7 @@ from defender_devcluster import EtcdCluster
 from defender_devcluster._errors import ToolNotFoundError
 from defender_devcluster._tools import tool
 from defender_devcluster.pytest_plugin import missing_part, private_etcd
+from defender_operator._decisions.misconfig import MISCONFIG_REASONS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -54,18 +55,10 @@ RESTARTS = {
         "startupGraceSeconds": THRESHOLD_SECONDS,
     },
 }
-# Reasons of the library's decode and record errors: none may appear after the restore.
-DECODE_REASONS = {
+# Reasons of the library's decode and record errors and of the scrub: none may appear after
+# the restore.
+DECODE_REASONS = MISCONFIG_REASONS | {
     "EnvelopeError",
-    "UnknownKey",
-    "AuthenticationFailed",
-    "CodecError",
-    "UnknownCodec",
-    "CodecMismatch",
-    "SizeAnomaly",
-    "UnsupportedFormat",
-    "NotAnEnvelope",
-    "UnexpectedEnvelope",
     "RecordUnauthenticated",
     "RecordReplayed",
     "DigestMismatch",
