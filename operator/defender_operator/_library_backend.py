@@ -339,9 +339,12 @@ class LibraryBackend:
         write_cadence(self.client, component, cadence)
 
     def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]:
+        # The heartbeat view's resync replaces the view with this listing and trusts it: a
+        # listing cached before an outage (an etcd restore, say) would drop every instance
+        # registered since, and their pods would be restarted for heartbeats never looked at.
         return {
             summary.name: [_instance(hb) for hb in summary.instances]
-            for summary in self.registry.list_components()
+            for summary in self.registry.list_components(fresh=True)
         }
 
     def watch_instances(

@@ -624,14 +624,15 @@ class Registry:
         since_beat = max(0, granted - left)
         return max(written, _now() - timedelta(seconds=since_beat))
 
-    def list_components(self) -> list[ComponentSummary]:
+    def list_components(self, *, fresh: bool = False) -> list[ComponentSummary]:
         """Every registered component with type, status, ACTIVE version and live instances, from
-        one range read."""
+        one range read. `fresh`: never from the cache of an earlier read (StoreUnavailableError
+        while etcd is unreachable)."""
         meta: dict[str, dict[str, Any]] = {}
         status: dict[str, ComponentStatus] = {}
         instances: dict[str, list[Heartbeat]] = {}
         names: set[str] = set()
-        for sv in self.client.store.list_prefix(self.layout.components_dir):
+        for sv in self.client.store.list_prefix(self.layout.components_dir, stale_ok=not fresh):
             parsed = self.layout.parse(sv.key)
             if parsed is None:
                 continue

@@ -7,9 +7,10 @@ instance alive and heartbeating; a config edit must reach the running process; a
 must come back, register, and the component be Ready again. Then what goes wrong in a running
 system: a crashed agent (kubelet restarts it, the pod re-registers), a hung agent (heartbeats
 stop, the operator deletes the pod, the ReplicaSet brings a new one), a deleted etcd member pod
-(it rejoins on its PVC, no acknowledged write lost), a key rotation (every sidecar reports the
-new key, nothing fails to decode), `helm upgrade` (the operator rolls, nothing else) and
-`helm uninstall` (the CRD, the components and the etcd PVCs stay).
+(it rejoins on its PVC, no acknowledged write lost), a deleted etcd member PVC and pod (a new
+member replaces it, learner then voter, no write refused or lost), a key rotation (every
+sidecar reports the new key, nothing fails to decode), `helm upgrade` (the operator rolls,
+nothing else) and `helm uninstall` (the CRD, the components and the etcd PVCs stay).
 
 Phase times are printed as they happen and again in the terminal summary; no time is asserted.
 
@@ -251,6 +252,107 @@ def _etcd_member_replaced(kubectl: Kubectl, etcd: ChartEtcd, phases: Phases) -> 
     phases.mark("member rejoined, every acknowledged write read back")
 
 
+def _etcd_member_volume_lost(kubectl: Kubectl, etcd: ChartEtcd, phases: Phases) -> None:
+    """Delete a member's PVC and then its pod while writing (its volume is lost): the
+    StatefulSet recreates both, the pod starts on an empty volume, and the chart's `member`
+    init container removes the old member and adds this one as a learner, which `member-promote`
+    promotes. A NEW member (new id, the old one gone), every write during it acknowledged
+    (quorum kept), every acknowledged write read back, also from the new member's own data."""
+    victim = 2  # not member 0, where etcdctl runs
+    pod_name = f"{ETCD}-{victim}"
+    claim = f"data-{pod_name}"
+
+    def members() -> list[dict[str, Any]]:
+        out = etcd.run(0, "member", "list", "-w", "json")
+        if out.returncode != 0:
+            raise EtcdctlError(f"etcdctl member list: {out.stderr}")
+        listed: list[dict[str, Any]] = json.loads(out.stdout)["members"]
+        return listed
+
+    before = {m["name"]: m["ID"] for m in members()}
+    assert len(before) == 3 and all(not m.get("isLearner") for m in members()), before
+    old_id = before[pod_name]
+    old_pvc = kubectl.get("-n", NAMESPACE, "pvc", claim)
+    old_uid = kubectl.get("-n", NAMESPACE, "pod", pod_name)["metadata"]["uid"]
+
+    acked: dict[str, str] = {}
+    failed: list[str] = []
+
+    def put(key: str) -> None:
+        value = f"v-{key}"
+        out = etcd.run(0, "put", f"/journey-volume-lost/{key}", value)
+        if out.returncode == 0:
+            acked[f"/journey-volume-lost/{key}"] = value
+        else:
+            failed.append(f"{key}: {out.stderr.strip()}")
+
+    for i in range(5):
+        put(f"before-{i}")
+    assert not failed, failed
+    phases.restart()
+    # The claim first: it stays Terminating while the pod uses it, and goes with the pod.
+    kubectl("-n", NAMESPACE, "delete", "pvc", claim, "--wait=false")
+    kubectl("-n", NAMESPACE, "delete", "pod", pod_name, "--wait=false")
+
+    def replaced() -> bool:
+        got = kubectl.run("-n", NAMESPACE, "get", "pod", pod_name, "-o", "json", check=False)
+        if got.returncode != 0:
+            return False  # deleted, not recreated yet
+        pod = json.loads(got.stdout)
+        if pod["metadata"]["uid"] == old_uid or not _ready(pod):
+            return False
+        try:
+            listed = members()
+        except EtcdctlError:
+            return False
+        voters = [m for m in listed if not m.get("isLearner")]
+        return len(listed) == 3 and len(voters) == 3
+
+    n = 0
+    while not replaced():
+        put(f"during-{n}")
+        n += 1
+        assert n < 600, f"{pod_name} not replaced by a promoted member after {n} writes"
+    phases.mark(f"etcd PVC + pod {pod_name} deleted -> new member promoted")
+    for i in range(5):
+        put(f"after-{i}")
+    print(f"[journey] etcd volume lost: {len(acked)} writes acknowledged, {n} during", flush=True)
+    # Quorum throughout: not one write refused while the member was replaced.
+    assert not failed, failed
+
+    new_pvc = kubectl.get("-n", NAMESPACE, "pvc", claim)
+    assert new_pvc["metadata"]["uid"] != old_pvc["metadata"]["uid"], "the claim was not replaced"
+    assert new_pvc["spec"]["volumeName"] != old_pvc["spec"]["volumeName"], "same volume reused"
+    after = {m["name"]: m["ID"] for m in members()}
+    assert set(after) == set(before), after
+    assert after[pod_name] != old_id, "the member kept its id: it was not replaced"
+    assert old_id not in after.values(), "the old member is still listed"
+    assert {k: v for k, v in after.items() if k != pod_name} == {
+        k: v for k, v in before.items() if k != pod_name
+    }
+    # How it joined: removed + added as learner by the init container, promoted by the sidecar.
+    init_log = kubectl.run("-n", NAMESPACE, "logs", pod_name, "-c", "member").stdout
+    assert f"removed member {old_id:x}" in init_log, init_log
+    assert f"added {pod_name} as learner {after[pod_name]:x}" in init_log, init_log
+    promote_log = kubectl.run("-n", NAMESPACE, "logs", pod_name, "-c", "member-promote").stdout
+    assert f"promoted learner {after[pod_name]:x} to voter" in promote_log, promote_log
+    wait_for(
+        "all three members healthy",
+        lambda: etcd.run(0, "endpoint", "health", "--cluster").stdout.count("is healthy") == 3,
+        timeout=120,
+        every=2.0,
+    )
+    assert etcd.get_prefix(0, "/journey-volume-lost/") == acked
+    wait_for(
+        f"the new {pod_name} holds every acknowledged write in its own data",
+        lambda: etcd.get_prefix(victim, "/journey-volume-lost/", own=True) == acked,
+        timeout=60,
+        every=1.0,
+        ignore=(EtcdctlError,),
+    )
+    phases.mark("new member holds every acknowledged write")
+
+
 def _key_rotation(kubectl: Kubectl, etcd: ChartEtcd, journey: Journey) -> None:
     """The operator's rotation trigger: every running sidecar ends up heartbeating with the new
     key as primary, no value fails to decode, no alert is raised."""
@@ -427,6 +529,9 @@ def test_the_whole_journey_on_a_node(
         _etcd_member_replaced(kubectl, etcd, phases)
         journey.wait_ready(timeout=300)
         phases.mark("components Ready after the etcd member came back")
+        _etcd_member_volume_lost(kubectl, etcd, phases)
+        journey.wait_ready(timeout=300)
+        phases.mark("components Ready after the etcd member was replaced")
         _key_rotation(kubectl, etcd, journey)
         phases.mark("key rotation requested -> every sidecar on the new key")
         _helm_upgrade(kubectl, journey, phases)

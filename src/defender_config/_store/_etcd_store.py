@@ -297,19 +297,21 @@ class EtcdStore:
         self._cache.set(path, value)
         return value
 
-    def list_prefix(self, prefix: str) -> list[StoredValue]:
-        """Every key under `prefix`, in key order. Served stale from cache like `get`."""
-        values, _ = self._list(prefix)
+    def list_prefix(self, prefix: str, *, stale_ok: bool = True) -> list[StoredValue]:
+        """Every key under `prefix`, in key order. Served stale from cache like `get`, unless
+        `stale_ok` is False (StoreUnavailableError instead): for a reader that would take a
+        listing from before an outage for the state after it."""
+        values, _ = self._list(prefix, stale_ok=stale_ok)
         return values
 
-    def _list(self, prefix: str) -> tuple[list[StoredValue], int]:
+    def _list(self, prefix: str, *, stale_ok: bool = True) -> tuple[list[StoredValue], int]:
         key = prefix.encode()
         end = etcd_utils.prefix_range_end(key)
         try:
             response = self._call("list", lambda c: c.range(key, end), path=prefix)
         except StoreUnavailableError:
             cached = self._cache.get_list(prefix)
-            if cached is None:
+            if cached is None or not stale_ok:
                 raise
             self.metrics.stale_reads.labels("list").inc()
             log.warning("etcd unreachable: serving cached listing of %s", prefix)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
-from operator_e2e_support import CRD, OperatorRun, kubectl, new_operator_run
+from operator_e2e_support import CRD, OperatorRun, close_operator_run, kubectl, new_operator_run
 
 from defender_config import contract
 from defender_devcluster import EtcdCluster
@@ -41,18 +40,7 @@ def operator_run(
         yield run
     finally:
         failed = getattr(request.node, "rep_call", None)
-        run.close()
-        if failed is not None and failed.failed:
-            sys.stderr.write(f"\n--- operator log ({run.log_path}) ---\n{run.log_tail()}\n")
-        # Remove finalizers first so the namespace can go even if the operator is gone.
-        try:
-            for item in run.custom.list_namespaced_custom_object(
-                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL
-            )["items"]:
-                run.patch(item["metadata"]["name"], {"metadata": {"finalizers": None}})
-        except k8s.ApiException:
-            pass
-        run.core.delete_namespace(run.operator_namespace)
+        close_operator_run(run, failed=failed is not None and failed.failed)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,15 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, every
     """The shared wait with this suite's defaults: ``fn`` reads an operator and API objects that
     are still appearing, so any error it raises means "not yet" (the last one is in the failure)."""
     return shared_wait_for(what, fn, timeout, every, ignore=(Exception,))
+
+
+def metric(metrics_port: int, line_prefix: str) -> float:
+    """One sample of the operator's metrics (0 when absent), by its exact name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(line_prefix + " "):
+                return float(line.split()[-1])
+    return 0.0
 
 
 def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -398,6 +408,23 @@ def new_operator_run(
         log_path=log_path,
         liveness_port=free_port(),
     )
+
+
+def close_operator_run(run: OperatorRun, *, failed: bool) -> None:
+    """Stop what `run` started, show its log when the test failed, let its resources go (the
+    finalizers first, so the namespace can go even with no operator left) and delete its
+    operator namespace."""
+    run.close()
+    if failed:
+        sys.stderr.write(f"\n--- operator log ({run.log_path}) ---\n{run.log_tail()}\n")
+    try:
+        for item in run.custom.list_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL
+        )["items"]:
+            run.patch(item["metadata"]["name"], {"metadata": {"finalizers": None}})
+    except k8s.ApiException:
+        pass
+    run.core.delete_namespace(run.operator_namespace)
 
 
 def b64(value: str) -> str:

@@ -17,6 +17,7 @@ from operator_e2e_support import (
     free_port,
     wait_for,
 )
+from operator_e2e_support import metric as _metric
 
 from defender_config import ChangeKind, CodecMismatchError, UnknownKeyError, contract
 
@@ -99,14 +100,6 @@ def test_an_operator_restart_leaves_a_healthy_component_ready(operator_run: Oper
             assert conditions[ctype]["lastTransitionTime"] == was["lastTransitionTime"]
     assert seen[-1]["Ready"]["lastTransitionTime"] == ready["lastTransitionTime"]
     assert run.get("sniffer")["status"]["restarts"] == 0
-
-
-def _metric(metrics_port: int, line_prefix: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(line_prefix + " "):
-                return float(line.split()[-1])
-    return 0.0
 
 
 def test_expiry_arrives_through_the_watch_not_a_poll(operator_run: OperatorRun) -> None:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from operator_e2e_support import OperatorRun, wait_for
+from operator_e2e_support import OperatorRun, free_port, metric, wait_for
 from prometheus_client import CollectorRegistry
 
 from defender_config import Layout
@@ -54,8 +54,8 @@ def flip(store: EtcdStore, *paths: str) -> StoredValue:
     return after
 
 
-def seeded(run: OperatorRun) -> Layout:
-    run.start(DEFENDER_OPERATOR_SCRUB_INTERVAL_SECONDS=SCRUB_EVERY)
+def seeded(run: OperatorRun, **env: str) -> Layout:
+    run.start(DEFENDER_OPERATOR_SCRUB_INTERVAL_SECONDS=SCRUB_EVERY, **env)
     run.apply_sample(NAME)
     run.wait_active_version(NAME, 1)
     # A clean scrub first: every value verifies.
@@ -139,11 +139,17 @@ def test_no_restore_when_the_history_entry_is_tampered_too(
     assert sum(_count(e) for e in run.events(NAME) if e.reason == "RepairRefused") == 1
 
 
-def test_tampered_master_is_reported_never_rewritten(
+def test_tampered_master_is_reported_never_rewritten_and_stays_raised(
     operator_run: OperatorRun, attacker: EtcdStore
 ) -> None:
+    """MASTER is never rewritten, so the report must not fade while it stays broken: every
+    scrub counts it again, the condition holds without flapping, and the monitor's own reads of
+    MASTER keep alerting (the first report is not the last)."""
     run = operator_run
-    lay = seeded(run)
+    port = free_port()
+    lay = seeded(run, DEFENDER_OPERATOR_METRICS_PORT=str(port))
+    failures = f'defender_operator_scrub_failures_total{{component="{NAME}",kind="master"}}'
+    assert metric(port, failures) == 0.0
     broken = flip(attacker, lay.master_config(NAME))
 
     corrupt = run.wait_condition(NAME, "Corrupt", status="True", reason="MasterCorrupt")
@@ -151,11 +157,41 @@ def test_tampered_master_is_reported_never_rewritten(
     assert "never rewritten" in corrupt["message"]
     run.wait_event(NAME, "ValueCorrupt")
     assert "ActiveRestored" not in run.event_reasons(NAME)
-    wait_more_scrubs(run)
+    first_count = metric(port, failures)
+    first_alerts = master_alerts(attacker, lay)
+    assert first_count >= 1.0
+    assert "ValueCorrupt" in [a["kind"] for a in first_alerts]
+
+    # Later passes: the scrub finds it again each time and the alerts go on.
+    wait_for(
+        "two more scrubs counting the broken MASTER",
+        lambda: metric(port, failures) >= first_count + 2,
+        timeout=60,
+    )
+    wait_for(
+        "MASTER alerted again after the first report",
+        lambda: len(master_alerts(attacker, lay)) > len(first_alerts),
+        timeout=60,
+    )
+    later = run.condition(NAME, "Corrupt")
+    assert later is not None
+    assert (later["status"], later["reason"]) == ("True", "MasterCorrupt")
+    assert later["lastTransitionTime"] == corrupt["lastTransitionTime"], "it never cleared"
+    ready = run.condition(NAME, "Ready")
+    assert ready is not None and (ready["status"], ready["reason"]) == ("False", "MasterCorrupt")
     still = attacker.get(lay.master_config(NAME))
     assert still is not None and still.mod_revision == broken.mod_revision
     # ACTIVE was never broken and still opens.
     assert run.configs().get_active(NAME).version == 1
+    no_contents([a["detail"] for a in master_alerts(attacker, lay)])
+
+
+def master_alerts(store: EtcdStore, layout: Layout) -> list[dict[str, Any]]:
+    """Alerts about NAME's MASTER key (the scrub's ValueCorrupt, the readers' decode errors)."""
+    path = layout.master_config(NAME)
+    return [
+        a for a in alerts(store, layout) if a.get("path") == path or path in a.get("detail", "")
+    ]
 
 
 def _count(event: Any) -> int:

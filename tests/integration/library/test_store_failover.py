@@ -164,6 +164,9 @@ def test_stale_reads_when_every_member_is_down(
         assert got is not None and got.value == b"known-good" and got.stale is True
         assert store.get(etcd_prefix + "absent") is None  # absence is cached too
         assert all(v.stale for v in store.list_prefix(etcd_prefix))
+        # A reader that would trust a listing as the state now asks for a fresh one.
+        with pytest.raises(StoreUnavailableError):
+            store.list_prefix(etcd_prefix, stale_ok=False)
         with pytest.raises(StoreUnavailableError) as info:
             store.get(etcd_prefix + "never-read")
         assert info.value.attempts == 3
@@ -180,6 +183,7 @@ def test_stale_reads_when_every_member_is_down(
             return registry.get_sample_value(name, labels) or 0.0
 
         assert sample("defender_etcd_stale_reads_total", op="get") == 2
+        assert sample("defender_etcd_stale_reads_total", op="list") == 1
         assert sample("defender_etcd_errors_total", op="put", reason="unavailable") == 1
         assert sample("defender_etcd_retries_total", op="put") == 2
 
