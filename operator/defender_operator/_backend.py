@@ -39,6 +39,8 @@ class ComponentState:
     """When ACTIVE was last committed (any writer)."""
     active_rollback: bool = False
     """ACTIVE was written by a rollback (to MASTER or a kept version), not a commit."""
+    master_error: str | None = None
+    """Why MASTER exists but did not open (read with `tolerate_master`; `master_digest` None)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,10 @@ class Backend(Protocol):
 
     def health(self) -> EtcdHealth: ...
 
-    def state(self, component: str) -> ComponentState: ...
+    def state(self, component: str, *, tolerate_master: bool = False) -> ComponentState:
+        """What etcd holds. With `tolerate_master`, a MASTER that does not open is reported in
+        `master_error` (the scrub raises it) instead of failing what does not need MASTER."""
+        ...
 
     def declare(
         self,

@@ -110,9 +110,9 @@ class LibraryBackend:
         record_metrics(report)
         return etcd_health(report)
 
-    def state(self, component: str) -> ComponentState:
+    def state(self, component: str, *, tolerate_master: bool = False) -> ComponentState:
         try:
-            seen = self.configs.overview(component)
+            seen = self.configs.overview(component, tolerate_master=tolerate_master)
         except RecordAuthError:
             declared = self._declared.get(component)
             if declared is None:
@@ -125,7 +125,7 @@ class LibraryBackend:
                 by=f"operator:{self.client.instance}",
                 trusted_digest=digest,
             )
-            seen = self.configs.overview(component)
+            seen = self.configs.overview(component, tolerate_master=tolerate_master)
         meta = seen.metadata
         return ComponentState(
             master_digest=config_digest(seen.master) if seen.master is not None else None,
@@ -135,6 +135,7 @@ class LibraryBackend:
             storage=meta.storage if meta is not None else None,
             active_modified=meta.last_modified if meta is not None else None,
             active_rollback=meta is not None and meta.change.reverts,
+            master_error=str(seen.master_error) if seen.master_error is not None else None,
         )
 
     def _options(self, storage: StoragePolicy | None) -> EnvelopeOptions | None:

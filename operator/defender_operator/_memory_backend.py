@@ -212,7 +212,7 @@ class MemoryBackend:
             return EtcdHealth(reachable=False, quorum=False, detail="etcd unreachable (injected)")
         return EtcdHealth(reachable=True, quorum=True)
 
-    def state(self, component: str) -> ComponentState:
+    def state(self, component: str, *, tolerate_master: bool = False) -> ComponentState:
         self._enter("state")
         stored = self.components.get(component)
         if stored is None:

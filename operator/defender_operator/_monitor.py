@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from defender_config import Cadence, ChangeKind, DefenderConfigError
@@ -235,7 +236,7 @@ async def _steps(
             logger=p.logger,
         )
         if take(mem, found, rolled) and "rollout" in rolled.fields:
-            state = await asyncio.to_thread(rt.backend.state, p.name)
+            state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
         take(mem, found, divergence(p, mem, state))
     take(mem, found, await key_step(p, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
@@ -517,7 +518,7 @@ async def breaker_step(
             del mem.unhealthy_since[key]
     for key in unhealthy:
         mem.unhealthy_since.setdefault(key, now)
-    state = await asyncio.to_thread(rt.backend.state, p.name)
+    state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
     ro = p.spec.rollout
     if not mem.change_recovered:
         mem.change_recovered = True
@@ -550,7 +551,7 @@ async def breaker_step(
     )
     BREAKER_TRIPS.labels(p.name).inc()
     p.logger.error("breaker tripped: %s (ACTIVE now version %s)", verdict.message, version)
-    state = await asyncio.to_thread(rt.backend.state, p.name)
+    state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
     return state, Outcome(
         events=[warning(verdict.reason, verdict.message)],
         config=ConfigVerdict(cond.ConfigState.FROZEN, verdict.message),

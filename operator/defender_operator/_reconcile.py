@@ -139,12 +139,17 @@ def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
 
 
 def state_fields(state: ComponentState) -> dict[str, Any]:
-    return {
+    fields = {
         "activeVersion": state.active_version or 0,
         "masterDigest": state.master_digest or "",
         "activeDigest": state.active_digest or "",
         "frozen": state.frozen,
     }
+    if state.master_error is not None:
+        # MASTER exists but did not open (the scrub's Corrupt condition says so): the digest
+        # last shown stays, rather than one suggesting MASTER is gone.
+        del fields["masterDigest"]
+    return fields
 
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]

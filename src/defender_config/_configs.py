@@ -144,6 +144,9 @@ class ComponentOverview:
     metadata: ConfigMetadata | None
     master: dict[str, Any] | None
     frozen: FreezeInfo | None
+    master_error: EnvelopeError | None = None
+    """Why MASTER did not open, when `overview(..., tolerate_master=True)` read it (then
+    `master` is None although MASTER exists)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,11 +525,13 @@ class ConfigStore:
         except EnvelopeError:
             return None  # a sealed value where the marker belongs: alerted the same way
 
-    def overview(self, component: str) -> ComponentOverview:
+    def overview(self, component: str, *, tolerate_master: bool = False) -> ComponentOverview:
         """Metadata, MASTER (decoded) and the freeze record, read in one etcd transaction: one
         round trip and one revision, for callers that look at many components often (the
         operator's monitor passes). Errors as `get_metadata` and `get_master`; a freeze record
-        that fails authentication is alerted and shown as no freeze."""
+        that fails authentication is alerted and shown as no freeze. With `tolerate_master`, a
+        MASTER that does not open (tampered, under a key not held: alerted all the same) is
+        reported in `master_error` instead of raised, so what does not need MASTER goes on."""
         paths = (
             self.layout.metadata(component),
             self.layout.master_config(component),
@@ -539,16 +544,21 @@ class ConfigStore:
             if meta_sv is not None
             else None
         )
-        master = (
-            self._open_config(
-                paths[1], master_sv.value, component, self._read_options(component, meta)
-            )
-            if master_sv is not None
-            else None
-        )
+        master: dict[str, Any] | None = None
+        master_error: EnvelopeError | None = None
+        if master_sv is not None:
+            try:
+                master = self._open_config(
+                    paths[1], master_sv.value, component, self._read_options(component, meta)
+                )
+            except EnvelopeError as exc:
+                if not tolerate_master:
+                    raise
+                master_error = exc
         return ComponentOverview(
             metadata=meta,
             master=master,
+            master_error=master_error,
             frozen=self._decode_freeze(component, freeze_sv.value)
             if freeze_sv is not None
             else None,

@@ -184,6 +184,16 @@ def test_tampered_master_is_reported_never_rewritten_and_stays_raised(
     # ACTIVE was never broken and still opens.
     assert run.configs().get_active(NAME).version == 1
     no_contents([a["detail"] for a in master_alerts(attacker, lay)])
+    # The rest of each pass still runs while MASTER stays broken (it needs no MASTER): a freeze
+    # recorded now reaches the status, published by the steps after the breaker's read.
+    assert run.get(NAME)["status"].get("frozen") is False
+    run.configs().freeze(NAME, "held by hand during the test", by="test")
+    wait_for(
+        "the freeze shown although MASTER does not open",
+        lambda: run.get(NAME)["status"].get("frozen") is True,
+        timeout=60,
+    )
+    assert run.get(NAME)["status"].get("masterDigest"), "the last MASTER digest shown stays"
 
 
 def master_alerts(store: EtcdStore, layout: Layout) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from defender_config import (
     ActiveConfig,
     Alert,
+    AuthenticationFailedError,
     ChangeKind,
     ConfigFrozenError,
     ConfigStore,
@@ -341,6 +342,29 @@ def test_overview_reads_metadata_master_and_freeze_at_once(
     assert seen.frozen is not None and seen.frozen.reason == "bad rollout"
     absent = configs.overview("never-seeded")
     assert (absent.metadata, absent.master, absent.frozen) == (None, None, None)
+
+
+def test_overview_tolerating_master_reports_a_tampered_master_and_reads_the_rest(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    path = client.layout.master_config("sniffer")
+    stored = client.store.get(path)
+    assert stored is not None
+    raw = bytearray(stored.value)
+    raw[-3] ^= 0x01
+    client.store.put(path, bytes(raw))
+    configs.freeze("sniffer", "held", by="oncall")
+    # By default a MASTER that does not open is the caller's error, as get_master's.
+    with pytest.raises(AuthenticationFailedError):
+        configs.overview("sniffer")
+    before = len(stored_alerts(client, "sniffer"))
+    seen = configs.overview("sniffer", tolerate_master=True)
+    assert seen.master is None
+    assert isinstance(seen.master_error, AuthenticationFailedError)
+    assert seen.metadata == configs.get_metadata("sniffer")
+    assert seen.frozen is not None and seen.frozen.reason == "held"
+    # Tolerated is not hidden: the failed read is alerted like any other.
+    assert len(stored_alerts(client, "sniffer")) > before
 
 
 def test_overview_refuses_a_hand_edited_metadata_record(
