@@ -86,6 +86,28 @@ def _heartbeat_after(etcd: ChartEtcd, component: str, pod: str, since: datetime)
     return beat is not None and _time(beat["time"]) > since
 
 
+def _admission_in_cluster(kubectl: Kubectl) -> None:
+    """The chart's webhooks, served by the operator pod through its Service with the certificate
+    it made: an invalid edit is refused by kubectl itself, a valid one is committed in the name
+    of who made it."""
+    user = json.loads(kubectl("auth", "whoami", "-o", "json"))["status"]["userInfo"]["username"]
+    bad = {"spec": {"config": {"snaplen": 7, "colour": "red"}}}
+    out = kubectl.run("-n", SAMPLES_NAMESPACE, "patch", "dfc", "sniffer", "--type=merge",
+                      "-p", json.dumps(bad), check=False)  # fmt: skip
+    assert out.returncode != 0, "an invalid spec.config was admitted"
+    assert 'admission webhook "validate.defendercomponents.mldefender.io" denied' in out.stderr
+    assert "spec.config.snaplen" in out.stderr and "spec.config.colour" in out.stderr, out.stderr
+    config = kubectl.get("-n", SAMPLES_NAMESPACE, "dfc", "sniffer")["spec"]["config"]
+    assert config["snaplen"] == 256 and "colour" not in config
+
+    def committed_by_user() -> bool:
+        selector = "involvedObject.name=sniffer,reason=Committed"
+        events = kubectl.get("-n", SAMPLES_NAMESPACE, "events", "--field-selector", selector)
+        return any(f"committed by {user}" in e.get("message", "") for e in events["items"])
+
+    wait_for(f"a Committed Event naming {user}", committed_by_user, timeout=60, every=1.0)
+
+
 def _agent_crash(kubectl: Kubectl, etcd: ChartEtcd, journey: Journey) -> None:
     """SIGKILL of the agent: kubelet restarts the container in the same pod (restartPolicy
     Always), the new agent process registers the same instance (the pod name) and beats; the
@@ -500,6 +522,8 @@ def test_the_whole_journey_on_a_node(
             every=1.0,
         )
         phases.mark("spec.config edit -> stand-in loaded the new version")
+        _admission_in_cluster(kubectl)
+        phases.mark("invalid edit refused by the in-cluster webhook; commit names its author")
 
         # A deleted pod: its ReplicaSet recreates it, the new agent registers and beats.
         (old,) = (p["metadata"]["name"] for p in _pods(kubectl, "firewall"))
