@@ -95,7 +95,7 @@ def test_a_first_clean_scrub_goes_out_with_the_pass_and_corruption_at_once(
     h.backend.scrub = lambda component: ScrubReport(component, (bad,), 2)  # type: ignore[method-assign]
     h.backend.restore_active = lambda *a, **k: None  # type: ignore[method-assign]
 
-    def later_step_fails(name: str) -> Any:
+    def later_step_fails(name: str, **_: Any) -> Any:
         raise ValueError("breaker step cannot read the state")
 
     h.backend.state = later_step_fails  # type: ignore[method-assign]
