@@ -313,6 +313,10 @@ class ControlPlane:
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # Webhooks and aggregated APIs behind a Service are called at the Service's
+                # endpoints (pod IPs, routed to the node), never at its ClusterIP: this host has
+                # no route to the service range but its default one, which leads off the machine.
+                "--enable-aggregator-routing=true",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",

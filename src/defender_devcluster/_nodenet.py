@@ -259,21 +259,36 @@ def _fence(net: NodeNetwork, service_cidr: str) -> None:
     comment = ["-m", "comment", "--comment", f"defender-devcluster {net.netns}"]
     for direction in ("-i", "-o"):
         _run([*host, "-I", "FORWARD", "1", direction, net.host_if, *comment, "-j", "DROP"])
+    # The host itself has no route to the service range but its default one, off the machine:
+    # a host process dialing a ClusterIP (the API server calling a webhook by its Service, say)
+    # is refused here instead of leaving through eth0.
+    _run(
+        [*host, "-I", "OUTPUT", "1", "-d", service_cidr, "!", "-o", net.host_if, *comment,
+         "-j", "REJECT", "--reject-with", "icmp-net-unreachable"]
+    )  # fmt: skip
+
+
+_HOST_CHAINS = ("FORWARD", "OUTPUT")
 
 
 def host_fence_rules(netns: str) -> list[str]:
-    """The host's FORWARD rules that belong to ``netns`` (as ``iptables -S`` prints them)."""
+    """The host's FORWARD and OUTPUT rules that belong to ``netns`` (as ``iptables -S`` prints
+    them)."""
     if shutil.which("iptables") is None:
         return []
-    out = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False)
-    return [line for line in out.splitlines() if f"defender-devcluster {netns}" in line]
+    found: list[str] = []
+    for chain in _HOST_CHAINS:
+        out = _run(["iptables", "-w", "5", "-S", chain], check=False)
+        found += [line for line in out.splitlines() if f"defender-devcluster {netns}" in line]
+    return found
 
 
 def remove_network(netns: str, host_if: str) -> None:
     """Undo ``create_network``: host rules, the netns (with its veths, bridge and iptables)."""
     for rule in host_fence_rules(netns):
         # `iptables -S` quotes the comment; shlex reads it back as one argument.
-        argv = ["iptables", "-w", "5", *shlex.split(rule.replace("-A FORWARD", "-D FORWARD", 1))]
+        chain = rule.split()[1]
+        argv = ["iptables", "-w", "5", *shlex.split(rule.replace(f"-A {chain}", f"-D {chain}", 1))]
         _run(argv, check=False)
     if (NETNS_DIR / netns).exists():
         _run(["ip", "netns", "del", netns], check=False)

@@ -3,13 +3,18 @@ through CoreDNS, PVCs bound to the harness's PersistentVolumes, and no way out o
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 from node_support import Kubectl, busybox_pod, wait_pod_ready
 
 from defender_devcluster import LocalCluster, wait_for
+from defender_devcluster._kube import SERVICE_CIDR
+from defender_devcluster._nodenet import host_fence_rules
 
 
 def test_the_node_is_ready_with_a_non_loopback_internal_ip(
@@ -166,6 +171,23 @@ def test_a_pod_cannot_reach_anything_outside_the_machine(
     )
     assert "can't find example.com" in out.stdout + out.stderr, out.stdout
     assert "Name:" not in out.stdout
+
+
+def test_the_host_never_dials_the_service_range_off_the_machine(node_cluster: LocalCluster) -> None:
+    """The host has no route to ClusterIPs but its default one, off the machine. The API server
+    calls Service-backed webhooks at their endpoints (pod IPs), and anything else on the host
+    dialing a ClusterIP is refused at once instead of leaving (seen: the webhook call went out
+    and a stranger's TLS answered)."""
+    assert node_cluster.node is not None and node_cluster.node.network is not None
+    netns = node_cluster.node.network.netns
+    rules = [r for r in host_fence_rules(netns) if r.startswith("-A OUTPUT")]
+    assert rules and SERVICE_CIDR in rules[0] and "REJECT" in rules[0], rules
+    target = str(ipaddress.ip_network(SERVICE_CIDR)[1])  # the `kubernetes` Service's ClusterIP
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        with pytest.raises(OSError) as caught:
+            sock.connect((target, 443))
+    assert caught.value.errno == errno.ENETUNREACH, caught.value
 
 
 def _host_outside_addresses() -> list[str]:
