@@ -119,6 +119,7 @@ def test_promote_and_abort_print_what_the_docs_show(
     argv = [action, "sniffer", "-n", "default", "--kubeconfig", str(kubeconfig), "--no-color"]
     assert main(argv, out=out, err=err) == 0, err.getvalue()
     ((group, version, namespace, plural, name, body),) = patched
+    assert (group, version) == ("mldefender.io", "v1alpha1")
     assert (namespace, plural, name) == ("default", "defendercomponents", "sniffer")
     (value,) = body["metadata"]["annotations"].values()
     assert list(body["metadata"]["annotations"]) == [annotation]
