@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_status_support import instance, render_sniffer
 
 from defender_cli import main
-from defender_cli._commands import rollout_view, show_status
-from defender_cli._output import Printer
+from defender_cli._commands import rollout_view
 from defender_config.contract import ABORT_ANNOTATION, PROMOTE_ANNOTATION
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "operator.md"
@@ -38,20 +38,9 @@ def printed(command: str) -> list[str]:
 
 
 def _instance(pod: str, node: str, version: int, digest: str, age: float) -> dict[str, Any]:
-    return {
-        "instance": pod,
-        "pod": pod,
-        "node": node,
-        "status": "RUNNING",
-        "configVersion": version,
-        "configDigest": digest,
-        "softwareVersion": "1.0.0",
-        "keyFingerprint": "9c1f0e7a5b3d",
-        "codec": "zstd",
-        "heartbeatTime": (NOW - timedelta(seconds=age)).isoformat(),
-        "heartbeatAgeSeconds": age,
-        "lastError": None,
-    }
+    return instance(
+        pod, version, digest, NOW, node=node, age=age, software="1.0.0", key="9c1f0e7a5b3d"
+    )
 
 
 def test_status_while_a_canary_runs_is_what_the_docs_show() -> None:
@@ -68,29 +57,9 @@ def test_status_while_a_canary_runs_is_what_the_docs_show() -> None:
         "since": (NOW - timedelta(seconds=9)).isoformat(),
         "by": "kubernetes-admin",
     }
-    data = {
-        "prefix": "/ml-defender",
-        "alertWindowSeconds": 3600,
-        "components": [
-            {
-                "name": "sniffer",
-                "type": "sniffer",
-                "status": "RUNNING",
-                "activeVersion": 1,
-                "lastModified": None,
-                "modifiedBy": "kubernetes-admin",
-                "instances": instances,
-                "alerts": 0,
-                "rollout": rollout_view(
-                    record, verified=True, active_version=1, instances=instances, now=NOW
-                ),
-                "frozen": None,
-            }
-        ],
-    }
-    out = io.StringIO()
-    show_status(Printer(out, colour=False), data)
-    assert out.getvalue().splitlines() == printed("status sniffer")
+    rollout = rollout_view(record, verified=True, active_version=1, instances=instances, now=NOW)
+    shown = render_sniffer(instances, rollout, modified_by="kubernetes-admin")
+    assert shown.splitlines() == printed("status sniffer")
 
 
 @pytest.mark.parametrize(

@@ -3,32 +3,19 @@
 
 from __future__ import annotations
 
-import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from defender_cli._commands import rollout_view, show_status
-from defender_cli._output import Printer
+from cli_status_support import instance, render_sniffer
+
+from defender_cli._commands import rollout_view
 
 NOW = datetime(2026, 12, 2, 4, 0, tzinfo=UTC)
 OLD, NEW = "a" * 64, "b" * 64
 
 
 def _instance(name: str, version: int, digest: str) -> dict[str, Any]:
-    return {
-        "instance": name,
-        "pod": name,
-        "node": "node-1",
-        "status": "RUNNING",
-        "configVersion": version,
-        "configDigest": digest,
-        "softwareVersion": "1.0",
-        "keyFingerprint": "fp",
-        "codec": "zstd",
-        "heartbeatTime": NOW.isoformat(),
-        "heartbeatAgeSeconds": 1.0,
-        "lastError": None,
-    }
+    return instance(name, version, digest, NOW)
 
 
 def _record(**changes: Any) -> dict[str, Any]:
@@ -46,27 +33,7 @@ def _record(**changes: Any) -> dict[str, Any]:
 
 def _status(rollout: dict[str, Any] | None, frozen: dict[str, Any] | None = None) -> str:
     instances = [_instance("sniffer-a", 2, NEW), _instance("sniffer-b", 1, OLD)]
-    data = {
-        "prefix": "/ml-defender",
-        "alertWindowSeconds": 3600,
-        "components": [
-            {
-                "name": "sniffer",
-                "type": "sniffer",
-                "status": "RUNNING",
-                "activeVersion": 1,
-                "lastModified": None,
-                "modifiedBy": "op",
-                "instances": instances,
-                "alerts": 0,
-                "rollout": rollout,
-                "frozen": frozen,
-            }
-        ],
-    }
-    out = io.StringIO()
-    show_status(Printer(out, colour=False), data)
-    return out.getvalue()
+    return render_sniffer(instances, rollout, frozen)
 
 
 def _cells(text: str, first: str) -> list[list[str]]:
