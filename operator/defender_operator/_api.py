@@ -464,6 +464,10 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
     },
     {"name": "Rotation", "type": "string", "priority": 1, "jsonPath": ".status.rotationStage"},
+    # The last canary rollout's phase (Progressing, Promoted, Aborted, Superseded) and version:
+    # wide only, since a finished rollout's phase stays in status until the next one.
+    {"name": "Rollout", "type": "string", "priority": 1, "jsonPath": ".status.rollout.phase"},
+    {"name": "Canary", "type": "integer", "priority": 1, "jsonPath": ".status.rollout.version"},
 ]
 
 

@@ -26,6 +26,7 @@ from defender_operator._decisions.canary import (
     judge_canary,
     pick_canaries,
 )
+from defender_operator._metrics import count_canary_abort
 from defender_operator._outcome import ConfigVerdict, Outcome, normal, warning
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
@@ -128,6 +129,7 @@ async def command(
                 " until unfreeze"
             )
             await asyncio.to_thread(rt.backend.abort_rollout, name, message, by=by)
+            count_canary_abort(name, "Command")
             logger.warning(message)
             out.add(_aborted(record, message))
         await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, annotation)
@@ -230,6 +232,7 @@ async def watch(
             fields=rollout_fields(record, SUPERSEDED, verdict.message),
         )
     await asyncio.to_thread(rt.backend.abort_rollout, name, verdict.message, by=by)
+    count_canary_abort(name, verdict.reason)
     await asyncio.to_thread(rt.backend.alert, "CanaryAborted", name, verdict.message)
     logger.error("canary aborted (%s): %s", verdict.reason, verdict.message)
     return _aborted(record, verdict.message)

@@ -95,6 +95,14 @@ COMPONENT_FROZEN = Gauge(
     "1 while the breaker keeps the component's commits frozen (ConfigSynced reason Frozen)",
     ["component"],
 )
+CANARY_ABORTS = Counter(
+    "defender_operator_canary_aborts_total",
+    "Canary rollouts the operator aborted, by reason: CanaryFailed (a canary lost its heartbeat"
+    " or reported an error), CanaryNotAdopted (progress deadline), Command (kubectl defender"
+    " abort)",
+    ["component", "reason"],
+)
+CANARY_ABORT_REASONS = ("CanaryFailed", "CanaryNotAdopted", "Command")
 RESTART_BUDGET_EXHAUSTED = Gauge(
     "defender_operator_restart_budget_exhausted",
     "1 while the restart budget is spent and missed heartbeats no longer restart pods",
@@ -121,6 +129,12 @@ def record_conditions(component: str, conditions: Iterable[Mapping[str, Any]]) -
             RESTART_BUDGET_EXHAUSTED.labels(component).set(1 if exhausted else 0)
 
 
+def count_canary_abort(component: str, reason: str) -> None:
+    """An abort is an event, not a state: the Rollout condition says Aborted until the next
+    rollout (also long after an unfreeze), so alerts count aborts instead of reading it."""
+    CANARY_ABORTS.labels(component, reason).inc()
+
+
 _PER_COMPONENT = (HEARTBEAT_AGE, INSTANCES_ALIVE, COMPONENT_FROZEN, RESTART_BUDGET_EXHAUSTED)
 
 
@@ -130,6 +144,9 @@ def forget_component(component: str) -> None:
     for gauge in _PER_COMPONENT:
         with contextlib.suppress(KeyError):  # never exported (e.g. no heartbeat seen yet)
             gauge.remove(component)
+    for reason in CANARY_ABORT_REASONS:
+        with contextlib.suppress(KeyError):  # never aborted
+            CANARY_ABORTS.remove(component, reason)
     for exported, kind in sorted(_exported):
         if exported == component:
             _exported.discard((exported, kind))

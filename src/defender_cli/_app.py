@@ -222,7 +222,9 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         show: Callable[[Printer, Any], None]
         exit_code = 0
         if args.command == "status":
-            client = conn.client()
+            # With a keyring the rollout record's MAC is checked, as instances check it.
+            with_keys = bool(args.keyring or args.keyring_secret)
+            client = conn.client(keyring=conn.keyring("status") if with_keys else None)
             data = cmd.collect_status(client, args.component, args.alerts_since)
             data["etcd"] = etcd.collect_etcd(client)
             show = _show_status

@@ -19,6 +19,7 @@ from defender_config import (
     DefenderConfigError,
     Registry,
     RollbackTarget,
+    RolloutRecord,
     format_rollback_target,
     inspect,
     is_envelope,
@@ -149,6 +150,8 @@ def collect_status(
                 "modifiedBy": s.modified_by,
                 "instances": instances,
                 "alerts": per_component.get(s.name, 0),
+                "rollout": _read_rollout(client, s.name, s.active_version, instances, now),
+                "frozen": _read_freeze(client, s.name, now),
             }
         )
     return {
@@ -156,6 +159,92 @@ def collect_status(
         "alertWindowSeconds": int(window.total_seconds()),
         "components": components,
     }
+
+
+def _read_rollout(
+    client: DefenderClient,
+    component: str,
+    active_version: int | None,
+    instances: list[dict[str, Any]],
+    now: datetime,
+) -> dict[str, Any] | None:
+    """The canary rollout record of `component` as etcd holds it (None: no rollout). Read like
+    the instances read it: with a keyring its MAC must verify, without one it is shown but
+    marked unverified (an instance without a keyring ignores it)."""
+    path = client.layout.rollout(component)
+    stored = client.store.get(path)
+    if stored is None:
+        return None
+    try:
+        data = client.decode_record(path, stored.value, component=component, report=False)
+        record = RolloutRecord.model_validate(data)
+    except (DefenderConfigError, ValidationError, ValueError) as exc:
+        return {"phase": "Unreadable", "error": shorten(str(exc), 200)}
+    return rollout_view(
+        record.model_dump(mode="json"),
+        verified=client.verifies_records,
+        active_version=active_version,
+        instances=instances,
+        now=now,
+    )
+
+
+def rollout_view(
+    record: dict[str, Any],
+    *,
+    verified: bool,
+    active_version: int | None,
+    instances: list[dict[str, Any]],
+    now: datetime,
+) -> dict[str, Any]:
+    """What status shows of a rollout record (`RolloutRecord` as JSON): `Progressing` while it
+    builds on ACTIVE, `Stale` when ACTIVE moved on (instances ignore it), and which canaries
+    already report the candidate (their heartbeat's config digest is the record's)."""
+    since = datetime.fromisoformat(record["since"])
+    beating = {i["instance"]: i for i in instances}
+    adopted = [
+        name
+        for name in record["canaries"]
+        if name in beating and beating[name]["configDigest"] == record["digest"]
+    ]
+    return {
+        "phase": "Progressing" if record["base_version"] == active_version else "Stale",
+        "version": record["version"],
+        "baseVersion": record["base_version"],
+        "digest": record["digest"],
+        "canaries": list(record["canaries"]),
+        "adopted": adopted,
+        "since": since.isoformat(),
+        "ageSeconds": seconds_since(since, now),
+        "by": record["by"],
+        "verified": verified,
+    }
+
+
+def _read_freeze(client: DefenderClient, component: str, now: datetime) -> dict[str, Any] | None:
+    """The freeze record (a breaker trip or a canary abort), None when commits are open."""
+    try:
+        freeze = ConfigStore(client).frozen(component)
+    except DefenderConfigError as exc:
+        return {"reason": f"freeze record unreadable: {shorten(str(exc), 200)}", "since": None}
+    if freeze is None:
+        return None
+    return {
+        "reason": freeze.reason,
+        "since": freeze.since.isoformat(),
+        "ageSeconds": seconds_since(freeze.since, now),
+        "by": freeze.by,
+    }
+
+
+def _rollout_cell(printer: Printer, rollout: dict[str, Any] | None) -> str:
+    if rollout is None:
+        return "-"
+    if "error" in rollout:
+        return printer.paint(rollout["phase"], "red")
+    text = f"{rollout['phase']} v{rollout['version']} {len(rollout['adopted'])}/"
+    text += f"{len(rollout['canaries'])}"
+    return printer.paint(text, "yellow" if rollout["phase"] == "Progressing" else "red")
 
 
 def show_status(printer: Printer, data: dict[str, Any]) -> None:
@@ -177,18 +266,33 @@ def show_status(printer: Printer, data: dict[str, Any]) -> None:
                 str(len(c["instances"])),
                 _age_seconds(newest),
                 printer.paint(alerts, "red") if c["alerts"] else alerts,
+                _rollout_cell(printer, c.get("rollout")),
             ]
         )
     window = data["alertWindowSeconds"] // 60
     printer.table(
-        ["COMPONENT", "TYPE", "STATUS", "VERSION", "INSTANCES", "HEARTBEAT", f"ALERTS({window}m)"],
+        [
+            "COMPONENT",
+            "TYPE",
+            "STATUS",
+            "VERSION",
+            "INSTANCES",
+            "HEARTBEAT",
+            f"ALERTS({window}m)",
+            "ROLLOUT",
+        ],
         rows,
     )
+    _show_rollouts(printer, components)
     instance_rows = []
     for c in components:
+        rollout = c.get("rollout") or {}
         for i in c["instances"]:
             version = str(i["configVersion"] or "-")
-            if c["activeVersion"] and i["configVersion"] != c["activeVersion"]:
+            canary = i["instance"] in rollout.get("canaries", ())
+            if canary and i["configDigest"] == rollout.get("digest"):
+                version = printer.paint(f"{version} (canary)", "blue")
+            elif c["activeVersion"] and i["configVersion"] != c["activeVersion"]:
                 version = printer.paint(f"{version} (behind)", "yellow")
             error = i["lastError"]
             instance_rows.append(
@@ -220,6 +324,44 @@ def show_status(printer: Printer, data: dict[str, Any]) -> None:
             ],
             instance_rows,
         )
+
+
+def _show_rollouts(printer: Printer, components: list[dict[str, Any]]) -> None:
+    """The rollouts in progress and the frozen components, below the component table."""
+    rows = []
+    for c in components:
+        r = c.get("rollout")
+        if r is None:
+            continue
+        if "error" in r:
+            rows.append(
+                [c["name"], printer.paint(r["phase"], "red"), "-", "-", r["error"], "-", "-"]
+            )
+            continue
+        phase = r["phase"] if r["verified"] else f"{r['phase']} (unverified)"
+        rows.append(
+            [
+                c["name"],
+                printer.paint(phase, "yellow" if r["phase"] == "Progressing" else "red"),
+                f"{r['baseVersion']} -> {r['version']}",
+                f"{len(r['adopted'])}/{len(r['canaries'])}",
+                ",".join(r["canaries"]),
+                _age_seconds(r["ageSeconds"]),
+                r["by"],
+            ]
+        )
+    if rows:
+        printer.line()
+        printer.table(
+            ["COMPONENT", "ROLLOUT", "VERSION", "ADOPTED", "CANARIES", "SINCE", "BY"], rows
+        )
+    frozen = [(c["name"], c["frozen"]) for c in components if c.get("frozen")]
+    if frozen:
+        printer.line()
+    for name, f in frozen:
+        by = f" by {f['by']}" if f.get("by") else ""
+        since = f" for {_age_seconds(f['ageSeconds'])}" if f.get("since") else ""
+        printer.line(printer.paint(f"{name}: commits frozen{since}{by}: ", "red") + f["reason"])
 
 
 def _age_seconds(seconds: float | None) -> str:

@@ -28,7 +28,7 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         "--keyring",
         metavar="PATH",
         help="keyring file or mounted Secret directory; needed by diff, history --show,"
-        " rollback --direct and dump --decrypt",
+        " rollback --direct and dump --decrypt; status checks canary rollout records with it",
     )
     group.add_argument(
         "--keyring-secret",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from cli_e2e_support import Store
 
-from defender_config import ComponentStatus, UnknownKeyError
+from defender_config import ComponentStatus, Rollouts, UnknownKeyError
 
 pytestmark = pytest.mark.etcd
 
@@ -96,6 +96,61 @@ def test_status_of_an_unknown_component_says_what_to_check(store: Store) -> None
     result = store.cli("status", "snifer")
     assert result.code == 2
     assert "'snifer' is not registered" in result.err and "--prefix" in result.err
+
+
+def _wait_digest(store: Store, component: str, instance: str, digest: str) -> None:
+    deadline = time.monotonic() + 15
+    while not any(
+        hb.instance == instance and hb.config_digest == digest
+        for hb in store.registry.list_instances(component)
+    ):
+        assert time.monotonic() < deadline, f"{instance} never reported {digest[:12]}"
+        time.sleep(0.05)
+
+
+def test_status_shows_a_canary_rollout_and_the_freeze_after_its_abort(store: Store) -> None:
+    canary = register(store, "ml-detector", "detector-01")
+    register(store, "ml-detector", "detector-02", node="node-b")
+    rollouts = Rollouts(store.configs)
+    record = rollouts.start("ml-detector", {**DETECTOR, "interval": 10}, ["detector-01"], "alice")
+    canary.heartbeater.update(config_version=record.version, config_digest=record.digest)
+    _wait_digest(store, "ml-detector", "detector-01", record.digest)
+
+    data = store.cli("status", "-o", "json", keyring=True).json()
+    (component,) = data["components"]
+    rollout = component["rollout"]
+    assert (rollout["phase"], rollout["version"], rollout["baseVersion"]) == ("Progressing", 2, 1)
+    assert (rollout["canaries"], rollout["adopted"]) == (["detector-01"], ["detector-01"])
+    assert (rollout["by"], rollout["verified"]) == ("alice", True)
+    assert component["frozen"] is None
+
+    table = store.cli("status", keyring=True).out
+    assert "Progressing v2 1/1" in table
+    assert re.search(
+        r"ml-detector\s+Progressing\s+1 -> 2\s+1/1\s+detector-01\s+\d+s\s+alice", table
+    )
+    assert re.search(r"detector-01 .*2 \(canary\)", table)
+    assert "behind" not in table
+    # Without a keyring the record cannot be checked: shown, but said so.
+    assert "Progressing (unverified)" in store.cli("status").out
+
+    # A record someone wrote into etcd without the key is not shown as a rollout.
+    path = store.client.layout.rollout("ml-detector")
+    forged = json.dumps({**record.model_dump(mode="json"), "canaries": ["detector-02"]})
+    store.client.store.put(path, forged.encode())
+    forged_view = store.cli("status", "-o", "json", keyring=True).json()
+    assert forged_view["components"][0]["rollout"]["phase"] == "Unreadable"
+    assert "Unreadable" in store.cli("status", keyring=True).out
+
+    # An abort ends the rollout and freezes commits: status says so, and why.
+    store.client.store.put(path, store.client.encode_record(path, record.model_dump(mode="json")))
+    rollouts.abort("ml-detector", "canary of version 2 failed (detector-01: heartbeat lost)", "op")
+    after = store.cli("status", "-o", "json", keyring=True).json()["components"][0]
+    assert after["rollout"] is None
+    assert after["frozen"]["reason"].startswith("canary of version 2 failed")
+    table = store.cli("status", keyring=True).out
+    assert "ml-detector: commits frozen for" in table
+    assert "by op: canary of version 2 failed (detector-01: heartbeat lost)" in table
 
 
 def test_status_of_an_empty_store(store: Store) -> None:

@@ -74,6 +74,22 @@ def test_crd_names_and_subresources() -> None:
     assert {"Type", "Ready", "Active", "Instances", "Heartbeat", "Restarts", "Age"} <= columns
 
 
+def test_plain_printer_columns_point_at_fields_the_schema_has() -> None:
+    """A column whose jsonPath names no field prints an empty cell forever, silently."""
+    doc = yaml.safe_load(CRD_FILE.read_text())
+    version = doc["spec"]["versions"][0]
+    wide = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert wide["Rollout"] == ".status.rollout.phase"
+    assert wide["Canary"] == ".status.rollout.version"
+    for name, path in wide.items():
+        if "[" in path or path.startswith(".metadata."):
+            continue
+        node = version["schema"]["openAPIV3Schema"]
+        for part in path.strip(".").split("."):
+            assert part in node.get("properties", {}), f"column {name}: {path} has no {part}"
+            node = node["properties"][part]
+
+
 def test_spec_defaults_match_the_brief() -> None:
     spec = _api.parse_spec(_spec())
     assert spec.heartbeat.interval_seconds == 30

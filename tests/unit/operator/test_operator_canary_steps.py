@@ -5,16 +5,20 @@ and the promote / abort commands."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from operator_core_support import NAME, Harness, spec
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from defender_config import ChangeKind, config_digest, contract, validate_config
 from defender_operator import _api
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.canary import Action, CanaryBeat, RolloutView, judge_canary
+from defender_operator._metrics import CANARY_ABORT_REASONS, forget_component
 from defender_operator._runtime import utcnow
 
 BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
@@ -180,3 +184,65 @@ def test_a_spec_change_back_to_active_ends_the_rollout() -> None:
 def test_a_canary_needs_exactly_one_size(canary: dict[str, int]) -> None:
     with pytest.raises(ValidationError, match="exactly one of instances or percent"):
         _api.parse_spec(spec(ETH0, rollout={"canary": canary}))
+
+
+def aborts(reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "defender_operator_canary_aborts_total", {"component": NAME, "reason": reason}
+    )
+    return value or 0.0
+
+
+def test_an_abort_is_counted_by_reason_and_a_promotion_is_not() -> None:
+    before = {r: aborts(r) for r in CANARY_ABORT_REASONS}
+    h = started()
+    beat(h, "sniffer-a", stored(ETH1))
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.condition(cond.ROLLOUT)["reason"] == "Promoted"
+    assert {r: aborts(r) for r in CANARY_ABORT_REASONS} == before
+
+    h = started()
+    beat(h, "sniffer-a", stored(ETH1), error="HealthCheckFailed")
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert aborts("CanaryFailed") == before["CanaryFailed"] + 1
+    # The next pass sees no rollout any more: nothing counted twice.
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert aborts("CanaryFailed") == before["CanaryFailed"] + 1
+
+    h = started(hold=3600)
+    run(h.reconcile(canary_spec(ETH1, 3600), {contract.ABORT_ANNOTATION: "now"}))
+    assert aborts("Command") == before["Command"] + 1
+    assert aborts("CanaryFailed") == before["CanaryFailed"] + 1
+
+    forget_component(NAME)  # a deleted component keeps no series that could keep an alert up
+    assert (
+        REGISTRY.get_sample_value(
+            "defender_operator_canary_aborts_total", {"component": NAME, "reason": "Command"}
+        )
+        is None
+    )
+
+
+def test_every_abort_reason_of_the_decision_has_a_documented_label() -> None:
+    now = utcnow()
+    view = RolloutView(2, 1, "d" * 64, ("a",), now)
+    failed = judge_canary(
+        now=now,
+        rollout=view,
+        active_version=1,
+        beats={"a": CanaryBeat(alive=False)},
+        healthy_since=None,
+        hold_seconds=0,
+        deadline_seconds=60,
+    )
+    late = judge_canary(
+        now=now + timedelta(seconds=61),
+        rollout=view,
+        active_version=1,
+        beats={"a": CanaryBeat(alive=True, digest="e" * 64)},
+        healthy_since=None,
+        hold_seconds=0,
+        deadline_seconds=60,
+    )
+    assert failed.action is late.action is Action.ABORT
+    assert {failed.reason, late.reason} | {"Command"} == set(CANARY_ABORT_REASONS)
