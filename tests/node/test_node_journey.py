@@ -232,8 +232,13 @@ def _etcd_member_replaced(kubectl: Kubectl, etcd: ChartEtcd, phases: Phases) -> 
     kubectl("-n", NAMESPACE, "delete", "pod", pod_name, "--wait=false")
 
     def back() -> bool:
-        pod = kubectl.get("-n", NAMESPACE, "pod", pod_name)
-        return pod["metadata"]["uid"] != old_uid and _ready(pod)
+        # Between the old pod's end and the StatefulSet's new one there is no pod of that name.
+        out = kubectl.run("-n", NAMESPACE, "get", "pod", pod_name, "-o", "json", check=False)
+        if out.returncode != 0:
+            assert "NotFound" in out.stderr, out.stderr
+            return False
+        pod = json.loads(out.stdout)
+        return bool(pod["metadata"]["uid"] != old_uid and _ready(pod))
 
     n = 0
     while not back():
