@@ -51,11 +51,12 @@ def test_defrag_goes_through_followers_first_and_the_leader_last(
         data = result.json()
         order = [s["endpoint"] for s in data["steps"]]
         assert len(order) == 3 and len(set(order)) == 3
-        assert order[-1] == leader and [s["was_leader"] for s in data["steps"]] == [
-            False,
-            False,
-            True,
-        ]
+        assert [s["was_leader"] for s in data["steps"]] == [False, False, True]
+        # Checked against the leader the test measured itself, before and after: a busy machine
+        # may elect another leader in between, and the defrag must have gone with the one it
+        # saw (its own was_leader above).
+        after_leader = next(m for m in store.health().members if m.is_leader).endpoint
+        assert order[-1] in {leader, after_leader}, (order, leader, after_leader)
         assert data["compacted_to"] is not None
         after = {m.endpoint: m.db_size_bytes or 0 for m in store.health().members}
         # Ten 200 KiB revisions compacted away: every member's file shrank.
