@@ -35,6 +35,7 @@ from kubernetes import config as k8s_config
 from ._cluster import LocalCluster
 from ._errors import ToolNotFoundError
 from ._etcd import EtcdCluster
+from ._tools import tool
 from ._wait import wait_for
 
 # Start-up times measured this session, shown in the terminal summary (CI logs keep them).
@@ -158,6 +159,15 @@ def private_etcd(
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def etcdutl() -> str:
+    """Path of the etcdutl binary (snapshot status and restore), built by `make tools`."""
+    try:
+        return str(tool("etcdutl"))
+    except ToolNotFoundError as exc:
+        missing_part(f"etcdutl is missing ({exc}); run `make tools` (hack/tools.sh builds it)")
 
 
 @pytest.fixture

@@ -35,9 +35,7 @@ from operator_e2e_support import (
 from defender_cli import main as cli_main
 from defender_config import Alert, ConfigStore
 from defender_devcluster import EtcdCluster
-from defender_devcluster._errors import ToolNotFoundError
-from defender_devcluster._tools import tool
-from defender_devcluster.pytest_plugin import missing_part, private_etcd
+from defender_devcluster.pytest_plugin import private_etcd
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
@@ -69,14 +67,6 @@ DECODE_REASONS = MISCONFIG_REASONS | {
     "HistoryCorrupt",
     "KeyUnavailable",
 }
-
-
-@pytest.fixture
-def etcdutl() -> str:
-    try:
-        return str(tool("etcdutl"))
-    except ToolNotFoundError as exc:
-        missing_part(f"etcdutl is missing ({exc}); run `make tools` (hack/tools.sh builds it)")
 
 
 @pytest.fixture

@@ -18,9 +18,7 @@ import pytest
 
 from defender_cli import main
 from defender_devcluster import EtcdCluster
-from defender_devcluster._errors import ToolNotFoundError
-from defender_devcluster._tools import tool
-from defender_devcluster.pytest_plugin import missing_part, private_etcd
+from defender_devcluster.pytest_plugin import private_etcd
 
 pytestmark = pytest.mark.etcd
 
@@ -52,14 +50,6 @@ def _plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("DEFENDER_") and name not in kept:
             monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def etcdutl() -> str:
-    try:
-        return str(tool("etcdutl"))
-    except ToolNotFoundError as exc:
-        missing_part(f"etcdutl is missing ({exc}); run `make tools` (hack/tools.sh builds it)")
 
 
 @pytest.fixture
