@@ -244,7 +244,7 @@ async def _steps(
     await p.publish(found.fields)
     wake = next_deadline(
         utcnow(),
-        [PodView(pod.name, pod.created, pod.deleting, pod.started, pod.starting) for pod in pods],
+        pod_views(pods),
         mem.last_seen,
         mem.watch_started,
         judged.policy,
@@ -318,9 +318,7 @@ async def heartbeat_step(
     )
     decision = decide_restart(
         now=p.now,
-        pods=[
-            PodView(pod.name, pod.created, pod.deleting, pod.started, pod.starting) for pod in pods
-        ],
+        pods=pod_views(pods),
         last_seen=mem.last_seen,
         watch_started=mem.watch_started,
         etcd=p.rt.etcd.view(),
@@ -394,6 +392,11 @@ async def misconfig_step(p: Pass, mem: ComponentMemory, seen: Observed) -> Outco
         p.logger.warning("misconfigured: %s", verdict.message)
         await asyncio.to_thread(p.rt.backend.alert, "Misconfigured", p.name, verdict.message)
     return out
+
+
+def pod_views(pods: Sequence[Pod]) -> list[PodView]:
+    """The pods as the restart decision sees them."""
+    return [PodView(p.name, p.created, p.deleting, p.started, p.starting) for p in pods]
 
 
 def divergence(p: Pass, mem: ComponentMemory, state: ComponentState) -> Outcome:

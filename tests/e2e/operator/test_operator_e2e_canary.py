@@ -128,9 +128,15 @@ def test_a_good_version_goes_to_the_canary_first_then_to_all(
     for other in others:
         # They went from version 1 straight to the promoted version 2.
         assert other.snaplens() == [256, 512]
-    assert run.get("sniffer")["status"]["rollout"]["phase"] == "Promoted"
+    wait_for(
+        "status.rollout Promoted",
+        lambda: run.get("sniffer")["status"]["rollout"]["phase"] == "Promoted",
+    )
     run.wait_condition("sniffer", "ConfigSynced", status="True")
-    assert run.configs().client.store.get(run.configs().layout.rollout("sniffer")) is None
+    wait_for(
+        "the rollout record removed",
+        lambda: run.configs().client.store.get(run.configs().layout.rollout("sniffer")) is None,
+    )
 
 
 def test_a_bad_version_aborts_and_never_reaches_the_others(
@@ -154,7 +160,10 @@ def test_a_bad_version_aborts_and_never_reaches_the_others(
     assert active.metadata is not None and active.metadata.change is ChangeKind.CANARY_ABORT
     for other in others:
         assert other.snaplens() == [256], f"{other.name} saw the aborted version"
-    assert run.get("sniffer")["status"]["rollout"]["phase"] == "Aborted"
+    wait_for(
+        "status.rollout Aborted",
+        lambda: run.get("sniffer")["status"]["rollout"]["phase"] == "Aborted",
+    )
     # Further spec changes wait for a person while frozen.
     run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
     run.wait_condition("sniffer", "ConfigSynced", reason="Frozen")
@@ -175,8 +184,14 @@ def test_a_promote_command_skips_the_hold(
     run.wait_active_version("sniffer", 2)
     run.wait_event("sniffer", "CanaryPromoted")
     wait_for("every instance on version 2", _all_on(instances, 640))
-    annotations = run.get("sniffer")["metadata"].get("annotations") or {}
-    assert contract.PROMOTE_ANNOTATION not in annotations
+    # The operator removes the command's annotation in a patch of its own, after acting on it.
+    wait_for(
+        "the promote annotation removed",
+        lambda: (
+            contract.PROMOTE_ANNOTATION
+            not in (run.get("sniffer")["metadata"].get("annotations") or {})
+        ),
+    )
     # Without a rollout in progress the command is refused with an Event, nothing changes.
     _cli(kubeconfig_path, "promote", "sniffer", "-n", run.namespace)
     run.wait_event("sniffer", "RolloutCommandIgnored")
@@ -204,8 +219,12 @@ def test_an_abort_command_ends_a_rollout_and_a_replayed_record_is_stale(
     run.wait_condition("sniffer", "Rollout", status="False", reason="Aborted")
     run.wait_event("sniffer", "CanaryAborted")
     wait_for("the canary back on 256", lambda: canary.snaplens()[-1:] == [256])
-    assert contract.ABORT_ANNOTATION not in (
-        run.get("sniffer")["metadata"].get("annotations") or {}
+    wait_for(
+        "the abort annotation removed",
+        lambda: (
+            contract.ABORT_ANNOTATION
+            not in (run.get("sniffer")["metadata"].get("annotations") or {})
+        ),
     )
 
     for stored in saved:
