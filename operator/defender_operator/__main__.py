@@ -18,7 +18,7 @@ from prometheus_client import start_http_server
 from defender_config import DefenderConfigError
 from defender_operator._errors import OperatorConfigurationError
 from defender_operator._logging import configure
-from defender_operator._settings import load_operator_settings
+from defender_operator._settings import load_operator_settings, watch_only
 
 _M_ARENA_MAX = -8
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         help="watch only this namespace (repeatable); default: the whole cluster",
     )
     args = parser.parse_args(argv)
+    watch_only(args.namespace)
     try:
         ours, _ = load_operator_settings()
     except (OperatorConfigurationError, DefenderConfigError) as exc:
@@ -71,12 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()
     if ours.metrics_port:
         start_http_server(ours.metrics_port)
-    namespaces = args.namespace or ours.watch_namespaces
+    namespaces = ours.watch_namespaces
     # Importing registers the handlers with kopf's default registry.
-    from defender_operator import _login, _webhook_setup, handlers  # noqa: F401
+    from defender_operator import handlers  # noqa: F401
 
-    _login.watched_namespaces = len(namespaces)
-    _webhook_setup.namespaces = list(namespaces)
     if ours.admission_enabled:
         # kopf refuses to start with admission handlers and no server: import them only here.
         from defender_operator import webhooks  # noqa: F401

@@ -13,10 +13,6 @@ from typing import Any
 import aiohttp
 import kopf
 
-# How many namespaces this process watches (0: the whole cluster); set by `__main__` from its
-# flags before kopf starts, since kopf's login handlers are not told.
-watched_namespaces = 0
-
 
 def connection_limit(base: int, namespaces: int) -> int:
     """Pool size: `base` for requests, plus room for kopf's long-lived watch streams (one per

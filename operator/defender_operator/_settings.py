@@ -122,10 +122,26 @@ class OperatorSettings(BaseSettings):
         return self
 
 
+# `--namespace` flags, set once by `__main__` before kopf runs. They override
+# DEFENDER_OPERATOR_WATCH_NAMESPACES in every later load, so the handlers, the keyring fan-out
+# and the webhook configuration all see the namespaces kopf was told to watch: an operator
+# limited by flags must never write the keyring into, or post Events to, a namespace it was
+# not given.
+_flag_namespaces: list[str] = []
+
+
+def watch_only(namespaces: list[str]) -> None:
+    """Make `namespaces` (when not empty) the watched namespaces of every later load."""
+    global _flag_namespaces
+    _flag_namespaces = list(namespaces)
+
+
 def load_operator_settings() -> tuple[OperatorSettings, LibrarySettings]:
     """Both settings objects, or OperatorConfigurationError naming every bad field."""
     try:
         ours = OperatorSettings()
+        if _flag_namespaces:
+            ours = ours.model_copy(update={"watch_namespaces": list(_flag_namespaces)})
     except ValidationError as exc:
         problems = "; ".join(
             f"DEFENDER_OPERATOR_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"

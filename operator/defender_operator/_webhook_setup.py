@@ -38,9 +38,6 @@ log = logging.getLogger("defender_operator.admission")
 
 VALIDATE_ID = "validate"
 STAMP_ID = "stamp"
-# Set by `__main__` before kopf runs: the namespaces the operator watches (empty: all), so a
-# configuration it writes sends it only the requests it handles.
-namespaces: list[str] = []
 
 
 def webhook_configurations(
@@ -218,7 +215,7 @@ async def start(rt: Runtime, api: client.ApiClient, kopf_settings: kopf.Operator
     )
     rt.stamp_key = found.stamp_key
     if ours.admission_url:
-        await asyncio.to_thread(register, api, ours, found.cert.ca_pem, namespaces)
+        await asyncio.to_thread(register, api, ours, found.cert.ca_pem, ours.watch_namespaces)
     elif ours.admission_patch_ca_bundle and ours.admission_cert_dir is None:
         await asyncio.to_thread(
             fill_ca_bundle, api, ours.admission_configuration, found.cert.ca_pem

@@ -70,7 +70,7 @@ def _api_client(connections: int) -> k8s_client.ApiClient:
 @kopf.on.login()
 async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
     ours, _ = load_operator_settings()
-    limit = _login.connection_limit(ours.api_connections, _login.watched_namespaces)
+    limit = _login.connection_limit(ours.api_connections, len(ours.watch_namespaces))
     return await _login.pooled_login(limit, **kwargs)
 
 

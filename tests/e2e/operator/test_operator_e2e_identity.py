@@ -313,3 +313,27 @@ def test_an_unreadable_owner_record_refuses_every_claimant(
     run.patch(NAME, {"metadata": {"annotations": {"retry": "1"}}})
     run.wait_active_version(NAME, 1)
     wait_for("Conflict gone", lambda: run.condition(NAME, "Conflict") is None)
+
+
+def test_an_operator_given_one_namespace_never_touches_another(
+    operator_run: OperatorRun, other_namespace: str
+) -> None:
+    # Found by CI: an operator started with `-n` handled only that namespace, but its keyring
+    # fan-out and keyguard listed DefenderComponents cluster-wide, so it wrote the keyring into
+    # (and posted Events to) namespaces it was never given.
+    run = operator_run
+    run.start()  # `-n run.namespace` only
+    _create(run, other_namespace, _sample())
+    run.apply_sample(NAME)
+    run.wait_active_version(NAME, 1)
+    wait_for("the keyring copy in the watched namespace", run.keyring_copy)
+    # Several fan-out and monitor passes (1 s each).
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        with pytest.raises(k8s.ApiException) as info:
+            run.core.read_namespaced_secret(SECRET, other_namespace)
+        assert info.value.status == 404, "the keyring was written to an unwatched namespace"
+        time.sleep(0.5)
+    assert run.core.list_namespaced_event(other_namespace).items == []
+    assert "status" not in _get(run, other_namespace)
+    assert other_namespace not in run.log_path.read_text()

@@ -22,6 +22,7 @@ from defender_config import (
     ValueTooLargeError,
 )
 from defender_operator import __main__ as entry
+from defender_operator import _settings
 from defender_operator._errors import (
     RETRY_CONFLICT,
     RETRY_STORE_UNAVAILABLE,
@@ -31,7 +32,7 @@ from defender_operator._errors import (
     kopf_errors,
 )
 from defender_operator._keys import MutableKeyringSource, keyring_digest
-from defender_operator._settings import load_operator_settings
+from defender_operator._settings import load_operator_settings, watch_only
 
 
 def _raise(exc: Exception) -> None:
@@ -115,6 +116,20 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ours.namespace == "ml-defender"
     assert ours.rotation_every_seconds == 0
     assert library.prefix == "/ml-defender"
+
+
+def test_namespace_flags_win_over_the_environment_in_every_later_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The keyring fan-out and the keyguard read the settings, not kopf's flags: without this an
+    # operator started with `-n a` wrote the keyring into every namespace with a component.
+    monkeypatch.setattr(_settings, "_flag_namespaces", [])
+    monkeypatch.setenv("DEFENDER_OPERATOR_WATCH_NAMESPACES", '["from-env"]')
+    assert load_operator_settings()[0].watch_namespaces == ["from-env"]
+    watch_only(["a", "b"])
+    assert load_operator_settings()[0].watch_namespaces == ["a", "b"]
+    watch_only([])
+    assert load_operator_settings()[0].watch_namespaces == ["from-env"]
 
 
 def test_key_secret_error_says_what_to_check_and_holds_no_key() -> None:
