@@ -10,6 +10,12 @@ WINDOW_SECONDS after every instance has started. Gaps are the times between two 
 beats of one instance; regrants count leases that expired (an instance wrongly seen dead), in
 the window and in total (including start-up and stopping); stopping is bounded to STOP_SECONDS
 (instances still stopping then are counted).
+
+Stopping goes through STOP_WORKERS threads, as a process manager stopping its instances would. A
+real instance is one process; here 1,000 share one, and stopping them with 1,000 simultaneous
+threads (each revoking its lease, counting the component's instances, maybe writing its status)
+starved the keep-alives of those not stopped yet past their 3 s TTL: measured on a quiet machine,
+393 regrants at 1,000, every one of them during that stop, none in the window.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ INTERVAL = 1.0
 MISSES = 3
 WINDOW_SECONDS = 15.0
 STOP_SECONDS = 60.0
+STOP_WORKERS = 16
 
 
 class TimedHeartbeater(Heartbeater):
@@ -130,13 +137,25 @@ def library_run(cluster: EtcdCluster, n: int) -> dict[str, Any]:
 
         def stop() -> None:
             # Bounded: a benchmark must end even when the heartbeaters cannot keep up.
-            stoppers = [threading.Thread(target=b.stop, daemon=True) for b in beaters]
+            pending = list(beaters)
+            lock = threading.Lock()
+
+            def worker() -> None:
+                while True:
+                    with lock:
+                        if not pending:
+                            return
+                        beater = pending.pop()
+                    beater.stop()
+
+            stoppers = [threading.Thread(target=worker, daemon=True) for _ in range(STOP_WORKERS)]
             for t in stoppers:
                 t.start()
             deadline = time.monotonic() + STOP_SECONDS
             for t in stoppers:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
-            stuck[0] = sum(t.is_alive() for t in stoppers)
+            # Those still stopping or never reached when the time was up.
+            stuck[0] = sum(not b._stopped.is_set() or b.lease is not None for b in beaters)
 
         def counters() -> dict[str, int]:
             return {
