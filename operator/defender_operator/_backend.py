@@ -95,6 +95,15 @@ class EtcdHealth:
     alarms: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What a monitor pass reads from etcd about one component, at one revision."""
+
+    state: ComponentState
+    cadence: Cadence | None
+    alerts: Sequence[AlertRecord]
+
+
 class Backend(Protocol):
     """Blocking calls; every StoreError etc. is the library's, translated by `_errors`."""
 
@@ -237,6 +246,11 @@ class Backend(Protocol):
         ...
 
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]: ...
+
+    def observe(self, component: str, alerts_since: datetime) -> Observation:
+        """`state` (MASTER tolerated), `cadence` and `alerts` as one read: a monitor pass's
+        view of etcd (the library backend makes it one transaction)."""
+        ...
 
     def alert(self, kind: str, component: str, detail: str) -> None:
         """Raise an alert (logs + `<prefix>/alerts/`, where rag reads them); never raises."""

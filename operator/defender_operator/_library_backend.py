@@ -16,6 +16,7 @@ from defender_config import (
     Alert,
     Cadence,
     ChangeKind,
+    ComponentOverview,
     ConfigStore,
     ConfigValidationError,
     DefenderClient,
@@ -35,6 +36,7 @@ from defender_config import (
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
+    decode_alerts,
     key_usage,
     keys_opened,
     read_cadence,
@@ -52,6 +54,7 @@ from defender_operator._backend import (
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
+    Observation,
 )
 from defender_operator._decisions.ownership import Claim
 from defender_operator._errors import OwnerRecordError
@@ -78,6 +81,24 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         interval_seconds=hb.interval_seconds,
         lease_id=hb.lease_id,
     )
+
+
+def _state(seen: ComponentOverview) -> ComponentState:
+    meta = seen.metadata
+    return ComponentState(
+        master_digest=config_digest(seen.master) if seen.master is not None else None,
+        active_digest=meta.digest if meta is not None else None,
+        active_version=meta.version if meta is not None else None,
+        frozen=seen.frozen is not None,
+        storage=meta.storage if meta is not None else None,
+        active_modified=meta.last_modified if meta is not None else None,
+        active_rollback=meta is not None and meta.change.reverts,
+        master_error=str(seen.master_error) if seen.master_error is not None else None,
+    )
+
+
+def _alert_record(alert: Alert) -> AlertRecord:
+    return AlertRecord(alert.component, alert.instance, alert.kind, alert.detail, alert.time)
 
 
 class OwnerRecord(BaseModel):
@@ -114,29 +135,39 @@ class LibraryBackend:
         try:
             seen = self.configs.overview(component, tolerate_master=tolerate_master)
         except RecordAuthError:
-            declared = self._declared.get(component)
-            if declared is None:
+            if not self._repair(component):
                 raise
-            ctype, schema, digest = declared
-            self.configs.repair_metadata(
-                component,
-                component_type=ctype,
-                json_schema=schema,
-                by=f"operator:{self.client.instance}",
-                trusted_digest=digest,
-            )
             seen = self.configs.overview(component, tolerate_master=tolerate_master)
-        meta = seen.metadata
-        return ComponentState(
-            master_digest=config_digest(seen.master) if seen.master is not None else None,
-            active_digest=meta.digest if meta is not None else None,
-            active_version=meta.version if meta is not None else None,
-            frozen=seen.frozen is not None,
-            storage=meta.storage if meta is not None else None,
-            active_modified=meta.last_modified if meta is not None else None,
-            active_rollback=meta is not None and meta.change.reverts,
-            master_error=str(seen.master_error) if seen.master_error is not None else None,
+        return _state(seen)
+
+    def observe(self, component: str, alerts_since: datetime) -> Observation:
+        try:
+            snap = self.configs.snapshot(component, alerts_since=alerts_since)
+        except RecordAuthError:
+            if not self._repair(component):
+                raise
+            snap = self.configs.snapshot(component, alerts_since=alerts_since)
+        return Observation(
+            state=_state(snap.overview),
+            cadence=snap.cadence,
+            alerts=[_alert_record(a) for a in snap.alerts],
         )
+
+    def _repair(self, component: str) -> bool:
+        """Re-sign a metadata record that stopped verifying, from the spec a reconcile last
+        declared; False when none was declared (then the error stands)."""
+        declared = self._declared.get(component)
+        if declared is None:
+            return False
+        ctype, schema, digest = declared
+        self.configs.repair_metadata(
+            component,
+            component_type=ctype,
+            json_schema=schema,
+            by=f"operator:{self.client.instance}",
+            trusted_digest=digest,
+        )
+        return True
 
     def _options(self, storage: StoragePolicy | None) -> EnvelopeOptions | None:
         # Codecs and size caps stay the store-wide ones; the spec chooses the switches, the
@@ -329,7 +360,9 @@ class LibraryBackend:
     def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
         out = []
         for rec in instances:
-            seen = self.registry.lease_last_seen(rec.lease_id, rec.lease_ttl_seconds, rec.time)
+            seen = self.registry.lease_last_seen(
+                rec.lease_id, rec.lease_ttl_seconds, rec.time, reuse=True
+            )
             out.append(rec if seen == rec.time else dataclasses.replace(rec, time=seen))
         return out
 
@@ -360,20 +393,8 @@ class LibraryBackend:
         return self.registry.watch_instances(on_event, on_error=on_error)
 
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]:
-        out = []
-        for sv in self.client.store.list_prefix(self.layout.component_alerts_dir(component)):
-            try:
-                alert = Alert.model_validate(self.client.decode_json(sv.key, sv.value))
-            except (DefenderConfigError, ValidationError, ValueError) as exc:
-                log.warning("skipping unreadable alert %s: %s", sv.key, exc)
-                continue
-            if alert.time >= since:
-                out.append(
-                    AlertRecord(
-                        alert.component, alert.instance, alert.kind, alert.detail, alert.time
-                    )
-                )
-        return out
+        found = self.client.store.list_prefix(self.layout.component_alerts_dir(component))
+        return [_alert_record(a) for a in decode_alerts(self.client, found, since)]
 
     def alert(self, kind: str, component: str, detail: str) -> None:
         self.client.alerter.event(kind, component, detail, instance=self.client.instance)

@@ -55,6 +55,7 @@ from defender_operator._backend import (
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
+    Observation,
 )
 from defender_operator._decisions.ownership import Claim
 
@@ -450,6 +451,16 @@ class MemoryBackend:
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]:
         self._enter("alerts")
         return [a for a in self.raised if a.component == component and a.time >= since]
+
+    def observe(self, component: str, alerts_since: datetime) -> Observation:
+        # The library reads these in one transaction; here each keeps its own name too, so a
+        # test can fail the whole read or any part of it.
+        self._enter("observe")
+        return Observation(
+            state=self.state(component, tolerate_master=True),
+            cadence=self.cadence(component),
+            alerts=self.alerts(component, alerts_since),
+        )
 
     def alert(self, kind: str, component: str, detail: str) -> None:
         # Never raises, as the library's alerter.

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from defender_config import Cadence, ChangeKind, DefenderConfigError
+from defender_config import Cadence, ChangeKind, DefenderConfigError, StoreError
 from defender_operator import _api, _canary
-from defender_operator._backend import ComponentState, InstanceRecord
+from defender_operator._backend import AlertRecord, ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import (
     BreakerPolicy,
@@ -165,11 +165,13 @@ class Pass:
 
 @dataclass(frozen=True)
 class Observed:
-    """What etcd says about the component's instances this pass (nothing when unreachable)."""
+    """What etcd says about the component this pass (nothing when unreachable)."""
 
     instances: Sequence[InstanceRecord] = ()
     alerts: Sequence[Report] = ()
     etcd_ok: bool = False
+    state: ComponentState | None = None
+    cadence: Cadence | None = None
 
 
 @dataclass(frozen=True)
@@ -207,11 +209,11 @@ async def _steps(
     seen = await observe(p)
     track(mem, seen.instances, pods)
     if seen.etcd_ok:
-        take(mem, found, await cadence_step(p, seen.instances, mem))
+        take(mem, found, await cadence_step(p, seen, mem))
     judged, heard = await heartbeat_step(p, mem, pods, seen.instances)
     take(mem, found, heard)
     if seen.etcd_ok:
-        await scrub_step(
+        restored = await scrub_step(
             rt,
             body=p.body,
             namespace=p.namespace,
@@ -221,7 +223,12 @@ async def _steps(
             logger=p.logger,
         )
         take(mem, found, await misconfig_step(p, mem, seen))
-        state, tripped = await breaker_step(p, mem, seen.instances, judged)
+        state = seen.state
+        if restored or state is None:
+            # Read again: the scrub changed ACTIVE, or the pass's read failed verification
+            # (the read repairs what it can, else raises).
+            state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
+        state, tripped = await breaker_step(p, mem, state, seen.instances, judged)
         take(mem, found, tripped)
         rolled = await _canary.watch(
             rt,
@@ -272,17 +279,37 @@ async def observe(p: Pass) -> Observed:
         # Beats are lease keep-alives that leave the record alone: when each instance last
         # beat is read from its lease.
         instances = await asyncio.to_thread(rt.backend.last_seen, instances)
-        window = timedelta(seconds=rt.settings.misconfig_window_seconds)
-        alerts = [
-            Report(a.instance or "?", a.reason, a.detail, a.time)
-            for a in await asyncio.to_thread(rt.backend.alerts, p.name, p.now - window)
-        ]
     except DefenderConfigError as exc:
         # etcd went away between the health check and this read: judge nothing this pass.
         ERRORS.labels("monitor_read").inc()
         p.logger.warning("cannot read heartbeats: %s", exc)
         return Observed()
-    return Observed(instances, alerts, etcd_ok=True)
+    since = p.now - timedelta(seconds=rt.settings.misconfig_window_seconds)
+    try:
+        # ACTIVE/MASTER/freeze, the published cadence and the alerts: one transaction.
+        seen = await asyncio.to_thread(rt.backend.observe, p.name, since)
+    except StoreError as exc:
+        ERRORS.labels("monitor_read").inc()
+        p.logger.warning("cannot read the component: %s", exc)
+        return Observed()
+    except DefenderConfigError as exc:
+        # A record that does not verify stops what needs it (the breaker, divergence: their
+        # own read raises it again), not the heartbeat judgement: read the rest on its own.
+        p.logger.warning("component records do not verify: %s", exc)
+        alerts_read = await asyncio.to_thread(rt.backend.alerts, p.name, since)
+        cadence = await asyncio.to_thread(rt.backend.cadence, p.name)
+        return Observed(instances, _alert_reports(alerts_read), etcd_ok=True, cadence=cadence)
+    return Observed(
+        instances,
+        _alert_reports(seen.alerts),
+        etcd_ok=True,
+        state=seen.state,
+        cadence=seen.cadence,
+    )
+
+
+def _alert_reports(alerts: Sequence[AlertRecord]) -> list[Report]:
+    return [Report(a.instance or "?", a.reason, a.detail, a.time) for a in alerts]
 
 
 def track(mem: ComponentMemory, instances: Sequence[InstanceRecord], pods: Sequence[Pod]) -> None:
@@ -452,12 +479,11 @@ def pass_fields(
     return fields
 
 
-async def cadence_step(
-    p: Pass, instances: Sequence[InstanceRecord], mem: ComponentMemory
-) -> Outcome:
-    """Publish spec.heartbeat as the component's cadence (only when the record says something
-    else: one read per pass, a write per change) and judge whether the instances follow it."""
-    rt, hb = p.rt, p.spec.heartbeat
+async def cadence_step(p: Pass, seen: Observed, mem: ComponentMemory) -> Outcome:
+    """Publish spec.heartbeat as the component's cadence (only when the record, as this pass
+    read it, says something else: a write per change) and judge whether the instances follow
+    it."""
+    rt, hb, instances = p.rt, p.spec.heartbeat, seen.instances
     want = Cadence(
         interval_seconds=hb.interval_seconds,
         allowed_misses=hb.missed_before_restart,
@@ -466,7 +492,7 @@ async def cadence_step(
     try:
         # Read every pass rather than trusting memory: a record deleted or overwritten by hand
         # is put right within one pass.
-        current = await asyncio.to_thread(rt.backend.cadence, p.name)
+        current = seen.cadence
         if want.same_rhythm(current):
             mem.cadence = current
         else:
@@ -509,7 +535,11 @@ def _history_fields(mem: ComponentMemory, limit: int) -> dict[str, Any]:
 
 
 async def breaker_step(
-    p: Pass, mem: ComponentMemory, instances: Sequence[InstanceRecord], judged: Judged
+    p: Pass,
+    mem: ComponentMemory,
+    state: ComponentState,
+    instances: Sequence[InstanceRecord],
+    judged: Judged,
 ) -> tuple[ComponentState, Outcome]:
     """Trip the blast-radius breaker when too many instances turned unhealthy soon after a
     change of ACTIVE: freeze commits and revert ACTIVE to the version before the change."""
@@ -521,7 +551,6 @@ async def breaker_step(
             del mem.unhealthy_since[key]
     for key in unhealthy:
         mem.unhealthy_since.setdefault(key, now)
-    state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
     ro = p.spec.rollout
     if not mem.change_recovered:
         mem.change_recovered = True

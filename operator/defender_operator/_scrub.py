@@ -39,22 +39,23 @@ async def scrub_step(
     generation: int,
     status: Mapping[str, Any],
     logger: Logger,
-) -> None:
+) -> bool:
     """Scrub `name` if due; publishes the status when the Corrupt condition changed (so it is
-    shown even when the rest of the pass fails on the broken value)."""
+    shown even when the rest of the pass fails on the broken value). True when ACTIVE was
+    restored (what the pass read of it before is out of date)."""
     mem = rt.memory(namespace, name)
     now = utcnow()
     if not decide.scrub_due(mem.scrubbed_at, now, rt.settings.scrub_interval_seconds):
-        return
+        return False
     mem.scrubbed_at = now
     try:
         report = await asyncio.to_thread(rt.backend.scrub, name)
     except (DefenderConfigError, OperatorError) as exc:
         ERRORS.labels("scrub").inc()
         logger.warning("scrub could not read the component: %s", exc)
-        return
+        return False
     if report is None:
-        return  # not registered yet: nothing sealed to check
+        return False  # not registered yet: nothing sealed to check
     SCRUB_VALUES.labels(name).inc(report.sealed_checked)
     plan = decide.plan_scrub(findings(report), mem.scrub_announced)
     for failure in plan.failures:
@@ -80,6 +81,7 @@ async def scrub_step(
         # A value turned corrupt or whole again: shown now. A first "verified" is not news
         # and goes out with the rest of the pass (no status write of its own).
         await publish_status(rt, namespace, name, generation, status, {})
+    return restored
 
 
 def _status(c: cond.Cond | None) -> str | None:

@@ -8,13 +8,22 @@ agent and the plugin is `defender_config.contract`. The `_modules` are private a
 
 from . import contract as contract
 from . import store as store
-from ._alerts import Alert, Alerter, AlertSink, CallableSink, EtcdAlertSink, LoggingSink
+from ._alerts import (
+    Alert,
+    Alerter,
+    AlertSink,
+    CallableSink,
+    EtcdAlertSink,
+    LoggingSink,
+    decode_alerts,
+)
 from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
 from ._configs import (
     ActiveConfig,
     ComponentOverview,
+    ComponentSnapshot,
     ConfigMetadata,
     ConfigStore,
     FreezeInfo,
@@ -134,6 +143,7 @@ __all__ = [
     "CodecError",
     "CodecMismatchError",
     "ComponentOverview",
+    "ComponentSnapshot",
     "ComponentStatus",
     "ComponentSummary",
     "ComponentType",
@@ -219,6 +229,7 @@ __all__ = [
     "WrongPassphraseError",
     "canonical_json",
     "config_digest",
+    "decode_alerts",
     "defragment_cluster",
     "expect_plaintext",
     "format_rollback_target",

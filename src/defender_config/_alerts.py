@@ -23,8 +23,17 @@ from ._errors import DefenderConfigError, StoreError
 if TYPE_CHECKING:
     from ._layout import Layout
     from ._store import EtcdStore
+    from ._store_types import StoredValue
 
-__all__ = ["Alert", "AlertSink", "Alerter", "CallableSink", "EtcdAlertSink", "LoggingSink"]
+__all__ = [
+    "Alert",
+    "AlertSink",
+    "Alerter",
+    "CallableSink",
+    "EtcdAlertSink",
+    "LoggingSink",
+    "decode_alerts",
+]
 
 log = logging.getLogger("defender_config.alerts")
 
@@ -66,6 +75,28 @@ class Alert(BaseModel):
             detail=str(error)[:_DETAIL_LIMIT],
             path=where,
         )
+
+
+class _JsonReader(Protocol):
+    def decode_json(self, path: str, blob: bytes) -> Any: ...
+
+
+def decode_alerts(
+    client: _JsonReader, stored: Iterable[StoredValue], since: datetime
+) -> tuple[Alert, ...]:
+    """The alerts among `stored` (values under a component's alerts prefix) raised at or after
+    `since`, oldest key first. One that does not decode is skipped with a warning: a garbled
+    alert must not hide the others."""
+    out = []
+    for sv in stored:
+        try:
+            alert = Alert.model_validate(client.decode_json(sv.key, sv.value))
+        except (DefenderConfigError, ValueError) as exc:
+            log.warning("skipping unreadable alert %s: %s", sv.key, exc)
+            continue
+        if alert.time >= since:
+            out.append(alert)
+    return tuple(out)
 
 
 @runtime_checkable

@@ -21,6 +21,7 @@ import contextlib
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -528,6 +529,10 @@ class Registry:
         self.client = client
         self.layout = client.layout
         self.configs = configs or ConfigStore(client)
+        # lease id -> (monotonic time until which it is certainly alive, last seen then)
+        self._sightings: dict[int, tuple[float, datetime]] = {}
+        self._sightings_lock = threading.Lock()
+        self._sightings_pruned_at = 1024
 
     def register(
         self,
@@ -613,16 +618,43 @@ class Registry:
         time."""
         return self.lease_last_seen(heartbeat.lease_id, heartbeat.lease_ttl_seconds, heartbeat.time)
 
-    def lease_last_seen(self, lease_id: int, granted: int | None, written: datetime) -> datetime:
+    def lease_last_seen(
+        self, lease_id: int, granted: int | None, written: datetime, *, reuse: bool = False
+    ) -> datetime:
         """`last_seen` from its parts: the lease, the TTL it was granted for, the record's
-        time. One LeaseTimeToLive request."""
+        time. One LeaseTimeToLive request.
+
+        With `reuse`, an earlier answer for the same lease is returned instead while the lease
+        is certainly alive (the seconds it had left have not run out): no request. The time is
+        then older than the newest beat, never newer, and last seen + TTL is still never
+        before now, so a live instance is not judged stale; once those seconds ran out the
+        lease is asked again. For callers that judge many instances often (the operator)."""
         if not lease_id or not granted:
             return written
+        if reuse:
+            with self._sightings_lock:
+                sighting = self._sightings.get(lease_id)
+            if sighting is not None and time.monotonic() < sighting[0]:
+                return max(written, sighting[1])
+        asked = time.monotonic()
         left = self.client.store.lease_ttl(lease_id)
         if left < 0:
+            with self._sightings_lock:
+                self._sightings.pop(lease_id, None)
             return written
-        since_beat = max(0, granted - left)
-        return max(written, _now() - timedelta(seconds=since_beat))
+        seen = max(written, _now() - timedelta(seconds=max(0, granted - left)))
+        if reuse:
+            self._remember(lease_id, asked + left, seen)
+        return seen
+
+    def _remember(self, lease_id: int, alive_until: float, seen: datetime) -> None:
+        with self._sightings_lock:
+            self._sightings[lease_id] = (alive_until, seen)
+            if len(self._sightings) > self._sightings_pruned_at:
+                # Leases of instances that went away are never asked again: drop the run-out.
+                now = time.monotonic()
+                self._sightings = {k: v for k, v in self._sightings.items() if v[0] > now}
+                self._sightings_pruned_at = max(1024, 2 * len(self._sightings))
 
     def list_components(self, *, fresh: bool = False) -> list[ComponentSummary]:
         """Every registered component with type, status, ACTIVE version and live instances, from

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from defender_config import (
     ActiveConfig,
     Alert,
     AuthenticationFailedError,
+    Cadence,
     ChangeKind,
     ConfigFrozenError,
     ConfigStore,
@@ -28,6 +30,8 @@ from defender_config import (
     StoreError,
     UnknownKeyError,
     inspect,
+    read_cadence,
+    write_cadence,
 )
 from defender_devcluster import wait_for
 
@@ -365,6 +369,70 @@ def test_overview_tolerating_master_reports_a_tampered_master_and_reads_the_rest
     assert seen.frozen is not None and seen.frozen.reason == "held"
     # Tolerated is not hidden: the failed read is alerted like any other.
     assert len(stored_alerts(client, "sniffer")) > before
+
+
+def test_snapshot_is_overview_cadence_and_alerts_in_one_transaction(
+    configs: ConfigStore, client: DefenderClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_cadence(client, "sniffer", Cadence(interval_seconds=5, allowed_misses=2, by="op"))
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    client.alerter.event("Misconfigured", "sniffer", "two report UnknownKey", instance="op")
+    configs.freeze("sniffer", "held", by="oncall")
+    calls: list[str] = []
+    store = client.store
+    real_txn = store.txn
+
+    def counted_txn(*a: Any, **k: Any) -> Any:
+        calls.append("txn")
+        return real_txn(*a, **k)
+
+    def refused(*a: Any, **k: Any) -> Any:
+        raise AssertionError("snapshot must not read outside its transaction")
+
+    monkeypatch.setattr(store, "txn", counted_txn)
+    monkeypatch.setattr(store, "get", refused)
+    monkeypatch.setattr(store, "list_prefix", refused)
+    snap = configs.snapshot("sniffer", alerts_since=since)
+    assert calls == ["txn"]
+    monkeypatch.undo()
+    assert snap.overview == configs.overview("sniffer", tolerate_master=True)
+    assert snap.cadence is not None and snap.cadence.interval_seconds == 5
+    assert snap.cadence == read_cadence(client, "sniffer")
+    # The freeze raised one too.
+    assert sorted((a.kind, a.detail) for a in snap.alerts) == [
+        ("ConfigFrozen", "commits refused: held"),
+        ("Misconfigured", "two report UnknownKey"),
+    ]
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    assert configs.snapshot("sniffer", alerts_since=later).alerts == ()
+
+
+def test_snapshot_under_attack_skips_what_does_not_verify_and_refuses_forged_metadata(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    client.alerter.event("Misconfigured", "sniffer", "real one", instance="op")
+    alerts_dir = client.layout.component_alerts_dir("sniffer")
+    # A garbled alert does not hide the real one; an unsigned cadence is not followed.
+    client.store.put(alerts_dir + "0000-garbage", b"\x00 not json")
+    client.store.put(
+        client.layout.cadence("sniffer"), b'{"interval_seconds": 3600, "allowed_misses": 100}'
+    )
+    snap = configs.snapshot("sniffer", alerts_since=since)
+    assert [a.detail for a in snap.alerts] == ["real one"]
+    assert snap.cadence is None
+    # A tampered MASTER is reported, not raised (what a monitor pass needs goes on).
+    path = client.layout.master_config("sniffer")
+    stored = client.store.get(path)
+    assert stored is not None
+    client.store.put(path, stored.value[:-3] + bytes([stored.value[-3] ^ 1]) + stored.value[-2:])
+    snap = configs.snapshot("sniffer", alerts_since=since)
+    assert snap.overview.master is None and snap.overview.master_error is not None
+    assert snap.overview.metadata is not None and snap.overview.metadata.version == 1
+    # A hand-edited metadata record is refused as by overview.
+    client.store.put(client.layout.metadata("sniffer"), b'{"version": 7}')
+    with pytest.raises(RecordAuthError, match="carries no MAC"):
+        configs.snapshot("sniffer", alerts_since=since)
 
 
 def test_overview_refuses_a_hand_edited_metadata_record(

@@ -110,6 +110,53 @@ def test_the_last_seen_of_a_gone_lease_is_the_records_time(client: DefenderClien
     assert registry.last_seen(listed) == listed.time
 
 
+def test_reused_sightings_ask_the_lease_once_while_it_is_certainly_alive(
+    client: DefenderClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(client)
+    # 1 s beats, lease 10 s: after an answer the lease has at least 9 s left.
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=1, allowed_misses=10).start()
+    asked: list[int] = []
+    real = client.store.lease_ttl
+
+    def counted(lease: int) -> int:
+        asked.append(lease)
+        return real(lease)
+
+    monkeypatch.setattr(client.store, "lease_ttl", counted)
+    try:
+        [listed] = registry.list_instances("sniffer")
+        first = registry.lease_last_seen(
+            listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
+        )
+        time.sleep(1.5)  # beats happened meanwhile
+        again = registry.lease_last_seen(
+            listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
+        )
+        assert (len(asked), again) == (1, first), "asked again while certainly alive"
+        # Never newer than the truth, and last seen + TTL is still ahead: not judged stale.
+        assert again <= registry.last_seen(listed)
+        assert again + timedelta(seconds=10) > datetime.now(UTC)
+        # Without reuse every call asks (the plugin and tests want the newest beat).
+        fresh = registry.lease_last_seen(listed.lease_id, listed.lease_ttl_seconds, listed.time)
+        assert fresh > first and len(asked) == 3
+        # Once the seconds it had left ran out, it is asked again.
+        sightings = registry._sightings
+        sightings[listed.lease_id] = (time.monotonic() - 1, first)
+        renewed = registry.lease_last_seen(
+            listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
+        )
+        assert len(asked) == 4 and renewed > first
+    finally:
+        hb.stop()  # revokes the lease
+    # A gone lease is forgotten: the record's time, asked (not a remembered sighting).
+    sightings[listed.lease_id] = (time.monotonic() - 1, first)
+    gone = registry.lease_last_seen(
+        listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
+    )
+    assert gone == listed.time and listed.lease_id not in registry._sightings
+
+
 class _UnansweredStream:
     """A keep-alive stream whose answer never reaches the caller, even after its reset (an
     answer or failure still being handed over by another thread, forever)."""

@@ -264,3 +264,21 @@ def test_cadence_and_alerts_round_trip(backend: Backend) -> None:
     found = [a for a in backend.alerts("firewall", since) if a.reason == "Misconfigured"]
     assert [a.detail for a in found] == ["two instances report UnknownKey"]
     assert backend.alerts("firewall", utcnow() + timedelta(minutes=5)) == []
+
+
+def test_observe_is_state_cadence_and_alerts_as_one_read(backend: Backend) -> None:
+    empty = backend.observe("firewall", utcnow() - timedelta(minutes=1))
+    assert (empty.state.active_version, empty.cadence, list(empty.alerts)) == (None, None, [])
+    seed(backend)
+    backend.freeze("firewall", "hold")
+    cadence = Cadence(interval_seconds=5, allowed_misses=2, by=BY)
+    backend.publish_cadence("firewall", cadence)
+    since = utcnow() - timedelta(seconds=5)
+    backend.alert("Misconfigured", "firewall", "two instances report UnknownKey")
+    seen = backend.observe("firewall", since)
+    assert seen.state == backend.state("firewall", tolerate_master=True)
+    assert seen.state.frozen and seen.state.active_version == 1
+    assert cadence.same_rhythm(seen.cadence)
+    assert list(seen.alerts) == list(backend.alerts("firewall", since))
+    assert "Misconfigured" in [a.reason for a in seen.alerts]
+    assert list(backend.observe("firewall", utcnow() + timedelta(minutes=5)).alerts) == []

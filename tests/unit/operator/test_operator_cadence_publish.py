@@ -1,6 +1,6 @@
 """The monitor's publication of spec.heartbeat as the component's cadence: written only when the
-record says otherwise, kept (with its publication time) when it already matches, and an etcd
-failure costs a warning and a metric, never the pass."""
+record (as the pass read it) says otherwise, kept (with its publication time) when it already
+matches, and a failed write costs a warning and a metric, never the pass."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from defender_config import Cadence, StoreUnavailableError
 from defender_operator import _api
 from defender_operator._decisions import conditions as c
 from defender_operator._metrics import ERRORS
-from defender_operator._monitor import Pass, cadence_step
+from defender_operator._monitor import Observed, Pass, cadence_step
 from defender_operator._outcome import remember
 from defender_operator._runtime import ComponentMemory
 
@@ -37,12 +37,9 @@ class Backend:
         self.fail = fail
         self.writes: list[Cadence] = []
 
-    def cadence(self, component: str) -> Cadence | None:
+    def publish_cadence(self, component: str, cadence: Cadence) -> None:
         if self.fail:
             raise StoreUnavailableError(["127.0.0.1:2379"], "etcd unreachable")
-        return self.stored
-
-    def publish_cadence(self, component: str, cadence: Cadence) -> None:
         self.writes.append(cadence)
         self.stored = cadence
 
@@ -50,7 +47,8 @@ class Backend:
 def publish(backend: Backend, mem: ComponentMemory) -> None:
     rt: Any = SimpleNamespace(backend=backend, identity="op-0")
     p = Pass(rt, {}, "default", "sniffer", 1, SPEC, {}, LOG, datetime.now(UTC))
-    remember(mem, asyncio.run(cadence_step(p, [], mem)))
+    seen = Observed(etcd_ok=True, cadence=backend.stored)
+    remember(mem, asyncio.run(cadence_step(p, seen, mem)))
 
 
 def test_absent_or_different_record_is_written() -> None:

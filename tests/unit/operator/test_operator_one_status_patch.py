@@ -98,7 +98,15 @@ def test_a_first_clean_scrub_goes_out_with_the_pass_and_corruption_at_once(
     def later_step_fails(name: str, **_: Any) -> Any:
         raise ValueError("breaker step cannot read the state")
 
-    h.backend.state = later_step_fails  # type: ignore[method-assign]
+    real_observe = h.backend.observe
+
+    def observe_then_break(component: str, since: Any) -> Any:
+        # The pass's first read works; the state read after the scrub's restore fails.
+        seen = real_observe(component, since)
+        h.backend.state = later_step_fails  # type: ignore[method-assign]
+        return seen
+
+    h.backend.observe = observe_then_break  # type: ignore[method-assign]
     with contextlib.suppress(ValueError):
         asyncio.run(h.monitor(spec()))
     assert h.condition(cond.CORRUPT)["status"] == cond.TRUE
