@@ -101,6 +101,7 @@ class Observation:
 
     state: ComponentState
     cadence: Cadence | None
+    rollout: RolloutRecord | None
     alerts: Sequence[AlertRecord]
 
 
@@ -248,8 +249,8 @@ class Backend(Protocol):
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]: ...
 
     def observe(self, component: str, alerts_since: datetime) -> Observation:
-        """`state` (MASTER tolerated), `cadence` and `alerts` as one read: a monitor pass's
-        view of etcd (the library backend makes it one transaction)."""
+        """`state` (MASTER tolerated), `cadence`, `rollout` and `alerts` as one read: a monitor
+        pass's view of etcd (the library backend makes it one transaction)."""
         ...
 
     def alert(self, kind: str, component: str, detail: str) -> None:

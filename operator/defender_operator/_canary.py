@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from defender_config import DefenderConfigError, RolloutRecord, config_digest
+from defender_config import RolloutRecord, config_digest
 from defender_config.contract import ABORT_ANNOTATION, PROMOTE_ANNOTATION
 from defender_operator import _api
 from defender_operator._backend import InstanceRecord
@@ -177,18 +177,15 @@ async def watch(
     status: Mapping[str, Any],
     mem: ComponentMemory,
     *,
+    record: RolloutRecord | None,
     active_version: int | None,
     instances: Sequence[InstanceRecord],
     live: Sequence[InstanceRecord],
     now: datetime,
     logger: Logger,
 ) -> Outcome:
-    """The monitor's look at a rollout in progress: wait, promote, abort or end it."""
-    try:
-        record = await asyncio.to_thread(rt.backend.rollout, name)
-    except DefenderConfigError as exc:
-        logger.warning("cannot read the rollout record: %s", exc)
-        return Outcome()
+    """The monitor's look at a rollout in progress (`record`, as the pass read it): wait,
+    promote, abort or end it."""
     if record is None:
         mem.canary_healthy = None
         return Outcome()

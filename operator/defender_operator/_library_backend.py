@@ -43,6 +43,7 @@ from defender_config import (
     read_key_record,
     restore_active,
     scrub_component,
+    view_component,
     write_cadence,
     write_key_record,
 )
@@ -142,15 +143,16 @@ class LibraryBackend:
 
     def observe(self, component: str, alerts_since: datetime) -> Observation:
         try:
-            snap = self.configs.snapshot(component, alerts_since=alerts_since)
+            seen = view_component(self.configs, component, alerts_since=alerts_since)
         except RecordAuthError:
             if not self._repair(component):
                 raise
-            snap = self.configs.snapshot(component, alerts_since=alerts_since)
+            seen = view_component(self.configs, component, alerts_since=alerts_since)
         return Observation(
-            state=_state(snap.overview),
-            cadence=snap.cadence,
-            alerts=[_alert_record(a) for a in snap.alerts],
+            state=_state(seen.overview),
+            cadence=seen.cadence,
+            rollout=seen.rollout,
+            alerts=[_alert_record(a) for a in seen.alerts],
         )
 
     def _repair(self, component: str) -> bool:

@@ -459,6 +459,7 @@ class MemoryBackend:
         return Observation(
             state=self.state(component, tolerate_master=True),
             cadence=self.cadence(component),
+            rollout=self.rollout(component),
             alerts=self.alerts(component, alerts_since),
         )
 

@@ -14,7 +14,13 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from defender_config import Cadence, ChangeKind, DefenderConfigError, StoreError
+from defender_config import (
+    Cadence,
+    ChangeKind,
+    DefenderConfigError,
+    RolloutRecord,
+    StoreError,
+)
 from defender_operator import _api, _canary
 from defender_operator._backend import AlertRecord, ComponentState, InstanceRecord
 from defender_operator._decisions import conditions as cond
@@ -172,6 +178,7 @@ class Observed:
     etcd_ok: bool = False
     state: ComponentState | None = None
     cadence: Cadence | None = None
+    rollout: RolloutRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,7 @@ async def _steps(
             p.spec,
             p.status,
             mem,
+            record=seen.rollout,
             active_version=state.active_version,
             instances=seen.instances,
             live=judged.live,
@@ -298,13 +306,17 @@ async def observe(p: Pass) -> Observed:
         p.logger.warning("component records do not verify: %s", exc)
         alerts_read = await asyncio.to_thread(rt.backend.alerts, p.name, since)
         cadence = await asyncio.to_thread(rt.backend.cadence, p.name)
-        return Observed(instances, _alert_reports(alerts_read), etcd_ok=True, cadence=cadence)
+        rollout = await asyncio.to_thread(rt.backend.rollout, p.name)
+        return Observed(
+            instances, _alert_reports(alerts_read), True, cadence=cadence, rollout=rollout
+        )
     return Observed(
         instances,
         _alert_reports(seen.alerts),
         etcd_ok=True,
         state=seen.state,
         cadence=seen.cadence,
+        rollout=seen.rollout,
     )
 
 

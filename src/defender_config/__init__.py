@@ -20,10 +20,10 @@ from ._alerts import (
 from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
+from ._component_view import ComponentView, view_component
 from ._configs import (
     ActiveConfig,
     ComponentOverview,
-    ComponentSnapshot,
     ConfigMetadata,
     ConfigStore,
     FreezeInfo,
@@ -143,10 +143,10 @@ __all__ = [
     "CodecError",
     "CodecMismatchError",
     "ComponentOverview",
-    "ComponentSnapshot",
     "ComponentStatus",
     "ComponentSummary",
     "ComponentType",
+    "ComponentView",
     "Compressor",
     "ConfigFrozenError",
     "ConfigMetadata",
@@ -256,6 +256,7 @@ __all__ = [
     "validate_config",
     "verify_record",
     "verify_snapshot",
+    "view_component",
     "write_cadence",
     "write_key_record",
     "write_keyring_backup",

@@ -18,8 +18,6 @@ from typing import Any, Final, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ._alerts import Alert, decode_alerts
-from ._cadence import Cadence, decode_cadence
 from ._client import DefenderClient
 from ._envelope import is_envelope
 from ._errors import (
@@ -149,15 +147,6 @@ class ComponentOverview:
     master_error: EnvelopeError | None = None
     """Why MASTER did not open, when `overview(..., tolerate_master=True)` read it (then
     `master` is None although MASTER exists)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ComponentSnapshot:
-    """What `ConfigStore.snapshot` read in one transaction."""
-
-    overview: ComponentOverview
-    cadence: Cadence | None
-    alerts: tuple[Alert, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,37 +532,19 @@ class ConfigStore:
         that fails authentication is alerted and shown as no freeze. With `tolerate_master`, a
         MASTER that does not open (tampered, under a key not held: alerted all the same) is
         reported in `master_error` instead of raised, so what does not need MASTER goes on."""
-        gets = self.client.store.txn([], self._overview_ops(component)).gets
-        return self._overview_from(component, gets, tolerate_master)
+        gets = self.client.store.txn([], self.overview_reads(component)).gets
+        return self.overview_of(component, gets, tolerate_master)
 
-    def snapshot(self, component: str, *, alerts_since: datetime) -> ComponentSnapshot:
-        """`overview` (MASTER tolerated), the published heartbeat cadence and the alerts raised
-        since `alerts_since`, all read in ONE etcd transaction: what a monitor pass over the
-        component needs from etcd, for one round trip instead of three. Unreadable alerts are
-        skipped (logged), an unreadable cadence is None (as `read_cadence`)."""
-        cadence_key = self.layout.cadence(component)
-        ops = [
-            *self._overview_ops(component),
-            GetOp(cadence_key),
-            GetOp(self.layout.component_alerts_dir(component), prefix=True),
-        ]
-        gets = self.client.store.txn([], ops).gets
-        overview = self._overview_from(component, gets[:3], True)
-        cadence_sv = gets[3][0] if gets[3] else None
-        return ComponentSnapshot(
-            overview=overview,
-            cadence=decode_cadence(self.client, cadence_key, cadence_sv),
-            alerts=decode_alerts(self.client, gets[4], alerts_since),
-        )
-
-    def _overview_ops(self, component: str) -> list[GetOp]:
+    def overview_reads(self, component: str) -> list[GetOp]:
+        """The reads `overview` makes, for a caller that adds them to a transaction of its
+        own; `overview_of` decodes their results."""
         return [
             GetOp(self.layout.metadata(component)),
             GetOp(self.layout.master_config(component)),
             GetOp(self.layout.freeze(component)),
         ]
 
-    def _overview_from(
+    def overview_of(
         self,
         component: str,
         gets: tuple[tuple[StoredValue, ...], ...],

@@ -222,6 +222,9 @@ class Heartbeater:
         self._thread: threading.Thread | None = None
         # The record's content (without `time`) as last put; None: nothing written yet.
         self._written: dict[str, Any] | None = None
+        # The record object `_written` was last compared with and found equal (records are
+        # immutable and replaced on every change, so the same object needs no new compare).
+        self._same_as_written: Heartbeat | None = None
         # A cadence pushed by the feed, applied by the beat thread: (cadence,) or None.
         self._pushed: tuple[Cadence | None] | None = None
         self._feed_token: int | None = None
@@ -400,10 +403,21 @@ class Heartbeater:
         with contextlib.suppress(NotFoundError):
             self._write(held, lease)
 
+    def _changed(self, record: Heartbeat) -> bool:
+        """Whether `record` says something the last put did not (its time aside). A steady
+        beat compares nothing: the record is the very object last found equal."""
+        if record is self._same_as_written:
+            return False
+        if self._written != _content(record):
+            return True
+        self._same_as_written = record
+        return False
+
     def _write(self, record: Heartbeat, lease: Lease) -> None:
         body = self.client.encode_json(record.model_dump(mode="json"))
         self.client.store.put(self.key, body, lease=lease)
         self._written = _content(record)
+        self._same_as_written = record
         self.writes += 1
 
     def _beat(self, *, initial: bool = False) -> None:
@@ -440,7 +454,7 @@ class Heartbeater:
                 log.warning("heartbeat %s: old lease not revoked (it expires): %s", self.key, exc)
             self.beats += 1
             return
-        must_write = initial or self._written != _content(record)
+        must_write = initial or self._changed(record)
         if lease is not None and not initial and store.refresh_lease(lease) <= 0:
             log.warning("heartbeat %s: lease expired, granting a new one", self.key)
             self.regrants += 1

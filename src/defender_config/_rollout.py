@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._models import canonical_json, config_digest
 from ._store import WatchHandle
-from ._store_types import Compare, DeleteOp, PutOp, WatchEvent
+from ._store_types import Compare, DeleteOp, PutOp, StoredValue, WatchEvent
 from .contract import ChangeKind
 
 __all__ = ["CanaryWatch", "RolloutRecord", "Rollouts"]
@@ -173,14 +173,18 @@ class Rollouts:
         """The rollout record if present and authentic. One that fails its MAC (or has no
         keyring to check it with) is reported and ignored: never obeyed."""
         path = self.layout.rollout(component)
-        stored = self.client.store.get(path)
+        return self.decode(component, self.client.store.get(path))
+
+    def decode(self, component: str, stored: StoredValue | None) -> RolloutRecord | None:
+        """`record` from what a caller read at `layout.rollout(component)` itself (in a
+        transaction with other reads, say)."""
         if stored is None:
             return None
         if not self.client.verifies_records:
             log.warning("rollout record of %s ignored: no keyring to authenticate it", component)
             return None
         try:
-            data = self.client.decode_record(path, stored.value, component=component)
+            data = self.client.decode_record(stored.key, stored.value, component=component)
             return RolloutRecord.model_validate(data)
         except RecordAuthError as exc:
             log.warning("rollout record of %s ignored: %s", component, exc)

@@ -27,10 +27,12 @@ from defender_config import (
     LibrarySettings,
     NotFoundError,
     RecordAuthError,
+    Rollouts,
     StoreError,
     UnknownKeyError,
     inspect,
     read_cadence,
+    view_component,
     write_cadence,
 )
 from defender_devcluster import wait_for
@@ -371,7 +373,7 @@ def test_overview_tolerating_master_reports_a_tampered_master_and_reads_the_rest
     assert len(stored_alerts(client, "sniffer")) > before
 
 
-def test_snapshot_is_overview_cadence_and_alerts_in_one_transaction(
+def test_a_component_view_is_overview_cadence_rollout_and_alerts_in_one_transaction(
     configs: ConfigStore, client: DefenderClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_cadence(client, "sniffer", Cadence(interval_seconds=5, allowed_misses=2, by="op"))
@@ -387,15 +389,16 @@ def test_snapshot_is_overview_cadence_and_alerts_in_one_transaction(
         return real_txn(*a, **k)
 
     def refused(*a: Any, **k: Any) -> Any:
-        raise AssertionError("snapshot must not read outside its transaction")
+        raise AssertionError("view_component must not read outside its transaction")
 
     monkeypatch.setattr(store, "txn", counted_txn)
     monkeypatch.setattr(store, "get", refused)
     monkeypatch.setattr(store, "list_prefix", refused)
-    snap = configs.snapshot("sniffer", alerts_since=since)
+    snap = view_component(configs, "sniffer", alerts_since=since)
     assert calls == ["txn"]
     monkeypatch.undo()
     assert snap.overview == configs.overview("sniffer", tolerate_master=True)
+    assert snap.rollout is None
     assert snap.cadence is not None and snap.cadence.interval_seconds == 5
     assert snap.cadence == read_cadence(client, "sniffer")
     # The freeze raised one too.
@@ -404,10 +407,14 @@ def test_snapshot_is_overview_cadence_and_alerts_in_one_transaction(
         ("Misconfigured", "two report UnknownKey"),
     ]
     later = datetime.now(UTC) + timedelta(minutes=1)
-    assert configs.snapshot("sniffer", alerts_since=later).alerts == ()
+    assert view_component(configs, "sniffer", alerts_since=later).alerts == ()
+    configs.unfreeze("sniffer")
+    started = Rollouts(configs).start("sniffer", snaplen(100), ["s-0"], "ops")
+    seen = view_component(configs, "sniffer", alerts_since=later).rollout
+    assert seen == started == Rollouts(configs).record("sniffer")
 
 
-def test_snapshot_under_attack_skips_what_does_not_verify_and_refuses_forged_metadata(
+def test_a_component_view_under_attack_skips_what_does_not_verify_and_refuses_forged_metadata(
     configs: ConfigStore, client: DefenderClient
 ) -> None:
     since = datetime.now(UTC) - timedelta(seconds=5)
@@ -418,21 +425,23 @@ def test_snapshot_under_attack_skips_what_does_not_verify_and_refuses_forged_met
     client.store.put(
         client.layout.cadence("sniffer"), b'{"interval_seconds": 3600, "allowed_misses": 100}'
     )
-    snap = configs.snapshot("sniffer", alerts_since=since)
+    client.store.put(client.layout.rollout("sniffer"), b'{"version": 9, "canaries": ["x"]}')
+    snap = view_component(configs, "sniffer", alerts_since=since)
     assert [a.detail for a in snap.alerts] == ["real one"]
     assert snap.cadence is None
+    assert snap.rollout is None  # unsigned: never obeyed
     # A tampered MASTER is reported, not raised (what a monitor pass needs goes on).
     path = client.layout.master_config("sniffer")
     stored = client.store.get(path)
     assert stored is not None
     client.store.put(path, stored.value[:-3] + bytes([stored.value[-3] ^ 1]) + stored.value[-2:])
-    snap = configs.snapshot("sniffer", alerts_since=since)
+    snap = view_component(configs, "sniffer", alerts_since=since)
     assert snap.overview.master is None and snap.overview.master_error is not None
     assert snap.overview.metadata is not None and snap.overview.metadata.version == 1
     # A hand-edited metadata record is refused as by overview.
     client.store.put(client.layout.metadata("sniffer"), b'{"version": 7}')
     with pytest.raises(RecordAuthError, match="carries no MAC"):
-        configs.snapshot("sniffer", alerts_since=since)
+        view_component(configs, "sniffer", alerts_since=since)
 
 
 def test_overview_refuses_a_hand_edited_metadata_record(

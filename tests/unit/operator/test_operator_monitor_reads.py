@@ -1,5 +1,5 @@
 """What a monitor pass reads from etcd (issue 17: the steady-state cost of 1,000 components is
-their passes' reads): ACTIVE/MASTER/freeze, the published cadence and the alerts as one read,
+their passes' reads): ACTIVE/MASTER/freeze, the cadence, the rollout and the alerts as one read,
 nothing read twice; and when that read fails, a pass judges what it still can."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from operator_core_support import Harness, spec
 from defender_config import RecordAuthError, StoreUnavailableError
 from defender_operator._decisions import conditions as cond
 
-READS = ("observe", "state", "cadence", "alerts", "instances", "last_seen")
+READS = ("observe", "state", "cadence", "rollout", "alerts", "instances", "last_seen")
 
 
 def settled() -> Harness:
@@ -36,6 +36,7 @@ def test_a_pass_reads_the_component_once() -> None:
         "observe",
         "state",
         "cadence",
+        "rollout",
         "alerts",
     ]
 
