@@ -194,6 +194,8 @@ class LibraryBackend:
         if digest is None:
             return False
         self._declared[component] = (component_type, json_schema, digest)
+        if not self.configs.holds_any(component):
+            return False  # a new component: its seed writes a signed record with the schema
         resigned = self.configs.repair_metadata(
             component,
             component_type=component_type,
