@@ -34,7 +34,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
-from bench_support import REPO, process_rss_bytes, summary, write_result
+from bench_support import REPO, process_cpu_seconds, process_rss_bytes, summary, write_result
 from defender_config import Heartbeater, Registry
 from defender_devcluster import LocalCluster, popen_dying_with_parent
 from defender_devcluster._system import apply_crds
@@ -289,6 +289,44 @@ def with_baseline(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+CpuProbe = Callable[[], dict[str, float]]
+
+
+def cpu_probe(cluster: LocalCluster, pids: dict[str, list[int]]) -> CpuProbe:
+    """CPU seconds used so far by each role of the run: the two operators, the defender etcd
+    (3 members), the API server, its etcd, the controller-manager + scheduler, and this
+    process (creates, watches, heartbeaters at 100) with its heartbeat children."""
+    cp = cluster.control_plane
+    roles: dict[str, list[int]] = {
+        **pids,
+        "defender_etcd": [p for p in cluster.etcd.member_pids if p],
+        "kube_apiserver": [cp.apiserver.pid] if cp.apiserver and cp.apiserver.pid else [],
+        "kube_etcd": [p.pid for p in cp.etcd._procs if p.pid],
+        "controllers": [p.pid for p in (cp.controller_manager, cp.scheduler) if p and p.pid],
+    }
+
+    def used(pid: int) -> float:
+        try:
+            return process_cpu_seconds(pid)
+        except OSError:  # gone: it used nothing more
+            return 0.0
+
+    def probe() -> dict[str, float]:
+        out = {role: sum(used(pid) for pid in found) for role, found in roles.items()}
+        t = os.times()
+        out["bench"] = t.user + t.system + sum(used(c.pid) for c in CHILDREN)
+        return out
+
+    return probe
+
+
+def cpu_per_component(
+    before: dict[str, float], after: dict[str, float], n: int
+) -> dict[str, float]:
+    """Milliseconds of CPU per component, by role, between two probes."""
+    return {role: round(1000 * (after[role] - before[role]) / n, 2) for role in after}
+
+
 def bare_pod(name: str, labels: dict[str, str]) -> k8s.V1Pod:
     return k8s.V1Pod(
         metadata=k8s.V1ObjectMeta(name=name, labels=labels),
@@ -306,6 +344,7 @@ def batch(
     bare_pods: bool = False,
     processes: int = 0,
     baseline: Callable[[], dict[str, Any]] | None = None,
+    cpu: CpuProbe | None = None,
 ) -> dict[str, Any]:
     """n components, each with one instance heartbeating before its DefenderComponent exists.
     `baseline` runs once the instances beat, right before the creates: the baseline operator's
@@ -367,10 +406,13 @@ def batch(
             hb.start()
             hb.set_status("RUNNING")
             run.heartbeaters.append(hb)
+    cpu0 = cpu() if cpu is not None else {}
     base = baseline() if baseline is not None else None
+    cpu1 = cpu() if cpu is not None else {}
     created, create_seconds = create_and_wait(
         run.custom, run.namespace, watcher, names, heartbeat_seconds
     )
+    cpu2 = cpu() if cpu is not None else {}
     time.sleep(2 * heartbeat_seconds)  # monitor passes over all of them before reading memory
     (proc,) = run.procs
     wall = time.time() - time.perf_counter()
@@ -398,6 +440,14 @@ def batch(
         **writes,
         "latencies": latencies,
     }
+    if cpu is not None:
+        # From the first create until the last Ready (the baseline's: until its last status
+        # seen), per component; the other operator idles meanwhile (ours keeps monitoring the
+        # components of earlier batches).
+        row["cpu_ms_per_component"] = cpu_per_component(cpu1, cpu2, n)
+        if base is not None:
+            base["cpu_ms_per_component"] = cpu_per_component(cpu0, cpu1, n)
+        print(f"{n} components: CPU ms per component {row['cpu_ms_per_component']}", flush=True)
     if base is not None:
         with_baseline(row, base)
     print(
@@ -599,6 +649,9 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
             watcher = ReadyWatch(api, ns)
             base_watcher = ReadyWatch(api, base_ns)
             base_proc = start_baseline(base_ns, Path(tmp) / "baseline-operator.log")
+            cpu = cpu_probe(
+                cluster, {"operator": [op.procs[0].pid], "baseline_operator": [base_proc.pid]}
+            )
             try:
                 # The baseline operator is up once it has marked one object Ready.
                 op.custom.create_namespaced_custom_object(
@@ -630,6 +683,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                             baseline=functools.partial(
                                 baseline_batch, op.custom, base_ns, base_watcher, n, f"b{n}"
                             ),
+                            cpu=cpu,
                         )
                     )
                 steady = float(os.environ.get("BENCH_OPERATOR_STEADY_SECONDS", 0) or 0)
@@ -664,6 +718,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                                 f"k{n}",
                                 heartbeat_seconds=10.0,
                             ),
+                            cpu=cpu,
                         )
                     )
             finally:
