@@ -356,6 +356,27 @@ def section_operator(d: dict[str, Any], title: str = "", plot: str = "operator")
                 f"{bs['p50']:.2f} | {bs['p99']:.2f} | {_writes(b)} | {s['p50']:.2f} | "
                 f"{s['p99']:.2f} | {ratio['p50']:.1f} | {ratio['p99']:.1f} | {target} |"
             )
+    cpu_rows = [r for r in d["runs"] if r.get("cpu_ms_per_component")]
+    if cpu_rows:
+        roles = list(cpu_rows[0]["cpu_ms_per_component"])
+        out += [
+            "",
+            "CPU per component, in ms, by process, from the first create until the last Ready "
+            "(for the baseline: until its last status seen). The other operator idles "
+            "meanwhile (ours keeps monitoring the earlier batches' components); `bench` is the "
+            "benchmark process (creates, watches, instances at 100) and its heartbeat children.",
+            "",
+            "| components | batch | " + " | ".join(roles) + " | total |",
+            "|---|---|" + "---|" * (len(roles) + 1),
+        ]
+        for row in cpu_rows:
+            pairs = [("ours", row["cpu_ms_per_component"])]
+            b = row.get("baseline_operator") or {}
+            if b.get("cpu_ms_per_component"):
+                pairs.insert(0, ("baseline", b["cpu_ms_per_component"]))
+            for label, cpu in pairs:
+                cells = " | ".join(f"{cpu.get(role, 0.0):.1f}" for role in roles)
+                out.append(f"| {row['components']} | {label} | {cells} | {sum(cpu.values()):.1f} |")
     kinds = [r for r in d["runs"] if r.get("by_kind_per_component")]
     if kinds:
         out += [
