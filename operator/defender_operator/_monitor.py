@@ -294,7 +294,7 @@ async def observe(p: Pass) -> Observed:
         return Observed()
     since = p.now - timedelta(seconds=rt.settings.misconfig_window_seconds)
     try:
-        # ACTIVE/MASTER/freeze, the published cadence and the alerts: one transaction.
+        # ACTIVE/MASTER/freeze, the cadence, the rollout and the alerts: one transaction.
         seen = await asyncio.to_thread(rt.backend.observe, p.name, since)
     except StoreError as exc:
         ERRORS.labels("monitor_read").inc()
@@ -304,9 +304,14 @@ async def observe(p: Pass) -> Observed:
         # A record that does not verify stops what needs it (the breaker, divergence: their
         # own read raises it again), not the heartbeat judgement: read the rest on its own.
         p.logger.warning("component records do not verify: %s", exc)
-        alerts_read = await asyncio.to_thread(rt.backend.alerts, p.name, since)
-        cadence = await asyncio.to_thread(rt.backend.cadence, p.name)
-        rollout = await asyncio.to_thread(rt.backend.rollout, p.name)
+        try:
+            alerts_read = await asyncio.to_thread(rt.backend.alerts, p.name, since)
+            cadence = await asyncio.to_thread(rt.backend.cadence, p.name)
+            rollout = await asyncio.to_thread(rt.backend.rollout, p.name)
+        except DefenderConfigError as again:
+            ERRORS.labels("monitor_read").inc()
+            p.logger.warning("cannot read the component: %s", again)
+            return Observed()
         return Observed(
             instances, _alert_reports(alerts_read), True, cadence=cadence, rollout=rollout
         )

@@ -70,3 +70,16 @@ def test_etcd_gone_at_the_read_judges_nothing_this_pass(caplog: pytest.LogCaptur
     assert "cadence" not in h.backend.calls and "state" not in h.backend.calls
     # Heartbeats are not judged from a read that failed: nothing turned False.
     assert h.condition(cond.HEARTBEATING)["status"] != cond.FALSE
+
+
+def test_a_failed_read_after_a_record_that_does_not_verify_judges_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = settled()
+    forged = RecordAuthError("/defender/components/sniffer/metadata", "carries no MAC")
+    h.backend.fail("observe", forged)
+    h.backend.fail("cadence", StoreUnavailableError(["127.0.0.1:2379"], "gone"))
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(h.monitor(spec()))
+    assert "cannot read the component" in caplog.text
+    assert h.kube.deleted == [] and "publish_cadence" not in h.backend.calls
