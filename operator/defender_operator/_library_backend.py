@@ -58,6 +58,7 @@ from defender_operator._backend import (
     Observation,
 )
 from defender_operator._decisions.ownership import Claim
+from defender_operator._decisions.restarts import MAX_HONOURED_LEASE_TTL_SECONDS
 from defender_operator._errors import OwnerRecordError
 from defender_operator._etcd_health import etcd_health, record_metrics
 from defender_operator._keys import MutableKeyringSource
@@ -364,9 +365,11 @@ class LibraryBackend:
     def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
         out = []
         for rec in instances:
-            seen = self.registry.lease_last_seen(
-                rec.lease_id, rec.lease_ttl_seconds, rec.time, reuse=True
-            )
+            # A reused sighting is safe while the restart decision waits at least the
+            # advertised TTL after the last beat: up to MAX_HONOURED_LEASE_TTL_SECONDS.
+            ttl = rec.lease_ttl_seconds
+            reuse = ttl is not None and ttl <= MAX_HONOURED_LEASE_TTL_SECONDS
+            seen = self.registry.lease_last_seen(rec.lease_id, ttl, rec.time, reuse=reuse)
             out.append(rec if seen == rec.time else dataclasses.replace(rec, time=seen))
         return out
 

@@ -639,10 +639,11 @@ class Registry:
         time. One LeaseTimeToLive request.
 
         With `reuse`, an earlier answer for the same lease is returned instead while the lease
-        is certainly alive (the seconds it had left have not run out): no request. The time is
-        then older than the newest beat, never newer, and last seen + TTL is still never
-        before now, so a live instance is not judged stale; once those seconds ran out the
-        lease is asked again. For callers that judge many instances often (the operator)."""
+        is certainly alive (the seconds it had left, at most `granted`, have not run out): no
+        request. The time is then older than the newest beat, never newer, and last seen +
+        `granted` is still never before now, so a caller that waits at least `granted` after
+        the last beat judges no live instance stale; once those seconds ran out the lease is
+        asked again. For callers that judge many instances often (the operator)."""
         if not lease_id or not granted:
             return written
         if reuse:
@@ -658,7 +659,10 @@ class Registry:
             return written
         seen = max(written, _now() - timedelta(seconds=max(0, granted - left)))
         if reuse:
-            self._remember(lease_id, asked + left, seen)
+            # Not past `granted` either: a lease etcd keeps longer than it was asked for (its
+            # minimum TTL, a leader change) would otherwise hold an old sighting past the
+            # deadline a caller computes from `granted`.
+            self._remember(lease_id, asked + min(left, granted), seen)
         return seen
 
     def _remember(self, lease_id: int, alive_until: float, seen: datetime) -> None:

@@ -147,6 +147,14 @@ def test_reused_sightings_ask_the_lease_once_while_it_is_certainly_alive(
             listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
         )
         assert len(asked) == 4 and renewed > first
+        # A lease etcd keeps longer than the TTL the caller goes by (10 s kept, 2 s told):
+        # the sighting holds for 2 s at most, not for the 9-10 s the lease has left.
+        sightings.pop(listed.lease_id)
+        registry.lease_last_seen(listed.lease_id, 2, listed.time, reuse=True)
+        asked_before = len(asked)
+        time.sleep(2.2)
+        registry.lease_last_seen(listed.lease_id, 2, listed.time, reuse=True)
+        assert len(asked) == asked_before + 1
     finally:
         hb.stop()  # revokes the lease
     # A gone lease is forgotten: the record's time, asked (not a remembered sighting).
