@@ -7,6 +7,7 @@ All judgement is in `_decisions`; this module only gathers inputs and applies ou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -217,7 +218,7 @@ async def _steps(
     track(mem, seen.instances, pods)
     if seen.etcd_ok:
         take(mem, found, await cadence_step(p, seen, mem))
-    judged, heard = await heartbeat_step(p, mem, pods, seen.instances)
+    judged, heard = await heartbeat_step(p, mem, pods, seen.instances, read_ok=seen.etcd_ok)
     take(mem, found, heard)
     if seen.etcd_ok:
         restored = await scrub_step(
@@ -346,9 +347,17 @@ def track(mem: ComponentMemory, instances: Sequence[InstanceRecord], pods: Seque
 
 
 async def heartbeat_step(
-    p: Pass, mem: ComponentMemory, pods: Sequence[Pod], instances: Sequence[InstanceRecord]
+    p: Pass,
+    mem: ComponentMemory,
+    pods: Sequence[Pod],
+    instances: Sequence[InstanceRecord],
+    *,
+    read_ok: bool = True,
 ) -> tuple[Judged, Outcome]:
-    """Decide whether a pod missed its heartbeats and restart it (within the budget)."""
+    """Decide whether a pod missed its heartbeats and restart it (within the budget). When
+    this pass could not read etcd (`read_ok` False), etcd counts as unreachable whatever the
+    last health check said: a heartbeat missing from a read that failed says nothing about
+    the pod, and the newest heartbeats known may be a lease's TTL old (reused sightings)."""
     hb, rb = p.spec.heartbeat, p.spec.restart_budget
     policy = HeartbeatPolicy(
         hb.interval_seconds, hb.missed_before_restart, hb.startup_grace_seconds
@@ -360,12 +369,15 @@ async def heartbeat_step(
         rb.backoff_base_seconds,
         rb.backoff_max_seconds,
     )
+    etcd = p.rt.etcd.view()
+    if not read_ok and etcd.reachable and etcd.quorum:
+        etcd = dataclasses.replace(etcd, reachable=False, healthy_since=None)
     decision = decide_restart(
         now=p.now,
         pods=pod_views(pods),
         last_seen=mem.last_seen,
         watch_started=mem.watch_started,
-        etcd=p.rt.etcd.view(),
+        etcd=etcd,
         policy=policy,
         budget=budget,
         restart_times=mem.restart_times,

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 import pytest
 from operator_core_support import Harness, spec
 
 from defender_config import RecordAuthError, StoreUnavailableError
 from defender_operator._decisions import conditions as cond
+from defender_operator._runtime import utcnow
 
 READS = ("observe", "state", "cadence", "rollout", "alerts", "instances", "last_seen")
 
@@ -83,3 +85,21 @@ def test_a_failed_read_after_a_record_that_does_not_verify_judges_nothing(
         asyncio.run(h.monitor(spec()))
     assert "cannot read the component" in caplog.text
     assert h.kube.deleted == [] and "publish_cadence" not in h.backend.calls
+
+
+def test_a_pass_that_cannot_read_restarts_nothing_before_the_health_check_notices() -> None:
+    # etcd lost quorum a moment ago: the last health check still said healthy, and the newest
+    # heartbeat known is old (a reused lease sighting can be a TTL old). Restarting now would
+    # turn one outage into two (the quorum-loss e2e test saw exactly that).
+    h = settled()
+    long_ago = utcnow() - timedelta(hours=1)
+    h.mem.watch_started = long_ago
+    h.mem.last_seen["sniffer-a"] = long_ago
+    h.backend.fail("last_seen", StoreUnavailableError(["127.0.0.1:2379"], "no quorum"))
+    asyncio.run(h.monitor(spec()))
+    assert h.kube.deleted == []
+    assert h.condition(cond.HEARTBEATING)["reason"] == "EtcdUnavailable"
+    # Once a read works again, a pod that really stopped beating is restarted.
+    h.backend.live.clear()
+    asyncio.run(h.monitor(spec()))
+    assert h.kube.deleted == ["sniffer-a"]
