@@ -53,10 +53,9 @@ from defender_operator._kube import Pod
 from defender_operator._metrics import (
     BREAKER_TRIPS,
     ERRORS,
-    HEARTBEAT_AGE,
     HEARTBEAT_DIRECT_READS,
-    INSTANCES_ALIVE,
     RESTARTS,
+    record_heartbeats,
 )
 from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
 from defender_operator._pods import PodIndex, select_pods
@@ -503,8 +502,9 @@ def pass_fields(
             newest,
             rt.settings.status_heartbeat_refresh_seconds,
         )
-        HEARTBEAT_AGE.labels(p.name).set((p.now - newest).total_seconds())
-    INSTANCES_ALIVE.labels(p.name).set(alive)
+    record_heartbeats(
+        p.name, (p.now - newest).total_seconds() if newest is not None else None, alive
+    )
     return fields
 
 

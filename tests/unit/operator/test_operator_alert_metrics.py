@@ -96,3 +96,48 @@ def test_the_status_a_monitor_pass_publishes_is_what_the_gauges_say() -> None:
     asyncio.run(h.reconcile(spec(ETH2), {UNFREEZE_ANNOTATION: "now"}))
     assert sample("defender_operator_component_frozen", component=NAME) == 0
     forget_component(NAME)
+
+
+def test_heartbeat_gauges_keep_the_last_age_and_go_with_the_component() -> None:
+    from defender_operator._metrics import record_heartbeats
+
+    record_heartbeats("t-hb", 3.5, 2)
+    assert sample("defender_operator_heartbeat_age_seconds", component="t-hb") == 3.5
+    assert sample("defender_operator_instances_alive", component="t-hb") == 2
+    # A pass that saw no heartbeat keeps the last age (how long it has been) and counts 0 alive.
+    record_heartbeats("t-hb", None, 0)
+    assert sample("defender_operator_heartbeat_age_seconds", component="t-hb") == 3.5
+    assert sample("defender_operator_instances_alive", component="t-hb") == 0
+    record_heartbeats("t-hb-never", None, 1)  # never beat: no age series at all
+    assert sample("defender_operator_heartbeat_age_seconds", component="t-hb-never") is None
+    forget_component("t-hb")
+    forget_component("t-hb-never")
+    assert sample("defender_operator_heartbeat_age_seconds", component="t-hb") is None
+    assert sample("defender_operator_instances_alive", component="t-hb") is None
+    assert sample("defender_operator_instances_alive", component="t-hb-never") is None
+
+
+def test_the_scrape_text_carries_every_per_component_series_with_help_and_type() -> None:
+    from prometheus_client import generate_latest
+
+    from defender_operator._metrics import record_heartbeats
+
+    record_conditions("t-scrape", [{"type": cond.READY, "status": None, "reason": "odd"}])
+    record_heartbeats("t-scrape", 1.25, 1)
+    text = generate_latest(REGISTRY).decode()
+    for name in (
+        "defender_operator_component_condition",
+        "defender_operator_heartbeat_age_seconds",
+        "defender_operator_instances_alive",
+    ):
+        assert f"# TYPE {name} gauge" in text
+        assert f"# HELP {name} " in text
+    # A condition without a status is exported, all three statuses 0 (as before: no status matches).
+    for s in ("True", "False", "Unknown"):
+        assert (
+            f'defender_operator_component_condition{{component="t-scrape",condition="Ready",'
+            f'status="{s}"}} 0.0' in text
+        )
+    assert 'defender_operator_heartbeat_age_seconds{component="t-scrape"} 1.25' in text
+    forget_component("t-scrape")
+    assert 'component="t-scrape"' not in generate_latest(REGISTRY).decode()
