@@ -7,6 +7,7 @@ All judgement is in `_decisions`; this module only gathers inputs and applies ou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -620,19 +621,19 @@ async def breaker_step(
     )
 
 
-async def _pause(stopped: Any, wake: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or less when `wake` is set (a heartbeat watch event) or the daemon
-    is stopped."""
+async def _pause(wake: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less when `wake` is set (a heartbeat watch event, or the daemon
+    being stopped: `_relay_stop`). No task per pause: a sleeping component costs one waiter."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await wake.wait()
 
-    async def until_stopped() -> None:
-        await stopped.wait()
 
-    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(until_stopped())]
-    try:
-        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
+async def _relay_stop(stopped: Any, wake: asyncio.Event) -> None:
+    """Wake the daemon's pause when kopf stops it (the object is deleted, or the operator
+    pauses or exits): one waiting task for the daemon's lifetime."""
+    await stopped.wait()
+    wake.set()
 
 
 # Floor between passes, so a burst of watch events costs a few passes, not one each.
@@ -652,20 +653,27 @@ async def run(
     sooner when the heartbeat watch says an instance of this component appeared or vanished,
     or a pod's heartbeat deadline comes first."""
     wake = rt.heartbeats.waker(name)
-    while not stopped:
-        wake.clear()
-        pause = rt.settings.monitor_interval_seconds
-        try:
-            due = await _pass(rt, body, namespace, name, logger, pod_index)
-            if due is not None:
-                # A hair past the deadline, so the pass sees it passed.
-                until = (due - utcnow()).total_seconds() + 0.05
-                pause = min(pause, max(until, _MIN_PAUSE_SECONDS))
-        except (DefenderConfigError, OperatorError, ValueError) as exc:
-            ERRORS.labels("monitor").inc()
-            logger.warning("monitor pass failed, next pass in %ss: %s", pause, exc)
-        await asyncio.sleep(_MIN_PAUSE_SECONDS)
-        await _pause(stopped, wake, pause)
+    relay = asyncio.ensure_future(_relay_stop(stopped, wake))
+    try:
+        while not stopped:
+            wake.clear()
+            pause = rt.settings.monitor_interval_seconds
+            try:
+                due = await _pass(rt, body, namespace, name, logger, pod_index)
+                if due is not None:
+                    # A hair past the deadline, so the pass sees it passed.
+                    until = (due - utcnow()).total_seconds() + 0.05
+                    pause = min(pause, max(until, _MIN_PAUSE_SECONDS))
+            except (DefenderConfigError, OperatorError, ValueError) as exc:
+                ERRORS.labels("monitor").inc()
+                logger.warning("monitor pass failed, next pass in %ss: %s", pause, exc)
+            await asyncio.sleep(_MIN_PAUSE_SECONDS)
+            if not stopped:
+                await _pause(wake, pause)
+    finally:
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
 
 
 async def _pass(
