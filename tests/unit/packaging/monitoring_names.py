@@ -12,6 +12,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from defender_operator import _metrics
+from defender_operator._metrics import PerComponentGauges
 
 CHART_FILES = Path(__file__).resolve().parents[3] / "charts" / "ml-defender" / "files"
 RULES = CHART_FILES / "prometheus-rules.yaml"
@@ -42,7 +43,8 @@ def operator_metrics() -> frozenset[str]:
     """Every series name the operator exports (a counter's as `<name>_total`)."""
     names: set[str] = set()
     for obj in vars(_metrics).values():
-        if isinstance(obj, MetricWrapperBase):
+        # Labelled metrics, and collectors that export their series at scrape time.
+        if isinstance(obj, MetricWrapperBase | PerComponentGauges):
             for family in obj.describe():
                 names.add(f"{family.name}_total" if family.type == "counter" else family.name)
     return frozenset(names)
