@@ -49,6 +49,7 @@ from defender_operator._decisions.restarts import (
     next_deadline,
 )
 from defender_operator._errors import OperatorError
+from defender_operator._executors import enter_monitor
 from defender_operator._keys import keyring_digest
 from defender_operator._kube import Pod
 from defender_operator._metrics import (
@@ -652,6 +653,8 @@ async def run(
     """The per-component daemon: `tick` every monitor_interval_seconds until `stopped`, and
     sooner when the heartbeat watch says an instance of this component appeared or vanished,
     or a pod's heartbeat deadline comes first."""
+    # This daemon's blocking calls take the monitor pool, never a reconcile's thread.
+    enter_monitor()
     wake = rt.heartbeats.waker(name)
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
     try:

@@ -42,6 +42,9 @@ class OperatorSettings(BaseSettings):
     the operator's own writes update it at once. 0 reads it every pass."""
     worker_threads: int = Field(default=32, ge=4, le=256)
     """Threads (and API server connections) for blocking etcd and Kubernetes calls."""
+    monitor_threads: int = Field(default=8, ge=1, le=256)
+    """Threads for the blocking calls of monitor passes, apart from `worker_threads`: periodic
+    passes over many components queue among themselves, never ahead of a reconcile."""
     api_connections: int = Field(default=32, ge=4, le=1024)
     """Connections kopf may open to the API server for requests (plus two per watched
     namespace for its watch streams); a burst of events waits for a free one."""

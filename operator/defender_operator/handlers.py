@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +42,7 @@ from defender_operator import (
     _webhook_setup,
 )
 from defender_operator._decisions.liveness import watch_stalled
+from defender_operator._executors import RoutingExecutor
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
@@ -86,11 +86,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     identity = os.environ.get("POD_NAME") or socket.gethostname()
     # Blocking calls (etcd, the Kubernetes client) run in the loop's default executor; its
-    # default size (CPUs + 4) would queue a burst of reconciles behind a handful of threads.
+    # default size (CPUs + 4) would queue a burst of reconciles behind a handful of threads,
+    # and monitor passes get a pool of their own (`_executors`).
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=ours.worker_threads, thread_name_prefix="defender")
+        RoutingExecutor(ours.worker_threads, ours.monitor_threads)
     )
-    api = await asyncio.to_thread(_api_client, ours.worker_threads)
+    api = await asyncio.to_thread(_api_client, ours.worker_threads + ours.monitor_threads)
     kube = Kube(api)
     secrets = KeyringSecrets(kube.core, ours.namespace, ours.keyring_secret)
     # No keyring until one is checked against the store (`_keyguard`): the operator starts
