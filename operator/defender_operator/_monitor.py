@@ -25,6 +25,7 @@ from defender_config import (
 )
 from defender_operator import _api, _canary
 from defender_operator._backend import AlertRecord, ComponentState, InstanceRecord
+from defender_operator._bodies import shed_managed_fields
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import (
     BreakerPolicy,
@@ -661,6 +662,8 @@ async def run(
         while not stopped:
             wake.clear()
             pause = rt.settings.monitor_interval_seconds
+            # kopf keeps the body; the newest event's brought managedFields back (`_bodies`).
+            shed_managed_fields(body)
             try:
                 due = await _pass(rt, body, namespace, name, logger, pod_index)
                 if due is not None:

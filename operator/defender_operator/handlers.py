@@ -41,6 +41,7 @@ from defender_operator import (
     _reconcile,
     _webhook_setup,
 )
+from defender_operator._bodies import shed_managed_fields
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._executors import RoutingExecutor
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
@@ -145,6 +146,7 @@ async def reconcile_component(
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
+    shed_managed_fields(body)  # kopf keeps this body for the daemon (`_bodies`)
     try:
         # The reconcile's status and the first monitor pass's go out in one patch.
         first_pass = functools.partial(
