@@ -85,6 +85,22 @@ HEARTBEAT_DIRECT_READS = Counter(
     "defender_operator_heartbeat_direct_reads_total",
     "Monitor passes that read heartbeats from etcd because the watch view was not trusted",
 )
+CHANGE_EVENTS = Counter(
+    "defender_operator_component_change_events_total",
+    "Changes of keys a monitor pass reads, from the change watch (replayed: the current keys"
+    " handed out again after a compaction, which makes the watch untrusted until a resync)",
+    ["kind"],
+)
+CHANGE_RESYNCS = Counter(
+    "defender_operator_component_change_resyncs_total",
+    "Resyncs of the change watch (it is trusted again from that revision on)",
+)
+MONITOR_READS = Counter(
+    "defender_operator_monitor_reads_total",
+    "Monitor passes by whether they read the component from etcd (read) or reused the view"
+    " they read before (skipped), and why (`_decisions.reads.ReadReason`)",
+    ["result", "reason"],
+)
 COMPONENT_CONDITION = Gauge(
     "defender_operator_component_condition",
     "1 for the status (True, False, Unknown) a condition of the component has, 0 for the others",
