@@ -1,11 +1,14 @@
 """The component change watch (`_loops.change_watch` feeding `ChangeView`) on the real 3-member
 etcd, through `LibraryBackend`: another client's writes (and deletes) of the keys a monitor
 view reads mark exactly that component changed, other keys do not; an outage the watch reports
-and a compaction it resumes past make the view untrusted until a resync after them."""
+and a compaction it resumes past make the view untrusted until a resync after them; and a
+monitor pass's read (`_monitor.observe`) is skipped until another client writes, a forged
+record included."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -16,12 +19,13 @@ import pytest
 
 from defender_config import Cadence, Keyring, LibrarySettings, RecordAuthError
 from defender_devcluster import EtcdCluster, etcd_client_settings, tool
-from defender_operator import _loops
+from defender_operator import _loops, _monitor
+from defender_operator._backend import EtcdHealth
 from defender_operator._changes import ChangeView
 from defender_operator._decisions.ownership import Claim
 from defender_operator._keys import MutableKeyringSource
 from defender_operator._library_backend import LibraryBackend
-from defender_operator._metrics import CHANGE_RESYNCS
+from defender_operator._metrics import CHANGE_RESYNCS, MONITOR_READS
 from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import OperatorSettings
 
@@ -29,6 +33,12 @@ pytestmark = pytest.mark.etcd
 
 BY = "operator:change-watch"
 FW = {"node_id": "fw-01", "version": "1.0.0", "default_policy": "deny", "rules": []}
+FIREWALL_SPEC = {
+    "componentType": "firewall",
+    "config": FW,
+    "selector": {"matchLabels": {"app": "fw"}},
+}
+LOG = logging.getLogger("test.operator.change_watch")
 
 
 @pytest.fixture
@@ -212,3 +222,57 @@ def test_a_watch_resumed_past_a_compaction_is_untrusted_until_a_resync(
         assert view.trusted and view.synced_at >= now
     finally:
         handle.cancel()
+
+
+def test_monitor_reads_on_the_real_etcd_are_skipped_until_another_client_writes(
+    operator_and_other: tuple[LibraryBackend, LibraryBackend],
+) -> None:
+    ours, other = operator_and_other
+    other.seed("firewall", "firewall", FW, json_schema=None, modified_by=BY)
+
+    async def scenario(rt: Runtime) -> None:
+        rt.etcd.record(utcnow() - timedelta(hours=1), EtcdHealth(True, True))
+        mem = rt.memory("ns", "firewall")
+        body = {"metadata": {"name": "firewall", "generation": 1}, "spec": FIREWALL_SPEC}
+
+        async def observe() -> _monitor.Observed:
+            p = _monitor._visit(rt, body, "ns", "firewall", LOG, {})
+            before = MONITOR_READS.labels("skipped", "Unchanged")._value.get()
+            seen = await _monitor.observe(p, mem)
+            nonlocal skipped
+            skipped = MONITOR_READS.labels("skipped", "Unchanged")._value.get() > before
+            return seen
+
+        skipped = False
+        first = await observe()
+        assert not skipped and first.state is not None and first.state.active_version == 1
+        again = await observe()
+        assert skipped and again.state == first.state
+        # Another client publishes a cadence: the next pass reads it.
+        changed = rt.changes.facts("firewall").changed_at
+        cadence = Cadence(interval_seconds=7, allowed_misses=2, by=BY)
+        await asyncio.to_thread(other.publish_cadence, "firewall", cadence)
+        await until("the cadence", lambda: rt.changes.facts("firewall").changed_at > changed)
+        seen = await observe()
+        assert not skipped and cadence.same_rhythm(seen.cadence)
+        await observe()
+        assert skipped
+        # Someone with etcd access writes an unsigned cadence: read, and not obeyed.
+        store, layout = other.client.store, other.layout
+        changed = rt.changes.facts("firewall").changed_at
+        forged = b'{"interval_seconds": 3600, "allowed_misses": 100}'
+        await asyncio.to_thread(store.put, layout.cadence("firewall"), forged)
+        await until("the forgery", lambda: rt.changes.facts("firewall").changed_at > changed)
+        seen = await observe()
+        assert not skipped and seen.cadence is None
+        # A forged metadata record: read, refused (no spec declared to re-sign it from), and
+        # no view is kept, so every pass reads until it is repaired.
+        changed = rt.changes.facts("firewall").changed_at
+        await asyncio.to_thread(store.put, layout.metadata("firewall"), b'{"version": 7}')
+        await until("the forged record", lambda: rt.changes.facts("firewall").changed_at > changed)
+        for _ in range(2):
+            seen = await observe()
+            assert not skipped and seen.etcd_ok and seen.state is None
+            assert mem.observation is None
+
+    watching(ours, scenario)
