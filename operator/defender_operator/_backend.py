@@ -80,8 +80,18 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
+class Watching(Cancellable, Protocol):
+    @property
+    def connected(self) -> bool:
+        """Whether the watch stream is up now (it is re-created by itself after an outage)."""
+        ...
+
+
 # (component, instance, heartbeat or None for a delete: the instance stopped or its lease expired)
 InstanceCallback = Callable[[str, str, InstanceRecord | None], None]
+# (component, mod revision of a put or delete of a key its monitor view reads, replayed: the key
+# handed out again after the watch resumed past a compaction, whose deletes it could not replay)
+ChangeCallback = Callable[[str, int, bool], None]
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,8 @@ class Observation:
     cadence: Cadence | None
     rollout: RolloutRecord | None
     alerts: Sequence[AlertRecord]
+    revision: int = 0
+    """The etcd revision read at: a change above it is one this observation has not seen."""
 
 
 class Backend(Protocol):
@@ -246,11 +258,29 @@ class Backend(Protocol):
         The watch survives member outages by itself (`on_error` hears of each once)."""
         ...
 
+    def watch_changes(
+        self,
+        callback: ChangeCallback,
+        on_error: Callable[[Exception], None],
+        *,
+        start_revision: int | None = None,
+    ) -> Watching:
+        """Watch every key an `observe` reads, of every component (one watch); `callback` and
+        `on_error` run on the watch's own thread. From `start_revision` (default: changes after
+        this call); the watch survives member outages by itself (`on_error` hears of each once)
+        and resumes past a compaction by replaying the current keys (`replayed`)."""
+        ...
+
+    def revision(self) -> int:
+        """etcd's current revision (a linearizable read)."""
+        ...
+
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]: ...
 
     def observe(self, component: str, alerts_since: datetime) -> Observation:
-        """`state` (MASTER tolerated), `cadence`, `rollout` and `alerts` as one read: a monitor
-        pass's view of etcd (the library backend makes it one transaction)."""
+        """`state` (MASTER tolerated), `cadence`, `rollout` and `alerts` as one read, at the
+        `revision` it says: a monitor pass's view of etcd (the library backend makes it one
+        transaction)."""
         ...
 
     def alert(self, kind: str, component: str, detail: str) -> None:

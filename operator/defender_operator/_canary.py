@@ -86,8 +86,8 @@ async def start(
     if not canaries:
         logger.info("no live instance to try spec.config on: committed without a canary")
         return None
-    record = await asyncio.to_thread(
-        rt.backend.start_rollout, component, normalized, canaries, by=by
+    record = await rt.write(
+        component, rt.backend.start_rollout, component, normalized, canaries, by=by
     )
     message = (
         f"version {record.version} goes to {', '.join(record.canaries)} first; promoted after"
@@ -119,7 +119,7 @@ async def command(
                 warning("RolloutCommandIgnored", f"{annotation}: no canary rollout in progress")
             )
         elif promote:
-            version = await asyncio.to_thread(rt.backend.promote_rollout, name, by=by)
+            version = await rt.write(name, rt.backend.promote_rollout, name, by=by)
             message = f"canary of version {record.version} promoted by command as {version}"
             logger.info(message)
             out.add(_promoted(record, version, message))
@@ -128,7 +128,7 @@ async def command(
                 f"canary of version {record.version} aborted by command; commits are frozen"
                 " until unfreeze"
             )
-            await asyncio.to_thread(rt.backend.abort_rollout, name, message, by=by)
+            await rt.write(name, rt.backend.abort_rollout, name, message, by=by)
             count_canary_abort(name, "Command")
             logger.warning(message)
             out.add(_aborted(record, message))
@@ -192,7 +192,7 @@ async def watch(
     by = f"operator:{rt.identity}"
     handled = status.get("specConfigDigest")
     if handled and handled != record.digest:
-        await asyncio.to_thread(rt.backend.end_rollout, name)
+        await rt.write(name, rt.backend.end_rollout, name)
         message = f"spec.config changed: canary of version {record.version} ended"
         return Outcome(
             conditions=_condition(SUPERSEDED, message),
@@ -219,17 +219,17 @@ async def watch(
         out.fields = rollout_fields(record, PROGRESSING, verdict.message, verdict.healthy_since)
         return out
     if verdict.action is Action.PROMOTE:
-        version = await asyncio.to_thread(rt.backend.promote_rollout, name, by=by)
+        version = await rt.write(name, rt.backend.promote_rollout, name, by=by)
         logger.info("canary promoted as ACTIVE version %s: %s", version, verdict.message)
         return _promoted(record, version, verdict.message)
     if verdict.action is Action.SUPERSEDED:
-        await asyncio.to_thread(rt.backend.end_rollout, name)
+        await rt.write(name, rt.backend.end_rollout, name)
         return Outcome(
             conditions=_condition(SUPERSEDED, verdict.message),
             fields=rollout_fields(record, SUPERSEDED, verdict.message),
         )
-    await asyncio.to_thread(rt.backend.abort_rollout, name, verdict.message, by=by)
+    await rt.write(name, rt.backend.abort_rollout, name, verdict.message, by=by)
     count_canary_abort(name, verdict.reason)
-    await asyncio.to_thread(rt.backend.alert, "CanaryAborted", name, verdict.message)
+    await rt.write(name, rt.backend.alert, "CanaryAborted", name, verdict.message)
     logger.error("canary aborted (%s): %s", verdict.reason, verdict.message)
     return _aborted(record, verdict.message)

@@ -200,4 +200,4 @@ async def _tell(rt: Runtime, type_: str, reason: str, message: str, *, alert: bo
         await asyncio.to_thread(rt.kube.post_event, ref, type_, reason, message)
     if alert:
         for name in sorted({ref.name for ref in refs}):
-            await asyncio.to_thread(rt.backend.alert, reason, name, message)
+            await rt.write(name, rt.backend.alert, reason, name, message)

@@ -44,18 +44,21 @@ from defender_config import (
     restore_active,
     scrub_component,
     view_component,
+    viewed_component,
     write_cadence,
     write_key_record,
 )
-from defender_config.store import Compare, PutOp
+from defender_config.store import Compare, PutOp, WatchEvent
 from defender_operator._backend import (
     AlertRecord,
     Cancellable,
+    ChangeCallback,
     ComponentState,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
     Observation,
+    Watching,
 )
 from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.restarts import MAX_HONOURED_LEASE_TTL_SECONDS
@@ -154,6 +157,7 @@ class LibraryBackend:
             cadence=seen.cadence,
             rollout=seen.rollout,
             alerts=[_alert_record(a) for a in seen.alerts],
+            revision=seen.revision,
         )
 
     def _repair(self, component: str) -> bool:
@@ -398,6 +402,31 @@ class LibraryBackend:
                 callback(event.component, event.instance, _instance(event.heartbeat))
 
         return self.registry.watch_instances(on_event, on_error=on_error)
+
+    def watch_changes(
+        self,
+        callback: ChangeCallback,
+        on_error: Callable[[Exception], None],
+        *,
+        start_revision: int | None = None,
+    ) -> Watching:
+        layout = self.layout
+
+        def on_event(event: WatchEvent) -> None:
+            # One watch over the whole prefix, filtered here: the keys views read live under
+            # components/, control/ and alerts/, and three watches would cost three streams.
+            # The instances' heartbeats share components/ and are dropped (no view reads them).
+            component = viewed_component(layout, event.key)
+            if component is not None:
+                callback(component, event.mod_revision, event.resync)
+
+        return self.client.store.watch_prefix(
+            layout.prefix + "/", on_event, start_revision=start_revision, on_error=on_error
+        )
+
+    def revision(self) -> int:
+        # A key the operator may read (with etcd auth the revision comes from a read).
+        return self.client.store.current_revision(self.layout.prefix + "/")
 
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]:
         found = self.client.store.list_prefix(self.layout.component_alerts_dir(component))

@@ -12,10 +12,10 @@ import logging
 
 from defender_config import DefenderConfigError
 from defender_operator import _keyguard, _rotation
-from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord
+from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord, Watching
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
-from defender_operator._metrics import ERRORS, HEARTBEAT_RESYNCS
+from defender_operator._metrics import CHANGE_RESYNCS, ERRORS, HEARTBEAT_RESYNCS
 from defender_operator._runtime import Runtime, utcnow
 
 log = logging.getLogger("defender_operator")
@@ -102,6 +102,59 @@ async def heartbeat_watch(rt: Runtime) -> None:
             except (DefenderConfigError, OperatorError) as exc:
                 ERRORS.labels("heartbeat_resync").inc()
                 log.warning("heartbeat watch/resync failed, retrying: %s", exc)
+                wait = min(wait, rt.settings.etcd_health_interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)
+    finally:
+        view.watching = False
+        if handle is not None:
+            await asyncio.to_thread(handle.cancel)
+
+
+# While the change watch is (re)connecting: how often to look whether it is up. No etcd call.
+_CONNECT_POLL_SECONDS = 0.5
+
+
+async def change_watch(rt: Runtime) -> None:
+    """One watch on every key a monitor pass reads, feeding `rt.changes`; a resync (etcd's
+    current revision, once the watch is connected) at start and after every reported outage
+    or compaction. No periodic resync: the watch misses nothing it does not report, and the
+    monitor's own bound (monitor_full_read_seconds) caps the age of a reused view."""
+    loop = asyncio.get_running_loop()
+    view = rt.changes
+
+    def on_change(component: str, revision: int, replayed: bool) -> None:
+        loop.call_soon_threadsafe(view.apply, component, revision, replayed)
+
+    def on_error(exc: Exception) -> None:
+        log.warning("component change watch interrupted, it reconnects by itself: %s", exc)
+        loop.call_soon_threadsafe(view.watch_failed)
+
+    handle: Watching | None = None
+    try:
+        while True:
+            # Nothing to do until the watch reports trouble.
+            wait: float = rt.settings.heartbeat_resync_seconds
+            try:
+                if handle is None:
+                    handle = await asyncio.to_thread(rt.backend.watch_changes, on_change, on_error)
+                    view.watching = True
+                if not view.synced:
+                    if handle.connected:
+                        since = view.begin_resync()
+                        revision = await asyncio.to_thread(rt.backend.revision)
+                        # The watch delivers every change after `revision` (it resumes where it
+                        # stopped; a gap makes it replay, which asks for another resync).
+                        if view.resync(since, revision):
+                            CHANGE_RESYNCS.inc()
+                    else:
+                        # Events after an outage come once it is up again: trust it from then.
+                        # (Still unsynced, so the next round tries again: no request is lost.)
+                        view.resync_requested.clear()
+                        wait = _CONNECT_POLL_SECONDS
+            except (DefenderConfigError, OperatorError) as exc:
+                ERRORS.labels("change_resync").inc()
+                log.warning("component change watch/resync failed, retrying: %s", exc)
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)

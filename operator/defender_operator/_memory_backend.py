@@ -7,6 +7,12 @@ in the package, not in tests/, so that `mypy --strict` checks it against the `Ba
 (tests are not type-checked) and both suites import it by name; an import-linter contract keeps
 the running operator from importing it.
 
+Every write to a record a monitor pass reads (`observe`) moves one revision counter on, as an
+etcd write does, and tells the change watchers (`watch_changes`) which component changed at
+which revision; `observe` says the revision it read at. `touch` is a write by someone else,
+`delay_changes`, `break_change_watch` and `replay_changes` are events in flight, a watch outage
+and a compaction.
+
 What it models as the library does: MASTER written once, ACTIVE versions that only grow
 (a rollback is a new version), the kept history (`history_limit`), metadata (digest, version,
 storage policy, time, the kind of change that wrote it), the freeze (commits refused with
@@ -51,11 +57,13 @@ from defender_operator._backend import (
     AlertRecord,
     Backend,
     Cancellable,
+    ChangeCallback,
     ComponentState,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
     Observation,
+    Watching,
 )
 from defender_operator._decisions.ownership import Claim
 
@@ -96,6 +104,20 @@ class _Watch:
 
 
 @dataclass
+class _ChangeWatch:
+    callback: ChangeCallback
+    on_error: Callable[[Exception], None]
+    cancelled: bool = False
+    connected: bool = True
+    # Changes made while disconnected, delivered on reconnect: the library's watch resumes from
+    # the next revision it had not delivered, so an outage delays changes but loses none.
+    pending: list[tuple[str, int]] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
 class MemoryBackend:
     history_limit: int = DEFAULT_HISTORY_LIMIT
     request_limit_bytes: int = ETCD_REQUEST_LIMIT_BYTES
@@ -114,6 +136,9 @@ class MemoryBackend:
     _failures: dict[str, list[Exception]] = field(default_factory=dict)
     _revision: int = 0
     _watches: list[_Watch] = field(default_factory=list)
+    _change_watches: list[_ChangeWatch] = field(default_factory=list)
+    # component -> revision of its last viewed write, for `replay_changes`
+    _written: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- test controls ---------------------------------------------------------------------
@@ -131,6 +156,55 @@ class MemoryBackend:
         """An instance stops, or its lease expires; watchers hear of it."""
         self.live.get(component, {}).pop(instance, None)
         self._notify(component, instance, None)
+
+    def touch(self, component: str) -> int:
+        """Someone else (an agent, rag, a person with etcdctl) wrote a record `component`'s
+        monitor view reads, leaving what this backend models as it is; returns the revision."""
+        return self._changed(component)
+
+    def break_change_watch(self, error: Exception) -> None:
+        """The change watches' stream breaks: each hears `error`, and stays disconnected until
+        `reconnect_change_watch`."""
+        for watch in self._change_watches:
+            if not watch.cancelled:
+                watch.connected = False
+                watch.on_error(error)
+
+    def delay_changes(self) -> None:
+        """Changes reach the change watches only at `reconnect_change_watch`, and no error is
+        reported: events in flight, or a stream the library re-created at once."""
+        for watch in self._change_watches:
+            watch.connected = False
+
+    def reconnect_change_watch(self) -> None:
+        for watch in self._change_watches:
+            watch.connected = True
+            held, watch.pending = watch.pending, []
+            for component, revision in held:
+                if not watch.cancelled:
+                    watch.callback(component, revision, False)
+
+    def replay_changes(self) -> None:
+        """The change watch resumed past a compaction: it hands out every component's records
+        again (as the library does, `replayed`), at the revision each was last written."""
+        for component, revision in sorted(self._written.items()):
+            for watch in self._change_watches:
+                if not watch.cancelled:
+                    watch.callback(component, revision, True)
+
+    def _changed(self, component: str) -> int:
+        """A record `component`'s view reads was written (or deleted): a new revision."""
+        with self._lock:
+            revision = self._next_revision()
+            self._written[component] = revision
+        for watch in self._change_watches:
+            if watch.cancelled:
+                continue
+            if watch.connected:
+                watch.callback(component, revision, False)
+            else:
+                watch.pending.append((component, revision))
+        return revision
 
     def _notify(self, component: str, instance: str, record: InstanceRecord | None) -> None:
         for watch in self._watches:
@@ -183,6 +257,7 @@ class MemoryBackend:
 
     def _alert(self, kind: str, component: str, detail: str) -> None:
         self.raised.append(AlertRecord(component, self.identity, kind, detail, _now()))
+        self._changed(component)
 
     def _write_version(
         self,
@@ -203,6 +278,7 @@ class MemoryBackend:
         stored.modified, stored.modified_by, stored.change = _now(), by, change
         if storage is not None:
             stored.storage = storage
+        self._changed(component)
         return version
 
     # --- Backend -------------------------------------------------------------------------
@@ -243,6 +319,7 @@ class MemoryBackend:
         if digest is not None and stored is not None:
             # As the library: the spec's schema governs the next commit.
             stored.json_schema = dict(json_schema) if json_schema is not None else None
+            self._changed(component)  # the library records it in the metadata
         return False  # nothing here is signed, so nothing needs re-signing
 
     def seed(
@@ -271,6 +348,7 @@ class MemoryBackend:
                 change=ChangeKind.REGISTER,
                 storage=storage,
             )
+            self._changed(component)
         return self.state(component)
 
     def commit(
@@ -337,15 +415,18 @@ class MemoryBackend:
         if stored.storage == storage:
             return False
         stored.storage = storage
+        self._changed(component)
         return True
 
     def freeze(self, component: str, reason: str) -> None:
         self._enter("freeze")
         self.frozen[component] = reason
+        self._changed(component)
 
     def unfreeze(self, component: str) -> None:
         self._enter("unfreeze")
-        self.frozen.pop(component, None)
+        if self.frozen.pop(component, None) is not None:
+            self._changed(component)
 
     def rollout(self, component: str) -> RolloutRecord | None:
         self._enter("rollout")
@@ -369,6 +450,7 @@ class MemoryBackend:
             by=by,
         )
         self.rollouts[component] = (record, normalized)
+        self._changed(component)
         return record
 
     def promote_rollout(self, component: str, *, by: str) -> int:
@@ -385,6 +467,7 @@ class MemoryBackend:
         self._enter("abort_rollout")
         self.frozen[component] = reason
         found = self.rollouts.pop(component, None)
+        self._changed(component)
         if found is None:
             return None
         stored = self._stored(component)
@@ -393,7 +476,8 @@ class MemoryBackend:
 
     def end_rollout(self, component: str) -> None:
         self._enter("end_rollout")
-        self.rollouts.pop(component, None)
+        if self.rollouts.pop(component, None) is not None:
+            self._changed(component)
 
     def purge(self, component: str) -> int:
         self._enter("purge")
@@ -408,6 +492,7 @@ class MemoryBackend:
         removed += int(self.cadences.pop(component, None) is not None)
         removed += int(self.rollouts.pop(component, None) is not None)
         removed += int(self.claims.pop(component, None) is not None)
+        self._changed(component)
         return removed
 
     def read_claim(self, component: str) -> tuple[Claim | None, int]:
@@ -435,6 +520,7 @@ class MemoryBackend:
     def publish_cadence(self, component: str, cadence: Cadence) -> None:
         self._enter("publish_cadence")
         self.cadences[component] = cadence
+        self._changed(component)
 
     def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]:
         self._enter("all_instances")
@@ -447,6 +533,27 @@ class MemoryBackend:
         watch = _Watch(callback, on_error)
         self._watches.append(watch)
         return watch
+
+    def watch_changes(
+        self,
+        callback: ChangeCallback,
+        on_error: Callable[[Exception], None],
+        *,
+        start_revision: int | None = None,
+    ) -> Watching:
+        self._enter("watch_changes")
+        watch = _ChangeWatch(callback, on_error)
+        if start_revision is not None:
+            # Nothing is compacted here: hand out what changed from that revision on.
+            for component, revision in sorted(self._written.items(), key=lambda kv: kv[1]):
+                if revision >= start_revision:
+                    callback(component, revision, False)
+        self._change_watches.append(watch)
+        return watch
+
+    def revision(self) -> int:
+        self._enter("revision")
+        return self._revision
 
     def alerts(self, component: str, since: datetime) -> Sequence[AlertRecord]:
         self._enter("alerts")
@@ -461,6 +568,7 @@ class MemoryBackend:
             cadence=self.cadence(component),
             rollout=self.rollout(component),
             alerts=self.alerts(component, alerts_since),
+            revision=self._revision,
         )
 
     def alert(self, kind: str, component: str, detail: str) -> None:

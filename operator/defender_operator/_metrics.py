@@ -81,6 +81,22 @@ HEARTBEAT_DIRECT_READS = Counter(
     "defender_operator_heartbeat_direct_reads_total",
     "Monitor passes that read heartbeats from etcd because the watch view was not trusted",
 )
+CHANGE_EVENTS = Counter(
+    "defender_operator_component_change_events_total",
+    "Changes of keys a monitor pass reads, from the change watch (replayed: the current keys"
+    " handed out again after a compaction, which makes the watch untrusted until a resync)",
+    ["kind"],
+)
+CHANGE_RESYNCS = Counter(
+    "defender_operator_component_change_resyncs_total",
+    "Resyncs of the change watch (it is trusted again from that revision on)",
+)
+MONITOR_READS = Counter(
+    "defender_operator_monitor_reads_total",
+    "Monitor passes by whether they read the component from etcd (read) or reused the view"
+    " they read before (skipped), and why (`_decisions.reads.ReadReason`)",
+    ["result", "reason"],
+)
 CANARY_ABORTS = Counter(
     "defender_operator_canary_aborts_total",
     "Canary rollouts the operator aborted, by reason: CanaryFailed (a canary lost its heartbeat"

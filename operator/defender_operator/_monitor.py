@@ -24,7 +24,12 @@ from defender_config import (
     StoreError,
 )
 from defender_operator import _api, _canary
-from defender_operator._backend import AlertRecord, ComponentState, InstanceRecord
+from defender_operator._backend import (
+    AlertRecord,
+    ComponentState,
+    InstanceRecord,
+    Observation,
+)
 from defender_operator._bodies import shed_managed_fields
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import (
@@ -39,6 +44,7 @@ from defender_operator._decisions.cadence import (
     cadence_condition,
 )
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
+from defender_operator._decisions.reads import ReadReason, ViewRead, must_read
 from defender_operator._decisions.restarts import (
     HeartbeatPolicy,
     PodView,
@@ -57,6 +63,7 @@ from defender_operator._metrics import (
     BREAKER_TRIPS,
     ERRORS,
     HEARTBEAT_DIRECT_READS,
+    MONITOR_READS,
     RESTARTS,
     record_heartbeats,
 )
@@ -216,7 +223,7 @@ async def _steps(
         await p.publish({"rotationStage": rt.rotation_stage})
         return None
     pods = select_pods(pod_index, p.namespace, p.spec.selector.match_labels)
-    seen = await observe(p)
+    seen = await observe(p, mem)
     track(mem, seen.instances, pods)
     if seen.etcd_ok:
         take(mem, found, await cadence_step(p, seen, mem))
@@ -274,8 +281,10 @@ async def _steps(
     return wake
 
 
-async def observe(p: Pass) -> Observed:
-    """The instances' heartbeats and recent alerts, when etcd is healthy and answers."""
+async def observe(p: Pass, mem: ComponentMemory) -> Observed:
+    """The instances' heartbeats and recent alerts, when etcd is healthy and answers. The
+    component's records are the last pass's read when nothing it read changed since
+    (`_decisions.reads`), else read again."""
     rt = p.rt
     etcd = rt.etcd.view()
     if not (etcd.reachable and etcd.quorum):
@@ -296,6 +305,17 @@ async def observe(p: Pass) -> Observed:
         p.logger.warning("cannot read heartbeats: %s", exc)
         return Observed()
     since = p.now - timedelta(seconds=rt.settings.misconfig_window_seconds)
+    facts = rt.changes.facts(p.name)
+    why = must_read(
+        p.now, mem.observed, facts, timedelta(seconds=rt.settings.monitor_full_read_seconds)
+    )
+    if why is ReadReason.UNCHANGED and mem.observation is not None:
+        MONITOR_READS.labels("skipped", why.value).inc()
+        # Alerts age out of the window with time, not with a change in etcd.
+        mem.observation = _alerts_since(mem.observation, since)
+        return _observed(instances, mem.observation)
+    MONITOR_READS.labels("read", why.value).inc()
+    mem.observation = mem.observed = None
     try:
         # ACTIVE/MASTER/freeze, the cadence, the rollout and the alerts: one transaction.
         seen = await asyncio.to_thread(rt.backend.observe, p.name, since)
@@ -318,6 +338,12 @@ async def observe(p: Pass) -> Observed:
         return Observed(
             instances, _alert_reports(alerts_read), True, cadence=cadence, rollout=rollout
         )
+    # Own writes counted before the read began: one that landed during it is read again.
+    mem.observation, mem.observed = seen, ViewRead(p.now, seen.revision, facts.own_writes)
+    return _observed(instances, seen)
+
+
+def _observed(instances: Sequence[InstanceRecord], seen: Observation) -> Observed:
     return Observed(
         instances,
         _alert_reports(seen.alerts),
@@ -326,6 +352,12 @@ async def observe(p: Pass) -> Observed:
         cadence=seen.cadence,
         rollout=seen.rollout,
     )
+
+
+def _alerts_since(seen: Observation, since: datetime) -> Observation:
+    """`seen` with only the alerts raised at or after `since` (as the read filters them)."""
+    kept = [a for a in seen.alerts if a.time >= since]
+    return seen if len(kept) == len(seen.alerts) else dataclasses.replace(seen, alerts=kept)
 
 
 def _alert_reports(alerts: Sequence[AlertRecord]) -> list[Report]:
@@ -424,7 +456,7 @@ async def _restart(
     RESTARTS.labels(p.name).inc()
     p.logger.warning("restarted pod %s: %s", pod.name, decision.message)
     out.events.append(warning("PodRestarted", decision.message))
-    await asyncio.to_thread(rt.backend.alert, "PodRestarted", p.name, decision.message)
+    await rt.write(p.name, rt.backend.alert, "PodRestarted", p.name, decision.message)
     return 1
 
 
@@ -448,7 +480,7 @@ async def misconfig_step(p: Pass, mem: ComponentMemory, seen: Observed) -> Outco
     if verdict.misconfigured and was != cond.TRUE:
         out.events.append(warning(verdict.reason, verdict.message))
         p.logger.warning("misconfigured: %s", verdict.message)
-        await asyncio.to_thread(p.rt.backend.alert, "Misconfigured", p.name, verdict.message)
+        await p.rt.write(p.name, p.rt.backend.alert, "Misconfigured", p.name, verdict.message)
     return out
 
 
@@ -522,13 +554,14 @@ async def cadence_step(p: Pass, seen: Observed, mem: ComponentMemory) -> Outcome
         by=f"operator:{rt.identity}",
     )
     try:
-        # Read every pass rather than trusting memory: a record deleted or overwritten by hand
-        # is put right within one pass.
+        # As this pass read it rather than what memory says was published: a record deleted or
+        # overwritten by hand is put right on the first pass after the change watch delivers
+        # it (the pass then reads it again).
         current = seen.cadence
         if want.same_rhythm(current):
             mem.cadence = current
         else:
-            await asyncio.to_thread(rt.backend.publish_cadence, p.name, want)
+            await rt.write(p.name, rt.backend.publish_cadence, p.name, want)
             if mem.cadence is not None:
                 p.logger.info(
                     "heartbeat cadence now %ss x %s (lease %ss); instances follow it from"
@@ -605,8 +638,9 @@ async def breaker_step(
     )
     if not verdict.trip or verdict.revert_to is None:
         return state, Outcome()
-    await asyncio.to_thread(rt.backend.freeze, p.name, verdict.message)
-    version = await asyncio.to_thread(
+    await rt.write(p.name, rt.backend.freeze, p.name, verdict.message)
+    version = await rt.write(
+        p.name,
         rt.backend.rollback,
         p.name,
         verdict.revert_to,

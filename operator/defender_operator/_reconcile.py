@@ -372,7 +372,8 @@ async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:
     unencrypted (from its spec, never from etcd), and the namespace's keyring copy (pods
     cannot read anything without it)."""
     rt = v.rt
-    await asyncio.to_thread(
+    await rt.write(
+        v.component,
         rt.backend.declare,
         v.component,
         spec.component_type.value,
@@ -395,7 +396,7 @@ async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:
 async def unfreeze_command(v: Visit) -> Outcome:
     if UNFREEZE_ANNOTATION not in v.annotations:
         return Outcome()
-    await asyncio.to_thread(v.rt.backend.unfreeze, v.component)
+    await v.rt.write(v.component, v.rt.backend.unfreeze, v.component)
     await asyncio.to_thread(v.rt.kube.remove_annotation, v.namespace, v.name, UNFREEZE_ANNOTATION)
     v.logger.info("unfrozen by command")
     return Outcome(events=[normal("Unfrozen", "commits allowed again (unfreeze command)")])
@@ -414,8 +415,8 @@ async def rollback_command(v: Visit) -> Outcome:
         )
         return Outcome(events=[warning("RollbackRefused", f"{_api.ROLLBACK_ANNOTATION}: {exc}")])
     to_version = None if parsed == "master" else parsed
-    version = await asyncio.to_thread(
-        rt.backend.rollback, v.component, to_version, modified_by=v.who
+    version = await rt.write(
+        v.component, rt.backend.rollback, v.component, to_version, modified_by=v.who
     )
     # The command is done: remove it so a later reconcile does not roll back again.
     await asyncio.to_thread(
@@ -450,7 +451,8 @@ async def refuse_invalid(v: Visit, spec: _api.DefenderComponentSpec) -> Outcome:
         v.status.get("specConfigDigest") != raw_digest
         and spec.rollout.on_invalid_config is _api.InvalidConfigPolicy.REVERT_TO_MASTER
     ):
-        version = await asyncio.to_thread(
+        version = await v.rt.write(
+            v.component,
             v.rt.backend.rollback,
             v.component,
             None,
@@ -479,7 +481,8 @@ async def seed(
     digest = config_digest(normalized)
     storage = storage_policy(spec.storage)
     out = Outcome()
-    resigned = await asyncio.to_thread(
+    resigned = await rt.write(
+        component,
         rt.backend.declare,
         component,
         spec.component_type.value,
@@ -503,7 +506,8 @@ async def seed(
         str(v.status.get("specConfigDigest") or ""),
     )
     if plan.seed_master or plan.seed_active:
-        state = await asyncio.to_thread(
+        state = await rt.write(
+            component,
             rt.backend.seed,
             component,
             spec.component_type.value,
@@ -561,7 +565,8 @@ async def commit(
             )
             started.done = True
             return state, started
-    version = await asyncio.to_thread(
+    version = await rt.write(
+        component,
         rt.backend.commit,
         component,
         spec.component_type.value,
@@ -588,7 +593,7 @@ async def apply_storage(
     storage = storage_policy(spec.storage)
     if state.active_version is None or state.storage == storage:
         return state, Outcome()
-    await asyncio.to_thread(v.rt.backend.set_storage, v.component, storage, modified_by=v.who)
+    await v.rt.write(v.component, v.rt.backend.set_storage, v.component, storage, modified_by=v.who)
     v.logger.info("storage policy of %s is now %s", v.component, storage)
     state = await asyncio.to_thread(v.rt.backend.state, v.component)
     return state, Outcome(
@@ -625,7 +630,7 @@ async def apply_retention(
                 existing, revision = None, 0
             release = decide_release(existing, Claim(namespace, name, _uid(body)), retention)
             if release is Release.PURGE:
-                removed = await asyncio.to_thread(rt.backend.purge, component)
+                removed = await rt.write(component, rt.backend.purge, component)
                 logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
             elif release is Release.KEEP and existing is not None:
                 released = Claim(existing.namespace, existing.name, existing.uid, released=True)

@@ -199,7 +199,7 @@ async def _apply(rt: Runtime, current: StoredKeyring, decided: RotationStep) -> 
         # The timeout is reported where people and rag look: the log and an alert per component.
         log.warning("key rotation went on without every instance: %s", decided.message)
         for component in sorted({lag.split("/", 1)[0] for lag in decided.lagging}):
-            await asyncio.to_thread(rt.backend.alert, decided.reason, component, decided.message)
+            await rt.write(component, rt.backend.alert, decided.reason, component, decided.message)
     saved = await asyncio.to_thread(
         rt.secrets.save, keyring, state, last_rotation, current.resource_version, current.kept
     )

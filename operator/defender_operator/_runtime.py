@@ -8,16 +8,19 @@ threshold again, see `_decisions.restarts.stale_pods`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from defender_config import Cadence
-from defender_operator._backend import Backend, EtcdHealth
+from defender_operator._backend import Backend, EtcdHealth, Observation
+from defender_operator._changes import ChangeView
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.conditions import Cond, ConfigState
 from defender_operator._decisions.etcd import NOSPACE, EtcdFacts, etcd_condition
 from defender_operator._decisions.keyring import KeyringPlan, keyring_condition
+from defender_operator._decisions.reads import ViewRead
 from defender_operator._decisions.restarts import EtcdView
 from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
@@ -25,6 +28,9 @@ from defender_operator._kube import Kube
 from defender_operator._metrics import ETCD_AVAILABLE
 from defender_operator._outcome import EventPoster, kopf_post
 from defender_operator._settings import OperatorSettings
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -65,6 +71,12 @@ class ComponentMemory:
     # on the candidate (keyed by its digest, so a new candidate starts the hold again).
     rollout_condition: Cond | None = None
     canary_healthy: tuple[str, datetime] | None = None
+    # The last monitor pass's read of the component (`_monitor.observe`) and when, at which
+    # revision: reused while the change watch says nothing it read changed
+    # (`_decisions.reads`). The same objects the pass judged, no copies; None after a read
+    # that failed.
+    observation: Observation | None = None
+    observed: ViewRead | None = None
     # The status as this operator last wrote it (the patch response): fresher than kopf's body
     # of the object, which lags our own writes by a watch event.
     status: dict[str, Any] | None = None
@@ -153,6 +165,7 @@ class Runtime:
         self.identity = identity
         self.etcd = EtcdTracker()
         self.heartbeats = HeartbeatView(utcnow())
+        self.changes = ChangeView()
         self.components: dict[tuple[str, str], ComponentMemory] = {}
         self.rotation_stage = "Idle"
         # Set by `_keyguard.settle`: ready once a keyring was checked against the store; while
@@ -165,6 +178,18 @@ class Runtime:
         self.post_event: EventPoster = kopf_post
         # Set by `_webhook_setup.start` when admission is on: verifies who changed spec.config.
         self.stamp_key: bytes | None = None
+
+    async def write(
+        self, component: str, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`call(*args, **kwargs)`, a backend call that writes `component`'s records, in a
+        worker thread. Counted as the operator's own write even when it fails (it may have
+        landed): the component's next monitor pass reads etcd instead of reusing a view from
+        before it, whether or not the change watch has delivered the write yet."""
+        try:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        finally:
+            self.changes.wrote(component)
 
     def keyring_condition(self) -> Cond:
         return keyring_condition(self.keyring_ready, self.keyring_refused)

@@ -64,11 +64,11 @@ async def scrub_step(
         message = f"{decide.describe(failure)} fails verification"
         kopf.event(body, type="Warning", reason="ValueCorrupt", message=message)
         logger.error("scrub: %s", message)
-        await asyncio.to_thread(rt.backend.alert, "ValueCorrupt", name, message)
+        await rt.write(name, rt.backend.alert, "ValueCorrupt", name, message)
     if plan.unrepairable and plan.new_failures:
         message = f"ACTIVE of {name!r} not restored: {plan.unrepairable}"
         kopf.event(body, type="Warning", reason="RepairRefused", message=message)
-        await asyncio.to_thread(rt.backend.alert, "RepairRefused", name, message)
+        await rt.write(name, rt.backend.alert, "RepairRefused", name, message)
     restored = plan.restore_from is not None and await _restore(
         rt, body, name, plan.restore_from, logger
     )
@@ -96,15 +96,15 @@ async def _restore(
     logger: Logger,
 ) -> bool:
     try:
-        await asyncio.to_thread(
-            rt.backend.restore_active, name, version, modified_by=f"operator:{rt.identity}"
+        await rt.write(
+            name, rt.backend.restore_active, name, version, modified_by=f"operator:{rt.identity}"
         )
     except (DefenderConfigError, OperatorError) as exc:
         SCRUB_REPAIRS.labels(name, "refused").inc()
         message = f"ACTIVE of {name!r} not restored from history version {version}: {exc}"
         logger.error("scrub: %s", message)
         kopf.event(body, type="Warning", reason="RepairRefused", message=message)
-        await asyncio.to_thread(rt.backend.alert, "RepairRefused", name, message)
+        await rt.write(name, rt.backend.alert, "RepairRefused", name, message)
         return False
     SCRUB_REPAIRS.labels(name, "restored").inc()
     message = f"ACTIVE of {name!r} restored from its verified history version {version}"

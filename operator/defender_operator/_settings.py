@@ -32,6 +32,11 @@ class OperatorSettings(BaseSettings):
 
     monitor_interval_seconds: float = Field(default=5.0, gt=0, le=300)
     """How often each component's heartbeats, pods and breaker are evaluated."""
+    monitor_full_read_seconds: float = Field(default=60.0, ge=0, le=3600)
+    """A monitor pass reuses the component as its last pass read it from etcd while the change
+    watch saw no change to it and the operator wrote none, for at most this long; then it reads
+    again whatever the watch says (a bound on what an unforeseen gap could hide). 0 reads every
+    pass."""
     status_heartbeat_refresh_seconds: float = Field(default=30.0, ge=0, le=3600)
     """status.lastHeartbeatTime is rewritten only when it is this much behind the newest
     heartbeat (or when anything else in status changes): heartbeats live in etcd leases, and

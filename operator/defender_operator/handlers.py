@@ -3,10 +3,12 @@
 login     → kopf's API session, with a bounded connection pool (`_login`)
 startup   → build the Runtime (settings, keyring Secret, library backend), settle the keyring
             against the store (`_keyguard`), start the etcd health and key-rotation loops
+            and the heartbeat and component change watches (`_loops`)
 create / resume / update of a DefenderComponent → `_reconcile.reconcile`, then one
             `_monitor.after_reconcile` pass (one status patch for both)
 delete    → retention policy (a finalizer holds the object until it is applied)
-daemon    → `_monitor.tick` every monitor_interval_seconds
+daemon    → `_monitor.tick` every monitor_interval_seconds (reading the component from etcd
+            only when the change watch, `_loops.change_watch`, says it may have changed)
 index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
             component's pods from memory instead of listing them
 admission → with admission_enabled, `_webhook_setup.start` at start-up; the webhook handlers
@@ -108,6 +110,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         asyncio.create_task(_loops.etcd_health(rt), name="etcd-health"),
         asyncio.create_task(_loops.key_rotation(rt), name="key-rotation"),
         asyncio.create_task(_loops.heartbeat_watch(rt), name="heartbeat-watch"),
+        asyncio.create_task(_loops.change_watch(rt), name="change-watch"),
     ]
     held = keyring.peek()
     log.info(

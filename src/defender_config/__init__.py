@@ -20,7 +20,7 @@ from ._alerts import (
 from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
-from ._component_view import ComponentView, view_component
+from ._component_view import ComponentView, view_component, viewed_component
 from ._configs import (
     ActiveConfig,
     ComponentOverview,
@@ -257,6 +257,7 @@ __all__ = [
     "verify_record",
     "verify_snapshot",
     "view_component",
+    "viewed_component",
     "write_cadence",
     "write_key_record",
     "write_keyring_backup",

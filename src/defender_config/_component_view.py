@@ -1,7 +1,10 @@
 """What a component's watcher (the operator's monitor pass) reads about it, in ONE etcd
 transaction: metadata, MASTER and the freeze record (`ConfigStore.overview`), the published
 heartbeat cadence, the rollout record and the recent alerts. At a thousand components watched
-every few seconds, one round trip instead of four is most of the watcher's etcd cost."""
+every few seconds, one round trip instead of four is most of the watcher's etcd cost.
+
+`viewed_component` names the component whose view a key belongs to, so a watcher that keeps a
+view can watch etcd and read again only when one of exactly these keys changed."""
 
 from __future__ import annotations
 
@@ -11,10 +14,18 @@ from datetime import datetime
 from ._alerts import Alert, decode_alerts
 from ._cadence import Cadence, decode_cadence
 from ._configs import ComponentOverview, ConfigStore
+from ._layout import KeyKind, Layout, check_name
 from ._rollout import RolloutRecord, Rollouts
 from ._store_types import GetOp
 
-__all__ = ["ComponentView", "view_component"]
+__all__ = ["ComponentView", "view_component", "viewed_component"]
+
+# The single keys `view_component` reads, as `Layout.parse` names them (its alerts are a whole
+# prefix, matched apart). ACTIVE, history, status, the owner record and the instances'
+# heartbeats are not read: a change to them cannot change a view.
+_VIEWED_KINDS: frozenset[KeyKind] = frozenset(
+    {"metadata", "master_config", "freeze", "cadence", "rollout"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +36,9 @@ class ComponentView:
     cadence: Cadence | None
     rollout: RolloutRecord | None
     alerts: tuple[Alert, ...]
+    revision: int = 0
+    """The etcd revision the transaction read at: a change with a higher mod revision to a key
+    `viewed_component` assigns to this component is one this view has not seen."""
 
 
 def view_component(
@@ -42,11 +56,30 @@ def view_component(
         GetOp(layout.rollout(component)),
         GetOp(layout.component_alerts_dir(component), prefix=True),
     ]
-    gets = configs.client.store.txn([], reads).gets
+    read = configs.client.store.txn([], reads)
+    gets = read.gets
     cadence_sv, rollout_sv = (found[0] if found else None for found in gets[3:5])
     return ComponentView(
         overview=configs.overview_of(component, gets[:3], True),
         cadence=decode_cadence(configs.client, layout.cadence(component), cadence_sv),
         rollout=Rollouts(configs).decode(component, rollout_sv),
         alerts=decode_alerts(configs.client, gets[5], alerts_since),
+        revision=read.revision,
     )
+
+
+def viewed_component(layout: Layout, key: str | bytes) -> str | None:
+    """The component whose `view_component` reads `key` (a put or a delete of it can change
+    that view), None when no view reads it. Every key under a component's alerts prefix counts,
+    as the view reads them all, readable or not."""
+    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    if text.startswith(layout.alerts_dir):
+        component, below, _ = text[len(layout.alerts_dir) :].partition("/")
+        try:
+            return check_name(component) if below else None
+        except ValueError:
+            return None  # no component of that name: no view lists this key
+    parsed = layout.parse(text)
+    if parsed is None or parsed.kind not in _VIEWED_KINDS:
+        return None
+    return parsed.component

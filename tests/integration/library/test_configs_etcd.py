@@ -33,8 +33,10 @@ from defender_config import (
     inspect,
     read_cadence,
     view_component,
+    viewed_component,
     write_cadence,
 )
+from defender_config.store import GetOp
 from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.etcd
@@ -384,8 +386,11 @@ def test_a_component_view_is_overview_cadence_rollout_and_alerts_in_one_transact
     store = client.store
     real_txn = store.txn
 
+    reads: list[GetOp] = []
+
     def counted_txn(*a: Any, **k: Any) -> Any:
         calls.append("txn")
+        reads.extend(a[1])
         return real_txn(*a, **k)
 
     def refused(*a: Any, **k: Any) -> Any:
@@ -397,6 +402,13 @@ def test_a_component_view_is_overview_cadence_rollout_and_alerts_in_one_transact
     snap = view_component(configs, "sniffer", alerts_since=since)
     assert calls == ["txn"]
     monkeypatch.undo()
+    # The view says at which revision it read, and every key it read is one a watcher of views
+    # assigns to this component (a prefix: any key under it).
+    assert 0 < snap.revision <= store.current_revision()
+    assert reads and all(
+        viewed_component(client.layout, op.key + ("x" if op.prefix else "")) == "sniffer"
+        for op in reads
+    )
     assert snap.overview == configs.overview("sniffer", tolerate_master=True)
     assert snap.rollout is None
     assert snap.cadence is not None and snap.cadence.interval_seconds == 5
@@ -409,6 +421,7 @@ def test_a_component_view_is_overview_cadence_rollout_and_alerts_in_one_transact
     later = datetime.now(UTC) + timedelta(minutes=1)
     assert view_component(configs, "sniffer", alerts_since=later).alerts == ()
     configs.unfreeze("sniffer")
+    assert view_component(configs, "sniffer", alerts_since=since).revision > snap.revision
     started = Rollouts(configs).start("sniffer", snaplen(100), ["s-0"], "ops")
     seen = view_component(configs, "sniffer", alerts_since=later).rollout
     assert seen == started == Rollouts(configs).record("sniffer")

@@ -5,6 +5,7 @@ cannot drift from what the library does without a test here failing."""
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -282,3 +283,37 @@ def test_observe_is_state_cadence_and_alerts_as_one_read(backend: Backend) -> No
     assert list(seen.alerts) == list(backend.alerts("firewall", since))
     assert "Misconfigured" in [a.reason for a in seen.alerts]
     assert list(backend.observe("firewall", utcnow() + timedelta(minutes=5)).alerts) == []
+
+
+def test_the_change_watch_hears_every_write_an_observe_reads_and_no_other(
+    backend: Backend,
+) -> None:
+    got: list[tuple[str, int, bool]] = []
+    handle = backend.watch_changes(lambda *change: got.append(change), lambda exc: None)
+    try:
+        seed(backend)
+        first = backend.observe("firewall", utcnow() - timedelta(minutes=1))
+        assert 0 < first.revision <= backend.revision()
+        backend.write_claim("firewall", Claim("ns", "firewall", "uid"), revision=0)  # no view
+        for write in (
+            lambda: backend.publish_cadence(
+                "firewall", Cadence(interval_seconds=5, allowed_misses=2, by=BY)
+            ),
+            lambda: backend.freeze("firewall", "hold"),
+            lambda: backend.unfreeze("firewall"),  # a delete
+            lambda: backend.alert("Misconfigured", "firewall", "reported"),
+            lambda: commit(backend, FW_ALLOW),
+        ):
+            before = max((r for _, r, _ in got), default=0)
+            write()
+            deadline = time.monotonic() + 15
+            while max((r for _, r, _ in got), default=0) <= before:
+                assert time.monotonic() < deadline, "the change watch did not hear a write"
+                time.sleep(0.02)
+        assert {c for c, _, _ in got} == {"firewall"}
+        assert not any(replayed for _, _, replayed in got)
+        last = backend.observe("firewall", utcnow() - timedelta(minutes=1))
+        assert last.revision >= max(r for _, r, _ in got) > first.revision
+        assert last.state.active_version == 2
+    finally:
+        handle.cancel()

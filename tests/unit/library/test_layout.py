@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from defender_config import Layout, ParsedKey
+from defender_config import Layout, ParsedKey, viewed_component
 
 
 def test_keys_match_the_contract() -> None:
@@ -91,3 +91,40 @@ def test_names_as_used_by_kubernetes_fit() -> None:
     lay = Layout()
     assert lay.instance("ml-detector", "ml-detector-7c9f8d6b5-x2x9q").endswith("x2x9q")
     assert lay.instance("rag", "node.example.com").endswith("node.example.com")
+
+
+def test_a_key_belongs_to_the_view_of_the_component_whose_view_reads_it() -> None:
+    lay = Layout("/ml-defender")
+    read = [
+        lay.metadata("sniffer"),
+        lay.master_config("sniffer"),
+        lay.freeze("sniffer"),
+        lay.cadence("sniffer"),
+        lay.rollout("sniffer"),
+        lay.alert("sniffer", 12, "ab12"),
+        # The view lists the whole alerts prefix: odd keys under it are read (and skipped) too.
+        lay.component_alerts_dir("sniffer") + "garbage",
+        lay.component_alerts_dir("sniffer") + "deeper/still",
+    ]
+    for key in read:
+        assert viewed_component(lay, key) == "sniffer", key
+        assert viewed_component(lay, key.encode()) == "sniffer", key
+
+
+def test_keys_no_view_reads_belong_to_no_component() -> None:
+    lay = Layout("/ml-defender")
+    unread = [
+        lay.active_config("sniffer"),
+        lay.status("sniffer"),
+        lay.history("sniffer", 3),
+        lay.candidate("sniffer"),
+        lay.instance("sniffer", "pod-1"),  # heartbeats change often and are watched apart
+        lay.owner("sniffer"),
+        lay.keyring_record,
+        lay.alerts_dir + "sniffer",  # not under a component's alerts prefix
+        lay.alerts_dir + "not a name/x",
+        "/ml-defender-other/components/sniffer/metadata",  # another deployment's prefix
+        "/elsewhere",
+    ]
+    for key in unread:
+        assert viewed_component(lay, key) is None, key

@@ -166,6 +166,14 @@ class Harness:
             self.rt, self.body(raw_spec, {}), NAMESPACE, NAME, LOG, self.index()
         )
 
+    def inform(self) -> None:
+        """Feed `rt.changes` from the backend's change watch as `_loops.change_watch` does (but
+        delivered at once, on the writer's thread) and resync it: passes may reuse views."""
+        view = self.rt.changes
+        self.backend.watch_changes(view.apply, lambda exc: view.watch_failed())
+        view.watching = True
+        assert view.resync(view.begin_resync(), self.backend.revision())
+
     def add_pod(self, name: str, age: timedelta = timedelta(hours=1)) -> None:
         self.pods[name] = Pod(name, f"uid-{name}", utcnow() - age, deleting=False)
 

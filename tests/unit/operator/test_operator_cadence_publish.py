@@ -5,6 +5,7 @@ matches, and a failed write costs a warning and a metric, never the pass."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -14,11 +15,12 @@ import pytest
 
 from defender_config import Cadence, StoreUnavailableError
 from defender_operator import _api
+from defender_operator._changes import ChangeView
 from defender_operator._decisions import conditions as c
 from defender_operator._metrics import ERRORS
 from defender_operator._monitor import Observed, Pass, cadence_step
 from defender_operator._outcome import remember
-from defender_operator._runtime import ComponentMemory
+from defender_operator._runtime import ComponentMemory, Runtime
 
 LOG = logging.getLogger("test.cadence")
 SPEC = _api.parse_spec(
@@ -45,7 +47,8 @@ class Backend:
 
 
 def publish(backend: Backend, mem: ComponentMemory) -> None:
-    rt: Any = SimpleNamespace(backend=backend, identity="op-0")
+    rt: Any = SimpleNamespace(backend=backend, identity="op-0", changes=ChangeView())
+    rt.write = functools.partial(Runtime.write, rt)
     p = Pass(rt, {}, "default", "sniffer", 1, SPEC, {}, LOG, datetime.now(UTC))
     seen = Observed(etcd_ok=True, cadence=backend.stored)
     remember(mem, asyncio.run(cadence_step(p, seen, mem)))
