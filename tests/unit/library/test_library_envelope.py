@@ -31,7 +31,7 @@ from defender_config import (
     is_envelope,
 )
 from defender_config._codecs import AES256GCM, compressor_by_name
-from defender_config._envelope import MAGIC, _worth_trying
+from defender_config._envelope import _CHECKED, _CHECKED_MAX, MAGIC, _worth_trying
 
 PATH = "/ml-defender/components/detector/active_config"
 PLAIN = EnvelopeOptions(compress=False, encrypt=False)
@@ -499,6 +499,101 @@ def test_rotation_window(config_bytes: bytes) -> None:
     with pytest.raises(UnknownKeyError, match="retired") as info:
         env4.open(old_blob, PATH)
     assert info.value.retired and info.value.known_key_ids == (new_id,)
+
+
+class SwitchableKeyring:
+    """A keyring provider whose keyring the test replaces, as a KeyringSource reload does."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+
+    def current(self) -> Keyring:
+        return self.keyring
+
+
+def test_one_envelope_follows_every_rotation_stage(config_bytes: bytes) -> None:
+    # The same envelope through all stages: what it decrypts changes with the keyring even
+    # after it has opened values with each key (and cached their AEADs).
+    stage0 = Keyring.generate()
+    old_id = stage0.primary.key_id
+    provider = SwitchableKeyring(stage0)
+    env = Envelope(provider)
+    old_blob = env.seal(config_bytes, PATH)
+    assert env.open(old_blob, PATH) == config_bytes
+
+    stage1 = stage0.with_new_decrypt_only()
+    new_id = stage1.key_ids[-1]
+    new_blob = Envelope(stage1.promote(new_id)).seal(config_bytes, PATH)
+    with pytest.raises(UnknownKeyError):  # stage 0 does not know the new key yet
+        env.open(new_blob, PATH)
+
+    provider.keyring = stage1
+    assert env.open(new_blob, PATH) == config_bytes
+    provider.keyring = stage2 = stage1.promote(new_id)
+    assert env.open(old_blob, PATH) == config_bytes
+    assert env.open(new_blob, PATH) == config_bytes
+
+    provider.keyring = stage4 = stage2.retire(old_id)
+    with pytest.raises(UnknownKeyError, match="retired"):
+        env.open(old_blob, PATH)
+    assert env.open(new_blob, PATH) == config_bytes
+
+    provider.keyring = stage4.remove(old_id)
+    with pytest.raises(UnknownKeyError) as info:
+        env.open(old_blob, PATH)
+    assert not info.value.retired
+
+    provider.keyring = stage2  # a rollback to an older Secret makes the old key usable again
+    assert env.open(old_blob, PATH) == config_bytes
+
+
+def test_a_header_seen_before_still_has_the_rest_of_its_value_checked(
+    envelope: Envelope, config_bytes: bytes
+) -> None:
+    # Checked headers are cached by their bytes; nothing about the body may be.
+    blob = envelope.seal(config_bytes, PATH)
+    assert envelope.open(blob, PATH) == config_bytes
+    header_len = inspect(blob).header_length
+    tampered = bytearray(blob)
+    tampered[-1] ^= 0x01
+    with pytest.raises(AuthenticationFailedError):
+        envelope.open(bytes(tampered), PATH)
+    with pytest.raises(SizeAnomalyError, match="nonce and tag"):
+        envelope.open(blob[: header_len + 20], PATH)
+    with pytest.raises(SizeAnomalyError, match="truncated in its key id"):
+        envelope.open(blob[: header_len - 1], PATH)
+    with pytest.raises(AuthenticationFailedError):
+        envelope.open(blob, PATH + "/elsewhere")
+    with pytest.raises(SizeAnomalyError, match="declared size over the cap"):
+        envelope.open(blob, PATH, EnvelopeOptions(max_decompressed_bytes=100))
+    with pytest.raises(UnknownKeyError):
+        Envelope(Keyring.generate()).open(blob, PATH)
+    assert envelope.open(blob, PATH) == config_bytes
+
+
+def test_a_refused_header_is_refused_every_time(keyring: Keyring) -> None:
+    unknown_codec = craft(b"abc", declared=3, flags=1, comp=0x7F)
+    mismatch = craft(b"abc", declared=3, flags=0, comp=1)
+    for _ in range(2):
+        with pytest.raises(UnknownCodecError):
+            Envelope(None, PLAIN).open(unknown_codec, PATH)
+        with pytest.raises(CodecMismatchError):
+            Envelope(None, PLAIN).open(mismatch, PATH)
+    assert bytes(unknown_codec[:13]) not in _CHECKED and bytes(mismatch[:13]) not in _CHECKED
+
+
+def test_a_reader_requiring_encryption_refuses_a_header_another_reader_accepted() -> None:
+    blob = Envelope(None, COMPRESS_ONLY).seal(b"plain config " * 100, PATH)
+    assert Envelope(None, COMPRESS_ONLY).open(blob, PATH) == b"plain config " * 100
+    with pytest.raises(CodecMismatchError, match="refuse unencrypted"):
+        Envelope(Keyring.generate()).open(blob, PATH)
+
+
+def test_the_header_cache_stays_bounded() -> None:
+    env = Envelope(None, PLAIN)
+    for size in range(1, _CHECKED_MAX + 50):
+        assert env.open(craft(b"x" * size, declared=size, flags=0, comp=0), PATH) == b"x" * size
+    assert 0 < len(_CHECKED) <= _CHECKED_MAX
 
 
 def test_needs_reseal_on_codec_changes(keyring: Keyring, config_bytes: bytes) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from defender_config import (
+    AuthenticationFailedError,
     Envelope,
     Key,
     Keyring,
@@ -276,6 +277,49 @@ def test_envelope_follows_the_source(tmp_path: Path) -> None:
     mount.write(stage2.to_json())
     assert inspect(env.seal(b"v" * 500, "/p")).key_id == "k-next"
     assert env.open(old_blob, "/p") == b"v" * 500
+
+
+def test_a_key_removed_by_a_reload_does_not_stay_usable_through_the_envelope(
+    tmp_path: Path,
+) -> None:
+    # The envelope keeps one AEAD per key for the keyring it saw last; every reload must
+    # start over, so what decrypts is always what the current keyring allows.
+    stage0 = Keyring.generate()
+    old_id = stage0.primary.key_id
+    mount = SecretMount(tmp_path / "secret")
+    mount.write(stage0.to_json())
+    source = KeyringSource(mount.root, poll_seconds=0.0)
+    env = Envelope(source)
+    old_blob = env.seal(b"v" * 500, "/p")
+    assert env.open(old_blob, "/p") == b"v" * 500  # the old key's AEAD is now cached
+
+    stage2 = stage0.with_new_decrypt_only("k-next").promote("k-next")
+    mount.write(stage2.retire(old_id).to_json())
+    with pytest.raises(UnknownKeyError, match="retired"):
+        env.open(old_blob, "/p")
+
+    mount.write(stage2.retire(old_id).remove(old_id).to_json())
+    with pytest.raises(UnknownKeyError) as info:
+        env.open(old_blob, "/p")
+    assert not info.value.retired and info.value.known_key_ids == ("k-next",)
+
+
+def test_a_key_id_reloaded_with_other_material_opens_nothing_sealed_with_the_old(
+    tmp_path: Path,
+) -> None:
+    ring = Keyring.generate()
+    mount = SecretMount(tmp_path / "secret")
+    mount.write(ring.to_json())
+    source = KeyringSource(mount.root, poll_seconds=0.0)
+    env = Envelope(source)
+    blob = env.seal(b"v" * 500, "/p")
+    assert env.open(blob, "/p") == b"v" * 500
+
+    impostor = Keyring([Key.generate(key_id=ring.primary.key_id)])
+    mount.write(impostor.to_json())
+    with pytest.raises(AuthenticationFailedError) as info:
+        env.open(blob, "/p")
+    assert info.value.fingerprint == impostor.primary.fingerprint
 
 
 def test_broken_update_keeps_the_last_good_keyring(

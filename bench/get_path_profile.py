@@ -1,0 +1,103 @@
+"""Where a library get spends its time beyond raw pyetcd (issue 17's point 7), in µs.
+
+Run: .venv/bin/python bench/get_path_profile.py [--ops N]
+For config (JSON) and random values it prints, each a median:
+
+* open hot      Envelope.open of the same blob in a loop (warm caches);
+* open in situ  Envelope.open right after a real get from etcd (what a get actually pays);
+* get p50       raw pyetcd, EtcdStore and DefenderClient.get_sealed, interleaved op by op in a
+                random order like bench_kv, and the library/raw ratio.
+
+The in-situ open is several times the hot one: after ~0.7 ms waiting on the network the CPU's
+caches no longer hold the cipher's and zstd's code and tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+import pyetcd
+from prometheus_client import CollectorRegistry
+
+from bench_support import config_bytes, etcd_cluster, store_for
+from defender_config import DefenderClient, Keyring, LibrarySettings
+from defender_config.store import parse_endpoint
+
+CASES = [("config", 1 << 10), ("config", 4 << 10), ("config", 16 << 10), ("config", 256 << 10)]
+CASES += [("random", 1 << 10), ("random", 16 << 10), ("random", 256 << 10)]
+
+
+def profile(kind: str, size: int, raw: Any, store: Any, lib: DefenderClient, ops: int) -> str:
+    """One line of the table for `kind` data of `size` bytes."""
+    data = config_bytes(size) if kind == "config" else os.urandom(size)
+    base = f"/bench/profile/{kind}/{size}"
+    raw.put(base + "/raw", data)
+    store.put(base + "/store", data)
+    lib_key = lib.layout.prefix + base + "/library"
+    lib.put_sealed(lib_key, data)
+    blob = lib.seal(lib_key, data)
+    n = max(50, 20000 // (size >> 10))
+    hot = min(timeit.repeat(lambda: lib.envelope.open(blob, lib_key), number=n)) / n
+    fns: dict[str, Callable[[], object]] = {
+        "raw": lambda: raw.get(base + "/raw"),
+        "store": lambda: store.get(base + "/store"),
+        "lib": lambda: lib.get_sealed(lib_key),
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    in_situ: list[float] = []
+    names = list(fns)
+    rng = random.Random(size)
+    for _ in range(ops):
+        rng.shuffle(names)
+        for name in names:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+        stored = lib.store.get(lib_key)
+        assert stored is not None
+        t = time.perf_counter()
+        lib.envelope.open(stored.value, lib_key)
+        in_situ.append(time.perf_counter() - t)
+    p50 = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+    return (
+        f"{kind + ' ' + str(size >> 10) + 'K':<12}{hot * 1e6:9.1f}"
+        f"{statistics.median(in_situ) * 1e6:9.1f}{p50['raw']:7.0f}{p50['store']:7.0f}"
+        f"{p50['lib']:7.0f}  {p50['lib'] / p50['raw']:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ops", type=int, default=1000, help="gets per client and case")
+    args = parser.parse_args()
+    with etcd_cluster() as cluster:
+        leader = cluster.wait_for_leader()
+        host, port, _ = parse_endpoint(leader)
+        raw = pyetcd.client(host, port, timeout=10)
+        store = store_for([leader], timeout_seconds=10)
+        lib = DefenderClient(
+            LibrarySettings(etcd=store.settings, prefix="/bench"),
+            Keyring.generate(),
+            store=store_for([leader], timeout_seconds=10),
+            registry=CollectorRegistry(),
+            alert_sinks=[],
+        )
+        print(f"{'case':<12}{'open hot':>9}{'in situ':>9}{'raw':>7}{'store':>7}{'lib':>7}  lib/raw")
+        try:
+            for kind, size in CASES:
+                print(profile(kind, size, raw, store, lib, args.ops), flush=True)
+        finally:
+            raw.close()
+            store.close()
+            lib.store.close()
+
+
+if __name__ == "__main__":
+    main()
