@@ -19,12 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pyetcd
-from prometheus_client import CollectorRegistry
-
-from bench_support import config_bytes, etcd_cluster, store_for, summary, write_result
-from defender_config import DefenderClient, Keyring, LibrarySettings
-from defender_config.store import parse_endpoint
+from bench_support import config_bytes, summary, three_clients, write_result
+from defender_config import DefenderClient
 
 SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
 TARGET_RATIO = 1.05
@@ -45,35 +41,19 @@ def ops_for(size: int, quick: bool) -> tuple[int, int]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
-    with etcd_cluster() as cluster:
-        leader = cluster.wait_for_leader()
-        host, port, _ = parse_endpoint(leader)
-        raw = pyetcd.client(host, port, timeout=10)
-        store = store_for([leader], timeout_seconds=10)
-        lib = DefenderClient(
-            LibrarySettings(etcd=store.settings, prefix="/bench"),
-            Keyring.generate(),
-            store=store_for([leader], timeout_seconds=10),
-            registry=CollectorRegistry(),
-            alert_sinks=[],
-        )
-        try:
-            for kind in ("config", "random"):
-                for size in SIZES:
-                    data = config_bytes(size) if kind == "config" else os.urandom(size)
-                    results.append(measure(kind, size, data, raw, store, lib, quick))
-                    r = results[-1]
-                    print(
-                        f"{kind:7s} {size:>8d} B  put raw {r['put']['raw']['p50'] * 1e3:7.2f} ms"
-                        f"  lib {r['put']['library']['p50'] * 1e3:7.2f} ms"
-                        f" (x{r['ratio_put_p50']:.3f})  get raw "
-                        f"{r['get']['raw']['p50'] * 1e3:6.2f} ms  lib "
-                        f"{r['get']['library']['p50'] * 1e3:6.2f} ms (x{r['ratio_get_p50']:.3f})"
-                    )
-        finally:
-            raw.close()
-            store.close()
-            lib.store.close()
+    with three_clients() as (raw, store, lib):
+        for kind in ("config", "random"):
+            for size in SIZES:
+                data = config_bytes(size) if kind == "config" else os.urandom(size)
+                results.append(measure(kind, size, data, raw, store, lib, quick))
+                r = results[-1]
+                print(
+                    f"{kind:7s} {size:>8d} B  put raw {r['put']['raw']['p50'] * 1e3:7.2f} ms"
+                    f"  lib {r['put']['library']['p50'] * 1e3:7.2f} ms"
+                    f" (x{r['ratio_put_p50']:.3f})  get raw "
+                    f"{r['get']['raw']['p50'] * 1e3:6.2f} ms  lib "
+                    f"{r['get']['library']['p50'] * 1e3:6.2f} ms (x{r['ratio_get_p50']:.3f})"
+                )
     worst_put = max(r["ratio_put_p50"] for r in results)
     worst_get = max(r["ratio_get_p50"] for r in results)
     return {

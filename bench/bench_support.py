@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyetcd
 from prometheus_client import CollectorRegistry
 
-from defender_config import EtcdSettings
-from defender_config.store import EtcdStore
+from defender_config import DefenderClient, EtcdSettings, Keyring, LibrarySettings
+from defender_config.store import EtcdStore, parse_endpoint
 from defender_devcluster import EtcdCluster, etcd_client_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,31 @@ def settings_for(endpoints: Sequence[str], **overrides: Any) -> EtcdSettings:
 
 def store_for(endpoints: Sequence[str], **overrides: Any) -> EtcdStore:
     return EtcdStore(settings_for(endpoints, **overrides), registry=CollectorRegistry())
+
+
+@contextmanager
+def three_clients() -> Iterator[tuple[Any, EtcdStore, DefenderClient]]:
+    """A fresh 3-member etcd and three clients of its leader, for library-vs-raw comparisons:
+    pyetcd's own client (raw bytes), the library's EtcdStore (no envelope), and a
+    DefenderClient with a generated keyring (zstd + AES-256-GCM envelope)."""
+    with etcd_cluster() as cluster:
+        leader = cluster.wait_for_leader()
+        host, port, _ = parse_endpoint(leader)
+        raw = pyetcd.client(host, port, timeout=10)
+        store = store_for([leader], timeout_seconds=10)
+        lib = DefenderClient(
+            LibrarySettings(etcd=store.settings, prefix="/bench"),
+            Keyring.generate(),
+            store=store_for([leader], timeout_seconds=10),
+            registry=CollectorRegistry(),
+            alert_sinks=[],
+        )
+        try:
+            yield raw, store, lib
+        finally:
+            raw.close()
+            store.close()
+            lib.store.close()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

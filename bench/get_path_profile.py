@@ -23,12 +23,8 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-import pyetcd
-from prometheus_client import CollectorRegistry
-
-from bench_support import config_bytes, etcd_cluster, store_for
-from defender_config import DefenderClient, Keyring, LibrarySettings
-from defender_config.store import parse_endpoint
+from bench_support import config_bytes, three_clients
+from defender_config import DefenderClient
 
 CASES = [("config", 1 << 10), ("config", 4 << 10), ("config", 16 << 10), ("config", 256 << 10)]
 CASES += [("random", 1 << 10), ("random", 16 << 10), ("random", 256 << 10)]
@@ -77,26 +73,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ops", type=int, default=1000, help="gets per client and case")
     args = parser.parse_args()
-    with etcd_cluster() as cluster:
-        leader = cluster.wait_for_leader()
-        host, port, _ = parse_endpoint(leader)
-        raw = pyetcd.client(host, port, timeout=10)
-        store = store_for([leader], timeout_seconds=10)
-        lib = DefenderClient(
-            LibrarySettings(etcd=store.settings, prefix="/bench"),
-            Keyring.generate(),
-            store=store_for([leader], timeout_seconds=10),
-            registry=CollectorRegistry(),
-            alert_sinks=[],
-        )
+    with three_clients() as (raw, store, lib):
         print(f"{'case':<12}{'open hot':>9}{'in situ':>9}{'raw':>7}{'store':>7}{'lib':>7}  lib/raw")
-        try:
-            for kind, size in CASES:
-                print(profile(kind, size, raw, store, lib, args.ops), flush=True)
-        finally:
-            raw.close()
-            store.close()
-            lib.store.close()
+        for kind, size in CASES:
+            print(profile(kind, size, raw, store, lib, args.ops), flush=True)
 
 
 if __name__ == "__main__":
