@@ -5,6 +5,8 @@ heartbeater renewing on its own as before the keeper; many heartbeaters share on
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +59,10 @@ def keeper_threads() -> list[threading.Thread]:
 
 def sample(client: DefenderClient, name: str, **labels: str) -> float:
     return client.store.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def handbacks(client: DefenderClient, reason: str) -> float:
+    return sample(client, "defender_etcd_kept_lease_handbacks_total", reason=reason)
 
 
 @pytest.fixture
@@ -137,42 +143,87 @@ def failover_client(
     c.close()
 
 
+def on_a_follower(client: DefenderClient, cluster: EtcdCluster) -> int:
+    """Point the client at a follower (before its keep-alive stream opens): killing or freezing
+    that member then tests the stream, not a leader election. Returns the member's index."""
+    leader = cluster.wait_for_leader()
+    follower = next(e for e in cluster.endpoints if e != leader)
+    with client.store._client._ep_lock:
+        client.store._client._current_endpoint_label = follower.split("://")[-1]
+    return cluster.endpoints.index(follower)
+
+
+def stream_member(client: DefenderClient, cluster: EtcdCluster) -> int:
+    stream = client.store._keepalive._stream
+    assert stream is not None
+    return [e.split("://")[-1] for e in cluster.endpoints].index(stream.label)
+
+
 def test_the_member_under_the_stream_dying_hangs_nobody_and_beats_go_on(
     members_restored: EtcdCluster, failover_client: DefenderClient
 ) -> None:
     client, cluster = failover_client, members_restored
+    victim = on_a_follower(client, cluster)
     beaters = [beater(client, f"s-{i}", allowed_misses=6) for i in range(5)]
     try:
         wait_for("all kept", lambda: all(kept(client, hb) for hb in beaters), timeout=10)
         wait_for("a keep-alive stream", lambda: client.store._keepalive._stream, timeout=10)
+        assert stream_member(client, cluster) == victim
         stream = client.store._keepalive._stream
-        assert stream is not None
-        victim = [e.split("://")[-1] for e in cluster.endpoints].index(stream.label)
         cluster.kill_member(victim)
-        # The keeper hands the leases back; each heartbeater renews through the store's retries
-        # on a new stream to a live member, and hands them to the keeper again.
-        wait_for(
-            "the leases handed back",
-            lambda: (
-                sample(client, "defender_etcd_kept_lease_handbacks_total", reason="stream_failed")
-                + sample(client, "defender_etcd_kept_lease_handbacks_total", reason="no_stream")
-                + sample(client, "defender_etcd_kept_lease_handbacks_total", reason="timeout")
-                >= 1
-            ),
-            timeout=15,
-        )
-        wait_for("all kept again", lambda: all(kept(client, hb) for hb in beaters), timeout=15)
+        # Keep-alives in flight fail with the stream and go back to their heartbeaters, which
+        # renew through the store's retries; the next burst opens a stream to a live member.
         beats = [hb.beats for hb in beaters]
         wait_for(
-            "beats on the new stream",
-            lambda: all(hb.beats >= b + 3 for hb, b in zip(beaters, beats, strict=True)),
+            "beats on a new stream",
+            lambda: all(hb.beats >= b + 4 for hb, b in zip(beaters, beats, strict=True)),
             timeout=15,
         )
         new = client.store._keepalive._stream
-        assert new is not None and new is not stream and new.label != stream.label
+        assert new is not None and new is not stream and stream_member(client, cluster) != victim
+        wait_for("all kept again", lambda: all(kept(client, hb) for hb in beaters), timeout=15)
         assert all(hb.regrants == 0 for hb in beaters), "no lease expired meanwhile"
         keys = Registry(client).list_instances("sniffer")
         assert sorted(h.instance for h in keys) == [f"s-{i}" for i in range(5)]
+    finally:
+        for hb in beaters:
+            hb.stop()
+
+
+def test_a_frozen_member_under_the_stream_times_out_and_the_leases_go_back(
+    members_restored: EtcdCluster, failover_client: DefenderClient
+) -> None:
+    """SIGSTOP: the connection stays open and nothing answers. The keeper resets the stream
+    after the request timeout and hands the leases back; each heartbeater renews on another
+    member and the keeper takes the lease again. No caller waits longer than the timeout."""
+    client, cluster = failover_client, members_restored
+    victim = on_a_follower(client, cluster)
+    beaters = [beater(client, f"s-{i}", allowed_misses=10) for i in range(5)]
+    try:
+        wait_for("all kept", lambda: all(kept(client, hb) for hb in beaters), timeout=10)
+        wait_for("a keep-alive stream", lambda: client.store._keepalive._stream, timeout=10)
+        assert stream_member(client, cluster) == victim
+        pid = cluster.member_pids[victim]
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(
+                "the leases handed back",
+                lambda: handbacks(client, "stream_failed") + handbacks(client, "timeout") >= 5,
+                timeout=15,
+            )
+            wait_for("all kept again", lambda: all(kept(client, hb) for hb in beaters), timeout=15)
+            assert stream_member(client, cluster) != victim
+            beats = [hb.beats for hb in beaters]
+            wait_for(
+                "beats on the new stream",
+                lambda: all(hb.beats >= b + 3 for hb, b in zip(beaters, beats, strict=True)),
+                timeout=15,
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert all(hb.regrants == 0 for hb in beaters), "no lease expired meanwhile"
+        assert all(hb.own_beats >= 2 for hb in beaters), "each renewed once on its own thread"
     finally:
         for hb in beaters:
             hb.stop()
