@@ -165,13 +165,14 @@ class Heartbeater:
     record says why in `last_error`, written once without renewing.
 
     Steady beats without a gate are sent by the store's keeper thread (one per store, on a
-    shared tick: a beat is at most half a tick off its grid, i.e. an eighth of the interval and
-    never more than 125 ms, unless the process is starved); this thread wakes only for a change, a cadence push, stop, or a lease the keeper
-    gave back (expired: regranted and rewritten; the stream failed or timed out: renewed here
-    through the store's retries, counted in `failures` and retried with backoff if that fails
-    too). A heartbeater with a gate renews from its own thread, one wake-up per beat: the gate
-    is the caller's code, and asking it on the keeper's thread would let one slow gate delay
-    every other instance's renewals.
+    shared tick: a beat is at most half a tick off its grid, at most an eighth of the interval
+    and never more than 125 ms, unless the process is starved); this thread wakes only for a
+    change, a cadence push, stop, or a lease the keeper gave back (expired: regranted and
+    rewritten; the stream failed or timed out: renewed here through the store's retries,
+    counted in `failures` and retried with backoff if that fails too). A heartbeater with a
+    gate renews from its own thread, one wake-up per beat: the gate is the caller's code (the
+    agent's runs a health check), and asking it on the keeper's thread would let one slow gate
+    delay every other instance's renewals.
     """
 
     _MUTABLE = frozenset(

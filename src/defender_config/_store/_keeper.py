@@ -3,10 +3,10 @@
 A lease renewed by its owner's own thread costs that thread a wake-up per beat, and the answer
 (a Future resolved on the stream's reader thread) wakes it again: with a hundred heartbeaters in
 a process those wake-ups cost more CPU than the keep-alive itself. A kept lease costs its owner
-nothing per beat: the keeper thread wakes once per tick (`_keeper_schedule.tick_seconds`), puts
-every lease that is due on the store's shared LeaseKeepAlive stream in one burst, and the
-stream's reader thread records each answer (`on_renewed`). The owner's thread sleeps until it
-is needed.
+nothing per beat: the keeper thread wakes once per tick (`_keeper_schedule.tick_seconds`: short
+enough that a tick sends some tens of leases, not hundreds), puts every lease that is due on
+the store's shared LeaseKeepAlive stream in one burst, and the stream's reader thread records
+each answer (`on_renewed`). The owner's thread sleeps until it is needed.
 
 The keeper hands a lease back (removes it and calls `on_lost` once, from whichever thread
 noticed) when it cannot vouch for it: the answer says TTL 0 (expired), the stream failed, no
@@ -169,7 +169,7 @@ class LeaseKeeper:
                         why = ("closed", "the store was closed")
                         return
                     idle = not self._kept
-                    tick = tick_seconds(self._intervals.shortest())
+                    tick = tick_seconds(self._intervals.shortest(), len(self._kept))
                 if idle and not self._bursts:
                     # Nothing to renew and nothing in flight: no ticks until a `keep`.
                     self._wake.wait()

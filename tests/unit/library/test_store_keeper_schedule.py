@@ -29,6 +29,20 @@ def test_the_tick_is_a_quarter_of_the_shortest_interval_within_bounds(
     assert tick_seconds(shortest) == pytest.approx(tick)
 
 
+@pytest.mark.parametrize(
+    ("kept", "tick"),
+    [
+        (10, 0.25),
+        (100, 0.25),  # 25 leases a tick
+        (500, 0.1),  # 50 a tick rather than 125
+        (1000, 0.05),
+        (5000, 0.05),  # the floor holds: 250 a tick
+    ],
+)
+def test_many_leases_shorten_the_tick_so_a_burst_stays_small(kept: int, tick: float) -> None:
+    assert tick_seconds(1.0, kept) == pytest.approx(tick)
+
+
 def test_a_lease_sent_late_stays_on_its_grid() -> None:
     # Due at 10.0, sent at 10.1 (a tick later): next due 11.0, not 11.1.
     assert next_due(10.0, 1.0, now=10.1) == 11.0
