@@ -22,6 +22,7 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     Registry,
+    StoreError,
 )
 from defender_devcluster import EtcdCluster, wait_for
 
@@ -322,3 +323,25 @@ def test_closing_the_store_hands_the_leases_back_and_ends_the_threads(
         timeout=20,
     )
     assert sample(c, "defender_etcd_kept_lease_handbacks_total", reason="closed") == 3
+
+
+def test_a_keeper_that_refuses_the_lease_leaves_the_beats_on_the_heartbeaters_thread(
+    client: DefenderClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hb = beater(client, "s-0")
+    try:
+        wait_for("kept", lambda: kept(client, hb), timeout=10)
+        real = client.store.keep_lease
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise StoreError("the EtcdStore is closed; create a new one")
+
+        monkeypatch.setattr(client.store, "keep_lease", refuse)
+        hb.update(config_version=2)  # wakes the thread: it takes the lease back and beats
+        own = hb.own_beats
+        wait_for("beats on its own thread", lambda: hb.own_beats >= own + 3, timeout=10)
+        assert not kept(client, hb) and (hb.failures, hb.regrants) == (0, 0)
+        monkeypatch.setattr(client.store, "keep_lease", real)
+        wait_for("kept again", lambda: kept(client, hb), timeout=10)
+    finally:
+        hb.stop()
