@@ -382,7 +382,7 @@ class StoreMetrics:
         self.kept_handbacks = Counter(
             "defender_etcd_kept_lease_handbacks",
             "Kept leases the keeper gave back to their owner, by reason (expired, "
-            "stream_failed, timeout, no_stream, closed, keeper_ended).",
+            "stream_failed, timeout, no_stream, closed, tick_failed, keeper_ended).",
             ["reason"],
             registry=self.registry,
         )

@@ -11,10 +11,10 @@ each answer (`on_renewed`). The owner's thread sleeps until it is needed.
 The keeper hands a lease back (removes it and calls `on_lost` once, from whichever thread
 noticed) when it cannot vouch for it: the answer says TTL 0 (expired), the stream failed, no
 answer came within the request timeout (the stream is reset, as `KeepAliveMux.refresh` does), no
-stream could be opened, or the store was closed. The owner then renews on its own, through the
-store's retry loop, and counts and backs off from failures as it would without a keeper; once it
-succeeded it hands the lease to the keeper again. Nothing here waits on etcd, so a failure never
-blocks the keeper or an owner.
+stream could be opened, a tick failed (a bug), or the store was closed. The owner then renews
+on its own, through the store's retry loop, and counts and backs off from failures as it would
+without a keeper; once it succeeded it hands the lease to the keeper again. Nothing here
+waits on etcd, so a failure never blocks the keeper or an owner.
 
 Callbacks run on the stream's reader thread (or on the keeper's, or on a thread that failed the
 stream): they must be quick and must not call back into the keeper while holding their own
@@ -45,11 +45,18 @@ from ._pyetcd import _SharedClient
 log = logging.getLogger("defender_config.store")
 
 # Why a lease was handed back: the `reason` label of the handbacks counter (a fixed set).
-HandBack = Literal["expired", "stream_failed", "timeout", "no_stream", "closed", "keeper_ended"]
+HandBack = Literal[
+    "expired", "stream_failed", "timeout", "no_stream", "closed", "tick_failed", "keeper_ended"
+]
 
 # After a timed-out stream was reset, how long its unanswered keep-alives may still be resolved
 # by another thread (an answer or the reset's failure on its way) before they are handed back.
 _SETTLE_SECONDS: Final = 1.0
+
+# After a tick failed (a bug), how long `keep` refuses leases: their owners renew on their own
+# at their interval meanwhile, instead of handing over, being handed back by the next failing
+# tick and beating again at once, every tick.
+_COOL_DOWN_SECONDS: Final = 30.0
 
 OnRenewed = Callable[[int], None]
 OnLost = Callable[[str], None]
@@ -101,19 +108,23 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._refuse_until = 0.0  # monotonic; see _COOL_DOWN_SECONDS
 
     # --- owners' side ---------------------------------------------------------------------------
 
     def keep(self, lease_id: int, interval: float, on_renewed: OnRenewed, on_lost: OnLost) -> None:
         """Renew `lease_id` every `interval` seconds from now on, until `release` or a hand-back
         (`on_lost`). Keeping a lease already kept replaces its interval and callbacks. Raises
-        StoreError once closed."""
+        StoreError once closed, and for a while after a tick failed (the owner renews on its
+        own meanwhile)."""
         if interval <= 0:
             raise ValueError("a kept lease needs an interval above 0")
         kept = _Kept(lease_id, interval, on_renewed, on_lost, due=self._clock() + interval)
         with self._lock:
             if self._closed:
                 raise StoreError("the EtcdStore is closed; create a new one")
+            if self._clock() < self._refuse_until:
+                raise StoreError("the lease keeper failed a tick just now; renew on your own")
             self._forget(lease_id)
             was_idle = not self._kept
             self._kept[lease_id] = kept
@@ -181,9 +192,14 @@ class LeaseKeeper:
                     self._check_bursts(now)
                     self._send_due(now, tick)
                 except Exception:
-                    # A bug must not end every lease's renewals: the next tick tries again, and
-                    # a lease whose keep-alive got lost in it times out and is handed back.
-                    log.exception("lease keeper: a tick failed; the next one carries on")
+                    # A bug here must not silence renewals while the owners sleep: every lease
+                    # goes back to its owner, which renews on its own and hands it over again
+                    # after its next beat (a keeper that keeps failing costs the owners' own
+                    # wake-ups, never a lease).
+                    log.exception("lease keeper: a tick failed; its leases go back to their owners")
+                    with self._lock:
+                        self._refuse_until = self._clock() + _COOL_DOWN_SECONDS
+                    self._hand_back_all("tick_failed", "a keeper tick failed")
                 next_tick += tick
                 now = self._clock()
                 if next_tick <= now:

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from defender_config import StoreError
+from defender_config._store import _keeper
 from defender_config._store._keepalive import KeepAliveMux, _Closed, _Failure
 from defender_config._store._keeper import LeaseKeeper
 from defender_config._store_types import StoreMetrics
@@ -373,10 +374,17 @@ def test_one_thread_renews_every_lease_on_ticks_and_sleeps_while_none_is_kept(
     assert keeper.thread is None
 
 
-def test_a_tick_that_fails_is_logged_and_the_next_one_carries_on(
-    mux: FakeMux, metrics: StoreMetrics, caplog: pytest.LogCaptureFixture
+def test_a_tick_that_fails_hands_every_lease_back_and_refuses_leases_for_a_while(
+    mux: FakeMux,
+    metrics: StoreMetrics,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A keeper bug must not silence renewals while their owners sleep, nor make them beat at
+    every tick (handed over, handed back, beat at once): for a while they renew on their own."""
+    monkeypatch.setattr(_keeper, "_COOL_DOWN_SECONDS", 0.5)
     keeper = real_keeper(mux, metrics)
+    mux.current.auto_ttl = 3
     calls = [0]
     real_send = keeper._send_due
 
@@ -391,9 +399,16 @@ def test_a_tick_that_fails_is_logged_and_the_next_one_carries_on(
     try:
         with caplog.at_level(logging.ERROR, logger="defender_config.store"):
             keeper.keep(1, 0.2, owner.on_renewed, owner.on_lost)
-            wait_for("a keep-alive after the failed tick", lambda: mux.current.sent, timeout=10)
-        assert "a tick failed; the next one carries on" in caplog.text
-        assert owner.lost == []
+            wait_for("the hand-back", lambda: owner.lost, timeout=10)
+        assert "a tick failed; its leases go back to their owners" in caplog.text
+        assert owner.lost == ["a keeper tick failed"] and handbacks(metrics, "tick_failed") == 1
+        with pytest.raises(StoreError, match="failed a tick just now"):
+            keeper.keep(1, 0.2, owner.on_renewed, owner.on_lost)
+        # Later the owner hands the lease over again after a beat of its own: it is renewed.
+        time.sleep(0.6)
+        keeper.keep(1, 0.2, owner.on_renewed, owner.on_lost)
+        wait_for("renewed", lambda: owner.renewed, timeout=10)
+        assert owner.lost == ["a keeper tick failed"]
     finally:
         keeper.close()
 
