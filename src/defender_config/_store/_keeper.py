@@ -39,7 +39,7 @@ import grpc
 from .._errors import StoreError
 from .._store_types import StoreMetrics
 from ._keepalive import KeepAliveMux, _Failure, _Stream
-from ._keeper_schedule import DueSchedule, IntervalCounts, next_due, tick_seconds
+from ._keeper_schedule import DueSchedule, IntervalCounts, next_due, next_wake, tick_seconds
 from ._pyetcd import _SharedClient
 
 log = logging.getLogger("defender_config.store")
@@ -109,6 +109,7 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._refuse_until = 0.0  # monotonic; see _COOL_DOWN_SECONDS
+        self._sleep_until = 0.0  # when the keeper thread wakes next (a sooner lease wakes it)
 
     # --- owners' side ---------------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class LeaseKeeper:
             if self._clock() < self._refuse_until:
                 raise StoreError("the lease keeper failed a tick just now; renew on your own")
             self._forget(lease_id)
-            was_idle = not self._kept
+            wake = not self._kept or kept.due < self._sleep_until
             self._kept[lease_id] = kept
             self._schedule.add(lease_id, kept.due)
             self._intervals.add(interval)
@@ -135,7 +136,7 @@ class LeaseKeeper:
                     target=self._run, name="defender-lease-keeper", daemon=True
                 )
                 self._thread.start()
-        if was_idle:
+        if wake:
             self._wake.set()
 
     def release(self, lease_id: int) -> bool:
@@ -173,7 +174,9 @@ class LeaseKeeper:
     def _run(self) -> None:
         why: tuple[HandBack, str] = ("keeper_ended", "the keeper thread ended unexpectedly")
         try:
-            next_tick = self._clock()
+            # The ticks are anchor + k x tick: a lease's beats stay on one grid (see
+            # `_keeper_schedule`); a new tick length starts a new grid.
+            anchor, anchored_tick = self._clock(), 0.0
             while True:
                 with self._lock:
                     if self._closed:
@@ -185,8 +188,9 @@ class LeaseKeeper:
                     # Nothing to renew and nothing in flight: no ticks until a `keep`.
                     self._wake.wait()
                     self._wake.clear()
-                    next_tick = self._clock()
                     continue
+                if tick != anchored_tick:
+                    anchor, anchored_tick = self._clock(), tick
                 try:
                     now = self._clock()
                     self._check_bursts(now)
@@ -200,11 +204,15 @@ class LeaseKeeper:
                     with self._lock:
                         self._refuse_until = self._clock() + _COOL_DOWN_SECONDS
                     self._hand_back_all("tick_failed", "a keeper tick failed")
-                next_tick += tick
                 now = self._clock()
-                if next_tick <= now:
-                    next_tick = now + tick  # fell behind: no catch-up ticks, the grid holds
-                self._wake.wait(next_tick - now)
+                with self._lock:
+                    # Not before the tick the next lease is due on (a lone heartbeater at the
+                    # default 30 s would otherwise cost 120 wake-ups a beat), unless answers
+                    # are outstanding: their timeout is checked on every tick.
+                    wake_at = self._sleep_until = next_wake(
+                        anchor, tick, now, self._schedule.earliest(), bool(self._bursts)
+                    )
+                self._wake.wait(wake_at - now)
                 self._wake.clear()
         finally:
             # Closed, or ended by something no tick caught: the owners renew on their own.

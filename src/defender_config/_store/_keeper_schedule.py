@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Iterable
 from typing import Final
 
@@ -37,6 +38,18 @@ def tick_seconds(shortest_interval: float | None, kept: int = 0) -> float:
     if kept > BURST_TARGET:
         tick = min(tick, shortest_interval * BURST_TARGET / kept)
     return min(TICK_MAX_SECONDS, max(TICK_MIN_SECONDS, tick))
+
+
+def next_wake(
+    anchor: float, tick: float, now: float, earliest: float | None, in_flight: bool
+) -> float:
+    """When the keeper wakes next: the first tick of its grid (`anchor` + k x `tick`) after
+    `now`, and with nothing in flight, not before the first tick that sends the earliest lease
+    (due within half a tick of it). Ticks between them would find nothing to do."""
+    k = math.floor((now - anchor) / tick) + 1
+    if earliest is not None and not in_flight:
+        k = max(k, math.ceil((earliest - tick / 2 - anchor) / tick))
+    return anchor + k * tick
 
 
 def next_due(due: float, interval: float, now: float) -> float:

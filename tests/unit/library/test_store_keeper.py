@@ -374,6 +374,35 @@ def test_one_thread_renews_every_lease_on_ticks_and_sleeps_while_none_is_kept(
     assert keeper.thread is None
 
 
+def test_a_lone_lease_with_a_long_interval_costs_no_tick_in_between(
+    mux: FakeMux, metrics: StoreMetrics
+) -> None:
+    """A single heartbeater at a long interval (the default is 30 s) must not wake the keeper
+    four times a second; a lease due sooner that arrives meanwhile still wakes it."""
+    keeper = real_keeper(mux, metrics)
+    mux.current.auto_ttl = 3
+    ticks = [0]
+    real_send = keeper._send_due
+
+    def counted(now: float, tick: float) -> None:
+        ticks[0] += 1
+        real_send(now, tick)
+
+    keeper._send_due = counted  # type: ignore[method-assign]
+    slow, quick = Owner(), Owner()
+    try:
+        keeper.keep(1, 30.0, slow.on_renewed, slow.on_lost)
+        time.sleep(0.2)  # the runs the start and the keep's wake-up made
+        ticks[0] = 0
+        time.sleep(1.0)
+        assert ticks[0] == 0
+        keeper.keep(2, 0.5, quick.on_renewed, quick.on_lost)
+        wait_for("the quick lease renewed", lambda: len(quick.renewed) >= 2, timeout=5)
+        assert slow.renewed == [] and [lease for lease, _ in mux.current.sent] == [2, 2]
+    finally:
+        keeper.close()
+
+
 def test_a_tick_that_fails_hands_every_lease_back_and_refuses_leases_for_a_while(
     mux: FakeMux,
     metrics: StoreMetrics,

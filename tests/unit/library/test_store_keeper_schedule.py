@@ -9,6 +9,7 @@ from defender_config._store._keeper_schedule import (
     DueSchedule,
     IntervalCounts,
     next_due,
+    next_wake,
     tick_seconds,
 )
 
@@ -41,6 +42,20 @@ def test_the_tick_is_a_quarter_of_the_shortest_interval_within_bounds(
 )
 def test_many_leases_shorten_the_tick_so_a_burst_stays_small(kept: int, tick: float) -> None:
     assert tick_seconds(1.0, kept) == pytest.approx(tick)
+
+
+def test_the_keeper_wakes_on_its_next_tick_while_answers_are_outstanding() -> None:
+    assert next_wake(100.0, 0.25, 100.3, earliest=130.0, in_flight=True) == 100.5
+    assert next_wake(100.0, 0.25, 100.3, earliest=None, in_flight=False) == 100.5
+
+
+def test_the_keeper_sleeps_through_ticks_that_would_send_nothing() -> None:
+    # A lone lease due at 130 (a 30 s interval): the tick at 130.0 sends it (130 - 0.125 ≤ 130).
+    assert next_wake(100.0, 0.25, 100.3, earliest=130.0, in_flight=False) == 130.0
+    # Due within half a tick of the next tick: that tick.
+    assert next_wake(100.0, 0.25, 100.3, earliest=100.6, in_flight=False) == 100.5
+    # Overdue (the keeper fell behind): the next tick, no catch-up ticks in the past.
+    assert next_wake(100.0, 0.25, 103.1, earliest=101.0, in_flight=False) == 103.25
 
 
 def test_a_lease_sent_late_stays_on_its_grid() -> None:
