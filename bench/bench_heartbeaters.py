@@ -1,7 +1,8 @@
 """Many instances heartbeating every 1 s: the library's Heartbeater (one lease keep-alive per
 beat; the JSON record is put only when its content changes, so never in the steady state
-measured here; one thread per instance) vs the old design (a plain put of a timestamp per
-instance, no lease) at the same rate, same process, same etcd.
+measured here; one thread per instance, asleep in the steady state: the store's one keeper
+thread sends the keep-alives) vs the old design (a plain put of a timestamp per instance, no
+lease, one thread per instance) at the same rate, same process, same etcd.
 
 All instances share one DefenderClient in this process (1,000 processes do not fit on this
 machine): the CPU figures are this process's CPU for N instances, i.e. the sum of what N
@@ -52,8 +53,10 @@ class TimedHeartbeater(Heartbeater):
         super().__init__(*args, **kwargs)
         self.done_at: list[float] = []
 
-    def _beat(self, *, initial: bool = False) -> None:
-        super()._beat(initial=initial)
+    def _count_beat(self) -> None:
+        # Every completed beat: one by the heartbeater's own thread, or (steady beats) the
+        # keeper's keep-alive answered, on the stream's reader thread.
+        super()._count_beat()
         self.done_at.append(time.perf_counter())
 
 

@@ -110,13 +110,25 @@ def process_rss_bytes(pid: int) -> int:
     return 0
 
 
+# The load when the benchmark started: when this process started, or when run.py started the
+# benchmark (`mark_start`). It was read when the result was written, i.e. at the end, where a
+# benchmark's own load (and whatever started meanwhile) is already in it.
+_load_at_start = os.getloadavg()
+
+
+def mark_start() -> None:
+    """A benchmark starts now: its result reports the load of this moment as its start."""
+    global _load_at_start
+    _load_at_start = os.getloadavg()
+
+
 def machine() -> dict[str, Any]:
-    load = os.getloadavg()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "loadavg_at_start": [round(x, 2) for x in load],
+        "loadavg_at_start": [round(x, 2) for x in _load_at_start],
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 import time
 
-from bench_support import write_result
+from bench_support import mark_start, write_result
 
 BENCHMARKS = {
     "library": "bench_library",
@@ -41,6 +41,7 @@ def main() -> int:
     if not args.report_only:
         for name in chosen:
             started = time.monotonic()
+            mark_start()
             print(f"== {name}", flush=True)
             module = importlib.import_module(BENCHMARKS[name])
             if name == "library":

@@ -9,6 +9,12 @@ record is written only when its content changes (status, config version/digest, 
 fingerprints, codec, error, cadence) or the key moves to a new lease; its `time` is when it was
 written. How long ago an instance last beat is read from its lease (`Registry.last_seen`).
 
+Steady keep-alives are sent by the store's one keeper thread for every heartbeater of the
+process (`EtcdStore.keep_lease`): a heartbeater's own thread sleeps until something needs it (a
+record change, a cadence push, a lease the keeper gave back, stop), so a steady beat wakes no
+thread of its own. At a hundred heartbeaters per process those wake-ups cost more CPU than the
+keep-alive itself.
+
 The interval and misses come from the component's published cadence (`_cadence`, written by the
 operator from `spec.heartbeat`), pushed to the heartbeaters by one watch per component per client
 (`_cadence_feed`); the instance's own setting is only the fallback while no readable cadence is
@@ -157,6 +163,16 @@ class Heartbeater:
     `gate` is asked before every renewal after the first: while it returns an error the lease
     is not renewed (it expires after its TTL and whoever watches the instance acts), and the
     record says why in `last_error`, written once without renewing.
+
+    Steady beats without a gate are sent by the store's keeper thread (one per store, on a
+    shared tick: a beat is at most half a tick off its grid, at most an eighth of the interval
+    and never more than 125 ms, unless the process is starved); this thread wakes only for a
+    change, a cadence push, stop, or a lease the keeper gave back (expired: regranted and
+    rewritten; the stream failed or timed out: renewed here through the store's retries,
+    counted in `failures` and retried with backoff if that fails too). A heartbeater with a
+    gate renews from its own thread, one wake-up per beat: the gate is the caller's code (the
+    agent's runs a health check), and asking it on the keeper's thread would let one slow gate
+    delay every other instance's renewals.
     """
 
     _MUTABLE = frozenset(
@@ -228,6 +244,8 @@ class Heartbeater:
         # A cadence pushed by the feed, applied by the beat thread: (cadence,) or None.
         self._pushed: tuple[Cadence | None] | None = None
         self._feed_token: int | None = None
+        # The lease the store's keeper renews for this heartbeater (None: this thread renews).
+        self._kept: Lease | None = None
         self.beats = 0
         self.writes = 0
         self.failures = 0
@@ -311,9 +329,12 @@ class Heartbeater:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        # Off the keeper before anything else, so no keep-alive of it races the revoke below.
+        self._take_back()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.client.settings.etcd.timeout_seconds * 2 + 5)
+        self._take_back()  # in case the thread handed it over again before it saw the stop
         if self._feed_token is not None:
             cadence_feed(self.client).unsubscribe(self.component, self._feed_token)
             self._feed_token = None
@@ -452,7 +473,7 @@ class Heartbeater:
                 store.revoke_lease(old)
             except StoreError as exc:
                 log.warning("heartbeat %s: old lease not revoked (it expires): %s", self.key, exc)
-            self.beats += 1
+            self._count_beat()
             return
         must_write = initial or self._changed(record)
         if lease is not None and not initial and store.refresh_lease(lease) <= 0:
@@ -477,6 +498,10 @@ class Heartbeater:
                 lease = store.grant_lease(self.ttl)
                 self._lease, self._lease_ttl = lease, self.ttl
                 self._write(self._stamped(), lease)
+        self._count_beat()
+
+    def _count_beat(self) -> None:
+        """A beat completed: the lease renewed (here or by the keeper) or the key written."""
         self.beats += 1
 
     def _stamped(self) -> Heartbeat:
@@ -484,19 +509,59 @@ class Heartbeater:
             self._record = self._record.model_copy(update={"time": _now()})
             return self._record
 
+    # --- the keeper's side ----------------------------------------------------------------------
+
+    def _hand_over(self) -> bool:
+        """Give the steady beats to the store's keeper; False if this thread keeps them (a gate
+        to ask, no lease, or the store refuses because it is closed)."""
+        lease = self._lease
+        if self._gate is not None or lease is None or self._stopped.is_set():
+            return False
+        try:
+            self.client.store.keep_lease(
+                lease, self.interval, on_renewed=self._kept_renewed, on_lost=self._kept_lost
+            )
+        except StoreError as exc:
+            log.debug("heartbeat %s: beats stay on this thread: %s", self.key, exc)
+            return False
+        self._kept = lease
+        return True
+
+    def _take_back(self) -> None:
+        """Renew from this thread again (before it beats, or before stop revokes)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            self.client.store.stop_keeping(kept)
+
+    def _kept_renewed(self, ttl: int) -> None:
+        """The keeper renewed the lease (on the keep-alive stream's reader thread)."""
+        self._count_beat()
+
+    def _kept_lost(self, why: str) -> None:
+        """The keeper gave the lease back (expired, stream failed or timed out, store closed):
+        this thread wakes and renews it as it would without a keeper."""
+        log.debug("heartbeat %s: the keeper gave the lease back (%s)", self.key, why)
+        self._wake.set()
+
+    # --- the thread -----------------------------------------------------------------------------
+
     def _run(self) -> None:
         failures = 0
         s = self.client.settings.etcd
         while not self._stopped.is_set():
+            delay: float | None
             if failures:
                 delay = min(
                     self.interval,
                     backoff_delay(failures - 1, s.backoff_base_seconds, s.backoff_max_seconds),
                 )
+            elif self._hand_over():
+                delay = None  # the keeper beats; sleep until something needs this thread
             else:
                 delay = self.interval
             self._wake.wait(delay)
             self._wake.clear()
+            self._take_back()
             if self._stopped.is_set():
                 break
             if self.client.store.closed:

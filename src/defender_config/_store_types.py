@@ -374,6 +374,18 @@ class StoreMetrics:
             "Watches re-established after their stream broke (member down, failover).",
             registry=self.registry,
         )
+        self.kept_keepalives = Counter(
+            "defender_etcd_kept_keepalives",
+            "Lease keep-alives sent by the store's keeper thread (leases given to keep_lease).",
+            registry=self.registry,
+        )
+        self.kept_handbacks = Counter(
+            "defender_etcd_kept_lease_handbacks",
+            "Kept leases the keeper gave back to their owner, by reason (expired, "
+            "stream_failed, timeout, no_stream, closed, tick_failed, keeper_ended).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.failovers = Counter(
             "defender_etcd_endpoint_failovers",
             "Switches of the client to another etcd endpoint.",

@@ -45,6 +45,7 @@ from .._store_types import (
 )
 from ._cache import _ABSENT, _Absent, _LastKnownGood
 from ._keepalive import KeepAliveMux
+from ._keeper import LeaseKeeper, OnLost, OnRenewed
 from ._maintenance import (
     alarm_name,
     alarm_request,
@@ -101,6 +102,7 @@ class EtcdStore:
         self.endpoints: tuple[str, ...] = tuple(settings.endpoints)
         self._client = self._build_client()
         self._keepalive = KeepAliveMux()
+        self._keeper = LeaseKeeper(self._keepalive, lambda: self._client, self.metrics)
         self._token_ready = settings.user is None
         if settings.user is not None:
             try:
@@ -446,6 +448,27 @@ class EtcdStore:
         lease_id = _lease_id(lease)
         return self._call("lease_keepalive", lambda c: self._keepalive.refresh(c, lease_id))
 
+    def keep_lease(
+        self,
+        lease: Lease | int,
+        interval: float,
+        *,
+        on_renewed: OnRenewed,
+        on_lost: OnLost,
+    ) -> None:
+        """Renew `lease` every `interval` seconds from this store's one keeper thread, on the
+        shared keep-alive stream, until `stop_keeping` (see `_keeper`). The caller's thread is
+        free meanwhile: `on_renewed(ttl)` is called for each answer (on the stream's reader
+        thread: be quick), `on_lost(why)` once if the keeper gives the lease back (expired,
+        stream failed or timed out, store closed); the caller then renews it on its own.
+        StoreError if the store is closed."""
+        self._keeper.keep(_lease_id(lease), interval, on_renewed, on_lost)
+
+    def stop_keeping(self, lease: Lease | int) -> bool:
+        """Stop renewing a lease given to `keep_lease`; False if it was not kept (or already
+        handed back). No callback of it runs after this returns, except one already running."""
+        return self._keeper.release(_lease_id(lease))
+
     def revoke_lease(self, lease: Lease | int) -> None:
         """Revoke a lease (deleting its keys). An already expired lease is not an error."""
         lease_id = _lease_id(lease)
@@ -713,6 +736,8 @@ class EtcdStore:
         for handle in watches:
             handle.cancel()
         self._closed = True
+        # Kept leases go back to their owners first, which then find the store closed.
+        self._keeper.close()
         self._keepalive.close()
         self._client.close()
 

@@ -249,15 +249,13 @@ class KeepAliveMux:
             return waiter.result(timeout=client.timeout)
         except TimeoutError:
             pass
-        with self._lock:
-            if self._stream is stream:
-                self._stream = None
-        stream.fail(
+        self.reset(
+            stream,
             _Failure(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no keep-alive answer within {client.timeout:g}s from {stream.label}; "
                 "stream reset",
-            )
+            ),
         )
         # Answered just before the reset, or failed by it. Either may still be on its way:
         # `answer` and `fail_all` take the waiter out under their lock and resolve it just
@@ -272,6 +270,19 @@ class KeepAliveMux:
                 f"no keep-alive answer within {client.timeout:g}s from {stream.label}, "
                 "and none after the stream reset",
             ) from None
+
+    def stream(self, client: _SharedClient) -> _Stream:
+        """The shared stream, opened now if there is none or it failed (for callers that send
+        without waiting, the keeper); StoreError once closed."""
+        return self._stream_for(client)
+
+    def reset(self, stream: _Stream, why: _Failure) -> None:
+        """End `stream` (its waiters fail with `why`); the next call opens a new one. A stream
+        that is no longer the current one is failed all the same (idempotent)."""
+        with self._lock:
+            if self._stream is stream:
+                self._stream = None
+        stream.fail(why)
 
     def _stream_for(self, client: _SharedClient) -> _Stream:
         with self._lock:

@@ -17,6 +17,8 @@ def test_metric_names_and_label_names() -> None:
     m.stale_reads.labels("get").inc()
     m.watch_restarts.inc()
     m.failovers.inc()
+    m.kept_keepalives.inc(3)
+    m.kept_handbacks.labels("expired").inc()
     families = {f.name: f for f in m.registry.collect()}
     assert set(families) == {
         "defender_etcd_calls",
@@ -26,6 +28,8 @@ def test_metric_names_and_label_names() -> None:
         "defender_etcd_stale_reads",
         "defender_etcd_watch_restarts",
         "defender_etcd_endpoint_failovers",
+        "defender_etcd_kept_keepalives",
+        "defender_etcd_kept_lease_handbacks",
     }
     labels = {
         name: {k for s in fam.samples for k in s.labels if k != "le"}
@@ -35,6 +39,7 @@ def test_metric_names_and_label_names() -> None:
     assert labels["defender_etcd_errors"] == {"op", "reason"}
     assert labels["defender_etcd_call_duration_seconds"] == {"op"}
     assert labels["defender_etcd_watch_restarts"] == set()
+    assert labels["defender_etcd_kept_lease_handbacks"] == {"reason"}
     assert (
         m.registry.get_sample_value(
             "defender_etcd_call_duration_seconds_bucket", {"op": "get", "le": "0.0025"}
