@@ -50,14 +50,21 @@ def _daemon(monkeypatch: pytest.MonkeyPatch, interval: float) -> tuple[Harness, 
     return h, passes
 
 
+def _start(h: Harness) -> tuple[Stopped, asyncio.Task[None]]:
+    """The daemon as kopf runs it, in a task of its own (call inside the running loop)."""
+    stopped = Stopped()
+    return stopped, asyncio.create_task(
+        _monitor.run(h.rt, stopped, {}, NAMESPACE, NAME, LOG, h.index())
+    )
+
+
 def test_a_stopped_daemon_ends_without_waiting_out_its_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     h, passes = _daemon(monkeypatch, interval=300)
 
     async def scenario() -> None:
-        stopped = Stopped()
-        task = asyncio.create_task(_monitor.run(h.rt, stopped, {}, NAMESPACE, NAME, LOG, h.index()))
+        stopped, task = _start(h)
         await _until(lambda: passes, "the first pass")
         await asyncio.sleep(0.3)  # past the floor between passes: now in the long pause
         # Sleeping: the daemon's own task and one task relaying the stop, nothing per pause.
@@ -78,8 +85,7 @@ def test_a_heartbeat_event_wakes_the_daemon_for_a_pass_before_its_interval(
     h, passes = _daemon(monkeypatch, interval=300)
 
     async def scenario() -> None:
-        stopped = Stopped()
-        task = asyncio.create_task(_monitor.run(h.rt, stopped, {}, NAMESPACE, NAME, LOG, h.index()))
+        stopped, task = _start(h)
         await _until(lambda: passes, "the first pass")
         await asyncio.sleep(0.3)
         h.rt.heartbeats.waker(NAME).set()
@@ -94,8 +100,7 @@ def test_the_daemon_passes_again_after_its_interval(monkeypatch: pytest.MonkeyPa
     h, passes = _daemon(monkeypatch, interval=0.3)
 
     async def scenario() -> None:
-        stopped = Stopped()
-        task = asyncio.create_task(_monitor.run(h.rt, stopped, {}, NAMESPACE, NAME, LOG, h.index()))
+        stopped, task = _start(h)
         await _until(lambda: len(passes) >= 3, "passes every interval")
         stopped.set()
         await asyncio.wait_for(task, timeout=10)
