@@ -80,6 +80,21 @@ class Kube:
             ) from exc
         return dict(obj.get("status") or {})
 
+    def component_exists(self, namespace: str, name: str, uid: str) -> bool:
+        """Whether the API server holds the DefenderComponent `namespace/name` with this uid
+        (a same-named successor is another resource)."""
+        try:
+            obj: Any = self.custom.get_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise KubeError(
+                f"cannot read DefenderComponent {namespace}/{name} ({exc.status} {exc.reason})"
+            ) from exc
+        return str((obj.get("metadata") or {}).get("uid") or "") == uid
+
     def component_namespaces(self, watched: list[str] | None = None) -> set[str]:
         """Namespaces holding DefenderComponents. With `watched` the operator only looks there:
         its RBAC may not allow a cluster-wide list, and components elsewhere are not its own."""

@@ -657,6 +657,10 @@ async def breaker_step(
     )
 
 
+def _uid(body: Any) -> str:
+    return str((body.get("metadata") or {}).get("uid") or "")
+
+
 async def _pause(wake: asyncio.Event, seconds: float) -> None:
     """Sleep `seconds`, or less when `wake` is set (a heartbeat watch event, or the daemon
     being stopped: `_relay_stop`). No task per pause: a sleeping component costs one waiter."""
@@ -692,8 +696,9 @@ async def run(
     enter_monitor()
     wake = rt.heartbeats.waker(name)
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
+    uid = _uid(body)
     try:
-        while not stopped:
+        while not stopped and not rt.is_gone(uid):
             wake.clear()
             pause = rt.settings.monitor_interval_seconds
             # kopf keeps the body; the newest event's brought managedFields back (`_bodies`).
@@ -708,7 +713,7 @@ async def run(
                 ERRORS.labels("monitor").inc()
                 logger.warning("monitor pass failed, next pass in %ss: %s", pause, exc)
             await asyncio.sleep(_MIN_PAUSE_SECONDS)
-            if not stopped:
+            if not stopped and not rt.is_gone(uid):
                 await _pause(wake, pause)
     finally:
         relay.cancel()
@@ -720,8 +725,12 @@ async def _pass(
     rt: Runtime, body: Any, namespace: str, name: str, logger: Logger, pod_index: PodIndex
 ) -> datetime | None:
     """One pass under the component's lock (a reconcile of it waits, and vice versa)."""
+    if rt.is_gone(_uid(body)):
+        return None  # not even a memory of it again
     mem = rt.memory(namespace, name)
     async with mem.lock:
+        if rt.is_gone(_uid(body)):
+            return None  # deleted while this pass waited for the lock: nothing to judge
         # kopf keeps `body` current from its watch (no read per pass); the status is ours as
         # last written when we wrote it, since the body lags our own writes.
         status = mem.status if mem.status is not None else dict(body.get("status") or {})

@@ -39,6 +39,7 @@ from defender_operator._decisions.ownership import (
     Release,
     decide_claim,
     decide_release,
+    owner_lookup_needed,
 )
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
@@ -324,7 +325,7 @@ async def claim(v: Visit) -> Outcome:
                 ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
             )
         else:
-            decision = decide_claim(existing, claimant, v.annotations.get(ADOPT_ANNOTATION))
+            decision = await _decide_claim(v, existing, claimant)
         if decision.record is not None and not await asyncio.to_thread(
             rt.backend.write_claim, component, decision.record, revision=revision
         ):
@@ -342,6 +343,18 @@ async def claim(v: Visit) -> Outcome:
             done=True,
         )
     raise kopf.TemporaryError(f"the owner record of {component} keeps changing", delay=1.0)
+
+
+async def _decide_claim(v: Visit, existing: Claim | None, claimant: Claim) -> ClaimDecision:
+    adopt_from = v.annotations.get(ADOPT_ANNOTATION)
+    decision = decide_claim(existing, claimant, adopt_from)
+    if existing is None or not owner_lookup_needed(decision, existing):
+        return decision
+    # Asked only to refuse: the API server, not etcd, says whether that owner still exists.
+    exists = await asyncio.to_thread(
+        v.rt.kube.component_exists, existing.namespace, existing.name, existing.uid
+    )
+    return decide_claim(existing, claimant, adopt_from, owner_exists=exists)
 
 
 def _claimed(v: Visit, decision: ClaimDecision, existing: Claim | None) -> Outcome:
@@ -607,6 +620,37 @@ async def apply_storage(
     )
 
 
+async def gone(
+    rt: Runtime,
+    body: Any,
+    namespace: str,
+    name: str,
+    retention: str,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
+    """The resource was deleted (its DELETED event): the monitor daemon ends, and retention
+    is applied unless the Purge finalizer's handler already did. Keep has no finalizer, so
+    this is its one chance; a failure only logs, because a claim whose owner the API server
+    no longer holds counts as released anyway (`decide_claim`)."""
+    uid = _uid(body)
+    applied = rt.is_gone(uid)
+    rt.mark_gone(uid)
+    rt.heartbeats.waker(name).set()
+    if applied:
+        return
+    try:
+        await apply_retention(rt, body, namespace, name, retention, logger)
+    except (kopf.TemporaryError, kopf.PermanentError) as exc:
+        logger.warning(
+            "retention %s of deleted %s/%s not applied, etcd data left as is: %s",
+            retention,
+            namespace,
+            name,
+            exc,
+        )
+        rt.forget(namespace, name)
+
+
 async def apply_retention(
     rt: Runtime,
     body: Any,
@@ -643,4 +687,5 @@ async def apply_retention(
                 )
             else:
                 logger.info("not the owner of etcd component %s: etcd untouched", component)
+        rt.mark_gone(_uid(body))  # its DELETED event need not apply it again
         rt.forget(namespace, name)

@@ -8,6 +8,7 @@ threshold again, see `_decisions.restarts.stale_pods`).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from defender_operator._outcome import EventPoster, kopf_post
 from defender_operator._settings import OperatorSettings
 
 P = ParamSpec("P")
+_GONE_KEPT_SECONDS = 3600.0
 T = TypeVar("T")
 
 
@@ -167,6 +169,9 @@ class Runtime:
         self.heartbeats = HeartbeatView(utcnow())
         self.changes = ChangeView()
         self.components: dict[tuple[str, str], ComponentMemory] = {}
+        # uid -> when its deletion was seen: a resource without a finalizer (retention Keep)
+        # goes at once and kopf forgets it without stopping its daemon; the daemon ends itself.
+        self._gone: dict[str, float] = {}
         self.rotation_stage = "Idle"
         # Set by `_keyguard.settle`: ready once a keyring was checked against the store; while
         # `keyring_refused` is set, commits, rotations, copies and restarts wait.
@@ -199,6 +204,17 @@ class Runtime:
 
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
+
+    def mark_gone(self, uid: str) -> None:
+        """The resource with this uid was deleted: its monitor daemon stops at its next wake."""
+        now = time.monotonic()
+        # A daemon sees the mark within a pass; one never spawned would leave it forever.
+        for old in [u for u, at in self._gone.items() if now - at > _GONE_KEPT_SECONDS]:
+            del self._gone[old]
+        self._gone[uid] = now
+
+    def is_gone(self, uid: str) -> bool:
+        return bool(uid) and uid in self._gone
 
     def refused_namespaces(self) -> set[str]:
         """Namespaces where every component this operator knows is refused its etcd name: they

@@ -6,7 +6,9 @@ startup   → build the Runtime (settings, keyring Secret, library backend), set
             and the heartbeat and component change watches (`_loops`)
 create / resume / update of a DefenderComponent → `_reconcile.reconcile`, then one
             `_monitor.after_reconcile` pass (one status patch for both)
-delete    → retention policy (a finalizer holds the object until it is applied)
+delete    → retention Purge (its finalizer holds the object until the data is gone)
+gone      → a deletion seen (the DELETED event): retention Keep releases the claim (no
+            finalizer: the resource never waits for an operator), the monitor daemon ends
 daemon    → `_monitor.tick` every monitor_interval_seconds (reading the component from etcd
             only when the change watch, `_loops.change_watch`, says it may have changed)
 index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
@@ -25,6 +27,7 @@ import functools
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -52,6 +55,7 @@ from defender_operator._library_backend import LibraryBackend
 from defender_operator._metrics import RECONCILES, forget_component
 from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import load_operator_settings
+from defender_operator._spawning import without_finalizer
 
 log = logging.getLogger("defender_operator")
 
@@ -180,7 +184,18 @@ async def reconcile_component(
     RECONCILES.labels("ok").inc()
 
 
-@kopf.on.delete(*RESOURCE)
+def _retention(spec: Mapping[str, Any]) -> str:
+    return str(spec.get("retention", contract.RetentionPolicy.KEEP))
+
+
+def _purges(spec: kopf.Spec, **_: Any) -> bool:
+    return _retention(spec) == contract.RetentionPolicy.PURGE
+
+
+# Only Purge needs a finalizer: the data must go before the resource does. Keep applies its
+# release when the deletion is seen (`gone`), so a Keep resource never waits for an operator
+# (one API write less per component; a namespace deletion with no operator left is not stuck).
+@kopf.on.delete(*RESOURCE, when=_purges)
 async def apply_retention(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -191,12 +206,30 @@ async def apply_retention(
     **_: Any,
 ) -> None:
     await _reconcile.apply_retention(
-        memo["runtime"],
-        body,
-        namespace or "",
-        name,
-        str(spec.get("retention", contract.RetentionPolicy.KEEP)),
-        logger,
+        memo["runtime"], body, namespace or "", name, _retention(spec), logger
+    )
+    forget_component(name)
+    _diffbase.DIFFBASE.forget(body)
+
+
+def _deleted(type: str, **_: Any) -> bool:
+    return type == "DELETED"
+
+
+@kopf.on.event(*RESOURCE, when=_deleted)
+async def gone(
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    rt: Runtime | None = memo.get("runtime")
+    if rt is None:
+        return
+    await _reconcile.gone(
+        rt, body, namespace or "", name, _retention(body.get("spec") or {}), logger
     )
     forget_component(name)
     _diffbase.DIFFBASE.forget(body)
@@ -209,6 +242,9 @@ def defender_pods(
     return _pods.index_keys(namespace, name, meta, status)
 
 
+# Registered without kopf's finalizer (`_spawning.without_finalizer`): kopf stops it for a
+# Purge resource (which has one), `gone` for a Keep resource, and the operator's exit for both.
+@without_finalizer
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
 async def monitor_component(
     stopped: kopf.DaemonStopped,

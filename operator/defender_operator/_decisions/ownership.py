@@ -13,6 +13,9 @@ anything, and every other resource of that name is refused and writes nothing.
   retention Keep the claim stays, marked released: another namespace may adopt the kept data
   only with the annotation `mldefender.io/adopt: <namespace>/<name>` naming the old owner
   (`NameRetained` until then). Retention Purge deletes the claim with the data.
+- A Keep resource carries no finalizer, so it can go while no operator watches and its claim
+  is then never marked released: a claim whose owner the API server no longer holds (asked
+  only when the claim would refuse) counts as released.
 """
 
 from __future__ import annotations
@@ -62,11 +65,20 @@ class ClaimDecision:
         return self.action is not ClaimAction.REFUSE
 
 
-def decide_claim(existing: Claim | None, claimant: Claim, adopt_from: str | None) -> ClaimDecision:
+def decide_claim(
+    existing: Claim | None,
+    claimant: Claim,
+    adopt_from: str | None,
+    *,
+    owner_exists: bool = True,
+) -> ClaimDecision:
     """May `claimant` (a DefenderComponent reconciling) write the etcd name it asks for?
 
-    `adopt_from` is the claimant's adopt annotation (None if absent)."""
+    `adopt_from` is the claimant's adopt annotation (None if absent); `owner_exists` False
+    when the API server no longer holds the resource `existing` names (its uid)."""
     mine = replace(claimant, released=False)
+    if existing is not None and not owner_exists:
+        existing = replace(existing, released=True)
     if existing is None:
         return ClaimDecision(ClaimAction.CREATE, mine)
     if existing.namespace == claimant.namespace and existing.name == claimant.name:
@@ -94,6 +106,15 @@ def decide_claim(existing: Claim | None, claimant: Claim, adopt_from: str | None
             " this resource writes nothing. Component names are unique across namespaces:"
             " rename this resource, or delete the owner first"
         ),
+    )
+
+
+def owner_lookup_needed(decision: ClaimDecision, existing: Claim | None) -> bool:
+    """Whether to ask the API server if the recorded owner still exists: only when the claim
+    would refuse a claimant because another namespace holds the name (the owner may be gone
+    without a release: no finalizer for Keep)."""
+    return (
+        decision.reason == NAME_CLAIMED_ELSEWHERE and existing is not None and not existing.released
     )
 
 

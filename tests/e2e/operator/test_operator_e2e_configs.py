@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_e2e_support import SAMPLES, OperatorRun, kubectl, wait_for
+from operator_e2e_support import SAMPLES, OperatorRun, free_port, kubectl, metric, wait_for
 
 from defender_config import ChangeKind, NotFoundError, config_digest, contract, validate_config
 
@@ -204,9 +204,15 @@ def _ready_or_known(run: OperatorRun) -> bool:
 @pytest.mark.parametrize("retention", ["Keep", "Purge"])
 def test_delete_applies_retention(operator_run: OperatorRun, retention: str) -> None:
     run = operator_run
-    run.start()
+    port = free_port()
+    run.start(DEFENDER_OPERATOR_METRICS_PORT=str(port))
     run.apply_sample("rag", retention=retention)
     run.wait_active_version("rag", 1)
+    # Only Purge holds the resource with a finalizer (the data must go first).
+    finalizers = run.get("rag")["metadata"].get("finalizers") or []
+    assert (contract.FINALIZER in finalizers) is (retention == "Purge"), finalizers
+    synced = 'defender_operator_component_condition{component="rag",condition="ConfigSynced"'
+    wait_for("rag's gauges", lambda: metric(port, synced + ',status="True"}') == 1.0)
     configs = run.configs()
     run.custom.delete_namespaced_custom_object(
         contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, "rag"
@@ -218,6 +224,11 @@ def test_delete_applies_retention(operator_run: OperatorRun, retention: str) -> 
         with pytest.raises(NotFoundError):
             configs.get_master("rag")
         assert configs.get_metadata("rag") is None
+    # The monitor daemon ended with the resource: no pass brings its gauges back (one a second
+    # while it ran: DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS=1).
+    wait_for("rag's gauges gone", lambda: metric(port, synced + ',status="True"}') == 0.0)
+    time.sleep(3.0)
+    assert metric(port, synced + ',status="True"}') == 0.0, run.log_tail()
 
 
 def _gone(run: OperatorRun, name: str) -> bool:

@@ -267,6 +267,36 @@ def test_recreate_keep_and_adopt_move_the_claim_as_documented(
     assert synced is not None and synced["status"] == "True"
 
 
+def test_a_keep_resource_goes_without_an_operator_and_its_data_is_adopted_only_by_annotation(
+    operator_run: OperatorRun, other_namespace: str
+) -> None:
+    run = operator_run
+    run.start("-n", other_namespace)
+    run.apply_sample(NAME)  # retention Keep: no finalizer
+    run.wait_active_version(NAME, 1)
+    first_uid = run.get(NAME)["metadata"]["uid"]
+    assert contract.FINALIZER not in (run.get(NAME)["metadata"].get("finalizers") or [])
+    # No operator at all: the deletion does not wait for one, and nobody releases the claim.
+    run.stop()
+    _delete(run, run.namespace)
+    owner = _owner(run) or {}
+    assert (owner.get("uid"), owner.get("released")) == (first_uid, False)
+    assert run.configs().get_active(NAME).version == 1
+
+    # The API server no longer holds that owner: the data is retained, not held.
+    run.start("-n", other_namespace)
+    before = _etcd_snapshot(run)
+    _create(run, other_namespace, _sample(block_ttl_seconds=7))
+    conflict = _wait_conflict(run, other_namespace, "NameRetained")
+    assert f"{contract.ADOPT_ANNOTATION}={run.namespace}/{NAME}" in conflict["message"]
+    assert _etcd_snapshot(run) == before
+    adopt = {contract.ADOPT_ANNOTATION: f"{run.namespace}/{NAME}"}
+    _patch(run, other_namespace, {"metadata": {"annotations": adopt}})
+    wait_for("adopted", lambda: (_owner(run) or {}).get("namespace") == other_namespace)
+    expected = validate_config(NAME, _sample(block_ttl_seconds=7)["spec"]["config"])
+    wait_for("its spec committed", lambda: run.configs().get_active(NAME).config == expected)
+
+
 def test_data_from_before_claims_is_adopted_by_the_first_reconciler(
     operator_run: OperatorRun,
 ) -> None:

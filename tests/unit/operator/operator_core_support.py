@@ -35,6 +35,14 @@ class FakeKube:
     patches: list[dict[str, Any]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    # (namespace, name) of DefenderComponents the API server no longer holds; and every
+    # existence lookup made.
+    gone: set[tuple[str, str]] = field(default_factory=set)
+    lookups: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def component_exists(self, namespace: str, name: str, uid: str) -> bool:
+        self.lookups.append((namespace, name, uid))
+        return (namespace, name) not in self.gone
 
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]

@@ -8,20 +8,21 @@ import asyncio
 
 import kopf
 import pytest
-from operator_core_support import LOG, NAME, Harness, spec
+from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
 from defender_config import (
     ConflictError,
     StoreUnavailableError,
     ValueTooLargeError,
     config_digest,
+    contract,
     validate_config,
 )
 from defender_operator import _api
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.keyring import KeyringAction, KeyringPlan
-from defender_operator._decisions.ownership import NAME_CLAIMED_ELSEWHERE, Claim
-from defender_operator._reconcile import UNFREEZE_ANNOTATION, apply_retention
+from defender_operator._decisions.ownership import NAME_CLAIMED_ELSEWHERE, NAME_RETAINED, Claim
+from defender_operator._reconcile import UNFREEZE_ANNOTATION, apply_retention, gone
 
 BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
 ETH0 = {**BASE, "interface": "eth0"}
@@ -193,6 +194,21 @@ def test_a_name_owned_by_another_resource_is_refused_and_nothing_is_written() ->
     assert not {"seed", "commit", "declare"} & set(h.backend.calls)
     assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
     assert h.reasons() == [NAME_CLAIMED_ELSEWHERE]
+    assert h.kube.lookups == [("tenant-a", NAME, "uid-0")]
+
+
+def test_data_of_an_owner_deleted_unseen_is_adopted_only_by_annotation() -> None:
+    # The owner (retention Keep, no finalizer) went while no operator watched: its claim
+    # still says held. The API server says it is gone, so the name is retained, not held.
+    h = Harness()
+    h.backend.write_claim(NAME, Claim("tenant-a", NAME, "uid-0"), revision=0)
+    h.kube.gone.add(("tenant-a", NAME))
+    run(h.reconcile(spec(ETH0)))
+    assert h.condition(cond.CONFLICT)["reason"] == NAME_RETAINED
+    assert h.backend.state(NAME).active_version is None
+    run(h.reconcile(spec(ETH0), {contract.ADOPT_ANNOTATION: f"tenant-a/{NAME}"}))
+    assert h.backend.claims[NAME][0] == Claim(NAMESPACE, NAME, "uid-1")
+    assert h.backend.state(NAME).active_version == 1
 
 
 def test_the_keyring_pause_reads_and_writes_nothing_but_publishes_why() -> None:
@@ -317,6 +333,44 @@ def test_retention_by_the_owner(retention: str) -> None:
         claim, _ = h.backend.read_claim(NAME)
         assert claim is not None and claim.released
     assert ("default", NAME) not in h.rt.components  # memory forgotten
+
+
+def test_a_deletion_seen_releases_a_keep_claim_once_and_ends_the_daemon() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    body = h.body(spec(ETH0), {})
+    run(gone(h.rt, body, "default", NAME, "Keep", LOG))
+    claim, revision = h.backend.read_claim(NAME)
+    assert claim is not None and claim.released
+    assert h.rt.is_gone("uid-1") and not h.rt.is_gone("uid-2")
+    assert ("default", NAME) not in h.rt.components
+    run(gone(h.rt, body, "default", NAME, "Keep", LOG))  # a repeated event writes nothing
+    assert h.backend.read_claim(NAME)[1] == revision
+
+
+def test_a_purge_applied_by_the_finalizer_is_not_applied_again_when_the_resource_goes() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    body = h.body(spec(ETH0), {})
+    run(apply_retention(h.rt, body, "default", NAME, "Purge", LOG))
+    assert h.rt.is_gone("uid-1")  # the daemon ends even if kopf's stop came late
+    calls = len(h.backend.calls)
+    run(gone(h.rt, body, "default", NAME, "Purge", LOG))
+    assert len(h.backend.calls) == calls
+
+
+def test_a_keep_release_that_fails_leaves_the_claim_and_raises_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No finalizer, so no retry: the claim stays held, and `decide_claim` treats it as
+    # released once the API server says its owner is gone (test above).
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.backend.fail("read_claim", StoreUnavailableError(["http://etcd:2379"], "down"))
+    run(gone(h.rt, h.body(spec(ETH0), {}), "default", NAME, "Keep", LOG))
+    assert h.backend.read_claim(NAME)[0] == Claim("default", NAME, "uid-1")
+    assert h.rt.is_gone("uid-1") and ("default", NAME) not in h.rt.components
+    assert "retention Keep of deleted default/sniffer not applied" in caplog.text
 
 
 def test_retention_by_another_resource_touches_nothing() -> None:

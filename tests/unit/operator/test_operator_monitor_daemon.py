@@ -50,11 +50,11 @@ def _daemon(monkeypatch: pytest.MonkeyPatch, interval: float) -> tuple[Harness, 
     return h, passes
 
 
-def _start(h: Harness) -> tuple[Stopped, asyncio.Task[None]]:
+def _start(h: Harness, body: dict[str, Any] | None = None) -> tuple[Stopped, asyncio.Task[None]]:
     """The daemon as kopf runs it, in a task of its own (call inside the running loop)."""
     stopped = Stopped()
     return stopped, asyncio.create_task(
-        _monitor.run(h.rt, stopped, {}, NAMESPACE, NAME, LOG, h.index())
+        _monitor.run(h.rt, stopped, body or {}, NAMESPACE, NAME, LOG, h.index())
     )
 
 
@@ -104,5 +104,28 @@ def test_the_daemon_passes_again_after_its_interval(monkeypatch: pytest.MonkeyPa
         await _until(lambda: len(passes) >= 3, "passes every interval")
         stopped.set()
         await asyncio.wait_for(task, timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_a_deleted_resource_ends_its_daemon_though_kopf_never_stops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No finalizer (retention Keep): kopf forgets the resource at its DELETED event without
+    # stopping the daemon; the deletion seen (`_reconcile.gone`) ends it.
+    h, passes = _daemon(monkeypatch, interval=300)
+
+    async def scenario() -> None:
+        _, task = _start(h, {"metadata": {"uid": "uid-1"}})
+        _, successor = _start(h, {"metadata": {"uid": "uid-2"}})  # re-created, same name
+        await _until(lambda: len(passes) == 2, "the first passes")
+        await asyncio.sleep(0.3)
+        h.rt.mark_gone("uid-1")
+        h.rt.heartbeats.waker(NAME).set()
+        await asyncio.wait_for(task, timeout=10)  # not the 300 s interval, and no stop
+        assert task.exception() is None
+        await _until(lambda: len(passes) == 3, "the successor's pass the wake brought")
+        assert not successor.done()
+        successor.cancel()
 
     asyncio.run(scenario())

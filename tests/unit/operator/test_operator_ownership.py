@@ -16,6 +16,7 @@ from defender_operator._decisions.ownership import (
     Release,
     decide_claim,
     decide_release,
+    owner_lookup_needed,
 )
 
 OWNER = Claim("default", "firewall", "uid-1")
@@ -71,6 +72,29 @@ def test_kept_data_needs_the_adopt_annotation_naming_the_old_owner() -> None:
     assert wrong.action is ClaimAction.REFUSE
     adopted = decide_claim(kept, other, " default/firewall ")
     assert adopted.action is ClaimAction.ADOPT and adopted.record == other
+
+
+def test_a_claim_whose_owner_is_gone_counts_as_released() -> None:
+    # A Keep resource has no finalizer: deleted while no operator watched, its claim was
+    # never marked released. Another namespace still needs the adopt annotation.
+    other = Claim("tenant-b", "firewall", "uid-9")
+    refused = decide_claim(OWNER, other, None, owner_exists=False)
+    assert refused.action is ClaimAction.REFUSE and refused.reason == NAME_RETAINED
+    adopted = decide_claim(OWNER, other, "default/firewall", owner_exists=False)
+    assert adopted.action is ClaimAction.ADOPT and adopted.record == other
+    # The same namespace and name take it back whatever the lookup said.
+    again = Claim("default", "firewall", "uid-2")
+    assert decide_claim(OWNER, again, None, owner_exists=False).action is ClaimAction.TAKE_OVER
+
+
+def test_the_owner_lookup_is_asked_only_to_refuse_a_held_name() -> None:
+    other = Claim("tenant-b", "firewall", "uid-9")
+    held = decide_claim(OWNER, other, None)
+    assert owner_lookup_needed(held, OWNER)
+    released = Claim("default", "firewall", "uid-1", released=True)
+    assert not owner_lookup_needed(decide_claim(released, other, None), released)
+    assert not owner_lookup_needed(decide_claim(OWNER, OWNER, None), OWNER)
+    assert not owner_lookup_needed(decide_claim(None, OWNER, None), None)
 
 
 @pytest.mark.parametrize(
