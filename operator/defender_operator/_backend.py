@@ -238,9 +238,13 @@ class Backend(Protocol):
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
 
-    def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
+    def last_seen(
+        self, instances: Sequence[InstanceRecord], *, ask: bool = True
+    ) -> list[InstanceRecord] | None:
         """The same records with `time` = when each instance last beat, read from its lease
-        (a beat is a keep-alive; the record is rewritten only when its content changes)."""
+        (a beat is a keep-alive; the record is rewritten only when its content changes).
+        With `ask` False, only what is known without a request to etcd: None when any
+        instance's lease would have to be asked (never None with `ask`)."""
         ...
 
     def cadence(self, component: str) -> Cadence | None:

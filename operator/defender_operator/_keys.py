@@ -118,9 +118,19 @@ class StoredKeyring:
         return _time(self.kept.get(A_EXPORTED))
 
 
+_last_digest: tuple[Keyring, str] | None = None
+
+
 def keyring_digest(keyring: Keyring) -> str:
     """Digest of the serialized keyring: identifies a version without revealing it."""
-    return hashlib.sha256(keyring.to_json()).hexdigest()[:32]
+    global _last_digest
+    # Asked by every monitor pass of the same (immutable) keyring: serialized once per keyring.
+    last = _last_digest
+    if last is not None and last[0] is keyring:
+        return last[1]
+    digest = hashlib.sha256(keyring.to_json()).hexdigest()[:32]
+    _last_digest = (keyring, digest)
+    return digest
 
 
 def _time(value: str | None) -> datetime | None:
@@ -404,6 +414,11 @@ class KeyringSecrets:
             )
         except ApiException as exc:
             raise _fail("annotate", self.namespace, self.name, exc) from None
+
+    def known_copy_digest(self, namespace: str, *, max_age: float) -> tuple[str | None, bool]:
+        """`copy_digest` as this operator read or wrote it less than `max_age` seconds ago, and
+        whether it is that fresh (False: call `copy_digest`, which reads the Secret)."""
+        return self._recent(namespace, max_age)
 
     def copy_digest(self, namespace: str, *, max_age: float = 0.0) -> str | None:
         """Digest annotation of the copy in `namespace` (None when absent). With `max_age`,

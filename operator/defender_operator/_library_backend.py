@@ -366,14 +366,24 @@ class LibraryBackend:
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]
 
-    def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
+    def last_seen(
+        self, instances: Sequence[InstanceRecord], *, ask: bool = True
+    ) -> list[InstanceRecord] | None:
         out = []
         for rec in instances:
             # A reused sighting is safe while the restart decision waits at least the
             # advertised TTL after the last beat: up to MAX_HONOURED_LEASE_TTL_SECONDS.
             ttl = rec.lease_ttl_seconds
             reuse = ttl is not None and ttl <= MAX_HONOURED_LEASE_TTL_SECONDS
-            seen = self.registry.lease_last_seen(rec.lease_id, ttl, rec.time, reuse=reuse)
+            if ask:
+                seen = self.registry.lease_last_seen(rec.lease_id, ttl, rec.time, reuse=reuse)
+            elif not rec.lease_id or not ttl:
+                seen = rec.time
+            else:
+                known = self.registry.lease_sighting(rec.lease_id, rec.time) if reuse else None
+                if known is None:
+                    return None
+                seen = known
             out.append(rec if seen == rec.time else dataclasses.replace(rec, time=seen))
         return out
 

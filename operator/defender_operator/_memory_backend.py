@@ -133,6 +133,8 @@ class MemoryBackend:
     key_record: dict[str, str] = field(default_factory=dict)
     # Every call, in order, by operation name: what the tests assert was (not) written.
     calls: list[str] = field(default_factory=list)
+    # Whether `last_seen(ask=False)` answers (as leases sighted recently do) or says "ask".
+    known_sightings: bool = True
     _failures: dict[str, list[Exception]] = field(default_factory=dict)
     _revision: int = 0
     _watches: list[_Watch] = field(default_factory=list)
@@ -596,8 +598,13 @@ class MemoryBackend:
         self._enter("record_keyring")
         self.key_record = dict(keyring.fingerprints())
 
-    def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
+    def last_seen(
+        self, instances: Sequence[InstanceRecord], *, ask: bool = True
+    ) -> list[InstanceRecord] | None:
         # No leases here: an instance's record time is when it last beat (`add_instance`).
+        # Known without asking only when `known_sightings` says so (tests of both paths).
+        if not ask and not self.known_sightings:
+            return None
         self._enter("last_seen")
         return list(instances)
 

@@ -281,6 +281,15 @@ async def _steps(
     return wake
 
 
+async def _last_seen(rt: Runtime, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
+    known = rt.backend.last_seen(instances, ask=False)
+    if known is not None:
+        return known
+    asked = await asyncio.to_thread(rt.backend.last_seen, instances)
+    assert asked is not None  # with `ask`, always an answer
+    return asked
+
+
 async def observe(p: Pass, mem: ComponentMemory) -> Observed:
     """The instances' heartbeats and recent alerts, when etcd is healthy and answers. The
     component's records are the last pass's read when nothing it read changed since
@@ -297,8 +306,8 @@ async def observe(p: Pass, mem: ComponentMemory) -> Observed:
             HEARTBEAT_DIRECT_READS.inc()
             instances = await asyncio.to_thread(rt.backend.instances, p.name)
         # Beats are lease keep-alives that leave the record alone: when each instance last
-        # beat is read from its lease.
-        instances = await asyncio.to_thread(rt.backend.last_seen, instances)
+        # beat is read from its lease (a recent sighting answers without a thread).
+        instances = await _last_seen(rt, instances)
     except DefenderConfigError as exc:
         # etcd went away between the health check and this read: judge nothing this pass.
         ERRORS.labels("monitor_read").inc()
@@ -507,12 +516,17 @@ async def key_step(p: Pass, live: Sequence[InstanceRecord]) -> Outcome:
     """KeyCurrent: the namespace's keyring copy matches the source and the live instances seal
     with the primary key."""
     rt = p.rt
-    copy_digest = await asyncio.to_thread(
-        rt.secrets.copy_digest, p.namespace, max_age=rt.settings.secret_copy_check_seconds
-    )
     source_digest = keyring_digest(rt.keyring.current())
+    max_age = rt.settings.secret_copy_check_seconds
+    copy_digest: str | None
     if p.namespace == rt.secrets.namespace:
-        copy_digest = source_digest
+        copy_digest = source_digest  # the source itself
+    else:
+        copy_digest, fresh = rt.secrets.known_copy_digest(p.namespace, max_age=max_age)
+        if not fresh:
+            copy_digest = await asyncio.to_thread(
+                rt.secrets.copy_digest, p.namespace, max_age=max_age
+            )
     primary = rt.keyring.current().primary_fingerprint
     return Outcome(
         conditions={cond.KEY_CURRENT: key_condition(primary, live, copy_digest, source_digest)}

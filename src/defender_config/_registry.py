@@ -712,10 +712,9 @@ class Registry:
         if not lease_id or not granted:
             return written
         if reuse:
-            with self._sightings_lock:
-                sighting = self._sightings.get(lease_id)
-            if sighting is not None and time.monotonic() < sighting[0]:
-                return max(written, sighting[1])
+            known = self.lease_sighting(lease_id, written)
+            if known is not None:
+                return known
         asked = time.monotonic()
         left = self.client.store.lease_ttl(lease_id)
         if left < 0:
@@ -729,6 +728,15 @@ class Registry:
             # deadline a caller computes from `granted`.
             self._remember(lease_id, asked + min(left, granted), seen)
         return seen
+
+    def lease_sighting(self, lease_id: int, written: datetime) -> datetime | None:
+        """What `lease_last_seen(..., reuse=True)` answers without a request, or None when it
+        would have to ask etcd: lets a caller on an event loop skip a thread for the answer."""
+        with self._sightings_lock:
+            sighting = self._sightings.get(lease_id)
+        if sighting is not None and time.monotonic() < sighting[0]:
+            return max(written, sighting[1])
+        return None
 
     def _remember(self, lease_id: int, alive_until: float, seen: datetime) -> None:
         with self._sightings_lock:

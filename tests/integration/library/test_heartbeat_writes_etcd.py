@@ -134,6 +134,8 @@ def test_reused_sightings_ask_the_lease_once_while_it_is_certainly_alive(
             listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
         )
         assert (len(asked), again) == (1, first), "asked again while certainly alive"
+        # The same answer without a request, for a caller that must not block.
+        assert registry.lease_sighting(listed.lease_id, listed.time) == first
         # Never newer than the truth, and last seen + TTL is still ahead: not judged stale.
         assert again <= registry.last_seen(listed)
         assert again + timedelta(seconds=10) > datetime.now(UTC)
@@ -143,6 +145,7 @@ def test_reused_sightings_ask_the_lease_once_while_it_is_certainly_alive(
         # Once the seconds it had left ran out, it is asked again.
         sightings = registry._sightings
         sightings[listed.lease_id] = (time.monotonic() - 1, first)
+        assert registry.lease_sighting(listed.lease_id, listed.time) is None  # must ask
         renewed = registry.lease_last_seen(
             listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +18,7 @@ from defender_config import (
     ChangeKind,
     ConfigFrozenError,
     ConfigValidationError,
+    Heartbeater,
     Keyring,
     LibrarySettings,
     NotFoundError,
@@ -317,3 +319,22 @@ def test_the_change_watch_hears_every_write_an_observe_reads_and_no_other(
         assert last.state.active_version == 2
     finally:
         handle.cancel()
+
+
+@pytest.mark.parametrize("backend", ["library"], indirect=True)  # leases live in etcd only
+def test_last_seen_without_asking_answers_only_what_a_sighting_knows(backend: Backend) -> None:
+    # The monitor asks without a thread first (`_monitor._last_seen`) and only falls back to
+    # a blocking read when this says None.
+    assert isinstance(backend, LibraryBackend)
+    hb = Heartbeater(
+        backend.client, "firewall", "fw-0", interval_seconds=1, allowed_misses=10
+    ).start()
+    try:
+        [rec] = backend.instances("firewall")
+        assert backend.last_seen([rec], ask=False) is None  # never sighted: must ask
+        asked = backend.last_seen([rec])
+        assert asked is not None and backend.last_seen([rec], ask=False) == asked
+        leaseless = replace(rec, lease_id=0)
+        assert backend.last_seen([leaseless], ask=False) == [leaseless]
+    finally:
+        hb.stop()

@@ -74,6 +74,9 @@ class FakeSecrets:
     def copy_digest(self, namespace: str, *, max_age: float = 0.0) -> str | None:
         return keyring_digest(self.keyring.current())
 
+    def known_copy_digest(self, namespace: str, *, max_age: float) -> tuple[str | None, bool]:
+        return keyring_digest(self.keyring.current()), True
+
 
 def spec(config: Mapping[str, Any] | None = None, **over: Any) -> dict[str, Any]:
     out: dict[str, Any] = {

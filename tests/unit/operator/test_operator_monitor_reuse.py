@@ -299,3 +299,33 @@ def test_every_write_a_view_reads_goes_through_runtime_write() -> None:
                     direct.append(f"{path.name}:{node.lineno} backend.{node.attr}")
     assert found > 20, "the scan found (almost) no backend write: it is broken"
     assert direct == []
+
+
+def _threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The blocking calls passes hand to a worker thread, by name."""
+    handed: list[str] = []
+    real = asyncio.to_thread
+
+    async def counted(fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handed.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    return handed
+
+
+def test_a_steady_pass_asks_no_thread_for_sightings_or_the_keyring_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = informed()
+    handed = _threads(monkeypatch)
+    asyncio.run(h.monitor(spec()))
+    assert "last_seen" not in handed and "copy_digest" not in handed, handed
+    assert h.condition(cond.READY)["status"] == cond.TRUE
+    # A lease that must be asked, and a stale keyring copy, still take the blocking path.
+    h.backend.known_sightings = False
+    h.rt.secrets.known_copy_digest = lambda ns, max_age: (None, False)  # type: ignore[method-assign]
+    asyncio.run(h.monitor(spec()))
+    assert "last_seen" in handed and "copy_digest" in handed, handed
+    assert h.condition(cond.READY)["status"] == cond.TRUE
+    assert h.condition(cond.KEY_CURRENT)["status"] == cond.TRUE

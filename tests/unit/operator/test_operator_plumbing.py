@@ -142,3 +142,15 @@ def test_key_secret_error_says_what_to_check_and_holds_no_key() -> None:
     shown = repr(MutableKeyringSource(keyring)) + keyring_digest(keyring)
     assert material.hex() not in shown
     assert keyring.primary_fingerprint in repr(MutableKeyringSource(keyring))
+
+
+def test_the_keyring_digest_follows_the_keyring_not_the_last_one_asked() -> None:
+    # Serialized once per keyring object (every monitor pass asks): a rotated keyring is a new
+    # object with a new digest, and going back to an earlier one gives its own digest again.
+    first = Keyring.generate()
+    rotated = first.with_new_decrypt_only()
+    digest = keyring_digest(first)
+    assert keyring_digest(first) == digest
+    assert keyring_digest(rotated) != digest
+    assert keyring_digest(first) == digest
+    assert keyring_digest(Keyring(first.keys)) == digest  # same content, another object
