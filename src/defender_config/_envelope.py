@@ -310,6 +310,28 @@ def _worth_trying(codec: Compressor, data: bytes) -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
+class _Sealer:
+    """What `seal` works out from one keyring and one (frozen) options object: the size caps,
+    the compressor, and the primary key's id, cipher and ready AEAD. Made once per pair and
+    reused while `seal` sees the same two objects again: a rotation or reload is a new Keyring
+    and per-call options are another object, so either makes a new one."""
+
+    keyring: Keyring | None
+    options: EnvelopeOptions
+    max_size: int
+    """min(options.max_decompressed_bytes, MAX_DECLARED_BYTES): larger values are refused."""
+    codec: Compressor | None
+    """The compressor to try, None when compression is off."""
+    cipher: Cipher
+    """NO_CIPHER when encryption is off."""
+    key_id: bytes
+    aead: Aead | None
+    """The primary key's AEAD (None when encryption is off)."""
+    request_room: int
+    """request_limit_bytes minus the PutRequest's own overhead: key + value must fit in it."""
+
+
 class Envelope:
     """Seals and opens values with a keyring and store-wide options (overridable per call).
 
@@ -318,7 +340,7 @@ class Envelope:
     (replaced whole when the provider hands out another keyring).
     """
 
-    __slots__ = ("_aeads", "_options", "_provider")
+    __slots__ = ("_aeads", "_options", "_provider", "_sealer")
 
     def __init__(
         self,
@@ -334,6 +356,8 @@ class Envelope:
         # table: a key removed or retired since is looked up again (and refused) by
         # `decryption_key`, never served from here.
         self._aeads: tuple[Keyring | None, dict[str, tuple[Key, Aead]]] = (None, {})
+        # What `seal` used last (see _Sealer); replaced whole, so threads never see it half made.
+        self._sealer: _Sealer | None = None
         if self._options.encrypt and self._provider is None:
             raise KeyringError(_NO_KEYRING)
         # Fail at construction, not at the first write, on a codec name this library lacks.
@@ -366,24 +390,26 @@ class Envelope:
         readers stay unambiguous.
         """
         opts = options or self._options
+        s = self._sealer_for(opts)
         size = len(data)
-        if size > opts.max_decompressed_bytes or size > MAX_DECLARED_BYTES:
+        if size > s.max_size:
             raise ValueTooLargeError(
                 size,
-                min(opts.max_decompressed_bytes, MAX_DECLARED_BYTES),
+                s.max_size,
                 path=path,
                 what="readers' decompressed-size cap (envelope.max_decompressed_bytes)",
             )
         path_b = path.encode("utf-8")
-        if not opts.compress and not opts.encrypt and data[:4] != MAGIC:
-            self._check_request(len(data), len(path_b), opts, path)
+        codec = s.codec
+        aead = s.aead
+        if codec is None and aead is None and data[:4] != MAGIC:
+            self._check_request(len(data), len(path_b), s, path)
             return bytes(data)
 
         flags = 0
         comp: Compressor = NO_COMPRESSION
         payload = data
-        if opts.compress and size >= opts.threshold_bytes:
-            codec = compressor_by_name(opts.compression)
+        if codec is not None and size >= opts.threshold_bytes:
             packed = codec.compress(data, opts.level) if _worth_trying(codec, data) else data
             # Incompressible data (already compressed, random) is kept as is: smaller and
             # faster to read.
@@ -404,36 +430,63 @@ class Envelope:
             # megabyte of page faults per write).
             del packed
 
-        if opts.encrypt:
-            provider = self._provider
-            if provider is None:
-                raise KeyringError(_NO_KEYRING)
-            key = provider.current().primary
-            cipher = cipher_by_name(opts.cipher)
-            kid = key.key_id.encode("ascii")
+        if aead is not None:
+            kid = s.key_id
             header = _FIXED.pack(
-                MAGIC, FORMAT_VERSION, flags | FLAG_ENCRYPTED, comp.id, cipher.id, size, len(kid)
+                MAGIC, FORMAT_VERSION, flags | FLAG_ENCRYPTED, comp.id, s.cipher.id, size, len(kid)
             )
             header += kid
             # A random 96-bit nonce per value: configs are written a few times a day, far from
             # the ~2^32 messages per key where random GCM nonces start to risk a collision.
-            nonce = os.urandom(cipher.nonce_size)
-            sealed = cipher.aead(key.material).encrypt(nonce, payload, header + path_b)
+            nonce = os.urandom(s.cipher.nonce_size)
+            sealed = aead.encrypt(nonce, payload, header + path_b)
             del payload  # the compressed copy: free before the join allocates the blob
             blob = b"".join((header, nonce, sealed))
             del sealed
         else:
             header = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, comp.id, NO_CIPHER.id, size, 0)
             blob = header + payload
-        self._check_request(len(blob), len(path_b), opts, path)
+        self._check_request(len(blob), len(path_b), s, path)
         return blob
 
+    def _sealer_for(self, opts: EnvelopeOptions) -> _Sealer:
+        """The _Sealer for `opts` and the provider's current keyring (made when either changed)."""
+        provider = self._provider
+        keyring = provider.current() if provider is not None else None
+        sealer = self._sealer
+        if sealer is not None and sealer.options is opts and sealer.keyring is keyring:
+            return sealer
+        aead: Aead | None = None
+        cipher: Cipher = NO_CIPHER
+        key_id = b""
+        if opts.encrypt:
+            if keyring is None:
+                raise KeyringError(_NO_KEYRING)
+            key = keyring.primary
+            cipher = cipher_by_name(opts.cipher)
+            key_id = key.key_id.encode("ascii")
+            aead = cipher.aead(key.material)
+        sealer = _Sealer(
+            keyring=keyring,
+            options=opts,
+            max_size=min(opts.max_decompressed_bytes, MAX_DECLARED_BYTES),
+            codec=compressor_by_name(opts.compression) if opts.compress else None,
+            cipher=cipher,
+            key_id=key_id,
+            aead=aead,
+            request_room=opts.request_limit_bytes - _REQUEST_OVERHEAD,
+        )
+        self._sealer = sealer
+        return sealer
+
     @staticmethod
-    def _check_request(value_len: int, path_len: int, opts: EnvelopeOptions, path: str) -> None:
-        needed = value_len + path_len + _REQUEST_OVERHEAD
-        if needed > opts.request_limit_bytes:
+    def _check_request(value_len: int, path_len: int, s: _Sealer, path: str) -> None:
+        if value_len + path_len > s.request_room:
             raise ValueTooLargeError(
-                needed, opts.request_limit_bytes, path=path, what="etcd request limit"
+                value_len + path_len + _REQUEST_OVERHEAD,
+                s.options.request_limit_bytes,
+                path=path,
+                what="etcd request limit",
             )
 
     # --- read ----------------------------------------------------------------------------------

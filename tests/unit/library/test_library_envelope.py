@@ -547,6 +547,57 @@ def test_one_envelope_follows_every_rotation_stage(config_bytes: bytes) -> None:
     assert env.open(old_blob, PATH) == config_bytes
 
 
+def test_seal_follows_the_keyring_and_options_it_is_given(config_bytes: bytes) -> None:
+    # seal keeps what it worked out for one keyring and one options object (key id, AEAD,
+    # codec, caps); a new keyring or other options must never be sealed with the old ones.
+    stage0 = Keyring.generate()
+    provider = SwitchableKeyring(stage0)
+    env = Envelope(provider)
+    assert inspect(env.seal(config_bytes, PATH)).key_id == stage0.primary.key_id
+
+    stage1 = stage0.with_new_decrypt_only()
+    new_id = stage1.key_ids[-1]
+    provider.keyring = stage1  # staged, not primary: still sealed with the old key
+    assert inspect(env.seal(config_bytes, PATH)).key_id == stage0.primary.key_id
+    provider.keyring = stage2 = stage1.promote(new_id)
+    blob = env.seal(config_bytes, PATH)
+    assert inspect(blob).key_id == new_id
+    # Sealed with the new key's material, not merely labelled with its id.
+    assert Envelope(Keyring([stage2.primary])).open(blob, PATH) == config_bytes
+    with pytest.raises(UnknownKeyError):
+        Envelope(Keyring([stage0.primary])).open(blob, PATH)
+
+    chacha = EnvelopeOptions(cipher="chacha20-poly1305")
+    assert inspect(env.seal(config_bytes, PATH, chacha)).cipher == "chacha20-poly1305"
+    assert inspect(env.seal(config_bytes, PATH)).cipher == "aes-256-gcm"
+    plain = env.seal(config_bytes, PATH, PLAIN)
+    assert plain == config_bytes
+    assert not inspect(env.seal(config_bytes, PATH, COMPRESS_ONLY)).encrypted
+    small = EnvelopeOptions(max_decompressed_bytes=100)
+    with pytest.raises(ValueTooLargeError):
+        env.seal(config_bytes, PATH, small)
+    tight = EnvelopeOptions(compress=False, request_limit_bytes=1024)
+    with pytest.raises(ValueTooLargeError, match="etcd request limit"):
+        env.seal(b"x" * 1024, PATH, tight)
+    assert env.open(env.seal(config_bytes, PATH), PATH) == config_bytes
+
+
+def test_seal_without_a_keyring_refuses_per_call_encryption() -> None:
+    env = Envelope(None, COMPRESS_ONLY)
+    assert not inspect(env.seal(b"config " * 100, PATH)).encrypted
+    with pytest.raises(KeyringError):
+        env.seal(b"config " * 100, PATH, EnvelopeOptions())
+    assert not inspect(env.seal(b"config " * 100, PATH)).encrypted
+
+
+def test_sealer_state_shows_no_key_material(keyring: Keyring, config_bytes: bytes) -> None:
+    env = Envelope(keyring)
+    env.seal(config_bytes, PATH)
+    shown = repr(env._sealer) + repr(env)
+    for key in keyring:
+        assert key.material.hex() not in shown and repr(key.material) not in shown
+
+
 def test_a_header_seen_before_still_has_the_rest_of_its_value_checked(
     envelope: Envelope, config_bytes: bytes
 ) -> None:
