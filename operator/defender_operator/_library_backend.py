@@ -54,6 +54,7 @@ from defender_operator._backend import (
     Cancellable,
     ChangeCallback,
     ComponentState,
+    Declared,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
@@ -190,32 +191,41 @@ class LibraryBackend:
         storage: StoragePolicy,
         digest: str | None,
         modified_by: str,
-    ) -> bool:
+    ) -> Declared:
         # The spec (from the Kubernetes API) is the operator's own setting: a component may be
         # read unencrypted only when its spec stores it so. Permission is withdrawn only after
         # its values were re-sealed encrypted (commit / set_storage), which reads them first.
         if not storage.encrypt:
             self.configs.allow_plaintext(component)
         if digest is None:
-            return False
+            return Declared()
         self._declared[component] = (component_type, json_schema, digest)
-        if not self.configs.holds_any(component):
-            return False  # a new component: its seed writes a signed record with the schema
+        # One read answers whether the component exists, what a new one holds (the seed
+        # needs it) and what the repair and the schema check would read first.
+        gets = self.client.store.txn([], self.configs.overview_reads(component)).gets
+        meta_sv, master_sv = (found[0] if found else None for found in gets[:2])
+        if meta_sv is None and master_sv is None:
+            # A new component: its seed writes a signed record with the schema.
+            return Declared(state=_state(self.configs.overview_of(component, gets, False)))
         resigned = self.configs.repair_metadata(
             component,
             component_type=component_type,
             json_schema=json_schema,
             by=modified_by,
             trusted_digest=digest,
+            stored=(meta_sv, master_sv),
         )
         # An edited spec.customSchema governs the next commit even when spec.config did not
         # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
         # not valid under it, it is recorded with the next commit of spec.config instead.
+        # The record read above is still current unless the repair rewrote it.
         try:
-            self.configs.set_schema(component, json_schema, modified_by)
+            self.configs.set_schema(
+                component, json_schema, modified_by, metadata=None if resigned else meta_sv
+            )
         except ConfigValidationError as exc:
             log.warning("spec.customSchema of %s not recorded yet: %s", component, exc)
-        return resigned
+        return Declared(resigned=resigned)
 
     def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:
         if storage is not None and storage.encrypt:
@@ -232,8 +242,9 @@ class LibraryBackend:
         storage: StoragePolicy | None = None,
     ) -> ComponentState:
         # The library writes MASTER, ACTIVE v1 and metadata in one create-only transaction;
-        # when MASTER exists it writes nothing and returns what is there.
-        self.configs.seed(
+        # when MASTER exists it writes nothing and returns what is there. Either way the
+        # transaction's response says what etcd holds: no read after it.
+        seeded = self.configs.seed(
             component,
             config,
             component_type,
@@ -241,7 +252,9 @@ class LibraryBackend:
             json_schema=json_schema,
             options=self._options(storage),
         )
-        return self.state(component)
+        if seeded.overview is None:
+            return self.state(component)
+        return _state(seeded.overview)
 
     def commit(
         self,

@@ -59,6 +59,7 @@ from defender_operator._backend import (
     Cancellable,
     ChangeCallback,
     ComponentState,
+    Declared,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
@@ -291,6 +292,9 @@ class MemoryBackend:
 
     def state(self, component: str, *, tolerate_master: bool = False) -> ComponentState:
         self._enter("state")
+        return self._state(component)
+
+    def _state(self, component: str) -> ComponentState:
         stored = self.components.get(component)
         if stored is None:
             return ComponentState(None, None, None, frozen=component in self.frozen)
@@ -313,14 +317,18 @@ class MemoryBackend:
         storage: StoragePolicy,
         digest: str | None,
         modified_by: str,
-    ) -> bool:
+    ) -> Declared:
         self._enter("declare")
         stored = self.components.get(component)
-        if digest is not None and stored is not None:
-            # As the library: the spec's schema governs the next commit.
-            stored.json_schema = dict(json_schema) if json_schema is not None else None
-            self._changed(component)  # the library records it in the metadata
-        return False  # nothing here is signed, so nothing needs re-signing
+        if digest is None:
+            return Declared()
+        if stored is None:
+            # As the library: a new component's state comes from the declare's own read.
+            return Declared(state=self._state(component))
+        # As the library: the spec's schema governs the next commit.
+        stored.json_schema = dict(json_schema) if json_schema is not None else None
+        self._changed(component)  # the library records it in the metadata
+        return Declared()  # nothing here is signed, so nothing needs re-signing
 
     def seed(
         self,
@@ -349,7 +357,7 @@ class MemoryBackend:
                 storage=storage,
             )
             self._changed(component)
-        return self.state(component)
+        return self._state(component)  # as the library: from the seed's own transaction
 
     def commit(
         self,

@@ -481,7 +481,7 @@ async def seed(
     digest = config_digest(normalized)
     storage = storage_policy(spec.storage)
     out = Outcome()
-    resigned = await rt.write(
+    declared = await rt.write(
         component,
         rt.backend.declare,
         component,
@@ -491,7 +491,7 @@ async def seed(
         digest=digest,
         modified_by=v.who,
     )
-    if resigned:
+    if declared.resigned:
         out.events.append(
             warning(
                 "MetadataResigned",
@@ -499,7 +499,11 @@ async def seed(
                 "rebuilt from the newest authenticated config and signed",
             )
         )
-    state = await asyncio.to_thread(rt.backend.state, component)
+    # A new component's state came with the declare's read; an existing one is read now,
+    # after whatever the declare re-signed or recorded.
+    state = declared.state
+    if state is None:
+        state = await asyncio.to_thread(rt.backend.state, component)
     plan = plan_seed(
         digest,
         StoredState(state.master_digest, state.active_digest, state.active_version),

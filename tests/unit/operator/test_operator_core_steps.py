@@ -39,6 +39,27 @@ def run(coro: object) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def test_a_new_component_is_seeded_without_reading_its_state_and_an_existing_one_once() -> None:
+    # Issue 17: the declare's read says what a new component holds and the seed's answer what
+    # it holds after; an existing one is read after the declare (which may have re-signed).
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    assert "seed" in h.backend.calls and "state" not in h.backend.calls
+    assert h.kube.status["activeVersion"] == 1
+    h.backend.calls.clear()
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.calls.count("state") == 1
+
+
+def test_a_freeze_that_predates_a_new_component_still_stops_its_first_commit() -> None:
+    # The state a new component is seeded on comes from the declare's read: a freeze marker
+    # already there is in it, and the seed's answer keeps it for the commit that follows.
+    h = Harness()
+    h.backend.freeze(NAME, "frozen before it was created")
+    run(h.reconcile(spec(ETH0)))
+    assert h.kube.status["frozen"] is True
+
+
 def test_first_visit_claims_seeds_and_shows_synced() -> None:
     h = Harness()
     run(h.reconcile(spec(ETH0)))
