@@ -249,6 +249,29 @@ class Backend(Protocol):
         when someone changed it meanwhile."""
         ...
 
+    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
+        """`read_claim`, and in the same read whether etcd holds the component's metadata or
+        MASTER (False: a new component, its seed writes both)."""
+        ...
+
+    def claim_and_seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        claim: Claim,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> ComponentState | None:
+        """`write_claim(claim, revision=0)` and `seed` in ONE create-only transaction, for a
+        name etcd holds nothing of: written only while neither the owner record nor MASTER
+        exists; the spec is declared as `declare` with its digest would. The state as `seed`
+        returns it, or None when either exists (nothing written: claim, then seed, as
+        always)."""
+        ...
+
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
 
     def last_seen(self, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:

@@ -19,6 +19,7 @@ from defender_config import (
     ComponentOverview,
     ConfigStore,
     ConfigValidationError,
+    ConflictError,
     DefenderClient,
     DefenderConfigError,
     EnvelopeOptions,
@@ -48,7 +49,7 @@ from defender_config import (
     write_cadence,
     write_key_record,
 )
-from defender_config.store import Compare, PutOp, WatchEvent
+from defender_config.store import Compare, GetOp, PutOp, StoredValue, WatchEvent
 from defender_operator._backend import (
     AlertRecord,
     Cancellable,
@@ -342,7 +343,10 @@ class LibraryBackend:
 
     def read_claim(self, component: str) -> tuple[Claim | None, int]:
         key = self.layout.owner(component)
-        stored = self.client.store.get(key)
+        return self._claim(component, self.client.store.get(key))
+
+    def _claim(self, component: str, stored: StoredValue | None) -> tuple[Claim | None, int]:
+        key = self.layout.owner(component)
         if stored is None:
             return None, 0
         if stored.stale:
@@ -364,6 +368,13 @@ class LibraryBackend:
 
     def write_claim(self, component: str, claim: Claim, *, revision: int) -> bool:
         key = self.layout.owner(component)
+        done = self.client.store.txn(
+            [Compare.mod_revision_is(key, revision)], [self._owner_put(component, claim)]
+        )
+        return done.succeeded
+
+    def _owner_put(self, component: str, claim: Claim) -> PutOp:
+        key = self.layout.owner(component)
         rec = OwnerRecord(
             namespace=claim.namespace,
             name=claim.name,
@@ -372,9 +383,50 @@ class LibraryBackend:
             since=datetime.now(UTC),
             by=self.client.instance or "",
         )
-        value = self.client.encode_record(key, rec.model_dump(mode="json"))
-        done = self.client.store.txn([Compare.mod_revision_is(key, revision)], [PutOp(key, value)])
-        return done.succeeded
+        return PutOp(key, self.client.encode_record(key, rec.model_dump(mode="json")))
+
+    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
+        layout = self.layout
+        reads = [
+            layout.owner(component),
+            layout.metadata(component),
+            layout.master_config(component),
+        ]
+        gets = self.client.store.txn([], [GetOp(key) for key in reads]).gets
+        owner_sv, meta_sv, master_sv = (found[0] if found else None for found in gets)
+        claim, revision = self._claim(component, owner_sv)
+        return claim, revision, meta_sv is not None or master_sv is not None
+
+    def claim_and_seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        claim: Claim,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> ComponentState | None:
+        # The owner record goes into the seed's create-only transaction, compared absent: the
+        # claim lands with the data it covers, or neither does.
+        owner = self._owner_put(component, claim)
+        try:
+            seeded = self.configs.seed(
+                component,
+                config,
+                component_type,
+                by=modified_by,
+                json_schema=json_schema,
+                options=self._options(storage),
+                also=([Compare.absent(owner.key)], [owner]),
+            )
+        except ConflictError:
+            return None  # the owner record appeared (or MASTER without metadata): decide again
+        if not seeded.created or seeded.overview is None:
+            return None  # MASTER appeared: nothing written, the owner record neither
+        self._declared[component] = (component_type, json_schema, seeded.metadata.digest)
+        return _state(seeded.overview)
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]

@@ -11,7 +11,7 @@ import enum
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
@@ -599,10 +599,16 @@ class ConfigStore:
         by: str,
         json_schema: Mapping[str, Any] | None = None,
         options: EnvelopeOptions | None = None,
+        also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
     ) -> SeedResult:
         """Register the component's config: MASTER, ACTIVE v1, metadata and history/1 in ONE
         create-only transaction. If MASTER exists already (another instance won), nothing is
         written and the existing metadata is returned: MASTER is never overwritten.
+
+        `also`: compares and puts of the caller's own, in the same transaction (the operator's
+        owner record, written atomically with the data it claims). Its puts are written
+        exactly when `created`; when one of its compares fails while MASTER is still absent,
+        nothing is written and ConflictError (retryable) is raised.
 
         `options` seals this component's values (instead of the store-wide options) and is
         recorded in the metadata as its StoragePolicy: later commits keep it unless they pass
@@ -637,12 +643,14 @@ class ConfigStore:
             PutOp(meta_key, self._encode_metadata(component, meta)),
             PutOp(history, c.seal(history, data, options)),
         ]
+        compares, extra = also
+        puts.extend(extra)
         self._check_request_size(active, puts)
         # The freeze record is read in the same transaction either way, so the result is the
         # whole overview and the caller does not read etcd again to learn what it holds.
         freeze = GetOp(lay.freeze(component))
         result = c.store.txn(
-            [Compare.absent(master)], [*puts, freeze], self.overview_reads(component)
+            [Compare.absent(master), *compares], [*puts, freeze], self.overview_reads(component)
         )
         if result.succeeded:
             log.info("component %s registered (MASTER written by %s)", component, by)
@@ -655,6 +663,8 @@ class ConfigStore:
             return SeedResult(created=True, metadata=meta, matches_master=True, overview=seeded)
         existing_meta = result.gets[0][0] if result.gets and result.gets[0] else None
         existing_master = result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None
+        if existing_master is None and compares:
+            raise ConflictError(master, detail="a condition the caller added no longer holds")
         if existing_meta is None or existing_master is None:
             raise ConflictError(
                 meta_key,

@@ -97,6 +97,16 @@ def decide_claim(existing: Claim | None, claimant: Claim, adopt_from: str | None
     )
 
 
+def claims_with_seed(decision: ClaimDecision, *, holds_nothing: bool, seeds_first: bool) -> bool:
+    """Whether the claim `decision` writes may go into the seed's create-only transaction
+    instead of a write of its own (one replicated write fewer per new component): only a
+    CREATE, of a name etcd holds nothing of (the seed will write), when the visit writes
+    nothing before its seed (`seeds_first`: no command annotation, a spec that parses and
+    validates). Then the claim lands with the first data written under it; in every other
+    case it is written first, as always."""
+    return decision.action is ClaimAction.CREATE and holds_nothing and seeds_first
+
+
 class Release(StrEnum):
     PURGE = "Purge"  # delete the data and the claim
     KEEP = "Keep"  # keep the data, mark the claim released

@@ -17,6 +17,7 @@ from defender_config import (
     AuthenticationFailedError,
     Cadence,
     ChangeKind,
+    ComponentOverview,
     ConfigFrozenError,
     ConfigStore,
     ConfigValidationError,
@@ -36,7 +37,7 @@ from defender_config import (
     viewed_component,
     write_cadence,
 )
-from defender_config.store import GetOp
+from defender_config.store import Compare, GetOp, PutOp
 from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.etcd
@@ -93,6 +94,26 @@ def test_a_seed_answers_with_what_it_wrote_or_found_as_an_overview_would_read_it
     assert not found.created and found.overview == configs.overview("sniffer")
     assert found.overview.metadata is not None and found.overview.metadata.version == 2
     assert found.overview.master == configs.get_master("sniffer")  # MASTER, not ACTIVE
+
+
+def test_a_seed_writes_the_callers_puts_with_it_only_when_its_compares_hold_too(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    mark = client.layout.owner("fresh")
+    also = ([Compare.absent(mark)], [PutOp(mark, b"claimed")])
+    assert configs.seed("fresh", SNIFFER, "sniffer", by="test", also=also).created
+    stored = client.store.get(mark)
+    assert stored is not None and stored.value == b"claimed"
+    # MASTER exists: nothing written, as always, the caller's puts neither.
+    again = ([Compare.absent(client.layout.owner("sniffer"))], [PutOp(mark, b"again")])
+    assert not configs.seed("sniffer", SNIFFER, "sniffer", by="late", also=again).created
+    stored = client.store.get(mark)
+    assert stored is not None and stored.value == b"claimed"
+    # The caller's compare fails while MASTER is absent: nothing written, a retryable conflict.
+    with pytest.raises(ConflictError) as info:
+        configs.seed("other", SNIFFER, "sniffer", by="test", also=also)
+    assert info.value.retryable
+    assert configs.overview("other") == ComponentOverview(None, None, None)
 
 
 def test_repair_and_schema_take_the_record_the_caller_read_and_are_guarded_by_it(
