@@ -237,7 +237,7 @@ async def _steps(
     v: Visit, mem: ComponentMemory, raw_spec: Mapping[str, Any], found: Outcome
 ) -> None:
     keyring_gate(v.rt)
-    claimed = await claim(v, seeds_first=seeds_first(v, raw_spec))
+    claimed = await claim(v, seeds_first=seed_is_first_write(v, raw_spec))
     if not take(mem, found, claimed.outcome):
         return
     spec = parse_spec(raw_spec)
@@ -343,7 +343,7 @@ _COMMANDS = (
 )
 
 
-def seeds_first(v: Visit, raw_spec: Mapping[str, Any]) -> bool:
+def seed_is_first_write(v: Visit, raw_spec: Mapping[str, Any]) -> bool:
     """Whether the seed would be this visit's first etcd write: no command annotation (each
     writes before it), and a spec that parses and validates (checked quietly here; the
     steps check it again where they report it)."""

@@ -3,7 +3,8 @@
 The etcd identity of a component is its name alone (agents and the plugin address it that
 way), while DefenderComponents are namespaced. So the first resource to reconcile a name
 records a claim `{namespace, name, uid}` (`<prefix>/control/<name>/owner`) before writing
-anything, and every other resource of that name is refused and writes nothing.
+anything (or in the same transaction as its seed: `claims_with_seed`), and every other resource
+of that name is refused and writes nothing.
 
 - No claim yet (a new name, or data seeded before claims existed): the claimant takes it.
 - Same namespace and name, same uid: it is the owner.
