@@ -344,10 +344,12 @@ _COMMANDS = (
 
 
 def seed_is_first_write(v: Visit, raw_spec: Mapping[str, Any]) -> bool:
-    """Whether the seed would be this visit's first etcd write: no command annotation (each
-    writes before it), and a spec that parses and validates (checked quietly here; the
-    steps check it again where they report it)."""
-    if any(command in v.annotations for command in _COMMANDS):
+    """Whether this visit may seed a new component with its first etcd write: a resource
+    never seen seeded (its status shows no activeVersion; for any other the question is not
+    worth a second validation or a read of what etcd holds), no command annotation (each
+    writes before the seed), and a spec that parses and validates (checked quietly here;
+    the steps check it again where they report it)."""
+    if "activeVersion" in v.status or any(command in v.annotations for command in _COMMANDS):
         return False
     try:
         spec = _api.parse_spec(dict(raw_spec))
@@ -366,9 +368,9 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
     rt, component = v.rt, v.component
     claimant = Claim(v.namespace, v.name, _uid(v.body))
     # Whether etcd holds the component is read with the owner record only where the claim
-    # may wait for the seed, and only for a resource never seen seeded: an existing
-    # component's MASTER is not worth transferring once more per reconcile.
-    with_holds = seeds_first and "activeVersion" not in v.status
+    # may wait for the seed (`seed_is_first_write`: never for a component seen seeded, whose
+    # MASTER is not worth transferring once more per reconcile).
+    with_holds = seeds_first
     # A lost compare means someone wrote the record meanwhile: decide again on what is there.
     for _ in range(3):
         holds = True

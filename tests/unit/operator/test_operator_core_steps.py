@@ -49,6 +49,8 @@ def test_a_new_component_is_seeded_without_reading_its_state_and_an_existing_one
     h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
     assert h.backend.calls.count("state") == 1
+    # Seen seeded (status.activeVersion): its claim read is the owner record alone.
+    assert "read_claim" in h.backend.calls and "read_claim_holds" not in h.backend.calls
 
 
 def test_a_freeze_that_predates_a_new_component_still_stops_its_first_commit() -> None:
