@@ -44,6 +44,18 @@ class ComponentState:
 
 
 @dataclass(frozen=True)
+class Declared:
+    """What `Backend.declare` did, and what it saw on the way."""
+
+    resigned: bool = False
+    """It re-signed a metadata record that did not verify."""
+    state: ComponentState | None = None
+    """Set when the component holds nothing yet (no metadata, no MASTER): what `state` would
+    return, from the declare's own read, so seeding a new component needs no read of its own.
+    None: read `state` (a component that exists, or a declare without a digest)."""
+
+
+@dataclass(frozen=True)
 class InstanceRecord:
     """One live instance, from its lease-bound heartbeat key (plaintext, no secrets)."""
 
@@ -136,15 +148,16 @@ class Backend(Protocol):
         storage: StoragePolicy,
         digest: str | None,
         modified_by: str,
-    ) -> bool:
+    ) -> Declared:
         """Tell the backend what the spec says before anything is read: whether the
         component's values may be read unencrypted (`storage`), and (when `digest`, the valid
         spec config's digest, is given) re-sign its metadata record when it does not verify
         (written before records were signed, forged, or an older one put back), rebuilt from
         authenticated values, `component_type`/`json_schema` and, for a plaintext component,
         only when it holds `digest`. With `digest`, `json_schema` also becomes the schema later
-        commits are validated against. True when it re-signed; RecordAuthError when it
-        cannot."""
+        commits are validated against. `resigned` when it re-signed; RecordAuthError when it
+        cannot. With `digest`, the existence check, the repair's and the schema's reads are
+        one read where they can be, and a new component's state comes back with it."""
         ...
 
     def seed(
@@ -234,6 +247,29 @@ class Backend(Protocol):
     def write_claim(self, component: str, claim: Claim, *, revision: int) -> bool:
         """Store `claim` if the owner record is still at `revision` (0: still absent); False
         when someone changed it meanwhile."""
+        ...
+
+    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
+        """`read_claim`, and in the same read whether etcd holds the component's metadata or
+        MASTER (False: a new component, its seed writes both)."""
+        ...
+
+    def claim_and_seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        claim: Claim,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> ComponentState | None:
+        """`write_claim(claim, revision=0)` and `seed` in ONE create-only transaction, for a
+        name etcd holds nothing of: written only while neither the owner record nor MASTER
+        exists; the spec is declared as `declare` with its digest would. The state as `seed`
+        returns it, or None when either exists (nothing written: claim, then seed, as
+        always)."""
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...

@@ -19,6 +19,7 @@ from defender_config import (
     ComponentOverview,
     ConfigStore,
     ConfigValidationError,
+    ConflictError,
     DefenderClient,
     DefenderConfigError,
     EnvelopeOptions,
@@ -48,12 +49,13 @@ from defender_config import (
     write_cadence,
     write_key_record,
 )
-from defender_config.store import Compare, PutOp, WatchEvent
+from defender_config.store import Compare, GetOp, PutOp, StoredValue, WatchEvent
 from defender_operator._backend import (
     AlertRecord,
     Cancellable,
     ChangeCallback,
     ComponentState,
+    Declared,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
@@ -190,32 +192,41 @@ class LibraryBackend:
         storage: StoragePolicy,
         digest: str | None,
         modified_by: str,
-    ) -> bool:
+    ) -> Declared:
         # The spec (from the Kubernetes API) is the operator's own setting: a component may be
         # read unencrypted only when its spec stores it so. Permission is withdrawn only after
         # its values were re-sealed encrypted (commit / set_storage), which reads them first.
         if not storage.encrypt:
             self.configs.allow_plaintext(component)
         if digest is None:
-            return False
+            return Declared()
         self._declared[component] = (component_type, json_schema, digest)
-        if not self.configs.holds_any(component):
-            return False  # a new component: its seed writes a signed record with the schema
+        # One read answers whether the component exists, what a new one holds (the seed
+        # needs it) and what the repair and the schema check would read first.
+        gets = self.client.store.txn([], self.configs.overview_reads(component)).gets
+        meta_sv, master_sv = (found[0] if found else None for found in gets[:2])
+        if meta_sv is None and master_sv is None:
+            # A new component: its seed writes a signed record with the schema.
+            return Declared(state=_state(self.configs.overview_of(component, gets, False)))
         resigned = self.configs.repair_metadata(
             component,
             component_type=component_type,
             json_schema=json_schema,
             by=modified_by,
             trusted_digest=digest,
+            stored=(meta_sv, master_sv),
         )
         # An edited spec.customSchema governs the next commit even when spec.config did not
         # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
         # not valid under it, it is recorded with the next commit of spec.config instead.
+        # The record read above is still current unless the repair rewrote it.
         try:
-            self.configs.set_schema(component, json_schema, modified_by)
+            self.configs.set_schema(
+                component, json_schema, modified_by, metadata=None if resigned else meta_sv
+            )
         except ConfigValidationError as exc:
             log.warning("spec.customSchema of %s not recorded yet: %s", component, exc)
-        return resigned
+        return Declared(resigned=resigned)
 
     def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:
         if storage is not None and storage.encrypt:
@@ -232,8 +243,9 @@ class LibraryBackend:
         storage: StoragePolicy | None = None,
     ) -> ComponentState:
         # The library writes MASTER, ACTIVE v1 and metadata in one create-only transaction;
-        # when MASTER exists it writes nothing and returns what is there.
-        self.configs.seed(
+        # when MASTER exists it writes nothing and returns what is there. Either way the
+        # transaction's response says what etcd holds: no read after it.
+        seeded = self.configs.seed(
             component,
             config,
             component_type,
@@ -241,7 +253,9 @@ class LibraryBackend:
             json_schema=json_schema,
             options=self._options(storage),
         )
-        return self.state(component)
+        if seeded.overview is None:
+            return self.state(component)
+        return _state(seeded.overview)
 
     def commit(
         self,
@@ -329,7 +343,10 @@ class LibraryBackend:
 
     def read_claim(self, component: str) -> tuple[Claim | None, int]:
         key = self.layout.owner(component)
-        stored = self.client.store.get(key)
+        return self._claim(component, self.client.store.get(key))
+
+    def _claim(self, component: str, stored: StoredValue | None) -> tuple[Claim | None, int]:
+        key = self.layout.owner(component)
         if stored is None:
             return None, 0
         if stored.stale:
@@ -351,6 +368,13 @@ class LibraryBackend:
 
     def write_claim(self, component: str, claim: Claim, *, revision: int) -> bool:
         key = self.layout.owner(component)
+        done = self.client.store.txn(
+            [Compare.mod_revision_is(key, revision)], [self._owner_put(component, claim)]
+        )
+        return done.succeeded
+
+    def _owner_put(self, component: str, claim: Claim) -> PutOp:
+        key = self.layout.owner(component)
         rec = OwnerRecord(
             namespace=claim.namespace,
             name=claim.name,
@@ -359,9 +383,50 @@ class LibraryBackend:
             since=datetime.now(UTC),
             by=self.client.instance or "",
         )
-        value = self.client.encode_record(key, rec.model_dump(mode="json"))
-        done = self.client.store.txn([Compare.mod_revision_is(key, revision)], [PutOp(key, value)])
-        return done.succeeded
+        return PutOp(key, self.client.encode_record(key, rec.model_dump(mode="json")))
+
+    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
+        layout = self.layout
+        reads = [
+            layout.owner(component),
+            layout.metadata(component),
+            layout.master_config(component),
+        ]
+        gets = self.client.store.txn([], [GetOp(key) for key in reads]).gets
+        owner_sv, meta_sv, master_sv = (found[0] if found else None for found in gets)
+        claim, revision = self._claim(component, owner_sv)
+        return claim, revision, meta_sv is not None or master_sv is not None
+
+    def claim_and_seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        claim: Claim,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> ComponentState | None:
+        # The owner record goes into the seed's create-only transaction, compared absent: the
+        # claim lands with the data it covers, or neither does.
+        owner = self._owner_put(component, claim)
+        try:
+            seeded = self.configs.seed(
+                component,
+                config,
+                component_type,
+                by=modified_by,
+                json_schema=json_schema,
+                options=self._options(storage),
+                also=([Compare.absent(owner.key)], [owner]),
+            )
+        except ConflictError:
+            return None  # the owner record appeared (or MASTER without metadata): decide again
+        if not seeded.created or seeded.overview is None:
+            return None  # MASTER appeared: nothing written, the owner record neither
+        self._declared[component] = (component_type, json_schema, seeded.metadata.digest)
+        return _state(seeded.overview)
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]

@@ -59,6 +59,7 @@ from defender_operator._backend import (
     Cancellable,
     ChangeCallback,
     ComponentState,
+    Declared,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
@@ -293,6 +294,9 @@ class MemoryBackend:
 
     def state(self, component: str, *, tolerate_master: bool = False) -> ComponentState:
         self._enter("state")
+        return self._state(component)
+
+    def _state(self, component: str) -> ComponentState:
         stored = self.components.get(component)
         if stored is None:
             return ComponentState(None, None, None, frozen=component in self.frozen)
@@ -315,14 +319,18 @@ class MemoryBackend:
         storage: StoragePolicy,
         digest: str | None,
         modified_by: str,
-    ) -> bool:
+    ) -> Declared:
         self._enter("declare")
         stored = self.components.get(component)
-        if digest is not None and stored is not None:
-            # As the library: the spec's schema governs the next commit.
-            stored.json_schema = dict(json_schema) if json_schema is not None else None
-            self._changed(component)  # the library records it in the metadata
-        return False  # nothing here is signed, so nothing needs re-signing
+        if digest is None:
+            return Declared()
+        if stored is None:
+            # As the library: a new component's state comes from the declare's own read.
+            return Declared(state=self._state(component))
+        # As the library: the spec's schema governs the next commit.
+        stored.json_schema = dict(json_schema) if json_schema is not None else None
+        self._changed(component)  # the library records it in the metadata
+        return Declared()  # nothing here is signed, so nothing needs re-signing
 
     def seed(
         self,
@@ -338,20 +346,31 @@ class MemoryBackend:
         normalized = self._validate(component, component_type, config, json_schema)
         self._check_size(component, normalized, copies=3)
         if component not in self.components:
-            self.components[component] = Stored(
-                component_type=component_type,
-                json_schema=dict(json_schema) if json_schema is not None else None,
-                master=normalized,
-                active=normalized,
-                version=1,
-                history={1: normalized},
-                modified=_now(),
-                modified_by=modified_by,
-                change=ChangeKind.REGISTER,
-                storage=storage,
-            )
-            self._changed(component)
-        return self.state(component)
+            self._register(component, component_type, normalized, json_schema, modified_by, storage)
+        return self._state(component)  # as the library: from the seed's own transaction
+
+    def _register(
+        self,
+        component: str,
+        component_type: str,
+        normalized: dict[str, Any],
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None,
+    ) -> None:
+        self.components[component] = Stored(
+            component_type=component_type,
+            json_schema=dict(json_schema) if json_schema is not None else None,
+            master=normalized,
+            active=normalized,
+            version=1,
+            history={1: normalized},
+            modified=_now(),
+            modified_by=modified_by,
+            change=ChangeKind.REGISTER,
+            storage=storage,
+        )
+        self._changed(component)
 
     def commit(
         self,
@@ -510,6 +529,32 @@ class MemoryBackend:
                 return False
             self.claims[component] = (claim, self._next_revision())
             return True
+
+    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
+        self._enter("read_claim_holds")
+        claim, revision = self.claims.get(component, (None, 0))
+        return claim, revision, component in self.components
+
+    def claim_and_seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        *,
+        claim: Claim,
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None = None,
+    ) -> ComponentState | None:
+        self._enter("claim_and_seed")
+        normalized = self._validate(component, component_type, config, json_schema)
+        self._check_size(component, normalized, copies=3)
+        with self._lock:
+            if component in self.claims or component in self.components:
+                return None  # as the library's compares: nothing written
+            self.claims[component] = (claim, self._next_revision())
+        self._register(component, component_type, normalized, json_schema, modified_by, storage)
+        return self._state(component)
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         self._enter("instances")

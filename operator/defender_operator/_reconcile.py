@@ -27,7 +27,12 @@ from defender_config import (
     parse_rollback_target,
     validate_config,
 )
-from defender_config.contract import ADOPT_ANNOTATION, UNFREEZE_ANNOTATION
+from defender_config.contract import (
+    ABORT_ANNOTATION,
+    ADOPT_ANNOTATION,
+    PROMOTE_ANNOTATION,
+    UNFREEZE_ANNOTATION,
+)
 from defender_operator import _api, _attribution, _canary
 from defender_operator._backend import ComponentState
 from defender_operator._decisions import conditions as cond
@@ -37,6 +42,7 @@ from defender_operator._decisions.ownership import (
     ClaimAction,
     ClaimDecision,
     Release,
+    claims_with_seed,
     decide_claim,
     decide_release,
     owner_lookup_needed,
@@ -232,7 +238,8 @@ async def _steps(
     v: Visit, mem: ComponentMemory, raw_spec: Mapping[str, Any], found: Outcome
 ) -> None:
     keyring_gate(v.rt)
-    if not take(mem, found, await claim(v)):
+    claimed = await claim(v, seeds_first=seed_is_first_write(v, raw_spec))
+    if not take(mem, found, claimed.outcome):
         return
     spec = parse_spec(raw_spec)
     await prepare(v, spec)
@@ -250,7 +257,17 @@ async def _steps(
         take(mem, found, checked)
         take(mem, found, await refuse_invalid(v, spec))
         return
-    state, commit_due, seeded = await seed(v, spec, normalized)
+    seeded_new = None
+    if claimed.pending is not None:
+        # A new name: the claim waited for the seed, to be written in one transaction with it.
+        seeded_new = await claim_and_seed(v, spec, normalized, claimed.pending)
+        # None: the owner record or MASTER appeared since the claim's read (nothing was
+        # written). Decide the claim again on what is there, then seed as always.
+        if seeded_new is None and not take(mem, found, (await claim(v)).outcome):
+            return
+    if seeded_new is None:
+        seeded_new = await seed(v, spec, normalized)
+    state, commit_due, seeded = seeded_new
     take(mem, found, seeded)
     if commit_due:
         # Until the commit lands: what a failed attempt leaves (see `_temporary`), never the
@@ -310,37 +327,87 @@ def _uid(body: Any) -> str:
     return str((body.get("metadata") or {}).get("uid") or "")
 
 
-async def claim(v: Visit) -> Outcome:
+@dataclass(frozen=True)
+class Claimed:
+    """What `claim` decided. `pending`: a new name's claim, not written yet, to be written in
+    the seed's transaction (`claims_with_seed`)."""
+
+    outcome: Outcome
+    pending: Claim | None = None
+
+
+_COMMANDS = (
+    UNFREEZE_ANNOTATION,
+    _api.ROLLBACK_ANNOTATION,
+    PROMOTE_ANNOTATION,
+    ABORT_ANNOTATION,
+)
+
+
+def seed_is_first_write(v: Visit, raw_spec: Mapping[str, Any]) -> bool:
+    """Whether this visit may seed a new component with its first etcd write: a resource
+    never seen seeded (its status shows no activeVersion; for any other the question is not
+    worth a second validation or a read of what etcd holds), no command annotation (each
+    writes before the seed), and a spec that parses and validates (checked quietly here;
+    the steps check it again where they report it)."""
+    if "activeVersion" in v.status or any(command in v.annotations for command in _COMMANDS):
+        return False
+    try:
+        spec = _api.parse_spec(dict(raw_spec))
+        validate_config(
+            spec.component_type.value, spec.config, spec.custom_schema, component=v.component
+        )
+    except (ValueError, ConfigValidationError):  # ValueError: pydantic's, of parse_spec
+        return False
+    return True
+
+
+async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
     """Make sure this resource owns its etcd name before anything is written (see
     `_decisions.ownership`); done, with the Conflict condition and a Warning Event, when
-    another resource owns it."""
+    another resource owns it. A new name's claim may wait for the seed (`Claimed.pending`)."""
     rt, component = v.rt, v.component
     claimant = Claim(v.namespace, v.name, _uid(v.body))
+    # Whether etcd holds the component is read with the owner record only where the claim
+    # may wait for the seed (`seed_is_first_write`: never for a component seen seeded, whose
+    # MASTER is not worth transferring once more per reconcile).
+    with_holds = seeds_first
     # A lost compare means someone wrote the record meanwhile: decide again on what is there.
     for _ in range(3):
+        holds = True
         try:
-            existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
+            if with_holds:
+                existing, revision, holds = await asyncio.to_thread(
+                    rt.backend.read_claim_holds, component
+                )
+            else:
+                existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
         except OwnerRecordError as exc:
             decision = ClaimDecision(
                 ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
             )
         else:
             decision = await _decide_claim(v, existing, claimant)
+        with_holds = False
+        if claims_with_seed(decision, holds_nothing=not holds, seeds_first=seeds_first):
+            return Claimed(Outcome(conditions={cond.CONFLICT: None}), decision.record)
         if decision.record is not None and not await asyncio.to_thread(
             rt.backend.write_claim, component, decision.record, revision=revision
         ):
             continue
         if decision.allowed:
-            return _claimed(v, decision, existing)
+            return Claimed(_claimed(v, decision, existing))
         v.logger.warning("refused, nothing written: %s", decision.message)
-        return Outcome(
-            events=[warning(decision.reason, decision.message)],
-            conditions={
-                cond.CONFLICT: cond.Cond(
-                    cond.CONFLICT, cond.TRUE, decision.reason, decision.message
-                )
-            },
-            done=True,
+        return Claimed(
+            Outcome(
+                events=[warning(decision.reason, decision.message)],
+                conditions={
+                    cond.CONFLICT: cond.Cond(
+                        cond.CONFLICT, cond.TRUE, decision.reason, decision.message
+                    )
+                },
+                done=True,
+            )
         )
     raise kopf.TemporaryError(f"the owner record of {component} keeps changing", delay=1.0)
 
@@ -494,7 +561,7 @@ async def seed(
     digest = config_digest(normalized)
     storage = storage_policy(spec.storage)
     out = Outcome()
-    resigned = await rt.write(
+    declared = await rt.write(
         component,
         rt.backend.declare,
         component,
@@ -504,7 +571,7 @@ async def seed(
         digest=digest,
         modified_by=v.who,
     )
-    if resigned:
+    if declared.resigned:
         out.events.append(
             warning(
                 "MetadataResigned",
@@ -512,7 +579,11 @@ async def seed(
                 "rebuilt from the newest authenticated config and signed",
             )
         )
-    state = await asyncio.to_thread(rt.backend.state, component)
+    # A new component's state came with the declare's read; an existing one is read now,
+    # after whatever the declare re-signed or recorded.
+    state = declared.state
+    if state is None:
+        state = await asyncio.to_thread(rt.backend.state, component)
     plan = plan_seed(
         digest,
         StoredState(state.master_digest, state.active_digest, state.active_version),
@@ -540,6 +611,40 @@ async def seed(
         # No Event: a routine success on every create, one API write per component for what
         # status.activeVersion and the ConfigSynced condition already show.
     return state, plan.commit, out
+
+
+async def claim_and_seed(
+    v: Visit,
+    spec: _api.DefenderComponentSpec,
+    normalized: Mapping[str, Any],
+    pending: Claim,
+) -> tuple[ComponentState, bool, Outcome] | None:
+    """A new name: its claim, MASTER, ACTIVE and metadata in one create-only transaction, as
+    `seed` returns it; None when the owner record or MASTER appeared since the claim's read
+    (nothing written)."""
+    rt, component = v.rt, v.component
+    # What `seed` would plan for a name etcd holds nothing of: seed both, commit nothing.
+    absent = StoredState(None, None, None)
+    plan = plan_seed(config_digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
+    state = await rt.write(
+        component,
+        rt.backend.claim_and_seed,
+        component,
+        spec.component_type.value,
+        normalized,
+        claim=pending,
+        json_schema=spec.custom_schema,
+        modified_by=_attribution.author(
+            v.rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
+        ),
+        storage=storage_policy(spec.storage),
+    )
+    if state is None:
+        return None
+    v.logger.info(
+        "claimed and seeded etcd component %s (ACTIVE version %s)", component, state.active_version
+    )
+    return state, plan.commit, Outcome()
 
 
 async def commit(

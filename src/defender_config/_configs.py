@@ -11,7 +11,7 @@ import enum
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
@@ -185,6 +185,9 @@ class SeedResult:
     created: bool
     metadata: ConfigMetadata
     matches_master: bool
+    overview: ComponentOverview | None = None
+    """What etcd holds right after the seed (as `ConfigStore.overview` would read it), from
+    the seed's own transaction: a caller needs no read of its own to see what it wrote."""
 
 
 @dataclass(slots=True)
@@ -596,10 +599,16 @@ class ConfigStore:
         by: str,
         json_schema: Mapping[str, Any] | None = None,
         options: EnvelopeOptions | None = None,
+        also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
     ) -> SeedResult:
         """Register the component's config: MASTER, ACTIVE v1, metadata and history/1 in ONE
         create-only transaction. If MASTER exists already (another instance won), nothing is
         written and the existing metadata is returned: MASTER is never overwritten.
+
+        `also`: compares and puts of the caller's own, in the same transaction (the operator's
+        owner record, written atomically with the data it claims). Its puts are written
+        exactly when `created`; when one of its compares fails while MASTER is still absent,
+        nothing is written and ConflictError (retryable) is raised.
 
         `options` seals this component's values (instead of the store-wide options) and is
         recorded in the metadata as its StoragePolicy: later commits keep it unless they pass
@@ -634,23 +643,37 @@ class ConfigStore:
             PutOp(meta_key, self._encode_metadata(component, meta)),
             PutOp(history, c.seal(history, data, options)),
         ]
+        compares, extra = also
+        puts.extend(extra)
         self._check_request_size(active, puts)
-        result = c.store.txn([Compare.absent(master)], puts, [GetOp(meta_key), GetOp(master)])
+        # The freeze record is read in the same transaction either way, so the result is the
+        # whole overview and the caller does not read etcd again to learn what it holds.
+        freeze = GetOp(lay.freeze(component))
+        result = c.store.txn(
+            [Compare.absent(master), *compares], [*puts, freeze], self.overview_reads(component)
+        )
         if result.succeeded:
             log.info("component %s registered (MASTER written by %s)", component, by)
-            return SeedResult(created=True, metadata=meta, matches_master=True)
+            freeze_sv = result.gets[0][0] if result.gets and result.gets[0] else None
+            seeded = ComponentOverview(
+                metadata=meta,
+                master=normalized,
+                frozen=self._decode_freeze(component, freeze_sv.value) if freeze_sv else None,
+            )
+            return SeedResult(created=True, metadata=meta, matches_master=True, overview=seeded)
         existing_meta = result.gets[0][0] if result.gets and result.gets[0] else None
         existing_master = result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None
+        if existing_master is None and compares:
+            raise ConflictError(master, detail="a condition the caller added no longer holds")
         if existing_meta is None or existing_master is None:
             raise ConflictError(
                 meta_key,
                 detail="MASTER exists but metadata is missing; repair the component keys",
                 retryable=False,
             )
-        current = self._decode_metadata(meta_key, existing_meta.value, component)
-        master_cfg = self._open_config(
-            master, existing_master.value, component, self._read_options(component, current)
-        )
+        found = self.overview_of(component, result.gets, tolerate_master=False)
+        assert found.metadata is not None and found.master is not None  # both read above
+        current, master_cfg = found.metadata, found.master
         same = config_digest(master_cfg) == digest
         if not same:
             log.info(
@@ -658,7 +681,7 @@ class ConfigStore:
                 component,
                 by,
             )
-        return SeedResult(created=False, metadata=current, matches_master=same)
+        return SeedResult(created=False, metadata=current, matches_master=same, overview=found)
 
     def commit(
         self,
@@ -750,14 +773,28 @@ class ConfigStore:
                 return now.version
             raise
 
-    def set_schema(self, component: str, json_schema: Mapping[str, Any] | None, by: str) -> bool:
+    def set_schema(
+        self,
+        component: str,
+        json_schema: Mapping[str, Any] | None,
+        by: str,
+        *,
+        metadata: StoredValue | None = None,
+    ) -> bool:
         """Make `json_schema` the schema later commits (by anyone: the operator, rag, the
         plugin) are validated against, without a new version: ACTIVE keeps running, and
         `schema_digest` still names the schema that validated its version. ACTIVE must be
         valid under the new schema too (ConfigValidationError otherwise, nothing recorded):
         agents check ACTIVE against the schema in its record. Returns False when it is
-        already the recorded one or the component is not registered (seed records it)."""
-        got = self._metadata(component)
+        already the recorded one or the component is not registered (seed records it).
+
+        `metadata`: the record as the caller just read it (None: read here), saving a round
+        trip; the write is guarded by its mod_revision all the same."""
+        got = (
+            self._metadata(component)
+            if metadata is None
+            else (self._decode_metadata(metadata.key, metadata.value, component), metadata)
+        )
         if got is None:
             return False
         meta, meta_stored = got
@@ -1024,6 +1061,7 @@ class ConfigStore:
         json_schema: Mapping[str, Any] | None,
         by: str,
         trusted_digest: str | None = None,
+        stored: tuple[StoredValue | None, StoredValue | None] | None = None,
     ) -> bool:
         """Re-sign the component's metadata when it does not verify: records written before
         control records were signed (the migration: the operator calls this on its next pass),
@@ -1038,13 +1076,15 @@ class ConfigStore:
         values this reader accepts unencrypted has nothing authenticated to rebuild from, so
         it is re-signed only when that entry's digest is `trusted_digest` (the operator's
         spec); otherwise RecordAuthError. Guarded by the mod_revisions it read
-        (ConflictError when something changed meanwhile)."""
+        (ConflictError when something changed meanwhile). `stored`: (metadata, MASTER) as the
+        caller just read them in one transaction (`overview_reads`), instead of reading them
+        again here."""
         c, lay = self.client, self.layout
         keyring = c.envelope.keyring()
         if keyring is None:
             return False
         meta_key, active_key = lay.metadata(component), lay.active_config(component)
-        meta_sv = c.store.get(meta_key)
+        meta_sv = stored[0] if stored is not None else c.store.get(meta_key)
         old: Any = None
         verified: ConfigMetadata | None = None
         if meta_sv is not None:
@@ -1053,7 +1093,9 @@ class ConfigStore:
                 verified = _parse_metadata(meta_key, verify_record(keyring, meta_key, old))
             except (ValueError, UnicodeDecodeError, DefenderConfigError):
                 verified = None
-        elif c.store.get(lay.master_config(component)) is None:
+        elif (
+            stored[1] if stored is not None else c.store.get(lay.master_config(component))
+        ) is None:
             return False  # not registered: seed writes a signed record
         read = self._read_options(component, None)
         newest: tuple[StoredValue, dict[str, Any], int] | None = None

@@ -564,7 +564,7 @@ def test_operator_backend_resigns_on_its_next_pass(scene: Scene) -> None:
             storage=encrypted,
             digest=config_digest(GOOD_N),
             modified_by="operator:reliability",
-        )
+        ).resigned
         scene.forge(metadata={**doc, "type": "rag"})
         state = backend.state("firewall")  # the monitor's pass re-signs
         assert state.active_version == 1 and state.active_digest == config_digest(GOOD_N)

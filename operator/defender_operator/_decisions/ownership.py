@@ -3,7 +3,8 @@
 The etcd identity of a component is its name alone (agents and the plugin address it that
 way), while DefenderComponents are namespaced. So the first resource to reconcile a name
 records a claim `{namespace, name, uid}` (`<prefix>/control/<name>/owner`) before writing
-anything, and every other resource of that name is refused and writes nothing.
+anything (or in the same transaction as its seed: `claims_with_seed`), and every other resource
+of that name is refused and writes nothing.
 
 - No claim yet (a new name, or data seeded before claims existed): the claimant takes it.
 - Same namespace and name, same uid: it is the owner.
@@ -116,6 +117,16 @@ def owner_lookup_needed(decision: ClaimDecision, existing: Claim | None) -> bool
     return (
         decision.reason == NAME_CLAIMED_ELSEWHERE and existing is not None and not existing.released
     )
+
+
+def claims_with_seed(decision: ClaimDecision, *, holds_nothing: bool, seeds_first: bool) -> bool:
+    """Whether the claim `decision` writes may go into the seed's create-only transaction
+    instead of a write of its own (one replicated write fewer per new component): only a
+    CREATE, of a name etcd holds nothing of (the seed will write), when the visit writes
+    nothing before its seed (`seeds_first`: no command annotation, a spec that parses and
+    validates). Then the claim lands with the first data written under it; in every other
+    case it is written first, as always."""
+    return decision.action is ClaimAction.CREATE and holds_nothing and seeds_first
 
 
 class Release(StrEnum):

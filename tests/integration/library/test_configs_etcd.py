@@ -17,6 +17,7 @@ from defender_config import (
     AuthenticationFailedError,
     Cadence,
     ChangeKind,
+    ComponentOverview,
     ConfigFrozenError,
     ConfigStore,
     ConfigValidationError,
@@ -36,7 +37,7 @@ from defender_config import (
     viewed_component,
     write_cadence,
 )
-from defender_config.store import GetOp
+from defender_config.store import Compare, GetOp, PutOp
 from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.etcd
@@ -77,6 +78,68 @@ def test_seed_writes_master_active_metadata_history(
     again = configs.seed("sniffer", snaplen(64), "sniffer", by="late")
     assert not again.created and not again.matches_master
     assert configs.get_master("sniffer")["snaplen"] == 256  # never overwritten
+
+
+def test_a_seed_answers_with_what_it_wrote_or_found_as_an_overview_would_read_it(
+    configs: ConfigStore,
+) -> None:
+    # Its one transaction says what etcd holds: the caller does not read it again.
+    configs.freeze("fresh", "frozen before it was created", by="oncall")
+    created = configs.seed("fresh", SNIFFER, "sniffer", by="test")
+    assert created.created and created.overview == configs.overview("fresh")
+    assert created.overview.frozen is not None
+    assert created.overview.frozen.reason == "frozen before it was created"
+    configs.commit("sniffer", snaplen(100), by="ops")
+    found = configs.seed("sniffer", snaplen(64), "sniffer", by="late")
+    assert not found.created and found.overview == configs.overview("sniffer")
+    assert found.overview.metadata is not None and found.overview.metadata.version == 2
+    assert found.overview.master == configs.get_master("sniffer")  # MASTER, not ACTIVE
+
+
+def test_a_seed_writes_the_callers_puts_with_it_only_when_its_compares_hold_too(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    mark = client.layout.owner("fresh")
+    also = ([Compare.absent(mark)], [PutOp(mark, b"claimed")])
+    assert configs.seed("fresh", SNIFFER, "sniffer", by="test", also=also).created
+    stored = client.store.get(mark)
+    assert stored is not None and stored.value == b"claimed"
+    # MASTER exists: nothing written, as always, the caller's puts neither.
+    again = ([Compare.absent(client.layout.owner("sniffer"))], [PutOp(mark, b"again")])
+    assert not configs.seed("sniffer", SNIFFER, "sniffer", by="late", also=again).created
+    stored = client.store.get(mark)
+    assert stored is not None and stored.value == b"claimed"
+    # The caller's compare fails while MASTER is absent: nothing written, a retryable conflict.
+    with pytest.raises(ConflictError) as info:
+        configs.seed("other", SNIFFER, "sniffer", by="test", also=also)
+    assert info.value.retryable
+    assert configs.overview("other") == ComponentOverview(None, None, None)
+
+
+def test_repair_and_schema_take_the_record_the_caller_read_and_are_guarded_by_it(
+    configs: ConfigStore, client: DefenderClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meta_key = client.layout.metadata("sniffer")
+    gets = client.store.txn([], configs.overview_reads("sniffer")).gets
+    meta_sv, master_sv = (found[0] if found else None for found in gets[:2])
+    read: list[str] = []
+    get = client.store.get
+    monkeypatch.setattr(
+        client.store, "get", lambda path, **kw: read.append(path) or get(path, **kw)
+    )
+    schema = {"type": "object", "properties": {"snaplen": {"type": "integer"}}}
+    assert not configs.repair_metadata(
+        "sniffer", component_type="sniffer", json_schema=None, by="op", stored=(meta_sv, master_sv)
+    )
+    assert not configs.set_schema("sniffer", None, "op", metadata=meta_sv)  # already recorded
+    assert meta_key not in read  # neither read the record again
+    assert configs.set_schema("sniffer", schema, "op", metadata=meta_sv)
+    # A record read before a write is no base for another: the schema is refused, not lost.
+    assert meta_sv is not None
+    with pytest.raises(ConflictError):
+        configs.set_schema("sniffer", {"type": "object"}, "op", metadata=meta_sv)
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.json_schema == schema
 
 
 def test_commit_versions_and_history_pruning(configs: ConfigStore) -> None:

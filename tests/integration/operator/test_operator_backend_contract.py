@@ -235,6 +235,44 @@ def test_owner_claims_are_compare_and_swap(backend: Backend) -> None:
     assert backend.read_claim("firewall")[0] == released
 
 
+def test_a_claim_and_a_seed_land_together_only_on_a_name_that_holds_nothing(
+    backend: Backend,
+) -> None:
+    owner = Claim("default", "firewall", "uid-1")
+
+    def claim_and_seed(config: dict[str, Any] = FW) -> Any:
+        return backend.claim_and_seed(
+            "firewall", "firewall", config, claim=owner, json_schema=None, modified_by=BY
+        )
+
+    assert backend.read_claim_holds("firewall") == (None, 0, False)
+    backend.freeze("firewall", "before it existed")
+    state = claim_and_seed()
+    assert state is not None and state == backend.state("firewall")
+    assert (state.active_version, state.active_digest, state.frozen) == (
+        1,
+        digest("firewall", FW),
+        True,
+    )
+    held, revision, holds = backend.read_claim_holds("firewall")
+    assert (held, holds) == (owner, True) and (held, revision) == backend.read_claim("firewall")
+    # Held: nothing written, neither the claim nor the config.
+    assert claim_and_seed(FW_ALLOW) is None
+    assert backend.state("firewall").active_digest == digest("firewall", FW)
+    # MASTER without a claim (seeded before claims existed): no claim written with a seed.
+    backend.purge("firewall")
+    seed(backend, FW_ALLOW)
+    assert backend.read_claim_holds("firewall") == (None, 0, True)
+    assert claim_and_seed() is None
+    assert backend.read_claim("firewall") == (None, 0)
+    # A claim without data (another resource's, just written): nothing written either.
+    backend.purge("firewall")
+    backend.write_claim("firewall", Claim("tenant-b", "firewall", "uid-9"), revision=0)
+    assert backend.read_claim_holds("firewall")[2] is False
+    assert claim_and_seed() is None
+    assert backend.state("firewall").master_digest is None
+
+
 def test_storage_policy_changes_only_when_different(backend: Backend) -> None:
     policy = StoragePolicy(compress=True, encrypt=True, level=3, threshold_bytes=64)
     backend.seed("firewall", "firewall", FW, json_schema=None, modified_by=BY, storage=policy)

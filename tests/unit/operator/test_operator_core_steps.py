@@ -40,6 +40,82 @@ def run(coro: object) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def test_a_new_component_is_seeded_without_reading_its_state_and_an_existing_one_once() -> None:
+    # Issue 17: the declare's read says what a new component holds and the seed's answer what
+    # it holds after; an existing one is read after the declare (which may have re-signed).
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    assert "claim_and_seed" in h.backend.calls and "state" not in h.backend.calls
+    assert h.kube.status["activeVersion"] == 1
+    h.backend.calls.clear()
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.calls.count("state") == 1
+    # Seen seeded (status.activeVersion): its claim read is the owner record alone.
+    assert "read_claim" in h.backend.calls and "read_claim_holds" not in h.backend.calls
+
+
+def test_a_freeze_that_predates_a_new_component_still_stops_its_first_commit() -> None:
+    # The state a new component is seeded on comes from the declare's read: a freeze marker
+    # already there is in it, and the seed's answer keeps it for the commit that follows.
+    h = Harness()
+    h.backend.freeze(NAME, "frozen before it was created")
+    run(h.reconcile(spec(ETH0)))
+    assert h.kube.status["frozen"] is True
+
+
+def test_a_new_name_with_a_command_or_an_invalid_spec_is_claimed_before_anything_else() -> None:
+    # The claim waits for the seed only when the seed is the first write: otherwise it is
+    # written first, as its own write, an invalid spec's refusal included.
+    h = Harness()
+    run(h.reconcile(spec(ETH0), {UNFREEZE_ANNOTATION: "now"}))
+    assert h.backend.calls.index("write_claim") < h.backend.calls.index("unfreeze")
+    assert "claim_and_seed" not in h.backend.calls and "seed" in h.backend.calls
+    bad = Harness()
+    run(bad.reconcile(spec(BAD)))
+    assert bad.reasons() == ["ConfigInvalid"] and "claim_and_seed" not in bad.backend.calls
+    assert bad.backend.claims[NAME][0] == Claim("default", NAME, "uid-1")
+    assert bad.backend.state(NAME).active_version is None
+
+
+def test_a_new_name_claimed_by_another_resource_meanwhile_is_refused_and_nothing_seeded() -> None:
+    h = Harness()
+    read = h.backend.read_claim_holds
+
+    def then_another_claims(component: str) -> tuple[Claim | None, int, bool]:
+        seen = read(component)
+        h.backend.write_claim(component, Claim("tenant-b", NAME, "uid-9"), revision=0)
+        return seen
+
+    h.backend.read_claim_holds = then_another_claims  # type: ignore[method-assign]
+    run(h.reconcile(spec(ETH0)))
+    # The combined write lost its compare: decided again on what is there, as always.
+    assert h.backend.calls.count("claim_and_seed") == 1 and "read_claim" in h.backend.calls
+    assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
+    assert h.backend.state(NAME).active_version is None
+    assert h.backend.claims[NAME][0] == Claim("tenant-b", NAME, "uid-9")
+
+
+def test_a_master_written_under_a_new_name_meanwhile_is_claimed_first_and_never_overwritten() -> (
+    None
+):
+    h = Harness()
+    read = h.backend.read_claim_holds
+
+    def then_master_appears(component: str) -> tuple[Claim | None, int, bool]:
+        seen = read(component)
+        h.backend.seed(component, "sniffer", ETH1, json_schema=None, modified_by="someone")
+        return seen
+
+    h.backend.read_claim_holds = then_master_appears  # type: ignore[method-assign]
+    run(h.reconcile(spec(ETH0)))
+    calls = h.backend.calls
+    assert calls.index("claim_and_seed") < calls.index("write_claim") < calls.index("commit")
+    assert h.backend.claims[NAME][0] == Claim("default", NAME, "uid-1")
+    state = h.backend.state(NAME)
+    assert state.master_digest == stored(ETH1)  # MASTER is create-only
+    assert (state.active_version, state.active_digest) == (2, stored(ETH0))
+
+
 def test_first_visit_claims_seeds_and_shows_synced() -> None:
     h = Harness()
     run(h.reconcile(spec(ETH0)))
@@ -51,13 +127,15 @@ def test_first_visit_claims_seeds_and_shows_synced() -> None:
     assert synced["status"] == cond.TRUE
     assert h.kube.status["activeVersion"] == 1
     assert h.kube.status["observedGeneration"] == 1
-    # The steps ran in this order: plaintext permission, claim... seed; nothing committed.
-    assert "commit" not in h.backend.calls
-    assert h.backend.calls.index("read_claim") < h.backend.calls.index("seed")
+    # The steps ran in this order: the claim read, then the claim written with the seed (a
+    # new name); nothing committed.
+    assert "commit" not in h.backend.calls and "write_claim" not in h.backend.calls
+    assert h.backend.calls.index("read_claim_holds") < h.backend.calls.index("claim_and_seed")
     # Resuming with the same spec writes nothing more.
-    writes = [c for c in h.backend.calls if c in ("seed", "commit", "rollback")]
+    kinds = ("seed", "claim_and_seed", "write_claim", "commit", "rollback")
+    writes = [c for c in h.backend.calls if c in kinds]
     run(h.reconcile(spec(ETH0)))
-    assert [c for c in h.backend.calls if c in ("seed", "commit", "rollback")] == writes
+    assert [c for c in h.backend.calls if c in kinds] == writes
     assert h.reasons() == []
 
 
