@@ -521,7 +521,7 @@ def section_findings() -> list[str]:
         "1.54 / 3.57 s, the p99 of one run moves by a second between runs on this machine), "
         "creates took 40.6 s against the baseline's 20.6 s. The 1,000 batch alone (a fresh "
         "operator, without the 102 earlier components beating every second; "
-        "`BENCH_OPERATOR_SIZES=\"\"`, with a py-spy profiler attached to the operator): p50 "
+        '`BENCH_OPERATOR_SIZES=""`, with a py-spy profiler attached to the operator): p50 '
         "0.32 s, p99 1.68 s against 0.032 / 0.151 s (9.9x / 11.1x), operator 19.7 ms of CPU "
         "per component; the profile shows its threads waiting on etcd round trips and the API "
         "server, with no single CPU hog left (kopf's diff-base deepcopy ~1 %, logging ~1 %). "
