@@ -34,6 +34,7 @@ from defender_config import (
     RolloutRecord,
     Rollouts,
     ScrubReport,
+    SeedResult,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
@@ -245,17 +246,30 @@ class LibraryBackend:
         # The library writes MASTER, ACTIVE v1 and metadata in one create-only transaction;
         # when MASTER exists it writes nothing and returns what is there. Either way the
         # transaction's response says what etcd holds: no read after it.
-        seeded = self.configs.seed(
+        seeded = self._seed(component, component_type, config, json_schema, modified_by, storage)
+        if seeded.overview is None:
+            return self.state(component)
+        return _state(seeded.overview)
+
+    def _seed(
+        self,
+        component: str,
+        component_type: str,
+        config: Mapping[str, Any],
+        json_schema: Mapping[str, Any] | None,
+        modified_by: str,
+        storage: StoragePolicy | None,
+        also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
+    ) -> SeedResult:
+        return self.configs.seed(
             component,
             config,
             component_type,
             by=modified_by,
             json_schema=json_schema,
             options=self._options(storage),
+            also=also,
         )
-        if seeded.overview is None:
-            return self.state(component)
-        return _state(seeded.overview)
 
     def commit(
         self,
@@ -412,13 +426,13 @@ class LibraryBackend:
         # claim lands with the data it covers, or neither does.
         owner = self._owner_put(component, claim)
         try:
-            seeded = self.configs.seed(
+            seeded = self._seed(
                 component,
-                config,
                 component_type,
-                by=modified_by,
-                json_schema=json_schema,
-                options=self._options(storage),
+                config,
+                json_schema,
+                modified_by,
+                storage,
                 also=([Compare.absent(owner.key)], [owner]),
             )
         except ConflictError:

@@ -208,8 +208,7 @@ async def apply_retention(
     await _reconcile.apply_retention(
         memo["runtime"], body, namespace or "", name, _retention(spec), logger
     )
-    forget_component(name)
-    _diffbase.DIFFBASE.forget(body)
+    _forget(body, name)
 
 
 def _deleted(type: str, **_: Any) -> bool:
@@ -231,6 +230,11 @@ async def gone(
     await _reconcile.gone(
         rt, body, namespace or "", name, _retention(body.get("spec") or {}), logger
     )
+    _forget(body, name)
+
+
+def _forget(body: kopf.Body, name: str) -> None:
+    """What the operator keeps of a resource outside `Runtime`: its gauges, its diff base."""
     forget_component(name)
     _diffbase.DIFFBASE.forget(body)
 
