@@ -297,6 +297,29 @@ def test_a_keep_resource_goes_without_an_operator_and_its_data_is_adopted_only_b
     wait_for("its spec committed", lambda: run.configs().get_active(NAME).config == expected)
 
 
+def test_a_keep_resource_from_an_older_operator_loses_its_finalizer_and_still_releases(
+    operator_run: OperatorRun,
+) -> None:
+    # An older operator held every resource with the finalizer: after the upgrade a Keep
+    # resource is let go (kopf removes the finalizer nothing needs) and its deletion still
+    # releases the claim.
+    run = operator_run
+    doc = _sample()
+    doc["metadata"]["finalizers"] = [contract.FINALIZER]
+    _create(run, run.namespace, doc)
+    run.start()
+    run.wait_active_version(NAME, 1)
+    wait_for(
+        "the old finalizer removed",
+        lambda: (
+            contract.FINALIZER not in (_get(run, run.namespace)["metadata"].get("finalizers") or [])
+        ),
+    )
+    _delete(run, run.namespace)
+    wait_for("claim released", lambda: (_owner(run) or {}).get("released") is True)
+    assert run.configs().get_active(NAME).version == 1
+
+
 def test_data_from_before_claims_is_adopted_by_the_first_reconciler(
     operator_run: OperatorRun,
 ) -> None:
