@@ -538,15 +538,6 @@ class ConfigStore:
         gets = self.client.store.txn([], self.overview_reads(component)).gets
         return self.overview_of(component, gets, tolerate_master)
 
-    def holds_any(self, component: str) -> bool:
-        """Whether etcd holds the component's metadata or MASTER (one read): when it holds
-        neither there is nothing to repair or re-record, and `seed` writes both."""
-        found = self.client.store.txn(
-            [],
-            [GetOp(self.layout.metadata(component)), GetOp(self.layout.master_config(component))],
-        ).gets
-        return any(found)
-
     def overview_reads(self, component: str) -> list[GetOp]:
         """The reads `overview` makes, for a caller that adds them to a transaction of its
         own; `overview_of` decodes their results."""

@@ -531,13 +531,3 @@ def test_overview_refuses_a_hand_edited_metadata_record(
     client.put_record(path, {"version": "many"})
     with pytest.raises(StoreError, match="not a valid record"):
         configs.overview("sniffer")
-
-
-def test_holds_any_sees_metadata_or_master(configs: ConfigStore, client: DefenderClient) -> None:
-    assert configs.holds_any("sniffer")
-    assert not configs.holds_any("never-seeded")
-    # Metadata deleted by hand: MASTER is still there, so a repair has something to do.
-    client.store.delete(client.layout.metadata("sniffer"))
-    assert configs.holds_any("sniffer")
-    client.store.put(client.layout.metadata("ghost"), b"{}")
-    assert configs.holds_any("ghost")
