@@ -47,11 +47,16 @@ def test_defrag_goes_through_followers_first_and_the_leader_last(
         leader = next(m for m in store.health().members if m.is_leader).endpoint
 
         def applied() -> bool:
-            # A follower applies the writes a little later (seen under load).
-            revisions = {m.revision for m in store.health().members}
-            return len(revisions) == 1 and None not in revisions
+            # A follower applies the writes a little later (seen under load), and bbolt writes
+            # applied revisions to its file in batches: a member's file may still have its empty
+            # size right after the writes (CI measured 20 KiB on all three, then 224 KiB after
+            # the defrag). Measure once every file holds at least half of what was written.
+            members = store.health().members
+            revisions = {m.revision for m in members}
+            written = all((m.db_size_bytes or 0) >= 5 * len(CHUNK) for m in members)
+            return len(revisions) == 1 and None not in revisions and written
 
-        wait_for("every member applied the writes", applied, timeout=30, every=0.5)
+        wait_for("every member applied and stored the writes", applied, timeout=60, every=0.5)
         before = {m.endpoint: m.db_size_bytes or 0 for m in store.health().members}
         result = run_cli("defrag", "--compact", *flags(fresh_etcd))
         assert result.code == 0, result.err
@@ -66,11 +71,8 @@ def test_defrag_goes_through_followers_first_and_the_leader_last(
         assert order[-1] in {leader, after_leader}, (order, leader, after_leader)
         assert data["compacted_to"] is not None
         after = {m.endpoint: m.db_size_bytes or 0 for m in store.health().members}
-        # Ten 200 KiB revisions compacted away: no member's file grew, and every one is now
-        # below the grown size (a member's file may still have been its empty size when
-        # measured: bbolt writes the applied revisions out in batches).
-        grown = max(before.values())
-        assert all(after[ep] <= before[ep] and after[ep] < grown for ep in before), (before, after)
+        # Ten 200 KiB revisions compacted away: every member's file shrank.
+        assert all(after[ep] < before[ep] for ep in before), (before, after)
 
 
 def test_every_member_serves_between_two_defrags(fresh_etcd: EtcdCluster) -> None:
