@@ -139,6 +139,11 @@ class Backend(Protocol):
         `master_error` (the scrub raises it) instead of failing what does not need MASTER."""
         ...
 
+    def declare_storage(self, component: str, storage: StoragePolicy) -> None:
+        """Whether this reader accepts the component's values unencrypted: from its spec
+        (`storage`), never from etcd. No request to etcd, nothing written."""
+        ...
+
     def declare(
         self,
         component: str,
@@ -146,18 +151,17 @@ class Backend(Protocol):
         *,
         json_schema: Mapping[str, Any] | None,
         storage: StoragePolicy,
-        digest: str | None,
+        digest: str,
         modified_by: str,
     ) -> Declared:
-        """Tell the backend what the spec says before anything is read: whether the
-        component's values may be read unencrypted (`storage`), and (when `digest`, the valid
-        spec config's digest, is given) re-sign its metadata record when it does not verify
-        (written before records were signed, forged, or an older one put back), rebuilt from
-        authenticated values, `component_type`/`json_schema` and, for a plaintext component,
-        only when it holds `digest`. With `digest`, `json_schema` also becomes the schema later
+        """What the spec says, before the seed reads what etcd holds: `declare_storage`, then
+        re-sign the metadata record when it does not verify (written before records were
+        signed, forged, or an older one put back), rebuilt from authenticated values,
+        `component_type`/`json_schema` and, for a plaintext component, only when it holds
+        `digest` (the valid spec config's digest). `json_schema` also becomes the schema later
         commits are validated against. `resigned` when it re-signed; RecordAuthError when it
-        cannot. With `digest`, the existence check, the repair's and the schema's reads are
-        one read where they can be, and a new component's state comes back with it."""
+        cannot. The existence check, the repair's and the schema's reads are one read where
+        they can be, and a new component's state comes back with it."""
         ...
 
     def seed(
@@ -249,11 +253,6 @@ class Backend(Protocol):
         when someone changed it meanwhile."""
         ...
 
-    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
-        """`read_claim`, and in the same read whether etcd holds the component's metadata or
-        MASTER (False: a new component, its seed writes both)."""
-        ...
-
     def claim_and_seed(
         self,
         component: str,
@@ -264,12 +263,15 @@ class Backend(Protocol):
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
         storage: StoragePolicy | None = None,
-    ) -> ComponentState | None:
-        """`write_claim(claim, revision=0)` and `seed` in ONE create-only transaction, for a
-        name etcd holds nothing of: written only while neither the owner record nor MASTER
-        exists; the spec is declared as `declare` with its digest would. The state as `seed`
-        returns it, or None when either exists (nothing written: claim, then seed, as
-        always)."""
+        cadence: Cadence,
+        alerts_since: datetime,
+    ) -> Observation | None:
+        """`write_claim(claim, revision=0)`, `seed` and `publish_cadence(cadence)` in ONE
+        create-only transaction, for a name etcd holds nothing of: written only while none of
+        the owner record, the metadata and MASTER exists; the spec is declared as `declare`
+        with its digest would. Returns what `observe(alerts_since)` would read right after, from
+        the same transaction, or None when any of the three exists (nothing written: the
+        caller reads the claim and decides it, then seeds, as always)."""
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...

@@ -17,6 +17,7 @@ from defender_config import (
     Cadence,
     ChangeKind,
     ComponentOverview,
+    ComponentView,
     ConfigStore,
     ConfigValidationError,
     ConflictError,
@@ -37,6 +38,7 @@ from defender_config import (
     SeedResult,
     StoragePolicy,
     StoreUnavailableError,
+    cadence_put,
     config_digest,
     decode_alerts,
     key_usage,
@@ -46,6 +48,8 @@ from defender_config import (
     restore_active,
     scrub_component,
     view_component,
+    view_from,
+    view_reads,
     viewed_component,
     write_cadence,
     write_key_record,
@@ -109,6 +113,16 @@ def _alert_record(alert: Alert) -> AlertRecord:
     return AlertRecord(alert.component, alert.instance, alert.kind, alert.detail, alert.time)
 
 
+def _observation(seen: ComponentView) -> Observation:
+    return Observation(
+        state=_state(seen.overview),
+        cadence=seen.cadence,
+        rollout=seen.rollout,
+        alerts=[_alert_record(a) for a in seen.alerts],
+        revision=seen.revision,
+    )
+
+
 class OwnerRecord(BaseModel):
     """`<prefix>/control/<name>/owner`: plaintext JSON, readable with etcdctl. It names a
     Kubernetes object, nothing secret; changing it only changes which resource the operator
@@ -155,13 +169,7 @@ class LibraryBackend:
             if not self._repair(component):
                 raise
             seen = view_component(self.configs, component, alerts_since=alerts_since)
-        return Observation(
-            state=_state(seen.overview),
-            cadence=seen.cadence,
-            rollout=seen.rollout,
-            alerts=[_alert_record(a) for a in seen.alerts],
-            revision=seen.revision,
-        )
+        return _observation(seen)
 
     def _repair(self, component: str) -> bool:
         """Re-sign a metadata record that stopped verifying, from the spec a reconcile last
@@ -184,6 +192,13 @@ class LibraryBackend:
         # zstd level and the threshold.
         return storage.write_options(self.client.envelope.options) if storage is not None else None
 
+    def declare_storage(self, component: str, storage: StoragePolicy) -> None:
+        # The spec (from the Kubernetes API) is the operator's own setting: a component may be
+        # read unencrypted only when its spec stores it so. Permission is withdrawn only after
+        # its values were re-sealed encrypted (commit / set_storage), which reads them first.
+        if not storage.encrypt:
+            self.configs.allow_plaintext(component)
+
     def declare(
         self,
         component: str,
@@ -191,16 +206,10 @@ class LibraryBackend:
         *,
         json_schema: Mapping[str, Any] | None,
         storage: StoragePolicy,
-        digest: str | None,
+        digest: str,
         modified_by: str,
     ) -> Declared:
-        # The spec (from the Kubernetes API) is the operator's own setting: a component may be
-        # read unencrypted only when its spec stores it so. Permission is withdrawn only after
-        # its values were re-sealed encrypted (commit / set_storage), which reads them first.
-        if not storage.encrypt:
-            self.configs.allow_plaintext(component)
-        if digest is None:
-            return Declared()
+        self.declare_storage(component, storage)
         self._declared[component] = (component_type, json_schema, digest)
         # One read answers whether the component exists, what a new one holds (the seed
         # needs it) and what the repair and the schema check would read first.
@@ -260,6 +269,7 @@ class LibraryBackend:
         modified_by: str,
         storage: StoragePolicy | None,
         also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
+        reads: Sequence[GetOp] = (),
     ) -> SeedResult:
         return self.configs.seed(
             component,
@@ -269,6 +279,7 @@ class LibraryBackend:
             json_schema=json_schema,
             options=self._options(storage),
             also=also,
+            reads=reads,
         )
 
     def commit(
@@ -399,18 +410,6 @@ class LibraryBackend:
         )
         return PutOp(key, self.client.encode_record(key, rec.model_dump(mode="json")))
 
-    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
-        layout = self.layout
-        reads = [
-            layout.owner(component),
-            layout.metadata(component),
-            layout.master_config(component),
-        ]
-        gets = self.client.store.txn([], [GetOp(key) for key in reads]).gets
-        owner_sv, meta_sv, master_sv = (found[0] if found else None for found in gets)
-        claim, revision = self._claim(component, owner_sv)
-        return claim, revision, meta_sv is not None or master_sv is not None
-
     def claim_and_seed(
         self,
         component: str,
@@ -421,10 +420,15 @@ class LibraryBackend:
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
         storage: StoragePolicy | None = None,
-    ) -> ComponentState | None:
+        cadence: Cadence,
+        alerts_since: datetime,
+    ) -> Observation | None:
         # The owner record goes into the seed's create-only transaction, compared absent: the
-        # claim lands with the data it covers, or neither does.
+        # claim lands with the data it covers, or neither does. So does the cadence, and what
+        # the first monitor pass would read is read in it too: one round trip for all.
         owner = self._owner_put(component, claim)
+        layout = self.layout
+        compares = [Compare.absent(owner.key), Compare.absent(layout.metadata(component))]
         try:
             seeded = self._seed(
                 component,
@@ -433,14 +437,23 @@ class LibraryBackend:
                 json_schema,
                 modified_by,
                 storage,
-                also=([Compare.absent(owner.key)], [owner]),
+                also=(compares, [owner, cadence_put(self.client, component, cadence)]),
+                reads=view_reads(layout, component),
             )
         except ConflictError:
-            return None  # the owner record appeared (or MASTER without metadata): decide again
+            return None  # the owner record or metadata is there: decide the claim on a read
         if not seeded.created or seeded.overview is None:
-            return None  # MASTER appeared: nothing written, the owner record neither
+            return None  # MASTER is there: nothing written, the owner record neither
         self._declared[component] = (component_type, json_schema, seeded.metadata.digest)
-        return _state(seeded.overview)
+        seen = view_from(
+            self.configs,
+            component,
+            seeded.overview,
+            seeded.read,
+            revision=seeded.revision,
+            since=alerts_since,
+        )
+        return _observation(seen)
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]

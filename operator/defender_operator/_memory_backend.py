@@ -310,6 +310,9 @@ class MemoryBackend:
             active_rollback=stored.change.reverts,
         )
 
+    def declare_storage(self, component: str, storage: StoragePolicy) -> None:
+        self._enter("declare_storage")
+
     def declare(
         self,
         component: str,
@@ -317,13 +320,11 @@ class MemoryBackend:
         *,
         json_schema: Mapping[str, Any] | None,
         storage: StoragePolicy,
-        digest: str | None,
+        digest: str,
         modified_by: str,
     ) -> Declared:
         self._enter("declare")
         stored = self.components.get(component)
-        if digest is None:
-            return Declared()
         if stored is None:
             # As the library: a new component's state comes from the declare's own read.
             return Declared(state=self._state(component))
@@ -530,11 +531,6 @@ class MemoryBackend:
             self.claims[component] = (claim, self._next_revision())
             return True
 
-    def read_claim_holds(self, component: str) -> tuple[Claim | None, int, bool]:
-        self._enter("read_claim_holds")
-        claim, revision = self.claims.get(component, (None, 0))
-        return claim, revision, component in self.components
-
     def claim_and_seed(
         self,
         component: str,
@@ -545,7 +541,9 @@ class MemoryBackend:
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
         storage: StoragePolicy | None = None,
-    ) -> ComponentState | None:
+        cadence: Cadence,
+        alerts_since: datetime,
+    ) -> Observation | None:
         self._enter("claim_and_seed")
         normalized = self._validate(component, component_type, config, json_schema)
         self._check_size(component, normalized, copies=3)
@@ -554,7 +552,15 @@ class MemoryBackend:
                 return None  # as the library's compares: nothing written
             self.claims[component] = (claim, self._next_revision())
         self._register(component, component_type, normalized, json_schema, modified_by, storage)
-        return self._state(component)
+        self.cadences[component] = cadence
+        found = self.rollouts.get(component)
+        return Observation(
+            state=self._state(component),
+            cadence=cadence,
+            rollout=found[0] if found is not None else None,
+            alerts=[a for a in self.raised if a.component == component and a.time >= alerts_since],
+            revision=self._revision,
+        )
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         self._enter("instances")

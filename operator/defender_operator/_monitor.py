@@ -69,7 +69,7 @@ from defender_operator._metrics import (
 )
 from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
 from defender_operator._pods import PodIndex, select_pods
-from defender_operator._reconcile import publish_status, recall, state_fields
+from defender_operator._reconcile import publish_status, recall, state_fields, wanted_cadence
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 from defender_operator._scrub import scrub_step
 
@@ -561,12 +561,8 @@ async def cadence_step(p: Pass, seen: Observed, mem: ComponentMemory) -> Outcome
     """Publish spec.heartbeat as the component's cadence (only when the record, as this pass
     read it, says something else: a write per change) and judge whether the instances follow
     it."""
-    rt, hb, instances = p.rt, p.spec.heartbeat, seen.instances
-    want = Cadence(
-        interval_seconds=hb.interval_seconds,
-        allowed_misses=hb.missed_before_restart,
-        by=f"operator:{rt.identity}",
-    )
+    rt, instances = p.rt, seen.instances
+    want = wanted_cadence(rt, p.spec)
     try:
         # As this pass read it rather than what memory says was published: a record deleted or
         # overwritten by hand is put right on the first pass after the change watch delivers

@@ -12,11 +12,13 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import kopf
 
 from defender_config import (
+    Cadence,
     ChangeKind,
     ConfigValidationError,
     DefenderConfigError,
@@ -34,7 +36,7 @@ from defender_config.contract import (
     UNFREEZE_ANNOTATION,
 )
 from defender_operator import _api, _attribution, _canary
-from defender_operator._backend import ComponentState
+from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.ownership import (
@@ -42,11 +44,12 @@ from defender_operator._decisions.ownership import (
     ClaimAction,
     ClaimDecision,
     Release,
-    claims_with_seed,
     decide_claim,
     decide_release,
     owner_lookup_needed,
+    pending_claim,
 )
+from defender_operator._decisions.reads import ViewRead
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
 from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
@@ -242,6 +245,17 @@ async def _steps(
     if not take(mem, found, claimed.outcome):
         return
     spec = parse_spec(raw_spec)
+    normalized, checked = validate(v, spec)
+    seeded_new = None
+    if claimed.pending is not None and normalized is not None:
+        # A visit that seeds first: the claim is written in one transaction with the seed.
+        seeded_new = await claim_and_seed(v, spec, normalized, claimed.pending)
+        # None: the name holds an owner record, metadata or MASTER (nothing was written).
+        # Decide the claim on what is there, then seed as always.
+        if seeded_new is None and not take(mem, found, (await claim(v)).outcome):
+            return
+    # Only once the name is this resource's: a refused resource must not make the operator
+    # read its component unencrypted, nor get its namespace a keyring copy.
     await prepare(v, spec)
     take(mem, found, await unfreeze_command(v))
     take(mem, found, await rollback_command(v))
@@ -252,19 +266,10 @@ async def _steps(
             v.rt, v.namespace, v.component, v.annotations, by=v.who, logger=v.logger
         ),
     )
-    normalized, checked = validate(v, spec)
     if normalized is None:
         take(mem, found, checked)
         take(mem, found, await refuse_invalid(v, spec))
         return
-    seeded_new = None
-    if claimed.pending is not None:
-        # A new name: the claim waited for the seed, to be written in one transaction with it.
-        seeded_new = await claim_and_seed(v, spec, normalized, claimed.pending)
-        # None: the owner record or MASTER appeared since the claim's read (nothing was
-        # written). Decide the claim again on what is there, then seed as always.
-        if seeded_new is None and not take(mem, found, (await claim(v)).outcome):
-            return
     if seeded_new is None:
         seeded_new = await seed(v, spec, normalized)
     state, commit_due, seeded = seeded_new
@@ -330,7 +335,7 @@ def _uid(body: Any) -> str:
 @dataclass(frozen=True)
 class Claimed:
     """What `claim` decided. `pending`: a new name's claim, not written yet, to be written in
-    the seed's transaction (`claims_with_seed`)."""
+    the seed's transaction (`pending_claim`)."""
 
     outcome: Outcome
     pending: Claim | None = None
@@ -365,32 +370,24 @@ def seed_is_first_write(v: Visit, raw_spec: Mapping[str, Any]) -> bool:
 async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
     """Make sure this resource owns its etcd name before anything is written (see
     `_decisions.ownership`); done, with the Conflict condition and a Warning Event, when
-    another resource owns it. A new name's claim may wait for the seed (`Claimed.pending`)."""
+    another resource owns it. A visit that seeds first claims in the seed's transaction
+    (`Claimed.pending`), written only if the name holds nothing, else decided here again."""
     rt, component = v.rt, v.component
     claimant = Claim(v.namespace, v.name, _uid(v.body))
-    # Whether etcd holds the component is read with the owner record only where the claim
-    # may wait for the seed (`seed_is_first_write`: never for a component seen seeded, whose
-    # MASTER is not worth transferring once more per reconcile).
-    with_holds = seeds_first
+    if seeds_first:
+        # No read: the seed's compares (no owner record, metadata or MASTER) are the check,
+        # and what it finds otherwise is decided on a read, as for any other visit.
+        return Claimed(Outcome(conditions={cond.CONFLICT: None}), pending_claim(claimant))
     # A lost compare means someone wrote the record meanwhile: decide again on what is there.
     for _ in range(3):
-        holds = True
         try:
-            if with_holds:
-                existing, revision, holds = await asyncio.to_thread(
-                    rt.backend.read_claim_holds, component
-                )
-            else:
-                existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
+            existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
         except OwnerRecordError as exc:
             decision = ClaimDecision(
                 ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
             )
         else:
             decision = await _decide_claim(v, existing, claimant)
-        with_holds = False
-        if claims_with_seed(decision, holds_nothing=not holds, seeds_first=seeds_first):
-            return Claimed(Outcome(conditions={cond.CONFLICT: None}), decision.record)
         if decision.record is not None and not await asyncio.to_thread(
             rt.backend.write_claim, component, decision.record, revision=revision
         ):
@@ -452,16 +449,7 @@ async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:
     unencrypted (from its spec, never from etcd), and the namespace's keyring copy (pods
     cannot read anything without it)."""
     rt = v.rt
-    await rt.write(
-        v.component,
-        rt.backend.declare,
-        v.component,
-        spec.component_type.value,
-        json_schema=spec.custom_schema,
-        storage=storage_policy(spec.storage),
-        digest=None,
-        modified_by=v.who,
-    )
+    await asyncio.to_thread(rt.backend.declare_storage, v.component, storage_policy(spec.storage))
     await asyncio.to_thread(
         functools.partial(
             rt.secrets.fan_out,
@@ -626,7 +614,7 @@ async def claim_and_seed(
     # What `seed` would plan for a name etcd holds nothing of: seed both, commit nothing.
     absent = StoredState(None, None, None)
     plan = plan_seed(config_digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
-    state = await rt.write(
+    seen = await rt.write(
         component,
         rt.backend.claim_and_seed,
         component,
@@ -638,13 +626,38 @@ async def claim_and_seed(
             v.rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
         ),
         storage=storage_policy(spec.storage),
+        cadence=wanted_cadence(rt, spec),
+        alerts_since=utcnow() - timedelta(seconds=rt.settings.misconfig_window_seconds),
     )
-    if state is None:
+    if seen is None:
         return None
+    seeded(rt, rt.memory(v.namespace, v.name), component, seen)
     v.logger.info(
-        "claimed and seeded etcd component %s (ACTIVE version %s)", component, state.active_version
+        "claimed and seeded etcd component %s (ACTIVE version %s)",
+        component,
+        seen.state.active_version,
     )
-    return state, plan.commit, Outcome()
+    return seen.state, plan.commit, Outcome()
+
+
+def wanted_cadence(rt: Runtime, spec: _api.DefenderComponentSpec) -> Cadence:
+    """spec.heartbeat as the cadence record the operator publishes."""
+    hb = spec.heartbeat
+    return Cadence(
+        interval_seconds=hb.interval_seconds,
+        allowed_misses=hb.missed_before_restart,
+        by=f"operator:{rt.identity}",
+    )
+
+
+def seeded(rt: Runtime, mem: ComponentMemory, component: str, seen: Observation) -> None:
+    """A new component's seed read what its first pass would (in the seed's transaction):
+    that pass reuses it instead of reading again (`_decisions.reads` still decides), and its
+    first scrub waits one interval, as the values were written and read back just now."""
+    now = utcnow()
+    mem.observation = seen
+    mem.observed = ViewRead(now, seen.revision, rt.changes.facts(component).own_writes)
+    mem.scrubbed_at = now
 
 
 async def commit(

@@ -17,10 +17,16 @@ from ._alerts import (
     LoggingSink,
     decode_alerts,
 )
-from ._cadence import Cadence, lease_ttl, read_cadence, write_cadence
+from ._cadence import Cadence, cadence_put, lease_ttl, read_cadence, write_cadence
 from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
-from ._component_view import ComponentView, view_component, viewed_component
+from ._component_view import (
+    ComponentView,
+    view_component,
+    view_from,
+    view_reads,
+    viewed_component,
+)
 from ._configs import (
     ActiveConfig,
     ComponentOverview,
@@ -227,6 +233,7 @@ __all__ = [
     "ValueCheck",
     "ValueTooLargeError",
     "WrongPassphraseError",
+    "cadence_put",
     "canonical_json",
     "config_digest",
     "decode_alerts",
@@ -257,6 +264,8 @@ __all__ = [
     "verify_record",
     "verify_snapshot",
     "view_component",
+    "view_from",
+    "view_reads",
     "viewed_component",
     "write_cadence",
     "write_key_record",

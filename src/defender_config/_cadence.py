@@ -26,9 +26,16 @@ from ._client import DefenderClient
 from ._envelope import expect_plaintext
 from ._errors import DefenderConfigError, RecordAuthError
 from ._records import AUTH_FIELD, is_signed, verify_record
-from ._store_types import StoredValue
+from ._store_types import PutOp, StoredValue
 
-__all__ = ["Cadence", "decode_cadence", "lease_ttl", "read_cadence", "write_cadence"]
+__all__ = [
+    "Cadence",
+    "cadence_put",
+    "decode_cadence",
+    "lease_ttl",
+    "read_cadence",
+    "write_cadence",
+]
 
 log = logging.getLogger("defender_config.cadence")
 
@@ -76,7 +83,17 @@ class Cadence(BaseModel):
 def write_cadence(client: DefenderClient, component: str, cadence: Cadence) -> None:
     """Publish `cadence` for `component` (plaintext JSON, signed when the client holds a
     keyring: it holds no secret but steers every instance)."""
-    client.put_record(client.layout.cadence(component), cadence.model_dump(mode="json"))
+    client.store.put(*_record(client, component, cadence))
+
+
+def cadence_put(client: DefenderClient, component: str, cadence: Cadence) -> PutOp:
+    """`write_cadence` as a put for a transaction of the caller's (a new component's seed)."""
+    return PutOp(*_record(client, component, cadence))
+
+
+def _record(client: DefenderClient, component: str, cadence: Cadence) -> tuple[str, bytes]:
+    key = client.layout.cadence(component)
+    return key, client.encode_record(key, cadence.model_dump(mode="json"))
 
 
 def read_cadence(client: DefenderClient, component: str) -> Cadence | None:

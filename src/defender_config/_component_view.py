@@ -8,6 +8,7 @@ view can watch etcd and read again only when one of exactly these keys changed."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,9 +17,15 @@ from ._cadence import Cadence, decode_cadence
 from ._configs import ComponentOverview, ConfigStore
 from ._layout import KeyKind, Layout, check_name
 from ._rollout import RolloutRecord, Rollouts
-from ._store_types import GetOp
+from ._store_types import GetOp, StoredValue
 
-__all__ = ["ComponentView", "view_component", "viewed_component"]
+__all__ = [
+    "ComponentView",
+    "view_component",
+    "view_from",
+    "view_reads",
+    "viewed_component",
+]
 
 # The single keys `view_component` reads, as `Layout.parse` names them (its alerts are a whole
 # prefix, matched apart). ACTIVE, history, status, the owner record and the instances'
@@ -49,22 +56,44 @@ def view_component(
     `Rollouts.record`: None unless authentic) and the alerts raised since `alerts_since`
     (unreadable ones skipped, logged). A metadata record that does not verify raises as
     `overview` does."""
-    layout = configs.layout
-    reads = [
-        *configs.overview_reads(component),
+    read = configs.client.store.txn(
+        [], [*configs.overview_reads(component), *view_reads(configs.layout, component)]
+    )
+    overview = configs.overview_of(component, read.gets[:3], True)
+    return view_from(
+        configs, component, overview, read.gets[3:], revision=read.revision, since=alerts_since
+    )
+
+
+def view_reads(layout: Layout, component: str) -> list[GetOp]:
+    """The reads a view makes besides the overview's, for a caller that adds them to a
+    transaction of its own (a new component's seed, which knows the overview it wrote);
+    `view_from` decodes their results."""
+    return [
         GetOp(layout.cadence(component)),
         GetOp(layout.rollout(component)),
         GetOp(layout.component_alerts_dir(component), prefix=True),
     ]
-    read = configs.client.store.txn([], reads)
-    gets = read.gets
-    cadence_sv, rollout_sv = (found[0] if found else None for found in gets[3:5])
+
+
+def view_from(
+    configs: ConfigStore,
+    component: str,
+    overview: ComponentOverview,
+    gets: Sequence[tuple[StoredValue, ...]],
+    *,
+    revision: int,
+    since: datetime,
+) -> ComponentView:
+    """The view of `overview` and what `view_reads` found (at `revision`)."""
+    layout = configs.layout
+    cadence_sv, rollout_sv = (found[0] if found else None for found in gets[:2])
     return ComponentView(
-        overview=configs.overview_of(component, gets[:3], True),
+        overview=overview,
         cadence=decode_cadence(configs.client, layout.cadence(component), cadence_sv),
         rollout=Rollouts(configs).decode(component, rollout_sv),
-        alerts=decode_alerts(configs.client, gets[5], alerts_since),
-        revision=read.revision,
+        alerts=decode_alerts(configs.client, gets[2], since),
+        revision=revision,
     )
 
 

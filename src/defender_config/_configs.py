@@ -188,6 +188,11 @@ class SeedResult:
     overview: ComponentOverview | None = None
     """What etcd holds right after the seed (as `ConfigStore.overview` would read it), from
     the seed's own transaction: a caller needs no read of its own to see what it wrote."""
+    read: tuple[tuple[StoredValue, ...], ...] = ()
+    """When `created`: what the caller's own `reads` found, in order, read in the seed's
+    transaction after its writes."""
+    revision: int = 0
+    """The etcd revision of the seed's transaction (its writes' mod revision when `created`)."""
 
 
 @dataclass(slots=True)
@@ -591,6 +596,7 @@ class ConfigStore:
         json_schema: Mapping[str, Any] | None = None,
         options: EnvelopeOptions | None = None,
         also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
+        reads: Sequence[GetOp] = (),
     ) -> SeedResult:
         """Register the component's config: MASTER, ACTIVE v1, metadata and history/1 in ONE
         create-only transaction. If MASTER exists already (another instance won), nothing is
@@ -599,7 +605,9 @@ class ConfigStore:
         `also`: compares and puts of the caller's own, in the same transaction (the operator's
         owner record, written atomically with the data it claims). Its puts are written
         exactly when `created`; when one of its compares fails while MASTER is still absent,
-        nothing is written and ConflictError (retryable) is raised.
+        nothing is written and ConflictError (retryable) is raised. `reads`: the caller's own
+        reads, made after the writes when `created` (`SeedResult.read`), so a caller that
+        would read right after the seed reads in the same round trip.
 
         `options` seals this component's values (instead of the store-wide options) and is
         recorded in the metadata as its StoragePolicy: later commits keep it unless they pass
@@ -641,7 +649,9 @@ class ConfigStore:
         # whole overview and the caller does not read etcd again to learn what it holds.
         freeze = GetOp(lay.freeze(component))
         result = c.store.txn(
-            [Compare.absent(master), *compares], [*puts, freeze], self.overview_reads(component)
+            [Compare.absent(master), *compares],
+            [*puts, freeze, *reads],
+            self.overview_reads(component),
         )
         if result.succeeded:
             log.info("component %s registered (MASTER written by %s)", component, by)
@@ -651,7 +661,14 @@ class ConfigStore:
                 master=normalized,
                 frozen=self._decode_freeze(component, freeze_sv.value) if freeze_sv else None,
             )
-            return SeedResult(created=True, metadata=meta, matches_master=True, overview=seeded)
+            return SeedResult(
+                created=True,
+                metadata=meta,
+                matches_master=True,
+                overview=seeded,
+                read=result.gets[1:],
+                revision=result.revision,
+            )
         existing_meta = result.gets[0][0] if result.gets and result.gets[0] else None
         existing_master = result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None
         if existing_master is None and compares:
@@ -672,7 +689,13 @@ class ConfigStore:
                 component,
                 by,
             )
-        return SeedResult(created=False, metadata=current, matches_master=same, overview=found)
+        return SeedResult(
+            created=False,
+            metadata=current,
+            matches_master=same,
+            overview=found,
+            revision=result.revision,
+        )
 
     def commit(
         self,

@@ -578,17 +578,13 @@ def test_operator_backend_resigns_on_its_next_pass(scene: Scene) -> None:
         )
         with pytest.raises(NotAnEnvelopeError):
             backend.state("rag")
-        backend.declare(
+        backend.declare_storage(
             "rag",
-            "rag",
-            json_schema=None,
-            storage=storage_policy(
+            storage_policy(
                 StorageSpec.model_validate(
                     {"compression": {"enabled": False}, "encryption": {"enabled": False}}
                 )
             ),
-            digest=None,
-            modified_by="operator:reliability",
         )
         assert backend.state("rag").active_version == 1
     finally:

@@ -3,7 +3,7 @@
 The etcd identity of a component is its name alone (agents and the plugin address it that
 way), while DefenderComponents are namespaced. So the first resource to reconcile a name
 records a claim `{namespace, name, uid}` (`<prefix>/control/<name>/owner`) before writing
-anything (or in the same transaction as its seed: `claims_with_seed`), and every other resource
+anything (or in the same transaction as its seed: `pending_claim`), and every other resource
 of that name is refused and writes nothing.
 
 - No claim yet (a new name, or data seeded before claims existed): the claimant takes it.
@@ -119,14 +119,15 @@ def owner_lookup_needed(decision: ClaimDecision, existing: Claim | None) -> bool
     )
 
 
-def claims_with_seed(decision: ClaimDecision, *, holds_nothing: bool, seeds_first: bool) -> bool:
-    """Whether the claim `decision` writes may go into the seed's create-only transaction
-    instead of a write of its own (one replicated write fewer per new component): only a
-    CREATE, of a name etcd holds nothing of (the seed will write), when the visit writes
-    nothing before its seed (`seeds_first`: no command annotation, a spec that parses and
-    validates). Then the claim lands with the first data written under it; in every other
-    case it is written first, as always."""
-    return decision.action is ClaimAction.CREATE and holds_nothing and seeds_first
+def pending_claim(claimant: Claim) -> Claim:
+    """The claim a visit that seeds first (no command annotation, a spec that parses and
+    validates, a resource never seen seeded) writes in its seed's create-only transaction, one
+    replicated write and one read fewer per new component: it lands only while the name holds
+    no owner record, metadata or MASTER, so it is the CREATE `decide_claim` would make of an
+    empty name. Anything else found there is decided by `decide_claim` on a read, as always."""
+    decision = decide_claim(None, claimant, None)
+    assert decision.record is not None  # a CREATE always writes
+    return decision.record
 
 
 class Release(StrEnum):

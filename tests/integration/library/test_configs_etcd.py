@@ -31,9 +31,12 @@ from defender_config import (
     Rollouts,
     StoreError,
     UnknownKeyError,
+    cadence_put,
     inspect,
     read_cadence,
     view_component,
+    view_from,
+    view_reads,
     viewed_component,
     write_cadence,
 )
@@ -114,6 +117,42 @@ def test_a_seed_writes_the_callers_puts_with_it_only_when_its_compares_hold_too(
         configs.seed("other", SNIFFER, "sniffer", by="test", also=also)
     assert info.value.retryable
     assert configs.overview("other") == ComponentOverview(None, None, None)
+
+
+def test_a_seed_reads_what_the_caller_asks_after_its_writes_in_the_same_transaction(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    # The view a watcher reads of a new component comes back from its seed: the cadence put
+    # with it, an alert raised before it, at the seed's own revision.
+    lay = client.layout
+    client.alerter.event("Misconfigured", "fresh", "raised before the seed")
+    cadence = Cadence(interval_seconds=5, allowed_misses=2, by="test")
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    seeded = configs.seed(
+        "fresh",
+        SNIFFER,
+        "sniffer",
+        by="test",
+        also=([], [cadence_put(client, "fresh", cadence)]),
+        reads=view_reads(lay, "fresh"),
+    )
+    assert seeded.created and seeded.overview is not None
+    view = view_from(
+        configs, "fresh", seeded.overview, seeded.read, revision=seeded.revision, since=since
+    )
+    read = view_component(configs, "fresh", alerts_since=since)
+    assert view.overview.metadata == read.overview.metadata
+    assert view.overview.master == read.overview.master
+    assert view.cadence == read.cadence == read_cadence(client, "fresh")
+    assert cadence.same_rhythm(view.cadence)
+    assert [a.detail for a in view.alerts] == [a.detail for a in read.alerts]
+    assert "raised before the seed" in [a.detail for a in view.alerts]
+    assert view.rollout is None and view.revision == read.revision
+    stored = client.store.get(lay.master_config("fresh"))
+    assert stored is not None and stored.mod_revision == seeded.revision
+    # Not created: the caller's reads are not made (what etcd holds is in the overview).
+    again = configs.seed("fresh", SNIFFER, "sniffer", by="late", reads=view_reads(lay, "fresh"))
+    assert not again.created and again.read == ()
 
 
 def test_repair_and_schema_take_the_record_the_caller_read_and_are_guarded_by_it(

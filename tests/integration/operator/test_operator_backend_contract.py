@@ -239,36 +239,50 @@ def test_a_claim_and_a_seed_land_together_only_on_a_name_that_holds_nothing(
     backend: Backend,
 ) -> None:
     owner = Claim("default", "firewall", "uid-1")
+    cadence = Cadence(interval_seconds=5, allowed_misses=2, by=BY)
+    since = utcnow() - timedelta(seconds=5)
 
     def claim_and_seed(config: dict[str, Any] = FW) -> Any:
         return backend.claim_and_seed(
-            "firewall", "firewall", config, claim=owner, json_schema=None, modified_by=BY
+            "firewall",
+            "firewall",
+            config,
+            claim=owner,
+            json_schema=None,
+            modified_by=BY,
+            cadence=cadence,
+            alerts_since=since,
         )
 
-    assert backend.read_claim_holds("firewall") == (None, 0, False)
+    # What a new component may hold already: a freeze and alerts (neither claims the name).
     backend.freeze("firewall", "before it existed")
-    state = claim_and_seed()
-    assert state is not None and state == backend.state("firewall")
-    assert (state.active_version, state.active_digest, state.frozen) == (
+    backend.alert("Misconfigured", "firewall", "raised before the resource existed")
+    seen = claim_and_seed()
+    assert seen is not None
+    # What observe reads right after, from the seed's own transaction.
+    observed = backend.observe("firewall", since)
+    assert seen.state == observed.state == backend.state("firewall")
+    assert (seen.state.active_version, seen.state.active_digest, seen.state.frozen) == (
         1,
         digest("firewall", FW),
         True,
     )
-    held, revision, holds = backend.read_claim_holds("firewall")
-    assert (held, holds) == (owner, True) and (held, revision) == backend.read_claim("firewall")
+    assert cadence.same_rhythm(seen.cadence) and cadence.same_rhythm(observed.cadence)
+    assert list(seen.alerts) == list(observed.alerts)
+    assert "Misconfigured" in [a.reason for a in seen.alerts]
+    assert seen.rollout is None and 0 < seen.revision <= observed.revision
+    assert backend.read_claim("firewall")[0] == owner
     # Held: nothing written, neither the claim nor the config.
     assert claim_and_seed(FW_ALLOW) is None
     assert backend.state("firewall").active_digest == digest("firewall", FW)
     # MASTER without a claim (seeded before claims existed): no claim written with a seed.
     backend.purge("firewall")
     seed(backend, FW_ALLOW)
-    assert backend.read_claim_holds("firewall") == (None, 0, True)
     assert claim_and_seed() is None
     assert backend.read_claim("firewall") == (None, 0)
     # A claim without data (another resource's, just written): nothing written either.
     backend.purge("firewall")
     backend.write_claim("firewall", Claim("tenant-b", "firewall", "uid-9"), revision=0)
-    assert backend.read_claim_holds("firewall")[2] is False
     assert claim_and_seed() is None
     assert backend.state("firewall").master_digest is None
 

@@ -15,10 +15,12 @@ import kopf
 import pytest
 
 from defender_config import Keyring, LibrarySettings
-from defender_devcluster import EtcdCluster, etcd_client_settings
+from defender_devcluster import EtcdCluster, etcd_client_settings, wait_for
+from defender_operator import _reconcile
 from defender_operator._decisions.ownership import Claim
 from defender_operator._keys import MutableKeyringSource
 from defender_operator._library_backend import LibraryBackend
+from defender_operator._runtime import utcnow
 
 # The operator harness of the unit tests (fake Kubernetes API, real reconcile and monitor).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "unit" / "operator"))
@@ -62,38 +64,67 @@ def owner(library: LibraryBackend) -> Claim | None:
     return library.read_claim(NAME)[0]
 
 
-def test_a_new_component_is_claimed_and_seeded_in_two_round_trips(library: LibraryBackend) -> None:
-    counted = Counted(library)
+def watched(h: Harness) -> None:
+    """Both views a running operator keeps, trusted, as `_loops` makes them: the change watch
+    (really watching etcd) and the heartbeats (resynced from a listing; no instance runs)."""
+    h.inform()
+    beats = h.rt.heartbeats
+    beats.watching = True
+    beats.resync(utcnow(), beats.begin_resync(), {})
+
+
+def test_a_new_component_is_claimed_seeded_and_judged_in_one_round_trip(
+    library: LibraryBackend,
+) -> None:
     h = Harness(backend=library)  # type: ignore[arg-type]
-    asyncio.run(h.reconcile(spec()))
-    # One read: the owner record, and whether etcd holds the component. One create-only
-    # write: the owner record with MASTER, ACTIVE, metadata and history, its response saying
-    # what etcd holds. Six before: the owner record read and written, an existence check, the
-    # state, the seed, the state again.
-    assert counted.take() == ["txn", "txn"]
+    watched(h)
+    counted = Counted(library)
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    # One create-only transaction: the owner record with MASTER, ACTIVE, metadata, history and
+    # the heartbeat cadence, and in it the read of what the first monitor pass judges on
+    # (overview, cadence, rollout, alerts). Eleven before issue 17's work: the owner record
+    # read and written, an existence check, the state, the seed, the state again; the pass's
+    # view read, the cadence written, the scrub's read, and two more reads of what changed.
+    assert counted.take() == ["txn"]
     assert h.kube.status["activeVersion"] == 1 and h.kube.status["masterDigest"]
+    assert h.condition("Heartbeating")["reason"] == "NoPods"  # judged by the pass
     assert owner(library) == Claim(NAMESPACE, NAME, h.uid)
     state = library.state(NAME)
     assert state.active_version == 1 and state.master_digest == h.kube.status["masterDigest"]
+    cadence = library.cadence(NAME)
+    want = _reconcile.wanted_cadence(h.rt, _reconcile.parse_spec(spec()))
+    assert cadence is not None and want.same_rhythm(cadence)
+    # Nothing the pass reused hides a later change: the next write is read by the next pass.
+    library.publish_cadence(NAME, cadence.model_copy(update={"interval_seconds": 7.0}))
+    written = library.revision()
+    wait_for(
+        "the change watch delivered the write",
+        lambda: h.rt.changes.facts(NAME).changed_at >= written,
+        timeout=10,
+    )
+    counted.take()
+    asyncio.run(h.monitor(spec()))
+    assert "txn" in counted.take()  # the view read again
+    assert h.condition("HeartbeatCadence")  # and the cadence put back as spec.heartbeat says
+    assert want.same_rhythm(library.cadence(NAME))
 
 
-def after_the_claim_read(library: LibraryBackend, then: Callable[[], Any]) -> None:
-    """Run `then` right after the reconcile's first read of the owner record."""
-    read = library.read_claim_holds
+def before_the_seed(library: LibraryBackend, then: Callable[[], Any]) -> None:
+    """Run `then` right before the reconcile's seed transaction (with the claim in it)."""
+    seed = library._seed
 
-    def read_then(component: str) -> tuple[Claim | None, int, bool]:
-        seen = read(component)
+    def then_seed(*args: Any, **kwargs: Any) -> Any:
         then()
-        return seen
+        return seed(*args, **kwargs)
 
-    library.read_claim_holds = read_then  # type: ignore[method-assign]
+    library._seed = then_seed  # type: ignore[method-assign]
 
 
 def test_a_new_name_claimed_by_another_resource_meanwhile_is_refused_and_nothing_written(
     library: LibraryBackend,
 ) -> None:
     other = Claim("tenant-b", NAME, "uid-9")
-    after_the_claim_read(library, lambda: library.write_claim(NAME, other, revision=0))
+    before_the_seed(library, lambda: library.write_claim(NAME, other, revision=0))
     h = Harness(backend=library)  # type: ignore[arg-type]
     asyncio.run(h.reconcile(spec()))
     assert h.condition("Conflict")["reason"] == "NameClaimedElsewhere"
@@ -105,7 +136,7 @@ def test_a_master_written_under_a_new_name_meanwhile_is_claimed_first_never_over
     library: LibraryBackend,
 ) -> None:
     theirs = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth9"}
-    after_the_claim_read(
+    before_the_seed(
         library,
         lambda: library.configs.seed(NAME, theirs, "sniffer", by="someone"),
     )
@@ -128,12 +159,34 @@ def test_a_master_planted_under_a_new_name_is_claimed_by_its_own_write_and_refus
     h = Harness(backend=library)  # type: ignore[arg-type]
     with pytest.raises(kopf.PermanentError, match="cannot be rebuilt"):
         asyncio.run(h.reconcile(spec()))
-    assert counted.take()[:2] == ["txn", "txn"]  # the claim read, the claim written
+    # The seed with the claim (its compares fail: nothing written), the claim read, the claim
+    # written on its own.
+    assert counted.take()[:3] == ["txn", "get", "txn"]
     assert owner(library) == Claim(NAMESPACE, NAME, h.uid)
     assert h.condition("ConfigSynced")["reason"] == "RecordUnauthenticated"
     planted = store.get(layout.master_config(NAME))
     assert planted is not None and planted.value == b'{"node_id": "evil", "version": "6.6.6"}'
     assert store.get(layout.metadata(NAME)) is None
+
+
+def test_metadata_planted_under_a_new_name_is_not_overwritten_by_a_seed_with_a_claim(
+    library: LibraryBackend,
+) -> None:
+    # Metadata without MASTER (written by someone with etcd access): the seed with the claim
+    # compares it absent, so the claim is decided and written on its own first, as for any
+    # name that holds something, and the planted record is refused, never adopted.
+    store, layout = library.client.store, library.layout
+    planted = b'{"version": 9, "digest": "00", "type": "sniffer"}'
+    store.put(layout.metadata(NAME), planted)
+    counted = Counted(library)
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    with pytest.raises(kopf.PermanentError):
+        asyncio.run(h.reconcile(spec()))
+    assert counted.take()[:3] == ["txn", "get", "txn"]
+    assert owner(library) == Claim(NAMESPACE, NAME, h.uid)
+    assert store.get(layout.master_config(NAME)) is None
+    kept = store.get(layout.metadata(NAME))
+    assert kept is not None and kept.value == planted
 
 
 def test_reconciling_an_existing_component_reads_five_times(library: LibraryBackend) -> None:

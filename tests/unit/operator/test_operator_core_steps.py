@@ -50,8 +50,8 @@ def test_a_new_component_is_seeded_without_reading_its_state_and_an_existing_one
     h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
     assert h.backend.calls.count("state") == 1
-    # Seen seeded (status.activeVersion): its claim read is the owner record alone.
-    assert "read_claim" in h.backend.calls and "read_claim_holds" not in h.backend.calls
+    # Seen seeded (status.activeVersion): its claim is read (and seeds nothing).
+    assert "read_claim" in h.backend.calls and "claim_and_seed" not in h.backend.calls
 
 
 def test_a_freeze_that_predates_a_new_component_still_stops_its_first_commit() -> None:
@@ -77,36 +77,22 @@ def test_a_new_name_with_a_command_or_an_invalid_spec_is_claimed_before_anything
     assert bad.backend.state(NAME).active_version is None
 
 
-def test_a_new_name_claimed_by_another_resource_meanwhile_is_refused_and_nothing_seeded() -> None:
+def test_a_new_resource_whose_name_another_holds_is_refused_and_nothing_seeded() -> None:
     h = Harness()
-    read = h.backend.read_claim_holds
-
-    def then_another_claims(component: str) -> tuple[Claim | None, int, bool]:
-        seen = read(component)
-        h.backend.write_claim(component, Claim("tenant-b", NAME, "uid-9"), revision=0)
-        return seen
-
-    h.backend.read_claim_holds = then_another_claims  # type: ignore[method-assign]
+    h.backend.write_claim(NAME, Claim("tenant-b", NAME, "uid-9"), revision=0)
+    h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
-    # The combined write lost its compare: decided again on what is there, as always.
-    assert h.backend.calls.count("claim_and_seed") == 1 and "read_claim" in h.backend.calls
+    # The combined write lost its compare: decided on a read of what is there, as always.
+    assert h.backend.calls[:2] == ["claim_and_seed", "read_claim"]
     assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
     assert h.backend.state(NAME).active_version is None
     assert h.backend.claims[NAME][0] == Claim("tenant-b", NAME, "uid-9")
 
 
-def test_a_master_written_under_a_new_name_meanwhile_is_claimed_first_and_never_overwritten() -> (
-    None
-):
+def test_a_master_already_under_a_new_name_is_claimed_first_and_never_overwritten() -> None:
     h = Harness()
-    read = h.backend.read_claim_holds
-
-    def then_master_appears(component: str) -> tuple[Claim | None, int, bool]:
-        seen = read(component)
-        h.backend.seed(component, "sniffer", ETH1, json_schema=None, modified_by="someone")
-        return seen
-
-    h.backend.read_claim_holds = then_master_appears  # type: ignore[method-assign]
+    h.backend.seed(NAME, "sniffer", ETH1, json_schema=None, modified_by="someone")
+    h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
     calls = h.backend.calls
     assert calls.index("claim_and_seed") < calls.index("write_claim") < calls.index("commit")
@@ -127,10 +113,9 @@ def test_first_visit_claims_seeds_and_shows_synced() -> None:
     assert synced["status"] == cond.TRUE
     assert h.kube.status["activeVersion"] == 1
     assert h.kube.status["observedGeneration"] == 1
-    # The steps ran in this order: the claim read, then the claim written with the seed (a
-    # new name); nothing committed.
+    # A new name: no read, the claim written with the seed; nothing committed.
     assert "commit" not in h.backend.calls and "write_claim" not in h.backend.calls
-    assert h.backend.calls.index("read_claim_holds") < h.backend.calls.index("claim_and_seed")
+    assert "claim_and_seed" in h.backend.calls and "read_claim" not in h.backend.calls
     # Resuming with the same spec writes nothing more.
     kinds = ("seed", "claim_and_seed", "write_claim", "commit", "rollback")
     writes = [c for c in h.backend.calls if c in kinds]
@@ -267,9 +252,13 @@ def test_a_name_owned_by_another_resource_is_refused_and_nothing_is_written() ->
     h = Harness()
     owner = Claim("tenant-a", NAME, "uid-0")
     h.backend.write_claim(NAME, owner, revision=0)
+    h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
     assert h.backend.state(NAME).active_version is None
-    assert not {"seed", "commit", "declare"} & set(h.backend.calls)
+    # Tried with the seed's compares (which fail: nothing written), then decided on a read. A
+    # spec asking for plaintext changes nothing the operator reads for the owner's component.
+    assert h.backend.calls[:2] == ["claim_and_seed", "read_claim"]
+    assert not {"seed", "commit", "declare", "declare_storage"} & set(h.backend.calls)
     assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
     assert h.reasons() == [NAME_CLAIMED_ELSEWHERE]
     assert h.kube.lookups == [("tenant-a", NAME, "uid-0")]

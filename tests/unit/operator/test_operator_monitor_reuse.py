@@ -16,7 +16,7 @@ import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
 from defender_config import RecordAuthError, StoreUnavailableError
-from defender_operator import _monitor
+from defender_operator import _monitor, _reconcile
 from defender_operator._backend import AlertRecord, Backend
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.reads import ReadReason
@@ -46,6 +46,40 @@ def informed() -> Harness:
 
 def reads(h: Harness) -> int:
     return h.backend.calls.count("observe")
+
+
+def test_a_new_components_first_pass_judges_from_what_its_seed_read() -> None:
+    # The seed's transaction read the view (and wrote the cadence): the first pass reads
+    # nothing more of etcd, and its scrub waits one interval.
+    h = Harness()
+    h.inform()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    skipped = count("skipped", ReadReason.UNCHANGED)
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert h.condition(cond.READY)["status"] == cond.TRUE
+    assert h.condition("HeartbeatCadence")["reason"] == "FollowsSpec"
+    assert "claim_and_seed" in h.backend.calls
+    assert not {"observe", "cadence", "publish_cadence", "scrub", "state"} & set(h.backend.calls)
+    assert count("skipped", ReadReason.UNCHANGED) == skipped + 1
+    want = _reconcile.wanted_cadence(h.rt, _reconcile.parse_spec(spec()))
+    assert want.same_rhythm(h.backend.cadences[NAME])
+    # Anything written after the seed is read by the next pass, as always.
+    h.backend.touch(NAME)
+    asyncio.run(h.monitor(spec()))
+    assert reads(h) == 1
+
+
+def test_a_seed_that_finds_the_name_held_leaves_no_view_to_reuse() -> None:
+    h = Harness()
+    h.inform()
+    h.backend.seed(NAME, "sniffer", SNIFFER_V2, json_schema=None, modified_by="someone")
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    no_view = count("read", ReadReason.NO_VIEW)
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert "claim_and_seed" in h.backend.calls and reads(h) == 1
+    assert count("read", ReadReason.NO_VIEW) == no_view + 1
 
 
 def test_without_a_change_passes_reuse_the_view_and_judge_the_same() -> None:
@@ -242,10 +276,10 @@ VIEW_WRITES = {
 # rewrap (it re-seals values without changing what they say; the watch still delivers it).
 OTHER_CALLS = {
     "health",
+    "declare_storage",
     "state",
     "rollout",
     "read_claim",
-    "read_claim_holds",
     "write_claim",
     "instances",
     "last_seen",

@@ -87,6 +87,12 @@ def test_a_first_clean_scrub_goes_out_with_the_pass_and_corruption_at_once(
     h.backend.scrub = lambda component: ScrubReport(component, (), 1)  # type: ignore[method-assign]
     asyncio.run(h.reconcile(spec(), first_pass=True))
     assert len(h.kube.patches) == 1
+    # Seeded by this very reconcile, values read back in its transaction: the first scrub
+    # waits one interval.
+    assert cond.CORRUPT not in {c["type"] for c in h.kube.status["conditions"]}
+    h.mem.scrubbed_at = None  # the interval passed
+    asyncio.run(h.monitor(spec()))
+    assert len(h.kube.patches) == 2  # the pass's own patch, none for the scrub
     assert h.condition(cond.CORRUPT)["status"] == cond.FALSE
     h.mem.scrubbed_at = None
     posted: list[str] = []

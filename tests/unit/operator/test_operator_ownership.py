@@ -14,10 +14,10 @@ from defender_operator._decisions.ownership import (
     Claim,
     ClaimAction,
     Release,
-    claims_with_seed,
     decide_claim,
     decide_release,
     owner_lookup_needed,
+    pending_claim,
 )
 
 OWNER = Claim("default", "firewall", "uid-1")
@@ -30,18 +30,12 @@ def test_first_claimant_of_a_new_or_unclaimed_name_takes_it() -> None:
     assert d.record == OWNER
 
 
-def test_only_a_new_claim_of_an_empty_name_seeded_first_waits_for_the_seed() -> None:
-    create = decide_claim(None, OWNER, None)
-    assert claims_with_seed(create, holds_nothing=True, seeds_first=True)
-    # etcd holds data under the name (kept, or written by someone with etcd access): the
-    # claim is written first, before anything else is done to that data.
-    assert not claims_with_seed(create, holds_nothing=False, seeds_first=True)
-    # A command, or a spec that does not reach the seed: those write (or end) first.
-    assert not claims_with_seed(create, holds_nothing=True, seeds_first=False)
-    take_over = decide_claim(Claim("default", "firewall", "uid-0"), OWNER, None)
-    assert not claims_with_seed(take_over, holds_nothing=True, seeds_first=True)
-    refused = decide_claim(OWNER, Claim("tenant-b", "firewall", "uid-9"), None)
-    assert not claims_with_seed(refused, holds_nothing=True, seeds_first=True)
+def test_the_claim_written_with_a_seed_is_the_create_of_an_empty_name() -> None:
+    # Written only where the name holds nothing (the seed's compares): exactly what
+    # decide_claim makes of no record, never a released claim.
+    assert pending_claim(OWNER) == decide_claim(None, OWNER, None).record == OWNER
+    released = Claim("default", "firewall", "uid-1", released=True)
+    assert pending_claim(released) == OWNER
 
 
 def test_the_owner_keeps_its_claim_without_a_write() -> None:
