@@ -467,15 +467,10 @@ class LibraryBackend:
             # advertised TTL after the last beat: up to MAX_HONOURED_LEASE_TTL_SECONDS.
             ttl = rec.lease_ttl_seconds
             reuse = ttl is not None and ttl <= MAX_HONOURED_LEASE_TTL_SECONDS
-            if ask:
-                seen = self.registry.lease_last_seen(rec.lease_id, ttl, rec.time, reuse=reuse)
-            elif not rec.lease_id or not ttl:
-                seen = rec.time
-            else:
-                known = self.registry.lease_sighting(rec.lease_id, rec.time) if reuse else None
-                if known is None:
-                    return None
-                seen = known
+            answer = self.registry.lease_last_seen if ask else self.registry.lease_sighting
+            seen = answer(rec.lease_id, ttl, rec.time, reuse=reuse)
+            if seen is None:
+                return None  # only without `ask`: etcd would have to be asked
             out.append(rec if seen == rec.time else dataclasses.replace(rec, time=seen))
         return out
 

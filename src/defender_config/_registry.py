@@ -709,12 +709,10 @@ class Registry:
         `granted` is still never before now, so a caller that waits at least `granted` after
         the last beat judges no live instance stale; once those seconds ran out the lease is
         asked again. For callers that judge many instances often (the operator)."""
-        if not lease_id or not granted:
-            return written
-        if reuse:
-            known = self.lease_sighting(lease_id, written)
-            if known is not None:
-                return known
+        known = self.lease_sighting(lease_id, granted, written, reuse=reuse)
+        if known is not None:
+            return known
+        assert granted  # a record without a lease was answered above
         asked = time.monotonic()
         left = self.client.store.lease_ttl(lease_id)
         if left < 0:
@@ -729,9 +727,16 @@ class Registry:
             self._remember(lease_id, asked + min(left, granted), seen)
         return seen
 
-    def lease_sighting(self, lease_id: int, written: datetime) -> datetime | None:
-        """What `lease_last_seen(..., reuse=True)` answers without a request, or None when it
-        would have to ask etcd: lets a caller on an event loop skip a thread for the answer."""
+    def lease_sighting(
+        self, lease_id: int, granted: int | None, written: datetime, *, reuse: bool = False
+    ) -> datetime | None:
+        """What `lease_last_seen` answers without a request (no lease: the record's time; with
+        `reuse`, an earlier answer still certain), or None when it would have to ask etcd:
+        lets a caller on an event loop skip a thread for the answer."""
+        if not lease_id or not granted:
+            return written
+        if not reuse:
+            return None
         with self._sightings_lock:
             sighting = self._sightings.get(lease_id)
         if sighting is not None and time.monotonic() < sighting[0]:

@@ -135,7 +135,11 @@ def test_reused_sightings_ask_the_lease_once_while_it_is_certainly_alive(
         )
         assert (len(asked), again) == (1, first), "asked again while certainly alive"
         # The same answer without a request, for a caller that must not block.
-        assert registry.lease_sighting(listed.lease_id, listed.time) == first
+        ttl = listed.lease_ttl_seconds
+        assert registry.lease_sighting(listed.lease_id, ttl, listed.time, reuse=True) == first
+        # Without reuse it would have to ask; without a lease the record's time is the answer.
+        assert registry.lease_sighting(listed.lease_id, ttl, listed.time) is None
+        assert registry.lease_sighting(0, ttl, listed.time, reuse=True) == listed.time
         # Never newer than the truth, and last seen + TTL is still ahead: not judged stale.
         assert again <= registry.last_seen(listed)
         assert again + timedelta(seconds=10) > datetime.now(UTC)
@@ -145,7 +149,7 @@ def test_reused_sightings_ask_the_lease_once_while_it_is_certainly_alive(
         # Once the seconds it had left ran out, it is asked again.
         sightings = registry._sightings
         sightings[listed.lease_id] = (time.monotonic() - 1, first)
-        assert registry.lease_sighting(listed.lease_id, listed.time) is None  # must ask
+        assert registry.lease_sighting(listed.lease_id, ttl, listed.time, reuse=True) is None
         renewed = registry.lease_last_seen(
             listed.lease_id, listed.lease_ttl_seconds, listed.time, reuse=True
         )
