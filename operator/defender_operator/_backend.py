@@ -50,9 +50,8 @@ class Declared:
     resigned: bool = False
     """It re-signed a metadata record that did not verify."""
     state: ComponentState | None = None
-    """Set when the component holds nothing yet (no metadata, no MASTER): what `state` would
-    return, from the declare's own read, so seeding a new component needs no read of its own.
-    None: read `state` (a component that exists, or a declare without a digest)."""
+    """What `state` would return, from the declare's own read, so the seed that follows needs
+    no read of its own. None: read `state` (the declare re-signed or recorded something)."""
 
 
 @dataclass(frozen=True)

@@ -230,13 +230,17 @@ class LibraryBackend:
         # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
         # not valid under it, it is recorded with the next commit of spec.config instead.
         # The record read above is still current unless the repair rewrote it.
+        recorded = False
         try:
-            self.configs.set_schema(
+            recorded = self.configs.set_schema(
                 component, json_schema, modified_by, metadata=None if resigned else meta_sv
             )
         except ConfigValidationError as exc:
             log.warning("spec.customSchema of %s not recorded yet: %s", component, exc)
-        return Declared(resigned=resigned)
+        if resigned or recorded:
+            return Declared(resigned=resigned)  # the record changed: the caller reads again
+        # Nothing written: the read above is the state (the repair verified its record).
+        return Declared(state=_state(self.configs.overview_of(component, gets, False)))
 
     def _sealed_as(self, component: str, storage: StoragePolicy | None) -> None:
         if storage is not None and storage.encrypt:

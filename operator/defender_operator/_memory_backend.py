@@ -329,9 +329,12 @@ class MemoryBackend:
             # As the library: a new component's state comes from the declare's own read.
             return Declared(state=self._state(component))
         # As the library: the spec's schema governs the next commit.
-        stored.json_schema = dict(json_schema) if json_schema is not None else None
-        self._changed(component)  # the library records it in the metadata
-        return Declared()  # nothing here is signed, so nothing needs re-signing
+        if stored.json_schema != (dict(json_schema) if json_schema is not None else None):
+            stored.json_schema = dict(json_schema) if json_schema is not None else None
+            self._changed(component)  # the library records it in the metadata
+            return Declared()  # the record changed: the caller reads again
+        # Nothing here is signed, so nothing needs re-signing; nothing written.
+        return Declared(state=self._state(component))
 
     def seed(
         self,

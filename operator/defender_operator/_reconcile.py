@@ -567,8 +567,7 @@ async def seed(
                 "rebuilt from the newest authenticated config and signed",
             )
         )
-    # A new component's state came with the declare's read; an existing one is read now,
-    # after whatever the declare re-signed or recorded.
+    # The state came with the declare's read, unless it re-signed or recorded something.
     state = declared.state
     if state is None:
         state = await asyncio.to_thread(rt.backend.state, component)

@@ -189,13 +189,23 @@ def test_metadata_planted_under_a_new_name_is_not_overwritten_by_a_seed_with_a_c
     assert kept is not None and kept.value == planted
 
 
-def test_reconciling_an_existing_component_reads_five_times(library: LibraryBackend) -> None:
+def test_reconciling_an_existing_component_reads_four_times(library: LibraryBackend) -> None:
     h = Harness(backend=library)  # type: ignore[arg-type]
     asyncio.run(h.reconcile(spec()))
     counted = Counted(library)
     asyncio.run(h.reconcile(spec()))
-    # The owner record; one read for existence, the repair's and the schema's record (was
-    # three: an existence check, then the repair and the schema check each read the record);
-    # the repair's history and ACTIVE; the state. Seven before.
-    assert counted.take() == ["get", "txn", "list", "get", "txn"]
+    # The owner record; one read for existence, the repair's and the schema's record and the
+    # state (was four: an existence check, the repair's and the schema's record, the state);
+    # the repair's history and ACTIVE (its replay check). Seven before.
+    assert counted.take() == ["get", "txn", "list", "get"]
     assert h.kube.status["activeVersion"] == 1 and h.kube.status["observedGeneration"] == 2
+    # A record the declare changes is read again: the state is never from before a write.
+    schema = {"type": "object", "properties": {"interface": {"type": "string"}}}
+    library.configs.set_schema(NAME, schema, "someone")  # the spec will put its own back
+    counted.take()
+    asyncio.run(h.reconcile(spec()))
+    ops = counted.take()
+    # The same four, the schema check's reads of ACTIVE (as `get_active`) and its write, then
+    # the state read again.
+    assert ops == ["get", "txn", "list", "get", "get", "get", "txn", "txn"]
+    assert library.configs.get_metadata(NAME).json_schema is None  # type: ignore[union-attr]

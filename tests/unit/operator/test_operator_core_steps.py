@@ -40,18 +40,26 @@ def run(coro: object) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def test_a_new_component_is_seeded_without_reading_its_state_and_an_existing_one_once() -> None:
-    # Issue 17: the declare's read says what a new component holds and the seed's answer what
-    # it holds after; an existing one is read after the declare (which may have re-signed).
+def test_the_seed_reads_no_state_of_its_own_unless_the_declare_wrote() -> None:
+    # Issue 17: the seed's answer says what a new component holds, the declare's read what an
+    # existing one holds; read again only after the declare re-signed or recorded something.
     h = Harness()
     run(h.reconcile(spec(ETH0)))
     assert "claim_and_seed" in h.backend.calls and "state" not in h.backend.calls
     assert h.kube.status["activeVersion"] == 1
     h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
-    assert h.backend.calls.count("state") == 1
+    assert "declare" in h.backend.calls and "state" not in h.backend.calls
     # Seen seeded (status.activeVersion): its claim is read (and seeds nothing).
     assert "read_claim" in h.backend.calls and "claim_and_seed" not in h.backend.calls
+    custom = {"componentType": "custom", "customSchema": {"type": "object"}}
+    c = Harness()
+    run(c.reconcile(spec(BASE, **custom)))
+    c.backend.calls.clear()
+    schema = {"type": "object", "properties": {"interface": {"type": "string"}}}
+    run(c.reconcile(spec(BASE, **{**custom, "customSchema": schema})))
+    assert c.backend.calls.count("state") == 1  # the schema was recorded: read again
+    assert c.backend.components[NAME].json_schema == schema
 
 
 def test_a_freeze_that_predates_a_new_component_still_stops_its_first_commit() -> None:
