@@ -37,6 +37,7 @@ from defender_config import (
     ScrubReport,
     SeedResult,
     StoragePolicy,
+    StoreError,
     StoreUnavailableError,
     cadence_put,
     config_digest,
@@ -446,6 +447,13 @@ class LibraryBackend:
             )
         except ConflictError:
             return None  # the owner record or metadata is there: decide the claim on a read
+        except StoreError:
+            raise
+        except DefenderConfigError:
+            # MASTER is there and what the seed read of it does not verify: nothing written.
+            # The claim is decided on a read first, as for any name that holds something; the
+            # steps after it refuse the record and name it.
+            return None
         if not seeded.created or seeded.overview is None:
             return None  # MASTER is there: nothing written, the owner record neither
         self._declared[component] = (component_type, json_schema, seeded.metadata.digest)

@@ -13,8 +13,15 @@ from typing import Any
 
 import kopf
 import pytest
+from prometheus_client import CollectorRegistry
 
-from defender_config import Keyring, LibrarySettings
+from defender_config import (
+    ConfigStore,
+    DefenderClient,
+    Keyring,
+    LibrarySettings,
+    StoreUnavailableError,
+)
 from defender_devcluster import EtcdCluster, etcd_client_settings, wait_for
 from defender_operator import _reconcile
 from defender_operator._decisions.ownership import Claim
@@ -169,6 +176,32 @@ def test_a_master_planted_under_a_new_name_is_claimed_by_its_own_write_and_refus
     assert store.get(layout.metadata(NAME)) is None
 
 
+def test_a_component_sealed_with_another_keyring_is_claimed_then_refused_by_name(
+    library: LibraryBackend,
+) -> None:
+    # Data from another cluster (another keyring) under a new resource's name: the seed with
+    # the claim finds it and writes nothing, the claim is decided and written on its own, and
+    # the record that does not verify is refused, named, as it always was.
+    elsewhere = DefenderClient(
+        library.client.settings, Keyring.generate(), registry=CollectorRegistry()
+    )
+    theirs = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth9"}
+    try:
+        ConfigStore(elsewhere).seed(NAME, theirs, "sniffer", by="elsewhere")
+    finally:
+        elsewhere.close()
+    counted = Counted(library)
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    with pytest.raises(kopf.PermanentError, match="cannot be rebuilt"):
+        asyncio.run(h.reconcile(spec()))
+    # The seed's read of what is there raised the alert (a lease and a put) on its way.
+    ops = [op for op in counted.take() if op not in ("lease_grant", "put")]
+    assert ops[:3] == ["txn", "get", "txn"]
+    assert owner(library) == Claim(NAMESPACE, NAME, h.uid)
+    synced = h.condition("ConfigSynced")
+    assert synced["reason"] == "RecordUnauthenticated" and "metadata" in synced["message"]
+
+
 def test_metadata_planted_under_a_new_name_is_not_overwritten_by_a_seed_with_a_claim(
     library: LibraryBackend,
 ) -> None:
@@ -209,3 +242,26 @@ def test_reconciling_an_existing_component_reads_four_times(library: LibraryBack
     # the state read again.
     assert ops == ["get", "txn", "list", "get", "get", "get", "txn", "txn"]
     assert library.configs.get_metadata(NAME).json_schema is None  # type: ignore[union-attr]
+
+
+def test_etcd_failing_the_seed_with_a_claim_is_an_error_not_a_name_held(
+    library: LibraryBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only what etcd holds sends the visit to the claim read; an etcd that does not answer is
+    # the reconcile's retryable error, as for every other etcd call.
+    def unavailable(*_: Any, **__: Any) -> Any:
+        raise StoreUnavailableError(["127.0.0.1:1"], "txn: injected")
+
+    monkeypatch.setattr(library.client.store, "txn", unavailable)
+    claim_reads: list[str] = []
+    read_claim = library.read_claim
+    monkeypatch.setattr(
+        library,
+        "read_claim",
+        lambda component: claim_reads.append(component) or read_claim(component),
+    )
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    with pytest.raises(kopf.TemporaryError):
+        asyncio.run(h.reconcile(spec()))
+    assert h.condition("ConfigSynced")["reason"] == "StoreUnavailable"
+    assert claim_reads == []  # not taken for a name that holds something
