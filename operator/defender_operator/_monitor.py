@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -206,10 +207,13 @@ async def tick(p: Pass, mem: ComponentMemory, pod_index: PodIndex) -> datetime |
     latest to judge a pod the moment its heartbeat deadline passes (None: the regular interval
     is soon enough). Events found are posted even when a step fails."""
     found = Outcome()
+    began = time.monotonic()
     try:
-        return await _steps(p, mem, pod_index, found)
+        due = await _steps(p, mem, pod_index, found)
     finally:
         post_events(p.rt.post_event, p.body, found)
+    mem.last_pass = (began, due)
+    return due
 
 
 async def _steps(
@@ -710,11 +714,12 @@ async def run(
     try:
         while not stopped and not rt.is_gone(uid):
             wake.clear()
+            began = time.monotonic()
             pause = rt.settings.monitor_interval_seconds
             # kopf keeps the body; the newest event's brought managedFields back (`_bodies`).
             shed_managed_fields(body)
             try:
-                due = await _pass(rt, body, namespace, name, logger, pod_index)
+                due = await _pass(rt, body, namespace, name, logger, pod_index, began=began)
                 if due is not None:
                     # A hair past the deadline, so the pass sees it passed.
                     until = (due - utcnow()).total_seconds() + 0.05
@@ -732,15 +737,27 @@ async def run(
 
 
 async def _pass(
-    rt: Runtime, body: Any, namespace: str, name: str, logger: Logger, pod_index: PodIndex
+    rt: Runtime,
+    body: Any,
+    namespace: str,
+    name: str,
+    logger: Logger,
+    pod_index: PodIndex,
+    *,
+    began: float | None = None,
 ) -> datetime | None:
-    """One pass under the component's lock (a reconcile of it waits, and vice versa)."""
+    """One pass under the component's lock (a reconcile of it waits, and vice versa). With
+    `began` (when the daemon cleared its wake-up), none when a pass that began since then
+    completed meanwhile (a reconcile's, while this one waited for the lock): that pass saw
+    every change that woke this one, and its answer of when the next is due stands."""
     if rt.is_gone(_uid(body)):
         return None  # not even a memory of it again
     mem = rt.memory(namespace, name)
     async with mem.lock:
         if rt.is_gone(_uid(body)):
             return None  # deleted while this pass waited for the lock: nothing to judge
+        if began is not None and mem.last_pass is not None and mem.last_pass[0] >= began:
+            return mem.last_pass[1]
         # kopf keeps `body` current from its watch (no read per pass); the status is ours as
         # last written when we wrote it, since the body lags our own writes.
         status = mem.status if mem.status is not None else dict(body.get("status") or {})

@@ -210,7 +210,7 @@ async def reconcile(
             with kopf_errors():
                 await _steps(v, mem, raw_spec, found)
                 take(mem, found, Outcome(fields=dict(handled or {})))
-                await _finish(v, mem, found, first_pass)
+                judged = await _finish(v, mem, found, first_pass)
         except kopf.TemporaryError as exc:
             # Conditions appear even when the first visit fails, saying why where known.
             take(mem, found, _temporary(exc, found))
@@ -222,19 +222,23 @@ async def reconcile(
             take(mem, found, refused(exc))
             await _finish(v, mem, found)
             raise
-    # The monitor judges heartbeats, keys and Ready right away rather than at its next
-    # interval: a new component is Ready as soon as its instances are seen.
-    v.rt.heartbeats.waker(v.name).set()
+    if not judged:
+        # No pass ran with the reconcile: the monitor judges heartbeats, keys and Ready right
+        # away rather than at its next interval (a new component is Ready once instances are
+        # seen). After one that ran, its daemon's next pass comes when that pass said.
+        v.rt.heartbeats.waker(v.name).set()
 
 
 async def _finish(
     v: Visit, mem: ComponentMemory, found: Outcome, first_pass: FirstPass | None = None
-) -> None:
+) -> bool:
+    """Publish; True when the first monitor pass ran and published with it."""
     post_events(v.rt.post_event, v.body, found)  # once, even if publishing fails after
     stored = mem.status if mem.status is not None else v.status
     if first_pass is not None and await first_pass(stored, found.fields):
-        return
+        return True
     await publish_status(v.rt, v.namespace, v.name, v.generation, v.status, found.fields)
+    return False
 
 
 async def _steps(

@@ -79,6 +79,9 @@ class ComponentMemory:
     # that failed.
     observation: Observation | None = None
     observed: ViewRead | None = None
+    # The last pass that completed: when it began (time.monotonic) and when it said the next
+    # one is due. A daemon pass that waited while a reconcile's pass began is skipped.
+    last_pass: tuple[float, datetime | None] | None = None
     # The status as this operator last wrote it (the patch response): fresher than kopf's body
     # of the object, which lags our own writes by a watch event.
     status: dict[str, Any] | None = None

@@ -74,7 +74,7 @@ def test_the_monitor_daemon_sheds_them_before_each_pass(monkeypatch: pytest.Monk
         async def wait(self) -> None:
             await asyncio.Event().wait()
 
-    async def one_pass(_rt: Any, passed: Any, *_: Any) -> None:
+    async def one_pass(_rt: Any, passed: Any, *_: Any, **__: Any) -> None:
         seen.append("managedFields" in passed["metadata"])
         # A watch event between passes brings a new body with managedFields again.
         body._replace_with(_raw())

@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from operator_core_support import LOG, NAME, NAMESPACE, Harness
+from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
 from defender_operator import _monitor
 from defender_operator._settings import OperatorSettings
@@ -43,7 +43,7 @@ def _daemon(monkeypatch: pytest.MonkeyPatch, interval: float) -> tuple[Harness, 
     h.rt.settings = OperatorSettings(monitor_interval_seconds=interval)
     passes: list[int] = []
 
-    async def one_pass(*_: Any) -> None:
+    async def one_pass(*_: Any, **__: Any) -> None:
         passes.append(1)
 
     monkeypatch.setattr(_monitor, "_pass", one_pass)
@@ -129,3 +129,61 @@ def test_a_deleted_resource_ends_its_daemon_though_kopf_never_stops_it(
         successor.cancel()
 
     asyncio.run(scenario())
+
+
+def _counting_ticks(monkeypatch: pytest.MonkeyPatch) -> tuple[Harness, list[int]]:
+    """A component already reconciled (status published) whose monitor passes are counted."""
+    h = Harness()
+    h.rt.settings = OperatorSettings(monitor_interval_seconds=300)
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    ticks: list[int] = []
+    tick = _monitor.tick
+
+    async def counted(*args: Any) -> Any:
+        ticks.append(1)
+        return await tick(*args)
+
+    monkeypatch.setattr(_monitor, "tick", counted)
+    return h, ticks
+
+
+def test_a_daemon_pass_that_waited_out_a_reconciles_pass_is_not_repeated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As kopf runs a new resource: the daemon starts beside the create handler and waits for
+    # the component's lock while the reconcile (and its first pass) hold it.
+    h, ticks = _counting_ticks(monkeypatch)
+    mem = h.mem
+    body = h.body(spec(), {})
+
+    async def scenario() -> None:
+        async with mem.lock:
+            stopped, task = _start(h, body)
+            await asyncio.sleep(0.05)  # the daemon cleared its wake-up and waits for the lock
+            visit = _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, dict(h.kube.status))
+            await _monitor.tick(visit, mem, h.index())  # the reconcile's pass
+        await asyncio.sleep(0.5)  # past the floor between passes: in its long pause
+        assert len(ticks) == 1, "the daemon repeated the pass the reconcile ran"
+        # Skipped once, not for good: an event after that pass brings one.
+        h.rt.heartbeats.waker(NAME).set()
+        await _until(lambda: len(ticks) == 2, "a pass woken by the heartbeat event")
+        stopped.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_a_reconcile_whose_pass_ran_does_not_wake_the_daemon_one_without_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h, ticks = _counting_ticks(monkeypatch)
+    wake = h.rt.heartbeats.waker(NAME)
+    wake.clear()
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert len(ticks) == 1 and not wake.is_set()
+    # No pass could run with it (etcd's health not measured yet): the daemon is woken.
+    h.rt.etcd = type(h.rt.etcd)()
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert len(ticks) == 1 and wake.is_set()
