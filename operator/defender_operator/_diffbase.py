@@ -11,7 +11,8 @@ failed handler kopf will not retry, kopf writes it as usual).
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import kopf
 
@@ -40,6 +41,19 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
     def __init__(self) -> None:
         super().__init__(field=f"status.{FIELD}")
         self._handled: dict[str, str] = {}  # uid → the value last handled (kopf's JSON)
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        # kopf deep-copies the whole body, then drops status and all of metadata but labels
+        # and annotations: at every watch event, for a status and managedFields of a few KB.
+        # Hand it only what it keeps; the essence is the same.
+        if extra_fields:
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        slim = {k: v for k, v in body.items() if k not in ("status", "metadata")}
+        slim["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        return super().build(body=cast(kopf.Body, slim))
 
     def encoded(self, body: Any) -> str:
         """The value kopf will store once this body's handlers succeed."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -785,13 +786,19 @@ def _visit(
     **extra: Any,
 ) -> Pass:
     """A pass over `body` as kopf keeps it, judging from `status`."""
+    raw = body.get("spec") or {}
+    mem = rt.memory(namespace, name)
+    if mem.spec is None or mem.spec[0] != raw:
+        # Parsed once per spec, not per pass (a thousand components pass every few seconds);
+        # kept as a copy, so a body kopf changes in place is still compared with what was parsed.
+        mem.spec = (copy.deepcopy(dict(raw)), _api.parse_spec(dict(raw)))
     return Pass(
         rt=rt,
         body=body,
         namespace=namespace,
         name=name,
         generation=int(body.get("metadata", {}).get("generation") or 0),
-        spec=_api.parse_spec(dict(body.get("spec") or {})),
+        spec=mem.spec[1],
         status=status,
         logger=logger,
         now=utcnow(),

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from defender_config import Cadence
+from defender_operator._api import DefenderComponentSpec
 from defender_operator._backend import Backend, EtcdHealth, Observation
 from defender_operator._changes import ChangeView
 from defender_operator._decisions.breaker import ActiveChange
@@ -79,6 +80,8 @@ class ComponentMemory:
     # that failed.
     observation: Observation | None = None
     observed: ViewRead | None = None
+    # spec as the last pass read it from the body, and parsed.
+    spec: tuple[dict[str, Any], DefenderComponentSpec] | None = None
     # The last pass that completed: when it began (time.monotonic) and when it said the next
     # one is due. A daemon pass that waited while a reconcile's pass began is skipped.
     last_pass: tuple[float, datetime | None] | None = None

@@ -83,3 +83,30 @@ def test_the_status_itself_is_not_part_of_the_diff_base() -> None:
     a, b = body(), body()
     b["status"] = {"activeVersion": 9, FIELD: "{}"}
     assert storage.encoded(kopf.Body(a)) == storage.encoded(kopf.Body(b))
+
+
+def test_the_essence_is_kopfs_own_built_without_copying_status_and_system_metadata() -> None:
+    b = body()
+    b["metadata"].update(
+        {
+            "annotations": {
+                "mldefender.io/rollback": "master",
+                "kopf.zalando.org/last-handled-configuration": "{}",
+                "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+            },
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+            "generation": 4,
+            "resourceVersion": "77",
+        }
+    )
+    b["status"].update({FIELD: "{}", "conditions": [{"type": "Ready", "status": "True"}]})
+    kopfs = kopf.StatusDiffBaseStorage(field=f"status.{FIELD}")
+    ours = PublishedDiffBase().build(body=kopf.Body(b))
+    assert ours == kopfs.build(body=kopf.Body(b))
+    assert ours["metadata"]["annotations"] == {"mldefender.io/rollback": "master"}
+    assert "status" not in ours and "managedFields" not in ours["metadata"]
+    # A field handler's extra fields (none of ours asks) go kopf's whole way.
+    extra = [("status", "activeVersion")]
+    assert PublishedDiffBase().build(body=kopf.Body(b), extra_fields=extra) == kopfs.build(
+        body=kopf.Body(b), extra_fields=extra
+    )

@@ -365,3 +365,18 @@ def test_a_steady_pass_asks_no_thread_for_sightings_or_the_keyring_copy(
     assert "last_seen" in handed and "copy_digest" in handed, handed
     assert h.condition(cond.READY)["status"] == cond.TRUE
     assert h.condition(cond.KEY_CURRENT)["status"] == cond.TRUE
+
+
+def test_the_spec_is_parsed_once_per_change_and_a_change_in_place_is_seen() -> None:
+    h = informed()
+    body = h.body(spec(), {})
+    first = _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec
+    assert _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec is first
+    # kopf may change the body it keeps in place: the parsed spec follows it.
+    body["spec"]["heartbeat"] = {"intervalSeconds": 7}
+    changed = _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec
+    assert changed is not first and changed.heartbeat.interval_seconds == 7
+    body["spec"]["config"]["interface"] = "eth7"  # nested, in place
+    assert _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec.config["interface"] == "eth7"
+    asyncio.run(h.monitor(dict(body["spec"])))
+    assert h.backend.cadences[NAME].interval_seconds == 7
