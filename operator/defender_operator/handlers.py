@@ -3,7 +3,8 @@
 login     → kopf's API session, with a bounded connection pool (`_login`)
 startup   → build the Runtime (settings, keyring Secret, library backend), settle the keyring
             against the store (`_keyguard`), start the etcd health and key-rotation loops
-            and the heartbeat and component change watches (`_loops`)
+            and the heartbeat and component change watches (`_loops`); then start-up's
+            objects are frozen out of garbage collection (`_heap`)
 create / resume / update of a DefenderComponent → `_reconcile.reconcile`, then one
             `_monitor.after_reconcile` pass (one status patch for both)
 delete    → retention Purge (its finalizer holds the object until the data is gone)
@@ -49,6 +50,7 @@ from defender_operator import (
 from defender_operator._bodies import shed_managed_fields
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._executors import RoutingExecutor
+from defender_operator._heap import settle_heap
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
@@ -116,6 +118,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         asyncio.create_task(_loops.heartbeat_watch(rt), name="heartbeat-watch"),
         asyncio.create_task(_loops.change_watch(rt), name="change-watch"),
     ]
+    settle_heap()
     held = keyring.peek()
     log.info(
         "operator %s started: keyring %s/%s primary %s, etcd prefix %s",
