@@ -315,12 +315,9 @@ class KeyringSecrets:
         by a keyring that keeps every key id it holds that stored values still use:
         `referenced()` returns those ids and is called only when the replacement drops a key
         (without it, any drop is refused). Refusals raise KeyDropRefusedError."""
-        if namespace == self.namespace:
-            return False  # the source itself is mountable there
-        digest = keyring_digest(keyring)
-        known, fresh = self._recent(namespace, max_age)
-        if fresh and known == digest:
+        if self.copy_is_current(keyring, namespace, max_age=max_age):
             return False
+        digest = keyring_digest(keyring)
         meta = client.V1ObjectMeta(
             name=self.name,
             namespace=namespace,
@@ -414,6 +411,15 @@ class KeyringSecrets:
             )
         except ApiException as exc:
             raise _fail("annotate", self.namespace, self.name, exc) from None
+
+    def copy_is_current(self, keyring: Keyring, namespace: str, *, max_age: float) -> bool:
+        """Whether `fan_out` has nothing to do, answered from memory: `namespace` holds the
+        source itself, or a copy of `keyring` this operator read or wrote less than `max_age`
+        seconds ago."""
+        if namespace == self.namespace:
+            return True  # the source itself is mountable there
+        known, fresh = self._recent(namespace, max_age)
+        return fresh and known == keyring_digest(keyring)
 
     def known_copy_digest(self, namespace: str, *, max_age: float) -> tuple[str | None, bool]:
         """`copy_digest` as this operator read or wrote it less than `max_age` seconds ago, and

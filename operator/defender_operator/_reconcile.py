@@ -8,6 +8,7 @@ after an operator restart, changes nothing that is already right.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -245,11 +246,14 @@ async def _steps(
     v: Visit, mem: ComponentMemory, raw_spec: Mapping[str, Any], found: Outcome
 ) -> None:
     keyring_gate(v.rt)
-    claimed = await claim(v, seeds_first=seed_is_first_write(v, raw_spec))
+    # Checked once, quietly: whether the visit may seed first depends on it, and what is wrong
+    # with the spec is reported only once the name is this resource's.
+    parsed = check_spec(v, raw_spec)
+    claimed = await claim(v, seeds_first=seeds_first(v, parsed))
     if not take(mem, found, claimed.outcome):
         return
-    spec = parse_spec(raw_spec)
-    normalized, checked = validate(v, spec)
+    spec = parsed.spec_or_refusal()
+    normalized, checked = parsed.normalized, reported(v, parsed)
     seeded_new = None
     if claimed.pending is not None and normalized is not None:
         # A visit that seeds first: the claim is written in one transaction with the seed.
@@ -353,22 +357,46 @@ _COMMANDS = (
 )
 
 
-def seed_is_first_write(v: Visit, raw_spec: Mapping[str, Any]) -> bool:
-    """Whether this visit may seed a new component with its first etcd write: a resource
-    never seen seeded (its status shows no activeVersion; for any other the question is not
-    worth a second validation or a read of what etcd holds), no command annotation (each
-    writes before the seed), and a spec that parses and validates (checked quietly here;
-    the steps check it again where they report it)."""
-    if "activeVersion" in v.status or any(command in v.annotations for command in _COMMANDS):
-        return False
+@dataclass(frozen=True)
+class CheckedSpec:
+    """The spec as parsed and validated (`check_spec`), nothing reported yet."""
+
+    spec: _api.DefenderComponentSpec | None  # None: it does not parse (`unparsed` says why)
+    normalized: dict[str, Any] | None = None  # spec.config normalized; None when refused
+    invalid: ConfigValidationError | None = None
+    unparsed: ValueError | None = None
+
+    def spec_or_refusal(self) -> _api.DefenderComponentSpec:
+        if self.spec is None:
+            # The API server's schema should have refused this; an old CRD version may not have.
+            raise kopf.PermanentError(
+                f"spec does not match the DefenderComponent schema: {self.unparsed}"
+            ) from self.unparsed
+        return self.spec
+
+
+def check_spec(v: Visit, raw_spec: Mapping[str, Any]) -> CheckedSpec:
     try:
         spec = _api.parse_spec(dict(raw_spec))
-        validate_config(
+    except ValueError as exc:  # pydantic's
+        return CheckedSpec(None, unparsed=exc)
+    try:
+        normalized = validate_config(
             spec.component_type.value, spec.config, spec.custom_schema, component=v.component
         )
-    except (ValueError, ConfigValidationError):  # ValueError: pydantic's, of parse_spec
+    except ConfigValidationError as exc:
+        return CheckedSpec(spec, invalid=exc)
+    return CheckedSpec(spec, normalized)
+
+
+def seeds_first(v: Visit, parsed: CheckedSpec) -> bool:
+    """Whether this visit may seed a new component with its first etcd write: a resource
+    never seen seeded (its status shows no activeVersion; for any other the question is not
+    worth a read of what etcd holds), no command annotation (each writes before the seed),
+    and a spec that parses and validates."""
+    if "activeVersion" in v.status or any(command in v.annotations for command in _COMMANDS):
         return False
-    return True
+    return parsed.normalized is not None
 
 
 async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
@@ -438,29 +466,25 @@ def _claimed(v: Visit, decision: ClaimDecision, existing: Claim | None) -> Outco
     return out
 
 
-def parse_spec(raw_spec: Mapping[str, Any]) -> _api.DefenderComponentSpec:
-    try:
-        return _api.parse_spec(dict(raw_spec))
-    except ValueError as exc:
-        # The API server's schema should have refused this; an old CRD version may not have.
-        raise kopf.PermanentError(
-            f"spec does not match the DefenderComponent schema: {exc}"
-        ) from exc
-
-
 async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:
     """What must hold before anything is read: whether this reader accepts the component
     unencrypted (from its spec, never from etcd), and the namespace's keyring copy (pods
     cannot read anything without it)."""
     rt = v.rt
-    await asyncio.to_thread(rt.backend.declare_storage, v.component, storage_policy(spec.storage))
+    # Both are answered from memory in the common case, so no thread for them: each hand-off
+    # to a thread and back waits for the GIL twice (tens of ms when the operator is busy).
+    rt.backend.declare_storage(v.component, storage_policy(spec.storage))
+    keyring = rt.keyring.current()
+    max_age = rt.settings.secret_copy_check_seconds
+    if rt.secrets.copy_is_current(keyring, v.namespace, max_age=max_age):
+        return
     await asyncio.to_thread(
         functools.partial(
             rt.secrets.fan_out,
-            max_age=rt.settings.secret_copy_check_seconds,
+            max_age=max_age,
             referenced=lambda: rt.backend.key_usage().key_ids,
         ),
-        rt.keyring.current(),
+        keyring,
         v.namespace,
     )
 
@@ -499,19 +523,16 @@ async def rollback_command(v: Visit) -> Outcome:
     return Outcome(events=[normal("RolledBack", f"ACTIVE is {what} again (version {version})")])
 
 
-def validate(v: Visit, spec: _api.DefenderComponentSpec) -> tuple[dict[str, Any] | None, Outcome]:
-    """spec.config normalized by the component's model, or None and why it is refused."""
-    try:
-        normalized = validate_config(
-            spec.component_type.value, spec.config, spec.custom_schema, component=v.component
-        )
-    except ConfigValidationError as exc:
-        v.logger.warning("spec.config refused, ACTIVE untouched: %s", exc)
-        return None, Outcome(
-            events=[warning("ConfigInvalid", f"spec.config refused: {exc}")],
-            config=ConfigVerdict(cond.ConfigState.INVALID, str(exc)),
-        )
-    return normalized, Outcome()
+def reported(v: Visit, parsed: CheckedSpec) -> Outcome:
+    """Why spec.config is refused (nothing when it is valid)."""
+    exc = parsed.invalid
+    if exc is None:
+        return Outcome()
+    v.logger.warning("spec.config refused, ACTIVE untouched: %s", exc)
+    return Outcome(
+        events=[warning("ConfigInvalid", f"spec.config refused: {exc}")],
+        config=ConfigVerdict(cond.ConfigState.INVALID, str(exc)),
+    )
 
 
 async def refuse_invalid(v: Visit, spec: _api.DefenderComponentSpec) -> Outcome:
@@ -617,21 +638,28 @@ async def claim_and_seed(
     # What `seed` would plan for a name etcd holds nothing of: seed both, commit nothing.
     absent = StoredState(None, None, None)
     plan = plan_seed(config_digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
-    seen = await rt.write(
-        component,
-        rt.backend.claim_and_seed,
-        component,
-        spec.component_type.value,
-        normalized,
-        claim=pending,
-        json_schema=spec.custom_schema,
-        modified_by=_attribution.author(
-            v.rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
-        ),
-        storage=storage_policy(spec.storage),
-        cadence=wanted_cadence(rt, spec),
-        alerts_since=utcnow() - timedelta(seconds=rt.settings.misconfig_window_seconds),
-    )
+    # The first pass asks etcd when each instance already beating last did (its lease): asked
+    # meanwhile, that request is off the path to the first status.
+    sightings = _ask_sightings(rt, component)
+    try:
+        seen = await rt.write(
+            component,
+            rt.backend.claim_and_seed,
+            component,
+            spec.component_type.value,
+            normalized,
+            claim=pending,
+            json_schema=spec.custom_schema,
+            modified_by=_attribution.author(
+                v.rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
+            ),
+            storage=storage_policy(spec.storage),
+            cadence=wanted_cadence(rt, spec),
+            alerts_since=utcnow() - timedelta(seconds=rt.settings.misconfig_window_seconds),
+        )
+    finally:
+        if sightings is not None:
+            await sightings
     if seen is None:
         return None
     seeded(rt, rt.memory(v.namespace, v.name), component, seen)
@@ -641,6 +669,23 @@ async def claim_and_seed(
         seen.state.active_version,
     )
     return seen.state, plan.commit, Outcome()
+
+
+def _ask_sightings(rt: Runtime, component: str) -> asyncio.Task[None] | None:
+    """When the instances the heartbeat view holds for `component` last beat, asked in a
+    thread (remembered by the registry for the pass); None when nothing needs asking."""
+    if not rt.heartbeats.trusted:
+        return None  # the pass reads the instances from etcd first
+    instances = rt.heartbeats.instances(component)
+    if not instances or rt.backend.last_seen(instances, ask=False) is not None:
+        return None
+
+    async def ask() -> None:
+        # A failure is the pass's to report: it asks again.
+        with contextlib.suppress(DefenderConfigError):
+            await asyncio.to_thread(rt.backend.last_seen, instances)
+
+    return asyncio.create_task(ask())
 
 
 def wanted_cadence(rt: Runtime, spec: _api.DefenderComponentSpec) -> Cadence:

@@ -81,9 +81,15 @@ def test_copy_digest_reused_within_max_age_and_read_again_after(
     other = _other_namespace(core)
     try:
         assert secrets.copy_digest(other, max_age=60) is None  # absent, and remembered so
+        assert not secrets.copy_is_current(keyring, other, max_age=60)
         assert secrets.fan_out(keyring, other) is True
         digest = keyring_digest(keyring)
         assert secrets.copy_digest(other, max_age=60) == digest
+        # Answered from memory (a reconcile then needs no thread), the source's namespace always.
+        assert secrets.copy_is_current(keyring, other, max_age=60)
+        assert not secrets.copy_is_current(keyring, other, max_age=0)
+        assert not secrets.copy_is_current(keyring.with_new_decrypt_only(), other, max_age=60)
+        assert secrets.copy_is_current(keyring.with_new_decrypt_only(), namespace, max_age=0)
         # Someone deletes the copy: within max_age the remembered digest stands, and a
         # reconcile's fan-out with max_age trusts it; without max_age both look again.
         core.delete_namespaced_secret(NAME, other)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ from prometheus_client import CollectorRegistry
 from defender_config import (
     ConfigStore,
     DefenderClient,
+    Heartbeater,
     Keyring,
     LibrarySettings,
     StoreUnavailableError,
 )
 from defender_devcluster import EtcdCluster, etcd_client_settings, wait_for
-from defender_operator import _reconcile
+from defender_operator import _api, _reconcile
 from defender_operator._decisions.ownership import Claim
 from defender_operator._keys import MutableKeyringSource
 from defender_operator._library_backend import LibraryBackend
@@ -99,7 +101,7 @@ def test_a_new_component_is_claimed_seeded_and_judged_in_one_round_trip(
     state = library.state(NAME)
     assert state.active_version == 1 and state.master_digest == h.kube.status["masterDigest"]
     cadence = library.cadence(NAME)
-    want = _reconcile.wanted_cadence(h.rt, _reconcile.parse_spec(spec()))
+    want = _reconcile.wanted_cadence(h.rt, _api.parse_spec(spec()))
     assert cadence is not None and want.same_rhythm(cadence)
     # Nothing the pass reused hides a later change: the next write is read by the next pass.
     library.publish_cadence(NAME, cadence.model_copy(update={"interval_seconds": 7.0}))
@@ -114,6 +116,84 @@ def test_a_new_component_is_claimed_seeded_and_judged_in_one_round_trip(
     assert "txn" in counted.take()  # the view read again
     assert h.condition("HeartbeatCadence")  # and the cadence put back as spec.heartbeat says
     assert want.same_rhythm(library.cadence(NAME))
+
+
+@pytest.fixture
+def beating(library: LibraryBackend) -> Iterator[Heartbeater]:
+    """An instance of NAME beating before its component exists, from a client of its own
+    (its requests are not the operator's)."""
+    keyring = library.client.envelope.keyring()
+    assert keyring is not None
+    pod = DefenderClient(library.client.settings, keyring, registry=CollectorRegistry())
+    hb = Heartbeater(pod, NAME, "pod-0", interval_seconds=1, allowed_misses=10)
+    hb.start()
+    try:
+        yield hb
+    finally:
+        hb.stop()
+        pod.close()
+
+
+def seen_beating(library: LibraryBackend) -> Harness:
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    h.inform()
+    beats = h.rt.heartbeats
+    beats.watching = True
+    beats.resync(utcnow(), beats.begin_resync(), library.all_instances())
+    assert beats.instances(NAME)
+    return h
+
+
+def test_instances_beating_before_their_component_are_asked_beside_the_seed(
+    library: LibraryBackend, beating: Heartbeater
+) -> None:
+    """Pods often beat before their DefenderComponent exists (a Helm install): when each last
+    beat is read from its lease while the seed's transaction runs, and the first pass judges
+    on that answer instead of asking again after it."""
+    h = seen_beating(library)
+    asked_meanwhile = threading.Event()
+    ask, seed = library.last_seen, library.claim_and_seed
+
+    def asking(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ask", True):
+            asked_meanwhile.set()
+        return ask(*args, **kwargs)
+
+    def seeding(*args: Any, **kwargs: Any) -> Any:
+        # The seed's transaction ends only once the lease was asked (or after 5 s: too late).
+        asked_meanwhile.wait(5)
+        return seed(*args, **kwargs) if asked_meanwhile.is_set() else None
+
+    library.last_seen = asking  # type: ignore[method-assign]
+    library.claim_and_seed = seeding  # type: ignore[method-assign]
+    counted = Counted(library)
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert asked_meanwhile.is_set()
+    assert sorted(counted.take()) == ["lease_ttl", "txn"]
+    # Judged by the first pass on that sighting.
+    assert h.kube.status["instances"]["alive"] == 1
+    assert library.last_seen(h.rt.heartbeats.instances(NAME), ask=False) is not None
+
+
+def test_a_failed_sighting_is_asked_again_by_the_pass(
+    library: LibraryBackend, beating: Heartbeater
+) -> None:
+    h = seen_beating(library)
+    asked = library.last_seen
+    failures = [StoreUnavailableError(["etcd"], "lease read refused (injected)")]
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ask", True) and failures:
+            raise failures.pop()
+        return asked(*args, **kwargs)
+
+    library.last_seen = fails_once  # type: ignore[method-assign]
+    counted = Counted(library)
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert not failures  # the early ask failed, and said nothing
+    assert sorted(counted.take()) == ["lease_ttl", "txn"]  # the pass asked itself
+    assert h.kube.status["activeVersion"] == 1
+    assert h.kube.status["instances"]["alive"] == 1
 
 
 def before_the_seed(library: LibraryBackend, then: Callable[[], Any]) -> None:

@@ -67,6 +67,9 @@ class FakeSecrets:
     namespace: str = "ml-defender"
     fanned_out: list[str] = field(default_factory=list)
 
+    def copy_is_current(self, keyring: Keyring, namespace: str, *, max_age: float) -> bool:
+        return False  # every reconcile calls `fan_out`, which records the namespace
+
     def fan_out(self, keyring: Keyring, namespace: str, **_: Any) -> bool:
         self.fanned_out.append(namespace)
         return False

@@ -85,6 +85,22 @@ def test_a_new_name_with_a_command_or_an_invalid_spec_is_claimed_before_anything
     assert bad.backend.state(NAME).active_version is None
 
 
+def test_a_spec_the_schema_refuses_is_a_permanent_refusal_after_the_claim() -> None:
+    # An old CRD version may let through what the model refuses: not retried, said on the
+    # resource, nothing seeded; and a name another resource holds is reported as such first.
+    h = Harness()
+    with pytest.raises(kopf.PermanentError, match="does not match the DefenderComponent schema"):
+        run(h.reconcile(spec(ETH0, surprise=1)))
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == "SpecRefused"
+    assert "claim_and_seed" not in h.backend.calls and "seed" not in h.backend.calls
+    assert h.backend.claims[NAME][0] == Claim("default", NAME, "uid-1")
+    taken = Harness()
+    taken.backend.write_claim(NAME, Claim("tenant-b", NAME, "uid-9"), revision=0)
+    run(taken.reconcile(spec(ETH0, surprise=1)))
+    assert taken.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
+    assert taken.condition(cond.CONFIG_SYNCED)["reason"] != "SpecRefused"
+
+
 def test_a_new_resource_whose_name_another_holds_is_refused_and_nothing_seeded() -> None:
     h = Harness()
     h.backend.write_claim(NAME, Claim("tenant-b", NAME, "uid-9"), revision=0)

@@ -16,7 +16,7 @@ import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
 from defender_config import RecordAuthError, StoreUnavailableError
-from defender_operator import _monitor, _reconcile
+from defender_operator import _api, _monitor, _reconcile
 from defender_operator._backend import AlertRecord, Backend
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.reads import ReadReason
@@ -62,7 +62,7 @@ def test_a_new_components_first_pass_judges_from_what_its_seed_read() -> None:
     assert "claim_and_seed" in h.backend.calls
     assert not {"observe", "cadence", "publish_cadence", "scrub", "state"} & set(h.backend.calls)
     assert count("skipped", ReadReason.UNCHANGED) == skipped + 1
-    want = _reconcile.wanted_cadence(h.rt, _reconcile.parse_spec(spec()))
+    want = _reconcile.wanted_cadence(h.rt, _api.parse_spec(spec()))
     assert want.same_rhythm(h.backend.cadences[NAME])
     # Anything written after the seed is read by the next pass, as always.
     h.backend.touch(NAME)
