@@ -158,6 +158,87 @@ def writes_until_ready(
     }
 
 
+# The operator's INFO line once a new component's claim and seed transaction is done.
+SEEDED_MESSAGE = "claimed and seeded etcd component"
+
+
+def seed_times(log_path: Path) -> dict[str, float]:
+    """When the operator logged each resource's seed (wall clock, from its JSON log)."""
+    out: dict[str, float] = {}
+    if not log_path.exists():
+        return out
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue  # kopf's own start-up lines before logging is set up
+        if not isinstance(doc, dict) or not str(doc.get("message", "")).startswith(SEEDED_MESSAGE):
+            continue
+        name = (doc.get("object") or {}).get("name")
+        if name:
+            out.setdefault(name, datetime.fromisoformat(doc["time"]).timestamp())
+    return out
+
+
+def status_patches(audit_log: Path, namespace: str) -> dict[str, tuple[float, float]]:
+    """Each object's first status patch by an operator: (received, answered), wall clock, as
+    the API server's audit log says."""
+    out: dict[str, tuple[float, float]] = {}
+    if not audit_log.exists():
+        return out
+    for line in audit_log.read_text().splitlines():
+        ev = json.loads(line)
+        ref = ev.get("objectRef") or {}
+        if (
+            ev.get("stage") != "ResponseComplete"
+            or ev.get("userAgent") == BENCH_AGENT
+            or ev.get("verb") != "patch"
+            or ref.get("subresource") != "status"
+            or ref.get("namespace") != namespace
+        ):
+            continue
+        out.setdefault(
+            ref.get("name", ""),
+            (
+                datetime.fromisoformat(ev["requestReceivedTimestamp"]).timestamp(),
+                datetime.fromisoformat(ev["stageTimestamp"]).timestamp(),
+            ),
+        )
+    return out
+
+
+def time_split(
+    namespace: str,
+    created: dict[str, float],
+    seen: dict[str, float],
+    seeded: dict[str, float] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Where each object's create → status seen went, in ms (wall clocks of this machine):
+    until the operator's status patch reached the API server (for ours split at the seed's
+    log line), the patch inside the API server, its answer until the watch showed it."""
+    if not AUDIT_LOG:
+        return {}
+    patches = status_patches(AUDIT_LOG[0], namespace)
+    names = [nm for nm in created if nm in seen and nm in patches]
+    if seeded is not None:
+        names = [nm for nm in names if nm in seeded]
+    parts: dict[str, list[float]] = {}
+
+    def add(label: str, start: dict[str, float], end: dict[str, float]) -> None:
+        parts[label] = [(end[nm] - start[nm]) * 1000 for nm in names]
+
+    received = {nm: patches[nm][0] for nm in names}
+    answered = {nm: patches[nm][1] for nm in names}
+    if seeded is not None:
+        add("create call → claimed and seeded in etcd", created, seeded)
+        add("seeded → status patch received", seeded, received)
+    else:
+        add("create call → status patch received", created, received)
+    add("status patch in the API server", received, answered)
+    add("patch answered → seen by the watch", answered, seen)
+    return {label: summary(values) for label, values in parts.items()}
+
+
 def component_doc(name: str) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((REPO / "manifests/samples/firewall.yaml").read_text())
     doc = copy.deepcopy(doc)
@@ -266,6 +347,11 @@ def baseline_batch(
         "ready": len(latencies),
         "create_calls_seconds": round(create_seconds, 2),
         "create_to_status_seen_seconds": summary(latencies),
+        "time_split_ms": time_split(
+            namespace,
+            {nm: created[nm] + wall for nm in names},
+            {nm: watcher.ready[nm] + wall for nm in names if nm in watcher.ready},
+        ),
         **writes,
     }
     print(
@@ -437,6 +523,12 @@ def batch(
         "create_to_ready_seconds": summary(latencies),
         "baseline_create_to_seen_seconds": summary(seen),
         "operator_rss_bytes": process_rss_bytes(proc.pid),
+        "time_split_ms": time_split(
+            run.namespace,
+            {nm: created[nm] + wall for nm in names},
+            {nm: watcher.ready[nm] + wall for nm in names if nm in watcher.ready},
+            seed_times(run.log_path),
+        ),
         **writes,
         "latencies": latencies,
     }
