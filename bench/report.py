@@ -369,11 +369,7 @@ def section_operator(d: dict[str, Any], title: str = "", plot: str = "operator")
             "|---|---|---|---|---|---|",
         ]
         for row in split_rows:
-            pairs = [("ours", row["time_split_ms"])]
-            b = row.get("baseline_operator") or {}
-            if b.get("time_split_ms"):
-                pairs.insert(0, ("baseline", b["time_split_ms"]))
-            for label, split in pairs:
+            for label, split in _batches(row, "time_split_ms"):
                 for stage, q in split.items():
                     out.append(
                         f"| {row['components']} | {label} | {stage} | {q['p50']:.1f} | "
@@ -393,11 +389,7 @@ def section_operator(d: dict[str, Any], title: str = "", plot: str = "operator")
             "|---|---|" + "---|" * (len(roles) + 1),
         ]
         for row in cpu_rows:
-            pairs = [("ours", row["cpu_ms_per_component"])]
-            b = row.get("baseline_operator") or {}
-            if b.get("cpu_ms_per_component"):
-                pairs.insert(0, ("baseline", b["cpu_ms_per_component"]))
-            for label, cpu in pairs:
+            for label, cpu in _batches(row, "cpu_ms_per_component"):
                 cells = " | ".join(f"{cpu.get(role, 0.0):.1f}" for role in roles)
                 out.append(f"| {row['components']} | {label} | {cells} | {sum(cpu.values()):.1f} |")
     kinds = [r for r in d["runs"] if r.get("by_kind_per_component")]
@@ -464,6 +456,12 @@ def section_operator(d: dict[str, Any], title: str = "", plot: str = "operator")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return [*out, f"![{plot}]({save(fig, plot)})", ""]
+
+
+def _batches(row: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    """`row[key]` of the baseline's batch (when measured) and of ours, labelled."""
+    base = (row.get("baseline_operator") or {}).get(key)
+    return [*([("baseline", base)] if base else []), ("ours", row[key])]
 
 
 def _writes(row: dict[str, Any]) -> str:
