@@ -167,23 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", type=int, default=300)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    cluster: EtcdCluster | None = None
-    if args.endpoints:
-        endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
-    else:
-        cluster = EtcdCluster(
-            Path(tempfile.mkdtemp(prefix="bench-etcd-")),
-            members=3,
-            name="bench",
-            die_with_parent=True,
-        )
-        cluster.start()
-        endpoints = cluster.endpoints
-    try:
-        report = run(endpoints, args.rounds, args.ops)
-    finally:
-        if cluster is not None:
-            cluster.stop()
+    with tempfile.TemporaryDirectory(prefix="bench-etcd-") as tmp:
+        cluster: EtcdCluster | None = None
+        if args.endpoints:
+            endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+        else:
+            cluster = EtcdCluster(Path(tmp), members=3, name="bench", die_with_parent=True)
+            cluster.start()
+            endpoints = cluster.endpoints
+        try:
+            report = run(endpoints, args.rounds, args.ops)
+        finally:
+            if cluster is not None:
+                cluster.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     res = report["results"]

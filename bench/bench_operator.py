@@ -454,10 +454,14 @@ def batch(
     if processes:
         # Instances in child processes: a thousand Heartbeater threads in this process would
         # take the GIL from the create calls and the Ready watch being measured.
-        keyring_file = Path(tempfile.mkdtemp(prefix="bench-keyring-")) / "keyring.json"
-        keyring_file.write_bytes(run.keyring_copy().to_json())
+        # Inside the run's temporary directory, owner-only: a mkdtemp of its own outlived
+        # the run and left the keyring world-readable in /tmp.
+        keyring_file = run.log_path.parent / f"{tag}-keyring.json"
+        fd = os.open(keyring_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(run.keyring_copy().to_json())
         for part in range(processes):
-            plan = Path(keyring_file.parent / f"plan-{part}.json")
+            plan = keyring_file.parent / f"{tag}-plan-{part}.json"
             plan.write_text(
                 json.dumps(
                     {
