@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,19 @@ def _carried(body: Any) -> str:
     return ",".join(keys)
 
 
+def _operator_requests(audit_log: Path, namespace: str) -> Iterator[dict[str, Any]]:
+    """The audit log's answered requests about objects in `namespace`, the benchmark's own
+    calls left out (by user agent)."""
+    if not audit_log.exists():
+        return
+    for line in audit_log.read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("stage") != "ResponseComplete" or ev.get("userAgent") == BENCH_AGENT:
+            continue
+        if (ev.get("objectRef") or {}).get("namespace") == namespace:
+            yield ev
+
+
 def operator_writes(
     audit_log: Path, namespace: str, carried: dict[str, list[str]] | None = None
 ) -> list[tuple[float, str, str]]:
@@ -109,15 +122,8 @@ def operator_writes(
     DefenderComponent or an Event about one, from the API server's audit log. With `carried`,
     also each object's writes in order with what each patch set."""
     out = []
-    if not audit_log.exists():
-        return out
-    for line in audit_log.read_text().splitlines():
-        ev = json.loads(line)
+    for ev in _operator_requests(audit_log, namespace):
         ref = ev.get("objectRef") or {}
-        if ev.get("stage") != "ResponseComplete" or ev.get("userAgent") == BENCH_AGENT:
-            continue
-        if ref.get("namespace") != namespace:
-            continue
         received = datetime.fromisoformat(ev["requestReceivedTimestamp"]).timestamp()
         if ref.get("resource") == "events":
             involved = (ev.get("requestObject") or {}).get("involvedObject") or {}
@@ -184,18 +190,9 @@ def status_patches(audit_log: Path, namespace: str) -> dict[str, tuple[float, fl
     """Each object's first status patch by an operator: (received, answered), wall clock, as
     the API server's audit log says."""
     out: dict[str, tuple[float, float]] = {}
-    if not audit_log.exists():
-        return out
-    for line in audit_log.read_text().splitlines():
-        ev = json.loads(line)
+    for ev in _operator_requests(audit_log, namespace):
         ref = ev.get("objectRef") or {}
-        if (
-            ev.get("stage") != "ResponseComplete"
-            or ev.get("userAgent") == BENCH_AGENT
-            or ev.get("verb") != "patch"
-            or ref.get("subresource") != "status"
-            or ref.get("namespace") != namespace
-        ):
+        if ev.get("verb") != "patch" or ref.get("subresource") != "status":
             continue
         out.setdefault(
             ref.get("name", ""),

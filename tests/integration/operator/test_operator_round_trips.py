@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +73,13 @@ def owner(library: LibraryBackend) -> Claim | None:
     return library.read_claim(NAME)[0]
 
 
-def watched(h: Harness) -> None:
+def watched(h: Harness, listing: Mapping[str, Any] | None = None) -> None:
     """Both views a running operator keeps, trusted, as `_loops` makes them: the change watch
-    (really watching etcd) and the heartbeats (resynced from a listing; no instance runs)."""
+    (really watching etcd) and the heartbeats, resynced from `listing` (no instance by default)."""
     h.inform()
     beats = h.rt.heartbeats
     beats.watching = True
-    beats.resync(utcnow(), beats.begin_resync(), {})
+    beats.resync(utcnow(), beats.begin_resync(), listing or {})
 
 
 def test_a_new_component_is_claimed_seeded_and_judged_in_one_round_trip(
@@ -136,11 +136,8 @@ def beating(library: LibraryBackend) -> Iterator[Heartbeater]:
 
 def seen_beating(library: LibraryBackend) -> Harness:
     h = Harness(backend=library)  # type: ignore[arg-type]
-    h.inform()
-    beats = h.rt.heartbeats
-    beats.watching = True
-    beats.resync(utcnow(), beats.begin_resync(), library.all_instances())
-    assert beats.instances(NAME)
+    watched(h, library.all_instances())
+    assert h.rt.heartbeats.instances(NAME)
     return h
 
 
