@@ -177,6 +177,18 @@ async def _apply(rt: Runtime, current: StoredKeyring, decided: RotationStep) -> 
         state = RotationState(RotationStage.GRACE, now, state.new_key_id, state.old_key_id)
     elif decided.action is RotationAction.RETIRE:
         if state.old_key_id and state.old_key_id in keyring:
+            # An instance whose keyring copy kubelet had not yet refreshed may have sealed or
+            # signed with the old key since the rewrap; once it is retired nothing opens those
+            # values again, so they are re-sealed first (a value nobody opens fails the step).
+            count = await asyncio.to_thread(rt.backend.rewrap_all)
+            if count:
+                log.warning(
+                    "%s value(s) were written with key %s during the grace period; rewrapped"
+                    " under %s before retiring it",
+                    count,
+                    state.old_key_id,
+                    keyring.primary.key_id,
+                )
             keyring = keyring.retire(state.old_key_id)
         state = RotationState(RotationStage.IDLE, None, None, None)
         last_rotation = now

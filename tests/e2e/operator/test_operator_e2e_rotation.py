@@ -242,3 +242,48 @@ def _assert_no_key_material(run: OperatorRun, keyrings: list[Keyring]) -> None:
                 assert form not in shown, f"key {key.key_id} material leaked"
             # Fingerprints are what may be shown instead.
     assert keyrings[-1].primary_fingerprint in shown
+
+
+def test_a_value_sealed_with_the_old_key_during_the_grace_period_is_rewrapped_before_retiring(
+    operator_run: OperatorRun,
+) -> None:
+    """An instance whose keyring copy kubelet has not yet updated since the new key arrived
+    (old key primary, new key decrypt-only) commits during the grace period, after the
+    rewrap: retiring the old key then would leave that value unreadable for good."""
+    run = operator_run
+    run.start(
+        DEFENDER_OPERATOR_ROTATION_DISTRIBUTE_TIMEOUT_SECONDS="3",
+        DEFENDER_OPERATOR_ROTATION_GRACE_SECONDS="5",
+        DEFENDER_OPERATOR_ROTATION_INTERVAL_SECONDS="1",
+    )
+    run.apply_sample("firewall")
+    run.wait_active_version("firewall", 1)
+    old = run.keyring_copy()
+    kubectl(
+        "annotate",
+        "secret",
+        SECRET,
+        "-n",
+        run.operator_namespace,
+        f"{contract.ROTATE_ANNOTATION}=now",
+    )
+    wait_for("the grace period", lambda: _stage(run) == "Grace", timeout=60, every=0.05)
+    lagging = run.keyring_copy().promote(old.primary.key_id)
+    writer = run.client(lagging)
+    firewall = yaml.safe_load((SAMPLES / "firewall.yaml").read_text())["spec"]["config"]
+    committed = dict(firewall, block_ttl_seconds=4321)
+    ConfigStore(writer).commit("firewall", committed, "rag/e2e")
+    assert _stage(run) == "Grace", "the commit came too late to test the grace period"
+    active = writer.layout.active_config("firewall")
+    sealed_with = {e.key: e.header["key_id"] for e in writer.dump() if e.sealed and e.header}
+    assert sealed_with[active] == old.primary.key_id  # what the laggard wrote
+
+    wait_for("rotation finished", lambda: _rotated(run, old), timeout=60)
+    new = Keyring.from_secret_data(
+        dict(run.core.read_namespaced_secret(SECRET, run.operator_namespace).data)
+    )
+    assert new.get(old.primary.key_id).state is KeyState.RETIRED  # type: ignore[union-attr]
+    reader = run.client(new)
+    assert ConfigStore(reader).get_active("firewall").config["block_ttl_seconds"] == 4321
+    sealed = [e for e in reader.dump() if e.sealed and e.header]
+    assert {e.header["key_id"] for e in sealed} == {new.primary.key_id}
