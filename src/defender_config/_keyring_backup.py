@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ._errors import KeyringBackupError, KeyringError, WrongPassphraseError
+from ._json_parse import parse_json
 from ._keyring import Keyring
 
 __all__ = ["KeyringBackup", "read_keyring_backup", "write_keyring_backup"]
@@ -136,8 +137,8 @@ def read_keyring_backup(
     """Open an export file. KeyringBackupError when it is not one or is damaged,
     WrongPassphraseError when it is wrapped and `passphrase` is absent or wrong."""
     try:
-        doc = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = parse_json(content)
+    except ValueError as exc:
         raise KeyringBackupError(f"not a keyring export: not JSON ({exc})", source=source) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise KeyringBackupError(

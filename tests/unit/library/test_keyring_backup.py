@@ -76,6 +76,7 @@ def _edit(content: bytes, **changes: object) -> bytes:
     ("mangle", "match"),
     [
         (lambda c: b"\xff\xfe not json", "not JSON"),
+        (lambda c: b"[" * 100_000, "not JSON .JSON nested too deeply"),
         (lambda c: b'{"keys": []}', "not a keyring export"),
         (lambda c: _edit(c, version=9), "version 9"),
         (lambda c: _edit(c, protection="rot13"), "unknown protection"),
