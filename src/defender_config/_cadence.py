@@ -14,7 +14,6 @@ cannot stretch a component's cadence (and with it the time a hung instance goes 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._client import DefenderClient
 from ._envelope import expect_plaintext
 from ._errors import DefenderConfigError, RecordAuthError
+from ._json_parse import parse_json
 from ._records import AUTH_FIELD, is_signed, verify_record
 from ._store_types import PutOp, StoredValue
 
@@ -112,7 +112,7 @@ def decode_cadence(client: DefenderClient, key: str, stored: StoredValue | None)
         return None
     try:
         # Not client.decode_record: that alerts on every read, and this is read every beat.
-        data = json.loads(expect_plaintext(stored.value, key))
+        data = parse_json(expect_plaintext(stored.value, key))
         keyring = client.envelope.keyring()
         if keyring is not None:
             data = verify_record(keyring, key, data)

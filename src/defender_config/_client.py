@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from ._alerts import Alerter, AlertSink, EtcdAlertSink, LoggingSink
 from ._envelope import Envelope, KeyringProvider, expect_plaintext, inspect, is_envelope
 from ._errors import DefenderConfigError, EnvelopeError, RecordAuthError, SettingsError
+from ._json_parse import parse_json
 from ._keyring import Keyring, KeyringSource
 from ._layout import Layout
 from ._records import is_signed, sign_record, verify_record
@@ -150,7 +151,7 @@ class DefenderClient:
         except EnvelopeError as exc:
             self.report(exc, path=path)
             raise
-        return json.loads(text)
+        return parse_json(text)
 
     @staticmethod
     def encode_json(value: Any) -> bytes:
@@ -287,7 +288,7 @@ class DefenderClient:
 
 def _as_text(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        return parse_json(data)
     except (ValueError, UnicodeDecodeError):
         try:
             return data.decode("utf-8")

@@ -8,7 +8,6 @@ both win) and by the absence of the freeze marker (so a freeze takes effect atom
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +33,7 @@ from ._errors import (
     StoreUnavailableError,
     ValueTooLargeError,
 )
+from ._json_parse import parse_json
 from ._models import canonical_json, config_digest, validate_config
 from ._records import is_signed, record_key_id, sign_record, verify_record
 from ._settings import EnvelopeOptions
@@ -1103,7 +1103,7 @@ class ConfigStore:
         verified: ConfigMetadata | None = None
         if meta_sv is not None:
             try:
-                old = json.loads(meta_sv.value)
+                old = parse_json(meta_sv.value)
                 verified = _parse_metadata(meta_key, verify_record(keyring, meta_key, old))
             except (ValueError, UnicodeDecodeError, DefenderConfigError):
                 verified = None
@@ -1325,7 +1325,7 @@ class ConfigStore:
         if keyring is None:
             return
         try:
-            data = json.loads(sv.value)
+            data = parse_json(sv.value)
         except (ValueError, UnicodeDecodeError):
             return  # not a JSON record: nothing this pass signs
         if not is_signed(data):
@@ -1334,7 +1334,7 @@ class ConfigStore:
 
         def resign(current: StoredValue) -> bytes | None:
             try:
-                doc = json.loads(current.value)
+                doc = parse_json(current.value)
             except (ValueError, UnicodeDecodeError):
                 return None  # replaced meanwhile by something that is not a record
             if record_key_id(doc) == keyring.primary.key_id:
@@ -1498,7 +1498,7 @@ def _parse_freeze(raw: bytes | Any) -> FreezeInfo:
     data = raw
     if isinstance(raw, bytes):
         try:
-            data = json.loads(raw)
+            data = parse_json(raw)
         except (ValueError, UnicodeDecodeError):
             data = raw.decode("utf-8", "replace")
     try:
@@ -1511,7 +1511,7 @@ def _parse_freeze(raw: bytes | Any) -> FreezeInfo:
 
 def _decode_config(path: str, data: bytes, component: str) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = parse_json(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigValidationError(
             component, [FieldError("", f"stored config at {path} is not JSON")]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ._envelope import Envelope, inspect, is_envelope
 from ._errors import EnvelopeError
+from ._json_parse import parse_json
 from ._keyring import Keyring, KeyState
 from ._layout import Layout
 from ._settings import EnvelopeOptions
@@ -95,7 +96,7 @@ def read_key_record(store: EtcdStore, layout: Layout) -> dict[str, str]:
     if stored is None:
         return {}
     try:
-        keys = json.loads(stored.value)["keys"]
+        keys = parse_json(stored.value)["keys"]
         return {str(kid): str(fp) for kid, fp in keys.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("keyring record %s is unreadable", layout.keyring_record)

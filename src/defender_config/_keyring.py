@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import KeyringError, UnknownKeyError
+from ._json_parse import parse_json
 
 __all__ = [
     "KEYRING_FILE",
@@ -293,8 +294,8 @@ class Keyring:
     def from_json(cls, content: bytes, source: str | None = None) -> Keyring:
         """Parse `keyring.json` content. Errors name the source and the bad entry, never bytes."""
         try:
-            doc = json.loads(content)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            doc = parse_json(content)
+        except ValueError as exc:
             # The decoder's message quotes no input, only a position.
             raise KeyringError(f"{KEYRING_FILE} is not valid JSON ({exc})", source=source) from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):

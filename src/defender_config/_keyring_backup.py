@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ._errors import KeyringBackupError, KeyringError, WrongPassphraseError
+from ._json_parse import parse_json
 from ._keyring import Keyring
 
 __all__ = ["KeyringBackup", "read_keyring_backup", "write_keyring_backup"]
@@ -46,7 +47,12 @@ WRAPPED = "scrypt+aes-256-gcm"
 # scrypt cost: 32 MiB and about 0.1 s per try on a laptop core; stored in the file so it can
 # grow without breaking old exports.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
-_MAX_SCRYPT_N = 2**20  # refuse files that would make import allocate gigabytes
+# An import refuses files whose scrypt would allocate more than this (128·n·r bytes; the caps
+# on n and r alone allow 8 GiB, an OOM kill) or hash p times over: 8 and 4 times what exports
+# cost now, room for them to grow.
+_MAX_SCRYPT_N = 2**20
+_MAX_SCRYPT_MEMORY = 256 * 2**20
+_MAX_SCRYPT_P = 4
 _SALT_BYTES, _NONCE_BYTES = 16, 12
 
 
@@ -136,8 +142,8 @@ def read_keyring_backup(
     """Open an export file. KeyringBackupError when it is not one or is damaged,
     WrongPassphraseError when it is wrapped and `passphrase` is absent or wrong."""
     try:
-        doc = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = parse_json(content)
+    except ValueError as exc:
         raise KeyringBackupError(f"not a keyring export: not JSON ({exc})", source=source) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise KeyringBackupError(
@@ -174,7 +180,13 @@ def read_keyring_backup(
         if n & (n - 1):
             raise KeyringBackupError("kdf.n must be a power of two", source=source)
         r = _int(kdf, "r", 1, 64, source)
-        p = _int(kdf, "p", 1, 16, source)
+        p = _int(kdf, "p", 1, _MAX_SCRYPT_P, source)
+        if 128 * n * r > _MAX_SCRYPT_MEMORY:
+            raise KeyringBackupError(
+                f"kdf.n and kdf.r ask scrypt for {128 * n * r // 2**20} MiB of memory"
+                f" (128·n·r), over the {_MAX_SCRYPT_MEMORY // 2**20} MiB an import allows",
+                source=source,
+            )
         salt = _b64(kdf, "salt", source)
         nonce = _b64(doc, "nonce", source)
         sealed = _b64(doc, "ciphertext", source)

@@ -8,6 +8,7 @@ defaults below. A bad file or value raises `SettingsError` naming the field and 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -217,6 +218,26 @@ class LibrarySettings(BaseSettings):
         return (env_settings, init_settings)
 
 
+# A Python repr of a string, as PyYAML quotes input in its problem texts.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, without the file's text: its str() shows the offending
+    line (an unterminated `password: "...` shows the password), and its problem and context
+    texts quote input too (the alias or tag an unquoted `password: *...` or `!...` is read as).
+    The context says where the broken construct began (the opening quote)."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
+        return "the file cannot be parsed"
+    parts = [(exc.context, exc.context_mark), (exc.problem, exc.problem_mark)]
+    return ": ".join(_yaml_part(text, mark) for text, mark in parts if text)
+
+
+def _yaml_part(text: str, mark: yaml.Mark | None) -> str:
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return _QUOTED.sub("'…'", text) + where
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -232,10 +253,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         else:
             # YAML is a superset of JSON, so unknown suffixes are parsed as YAML.
             data = yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SettingsError(
-            f"not valid {'JSON' if suffix == '.json' else 'YAML'}: {exc}", path=str(path)
-        ) from exc
+    except json.JSONDecodeError as exc:
+        # The decoder's message quotes no input, only a position.
+        raise SettingsError(f"not valid JSON: {exc}", path=str(path)) from exc
+    except yaml.YAMLError as exc:
+        # Not chained: the YAMLError's own text quotes the file, secrets included.
+        raise SettingsError(f"not valid YAML: {_yaml_problem(exc)}", path=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -100,6 +100,25 @@ def test_garbled_or_out_of_bounds_record_means_the_local_setting(
         hb.stop()
 
 
+def test_a_record_nested_too_deeply_to_parse_means_the_local_setting(
+    client: DefenderClient,
+) -> None:
+    # Read when the heartbeater starts and at every beat: refused like a garbled record, where
+    # json alone would raise RecursionError and end the instance.
+    client.store.put(client.layout.cadence("sniffer"), b"[" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        client.get_json(client.layout.cadence("sniffer"))
+    assert read_cadence(client, "sniffer") is None
+    hb = _beater(client)
+    try:
+        assert (hb.interval, hb.ttl) == (3, 9) and hb.cadence is None
+        beats = hb.beats
+        wait_for("still beating", lambda: hb.beats > beats, timeout=10)
+        assert hb.failures == 0
+    finally:
+        hb.stop()
+
+
 def test_follow_cadence_off_keeps_the_local_setting(client: DefenderClient) -> None:
     write_cadence(client, "sniffer", Cadence(interval_seconds=1, allowed_misses=2))
     hb = _beater(client, follow_cadence=False)

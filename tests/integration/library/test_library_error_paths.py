@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -30,7 +31,9 @@ from defender_config import (
     StoreError,
     StoreUnavailableError,
     UnexpectedEnvelopeError,
+    decode_alerts,
 )
+from defender_config._key_usage import UNREADABLE_RECORD, read_key_record
 from defender_devcluster import EtcdCluster, tool, wait_for
 
 pytestmark = pytest.mark.etcd
@@ -163,6 +166,38 @@ def test_unreadable_heartbeats_are_skipped(client: DefenderClient) -> None:
     assert registry.list_instances("rag") == []
     [summary] = registry.list_components()
     assert summary.name == "rag" and summary.instances == ()
+
+
+def test_records_nested_too_deeply_to_parse_are_refused_like_malformed_ones(
+    client: DefenderClient, alerts: list[Alert]
+) -> None:
+    """`[` * 100000 put by anyone with etcd write access: each reader refuses it with the error
+    it gives any malformed record (json alone would raise RecursionError, past every handler)."""
+    deep = b"[" * 100_000
+    configs = ConfigStore(client)
+    registry = Registry(client, configs)
+    configs.seed("sniffer", SNIFFER, "sniffer", by="t")
+    lay = client.layout
+    for key in (
+        lay.metadata("sniffer"),
+        lay.status("sniffer"),
+        lay.instance("sniffer", "deep"),
+        lay.keyring_record,
+        lay.component_alerts_dir("sniffer") + "deep",
+    ):
+        client.store.put(key, deep)
+    with pytest.raises(RecordAuthError, match="not JSON"):
+        configs.get_metadata("sniffer")
+    assert ("RecordUnauthenticated", lay.metadata("sniffer")) in [(a.kind, a.path) for a in alerts]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        registry.get_status("sniffer")
+    assert registry.list_instances("sniffer") == []
+    assert [c.name for c in registry.list_components()] == ["sniffer"]
+    assert read_key_record(client.store, lay) == UNREADABLE_RECORD
+    [stored] = client.store.list_prefix(lay.component_alerts_dir("sniffer") + "deep")
+    assert decode_alerts(client, [stored], datetime.now(UTC) - timedelta(days=1)) == ()
+    [entry] = [e for e in client.dump() if e.key == lay.status("sniffer")]
+    assert entry.value == deep.decode() and entry.error is None
 
 
 def test_seed_with_master_but_no_metadata_asks_for_repair(client: DefenderClient) -> None:

@@ -118,6 +118,16 @@ def test_a_forged_record_is_alerted_and_ignored(rollouts: Rollouts) -> None:
     assert "RecordUnauthenticated" in alert_reasons(rollouts.client)
 
 
+def test_a_record_nested_too_deeply_to_parse_is_alerted_and_ignored(rollouts: Rollouts) -> None:
+    # What an agent's canary watch reads on connect: refused like a forged record, where json
+    # alone would raise RecursionError through effective() and end the agent.
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    rollouts.client.store.put(rollouts.layout.rollout("sniffer"), b"[" * 100_000)
+    assert rollouts.record("sniffer") is None
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    assert "RecordUnauthenticated" in alert_reasons(rollouts.client)
+
+
 def test_a_signed_record_that_is_no_rollout_record_is_ignored(rollouts: Rollouts) -> None:
     rollouts.client.put_record(rollouts.layout.rollout("sniffer"), {"canaries": "everyone"})
     assert rollouts.record("sniffer") is None

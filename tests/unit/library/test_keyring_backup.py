@@ -13,6 +13,7 @@ from defender_config import (
     KeyringBackupError,
     KeyringLacksKeysError,
     WrongPassphraseError,
+    _keyring_backup,
     key_usage,
     keys_opened,
     read_keyring_backup,
@@ -76,6 +77,7 @@ def _edit(content: bytes, **changes: object) -> bytes:
     ("mangle", "match"),
     [
         (lambda c: b"\xff\xfe not json", "not JSON"),
+        (lambda c: b"[" * 100_000, "not JSON .JSON nested too deeply"),
         (lambda c: b'{"keys": []}', "not a keyring export"),
         (lambda c: _edit(c, version=9), "version 9"),
         (lambda c: _edit(c, protection="rot13"), "unknown protection"),
@@ -122,6 +124,36 @@ def test_corrupt_wrapped_files_are_typed(
     content = _edit(write_keyring_backup(keyring, "pw"), **{field: value})
     with pytest.raises(error, match=match):
         read_keyring_backup(content, "pw")
+
+
+@pytest.mark.parametrize(
+    ("kdf", "match"),
+    [
+        ({"n": 2**20, "r": 64, "p": 1}, "8192 MiB of memory"),  # within the caps on n and r
+        ({"n": 2**18, "r": 16, "p": 1}, "512 MiB of memory"),
+        ({"n": 2**15, "r": 8, "p": 5}, r"kdf\.p must be an integer in 1\.\.4"),
+    ],
+)
+def test_scrypt_costs_over_the_caps_are_refused_before_scrypt_runs(
+    keyring: Keyring, kdf: dict[str, int], match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = json.loads(write_keyring_backup(keyring, "pw"))
+    doc["kdf"].update(kdf)
+
+    def derive(*args: object) -> bytes:
+        raise AssertionError("scrypt ran")
+
+    monkeypatch.setattr(_keyring_backup, "_derive", derive)
+    with pytest.raises(KeyringBackupError, match=match) as info:
+        read_keyring_backup(json.dumps(doc).encode(), "pw")
+    assert not isinstance(info.value, WrongPassphraseError)
+
+
+def test_our_exports_cost_stays_under_the_caps(keyring: Keyring) -> None:
+    kdf = json.loads(write_keyring_backup(keyring, "pw"))["kdf"]
+    assert 128 * kdf["n"] * kdf["r"] * 8 <= _keyring_backup._MAX_SCRYPT_MEMORY
+    assert kdf["p"] * 4 <= _keyring_backup._MAX_SCRYPT_P
+    assert read_keyring_backup(write_keyring_backup(keyring, "pw"), "pw").keyring == keyring
 
 
 def test_flipped_ciphertext_is_refused(keyring: Keyring) -> None:

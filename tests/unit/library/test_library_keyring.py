@@ -195,6 +195,7 @@ def _doc(**overrides: object) -> bytes:
     ("content", "match"),
     [
         (b"{not json", "not valid JSON"),
+        (b"[" * 100_000, r"not valid JSON \(JSON nested too deeply"),
         (b"[1, 2]", 'must be an object with a "keys" list'),
         (b'{"version": 2, "keys": []}', "version 2 is not supported"),
         (b'{"keys": [5]}', r"keys\[0\] must be an object"),

@@ -128,6 +128,41 @@ def test_bad_files_say_which_field(tmp_path: Path, name: str, content: str, matc
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [
+        # PyYAML's own message quotes the line: `password: "s3cr3t...` in full.
+        (
+            'etcd:\n  user: root\n  password: "s3cr3t-Pa55\n',
+            "while scanning a quoted scalar at line 3, column 13: "
+            "found unexpected end of stream at line 4, column 1",
+        ),
+        # Its problem text quotes the alias or tag an unquoted value is read as.
+        (
+            "etcd:\n  user: root\n  password: *s3cr3t-Pa55\n",
+            "found undefined alias '…' at line 3, column 13",
+        ),
+        (
+            "etcd:\n  user: root\n  password: !s3cr3t-Pa55 x\n",
+            "could not determine a constructor for the tag '…' at line 3, column 13",
+        ),
+        # Not a marked error (a control character): nothing about the text at all.
+        ("etcd:\n  user: root\n  password: s3cr3t-Pa55\x00\n", "the file cannot be parsed"),
+    ],
+)
+def test_yaml_errors_name_the_place_never_the_text(
+    tmp_path: Path, content: str, shown: str
+) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(content)
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert str(info.value) == f"settings file {path}: not valid YAML: {shown}"
+    assert "s3cr3t" not in repr(info.value)
+    # Not chained either: a logged traceback would print the YAMLError's text.
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
 def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEFENDER_ETCD__RETRIES", "many")
     with pytest.raises(SettingsError, match="DEFENDER_ETCD__RETRIES"):

@@ -1,0 +1,122 @@
+"""JSON nested deeper than the recursion limit, as anyone with etcd write access can store it:
+`parse_json` fails with the ValueError every reader handles, and the readers built on it refuse
+such a record like any other malformed one instead of letting RecursionError end the process.
+The same reads against the real etcd: tests/integration/library (test_library_error_paths,
+test_cadence_etcd, test_rollout_etcd)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from defender_config import (
+    Alert,
+    CallableSink,
+    ConfigStore,
+    ConfigValidationError,
+    DefenderClient,
+    EnvelopeOptions,
+    EtcdSettings,
+    Keyring,
+    LibrarySettings,
+    RecordAuthError,
+    Rollouts,
+    decode_alerts,
+)
+from defender_config._cadence import decode_cadence
+from defender_config._configs import _decode_config
+from defender_config._json_parse import parse_json
+from defender_config.store import StoredValue
+
+DEEP = b"[" * 100_000
+DEEP_OBJECT = b'{"a":' * 100_000
+
+
+def stored(key: str, value: bytes) -> StoredValue:
+    return StoredValue(key, value, mod_revision=7, create_revision=7, version=1)
+
+
+@pytest.mark.parametrize("data", [DEEP, DEEP_OBJECT, DEEP.decode()])
+def test_too_deep_is_a_value_error_quoting_no_input(data: bytes | str) -> None:
+    with pytest.raises(ValueError, match="nested too deeply") as info:
+        parse_json(data)
+    assert not isinstance(info.value, RecursionError)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "[" not in str(info.value) and "[" not in repr(info.value)
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"\xff\xfe{}", b""])
+def test_malformed_input_is_still_a_value_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_json(data)
+
+
+def test_parses_json_nested_as_deep_as_a_config_goes() -> None:
+    assert parse_json(b"[" * 100 + b"]" * 100) == parse_json("[" * 100 + "]" * 100)
+    assert parse_json(b'{"a": [1, {"b": null}]}') == {"a": [1, {"b": None}]}
+
+
+@pytest.fixture
+def alerts() -> list[Alert]:
+    return []
+
+
+@pytest.fixture
+def keyed(alerts: list[Alert]) -> Iterator[DefenderClient]:
+    etcd = EtcdSettings(endpoints=["127.0.0.1:1"])  # never contacted
+    client = DefenderClient(
+        LibrarySettings(etcd=etcd), Keyring.generate(), alert_sinks=[CallableSink(alerts.append)]
+    )
+    yield client
+    client.close()
+
+
+def test_client_reads_refuse_it(keyed: DefenderClient, alerts: list[Alert]) -> None:
+    path = keyed.layout.metadata("sniffer")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        keyed.decode_json(path, DEEP)
+    # A control record: refused with the MAC error every unparsable record gets, and alerted.
+    with pytest.raises(RecordAuthError, match="not JSON"):
+        keyed.decode_record(path, DEEP)
+    assert [a.kind for a in alerts] == ["RecordUnauthenticated"]
+    # Without a keyring the parse error itself reaches the caller, as for any malformed record.
+    etcd = EtcdSettings(endpoints=["127.0.0.1:1"])
+    keyless = DefenderClient(
+        LibrarySettings(etcd=etcd, envelope=EnvelopeOptions(encrypt=False)), None, alert_sinks=[]
+    )
+    try:
+        with pytest.raises(ValueError, match="nested too deeply"):
+            keyless.decode_record(path, DEEP)
+    finally:
+        keyless.close()
+
+
+def test_stored_config_is_refused(keyed: DefenderClient) -> None:
+    with pytest.raises(ConfigValidationError, match="is not JSON"):
+        _decode_config("/p/components/sniffer/active", DEEP, "sniffer")
+
+
+def test_cadence_falls_back_to_the_local_setting(
+    keyed: DefenderClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = keyed.layout.cadence("sniffer")
+    with caplog.at_level(logging.WARNING, logger="defender_config.cadence"):
+        assert decode_cadence(keyed, key, stored(key, DEEP)) is None
+    assert "unreadable heartbeat cadence" in caplog.text
+
+
+def test_rollout_record_is_ignored(keyed: DefenderClient, alerts: list[Alert]) -> None:
+    path = keyed.layout.rollout("sniffer")
+    assert Rollouts(ConfigStore(keyed)).decode("sniffer", stored(path, DEEP)) is None
+    assert [(a.kind, a.path) for a in alerts] == [("RecordUnauthenticated", path)]
+
+
+def test_an_alert_is_skipped(keyed: DefenderClient) -> None:
+    good = Alert(kind="First", component="rag", detail="one")
+    values = [
+        stored("/a/1", DEEP),
+        stored("/a/2", keyed.encode_json(good.model_dump(mode="json"))),
+    ]
+    assert [a.kind for a in decode_alerts(keyed, values, good.time)] == ["First"]
