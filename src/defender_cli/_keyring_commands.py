@@ -48,6 +48,9 @@ def read_passphrase(file: str | None, env: str | None) -> str | None:
             text = Path(file).read_text(encoding="utf-8")
         except OSError as exc:
             raise CliError(f"cannot read the passphrase file {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            # Not the decoder's message: it quotes the bytes it could not read.
+            raise CliError(f"the passphrase file {file} is not UTF-8 text") from None
         passphrase = text.splitlines()[0] if text else ""
         if not passphrase:
             raise CliError(f"the passphrase file {file} is empty")
