@@ -35,6 +35,17 @@ def duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
+def count(text: str) -> int:
+    """A whole number of at least 0 (a negative --limit would silently drop the oldest)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; 0 means no limit")
+    return value
+
+
 def rollback_target(text: str) -> RollbackTarget:
     # The contract's one grammar (the operator reads the annotation with it too). It lives in
     # the library, so only a rollback's --to loads the library while arguments are parsed.
@@ -145,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("alerts", parents=[common], help="misconfiguration alerts, newest first")
     p.add_argument("component", nargs="?")
     p.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 30m, 2h, 7d")
-    p.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
+    p.add_argument("--limit", type=count, default=50, help="at most this many (0: all)")
 
     p = sub.add_parser(
         "backup",

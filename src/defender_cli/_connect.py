@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from defender_config import (
     DefenderClient,
     DefenderConfigError,
@@ -35,11 +37,17 @@ class Connection:
         except DefenderConfigError as exc:
             raise CliError(f"settings: {exc}") from exc
         etcd = settings.etcd
+        flags: dict[str, tuple[str, str]] = {}
         if self.args.etcd_endpoints:
+            flags["endpoints"] = ("--etcd-endpoints", self.args.etcd_endpoints)
             endpoints = [e.strip() for e in self.args.etcd_endpoints.split(",") if e.strip()]
-            etcd = etcd.model_validate({**etcd.model_dump(), "endpoints": endpoints})
+            try:
+                etcd = etcd.model_validate({**etcd.model_dump(), "endpoints": endpoints})
+            except ValidationError as exc:
+                raise _refused(exc, flags) from None
         update: dict[str, Any] = {"etcd": etcd}
         if self.args.prefix:
+            flags["prefix"] = ("--prefix", self.args.prefix)
             update["prefix"] = self.args.prefix
         if not decrypting:
             # Without a keyring nothing sealed is opened: status, alerts and plain dumps read
@@ -47,8 +55,8 @@ class Connection:
             update["envelope"] = settings.envelope.model_copy(update={"encrypt": False})
         try:
             return LibrarySettings.model_validate({**settings.model_dump(), **_dumped(update)})
-        except ValueError as exc:
-            raise CliError(f"settings: {exc}") from exc
+        except ValidationError as exc:
+            raise _refused(exc, flags) from None
 
     def keyring(self, command: str) -> Keyring:
         """The keyring from --keyring or --keyring-secret; NeedsKeyringError when neither."""
@@ -57,6 +65,11 @@ class Connection:
                 return Keyring.from_path(Path(self.args.keyring))
             if self.args.keyring_secret:
                 namespace, _, name = self.args.keyring_secret.rpartition("/")
+                if not name:
+                    raise CliError(
+                        f"--keyring-secret {self.args.keyring_secret!r}: no Secret name;"
+                        " use [NAMESPACE/]NAME"
+                    )
                 return self._keyring_from_secret(namespace or DEFAULT_OPERATOR_NAMESPACE, name)
         except KeyringError as exc:
             raise CliError(f"keyring: {exc}") from exc
@@ -108,3 +121,19 @@ class Connection:
 
 def _dumped(update: dict[str, Any]) -> dict[str, Any]:
     return {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in update.items()}
+
+
+def _refused(exc: ValidationError, flags: dict[str, tuple[str, str]]) -> CliError:
+    """One line for what pydantic refused: `--flag 'value': why` for a value given on the command
+    line (`flags` maps a field's dotted location to its flag and value), `settings: field: why`
+    for anything else. Pydantic's own rendering spans lines and links its docs."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"])
+        why = err["msg"].removeprefix("Value error, ")
+        if where in flags:
+            flag, value = flags[where]
+            parts.append(f"{flag} {value!r}: {why}")
+        else:
+            parts.append(f"settings: {where or '(top)'}: {why}")
+    return CliError("; ".join(parts))

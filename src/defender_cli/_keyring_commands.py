@@ -9,18 +9,21 @@ old or foreign export cannot replace the key the data needs.
 from __future__ import annotations
 
 import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from defender_config import (
     DefenderClient,
+    FileWriteError,
     Keyring,
     KeyringLacksKeysError,
     key_usage,
     keys_opened,
     read_key_record,
     read_keyring_backup,
+    write_file_atomic,
     write_keyring_backup,
 )
 from defender_config.contract import EXPORTED_ANNOTATION, KEYRING_LABELS
@@ -45,6 +48,9 @@ def read_passphrase(file: str | None, env: str | None) -> str | None:
             text = Path(file).read_text(encoding="utf-8")
         except OSError as exc:
             raise CliError(f"cannot read the passphrase file {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            # Not the decoder's message: it quotes the bytes it could not read.
+            raise CliError(f"the passphrase file {file} is not UTF-8 text") from None
         passphrase = text.splitlines()[0] if text else ""
         if not passphrase:
             raise CliError(f"the passphrase file {file} is empty")
@@ -89,19 +95,7 @@ def export_keyring(
         )
     keyring = Keyring.from_secret_data(found.data or {}, source=f"Secret {namespace}/{secret}")
     content = write_keyring_backup(keyring, passphrase)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        # 0600 from the start: the file holds the key (wrapped or not).
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise CliError(f"{path} exists; pass --force to overwrite it") from None
-    except OSError as exc:
-        raise CliError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as out:
-        out.write(content)
-        out.flush()
-        # On disk before the Secret says an export exists.
-        os.fsync(out.fileno())
+    _write_export(path, content, force=force)
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     _stamp(kube, namespace, secret, when, path, keyring)
     return {
@@ -111,6 +105,39 @@ def export_keyring(
         "exported": when,
         "keys": _listed(keyring),
     }
+
+
+def _write_export(path: Path, content: bytes, *, force: bool) -> None:
+    """Write the export whole, owner-only (0600), or raise CliError and leave `path` as it was.
+
+    The file holds the key (wrapped or not): it is written to a new 0600 file beside `path` and
+    renamed over it, so an existing file's mode never carries over and no one sees a half-written
+    keyring. A symbolic link at `path` is refused, --force or not: writing through it would put
+    the key wherever it points, and replacing it would surprise whoever made it.
+    """
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    if existing is not None:
+        if stat.S_ISLNK(existing.st_mode):
+            raise CliError(
+                f"{path} is a symbolic link; not writing the keyring through it or over it:"
+                " give the path of a regular file"
+            )
+        if not force:
+            raise CliError(f"{path} exists; pass --force to overwrite it")
+    # A file created at `path` after the check above is replaced: rename(2) never follows a link
+    # and, in a sticky directory such as /tmp, refuses to replace another user's file.
+    try:
+        # Complete on disk before the Secret says an export exists.
+        write_file_atomic(path, content, 0o600)
+    except FileWriteError as exc:
+        raise CliError(
+            f"{exc}; check that the directory exists, is writable and has room"
+        ) from None
 
 
 def _stamp(kube: Any, namespace: str, secret: str, when: str, path: Path, keyring: Keyring) -> None:

@@ -49,6 +49,7 @@ from ._errors import (
     DefenderConfigError,
     EnvelopeError,
     FieldError,
+    FileWriteError,
     InvalidRollbackTargetError,
     KeyringBackupError,
     KeyringError,
@@ -73,6 +74,7 @@ from ._errors import (
     ValueTooLargeError,
     WrongPassphraseError,
 )
+from ._files import write_file_atomic
 from ._json_logs import JsonLogFormatter
 from ._key_usage import KeyUsage, key_usage, keys_opened, read_key_record, write_key_record
 from ._keyring import Key, Keyring, KeyringSource, KeyState, StaticKeyringSource
@@ -173,6 +175,7 @@ __all__ = [
     "EtcdAlertSink",
     "EtcdSettings",
     "FieldError",
+    "FileWriteError",
     "FirewallConfig",
     "FreezeInfo",
     "Heartbeat",
@@ -268,6 +271,7 @@ __all__ = [
     "view_reads",
     "viewed_component",
     "write_cadence",
+    "write_file_atomic",
     "write_key_record",
     "write_keyring_backup",
 ]

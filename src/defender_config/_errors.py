@@ -32,7 +32,8 @@ DefenderConfigError                          reason
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
 ├── ConfigValidationError                    ConfigInvalid
 ├── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
-└── RepairRefusedError                       RepairRefused     scrub: the source does not verify
+├── RepairRefusedError                       RepairRefused     scrub: the source does not verify
+└── FileWriteError                           FileWriteFailed   a local file not replaced whole
 ```
 
 `.reason` is a stable CamelCase word: alerts, heartbeats and Kubernetes conditions carry it, so it
@@ -57,6 +58,7 @@ __all__ = [
     "DefenderConfigError",
     "EnvelopeError",
     "FieldError",
+    "FileWriteError",
     "InvalidRollbackTargetError",
     "KeyringBackupError",
     "KeyringError",
@@ -510,6 +512,20 @@ class MaintenanceError(DefenderConfigError):
     cluster is not healthy enough, or a restore would overwrite a member's data."""
 
     reason = "MaintenanceRefused"
+
+
+class FileWriteError(DefenderConfigError):
+    """A local file (`write_file_atomic`) could not be replaced whole. The previous file is
+    untouched and no temporary file is left, unless only the final directory flush failed: then
+    the new file is in place but its rename may not survive a crash. `path` is what failed (the
+    file, or its directory for the flush); `detail` never holds the file's content."""
+
+    reason = "FileWriteFailed"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"cannot write {path}: {detail}")
 
 
 class SnapshotInvalidError(MaintenanceError):

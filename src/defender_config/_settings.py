@@ -246,6 +246,11 @@ def _read_file(path: Path) -> dict[str, Any]:
             f"cannot read it ({exc.strerror or exc}); check the path and the mount",
             path=str(path),
         ) from exc
+    except UnicodeDecodeError:
+        # Not the decoder's message: it quotes the bytes, and the file may hold a password.
+        raise SettingsError(
+            "not UTF-8 text; check that the path names the settings file", path=str(path)
+        ) from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import stat
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from defender_cli._app import build_parser
+from defender_cli._app import build_parser, main
 from defender_cli._errors import CliError
 from defender_cli._keyring_commands import load_import, read_passphrase
-from defender_config import Keyring, KeyringBackupError, WrongPassphraseError, write_keyring_backup
+from defender_config import (
+    Keyring,
+    KeyringBackupError,
+    WrongPassphraseError,
+    read_keyring_backup,
+    write_keyring_backup,
+)
 
 
 def test_export_and_import_flags() -> None:
@@ -59,3 +71,118 @@ def test_load_import_forms_and_errors(tmp_path: Path) -> None:
         load_import(raw, None, raw=False)  # a Secret's keyring.json is not an export
     with pytest.raises(CliError, match="cannot read"):
         load_import(tmp_path / "absent.json", None, raw=False)
+
+
+class Exporting:
+    """`keyring export` through main() against a stand-in API server: one keyring Secret to
+    read, the export stamps it records."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from kubernetes.client import CoreV1Api
+
+        self.keyring = Keyring.generate()
+        self.stamped: list[Any] = []
+        self.kubeconfig = tmp_path / "kubeconfig"
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+            "users: [{name: u, user: {token: t}}]\n"
+            "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        )
+        data = self.keyring.to_secret_data()
+        monkeypatch.setattr(
+            CoreV1Api, "read_namespaced_secret", lambda _, *a: SimpleNamespace(data=data)
+        )
+        monkeypatch.setattr(
+            CoreV1Api, "patch_namespaced_secret", lambda _, *a: self.stamped.append(a)
+        )
+        self.err = io.StringIO()
+
+    def __call__(self, path: Path, *flags: str) -> int:
+        self.err = io.StringIO()
+        argv = ["keyring", "export", "-f", str(path), "--kubeconfig", str(self.kubeconfig)]
+        return main([*argv, *flags], out=io.StringIO(), err=self.err)
+
+
+@pytest.fixture
+def export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Exporting:
+    return Exporting(tmp_path, monkeypatch)
+
+
+def _listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_export_force_over_a_world_readable_file_leaves_an_owner_only_export(
+    export: Exporting, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "keyring.export"
+    path.write_bytes(b"an older export")
+    path.chmod(0o644)
+    assert export(path, "--force") == 0, export.err.getvalue()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_keyring_backup(path.read_bytes(), None).keyring == export.keyring
+    assert _listing(out) == ["keyring.export"]  # no temporary file left
+    assert len(export.stamped) == 1
+
+
+def test_export_without_force_keeps_an_existing_file(export: Exporting, tmp_path: Path) -> None:
+    path = tmp_path / "keyring.export"
+    path.write_bytes(b"an older export")
+    assert export(path) == 2
+    assert "exists; pass --force" in export.err.getvalue()
+    assert path.read_bytes() == b"an older export" and not export.stamped
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_refuses_a_symbolic_link(export: Exporting, tmp_path: Path, force: bool) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"someone else's file")
+    elsewhere.chmod(0o644)
+    link = tmp_path / "keyring.export"
+    link.symlink_to(elsewhere)
+    assert export(link, *(["--force"] if force else [])) == 2
+    assert "is a symbolic link" in export.err.getvalue()
+    assert link.is_symlink() and elsewhere.read_bytes() == b"someone else's file"
+    assert _listing(tmp_path) == ["elsewhere", "keyring.export", "kubeconfig"]
+    assert not export.stamped
+
+
+def test_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    export: Exporting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "keyring.export"
+    path.write_bytes(b"an older export")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert export(path, "--force") == 2
+    message = export.err.getvalue()
+    assert message.startswith(f"kubectl defender keyring: cannot write {path}:")
+    assert "No space left on device" in message and len(message.splitlines()) == 1
+    assert path.read_bytes() == b"an older export"
+    assert _listing(out) == ["keyring.export"]
+    assert not export.stamped  # the Secret does not claim an export that is not there
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("missing/keyring.export", "cannot create a temporary file in"),
+        ("a-file/keyring.export", "Not a directory"),
+    ],
+)
+def test_export_to_a_path_that_cannot_hold_a_file(
+    export: Exporting, tmp_path: Path, where: str, why: str
+) -> None:
+    (tmp_path / "a-file").write_text("x")
+    assert export(tmp_path / where) == 2
+    message = export.err.getvalue()
+    assert f"cannot write {tmp_path / where}" in message and why in message
+    assert "Traceback" not in message and not export.stamped

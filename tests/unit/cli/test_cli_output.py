@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from defender_cli._app import build_parser, duration, main, rollback_target
+from defender_cli._app import build_parser, count, duration, main, rollback_target
 from defender_cli._output import Printer, age, shorten, use_colour
 
 
@@ -95,3 +95,77 @@ def test_bad_settings_file_is_one_readable_line(tmp_path: Path) -> None:
     assert code == 2
     assert err.getvalue().startswith("kubectl defender status: settings:")
     assert "not valid JSON" in err.getvalue()
+
+
+NOT_UTF8 = b"\xffcorrect horse\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (
+            ["status", "--etcd-endpoints", "notanendpoint"],
+            "status: --etcd-endpoints 'notanendpoint': endpoint 'notanendpoint' must look like"
+            " [scheme://]host:port",
+        ),
+        (["status", "--etcd-endpoints", " , "], "status: --etcd-endpoints ' , ': at least one"),
+        (
+            ["dump", "--etcd-endpoints", "http://127.0.0.1:1,ftp://b:2"],
+            "dump: --etcd-endpoints 'http://127.0.0.1:1,ftp://b:2': endpoint 'ftp://b:2' must use"
+            " http:// or https://",
+        ),
+        (
+            ["alerts", "--etcd-endpoints", "http://127.0.0.1:1", "--prefix", "ml-defender/"],
+            "alerts: --prefix 'ml-defender/': String should match pattern",
+        ),
+        (["status", "--keyring-secret", "ml-defender/"], "status: --keyring-secret 'ml-defender/'"),
+        (["status", "--settings", "{not_utf8}"], "status: settings: settings file {not_utf8}: not"),
+        (
+            ["keyring", "export", "-f", "x", "--passphrase-file", "{not_utf8}"],
+            "keyring: the passphrase file {not_utf8} is not UTF-8 text",
+        ),
+    ],
+)
+def test_a_bad_flag_value_is_one_line_naming_the_flag(
+    argv: list[str], says: str, tmp_path: Path
+) -> None:
+    not_utf8 = tmp_path / "not-utf8"
+    not_utf8.write_bytes(NOT_UTF8)
+    argv = [a.format(not_utf8=not_utf8) for a in argv]
+    err = io.StringIO()
+    assert main(argv, out=io.StringIO(), err=err) == 2
+    message = err.getvalue()
+    assert message.startswith("kubectl defender " + says.format(not_utf8=not_utf8)), message
+    assert len(message.splitlines()) == 1 and "pydantic" not in message
+    assert "horse" not in message and "xff" not in message
+
+
+def test_limit_is_a_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (count("0"), count("7")) == (0, 7)
+    for bad, why in (("-3", "is negative"), ("x", "not a whole number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            count(bad)
+    with pytest.raises(SystemExit) as exited:
+        main(["alerts", "--limit", "-3"])
+    assert exited.value.code == 2
+    assert "argument --limit: '-3' is negative" in capsys.readouterr().err
+
+
+def test_a_refused_settings_field_that_is_no_flag_is_named_as_a_setting() -> None:
+    from pydantic import ValidationError
+
+    from defender_cli._connect import _refused
+    from defender_config import EtcdSettings
+
+    flags = {"endpoints": ("--etcd-endpoints", "http://a:1")}
+    for fields, says in (
+        (
+            {"timeout_seconds": 0, "retries": -1},
+            "settings: timeout_seconds: Input should be greater than 0"
+            "; settings: retries: Input should be greater than or equal to 0",
+        ),
+        ({"user": "u"}, "settings: (top): user and password must be set together (etcd auth)"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            EtcdSettings.model_validate(fields)
+        assert str(_refused(caught.value, flags)) == says

@@ -59,6 +59,7 @@ def test_error_tree_matches_the_contract() -> None:
         e.ConfigValidationError: e.DefenderConfigError,
         e.StoreAuthError: e.StoreError,
         e.ConfigFrozenError: e.DefenderConfigError,
+        e.FileWriteError: e.DefenderConfigError,
     }
     for child, parent in tree.items():
         assert child.__bases__ == (parent,), child

@@ -94,6 +94,15 @@ def test_missing_file(tmp_path: Path) -> None:
     assert info.value.path == str(tmp_path / "nope.yaml")
 
 
+def test_a_file_that_is_not_utf8_is_a_settings_error(tmp_path: Path) -> None:
+    binary = tmp_path / "settings.yaml"
+    binary.write_bytes(b"etcd:\n  password: \xffsecret\n")
+    with pytest.raises(SettingsError, match="not UTF-8 text") as info:
+        load_settings(binary)
+    assert info.value.path == str(binary)
+    assert "secret" not in str(info.value) and "xff" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "match"),
     [

@@ -1,0 +1,52 @@
+"""`write_file_atomic`, the one way the agent and the plugin replace a local file: what the
+agent's writer tests do not already show (they drive the same code through `write_atomic`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from defender_config import DefenderConfigError, FileWriteError, write_file_atomic
+
+
+def test_an_existing_world_readable_file_ends_with_the_mode_asked_for(tmp_path: Path) -> None:
+    target = tmp_path / "secret.json"
+    target.write_bytes(b"old")
+    target.chmod(0o644)
+    write_file_atomic(target, b"new", 0o600)
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_symbolic_link_is_replaced_not_written_through(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"untouched")
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    write_file_atomic(link, b"new", 0o600)
+    assert not link.is_symlink() and link.read_bytes() == b"new"
+    assert elsewhere.read_bytes() == b"untouched"
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "secret.json"
+    target.write_bytes(b"old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(FileWriteError) as caught:
+        write_file_atomic(target, b"new", 0o600)
+    assert isinstance(caught.value, DefenderConfigError)
+    assert caught.value.reason == "FileWriteFailed" and caught.value.path == str(target)
+    assert str(caught.value) == f"cannot write {target}: OSError: No space left on device"
+    assert "new" not in str(caught.value)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.json"]
