@@ -30,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from defender_config import contract
 from defender_operator import _api, _webhook_tls
-from defender_operator._errors import AdmissionSetupError
+from defender_operator._errors import AdmissionSetupError, api_errors_only, api_failure
 from defender_operator._runtime import Runtime
 from defender_operator._settings import OperatorSettings
 
@@ -102,6 +102,7 @@ class _Configs:
     """Read/create/replace for both configuration kinds with one shape."""
 
     def __init__(self, api: client.AdmissionregistrationV1Api) -> None:
+        api = api_errors_only(api)
         self.api = api
         self.kinds: dict[str, tuple[Callable[..., Any], ...]] = {
             "ValidatingWebhookConfiguration": (
@@ -141,8 +142,7 @@ class _Configs:
 
 def _error(action: str, kind: str, name: str, exc: ApiException) -> AdmissionSetupError:
     return AdmissionSetupError(
-        f"cannot {action} {kind} {name}: HTTP {exc.status} {exc.reason}; check the operator's"
-        " RBAC for admissionregistration.k8s.io"
+        f"cannot {action} {kind} {name}: {api_failure(exc, 'admissionregistration.k8s.io')}"
     )
 
 

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from defender_operator._errors import AdmissionSetupError
+from defender_operator._errors import AdmissionSetupError, api_errors_only, api_failure
 
 log = logging.getLogger("defender_operator.admission")
 
@@ -134,6 +134,7 @@ def ensure(
     `cert_dir` (tls.crt, tls.key, ca.crt) when given. A replica that loses the race to create
     or update the Secret reads the winner's."""
     now = now or datetime.now(UTC)
+    core = api_errors_only(core)
     for _ in range(3):
         try:
             secret = core.read_namespaced_secret(name, namespace)
@@ -215,6 +216,5 @@ def _from_dir(cert_dir: Path) -> ServingCert:
 
 def _error(action: str, namespace: str, name: str, exc: ApiException) -> AdmissionSetupError:
     return AdmissionSetupError(
-        f"cannot {action} Secret {namespace}/{name}: HTTP {exc.status} {exc.reason}; check the"
-        " operator's RBAC for secrets in its namespace"
+        f"cannot {action} Secret {namespace}/{name}: {api_failure(exc, 'secrets in its namespace')}"
     )
