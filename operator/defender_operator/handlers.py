@@ -127,12 +127,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    # Out of the memo first: stopped loops are no reason for the liveness probe to fail.
-    await _loops.stop(memo.pop("tasks", []))
-    rt: Runtime | None = memo.get("runtime")
-    if rt is not None:
-        await asyncio.to_thread(rt.backend.close)
-    _webhook_setup.stop()
+    try:
+        # Out of the memo first: stopped loops are no reason for the liveness probe to fail.
+        await _loops.stop(memo.pop("tasks", []))
+        rt: Runtime | None = memo.get("runtime")
+        if rt is not None:
+            await asyncio.to_thread(rt.backend.close)
+    finally:
+        _webhook_setup.stop()  # the webhook's private key, whatever failed before
 
 
 @kopf.on.resume(*RESOURCE)
