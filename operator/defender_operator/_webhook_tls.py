@@ -13,7 +13,7 @@ import base64
 import ipaddress
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,7 +39,8 @@ VALIDITY = timedelta(days=3650)
 @dataclass(frozen=True)
 class ServingCert:
     cert_pem: bytes
-    key_pem: bytes
+    # Out of repr: a logged or raised object must not carry the private key.
+    key_pem: bytes = field(repr=False)
     ca_pem: bytes
 
 
@@ -117,7 +118,7 @@ def needs_new_cert(
 
 @dataclass(frozen=True)
 class AdmissionSecrets:
-    stamp_key: bytes
+    stamp_key: bytes = field(repr=False)
     cert: ServingCert
 
 
@@ -140,7 +141,7 @@ def ensure(
             secret = core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
             if exc.status != 404:
-                raise _error("read", namespace, name, exc) from exc
+                raise _error("read", namespace, name, exc) from None
             secret = None
         meta = secret.metadata if secret is not None else None
         stored = (secret.data if secret is not None else None) or {}
@@ -199,7 +200,8 @@ def _write(
     except ApiException as exc:
         if exc.status == 409:
             return False
-        raise _error("write", namespace, name, exc) from exc
+        # The API error's body may echo the Secret sent: private key and stamp key.
+        raise _error("write", namespace, name, exc) from None
     log.info("admission Secret %s/%s written", namespace, name)
     return True
 

@@ -1,23 +1,94 @@
-"""The admission webhook's private key is on disk only while an operator process serves with
-it: removed at stop whatever failed before, and after a killed process by the next one."""
+"""The admission webhook's private key and stamp key stay where they belong: out of reprs and
+error chains, and on disk only while an operator process serves with them."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import kopf
 import pytest
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 
 from defender_operator import _webhook_setup, _webhook_tls, handlers
+from defender_operator._errors import AdmissionSetupError
+from defender_operator.etcd_access import _Role
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def test_objects_holding_keys_show_none_in_their_repr() -> None:
+    cert = _webhook_tls.self_signed(["127.0.0.1"], NOW)
+    stamp_key = os.urandom(32)
+    shown = repr(_webhook_tls.AdmissionSecrets(stamp_key, cert))
+    assert "PRIVATE KEY" not in shown and repr(cert.key_pem) not in shown
+    assert repr(stamp_key) not in shown
+    assert "cert_pem" in shown  # the public parts still say what it is
+    assert "hunter2-password" not in repr(_Role("operator", "hunter2-password", None))
+
+
+class EchoingSecretsApi:
+    """An API server that refuses the admission Secret with an error whose body echoes the
+    Secret sent, as a validation or admission failure may."""
+
+    def __init__(self, read_status: int = 404) -> None:
+        self.read_status = read_status
+        self.sent: dict[str, str] = {}
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> Any:
+        error = ApiException(status=self.read_status, reason="Refused")
+        error.body = json.dumps({"message": "internal error", "object": "n/a"})
+        raise error
+
+    def create_namespaced_secret(self, namespace: str, body: k8s.V1Secret) -> Any:
+        self.sent = dict(body.data)
+        error = ApiException(status=422, reason="Unprocessable Entity")
+        error.body = json.dumps({"message": "invalid", "object": {"data": self.sent}})
+        raise error
+
+
+def everything_shown(exc: BaseException) -> str:
+    """What a log line or error report with the traceback would show."""
+    return "".join(traceback.format_exception(exc)) + repr(exc)
+
+
+def test_a_refused_admission_secret_write_leaves_the_api_body_out_of_the_error() -> None:
+    api = EchoingSecretsApi()
+    with pytest.raises(AdmissionSetupError, match="HTTP 422") as info:
+        _webhook_tls.ensure(
+            api,  # type: ignore[arg-type]
+            "ml-defender",
+            "ml-defender-admission",
+            hosts=["127.0.0.1"],
+            cert_dir=None,
+        )
+    error = info.value
+    assert error.__cause__ is None and error.__suppress_context__
+    shown = everything_shown(error)
+    assert api.sent and all(value not in shown for value in api.sent.values())
+    assert "HTTP response body" not in shown
+
+
+def test_a_refused_admission_secret_read_leaves_the_api_body_out_of_the_error() -> None:
+    with pytest.raises(AdmissionSetupError, match="HTTP 500") as info:
+        _webhook_tls.ensure(
+            EchoingSecretsApi(read_status=500),  # type: ignore[arg-type]
+            "ml-defender",
+            "ml-defender-admission",
+            hosts=["127.0.0.1"],
+            cert_dir=None,
+        )
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "HTTP response body" not in everything_shown(info.value)
 
 
 # --- the key files ----------------------------------------------------------------------------
