@@ -16,7 +16,7 @@ from kubernetes import client as k8s
 from operator_core_support import FakeSecretsApi, Harness, unanswered
 
 from defender_config import Keyring
-from defender_operator import _loops, _webhook_setup, _webhook_tls, handlers
+from defender_operator import _keyguard, _loops, _webhook_setup, _webhook_tls, handlers
 from defender_operator._errors import (
     UNANSWERED,
     AdmissionSetupError,
@@ -156,6 +156,29 @@ def test_the_key_rotation_loop_restores_the_secret_once_the_api_server_answers_a
     # Each failed round was a typed, expected failure: not one reached the last-resort net.
     assert ERRORS.labels("rotation")._value.get() >= typed + 3
     assert LOOP_FAILURES.labels("key-rotation")._value.get() == unexpected
+
+
+def test_a_copy_the_api_server_did_not_answer_for_ends_the_settle_instead_of_being_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api = FakeSecretsApi()
+    h = keyring_harness(api)
+    h.rt.secrets.fan_out(h.rt.keyring.current(), COPY[0])
+    # The source is gone and the operator holds no verified keyring: only the copy can restore.
+    del api.stored[SOURCE]
+    h.rt.keyring_ready = False
+    h.rt.keyring.set(None)
+    answered = api.read_namespaced_secret
+
+    def read(name: str, namespace: str) -> Any:
+        if namespace == COPY[0]:
+            raise unanswered()
+        return answered(name, namespace)
+
+    monkeypatch.setattr(api, "read_namespaced_secret", read)
+    with pytest.raises(KeySecretError, match="no answer from the API server"):
+        asyncio.run(_keyguard.settle(h.rt))
+    assert h.rt.keyring_refused is None  # nothing refused on what could not be read
 
 
 # --- the net for everything else ----------------------------------------------------------
