@@ -9,14 +9,21 @@ OperatorError
 ├── KubeError                    another Kubernetes API call failed
 └── AdmissionSetupError          the admission webhook's Secret, certificate or configuration
 ```
+
+Kubernetes calls reach these through `api_errors_only`: a request the API server never answered
+fails with the same ApiException the modules already convert, not with urllib3's errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 import kopf
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
 
 from defender_config import (
     ConfigFrozenError,
@@ -52,8 +59,8 @@ class KeySecretError(OperatorError):
     def __init__(self, action: str, namespace: str, name: str, status: int | None, why: str):
         self.status = status
         super().__init__(
-            f"cannot {action} Secret {namespace}/{name}: HTTP {status} {why}; check the"
-            " operator's RBAC for secrets in that namespace"
+            f"cannot {action} Secret {namespace}/{name}:"
+            f" {_api_failure(status, why, 'secrets in that namespace')}"
         )
 
 
@@ -84,6 +91,72 @@ class AdmissionSetupError(OperatorError):
     """The admission webhook could not be set up: its Secret, certificate files or webhook
     configurations could not be read or written. Built from HTTP status and reason only (the
     Secret holds a private key and the stamp key)."""
+
+
+# The status of an ApiException for a request the API server never answered: what the
+# kubernetes client itself uses for a failed TLS handshake.
+UNANSWERED = 0
+
+_Api = TypeVar("_Api")
+
+
+class _ApiErrorsOnly:
+    """A kubernetes API object whose calls fail with ApiException only.
+
+    urllib3 raises its own errors when the API server cannot be reached, resets the connection
+    or stops answering (a restart, a network partition). Callers convert ApiException into
+    their typed errors; anything else would escape them, and end a background loop for good.
+    """
+
+    def __init__(self, api: object) -> None:
+        self._api = api
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._api, name)
+        if not callable(found):
+            return found
+        return _answered(found)
+
+
+def _answered(call: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(call)
+    def answered(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except urllib3.exceptions.HTTPError as exc:
+            # Class names only: urllib3's text names URLs, and a broken chunk quotes the bytes
+            # it read, which may be a Secret's.
+            raise ApiException(status=UNANSWERED, reason=_unanswered(exc)) from None
+
+    return answered
+
+
+def _unanswered(exc: urllib3.exceptions.HTTPError) -> str:
+    kind = type(exc).__name__
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        kind = f"{kind}: {type(exc.reason).__name__}"
+    return f"no answer from the API server ({kind})"
+
+
+def api_errors_only(api: _Api) -> _Api:
+    """`api` (a kubernetes `CoreV1Api`, `CustomObjectsApi`, ...) with every failed call raised
+    as ApiException: an unanswered request with status UNANSWERED."""
+    if isinstance(api, _ApiErrorsOnly):
+        return api
+    return cast(_Api, _ApiErrorsOnly(api))
+
+
+def api_failure(exc: ApiException, rbac: str) -> str:
+    """A failed call for an error message: the HTTP status and reason, and which RBAC rules
+    to check, or that the API server never answered. Never the body: it may echo the object
+    sent, and for a Secret that is key material."""
+    return _api_failure(exc.status, str(exc.reason), rbac)
+
+
+def _api_failure(status: int | None, why: str, rbac: str) -> str:
+    if status == UNANSWERED:
+        return why
+    return f"HTTP {status} {why}; check the operator's RBAC for {rbac}"
 
 
 # Seconds before kopf retries, per kind of failure: an unreachable store gets a longer pause so

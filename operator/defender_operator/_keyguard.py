@@ -31,7 +31,7 @@ from defender_operator._decisions.keyring import (
     decide_keyring,
     describe_missing,
 )
-from defender_operator._errors import KeySecretError, OperatorError
+from defender_operator._errors import UNANSWERED, KeySecretError, OperatorError
 from defender_operator._keys import A_RESTORED, StoredKeyring
 from defender_operator._kube import ObjectRef
 from defender_operator._runtime import Runtime
@@ -68,6 +68,10 @@ def _gather(
         try:
             found = secrets.read_copy(ns)
         except KeySecretError as exc:
+            if exc.status == UNANSWERED:
+                # Deciding without a copy the API server may still hold could refuse the
+                # keyring for everyone: this round ends, the next one asks again.
+                raise
             log.warning("cannot read the keyring copy in %s: %s", ns, exc)
             continue
         if found is not None and found[0] is not None:

@@ -39,7 +39,7 @@ from defender_config.contract import (
 from defender_operator._api import RotationStage
 from defender_operator._decisions.keyring import may_replace_copy
 from defender_operator._decisions.rotation import RotationState
-from defender_operator._errors import KeyDropRefusedError, KeySecretError
+from defender_operator._errors import KeyDropRefusedError, KeySecretError, api_errors_only
 
 log = logging.getLogger("defender_operator.keys")
 
@@ -174,7 +174,7 @@ class KeyringSecrets:
     them in a thread from async code)."""
 
     def __init__(self, core: client.CoreV1Api, namespace: str, name: str) -> None:
-        self._core = core
+        self._core = api_errors_only(core)
         self.namespace = namespace
         self.name = name
         # namespace -> (digest of its copy, monotonic time it was read or written)

@@ -13,7 +13,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from defender_config.contract import API_GROUP, API_VERSION, GROUP_VERSION, KIND, PLURAL
-from defender_operator._errors import KubeError
+from defender_operator._errors import KubeError, api_errors_only
 
 log = logging.getLogger("defender_operator.kube")
 
@@ -45,8 +45,8 @@ class Pod:
 
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+        self.core = api_errors_only(client.CoreV1Api(api))
+        self.custom = api_errors_only(client.CustomObjectsApi(api))
 
     def delete_pod(self, namespace: str, pod: Pod) -> bool:
         """Delete exactly this pod (uid precondition: never its same-named replacement).

@@ -2,6 +2,11 @@
 
 They run in every replica, also a paused peering standby: etcd health must be known before a
 replica takes over, and rotation steps are safe to race (see `_rotation`).
+
+Each loop handles the errors it expects (typed: the library's, the operator's) itself; a round
+that fails with anything else is survived (`_Survive`): counted, logged, retried after a pause.
+A loop that ends all the same is reported at once (`start`) and fails the liveness probe
+(`ended`): a replica missing one would never again restore the keyring Secret or rotate keys.
 """
 
 from __future__ import annotations
@@ -9,37 +14,158 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
 
 from defender_config import DefenderConfigError
 from defender_operator import _keyguard, _rotation
 from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord, Watching
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
-from defender_operator._metrics import CHANGE_RESYNCS, ERRORS, HEARTBEAT_RESYNCS
+from defender_operator._metrics import CHANGE_RESYNCS, ERRORS, HEARTBEAT_RESYNCS, LOOP_FAILURES
 from defender_operator._runtime import Runtime, utcnow
 
 log = logging.getLogger("defender_operator")
 
+# The pause after a round failed unexpectedly, doubled for each such round in a row up to the
+# cap: a failure that repeats every round (a bug) is not retried, and logged, in a tight loop.
+_UNEXPECTED_PAUSE_SECONDS = 1.0
+_UNEXPECTED_PAUSE_MAX_SECONDS = 60.0
+# Innermost frames logged with an unexpected error: enough to find the call that failed.
+_FRAMES_LOGGED = 6
+
+
+class _Survive:
+    """`async with` around one round of a loop: an Exception escaping the round is counted,
+    logged and paused after, then the loop goes on. Cancellation passes (the operator stops).
+
+    The log holds the error's class and where it was raised, never its message: nobody typed
+    this error, so nothing says its text is free of key material."""
+
+    def __init__(self, loop: str) -> None:
+        self.loop = loop
+        self.failures = 0  # unexpected failures in a row
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None:
+            self.failures = 0
+            return False
+        if not isinstance(exc, Exception):
+            return False
+        self.failures += 1
+        LOOP_FAILURES.labels(self.loop).inc()
+        pause = min(
+            _UNEXPECTED_PAUSE_SECONDS * 2 ** (self.failures - 1), _UNEXPECTED_PAUSE_MAX_SECONDS
+        )
+        log.error(
+            "background loop %s: unexpected %s (%d in a row), retrying in %.0fs",
+            self.loop,
+            _kind(exc),
+            self.failures,
+            pause,
+            extra={
+                "loop": self.loop,
+                "error_type": _kind(exc),
+                "failures_in_a_row": self.failures,
+                "at": _frames(tb),
+            },
+        )
+        await asyncio.sleep(pause)
+        return True
+
+
+def _kind(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+def _frames(tb: TracebackType | None) -> list[str]:
+    return [
+        f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+        for frame in traceback.extract_tb(tb)[-_FRAMES_LOGGED:]
+    ]
+
+
+def start(rt: Runtime) -> list[asyncio.Task[None]]:
+    """The operator-wide loops, as tasks that report it at once if they ever end."""
+    tasks = [
+        asyncio.create_task(etcd_health(rt), name="etcd-health"),
+        asyncio.create_task(key_rotation(rt), name="key-rotation"),
+        asyncio.create_task(heartbeat_watch(rt), name="heartbeat-watch"),
+        asyncio.create_task(change_watch(rt), name="change-watch"),
+    ]
+    for task in tasks:
+        task.add_done_callback(_report_end)
+    return tasks
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return  # `stop`
+    log.error(
+        "background loop %s ended (%s); the liveness probe fails until the operator restarts",
+        task.get_name(),
+        _ending(task),
+        extra={"loop": task.get_name(), "error_type": _ending(task)},
+    )
+
+
+def _ending(task: asyncio.Task[None]) -> str:
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return "returned" if exc is None else _kind(exc)
+
+
+def ended(tasks: Iterable[asyncio.Task[None]]) -> list[str]:
+    """The loops among `tasks` that are no longer running, each with how it ended. Every loop
+    runs until `stop`: any other end leaves the replica half-alive."""
+    return [f"{task.get_name()} ({_ending(task)})" for task in tasks if task.done()]
+
+
+async def stop(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel the loops and wait until they are done. Never raises what a loop raised (its
+    end was logged when it happened): what the caller does next must still run."""
+    waited = list(tasks)
+    for task in waited:
+        task.cancel()
+    await asyncio.gather(*waited, return_exceptions=True)
+
 
 async def etcd_health(rt: Runtime) -> None:
+    survive = _Survive("etcd-health")
     while True:
-        try:
-            health = await asyncio.to_thread(rt.backend.health)
-        except DefenderConfigError as exc:
-            health = EtcdHealth(reachable=False, quorum=False, detail=str(exc))
-        was_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
-        alarms_before = rt.etcd.last.alarms
-        rt.etcd.record(utcnow(), health)
-        await _tell_nospace(rt, alarms_before, health)
-        now_ok = health.reachable and health.quorum
-        if was_ok != now_ok:
-            log.log(
-                logging.INFO if now_ok else logging.WARNING,
-                "defender etcd %s: %s",
-                "healthy" if now_ok else "UNHEALTHY",
-                health.detail,
-            )
+        async with survive:
+            await _etcd_health_round(rt)
         await asyncio.sleep(rt.settings.etcd_health_interval_seconds)
+
+
+async def _etcd_health_round(rt: Runtime) -> None:
+    try:
+        health = await asyncio.to_thread(rt.backend.health)
+    except DefenderConfigError as exc:
+        health = EtcdHealth(reachable=False, quorum=False, detail=str(exc))
+    was_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
+    alarms_before = rt.etcd.last.alarms
+    rt.etcd.record(utcnow(), health)
+    await _tell_nospace(rt, alarms_before, health)
+    now_ok = health.reachable and health.quorum
+    if was_ok != now_ok:
+        log.log(
+            logging.INFO if now_ok else logging.WARNING,
+            "defender etcd %s: %s",
+            "healthy" if now_ok else "UNHEALTHY",
+            health.detail,
+        )
 
 
 async def _tell_nospace(rt: Runtime, before: tuple[str, ...], health: EtcdHealth) -> None:
@@ -88,20 +214,26 @@ async def heartbeat_watch(rt: Runtime) -> None:
         loop.call_soon_threadsafe(view.watch_failed)
 
     handle: Cancellable | None = None
+    survive = _Survive("heartbeat-watch")
     try:
         while True:
             wait = rt.settings.heartbeat_resync_seconds
-            try:
-                if handle is None:
-                    handle = await asyncio.to_thread(rt.backend.watch_instances, on_event, on_error)
-                    view.watching = True
-                since = view.begin_resync()
-                listing = await asyncio.to_thread(rt.backend.all_instances)
-                view.resync(utcnow(), since, listing)
-                HEARTBEAT_RESYNCS.inc()
-            except (DefenderConfigError, OperatorError) as exc:
-                ERRORS.labels("heartbeat_resync").inc()
-                log.warning("heartbeat watch/resync failed, retrying: %s", exc)
+            async with survive:
+                try:
+                    if handle is None:
+                        handle = await asyncio.to_thread(
+                            rt.backend.watch_instances, on_event, on_error
+                        )
+                        view.watching = True
+                    since = view.begin_resync()
+                    listing = await asyncio.to_thread(rt.backend.all_instances)
+                    view.resync(utcnow(), since, listing)
+                    HEARTBEAT_RESYNCS.inc()
+                except (DefenderConfigError, OperatorError) as exc:
+                    ERRORS.labels("heartbeat_resync").inc()
+                    log.warning("heartbeat watch/resync failed, retrying: %s", exc)
+                    wait = min(wait, rt.settings.etcd_health_interval_seconds)
+            if survive.failures:
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)
@@ -131,30 +263,38 @@ async def change_watch(rt: Runtime) -> None:
         loop.call_soon_threadsafe(view.watch_failed)
 
     handle: Watching | None = None
+    survive = _Survive("change-watch")
     try:
         while True:
             # Nothing to do until the watch reports trouble.
             wait: float = rt.settings.heartbeat_resync_seconds
-            try:
-                if handle is None:
-                    handle = await asyncio.to_thread(rt.backend.watch_changes, on_change, on_error)
-                    view.watching = True
-                if not view.synced:
-                    if handle.connected:
-                        since = view.begin_resync()
-                        revision = await asyncio.to_thread(rt.backend.revision)
-                        # The watch delivers every change after `revision` (it resumes where it
-                        # stopped; a gap makes it replay, which asks for another resync).
-                        if view.resync(since, revision):
-                            CHANGE_RESYNCS.inc()
-                    else:
-                        # Events after an outage come once it is up again: trust it from then.
-                        # (Still unsynced, so the next round tries again: no request is lost.)
-                        view.resync_requested.clear()
-                        wait = _CONNECT_POLL_SECONDS
-            except (DefenderConfigError, OperatorError) as exc:
-                ERRORS.labels("change_resync").inc()
-                log.warning("component change watch/resync failed, retrying: %s", exc)
+            async with survive:
+                try:
+                    if handle is None:
+                        handle = await asyncio.to_thread(
+                            rt.backend.watch_changes, on_change, on_error
+                        )
+                        view.watching = True
+                    if not view.synced:
+                        if handle.connected:
+                            since = view.begin_resync()
+                            revision = await asyncio.to_thread(rt.backend.revision)
+                            # The watch delivers every change after `revision` (it resumes
+                            # where it stopped; a gap makes it replay, which asks for another
+                            # resync).
+                            if view.resync(since, revision):
+                                CHANGE_RESYNCS.inc()
+                        else:
+                            # Events after an outage come once it is up again: trust it from
+                            # then. (Still unsynced, so the next round tries again: no request
+                            # is lost.)
+                            view.resync_requested.clear()
+                            wait = _CONNECT_POLL_SECONDS
+                except (DefenderConfigError, OperatorError) as exc:
+                    ERRORS.labels("change_resync").inc()
+                    log.warning("component change watch/resync failed, retrying: %s", exc)
+                    wait = min(wait, rt.settings.etcd_health_interval_seconds)
+            if survive.failures:
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)
@@ -166,18 +306,20 @@ async def change_watch(rt: Runtime) -> None:
 
 async def key_rotation(rt: Runtime) -> None:
     ticks = 0
+    survive = _Survive("key-rotation")
     while True:
-        try:
-            # The keyring is checked first: a deleted or replaced source Secret is judged
-            # (restored, or refused) before a rotation step could act on it.
-            etcd_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
-            if etcd_ok and await _keyguard.settle(rt):
-                await _rotation.step(rt)
-            if ticks % 6 == 0 and rt.keyring_ready:
-                # Keep copies in sync even if someone edited or deleted one.
-                await _rotation.fan_out_everywhere(rt, rt.keyring.current())
-        except (DefenderConfigError, OperatorError) as exc:
-            ERRORS.labels("rotation").inc()
-            log.warning("key rotation step failed, retrying: %s", exc)
+        async with survive:
+            try:
+                # The keyring is checked first: a deleted or replaced source Secret is judged
+                # (restored, or refused) before a rotation step could act on it.
+                etcd_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
+                if etcd_ok and await _keyguard.settle(rt):
+                    await _rotation.step(rt)
+                if ticks % 6 == 0 and rt.keyring_ready:
+                    # Keep copies in sync even if someone edited or deleted one.
+                    await _rotation.fan_out_everywhere(rt, rt.keyring.current())
+            except (DefenderConfigError, OperatorError) as exc:
+                ERRORS.labels("rotation").inc()
+                log.warning("key rotation step failed, retrying: %s", exc)
         ticks += 1
         await asyncio.sleep(rt.settings.rotation_interval_seconds)

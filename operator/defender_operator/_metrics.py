@@ -18,6 +18,11 @@ RECONCILES = Counter(
     "defender_operator_reconciles_total", "Reconciles of DefenderComponents", ["result"]
 )
 ERRORS = Counter("defender_operator_errors_total", "Errors by kind", ["kind"])
+LOOP_FAILURES = Counter(
+    "defender_operator_loop_unexpected_errors_total",
+    "Unexpected errors a background loop survived (a bug, or a failure nobody typed)",
+    ["loop"],
+)
 RESTARTS = Counter(
     "defender_operator_pod_restarts_total", "Pods restarted for missed heartbeats", ["component"]
 )

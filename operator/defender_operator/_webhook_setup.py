@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from defender_config import contract
 from defender_operator import _api, _webhook_tls
-from defender_operator._errors import AdmissionSetupError
+from defender_operator._errors import AdmissionSetupError, api_errors_only, api_failure
 from defender_operator._runtime import Runtime
 from defender_operator._settings import OperatorSettings
 
@@ -102,6 +103,7 @@ class _Configs:
     """Read/create/replace for both configuration kinds with one shape."""
 
     def __init__(self, api: client.AdmissionregistrationV1Api) -> None:
+        api = api_errors_only(api)
         self.api = api
         self.kinds: dict[str, tuple[Callable[..., Any], ...]] = {
             "ValidatingWebhookConfiguration": (
@@ -141,8 +143,7 @@ class _Configs:
 
 def _error(action: str, kind: str, name: str, exc: ApiException) -> AdmissionSetupError:
     return AdmissionSetupError(
-        f"cannot {action} {kind} {name}: HTTP {exc.status} {exc.reason}; check the operator's"
-        " RBAC for admissionregistration.k8s.io"
+        f"cannot {action} {kind} {name}: {api_failure(exc, 'admissionregistration.k8s.io')}"
     )
 
 
@@ -184,13 +185,18 @@ def fill_ca_bundle(api: client.ApiClient, name: str, ca_pem: bytes) -> None:
         log.info("caBundle of %s %s filled in", kind, name)
 
 
+# kopf's webhook server re-reads the files every few seconds (a change restarts it with the
+# new certificate): they must stay while it runs, so they are removed at `stop`, and the next
+# process removes what a killed one left (the chart's /tmp outlives a container restart).
+_PREFIX = "defender-webhook-"
 _folders: list[Path] = []
 
 
 def _write_files(cert: _webhook_tls.ServingCert) -> tuple[Path, Path]:
     """The serving certificate as files for the SSL context, readable by this process only
     (removed by `stop`)."""
-    folder = Path(tempfile.mkdtemp(prefix="defender-webhook-"))
+    remove_stale(Path(tempfile.gettempdir()))
+    folder = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
     _folders.append(folder)
     paths = []
     for fname, content in (("tls.crt", cert.cert_pem), ("tls.key", cert.key_pem)):
@@ -236,6 +242,40 @@ async def start(rt: Runtime, api: client.ApiClient, kopf_settings: kopf.Operator
         ours.admission_port,
         ours.admission_failure_policy,
     )
+
+
+def remove_stale(tmp: Path) -> list[Path]:
+    """Remove the certificate folders in `tmp` that an earlier operator process of this user
+    left (killed before `stop`): its pid is gone, or is this process's, which did not write
+    them (a restarted container reuses pids). A folder of another running process (two
+    operators on one host) stays. Returns the folders removed."""
+    removed = []
+    for folder in tmp.glob(f"{_PREFIX}*"):
+        pid = folder.name[len(_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or folder in _folders:
+            continue
+        try:
+            info = folder.lstat()
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        if int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed the webhook certificate files %s left by process %s", folder, pid)
+        removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def stop() -> None:

@@ -13,7 +13,7 @@ import base64
 import ipaddress
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from defender_operator._errors import AdmissionSetupError
+from defender_operator._errors import AdmissionSetupError, api_errors_only, api_failure
 
 log = logging.getLogger("defender_operator.admission")
 
@@ -39,7 +39,8 @@ VALIDITY = timedelta(days=3650)
 @dataclass(frozen=True)
 class ServingCert:
     cert_pem: bytes
-    key_pem: bytes
+    # Out of repr: a logged or raised object must not carry the private key.
+    key_pem: bytes = field(repr=False)
     ca_pem: bytes
 
 
@@ -117,7 +118,7 @@ def needs_new_cert(
 
 @dataclass(frozen=True)
 class AdmissionSecrets:
-    stamp_key: bytes
+    stamp_key: bytes = field(repr=False)
     cert: ServingCert
 
 
@@ -134,12 +135,13 @@ def ensure(
     `cert_dir` (tls.crt, tls.key, ca.crt) when given. A replica that loses the race to create
     or update the Secret reads the winner's."""
     now = now or datetime.now(UTC)
+    core = api_errors_only(core)
     for _ in range(3):
         try:
             secret = core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
             if exc.status != 404:
-                raise _error("read", namespace, name, exc) from exc
+                raise _error("read", namespace, name, exc) from None
             secret = None
         meta = secret.metadata if secret is not None else None
         stored = (secret.data if secret is not None else None) or {}
@@ -198,7 +200,8 @@ def _write(
     except ApiException as exc:
         if exc.status == 409:
             return False
-        raise _error("write", namespace, name, exc) from exc
+        # The API error's body may echo the Secret sent: private key and stamp key.
+        raise _error("write", namespace, name, exc) from None
     log.info("admission Secret %s/%s written", namespace, name)
     return True
 
@@ -215,6 +218,5 @@ def _from_dir(cert_dir: Path) -> ServingCert:
 
 def _error(action: str, namespace: str, name: str, exc: ApiException) -> AdmissionSetupError:
     return AdmissionSetupError(
-        f"cannot {action} Secret {namespace}/{name}: HTTP {exc.status} {exc.reason}; check the"
-        " operator's RBAC for secrets in its namespace"
+        f"cannot {action} Secret {namespace}/{name}: {api_failure(exc, 'secrets in its namespace')}"
     )

@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -130,7 +130,7 @@ class _Role:
     """An etcd user and its role of the same name; `grants` None: a user without any role."""
 
     user: str
-    password: str
+    password: str = field(repr=False)
     grants: frozenset[Grant] | None
 
 

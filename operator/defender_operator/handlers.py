@@ -17,13 +17,13 @@ index     → `_pods.index_keys`: every pod filed by its labels, so monitor pass
 admission → with admission_enabled, `_webhook_setup.start` at start-up; the webhook handlers
             themselves are wired in `webhooks`
 probe     → liveness fails when etcd has been unreachable for too long, or the heartbeat
-            watch has stalled (etcd healthy, yet no event and no resync for too long)
+            watch has stalled (etcd healthy, yet no event and no resync for too long), or one
+            of the background loops has ended (`_loops.ended`)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -112,12 +112,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo["runtime"] = rt
     if ours.admission_enabled:
         await _webhook_setup.start(rt, api, settings)
-    memo["tasks"] = [
-        asyncio.create_task(_loops.etcd_health(rt), name="etcd-health"),
-        asyncio.create_task(_loops.key_rotation(rt), name="key-rotation"),
-        asyncio.create_task(_loops.heartbeat_watch(rt), name="heartbeat-watch"),
-        asyncio.create_task(_loops.change_watch(rt), name="change-watch"),
-    ]
+    memo["tasks"] = _loops.start(rt)
     settle_heap()
     held = keyring.peek()
     log.info(
@@ -132,14 +127,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for task in memo.get("tasks", []):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    rt: Runtime | None = memo.get("runtime")
-    if rt is not None:
-        await asyncio.to_thread(rt.backend.close)
-    _webhook_setup.stop()
+    try:
+        # Out of the memo first: stopped loops are no reason for the liveness probe to fail.
+        await _loops.stop(memo.pop("tasks", []))
+        rt: Runtime | None = memo.get("runtime")
+        if rt is not None:
+            await asyncio.to_thread(rt.backend.close)
+    finally:
+        _webhook_setup.stop()  # the webhook's private key, whatever failed before
 
 
 @kopf.on.resume(*RESOURCE)
@@ -292,3 +287,14 @@ def etcd_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
             " while defender etcd is healthy"
         )
     return {"reachable": rt.etcd.last.reachable, "quorum": rt.etcd.last.quorum}
+
+
+@kopf.on.probe(id="loops")
+def loops_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    tasks = memo.get("tasks", [])
+    dead = _loops.ended(tasks)
+    if dead:
+        raise kopf.PermanentError(
+            f"background loop(s) ended: {', '.join(dead)}; a restart starts them again"
+        )
+    return {"running": len(tasks)}

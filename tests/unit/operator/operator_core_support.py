@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+
+import urllib3.exceptions
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from defender_config import Keyring
 from defender_operator import _monitor, _reconcile
 from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._keys import MutableKeyringSource, keyring_digest
-from defender_operator._kube import Pod
+from defender_operator._kube import ObjectRef, Pod
 from defender_operator._memory_backend import MemoryBackend
 from defender_operator._outcome import Event
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
@@ -39,6 +43,18 @@ class FakeKube:
     # existence lookup made.
     gone: set[tuple[str, str]] = field(default_factory=set)
     lookups: list[tuple[str, str, str]] = field(default_factory=list)
+    # Namespaces holding DefenderComponents (where keyring copies go); Events posted.
+    namespaces: set[str] = field(default_factory=lambda: {NAMESPACE})
+    posted: list[tuple[str, str]] = field(default_factory=list)
+
+    def component_namespaces(self, watched: Iterable[str] | None = None) -> set[str]:
+        return set(self.namespaces)
+
+    def components(self, watched: Iterable[str] | None = None) -> list[ObjectRef]:
+        return []
+
+    def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
+        self.posted.append((type_, reason))
 
     def component_exists(self, namespace: str, name: str, uid: str) -> bool:
         self.lookups.append((namespace, name, uid))
@@ -79,6 +95,56 @@ class FakeSecrets:
 
     def known_copy_digest(self, namespace: str, *, max_age: float) -> tuple[str | None, bool]:
         return keyring_digest(self.keyring.current()), True
+
+
+def unanswered() -> urllib3.exceptions.MaxRetryError:
+    """What the kubernetes client raises while the API server is unreachable or restarting."""
+    refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]
+    return urllib3.exceptions.MaxRetryError(None, "/api/v1/secrets", refused)  # type: ignore[arg-type]
+
+
+@dataclass
+class FakeSecretsApi:
+    """The Secret calls of `kubernetes.client.CoreV1Api`, kept in a dict. While `down` holds
+    an exception, every call raises it (an API server that does not answer)."""
+
+    stored: dict[tuple[str, str], client.V1Secret] = field(default_factory=dict, repr=False)
+    down: Exception | None = None
+    calls: int = 0
+    version: int = 0
+
+    def _answer(self) -> None:
+        self.calls += 1
+        if self.down is not None:
+            raise self.down
+
+    def _keep(self, namespace: str, body: client.V1Secret) -> client.V1Secret:
+        self.version += 1
+        body.metadata.namespace = namespace
+        body.metadata.resource_version = str(self.version)
+        self.stored[(namespace, body.metadata.name)] = body
+        return body
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> client.V1Secret:
+        self._answer()
+        if (namespace, name) not in self.stored:
+            raise ApiException(status=404, reason="Not Found")
+        return self.stored[(namespace, name)]
+
+    def create_namespaced_secret(self, namespace: str, body: client.V1Secret) -> client.V1Secret:
+        self._answer()
+        if (namespace, body.metadata.name) in self.stored:
+            raise ApiException(status=409, reason="AlreadyExists")
+        return self._keep(namespace, body)
+
+    def replace_namespaced_secret(
+        self, name: str, namespace: str, body: client.V1Secret
+    ) -> client.V1Secret:
+        self._answer()
+        held = self.stored.get((namespace, name))
+        if held is None or held.metadata.resource_version != body.metadata.resource_version:
+            raise ApiException(status=409, reason="Conflict")
+        return self._keep(namespace, body)
 
 
 def spec(config: Mapping[str, Any] | None = None, **over: Any) -> dict[str, Any]:
