@@ -72,6 +72,14 @@ def test_a_custom_component_without_its_schema_is_refused_with_the_reason() -> N
     assert review("c", bad, None, {}) == ["spec: componentType custom needs customSchema"]
 
 
+def test_a_custom_schema_whose_ref_leads_nowhere_is_refused_not_a_crash() -> None:
+    dangling = {"type": "object", "properties": {"rate": {"$ref": "#/$defs/missing"}}}
+    custom = {**spec(), "componentType": "custom", "config": {"rate": 1}, "customSchema": dangling}
+    assert review("c", custom, None, {}) == [
+        "spec.config.(schema): $ref '#/$defs/missing' points at nothing in the schema"
+    ]
+
+
 def test_a_rollback_command_that_names_no_version_is_refused() -> None:
     problems = review("d", spec(), None, {"mldefender.io/rollback-to": "yesterday"})
     assert len(problems) == 1

@@ -85,6 +85,16 @@ def test_a_new_name_with_a_command_or_an_invalid_spec_is_claimed_before_anything
     assert bad.backend.state(NAME).active_version is None
 
 
+def test_a_custom_schema_whose_ref_leads_nowhere_is_config_invalid_not_a_crash() -> None:
+    h = Harness()
+    dangling = {"type": "object", "properties": {"rate": {"$ref": "#/$defs/missing"}}}
+    run(h.reconcile(spec({"rate": 1}, componentType="custom", customSchema=dangling)))
+    assert h.reasons() == ["ConfigInvalid"]
+    message = h.condition(cond.CONFIG_SYNCED)["message"]
+    assert "(schema): $ref '#/$defs/missing' points at nothing in the schema" in message
+    assert h.backend.state(NAME).active_version is None
+
+
 def test_a_spec_the_schema_refuses_is_a_permanent_refusal_after_the_claim() -> None:
     # An old CRD version may let through what the model refuses: not retried, said on the
     # resource, nothing seeded; and a name another resource holds is reported as such first.
