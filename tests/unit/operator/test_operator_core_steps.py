@@ -216,10 +216,12 @@ def test_rollback_command_restores_a_kept_version_and_is_consumed() -> None:
     assert h.backend.state(NAME).active_version == 3
 
 
-def test_a_rollback_command_that_names_no_version_is_refused() -> None:
+# Past the layout's 10 digits, and past the 4300 digits int() reads.
+@pytest.mark.parametrize("target", ["yesterday", "10000000000", "9" * 5000])
+def test_a_rollback_command_that_names_no_version_is_refused(target: str) -> None:
     h = Harness()
     run(h.reconcile(spec(ETH0)))
-    run(h.reconcile(spec(ETH0), {_api.ROLLBACK_ANNOTATION: "yesterday"}))
+    run(h.reconcile(spec(ETH0), {_api.ROLLBACK_ANNOTATION: target}))
     assert "rollback" not in h.backend.calls
     assert h.kube.removed == [_api.ROLLBACK_ANNOTATION]
     assert h.reasons()[-1] == "RollbackRefused"
