@@ -585,17 +585,23 @@ class ConfigValidationError(DefenderConfigError):
         )
 
 
+_QUOTED_TARGET = 32
+
+
 class InvalidRollbackTargetError(DefenderConfigError, ValueError):
     """A rollback target that is neither `master` nor a positive version number. Also a
     ValueError, so argument parsers treat it as a bad value."""
 
     reason = "InvalidRollbackTarget"
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, highest: int) -> None:
         self.text = text
+        # The text comes from an annotation of any length; the message goes into Events and
+        # the webhook's answer, so it quotes only the start.
+        shown = text if len(text) <= _QUOTED_TARGET else text[:_QUOTED_TARGET] + "..."
         super().__init__(
-            f"rollback target {text!r} is not valid: use `master` or a version number"
-            " (`kubectl defender history <component>` lists the kept versions)"
+            f"rollback target {shown!r} is not valid: use `master` or a version number from 1"
+            f" to {highest} (`kubectl defender history <component>` lists the kept versions)"
         )
 
 

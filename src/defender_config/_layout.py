@@ -25,13 +25,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from .contract import HIGHEST_VERSION, VERSION_DIGITS
+
 __all__ = ["KeyKind", "Layout", "ParsedKey", "check_name"]
 
 # A name is one path segment that etcdctl users can type without quoting: Kubernetes object
 # names (DNS-1123), pod names and hostnames all fit.
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 _PREFIX_RE = re.compile(r"^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$")
-_VERSION_DIGITS = 10
 
 KeyKind = Literal[
     "master_config",
@@ -135,10 +136,10 @@ class Layout:
         return self.component_dir(component) + "status"
 
     def history(self, component: str, version: int) -> str:
-        if not 0 < version < 10**_VERSION_DIGITS:
-            raise ValueError(f"config version {version} is out of range 1..{10**10 - 1}")
+        if not 0 < version <= HIGHEST_VERSION:
+            raise ValueError(f"config version {version} is out of range 1..{HIGHEST_VERSION}")
         # Zero-padded so etcd's byte order (prefix listing) is version order.
-        return f"{self.history_dir(component)}{version:0{_VERSION_DIGITS}d}"
+        return f"{self.history_dir(component)}{version:0{VERSION_DIGITS}d}"
 
     def instance(self, component: str, instance: str) -> str:
         return self.instances_dir(component) + check_name(instance, "instance")
@@ -185,7 +186,7 @@ class Layout:
             case ["components", comp, leaf] if leaf in _COMPONENT_LEAVES:
                 return ParsedKey(kind=leaf, component=comp)  # type: ignore[arg-type]
             case ["components", comp, "history", ver] if (
-                ver.isdigit() and len(ver) == _VERSION_DIGITS and int(ver) > 0
+                ver.isdigit() and len(ver) == VERSION_DIGITS and int(ver) > 0
             ):
                 return ParsedKey(kind="history", component=comp, version=int(ver))
             case ["components", comp, "instances", inst]:

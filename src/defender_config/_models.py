@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import jsonschema
+import referencing
+import referencing.exceptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigValidationError, FieldError
@@ -306,11 +308,61 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
     return out
 
 
-def _schema_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[FieldError]:
-    validator_cls = jsonschema.validators.validator_for(schema)
-    validator = validator_cls(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.path])
+# The schema comes from whoever may edit a DefenderComponent (docs/security.md), and the
+# operator, its webhook and every agent validate with it: a `$ref` that jsonschema would fetch
+# (its default registry opens any URL, `file://` too, with no timeout) would let that person
+# make them send requests, read local files or hang. This registry retrieves nothing (its default
+# `retrieve` fails for every URI), so only references inside the schema itself resolve, and the
+# metaschemas jsonschema bundles.
+_NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
+
+
+def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) -> list[FieldError]:
+    """The config's problems under `schema`; ConfigValidationError at `(schema)` when the schema
+    itself cannot validate anything: not a valid schema, a `$ref` that leaves it or points at
+    nothing or at no schema, a `$ref` loop."""
+    try:
+        validator_cls = jsonschema.validators.validator_for(schema)
+        validator_cls.check_schema(schema)
+        validator = validator_cls(schema, registry=_NO_RETRIEVAL)
+        errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.path])
+    except jsonschema.SchemaError as exc:
+        loc = ".".join(str(p) for p in exc.path)
+        raise _schema_refused(who, exc.message, loc) from exc
+    except referencing.exceptions.Unresolvable as exc:
+        raise _schema_refused(who, _unresolvable(exc)) from exc
+    except (AttributeError, TypeError) as exc:
+        # What jsonschema raises where a `$ref` (or `$schema`) leads to a value that is not a
+        # schema, past `check_schema`, which never follows references.
+        raise _schema_refused(
+            who, f"a $ref or $schema leads to something not a schema: {exc}"
+        ) from exc
+    except RecursionError as exc:
+        raise _schema_refused(
+            who,
+            "validation recursed too deep: a $ref that leads back to itself, or a config nested"
+            " deeper than the schema can follow",
+        ) from exc
     return [FieldError(".".join(str(p) for p in e.path), e.message) for e in errors]
+
+
+def _unresolvable(exc: referencing.exceptions.Unresolvable) -> str:
+    # jsonschema wraps referencing's error; the cause says which kind it is.
+    cause = exc.__cause__ if isinstance(exc.__cause__, referencing.exceptions.Unresolvable) else exc
+    if isinstance(cause, referencing.exceptions.PointerToNowhere):
+        return f"$ref {'#' + cause.ref!r} points at nothing in the schema"
+    if isinstance(cause, referencing.exceptions.NoSuchAnchor):
+        return f"$ref {'#' + cause.anchor!r} points at nothing in the schema"
+    return (
+        f"$ref {cause.ref!r} is refused: only references inside the schema (#/$defs/...) are"
+        " followed, nothing is fetched"
+    )
+
+
+def _schema_refused(who: str, message: str, location: str = "") -> ConfigValidationError:
+    return ConfigValidationError(
+        who, [FieldError(f"(schema){'.' + location if location else ''}", message)]
+    )
 
 
 def validate_config(
@@ -348,14 +400,7 @@ def validate_config(
             )
         result = json.loads(canonical_json(config, component=who))
     if json_schema is not None:
-        try:
-            jsonschema.validators.validator_for(json_schema).check_schema(dict(json_schema))
-        except jsonschema.SchemaError as exc:
-            loc = ".".join(str(p) for p in exc.path)
-            raise ConfigValidationError(
-                who, [FieldError(f"(schema){'.' + loc if loc else ''}", exc.message)]
-            ) from exc
-        errors = _schema_errors(config, json_schema)
+        errors = _schema_errors(config, dict(json_schema), who)
         if errors:
             raise ConfigValidationError(who, errors)
     return result

@@ -27,6 +27,7 @@ __all__ = [
     "EXPORTED_ANNOTATION",
     "FINALIZER",
     "GROUP_VERSION",
+    "HIGHEST_VERSION",
     "KEYRING_LABELS",
     "KIND",
     "MANAGED_BY",
@@ -39,6 +40,7 @@ __all__ = [
     "SHORT_NAMES",
     "SINGULAR",
     "UNFREEZE_ANNOTATION",
+    "VERSION_DIGITS",
     "ChangeKind",
     "ComponentType",
     "InvalidConfigPolicy",
@@ -185,20 +187,27 @@ class RotationStage(enum.StrEnum):
 
 # --- rollback targets ---------------------------------------------------------------------------
 
+VERSION_DIGITS: Final = 10
+"""A config version has at most this many digits: etcd's history keys hold it zero-padded to
+this width (docs/etcd-layout.md)."""
+HIGHEST_VERSION: Final = 10**VERSION_DIGITS - 1
+
 RollbackTarget = Literal["master"] | int
 """MASTER, or a kept ACTIVE version (a positive number)."""
 
 
 def parse_rollback_target(text: str) -> RollbackTarget:
-    """`master` (any case) or a positive version number, surrounding blanks ignored. Anything
-    else, the empty string included (an annotation set without a value is a mistake, not a
-    request for MASTER), raises InvalidRollbackTargetError."""
+    """`master` (any case) or a version number from 1 to HIGHEST_VERSION in ASCII digits,
+    surrounding blanks ignored. Anything else, the empty string included (an annotation set
+    without a value is a mistake, not a request for MASTER), raises InvalidRollbackTargetError."""
     value = text.strip()
     if value.lower() == "master":
         return "master"
-    if value.isascii() and value.isdigit() and int(value) > 0:
+    # Length first: int() of a longer string could name no version the layout can hold, or
+    # raise ValueError past 4300 digits (Python's limit), which no caller expects.
+    if len(value) <= VERSION_DIGITS and value.isascii() and value.isdigit() and int(value) > 0:
         return int(value)
-    raise InvalidRollbackTargetError(text)
+    raise InvalidRollbackTargetError(text, highest=HIGHEST_VERSION)
 
 
 def format_rollback_target(target: RollbackTarget) -> str:

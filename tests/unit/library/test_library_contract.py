@@ -35,6 +35,8 @@ from defender_operator import _api, _keys, crdgen
         ("1", 1),
         ("12", 12),
         (" 7 ", 7),
+        ("0000000007", 7),
+        ("9999999999", 9_999_999_999),
     ],
 )
 def test_rollback_targets_parse_one_way(text: str, target: object) -> None:
@@ -42,14 +44,30 @@ def test_rollback_targets_parse_one_way(text: str, target: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "   ", "0", "-1", "+3", "1.5", "latest", "yesterday", "master2", "٣"]
+    "text",
+    [
+        *["", "   ", "0", "0000000000", "-1", "+3", "1.5", "1 2", "latest", "yesterday"],
+        "master2",
+        # Digits int() reads but a person would not type: Arabic-Indic, full-width, superscript.
+        *["٣", "\uff13", "²"],
+        # Longer than any version etcd's history keys can hold (10 digits), leading zeros too.
+        *["10000000000", "00000000001", "9" * 5000],
+    ],
 )
 def test_bad_rollback_targets_are_a_typed_error_naming_the_grammar(text: str) -> None:
     with pytest.raises(InvalidRollbackTargetError) as info:
         parse_rollback_target(text)
     assert isinstance(info.value, DefenderConfigError) and isinstance(info.value, ValueError)
     assert info.value.reason == "InvalidRollbackTarget"
-    assert "use `master` or a version number" in str(info.value)
+    assert "use `master` or a version number from 1 to 9999999999" in str(info.value)
+
+
+def test_a_long_bad_rollback_target_is_quoted_only_in_part() -> None:
+    # The message goes into an Event and the webhook's answer.
+    with pytest.raises(InvalidRollbackTargetError) as info:
+        parse_rollback_target("9" * 5000)
+    assert f"{'9' * 32}..." in str(info.value) and len(str(info.value)) < 200
+    assert info.value.text == "9" * 5000
 
 
 @pytest.mark.parametrize("target", ["master", 1, 42])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -254,6 +258,119 @@ def test_custom_type_needs_a_schema() -> None:
 def test_invalid_schema() -> None:
     err = _errors("custom", {"a": 1}, {"type": "objekt"})
     assert err.errors[0].location.startswith("(schema)")
+
+
+# --- `$ref`: only inside the schema, nothing fetched, every failure typed --------------------
+
+
+@pytest.fixture
+def schema_server() -> Iterator[tuple[str, list[str]]]:
+    """A server that would hand out a schema accepting anything, and records who asked."""
+    requested: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            body = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _refused_schema(schema: dict[str, Any]) -> FieldError:
+    err = _errors("custom", {"n": 1}, schema)
+    assert len(err.errors) == 1 and err.errors[0].location == "(schema)"
+    return err.errors[0]
+
+
+@pytest.mark.parametrize("shape", ["absolute", "relative to $id", "draft-07"])
+def test_a_remote_ref_is_refused_without_a_request(
+    schema_server: tuple[str, list[str]], shape: str
+) -> None:
+    base, requested = schema_server
+    ref = f"{base}/x.json"
+    schema: dict[str, Any] = {
+        "absolute": {"properties": {"n": {"$ref": ref}}},
+        "relative to $id": {"$id": f"{base}/root.json", "properties": {"n": {"$ref": "x.json"}}},
+        "draft-07": {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "properties": {"n": {"$ref": ref}},
+        },
+    }[shape]
+    error = _refused_schema(schema)
+    # Named as the schema spells it.
+    assert f"$ref {schema['properties']['n']['$ref']!r} is refused" in error.message
+    assert "nothing is fetched" in error.message
+    assert requested == []
+
+
+def test_a_file_ref_is_refused_whatever_the_file_holds(tmp_path: Path) -> None:
+    # The file would accept the config: the refusal shows it was never consulted.
+    accepting = tmp_path / "accepting.json"
+    accepting.write_text("{}")
+    error = _refused_schema({"properties": {"n": {"$ref": accepting.as_uri()}}})
+    assert f"$ref '{accepting.as_uri()}' is refused" in error.message
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"$ref": "#/$defs/missing"}, "$ref '#/$defs/missing' points at nothing in the schema"),
+        ({"$ref": "#nowhere"}, "$ref '#nowhere' points at nothing in the schema"),
+    ],
+)
+def test_a_dangling_ref_is_refused(schema: dict[str, Any], message: str) -> None:
+    assert _refused_schema(schema).message == message
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"properties": {"n": {"description": "a"}}, "$ref": "#/properties/n/description"},
+        {"x": [1], "$ref": "#/x"},
+        {"x": 5, "$ref": "#/x"},
+        {"$schema": 5},
+        {"$schema": {}},
+    ],
+    ids=["ref-to-string", "ref-to-list", "ref-to-number", "schema-number", "schema-object"],
+)
+def test_a_ref_or_schema_keyword_leading_to_no_schema_is_refused(schema: dict[str, Any]) -> None:
+    assert _refused_schema(schema).message.startswith(
+        "a $ref or $schema leads to something not a schema"
+    )
+
+
+def test_a_ref_loop_is_refused() -> None:
+    schema = {
+        "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+        "$ref": "#/$defs/a",
+    }
+    assert "recursed too deep" in _refused_schema(schema).message
+
+
+def test_refs_inside_the_schema_still_resolve() -> None:
+    schema = {
+        "$id": "https://example.invalid/probe.json",
+        "$defs": {"rate": {"type": "integer", "minimum": 1}},
+        "properties": {"n": {"$ref": "#/$defs/rate"}, "m": {"$ref": "probe.json#/$defs/rate"}},
+    }
+    assert validate_config("custom", {"n": 1, "m": 2}, schema) == {"n": 1, "m": 2}
+    err = _errors("custom", {"n": 0, "m": 2}, schema)
+    assert [e.location for e in err.errors] == ["n"]
 
 
 def test_schema_on_top_of_a_model() -> None:

@@ -72,6 +72,14 @@ def test_a_custom_component_without_its_schema_is_refused_with_the_reason() -> N
     assert review("c", bad, None, {}) == ["spec: componentType custom needs customSchema"]
 
 
+def test_a_custom_schema_whose_ref_leads_nowhere_is_refused_not_a_crash() -> None:
+    dangling = {"type": "object", "properties": {"rate": {"$ref": "#/$defs/missing"}}}
+    custom = {**spec(), "componentType": "custom", "config": {"rate": 1}, "customSchema": dangling}
+    assert review("c", custom, None, {}) == [
+        "spec.config.(schema): $ref '#/$defs/missing' points at nothing in the schema"
+    ]
+
+
 def test_a_rollback_command_that_names_no_version_is_refused() -> None:
     problems = review("d", spec(), None, {"mldefender.io/rollback-to": "yesterday"})
     assert len(problems) == 1
@@ -79,8 +87,10 @@ def test_a_rollback_command_that_names_no_version_is_refused() -> None:
     assert "'yesterday' is not valid: use `master` or a version number" in problems[0]
     assert review("d", spec(), None, {"mldefender.io/rollback-to": "master"}) == []
     assert review("d", spec(), None, {"mldefender.io/rollback-to": " 3 "}) == []
-    # One grammar with the reconcile (the contract's): an empty target names nothing.
-    assert len(review("d", spec(), None, {"mldefender.io/rollback-to": ""})) == 1
+    # One grammar with the reconcile (the contract's): an empty target names nothing, nor
+    # does a number past the layout's 10 digits or past the 4300 digits int() reads.
+    for target in ["", "10000000000", "9" * 5000]:
+        assert len(review("d", spec(), None, {"mldefender.io/rollback-to": target})) == 1
 
 
 def test_an_update_that_leaves_the_spec_alone_passes_even_an_invalid_stored_spec() -> None:

@@ -85,6 +85,16 @@ def test_a_new_name_with_a_command_or_an_invalid_spec_is_claimed_before_anything
     assert bad.backend.state(NAME).active_version is None
 
 
+def test_a_custom_schema_whose_ref_leads_nowhere_is_config_invalid_not_a_crash() -> None:
+    h = Harness()
+    dangling = {"type": "object", "properties": {"rate": {"$ref": "#/$defs/missing"}}}
+    run(h.reconcile(spec({"rate": 1}, componentType="custom", customSchema=dangling)))
+    assert h.reasons() == ["ConfigInvalid"]
+    message = h.condition(cond.CONFIG_SYNCED)["message"]
+    assert "(schema): $ref '#/$defs/missing' points at nothing in the schema" in message
+    assert h.backend.state(NAME).active_version is None
+
+
 def test_a_spec_the_schema_refuses_is_a_permanent_refusal_after_the_claim() -> None:
     # An old CRD version may let through what the model refuses: not retried, said on the
     # resource, nothing seeded; and a name another resource holds is reported as such first.
@@ -206,10 +216,12 @@ def test_rollback_command_restores_a_kept_version_and_is_consumed() -> None:
     assert h.backend.state(NAME).active_version == 3
 
 
-def test_a_rollback_command_that_names_no_version_is_refused() -> None:
+# Past the layout's 10 digits, and past the 4300 digits int() reads.
+@pytest.mark.parametrize("target", ["yesterday", "10000000000", "9" * 5000])
+def test_a_rollback_command_that_names_no_version_is_refused(target: str) -> None:
     h = Harness()
     run(h.reconcile(spec(ETH0)))
-    run(h.reconcile(spec(ETH0), {_api.ROLLBACK_ANNOTATION: "yesterday"}))
+    run(h.reconcile(spec(ETH0), {_api.ROLLBACK_ANNOTATION: target}))
     assert "rollback" not in h.backend.calls
     assert h.kube.removed == [_api.ROLLBACK_ANNOTATION]
     assert h.reasons()[-1] == "RollbackRefused"
