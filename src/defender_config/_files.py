@@ -1,5 +1,5 @@
 """Replacing a local file whole: the agent's decoded config on the shared volume, the plugin's
-keyring export.
+keyring export, an etcd snapshot.
 
 A reader must only ever see the old file or the new file, never a mix: the new content goes to a
 temporary file in the *same* directory (rename is only atomic within one file system), is flushed
@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from ._errors import FileWriteError
@@ -22,12 +23,15 @@ from ._errors import FileWriteError
 __all__ = ["write_file_atomic"]
 
 
-def write_file_atomic(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` (file mode ``mode``, whatever the umask) so that no reader
-    ever sees a partial file.
+def write_file_atomic(
+    path: str | os.PathLike[str], data: bytes | Iterable[bytes], mode: int
+) -> None:
+    """Replace ``path`` with ``data`` (bytes, or chunks of them as they arrive, e.g. a stream;
+    file mode ``mode``, whatever the umask) so that no reader ever sees a partial file.
 
-    Raises :class:`FileWriteError` on any failure; the previous file, if any, is untouched and
-    the temporary file is removed (see the error for the one exception, the directory flush).
+    Raises :class:`FileWriteError` on any failure to write; an error raised by the chunks'
+    iterator is raised as it is. Either way the previous file, if any, is untouched and the
+    temporary file is removed (see the error for the one exception, the directory flush).
     """
     target = Path(path)
     directory = target.parent
@@ -37,18 +41,24 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, mode: int) -> N
         detail = f"cannot create a temporary file in {directory}: {exc.strerror or exc}"
         raise FileWriteError(str(target), detail) from exc
     tmp = Path(tmp_name)
+    chunks = (data,) if isinstance(data, bytes) else data
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             # mkstemp creates 0600 and the umask may differ between images: set the mode the
             # readers expect explicitly.
             os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
+        # Whatever ended the write (the disk, a stream that broke off, an interrupt), the
+        # temporary file must not stay behind.
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if not isinstance(exc, OSError):
+            raise
         detail = f"{type(exc).__name__}: {exc.strerror or exc}"
         raise FileWriteError(str(target), detail) from exc
     _fsync_dir(directory)

@@ -9,7 +9,6 @@ unknown fields, so they are read back from the message's own wire bytes (`status
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from pyetcd import etcdrpc
+
+from .._files import write_file_atomic
 
 # StatusResponse field numbers in etcd's api/etcdserverpb/rpc.proto (3.4+).
 _STATUS_ERRORS: Final = 8
@@ -26,6 +27,9 @@ _STATUS_DB_SIZE_QUOTA: Final = 12
 
 # etcd appends the SHA-256 of the database to the snapshot stream; etcdutl checks it on restore.
 SNAPSHOT_HASH_BYTES: Final = 32
+# Owner-only: a snapshot holds every stored record (sealed values stay sealed, but metadata,
+# heartbeats and alerts are plaintext).
+SNAPSHOT_FILE_MODE: Final = 0o600
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,29 +110,23 @@ def status_extras(raw: bytes) -> StatusExtras:
 
 
 def snapshot_to(channel: Any, metadata: Any, timeout: float, dest: Path) -> tuple[int, int]:
-    """Stream a snapshot of the member behind `channel` into `dest` (written to a temporary
-    name, fsynced, then renamed, so `dest` is never a partial file). Returns (bytes written,
-    the revision the member reported in the stream's header)."""
-    tmp = dest.with_name(f".{dest.name}.part")
-    revision = 0
-    written = 0
-    try:
-        with open(tmp, "wb") as fh:
-            stream = etcdrpc.MaintenanceStub(channel).Snapshot(
-                etcdrpc.SnapshotRequest(), timeout, metadata=metadata
-            )
-            for chunk in stream:
-                if chunk.HasField("header") and chunk.header.revision:
-                    revision = max(revision, int(chunk.header.revision))
-                fh.write(chunk.blob)
-                written += len(chunk.blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return written, revision
+    """Stream a snapshot of the member behind `channel` into `dest` (never a partial file, mode
+    0600: it holds every stored record, see `write_file_atomic`). Returns (bytes written, the
+    revision the member reported in the stream's header)."""
+    seen = [0, 0]  # bytes written, revision
+
+    def chunks() -> Iterator[bytes]:
+        stream = etcdrpc.MaintenanceStub(channel).Snapshot(
+            etcdrpc.SnapshotRequest(), timeout, metadata=metadata
+        )
+        for chunk in stream:
+            if chunk.HasField("header") and chunk.header.revision:
+                seen[1] = max(seen[1], int(chunk.header.revision))
+            seen[0] += len(chunk.blob)
+            yield chunk.blob
+
+    write_file_atomic(dest, chunks(), SNAPSHOT_FILE_MODE)
+    return seen[0], seen[1]
 
 
 def snapshot_hash_ok(path: Path) -> bool:

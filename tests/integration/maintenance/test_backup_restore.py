@@ -256,3 +256,21 @@ def test_take_backup_deletes_a_snapshot_that_fails_its_check(
                 client.store, tmp_path / "b", keep=1, prefix=PREFIX + "/", etcdutl=str(fake)
             )
     assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_a_snapshot_is_owner_only_even_over_a_world_readable_file(
+    fresh_etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """It holds every stored record: the plaintext ones (metadata, heartbeats, alerts) too."""
+    import stat
+
+    (tmp_path / "backups").mkdir()
+    dest = tmp_path / "backups" / "etcd.db"
+    dest.write_bytes(b"an older, world-readable snapshot")
+    dest.chmod(0o644)
+    with client_for(fresh_etcd, Keyring.generate()) as client:
+        client.store.put(f"{PREFIX}/test/x", b"x")
+        taken = client.store.snapshot(fresh_etcd.endpoints[0], str(dest))
+    assert taken.hash_ok and taken.size_bytes == dest.stat().st_size
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert [p.name for p in dest.parent.iterdir()] == ["etcd.db"]  # no temporary file left

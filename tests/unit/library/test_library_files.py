@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,30 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(
     assert "new" not in str(caught.value)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.json"]
+
+
+def test_chunks_are_written_in_order(tmp_path: Path) -> None:
+    target = tmp_path / "snapshot.db"
+    write_file_atomic(target, iter([b"ab", b"", b"cd"]), 0o600)
+    assert target.read_bytes() == b"abcd"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_stream_that_breaks_off_keeps_the_old_file_and_leaves_no_temporary_file(
+    tmp_path: Path,
+) -> None:
+    """The stream's own error (a gRPC one, say) is the caller's to type: raised as it is."""
+    target = tmp_path / "snapshot.db"
+    target.write_bytes(b"old")
+
+    class BrokeOff(Exception):
+        pass
+
+    def chunks() -> Iterator[bytes]:
+        yield b"partial"
+        raise BrokeOff("member went away")
+
+    with pytest.raises(BrokeOff):
+        write_file_atomic(target, chunks(), 0o600)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.db"]
