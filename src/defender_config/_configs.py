@@ -603,7 +603,7 @@ class ConfigStore:
         create-only transaction. If MASTER exists already (another instance won), nothing is
         written and the existing metadata is returned: MASTER is never overwritten. If MASTER
         is absent but the component is not new (its metadata, ACTIVE or history/1 is there),
-        nothing is written: MasterMissingError, alerted.
+        nothing is written: MasterMissingError, alerted unless the caller added compares.
 
         `also`: compares and puts of the caller's own, in the same transaction (the operator's
         owner record, written atomically with the data it claims). Its puts are written
@@ -684,7 +684,10 @@ class ConfigStore:
             left = [what for what, sv in found_there if sv is not None]
             if left:
                 missing = MasterMissingError(component, left)
-                c.report(missing, path=master, component=component)
+                if not compares:
+                    # A caller with compares of its own (a claim) may not own the name: it
+                    # decides whether the refusal is its to report, and alerts it then.
+                    c.report(missing, path=master, component=component)
                 raise missing
             raise ConflictError(master, detail="a condition the caller added no longer holds")
         if meta_sv is None:
