@@ -174,7 +174,8 @@ class Backend(Protocol):
         storage: StoragePolicy | None = None,
     ) -> ComponentState:
         """Create MASTER (only if absent) and ACTIVE (only if absent) from `config`, sealed
-        with `storage` (None = store-wide options), which becomes the component's policy."""
+        with `storage` (None = store-wide options), which becomes the component's policy.
+        MasterMissingError (alerted, nothing written) when MASTER is absent but not the rest."""
         ...
 
     def commit(
@@ -267,10 +268,10 @@ class Backend(Protocol):
     ) -> Observation | None:
         """`write_claim(claim, revision=0)`, `seed` and `publish_cadence(cadence)` in ONE
         create-only transaction, for a name etcd holds nothing of: written only while none of
-        the owner record, the metadata and MASTER exists; the spec is declared as `declare`
-        with its digest would. Returns what `observe(alerts_since)` would read right after, from
-        the same transaction, or None when any of the three exists (nothing written: the
-        caller reads the claim and decides it, then seeds, as always)."""
+        the owner record, the metadata, MASTER, ACTIVE and history/1 exists; the spec is
+        declared as `declare` with its digest would. Returns what `observe(alerts_since)` would
+        read right after, from the same transaction, or None when any of them exists (nothing
+        written: the caller reads the claim and decides it, then seeds, as always)."""
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...

@@ -32,6 +32,7 @@ from defender_config import (
     DefenderConfigError,
     EnvelopeError,
     KeyringError,
+    MasterMissingError,
     RecordAuthError,
     RecordReplayError,
     StoreAuthError,
@@ -172,7 +173,8 @@ RETRY_KEYRING = 5.0
 def is_permanent(exc: DefenderConfigError) -> bool:
     """A refusal that retrying cannot fix until a person changes something: the spec (too
     large, invalid), the freeze, credentials, keys the operator does not hold, or stored keys
-    that contradict each other. Only outages and lost compare-and-swaps are transient."""
+    that contradict each other (MASTER gone beside the rest). Only outages and lost
+    compare-and-swaps are transient."""
     if isinstance(exc, ConflictError):
         return not exc.retryable
     if isinstance(exc, RecordAuthError) and not isinstance(exc, RecordReplayError):
@@ -186,7 +188,8 @@ def is_permanent(exc: DefenderConfigError) -> bool:
         | UnknownKeyError
         | ConfigValidationError
         | ConfigFrozenError
-        | StoreAuthError,
+        | StoreAuthError
+        | MasterMissingError,
     )
 
 

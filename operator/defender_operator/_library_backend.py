@@ -30,6 +30,7 @@ from defender_config import (
     KeyringError,
     KeyUsage,
     LibrarySettings,
+    MasterMissingError,
     RecordAuthError,
     Registry,
     RolloutRecord,
@@ -445,8 +446,10 @@ class LibraryBackend:
                 also=(compares, [owner, cadence_put(self.client, component, cadence)]),
                 reads=view_reads(layout, component),
             )
-        except ConflictError:
-            return None  # the owner record or metadata is there: decide the claim on a read
+        except (ConflictError, MasterMissingError):
+            # The owner record or metadata is there, or what a deleted MASTER left (refused,
+            # not alerted): decide the claim on a read; the visit that owns the name reports it.
+            return None
         except StoreError:
             raise
         except DefenderConfigError:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
@@ -24,6 +24,7 @@ from defender_config import (
     ConfigValidationError,
     DefenderConfigError,
     InvalidRollbackTargetError,
+    MasterMissingError,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
@@ -601,6 +602,8 @@ async def seed(
         StoredState(state.master_digest, state.active_digest, state.active_version),
         str(v.status.get("specConfigDigest") or ""),
     )
+    if plan.master_missing:
+        await master_missing(v, state)
     if plan.seed_master or plan.seed_active:
         state = await rt.write(
             component,
@@ -625,6 +628,16 @@ async def seed(
     return state, plan.commit, out
 
 
+async def master_missing(v: Visit, state: ComponentState) -> NoReturn:
+    """MASTER is gone beside the rest (`plan_seed`): nothing is written, components keep
+    running ACTIVE, and a person is told how to recover. Refused like any library refusal
+    (ConfigSynced False and a Warning Event, both MasterMissing) and alerted, as the library
+    alerts the same refusal of a seed when the metadata is gone too."""
+    missing = MasterMissingError(v.component, [f"metadata (version {state.active_version})"])
+    await v.rt.write(v.component, v.rt.backend.alert, missing.reason, v.component, str(missing))
+    raise missing
+
+
 async def claim_and_seed(
     v: Visit,
     spec: _api.DefenderComponentSpec,
@@ -632,8 +645,8 @@ async def claim_and_seed(
     pending: Claim,
 ) -> tuple[ComponentState, bool, Outcome] | None:
     """A new name: its claim, MASTER, ACTIVE and metadata in one create-only transaction, as
-    `seed` returns it; None when the owner record or MASTER appeared since the claim's read
-    (nothing written)."""
+    `seed` returns it; None when the owner record, metadata or a value appeared since the
+    claim's read (nothing written)."""
     rt, component = v.rt, v.component
     # What `seed` would plan for a name etcd holds nothing of: seed both, commit nothing.
     absent = StoredState(None, None, None)

@@ -26,6 +26,7 @@ from ._errors import (
     DefenderConfigError,
     EnvelopeError,
     FieldError,
+    MasterMissingError,
     NotFoundError,
     RecordAuthError,
     RecordReplayError,
@@ -600,7 +601,9 @@ class ConfigStore:
     ) -> SeedResult:
         """Register the component's config: MASTER, ACTIVE v1, metadata and history/1 in ONE
         create-only transaction. If MASTER exists already (another instance won), nothing is
-        written and the existing metadata is returned: MASTER is never overwritten.
+        written and the existing metadata is returned: MASTER is never overwritten. If MASTER
+        is absent but the component is not new (its metadata, ACTIVE or history/1 is there),
+        nothing is written: MasterMissingError, alerted unless the caller added compares.
 
         `also`: compares and puts of the caller's own, in the same transaction (the operator's
         owner record, written atomically with the data it claims). Its puts are written
@@ -648,10 +651,14 @@ class ConfigStore:
         # The freeze record is read in the same transaction either way, so the result is the
         # whole overview and the caller does not read etcd again to learn what it holds.
         freeze = GetOp(lay.freeze(component))
+        # Absent, every key it writes, not MASTER alone: MASTER deleted (by someone with etcd
+        # write access) must not make the component new again, with the seeder's config (after
+        # a breaker rollback, the rejected one) as MASTER and version 1 over ACTIVE, metadata
+        # and history. Compared in the transaction, so a write racing the seed cannot slip past.
         result = c.store.txn(
-            [Compare.absent(master), *compares],
+            [*(Compare.absent(key) for key in (master, active, meta_key, history)), *compares],
             [*puts, freeze, *reads],
-            self.overview_reads(component),
+            [*self.overview_reads(component), GetOp(active), GetOp(history)],
         )
         if result.succeeded:
             log.info("component %s registered (MASTER written by %s)", component, by)
@@ -669,17 +676,27 @@ class ConfigStore:
                 read=result.gets[1:],
                 revision=result.revision,
             )
-        existing_meta = result.gets[0][0] if result.gets and result.gets[0] else None
-        existing_master = result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None
-        if existing_master is None and compares:
+        meta_sv, existing_master, _, active_sv, history_sv = (
+            found[0] if found else None for found in result.gets
+        )
+        if existing_master is None:
+            found_there = (("metadata", meta_sv), ("ACTIVE", active_sv), ("history/1", history_sv))
+            left = [what for what, sv in found_there if sv is not None]
+            if left:
+                missing = MasterMissingError(component, left)
+                if not compares:
+                    # A caller with compares of its own (a claim) may not own the name: it
+                    # decides whether the refusal is its to report, and alerts it then.
+                    c.report(missing, path=master, component=component)
+                raise missing
             raise ConflictError(master, detail="a condition the caller added no longer holds")
-        if existing_meta is None or existing_master is None:
+        if meta_sv is None:
             raise ConflictError(
                 meta_key,
                 detail="MASTER exists but metadata is missing; repair the component keys",
                 retryable=False,
             )
-        found = self.overview_of(component, result.gets, tolerate_master=False)
+        found = self.overview_of(component, result.gets[:3], tolerate_master=False)
         assert found.metadata is not None and found.master is not None  # both read above
         current, master_cfg = found.metadata, found.master
         same = config_digest(master_cfg) == digest

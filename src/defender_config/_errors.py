@@ -32,6 +32,7 @@ DefenderConfigError                          reason
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
 ├── ConfigValidationError                    ConfigInvalid
 ├── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
+├── MasterMissingError                       MasterMissing     seed refused: MASTER alone is gone
 ├── RepairRefusedError                       RepairRefused     scrub: the source does not verify
 └── FileWriteError                           FileWriteFailed   a local file not replaced whole
 ```
@@ -64,6 +65,7 @@ __all__ = [
     "KeyringError",
     "KeyringLacksKeysError",
     "MaintenanceError",
+    "MasterMissingError",
     "NotAnEnvelopeError",
     "NotFoundError",
     "RecordAuthError",
@@ -614,3 +616,23 @@ class RepairRefusedError(DefenderConfigError):
     def __init__(self, path: str, why: str) -> None:
         self.path = path
         super().__init__(f"cannot repair {path!r}: {why}")
+
+
+class MasterMissingError(DefenderConfigError):
+    """A seed found MASTER absent but the component not new: its metadata, ACTIVE or first
+    history entry is still in etcd. Seeding it would write whatever config
+    the seeder holds as MASTER and as a new version 1 over what is there (after a breaker
+    rollback, the very config the breaker rejected), so nothing is written. Not a StoreError:
+    no retry brings MASTER back, a person must (docs/troubleshooting.md#mastermissing)."""
+
+    reason = "MasterMissing"
+
+    def __init__(self, component: str, found: Sequence[str]) -> None:
+        self.component = component
+        self.found = tuple(found)
+        super().__init__(
+            f"MASTER of {component!r} is missing but etcd still holds its"
+            f" {', '.join(self.found)}: not seeded again, nothing written; components keep"
+            " running ACTIVE. Restore the component's keys from an etcd snapshot, or delete it"
+            " with retention Purge and create it again (docs/troubleshooting.md#mastermissing)"
+        )

@@ -26,6 +26,7 @@ from defender_config import (
     DefenderConfigError,
     Keyring,
     LibrarySettings,
+    MasterMissingError,
     NotFoundError,
     RecordAuthError,
     Rollouts,
@@ -97,6 +98,38 @@ def test_a_seed_answers_with_what_it_wrote_or_found_as_an_overview_would_read_it
     assert not found.created and found.overview == configs.overview("sniffer")
     assert found.overview.metadata is not None and found.overview.metadata.version == 2
     assert found.overview.master == configs.get_master("sniffer")  # MASTER, not ACTIVE
+
+
+def component_keys(client: DefenderClient, component: str) -> dict[str, tuple[bytes, int]]:
+    found = client.store.list_prefix(client.layout.component_dir(component))
+    return {sv.key: (sv.value, sv.mod_revision) for sv in found}
+
+
+@pytest.mark.parametrize("also_gone", [(), ("metadata",), ("metadata", "active")])
+def test_a_seed_with_master_alone_gone_refuses_writes_nothing_and_alerts(
+    configs: ConfigStore, client: DefenderClient, alerts: list[Alert], also_gone: tuple[str, ...]
+) -> None:
+    # After a breaker rollback and freeze, someone with etcd write access (no keyring)
+    # deletes MASTER (and maybe more): a seed with the config the breaker rejected must not
+    # make the component new again, as MASTER and as a version 1 over what is there.
+    bad = snaplen(99)
+    configs.commit("sniffer", bad, by="ops")
+    configs.rollback("sniffer", 1, "breaker")
+    configs.freeze("sniffer", "breaker tripped", by="breaker")
+    lay = client.layout
+    client.store.delete(lay.master_config("sniffer"))
+    keys = {"metadata": lay.metadata("sniffer"), "active": lay.active_config("sniffer")}
+    for what in also_gone:
+        client.store.delete(keys[what])
+    before = component_keys(client, "sniffer")
+    with pytest.raises(MasterMissingError) as info:
+        configs.seed("sniffer", bad, "sniffer", by="operator")
+    assert component_keys(client, "sniffer") == before  # nothing written, nothing lost
+    assert info.value.reason == "MasterMissing" and not isinstance(info.value, StoreError)
+    assert "history/1" in info.value.found and "Purge" in str(info.value)
+    assert [a.kind for a in alerts if a.component == "sniffer"][-1] == "MasterMissing"
+    if "active" not in also_gone:
+        assert configs.get_active("sniffer").version == 3  # what components run, kept
 
 
 def test_a_seed_writes_the_callers_puts_with_it_only_when_its_compares_hold_too(

@@ -299,6 +299,54 @@ def test_metadata_planted_under_a_new_name_is_not_overwritten_by_a_seed_with_a_c
     assert kept is not None and kept.value == planted
 
 
+def component_keys(library: LibraryBackend) -> dict[str, tuple[bytes, int]]:
+    found = library.client.store.list_prefix(library.layout.component_dir(NAME))
+    return {sv.key: (sv.value, sv.mod_revision) for sv in found}
+
+
+@pytest.mark.parametrize(
+    ("also_gone", "holds"),
+    [((), "metadata (version 3)"), (("metadata", "owner"), "ACTIVE, history/1")],
+)
+def test_master_deleted_after_a_breaker_rollback_is_reported_and_nothing_reseeded(
+    library: LibraryBackend, also_gone: tuple[str, ...], holds: str
+) -> None:
+    # Someone with etcd write access (no keyring) deletes MASTER after the breaker rolled the
+    # spec's config back and froze commits. The reconcile must not seed that spec again as
+    # MASTER and version 1: nothing written, ACTIVE as it was, a person told. With the
+    # metadata and owner record gone too, a fresh visit seeds with its claim: the library's
+    # compares refuse that as well.
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    asyncio.run(h.reconcile(spec()))
+    rejected = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth9"}
+    asyncio.run(h.reconcile(spec(rejected)))
+    library.rollback(NAME, 1, modified_by="breaker")
+    library.freeze(NAME, "breaker tripped")
+    store, layout = library.client.store, library.layout
+    since = utcnow()
+    store.delete(layout.master_config(NAME))
+    keys = {"metadata": layout.metadata(NAME), "owner": layout.owner(NAME)}
+    for what in also_gone:
+        store.delete(keys[what])
+    if also_gone:
+        h = Harness(backend=library)  # type: ignore[arg-type]
+    before = component_keys(library)
+    with pytest.raises(kopf.PermanentError, match="MASTER of 'sniffer' is missing"):
+        asyncio.run(h.reconcile(spec(rejected)))
+    assert component_keys(library) == before  # ACTIVE, history, metadata as they were
+    if not also_gone:
+        active = library.configs.get_active(NAME)
+        assert (active.version, active.config["interface"]) == (3, "eth0")
+    synced = h.condition("ConfigSynced")
+    assert (synced["status"], synced["reason"]) == ("False", "MasterMissing")
+    assert f"still holds its {holds}:" in synced["message"]  # the operator's plan, the seed's
+    assert "Purge" in synced["message"] and "snapshot" in synced["message"]
+    assert h.condition("Ready")["reason"] == "MasterMissing"
+    assert [e.type for e in h.events if e.reason == "MasterMissing"] == ["Warning"]
+    # Once: the seed with the claim, refused too, leaves the alert to the visit that owns it.
+    assert [a.reason for a in library.alerts(NAME, since)].count("MasterMissing") == 1
+
+
 def test_reconciling_an_existing_component_reads_four_times(library: LibraryBackend) -> None:
     h = Harness(backend=library)  # type: ignore[arg-type]
     asyncio.run(h.reconcile(spec()))

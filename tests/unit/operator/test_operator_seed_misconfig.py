@@ -43,6 +43,16 @@ def test_lost_active_is_reseeded_without_touching_master() -> None:
     assert (plan.seed_master, plan.seed_active, plan.commit) == (False, True, False)
 
 
+def test_master_gone_beside_the_metadata_is_reported_and_nothing_seeded() -> None:
+    # MASTER deleted after a breaker rollback (ACTIVE version 7 is not the spec): seeding
+    # would make the rejected spec MASTER and version 1 again.
+    for handled in ("d2", ""):
+        plan = plan_seed("d2", StoredState(None, "d1", 7), handled)
+        assert plan.master_missing and plan.nothing_to_do
+        assert (plan.seed_master, plan.seed_active, plan.commit) == (False, False, False)
+    assert not plan_seed("d1", EMPTY, "").master_missing  # a new component is seeded
+
+
 def test_no_reports_is_not_misconfigured() -> None:
     assert not assess(T0, [], 300).misconfigured
 
