@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
@@ -18,7 +18,7 @@ from typing import Any, Final, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._client import DefenderClient
-from ._envelope import is_envelope
+from ._envelope import inspect, is_envelope
 from ._errors import (
     ConfigFrozenError,
     ConfigValidationError,
@@ -34,6 +34,7 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._json_parse import parse_json
+from ._layout import MAX_VERSION
 from ._models import canonical_json, config_digest, validate_config
 from ._records import is_signed, record_key_id, sign_record, verify_record
 from ._settings import EnvelopeOptions
@@ -217,6 +218,17 @@ RECORDED: Final = _Recorded.SCHEMA
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class KeptVersion:
+    """A history entry that opened. `authenticated`: it was AEAD-sealed, so its version (in
+    its path, the associated data) and its config are a key holder's; a plaintext entry is
+    anyone's with etcd write access."""
+
+    version: int
+    digest: str
+    authenticated: bool
 
 
 class ConfigStore:
@@ -921,7 +933,14 @@ class ConfigStore:
         respect_freeze = freeze_revision is not None
         # Versions only grow, even after an authentic old record was put back (replay): readers
         # refuse a version lower than one they accepted, so the next one must pass them all.
-        version = max(meta.version, self._newest_kept(component)) + 1
+        version = max(meta.version, self._newest_authentic(component, meta)) + 1
+        if version > MAX_VERSION:
+            raise ConflictError(
+                lay.metadata(component),
+                detail=f"version numbers of {component!r} are used up (the last is "
+                f"{MAX_VERSION}): purge the component and register it again",
+                retryable=False,
+            )
         oldest_kept = version - self.history_limit + 1
         authors = {
             v: who for v, who in meta.authors.items() if v.isdigit() and int(v) >= oldest_kept
@@ -994,13 +1013,38 @@ class ConfigStore:
             active, expected=meta.version, found=found, detail="another commit landed first"
         )
 
-    def _newest_kept(self, component: str) -> int:
-        versions = [
-            parsed.version
-            for sv in self.client.store.list_prefix(self.layout.history_dir(component))
-            if (parsed := self.layout.parse(sv.key)) is not None and parsed.version is not None
-        ]
-        return max(versions, default=0)
+    def _kept(
+        self, component: str, read: EnvelopeOptions, *, above: int = 0
+    ) -> Iterator[tuple[StoredValue, dict[str, Any], KeptVersion]]:
+        """The history entries above version `above` that open under `read`, newest first,
+        opened as they are consumed (the listing is read at once). One that does not open (a
+        junk or moved value, alerted by `client.open`) is skipped: it is nobody's version."""
+        listed = self.client.store.list_prefix(self.layout.history_dir(component))
+        return self._opened_kept(component, reversed(listed), read, above)
+
+    def _opened_kept(
+        self, component: str, newest_first: Iterable[StoredValue], read: EnvelopeOptions, above: int
+    ) -> Iterator[tuple[StoredValue, dict[str, Any], KeptVersion]]:
+        for sv in newest_first:
+            parsed = self.layout.parse(sv.key)
+            if parsed is None or parsed.version is None or parsed.version <= above:
+                continue
+            try:
+                config = self._open_config(sv.key, sv.value, component, read)
+            except DefenderConfigError:
+                continue
+            # It opened: when it was encrypted, the AEAD covered its path, so its version too.
+            authenticated = is_envelope(sv.value) and inspect(sv.value).encrypted
+            yield sv, config, KeptVersion(parsed.version, config_digest(config), authenticated)
+
+    def _newest_authentic(self, component: str, meta: ConfigMetadata) -> int:
+        """The newest history version above the record's that a key holder wrote (0: none),
+        whatever the key names say: a plaintext or junk entry could name any version, and the
+        next version (and the pruning below it) would follow it. Entries at or below the
+        record's version cannot raise it: not opened (nothing to decrypt on a usual commit)."""
+        read = self._read_options(component, meta)
+        kept = self._kept(component, read, above=meta.version)
+        return next((e.version for _, _, e in kept if e.authenticated), 0)
 
     def _reseal_kept(
         self,

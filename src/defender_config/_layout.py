@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 __all__ = ["KeyKind", "Layout", "ParsedKey", "check_name"]
 
@@ -32,6 +32,8 @@ __all__ = ["KeyKind", "Layout", "ParsedKey", "check_name"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 _PREFIX_RE = re.compile(r"^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$")
 _VERSION_DIGITS = 10
+#: The last config version a history key can name.
+MAX_VERSION: Final = 10**_VERSION_DIGITS - 1
 
 KeyKind = Literal[
     "master_config",
@@ -135,8 +137,8 @@ class Layout:
         return self.component_dir(component) + "status"
 
     def history(self, component: str, version: int) -> str:
-        if not 0 < version < 10**_VERSION_DIGITS:
-            raise ValueError(f"config version {version} is out of range 1..{10**10 - 1}")
+        if not 0 < version <= MAX_VERSION:
+            raise ValueError(f"config version {version} is out of range 1..{MAX_VERSION}")
         # Zero-padded so etcd's byte order (prefix listing) is version order.
         return f"{self.history_dir(component)}{version:0{_VERSION_DIGITS}d}"
 

@@ -1,0 +1,117 @@
+"""Someone with etcd write access and no key edits a component's history keys, against the real
+cluster: a junk entry neither picks the next version nor prunes real history
+(docs/security.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from defender_config import (
+    Alert,
+    ConfigStore,
+    ConflictError,
+    DefenderClient,
+    EnvelopeOptions,
+)
+from defender_config._layout import MAX_VERSION
+from defender_config.store import EtcdStore
+
+pytestmark = pytest.mark.etcd
+
+SNIFFER: dict[str, Any] = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+RAG: dict[str, Any] = {"node_id": "rag-01", "version": "1.0.0"}
+
+
+def snaplen(n: int) -> dict[str, Any]:
+    return {**SNIFFER, "snaplen": 100 + n}
+
+
+@pytest.fixture
+def configs(client: DefenderClient) -> ConfigStore:
+    cs = ConfigStore(client)
+    cs.seed("sniffer", SNIFFER, "sniffer", by="test")
+    return cs
+
+
+def repair(configs: ConfigStore, component: str = "sniffer", **kw: Any) -> bool:
+    return configs.repair_metadata(
+        component, component_type=component, json_schema=None, by="operator", **kw
+    )
+
+
+def raw(store: EtcdStore, path: str) -> tuple[bytes, int]:
+    stored = store.get(path)
+    assert stored is not None, path
+    return stored.value, stored.mod_revision
+
+
+def kept_versions(store: EtcdStore, client: DefenderClient, component: str) -> list[str]:
+    listed = store.list_prefix(client.layout.history_dir(component))
+    return [sv.key.rsplit("/", 1)[1] for sv in listed]
+
+
+def test_a_junk_history_key_neither_picks_the_version_nor_prunes_real_history(
+    configs: ConfigStore, client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    lay = client.layout
+    for n in range(2, 5):
+        configs.commit("sniffer", snaplen(n), by="ops")
+    running = ConfigStore(client)
+    assert running.get_active("sniffer").version == 4
+    store.put(lay.history_dir("sniffer") + "9999999998", b"junk")
+    assert configs.commit("sniffer", snaplen(5), by="ops") == 5
+    # History limit 3: only version 2 was pruned, the junk key is left where it was.
+    assert kept_versions(store, client, "sniffer") == [
+        "0000000003",
+        "0000000004",
+        "0000000005",
+        "9999999998",
+    ]
+    store.put(lay.history("sniffer", MAX_VERSION), b"junk")
+    # Commits, rollbacks to master and to a kept version (the breaker's and a canary abort's
+    # way back) all go on from the authenticated record.
+    assert configs.commit("sniffer", snaplen(6), by="ops") == 6
+    assert configs.rollback("sniffer", "master", by="breaker") == 7
+    assert configs.rollback("sniffer", 5, by="ops") == 8
+    active = running.get_active("sniffer")
+    assert (active.version, active.config["snaplen"]) == (8, 105)
+    assert not repair(configs)
+    assert kept_versions(store, client, "sniffer") == [
+        "0000000006",
+        "0000000007",
+        "0000000008",
+        "9999999998",
+        "9999999999",
+    ]
+    assert "NotAnEnvelope" in [a.kind for a in alerts]
+
+
+def test_a_plaintext_junk_entry_of_a_plaintext_component_names_no_version(
+    client: DefenderClient, store: EtcdStore
+) -> None:
+    # A plaintext component's history is not authenticated: a JSON object at any history key
+    # opens, so its name must not count.
+    configs = ConfigStore(client, plaintext_components={"rag"})
+    plain = EnvelopeOptions(compress=False, encrypt=False)
+    configs.seed("rag", RAG, "rag", by="operator", options=plain)
+    store.put(client.layout.history_dir("rag") + "9999999998", b'{"node_id": "x"}')
+    assert configs.commit("rag", {**RAG, "version": "1.0.1"}, by="ops", options=plain) == 2
+    assert kept_versions(store, client, "rag") == ["0000000001", "0000000002", "9999999998"]
+    assert configs.get_active("rag").version == 2
+
+
+def test_versions_used_up_are_a_typed_refusal(
+    configs: ConfigStore, client: DefenderClient, store: EtcdStore
+) -> None:
+    # Only a key holder can write such a record now (ten billion commits, or by hand).
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None
+    path = client.layout.metadata("sniffer")
+    last = meta.model_copy(update={"version": MAX_VERSION}).model_dump(mode="json")
+    store.put(path, client.encode_record(path, last))
+    with pytest.raises(ConflictError, match="used up") as caught:
+        configs.commit("sniffer", snaplen(2), by="ops")
+    assert not caught.value.retryable
+    assert kept_versions(store, client, "sniffer") == ["0000000001"]
