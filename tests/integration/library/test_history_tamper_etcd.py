@@ -1,6 +1,6 @@
 """Someone with etcd write access and no key edits a component's history keys, against the real
-cluster: a junk entry neither picks the next version nor prunes real history
-(docs/security.md)."""
+cluster: deleting the newest entries does not roll ACTIVE back through the operator's repair,
+and a junk entry neither picks the next version nor prunes real history (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from defender_config import (
     ConflictError,
     DefenderClient,
     EnvelopeOptions,
+    RecordReplayError,
 )
 from defender_config._layout import MAX_VERSION
 from defender_config.store import EtcdStore
@@ -50,6 +51,59 @@ def raw(store: EtcdStore, path: str) -> tuple[bytes, int]:
 def kept_versions(store: EtcdStore, client: DefenderClient, component: str) -> list[str]:
     listed = store.list_prefix(client.layout.history_dir(component))
     return [sv.key.rsplit("/", 1)[1] for sv in listed]
+
+
+def test_deleting_the_newest_history_entries_does_not_roll_active_back(
+    configs: ConfigStore, client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    for n in range(2, 8):
+        configs.commit("sniffer", snaplen(n), by="ops")
+    running = ConfigStore(client)  # an agent that has applied version 7
+    assert running.get_active("sniffer").version == 7
+    lay = client.layout
+    before = [raw(store, p) for p in (lay.metadata("sniffer"), lay.active_config("sniffer"))]
+    assert store.delete(lay.history("sniffer", 7))
+    # The operator's pass, as it calls it (with the record it read in one transaction) and as
+    # the monitor does: the verified record is newer than every entry, no replay. Kept.
+    gets = store.txn([], configs.overview_reads("sniffer")).gets
+    meta_sv, master_sv = (found[0] if found else None for found in gets[:2])
+    assert not repair(configs, stored=(meta_sv, master_sv))
+    assert not repair(configs)
+    after = [raw(store, p) for p in (lay.metadata("sniffer"), lay.active_config("sniffer"))]
+    assert after == before
+    assert [a.kind for a in alerts] == ["HistoryMissing", "HistoryMissing"]
+    assert "version 7" in alerts[0].detail and "newest kept: version 6" in alerts[0].detail
+    fresh = ConfigStore(client).get_active("sniffer")  # a pod started now
+    assert (fresh.version, fresh.config["snaplen"]) == (7, 107)
+    # The next commit is version 8, above what every reader accepted.
+    assert configs.commit("sniffer", snaplen(99), by="ops") == 8
+    active = running.get_active("sniffer")
+    assert (active.version, active.config["snaplen"]) == (8, 199)
+    assert not repair(configs)
+    assert [a.kind for a in alerts] == ["HistoryMissing", "HistoryMissing"]  # whole again
+
+
+def test_an_older_active_beside_a_record_whose_history_was_deleted_is_refused_not_restored(
+    configs: ConfigStore, client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    lay = client.layout
+    configs.commit("sniffer", snaplen(2), by="ops")
+    v2_active = raw(store, lay.active_config("sniffer"))[0]
+    configs.commit("sniffer", snaplen(3), by="ops")
+    meta_before = raw(store, lay.metadata("sniffer"))
+    assert store.delete(lay.history("sniffer", 3))
+    store.put(lay.active_config("sniffer"), v2_active)
+    # Version 3's config is nowhere left: the repair refuses rather than write version 2 again.
+    with pytest.raises(RecordReplayError, match="history entry is gone"):
+        repair(configs)
+    assert raw(store, lay.metadata("sniffer")) == meta_before
+    assert raw(store, lay.active_config("sniffer"))[0] == v2_active
+    assert "RecordReplayed" in [a.kind for a in alerts]
+    with pytest.raises(RecordReplayError):
+        ConfigStore(client).get_active("sniffer")
+    # A commit writes the next version: every reader takes it.
+    assert configs.commit("sniffer", snaplen(4), by="ops") == 4
+    assert ConfigStore(client).get_active("sniffer").version == 4
 
 
 def test_a_junk_history_key_neither_picks_the_version_nor_prunes_real_history(
@@ -98,6 +152,7 @@ def test_a_plaintext_junk_entry_of_a_plaintext_component_names_no_version(
     configs.seed("rag", RAG, "rag", by="operator", options=plain)
     store.put(client.layout.history_dir("rag") + "9999999998", b'{"node_id": "x"}')
     assert configs.commit("rag", {**RAG, "version": "1.0.1"}, by="ops", options=plain) == 2
+    assert not repair(configs, "rag")
     assert kept_versions(store, client, "rag") == ["0000000001", "0000000002", "9999999998"]
     assert configs.get_active("rag").version == 2
 
