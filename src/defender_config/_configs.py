@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
@@ -18,7 +18,7 @@ from typing import Any, Final, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._client import DefenderClient
-from ._envelope import is_envelope
+from ._envelope import inspect, is_envelope
 from ._errors import (
     ConfigFrozenError,
     ConfigValidationError,
@@ -40,7 +40,13 @@ from ._records import is_signed, record_key_id, sign_record, verify_record
 from ._settings import EnvelopeOptions
 from ._store import WatchHandle
 from ._store_types import Compare, DeleteOp, GetOp, PutOp, StoredValue, WatchEvent
-from .contract import ChangeKind, ComponentType, InvalidConfigPolicy, RollbackTarget
+from .contract import (
+    HIGHEST_VERSION,
+    ChangeKind,
+    ComponentType,
+    InvalidConfigPolicy,
+    RollbackTarget,
+)
 
 __all__ = [
     "ActiveConfig",
@@ -218,6 +224,56 @@ RECORDED: Final = _Recorded.SCHEMA
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class KeptVersion:
+    """A history entry that opened. `authenticated`: it was AEAD-sealed, so its version (in
+    its path, the associated data) and its config are a key holder's; a plaintext entry is
+    anyone's with etcd write access."""
+
+    version: int
+    digest: str
+    authenticated: bool
+
+
+class RepairAction(enum.Enum):
+    KEEP = "keep"  # the record verifies and ACTIVE is its config
+    HISTORY_MISSING = "history-missing"  # KEEP, but the record's own history entry is gone
+    REBUILD = "rebuild"  # record (and ACTIVE where it differs) from the chosen entry
+    NOTHING_TO_REBUILD = "nothing-to-rebuild"  # no record, and no history entry opens
+    ACTIVE_LOST = "active-lost"  # ACTIVE is not the record's config, which history lost
+
+
+def plan_repair(
+    record: tuple[int, str] | None, kept: Iterable[KeptVersion], active_digest: str | None
+) -> tuple[RepairAction, KeptVersion | None]:
+    """What `repair_metadata` does, from the verified record's (version, digest) (None: it does
+    not verify or is absent), the history entries that open, newest first (consumed lazily:
+    only as far as needed), and ACTIVE's digest (None: it does not open). Returns the action
+    and the entry it is based on.
+
+    Only an authenticated entry newer than a verified record proves the record stale (a
+    replay); an unauthenticated one could name any version. A record newer than every entry
+    is no replay (a writer puts its history entry in the same transaction): the entry was
+    deleted, and rebuilding from an older one would roll ACTIVE back and make the next version
+    one that readers already accepted."""
+    if record is None:
+        # The newest authenticated entry, else (a plaintext component) the newest that opens.
+        opened = list(kept)
+        source = next((e for e in opened if e.authenticated), opened[0] if opened else None)
+        if source is None:
+            return RepairAction.NOTHING_TO_REBUILD, None
+        return RepairAction.REBUILD, source
+    version, digest = record
+    source = next((e for e in kept if e.authenticated or e.version <= version), None)
+    if source is None or source.version < version:
+        if active_digest == digest:
+            return RepairAction.HISTORY_MISSING, source
+        return RepairAction.ACTIVE_LOST, source
+    if (source.version, source.digest) == (version, digest) and active_digest == digest:
+        return RepairAction.KEEP, source
+    return RepairAction.REBUILD, source
 
 
 class ConfigStore:
@@ -938,7 +994,14 @@ class ConfigStore:
         respect_freeze = freeze_revision is not None
         # Versions only grow, even after an authentic old record was put back (replay): readers
         # refuse a version lower than one they accepted, so the next one must pass them all.
-        version = max(meta.version, self._newest_kept(component)) + 1
+        version = max(meta.version, self._newest_authentic(component, meta)) + 1
+        if version > HIGHEST_VERSION:
+            raise ConflictError(
+                lay.metadata(component),
+                detail=f"version numbers of {component!r} are used up (the last is "
+                f"{HIGHEST_VERSION}): purge the component and register it again",
+                retryable=False,
+            )
         oldest_kept = version - self.history_limit + 1
         authors = {
             v: who for v, who in meta.authors.items() if v.isdigit() and int(v) >= oldest_kept
@@ -1011,13 +1074,69 @@ class ConfigStore:
             active, expected=meta.version, found=found, detail="another commit landed first"
         )
 
-    def _newest_kept(self, component: str) -> int:
-        versions = [
-            parsed.version
-            for sv in self.client.store.list_prefix(self.layout.history_dir(component))
-            if (parsed := self.layout.parse(sv.key)) is not None and parsed.version is not None
-        ]
-        return max(versions, default=0)
+    def _kept(
+        self, component: str, read: EnvelopeOptions, *, above: int = 0
+    ) -> Iterator[tuple[StoredValue, dict[str, Any], KeptVersion]]:
+        """The history entries above version `above` that open under `read`, newest first,
+        opened as they are consumed (the listing is read at once). One that does not open (a
+        junk or moved value, alerted by `client.open`) is skipped: it is nobody's version."""
+        listed = self.client.store.list_prefix(self.layout.history_dir(component))
+        return self._opened_kept(component, reversed(listed), read, above)
+
+    def _opened_kept(
+        self, component: str, newest_first: Iterable[StoredValue], read: EnvelopeOptions, above: int
+    ) -> Iterator[tuple[StoredValue, dict[str, Any], KeptVersion]]:
+        for sv in newest_first:
+            parsed = self.layout.parse(sv.key)
+            if parsed is None or parsed.version is None or parsed.version <= above:
+                continue
+            try:
+                config = self._open_config(sv.key, sv.value, component, read)
+            except DefenderConfigError:
+                continue
+            # It opened: when it was encrypted, the AEAD covered its path, so its version too.
+            authenticated = is_envelope(sv.value) and inspect(sv.value).encrypted
+            yield sv, config, KeptVersion(parsed.version, config_digest(config), authenticated)
+
+    def _newest_authentic(self, component: str, meta: ConfigMetadata) -> int:
+        """The newest history version above the record's that a key holder wrote (0: none),
+        whatever the key names say: a plaintext or junk entry could name any version, and the
+        next version (and the pruning below it) would follow it. Entries at or below the
+        record's version cannot raise it: not opened (nothing to decrypt on a usual commit)."""
+        read = self._read_options(component, meta)
+        kept = self._kept(component, read, above=meta.version)
+        return next((e.version for _, _, e in kept if e.authenticated), 0)
+
+    def _record_outlived_history(
+        self,
+        component: str,
+        meta: ConfigMetadata,
+        action: RepairAction,
+        newest: KeptVersion | None,
+    ) -> bool:
+        """A verified record newer than every kept history entry: its own entry was deleted
+        (nothing a writer does). The record stays the authority: rebuilding it from an older
+        entry would roll ACTIVE back to a version of the deleter's choosing. Returns False
+        (nothing written) while ACTIVE is still its config; RecordReplayError otherwise, since
+        that config is nowhere left to restore from: a commit or rollback writes the next
+        version."""
+        c, lay = self.client, self.layout
+        kept = f"version {newest.version}" if newest is not None else "none"
+        detail = (
+            f"metadata of {component!r} is version {meta.version} but its history entry is "
+            f"gone (newest kept: {kept}); deleted from etcd"
+        )
+        if action is RepairAction.HISTORY_MISSING:
+            c.alerter.event("HistoryMissing", component, detail, instance=c.instance)
+            log.warning("component %s: %s; the record and ACTIVE are kept", component, detail)
+            return False
+        error = RecordReplayError(
+            lay.active_config(component),
+            f"{detail}, and ACTIVE is not that version's config: commit or roll back to write "
+            f"version {meta.version + 1}",
+        )
+        c.report(error, path=error.path, component=component)
+        raise error
 
     def _reseal_kept(
         self,
@@ -1098,7 +1217,10 @@ class ConfigStore:
         control records were signed (the migration: the operator calls this on its next pass),
         forged ones, a deleted one while MASTER exists, or an authentic but stale record put
         back (replay: older than the newest kept history entry, or not matching ACTIVE).
-        Returns False when the record verifies and matches ACTIVE and the newest entry.
+        Returns False when the record verifies and matches ACTIVE and the newest entry, and
+        when it verifies, is newer than every kept entry (its own was deleted: alerted
+        `HistoryMissing`) and ACTIVE is its config; never rebuilds such a record from an older
+        entry (RecordReplayError when ACTIVE is not its config: `plan_repair`).
 
         The record is rebuilt only from what is authenticated: version and config from the
         newest kept history entry that opens (its version is part of its etcd path, which is
@@ -1129,38 +1251,36 @@ class ConfigStore:
         ) is None:
             return False  # not registered: seed writes a signed record
         read = self._read_options(component, None)
-        newest: tuple[StoredValue, dict[str, Any], int] | None = None
-        for sv in reversed(c.store.list_prefix(lay.history_dir(component))):
-            parsed = lay.parse(sv.key)
-            if parsed is None or parsed.version is None:
-                continue
+        listed = self._kept(component, read)
+        opened: dict[int, tuple[StoredValue, dict[str, Any]]] = {}
+
+        def kept() -> Iterator[KeptVersion]:
+            for sv, config, entry in listed:
+                opened[entry.version] = (sv, config)
+                yield entry
+
+        active_sv = c.store.get(active_key)
+        active_digest: str | None = None
+        if active_sv is not None:
             try:
-                newest = (sv, self._open_config(sv.key, sv.value, component, read), parsed.version)
-                break
+                opened_active = self._open_config(active_key, active_sv.value, component, read)
+                active_digest = config_digest(opened_active)
             except DefenderConfigError:
-                continue  # alerted by client.open; an older kept entry may still open
-        if newest is None:
-            if verified is not None:
-                return False
+                active_digest = None  # alerted; restored below when there is a source
+        record = (verified.version, verified.digest) if verified is not None else None
+        action, source = plan_repair(record, kept(), active_digest)
+        if action is RepairAction.KEEP:
+            return False
+        if action is RepairAction.NOTHING_TO_REBUILD:
             raise RecordAuthError(
                 meta_key, "it cannot be rebuilt: no kept history version opens; re-register"
             )
-        hist_sv, config, version = newest
-        digest = config_digest(config)
-        active_sv = c.store.get(active_key)
-        active_ok = False
-        if active_sv is not None:
-            try:
-                opened = self._open_config(active_key, active_sv.value, component, read)
-                active_ok = config_digest(opened) == digest
-            except DefenderConfigError:
-                active_ok = False  # alerted; restored below
-        if (
-            verified is not None
-            and (verified.version, verified.digest) == (version, digest)
-            and active_ok
-        ):
-            return False
+        if verified is not None and action is not RepairAction.REBUILD:
+            return self._record_outlived_history(component, verified, action, source)
+        assert source is not None  # REBUILD always names its entry
+        hist_sv, config = opened[source.version]
+        version, digest = source.version, source.digest
+        active_ok = active_digest == digest
         if not self.requires_encryption(component) and digest != trusted_digest:
             raise RecordAuthError(
                 meta_key,

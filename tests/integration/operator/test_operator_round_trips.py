@@ -390,3 +390,26 @@ def test_etcd_failing_the_seed_with_a_claim_is_an_error_not_a_name_held(
         asyncio.run(h.reconcile(spec()))
     assert h.condition("ConfigSynced")["reason"] == "StoreUnavailable"
     assert claim_reads == []  # not taken for a name that holds something
+
+
+def test_a_deleted_newest_history_entry_does_not_make_the_reconcile_roll_active_back(
+    library: LibraryBackend,
+) -> None:
+    # `etcdctl del …/history/<newest>` by someone without the keyring: the operator's repair
+    # (run on every reconcile) keeps the verified record and ACTIVE instead of rebuilding them
+    # from the older entry.
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    asyncio.run(h.reconcile(spec()))
+    configs, layout = library.configs, library.layout
+    interface = {"node_id": "sniffer-01", "version": "1.0.0"}
+    for n in range(2, 5):
+        configs.commit(NAME, {**interface, "interface": f"eth{n}"}, by="rag")
+    running = ConfigStore(library.client)
+    assert running.get_active(NAME).version == 4
+    assert library.client.store.delete(layout.history(NAME, 4))
+    asyncio.run(h.reconcile(spec()))
+    active = ConfigStore(library.client).get_active(NAME)
+    assert (active.version, active.config["interface"]) == (4, "eth4")
+    assert "MetadataResigned" not in h.reasons()
+    assert configs.commit(NAME, {**interface, "interface": "eth9"}, by="rag") == 5
+    assert running.get_active(NAME).config["interface"] == "eth9"
