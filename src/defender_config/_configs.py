@@ -26,6 +26,7 @@ from ._errors import (
     DefenderConfigError,
     EnvelopeError,
     FieldError,
+    InvalidRollbackTargetError,
     MasterMissingError,
     NotFoundError,
     RecordAuthError,
@@ -939,6 +940,11 @@ class ConfigStore:
         if to == "master":
             target = self.get_master(component)
         else:
+            if not 0 < int(to) <= HIGHEST_VERSION:
+                # A library caller's number, unchecked by the annotation's parser (and str() of
+                # one over 4,300 digits raises).
+                shown = str(to) if abs(int(to)) < 10**20 else "a number over 20 digits"
+                raise InvalidRollbackTargetError(shown, highest=HIGHEST_VERSION)
             path = self.layout.history(component, int(to))
             stored = self.client.store.get(path)
             if stored is None:

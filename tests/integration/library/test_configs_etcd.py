@@ -24,6 +24,7 @@ from defender_config import (
     ConflictError,
     DefenderClient,
     DefenderConfigError,
+    InvalidRollbackTargetError,
     Keyring,
     LibrarySettings,
     MasterMissingError,
@@ -321,6 +322,11 @@ def test_rollback_to_master_and_to_version(configs: ConfigStore) -> None:
     assert meta is not None and meta.note == "rollback to master"
     with pytest.raises(NotFoundError, match="not kept"):
         configs.rollback("sniffer", 1, by="ops")  # pruned (limit 3 keeps 3..5)
+    # Numbers no history key can name: the typed refusal the annotation's parser gives.
+    for impossible in (0, -2, 10**10, 10**5000):
+        with pytest.raises(InvalidRollbackTargetError):
+            configs.rollback("sniffer", impossible, by="ops")
+    assert configs.get_active("sniffer").version == 5
 
 
 def test_invalid_commit_keeps_active_and_alerts(
