@@ -8,6 +8,7 @@ not be silently ignored by the component. Components that need free-form setting
 from __future__ import annotations
 
 import hashlib
+import importlib
 import ipaddress
 import json
 import re
@@ -20,6 +21,7 @@ import referencing.exceptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigValidationError, FieldError
+from ._schema_regex import install, regex_budget
 from .contract import ComponentType
 
 __all__ = [
@@ -316,6 +318,15 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
 # metaschemas jsonschema bundles.
 _NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
 
+# The same person writes the schema's patterns: see _schema_regex. A whole validation shares
+# this budget; real patterns take microseconds each.
+_REGEX_BUDGET_SECONDS = 1.0
+for _name in ("_keywords", "_legacy_keywords", "_utils"):
+    try:
+        install(importlib.import_module(f"jsonschema.{_name}"))
+    except ModuleNotFoundError:  # another jsonschema layout: the tests of the budget say so
+        continue
+
 
 def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) -> list[FieldError]:
     """The config's problems under `schema`; ConfigValidationError at `(schema)` when the schema
@@ -325,7 +336,8 @@ def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) 
         validator_cls = jsonschema.validators.validator_for(schema)
         validator_cls.check_schema(schema)
         validator = validator_cls(schema, registry=_NO_RETRIEVAL)
-        errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.path])
+        with regex_budget(_REGEX_BUDGET_SECONDS):
+            errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.path])
     except jsonschema.SchemaError as exc:
         loc = ".".join(str(p) for p in exc.path)
         raise _schema_refused(who, exc.message, loc) from exc
@@ -336,6 +348,12 @@ def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) 
         # schema, past `check_schema`, which never follows references.
         raise _schema_refused(
             who, f"a $ref or $schema leads to something not a schema: {exc}"
+        ) from exc
+    except TimeoutError as exc:
+        raise _schema_refused(
+            who,
+            f"its patterns took over {_REGEX_BUDGET_SECONDS:g} s to match this config (a pattern"
+            " that backtracks without end, such as (a|a)*, on a long string)",
         ) from exc
     except RecursionError as exc:
         raise _schema_refused(
