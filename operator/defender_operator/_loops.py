@@ -154,6 +154,12 @@ async def _etcd_health_round(rt: Runtime) -> None:
         health = await asyncio.to_thread(rt.backend.health)
     except DefenderConfigError as exc:
         health = EtcdHealth(reachable=False, quorum=False, detail=str(exc))
+    except Exception:
+        # Unknown is not healthy: with the last reading kept, the key rotation and the monitor
+        # would go on acting on an etcd nobody has looked at since. `_Survive` logs the error.
+        failed = EtcdHealth(reachable=False, quorum=False, detail="the health check failed")
+        rt.etcd.record(utcnow(), failed)
+        raise
     was_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
     alarms_before = rt.etcd.last.alarms
     rt.etcd.record(utcnow(), health)

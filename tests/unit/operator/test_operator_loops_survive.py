@@ -287,6 +287,23 @@ def test_the_etcd_health_loop_survives_an_unexpected_error(
     assert LOOP_FAILURES.labels("etcd-health")._value.get() == before + 2
 
 
+def test_a_health_check_that_fails_unexpectedly_leaves_etcd_unhealthy_not_as_last_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Harness()
+    asyncio.run(_loops._etcd_health_round(h.rt))
+    assert h.rt.etcd.last.reachable and h.rt.etcd.last.quorum
+
+    def health() -> Any:
+        raise Boom()
+
+    monkeypatch.setattr(h.backend, "health", health)
+    with pytest.raises(Boom):
+        asyncio.run(_loops._etcd_health_round(h.rt))
+    assert not h.rt.etcd.last.reachable and not h.rt.etcd.last.quorum
+    assert h.rt.etcd.last.detail == "the health check failed"
+
+
 # --- a loop that ends: the liveness probe ---------------------------------------------------
 
 
