@@ -555,14 +555,22 @@ class ConfigStore:
         raise exc
 
     def history(self, component: str) -> list[HistoryEntry]:
-        """The kept versions of ACTIVE, oldest first."""
+        """The kept versions of ACTIVE that open, oldest first. An entry that does not (damaged,
+        or junk put there with etcd write access) is alerted and left out: it is no version
+        anyone could roll back to, and one such key must not hide every other."""
         entries: list[HistoryEntry] = []
         options = self._read_options(component, self._tightening_meta(component))
         for sv in self.client.store.list_prefix(self.layout.history_dir(component)):
             parsed = self.layout.parse(sv.key)
             if parsed is None or parsed.version is None:
                 continue
-            config = self._open_config(sv.key, sv.value, component, options)
+            try:
+                config = self._open_config(sv.key, sv.value, component, options)
+            except EnvelopeError:
+                continue  # alerted by `open`
+            except ConfigValidationError as exc:
+                self.client.report(exc, path=sv.key, component=component)
+                continue
             entries.append(HistoryEntry(parsed.version, config, config_digest(config)))
         return entries
 

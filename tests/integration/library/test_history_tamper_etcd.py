@@ -170,3 +170,19 @@ def test_versions_used_up_are_a_typed_refusal(
         configs.commit("sniffer", snaplen(2), by="ops")
     assert not caught.value.retryable
     assert kept_versions(store, client, "sniffer") == ["0000000001"]
+
+
+def test_a_junk_history_entry_hides_no_other_version(
+    configs: ConfigStore, client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    """`kubectl defender history` and a rollback's "kept" list read through `history()`. (A
+    storage change refuses to go on past such an entry instead: it could launder it, see
+    test_policy_change_refuses_to_launder_a_forged_value.)"""
+    configs.commit("sniffer", snaplen(2), by="ops")
+    configs.commit("sniffer", snaplen(3), by="ops")
+    store.put(client.layout.history("sniffer", 1), b"junk")  # over the real version 1
+    assert [(e.version, e.config["snaplen"]) for e in configs.history("sniffer")] == [
+        (2, 102),
+        (3, 103),
+    ]
+    assert [a.kind for a in alerts] == ["NotAnEnvelope"]
