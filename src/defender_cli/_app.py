@@ -35,6 +35,21 @@ def duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
+# DNS-1123 subdomain: what Kubernetes accepts for a namespace (a label, stricter) or a Secret.
+_KUBE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def kube_name(text: str) -> str:
+    """A Kubernetes object name. An empty one would turn a get into a list (of every namespace's
+    Secrets, say) in the client; any other bad one into an API error far from the flag."""
+    if not _KUBE_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Kubernetes name (lowercase letters, digits, '-' and '.',"
+            " starting and ending with a letter or digit)"
+        )
+    return text
+
+
 def count(text: str) -> int:
     """A whole number of at least 0 (a negative --limit would silently drop the oldest)."""
     try:
@@ -100,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", type=rollback_target, default="master", help="master (default) or a version"
     )
     p.add_argument(
-        "-n", "--namespace", default="default", help="namespace of the DefenderComponent"
+        "-n",
+        "--namespace",
+        type=kube_name,
+        default="default",
+        help="namespace of the DefenderComponent",
     )
     p.add_argument(
         "--direct",
@@ -115,14 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(action, parents=[common], help=helptext)
         p.add_argument("component", help="DefenderComponent name")
         p.add_argument(
-            "-n", "--namespace", default="default", help="namespace of the DefenderComponent"
+            "-n",
+            "--namespace",
+            type=kube_name,
+            default="default",
+            help="namespace of the DefenderComponent",
         )
 
     p = sub.add_parser(
         "rotate-key", parents=[common], help="ask the operator to rotate the shared key"
     )
-    p.add_argument("--operator-namespace", default=DEFAULT_OPERATOR_NAMESPACE)
-    p.add_argument("--secret", default=DEFAULT_KEYRING_SECRET, help="the keyring Secret's name")
+    p.add_argument("--operator-namespace", type=kube_name, default=DEFAULT_OPERATOR_NAMESPACE)
+    p.add_argument(
+        "--secret", type=kube_name, default=DEFAULT_KEYRING_SECRET, help="the keyring Secret's name"
+    )
 
     p = sub.add_parser(
         "keyring",
@@ -135,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         k = actions.add_parser(action, parents=[common], help=helptext)
         k.add_argument("-f", "--file", required=True, type=Path, help="the export file")
-        k.add_argument("--operator-namespace", default=DEFAULT_OPERATOR_NAMESPACE)
-        k.add_argument("--secret", default=DEFAULT_KEYRING_SECRET, help="the keyring Secret")
+        k.add_argument("--operator-namespace", type=kube_name, default=DEFAULT_OPERATOR_NAMESPACE)
+        k.add_argument(
+            "--secret", type=kube_name, default=DEFAULT_KEYRING_SECRET, help="the keyring Secret"
+        )
         k.add_argument(
             "--passphrase-file", metavar="FILE", help="passphrase in the first line of FILE"
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from defender_cli._app import build_parser, count, duration, main, rollback_target
+from defender_cli._app import build_parser, count, duration, kube_name, main, rollback_target
 from defender_cli._output import Printer, age, shorten, use_colour
 
 
@@ -149,6 +149,36 @@ def test_limit_is_a_count(capsys: pytest.CaptureFixture[str]) -> None:
         main(["alerts", "--limit", "-3"])
     assert exited.value.code == 2
     assert "argument --limit: '-3' is negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rollback", "sniffer", "-n", ""],
+        ["promote", "sniffer", "-n", "Not_A_Name"],
+        ["rotate-key", "--operator-namespace", ""],
+        ["rotate-key", "--secret", ""],
+        ["keyring", "export", "-f", "x", "--secret", "a/b"],
+        ["keyring", "import", "-f", "x", "--operator-namespace=-bad-"],
+    ],
+    ids=["empty namespace", "bad namespace", "empty operator ns", "empty secret", "slash", "dash"],
+)
+def test_a_kubernetes_name_flag_refuses_what_kubernetes_would(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty name would make the client list (every namespace's Secrets) instead of get."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "is not a Kubernetes name" in capsys.readouterr().err
+
+
+def test_kubernetes_names_pass_as_they_are() -> None:
+    for name in ("default", "ml-defender", "ml-defender-keyring", "a", "a.b-1", "x" * 253):
+        assert kube_name(name) == name
+    for bad in ("", "A", "a_b", "-a", "a-", "a/b", ".a", "x" * 254):
+        with pytest.raises(argparse.ArgumentTypeError):
+            kube_name(bad)
 
 
 def test_a_refused_settings_field_that_is_no_flag_is_named_as_a_setting() -> None:
