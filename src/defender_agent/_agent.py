@@ -7,7 +7,6 @@ signal while retrying failed reloads. All of them meet in the thread-safe Config
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import signal
@@ -33,6 +32,7 @@ from defender_config import (
     Rollouts,
     StoreAuthError,
     StoreError,
+    parse_json,
 )
 
 from ._core import ConfigApplier
@@ -103,7 +103,7 @@ def build_health_check(settings: AgentSettings) -> HealthCheck | None:
 
 def _read_json_file(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_bytes())
+        data = parse_json(path.read_bytes())
     except OSError as exc:
         raise AgentSettingsError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:

@@ -77,6 +77,7 @@ from ._errors import (
 )
 from ._files import write_file_atomic
 from ._json_logs import JsonLogFormatter
+from ._json_parse import parse_json
 from ._key_usage import KeyUsage, key_usage, keys_opened, read_key_record, write_key_record
 from ._keyring import Key, Keyring, KeyringSource, KeyState, StaticKeyringSource
 from ._keyring_backup import KeyringBackup, read_keyring_backup, write_keyring_backup
@@ -251,6 +252,7 @@ __all__ = [
     "keys_opened",
     "lease_ttl",
     "load_settings",
+    "parse_json",
     "parse_rollback_target",
     "plan_defrag",
     "read_cadence",

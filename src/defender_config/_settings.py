@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from ._codecs import cipher_names, compression_names
 from ._errors import SettingsError
+from ._json_parse import parse_json
 
 __all__ = [
     "ETCD_REQUEST_LIMIT_BYTES",
@@ -46,7 +47,7 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            return json.loads(text)
+            return parse_json(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
 
@@ -264,6 +265,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         # Not chained: the YAMLError's own text quotes the file, secrets included.
         raise SettingsError(f"not valid YAML: {_yaml_problem(exc)}", path=str(path)) from None
+    except RecursionError:
+        # Both parsers recurse per level: a file nested thousands deep is no settings file.
+        raise SettingsError("nested too deeply to parse", path=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -86,6 +86,15 @@ def test_bad_seed_config_exit_2(tmp_path: Path) -> None:
     assert "not valid JSON" in proc.stderr
 
 
+def test_a_seed_config_nested_too_deeply_exit_2(tmp_path: Path) -> None:
+    seed = tmp_path / "seed.json"
+    seed.write_text("[" * 100_000)
+    proc = run_agent([*BASE, "--seed-config-path", str(seed)], agent_env(POD_NAME="p"))
+    assert proc.returncode == 2
+    assert "not valid JSON: JSON nested too deeply to parse" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_missing_keyring_exit_3(tmp_path: Path) -> None:
     proc = run_agent(
         [

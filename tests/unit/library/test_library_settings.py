@@ -87,6 +87,23 @@ def test_endpoints_as_json_list_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().etcd.endpoints == ["127.0.0.1:2379", "127.0.0.1:22379"]
 
 
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_file_nested_too_deeply_is_a_settings_error(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"settings{suffix}"
+    path.write_text("[" * 100_000)
+    with pytest.raises(SettingsError, match="nested too deeply to parse") as info:
+        load_settings(path)
+    assert info.value.path == str(path)
+
+
+def test_a_json_list_in_env_nested_too_deeply_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DEFENDER_ETCD__ENDPOINTS", "[" * 100_000)
+    with pytest.raises(SettingsError, match="JSON nested too deeply to parse"):
+        load_settings()
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"cannot read it .*check the path") as info:
         load_settings(tmp_path / "nope.yaml")
