@@ -9,11 +9,10 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +103,7 @@ def test_zombie_is_not_alive(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def http_server() -> Iterator[tuple[str, dict[str, int]]]:
+def http_server(serve_http: Callable[[type[Any]], str]) -> tuple[str, dict[str, int]]:
     answer = {"code": 200}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -115,14 +114,7 @@ def http_server() -> Iterator[tuple[str, dict[str, int]]]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/health", answer
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serve_http(Handler) + "/health", answer
 
 
 def test_http_check(http_server: tuple[str, dict[str, int]]) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import http.server
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -264,7 +263,7 @@ def test_invalid_schema() -> None:
 
 
 @pytest.fixture
-def schema_server() -> Iterator[tuple[str, list[str]]]:
+def schema_server(serve_http: Callable[[type[Any]], str]) -> tuple[str, list[str]]:
     """A server that would hand out a schema accepting anything, and records who asked."""
     requested: list[str] = []
 
@@ -281,14 +280,7 @@ def schema_server() -> Iterator[tuple[str, list[str]]]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requested
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serve_http(Handler), requested
 
 
 def _refused_schema(schema: dict[str, Any]) -> FieldError:

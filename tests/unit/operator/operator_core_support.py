@@ -4,9 +4,10 @@ deletes, keyring copies). Imported by name (pytest puts this folder on sys.path)
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -271,3 +272,15 @@ class Harness:
                 last_error_detail=f"{error} (reported by the instance)" if error else "",
             ),
         )
+
+
+async def until(
+    what: str, check: Callable[[], bool], timeout: float = 5.0, every: float = 0.01
+) -> None:
+    """Wait in the event loop until `check()` holds; AssertionError naming `what` after
+    `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(every)

@@ -5,10 +5,10 @@ the loop that keeps it trusted (`_loops.change_watch`) driven with the in-memory
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from operator_core_support import until
 
 from defender_config import StoreUnavailableError
 from defender_operator import _loops
@@ -154,14 +154,6 @@ def test_own_writes_are_counted_per_component() -> None:
 def runtime(backend: MemoryBackend, **settings: float) -> Runtime:
     ours = OperatorSettings(etcd_health_interval_seconds=0.05, **settings)  # type: ignore[arg-type]
     return Runtime(ours, backend, None, None, MutableKeyringSource(None), "op-0")  # type: ignore[arg-type]
-
-
-async def until(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def test_the_loop_resyncs_at_start_and_after_every_outage_and_compaction() -> None:

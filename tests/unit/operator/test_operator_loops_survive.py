@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
 import pytest
 from kubernetes import client as k8s
-from operator_core_support import FakeSecretsApi, Harness, unanswered
+from operator_core_support import FakeSecretsApi, Harness, unanswered, until
 
 from defender_config import Keyring
 from defender_operator import _keyguard, _loops, _webhook_setup, _webhook_tls, handlers
@@ -43,14 +43,6 @@ def nobody_listening() -> Iterator[k8s.ApiClient]:
     api = k8s.ApiClient(k8s.Configuration(host=f"http://127.0.0.1:{port}"))
     yield api
     api.close()
-
-
-async def until(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def stopped(task: asyncio.Task[None]) -> None:
