@@ -521,6 +521,15 @@ def section_findings() -> list[str]:
     return [
         "## Findings",
         "",
+        "- **Issue 17 (scale), session 13 (2026-12-03): the GIL's switch interval, tried and "
+        "left as it is.** A thread waiting for the GIL waits up to `sys.getswitchinterval()` "
+        "(5 ms) while the event loop runs, and a new component's path hands work to threads. "
+        'The 1,000 batch alone (`BENCH_OPERATOR_SIZES=""`, a fresh operator each run, the '
+        "interval set in the operator only): default 5 ms, p50 0.140 / 0.089 s (two runs, "
+        "3.9x / 2.5x the baseline of the same run); 0.5 ms, 0.119 / 0.110 s (2.7x / 3.2x); "
+        "0.1 ms, 0.101 s (3.4x). The spread between two runs of one setting is larger than "
+        "any difference between settings, so nothing was changed; the ratio at 1,000 stays "
+        "NOT met (the run of record below is session 12's).",
         "- **Issue 17 (scale), session 12 (2026-12-03): where the time goes.** Run of record: "
         "`bench/run.py --only operator` (load 0.65 at the start). The operator table now "
         "splits every object's create → Ready (the baseline's create → status seen) into "
