@@ -212,7 +212,17 @@ def test_refresh_survives_the_member_in_use_being_killed(
             assert store.refresh_lease(lease) == 30
         stream = store._keepalive._stream
         assert stream is not None and stream.label != label_of(target)
-        assert stream_generation(store) == 2
+        generation = stream_generation(store)
+        if victim == "follower":
+            assert generation == 2
+        else:
+            # While the others elect a leader, the new stream may be refused ("no leader") and
+            # replaced once more (seen under load in CI): more than one replacement, not a loop.
+            assert generation >= 2
+        cluster.wait_for_leader()
+        for _ in range(5):
+            assert store.refresh_lease(lease) == 30
+        assert stream_generation(store) == generation  # settled on a live member
         assert member_in_use(store, cluster) != killed
         assert store.get(etcd_prefix + "owned") is not None
         assert sample(store, "defender_etcd_endpoint_failovers_total") >= 1
