@@ -201,7 +201,12 @@ def test_first_start_without_etcd_generates_only_once_etcd_shows_an_empty_store(
     finally:
         _start_etcd(run, stopped)
     keyring = run.operator_keyring()
-    assert "generated a NEW shared keyring" in run.log_path.read_text()
+    # The Secret is written before the line that says so: seeing one does not mean the other.
+    wait_for(
+        "the new keyring logged",
+        lambda: "generated a NEW shared keyring" in run.log_path.read_text(),
+        timeout=10,
+    )
     run.wait_active_version(COMPONENT, 1, timeout=90)
     run.wait_condition(COMPONENT, "KeyUnavailable", status="False", timeout=90)
     assert source_keyring(run) == keyring  # generated once, not replaced
