@@ -128,14 +128,7 @@ def test_rotation_under_load_has_no_decode_failures(
     refresher = threading.Thread(target=refresh, daemon=True)
     refresher.start()
     try:
-        kubectl(
-            "annotate",
-            "secret",
-            SECRET,
-            "-n",
-            run.operator_namespace,
-            f"{contract.ROTATE_ANNOTATION}=now",
-        )
+        _request_rotation(run)
         wait_for(
             "rotation started",
             lambda: _stage(run) != "Idle" or _rotated(run, old),
@@ -175,6 +168,18 @@ def test_rotation_under_load_has_no_decode_failures(
     )
 
 
+def _request_rotation(run: OperatorRun) -> None:
+    """What a person does: annotate the source keyring Secret."""
+    kubectl(
+        "annotate",
+        "secret",
+        SECRET,
+        "-n",
+        run.operator_namespace,
+        f"{contract.ROTATE_ANNOTATION}=now",
+    )
+
+
 def _stage(run: OperatorRun) -> str:
     secret = run.core.read_namespaced_secret(SECRET, run.operator_namespace)
     return str((secret.metadata.annotations or {}).get(contract.ROTATION_STAGE_ANNOTATION, "Idle"))
@@ -205,14 +210,7 @@ def test_instance_that_never_loads_the_key_times_out_and_is_reported(
     # This instance keeps its old keyring and never refreshes its fingerprints.
     old = run.keyring_copy()
     run.heartbeat("sniffer", pod.metadata.name, client=run.client(old))
-    kubectl(
-        "annotate",
-        "secret",
-        SECRET,
-        "-n",
-        run.operator_namespace,
-        f"{contract.ROTATE_ANNOTATION}=now",
-    )
+    _request_rotation(run)
     wait_for("rotation finished anyway", lambda: _rotated(run, old), timeout=90)
     kinds = {
         json.loads(v.value)["kind"]
@@ -259,14 +257,7 @@ def test_a_value_sealed_with_the_old_key_during_the_grace_period_is_rewrapped_be
     run.apply_sample("firewall")
     run.wait_active_version("firewall", 1)
     old = run.keyring_copy()
-    kubectl(
-        "annotate",
-        "secret",
-        SECRET,
-        "-n",
-        run.operator_namespace,
-        f"{contract.ROTATE_ANNOTATION}=now",
-    )
+    _request_rotation(run)
     wait_for("the grace period", lambda: _stage(run) == "Grace", timeout=60, every=0.05)
     lagging = run.keyring_copy().promote(old.primary.key_id)
     writer = run.client(lagging)
