@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._errors import CliError
-from ._flags import DEFAULT_KEYRING_SECRET, DEFAULT_OPERATOR_NAMESPACE, add_connection_flags
+from ._flags import (
+    DEFAULT_KEYRING_SECRET,
+    DEFAULT_OPERATOR_NAMESPACE,
+    add_connection_flags,
+    kube_name,
+)
 from ._output import Printer
 
 if TYPE_CHECKING:
@@ -33,21 +38,6 @@ def duration(text: str) -> timedelta:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 15m, 2h or 7d")
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-
-
-# DNS-1123 subdomain: what Kubernetes accepts for a namespace (a label, stricter) or a Secret.
-_KUBE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-
-
-def kube_name(text: str) -> str:
-    """A Kubernetes object name. An empty one would turn a get into a list (of every namespace's
-    Secrets, say) in the client; any other bad one into an API error far from the flag."""
-    if not _KUBE_NAME.match(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a Kubernetes name (lowercase letters, digits, '-' and '.',"
-            " starting and ending with a letter or digit)"
-        )
-    return text
 
 
 def count(text: str) -> int:

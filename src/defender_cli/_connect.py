@@ -20,7 +20,6 @@ from defender_config import (
 )
 
 from ._errors import CliError, NeedsKeyringError
-from ._flags import DEFAULT_OPERATOR_NAMESPACE
 
 
 @dataclass
@@ -64,13 +63,8 @@ class Connection:
             if self.args.keyring:
                 return Keyring.from_path(Path(self.args.keyring))
             if self.args.keyring_secret:
-                namespace, _, name = self.args.keyring_secret.rpartition("/")
-                if not name:
-                    raise CliError(
-                        f"--keyring-secret {self.args.keyring_secret!r}: no Secret name;"
-                        " use [NAMESPACE/]NAME"
-                    )
-                return self._keyring_from_secret(namespace or DEFAULT_OPERATOR_NAMESPACE, name)
+                # (namespace, name), each checked by the flag's type (`secret_ref`)
+                return self._keyring_from_secret(*self.args.keyring_secret)
         except KeyringError as exc:
             raise CliError(f"keyring: {exc}") from exc
         raise NeedsKeyringError(command)

@@ -4,9 +4,33 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 DEFAULT_OPERATOR_NAMESPACE = "ml-defender"
 DEFAULT_KEYRING_SECRET = "ml-defender-keyring"
+
+# DNS-1123 subdomain: what Kubernetes accepts for a namespace (a label, stricter) or a Secret.
+_KUBE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def kube_name(text: str) -> str:
+    """A Kubernetes object name. An empty one would turn a get into a list (of every namespace's
+    Secrets, say) in the client; any other bad one into an API error far from the flag."""
+    if not _KUBE_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Kubernetes name (lowercase letters, digits, '-' and '.',"
+            " starting and ending with a letter or digit)"
+        )
+    return text
+
+
+def secret_ref(text: str) -> tuple[str, str]:
+    """`[NAMESPACE/]NAME` of a Secret as (namespace, name), each part a Kubernetes name."""
+    namespace, slash, name = text.rpartition("/")
+    try:
+        return (kube_name(namespace) if slash else DEFAULT_OPERATOR_NAMESPACE), kube_name(name)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}; use [NAMESPACE/]NAME") from None
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +57,7 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--keyring-secret",
         metavar="[NAMESPACE/]NAME",
+        type=secret_ref,
         help=f"read the keyring from this Secret (default namespace {DEFAULT_OPERATOR_NAMESPACE})",
     )
     group.add_argument(

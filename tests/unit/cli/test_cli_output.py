@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from defender_cli._app import build_parser, count, duration, kube_name, main, rollback_target
+from defender_cli._flags import secret_ref
 from defender_cli._output import Printer, age, shorten, use_colour
 
 
@@ -118,7 +119,6 @@ NOT_UTF8 = b"\xffcorrect horse\n"
             ["alerts", "--etcd-endpoints", "http://127.0.0.1:1", "--prefix", "ml-defender/"],
             "alerts: --prefix 'ml-defender/': String should match pattern",
         ),
-        (["status", "--keyring-secret", "ml-defender/"], "status: --keyring-secret 'ml-defender/'"),
         (["status", "--settings", "{not_utf8}"], "status: settings: settings file {not_utf8}: not"),
         (
             ["keyring", "export", "-f", "x", "--passphrase-file", "{not_utf8}"],
@@ -160,8 +160,21 @@ def test_limit_is_a_count(capsys: pytest.CaptureFixture[str]) -> None:
         ["rotate-key", "--secret", ""],
         ["keyring", "export", "-f", "x", "--secret", "a/b"],
         ["keyring", "import", "-f", "x", "--operator-namespace=-bad-"],
+        ["status", "--keyring-secret", "ml-defender/"],
+        ["status", "--keyring-secret", "/ml-defender-keyring"],
+        ["diff", "sniffer", "--keyring-secret", "Bad_NS/ml-defender-keyring"],
     ],
-    ids=["empty namespace", "bad namespace", "empty operator ns", "empty secret", "slash", "dash"],
+    ids=[
+        "empty namespace",
+        "bad namespace",
+        "empty operator ns",
+        "empty secret",
+        "slash",
+        "dash",
+        "keyring secret without name",
+        "keyring secret with empty namespace",
+        "keyring secret in a bad namespace",
+    ],
 )
 def test_a_kubernetes_name_flag_refuses_what_kubernetes_would(
     argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -171,6 +184,14 @@ def test_a_kubernetes_name_flag_refuses_what_kubernetes_would(
         main(argv)
     assert exited.value.code == 2
     assert "is not a Kubernetes name" in capsys.readouterr().err
+
+
+def test_a_keyring_secret_is_namespace_and_name() -> None:
+    assert secret_ref("ml-defender-keyring") == ("ml-defender", "ml-defender-keyring")
+    assert secret_ref("ops/keys") == ("ops", "keys")
+    for bad in ("", "ops/", "/keys", "a/b/c", "Ops/keys", "ops/Keys"):
+        with pytest.raises(argparse.ArgumentTypeError, match="use \\[NAMESPACE/\\]NAME"):
+            secret_ref(bad)
 
 
 def test_kubernetes_names_pass_as_they_are() -> None:
