@@ -308,9 +308,9 @@ def section_heartbeaters(d: dict[str, Any]) -> list[str]:
     return [*out, "", f"![heartbeaters]({save(fig, 'heartbeaters')})", ""]
 
 
-def section_operator(d: dict[str, Any], title: str = "", plot: str = "operator") -> list[str]:
+def section_operator(d: dict[str, Any]) -> list[str]:
     out = [
-        f"## Operator: create → Ready, memory{title}",
+        "## Operator: create → Ready, memory",
         "",
         "DefenderComponents created at once against the local control plane and etcd; latency = "
         "the `Ready=True` condition's first sighting (watch) minus the start of its create call. "
@@ -455,7 +455,7 @@ def section_operator(d: dict[str, Any], title: str = "", plot: str = "operator")
     ax.set_ylabel("fraction of components")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return [*out, f"![{plot}]({save(fig, plot)})", ""]
+    return [*out, f"![operator]({save(fig, 'operator')})", ""]
 
 
 def _batches(row: dict[str, Any], key: str) -> list[tuple[str, Any]]:
@@ -800,12 +800,6 @@ SECTIONS = [
     ("rewrap", section_rewrap),
     ("heartbeaters", section_heartbeaters),
     ("operator", section_operator),
-    (
-        "operator_quick",
-        lambda d: section_operator(
-            d, " (quick run: `bench_operator.py --quick`)", "operator_quick"
-        ),
-    ),
     ("plugin", section_plugin),
     ("fuzz_envelope", section_fuzz),
 ]
