@@ -521,6 +521,20 @@ def section_findings() -> list[str]:
     return [
         "## Findings",
         "",
+        "- **Issue 17, library vs raw, session 14 (2026-12-03): an idle CPU is most of the "
+        "envelope's cost after a get.** `bench/get_path_profile.py` now also opens the same "
+        "blob right after sleeping 0.7 ms (as long as a get waits) with nothing else running "
+        "in the process. Medians, µs, hot loop / after the idle sleep / right after a real "
+        "get: config 1 KiB 5.6 / 33.6 / 42.7, 4 KiB 7.3 / 32.8 / 40.9, 16 KiB 15.4 / 46.3 / "
+        "68.0; random 1 KiB 6.9 / 25.2 / 35.7, 16 KiB 4.0 / 25.3 / 28.4. So the penalty is "
+        "not the etcd members evicting our caches (that adds 3-20 µs) but the wait itself: "
+        "whatever runs first after a wake-up on this VM pays 20-30 µs, about 4 % of a "
+        "0.7-0.9 ms get, which is most of the 5 % budget before zstd and AES-GCM do any "
+        "work. A get that opens a value cannot avoid running after the wait. Re-runs of "
+        "`bench_kv` on a quiet machine (load 0.0 at the start) gave config gets 1.06 / 1.03 "
+        "/ 1.07x at 1 / 4 / 16 KiB and random puts 1.04-1.09x: NOT met, like the run of "
+        "record; the same profile's interleaved gets came out at 0.98-1.04x, which shows how "
+        "close to the run-to-run spread the gap is.",
         "- **Issue 17 (scale), session 13 (2026-12-03): the GIL's switch interval, tried and "
         "left as it is.** A thread waiting for the GIL waits up to `sys.getswitchinterval()` "
         "(5 ms) while the event loop runs, and a new component's path hands work to threads. "
