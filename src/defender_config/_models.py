@@ -21,7 +21,7 @@ import referencing.exceptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigValidationError, FieldError
-from ._schema_regex import install, regex_budget
+from ._schema_budget import budgeted, install, validation_budget
 from .contract import ComponentType
 
 __all__ = [
@@ -318,9 +318,9 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
 # metaschemas jsonschema bundles.
 _NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
 
-# The same person writes the schema's patterns: see _schema_regex. A whole validation shares
-# this budget; real patterns take microseconds each.
-_REGEX_BUDGET_SECONDS = 1.0
+# The same person writes the schema: see _schema_budget. A whole validation shares this
+# budget; a real config's takes milliseconds.
+_VALIDATION_BUDGET_SECONDS = 1.0
 for _name in ("_keywords", "_legacy_keywords", "_utils"):
     try:
         install(importlib.import_module(f"jsonschema.{_name}"))
@@ -335,8 +335,8 @@ def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) 
     try:
         validator_cls = jsonschema.validators.validator_for(schema)
         validator_cls.check_schema(schema)
-        validator = validator_cls(schema, registry=_NO_RETRIEVAL)
-        with regex_budget(_REGEX_BUDGET_SECONDS):
+        validator = budgeted(validator_cls)(schema, registry=_NO_RETRIEVAL)
+        with validation_budget(_VALIDATION_BUDGET_SECONDS):
             errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.path])
     except jsonschema.SchemaError as exc:
         loc = ".".join(str(p) for p in exc.path)
@@ -352,8 +352,9 @@ def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) 
     except TimeoutError as exc:
         raise _schema_refused(
             who,
-            f"its patterns took over {_REGEX_BUDGET_SECONDS:g} s to match this config (a pattern"
-            " that backtracks without end, such as (a|a)*, on a long string)",
+            f"validating this config took over {_VALIDATION_BUDGET_SECONDS:g} s: a pattern that"
+            " backtracks without end, such as (a|a)*, on a long string, or a schema that makes"
+            " more work of this config than a config should need",
         ) from exc
     except RecursionError as exc:
         raise _schema_refused(

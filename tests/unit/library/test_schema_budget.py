@@ -1,5 +1,5 @@
-"""A custom schema's patterns cannot hang whoever validates with it (the operator's event loop,
-its webhook, an agent): they run under a time budget (defender_config._schema_regex)."""
+"""A custom schema cannot hang whoever validates with it (the operator's event loop,
+its webhook, an agent): they run under a time budget (defender_config._schema_budget)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from defender_config import ConfigValidationError, validate_config
-from defender_config._schema_regex import regex_budget
+from defender_config._schema_budget import budgeted, validation_budget
 
 # Python's `re` takes hours on each (2^31 paths); the `regex` module still needs its timeout
 # for the first and finishes the others quickly. Without the budget each test hangs until
@@ -102,6 +102,62 @@ def test_outside_a_budget_jsonschema_uses_re_itself() -> None:
 def test_a_used_up_budget_refuses_the_next_search() -> None:
     from jsonschema import _keywords
 
-    with regex_budget(0.0), pytest.raises(TimeoutError):
+    with validation_budget(0.0), pytest.raises(TimeoutError):
         _keywords.re.search("a", "a")
     assert _keywords.re.search("a", "a")  # the budget ended with the block
+
+
+# uniqueItems: jsonschema compares every pair of items that do not sort (objects, arrays), so
+# 100,000 small objects (~1.3 MB, what a resource may hold) took hours; pytest-timeout fails this
+# test if that comes back.
+UNIQUE = {"properties": {"x": {"type": "array", "uniqueItems": True}}}
+
+
+def test_unique_objects_by_the_hundred_thousand_are_judged_at_once() -> None:
+    items: list[Any] = [{"a": i} for i in range(100_000)]
+    assert len(validate_config("custom", {"x": items}, UNIQUE)["x"]) == 100_000
+    with pytest.raises(ConfigValidationError) as caught:
+        validate_config("custom", {"x": [*items, {"a": 5.0}]}, UNIQUE)
+    (error,) = caught.value.errors
+    assert error.location == "x"
+    # Which items, not a repr of 100,000 objects (it reaches conditions and Events).
+    assert error.message == "has non-unique elements: items 5 and 100000 are equal"
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [1, 1.0],
+        [1, True],
+        [0, False, None, "0", ""],
+        [{"a": 1, "b": [1, 2]}, {"b": [1, 2], "a": 1.0}],
+        [{"a": [1, 2]}, {"a": [2, 1]}],
+        [[1, [True]], [1, [1]]],
+        [[], {}, "", 0],
+        [{"a": None}, {}],
+        [2**60, float(2**60)],
+        [0.1, 0.1000001],
+        [["a"], "a"],
+    ],
+)
+def test_unique_items_agrees_with_jsonschema(items: list[Any]) -> None:
+    schema = {"type": "array", "uniqueItems": True}
+    theirs = jsonschema.Draft202012Validator(schema).is_valid(items)
+    ours = budgeted(jsonschema.Draft202012Validator)(schema).is_valid(items)
+    assert ours == theirs
+
+
+def test_every_keyword_spends_the_budget() -> None:
+    # No pattern here: many subschemas times many items also end at the budget.
+    validator = budgeted(jsonschema.Draft202012Validator)({"items": {"type": "integer"}})
+    assert validator.is_valid([1, 2, 3])  # outside a budget: no limit
+    with validation_budget(0.0), pytest.raises(TimeoutError):
+        validator.is_valid([1, 2, 3])
+
+
+def test_a_schema_that_makes_too_much_work_is_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from defender_config import _models
+
+    monkeypatch.setattr(_models, "_VALIDATION_BUDGET_SECONDS", 0.0)
+    message = _refusal({"x": [1]}, UNIQUE)
+    assert message.startswith("validating this config took over 0 s")
