@@ -21,7 +21,7 @@ import referencing.exceptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigValidationError, FieldError
-from ._schema_budget import budgeted, install, validation_budget
+from ._schema_budget import budgeted, check_schema, install, validation_budget
 from .contract import ComponentType
 
 __all__ = [
@@ -334,9 +334,9 @@ def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) 
     nothing or at no schema, a `$ref` loop."""
     try:
         validator_cls = jsonschema.validators.validator_for(schema)
-        validator_cls.check_schema(schema)
-        validator = budgeted(validator_cls)(schema, registry=_NO_RETRIEVAL)
         with validation_budget(_VALIDATION_BUDGET_SECONDS):
+            check_schema(validator_cls, schema)
+            validator = budgeted(validator_cls)(schema, registry=_NO_RETRIEVAL)
             errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.path])
     except jsonschema.SchemaError as exc:
         loc = ".".join(str(p) for p in exc.path)
