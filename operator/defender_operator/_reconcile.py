@@ -248,8 +248,14 @@ async def _steps(
 ) -> None:
     keyring_gate(v.rt)
     # Checked once, quietly: whether the visit may seed first depends on it, and what is wrong
-    # with the spec is reported only once the name is this resource's.
-    parsed = check_spec(v, raw_spec)
+    # with the spec is reported only once the name is this resource's. A custom schema is
+    # whatever the resource's editor wrote, and validating with it may take the whole budget
+    # (defender_config's _schema_budget): off the event loop, which serves every namespace.
+    # A built-in type's model takes microseconds: no thread hand-off for it.
+    if "customSchema" in raw_spec:
+        parsed = await asyncio.to_thread(check_spec, v, raw_spec)
+    else:
+        parsed = check_spec(v, raw_spec)
     claimed = await claim(v, seeds_first=seeds_first(v, parsed))
     if not take(mem, found, claimed.outcome):
         return

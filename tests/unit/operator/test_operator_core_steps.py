@@ -5,6 +5,8 @@ checks what reached etcd, the status and the Events."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from typing import Any
 
 import kopf
 import pytest
@@ -93,6 +95,26 @@ def test_a_custom_schema_whose_ref_leads_nowhere_is_config_invalid_not_a_crash()
     message = h.condition(cond.CONFIG_SYNCED)["message"]
     assert "(schema): $ref '#/$defs/missing' points at nothing in the schema" in message
     assert h.backend.state(NAME).active_version is None
+
+
+def test_a_custom_schema_is_validated_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tenant's schema may use the whole validation budget: the event loop serves every
+    # namespace meanwhile. A built-in type's model stays on the loop (no thread hand-off).
+    from defender_operator import _reconcile
+
+    threads: list[str] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return validate_config(*args, **kwargs)
+
+    monkeypatch.setattr(_reconcile, "validate_config", recording)
+    custom = {"componentType": "custom", "customSchema": {"type": "object"}}
+    run(Harness().reconcile(spec({"rate": 1}, **custom)))
+    run(Harness().reconcile(spec(ETH0)))
+    loop_thread = threading.current_thread().name
+    assert len(threads) == 2
+    assert threads[0] != loop_thread and threads[1] == loop_thread
 
 
 def test_a_spec_the_schema_refuses_is_a_permanent_refusal_after_the_claim() -> None:
