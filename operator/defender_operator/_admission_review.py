@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from defender_config import (
     ConfigValidationError,
     InvalidRollbackTargetError,
+    brief_listing,
     parse_rollback_target,
     validate_config,
 )
@@ -75,4 +76,4 @@ def _rollback_problems(annotations: Mapping[str, str]) -> list[str]:
 def refusal(name: str, problems: list[str]) -> str:
     """The one message `kubectl` prints for a refused object."""
     n = len(problems)
-    return f"{name} refused ({n} problem{'s' if n != 1 else ''}): " + "; ".join(problems)
+    return f"{name} refused ({n} problem{'s' if n != 1 else ''}): " + brief_listing(problems)

@@ -74,6 +74,7 @@ from ._errors import (
     UnsupportedFormatError,
     ValueTooLargeError,
     WrongPassphraseError,
+    brief_listing,
 )
 from ._files import write_file_atomic
 from ._json_logs import JsonLogFormatter
@@ -239,6 +240,7 @@ __all__ = [
     "ValueCheck",
     "ValueTooLargeError",
     "WrongPassphraseError",
+    "brief_listing",
     "cadence_put",
     "canonical_json",
     "config_digest",

@@ -84,6 +84,7 @@ __all__ = [
     "UnsupportedFormatError",
     "ValueTooLargeError",
     "WrongPassphraseError",
+    "brief_listing",
 ]
 
 
@@ -580,11 +581,23 @@ class ConfigValidationError(DefenderConfigError):
     def __init__(self, component: str, errors: Sequence[FieldError]) -> None:
         self.component = component
         self.errors = tuple(errors)
-        listed = "; ".join(str(e) for e in self.errors) or "no detail"
+        # A config can have thousands of errors, each quoting a value of any size: the message
+        # lists a few (`brief_listing`); `errors` keeps them all.
+        listed = brief_listing([str(e) for e in self.errors]) or "no detail"
         n = len(self.errors)
         super().__init__(
             f"config for {component!r} rejected ({n} error{'s' if n != 1 else ''}): {listed}"
         )
+
+
+def brief_listing(items: Sequence[str], *, most: int = 20, chars: int = 160) -> str:
+    """`items` joined with "; " for people: the first `most`, each cut to `chars`, then how
+    many more. What lists a config's problems goes into conditions (32 KiB at most, or the API
+    server refuses the whole status patch), Events, logs and admission answers."""
+    shown = [text if len(text) <= chars else text[: chars - 1] + "…" for text in items[:most]]
+    if len(items) > most:
+        shown.append(f"and {len(items) - most} more")
+    return "; ".join(shown)
 
 
 _QUOTED_TARGET = 32

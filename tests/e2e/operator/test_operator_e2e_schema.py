@@ -103,3 +103,19 @@ def test_an_edited_custom_schema_governs_the_next_commit(operator_run: OperatorR
     with pytest.raises(ConfigValidationError, match="telnet"):
         configs.commit(NAME, {"ports": [2222], "telnet": "yes"}, by="rag")
     assert configs.get_active(NAME).version == 3
+
+
+def test_a_config_with_thousands_of_errors_is_reported_within_the_status_limits(
+    operator_run: OperatorRun,
+) -> None:
+    # Every error listed made a condition message of ~190 KB, over the 32 KiB the CRD allows:
+    # the API server refused the status patch and the refusal never showed.
+    run = operator_run
+    run.start()
+    _create(run, {"ports": [70000 + i for i in range(5000)]}, _schema())
+    cond = run.wait_condition(NAME, "ConfigSynced", status="False", reason="ConfigInvalid")
+    message = cond["message"]
+    assert len(message) <= 4096, len(message)
+    assert "5000 errors" in message and "ports.0: 70000 is greater than the maximum" in message
+    assert "and 4980 more" in message
+    run.wait_event(NAME, "ConfigInvalid")

@@ -101,6 +101,20 @@ def test_errors_render_structured_fields() -> None:
     assert "unfreeze it" in str(e.ConfigFrozenError("fw"))
 
 
+def test_thousands_of_config_errors_make_a_message_of_a_few_kilobytes() -> None:
+    # It goes into a condition (the CRD caps a message at 32 KiB: over it, the API server
+    # refuses the whole status patch), Events and logs; each error may quote a huge value.
+    e = defender_config
+    errors = [e.FieldError(f"ports.{i}", f"{'9' * 1000} is too large") for i in range(5000)]
+    message = str(e.ConfigValidationError("fw", errors))
+    assert len(message) < 4000
+    assert message.startswith("config for 'fw' rejected (5000 errors): ports.0: 999")
+    assert message.endswith("…; and 4980 more")
+    assert message.count("ports.") == 20
+    assert e.brief_listing(["a", "b"]) == "a; b"
+    assert e.brief_listing(["abcdef"] * 3, most=2, chars=4) == "abc…; abc…; and 1 more"
+
+
 def test_the_store_layer_has_its_own_public_face() -> None:
     from defender_config import store
 

@@ -59,6 +59,13 @@ def test_config_problems_are_listed_by_field_path_under_spec_config() -> None:
     assert problems[1] == "spec.config.colour: Extra inputs are not permitted"
 
 
+def test_a_refusal_of_thousands_of_problems_lists_a_few() -> None:
+    problems = [f"spec.config.ports.{i}: too large" for i in range(5000)]
+    message = refusal("fw", problems)
+    assert message.startswith("fw refused (5000 problems): spec.config.ports.0: too large;")
+    assert message.endswith("; and 4980 more") and len(message) < 4000
+
+
 def test_spec_problems_are_listed_by_their_camel_case_path() -> None:
     bad = spec()
     bad["heartbeat"] = {"intervalSeconds": 0}
