@@ -28,6 +28,7 @@ from defender_config.contract import ComponentType as ComponentTypeName
 from defender_config.contract import InvalidConfigPolicy as InvalidConfigPolicy
 from defender_config.contract import RetentionPolicy as RetentionPolicy
 from defender_config.contract import RotationStage as RotationStage
+from defender_operator._decisions.conditions import MESSAGE_MAX_CHARS
 
 
 class _Model(BaseModel):
@@ -343,7 +344,9 @@ class Condition(_Model):
         pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
         description="One CamelCase word saying why, for machines.",
     )
-    message: str = Field(default="", max_length=32768, description="What happened, for people.")
+    message: str = Field(
+        default="", max_length=MESSAGE_MAX_CHARS, description="What happened, for people."
+    )
     last_transition_time: datetime = Field(
         description="When status last changed (not when the condition was last checked).",
     )

@@ -185,6 +185,17 @@ def parse_rfc3339(text: object) -> datetime | None:
     return when if when.tzinfo is not None else None
 
 
+MESSAGE_MAX_CHARS = 32768
+"""What the CRD lets a condition's message hold: one longer makes the API server refuse the
+whole status patch, and every other field of it with the message."""
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MESSAGE_MAX_CHARS:
+        return message
+    return message[: MESSAGE_MAX_CHARS - 1] + "…"
+
+
 def merge(
     existing: Sequence[Mapping[str, Any]],
     desired: Sequence[Cond],
@@ -208,7 +219,7 @@ def merge(
                 "type": cond.type,
                 "status": cond.status,
                 "reason": cond.reason,
-                "message": cond.message,
+                "message": _bounded(cond.message),
                 "lastTransitionTime": when,
                 "observedGeneration": generation,
             }

@@ -74,6 +74,16 @@ def test_merge_keeps_transition_time_while_status_holds() -> None:
     assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:05:00Z"
 
 
+def test_a_message_over_what_the_crd_allows_is_cut_to_fit() -> None:
+    # One longer than the CRD's maxLength makes the API server refuse the whole status patch.
+    long = "x" * (c.MESSAGE_MAX_CHARS + 10)
+    (cut,) = c.merge([], [c.Cond(c.READY, c.FALSE, "Big", long)], now=T0, generation=1)
+    assert len(cut["message"]) == c.MESSAGE_MAX_CHARS and cut["message"].endswith("x…")
+    exact = "y" * c.MESSAGE_MAX_CHARS
+    (kept,) = c.merge([], [c.Cond(c.READY, c.FALSE, "Big", exact)], now=T0, generation=1)
+    assert kept["message"] == exact
+
+
 def test_merge_keeps_foreign_conditions() -> None:
     foreign = {"type": "Custom", "status": "True", "reason": "X", "lastTransitionTime": "t"}
     out = c.merge([foreign], [c.Cond(c.READY, c.TRUE, "AllGood")], now=T0, generation=1)
