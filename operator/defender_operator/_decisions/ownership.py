@@ -17,17 +17,35 @@ of that name is refused and writes nothing.
 - A Keep resource carries no finalizer, so it can go while no operator watches and its claim
   is then never marked released: a claim whose owner the API server no longer holds (asked
   only when the claim would refuse) counts as released.
+
+The owner record is in etcd, so anyone with etcd write access can put back a saved authentic
+record of an earlier owner (or delete the record): the MAC says "a key holder wrote this", not
+"this is current". The anchor that write access cannot move is Kubernetes: once a resource's
+claim is allowed, the operator writes `status.nameClaim {component, uid}` on it (the status
+subresource, written only by the operator; a restored status carries another uid and does not
+count). Before writing a claim, or before refusing a resource whose own status says it holds
+the name, the operator lists the live resources of that name (`anchored_holders`), and
+`anchor_claim` lets that status overrule the record: the live holder keeps or re-takes the name
+(its record is written again), every other claimant is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 from defender_config.contract import ADOPT_ANNOTATION, RetentionPolicy
 
 NAME_CLAIMED_ELSEWHERE = "NameClaimedElsewhere"
 NAME_RETAINED = "NameRetained"
+OWNER_RECORD_RESTORED = "OwnerRecordRestored"
+"""Alert and Event reason: the owner record did not name the resource whose status holds the
+name (put back, forged with a key, or deleted in etcd), and was written again for it."""
+
+NAME_CLAIM_FIELD = "nameClaim"
+"""The status field that anchors a claim in Kubernetes: `{component, uid}`."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,8 @@ class ClaimAction(StrEnum):
     TAKE_OVER = "TakeOver"  # same namespace/name, re-created or released: rewrite it
     ADOPT = "Adopt"  # released by another namespace and adopted by annotation: rewrite it
     REFUSE = "Refuse"  # someone else owns the name: write nothing
+    RECLAIM = "Reclaim"  # the claimant's status holds the name, the record disagrees: rewrite it
+    RESTORE = "Restore"  # another live resource's status holds it: rewrite its record, refuse
 
 
 @dataclass(frozen=True)
@@ -60,10 +80,12 @@ class ClaimDecision:
     """What to store (None for KEEP and REFUSE)."""
     reason: str = ""
     message: str = ""
+    restored_from: Claim | None = None
+    """RECLAIM/RESTORE: what the record named instead (None: it was missing). For the alert."""
 
     @property
     def allowed(self) -> bool:
-        return self.action is not ClaimAction.REFUSE
+        return self.action not in (ClaimAction.REFUSE, ClaimAction.RESTORE)
 
 
 def decide_claim(
@@ -117,6 +139,107 @@ def owner_lookup_needed(decision: ClaimDecision, existing: Claim | None) -> bool
     return (
         decision.reason == NAME_CLAIMED_ELSEWHERE and existing is not None and not existing.released
     )
+
+
+def claim_status(component: str, uid: str) -> dict[str, str]:
+    """`status.nameClaim` of a resource whose claim of `component` was allowed."""
+    return {"component": component, "uid": uid}
+
+
+def holds_name(status: Mapping[str, Any] | None, component: str, uid: str) -> bool:
+    """Whether a resource's status says it holds `component`. The uid must be the resource's
+    own: a status restored onto a re-created object (a backup tool) names the old one."""
+    held = (status or {}).get(NAME_CLAIM_FIELD)
+    return (
+        bool(uid)
+        and isinstance(held, Mapping)
+        and held.get("component") == component
+        and held.get("uid") == uid
+    )
+
+
+def anchored_holders(objects: Iterable[Mapping[str, Any]], component: str) -> list[Claim]:
+    """The resources among `objects` (DefenderComponents as the API server returns them)
+    whose status holds `component`. One being deleted holds nothing any more: a Purge
+    finalizer deletes the record before the object goes, and a new claimant must not be
+    refused for a name that is being given up."""
+    found = []
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        uid = str(meta.get("uid") or "")
+        if meta.get("deletionTimestamp") or not holds_name(obj.get("status"), component, uid):
+            continue
+        found.append(Claim(str(meta.get("namespace") or ""), str(meta.get("name") or ""), uid))
+    return found
+
+
+def holders_lookup_needed(decision: ClaimDecision, claimant_holds: bool) -> bool:
+    """Whether to list who holds the name by status before acting on `decision`: before any
+    claim is written for the claimant (etcd may have lost or replaced the holder's record),
+    and before refusing a claimant whose own status says it holds the name. The usual visit
+    of the owner (KEEP) and an ordinary refusal ask nothing."""
+    if decision.record is not None:
+        return True
+    return not decision.allowed and claimant_holds
+
+
+def anchor_claim(
+    decision: ClaimDecision, existing: Claim | None, claimant: Claim, holders: Iterable[Claim]
+) -> ClaimDecision:
+    """`decision` (made on the owner record) checked against `holders`, the live resources
+    whose status holds the name (`anchored_holders`), which write access to etcd cannot
+    change. A record that disagrees with them was put back, forged with a key, or deleted."""
+    holders = list(holders)
+    others = [h for h in holders if h.uid != claimant.uid]
+    if len(others) > 1:
+        # Only the operator writes the status, one holder at a time: two mean something it
+        # cannot judge (a status written by hand with more than the operator's rights).
+        refs = ", ".join(sorted(h.ref for h in others))
+        return ClaimDecision(
+            ClaimAction.REFUSE,
+            reason=NAME_CLAIMED_ELSEWHERE,
+            message=(
+                f"etcd component {claimant.name!r}: the status of several DefenderComponents"
+                f" ({refs}) says each holds it; this resource writes nothing until only one does"
+            ),
+        )
+    if others:
+        holder = others[0]
+        if existing == holder:
+            return decision  # the record agrees: an ordinary refusal
+        return ClaimDecision(
+            ClaimAction.RESTORE,
+            holder,
+            reason=NAME_CLAIMED_ELSEWHERE,
+            message=(
+                f"etcd component {claimant.name!r} is owned by DefenderComponent {holder.ref}"
+                f" (its status holds the name); the owner record in etcd named"
+                f" {describe_record(existing)} and was written again for the owner; this resource"
+                " writes nothing"
+            ),
+            restored_from=existing,
+        )
+    mine = replace(claimant, released=False)
+    if mine not in holders or existing == mine:
+        return decision  # the status says nothing the record does not
+    return ClaimDecision(
+        ClaimAction.RECLAIM,
+        mine,
+        reason=OWNER_RECORD_RESTORED,
+        message=(
+            f"etcd component {claimant.name!r} is held by this resource (its status says so),"
+            f" but the owner record in etcd named {describe_record(existing)}: written again"
+            " for this resource"
+        ),
+        restored_from=existing,
+    )
+
+
+def describe_record(record: Claim | None) -> str:
+    if record is None:
+        return "nobody (it was missing)"
+    released = ", released" if record.released else ""
+    return f"{record.ref} (uid {record.uid}{released})"
 
 
 def pending_claim(claimant: Claim) -> Claim:
