@@ -42,12 +42,20 @@ from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.ownership import (
+    NAME_CLAIM_FIELD,
+    OWNER_RECORD_RESTORED,
     Claim,
     ClaimAction,
     ClaimDecision,
     Release,
+    anchor_claim,
+    anchored_holders,
+    claim_status,
     decide_claim,
     decide_release,
+    describe_record,
+    holders_lookup_needed,
+    holds_name,
     owner_lookup_needed,
     pending_claim,
 )
@@ -58,6 +66,7 @@ from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_erro
 from defender_operator._metrics import COMMITS, record_conditions
 from defender_operator._outcome import (
     ConfigVerdict,
+    Event,
     Outcome,
     normal,
     post_events,
@@ -263,6 +272,9 @@ async def _steps(
         # Decide the claim on what is there, then seed as always.
         if seeded_new is None and not take(mem, found, (await claim(v)).outcome):
             return
+    # The name is this resource's: say so where etcd write access cannot reach (its status),
+    # so a record put back or deleted later cannot hand the name to anyone else.
+    take(mem, found, Outcome(fields={NAME_CLAIM_FIELD: claim_status(v.component, _uid(v.body))}))
     # Only once the name is this resource's: a refused resource must not make the operator
     # read its component unencrypted, nor get its namespace a keyring copy.
     await prepare(v, spec)
@@ -407,10 +419,14 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
     (`Claimed.pending`), written only if the name holds nothing, else decided here again."""
     rt, component = v.rt, v.component
     claimant = Claim(v.namespace, v.name, _uid(v.body))
+    holders: list[Claim] | None = None
     if seeds_first:
-        # No read: the seed's compares (no owner record, metadata or MASTER) are the check,
-        # and what it finds otherwise is decided on a read, as for any other visit.
-        return Claimed(Outcome(conditions={cond.CONFLICT: None}), pending_claim(claimant))
+        # The seed's compares (no owner record, metadata or MASTER) are the check etcd can
+        # make, and etcd write access can empty a name: first make sure no live resource's
+        # status holds it. Whatever is found is decided on a read, as for any other visit.
+        holders = await _holders(v)
+        if not holders:
+            return Claimed(Outcome(conditions={cond.CONFLICT: None}), pending_claim(claimant))
     # A lost compare means someone wrote the record meanwhile: decide again on what is there.
     for _ in range(3):
         try:
@@ -420,17 +436,18 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
                 ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
             )
         else:
-            decision = await _decide_claim(v, existing, claimant)
+            decision, holders = await _decide_claim(v, existing, claimant, holders)
         if decision.record is not None and not await asyncio.to_thread(
             rt.backend.write_claim, component, decision.record, revision=revision
         ):
             continue
+        restored = await _restored(v, decision)
         if decision.allowed:
-            return Claimed(_claimed(v, decision, existing))
+            return Claimed(_claimed(v, decision, existing, restored))
         v.logger.warning("refused, nothing written: %s", decision.message)
         return Claimed(
             Outcome(
-                events=[warning(decision.reason, decision.message)],
+                events=[*restored, warning(decision.reason, decision.message)],
                 conditions={
                     cond.CONFLICT: cond.Cond(
                         cond.CONFLICT, cond.TRUE, decision.reason, decision.message
@@ -442,20 +459,60 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
     raise kopf.TemporaryError(f"the owner record of {component} keeps changing", delay=1.0)
 
 
-async def _decide_claim(v: Visit, existing: Claim | None, claimant: Claim) -> ClaimDecision:
+async def _decide_claim(
+    v: Visit, existing: Claim | None, claimant: Claim, holders: list[Claim] | None
+) -> tuple[ClaimDecision, list[Claim] | None]:
+    """The claim decision on the record, then on who holds the name by status when that can
+    change it (`holders`: already listed in this visit, else None). Returns the holders too,
+    so a retry after a lost compare does not list them again."""
     adopt_from = v.annotations.get(ADOPT_ANNOTATION)
     decision = decide_claim(existing, claimant, adopt_from)
-    if existing is None or not owner_lookup_needed(decision, existing):
-        return decision
-    # Asked only to refuse: the API server, not etcd, says whether that owner still exists.
-    exists = await asyncio.to_thread(
-        v.rt.kube.component_exists, existing.namespace, existing.name, existing.uid
+    if existing is not None and owner_lookup_needed(decision, existing):
+        # Asked only to refuse: the API server, not etcd, says whether that owner still exists.
+        exists = await asyncio.to_thread(
+            v.rt.kube.component_exists, existing.namespace, existing.name, existing.uid
+        )
+        decision = decide_claim(existing, claimant, adopt_from, owner_exists=exists)
+    mem = v.rt.memory(v.namespace, v.name)
+    claimant_holds = holds_name(mem.status or v.status, v.component, claimant.uid)
+    if holders is None and holders_lookup_needed(decision, claimant_holds):
+        holders = await _holders(v)
+    if holders is None:
+        return decision, None
+    return anchor_claim(decision, existing, claimant, holders), holders
+
+
+async def _holders(v: Visit) -> list[Claim]:
+    """The live resources named like the claimant whose status holds its name, as the API
+    server has them (what etcd write access cannot change)."""
+    objects = await asyncio.to_thread(
+        v.rt.kube.components_named, v.name, v.rt.settings.watch_namespaces
     )
-    return decide_claim(existing, claimant, adopt_from, owner_exists=exists)
+    return anchored_holders(objects, v.component)
 
 
-def _claimed(v: Visit, decision: ClaimDecision, existing: Claim | None) -> Outcome:
-    out = Outcome(conditions={cond.CONFLICT: None})
+async def _restored(v: Visit, decision: ClaimDecision) -> list[Event]:
+    """An owner record that disagreed with the status was written again (RECLAIM, RESTORE):
+    alerted in etcd, logged, and a Warning Event for the resource visited. Names and uids
+    only: nothing of the record's MAC or of a key."""
+    if decision.action not in (ClaimAction.RECLAIM, ClaimAction.RESTORE):
+        return []
+    assert decision.record is not None  # both write the holder's record
+    message = (
+        f"the owner record of etcd component {v.component} named"
+        f" {describe_record(decision.restored_from)}, while DefenderComponent {decision.record.ref}"
+        f" (uid {decision.record.uid}) holds the name by its status: put back, forged or"
+        " deleted in etcd; written again for the holder"
+    )
+    v.logger.warning(message)
+    await v.rt.write(v.component, v.rt.backend.alert, OWNER_RECORD_RESTORED, v.component, message)
+    return [warning(OWNER_RECORD_RESTORED, message)]
+
+
+def _claimed(
+    v: Visit, decision: ClaimDecision, existing: Claim | None, restored: list[Event]
+) -> Outcome:
+    out = Outcome(conditions={cond.CONFLICT: None}, events=list(restored))
     if decision.action is ClaimAction.CREATE:
         v.logger.info("claimed etcd component %s", v.component)
     elif decision.action in (ClaimAction.TAKE_OVER, ClaimAction.ADOPT) and existing is not None:

@@ -47,6 +47,21 @@ class FakeKube:
     # Namespaces holding DefenderComponents (where keyring copies go); Events posted.
     namespaces: set[str] = field(default_factory=lambda: {NAMESPACE})
     posted: list[tuple[str, str]] = field(default_factory=list)
+    # DefenderComponents the API server holds besides the one reconciled (whole objects, as
+    # `components_named` returns them), and every such list asked for (by name).
+    others: list[dict[str, Any]] = field(default_factory=list)
+    listed: list[str] = field(default_factory=list)
+    uid: str = "uid-1"  # of the one reconciled (the Harness sets it)
+
+    def components_named(
+        self, name: str, watched: Iterable[str] | None = None
+    ) -> list[dict[str, Any]]:
+        self.listed.append(name)
+        own = {
+            "metadata": {"namespace": NAMESPACE, "name": NAME, "uid": self.uid},
+            "status": dict(self.status),
+        }
+        return [o for o in [own, *self.others] if o["metadata"]["name"] == name]
 
     def component_namespaces(self, watched: Iterable[str] | None = None) -> set[str]:
         return set(self.namespaces)
@@ -176,6 +191,7 @@ class Harness:
         keyring = MutableKeyringSource(Keyring.generate())
         secrets: Any = FakeSecrets(keyring)
         kube: Any = self.kube
+        self.kube.uid = self.uid
         self.rt = Runtime(OperatorSettings(), self.backend, kube, secrets, keyring, "op-0")
         self.rt.keyring_ready = True
         self.rt.post_event = lambda body, event: self.events.append(event)
