@@ -898,7 +898,8 @@ async def apply_retention(
     """The finalizer's work on delete, by the owner only: Purge removes every etcd key of the
     component and its claim; Keep leaves the data and marks the claim released (a resource
     re-created under the same namespace/name takes it back; another namespace only by the
-    adopt annotation). A resource that does not own the name touches nothing."""
+    adopt annotation). A resource that does not own the name touches nothing; one whose
+    status holds the name owns it whatever the record in etcd says (`decide_release`)."""
     component = _etcd_name(name)
     # Under the lock: a monitor pass of this component finishes first.
     async with rt.memory(namespace, name).lock:
@@ -908,12 +909,17 @@ async def apply_retention(
             except OwnerRecordError as exc:
                 logger.warning("retention skipped, etcd untouched: %s", exc)
                 existing, revision = None, 0
-            release = decide_release(existing, Claim(namespace, name, _uid(body)), retention)
+            deleted = Claim(namespace, name, _uid(body))
+            held = holds_name(body.get("status"), component, deleted.uid)
+            release = decide_release(existing, deleted, retention, held=held)
             if release is Release.PURGE:
                 removed = await rt.write(component, rt.backend.purge, component)
                 logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
-            elif release is Release.KEEP and existing is not None:
-                released = Claim(existing.namespace, existing.name, existing.uid, released=True)
+            elif release is Release.KEEP:
+                # The record's uid unless the status decided: a re-created owner not reconciled
+                # yet releases the claim it has not taken over.
+                owner = deleted if held or existing is None else existing
+                released = Claim(owner.namespace, owner.name, owner.uid, released=True)
                 if not await asyncio.to_thread(
                     rt.backend.write_claim, component, released, revision=revision
                 ):
@@ -923,5 +929,19 @@ async def apply_retention(
                 )
             else:
                 logger.info("not the owner of etcd component %s: etcd untouched", component)
+            if held and existing != deleted:
+                # Its status holds the name: the record (another owner, released or missing)
+                # was put back or deleted in etcd, and did not decide. Alerted after a Purge,
+                # which deletes the component's alerts with the rest.
+                message = (
+                    f"the owner record of etcd component {component} named"
+                    f" {describe_record(existing)}, while the deleted DefenderComponent"
+                    f" {deleted.ref} (uid {deleted.uid}) held the name by its status: retention"
+                    f" {retention} applied for it"
+                )
+                logger.warning(message)
+                await rt.write(
+                    component, rt.backend.alert, OWNER_RECORD_RESTORED, component, message
+                )
         rt.mark_gone(_uid(body))  # its DELETED event need not apply it again
         rt.forget(namespace, name)

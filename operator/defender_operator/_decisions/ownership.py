@@ -259,12 +259,18 @@ class Release(StrEnum):
     NOTHING = "Nothing"  # not the owner: touch nothing
 
 
-def decide_release(existing: Claim | None, deleted: Claim, retention: str) -> Release:
+def decide_release(
+    existing: Claim | None, deleted: Claim, retention: str, *, held: bool = False
+) -> Release:
     """What deleting `deleted` (with spec.retention `retention`) may do to the etcd name.
 
     Only the owner releases: a refused resource, deleted with retention Purge, must not purge
     the owner's data. A name without a claim (data from before claims, never reconciled since)
-    is left alone: nothing shows that this resource seeded it."""
+    is left alone: nothing shows that this resource seeded it. `held`: the deleted resource's
+    status holds the name (`holds_name`), which makes it the owner whatever the record says,
+    so a record put back or deleted in etcd cannot keep its retention from being applied."""
+    if held:
+        return Release.PURGE if retention == RetentionPolicy.PURGE else Release.KEEP
     if (
         existing is None
         or existing.released

@@ -571,6 +571,26 @@ def test_retention_by_the_owner(retention: str) -> None:
     assert ("default", NAME) not in h.rt.components  # memory forgotten
 
 
+@pytest.mark.parametrize("retention", ["Purge", "Keep"])
+def test_retention_by_the_holder_when_the_record_was_put_back(retention: str) -> None:
+    # tenant-x's saved record put back: the deleted resource's status still says it held the
+    # name, so its retention applies (else Purge would leave its data to tenant-x's name).
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    _replace_record(h, Claim("tenant-x", NAME, "uid-old"))
+    body = h.body(spec(ETH0), {})
+    run(apply_retention(h.rt, body, "default", NAME, retention, LOG))
+    if retention == "Purge":
+        assert h.backend.state(NAME).active_version is None
+        assert h.backend.read_claim(NAME) == (None, 0)
+    else:
+        assert h.backend.state(NAME).active_version == 1
+        claim, _ = h.backend.read_claim(NAME)
+        assert claim == Claim(NAMESPACE, NAME, "uid-1", released=True)
+    alerts = [a for a in h.backend.raised if a.reason == OWNER_RECORD_RESTORED]
+    assert len(alerts) == 1 and "tenant-x/sniffer (uid uid-old)" in alerts[0].detail
+
+
 def test_a_deletion_seen_releases_a_keep_claim_once_and_ends_the_daemon() -> None:
     h = Harness()
     run(h.reconcile(spec(ETH0)))

@@ -249,6 +249,19 @@ def test_a_delete_by_anyone_but_the_owner_touches_nothing(retention: str) -> Non
     assert decide_release(kept, intruder, retention) is Release.NOTHING
 
 
+@pytest.mark.parametrize(
+    ("retention", "expected"), [("Purge", Release.PURGE), ("Keep", Release.KEEP)]
+)
+def test_a_holder_by_status_applies_its_retention_whatever_the_record_says(
+    retention: str, expected: Release
+) -> None:
+    # A purged owner's record put back, or the record deleted: the holder's delete still
+    # purges (or releases) its own data rather than leaving it to the record's namespace.
+    for record in (X_OLD, None, Claim("tenant-x", "firewall", "uid-old", released=True)):
+        assert decide_release(record, Y, retention) is Release.NOTHING
+        assert decide_release(record, Y, retention, held=True) is expected
+
+
 def test_a_refused_resource_shows_conflict_and_not_ready() -> None:
     conflict = cond.Cond(cond.CONFLICT, cond.TRUE, NAME_CLAIMED_ELSEWHERE, "owned by default/x")
     out = {c.type: c for c in cond.compute(cond.Observation(conflict=conflict))}
