@@ -58,6 +58,7 @@ from defender_operator._decisions.ownership import (
     holds_name,
     owner_lookup_needed,
     pending_claim,
+    release_lookup_needed,
 )
 from defender_operator._decisions.reads import ViewRead
 from defender_operator._decisions.restarts import restart_history
@@ -911,7 +912,14 @@ async def apply_retention(
                 existing, revision = None, 0
             deleted = Claim(namespace, name, _uid(body))
             held = holds_name(body.get("status"), component, deleted.uid)
-            release = decide_release(existing, deleted, retention, held=held)
+            exists = True
+            if existing is not None and release_lookup_needed(existing, deleted, held):
+                exists = await asyncio.to_thread(
+                    rt.kube.component_exists, existing.namespace, existing.name, existing.uid
+                )
+            release = decide_release(existing, deleted, retention, held=held, owner_exists=exists)
+            # The record did not decide: say so (below, after the release is applied).
+            overruled = held and existing != deleted and release is not Release.NOTHING
             if release is Release.PURGE:
                 removed = await rt.write(component, rt.backend.purge, component)
                 logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
@@ -929,8 +937,8 @@ async def apply_retention(
                 )
             else:
                 logger.info("not the owner of etcd component %s: etcd untouched", component)
-            if held and existing != deleted:
-                # Its status holds the name: the record (another owner, released or missing)
+            if overruled:
+                # Its status holds the name: the record (a gone owner, released or missing)
                 # was put back or deleted in etcd, and did not decide. Alerted after a Purge,
                 # which deletes the component's alerts with the rest.
                 message = (

@@ -190,11 +190,13 @@ def anchor_claim(
     whose status holds the name (`anchored_holders`), which write access to etcd cannot
     change. A record that disagrees with them was put back, forged with a key, or deleted."""
     holders = list(holders)
-    others = [h for h in holders if h.uid != claimant.uid]
-    if len(others) > 1:
-        # Only the operator writes the status, one holder at a time: two mean something it
-        # cannot judge (a status written by hand with more than the operator's rights).
-        refs = ", ".join(sorted(h.ref for h in others))
+    if len({h.uid for h in holders}) > 1:
+        # The operator writes one holder's status at a time: more than one means a status
+        # written by someone with more than the operator's rights, which is no anchor. Nothing
+        # is written; the record's owner keeps its name (KEEP), as without the status.
+        if decision.action is ClaimAction.KEEP:
+            return decision
+        refs = ", ".join(sorted(h.ref for h in holders))
         return ClaimDecision(
             ClaimAction.REFUSE,
             reason=NAME_CLAIMED_ELSEWHERE,
@@ -203,6 +205,7 @@ def anchor_claim(
                 f" ({refs}) says each holds it; this resource writes nothing until only one does"
             ),
         )
+    others = [h for h in holders if h.uid != claimant.uid]
     if others:
         holder = others[0]
         if existing == holder:
@@ -259,17 +262,43 @@ class Release(StrEnum):
     NOTHING = "Nothing"  # not the owner: touch nothing
 
 
+def release_lookup_needed(existing: Claim | None, deleted: Claim, held: bool) -> bool:
+    """Whether to ask the API server if the record's owner exists before `decide_release`:
+    only when the deleted resource's status holds the name and the record names another
+    resource, not released (the record of a live resource is not overruled)."""
+    return (
+        held
+        and existing is not None
+        and not existing.released
+        and (existing.namespace, existing.name) != (deleted.namespace, deleted.name)
+    )
+
+
 def decide_release(
-    existing: Claim | None, deleted: Claim, retention: str, *, held: bool = False
+    existing: Claim | None,
+    deleted: Claim,
+    retention: str,
+    *,
+    held: bool = False,
+    owner_exists: bool = True,
 ) -> Release:
     """What deleting `deleted` (with spec.retention `retention`) may do to the etcd name.
 
     Only the owner releases: a refused resource, deleted with retention Purge, must not purge
     the owner's data. A name without a claim (data from before claims, never reconciled since)
-    is left alone: nothing shows that this resource seeded it. `held`: the deleted resource's
-    status holds the name (`holds_name`), which makes it the owner whatever the record says,
-    so a record put back or deleted in etcd cannot keep its retention from being applied."""
-    if held:
+    is left alone: nothing shows that this resource seeded it.
+
+    `held`: the deleted resource's status holds the name (`holds_name`). Then a record that is
+    missing, released, or names a resource the API server no longer holds (`owner_exists`
+    False: a purged owner's record put back) does not keep its retention from being applied.
+    A record naming another live resource still wins: a status alone, written by someone with
+    more than the operator's rights, must not purge another resource's data."""
+    if held and (
+        existing is None
+        or existing.released
+        or not owner_exists
+        or (existing.namespace, existing.name) == (deleted.namespace, deleted.name)
+    ):
         return Release.PURGE if retention == RetentionPolicy.PURGE else Release.KEEP
     if (
         existing is None

@@ -578,8 +578,10 @@ def test_retention_by_the_holder_when_the_record_was_put_back(retention: str) ->
     h = Harness()
     run(h.reconcile(spec(ETH0)))
     _replace_record(h, Claim("tenant-x", NAME, "uid-old"))
+    h.kube.gone.add(("tenant-x", NAME))
     body = h.body(spec(ETH0), {})
     run(apply_retention(h.rt, body, "default", NAME, retention, LOG))
+    assert h.kube.lookups == [("tenant-x", NAME, "uid-old")]
     if retention == "Purge":
         assert h.backend.state(NAME).active_version is None
         assert h.backend.read_claim(NAME) == (None, 0)
@@ -589,6 +591,19 @@ def test_retention_by_the_holder_when_the_record_was_put_back(retention: str) ->
         assert claim == Claim(NAMESPACE, NAME, "uid-1", released=True)
     alerts = [a for a in h.backend.raised if a.reason == OWNER_RECORD_RESTORED]
     assert len(alerts) == 1 and "tenant-x/sniffer (uid uid-old)" in alerts[0].detail
+
+
+def test_a_status_alone_does_not_purge_a_live_owners_data() -> None:
+    # The record names tenant-x/sniffer, alive; this resource's status says it holds the name
+    # (written with more than the operator's rights): its Purge touches nothing.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    _replace_record(h, Claim("tenant-x", NAME, "uid-x"))
+    body = h.body(spec(ETH0), {})
+    run(apply_retention(h.rt, body, "default", NAME, "Purge", LOG))
+    assert h.backend.state(NAME).active_version == 1
+    assert h.backend.read_claim(NAME)[0] == Claim("tenant-x", NAME, "uid-x")
+    assert not [a for a in h.backend.raised if a.reason == OWNER_RECORD_RESTORED]
 
 
 def test_a_deletion_seen_releases_a_keep_claim_once_and_ends_the_daemon() -> None:

@@ -25,6 +25,7 @@ from defender_operator._decisions.ownership import (
     holds_name,
     owner_lookup_needed,
     pending_claim,
+    release_lookup_needed,
 )
 
 OWNER = Claim("default", "firewall", "uid-1")
@@ -222,11 +223,19 @@ def test_with_no_holder_the_legitimate_flows_are_unchanged(
     assert anchor_claim(decision, existing, claimant, []) is decision
 
 
-def test_two_holders_elsewhere_refuse_without_a_write() -> None:
+def test_two_holders_by_status_anchor_nothing_and_nothing_new_is_written() -> None:
+    # Only a status written with more than the operator's rights makes two: no writes for
+    # anyone, and the record's owner keeps its name as it would without the status.
     z = Claim("tenant-z", "firewall", "uid-z")
     d = anchor_claim(decide_claim(None, X_NEW, None), None, X_NEW, [Y, z])
     assert d.action is ClaimAction.REFUSE and d.record is None
     assert "tenant-y/firewall" in d.message and "tenant-z/firewall" in d.message
+    # A claimant that holds too, with the record deleted or naming the other: no write.
+    for record in (None, z):
+        mixed = anchor_claim(decide_claim(record, Y, None), record, Y, [Y, z])
+        assert mixed.action is ClaimAction.REFUSE and mixed.record is None
+    keep = decide_claim(Y, Y, None)
+    assert anchor_claim(keep, Y, Y, [Y, z]) is keep
 
 
 @pytest.mark.parametrize(
@@ -257,9 +266,18 @@ def test_a_holder_by_status_applies_its_retention_whatever_the_record_says(
 ) -> None:
     # A purged owner's record put back, or the record deleted: the holder's delete still
     # purges (or releases) its own data rather than leaving it to the record's namespace.
-    for record in (X_OLD, None, Claim("tenant-x", "firewall", "uid-old", released=True)):
+    released = Claim("tenant-x", "firewall", "uid-old", released=True)
+    for record in (None, released):
+        assert not release_lookup_needed(record, Y, held=True)
         assert decide_release(record, Y, retention) is Release.NOTHING
         assert decide_release(record, Y, retention, held=True) is expected
+    # Naming a resource the API server no longer holds (asked only then).
+    assert release_lookup_needed(X_OLD, Y, held=True)
+    assert not release_lookup_needed(X_OLD, Y, held=False)
+    assert decide_release(X_OLD, Y, retention, held=True, owner_exists=False) is expected
+    # Naming a live resource: the record wins, a status alone purges nobody else's data.
+    assert decide_release(X_NEW, Y, retention, held=True) is Release.NOTHING
+    assert decide_release(X_NEW, Y, retention) is Release.NOTHING
 
 
 def test_a_refused_resource_shows_conflict_and_not_ready() -> None:
