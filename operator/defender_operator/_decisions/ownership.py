@@ -24,7 +24,8 @@ record of an earlier owner (or delete the record): the MAC says "a key holder wr
 claim is allowed, the operator writes `status.nameClaim {component, uid}` on it (the status
 subresource, written only by the operator; a restored status carries another uid and does not
 count). Before writing a claim, or before refusing a resource whose own status says it holds
-the name, the operator lists the live resources of that name (`anchored_holders`), and
+the name, the operator looks up the live resources of that name whose status holds it (kopf's
+index of DefenderComponents, filled by `holder_entry`, which keeps `anchored_holders`), and
 `anchor_claim` lets that status overrule the record: the live holder keeps or re-takes the name
 (its record is written again), every other claimant is refused.
 """
@@ -173,8 +174,24 @@ def anchored_holders(objects: Iterable[Mapping[str, Any]], component: str) -> li
     return found
 
 
+HolderIndex = Mapping[str, Iterable[Claim]]
+"""kopf's index of DefenderComponents as claims read it: etcd name -> the resources whose status
+holds it (`holder_entry`)."""
+
+
+def holder_entry(obj: Mapping[str, Any]) -> dict[str, Claim]:
+    """The index entry of one DefenderComponent: its etcd name (its resource name) -> itself,
+    when its status holds that name (`anchored_holders`), else nothing. Only holders are filed,
+    as bare claims: the index keeps no bodies, and a name nobody holds has no key at all."""
+    name = str((obj.get("metadata") or {}).get("name") or "")
+    held = anchored_holders([obj], name)
+    # {} rather than None: kopf keeps an object's earlier entries when its index function
+    # returns None, and a holder being deleted must stop holding.
+    return {name: held[0]} if held else {}
+
+
 def holders_lookup_needed(decision: ClaimDecision, claimant_holds: bool) -> bool:
-    """Whether to list who holds the name by status before acting on `decision`: before any
+    """Whether to look up who holds the name by status before acting on `decision`: before any
     claim is written for the claimant (etcd may have lost or replaced the holder's record),
     and before refusing a claimant whose own status says it holds the name. The usual visit
     of the owner (KEEP) and an ordinary refusal ask nothing."""

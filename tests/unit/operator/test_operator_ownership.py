@@ -21,6 +21,7 @@ from defender_operator._decisions.ownership import (
     claim_status,
     decide_claim,
     decide_release,
+    holder_entry,
     holders_lookup_needed,
     holds_name,
     owner_lookup_needed,
@@ -151,6 +152,15 @@ def test_holders_are_live_resources_whose_status_holds_the_name() -> None:
     # Being deleted (a Purge finalizer runs): it is giving the name up.
     deleting = [_obj(Y, held, deletionTimestamp="2026-12-03T00:00:00Z")]
     assert anchored_holders(deleting, "firewall") == []
+
+
+def test_the_holder_index_files_a_resource_under_its_name_only_while_it_holds_it() -> None:
+    held = {NAME_CLAIM_FIELD: claim_status("firewall", "uid-y")}
+    assert holder_entry(_obj(Y, held)) == {"firewall": Y}
+    # Not (or no longer) holding: no entry, so kopf drops the one it had.
+    assert holder_entry(_obj(X_NEW)) == {}
+    assert holder_entry(_obj(Y, held, deletionTimestamp="2026-12-03T00:00:00Z")) == {}
+    assert holder_entry({"metadata": {}, "status": held}) == {}
 
 
 def test_the_holders_are_listed_before_any_claim_write_and_before_refusing_a_holder() -> None:
