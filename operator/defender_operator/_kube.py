@@ -95,29 +95,6 @@ class Kube:
             ) from exc
         return str((obj.get("metadata") or {}).get("uid") or "") == uid
 
-    def components_named(self, name: str, watched: list[str] | None = None) -> list[dict[str, Any]]:
-        """Every DefenderComponent called `name` (in `watched` namespaces when given), whole:
-        whose status holds that etcd name is what the claim decision reads from it. A field
-        selector on metadata.name, so the API server sends only those."""
-        selector = f"metadata.name={name}"
-        try:
-            if not watched:
-                found: Any = self.custom.list_cluster_custom_object(
-                    API_GROUP, API_VERSION, PLURAL, field_selector=selector
-                )
-                return [dict(item) for item in found.get("items", [])]
-            items: list[dict[str, Any]] = []
-            for ns in watched:
-                page: Any = self.custom.list_namespaced_custom_object(
-                    API_GROUP, API_VERSION, ns, PLURAL, field_selector=selector
-                )
-                items += [dict(item) for item in page.get("items", [])]
-            return items
-        except ApiException as exc:
-            raise KubeError(
-                f"cannot list DefenderComponents named {name} ({exc.status} {exc.reason})"
-            ) from exc
-
     def component_namespaces(self, watched: list[str] | None = None) -> set[str]:
         """Namespaces holding DefenderComponents. With `watched` the operator only looks there:
         its RBAC may not allow a cluster-wide list, and components elsewhere are not its own."""

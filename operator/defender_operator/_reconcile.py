@@ -47,9 +47,9 @@ from defender_operator._decisions.ownership import (
     Claim,
     ClaimAction,
     ClaimDecision,
+    HolderIndex,
     Release,
     anchor_claim,
-    anchored_holders,
     claim_status,
     decide_claim,
     decide_release,
@@ -189,6 +189,8 @@ class Visit:
     status: Mapping[str, Any]
     annotations: Mapping[str, str]
     logger: Logger
+    holders: HolderIndex
+    """kopf's index of who holds each etcd name by status (`handlers.name_holders`)."""
 
     @property
     def component(self) -> str:
@@ -484,12 +486,25 @@ async def _decide_claim(
 
 
 async def _holders(v: Visit) -> list[Claim]:
-    """The live resources named like the claimant whose status holds its name, as the API
-    server has them (what etcd write access cannot change)."""
-    objects = await asyncio.to_thread(
-        v.rt.kube.components_named, v.name, v.rt.settings.watch_namespaces
-    )
-    return anchored_holders(objects, v.component)
+    """The live resources named like the claimant whose status holds its name (what etcd write
+    access cannot change), from kopf's index: no API request per new component (issue #17's
+    thousand creates at once). kopf fills every index from its initial listing before any
+    handler runs (`operator_indexed.wait_for(True)` before `process_resource_causes` in
+    kopf/_core/reactor/processing.py), and indexes each event before that object's handlers, so
+    the claimant's own entry is the body handled. The index holds exactly what kopf watches
+    (`watch_namespaces`, as the list it replaces did)."""
+    claimant_uid = _uid(v.body)
+    found = list(v.holders.get(v.component, ()))
+    live = [h for h in found if h.uid == claimant_uid]
+    for holder in found:
+        # kopf's re-listing after a watch restart (410 Gone, a peering pause) replaces what it
+        # finds but never drops an object deleted meanwhile: another holder is confirmed by
+        # the API server before it refuses anyone, one GET in a case that is rare by itself.
+        if holder.uid != claimant_uid and await asyncio.to_thread(
+            v.rt.kube.component_exists, holder.namespace, holder.name, holder.uid
+        ):
+            live.append(holder)
+    return live
 
 
 async def _restored(v: Visit, decision: ClaimDecision) -> list[Event]:

@@ -329,10 +329,9 @@ def test_an_allowed_claim_is_recorded_in_the_status_and_a_refused_one_is_not() -
     h = Harness()
     run(h.reconcile(spec(ETH0)))
     assert h.kube.status[NAME_CLAIM_FIELD] == {"component": NAME, "uid": "uid-1"}
-    assert h.kube.listed == [NAME]  # a new name: who holds it by status, asked once
-    h.kube.listed.clear()
+    h.kube.requests.clear()
     run(h.reconcile(spec(ETH1)))
-    assert h.kube.listed == []  # the owner's usual visit asks nothing more than before
+    assert h.kube.requests == ["patch_status"]  # the owner's usual visit asks nothing new
     refused = Harness()
     refused.backend.write_claim(NAME, Claim("tenant-a", NAME, "uid-0"), revision=0)
     run(refused.reconcile(spec(ETH0)))
@@ -406,7 +405,8 @@ def test_a_new_resource_does_not_seed_a_name_emptied_in_etcd_while_another_holds
     assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
     assert h.backend.claims[NAME][0] == Claim("tenant-y", NAME, "uid-y")
     assert h.backend.state(NAME).active_version is None
-    assert h.kube.listed == [NAME]  # listed once, for the seed and the read after it
+    # The holder is confirmed once, for the seed and the read after it.
+    assert h.kube.lookups == [("tenant-y", NAME, "uid-y")]
 
 
 def test_a_status_restored_onto_a_re_created_object_holds_nothing() -> None:
@@ -417,17 +417,42 @@ def test_a_status_restored_onto_a_re_created_object_holds_nothing() -> None:
     run(h.reconcile(spec(ETH0)))
     assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
     assert h.backend.claims[NAME][0] == Claim("tenant-a", NAME, "uid-a")
-    assert h.kube.listed == [NAME]  # the seed-first check only: no holder, no second list
+    assert h.kube.lookups == [("tenant-a", NAME, "uid-a")]  # the record's owner, as always
 
 
-def test_without_an_answer_on_who_holds_the_name_nothing_is_written() -> None:
+def test_a_new_component_asks_the_api_server_nothing_to_find_who_holds_its_name() -> None:
+    # Issue #17: a thousand components created at once share the API server; the holders come
+    # from kopf's index. The create path's one request is its status patch.
     h = Harness()
+    h.kube.others.append({"metadata": {"namespace": "tenant-z", "name": "other", "uid": "uid-z"}})
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.calls[0] == "claim_and_seed"  # claimed with its seed
+    assert h.backend.state(NAME).active_version == 1
+    assert h.kube.requests == ["patch_status"]
 
-    def unanswered(name: str, watched: object = None) -> list[dict[str, object]]:
-        raise KubeError(f"cannot list DefenderComponents named {name} (503 Unavailable)")
 
-    h.kube.components_named = unanswered  # type: ignore[method-assign]
-    with pytest.raises(kopf.TemporaryError, match="cannot list DefenderComponents"):
+def test_a_holder_the_index_keeps_after_its_deletion_refuses_nobody() -> None:
+    # kopf's re-listing after a watch restart keeps the entry of a resource deleted meanwhile:
+    # the API server no longer holds tenant-y/sniffer, so the name is this resource's.
+    h = Harness()
+    h.kube.others.append(HOLDER)
+    h.kube.gone.add(("tenant-y", NAME))
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.claims[NAME][0] == Claim(NAMESPACE, NAME, "uid-1")
+    assert h.backend.state(NAME).active_version == 1
+    assert h.kube.lookups == [("tenant-y", NAME, "uid-y")]
+    assert OWNER_RECORD_RESTORED not in h.reasons()
+
+
+def test_without_an_answer_on_whether_a_holder_lives_nothing_is_written() -> None:
+    h = Harness()
+    h.kube.others.append(HOLDER)
+
+    def unanswered(namespace: str, name: str, uid: str) -> bool:
+        raise KubeError(f"cannot read DefenderComponent {namespace}/{name} (503 Unavailable)")
+
+    h.kube.component_exists = unanswered  # type: ignore[method-assign]
+    with pytest.raises(kopf.TemporaryError, match="cannot read DefenderComponent"):
         run(h.reconcile(spec(ETH0)))
     assert h.backend.claims.get(NAME) is None and h.backend.state(NAME).active_version is None
     assert not {"claim_and_seed", "write_claim", "seed"} & set(h.backend.calls)

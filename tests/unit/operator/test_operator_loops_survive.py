@@ -76,11 +76,6 @@ def test_other_kubernetes_calls_without_an_answer_raise_kube_error(
         kube.component_namespaces()
     with pytest.raises(KubeError, match="no answer from the API server"):
         kube.components(["default"])
-    # Who holds a name by status: the claim decision waits for an answer (retried).
-    with pytest.raises(KubeError, match="no answer from the API server"):
-        kube.components_named("sniffer")
-    with pytest.raises(KubeError, match="no answer from the API server"):
-        kube.components_named("sniffer", ["default"])
     with pytest.raises(KubeError, match="no answer from the API server"):
         kube.patch_status("default", "sniffer", {"phase": "Ready"})
 
