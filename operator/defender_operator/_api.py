@@ -371,6 +371,15 @@ class RolloutStatus(_Model):
     message: str = Field(default="", description="What the rollout waits for, or why it ended.")
 
 
+class NameClaimStatus(_Model):
+    component: str = Field(default="", description="The etcd component name held.")
+    uid: str = Field(
+        default="",
+        description="metadata.uid of this resource when the claim was allowed (another uid: a"
+        " status restored onto a re-created object, which holds nothing).",
+    )
+
+
 class DefenderComponentStatus(_Model):
     observed_generation: int = Field(
         default=0, ge=0, description="The metadata.generation the operator last acted on."
@@ -415,6 +424,14 @@ class DefenderComponentStatus(_Model):
     )
     rollout: RolloutStatus | None = Field(
         default=None, description="The last canary rollout (spec.rollout.canary)."
+    )
+    name_claim: NameClaimStatus | None = Field(
+        default=None,
+        description=(
+            "The etcd name this resource holds (its claim was allowed). Kept in Kubernetes,"
+            " which etcd write access cannot change: an owner record in etcd that names"
+            " another resource is not obeyed while this says so (docs/security.md)."
+        ),
     )
     last_handled_configuration: str = Field(
         default="",

@@ -42,14 +42,23 @@ from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.ownership import (
+    NAME_CLAIM_FIELD,
+    OWNER_RECORD_RESTORED,
     Claim,
     ClaimAction,
     ClaimDecision,
+    HolderIndex,
     Release,
+    anchor_claim,
+    claim_status,
     decide_claim,
     decide_release,
+    describe_record,
+    holders_lookup_needed,
+    holds_name,
     owner_lookup_needed,
     pending_claim,
+    release_lookup_needed,
 )
 from defender_operator._decisions.reads import ViewRead
 from defender_operator._decisions.restarts import restart_history
@@ -58,6 +67,7 @@ from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_erro
 from defender_operator._metrics import COMMITS, record_conditions
 from defender_operator._outcome import (
     ConfigVerdict,
+    Event,
     Outcome,
     normal,
     post_events,
@@ -179,6 +189,8 @@ class Visit:
     status: Mapping[str, Any]
     annotations: Mapping[str, str]
     logger: Logger
+    holders: HolderIndex
+    """kopf's index of who holds each etcd name by status (`handlers.name_holders`)."""
 
     @property
     def component(self) -> str:
@@ -269,6 +281,9 @@ async def _steps(
         # Decide the claim on what is there, then seed as always.
         if seeded_new is None and not take(mem, found, (await claim(v)).outcome):
             return
+    # The name is this resource's: say so where etcd write access cannot reach (its status),
+    # so a record put back or deleted later cannot hand the name to anyone else.
+    take(mem, found, Outcome(fields={NAME_CLAIM_FIELD: claim_status(v.component, _uid(v.body))}))
     # Only once the name is this resource's: a refused resource must not make the operator
     # read its component unencrypted, nor get its namespace a keyring copy.
     await prepare(v, spec)
@@ -413,10 +428,14 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
     (`Claimed.pending`), written only if the name holds nothing, else decided here again."""
     rt, component = v.rt, v.component
     claimant = Claim(v.namespace, v.name, _uid(v.body))
+    holders: list[Claim] | None = None
     if seeds_first:
-        # No read: the seed's compares (no owner record, metadata or MASTER) are the check,
-        # and what it finds otherwise is decided on a read, as for any other visit.
-        return Claimed(Outcome(conditions={cond.CONFLICT: None}), pending_claim(claimant))
+        # The seed's compares (no owner record, metadata or MASTER) are the check etcd can
+        # make, and etcd write access can empty a name: first make sure no live resource's
+        # status holds it. Whatever is found is decided on a read, as for any other visit.
+        holders = await _holders(v)
+        if not holders:
+            return Claimed(Outcome(conditions={cond.CONFLICT: None}), pending_claim(claimant))
     # A lost compare means someone wrote the record meanwhile: decide again on what is there.
     for _ in range(3):
         try:
@@ -426,17 +445,18 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
                 ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
             )
         else:
-            decision = await _decide_claim(v, existing, claimant)
+            decision, holders = await _decide_claim(v, existing, claimant, holders)
         if decision.record is not None and not await asyncio.to_thread(
             rt.backend.write_claim, component, decision.record, revision=revision
         ):
             continue
+        restored = await _restored(v, decision)
         if decision.allowed:
-            return Claimed(_claimed(v, decision, existing))
+            return Claimed(_claimed(v, decision, existing, restored))
         v.logger.warning("refused, nothing written: %s", decision.message)
         return Claimed(
             Outcome(
-                events=[warning(decision.reason, decision.message)],
+                events=[*restored, warning(decision.reason, decision.message)],
                 conditions={
                     cond.CONFLICT: cond.Cond(
                         cond.CONFLICT, cond.TRUE, decision.reason, decision.message
@@ -448,20 +468,73 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
     raise kopf.TemporaryError(f"the owner record of {component} keeps changing", delay=1.0)
 
 
-async def _decide_claim(v: Visit, existing: Claim | None, claimant: Claim) -> ClaimDecision:
+async def _decide_claim(
+    v: Visit, existing: Claim | None, claimant: Claim, holders: list[Claim] | None
+) -> tuple[ClaimDecision, list[Claim] | None]:
+    """The claim decision on the record, then on who holds the name by status when that can
+    change it (`holders`: already listed in this visit, else None). Returns the holders too,
+    so a retry after a lost compare does not list them again."""
     adopt_from = v.annotations.get(ADOPT_ANNOTATION)
     decision = decide_claim(existing, claimant, adopt_from)
-    if existing is None or not owner_lookup_needed(decision, existing):
-        return decision
-    # Asked only to refuse: the API server, not etcd, says whether that owner still exists.
-    exists = await asyncio.to_thread(
-        v.rt.kube.component_exists, existing.namespace, existing.name, existing.uid
+    if existing is not None and owner_lookup_needed(decision, existing):
+        # Asked only to refuse: the API server, not etcd, says whether that owner still exists.
+        exists = await asyncio.to_thread(
+            v.rt.kube.component_exists, existing.namespace, existing.name, existing.uid
+        )
+        decision = decide_claim(existing, claimant, adopt_from, owner_exists=exists)
+    mem = v.rt.memory(v.namespace, v.name)
+    claimant_holds = holds_name(mem.status or v.status, v.component, claimant.uid)
+    if holders is None and holders_lookup_needed(decision, claimant_holds):
+        holders = await _holders(v)
+    if holders is None:
+        return decision, None
+    return anchor_claim(decision, existing, claimant, holders), holders
+
+
+async def _holders(v: Visit) -> list[Claim]:
+    """The live resources named like the claimant whose status holds its name (what etcd write
+    access cannot change), from kopf's index: no API request per new component (issue #17's
+    thousand creates at once). kopf fills every index from its initial listing before any
+    handler runs (`operator_indexed.wait_for(True)` before `process_resource_causes` in
+    kopf/_core/reactor/processing.py), and indexes each event before that object's handlers, so
+    the claimant's own entry is the body handled. The index holds exactly what kopf watches
+    (`watch_namespaces`, as the list it replaces did)."""
+    claimant_uid = _uid(v.body)
+    found = list(v.holders.get(v.component, ()))
+    live = [h for h in found if h.uid == claimant_uid]
+    for holder in found:
+        # kopf's re-listing after a watch restart (410 Gone, a peering pause) replaces what it
+        # finds but never drops an object deleted meanwhile: another holder is confirmed by
+        # the API server before it refuses anyone, one GET in a case that is rare by itself.
+        if holder.uid != claimant_uid and await asyncio.to_thread(
+            v.rt.kube.component_exists, holder.namespace, holder.name, holder.uid
+        ):
+            live.append(holder)
+    return live
+
+
+async def _restored(v: Visit, decision: ClaimDecision) -> list[Event]:
+    """An owner record that disagreed with the status was written again (RECLAIM, RESTORE):
+    alerted in etcd, logged, and a Warning Event for the resource visited. Names and uids
+    only: nothing of the record's MAC or of a key."""
+    if decision.action not in (ClaimAction.RECLAIM, ClaimAction.RESTORE):
+        return []
+    assert decision.record is not None  # both write the holder's record
+    message = (
+        f"the owner record of etcd component {v.component} named"
+        f" {describe_record(decision.restored_from)}, while DefenderComponent {decision.record.ref}"
+        f" (uid {decision.record.uid}) holds the name by its status: put back, forged or"
+        " deleted in etcd; written again for the holder"
     )
-    return decide_claim(existing, claimant, adopt_from, owner_exists=exists)
+    v.logger.warning(message)
+    await v.rt.write(v.component, v.rt.backend.alert, OWNER_RECORD_RESTORED, v.component, message)
+    return [warning(OWNER_RECORD_RESTORED, message)]
 
 
-def _claimed(v: Visit, decision: ClaimDecision, existing: Claim | None) -> Outcome:
-    out = Outcome(conditions={cond.CONFLICT: None})
+def _claimed(
+    v: Visit, decision: ClaimDecision, existing: Claim | None, restored: list[Event]
+) -> Outcome:
+    out = Outcome(conditions={cond.CONFLICT: None}, events=list(restored))
     if decision.action is ClaimAction.CREATE:
         v.logger.info("claimed etcd component %s", v.component)
     elif decision.action in (ClaimAction.TAKE_OVER, ClaimAction.ADOPT) and existing is not None:
@@ -847,7 +920,8 @@ async def apply_retention(
     """The finalizer's work on delete, by the owner only: Purge removes every etcd key of the
     component and its claim; Keep leaves the data and marks the claim released (a resource
     re-created under the same namespace/name takes it back; another namespace only by the
-    adopt annotation). A resource that does not own the name touches nothing."""
+    adopt annotation). A resource that does not own the name touches nothing; one whose
+    status holds the name owns it whatever the record in etcd says (`decide_release`)."""
     component = _etcd_name(name)
     # Under the lock: a monitor pass of this component finishes first.
     async with rt.memory(namespace, name).lock:
@@ -857,12 +931,24 @@ async def apply_retention(
             except OwnerRecordError as exc:
                 logger.warning("retention skipped, etcd untouched: %s", exc)
                 existing, revision = None, 0
-            release = decide_release(existing, Claim(namespace, name, _uid(body)), retention)
+            deleted = Claim(namespace, name, _uid(body))
+            held = holds_name(body.get("status"), component, deleted.uid)
+            exists = True
+            if existing is not None and release_lookup_needed(existing, deleted, held):
+                exists = await asyncio.to_thread(
+                    rt.kube.component_exists, existing.namespace, existing.name, existing.uid
+                )
+            release = decide_release(existing, deleted, retention, held=held, owner_exists=exists)
+            # The record did not decide: say so (below, after the release is applied).
+            overruled = held and existing != deleted and release is not Release.NOTHING
             if release is Release.PURGE:
                 removed = await rt.write(component, rt.backend.purge, component)
                 logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
-            elif release is Release.KEEP and existing is not None:
-                released = Claim(existing.namespace, existing.name, existing.uid, released=True)
+            elif release is Release.KEEP:
+                # The record's uid unless the status decided: a re-created owner not reconciled
+                # yet releases the claim it has not taken over.
+                owner = deleted if held or existing is None else existing
+                released = Claim(owner.namespace, owner.name, owner.uid, released=True)
                 if not await asyncio.to_thread(
                     rt.backend.write_claim, component, released, revision=revision
                 ):
@@ -872,5 +958,19 @@ async def apply_retention(
                 )
             else:
                 logger.info("not the owner of etcd component %s: etcd untouched", component)
+            if overruled:
+                # Its status holds the name: the record (a gone owner, released or missing)
+                # was put back or deleted in etcd, and did not decide. Alerted after a Purge,
+                # which deletes the component's alerts with the rest.
+                message = (
+                    f"the owner record of etcd component {component} named"
+                    f" {describe_record(existing)}, while the deleted DefenderComponent"
+                    f" {deleted.ref} (uid {deleted.uid}) held the name by its status: retention"
+                    f" {retention} applied for it"
+                )
+                logger.warning(message)
+                await rt.write(
+                    component, rt.backend.alert, OWNER_RECORD_RESTORED, component, message
+                )
         rt.mark_gone(_uid(body))  # its DELETED event need not apply it again
         rt.forget(namespace, name)

@@ -13,7 +13,9 @@ gone      → a deletion seen (the DELETED event): retention Keep releases the c
 daemon    → `_monitor.tick` every monitor_interval_seconds (reading the component from etcd
             only when the change watch, `_loops.change_watch`, says it may have changed)
 index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
-            component's pods from memory instead of listing them
+            component's pods from memory instead of listing them; `ownership.holder_entry`:
+            each DefenderComponent whose status holds its etcd name, so claims find the
+            holders from memory instead of listing them
 admission → with admission_enabled, `_webhook_setup.start` at start-up; the webhook handlers
             themselves are wired in `webhooks`
 probe     → liveness fails when etcd has been unreachable for too long, or the heartbeat
@@ -49,6 +51,7 @@ from defender_operator import (
 )
 from defender_operator._bodies import shed_managed_fields
 from defender_operator._decisions.liveness import watch_stalled
+from defender_operator._decisions.ownership import Claim, holder_entry
 from defender_operator._executors import RoutingExecutor
 from defender_operator._heap import settle_heap
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
@@ -172,6 +175,7 @@ async def reconcile_component(
             status=dict(status),
             annotations=dict(meta.annotations),
             logger=logger,
+            holders=kwargs["name_holders"],
         )
         handled = {_diffbase.FIELD: _diffbase.DIFFBASE.encoded(body)}
         await _reconcile.reconcile(visit, dict(spec), first_pass, handled)
@@ -242,6 +246,11 @@ def defender_pods(
     namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any
 ) -> dict[_pods.PodKey, Any]:
     return _pods.index_keys(namespace, name, meta, status)
+
+
+@kopf.index(*RESOURCE)
+def name_holders(body: kopf.Body, **_: Any) -> dict[str, Claim]:
+    return holder_entry(body)
 
 
 # Registered without kopf's finalizer (`_spawning.without_finalizer`): kopf stops it for a

@@ -337,6 +337,90 @@ def test_data_from_before_claims_is_adopted_by_the_first_reconciler(
     assert meta is not None and (meta.version, meta.modified_by) == (1, "older")
 
 
+def _alert_kinds(run: OperatorRun) -> list[str]:
+    found = _store(run).list_prefix(f"{run.prefix}/alerts/{NAME}/")
+    return [json.loads(a.value)["kind"] for a in found]
+
+
+def test_a_saved_owner_record_put_back_does_not_move_the_name_to_its_old_namespace(
+    operator_run: OperatorRun, other_namespace: str
+) -> None:
+    # docs/security.md, "Replays across a record's lifetime": etcd write access (no key) puts
+    # back the authentic owner record of a purged owner. Kubernetes (the holder's status) says
+    # who holds the name, so the current owner keeps it and the old namespace writes nothing.
+    run = operator_run
+    run.start("-n", other_namespace)
+    key = f"{run.prefix}/control/{NAME}/owner"
+    # The earlier owner: namespace X (other_namespace), retention Purge, a config of its own.
+    x_doc = _sample(default_policy="allow", block_ttl_seconds=7)
+    x_doc["spec"]["retention"] = "Purge"
+    _create(run, other_namespace, x_doc)
+    wait_for("X owns the name", lambda: (_owner(run) or {}).get("namespace") == other_namespace)
+    wait_for("X seeded", lambda: _get(run, other_namespace).get("status", {}).get("activeVersion"))
+    saved = _store(run).get(key)
+    assert saved is not None
+    _delete(run, other_namespace)  # Purge: the data and the record go
+    assert _owner(run) is None
+
+    # Namespace Y (run.namespace) claims the name since and runs its own config.
+    run.apply_sample(NAME)
+    run.wait_active_version(NAME, 1)
+    run.wait_condition(NAME, "ConfigSynced", status="True")
+    y_uid = run.get(NAME)["metadata"]["uid"]
+    held = wait_for("Y holds the name by status", lambda: run.get(NAME)["status"].get("nameClaim"))
+    assert held == {"component": NAME, "uid": y_uid}
+    y_config = validate_config(NAME, _sample()["spec"]["config"])
+    x_config = validate_config(NAME, x_doc["spec"]["config"])
+
+    # The attack: X's saved authentic record put back with a raw etcd put, then X re-created.
+    _store(run).put(key, saved.value)
+    assert (_owner(run) or {}).get("namespace") == other_namespace
+    _create(run, other_namespace, x_doc)
+
+    def judged() -> dict[str, Any] | None:
+        # X's visit is over once it is refused (Conflict) or has synced a config of its own.
+        status = _get(run, other_namespace).get("status", {})
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        synced = conditions.get("ConfigSynced", {}).get("status")
+        return conditions if "Conflict" in conditions or synced == "True" else None
+
+    conditions = wait_for("X's claim decided", judged)
+    # Nothing of X's config reached the name's keys: Y's config, at Y's version, everywhere.
+    configs = run.configs()
+    active = configs.get_active(NAME)
+    assert x_config != y_config
+    assert (active.version, active.config) == (1, y_config)
+    assert configs.get_master(NAME) == y_config
+    meta = configs.get_metadata(NAME)
+    assert meta is not None and meta.version == 1
+    # X is refused, the record names Y again, and a person is told (Event, alert).
+    conflict = conditions["Conflict"]
+    assert (conflict["status"], conflict["reason"]) == ("True", "NameClaimedElsewhere")
+    assert f"{run.namespace}/{NAME}" in conflict["message"]
+    owner = _owner(run) or {}
+    assert (owner.get("namespace"), owner.get("uid"), owner.get("released")) == (
+        run.namespace,
+        y_uid,
+        False,
+    )
+    assert _wait_event(run, other_namespace, "OwnerRecordRestored") == "Warning"
+    assert "OwnerRecordRestored" in _alert_kinds(run)
+    assert "nameClaim" not in _get(run, other_namespace).get("status", {})
+    assert run.condition(NAME, "Conflict") is None
+
+    # The replayed record's owner gone (X deleted again): Y, edited meanwhile, re-takes its
+    # name without an adopt annotation and commits.
+    _delete(run, other_namespace)
+    _store(run).put(key, saved.value)
+    _set_ttl(run, run.namespace, 9)
+    run.wait_active_version(NAME, 2)
+    assert configs.get_active(NAME).config["block_ttl_seconds"] == 9
+    owner = _owner(run) or {}
+    assert (owner.get("namespace"), owner.get("uid")) == (run.namespace, y_uid)
+    run.wait_event(NAME, "OwnerRecordRestored")
+    assert run.condition(NAME, "Conflict") is None
+
+
 @pytest.mark.parametrize("forged", [False, True], ids=["garbled", "forged-unsigned"])
 def test_an_unreadable_owner_record_refuses_every_claimant(
     operator_run: OperatorRun, forged: bool

@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from defender_config import Keyring
 from defender_operator import _monitor, _reconcile
 from defender_operator._backend import EtcdHealth, InstanceRecord
+from defender_operator._decisions.ownership import Claim, holder_entry
 from defender_operator._keys import MutableKeyringSource, keyring_digest
 from defender_operator._kube import ObjectRef, Pod
 from defender_operator._memory_backend import MemoryBackend
@@ -47,31 +48,43 @@ class FakeKube:
     # Namespaces holding DefenderComponents (where keyring copies go); Events posted.
     namespaces: set[str] = field(default_factory=lambda: {NAMESPACE})
     posted: list[tuple[str, str]] = field(default_factory=list)
+    # DefenderComponents the API server holds besides the one reconciled (whole objects, as
+    # kopf's watch sees them: the Harness files them in its holder index).
+    others: list[dict[str, Any]] = field(default_factory=list)
+    # Every request made to the API server, by method name.
+    requests: list[str] = field(default_factory=list)
 
     def component_namespaces(self, watched: Iterable[str] | None = None) -> set[str]:
+        self.requests.append("component_namespaces")
         return set(self.namespaces)
 
     def components(self, watched: Iterable[str] | None = None) -> list[ObjectRef]:
+        self.requests.append("components")
         return []
 
     def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
+        self.requests.append("post_event")
         self.posted.append((type_, reason))
 
     def component_exists(self, namespace: str, name: str, uid: str) -> bool:
+        self.requests.append("component_exists")
         self.lookups.append((namespace, name, uid))
         return (namespace, name) not in self.gone
 
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> dict[str, Any] | None:
+        self.requests.append("patch_status")
         self.patches.append(dict(status))
         self.status.update(status)
         return dict(self.status)
 
     def remove_annotation(self, namespace: str, name: str, key: str) -> None:
+        self.requests.append("remove_annotation")
         self.removed.append(key)
 
     def delete_pod(self, namespace: str, pod: Pod) -> bool:
+        self.requests.append("delete_pod")
         self.deleted.append(pod.name)
         return True
 
@@ -214,6 +227,16 @@ class Harness:
                 index.setdefault((NAMESPACE, key, value), []).append(pod)
         return index
 
+    def holder_index(self, body: Mapping[str, Any]) -> dict[str, list[Claim]]:
+        """Who holds each name by status, as kopf's index of DefenderComponents files them
+        (`holder_entry`): the body handled (kopf indexes it before its handler runs) and the
+        others the API server holds."""
+        index: dict[str, list[Claim]] = {}
+        for obj in [body, *self.kube.others]:
+            for name, holder in holder_entry(obj).items():
+                index.setdefault(name, []).append(holder)
+        return index
+
     async def reconcile(
         self,
         raw_spec: Mapping[str, Any],
@@ -224,15 +247,17 @@ class Harness:
         """What kopf's create/update handler does with a new generation of the resource
         (with `first_pass`, as `handlers` wires it: the first monitor pass included)."""
         self.generation += 1
+        body = self.body(raw_spec, annotations or {})
         visit = _reconcile.Visit(
             rt=self.rt,
-            body=self.body(raw_spec, annotations or {}),
+            body=body,
             namespace=NAMESPACE,
             name=NAME,
             generation=self.generation,
             status=dict(self.kube.status),
             annotations=dict(annotations or {}),
             logger=LOG,
+            holders=self.holder_index(body),
         )
         then = None
         if first_pass:

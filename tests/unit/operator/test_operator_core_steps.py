@@ -23,7 +23,15 @@ from defender_config import (
 from defender_operator import _api
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.keyring import KeyringAction, KeyringPlan
-from defender_operator._decisions.ownership import NAME_CLAIMED_ELSEWHERE, NAME_RETAINED, Claim
+from defender_operator._decisions.ownership import (
+    NAME_CLAIM_FIELD,
+    NAME_CLAIMED_ELSEWHERE,
+    NAME_RETAINED,
+    OWNER_RECORD_RESTORED,
+    Claim,
+    claim_status,
+)
+from defender_operator._errors import KubeError
 from defender_operator._reconcile import UNFREEZE_ANNOTATION, apply_retention, gone
 
 BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
@@ -322,6 +330,156 @@ def test_a_name_owned_by_another_resource_is_refused_and_nothing_is_written() ->
     assert h.kube.lookups == [("tenant-a", NAME, "uid-0")]
 
 
+# Replays across a record's lifetime (docs/security.md): the status, which etcd write access
+# cannot change, says who holds a name; an owner record that disagrees is written back.
+HOLDER = {
+    "metadata": {"namespace": "tenant-y", "name": NAME, "uid": "uid-y"},
+    "status": {NAME_CLAIM_FIELD: claim_status(NAME, "uid-y")},
+}
+
+
+def _replace_record(h: Harness, record: Claim | None) -> None:
+    """What etcd write access does: put a saved authentic record back, or delete it."""
+    _, revision = h.backend.read_claim(NAME)
+    if record is None:
+        h.backend.claims.pop(NAME)
+    else:
+        assert h.backend.write_claim(NAME, record, revision=revision)
+
+
+def test_an_allowed_claim_is_recorded_in_the_status_and_a_refused_one_is_not() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    assert h.kube.status[NAME_CLAIM_FIELD] == {"component": NAME, "uid": "uid-1"}
+    h.kube.requests.clear()
+    run(h.reconcile(spec(ETH1)))
+    assert h.kube.requests == ["patch_status"]  # the owner's usual visit asks nothing new
+    refused = Harness()
+    refused.backend.write_claim(NAME, Claim("tenant-a", NAME, "uid-0"), revision=0)
+    run(refused.reconcile(spec(ETH0)))
+    assert refused.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
+    assert NAME_CLAIM_FIELD not in refused.kube.status
+
+
+@pytest.mark.parametrize("gone_owner", [True, False], ids=["owner-gone", "owner-live"])
+def test_the_holder_writes_back_a_replayed_owner_record_and_keeps_committing(
+    gone_owner: bool,
+) -> None:
+    # Held by default/sniffer (its status says so); tenant-x's saved record is put back. Its
+    # uid gone: counted released, which alone would need an adopt annotation; alive (a
+    # re-created tenant-x/sniffer): held elsewhere, which alone would refuse.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    replayed = Claim("tenant-x", NAME, "uid-old")
+    _replace_record(h, replayed)
+    if gone_owner:
+        h.kube.gone.add(("tenant-x", NAME))
+    h.events.clear()
+    run(h.reconcile(spec(ETH1)))
+    assert h.backend.claims[NAME][0] == Claim(NAMESPACE, NAME, "uid-1")
+    assert h.backend.state(NAME).active_version == 2  # committed: the name is still its own
+    assert OWNER_RECORD_RESTORED in h.reasons()
+    restored = next(e for e in h.events if e.reason == OWNER_RECORD_RESTORED)
+    assert restored.type == "Warning" and "tenant-x/sniffer (uid uid-old)" in restored.message
+    alerts = [a for a in h.backend.raised if a.reason == OWNER_RECORD_RESTORED]
+    assert len(alerts) == 1 and alerts[0].detail == restored.message
+    assert "Conflict" not in {c["type"] for c in h.kube.status["conditions"]}
+
+
+def test_the_holder_writes_back_a_deleted_owner_record() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    _replace_record(h, None)
+    run(h.reconcile(spec(ETH1)))
+    assert h.backend.claims[NAME][0] == Claim(NAMESPACE, NAME, "uid-1")
+    assert h.backend.state(NAME).active_version == 2
+    assert [a.reason for a in h.backend.raised].count(OWNER_RECORD_RESTORED) == 1
+
+
+def test_a_re_created_former_owner_is_refused_while_another_holds_the_name() -> None:
+    # This resource is default/sniffer re-created (uid-1); its purged predecessor's record
+    # (uid-0) is put back while tenant-y holds the name by status.
+    h = Harness()
+    h.kube.others.append(HOLDER)
+    h.backend.write_claim(NAME, Claim(NAMESPACE, NAME, "uid-0"), revision=0)
+    run(h.reconcile(spec(ETH0)))
+    assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
+    assert "tenant-y/sniffer" in h.condition(cond.CONFLICT)["message"]
+    # The holder's record is written back, nothing of this resource's spec is.
+    assert h.backend.claims[NAME][0] == Claim("tenant-y", NAME, "uid-y")
+    assert h.backend.state(NAME).active_version is None
+    assert not {"seed", "commit", "declare"} & set(h.backend.calls)
+    assert h.reasons() == [OWNER_RECORD_RESTORED, NAME_CLAIMED_ELSEWHERE]
+    assert [a.reason for a in h.backend.raised] == [OWNER_RECORD_RESTORED]
+    assert NAME_CLAIM_FIELD not in h.kube.status
+    # Its next visit finds the record agreeing: an ordinary refusal, no second alert.
+    run(h.reconcile(spec(ETH1)))
+    assert [a.reason for a in h.backend.raised] == [OWNER_RECORD_RESTORED]
+
+
+def test_a_new_resource_does_not_seed_a_name_emptied_in_etcd_while_another_holds_it() -> None:
+    # etcd write access deleted every key of tenant-y's component: the seed's compares would
+    # pass; the status of tenant-y's resource still holds the name.
+    h = Harness()
+    h.kube.others.append(HOLDER)
+    run(h.reconcile(spec(ETH0)))
+    assert "claim_and_seed" not in h.backend.calls
+    assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
+    assert h.backend.claims[NAME][0] == Claim("tenant-y", NAME, "uid-y")
+    assert h.backend.state(NAME).active_version is None
+    # The holder is confirmed once, for the seed and the read after it.
+    assert h.kube.lookups == [("tenant-y", NAME, "uid-y")]
+
+
+def test_a_status_restored_onto_a_re_created_object_holds_nothing() -> None:
+    # The status names another uid (a backup restored it): the record decides, as before.
+    h = Harness()
+    h.kube.status[NAME_CLAIM_FIELD] = claim_status(NAME, "uid-0")
+    h.backend.write_claim(NAME, Claim("tenant-a", NAME, "uid-a"), revision=0)
+    run(h.reconcile(spec(ETH0)))
+    assert h.condition(cond.CONFLICT)["reason"] == NAME_CLAIMED_ELSEWHERE
+    assert h.backend.claims[NAME][0] == Claim("tenant-a", NAME, "uid-a")
+    assert h.kube.lookups == [("tenant-a", NAME, "uid-a")]  # the record's owner, as always
+
+
+def test_a_new_component_asks_the_api_server_nothing_to_find_who_holds_its_name() -> None:
+    # Issue #17: a thousand components created at once share the API server; the holders come
+    # from kopf's index. The create path's one request is its status patch.
+    h = Harness()
+    h.kube.others.append({"metadata": {"namespace": "tenant-z", "name": "other", "uid": "uid-z"}})
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.calls[0] == "claim_and_seed"  # claimed with its seed
+    assert h.backend.state(NAME).active_version == 1
+    assert h.kube.requests == ["patch_status"]
+
+
+def test_a_holder_the_index_keeps_after_its_deletion_refuses_nobody() -> None:
+    # kopf's re-listing after a watch restart keeps the entry of a resource deleted meanwhile:
+    # the API server no longer holds tenant-y/sniffer, so the name is this resource's.
+    h = Harness()
+    h.kube.others.append(HOLDER)
+    h.kube.gone.add(("tenant-y", NAME))
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.claims[NAME][0] == Claim(NAMESPACE, NAME, "uid-1")
+    assert h.backend.state(NAME).active_version == 1
+    assert h.kube.lookups == [("tenant-y", NAME, "uid-y")]
+    assert OWNER_RECORD_RESTORED not in h.reasons()
+
+
+def test_without_an_answer_on_whether_a_holder_lives_nothing_is_written() -> None:
+    h = Harness()
+    h.kube.others.append(HOLDER)
+
+    def unanswered(namespace: str, name: str, uid: str) -> bool:
+        raise KubeError(f"cannot read DefenderComponent {namespace}/{name} (503 Unavailable)")
+
+    h.kube.component_exists = unanswered  # type: ignore[method-assign]
+    with pytest.raises(kopf.TemporaryError, match="cannot read DefenderComponent"):
+        run(h.reconcile(spec(ETH0)))
+    assert h.backend.claims.get(NAME) is None and h.backend.state(NAME).active_version is None
+    assert not {"claim_and_seed", "write_claim", "seed"} & set(h.backend.calls)
+
+
 def test_data_of_an_owner_deleted_unseen_is_adopted_only_by_annotation() -> None:
     # The owner (retention Keep, no finalizer) went while no operator watched: its claim
     # still says held. The API server says it is gone, so the name is retained, not held.
@@ -458,6 +616,41 @@ def test_retention_by_the_owner(retention: str) -> None:
         claim, _ = h.backend.read_claim(NAME)
         assert claim is not None and claim.released
     assert ("default", NAME) not in h.rt.components  # memory forgotten
+
+
+@pytest.mark.parametrize("retention", ["Purge", "Keep"])
+def test_retention_by_the_holder_when_the_record_was_put_back(retention: str) -> None:
+    # tenant-x's saved record put back: the deleted resource's status still says it held the
+    # name, so its retention applies (else Purge would leave its data to tenant-x's name).
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    _replace_record(h, Claim("tenant-x", NAME, "uid-old"))
+    h.kube.gone.add(("tenant-x", NAME))
+    body = h.body(spec(ETH0), {})
+    run(apply_retention(h.rt, body, "default", NAME, retention, LOG))
+    assert h.kube.lookups == [("tenant-x", NAME, "uid-old")]
+    if retention == "Purge":
+        assert h.backend.state(NAME).active_version is None
+        assert h.backend.read_claim(NAME) == (None, 0)
+    else:
+        assert h.backend.state(NAME).active_version == 1
+        claim, _ = h.backend.read_claim(NAME)
+        assert claim == Claim(NAMESPACE, NAME, "uid-1", released=True)
+    alerts = [a for a in h.backend.raised if a.reason == OWNER_RECORD_RESTORED]
+    assert len(alerts) == 1 and "tenant-x/sniffer (uid uid-old)" in alerts[0].detail
+
+
+def test_a_status_alone_does_not_purge_a_live_owners_data() -> None:
+    # The record names tenant-x/sniffer, alive; this resource's status says it holds the name
+    # (written with more than the operator's rights): its Purge touches nothing.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    _replace_record(h, Claim("tenant-x", NAME, "uid-x"))
+    body = h.body(spec(ETH0), {})
+    run(apply_retention(h.rt, body, "default", NAME, "Purge", LOG))
+    assert h.backend.state(NAME).active_version == 1
+    assert h.backend.read_claim(NAME)[0] == Claim("tenant-x", NAME, "uid-x")
+    assert not [a for a in h.backend.raised if a.reason == OWNER_RECORD_RESTORED]
 
 
 def test_a_deletion_seen_releases_a_keep_claim_once_and_ends_the_daemon() -> None:

@@ -9,15 +9,24 @@ import pytest
 from defender_config import contract
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.ownership import (
+    NAME_CLAIM_FIELD,
     NAME_CLAIMED_ELSEWHERE,
     NAME_RETAINED,
+    OWNER_RECORD_RESTORED,
     Claim,
     ClaimAction,
     Release,
+    anchor_claim,
+    anchored_holders,
+    claim_status,
     decide_claim,
     decide_release,
+    holder_entry,
+    holders_lookup_needed,
+    holds_name,
     owner_lookup_needed,
     pending_claim,
+    release_lookup_needed,
 )
 
 OWNER = Claim("default", "firewall", "uid-1")
@@ -106,6 +115,139 @@ def test_the_owner_lookup_is_asked_only_to_refuse_a_held_name() -> None:
     assert not owner_lookup_needed(decide_claim(None, OWNER, None), None)
 
 
+# Replays across a record's lifetime: namespace tenant-x owned `firewall` (uid-old), was
+# purged; tenant-y claimed the name since and its status holds it. etcd write access puts
+# tenant-x's saved authentic record back.
+X_OLD = Claim("tenant-x", "firewall", "uid-old")
+X_NEW = Claim("tenant-x", "firewall", "uid-new")
+Y = Claim("tenant-y", "firewall", "uid-y")
+
+
+def _obj(c: Claim, status: dict[str, object] | None = None, **meta: object) -> dict[str, object]:
+    return {
+        "metadata": {"namespace": c.namespace, "name": c.name, "uid": c.uid, **meta},
+        "status": {} if status is None else status,
+    }
+
+
+def test_a_resource_holds_a_name_only_by_a_status_naming_its_own_uid() -> None:
+    held = {NAME_CLAIM_FIELD: claim_status("firewall", "uid-y")}
+    assert holds_name(held, "firewall", "uid-y")
+    # A status restored onto a re-created object (a backup tool) names the old uid.
+    assert not holds_name(held, "firewall", "uid-other")
+    assert not holds_name(held, "sniffer", "uid-y")
+    assert not holds_name({}, "firewall", "uid-y") and not holds_name(None, "firewall", "uid-y")
+    assert not holds_name({NAME_CLAIM_FIELD: "firewall"}, "firewall", "uid-y")
+    assert not holds_name({NAME_CLAIM_FIELD: claim_status("firewall", "")}, "firewall", "")
+
+
+def test_holders_are_live_resources_whose_status_holds_the_name() -> None:
+    held = {NAME_CLAIM_FIELD: claim_status("firewall", "uid-y")}
+    objects = [
+        _obj(Y, held),
+        _obj(X_NEW),  # re-created, never allowed: holds nothing
+        _obj(X_OLD, {NAME_CLAIM_FIELD: claim_status("firewall", "uid-y")}),  # not its uid
+    ]
+    assert anchored_holders(objects, "firewall") == [Y]
+    # Being deleted (a Purge finalizer runs): it is giving the name up.
+    deleting = [_obj(Y, held, deletionTimestamp="2026-12-03T00:00:00Z")]
+    assert anchored_holders(deleting, "firewall") == []
+
+
+def test_the_holder_index_files_a_resource_under_its_name_only_while_it_holds_it() -> None:
+    held = {NAME_CLAIM_FIELD: claim_status("firewall", "uid-y")}
+    assert holder_entry(_obj(Y, held)) == {"firewall": Y}
+    # Not (or no longer) holding: no entry, so kopf drops the one it had.
+    assert holder_entry(_obj(X_NEW)) == {}
+    assert holder_entry(_obj(Y, held, deletionTimestamp="2026-12-03T00:00:00Z")) == {}
+    assert holder_entry({"metadata": {}, "status": held}) == {}
+
+
+def test_the_holders_are_listed_before_any_claim_write_and_before_refusing_a_holder() -> None:
+    keep = decide_claim(Y, Y, None)
+    assert not holders_lookup_needed(keep, claimant_holds=True)  # the owner's usual visit
+    refused = decide_claim(Y, X_NEW, None)
+    assert not holders_lookup_needed(refused, claimant_holds=False)  # an ordinary refusal
+    assert holders_lookup_needed(refused, claimant_holds=True)
+    for writes in (decide_claim(None, Y, None), decide_claim(X_OLD, X_NEW, None)):
+        assert holders_lookup_needed(writes, claimant_holds=False)
+
+
+def test_a_replayed_record_does_not_hand_the_name_to_a_re_created_former_owner() -> None:
+    # Without the status the rule "same namespace and name, another uid" would take it over.
+    decision = decide_claim(X_OLD, X_NEW, None)
+    assert decision.action is ClaimAction.TAKE_OVER
+    d = anchor_claim(decision, X_OLD, X_NEW, [Y])
+    assert d.action is ClaimAction.RESTORE and not d.allowed
+    assert d.record == Y and d.restored_from == X_OLD  # the holder's record is written back
+    assert d.reason == NAME_CLAIMED_ELSEWHERE and "tenant-y/firewall" in d.message
+
+
+def test_the_holder_re_takes_its_name_from_a_replayed_record_whose_owner_is_gone() -> None:
+    # The replayed owner's uid no longer exists: counted as released, which alone would
+    # refuse the holder until it were annotated to adopt its own name.
+    decision = decide_claim(X_OLD, Y, None, owner_exists=False)
+    assert decision.reason == NAME_RETAINED
+    d = anchor_claim(decision, X_OLD, Y, [Y])
+    assert d.action is ClaimAction.RECLAIM and d.allowed
+    assert d.record == Y and d.restored_from == X_OLD and d.reason == OWNER_RECORD_RESTORED
+    # ... and from a record naming a live owner elsewhere, or a released one it adopted from.
+    assert anchor_claim(decide_claim(X_NEW, Y, None), X_NEW, Y, [Y]).record == Y
+    kept = Claim("tenant-z", "firewall", "uid-z", released=True)
+    assert anchor_claim(decide_claim(kept, Y, None), kept, Y, [Y]).action is ClaimAction.RECLAIM
+    # Its own record put back released (a Keep delete of itself cannot be: it is alive).
+    mine_released = Claim("tenant-y", "firewall", "uid-y", released=True)
+    assert anchor_claim(decide_claim(mine_released, Y, None), mine_released, Y, [Y]).record == Y
+
+
+def test_a_deleted_record_is_written_again_for_the_holder() -> None:
+    mine = anchor_claim(decide_claim(None, Y, None), None, Y, [Y])
+    assert mine.action is ClaimAction.RECLAIM and mine.restored_from is None
+    other = anchor_claim(decide_claim(None, X_NEW, None), None, X_NEW, [Y])
+    assert other.action is ClaimAction.RESTORE and other.record == Y
+    assert "nobody" in other.message
+
+
+def test_a_record_that_agrees_with_the_status_decides_as_before() -> None:
+    ordinary = decide_claim(Y, X_NEW, None)
+    assert anchor_claim(ordinary, Y, X_NEW, [Y]) is ordinary
+    keep = decide_claim(Y, Y, None)
+    assert anchor_claim(keep, Y, Y, [Y]) is keep
+
+
+@pytest.mark.parametrize(
+    ("existing", "claimant", "adopt"),
+    [
+        (None, Y, None),  # a fresh name (two namespaces racing: the record's compare decides)
+        (Claim("tenant-x", "firewall", "uid-old", released=True), X_NEW, None),  # Keep, re-created
+        (Claim("tenant-x", "firewall", "uid-old", released=True), Y, "tenant-x/firewall"),
+        (X_OLD, Y, "tenant-x/firewall"),  # a Keep owner deleted while no operator ran
+    ],
+    ids=["new", "keep-recreated", "adopt", "gone-unseen-adopt"],
+)
+def test_with_no_holder_the_legitimate_flows_are_unchanged(
+    existing: Claim | None, claimant: Claim, adopt: str | None
+) -> None:
+    decision = decide_claim(existing, claimant, adopt, owner_exists=False)
+    assert decision.allowed and decision.record == claimant
+    assert anchor_claim(decision, existing, claimant, []) is decision
+
+
+def test_two_holders_by_status_anchor_nothing_and_nothing_new_is_written() -> None:
+    # Only a status written with more than the operator's rights makes two: no writes for
+    # anyone, and the record's owner keeps its name as it would without the status.
+    z = Claim("tenant-z", "firewall", "uid-z")
+    d = anchor_claim(decide_claim(None, X_NEW, None), None, X_NEW, [Y, z])
+    assert d.action is ClaimAction.REFUSE and d.record is None
+    assert "tenant-y/firewall" in d.message and "tenant-z/firewall" in d.message
+    # A claimant that holds too, with the record deleted or naming the other: no write.
+    for record in (None, z):
+        mixed = anchor_claim(decide_claim(record, Y, None), record, Y, [Y, z])
+        assert mixed.action is ClaimAction.REFUSE and mixed.record is None
+    keep = decide_claim(Y, Y, None)
+    assert anchor_claim(keep, Y, Y, [Y, z]) is keep
+
+
 @pytest.mark.parametrize(
     ("retention", "expected"), [("Purge", Release.PURGE), ("Keep", Release.KEEP)]
 )
@@ -124,6 +266,28 @@ def test_a_delete_by_anyone_but_the_owner_touches_nothing(retention: str) -> Non
     # Already released by a Keep: a second delete (another namespace) cannot purge it.
     kept = Claim("default", "firewall", "uid-1", released=True)
     assert decide_release(kept, intruder, retention) is Release.NOTHING
+
+
+@pytest.mark.parametrize(
+    ("retention", "expected"), [("Purge", Release.PURGE), ("Keep", Release.KEEP)]
+)
+def test_a_holder_by_status_applies_its_retention_whatever_the_record_says(
+    retention: str, expected: Release
+) -> None:
+    # A purged owner's record put back, or the record deleted: the holder's delete still
+    # purges (or releases) its own data rather than leaving it to the record's namespace.
+    released = Claim("tenant-x", "firewall", "uid-old", released=True)
+    for record in (None, released):
+        assert not release_lookup_needed(record, Y, held=True)
+        assert decide_release(record, Y, retention) is Release.NOTHING
+        assert decide_release(record, Y, retention, held=True) is expected
+    # Naming a resource the API server no longer holds (asked only then).
+    assert release_lookup_needed(X_OLD, Y, held=True)
+    assert not release_lookup_needed(X_OLD, Y, held=False)
+    assert decide_release(X_OLD, Y, retention, held=True, owner_exists=False) is expected
+    # Naming a live resource: the record wins, a status alone purges nobody else's data.
+    assert decide_release(X_NEW, Y, retention, held=True) is Release.NOTHING
+    assert decide_release(X_NEW, Y, retention) is Release.NOTHING
 
 
 def test_a_refused_resource_shows_conflict_and_not_ready() -> None:
