@@ -299,6 +299,8 @@ class ConfigStore:
         # this reader accepted.
         self._accepted: dict[str, tuple[int, str, int]] = {}
         self._accepted_lock = threading.Lock()
+        # component -> highest rollout sequence seen in an authentic rollout record (`Rollouts`).
+        self._rollout_marks: dict[str, int] = {}
         self.history_limit = history_limit or client.settings.history_limit
         if self.history_limit < 1:
             raise ValueError("history_limit must be at least 1")
@@ -526,6 +528,14 @@ class ConfigStore:
             return self._decode_metadata(paths[1], meta_sv.value, component, report=False)
         except DefenderConfigError:
             return None
+
+    def _remember_rollout(self, component: str, sequence: int) -> int:
+        """Remember `sequence` of an authentic rollout record; returns the highest this reader
+        has seen for `component`, this one included (a higher one means a replay)."""
+        with self._accepted_lock:
+            highest = max(self._rollout_marks.get(component, 0), sequence)
+            self._rollout_marks[component] = highest
+            return highest
 
     def _accept(self, component: str, meta: ConfigMetadata, mod_revision: int) -> bool:
         """Remember the newest authentic version this reader accepted and refuse an older one
