@@ -222,9 +222,19 @@ class Backend(Protocol):
         ...
 
     def start_rollout(
-        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        canaries: Sequence[str],
+        *,
+        by: str,
+        sequence: int | None = None,
+        since: datetime | None = None,
+        digest: str | None = None,
     ) -> RolloutRecord:
-        """Seal `config` as the candidate and sign the record naming `canaries`."""
+        """Seal `config` as the candidate and sign the record naming `canaries`, with
+        `sequence` (None: one above the record in etcd) and `since` (None: now); a config
+        whose digest is not `digest` is refused (ConflictError), nothing written."""
         ...
 
     def promote_rollout(self, component: str, *, by: str) -> int:
@@ -235,8 +245,9 @@ class Backend(Protocol):
         """Freeze, end the rollout and write the base config again as a new ACTIVE version."""
         ...
 
-    def end_rollout(self, component: str) -> None:
-        """Remove the rollout record and the candidate."""
+    def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
+        """Remove the candidate and leave an ended rollout record under `sequence` (None: one
+        above the record's), which running readers remember."""
         ...
 
     def purge(self, component: str) -> int:

@@ -347,9 +347,19 @@ class LibraryBackend:
         return Rollouts(self.configs).record(component)
 
     def start_rollout(
-        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        canaries: Sequence[str],
+        *,
+        by: str,
+        sequence: int | None = None,
+        since: datetime | None = None,
+        digest: str | None = None,
     ) -> RolloutRecord:
-        return Rollouts(self.configs).start(component, config, canaries, by)
+        return Rollouts(self.configs).start(
+            component, config, canaries, by, sequence=sequence, since=since, digest=digest
+        )
 
     def promote_rollout(self, component: str, *, by: str) -> int:
         return Rollouts(self.configs).promote(component, by)
@@ -357,8 +367,8 @@ class LibraryBackend:
     def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
         return Rollouts(self.configs).abort(component, reason, by)
 
-    def end_rollout(self, component: str) -> None:
-        Rollouts(self.configs).end(component)
+    def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
+        Rollouts(self.configs).end(component, sequence=sequence)
 
     def purge(self, component: str) -> int:
         self._declared.pop(component, None)

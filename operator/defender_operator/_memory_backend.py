@@ -39,6 +39,7 @@ from defender_config import (
     ChangeKind,
     ConfigFrozenError,
     ConfigValidationError,
+    ConflictError,
     Keyring,
     KeyUsage,
     NotFoundError,
@@ -50,6 +51,7 @@ from defender_config import (
     ValueTooLargeError,
     canonical_json,
     config_digest,
+    next_rollout_sequence,
     validate_config,
 )
 from defender_config.store import ETCD_REQUEST_LIMIT_BYTES
@@ -459,20 +461,39 @@ class MemoryBackend:
         return found[0] if found is not None else None
 
     def start_rollout(
-        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        canaries: Sequence[str],
+        *,
+        by: str,
+        sequence: int | None = None,
+        since: datetime | None = None,
+        digest: str | None = None,
     ) -> RolloutRecord:
         self._enter("start_rollout")
         if component in self.frozen:
             raise ConfigFrozenError(component, why=self.frozen[component])
         stored = self._stored(component)
         normalized = self._validate(component, stored.component_type, config, stored.json_schema)
+        if digest is not None and config_digest(normalized) != digest:
+            raise ConflictError(
+                f"/memory/control/{component}/rollout",
+                detail="the config to roll out is not the one named",
+                retryable=False,
+            )
+        now = datetime.now(UTC)
+        if sequence is None:
+            current = self.rollouts.get(component)
+            sequence = next_rollout_sequence(current[0].sequence if current else 0, now=now)
         record = RolloutRecord(
             version=stored.version + 1,
             base_version=stored.version,
             digest=config_digest(normalized),
             canaries=tuple(sorted(set(canaries))),
-            since=datetime.now(UTC),
+            since=since or now,
             by=by,
+            sequence=sequence,
         )
         self.rollouts[component] = (record, normalized)
         self._changed(component)
@@ -499,7 +520,7 @@ class MemoryBackend:
         target = stored.history[found[0].base_version]
         return self._write_version(component, stored, target, by, ChangeKind.CANARY_ABORT, None)
 
-    def end_rollout(self, component: str) -> None:
+    def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
         self._enter("end_rollout")
         if self.rollouts.pop(component, None) is not None:
             self._changed(component)

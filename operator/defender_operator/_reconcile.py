@@ -272,7 +272,13 @@ async def _steps(
         mem,
         found,
         await _canary.command(
-            v.rt, v.namespace, v.component, v.annotations, by=v.who, logger=v.logger
+            v.rt,
+            v.namespace,
+            v.component,
+            v.annotations,
+            status=v.status,
+            by=v.who,
+            logger=v.logger,
         ),
     )
     if normalized is None:
@@ -747,7 +753,13 @@ async def commit(
     if spec.rollout.canary is not None and previous > 0:
         # A canary first: ACTIVE stays as it is until the monitor promotes the candidate.
         started = await _canary.start(
-            rt, component, spec.rollout.canary, normalized, by=author, logger=v.logger
+            rt,
+            component,
+            spec.rollout.canary,
+            normalized,
+            status=v.status,
+            by=author,
+            logger=v.logger,
         )
         if started is not None:
             started.fields.update(
