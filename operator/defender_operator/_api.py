@@ -421,6 +421,14 @@ class DefenderComponentStatus(_Model):
         default=False,
         description="True while the breaker holds commits for this component.",
     )
+    freeze_lifted_sequence: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Sequence of the freeze marker the last unfreeze lifted; a marker at or below it"
+            " is a saved one put back and is removed."
+        ),
+    )
     rollout: RolloutStatus | None = Field(
         default=None, description="The last canary rollout (spec.rollout.canary)."
     )

@@ -16,13 +16,13 @@ from defender_config import (
     ConflictError,
     RolloutRecord,
     config_digest,
-    next_rollout_sequence,
+    next_record_sequence,
 )
 from defender_config.contract import ABORT_ANNOTATION, PROMOTE_ANNOTATION
 from defender_operator import _api
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
-from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.breaker import ActiveChange, lifted_freeze
 from defender_operator._decisions.canary import (
     ABORTED,
     PROGRESSING,
@@ -106,7 +106,7 @@ async def start(
         return None
     # Above what status anchors and what etcd holds: readers refuse a record below the
     # highest they saw, so the sequence must never go back.
-    sequence = next_rollout_sequence(
+    sequence = next_record_sequence(
         anchored, current.sequence if current is not None else 0, now=utcnow()
     )
     record = await rt.write(
@@ -165,7 +165,14 @@ async def command(
                 f"canary of version {record.version} aborted by command; commits are frozen"
                 " until unfreeze"
             )
-            await rt.write(name, rt.backend.abort_rollout, name, message, by=by)
+            await rt.write(
+                name,
+                rt.backend.abort_rollout,
+                name,
+                message,
+                by=by,
+                freeze_after=lifted_freeze(status) or 0,
+            )
             count_canary_abort(name, "Command")
             logger.warning(message)
             out.add(_aborted(record, message))
@@ -352,7 +359,14 @@ async def watch(
             conditions=_condition(SUPERSEDED, verdict.message),
             fields=rollout_fields(record, SUPERSEDED, verdict.message),
         )
-    await rt.write(name, rt.backend.abort_rollout, name, verdict.message, by=by)
+    await rt.write(
+        name,
+        rt.backend.abort_rollout,
+        name,
+        verdict.message,
+        by=by,
+        freeze_after=lifted_freeze(status) or 0,
+    )
     count_canary_abort(name, verdict.reason)
     await rt.write(name, rt.backend.alert, "CanaryAborted", name, verdict.message)
     logger.error("canary aborted (%s): %s", verdict.reason, verdict.message)

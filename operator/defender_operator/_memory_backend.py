@@ -51,7 +51,7 @@ from defender_config import (
     ValueTooLargeError,
     canonical_json,
     config_digest,
-    next_rollout_sequence,
+    next_record_sequence,
     validate_config,
 )
 from defender_config.store import ETCD_REQUEST_LIMIT_BYTES
@@ -128,6 +128,7 @@ class MemoryBackend:
     unavailable: bool = False
     components: dict[str, Stored] = field(default_factory=dict)
     frozen: dict[str, str] = field(default_factory=dict)
+    freeze_sequences: dict[str, int] = field(default_factory=dict)
     rollouts: dict[str, tuple[RolloutRecord, dict[str, Any]]] = field(default_factory=dict)
     claims: dict[str, tuple[Claim, int]] = field(default_factory=dict)
     live: dict[str, dict[str, InstanceRecord]] = field(default_factory=dict)
@@ -301,12 +302,21 @@ class MemoryBackend:
     def _state(self, component: str) -> ComponentState:
         stored = self.components.get(component)
         if stored is None:
-            return ComponentState(None, None, None, frozen=component in self.frozen)
+            return ComponentState(
+                None,
+                None,
+                None,
+                frozen=component in self.frozen,
+                freeze_sequence=self.freeze_sequences.get(component),
+            )
         return ComponentState(
             master_digest=config_digest(stored.master),
             active_digest=config_digest(stored.active),
             active_version=stored.version,
             frozen=component in self.frozen,
+            freeze_sequence=self.freeze_sequences.get(component)
+            if component in self.frozen
+            else None,
             storage=stored.storage,
             active_modified=stored.modified,
             active_rollback=stored.change.reverts,
@@ -445,15 +455,22 @@ class MemoryBackend:
         self._changed(component)
         return True
 
-    def freeze(self, component: str, reason: str) -> None:
+    def freeze(self, component: str, reason: str, *, after: int = 0) -> None:
         self._enter("freeze")
+        self._freeze(component, reason, after)
+
+    def _freeze(self, component: str, reason: str, after: int) -> None:
         self.frozen[component] = reason
+        current = self.freeze_sequences.get(component, 0)
+        self.freeze_sequences[component] = next_record_sequence(after, current, now=_now())
         self._changed(component)
 
-    def unfreeze(self, component: str) -> None:
+    def unfreeze(self, component: str) -> int | None:
         self._enter("unfreeze")
-        if self.frozen.pop(component, None) is not None:
-            self._changed(component)
+        if self.frozen.pop(component, None) is None:
+            return None
+        self._changed(component)
+        return self.freeze_sequences.get(component, 0)
 
     def rollout(self, component: str) -> RolloutRecord | None:
         self._enter("rollout")
@@ -485,7 +502,7 @@ class MemoryBackend:
         now = datetime.now(UTC)
         if sequence is None:
             current = self.rollouts.get(component)
-            sequence = next_rollout_sequence(current[0].sequence if current else 0, now=now)
+            sequence = next_record_sequence(current[0].sequence if current else 0, now=now)
         record = RolloutRecord(
             version=stored.version + 1,
             base_version=stored.version,
@@ -509,9 +526,11 @@ class MemoryBackend:
             component, stored, found[1], found[0].by, ChangeKind.COMMIT, None
         )
 
-    def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
+    def abort_rollout(
+        self, component: str, reason: str, *, by: str, freeze_after: int = 0
+    ) -> int | None:
         self._enter("abort_rollout")
-        self.frozen[component] = reason
+        self._freeze(component, reason, freeze_after)
         found = self.rollouts.pop(component, None)
         self._changed(component)
         if found is None:

@@ -134,7 +134,7 @@ from .contract import (
     RetentionPolicy,
     RollbackTarget,
     format_rollback_target,
-    next_rollout_sequence,
+    next_record_sequence,
     parse_rollback_target,
 )
 
@@ -253,7 +253,7 @@ __all__ = [
     "keys_opened",
     "lease_ttl",
     "load_settings",
-    "next_rollout_sequence",
+    "next_record_sequence",
     "parse_json",
     "parse_rollback_target",
     "plan_defrag",

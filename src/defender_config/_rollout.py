@@ -21,7 +21,7 @@ The sequence is what the MAC cannot give: a point in time. A rollout that ends w
 ACTIVE version (spec.config changed during it, and the next rollout starts on the same base)
 leaves its record authentic and its base current, so a saved pair put back would run again.
 Every record a writer signs carries a sequence above every earlier one of the component
-(`next_rollout_sequence`, fed by the operator with the sequence it anchored in the
+(`next_record_sequence`, fed by the operator with the sequence it anchored in the
 DefenderComponent status, which etcd write access cannot change); a running reader remembers
 the highest it saw and refuses a lower one (RecordReplayed, alerted; the watch keeps what the
 instance runs), and the operator's pass removes it (`_decisions.canary.judge_record`).
@@ -56,9 +56,9 @@ from ._errors import (
 from ._models import canonical_json, config_digest
 from ._store import WatchHandle
 from ._store_types import Compare, DeleteOp, PutOp, StoredValue, WatchEvent
-from .contract import ChangeKind, next_rollout_sequence
+from .contract import ChangeKind, next_record_sequence
 
-__all__ = ["CanaryWatch", "RolloutRecord", "Rollouts", "next_rollout_sequence"]
+__all__ = ["CanaryWatch", "RolloutRecord", "Rollouts", "next_record_sequence"]
 
 log = logging.getLogger("defender_config.rollout")
 
@@ -140,7 +140,7 @@ class Rollouts:
             )
         if sequence is None:
             current = self.record(component)
-            sequence = next_rollout_sequence(current.sequence if current else 0, now=now)
+            sequence = next_record_sequence(current.sequence if current else 0, now=now)
         record = RolloutRecord(
             version=meta.version + 1,
             base_version=meta.version,
@@ -186,7 +186,7 @@ class Rollouts:
             ops.append(DeleteOp(rollout))
         else:
             if sequence is None:
-                sequence = next_rollout_sequence(current.sequence, now=datetime.now(UTC))
+                sequence = next_record_sequence(current.sequence, now=datetime.now(UTC))
             ended = current.model_copy(update={"canaries": (), "sequence": sequence})
             ops.append(
                 PutOp(rollout, self.client.encode_record(rollout, ended.model_dump(mode="json")))
@@ -212,12 +212,13 @@ class Rollouts:
         self.end(component)
         return version
 
-    def abort(self, component: str, reason: str, by: str) -> int | None:
+    def abort(self, component: str, reason: str, by: str, *, freeze_after: int = 0) -> int | None:
         """Freeze commits, end the rollout and write the base config again as a new ACTIVE
         version (same config, so no instance reloads; the new version makes a replayed rollout
-        record stale). Returns that version, None when there was no authentic rollout."""
+        record stale). Returns that version, None when there was no authentic rollout.
+        `freeze_after`: as `ConfigStore.freeze`'s `after`."""
         record = self.record(component)
-        self.configs.freeze(component, reason, by=by)
+        self.configs.freeze(component, reason, by=by, after=freeze_after)
         self.end(component)
         if record is None:
             return None

@@ -49,7 +49,7 @@ __all__ = [
     "RollbackTarget",
     "RotationStage",
     "format_rollback_target",
-    "next_rollout_sequence",
+    "next_record_sequence",
     "parse_rollback_target",
 ]
 
@@ -217,9 +217,9 @@ def format_rollback_target(target: RollbackTarget) -> str:
     return "master" if target == "master" else str(int(target))
 
 
-def next_rollout_sequence(*seen: int, now: datetime) -> int:
-    """The sequence of a canary rollout record (`defender_config.Rollouts`) written now: above
-    every one in `seen`, and at least `now` in milliseconds, so a writer that lost what it
-    anchored (a DefenderComponent deleted and created again) still issues one above what
-    long-running readers remember, as long as its clock does not go back."""
+def next_record_sequence(*seen: int, now: datetime) -> int:
+    """The sequence of a control record written now (a canary rollout record, a freeze
+    marker): above every one in `seen`, and at least `now` in milliseconds, so a writer that
+    lost what it anchored (a DefenderComponent deleted and created again) still issues one
+    above what long-running readers remember, as long as its clock does not go back."""
     return max(max(seen, default=0) + 1, int(now.timestamp() * 1000))

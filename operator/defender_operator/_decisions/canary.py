@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from defender_config.contract import SINGULAR, UNFREEZE_ANNOTATION, next_rollout_sequence
+from defender_config.contract import SINGULAR, UNFREEZE_ANNOTATION, next_record_sequence
 
 from .conditions import parse_rfc3339
 from .misconfig import MISCONFIG_REASONS
@@ -252,7 +252,7 @@ def judge_record(
         record.sequence == anchored > 0 and anchor is not None and anchor.phase == PROGRESSING
     ):
         return RecordVerdict(RecordAction.KEEP)
-    sequence = next_rollout_sequence(anchored, record.sequence, now=now)
+    sequence = next_record_sequence(anchored, record.sequence, now=now)
 
     def current(source: RolloutView | RolloutAnchor) -> Reissue | None:
         ok = source.digest == spec_digest and source.base_version == active_version

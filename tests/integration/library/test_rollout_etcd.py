@@ -92,11 +92,14 @@ def test_abort_freezes_and_makes_a_replayed_record_stale(rollouts: Rollouts) -> 
         store.put(sv.key, sv.value)
     assert rollouts.record("sniffer") is not None
     assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
-    # Without a rollout an abort still freezes, and writes no version.
+    # Without a rollout an abort still freezes, and writes no version; its marker goes above
+    # the lifted freeze the caller names (the operator's anchor).
     rollouts.end("sniffer")
     rollouts.configs.unfreeze("sniffer")
-    assert rollouts.abort("sniffer", "by hand", by="oncall") is None
-    assert rollouts.configs.frozen("sniffer") is not None
+    far = 10**15
+    assert rollouts.abort("sniffer", "by hand", by="oncall", freeze_after=far) is None
+    frozen = rollouts.configs.frozen("sniffer")
+    assert frozen is not None and frozen.sequence == far + 1
 
 
 def test_a_forged_record_is_alerted_and_ignored(rollouts: Rollouts) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from defender_config.contract import next_rollout_sequence
+from defender_config.contract import next_record_sequence
 from defender_operator._decisions.canary import (
     ABORTED,
     PROGRESSING,
@@ -160,7 +160,7 @@ def test_odd_status_fields_read_as_empty() -> None:
 
 
 def test_the_next_sequence_is_above_everything_seen_and_at_least_the_clock() -> None:
-    assert next_rollout_sequence(now=NOW) == NOW_MS
-    assert next_rollout_sequence(3, 9, now=NOW) == NOW_MS
+    assert next_record_sequence(now=NOW) == NOW_MS
+    assert next_record_sequence(3, 9, now=NOW) == NOW_MS
     # A clock behind what was anchored (another replica, a step back) still goes up.
-    assert next_rollout_sequence(NOW_MS + 5, 2, now=NOW) == NOW_MS + 6
+    assert next_record_sequence(NOW_MS + 5, 2, now=NOW) == NOW_MS + 6
