@@ -125,6 +125,7 @@ class Observation:
     state: ComponentState
     cadence: Cadence | None
     rollout: RolloutRecord | None
+    """The authentic rollout record, an ended one (`RolloutRecord.ended`) included."""
     alerts: Sequence[AlertRecord]
     revision: int = 0
     """The etcd revision read at: a change above it is one this observation has not seen."""

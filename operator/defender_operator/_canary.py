@@ -314,14 +314,16 @@ async def watch(
 ) -> Outcome:
     """The monitor's look at a rollout in progress (`record`, as the pass read it): wait,
     promote, abort or end it."""
-    if record is None:
-        mem.canary_healthy = None
-        return Outcome()
-    checked = await _check_record(
-        rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
-    )
+    checked = None
+    if record is not None:
+        checked = await _check_record(
+            rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
+        )
     if checked is not None:
         return checked
+    if record is None or record.ended:
+        mem.canary_healthy = None
+        return Outcome()
     by = f"operator:{rt.identity}"
     handled = status.get("specConfigDigest")
     if handled and handled != record.digest:

@@ -286,10 +286,10 @@ class Rollouts:
         the current ACTIVE names it, ACTIVE otherwise (also when the candidate cannot be
         opened: reported, and the instance stays on what is known good).
 
-        RecordReplayError (alerted) when a record that would name this instance is older than
-        one this reader saw: a saved record put back. Raised rather than answered with ACTIVE
-        so a watch keeps what the instance runs (the current rollout's candidate, say) until
-        the operator puts the current record back."""
+        RecordReplayError (alerted) when the record, built on the current ACTIVE, is older than
+        one this reader saw: a saved record put back (an ended one too). Raised rather than
+        answered with ACTIVE so a watch keeps what the instance runs (the current rollout's
+        candidate, say) until the operator puts the current record back."""
         active = self.configs.get_active(component)
         record = self.record(component, ended=True)
         if record is None:
@@ -304,17 +304,18 @@ class Rollouts:
                 )
             return active
         highest = self.configs._remember_rollout(component, record.sequence)
-        if instance not in record.canaries:
-            return active
         if active.version != record.base_version:
-            log.info(
-                "rollout record of %s is for base version %d, ACTIVE is %s: ignored",
-                component,
-                record.base_version,
-                active.version,
-            )
+            if instance in record.canaries:
+                log.info(
+                    "rollout record of %s is for base version %d, ACTIVE is %s: ignored",
+                    component,
+                    record.base_version,
+                    active.version,
+                )
             return active
         if record.sequence < highest:
+            # Whatever it says (an ended rollout included): the record it overwrote is the
+            # current one, so nothing changes for this instance until that is back.
             path = self.layout.rollout(component)
             exc = RecordReplayError(
                 path,
@@ -323,6 +324,8 @@ class Rollouts:
             )
             self.client.report(exc, path=path, component=component)
             raise exc
+        if instance not in record.canaries:
+            return active
         try:
             found = self._candidate(component)
         except (EnvelopeError, DefenderConfigError) as exc:

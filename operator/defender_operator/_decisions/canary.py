@@ -234,7 +234,7 @@ def judge_record(
     active_version: int | None,
     now: datetime,
 ) -> RecordVerdict:
-    """Is the authentic rollout record in etcd (one in progress) the current one?
+    """Is the authentic rollout record in etcd the current one?
 
     Sequences only grow, and only key holders sign: a record above the anchored sequence is
     the operator's own (written, not yet anchored: it stopped between the write and the status
@@ -244,10 +244,17 @@ def judge_record(
     sequence), and when the anchored rollout is still in progress for this spec.config on this
     ACTIVE it is written again instead (the replay overwrote it), with its canaries, author
     and start, under a new sequence. A record without a sequence (written before it existed)
-    is re-issued with one when it is the rollout of this spec on this ACTIVE, ended otherwise."""
+    is re-issued with one when it is the rollout of this spec on this ACTIVE, ended otherwise.
+    An ended rollout's record (no canaries) is only acted on when it is below the anchor of a
+    rollout in progress (put back over it)."""
     if record is None:
         return RecordVerdict(RecordAction.KEEP)
     anchored = anchor.sequence if anchor is not None else 0
+    # An ended rollout's record changes nothing unless it overwrote the rollout status holds
+    # in progress: then that one is written again, as below.
+    in_progress = anchor is not None and anchor.phase == PROGRESSING
+    if not record.canaries and (record.sequence >= anchored or not in_progress):
+        return RecordVerdict(RecordAction.KEEP)
     if record.sequence > anchored or (
         record.sequence == anchored > 0 and anchor is not None and anchor.phase == PROGRESSING
     ):

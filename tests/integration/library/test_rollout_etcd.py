@@ -271,8 +271,9 @@ def test_a_running_reader_refuses_a_saved_rollout_put_back_after_it_ended(
     with pytest.raises(RecordReplayError, match="older than sequence"):
         rollouts.effective("sniffer", "pod-a")
     assert "RecordReplayed" in alert_reasons(rollouts.client)
-    # An instance the record does not name is not concerned.
-    assert rollouts.effective("sniffer", "pod-b").config["snaplen"] == 256
+    # Every running instance refuses it (and keeps what it runs), named or not.
+    with pytest.raises(RecordReplayError):
+        rollouts.effective("sniffer", "pod-b")
     # Residual (documented): a reader started after the put-back has nothing to compare with
     # and follows it until the operator's next pass ends it again.
     fresh = Rollouts(ConfigStore(rollouts.client))
@@ -343,3 +344,19 @@ def test_start_with_another_configs_digest_writes_nothing(rollouts: Rollouts) ->
         sequence=42,
     )
     assert kept.sequence == 42
+
+
+def test_a_saved_ended_record_put_back_over_a_rollout_does_not_end_it(rollouts: Rollouts) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    rollouts.end("sniffer")
+    ended = rollouts.client.store.get(rollouts.layout.rollout("sniffer"))
+    assert ended is not None
+    rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice")
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 640
+    rollouts.client.store.put(ended.key, ended.value)
+    # It would send the canary back to ACTIVE, ending the rollout for it: refused instead.
+    with pytest.raises(RecordReplayError):
+        rollouts.effective("sniffer", "pod-a")
+    # A reader started afterwards reads it as what it is, an ended rollout: ACTIVE.
+    fresh = Rollouts(ConfigStore(rollouts.client))
+    assert fresh.effective("sniffer", "pod-a").config["snaplen"] == 256

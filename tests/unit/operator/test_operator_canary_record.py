@@ -164,3 +164,18 @@ def test_the_next_sequence_is_above_everything_seen_and_at_least_the_clock() -> 
     assert next_record_sequence(3, 9, now=NOW) == NOW_MS
     # A clock behind what was anchored (another replica, a step back) still goes up.
     assert next_record_sequence(NOW_MS + 5, 2, now=NOW) == NOW_MS + 6
+
+
+def test_an_ended_record_is_only_acted_on_when_it_overwrote_a_rollout_in_progress() -> None:
+    ended = dataclasses.replace(SAVED, canaries=())
+    verdict = judge(ended)
+    assert (verdict.action, verdict.replayed) == (RecordAction.REISSUE, True)
+    assert verdict.reissue == Reissue(("p-1",), ANCHOR.since, "bob", NEW)
+    # Ours (above the anchor: the operator ended the anchored rollout), nothing anchored, or
+    # no rollout in progress: an ended record changes nothing.
+    assert judge(dataclasses.replace(ended, sequence=SEQ + 1)).action is RecordAction.KEEP
+    assert judge(ended, anchor=None).action is RecordAction.KEEP
+    promoted = dataclasses.replace(ANCHOR, phase=PROMOTED)
+    assert judge(ended, anchor=promoted).action is RecordAction.KEEP
+    # In progress, but no longer this spec's rollout: ended again (harmless, and consistent).
+    assert judge(ended, spec_digest=OLD).action is RecordAction.REMOVE

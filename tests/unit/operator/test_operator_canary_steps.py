@@ -348,3 +348,16 @@ def test_a_command_on_a_replayed_record_is_ignored() -> None:
     assert h.reasons()[-1] == "RolloutCommandIgnored"
     assert "not the current one" in h.events[-1].message
     assert contract.PROMOTE_ANNOTATION in h.kube.removed
+
+
+def test_an_ended_record_put_back_over_a_rollout_is_written_over_with_the_current_one() -> None:
+    h = started(hold=3600)
+    record, config = h.backend.rollouts[NAME]
+    # The ended record of an earlier rollout (no canaries, a lower sequence), put back.
+    ended = record.model_copy(update={"canaries": (), "sequence": record.sequence - 1})
+    h.backend.rollouts[NAME] = (ended, config)
+    asyncio.run(h.monitor(canary_spec(ETH1, 3600)))
+    again = h.backend.rollouts[NAME][0]
+    assert again.canaries == record.canaries and again.sequence > record.sequence
+    assert "RolloutRecordReplayed" in h.reasons()
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
