@@ -118,8 +118,9 @@ class Rollouts:
         ACTIVE as it is now. Validated like a commit (ConfigValidationError, alerted); refused
         while frozen (ConfigFrozenError) or when a commit lands meanwhile (ConflictError).
 
-        `sequence`: the record's (the operator passes one above what it anchored); None takes
-        one above the authentic record in etcd, if any. `since`: when the rollout began (a
+        `sequence`: the record's (the operator passes one above what it anchored), raised
+        above the authentic record in etcd if that is higher; None takes one above that
+        record and at least the clock. `since`: when the rollout began (a
         re-issued rollout keeps its own, so its deadline does not start again). `digest`: the
         config the caller means to roll out; a `config` that normalizes to another is refused
         (ConflictError, nothing written)."""
@@ -138,9 +139,14 @@ class Rollouts:
                 detail=f"the config to roll out is not the one with digest {digest[:12]}…",
                 retryable=False,
             )
+        # Above the record in place, an ended one included: readers that saw it refuse
+        # anything lower, whatever the caller's (or its clock's) idea of the next sequence.
+        current = self.record(component, ended=True)
+        above = current.sequence if current is not None else 0
         if sequence is None:
-            current = self.record(component)
-            sequence = next_record_sequence(current.sequence if current else 0, now=now)
+            sequence = next_record_sequence(above, now=now)
+        else:
+            sequence = max(sequence, above + 1)
         record = RolloutRecord(
             version=meta.version + 1,
             base_version=meta.version,
@@ -187,6 +193,7 @@ class Rollouts:
         else:
             if sequence is None:
                 sequence = next_record_sequence(current.sequence, now=datetime.now(UTC))
+            sequence = max(sequence, current.sequence + 1)
             ended = current.model_copy(update={"canaries": (), "sequence": sequence})
             ops.append(
                 PutOp(rollout, self.client.encode_record(rollout, ended.model_dump(mode="json")))

@@ -250,8 +250,13 @@ def test_end_leaves_an_ended_record_under_a_higher_sequence(rollouts: Rollouts) 
     assert ended is not None and ended.ended and ended.sequence > record.sequence
     assert rollouts.client.store.get(rollouts.layout.candidate("sniffer")) is None
     assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
-    # A new rollout goes above the ended record.
-    assert rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice").sequence > ended.sequence
+    # A new rollout goes above the ended record, even when the caller names a lower sequence
+    # (another replica's clock behind), and so does the next end.
+    again = rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice", sequence=5)
+    assert again.sequence == ended.sequence + 1
+    assert rollouts.end("sniffer", sequence=6)
+    last = rollouts.record("sniffer", ended=True)
+    assert last is not None and last.sequence == again.sequence + 1
     # Ending with nothing authentic there deletes what there is, as before.
     rollouts.client.store.put(rollouts.layout.rollout("sniffer"), b"junk")
     assert rollouts.end("sniffer")
