@@ -361,8 +361,19 @@ class InstancesStatus(_Model):
 
 
 class RolloutStatus(_Model):
+    sequence: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Sequence of the rollout's signed record in etcd; a record below it, or this one"
+            " back after the rollout ended, is a saved record put back and is removed."
+        ),
+    )
     version: int = Field(default=0, ge=0, description="The version being rolled out.")
     base_version: int = Field(default=0, ge=0, description="The ACTIVE version it replaces.")
+    digest: str = Field(default="", description="SHA-256 of the candidate config.")
+    since: datetime | None = Field(default=None, description="When the rollout began.")
+    by: str = Field(default="", description="Who changed spec.config (the candidate's author).")
     canaries: list[str] = Field(default_factory=list, description="The canary instances.")
     phase: str = Field(default="", description="Progressing, Promoted or Aborted.")
     healthy_since: datetime | None = Field(
@@ -421,6 +432,14 @@ class DefenderComponentStatus(_Model):
     frozen: bool = Field(
         default=False,
         description="True while the breaker holds commits for this component.",
+    )
+    freeze_lifted_sequence: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Sequence of the freeze marker the last unfreeze lifted; a marker at or below it"
+            " is a saved one put back and is removed."
+        ),
     )
     rollout: RolloutStatus | None = Field(
         default=None, description="The last canary rollout (spec.rollout.canary)."

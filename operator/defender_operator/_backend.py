@@ -33,6 +33,8 @@ class ComponentState:
     active_digest: str | None
     active_version: int | None
     frozen: bool = False
+    freeze_sequence: int | None = None
+    """The authentic freeze marker's sequence (0: written before it had one); None unfrozen."""
     storage: StoragePolicy | None = None
     """The policy recorded in the metadata (None = the store-wide envelope options)."""
     active_modified: datetime | None = None
@@ -123,6 +125,7 @@ class Observation:
     state: ComponentState
     cadence: Cadence | None
     rollout: RolloutRecord | None
+    """The authentic rollout record, an ended one (`RolloutRecord.ended`) included."""
     alerts: Sequence[AlertRecord]
     revision: int = 0
     """The etcd revision read at: a change above it is one this observation has not seen."""
@@ -213,30 +216,48 @@ class Backend(Protocol):
         False when that is already its policy."""
         ...
 
-    def freeze(self, component: str, reason: str) -> None: ...
+    def freeze(self, component: str, reason: str, *, after: int = 0) -> None:
+        """Freeze commits; the marker's sequence is above `after` (the lifted one anchored)."""
+        ...
 
-    def unfreeze(self, component: str) -> None: ...
+    def unfreeze(self, component: str) -> int | None:
+        """Lift the freeze: the sequence of the authentic marker it removed (None: none)."""
+        ...
 
     def rollout(self, component: str) -> RolloutRecord | None:
         """The authentic canary rollout record (None: none, or one that fails its MAC)."""
         ...
 
     def start_rollout(
-        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        canaries: Sequence[str],
+        *,
+        by: str,
+        sequence: int | None = None,
+        since: datetime | None = None,
+        digest: str | None = None,
     ) -> RolloutRecord:
-        """Seal `config` as the candidate and sign the record naming `canaries`."""
+        """Seal `config` as the candidate and sign the record naming `canaries`, with
+        `sequence` (None: one above the record in etcd) and `since` (None: now); a config
+        whose digest is not `digest` is refused (ConflictError), nothing written."""
         ...
 
     def promote_rollout(self, component: str, *, by: str) -> int:
         """Commit the candidate as ACTIVE and end the rollout; the version now ACTIVE."""
         ...
 
-    def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
-        """Freeze, end the rollout and write the base config again as a new ACTIVE version."""
+    def abort_rollout(
+        self, component: str, reason: str, *, by: str, freeze_after: int = 0
+    ) -> int | None:
+        """Freeze (above `freeze_after`, as `freeze`), end the rollout and write the base
+        config again as a new ACTIVE version."""
         ...
 
-    def end_rollout(self, component: str) -> None:
-        """Remove the rollout record and the candidate."""
+    def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
+        """Remove the candidate and leave an ended rollout record under `sequence` (None: one
+        above the record's), which running readers remember."""
         ...
 
     def purge(self, component: str) -> int:

@@ -10,20 +10,30 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from defender_config import RolloutRecord, config_digest
+from defender_config import (
+    ConfigFrozenError,
+    ConfigValidationError,
+    ConflictError,
+    RolloutRecord,
+    config_digest,
+    next_record_sequence,
+)
 from defender_config.contract import ABORT_ANNOTATION, PROMOTE_ANNOTATION
 from defender_operator import _api
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
-from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.breaker import ActiveChange, lifted_freeze
 from defender_operator._decisions.canary import (
     ABORTED,
     PROGRESSING,
     PROMOTED,
     Action,
     CanaryBeat,
+    RecordAction,
     RolloutView,
+    anchor_from_status,
     judge_canary,
+    judge_record,
     pick_canaries,
 )
 from defender_operator._metrics import count_canary_abort
@@ -38,11 +48,16 @@ SUPERSEDED = "Superseded"
 def rollout_fields(
     record: RolloutRecord, phase: str, message: str, healthy_since: datetime | None = None
 ) -> dict[str, Any]:
-    """status.rollout."""
+    """status.rollout. Its sequence, digest, author and start are the anchor a replayed record
+    is told from (`judge_record`), and what the rollout is written again from."""
     return {
         "rollout": {
+            "sequence": record.sequence,
             "version": record.version,
             "baseVersion": record.base_version,
+            "digest": record.digest,
+            "since": cond.rfc3339(record.since),
+            "by": record.by,
             "canaries": list(record.canaries),
             "phase": phase,
             "healthySince": cond.rfc3339(healthy_since) if healthy_since else None,
@@ -70,14 +85,17 @@ async def start(
     canary: _api.CanarySpec,
     normalized: Mapping[str, Any],
     *,
+    status: Mapping[str, Any],
     by: str,
     logger: Logger,
 ) -> Outcome | None:
     """Start (or keep) the canary rollout of `normalized`, instead of a commit. None when the
     component has no instance to try it on: the caller commits as usual."""
     current = await asyncio.to_thread(rt.backend.rollout, component)
+    anchor = anchor_from_status(status.get("rollout"))
+    anchored = anchor.sequence if anchor is not None else 0
     digest = config_digest(normalized)
-    if current is not None and current.digest == digest:
+    if current is not None and current.digest == digest and current.sequence >= max(anchored, 1):
         return _progressing(current, f"canary of version {current.version} in progress")
     instances = await asyncio.to_thread(rt.backend.instances, component)
     canaries = pick_canaries(
@@ -86,8 +104,19 @@ async def start(
     if not canaries:
         logger.info("no live instance to try spec.config on: committed without a canary")
         return None
+    # Above what status anchors and what etcd holds: readers refuse a record below the
+    # highest they saw, so the sequence must never go back.
+    sequence = next_record_sequence(
+        anchored, current.sequence if current is not None else 0, now=utcnow()
+    )
     record = await rt.write(
-        component, rt.backend.start_rollout, component, normalized, canaries, by=by
+        component,
+        rt.backend.start_rollout,
+        component,
+        normalized,
+        canaries,
+        by=by,
+        sequence=sequence,
     )
     message = (
         f"version {record.version} goes to {', '.join(record.canaries)} first; promoted after"
@@ -105,6 +134,7 @@ async def command(
     name: str,
     annotations: Mapping[str, str],
     *,
+    status: Mapping[str, Any],
     by: str,
     logger: Logger,
 ) -> Outcome:
@@ -114,10 +144,17 @@ async def command(
         if annotation not in annotations:
             continue
         record = await asyncio.to_thread(rt.backend.rollout, name)
-        if record is None:
-            out.events.append(
-                warning("RolloutCommandIgnored", f"{annotation}: no canary rollout in progress")
+        stale = record is not None and _replaced(record, status)
+        if record is None or stale:
+            # A saved record put back is never promoted (its candidate would become ACTIVE
+            # everywhere) nor aborted on: the monitor's next pass puts the current one back.
+            why = (
+                "the rollout record in etcd is not the current one (a saved record put back);"
+                " ask again after the operator's next pass"
+                if stale
+                else "no canary rollout in progress"
             )
+            out.events.append(warning("RolloutCommandIgnored", f"{annotation}: {why}"))
         elif promote:
             version = await rt.write(name, rt.backend.promote_rollout, name, by=by)
             message = f"canary of version {record.version} promoted by command as {version}"
@@ -128,7 +165,14 @@ async def command(
                 f"canary of version {record.version} aborted by command; commits are frozen"
                 " until unfreeze"
             )
-            await rt.write(name, rt.backend.abort_rollout, name, message, by=by)
+            await rt.write(
+                name,
+                rt.backend.abort_rollout,
+                name,
+                message,
+                by=by,
+                freeze_after=lifted_freeze(status) or 0,
+            )
             count_canary_abort(name, "Command")
             logger.warning(message)
             out.add(_aborted(record, message))
@@ -153,6 +197,90 @@ def _aborted(record: RolloutRecord, message: str) -> Outcome:
         conditions=_condition(ABORTED, message),
         fields=rollout_fields(record, ABORTED, message),
     )
+
+
+def _view(record: RolloutRecord) -> RolloutView:
+    return RolloutView(
+        record.version,
+        record.base_version,
+        record.digest,
+        record.canaries,
+        record.since,
+        sequence=record.sequence,
+        by=record.by,
+    )
+
+
+def _replaced(record: RolloutRecord, status: Mapping[str, Any]) -> bool:
+    """True when `record` is not the rollout status anchors (`judge_record`)."""
+    verdict = judge_record(
+        record=_view(record),
+        anchor=anchor_from_status(status.get("rollout")),
+        spec_digest=None,
+        active_version=None,
+        now=utcnow(),
+    )
+    return verdict.action is not RecordAction.KEEP
+
+
+async def _check_record(
+    rt: Runtime,
+    name: str,
+    spec: _api.DefenderComponentSpec,
+    status: Mapping[str, Any],
+    record: RolloutRecord,
+    *,
+    active_version: int | None,
+    now: datetime,
+    logger: Logger,
+) -> Outcome | None:
+    """None when `record` is the rollout status anchors (or a newer one of ours); else the
+    outcome of removing it, or of writing the anchored rollout again over it."""
+    verdict = judge_record(
+        record=_view(record),
+        anchor=anchor_from_status(status.get("rollout")),
+        spec_digest=status.get("specConfigDigest"),
+        active_version=active_version,
+        now=now,
+    )
+    if verdict.action is RecordAction.KEEP:
+        return None
+    out = Outcome()
+    if verdict.replayed:
+        logger.warning("%s", verdict.message)
+        await rt.write(name, rt.backend.alert, "RecordReplayed", name, verdict.message)
+        out.events.append(warning("RolloutRecordReplayed", verdict.message))
+    else:
+        logger.info("%s", verdict.message)
+    again = verdict.reissue
+    if verdict.action is RecordAction.REMOVE or again is None:
+        await rt.write(name, rt.backend.end_rollout, name, sequence=verdict.sequence)
+        return out
+    # Written in one transaction over what is there, guarded on ACTIVE's metadata, and only
+    # when spec.config is still the config the anchor names (the digest check).
+    try:
+        reissued = await rt.write(
+            name,
+            rt.backend.start_rollout,
+            name,
+            spec.config,
+            again.canaries,
+            by=again.by,
+            sequence=verdict.sequence,
+            since=again.since,
+            digest=again.digest,
+        )
+    except (ConflictError, ConfigFrozenError, ConfigValidationError) as exc:
+        # spec.config changed (or no longer validates) since status anchored the rollout (its
+        # reconcile handles the new one), or commits were frozen meanwhile: the replay is
+        # ended, nothing written again.
+        logger.info("anchored rollout not written again (%s): the replay is ended", exc.reason)
+        await rt.write(name, rt.backend.end_rollout, name, sequence=verdict.sequence)
+        return out
+    out.add(_progressing(reissued, f"canary of version {reissued.version} in progress"))
+    if not verdict.replayed:
+        out.events.append(normal("RolloutReissued", verdict.message))
+    return out
 
 
 def _beats(
@@ -186,7 +314,14 @@ async def watch(
 ) -> Outcome:
     """The monitor's look at a rollout in progress (`record`, as the pass read it): wait,
     promote, abort or end it."""
-    if record is None:
+    checked = None
+    if record is not None:
+        checked = await _check_record(
+            rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
+        )
+    if checked is not None:
+        return checked
+    if record is None or record.ended:
         mem.canary_healthy = None
         return Outcome()
     by = f"operator:{rt.identity}"
@@ -202,9 +337,7 @@ async def watch(
     healthy = mem.canary_healthy
     verdict = judge_canary(
         now=now,
-        rollout=RolloutView(
-            record.version, record.base_version, record.digest, record.canaries, record.since
-        ),
+        rollout=_view(record),
         active_version=active_version,
         beats=_beats(instances, live),
         healthy_since=healthy[1] if healthy and healthy[0] == record.digest else None,
@@ -228,7 +361,14 @@ async def watch(
             conditions=_condition(SUPERSEDED, verdict.message),
             fields=rollout_fields(record, SUPERSEDED, verdict.message),
         )
-    await rt.write(name, rt.backend.abort_rollout, name, verdict.message, by=by)
+    await rt.write(
+        name,
+        rt.backend.abort_rollout,
+        name,
+        verdict.message,
+        by=by,
+        freeze_after=lifted_freeze(status) or 0,
+    )
     count_canary_abort(name, verdict.reason)
     await rt.write(name, rt.backend.alert, "CanaryAborted", name, verdict.message)
     logger.error("canary aborted (%s): %s", verdict.reason, verdict.message)

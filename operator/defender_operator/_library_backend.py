@@ -104,6 +104,7 @@ def _state(seen: ComponentOverview) -> ComponentState:
         active_digest=meta.digest if meta is not None else None,
         active_version=meta.version if meta is not None else None,
         frozen=seen.frozen is not None,
+        freeze_sequence=seen.frozen.sequence if seen.frozen is not None else None,
         storage=meta.storage if meta is not None else None,
         active_modified=meta.last_modified if meta is not None else None,
         active_rollback=meta is not None and meta.change.reverts,
@@ -337,28 +338,42 @@ class LibraryBackend:
         self._sealed_as(component, storage)
         return changed
 
-    def freeze(self, component: str, reason: str) -> None:
-        self.configs.freeze(component, reason, by="defender-operator")
+    def freeze(self, component: str, reason: str, *, after: int = 0) -> None:
+        self.configs.freeze(component, reason, by="defender-operator", after=after)
 
-    def unfreeze(self, component: str) -> None:
+    def unfreeze(self, component: str) -> int | None:
+        lifted = self.configs.frozen(component)
         self.configs.unfreeze(component)
+        return lifted.sequence if lifted is not None else None
 
     def rollout(self, component: str) -> RolloutRecord | None:
         return Rollouts(self.configs).record(component)
 
     def start_rollout(
-        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        canaries: Sequence[str],
+        *,
+        by: str,
+        sequence: int | None = None,
+        since: datetime | None = None,
+        digest: str | None = None,
     ) -> RolloutRecord:
-        return Rollouts(self.configs).start(component, config, canaries, by)
+        return Rollouts(self.configs).start(
+            component, config, canaries, by, sequence=sequence, since=since, digest=digest
+        )
 
     def promote_rollout(self, component: str, *, by: str) -> int:
         return Rollouts(self.configs).promote(component, by)
 
-    def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
-        return Rollouts(self.configs).abort(component, reason, by)
+    def abort_rollout(
+        self, component: str, reason: str, *, by: str, freeze_after: int = 0
+    ) -> int | None:
+        return Rollouts(self.configs).abort(component, reason, by, freeze_after=freeze_after)
 
-    def end_rollout(self, component: str) -> None:
-        Rollouts(self.configs).end(component)
+    def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
+        Rollouts(self.configs).end(component, sequence=sequence)
 
     def purge(self, component: str) -> int:
         self._declared.pop(component, None)

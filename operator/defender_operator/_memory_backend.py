@@ -39,6 +39,7 @@ from defender_config import (
     ChangeKind,
     ConfigFrozenError,
     ConfigValidationError,
+    ConflictError,
     Keyring,
     KeyUsage,
     NotFoundError,
@@ -50,6 +51,7 @@ from defender_config import (
     ValueTooLargeError,
     canonical_json,
     config_digest,
+    next_record_sequence,
     validate_config,
 )
 from defender_config.store import ETCD_REQUEST_LIMIT_BYTES
@@ -126,6 +128,7 @@ class MemoryBackend:
     unavailable: bool = False
     components: dict[str, Stored] = field(default_factory=dict)
     frozen: dict[str, str] = field(default_factory=dict)
+    freeze_sequences: dict[str, int] = field(default_factory=dict)
     rollouts: dict[str, tuple[RolloutRecord, dict[str, Any]]] = field(default_factory=dict)
     claims: dict[str, tuple[Claim, int]] = field(default_factory=dict)
     live: dict[str, dict[str, InstanceRecord]] = field(default_factory=dict)
@@ -299,12 +302,21 @@ class MemoryBackend:
     def _state(self, component: str) -> ComponentState:
         stored = self.components.get(component)
         if stored is None:
-            return ComponentState(None, None, None, frozen=component in self.frozen)
+            return ComponentState(
+                None,
+                None,
+                None,
+                frozen=component in self.frozen,
+                freeze_sequence=self.freeze_sequences.get(component),
+            )
         return ComponentState(
             master_digest=config_digest(stored.master),
             active_digest=config_digest(stored.active),
             active_version=stored.version,
             frozen=component in self.frozen,
+            freeze_sequence=self.freeze_sequences.get(component)
+            if component in self.frozen
+            else None,
             storage=stored.storage,
             active_modified=stored.modified,
             active_rollback=stored.change.reverts,
@@ -443,15 +455,22 @@ class MemoryBackend:
         self._changed(component)
         return True
 
-    def freeze(self, component: str, reason: str) -> None:
+    def freeze(self, component: str, reason: str, *, after: int = 0) -> None:
         self._enter("freeze")
+        self._freeze(component, reason, after)
+
+    def _freeze(self, component: str, reason: str, after: int) -> None:
         self.frozen[component] = reason
+        current = self.freeze_sequences.get(component, 0)
+        self.freeze_sequences[component] = next_record_sequence(after, current, now=_now())
         self._changed(component)
 
-    def unfreeze(self, component: str) -> None:
+    def unfreeze(self, component: str) -> int | None:
         self._enter("unfreeze")
-        if self.frozen.pop(component, None) is not None:
-            self._changed(component)
+        if self.frozen.pop(component, None) is None:
+            return None
+        self._changed(component)
+        return self.freeze_sequences.get(component, 0)
 
     def rollout(self, component: str) -> RolloutRecord | None:
         self._enter("rollout")
@@ -459,20 +478,39 @@ class MemoryBackend:
         return found[0] if found is not None else None
 
     def start_rollout(
-        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], *, by: str
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        canaries: Sequence[str],
+        *,
+        by: str,
+        sequence: int | None = None,
+        since: datetime | None = None,
+        digest: str | None = None,
     ) -> RolloutRecord:
         self._enter("start_rollout")
         if component in self.frozen:
             raise ConfigFrozenError(component, why=self.frozen[component])
         stored = self._stored(component)
         normalized = self._validate(component, stored.component_type, config, stored.json_schema)
+        if digest is not None and config_digest(normalized) != digest:
+            raise ConflictError(
+                f"/memory/control/{component}/rollout",
+                detail="the config to roll out is not the one named",
+                retryable=False,
+            )
+        now = datetime.now(UTC)
+        if sequence is None:
+            current = self.rollouts.get(component)
+            sequence = next_record_sequence(current[0].sequence if current else 0, now=now)
         record = RolloutRecord(
             version=stored.version + 1,
             base_version=stored.version,
             digest=config_digest(normalized),
             canaries=tuple(sorted(set(canaries))),
-            since=datetime.now(UTC),
+            since=since or now,
             by=by,
+            sequence=sequence,
         )
         self.rollouts[component] = (record, normalized)
         self._changed(component)
@@ -488,9 +526,11 @@ class MemoryBackend:
             component, stored, found[1], found[0].by, ChangeKind.COMMIT, None
         )
 
-    def abort_rollout(self, component: str, reason: str, *, by: str) -> int | None:
+    def abort_rollout(
+        self, component: str, reason: str, *, by: str, freeze_after: int = 0
+    ) -> int | None:
         self._enter("abort_rollout")
-        self.frozen[component] = reason
+        self._freeze(component, reason, freeze_after)
         found = self.rollouts.pop(component, None)
         self._changed(component)
         if found is None:
@@ -499,7 +539,7 @@ class MemoryBackend:
         target = stored.history[found[0].base_version]
         return self._write_version(component, stored, target, by, ChangeKind.CANARY_ABORT, None)
 
-    def end_rollout(self, component: str) -> None:
+    def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
         self._enter("end_rollout")
         if self.rollouts.pop(component, None) is not None:
             self._changed(component)

@@ -37,6 +37,7 @@ from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.breaker import (
     BreakerPolicy,
     evaluate_breaker,
+    lifted_freeze,
     recovered_change,
 )
 from defender_operator._decisions.cadence import (
@@ -71,7 +72,13 @@ from defender_operator._metrics import (
 )
 from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
 from defender_operator._pods import PodIndex, select_pods
-from defender_operator._reconcile import publish_status, recall, state_fields, wanted_cadence
+from defender_operator._reconcile import (
+    drop_replayed_freeze,
+    publish_status,
+    recall,
+    state_fields,
+    wanted_cadence,
+)
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 from defender_operator._scrub import scrub_step
 
@@ -250,6 +257,8 @@ async def _steps(
             # Read again: the scrub changed ACTIVE, or the pass's read failed verification
             # (the read repairs what it can, else raises).
             state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
+        state, dropped = await drop_replayed_freeze(rt, p.name, p.status, state, p.logger)
+        take(mem, found, dropped)
         state, tripped = await breaker_step(p, mem, state, seen.instances, judged)
         take(mem, found, tripped)
         rolled = await _canary.watch(
@@ -653,7 +662,9 @@ async def breaker_step(
     )
     if not verdict.trip or verdict.revert_to is None:
         return state, Outcome()
-    await rt.write(p.name, rt.backend.freeze, p.name, verdict.message)
+    await rt.write(
+        p.name, rt.backend.freeze, p.name, verdict.message, after=lifted_freeze(p.status) or 0
+    )
     version = await rt.write(
         p.name,
         rt.backend.rollback,

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any, NoReturn
 
 import kopf
@@ -40,7 +41,7 @@ from defender_config.contract import (
 from defender_operator import _api, _attribution, _canary
 from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
-from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.breaker import ActiveChange, freeze_replayed, lifted_freeze
 from defender_operator._decisions.ownership import (
     NAME_CLAIM_FIELD,
     OWNER_RECORD_RESTORED,
@@ -293,7 +294,13 @@ async def _steps(
         mem,
         found,
         await _canary.command(
-            v.rt, v.namespace, v.component, v.annotations, by=v.who, logger=v.logger
+            v.rt,
+            v.namespace,
+            v.component,
+            v.annotations,
+            status=v.status,
+            by=v.who,
+            logger=v.logger,
         ),
     )
     if normalized is None:
@@ -304,6 +311,9 @@ async def _steps(
         seeded_new = await seed(v, spec, normalized)
     state, commit_due, seeded = seeded_new
     take(mem, found, seeded)
+    if commit_due and state.frozen:
+        state, dropped = await drop_replayed_freeze(v.rt, v.component, v.status, state, v.logger)
+        take(mem, found, dropped)
     if commit_due:
         # Until the commit lands: what a failed attempt leaves (see `_temporary`), never the
         # Synced of an earlier generation.
@@ -572,10 +582,37 @@ async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:
 async def unfreeze_command(v: Visit) -> Outcome:
     if UNFREEZE_ANNOTATION not in v.annotations:
         return Outcome()
-    await v.rt.write(v.component, v.rt.backend.unfreeze, v.component)
+    lifted = await v.rt.write(v.component, v.rt.backend.unfreeze, v.component)
     await asyncio.to_thread(v.rt.kube.remove_annotation, v.namespace, v.name, UNFREEZE_ANNOTATION)
     v.logger.info("unfrozen by command")
-    return Outcome(events=[normal("Unfrozen", "commits allowed again (unfreeze command)")])
+    out = Outcome(events=[normal("Unfrozen", "commits allowed again (unfreeze command)")])
+    if lifted is not None:
+        # The anchor a saved marker put back is told from (`freeze_replayed`); never lowered.
+        out.fields["freezeLiftedSequence"] = max(lifted, lifted_freeze(v.status) or 0)
+    return out
+
+
+async def drop_replayed_freeze(
+    rt: Runtime,
+    component: str,
+    status: Mapping[str, Any],
+    state: ComponentState,
+    logger: Logger,
+) -> tuple[ComponentState, Outcome]:
+    """Remove a freeze marker that is a saved one put back (`freeze_replayed`), so it does not
+    hold commits until a person unfreezes again; `state` read again after."""
+    lifted = lifted_freeze(status)
+    if not freeze_replayed(state.freeze_sequence, lifted):
+        return state, Outcome()
+    message = (
+        f"freeze marker sequence {state.freeze_sequence} is not above sequence {lifted} of the"
+        " freeze lifted last: a saved marker put back; removed"
+    )
+    logger.warning("%s", message)
+    await rt.write(component, rt.backend.unfreeze, component)
+    await rt.write(component, rt.backend.alert, "RecordReplayed", component, message)
+    state = await asyncio.to_thread(partial(rt.backend.state, component, tolerate_master=True))
+    return state, Outcome(events=[warning("FreezeReplayed", message)], fields=state_fields(state))
 
 
 async def rollback_command(v: Visit) -> Outcome:
@@ -826,7 +863,13 @@ async def commit(
     if spec.rollout.canary is not None and previous > 0:
         # A canary first: ACTIVE stays as it is until the monitor promotes the candidate.
         started = await _canary.start(
-            rt, component, spec.rollout.canary, normalized, by=author, logger=v.logger
+            rt,
+            component,
+            spec.rollout.canary,
+            normalized,
+            status=v.status,
+            by=author,
+            logger=v.logger,
         )
         if started is not None:
             started.fields.update(

@@ -168,7 +168,8 @@ def _read_rollout(
     instances: list[dict[str, Any]],
     now: datetime,
 ) -> dict[str, Any] | None:
-    """The canary rollout record of `component` as etcd holds it (None: no rollout). Read like
+    """The canary rollout record of `component` as etcd holds it (None: no rollout, or an ended
+    one). Read like
     the instances read it: with a keyring its MAC must verify, without one it is shown but
     marked unverified (an instance without a keyring ignores it)."""
     path = client.layout.rollout(component)
@@ -180,6 +181,8 @@ def _read_rollout(
         record = RolloutRecord.model_validate(data)
     except (DefenderConfigError, ValidationError, ValueError) as exc:
         return {"phase": "Unreadable", "error": shorten(str(exc), 200)}
+    if record.ended:
+        return None  # what `Rollouts.end` leaves (no canaries): no rollout in progress
     return rollout_view(
         record.model_dump(mode="json"),
         verified=client.verifies_records,

@@ -135,6 +135,7 @@ from .contract import (
     RetentionPolicy,
     RollbackTarget,
     format_rollback_target,
+    next_record_sequence,
     parse_rollback_target,
 )
 
@@ -254,6 +255,7 @@ __all__ = [
     "keys_opened",
     "lease_ttl",
     "load_settings",
+    "next_record_sequence",
     "parse_json",
     "parse_rollback_target",
     "plan_defrag",

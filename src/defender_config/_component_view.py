@@ -53,9 +53,10 @@ def view_component(
 ) -> ComponentView:
     """`overview` (MASTER tolerated: a MASTER that does not open is in `master_error`), the
     cadence (as `read_cadence`: None when absent or unreadable), the rollout record (as
-    `Rollouts.record`: None unless authentic) and the alerts raised since `alerts_since`
-    (unreadable ones skipped, logged). A metadata record that does not verify raises as
-    `overview` does."""
+    `Rollouts.record(ended=True)`: None unless authentic; an ended rollout's record included,
+    so the operator can tell one put back over a rollout in progress) and the alerts raised
+    since `alerts_since` (unreadable ones skipped, logged). A metadata record that does not
+    verify raises as `overview` does."""
     read = configs.client.store.txn(
         [], [*configs.overview_reads(component), *view_reads(configs.layout, component)]
     )
@@ -91,7 +92,7 @@ def view_from(
     return ComponentView(
         overview=overview,
         cadence=decode_cadence(configs.client, layout.cadence(component), cadence_sv),
-        rollout=Rollouts(configs).decode(component, rollout_sv),
+        rollout=Rollouts(configs).decode(component, rollout_sv, ended=True),
         alerts=decode_alerts(configs.client, gets[2], since),
         revision=revision,
     )

@@ -47,6 +47,7 @@ from .contract import (
     ComponentType,
     InvalidConfigPolicy,
     RollbackTarget,
+    next_record_sequence,
 )
 
 __all__ = [
@@ -143,6 +144,10 @@ class FreezeInfo(BaseModel):
     reason: str = ""
     since: datetime
     by: str | None = None
+    sequence: int = Field(default=0, ge=0, le=2**63 - 1)
+    """Orders the freezes of a component (signed with the record): the operator anchors the
+    sequence of the freeze it lifted in the DefenderComponent status and removes a marker at or
+    below it, a saved one put back. 0: written before the field existed."""
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,8 @@ class ConfigStore:
         # this reader accepted.
         self._accepted: dict[str, tuple[int, str, int]] = {}
         self._accepted_lock = threading.Lock()
+        # component -> highest rollout sequence seen in an authentic rollout record (`Rollouts`).
+        self._rollout_marks: dict[str, int] = {}
         self.history_limit = history_limit or client.settings.history_limit
         if self.history_limit < 1:
             raise ValueError("history_limit must be at least 1")
@@ -526,6 +533,14 @@ class ConfigStore:
             return self._decode_metadata(paths[1], meta_sv.value, component, report=False)
         except DefenderConfigError:
             return None
+
+    def _remember_rollout(self, component: str, sequence: int) -> int:
+        """Remember `sequence` of an authentic rollout record; returns the highest this reader
+        has seen for `component`, this one included (a higher one means a replay)."""
+        with self._accepted_lock:
+            highest = max(self._rollout_marks.get(component, 0), sequence)
+            self._rollout_marks[component] = highest
+            return highest
 
     def _accept(self, component: str, meta: ConfigMetadata, mod_revision: int) -> bool:
         """Remember the newest authentic version this reader accepted and refuse an older one
@@ -1350,9 +1365,15 @@ class ConfigStore:
         )
         return True
 
-    def freeze(self, component: str, reason: str, by: str | None = None) -> None:
-        """Refuse commits to `component` until `unfreeze`."""
-        info = FreezeInfo(reason=reason, since=_now(), by=by)
+    def freeze(self, component: str, reason: str, by: str | None = None, *, after: int = 0) -> None:
+        """Refuse commits to `component` until `unfreeze`. The marker's sequence is above
+        `after` (the operator passes the sequence of the last freeze it lifted, so a new
+        freeze is never taken for that one put back, whatever the clocks say) and above the
+        marker in place."""
+        current = self.frozen(component)
+        now = _now()
+        sequence = next_record_sequence(after, current.sequence if current else 0, now=now)
+        info = FreezeInfo(reason=reason, since=now, by=by, sequence=sequence)
         self.client.put_record(self.layout.freeze(component), info.model_dump(mode="json"))
         self.client.alerter.event(
             "ConfigFrozen", component, f"commits refused: {reason}", instance=self.client.instance

@@ -2,17 +2,31 @@
 
 ```
 <prefix>/components/<name>/candidate      sealed like ACTIVE: the config being tried
-<prefix>/control/<name>/rollout           signed record: {version, baseVersion, digest, canaries}
+<prefix>/control/<name>/rollout           signed record: {version, base_version, digest,
+                                          canaries, since, by, sequence}
 ```
 
-An instance runs the candidate only when all of these hold, otherwise it runs ACTIVE:
+An instance runs the candidate only when all of these hold, otherwise it runs ACTIVE (an ended
+rollout leaves its record with no canaries, see `Rollouts.end`):
 
 - the rollout record's MAC verifies (write access to etcd alone cannot name canaries),
 - the record names this instance,
 - the record's `base_version` is ACTIVE's version now: a promotion or an abort writes a new
   ACTIVE version, so a record (and candidate) put back later from an old rollout is stale and
   ignored instead of reviving a config that was aborted,
-- the candidate opens (its AEAD binds it to its etcd path) and its digest is the record's.
+- the candidate opens (its AEAD binds it to its etcd path) and its digest is the record's,
+- the record's `sequence` is not below the highest this reader has seen for the component.
+
+The sequence is what the MAC cannot give: a point in time. A rollout that ends without a new
+ACTIVE version (spec.config changed during it, and the next rollout starts on the same base)
+leaves its record authentic and its base current, so a saved pair put back would run again.
+Every record a writer signs carries a sequence above every earlier one of the component
+(`next_record_sequence`, fed by the operator with the sequence it anchored in the
+DefenderComponent status, which etcd write access cannot change); a running reader remembers
+the highest it saw and refuses a lower one (RecordReplayed, alerted; the watch keeps what the
+instance runs), and the operator's pass removes it (`_decisions.canary.judge_record`).
+A record without a sequence (0: written before it existed) is not obeyed; the operator
+re-issues it with one.
 
 The operator decides who the canaries are and when to promote or abort; this module only writes
 and reads the two values, so the library and the agent honour a rollout the same way.
@@ -42,9 +56,9 @@ from ._errors import (
 from ._models import canonical_json, config_digest
 from ._store import WatchHandle
 from ._store_types import Compare, DeleteOp, PutOp, StoredValue, WatchEvent
-from .contract import ChangeKind
+from .contract import ChangeKind, next_record_sequence
 
-__all__ = ["CanaryWatch", "RolloutRecord", "Rollouts"]
+__all__ = ["CanaryWatch", "RolloutRecord", "Rollouts", "next_record_sequence"]
 
 log = logging.getLogger("defender_config.rollout")
 
@@ -60,6 +74,16 @@ class RolloutRecord(BaseModel):
     canaries: tuple[str, ...]
     since: datetime
     by: str
+    sequence: int = Field(default=0, ge=0, le=2**63 - 1)
+    """Orders the rollouts of a component: higher is newer. 0: written before sequences
+    existed (not obeyed). In the MAC like every field, so it cannot be raised by etcd write
+    access alone."""
+
+    @property
+    def ended(self) -> bool:
+        """An ended rollout's record (no canaries): what `end` leaves instead of nothing, so
+        running readers learn a sequence above the rollout that ended and refuse it put back."""
+        return not self.canaries
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +104,26 @@ class Rollouts:
     # --- writes (the operator) ------------------------------------------------------------------
 
     def start(
-        self, component: str, config: Mapping[str, Any], canaries: Sequence[str], by: str
+        self,
+        component: str,
+        config: Mapping[str, Any],
+        canaries: Sequence[str],
+        by: str,
+        *,
+        sequence: int | None = None,
+        since: datetime | None = None,
+        digest: str | None = None,
     ) -> RolloutRecord:
         """Seal `config` as the candidate and name `canaries` in a signed record, on top of
         ACTIVE as it is now. Validated like a commit (ConfigValidationError, alerted); refused
-        while frozen (ConfigFrozenError) or when a commit lands meanwhile (ConflictError)."""
+        while frozen (ConfigFrozenError) or when a commit lands meanwhile (ConflictError).
+
+        `sequence`: the record's (the operator passes one above what it anchored), raised
+        above the authentic record in etcd if that is higher; None takes one above that
+        record and at least the clock. `since`: when the rollout began (a
+        re-issued rollout keeps its own, so its deadline does not start again). `digest`: the
+        config the caller means to roll out; a `config` that normalizes to another is refused
+        (ConflictError, nothing written)."""
         if not canaries:
             raise ValueError("a canary rollout needs at least one canary instance")
         cs = self.configs
@@ -93,13 +132,29 @@ class Rollouts:
             raise cs._frozen_error(component, freeze)
         meta, meta_stored = cs._metadata_for_write(component, "; seed it first")
         normalized = cs._validate(component, meta.type, config, meta.json_schema)
+        now = datetime.now(UTC)
+        if digest is not None and config_digest(normalized) != digest:
+            raise ConflictError(
+                self.layout.rollout(component),
+                detail=f"the config to roll out is not the one with digest {digest[:12]}…",
+                retryable=False,
+            )
+        # Above the record in place, an ended one included: readers that saw it refuse
+        # anything lower, whatever the caller's (or its clock's) idea of the next sequence.
+        current = self.record(component, ended=True)
+        above = current.sequence if current is not None else 0
+        if sequence is None:
+            sequence = next_record_sequence(above, now=now)
+        else:
+            sequence = max(sequence, above + 1)
         record = RolloutRecord(
             version=meta.version + 1,
             base_version=meta.version,
             digest=config_digest(normalized),
             canaries=tuple(sorted(set(canaries))),
-            since=datetime.now(UTC),
+            since=since or now,
             by=by,
+            sequence=sequence,
         )
         candidate, rollout = self.layout.candidate(component), self.layout.rollout(component)
         policy = meta.storage
@@ -117,23 +172,33 @@ class Rollouts:
                 rollout, expected=meta.version, found=None, detail="ACTIVE moved on meanwhile"
             )
         log.info(
-            "component %s: canary rollout of version %d to %s",
+            "component %s: canary rollout of version %d to %s (sequence %d)",
             component,
             record.version,
             ", ".join(record.canaries),
+            record.sequence,
         )
         return record
 
-    def end(self, component: str) -> bool:
-        """Remove the rollout record and the candidate (canaries fall back to ACTIVE)."""
-        result = self.client.store.txn(
-            [],
-            [
-                DeleteOp(self.layout.rollout(component)),
-                DeleteOp(self.layout.candidate(component)),
-            ],
-        )
-        return result.succeeded
+    def end(self, component: str, *, sequence: int | None = None) -> bool:
+        """End the rollout: canaries fall back to ACTIVE. The candidate is deleted; the record
+        is replaced by an ended one (no canaries) under a higher sequence (`sequence`, or one
+        above the record's), because deleting it would leave nothing newer than the ended
+        record, and a saved copy put back would be obeyed again by every reader."""
+        rollout, candidate = self.layout.rollout(component), self.layout.candidate(component)
+        ops: list[PutOp | DeleteOp] = [DeleteOp(candidate)]
+        current = self.decode(component, self.client.store.get(rollout), ended=True)
+        if current is None:
+            ops.append(DeleteOp(rollout))
+        else:
+            if sequence is None:
+                sequence = next_record_sequence(current.sequence, now=datetime.now(UTC))
+            sequence = max(sequence, current.sequence + 1)
+            ended = current.model_copy(update={"canaries": (), "sequence": sequence})
+            ops.append(
+                PutOp(rollout, self.client.encode_record(rollout, ended.model_dump(mode="json")))
+            )
+        return self.client.store.txn([], ops).succeeded
 
     def promote(self, component: str, by: str) -> int:
         """Commit the candidate as the next ACTIVE version (guarded on the base version) and
@@ -154,12 +219,13 @@ class Rollouts:
         self.end(component)
         return version
 
-    def abort(self, component: str, reason: str, by: str) -> int | None:
+    def abort(self, component: str, reason: str, by: str, *, freeze_after: int = 0) -> int | None:
         """Freeze commits, end the rollout and write the base config again as a new ACTIVE
         version (same config, so no instance reloads; the new version makes a replayed rollout
-        record stale). Returns that version, None when there was no authentic rollout."""
+        record stale). Returns that version, None when there was no authentic rollout.
+        `freeze_after`: as `ConfigStore.freeze`'s `after`."""
         record = self.record(component)
-        self.configs.freeze(component, reason, by=by)
+        self.configs.freeze(component, reason, by=by, after=freeze_after)
         self.end(component)
         if record is None:
             return None
@@ -169,15 +235,24 @@ class Rollouts:
 
     # --- reads (instances and the operator) -----------------------------------------------------
 
-    def record(self, component: str) -> RolloutRecord | None:
-        """The rollout record if present and authentic. One that fails its MAC (or has no
-        keyring to check it with) is reported and ignored: never obeyed."""
+    def record(self, component: str, *, ended: bool = False) -> RolloutRecord | None:
+        """The rollout in progress, if its record is present and authentic. One that fails
+        its MAC (or has no keyring to check it with) is reported and ignored: never obeyed.
+        An ended rollout's record counts as none unless `ended`."""
         path = self.layout.rollout(component)
-        return self.decode(component, self.client.store.get(path))
+        return self.decode(component, self.client.store.get(path), ended=ended)
 
-    def decode(self, component: str, stored: StoredValue | None) -> RolloutRecord | None:
+    def decode(
+        self, component: str, stored: StoredValue | None, *, ended: bool = False
+    ) -> RolloutRecord | None:
         """`record` from what a caller read at `layout.rollout(component)` itself (in a
         transaction with other reads, say)."""
+        found = self._decode(component, stored)
+        if found is not None and found.ended and not ended:
+            return None
+        return found
+
+    def _decode(self, component: str, stored: StoredValue | None) -> RolloutRecord | None:
         if stored is None:
             return None
         if not self.client.verifies_records:
@@ -216,18 +291,47 @@ class Rollouts:
     def effective(self, component: str, instance: str) -> ActiveConfig:
         """The config `instance` must run: the candidate when an authentic rollout on top of
         the current ACTIVE names it, ACTIVE otherwise (also when the candidate cannot be
-        opened: reported, and the instance stays on what is known good)."""
+        opened: reported, and the instance stays on what is known good).
+
+        RecordReplayError (alerted) when the record, built on the current ACTIVE, is older than
+        one this reader saw: a saved record put back (an ended one too). Raised rather than
+        answered with ACTIVE so a watch keeps what the instance runs (the current rollout's
+        candidate, say) until the operator puts the current record back."""
         active = self.configs.get_active(component)
-        record = self.record(component)
-        if record is None or instance not in record.canaries:
+        record = self.record(component, ended=True)
+        if record is None:
             return active
+        obeyed = instance in record.canaries and active.version == record.base_version
+        if record.sequence == 0:
+            if obeyed:
+                log.warning(
+                    "rollout record of %s has no sequence (written before it existed): not "
+                    "followed until the operator issues it again",
+                    component,
+                )
+            return active
+        highest = self.configs._remember_rollout(component, record.sequence)
         if active.version != record.base_version:
-            log.info(
-                "rollout record of %s is for base version %d, ACTIVE is %s: ignored",
-                component,
-                record.base_version,
-                active.version,
+            if instance in record.canaries:
+                log.info(
+                    "rollout record of %s is for base version %d, ACTIVE is %s: ignored",
+                    component,
+                    record.base_version,
+                    active.version,
+                )
+            return active
+        if record.sequence < highest:
+            # Whatever it says (an ended rollout included): the record it overwrote is the
+            # current one, so nothing changes for this instance until that is back.
+            path = self.layout.rollout(component)
+            exc = RecordReplayError(
+                path,
+                f"rollout sequence {record.sequence} is older than sequence {highest} this "
+                "reader already followed (a saved record put back)",
             )
+            self.client.report(exc, path=path, component=component)
+            raise exc
+        if instance not in record.canaries:
             return active
         try:
             found = self._candidate(component)

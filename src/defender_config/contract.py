@@ -13,6 +13,7 @@ import-linter contract keeps it so), so the operator's pure decisions may use it
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from typing import Final, Literal
 
 from ._errors import InvalidRollbackTargetError
@@ -48,6 +49,7 @@ __all__ = [
     "RollbackTarget",
     "RotationStage",
     "format_rollback_target",
+    "next_record_sequence",
     "parse_rollback_target",
 ]
 
@@ -213,3 +215,11 @@ def parse_rollback_target(text: str) -> RollbackTarget:
 def format_rollback_target(target: RollbackTarget) -> str:
     """The spelling `parse_rollback_target` reads back (what goes into the annotation)."""
     return "master" if target == "master" else str(int(target))
+
+
+def next_record_sequence(*seen: int, now: datetime) -> int:
+    """The sequence of a control record written now (a canary rollout record, a freeze
+    marker): above every one in `seen`, and at least `now` in milliseconds, so a writer that
+    lost what it anchored (a DefenderComponent deleted and created again) still issues one
+    above what long-running readers remember, as long as its clock does not go back."""
+    return max(max(seen, default=0) + 1, int(now.timestamp() * 1000))

@@ -93,3 +93,20 @@ def evaluate_breaker(
             unhealthy=hit,
         )
     return BreakerVerdict(False, "WithinLimits", f"{len(hit)} instance(s) unhealthy since change")
+
+
+def lifted_freeze(status: Mapping[str, object]) -> int | None:
+    """status.freezeLiftedSequence: the sequence of the freeze marker the operator lifted last
+    (None: no freeze lifted since the field existed)."""
+    raw = status.get("freezeLiftedSequence")
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    return None
+
+
+def freeze_replayed(freeze_sequence: int | None, lifted: int | None) -> bool:
+    """Is the authentic freeze marker in etcd a saved one put back? Every freeze written after
+    a lift takes a sequence above the lifted one (`ConfigStore.freeze(after=...)`), and only
+    key holders sign: a marker at or below it (one without a sequence included, 0) is the lifted
+    freeze or an older one. Without a lifted sequence in status nothing is known: kept."""
+    return freeze_sequence is not None and lifted is not None and freeze_sequence <= lifted

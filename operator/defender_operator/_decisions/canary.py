@@ -1,4 +1,5 @@
-"""Canary rollouts: who the canaries are, and whether to wait, promote or abort."""
+"""Canary rollouts: who the canaries are, whether to wait, promote or abort, and whether the
+rollout record in etcd is the one the operator anchored in the DefenderComponent status."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from defender_config.contract import SINGULAR, UNFREEZE_ANNOTATION
+from defender_config.contract import SINGULAR, UNFREEZE_ANNOTATION, next_record_sequence
 
+from .conditions import parse_rfc3339
 from .misconfig import MISCONFIG_REASONS
 
 # What an instance reports (heartbeat last_error.reason) when it cannot run a config: the
@@ -63,6 +66,8 @@ class RolloutView:
     digest: str
     canaries: tuple[str, ...]
     since: datetime
+    sequence: int = 0
+    by: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,3 +154,152 @@ def judge_canary(
         f"canaries healthy on version {v}; promotion in {math.ceil(left.total_seconds())}s",
         healthy_since=since,
     )
+
+
+@dataclass(frozen=True)
+class RolloutAnchor:
+    """status.rollout as the operator last published it: the rollout it holds current. Only
+    the operator writes the status subresource, so etcd write access cannot move it."""
+
+    sequence: int
+    version: int
+    base_version: int
+    digest: str
+    canaries: tuple[str, ...]
+    since: datetime | None
+    by: str
+    phase: str
+
+
+def anchor_from_status(raw: Any) -> RolloutAnchor | None:
+    """status.rollout read back; None when absent or written before it carried a sequence
+    (then the record in etcd decides, as before)."""
+    if not isinstance(raw, Mapping):
+        return None
+    sequence = raw.get("sequence")
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence <= 0:
+        return None
+    since = parse_rfc3339(raw.get("since"))
+    canaries = raw.get("canaries")
+
+    def _int(key: str) -> int:
+        value = raw.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return RolloutAnchor(
+        sequence=sequence,
+        version=_int("version"),
+        base_version=_int("baseVersion"),
+        digest=str(raw.get("digest") or ""),
+        canaries=tuple(str(c) for c in canaries) if isinstance(canaries, list) else (),
+        since=since,
+        by=str(raw.get("by") or ""),
+        phase=str(raw.get("phase") or ""),
+    )
+
+
+class RecordAction(enum.Enum):
+    KEEP = "keep"  # the anchored rollout, a newer one, or none: judge it as usual
+    REMOVE = "remove"  # end it: candidate deleted, an ended record under `sequence`
+    REISSUE = "reissue"  # write the anchored rollout again over it, under `sequence`
+
+
+@dataclass(frozen=True)
+class Reissue:
+    """The rollout to write again over a record that is not the current one."""
+
+    canaries: tuple[str, ...]
+    since: datetime | None
+    by: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class RecordVerdict:
+    action: RecordAction
+    message: str = ""
+    replayed: bool = False
+    """True when the record is an authentic one put back (an attack, alerted); False for a
+    record from before sequences existed (an upgrade)."""
+    sequence: int = 0
+    """The sequence of what REMOVE or REISSUE writes: above the record's and the anchor's."""
+    reissue: Reissue | None = None
+
+
+def judge_record(
+    *,
+    record: RolloutView | None,
+    anchor: RolloutAnchor | None,
+    spec_digest: str | None,
+    active_version: int | None,
+    now: datetime,
+) -> RecordVerdict:
+    """Is the authentic rollout record in etcd the current one?
+
+    Sequences only grow, and only key holders sign: a record above the anchored sequence is
+    the operator's own (written, not yet anchored: it stopped between the write and the status
+    patch), and one at the anchored sequence is the anchored rollout while status says it is
+    in progress. Otherwise it is a saved record put back: below the anchor, or the anchored
+    rollout after status says it ended. It is ended again (so running readers learn a higher
+    sequence), and when the anchored rollout is still in progress for this spec.config on this
+    ACTIVE it is written again instead (the replay overwrote it), with its canaries, author
+    and start, under a new sequence. A record without a sequence (written before it existed)
+    is re-issued with one when it is the rollout of this spec on this ACTIVE, ended otherwise.
+    An ended rollout's record (no canaries) is only acted on when it is below the anchor of a
+    rollout in progress (put back over it)."""
+    if record is None:
+        return RecordVerdict(RecordAction.KEEP)
+    anchored = anchor.sequence if anchor is not None else 0
+    # An ended rollout's record changes nothing unless it overwrote the rollout status holds
+    # in progress: then that one is written again, as below.
+    in_progress = anchor is not None and anchor.phase == PROGRESSING
+    if not record.canaries and (record.sequence >= anchored or not in_progress):
+        return RecordVerdict(RecordAction.KEEP)
+    if record.sequence > anchored or (
+        record.sequence == anchored > 0 and anchor is not None and anchor.phase == PROGRESSING
+    ):
+        return RecordVerdict(RecordAction.KEEP)
+    sequence = next_record_sequence(anchored, record.sequence, now=now)
+
+    def current(source: RolloutView | RolloutAnchor) -> Reissue | None:
+        ok = source.digest == spec_digest and source.base_version == active_version
+        if source.canaries and ok:
+            return Reissue(source.canaries, source.since, source.by, source.digest)
+        return None
+
+    if anchor is None or anchored == 0:  # record.sequence == 0 here
+        again = current(record)
+        if again is not None:
+            return RecordVerdict(
+                RecordAction.REISSUE,
+                f"rollout record of version {record.version} has no sequence (written before"
+                " it existed): issued again with one",
+                sequence=sequence,
+                reissue=again,
+            )
+        return RecordVerdict(
+            RecordAction.REMOVE,
+            f"rollout record of version {record.version} has no sequence and is not the"
+            " rollout of spec.config on the current ACTIVE: ended",
+            sequence=sequence,
+        )
+    if record.sequence == anchored:
+        what = (
+            f"rollout record sequence {record.sequence} (version {record.version}) ended"
+            f" ({anchor.phase or 'unknown'} in status) and is back: a saved record put back"
+        )
+    else:
+        what = (
+            f"rollout record sequence {record.sequence} (version {record.version}) is older"
+            f" than sequence {anchored} in status: a saved record put back"
+        )
+    again = current(anchor) if anchor.phase == PROGRESSING else None
+    if again is not None:
+        return RecordVerdict(
+            RecordAction.REISSUE,
+            f"{what}; the rollout of version {anchor.version} is written again",
+            replayed=True,
+            sequence=sequence,
+            reissue=again,
+        )
+    return RecordVerdict(RecordAction.REMOVE, f"{what}; ended", replayed=True, sequence=sequence)

@@ -133,10 +133,16 @@ def test_a_good_version_goes_to_the_canary_first_then_to_all(
         lambda: run.get("sniffer")["status"]["rollout"]["phase"] == "Promoted",
     )
     run.wait_condition("sniffer", "ConfigSynced", status="True")
+    # Ended, not deleted: an ended record under a higher sequence, so a saved copy put back
+    # is refused by the instances that saw it end.
     wait_for(
-        "the rollout record removed",
-        lambda: run.configs().client.store.get(run.configs().layout.rollout("sniffer")) is None,
+        "the rollout record ended",
+        lambda: (
+            (found := Rollouts(run.configs()).record("sniffer", ended=True)) is not None
+            and found.ended
+        ),
     )
+    assert run.configs().client.store.get(run.configs().layout.candidate("sniffer")) is None
 
 
 def test_a_bad_version_aborts_and_never_reaches_the_others(
@@ -325,3 +331,127 @@ def test_real_agents_honour_the_rollout(operator_run: OperatorRun) -> None:
     wait_for("the canary's agent back on ACTIVE", lambda: _written(run, canary) == 512)
     run.wait_condition("sniffer", "Rollout", status="False", reason="Aborted")
     assert _written(run, other) == 512
+
+
+def _writes(run: OperatorRun, pod: str) -> int:
+    """How many times the real agent of `pod` wrote a config file that changed."""
+    return run.agent_log(pod).count("written to")
+
+
+def _raw(run: OperatorRun, key: str) -> bytes | None:
+    found = run.configs().client.store.get(key)
+    return found.value if found is not None else None
+
+
+def test_a_saved_rollout_put_back_never_runs_and_the_current_one_is_restored(
+    operator_run: OperatorRun,
+) -> None:
+    # The attack of docs/security.md ("Replays across a record's lifetime"): a rollout record
+    # and candidate saved earlier, put back with a raw etcd put while ACTIVE still has their
+    # base version, first during the next rollout, then after the rollouts ended.
+    run = operator_run
+    run.start()
+    run.apply_sample("sniffer", **FAST_RESTARTS)
+    run.wait_active_version("sniffer", 1)
+    run.patch("sniffer", {"spec": {"rollout": {"canary": {**CANARY, "holdSeconds": 3600}}}})
+    run.deployment("sniffer", SNIFFER_LABELS, replicas=2)
+
+    def two_pods() -> list[str] | None:
+        names = sorted(p.metadata.name for p in run.pods(SNIFFER_LABELS))
+        return names if len(names) == 2 else None
+
+    pods = wait_for("2 pods", two_pods)
+    for pod in pods:
+        run.start_agent("sniffer", pod)
+    canary, other = pods
+    for pod in pods:
+        wait_for(f"{pod} wrote version 1", lambda p=pod: _written(run, p) == 256)
+    run.wait_condition("sniffer", "Heartbeating", status="True")
+    client = run.configs().client
+    rollout_key, candidate_key = (
+        client.layout.rollout("sniffer"),
+        client.layout.candidate("sniffer"),
+    )
+
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
+    wait_for("the canary's agent wrote the candidate", lambda: _written(run, canary) == 512)
+    saved = {key: _raw(run, key) for key in (rollout_key, candidate_key)}
+    assert all(saved.values())
+
+    # spec.config changes during the rollout: the next one starts on the same base version.
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 640}}})
+    wait_for("the canary's agent wrote the next candidate", lambda: _written(run, canary) == 640)
+
+    def second_anchored() -> bool:
+        record = Rollouts(run.configs()).record("sniffer")
+        status = run.get("sniffer")["status"]
+        return record is not None and status.get("specConfigDigest") == record.digest
+
+    # The reconcile publishes the rollout's anchor with the spec's digest, in one patch.
+    wait_for("status shows the second rollout", second_anchored)
+    current = _raw(run, rollout_key)
+    status_before = run.get("sniffer")["status"]["rollout"]
+    assert status_before["phase"] == "Progressing" and status_before["version"] == 2
+    writes = _writes(run, canary)
+
+    for key, value in saved.items():
+        assert value is not None
+        client.store.put(key, value)
+    wait_for(
+        "the operator took the replayed record away",
+        lambda: _raw(run, rollout_key) != saved[rollout_key],
+        timeout=30,
+    )
+    # The running agent refused it and kept the current candidate: no write at all.
+    assert _writes(run, canary) == writes, run.agent_log(canary)
+    assert (_written(run, canary), _written(run, other)) == (640, 256)
+    # The operator wrote the current rollout again (higher sequence), not ended it.
+    restored = Rollouts(run.configs()).record("sniffer")
+    assert restored is not None and restored.canaries == (canary,)
+    assert restored.digest == json.loads(current or b"{}")["digest"]
+    assert restored.sequence > status_before["sequence"]
+    run.wait_event("sniffer", "RolloutRecordReplayed")
+    wait_for(
+        "status anchors the restored record",
+        lambda: run.get("sniffer")["status"]["rollout"]["sequence"] == restored.sequence,
+    )
+    shown = run.get("sniffer")["status"]["rollout"]
+    assert (shown["phase"], shown["version"], shown["since"]) == (
+        "Progressing",
+        2,
+        status_before["since"],
+    )
+    assert run.configs().get_active("sniffer").version == 1
+    assert "RecordReplayed" in run.agent_log(canary)
+
+    # spec.config goes back to ACTIVE's: the rollout ends, ACTIVE keeps version 1, so a saved
+    # record still has the current base version. Put back, it is refused and ended again.
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 256}}})
+    wait_for("the canary's agent back on ACTIVE", lambda: _written(run, canary) == 256)
+    run.wait_condition("sniffer", "Rollout", status="False", reason="Superseded")
+    ended = _raw(run, rollout_key)
+    assert ended is not None and json.loads(ended)["canaries"] == []
+    writes = _writes(run, canary)
+    replays = sum(1 for e in run.events("sniffer") if e.reason == "RolloutRecordReplayed")
+    for key, value in saved.items():
+        assert value is not None
+        client.store.put(key, value)
+    wait_for(
+        "the replay ended again",
+        lambda: (
+            (found := _raw(run, rollout_key)) is not None
+            and found != saved[rollout_key]
+            and json.loads(found)["canaries"] == []
+        ),
+        timeout=30,
+    )
+    assert _raw(run, candidate_key) is None
+    assert _writes(run, canary) == writes, run.agent_log(canary)
+    assert (_written(run, canary), _written(run, other)) == (256, 256)
+    wait_for(
+        "a second RolloutRecordReplayed event",
+        lambda: (
+            sum(1 for e in run.events("sniffer") if e.reason == "RolloutRecordReplayed") > replays
+        ),
+    )
+    assert run.configs().get_active("sniffer").version == 1

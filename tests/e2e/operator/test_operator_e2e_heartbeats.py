@@ -264,6 +264,36 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     assert active.metadata is not None and active.metadata.change is ChangeKind.COMMIT
 
 
+def test_a_saved_freeze_marker_put_back_after_an_unfreeze_is_removed(
+    operator_run: OperatorRun,
+) -> None:
+    # docs/security.md ("Replays"): the breaker's authentic freeze marker, saved by someone
+    # who can read etcd, put back with a raw put after a person lifted the freeze. It must not
+    # hold commits until a person unfreezes again.
+    run = operator_run
+    pods = _two_instances_on_version_2(run)
+    _fail_and_wait_frozen(run, pods)
+    configs = run.configs()
+    client = configs.client
+    marker = client.layout.freeze("sniffer")
+    saved = client.store.get(marker)
+    assert saved is not None
+    for hb in run.heartbeaters:
+        hb.update(last_error=None)
+    run.patch("sniffer", {"metadata": {"annotations": {contract.UNFREEZE_ANNOTATION: "now"}}})
+    wait_for("unfrozen", lambda: run.get("sniffer")["status"].get("frozen") is False, timeout=60)
+    assert client.store.get(marker) is None
+
+    client.store.put(marker, saved.value)
+    wait_for("the replayed marker removed", lambda: client.store.get(marker) is None, timeout=30)
+    run.wait_event("sniffer", "FreezeReplayed")
+    # Commits go on: the next spec change is committed, not refused as frozen.
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
+    wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
+    assert configs.get_active("sniffer").config["snaplen"] == 1024
+    assert run.get("sniffer")["status"].get("frozen") is False
+
+
 def test_a_new_operator_keeps_guarding_a_change_committed_before_it(
     operator_run: OperatorRun,
 ) -> None:

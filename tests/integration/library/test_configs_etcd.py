@@ -286,6 +286,34 @@ def test_freeze_refuses_commits(configs: ConfigStore, client: DefenderClient) ->
     assert configs.commit("sniffer", snaplen(101), by="ops") == 4
 
 
+def test_a_freeze_marker_carries_a_sequence_above_the_lifted_one(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    configs.freeze("sniffer", "first", by="oncall")
+    first = configs.frozen("sniffer")
+    assert first is not None and first.sequence > 0
+    # Above the marker in place, and above what the caller anchored, whatever the clock says.
+    configs.freeze("sniffer", "second", by="oncall")
+    second = configs.frozen("sniffer")
+    assert second is not None and second.sequence > first.sequence
+    assert configs.unfreeze("sniffer")
+    far = second.sequence + 10**12
+    configs.freeze("sniffer", "third", by="oncall", after=far)
+    third = configs.frozen("sniffer")
+    assert third is not None and third.sequence == far + 1
+    # Signed, like the rest of the marker: raising it without the key fails the MAC.
+    path = client.layout.freeze("sniffer")
+    raw = client.store.get(path)
+    assert raw is not None
+    edited = json.loads(raw.value) | {"sequence": far + 99}
+    client.store.put(path, json.dumps(edited).encode())
+    assert configs.frozen("sniffer") is None
+    # A marker from before sequences existed reads as sequence 0 and still freezes.
+    client.put_record(path, {"reason": "old", "since": "2026-01-01T00:00:00Z", "by": None})
+    old = configs.frozen("sniffer")
+    assert old is not None and old.sequence == 0
+
+
 def test_freeze_set_between_read_and_write_is_honoured(
     configs: ConfigStore, client: DefenderClient
 ) -> None:

@@ -16,11 +16,14 @@ from defender_config import (
     ConfigFrozenError,
     ConfigStore,
     ConfigValidationError,
+    ConflictError,
     DefenderClient,
     Keyring,
     LibrarySettings,
     NotFoundError,
+    RecordReplayError,
     Rollouts,
+    config_digest,
     inspect,
 )
 from defender_devcluster import wait_for
@@ -89,11 +92,14 @@ def test_abort_freezes_and_makes_a_replayed_record_stale(rollouts: Rollouts) -> 
         store.put(sv.key, sv.value)
     assert rollouts.record("sniffer") is not None
     assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
-    # Without a rollout an abort still freezes, and writes no version.
+    # Without a rollout an abort still freezes, and writes no version; its marker goes above
+    # the lifted freeze the caller names (the operator's anchor).
     rollouts.end("sniffer")
     rollouts.configs.unfreeze("sniffer")
-    assert rollouts.abort("sniffer", "by hand", by="oncall") is None
-    assert rollouts.configs.frozen("sniffer") is not None
+    far = 10**15
+    assert rollouts.abort("sniffer", "by hand", by="oncall", freeze_after=far) is None
+    frozen = rollouts.configs.frozen("sniffer")
+    assert frozen is not None and frozen.sequence == far + 1
 
 
 def test_a_forged_record_is_alerted_and_ignored(rollouts: Rollouts) -> None:
@@ -217,3 +223,145 @@ def test_a_key_rotation_reseals_the_candidate_and_resigns_the_record(
         after = Rollouts(ConfigStore(c2))
         assert after.effective("sniffer", "pod-a").config["snaplen"] == 512
         assert after.effective("sniffer", "pod-b").config["snaplen"] == 256
+
+
+# --- saved records put back after the rollout ended (docs/security.md, "Replays") ---------------
+
+
+def saved_pair(rollouts: Rollouts) -> list[Any]:
+    store, layout = rollouts.client.store, rollouts.layout
+    pair = [store.get(layout.rollout("sniffer")), store.get(layout.candidate("sniffer"))]
+    assert all(sv is not None for sv in pair)
+    return pair
+
+
+def put_back(rollouts: Rollouts, pair: list[Any]) -> None:
+    """The attacker's raw etcd put of authentic values saved earlier."""
+    for sv in pair:
+        rollouts.client.store.put(sv.key, sv.value)
+
+
+def test_end_leaves_an_ended_record_under_a_higher_sequence(rollouts: Rollouts) -> None:
+    record = rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert record.sequence > 0
+    assert rollouts.end("sniffer")
+    assert rollouts.record("sniffer") is None
+    ended = rollouts.record("sniffer", ended=True)
+    assert ended is not None and ended.ended and ended.sequence > record.sequence
+    assert rollouts.client.store.get(rollouts.layout.candidate("sniffer")) is None
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    # A new rollout goes above the ended record, even when the caller names a lower sequence
+    # (another replica's clock behind), and so does the next end.
+    again = rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice", sequence=5)
+    assert again.sequence == ended.sequence + 1
+    assert rollouts.end("sniffer", sequence=6)
+    last = rollouts.record("sniffer", ended=True)
+    assert last is not None and last.sequence == again.sequence + 1
+    # Ending with nothing authentic there deletes what there is, as before.
+    rollouts.client.store.put(rollouts.layout.rollout("sniffer"), b"junk")
+    assert rollouts.end("sniffer")
+    assert rollouts.client.store.get(rollouts.layout.rollout("sniffer")) is None
+
+
+def test_a_running_reader_refuses_a_saved_rollout_put_back_after_it_ended(
+    rollouts: Rollouts,
+) -> None:
+    rollouts.start("sniffer", snaplen(9999), ["pod-a"], by="alice")
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 9999
+    saved = saved_pair(rollouts)
+    rollouts.end("sniffer")  # spec.config went back: ACTIVE stays version 1
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    put_back(rollouts, saved)
+    # Authentic and built on the current ACTIVE: only the sequence tells it is old.
+    with pytest.raises(RecordReplayError, match="older than sequence"):
+        rollouts.effective("sniffer", "pod-a")
+    assert "RecordReplayed" in alert_reasons(rollouts.client)
+    # Every running instance refuses it (and keeps what it runs), named or not.
+    with pytest.raises(RecordReplayError):
+        rollouts.effective("sniffer", "pod-b")
+    # Residual (documented): a reader started after the put-back has nothing to compare with
+    # and follows it until the operator's next pass ends it again.
+    fresh = Rollouts(ConfigStore(rollouts.client))
+    assert fresh.effective("sniffer", "pod-a").config["snaplen"] == 9999
+    rollouts.end("sniffer")
+    assert fresh.effective("sniffer", "pod-a").config["snaplen"] == 256
+
+
+def test_a_watch_keeps_the_current_candidate_when_an_older_rollout_is_put_back(
+    rollouts: Rollouts,
+) -> None:
+    loaded: list[int] = []
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def on(active: ActiveConfig) -> None:
+        with lock:
+            loaded.append(int(active.config["snaplen"]))
+
+    watch = rollouts.watch("sniffer", "pod-a", on, on_error=lambda e: errors.append(e.reason))
+    try:
+        rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+        wait_for("pod-a on the first candidate", lambda: loaded[-1:] == [512])
+        saved = saved_pair(rollouts)
+        # spec.config changed during the rollout: the next one starts on the same base.
+        rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice")
+        wait_for("pod-a on the second candidate", lambda: loaded[-1:] == [640])
+        put_back(rollouts, saved)
+        wait_for("the replay refused", lambda: "RecordReplayed" in errors)
+        # The operator writes the current rollout again, under a higher sequence: same
+        # config, so nothing is loaded again.
+        rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice")
+        rollouts.end("sniffer")
+        wait_for("pod-a back on ACTIVE", lambda: loaded[-1:] == [256])
+        assert loaded == [256, 512, 640, 256]
+    finally:
+        watch.cancel()
+
+
+def test_a_record_without_a_sequence_is_not_followed(rollouts: Rollouts) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    record = rollouts.record("sniffer")
+    assert record is not None
+    legacy = record.model_dump(mode="json", exclude={"sequence"})
+    rollouts.client.put_record(rollouts.layout.rollout("sniffer"), legacy)
+    found = rollouts.record("sniffer")
+    assert found is not None and found.sequence == 0
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
+    # Started without a sequence of the caller's: one above it, and the rollout runs again.
+    again = rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert again.sequence > 0
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 512
+
+
+def test_start_with_another_configs_digest_writes_nothing(rollouts: Rollouts) -> None:
+    with pytest.raises(ConflictError, match="not the one with digest"):
+        rollouts.start(
+            "sniffer", snaplen(512), ["pod-a"], by="alice", digest=config_digest(snaplen(640))
+        )
+    assert rollouts.record("sniffer", ended=True) is None
+    assert rollouts.client.store.get(rollouts.layout.candidate("sniffer")) is None
+    kept = rollouts.start(
+        "sniffer",
+        snaplen(640),
+        ["pod-a"],
+        by="alice",
+        digest=config_digest(rollouts.configs._validate("sniffer", "sniffer", snaplen(640), None)),
+        sequence=42,
+    )
+    assert kept.sequence == 42
+
+
+def test_a_saved_ended_record_put_back_over_a_rollout_does_not_end_it(rollouts: Rollouts) -> None:
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    rollouts.end("sniffer")
+    ended = rollouts.client.store.get(rollouts.layout.rollout("sniffer"))
+    assert ended is not None
+    rollouts.start("sniffer", snaplen(640), ["pod-a"], by="alice")
+    assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 640
+    rollouts.client.store.put(ended.key, ended.value)
+    # It would send the canary back to ACTIVE, ending the rollout for it: refused instead.
+    with pytest.raises(RecordReplayError):
+        rollouts.effective("sniffer", "pod-a")
+    # A reader started afterwards reads it as what it is, an ended rollout: ACTIVE.
+    fresh = Rollouts(ConfigStore(rollouts.client))
+    assert fresh.effective("sniffer", "pod-a").config["snaplen"] == 256

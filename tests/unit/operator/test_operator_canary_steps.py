@@ -246,3 +246,118 @@ def test_every_abort_reason_of_the_decision_has_a_documented_label() -> None:
     )
     assert failed.action is late.action is Action.ABORT
     assert {failed.reason, late.reason} | {"Command"} == set(CANARY_ABORT_REASONS)
+
+
+# --- saved rollout records put back (docs/security.md, "Replays across a record's lifetime") ---
+
+ETH2 = {**BASE, "interface": "eth2"}
+
+
+def test_the_status_anchors_the_rollout_record() -> None:
+    h = started()
+    record = h.backend.rollouts[NAME][0]
+    shown = h.kube.status["rollout"]
+    assert record.sequence > 0
+    assert (shown["sequence"], shown["digest"], shown["by"]) == (
+        record.sequence,
+        record.digest,
+        record.by,
+    )
+    assert shown["since"] == cond.rfc3339(record.since)
+
+
+def test_a_new_rollout_takes_a_sequence_above_the_anchored_one() -> None:
+    h = started(hold=3600)
+    first = h.backend.rollouts[NAME][0]
+    # As if the clock of another replica were behind: the anchor still wins.
+    h.kube.status["rollout"]["sequence"] = first.sequence + 10**9
+    run(h.reconcile(canary_spec(ETH2, 3600)))
+    assert h.backend.rollouts[NAME][0].sequence == first.sequence + 10**9 + 1
+
+
+def test_a_replayed_record_during_a_rollout_is_written_over_with_the_current_one() -> None:
+    h = started(hold=3600)
+    saved = h.backend.rollouts[NAME]
+    run(h.reconcile(canary_spec(ETH2, 3600)))  # spec changed: the next rollout, same base
+    current = h.backend.rollouts[NAME][0]
+    assert current.sequence > saved[0].sequence and current.base_version == 1
+    h.backend.rollouts[NAME] = saved  # the attacker's raw put
+    asyncio.run(h.monitor(canary_spec(ETH2, 3600)))
+    again = h.backend.rollouts[NAME][0]
+    assert again.digest == stored(ETH2) and again.sequence > current.sequence
+    assert (again.canaries, again.by, again.version) == (current.canaries, current.by, 2)
+    assert h.kube.status["rollout"]["sequence"] == again.sequence
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
+    assert "RolloutRecordReplayed" in h.reasons()
+    assert any(a.reason == "RecordReplayed" for a in h.backend.raised)
+    assert h.backend.state(NAME).active_version == 1
+    # The next pass keeps it: nothing written again.
+    starts = h.backend.calls.count("start_rollout")
+    asyncio.run(h.monitor(canary_spec(ETH2, 3600)))
+    assert h.backend.calls.count("start_rollout") == starts
+
+
+def test_a_replayed_record_after_its_rollout_ended_is_ended_again() -> None:
+    h = started(hold=3600)
+    saved = h.backend.rollouts[NAME]
+    run(h.reconcile(canary_spec(ETH0, 3600)))  # back to ACTIVE's config: nothing to try
+    asyncio.run(h.monitor(canary_spec(ETH0, 3600)))
+    assert NAME not in h.backend.rollouts
+    assert h.condition(cond.ROLLOUT)["reason"] == "Superseded"
+    h.backend.rollouts[NAME] = saved  # same base version as ACTIVE: would run again
+    asyncio.run(h.monitor(canary_spec(ETH0, 3600)))
+    assert NAME not in h.backend.rollouts
+    assert "RolloutRecordReplayed" in h.reasons()
+    assert h.condition(cond.ROLLOUT)["reason"] == "Superseded"
+    assert h.backend.state(NAME).active_version == 1
+
+
+def test_a_replay_whose_anchored_rollout_no_longer_matches_the_spec_is_ended() -> None:
+    h = started(hold=3600)
+    saved = h.backend.rollouts[NAME]
+    run(h.reconcile(canary_spec(ETH2, 3600)))
+    h.backend.rollouts[NAME] = saved
+    # spec.config changed again, not reconciled yet: the anchored config is not the spec's,
+    # so it is not written again (refused by its digest) and the replay is ended.
+    asyncio.run(h.monitor(canary_spec({**BASE, "interface": "eth3"}, 3600)))
+    assert NAME not in h.backend.rollouts
+    assert "RolloutRecordReplayed" in h.reasons()
+
+
+def test_a_record_from_before_sequences_is_issued_again_with_one() -> None:
+    h = started(hold=3600)
+    record, config = h.backend.rollouts[NAME]
+    h.backend.rollouts[NAME] = (record.model_copy(update={"sequence": 0}), config)
+    del h.kube.status["rollout"]["sequence"]  # status written before the field existed
+    asyncio.run(h.monitor(canary_spec(ETH1, 3600)))
+    again = h.backend.rollouts[NAME][0]
+    assert again.sequence > 0 and again.digest == record.digest and again.by == record.by
+    assert h.kube.status["rollout"]["sequence"] == again.sequence
+    assert "RolloutReissued" in h.reasons() and "RolloutRecordReplayed" not in h.reasons()
+    assert not any(a.reason == "RecordReplayed" for a in h.backend.raised)
+
+
+def test_a_command_on_a_replayed_record_is_ignored() -> None:
+    h = started(hold=3600)
+    saved = h.backend.rollouts[NAME]
+    run(h.reconcile(canary_spec(ETH2, 3600)))
+    h.backend.rollouts[NAME] = saved
+    run(h.reconcile(canary_spec(ETH2, 3600), {contract.PROMOTE_ANNOTATION: "now"}))
+    # Promoting it would make the superseded candidate ACTIVE everywhere.
+    assert h.backend.state(NAME).active_version == 1
+    assert h.reasons()[-1] == "RolloutCommandIgnored"
+    assert "not the current one" in h.events[-1].message
+    assert contract.PROMOTE_ANNOTATION in h.kube.removed
+
+
+def test_an_ended_record_put_back_over_a_rollout_is_written_over_with_the_current_one() -> None:
+    h = started(hold=3600)
+    record, config = h.backend.rollouts[NAME]
+    # The ended record of an earlier rollout (no canaries, a lower sequence), put back.
+    ended = record.model_copy(update={"canaries": (), "sequence": record.sequence - 1})
+    h.backend.rollouts[NAME] = (ended, config)
+    asyncio.run(h.monitor(canary_spec(ETH1, 3600)))
+    again = h.backend.rollouts[NAME][0]
+    assert again.canaries == record.canaries and again.sequence > record.sequence
+    assert "RolloutRecordReplayed" in h.reasons()
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
