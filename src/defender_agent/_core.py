@@ -32,7 +32,7 @@ from defender_config import (
 
 from ._errors import AgentError, ProcessNotFoundError, ReloadError, WriteError
 from ._reload import Reloader
-from ._writer import read_current, write_atomic
+from ._writer import file_holds, write_atomic
 
 __all__ = ["ConfigApplier", "LastError", "StatusSink", "render_config"]
 
@@ -137,10 +137,10 @@ class ConfigApplier:
                 self._fail(bad, version)
                 return False
             try:
-                changed = read_current(self._path) != data
+                changed = not file_holds(self._path, data)
                 if changed:
                     write_atomic(self._path, data, self._mode)
-            except (WriteError, OSError) as exc:
+            except WriteError as exc:
                 self._fail(exc, version)
                 return False
             self.config_version = version

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -255,3 +257,30 @@ def test_already_alerted_errors_only_reach_the_heartbeat(tmp_path: Path) -> None
     a.reject(UnknownKeyError("k2", ["k1"]), version=2, alerted=True)
     assert sink.heartbeat["last_error"]["reason"] == "UnknownKey"
     assert sink.alerts == []
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link-to-fifo", "link-to-dev-zero"])
+def test_a_fifo_or_device_planted_at_the_output_path_is_replaced(
+    tmp_path: Path, planted: str
+) -> None:
+    # The component's container can write the shared volume. What it leaves at the path must
+    # neither block the agent (a FIFO's open waits for a writer for ever) nor exhaust its memory
+    # (/dev/zero never ends): the agent replaces the entry with the config.
+    target = tmp_path / "demo.json"
+    if planted == "fifo":
+        os.mkfifo(target)
+    elif planted == "link-to-fifo":
+        os.mkfifo(tmp_path / "pipe")
+        target.symlink_to(tmp_path / "pipe")
+    else:
+        target.symlink_to("/dev/zero")
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    done: list[bool] = []
+    worker = threading.Thread(target=lambda: done.append(a.apply({"ok": True}, version=1)))
+    worker.daemon = True  # a regression hangs in the FIFO; the test must fail, not hang
+    worker.start()
+    worker.join(10)
+    assert done == [True], "apply() blocked on what the component planted"
+    assert not target.is_symlink()
+    assert json.loads(target.read_text()) == {"ok": True}
