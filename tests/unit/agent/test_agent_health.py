@@ -90,6 +90,14 @@ def test_process_check_by_pidfile(
         ProcessCheck()
 
 
+def test_process_check_with_the_agents_own_pid_is_not_well(tmp_path: Path) -> None:
+    # A pidfile holding the agent's pid would make the check report the agent as the
+    # component: the heartbeat would mean "the sidecar is up" again.
+    pidfile = tmp_path / "component.pid"
+    pidfile.write_text(str(os.getpid()))
+    assert "agent's own pid" in (ProcessCheck(pidfile=pidfile).check() or "")
+
+
 def test_zombie_is_not_alive(tmp_path: Path) -> None:
     # A fake /proc: the state letter is all the check reads.
     proc = tmp_path / "proc"

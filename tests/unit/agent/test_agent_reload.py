@@ -20,7 +20,13 @@ from defender_agent import (
     SignalDeliveryError,
     SignalReloader,
 )
-from defender_agent._reload import NoReload, find_processes, parse_signal, read_pidfile
+from defender_agent._reload import (
+    NoReload,
+    find_processes,
+    parse_signal,
+    pidfile_pid_problem,
+    read_pidfile,
+)
 from defender_devcluster import wait_for
 
 Spawn = Callable[[str], tuple[subprocess.Popen[bytes], Path]]
@@ -145,6 +151,67 @@ def test_pidfile_stale(tmp_path: Path) -> None:
     pidfile.write_text(str(dead.pid))
     with pytest.raises(ProcessNotFoundError, match="stale"):
         read_pidfile(pidfile)
+
+
+def test_pidfile_with_the_agents_own_pid_is_refused(tmp_path: Path) -> None:
+    # The component writes the pidfile. Its pid could be the agent's (a mistake, or on purpose):
+    # the agent does not handle SIGHUP, so signalling itself would end it.
+    received: list[int] = []
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: received.append(signum))
+    try:
+        pidfile = tmp_path / "component.pid"
+        pidfile.write_text(f"{os.getpid()}\n")
+        with pytest.raises(ProcessNotFoundError, match="agent's own pid"):
+            SignalReloader(signal.SIGHUP, pidfile=pidfile).reload()
+        time.sleep(0.1)
+        assert received == []
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_pidfile_older_than_its_process_is_a_reused_pid(
+    spawn_named: Spawn, unique_name: str, tmp_path: Path
+) -> None:
+    # A pidfile written an hour before the process with that pid started names another process
+    # that got the pid later: it is not signalled.
+    child, marker = spawn_named(unique_name)
+    pidfile = tmp_path / "component.pid"
+    pidfile.write_text(f"{child.pid}\n")
+    hour_ago = time.time() - 3600
+    os.utime(pidfile, (hour_ago, hour_ago))
+    with pytest.raises(ProcessNotFoundError, match="pid reused"):
+        SignalReloader(signal.SIGHUP, pidfile=pidfile).reload()
+    time.sleep(0.2)
+    assert marker.read_text() == "ready"  # no SIGHUP arrived
+
+
+def test_pidfile_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    pidfile = tmp_path / "component.pid"
+    os.mkfifo(pidfile)
+    done: list[str] = []
+
+    def read() -> None:
+        with contextlib.suppress(ProcessNotFoundError):
+            read_pidfile(pidfile)
+        done.append("returned")
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done == ["returned"]
+    with pytest.raises(ProcessNotFoundError, match="not a regular file"):
+        read_pidfile(pidfile)
+
+
+def test_pidfile_pid_problem_decisions() -> None:
+    assert pidfile_pid_problem(42, own_pid=7, started_at=100.0, written_at=101.0) is None
+    assert pidfile_pid_problem(42, own_pid=7, started_at=None, written_at=101.0) is None
+    # /proc/stat's boot time is whole seconds: a start a little after the write is not reuse.
+    assert pidfile_pid_problem(42, own_pid=7, started_at=102.5, written_at=101.0) is None
+    reused = pidfile_pid_problem(42, own_pid=7, started_at=200.0, written_at=101.0)
+    assert "reused" in (reused or "")
+    assert "own pid" in (pidfile_pid_problem(7, own_pid=7, started_at=None, written_at=0.0) or "")
+    assert "invalid" in (pidfile_pid_problem(0, own_pid=7, started_at=None, written_at=0.0) or "")
 
 
 def test_signal_refused_by_kernel() -> None:
