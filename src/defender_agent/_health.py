@@ -12,8 +12,6 @@ import shlex
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Protocol
 from defender_config import ErrorInfo
 
 from ._errors import ProcessNotFoundError
+from ._http import http_request
 from ._reload import target_pids
 
 __all__ = [
@@ -104,7 +103,8 @@ class ProcessCheck:
 
 @dataclass
 class HttpCheck:
-    """A GET answered with 2xx or 3xx within the timeout."""
+    """A GET answered with 2xx or 3xx within the timeout: the component's own answer (no proxy,
+    no redirect followed, one deadline for the whole exchange; see `_http`)."""
 
     url: str
     timeout_seconds: float = 2.0
@@ -114,13 +114,9 @@ class HttpCheck:
 
     def check(self) -> str | None:
         try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout_seconds) as resp:
-                code = int(resp.status)
-        except urllib.error.HTTPError as exc:
-            code = exc.code
+            code = http_request(self.url, "GET", self.timeout_seconds).status
         except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            return f"GET {self.url} failed: {reason}"
+            return f"GET {self.url} failed: {exc}"
         if code >= 400:
             return f"GET {self.url} answered HTTP {code}"
         return None

@@ -11,8 +11,6 @@ import logging
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +18,7 @@ from typing import Protocol
 from defender_config import read_regular_file
 
 from ._errors import HttpReloadError, ProcessNotFoundError, SignalDeliveryError
+from ._http import http_request
 
 __all__ = [
     "HttpReloader",
@@ -240,7 +239,8 @@ class HttpReloader:
     """Call ``url`` with ``method``; retry on connection errors, timeouts and 5xx answers.
 
     A 4xx answer is not retried: the component understood the call and refused it, asking again
-    will not help.
+    will not help. Neither is a 3xx: redirects are not followed (see `_http`), and the component
+    that answers with one did not reload.
     """
 
     url: str
@@ -254,18 +254,21 @@ class HttpReloader:
         last = "no attempt made"
         for attempt in range(1, self.retries + 1):
             attempts = attempt
-            request = urllib.request.Request(self.url, method=self.method, data=b"")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
-                    status = int(response.status)
-                return f"{self.method} {self.url} -> {status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code} {exc.reason}"
-                if exc.code < 500:
+                answer = http_request(self.url, self.method, self.timeout_seconds)
+            except ValueError as exc:  # the URL itself: asking again will not help
+                last = str(exc)
+                break
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if 200 <= answer.status < 300:
+                    return f"{self.method} {self.url} -> {answer.status}"
+                last = f"HTTP {answer.status} {answer.reason}"
+                if answer.status < 500:
+                    if answer.location is not None:
+                        last += f" to {answer.location} (redirects are not followed)"
                     break
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                last = f"{type(exc).__name__}: {reason}"
             log.warning(
                 "reload call failed, attempt %d of %d: %s",
                 attempt,

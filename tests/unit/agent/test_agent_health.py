@@ -3,6 +3,7 @@ transitions; the settings that choose a check; the status endpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -364,3 +365,84 @@ def test_status_before_registration(tmp_path: Path) -> None:
     snap = agent.status_snapshot()
     assert snap["healthy"] is False and snap["renewing"] is False
     assert snap["cadence"] is None and snap["health_check"] == "none"
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """Stands for a cluster-wide HTTP proxy: answers 200 to anything it is asked to fetch."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:
+        type(self).asked.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "HTTP_PROXY"])
+def test_http_check_asks_the_component_not_a_proxy_from_the_environment(
+    serve_http: Callable[[type[Any]], str],
+    http_server: tuple[str, dict[str, int]],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+) -> None:
+    # A proxy set for the whole cluster must not answer for the component: the proxy's
+    # "localhost" is not the pod's.
+    url, answer = http_server
+    answer["code"] = 503
+    proxy = type("P", (_Proxy,), {"asked": []})
+    monkeypatch.setenv(variable, serve_http(proxy))
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert HttpCheck(url, 2).check() == f"GET {url} answered HTTP 503"
+    assert proxy.asked == []
+
+
+def test_http_check_does_not_follow_a_redirect(serve_http: Callable[[type[Any]], str]) -> None:
+    # A 3xx is the component's answer (well, as documented); the agent calls no other address.
+    elsewhere = type("P", (_Proxy,), {"asked": []})
+    target = serve_http(elsewhere) + "/elsewhere"
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    assert HttpCheck(serve_http(Redirect) + "/health", 2).check() is None
+    assert elsewhere.asked == []
+
+
+def test_http_check_that_answers_byte_by_byte_is_cut_at_the_timeout(
+    serve_http: Callable[[type[Any]], str],
+) -> None:
+    # Each read gets a byte before the socket timeout; only a deadline for the whole exchange
+    # stops an endpoint that dribbles its headers (it would hold the heartbeat thread).
+    class Dribble(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with contextlib.suppress(OSError):  # the agent hangs up at its deadline
+                self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+                for _ in range(40):
+                    self.wfile.write(b"X-Slow: 1\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                self.wfile.write(b"\r\n")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    url = serve_http(Dribble) + "/health"
+    started = time.monotonic()
+    problem = HttpCheck(url, timeout_seconds=1).check()
+    took = time.monotonic() - started
+    assert problem is not None and "timed out" in problem
+    assert took < 4, f"the check took {took:.1f}s with a 1s timeout"

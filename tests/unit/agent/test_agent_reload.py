@@ -264,6 +264,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(1.0)
             step = 200
         self.send_response(int(step))
+        if 300 <= int(step) < 400:
+            self.send_header("Location", "/moved")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -335,3 +337,29 @@ def test_http_reload_connection_refused() -> None:
 
 def test_no_reload() -> None:
     assert NoReload().reload() == "no reload configured"
+
+
+def test_http_reload_goes_to_the_component_not_to_a_proxy_from_the_environment(
+    server: tuple[str, type[_Handler]],
+    serve_http: Callable[[type[http.server.BaseHTTPRequestHandler]], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, handler = server
+    proxy = type("H", (_Handler,), {"plan": [], "seen": []})
+    monkeypatch.setenv("http_proxy", serve_http(proxy))
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    HttpReloader(url).reload()
+    assert (handler.seen, proxy.seen) == (["POST"], [])
+
+
+def test_http_reload_redirect_is_a_failure_not_followed(server: tuple[str, type[_Handler]]) -> None:
+    url, handler = server
+    # urllib followed a 302 to a POST with a GET to the new address; the component that
+    # redirects did not reload.
+    handler.plan = [302, 200]
+    with pytest.raises(HttpReloadError, match="1 attempt") as info:
+        HttpReloader(url, retries=3, backoff_seconds=0.01).reload()
+    assert "HTTP 302" in info.value.detail
+    assert "/moved (redirects are not followed)" in info.value.detail
+    assert handler.seen == ["POST"]
