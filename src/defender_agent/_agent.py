@@ -248,6 +248,7 @@ class Agent:
             poll_seconds=self.library.keyring_poll_seconds,
             on_change=self._on_keyring_change,
             on_error=self._on_keyring_error,
+            on_recover=self._on_keyring_recovered,
         )
         return source
 
@@ -378,6 +379,11 @@ class Agent:
 
     def _on_keyring_error(self, exc: KeyringError) -> None:
         self.applier.reject(exc)
+
+    def _on_keyring_recovered(self) -> None:
+        # The same keyring is readable again: no new key, so no re-read of ACTIVE; only the
+        # KeyringInvalid this pod still reports is over.
+        self.applier.clear_error(KeyringError.reason)
 
     def _reread_active(self) -> None:
         """Read ACTIVE again: a value that failed with the old keyring may open with the new."""

@@ -169,6 +169,12 @@ class ConfigApplier:
         with self._lock:
             self._fail(exc, version, alerted=alerted)
 
+    def clear_error(self, reason: str) -> None:
+        """The cause of errors with ``reason`` is gone: clear ``last_error`` if it is one."""
+        with self._lock:
+            if self.last_error is not None and self.last_error.reason == reason:
+                self._clear_error()
+
     def retry_reload(self) -> bool:
         """Retry a reload that failed earlier; True when nothing is pending any more."""
         with self._lock:

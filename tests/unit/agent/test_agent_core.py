@@ -284,3 +284,40 @@ def test_a_fifo_or_device_planted_at_the_output_path_is_replaced(
     assert done == [True], "apply() blocked on what the component planted"
     assert not target.is_symlink()
     assert json.loads(target.read_text()) == {"ok": True}
+
+
+def test_keyring_mount_back_unchanged_clears_keyring_invalid(tmp_path: Path) -> None:
+    # The keyring Secret disappears for a moment (deleted and re-created, a bad edit undone)
+    # and comes back with the same keys: the agent stops reporting KeyringInvalid at once,
+    # not only when the next config happens to be delivered.
+    import shutil
+
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import Keyring, LibrarySettings
+
+    mount = tmp_path / "keyring"
+    mount.mkdir()
+    content = Keyring.generate().to_json()
+    (mount / "keyring.json").write_bytes(content)
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(tmp_path / "demo.json"), "--keyring-path", str(mount)]
+    )  # fmt: skip
+    agent = Agent(settings, LibrarySettings(keyring_path=mount, keyring_poll_seconds=0.01))
+    agent.keyring = agent._open_keyring()
+    assert agent.keyring is not None
+    sink: dict[str, Any] = {}
+    agent._pending_fields = sink  # what the heartbeat would carry (no etcd here)
+
+    shutil.rmtree(mount)
+    agent.keyring.refresh()
+    assert agent.applier.last_error is not None
+    assert agent.applier.last_error.reason == "KeyringInvalid"
+    assert sink["last_error"].reason == "KeyringInvalid"
+
+    mount.mkdir()
+    (mount / "keyring.json").write_bytes(content)
+    agent.keyring.refresh()
+    assert agent.applier.last_error is None
+    assert sink["last_error"] is None
