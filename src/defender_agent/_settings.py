@@ -333,14 +333,21 @@ def load_agent_settings(argv: Sequence[str] | None = None) -> AgentSettings:
     try:
         return AgentSettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
         raise AgentSettingsError(
-            f"invalid agent settings: {problems} (set flags or DEFENDER_AGENT_* variables; "
-            "the instance comes from POD_NAME)"
+            f"invalid agent settings: {_problems(exc)} (set flags or DEFENDER_AGENT_* "
+            "variables; the instance comes from POD_NAME)"
         ) from exc
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """One line naming each bad setting, never the value given (it may be a password) nor
+    pydantic's URLs. ``prefix`` names a nested model's fields as the agent's own settings."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        name = prefix + loc if loc else prefix.rstrip("_") or "settings"
+        parts.append(f"{name}: {err['msg']}")
+    return "; ".join(parts)
 
 
 def library_settings(agent: AgentSettings) -> LibrarySettings:
@@ -358,7 +365,8 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
         if etcd_update:
             update["etcd"] = EtcdSettings.model_validate({**base.etcd.model_dump(), **etcd_update})
     except ValidationError as exc:
-        raise AgentSettingsError(f"invalid etcd setting: {exc}") from exc
+        # Named as the agent's own etcd_* settings: those are what the user set here.
+        raise AgentSettingsError(f"invalid agent settings: {_problems(exc, 'etcd_')}") from exc
     if agent.prefix is not None:
         # The library's Layout validates the prefix when the client is built.
         update["prefix"] = agent.prefix
