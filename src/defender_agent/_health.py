@@ -11,11 +11,12 @@ import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from defender_config import ErrorInfo
 
@@ -153,21 +154,55 @@ class ExecCheck:
 
     def check(self) -> str | None:
         try:
-            done = subprocess.run(
+            # stdout is not wanted, and neither is more of stderr than its last line: a check
+            # such as `nft list ruleset` can print megabytes each interval, and whatever is
+            # captured stays in the agent's memory (a pod limit kills the agent instead).
+            proc = subprocess.Popen(
                 self.command,
-                capture_output=True,
-                timeout=self.timeout_seconds,
-                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
-        except subprocess.TimeoutExpired:
-            return f"{self.describe()} did not finish within {self.timeout_seconds:g}s"
         except OSError as exc:
             return f"{self.describe()} could not run: {exc.strerror or exc}"
-        if done.returncode != 0:
-            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
-            said = f": {tail[0][:200]}" if tail else ""
-            return f"{self.describe()} exited {done.returncode}{said}"
+        assert proc.stderr is not None
+        tail = _Tail(proc.stderr)
+        try:
+            code = proc.wait(timeout=self.timeout_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return f"{self.describe()} did not finish within {self.timeout_seconds:g}s"
+        finally:
+            # A child it left behind may hold stderr open: do not wait for it long.
+            tail.join(1.0)
+        if code != 0:
+            last = tail.text().strip().splitlines()[-1:]
+            said = f": {last[0][:200]}" if last else ""
+            return f"{self.describe()} exited {code}{said}"
         return None
+
+
+class _Tail:
+    """Reads a stream to its end in a thread, keeping only its last `limit` bytes."""
+
+    def __init__(self, stream: IO[bytes], limit: int = 4096) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._kept = b""
+        self._thread = threading.Thread(target=self._read, name="defender-exec-stderr", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with self._stream:
+            while chunk := os.read(self._stream.fileno(), 65536):
+                self._kept = (self._kept + chunk)[-self._limit :]
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def text(self) -> str:
+        return self._kept.decode(errors="replace")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -446,3 +447,40 @@ def test_http_check_that_answers_byte_by_byte_is_cut_at_the_timeout(
     took = time.monotonic() - started
     assert problem is not None and "timed out" in problem
     assert took < 4, f"the check took {took:.1f}s with a 1s timeout"
+
+
+_LOUD = """
+import os
+for _ in range(300):
+    os.write(1, b"x" * (1 << 20))
+    os.write(2, b"y" * (1 << 19))
+os.write(2, b"\\nlast words\\n")
+raise SystemExit(4)
+"""
+
+_MEASURE = """
+import resource, sys
+from defender_agent._health import ExecCheck
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+problem = ExecCheck([sys.executable, sys.argv[1]], 60).check()
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(grown // 1024, problem.rsplit(" exited ", 1)[1])
+"""
+
+
+def test_exec_check_does_not_keep_what_the_command_prints(tmp_path: Path) -> None:
+    # A check like `nft list ruleset` may print megabytes each interval: none of it may pile
+    # up in the agent (its pod memory limit would kill it). Measured in a child process so the
+    # high-water mark is this check's alone.
+    loud = tmp_path / "loud.py"
+    loud.write_text(_LOUD)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(loud)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    grown_mib, said = done.stdout.split(maxsplit=1)
+    assert said.strip() == "4: last words"
+    assert int(grown_mib) < 64, f"the agent grew by {grown_mib} MiB for 450 MiB of output"
