@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from defender_config import (
     ComponentType,
     ConfigValidationError,
+    DefenderConfigError,
     FieldError,
     config_digest,
     validate_config,
@@ -68,7 +69,9 @@ def error_of(exc: BaseException) -> LastError:
     reason = getattr(exc, "reason", None)
     if not isinstance(reason, str):
         reason = "InternalError"
-    return LastError(reason, str(exc) or type(exc).__name__)
+    # The detail goes to the log, the heartbeat and the alert: never a config's values.
+    detail = exc.record_message if isinstance(exc, DefenderConfigError) else str(exc)
+    return LastError(reason, detail or type(exc).__name__)
 
 
 class ConfigApplier:

@@ -321,3 +321,19 @@ def test_keyring_mount_back_unchanged_clears_keyring_invalid(tmp_path: Path) -> 
     agent.keyring.refresh()
     assert agent.applier.last_error is None
     assert sink["last_error"] is None
+
+
+def test_a_rejected_config_s_values_reach_no_log_heartbeat_or_alert(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The config is sealed in etcd; the heartbeat and the alert are plaintext there, and logs
+    # are shipped elsewhere: an agent-side schema that rejects a value must not quote it.
+    schema = {"type": "object", "properties": {"api_token": {"pattern": "^tok-[0-9]+$"}}}
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, json_schema=schema)
+    with caplog.at_level("DEBUG"):
+        assert not a.apply({"api_token": "hunter2-s3cret"}, version=2)
+    assert sink.heartbeat["last_error"]["reason"] == "ConfigInvalid"
+    assert "api_token: the value does not match" in sink.heartbeat["last_error"]["detail"]
+    shown = [json.dumps(sink.heartbeat["last_error"]), *(d for _, d in sink.alerts), caplog.text]
+    assert not [text for text in shown if "hunter2" in text]
