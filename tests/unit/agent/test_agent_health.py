@@ -318,6 +318,22 @@ def test_status_endpoint_answers_by_health() -> None:
         server.stop()
 
 
+def test_status_endpoint_hangs_up_on_a_client_that_sends_nothing() -> None:
+    # The endpoint may listen on every address: each idle or half-sent request held a handler
+    # thread for ever, so enough of them exhausted the agent. They are cut after a few seconds.
+    server = StatusServer("127.0.0.1", 0, lambda: {"healthy": True}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as idle:
+            idle.sendall(b"GET /sta")
+            idle.settimeout(15)
+            started = time.monotonic()
+            assert idle.recv(1024) == b""  # the server closed the connection
+            assert time.monotonic() - started < 10
+        assert _get(f"http://127.0.0.1:{server.port}/healthz") == (200, {"ok": True})
+    finally:
+        server.stop()
+
+
 def test_status_port_in_use_is_a_settings_error() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
