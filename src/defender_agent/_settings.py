@@ -368,7 +368,6 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
         # Named as the agent's own etcd_* settings: those are what the user set here.
         raise AgentSettingsError(f"invalid agent settings: {_problems(exc, 'etcd_')}") from exc
     if agent.prefix is not None:
-        # The library's Layout validates the prefix when the client is built.
         update["prefix"] = agent.prefix
     if agent.keyring_path is not None:
         update["keyring_path"] = agent.keyring_path
@@ -380,4 +379,12 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
         update["keyring_poll_seconds"] = agent.keyring_poll_seconds
     if agent.allow_plaintext and agent.component not in base.plaintext_components:
         update["plaintext_components"] = [*base.plaintext_components, agent.component]
-    return base.model_copy(update=update)
+    # model_copy(update=...) validates nothing: each override meets the library's own rules
+    # here, at start-up (exit 2, one line), not when the client is first built (a crash).
+    merged = base.model_copy()
+    for name, value in update.items():
+        try:
+            merged.__pydantic_validator__.validate_assignment(merged, name, value)
+        except ValidationError as exc:
+            raise AgentSettingsError(f"invalid agent settings: {_problems(exc)}") from exc
+    return merged
