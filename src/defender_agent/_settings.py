@@ -45,6 +45,10 @@ ReloadMethod = Literal["signal", "http", "none"]
 HealthCheckKind = Literal["none", "process", "http", "tcp", "exec", "file"]
 
 
+# Signals no process can catch: "reload" with them ends or freezes the component.
+_NEVER_A_RELOAD = frozenset({signal.SIGKILL, signal.SIGSTOP})
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -240,7 +244,13 @@ class AgentSettings(BaseSettings):
     @field_validator("reload_signal")
     @classmethod
     def _known_signal(cls, value: str) -> str:
-        return parse_signal(value).name
+        sig = parse_signal(value)
+        if sig in _NEVER_A_RELOAD:
+            raise ValueError(
+                f"{sig.name} cannot be handled by the component, so it cannot mean reload "
+                "(it would kill or freeze it on every config change); use e.g. SIGHUP or SIGUSR1"
+            )
+        return sig.name
 
     @field_validator("reload_process", "health_process")
     @classmethod

@@ -83,6 +83,8 @@ def test_signal_by_short_name() -> None:
         (["--component", "sniffer", "--output-path", "/x", "--reload-process", "s"], "POD_NAME"),
         ([*BASE, "--instance", "i", "--component-type", "nope"], "component_type"),
         ([*BASE, "--instance", "i", "--reload-signal", "SIGNOPE"], "unknown signal"),
+        ([*BASE, "--instance", "i", "--reload-signal", "9"], "SIGKILL cannot be handled"),
+        ([*BASE, "--instance", "i", "--reload-signal", "STOP"], "SIGSTOP cannot be handled"),
         ([*BASE, "--instance", "i", "--reload-pidfile", "/run/x.pid"], "exactly one"),
         (["--component", "s", "--output-path", "/x", "--instance", "i"], "exactly one"),
         ([*BASE[:4], "--instance", "i", "--reload-method", "http"], "reload_url"),
