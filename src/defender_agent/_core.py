@@ -7,8 +7,9 @@ the shared file and what is reported. Rules:
 * the file is replaced atomically and the component is told to reload only when the bytes change;
 * every failure becomes ``last_error`` in the heartbeat and one alert (repeats of the same
   failure are not re-alerted, so a broken value does not flood the alert prefix);
-* a reload that failed (the component had not started yet, or was restarting) is retried by
-  :meth:`ConfigApplier.retry_reload` until it succeeds.
+* a write that failed (the shared volume full, read-only or not mounted yet) and a reload that
+  failed (the component had not started yet, or was restarting) are retried by
+  :meth:`ConfigApplier.retry` until they succeed.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class ConfigApplier:
         self.reload_pending = False
         self._alerted: LastError | None = None
         self.applied = 0
+        # (bytes, digest, version) of a valid config whose write failed; retried by retry().
+        self._unwritten: tuple[bytes, str, int | None] | None = None
 
     # --- the two ways in --------------------------------------------------------------------
 
@@ -139,30 +142,42 @@ class ConfigApplier:
                 )
                 self._fail(bad, version)
                 return False
-            try:
-                changed = not file_holds(self._path, data)
-                if changed:
-                    write_atomic(self._path, data, self._mode)
-            except WriteError as exc:
+            return self._deliver(data, digest, version)
+
+    def _deliver(
+        self, data: bytes, digest: str, version: int | None, *, again: bool = False
+    ) -> bool:
+        # Called with the lock held. `again`: a retry, which does not report the same failure
+        # every tick.
+        try:
+            changed = not file_holds(self._path, data)
+            if changed:
+                write_atomic(self._path, data, self._mode)
+        except WriteError as exc:
+            # Kept and written again every tick: a shared volume briefly full, read-only or not
+            # yet mounted must not leave the component on the old config until the next commit.
+            self._unwritten = (data, digest, version)
+            if not (again and error_of(exc) == self.last_error):
                 self._fail(exc, version)
-                return False
-            self.config_version = version
-            self.config_digest = digest
-            self.applied += 1
-            self._sink.update_heartbeat(config_version=version, config_digest=digest)
-            log.info(
-                "config version %s %s %s",
-                version,
-                "written to" if changed else "already in",
-                self._path,
-                extra={"config_version": version, "config_digest": digest[:16]},
-            )
-            if changed or self.reload_pending:
-                self.reload_pending = True
-                self._reload()
-            else:
-                self._clear_error()
-            return True
+            return False
+        self._unwritten = None
+        self.config_version = version
+        self.config_digest = digest
+        self.applied += 1
+        self._sink.update_heartbeat(config_version=version, config_digest=digest)
+        log.info(
+            "config version %s %s %s",
+            version,
+            "written to" if changed else "already in",
+            self._path,
+            extra={"config_version": version, "config_digest": digest[:16]},
+        )
+        if changed or self.reload_pending:
+            self.reload_pending = True
+            self._reload()
+        else:
+            self._clear_error()
+        return True
 
     def reject(
         self, exc: BaseException, version: int | None = None, *, alerted: bool = False
@@ -178,12 +193,20 @@ class ConfigApplier:
             if self.last_error is not None and self.last_error.reason == reason:
                 self._clear_error()
 
-    def retry_reload(self) -> bool:
-        """Retry a reload that failed earlier; True when nothing is pending any more."""
+    @property
+    def pending(self) -> bool:
+        """A config still to write (the write failed) or a reload still to send."""
+        return self._unwritten is not None or self.reload_pending
+
+    def retry(self) -> bool:
+        """Retry what failed earlier: writing the last good config, else telling the component
+        to reload. True when nothing is pending any more."""
         with self._lock:
-            if self.reload_pending:
+            if self._unwritten is not None:
+                self._deliver(*self._unwritten, again=True)
+            elif self.reload_pending:
                 self._reload()
-            return not self.reload_pending
+            return not self.pending
 
     # --- internals --------------------------------------------------------------------------
 

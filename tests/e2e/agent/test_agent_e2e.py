@@ -442,6 +442,26 @@ def test_keyring_secret_back_unchanged_clears_keyring_invalid(plane: Plane) -> N
     assert file_config(plane) == config(1)
 
 
+def test_a_config_the_volume_could_not_take_is_written_once_it_can(plane: Plane) -> None:
+    # The shared volume is missing when ACTIVE arrives (not mounted yet, or full, or read-only):
+    # the agent reports WriteFailed and writes the config as soon as it can, with no new commit.
+    seed(plane)
+    late = plane.tmp / "late-volume" / "demo.json"
+    agent = plane.start_agent(None, "--output-path", str(late))
+    plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "WriteFailed",
+        "WriteFailed in the heartbeat",
+    )
+    late.parent.mkdir()
+    plane.wait_heartbeat(
+        agent,
+        lambda h: h["config_version"] == 1 and h["last_error"] is None,
+        "v1 written once the volume is there",
+    )
+    assert json.loads(late.read_text()) == config(1)
+
+
 def test_rejected_seed_still_heartbeats_with_the_error(plane: Plane) -> None:
     seed_file = plane.tmp / "seed.json"
     seed_file.write_text(json.dumps(config(1)))

@@ -168,10 +168,10 @@ def test_reload_failure_is_retried_until_the_process_appears(
     assert json.loads((tmp_path / "demo.json").read_text()) == {"v": 1}
     assert sink.heartbeat["last_error"]["reason"] == "ProcessNotFound"
     assert a.reload_pending
-    assert not a.retry_reload()
+    assert not a.retry()
     assert [kind for kind, _ in sink.alerts] == ["ProcessNotFound"]  # not re-alerted
     _, marker = spawn_named(unique_name)
-    assert a.retry_reload()
+    assert a.retry()
     wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     assert sink.heartbeat["last_error"] is None
 
@@ -223,12 +223,12 @@ def test_missing_process_within_grace_is_not_an_error(
     assert a.last_error is None and sink.alerts == []
     wait_for(
         "the retry to give up past the grace period",
-        lambda: not a.retry_reload() and a.last_error is not None,
+        lambda: not a.retry() and a.last_error is not None,
         timeout=5,
     )
     assert a.last_error is not None and a.last_error.reason == "ProcessNotFound"
     _, marker = spawn_named(unique_name)
-    assert a.retry_reload()
+    assert a.retry()
     wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     assert a.last_error is None
 
@@ -337,3 +337,28 @@ def test_a_rejected_config_s_values_reach_no_log_heartbeat_or_alert(
     assert "api_token: the value does not match" in sink.heartbeat["last_error"]["detail"]
     shown = [json.dumps(sink.heartbeat["last_error"]), *(d for _, d in sink.alerts), caplog.text]
     assert not [text for text in shown if "hunter2" in text]
+
+
+def test_a_failed_write_is_retried_until_the_volume_is_back(tmp_path: Path) -> None:
+    # The shared volume is not mounted yet (or full, or read-only) when a config arrives: the
+    # agent writes it as soon as it can, without waiting for another commit.
+    late = tmp_path / "late"
+    sink = RecordingSink()
+    a = ConfigApplier(
+        component="demo",
+        component_type="custom",
+        output_path=late / "demo.json",
+        reloader=NoReload(),
+        sink=sink,
+    )
+    assert not a.apply({"v": 5}, version=5)
+    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
+    assert a.pending
+    assert not a.retry()  # still no volume: reported once, not every tick
+    assert [kind for kind, _ in sink.alerts] == ["WriteFailed"]
+    late.mkdir()
+    assert a.retry()
+    assert json.loads((late / "demo.json").read_text()) == {"v": 5}
+    assert sink.heartbeat["config_version"] == 5
+    assert sink.heartbeat["last_error"] is None
+    assert not a.pending
