@@ -21,7 +21,7 @@ from typing import IO, Protocol
 from defender_config import ErrorInfo
 
 from ._errors import ProcessNotFoundError
-from ._http import http_request
+from ._http import http_request, shown_url
 from ._reload import target_pids
 
 __all__ = [
@@ -107,19 +107,19 @@ class HttpCheck:
     """A GET answered with 2xx or 3xx within the timeout: the component's own answer (no proxy,
     no redirect followed, one deadline for the whole exchange; see `_http`)."""
 
-    url: str
+    url: str = field(repr=False)  # may hold a token: shown through shown_url only
     timeout_seconds: float = 2.0
 
     def describe(self) -> str:
-        return f"GET {self.url}"
+        return f"GET {shown_url(self.url)}"
 
     def check(self) -> str | None:
         try:
             code = http_request(self.url, "GET", self.timeout_seconds).status
         except (OSError, ValueError) as exc:
-            return f"GET {self.url} failed: {exc}"
+            return f"{self.describe()} failed: {exc}"
         if code >= 400:
-            return f"GET {self.url} answered HTTP {code}"
+            return f"{self.describe()} answered HTTP {code}"
         return None
 
 

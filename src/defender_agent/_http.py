@@ -21,7 +21,17 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 
-__all__ = ["HttpAnswer", "http_request"]
+__all__ = ["HttpAnswer", "http_request", "shown_url"]
+
+
+def shown_url(url: str) -> str:
+    """``url`` as logs, the status endpoint, heartbeats and alerts may show it: without
+    credentials (``user:password@``) or the query, where a component's reload or health
+    endpoint may expect a token."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "?..." if parts.query else ""
+    return f"{parts.scheme}://{host}{parts.path}{query}"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Protocol
 from defender_config import read_regular_file
 
 from ._errors import HttpReloadError, ProcessNotFoundError, SignalDeliveryError
-from ._http import http_request
+from ._http import http_request, shown_url
 
 __all__ = [
     "HttpReloader",
@@ -243,7 +243,7 @@ class HttpReloader:
     that answers with one did not reload.
     """
 
-    url: str
+    url: str = field(repr=False)  # may hold a token: shown through shown_url only
     method: str = "POST"
     timeout_seconds: float = 5.0
     retries: int = 3
@@ -252,6 +252,7 @@ class HttpReloader:
     def reload(self) -> str:
         attempts = 0
         last = "no attempt made"
+        shown = shown_url(self.url)
         for attempt in range(1, self.retries + 1):
             attempts = attempt
             try:
@@ -263,7 +264,7 @@ class HttpReloader:
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 if 200 <= answer.status < 300:
-                    return f"{self.method} {self.url} -> {answer.status}"
+                    return f"{self.method} {shown} -> {answer.status}"
                 last = f"HTTP {answer.status} {answer.reason}"
                 if answer.status < 500:
                     if answer.location is not None:
@@ -274,11 +275,11 @@ class HttpReloader:
                 attempt,
                 self.retries,
                 last,
-                extra={"url": self.url, "attempt": attempt},
+                extra={"url": shown, "attempt": attempt},
             )
             if attempt < self.retries:
                 time.sleep(self.backoff_seconds * (2 ** (attempt - 1)))
-        raise HttpReloadError(self.url, attempts, last)
+        raise HttpReloadError(shown, attempts, last)
 
 
 class NoReload:

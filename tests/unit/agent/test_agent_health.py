@@ -500,3 +500,11 @@ def test_exec_check_does_not_keep_what_the_command_prints(tmp_path: Path) -> Non
     grown_mib, said = done.stdout.split(maxsplit=1)
     assert said.strip() == "4: last words"
     assert int(grown_mib) < 64, f"the agent grew by {grown_mib} MiB for 450 MiB of output"
+
+
+def test_a_token_in_the_health_url_is_never_shown() -> None:
+    # describe() feeds the status endpoint, the problem line feeds logs and the alert.
+    check = HttpCheck(f"http://agent:pw-s3cret@127.0.0.1:{_closed_port()}/health?token=tok-s3cret")
+    shown = [check.describe(), check.check() or "", repr(check)]
+    assert not [text for text in shown if "s3cret" in text]
+    assert check.describe().endswith("/health?...")

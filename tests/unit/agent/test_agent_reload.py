@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import logging
 import os
 import signal
 import subprocess
@@ -363,3 +364,22 @@ def test_http_reload_redirect_is_a_failure_not_followed(server: tuple[str, type[
     assert "HTTP 302" in info.value.detail
     assert "/moved (redirects are not followed)" in info.value.detail
     assert handler.seen == ["POST"]
+
+
+def test_a_token_in_the_reload_url_is_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+    # The failure goes to the log, the heartbeat's last_error and an alert (plaintext in etcd).
+    url = f"http://agent:pw-s3cret@127.0.0.1:{_closed_port()}/-/reload?token=tok-s3cret"
+    reloader = HttpReloader(url, retries=2, backoff_seconds=0.01)
+    with caplog.at_level(logging.DEBUG), pytest.raises(HttpReloadError) as info:
+        reloader.reload()
+    shown = [str(info.value), info.value.url, caplog.text, repr(reloader)]
+    assert not [text for text in shown if "s3cret" in text]
+    assert "http://127.0.0.1:" in str(info.value) and "/-/reload?..." in str(info.value)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
