@@ -2,7 +2,7 @@
 
 Threads: the library's watch thread calls :meth:`Agent._on_active`, its heartbeat thread keeps the
 lease, the keyring poller calls :meth:`Agent._on_keyring_change`, and the main thread waits for a
-signal while retrying failed reloads. All of them meet in the thread-safe ConfigApplier.
+signal while retrying failed writes and reloads. All of them meet in the thread-safe ConfigApplier.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ __all__ = ["Agent", "build_health_check", "build_reloader"]
 
 log = logging.getLogger("defender_agent")
 
-# How often the main loop retries a failed reload and checks for a stop request.
+# How often the main loop retries a failed write or reload and checks for a stop request.
 _TICK_SECONDS = 1.0
 # Longest wait between two attempts to reach etcd at start-up.
 _MAX_START_BACKOFF = 30.0
@@ -248,6 +248,7 @@ class Agent:
             poll_seconds=self.library.keyring_poll_seconds,
             on_change=self._on_keyring_change,
             on_error=self._on_keyring_error,
+            on_recover=self._on_keyring_recovered,
         )
         return source
 
@@ -379,6 +380,11 @@ class Agent:
     def _on_keyring_error(self, exc: KeyringError) -> None:
         self.applier.reject(exc)
 
+    def _on_keyring_recovered(self) -> None:
+        # The same keyring is readable again: no new key, so no re-read of ACTIVE; only the
+        # KeyringInvalid this pod still reports is over.
+        self.applier.clear_error(KeyringError.reason)
+
     def _reread_active(self) -> None:
         """Read ACTIVE again: a value that failed with the old keyring may open with the new."""
         if self.configs is None:
@@ -415,8 +421,8 @@ class Agent:
                 self._status.start()
             self._start()
             while not self.stop_requested.wait(_TICK_SECONDS):
-                if self.applier.reload_pending:
-                    self.applier.retry_reload()
+                if self.applier.pending:
+                    self.applier.retry()
         finally:
             self._shutdown()
 

@@ -7,8 +7,9 @@ the shared file and what is reported. Rules:
 * the file is replaced atomically and the component is told to reload only when the bytes change;
 * every failure becomes ``last_error`` in the heartbeat and one alert (repeats of the same
   failure are not re-alerted, so a broken value does not flood the alert prefix);
-* a reload that failed (the component had not started yet, or was restarting) is retried by
-  :meth:`ConfigApplier.retry_reload` until it succeeds.
+* a write that failed (the shared volume full, read-only or not mounted yet) and a reload that
+  failed (the component had not started yet, or was restarting) are retried by
+  :meth:`ConfigApplier.retry` until they succeed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 from defender_config import (
     ComponentType,
     ConfigValidationError,
+    DefenderConfigError,
     FieldError,
     config_digest,
     validate_config,
@@ -32,7 +34,7 @@ from defender_config import (
 
 from ._errors import AgentError, ProcessNotFoundError, ReloadError, WriteError
 from ._reload import Reloader
-from ._writer import read_current, write_atomic
+from ._writer import file_holds, write_atomic
 
 __all__ = ["ConfigApplier", "LastError", "StatusSink", "render_config"]
 
@@ -68,7 +70,9 @@ def error_of(exc: BaseException) -> LastError:
     reason = getattr(exc, "reason", None)
     if not isinstance(reason, str):
         reason = "InternalError"
-    return LastError(reason, str(exc) or type(exc).__name__)
+    # The detail goes to the log, the heartbeat and the alert: never a config's values.
+    detail = exc.record_message if isinstance(exc, DefenderConfigError) else str(exc)
+    return LastError(reason, detail or type(exc).__name__)
 
 
 class ConfigApplier:
@@ -103,6 +107,8 @@ class ConfigApplier:
         self.reload_pending = False
         self._alerted: LastError | None = None
         self.applied = 0
+        # (bytes, digest, version) of a valid config whose write failed; retried by retry().
+        self._unwritten: tuple[bytes, str, int | None] | None = None
 
     # --- the two ways in --------------------------------------------------------------------
 
@@ -136,30 +142,42 @@ class ConfigApplier:
                 )
                 self._fail(bad, version)
                 return False
-            try:
-                changed = read_current(self._path) != data
-                if changed:
-                    write_atomic(self._path, data, self._mode)
-            except (WriteError, OSError) as exc:
+            return self._deliver(data, digest, version)
+
+    def _deliver(
+        self, data: bytes, digest: str, version: int | None, *, again: bool = False
+    ) -> bool:
+        # Called with the lock held. `again`: a retry, which does not report the same failure
+        # every tick.
+        try:
+            changed = not file_holds(self._path, data)
+            if changed:
+                write_atomic(self._path, data, self._mode)
+        except WriteError as exc:
+            # Kept and written again every tick: a shared volume briefly full, read-only or not
+            # yet mounted must not leave the component on the old config until the next commit.
+            self._unwritten = (data, digest, version)
+            if not (again and error_of(exc) == self.last_error):
                 self._fail(exc, version)
-                return False
-            self.config_version = version
-            self.config_digest = digest
-            self.applied += 1
-            self._sink.update_heartbeat(config_version=version, config_digest=digest)
-            log.info(
-                "config version %s %s %s",
-                version,
-                "written to" if changed else "already in",
-                self._path,
-                extra={"config_version": version, "config_digest": digest[:16]},
-            )
-            if changed or self.reload_pending:
-                self.reload_pending = True
-                self._reload()
-            else:
-                self._clear_error()
-            return True
+            return False
+        self._unwritten = None
+        self.config_version = version
+        self.config_digest = digest
+        self.applied += 1
+        self._sink.update_heartbeat(config_version=version, config_digest=digest)
+        log.info(
+            "config version %s %s %s",
+            version,
+            "written to" if changed else "already in",
+            self._path,
+            extra={"config_version": version, "config_digest": digest[:16]},
+        )
+        if changed or self.reload_pending:
+            self.reload_pending = True
+            self._reload()
+        else:
+            self._clear_error()
+        return True
 
     def reject(
         self, exc: BaseException, version: int | None = None, *, alerted: bool = False
@@ -169,12 +187,26 @@ class ConfigApplier:
         with self._lock:
             self._fail(exc, version, alerted=alerted)
 
-    def retry_reload(self) -> bool:
-        """Retry a reload that failed earlier; True when nothing is pending any more."""
+    def clear_error(self, reason: str) -> None:
+        """The cause of errors with ``reason`` is gone: clear ``last_error`` if it is one."""
         with self._lock:
-            if self.reload_pending:
+            if self.last_error is not None and self.last_error.reason == reason:
+                self._clear_error()
+
+    @property
+    def pending(self) -> bool:
+        """A config still to write (the write failed) or a reload still to send."""
+        return self._unwritten is not None or self.reload_pending
+
+    def retry(self) -> bool:
+        """Retry what failed earlier: writing the last good config, else telling the component
+        to reload. True when nothing is pending any more."""
+        with self._lock:
+            if self._unwritten is not None:
+                self._deliver(*self._unwritten, again=True)
+            elif self.reload_pending:
                 self._reload()
-            return not self.reload_pending
+            return not self.pending
 
     # --- internals --------------------------------------------------------------------------
 

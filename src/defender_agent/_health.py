@@ -11,17 +11,17 @@ import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from defender_config import ErrorInfo
 
 from ._errors import ProcessNotFoundError
+from ._http import http_request, shown_url
 from ._reload import target_pids
 
 __all__ = [
@@ -104,25 +104,22 @@ class ProcessCheck:
 
 @dataclass
 class HttpCheck:
-    """A GET answered with 2xx or 3xx within the timeout."""
+    """A GET answered with 2xx or 3xx within the timeout: the component's own answer (no proxy,
+    no redirect followed, one deadline for the whole exchange; see `_http`)."""
 
-    url: str
+    url: str = field(repr=False)  # may hold a token: shown through shown_url only
     timeout_seconds: float = 2.0
 
     def describe(self) -> str:
-        return f"GET {self.url}"
+        return f"GET {shown_url(self.url)}"
 
     def check(self) -> str | None:
         try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout_seconds) as resp:
-                code = int(resp.status)
-        except urllib.error.HTTPError as exc:
-            code = exc.code
+            code = http_request(self.url, "GET", self.timeout_seconds).status
         except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            return f"GET {self.url} failed: {reason}"
+            return f"{self.describe()} failed: {exc}"
         if code >= 400:
-            return f"GET {self.url} answered HTTP {code}"
+            return f"{self.describe()} answered HTTP {code}"
         return None
 
 
@@ -157,21 +154,55 @@ class ExecCheck:
 
     def check(self) -> str | None:
         try:
-            done = subprocess.run(
+            # stdout is not wanted, and neither is more of stderr than its last line: a check
+            # such as `nft list ruleset` can print megabytes each interval, and whatever is
+            # captured stays in the agent's memory (a pod limit kills the agent instead).
+            proc = subprocess.Popen(
                 self.command,
-                capture_output=True,
-                timeout=self.timeout_seconds,
-                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
-        except subprocess.TimeoutExpired:
-            return f"{self.describe()} did not finish within {self.timeout_seconds:g}s"
         except OSError as exc:
             return f"{self.describe()} could not run: {exc.strerror or exc}"
-        if done.returncode != 0:
-            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
-            said = f": {tail[0][:200]}" if tail else ""
-            return f"{self.describe()} exited {done.returncode}{said}"
+        assert proc.stderr is not None
+        tail = _Tail(proc.stderr)
+        try:
+            code = proc.wait(timeout=self.timeout_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return f"{self.describe()} did not finish within {self.timeout_seconds:g}s"
+        finally:
+            # A child it left behind may hold stderr open: do not wait for it long.
+            tail.join(1.0)
+        if code != 0:
+            last = tail.text().strip().splitlines()[-1:]
+            said = f": {last[0][:200]}" if last else ""
+            return f"{self.describe()} exited {code}{said}"
         return None
+
+
+class _Tail:
+    """Reads a stream to its end in a thread, keeping only its last `limit` bytes."""
+
+    def __init__(self, stream: IO[bytes], limit: int = 4096) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._kept = b""
+        self._thread = threading.Thread(target=self._read, name="defender-exec-stderr", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with self._stream:
+            while chunk := os.read(self._stream.fileno(), 65536):
+                self._kept = (self._kept + chunk)[-self._limit :]
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def text(self) -> str:
+        return self._kept.decode(errors="replace")
 
 
 @dataclass

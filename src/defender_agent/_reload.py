@@ -11,13 +11,14 @@ import logging
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from defender_config import read_regular_file
+
 from ._errors import HttpReloadError, ProcessNotFoundError, SignalDeliveryError
+from ._http import http_request, shown_url
 
 __all__ = [
     "HttpReloader",
@@ -27,6 +28,8 @@ __all__ = [
     "SignalReloader",
     "find_processes",
     "parse_signal",
+    "pidfile_pid_problem",
+    "process_started_at",
     "read_pidfile",
     "target_pids",
 ]
@@ -35,6 +38,11 @@ log = logging.getLogger(__name__)
 
 # The kernel keeps at most 15 characters of a process name in /proc/<pid>/comm.
 _COMM_LEN = 15
+# A pidfile holds one number; anything longer is not a pidfile (and is not read further).
+_PIDFILE_MAX_BYTES = 64
+# /proc/stat's boot time is whole seconds and the wall clock may be stepped: a process must
+# start this much later than its pidfile was written before the pid is taken as reused.
+_PID_REUSE_SLACK_SECONDS = 2.0
 
 
 class Reloader(Protocol):
@@ -113,19 +121,67 @@ def find_processes(name: str, proc_root: Path = Path("/proc")) -> list[ProcessIn
     return sorted((p for p in found.values() if p.ppid not in found), key=lambda p: p.pid)
 
 
-def read_pidfile(path: Path) -> int:
+def pidfile_pid_problem(
+    pid: int, *, own_pid: int, started_at: float | None, written_at: float
+) -> str | None:
+    """Why the ``pid`` read from a pidfile must not be signalled or judged, or None.
+
+    The pidfile lives on the volume the component writes: a stale file, a pid the kernel has
+    since given to another process, or the agent's own pid (a SIGHUP would end the agent; a
+    health check would report the agent, not the component) must not be taken as the component.
+    ``started_at`` is the process's start (wall clock, None if unknown) and ``written_at`` the
+    pidfile's modification time: a process cannot write its pid before it exists.
+    """
+    if pid <= 0:
+        return f"it holds an invalid pid {pid}"
+    if pid == own_pid:
+        return f"it holds the agent's own pid {pid}, not the component's"
+    if started_at is not None and started_at > written_at + _PID_REUSE_SLACK_SECONDS:
+        return (
+            f"pid {pid} belongs to a process started {started_at - written_at:.0f}s after the "
+            "pidfile was written (stale pidfile, pid reused)"
+        )
+    return None
+
+
+def process_started_at(pid: int, proc_root: Path = Path("/proc")) -> float | None:
+    """When ``pid`` started (wall clock, about a second's precision), None if unknown."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in (proc_root / "stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        # Field 22 (starttime, clock ticks after boot); the name in parentheses may hold spaces.
+        ticks = int(stat[stat.rfind(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def read_pidfile(path: Path, proc_root: Path = Path("/proc")) -> int:
     """The pid written in ``path``; :class:`ProcessNotFoundError` if missing, bad or stale."""
     what = f"pidfile {path}"
     try:
-        text = path.read_text().strip()
+        # Bounded and regular files only: the component may leave a FIFO or a device here.
+        raw = read_regular_file(path, _PIDFILE_MAX_BYTES)
+        written_at = os.stat(path).st_mtime
     except OSError as exc:
         raise ProcessNotFoundError(what, f"cannot read it: {exc.strerror or exc}") from exc
+    text = raw.decode(errors="replace").strip()
     try:
         pid = int(text.split()[0])
     except (IndexError, ValueError):
         raise ProcessNotFoundError(what, f"it does not hold a pid (found {text[:40]!r})") from None
-    if pid <= 0:
-        raise ProcessNotFoundError(what, f"it holds an invalid pid {pid}")
+    problem = pidfile_pid_problem(
+        pid,
+        own_pid=os.getpid(),
+        started_at=process_started_at(pid, proc_root) if pid > 0 else None,
+        written_at=written_at,
+    )
+    if problem is not None:
+        raise ProcessNotFoundError(what, problem)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -140,7 +196,7 @@ def target_pids(process_name: str | None, pidfile: Path | None, proc_root: Path)
     """The component's pid(s): from `pidfile`, else the topmost processes named `process_name`;
     :class:`ProcessNotFoundError` when there is none."""
     if pidfile is not None:
-        return [read_pidfile(pidfile)]
+        return [read_pidfile(pidfile, proc_root)]
     assert process_name is not None
     found = find_processes(process_name, proc_root)
     if not found:
@@ -183,10 +239,11 @@ class HttpReloader:
     """Call ``url`` with ``method``; retry on connection errors, timeouts and 5xx answers.
 
     A 4xx answer is not retried: the component understood the call and refused it, asking again
-    will not help.
+    will not help. Neither is a 3xx: redirects are not followed (see `_http`), and the component
+    that answers with one did not reload.
     """
 
-    url: str
+    url: str = field(repr=False)  # may hold a token: shown through shown_url only
     method: str = "POST"
     timeout_seconds: float = 5.0
     retries: int = 3
@@ -195,30 +252,34 @@ class HttpReloader:
     def reload(self) -> str:
         attempts = 0
         last = "no attempt made"
+        shown = shown_url(self.url)
         for attempt in range(1, self.retries + 1):
             attempts = attempt
-            request = urllib.request.Request(self.url, method=self.method, data=b"")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
-                    status = int(response.status)
-                return f"{self.method} {self.url} -> {status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code} {exc.reason}"
-                if exc.code < 500:
+                answer = http_request(self.url, self.method, self.timeout_seconds)
+            except ValueError as exc:  # the URL itself: asking again will not help
+                last = str(exc)
+                break
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if 200 <= answer.status < 300:
+                    return f"{self.method} {shown} -> {answer.status}"
+                last = f"HTTP {answer.status} {answer.reason}"
+                if answer.status < 500:
+                    if answer.location is not None:
+                        last += f" to {answer.location} (redirects are not followed)"
                     break
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                last = f"{type(exc).__name__}: {reason}"
             log.warning(
                 "reload call failed, attempt %d of %d: %s",
                 attempt,
                 self.retries,
                 last,
-                extra={"url": self.url, "attempt": attempt},
+                extra={"url": shown, "attempt": attempt},
             )
             if attempt < self.retries:
                 time.sleep(self.backoff_seconds * (2 ** (attempt - 1)))
-        raise HttpReloadError(self.url, attempts, last)
+        raise HttpReloadError(shown, attempts, last)
 
 
 class NoReload:

@@ -45,6 +45,10 @@ ReloadMethod = Literal["signal", "http", "none"]
 HealthCheckKind = Literal["none", "process", "http", "tcp", "exec", "file"]
 
 
+# Signals no process can catch: "reload" with them ends or freezes the component.
+_NEVER_A_RELOAD = frozenset({signal.SIGKILL, signal.SIGSTOP})
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -240,7 +244,13 @@ class AgentSettings(BaseSettings):
     @field_validator("reload_signal")
     @classmethod
     def _known_signal(cls, value: str) -> str:
-        return parse_signal(value).name
+        sig = parse_signal(value)
+        if sig in _NEVER_A_RELOAD:
+            raise ValueError(
+                f"{sig.name} cannot be handled by the component, so it cannot mean reload "
+                "(it would kill or freeze it on every config change); use e.g. SIGHUP or SIGUSR1"
+            )
+        return sig.name
 
     @field_validator("reload_process", "health_process")
     @classmethod
@@ -333,14 +343,21 @@ def load_agent_settings(argv: Sequence[str] | None = None) -> AgentSettings:
     try:
         return AgentSettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
         raise AgentSettingsError(
-            f"invalid agent settings: {problems} (set flags or DEFENDER_AGENT_* variables; "
-            "the instance comes from POD_NAME)"
+            f"invalid agent settings: {_problems(exc)} (set flags or DEFENDER_AGENT_* "
+            "variables; the instance comes from POD_NAME)"
         ) from exc
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """One line naming each bad setting, never the value given (it may be a password) nor
+    pydantic's URLs. ``prefix`` names a nested model's fields as the agent's own settings."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        name = prefix + loc if loc else prefix.rstrip("_") or "settings"
+        parts.append(f"{name}: {err['msg']}")
+    return "; ".join(parts)
 
 
 def library_settings(agent: AgentSettings) -> LibrarySettings:
@@ -358,9 +375,9 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
         if etcd_update:
             update["etcd"] = EtcdSettings.model_validate({**base.etcd.model_dump(), **etcd_update})
     except ValidationError as exc:
-        raise AgentSettingsError(f"invalid etcd setting: {exc}") from exc
+        # Named as the agent's own etcd_* settings: those are what the user set here.
+        raise AgentSettingsError(f"invalid agent settings: {_problems(exc, 'etcd_')}") from exc
     if agent.prefix is not None:
-        # The library's Layout validates the prefix when the client is built.
         update["prefix"] = agent.prefix
     if agent.keyring_path is not None:
         update["keyring_path"] = agent.keyring_path
@@ -372,4 +389,12 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
         update["keyring_poll_seconds"] = agent.keyring_poll_seconds
     if agent.allow_plaintext and agent.component not in base.plaintext_components:
         update["plaintext_components"] = [*base.plaintext_components, agent.component]
-    return base.model_copy(update=update)
+    # model_copy(update=...) validates nothing: each override meets the library's own rules
+    # here, at start-up (exit 2, one line), not when the client is first built (a crash).
+    merged = base.model_copy()
+    for name, value in update.items():
+        try:
+            merged.__pydantic_validator__.validate_assignment(merged, name, value)
+        except ValidationError as exc:
+            raise AgentSettingsError(f"invalid agent settings: {_problems(exc)}") from exc
+    return merged

@@ -21,11 +21,26 @@ __all__ = ["StatusServer"]
 log = logging.getLogger("defender_agent")
 
 
+# A probe sends its request at once. Without a socket timeout a client that connects and sends
+# nothing (or half a request) holds its handler thread for ever, and enough of them exhaust the
+# agent: the endpoint may listen on every address.
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+
 class StatusServer:
-    def __init__(self, address: str, port: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        snapshot: Callable[[], dict[str, Any]],
+        *,
+        request_timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
+    ) -> None:
         snap = snapshot
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = request_timeout_seconds
+
             def do_GET(self) -> None:
                 if self.path == "/healthz":
                     self._send(200, {"ok": True})

@@ -9,13 +9,12 @@ WriteError (reason `WriteFailed`, which heartbeats and alerts carry).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from defender_config import FileWriteError, write_file_atomic
+from defender_config import FileWriteError, read_regular_file, write_file_atomic
 
 from ._errors import WriteError
 
-__all__ = ["DEFAULT_FILE_MODE", "read_current", "write_atomic"]
+__all__ = ["DEFAULT_FILE_MODE", "file_holds", "write_atomic"]
 
 DEFAULT_FILE_MODE = 0o640
 
@@ -32,9 +31,15 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = DEFAULT_
         raise WriteError(exc.path, exc.detail) from exc
 
 
-def read_current(path: str | os.PathLike[str]) -> bytes | None:
-    """Return the bytes currently at ``path`` or ``None`` when there is no file yet."""
+def file_holds(path: str | os.PathLike[str], data: bytes) -> bool:
+    """True when ``path`` is a regular file whose content is exactly ``data``.
+
+    The component's container can write the shared volume and may have put a FIFO, a device or
+    a symbolic link at the path: none of them holds the config, so the answer is False and the
+    caller's write replaces the entry (rename replaces a link, it does not write through it).
+    Nothing is followed, nothing blocks, and at most ``len(data) + 1`` bytes are read.
+    """
     try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        return None
+        return read_regular_file(path, len(data), follow_symlinks=False) == data
+    except OSError:
+        return False

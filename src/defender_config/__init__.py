@@ -76,7 +76,7 @@ from ._errors import (
     WrongPassphraseError,
     brief_listing,
 )
-from ._files import write_file_atomic
+from ._files import read_regular_file, write_file_atomic
 from ._json_logs import JsonLogFormatter
 from ._json_parse import parse_json
 from ._key_usage import KeyUsage, key_usage, keys_opened, read_key_record, write_key_record
@@ -262,6 +262,7 @@ __all__ = [
     "read_cadence",
     "read_key_record",
     "read_keyring_backup",
+    "read_regular_file",
     "register_cipher",
     "register_compressor",
     "restore_active",

@@ -72,7 +72,7 @@ class Alert(BaseModel):
             kind=error.reason,
             component=component,
             instance=instance,
-            detail=str(error)[:_DETAIL_LIMIT],
+            detail=error.record_message[:_DETAIL_LIMIT],
             path=where,
         )
 

@@ -45,7 +45,7 @@ fingerprints, so no message can leak a key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -106,6 +106,13 @@ class DefenderConfigError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
+
+    @property
+    def record_message(self) -> str:
+        """The message for records that etcd readers, log readers and other teams see (alerts,
+        heartbeats, logs): the message itself, except where it quotes a config's values,
+        which are sealed in etcd and must not reappear there in plaintext."""
+        return self.message
 
 
 class SettingsError(DefenderConfigError):
@@ -564,13 +571,19 @@ class ConfigFrozenError(DefenderConfigError):
 
 @dataclass(frozen=True, slots=True)
 class FieldError:
-    """One readable validation problem: where (dotted location) and what."""
+    """One readable validation problem: where (dotted location) and what. ``unquoted``: the
+    message without the config value it quotes (None when it quotes none), for records."""
 
     location: str
     message: str
+    unquoted: str | None = None
 
     def __str__(self) -> str:
         return f"{self.location}: {self.message}" if self.location else self.message
+
+    def for_record(self) -> str:
+        text = self.message if self.unquoted is None else self.unquoted
+        return f"{self.location}: {text}" if self.location else text
 
 
 class ConfigValidationError(DefenderConfigError):
@@ -581,13 +594,21 @@ class ConfigValidationError(DefenderConfigError):
     def __init__(self, component: str, errors: Sequence[FieldError]) -> None:
         self.component = component
         self.errors = tuple(errors)
+        super().__init__(self._render(str))
+
+    def _render(self, show: Callable[[FieldError], str]) -> str:
         # A config can have thousands of errors, each quoting a value of any size: the message
         # lists a few (`brief_listing`); `errors` keeps them all.
-        listed = brief_listing([str(e) for e in self.errors]) or "no detail"
+        listed = brief_listing([show(e) for e in self.errors]) or "no detail"
         n = len(self.errors)
-        super().__init__(
-            f"config for {component!r} rejected ({n} error{'s' if n != 1 else ''}): {listed}"
-        )
+        plural = "s" if n != 1 else ""
+        return f"config for {self.component!r} rejected ({n} error{plural}): {listed}"
+
+    @property
+    def record_message(self) -> str:
+        # The message names the offending value for whoever submitted the config (the webhook's
+        # answer, the CR's status); alerts and heartbeats in etcd get it without the value.
+        return self._render(FieldError.for_record)
 
 
 def brief_listing(items: Sequence[str], *, most: int = 20, chars: int = 160) -> str:

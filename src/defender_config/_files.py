@@ -7,6 +7,11 @@ to disk, then renamed over the target, and the directory entry is flushed too so
 survives a crash. The temporary file is created exclusively with mode 0600 and the target is
 never opened, so neither a pre-existing file's mode nor a symbolic link at the path decides who
 can read the new content: rename(2) replaces the link itself.
+
+Reading such a file back (`read_regular_file`) is the other half: a file on a volume another
+container can write may have been replaced by a FIFO (an open blocks for ever), a device such as
+/dev/zero (a read never ends) or a symbolic link to either, so the read is bounded and refuses
+anything that is not a regular file.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from ._errors import FileWriteError
 
-__all__ = ["write_file_atomic"]
+__all__ = ["read_regular_file", "write_file_atomic"]
 
 
 def write_file_atomic(
@@ -85,3 +91,36 @@ def _fsync_dir(directory: Path) -> None:
             raise FileWriteError(str(directory), detail) from exc
     finally:
         os.close(dir_fd)
+
+
+def read_regular_file(
+    path: str | os.PathLike[str], max_bytes: int, *, follow_symlinks: bool = True
+) -> bytes:
+    """The content of ``path`` when it is a regular file of at most ``max_bytes`` bytes.
+
+    Never blocks on a FIFO and never reads more than ``max_bytes + 1`` bytes. Raises OSError:
+    FileNotFoundError when there is no file, ``ELOOP`` for a symbolic link when
+    ``follow_symlinks`` is false, ``EINVAL`` for anything but a regular file, ``EFBIG`` when the
+    file is larger than ``max_bytes``; each with a ``strerror`` fit for a one-line message.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks: list[bytes] = []
+        size = 0
+        # The size from fstat is not trusted: the writer may still be appending.
+        while size <= max_bytes:
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -415,8 +415,9 @@ class KeyringSource:
     `current()` costs one clock read on the fast path; at most every `poll_seconds` it stats the
     file and, if that changed, re-reads and parses it. A broken new file keeps the last good
     keyring, logs the error and exposes it as `last_error` (and through `on_error`), so a bad
-    Secret update never takes a running component down. Construction fails if the first read
-    fails: there is no good keyring to fall back to.
+    Secret update never takes a running component down; when the file is readable again with
+    the same keyring, `last_error` clears and `on_recover` is called. Construction fails if the
+    first read fails: there is no good keyring to fall back to.
     """
 
     def __init__(
@@ -426,12 +427,16 @@ class KeyringSource:
         poll_seconds: float = 2.0,
         on_change: Callable[[Keyring, Keyring], None] | None = None,
         on_error: Callable[[KeyringError], None] | None = None,
+        on_recover: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._path = Path(path)
         self._poll = poll_seconds
         self._on_change = on_change
         self._on_error = on_error
+        # Told when the file is readable again after an error and holds the keyring in use:
+        # on_change does not fire then, and whoever showed the error must learn it is over.
+        self._on_recover = on_recover
         self._clock = clock
         self._lock = threading.Lock()
         self._file = _keyring_file(self._path)
@@ -470,6 +475,7 @@ class KeyringSource:
         """Check the file now. Returns True if a new keyring was loaded."""
         error: KeyringError | None = None
         changed: tuple[Keyring, Keyring] | None = None
+        recovered = False
         with self._lock:
             self._next_check = self._clock() + self._poll
             # Secret mounts can swap a different directory in; re-resolve the file each time.
@@ -477,13 +483,17 @@ class KeyringSource:
             signature = _stat_signature(self._file)
             if signature is not None and signature == self._signature:
                 return False
+            new: Keyring | None = None
             try:
                 content, shown = _read_keyring_file(self._path)
                 digest = hashlib.sha256(content).digest()
                 if digest == self._digest:
+                    # E.g. the mount was briefly gone (a Secret deleted and re-created) and is
+                    # back with the same keyring: nothing changed, but an error is over.
                     self._signature = signature
-                    return False
-                new = Keyring.from_json(content, source=shown)
+                    recovered, self._last_error = self._last_error is not None, None
+                else:
+                    new = Keyring.from_json(content, source=shown)
             except KeyringError as exc:
                 # Remember the signature so a broken file is reported once, not every poll;
                 # the next change is read again.
@@ -495,21 +505,29 @@ class KeyringSource:
                     exc,
                 )
             else:
-                changed = (self._keyring, new)
-                self._keyring = new
-                self._signature, self._digest = signature, digest
-                self._last_error = None
-                log.info(
-                    "keyring reloaded: primary %s (%s), keys %s",
-                    new.primary.key_id,
-                    new.primary_fingerprint,
-                    ",".join(new.key_ids),
-                )
+                if new is not None:
+                    changed = (self._keyring, new)
+                    self._keyring = new
+                    self._signature, self._digest = signature, digest
+                    self._last_error = None
+                    log.info(
+                        "keyring reloaded: primary %s (%s), keys %s",
+                        new.primary.key_id,
+                        new.primary_fingerprint,
+                        ",".join(new.key_ids),
+                    )
+                elif recovered:
+                    log.info(
+                        "keyring readable again, unchanged (primary %s)",
+                        self._keyring.primary_fingerprint,
+                    )
         # Callbacks run outside the lock so they may call current() themselves. A failing one
         # is logged, never raised: current() refreshes inline in whatever thread reads the
         # keyring, and a callback's bug must not fail that reader's decrypt.
         if error is not None and self._on_error is not None:
             _notify(self._on_error, error)
+        if recovered and self._on_recover is not None:
+            _notify(self._on_recover)
         if changed is not None and self._on_change is not None:
             _notify(self._on_change, *changed)
         return changed is not None

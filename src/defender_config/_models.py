@@ -362,7 +362,21 @@ def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) 
             "validation recursed too deep: a $ref that leads back to itself, or a config nested"
             " deeper than the schema can follow",
         ) from exc
-    return [FieldError(".".join(str(p) for p in e.path), e.message) for e in errors]
+    return [FieldError(".".join(str(p) for p in e.path), e.message, _unquoted(e)) for e in errors]
+
+
+def _unquoted(error: jsonschema.ValidationError) -> str | None:
+    """`error.message` without the config value jsonschema quotes in it (``'s3cret' is not of
+    type 'integer'``), None when it quotes none. jsonschema puts the value's repr first (or,
+    for a false schema, last); a message that holds it anywhere else is replaced whole."""
+    shown, message = repr(error.instance), error.message
+    if message.startswith(shown):
+        return "the value" + message[len(shown) :]
+    if message.endswith(shown):
+        return message[: -len(shown)] + "the value"
+    if shown in message:
+        return f"the value fails the schema's {error.validator!r} rule"
+    return None
 
 
 def _unresolvable(exc: referencing.exceptions.Unresolvable) -> str:

@@ -421,6 +421,47 @@ def test_broken_keyring_secret_keeps_the_last_good_keyring(plane: Plane) -> None
     )
 
 
+def test_keyring_secret_back_unchanged_clears_keyring_invalid(plane: Plane) -> None:
+    # The Secret is deleted and re-created (or a bad edit undone) with the keys in use: nothing
+    # changed for the agent, and the KeyringInvalid it reported must clear without a new config.
+    seed(plane)
+    agent = plane.start_agent(None)
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "v1 delivered")
+    mounted = plane.keyring_dir / "keyring.json"
+    content = mounted.read_bytes()
+    mounted.unlink()
+    plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "KeyringInvalid",
+        "KeyringInvalid in the heartbeat",
+    )
+    (plane.keyring_dir / ".tmp").write_bytes(content)
+    (plane.keyring_dir / ".tmp").replace(mounted)
+    hb = plane.wait_heartbeat(agent, lambda h: h["last_error"] is None, "KeyringInvalid cleared")
+    assert hb["config_version"] == 1
+    assert file_config(plane) == config(1)
+
+
+def test_a_config_the_volume_could_not_take_is_written_once_it_can(plane: Plane) -> None:
+    # The shared volume is missing when ACTIVE arrives (not mounted yet, or full, or read-only):
+    # the agent reports WriteFailed and writes the config as soon as it can, with no new commit.
+    seed(plane)
+    late = plane.tmp / "late-volume" / "demo.json"
+    agent = plane.start_agent(None, "--output-path", str(late))
+    plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "WriteFailed",
+        "WriteFailed in the heartbeat",
+    )
+    late.parent.mkdir()
+    plane.wait_heartbeat(
+        agent,
+        lambda h: h["config_version"] == 1 and h["last_error"] is None,
+        "v1 written once the volume is there",
+    )
+    assert json.loads(late.read_text()) == config(1)
+
+
 def test_rejected_seed_still_heartbeats_with_the_error(plane: Plane) -> None:
     seed_file = plane.tmp / "seed.json"
     seed_file.write_text(json.dumps(config(1)))

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,10 +168,10 @@ def test_reload_failure_is_retried_until_the_process_appears(
     assert json.loads((tmp_path / "demo.json").read_text()) == {"v": 1}
     assert sink.heartbeat["last_error"]["reason"] == "ProcessNotFound"
     assert a.reload_pending
-    assert not a.retry_reload()
+    assert not a.retry()
     assert [kind for kind, _ in sink.alerts] == ["ProcessNotFound"]  # not re-alerted
     _, marker = spawn_named(unique_name)
-    assert a.retry_reload()
+    assert a.retry()
     wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     assert sink.heartbeat["last_error"] is None
 
@@ -221,12 +223,12 @@ def test_missing_process_within_grace_is_not_an_error(
     assert a.last_error is None and sink.alerts == []
     wait_for(
         "the retry to give up past the grace period",
-        lambda: not a.retry_reload() and a.last_error is not None,
+        lambda: not a.retry() and a.last_error is not None,
         timeout=5,
     )
     assert a.last_error is not None and a.last_error.reason == "ProcessNotFound"
     _, marker = spawn_named(unique_name)
-    assert a.retry_reload()
+    assert a.retry()
     wait_for("the first SIGHUP", lambda: marker.read_text() == "1", timeout=10)
     assert a.last_error is None
 
@@ -255,3 +257,108 @@ def test_already_alerted_errors_only_reach_the_heartbeat(tmp_path: Path) -> None
     a.reject(UnknownKeyError("k2", ["k1"]), version=2, alerted=True)
     assert sink.heartbeat["last_error"]["reason"] == "UnknownKey"
     assert sink.alerts == []
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link-to-fifo", "link-to-dev-zero"])
+def test_a_fifo_or_device_planted_at_the_output_path_is_replaced(
+    tmp_path: Path, planted: str
+) -> None:
+    # The component's container can write the shared volume. What it leaves at the path must
+    # neither block the agent (a FIFO's open waits for a writer for ever) nor exhaust its memory
+    # (/dev/zero never ends): the agent replaces the entry with the config.
+    target = tmp_path / "demo.json"
+    if planted == "fifo":
+        os.mkfifo(target)
+    elif planted == "link-to-fifo":
+        os.mkfifo(tmp_path / "pipe")
+        target.symlink_to(tmp_path / "pipe")
+    else:
+        target.symlink_to("/dev/zero")
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    done: list[bool] = []
+    worker = threading.Thread(target=lambda: done.append(a.apply({"ok": True}, version=1)))
+    worker.daemon = True  # a regression hangs in the FIFO; the test must fail, not hang
+    worker.start()
+    worker.join(10)
+    assert done == [True], "apply() blocked on what the component planted"
+    assert not target.is_symlink()
+    assert json.loads(target.read_text()) == {"ok": True}
+
+
+def test_keyring_mount_back_unchanged_clears_keyring_invalid(tmp_path: Path) -> None:
+    # The keyring Secret disappears for a moment (deleted and re-created, a bad edit undone)
+    # and comes back with the same keys: the agent stops reporting KeyringInvalid at once,
+    # not only when the next config happens to be delivered.
+    import shutil
+
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import Keyring, LibrarySettings
+
+    mount = tmp_path / "keyring"
+    mount.mkdir()
+    content = Keyring.generate().to_json()
+    (mount / "keyring.json").write_bytes(content)
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(tmp_path / "demo.json"), "--keyring-path", str(mount)]
+    )  # fmt: skip
+    agent = Agent(settings, LibrarySettings(keyring_path=mount, keyring_poll_seconds=0.01))
+    agent.keyring = agent._open_keyring()
+    assert agent.keyring is not None
+    sink: dict[str, Any] = {}
+    agent._pending_fields = sink  # what the heartbeat would carry (no etcd here)
+
+    shutil.rmtree(mount)
+    agent.keyring.refresh()
+    assert agent.applier.last_error is not None
+    assert agent.applier.last_error.reason == "KeyringInvalid"
+    assert sink["last_error"].reason == "KeyringInvalid"
+
+    mount.mkdir()
+    (mount / "keyring.json").write_bytes(content)
+    agent.keyring.refresh()
+    assert agent.applier.last_error is None
+    assert sink["last_error"] is None
+
+
+def test_a_rejected_config_s_values_reach_no_log_heartbeat_or_alert(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The config is sealed in etcd; the heartbeat and the alert are plaintext there, and logs
+    # are shipped elsewhere: an agent-side schema that rejects a value must not quote it.
+    schema = {"type": "object", "properties": {"api_token": {"pattern": "^tok-[0-9]+$"}}}
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, json_schema=schema)
+    with caplog.at_level("DEBUG"):
+        assert not a.apply({"api_token": "hunter2-s3cret"}, version=2)
+    assert sink.heartbeat["last_error"]["reason"] == "ConfigInvalid"
+    assert "api_token: the value does not match" in sink.heartbeat["last_error"]["detail"]
+    shown = [json.dumps(sink.heartbeat["last_error"]), *(d for _, d in sink.alerts), caplog.text]
+    assert not [text for text in shown if "hunter2" in text]
+
+
+def test_a_failed_write_is_retried_until_the_volume_is_back(tmp_path: Path) -> None:
+    # The shared volume is not mounted yet (or full, or read-only) when a config arrives: the
+    # agent writes it as soon as it can, without waiting for another commit.
+    late = tmp_path / "late"
+    sink = RecordingSink()
+    a = ConfigApplier(
+        component="demo",
+        component_type="custom",
+        output_path=late / "demo.json",
+        reloader=NoReload(),
+        sink=sink,
+    )
+    assert not a.apply({"v": 5}, version=5)
+    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
+    assert a.pending
+    assert not a.retry()  # still no volume: reported once, not every tick
+    assert [kind for kind, _ in sink.alerts] == ["WriteFailed"]
+    late.mkdir()
+    assert a.retry()
+    assert json.loads((late / "demo.json").read_text()) == {"v": 5}
+    assert sink.heartbeat["config_version"] == 5
+    assert sink.heartbeat["last_error"] is None
+    assert not a.pending

@@ -3,12 +3,14 @@ transitions; the settings that choose a check; the status endpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -88,6 +90,14 @@ def test_process_check_by_pidfile(
     assert "does not hold a pid" in (check.check() or "")
     with pytest.raises(ValueError, match="exactly one"):
         ProcessCheck()
+
+
+def test_process_check_with_the_agents_own_pid_is_not_well(tmp_path: Path) -> None:
+    # A pidfile holding the agent's pid would make the check report the agent as the
+    # component: the heartbeat would mean "the sidecar is up" again.
+    pidfile = tmp_path / "component.pid"
+    pidfile.write_text(str(os.getpid()))
+    assert "agent's own pid" in (ProcessCheck(pidfile=pidfile).check() or "")
 
 
 def test_zombie_is_not_alive(tmp_path: Path) -> None:
@@ -308,6 +318,22 @@ def test_status_endpoint_answers_by_health() -> None:
         server.stop()
 
 
+def test_status_endpoint_hangs_up_on_a_client_that_sends_nothing() -> None:
+    # The endpoint may listen on every address: each idle or half-sent request held a handler
+    # thread for ever, so enough of them exhausted the agent. They are cut after a few seconds.
+    server = StatusServer("127.0.0.1", 0, lambda: {"healthy": True}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as idle:
+            idle.sendall(b"GET /sta")
+            idle.settimeout(15)
+            started = time.monotonic()
+            assert idle.recv(1024) == b""  # the server closed the connection
+            assert time.monotonic() - started < 10
+        assert _get(f"http://127.0.0.1:{server.port}/healthz") == (200, {"ok": True})
+    finally:
+        server.stop()
+
+
 def test_status_port_in_use_is_a_settings_error() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -356,3 +382,129 @@ def test_status_before_registration(tmp_path: Path) -> None:
     snap = agent.status_snapshot()
     assert snap["healthy"] is False and snap["renewing"] is False
     assert snap["cadence"] is None and snap["health_check"] == "none"
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """Stands for a cluster-wide HTTP proxy: answers 200 to anything it is asked to fetch."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:
+        type(self).asked.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "HTTP_PROXY"])
+def test_http_check_asks_the_component_not_a_proxy_from_the_environment(
+    serve_http: Callable[[type[Any]], str],
+    http_server: tuple[str, dict[str, int]],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+) -> None:
+    # A proxy set for the whole cluster must not answer for the component: the proxy's
+    # "localhost" is not the pod's.
+    url, answer = http_server
+    answer["code"] = 503
+    proxy = type("P", (_Proxy,), {"asked": []})
+    monkeypatch.setenv(variable, serve_http(proxy))
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert HttpCheck(url, 2).check() == f"GET {url} answered HTTP 503"
+    assert proxy.asked == []
+
+
+def test_http_check_does_not_follow_a_redirect(serve_http: Callable[[type[Any]], str]) -> None:
+    # A 3xx is the component's answer (well, as documented); the agent calls no other address.
+    elsewhere = type("P", (_Proxy,), {"asked": []})
+    target = serve_http(elsewhere) + "/elsewhere"
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    assert HttpCheck(serve_http(Redirect) + "/health", 2).check() is None
+    assert elsewhere.asked == []
+
+
+def test_http_check_that_answers_byte_by_byte_is_cut_at_the_timeout(
+    serve_http: Callable[[type[Any]], str],
+) -> None:
+    # Each read gets a byte before the socket timeout; only a deadline for the whole exchange
+    # stops an endpoint that dribbles its headers (it would hold the heartbeat thread).
+    class Dribble(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with contextlib.suppress(OSError):  # the agent hangs up at its deadline
+                self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+                for _ in range(40):
+                    self.wfile.write(b"X-Slow: 1\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                self.wfile.write(b"\r\n")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    url = serve_http(Dribble) + "/health"
+    started = time.monotonic()
+    problem = HttpCheck(url, timeout_seconds=1).check()
+    took = time.monotonic() - started
+    assert problem is not None and "timed out" in problem
+    assert took < 4, f"the check took {took:.1f}s with a 1s timeout"
+
+
+_LOUD = """
+import os
+for _ in range(300):
+    os.write(1, b"x" * (1 << 20))
+    os.write(2, b"y" * (1 << 19))
+os.write(2, b"\\nlast words\\n")
+raise SystemExit(4)
+"""
+
+_MEASURE = """
+import resource, sys
+from defender_agent._health import ExecCheck
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+problem = ExecCheck([sys.executable, sys.argv[1]], 60).check()
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(grown // 1024, problem.rsplit(" exited ", 1)[1])
+"""
+
+
+def test_exec_check_does_not_keep_what_the_command_prints(tmp_path: Path) -> None:
+    # A check like `nft list ruleset` may print megabytes each interval: none of it may pile
+    # up in the agent (its pod memory limit would kill it). Measured in a child process so the
+    # high-water mark is this check's alone.
+    loud = tmp_path / "loud.py"
+    loud.write_text(_LOUD)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(loud)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    grown_mib, said = done.stdout.split(maxsplit=1)
+    assert said.strip() == "4: last words"
+    assert int(grown_mib) < 64, f"the agent grew by {grown_mib} MiB for 450 MiB of output"
+
+
+def test_a_token_in_the_health_url_is_never_shown() -> None:
+    # describe() feeds the status endpoint, the problem line feeds logs and the alert.
+    check = HttpCheck(f"http://agent:pw-s3cret@127.0.0.1:{_closed_port()}/health?token=tok-s3cret")
+    shown = [check.describe(), check.check() or "", repr(check)]
+    assert not [text for text in shown if "s3cret" in text]
+    assert check.describe().endswith("/health?...")

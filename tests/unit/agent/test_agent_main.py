@@ -95,6 +95,21 @@ def test_a_seed_config_nested_too_deeply_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_bad_prefix_exits_2_not_a_crash(tmp_path: Path) -> None:
+    # The agent's --prefix overrides the library's setting; it must meet the library's rule at
+    # start-up (exit 2, one line), not when the etcd client is first built (exit 1, traceback).
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    (keyring / "keyring.json").write_bytes(Keyring.generate().to_json())
+    args = [*BASE, "--prefix", "ml-defender/", "--keyring-path", str(keyring)]
+    args += ["--etcd-endpoints", f"http://127.0.0.1:{closed_port()}"]
+    proc = run_agent(args, agent_env(POD_NAME="p"), timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    [line] = [entry for entry in json_lines(proc.stderr) if entry["level"] == "ERROR"]
+    assert line["message"].startswith("invalid settings: invalid agent settings: prefix: ")
+    assert "Traceback" not in proc.stderr
+
+
 def test_missing_keyring_exit_3(tmp_path: Path) -> None:
     proc = run_agent(
         [

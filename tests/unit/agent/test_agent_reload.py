@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import logging
 import os
 import signal
 import subprocess
@@ -20,7 +21,13 @@ from defender_agent import (
     SignalDeliveryError,
     SignalReloader,
 )
-from defender_agent._reload import NoReload, find_processes, parse_signal, read_pidfile
+from defender_agent._reload import (
+    NoReload,
+    find_processes,
+    parse_signal,
+    pidfile_pid_problem,
+    read_pidfile,
+)
 from defender_devcluster import wait_for
 
 Spawn = Callable[[str], tuple[subprocess.Popen[bytes], Path]]
@@ -147,6 +154,67 @@ def test_pidfile_stale(tmp_path: Path) -> None:
         read_pidfile(pidfile)
 
 
+def test_pidfile_with_the_agents_own_pid_is_refused(tmp_path: Path) -> None:
+    # The component writes the pidfile. Its pid could be the agent's (a mistake, or on purpose):
+    # the agent does not handle SIGHUP, so signalling itself would end it.
+    received: list[int] = []
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: received.append(signum))
+    try:
+        pidfile = tmp_path / "component.pid"
+        pidfile.write_text(f"{os.getpid()}\n")
+        with pytest.raises(ProcessNotFoundError, match="agent's own pid"):
+            SignalReloader(signal.SIGHUP, pidfile=pidfile).reload()
+        time.sleep(0.1)
+        assert received == []
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_pidfile_older_than_its_process_is_a_reused_pid(
+    spawn_named: Spawn, unique_name: str, tmp_path: Path
+) -> None:
+    # A pidfile written an hour before the process with that pid started names another process
+    # that got the pid later: it is not signalled.
+    child, marker = spawn_named(unique_name)
+    pidfile = tmp_path / "component.pid"
+    pidfile.write_text(f"{child.pid}\n")
+    hour_ago = time.time() - 3600
+    os.utime(pidfile, (hour_ago, hour_ago))
+    with pytest.raises(ProcessNotFoundError, match="pid reused"):
+        SignalReloader(signal.SIGHUP, pidfile=pidfile).reload()
+    time.sleep(0.2)
+    assert marker.read_text() == "ready"  # no SIGHUP arrived
+
+
+def test_pidfile_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    pidfile = tmp_path / "component.pid"
+    os.mkfifo(pidfile)
+    done: list[str] = []
+
+    def read() -> None:
+        with contextlib.suppress(ProcessNotFoundError):
+            read_pidfile(pidfile)
+        done.append("returned")
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done == ["returned"]
+    with pytest.raises(ProcessNotFoundError, match="not a regular file"):
+        read_pidfile(pidfile)
+
+
+def test_pidfile_pid_problem_decisions() -> None:
+    assert pidfile_pid_problem(42, own_pid=7, started_at=100.0, written_at=101.0) is None
+    assert pidfile_pid_problem(42, own_pid=7, started_at=None, written_at=101.0) is None
+    # /proc/stat's boot time is whole seconds: a start a little after the write is not reuse.
+    assert pidfile_pid_problem(42, own_pid=7, started_at=102.5, written_at=101.0) is None
+    reused = pidfile_pid_problem(42, own_pid=7, started_at=200.0, written_at=101.0)
+    assert "reused" in (reused or "")
+    assert "own pid" in (pidfile_pid_problem(7, own_pid=7, started_at=None, written_at=0.0) or "")
+    assert "invalid" in (pidfile_pid_problem(0, own_pid=7, started_at=None, written_at=0.0) or "")
+
+
 def test_signal_refused_by_kernel() -> None:
     # The kernel refuses a signal to another user's process (EPERM). As root we start the target
     # ourselves and drop to `nobody` in the signalling child; unprivileged, pid 1 is another
@@ -197,6 +265,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(1.0)
             step = 200
         self.send_response(int(step))
+        if 300 <= int(step) < 400:
+            self.send_header("Location", "/moved")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -268,3 +338,48 @@ def test_http_reload_connection_refused() -> None:
 
 def test_no_reload() -> None:
     assert NoReload().reload() == "no reload configured"
+
+
+def test_http_reload_goes_to_the_component_not_to_a_proxy_from_the_environment(
+    server: tuple[str, type[_Handler]],
+    serve_http: Callable[[type[http.server.BaseHTTPRequestHandler]], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, handler = server
+    proxy = type("H", (_Handler,), {"plan": [], "seen": []})
+    monkeypatch.setenv("http_proxy", serve_http(proxy))
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    HttpReloader(url).reload()
+    assert (handler.seen, proxy.seen) == (["POST"], [])
+
+
+def test_http_reload_redirect_is_a_failure_not_followed(server: tuple[str, type[_Handler]]) -> None:
+    url, handler = server
+    # urllib followed a 302 to a POST with a GET to the new address; the component that
+    # redirects did not reload.
+    handler.plan = [302, 200]
+    with pytest.raises(HttpReloadError, match="1 attempt") as info:
+        HttpReloader(url, retries=3, backoff_seconds=0.01).reload()
+    assert "HTTP 302" in info.value.detail
+    assert "/moved (redirects are not followed)" in info.value.detail
+    assert handler.seen == ["POST"]
+
+
+def test_a_token_in_the_reload_url_is_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+    # The failure goes to the log, the heartbeat's last_error and an alert (plaintext in etcd).
+    url = f"http://agent:pw-s3cret@127.0.0.1:{_closed_port()}/-/reload?token=tok-s3cret"
+    reloader = HttpReloader(url, retries=2, backoff_seconds=0.01)
+    with caplog.at_level(logging.DEBUG), pytest.raises(HttpReloadError) as info:
+        reloader.reload()
+    shown = [str(info.value), info.value.url, caplog.text, repr(reloader)]
+    assert not [text for text in shown if "s3cret" in text]
+    assert "http://127.0.0.1:" in str(info.value) and "/-/reload?..." in str(info.value)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

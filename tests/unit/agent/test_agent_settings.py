@@ -83,6 +83,8 @@ def test_signal_by_short_name() -> None:
         (["--component", "sniffer", "--output-path", "/x", "--reload-process", "s"], "POD_NAME"),
         ([*BASE, "--instance", "i", "--component-type", "nope"], "component_type"),
         ([*BASE, "--instance", "i", "--reload-signal", "SIGNOPE"], "unknown signal"),
+        ([*BASE, "--instance", "i", "--reload-signal", "9"], "SIGKILL cannot be handled"),
+        ([*BASE, "--instance", "i", "--reload-signal", "STOP"], "SIGSTOP cannot be handled"),
         ([*BASE, "--instance", "i", "--reload-pidfile", "/run/x.pid"], "exactly one"),
         (["--component", "s", "--output-path", "/x", "--instance", "i"], "exactly one"),
         ([*BASE[:4], "--instance", "i", "--reload-method", "http"], "reload_url"),
@@ -212,3 +214,25 @@ def test_allow_plaintext_lists_the_component_for_the_library() -> None:
     assert lenient.plaintext_components == ["sniffer"]
     assert lenient.requires_encryption("sniffer") is False
     assert lenient.requires_encryption("firewall") is True
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--etcd-endpoints", "not a url"], "etcd_endpoints: "),
+        (["--etcd-cert-file", "/tls/client.pem"], "etcd: "),  # a pair with half given
+        ([], "etcd: "),  # the password from the environment, no user
+    ],
+)
+def test_a_bad_etcd_setting_is_one_line_naming_it_without_the_values(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], named: str
+) -> None:
+    monkeypatch.setenv("DEFENDER_AGENT_ETCD_PASSWORD", "hunter2-very-secret")
+    settings = load_agent_settings([*BASE, "--instance", "i", *args])
+    with pytest.raises(AgentSettingsError) as info:
+        library_settings(settings)
+    message = str(info.value)
+    assert "\n" not in message
+    assert named in message
+    assert "hunter2" not in message
+    assert "input_value" not in message and "pydantic.dev" not in message

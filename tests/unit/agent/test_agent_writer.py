@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from defender_agent import WriteError, write_atomic
-from defender_agent._writer import read_current
+from defender_agent._writer import file_holds
 
 
 def test_writes_content_with_mode(tmp_path: Path) -> None:
@@ -64,10 +64,20 @@ def test_failed_rename_keeps_previous_file_and_cleans_up(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
-def test_read_current(tmp_path: Path) -> None:
-    assert read_current(tmp_path / "absent") is None
+def test_file_holds(tmp_path: Path) -> None:
+    assert not file_holds(tmp_path / "absent", b"abc")
     write_atomic(tmp_path / "c", b"abc")
-    assert read_current(tmp_path / "c") == b"abc"
+    assert file_holds(tmp_path / "c", b"abc")
+    assert not file_holds(tmp_path / "c", b"ab")
+    assert not file_holds(tmp_path / "c", b"abcd")
+
+
+def test_file_holds_does_not_follow_a_link_planted_by_the_component(tmp_path: Path) -> None:
+    # The component's container shares the volume: a link to a file that happens to hold the
+    # config must still be replaced by the agent's own regular file.
+    (tmp_path / "elsewhere").write_bytes(b"abc")
+    (tmp_path / "c").symlink_to(tmp_path / "elsewhere")
+    assert not file_holds(tmp_path / "c", b"abc")
 
 
 def test_concurrent_reader_never_sees_partial_file(tmp_path: Path) -> None:

@@ -78,3 +78,28 @@ def test_a_stream_that_breaks_off_keeps_the_old_file_and_leaves_no_temporary_fil
         write_file_atomic(target, chunks(), 0o600)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.db"]
+
+
+def test_read_regular_file_is_bounded_and_refuses_what_is_not_a_file(tmp_path: Path) -> None:
+    from defender_config import read_regular_file
+
+    (tmp_path / "f").write_bytes(b"12345")
+    assert read_regular_file(tmp_path / "f", 5) == b"12345"
+    with pytest.raises(OSError) as too_big:
+        read_regular_file(tmp_path / "f", 4)
+    assert too_big.value.errno == errno.EFBIG
+    os.mkfifo(tmp_path / "pipe")  # an open for reading would wait for a writer for ever
+    with pytest.raises(OSError) as fifo:
+        read_regular_file(tmp_path / "pipe", 10)
+    assert fifo.value.errno == errno.EINVAL
+    (tmp_path / "zero").symlink_to("/dev/zero")  # a read that never ends
+    with pytest.raises(OSError) as device:
+        read_regular_file(tmp_path / "zero", 10)
+    assert device.value.errno == errno.EINVAL
+    (tmp_path / "link").symlink_to(tmp_path / "f")
+    assert read_regular_file(tmp_path / "link", 5) == b"12345"
+    with pytest.raises(OSError) as link:
+        read_regular_file(tmp_path / "link", 5, follow_symlinks=False)
+    assert link.value.errno == errno.ELOOP
+    with pytest.raises(FileNotFoundError):
+        read_regular_file(tmp_path / "absent", 5)

@@ -490,3 +490,28 @@ def test_static_source() -> None:
     assert isinstance(source, StaticKeyringSource)
     assert source.current() is ring and source.last_error is None
     assert ring.primary_fingerprint in repr(source)
+
+
+def test_mount_back_with_the_same_keyring_clears_the_error(tmp_path: Path) -> None:
+    # The Secret was deleted and re-created (or a bad edit undone) with the keyring in use: no
+    # on_change, since nothing changed, but the error must not stay reported for ever.
+    good = Keyring.generate()
+    mount = SecretMount(tmp_path / "secret")
+    mount.write(good.to_json())
+    events: list[str] = []
+    source = KeyringSource(
+        mount.root,
+        poll_seconds=0.0,
+        on_change=lambda old, new: events.append("change"),
+        on_error=lambda exc: events.append("error"),
+        on_recover=lambda: events.append("recover"),
+    )
+    shutil.rmtree(mount.root)
+    assert source.current() == good
+    assert source.last_error is not None
+    mount = SecretMount(tmp_path / "secret")
+    mount.write(good.to_json())
+    assert source.current() == good
+    source.current()
+    assert source.last_error is None
+    assert events == ["error", "recover"]

@@ -402,3 +402,38 @@ def test_digest_differs_on_change_and_rejects_non_json() -> None:
         config_digest({"a": float("nan")})
     with pytest.raises(ConfigValidationError, match="not representable as JSON"):
         config_digest({"a": object()})
+
+
+def test_schema_errors_quote_values_to_the_submitter_never_to_records() -> None:
+    # The submitter is told which value is wrong; alerts and heartbeats are plaintext in etcd,
+    # where the config itself is sealed, so they carry the rule and the location only.
+    from defender_config import Alert
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "token": {"type": "integer"},
+            "mode": {"enum": ["a", "b"]},
+            "workers": {"minimum": 1},
+            "nested": {"not": {"type": "object"}},
+            "closed": False,
+        },
+    }
+    config = {
+        "token": "s3cret-token-1",
+        "mode": "s3cret-mode-2",
+        "workers": 0,
+        "nested": {"k": "s3cret-nested-3"},
+        "closed": "s3cret-closed-4",
+    }
+    with pytest.raises(ConfigValidationError) as info:
+        validate_config("custom", config, schema, component="plugin")
+    err = info.value
+    assert "'s3cret-token-1' is not of type 'integer'" in str(err)
+    record = err.record_message
+    assert "s3cret" not in record, record
+    assert "token: the value is not of type 'integer'" in record
+    assert "mode: the value is not one of ['a', 'b']" in record
+    assert "workers: the value is less than the minimum of 1" in record
+    assert "False schema does not allow the value" in record
+    assert "s3cret" not in Alert.from_error(err, "plugin").detail
