@@ -294,10 +294,9 @@ def _written(run: OperatorRun, pod: str) -> int | None:
         return None
 
 
-def test_real_agents_honour_the_rollout(operator_run: OperatorRun) -> None:
-    # The agent sidecar runs what `Rollouts.watch` hands it: the canary's agent writes the
-    # candidate, the other keeps ACTIVE until a person promotes; an abort takes it back.
-    run = operator_run
+def _two_agents_on_version_1(run: OperatorRun) -> tuple[str, str]:
+    """The sniffer sample with a canary rollout held for an hour, two pods, each with a real
+    agent that wrote version 1: (the canary's pod, the other pod)."""
     run.start()
     run.apply_sample("sniffer", **FAST_RESTARTS)
     run.wait_active_version("sniffer", 1)
@@ -311,10 +310,18 @@ def test_real_agents_honour_the_rollout(operator_run: OperatorRun) -> None:
     pods = wait_for("2 pods", two_pods)
     for pod in pods:
         run.start_agent("sniffer", pod)
-    canary, other = pods
     for pod in pods:
         wait_for(f"{pod} wrote version 1", lambda p=pod: _written(run, p) == 256)
     run.wait_condition("sniffer", "Heartbeating", status="True")
+    canary, other = pods
+    return canary, other
+
+
+def test_real_agents_honour_the_rollout(operator_run: OperatorRun) -> None:
+    # The agent sidecar runs what `Rollouts.watch` hands it: the canary's agent writes the
+    # candidate, the other keeps ACTIVE until a person promotes; an abort takes it back.
+    run = operator_run
+    canary, other = _two_agents_on_version_1(run)
 
     run.patch("sniffer", {"spec": {"config": {"snaplen": 512}}})
     wait_for("the canary's agent wrote the candidate", lambda: _written(run, canary) == 512)
@@ -350,23 +357,7 @@ def test_a_saved_rollout_put_back_never_runs_and_the_current_one_is_restored(
     # and candidate saved earlier, put back with a raw etcd put while ACTIVE still has their
     # base version, first during the next rollout, then after the rollouts ended.
     run = operator_run
-    run.start()
-    run.apply_sample("sniffer", **FAST_RESTARTS)
-    run.wait_active_version("sniffer", 1)
-    run.patch("sniffer", {"spec": {"rollout": {"canary": {**CANARY, "holdSeconds": 3600}}}})
-    run.deployment("sniffer", SNIFFER_LABELS, replicas=2)
-
-    def two_pods() -> list[str] | None:
-        names = sorted(p.metadata.name for p in run.pods(SNIFFER_LABELS))
-        return names if len(names) == 2 else None
-
-    pods = wait_for("2 pods", two_pods)
-    for pod in pods:
-        run.start_agent("sniffer", pod)
-    canary, other = pods
-    for pod in pods:
-        wait_for(f"{pod} wrote version 1", lambda p=pod: _written(run, p) == 256)
-    run.wait_condition("sniffer", "Heartbeating", status="True")
+    canary, other = _two_agents_on_version_1(run)
     client = run.configs().client
     rollout_key, candidate_key = (
         client.layout.rollout("sniffer"),
