@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from defender_config import KeyringError, SettingsError, StoreAuthError
 
 from ._errors import AgentSettingsError
+from ._harden import forbid_inspection
 from ._logging import configure_logging
 
 EXIT_OK = 0
@@ -35,11 +36,19 @@ log = logging.getLogger("defender_agent")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything secret is read: a component sharing the process namespace under the
+    # same UID must not read the etcd password or the keyring through /proc (_harden).
+    inspectable = not forbid_inspection()
     # Imported here so `--help` and settings errors do not pay for grpc start-up.
     from ._agent import Agent
     from ._settings import library_settings, load_agent_settings
 
     configure_logging("INFO")
+    if inspectable:
+        log.warning(
+            "could not make the agent's process non-dumpable: a process of the same UID may"
+            " read its environment and files through /proc"
+        )
     try:
         settings = load_agent_settings(argv)
         configure_logging(
