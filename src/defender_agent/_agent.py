@@ -411,8 +411,16 @@ class Agent:
             log.info("received %s, stopping", signal.Signals(signum).name)
             self.stop()
 
+        def ignored(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s: nothing for the agent to do", signal.Signals(signum).name)
+
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        # Their default action ends the process, and a component sharing the process namespace
+        # may send them to every process it can (`kill -HUP -1`). A handler rather than SIG_IGN:
+        # an ignored disposition would be inherited by the health check's commands.
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, ignored)
 
     def run(self) -> None:
         """Start, then loop until stopped. Raises KeyringError / StoreAuthError at start-up."""
