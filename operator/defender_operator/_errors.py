@@ -81,7 +81,13 @@ class KeyDropRefusedError(OperatorError):
 
 class OwnerRecordError(OperatorError):
     """`<prefix>/control/<name>/owner` exists but cannot be read as an owner record: nobody
-    may write the component until a person removes or repairs it."""
+    may write the component until a person removes or repairs it, except the resource whose
+    status holds the name (`_decisions.ownership.decide_unreadable`). `revision`: the record's
+    mod_revision, what a rewrite compares."""
+
+    def __init__(self, message: str, *, revision: int = 0) -> None:
+        super().__init__(message)
+        self.revision = revision
 
 
 class KubeError(OperatorError):

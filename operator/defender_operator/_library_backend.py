@@ -407,7 +407,8 @@ class LibraryBackend:
         except (DefenderConfigError, ValidationError, ValueError) as exc:
             raise OwnerRecordError(
                 f"owner record {key} is not readable ({type(exc).__name__}); nobody may write"
-                f" component {component!r} until it is repaired or deleted (etcdctl del {key})"
+                f" component {component!r} until it is repaired or deleted (etcdctl del {key})",
+                revision=stored.mod_revision,
             ) from exc
         claim = Claim(rec.namespace, rec.name, rec.uid, released=rec.released)
         return claim, stored.mod_revision

@@ -69,6 +69,7 @@ from defender_operator._backend import (
     Watching,
 )
 from defender_operator._decisions.ownership import Claim
+from defender_operator._errors import OwnerRecordError
 
 ENDPOINTS = ["memory://defender"]
 # As the library counts one put of a transaction (key, value and framing).
@@ -131,6 +132,8 @@ class MemoryBackend:
     freeze_sequences: dict[str, int] = field(default_factory=dict)
     rollouts: dict[str, tuple[RolloutRecord, dict[str, Any]]] = field(default_factory=dict)
     claims: dict[str, tuple[Claim, int]] = field(default_factory=dict)
+    garbled: set[str] = field(default_factory=set)
+    """Components whose owner record no longer verifies (`garble_claim`)."""
     live: dict[str, dict[str, InstanceRecord]] = field(default_factory=dict)
     cadences: dict[str, Cadence] = field(default_factory=dict)
     raised: list[AlertRecord] = field(default_factory=list)
@@ -560,9 +563,18 @@ class MemoryBackend:
         self._changed(component)
         return removed
 
+    def garble_claim(self, component: str) -> None:
+        """Tests: the owner record no longer verifies (forged without the key, or damaged)."""
+        with self._lock:
+            held, _ = self.claims[component]
+            self.claims[component] = (held, self._next_revision())
+            self.garbled.add(component)
+
     def read_claim(self, component: str) -> tuple[Claim | None, int]:
         self._enter("read_claim")
         held = self.claims.get(component)
+        if component in self.garbled and held is not None:
+            raise OwnerRecordError(f"owner record of {component} is not readable", revision=held[1])
         return held if held is not None else (None, 0)
 
     def write_claim(self, component: str, claim: Claim, *, revision: int) -> bool:
@@ -572,6 +584,7 @@ class MemoryBackend:
             if current != revision:
                 return False
             self.claims[component] = (claim, self._next_revision())
+            self.garbled.discard(component)
             return True
 
     def claim_and_seed(

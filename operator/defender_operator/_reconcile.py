@@ -54,6 +54,7 @@ from defender_operator._decisions.ownership import (
     claim_status,
     decide_claim,
     decide_release,
+    decide_unreadable,
     describe_record,
     holders_lookup_needed,
     holds_name,
@@ -76,8 +77,6 @@ from defender_operator._outcome import (
     warning,
 )
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
-
-OWNER_RECORD_UNREADABLE = "OwnerRecordUnreadable"
 
 
 def storage_policy(storage: _api.StorageSpec) -> StoragePolicy:
@@ -451,9 +450,12 @@ async def claim(v: Visit, *, seeds_first: bool = False) -> Claimed:
         try:
             existing, revision = await asyncio.to_thread(rt.backend.read_claim, component)
         except OwnerRecordError as exc:
-            decision = ClaimDecision(
-                ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=str(exc)
-            )
+            existing, revision = None, exc.revision
+            mem = rt.memory(v.namespace, v.name)
+            holds = holds_name(mem.status or v.status, component, claimant.uid)
+            if holds and holders is None:
+                holders = await _holders(v)
+            decision = decide_unreadable(claimant, holds, holders or [], str(exc))
         else:
             decision, holders = await _decide_claim(v, existing, claimant, holders)
         if decision.record is not None and not await asyncio.to_thread(
@@ -530,9 +532,14 @@ async def _restored(v: Visit, decision: ClaimDecision) -> list[Event]:
     if decision.action not in (ClaimAction.RECLAIM, ClaimAction.RESTORE):
         return []
     assert decision.record is not None  # both write the holder's record
+    named = (
+        "an unreadable record (forged without the key, or damaged)"
+        if decision.record_unreadable
+        else describe_record(decision.restored_from)
+    )
     message = (
         f"the owner record of etcd component {v.component} named"
-        f" {describe_record(decision.restored_from)}, while DefenderComponent {decision.record.ref}"
+        f" {named}, while DefenderComponent {decision.record.ref}"
         f" (uid {decision.record.uid}) holds the name by its status: put back, forged or"
         " deleted in etcd; written again for the holder"
     )

@@ -32,7 +32,7 @@ index of DefenderComponents, filled by `holder_entry`, which keeps `anchored_hol
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -41,6 +41,7 @@ from defender_config.contract import ADOPT_ANNOTATION, RetentionPolicy
 
 NAME_CLAIMED_ELSEWHERE = "NameClaimedElsewhere"
 NAME_RETAINED = "NameRetained"
+OWNER_RECORD_UNREADABLE = "OwnerRecordUnreadable"
 OWNER_RECORD_RESTORED = "OwnerRecordRestored"
 """Alert and Event reason: the owner record did not name the resource whose status holds the
 name (put back, forged with a key, or deleted in etcd), and was written again for it."""
@@ -83,6 +84,8 @@ class ClaimDecision:
     message: str = ""
     restored_from: Claim | None = None
     """RECLAIM/RESTORE: what the record named instead (None: it was missing). For the alert."""
+    record_unreadable: bool = False
+    """RECLAIM over a record that did not verify (`decide_unreadable`). For the alert."""
 
     @property
     def allowed(self) -> bool:
@@ -253,6 +256,20 @@ def anchor_claim(
         ),
         restored_from=existing,
     )
+
+
+def decide_unreadable(
+    claimant: Claim, claimant_holds: bool, holders: Sequence[Claim], why: str
+) -> ClaimDecision:
+    """The owner record does not verify (forged without the key, or damaged): `why` says so.
+    Nobody may take the name on such a record, but the resource whose status holds it (and no
+    other live resource's does: two such statuses anchor nothing) is its owner whatever etcd
+    says, so it writes its record again rather than stay locked out until a person acts."""
+    if claimant_holds and all(h.uid == claimant.uid for h in holders):
+        return ClaimDecision(
+            ClaimAction.RECLAIM, replace(claimant, released=False), record_unreadable=True
+        )
+    return ClaimDecision(ClaimAction.REFUSE, reason=OWNER_RECORD_UNREADABLE, message=why)
 
 
 def describe_record(record: Claim | None) -> str:

@@ -396,6 +396,32 @@ def test_the_holder_writes_back_a_deleted_owner_record() -> None:
     assert [a.reason for a in h.backend.raised].count(OWNER_RECORD_RESTORED) == 1
 
 
+def test_the_holder_writes_back_an_owner_record_that_no_longer_verifies() -> None:
+    # Forged without the key, or damaged: before the status anchor, every claimant was refused,
+    # the holder too, until a person deleted the record.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.backend.garble_claim(NAME)
+    h.events.clear()
+    run(h.reconcile(spec(ETH1)))
+    assert h.backend.claims[NAME][0] == Claim(NAMESPACE, NAME, "uid-1")
+    assert NAME not in h.backend.garbled
+    assert h.backend.state(NAME).active_version == 2
+    restored = next(e for e in h.events if e.reason == OWNER_RECORD_RESTORED)
+    assert "named an unreadable record" in restored.message
+    assert "Conflict" not in {c["type"] for c in h.kube.status["conditions"]}
+
+
+def test_an_owner_record_that_no_longer_verifies_still_refuses_who_does_not_hold_the_name() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.backend.garble_claim(NAME)
+    other = Harness(backend=h.backend, uid="uid-2")  # same name, no status: not the holder
+    run(other.reconcile(spec(ETH1)))
+    assert other.condition(cond.CONFLICT)["reason"] == "OwnerRecordUnreadable"
+    assert NAME in h.backend.garbled and h.backend.state(NAME).active_version == 1
+
+
 def test_a_re_created_former_owner_is_refused_while_another_holds_the_name() -> None:
     # This resource is default/sniffer re-created (uid-1); its purged predecessor's record
     # (uid-0) is put back while tenant-y holds the name by status.

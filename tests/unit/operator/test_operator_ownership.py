@@ -13,6 +13,7 @@ from defender_operator._decisions.ownership import (
     NAME_CLAIMED_ELSEWHERE,
     NAME_RETAINED,
     OWNER_RECORD_RESTORED,
+    OWNER_RECORD_UNREADABLE,
     Claim,
     ClaimAction,
     Release,
@@ -21,6 +22,7 @@ from defender_operator._decisions.ownership import (
     claim_status,
     decide_claim,
     decide_release,
+    decide_unreadable,
     holder_entry,
     holders_lookup_needed,
     holds_name,
@@ -330,3 +332,24 @@ def test_only_namespaces_with_nothing_but_refused_components_lose_the_keyring_co
     rt.memory("tenant-c", "firewall").conflict = conflict
     rt.memory("tenant-c", "honeypot")  # owns its own name: tenant-c still needs the key
     assert rt.refused_namespaces() == {"tenant-b"}
+
+
+def test_an_unreadable_record_is_rewritten_only_by_the_one_holder_by_status() -> None:
+    me = Claim("default", "firewall", "uid-1")
+    why = "owner record /p/control/firewall/owner is not readable"
+    mine = decide_unreadable(me, True, [me], why)
+    assert mine.action is ClaimAction.RECLAIM and mine.allowed and mine.record_unreadable
+    assert mine.record == me
+    assert decide_unreadable(me, True, [], why).action is ClaimAction.RECLAIM
+    for holds, holders in (
+        (False, []),  # no status says so: a person must repair or delete the record
+        (False, [me]),  # its own status does not say so, whatever the index holds
+        (True, [me, Claim("tenant-b", "firewall", "uid-b")]),  # two statuses anchor nothing
+    ):
+        refused = decide_unreadable(me, holds, holders, why)
+        assert refused.action is ClaimAction.REFUSE and not refused.allowed
+        assert (refused.reason, refused.message, refused.record) == (
+            OWNER_RECORD_UNREADABLE,
+            why,
+            None,
+        )
