@@ -228,16 +228,17 @@ async def _check_record(
     name: str,
     spec: _api.DefenderComponentSpec,
     status: Mapping[str, Any],
-    record: RolloutRecord,
+    record: RolloutRecord | None,
     *,
     active_version: int | None,
     now: datetime,
     logger: Logger,
 ) -> Outcome | None:
-    """None when `record` is the rollout status anchors (or a newer one of ours); else the
-    outcome of removing it, or of writing the anchored rollout again over it."""
+    """None when `record` is the rollout status anchors (or a newer one of ours, or none and
+    status holds none in progress); else the outcome of removing it, or of writing the
+    anchored rollout again over it (or where it was deleted)."""
     verdict = judge_record(
-        record=_view(record),
+        record=_view(record) if record is not None else None,
         anchor=anchor_from_status(status.get("rollout")),
         spec_digest=status.get("specConfigDigest"),
         active_version=active_version,
@@ -314,11 +315,9 @@ async def watch(
 ) -> Outcome:
     """The monitor's look at a rollout in progress (`record`, as the pass read it): wait,
     promote, abort or end it."""
-    checked = None
-    if record is not None:
-        checked = await _check_record(
-            rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
-        )
+    checked = await _check_record(
+        rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
+    )
     if checked is not None:
         return checked
     if record is None or record.ended:

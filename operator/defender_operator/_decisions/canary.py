@@ -219,8 +219,8 @@ class RecordVerdict:
     action: RecordAction
     message: str = ""
     replayed: bool = False
-    """True when the record is an authentic one put back (an attack, alerted); False for a
-    record from before sequences existed (an upgrade)."""
+    """True when the record is an authentic one put back, or was deleted (an attack, alerted);
+    False for a record from before sequences existed (an upgrade)."""
     sequence: int = 0
     """The sequence of what REMOVE or REISSUE writes: above the record's and the anchor's."""
     reissue: Reissue | None = None
@@ -246,8 +246,25 @@ def judge_record(
     and start, under a new sequence. A record without a sequence (written before it existed)
     is re-issued with one when it is the rollout of this spec on this ACTIVE, ended otherwise.
     An ended rollout's record (no canaries) is only acted on when it is below the anchor of a
-    rollout in progress (put back over it)."""
+    rollout in progress (put back over it). No record while status holds a rollout in progress
+    for this spec.config on this ACTIVE: deleted in etcd (the operator ends a rollout with an
+    ended record, never by deleting it), and written again."""
     if record is None:
+        if (
+            anchor is not None
+            and anchor.phase == PROGRESSING
+            and anchor.canaries
+            and anchor.digest == spec_digest
+            and anchor.base_version == active_version
+        ):
+            return RecordVerdict(
+                RecordAction.REISSUE,
+                f"rollout record sequence {anchor.sequence} (version {anchor.version}) is gone"
+                " while status says it is in progress: deleted in etcd; written again",
+                replayed=True,
+                sequence=next_record_sequence(anchor.sequence, now=now),
+                reissue=Reissue(anchor.canaries, anchor.since, anchor.by, anchor.digest),
+            )
         return RecordVerdict(RecordAction.KEEP)
     anchored = anchor.sequence if anchor is not None else 0
     # An ended rollout's record changes nothing unless it overwrote the rollout status holds

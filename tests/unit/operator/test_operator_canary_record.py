@@ -53,12 +53,33 @@ def judge(record: RolloutView | None, anchor: RolloutAnchor | None = ANCHOR, **k
 
 
 def test_no_record_the_anchored_one_or_a_newer_one_is_kept() -> None:
-    assert judge(None).action is RecordAction.KEEP
+    assert judge(None, anchor=None).action is RecordAction.KEEP
     assert judge(CURRENT).action is RecordAction.KEEP
     # Written by the operator, which stopped before anchoring it: only key holders sign.
     newer = dataclasses.replace(CURRENT, sequence=SEQ + 1, digest=OLD)
     assert judge(newer).action is RecordAction.KEEP
     assert judge(newer, anchor=None).action is RecordAction.KEEP
+
+
+def test_a_record_deleted_during_a_rollout_is_written_again_from_the_anchor() -> None:
+    # The operator ends a rollout with an ended record, never by deleting it: a record gone
+    # while status holds the rollout in progress was deleted in etcd (its canaries fell back
+    # to ACTIVE and nothing else would resume it).
+    verdict = judge(None)
+    assert verdict == RecordVerdict(
+        RecordAction.REISSUE,
+        verdict.message,
+        replayed=True,
+        sequence=NOW_MS,
+        reissue=Reissue(("p-1",), ANCHOR.since, "bob", NEW),
+    )
+    assert "deleted in etcd" in verdict.message
+    # Not the rollout of this spec.config on this ACTIVE, or not in progress: nothing to resume.
+    assert judge(None, spec_digest=OLD).action is RecordAction.KEEP
+    assert judge(None, active_version=5).action is RecordAction.KEEP
+    for phase in ("Promoted", "Aborted", "Superseded"):
+        ended = dataclasses.replace(ANCHOR, phase=phase)
+        assert judge(None, anchor=ended).action is RecordAction.KEEP
 
 
 def test_a_saved_record_put_back_during_a_rollout_is_written_over_with_the_anchored_one() -> None:

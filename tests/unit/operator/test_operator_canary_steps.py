@@ -297,6 +297,26 @@ def test_a_replayed_record_during_a_rollout_is_written_over_with_the_current_one
     assert h.backend.calls.count("start_rollout") == starts
 
 
+def test_a_record_deleted_during_a_rollout_is_written_again() -> None:
+    # Before, status stayed on Progressing while the canaries fell back to ACTIVE for good.
+    h = started(hold=3600)
+    current = h.backend.rollouts.pop(NAME)[0]  # the attacker's raw delete
+    asyncio.run(h.monitor(canary_spec(ETH1, 3600)))
+    again = h.backend.rollouts[NAME][0]
+    assert again.digest == stored(ETH1) and again.sequence > current.sequence
+    assert (again.canaries, again.by, again.version) == (current.canaries, current.by, 2)
+    assert h.kube.status["rollout"]["sequence"] == again.sequence
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
+    assert "RolloutRecordReplayed" in h.reasons()
+    assert h.backend.state(NAME).active_version == 1
+    # Promoted later as usual, and then no record is no rollout to resume.
+    run(h.reconcile(canary_spec(ETH1, 3600), {contract.PROMOTE_ANNOTATION: "now"}))
+    assert h.backend.state(NAME).active_version == 2
+    starts = h.backend.calls.count("start_rollout")
+    asyncio.run(h.monitor(canary_spec(ETH1, 3600)))
+    assert h.backend.calls.count("start_rollout") == starts
+
+
 def test_a_replayed_record_after_its_rollout_ended_is_ended_again() -> None:
     h = started(hold=3600)
     saved = h.backend.rollouts[NAME]
