@@ -521,6 +521,18 @@ def section_findings() -> list[str]:
     return [
         "## Findings",
         "",
+        "- **Issue 17, operator, session 14 (2026-12-03): the replay anchors cost the create "
+        "path nothing measurable.** This session's changes touch every new component "
+        "(`status.nameClaim` in its one status patch, a kopf index instead of an API request "
+        "for who holds its name, custom schemas validated in a thread). The 1,000 batch alone "
+        '(`BENCH_OPERATOR_SIZES=""`, a fresh operator, no restart trials), twice, load 0.5 at '
+        "the start: ours p50 0.12 / 0.13 s, p99 0.64 / 0.51 s; the baseline's 0.031 / 0.036 "
+        "s and 0.166 / 0.122 s; ratios 3.7x / 3.7x (p50) and 3.8x / 4.2x (p99): NOT met. "
+        "Still 1.00 API write per component until Ready; RSS 218 / 216 MiB; operator CPU "
+        "14.5 / 16.4 ms per component (session 12: 16.7). Our absolute figures are those of "
+        "session 12's run of record (0.15 / 0.48 s); the baseline ran faster this time "
+        "(session 12: 0.05 / 0.20 s), so the ratios read higher. The run of record below is "
+        "unchanged (a full run with every size and the restart trials).",
         "- **Issue 17, library vs raw, session 14 (2026-12-03): an idle CPU is most of the "
         "envelope's cost after a get.** `bench/get_path_profile.py` now also opens the same "
         "blob right after sleeping 0.7 ms (as long as a get waits) with nothing else running "
