@@ -413,7 +413,9 @@ def test_a_saved_rollout_put_back_never_runs_and_the_current_one_is_restored(
         status_before["since"],
     )
     assert run.configs().get_active("sniffer").version == 1
-    assert "RecordReplayed" in run.agent_log(canary)
+    # Not asserted: the agent logging RecordReplayed. It reads the record again when its watch
+    # fires, so when the operator has already written the current record back it never sees
+    # the replay at all; what matters (the canary's agent wrote nothing) is asserted above.
 
     # spec.config goes back to ACTIVE's: the rollout ends, ACTIVE keeps version 1, so a saved
     # record still has the current base version. Put back, it is refused and ended again.
