@@ -44,6 +44,10 @@ fi
 
 command -v go >/dev/null || { log "go is required to build the tools (apt-get install golang or a Go >= 1.26 toolchain)"; exit 1; }
 mkdir -p "$bindir"
+# Two builds at once (a colleague's `make tools` beside CI's, or two worktrees) would rewrite the
+# same go.mod files and binaries under each other: the second waits and then finds them cached.
+exec 9>"$cache_root/.tools-$tag.lock"
+flock 9
 work="$cache_root/$tag/src"
 mkdir -p "$work"
 export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
