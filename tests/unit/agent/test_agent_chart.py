@@ -332,3 +332,32 @@ def test_a_loopback_endpoint_renders_settings_the_agent_accepts(
 ) -> None:
     agent = containers(deployment(helm, *sets))["defender-agent"]
     _settings_of(agent, monkeypatch)
+
+
+# --- the shared volume holds two files of the library's cap ------------------------------------
+
+_BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def _quantity_bytes(text: str) -> int:
+    for suffix, factor in _BINARY.items():
+        if text.endswith(suffix):
+            return int(text[: -len(suffix)]) * factor
+    return int(text)
+
+
+def test_the_shared_volume_holds_the_largest_config_twice(helm: Path) -> None:
+    # The agent writes a temporary file beside the old one and renames it: with a volume smaller
+    # than two files of the cap, a config the library accepts fills it (ENOSPC or an eviction).
+    from defender_agent._core import DEFAULT_MAX_FILE_BYTES
+    from defender_config import EnvelopeOptions
+
+    cap = EnvelopeOptions().max_decompressed_bytes
+    assert cap == DEFAULT_MAX_FILE_BYTES  # the agent's file is never larger than the cap
+    needed = 2 * cap + (1 << 20)  # and room for the component's own small files
+    chart_values = yaml.safe_load((REPO / "charts" / "ml-defender" / "values.yaml").read_text())
+    example_values = yaml.safe_load((EXAMPLE / "values.yaml").read_text())
+    assert _quantity_bytes(chart_values["agent"]["sharedSizeLimit"]) >= needed
+    assert _quantity_bytes(example_values["agent"]["sharedSizeLimit"]) >= needed
+    volumes = {v["name"]: v for v in deployment(helm)["spec"]["template"]["spec"]["volumes"]}
+    assert _quantity_bytes(volumes["defender-shared"]["emptyDir"]["sizeLimit"]) >= needed
