@@ -449,3 +449,22 @@ def test_the_agent_caps_its_file_at_the_librarys_cap() -> None:
     from defender_config import EnvelopeOptions
 
     assert EnvelopeOptions().max_decompressed_bytes == DEFAULT_MAX_FILE_BYTES
+
+
+def test_the_agent_takes_its_file_cap_from_the_library_settings(tmp_path: Path) -> None:
+    # A store that accepts larger values (envelope.max_decompressed_bytes raised, with the
+    # chart's sharedSizeLimit) lets the agent write a larger file too, and a lower cap caps it.
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(tmp_path / "demo.json")]
+    )  # fmt: skip
+    library = LibrarySettings(envelope=EnvelopeOptions(encrypt=False, max_decompressed_bytes=64))
+    agent = Agent(settings, library)
+    assert not agent.applier.apply({"blob": "x" * 100}, version=1)
+    assert agent.applier.last_error is not None
+    assert agent.applier.last_error.reason == "ConfigTooLarge"
+    assert not (tmp_path / "demo.json").exists()
