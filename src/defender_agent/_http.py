@@ -72,10 +72,14 @@ def loopback_peer_problem(sock: socket.socket, host: str) -> str | None:
     """Why the connected ``sock`` is not talking to a loopback address; None when it is."""
     peer = str(sock.getpeername()[0])
     try:
-        if ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback:
-            return None
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:
-        pass
+        address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A hosts file may map a name to ::ffff:127.0.0.1: still this pod's loopback.
+        address = address.ipv4_mapped
+    if address is not None and address.is_loopback:
+        return None
     return f"{host} reached {peer}, which is not a loopback address: not the component's pod"
 
 

@@ -574,3 +574,26 @@ def test_http_requests_go_to_loopback_over_plain_http_only() -> None:
     for url in ("https://127.0.0.1:1/x", "http://10.0.0.7/x", "http://127.1/x"):
         with pytest.raises(ValueError, match="must"):
             http_request(url, "GET", 1)
+
+
+@pytest.mark.parametrize(
+    ("peer", "ok"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("192.0.2.7", False),
+        ("::ffff:192.0.2.7", False),
+        ("fd00::2", False),
+    ],
+)
+def test_the_address_a_connection_reached_is_checked(peer: str, ok: bool) -> None:
+    from defender_agent._http import loopback_peer_problem
+
+    class Connected:
+        def getpeername(self) -> tuple[str, int]:
+            return peer, 8080
+
+    problem = loopback_peer_problem(Connected(), "localhost")  # type: ignore[arg-type]
+    assert (problem is None) is ok
