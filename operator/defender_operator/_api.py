@@ -433,6 +433,15 @@ class DefenderComponentStatus(_Model):
         default=False,
         description="True while the breaker holds commits for this component.",
     )
+    freeze_sequence: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Sequence of the freeze marker in etcd at the operator's last look (none: not"
+            " frozen); when that marker goes without the unfreeze annotation, its sequence is"
+            " anchored in freezeLiftedSequence."
+        ),
+    )
     freeze_lifted_sequence: int | None = Field(
         default=None,
         ge=0,

@@ -41,7 +41,13 @@ from defender_config.contract import (
 from defender_operator import _api, _attribution, _canary
 from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
-from defender_operator._decisions.breaker import ActiveChange, freeze_replayed, lifted_freeze
+from defender_operator._decisions.breaker import (
+    ActiveChange,
+    freeze_lifted_elsewhere,
+    freeze_replayed,
+    lifted_freeze,
+    observed_freeze,
+)
 from defender_operator._decisions.ownership import (
     NAME_CLAIM_FIELD,
     OWNER_RECORD_RESTORED,
@@ -166,6 +172,8 @@ def state_fields(state: ComponentState) -> dict[str, Any]:
         "masterDigest": state.master_digest or "",
         "activeDigest": state.active_digest or "",
         "frozen": state.frozen,
+        # What a lift outside the operator is told from (`freeze_lifted_elsewhere`).
+        "freezeSequence": state.freeze_sequence,
     }
     if state.master_error is not None:
         # MASTER exists but did not open (the scrub's Corrupt condition says so): the digest
@@ -310,7 +318,7 @@ async def _steps(
         seeded_new = await seed(v, spec, normalized)
     state, commit_due, seeded = seeded_new
     take(mem, found, seeded)
-    if commit_due and state.frozen:
+    if commit_due and (state.frozen or observed_freeze(v.status) is not None):
         state, dropped = await drop_replayed_freeze(v.rt, v.component, v.status, state, v.logger)
         take(mem, found, dropped)
     if commit_due:
@@ -607,10 +615,21 @@ async def drop_replayed_freeze(
     logger: Logger,
 ) -> tuple[ComponentState, Outcome]:
     """Remove a freeze marker that is a saved one put back (`freeze_replayed`), so it does not
-    hold commits until a person unfreezes again; `state` read again after."""
+    hold commits until a person unfreezes again; `state` read again after. First, a marker the
+    operator saw that is gone (lifted by a key holder's `ConfigStore.unfreeze`, or deleted) is
+    anchored as lifted (`freeze_lifted_elsewhere`), as the unfreeze command does."""
     lifted = lifted_freeze(status)
+    out = Outcome()
+    seen = observed_freeze(status)
+    anchor = freeze_lifted_elsewhere(seen, state.freeze_sequence, lifted)
+    if anchor is not None:
+        lifted = anchor
+        out.fields["freezeLiftedSequence"] = anchor
+        logger.info(
+            "freeze marker sequence %d lifted outside the operator; anchored as lifted", anchor
+        )
     if not freeze_replayed(state.freeze_sequence, lifted):
-        return state, Outcome()
+        return state, out
     message = (
         f"freeze marker sequence {state.freeze_sequence} is not above sequence {lifted} of the"
         " freeze lifted last: a saved marker put back; removed"
@@ -619,7 +638,8 @@ async def drop_replayed_freeze(
     await rt.write(component, rt.backend.unfreeze, component)
     await rt.write(component, rt.backend.alert, "RecordReplayed", component, message)
     state = await asyncio.to_thread(partial(rt.backend.state, component, tolerate_master=True))
-    return state, Outcome(events=[warning("FreezeReplayed", message)], fields=state_fields(state))
+    out.add(Outcome(events=[warning("FreezeReplayed", message)], fields=state_fields(state)))
+    return state, out
 
 
 async def rollback_command(v: Visit) -> Outcome:

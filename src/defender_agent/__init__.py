@@ -6,6 +6,7 @@ Run as ``defender-agent`` beside a component; see docs/agent.md.
 from ._errors import (
     AgentError,
     AgentSettingsError,
+    ConfigTooLargeError,
     HttpReloadError,
     ProcessNotFoundError,
     ReloadError,
@@ -20,6 +21,7 @@ __all__ = [
     "AgentError",
     "AgentSettings",
     "AgentSettingsError",
+    "ConfigTooLargeError",
     "HttpReloadError",
     "HttpReloader",
     "NoReload",

@@ -169,6 +169,7 @@ class Agent:
             file_mode=settings.file_mode,
             json_schema=schema,
             process_grace_seconds=settings.reload_grace_seconds,
+            max_file_bytes=library.envelope.max_decompressed_bytes,
         )
         self._running_reported = False
         check = build_health_check(settings)

@@ -4,6 +4,10 @@ The etcd side (`_agent.py`) feeds configs and decode errors in; this part decide
 the shared file and what is reported. Rules:
 
 * only a config that passed validation is written; anything else leaves the last good file;
+* the file is at most the library's cap on a decoded value (``max_file_bytes``): the shared
+  volume is sized for two of them (see the chart's ``agent.sharedSizeLimit``), and indentation
+  alone can make a file many times its decoded value, so a config whose indented file would be
+  over the cap is written compact, and one still over it is refused (``ConfigTooLarge``);
 * the file is replaced atomically and the component is told to reload only when the bytes change;
 * every failure becomes ``last_error`` in the heartbeat and one alert (repeats of the same
   failure are not re-alerted, so a broken value does not flood the alert prefix);
@@ -27,18 +31,28 @@ from defender_config import (
     ComponentType,
     ConfigValidationError,
     DefenderConfigError,
+    EnvelopeOptions,
     FieldError,
     config_digest,
     validate_config,
 )
 
-from ._errors import AgentError, ProcessNotFoundError, ReloadError, WriteError
+from ._errors import (
+    AgentError,
+    ConfigTooLargeError,
+    ProcessNotFoundError,
+    ReloadError,
+    WriteError,
+)
 from ._reload import Reloader
 from ._writer import file_holds, write_atomic
 
-__all__ = ["ConfigApplier", "LastError", "StatusSink", "render_config"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "ConfigApplier", "LastError", "StatusSink", "render_config"]
 
 log = logging.getLogger("defender_agent")
+
+#: The library's default cap on a decoded value, which the chart's shared volume is sized for.
+DEFAULT_MAX_FILE_BYTES = EnvelopeOptions().max_decompressed_bytes
 
 
 @dataclass(frozen=True)
@@ -60,9 +74,18 @@ class StatusSink(Protocol):
     def alert(self, kind: str, detail: str) -> None: ...
 
 
-def render_config(config: Mapping[str, Any]) -> bytes:
-    """The bytes written for the component: indented JSON, keys in the order they were stored."""
-    return (json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+def render_config(config: Mapping[str, Any], max_bytes: int | None = None) -> bytes:
+    """The bytes written for the component: indented JSON, keys in the order they were stored;
+    compact JSON when the indented form is over ``max_bytes``. :class:`ConfigTooLargeError`
+    when even that is over it."""
+    indented = (json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    if max_bytes is None or len(indented) <= max_bytes:
+        return indented
+    compact = json.dumps(config, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    data = (compact + "\n").encode()
+    if len(data) > max_bytes:
+        raise ConfigTooLargeError(len(data), max_bytes)
+    return data
 
 
 def error_of(exc: BaseException) -> LastError:
@@ -90,8 +113,10 @@ class ConfigApplier:
         file_mode: int = 0o640,
         json_schema: Mapping[str, Any] | None = None,
         process_grace_seconds: float = 0.0,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         self._component = component
+        self._max_file_bytes = max_file_bytes
         self._type = component_type
         self._grace = process_grace_seconds
         self._pending_since: float | None = None
@@ -130,9 +155,9 @@ class ConfigApplier:
                     self._schema if self._schema is not None else json_schema,
                     self._type or component_type or ComponentType.CUSTOM.value,
                 )
-                data = render_config(checked)
+                data = render_config(checked, self._max_file_bytes)
                 digest = config_digest(checked)
-            except ConfigValidationError as exc:
+            except (ConfigValidationError, ConfigTooLargeError) as exc:
                 self._fail(exc, version)
                 return False
             except ValueError as exc:

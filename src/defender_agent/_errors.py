@@ -5,6 +5,7 @@ The tree (one root, so a caller can catch everything the agent raises on purpose
     AgentError
     ├── AgentSettingsError        bad flags / environment at start-up
     ├── WriteError                the decoded config could not be written to the shared volume
+    ├── ConfigTooLargeError       the config's file would be over the library's cap on a value
     └── ReloadError               the target process could not be told to reload
         ├── ProcessNotFoundError  no process (or no live pid in the pidfile) to signal
         ├── SignalDeliveryError   the kernel refused the signal
@@ -19,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "AgentError",
     "AgentSettingsError",
+    "ConfigTooLargeError",
     "HttpReloadError",
     "ProcessNotFoundError",
     "ReloadError",
@@ -50,6 +52,24 @@ class WriteError(AgentError):
         super().__init__(
             f"could not write {path}: {detail}; check that the shared volume is mounted, "
             "writable by the agent and not full"
+        )
+
+
+class ConfigTooLargeError(AgentError):
+    """The config's file would be over ``max_bytes``; the previous file is left in place.
+
+    Not retried: the same config renders to the same size. The cap is the library's cap on a
+    decoded value, and the shared volume holds two files of that size (the file and the
+    temporary file that replaces it), so a bigger file could fill the volume."""
+
+    reason = "ConfigTooLarge"
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        super().__init__(
+            f"the config's file would be {size} bytes, over the cap of {max_bytes} bytes "
+            "(envelope.max_decompressed_bytes); the last good file is kept"
         )
 
 

@@ -21,7 +21,7 @@ from typing import IO, Protocol
 from defender_config import ErrorInfo
 
 from ._errors import ProcessNotFoundError
-from ._http import http_request, shown_url
+from ._http import http_request, loopback_peer_problem, shown_url
 from ._reload import target_pids
 
 __all__ = [
@@ -136,8 +136,10 @@ class TcpCheck:
 
     def check(self) -> str | None:
         try:
-            with socket.create_connection((self.host, self.port), timeout=self.timeout_seconds):
-                return None
+            with socket.create_connection(
+                (self.host, self.port), timeout=self.timeout_seconds
+            ) as sock:
+                return loopback_peer_problem(sock, self.host)
         except OSError as exc:
             return f"TCP {self.host}:{self.port} refused or timed out: {exc.strerror or exc}"
 

@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from defender_config import ComponentType, EtcdSettings, LibrarySettings, load_settings
 
 from ._errors import AgentSettingsError
+from ._http import loopback_host, loopback_url_problem
 from ._reload import parse_signal
 
 __all__ = [
@@ -146,7 +147,8 @@ class AgentSettings(BaseSettings):
     """Signal to send, e.g. ``SIGHUP`` or ``USR1``."""
 
     reload_url: str | None = None
-    """URL to call when ``reload_method`` is ``http``."""
+    """URL to call when ``reload_method`` is ``http``: ``http://`` to ``localhost``,
+    ``127.x.x.x`` or ``[::1]`` only (the component in this pod)."""
 
     reload_grace_seconds: float = Field(default=30.0, ge=0)
     """How long a missing target process is normal (the component container still starting:
@@ -182,10 +184,12 @@ class AgentSettings(BaseSettings):
     ``reload_pidfile``."""
 
     health_url: str | None = None
-    """``http`` check: URL that answers 2xx/3xx while the component is well."""
+    """``http`` check: URL that answers 2xx/3xx while the component is well; ``http://`` to
+    ``localhost``, ``127.x.x.x`` or ``[::1]`` only (the component in this pod)."""
 
     health_tcp: str | None = None
-    """``tcp`` check: ``host:port`` that accepts connections while the component is well."""
+    """``tcp`` check: ``host:port`` that accepts connections while the component is well; the
+    host is ``localhost``, ``127.x.x.x`` or ``[::1]`` (the component in this pod)."""
 
     health_exec: str | None = None
     """``exec`` check: command line (split like a shell would, no shell features) that exits
@@ -259,6 +263,28 @@ class AgentSettings(BaseSettings):
             raise ValueError("a process name, not a path (e.g. 'sniffer', not '/usr/bin/sniffer')")
         return value
 
+    @field_validator("reload_url", "health_url")
+    @classmethod
+    def _own_pod_url(cls, value: str | None) -> str | None:
+        # Whoever sets the agent's environment must not turn it into a client of other
+        # addresses (it runs with the pod's network identity and etcd credentials beside).
+        if value is not None:
+            problem = loopback_url_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("health_tcp")
+    @classmethod
+    def _own_pod_tcp(cls, value: str | None) -> str | None:
+        host = (value or "").rpartition(":")[0]
+        if value is not None and host and not loopback_host(host):
+            raise ValueError(
+                "must reach the component in its own pod: the host must be localhost, "
+                "127.x.x.x or [::1]"
+            )
+        return value
+
     @model_validator(mode="after")
     def _reload_target_given(self) -> AgentSettings:
         one_target = (self.reload_process is None) != (self.reload_pidfile is None)
@@ -266,11 +292,8 @@ class AgentSettings(BaseSettings):
             raise ValueError(
                 "reload_method=signal needs exactly one of reload_process or reload_pidfile"
             )
-        url_ok = (self.reload_url or "").startswith(("http://", "https://"))
-        if self.reload_method == "http" and not url_ok:
-            raise ValueError(
-                "reload_method=http needs reload_url starting with http:// or https://"
-            )
+        if self.reload_method == "http" and self.reload_url is None:
+            raise ValueError("reload_method=http needs reload_url (http://localhost:<port>/...)")
         if self.output_path.name in ("", ".", ".."):
             raise ValueError("output_path must name a file")
         self._health_target_given()
@@ -285,8 +308,8 @@ class AgentSettings(BaseSettings):
                 "health_check=process needs health_process or health_pidfile"
                 " (or reload_process / reload_pidfile)"
             )
-        if kind == "http" and not (self.health_url or "").startswith(("http://", "https://")):
-            raise ValueError("health_check=http needs health_url starting with http:// or https://")
+        if kind == "http" and self.health_url is None:
+            raise ValueError("health_check=http needs health_url (http://localhost:<port>/...)")
         if kind == "tcp":
             host, _, port = (self.health_tcp or "").rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:

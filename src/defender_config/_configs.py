@@ -1380,6 +1380,9 @@ class ConfigStore:
         )
 
     def unfreeze(self, component: str) -> bool:
+        """Lift the freeze (the marker is deleted); True if there was one. The operator
+        anchors a marker it saw go as lifted, so a saved copy put back later is removed
+        (docs/security.md, "Replays", item 6)."""
         return self.client.store.delete(self.layout.freeze(component))
 
     # --- watch ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ Arguments (a dict):
   componentType  sniffer | ml-detector | firewall | rag | custom (default: the stored type)
   process        process name to signal (reload.method=signal, unless pidfile is given)
   pidfile        file holding the pid to signal, on the shared volume (alternative to process)
-  url            reload URL (reload.method=http)
+  url            reload URL (reload.method=http): http:// to localhost, 127.x.x.x or [::1]
   seedConfig     optional path (in the agent container) of a JSON file registered as MASTER
   allowPlaintext true for a component stored unencrypted on purpose (spec.storage); the agent
                  refuses unencrypted configs otherwise (also set for config.plaintextComponents)
@@ -34,8 +34,9 @@ Arguments (a dict):
                  the same UID so it may signal it (reload.signalAccess=sameUser, the default)
   healthCheck    none | process | http | tcp | exec | file (default agent.healthCheck.type)
   healthProcess  process check: process name (default: process) — or healthPidfile
-  healthUrl      http check: URL answering 2xx/3xx while the component is well
-  healthTcp      tcp check: host:port
+  healthUrl      http check: URL answering 2xx/3xx while the component is well (http://,
+                 loopback host, like url)
+  healthTcp      tcp check: host:port, host localhost, 127.x.x.x or [::1]
   healthExec     exec check: command line run in the agent container
   healthFile     file check: file the component touches (on the shared volume), with
   healthFileMaxAgeSeconds  the oldest it may be (at least two touch periods)
@@ -65,6 +66,7 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
 {{- if not .url -}}
 {{- fail (printf "ml-defender.agent.sidecar: component %s uses reload.method=http; pass url" $component) -}}
 {{- end -}}
+{{- include "ml-defender.agent.ownPodUrl" (dict "component" $component "what" "url" "url" .url) -}}
 {{- end -}}
 {{- $health := $agent.healthCheck | default dict -}}
 {{- $healthType := .healthCheck | default $health.type | default "none" -}}
@@ -82,6 +84,12 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
 {{- fail (printf "ml-defender.agent.sidecar: component %s uses healthCheck=file; pass healthFile and healthFileMaxAgeSeconds" $component) -}}
 {{- else if not (has $healthType (list "none" "process" "http" "tcp" "exec" "file")) -}}
 {{- fail (printf "ml-defender.agent.sidecar: component %s: healthCheck %q is not one of none, process, http, tcp, exec, file" $component $healthType) -}}
+{{- end -}}
+{{- if eq $healthType "http" -}}
+{{- include "ml-defender.agent.ownPodUrl" (dict "component" $component "what" "healthUrl" "url" .healthUrl) -}}
+{{- else if eq $healthType "tcp" -}}
+{{- $tcpHost := regexReplaceAll ":[^:]*$" (toString .healthTcp) "" -}}
+{{- include "ml-defender.agent.ownPodHost" (dict "component" $component "what" "healthTcp" "host" $tcpHost) -}}
 {{- end -}}
 {{- $security := deepCopy ($ctx.Values.containerSecurityContext | default dict) -}}
 {{- if eq $reload.method "signal" -}}
@@ -297,6 +305,28 @@ password), or empty when the agents connect without etcd authentication.
 {{- else if and .Values.etcd (include "ml-defender.etcd.clientTlsEnabled" .) (not (include "ml-defender.etcd.tlsManaged" .)) -}}
 {{- include "ml-defender.etcd.clientTlsSecret" . -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The agent calls only the component in its own pod, over loopback: it refuses any other host at
+start (exit 2), so a chart that passes one fails here, at install, instead of crash-looping.
+The same literal rule as the agent's (defender_agent._http.loopback_host): no name lookups.
+*/}}
+{{- define "ml-defender.agent.ownPodHost" -}}
+{{- $host := lower (trimAll "[]" (toString .host)) -}}
+{{- $octet := "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])" -}}
+{{- $v4 := printf "^127(\\.%s){3}$" $octet -}}
+{{- if not (or (eq $host "localhost") (eq $host "::1") (regexMatch $v4 $host)) -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s: the host of %s must be localhost, 127.x.x.x or [::1] (the agent calls only the component in its own pod)" .component .what) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ml-defender.agent.ownPodUrl" -}}
+{{- $url := urlParse (toString .url) -}}
+{{- if ne $url.scheme "http" -}}
+{{- fail (printf "ml-defender.agent.sidecar: component %s: %s must start with http:// (the component's endpoint in its own pod, over loopback)" .component .what) -}}
+{{- end -}}
+{{- include "ml-defender.agent.ownPodHost" (dict "component" .component "what" .what "host" $url.hostname) -}}
 {{- end -}}
 
 {{/* The shared volume as the component container mounts it (read-only). */}}

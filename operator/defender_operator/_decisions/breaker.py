@@ -110,3 +110,31 @@ def freeze_replayed(freeze_sequence: int | None, lifted: int | None) -> bool:
     key holders sign: a marker at or below it (one without a sequence included, 0) is the lifted
     freeze or an older one. Without a lifted sequence in status nothing is known: kept."""
     return freeze_sequence is not None and lifted is not None and freeze_sequence <= lifted
+
+
+def observed_freeze(status: Mapping[str, object]) -> int | None:
+    """status.freezeSequence: the sequence of the authentic freeze marker etcd held when the
+    operator last published what etcd holds (None: no marker then)."""
+    raw = status.get("freezeSequence")
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    return None
+
+
+def freeze_lifted_elsewhere(
+    observed: int | None, freeze_sequence: int | None, lifted: int | None
+) -> int | None:
+    """The sequence to anchor as lifted (status.freezeLiftedSequence) because the marker the
+    operator saw last is no longer in etcd; None: nothing new to anchor.
+
+    A key holder's `ConfigStore.unfreeze` (a plugin, a script) deletes the marker without the
+    operator's unfreeze command, and so does anyone with etcd write access. Either way the
+    freeze the operator saw is over: anchoring it as lifted makes a saved copy put back later a
+    replay (`freeze_replayed`). A marker with another sequence in its place ends it as well: a
+    higher one is a new freeze (written above the one in place), a lower one a saved marker put
+    over it, removed in the same pass once this one is anchored. An anchor is never lowered."""
+    if observed is None or freeze_sequence == observed:
+        return None
+    if lifted is not None and observed <= lifted:
+        return None
+    return observed

@@ -294,6 +294,43 @@ def test_a_saved_freeze_marker_put_back_after_an_unfreeze_is_removed(
     assert run.get("sniffer")["status"].get("frozen") is False
 
 
+def test_a_freeze_lifted_by_a_key_holder_cannot_be_put_back(operator_run: OperatorRun) -> None:
+    # docs/security.md ("Replays", item 6): the freeze is lifted by ConfigStore.unfreeze (a
+    # plugin holding the key), not by the operator's unfreeze command. The operator saw the
+    # marker, sees it gone, and anchors it as lifted: the saved marker put back is removed.
+    run = operator_run
+    pods = _two_instances_on_version_2(run)
+    _fail_and_wait_frozen(run, pods)
+    configs = run.configs()
+    client = configs.client
+    marker = client.layout.freeze("sniffer")
+    saved = client.store.get(marker)
+    assert saved is not None
+    frozen = configs.frozen("sniffer")
+    assert frozen is not None
+    wait_for(
+        "the marker published in status",
+        lambda: run.get("sniffer")["status"].get("freezeSequence") == frozen.sequence,
+        timeout=30,
+    )
+    for hb in run.heartbeaters:
+        hb.update(last_error=None)
+    configs.unfreeze("sniffer")
+    wait_for(
+        "the lift anchored",
+        lambda: run.get("sniffer")["status"].get("freezeLiftedSequence") == frozen.sequence,
+        timeout=30,
+    )
+    assert run.get("sniffer")["status"].get("frozen") is False
+
+    client.store.put(marker, saved.value)
+    wait_for("the replayed marker removed", lambda: client.store.get(marker) is None, timeout=30)
+    run.wait_event("sniffer", "FreezeReplayed")
+    run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
+    wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
+    assert configs.get_active("sniffer").config["snaplen"] == 1024
+
+
 def test_a_new_operator_keeps_guarding_a_change_committed_before_it(
     operator_run: OperatorRun,
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from defender_agent import load_agent_settings
+from defender_agent import AgentSettingsError, load_agent_settings
 from defender_devcluster import ToolNotFoundError, tool
 from defender_devcluster.pytest_plugin import missing_tool
 
@@ -274,3 +274,90 @@ def test_status_port_is_rendered(helm: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert agent["ports"] == [{"name": "agent-status", "containerPort": 8089}]
     assert _settings_of(agent, monkeypatch).status_port == 8089
     assert "ports" not in containers(deployment(helm))["defender-agent"]
+
+
+# --- the agent calls only its own pod ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["agent.reload.method=http", "reloadUrl=http://10.0.0.7:8080/-/reload"],
+        ["agent.reload.method=http", "reloadUrl=http://sniffer.other-ns.svc/-/reload"],
+        ["agent.reload.method=http", "reloadUrl=https://127.0.0.1:8443/-/reload"],
+        ["agent.reload.method=http", "reloadUrl=http://127.1:8080/-/reload"],
+        ["healthCheck=http", "healthUrl=http://169.254.169.254/latest/meta-data/"],
+        ["healthCheck=http", "healthUrl=http://127.0.0.1@evil.example/x"],
+        ["healthCheck=tcp", "healthTcp=db.other-ns.svc:5432"],
+        ["healthCheck=tcp", "healthTcp=127.0.0.256:5432"],
+    ],
+)
+def test_an_endpoint_outside_the_pod_fails_the_render(
+    helm: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str]
+) -> None:
+    # The chart and the agent agree: what the chart refuses, the agent refuses too.
+    proc = render(helm, *sets)
+    assert proc.returncode != 0
+    assert "the agent calls only the component in its own pod" in proc.stderr or (
+        "must start with http://" in proc.stderr
+    )
+    ok = deployment(helm)
+    agent = containers(ok)["defender-agent"]
+    name, value = sets[1].split("=", 1)
+    env_name = {
+        "reloadUrl": "DEFENDER_AGENT_RELOAD_URL",
+        "healthUrl": "DEFENDER_AGENT_HEALTH_URL",
+        "healthTcp": "DEFENDER_AGENT_HEALTH_TCP",
+    }[name]
+    for key, item in env_of(agent).items():
+        monkeypatch.setenv(key, item if isinstance(item, str) else "sniffer-6c9d-x2")
+    monkeypatch.setenv(env_name, value)
+    monkeypatch.setenv("DEFENDER_AGENT_RELOAD_METHOD", "none")
+    with pytest.raises(AgentSettingsError, match=r"own pod|http://"):
+        load_agent_settings([])
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["agent.reload.method=http", "reloadUrl=http://localhost:8080/-/reload"],
+        ["agent.reload.method=http", "reloadUrl=http://[::1]:8080/-/reload"],
+        ["healthCheck=http", "healthUrl=http://127.0.0.9:9090/healthz"],
+        ["healthCheck=tcp", "healthTcp=[::1]:5571"],
+        ["healthCheck=tcp", "healthTcp=localhost:5571"],
+    ],
+)
+def test_a_loopback_endpoint_renders_settings_the_agent_accepts(
+    helm: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str]
+) -> None:
+    agent = containers(deployment(helm, *sets))["defender-agent"]
+    _settings_of(agent, monkeypatch)
+
+
+# --- the shared volume holds two files of the library's cap ------------------------------------
+
+_BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def _quantity_bytes(text: str) -> int:
+    for suffix, factor in _BINARY.items():
+        if text.endswith(suffix):
+            return int(text[: -len(suffix)]) * factor
+    return int(text)
+
+
+def test_the_shared_volume_holds_the_largest_config_twice(helm: Path) -> None:
+    # The agent writes a temporary file beside the old one and renames it: with a volume smaller
+    # than two files of the cap, a config the library accepts fills it (ENOSPC or an eviction).
+    from defender_agent._core import DEFAULT_MAX_FILE_BYTES
+    from defender_config import EnvelopeOptions
+
+    cap = EnvelopeOptions().max_decompressed_bytes
+    assert cap == DEFAULT_MAX_FILE_BYTES  # the agent's file is never larger than the cap
+    needed = 2 * cap + (1 << 20)  # and room for the component's own small files
+    chart_values = yaml.safe_load((REPO / "charts" / "ml-defender" / "values.yaml").read_text())
+    example_values = yaml.safe_load((EXAMPLE / "values.yaml").read_text())
+    assert _quantity_bytes(chart_values["agent"]["sharedSizeLimit"]) >= needed
+    assert _quantity_bytes(example_values["agent"]["sharedSizeLimit"]) >= needed
+    volumes = {v["name"]: v for v in deployment(helm)["spec"]["template"]["spec"]["volumes"]}
+    assert _quantity_bytes(volumes["defender-shared"]["emptyDir"]["sizeLimit"]) >= needed

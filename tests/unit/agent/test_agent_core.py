@@ -362,3 +362,109 @@ def test_a_failed_write_is_retried_until_the_volume_is_back(tmp_path: Path) -> N
     assert sink.heartbeat["config_version"] == 5
     assert sink.heartbeat["last_error"] is None
     assert not a.pending
+
+
+# --- the shared volume's size ------------------------------------------------------------------
+
+
+def _volume_full_after(monkeypatch: pytest.MonkeyPatch, room: list[int]) -> None:
+    """The shared volume takes ``room[0]`` more bytes, then every write fails with ENOSPC, as
+    a memory-backed emptyDir at its sizeLimit does (the kubelet sizes its tmpfs to the limit)."""
+    import errno
+    import io
+
+    from defender_config import _files
+
+    real_fdopen = os.fdopen
+
+    class Tmpfs(io.FileIO):
+        def write(self, data: Any) -> int:
+            if len(data) > room[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            room[0] -= len(data)
+            return super().write(data)
+
+    def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "wb":
+            return Tmpfs(fd, "wb")
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_files.os, "fdopen", fdopen)
+
+
+def test_a_full_volume_is_a_write_failure_retried_with_the_old_file_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink)
+    assert a.apply({"v": 1}, version=1)
+    old = (tmp_path / "demo.json").read_bytes()
+    room = [0]
+    _volume_full_after(monkeypatch, room)
+    big = {"v": 2, "blob": "x" * 4096}
+    assert not a.apply(big, version=2)  # never raises
+    assert (tmp_path / "demo.json").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]  # no temporary file left
+    error = sink.heartbeat["last_error"]
+    assert error["reason"] == "WriteFailed"
+    assert "No space left on device" in error["detail"] and "not full" in error["detail"]
+    assert [kind for kind, _ in sink.alerts] == ["WriteFailed"]
+    assert sink.heartbeat["config_version"] == 1
+    assert a.pending
+    assert not a.retry() and not a.retry()  # retried every tick, reported once
+    assert [kind for kind, _ in sink.alerts] == ["WriteFailed"]
+    room[0] = 1 << 20  # the component deleted its own files from the volume
+    assert a.retry()
+    assert json.loads((tmp_path / "demo.json").read_text()) == big
+    assert sink.heartbeat["config_version"] == 2
+    assert sink.heartbeat["last_error"] is None
+    assert not a.pending
+
+
+def test_a_file_over_the_cap_is_written_compact_or_refused(tmp_path: Path) -> None:
+    # Indentation makes a deep config's file many times its decoded size; the volume is sized
+    # for two files of the cap, so the file never exceeds it.
+    deep: Any = list(range(50))
+    for _ in range(40):
+        deep = [deep]
+    config = {"deep": deep}
+    indented, compact = render_config(config), render_config(config, len(render_config(config)) - 1)
+    assert len(indented) > 20 * len(compact)
+    assert json.loads(compact) == config and b"\n " not in compact
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, max_file_bytes=len(compact))
+    assert a.apply(config, version=1)
+    assert (tmp_path / "demo.json").read_bytes() == compact
+    too_big = {"deep": deep, "more": "x" * 10}
+    assert not a.apply(too_big, version=2)
+    assert (tmp_path / "demo.json").read_bytes() == compact
+    assert sink.heartbeat["last_error"]["reason"] == "ConfigTooLarge"
+    assert f"cap of {len(compact)} bytes" in sink.heartbeat["last_error"]["detail"]
+    assert not a.pending  # the same config would be as large again: nothing to retry
+    assert render_config({"v": 1}, 1 << 20) == render_config({"v": 1})  # small stays indented
+
+
+def test_the_agent_caps_its_file_at_the_librarys_cap() -> None:
+    from defender_agent._core import DEFAULT_MAX_FILE_BYTES
+    from defender_config import EnvelopeOptions
+
+    assert EnvelopeOptions().max_decompressed_bytes == DEFAULT_MAX_FILE_BYTES
+
+
+def test_the_agent_takes_its_file_cap_from_the_library_settings(tmp_path: Path) -> None:
+    # A store that accepts larger values (envelope.max_decompressed_bytes raised, with the
+    # chart's sharedSizeLimit) lets the agent write a larger file too, and a lower cap caps it.
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(tmp_path / "demo.json")]
+    )  # fmt: skip
+    library = LibrarySettings(envelope=EnvelopeOptions(encrypt=False, max_decompressed_bytes=64))
+    agent = Agent(settings, library)
+    assert not agent.applier.apply({"blob": "x" * 100}, version=1)
+    assert agent.applier.last_error is not None
+    assert agent.applier.last_error.reason == "ConfigTooLarge"
+    assert not (tmp_path / "demo.json").exists()

@@ -32,6 +32,7 @@ from defender_agent._health import (
     TcpCheck,
     process_state,
 )
+from defender_agent._http import http_request
 from defender_agent._status import StatusServer
 from defender_devcluster import wait_for
 
@@ -274,9 +275,10 @@ def test_process_check_defaults_to_the_reload_target() -> None:
     ("args", "message"),
     [
         (["--health-check", "process"], "health_check=process needs"),
-        (["--health-check", "http", "--health-url", "ftp://x"], "health_check=http needs"),
+        (["--health-check", "http"], "health_check=http needs"),
+        (["--health-check", "http", "--health-url", "ftp://x"], "health_url: .*http://"),
         (["--health-check", "tcp", "--health-tcp", "nohost"], "health_check=tcp needs"),
-        (["--health-check", "tcp", "--health-tcp", "h:99999"], "health_check=tcp needs"),
+        (["--health-check", "tcp", "--health-tcp", "[::1]:99999"], "health_check=tcp needs"),
         (["--health-check", "exec", "--health-exec", "  "], "health_check=exec needs"),
         (["--health-check", "file", "--health-file", "/x"], "health_check=file needs"),
         (["--health-check", "bogus"], "health_check"),
@@ -508,3 +510,90 @@ def test_a_token_in_the_health_url_is_never_shown() -> None:
     shown = [check.describe(), check.check() or "", repr(check)]
     assert not [text for text in shown if "s3cret" in text]
     assert check.describe().endswith("/health?...")
+
+
+# --- localhost that is not loopback ------------------------------------------------------------
+
+
+def _an_address_that_is_not_loopback() -> str:
+    # The address this host would leave from: a local, listenable address that is not loopback.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("198.51.100.1", 9))  # TEST-NET-2: routed, never sent (UDP)
+        except OSError:
+            pytest.skip("no non-loopback IPv4 address on this host")
+        address = str(probe.getsockname()[0])
+    if address.startswith("127.") or address == "0.0.0.0":
+        pytest.skip("no non-loopback IPv4 address on this host")
+    return address
+
+
+@pytest.fixture
+def localhost_elsewhere(monkeypatch: pytest.MonkeyPatch) -> tuple[str, socket.socket]:
+    """``localhost`` resolving to a listening address outside loopback, as after a container
+    of the pod rewrote the pod's /etc/hosts."""
+    address = _an_address_that_is_not_loopback()
+    listener = socket.socket()
+    listener.bind((address, 0))
+    listener.listen(4)
+    port = int(listener.getsockname()[1])
+    real = socket.getaddrinfo
+
+    def lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return f"localhost:{port}", listener
+
+
+def test_an_http_check_whose_localhost_is_elsewhere_fails_without_a_request(
+    localhost_elsewhere: tuple[str, socket.socket],
+) -> None:
+    target, listener = localhost_elsewhere
+    with listener:
+        problem = HttpCheck(f"http://{target}/health", 2).check() or ""
+        assert "not a loopback address" in problem
+        accepted, _ = listener.accept()
+        with accepted:
+            accepted.settimeout(1)
+            assert accepted.recv(100) == b""  # closed before a byte of the request was sent
+
+
+def test_a_tcp_check_whose_localhost_is_elsewhere_fails(
+    localhost_elsewhere: tuple[str, socket.socket],
+) -> None:
+    target, listener = localhost_elsewhere
+    host, _, port = target.partition(":")
+    with listener:
+        assert "not a loopback address" in (TcpCheck(host, int(port), 2).check() or "")
+
+
+def test_http_requests_go_to_loopback_over_plain_http_only() -> None:
+    for url in ("https://127.0.0.1:1/x", "http://10.0.0.7/x", "http://127.1/x"):
+        with pytest.raises(ValueError, match="must"):
+            http_request(url, "GET", 1)
+
+
+@pytest.mark.parametrize(
+    ("peer", "ok"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("192.0.2.7", False),
+        ("::ffff:192.0.2.7", False),
+        ("fd00::2", False),
+    ],
+)
+def test_the_address_a_connection_reached_is_checked(peer: str, ok: bool) -> None:
+    from defender_agent._http import loopback_peer_problem
+
+    class Connected:
+        def getpeername(self) -> tuple[str, int]:
+            return peer, 8080
+
+    problem = loopback_peer_problem(Connected(), "localhost")  # type: ignore[arg-type]
+    assert (problem is None) is ok

@@ -236,3 +236,86 @@ def test_a_bad_etcd_setting_is_one_line_naming_it_without_the_values(
     assert named in message
     assert "hunter2" not in message
     assert "input_value" not in message and "pydantic.dev" not in message
+
+
+# --- the agent calls only its own pod ----------------------------------------------------------
+
+NOT_THE_POD = [
+    "http://10.0.0.7:8080/-/reload",
+    "http://sniffer.other-ns.svc:8080/-/reload",
+    "http://metadata.google.internal/computeMetadata/v1/",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[fd00::2]:8080/x",
+    "http://[::ffff:127.0.0.1]:8080/x",  # IPv4-mapped: not a literal loopback address
+    "http://127.1:8080/x",  # inet_aton shorthand for 127.0.0.1: refused, not guessed at
+    "http://0x7f.0.0.1:8080/x",
+    "http://0.0.0.0:8080/x",  # "any": connects to loopback on Linux, but says nothing of it
+    "http://ip6-localhost:8080/x",  # a name that usually resolves to ::1: no lookups
+    "http://sniffer.localhost:8080/x",
+    "http://localhost.evil.example:8080/x",
+    "http://127.0.0.1@evil.example/x",  # userinfo before the real host
+    "https://127.0.0.1:8443/x",  # TLS over loopback: the agent speaks plain http only
+    "ftp://127.0.0.1/x",
+    "127.0.0.1:8080/x",
+    "http://127.0.0.1:99999/x",
+    "",
+]
+THE_POD = [
+    "http://127.0.0.1:8080/-/reload",
+    "http://localhost:8080/-/reload",
+    "http://LOCALHOST/-/reload",
+    "http://127.0.0.53:9/x",
+    "http://[::1]:8080/-/reload",
+    "http://user:token@127.0.0.1:8080/-/reload?token=x",
+]
+
+
+@pytest.mark.parametrize("url", NOT_THE_POD)
+def test_a_reload_url_outside_the_pod_is_refused_in_one_line(url: str) -> None:
+    argv = [*BASE[:4], "--instance", "i", "--reload-method", "http", "--reload-url", url]
+    with pytest.raises(AgentSettingsError, match=r"reload_url: ") as info:
+        load_agent_settings(argv)
+    assert "\n" not in str(info.value)
+    assert not url or url not in str(info.value)  # the URL may hold a token
+
+
+@pytest.mark.parametrize("url", NOT_THE_POD)
+def test_a_health_url_outside_the_pod_is_refused_in_one_line(url: str) -> None:
+    argv = [*BASE, "--instance", "i", "--health-check", "http", "--health-url", url]
+    with pytest.raises(AgentSettingsError, match=r"health_url: ") as info:
+        load_agent_settings(argv)
+    assert "\n" not in str(info.value)
+
+
+def test_a_health_url_outside_the_pod_is_refused_even_when_the_check_is_off() -> None:
+    # A value set for later is checked now, not when someone turns the check on.
+    with pytest.raises(AgentSettingsError, match=r"health_url: "):
+        load_agent_settings([*BASE, "--instance", "i", "--health-url", "http://10.0.0.7/"])
+
+
+@pytest.mark.parametrize("url", THE_POD)
+def test_loopback_urls_are_accepted(url: str) -> None:
+    reload = [*BASE[:4], "--instance", "i", "--reload-method", "http", "--reload-url", url]
+    assert load_agent_settings(reload).reload_url == url
+    health = [*BASE, "--instance", "i", "--health-check", "http", "--health-url", url]
+    assert load_agent_settings(health).health_url == url
+
+
+@pytest.mark.parametrize(
+    ("target", "ok"),
+    [
+        ("127.0.0.1:9000", True),
+        ("localhost:9000", True),
+        ("[::1]:9000", True),
+        ("10.0.0.7:9000", False),
+        ("db.other-ns.svc:5432", False),
+        ("127.1:9000", False),
+    ],
+)
+def test_a_tcp_check_outside_the_pod_is_refused(target: str, ok: bool) -> None:
+    argv = [*BASE, "--instance", "i", "--health-check", "tcp", "--health-tcp", target]
+    if ok:
+        assert load_agent_settings(argv).health_tcp == target
+    else:
+        with pytest.raises(AgentSettingsError, match=r"health_tcp: .*own pod"):
+            load_agent_settings(argv)
