@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -833,6 +834,10 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 notes.append("Some components never became Ready; operator log tail: " + tail)
         finally:
             cluster.stop()
+            keep = os.environ.get("BENCH_OPERATOR_KEEP_AUDIT")
+            if keep:
+                # For a person reading what each write carried (not used by the report).
+                shutil.copy(audit_log, keep)
     worst = max((r["create_to_ready_seconds"]["p99"] for r in runs), default=float("inf"))
     rss_at_big = [r["operator_rss_bytes"] for r in runs if r["components"] >= 1000]
     latency_met = worst <= 2.0 and all(r["ready"] == r["components"] for r in runs)
