@@ -124,6 +124,13 @@ def heartbeat_time_field(published: Any, newest: datetime, refresh_seconds: floa
     return _rfc3339(newest)
 
 
+def heartbeat_rider(instances: Sequence[InstanceRecord]) -> dict[str, Any]:
+    """The newest heartbeat as status.lastHeartbeatTime, for a status write that happens
+    anyway: it costs nothing there, while on its own it waits for the refresh interval."""
+    newest = max((i.time for i in instances), default=None)
+    return {} if newest is None else {"lastHeartbeatTime": _rfc3339(newest)}
+
+
 def _seals_with(instance: InstanceRecord, primary: str) -> bool:
     # Older heartbeats without key_fingerprint can only say which keys they hold.
     if instance.key_fingerprint:
@@ -181,10 +188,16 @@ class Pass:
     carry: Mapping[str, Any] = field(default_factory=dict)
     stored: Mapping[str, Any] | None = None
 
-    def publish(self, fields: Mapping[str, Any]) -> Any:
+    def publish(self, fields: Mapping[str, Any], riders: Mapping[str, Any] | None = None) -> Any:
         shown = self.stored if self.stored is not None else self.status
         return publish_status(
-            self.rt, self.namespace, self.name, self.generation, shown, {**self.carry, **fields}
+            self.rt,
+            self.namespace,
+            self.name,
+            self.generation,
+            shown,
+            {**self.carry, **fields},
+            riders,
         )
 
 
@@ -280,7 +293,7 @@ async def _steps(
     take(mem, found, await key_step(p, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
     post_events(rt.post_event, p.body, found)
-    await p.publish(found.fields)
+    await p.publish(found.fields, heartbeat_rider(seen.instances))
     wake = next_deadline(
         utcnow(),
         pod_views(pods),

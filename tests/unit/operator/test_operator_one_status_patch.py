@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
@@ -13,7 +14,9 @@ import pytest
 from operator_core_support import Harness, spec
 
 from defender_config import ScrubReport, ValueCheck
+from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
+from defender_operator._runtime import utcnow
 
 
 def ready(h: Harness) -> dict[str, Any]:
@@ -117,3 +120,52 @@ def test_a_first_clean_scrub_goes_out_with_the_pass_and_corruption_at_once(
         asyncio.run(h.monitor(spec()))
     assert h.condition(cond.CORRUPT)["status"] == cond.TRUE
     assert "ValueCorrupt" in posted
+
+
+def _beat_at(h: Harness, pod: str, when: datetime) -> None:
+    h.backend.add_instance(
+        "sniffer",
+        InstanceRecord(
+            instance=f"{pod}-0",
+            pod=pod,
+            time=when,
+            status="RUNNING",
+            key_fingerprint=h.rt.keyring.current().primary_fingerprint,
+        ),
+    )
+
+
+def test_a_newer_heartbeat_alone_writes_nothing_until_the_refresh() -> None:
+    # Heartbeats live in leases; copying each into status would be a write per component
+    # per pass (issue 17).
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    shown = h.kube.status["lastHeartbeatTime"]
+    _beat_at(h, "sniffer-a", utcnow() + timedelta(seconds=20))
+    asyncio.run(h.monitor(spec()))
+    assert len(h.kube.patches) == 1
+    refresh = h.rt.settings.status_heartbeat_refresh_seconds
+    _beat_at(h, "sniffer-a", utcnow() + timedelta(seconds=refresh + 1))
+    asyncio.run(h.monitor(spec()))
+    assert len(h.kube.patches) == 2
+    assert h.kube.status["lastHeartbeatTime"] > shown
+
+
+def test_a_status_write_for_another_reason_carries_the_newest_heartbeat() -> None:
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    shown = h.kube.status["lastHeartbeatTime"]
+    later = utcnow() + timedelta(seconds=20)
+    # A second pod comes up: instances change, so status is written anyway.
+    h.add_pod("sniffer-b")
+    _beat_at(h, "sniffer-a", later)
+    _beat_at(h, "sniffer-b", later)
+    asyncio.run(h.monitor(spec()))
+    assert len(h.kube.patches) == 2
+    patch = h.kube.patches[-1]
+    assert patch["instances"] == {"alive": 2, "expected": 2}
+    assert patch["lastHeartbeatTime"] == cond.rfc3339(later) != shown
