@@ -206,7 +206,12 @@ class Runtime:
         return keyring_condition(self.keyring_ready, self.keyring_refused)
 
     def memory(self, namespace: str, name: str) -> ComponentMemory:
-        return self.components.setdefault((namespace, name), ComponentMemory())
+        # Not setdefault: it would build (and throw away) a whole ComponentMemory, a clock
+        # read and a lock on every call, several times per monitor pass.
+        mem = self.components.get((namespace, name))
+        if mem is None:
+            mem = self.components[namespace, name] = ComponentMemory()
+        return mem
 
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
