@@ -557,13 +557,27 @@ def batch(
     return row
 
 
-def steady_logs(path: Path, components: int, window: float) -> dict[str, Any]:
+def steady_logs(
+    path: Path, components: int, window: float, namespace: str | None = None
+) -> dict[str, Any]:
     """Bytes of operator log per component per hour while every component is Ready and its
     instances beat (nothing changes): the log growth over `window` seconds, scaled. Also the
-    mean size of every line written so far (create path included)."""
+    mean size of every line written so far (create path included), and, with the audit log,
+    the operator's API writes about the `namespace`'s components in the window, scaled alike
+    (status.lastHeartbeatTime refreshes, mostly)."""
     before = path.stat().st_size
+    began = time.time()
     time.sleep(window)
+    ended = time.time()
     grown = path.stat().st_size - before
+    writes: int | None = None
+    if AUDIT_LOG and namespace is not None:
+        time.sleep(1.0)  # the audit backend writes its lines a moment after the response
+        writes = sum(
+            1
+            for received, _, _ in operator_writes(AUDIT_LOG[0], namespace)
+            if began <= received <= ended
+        )
     lines = [ln for ln in path.read_bytes().splitlines() if ln.startswith(b"{")]
     row = {
         "components": components,
@@ -573,6 +587,9 @@ def steady_logs(path: Path, components: int, window: float) -> dict[str, Any]:
         "json_lines_so_far": len(lines),
         "mean_line_bytes": sum(map(len, lines)) / len(lines) if lines else 0.0,
     }
+    if writes is not None:
+        row["steady_api_writes"] = writes
+        row["steady_api_writes_per_component_per_hour"] = writes / window * 3600 / components
     print(f"operator log at steady state: {row}", flush=True)
     return row
 
@@ -782,7 +799,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                     )
                 steady = float(os.environ.get("BENCH_OPERATOR_STEADY_SECONDS", 0) or 0)
                 logs = steady_logs(
-                    op.log_path, 1 + sum(sizes), steady or (20.0 if quick else 120.0)
+                    op.log_path, 1 + sum(sizes), steady or (20.0 if quick else 120.0), ns
                 )
                 trials = int(os.environ.get("BENCH_OPERATOR_RESTART_TRIALS", 2 if quick else 3))
                 try:

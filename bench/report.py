@@ -441,6 +441,14 @@ def section_operator(d: dict[str, Any]) -> list[str]:
             f"{logs['json_lines_so_far']:,} lines so far (create path included), "
             f"{logs['mean_line_bytes']:.0f} B each on average.",
         ]
+        if "steady_api_writes" in logs:
+            out += [
+                "",
+                f"API writes by the operator in the same window: {logs['steady_api_writes']} = "
+                f"**{logs['steady_api_writes_per_component_per_hour']:.1f} per component per "
+                "hour** (status.lastHeartbeatTime moves on its own once a minute; anything "
+                "else in status changing carries it along).",
+            ]
     out += ["", *(f"- {note}" for note in d.get("notes", [])), ""]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in d["runs"]:
