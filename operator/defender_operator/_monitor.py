@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -126,7 +126,8 @@ def heartbeat_time_field(published: Any, newest: datetime, refresh_seconds: floa
 
 def heartbeat_rider(instances: Sequence[InstanceRecord]) -> dict[str, Any]:
     """The newest heartbeat as status.lastHeartbeatTime, for a status write that happens
-    anyway: it costs nothing there, while on its own it waits for the refresh interval."""
+    anyway: it costs nothing there, while on its own it waits for the refresh interval.
+    Called only when the write happens (formatting a time every pass is not free)."""
     newest = max((i.time for i in instances), default=None)
     return {} if newest is None else {"lastHeartbeatTime": _rfc3339(newest)}
 
@@ -188,7 +189,9 @@ class Pass:
     carry: Mapping[str, Any] = field(default_factory=dict)
     stored: Mapping[str, Any] | None = None
 
-    def publish(self, fields: Mapping[str, Any], riders: Mapping[str, Any] | None = None) -> Any:
+    def publish(
+        self, fields: Mapping[str, Any], riders: Callable[[], Mapping[str, Any]] | None = None
+    ) -> Any:
         shown = self.stored if self.stored is not None else self.status
         return publish_status(
             self.rt,
@@ -293,7 +296,7 @@ async def _steps(
     take(mem, found, await key_step(p, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
     post_events(rt.post_event, p.body, found)
-    await p.publish(found.fields, heartbeat_rider(seen.instances))
+    await p.publish(found.fields, partial(heartbeat_rider, seen.instances))
     wake = next_deadline(
         utcnow(),
         pod_views(pods),

@@ -107,11 +107,11 @@ async def publish_status(
     generation: int,
     current_status: Mapping[str, Any],
     fields: Mapping[str, Any],
-    riders: Mapping[str, Any] | None = None,
+    riders: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
-    """Write `fields` plus freshly computed conditions to the status subresource, with
-    `riders` (fresher values of fields that alone are not worth a write, such as the newest
-    heartbeat time) when anything else makes the write happen."""
+    """Write `fields` plus freshly computed conditions to the status subresource, with what
+    `riders` gives (fresher values of fields that alone are not worth a write, such as the
+    newest heartbeat time) when anything else makes the write happen."""
     mem = rt.memory(namespace, name)
     if mem.status is not None:
         # Ours as last written: the caller's copy may lag our previous write.
@@ -142,8 +142,8 @@ async def publish_status(
     if unchanged:
         mem.status = dict(current_status)
         return
-    if riders:
-        patch.update(riders)
+    if riders is not None:
+        patch.update(riders())
     stored = await asyncio.to_thread(rt.kube.patch_status, namespace, name, patch)
     mem.status = stored
 
