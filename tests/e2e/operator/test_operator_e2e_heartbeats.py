@@ -19,7 +19,13 @@ from operator_e2e_support import (
 )
 from operator_e2e_support import metric as _metric
 
-from defender_config import ChangeKind, CodecMismatchError, UnknownKeyError, contract
+from defender_config import (
+    ChangeKind,
+    CodecMismatchError,
+    ConfigStore,
+    UnknownKeyError,
+    contract,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
@@ -264,6 +270,25 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     assert active.metadata is not None and active.metadata.change is ChangeKind.COMMIT
 
 
+def _frozen_with_saved_marker(run: OperatorRun) -> tuple[ConfigStore, str, bytes]:
+    """Version 2 on two instances, the breaker tripped on it; the freeze marker as someone
+    who can read etcd saves it."""
+    pods = _two_instances_on_version_2(run)
+    _fail_and_wait_frozen(run, pods)
+    configs = run.configs()
+    marker = configs.client.layout.freeze("sniffer")
+    saved = configs.client.store.get(marker)
+    assert saved is not None
+    return configs, marker, saved.value
+
+
+def _put_back_and_removed(run: OperatorRun, marker: str, value: bytes) -> None:
+    store = run.configs().client.store
+    store.put(marker, value)
+    wait_for("the replayed marker removed", lambda: store.get(marker) is None, timeout=30)
+    run.wait_event("sniffer", "FreezeReplayed")
+
+
 def test_a_saved_freeze_marker_put_back_after_an_unfreeze_is_removed(
     operator_run: OperatorRun,
 ) -> None:
@@ -271,22 +296,15 @@ def test_a_saved_freeze_marker_put_back_after_an_unfreeze_is_removed(
     # who can read etcd, put back with a raw put after a person lifted the freeze. It must not
     # hold commits until a person unfreezes again.
     run = operator_run
-    pods = _two_instances_on_version_2(run)
-    _fail_and_wait_frozen(run, pods)
-    configs = run.configs()
+    configs, marker, saved = _frozen_with_saved_marker(run)
     client = configs.client
-    marker = client.layout.freeze("sniffer")
-    saved = client.store.get(marker)
-    assert saved is not None
     for hb in run.heartbeaters:
         hb.update(last_error=None)
     run.patch("sniffer", {"metadata": {"annotations": {contract.UNFREEZE_ANNOTATION: "now"}}})
     wait_for("unfrozen", lambda: run.get("sniffer")["status"].get("frozen") is False, timeout=60)
     assert client.store.get(marker) is None
 
-    client.store.put(marker, saved.value)
-    wait_for("the replayed marker removed", lambda: client.store.get(marker) is None, timeout=30)
-    run.wait_event("sniffer", "FreezeReplayed")
+    _put_back_and_removed(run, marker, saved)
     # Commits go on: the next spec change is committed, not refused as frozen.
     run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
     wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
@@ -299,13 +317,7 @@ def test_a_freeze_lifted_by_a_key_holder_cannot_be_put_back(operator_run: Operat
     # plugin holding the key), not by the operator's unfreeze command. The operator saw the
     # marker, sees it gone, and anchors it as lifted: the saved marker put back is removed.
     run = operator_run
-    pods = _two_instances_on_version_2(run)
-    _fail_and_wait_frozen(run, pods)
-    configs = run.configs()
-    client = configs.client
-    marker = client.layout.freeze("sniffer")
-    saved = client.store.get(marker)
-    assert saved is not None
+    configs, marker, saved = _frozen_with_saved_marker(run)
     frozen = configs.frozen("sniffer")
     assert frozen is not None
     wait_for(
@@ -323,9 +335,7 @@ def test_a_freeze_lifted_by_a_key_holder_cannot_be_put_back(operator_run: Operat
     )
     assert run.get("sniffer")["status"].get("frozen") is False
 
-    client.store.put(marker, saved.value)
-    wait_for("the replayed marker removed", lambda: client.store.get(marker) is None, timeout=30)
-    run.wait_event("sniffer", "FreezeReplayed")
+    _put_back_and_removed(run, marker, saved)
     run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})
     wait_for("version 4", lambda: configs.get_active("sniffer").version == 4, timeout=60)
     assert configs.get_active("sniffer").config["snaplen"] == 1024

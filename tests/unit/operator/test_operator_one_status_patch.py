@@ -135,14 +135,19 @@ def _beat_at(h: Harness, pod: str, when: datetime) -> None:
     )
 
 
+def _ready_on_one_pod(h: Harness) -> str:
+    """One beating pod, the component created: Ready in one patch. The heartbeat time shown."""
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    return str(h.kube.status["lastHeartbeatTime"])
+
+
 def test_a_newer_heartbeat_alone_writes_nothing_until_the_refresh() -> None:
     # Heartbeats live in leases; copying each into status would be a write per component
     # per pass (issue 17).
     h = Harness()
-    h.add_pod("sniffer-a")
-    h.beat("sniffer-a")
-    asyncio.run(h.reconcile(spec(), first_pass=True))
-    shown = h.kube.status["lastHeartbeatTime"]
+    shown = _ready_on_one_pod(h)
     _beat_at(h, "sniffer-a", utcnow() + timedelta(seconds=20))
     asyncio.run(h.monitor(spec()))
     assert len(h.kube.patches) == 1
@@ -155,10 +160,7 @@ def test_a_newer_heartbeat_alone_writes_nothing_until_the_refresh() -> None:
 
 def test_a_status_write_for_another_reason_carries_the_newest_heartbeat() -> None:
     h = Harness()
-    h.add_pod("sniffer-a")
-    h.beat("sniffer-a")
-    asyncio.run(h.reconcile(spec(), first_pass=True))
-    shown = h.kube.status["lastHeartbeatTime"]
+    shown = _ready_on_one_pod(h)
     later = utcnow() + timedelta(seconds=20)
     # A second pod comes up: instances change, so status is written anyway.
     h.add_pod("sniffer-b")
