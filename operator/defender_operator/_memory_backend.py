@@ -337,6 +337,7 @@ class MemoryBackend:
         storage: StoragePolicy,
         digest: str,
         modified_by: str,
+        registration: int | None = None,
     ) -> Declared:
         self._enter("declare")
         stored = self.components.get(component)

@@ -97,9 +97,17 @@ class DefenderClient:
 
     # --- sealed values ----------------------------------------------------------------------
 
-    def seal(self, path: str, data: bytes, options: EnvelopeOptions | None = None) -> bytes:
-        """Seal `data` for etcd key `path` (the path is the AEAD associated data)."""
-        return self.envelope.seal(data, path, options)
+    def seal(
+        self,
+        path: str,
+        data: bytes,
+        options: EnvelopeOptions | None = None,
+        *,
+        registration: int | None = None,
+    ) -> bytes:
+        """Seal `data` for etcd key `path` (the path is the AEAD associated data) and, when
+        encrypted, for the component registration `registration` (in the header)."""
+        return self.envelope.seal(data, path, options, registration=registration)
 
     def open(
         self,
