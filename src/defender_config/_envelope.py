@@ -334,8 +334,10 @@ def inspect(blob: bytes) -> EnvelopeHeader:
 def registration_of(blob: bytes) -> int | None:
     """The registration in an encrypted envelope's header (None: none, or not an encrypted
     envelope). Read without a key: trust it only after the value opened (the AEAD covers it)."""
-    if len(blob) <= 12 or blob[:4] != MAGIC or not blob[5] & FLAG_REGISTRATION:
+    if len(blob) <= 12 or blob[:4] != MAGIC:
         return None
+    if blob[5] & (FLAG_REGISTRATION | FLAG_ENCRYPTED) != FLAG_REGISTRATION | FLAG_ENCRYPTED:
+        return None  # none, or on an unencrypted value, which every reader refuses
     at = FIXED_HEADER_BYTES + blob[12]
     if len(blob) < at + REGISTRATION_BYTES:
         return None
