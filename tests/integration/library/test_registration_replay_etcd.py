@@ -16,9 +16,14 @@ from defender_config import (
     Alert,
     ConfigStore,
     DefenderClient,
+    EnvelopeOptions,
     RecordReplayError,
     RegistrationReplayError,
+    RepairRefusedError,
+    StoragePolicy,
     inspect,
+    restore_active,
+    scrub_component,
 )
 from defender_config.store import EtcdStore
 
@@ -182,3 +187,149 @@ def test_data_from_before_registrations_stays_readable_and_the_next_commit_stamp
     with pytest.raises(RegistrationReplayError):
         running.get_active("sniffer")
     assert not alerts or all(a.kind != "AuthenticationFailed" for a in alerts)
+
+
+def make_legacy(store: EtcdStore, client: DefenderClient, component: str) -> None:
+    """Rewrite `component` as a library from before registrations wrote it: a record without
+    one, every sealed value without one."""
+    configs = ConfigStore(client)
+    lay = client.layout
+    meta = configs.get_metadata(component)
+    assert meta is not None
+    legacy = meta.model_dump(mode="json", exclude={"registration"})
+    store.put(lay.metadata(component), client.encode_record(lay.metadata(component), legacy))
+    for sv in store.list_prefix(lay.component_dir(component)):
+        if sv.key == lay.metadata(component) or not (
+            sv.key in (lay.master_config(component), lay.active_config(component))
+            or "/history/" in sv.key
+        ):
+            continue
+        store.put(sv.key, client.seal(sv.key, client.open(sv.key, sv.value)))
+
+
+def sealed_values(client: DefenderClient, store: EtcdStore, component: str) -> dict[str, bytes]:
+    """MASTER, ACTIVE and the kept history of `component`."""
+    lay = client.layout
+    return {
+        sv.key: sv.value
+        for sv in store.list_prefix(lay.component_dir(component))
+        if sv.key in (lay.master_config(component), lay.active_config(component))
+        or "/history/" in sv.key
+    }
+
+
+def test_scrub_reports_values_of_an_earlier_registration_even_when_they_hold_the_same_config(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    """Registered again with the very config the earlier registration had: its ACTIVE and
+    history entry put back hold the digest the record names, so only the registration in their
+    (authenticated) header tells them apart. The scrub reports them; restore_active never takes
+    one as its source, and writes ACTIVE for the current registration."""
+    configs = ConfigStore(client)
+    lay = client.layout
+    configs.seed("sniffer", FIRST, "sniffer", by="test")
+    saved = save(store, client, "sniffer")
+    store.delete_prefix(lay.component_dir("sniffer"))
+    time.sleep(0.01)
+    configs.seed("sniffer", FIRST, "sniffer", by="test")  # the same config, registration two
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.registration is not None
+    current = save(store, client, "sniffer")
+    old = inspect(saved[lay.active_config("sniffer")]).registration
+    assert old is not None and old != meta.registration
+
+    report = scrub_component(configs, "sniffer")
+    assert report is not None and report.failures == ()
+
+    # The earlier registration's history/1 (and an entry above it) put back.
+    store.put(lay.history("sniffer", 1), saved[lay.history("sniffer", 1)])
+    store.put(lay.history("sniffer", 7), saved[lay.history("sniffer", 1)])  # moved: no AEAD
+    report = scrub_component(configs, "sniffer")
+    assert report is not None
+    failed = {c.path: c for c in report.failures}
+    assert set(failed) == {lay.history("sniffer", 1), lay.history("sniffer", 7)}
+    assert failed[lay.history("sniffer", 1)].reason == "RegistrationReplayed"
+    assert failed[lay.history("sniffer", 1)].version == 1
+    assert str(old) in failed[lay.history("sniffer", 1)].detail
+    assert failed[lay.history("sniffer", 7)].reason == "AuthenticationFailed"
+    # Nothing alerted by the scrub itself: its findings are the caller's to announce.
+    assert "RegistrationReplayed" not in [a.kind for a in alerts]
+    with pytest.raises(RepairRefusedError, match="RegistrationReplayed"):
+        restore_active(configs, "sniffer", 1, by="test")
+    assert store.get(lay.active_config("sniffer")).value == current[lay.active_config("sniffer")]  # type: ignore[union-attr]
+    store.delete(lay.history("sniffer", 7))
+
+    # ACTIVE of the earlier registration put back: the same config, so no DigestMismatch.
+    store.put(lay.history("sniffer", 1), current[lay.history("sniffer", 1)])
+    store.put(lay.active_config("sniffer"), saved[lay.active_config("sniffer")])
+    report = scrub_component(configs, "sniffer")
+    assert report is not None
+    assert [(c.path, c.reason) for c in report.failures] == [
+        (lay.active_config("sniffer"), "RegistrationReplayed")
+    ]
+    with pytest.raises(RegistrationReplayError):
+        ConfigStore(client).get_active("sniffer")
+    # Restored from the current registration's entry: sealed for the current registration.
+    restore_active(configs, "sniffer", 1, by="test")
+    restored = store.get(lay.active_config("sniffer"))
+    assert restored is not None
+    assert inspect(restored.value).registration == meta.registration
+    report = scrub_component(configs, "sniffer")
+    assert report is not None and report.failures == ()
+    assert ConfigStore(client).get_active("sniffer").config["node_id"] == "sniffer-01"
+
+
+def test_set_storage_stamps_a_registration_on_data_from_before_registrations(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    lay = client.layout
+    configs.seed("sniffer", FIRST, "sniffer", by="test")
+    configs.commit("sniffer", snaplen(FIRST, 2), by="ops")
+    make_legacy(store, client, "sniffer")
+    legacy = save(store, client, "sniffer")
+    for blob in sealed_values(client, store, "sniffer").values():
+        assert inspect(blob).registration is None
+    running = ConfigStore(client)  # a reader of the legacy data, running through the change
+    assert running.get_active("sniffer").version == 2
+    assert running.held_registration("sniffer") is None
+
+    chacha = EnvelopeOptions(cipher="chacha20-poly1305")
+    assert configs.set_storage("sniffer", chacha, by="ops")
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.version == 2  # no new version
+    assert meta.registration is not None
+    assert meta.storage == StoragePolicy.from_options(chacha)
+    values = sealed_values(client, store, "sniffer")
+    assert set(values) == {
+        lay.master_config("sniffer"),
+        lay.active_config("sniffer"),
+        lay.history("sniffer", 1),
+        lay.history("sniffer", 2),
+    }
+    for path, blob in values.items():
+        header = inspect(blob)
+        assert (header.registration, header.cipher) == (
+            meta.registration,
+            "chacha20-poly1305",
+        ), path
+    # Every reader reads it: the running one (now holding the stamped registration) and a
+    # new one; history and MASTER too.
+    for reader in (running, ConfigStore(client)):
+        active = reader.get_active("sniffer")
+        assert (active.version, active.config["snaplen"]) == (2, 102)
+        assert [e.version for e in reader.history("sniffer")] == [1, 2]
+        assert reader.get_master("sniffer")["node_id"] == "sniffer-01"
+    assert running.held_registration("sniffer") == meta.registration
+    # Another policy change keeps the registration.
+    assert configs.set_storage("sniffer", EnvelopeOptions(compress=False), by="ops")
+    again = configs.get_metadata("sniffer")
+    assert again is not None and again.registration == meta.registration
+    for blob in sealed_values(client, store, "sniffer").values():
+        assert inspect(blob).registration == meta.registration
+    assert "RegistrationReplayed" not in [a.kind for a in alerts]
+    # The unstamped record and ACTIVE put back: refused by the reader that saw the stamp.
+    for path in (lay.metadata("sniffer"), lay.active_config("sniffer")):
+        store.put(path, legacy[path])
+    with pytest.raises(RegistrationReplayError):
+        running.get_active("sniffer")
