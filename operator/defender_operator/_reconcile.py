@@ -373,6 +373,12 @@ _COMMITTING = "committing spec.config"
 def _temporary(exc: kopf.TemporaryError, found: Outcome) -> Outcome:
     if isinstance(exc.__cause__, StoreUnavailableError):
         return Outcome(config=ConfigVerdict(cond.ConfigState.STORE_UNAVAILABLE, str(exc)))
+    if isinstance(exc.__cause__, RegistrationReplayError):
+        # Retried (a restore of the anchored registration's data is picked up), but refused
+        # until then: ConfigSynced must not keep saying Synced over another registration's
+        # record, on which nothing is committed.
+        replay = exc.__cause__
+        return Outcome(config=ConfigVerdict(cond.ConfigState.REFUSED, str(exc), replay.reason))
     if found.config is not None and found.config.message == _COMMITTING:
         message = f"spec.config is not committed yet, retrying: {exc}"
         return Outcome(config=ConfigVerdict(cond.ConfigState.UNKNOWN, message))
