@@ -439,7 +439,7 @@ class ConfigStore:
         digest only."""
         if registration is ANY_REGISTRATION or not self._verifying():
             return
-        if not (is_envelope(blob) and len(blob) > 5 and blob[5] & FLAG_ENCRYPTED):
+        if not _encrypted(blob):
             return
         found = registration_of(blob)
         if found != registration:
@@ -881,6 +881,10 @@ class ConfigStore:
         )
         if result.succeeded:
             log.info("component %s registered (MASTER written by %s)", component, by)
+            # This reader wrote the registration: it holds it from now on, so a record of an
+            # earlier registration put back is refused by its reads (and repaired from this
+            # one by the operator), not accepted as the first it ever saw.
+            self.hold_registration(component, registration)
             freeze_sv = result.gets[0][0] if result.gets and result.gets[0] else None
             seeded = ComponentOverview(
                 metadata=meta,
@@ -1445,8 +1449,9 @@ class ConfigStore:
         operator: `status.registration`), None when nothing is anchored. A record of another
         registration is then no record (alerted RegistrationReplayed) and rebuilt, and only
         values of the anchored one are a source (`repair_registration`); history entries of
-        another one found above the source are deleted. `replays` gets the paths of what was
-        refused so.
+        another one found above the source are deleted, and a MASTER of another one is
+        written again from the anchored registration's version 1 (`_restore_master`).
+        `replays` gets the paths of what was refused so.
 
         Re-sign the component's metadata when it does not verify: records written before
         control records were signed (the migration: the operator calls this on its next pass),
@@ -1467,6 +1472,97 @@ class ConfigStore:
         (ConflictError when something changed meanwhile). `stored`: (metadata, MASTER) as the
         caller just read them in one transaction (`overview_reads`), instead of reading them
         again here."""
+        repaired = self._repair_metadata(
+            component,
+            component_type=component_type,
+            json_schema=json_schema,
+            by=by,
+            trusted_digest=trusted_digest,
+            stored=stored,
+            registration=registration,
+            replays=replays,
+        )
+        if registration is not None and self._restore_master(component, registration, by):
+            if replays is not None:
+                replays.append(self.layout.master_config(component))
+            return True
+        return repaired
+
+    def _restore_master(self, component: str, registration: int, by: str) -> bool:
+        """MASTER of another registration than `registration` (an earlier one's, put back):
+        written again, for `registration`, from its history version 1 (a registration's
+        MASTER is the config its seed wrote, which is its version 1), when that entry is kept
+        and opens, and the record (repaired first) is of `registration`. Alerted
+        RegistrationReplayed. False when there was nothing to do or no source: a MASTER of
+        another registration left so is refused by every read (it is never adopted)."""
+        c, lay = self.client, self.layout
+        master_key, first_key = lay.master_config(component), lay.history(component, 1)
+        master_sv = c.store.get(master_key)
+        if (
+            master_sv is None
+            or not _encrypted(master_sv.value)
+            or registration_of(master_sv.value) == registration
+        ):
+            return False  # none, unencrypted (bound by nothing but digests), or this one's
+        try:
+            meta = self.get_metadata(component)
+        except DefenderConfigError:
+            return False
+        if meta is None or meta.registration != registration:
+            return False
+        read = self._read_options(component, meta)
+        try:
+            c.open(master_key, master_sv.value, read, component=component)
+        except DefenderConfigError:
+            return False  # not an authentic value at all: the scrub's to report
+        first_sv = c.store.get(first_key)
+        if first_sv is None:
+            return False
+        try:
+            config = self._open_config(first_key, first_sv.value, component, read, registration)
+        except DefenderConfigError:
+            return False
+        refused = RegistrationReplayError(
+            master_key, registration_of(master_sv.value), registration, what="MASTER"
+        )
+        c.report(refused, path=master_key, component=component)
+        write = meta.storage.write_options(c.envelope.options) if meta.storage else None
+        put = PutOp(
+            master_key,
+            c.seal(master_key, canonical_json(config), write, registration=registration),
+        )
+        compares = [
+            Compare.mod_revision_is(master_key, master_sv.mod_revision),
+            Compare.mod_revision_is(first_key, first_sv.mod_revision),
+        ]
+        if not c.store.txn(compares, [put], []).succeeded:
+            raise ConflictError(master_key, detail="the component changed while it was repaired")
+        c.alerter.event(
+            "MasterRestored",
+            component,
+            f"MASTER of {component!r} (of another registration, put back) written again from "
+            f"history version 1 of registration {registration} by {by}",
+            instance=c.instance,
+        )
+        log.warning(
+            "component %s: MASTER of another registration replaced from history version 1 by %s",
+            component,
+            by,
+        )
+        return True
+
+    def _repair_metadata(
+        self,
+        component: str,
+        *,
+        component_type: ComponentType | str,
+        json_schema: Mapping[str, Any] | None,
+        by: str,
+        trusted_digest: str | None,
+        stored: tuple[StoredValue | None, StoredValue | None] | None,
+        registration: int | None,
+        replays: list[str] | None,
+    ) -> bool:
         c, lay = self.client, self.layout
         keyring = c.envelope.keyring()
         if keyring is None:
@@ -1915,6 +2011,11 @@ class ConfigStore:
             f"cannot write the config of {component!r}: only a cached copy of its metadata "
             "is readable",
         )
+
+
+def _encrypted(blob: bytes) -> bool:
+    """An encrypted envelope: its header (registration included) is authenticated."""
+    return is_envelope(blob) and len(blob) > 5 and bool(blob[5] & FLAG_ENCRYPTED)
 
 
 def _registration(meta: ConfigMetadata | None) -> int | _Any | None:

@@ -333,3 +333,58 @@ def test_set_storage_stamps_a_registration_on_data_from_before_registrations(
         store.put(path, legacy[path])
     with pytest.raises(RegistrationReplayError):
         running.get_active("sniffer")
+
+
+def test_a_master_of_an_earlier_registration_is_written_again_from_version_one(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    saved = purge_and_register_again(configs, store, client)
+    lay = client.layout
+    registration = configs.held_registration("sniffer")  # the seeding reader holds its own
+    assert registration is not None
+    assert configs.get_metadata("sniffer").registration == registration  # type: ignore[union-attr]
+    master = lay.master_config("sniffer")
+    store.put(master, saved[master])  # MASTER alone: the record still verifies (KEEP)
+    with pytest.raises(RegistrationReplayError):
+        ConfigStore(client).get_master("sniffer")
+    replays: list[str] = []
+    assert configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+        replays=replays,
+    )
+    assert replays == [master]
+    assert inspect(store.get(master).value).registration == registration  # type: ignore[union-attr]
+    assert ConfigStore(client).get_master("sniffer")["node_id"] == "sniffer-02"
+    assert {"RegistrationReplayed", "MasterRestored"} <= {a.kind for a in alerts}
+    # Nothing to do the second time.
+    assert not configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+    )
+    # Without the anchor nothing is rewritten (the caller does not know the registration).
+    store.put(master, saved[master])
+    assert not configs.repair_metadata(
+        "sniffer", component_type="sniffer", json_schema=None, by="operator"
+    )
+    assert inspect(store.get(master).value).registration != registration  # type: ignore[union-attr]
+    # Version 1 pruned (history limit 3): no source, MASTER is left and still refused.
+    for n in range(2, 5):
+        configs.commit("sniffer", snaplen(SECOND, n), by="ops")
+    assert store.get(lay.history("sniffer", 1)) is None
+    assert not configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+    )
+    with pytest.raises(RegistrationReplayError):
+        ConfigStore(client).get_master("sniffer")
