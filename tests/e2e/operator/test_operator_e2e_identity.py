@@ -493,7 +493,9 @@ def test_a_purged_registrations_values_put_back_never_become_active_again(
     run = operator_run
     run.start()
     store = _store(run)
-    comp = run.client().layout.component_dir(NAME)
+    # The operator's keyring: the namespace has no copy before its first component.
+    lay = run.client(run.operator_keyring()).layout
+    comp = lay.component_dir(NAME)
     old_doc = _sample(default_policy="allow", block_ttl_seconds=7)
     old_doc["spec"]["retention"] = "Purge"
     _create(run, run.namespace, old_doc)
@@ -522,7 +524,6 @@ def test_a_purged_registrations_values_put_back_never_become_active_again(
 
     # The attack: the earlier registration's history above the new record, then its metadata,
     # ACTIVE and MASTER (version 3, authentic under the same paths).
-    lay = run.client().layout
     for key in (
         lay.history(NAME, 2),
         lay.history(NAME, 3),
