@@ -283,6 +283,13 @@ class LibraryBackend:
             return self.state(component)
         return _state(seeded.overview)
 
+    def _seeded(self, component: str, seeded: SeedResult) -> None:
+        """This seed wrote a new registration: the reconcile anchors it in the status
+        (`decide_registration(seeded=True)`), so the monitor's repairs take it from now on,
+        not the anchor the declare was given before (etcd had lost that registration's data)."""
+        if seeded.created and seeded.metadata.registration is not None:
+            self._anchored[component] = seeded.metadata.registration
+
     def _seed(
         self,
         component: str,
@@ -294,7 +301,7 @@ class LibraryBackend:
         also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
         reads: Sequence[GetOp] = (),
     ) -> SeedResult:
-        return self.configs.seed(
+        seeded = self.configs.seed(
             component,
             config,
             component_type,
@@ -304,6 +311,8 @@ class LibraryBackend:
             also=also,
             reads=reads,
         )
+        self._seeded(component, seeded)
+        return seeded
 
     def commit(
         self,

@@ -7,6 +7,7 @@ lifetime")."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,8 +18,10 @@ from defender_config import (
     Alert,
     Cadence,
     CallableSink,
+    EnvelopeOptions,
     Keyring,
     LibrarySettings,
+    StoragePolicy,
     config_digest,
     inspect,
     validate_config,
@@ -115,3 +118,40 @@ def test_a_purged_registrations_values_put_back_are_repaired_by_the_next_observe
         assert kind in kinds, kind
     # And the next commit is version 2 of the new registration.
     assert commit(backend, {**allow, "block_ttl_seconds": 9}) == 2
+
+
+def test_a_seed_after_etcd_lost_the_data_moves_the_repairs_to_the_new_registration(
+    backend: LibraryBackend,
+) -> None:
+    seen = claim_and_seed(backend, "uid-1", FW)
+    assert seen is not None
+    old = seen.state.registration
+    store, lay = backend.client.store, backend.layout
+    store.delete_prefix(lay.component_dir("firewall"))  # etcd lost the data
+    time.sleep(0.01)
+    # The next reconcile: the declare with the status's anchor (the lost registration), then
+    # the seed of the empty name, whose registration the status anchors from now on.
+    digest = config_digest(validate_config("firewall", FW))
+    policy = StoragePolicy.from_options(EnvelopeOptions())
+    declared = backend.declare(
+        "firewall",
+        "firewall",
+        json_schema=None,
+        storage=policy,
+        digest=digest,
+        modified_by=BY,
+        registration=old,
+    )
+    assert declared.state is not None and declared.state.active_version is None
+    new = backend.seed("firewall", "firewall", FW, json_schema=None, modified_by=BY).registration
+    assert new is not None and new != old
+    # The record stops verifying (its MAC removed): the monitor's read re-signs it for the
+    # registration just seeded, not the lost one (nothing of which is left).
+    meta_key = lay.metadata("firewall")
+    stored = store.get(meta_key)
+    assert stored is not None
+    doc = json.loads(stored.value)
+    del doc["auth"]
+    store.put(meta_key, json.dumps(doc).encode())
+    state = backend.observe("firewall", utcnow()).state
+    assert (state.registration, state.active_version, state.active_digest) == (new, 1, digest)
