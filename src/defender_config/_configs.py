@@ -228,6 +228,15 @@ class RewrapReport:
     errors: list[str] = field(default_factory=list)
 
 
+class _Unread(enum.Enum):
+    """The type of _UNREAD: a value the caller did not read (read it here)."""
+
+    VALUE = "unread"
+
+
+_UNREAD: Final = _Unread.VALUE
+
+
 class _Any(enum.Enum):
     """The type of ANY_REGISTRATION: a value's registration is not checked."""
 
@@ -1482,13 +1491,23 @@ class ConfigStore:
             registration=registration,
             replays=replays,
         )
-        if registration is not None and self._restore_master(component, registration, by):
+        # MASTER as the caller read it (`stored`; the repair above never writes it): no read of
+        # its own on a reconcile's declare.
+        if registration is not None and self._restore_master(
+            component, registration, by, stored[1] if stored is not None else _UNREAD
+        ):
             if replays is not None:
                 replays.append(self.layout.master_config(component))
             return True
         return repaired
 
-    def _restore_master(self, component: str, registration: int, by: str) -> bool:
+    def _restore_master(
+        self,
+        component: str,
+        registration: int,
+        by: str,
+        master_sv: StoredValue | _Unread | None = _UNREAD,
+    ) -> bool:
         """MASTER of another registration than `registration` (an earlier one's, put back):
         written again, for `registration`, from its history version 1 (a registration's
         MASTER is the config its seed wrote, which is its version 1), when that entry is kept
@@ -1497,7 +1516,8 @@ class ConfigStore:
         another registration left so is refused by every read (it is never adopted)."""
         c, lay = self.client, self.layout
         master_key, first_key = lay.master_config(component), lay.history(component, 1)
-        master_sv = c.store.get(master_key)
+        if isinstance(master_sv, _Unread):
+            master_sv = c.store.get(master_key)
         if (
             master_sv is None
             or not _encrypted(master_sv.value)
