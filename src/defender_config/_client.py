@@ -140,9 +140,13 @@ class DefenderClient:
         *,
         lease: Lease | int | None = None,
         options: EnvelopeOptions | None = None,
+        registration: int | None = None,
     ) -> int:
-        """Seal and write `data` at `path`; returns the revision."""
-        return self.store.put(path, self.seal(path, data, options), lease=lease)
+        """Seal and write `data` at `path` (for the component registration `registration`,
+        when encrypted: `seal`); returns the revision."""
+        return self.store.put(
+            path, self.seal(path, data, options, registration=registration), lease=lease
+        )
 
     # --- plaintext JSON records (metadata, status, heartbeats, alerts) -------------------------
 
