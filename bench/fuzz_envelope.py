@@ -2,11 +2,12 @@
 subclasses), and an authenticated reader never returns anything but the sealed plaintext.
 
 Inputs (seeded, reproducible): random bytes; headers with valid magic and random fields
-(version, flags, codec ids, declared length, key id length/bytes) followed by random bodies;
-real sealed values with 1-8 random byte edits and optional truncation or extension; splices of
-two real values. Each input goes through `inspect`, an authenticated reader (encryption on) and a
-lenient one (accepts unencrypted values). Writes docs/bench/fuzz_envelope.json; exits 1 on
-any untyped exception or wrong plaintext.
+(version, flags, codec ids, declared length, key id length/bytes, registration bytes) followed
+by random bodies; real sealed values (some carrying a registration) with 1-8 random byte edits
+and optional truncation or extension; splices of two real values. Each input goes through
+`inspect`, an authenticated reader (encryption on) and a lenient one (accepts unencrypted
+values). Writes docs/bench/fuzz_envelope.json; exits 1 on any untyped exception or wrong
+plaintext.
 
 Run: .venv/bin/python bench/fuzz_envelope.py [--count N] [--seed S]
 """
@@ -39,6 +40,9 @@ def build_corpus(keyring: Keyring) -> list[tuple[bytes, bytes]]:
         data = config_bytes(size, seed=size)
         for env in (sealed, plain, chacha):
             corpus.append((env.seal(data, PATH), data))
+        # Encrypted values carrying a registration (flag bit 2, 8 header bytes after the key id).
+        for env in (sealed, chacha):
+            corpus.append((env.seal(data, PATH, registration=1_764_000_000_000 + size), data))
     return corpus
 
 
@@ -56,13 +60,14 @@ def generator(
             ">4sBBBBIB",
             b"\x89DFC",
             rng.choice((1, 1, 1, 0, 2, 255)),
-            rng.randrange(256) if rng.random() < 0.3 else rng.choice((0, 1, 2, 3)),
+            rng.randrange(256) if rng.random() < 0.3 else rng.choice((0, 1, 2, 3, 4, 5, 6, 7)),
             rng.choice((0, 1, 2, 255)),
             rng.choice((0, 1, 2, 3, 255)),
             rng.choice((0, 1, 16, 1 << 20, 16 << 20, (16 << 20) + 1, 0xFFFFFFFF)),
             rng.choice((len(kid), len(kid), 0, 64, 65, 255)),
         )
-        return "header", head + kid + rb(rng.choice((0, 11, 12, 28, 200))), None
+        registration = rb(rng.choice((0, 0, 3, 8)))  # read only when flag bit 2 is set
+        return "header", head + kid + registration + rb(rng.choice((0, 11, 12, 28, 200))), None
 
     def edits() -> tuple[str, bytes, bytes | None]:
         blob, data = rng.choice(corpus)

@@ -453,6 +453,16 @@ class DefenderComponentStatus(_Model):
     rollout: RolloutStatus | None = Field(
         default=None, description="The last canary rollout (spec.rollout.canary)."
     )
+    registration: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "The registration of the etcd name this resource's data belongs to (stamped by the"
+            " seed into the signed metadata and every encrypted value). Values and records of"
+            " another registration (an earlier one of a purged name, put back) are refused and"
+            " never a repair's source (docs/security.md)."
+        ),
+    )
     name_claim: NameClaimStatus | None = Field(
         default=None,
         description=(

@@ -43,6 +43,8 @@ class ComponentState:
     """ACTIVE was written by a rollback (to MASTER or a kept version), not a commit."""
     master_error: str | None = None
     """Why MASTER exists but did not open (read with `tolerate_master`; `master_digest` None)."""
+    registration: int | None = None
+    """The verified metadata record's registration (None: from before registrations)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Declared:
     state: ComponentState | None = None
     """What `state` would return, from the declare's own read, so the seed that follows needs
     no read of its own. None: read `state` (the declare re-signed or recorded something)."""
+    replayed: tuple[str, ...] = ()
+    """Paths of a metadata record or history entries of another registration than the anchored
+    one that the declare refused (the record rebuilt, the entries removed)."""
 
 
 @dataclass(frozen=True)
@@ -155,8 +160,12 @@ class Backend(Protocol):
         storage: StoragePolicy,
         digest: str,
         modified_by: str,
+        registration: int | None = None,
     ) -> Declared:
-        """What the spec says, before the seed reads what etcd holds: `declare_storage`, then
+        """`registration`: the anchored one (`status.registration`, None: none yet): held by
+        the backend's reader from now on, and the only one a repair takes values of.
+
+        What the spec says, before the seed reads what etcd holds: `declare_storage`, then
         re-sign the metadata record when it does not verify (written before records were
         signed, forged, or an older one put back), rebuilt from authenticated values,
         `component_type`/`json_schema` and, for a plaintext component, only when it holds

@@ -109,6 +109,7 @@ def _state(seen: ComponentOverview) -> ComponentState:
         active_modified=meta.last_modified if meta is not None else None,
         active_rollback=meta is not None and meta.change.reverts,
         master_error=str(seen.master_error) if seen.master_error is not None else None,
+        registration=meta.registration if meta is not None else None,
     )
 
 
@@ -150,6 +151,8 @@ class LibraryBackend:
         # component -> (type, schema, digest) of its spec, as last declared by a reconcile: lets
         # a monitor pass re-sign a record that stopped verifying without waiting for one.
         self._declared: dict[str, tuple[str, Mapping[str, Any] | None, str]] = {}
+        # component -> the registration its DefenderComponent's status anchors.
+        self._anchored: dict[str, int] = {}
 
     def health(self) -> EtcdHealth:
         report = self.client.store.health()
@@ -187,6 +190,9 @@ class LibraryBackend:
             json_schema=schema,
             by=f"operator:{self.client.instance}",
             trusted_digest=digest,
+            # The status's anchor, else what this reader holds (the registration it read
+            # before the record of another was put back).
+            registration=self._anchored.get(component) or self.configs.held_registration(component),
         )
         return True
 
@@ -211,9 +217,15 @@ class LibraryBackend:
         storage: StoragePolicy,
         digest: str,
         modified_by: str,
+        registration: int | None = None,
     ) -> Declared:
         self.declare_storage(component, storage)
         self._declared[component] = (component_type, json_schema, digest)
+        if registration is not None:
+            # The status anchors it: this reader refuses any other from now on (the monitor's
+            # reads too), and the repairs below take values of it only.
+            self.configs.hold_registration(component, registration)
+            self._anchored[component] = registration
         # One read answers whether the component exists, what a new one holds (the seed
         # needs it) and what the repair and the schema check would read first.
         gets = self.client.store.txn([], self.configs.overview_reads(component)).gets
@@ -221,6 +233,7 @@ class LibraryBackend:
         if meta_sv is None and master_sv is None:
             # A new component: its seed writes a signed record with the schema.
             return Declared(state=_state(self.configs.overview_of(component, gets, False)))
+        replays: list[str] = []
         resigned = self.configs.repair_metadata(
             component,
             component_type=component_type,
@@ -228,6 +241,8 @@ class LibraryBackend:
             by=modified_by,
             trusted_digest=digest,
             stored=(meta_sv, master_sv),
+            registration=registration,
+            replays=replays,
         )
         # An edited spec.customSchema governs the next commit even when spec.config did not
         # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
@@ -240,8 +255,9 @@ class LibraryBackend:
             )
         except ConfigValidationError as exc:
             log.warning("spec.customSchema of %s not recorded yet: %s", component, exc)
-        if resigned or recorded:
-            return Declared(resigned=resigned)  # the record changed: the caller reads again
+        if resigned or recorded or replays:
+            # The record (or the history) changed: the caller reads again.
+            return Declared(resigned=resigned, replayed=tuple(replays))
         # Nothing written: the read above is the state (the repair verified its record).
         return Declared(state=_state(self.configs.overview_of(component, gets, False)))
 
@@ -267,6 +283,13 @@ class LibraryBackend:
             return self.state(component)
         return _state(seeded.overview)
 
+    def _seeded(self, component: str, seeded: SeedResult) -> None:
+        """This seed wrote a new registration: the reconcile anchors it in the status
+        (`decide_registration(seeded=True)`), so the monitor's repairs take it from now on,
+        not the anchor the declare was given before (etcd had lost that registration's data)."""
+        if seeded.created and seeded.metadata.registration is not None:
+            self._anchored[component] = seeded.metadata.registration
+
     def _seed(
         self,
         component: str,
@@ -278,7 +301,7 @@ class LibraryBackend:
         also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
         reads: Sequence[GetOp] = (),
     ) -> SeedResult:
-        return self.configs.seed(
+        seeded = self.configs.seed(
             component,
             config,
             component_type,
@@ -288,6 +311,8 @@ class LibraryBackend:
             also=also,
             reads=reads,
         )
+        self._seeded(component, seeded)
+        return seeded
 
     def commit(
         self,
@@ -377,6 +402,9 @@ class LibraryBackend:
 
     def purge(self, component: str) -> int:
         self._declared.pop(component, None)
+        # The next registration of the name (a new resource) is another one.
+        self._anchored.pop(component, None)
+        self.configs.forget_registration(component)
         store = self.client.store
         removed = store.delete_prefix(self.layout.component_dir(component))
         removed += store.delete_prefix(self.layout.component_alerts_dir(component))

@@ -19,8 +19,12 @@ storage policy, time, the kind of change that wrote it), the freeze (commits ref
 ConfigFrozenError, rollbacks allowed), validation against the type and the schema a commit is
 given (which becomes the recorded one), owner records guarded by a revision, the request-size
 limit of one version's transaction (counting plain JSON: compression is not modelled), and
-alerts. What it does not:
-envelopes, keys and signatures (`declare` never re-signs; key usage is empty).
+alerts, and registrations: each registration of a name gets a number above the clock, its
+record and every history entry carry it, `put_back` returns values saved from an earlier one,
+and `declare` with an anchored registration refuses another as the library's repair does
+(rebuilt from the anchored registration's newest entry, entries of another above it removed,
+RegistrationReplayError when none is left). What it does not: envelopes, keys and signatures
+(`declare` never re-signs otherwise; key usage is empty).
 
 Failures are injected per operation with `fail(operation, error)`; `unavailable = True` makes
 every call fail like an unreachable etcd.
@@ -43,6 +47,7 @@ from defender_config import (
     Keyring,
     KeyUsage,
     NotFoundError,
+    RegistrationReplayError,
     RepairRefusedError,
     RolloutRecord,
     ScrubReport,
@@ -95,6 +100,10 @@ class Stored:
     modified_by: str
     change: ChangeKind
     storage: StoragePolicy | None
+    registration: int | None = None
+    """The record's registration of the name (None: from before registrations)."""
+    registrations: dict[int, int | None] = field(default_factory=dict)
+    """The registration each history entry was sealed for."""
 
 
 @dataclass
@@ -144,6 +153,7 @@ class MemoryBackend:
     known_sightings: bool = True
     _failures: dict[str, list[Exception]] = field(default_factory=dict)
     _revision: int = 0
+    _registered: int = 0
     _watches: list[_Watch] = field(default_factory=list)
     _change_watches: list[_ChangeWatch] = field(default_factory=list)
     # component -> revision of its last viewed write, for `replay_changes`
@@ -279,11 +289,17 @@ class MemoryBackend:
     ) -> int:
         self._check_size(component, config, copies=2)
         version = max(stored.version, max(stored.history, default=0)) + 1
+        if stored.registration is None:
+            # As the library: a record from before registrations gets one at its next write.
+            stored.registration = next_record_sequence(now=_now())
+            stored.registrations = dict.fromkeys(stored.history, stored.registration)
         stored.active = config
         stored.version = version
         stored.history[version] = config
+        stored.registrations[version] = stored.registration
         for old in [v for v in stored.history if v <= version - self.history_limit]:
             del stored.history[old]
+            stored.registrations.pop(old, None)
         stored.modified, stored.modified_by, stored.change = _now(), by, change
         if storage is not None:
             stored.storage = storage
@@ -323,6 +339,7 @@ class MemoryBackend:
             storage=stored.storage,
             active_modified=stored.modified,
             active_rollback=stored.change.reverts,
+            registration=stored.registration,
         )
 
     def declare_storage(self, component: str, storage: StoragePolicy) -> None:
@@ -337,19 +354,95 @@ class MemoryBackend:
         storage: StoragePolicy,
         digest: str,
         modified_by: str,
+        registration: int | None = None,
     ) -> Declared:
         self._enter("declare")
         stored = self.components.get(component)
         if stored is None:
             # As the library: a new component's state comes from the declare's own read.
             return Declared(state=self._state(component))
+        replayed, resigned = self._repair_registration(component, stored, registration)
         # As the library: the spec's schema governs the next commit.
-        if stored.json_schema != (dict(json_schema) if json_schema is not None else None):
+        recorded = stored.json_schema != (dict(json_schema) if json_schema is not None else None)
+        if recorded:
             stored.json_schema = dict(json_schema) if json_schema is not None else None
             self._changed(component)  # the library records it in the metadata
-            return Declared()  # the record changed: the caller reads again
+        if recorded or resigned or replayed:
+            # The record (or the history) changed: the caller reads again.
+            return Declared(resigned=resigned, replayed=replayed)
         # Nothing here is signed, so nothing needs re-signing; nothing written.
         return Declared(state=self._state(component))
+
+    def _repair_registration(
+        self, component: str, stored: Stored, anchored: int | None
+    ) -> tuple[tuple[str, ...], bool]:
+        """As `ConfigStore.repair_metadata(registration=anchored)`: a record of another
+        registration than the anchored one is no record (alerted RegistrationReplayed) and is
+        rebuilt from the newest history entry of the anchored one; entries of another
+        registration above that source are removed (alerted RegistrationReplayRemoved).
+        RegistrationReplayError when nothing of the anchored registration is left. Returns
+        (the paths refused, whether the record was rebuilt)."""
+        meta_path = f"/memory/components/{component}/metadata"
+        expected = anchored if anchored is not None else stored.registration
+        replayed: list[str] = []
+        foreign_record = anchored is not None and stored.registration != anchored
+        if foreign_record:
+            replayed.append(meta_path)
+            refused = RegistrationReplayError(
+                meta_path, stored.registration, anchored, what="the metadata record"
+            )
+            self._alert(refused.reason, component, str(refused))
+        own = [v for v in stored.history if stored.registrations.get(v) == expected]
+        source = max(own, default=0)
+        foreign = sorted(
+            v for v in stored.history if v > source and stored.registrations.get(v) != expected
+        )
+        if foreign_record and not own:
+            # As the library: every entry was read for a source, so every foreign one goes.
+            foreign = sorted(v for v in stored.history if stored.registrations.get(v) != expected)
+        for v in foreign:
+            del stored.history[v]
+            stored.registrations.pop(v, None)
+            replayed.append(f"/memory/components/{component}/history/{v}")
+        if foreign:
+            self._alert(
+                "RegistrationReplayRemoved",
+                component,
+                f"{len(foreign)} history entries of another registration than {expected} removed",
+            )
+        if not foreign_record:
+            return tuple(replayed), False
+        if not own:
+            raise RegistrationReplayError(
+                meta_path, stored.registration, anchored, what="the metadata record"
+            )
+        stored.version, stored.active = source, stored.history[source]
+        stored.registration = anchored
+        stored.modified, stored.change = _now(), ChangeKind.REPAIR
+        self._changed(component)
+        return tuple(replayed), True
+
+    def put_back(
+        self,
+        component: str,
+        saved: Stored,
+        *,
+        record: bool = True,
+        history: Sequence[int] = (),
+    ) -> None:
+        """Tests: someone with etcd write access and no key puts back values saved (a deep
+        copy of `components[component]`) from an earlier registration of the name: its record
+        and ACTIVE (with `record`) and the history entries `history`. MASTER is left: it is
+        create-only, and the seed's own MASTER of the new registration holds the spec."""
+        stored = self._stored(component)
+        for v in history:
+            stored.history[v] = saved.history[v]
+            stored.registrations[v] = saved.registrations.get(v)
+        if record:
+            stored.version, stored.active = saved.version, saved.active
+            stored.registration, stored.change = saved.registration, saved.change
+            stored.modified, stored.modified_by = saved.modified, saved.modified_by
+        self._changed(component)
 
     def seed(
         self,
@@ -377,6 +470,10 @@ class MemoryBackend:
         modified_by: str,
         storage: StoragePolicy | None,
     ) -> None:
+        now = _now()
+        # As the library's seed: a registration above the clock in ms, on every value (and
+        # above the last one here, so two in the same millisecond differ too).
+        registration = self._registered = next_record_sequence(self._registered, now=now)
         self.components[component] = Stored(
             component_type=component_type,
             json_schema=dict(json_schema) if json_schema is not None else None,
@@ -384,10 +481,12 @@ class MemoryBackend:
             active=normalized,
             version=1,
             history={1: normalized},
-            modified=_now(),
+            modified=now,
             modified_by=modified_by,
             change=ChangeKind.REGISTER,
             storage=storage,
+            registration=registration,
+            registrations={1: registration},
         )
         self._changed(component)
 

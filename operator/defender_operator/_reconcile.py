@@ -26,6 +26,7 @@ from defender_config import (
     DefenderConfigError,
     InvalidRollbackTargetError,
     MasterMissingError,
+    RegistrationReplayError,
     StoragePolicy,
     StoreUnavailableError,
     config_digest,
@@ -69,6 +70,13 @@ from defender_operator._decisions.ownership import (
     release_lookup_needed,
 )
 from defender_operator._decisions.reads import ViewRead
+from defender_operator._decisions.registration import (
+    REGISTRATION_FIELD,
+    RegistrationAction,
+    anchored_registration,
+    decide_registration,
+    registration_fields,
+)
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
 from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
@@ -323,6 +331,12 @@ async def _steps(
         seeded_new = await seed(v, spec, normalized)
     state, commit_due, seeded = seeded_new
     take(mem, found, seeded)
+    anchored = anchored_registration(v.status)
+    ours = REGISTRATION_FIELD in seeded.fields  # this visit's own seed wrote the record
+    if not ours and decide_registration(anchored, state.registration) is (
+        RegistrationAction.REPLAYED
+    ):
+        await registration_replayed(v, state, anchored)
     if commit_due and (state.frozen or observed_freeze(v.status) is not None):
         state, dropped = await drop_replayed_freeze(v.rt, v.component, v.status, state, v.logger)
         take(mem, found, dropped)
@@ -339,6 +353,15 @@ async def _steps(
     take(mem, found, resealed)
     fields = {
         **state_fields(state),
+        # Anchored once known: the seed's, or the one a commit stamped on data from before
+        # registrations (`decide_registration`); never moved to another afterwards.
+        **(
+            {}
+            if ours
+            else registration_fields(
+                decide_registration(anchored, state.registration), state.registration
+            )
+        ),
         "specConfigDigest": config_digest(normalized),
         "observedGeneration": v.generation,
         "keyFingerprint": v.rt.keyring.current().primary_fingerprint,
@@ -363,6 +386,12 @@ _COMMITTING = "committing spec.config"
 def _temporary(exc: kopf.TemporaryError, found: Outcome) -> Outcome:
     if isinstance(exc.__cause__, StoreUnavailableError):
         return Outcome(config=ConfigVerdict(cond.ConfigState.STORE_UNAVAILABLE, str(exc)))
+    if isinstance(exc.__cause__, RegistrationReplayError):
+        # Retried (a restore of the anchored registration's data is picked up), but refused
+        # until then: ConfigSynced must not keep saying Synced over another registration's
+        # record, on which nothing is committed.
+        replay = exc.__cause__
+        return Outcome(config=ConfigVerdict(cond.ConfigState.REFUSED, str(exc), replay.reason))
     if found.config is not None and found.config.message == _COMMITTING:
         message = f"spec.config is not committed yet, retrying: {exc}"
         return Outcome(config=ConfigVerdict(cond.ConfigState.UNKNOWN, message))
@@ -732,7 +761,18 @@ async def seed(
         storage=storage,
         digest=digest,
         modified_by=v.who,
+        registration=anchored_registration(v.status),
     )
+    if declared.replayed:
+        shown = ", ".join(declared.replayed[:5])
+        out.events.append(
+            warning(
+                RegistrationReplayError.reason,
+                f"{len(declared.replayed)} value(s) of an earlier registration of this name were "
+                f"put back in etcd ({shown}): refused, never a repair's source; the metadata "
+                "record is rebuilt from this registration's history and the entries removed",
+            )
+        )
     if declared.resigned:
         out.events.append(
             warning(
@@ -771,6 +811,14 @@ async def seed(
             "created" if plan.seed_master else "kept",
             state.active_version,
         )
+        if plan.seed_master:
+            # This seed wrote the record: its registration is the current one.
+            out.fields.update(
+                registration_fields(
+                    decide_registration(None, state.registration, seeded=True),
+                    state.registration,
+                )
+            )
         # No Event: a routine success on every create, one API write per component for what
         # status.activeVersion and the ConfigSynced condition already show.
     return state, plan.commit, out
@@ -829,7 +877,32 @@ async def claim_and_seed(
         component,
         seen.state.active_version,
     )
-    return seen.state, plan.commit, Outcome()
+    # The seed wrote the record: its registration is the one the status anchors.
+    return (
+        seen.state,
+        plan.commit,
+        Outcome(
+            fields=registration_fields(
+                decide_registration(None, seen.state.registration, seeded=True),
+                seen.state.registration,
+            )
+        ),
+    )
+
+
+async def registration_replayed(v: Visit, state: ComponentState, anchored: int | None) -> NoReturn:
+    """The metadata record in etcd is of another registration than the status anchors, and the
+    declare's repair found nothing of the anchored one to rebuild it from: nothing is
+    committed on top of it, nothing anchored over; alerted, and refused like a library
+    refusal (retried: a restore of the anchored registration's data is picked up)."""
+    replay = RegistrationReplayError(
+        None,
+        state.registration,
+        anchored,
+        what=f"the metadata record of {v.component!r} in etcd",
+    )
+    await v.rt.write(v.component, v.rt.backend.alert, replay.reason, v.component, str(replay))
+    raise replay
 
 
 def _ask_sightings(rt: Runtime, component: str) -> asyncio.Task[None] | None:

@@ -97,9 +97,17 @@ class DefenderClient:
 
     # --- sealed values ----------------------------------------------------------------------
 
-    def seal(self, path: str, data: bytes, options: EnvelopeOptions | None = None) -> bytes:
-        """Seal `data` for etcd key `path` (the path is the AEAD associated data)."""
-        return self.envelope.seal(data, path, options)
+    def seal(
+        self,
+        path: str,
+        data: bytes,
+        options: EnvelopeOptions | None = None,
+        *,
+        registration: int | None = None,
+    ) -> bytes:
+        """Seal `data` for etcd key `path` (the path is the AEAD associated data) and, when
+        encrypted, for the component registration `registration` (in the header)."""
+        return self.envelope.seal(data, path, options, registration=registration)
 
     def open(
         self,
@@ -132,9 +140,13 @@ class DefenderClient:
         *,
         lease: Lease | int | None = None,
         options: EnvelopeOptions | None = None,
+        registration: int | None = None,
     ) -> int:
-        """Seal and write `data` at `path`; returns the revision."""
-        return self.store.put(path, self.seal(path, data, options), lease=lease)
+        """Seal and write `data` at `path` (for the component registration `registration`,
+        when encrypted: `seal`); returns the revision."""
+        return self.store.put(
+            path, self.seal(path, data, options, registration=registration), lease=lease
+        )
 
     # --- plaintext JSON records (metadata, status, heartbeats, alerts) -------------------------
 

@@ -18,7 +18,7 @@ from typing import Any, Final, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._client import DefenderClient
-from ._envelope import inspect, is_envelope
+from ._envelope import FLAG_ENCRYPTED, inspect, is_envelope, registration_of
 from ._errors import (
     ConfigFrozenError,
     ConfigValidationError,
@@ -31,6 +31,7 @@ from ._errors import (
     NotFoundError,
     RecordAuthError,
     RecordReplayError,
+    RegistrationReplayError,
     StoreError,
     StoreUnavailableError,
     ValueTooLargeError,
@@ -126,6 +127,14 @@ class ConfigMetadata(BaseModel):
     authors: dict[str, str] = Field(default_factory=dict)
     """modified_by of each kept version (version number as a string), so history shows who
     wrote every version, not only the newest. Empty for records from before it existed."""
+    registration: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    """Which registration of the component name this is: stamped by the seed (a sequence above
+    the clock in ms, `next_record_sequence`), kept by every later write, and written into the
+    header of every encrypted value of the component (MASTER, ACTIVE, history, candidate),
+    which the AEAD covers. A component purged and registered again gets a higher one, so a
+    record or value of the earlier registration put back is told apart (RegistrationReplayed).
+    None: written before registrations existed; the next commit or storage change stamps one
+    and re-seals every kept value with it."""
 
     @model_validator(mode="before")
     @classmethod
@@ -219,6 +228,24 @@ class RewrapReport:
     errors: list[str] = field(default_factory=list)
 
 
+class _Unread(enum.Enum):
+    """The type of _UNREAD: a value the caller did not read (read it here)."""
+
+    VALUE = "unread"
+
+
+_UNREAD: Final = _Unread.VALUE
+
+
+class _Any(enum.Enum):
+    """The type of ANY_REGISTRATION: a value's registration is not checked."""
+
+    REGISTRATION = "any"
+
+
+ANY_REGISTRATION: Final = _Any.REGISTRATION
+
+
 class _Recorded(enum.Enum):
     """The type of RECORDED: `commit` keeps the schema recorded in the metadata."""
 
@@ -282,6 +309,19 @@ def plan_repair(
     return RepairAction.REBUILD, source
 
 
+def repair_registration(anchored: int | None, verified: ConfigMetadata | None) -> int | _Any | None:
+    """The registration a repair takes values of (`ANY_REGISTRATION`: any). The anchored one
+    when there is one (a record of another was already set aside as no record); else the
+    verified record's (None for a record from before registrations: only unstamped values);
+    else, with neither, any (nothing tells registrations apart: the residual of a component
+    whose registration is anchored nowhere)."""
+    if anchored is not None:
+        return anchored
+    if verified is not None:
+        return verified.registration
+    return ANY_REGISTRATION
+
+
 class ConfigStore:
     """MASTER/ACTIVE/history of every component, through one DefenderClient."""
 
@@ -306,6 +346,9 @@ class ConfigStore:
         self._accepted_lock = threading.Lock()
         # component -> highest rollout sequence seen in an authentic rollout record (`Rollouts`).
         self._rollout_marks: dict[str, int] = {}
+        # component -> the registration this reader holds (the newest authentic one it
+        # accepted, or the one its caller anchored with `hold_registration`).
+        self._registrations: dict[str, int] = {}
         self.history_limit = history_limit or client.settings.history_limit
         if self.history_limit < 1:
             raise ValueError("history_limit must be at least 1")
@@ -342,6 +385,88 @@ class ConfigStore:
 
     def _verifying(self) -> bool:
         return self.client.verifies_records
+
+    # --- registrations --------------------------------------------------------------------------
+
+    def hold_registration(self, component: str, registration: int) -> None:
+        """Hold `registration` as the current registration of `component`, as if this reader
+        had accepted it: records and values of any other one are refused (RegistrationReplay).
+        For a reader started after a replay that knows the registration from elsewhere (the
+        operator: the DefenderComponent's `status.registration`)."""
+        with self._accepted_lock:
+            if self._registrations.get(component) != registration:
+                self._registrations[component] = registration
+                self._accepted.pop(component, None)
+
+    def held_registration(self, component: str) -> int | None:
+        """The registration this reader holds for `component` (None: none yet)."""
+        with self._accepted_lock:
+            return self._registrations.get(component)
+
+    def forget_registration(self, component: str) -> None:
+        """Drop what this reader holds of `component` (the operator purged it): the next
+        registration is taken as the first."""
+        with self._accepted_lock:
+            self._registrations.pop(component, None)
+            self._accepted.pop(component, None)
+
+    def _check_registration(self, component: str, meta: ConfigMetadata) -> None:
+        """Refuse an authentic metadata record of another registration than the one this reader
+        holds (alerted RegistrationReplayError). A higher one is the component registered again
+        after a purge (only key holders sign, and every registration is stamped above the
+        clock): held from now on, its versions start again. A record without one is accepted
+        only while this reader holds none (written before registrations existed)."""
+        found = meta.registration
+        with self._accepted_lock:
+            held = self._registrations.get(component)
+            if found == held:
+                return
+            if found is not None and (held is None or found > held):
+                self._registrations[component] = found
+                if held is not None:
+                    self._accepted.pop(component, None)  # a new registration starts at 1
+                return
+        self._refuse(
+            RegistrationReplayError(
+                self.layout.metadata(component), found, held, what="the metadata record"
+            ),
+            component,
+        )
+
+    def _check_value(
+        self,
+        path: str,
+        blob: bytes,
+        component: str,
+        registration: int | _Any | None,
+        *,
+        report: bool = True,
+    ) -> None:
+        """Refuse an encrypted value (opened: its header is authenticated) whose registration
+        is not `registration` (alerted RegistrationReplayError). Unencrypted values carry none
+        (nothing would authenticate it): a plaintext component is bound by its metadata's
+        digest only."""
+        if registration is ANY_REGISTRATION or not self._verifying():
+            return
+        if not _encrypted(blob):
+            return
+        found = registration_of(blob)
+        if found != registration:
+            exc = RegistrationReplayError(path, found, registration, what="the sealed value")
+            if report:
+                self._refuse(exc, component)
+            raise exc
+
+    def _value_meta(self, component: str) -> ConfigMetadata | None:
+        """The metadata a read of MASTER or history is checked against: always read when this
+        reader verifies (its registration binds the values), else only where it may tighten
+        the read."""
+        if self._verifying():
+            meta = self.get_metadata(component)
+            if meta is not None:
+                self._check_registration(component, meta)
+            return meta
+        return self._tightening_meta(component)
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -401,8 +526,10 @@ class ConfigStore:
         blob: bytes,
         component: str,
         options: EnvelopeOptions | None = None,
+        registration: int | _Any | None = ANY_REGISTRATION,
     ) -> dict[str, Any]:
         data = self.client.open(path, blob, options, component=component)
+        self._check_value(path, blob, component, registration)
         return _decode_config(path, data, component)
 
     def _tightening_meta(self, component: str) -> ConfigMetadata | None:
@@ -416,8 +543,14 @@ class ConfigStore:
         stored = self.client.store.get(path)
         if stored is None:
             raise NotFoundError(path, detail=f"component {component!r} is not registered")
-        meta = self._tightening_meta(component)
-        return self._open_config(path, stored.value, component, self._read_options(component, meta))
+        meta = self._value_meta(component)
+        return self._open_config(
+            path,
+            stored.value,
+            component,
+            self._read_options(component, meta),
+            _registration(meta),
+        )
 
     def get_active(self, component: str) -> ActiveConfig:
         """ACTIVE with its version. Served stale (flagged) from cache when etcd is unreachable.
@@ -464,7 +597,9 @@ class ConfigStore:
             # Reported after ACTIVE itself is opened, so a broken value is not masked by it
             # (and a reader with the wrong key reports its key, not the record, once).
             meta_error = exc
-        config = self._open_config(path, value, component, self._read_options(component, meta))
+        config = self._open_config(
+            path, value, component, self._read_options(component, meta), _registration(meta)
+        )
         digest = config_digest(config)
         if self._verifying() and not stale and (meta is None or meta.digest != digest):
             # The record as of ACTIVE's revision may have been re-signed since (key rotation
@@ -547,6 +682,7 @@ class ConfigStore:
         written later (a replay: etcd gives every write, a replayed one too, a new, higher
         revision). An older version read at an older revision is no replay, just an old read
         (a watch event handled after a newer get): False, nothing remembered."""
+        self._check_registration(component, meta)
         with self._accepted_lock:
             seen = self._accepted.get(component)
             if seen is None or meta.version > seen[0] or (meta.version, meta.digest) == seen[:2]:
@@ -574,15 +710,18 @@ class ConfigStore:
         or junk put there with etcd write access) is alerted and left out: it is no version
         anyone could roll back to, and one such key must not hide every other."""
         entries: list[HistoryEntry] = []
-        options = self._read_options(component, self._tightening_meta(component))
+        meta = self._value_meta(component)
+        options = self._read_options(component, meta)
         for sv in self.client.store.list_prefix(self.layout.history_dir(component)):
             parsed = self.layout.parse(sv.key)
             if parsed is None or parsed.version is None:
                 continue
             try:
-                config = self._open_config(sv.key, sv.value, component, options)
+                config = self._open_config(
+                    sv.key, sv.value, component, options, _registration(meta)
+                )
             except EnvelopeError:
-                continue  # alerted by `open`
+                continue  # alerted by `open` or the registration check
             except ConfigValidationError as exc:
                 self.client.report(exc, path=sv.key, component=component)
                 continue
@@ -645,12 +784,18 @@ class ConfigStore:
             if meta_sv is not None
             else None
         )
+        if meta is not None and self._verifying():
+            self._check_registration(component, meta)
         master: dict[str, Any] | None = None
         master_error: EnvelopeError | None = None
         if master_sv is not None:
             try:
                 master = self._open_config(
-                    master_sv.key, master_sv.value, component, self._read_options(component, meta)
+                    master_sv.key,
+                    master_sv.value,
+                    component,
+                    self._read_options(component, meta),
+                    _registration(meta),
                 )
             except EnvelopeError as exc:
                 if not tolerate_master:
@@ -699,9 +844,11 @@ class ConfigStore:
         normalized = self._validate(component, ctype.value, config, json_schema)
         digest = config_digest(normalized)
         data = canonical_json(normalized)
+        now = _now()
+        registration = next_record_sequence(now=now)
         meta = ConfigMetadata(
             version=1,
-            last_modified=_now(),
+            last_modified=now,
             modified_by=by,
             digest=digest,
             type=ctype.value,
@@ -711,6 +858,7 @@ class ConfigStore:
             change=ChangeKind.REGISTER,
             authors={"1": by},
             storage=StoragePolicy.from_options(options) if options is not None else None,
+            registration=registration,
         )
         lay, c = self.layout, self.client
         master, active, meta_key = (
@@ -720,10 +868,10 @@ class ConfigStore:
         )
         history = lay.history(component, 1)
         puts: list[PutOp | DeleteOp | GetOp] = [
-            PutOp(master, c.seal(master, data, options)),
-            PutOp(active, c.seal(active, data, options)),
+            PutOp(master, c.seal(master, data, options, registration=registration)),
+            PutOp(active, c.seal(active, data, options, registration=registration)),
             PutOp(meta_key, self._encode_metadata(component, meta)),
-            PutOp(history, c.seal(history, data, options)),
+            PutOp(history, c.seal(history, data, options, registration=registration)),
         ]
         compares, extra = also
         puts.extend(extra)
@@ -742,6 +890,10 @@ class ConfigStore:
         )
         if result.succeeded:
             log.info("component %s registered (MASTER written by %s)", component, by)
+            # This reader wrote the registration: it holds it from now on, so a record of an
+            # earlier registration put back is refused by its reads (and repaired from this
+            # one by the operator), not accepted as the first it ever saw.
+            self.hold_registration(component, registration)
             freeze_sv = result.gets[0][0] if result.gets and result.gets[0] else None
             seeded = ComponentOverview(
                 metadata=meta,
@@ -978,7 +1130,11 @@ class ConfigStore:
                     "roll back to one of those or to master",
                 )
             target = self._open_config(
-                path, stored.value, component, self._read_options(component, meta)
+                path,
+                stored.value,
+                component,
+                self._read_options(component, meta),
+                _registration(meta),
             )
         target = self._validate(component, meta.type, target, meta.json_schema)
         version = self._write_version(
@@ -1043,6 +1199,8 @@ class ConfigStore:
         else:
             policy = meta.storage
             write = policy.write_options(c.envelope.options) if policy is not None else None
+        # A record from before registrations gets one now, and every kept value with it.
+        registration = meta.registration or next_record_sequence(now=_now())
         new_meta = meta.model_copy(
             update={
                 "version": version,
@@ -1055,6 +1213,7 @@ class ConfigStore:
                 "schema_digest": validated_with,
                 "storage": policy,
                 "authors": authors,
+                "registration": registration,
             }
         )
         active, meta_key, freeze = (
@@ -1067,16 +1226,28 @@ class ConfigStore:
         if freeze_revision is not None:
             compares.append(Compare.mod_revision_is(freeze, freeze_revision))
         success: list[PutOp | DeleteOp | GetOp] = [
-            PutOp(active, c.seal(active, data, write)),
+            PutOp(active, c.seal(active, data, write, registration=registration)),
             PutOp(meta_key, self._encode_metadata(component, new_meta)),
-            PutOp(history, c.seal(history, data, write)),
+            PutOp(history, c.seal(history, data, write, registration=registration)),
         ]
         old, new = self._effective_policy(meta), self._effective_policy(new_meta)
-        if (old.encrypt, old.compress) != (new.encrypt, new.compress):
-            # Readers apply the current policy to every value of the component: re-seal the
-            # ones kept from before, guarded so a concurrent rewrap is not overwritten.
+        if (old.encrypt, old.compress) != (new.encrypt, new.compress) or (
+            meta.registration != registration
+        ):
+            # Readers apply the current policy (and registration) to every value of the
+            # component: re-seal the ones kept from before, guarded so a concurrent rewrap is
+            # not overwritten.
             compares.extend(
-                self._reseal_kept(component, meta, write, oldest_kept, success, with_active=False)
+                self._reseal_kept(
+                    component,
+                    meta,
+                    write,
+                    oldest_kept,
+                    success,
+                    with_active=False,
+                    registration=registration,
+                    above=version,
+                )
             )
         if oldest_kept > 1:
             # Everything below the oldest kept version, in one range delete.
@@ -1104,23 +1275,41 @@ class ConfigStore:
         )
 
     def _kept(
-        self, component: str, read: EnvelopeOptions, *, above: int = 0
+        self,
+        component: str,
+        read: EnvelopeOptions,
+        *,
+        above: int = 0,
+        registration: int | _Any | None = ANY_REGISTRATION,
+        foreign: list[StoredValue] | None = None,
     ) -> Iterator[tuple[StoredValue, dict[str, Any], KeptVersion]]:
-        """The history entries above version `above` that open under `read`, newest first,
-        opened as they are consumed (the listing is read at once). One that does not open (a
-        junk or moved value, alerted by `client.open`) is skipped: it is nobody's version."""
+        """The history entries above version `above` that open under `read` (and, encrypted,
+        carry `registration`), newest first, opened as they are consumed (the listing is read
+        at once). One that does not open (a junk or moved value, alerted by `client.open`) is
+        skipped: it is nobody's version; one of another registration too (alerted), and added
+        to `foreign` when given."""
         listed = self.client.store.list_prefix(self.layout.history_dir(component))
-        return self._opened_kept(component, reversed(listed), read, above)
+        return self._opened_kept(component, reversed(listed), read, above, registration, foreign)
 
     def _opened_kept(
-        self, component: str, newest_first: Iterable[StoredValue], read: EnvelopeOptions, above: int
+        self,
+        component: str,
+        newest_first: Iterable[StoredValue],
+        read: EnvelopeOptions,
+        above: int,
+        registration: int | _Any | None = ANY_REGISTRATION,
+        foreign: list[StoredValue] | None = None,
     ) -> Iterator[tuple[StoredValue, dict[str, Any], KeptVersion]]:
         for sv in newest_first:
             parsed = self.layout.parse(sv.key)
             if parsed is None or parsed.version is None or parsed.version <= above:
                 continue
             try:
-                config = self._open_config(sv.key, sv.value, component, read)
+                config = self._open_config(sv.key, sv.value, component, read, registration)
+            except RegistrationReplayError:
+                if foreign is not None:
+                    foreign.append(sv)
+                continue
             except DefenderConfigError:
                 continue
             # It opened: when it was encrypted, the AEAD covered its path, so its version too.
@@ -1133,7 +1322,7 @@ class ConfigStore:
         next version (and the pruning below it) would follow it. Entries at or below the
         record's version cannot raise it: not opened (nothing to decrypt on a usual commit)."""
         read = self._read_options(component, meta)
-        kept = self._kept(component, read, above=meta.version)
+        kept = self._kept(component, read, above=meta.version, registration=meta.registration)
         return next((e.version for _, _, e in kept if e.authenticated), 0)
 
     def _record_outlived_history(
@@ -1176,9 +1365,13 @@ class ConfigStore:
         success: list[PutOp | DeleteOp | GetOp],
         *,
         with_active: bool,
+        registration: int | None,
+        above: int | None = None,
     ) -> list[Compare]:
-        """Append puts re-sealing MASTER, the history from `oldest_kept` on (and ACTIVE when
-        `with_active`); return the compares that guard them."""
+        """Append puts re-sealing MASTER, the history from `oldest_kept` on (below `above`,
+        which the caller writes itself) and ACTIVE when `with_active`, for `registration`;
+        return the compares that guard them. A value of another registration than the
+        record's (put back) is not re-sealed into this one: it is deleted."""
         lay, c = self.layout, self.client
         read = self._read_options(component, meta)
         kept = [
@@ -1187,6 +1380,7 @@ class ConfigStore:
             if (parsed := lay.parse(sv.key)) is not None
             and parsed.version is not None
             and parsed.version >= oldest_kept
+            and (above is None or parsed.version < above)
         ]
         singles = [lay.master_config(component)]
         if with_active:
@@ -1195,8 +1389,15 @@ class ConfigStore:
         compares: list[Compare] = []
         for sv in [*kept, *others]:
             plain = c.open(sv.key, sv.value, read, component=component)
-            success.append(PutOp(sv.key, c.seal(sv.key, plain, write)))
             compares.append(Compare.mod_revision_is(sv.key, sv.mod_revision))
+            try:
+                self._check_value(sv.key, sv.value, component, meta.registration)
+            except RegistrationReplayError:
+                if sv in kept:
+                    success.append(DeleteOp(sv.key))
+                    continue
+                raise
+            success.append(PutOp(sv.key, c.seal(sv.key, plain, write, registration=registration)))
         return compares
 
     def set_storage(self, component: str, options: EnvelopeOptions, by: str) -> bool:
@@ -1209,14 +1410,23 @@ class ConfigStore:
         if meta.storage == policy:
             return False
         meta_key = self.layout.metadata(component)
+        # Every value is re-sealed anyway: a record from before registrations gets one now.
+        registration = meta.registration or next_record_sequence(now=_now())
         success: list[PutOp | DeleteOp | GetOp] = [
             PutOp(
                 meta_key,
-                self._encode_metadata(component, meta.model_copy(update={"storage": policy})),
+                self._encode_metadata(
+                    component,
+                    meta.model_copy(update={"storage": policy, "registration": registration}),
+                ),
             )
         ]
         compares = [Compare.mod_revision_is(meta_key, meta_stored.mod_revision)]
-        compares.extend(self._reseal_kept(component, meta, options, 1, success, with_active=True))
+        compares.extend(
+            self._reseal_kept(
+                component, meta, options, 1, success, with_active=True, registration=registration
+            )
+        )
         self._check_request_size(self.layout.active_config(component), success)
         if not self.client.store.txn(compares, success, []).succeeded:
             raise ConflictError(
@@ -1241,8 +1451,18 @@ class ConfigStore:
         by: str,
         trusted_digest: str | None = None,
         stored: tuple[StoredValue | None, StoredValue | None] | None = None,
+        registration: int | None = None,
+        replays: list[str] | None = None,
     ) -> bool:
-        """Re-sign the component's metadata when it does not verify: records written before
+        """`registration`: the component's registration as anchored outside etcd (the
+        operator: `status.registration`), None when nothing is anchored. A record of another
+        registration is then no record (alerted RegistrationReplayed) and rebuilt, and only
+        values of the anchored one are a source (`repair_registration`); history entries of
+        another one found above the source are deleted, and a MASTER of another one is
+        written again from the anchored registration's version 1 (`_restore_master`).
+        `replays` gets the paths of what was refused so.
+
+        Re-sign the component's metadata when it does not verify: records written before
         control records were signed (the migration: the operator calls this on its next pass),
         forged ones, a deleted one while MASTER exists, or an authentic but stale record put
         back (replay: older than the newest kept history entry, or not matching ACTIVE).
@@ -1261,6 +1481,108 @@ class ConfigStore:
         (ConflictError when something changed meanwhile). `stored`: (metadata, MASTER) as the
         caller just read them in one transaction (`overview_reads`), instead of reading them
         again here."""
+        repaired = self._repair_metadata(
+            component,
+            component_type=component_type,
+            json_schema=json_schema,
+            by=by,
+            trusted_digest=trusted_digest,
+            stored=stored,
+            registration=registration,
+            replays=replays,
+        )
+        # MASTER as the caller read it (`stored`; the repair above never writes it): no read of
+        # its own on a reconcile's declare.
+        if registration is not None and self._restore_master(
+            component, registration, by, stored[1] if stored is not None else _UNREAD
+        ):
+            if replays is not None:
+                replays.append(self.layout.master_config(component))
+            return True
+        return repaired
+
+    def _restore_master(
+        self,
+        component: str,
+        registration: int,
+        by: str,
+        master_sv: StoredValue | _Unread | None = _UNREAD,
+    ) -> bool:
+        """MASTER of another registration than `registration` (an earlier one's, put back):
+        written again, for `registration`, from its history version 1 (a registration's
+        MASTER is the config its seed wrote, which is its version 1), when that entry is kept
+        and opens, and the record (repaired first) is of `registration`. Alerted
+        RegistrationReplayed. False when there was nothing to do or no source: a MASTER of
+        another registration left so is refused by every read (it is never adopted)."""
+        c, lay = self.client, self.layout
+        master_key, first_key = lay.master_config(component), lay.history(component, 1)
+        if isinstance(master_sv, _Unread):
+            master_sv = c.store.get(master_key)
+        if (
+            master_sv is None
+            or not _encrypted(master_sv.value)
+            or registration_of(master_sv.value) == registration
+        ):
+            return False  # none, unencrypted (bound by nothing but digests), or this one's
+        try:
+            meta = self.get_metadata(component)
+        except DefenderConfigError:
+            return False
+        if meta is None or meta.registration != registration:
+            return False
+        read = self._read_options(component, meta)
+        try:
+            c.open(master_key, master_sv.value, read, component=component)
+        except DefenderConfigError:
+            return False  # not an authentic value at all: the scrub's to report
+        first_sv = c.store.get(first_key)
+        if first_sv is None:
+            return False
+        try:
+            config = self._open_config(first_key, first_sv.value, component, read, registration)
+        except DefenderConfigError:
+            return False
+        refused = RegistrationReplayError(
+            master_key, registration_of(master_sv.value), registration, what="MASTER"
+        )
+        c.report(refused, path=master_key, component=component)
+        write = meta.storage.write_options(c.envelope.options) if meta.storage else None
+        put = PutOp(
+            master_key,
+            c.seal(master_key, canonical_json(config), write, registration=registration),
+        )
+        compares = [
+            Compare.mod_revision_is(master_key, master_sv.mod_revision),
+            Compare.mod_revision_is(first_key, first_sv.mod_revision),
+        ]
+        if not c.store.txn(compares, [put], []).succeeded:
+            raise ConflictError(master_key, detail="the component changed while it was repaired")
+        c.alerter.event(
+            "MasterRestored",
+            component,
+            f"MASTER of {component!r} (of another registration, put back) written again from "
+            f"history version 1 of registration {registration} by {by}",
+            instance=c.instance,
+        )
+        log.warning(
+            "component %s: MASTER of another registration replaced from history version 1 by %s",
+            component,
+            by,
+        )
+        return True
+
+    def _repair_metadata(
+        self,
+        component: str,
+        *,
+        component_type: ComponentType | str,
+        json_schema: Mapping[str, Any] | None,
+        by: str,
+        trusted_digest: str | None,
+        stored: tuple[StoredValue | None, StoredValue | None] | None,
+        registration: int | None,
+        replays: list[str] | None,
+    ) -> bool:
         c, lay = self.client, self.layout
         keyring = c.envelope.keyring()
         if keyring is None:
@@ -1279,8 +1601,23 @@ class ConfigStore:
             stored[1] if stored is not None else c.store.get(lay.master_config(component))
         ) is None:
             return False  # not registered: seed writes a signed record
+        foreign_record: RegistrationReplayError | None = None
+        if (
+            verified is not None
+            and registration is not None
+            and verified.registration != registration
+        ):
+            foreign_record = RegistrationReplayError(
+                meta_key, verified.registration, registration, what="the metadata record"
+            )
+            c.report(foreign_record, path=meta_key, component=component)
+            verified = None
+            if replays is not None:
+                replays.append(meta_key)
+        expected = repair_registration(registration, verified)
         read = self._read_options(component, None)
-        listed = self._kept(component, read)
+        foreign: list[StoredValue] = []
+        listed = self._kept(component, read, registration=expected, foreign=foreign)
         opened: dict[int, tuple[StoredValue, dict[str, Any]]] = {}
 
         def kept() -> Iterator[KeptVersion]:
@@ -1292,15 +1629,23 @@ class ConfigStore:
         active_digest: str | None = None
         if active_sv is not None:
             try:
-                opened_active = self._open_config(active_key, active_sv.value, component, read)
+                opened_active = self._open_config(
+                    active_key, active_sv.value, component, read, expected
+                )
                 active_digest = config_digest(opened_active)
             except DefenderConfigError:
                 active_digest = None  # alerted; restored below when there is a source
         record = (verified.version, verified.digest) if verified is not None else None
         action, source = plan_repair(record, kept(), active_digest)
+        if foreign and expected is not ANY_REGISTRATION:
+            self._drop_foreign(component, foreign, expected)
+            if replays is not None:
+                replays.extend(sv.key for sv in foreign)
         if action is RepairAction.KEEP:
             return False
         if action is RepairAction.NOTHING_TO_REBUILD:
+            if foreign_record is not None:
+                raise foreign_record
             raise RecordAuthError(
                 meta_key, "it cannot be rebuilt: no kept history version opens; re-register"
             )
@@ -1334,6 +1679,9 @@ class ConfigStore:
             note="re-signed" if meta_sv is not None else "re-created",
             change=ChangeKind.REPAIR,
             storage=storage,
+            registration=(
+                registration_of(hist_sv.value) if expected is ANY_REGISTRATION else expected
+            ),
         )
         compares = [
             Compare.mod_revision_is(meta_key, meta_sv.mod_revision if meta_sv else 0),
@@ -1344,7 +1692,14 @@ class ConfigStore:
         ]
         if not active_ok:
             write = storage.write_options(c.envelope.options) if storage is not None else None
-            success.append(PutOp(active_key, c.seal(active_key, canonical_json(config), write)))
+            success.append(
+                PutOp(
+                    active_key,
+                    c.seal(
+                        active_key, canonical_json(config), write, registration=meta.registration
+                    ),
+                )
+            )
             compares.append(
                 Compare.mod_revision_is(active_key, active_sv.mod_revision if active_sv else 0)
             )
@@ -1364,6 +1719,35 @@ class ConfigStore:
             "kept" if active_ok else "restored",
         )
         return True
+
+    def _drop_foreign(
+        self, component: str, foreign: Sequence[StoredValue], expected: int | None
+    ) -> None:
+        """Delete history entries of another registration than `expected` (each alerted
+        RegistrationReplayed when it was opened): never a version of this registration, they
+        would be refused again on every read. Each delete is guarded by the entry's revision,
+        so a version written there meanwhile is not lost."""
+        c = self.client
+        removed = [
+            sv.key
+            for sv in foreign
+            if c.store.txn(
+                [Compare.mod_revision_is(sv.key, sv.mod_revision)], [DeleteOp(sv.key)], []
+            ).succeeded
+        ]
+        if removed:
+            c.alerter.event(
+                "RegistrationReplayRemoved",
+                component,
+                f"{len(removed)} history entr{'y' if len(removed) == 1 else 'ies'} of another "
+                f"registration than {expected} removed: {', '.join(removed[:5])}",
+                instance=c.instance,
+            )
+            log.warning(
+                "component %s: removed %d history entries of another registration",
+                component,
+                len(removed),
+            )
 
     def freeze(self, component: str, reason: str, by: str | None = None, *, after: int = 0) -> None:
         """Refuse commits to `component` until `unfreeze`. The marker's sequence is above
@@ -1480,7 +1864,11 @@ class ConfigStore:
                 except EnvelopeError as exc:  # a corrupt header: c.open did not see it
                     c.report(exc, path=current.key)
                     raise
-                return c.seal(current.key, c.open(current.key, current.value, read), write)
+                plain = c.open(current.key, current.value, read)
+                # The value keeps its own registration (authenticated by the open above).
+                return c.seal(
+                    current.key, plain, write, registration=registration_of(current.value)
+                )
 
             self._rewrite(sv, reseal, report)
         log.info(
@@ -1646,6 +2034,16 @@ class ConfigStore:
             f"cannot write the config of {component!r}: only a cached copy of its metadata "
             "is readable",
         )
+
+
+def _encrypted(blob: bytes) -> bool:
+    """An encrypted envelope: its header (registration included) is authenticated."""
+    return is_envelope(blob) and len(blob) > 5 and bool(blob[5] & FLAG_ENCRYPTED)
+
+
+def _registration(meta: ConfigMetadata | None) -> int | _Any | None:
+    """The registration values read with `meta` must carry (any, without a record)."""
+    return meta.registration if meta is not None else ANY_REGISTRATION
 
 
 def _schema_digest(schema: Mapping[str, Any] | None) -> str | None:

@@ -7,18 +7,22 @@ compression nothing to find, so the order is fixed.
 offset  size  field
 0       4     magic 0x89 'D' 'F' 'C'   (0x89 never starts UTF-8 text, JSON or YAML)
 4       1     format version (1)
-5       1     flags: bit 0 compressed, bit 1 encrypted, others reserved (0)
+5       1     flags: bit 0 compressed, bit 1 encrypted, bit 2 registration, others reserved (0)
 6       1     compression codec id (0 none, 1 zstd)
 7       1     cipher id (0 none, 1 aes-256-gcm, 2 chacha20-poly1305)
 8       4     uncompressed length, big endian
 12      1     key id length n (0 when unencrypted, ≤ 64)
 13      n     key id, ASCII
-13+n    12    nonce                  (encrypted only)
+13+n    8     registration, big endian (bit 2 only, which needs bit 1)
+13+n+r  12    nonce                  (encrypted only; r = 8 with bit 2, else 0)
 ...           AEAD ciphertext + 16-byte tag, or the (compressed) payload when unencrypted
 ```
 
-Associated data = header bytes [0, 13+n) followed by the UTF-8 etcd key path, so a changed
-header byte or a value copied to another key fails authentication.
+Associated data = header bytes [0, 13+n+r) followed by the UTF-8 etcd key path, so a changed
+header byte, registration included, or a value copied to another key fails authentication.
+The registration names the component registration a config value belongs to (its signed
+metadata names the same one): a value of an earlier registration of the same name, put back,
+opens but carries another number, and `ConfigStore` refuses it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from ._settings import EnvelopeOptions
 __all__ = [
     "FLAG_COMPRESSED",
     "FLAG_ENCRYPTED",
+    "FLAG_REGISTRATION",
     "FORMAT_VERSION",
     "MAGIC",
     "Envelope",
@@ -67,13 +72,17 @@ __all__ = [
     "expect_plaintext",
     "inspect",
     "is_envelope",
+    "registration_of",
 ]
 
 MAGIC = b"\x89DFC"
 FORMAT_VERSION = 1
 FLAG_COMPRESSED = 0x01
 FLAG_ENCRYPTED = 0x02
-_KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_ENCRYPTED
+FLAG_REGISTRATION = 0x04
+_KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_ENCRYPTED | FLAG_REGISTRATION
+_REGISTRATION = struct.Struct(">Q")
+REGISTRATION_BYTES = _REGISTRATION.size  # 8
 _FIXED = struct.Struct(">4sBBBBIB")
 FIXED_HEADER_BYTES = _FIXED.size  # 13
 MAX_KEY_ID_BYTES = 64
@@ -120,6 +129,9 @@ class EnvelopeHeader:
     declared_length: int
     header_length: int
     stored_length: int
+    registration: int | None = None
+    """The component registration the value was sealed for (None: sealed before values
+    carried one, or unencrypted, where nothing would authenticate it)."""
 
     @property
     def codec(self) -> str:
@@ -160,8 +172,11 @@ def _codec_name(codec_id: int, kind: str) -> str:
         return f"unknown(0x{codec_id:02x})"
 
 
-def _parse(blob: bytes, path: str | None) -> tuple[int, int, int, int, int, int, str | None]:
-    """(flags, compression id, cipher id, declared, header length, key id length, key id)."""
+def _parse(
+    blob: bytes, path: str | None
+) -> tuple[int, int, int, int, int, int, str | None, int | None]:
+    """(flags, compression id, cipher id, declared, header length, key id length, key id,
+    registration)."""
     if len(blob) < FIXED_HEADER_BYTES:
         raise SizeAnomalyError(
             FIXED_HEADER_BYTES, len(blob), "envelope shorter than its fixed header", path=path
@@ -186,7 +201,23 @@ def _parse(blob: bytes, path: str | None) -> tuple[int, int, int, int, int, int,
             key_id = blob[FIXED_HEADER_BYTES:header_len].decode("ascii")
         except UnicodeDecodeError:
             raise NotAnEnvelopeError(path=path, detail="its key id is not ASCII") from None
-    return flags, comp_id, cipher_id, declared, header_len, kid_len, key_id
+    registration: int | None = None
+    if flags & FLAG_REGISTRATION:
+        if not flags & FLAG_ENCRYPTED:
+            raise UnsupportedFormatError(
+                "a registration on an unencrypted value (nothing would authenticate it)",
+                path=path,
+            )
+        if len(blob) < header_len + REGISTRATION_BYTES:
+            raise SizeAnomalyError(
+                header_len + REGISTRATION_BYTES,
+                len(blob),
+                "envelope truncated in its registration",
+                path=path,
+            )
+        (registration,) = _REGISTRATION.unpack_from(blob, header_len)
+        header_len += REGISTRATION_BYTES
+    return flags, comp_id, cipher_id, declared, header_len, kid_len, key_id, registration
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -217,7 +248,7 @@ _CHECKED_MAX = 1024
 
 
 def _check_header(blob: bytes, path: str) -> _Checked:
-    flags, comp_id, cipher_id, declared, header_len, kid_len, key_id = _parse(blob, path)
+    flags, comp_id, cipher_id, declared, header_len, kid_len, key_id, _ = _parse(blob, path)
     comp = compressor_by_id(comp_id, path)
     cipher: Cipher = cipher_by_id(cipher_id, path)
     compressed = bool(flags & FLAG_COMPRESSED)
@@ -253,7 +284,18 @@ def _checked_header(blob: bytes, path: str) -> tuple[bytes, _Checked]:
     """(header bytes, what they say) of an envelope; raises like `open` for a bad header."""
     # A truncated blob gives a slice shorter than 13 + its key id length, which no valid
     # (cached) header has, so it misses the cache and fails in _parse.
-    header = bytes(blob[: FIXED_HEADER_BYTES + blob[12]]) if len(blob) > 12 else b""
+    # The registration (flag bit 2) is part of the header, so of the cache key.
+    header = (
+        bytes(
+            blob[
+                : FIXED_HEADER_BYTES
+                + blob[12]
+                + (REGISTRATION_BYTES if blob[5] & FLAG_REGISTRATION else 0)
+            ]
+        )
+        if len(blob) > 12
+        else b""
+    )
     checked = _CHECKED.get(header)
     if checked is None:
         checked = _check_header(blob, path)
@@ -271,7 +313,7 @@ def inspect(blob: bytes) -> EnvelopeHeader:
     """
     if blob[:4] != MAGIC:
         raise NotAnEnvelopeError(detail=_describe_plaintext(blob))
-    flags, comp_id, cipher_id, declared, header_len, _, key_id = _parse(blob, None)
+    flags, comp_id, cipher_id, declared, header_len, _, key_id, registration = _parse(blob, None)
     return EnvelopeHeader(
         version=FORMAT_VERSION,
         flags=flags,
@@ -285,7 +327,21 @@ def inspect(blob: bytes) -> EnvelopeHeader:
         declared_length=declared,
         header_length=header_len,
         stored_length=len(blob) - header_len,
+        registration=registration,
     )
+
+
+def registration_of(blob: bytes) -> int | None:
+    """The registration in an encrypted envelope's header (None: none, or not an encrypted
+    envelope). Read without a key: trust it only after the value opened (the AEAD covers it)."""
+    if len(blob) <= 12 or blob[:4] != MAGIC:
+        return None
+    if blob[5] & (FLAG_REGISTRATION | FLAG_ENCRYPTED) != FLAG_REGISTRATION | FLAG_ENCRYPTED:
+        return None  # none, or on an unencrypted value, which every reader refuses
+    at = FIXED_HEADER_BYTES + blob[12]
+    if len(blob) < at + REGISTRATION_BYTES:
+        return None
+    return int(_REGISTRATION.unpack_from(blob, at)[0])
 
 
 # Values this large are probed before a full compression attempt: three samples (head, middle,
@@ -382,8 +438,16 @@ class Envelope:
 
     # --- write ---------------------------------------------------------------------------------
 
-    def seal(self, data: bytes, path: str, options: EnvelopeOptions | None = None) -> bytes:
-        """data → compress → encrypt, bound to `path`. Returns the bytes to store.
+    def seal(
+        self,
+        data: bytes,
+        path: str,
+        options: EnvelopeOptions | None = None,
+        *,
+        registration: int | None = None,
+    ) -> bytes:
+        """data → compress → encrypt, bound to `path` (and to `registration`, when encrypted:
+        written into the header, which the AEAD covers). Returns the bytes to store.
 
         With compression and encryption both off the value is stored as plaintext (readable with
         etcdctl), unless it happens to start with the magic, which gets an empty envelope so
@@ -432,10 +496,13 @@ class Envelope:
 
         if aead is not None:
             kid = s.key_id
-            header = _FIXED.pack(
-                MAGIC, FORMAT_VERSION, flags | FLAG_ENCRYPTED, comp.id, s.cipher.id, size, len(kid)
-            )
+            flags |= FLAG_ENCRYPTED
+            if registration is not None:
+                flags |= FLAG_REGISTRATION
+            header = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, comp.id, s.cipher.id, size, len(kid))
             header += kid
+            if registration is not None:
+                header += _REGISTRATION.pack(registration)
             # A random 96-bit nonce per value: configs are written a few times a day, far from
             # the ~2^32 messages per key where random GCM nonces start to risk a collision.
             nonce = os.urandom(s.cipher.nonce_size)

@@ -17,6 +17,8 @@ DefenderConfigError                          reason
 │   └── RecordAuthError                      RecordUnauthenticated  control record: no/bad MAC
 │       └── RecordReplayError                RecordReplayed    authentic, but older / not the
 │                                                              record of the value beside it
+│           └── RegistrationReplayError      RegistrationReplayed  of an earlier registration
+│                                                              of a purged, re-registered name
 ├── KeyringError                             KeyringInvalid
 │   ├── KeyringBackupError                   KeyringBackupInvalid  corrupt / unknown export file
 │   │   └── WrongPassphraseError             WrongPassphrase   wrong or no passphrase
@@ -70,6 +72,7 @@ __all__ = [
     "NotFoundError",
     "RecordAuthError",
     "RecordReplayError",
+    "RegistrationReplayError",
     "RepairRefusedError",
     "SettingsError",
     "SizeAnomalyError",
@@ -364,6 +367,36 @@ class RecordReplayError(RecordAuthError):
         )
         self.problem = problem
         self.key_id = key_id
+
+
+class RegistrationReplayError(RecordReplayError):
+    """An authentic record or sealed value of another registration of the component than the
+    one the reader holds: a component purged and registered again under the same name starts
+    a new registration, and what the earlier one wrote, put back, is not the current config."""
+
+    reason = "RegistrationReplayed"
+
+    def __init__(
+        self,
+        path: str | None,
+        found: int | None,
+        expected: int | None,
+        *,
+        what: str = "it",
+        key_id: str | None = None,
+    ) -> None:
+        def name(registration: int | None) -> str:
+            return f"registration {registration}" if registration is not None else "none"
+
+        super().__init__(
+            path,
+            f"{what} belongs to {name(found)} of the component, the current one is "
+            f"{name(expected)} (a value or record of an earlier registration of the same name "
+            "was put back)",
+            key_id=key_id,
+        )
+        self.found = found
+        self.expected = expected
 
 
 # --- keyring, store, validation -----------------------------------------------------------------

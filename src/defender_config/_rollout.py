@@ -43,7 +43,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._configs import ActiveConfig, ConfigStore
+from ._configs import ANY_REGISTRATION, ActiveConfig, ConfigStore
 from ._errors import (
     ConflictError,
     DefenderConfigError,
@@ -160,7 +160,12 @@ class Rollouts:
         policy = meta.storage
         write = policy.write_options(self.client.envelope.options) if policy else None
         ops: list[PutOp | DeleteOp] = [
-            PutOp(candidate, self.client.seal(candidate, canonical_json(normalized), write)),
+            PutOp(
+                candidate,
+                self.client.seal(
+                    candidate, canonical_json(normalized), write, registration=meta.registration
+                ),
+            ),
             PutOp(rollout, self.client.encode_record(rollout, record.model_dump(mode="json"))),
         ]
         result = self.client.store.txn(
@@ -278,7 +283,11 @@ class Rollouts:
             return None
         meta = self.configs.get_metadata(component)
         config = self.configs._open_config(
-            path, stored.value, component, self.configs._read_options(component, meta)
+            path,
+            stored.value,
+            component,
+            self.configs._read_options(component, meta),
+            meta.registration if meta is not None else ANY_REGISTRATION,
         )
         if config_digest(config) != record.digest:
             exc = RecordReplayError(

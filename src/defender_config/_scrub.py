@@ -74,6 +74,8 @@ def _open(
     (wrong key, flipped byte, not an envelope, not JSON). Not alerted: the caller reports."""
     options = configs._read_options(component, meta)
     data = configs.client.envelope.open(sv.value, sv.key, options)
+    if meta is not None:
+        configs._check_value(sv.key, sv.value, component, meta.registration, report=False)
     return config_digest(_decode_config(sv.key, data, component))
 
 
@@ -205,6 +207,7 @@ def restore_active(configs: ConfigStore, component: str, version: int, *, by: st
     options = configs._read_options(component, meta)
     try:
         plain = c.envelope.open(hist_sv.value, hist_key, options)
+        configs._check_value(hist_key, hist_sv.value, component, meta.registration, report=False)
         config = _decode_config(hist_key, plain, component)
     except DefenderConfigError as exc:
         raise RepairRefusedError(
@@ -220,7 +223,10 @@ def restore_active(configs: ConfigStore, component: str, version: int, *, by: st
         Compare.mod_revision_is(hist_key, hist_sv.mod_revision),
         Compare.mod_revision_is(active_key, active_sv.mod_revision if active_sv else 0),
     ]
-    put = PutOp(active_key, c.seal(active_key, canonical_json(config), write))
+    put = PutOp(
+        active_key,
+        c.seal(active_key, canonical_json(config), write, registration=meta.registration),
+    )
     if not c.store.txn(compares, [put], []).succeeded:
         raise RepairRefusedError(
             active_key, "the component changed while it was repaired; scrub again"

@@ -347,12 +347,18 @@ FUZZ_PATH = "/ml-defender/components/firewall/active_config"
 _FUZZ_KEYRING = HYGIENE.register(Keyring.generate())
 _READER = Envelope(_FUZZ_KEYRING)
 _LENIENT = Envelope(_FUZZ_KEYRING, EnvelopeOptions(encrypt=False))
-_SAMPLES = [
-    _READER.seal(b'{"default_policy":"deny","rules":[]}' * n, FUZZ_PATH) for n in (1, 20, 300)
-] + [
-    _LENIENT.seal(b"x" * 1000, FUZZ_PATH),
-    _LENIENT.seal(b"y" * 10, FUZZ_PATH),
-]
+_SAMPLES = (
+    [_READER.seal(b'{"default_policy":"deny","rules":[]}' * n, FUZZ_PATH) for n in (1, 20, 300)]
+    + [
+        # Carrying a registration (flag bit 2): 8 more header bytes, covered by the AEAD.
+        _READER.seal(b'{"default_policy":"deny","rules":[]}' * n, FUZZ_PATH, registration=r)
+        for n, r in ((1, 1), (20, 1_764_000_000_000))
+    ]
+    + [
+        _LENIENT.seal(b"x" * 1000, FUZZ_PATH),
+        _LENIENT.seal(b"y" * 10, FUZZ_PATH),
+    ]
+)
 _ORIGINALS = {s: _LENIENT.open(s, FUZZ_PATH) for s in _SAMPLES}
 
 
@@ -374,7 +380,8 @@ def structured_blobs(draw: st.DrawFn) -> tuple[bytes, bytes | None]:
             draw(st.sampled_from([0, 1, 16, 1 << 20, 16 << 20, (16 << 20) + 1, 0xFFFFFFFF])),
             draw(st.sampled_from([len(kid), 0, 64, 65, 255])),
         )
-        return head + kid + draw(st.binary(max_size=512)), None
+        registration = draw(st.sampled_from([b"", b"", b"\0\0\1", b"\0" * 7 + b"\1"]))
+        return head + kid + registration + draw(st.binary(max_size=512)), None
     base = draw(st.sampled_from(_SAMPLES))
     if kind == "edits":
         out = bytearray(base)

@@ -16,7 +16,13 @@ import yaml
 from kubernetes import client as k8s
 from operator_e2e_support import SAMPLES, SECRET, OperatorRun, wait_for
 
-from defender_config import ConfigStore, contract, validate_config
+from defender_config import (
+    ConfigStore,
+    DefenderConfigError,
+    RegistrationReplayError,
+    contract,
+    validate_config,
+)
 from defender_config.store import EtcdStore
 
 pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
@@ -474,3 +480,83 @@ def test_an_operator_given_one_namespace_never_touches_another(
     assert run.core.list_namespaced_event(other_namespace).items == []
     assert "status" not in _get(run, other_namespace)
     assert other_namespace not in run.log_path.read_text()
+
+
+def test_a_purged_registrations_values_put_back_never_become_active_again(
+    operator_run: OperatorRun,
+) -> None:
+    # docs/security.md, "Replays across a record's lifetime": etcd read access saved the values
+    # of a component; it is deleted with retention Purge and created again (a new registration
+    # at version 1); etcd write access (no key) puts the saved values back at higher versions.
+    # They carry the earlier registration: the operator refuses them as a repair's source,
+    # rebuilds and removes, and ACTIVE stays the new registration's config.
+    run = operator_run
+    run.start()
+    store = _store(run)
+    # The operator's keyring: the namespace has no copy before its first component.
+    lay = run.client(run.operator_keyring()).layout
+    comp = lay.component_dir(NAME)
+    old_doc = _sample(default_policy="allow", block_ttl_seconds=7)
+    old_doc["spec"]["retention"] = "Purge"
+    _create(run, run.namespace, old_doc)
+    run.wait_active_version(NAME, 1)
+    _set_ttl(run, run.namespace, 8)
+    run.wait_active_version(NAME, 2)
+    _set_ttl(run, run.namespace, 11)
+    run.wait_active_version(NAME, 3)
+    saved = {sv.key: sv.value for sv in store.list_prefix(comp) if "/instances/" not in sv.key}
+    old_registration = run.get(NAME)["status"].get("registration")
+    assert isinstance(old_registration, int)
+    _delete(run, run.namespace)  # Purge: the data goes
+    assert not store.list_prefix(comp)
+
+    new_doc = _sample()
+    new_doc["spec"]["retention"] = "Purge"
+    _create(run, run.namespace, new_doc)
+    run.wait_active_version(NAME, 1)
+    registration = wait_for(
+        "the new registration anchored", lambda: run.get(NAME)["status"].get("registration")
+    )
+    assert registration != old_registration
+    new_config = validate_config(NAME, new_doc["spec"]["config"])
+    running = run.configs()  # an agent's reader of the new registration
+    assert running.get_active(NAME).config == new_config
+
+    # The attack: the earlier registration's history above the new record, then its metadata,
+    # ACTIVE and MASTER (version 3, authentic under the same paths).
+    for key in (
+        lay.history(NAME, 2),
+        lay.history(NAME, 3),
+        lay.metadata(NAME),
+        lay.active_config(NAME),
+        lay.master_config(NAME),
+    ):
+        store.put(key, saved[key])
+    with pytest.raises(RegistrationReplayError):
+        running.get_active(NAME)
+
+    def restored() -> bool:
+        try:
+            active = run.configs().get_active(NAME)
+        except DefenderConfigError:
+            return False
+        meta = active.metadata
+        return (
+            active.config == new_config and meta is not None and meta.registration == registration
+        )
+
+    wait_for("the operator restores the new registration's record and ACTIVE", restored)
+    kinds = _alert_kinds(run)
+    assert "RegistrationReplayed" in kinds
+    # The earlier registration's history entries above are removed, never taken as newer.
+    history = [sv.key for sv in store.list_prefix(lay.history_dir(NAME))]
+    assert history == [lay.history(NAME, 1)]
+    assert running.get_active(NAME).config == new_config
+    assert run.get(NAME)["status"].get("registration") == registration
+    # The next commit builds on the new registration: version 2 of it, never the old config.
+    _set_ttl(run, run.namespace, 9)
+    run.wait_active_version(NAME, 2)
+    after = running.get_active(NAME)
+    assert after.config["block_ttl_seconds"] == 9
+    assert after.config["default_policy"] == new_config["default_policy"]
+    assert after.metadata is not None and after.metadata.registration == registration

@@ -494,7 +494,13 @@ def test_watch_active_survives_undecodable_values_and_failing_handlers(
         raise RuntimeError("handler bug")  # must not kill the watch thread
 
     handle = configs.watch_active("sniffer", seen.append, on_error=on_error)
-    client.put_sealed(client.layout.active_config("sniffer"), b"not json at all")
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None
+    # Sealed for the component's registration: without it the value is refused before it is
+    # decoded (RegistrationReplayed, tests/integration/library/test_registration_replay_etcd.py).
+    client.put_sealed(
+        client.layout.active_config("sniffer"), b"not json at all", registration=meta.registration
+    )
     wait_for("the decode error", lambda: len(errors) == 1, timeout=15)
     assert isinstance(errors[0], ConfigValidationError)
     assert [a.kind for a in alerts] == ["ConfigInvalid"]

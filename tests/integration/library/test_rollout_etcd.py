@@ -149,9 +149,15 @@ def test_a_candidate_that_is_not_the_records_is_refused(rollouts: Rollouts) -> N
     assert active is not None
     store.put(layout.candidate("sniffer"), active.value)
     assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
-    # A candidate sealed for this key but with another config: digest mismatch, alerted.
+    # A candidate sealed for this key (and this registration) but with another config:
+    # digest mismatch, alerted.
     path = layout.candidate("sniffer")
-    store.put(path, rollouts.client.seal(path, json.dumps(snaplen(4096)).encode()))
+    meta = rollouts.configs.get_metadata("sniffer")
+    assert meta is not None
+    sealed = rollouts.client.seal(
+        path, json.dumps(snaplen(4096)).encode(), registration=meta.registration
+    )
+    store.put(path, sealed)
     assert rollouts.effective("sniffer", "pod-a").config["snaplen"] == 256
     assert "RecordReplayed" in alert_reasons(rollouts.client)
 

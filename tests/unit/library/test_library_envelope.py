@@ -31,7 +31,18 @@ from defender_config import (
     is_envelope,
 )
 from defender_config._codecs import AES256GCM, compressor_by_name
-from defender_config._envelope import _CHECKED, _CHECKED_MAX, MAGIC, _worth_trying
+from defender_config._envelope import (
+    _CHECKED,
+    _CHECKED_MAX,
+    FLAG_COMPRESSED,
+    FLAG_ENCRYPTED,
+    FLAG_REGISTRATION,
+    MAGIC,
+    REGISTRATION_BYTES,
+    _checked_header,
+    _worth_trying,
+    registration_of,
+)
 
 PATH = "/ml-defender/components/detector/active_config"
 PLAIN = EnvelopeOptions(compress=False, encrypt=False)
@@ -50,11 +61,13 @@ def craft(
     version: int = 1,
     keyring: Keyring | None = None,
     path: str = PATH,
+    registration: bytes = b"",
 ) -> bytes:
     """Build an envelope by hand, encrypting correctly when a keyring is given, so the reader's
-    checks after decryption can be reached."""
+    checks after decryption can be reached. `registration`: the bytes written after the key id
+    (whatever the flags say), part of the header and so of the associated data."""
     header = struct.pack(">4sBBBBIB", MAGIC, version, flags, comp, cipher, declared, len(key_id))
-    header += key_id
+    header += key_id + registration
     if keyring is None:
         return header + payload
     nonce = os.urandom(12)
@@ -710,3 +723,162 @@ def test_threads_share_one_envelope(keyring: Keyring, config_bytes: bytes) -> No
     for t in threads:
         t.join()
     assert failures == []
+
+
+# --- the registration field (flag bit 2) ---------------------------------------------------------
+
+REG = 1_764_000_000_123
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.binary(max_size=4096),
+    opts=option_sets.filter(lambda o: o.encrypt),
+    registration=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+)
+def test_round_trip_with_and_without_a_registration(
+    keyring: Keyring, data: bytes, opts: EnvelopeOptions, registration: int | None
+) -> None:
+    env = Envelope(keyring, opts)
+    blob = env.seal(data, PATH, registration=registration)
+    assert env.open(blob, PATH) == data
+    header = inspect(blob)
+    assert header.registration == registration == registration_of(blob)
+    kid = len(keyring.primary.key_id)
+    if registration is None:
+        assert not header.flags & FLAG_REGISTRATION
+        assert header.header_length == 13 + kid
+    else:
+        assert header.flags & FLAG_REGISTRATION and header.encrypted
+        assert header.header_length == 13 + kid + REGISTRATION_BYTES
+        assert blob[13 + kid : 13 + kid + 8] == struct.pack(">Q", registration)
+    assert header.stored_length == len(blob) - header.header_length
+
+
+@pytest.mark.parametrize("opts", [PLAIN, COMPRESS_ONLY])
+def test_an_unencrypted_value_never_carries_a_registration(
+    opts: EnvelopeOptions, config_bytes: bytes
+) -> None:
+    # Nothing would authenticate it: the writer leaves it out rather than write a bit 2 that
+    # every reader refuses.
+    env = Envelope(None, opts)
+    blob = env.seal(config_bytes, PATH, registration=REG)
+    assert env.open(blob, PATH) == config_bytes
+    assert registration_of(blob) is None
+    if is_envelope(blob):
+        assert inspect(blob).registration is None
+        assert not blob[5] & FLAG_REGISTRATION
+
+
+@pytest.mark.parametrize("flags", [FLAG_REGISTRATION, FLAG_REGISTRATION | FLAG_COMPRESSED])
+def test_a_registration_flag_on_an_unencrypted_value_is_unsupported(flags: int) -> None:
+    payload = zstandard.ZstdCompressor().compress(b"abc") if flags & FLAG_COMPRESSED else b"abc"
+    blob = craft(
+        payload,
+        declared=3,
+        flags=flags,
+        comp=1 if flags & FLAG_COMPRESSED else 0,
+        registration=struct.pack(">Q", REG),
+    )
+    for _ in range(2):  # refused every time: a refused header is never cached
+        with pytest.raises(UnsupportedFormatError, match="registration on an unencrypted"):
+            Envelope(None, PLAIN).open(blob, PATH)
+    with pytest.raises(UnsupportedFormatError, match="registration on an unencrypted"):
+        inspect(blob)
+    assert not any(key.startswith(blob[:13]) for key in _CHECKED)
+    # The key-less read does not vouch for it either.
+    assert registration_of(blob) is None
+
+
+def test_a_value_truncated_inside_its_registration_is_a_size_anomaly(keyring: Keyring) -> None:
+    env = Envelope(keyring)
+    blob = env.seal(b"some config text " * 40, PATH, registration=REG)
+    assert env.open(blob, PATH) == b"some config text " * 40  # its header is now cached
+    start = 13 + len(keyring.primary.key_id)
+    for cut in range(start, start + REGISTRATION_BYTES):
+        short = blob[:cut]
+        with pytest.raises(SizeAnomalyError, match="truncated in its registration") as info:
+            env.open(short, PATH)
+        assert info.value.reason == "SizeAnomaly"
+        with pytest.raises(SizeAnomalyError, match="truncated in its registration"):
+            inspect(short)
+        assert registration_of(short) is None
+    # One byte past it the registration is whole: what is missing is nonce and tag.
+    with pytest.raises(SizeAnomalyError, match="nonce and tag"):
+        env.open(blob[: start + REGISTRATION_BYTES], PATH)
+
+
+def test_every_truncation_of_a_registered_value_is_a_typed_error(keyring: Keyring) -> None:
+    env = Envelope(keyring)
+    blob = env.seal(b"some config text " * 40, PATH, registration=REG)
+    for cut in range(len(blob)):
+        with pytest.raises(EnvelopeError):
+            env.open(blob[:cut], PATH)
+
+
+@pytest.mark.parametrize("index", range(REGISTRATION_BYTES))
+def test_a_changed_registration_byte_fails_authentication(
+    envelope: Envelope, config_bytes: bytes, index: int
+) -> None:
+    # The registration is read without a key (`registration_of`): only the AEAD, which covers
+    # it, tells a value sealed for one registration from the same value relabelled.
+    blob = bytearray(envelope.seal(config_bytes, PATH, registration=REG))
+    at = 13 + blob[12] + index
+    blob[at] ^= 0x01
+    assert registration_of(bytes(blob)) != REG
+    with pytest.raises(AuthenticationFailedError):
+        envelope.open(bytes(blob), PATH)
+
+
+def test_a_registration_added_to_or_stripped_from_a_value_fails_authentication(
+    envelope: Envelope, config_bytes: bytes
+) -> None:
+    with_reg = envelope.seal(config_bytes, PATH, registration=REG)
+    start = 13 + with_reg[12]
+    stripped = bytearray(with_reg[:start] + with_reg[start + REGISTRATION_BYTES :])
+    stripped[5] &= ~FLAG_REGISTRATION
+    with pytest.raises(AuthenticationFailedError):
+        envelope.open(bytes(stripped), PATH)
+    without = envelope.seal(config_bytes, PATH)
+    added = bytearray(without[:start] + struct.pack(">Q", REG) + without[start:])
+    added[5] |= FLAG_REGISTRATION
+    with pytest.raises(AuthenticationFailedError):
+        envelope.open(bytes(added), PATH)
+
+
+def test_values_differing_only_in_registration_have_their_own_header_cache_entries(
+    envelope: Envelope, config_bytes: bytes
+) -> None:
+    _CHECKED.clear()
+    one = envelope.seal(config_bytes, PATH, registration=REG)
+    two = envelope.seal(config_bytes, PATH, registration=REG + 1)
+    none = envelope.seal(config_bytes, PATH)
+    header_len = inspect(one).header_length
+    assert one[: header_len - REGISTRATION_BYTES] == two[: header_len - REGISTRATION_BYTES]
+    for blob in (one, two, none):
+        assert envelope.open(blob, PATH) == config_bytes
+    keys = {_checked_header(blob, PATH)[0] for blob in (one, two, none)}
+    assert keys == {one[:header_len], two[:header_len], none[: header_len - REGISTRATION_BYTES]}
+    assert keys <= _CHECKED.keys()
+    # Each entry is the whole header, registration included: the associated data.
+    assert _CHECKED[one[:header_len]].header_len == header_len
+    assert _CHECKED[none[: header_len - REGISTRATION_BYTES]].header_len == (
+        header_len - REGISTRATION_BYTES
+    )
+    # A value relabelled with the other (cached) registration still fails authentication.
+    relabelled = two[:header_len] + one[header_len:]
+    with pytest.raises(AuthenticationFailedError):
+        envelope.open(relabelled, PATH)
+
+
+def test_registration_of_reads_only_an_encrypted_registered_header(
+    envelope: Envelope, config_bytes: bytes
+) -> None:
+    blob = envelope.seal(config_bytes, PATH, registration=REG)
+    assert registration_of(blob) == REG
+    assert registration_of(envelope.seal(config_bytes, PATH)) is None
+    assert registration_of(b'{"plain": true}') is None
+    assert registration_of(b"") is None
+    assert registration_of(blob[:12]) is None
+    assert registration_of(b"XXXX" + blob[4:]) is None
+    assert FLAG_ENCRYPTED & blob[5]

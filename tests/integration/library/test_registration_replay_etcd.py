@@ -1,0 +1,390 @@
+"""A component purged and registered again under the same name, against the real cluster:
+values and records its earlier registration wrote, saved by someone with etcd read access and
+put back by someone with etcd write access and no key, are authentic under the same paths.
+They carry the earlier registration (signed metadata, AEAD-covered envelope header), so running
+readers, readers that know the registration, and the operator's repair refuse them
+(docs/security.md, "Replays across a record's lifetime")."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from defender_config import (
+    Alert,
+    ConfigStore,
+    DefenderClient,
+    EnvelopeOptions,
+    RecordReplayError,
+    RegistrationReplayError,
+    RepairRefusedError,
+    StoragePolicy,
+    inspect,
+    restore_active,
+    scrub_component,
+)
+from defender_config.store import EtcdStore
+
+pytestmark = pytest.mark.etcd
+
+FIRST: dict[str, Any] = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+SECOND: dict[str, Any] = {"node_id": "sniffer-02", "version": "2.0.0", "interface": "eth1"}
+
+
+def snaplen(base: dict[str, Any], n: int) -> dict[str, Any]:
+    return {**base, "snaplen": 100 + n}
+
+
+def save(store: EtcdStore, client: DefenderClient, component: str) -> dict[str, bytes]:
+    out = {}
+    for sv in store.list_prefix(client.layout.component_dir(component)):
+        out[sv.key] = sv.value
+    return out
+
+
+def purge_and_register_again(
+    configs: ConfigStore, store: EtcdStore, client: DefenderClient
+) -> dict[str, bytes]:
+    """Registration one up to version 5, saved, purged (as the operator's Purge), registered
+    again with another config: version 1 of registration two. Returns the saved values."""
+    configs.seed("sniffer", FIRST, "sniffer", by="test")
+    for n in range(2, 6):
+        configs.commit("sniffer", snaplen(FIRST, n), by="ops")
+    saved = save(store, client, "sniffer")
+    store.delete_prefix(client.layout.component_dir("sniffer"))
+    time.sleep(0.01)  # registrations are stamped from the clock in ms
+    configs.seed("sniffer", SECOND, "sniffer", by="test")
+    return saved
+
+
+def test_earlier_registrations_values_put_back_are_refused_by_readers(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    saved = purge_and_register_again(configs, store, client)
+    lay = client.layout
+    running = ConfigStore(client)  # an agent of the new registration, running through it
+    active = running.get_active("sniffer")
+    assert (active.version, active.config["node_id"]) == (1, "sniffer-02")
+    registration = active.metadata.registration if active.metadata else None
+    assert registration is not None
+    old_registration = inspect(saved[lay.active_config("sniffer")]).registration
+    assert old_registration is not None and old_registration < registration
+    assert inspect(store.get(lay.master_config("sniffer")).value).registration == registration  # type: ignore[union-attr]
+
+    # MASTER of the earlier registration put back: refused by every reader that verifies.
+    master_now = store.get(lay.master_config("sniffer"))
+    assert master_now is not None
+    store.put(lay.master_config("sniffer"), saved[lay.master_config("sniffer")])
+    for reader in (running, ConfigStore(client)):
+        with pytest.raises(RegistrationReplayError):
+            reader.get_master("sniffer")
+    store.put(lay.master_config("sniffer"), master_now.value)
+
+    # Metadata and ACTIVE of version 5 of the earlier registration put back together (a
+    # consistent, authentic pair at a version above the current one).
+    for path in (lay.metadata("sniffer"), lay.active_config("sniffer")):
+        store.put(path, saved[path])
+    with pytest.raises(RegistrationReplayError) as refused:
+        running.get_active("sniffer")
+    assert isinstance(refused.value, RecordReplayError)
+    assert refused.value.found == old_registration and refused.value.expected == registration
+    knows = ConfigStore(client)  # a reader started afterwards that knows the registration
+    knows.hold_registration("sniffer", registration)
+    with pytest.raises(RegistrationReplayError):
+        knows.get_active("sniffer")
+    assert "RegistrationReplayed" in [a.kind for a in alerts]
+    # The operator's repair, with the registration its status anchors: the record is rebuilt
+    # from the current registration's history, ACTIVE restored; both readers accept it again.
+    assert configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+    )
+    for reader in (running, knows, ConfigStore(client)):
+        back = reader.get_active("sniffer")
+        assert (back.version, back.config["node_id"]) == (1, "sniffer-02")
+
+
+def test_earlier_registrations_history_put_back_above_is_never_a_repair_source(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    saved = purge_and_register_again(configs, store, client)
+    lay = client.layout
+    running = ConfigStore(client)
+    registration = running.get_active("sniffer").metadata.registration  # type: ignore[union-attr]
+    for v in (4, 5):
+        store.put(lay.history("sniffer", v), saved[lay.history("sniffer", v)])
+    # The operator's pass (anchored, and as a reader that only has the record): kept, and the
+    # entries put back are removed (alerted), not taken as newer history.
+    assert not configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+    )
+    assert store.get(lay.history("sniffer", 5)) is None
+    assert store.get(lay.history("sniffer", 4)) is None
+    assert "RegistrationReplayRemoved" in [a.kind for a in alerts]
+    store.put(lay.history("sniffer", 5), saved[lay.history("sniffer", 5)])
+    assert not configs.repair_metadata(
+        "sniffer", component_type="sniffer", json_schema=None, by="operator"
+    )
+    for reader in (running, ConfigStore(client)):
+        active = reader.get_active("sniffer")
+        assert (active.version, active.config["node_id"]) == (1, "sniffer-02")
+    # Nor does it steer the next version or a rollback.
+    assert configs.commit("sniffer", snaplen(SECOND, 2), by="ops") == 2
+    with pytest.raises(RegistrationReplayError):
+        store.put(lay.history("sniffer", 4), saved[lay.history("sniffer", 4)])
+        configs.rollback("sniffer", 4, by="ops")
+    assert running.get_active("sniffer").config["snaplen"] == 102
+
+
+def test_data_from_before_registrations_stays_readable_and_the_next_commit_stamps_it(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    configs.seed("sniffer", FIRST, "sniffer", by="test")
+    lay = client.layout
+    # Rewrite it as a library without registrations wrote it.
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None
+    legacy = meta.model_dump(mode="json", exclude={"registration"})
+    store.put(lay.metadata("sniffer"), client.encode_record(lay.metadata("sniffer"), legacy))
+    for path in (
+        lay.master_config("sniffer"),
+        lay.active_config("sniffer"),
+        lay.history("sniffer", 1),
+    ):
+        plain = client.open(path, store.get(path).value)  # type: ignore[union-attr]
+        store.put(path, client.seal(path, plain))
+    saved = save(store, client, "sniffer")
+    running = ConfigStore(client)
+    assert running.get_active("sniffer").config["node_id"] == "sniffer-01"
+    assert running.get_master("sniffer")["node_id"] == "sniffer-01"
+    assert [e.version for e in running.history("sniffer")] == [1]
+    # The next commit stamps a registration on the record and every kept value.
+    assert configs.commit("sniffer", snaplen(FIRST, 2), by="ops") == 2
+    stamped = configs.get_metadata("sniffer")
+    assert stamped is not None and stamped.registration is not None
+    for sv in store.list_prefix(lay.component_dir("sniffer")):
+        if (
+            sv.key in (lay.master_config("sniffer"), lay.active_config("sniffer"))
+            or "/history/" in sv.key
+        ):
+            assert inspect(sv.value).registration == stamped.registration, sv.key
+    assert running.get_active("sniffer").version == 2
+    # The unstamped record and ACTIVE put back: refused by the reader that saw the stamp.
+    for path in (lay.metadata("sniffer"), lay.active_config("sniffer")):
+        store.put(path, saved[path])
+    with pytest.raises(RegistrationReplayError):
+        running.get_active("sniffer")
+    assert not alerts or all(a.kind != "AuthenticationFailed" for a in alerts)
+
+
+def make_legacy(store: EtcdStore, client: DefenderClient, component: str) -> None:
+    """Rewrite `component` as a library from before registrations wrote it: a record without
+    one, every sealed value without one."""
+    configs = ConfigStore(client)
+    lay = client.layout
+    meta = configs.get_metadata(component)
+    assert meta is not None
+    legacy = meta.model_dump(mode="json", exclude={"registration"})
+    store.put(lay.metadata(component), client.encode_record(lay.metadata(component), legacy))
+    for sv in store.list_prefix(lay.component_dir(component)):
+        if sv.key == lay.metadata(component) or not (
+            sv.key in (lay.master_config(component), lay.active_config(component))
+            or "/history/" in sv.key
+        ):
+            continue
+        store.put(sv.key, client.seal(sv.key, client.open(sv.key, sv.value)))
+
+
+def sealed_values(client: DefenderClient, store: EtcdStore, component: str) -> dict[str, bytes]:
+    """MASTER, ACTIVE and the kept history of `component`."""
+    lay = client.layout
+    return {
+        sv.key: sv.value
+        for sv in store.list_prefix(lay.component_dir(component))
+        if sv.key in (lay.master_config(component), lay.active_config(component))
+        or "/history/" in sv.key
+    }
+
+
+def test_scrub_reports_values_of_an_earlier_registration_even_when_they_hold_the_same_config(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    """Registered again with the very config the earlier registration had: its ACTIVE and
+    history entry put back hold the digest the record names, so only the registration in their
+    (authenticated) header tells them apart. The scrub reports them; restore_active never takes
+    one as its source, and writes ACTIVE for the current registration."""
+    configs = ConfigStore(client)
+    lay = client.layout
+    configs.seed("sniffer", FIRST, "sniffer", by="test")
+    saved = save(store, client, "sniffer")
+    store.delete_prefix(lay.component_dir("sniffer"))
+    time.sleep(0.01)
+    configs.seed("sniffer", FIRST, "sniffer", by="test")  # the same config, registration two
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.registration is not None
+    current = save(store, client, "sniffer")
+    old = inspect(saved[lay.active_config("sniffer")]).registration
+    assert old is not None and old != meta.registration
+
+    report = scrub_component(configs, "sniffer")
+    assert report is not None and report.failures == ()
+
+    # The earlier registration's history/1 (and an entry above it) put back.
+    store.put(lay.history("sniffer", 1), saved[lay.history("sniffer", 1)])
+    store.put(lay.history("sniffer", 7), saved[lay.history("sniffer", 1)])  # moved: no AEAD
+    report = scrub_component(configs, "sniffer")
+    assert report is not None
+    failed = {c.path: c for c in report.failures}
+    assert set(failed) == {lay.history("sniffer", 1), lay.history("sniffer", 7)}
+    assert failed[lay.history("sniffer", 1)].reason == "RegistrationReplayed"
+    assert failed[lay.history("sniffer", 1)].version == 1
+    assert str(old) in failed[lay.history("sniffer", 1)].detail
+    assert failed[lay.history("sniffer", 7)].reason == "AuthenticationFailed"
+    # Nothing alerted by the scrub itself: its findings are the caller's to announce.
+    assert "RegistrationReplayed" not in [a.kind for a in alerts]
+    with pytest.raises(RepairRefusedError, match="RegistrationReplayed"):
+        restore_active(configs, "sniffer", 1, by="test")
+    assert store.get(lay.active_config("sniffer")).value == current[lay.active_config("sniffer")]  # type: ignore[union-attr]
+    store.delete(lay.history("sniffer", 7))
+
+    # ACTIVE of the earlier registration put back: the same config, so no DigestMismatch.
+    store.put(lay.history("sniffer", 1), current[lay.history("sniffer", 1)])
+    store.put(lay.active_config("sniffer"), saved[lay.active_config("sniffer")])
+    report = scrub_component(configs, "sniffer")
+    assert report is not None
+    assert [(c.path, c.reason) for c in report.failures] == [
+        (lay.active_config("sniffer"), "RegistrationReplayed")
+    ]
+    with pytest.raises(RegistrationReplayError):
+        ConfigStore(client).get_active("sniffer")
+    # Restored from the current registration's entry: sealed for the current registration.
+    restore_active(configs, "sniffer", 1, by="test")
+    restored = store.get(lay.active_config("sniffer"))
+    assert restored is not None
+    assert inspect(restored.value).registration == meta.registration
+    report = scrub_component(configs, "sniffer")
+    assert report is not None and report.failures == ()
+    assert ConfigStore(client).get_active("sniffer").config["node_id"] == "sniffer-01"
+
+
+def test_set_storage_stamps_a_registration_on_data_from_before_registrations(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    lay = client.layout
+    configs.seed("sniffer", FIRST, "sniffer", by="test")
+    configs.commit("sniffer", snaplen(FIRST, 2), by="ops")
+    make_legacy(store, client, "sniffer")
+    legacy = save(store, client, "sniffer")
+    for blob in sealed_values(client, store, "sniffer").values():
+        assert inspect(blob).registration is None
+    running = ConfigStore(client)  # a reader of the legacy data, running through the change
+    assert running.get_active("sniffer").version == 2
+    assert running.held_registration("sniffer") is None
+
+    chacha = EnvelopeOptions(cipher="chacha20-poly1305")
+    assert configs.set_storage("sniffer", chacha, by="ops")
+    meta = configs.get_metadata("sniffer")
+    assert meta is not None and meta.version == 2  # no new version
+    assert meta.registration is not None
+    assert meta.storage == StoragePolicy.from_options(chacha)
+    values = sealed_values(client, store, "sniffer")
+    assert set(values) == {
+        lay.master_config("sniffer"),
+        lay.active_config("sniffer"),
+        lay.history("sniffer", 1),
+        lay.history("sniffer", 2),
+    }
+    for path, blob in values.items():
+        header = inspect(blob)
+        assert (header.registration, header.cipher) == (
+            meta.registration,
+            "chacha20-poly1305",
+        ), path
+    # Every reader reads it: the running one (now holding the stamped registration) and a
+    # new one; history and MASTER too.
+    for reader in (running, ConfigStore(client)):
+        active = reader.get_active("sniffer")
+        assert (active.version, active.config["snaplen"]) == (2, 102)
+        assert [e.version for e in reader.history("sniffer")] == [1, 2]
+        assert reader.get_master("sniffer")["node_id"] == "sniffer-01"
+    assert running.held_registration("sniffer") == meta.registration
+    # Another policy change keeps the registration.
+    assert configs.set_storage("sniffer", EnvelopeOptions(compress=False), by="ops")
+    again = configs.get_metadata("sniffer")
+    assert again is not None and again.registration == meta.registration
+    for blob in sealed_values(client, store, "sniffer").values():
+        assert inspect(blob).registration == meta.registration
+    assert "RegistrationReplayed" not in [a.kind for a in alerts]
+    # The unstamped record and ACTIVE put back: refused by the reader that saw the stamp.
+    for path in (lay.metadata("sniffer"), lay.active_config("sniffer")):
+        store.put(path, legacy[path])
+    with pytest.raises(RegistrationReplayError):
+        running.get_active("sniffer")
+
+
+def test_a_master_of_an_earlier_registration_is_written_again_from_version_one(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    saved = purge_and_register_again(configs, store, client)
+    lay = client.layout
+    registration = configs.held_registration("sniffer")  # the seeding reader holds its own
+    assert registration is not None
+    assert configs.get_metadata("sniffer").registration == registration  # type: ignore[union-attr]
+    master = lay.master_config("sniffer")
+    store.put(master, saved[master])  # MASTER alone: the record still verifies (KEEP)
+    with pytest.raises(RegistrationReplayError):
+        ConfigStore(client).get_master("sniffer")
+    replays: list[str] = []
+    assert configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+        replays=replays,
+    )
+    assert replays == [master]
+    assert inspect(store.get(master).value).registration == registration  # type: ignore[union-attr]
+    assert ConfigStore(client).get_master("sniffer")["node_id"] == "sniffer-02"
+    assert {"RegistrationReplayed", "MasterRestored"} <= {a.kind for a in alerts}
+    # Nothing to do the second time.
+    assert not configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+    )
+    # Without the anchor nothing is rewritten (the caller does not know the registration).
+    store.put(master, saved[master])
+    assert not configs.repair_metadata(
+        "sniffer", component_type="sniffer", json_schema=None, by="operator"
+    )
+    assert inspect(store.get(master).value).registration != registration  # type: ignore[union-attr]
+    # Version 1 pruned (history limit 3): no source, MASTER is left and still refused.
+    for n in range(2, 5):
+        configs.commit("sniffer", snaplen(SECOND, n), by="ops")
+    assert store.get(lay.history("sniffer", 1)) is None
+    assert not configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+    )
+    with pytest.raises(RegistrationReplayError):
+        ConfigStore(client).get_master("sniffer")

@@ -1,0 +1,157 @@
+"""`LibraryBackend` on the real etcd after a purge and a new registration of the same name:
+the operator's own reader holds the registration its seed wrote from the seed on, so a record,
+ACTIVE, MASTER and history of the earlier registration put back are refused by its very next
+read (the monitor pass's `observe`) and repaired from the new registration, without waiting
+for a reconcile to pass it the status's anchor (docs/security.md, "Replays across a record's
+lifetime")."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from defender_config import (
+    Alert,
+    Cadence,
+    CallableSink,
+    EnvelopeOptions,
+    Keyring,
+    LibrarySettings,
+    StoragePolicy,
+    config_digest,
+    inspect,
+    validate_config,
+)
+from defender_devcluster import EtcdCluster, etcd_client_settings
+from defender_operator._decisions.ownership import Claim
+from defender_operator._keys import MutableKeyringSource
+from defender_operator._library_backend import LibraryBackend
+from defender_operator._runtime import utcnow
+
+pytestmark = pytest.mark.etcd
+
+BY = "operator:registration"
+FW = {"node_id": "fw-01", "version": "1.0.0", "default_policy": "deny", "rules": []}
+CADENCE = Cadence(interval_seconds=5, allowed_misses=2, by=BY)
+
+
+@pytest.fixture
+def backend(defender_etcd: EtcdCluster, etcd_prefix: str) -> Iterator[LibraryBackend]:
+    settings = LibrarySettings(
+        etcd=etcd_client_settings(defender_etcd.endpoints), prefix=etcd_prefix.rstrip("/")
+    )
+    library = LibraryBackend(settings, MutableKeyringSource(Keyring.generate()), "registration")
+    try:
+        yield library
+    finally:
+        library.close()
+
+
+def claim_and_seed(backend: LibraryBackend, uid: str, config: dict[str, Any]) -> Any:
+    return backend.claim_and_seed(
+        "firewall",
+        "firewall",
+        config,
+        claim=Claim("ns", "firewall", uid),
+        json_schema=None,
+        modified_by=BY,
+        cadence=CADENCE,
+        alerts_since=utcnow(),
+    )
+
+
+def commit(backend: LibraryBackend, config: dict[str, Any]) -> int:
+    return backend.commit(
+        "firewall", "firewall", config, json_schema=None, modified_by=BY, history_limit=10
+    )
+
+
+def test_a_purged_registrations_values_put_back_are_repaired_by_the_next_observe(
+    backend: LibraryBackend,
+) -> None:
+    alerts: list[Alert] = []
+    backend.client.alerter.add_sink(CallableSink(alerts.append))
+    assert claim_and_seed(backend, "uid-1", FW) is not None
+    commit(backend, {**FW, "block_ttl_seconds": 7})
+    commit(backend, {**FW, "block_ttl_seconds": 11})
+    store, lay = backend.client.store, backend.layout
+    saved = {sv.key: sv.value for sv in store.list_prefix(lay.component_dir("firewall"))}
+    backend.purge("firewall")
+    time.sleep(0.01)  # registrations are stamped from the clock in ms
+    allow = {**FW, "default_policy": "allow"}
+    seen = claim_and_seed(backend, "uid-2", allow)
+    assert seen is not None
+    registration = seen.state.registration
+    assert registration is not None
+    assert backend.configs.held_registration("firewall") == registration
+    old = inspect(saved[lay.active_config("firewall")]).registration
+    assert old is not None and old != registration
+
+    # History above the new record, then the record, ACTIVE and MASTER (version 3).
+    for key in (
+        lay.history("firewall", 2),
+        lay.history("firewall", 3),
+        lay.metadata("firewall"),
+        lay.active_config("firewall"),
+        lay.master_config("firewall"),
+    ):
+        store.put(key, saved[key])
+    state = backend.observe("firewall", utcnow()).state
+    expected = config_digest(validate_config("firewall", allow))
+    assert (state.active_version, state.active_digest, state.master_digest) == (
+        1,
+        expected,
+        expected,
+    )
+    assert state.registration == registration and state.master_error is None
+    assert backend.state("firewall") == state  # MASTER verifies again: no tolerance needed
+    keys = {sv.key: sv.value for sv in store.list_prefix(lay.component_dir("firewall"))}
+    assert lay.history("firewall", 2) not in keys and lay.history("firewall", 3) not in keys
+    for key in (lay.master_config("firewall"), lay.active_config("firewall")):
+        assert inspect(keys[key]).registration == registration, key
+    kinds = [a.kind for a in alerts]
+    for kind in ("RegistrationReplayed", "RegistrationReplayRemoved", "MasterRestored"):
+        assert kind in kinds, kind
+    # And the next commit is version 2 of the new registration.
+    assert commit(backend, {**allow, "block_ttl_seconds": 9}) == 2
+
+
+def test_a_seed_after_etcd_lost_the_data_moves_the_repairs_to_the_new_registration(
+    backend: LibraryBackend,
+) -> None:
+    seen = claim_and_seed(backend, "uid-1", FW)
+    assert seen is not None
+    old = seen.state.registration
+    store, lay = backend.client.store, backend.layout
+    store.delete_prefix(lay.component_dir("firewall"))  # etcd lost the data
+    time.sleep(0.01)
+    # The next reconcile: the declare with the status's anchor (the lost registration), then
+    # the seed of the empty name, whose registration the status anchors from now on.
+    digest = config_digest(validate_config("firewall", FW))
+    policy = StoragePolicy.from_options(EnvelopeOptions())
+    declared = backend.declare(
+        "firewall",
+        "firewall",
+        json_schema=None,
+        storage=policy,
+        digest=digest,
+        modified_by=BY,
+        registration=old,
+    )
+    assert declared.state is not None and declared.state.active_version is None
+    new = backend.seed("firewall", "firewall", FW, json_schema=None, modified_by=BY).registration
+    assert new is not None and new != old
+    # The record stops verifying (its MAC removed): the monitor's read re-signs it for the
+    # registration just seeded, not the lost one (nothing of which is left).
+    meta_key = lay.metadata("firewall")
+    stored = store.get(meta_key)
+    assert stored is not None
+    doc = json.loads(stored.value)
+    del doc["auth"]
+    store.put(meta_key, json.dumps(doc).encode())
+    state = backend.observe("firewall", utcnow()).state
+    assert (state.registration, state.active_version, state.active_digest) == (new, 1, digest)

@@ -1,0 +1,216 @@
+"""The registration anchor (`status.registration`): which registration of a name is current."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import kopf
+import pytest
+from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
+
+from defender_config import RegistrationReplayError, config_digest, validate_config
+from defender_operator._backend import Declared
+from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.registration import (
+    REGISTRATION_FIELD,
+    RegistrationAction,
+    anchored_registration,
+    decide_registration,
+    registration_fields,
+)
+from defender_operator._memory_backend import Stored
+from defender_operator._reconcile import apply_retention
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(None, None), (0, None), (-3, None), (True, None), ("17", None), (17, 17)],
+)
+def test_only_a_positive_integer_in_status_is_an_anchor(raw: object, expected: int | None) -> None:
+    status = {} if raw is None else {REGISTRATION_FIELD: raw}
+    assert anchored_registration(status) == expected
+
+
+def test_a_saved_registration_put_back_is_never_anchored_over_the_current_one() -> None:
+    # Older (the purged registration) or newer: not the anchored one, so refused, not anchored.
+    assert decide_registration(200, 100) is RegistrationAction.REPLAYED
+    assert decide_registration(200, 300) is RegistrationAction.REPLAYED
+    assert registration_fields(RegistrationAction.REPLAYED, 100) == {}
+
+
+def test_a_record_without_registration_under_an_anchor_is_a_replay() -> None:
+    # A record from before registrations, put back after the component got one.
+    assert decide_registration(200, None) is RegistrationAction.REPLAYED
+
+
+def test_nothing_anchored_anchors_what_is_there_and_legacy_stays_readable() -> None:
+    assert decide_registration(None, 100) is RegistrationAction.ANCHOR
+    assert registration_fields(RegistrationAction.ANCHOR, 100) == {REGISTRATION_FIELD: 100}
+    assert decide_registration(None, None) is RegistrationAction.LEGACY
+    assert registration_fields(RegistrationAction.LEGACY, None) == {}
+
+
+def test_the_anchored_registration_is_kept() -> None:
+    assert decide_registration(200, 200) is RegistrationAction.KEEP
+    assert registration_fields(RegistrationAction.KEEP, 200) == {}
+
+
+def test_the_operators_own_seed_re_anchors_after_etcd_lost_the_data() -> None:
+    # An accident that emptied etcd must not lock the resource out of what it seeds again.
+    assert decide_registration(200, 300, seeded=True) is RegistrationAction.ANCHOR
+    assert decide_registration(200, None, seeded=True) is RegistrationAction.REPLAYED
+
+
+# --- the reconcile, against the in-memory Backend -------------------------------------------------
+
+ETH0 = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+ETH1 = {**ETH0, "interface": "eth1"}
+ETH2 = {**ETH0, "interface": "eth2"}
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def digest(config: dict[str, str]) -> str:
+    return config_digest(validate_config("sniffer", config, None))
+
+
+def purged_and_registered_again() -> tuple[Harness, Stored]:
+    """A resource (retention Purge) at version 3, its values saved by someone with etcd read
+    access, deleted (its data purged) and created again: version 1 of a new registration.
+    Returns the new resource's harness (same backend) and the saved values."""
+    old = Harness()
+    for config in (ETH0, ETH1, ETH2):
+        run(old.reconcile(spec(config)))
+    assert old.backend.state(NAME).active_version == 3
+    saved = copy.deepcopy(old.backend.components[NAME])
+    run(apply_retention(old.rt, old.body(spec(ETH2), {}), NAMESPACE, NAME, "Purge", LOG))
+    assert NAME not in old.backend.components
+    new = Harness(backend=old.backend, uid="uid-2")
+    run(new.reconcile(spec(ETH0)))
+    assert new.backend.state(NAME).active_version == 1
+    return new, saved
+
+
+def alerted(h: Harness) -> list[str]:
+    return [a.reason for a in h.backend.raised]
+
+
+def test_the_seed_anchors_its_registration_and_a_new_resource_gets_a_new_one() -> None:
+    h, saved = purged_and_registered_again()
+    current = h.backend.components[NAME].registration
+    assert current is not None and saved.registration is not None
+    assert current > saved.registration
+    assert h.kube.status[REGISTRATION_FIELD] == current
+    assert h.backend.state(NAME).registration == current
+
+
+def test_values_of_a_purged_registration_put_back_are_refused_with_a_warning_event() -> None:
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    # The earlier registration's record and ACTIVE (version 3) and history 2 and 3 put back.
+    h.backend.put_back(NAME, saved, history=[2, 3])
+    h.events.clear()
+    run(h.reconcile(spec(ETH0)))
+    replayed = [e for e in h.events if e.reason == "RegistrationReplayed"]
+    assert len(replayed) == 1 and replayed[0].type == "Warning"
+    assert "3 value(s) of an earlier registration" in replayed[0].message
+    for path in ("metadata", "history/2", "history/3"):
+        assert f"/components/{NAME}/{path}" in replayed[0].message
+    assert "MetadataResigned" in h.reasons()  # the record rebuilt, as the library says
+    # Rebuilt from the anchored registration's own history: ACTIVE is its version 1 again.
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (1, digest(ETH0))
+    assert state.registration == anchored
+    assert sorted(h.backend.components[NAME].history) == [1]
+    assert h.kube.status[REGISTRATION_FIELD] == anchored  # never anchored over
+    assert {"RegistrationReplayed", "RegistrationReplayRemoved"} <= set(alerted(h))
+    # The next commit builds on the anchored registration: its version 2, not 4.
+    run(h.reconcile(spec(ETH1)))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.registration) == (2, anchored)
+
+
+def test_history_of_a_purged_registration_put_back_alone_is_removed_with_a_warning_event() -> None:
+    h, saved = purged_and_registered_again()
+    h.backend.put_back(NAME, saved, record=False, history=[2, 3])
+    h.events.clear()
+    run(h.reconcile(spec(ETH0)))
+    replayed = [e for e in h.events if e.reason == "RegistrationReplayed"]
+    assert len(replayed) == 1 and replayed[0].type == "Warning"
+    assert "2 value(s)" in replayed[0].message and "MetadataResigned" not in h.reasons()
+    assert sorted(h.backend.components[NAME].history) == [1]
+    run(h.reconcile(spec(ETH1)))
+    assert h.backend.state(NAME).active_version == 2  # never steered to 4
+
+
+def test_with_nothing_of_the_anchored_registration_left_nothing_is_committed_on_top() -> None:
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    # Every value of the earlier registration put back, history 1 included: nothing of the
+    # anchored registration is left to rebuild the record from.
+    h.backend.put_back(NAME, saved, history=[1, 2, 3])
+    h.backend.calls.clear()
+    with pytest.raises(kopf.TemporaryError) as info:  # retried: a restore is picked up
+        run(h.reconcile(spec(ETH1)))
+    assert isinstance(info.value.__cause__, RegistrationReplayError)
+    assert "commit" not in h.backend.calls and "seed" not in h.backend.calls
+    assert h.backend.state(NAME).registration == saved.registration  # left as it is
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
+    assert "RegistrationReplayed" in alerted(h)
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert synced["status"] != cond.TRUE
+    assert synced["reason"] == "RegistrationReplayed"
+    assert f"the current one is registration {anchored}" in synced["message"]
+
+
+def test_a_record_of_another_registration_after_the_declare_is_refused_not_committed_on() -> None:
+    # Put back right after the declare's repair (or by a backend whose repair could not tell):
+    # the reconcile's own check refuses it (alerted, retried) and commits nothing on top.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    declare = h.backend.declare
+
+    def declare_then_put_back(*args: Any, **kwargs: Any) -> Declared:
+        declare(*args, **kwargs)
+        h.backend.put_back(NAME, saved)
+        return Declared()  # the caller reads the state again
+
+    h.backend.declare = declare_then_put_back  # type: ignore[method-assign]
+    h.backend.calls.clear()
+    with pytest.raises(kopf.TemporaryError) as info:
+        run(h.reconcile(spec(ETH1)))
+    refused = info.value.__cause__
+    assert isinstance(refused, RegistrationReplayError)
+    assert (refused.found, refused.expected) == (saved.registration, anchored)
+    assert "commit" not in h.backend.calls
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
+    alerts = [a for a in h.backend.raised if a.reason == "RegistrationReplayed"]
+    assert alerts and f"the metadata record of {NAME!r} in etcd" in alerts[-1].detail
+
+
+@pytest.mark.parametrize("claim_lost", [False, True])
+def test_the_operators_own_seed_after_etcd_lost_the_data_is_anchored_over_the_old_one(
+    claim_lost: bool,
+) -> None:
+    # An accident that empties etcd must not lock the resource out of what it seeds again: the
+    # seed of this visit writes a new registration, and the status anchors it.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    before = h.kube.status[REGISTRATION_FIELD]
+    h.backend.components.clear()
+    if claim_lost:
+        h.backend.claims.clear()
+    h.backend.calls.clear()
+    h.events.clear()
+    run(h.reconcile(spec(ETH0)))
+    assert "seed" in h.backend.calls  # this visit's own seed (the status still holds the name)
+    after = h.backend.state(NAME).registration
+    assert after is not None and after != before
+    assert h.kube.status[REGISTRATION_FIELD] == after
+    assert "RegistrationReplayed" not in h.reasons() + alerted(h)
+    run(h.reconcile(spec(ETH1)))  # and commits on it
+    assert h.backend.state(NAME).active_version == 2
