@@ -36,7 +36,7 @@ from defender_config import (
 )
 
 from ._core import ConfigApplier
-from ._errors import AgentSettingsError
+from ._errors import AgentSettingsError, ConfigTooLargeError
 from ._health import (
     UNHEALTHY,
     ExecCheck,
@@ -47,6 +47,7 @@ from ._health import (
     ProcessCheck,
     TcpCheck,
 )
+from ._memory import MemoryBudget
 from ._reload import HttpReloader, NoReload, Reloader, SignalReloader
 from ._settings import AgentSettings
 from ._status import StatusServer
@@ -171,6 +172,7 @@ class Agent:
             process_grace_seconds=settings.reload_grace_seconds,
             max_file_bytes=library.envelope.max_decompressed_bytes,
         )
+        self.budget = MemoryBudget(settings.max_config_bytes)
         self._running_reported = False
         check = build_health_check(settings)
         self.health: HealthGate | None = None
@@ -314,6 +316,17 @@ class Agent:
                 self.stop_requested.wait(delay)
                 delay = min(delay * 2, _MAX_START_BACKOFF)
 
+    def config_store(self, client: DefenderClient) -> ConfigStore:
+        """The agent's reader of configs: refuses, before parsing, a config its memory cannot
+        take (``_memory``)."""
+        budget, why = self.budget.allowance()
+        log.info(
+            "largest config this agent takes in: %s (%s)",
+            "no cap but the library's" if budget is None else f"{budget} bytes",
+            why,
+        )
+        return ConfigStore(client, before_parse=self.budget.check)
+
     def _connect_step(self) -> None:
         if self.client is None:
             # With etcd auth the client logs in when built, so building it can fail like any
@@ -322,7 +335,7 @@ class Agent:
                 self.library, self.keyring, instance=self.settings.instance
             )
         if self.configs is None:
-            self.configs = ConfigStore(self.client)
+            self.configs = self.config_store(self.client)
         if self.heartbeater is None:
             self._register()
         if self.keyring is not None:
@@ -364,8 +377,9 @@ class Agent:
 
     def _on_watch_error(self, exc: DefenderConfigError) -> None:
         # The library alerted decode and format errors already (client.open / client.report);
-        # store errors are transient and belong in the heartbeat, not in an alert record.
-        self.applier.reject(exc, alerted=True)
+        # store errors are transient and belong in the heartbeat, not in an alert record. A
+        # config over the agent's own budget is the agent's refusal: nobody alerted it yet.
+        self.applier.reject(exc, alerted=not isinstance(exc, ConfigTooLargeError))
 
     def _on_keyring_change(self, old: Keyring, new: Keyring) -> None:
         log.info(

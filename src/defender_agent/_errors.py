@@ -5,17 +5,24 @@ The tree (one root, so a caller can catch everything the agent raises on purpose
     AgentError
     ├── AgentSettingsError        bad flags / environment at start-up
     ├── WriteError                the decoded config could not be written to the shared volume
-    ├── ConfigTooLargeError       the config's file would be over the library's cap on a value
+    ├── ConfigTooLargeError       the config's file would be over the library's cap on a value,
+    │                             or the config is more than the agent's memory can parse
     └── ReloadError               the target process could not be told to reload
         ├── ProcessNotFoundError  no process (or no live pid in the pidfile) to signal
         ├── SignalDeliveryError   the kernel refused the signal
         └── HttpReloadError       the reload URL failed after every retry
 
 Errors from the shared library (``defender_config.DefenderConfigError`` and its tree) are not
-wrapped: the agent reports their ``.reason`` as they are.
+wrapped: the agent reports their ``.reason`` as they are. ``ConfigTooLargeError`` is also a
+``DefenderConfigError``: the agent raises it from inside the library's read of ACTIVE
+(``ConfigStore.before_parse``), and the library's watch hands only its own errors to the agent.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+from defender_config import DefenderConfigError
 
 __all__ = [
     "AgentError",
@@ -32,7 +39,7 @@ __all__ = [
 class AgentError(Exception):
     """Root of every error the agent raises on purpose."""
 
-    reason = "AgentError"
+    reason: ClassVar[str] = "AgentError"
 
 
 class AgentSettingsError(AgentError):
@@ -55,20 +62,22 @@ class WriteError(AgentError):
         )
 
 
-class ConfigTooLargeError(AgentError):
-    """The config's file would be over ``max_bytes``; the previous file is left in place.
+class ConfigTooLargeError(AgentError, DefenderConfigError):
+    """The config is over ``max_bytes``; the previous file is left in place. Not retried.
 
-    Not retried: the same config renders to the same size. The cap is the library's cap on a
-    decoded value, and the shared volume holds two files of that size (the file and the
-    temporary file that replaces it), so a bigger file could fill the volume."""
+    Two caps: the config's file is at most the library's cap on a decoded value (the shared
+    volume holds two files of that size: the file and the temporary file that replaces it),
+    and the decoded config is at most what the agent's memory can parse, validate and render
+    (``message`` then says so: :mod:`defender_agent._memory`)."""
 
     reason = "ConfigTooLarge"
 
-    def __init__(self, size: int, max_bytes: int) -> None:
+    def __init__(self, size: int, max_bytes: int, message: str | None = None) -> None:
         self.size = size
         self.max_bytes = max_bytes
         super().__init__(
-            f"the config's file would be {size} bytes, over the cap of {max_bytes} bytes "
+            message
+            or f"the config's file would be {size} bytes, over the cap of {max_bytes} bytes "
             "(envelope.max_decompressed_bytes); the last good file is kept"
         )
 

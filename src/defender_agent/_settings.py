@@ -132,6 +132,12 @@ class AgentSettings(BaseSettings):
     refused, whatever the records in etcd say. Same as listing the component in the library's
     ``plaintext_components``."""
 
+    max_config_bytes: int | None = Field(default=None, ge=1)
+    """The largest decoded config (bytes) the agent takes in; a larger one is refused
+    (``ConfigTooLarge``, the last good file kept). Default: what the container's memory limit
+    affords, about (limit - the agent's own ~70 MiB) / 96; without a limit only the library's
+    cap (``envelope.max_decompressed_bytes``) applies."""
+
     reload_method: ReloadMethod = "signal"
     """How the component is told to reload: ``signal``, ``http`` or ``none`` (the component
     watches the file itself)."""

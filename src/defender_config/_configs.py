@@ -323,7 +323,14 @@ def repair_registration(anchored: int | None, verified: ConfigMetadata | None) -
 
 
 class ConfigStore:
-    """MASTER/ACTIVE/history of every component, through one DefenderClient."""
+    """MASTER/ACTIVE/history of every component, through one DefenderClient.
+
+    `before_parse(component, size)` is called with the decoded size of every config value
+    this store opens, after it is authenticated and decompressed and before it is parsed;
+    whatever it raises (a DefenderConfigError, to reach the callers' handlers) refuses the
+    value. Parsing costs many times the value's size in memory (a list of small numbers,
+    ~45x in CPython), so a reader with little memory (the agent) refuses what it cannot
+    afford here rather than being killed part way through."""
 
     def __init__(
         self,
@@ -332,8 +339,10 @@ class ConfigStore:
         history_limit: int | None = None,
         on_invalid: InvalidConfigPolicy | str = InvalidConfigPolicy.REJECT,
         plaintext_components: Iterable[str] | None = None,
+        before_parse: Callable[[str, int], None] | None = None,
     ) -> None:
         self.client = client
+        self.before_parse = before_parse
         self.layout = client.layout
         self.plaintext_components: set[str] = set(
             client.settings.plaintext_components
@@ -530,6 +539,8 @@ class ConfigStore:
     ) -> dict[str, Any]:
         data = self.client.open(path, blob, options, component=component)
         self._check_value(path, blob, component, registration)
+        if self.before_parse is not None:
+            self.before_parse(component, len(data))
         return _decode_config(path, data, component)
 
     def _tightening_meta(self, component: str) -> ConfigMetadata | None:

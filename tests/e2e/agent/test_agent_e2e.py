@@ -619,3 +619,42 @@ def test_value_sealed_with_a_key_not_yet_mounted_opens_once_the_secret_catches_u
         "v2 delivered after the keyring update",
     )
     target_loads(target, 2)
+
+
+def test_a_config_over_the_agents_budget_is_refused_unparsed_and_the_next_one_taken(
+    plane: Plane,
+) -> None:
+    # A key holder commits a config larger than this agent may parse (here --max-config-bytes;
+    # in a pod its memory limit): refused with a clear reason instead of an OOM kill loop.
+    seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(target, "--max-config-bytes", "2000")
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "v1 delivered")
+    target_loads(target, 1)
+    good = plane.output_path.read_bytes()
+
+    big = {"threshold": 2, "mode": "x" * 5000}
+    assert plane.configs.commit(plane.component, big, by="e2e") == 2
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "ConfigTooLarge",
+        "ConfigTooLarge in the heartbeat",
+    )
+    assert "--max-config-bytes" in hb["last_error"]["detail"]
+    assert hb["config_version"] == 1
+    alerts = wait_for(
+        "a ConfigTooLarge alert",
+        lambda: [a for a in plane.alerts() if a["kind"] == "ConfigTooLarge"],
+        timeout=20,
+    )
+    assert alerts[0]["instance"] == agent.instance
+    assert plane.output_path.read_bytes() == good
+
+    assert plane.configs.commit(plane.component, config(3), by="e2e") == 3
+    plane.wait_heartbeat(
+        agent, lambda h: h["config_version"] == 3 and h["last_error"] is None, "v3 delivered"
+    )
+    target_loads(target, 3)
+    assert len([a for a in plane.alerts() if a["kind"] == "ConfigTooLarge"]) == 1
+    assert agent.proc.poll() is None
+    assert target.bad_reads() == []

@@ -361,3 +361,27 @@ def test_the_shared_volume_holds_the_largest_config_twice(helm: Path) -> None:
     assert _quantity_bytes(example_values["agent"]["sharedSizeLimit"]) >= needed
     volumes = {v["name"]: v for v in deployment(helm)["spec"]["template"]["spec"]["volumes"]}
     assert _quantity_bytes(volumes["defender-shared"]["emptyDir"]["sizeLimit"]) >= needed
+
+
+def test_the_agent_memory_limit_takes_any_config_a_defender_component_can_carry(
+    helm: Path,
+) -> None:
+    # Under the limit the agent refuses what it cannot parse rather than being OOM-killed in a
+    # loop (defender_agent._memory); the default must still take every config that can come
+    # through a DefenderComponent, whose whole object is bounded by the API server's etcd
+    # request limit. 70 MiB: what the agent holds idle (measured, CPython 3.11).
+    from defender_agent._memory import config_budget
+    from defender_config._settings import ETCD_REQUEST_LIMIT_BYTES
+
+    idle = 70 << 20
+    chart_values = yaml.safe_load((REPO / "charts" / "ml-defender" / "values.yaml").read_text())
+    example_values = yaml.safe_load((EXAMPLE / "values.yaml").read_text())
+    containers = deployment(helm)["spec"]["template"]["spec"]["containers"]
+    (agent,) = [c for c in containers if c["name"] == "defender-agent"]
+    for limit in (
+        chart_values["agent"]["resources"]["limits"]["memory"],
+        example_values["agent"]["resources"]["limits"]["memory"],
+        agent["resources"]["limits"]["memory"],
+    ):
+        budget = config_budget(_quantity_bytes(limit), idle)
+        assert budget is not None and budget >= ETCD_REQUEST_LIMIT_BYTES, limit
