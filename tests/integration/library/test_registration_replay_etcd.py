@@ -59,6 +59,19 @@ def purge_and_register_again(
     return saved
 
 
+def operator_repair(configs: ConfigStore, registration: int | None, **more: Any) -> bool:
+    """The operator's repair of sniffer's record, with the registration its status anchors
+    (None: the caller knows none)."""
+    return configs.repair_metadata(
+        "sniffer",
+        component_type="sniffer",
+        json_schema=None,
+        by="operator",
+        registration=registration,
+        **more,
+    )
+
+
 def test_earlier_registrations_values_put_back_are_refused_by_readers(
     client: DefenderClient, store: EtcdStore, alerts: list[Alert]
 ) -> None:
@@ -98,13 +111,7 @@ def test_earlier_registrations_values_put_back_are_refused_by_readers(
     assert "RegistrationReplayed" in [a.kind for a in alerts]
     # The operator's repair, with the registration its status anchors: the record is rebuilt
     # from the current registration's history, ACTIVE restored; both readers accept it again.
-    assert configs.repair_metadata(
-        "sniffer",
-        component_type="sniffer",
-        json_schema=None,
-        by="operator",
-        registration=registration,
-    )
+    assert operator_repair(configs, registration)
     for reader in (running, knows, ConfigStore(client)):
         back = reader.get_active("sniffer")
         assert (back.version, back.config["node_id"]) == (1, "sniffer-02")
@@ -122,20 +129,12 @@ def test_earlier_registrations_history_put_back_above_is_never_a_repair_source(
         store.put(lay.history("sniffer", v), saved[lay.history("sniffer", v)])
     # The operator's pass (anchored, and as a reader that only has the record): kept, and the
     # entries put back are removed (alerted), not taken as newer history.
-    assert not configs.repair_metadata(
-        "sniffer",
-        component_type="sniffer",
-        json_schema=None,
-        by="operator",
-        registration=registration,
-    )
+    assert not operator_repair(configs, registration)
     assert store.get(lay.history("sniffer", 5)) is None
     assert store.get(lay.history("sniffer", 4)) is None
     assert "RegistrationReplayRemoved" in [a.kind for a in alerts]
     store.put(lay.history("sniffer", 5), saved[lay.history("sniffer", 5)])
-    assert not configs.repair_metadata(
-        "sniffer", component_type="sniffer", json_schema=None, by="operator"
-    )
+    assert not operator_repair(configs, None)
     for reader in (running, ConfigStore(client)):
         active = reader.get_active("sniffer")
         assert (active.version, active.config["node_id"]) == (1, "sniffer-02")
@@ -349,42 +348,21 @@ def test_a_master_of_an_earlier_registration_is_written_again_from_version_one(
     with pytest.raises(RegistrationReplayError):
         ConfigStore(client).get_master("sniffer")
     replays: list[str] = []
-    assert configs.repair_metadata(
-        "sniffer",
-        component_type="sniffer",
-        json_schema=None,
-        by="operator",
-        registration=registration,
-        replays=replays,
-    )
+    assert operator_repair(configs, registration, replays=replays)
     assert replays == [master]
     assert inspect(store.get(master).value).registration == registration  # type: ignore[union-attr]
     assert ConfigStore(client).get_master("sniffer")["node_id"] == "sniffer-02"
     assert {"RegistrationReplayed", "MasterRestored"} <= {a.kind for a in alerts}
     # Nothing to do the second time.
-    assert not configs.repair_metadata(
-        "sniffer",
-        component_type="sniffer",
-        json_schema=None,
-        by="operator",
-        registration=registration,
-    )
+    assert not operator_repair(configs, registration)
     # Without the anchor nothing is rewritten (the caller does not know the registration).
     store.put(master, saved[master])
-    assert not configs.repair_metadata(
-        "sniffer", component_type="sniffer", json_schema=None, by="operator"
-    )
+    assert not operator_repair(configs, None)
     assert inspect(store.get(master).value).registration != registration  # type: ignore[union-attr]
     # Version 1 pruned (history limit 3): no source, MASTER is left and still refused.
     for n in range(2, 5):
         configs.commit("sniffer", snaplen(SECOND, n), by="ops")
     assert store.get(lay.history("sniffer", 1)) is None
-    assert not configs.repair_metadata(
-        "sniffer",
-        component_type="sniffer",
-        json_schema=None,
-        by="operator",
-        registration=registration,
-    )
+    assert not operator_repair(configs, registration)
     with pytest.raises(RegistrationReplayError):
         ConfigStore(client).get_master("sniffer")
