@@ -466,16 +466,33 @@ class ConfigStore:
                 self._refuse(exc, component)
             raise exc
 
-    def _value_meta(self, component: str) -> ConfigMetadata | None:
+    def _value_meta(
+        self, component: str, probe: StoredValue | None = None
+    ) -> ConfigMetadata | None:
         """The metadata a read of MASTER or history is checked against: always read when this
         reader verifies (its registration binds the values), else only where it may tighten
-        the read."""
-        if self._verifying():
-            meta = self.get_metadata(component)
-            if meta is not None:
-                self._check_registration(component, meta)
-            return meta
-        return self._tightening_meta(component)
+        the read. When the record does not verify, `probe` (the value about to be read) is
+        opened first: a reader with the wrong key fails the record's MAC as well, and must be
+        told about its key (UnknownKey), as `get_active` tells it, not about the record."""
+        if not self._verifying():
+            return self._tightening_meta(component)
+        try:
+            got = self._metadata(component, report=False)
+        except DefenderConfigError as exc:
+            if probe is not None:
+                self.client.open(
+                    probe.key,
+                    probe.value,
+                    self._read_options(component, None),
+                    component=component,
+                )
+            if isinstance(exc, RecordAuthError):
+                self._refuse(exc, component)
+            raise
+        meta = got[0] if got is not None else None
+        if meta is not None:
+            self._check_registration(component, meta)
+        return meta
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -554,7 +571,7 @@ class ConfigStore:
         stored = self.client.store.get(path)
         if stored is None:
             raise NotFoundError(path, detail=f"component {component!r} is not registered")
-        meta = self._value_meta(component)
+        meta = self._value_meta(component, stored)
         return self._open_config(
             path,
             stored.value,
@@ -721,9 +738,10 @@ class ConfigStore:
         or junk put there with etcd write access) is alerted and left out: it is no version
         anyone could roll back to, and one such key must not hide every other."""
         entries: list[HistoryEntry] = []
-        meta = self._value_meta(component)
+        listed = self.client.store.list_prefix(self.layout.history_dir(component))
+        meta = self._value_meta(component, listed[-1] if listed else None)
         options = self._read_options(component, meta)
-        for sv in self.client.store.list_prefix(self.layout.history_dir(component)):
+        for sv in listed:
             parsed = self.layout.parse(sv.key)
             if parsed is None or parsed.version is None:
                 continue

@@ -426,6 +426,40 @@ def test_wrong_key_is_typed_error_and_alert_record(
     assert alerts == []  # the right-key client saw nothing wrong
 
 
+def test_wrong_key_on_master_and_history_names_the_key_not_the_record(
+    configs: ConfigStore, settings: LibrarySettings, alerts: list[Alert]
+) -> None:
+    # MASTER and history are read with the metadata record (its registration binds them), whose
+    # MAC a reader with the wrong key cannot verify either: it must still be told about its
+    # key (UnknownKey), as for ACTIVE, not sent after a record that is fine.
+    configs.commit("sniffer", snaplen(100), by="ops")
+    intruder_alerts: list[Alert] = []
+    from defender_config import CallableSink
+
+    with DefenderClient(
+        settings, Keyring.generate(), registry=CollectorRegistry(), alert_sinks=[]
+    ) as wrong:
+        wrong.alerter.add_sink(CallableSink(intruder_alerts.append))
+        other = ConfigStore(wrong)
+        with pytest.raises(UnknownKeyError) as info:
+            other.get_master("sniffer")
+        assert info.value.path == wrong.layout.master_config("sniffer")
+        with pytest.raises(UnknownKeyError) as info:
+            other.history("sniffer")
+        assert info.value.path == wrong.layout.history("sniffer", 2)
+    assert [a.kind for a in intruder_alerts] == ["UnknownKey"] * 2
+    # With the right key, a record that does not verify is still what is reported.
+    meta_path = configs.client.layout.metadata("sniffer")
+    stored = configs.client.store.get(meta_path)
+    assert stored is not None
+    forged = json.loads(stored.value)
+    forged["version"] = 9  # the MAC kept: it no longer verifies
+    configs.client.store.put(meta_path, json.dumps(forged).encode())
+    with pytest.raises(RecordAuthError):
+        ConfigStore(configs.client).get_master("sniffer")
+    assert "RecordUnauthenticated" in [a.kind for a in alerts]
+
+
 def test_rewrap_all_after_rotation(
     configs: ConfigStore, settings: LibrarySettings, keyring: Keyring
 ) -> None:
