@@ -515,36 +515,34 @@ def test_a_token_in_the_health_url_is_never_shown() -> None:
 # --- localhost that is not loopback ------------------------------------------------------------
 
 
-def _an_address_that_is_not_loopback() -> str:
-    # The address this host would leave from: a local, listenable address that is not loopback.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("198.51.100.1", 9))  # TEST-NET-2: routed, never sent (UDP)
-        except OSError:
-            pytest.skip("no non-loopback IPv4 address on this host")
-        address = str(probe.getsockname()[0])
-    if address.startswith("127.") or address == "0.0.0.0":
-        pytest.skip("no non-loopback IPv4 address on this host")
-    return address
-
-
 @pytest.fixture
 def localhost_elsewhere(monkeypatch: pytest.MonkeyPatch) -> tuple[str, socket.socket]:
-    """``localhost`` resolving to a listening address outside loopback, as after a container
-    of the pod rewrote the pod's /etc/hosts."""
-    address = _an_address_that_is_not_loopback()
+    """``localhost`` leading to a listener outside loopback, as after a container of the pod
+    rewrote the pod's /etc/hosts. Whether this host has a non-loopback address to listen on
+    depends on its network, so the listener is on loopback and the agent's connections see
+    their peer as 192.0.2.7 (TEST-NET-1): the address check itself is the real one
+    (`loopback_peer_problem`, also tested on its own below), and so are the lookup, the
+    connection and what is sent on it."""
+    from defender_agent import _health, _http
+
     listener = socket.socket()
-    listener.bind((address, 0))
+    listener.bind(("127.0.0.1", 0))
     listener.listen(4)
     port = int(listener.getsockname()[1])
-    real = socket.getaddrinfo
+    real_check = _http.loopback_peer_problem
 
-    def lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "localhost":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
-        return real(host, *args, **kwargs)
+    class Elsewhere:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
 
-    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+        def getpeername(self) -> tuple[str, int]:
+            return "192.0.2.7", int(self.sock.getpeername()[1])
+
+    def seen_elsewhere(sock: socket.socket, host: str) -> str | None:
+        return real_check(Elsewhere(sock), host)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_http, "loopback_peer_problem", seen_elsewhere)
+    monkeypatch.setattr(_health, "loopback_peer_problem", seen_elsewhere)
     return f"localhost:{port}", listener
 
 
