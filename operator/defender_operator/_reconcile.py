@@ -76,6 +76,7 @@ from defender_operator._decisions.registration import (
     anchored_registration,
     decide_registration,
     registration_fields,
+    seeded_registration,
 )
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
@@ -332,10 +333,13 @@ async def _steps(
     state, commit_due, seeded = seeded_new
     take(mem, found, seeded)
     anchored = anchored_registration(v.status)
-    ours = REGISTRATION_FIELD in seeded.fields  # this visit's own seed wrote the record
-    if not ours and decide_registration(anchored, state.registration) is (
-        RegistrationAction.REPLAYED
-    ):
+    # This visit's own seed wrote the record (its fields anchor it already), else judged.
+    registration = (
+        None
+        if REGISTRATION_FIELD in seeded.fields
+        else decide_registration(anchored, state.registration)
+    )
+    if registration is RegistrationAction.REPLAYED:
         await registration_replayed(v, state, anchored)
     if commit_due and (state.frozen or observed_freeze(v.status) is not None):
         state, dropped = await drop_replayed_freeze(v.rt, v.component, v.status, state, v.logger)
@@ -356,11 +360,9 @@ async def _steps(
         # Anchored once known: the seed's, or the one a commit stamped on data from before
         # registrations (`decide_registration`); never moved to another afterwards.
         **(
-            {}
-            if ours
-            else registration_fields(
-                decide_registration(anchored, state.registration), state.registration
-            )
+            registration_fields(registration, state.registration)
+            if registration is not None
+            else {}
         ),
         "specConfigDigest": config_digest(normalized),
         "observedGeneration": v.generation,
@@ -813,12 +815,7 @@ async def seed(
         )
         if plan.seed_master:
             # This seed wrote the record: its registration is the current one.
-            out.fields.update(
-                registration_fields(
-                    decide_registration(None, state.registration, seeded=True),
-                    state.registration,
-                )
-            )
+            out.fields.update(seeded_registration(state.registration))
         # No Event: a routine success on every create, one API write per component for what
         # status.activeVersion and the ConfigSynced condition already show.
     return state, plan.commit, out
@@ -881,12 +878,7 @@ async def claim_and_seed(
     return (
         seen.state,
         plan.commit,
-        Outcome(
-            fields=registration_fields(
-                decide_registration(None, seen.state.registration, seeded=True),
-                seen.state.registration,
-            )
-        ),
+        Outcome(fields=seeded_registration(seen.state.registration)),
     )
 
 

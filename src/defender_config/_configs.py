@@ -18,7 +18,7 @@ from typing import Any, Final, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._client import DefenderClient
-from ._envelope import FLAG_ENCRYPTED, inspect, is_envelope, registration_of
+from ._envelope import inspect, is_encrypted, is_envelope, registration_of
 from ._errors import (
     ConfigFrozenError,
     ConfigValidationError,
@@ -457,7 +457,7 @@ class ConfigStore:
         digest only."""
         if registration is ANY_REGISTRATION or not self._verifying():
             return
-        if not _encrypted(blob):
+        if not is_encrypted(blob):
             return
         found = registration_of(blob)
         if found != registration:
@@ -1549,7 +1549,7 @@ class ConfigStore:
             master_sv = c.store.get(master_key)
         if (
             master_sv is None
-            or not _encrypted(master_sv.value)
+            or not is_encrypted(master_sv.value)
             or registration_of(master_sv.value) == registration
         ):
             return False  # none, unencrypted (bound by nothing but digests), or this one's
@@ -2063,11 +2063,6 @@ class ConfigStore:
             f"cannot write the config of {component!r}: only a cached copy of its metadata "
             "is readable",
         )
-
-
-def _encrypted(blob: bytes) -> bool:
-    """An encrypted envelope: its header (registration included) is authenticated."""
-    return is_envelope(blob) and len(blob) > 5 and bool(blob[5] & FLAG_ENCRYPTED)
 
 
 def _registration(meta: ConfigMetadata | None) -> int | _Any | None:

@@ -71,6 +71,7 @@ __all__ = [
     "KeyringProvider",
     "expect_plaintext",
     "inspect",
+    "is_encrypted",
     "is_envelope",
     "registration_of",
 ]
@@ -142,6 +143,12 @@ class EnvelopeHeader:
 def is_envelope(blob: bytes) -> bool:
     """True when `blob` starts with the envelope magic."""
     return blob[:4] == MAGIC
+
+
+def is_encrypted(blob: bytes) -> bool:
+    """True when `blob` is an envelope whose flags say encrypted (read without a key: its
+    header, registration included, is authenticated once the value opens)."""
+    return len(blob) > 5 and blob[:4] == MAGIC and bool(blob[5] & FLAG_ENCRYPTED)
 
 
 def expect_plaintext(blob: bytes, path: str | None = None) -> bytes:

@@ -63,3 +63,9 @@ def registration_fields(action: RegistrationAction, stored: int | None) -> dict[
     if action is RegistrationAction.ANCHOR and stored is not None:
         return {REGISTRATION_FIELD: stored}
     return {}
+
+
+def seeded_registration(stored: int | None) -> dict[str, int]:
+    """The status fields after this operator's own seed wrote the record: its registration
+    is the current one, whatever was anchored before (`decide_registration(seeded=True)`)."""
+    return registration_fields(decide_registration(None, stored, seeded=True), stored)
