@@ -333,7 +333,7 @@ def test_a_freeze_lifted_by_a_key_holder_cannot_be_put_back(operator_run: Operat
         lambda: run.get("sniffer")["status"].get("freezeLiftedSequence") == frozen.sequence,
         timeout=30,
     )
-    assert run.get("sniffer")["status"].get("frozen") is False
+    wait_for("unfrozen", lambda: run.get("sniffer")["status"].get("frozen") is False, timeout=30)
 
     _put_back_and_removed(run, marker, saved)
     run.patch("sniffer", {"spec": {"config": {"snaplen": 1024}}})

@@ -546,11 +546,15 @@ def test_a_purged_registrations_values_put_back_never_become_active_again(
         )
 
     wait_for("the operator restores the new registration's record and ACTIVE", restored)
-    kinds = _alert_kinds(run)
-    assert "RegistrationReplayed" in kinds
+    # Alerts and the removal of the entries may land a moment after the record: waited for.
+    wait_for("a RegistrationReplayed alert", lambda: "RegistrationReplayed" in _alert_kinds(run))
     # The earlier registration's history entries above are removed, never taken as newer.
-    history = [sv.key for sv in store.list_prefix(lay.history_dir(NAME))]
-    assert history == [lay.history(NAME, 1)]
+    wait_for(
+        "only the new registration's history left",
+        lambda: (
+            [sv.key for sv in store.list_prefix(lay.history_dir(NAME))] == [lay.history(NAME, 1)]
+        ),
+    )
     assert running.get_active(NAME).config == new_config
     assert run.get(NAME)["status"].get("registration") == registration
     # The next commit builds on the new registration: version 2 of it, never the old config.
