@@ -6,17 +6,52 @@ handler: kopf keeps no diff-base or progress for event handlers and adds no fina
 patch is the object's only write. bench/bench_operator.py measures create → `Ready=True` seen
 by a watch for this operator and for the project's, in the same run, and reports the ratio.
 
+With `BASELINE_ETCD_PLAN` set (a JSON file: etcd endpoints, a key prefix, value sizes), it is
+the *floor* operator instead: before the status patch, one create-only etcd transaction on the
+project's 3-member cluster, through the project's etcd access layer, writing as many values of the
+sizes a real seed writes (MASTER, ACTIVE, history, metadata, owner record, cadence: measured on
+the warm-up component) and making the reads the seed's transaction makes. No key, no compression,
+no checks: the least any operator that stores a component in etcd before saying Ready must do.
+Its ratio to the baseline is the part of ours no operator code can remove on this machine.
+
 Run: python -m kopf run --standalone -n NAMESPACE bench/baseline_operator.py (KUBECONFIG set).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from prometheus_client import CollectorRegistry
 
-from defender_config import contract
+from defender_config import EtcdSettings, contract
+from defender_config.store import Compare, EtcdStore, GetOp, PutOp
+
+_PLAN: dict[str, Any] | None = None
+_STORE: EtcdStore | None = None
+if os.environ.get("BASELINE_ETCD_PLAN"):
+    with open(os.environ["BASELINE_ETCD_PLAN"]) as _f:
+        _PLAN = json.load(_f)
+    _STORE = EtcdStore(EtcdSettings.model_validate(_PLAN["etcd"]), registry=CollectorRegistry())
+
+
+def _store_component(namespace: str, name: str) -> None:
+    """The floor's etcd work: one transaction, puts only if the first two keys are absent."""
+    assert _PLAN is not None and _STORE is not None
+    base = f"{_PLAN['prefix']}/{namespace}/{name}"
+    keys = [f"{base}/v{i}" for i in range(len(_PLAN["sizes"]))]
+    _STORE.txn(
+        [Compare.absent(k) for k in keys[:2]],
+        [
+            *(PutOp(k, os.urandom(size)) for k, size in zip(keys, _PLAN["sizes"], strict=True)),
+            GetOp(f"{base}/cadence"),
+            GetOp(f"{base}/rollout"),
+            GetOp(f"{base}/alerts/", prefix=True),
+        ],
+    )
 
 
 @kopf.on.startup()
@@ -40,6 +75,8 @@ def mark_ready(
         for c in status.get("conditions") or []
     ):
         return
+    if _PLAN is not None:
+        _store_component(str(meta.get("namespace")), str(meta.get("name")))
     generation = int(meta.get("generation") or 0)
     patch.status["observedGeneration"] = generation
     patch.status["conditions"] = [

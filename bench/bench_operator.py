@@ -37,7 +37,7 @@ from kubernetes import watch as k8s_watch
 
 from bench_support import REPO, process_cpu_seconds, process_rss_bytes, summary, write_result
 from defender_config import Heartbeater, Registry
-from defender_devcluster import LocalCluster, popen_dying_with_parent
+from defender_devcluster import LocalCluster, etcd_client_settings, popen_dying_with_parent
 from defender_devcluster._system import apply_crds
 
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "operator"))
@@ -373,6 +373,40 @@ def with_baseline(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def with_floor(row: dict[str, Any], base: dict[str, Any], least: dict[str, Any]) -> None:
+    """The floor operator's figures beside ours: its ratio to the baseline (what storing in
+    etcd first costs any operator) and ours to it (what our operator adds beyond that)."""
+    ours, theirs = row["create_to_ready_seconds"], base["create_to_status_seen_seconds"]
+    floor_seen = least["create_to_status_seen_seconds"]
+    row["floor_operator"] = least
+    row["floor_ratio_to_baseline"] = {
+        q: floor_seen[q] / theirs[q] if theirs[q] > 0 else float("inf") for q in ("p50", "p99")
+    }
+    row["ratio_to_floor"] = {
+        q: ours[q] / floor_seen[q] if floor_seen[q] > 0 else float("inf") for q in ("p50", "p99")
+    }
+    print(
+        f"{row['components']} components: floor to baseline {row['floor_ratio_to_baseline']}, "
+        f"ours to floor {row['ratio_to_floor']}",
+        flush=True,
+    )
+
+
+def seed_sizes(run: OperatorRun, component: str) -> list[int]:
+    """Sizes of what the project's seed transaction wrote for `component`, as etcd holds them
+    (owner record, metadata, MASTER, ACTIVE, history, cadence); the floor operator writes as
+    many values of these sizes."""
+    seeded = {"owner", "metadata", "master_config", "active_config", "history", "cadence"}
+    client = run.client()  # closed with the run
+    sizes = []
+    for sv in client.store.list_prefix(run.prefix + "/"):
+        parsed = client.layout.parse(sv.key)
+        if parsed is not None and parsed.component == component and parsed.kind in seeded:
+            sizes.append(len(sv.value))
+    assert len(sizes) >= 4, f"the seed of {component} left {len(sizes)} values in etcd"
+    return sizes
+
+
 CpuProbe = Callable[[], dict[str, float]]
 
 
@@ -428,11 +462,13 @@ def batch(
     bare_pods: bool = False,
     processes: int = 0,
     baseline: Callable[[], dict[str, Any]] | None = None,
+    floor: Callable[[], dict[str, Any]] | None = None,
     cpu: CpuProbe | None = None,
 ) -> dict[str, Any]:
     """n components, each with one instance heartbeating before its DefenderComponent exists.
     `baseline` runs once the instances beat, right before the creates: the baseline operator's
-    batch under the same background load (the instances' beats, this process's threads).
+    batch under the same background load (the instances' beats, this process's threads);
+    `floor` then, the floor operator's (bench/baseline_operator.py with an etcd plan).
 
     Pods come from Deployments (the controller-manager makes them), or with `bare_pods` are
     created directly: at 1,000 the controller-manager's client rate limit (20 qps) would take
@@ -497,6 +533,8 @@ def batch(
     cpu0 = cpu() if cpu is not None else {}
     base = baseline() if baseline is not None else None
     cpu1 = cpu() if cpu is not None else {}
+    least = floor() if floor is not None else None
+    cpu1f = cpu() if cpu is not None else {}
     created, create_seconds = create_and_wait(
         run.custom, run.namespace, watcher, names, heartbeat_seconds
     )
@@ -538,12 +576,16 @@ def batch(
         # From the first create until the last Ready (the baseline's: until its last status
         # seen), per component; the other operator idles meanwhile (ours keeps monitoring the
         # components of earlier batches).
-        row["cpu_ms_per_component"] = cpu_per_component(cpu1, cpu2, n)
+        row["cpu_ms_per_component"] = cpu_per_component(cpu1f, cpu2, n)
         if base is not None:
             base["cpu_ms_per_component"] = cpu_per_component(cpu0, cpu1, n)
+        if least is not None:
+            least["cpu_ms_per_component"] = cpu_per_component(cpu1, cpu1f, n)
         print(f"{n} components: CPU ms per component {row['cpu_ms_per_component']}", flush=True)
     if base is not None:
         with_baseline(row, base)
+        if least is not None:
+            with_floor(row, base, least)
     print(
         f"{n} components: {len(latencies)} Ready, p50 "
         f"{row['create_to_ready_seconds']['p50']:.2f}s p99 "
@@ -676,8 +718,14 @@ def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[d
     return out
 
 
-def start_baseline(namespace: str, log_path: Path) -> subprocess.Popen[bytes]:
-    """bench/baseline_operator.py under kopf, watching `namespace` (KUBECONFIG is set)."""
+def start_baseline(
+    namespace: str, log_path: Path, etcd_plan: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """bench/baseline_operator.py under kopf, watching `namespace` (KUBECONFIG is set); with
+    `etcd_plan`, the floor operator."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEFENDER_", "BASELINE_"))}
+    if etcd_plan is not None:
+        env["BASELINE_ETCD_PLAN"] = str(etcd_plan)
     with log_path.open("ab") as log:
         return popen_dying_with_parent(
             [
@@ -690,7 +738,7 @@ def start_baseline(namespace: str, log_path: Path) -> subprocess.Popen[bytes]:
                 namespace,
                 str(REPO / "bench" / "baseline_operator.py"),
             ],
-            env={k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")},
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -733,7 +781,8 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
             core = k8s.CoreV1Api(api)
             ns, op_ns = f"bench-{uuid.uuid4().hex[:6]}", f"op-{uuid.uuid4().hex[:6]}"
             base_ns = f"base-{uuid.uuid4().hex[:6]}"
-            for name in (ns, op_ns, base_ns):
+            floor_ns = f"floor-{uuid.uuid4().hex[:6]}"
+            for name in (ns, op_ns, base_ns, floor_ns):
                 core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
                 wait_for(
                     f"default SA in {name}",
@@ -759,10 +808,9 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
             )
             watcher = ReadyWatch(api, ns)
             base_watcher = ReadyWatch(api, base_ns)
+            floor_watcher = ReadyWatch(api, floor_ns)
             base_proc = start_baseline(base_ns, Path(tmp) / "baseline-operator.log")
-            cpu = cpu_probe(
-                cluster, {"operator": [op.procs[0].pid], "baseline_operator": [base_proc.pid]}
-            )
+            floor_proc: subprocess.Popen[bytes] | None = None
             try:
                 # The baseline operator is up once it has marked one object Ready.
                 op.custom.create_namespaced_custom_object(
@@ -779,6 +827,31 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 pod = wait_for("warm pod", lambda: op.pods({"app": "warm"}), timeout=120)
                 op.heartbeat("warm", pod[0].metadata.name)
                 wait_for("warm Ready", lambda: "warm" in watcher.ready, timeout=120)
+                floor_plan = Path(tmp) / "floor-plan.json"
+                floor_plan.write_text(
+                    json.dumps(
+                        {
+                            "etcd": etcd_client_settings(etcd.endpoints),
+                            "prefix": f"/bench-floor-{uuid.uuid4().hex[:6]}",
+                            "sizes": seed_sizes(op, "warm"),
+                        }
+                    )
+                )
+                floor_proc = start_baseline(
+                    floor_ns, Path(tmp) / "floor-operator.log", etcd_plan=floor_plan
+                )
+                op.custom.create_namespaced_custom_object(
+                    GROUP, VERSION, floor_ns, PLURAL, component_doc("warm")
+                )
+                wait_for("floor warm Ready", lambda: "warm" in floor_watcher.ready, timeout=120)
+                cpu = cpu_probe(
+                    cluster,
+                    {
+                        "operator": [op.procs[0].pid],
+                        "baseline_operator": [base_proc.pid],
+                        "floor_operator": [floor_proc.pid],
+                    },
+                )
                 notes.append(
                     "Warm-up component (first reconcile, Secret copy, its instance started "
                     f"after the create): create → Ready "
@@ -793,6 +866,9 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                             f"b{n}",
                             baseline=functools.partial(
                                 baseline_batch, op.custom, base_ns, base_watcher, n, f"b{n}"
+                            ),
+                            floor=functools.partial(
+                                baseline_batch, op.custom, floor_ns, floor_watcher, n, f"f{n}"
                             ),
                             cpu=cpu,
                         )
@@ -829,6 +905,15 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                                 f"k{n}",
                                 heartbeat_seconds=10.0,
                             ),
+                            floor=functools.partial(
+                                baseline_batch,
+                                op.custom,
+                                floor_ns,
+                                floor_watcher,
+                                n,
+                                f"g{n}",
+                                heartbeat_seconds=10.0,
+                            ),
                             cpu=cpu,
                         )
                     )
@@ -838,12 +923,16 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                     child.wait()
                 watcher.stop()
                 base_watcher.stop()
-                base_proc.terminate()
-                try:
-                    base_proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    base_proc.kill()
-                    base_proc.wait()
+                floor_watcher.stop()
+                for proc in (base_proc, floor_proc):
+                    if proc is None:
+                        continue
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
                 tail = op.log_tail(20)
                 op.close()
                 api.close()  # type: ignore[no-untyped-call]
