@@ -433,8 +433,17 @@ def let_go(netns: str) -> None:
 
 def remove_network(netns: str, host_if: str) -> None:
     """Undo ``create_network``: host rules, the netns (with its veths, bridge and iptables)."""
-    for rule in harness_rules(netns):
-        _run(rule.delete_argv(), check=False)
+    # A deletion can fail when the xtables lock stays busy past `-w` (every node's kube-proxy
+    # takes that same lock): try again, and say so if a rule stays (the next sweep finds it).
+    for _ in range(3):
+        rules = harness_rules(netns)
+        for rule in rules:
+            _run(rule.delete_argv(), check=False)
+        if not rules:
+            break
+    else:
+        for rule in harness_rules(netns):
+            log.warning("host iptables rule of %s not removed: %s", netns, rule.spec)
     if (NETNS_DIR / netns).exists():
         _run(["ip", "netns", "del", netns], check=False)
     # Deleting the netns destroys the veth pair; a netns that failed half-way may not own it.
