@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import ssl
 import sys
@@ -18,6 +19,7 @@ from ._cluster import ClusterState, LocalCluster, etcd_health, process_alive, st
 from ._errors import DevClusterError, StateError
 from ._http import get_text, http_ok
 from ._journey import try_lines as journey_try_lines
+from ._node import recover_stale_nodes
 from ._system import stop_operator, system_up
 from ._tools import tools_bin
 
@@ -95,6 +97,15 @@ def cmd_up(run_dir: Path, node: bool = False, images: tuple[Path, ...] | None = 
 def cmd_down(run_dir: Path) -> int:
     stopped = stop_run_dir(run_dir)
     print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    if os.geteuid() == 0:
+        # Nodes of killed runs (any run dir) too: their host rules break later runs' nodes.
+        try:
+            swept = recover_stale_nodes(keep=None)
+        except (DevClusterError, OSError) as exc:
+            print(f"warning: could not sweep the nodes of dead runs: {exc}", file=sys.stderr)
+        else:
+            if swept:
+                print(f"removed the nodes of dead runs in: {', '.join(map(str, swept))}")
     return 0
 
 

@@ -33,12 +33,19 @@ from ._errors import NodeSetupError, ProcessStartError
 from ._http import get_text, http_ok
 from ._mounts import mounts_under, unmount_under
 from ._nodenet import (
+    Liveness,
     NodeNetwork,
     create_network,
+    holds,
     leftovers,
+    observe,
     owner_alive,
+    plan_sweep,
     registered_networks,
+    release_lock,
+    remove_dead,
     remove_network,
+    try_lock,
 )
 from ._oci import OciError, read_index
 from ._procs import ManagedProcess, PidFile, pid_matches, read_cmdline, reap_stale, stop_pid
@@ -680,21 +687,73 @@ def node_alive(run_dir: Path) -> bool:
 
 
 def recover_stale_nodes(keep: Path | None) -> list[Path]:
-    """Tear down every registered node whose processes are all gone and whose creator is gone
-    too (a crashed or killed run, e.g. an interrupted pytest session whose temporary dir is
-    gone). Live nodes of other runs, and nodes still starting, are left alone. Returns the run
+    """Remove what dead runs left of their nodes: the network (netns, veth, host iptables rules
+    with the harness's comment), and the containers, shims and mounts under their run dirs.
+
+    Found on the machine itself, not only in the registry: a network namespace ``dfnode-*``, a
+    host interface ``dfh*``, a rule commented ``defender-devcluster dfnode-*``, a lock or a record
+    in the registry, mounts under a harness node dir. A node network is dead when nothing may
+    still use it (``Liveness``): no process holds its lock (a live run holds it from before the
+    network exists until it removes it), the creator in its record is gone, and no node process
+    recorded under its run dirs runs. The sweep holds the lock of what it removes, so a run
+    that starts meanwhile waits. ``keep``: a run dir whose node is never touched. Returns the run
     dirs cleaned."""
+    if os.geteuid() != 0:
+        return []  # nothing of a node can be removed without root (create_network says so)
+    keep_names = {NodeNetwork(keep, 0).netns} if keep is not None else set()
+    observed = observe(harness_node_dirs())
+    taken: dict[str, int] = {}
+    removed: set[str] = set()
     cleaned: list[Path] = []
-    for net in registered_networks():
-        if keep is not None and net.run_dir == keep:
-            continue
-        # A node whose creator still runs may be starting (no node process yet): not stale.
-        if node_alive(net.run_dir) or owner_alive(net.netns):
-            continue
-        log.warning("removing the node of a crashed run (%s)", net.run_dir)
-        teardown_node(net.run_dir)
-        cleaned.append(net.run_dir)
+    try:
+        liveness: dict[str, Liveness] = {}
+        for netns in sorted(observed.names() - keep_names):
+            if holds(netns):  # made by this process, still in use
+                continue
+            fd = try_lock(netns)
+            if fd is not None:
+                taken[netns] = fd
+            liveness[netns] = Liveness(
+                locked=fd is None,
+                owner_alive=owner_alive(netns),
+                node_alive=any(node_alive(d) for d in observed.run_dirs(netns)),
+            )
+        for dead in plan_sweep(observed, liveness, keep_names):
+            parts = [
+                *(["netns"] if dead.netns_exists else []),
+                *([f"interface {dead.host_if}"] if dead.host_if_exists else []),
+                *([f"{len(dead.rules)} iptables rules"] if dead.rules else []),
+                *(f"node dir of {d}" for d in dead.run_dirs),
+            ]
+            log.warning(
+                "removing what a dead run left of node network %s: %s",
+                dead.netns,
+                ", ".join(parts) or "its lock file",
+            )
+            for run_dir in dead.run_dirs:
+                teardown_node(run_dir)
+                cleaned.append(run_dir)
+            remove_dead(dead)
+            removed.add(dead.netns)
+    finally:
+        for netns, fd in taken.items():
+            release_lock(netns, fd, remove=netns in removed)
     return cleaned
+
+
+def node_dirs_among(mount_points: Sequence[Path]) -> set[Path]:
+    """The ``node`` dirs that mount points lie under (``<run dir>/node/...``): where a node's
+    mounts would be."""
+    return {a for p in mount_points for a in (p, *p.parents) if a.name == "node"}
+
+
+def harness_node_dirs() -> set[Path]:
+    """Node dirs of this harness (containerd.toml or runc/ in them) with mounts under them."""
+    return {
+        d
+        for d in node_dirs_among(mounts_under(Path("/")))
+        if (d / "containerd.toml").is_file() or (d / "runc").is_dir()
+    }
 
 
 def node_leftovers(run_dir: Path, netns: str, host_if: str) -> list[str]:

@@ -18,15 +18,20 @@ the host drops anything forwarded to or from the veth (the host does not route f
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import ipaddress
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import NodeSetupError
@@ -43,6 +48,18 @@ FENCE_CHAIN = "DEFENDER-FENCE"
 # Survives pytest's rotation of its temporary directories: the next run finds crashed nodes here.
 REGISTRY = Path("/run/defender-devcluster/nodes")
 NETNS_DIR = Path("/run/netns")
+NETNS_PREFIX = "dfnode-"
+HOST_IF_PREFIX = "dfh"
+# Every host iptables rule of a node carries `--comment "defender-devcluster <netns>"`.
+RULE_COMMENT = "defender-devcluster"
+# The tables searched for such rules: the host fence is in filter; nat and mangle are where
+# rules of a node would go next (raw is not listed: listing it can load a kernel module).
+SWEPT_TABLES = ("filter", "nat", "mangle")
+# The suffix shared by a node's netns and host interface (8 hex digits of the run dir's hash for
+# the harness; other lowercase letters and digits, e.g. a test's); `dfh` + 12 fits IFNAMSIZ.
+_SUFFIX = r"[0-9a-z]{1,12}"
+_NETNS_RE = re.compile(rf"{NETNS_PREFIX}{_SUFFIX}")
+_HOST_IF_RE = re.compile(rf"{HOST_IF_PREFIX}({_SUFFIX})")
 
 
 def _run(argv: list[str], *, check: bool = True, timeout: float = 30.0) -> str:
@@ -56,7 +73,22 @@ def _run(argv: list[str], *, check: bool = True, timeout: float = 30.0) -> str:
 
 
 def run_dir_hash(run_dir: Path) -> str:
-    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return path_hash(str(Path(run_dir).resolve()))
+
+
+def path_hash(resolved: str) -> str:
+    """The hash that names the node network of the run dir ``resolved`` (an absolute path)."""
+    return hashlib.sha256(resolved.encode()).hexdigest()[:8]
+
+
+def is_node_netns(name: str) -> bool:
+    """Whether ``name`` is the harness's name for a node's network namespace."""
+    return _NETNS_RE.fullmatch(name) is not None
+
+
+def host_if_of(netns: str) -> str:
+    """The host end of the veth of the node network ``netns``."""
+    return HOST_IF_PREFIX + netns.removeprefix(NETNS_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -68,7 +100,7 @@ class NodeNetwork:
 
     @property
     def netns(self) -> str:
-        return f"dfnode-{run_dir_hash(self.run_dir)}"
+        return f"{NETNS_PREFIX}{run_dir_hash(self.run_dir)}"
 
     @property
     def netns_path(self) -> Path:
@@ -76,7 +108,7 @@ class NodeNetwork:
 
     @property
     def host_if(self) -> str:
-        return f"dfh{run_dir_hash(self.run_dir)}"
+        return host_if_of(self.netns)
 
     @property
     def host_ip(self) -> str:
@@ -179,6 +211,9 @@ def create_network(run_dir: Path, service_cidr: str) -> NodeNetwork:
     _require_root_tools()
     run_dir = Path(run_dir).resolve()
     REGISTRY.mkdir(parents=True, exist_ok=True)
+    # Held until remove_network (or this process's end): the sweep of another run leaves alone
+    # what this one makes. Taken before anything exists, so nothing of it is ever seen unlocked.
+    hold(NodeNetwork(run_dir, 0).netns)
     net = NodeNetwork(run_dir, _free_slot())
     # Registered first, so a crash half-way through is still cleaned up by the next run.
     (REGISTRY / f"{net.netns}.json").write_text(json.dumps(net.record()), encoding="utf-8")
@@ -268,34 +303,156 @@ def _fence(net: NodeNetwork, service_cidr: str) -> None:
     )  # fmt: skip
 
 
-_HOST_CHAINS = ("FORWARD", "OUTPUT")
+@dataclass(frozen=True)
+class Rule:
+    """One iptables rule of the host, as ``iptables -t <table> -S`` prints it."""
+
+    table: str
+    spec: str
+
+    def delete_argv(self) -> list[str]:
+        """``iptables -D`` of exactly this rule (`-S` quotes the comment; shlex reads it back)."""
+        words = shlex.split(self.spec)
+        if words[:1] != ["-A"] or len(words) < 2:
+            raise ValueError(f"not a rule: {self.spec!r}")
+        return ["iptables", "-w", "5", "-t", self.table, "-D", *words[1:]]
+
+
+def rule_owner(spec: str) -> str | None:
+    """The netns a rule belongs to: the ``<netns>`` of its ``--comment "defender-devcluster
+    <netns>"``; None for every other rule (whatever else it says)."""
+    try:
+        words = shlex.split(spec)
+    except ValueError:
+        return None
+    if words[:1] != ["-A"]:
+        return None
+    for i, word in enumerate(words[:-1]):
+        if word == "--comment":
+            owner, _, netns = words[i + 1].partition(" ")
+            if owner == RULE_COMMENT and is_node_netns(netns):
+                return netns
+    return None
+
+
+def harness_rules(netns: str | None = None) -> list[Rule]:
+    """The host's iptables rules of node networks (of ``netns`` only, when given), in every
+    table the harness may use."""
+    if shutil.which("iptables") is None:
+        return []
+    found: list[Rule] = []
+    for table in SWEPT_TABLES:
+        out = _run(["iptables", "-w", "5", "-t", table, "-S"], check=False)
+        for line in out.splitlines():
+            owner = rule_owner(line)
+            if owner is not None and (netns is None or owner == netns):
+                found.append(Rule(table, line))
+    return found
 
 
 def host_fence_rules(netns: str) -> list[str]:
-    """The host's FORWARD and OUTPUT rules that belong to ``netns`` (as ``iptables -S`` prints
-    them)."""
-    if shutil.which("iptables") is None:
-        return []
-    found: list[str] = []
-    for chain in _HOST_CHAINS:
-        out = _run(["iptables", "-w", "5", "-S", chain], check=False)
-        found += [line for line in out.splitlines() if f"defender-devcluster {netns}" in line]
-    return found
+    """The host's rules that belong to ``netns`` (as ``iptables -S`` prints them)."""
+    return [rule.spec for rule in harness_rules(netns)]
+
+
+# ---------------------------------------------------------------------- who owns a node network
+# A run holds an exclusive flock on REGISTRY/<netns>.lock from before it makes the network until
+# it removes it; the kernel drops the lock when the process dies, however it dies (SIGKILL too).
+# A sweep takes the lock before it removes anything, so it never removes a live run's network,
+# and a run that starts meanwhile waits for the sweep instead of making what the sweep removes.
+_HELD: dict[str, int] = {}
+
+
+def lock_path(netns: str) -> Path:
+    return REGISTRY / f"{netns}.lock"
+
+
+def try_lock(netns: str) -> int | None:
+    """Take the lock of ``netns`` without waiting: its file descriptor, or None when another
+    open of it (a live run, or a sweep) holds it."""
+    REGISTRY.mkdir(parents=True, exist_ok=True)
+    path = lock_path(netns)
+    while True:
+        # Not inherited by the node's processes (PEP 446): a containerd-shim that outlives a
+        # crash must not keep the crashed run's network looking alive.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        # A sweep unlinks the file of a network it removed, while holding it: a lock taken on
+        # that unlinked file guards nothing, so take the new file's.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def release_lock(netns: str, fd: int, *, remove: bool) -> None:
+    """Let go of a lock taken with ``try_lock``; ``remove``: the network is gone, so is its file
+    (unlinked while still held, see ``try_lock``)."""
+    if remove:
+        lock_path(netns).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def hold(netns: str, wait: float = 60.0) -> None:
+    """Hold the lock of ``netns`` for this process until ``remove_network``. Waits for a sweep
+    that holds it for a moment; a live run that holds it (the same run dir in use by another
+    process) is an error."""
+    if netns in _HELD:
+        return
+    deadline = time.monotonic() + wait
+    while (fd := try_lock(netns)) is None:
+        if time.monotonic() > deadline:
+            raise NodeSetupError(
+                f"the node network {netns} belongs to a live run (it holds {lock_path(netns)}); "
+                "is this run dir in use by another process?"
+            )
+        time.sleep(0.5)
+    _HELD[netns] = fd
+
+
+def holds(netns: str) -> bool:
+    """Whether this process holds the lock of ``netns`` (it made that node network)."""
+    return netns in _HELD
+
+
+def let_go(netns: str) -> None:
+    """Stop holding the lock of ``netns`` (as if this process had died); the file stays."""
+    fd = _HELD.pop(netns, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def remove_network(netns: str, host_if: str) -> None:
     """Undo ``create_network``: host rules, the netns (with its veths, bridge and iptables)."""
-    for rule in host_fence_rules(netns):
-        # `iptables -S` quotes the comment; shlex reads it back as one argument.
-        chain = rule.split()[1]
-        argv = ["iptables", "-w", "5", *shlex.split(rule.replace(f"-A {chain}", f"-D {chain}", 1))]
-        _run(argv, check=False)
+    # A deletion can fail when the xtables lock stays busy past `-w` (every node's kube-proxy
+    # takes that same lock): try again, and say so if a rule stays (the next sweep finds it).
+    for _ in range(3):
+        rules = harness_rules(netns)
+        for rule in rules:
+            _run(rule.delete_argv(), check=False)
+        if not rules:
+            break
+    else:
+        for rule in harness_rules(netns):
+            log.warning("host iptables rule of %s not removed: %s", netns, rule.spec)
     if (NETNS_DIR / netns).exists():
         _run(["ip", "netns", "del", netns], check=False)
     # Deleting the netns destroys the veth pair; a netns that failed half-way may not own it.
     if Path(f"/sys/class/net/{host_if}").exists():
         _run(["ip", "link", "del", host_if], check=False)
     (REGISTRY / f"{netns}.json").unlink(missing_ok=True)
+    fd = _HELD.pop(netns, None)
+    if fd is not None:
+        release_lock(netns, fd, remove=True)
 
 
 def registered_networks() -> list[NodeNetwork]:
@@ -319,3 +476,117 @@ def leftovers(netns: str, host_if: str) -> list[str]:
         found.append(f"interface {host_if}")
     found += [f"host iptables rule: {r}" for r in host_fence_rules(netns)]
     return found
+
+
+# ---------------------------------------------------------------------- leftovers of dead runs
+@dataclass(frozen=True)
+class Observed:
+    """What of node networks is on the machine (``observe``), before anything is judged."""
+
+    netns: frozenset[str] = frozenset()  # node netns names in /run/netns
+    interfaces: frozenset[str] = frozenset()  # host interfaces named dfh<suffix>
+    rules: tuple[Rule, ...] = ()  # host iptables rules with the harness's comment
+    records: Mapping[str, Path] = field(default_factory=dict)  # registry: netns -> run dir
+    locks: frozenset[str] = frozenset()  # netns whose lock file is in the registry
+    node_dirs: frozenset[Path] = frozenset()  # `<run dir>/node` dirs with mounts under them
+
+    def names(self) -> set[str]:
+        """Every node network of which something is on the machine."""
+        names = {n for n in self.netns | self.locks | set(self.records) if is_node_netns(n)}
+        for interface in self.interfaces:
+            match = _HOST_IF_RE.fullmatch(interface)
+            if match is not None:
+                names.add(NETNS_PREFIX + match.group(1))
+        names.update(owner for r in self.rules if (owner := rule_owner(r.spec)) is not None)
+        names.update(NETNS_PREFIX + path_hash(str(d.parent)) for d in self.node_dirs)
+        return names
+
+    def run_dirs(self, netns: str) -> tuple[Path, ...]:
+        """The run dirs of ``netns``: the registry's, and any whose node dir has mounts."""
+        found = [self.records[netns]] if netns in self.records else []
+        found += sorted(
+            d.parent
+            for d in self.node_dirs
+            if NETNS_PREFIX + path_hash(str(d.parent)) == netns and d.parent not in found
+        )
+        return tuple(found)
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What says a node network may still be in use."""
+
+    locked: bool  # its lock is held: by the live run that made it (or by another sweep)
+    owner_alive: bool  # the creator named in the registry still runs (a run without the lock)
+    node_alive: bool  # a node process recorded under one of its run dirs still runs
+
+    @property
+    def dead(self) -> bool:
+        return not (self.locked or self.owner_alive or self.node_alive)
+
+
+@dataclass(frozen=True)
+class DeadNetwork:
+    """What a dead run left of one node network, all of it the sweep's to remove."""
+
+    netns: str
+    host_if: str
+    netns_exists: bool
+    host_if_exists: bool
+    rules: tuple[Rule, ...]
+    run_dirs: tuple[Path, ...]  # whose node dirs (containers, mounts) go too
+
+
+def plan_sweep(
+    observed: Observed, liveness: Mapping[str, Liveness], keep: Iterable[str] = ()
+) -> list[DeadNetwork]:
+    """The node networks to remove: those ``liveness`` calls dead, except ``keep``. A network
+    without a liveness verdict is left alone; so is every rule without the harness's comment."""
+    kept = set(keep)
+    dead: list[DeadNetwork] = []
+    for netns in sorted(observed.names() - kept):
+        verdict = liveness.get(netns)
+        if verdict is None or not verdict.dead:
+            continue
+        host_if = host_if_of(netns)
+        dead.append(
+            DeadNetwork(
+                netns=netns,
+                host_if=host_if,
+                netns_exists=netns in observed.netns,
+                host_if_exists=host_if in observed.interfaces,
+                rules=tuple(r for r in observed.rules if rule_owner(r.spec) == netns),
+                run_dirs=observed.run_dirs(netns),
+            )
+        )
+    return dead
+
+
+def observe(node_dirs: Iterable[Path] = ()) -> Observed:
+    """Look for node networks on the machine: netns, host interfaces, host rules, registry
+    records and lock files (``node_dirs``: node dirs with mounts, found by the caller)."""
+    netns = os.listdir(NETNS_DIR) if NETNS_DIR.is_dir() else []
+    interfaces = os.listdir("/sys/class/net")
+    records: dict[str, Path] = {}
+    for entry in sorted(REGISTRY.glob("*.json")) if REGISTRY.is_dir() else []:
+        try:
+            records[entry.stem] = Path(str(json.loads(entry.read_text("utf-8"))["run_dir"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    locks = [p.stem for p in REGISTRY.glob("*.lock")] if REGISTRY.is_dir() else []
+    return Observed(
+        netns=frozenset(n for n in netns if is_node_netns(n)),
+        interfaces=frozenset(i for i in interfaces if _HOST_IF_RE.fullmatch(i)),
+        rules=tuple(harness_rules()),
+        records=records,
+        locks=frozenset(n for n in locks if is_node_netns(n)),
+        node_dirs=frozenset(node_dirs),
+    )
+
+
+def remove_dead(net: DeadNetwork) -> None:
+    """Remove the network part of a dead run's node: its rules, netns, host interface and record
+    (the caller holds its lock)."""
+    for rule in net.rules:
+        _run(rule.delete_argv(), check=False)
+    remove_network(net.netns, net.host_if)

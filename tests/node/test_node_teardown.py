@@ -27,7 +27,7 @@ from defender_devcluster import (
     tool,
     wait_for,
 )
-from defender_devcluster._nodenet import REGISTRY, process_start_time
+from defender_devcluster._nodenet import REGISTRY, holds, let_go, process_start_time
 
 
 @pytest.fixture
@@ -98,7 +98,10 @@ def test_cluster_down_after_a_crash_removes_everything_the_node_made(
 
 def _creator_dies(netns: str) -> None:
     """Make the registry say the node was created by a process that is gone, as when the
-    pytest session or `up` that made it was killed (here the creator is this test process)."""
+    pytest session or `up` that made it was killed (here the creator is this test process),
+    and let go of its lock, as the kernel does for a killed process."""
+    assert holds(netns)
+    let_go(netns)
     record = REGISTRY / f"{netns}.json"
     data = json.loads(record.read_text())
     child = subprocess.Popen(["sleep", "30"])
@@ -112,8 +115,9 @@ def test_a_node_still_starting_is_not_taken_for_a_crashed_one(
     crashed_node: tuple[Path, str, str],
 ) -> None:
     run_dir, netns, _ = crashed_node
-    # No node process runs, but its creator (this process) does: another run leaves it alone.
-    assert not node_alive(run_dir)
+    # No node process runs, but its creator (this process) does and holds its lock: another
+    # run leaves it alone.
+    assert not node_alive(run_dir) and holds(netns)
     assert run_dir not in recover_stale_nodes(keep=None)
     assert (REGISTRY / f"{netns}.json").is_file()
     stop_run_dir(run_dir)
