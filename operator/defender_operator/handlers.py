@@ -241,15 +241,19 @@ def _forget(body: kopf.Body, name: str) -> None:
     _diffbase.DIFFBASE.forget(body)
 
 
+# Both indexes are coroutines though they never await: kopf runs a plain function handler in
+# the loop's thread pool, and indexing comes before an object's handlers, so every pod and
+# DefenderComponent event would wait for a thread hand-off and back (two GIL waits, tens of
+# ms when the operator is busy: issue #17's thousand creates) for a dictionary lookup.
 @kopf.index("", "v1", "pods")
-def defender_pods(
+async def defender_pods(
     namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any
 ) -> dict[_pods.PodKey, Any]:
     return _pods.index_keys(namespace, name, meta, status)
 
 
 @kopf.index(*RESOURCE)
-def name_holders(body: kopf.Body, **_: Any) -> dict[str, Claim]:
+async def name_holders(body: kopf.Body, **_: Any) -> dict[str, Claim]:
     return holder_entry(body)
 
 
