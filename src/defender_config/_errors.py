@@ -557,6 +557,35 @@ class MaintenanceError(DefenderConfigError):
     reason = "MaintenanceRefused"
 
 
+class CompactionLagError(MaintenanceError):
+    """A member had not finished applying the compaction when its turn to be defragmented came,
+    within the wait: it was left as it was, and so were the members after it. Defragmenting it
+    before its compaction would keep the space the compaction frees, and its NOSPACE alarm
+    would come back at the next write."""
+
+    reason = "CompactionLag"
+
+    def __init__(self, endpoint: str, revision: int, detail: str) -> None:
+        self.endpoint = endpoint
+        self.revision = revision
+        super().__init__(
+            f"{endpoint} did not finish applying the compaction to revision {revision} ({detail});"
+            " it and the members after it were not defragmented: check its log, run it again"
+        )
+
+
+class DefragIncompleteError(MaintenanceError):
+    """Every member was defragmented, yet NOSPACE would not stay disarmed: a member's database
+    is still at or over its quota (etcd counts the file's size), or the alarm was back right
+    after it was cleared. What is left is live data: delete some or raise the quota."""
+
+    reason = "DefragIncomplete"
+
+    def __init__(self, detail: str, *, members: tuple[str, ...] = ()) -> None:
+        self.members = members
+        super().__init__(detail)
+
+
 class FileWriteError(DefenderConfigError):
     """A local file (`write_file_atomic`) could not be replaced whole. The previous file is
     untouched and no temporary file is left, unless only the final directory flush failed: then

@@ -678,6 +678,28 @@ class EtcdStore:
 
         self._call("compact", call)
 
+    def wait_compacted(self, endpoint: str, revision: int, timeout: float) -> None:
+        """Return once member `endpoint` has physically applied every compaction up to
+        `revision` that the cluster committed before this call.
+
+        `compact` waits for the member that served it only; the others apply the compaction
+        from the raft log whenever they get to it, and delete the old revisions afterwards in a
+        background job. etcd answers a compaction to an already compacted revision with
+        "compacted" only after that member's earlier compaction jobs are done (the request goes
+        through the log after them and waits in the same queue), so this asks that member for
+        one. Where nothing was compacted to `revision` yet, this compacts to it. Raises
+        StoreUnavailableError when the member does not answer within `timeout`."""
+        request = etcdrpc.CompactionRequest(revision=revision, physical=True)
+
+        def call(channel: Any, md: Any) -> None:
+            try:
+                etcdrpc.KVStub(channel).Compact(request, timeout, metadata=md)
+            except grpc.RpcError as exc:
+                if _grpc_code(exc) != grpc.StatusCode.OUT_OF_RANGE:
+                    raise
+
+        self._maintenance("wait_compacted", endpoint, call)
+
     def alarms(self) -> list[tuple[int, str]]:
         """Every active alarm as (member id, alarm name), e.g. (0x8e9e..., "NOSPACE")."""
 
