@@ -30,7 +30,11 @@ DefenderConfigError                          reason
 │   ├── NotFoundError                        NotFound
 │   └── StoreNoSpaceError                    StoreNoSpace      etcd NOSPACE alarm: writes refused
 ├── MaintenanceError                         MaintenanceRefused  etcd unfit for it / would overwrite
-│   └── SnapshotInvalidError                 SnapshotInvalid   hash or etcdutl check failed
+│   ├── SnapshotInvalidError                 SnapshotInvalid   hash or etcdutl check failed
+│   ├── CompactionLagError                   CompactionLag     defrag: a member had not applied
+│   │                                                          the compaction in time
+│   └── DefragIncompleteError                DefragIncomplete  defrag: NOSPACE would not stay
+│                                                              disarmed (still over the quota)
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
 ├── ConfigValidationError                    ConfigInvalid
 ├── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
@@ -55,10 +59,12 @@ __all__ = [
     "AuthenticationFailedError",
     "CodecError",
     "CodecMismatchError",
+    "CompactionLagError",
     "ConfigFrozenError",
     "ConfigValidationError",
     "ConflictError",
     "DefenderConfigError",
+    "DefragIncompleteError",
     "EnvelopeError",
     "FieldError",
     "FileWriteError",

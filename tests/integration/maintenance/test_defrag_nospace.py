@@ -153,6 +153,10 @@ def test_disarming_without_freeing_space_is_refused_and_writes_stay_refused(
         # than the values they hold, which already exceed the quota.
         written = store.get("/ml-defender/test/big")
         assert written is not None and written.version * len(CHUNK) > SMALL_QUOTA_BYTES
+        # Without --disarm-nospace it is a report, not an error.
+        table = run_cli("defrag", "--etcd-endpoints", ",".join(small_quota_etcd.endpoints))
+        assert table.code == 0, table.err
+        assert "Still at or over the quota: " in table.out and "Alarms left: NOSPACE" in table.out
         result = run_cli("defrag", "--disarm-nospace", *flags(small_quota_etcd))
         # Disarming would not hold (etcd raises NOSPACE at the next write): a typed error,
         # never "no alarm left".
