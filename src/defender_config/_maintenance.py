@@ -338,6 +338,20 @@ def _wait_serving(store: EtcdStore, endpoint: str, wait: _Waiter) -> HealthRepor
         wait.sleep(wait.every)
 
 
+def _wait_compacted(store: EtcdStore, endpoint: str, revision: int, wait: _Waiter) -> None:
+    deadline = time.monotonic() + wait.timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            store.wait_compacted(endpoint, revision, max(left, wait.every))
+            return
+        except StoreUnavailableError as exc:
+            # A refused connection fails at once: try again until the deadline, not once.
+            if time.monotonic() >= deadline:
+                raise CompactionLagError(endpoint, revision, str(exc)) from exc
+        wait.sleep(wait.every)
+
+
 def _sizes(members: Sequence[OverQuota]) -> str:
     return ", ".join(
         f"{m.endpoint} holds {m.db_size_bytes} bytes, quota {m.quota_bytes}" for m in members
@@ -383,10 +397,7 @@ def defragment_cluster(
             # The compaction above waited for the member that served it only. A member that
             # applies it after its defrag keeps a file as large as before (etcd frees pages
             # inside the file, never the file) and raises NOSPACE again at the next write.
-            try:
-                store.wait_compacted(endpoint, compacted, settle_timeout)
-            except StoreUnavailableError as exc:
-                raise CompactionLagError(endpoint, compacted, str(exc)) from exc
+            _wait_compacted(store, endpoint, compacted, waiter)
         before = by_endpoint[endpoint]
         store.defragment(endpoint)
         after_report = _wait_serving(store, endpoint, waiter)

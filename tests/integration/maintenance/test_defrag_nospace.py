@@ -6,6 +6,7 @@ import pytest
 
 from conftest import SMALL_QUOTA_BYTES, run_cli
 from defender_config import (
+    CompactionLagError,
     EtcdSettings,
     StoreNoSpaceError,
     defragment_cluster,
@@ -172,40 +173,78 @@ class CutOffDuringCompact(EtcdStore):
     others: that follower applies it only once it is back, which is when the defrag reaches
     it. What a loaded machine does by chance (a follower that applies the log late)."""
 
-    def __init__(self, settings: EtcdSettings, cluster: EtcdCluster, victim: int) -> None:
+    def __init__(
+        self, settings: EtcdSettings, cluster: EtcdCluster, victim: int, *, heal: bool = True
+    ) -> None:
         super().__init__(settings)
         self.cluster = cluster
         self.victim = victim
+        self.heal = heal
 
     def compact(self, revision: int) -> None:
         self.cluster.partition(self.victim)
         try:
             super().compact(revision)
         finally:
-            self.cluster.heal(self.victim)
+            if self.heal:
+                self.cluster.heal(self.victim)
+
+
+def first_follower(cluster: EtcdCluster) -> tuple[str, int]:
+    """The follower a defrag takes first (health's label, cluster index), with the leader
+    moved to the first endpoint: the client talks to it, so the compaction is served while
+    the follower is cut off."""
+    cluster.move_leader(0)
+    with store_for(cluster) as store:
+        followers = sorted(m.endpoint for m in store.health().members if not m.is_leader)
+    port = int(followers[0].rsplit(":", 1)[1])
+    return followers[0], next(
+        i for i, ep in enumerate(cluster.endpoints) if ep.endswith(f":{port}")
+    )
 
 
 def test_a_follower_is_defragmented_only_after_it_applied_the_compaction(
     small_quota_proxied_etcd: EtcdCluster,
 ) -> None:
     cluster = small_quota_proxied_etcd
-    # The client talks to the first endpoint: keep the leader there, so the compaction is
-    # served while the victim, the first follower defragmented, is cut off.
-    cluster.move_leader(0)
-    settings = EtcdSettings.model_validate(etcd_client_settings(cluster.endpoints))
+    label, victim = first_follower(cluster)
     with store_for(cluster, retries=1) as store:
         fill_until_nospace(store)
-        followers = sorted(m.endpoint for m in store.health().members if not m.is_leader)
-    victim_port = int(followers[0].rsplit(":", 1)[1])
-    victim = next(i for i, ep in enumerate(cluster.endpoints) if ep.endswith(f":{victim_port}"))
+    settings = EtcdSettings.model_validate(etcd_client_settings(cluster.endpoints))
     with CutOffDuringCompact(settings, cluster, victim) as store:
         result = defragment_cluster(store, compact=True, disarm_nospace=True)
         assert result.skipped is None
         # Once each: the victim was not defragmented before its compaction (it would then
         # have needed a second pass, or kept its size and raised NOSPACE at the next write).
-        assert result.steps[0].endpoint == followers[0]
+        assert result.steps[0].endpoint == label
         assert len(result.steps) == 3, result.steps
         assert all((s.db_size_after or 0) < SMALL_QUOTA_BYTES // 2 for s in result.steps)
         assert result.alarms_left == () and result.over_quota == ()
         store.put("/ml-defender/test/small", b"x")
         assert store.health().alarms == ()
+
+
+def test_a_follower_that_never_applies_the_compaction_stops_the_defrag(
+    small_quota_proxied_etcd: EtcdCluster,
+) -> None:
+    cluster = small_quota_proxied_etcd
+    label, victim = first_follower(cluster)
+    settings = EtcdSettings.model_validate(
+        {**etcd_client_settings(cluster.endpoints), "retries": 1, "timeout_seconds": 2}
+    )
+    done: list[str] = []
+    try:
+        with CutOffDuringCompact(settings, cluster, victim, heal=False) as store:
+            grow(store, 3)
+            with pytest.raises(CompactionLagError) as caught:
+                defragment_cluster(
+                    store,
+                    compact=True,
+                    settle_timeout=3,
+                    on_step=lambda s: done.append(s.endpoint),
+                )
+    finally:
+        cluster.heal(victim)
+    assert caught.value.endpoint == label and caught.value.reason == "CompactionLag"
+    # It came first: nothing was defragmented.
+    assert done == []

@@ -78,7 +78,8 @@ class ScriptedStore:
 
 
 def run(store: ScriptedStore, **kw: Any) -> Any:
-    return defragment_cluster(cast(EtcdStore, store), settle_timeout=1.0, **kw)
+    kw.setdefault("settle_timeout", 1.0)
+    return defragment_cluster(cast(EtcdStore, store), **kw)
 
 
 def test_each_member_waits_for_the_compaction_before_its_defrag() -> None:
@@ -103,9 +104,10 @@ def test_without_compaction_nothing_is_waited_for() -> None:
 def test_a_member_that_has_not_applied_the_compaction_stops_the_defrag_before_it() -> None:
     store = ScriptedStore(lagging=frozenset({"m2:2379"}))
     with pytest.raises(CompactionLagError) as caught:
-        run(store, compact=True, disarm_nospace=True)
+        run(store, compact=True, disarm_nospace=True, settle_timeout=0.2)
     assert caught.value.endpoint == "m2:2379" and caught.value.revision == 42
     assert caught.value.reason == "CompactionLag"
+    assert ("wait", "m2:2379", "42") in store.calls
     # m1 was done; neither m2 nor the leader after it were touched, nothing disarmed.
     assert store.defrags() == ["m1:2379"]
     assert not [c for c in store.calls if c[0] == "disarm"]
