@@ -93,6 +93,13 @@ class OverQuota:
     endpoint: str
     db_size_bytes: int
     quota_bytes: int
+    in_use_bytes: int | None = None
+
+    @property
+    def defrag_would_help(self) -> bool:
+        """A defrag shrinks the file to about what is in use: worth another one only when that
+        is under the quota (unknown: try)."""
+        return self.in_use_bytes is None or self.in_use_bytes < self.quota_bytes
 
 
 def over_quota(report: HealthReport) -> tuple[OverQuota, ...]:
@@ -101,7 +108,7 @@ def over_quota(report: HealthReport) -> tuple[OverQuota, ...]:
     write, whatever the alarm list says now. A member that reports no quota (etcd < 3.6) or no
     size is not judged."""
     return tuple(
-        OverQuota(m.endpoint, m.db_size_bytes, m.db_size_quota_bytes)
+        OverQuota(m.endpoint, m.db_size_bytes, m.db_size_quota_bytes, m.db_size_in_use_bytes)
         for m in report.members
         if m.db_size_bytes is not None
         and m.db_size_quota_bytes
@@ -352,6 +359,35 @@ def _wait_compacted(store: EtcdStore, endpoint: str, revision: int, wait: _Waite
         wait.sleep(wait.every)
 
 
+def _wait_disarmed(store: EtcdStore, wait: _Waiter) -> None:
+    """Until no member reports NOSPACE any more. A disarm goes through the raft log like a
+    write: a member that applies it late keeps listing the alarm (in `status`, to the operator)
+    after the member that served the disarm dropped it."""
+    deadline = time.monotonic() + wait.timeout
+    while True:
+        alarms = store.alarms()
+        if any(alarm == "NOSPACE" for _, alarm in alarms):
+            raised = tuple(f"{member_id:x}" for member_id, alarm in alarms if alarm == "NOSPACE")
+            sizes = _sizes(over_quota(store.health()))
+            raise DefragIncompleteError(
+                f"NOSPACE was raised again right after it was disarmed, by member(s)"
+                f" {', '.join(raised)}{f' ({sizes})' if sizes else ''}: a write needed more"
+                " than the quota left; delete data or raise the quota",
+                members=raised,
+            )
+        report = store.health()
+        behind = tuple(m.endpoint for m in report.members if "NOSPACE" in m.alarms)
+        if not behind:
+            return
+        if time.monotonic() >= deadline:
+            raise DefragIncompleteError(
+                f"NOSPACE was disarmed, but {', '.join(behind)} still report(s) it after"
+                f" {wait.timeout:.0f}s (they have not applied the disarm): check their logs",
+                members=behind,
+            )
+        wait.sleep(wait.every)
+
+
 def _sizes(members: Sequence[OverQuota]) -> str:
     return ", ".join(
         f"{m.endpoint} holds {m.db_size_bytes} bytes, quota {m.quota_bytes}" for m in members
@@ -373,8 +409,9 @@ def defragment_cluster(
     that compaction (CompactionLagError when it has not within `settle_timeout`).
 
     A member still at or over its quota afterwards is defragmented once more. `disarm_nospace`
-    then clears NOSPACE alarms, unless a member is still over its quota or the alarm is back
-    right after: DefragIncompleteError then, rather than a result that says no alarm is left."""
+    then clears NOSPACE alarms and waits until no member reports it any more; a member still
+    over its quota, the alarm back right after, or a member that still reports it after
+    `settle_timeout` is a DefragIncompleteError, never a result that says no alarm is left."""
     report = store.health()
     plan = plan_defrag(report)
     if plan.refused is not None:
@@ -416,8 +453,8 @@ def defragment_cluster(
     for endpoint in plan.order:
         report = defragment(endpoint)
     # A compaction that reached a member after its defrag by another way than ours (an
-    # auto-compaction in flight) leaves that member's file as large as before: once more.
-    still = {m.endpoint for m in over_quota(report)}
+    # auto-compaction in flight) leaves its file as large as before, the space free inside it.
+    still = {m.endpoint for m in over_quota(report) if m.defrag_would_help}
     if still:
         for endpoint in plan.order:
             if endpoint in still:
@@ -436,17 +473,8 @@ def defragment_cluster(
             if alarm == "NOSPACE":
                 store.disarm_alarm(member_id, alarm)
                 disarmed.append(f"{member_id:x}")
-    alarms = store.alarms()
-    if disarm_nospace and any(alarm == "NOSPACE" for _, alarm in alarms):
-        raised = tuple(f"{member_id:x}" for member_id, alarm in alarms if alarm == "NOSPACE")
-        sizes = _sizes(over_quota(store.health()))
-        raise DefragIncompleteError(
-            f"NOSPACE was raised again right after it was disarmed, by member(s)"
-            f" {', '.join(raised)}{f' ({sizes})' if sizes else ''}: a write needed more than"
-            " the quota left; delete data or raise the quota",
-            members=raised,
-        )
-    left = tuple(sorted({alarm for _, alarm in alarms}))
+        _wait_disarmed(store, waiter)
+    left = tuple(sorted({alarm for _, alarm in store.alarms()}))
     return DefragResult(
         tuple(steps),
         None,

@@ -106,6 +106,15 @@ def test_a_member_at_or_over_its_quota_is_over_whatever_it_uses_inside() -> None
     ]
 
 
+def test_another_defrag_helps_only_a_member_using_less_than_its_quota() -> None:
+    r = report(
+        member(0, leader=True, db_size_bytes=150, db_size_quota_bytes=100, db_size_in_use_bytes=9),
+        member(1, db_size_bytes=150, db_size_quota_bytes=100, db_size_in_use_bytes=120),
+        member(2, db_size_bytes=150, db_size_quota_bytes=100),
+    )
+    assert [m.defrag_would_help for m in over_quota(r)] == [True, False, True]
+
+
 def test_a_member_without_a_reported_quota_or_size_is_not_judged() -> None:
     r = report(
         member(0, leader=True, db_size_bytes=10**9),

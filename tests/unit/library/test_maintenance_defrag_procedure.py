@@ -30,9 +30,22 @@ class ScriptedStore:
     after_defrag: dict[str, list[int]] = field(default_factory=dict)
     lagging: frozenset[str] = frozenset()
     nospace_comes_back: bool = False
+    # What each member reports in use (none reported: unknown).
+    in_use: dict[str, int] = field(default_factory=dict)
+    # How many more health() calls a member keeps listing NOSPACE once it is disarmed (it has
+    # not applied the disarm yet); -1: for ever.
+    slow_view: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ORDER, 2 * QUOTA))
     active: list[tuple[int, str]] = field(default_factory=lambda: [(NOSPACE_ID, "NOSPACE")])
     calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    def reports_nospace(self, ep: str) -> bool:
+        if self.active:
+            return True
+        left = self.slow_view.get(ep, 0)
+        if left > 0:
+            self.slow_view[ep] = left - 1
+        return left != 0
 
     def health(self) -> HealthReport:
         members = tuple(
@@ -43,6 +56,8 @@ class ScriptedStore:
                 is_leader=ep == "m0:2379",
                 db_size_bytes=self.sizes[ep],
                 db_size_quota_bytes=QUOTA,
+                db_size_in_use_bytes=self.in_use.get(ep),
+                alarms=("NOSPACE",) if self.reports_nospace(ep) else (),
                 serving=True,
             )
             for i, ep in enumerate(sorted(self.sizes))
@@ -123,6 +138,14 @@ def test_a_member_still_over_its_quota_is_defragmented_once_more() -> None:
     assert result.over_quota == () and result.alarms_left == ()
 
 
+def test_a_member_over_its_quota_with_that_much_in_use_is_not_defragmented_again() -> None:
+    # Live data (no compaction): another defrag would give nothing back.
+    store = ScriptedStore(after_defrag={"m1:2379": [2 * QUOTA]}, in_use={"m1:2379": 2 * QUOTA})
+    result = run(store)
+    assert store.defrags() == ORDER
+    assert result.over_quota == ("m1:2379",)
+
+
 def test_disarming_is_refused_while_a_member_stays_over_its_quota() -> None:
     store = ScriptedStore(after_defrag={"m1:2379": [2 * QUOTA, 2 * QUOTA]})
     with pytest.raises(DefragIncompleteError) as caught:
@@ -147,3 +170,18 @@ def test_nospace_back_right_after_its_disarm_is_an_error_not_a_success() -> None
     assert caught.value.members == (f"{NOSPACE_ID:x}",)
     assert "raised again right after it was disarmed" in str(caught.value)
     assert ("disarm", f"{NOSPACE_ID:x}") in store.calls
+
+
+def test_the_defrag_returns_once_every_member_applied_the_disarm() -> None:
+    store = ScriptedStore(slow_view={"m2:2379": 2})
+    result = run(store, compact=True, disarm_nospace=True)
+    assert result.alarms_left == ()
+    assert store.slow_view["m2:2379"] == 0
+
+
+def test_a_member_that_keeps_reporting_nospace_after_the_disarm_is_an_error() -> None:
+    store = ScriptedStore(slow_view={"m2:2379": -1})
+    with pytest.raises(DefragIncompleteError) as caught:
+        run(store, compact=True, disarm_nospace=True, settle_timeout=0.2)
+    assert caught.value.members == ("m2:2379",)
+    assert "have not applied the disarm" in str(caught.value)
