@@ -20,9 +20,18 @@ CHUNK = b"z" * (200 * 1024)
 
 
 def store_for(cluster: EtcdCluster, **overrides: object) -> EtcdStore:
-    return EtcdStore(
+    """A store on `cluster` once every member answers its status: a defrag plans on that
+    health report and skips a cluster with a member not serving, which a member just started
+    on a loaded machine can be for a moment (seen once: "not serving" on a fresh cluster)."""
+    store = EtcdStore(
         EtcdSettings.model_validate({**etcd_client_settings(cluster.endpoints), **overrides})
     )
+    wait_for(
+        "every member serving",
+        lambda: all(m.serving for m in store.health().members),
+        timeout=60,
+    )
+    return store
 
 
 def flags(cluster: EtcdCluster) -> list[str]:
