@@ -243,5 +243,7 @@ def show_defrag(printer: Printer, data: dict[str, Any]) -> None:
         printer.line(f"Compacted to revision {data['compacted_to']}.")
     if data["disarmed"]:
         printer.line(f"Disarmed NOSPACE on member(s) {', '.join(data['disarmed'])}.")
+    if data["over_quota"]:
+        printer.line(f"Still at or over the quota: {', '.join(data['over_quota'])}.")
     left = ", ".join(data["alarms_left"])
     printer.line(f"Alarms left: {left}." if left else "No alarm left.")

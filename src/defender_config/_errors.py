@@ -30,7 +30,11 @@ DefenderConfigError                          reason
 │   ├── NotFoundError                        NotFound
 │   └── StoreNoSpaceError                    StoreNoSpace      etcd NOSPACE alarm: writes refused
 ├── MaintenanceError                         MaintenanceRefused  etcd unfit for it / would overwrite
-│   └── SnapshotInvalidError                 SnapshotInvalid   hash or etcdutl check failed
+│   ├── SnapshotInvalidError                 SnapshotInvalid   hash or etcdutl check failed
+│   ├── CompactionLagError                   CompactionLag     defrag: a member had not applied
+│   │                                                          the compaction in time
+│   └── DefragIncompleteError                DefragIncomplete  defrag: NOSPACE would not stay
+│                                                              disarmed (still over the quota)
 ├── ConfigFrozenError                        ConfigFrozen      control/<component>/freeze set
 ├── ConfigValidationError                    ConfigInvalid
 ├── InvalidRollbackTargetError               InvalidRollbackTarget  not `master` or a version
@@ -55,10 +59,12 @@ __all__ = [
     "AuthenticationFailedError",
     "CodecError",
     "CodecMismatchError",
+    "CompactionLagError",
     "ConfigFrozenError",
     "ConfigValidationError",
     "ConflictError",
     "DefenderConfigError",
+    "DefragIncompleteError",
     "EnvelopeError",
     "FieldError",
     "FileWriteError",
@@ -555,6 +561,35 @@ class MaintenanceError(DefenderConfigError):
     cluster is not healthy enough, or a restore would overwrite a member's data."""
 
     reason = "MaintenanceRefused"
+
+
+class CompactionLagError(MaintenanceError):
+    """A member had not finished applying the compaction when its turn to be defragmented came,
+    within the wait: it was left as it was, and so were the members after it. Defragmenting it
+    before its compaction would keep the space the compaction frees, and its NOSPACE alarm
+    would come back at the next write."""
+
+    reason = "CompactionLag"
+
+    def __init__(self, endpoint: str, revision: int, detail: str) -> None:
+        self.endpoint = endpoint
+        self.revision = revision
+        super().__init__(
+            f"{endpoint} did not finish applying the compaction to revision {revision} ({detail});"
+            " it and the members after it were not defragmented: check its log, run it again"
+        )
+
+
+class DefragIncompleteError(MaintenanceError):
+    """Every member was defragmented, yet NOSPACE would not stay disarmed: a member's database
+    is still at or over its quota (etcd counts the file's size), or the alarm was back right
+    after it was cleared. What is left is live data: delete some or raise the quota."""
+
+    reason = "DefragIncomplete"
+
+    def __init__(self, detail: str, *, members: tuple[str, ...] = ()) -> None:
+        self.members = members
+        super().__init__(detail)
 
 
 class FileWriteError(DefenderConfigError):

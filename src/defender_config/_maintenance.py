@@ -19,7 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ._errors import MaintenanceError, SnapshotInvalidError, StoreError
+from ._errors import (
+    CompactionLagError,
+    DefragIncompleteError,
+    MaintenanceError,
+    SnapshotInvalidError,
+    StoreError,
+    StoreUnavailableError,
+)
 from ._store import EtcdStore
 from ._store_types import HealthReport, MemberHealth
 
@@ -79,6 +86,34 @@ def plan_defrag(report: HealthReport) -> DefragPlan:
         return DefragPlan((), "cluster not healthy, skipped: no single leader")
     followers = sorted(m.endpoint for m in report.members if not m.is_leader)
     return DefragPlan((*followers, leaders[0].endpoint))
+
+
+@dataclass(frozen=True)
+class OverQuota:
+    endpoint: str
+    db_size_bytes: int
+    quota_bytes: int
+    in_use_bytes: int | None = None
+
+    @property
+    def defrag_would_help(self) -> bool:
+        """A defrag shrinks the file to about what is in use: worth another one only when that
+        is under the quota (unknown: try)."""
+        return self.in_use_bytes is None or self.in_use_bytes < self.quota_bytes
+
+
+def over_quota(report: HealthReport) -> tuple[OverQuota, ...]:
+    """The members whose database is at or over their quota. etcd judges its quota by the
+    file's size, not by what is in use inside it: such a member raises NOSPACE again at its next
+    write, whatever the alarm list says now. A member that reports no quota (etcd < 3.6) or no
+    size is not judged."""
+    return tuple(
+        OverQuota(m.endpoint, m.db_size_bytes, m.db_size_quota_bytes, m.db_size_in_use_bytes)
+        for m in report.members
+        if m.db_size_bytes is not None
+        and m.db_size_quota_bytes
+        and m.db_size_bytes >= m.db_size_quota_bytes
+    )
 
 
 @dataclass(frozen=True)
@@ -281,6 +316,8 @@ class DefragResult:
     compacted_to: int | None = None
     disarmed: tuple[str, ...] = ()
     alarms_left: tuple[str, ...] = ()
+    # Members still at or over their quota after every defrag (see over_quota).
+    over_quota: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,6 +345,55 @@ def _wait_serving(store: EtcdStore, endpoint: str, wait: _Waiter) -> HealthRepor
         wait.sleep(wait.every)
 
 
+def _wait_compacted(store: EtcdStore, endpoint: str, revision: int, wait: _Waiter) -> None:
+    deadline = time.monotonic() + wait.timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            store.wait_compacted(endpoint, revision, max(left, wait.every))
+            return
+        except StoreUnavailableError as exc:
+            # A refused connection fails at once: try again until the deadline, not once.
+            if time.monotonic() >= deadline:
+                raise CompactionLagError(endpoint, revision, str(exc)) from exc
+        wait.sleep(wait.every)
+
+
+def _wait_disarmed(store: EtcdStore, wait: _Waiter) -> None:
+    """Until no member reports NOSPACE any more. A disarm goes through the raft log like a
+    write: a member that applies it late keeps listing the alarm (in `status`, to the operator)
+    after the member that served the disarm dropped it."""
+    deadline = time.monotonic() + wait.timeout
+    while True:
+        alarms = store.alarms()
+        if any(alarm == "NOSPACE" for _, alarm in alarms):
+            raised = tuple(f"{member_id:x}" for member_id, alarm in alarms if alarm == "NOSPACE")
+            sizes = _sizes(over_quota(store.health()))
+            raise DefragIncompleteError(
+                f"NOSPACE was raised again right after it was disarmed, by member(s)"
+                f" {', '.join(raised)}{f' ({sizes})' if sizes else ''}: a write needed more"
+                " than the quota left; delete data or raise the quota",
+                members=raised,
+            )
+        report = store.health()
+        behind = tuple(m.endpoint for m in report.members if "NOSPACE" in m.alarms)
+        if not behind:
+            return
+        if time.monotonic() >= deadline:
+            raise DefragIncompleteError(
+                f"NOSPACE was disarmed, but {', '.join(behind)} still report(s) it after"
+                f" {wait.timeout:.0f}s (they have not applied the disarm): check their logs",
+                members=behind,
+            )
+        wait.sleep(wait.every)
+
+
+def _sizes(members: Sequence[OverQuota]) -> str:
+    return ", ".join(
+        f"{m.endpoint} holds {m.db_size_bytes} bytes, quota {m.quota_bytes}" for m in members
+    )
+
+
 def defragment_cluster(
     store: EtcdStore,
     *,
@@ -319,8 +405,13 @@ def defragment_cluster(
     """Defragment every member, one at a time, followers first and the leader last; before each
     member the whole cluster must serve again (never two members blocked at once). Skipped,
     with the reason, while a member is down. `compact` first compacts to the current revision
-    (what frees the space NOSPACE is about); `disarm_nospace` clears NOSPACE alarms afterwards
-    (etcd raises them again at once if a member is still over its quota)."""
+    (what frees the space NOSPACE is about) and defragments each member only once it has applied
+    that compaction (CompactionLagError when it has not within `settle_timeout`).
+
+    A member still at or over its quota afterwards is defragmented once more. `disarm_nospace`
+    then clears NOSPACE alarms and waits until no member reports it any more; a member still
+    over its quota, the alarm back right after, or a member that still reports it after
+    `settle_timeout` is a DefragIncompleteError, never a result that says no alarm is left."""
     report = store.health()
     plan = plan_defrag(report)
     if plan.refused is not None:
@@ -337,11 +428,17 @@ def defragment_cluster(
     by_endpoint = {m.endpoint: m for m in report.members}
     waiter = _Waiter(settle_timeout)
     steps: list[DefragStep] = []
-    for endpoint in plan.order:
+
+    def defragment(endpoint: str) -> HealthReport:
+        if compacted is not None:
+            # The compaction above waited for the member that served it only. A member that
+            # applies it after its defrag keeps a file as large as before (etcd frees pages
+            # inside the file, never the file) and raises NOSPACE again at the next write.
+            _wait_compacted(store, endpoint, compacted, waiter)
         before = by_endpoint[endpoint]
         store.defragment(endpoint)
-        report = _wait_serving(store, endpoint, waiter)
-        after = next((m for m in report.members if m.endpoint == endpoint), None)
+        after_report = _wait_serving(store, endpoint, waiter)
+        after = next((m for m in after_report.members if m.endpoint == endpoint), None)
         step = DefragStep(
             endpoint,
             before.is_leader,
@@ -351,11 +448,38 @@ def defragment_cluster(
         steps.append(step)
         if on_step is not None:
             on_step(step)
+        return after_report
+
+    for endpoint in plan.order:
+        report = defragment(endpoint)
+    # A compaction that reached a member after its defrag by another way than ours (an
+    # auto-compaction in flight) leaves its file as large as before, the space free inside it.
+    still = {m.endpoint for m in over_quota(report) if m.defrag_would_help}
+    if still:
+        for endpoint in plan.order:
+            if endpoint in still:
+                report = defragment(endpoint)
+    left_over = over_quota(report)
     disarmed: list[str] = []
     if disarm_nospace:
+        if left_over:
+            raise DefragIncompleteError(
+                f"still at or over the quota after defragmentation: {_sizes(left_over)};"
+                " NOSPACE not disarmed (it would come back at the next write): compact"
+                " (--compact), delete data or raise the quota",
+                members=tuple(m.endpoint for m in left_over),
+            )
         for member_id, alarm in store.alarms():
             if alarm == "NOSPACE":
                 store.disarm_alarm(member_id, alarm)
                 disarmed.append(f"{member_id:x}")
+        _wait_disarmed(store, waiter)
     left = tuple(sorted({alarm for _, alarm in store.alarms()}))
-    return DefragResult(tuple(steps), None, compacted, tuple(disarmed), left)
+    return DefragResult(
+        tuple(steps),
+        None,
+        compacted,
+        tuple(disarmed),
+        left,
+        tuple(m.endpoint for m in left_over),
+    )

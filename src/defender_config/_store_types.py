@@ -247,6 +247,7 @@ OPS: tuple[str, ...] = (
     "snapshot",
     "defragment",
     "compact",
+    "wait_compacted",
     "alarms",
     "disarm_alarm",
 )

@@ -145,12 +145,20 @@ def defender_etcd(
 
 
 def private_etcd(
-    run_dir: Path, name: str, *, extra_args: tuple[str, ...] = ()
+    run_dir: Path, name: str, *, extra_args: tuple[str, ...] = (), peer_proxy: bool = False
 ) -> Iterator[EtcdCluster]:
     """A 3-member cluster for one test alone (its data may be destroyed, its quota filled),
-    stopped afterwards; `yield from private_etcd(...)` in a fixture. A missing etcd binary
-    skips, or fails under CI, like the session cluster."""
-    cluster = EtcdCluster(run_dir, 3, name=name, die_with_parent=True, extra_args=extra_args)
+    stopped afterwards; `yield from private_etcd(...)` in a fixture. `peer_proxy` lets the
+    test cut a member off (EtcdCluster.partition). A missing etcd binary skips, or fails under
+    CI, like the session cluster."""
+    cluster = EtcdCluster(
+        run_dir,
+        3,
+        name=name,
+        die_with_parent=True,
+        peer_proxy=peer_proxy,
+        extra_args=extra_args,
+    )
     try:
         cluster.start()
     except ToolNotFoundError as exc:

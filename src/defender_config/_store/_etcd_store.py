@@ -624,15 +624,17 @@ class EtcdStore:
             )
         return found.channel
 
-    def _maintenance(self, op: str, endpoint: str, fn: Callable[[Any, Any], T]) -> T:
+    def _maintenance(
+        self, op: str, endpoint: str, fn: Callable[[Any, Any], T], *, retry: bool = True
+    ) -> T:
         """One call to one member, never failed over elsewhere (the caller chose the member);
-        retried on transient failures against that same member."""
+        retried on transient failures against that same member unless `retry` is False."""
         channel = self._member_channel(endpoint)
 
         def call(c: _SharedClient) -> T:
             return fn(channel, c.metadata)
 
-        return self._call(op, call, path=endpoint)
+        return self._call(op, call, path=endpoint, retry=retry)
 
     def snapshot(self, endpoint: str, dest: str) -> SnapshotFile:
         """Stream a snapshot of member `endpoint` into the file `dest` (never left partial) and
@@ -677,6 +679,29 @@ class EtcdStore:
                 raise
 
         self._call("compact", call)
+
+    def wait_compacted(self, endpoint: str, revision: int, timeout: float) -> None:
+        """Return once member `endpoint` has physically applied every compaction up to
+        `revision` that the cluster committed before this call.
+
+        `compact` waits for the member that served it only; the others apply the compaction
+        from the raft log whenever they get to it, and delete the old revisions afterwards in a
+        background job. etcd answers a compaction to an already compacted revision with
+        "compacted" only after that member's earlier compaction jobs are done (the request goes
+        through the log after them and waits in the same queue), so this asks that member for
+        one. Where nothing was compacted to `revision` yet, this compacts to it. Raises
+        StoreUnavailableError when the member does not answer within `timeout`; never retried
+        (the caller bounds the whole wait, `timeout` per call times the retries would not)."""
+        request = etcdrpc.CompactionRequest(revision=revision, physical=True)
+
+        def call(channel: Any, md: Any) -> None:
+            try:
+                etcdrpc.KVStub(channel).Compact(request, timeout, metadata=md)
+            except grpc.RpcError as exc:
+                if _grpc_code(exc) != grpc.StatusCode.OUT_OF_RANGE:
+                    raise
+
+        self._maintenance("wait_compacted", endpoint, call, retry=False)
 
     def alarms(self) -> list[tuple[int, str]]:
         """Every active alarm as (member id, alarm name), e.g. (0x8e9e..., "NOSPACE")."""

@@ -67,5 +67,17 @@ def small_quota_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 
 @pytest.fixture
+def small_quota_proxied_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """`small_quota_etcd` whose members reach each other through the harness' peer proxy, so
+    a test can cut one off and let it fall behind."""
+    yield from private_etcd(
+        tmp_path / "etcd",
+        "lagging",
+        extra_args=(f"--quota-backend-bytes={SMALL_QUOTA_BYTES}",),
+        peer_proxy=True,
+    )
+
+
+@pytest.fixture
 def cli() -> Callable[..., Result]:
     return run_cli

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import SMALL_QUOTA_BYTES, run_cli
-from defender_config import EtcdSettings, StoreNoSpaceError, defragment_cluster
+from defender_config import (
+    CompactionLagError,
+    EtcdSettings,
+    StoreNoSpaceError,
+    defragment_cluster,
+)
 from defender_config.store import EtcdStore
 from defender_devcluster import EtcdCluster, etcd_client_settings, wait_for
 
@@ -15,9 +20,18 @@ CHUNK = b"z" * (200 * 1024)
 
 
 def store_for(cluster: EtcdCluster, **overrides: object) -> EtcdStore:
-    return EtcdStore(
+    """A store on `cluster` once every member answers its status: a defrag plans on that
+    health report and skips a cluster with a member not serving, which a member just started
+    on a loaded machine can be for a moment (seen once: "not serving" on a fresh cluster)."""
+    store = EtcdStore(
         EtcdSettings.model_validate({**etcd_client_settings(cluster.endpoints), **overrides})
     )
+    wait_for(
+        "every member serving",
+        lambda: all(m.serving for m in store.health().members),
+        timeout=60,
+    )
+    return store
 
 
 def flags(cluster: EtcdCluster) -> list[str]:
@@ -140,14 +154,106 @@ def test_nospace_is_a_typed_error_shown_by_status_and_cleared_by_defrag(
         assert store.get("/ml-defender/test/small") is not None
 
 
-def test_disarming_without_freeing_space_leaves_writes_refused(
+def test_disarming_without_freeing_space_is_refused_and_writes_stay_refused(
     small_quota_etcd: EtcdCluster,
 ) -> None:
     with store_for(small_quota_etcd, retries=1) as store:
         fill_until_nospace(store)
-        # Defrag alone frees little (every revision is still live): after a few more writes
-        # etcd raises NOSPACE again; only compaction ends it for good.
+        # Without compaction every revision written stays live: the files cannot get smaller
+        # than the values they hold, which already exceed the quota.
+        written = store.get("/ml-defender/test/big")
+        assert written is not None and written.version * len(CHUNK) > SMALL_QUOTA_BYTES
+        # Without --disarm-nospace it is a report, not an error.
+        table = run_cli("defrag", "--etcd-endpoints", ",".join(small_quota_etcd.endpoints))
+        assert table.code == 0, table.err
+        assert "Still at or over the quota: " in table.out and "Alarms left: NOSPACE" in table.out
         result = run_cli("defrag", "--disarm-nospace", *flags(small_quota_etcd))
-        assert result.code == 0, result.err
-        fill_until_nospace(store)
+        # Disarming would not hold (etcd raises NOSPACE at the next write): a typed error,
+        # never "no alarm left".
+        assert result.code == 2, (result.out, result.err)
+        assert "DefragIncompleteError" in result.err and "not disarmed" in result.err
         assert store.health().alarms == ("NOSPACE",)
+        with pytest.raises(StoreNoSpaceError):
+            store.put("/ml-defender/test/small", b"x")
+
+
+class CutOffDuringCompact(EtcdStore):
+    """The store, except that its compaction runs while one follower is cut off from the
+    others: that follower applies it only once it is back, which is when the defrag reaches
+    it. What a loaded machine does by chance (a follower that applies the log late)."""
+
+    def __init__(
+        self, settings: EtcdSettings, cluster: EtcdCluster, victim: int, *, heal: bool = True
+    ) -> None:
+        super().__init__(settings)
+        self.cluster = cluster
+        self.victim = victim
+        self.heal = heal
+
+    def compact(self, revision: int) -> None:
+        self.cluster.partition(self.victim)
+        try:
+            super().compact(revision)
+        finally:
+            if self.heal:
+                self.cluster.heal(self.victim)
+
+
+def first_follower(cluster: EtcdCluster) -> tuple[str, int]:
+    """The follower a defrag takes first (health's label, cluster index), with the leader
+    moved to the first endpoint: the client talks to it, so the compaction is served while
+    the follower is cut off."""
+    cluster.move_leader(0)
+    with store_for(cluster) as store:
+        followers = sorted(m.endpoint for m in store.health().members if not m.is_leader)
+    port = int(followers[0].rsplit(":", 1)[1])
+    return followers[0], next(
+        i for i, ep in enumerate(cluster.endpoints) if ep.endswith(f":{port}")
+    )
+
+
+def test_a_follower_is_defragmented_only_after_it_applied_the_compaction(
+    small_quota_proxied_etcd: EtcdCluster,
+) -> None:
+    cluster = small_quota_proxied_etcd
+    label, victim = first_follower(cluster)
+    with store_for(cluster, retries=1) as store:
+        fill_until_nospace(store)
+    settings = EtcdSettings.model_validate(etcd_client_settings(cluster.endpoints))
+    with CutOffDuringCompact(settings, cluster, victim) as store:
+        result = defragment_cluster(store, compact=True, disarm_nospace=True)
+        assert result.skipped is None
+        # Once each: the victim was not defragmented before its compaction (it would then
+        # have needed a second pass, or kept its size and raised NOSPACE at the next write).
+        assert result.steps[0].endpoint == label
+        assert len(result.steps) == 3, result.steps
+        assert all((s.db_size_after or 0) < SMALL_QUOTA_BYTES // 2 for s in result.steps)
+        assert result.alarms_left == () and result.over_quota == ()
+        store.put("/ml-defender/test/small", b"x")
+        assert store.health().alarms == ()
+
+
+def test_a_follower_that_never_applies_the_compaction_stops_the_defrag(
+    small_quota_proxied_etcd: EtcdCluster,
+) -> None:
+    cluster = small_quota_proxied_etcd
+    label, victim = first_follower(cluster)
+    settings = EtcdSettings.model_validate(
+        {**etcd_client_settings(cluster.endpoints), "retries": 1, "timeout_seconds": 2}
+    )
+    done: list[str] = []
+    try:
+        with CutOffDuringCompact(settings, cluster, victim, heal=False) as store:
+            grow(store, 3)
+            with pytest.raises(CompactionLagError) as caught:
+                defragment_cluster(
+                    store,
+                    compact=True,
+                    settle_timeout=3,
+                    on_step=lambda s: done.append(s.endpoint),
+                )
+    finally:
+        cluster.heal(victim)
+    assert caught.value.endpoint == label and caught.value.reason == "CompactionLag"
+    # It came first: nothing was defragmented.
+    assert done == []

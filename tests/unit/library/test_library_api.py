@@ -60,6 +60,8 @@ def test_error_tree_matches_the_contract() -> None:
         e.StoreAuthError: e.StoreError,
         e.ConfigFrozenError: e.DefenderConfigError,
         e.FileWriteError: e.DefenderConfigError,
+        e.CompactionLagError: e.MaintenanceError,
+        e.DefragIncompleteError: e.MaintenanceError,
     }
     for child, parent in tree.items():
         assert child.__bases__ == (parent,), child

@@ -10,6 +10,7 @@ import pytest
 
 from defender_config import (
     MaintenanceError,
+    over_quota,
     plan_defrag,
     restore_plan,
     snapshot_member,
@@ -87,6 +88,40 @@ def test_defrag_runs_despite_nospace_it_is_the_cure() -> None:
         member(0, leader=True, alarms=alarms), member(1, alarms=alarms), member(2, alarms=alarms)
     )
     assert plan_defrag(r).order[-1] == "m0:2379"
+
+
+# --- over quota after a defrag -------------------------------------------------------------------
+
+
+def test_a_member_at_or_over_its_quota_is_over_whatever_it_uses_inside() -> None:
+    # etcd judges the quota by the file's size: free pages inside it do not help.
+    r = report(
+        member(0, leader=True, db_size_bytes=100, db_size_quota_bytes=100, db_size_in_use_bytes=5),
+        member(1, db_size_bytes=150, db_size_quota_bytes=100),
+        member(2, db_size_bytes=99, db_size_quota_bytes=100),
+    )
+    assert [(m.endpoint, m.db_size_bytes, m.quota_bytes) for m in over_quota(r)] == [
+        ("m0:2379", 100, 100),
+        ("m1:2379", 150, 100),
+    ]
+
+
+def test_another_defrag_helps_only_a_member_using_less_than_its_quota() -> None:
+    r = report(
+        member(0, leader=True, db_size_bytes=150, db_size_quota_bytes=100, db_size_in_use_bytes=9),
+        member(1, db_size_bytes=150, db_size_quota_bytes=100, db_size_in_use_bytes=120),
+        member(2, db_size_bytes=150, db_size_quota_bytes=100),
+    )
+    assert [m.defrag_would_help for m in over_quota(r)] == [True, False, True]
+
+
+def test_a_member_without_a_reported_quota_or_size_is_not_judged() -> None:
+    r = report(
+        member(0, leader=True, db_size_bytes=10**9),
+        member(1, db_size_bytes=10**9, db_size_quota_bytes=0),
+        member(2, db_size_quota_bytes=100),
+    )
+    assert over_quota(r) == ()
 
 
 # --- retention -----------------------------------------------------------------------------------
