@@ -361,29 +361,31 @@ def _wait_compacted(store: EtcdStore, endpoint: str, revision: int, wait: _Waite
 
 def _wait_disarmed(store: EtcdStore, wait: _Waiter) -> None:
     """Until no member reports NOSPACE any more. A disarm goes through the raft log like a
-    write: a member that applies it late keeps listing the alarm (in `status`, to the operator)
-    after the member that served the disarm dropped it."""
+    write: a member that applies it late keeps listing the alarm (in `status`, and in an alarm
+    GET, which the member the client reaches answers from its own state) after the member that
+    served the disarm dropped it. So a listed alarm is "not yet" until `wait.timeout`, unless a
+    member is over its quota again: then it was raised anew, and no wait will clear it."""
     deadline = time.monotonic() + wait.timeout
     while True:
-        alarms = store.alarms()
-        if any(alarm == "NOSPACE" for _, alarm in alarms):
-            raised = tuple(f"{member_id:x}" for member_id, alarm in alarms if alarm == "NOSPACE")
-            sizes = _sizes(over_quota(store.health()))
-            raise DefragIncompleteError(
-                f"NOSPACE was raised again right after it was disarmed, by member(s)"
-                f" {', '.join(raised)}{f' ({sizes})' if sizes else ''}: a write needed more"
-                " than the quota left; delete data or raise the quota",
-                members=raised,
-            )
+        raised = tuple(f"{mid:x}" for mid, alarm in store.alarms() if alarm == "NOSPACE")
         report = store.health()
         behind = tuple(m.endpoint for m in report.members if "NOSPACE" in m.alarms)
-        if not behind:
+        if not raised and not behind:
             return
-        if time.monotonic() >= deadline:
+        full = over_quota(report)
+        if full:
             raise DefragIncompleteError(
-                f"NOSPACE was disarmed, but {', '.join(behind)} still report(s) it after"
-                f" {wait.timeout:.0f}s (they have not applied the disarm): check their logs",
-                members=behind,
+                f"NOSPACE was raised again right after it was disarmed ({_sizes(full)}): a write"
+                " needed more than the quota left; delete data or raise the quota",
+                members=tuple(m.endpoint for m in full),
+            )
+        if time.monotonic() >= deadline:
+            named = behind or tuple(f"member {member_id}" for member_id in raised)
+            raise DefragIncompleteError(
+                f"NOSPACE was disarmed, but {', '.join(named)} still report(s) it after"
+                f" {wait.timeout:.0f}s: they have not applied the disarm, or a write raised it"
+                " again; check their logs and `status`",
+                members=behind or raised,
             )
         wait.sleep(wait.every)
 
