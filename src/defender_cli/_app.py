@@ -40,6 +40,14 @@ def duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
+def positive_duration(text: str) -> timedelta:
+    """A duration of at least one second (a wait of 0 would give up before the first look)."""
+    value = duration(text)
+    if value.total_seconds() < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; at least 1s")
+    return value
+
+
 def count(text: str) -> int:
     """A whole number of at least 0 (a negative --limit would silently drop the oldest)."""
     try:
@@ -221,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="afterwards clear NOSPACE alarms (docs/troubleshooting.md#storenospace)",
     )
+    p.add_argument(
+        "--settle-timeout",
+        type=positive_duration,
+        default=timedelta(seconds=60),
+        metavar="DURATION",
+        help="how long to wait for a member to apply the compaction, to serve again after its"
+        " defrag, or to apply the disarm, before stopping with an error (default 60s)",
+    )
 
     p = sub.add_parser(
         "dump", parents=[common], help="every key for debugging (sealed values stay sealed)"
@@ -271,6 +287,7 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
                 conn.client(),
                 compact=args.compact,
                 disarm_nospace=args.disarm_nospace,
+                settle_timeout=args.settle_timeout.total_seconds(),
                 printer=printer if args.output == "table" else None,
             )
             show = etcd.show_defrag

@@ -221,7 +221,12 @@ def show_restore(printer: Printer, data: dict[str, Any]) -> None:
 
 
 def defrag(
-    client: DefenderClient, *, compact: bool, disarm_nospace: bool, printer: Printer | None
+    client: DefenderClient,
+    *,
+    compact: bool,
+    disarm_nospace: bool,
+    printer: Printer | None,
+    settle_timeout: float = 60.0,
 ) -> dict[str, Any]:
     def step(s: DefragStep) -> None:
         if printer is not None:
@@ -231,7 +236,11 @@ def defrag(
             )
 
     result = defragment_cluster(
-        client.store, compact=compact, disarm_nospace=disarm_nospace, on_step=step
+        client.store,
+        compact=compact,
+        disarm_nospace=disarm_nospace,
+        settle_timeout=settle_timeout,
+        on_step=step,
     )
     if result.skipped is not None:
         raise SkippedError(f"{result.skipped}; nothing defragmented")

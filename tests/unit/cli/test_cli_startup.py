@@ -47,6 +47,7 @@ def loaded_after(*argv: str) -> tuple[int, set[str]]:
         [],  # no command
         ["stauts"],  # unknown command
         ["status", "--alerts-since", "soon"],  # bad duration
+        ["defrag", "--settle-timeout", "0s"],  # a wait too short
         # (A bad rollback target is read with the contract's one grammar, in the library.)
     ],
 )
