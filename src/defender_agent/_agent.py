@@ -19,7 +19,6 @@ from defender_config import (
     ActiveConfig,
     ComponentType,
     ConfigStore,
-    ConfigValidationError,
     DefenderClient,
     DefenderConfigError,
     EnvelopeError,
@@ -37,7 +36,7 @@ from defender_config import (
 )
 
 from ._core import ConfigApplier
-from ._errors import AgentSettingsError, ConfigTooLargeError
+from ._errors import AgentSettingsError
 from ._health import (
     UNHEALTHY,
     ExecCheck,
@@ -56,9 +55,6 @@ from ._status import StatusServer
 __all__ = ["Agent", "build_health_check", "build_reloader"]
 
 log = logging.getLogger("defender_agent")
-
-# Errors of the watch that no one alerted before they reach the agent (`_on_watch_error`).
-_ALERTED_BY_THE_AGENT = (ConfigTooLargeError, ConfigValidationError)
 
 # How often the main loop retries a failed write or reload and checks for a stop request.
 _TICK_SECONDS = 1.0
@@ -380,13 +376,11 @@ class Agent:
                 log.warning("could not report RUNNING yet: %s", exc)
 
     def _on_watch_error(self, exc: DefenderConfigError) -> None:
-        # The library alerted decode and format errors already (client.open, record checks);
-        # store errors are transient and belong in the heartbeat, not in an alert record. A
-        # config over the agent's own budget is the agent's refusal: nobody alerted it yet.
-        # Nor a value that opens but is not a JSON object (ConfigValidationError): the canary
-        # watch (`Rollouts.watch`), unlike `watch_active`, does not `client.report` it, so the
-        # agent alerts it as it alerts any config that is not one (ConfigApplier.apply).
-        self.applier.reject(exc, alerted=not isinstance(exc, _ALERTED_BY_THE_AGENT))
+        # The library's canary watch alerted every other error already, as `watch_active`
+        # does (client.open, record checks, client.report: a config that is not one, or over
+        # this agent's budget); store errors are transient and belong in the heartbeat, not in
+        # an alert record.
+        self.applier.reject(exc, alerted=True)
 
     def _on_keyring_change(self, old: Keyring, new: Keyring) -> None:
         log.info(

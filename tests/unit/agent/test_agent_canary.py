@@ -156,14 +156,14 @@ def test_a_non_object_active_keeps_the_file_and_is_alerted_like_an_invalid_confi
     assert error is not None and error.reason == INVALID
     assert "not a JSON object" in error.detail
     assert cluster.heartbeat["last_error"].reason == INVALID
-    # Reported as the applier reports a config that is not one: one alert of that kind, for
-    # this instance (before the fix: none, the agent took it for alerted by the library).
+    # Reported as a config that is not one: one alert of that kind, for this instance, by the
+    # library's canary watch as `watch_active` does (before the fix: none at all).
     assert cluster.kinds() == [INVALID]
     assert cluster.alerts.seen[0].instance == "demo-0"
     assert cluster.alerts.seen[0].component == "demo"
 
-    cluster.put_active(bad)  # the same failure again: not re-alerted
-    assert cluster.kinds() == [INVALID]
+    cluster.put_active(bad)  # another bad write: another alert (as `watch_active`), same file
+    assert cluster.kinds() == [INVALID, INVALID]
     assert cluster.output.read_bytes() == good
 
     cluster.commit({"v": 3}, 2)  # the next good value (a new base: the rollout is stale)
@@ -171,7 +171,7 @@ def test_a_non_object_active_keeps_the_file_and_is_alerted_like_an_invalid_confi
     assert cluster.agent.applier.config_version == 2
     assert cluster.agent.applier.last_error is None
     assert cluster.heartbeat["last_error"] is None
-    assert cluster.kinds() == [INVALID]
+    assert cluster.kinds() == [INVALID, INVALID]
 
 
 @pytest.mark.parametrize("bad", NOT_OBJECTS, ids=lambda v: type(v).__name__)
@@ -198,14 +198,13 @@ def test_a_non_object_candidate_never_reaches_the_file_and_the_next_good_one_doe
     assert cluster.agent.applier.last_error is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap, not the agent's: Rollouts.effective only logs a warning for a candidate "
-    "that opens but is not a JSON object (ConfigValidationError) and returns ACTIVE, so the "
-    "agent never sees the error; only EnvelopeErrors (client.open) are alerted",
-)
 def test_a_non_object_candidate_is_reported_like_an_invalid_config(cluster: Cluster) -> None:
     cluster.commit({"v": 1}, 1)
     cluster.start()
+    good = cluster.output.read_bytes()
     cluster.rollout([1, 2], 2, 1, sequence=10)
     assert cluster.kinds() == [INVALID]
+    alert = cluster.alerts.seen[0]
+    assert alert.instance == "demo-0" and alert.component == "demo"
+    assert "not a JSON object" in alert.detail
+    assert cluster.output.read_bytes() == good  # stays on ACTIVE
