@@ -36,7 +36,7 @@ from defender_config import (
 )
 
 from ._core import ConfigApplier
-from ._errors import AgentSettingsError, ConfigTooLargeError
+from ._errors import AgentSettingsError
 from ._health import (
     UNHEALTHY,
     ExecCheck,
@@ -376,10 +376,11 @@ class Agent:
                 log.warning("could not report RUNNING yet: %s", exc)
 
     def _on_watch_error(self, exc: DefenderConfigError) -> None:
-        # The library alerted decode and format errors already (client.open / client.report);
-        # store errors are transient and belong in the heartbeat, not in an alert record. A
-        # config over the agent's own budget is the agent's refusal: nobody alerted it yet.
-        self.applier.reject(exc, alerted=not isinstance(exc, ConfigTooLargeError))
+        # The library's canary watch alerted every other error already, as `watch_active`
+        # does (client.open, record checks, client.report: a config that is not one, or over
+        # this agent's budget); store errors are transient and belong in the heartbeat, not in
+        # an alert record.
+        self.applier.reject(exc, alerted=True)
 
     def _on_keyring_change(self, old: Keyring, new: Keyring) -> None:
         log.info(

@@ -344,7 +344,13 @@ class Rollouts:
             return active
         try:
             found = self._candidate(component)
-        except (EnvelopeError, DefenderConfigError) as exc:
+        except (EnvelopeError, StoreError) as exc:  # alerted already, or transient
+            log.warning("candidate of %s not used: %s", component, exc)
+            return active
+        except DefenderConfigError as exc:
+            # Opened, but not a config (not a JSON object, say): alerted like ACTIVE's would
+            # be; the instance stays on ACTIVE.
+            self.client.report(exc, path=self.layout.candidate(component), component=component)
             log.warning("candidate of %s not used: %s", component, exc)
             return active
         if found is None or found.record != record:
@@ -415,7 +421,17 @@ class CanaryWatch:
                 active = self._rollouts.effective(self._component, self._instance)
             except NotFoundError:
                 return  # not registered yet: nothing to run (as `watch_active`)
+            except (EnvelopeError, StoreError) as exc:
+                # Alerted already (client.open, record checks), or transient (etcd away):
+                # the reader's heartbeat says so, not an alert record.
+                self._fail(exc)
+                return
             except DefenderConfigError as exc:
+                # As `ConfigStore.watch_active`: an ACTIVE that opens but is not a config (not
+                # a JSON object, say) is alerted here, where it is found, for every reader.
+                rollouts = self._rollouts
+                path = rollouts.layout.active_config(self._component)
+                rollouts.client.report(exc, path=path, component=self._component)
                 self._fail(exc)
                 return
             if active.outdated or active.digest == self._last:
