@@ -18,7 +18,7 @@ import pytest
 # The in-memory store and the alert sink of the memory-budget tests (same directory).
 from test_agent_memory import Alerts, MemoryStore
 
-from defender_agent import load_agent_settings
+from defender_agent import ConfigTooLargeError, load_agent_settings
 from defender_agent._agent import Agent
 from defender_config import (
     ConfigValidationError,
@@ -54,11 +54,11 @@ def _json(value: Any) -> bytes:
 class Cluster:
     """One agent (instance demo-0) and what the operator would write for component demo."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *flags: str) -> None:
         self.output = tmp_path / "demo.json"
         settings = load_agent_settings(
             ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
-             "--component-type", "custom", "--output-path", str(self.output)]
+             "--component-type", "custom", "--output-path", str(self.output), *flags]
         )  # fmt: skip
         library = LibrarySettings(envelope=EnvelopeOptions(encrypt=False, compress=False))
         self.agent = Agent(settings, library)
@@ -208,3 +208,31 @@ def test_a_non_object_candidate_is_reported_like_an_invalid_config(cluster: Clus
     assert alert.instance == "demo-0" and alert.component == "demo"
     assert "not a JSON object" in alert.detail
     assert cluster.output.read_bytes() == good  # stays on ACTIVE
+
+
+def test_a_candidate_over_the_memory_budget_is_reported_and_never_reaches_the_file(
+    tmp_path: Path,
+) -> None:
+    # The budget check runs inside the library's read of the candidate (`before_parse`): the
+    # candidate is refused like any config the agent cannot take, ACTIVE stays in the file.
+    cluster = Cluster(tmp_path, "--max-config-bytes", "1000")
+    try:
+        cluster.commit({"v": 1}, 1)
+        cluster.start()
+        good = cluster.output.read_bytes()
+
+        cluster.rollout({"v": 2, "pad": "x" * 2000}, 2, 1, sequence=10)
+
+        assert cluster.output.read_bytes() == good
+        assert cluster.agent.applier.config_version == 1
+        assert cluster.kinds() == [ConfigTooLargeError.reason]
+        alert = cluster.alerts.seen[0]
+        assert alert.instance == "demo-0" and alert.component == "demo"
+        assert "--max-config-bytes" in alert.detail
+
+        cluster.rollout({"v": 2}, 2, 1, sequence=11)  # a candidate within the budget is taken
+        assert json.loads(cluster.output.read_text()) == {"v": 2}
+        assert cluster.agent.applier.config_version == 2
+        assert cluster.kinds() == [ConfigTooLargeError.reason]
+    finally:
+        cluster.close()
