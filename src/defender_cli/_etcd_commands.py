@@ -235,16 +235,20 @@ def defrag(
                 f" {_size(s.db_size_before)} -> {_size(s.db_size_after)}"
             )
 
+    # The largest write this client's library sends: a member with less room than that
+    # raises NOSPACE again at the next large config.
+    room = client.envelope.options.request_limit_bytes
     result = defragment_cluster(
         client.store,
         compact=compact,
         disarm_nospace=disarm_nospace,
         settle_timeout=settle_timeout,
+        room_bytes=room,
         on_step=step,
     )
     if result.skipped is not None:
         raise SkippedError(f"{result.skipped}; nothing defragmented")
-    return result.as_dict()
+    return {**result.as_dict(), "room_bytes": room}
 
 
 def show_defrag(printer: Printer, data: dict[str, Any]) -> None:
@@ -254,5 +258,11 @@ def show_defrag(printer: Printer, data: dict[str, Any]) -> None:
         printer.line(f"Disarmed NOSPACE on member(s) {', '.join(data['disarmed'])}.")
     if data["over_quota"]:
         printer.line(f"Still at or over the quota: {', '.join(data['over_quota'])}.")
+    if data["short_of_room"]:
+        printer.line(
+            f"{_size(data['room_bytes'])} or less (the largest write) left under the quota:"
+            f" {', '.join(data['short_of_room'])}. A write that large raises NOSPACE again:"
+            " compact (--compact), delete data or raise the quota."
+        )
     left = ", ".join(data["alarms_left"])
     printer.line(f"Alarms left: {left}." if left else "No alarm left.")

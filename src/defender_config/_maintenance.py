@@ -116,6 +116,20 @@ def over_quota(report: HealthReport) -> tuple[OverQuota, ...]:
     )
 
 
+def short_of_room(report: HealthReport, room_bytes: int) -> tuple[OverQuota, ...]:
+    """The members under their quota by no more than `room_bytes`. etcd takes a write only
+    while the file's size plus the write's cost stays under the quota, and raises NOSPACE
+    otherwise: such a member takes small writes but raises the alarm again at the first write
+    costing `room_bytes`."""
+    return tuple(
+        OverQuota(m.endpoint, m.db_size_bytes, m.db_size_quota_bytes, m.db_size_in_use_bytes)
+        for m in report.members
+        if m.db_size_bytes is not None
+        and m.db_size_quota_bytes
+        and m.db_size_bytes < m.db_size_quota_bytes <= m.db_size_bytes + room_bytes
+    )
+
+
 @dataclass(frozen=True)
 class RestoreStep:
     member: str
@@ -318,6 +332,8 @@ class DefragResult:
     alarms_left: tuple[str, ...] = ()
     # Members still at or over their quota after every defrag (see over_quota).
     over_quota: tuple[str, ...] = ()
+    # Members under their quota by no more than the `room_bytes` asked for (see short_of_room).
+    short_of_room: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -402,6 +418,7 @@ def defragment_cluster(
     compact: bool = False,
     disarm_nospace: bool = False,
     settle_timeout: float = 60.0,
+    room_bytes: int = 0,
     on_step: Callable[[DefragStep], None] | None = None,
 ) -> DefragResult:
     """Defragment every member, one at a time, followers first and the leader last; before each
@@ -413,7 +430,12 @@ def defragment_cluster(
     A member still at or over its quota afterwards is defragmented once more. `disarm_nospace`
     then clears NOSPACE alarms and waits until no member reports it any more; a member still
     over its quota, the alarm back right after, or a member that still reports it after
-    `settle_timeout` is a DefragIncompleteError, never a result that says no alarm is left."""
+    `settle_timeout` is a DefragIncompleteError, never a result that says no alarm is left.
+
+    `room_bytes` is the largest write the caller expects (the envelope's request limit): a
+    member left under its quota by less than that takes small writes but raises NOSPACE again
+    at such a write. It is defragmented once more when that would give the room, and reported
+    in `short_of_room` otherwise (not an error: the cluster takes the writes that fit)."""
     report = store.health()
     plan = plan_defrag(report)
     if plan.refused is not None:
@@ -457,6 +479,11 @@ def defragment_cluster(
     # A compaction that reached a member after its defrag by another way than ours (an
     # auto-compaction in flight) leaves its file as large as before, the space free inside it.
     still = {m.endpoint for m in over_quota(report) if m.defrag_would_help}
+    still |= {
+        m.endpoint
+        for m in short_of_room(report, room_bytes)
+        if m.in_use_bytes is None or m.in_use_bytes + room_bytes < m.quota_bytes
+    }
     if still:
         for endpoint in plan.order:
             if endpoint in still:
@@ -484,4 +511,5 @@ def defragment_cluster(
         tuple(disarmed),
         left,
         tuple(m.endpoint for m in left_over),
+        tuple(m.endpoint for m in short_of_room(report, room_bytes)),
     )

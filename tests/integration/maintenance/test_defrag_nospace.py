@@ -11,7 +11,7 @@ from defender_config import (
     StoreNoSpaceError,
     defragment_cluster,
 )
-from defender_config.store import EtcdStore
+from defender_config.store import ETCD_REQUEST_LIMIT_BYTES, EtcdStore
 from defender_devcluster import EtcdCluster, etcd_client_settings, wait_for
 
 pytestmark = pytest.mark.etcd
@@ -175,6 +175,40 @@ def test_disarming_without_freeing_space_is_refused_and_writes_stay_refused(
         assert store.health().alarms == ("NOSPACE",)
         with pytest.raises(StoreNoSpaceError):
             store.put("/ml-defender/test/small", b"x")
+
+
+def test_a_member_left_without_room_for_the_largest_write_is_reported_and_that_write_refused(
+    small_quota_etcd: EtcdCluster,
+) -> None:
+    with store_for(small_quota_etcd, retries=1) as store:
+        # Live data in keys of their own: no compaction frees it.
+        live = []
+        for i in range(4 * SMALL_QUOTA_BYTES // len(CHUNK)):
+            try:
+                store.put(f"/ml-defender/test/live-{i}", CHUNK)
+            except StoreNoSpaceError:
+                break
+            live.append(f"/ml-defender/test/live-{i}")
+        else:
+            raise AssertionError(f"no NOSPACE after writing {4 * SMALL_QUOTA_BYTES} bytes")
+        # etcd takes deletes under NOSPACE. Six chunks stay: 1.2 MiB of a 2 MiB quota.
+        for key in live[6:]:
+            store.delete(key)
+        result = run_cli("defrag", "--compact", "--disarm-nospace", *flags(small_quota_etcd))
+        assert result.code == 0, result.err
+        data = result.json()
+        assert data["alarms_left"] == [] and data["over_quota"] == []
+        assert data["room_bytes"] == ETCD_REQUEST_LIMIT_BYTES
+        assert len(data["short_of_room"]) == 3, data
+        table = run_cli(
+            "defrag", "--compact", "--etcd-endpoints", ",".join(small_quota_etcd.endpoints)
+        )
+        assert "1.5MiB or less (the largest write) left under the quota" in table.out
+        # What the report says holds: a small write goes through, a 1 MiB one (under the
+        # request limit) raises NOSPACE again.
+        store.put("/ml-defender/test/small", b"x")
+        with pytest.raises(StoreNoSpaceError):
+            store.put("/ml-defender/test/large", b"y" * (1 << 20))
 
 
 class CutOffDuringCompact(EtcdStore):

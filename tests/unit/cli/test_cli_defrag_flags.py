@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -43,6 +44,7 @@ def test_the_wait_reaches_the_defrag_procedure(monkeypatch: pytest.MonkeyPatch) 
     class Client:
         def __init__(self) -> None:
             self.store = store
+            self.envelope = SimpleNamespace(options=SimpleNamespace(request_limit_bytes=1234))
 
     monkeypatch.setattr(_etcd_commands, "defragment_cluster", fake_defragment)
     monkeypatch.setattr(_connect.Connection, "client", lambda self, **_: Client())
@@ -52,4 +54,25 @@ def test_the_wait_reaches_the_defrag_procedure(monkeypatch: pytest.MonkeyPatch) 
     assert run(args, Printer.for_stream(out, colour=False)) == 0
     assert seen["settle_timeout"] == 300.0 and seen["compact"] is True
     assert seen["disarm_nospace"] is False and seen["store"] is store
+    # The room a member needs is the largest write this client's library sends.
+    assert seen["room_bytes"] == 1234
     assert "No alarm left." in out.getvalue()
+
+
+def test_a_member_left_with_less_room_than_the_largest_write_is_shown() -> None:
+    data = {
+        **DefragResult(short_of_room=("m1:2379", "m2:2379")).as_dict(),
+        "room_bytes": 1_572_864,
+    }
+    out = io.StringIO()
+    _etcd_commands.show_defrag(Printer.for_stream(out, colour=False), data)
+    text = out.getvalue()
+    assert "1.5MiB or less (the largest write) left under the quota: m1:2379, m2:2379." in text
+    assert "raises NOSPACE again" in text and "No alarm left." in text
+
+
+def test_nothing_is_said_of_room_when_every_member_has_enough() -> None:
+    data = {**DefragResult().as_dict(), "room_bytes": 1_572_864}
+    out = io.StringIO()
+    _etcd_commands.show_defrag(Printer.for_stream(out, colour=False), data)
+    assert "left under the quota" not in out.getvalue()

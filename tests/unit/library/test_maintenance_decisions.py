@@ -13,6 +13,7 @@ from defender_config import (
     over_quota,
     plan_defrag,
     restore_plan,
+    short_of_room,
     snapshot_member,
     snapshots_to_prune,
 )
@@ -122,6 +123,19 @@ def test_a_member_without_a_reported_quota_or_size_is_not_judged() -> None:
         member(2, db_size_quota_bytes=100),
     )
     assert over_quota(r) == ()
+
+
+def test_a_member_is_short_of_room_when_the_largest_write_would_take_it_over_its_quota() -> None:
+    r = report(
+        member(0, leader=True, db_size_bytes=60, db_size_quota_bytes=100),
+        member(1, db_size_bytes=59, db_size_quota_bytes=100),
+        member(2, db_size_bytes=100, db_size_quota_bytes=100),
+    )
+    # etcd takes a write while size + cost < quota: 60 + 40 is refused, 59 + 40 taken. A member
+    # at its quota is over_quota's.
+    assert [m.endpoint for m in short_of_room(r, 40)] == ["m0:2379"]
+    assert short_of_room(r, 0) == ()
+    assert short_of_room(report(member(0, db_size_bytes=99)), 10**6) == ()  # no quota reported
 
 
 # --- retention -----------------------------------------------------------------------------------

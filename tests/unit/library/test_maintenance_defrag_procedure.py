@@ -215,3 +215,33 @@ def test_a_member_that_keeps_reporting_nospace_after_the_disarm_is_an_error() ->
     assert caught.value.members == ("m2:2379",)
     assert "m2:2379 still report(s) it" in str(caught.value)
     assert "have not applied the disarm" in str(caught.value)
+
+
+# --- room for the largest write ------------------------------------------------------------------
+
+
+def test_a_member_left_short_of_room_for_the_largest_write_is_reported() -> None:
+    # 950 of 1000 after each defrag, with that much live data: small writes fit, a write of
+    # 100 bytes would raise NOSPACE again. Another defrag would not help.
+    store = ScriptedStore(after_defrag={"m1:2379": [950, 950]}, in_use={"m1:2379": 940})
+    result = run(store, compact=True, disarm_nospace=True, room_bytes=100)
+    assert store.defrags() == ORDER
+    assert result.short_of_room == ("m1:2379",)
+    # Not over the quota: NOSPACE is disarmed, the writes that fit go through.
+    assert result.over_quota == () and result.alarms_left == ()
+    assert result.disarmed == (f"{NOSPACE_ID:x}",)
+
+
+def test_a_member_short_of_room_is_defragmented_once_more_when_that_gives_the_room() -> None:
+    # Its compaction landed after its first defrag: 940 bytes of file, 40 in use.
+    store = ScriptedStore(after_defrag={"m2:2379": [940, 40]}, in_use={"m2:2379": 40})
+    result = run(store, compact=True, room_bytes=100)
+    assert store.defrags() == [*ORDER, "m2:2379"]
+    assert result.short_of_room == ()
+
+
+def test_without_room_asked_for_a_nearly_full_member_is_not_judged() -> None:
+    store = ScriptedStore(after_defrag={"m1:2379": [999]}, in_use={"m1:2379": 999})
+    result = run(store)
+    assert store.defrags() == ORDER
+    assert result.short_of_room == () and result.over_quota == ()
