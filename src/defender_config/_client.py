@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,17 @@ class DefenderClient:
         """Seal `data` for etcd key `path` (the path is the AEAD associated data) and, when
         encrypted, for the component registration `registration` (in the header)."""
         return self.envelope.seal(data, path, options, registration=registration)
+
+    def seal_many(
+        self,
+        paths: Sequence[str],
+        data: bytes,
+        options: EnvelopeOptions | None = None,
+        *,
+        registration: int | None = None,
+    ) -> list[bytes]:
+        """`seal` of one value for each of `paths`, compressed once."""
+        return self.envelope.seal_many(data, paths, options, registration=registration)
 
     def open(
         self,

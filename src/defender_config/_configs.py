@@ -896,11 +896,12 @@ class ConfigStore:
             lay.metadata(component),
         )
         history = lay.history(component, 1)
+        sealed = c.seal_many((master, active, history), data, options, registration=registration)
         puts: list[PutOp | DeleteOp | GetOp] = [
-            PutOp(master, c.seal(master, data, options, registration=registration)),
-            PutOp(active, c.seal(active, data, options, registration=registration)),
+            PutOp(master, sealed[0]),
+            PutOp(active, sealed[1]),
             PutOp(meta_key, self._encode_metadata(component, meta)),
-            PutOp(history, c.seal(history, data, options, registration=registration)),
+            PutOp(history, sealed[2]),
         ]
         compares, extra = also
         puts.extend(extra)
@@ -1254,10 +1255,11 @@ class ConfigStore:
         compares = [Compare.mod_revision_is(meta_key, meta_stored.mod_revision)]
         if freeze_revision is not None:
             compares.append(Compare.mod_revision_is(freeze, freeze_revision))
+        sealed = c.seal_many((active, history), data, write, registration=registration)
         success: list[PutOp | DeleteOp | GetOp] = [
-            PutOp(active, c.seal(active, data, write, registration=registration)),
+            PutOp(active, sealed[0]),
             PutOp(meta_key, self._encode_metadata(component, new_meta)),
-            PutOp(history, c.seal(history, data, write, registration=registration)),
+            PutOp(history, sealed[1]),
         ]
         old, new = self._effective_policy(meta), self._effective_policy(new_meta)
         if (old.encrypt, old.compress) != (new.encrypt, new.compress) or (

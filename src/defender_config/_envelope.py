@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -460,6 +461,19 @@ class Envelope:
         etcdctl), unless it happens to start with the magic, which gets an empty envelope so
         readers stay unambiguous.
         """
+        return self.seal_many(data, (path,), options, registration=registration)[0]
+
+    def seal_many(
+        self,
+        data: bytes,
+        paths: Sequence[str],
+        options: EnvelopeOptions | None = None,
+        *,
+        registration: int | None = None,
+    ) -> list[bytes]:
+        """`seal` of one value for each of `paths` (a seed writes MASTER, ACTIVE and history
+        alike): compressed once, then encrypted once per path, each with a nonce of its own
+        and bound to its own path."""
         opts = options or self._options
         s = self._sealer_for(opts)
         size = len(data)
@@ -467,15 +481,15 @@ class Envelope:
             raise ValueTooLargeError(
                 size,
                 s.max_size,
-                path=path,
+                path=paths[0] if paths else None,
                 what="readers' decompressed-size cap (envelope.max_decompressed_bytes)",
             )
-        path_b = path.encode("utf-8")
         codec = s.codec
         aead = s.aead
         if codec is None and aead is None and data[:4] != MAGIC:
-            self._check_request(len(data), len(path_b), s, path)
-            return bytes(data)
+            for path in paths:
+                self._check_request(len(data), len(path.encode("utf-8")), s, path)
+            return [bytes(data) for _ in paths]
 
         flags = 0
         comp: Compressor = NO_COMPRESSION
@@ -494,13 +508,14 @@ class Envelope:
                         len(packed),
                         f"value compresses more than max_ratio {opts.max_ratio:g}, so readers "
                         "would refuse it; raise envelope.max_ratio on writers and readers",
-                        path=path,
+                        path=paths[0] if paths else None,
                     )
             # Drop the unused attempt now, not at return: freed before the next large buffers
             # are allocated, its memory is reused instead of fresh pages (for 1 MiB, one less
             # megabyte of page faults per write).
             del packed
 
+        blobs: list[bytes] = []
         if aead is not None:
             kid = s.key_id
             flags |= FLAG_ENCRYPTED
@@ -510,18 +525,27 @@ class Envelope:
             header += kid
             if registration is not None:
                 header += _REGISTRATION.pack(registration)
-            # A random 96-bit nonce per value: configs are written a few times a day, far from
-            # the ~2^32 messages per key where random GCM nonces start to risk a collision.
-            nonce = os.urandom(s.cipher.nonce_size)
-            sealed = aead.encrypt(nonce, payload, header + path_b)
-            del payload  # the compressed copy: free before the join allocates the blob
-            blob = b"".join((header, nonce, sealed))
-            del sealed
+            last = len(paths) - 1
+            for i, path in enumerate(paths):
+                path_b = path.encode("utf-8")
+                # A random 96-bit nonce per value: configs are written a few times a day, far
+                # from the ~2^32 messages per key where random GCM nonces start to risk a
+                # collision.
+                nonce = os.urandom(s.cipher.nonce_size)
+                sealed = aead.encrypt(nonce, payload, header + path_b)
+                if i == last:
+                    del payload  # the compressed copy: free before the join allocates the blob
+                blob = b"".join((header, nonce, sealed))
+                del sealed  # free before the next path's ciphertext is allocated
+                self._check_request(len(blob), len(path_b), s, path)
+                blobs.append(blob)
         else:
             header = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, comp.id, NO_CIPHER.id, size, 0)
             blob = header + payload
-        self._check_request(len(blob), len(path_b), s, path)
-        return blob
+            for path in paths:
+                self._check_request(len(blob), len(path.encode("utf-8")), s, path)
+                blobs.append(blob)
+        return blobs
 
     def _sealer_for(self, opts: EnvelopeOptions) -> _Sealer:
         """The _Sealer for `opts` and the provider's current keyring (made when either changed)."""

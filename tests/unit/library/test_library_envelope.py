@@ -882,3 +882,58 @@ def test_registration_of_reads_only_an_encrypted_registered_header(
     assert registration_of(blob[:12]) is None
     assert registration_of(b"XXXX" + blob[4:]) is None
     assert FLAG_ENCRYPTED & blob[5]
+
+
+# --- one value for several keys ------------------------------------------------------------------
+
+SEED_PATHS = (PATH.replace("active", "master"), PATH, PATH.replace("active_config", "history/1"))
+
+
+def test_one_value_sealed_for_several_keys_opens_at_each_and_only_there(
+    envelope: Envelope, config_bytes: bytes
+) -> None:
+    blobs = envelope.seal_many(config_bytes, SEED_PATHS, registration=7)
+    assert len(blobs) == 3 and len(set(blobs)) == 3  # a nonce of its own each
+    for path, blob in zip(SEED_PATHS, blobs, strict=True):
+        assert envelope.open(blob, path) == config_bytes
+        assert registration_of(blob) == 7
+        assert blob[5] & FLAG_COMPRESSED and blob[5] & FLAG_ENCRYPTED
+    # Bound to its own key: MASTER's copy put at ACTIVE does not open.
+    with pytest.raises(AuthenticationFailedError):
+        envelope.open(blobs[0], SEED_PATHS[1])
+
+
+def test_one_value_for_several_keys_is_compressed_once(
+    envelope: Envelope, config_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = compressor_by_name("zstd")
+    calls: list[int] = []
+    original = codec.compress
+
+    def counting(data: bytes, level: int) -> bytes:
+        calls.append(len(data))
+        return original(data, level)
+
+    monkeypatch.setattr(codec, "compress", counting)
+    envelope.seal_many(config_bytes, SEED_PATHS)
+    assert calls == [len(config_bytes)]
+
+
+@pytest.mark.parametrize("opts", [PLAIN, COMPRESS_ONLY], ids=["plain", "compress-only"])
+def test_unencrypted_values_for_several_keys_are_what_seal_gives(
+    keyring: Keyring, config_bytes: bytes, opts: EnvelopeOptions
+) -> None:
+    env = Envelope(keyring, opts)
+    assert env.seal_many(config_bytes, SEED_PATHS) == [env.seal(config_bytes, SEED_PATHS[0])] * 3
+
+
+def test_a_value_too_large_for_one_of_its_keys_is_refused_naming_that_key(keyring: Keyring) -> None:
+    # Key + value must fit in etcd's request limit: the longest key is the one over it.
+    data = os.urandom(2000)
+    short, long = "/a", "/" + "b" * 200
+    room = len(Envelope(keyring, EnvelopeOptions()).seal(data, short)) + len(short) + 100
+    env = Envelope(keyring, EnvelopeOptions(request_limit_bytes=room + 64))
+    env.seal_many(data, (short,))
+    with pytest.raises(ValueTooLargeError) as info:
+        env.seal_many(data, (short, long))
+    assert info.value.path == long
