@@ -2,9 +2,10 @@
 
 Parsing, validating and rendering a config takes many times its decoded size in memory:
 measured with CPython 3.11 through the agent's own path (decompress, ``json.loads``,
-validation, digest, the indented render, the atomic write), the peak grows by up to 45x the
-config's size for a list of small numbers and up to 76x for many small nested objects (most of
-it is the indented render's chunk list), about 5x for long strings. A container killed for
+validation, digest, the indented render, the atomic write), the peak grows by up to 9x the
+config's size for a list of small numbers and up to 39x for many small nested lists or objects
+(the parsed objects; the indented render writes into one buffer, see ``render_config``), about
+3x for long strings. A container killed for
 memory part way through writes nothing, restarts, reads the same config and is killed again:
 the pod crash-loops, and every pod of the component with it. So the agent refuses a config
 it cannot afford before parsing it (``ConfigTooLargeError``: last_error and one alert, the last
@@ -34,11 +35,11 @@ __all__ = [
 
 log = logging.getLogger("defender_agent")
 
-#: Peak memory per decoded byte the agent may need for one config: 76 measured at worst (small
-#: nested objects, 0.5 to 9 MiB), plus the new file on the shared in-memory volume (charged to
-#: the agent's container, up to ~4x a config of small values once indented) and a margin for
-#: the old file and the allocator.
-WORST_CASE_EXPANSION = 96
+#: Peak memory per decoded byte the agent may need for one config: 39 measured at worst (small
+#: nested lists, 0.5 to 9 MiB; 72 before the render stopped building a chunk list), plus the
+#: new file on the shared in-memory volume (charged to the agent's container, up to ~4.4x a
+#: config of small values once indented) and a margin for the old file and the allocator.
+WORST_CASE_EXPANSION = 56
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_STATM = Path("/proc/self/statm")

@@ -135,7 +135,7 @@ class AgentSettings(BaseSettings):
     max_config_bytes: int | None = Field(default=None, ge=1)
     """The largest decoded config (bytes) the agent takes in; a larger one is refused
     (``ConfigTooLarge``, the last good file kept). Default: what the container's memory limit
-    affords, about (limit - the agent's own ~70 MiB) / 96; without a limit only the library's
+    affords, about (limit - the agent's own ~70 MiB) / 56; without a limit only the library's
     cap (``envelope.max_decompressed_bytes``) applies."""
 
     reload_method: ReloadMethod = "signal"

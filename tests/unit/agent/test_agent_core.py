@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import threading
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,50 @@ def test_render_is_json_with_trailing_newline() -> None:
     assert render_config({"a": 1}) == b'{\n  "a": 1\n}\n'
     with pytest.raises(ValueError):
         render_config({"a": float("nan")})
+
+
+def traced_peak(render: Callable[[], bytes]) -> tuple[bytes, int]:
+    tracemalloc.start()
+    try:
+        out = render()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+SMALL_VALUES = {
+    "numbers": {"v": list(range(100_000))},
+    "nested": {"v": [{"a": {"b": i}} for i in range(25_000)]},
+    "unicode": {"v": [f"ü{i}" for i in range(50_000)]},
+}
+
+
+@pytest.mark.parametrize("config", list(SMALL_VALUES.values()), ids=list(SMALL_VALUES))
+def test_the_indented_render_takes_about_its_own_size_in_memory(config: dict[str, Any]) -> None:
+    # json.dumps with an indent joins a list of every chunk first: 7-10x its output for small
+    # values, half of the agent's peak (docs/agent.md, Memory).
+    out, peak = traced_peak(lambda: render_config(config))
+    assert out == (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    assert peak < 2 * len(out), (peak, len(out))
+
+
+def test_a_render_over_the_cap_stops_early_and_comes_out_compact() -> None:
+    config = SMALL_VALUES["numbers"]
+    compact = (json.dumps(config, separators=(",", ":")) + "\n").encode()
+    _, compact_peak = traced_peak(lambda: json.dumps(config, separators=(",", ":")).encode())
+    out, peak = traced_peak(lambda: render_config(config, len(compact)))
+    assert out == compact
+    # What the compact encoder itself takes, and no more than the part of the indented form
+    # up to the cap; the whole indented form's chunk list (~7x its size) is never built.
+    assert peak < compact_peak + len(compact) // 2, (peak, compact_peak, len(compact))
+
+
+def test_a_value_not_representable_as_utf8_is_a_value_error_indented_or_compact() -> None:
+    config = {"v": ["ok", "\ud800"]}  # a lone surrogate: JSON parsers let it through
+    with pytest.raises(ValueError):
+        render_config(config)
+    with pytest.raises(ValueError):
+        render_config(config, 5)
 
 
 def test_non_json_numbers_are_rejected_not_crashing(tmp_path: Path) -> None:
