@@ -154,6 +154,17 @@ class MlDetectorConfig(_ComponentConfig):
         return self
 
 
+class _QuotingError(ValueError):
+    """A model's problem whose message quotes the config's value (a network, a port): what the
+    person validating reads. `unquoted` says it without the value, for records (heartbeats,
+    alerts, status), as `_unquoted` does for JSON schema messages: a config's values are the
+    operator's business, not every reader's of the alert stream."""
+
+    def __init__(self, message: str, unquoted: str) -> None:
+        super().__init__(message)
+        self.unquoted = unquoted
+
+
 # --- firewall ------------------------------------------------------------------------------------
 
 _PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
@@ -183,7 +194,10 @@ class AclRule(_Strict):
             # strict: "10.0.0.1/8" is almost always a typo for a host or a network.
             return str(ipaddress.ip_network(value, strict=True))
         except ValueError as exc:
-            raise ValueError(f"{value!r} is not a network in CIDR form ({exc})") from None
+            raise _QuotingError(
+                f"{value!r} is not a network in CIDR form ({exc})",
+                "the value is not a network in CIDR form",
+            ) from None
 
     @field_validator("ports")
     @classmethod
@@ -194,11 +208,17 @@ class AclRule(_Strict):
             else:
                 match = _PORT_RE.match(port)
                 if not match:
-                    raise ValueError(f"port {port!r} must be a number or a range like 8000-8080")
+                    raise _QuotingError(
+                        f"port {port!r} must be a number or a range like 8000-8080",
+                        "a port must be a number or a range like 8000-8080",
+                    )
                 lo = int(match.group(1))
                 hi = int(match.group(2) or lo)
             if not (1 <= lo <= 65535 and 1 <= hi <= 65535 and lo <= hi):
-                raise ValueError(f"port {port!r} must be within 1-65535, low before high")
+                raise _QuotingError(
+                    f"port {port!r} must be within 1-65535, low before high",
+                    "a port must be within 1-65535, low before high",
+                )
         return value
 
     @model_validator(mode="after")
@@ -306,7 +326,9 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
     for err in exc.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        out.append(FieldError(loc, msg))
+        cause = (err.get("ctx") or {}).get("error")
+        unquoted = cause.unquoted if isinstance(cause, _QuotingError) else None
+        out.append(FieldError(loc, msg, unquoted))
     return out
 
 

@@ -437,3 +437,34 @@ def test_schema_errors_quote_values_to_the_submitter_never_to_records() -> None:
     assert "workers: the value is less than the minimum of 1" in record
     assert "False schema does not allow the value" in record
     assert "s3cret" not in Alert.from_error(err, "plugin").detail
+
+
+def test_records_of_a_builtin_model_do_not_quote_networks_or_ports() -> None:
+    # What the person validating reads names the value; what goes to heartbeats, alerts and
+    # status does not (as for JSON schema messages above).
+    from defender_config import Alert
+
+    config = {
+        "node_id": "fw-01",
+        "version": "1.0.0",
+        "default_policy": "deny",
+        "rules": [
+            {"id": "a", "action": "deny", "proto": "tcp", "src_cidr": "10.77.0.1/8"},
+            {"id": "b", "action": "deny", "proto": "tcp", "ports": ["s3cret-port"]},
+            {"id": "c", "action": "deny", "proto": "tcp", "ports": [70000]},
+        ],
+    }
+    with pytest.raises(ConfigValidationError) as info:
+        validate_config("firewall", config)
+    err = info.value
+    assert len(err.errors) == 3, err.errors
+    shown = str(err)
+    assert "'10.77.0.1/8' is not a network in CIDR form" in shown
+    assert "port 's3cret-port' must be a number" in shown and "port 70000 must be within" in shown
+    record = err.record_message
+    for quoted in ("10.77", "s3cret", "70000"):
+        assert quoted not in record, record
+        assert quoted not in Alert.from_error(err, "fw").detail
+    assert "rules.0.src_cidr: the value is not a network in CIDR form" in record
+    assert "rules.1.ports: a port must be a number or a range like 8000-8080" in record
+    assert "rules.2.ports: a port must be within 1-65535, low before high" in record
