@@ -1668,6 +1668,12 @@ class ConfigStore:
                 active_digest = None  # alerted; restored below when there is a source
         record = (verified.version, verified.digest) if verified is not None else None
         action, source = plan_repair(record, kept(), active_digest)
+        if action is not RepairAction.KEEP:
+            # plan_repair stops at its source. A repair is rare: open the entries below it as
+            # well, so one of another registration put back there is removed with the rest
+            # instead of being refused again at every rollback to it.
+            for _ in listed:
+                pass
         if foreign and expected is not ANY_REGISTRATION:
             self._drop_foreign(component, foreign, expected)
             if replays is not None:

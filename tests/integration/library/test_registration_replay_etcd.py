@@ -366,3 +366,26 @@ def test_a_master_of_an_earlier_registration_is_written_again_from_version_one(
     assert not operator_repair(configs, registration)
     with pytest.raises(RegistrationReplayError):
         ConfigStore(client).get_master("sniffer")
+
+
+def test_earlier_registrations_history_put_back_below_the_repair_source_is_removed(
+    client: DefenderClient, store: EtcdStore, alerts: list[Alert]
+) -> None:
+    configs = ConfigStore(client)
+    saved = purge_and_register_again(configs, store, client)
+    for n in range(2, 5):
+        configs.commit("sniffer", snaplen(SECOND, n), by="ops")
+    lay = client.layout
+    registration = configs.get_active("sniffer").metadata.registration  # type: ignore[union-attr]
+    # Registration one's version 3 put back over registration two's, and ACTIVE broken: the
+    # repair rebuilds from version 4, the newest, and looks below it too.
+    store.put(lay.history("sniffer", 3), saved[lay.history("sniffer", 3)])
+    store.put(lay.active_config("sniffer"), b"junk")
+    assert operator_repair(configs, registration)
+    assert store.get(lay.history("sniffer", 3)) is None
+    removed = [a for a in alerts if a.kind == "RegistrationReplayRemoved"]
+    assert removed and lay.history("sniffer", 3) in removed[-1].detail
+    for v in (2, 4):
+        assert store.get(lay.history("sniffer", v)) is not None
+    active = ConfigStore(client).get_active("sniffer")
+    assert (active.version, active.config["snaplen"]) == (4, 104)
