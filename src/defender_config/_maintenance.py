@@ -433,7 +433,7 @@ def defragment_cluster(
     `settle_timeout` is a DefragIncompleteError, never a result that says no alarm is left.
 
     `room_bytes` is the largest write the caller expects (the envelope's request limit): a
-    member left under its quota by less than that takes small writes but raises NOSPACE again
+    member left under its quota by no more than that takes small writes but raises NOSPACE again
     at such a write. It is defragmented once more when that would give the room, and reported
     in `short_of_room` otherwise (not an error: the cluster takes the writes that fit)."""
     report = store.health()

@@ -156,9 +156,10 @@ class MlDetectorConfig(_ComponentConfig):
 
 class _QuotingError(ValueError):
     """A model's problem whose message quotes the config's value (a network, a port): what the
-    person validating reads. `unquoted` says it without the value, for records (heartbeats,
-    alerts, status), as `_unquoted` does for JSON schema messages: a config's values are the
-    operator's business, not every reader's of the alert stream."""
+    person who submitted the config reads (the webhook's answer, the status). `unquoted` says it
+    without the value, for records (heartbeats, alerts, agent logs), as `_unquoted` does for
+    JSON schema messages: a config's values are its owner's business, not every reader's of
+    the alert stream."""
 
     def __init__(self, message: str, unquoted: str) -> None:
         super().__init__(message)
