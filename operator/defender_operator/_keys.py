@@ -14,11 +14,13 @@ status + reason (see `KeySecretError`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,7 +28,14 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from defender_config import Keyring, KeyringError
+from defender_config import (
+    REGISTRATIONS_FILE,
+    Keyring,
+    KeyringError,
+    RegistrationsFileError,
+    parse_registrations,
+    render_registrations,
+)
 from defender_config.contract import (
     API_GROUP,
     EXPORTED_ANNOTATION,
@@ -38,6 +47,7 @@ from defender_config.contract import (
 )
 from defender_operator._api import RotationStage
 from defender_operator._decisions.keyring import may_replace_copy
+from defender_operator._decisions.registration import registrations_to_publish
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeyDropRefusedError, KeySecretError, api_errors_only
 
@@ -179,6 +189,16 @@ class KeyringSecrets:
         self.name = name
         # namespace -> (digest of its copy, monotonic time it was read or written)
         self._copies: dict[str, tuple[str | None, float]] = {}
+        # namespace -> (what its Secret's registrations.json holds, monotonic time it was read
+        # or written): carried into every rewrite of that Secret, so a rotation or a copy
+        # re-created after a delete does not leave readers without it until the next publish.
+        self._registrations: dict[str, tuple[dict[str, int], float]] = {}
+
+    def _registrations_data(self, namespace: str) -> dict[str, str]:
+        held = self._registrations.get(namespace)
+        if not held or not held[0]:
+            return {}
+        return {REGISTRATIONS_FILE: base64.b64encode(render_registrations(held[0])).decode()}
 
     def _recent(self, namespace: str, max_age: float) -> tuple[str | None, bool]:
         seen = self._copies.get(namespace)
@@ -247,7 +267,7 @@ class KeyringSecrets:
                 },
             ),
             type="Opaque",
-            data=keyring.to_secret_data(),
+            data={**keyring.to_secret_data(), **self._registrations_data(self.namespace)},
         )
         created = True
         try:
@@ -290,7 +310,7 @@ class KeyringSecrets:
                 resource_version=resource_version,
             ),
             type="Opaque",
-            data=keyring.to_secret_data(),
+            data={**keyring.to_secret_data(), **self._registrations_data(self.namespace)},
         )
         try:
             secret = self._core.replace_namespaced_secret(self.name, self.namespace, body)
@@ -332,7 +352,8 @@ class KeyringSecrets:
                 raise _fail("read", namespace, self.name, exc) from None
             current = None
         if current is None:
-            body = client.V1Secret(metadata=meta, type="Opaque", data=keyring.to_secret_data())
+            data = {**keyring.to_secret_data(), **self._registrations_data(namespace)}
+            body = client.V1Secret(metadata=meta, type="Opaque", data=data)
             try:
                 self._core.create_namespaced_secret(namespace, body)
             except ApiException as exc:
@@ -364,7 +385,11 @@ class KeyringSecrets:
         if not verdict.replace:
             raise KeyDropRefusedError(namespace, self.name, sorted(verdict.dropped))
         meta.resource_version = current.metadata.resource_version
-        body = client.V1Secret(metadata=meta, type="Opaque", data=keyring.to_secret_data())
+        on_file = (current.data or {}).get(REGISTRATIONS_FILE)
+        carried = {REGISTRATIONS_FILE: on_file} if on_file else self._registrations_data(namespace)
+        body = client.V1Secret(
+            metadata=meta, type="Opaque", data={**keyring.to_secret_data(), **carried}
+        )
         try:
             self._core.replace_namespaced_secret(self.name, namespace, body)
         except ApiException as exc:
@@ -372,6 +397,82 @@ class KeyringSecrets:
         self._copies[namespace] = (digest, time.monotonic())
         log.info("updated the keyring copy %s/%s (%s)", namespace, self.name, digest)
         return True
+
+    def publish_registrations(
+        self,
+        namespace: str,
+        known: Mapping[str, int],
+        removed: Collection[str] = (),
+        *,
+        max_age: float = 0.0,
+    ) -> bool:
+        """Write `registrations.json` into the keyring Secret readers of `namespace` mount (its
+        copy; the source itself in the operator's namespace): the registration each component
+        of `known` anchors, entries of `removed` dropped (`registrations_to_publish`). True when
+        something was written.
+
+        With `max_age`, what this operator read or wrote there less than `max_age` seconds ago
+        is taken as the file without reading it again. No Secret yet (or a copy the operator
+        does not manage): nothing is written; `fan_out` creates the copy with what is known."""
+        held = self._registrations.get(namespace)
+        if (
+            held is not None
+            and max_age > 0
+            and time.monotonic() - held[1] <= max_age
+            and registrations_to_publish(held[0], known, removed) == held[0]
+        ):
+            return False  # what this operator last read or wrote there already says so
+        current: Any
+        try:
+            current = self._core.read_namespaced_secret(self.name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _fail("read", namespace, self.name, exc) from None
+            self._registrations.pop(namespace, None)
+            return False
+        labels = current.metadata.labels or {}
+        if namespace != self.namespace and labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+            return False
+        on_file = self._read_registrations(current, namespace)
+        desired = registrations_to_publish(on_file or {}, known, removed)
+        if desired == on_file or (not desired and on_file is None):
+            self._registrations[namespace] = (desired, time.monotonic())
+            return False
+        content = base64.b64encode(render_registrations(desired)).decode()
+        # A replace of what was read (RBAC grants `update` on the keyring Secret, not `patch`):
+        # refused (409) if the Secret changed since, and the next round reads it again.
+        current.data = {**(current.data or {}), REGISTRATIONS_FILE: content}
+        try:
+            self._core.replace_namespaced_secret(self.name, namespace, current)
+        except ApiException as exc:
+            self._registrations.pop(namespace, None)
+            if exc.status in (404, 409):
+                return False
+            raise _fail("publish registrations to", namespace, self.name, exc) from None
+        self._registrations[namespace] = (desired, time.monotonic())
+        log.info(
+            "published %d registration(s) to %s/%s",
+            len(desired),
+            namespace,
+            self.name,
+            extra={"namespace": namespace, "registrations": len(desired)},
+        )
+        return True
+
+    def _read_registrations(self, secret: Any, namespace: str) -> dict[str, int] | None:
+        """The Secret's registrations.json (None: it has none). One that does not parse counts
+        as none: it is rewritten whole from what the operator knows."""
+        raw = (secret.data or {}).get(REGISTRATIONS_FILE)
+        if not raw:
+            return None
+        source = f"Secret {namespace}/{self.name}"
+        try:
+            return parse_registrations(base64.b64decode(raw, validate=True), source=source)
+        except (binascii.Error, RegistrationsFileError) as exc:
+            log.warning(
+                "%s: %s is unreadable, writing it again: %s", source, REGISTRATIONS_FILE, exc
+            )
+            return None
 
     def _held(self, secret: Any, namespace: str) -> frozenset[str] | None:
         try:

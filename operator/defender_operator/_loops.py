@@ -102,6 +102,7 @@ def start(rt: Runtime) -> list[asyncio.Task[None]]:
         asyncio.create_task(key_rotation(rt), name="key-rotation"),
         asyncio.create_task(heartbeat_watch(rt), name="heartbeat-watch"),
         asyncio.create_task(change_watch(rt), name="change-watch"),
+        asyncio.create_task(registrations(rt), name="registrations"),
     ]
     for task in tasks:
         task.add_done_callback(_report_end)
@@ -329,3 +330,46 @@ async def key_rotation(rt: Runtime) -> None:
                 log.warning("key rotation step failed, retrying: %s", exc)
         ticks += 1
         await asyncio.sleep(rt.settings.rotation_interval_seconds)
+
+
+async def registrations(rt: Runtime) -> None:
+    """Publish the registration each component's status anchors to the keyring Secret its
+    readers mount (`KeyringSecrets.publish_registrations`): a reader started after an earlier
+    registration's data was put back in etcd is told the current one and refuses it.
+
+    Off the create path: a batch of new components in a namespace is one Secret write a round.
+    A standby replica visits no component, so it has nothing to publish."""
+    survive = _Survive("registrations")
+    while True:
+        await asyncio.sleep(rt.settings.registrations_publish_seconds)
+        async with survive:
+            if not rt.keyring_ready or rt.keyring_refused is not None:
+                continue
+            await publish_registrations(rt)
+
+
+async def publish_registrations(rt: Runtime) -> None:
+    """One round of `registrations`: every namespace with a component known or deleted."""
+    known = rt.anchored_registrations()
+    removed = {ns: frozenset(names) for ns, names in rt.registrations_removed.items()}
+    for namespace in sorted(known.keys() | removed.keys()):
+        gone = removed.get(namespace, frozenset())
+        try:
+            await asyncio.to_thread(
+                rt.secrets.publish_registrations,
+                namespace,
+                known.get(namespace, {}),
+                gone,
+                max_age=rt.settings.secret_copy_check_seconds,
+            )
+        except OperatorError as exc:
+            ERRORS.labels("registrations").inc()
+            log.warning("publishing registrations to %s failed, retrying: %s", namespace, exc)
+            continue
+        # Dropped (or never there): only the names this round saw; a deletion seen meanwhile
+        # waits for the next round.
+        left = rt.registrations_removed.get(namespace)
+        if left is not None:
+            left -= gone
+            if not left:
+                del rt.registrations_removed[namespace]

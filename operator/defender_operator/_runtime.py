@@ -23,6 +23,7 @@ from defender_operator._decisions.conditions import Cond, ConfigState
 from defender_operator._decisions.etcd import NOSPACE, EtcdFacts, etcd_condition
 from defender_operator._decisions.keyring import KeyringPlan, keyring_condition
 from defender_operator._decisions.reads import ViewRead
+from defender_operator._decisions.registration import anchored_registration
 from defender_operator._decisions.restarts import EtcdView
 from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
@@ -189,6 +190,9 @@ class Runtime:
         self.post_event: EventPoster = kopf_post
         # Set by `_webhook_setup.start` when admission is on: verifies who changed spec.config.
         self.stamp_key: bytes | None = None
+        # namespace -> components deleted since their registrations were last published
+        # (`_loops.registrations`): dropped from the namespace's registrations.json.
+        self.registrations_removed: dict[str, set[str]] = {}
 
     async def write(
         self, component: str, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -215,6 +219,20 @@ class Runtime:
 
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
+        self.registrations_removed.setdefault(namespace, set()).add(name)
+
+    def anchored_registrations(self) -> dict[str, dict[str, int]]:
+        """namespace -> {component: the registration its status anchors}, for the components
+        this operator visited that hold their name (a refused one writes nothing: its status
+        anchors nothing of the name's data)."""
+        found: dict[str, dict[str, int]] = {}
+        for (namespace, name), mem in list(self.components.items()):
+            if mem.conflict is not None or mem.status is None:
+                continue
+            registration = anchored_registration(mem.status)
+            if registration is not None:
+                found.setdefault(namespace, {})[name] = registration
+        return found
 
     def mark_gone(self, uid: str) -> None:
         """The resource with this uid was deleted: its monitor daemon stops at its next wake."""

@@ -46,6 +46,9 @@ class OperatorSettings(BaseSettings):
     secret_copy_check_seconds: float = Field(default=30.0, ge=0, le=3600)
     """How long a read of a namespace's keyring copy (its digest) is reused by monitor passes;
     the operator's own writes update it at once. 0 reads it every pass."""
+    registrations_publish_seconds: float = Field(default=2.0, gt=0, le=300)
+    """How often the registrations anchored in components' status are published to the
+    keyring Secret of their namespace (registrations.json, read by agents and the library)."""
     worker_threads: int = Field(default=32, ge=4, le=256)
     """Threads (and API server connections) for blocking etcd and Kubernetes calls."""
     monitor_threads: int = Field(default=8, ge=1, le=256)

@@ -12,7 +12,7 @@ on refuses anything else as a repair's source (`ConfigStore.repair_metadata(regi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from enum import StrEnum
 
 REGISTRATION_FIELD = "registration"
@@ -69,3 +69,19 @@ def seeded_registration(stored: int | None) -> dict[str, int]:
     """The status fields after this operator's own seed wrote the record: its registration
     is the current one, whatever was anchored before (`decide_registration(seeded=True)`)."""
     return registration_fields(decide_registration(None, stored, seeded=True), stored)
+
+
+def registrations_to_publish(
+    on_file: Mapping[str, int], known: Mapping[str, int], removed: Collection[str]
+) -> dict[str, int]:
+    """What a namespace's `registrations.json` (in its keyring Secret) should hold: what it
+    holds, less the components deleted since (`removed`), with the registration the operator
+    anchors for each component it knows (`known`: from `status.registration`).
+
+    An entry of a component the operator has not visited yet (just restarted) is kept, not
+    dropped: readers only ever hold a registration higher than the one they hold, so an entry
+    left behind never makes one refuse the current registration, while a missing one leaves a
+    reader started after a replay with nothing to refuse it by."""
+    desired = {name: reg for name, reg in on_file.items() if name not in removed}
+    desired.update(known)
+    return desired

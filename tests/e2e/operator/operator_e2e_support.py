@@ -264,7 +264,11 @@ class OperatorRun:
         runs on this machine in the pod's name."""
         keyring_dir = self.workdir / "keyring"
         keyring_dir.mkdir(exist_ok=True)
-        (keyring_dir / "keyring.json").write_bytes(self.keyring_copy().to_json())
+        # Every file of the Secret, as a volume mount holds them (keyring.json, and
+        # registrations.json once the operator published one).
+        secret: Any = self.core.read_namespaced_secret(SECRET, self.namespace)
+        for key, value in (secret.data or {}).items():
+            (keyring_dir / key).write_bytes(base64.b64decode(value))
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEFENDER_")}
         env.update(POD_NAME=pod, NODE_NAME="node-e2e")
         log = (self.workdir / f"agent-{pod}.log").open("ab")

@@ -5,6 +5,7 @@ adopted. Against the real control plane and defender etcd."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -17,10 +18,12 @@ from kubernetes import client as k8s
 from operator_e2e_support import SAMPLES, SECRET, OperatorRun, wait_for
 
 from defender_config import (
+    REGISTRATIONS_FILE,
     ConfigStore,
     DefenderConfigError,
     RegistrationReplayError,
     contract,
+    parse_registrations,
     validate_config,
 )
 from defender_config.store import EtcdStore
@@ -564,3 +567,79 @@ def test_a_purged_registrations_values_put_back_never_become_active_again(
     assert after.config["block_ttl_seconds"] == 9
     assert after.config["default_policy"] == new_config["default_policy"]
     assert after.metadata is not None and after.metadata.registration == registration
+
+
+def _published(run: OperatorRun) -> dict[str, int] | None:
+    """registrations.json in the namespace's keyring Secret (None: not there)."""
+    secret: Any = run.core.read_namespaced_secret(SECRET, run.namespace)
+    raw = (secret.data or {}).get(REGISTRATIONS_FILE)
+    return None if raw is None else parse_registrations(base64.b64decode(raw), source="test")
+
+
+def _agent_file(run: OperatorRun, pod: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((run.workdir / f"{pod}.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_an_agent_started_after_the_replay_is_told_the_registration_and_refuses_it(
+    operator_run: OperatorRun,
+) -> None:
+    # docs/security.md, registrations: the residual of a reader started after an earlier
+    # registration's metadata record and ACTIVE were put back together (a consistent,
+    # authentic pair). The operator publishes the registration it anchors in the keyring
+    # Secret the agent mounts; an agent started after the replay holds it and refuses the pair,
+    # with the operator stopped (nothing repairs etcd meanwhile).
+    run = operator_run
+    run.start()
+    store = _store(run)
+    lay = run.client(run.operator_keyring()).layout
+    old_doc = _sample(default_policy="allow", block_ttl_seconds=7)
+    old_doc["spec"]["retention"] = "Purge"
+    _create(run, run.namespace, old_doc)
+    run.wait_active_version(NAME, 1)
+    old_registration = wait_for(
+        "the first registration anchored", lambda: run.get(NAME)["status"].get("registration")
+    )
+    wait_for("it is published", lambda: _published(run) == {NAME: old_registration})
+    saved = {key: store.get(key) for key in (lay.metadata(NAME), lay.active_config(NAME))}
+    _delete(run, run.namespace)  # Purge: the data goes
+    wait_for("the deleted component unpublished", lambda: _published(run) == {})
+
+    new_doc = _sample()
+    new_doc["spec"]["retention"] = "Purge"
+    _create(run, run.namespace, new_doc)
+    run.wait_active_version(NAME, 1)
+    registration = wait_for(
+        "the new registration anchored",
+        lambda: (r := run.get(NAME)["status"].get("registration")) != old_registration and r,
+    )
+    wait_for("the new registration published", lambda: _published(run) == {NAME: registration})
+    new_config = validate_config(NAME, new_doc["spec"]["config"])
+    old_config = validate_config(NAME, old_doc["spec"]["config"])
+
+    run.stop()
+    for key, value in saved.items():
+        assert value is not None
+        store.put(key, value.value)
+    # A reader not told the registration takes the pair: the residual this closes for agents.
+    assert run.configs().get_active(NAME).config == old_config
+
+    pod = "firewall-replay-0"
+    agent = run.start_agent(NAME, pod)
+    wait_for(
+        "the agent refuses the earlier registration",
+        lambda: (
+            "RegistrationReplayed" in _alert_kinds(run) or "RecordReplayed" in _alert_kinds(run)
+        ),
+    )
+    assert agent.poll() is None, run.agent_log(pod)
+    assert _agent_file(run, pod) is None  # never wrote the earlier registration's config
+
+    # The operator back: its pass rebuilds the record from the new registration's history,
+    # and the agent takes that.
+    run.start()
+    wait_for("the agent writes the new registration's config", lambda: _agent_file(run, pod))
+    assert _agent_file(run, pod) == new_config
+    assert ConfigStore(run.client()).get_active(NAME).config == new_config

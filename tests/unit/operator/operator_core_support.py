@@ -20,6 +20,7 @@ from defender_config import Keyring
 from defender_operator import _monitor, _reconcile
 from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._decisions.ownership import Claim, holder_entry
+from defender_operator._decisions.registration import registrations_to_publish
 from defender_operator._keys import MutableKeyringSource, keyring_digest
 from defender_operator._kube import ObjectRef, Pod
 from defender_operator._memory_backend import MemoryBackend
@@ -96,6 +97,8 @@ class FakeSecrets:
     keyring: MutableKeyringSource
     namespace: str = "ml-defender"
     fanned_out: list[str] = field(default_factory=list)
+    # namespace -> its registrations.json as `publish_registrations` left it
+    published: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def copy_is_current(self, keyring: Keyring, namespace: str, *, max_age: float) -> bool:
         return False  # every reconcile calls `fan_out`, which records the namespace
@@ -109,6 +112,18 @@ class FakeSecrets:
 
     def known_copy_digest(self, namespace: str, *, max_age: float) -> tuple[str | None, bool]:
         return keyring_digest(self.keyring.current()), True
+
+    def publish_registrations(
+        self,
+        namespace: str,
+        known: Mapping[str, int],
+        removed: Iterable[str] = (),
+        *,
+        max_age: float = 0.0,
+    ) -> bool:
+        held = self.published.get(namespace, {})
+        self.published[namespace] = registrations_to_publish(held, known, set(removed))
+        return self.published[namespace] != held
 
 
 def unanswered() -> urllib3.exceptions.MaxRetryError:
