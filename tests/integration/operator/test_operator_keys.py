@@ -3,13 +3,14 @@ fail with a typed error (never key material) when Kubernetes says no."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import uuid
 
 import pytest
 from kubernetes import client as k8s
 
-from defender_config import Keyring, contract
+from defender_config import REGISTRATIONS_FILE, Keyring, contract, parse_registrations
 from defender_operator._api import RotationStage
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeyDropRefusedError, KeySecretError
@@ -263,3 +264,41 @@ def test_unreadable_time_annotations_read_as_absent(core: k8s.CoreV1Api, namespa
     secrets.annotate_source({contract.EXPORTED_ANNOTATION: "last tuesday"})
     stored = secrets.load()
     assert stored is not None and stored.exported is None
+
+
+def _registrations_on_file(core: k8s.CoreV1Api, namespace: str) -> dict[str, int] | None:
+    raw = (core.read_namespaced_secret(NAME, namespace).data or {}).get(REGISTRATIONS_FILE)
+    return None if raw is None else parse_registrations(base64.b64decode(raw), source="test")
+
+
+def test_registrations_published_beside_the_keyring_and_carried_by_its_rewrites(
+    core: k8s.CoreV1Api, namespace: str
+) -> None:
+    # The real API server's update (the verb the chart's RBAC grants on the keyring Secret):
+    # the keyring entry kept, a stale resourceVersion refused, rewrites carry the file.
+    secrets = KeyringSecrets(core, namespace, NAME)
+    keyring = secrets.ensure(Keyring.generate()).keyring
+    other = _other_namespace(core)
+    try:
+        secrets.fan_out(keyring, other)
+        for ns in (other, namespace):
+            assert secrets.publish_registrations(ns, {"sniffer": 100, "rag": 7}) is True
+            assert _registrations_on_file(core, ns) == {"sniffer": 100, "rag": 7}
+            assert (
+                Keyring.from_secret_data(dict(core.read_namespaced_secret(NAME, ns).data))
+                == keyring
+            )
+        version = core.read_namespaced_secret(NAME, other).metadata.resource_version
+        assert secrets.publish_registrations(other, {"sniffer": 100}) is False
+        assert core.read_namespaced_secret(NAME, other).metadata.resource_version == version
+        rotated = keyring.with_new_decrypt_only()
+        assert secrets.fan_out(rotated, other) is True
+        assert _registrations_on_file(core, other) == {"sniffer": 100, "rag": 7}
+        stored = secrets.load()
+        assert stored is not None
+        secrets.save(rotated, RotationState(), None, stored.resource_version)
+        assert _registrations_on_file(core, namespace) == {"sniffer": 100, "rag": 7}
+        assert secrets.publish_registrations(other, {"sniffer": 200}, {"rag"}) is True
+        assert _registrations_on_file(core, other) == {"sniffer": 200}
+    finally:
+        core.delete_namespace(other)
