@@ -145,9 +145,11 @@ def _file_of(path: str | os.PathLike[str]) -> Path:
     """Where `registrations.json` is for a keyring path: in the mounted Secret directory `path`,
     or beside `path` when it names `keyring.json` (or another existing file)."""
     p = Path(path)
-    if p.name == KEYRING_FILE or (p.exists() and not p.is_dir()):
-        return p.parent / REGISTRATIONS_FILE
-    return p / REGISTRATIONS_FILE
+    try:
+        a_file = p.name == KEYRING_FILE or (p.exists() and not p.is_dir())
+    except OSError:  # not searchable: read as a directory, which reports why
+        a_file = False
+    return p.parent / REGISTRATIONS_FILE if a_file else p / REGISTRATIONS_FILE
 
 
 def read_registrations(path: str | os.PathLike[str]) -> dict[str, int] | None:
