@@ -2,7 +2,8 @@
 
 Threads: the library's watch thread calls :meth:`Agent._on_active`, its heartbeat thread keeps the
 lease, the keyring poller calls :meth:`Agent._on_keyring_change`, and the main thread waits for a
-signal while retrying failed writes and reloads. All of them meet in the thread-safe ConfigApplier.
+signal while retrying failed writes and reloads and re-reading the registrations the operator
+publishes beside the keyring. All of them meet in the thread-safe ConfigApplier.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import shlex
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,6 +30,8 @@ from defender_config import (
     KeyringError,
     KeyringSource,
     LibrarySettings,
+    RegistrationsFileError,
+    RegistrationsSource,
     Registry,
     Rollouts,
     StoreAuthError,
@@ -148,6 +152,12 @@ class Agent:
         self.configs: ConfigStore | None = None
         self.heartbeater: Heartbeater | None = None
         self.keyring: KeyringSource | None = None
+        # The operator's registrations.json in the keyring Secret (None: not read yet, or its
+        # first read failed), the message of the error about it reported last (each once), and
+        # when the main loop reads it again.
+        self.registrations: RegistrationsSource | None = None
+        self._registrations_error: str | None = None
+        self._registrations_due = 0.0
         self._watch: Any = None
         # Heartbeat fields set before the heartbeater exists (e.g. the first delivery races it).
         self._pending_fields: dict[str, Any] = {}
@@ -336,6 +346,8 @@ class Agent:
             )
         if self.configs is None:
             self.configs = self.config_store(self.client)
+        # Before anything reads the component's config (the seed's register, the watch).
+        self._poll_registrations(due=True)
         if self.heartbeater is None:
             self._register()
         if self.keyring is not None:
@@ -401,6 +413,66 @@ class Agent:
         # KeyringInvalid this pod still reports is over.
         self.applier.clear_error(KeyringError.reason)
 
+    def _poll_registrations(self, *, due: bool = False) -> None:
+        """Check the registrations file: at start (``due``), then from the main loop once per
+        keyring poll period."""
+        now = time.monotonic()
+        if not due and now < self._registrations_due:
+            return
+        self._registrations_due = now + self.library.keyring_poll_seconds
+        try:
+            self._check_registrations()
+        except Exception:  # nothing here may stop the agent; the next poll tries again
+            log.exception("checking the registrations file failed")
+
+    def _check_registrations(self) -> None:
+        """Hold this component's registration as the operator publishes it in the keyring
+        Secret (``registrations.json``): a metadata record and ACTIVE of an earlier
+        registration put back in etcd are then refused even when this agent started after
+        they were. Only ever raises what the reader holds. No file: nothing held. A broken
+        file is reported (``last_error``, alert) and the agent runs on with what it holds."""
+        path, configs = self.library.keyring_path, self.configs
+        if path is None or configs is None:
+            return
+        source = self.registrations
+        error: RegistrationsFileError | None
+        try:
+            if source is None:
+                source = RegistrationsSource(path, poll_seconds=self.library.keyring_poll_seconds)
+                self.registrations = source
+            else:
+                source.refresh()
+            error = source.last_error
+        except RegistrationsFileError as exc:
+            error = exc  # no good file yet: read again at the next poll
+        self._report_registrations_error(error)
+        if source is None:
+            return
+        component = self.settings.component
+        registration = source.current().get(component)
+        if registration is None:
+            return
+        held = configs.held_registration(component)
+        configs.hold_registrations({component: registration})
+        if configs.held_registration(component) != held:
+            log.info(
+                "holding registration %d of %s, as published in %s (was: %s)",
+                registration,
+                component,
+                source.path,
+                held if held is not None else "none",
+            )
+
+    def _report_registrations_error(self, error: RegistrationsFileError | None) -> None:
+        if error is None:
+            if self._registrations_error is not None:
+                self._registrations_error = None
+                self.applier.clear_error(RegistrationsFileError.reason)
+            return
+        if str(error) != self._registrations_error:
+            self._registrations_error = str(error)
+            self.applier.reject(error)
+
     def _reread_active(self) -> None:
         """Read ACTIVE again: a value that failed with the old keyring may open with the new."""
         if self.configs is None:
@@ -447,6 +519,7 @@ class Agent:
             while not self.stop_requested.wait(_TICK_SECONDS):
                 if self.applier.pending:
                     self.applier.retry()
+                self._poll_registrations()
         finally:
             self._shutdown()
 

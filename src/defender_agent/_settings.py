@@ -123,8 +123,9 @@ class AgentSettings(BaseSettings):
     """Root of the defender layout in etcd (default from the settings file: ``/ml-defender``)."""
 
     keyring_path: Path | None = None
-    """Directory where the key Secret is mounted (holds ``keyring.json``); default from the
-    settings file. Changes to the mounted Secret are picked up without a restart."""
+    """Directory where the key Secret is mounted (holds ``keyring.json``, and the operator's
+    ``registrations.json`` when it publishes one); default from the settings file. Changes to
+    the mounted Secret are picked up without a restart."""
 
     allow_plaintext: bool = False
     """Accept this component's configs unencrypted: only for a component stored in plaintext
@@ -223,7 +224,7 @@ class AgentSettings(BaseSettings):
     """Address the status endpoint listens on."""
 
     keyring_poll_seconds: float | None = Field(default=None, gt=0)
-    """How often the mounted Secret is checked for a new keyring."""
+    """How often the mounted Secret is checked for a new keyring (and new registrations)."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level; logs are JSON lines on stderr."""

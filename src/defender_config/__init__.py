@@ -63,6 +63,7 @@ from ._errors import (
     RecordAuthError,
     RecordReplayError,
     RegistrationReplayError,
+    RegistrationsFileError,
     RepairRefusedError,
     SettingsError,
     SizeAnomalyError,
@@ -113,6 +114,13 @@ from ._models import (
     validate_config,
 )
 from ._records import sign_record, verify_record
+from ._registrations_file import (
+    REGISTRATIONS_FILE,
+    RegistrationsSource,
+    parse_registrations,
+    read_registrations,
+    render_registrations,
+)
 from ._registry import (
     ComponentStatus,
     ComponentSummary,
@@ -145,6 +153,7 @@ from .contract import (
 )
 
 __all__ = [
+    "REGISTRATIONS_FILE",
     "AclRule",
     "ActiveConfig",
     "Alert",
@@ -220,6 +229,8 @@ __all__ = [
     "RecordReplayError",
     "Registration",
     "RegistrationReplayError",
+    "RegistrationsFileError",
+    "RegistrationsSource",
     "Registry",
     "RepairRefusedError",
     "RestoreStep",
@@ -266,14 +277,17 @@ __all__ = [
     "next_record_sequence",
     "over_quota",
     "parse_json",
+    "parse_registrations",
     "parse_rollback_target",
     "plan_defrag",
     "read_cadence",
     "read_key_record",
     "read_keyring_backup",
+    "read_registrations",
     "read_regular_file",
     "register_cipher",
     "register_compressor",
+    "render_registrations",
     "restore_active",
     "restore_plan",
     "scrub_component",

@@ -401,11 +401,25 @@ class ConfigStore:
         """Hold `registration` as the current registration of `component`, as if this reader
         had accepted it: records and values of any other one are refused (RegistrationReplay).
         For a reader started after a replay that knows the registration from elsewhere (the
-        operator: the DefenderComponent's `status.registration`)."""
+        operator: the DefenderComponent's `status.registration`). Sets it whatever this reader
+        held; `hold_registrations` (the operator's published `registrations.json`) only raises."""
         with self._accepted_lock:
             if self._registrations.get(component) != registration:
                 self._registrations[component] = registration
                 self._accepted.pop(component, None)
+
+    def hold_registrations(self, mapping: Mapping[str, int]) -> None:
+        """Hold each component's registration in `mapping` (component -> registration, as
+        `read_registrations` returns the operator's `registrations.json`) where this reader
+        holds none for it or a lower one; never lower what it holds: a stale file must not make
+        a reader refuse the current registration it already saw. Records and values of any
+        other registration than the one held are refused (RegistrationReplay)."""
+        with self._accepted_lock:
+            for component, registration in mapping.items():
+                held = self._registrations.get(component)
+                if held is None or registration > held:
+                    self._registrations[component] = registration
+                    self._accepted.pop(component, None)
 
     def held_registration(self, component: str) -> int | None:
         """The registration this reader holds for `component` (None: none yet)."""

@@ -23,6 +23,8 @@ DefenderConfigError                          reason
 │   ├── KeyringBackupError                   KeyringBackupInvalid  corrupt / unknown export file
 │   │   └── WrongPassphraseError             WrongPassphrase   wrong or no passphrase
 │   └── KeyringLacksKeysError                KeyringLacksKeys  stored values need key ids it lacks
+├── RegistrationsFileError                   RegistrationsFileInvalid  registrations.json beside
+│                                                              the keyring unreadable / malformed
 ├── StoreError                               StoreError
 │   ├── StoreUnavailableError                StoreUnavailable
 │   ├── StoreAuthError                       StoreAuth         bad user/password/cert
@@ -79,6 +81,7 @@ __all__ = [
     "RecordAuthError",
     "RecordReplayError",
     "RegistrationReplayError",
+    "RegistrationsFileError",
     "RepairRefusedError",
     "SettingsError",
     "SizeAnomalyError",
@@ -450,6 +453,20 @@ class KeyringLacksKeysError(KeyringError):
             " holds them (every value sealed with a missing key would become unreadable)",
             source=source,
         )
+
+
+class RegistrationsFileError(DefenderConfigError):
+    """The `registrations.json` file the operator publishes beside `keyring.json` (in the
+    keyring Secret) cannot be read or is not the format: the registrations it would name are not
+    held (a reader keeps those it holds). The message names the file and the bad entry, never
+    the file's content."""
+
+    reason = "RegistrationsFileInvalid"
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        self.source = source
+        prefix = f"registrations file {source}: " if source else "registrations file: "
+        super().__init__(prefix + message)
 
 
 class StoreError(DefenderConfigError):

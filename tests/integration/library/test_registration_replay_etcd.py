@@ -8,20 +8,25 @@ readers, readers that know the registration, and the operator's repair refuse th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from defender_config import (
+    REGISTRATIONS_FILE,
     Alert,
     ConfigStore,
     DefenderClient,
     EnvelopeOptions,
+    Keyring,
     RecordReplayError,
     RegistrationReplayError,
     RepairRefusedError,
     StoragePolicy,
     inspect,
+    read_registrations,
+    render_registrations,
     restore_active,
     scrub_component,
 )
@@ -115,6 +120,50 @@ def test_earlier_registrations_values_put_back_are_refused_by_readers(
     for reader in (running, knows, ConfigStore(client)):
         back = reader.get_active("sniffer")
         assert (back.version, back.config["node_id"]) == (1, "sniffer-02")
+
+
+def test_a_reader_started_after_the_replay_refuses_it_when_given_the_registrations_file(
+    client: DefenderClient, store: EtcdStore, keyring: Keyring, tmp_path: Path
+) -> None:
+    """The residual of a reader started after a metadata record and ACTIVE of an earlier
+    registration were put back together, closed by the operator's `registrations.json` in the
+    keyring Secret; still open for a reader not given the file."""
+    configs = ConfigStore(client)
+    saved = purge_and_register_again(configs, store, client)
+    lay = client.layout
+    current = configs.held_registration("sniffer")  # R2, as the operator anchors it
+    old = inspect(saved[lay.active_config("sniffer")]).registration  # R1
+    assert current is not None and old is not None and old < current
+    # The keyring Secret as mounted: keyring.json and the operator's registrations.json.
+    mount = tmp_path / "keyring"
+    mount.mkdir()
+    (mount / "keyring.json").write_bytes(keyring.to_json())
+    (mount / REGISTRATIONS_FILE).write_bytes(render_registrations({"sniffer": current}))
+
+    # Registration one's metadata and ACTIVE (version 5), saved before the purge, put back
+    # with the raw client (etcd write access, no key).
+    for path in (lay.metadata("sniffer"), lay.active_config("sniffer")):
+        store.put(path, saved[path])
+
+    told = ConfigStore(client)  # a reader started afterwards, given the file
+    published = read_registrations(mount / "keyring.json")
+    assert published == {"sniffer": current}
+    told.hold_registrations(published)
+    with pytest.raises(RegistrationReplayError) as refused:
+        told.get_active("sniffer")
+    assert (refused.value.found, refused.value.expected) == (old, current)
+    assert told.held_registration("sniffer") == current
+
+    # The residual that remains: a reader started afterwards and not told accepts the pair.
+    not_told = ConfigStore(client)
+    accepted = not_told.get_active("sniffer")
+    assert (accepted.version, accepted.config["snaplen"]) == (5, 105)
+    assert accepted.config["node_id"] == "sniffer-01"
+    assert not_told.held_registration("sniffer") == old
+    # Given the file afterwards, it holds the current registration and refuses the pair too.
+    not_told.hold_registrations(published)
+    with pytest.raises(RegistrationReplayError):
+        not_told.get_active("sniffer")
 
 
 def test_earlier_registrations_history_put_back_above_is_never_a_repair_source(
