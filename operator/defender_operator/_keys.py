@@ -206,6 +206,15 @@ class KeyringSecrets:
             return None, False
         return seen[0], True
 
+    def _read(self, namespace: str) -> Any | None:
+        """This Secret's name in `namespace`; None when there is none (other refusals typed)."""
+        try:
+            return self._core.read_namespaced_secret(self.name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _fail("read", namespace, self.name, exc) from None
+            return None
+
     def _parse(self, secret: Any) -> StoredKeyring:
         source = f"Secret {self.namespace}/{self.name}"
         keyring = Keyring.from_secret_data(secret.data or {}, source=source)
@@ -220,13 +229,8 @@ class KeyringSecrets:
         )
 
     def load(self) -> StoredKeyring | None:
-        try:
-            secret = self._core.read_namespaced_secret(self.name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _fail("read", self.namespace, self.name, exc) from None
-        return self._parse(secret)
+        secret = self._read(self.namespace)
+        return None if secret is None else self._parse(secret)
 
     def ensure(self, known: Keyring) -> StoredKeyring:
         """The source keyring; if the Secret is missing, it is written back from `known`, the
@@ -344,13 +348,7 @@ class KeyringSecrets:
             labels=LABELS,
             annotations={A_DIGEST: digest, A_SOURCE: f"{self.namespace}/{self.name}"},
         )
-        current: Any
-        try:
-            current = self._core.read_namespaced_secret(self.name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _fail("read", namespace, self.name, exc) from None
-            current = None
+        current = self._read(namespace)
         if current is None:
             data = {**keyring.to_secret_data(), **self._registrations_data(namespace)}
             body = client.V1Secret(metadata=meta, type="Opaque", data=data)
@@ -363,8 +361,7 @@ class KeyringSecrets:
             self._copies[namespace] = (digest, time.monotonic())
             log.info("copied the keyring to %s/%s (%s)", namespace, self.name, digest)
             return True
-        labels = current.metadata.labels or {}
-        if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+        if not _managed(current):
             raise KeySecretError(
                 "update",
                 namespace,
@@ -422,16 +419,11 @@ class KeyringSecrets:
             and registrations_to_publish(held[0], known, removed) == held[0]
         ):
             return False  # what this operator last read or wrote there already says so
-        current: Any
-        try:
-            current = self._core.read_namespaced_secret(self.name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _fail("read", namespace, self.name, exc) from None
+        current = self._read(namespace)
+        if current is None:
             self._registrations.pop(namespace, None)
             return False
-        labels = current.metadata.labels or {}
-        if namespace != self.namespace and labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+        if namespace != self.namespace and not _managed(current):
             return False
         on_file = self._read_registrations(current, namespace)
         desired = registrations_to_publish(on_file or {}, known, removed)
@@ -486,15 +478,8 @@ class KeyringSecrets:
     def read_copy(self, namespace: str) -> tuple[Keyring | None, str | None] | None:
         """The operator-managed copy in `namespace`: (keyring, None), (None, why unreadable),
         or None when there is none (absent, or not labelled as the operator's)."""
-        current: Any
-        try:
-            current = self._core.read_namespaced_secret(self.name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _fail("read", namespace, self.name, exc) from None
-        labels = current.metadata.labels or {}
-        if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+        current = self._read(namespace)
+        if current is None or not _managed(current):
             return None
         try:
             keyring = Keyring.from_secret_data(
@@ -533,17 +518,17 @@ class KeyringSecrets:
         known, fresh = self._recent(namespace, max_age)
         if fresh:
             return known
-        current: Any
-        try:
-            current = self._core.read_namespaced_secret(self.name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                self._copies[namespace] = (None, time.monotonic())
-                return None
-            raise _fail("read", namespace, self.name, exc) from None
+        current = self._read(namespace)
+        if current is None:
+            self._copies[namespace] = (None, time.monotonic())
+            return None
         digest: str | None = (current.metadata.annotations or {}).get(A_DIGEST)
         self._copies[namespace] = (digest, time.monotonic())
         return digest
+
+
+def _managed(secret: Any) -> bool:
+    return bool((secret.metadata.labels or {}).get("app.kubernetes.io/managed-by") == MANAGED_BY)
 
 
 def _referenced_or_all(

@@ -21,6 +21,7 @@ from defender_config import (
     REGISTRATIONS_FILE,
     ConfigStore,
     DefenderConfigError,
+    Layout,
     RegistrationReplayError,
     contract,
     parse_registrations,
@@ -485,6 +486,20 @@ def test_an_operator_given_one_namespace_never_touches_another(
     assert other_namespace not in run.log_path.read_text()
 
 
+def _purged_later(run: OperatorRun) -> tuple[EtcdStore, Layout, dict[str, Any]]:
+    """The operator started and NAME created with retention Purge, at ACTIVE version 1: the
+    store (the operator's keyring: the namespace has no copy before its first component), the
+    layout and the resource as created."""
+    run.start()
+    store = _store(run)
+    lay = run.client(run.operator_keyring()).layout
+    doc = _sample(default_policy="allow", block_ttl_seconds=7)
+    doc["spec"]["retention"] = "Purge"
+    _create(run, run.namespace, doc)
+    run.wait_active_version(NAME, 1)
+    return store, lay, doc
+
+
 def test_a_purged_registrations_values_put_back_never_become_active_again(
     operator_run: OperatorRun,
 ) -> None:
@@ -494,15 +509,8 @@ def test_a_purged_registrations_values_put_back_never_become_active_again(
     # They carry the earlier registration: the operator refuses them as a repair's source,
     # rebuilds and removes, and ACTIVE stays the new registration's config.
     run = operator_run
-    run.start()
-    store = _store(run)
-    # The operator's keyring: the namespace has no copy before its first component.
-    lay = run.client(run.operator_keyring()).layout
+    store, lay, _ = _purged_later(run)
     comp = lay.component_dir(NAME)
-    old_doc = _sample(default_policy="allow", block_ttl_seconds=7)
-    old_doc["spec"]["retention"] = "Purge"
-    _create(run, run.namespace, old_doc)
-    run.wait_active_version(NAME, 1)
     _set_ttl(run, run.namespace, 8)
     run.wait_active_version(NAME, 2)
     _set_ttl(run, run.namespace, 11)
@@ -592,13 +600,7 @@ def test_an_agent_started_after_the_replay_is_told_the_registration_and_refuses_
     # Secret the agent mounts; an agent started after the replay holds it and refuses the pair,
     # with the operator stopped (nothing repairs etcd meanwhile).
     run = operator_run
-    run.start()
-    store = _store(run)
-    lay = run.client(run.operator_keyring()).layout
-    old_doc = _sample(default_policy="allow", block_ttl_seconds=7)
-    old_doc["spec"]["retention"] = "Purge"
-    _create(run, run.namespace, old_doc)
-    run.wait_active_version(NAME, 1)
+    store, lay, old_doc = _purged_later(run)
     old_registration = wait_for(
         "the first registration anchored", lambda: run.get(NAME)["status"].get("registration")
     )
