@@ -409,8 +409,9 @@ class KeyringSecrets:
         something was written.
 
         With `max_age`, what this operator read or wrote there less than `max_age` seconds ago
-        is taken as the file without reading it again. No Secret yet (or a copy the operator
-        does not manage): nothing is written; `fan_out` creates the copy with what is known."""
+        is taken as the file without reading it again. No Secret (or a copy the operator does
+        not manage): nothing is written; a copy `fan_out` creates carries what this operator
+        last published there, and the next round writes the rest."""
         held = self._registrations.get(namespace)
         if (
             held is not None
@@ -421,7 +422,8 @@ class KeyringSecrets:
             return False  # what this operator last read or wrote there already says so
         current = self._read(namespace)
         if current is None:
-            self._registrations.pop(namespace, None)
+            # Kept in memory: `fan_out` (or `ensure`, for the source) writes it into the Secret
+            # it creates again.
             return False
         if namespace != self.namespace and not _managed(current):
             return False

@@ -111,6 +111,9 @@ def test_a_rotation_and_a_copy_created_again_carry_the_registrations() -> None:
     assert on_file(api, SOURCE[0]) == {"rag": 50}
     # A careless `kubectl delete secret` of the copy: created again with them.
     del api.stored[(TENANT, SOURCE[1])]
+    # A publish round in between finds no Secret: it writes nothing, and forgets nothing.
+    assert secrets.publish_registrations(TENANT, {"sniffer": 100}) is False
+    assert (TENANT, SOURCE[1]) not in api.stored
     assert secrets.fan_out(rotated, TENANT) is True
     assert on_file(api, TENANT) == {"sniffer": 100}
     # The source deleted too: written back from memory, with them.
