@@ -434,22 +434,14 @@ class Agent:
         path, configs = self.library.keyring_path, self.configs
         if path is None or configs is None:
             return
-        source = self.registrations
-        error: RegistrationsFileError | None
-        try:
-            if source is None:
-                source = RegistrationsSource(path, poll_seconds=self.library.keyring_poll_seconds)
-                self.registrations = source
-            else:
-                source.refresh()
-            error = source.last_error
-        except RegistrationsFileError as exc:
-            error = exc  # no good file yet: read again at the next poll
-        self._report_registrations_error(error)
+        # The store's own: every read checks it too; here it is reported and held at start.
+        source = self.registrations = configs.registrations
         if source is None:
             return
+        source.refresh()
+        self._report_registrations_error(source.last_error)
         component = self.settings.component
-        registration = source.current().get(component)
+        registration = source.registration(component)
         if registration is None:
             return
         held = configs.held_registration(component)

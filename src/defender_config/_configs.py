@@ -39,7 +39,8 @@ from ._errors import (
 from ._json_parse import parse_json
 from ._models import canonical_json, config_digest, validate_config
 from ._records import is_signed, record_key_id, sign_record, verify_record
-from ._settings import EnvelopeOptions
+from ._registrations_file import RegistrationsSource
+from ._settings import EnvelopeOptions, LibrarySettings
 from ._store import WatchHandle
 from ._store_types import Compare, DeleteOp, GetOp, PutOp, StoredValue, WatchEvent
 from .contract import (
@@ -278,6 +279,16 @@ class RepairAction(enum.Enum):
     ACTIVE_LOST = "active-lost"  # ACTIVE is not the record's config, which history lost
 
 
+def _published(settings: LibrarySettings) -> RegistrationsSource | None:
+    """The registrations beside the keyring the settings mount, read leniently: a broken file
+    is logged and holds nothing, as if none were published (`RegistrationsSource.last_error`)."""
+    if settings.keyring_path is None:
+        return None
+    return RegistrationsSource(
+        settings.keyring_path, poll_seconds=settings.keyring_poll_seconds, strict=False
+    )
+
+
 def plan_repair(
     record: tuple[int, str] | None, kept: Iterable[KeptVersion], active_digest: str | None
 ) -> tuple[RepairAction, KeptVersion | None]:
@@ -340,9 +351,17 @@ class ConfigStore:
         on_invalid: InvalidConfigPolicy | str = InvalidConfigPolicy.REJECT,
         plaintext_components: Iterable[str] | None = None,
         before_parse: Callable[[str, int], None] | None = None,
+        registrations: RegistrationsSource | None = None,
     ) -> None:
         self.client = client
         self.before_parse = before_parse
+        # The registrations the operator publishes beside the mounted keyring
+        # (`registrations.json`): every metadata check holds the published registration of its
+        # component first, so a reader started after an earlier registration's data was put
+        # back refuses it. None without a mounted keyring to read them from.
+        self.registrations = (
+            registrations if registrations is not None else _published(client.settings)
+        )
         self.layout = client.layout
         self.plaintext_components: set[str] = set(
             client.settings.plaintext_components
@@ -440,8 +459,15 @@ class ConfigStore:
         clock): held from now on, its versions start again. A record without one is accepted
         only while this reader holds none (written before registrations existed)."""
         found = meta.registration
+        published = (
+            self.registrations.registration(component) if self.registrations is not None else None
+        )
         with self._accepted_lock:
             held = self._registrations.get(component)
+            if published is not None and (held is None or published > held):
+                # As `hold_registrations`: the operator's word raises what is held, never lowers.
+                self._registrations[component] = held = published
+                self._accepted.pop(component, None)
             if found == held:
                 return
             if found is not None and (held is None or found > held):

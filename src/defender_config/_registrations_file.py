@@ -177,7 +177,9 @@ class RegistrationsSource:
     `current()` checks the file at most every `poll_seconds` (a stat; the content only when that
     changed). A broken new file keeps the last good registrations, is logged once and exposed as
     `last_error`, never raised; a file that goes away means none. Construction fails if the
-    first read fails (a missing file is not a failure: none are published).
+    first read fails (a missing file is not a failure: none are published), unless `strict` is
+    False: then it starts with none and the error as `last_error` (a library reader must not
+    fail over a file it only reads to refuse more).
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class RegistrationsSource:
         *,
         poll_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        strict: bool = True,
     ) -> None:
         self._path = Path(path)
         self._poll = poll_seconds
@@ -193,8 +196,14 @@ class RegistrationsSource:
         self._lock = threading.Lock()
         self._file = _file_of(self._path)
         self._signature = _stat_signature(self._file)
-        self._registrations: dict[str, int] = read_registrations(self._path) or {}
         self._last_error: RegistrationsFileError | None = None
+        try:
+            self._registrations: dict[str, int] = read_registrations(self._path) or {}
+        except RegistrationsFileError as exc:
+            if strict:
+                raise
+            self._registrations, self._last_error = {}, exc
+            log.error("registrations not read, none held: %s", exc, extra={"reason": exc.reason})
         self._next_check = clock() + poll_seconds
 
     @property
@@ -209,9 +218,19 @@ class RegistrationsSource:
 
     def current(self) -> dict[str, int]:
         """The latest good registrations (component -> registration; empty when none)."""
+        self._check()
+        return dict(self._registrations)
+
+    def registration(self, component: str) -> int | None:
+        """The latest good registration of `component` (None: none published); no copy of the
+        whole mapping, for a reader's every check."""
+        self._check()
+        return self._registrations.get(component)
+
+    def _check(self) -> None:
+        # While another thread re-reads the file, answer from what is held.
         if self._clock() >= self._next_check and not self._lock.locked():
             self.refresh()
-        return dict(self._registrations)
 
     def refresh(self) -> bool:
         """Check the file now. True when the registrations changed."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from defender_config import (
     REGISTRATIONS_FILE,
@@ -164,6 +165,57 @@ def test_a_reader_started_after_the_replay_refuses_it_when_given_the_registratio
     not_told.hold_registrations(published)
     with pytest.raises(RegistrationReplayError):
         not_told.get_active("sniffer")
+
+
+def test_a_reader_whose_settings_mount_the_secret_is_told_without_a_call(
+    client: DefenderClient, store: EtcdStore, keyring: Keyring, tmp_path: Path
+) -> None:
+    """A library reader built from settings with `keyring_path` (a Python component with the
+    keyring Secret mounted) follows `registrations.json` itself: every metadata check holds the
+    published registration first. A stale file never lowers what it holds; a broken one holds
+    nothing and is reported as `last_error`, and the reader still reads."""
+    configs = ConfigStore(client)
+    saved = purge_and_register_again(configs, store, client)
+    lay = client.layout
+    current = configs.held_registration("sniffer")
+    old = inspect(saved[lay.active_config("sniffer")]).registration
+    assert current is not None and old is not None and old < current
+    mount = tmp_path / "keyring"
+    mount.mkdir()
+    (mount / "keyring.json").write_bytes(keyring.to_json())
+    file = mount / REGISTRATIONS_FILE
+    settings = client.settings.model_copy(update={"keyring_path": mount})
+
+    def mounted() -> ConfigStore:
+        c = DefenderClient(settings, registry=CollectorRegistry(), alert_sinks=[])
+        opened.append(c)
+        return ConfigStore(c)
+
+    opened: list[DefenderClient] = []
+    try:
+        # A stale file (registration one) while etcd holds two: two is read and held.
+        file.write_bytes(render_registrations({"sniffer": old}))
+        stale = mounted()
+        assert stale.get_active("sniffer").metadata.registration == current  # type: ignore[union-attr]
+        assert stale.held_registration("sniffer") == current
+        # A broken file: nothing held from it, the error kept, reads go on.
+        file.write_bytes(b"{not json")
+        broken = mounted()
+        assert broken.registrations is not None and broken.registrations.last_error is not None
+        assert broken.get_active("sniffer").metadata.registration == current  # type: ignore[union-attr]
+
+        file.write_bytes(render_registrations({"sniffer": current}))
+        for path in (lay.metadata("sniffer"), lay.active_config("sniffer")):
+            store.put(path, saved[path])  # registration one's pair put back
+        told = mounted()  # started afterwards
+        with pytest.raises(RegistrationReplayError) as refused:
+            told.get_active("sniffer")
+        assert (refused.value.found, refused.value.expected) == (old, current)
+        # The same reader without the file (no mount): takes the pair, the residual left.
+        assert ConfigStore(client).get_active("sniffer").version == 5
+    finally:
+        for c in opened:
+            c.close()
 
 
 def test_earlier_registrations_history_put_back_above_is_never_a_repair_source(

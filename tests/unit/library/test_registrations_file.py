@@ -254,6 +254,21 @@ def test_source_construction_with_a_broken_file_raises(tmp_path: Path) -> None:
         RegistrationsSource(mount.root)
 
 
+def test_a_lenient_source_starts_with_none_and_the_error_then_reads_a_fixed_file(
+    tmp_path: Path,
+) -> None:
+    mount = SecretMount(tmp_path / "keyring")
+    mount.write(b"{}")
+    now = [0.0]
+    source = RegistrationsSource(mount.root, strict=False, poll_seconds=1.0, clock=lambda: now[0])
+    assert source.current() == {} and source.registration("sniffer") is None
+    assert source.last_error is not None and "lacks registrations" in str(source.last_error)
+    mount.write(render_registrations({"sniffer": R1}))
+    now[0] = 1.0
+    assert source.registration("sniffer") == R1 and source.last_error is None
+    assert source.registration("other") is None
+
+
 def test_source_checks_the_file_at_most_every_poll(tmp_path: Path) -> None:
     mount = SecretMount(tmp_path / "keyring")
     mount.write(render_registrations({"sniffer": R1}))
