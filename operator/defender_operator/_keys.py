@@ -491,15 +491,6 @@ class KeyringSecrets:
             return None, exc.message
         return keyring, None
 
-    def annotate_source(self, annotations: Mapping[str, str | None]) -> None:
-        """Merge-patch annotations on the source Secret (no data: nothing secret is sent)."""
-        try:
-            self._core.patch_namespaced_secret(
-                self.name, self.namespace, {"metadata": {"annotations": dict(annotations)}}
-            )
-        except ApiException as exc:
-            raise _fail("annotate", self.namespace, self.name, exc) from None
-
     def copy_is_current(self, keyring: Keyring, namespace: str, *, max_age: float) -> bool:
         """Whether `fan_out` has nothing to do, answered from memory: `namespace` holds the
         source itself, or a copy of `keyring` this operator read or wrote less than `max_age`

@@ -227,6 +227,11 @@ def test_read_copy_ignores_foreign_secrets_and_reports_broken_ones(
         core.delete_namespace(other)
 
 
+def _annotate_source(core: k8s.CoreV1Api, namespace: str, annotations: dict[str, str]) -> None:
+    """What `kubectl defender keyring export` (or a person) adds to the source Secret."""
+    core.patch_namespaced_secret(NAME, namespace, {"metadata": {"annotations": annotations}})
+
+
 def test_create_is_create_only_and_keeps_annotations(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
     first, created = secrets.create(Keyring.generate(), {contract.RESTORED_ANNOTATION: "x"})
@@ -234,7 +239,7 @@ def test_create_is_create_only_and_keeps_annotations(core: k8s.CoreV1Api, namesp
     second, created_again = secrets.create(Keyring.generate())
     assert not created_again and second.keyring == first.keyring
     assert first.kept == {contract.RESTORED_ANNOTATION: "x"}
-    secrets.annotate_source({contract.EXPORTED_ANNOTATION: "2026-12-01T00:00:00Z"})
+    _annotate_source(core, namespace, {contract.EXPORTED_ANNOTATION: "2026-12-01T00:00:00Z"})
     stored = secrets.load()
     assert stored is not None and stored.exported is not None
     # The operator's own rewrites carry the export time over.
@@ -261,7 +266,7 @@ def test_an_event_that_cannot_be_posted_is_logged_not_raised(
 def test_unreadable_time_annotations_read_as_absent(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
     secrets.ensure(Keyring.generate())
-    secrets.annotate_source({contract.EXPORTED_ANNOTATION: "last tuesday"})
+    _annotate_source(core, namespace, {contract.EXPORTED_ANNOTATION: "last tuesday"})
     stored = secrets.load()
     assert stored is not None and stored.exported is None
 
