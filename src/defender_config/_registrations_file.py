@@ -99,9 +99,10 @@ def render_registrations(mapping: Mapping[str, int]) -> bytes:
 
 
 def parse_registrations(content: bytes, *, source: str) -> dict[str, int]:
-    """The component -> registration mapping of `registrations.json` content. Strict: every
-    departure from the format (unknown fields included) is a RegistrationsFileError naming
-    `source` and the bad entry, never quoting the content."""
+    """The component -> registration mapping of `registrations.json` content. Strict about
+    what it reads (a wrong version, a missing field, a bad entry is a RegistrationsFileError
+    naming `source` and the entry, never quoting the content); top-level fields it does not
+    know are ignored."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
@@ -115,13 +116,9 @@ def parse_registrations(content: bytes, *, source: str) -> dict[str, int]:
         raise RegistrationsFileError(
             f"must be a JSON object, not {type(doc).__name__}", source=source
         )
-    unknown = sorted(set(doc) - _FIELDS)
-    if unknown:
-        raise RegistrationsFileError(
-            f"has unknown field(s) {', '.join(_shown(f) for f in unknown)} (allowed: "
-            "registrations, version); upgrade this component if the operator is newer",
-            source=source,
-        )
+    # Fields this reader does not know are a newer operator's additions: ignored, so an
+    # operator upgraded before its agents does not cut them off what they do read. A change
+    # they would misread bumps `version`.
     missing = sorted(_FIELDS - set(doc))
     if missing:
         raise RegistrationsFileError(f"lacks {', '.join(missing)}", source=source)
