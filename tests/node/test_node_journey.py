@@ -488,6 +488,26 @@ def _helm_uninstall(kubectl: Kubectl, journey: Journey) -> None:
 # Every wait inside is bounded; the whole needs more than the suite's 600 s default on the
 # shared 2-core machine (a project image rebuild alone takes minutes after a source change).
 @pytest.mark.timeout(2400)
+def _published_in_mounts(kubectl: Kubectl, journey: Journey) -> bool:
+    """Whether every component's agent reads, in its keyring Secret mount, the registration its
+    DefenderComponent's status anchors (registrations.json, published by the operator, put in
+    the volume by the kubelet)."""
+    for name in journey.components:
+        anchored = kubectl.get("-n", SAMPLES_NAMESPACE, "dfc", name)["status"].get("registration")
+        pods = [p for p in _pods(kubectl, name) if not p["metadata"].get("deletionTimestamp")]
+        if not anchored or not pods:
+            return False
+        out = kubectl.run(
+            "-n", SAMPLES_NAMESPACE, "exec", pods[0]["metadata"]["name"], "-c", "defender-agent",
+            "--", "cat", "/var/run/ml-defender/keyring/registrations.json", check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            return False
+        if json.loads(out.stdout)["registrations"].get(name) != anchored:
+            return False
+    return True
+
+
 def test_the_whole_journey_on_a_node(
     node_cluster: LocalCluster,
     node_kubectl: Kubectl,
@@ -527,6 +547,15 @@ def test_the_whole_journey_on_a_node(
             every=1.0,
         )
         phases.mark("spec.config edit -> stand-in loaded the new version")
+        # Kubelet refreshes Secret volumes on its own period (about a minute): checked once the
+        # steps above gave it time.
+        wait_for(
+            "registrations.json in every agent's keyring mount naming its status.registration",
+            lambda: _published_in_mounts(kubectl, journey),
+            timeout=240,
+            every=5.0,
+        )
+        phases.mark("registrations published -> in every agent's keyring mount")
         _admission_in_cluster(kubectl)
         phases.mark("invalid edit refused by the in-cluster webhook; commit names its author")
 
