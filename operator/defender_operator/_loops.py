@@ -338,7 +338,7 @@ async def registrations(rt: Runtime) -> None:
     registration's data was put back in etcd is told the current one and refuses it.
 
     Off the create path: a batch of new components in a namespace is one Secret write a round.
-    A standby replica visits no component, so it has nothing to publish."""
+    A replica paused by peering monitors no component, so it publishes nothing."""
     survive = _Survive("registrations")
     while True:
         await asyncio.sleep(rt.settings.registrations_publish_seconds)

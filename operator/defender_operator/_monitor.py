@@ -739,6 +739,8 @@ async def run(
     wake = rt.heartbeats.waker(name)
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
     uid = _uid(body)
+    mem = rt.memory(namespace, name)
+    mem.monitors += 1
     try:
         while not stopped and not rt.is_gone(uid):
             wake.clear()
@@ -759,6 +761,7 @@ async def run(
             if not stopped and not rt.is_gone(uid):
                 await _pause(wake, pause)
     finally:
+        mem.monitors -= 1
         relay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay

@@ -92,6 +92,9 @@ class ComponentMemory:
     # Held by every reader and writer of this memory: reconcile (a kopf handler) and the
     # monitor pass (a kopf daemon) run beside each other in the same loop.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Monitor daemons running for it in this process: none in a replica peering paused (its
+    # memory stays, and goes stale, while another replica manages the component).
+    monitors: int = 0
 
 
 class EtcdTracker:
@@ -223,11 +226,12 @@ class Runtime:
 
     def anchored_registrations(self) -> dict[str, dict[str, int]]:
         """namespace -> {component: the registration its status anchors}, for the components
-        this operator visited that hold their name (a refused one writes nothing: its status
-        anchors nothing of the name's data)."""
+        this operator monitors that hold their name (a refused one writes nothing: its status
+        anchors nothing of the name's data). Not those it only remembers: a replica paused by
+        peering would publish what it knew before another replica took over."""
         found: dict[str, dict[str, int]] = {}
         for (namespace, name), mem in list(self.components.items()):
-            if mem.conflict is not None or mem.status is None:
+            if mem.monitors <= 0 or mem.conflict is not None or mem.status is None:
                 continue
             registration = anchored_registration(mem.status)
             if registration is not None:

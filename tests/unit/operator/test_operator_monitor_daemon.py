@@ -70,9 +70,11 @@ def test_a_stopped_daemon_ends_without_waiting_out_its_interval(
         # Sleeping: the daemon's own task and one task relaying the stop, nothing per pause.
         others = asyncio.all_tasks() - {asyncio.current_task()}
         assert len(others) == 2, others
+        assert h.mem.monitors == 1  # this replica monitors it: it publishes its registration
         stopped.set()
         await asyncio.wait_for(task, timeout=10)  # not the 300 s interval
         assert task.exception() is None
+        assert h.mem.monitors == 0  # stopped (peering paused this replica): no longer
         assert asyncio.all_tasks() == {asyncio.current_task()}  # the relay is gone too
         assert len(passes) == 1
 

@@ -192,9 +192,16 @@ def test_refusals_and_silence_are_typed_errors(monkeypatch: pytest.MonkeyPatch) 
 # --- the loop -------------------------------------------------------------------------------
 
 
+def monitored(h: Harness) -> Harness:
+    """Its monitor daemon running in this replica (`_monitor.run` counts itself)."""
+    h.mem.monitors = 1
+    return h
+
+
 def test_the_round_publishes_what_the_status_anchors_and_drops_a_deleted_component() -> None:
     h = Harness()
     asyncio.run(h.reconcile(spec()))
+    monitored(h)
     anchored = h.kube.status[REGISTRATION_FIELD]
     asyncio.run(_loops.publish_registrations(h.rt))
     published = h.rt.secrets.published  # type: ignore[attr-defined]
@@ -208,7 +215,7 @@ def test_the_round_publishes_what_the_status_anchors_and_drops_a_deleted_compone
 def test_a_component_refused_its_name_publishes_nothing() -> None:
     h = Harness()
     asyncio.run(h.reconcile(spec()))
-    h.mem.conflict = Cond("NameConflict", "False", "NameHeld", "held elsewhere")
+    monitored(h).mem.conflict = Cond("NameConflict", "False", "NameHeld", "held elsewhere")
     assert h.rt.anchored_registrations() == {}
 
 
@@ -217,6 +224,7 @@ def test_a_failed_round_keeps_the_deletion_for_the_next_one(
 ) -> None:
     h = Harness()
     asyncio.run(h.reconcile(spec()))
+    monitored(h)
     asyncio.run(_loops.publish_registrations(h.rt))
     h.rt.forget(NAMESPACE, NAME)
     failures = ERRORS.labels("registrations")._value.get()
@@ -238,6 +246,7 @@ def test_the_loop_waits_for_a_verified_keyring_then_publishes() -> None:
     h = Harness()
     h.rt.settings = OperatorSettings(registrations_publish_seconds=0.01)
     asyncio.run(h.reconcile(spec()))
+    monitored(h)
     h.rt.keyring_ready = False
     published = h.rt.secrets.published  # type: ignore[attr-defined]
 
@@ -255,3 +264,16 @@ def test_the_loop_waits_for_a_verified_keyring_then_publishes() -> None:
 
     asyncio.run(scenario())
     assert published[NAMESPACE] == {NAME: h.kube.status[REGISTRATION_FIELD]}
+
+
+def test_a_replica_that_only_remembers_a_component_publishes_nothing() -> None:
+    # Peering paused this replica: its daemons stopped, its memory of the component stays (and
+    # goes stale while another replica manages it). It must not publish that memory.
+    h = Harness()
+    asyncio.run(h.reconcile(spec()))
+    assert h.rt.anchored_registrations() == {}
+    monitored(h)
+    assert h.rt.anchored_registrations() == {NAMESPACE: {NAME: h.kube.status[REGISTRATION_FIELD]}}
+    h.mem.monitors = 0
+    asyncio.run(_loops.publish_registrations(h.rt))
+    assert h.rt.secrets.published == {}  # type: ignore[attr-defined]
