@@ -152,9 +152,9 @@ class Agent:
         self.configs: ConfigStore | None = None
         self.heartbeater: Heartbeater | None = None
         self.keyring: KeyringSource | None = None
-        # The operator's registrations.json in the keyring Secret (None: not read yet, or its
-        # first read failed), the message of the error about it reported last (each once), and
-        # when the main loop reads it again.
+        # The store's source of the operator's registrations.json in the keyring Secret (None:
+        # no keyring path, or no store yet), the message of the error about it reported last
+        # (each once), and when the main loop checks it again.
         self.registrations: RegistrationsSource | None = None
         self._registrations_error: str | None = None
         self._registrations_due = 0.0
@@ -431,10 +431,11 @@ class Agent:
         registration put back in etcd are then refused even when this agent started after
         they were. Only ever raises what the reader holds. No file: nothing held. A broken
         file is reported (``last_error``, alert) and the agent runs on with what it holds."""
-        path, configs = self.library.keyring_path, self.configs
-        if path is None or configs is None:
+        configs = self.configs
+        if configs is None:
             return
-        # The store's own: every read checks it too; here it is reported and held at start.
+        # The store's own (None without a keyring path): every read checks it too; here it is
+        # reported, and held before the first read.
         source = self.registrations = configs.registrations
         if source is None:
             return
