@@ -485,9 +485,6 @@ def _helm_uninstall(kubectl: Kubectl, journey: Journey) -> None:
     assert {p["status"]["phase"] for p in after} == {"Bound"}
 
 
-# Every wait inside is bounded; the whole needs more than the suite's 600 s default on the
-# shared 2-core machine (a project image rebuild alone takes minutes after a source change).
-@pytest.mark.timeout(2400)
 def _published_in_mounts(kubectl: Kubectl, journey: Journey) -> bool:
     """Whether every component's agent reads, in its keyring Secret mount, the registration its
     DefenderComponent's status anchors (registrations.json, published by the operator, put in
@@ -508,6 +505,9 @@ def _published_in_mounts(kubectl: Kubectl, journey: Journey) -> bool:
     return True
 
 
+# Every wait inside is bounded; the whole needs more than the suite's 600 s default on the
+# shared 2-core machine (a project image rebuild alone takes minutes after a source change).
+@pytest.mark.timeout(2400)
 def test_the_whole_journey_on_a_node(
     node_cluster: LocalCluster,
     node_kubectl: Kubectl,
