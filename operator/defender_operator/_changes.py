@@ -18,6 +18,7 @@ Watch callbacks run on the library's watch thread; they only schedule `apply` on
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from defender_operator._decisions.reads import ChangeFacts
 from defender_operator._metrics import CHANGE_EVENTS
@@ -35,6 +36,9 @@ class ChangeView:
         self.synced = False
         self.synced_at = 0
         self.resync_requested = asyncio.Event()
+        # Told of every change (`Runtime.changed`: wakes the component's monitor when the
+        # change is newer than its last read).
+        self.on_change: Callable[[str, int], None] | None = None
 
     @property
     def trusted(self) -> bool:
@@ -50,6 +54,8 @@ class ChangeView:
             self._changed[component] = revision
         if replayed:
             self.watch_failed()
+        if self.on_change is not None:
+            self.on_change(component, revision)
 
     def watch_failed(self) -> None:
         """The stream broke (the library re-creates it) or lost events: not trusted until the

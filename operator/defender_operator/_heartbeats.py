@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from defender_operator._backend import InstanceRecord
@@ -62,9 +62,19 @@ class HeartbeatView:
             return
         HEARTBEAT_EVENTS.labels("put").inc()
         self._tombstones.pop((component, instance), None)
-        if instance not in known:
+        before = known.get(instance)
+        if before is None or replace(before.record, time=record.time) != record:
+            # A new instance, or one whose status, version, keys or error changed: judge it
+            # now. A put that only moves the time (a heartbeater from before one RPC per beat
+            # writes every beat) is no news.
             self.waker(component).set()
         known[instance] = _Entry(record, self._seq)
+
+    def wake_all(self) -> None:
+        """Every monitor runs a pass now: something all of them judge changed (etcd's health,
+        the keyring)."""
+        for event in self._wakers.values():
+            event.set()
 
     def watch_failed(self) -> None:
         """The stream broke: the library re-creates it, but until a fresh full list has been

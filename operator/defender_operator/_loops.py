@@ -24,6 +24,7 @@ from defender_operator import _keyguard, _rotation
 from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord, Watching
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
+from defender_operator._keys import keyring_digest
 from defender_operator._metrics import CHANGE_RESYNCS, ERRORS, HEARTBEAT_RESYNCS, LOOP_FAILURES
 from defender_operator._runtime import Runtime, utcnow
 
@@ -164,6 +165,9 @@ async def _etcd_health_round(rt: Runtime) -> None:
     was_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
     alarms_before = rt.etcd.last.alarms
     rt.etcd.record(utcnow(), health)
+    if (was_ok, alarms_before) != (health.reachable and health.quorum, health.alarms):
+        # Every pass judges etcd's health (conditions, whether restarts may go ahead).
+        rt.wake_all()
     await _tell_nospace(rt, alarms_before, health)
     now_ok = health.reachable and health.quorum
     if was_ok != now_ok:
@@ -311,10 +315,16 @@ async def change_watch(rt: Runtime) -> None:
             await asyncio.to_thread(handle.cancel)
 
 
+def _key_facts(rt: Runtime) -> tuple[bool, str, str | None]:
+    held = rt.keyring.peek()
+    return rt.keyring_ready, rt.rotation_stage, keyring_digest(held) if held is not None else None
+
+
 async def key_rotation(rt: Runtime) -> None:
     ticks = 0
     survive = _Survive("key-rotation")
     while True:
+        before = _key_facts(rt)
         async with survive:
             try:
                 # The keyring is checked first: a deleted or replaced source Secret is judged
@@ -328,6 +338,9 @@ async def key_rotation(rt: Runtime) -> None:
             except (DefenderConfigError, OperatorError) as exc:
                 ERRORS.labels("rotation").inc()
                 log.warning("key rotation step failed, retrying: %s", exc)
+        if _key_facts(rt) != before:
+            # Every pass judges the keyring (KeyCurrent, the rotation stage it publishes).
+            rt.wake_all()
         ticks += 1
         await asyncio.sleep(rt.settings.rotation_interval_seconds)
 

@@ -1,5 +1,6 @@
 """One monitoring pass over a component: heartbeats → restarts, misconfiguration, breaker,
-key currency, status. A kopf daemon calls `tick` every `monitor_interval_seconds`.
+key currency, status. A kopf daemon calls `tick` when something it judges changes (`Runtime.wake`),
+and at the latest every `monitor_interval_seconds`.
 
 All judgement is in `_decisions`; this module only gathers inputs and applies outcomes.
 """
@@ -308,6 +309,10 @@ async def _steps(
     retry = judged.decision.retry_after
     if retry is not None:
         wake = min(wake, retry) if wake else retry
+    if seen.rollout is not None and not seen.rollout.ended:
+        # A canary's hold and progress deadline run on the clock: no event ends them.
+        soon = utcnow() + timedelta(seconds=ROLLOUT_POLL_SECONDS)
+        wake = min(wake, soon) if wake else soon
     return wake
 
 
@@ -720,6 +725,8 @@ async def _relay_stop(stopped: Any, wake: asyncio.Event) -> None:
 
 # Floor between passes, so a burst of watch events costs a few passes, not one each.
 _MIN_PAUSE_SECONDS = 0.2
+# How often a component with a canary rollout in progress is looked at, at the latest.
+ROLLOUT_POLL_SECONDS = 5.0
 
 
 async def run(
@@ -731,9 +738,10 @@ async def run(
     logger: Logger,
     pod_index: PodIndex,
 ) -> None:
-    """The per-component daemon: `tick` every monitor_interval_seconds until `stopped`, and
-    sooner when the heartbeat watch says an instance of this component appeared or vanished,
-    or a pod's heartbeat deadline comes first."""
+    """The per-component daemon: `tick` until `stopped`, whenever the operator wakes it (an
+    instance, pod or etcd key of this component changed, or etcd's health or the keyring:
+    `Runtime.wake`), when a pod's heartbeat deadline comes, and at the latest every
+    monitor_interval_seconds."""
     # This daemon's blocking calls take the monitor pool, never a reconcile's thread.
     enter_monitor()
     wake = rt.heartbeats.waker(name)

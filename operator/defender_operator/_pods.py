@@ -106,3 +106,7 @@ def select_pods(index: PodIndex, namespace: str, match_labels: Mapping[str, str]
         if not chosen:
             return []
     return sorted((chosen or {}).values(), key=lambda p: p.name)
+
+
+# A woken pass waits this long after a pod event: kopf files the pod after the handler returns.
+WAKE_DELAY_SECONDS = 0.1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -178,7 +178,12 @@ class Runtime:
         self.etcd = EtcdTracker()
         self.heartbeats = HeartbeatView(utcnow())
         self.changes = ChangeView()
+        self.changes.on_change = self.changed
         self.components: dict[tuple[str, str], ComponentMemory] = {}
+        # The namespaces of each remembered name, and the names of each namespace: a change
+        # in etcd (by name) or to a pod (by namespace) wakes only the monitors it concerns.
+        self._namespaces_of: dict[str, set[str]] = {}
+        self._names_in: dict[str, set[str]] = {}
         # uid -> when its deletion was seen: a resource without a finalizer (retention Keep)
         # goes at once and kopf forgets it without stopping its daemon; the daemon ends itself.
         self._gone: dict[str, float] = {}
@@ -218,11 +223,49 @@ class Runtime:
         mem = self.components.get((namespace, name))
         if mem is None:
             mem = self.components[namespace, name] = ComponentMemory()
+            self._namespaces_of.setdefault(name, set()).add(namespace)
+            self._names_in.setdefault(namespace, set()).add(name)
         return mem
 
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
+        self._namespaces_of.get(name, set()).discard(namespace)
+        self._names_in.get(namespace, set()).discard(name)
         self.registrations_removed.setdefault(namespace, set()).add(name)
+
+    # --- waking monitor passes ------------------------------------------------------------------
+    # A monitor pass runs when something it judges changed, and at the latest every
+    # monitor_interval_seconds (a bound on what no event announces: windows that age, the scrub).
+
+    def wake(self, name: str) -> None:
+        """`name`'s monitor runs a pass now rather than at its interval."""
+        self.heartbeats.waker(name).set()
+
+    def wake_all(self) -> None:
+        self.heartbeats.wake_all()
+
+    def changed(self, name: str, revision: int) -> None:
+        """The change watch saw a put or delete, at `revision`, of a key `name`'s view reads:
+        a pass judges it unless the last pass read at or after it (the operator's seed, read by
+        the pass that follows it, wakes nothing)."""
+        for namespace in self._namespaces_of.get(name, ()):
+            mem = self.components.get((namespace, name))
+            if mem is not None and (mem.observed is None or revision > mem.observed.revision):
+                self.wake(name)
+                return
+
+    def pod_changed(self, namespace: str | None, labels: Mapping[str, str]) -> None:
+        """A pod was added or changed: the monitors of the components it matches run a pass
+        (their instance count, restarts and startup grace depend on their pods)."""
+        if namespace is None or not labels:
+            return
+        for name in self._names_in.get(namespace, ()):
+            mem = self.components.get((namespace, name))
+            if mem is None or mem.spec is None:
+                continue
+            wanted = mem.spec[1].selector.match_labels
+            if wanted and all(labels.get(k) == v for k, v in wanted.items()):
+                self.wake(name)
 
     def anchored_registrations(self) -> dict[str, dict[str, int]]:
         """namespace -> {component: the registration its status anchors}, for the components

@@ -30,8 +30,13 @@ class OperatorSettings(BaseSettings):
     library_settings_file: Path | None = None
     """Optional JSON/YAML file of the library settings (env DEFENDER_* still wins)."""
 
-    monitor_interval_seconds: float = Field(default=5.0, gt=0, le=300)
-    """How often each component's heartbeats, pods and breaker are evaluated."""
+    monitor_interval_seconds: float = Field(default=30.0, gt=0, le=300)
+    """The longest a component goes without a monitor pass. A pass runs at once when anything
+    it judges changes: an instance appears, goes or changes its record, a pod of the component
+    is added or changed, a key the component's view reads changes in etcd, etcd's health or the
+    keyring changes, a heartbeat deadline comes; every 5 s during a canary rollout. This bound
+    covers what no event announces (windows that age out, the scrub, the refresh of
+    status.lastHeartbeatTime, a pod deleted without a deletionTimestamp first)."""
     monitor_full_read_seconds: float = Field(default=60.0, ge=0, le=3600)
     """A monitor pass reuses the component as its last pass read it from etcd while the change
     watch saw no change to it and the operator wrote none, for at most this long; then it reads

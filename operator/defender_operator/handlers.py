@@ -10,7 +10,8 @@ create / resume / update of a DefenderComponent → `_reconcile.reconcile`, then
 delete    → retention Purge (its finalizer holds the object until the data is gone)
 gone      → a deletion seen (the DELETED event): retention Keep releases the claim (no
             finalizer: the resource never waits for an operator), the monitor daemon ends
-daemon    → `_monitor.tick` every monitor_interval_seconds (reading the component from etcd
+daemon    → `_monitor.tick` when its instances, pods or etcd keys change (`Runtime.wake`)
+            and at the latest every monitor_interval_seconds (reading the component from etcd
             only when the change watch, `_loops.change_watch`, says it may have changed)
 index     → `_pods.index_keys`: every pod filed by its labels, so monitor passes select a
             component's pods from memory instead of listing them; `ownership.holder_entry`:
@@ -247,8 +248,21 @@ def _forget(body: kopf.Body, name: str) -> None:
 # ms when the operator is busy: issue #17's thousand creates) for a dictionary lookup.
 @kopf.index("", "v1", "pods")
 async def defender_pods(
-    namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any
+    namespace: str | None,
+    name: str,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> dict[_pods.PodKey, Any]:
+    rt: Runtime | None = memo.get("runtime")
+    if rt is not None:
+        # A moment later: kopf files what this returns after it returns, and the woken pass
+        # must find the pod filed. (A pod deleted outright, with no deletionTimestamp first,
+        # never reaches an index handler: its instance's lease expiring wakes the pass.)
+        asyncio.get_running_loop().call_later(
+            _pods.WAKE_DELAY_SECONDS, rt.pod_changed, namespace, dict(meta.get("labels") or {})
+        )
     return _pods.index_keys(namespace, name, meta, status)
 
 

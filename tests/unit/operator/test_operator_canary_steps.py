@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from defender_config import ChangeKind, config_digest, contract, validate_config
-from defender_operator import _api
+from defender_operator import _api, _monitor
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.canary import Action, CanaryBeat, RolloutView, judge_canary
@@ -381,3 +381,13 @@ def test_an_ended_record_put_back_over_a_rollout_is_written_over_with_the_curren
     assert again.canaries == record.canaries and again.sequence > record.sequence
     assert "RolloutRecordReplayed" in h.reasons()
     assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
+
+
+def test_a_canary_in_progress_is_looked_at_again_within_the_rollout_poll() -> None:
+    """Its hold and progress deadline run on the clock: the pass asks for the next one soon,
+    however long monitor_interval_seconds is (nothing else would wake it)."""
+    h = started(hold=600)
+    due = asyncio.run(h.monitor(canary_spec(ETH1, 600)))
+    assert due is not None
+    assert due <= utcnow() + timedelta(seconds=_monitor.ROLLOUT_POLL_SECONDS)
+    assert _monitor.ROLLOUT_POLL_SECONDS < h.rt.settings.monitor_interval_seconds

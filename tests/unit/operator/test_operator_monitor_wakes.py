@@ -1,0 +1,252 @@
+"""What wakes a component's monitor pass before its interval (`Runtime.wake`): an instance that
+appears, goes or changes its record, a pod it selects, a change in etcd newer than its last
+read, etcd's health, the keyring; and what does not (a put that only moves the time, a pod of
+another selector or namespace, the operator's own seed read by the pass after it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from datetime import timedelta
+from typing import Any
+
+import kopf
+import pytest
+from operator_core_support import LABELS, NAME, NAMESPACE, Harness, spec, until
+
+from defender_config import Keyring
+from defender_operator import _keyguard, _loops, _rotation, handlers
+from defender_operator._backend import EtcdHealth, InstanceRecord
+from defender_operator._runtime import Runtime, utcnow
+
+
+def _woken(h: Harness, name: str = NAME) -> bool:
+    return h.rt.heartbeats.waker(name).is_set()
+
+
+def _settle(h: Harness, name: str = NAME) -> None:
+    h.rt.heartbeats.waker(name).clear()
+
+
+def _record(pod: str, **over: object) -> InstanceRecord:
+    base = InstanceRecord(instance=f"{pod}-0", pod=pod, time=utcnow(), status="RUNNING")
+    return dataclasses.replace(base, **over)  # type: ignore[arg-type]
+
+
+def _monitored() -> Harness:
+    h = Harness()
+    h.inform()
+    asyncio.run(h.reconcile(spec()))
+    asyncio.run(h.monitor(spec()))
+    _settle(h)
+    return h
+
+
+# --- instances --------------------------------------------------------------------------------
+
+
+def test_an_instance_that_changes_its_record_wakes_and_one_that_only_beats_does_not() -> None:
+    view = Harness().rt.heartbeats
+    wake = view.waker(NAME)
+    view.apply(utcnow(), NAME, "a-0", _record("a"))
+    assert wake.is_set()  # a new instance
+    wake.clear()
+    view.apply(utcnow(), NAME, "a-0", _record("a", time=utcnow() + timedelta(seconds=5)))
+    assert not wake.is_set()  # the same record, a later time: an older heartbeater's beat
+    view.apply(utcnow(), NAME, "a-0", _record("a", last_error_reason="UnknownKey"))
+    assert wake.is_set()  # an error reported
+    wake.clear()
+    view.apply(
+        utcnow(), NAME, "a-0", _record("a", last_error_reason="UnknownKey", status="STOPPED")
+    )
+    assert wake.is_set()
+    wake.clear()
+    view.apply(utcnow(), NAME, "a-0", None)
+    assert wake.is_set()  # gone (a lease expired)
+
+
+def test_wake_all_wakes_every_monitor() -> None:
+    rt = Harness().rt
+    events = [rt.heartbeats.waker(n) for n in ("sniffer", "firewall", "rag")]
+    rt.wake_all()
+    assert all(e.is_set() for e in events)
+
+
+# --- changes in etcd --------------------------------------------------------------------------
+
+
+def test_a_change_in_etcd_after_the_last_read_wakes_the_component() -> None:
+    h = _monitored()
+    read = h.mem.observed
+    assert read is not None
+    # The seed and everything before the pass's read: no news.
+    h.rt.changes.apply(NAME, read.revision)
+    assert not _woken(h)
+    # Someone writes the component's keys afterwards (an attacker putting a record back).
+    h.backend.touch(NAME)
+    assert _woken(h)
+
+
+def test_a_change_to_a_component_never_read_wakes_it_and_an_unknown_name_wakes_nothing() -> None:
+    h = Harness()
+    h.rt.memory(NAMESPACE, NAME)  # remembered, no pass has read it yet
+    h.rt.changes.apply(NAME, 7)
+    assert _woken(h)
+    h.rt.changes.apply("never-seen", 8)
+    assert not _woken(h, "never-seen")
+
+
+def test_a_forgotten_component_is_not_woken_by_a_change() -> None:
+    h = _monitored()
+    h.rt.forget(NAMESPACE, NAME)
+    h.rt.changes.apply(NAME, 10**9)
+    assert not _woken(h)
+
+
+def test_the_seed_does_not_wake_the_pass_that_reads_after_it() -> None:
+    h = Harness()
+    h.inform()
+    asyncio.run(h.reconcile(spec()))  # seeds (writes etcd), then its pass reads
+    _settle(h)
+    asyncio.run(h.monitor(spec()))
+    assert not _woken(h)
+
+
+# --- pods -------------------------------------------------------------------------------------
+
+
+def test_a_pod_the_component_selects_wakes_it() -> None:
+    h = _monitored()
+    h.rt.pod_changed(NAMESPACE, {**LABELS, "pod-template-hash": "x"})
+    assert _woken(h)
+
+
+def test_a_pod_of_another_selector_or_namespace_wakes_nothing() -> None:
+    h = _monitored()
+    h.rt.pod_changed(NAMESPACE, {"app": "firewall"})
+    h.rt.pod_changed("elsewhere", dict(LABELS))
+    h.rt.pod_changed(NAMESPACE, {})
+    h.rt.pod_changed(None, dict(LABELS))
+    assert not _woken(h)
+
+
+def test_a_pod_wakes_nothing_before_the_first_pass_knows_the_selector() -> None:
+    h = Harness()
+    h.rt.memory(NAMESPACE, NAME)
+    h.rt.pod_changed(NAMESPACE, dict(LABELS))
+    assert not _woken(h)
+
+
+def test_the_pod_index_handler_wakes_the_component_once_the_pod_is_filed() -> None:
+    h = _monitored()
+    meta = {"uid": "u-1", "creationTimestamp": "2026-01-01T00:00:00Z", "labels": dict(LABELS)}
+
+    async def event() -> dict[Any, Any]:
+        memo = kopf.Memo(runtime=h.rt)
+        filed = await handlers.defender_pods(
+            namespace=NAMESPACE, name="sniffer-x", meta=meta, status={}, memo=memo
+        )
+        assert not _woken(h)  # not before kopf files what the handler returned
+        await until("woken", lambda: _woken(h))
+        return filed
+
+    assert asyncio.run(event())  # and the pod is filed under its labels
+    # Before the runtime exists (kopf indexes only after start-up, but no memo is no error).
+    asyncio.run(
+        handlers.defender_pods(
+            namespace=NAMESPACE, name="sniffer-y", meta=meta, status={}, memo=kopf.Memo()
+        )
+    )
+
+
+# --- etcd's health and the keyring ------------------------------------------------------------
+
+
+def test_a_change_in_etcds_health_wakes_every_monitor_and_the_same_reading_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = _monitored()
+    asyncio.run(_loops._etcd_health_round(h.rt))  # healthy, as before
+    assert not _woken(h)
+    h.backend.unavailable = True
+    asyncio.run(_loops._etcd_health_round(h.rt))
+    assert _woken(h)
+    _settle(h)
+    asyncio.run(_loops._etcd_health_round(h.rt))
+    assert not _woken(h)
+    h.backend.unavailable = False
+    full = EtcdHealth(reachable=True, quorum=True, alarms=("NOSPACE",))
+    monkeypatch.setattr(h.backend, "health", lambda: full)
+    asyncio.run(_loops._etcd_health_round(h.rt))
+    assert _woken(h)  # healthy again, and full: both judged by every pass
+
+
+def test_the_keyring_facts_the_rotation_loop_compares() -> None:
+    h = _monitored()
+    before = _loops._key_facts(h.rt)
+    assert _loops._key_facts(h.rt) == before
+    h.rt.keyring.set(Keyring.generate())
+    assert _loops._key_facts(h.rt) != before
+    h.rt.keyring.set(None)
+    assert _loops._key_facts(h.rt) == (True, "Idle", None)
+
+
+def test_a_key_rotation_round_that_changes_the_keyring_wakes_every_monitor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = _monitored()
+    h.rt.keyring_ready = False  # as after a refused keyring: the round settles it again
+
+    async def settle(rt: Runtime) -> bool:
+        rt.keyring_ready = True
+        return False  # no rotation step this round
+
+    async def fan_out(rt: Runtime, keyring: Keyring) -> None:
+        return None
+
+    monkeypatch.setattr(_keyguard, "settle", settle)
+    monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
+
+    async def one_round() -> None:
+        task = asyncio.create_task(_loops.key_rotation(h.rt))
+        try:
+            await until("the monitors woken", lambda: _woken(h))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(one_round())
+    assert h.rt.keyring_ready
+
+
+def test_a_key_rotation_round_that_changes_nothing_wakes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = _monitored()
+    rounds = 0
+
+    async def settle(rt: Runtime) -> bool:
+        nonlocal rounds
+        rounds += 1
+        return False
+
+    async def fan_out(rt: Runtime, keyring: Keyring) -> None:
+        return None
+
+    monkeypatch.setattr(_keyguard, "settle", settle)
+    monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
+    monkeypatch.setattr(h.rt.settings, "rotation_interval_seconds", 0.01)
+
+    async def some_rounds() -> None:
+        task = asyncio.create_task(_loops.key_rotation(h.rt))
+        try:
+            await until("three rounds", lambda: rounds >= 3)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(some_rounds())
+    assert not _woken(h)
