@@ -500,6 +500,12 @@ class KeyringSecrets:
         known, fresh = self._recent(namespace, max_age)
         return fresh and known == keyring_digest(keyring)
 
+    def known_copy_digests(self) -> dict[str, str | None]:
+        """namespace -> the copy's digest as this operator last read or wrote it, however long
+        ago (a key rotation round compares them before and after: a copy it wrote or found
+        changed is news for every monitor pass)."""
+        return {namespace: digest for namespace, (digest, _) in self._copies.items()}
+
     def known_copy_digest(self, namespace: str, *, max_age: float) -> tuple[str | None, bool]:
         """`copy_digest` as this operator read or wrote it less than `max_age` seconds ago, and
         whether it is that fresh (False: call `copy_digest`, which reads the Secret)."""

@@ -315,9 +315,14 @@ async def change_watch(rt: Runtime) -> None:
             await asyncio.to_thread(handle.cancel)
 
 
-def _key_facts(rt: Runtime) -> tuple[bool, str, str | None]:
+def _key_facts(rt: Runtime) -> tuple[bool, str, str | None, dict[str, str | None]]:
     held = rt.keyring.peek()
-    return rt.keyring_ready, rt.rotation_stage, keyring_digest(held) if held is not None else None
+    return (
+        rt.keyring_ready,
+        rt.rotation_stage,
+        keyring_digest(held) if held is not None else None,
+        rt.secrets.known_copy_digests(),
+    )
 
 
 async def key_rotation(rt: Runtime) -> None:

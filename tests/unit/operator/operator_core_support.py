@@ -113,6 +113,11 @@ class FakeSecrets:
     def known_copy_digest(self, namespace: str, *, max_age: float) -> tuple[str | None, bool]:
         return keyring_digest(self.keyring.current()), True
 
+    def known_copy_digests(self) -> dict[str, str | None]:
+        held = self.keyring.peek()
+        digest = keyring_digest(held) if held is not None else None
+        return {namespace: digest for namespace in self.fanned_out}
+
     def publish_registrations(
         self,
         namespace: str,

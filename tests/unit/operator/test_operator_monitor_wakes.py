@@ -189,7 +189,10 @@ def test_the_keyring_facts_the_rotation_loop_compares() -> None:
     h.rt.keyring.set(Keyring.generate())
     assert _loops._key_facts(h.rt) != before
     h.rt.keyring.set(None)
-    assert _loops._key_facts(h.rt) == (True, "Idle", None)
+    assert _loops._key_facts(h.rt)[:3] == (True, "Idle", None)
+    changed = _loops._key_facts(h.rt)
+    h.rt.secrets.fanned_out.append("elsewhere")  # type: ignore[attr-defined]
+    assert _loops._key_facts(h.rt) != changed  # a copy written or found changed
 
 
 def test_a_key_rotation_round_that_changes_the_keyring_wakes_every_monitor(
@@ -250,3 +253,29 @@ def test_a_key_rotation_round_that_changes_nothing_wakes_nothing(
 
     asyncio.run(some_rounds())
     assert not _woken(h)
+
+
+def test_a_key_rotation_round_that_writes_a_copy_wakes_every_monitor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = _monitored()
+
+    async def settle(rt: Runtime) -> bool:
+        return False
+
+    async def fan_out(rt: Runtime, keyring: Keyring) -> None:
+        rt.secrets.fan_out(keyring, "copied-now")
+
+    monkeypatch.setattr(_keyguard, "settle", settle)
+    monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
+
+    async def one_round() -> None:
+        task = asyncio.create_task(_loops.key_rotation(h.rt))
+        try:
+            await until("the monitors woken", lambda: _woken(h))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(one_round())
