@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +33,21 @@ def _settle(h: Harness, name: str = NAME) -> None:
 def _record(pod: str, **over: object) -> InstanceRecord:
     base = InstanceRecord(instance=f"{pod}-0", pod=pod, time=utcnow(), status="RUNNING")
     return dataclasses.replace(base, **over)  # type: ignore[arg-type]
+
+
+def _rotate_until(h: Harness, what: str, check: Callable[[], bool]) -> None:
+    """Run the key rotation loop until `check()` holds."""
+
+    async def rounds() -> None:
+        task = asyncio.create_task(_loops.key_rotation(h.rt))
+        try:
+            await until(what, check)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(rounds())
 
 
 def _monitored() -> Harness:
@@ -211,16 +227,7 @@ def test_a_key_rotation_round_that_changes_the_keyring_wakes_every_monitor(
     monkeypatch.setattr(_keyguard, "settle", settle)
     monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
 
-    async def one_round() -> None:
-        task = asyncio.create_task(_loops.key_rotation(h.rt))
-        try:
-            await until("the monitors woken", lambda: _woken(h))
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    asyncio.run(one_round())
+    _rotate_until(h, "the monitors woken", lambda: _woken(h))
     assert h.rt.keyring_ready
 
 
@@ -242,16 +249,7 @@ def test_a_key_rotation_round_that_changes_nothing_wakes_nothing(
     monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
     monkeypatch.setattr(h.rt.settings, "rotation_interval_seconds", 0.01)
 
-    async def some_rounds() -> None:
-        task = asyncio.create_task(_loops.key_rotation(h.rt))
-        try:
-            await until("three rounds", lambda: rounds >= 3)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    asyncio.run(some_rounds())
+    _rotate_until(h, "three rounds", lambda: rounds >= 3)
     assert not _woken(h)
 
 
@@ -269,13 +267,4 @@ def test_a_key_rotation_round_that_writes_a_copy_wakes_every_monitor(
     monkeypatch.setattr(_keyguard, "settle", settle)
     monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
 
-    async def one_round() -> None:
-        task = asyncio.create_task(_loops.key_rotation(h.rt))
-        try:
-            await until("the monitors woken", lambda: _woken(h))
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    asyncio.run(one_round())
+    _rotate_until(h, "the monitors woken", lambda: _woken(h))
