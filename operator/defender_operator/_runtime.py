@@ -246,11 +246,11 @@ class Runtime:
 
     def changed(self, name: str, revision: int) -> None:
         """The change watch saw a put or delete, at `revision`, of a key `name`'s view reads:
-        a pass judges it unless the last pass read at or after it (the operator's seed, read by
-        the pass that follows it, wakes nothing)."""
+        a pass judges it unless the last pass read at or after it, or no pass has read the
+        component yet (the one coming reads anyway: a new component's own seed wakes nothing)."""
         for namespace in self._namespaces_of.get(name, ()):
             mem = self.components.get((namespace, name))
-            if mem is not None and (mem.observed is None or revision > mem.observed.revision):
+            if mem is not None and mem.observed is not None and revision > mem.observed.revision:
                 self.wake(name)
                 return
 

@@ -104,11 +104,11 @@ def test_a_change_in_etcd_after_the_last_read_wakes_the_component() -> None:
     assert _woken(h)
 
 
-def test_a_change_to_a_component_never_read_wakes_it_and_an_unknown_name_wakes_nothing() -> None:
+def test_a_change_to_a_component_no_pass_read_or_an_unknown_name_wakes_nothing() -> None:
     h = Harness()
-    h.rt.memory(NAMESPACE, NAME)  # remembered, no pass has read it yet
+    h.rt.memory(NAMESPACE, NAME)  # remembered, no pass has read it yet: the coming one reads
     h.rt.changes.apply(NAME, 7)
-    assert _woken(h)
+    assert not _woken(h)
     h.rt.changes.apply("never-seen", 8)
     assert not _woken(h, "never-seen")
 
