@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from defender_operator._backend import InstanceRecord
-from defender_operator._metrics import HEARTBEAT_EVENTS
+from defender_operator._metrics import HEARTBEAT_EVENTS, MONITOR_WAKES
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class HeartbeatView:
     def waker(self, component: str) -> asyncio.Event:
         return self._wakers.setdefault(component, asyncio.Event())
 
+    def wake(self, component: str, reason: str) -> None:
+        """`component`'s monitor runs a pass now (`reason` is only counted)."""
+        MONITOR_WAKES.labels(reason).inc()
+        self.waker(component).set()
+
     def apply(
         self, now: datetime, component: str, instance: str, record: InstanceRecord | None
     ) -> None:
@@ -58,7 +63,7 @@ class HeartbeatView:
             known.pop(instance, None)
             self._tombstones[(component, instance)] = self._seq
             # Judge now rather than at the next interval.
-            self.waker(component).set()
+            self.wake(component, "instance-gone")
             return
         HEARTBEAT_EVENTS.labels("put").inc()
         self._tombstones.pop((component, instance), None)
@@ -67,12 +72,13 @@ class HeartbeatView:
             # A new instance, or one whose status, version, keys or error changed: judge it
             # now. A put that only moves the time (a heartbeater from before one RPC per beat
             # writes every beat) is no news.
-            self.waker(component).set()
+            self.wake(component, "instance-new" if before is None else "instance-changed")
         known[instance] = _Entry(record, self._seq)
 
-    def wake_all(self) -> None:
+    def wake_all(self, reason: str) -> None:
         """Every monitor runs a pass now: something all of them judge changed (etcd's health,
         the keyring)."""
+        MONITOR_WAKES.labels(reason).inc(len(self._wakers))
         for event in self._wakers.values():
             event.set()
 

@@ -167,7 +167,7 @@ async def _etcd_health_round(rt: Runtime) -> None:
     rt.etcd.record(utcnow(), health)
     if (was_ok, alarms_before) != (health.reachable and health.quorum, health.alarms):
         # Every pass judges etcd's health (conditions, whether restarts may go ahead).
-        rt.wake_all()
+        rt.wake_all("etcd-health")
     await _tell_nospace(rt, alarms_before, health)
     now_ok = health.reachable and health.quorum
     if was_ok != now_ok:
@@ -345,7 +345,7 @@ async def key_rotation(rt: Runtime) -> None:
                 log.warning("key rotation step failed, retrying: %s", exc)
         if _key_facts(rt) != before:
             # Every pass judges the keyring (KeyCurrent, the rotation stage it publishes).
-            rt.wake_all()
+            rt.wake_all("keyring")
         ticks += 1
         await asyncio.sleep(rt.settings.rotation_interval_seconds)
 

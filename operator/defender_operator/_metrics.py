@@ -96,6 +96,13 @@ CHANGE_RESYNCS = Counter(
     "defender_operator_component_change_resyncs_total",
     "Resyncs of the change watch (it is trusted again from that revision on)",
 )
+MONITOR_WAKES = Counter(
+    "defender_operator_monitor_wakes_total",
+    "Requests that a component's monitor run a pass now rather than at its interval, by what"
+    " asked (several that come together make one pass: `defender_operator_monitor_reads_total`"
+    " counts passes)",
+    ["reason"],
+)
 MONITOR_READS = Counter(
     "defender_operator_monitor_reads_total",
     "Monitor passes by whether they read the component from etcd (read) or reused the view"

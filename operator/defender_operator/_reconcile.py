@@ -262,7 +262,7 @@ async def reconcile(
         # No pass ran with the reconcile: the monitor judges heartbeats, keys and Ready right
         # away rather than at its next interval (a new component is Ready once instances are
         # seen). After one that ran, its daemon's next pass comes when that pass said.
-        v.rt.heartbeats.waker(v.name).set()
+        v.rt.wake(v.name, "reconciled")
 
 
 async def _finish(
@@ -1033,7 +1033,7 @@ async def gone(
     uid = _uid(body)
     applied = rt.is_gone(uid)
     rt.mark_gone(uid)
-    rt.heartbeats.waker(name).set()
+    rt.wake(name, "deleted")
     if applied:
         return
     try:

@@ -237,12 +237,13 @@ class Runtime:
     # A monitor pass runs when something it judges changed, and at the latest every
     # monitor_interval_seconds (a bound on what no event announces: windows that age, the scrub).
 
-    def wake(self, name: str) -> None:
-        """`name`'s monitor runs a pass now rather than at its interval."""
-        self.heartbeats.waker(name).set()
+    def wake(self, name: str, reason: str) -> None:
+        """`name`'s monitor runs a pass now rather than at its interval (`reason`, what asked,
+        is counted: `MONITOR_WAKES`)."""
+        self.heartbeats.wake(name, reason)
 
-    def wake_all(self) -> None:
-        self.heartbeats.wake_all()
+    def wake_all(self, reason: str) -> None:
+        self.heartbeats.wake_all(reason)
 
     def changed(self, name: str, revision: int) -> None:
         """The change watch saw a put or delete, at `revision`, of a key `name`'s view reads:
@@ -251,7 +252,7 @@ class Runtime:
         for namespace in self._namespaces_of.get(name, ()):
             mem = self.components.get((namespace, name))
             if mem is not None and mem.observed is not None and revision > mem.observed.revision:
-                self.wake(name)
+                self.wake(name, "etcd-change")
                 return
 
     def pod_changed(self, namespace: str | None, labels: Mapping[str, str]) -> None:
@@ -265,7 +266,7 @@ class Runtime:
                 continue
             wanted = mem.spec[1].selector.match_labels
             if wanted and all(labels.get(k) == v for k, v in wanted.items()):
-                self.wake(name)
+                self.wake(name, "pod")
 
     def anchored_registrations(self) -> dict[str, dict[str, int]]:
         """namespace -> {component: the registration its status anchors}, for the components

@@ -86,6 +86,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# What the end-to-end tests change from the operator's defaults (no metrics server; intervals
+# of 1 s, so a test waits seconds, not minutes; text logs). A benchmark puts the defaults back
+# (bench_operator.operator_defaults).
+E2E_SETTINGS = {
+    "DEFENDER_OPERATOR_METRICS_PORT": "0",
+    "DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS": "1",
+    "DEFENDER_OPERATOR_ETCD_HEALTH_INTERVAL_SECONDS": "1",
+    "DEFENDER_OPERATOR_ROTATION_INTERVAL_SECONDS": "1",
+    "DEFENDER_OPERATOR_LOG_FORMAT": "text",
+}
+
+
 @dataclass
 class OperatorRun:
     namespace: str  # where the components live
@@ -325,11 +337,7 @@ class OperatorRun:
             "DEFENDER_ETCD__ENDPOINTS": ",".join(self.etcd.endpoints),
             "DEFENDER_PREFIX": self.prefix,
             "DEFENDER_OPERATOR_NAMESPACE": self.operator_namespace,
-            "DEFENDER_OPERATOR_METRICS_PORT": "0",
-            "DEFENDER_OPERATOR_MONITOR_INTERVAL_SECONDS": "1",
-            "DEFENDER_OPERATOR_ETCD_HEALTH_INTERVAL_SECONDS": "1",
-            "DEFENDER_OPERATOR_ROTATION_INTERVAL_SECONDS": "1",
-            "DEFENDER_OPERATOR_LOG_FORMAT": "text",
+            **E2E_SETTINGS,
             **env,
         }
         log = self.log_path.open("ab")

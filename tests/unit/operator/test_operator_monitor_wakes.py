@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 import pytest
 from operator_core_support import LABELS, NAME, NAMESPACE, Harness, spec, until
+from prometheus_client import REGISTRY
 
 from defender_config import Keyring
 from defender_operator import _keyguard, _loops, _rotation, handlers
@@ -24,6 +25,13 @@ from defender_operator._runtime import Runtime, utcnow
 
 def _woken(h: Harness, name: str = NAME) -> bool:
     return h.rt.heartbeats.waker(name).is_set()
+
+
+def _wakes(reason: str) -> float:
+    return (
+        REGISTRY.get_sample_value("defender_operator_monitor_wakes_total", {"reason": reason})
+        or 0.0
+    )
 
 
 def _settle(h: Harness, name: str = NAME) -> None:
@@ -85,8 +93,25 @@ def test_an_instance_that_changes_its_record_wakes_and_one_that_only_beats_does_
 def test_wake_all_wakes_every_monitor() -> None:
     rt = Harness().rt
     events = [rt.heartbeats.waker(n) for n in ("sniffer", "firewall", "rag")]
-    rt.wake_all()
+    before = _wakes("keyring")
+    rt.wake_all("keyring")
     assert all(e.is_set() for e in events)
+    assert _wakes("keyring") == before + 3  # one per monitor woken
+
+
+def test_each_wake_is_counted_by_what_asked_for_it() -> None:
+    view = Harness().rt.heartbeats
+    before = {r: _wakes(r) for r in ("instance-new", "instance-changed", "instance-gone")}
+    view.apply(utcnow(), NAME, "a-0", _record("a"))
+    view.apply(utcnow(), NAME, "a-0", _record("a", time=utcnow() + timedelta(seconds=5)))
+    view.apply(utcnow(), NAME, "a-0", _record("a", status="STOPPED"))
+    view.apply(utcnow(), NAME, "a-0", None)
+    # The beat that only moved the time asked for nothing, so it is not counted.
+    assert {r: _wakes(r) - n for r, n in before.items()} == {
+        "instance-new": 1,
+        "instance-changed": 1,
+        "instance-gone": 1,
+    }
 
 
 # --- changes in etcd --------------------------------------------------------------------------
@@ -100,8 +125,10 @@ def test_a_change_in_etcd_after_the_last_read_wakes_the_component() -> None:
     h.rt.changes.apply(NAME, read.revision)
     assert not _woken(h)
     # Someone writes the component's keys afterwards (an attacker putting a record back).
+    before = _wakes("etcd-change")
     h.backend.touch(NAME)
     assert _woken(h)
+    assert _wakes("etcd-change") == before + 1
 
 
 def test_a_change_to_a_component_no_pass_read_or_an_unknown_name_wakes_nothing() -> None:
@@ -134,8 +161,10 @@ def test_the_seed_does_not_wake_the_pass_that_reads_after_it() -> None:
 
 def test_a_pod_the_component_selects_wakes_it() -> None:
     h = _monitored()
+    before = _wakes("pod")
     h.rt.pod_changed(NAMESPACE, {**LABELS, "pod-template-hash": "x"})
     assert _woken(h)
+    assert _wakes("pod") == before + 1
 
 
 def test_a_pod_of_another_selector_or_namespace_wakes_nothing() -> None:
