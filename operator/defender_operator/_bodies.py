@@ -4,8 +4,8 @@ kopf keeps every daemon's latest body for the daemon's lifetime (its "live" body
 each watch event). Most of a DefenderComponent's body in memory is `metadata.managedFields`,
 the API server's field-ownership bookkeeping: measured on a Ready component, ~40 KB of Python
 dicts for a 10 KB object, ~30 MiB at 1,000 components. Neither kopf nor the operator reads it,
-so the operator drops it from the body it is handed; the next event's body brings it back
-until the next reconcile or monitor pass sheds it again.
+so the operator drops it from the body it is handed: every event's, in the name index that
+sees each event first (`handlers.name_holders`), and again before a reconcile or monitor pass.
 """
 
 from __future__ import annotations

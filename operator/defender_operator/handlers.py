@@ -268,6 +268,10 @@ async def defender_pods(
 
 @kopf.index(*RESOURCE)
 async def name_holders(body: kopf.Body, **_: Any) -> dict[str, Claim]:
+    # Every event of a DefenderComponent reaches this index first, with the body kopf then
+    # keeps for the component's daemon: shed here, or a component's status patch brings its
+    # managedFields back into memory until its next pass (up to the monitor interval).
+    shed_managed_fields(body)
     return holder_entry(body)
 
 

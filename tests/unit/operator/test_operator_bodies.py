@@ -4,14 +4,16 @@ else: spec, status and the rest of metadata read the same afterwards."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import kopf
 import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness
 
-from defender_operator import _monitor
+from defender_operator import _monitor, handlers
 from defender_operator._bodies import shed_managed_fields
+from defender_operator._decisions.ownership import holder_entry
 
 
 def _raw() -> dict[str, Any]:
@@ -84,3 +86,13 @@ def test_the_monitor_daemon_sheds_them_before_each_pass(monkeypatch: pytest.Monk
     h.rt.settings = h.rt.settings.model_copy(update={"monitor_interval_seconds": 0.01})
     asyncio.run(_monitor.run(h.rt, Stopped(), body, NAMESPACE, NAME, LOG, h.index()))
     assert seen == [False, False]
+
+
+def test_every_event_sheds_them_in_the_name_index_before_kopf_keeps_the_body() -> None:
+    # kopf hands each event's body to its indexes first, then keeps that same body for the
+    # daemon: between passes (30 s) a status patch's event would bring managedFields back.
+    raw = _raw()
+    raw["metadata"]["namespace"] = NAMESPACE
+    expected = holder_entry(kopf.Body(copy.deepcopy(raw)))
+    assert asyncio.run(handlers.name_holders(body=kopf.Body(raw))) == expected
+    assert "managedFields" not in raw["metadata"]
