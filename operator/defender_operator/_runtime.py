@@ -229,8 +229,8 @@ class Runtime:
 
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
-        self._namespaces_of.get(name, set()).discard(namespace)
-        self._names_in.get(namespace, set()).discard(name)
+        _drop(self._namespaces_of, name, namespace)
+        _drop(self._names_in, namespace, name)
         self.registrations_removed.setdefault(namespace, set()).add(name)
 
     # --- waking monitor passes ------------------------------------------------------------------
@@ -298,3 +298,13 @@ class Runtime:
         get no keyring copy (a resource that may write nothing needs no key)."""
         refused = {ns for (ns, _), mem in self.components.items() if mem.conflict is not None}
         return refused - {ns for (ns, _), mem in self.components.items() if mem.conflict is None}
+
+
+def _drop(sets: dict[str, set[str]], key: str, member: str) -> None:
+    """`member` out of `sets[key]`, and the key with its set once empty (names come and go:
+    a set per name ever seen would only grow)."""
+    found = sets.get(key)
+    if found is not None:
+        found.discard(member)
+        if not found:
+            del sets[key]

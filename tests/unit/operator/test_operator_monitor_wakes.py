@@ -147,6 +147,22 @@ def test_a_forgotten_component_is_not_woken_by_a_change() -> None:
     assert not _woken(h)
 
 
+def test_forgetting_one_namespace_s_component_keeps_the_same_name_elsewhere_wakeable() -> None:
+    h = _monitored()
+    other = h.rt.memory("elsewhere", NAME)
+    other.observed = h.mem.observed
+    h.rt.forget(NAMESPACE, NAME)
+    h.rt.changes.apply(NAME, 10**9)
+    assert _woken(h)  # the other namespace's component of that name was read, and changed
+    _settle(h)
+    h.rt.forget("elsewhere", NAME)
+    h.rt.changes.apply(NAME, 10**9 + 1)
+    assert not _woken(h)
+    # Nothing is kept of a name no namespace holds any more (names come and go).
+    assert NAME not in h.rt._namespaces_of
+    assert NAMESPACE not in h.rt._names_in and "elsewhere" not in h.rt._names_in
+
+
 def test_the_seed_does_not_wake_the_pass_that_reads_after_it() -> None:
     h = Harness()
     h.inform()
