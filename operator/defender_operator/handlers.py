@@ -59,7 +59,6 @@ from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
 from defender_operator._metrics import RECONCILES, forget_component
-from defender_operator._progress import LeanProgressStorage
 from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import load_operator_settings
 from defender_operator._spawning import without_finalizer
@@ -88,23 +87,16 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
     return await _login.pooled_login(limit, **kwargs)
 
 
-def configure_kopf(settings: kopf.OperatorSettings) -> None:
-    """kopf's settings, as the operator needs them (before anything else at start-up)."""
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours, library = load_operator_settings()
     settings.persistence.finalizer = FINALIZER
     # kopf's diff base goes out with the reconcile's status patch, not as a write of its own.
     settings.persistence.diffbase_storage = _diffbase.DIFFBASE
-    # The same progress records, without four copies of the object per watch event.
-    settings.persistence.progress_storage = LeanProgressStorage()
     # Events are posted explicitly (kopf.event) for what a person should act on; log lines
     # are not copied into Events.
     settings.posting.loggers = False
     settings.watching.server_timeout = 300
-
-
-@kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    configure_kopf(settings)
-    ours, library = load_operator_settings()
     identity = os.environ.get("POD_NAME") or socket.gethostname()
     # Blocking calls (etcd, the Kubernetes client) run in the loop's default executor; its
     # default size (CPUs + 4) would queue a burst of reconciles behind a handful of threads,
