@@ -416,6 +416,21 @@ def section_operator(d: dict[str, Any]) -> list[str]:
             for label, cpu in _batches(row, "cpu_ms_per_component"):
                 cells = " | ".join(f"{cpu.get(role, 0.0):.1f}" for role in roles)
                 out.append(f"| {row['components']} | {label} | {cells} | {sum(cpu.values()):.1f} |")
+    monitored = [r for r in d["runs"] if "monitor_per_component" in r]
+    if monitored:
+        out += [
+            "",
+            "Monitor passes and wake-ups per component of the batch, from the first create until "
+            "the last Ready (the operator's `defender_operator_monitor_reads_total`: passes, by "
+            "whether they read etcd; `defender_operator_monitor_wakes_total`: requests for a pass "
+            "before the interval, by what asked). The pass the reconcile runs for Ready counts "
+            "as `Unchanged, skipped`: it reuses what the seed's transaction read. By batch:",
+            "",
+        ]
+        for row in monitored:
+            counts = row["monitor_per_component"]
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in counts.items()) or "none"
+            out.append(f"- {row['components']} components: {parts}")
     kinds = [r for r in d["runs"] if r.get("by_kind_per_component")]
     if kinds:
         out += [
