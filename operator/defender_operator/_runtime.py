@@ -227,6 +227,17 @@ class Runtime:
             self._names_in.setdefault(namespace, set()).add(name)
         return mem
 
+    def adopt_status(self, namespace: str, name: str, status: Any) -> None:
+        """A watch event brought `status` (the dict kopf keeps in the component's body): when it
+        equals the status this operator last wrote, keep kopf's dict instead of ours. One copy
+        per component rather than two (~7 KiB each); ours stays while the body lags our write.
+        Neither is changed in place (statuses are replaced, never edited)."""
+        mem = self.components.get((namespace, name))
+        if mem is None or mem.status is None or mem.status is status:
+            return
+        if isinstance(status, dict) and status == mem.status:
+            mem.status = status
+
     def forget(self, namespace: str, name: str) -> None:
         self.components.pop((namespace, name), None)
         _drop(self._namespaces_of, name, namespace)

@@ -267,11 +267,17 @@ async def defender_pods(
 
 
 @kopf.index(*RESOURCE)
-async def name_holders(body: kopf.Body, **_: Any) -> dict[str, Claim]:
+async def name_holders(
+    body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+) -> dict[str, Claim]:
     # Every event of a DefenderComponent reaches this index first, with the body kopf then
     # keeps for the component's daemon: shed here, or a component's status patch brings its
-    # managedFields back into memory until its next pass (up to the monitor interval).
+    # managedFields back into memory until its next pass (up to the monitor interval); and
+    # the status we last wrote is kept once, in that body, when the event shows it.
     shed_managed_fields(body)
+    rt: Runtime | None = memo.get("runtime")
+    if rt is not None:
+        rt.adopt_status(namespace or "", name, body.get("status"))
     return holder_entry(body)
 
 

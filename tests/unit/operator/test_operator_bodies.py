@@ -94,5 +94,8 @@ def test_every_event_sheds_them_in_the_name_index_before_kopf_keeps_the_body() -
     raw = _raw()
     raw["metadata"]["namespace"] = NAMESPACE
     expected = holder_entry(kopf.Body(copy.deepcopy(raw)))
-    assert asyncio.run(handlers.name_holders(body=kopf.Body(raw))) == expected
+    found = asyncio.run(
+        handlers.name_holders(body=kopf.Body(raw), namespace=NAMESPACE, name=NAME, memo=kopf.Memo())
+    )
+    assert found == expected
     assert "managedFields" not in raw["metadata"]
