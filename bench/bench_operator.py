@@ -798,9 +798,10 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
         sizes = [int(x) for x in os.environ["BENCH_OPERATOR_SIZES"].split(",") if x]
     big_runs = [] if quick or not big else [1000]
     notes = [
-        "The operator ran with its default settings (a monitor pass when something it judges "
-        "changes, at the latest every 30 s; a reconcile wakes the component's monitor at once, "
-        "so Ready does not wait for the interval). Instances "
+        "The operator ran with its default settings, including those the end-to-end harness "
+        "changes (`operator_defaults`): a monitor pass when something it judges changes, at "
+        "the latest every 30 s; a new component's reconcile runs its first pass itself, so "
+        "Ready does not wait for the interval. Instances "
         "heartbeat every 1 s at 1 and 100 components; at 1,000 every 10 s (spec "
         "heartbeat.intervalSeconds 10; the CRD default is 30), with bare pods instead of "
         "Deployments (see batch()). Instances are library Heartbeaters: at 1 and 100 in the "
