@@ -258,6 +258,7 @@ async def _steps(
         take(mem, found, await cadence_step(p, seen, mem))
     judged, heard = await heartbeat_step(p, mem, pods, seen.instances, read_ok=seen.etcd_ok)
     take(mem, found, heard)
+    misconfig_ages: datetime | None = None
     if seen.etcd_ok:
         restored = await scrub_step(
             rt,
@@ -268,7 +269,8 @@ async def _steps(
             status=p.status,
             logger=p.logger,
         )
-        take(mem, found, await misconfig_step(p, mem, seen))
+        misconfigured, misconfig_ages = await misconfig_step(p, mem, seen)
+        take(mem, found, misconfigured)
         state = seen.state
         if restored or state is None:
             # Read again: the scrub changed ACTIVE, or the pass's read failed verification
@@ -306,9 +308,11 @@ async def _steps(
         judged.policy,
         mem.lease_ttls,
     )
-    retry = judged.decision.retry_after
-    if retry is not None:
-        wake = min(wake, retry) if wake else retry
+    # A restart held back by the budget or its backoff, and a Misconfigured whose reports age
+    # out of the window, change on the clock: no event announces either.
+    for clock in (judged.decision.retry_after, misconfig_ages):
+        if clock is not None:
+            wake = min(wake, clock) if wake else clock
     if seen.rollout is not None and not seen.rollout.ended:
         # A canary's hold and progress deadline run on the clock: no event ends them.
         soon = utcnow() + timedelta(seconds=ROLLOUT_POLL_SECONDS)
@@ -504,9 +508,12 @@ async def _restart(
     return 1
 
 
-async def misconfig_step(p: Pass, mem: ComponentMemory, seen: Observed) -> Outcome:
+async def misconfig_step(
+    p: Pass, mem: ComponentMemory, seen: Observed
+) -> tuple[Outcome, datetime | None]:
     """Misconfigured from the instances' reported errors and recent alerts; alerted (Event and
-    an alert rag reads) when it starts."""
+    an alert rag reads) when it starts. Also when the verdict may change with nothing new
+    reported (its oldest report leaving the window), None if never."""
     verdict = assess(
         p.now, _reports(seen.instances, seen.alerts), p.rt.settings.misconfig_window_seconds
     )
@@ -525,7 +532,7 @@ async def misconfig_step(p: Pass, mem: ComponentMemory, seen: Observed) -> Outco
         out.events.append(warning(verdict.reason, verdict.message))
         p.logger.warning("misconfigured: %s", verdict.message)
         await p.rt.write(p.name, p.rt.backend.alert, "Misconfigured", p.name, verdict.message)
-    return out
+    return out, verdict.changes_at
 
 
 def pod_views(pods: Sequence[Pod]) -> list[PodView]:

@@ -34,8 +34,9 @@ class OperatorSettings(BaseSettings):
     """The longest a component goes without a monitor pass. A pass runs at once when anything
     it judges changes: an instance appears, goes or changes its record, a pod of the component
     is added or changed, a key the component's view reads changes in etcd, etcd's health or the
-    keyring changes, a heartbeat deadline comes; every 5 s during a canary rollout. This bound
-    covers what no event announces (windows that age out, the scrub, the refresh of
+    keyring changes, a heartbeat deadline comes, a restart backoff or an exhausted budget or a
+    Misconfigured verdict's window runs out; every 5 s during a canary rollout. This bound
+    covers what neither an event nor a clock it judged announces (the scrub, the refresh of
     status.lastHeartbeatTime, a pod deleted without a deletionTimestamp first)."""
     monitor_full_read_seconds: float = Field(default=60.0, ge=0, le=3600)
     """A monitor pass reuses the component as its last pass read it from etcd while the change

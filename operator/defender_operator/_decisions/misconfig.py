@@ -43,6 +43,9 @@ class MisconfigVerdict:
     reason: str
     message: str
     instances: tuple[str, ...] = ()
+    # When the oldest report counted leaves the window: the verdict may change then with
+    # nothing new reported (None when no report counts).
+    changes_at: datetime | None = None
 
 
 def assess(now: datetime, reports: Sequence[Report], window_seconds: int) -> MisconfigVerdict:
@@ -64,4 +67,5 @@ def assess(now: datetime, reports: Sequence[Report], window_seconds: int) -> Mis
         reason,
         f"{len(instances)} instance(s) report {reason}: {', '.join(instances)} (e.g. {sample})",
         instances,
+        min(r.time for r in hits) + timedelta(seconds=window_seconds),
     )

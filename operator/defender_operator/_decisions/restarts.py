@@ -252,12 +252,17 @@ def decide_restart(
     window_start = now - timedelta(seconds=budget.window_seconds)
     recent = sorted(t for t in restart_times if t > window_start)
     if len(recent) >= budget.max_restarts:
+        # A restart is allowed again once enough of these leave the window.
+        freed = recent[len(recent) - budget.max_restarts] if budget.max_restarts > 0 else None
         return RestartDecision(
             RestartAction.DEGRADED,
             "RestartBudgetExhausted",
             f"{len(recent)} restarts within {budget.window_seconds}s did not bring the pods"
             f" back; stopped restarting. Check the pods' logs: {', '.join(names)}",
             stale_pods=names,
+            retry_after=(
+                freed + timedelta(seconds=budget.window_seconds) if freed is not None else None
+            ),
         )
     if any(p.deleting for p in pods):
         return RestartDecision(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
@@ -33,6 +34,7 @@ from defender_operator._decisions.ownership import (
 )
 from defender_operator._errors import KubeError
 from defender_operator._reconcile import UNFREEZE_ANNOTATION, apply_retention, gone
+from defender_operator._runtime import utcnow
 
 BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
 ETH0 = {**BASE, "interface": "eth0"}
@@ -736,6 +738,24 @@ def test_misconfiguration_is_announced_once_and_alerted() -> None:
     assert h.condition(cond.MISCONFIGURED)["status"] == cond.TRUE
     assert h.reasons().count("UnknownKey") == 1  # the Event when it starts, not every pass
     assert [a.reason for a in h.backend.raised].count("Misconfigured") == 1
+
+
+def test_a_misconfiguration_is_judged_again_when_its_reports_leave_the_window() -> None:
+    h = Harness()
+    h.rt.settings = h.rt.settings.model_copy(update={"misconfig_window_seconds": 3})
+    run(h.reconcile(spec(ETH0)))
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    healthy_due = run_monitor(h)
+    began = utcnow()
+    h.beat("sniffer-a", error="UnknownKey")
+    due = run_monitor(h)
+    assert h.condition(cond.MISCONFIGURED)["status"] == cond.TRUE
+    # The pass asks to run again when the report leaves the 3 s window, not at the interval
+    # bound (30 s) or the pod's heartbeat deadline (what it asked for without the report).
+    assert isinstance(due, datetime) and isinstance(healthy_due, datetime)
+    assert began <= due <= utcnow() + timedelta(seconds=3)
+    assert healthy_due > utcnow() + timedelta(seconds=3)
 
 
 def test_a_pass_that_cannot_read_etcd_judges_nothing_and_still_publishes() -> None:

@@ -135,6 +135,21 @@ def test_budget_exhausted_degrades() -> None:
     d = decide(T0, [PodView("a", OLD)], {}, restart_times=times)
     assert d.action is RestartAction.DEGRADED
     assert d.reason == "RestartBudgetExhausted"
+    # Judged again when the oldest of the three leaves the 600 s window (a restart is allowed
+    # then), not whenever the next pass happens to come.
+    assert d.retry_after == T0 + timedelta(seconds=100)
+    just_before = T0 + timedelta(seconds=99)
+    assert decide(just_before, [PodView("a", OLD)], {}, restart_times=times).action is (
+        RestartAction.DEGRADED
+    )
+    assert decide(d.retry_after, [PodView("a", OLD)], {}, restart_times=times).action is not (
+        RestartAction.DEGRADED
+    )
+    # Four within the window and a budget of three: two must leave before one more is allowed.
+    four = [T0 - timedelta(seconds=s) for s in (550, 500, 300, 100)]
+    assert decide(T0, [PodView("a", OLD)], {}, restart_times=four).retry_after == (
+        T0 + timedelta(seconds=100)
+    )
     # Restarts older than the window no longer count.
     older = [T0 - timedelta(seconds=s) for s in (900, 800, 700)]
     assert decide(T0, [PodView("a", OLD)], {}, restart_times=older).action is RestartAction.RESTART

@@ -76,3 +76,22 @@ def test_most_frequent_reason_wins_and_names_instances() -> None:
 def test_old_reports_age_out() -> None:
     old = [Report("a", "SizeAnomaly", "declared 10 actual 9", T0 - timedelta(seconds=301))]
     assert not assess(T0, old, 300).misconfigured
+
+
+def test_a_verdict_says_when_its_oldest_counted_report_leaves_the_window() -> None:
+    reports = [
+        Report("a", "UnknownKey", "k2", T0 - timedelta(seconds=100)),
+        Report("b", "UnknownKey", "k2", T0 - timedelta(seconds=20)),
+        Report("c", "StoreUnavailable", "timeout", T0 - timedelta(seconds=200)),  # not counted
+        Report("d", "CodecMismatch", "zstd", T0 - timedelta(seconds=301)),  # out already
+    ]
+    assert assess(T0, reports, 300).changes_at == T0 + timedelta(seconds=200)
+    # Then "a" is out and "b" is the oldest counted.
+    later = T0 + timedelta(seconds=201)
+    assert assess(later, reports, 300).changes_at == T0 + timedelta(seconds=280)
+
+
+def test_a_verdict_with_nothing_counted_changes_at_no_set_time() -> None:
+    network = [Report("a", "StoreUnavailable", "timeout", T0)]
+    assert assess(T0, network, 300).changes_at is None
+    assert assess(T0, [], 300).changes_at is None
