@@ -35,6 +35,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench_support import REPO, process_cpu_seconds, process_rss_bytes, summary, write_result
 from defender_config import Heartbeater, Registry
@@ -424,13 +425,12 @@ def pass_counters(metrics_port: int) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
     found: dict[str, float] = {}
-    for line in text.splitlines():
-        name, brace, rest = line.partition("{")
-        if name not in PASS_COUNTERS or not brace:
-            continue
-        labels, _, value = rest.rpartition("}")
-        short = name.removeprefix("defender_operator_monitor_").removesuffix("_total")
-        found[f"{short} {labels.replace(chr(34), '')}"] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in PASS_COUNTERS:
+                short = sample.name.removeprefix("defender_operator_monitor_")
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                found[f"{short.removesuffix('_total')} {labels}"] = sample.value
     return found
 
 

@@ -5,7 +5,9 @@ each watch event). Most of a DefenderComponent's body in memory is `metadata.man
 the API server's field-ownership bookkeeping: measured on a Ready component, ~40 KB of Python
 dicts for a 10 KB object, ~30 MiB at 1,000 components. Neither kopf nor the operator reads it,
 so the operator drops it from the body it is handed: every event's, in the name index that
-sees each event first (`handlers.name_holders`), and again before a reconcile or monitor pass.
+sees each event before any handler (`handlers.name_holders`), and again before each monitor
+pass (kopf puts an event's body in place before it decides whether to process the event: one
+it skips while throttling errors reaches no index).
 """
 
 from __future__ import annotations

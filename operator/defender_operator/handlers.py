@@ -155,7 +155,6 @@ async def reconcile_component(
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
-    shed_managed_fields(body)  # kopf keeps this body for the daemon (`_bodies`)
     try:
         # The reconcile's status and the first monitor pass's go out in one patch.
         first_pass = functools.partial(
