@@ -474,9 +474,9 @@ class DefenderComponentStatus(_Model):
     last_handled_configuration: str = Field(
         default="",
         description=(
-            "The spec, labels and annotations last reconciled (kopf's diff base, as JSON):"
-            " written with the operator's own status patch rather than as an annotation of"
-            " its own."
+            "A digest (sha256) of the spec, labels and annotations last reconciled (kopf's"
+            " diff base): written with the operator's own status patch rather than as an"
+            " annotation of its own. Earlier operators kept the JSON itself, still read."
         ),
     )
     conditions: list[Condition] = Field(

@@ -1,27 +1,42 @@
-"""kopf's diff base (the spec, labels and annotations last handled) kept in
+"""kopf's diff base (the spec, labels and annotations last handled), kept as a digest in
 status.lastHandledConfiguration and written by the reconcile's own status patch.
 
-kopf records what it handled after every successful create/update handler, by default in an
-annotation: a patch of the object of its own, one more API write per component and per
-change. Here the reconcile publishes the same JSON with its status fields, and kopf's own
-store is skipped when that exact value was published for the object (otherwise, e.g. after a
-failed handler kopf will not retry, kopf writes it as usual).
+kopf records what it handled after every successful create/update handler, by default as the
+whole essence in an annotation: a patch of the object of its own, one more API write per
+component and per change, and a copy of the spec in every stored object. Here the reconcile
+publishes a digest of the same essence with its status fields, and kopf's own store is skipped
+when that exact value was published for the object (otherwise, e.g. after a failed handler kopf
+will not retry, kopf writes it as usual).
+
+Only a digest is kept because no handler of ours reads kopf's `old` or `diff`: each reconciles
+the whole spec. kopf needs the diff base to tell "changed" from "unchanged", and a digest of the
+essence answers that; a changed object's diff is reported against `CHANGED`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import kopf
 
 FIELD = "lastHandledConfiguration"
+_DIGEST = "sha256:"
+
+# What `fetch` returns for an object whose essence is not the one handled: it differs from any
+# essence (a custom resource's schema prunes an unknown top-level field), so kopf sees a change.
+CHANGED: Final = {"lastHandledDigest": None}
 
 
 def _encode(essence: Any) -> str:
-    # kopf's own encoding (compact JSON), so kopf's fetch reads back what it would have stored.
+    # kopf's own encoding (compact JSON): a digest of what kopf would have stored.
     return json.dumps(essence, separators=(",", ":"))
+
+
+def _digest(essence: Any) -> str:
+    return _DIGEST + hashlib.sha256(_encode(essence).encode()).hexdigest()
 
 
 def _uid(body: Any) -> str:
@@ -29,18 +44,22 @@ def _uid(body: Any) -> str:
 
 
 class PublishedDiffBase(kopf.StatusDiffBaseStorage):
-    """kopf's status diff-base storage, told which values the operator already wrote.
+    """kopf's status diff-base storage, keeping a digest, told which values the operator
+    already wrote.
 
     It remembers the last value handled per object (published by the reconcile, or stored by
     kopf) and answers kopf's `fetch` from it: kopf waits for its OWN patches to come back
     through the watch before it trusts an event, not for ours, so an event older than the
     reconcile's status patch would otherwise show the old diff base and the spec it handled
     as a change once more (handled twice: a second revert to MASTER, say). After a restart
-    nothing is remembered and the object's status says."""
+    nothing is remembered and the object's status says.
+
+    The digest is of the essence `build` makes without extra fields: no handler of the
+    operator names a field (handlers' `field=`), which a unit test pins."""
 
     def __init__(self) -> None:
         super().__init__(field=f"status.{FIELD}")
-        self._handled: dict[str, str] = {}  # uid → the value last handled (kopf's JSON)
+        self._handled: dict[str, str] = {}  # uid → the digest last handled
 
     def build(
         self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
@@ -57,7 +76,7 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
 
     def encoded(self, body: Any) -> str:
         """The value kopf will store once this body's handlers succeed."""
-        return _encode(self.build(body=body))
+        return _digest(self.build(body=body))
 
     def published(self, body: Any, value: str) -> None:
         """The reconcile wrote `value` for `body` with its status."""
@@ -68,15 +87,21 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
 
     def fetch(self, *, body: Any) -> Any:
         handled = self._handled.get(_uid(body))
-        if handled is not None:
+        if handled is None:
+            handled = (body.get("status") or {}).get(FIELD) or None
+        if handled is None:
+            return None
+        if not handled.startswith(_DIGEST):
+            # Written by an earlier operator, which kept the essence itself: still valid.
             return json.loads(handled)
-        return super().fetch(body=body)
+        essence = self.build(body=body)
+        return essence if _digest(essence) == handled else CHANGED
 
     def store(self, *, body: Any, patch: Any, essence: Any) -> None:
-        value = _encode(essence)
+        value = _digest(essence)
         if self._handled.get(_uid(body)) == value:
             return  # published with the reconcile's status
-        super().store(body=body, patch=patch, essence=essence)
+        patch.status[FIELD] = value
         self._handled[_uid(body)] = value
 
 

@@ -1,14 +1,18 @@
-"""kopf's diff base travels in the reconcile's status patch (status.lastHandledConfiguration):
-kopf's own store is skipped only for the exact value the reconcile published for that object,
-and kopf reads back what was published (no cluster)."""
+"""kopf's diff base travels in the reconcile's status patch (status.lastHandledConfiguration),
+as a digest: kopf's own store is skipped only for the exact value the reconcile published for
+that object, kopf reads back "unchanged" for the essence published and "changed" for any
+other, and an earlier operator's JSON is still read (no cluster)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import kopf
+import pytest
 
-from defender_operator._diffbase import FIELD, PublishedDiffBase
+from defender_operator import handlers
+from defender_operator._diffbase import CHANGED, FIELD, PublishedDiffBase
 
 
 def body(uid: str = "u-1", interface: str = "eth0") -> dict[str, Any]:
@@ -69,7 +73,7 @@ def test_kopf_writes_what_was_not_published_and_remembers_it() -> None:
     old = body(interface="eth0")
     storage.published(old, storage.encoded(kopf.Body(old)))
     written = stored_by_kopf(storage, body(interface="eth1"))["status"][FIELD]
-    assert "eth1" in written
+    assert written == storage.encoded(kopf.Body(body(interface="eth1")))
     # Published for another object: not this one's.
     storage.published(body(uid="u-2"), storage.encoded(kopf.Body(body(uid="u-2"))))
     assert FIELD in stored_by_kopf(storage, body(uid="u-3"))["status"]
@@ -110,3 +114,68 @@ def test_the_essence_is_kopfs_own_built_without_copying_status_and_system_metada
     assert PublishedDiffBase().build(body=kopf.Body(b), extra_fields=extra) == kopfs.build(
         body=kopf.Body(b), extra_fields=extra
     )
+
+
+def test_the_stored_value_is_a_digest_not_the_spec() -> None:
+    storage = PublishedDiffBase()
+    b = body(interface="a-long-interface-name")
+    value = stored_by_kopf(storage, b)["status"][FIELD]
+    assert value.startswith("sha256:") and len(value) == len("sha256:") + 64
+    assert "interface" not in value
+    # Deterministic: a new operator (after a restart) computes the same digest.
+    assert PublishedDiffBase().encoded(kopf.Body(b)) == value
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda b: b["spec"]["config"].update(interface="eth9"),
+        lambda b: b["metadata"]["labels"].update(a="c"),
+        lambda b: b["metadata"].setdefault("annotations", {}).update({"x/y": "1"}),
+        lambda b: b["spec"].pop("config"),
+    ],
+)
+def test_any_change_to_the_essence_reads_back_as_changed(edit: Any) -> None:
+    # After a restart (nothing remembered), from the status alone.
+    b = body()
+    b["status"][FIELD] = PublishedDiffBase().encoded(kopf.Body(b))
+    edit(b)
+    storage = PublishedDiffBase()
+    old = storage.fetch(body=kopf.Body(b))
+    assert old == CHANGED
+    assert old != storage.build(body=kopf.Body(b))
+
+
+def test_a_change_after_a_published_value_reads_back_as_changed() -> None:
+    storage = PublishedDiffBase()
+    b = body()
+    storage.published(b, storage.encoded(kopf.Body(b)))
+    assert storage.fetch(body=kopf.Body(body(interface="eth7"))) == CHANGED
+
+
+def test_an_earlier_operators_json_is_still_the_diff_base() -> None:
+    # Objects reconciled by an operator that kept the essence itself: unchanged stays
+    # unchanged (no second reconcile at the upgrade), a change is seen as one.
+    storage = PublishedDiffBase()
+    b = body()
+    b["status"][FIELD] = json.dumps(storage.build(body=kopf.Body(b)), separators=(",", ":"))
+    assert storage.fetch(body=kopf.Body(b)) == storage.build(body=kopf.Body(b))
+    edited = body(interface="eth3")
+    edited["status"][FIELD] = b["status"][FIELD]
+    assert storage.fetch(body=kopf.Body(edited)) != storage.build(body=kopf.Body(edited))
+
+
+def test_an_empty_status_field_is_no_diff_base() -> None:
+    b = body()
+    b["status"][FIELD] = ""
+    assert PublishedDiffBase().fetch(body=kopf.Body(b)) is None
+
+
+def test_no_handler_of_the_operator_names_fields() -> None:
+    # The digest is of the essence built without extra fields: a handler with `field=` would
+    # make kopf store a digest of a larger essence, and every event would read as a change.
+    registry = kopf.get_default_registry()
+    resource = kopf.Resource(*handlers.RESOURCE, namespaced=True)
+    assert registry._changing.has_handlers(resource=resource)  # the lookup finds ours
+    for kind in (registry._watching, registry._changing, registry._spawning):
+        assert not kind.get_extra_fields(resource=resource)
