@@ -22,6 +22,8 @@ from typing import Any, Final, cast
 
 import kopf
 
+from defender_config.contract import KIND
+
 FIELD = "lastHandledConfiguration"
 _DIGEST = "sha256:"
 
@@ -60,6 +62,9 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
     def __init__(self) -> None:
         super().__init__(field=f"status.{FIELD}")
         self._handled: dict[str, str] = {}  # uid → the digest last handled
+        # The essence `fetch` built to compare digests: kopf's `build` of the same event
+        # follows at once (body, resourceVersion, essence).
+        self._fetched: tuple[Any, Any, kopf.BodyEssence] | None = None
 
     def build(
         self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
@@ -69,7 +74,15 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
         # Hand it only what it keeps; the essence is the same.
         if extra_fields:
             return super().build(body=body, extra_fields=extra_fields)
+        if body.get("kind", KIND) != KIND:
+            # kopf builds the essence of every object it watches, pods too (for the pod index
+            # and `pod_gone`, neither of which reads it): three deep copies of a pod's spec
+            # per pod event, for nothing.
+            return cast(kopf.BodyEssence, {})
         meta = body.get("metadata") or {}
+        fetched, self._fetched = self._fetched, None
+        if fetched is not None and fetched[0] is body and fetched[1] == meta.get("resourceVersion"):
+            return fetched[2]
         slim = {k: v for k, v in body.items() if k not in ("status", "metadata")}
         slim["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
         return super().build(body=cast(kopf.Body, slim))
@@ -95,6 +108,7 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
             # Written by an earlier operator, which kept the essence itself: still valid.
             return json.loads(handled)
         essence = self.build(body=body)
+        self._fetched = (body, (body.get("metadata") or {}).get("resourceVersion"), essence)
         return essence if _digest(essence) == handled else CHANGED
 
     def store(self, *, body: Any, patch: Any, essence: Any) -> None:

@@ -179,3 +179,41 @@ def test_no_handler_of_the_operator_names_fields() -> None:
     assert registry._changing.has_handlers(resource=resource)  # the lookup finds ours
     for kind in (registry._watching, registry._changing, registry._spawning):
         assert not kind.get_extra_fields(resource=resource)
+
+
+def test_a_pods_essence_is_empty_and_costs_no_copy() -> None:
+    # kopf builds an essence for every watched object; only a DefenderComponent's is read.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "ns", "uid": "p-1", "labels": {"a": "b"}},
+        "spec": {"containers": [{"name": "c", "image": "x"}]},
+    }
+    storage = PublishedDiffBase()
+    assert storage.build(body=kopf.Body(pod)) == {}
+    assert storage.fetch(body=kopf.Body(pod)) is None
+    # A body without a kind (never from kopf, which sets it on listed objects) is not skipped.
+    kindless = body()
+    del kindless["kind"]
+    assert storage.build(body=kopf.Body(kindless))["spec"] == kindless["spec"]
+
+
+def test_the_essence_fetch_built_is_reused_only_for_the_same_event() -> None:
+    storage = PublishedDiffBase()
+    b = body()
+    b["metadata"]["resourceVersion"] = "1"
+    b["status"][FIELD] = storage.encoded(kopf.Body(b))
+    live = kopf.Body(b)
+    old = storage.fetch(body=live)
+    assert storage.build(body=live) is old  # kopf's build right after: the same event
+    # kopf reuses one body object for a daemon's component across events: a later event's
+    # build must see the later content, even if a fetch was not followed by a build.
+    storage.fetch(body=live)
+    b["spec"]["config"]["interface"] = "eth5"
+    b["metadata"]["resourceVersion"] = "2"
+    assert storage.build(body=live)["spec"]["config"]["interface"] == "eth5"
+    # And once used, the kept essence is gone.
+    storage.fetch(body=live)
+    storage.build(body=live)
+    b["spec"]["config"]["interface"] = "eth6"
+    assert storage.build(body=live)["spec"]["config"]["interface"] == "eth6"
