@@ -1,0 +1,85 @@
+"""A target the benchmark report marks NOT met carries its reason beside it (issue 17: "with
+the target met or the reason it is not"), from the same run's figures; a met one carries none."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _report() -> ModuleType:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return report
+
+
+def _batch(cpu_ms: float, took: float, seen_p50: float) -> dict[str, Any]:
+    return {
+        "components": 1000,
+        "create_calls_seconds": took,
+        "cpu_ms_per_component": {"operator": cpu_ms / 2, "kube_apiserver": cpu_ms / 2},
+        "create_to_status_seen_seconds": {"p50": seen_p50, "p99": seen_p50 * 3},
+        "time_split_ms": {"create call → status patch received": {"p50": 27.0}},
+    }
+
+
+def _row(ratio_p50: float, floor_ratio: float) -> dict[str, Any]:
+    return {
+        "components": 1000,
+        "create_calls_seconds": 20.0,
+        "cpu_ms_per_component": {"operator": 20.0, "kube_apiserver": 17.0},
+        "ratio_to_baseline": {"p50": ratio_p50, "p99": ratio_p50},
+        "baseline_operator": _batch(26.0, 13.0, 0.03),
+        "floor_operator": _batch(38.0, 19.0, 0.05),
+        "floor_ratio_to_baseline": {"p50": floor_ratio, "p99": floor_ratio},
+        "time_split_ms": {"create call → claimed and seeded in etcd": {"p50": 43.0}},
+    }
+
+
+def test_a_missed_ratio_says_why_from_the_runs_own_figures() -> None:
+    (_, text) = _report()._why_ratio_not_met(_row(3.2, 1.7), 2)
+    assert "NOT met at 1,000" in text
+    # Cores busy: 37 ms x 1000 / 20 s = 1.85; the baseline's 26 x 1000 / 13 = 2.00.
+    assert "baseline 2.00" in text and "ours 1.85 of 2 cores" in text
+    assert "ours 37.0 ms" in text and "floor 38.0 ms" in text
+    assert "1.7x / 1.7x the baseline" in text and "the floor itself missed 1.5x" in text
+    assert "at 43 ms (p50)" in text and "(27 ms)" in text
+
+
+def test_a_floor_under_the_target_is_not_called_a_miss() -> None:
+    (_, text) = _report()._why_ratio_not_met(_row(3.2, 1.3), 2)
+    assert "1.3x / 1.3x the baseline" in text and "missed" not in text
+
+
+def test_a_met_ratio_or_a_smaller_batch_carries_no_reason() -> None:
+    report = _report()
+    assert report._why_ratio_not_met(_row(1.4, 1.2), 2) == []
+    small = {**_row(3.2, 1.7), "components": 100}
+    assert report._why_ratio_not_met(small, 2) == []
+
+
+def _kv(ratios: list[tuple[str, int, float, float]]) -> dict[str, Any]:
+    return {
+        "target_ratio": 1.05,
+        "results": [
+            {"data": data, "size": size, "ratio_put_p50": put, "ratio_get_p50": get}
+            for data, size, put, get in ratios
+        ],
+    }
+
+
+def test_kv_names_every_row_over_the_target_and_only_those() -> None:
+    report = _report()
+    (text, _) = report._why_kv_not_met(
+        _kv([("config", 1024, 1.02, 1.07), ("random", 16384, 1.09, 1.04)])
+    )
+    assert "config 1 KiB get 1.07" in text and "random 16 KiB put 1.09" in text
+    assert "config 1 KiB put" not in text and "random 16 KiB get" not in text
+    assert report._why_kv_not_met(_kv([("config", 1024, 1.0, 1.05)])) == []
