@@ -21,6 +21,17 @@ def _summary(run: OperatorRun) -> str | None:
     return run.get("sniffer").get("status", {}).get("instanceSummary")
 
 
+def _extra_pod(run: OperatorRun) -> None:
+    """A bare pod the sniffer's selector matches, beside its Deployment's (never scheduled)."""
+    run.core.create_namespaced_pod(
+        run.namespace,
+        k8s.V1Pod(
+            metadata=k8s.V1ObjectMeta(name="sniffer-extra", labels=dict(SNIFFER_LABELS)),
+            spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="none.invalid/x:0")]),
+        ),
+    )
+
+
 def test_every_change_is_judged_at_once_with_the_interval_far_away(
     operator_run: OperatorRun,
 ) -> None:
@@ -36,13 +47,7 @@ def test_every_change_is_judged_at_once_with_the_interval_far_away(
     run.wait_condition("sniffer", "Heartbeating", status="True", timeout=SOON)
 
     # A second pod: a pod event wakes the pass.
-    run.core.create_namespaced_pod(
-        run.namespace,
-        k8s.V1Pod(
-            metadata=k8s.V1ObjectMeta(name="sniffer-extra", labels=dict(SNIFFER_LABELS)),
-            spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="none.invalid/x:0")]),
-        ),
-    )
+    _extra_pod(run)
     wait_for("1/2: the new pod is seen", lambda: _summary(run) == "1/2", timeout=SOON)
 
     # An instance reports an error, then recovers: its record changed, no new instance.
@@ -72,13 +77,7 @@ def test_a_pod_deleted_outright_is_judged_at_once(operator_run: OperatorRun) -> 
     )
     run.wait_active_version("sniffer", 1)
     run.deployment("sniffer", SNIFFER_LABELS, replicas=1)
-    run.core.create_namespaced_pod(
-        run.namespace,
-        k8s.V1Pod(
-            metadata=k8s.V1ObjectMeta(name="sniffer-extra", labels=dict(SNIFFER_LABELS)),
-            spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="none.invalid/x:0")]),
-        ),
-    )
+    _extra_pod(run)
     wait_for("0/2: both pods are seen", lambda: _summary(run) == "0/2", timeout=SOON)
     # This API server shows the deletionTimestamp in a change first (kopf's index handler
     # sees it), then the deletion (only `pod_gone` sees it; pinned by the unit tests): either

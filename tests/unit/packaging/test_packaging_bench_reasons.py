@@ -3,21 +3,14 @@ the target met or the reason it is not"), from the same run's figures; a met one
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[3]
+from bench_modules import bench_module
 
 
 def _report() -> ModuleType:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return report
+    return bench_module("report")
 
 
 def _batch(cpu_ms: float, took: float, seen_p50: float) -> dict[str, Any]:

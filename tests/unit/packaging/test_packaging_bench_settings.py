@@ -5,24 +5,16 @@ measurements ran with the harness's 1 s interval while the report said "default 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_modules import bench_module
 
 from defender_operator._settings import OperatorSettings
 
-REPO = Path(__file__).resolve().parents[3]
-
 
 def _bench_operator() -> ModuleType:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import bench_operator
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return bench_operator
+    return bench_module("bench_operator")
 
 
 def test_the_bench_puts_back_the_default_of_every_setting_the_harness_changes(
