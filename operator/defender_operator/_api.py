@@ -471,12 +471,19 @@ class DefenderComponentStatus(_Model):
             " another resource is not obeyed while this says so (docs/security.md)."
         ),
     )
-    last_handled_configuration: str = Field(
+    last_handled_digest: str = Field(
         default="",
         description=(
             "A digest (sha256) of the spec, labels and annotations last reconciled (kopf's"
             " diff base): written with the operator's own status patch rather than as an"
-            " annotation of its own. Earlier operators kept the JSON itself, still read."
+            " annotation of its own."
+        ),
+    )
+    last_handled_configuration: str = Field(
+        default="",
+        description=(
+            "The same as JSON, as operators before lastHandledDigest wrote it: read when"
+            " lastHandledDigest is absent, removed with the next reconcile's status patch."
         ),
     )
     conditions: list[Condition] = Field(

@@ -1,5 +1,5 @@
 """kopf's diff base (the spec, labels and annotations last handled), kept as a digest in
-status.lastHandledConfiguration and written by the reconcile's own status patch.
+status.lastHandledDigest and written by the reconcile's own status patch.
 
 kopf records what it handled after every successful create/update handler, by default as the
 whole essence in an annotation: a patch of the object of its own, one more API write per
@@ -11,6 +11,12 @@ will not retry, kopf writes it as usual).
 Only a digest is kept because no handler of ours reads kopf's `old` or `diff`: each reconciles
 the whole spec. kopf needs the diff base to tell "changed" from "unchanged", and a digest of the
 essence answers that; a changed object's diff is reported against `CHANGED`.
+
+Operators before the digest kept the essence's JSON in status.lastHandledConfiguration. It is
+read while no digest is there, and removed when the digest is written. The digest has a field
+of its own so that an operator rolled back to such a version finds no digest where it expects
+JSON (it would fail every event of the object): it sees no diff base, or the JSON it wrote,
+and reconciles the object once more.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import kopf
 
 from defender_config.contract import KIND
 
-FIELD = "lastHandledConfiguration"
+FIELD = "lastHandledDigest"
+LEGACY_FIELD = "lastHandledConfiguration"
 _DIGEST = "sha256:"
 
 # What `fetch` returns for an object whose essence is not the one handled: it differs from any
@@ -91,6 +98,14 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
         """The value kopf will store once this body's handlers succeed."""
         return _digest(self.build(body=body))
 
+    def handled_fields(self, body: Any) -> dict[str, Any]:
+        """The status fields a successful reconcile of `body` publishes: the digest, and the
+        removal of an earlier operator's JSON (merge patch: None deletes)."""
+        fields: dict[str, Any] = {FIELD: self.encoded(body)}
+        if (body.get("status") or {}).get(LEGACY_FIELD) is not None:
+            fields[LEGACY_FIELD] = None
+        return fields
+
     def published(self, body: Any, value: str) -> None:
         """The reconcile wrote `value` for `body` with its status."""
         self._handled[_uid(body)] = value
@@ -99,14 +114,10 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
         self._handled.pop(_uid(body), None)
 
     def fetch(self, *, body: Any) -> Any:
-        handled = self._handled.get(_uid(body))
+        status = body.get("status") or {}
+        handled = self._handled.get(_uid(body)) or status.get(FIELD) or None
         if handled is None:
-            handled = (body.get("status") or {}).get(FIELD) or None
-        if handled is None:
-            return None
-        if not handled.startswith(_DIGEST):
-            # Written by an earlier operator, which kept the essence itself: still valid.
-            return json.loads(handled)
+            return _legacy(status.get(LEGACY_FIELD))
         essence = self.build(body=body)
         self._fetched = (body, (body.get("metadata") or {}).get("resourceVersion"), essence)
         return essence if _digest(essence) == handled else CHANGED
@@ -116,7 +127,21 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
         if self._handled.get(_uid(body)) == value:
             return  # published with the reconcile's status
         patch.status[FIELD] = value
+        if (body.get("status") or {}).get(LEGACY_FIELD) is not None:
+            patch.status[LEGACY_FIELD] = None
         self._handled[_uid(body)] = value
+
+
+def _legacy(value: Any) -> Any:
+    """An earlier operator's diff base (the essence as JSON); None when there is none or it
+    does not parse (kopf then handles the object as new: one more reconcile, no failure)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        essence = json.loads(value)
+    except ValueError:
+        return None
+    return essence if isinstance(essence, dict) else None
 
 
 DIFFBASE = PublishedDiffBase()

@@ -177,7 +177,7 @@ async def reconcile_component(
             logger=logger,
             holders=kwargs["name_holders"],
         )
-        handled = {_diffbase.FIELD: _diffbase.DIFFBASE.encoded(body)}
+        handled = _diffbase.DIFFBASE.handled_fields(body)
         await _reconcile.reconcile(visit, dict(spec), first_pass, handled)
         _diffbase.DIFFBASE.published(body, handled[_diffbase.FIELD])
     except Exception:

@@ -1,7 +1,8 @@
-"""kopf's diff base travels in the reconcile's status patch (status.lastHandledConfiguration),
-as a digest: kopf's own store is skipped only for the exact value the reconcile published for
-that object, kopf reads back "unchanged" for the essence published and "changed" for any
-other, and an earlier operator's JSON is still read (no cluster)."""
+"""kopf's diff base travels in the reconcile's status patch (status.lastHandledDigest), as a
+digest: kopf's own store is skipped only for the exact value the reconcile published for that
+object, kopf reads back "unchanged" for the essence published and "changed" for any other, an
+earlier operator's JSON (status.lastHandledConfiguration) is still read and then removed, and
+an operator rolled back to that version does not fail on what this one wrote (no cluster)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import kopf
 import pytest
 
 from defender_operator import handlers
-from defender_operator._diffbase import CHANGED, FIELD, PublishedDiffBase
+from defender_operator._diffbase import CHANGED, FIELD, LEGACY_FIELD, PublishedDiffBase
 
 
 def body(uid: str = "u-1", interface: str = "eth0") -> dict[str, Any]:
@@ -158,11 +159,51 @@ def test_an_earlier_operators_json_is_still_the_diff_base() -> None:
     # unchanged (no second reconcile at the upgrade), a change is seen as one.
     storage = PublishedDiffBase()
     b = body()
-    b["status"][FIELD] = json.dumps(storage.build(body=kopf.Body(b)), separators=(",", ":"))
+    b["status"][LEGACY_FIELD] = _legacy_json(b)
     assert storage.fetch(body=kopf.Body(b)) == storage.build(body=kopf.Body(b))
     edited = body(interface="eth3")
-    edited["status"][FIELD] = b["status"][FIELD]
+    edited["status"][LEGACY_FIELD] = b["status"][LEGACY_FIELD]
     assert storage.fetch(body=kopf.Body(edited)) != storage.build(body=kopf.Body(edited))
+    # The digest, once written, is what counts.
+    edited["status"][FIELD] = storage.encoded(kopf.Body(edited))
+    assert storage.fetch(body=kopf.Body(edited)) == storage.build(body=kopf.Body(edited))
+
+
+def _legacy_json(b: dict[str, Any]) -> str:
+    return json.dumps(PublishedDiffBase().build(body=kopf.Body(b)), separators=(",", ":"))
+
+
+def test_the_earlier_json_is_removed_when_the_digest_is_written() -> None:
+    storage = PublishedDiffBase()
+    b = body()
+    assert storage.handled_fields(b) == {FIELD: storage.encoded(kopf.Body(b))}
+    b["status"][LEGACY_FIELD] = _legacy_json(b)
+    assert storage.handled_fields(b) == {FIELD: storage.encoded(kopf.Body(b)), LEGACY_FIELD: None}
+    # kopf's own store (nothing published) removes it too.
+    assert stored_by_kopf(PublishedDiffBase(), b)["status"] == {
+        FIELD: storage.encoded(kopf.Body(b)),
+        LEGACY_FIELD: None,
+    }
+
+
+@pytest.mark.parametrize("value", ["{not json", "[1, 2]", '"text"', "", 7])
+def test_an_unreadable_earlier_json_is_no_diff_base_not_a_failure(value: Any) -> None:
+    # kopf then handles the object as new: one more reconcile, never an error at every event.
+    b = body()
+    b["status"][LEGACY_FIELD] = value
+    assert PublishedDiffBase().fetch(body=kopf.Body(b)) is None
+
+
+def test_an_operator_rolled_back_to_the_json_finds_nothing_it_cannot_read() -> None:
+    # The earlier operators' storage is kopf's own status storage on lastHandledConfiguration:
+    # it parses that field as JSON at every event. What this operator writes never goes there.
+    earlier = kopf.StatusDiffBaseStorage(field=f"status.{LEGACY_FIELD}")
+    b = body()
+    written = stored_by_kopf(PublishedDiffBase(), b)["status"]
+    b["status"].update({k: v for k, v in written.items() if v is not None})
+    assert earlier.fetch(body=kopf.Body(b)) is None  # no diff base: reconciled once more
+    b["status"].update(PublishedDiffBase().handled_fields(b))
+    assert earlier.fetch(body=kopf.Body(b)) is None
 
 
 def test_an_empty_status_field_is_no_diff_base() -> None:
