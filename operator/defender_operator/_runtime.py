@@ -267,8 +267,9 @@ class Runtime:
                 return
 
     def pod_changed(self, namespace: str | None, labels: Mapping[str, str]) -> None:
-        """A pod was added, changed or deleted: the monitors of the components it matches run a
-        pass (their instance count, restarts and startup grace depend on their pods)."""
+        """A pod was added or changed (a deletion first shows as a change: its
+        deletionTimestamp): the monitors of the components it matches run a pass (their
+        instance count, restarts and startup grace depend on their pods)."""
         if namespace is None or not labels:
             return
         for name in self._names_in.get(namespace, ()):

@@ -257,22 +257,13 @@ async def defender_pods(
     rt: Runtime | None = memo.get("runtime")
     if rt is not None:
         # A moment later: kopf files what this returns after it returns, and the woken pass
-        # must find the pod filed. (A deletion reaches no index handler: `pod_gone`.)
+        # must find the pod filed. (kopf drops a deleted pod from the index without calling
+        # this, but the API server shows a pod's deletion first as a change setting its
+        # deletionTimestamp, even at grace period 0: tests/e2e test_operator_e2e_wakes.py.)
         asyncio.get_running_loop().call_later(
             _pods.WAKE_DELAY_SECONDS, rt.pod_changed, namespace, dict(meta.get("labels") or {})
         )
     return _pods.index_keys(namespace, name, meta, status)
-
-
-# kopf drops a deleted pod from the index without calling `defender_pods`. The API server
-# measured here (1.36) shows a pod's deletionTimestamp in a change first, even at grace 0, which
-# the index handler sees; a watch that shows only the deletion reaches only this handler. The
-# index is already without the pod when it runs.
-@kopf.on.event("", "v1", "pods", when=_deleted)
-async def pod_gone(namespace: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    rt: Runtime | None = memo.get("runtime")
-    if rt is not None:
-        rt.pod_changed(namespace, dict(meta.get("labels") or {}))
 
 
 @kopf.index(*RESOURCE)

@@ -79,8 +79,8 @@ def test_a_pod_deleted_outright_is_judged_at_once(operator_run: OperatorRun) -> 
     run.deployment("sniffer", SNIFFER_LABELS, replicas=1)
     _extra_pod(run)
     wait_for("0/2: both pods are seen", lambda: _summary(run) == "0/2", timeout=SOON)
-    # This API server shows the deletionTimestamp in a change first (kopf's index handler
-    # sees it), then the deletion (only `pod_gone` sees it; pinned by the unit tests): either
-    # way the pass comes at once.
+    # kopf drops a deleted pod from its index without calling the index handler; the API
+    # server shows the deletion first as a change setting the pod's deletionTimestamp (even at
+    # grace period 0, for a pod no node runs), and that change wakes the pass.
     run.core.delete_namespaced_pod("sniffer-extra", run.namespace, grace_period_seconds=0)
     wait_for("0/1: the deleted pod is gone", lambda: _summary(run) == "0/1", timeout=SOON)

@@ -33,7 +33,7 @@ def test_every_handler_on_the_event_path_is_a_coroutine() -> None:
     ]
     names = {h.fn.__name__ for h in on_events}
     # The ones this pins, so a renamed or dropped registration fails here too.
-    assert {"defender_pods", "pod_gone", "name_holders", "reconcile_component", "gone"} <= names
+    assert {"defender_pods", "name_holders", "reconcile_component", "gone"} <= names
     assert {"monitor_component", "apply_retention"} <= names
     in_threads = [h.fn.__name__ for h in on_events if not inspect.iscoroutinefunction(h.fn)]
     assert in_threads == []

@@ -1,8 +1,7 @@
 """What wakes a component's monitor pass before its interval (`Runtime.wake`): an instance that
-appears, goes or changes its record, a pod it selects (its deletion too), a change in etcd newer
-than its last read, etcd's health, the keyring; and what does not (a put that only moves the
-time, a pod of another selector or namespace, the operator's own seed read by the pass after
-it)."""
+appears, goes or changes its record, a pod it selects, a change in etcd newer than its last
+read, etcd's health, the keyring; and what does not (a put that only moves the time, a pod of
+another selector or namespace, the operator's own seed read by the pass after it)."""
 
 from __future__ import annotations
 
@@ -182,36 +181,6 @@ def test_a_pod_the_component_selects_wakes_it() -> None:
     h.rt.pod_changed(NAMESPACE, {**LABELS, "pod-template-hash": "x"})
     assert _woken(h)
     assert _wakes("pod") == before + 1
-
-
-def _pod_gone_handler() -> Any:
-    registry = kopf.get_default_registry()
-    (found,) = [h for h in registry._watching.get_all_handlers() if h.fn is handlers.pod_gone]
-    return found
-
-
-@pytest.mark.parametrize(
-    ("event", "runs"), [("DELETED", True), ("MODIFIED", False), ("ADDED", False)]
-)
-def test_only_a_pods_deletion_reaches_the_event_handler(event: str, runs: bool) -> None:
-    # kopf's index handler sees additions and changes; deletions come only here.
-    assert _pod_gone_handler().when(type=event) is runs
-
-
-def test_a_deleted_pod_the_component_selects_wakes_it() -> None:
-    # A pod deleted outright reaches no index handler, only `pod_gone`.
-    h = _monitored()
-    before = _wakes("pod")
-    meta = {"name": "p-1", "labels": {**LABELS, "pod-template-hash": "x"}}
-    asyncio.run(handlers.pod_gone(namespace=NAMESPACE, meta=meta, memo={"runtime": h.rt}))
-    assert _woken(h)
-    assert _wakes("pod") == before + 1
-    # Another selector's pod, or no runtime yet (start-up): nothing.
-    _settle(h)
-    other = {"name": "p-2", "labels": {"app": "firewall"}}
-    asyncio.run(handlers.pod_gone(namespace=NAMESPACE, meta=other, memo={"runtime": h.rt}))
-    asyncio.run(handlers.pod_gone(namespace=NAMESPACE, meta=meta, memo={}))
-    assert not _woken(h)
 
 
 def test_a_pod_of_another_selector_or_namespace_wakes_nothing() -> None:
