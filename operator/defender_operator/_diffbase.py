@@ -82,9 +82,9 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
         if extra_fields:
             return super().build(body=body, extra_fields=extra_fields)
         if body.get("kind", KIND) != KIND:
-            # kopf builds the essence of every object it watches, pods too (for the pod index
-            # and `pod_gone`, neither of which reads it): three deep copies of a pod's spec
-            # per pod event, for nothing.
+            # kopf builds the essence of every object it watches, pods too (for the pod index,
+            # which does not read it): three deep copies of a pod's spec per pod event, for
+            # nothing.
             return cast(kopf.BodyEssence, {})
         meta = body.get("metadata") or {}
         fetched, self._fetched = self._fetched, None
