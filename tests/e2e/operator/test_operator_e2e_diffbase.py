@@ -10,7 +10,9 @@ from typing import Any
 
 import kopf
 import pytest
-from operator_e2e_support import OperatorRun, wait_for
+import yaml
+from kubernetes import client as k8s
+from operator_e2e_support import SAMPLES, OperatorRun, wait_for
 
 from defender_config import contract
 from defender_operator._diffbase import FIELD, LEGACY_FIELD, PublishedDiffBase
@@ -66,3 +68,60 @@ def test_an_earlier_operators_diff_base_is_read_then_replaced(operator_run: Oper
         wait_for(f"{name} migrated", lambda n=name: _migrated(run, n))  # type: ignore[misc]
     run.wait_active_version("firewall", 1)
     assert "JSONDecodeError" not in run.log_tail(400), run.log_tail()
+
+
+def test_a_crd_without_the_digest_field_costs_a_reconcile_per_start_not_a_failure(
+    operator_run: OperatorRun,
+) -> None:
+    # A CRD older than the operator (crds.enabled=false, crds/ not applied): the API server
+    # prunes status.lastHandledDigest. The CRD is the cluster's: put back whatever happens.
+    ext = k8s.ApiextensionsV1Api(operator_run.api)
+    crd_name = f"{contract.PLURAL}.{contract.API_GROUP}"
+    original = ext.read_custom_resource_definition(crd_name)
+    path = "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/" + FIELD
+    ext.patch_custom_resource_definition(crd_name, [{"op": "remove", "path": path}])
+    try:
+        run = operator_run
+        _wait_pruned(run, True)
+        run.start()
+        run.apply_sample("sniffer")
+        run.wait_active_version("sniffer", 1)
+        run.wait_condition("sniffer", "ConfigSynced", status="True")
+        assert FIELD not in run.get("sniffer")["status"]
+        run.stop()
+        run.start()
+        wait_for(
+            "a second reconcile, as created",
+            lambda: run.log_tail(400).count("Creation is processed") >= 2,
+        )
+        run.wait_condition("sniffer", "ConfigSynced", status="True")
+        assert run.get("sniffer")["status"]["activeVersion"] == 1
+        assert "Traceback" not in run.log_tail(400), run.log_tail()
+    finally:
+        current = ext.read_custom_resource_definition(crd_name)
+        original.metadata.resource_version = current.metadata.resource_version
+        ext.replace_custom_resource_definition(crd_name, original)
+        operator_run.stop()
+        _wait_pruned(operator_run, False)  # the tests after this one see the field again
+
+
+def _wait_pruned(run: OperatorRun, pruned: bool) -> None:
+    """Until the API server serves the CRD with (or without) the field, as a status write of
+    it shows: the schema change takes a moment. Probed on a resource of its own, while no
+    operator runs."""
+    doc = yaml.safe_load((SAMPLES / "firewall.yaml").read_text())
+    doc["metadata"]["name"] = "probe"
+    run.custom.create_namespaced_custom_object(
+        contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, doc
+    )
+
+    def served() -> bool:
+        _set_status(run, "probe", {FIELD: "sha256:probe"})
+        return (FIELD not in (run.get("probe").get("status") or {})) is pruned
+
+    try:
+        wait_for(f"the CRD {'without' if pruned else 'with'} {FIELD}", served)
+    finally:
+        run.custom.delete_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, "probe"
+        )
