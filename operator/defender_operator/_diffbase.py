@@ -36,7 +36,7 @@ _DIGEST = "sha256:"
 
 # What `fetch` returns for an object whose essence is not the one handled: it differs from any
 # essence (a custom resource's schema prunes an unknown top-level field), so kopf sees a change.
-CHANGED: Final = {"lastHandledDigest": None}
+CHANGED: Final = {FIELD: None}
 
 
 def _encode(essence: Any) -> str:
