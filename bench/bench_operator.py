@@ -37,7 +37,16 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench_support import REPO, process_cpu_seconds, process_rss_bytes, summary, write_result
+from bench_support import (
+    REPO,
+    STAGE_PATCH_RECEIVED,
+    STAGE_SEEDED,
+    STAGE_SEEDED_TO_PATCH,
+    process_cpu_seconds,
+    process_rss_bytes,
+    summary,
+    write_result,
+)
 from defender_config import Heartbeater, Registry
 from defender_devcluster import LocalCluster, etcd_client_settings, popen_dying_with_parent
 from defender_devcluster._system import apply_crds
@@ -231,10 +240,10 @@ def time_split(
     received = {nm: patches[nm][0] for nm in names}
     answered = {nm: patches[nm][1] for nm in names}
     if seeded is not None:
-        add("create call → claimed and seeded in etcd", created, seeded)
-        add("seeded → status patch received", seeded, received)
+        add(STAGE_SEEDED, created, seeded)
+        add(STAGE_SEEDED_TO_PATCH, seeded, received)
     else:
-        add("create call → status patch received", created, received)
+        add(STAGE_PATCH_RECEIVED, created, received)
     add("status patch in the API server", received, answered)
     add("patch answered → seen by the watch", answered, seen)
     return {label: summary(values) for label, values in parts.items()}

@@ -27,6 +27,11 @@ from defender_devcluster import EtcdCluster, etcd_client_settings
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "docs" / "bench"
 
+# Stages of the operator benchmark's time split (bench_operator writes them, report reads them).
+STAGE_SEEDED = "create call → claimed and seeded in etcd"
+STAGE_SEEDED_TO_PATCH = "seeded → status patch received"
+STAGE_PATCH_RECEIVED = "create call → status patch received"
+
 
 @contextmanager
 def etcd_cluster() -> Iterator[EtcdCluster]:

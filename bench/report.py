@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench_support import OUT_DIR
+from bench_support import OUT_DIR, STAGE_PATCH_RECEIVED, STAGE_SEEDED
 
 KIB = 1024
 
@@ -572,8 +572,8 @@ def _why_ratio_not_met(row: dict[str, Any], cpus: int | None) -> list[str]:
         )
     split = row.get("time_split_ms") or {}
     floor_split = (least or {}).get("time_split_ms") or {}
-    seeded = split.get("create call → claimed and seeded in etcd")
-    floor_patch = floor_split.get("create call → status patch received")
+    seeded = split.get(STAGE_SEEDED)
+    floor_patch = floor_split.get(STAGE_PATCH_RECEIVED)
     if seeded and floor_patch:
         text += (
             f" Ours reaches the end of its seed transaction at {seeded['p50']:.0f} ms (p50), "

@@ -95,13 +95,13 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
         return super().build(body=cast(kopf.Body, slim))
 
     def encoded(self, body: Any) -> str:
-        """The value kopf will store once this body's handlers succeed."""
+        """The digest of `body`'s essence: what a successful handling of it stores."""
         return _digest(self.build(body=body))
 
-    def handled_fields(self, body: Any) -> dict[str, Any]:
-        """The status fields a successful reconcile of `body` publishes: the digest, and the
-        removal of an earlier operator's JSON (merge patch: None deletes)."""
-        fields: dict[str, Any] = {FIELD: self.encoded(body)}
+    def handled_fields(self, body: Any, essence: Any) -> dict[str, Any]:
+        """The status fields that record `essence` (kopf's `new`) as handled for `body`: the
+        digest, and the removal of an earlier operator's JSON (merge patch: None deletes)."""
+        fields: dict[str, Any] = {FIELD: _digest(essence)}
         if (body.get("status") or {}).get(LEGACY_FIELD) is not None:
             fields[LEGACY_FIELD] = None
         return fields
@@ -123,13 +123,12 @@ class PublishedDiffBase(kopf.StatusDiffBaseStorage):
         return essence if _digest(essence) == handled else CHANGED
 
     def store(self, *, body: Any, patch: Any, essence: Any) -> None:
-        value = _digest(essence)
-        if self._handled.get(_uid(body)) == value:
+        fields = self.handled_fields(body, essence)
+        if self._handled.get(_uid(body)) == fields[FIELD]:
             return  # published with the reconcile's status
-        patch.status[FIELD] = value
-        if (body.get("status") or {}).get(LEGACY_FIELD) is not None:
-            patch.status[LEGACY_FIELD] = None
-        self._handled[_uid(body)] = value
+        for key, value in fields.items():
+            patch.status[key] = value
+        self._handled[_uid(body)] = fields[FIELD]
 
 
 def _legacy(value: Any) -> Any:

@@ -177,7 +177,9 @@ async def reconcile_component(
             logger=logger,
             holders=kwargs["name_holders"],
         )
-        handled = _diffbase.DIFFBASE.handled_fields(body)
+        # The essence as `fetch` builds it for the next event (kopf's `new` has been through
+        # its progress storage's clearing, which `fetch` does not repeat).
+        handled = _diffbase.DIFFBASE.handled_fields(body, _diffbase.DIFFBASE.build(body=body))
         await _reconcile.reconcile(visit, dict(spec), first_pass, handled)
         _diffbase.DIFFBASE.published(body, handled[_diffbase.FIELD])
     except Exception:

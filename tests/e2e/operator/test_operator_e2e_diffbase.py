@@ -32,8 +32,9 @@ def _set_status(run: OperatorRun, name: str, status: dict[str, Any]) -> None:
 
 
 def _migrated(run: OperatorRun, name: str) -> bool:
-    status = run.get(name).get("status") or {}
-    expected = PublishedDiffBase().encoded(kopf.Body(run.get(name)))
+    obj = run.get(name)
+    status = obj.get("status") or {}
+    expected = PublishedDiffBase().encoded(kopf.Body(obj))
     return status.get(FIELD) == expected and LEGACY_FIELD not in status
 
 

@@ -176,9 +176,14 @@ def _legacy_json(b: dict[str, Any]) -> str:
 def test_the_earlier_json_is_removed_when_the_digest_is_written() -> None:
     storage = PublishedDiffBase()
     b = body()
-    assert storage.handled_fields(b) == {FIELD: storage.encoded(kopf.Body(b))}
+    assert storage.handled_fields(b, storage.build(body=kopf.Body(b))) == {
+        FIELD: storage.encoded(kopf.Body(b))
+    }
     b["status"][LEGACY_FIELD] = _legacy_json(b)
-    assert storage.handled_fields(b) == {FIELD: storage.encoded(kopf.Body(b)), LEGACY_FIELD: None}
+    assert storage.handled_fields(b, storage.build(body=kopf.Body(b))) == {
+        FIELD: storage.encoded(kopf.Body(b)),
+        LEGACY_FIELD: None,
+    }
     # kopf's own store (nothing published) removes it too.
     assert stored_by_kopf(PublishedDiffBase(), b)["status"] == {
         FIELD: storage.encoded(kopf.Body(b)),
@@ -202,7 +207,9 @@ def test_an_operator_rolled_back_to_the_json_finds_nothing_it_cannot_read() -> N
     written = stored_by_kopf(PublishedDiffBase(), b)["status"]
     b["status"].update({k: v for k, v in written.items() if v is not None})
     assert earlier.fetch(body=kopf.Body(b)) is None  # no diff base: reconciled once more
-    b["status"].update(PublishedDiffBase().handled_fields(b))
+    b["status"].update(
+        PublishedDiffBase().handled_fields(b, PublishedDiffBase().build(body=kopf.Body(b)))
+    )
     assert earlier.fetch(body=kopf.Body(b)) is None
 
 

@@ -13,13 +13,16 @@ def _report() -> ModuleType:
     return bench_module("report")
 
 
+SUPPORT = bench_module("bench_support")
+
+
 def _batch(cpu_ms: float, took: float, seen_p50: float) -> dict[str, Any]:
     return {
         "components": 1000,
         "create_calls_seconds": took,
         "cpu_ms_per_component": {"operator": cpu_ms / 2, "kube_apiserver": cpu_ms / 2},
         "create_to_status_seen_seconds": {"p50": seen_p50, "p99": seen_p50 * 3},
-        "time_split_ms": {"create call → status patch received": {"p50": 27.0}},
+        "time_split_ms": {SUPPORT.STAGE_PATCH_RECEIVED: {"p50": 27.0}},
     }
 
 
@@ -32,7 +35,7 @@ def _row(ratio_p50: float, floor_ratio: float) -> dict[str, Any]:
         "baseline_operator": _batch(26.0, 13.0, 0.03),
         "floor_operator": _batch(38.0, 19.0, 0.05),
         "floor_ratio_to_baseline": {"p50": floor_ratio, "p99": floor_ratio},
-        "time_split_ms": {"create call → claimed and seeded in etcd": {"p50": 43.0}},
+        "time_split_ms": {SUPPORT.STAGE_SEEDED: {"p50": 43.0}},
     }
 
 
