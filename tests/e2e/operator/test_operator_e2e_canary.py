@@ -345,6 +345,13 @@ def _writes(run: OperatorRun, pod: str) -> int:
     return run.agent_log(pod).count("written to")
 
 
+def _logged_writes(run: OperatorRun, pod: str, at_least: int) -> int:
+    """`_writes` once the agent has logged at least `at_least` of them: it logs a write after
+    the file is in place, so a file just seen can still be missing from the log."""
+    wait_for(f"the agent of {pod} logged {at_least} writes", lambda: _writes(run, pod) >= at_least)
+    return _writes(run, pod)
+
+
 def _raw(run: OperatorRun, key: str) -> bytes | None:
     found = run.configs().client.store.get(key)
     return found.value if found is not None else None
@@ -383,7 +390,7 @@ def test_a_saved_rollout_put_back_never_runs_and_the_current_one_is_restored(
     current = _raw(run, rollout_key)
     status_before = run.get("sniffer")["status"]["rollout"]
     assert status_before["phase"] == "Progressing" and status_before["version"] == 2
-    writes = _writes(run, canary)
+    writes = _logged_writes(run, canary, 3)  # version 1, then the candidates 512 and 640
 
     for key, value in saved.items():
         assert value is not None
@@ -424,7 +431,7 @@ def test_a_saved_rollout_put_back_never_runs_and_the_current_one_is_restored(
     run.wait_condition("sniffer", "Rollout", status="False", reason="Superseded")
     ended = _raw(run, rollout_key)
     assert ended is not None and json.loads(ended)["canaries"] == []
-    writes = _writes(run, canary)
+    writes = _logged_writes(run, canary, 4)  # and ACTIVE's 256 again
     replays = sum(1 for e in run.events("sniffer") if e.reason == "RolloutRecordReplayed")
     for key, value in saved.items():
         assert value is not None
