@@ -25,6 +25,12 @@ class _Entry:
     seq: int
 
 
+@dataclass
+class _Waker:
+    event: asyncio.Event
+    daemons: int = 0
+
+
 class HeartbeatView:
     def __init__(self, started: datetime) -> None:
         self.started = started
@@ -32,7 +38,9 @@ class HeartbeatView:
         # Deletes seen since the last resync began, so an older listing cannot resurrect them.
         self._tombstones: dict[tuple[str, str], int] = {}
         self._seq = 0
-        self._wakers: dict[str, asyncio.Event] = {}
+        # Only while a monitor daemon of the component runs: names come and go with components
+        # (and anyone who can write etcd can invent instance keys), so none is kept for good.
+        self._wakers: dict[str, _Waker] = {}
         self.watching = False
         self.synced = False
         self.last_progress: datetime | None = None
@@ -43,13 +51,38 @@ class HeartbeatView:
         """True when the view may stand in for a direct read of etcd."""
         return self.watching and self.synced
 
-    def waker(self, component: str) -> asyncio.Event:
-        return self._wakers.setdefault(component, asyncio.Event())
+    def attach(self, component: str) -> asyncio.Event:
+        """The event `component`'s monitor daemon pauses on, until it calls `detach`.
+
+        Counted: a same-named component re-created at once has its daemon started before the
+        old one's has ended, and both wait on the one event."""
+        waker = self._wakers.setdefault(component, _Waker(asyncio.Event()))
+        waker.daemons += 1
+        return waker.event
+
+    def detach(self, component: str) -> None:
+        waker = self._wakers.get(component)
+        if waker is None:
+            return
+        waker.daemons -= 1
+        if waker.daemons <= 0:
+            del self._wakers[component]
+
+    def waker(self, component: str) -> asyncio.Event | None:
+        """The event `component`'s daemons pause on; None while none runs."""
+        waker = self._wakers.get(component)
+        return waker.event if waker is not None else None
 
     def wake(self, component: str, reason: str) -> None:
-        """`component`'s monitor runs a pass now (`reason` is only counted)."""
+        """`component`'s monitor runs a pass now (`reason` is only counted).
+
+        Without a daemon running there is nothing to wake, and nothing is kept: a daemon's
+        first pass comes right after it starts, and reads everything a wake could be about."""
+        waker = self._wakers.get(component)
+        if waker is None:
+            return
         MONITOR_WAKES.labels(reason).inc()
-        self.waker(component).set()
+        waker.event.set()
 
     def apply(
         self, now: datetime, component: str, instance: str, record: InstanceRecord | None
@@ -57,15 +90,19 @@ class HeartbeatView:
         """One watch event: `record` None is a delete (stopped, or lease expired)."""
         self._seq += 1
         self.last_progress = now
-        known = self._entries.setdefault(component, {})
         if record is None:
             HEARTBEAT_EVENTS.labels("delete").inc()
+            known = self._entries.get(component, {})
             known.pop(instance, None)
+            if not known:
+                # Its last instance: no empty entry per component name ever seen.
+                self._entries.pop(component, None)
             self._tombstones[(component, instance)] = self._seq
             # Judge now rather than at the next interval.
             self.wake(component, "instance-gone")
             return
         HEARTBEAT_EVENTS.labels("put").inc()
+        known = self._entries.setdefault(component, {})
         self._tombstones.pop((component, instance), None)
         before = known.get(instance)
         if before is None or replace(before.record, time=record.time) != record:
@@ -79,8 +116,8 @@ class HeartbeatView:
         """Every monitor runs a pass now: something all of them judge changed (etcd's health,
         the keyring)."""
         MONITOR_WAKES.labels(reason).inc(len(self._wakers))
-        for event in self._wakers.values():
-            event.set()
+        for waker in self._wakers.values():
+            waker.event.set()
 
     def watch_failed(self) -> None:
         """The stream broke: the library re-creates it, but until a fresh full list has been

@@ -751,7 +751,7 @@ async def run(
     monitor_interval_seconds."""
     # This daemon's blocking calls take the monitor pool, never a reconcile's thread.
     enter_monitor()
-    wake = rt.heartbeats.waker(name)
+    wake = rt.heartbeats.attach(name)
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
     uid = _uid(body)
     mem = rt.memory(namespace, name)
@@ -777,6 +777,7 @@ async def run(
                 await _pause(wake, pause)
     finally:
         mem.monitors -= 1
+        rt.heartbeats.detach(name)
         relay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay

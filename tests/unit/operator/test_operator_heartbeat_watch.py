@@ -54,7 +54,7 @@ def test_view_is_not_trusted_until_watching_and_resynced() -> None:
 def test_delete_removes_the_instance_and_wakes_its_component() -> None:
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0), rec("b", T0)]})
-    wake, other = view.waker("sniffer"), view.waker("firewall")
+    wake, other = view.attach("sniffer"), view.attach("firewall")
     view.apply(T0 + S, "sniffer", "a", None)
     assert set(times(view, "sniffer")) == {"b"}
     assert wake.is_set()
@@ -65,7 +65,7 @@ def test_delete_removes_the_instance_and_wakes_its_component() -> None:
 def test_a_put_updates_and_only_a_new_instance_wakes() -> None:
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0)]})
-    wake = view.waker("sniffer")
+    wake = view.attach("sniffer")
     view.apply(T0 + S, "sniffer", "a", rec("a", T0 + S))
     assert times(view, "sniffer") == {"a": T0 + S}
     assert not wake.is_set(), "a routine heartbeat must not cost a monitor pass"
@@ -212,10 +212,43 @@ def test_one_healthy_member_means_quorum() -> None:
     assert h.detail == "1/3 healthy, down: 127.0.0.1:2380, 127.0.0.1:2381"
 
 
-def test_waker_is_an_asyncio_event_per_component() -> None:
+def test_a_waker_lasts_while_a_daemon_of_its_component_runs() -> None:
     view = HeartbeatView(T0)
-    assert view.waker("a") is view.waker("a")
-    assert isinstance(view.waker("a"), asyncio.Event)
+    assert view.waker("a") is None
+    first = view.attach("a")
+    assert isinstance(first, asyncio.Event) and view.waker("a") is first
+    # A same-named component re-created at once: its daemon starts before the old one ends.
+    assert view.attach("a") is first
+    view.detach("a")
+    view.wake("a", "instance-new")
+    assert first.is_set(), "the successor's daemon lost its wake when the old one ended"
+    view.detach("a")
+    assert view.waker("a") is None
+    view.detach("a")  # a second end of the same daemon is no error, and leaves nothing
+    assert view.waker("a") is None and view.attach("a") is not first
+
+
+def test_a_wake_with_no_daemon_running_keeps_nothing() -> None:
+    # Anyone who can write etcd can put instance keys under invented component names; none of
+    # them may grow the operator's memory for good.
+    view = HeartbeatView(T0)
+    for n in range(100):
+        view.apply(T0, f"invented-{n}", "a", rec("a", T0))
+        view.apply(T0 + S, f"invented-{n}", "a", None)
+    view.wake_all("keyring")
+    assert view._wakers == {} and view._entries == {}
+    assert all(view.waker(f"invented-{n}") is None for n in range(100))
+
+
+def test_the_last_instance_gone_leaves_no_entry_for_its_component() -> None:
+    view = HeartbeatView(T0)
+    view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0), rec("b", T0)]})
+    view.apply(T0 + S, "sniffer", "a", None)
+    assert "sniffer" in view._entries
+    view.apply(T0 + S, "sniffer", "b", None)
+    assert "sniffer" not in view._entries and view.instances("sniffer") == []
+    view.apply(T0 + S, "never-seen", "x", None)  # a delete of what was never seen
+    assert "never-seen" not in view._entries
 
 
 # --- the liveness probe itself ----------------------------------------------------------

@@ -58,6 +58,13 @@ def _start(h: Harness, body: dict[str, Any] | None = None) -> tuple[Stopped, asy
     )
 
 
+def _wake(h: Harness) -> None:
+    """A heartbeat event for the component whose daemon runs."""
+    waker = h.rt.heartbeats.waker(NAME)
+    assert waker is not None, "no daemon waits"
+    waker.set()
+
+
 def test_a_stopped_daemon_ends_without_waiting_out_its_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -75,6 +82,7 @@ def test_a_stopped_daemon_ends_without_waiting_out_its_interval(
         await asyncio.wait_for(task, timeout=10)  # not the 300 s interval
         assert task.exception() is None
         assert h.mem.monitors == 0  # stopped (peering paused this replica): no longer
+        assert h.rt.heartbeats.waker(NAME) is None  # nor anything to wake it by
         assert asyncio.all_tasks() == {asyncio.current_task()}  # the relay is gone too
         assert len(passes) == 1
 
@@ -90,7 +98,7 @@ def test_a_heartbeat_event_wakes_the_daemon_for_a_pass_before_its_interval(
         stopped, task = _start(h)
         await _until(lambda: passes, "the first pass")
         await asyncio.sleep(0.3)
-        h.rt.heartbeats.waker(NAME).set()
+        _wake(h)
         await _until(lambda: len(passes) == 2, "a pass woken by the heartbeat event")
         stopped.set()
         await asyncio.wait_for(task, timeout=10)
@@ -123,12 +131,16 @@ def test_a_deleted_resource_ends_its_daemon_though_kopf_never_stops_it(
         await _until(lambda: len(passes) == 2, "the first passes")
         await asyncio.sleep(0.3)
         h.rt.mark_gone("uid-1")
-        h.rt.heartbeats.waker(NAME).set()
+        _wake(h)
         await asyncio.wait_for(task, timeout=10)  # not the 300 s interval, and no stop
         assert task.exception() is None
         await _until(lambda: len(passes) == 3, "the successor's pass the wake brought")
         assert not successor.done()
+        _wake(h)  # the old daemon's end left the successor its wake-ups
+        await _until(lambda: len(passes) == 4, "the successor woken again")
         successor.cancel()
+        await asyncio.gather(successor, return_exceptions=True)
+        assert h.rt.heartbeats.waker(NAME) is None
 
     asyncio.run(scenario())
 
@@ -169,7 +181,7 @@ def test_a_daemon_pass_that_waited_out_a_reconciles_pass_is_not_repeated(
         await asyncio.sleep(0.5)  # past the floor between passes: in its long pause
         assert len(ticks) == 1, "the daemon repeated the pass the reconcile ran"
         # Skipped once, not for good: an event after that pass brings one.
-        h.rt.heartbeats.waker(NAME).set()
+        _wake(h)
         await _until(lambda: len(ticks) == 2, "a pass woken by the heartbeat event")
         stopped.set()
         await asyncio.wait_for(task, timeout=10)
@@ -181,8 +193,7 @@ def test_a_reconcile_whose_pass_ran_does_not_wake_the_daemon_one_without_does(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     h, ticks = _counting_ticks(monkeypatch)
-    wake = h.rt.heartbeats.waker(NAME)
-    wake.clear()
+    wake = h.rt.heartbeats.attach(NAME)  # the daemon waits
     asyncio.run(h.reconcile(spec(), first_pass=True))
     assert len(ticks) == 1 and not wake.is_set()
     # No pass could run with it (etcd's health not measured yet): the daemon is woken.

@@ -23,8 +23,22 @@ from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._runtime import Runtime, utcnow
 
 
+def _harness() -> Harness:
+    """A harness whose component's monitor daemon waits (kopf runs one per component), so a
+    wake has somewhere to go."""
+    h = Harness()
+    h.rt.heartbeats.attach(NAME)
+    return h
+
+
+def _waker(h: Harness, name: str = NAME) -> asyncio.Event:
+    waker = h.rt.heartbeats.waker(name)
+    assert waker is not None, f"no monitor daemon of {name} waits"
+    return waker
+
+
 def _woken(h: Harness, name: str = NAME) -> bool:
-    return h.rt.heartbeats.waker(name).is_set()
+    return _waker(h, name).is_set()
 
 
 def _wakes(reason: str) -> float:
@@ -35,7 +49,7 @@ def _wakes(reason: str) -> float:
 
 
 def _settle(h: Harness, name: str = NAME) -> None:
-    h.rt.heartbeats.waker(name).clear()
+    _waker(h, name).clear()
 
 
 def _record(pod: str, **over: object) -> InstanceRecord:
@@ -59,7 +73,7 @@ def _rotate_until(h: Harness, what: str, check: Callable[[], bool]) -> None:
 
 
 def _monitored() -> Harness:
-    h = Harness()
+    h = _harness()
     h.inform()
     asyncio.run(h.reconcile(spec()))
     asyncio.run(h.monitor(spec()))
@@ -71,8 +85,9 @@ def _monitored() -> Harness:
 
 
 def test_an_instance_that_changes_its_record_wakes_and_one_that_only_beats_does_not() -> None:
-    view = Harness().rt.heartbeats
+    view = _harness().rt.heartbeats
     wake = view.waker(NAME)
+    assert wake is not None
     view.apply(utcnow(), NAME, "a-0", _record("a"))
     assert wake.is_set()  # a new instance
     wake.clear()
@@ -92,7 +107,7 @@ def test_an_instance_that_changes_its_record_wakes_and_one_that_only_beats_does_
 
 def test_wake_all_wakes_every_monitor() -> None:
     rt = Harness().rt
-    events = [rt.heartbeats.waker(n) for n in ("sniffer", "firewall", "rag")]
+    events = [rt.heartbeats.attach(n) for n in ("sniffer", "firewall", "rag")]
     before = _wakes("keyring")
     rt.wake_all("keyring")
     assert all(e.is_set() for e in events)
@@ -100,7 +115,7 @@ def test_wake_all_wakes_every_monitor() -> None:
 
 
 def test_each_wake_is_counted_by_what_asked_for_it() -> None:
-    view = Harness().rt.heartbeats
+    view = _harness().rt.heartbeats
     before = {r: _wakes(r) for r in ("instance-new", "instance-changed", "instance-gone")}
     view.apply(utcnow(), NAME, "a-0", _record("a"))
     view.apply(utcnow(), NAME, "a-0", _record("a", time=utcnow() + timedelta(seconds=5)))
@@ -132,10 +147,11 @@ def test_a_change_in_etcd_after_the_last_read_wakes_the_component() -> None:
 
 
 def test_a_change_to_a_component_no_pass_read_or_an_unknown_name_wakes_nothing() -> None:
-    h = Harness()
+    h = _harness()
     h.rt.memory(NAMESPACE, NAME)  # remembered, no pass has read it yet: the coming one reads
     h.rt.changes.apply(NAME, 7)
     assert not _woken(h)
+    h.rt.heartbeats.attach("never-seen")
     h.rt.changes.apply("never-seen", 8)
     assert not _woken(h, "never-seen")
 
@@ -164,7 +180,7 @@ def test_forgetting_one_namespace_s_component_keeps_the_same_name_elsewhere_wake
 
 
 def test_the_seed_does_not_wake_the_pass_that_reads_after_it() -> None:
-    h = Harness()
+    h = _harness()
     h.inform()
     asyncio.run(h.reconcile(spec()))  # seeds (writes etcd), then its pass reads
     _settle(h)
@@ -193,7 +209,7 @@ def test_a_pod_of_another_selector_or_namespace_wakes_nothing() -> None:
 
 
 def test_a_pod_wakes_nothing_before_the_first_pass_knows_the_selector() -> None:
-    h = Harness()
+    h = _harness()
     h.rt.memory(NAMESPACE, NAME)
     h.rt.pod_changed(NAMESPACE, dict(LABELS))
     assert not _woken(h)
