@@ -21,6 +21,7 @@ import referencing.exceptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigValidationError, FieldError
+from ._json_parse import MAX_JSON_DEPTH, check_depth
 from ._schema_budget import budgeted, check_schema, install, validation_budget
 from .contract import ComponentType
 
@@ -468,13 +469,21 @@ def canonical_json(config: Any, *, component: str = "config") -> bytes:
     ConfigValidationError (naming `component`) for values JSON cannot hold.
     """
     try:
-        return json.dumps(
+        text = json.dumps(
             config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        )
+        # What readers refuse (`parse_json`) is never written: a config stored nested deeper
+        # than they parse would be lost to every one of them.
+        check_depth(config, text.count("[") + text.count("{"))
+    except RecursionError:
+        raise ConfigValidationError(
+            component, [FieldError("", f"nested too deeply (over {MAX_JSON_DEPTH} levels)")]
+        ) from None
     except (TypeError, ValueError) as exc:
         raise ConfigValidationError(
             component, [FieldError("", f"not representable as JSON: {exc}")]
         ) from exc
+    return text.encode("utf-8")
 
 
 def config_digest(config: Any) -> str:

@@ -27,7 +27,8 @@ from defender_config import (
 )
 from defender_config._cadence import decode_cadence
 from defender_config._configs import _decode_config
-from defender_config._json_parse import parse_json
+from defender_config._json_parse import MAX_JSON_DEPTH, check_depth, parse_json
+from defender_config._models import canonical_json, validate_config
 from defender_config.store import StoredValue
 
 DEEP = b"[" * 100_000
@@ -56,6 +57,60 @@ def test_malformed_input_is_still_a_value_error(data: bytes) -> None:
 def test_parses_json_nested_as_deep_as_a_config_goes() -> None:
     assert parse_json(b"[" * 100 + b"]" * 100) == parse_json("[" * 100 + "]" * 100)
     assert parse_json(b'{"a": [1, {"b": null}]}') == {"a": [1, {"b": None}]}
+
+
+def nested(depth: int, opener: str = "[", closer: str = "]") -> str:
+    return opener * depth + closer * depth
+
+
+@pytest.mark.parametrize("kind", ["[]", '{"a":}'])
+def test_deeper_than_the_limit_is_refused_though_the_decoder_could_parse_it(kind: str) -> None:
+    # Parsed, a value this deep would still overflow the walks after the parse (the record
+    # MAC's json.dumps, pydantic, repr): refused at the parse, as malformed.
+    if kind == "[]":
+        ok, deep = nested(MAX_JSON_DEPTH), nested(MAX_JSON_DEPTH + 1)
+    else:
+        ok = '{"a":' * (MAX_JSON_DEPTH - 1) + "{}" + "}" * (MAX_JSON_DEPTH - 1)
+        deep = '{"a":' * MAX_JSON_DEPTH + "{}" + "}" * MAX_JSON_DEPTH
+    parse_json(ok)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json(deep)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json(deep.encode())
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    # The cheap bound counts every bracket; the walk then decides on the parsed value.
+    text = '{"pattern": "' + "[" * 500 + '"}'
+    assert parse_json(text) == {"pattern": "[" * 500}
+
+
+def test_check_depth_walks_tuples_and_leaves_scalars() -> None:
+    value: object = 1
+    for _ in range(MAX_JSON_DEPTH):
+        value = (value,)
+    check_depth(value)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        check_depth([value])
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 500, 990, 5_000])
+def test_a_config_too_deep_to_read_back_is_never_written(depth: int) -> None:
+    # Writers refuse what readers refuse: stored, it would be unreadable by every reader.
+    config: dict[str, object] = {"a": 1}
+    for _ in range(depth - 1):
+        config = {"a": config}
+    with pytest.raises(ConfigValidationError, match="nested too deeply"):
+        canonical_json(config, component="rag")
+    with pytest.raises(ConfigValidationError, match="nested too deeply"):
+        validate_config("custom", config, json_schema={"type": "object"}, component="rag")
+
+
+def test_a_config_as_deep_as_allowed_round_trips() -> None:
+    config: dict[str, object] = {"a": 1}
+    for _ in range(MAX_JSON_DEPTH - 1):
+        config = {"a": config}
+    assert parse_json(canonical_json(config)) == config
 
 
 @pytest.fixture
@@ -91,6 +146,27 @@ def test_client_reads_refuse_it(keyed: DefenderClient, alerts: list[Alert]) -> N
             keyless.decode_record(path, DEEP)
     finally:
         keyless.close()
+
+
+def test_a_record_nested_just_below_what_the_decoder_survives_is_a_mac_error() -> None:
+    # An etcd writer's record with a well-formed `auth` (key ids are in every envelope
+    # header), nested so that the decoder just copes and json.dumps of it (the MAC) would
+    # overflow: the audit found a bare RecursionError at depths 850-999.
+    alerts: list[Alert] = []
+    keyring = Keyring.generate()
+    keyed = DefenderClient(
+        LibrarySettings(etcd=EtcdSettings(endpoints=["127.0.0.1:1"])),
+        keyring,
+        alert_sinks=[CallableSink(alerts.append)],
+    )
+    path = keyed.layout.metadata("sniffer")
+    kid = keyring.primary.key_id
+    for depth in [MAX_JSON_DEPTH + 1, *range(840, 1000)]:
+        blob = f'{{"auth":{{"v":1,"kid":"{kid}","mac":"{"0" * 64}"}},"x":{nested(depth)}}}'
+        with pytest.raises(RecordAuthError):
+            keyed.decode_record(path, blob.encode())
+    keyed.close()
+    assert {a.kind for a in alerts} == {"RecordUnauthenticated"}
 
 
 def test_stored_config_is_refused(keyed: DefenderClient) -> None:
