@@ -43,7 +43,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._configs import ANY_REGISTRATION, ActiveConfig, ConfigStore
+from ._configs import ANY_REGISTRATION, ActiveConfig, ConfigMetadata, ConfigStore
 from ._errors import (
     ConflictError,
     DefenderConfigError,
@@ -273,7 +273,11 @@ class Rollouts:
             log.warning("rollout record of %s ignored, not a rollout record: %s", component, exc)
             return None
 
-    def _candidate(self, component: str) -> _Candidate | None:
+    def _candidate(self, component: str, meta: ConfigMetadata | None = None) -> _Candidate | None:
+        """The candidate the rollout record names, opened as a value of the registration of
+        `meta` (the metadata `get_active` just checked) or, without it, of the metadata read
+        and checked now. Never of the metadata record as it happens to be: anyone with etcd
+        write can put an earlier registration's back, and with it a candidate of that one."""
         record = self.record(component)
         if record is None:
             return None
@@ -281,7 +285,8 @@ class Rollouts:
         stored = self.client.store.get(path)
         if stored is None:
             return None
-        meta = self.configs.get_metadata(component)
+        if meta is None:
+            meta = self.configs._value_meta(component, stored)
         config = self.configs._open_config(
             path,
             stored.value,
@@ -343,7 +348,7 @@ class Rollouts:
         if instance not in record.canaries:
             return active
         try:
-            found = self._candidate(component)
+            found = self._candidate(component, active.metadata)
         except (EnvelopeError, StoreError) as exc:  # alerted already, or transient
             log.warning("candidate of %s not used: %s", component, exc)
             return active

@@ -24,6 +24,7 @@ from defender_config import (
     RecordReplayError,
     RegistrationReplayError,
     RepairRefusedError,
+    Rollouts,
     StoragePolicy,
     inspect,
     read_registrations,
@@ -490,3 +491,45 @@ def test_earlier_registrations_history_put_back_below_the_repair_source_is_remov
         assert store.get(lay.history("sniffer", v)) is not None
     active = ConfigStore(client).get_active("sniffer")
     assert (active.version, active.config["snaplen"]) == (4, 104)
+
+
+def test_an_earlier_registrations_rollout_put_back_with_its_metadata_never_runs(
+    client: DefenderClient, store: EtcdStore
+) -> None:
+    """A reader that holds the current registration reads ACTIVE through its checked metadata;
+    the candidate of a saved rollout is opened as a value of that registration too, not of
+    whatever metadata record etcd holds a moment later (the audit's replay: registration one's
+    metadata, rollout record and candidate put back together, at the same base version)."""
+    writer = ConfigStore(client)
+    lay = client.layout
+    writer.seed("sniffer", FIRST, "sniffer", by="test")
+    for n in range(2, 4):
+        writer.commit("sniffer", snaplen(FIRST, n), by="ops")
+    Rollouts(writer).start("sniffer", snaplen(FIRST, 99), ["sniffer-0"], by="ops")
+    paths = (lay.metadata("sniffer"), lay.rollout("sniffer"), lay.candidate("sniffer"))
+    saved = {p: store.get(p) for p in paths}
+    store.delete_prefix(client.layout.component_dir("sniffer"))
+    store.delete_prefix(lay.rollout("sniffer"))
+    store.delete_prefix(lay.candidate("sniffer"))
+    writer.forget_registration("sniffer")
+    time.sleep(0.01)  # registrations are stamped from the clock in ms
+    writer.seed("sniffer", SECOND, "sniffer", by="test")
+    for n in range(2, 4):
+        writer.commit("sniffer", snaplen(SECOND, n), by="ops")
+    current = writer.held_registration("sniffer")
+    assert current is not None
+
+    reader = ConfigStore(client)
+    reader.hold_registration("sniffer", current)
+    before = Rollouts(reader).effective("sniffer", "sniffer-0")
+    assert (before.version, before.config["node_id"], before.config["snaplen"]) == (
+        3,
+        "sniffer-02",
+        103,
+    )
+    for path, value in saved.items():
+        assert value is not None
+        store.put(path, value.value)
+    runs = Rollouts(reader).effective("sniffer", "sniffer-0")
+    assert (runs.version, runs.config) == (3, before.config)  # not snaplen 199 of registration one
+    assert reader.held_registration("sniffer") == current
