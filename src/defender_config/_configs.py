@@ -1268,7 +1268,7 @@ class ConfigStore:
             write: EnvelopeOptions | None = options
         else:
             policy = meta.storage
-            write = policy.write_options(c.envelope.options) if policy is not None else None
+            write = self._recorded_write_options(component, meta)
         # A record from before registrations gets one now, and every kept value with it.
         registration = meta.registration or next_record_sequence(now=_now())
         new_meta = meta.model_copy(
@@ -1386,6 +1386,33 @@ class ConfigStore:
             # It opened: when it was encrypted, the AEAD covered its path, so its version too.
             authenticated = is_envelope(sv.value) and inspect(sv.value).encrypted
             yield sv, config, KeptVersion(parsed.version, config_digest(config), authenticated)
+
+    def _recorded_write_options(
+        self, component: str, meta: ConfigMetadata
+    ) -> EnvelopeOptions | None:
+        """How a value written on `meta` without options of its own is sealed: by its recorded
+        storage policy (None: the store-wide options).
+
+        A record that says unencrypted while ACTIVE is encrypted is an older record put back
+        (`set_storage` re-seals ACTIVE and rewrites the record in one transaction): refused
+        (RecordReplayError, alerted) rather than followed, or anyone with etcd write and a
+        saved record from a plaintext past would have the next commit written in the clear."""
+        policy = meta.storage
+        if policy is None:
+            return None
+        if not policy.encrypt:
+            active = self.client.store.get(self.layout.active_config(component))
+            if active is not None and is_encrypted(active.value):
+                self._refuse(
+                    RecordReplayError(
+                        self.layout.metadata(component),
+                        f"the record (version {meta.version}) says unencrypted but ACTIVE is "
+                        "encrypted, so nothing was written (the operator's next pass repairs "
+                        "the record; set_storage is what changes the policy)",
+                    ),
+                    component,
+                )
+        return policy.write_options(self.client.envelope.options)
 
     def _newest_authentic(self, component: str, meta: ConfigMetadata) -> int:
         """The newest history version above the record's that a key holder wrote (0: none),
@@ -1935,8 +1962,14 @@ class ConfigStore:
                 read: EnvelopeOptions | None = read,
                 write: EnvelopeOptions | None = write,
             ) -> bytes | None:
+                sealing = write
+                if is_encrypted(current.value) and not (write or c.envelope.options).encrypt:
+                    # A rewrap changes keys, never protection: a policy that says plaintext
+                    # for an encrypted value is an older record put back (`set_storage` is
+                    # what changes it, re-sealing every value with the record).
+                    sealing = (write or c.envelope.options).model_copy(update={"encrypt": True})
                 try:
-                    if not c.envelope.needs_reseal(current.value, write):
+                    if not c.envelope.needs_reseal(current.value, sealing):
                         return None
                 except EnvelopeError as exc:  # a corrupt header: c.open did not see it
                     c.report(exc, path=current.key)
@@ -1944,7 +1977,7 @@ class ConfigStore:
                 plain = c.open(current.key, current.value, read)
                 # The value keeps its own registration (authenticated by the open above).
                 return c.seal(
-                    current.key, plain, write, registration=registration_of(current.value)
+                    current.key, plain, sealing, registration=registration_of(current.value)
                 )
 
             self._rewrite(sv, reseal, report)

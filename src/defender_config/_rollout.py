@@ -157,8 +157,7 @@ class Rollouts:
             sequence=sequence,
         )
         candidate, rollout = self.layout.candidate(component), self.layout.rollout(component)
-        policy = meta.storage
-        write = policy.write_options(self.client.envelope.options) if policy else None
+        write = cs._recorded_write_options(component, meta)
         ops: list[PutOp | DeleteOp] = [
             PutOp(
                 candidate,

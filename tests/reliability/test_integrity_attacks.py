@@ -37,10 +37,12 @@ from defender_config import (
     NotAnEnvelopeError,
     RecordAuthError,
     RecordReplayError,
+    Rollouts,
     canonical_json,
     config_digest,
     validate_config,
 )
+from defender_config._envelope import is_encrypted, is_envelope
 from defender_config.store import DeleteOp, EtcdStore, GetOp, PutOp
 from defender_devcluster import EtcdCluster, wait_for
 
@@ -297,6 +299,39 @@ def test_replayed_metadata_is_refused(scene: Scene) -> None:
     fewer = {**GOOD, "rules": GOOD["rules"][:5]}
     assert scene.configs.commit("firewall", fewer, by="operator") == 3
     assert scene.configs.get_active("firewall").version == 3
+
+
+def test_a_record_from_a_plaintext_past_put_back_never_gets_a_write_in_the_clear(
+    scene: Scene,
+) -> None:
+    """The component was stored unencrypted once (spec.storage), then encrypted again; its
+    authentic record from then, saved with etcd read access and put back with write access,
+    says "unencrypted". A commit, a rollout and a rewrap built on it would follow it and write
+    the next config in the clear: they refuse it, or keep the encryption, instead."""
+    component, lay = "firewall", scene.layout
+    scene.configs.allow_plaintext(component)
+    assert scene.configs.set_storage(component, EnvelopeOptions(**PLAIN_POLICY), by="ops")
+    plaintext_era = scene.raw(lay.metadata(component))
+    assert scene.configs.set_storage(component, EnvelopeOptions(), by="ops")
+    scene.configs.allow_plaintext(component, False)
+    scene.configs.commit(component, BETTER, by="operator")
+    scene.attacker.put(lay.metadata(component), plaintext_era)
+
+    writer = ConfigStore(scene.client)  # a key holder that saw nothing before (rag, say)
+    fewer = {**GOOD, "rules": GOOD["rules"][:3]}
+    with pytest.raises(RecordReplayError, match="says unencrypted but ACTIVE is encrypted"):
+        writer.commit(component, fewer, by="rag")
+    with pytest.raises(RecordReplayError, match="says unencrypted but ACTIVE is encrypted"):
+        Rollouts(writer).start(component, fewer, ["fw-0"], by="ops")
+    assert scene.kinds().count("RecordReplayed") == 2
+    report = writer.rewrap_all()
+    assert report.failed == 0
+    values = scene.attacker.list_prefix(lay.component_dir(component))
+    sealed = [sv for sv in values if is_envelope(sv.value)]
+    assert sealed and all(is_encrypted(sv.value) for sv in sealed), [sv.key for sv in sealed]
+    assert scene.attacker.get(lay.candidate(component)) is None
+    blob = b"\n".join(sv.value for sv in values)
+    assert b"default_policy" not in blob and b"fw-01" not in blob
 
 
 def test_deleted_mac_is_refused(scene: Scene) -> None:
