@@ -122,12 +122,17 @@ def decide_keyring(
             return KeyringPlan(KeyringAction.USE_SOURCE, "SourceCurrent", "source keyring in use")
         # A present Secret was written by the operator or by a person; replacing it is for a
         # person to decide. Say which holder would do.
-        usable = [c.name for c in candidates if _covers(c, referenced, recorded)[0]]
-        hint = (
-            f"; {', '.join(usable)} opens everything: import it"
-            if usable
-            else "; import a keyring export that holds them"
-        )
+        usable = [c for c in candidates if _covers(c, referenced, recorded)[0]]
+        copies = [c.name for c in usable if not c.trusted]
+        hint = f"; {', '.join(copies)} opens everything: import it" if copies else ""
+        if any(c.trusted for c in usable):
+            # Memory cannot be imported; deleting the Secret makes the next round restore it
+            # from memory, which only this running process holds.
+            hint += (
+                "; the operator's memory opens everything: delete the Secret and the operator"
+                " writes it back from memory (do it before the operator restarts)"
+            )
+        hint = hint or "; import a keyring export that holds them"
         return KeyringPlan(
             KeyringAction.REFUSE,
             "SourceLacksKeys",

@@ -132,6 +132,32 @@ def test_present_source_lacking_keys_is_refused_not_overwritten() -> None:
     assert dict(plan.missing) == {OLD: None}
 
 
+def test_a_refused_source_names_memory_as_deletable_not_importable() -> None:
+    # Memory cannot be imported: the way back is deleting the Secret, which the next round
+    # restores from memory (the keyring the operator verified, kept aside while refused).
+    memory = Holder("the operator's memory", {OLD: FP[OLD]}, frozenset({OLD}), trusted=True)
+    plan = decide(
+        holder("source", error="not valid JSON"),
+        memory,
+        referenced=(OLD,),
+        recorded={OLD: FP[OLD]},
+    )
+    assert plan.reason == "SourceLacksKeys"
+    assert "memory opens everything: delete the Secret" in plan.message
+    assert "memory opens everything: import" not in plan.message
+    assert "import a keyring export" not in plan.message
+    # A copy beside it is still named for import.
+    plan = decide(
+        holder("source", error="not valid JSON"),
+        memory,
+        holder("copy b", OLD, opens=(OLD,)),
+        referenced=(OLD,),
+        recorded={OLD: FP[OLD]},
+    )
+    assert "copy b opens everything: import it" in plan.message
+    assert "delete the Secret" in plan.message
+
+
 def test_a_value_under_a_never_recorded_id_does_not_stop_the_keyring() -> None:
     # Foreign data (restored from another cluster, or planted with etcd write access) next to
     # ours: the source still serves every recorded key; the stray value is its component's
