@@ -8,6 +8,9 @@ key id, and applies the decision:
 UseSource  use the source Secret; record its key ids in etcd
 Restore    write the source Secret back from the holder that opens everything (WARNING log, an
            Event on every DefenderComponent, an alert per component)
+           Either way, a key record in etcd that disagrees with the keyring taken (which opens
+           every stored value) is rewritten and reported: KeyringRecordMismatch, WARNING log,
+           Event and alert. Only someone with etcd write access changes the record.
 Generate   first install only: a new keyring (WARNING log with its fingerprint), recorded
 Refuse     write no Secret, take the keyring out of use so nothing is sealed or opened, set
            KeyUnavailable on every component (an Event naming the missing key ids and their
@@ -110,6 +113,7 @@ async def settle(rt: Runtime) -> bool:
     plan, keyrings = await asyncio.to_thread(_gather, rt, stored, source_error)
     if plan.action is KeyringAction.USE_SOURCE and stored is not None:
         await _use(rt, stored)
+        await _report_record(rt, plan)
         return True
     if plan.action is KeyringAction.RESTORE and plan.holder is not None:
         keyring = keyrings[plan.holder]
@@ -125,6 +129,7 @@ async def settle(rt: Runtime) -> bool:
         )
         await _tell(rt, "Warning", plan.reason, plan.message, alert=True)
         await _use(rt, written)
+        await _report_record(rt, plan)
         return True
     if plan.action is KeyringAction.GENERATE:
         keyring = Keyring.generate()
@@ -186,6 +191,21 @@ async def _use(rt: Runtime, stored: StoredKeyring) -> None:
         log.warning("%s", message)
         ref = ObjectRef("v1", "Secret", rt.secrets.namespace, rt.secrets.name)
         await asyncio.to_thread(rt.kube.post_event, ref, "Warning", "NoKeyringExport", message)
+
+
+async def _report_record(rt: Runtime, plan: KeyringPlan) -> None:
+    """After `_use` rewrote the record: say that it disagreed. Not a refusal: the keyring
+    taken opened every stored value, which a record (ids and fingerprints anyone with etcd
+    write access can change) cannot outweigh."""
+    if plan.record_mismatch is None:
+        return
+    message = (
+        f"{plan.record_mismatch}; the operator rewrote the record from the keyring in use."
+        " Only someone with etcd write access can change it: find out who"
+        " (docs/troubleshooting.md#keyringrecordmismatch)"
+    )
+    log.warning("%s", message)
+    await _tell(rt, "Warning", "KeyringRecordMismatch", message, alert=True)
 
 
 async def _refuse(rt: Runtime, plan: KeyringPlan) -> None:

@@ -1,5 +1,7 @@
 """_keyguard.settle around a refused source Secret: the keyring this process verified is set
-aside, never used to seal, and a source that is then deleted or fixed is judged against it."""
+aside, never used to seal, and a source that is then deleted or fixed is judged against it. And
+the key record in etcd: a forged one is rewritten and reported, never a refusal of a keyring
+that opens every stored value."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import pytest
 from operator_core_support import FakeSecretsApi, Harness
 
-from defender_config import Keyring
+from defender_config import Keyring, KeyUsage
 from defender_operator import _keyguard
 from defender_operator._keys import KeyringSecrets, KeyringUnavailableError
 from defender_operator._kube import ObjectRef
@@ -141,3 +143,40 @@ def test_a_refusal_before_any_keyring_was_verified_keeps_nothing(
     assert h.rt.keyring_refused is not None
     assert h.rt.keyring_refused.reason == "KeyringMissing"
     assert SOURCE not in api.stored
+
+
+# --- the key record in etcd: advisory, never a veto over a keyring that opens every value ---
+
+
+def restarted_with_values(monkeypatch: pytest.MonkeyPatch) -> tuple[Harness, FakeSecretsApi]:
+    """A fresh operator (nothing verified yet) over a store with a value sealed under the
+    keyring's primary; the memory backend's `opens` opens every sample."""
+    h, api, keyring = harness_no_minting(monkeypatch)
+    h.rt.keyring_ready = False
+    h.rt.keyring.set(None)
+    usage = KeyUsage(samples={keyring.primary.key_id: ("/p/c/master", b"sealed")}, sealed=1)
+    monkeypatch.setattr(h.backend, "key_usage", lambda: usage)
+    return h, api
+
+
+@pytest.mark.parametrize("forged", [{"bogus": "x"}, {"unreadable-record": "unknown"}])
+def test_a_forged_record_is_rewritten_and_reported_not_a_refusal(
+    monkeypatch: pytest.MonkeyPatch, forged: dict[str, str]
+) -> None:
+    h, api = restarted_with_values(monkeypatch)
+    keyring = Keyring.from_secret_data(api.stored[SOURCE].data)
+    h.backend.key_record = dict(forged)
+    assert settle(h) is True
+    assert h.rt.keyring.current() == keyring and h.rt.keyring_refused is None
+    assert h.backend.key_record == keyring.fingerprints()  # rewritten from the keyring in use
+    # (NoKeyringExport: this test Secret was never exported.)
+    assert [r for r in posted(h) if r != "NoKeyringExport"] == ["KeyringRecordMismatch"]
+    assert [a.reason for a in h.backend.raised] == ["KeyringRecordMismatch"]
+    assert "names none of the key ids stored values use" in h.backend.raised[0].detail
+
+
+def test_a_record_that_agrees_raises_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    h, _ = restarted_with_values(monkeypatch)
+    assert settle(h) is True
+    assert "KeyringRecordMismatch" not in posted(h)
+    assert h.backend.raised == []
