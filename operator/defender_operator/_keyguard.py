@@ -8,11 +8,18 @@ key id, and applies the decision:
 UseSource  use the source Secret; record its key ids in etcd
 Restore    write the source Secret back from the holder that opens everything (WARNING log, an
            Event on every DefenderComponent, an alert per component)
+           Either way, a key record in etcd that disagrees with the keyring taken (which opens
+           every stored value) is rewritten and reported: KeyringRecordMismatch, WARNING log,
+           Event and alert. Only someone with etcd write access changes the record.
 Generate   first install only: a new keyring (WARNING log with its fingerprint), recorded
-Refuse     write no Secret, drop the keyring from memory so nothing is sealed or opened, set
+Refuse     write no Secret, take the keyring out of use so nothing is sealed or opened, set
            KeyUnavailable on every component (an Event naming the missing key ids and their
            fingerprints): commits, rotations, copies and restarts wait. `settle` runs again on
            every rotation tick, so a keyring a person restores is picked up without a restart.
+           The keyring this process last verified is kept aside (`Runtime.keyring_kept`) and
+           still offered as the operator's memory: a refused source that is then deleted is
+           written back from it, so a bad edit followed by the runbook's "delete it" does not
+           lose the key.
 
 Started by `handlers.startup` and run by the key-rotation loop (`_loops.key_rotation`).
 """
@@ -59,8 +66,10 @@ def _gather(
     elif source_error is not None:
         source = Holder(source_name, error=source_error)
     keyrings: dict[str, Keyring] = {}
-    held = rt.keyring.peek()
-    if held is not None and rt.keyring_ready:
+    # While refused, memory is the keyring set aside at the refusal: verified by this process,
+    # so still the trusted candidate (it is proven again below, like every holder).
+    held = rt.keyring.peek() if rt.keyring_ready else rt.keyring_kept
+    if held is not None:
         keyrings[MEMORY] = held
     for ns in sorted(rt.kube.component_namespaces(rt.settings.watch_namespaces)):
         if ns == secrets.namespace:
@@ -104,6 +113,7 @@ async def settle(rt: Runtime) -> bool:
     plan, keyrings = await asyncio.to_thread(_gather, rt, stored, source_error)
     if plan.action is KeyringAction.USE_SOURCE and stored is not None:
         await _use(rt, stored)
+        await _report_record(rt, plan)
         return True
     if plan.action is KeyringAction.RESTORE and plan.holder is not None:
         keyring = keyrings[plan.holder]
@@ -119,6 +129,7 @@ async def settle(rt: Runtime) -> bool:
         )
         await _tell(rt, "Warning", plan.reason, plan.message, alert=True)
         await _use(rt, written)
+        await _report_record(rt, plan)
         return True
     if plan.action is KeyringAction.GENERATE:
         keyring = Keyring.generate()
@@ -160,6 +171,7 @@ async def _use(rt: Runtime, stored: StoredKeyring) -> None:
     rt.rotation_stage = stored.rotation.stage.value
     rt.keyring_ready = True
     rt.keyring_refused = None
+    rt.keyring_kept = None  # in use again: memory is `rt.keyring`
     rt.keyring_announced = None
     await asyncio.to_thread(rt.backend.record_keyring, stored.keyring)
     if was_refused:
@@ -181,7 +193,27 @@ async def _use(rt: Runtime, stored: StoredKeyring) -> None:
         await asyncio.to_thread(rt.kube.post_event, ref, "Warning", "NoKeyringExport", message)
 
 
+async def _report_record(rt: Runtime, plan: KeyringPlan) -> None:
+    """After `_use` rewrote the record: say that it disagreed. Not a refusal: the keyring
+    taken opened every stored value, which a record (ids and fingerprints anyone with etcd
+    write access can change) cannot outweigh."""
+    if plan.record_mismatch is None:
+        return
+    message = (
+        f"{plan.record_mismatch}; the operator rewrote the record from the keyring in use."
+        " Only someone with etcd write access can change it: find out who"
+        " (docs/troubleshooting.md#keyringrecordmismatch)"
+    )
+    log.warning("%s", message)
+    await _tell(rt, "Warning", "KeyringRecordMismatch", message, alert=True)
+
+
 async def _refuse(rt: Runtime, plan: KeyringPlan) -> None:
+    held = rt.keyring.peek()
+    if rt.keyring_ready and held is not None:
+        # Out of use (nothing is sealed while refused) but not forgotten: it may be the only
+        # holder of the key left once the refused source is deleted (see `_gather`).
+        rt.keyring_kept = held
     rt.keyring.set(None)
     rt.keyring_ready = False
     rt.keyring_refused = plan

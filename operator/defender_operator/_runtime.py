@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from defender_config import Cadence
+from defender_config import Cadence, Keyring
 from defender_operator._api import DefenderComponentSpec
 from defender_operator._backend import Backend, EtcdHealth, Observation
 from defender_operator._changes import ChangeView
@@ -192,6 +192,12 @@ class Runtime:
         # `keyring_refused` is set, commits, rotations, copies and restarts wait.
         self.keyring_ready = False
         self.keyring_refused: KeyringPlan | None = None
+        # While refused: the keyring this process last verified, set aside. Nothing is sealed
+        # with it (`keyring` stays empty, so commits, rotations and copies wait), but it is
+        # still offered to `settle` as the operator's memory: a refused source that is then
+        # deleted (the runbook) or fixed is judged against it, and the Secret is written back
+        # from it. Dropping it would leave the source Secret's bad edit as the end of the key.
+        self.keyring_kept: Keyring | None = None
         self.keyring_announced: str | None = None
         self.export_warned = False
         # How Events reach the resource: kopf's poster; unit tests record them instead.

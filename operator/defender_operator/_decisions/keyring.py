@@ -11,12 +11,21 @@ A holder (the source, a copy, memory) is trusted for the stored values only by w
 the caller tries one sealed value per key id with it. Labels and key ids can be forged by anyone
 who may create a Secret in a component namespace; a value sealed under our key cannot, so a
 planted keyring never replaces ours.
+
+The key record in etcd (`<prefix>/keyring/record`, ids and fingerprints) is advisory: anyone with
+etcd write access can change it. Where values are stored, what a holder opens decides; the record
+only tells our key ids from foreign ones, and only where it names an id in use. It can therefore
+not veto a source that opens every stored value: a record that disagrees with it is reported
+(`KeyringPlan.record_mismatch`) and rewritten. On a store with no sealed value the record is the
+only evidence that keys existed (an etcd snapshot may still need them), so there it keeps a
+holder that lacks them from being taken and keeps a keyring from being minted, until a person
+imports the keys or deletes the record.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from defender_operator._decisions.conditions import FALSE, KEY_UNAVAILABLE, TRUE, UNKNOWN, Cond
@@ -59,33 +68,92 @@ class KeyringPlan:
     """RESTORE: the holder to copy from."""
     missing: Mapping[str, str | None] = field(default_factory=dict)
     """REFUSE: key id → recorded fingerprint (None when never recorded) that no holder opens."""
+    record_mismatch: str | None = None
+    """USE_SOURCE / RESTORE: how the key record in etcd disagrees with the keyring taken, which
+    opens every stored value (the record is then rewritten; a person should ask who changed
+    it). None when the record agrees, lags a rotation, or was never written."""
+
+
+def _clashing(holder: Holder, recorded: Mapping[str, str]) -> list[str]:
+    """Ids the holder holds with other material than the record names, among those it did not
+    prove by opening a value (an opened value beats the record)."""
+    return sorted(
+        kid
+        for kid, fp in holder.fingerprints.items()
+        if kid in recorded and recorded[kid] != fp and kid not in holder.opens
+    )
+
+
+def _ids(ids: Iterable[str]) -> str:
+    """At most three ids, each cut short: a record's ids are whatever was written to etcd."""
+    listed = sorted(ids)
+    shown = ", ".join(kid if len(kid) <= 40 else kid[:40] + "..." for kid in listed[:3])
+    return shown + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
 
 
 def _covers(
-    holder: Holder, referenced: frozenset[str], recorded: Mapping[str, str]
+    holder: Holder, referenced: frozenset[str], recorded: Mapping[str, str], *, copy: bool
 ) -> tuple[bool, str]:
-    """Whether `holder` may serve as the keyring, and if not, why (for the message)."""
+    """Whether `holder` may serve as the keyring, and if not, why (for the message). `copy`:
+    a Secret in a component namespace, where anyone who may create Secrets can plant one."""
     if holder.error is not None:
         return False, f"{holder.name} is unreadable ({holder.error})"
-    # Once etcd records our key ids, a value sealed under an id never recorded is foreign (a
-    # restore from another cluster, or planted by someone with etcd write access): it is that
-    # component's UnknownKey refusal, not a reason to stop using the keyring for everyone.
-    needed = referenced & set(recorded) if recorded else referenced
-    lacking = sorted(needed - holder.opens)
-    if lacking:
-        return False, f"{holder.name} opens no value sealed with {', '.join(lacking)}"
+    if referenced:
+        # A value sealed under an id the record never named is foreign (a restore from another
+        # cluster, or planted with etcd write access): that component's UnknownKey refusal, not
+        # a reason to stop using the keyring for everyone. But a record naming none of the ids
+        # in use (unreadable, stale, forged) tells ours from nothing: every id in use counts, as
+        # with no record, and the holder stands or falls by what it opens.
+        needed = (referenced & set(recorded)) or referenced
+        lacking = sorted(needed - holder.opens)
+        if lacking:
+            return False, f"{holder.name} opens no value sealed with {', '.join(lacking)}"
+        clashing = _clashing(holder, recorded)
+        if clashing and copy:
+            # A planted copy with our key plus other material under a recorded id: not taken
+            # while another holder or an import can do. The source and the operator's memory
+            # are not vetoed by the record: they opened every value; the record is reported.
+            return False, f"{holder.name} holds other material under {', '.join(clashing)}"
+        return True, ""
+    # No sealed value: nothing to open, the record is the only evidence.
+    if recorded:
+        clashing = _clashing(holder, recorded)
+        if clashing:
+            # Same id, other material: not our key, whatever its labels say.
+            return False, f"{holder.name} holds other material under {', '.join(clashing)}"
+        if not set(recorded) & set(holder.fingerprints):
+            return False, (
+                f"{holder.name} holds none of the key ids the key record in etcd names"
+                f" ({_ids(recorded)}) and no stored value proves it"
+            )
+        return True, ""
+    if not holder.trusted:
+        # Nothing to prove it against: a Secret anyone could have planted is not taken.
+        return False, f"{holder.name} cannot be proven against an empty store"
+    return True, ""
+
+
+def _record_mismatch(
+    holder: Holder, referenced: frozenset[str], recorded: Mapping[str, str]
+) -> str | None:
+    """How the record disagrees with a holder that opens every stored value; None when it
+    agrees or merely lags (a rotation stage between the Secret and the record write)."""
+    if not referenced or not recorded:
+        return None  # an empty store only takes a holder that agrees; no record: written now
+    if not referenced & set(recorded):
+        return (
+            f"the key record in etcd names none of the key ids stored values use (it names"
+            f" {_ids(recorded)}); {holder.name} opens every stored value"
+        )
     clashing = sorted(
         kid for kid, fp in holder.fingerprints.items() if kid in recorded and recorded[kid] != fp
     )
     if clashing:
-        # Same id, other material: not our key, whatever its labels say.
-        return False, f"{holder.name} holds other material under {', '.join(clashing)}"
-    if not needed and recorded and not set(recorded) & set(holder.fingerprints):
-        return False, f"{holder.name} holds none of the recorded keys"
-    if not referenced and not recorded and not holder.trusted:
-        # Nothing to prove it against: a Secret anyone could have planted is not taken.
-        return False, f"{holder.name} cannot be proven against an empty store"
-    return True, ""
+        return (
+            f"the key record in etcd gives other fingerprints for {', '.join(clashing)} than"
+            f" {holder.name}, which opens every stored value"
+        )
+    return None
 
 
 def _rank(holder: Holder, recorded: Mapping[str, str]) -> tuple[bool, int, int, str]:
@@ -117,17 +185,30 @@ def decide_keyring(
     and fingerprints etcd records for the keyring (empty when never recorded).
     """
     if source is not None:
-        ok, why = _covers(source, referenced, recorded)
+        ok, why = _covers(source, referenced, recorded, copy=False)
         if ok:
-            return KeyringPlan(KeyringAction.USE_SOURCE, "SourceCurrent", "source keyring in use")
+            return KeyringPlan(
+                KeyringAction.USE_SOURCE,
+                "SourceCurrent",
+                "source keyring in use",
+                record_mismatch=_record_mismatch(source, referenced, recorded),
+            )
         # A present Secret was written by the operator or by a person; replacing it is for a
         # person to decide. Say which holder would do.
-        usable = [c.name for c in candidates if _covers(c, referenced, recorded)[0]]
-        hint = (
-            f"; {', '.join(usable)} opens everything: import it"
-            if usable
-            else "; import a keyring export that holds them"
-        )
+        usable = [c for c in candidates if _covers(c, referenced, recorded, copy=not c.trusted)[0]]
+        copies = [c.name for c in usable if not c.trusted]
+        hint = f"; {', '.join(copies)} opens everything: import it" if copies else ""
+        if any(c.trusted for c in usable):
+            # Memory cannot be imported; deleting the Secret makes the next round restore it
+            # from memory, which only this running process holds.
+            hint += (
+                "; the operator's memory opens everything: delete the Secret and the operator"
+                " writes it back from memory (do it before the operator restarts)"
+            )
+        hint = hint or "; import a keyring export that holds them"
+        if not referenced and recorded and not usable and source.error is None:
+            # Refused only on the record's word: it may be the record that is wrong.
+            hint += _RECORD_HINT
         return KeyringPlan(
             KeyringAction.REFUSE,
             "SourceLacksKeys",
@@ -135,7 +216,7 @@ def decide_keyring(
             missing=_missing(source, referenced, recorded),
         )
     proven = sorted(
-        (c for c in candidates if _covers(c, referenced, recorded)[0]),
+        (c for c in candidates if _covers(c, referenced, recorded, copy=not c.trusted)[0]),
         key=lambda c: _rank(c, recorded),
     )
     if proven:
@@ -146,6 +227,7 @@ def decide_keyring(
             f"the source keyring Secret was missing; restored from {best.name}, which opens"
             f" every stored value ({len(referenced)} key id(s) in use)",
             holder=best.name,
+            record_mismatch=_record_mismatch(best, referenced, recorded),
         )
     if not referenced and not recorded:
         return KeyringPlan(
@@ -157,6 +239,17 @@ def decide_keyring(
     for c in candidates:
         opened |= c.opens
     missing = _missing(Holder("any", opens=frozenset(opened)), referenced, recorded)
+    if not referenced:
+        # Only the record says keys existed. It may be forged, but minting over keys an etcd
+        # snapshot may still need is what must never happen: a person decides.
+        return KeyringPlan(
+            KeyringAction.REFUSE,
+            "KeyringMissing",
+            "the keyring Secret is missing, the store holds no sealed value and no copy holds"
+            f" the key(s) the key record in etcd names: {_describe(missing)}. Restore them"
+            f" with `kubectl defender keyring import FILE`{_RECORD_HINT}",
+            missing=missing,
+        )
     return KeyringPlan(
         KeyringAction.REFUSE,
         "KeyringMissing",
@@ -165,6 +258,12 @@ def decide_keyring(
         " (docs/troubleshooting.md#keyringmissing)",
         missing=missing,
     )
+
+
+_RECORD_HINT = (
+    "; if the store is meant to be empty and the record is stale or forged, delete"
+    " <prefix>/keyring/record (docs/troubleshooting.md#a-key-record-with-no-stored-value)"
+)
 
 
 def _missing(

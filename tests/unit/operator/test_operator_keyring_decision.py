@@ -132,6 +132,32 @@ def test_present_source_lacking_keys_is_refused_not_overwritten() -> None:
     assert dict(plan.missing) == {OLD: None}
 
 
+def test_a_refused_source_names_memory_as_deletable_not_importable() -> None:
+    # Memory cannot be imported: the way back is deleting the Secret, which the next round
+    # restores from memory (the keyring the operator verified, kept aside while refused).
+    memory = Holder("the operator's memory", {OLD: FP[OLD]}, frozenset({OLD}), trusted=True)
+    plan = decide(
+        holder("source", error="not valid JSON"),
+        memory,
+        referenced=(OLD,),
+        recorded={OLD: FP[OLD]},
+    )
+    assert plan.reason == "SourceLacksKeys"
+    assert "memory opens everything: delete the Secret" in plan.message
+    assert "memory opens everything: import" not in plan.message
+    assert "import a keyring export" not in plan.message
+    # A copy beside it is still named for import.
+    plan = decide(
+        holder("source", error="not valid JSON"),
+        memory,
+        holder("copy b", OLD, opens=(OLD,)),
+        referenced=(OLD,),
+        recorded={OLD: FP[OLD]},
+    )
+    assert "copy b opens everything: import it" in plan.message
+    assert "delete the Secret" in plan.message
+
+
 def test_a_value_under_a_never_recorded_id_does_not_stop_the_keyring() -> None:
     # Foreign data (restored from another cluster, or planted with etcd write access) next to
     # ours: the source still serves every recorded key; the stray value is its component's
@@ -156,6 +182,89 @@ def test_a_value_under_a_never_recorded_id_does_not_stop_the_keyring() -> None:
     # With no record (a store from before the record existed), every referenced id counts.
     plan = decide(holder("source", OLD, opens=(OLD,)), referenced=(OLD, "k-foreign"))
     assert plan.action is KeyringAction.REFUSE
+
+
+UNREADABLE = {"unreadable-record": "unknown"}  # what the library reads an unparsable record as
+
+
+@pytest.mark.parametrize(
+    ("recorded", "mismatch"),
+    [
+        ({OLD: FP[OLD]}, None),  # agrees
+        ({OLD: FP[OLD], NEW: FP[NEW]}, None),  # lags a rotation stage: no alarm
+        (UNREADABLE, "names none of the key ids stored values use"),
+        ({"bogus": "x"}, "names none of the key ids stored values use"),
+        ({OLD: "fp-forged"}, f"other fingerprints for {OLD}"),  # the opened value beats it
+    ],
+)
+def test_a_record_never_vetoes_a_source_that_opens_every_stored_value(
+    recorded: dict[str, str], mismatch: str | None
+) -> None:
+    plan = decide(holder("source", OLD, opens=(OLD,)), referenced=(OLD,), recorded=recorded)
+    assert plan.action is KeyringAction.USE_SOURCE
+    if mismatch is None:
+        assert plan.record_mismatch is None
+    else:
+        assert plan.record_mismatch is not None and mismatch in plan.record_mismatch
+
+
+def test_a_record_clashing_on_a_key_not_in_use_does_not_veto_the_source_or_memory() -> None:
+    # The source holds our key in use (opened) and another id the forged record gives another
+    # fingerprint: used, and the disagreement reported.
+    source = holder("source", OLD, NEW, opens=(OLD,))
+    forged = {OLD: FP[OLD], NEW: "fp-forged"}
+    plan = decide(source, referenced=(OLD,), recorded=forged)
+    assert plan.action is KeyringAction.USE_SOURCE
+    assert plan.record_mismatch is not None and NEW in plan.record_mismatch
+    # The same for the operator's memory when the source is gone.
+    memory = Holder("memory", {OLD: FP[OLD], NEW: FP[NEW]}, frozenset({OLD}), trusted=True)
+    plan = decide(None, memory, referenced=(OLD,), recorded=forged)
+    assert (plan.action, plan.holder) == (KeyringAction.RESTORE, "memory")
+    assert plan.record_mismatch is not None
+    # A copy (plantable) that contradicts the record is still not restored from.
+    plan = decide(
+        None, holder("copy a", OLD, NEW, opens=(OLD,)), referenced=(OLD,), recorded=forged
+    )
+    assert plan.action is KeyringAction.REFUSE
+
+
+def test_a_junk_record_restores_from_a_holder_that_opens_everything_and_says_so() -> None:
+    plan = decide(None, holder("copy a", OLD, opens=(OLD,)), referenced=(OLD,), recorded=UNREADABLE)
+    assert (plan.action, plan.holder) == (KeyringAction.RESTORE, "copy a")
+    assert plan.record_mismatch is not None and "names none" in plan.record_mismatch
+
+
+def test_a_record_naming_none_of_the_ids_in_use_cannot_excuse_a_missing_key() -> None:
+    # Only a record that names an id in use tells ours from foreign; a junk one does not, so a
+    # foreign-looking value counts as ours (as with no record): refused, never minted.
+    plan = decide(
+        holder("source", OLD, opens=(OLD,)), referenced=(OLD, "k-foreign"), recorded={"bogus": "x"}
+    )
+    assert plan.action is KeyringAction.REFUSE
+    assert "k-foreign" in plan.message
+
+
+def test_an_empty_store_with_a_record_no_holder_matches_is_refused_never_minted() -> None:
+    # A forged record or a genuine one whose keys only an etcd snapshot still needs: the
+    # operator cannot tell, so it mints nothing and says how to clear a wrong record.
+    for recorded in ({OLD: FP[OLD]}, {"bogus": "x"}, UNREADABLE):
+        plan = decide(None, holder("copy a", NEW), recorded=recorded)
+        assert plan.action is KeyringAction.REFUSE
+        assert plan.reason == "KeyringMissing"
+        assert "holds no sealed value" in plan.message
+        assert "keyring/record" in plan.message and "keyring import" in plan.message
+        plan = decide(holder("source", NEW), recorded=recorded)
+        assert plan.action is KeyringAction.REFUSE
+        assert plan.reason == "SourceLacksKeys"
+        assert "key record in etcd names" in plan.message and "keyring/record" in plan.message
+    # An unreadable Secret is refused for itself: deleting the record would not help.
+    plan = decide(holder("source", error="not valid JSON"), recorded={OLD: FP[OLD]})
+    assert plan.reason == "SourceLacksKeys" and "keyring/record" not in plan.message
+    # Once a person deletes the record, the genuinely empty install gets its keyring.
+    assert decide(None, holder("copy a", NEW)).action is KeyringAction.GENERATE
+    # A holder that agrees with the record on an empty store is taken, as before.
+    plan = decide(holder("source", OLD), recorded={OLD: FP[OLD]})
+    assert (plan.action, plan.record_mismatch) == (KeyringAction.USE_SOURCE, None)
 
 
 def test_unreadable_source_is_refused() -> None:
