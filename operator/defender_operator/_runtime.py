@@ -95,6 +95,11 @@ class ComponentMemory:
     # Monitor daemons running for it in this process: none in a replica peering paused (its
     # memory stays, and goes stale, while another replica manages the component).
     monitors: int = 0
+    # The uid of the object its reconcile or monitor daemon last handled. Memory is keyed by
+    # namespace/name, and kopf handles each uid in its own worker: after a delete and re-create
+    # the new object may be reconciled before the old one's DELETED event is handled, which
+    # must not forget the successor's memory (`Runtime.forget`).
+    uid: str = ""
 
 
 class EtcdTracker:
@@ -238,11 +243,19 @@ class Runtime:
         if isinstance(status, dict) and status == mem.status:
             mem.status = status
 
-    def forget(self, namespace: str, name: str) -> None:
+    def forget(self, namespace: str, name: str, uid: str) -> bool:
+        """The object `uid` of `namespace/name` was deleted: drop its memory, and its name from
+        its namespace's registrations.json, unless the memory is a same-named successor's
+        (another uid handled since). True when the per-component metric series recorded under
+        `name` were this object's to drop: its memory was its own."""
+        mem = self.components.get((namespace, name))
+        if mem is not None and mem.uid and uid and mem.uid != uid:
+            return False
         self.components.pop((namespace, name), None)
         _drop(self._namespaces_of, name, namespace)
         _drop(self._names_in, namespace, name)
         self.registrations_removed.setdefault(namespace, set()).add(name)
+        return mem is not None and mem.uid == uid and bool(uid)
 
     # --- waking monitor passes ------------------------------------------------------------------
     # A monitor pass runs when something it judges changed, and at the latest every

@@ -255,8 +255,28 @@ def test_two_holders_by_status_anchor_nothing_and_nothing_new_is_written() -> No
 )
 def test_the_owner_applies_its_retention(retention: str, expected: Release) -> None:
     assert decide_release(OWNER, OWNER, retention) is expected
-    # A re-created owner not yet reconciled is still the same namespace/name.
-    assert decide_release(OWNER, Claim("default", "firewall", "uid-2"), retention) is expected
+    # A re-created owner not yet reconciled releases its predecessor's claim, once the API
+    # server says that predecessor is gone (asked only then).
+    recreated = Claim("default", "firewall", "uid-2")
+    assert release_lookup_needed(OWNER, recreated, held=False)
+    assert decide_release(OWNER, recreated, retention, owner_exists=False) is expected
+
+
+@pytest.mark.parametrize("retention", ["Purge", "Keep"])
+@pytest.mark.parametrize("held", [True, False])
+def test_a_late_delete_leaves_a_same_named_successors_claim_alone(
+    retention: str, held: bool
+) -> None:
+    # kubectl delete, then apply: the new object (uid-2) took the name over before the old
+    # one's DELETED event was handled. The record names a live uid of the same
+    # namespace/name: not the deleted object's, whether or not its status held the name.
+    successor = Claim("default", "firewall", "uid-2")
+    assert release_lookup_needed(successor, OWNER, held=held)
+    assert decide_release(successor, OWNER, retention, held=held) is Release.NOTHING
+    # Released by the successor's own Keep: its kept data is not the late delete's to purge.
+    kept = Claim("default", "firewall", "uid-2", released=True)
+    assert not release_lookup_needed(kept, OWNER, held=held)
+    assert decide_release(kept, OWNER, retention, held=held) is Release.NOTHING
 
 
 @pytest.mark.parametrize("retention", ["Purge", "Keep"])
