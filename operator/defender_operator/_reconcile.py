@@ -145,7 +145,10 @@ async def publish_status(
         now=utcnow(),
         generation=generation,
     )
-    record_conditions(name, conditions)
+    if mem.conflict is None:
+        # Series are keyed by component name, and a refused resource's name is its owner's
+        # (another namespace): its conditions would overwrite the owner's.
+        record_conditions(name, conditions)
     patch = {**fields, "conditions": conditions}
     unchanged = all(current_status.get(k) == v for k, v in patch.items())
     if unchanged:

@@ -247,7 +247,8 @@ class Runtime:
         """The object `uid` of `namespace/name` was deleted: drop its memory, and its name from
         its namespace's registrations.json, unless the memory is a same-named successor's
         (another uid handled since). True when the per-component metric series recorded under
-        `name` were this object's to drop: its memory was its own."""
+        `name` were this object's to drop: its memory was its own and it held its name (a
+        refused resource records none: `_reconcile.publish_status`)."""
         mem = self.components.get((namespace, name))
         if mem is not None and mem.uid and uid and mem.uid != uid:
             return False
@@ -255,7 +256,7 @@ class Runtime:
         _drop(self._namespaces_of, name, namespace)
         _drop(self._names_in, namespace, name)
         self.registrations_removed.setdefault(namespace, set()).add(name)
-        return mem is not None and mem.uid == uid and bool(uid)
+        return mem is not None and mem.uid == uid and bool(uid) and mem.conflict is None
 
     # --- waking monitor passes ------------------------------------------------------------------
     # A monitor pass runs when something it judges changed, and at the latest every

@@ -239,8 +239,9 @@ async def gone(
 
 def _forget(body: kopf.Body, name: str, owned: bool) -> None:
     """What the operator keeps of a resource outside `Runtime`: its diff base, and its gauges
-    when they are its own (`owned`): series are keyed by name, and the old object of a
-    re-created one must not drop its successor's."""
+    when they are its own (`owned`): series are keyed by name, and a refused same-named
+    resource in another namespace, or the old object of a re-created one, must not drop the
+    owner's."""
     if owned:
         forget_component(name)
     _diffbase.DIFFBASE.forget(body)
