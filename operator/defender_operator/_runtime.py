@@ -22,6 +22,7 @@ from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.conditions import Cond, ConfigState
 from defender_operator._decisions.etcd import NOSPACE, EtcdFacts, etcd_condition
 from defender_operator._decisions.keyring import KeyringPlan, keyring_condition
+from defender_operator._decisions.ownership import Remembered, copy_namespaces
 from defender_operator._decisions.reads import ViewRead
 from defender_operator._decisions.registration import anchored_registration
 from defender_operator._decisions.restarts import EtcdView
@@ -319,11 +320,14 @@ class Runtime:
     def is_gone(self, uid: str) -> bool:
         return bool(uid) and uid in self._gone
 
-    def refused_namespaces(self) -> set[str]:
-        """Namespaces where every component this operator knows is refused its etcd name: they
-        get no keyring copy (a resource that may write nothing needs no key)."""
-        refused = {ns for (ns, _), mem in self.components.items() if mem.conflict is not None}
-        return refused - {ns for (ns, _), mem in self.components.items() if mem.conflict is None}
+    def keyring_namespaces(self) -> set[str]:
+        """Namespaces whose keyring copy the fan-out keeps current (`copy_namespaces`)."""
+        return copy_namespaces(
+            Remembered(
+                namespace, name, mem.uid, mem.monitors > 0, mem.conflict is not None, mem.status
+            )
+            for (namespace, name), mem in list(self.components.items())
+        )
 
 
 def _drop(sets: dict[str, set[str]], key: str, member: str) -> None:

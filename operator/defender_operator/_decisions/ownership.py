@@ -162,6 +162,36 @@ def holds_name(status: Mapping[str, Any] | None, component: str, uid: str) -> bo
     )
 
 
+@dataclass(frozen=True)
+class Remembered:
+    """What this operator process knows of one DefenderComponent, for the keyring copies."""
+
+    namespace: str
+    name: str
+    uid: str
+    """The uid its reconcile or monitor daemon last handled ("" before either)."""
+    monitored: bool
+    """Its monitor daemon runs in this process: none in a replica paused by peering."""
+    refused: bool
+    """Its last reconcile here refused it its name (or its status said so: `recall`)."""
+    status: Mapping[str, Any] | None
+    """Its status as this process last wrote it (None before its first reconcile here)."""
+
+
+def copy_namespaces(components: Iterable[Remembered]) -> set[str]:
+    """The namespaces the keyring is copied into by the periodic and rotation fan-out: those
+    with a component this process manages whose status, as this process published it, holds
+    its name. A refused resource needs no key, and its namespace gets no copy; what only the
+    API server lists cannot tell one from the other (a restarted operator's first round, before
+    any reconcile ran; a paused replica, which never reconciles), so such namespaces wait for
+    their components' reconciles, which copy into their own namespace once the claim holds."""
+    return {
+        c.namespace
+        for c in components
+        if c.monitored and not c.refused and holds_name(c.status, c.name, c.uid)
+    }
+
+
 def anchored_holders(objects: Iterable[Mapping[str, Any]], component: str) -> list[Claim]:
     """The resources among `objects` (DefenderComponents as the API server returns them)
     whose status holds `component`. One being deleted holds nothing any more: a Purge

@@ -17,9 +17,11 @@ from defender_operator._decisions.ownership import (
     Claim,
     ClaimAction,
     Release,
+    Remembered,
     anchor_claim,
     anchored_holders,
     claim_status,
+    copy_namespaces,
     decide_claim,
     decide_release,
     decide_unreadable,
@@ -339,19 +341,32 @@ def test_a_resolved_conflict_is_dropped_from_the_status() -> None:
     assert "Audited" in {c["type"] for c in kept}
 
 
-def test_only_namespaces_with_nothing_but_refused_components_lose_the_keyring_copy() -> None:
-    from typing import Any
+def test_only_namespaces_with_a_managed_holder_of_its_name_get_the_keyring_copy() -> None:
+    def known(
+        namespace: str,
+        name: str = "firewall",
+        *,
+        monitored: bool = True,
+        refused: bool = False,
+        status_uid: str | None = "uid-1",
+    ) -> Remembered:
+        status = None if status_uid is None else {NAME_CLAIM_FIELD: claim_status(name, status_uid)}
+        return Remembered(namespace, name, "uid-1", monitored, refused, status)
 
-    from defender_operator._runtime import Runtime
-
-    nothing: Any = None
-    rt = Runtime(nothing, nothing, nothing, nothing, nothing, "op")
-    conflict = cond.Cond(cond.CONFLICT, cond.TRUE, NAME_CLAIMED_ELSEWHERE, "owned elsewhere")
-    rt.memory("default", "firewall")
-    rt.memory("tenant-b", "firewall").conflict = conflict
-    rt.memory("tenant-c", "firewall").conflict = conflict
-    rt.memory("tenant-c", "honeypot")  # owns its own name: tenant-c still needs the key
-    assert rt.refused_namespaces() == {"tenant-b"}
+    components = [
+        known("default"),
+        known("tenant-b", refused=True),  # refused the name default/firewall holds
+        known("tenant-c", refused=True),
+        known("tenant-c", "honeypot"),  # holds its own name: tenant-c still needs the key
+        # Not reconciled by this process yet (a restarted operator's first round): its refusal
+        # may not be known yet, so it waits for its reconcile, which copies once the claim holds.
+        known("tenant-d", status_uid=None),
+        # Published before a re-create (another uid), or restored: not this object's claim.
+        known("tenant-e", status_uid="uid-0"),
+        # Remembered by a replica paused by peering: another replica manages it.
+        known("tenant-f", monitored=False),
+    ]
+    assert copy_namespaces(components) == {"default", "tenant-c"}
 
 
 def test_an_unreadable_record_is_rewritten_only_by_the_one_holder_by_status() -> None:
