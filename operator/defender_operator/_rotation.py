@@ -56,7 +56,8 @@ async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
     namespaces = rt.keyring_namespaces()
     if not namespaces:
         return
-    # Memory goes stale only for a deletion it never saw: the API server still lists them.
+    # Bounded by what the API server lists: the memory of a resource whose deletion this process
+    # never handled would otherwise keep a copy current in a namespace that has none left.
     listed = await asyncio.to_thread(rt.kube.component_namespaces, rt.settings.watch_namespaces)
     namespaces &= set(listed)
     failed: list[str] = []
