@@ -755,6 +755,7 @@ async def run(
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
     uid = _uid(body)
     mem = rt.memory(namespace, name)
+    mem.uid = uid
     mem.monitors += 1
     try:
         while not stopped and not rt.is_gone(uid):

@@ -145,7 +145,10 @@ async def publish_status(
         now=utcnow(),
         generation=generation,
     )
-    record_conditions(name, conditions)
+    if mem.conflict is None:
+        # Series are keyed by component name, and a refused resource's name is its owner's
+        # (another namespace): its conditions would overwrite the owner's.
+        record_conditions(name, conditions)
     patch = {**fields, "conditions": conditions}
     unchanged = all(current_status.get(k) == v for k, v in patch.items())
     if unchanged:
@@ -239,6 +242,7 @@ async def reconcile(
     status fields always (a refusal included), Events in the order the steps produced them.
     `handled`: status fields published only when the steps succeed (kopf's diff base)."""
     mem = v.rt.memory(v.namespace, v.name)
+    mem.uid = _uid(v.body)
     async with mem.lock:
         recall(mem, v.status)
         found = Outcome()
@@ -1025,19 +1029,20 @@ async def gone(
     name: str,
     retention: str,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> None:
+) -> bool:
     """The resource was deleted (its DELETED event): the monitor daemon ends, and retention
     is applied unless the Purge finalizer's handler already did. Keep has no finalizer, so
     this is its one chance; a failure only logs, because a claim whose owner the API server
-    no longer holds counts as released anyway (`decide_claim`)."""
+    no longer holds counts as released anyway (`decide_claim`). True when the metric series
+    under `name` were this resource's to drop (`Runtime.forget`)."""
     uid = _uid(body)
     applied = rt.is_gone(uid)
     rt.mark_gone(uid)
     rt.wake(name, "deleted")
     if applied:
-        return
+        return False  # the finalizer's handler forgot it, series included
     try:
-        await apply_retention(rt, body, namespace, name, retention, logger)
+        return await apply_retention(rt, body, namespace, name, retention, logger)
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         logger.warning(
             "retention %s of deleted %s/%s not applied, etcd data left as is: %s",
@@ -1046,7 +1051,7 @@ async def gone(
             name,
             exc,
         )
-        rt.forget(namespace, name)
+        return rt.forget(namespace, name, uid)
 
 
 async def apply_retention(
@@ -1056,12 +1061,14 @@ async def apply_retention(
     name: str,
     retention: str,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> None:
+) -> bool:
     """The finalizer's work on delete, by the owner only: Purge removes every etcd key of the
     component and its claim; Keep leaves the data and marks the claim released (a resource
     re-created under the same namespace/name takes it back; another namespace only by the
-    adopt annotation). A resource that does not own the name touches nothing; one whose
-    status holds the name owns it whatever the record in etcd says (`decide_release`)."""
+    adopt annotation). A resource that does not own the name touches nothing (nor does the
+    old object of a re-created one whose successor took the name over first); one whose
+    status holds the name owns it whatever the record in etcd says (`decide_release`). True
+    when the metric series under `name` were this resource's to drop (`Runtime.forget`)."""
     component = _etcd_name(name)
     # Under the lock: a monitor pass of this component finishes first.
     async with rt.memory(namespace, name).lock:
@@ -1113,4 +1120,4 @@ async def apply_retention(
                     component, rt.backend.alert, OWNER_RECORD_RESTORED, component, message
                 )
         rt.mark_gone(_uid(body))  # its DELETED event need not apply it again
-        rt.forget(namespace, name)
+        return rt.forget(namespace, name, _uid(body))

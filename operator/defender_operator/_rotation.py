@@ -49,10 +49,17 @@ def _referenced(rt: Runtime) -> frozenset[str]:
 
 
 async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
-    """Copy the keyring to every namespace with components. One namespace failing (RBAC, a
-    foreign Secret in the way) must not starve the others: try all, then report the failures."""
-    namespaces = await asyncio.to_thread(rt.kube.component_namespaces, rt.settings.watch_namespaces)
-    namespaces = set(namespaces) - rt.refused_namespaces()
+    """Copy the keyring to every namespace with a component this replica manages that holds
+    its name (`Runtime.keyring_namespaces`): none from a replica paused by peering, none into
+    a namespace whose only components are refused. One namespace failing (RBAC, a foreign
+    Secret in the way) must not starve the others: try all, then report the failures."""
+    namespaces = rt.keyring_namespaces()
+    if not namespaces:
+        return
+    # Bounded by what the API server lists: the memory of a resource whose deletion this process
+    # never handled would otherwise keep a copy current in a namespace that has none left.
+    listed = await asyncio.to_thread(rt.kube.component_namespaces, rt.settings.watch_namespaces)
+    namespaces &= set(listed)
     failed: list[str] = []
     for ns in sorted(namespaces):
         try:

@@ -22,6 +22,7 @@ from defender_operator._decisions.breaker import ActiveChange
 from defender_operator._decisions.conditions import Cond, ConfigState
 from defender_operator._decisions.etcd import NOSPACE, EtcdFacts, etcd_condition
 from defender_operator._decisions.keyring import KeyringPlan, keyring_condition
+from defender_operator._decisions.ownership import Remembered, copy_namespaces
 from defender_operator._decisions.reads import ViewRead
 from defender_operator._decisions.registration import anchored_registration
 from defender_operator._decisions.restarts import EtcdView
@@ -95,6 +96,11 @@ class ComponentMemory:
     # Monitor daemons running for it in this process: none in a replica peering paused (its
     # memory stays, and goes stale, while another replica manages the component).
     monitors: int = 0
+    # The uid of the object its reconcile or monitor daemon last handled. Memory is keyed by
+    # namespace/name, and kopf handles each uid in its own worker: after a delete and re-create
+    # the new object may be reconciled before the old one's DELETED event is handled, which
+    # must not forget the successor's memory (`Runtime.forget`).
+    uid: str = ""
 
 
 class EtcdTracker:
@@ -244,11 +250,20 @@ class Runtime:
         if isinstance(status, dict) and status == mem.status:
             mem.status = status
 
-    def forget(self, namespace: str, name: str) -> None:
+    def forget(self, namespace: str, name: str, uid: str) -> bool:
+        """The object `uid` of `namespace/name` was deleted: drop its memory, and its name from
+        its namespace's registrations.json, unless the memory is a same-named successor's
+        (another uid handled since). True when the per-component metric series recorded under
+        `name` were this object's to drop: its memory was its own and it held its name (a
+        refused resource records none: `_reconcile.publish_status`)."""
+        mem = self.components.get((namespace, name))
+        if mem is not None and mem.uid and uid and mem.uid != uid:
+            return False
         self.components.pop((namespace, name), None)
         _drop(self._namespaces_of, name, namespace)
         _drop(self._names_in, namespace, name)
         self.registrations_removed.setdefault(namespace, set()).add(name)
+        return mem is not None and mem.uid == uid and bool(uid) and mem.conflict is None
 
     # --- waking monitor passes ------------------------------------------------------------------
     # A monitor pass runs when something it judges changed, and at the latest every
@@ -311,11 +326,14 @@ class Runtime:
     def is_gone(self, uid: str) -> bool:
         return bool(uid) and uid in self._gone
 
-    def refused_namespaces(self) -> set[str]:
-        """Namespaces where every component this operator knows is refused its etcd name: they
-        get no keyring copy (a resource that may write nothing needs no key)."""
-        refused = {ns for (ns, _), mem in self.components.items() if mem.conflict is not None}
-        return refused - {ns for (ns, _), mem in self.components.items() if mem.conflict is None}
+    def keyring_namespaces(self) -> set[str]:
+        """Namespaces whose keyring copy the fan-out keeps current (`copy_namespaces`)."""
+        return copy_namespaces(
+            Remembered(
+                namespace, name, mem.uid, mem.monitors > 0, mem.conflict is not None, mem.status
+            )
+            for (namespace, name), mem in list(self.components.items())
+        )
 
 
 def _drop(sets: dict[str, set[str]], key: str, member: str) -> None:

@@ -209,10 +209,10 @@ async def apply_retention(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    await _reconcile.apply_retention(
+    owned = await _reconcile.apply_retention(
         memo["runtime"], body, namespace or "", name, _retention(spec), logger
     )
-    _forget(body, name)
+    _forget(body, name, owned)
 
 
 def _deleted(type: str, **_: Any) -> bool:
@@ -231,15 +231,19 @@ async def gone(
     rt: Runtime | None = memo.get("runtime")
     if rt is None:
         return
-    await _reconcile.gone(
+    owned = await _reconcile.gone(
         rt, body, namespace or "", name, _retention(body.get("spec") or {}), logger
     )
-    _forget(body, name)
+    _forget(body, name, owned)
 
 
-def _forget(body: kopf.Body, name: str) -> None:
-    """What the operator keeps of a resource outside `Runtime`: its gauges, its diff base."""
-    forget_component(name)
+def _forget(body: kopf.Body, name: str, owned: bool) -> None:
+    """What the operator keeps of a resource outside `Runtime`: its diff base, and its gauges
+    when they are its own (`owned`): series are keyed by name, and a refused same-named
+    resource in another namespace, or the old object of a re-created one, must not drop the
+    owner's."""
+    if owned:
+        forget_component(name)
     _diffbase.DIFFBASE.forget(body)
 
 

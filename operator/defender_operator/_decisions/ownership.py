@@ -162,6 +162,36 @@ def holds_name(status: Mapping[str, Any] | None, component: str, uid: str) -> bo
     )
 
 
+@dataclass(frozen=True)
+class Remembered:
+    """What this operator process knows of one DefenderComponent, for the keyring copies."""
+
+    namespace: str
+    name: str
+    uid: str
+    """The uid its reconcile or monitor daemon last handled ("" before either)."""
+    monitored: bool
+    """Its monitor daemon runs in this process: none in a replica paused by peering."""
+    refused: bool
+    """Its last reconcile here refused it its name (or its status said so: `recall`)."""
+    status: Mapping[str, Any] | None
+    """Its status as this process last wrote it (None before its first reconcile here)."""
+
+
+def copy_namespaces(components: Iterable[Remembered]) -> set[str]:
+    """The namespaces the keyring is copied into by the periodic and rotation fan-out: those
+    with a component this process manages whose status, as this process published it, holds
+    its name. A refused resource needs no key, and its namespace gets no copy; what only the
+    API server lists cannot tell one from the other (a restarted operator's first round, before
+    any reconcile ran; a paused replica, which never reconciles), so such namespaces wait for
+    their components' reconciles, which copy into their own namespace once the claim holds."""
+    return {
+        c.namespace
+        for c in components
+        if c.monitored and not c.refused and holds_name(c.status, c.name, c.uid)
+    }
+
+
 def anchored_holders(objects: Iterable[Mapping[str, Any]], component: str) -> list[Claim]:
     """The resources among `objects` (DefenderComponents as the API server returns them)
     whose status holds `component`. One being deleted holds nothing any more: a Purge
@@ -298,14 +328,16 @@ class Release(StrEnum):
 
 def release_lookup_needed(existing: Claim | None, deleted: Claim, held: bool) -> bool:
     """Whether to ask the API server if the record's owner exists before `decide_release`:
-    only when the deleted resource's status holds the name and the record names another
-    resource, not released (the record of a live resource is not overruled)."""
-    return (
-        held
-        and existing is not None
-        and not existing.released
-        and (existing.namespace, existing.name) != (deleted.namespace, deleted.name)
-    )
+    when the record (not released) names another object of the deleted resource's own
+    namespace/name, a predecessor never released or a successor that took the name over
+    before this deletion was handled (kopf handles each uid in its own worker); and when the
+    deleted resource's status holds the name and the record names another resource (the
+    record of a live resource is not overruled)."""
+    if existing is None or existing.released:
+        return False
+    if (existing.namespace, existing.name) == (deleted.namespace, deleted.name):
+        return existing.uid != deleted.uid
+    return held
 
 
 def decide_release(
@@ -322,22 +354,27 @@ def decide_release(
     the owner's data. A name without a claim (data from before claims, never reconciled since)
     is left alone: nothing shows that this resource seeded it.
 
+    A record naming another uid of the same namespace/name is a predecessor's (the deleted
+    resource was re-created and never took the claim over) only while the API server no
+    longer holds that uid (`owner_exists` False); a live one is a successor that took the name
+    over before this deletion was handled, and its claim and data are not the deleted one's.
+    A released record of another uid of the same name is left alone too: it may be a
+    successor's kept data.
+
     `held`: the deleted resource's status holds the name (`holds_name`). Then a record that is
-    missing, released, or names a resource the API server no longer holds (`owner_exists`
-    False: a purged owner's record put back) does not keep its retention from being applied.
-    A record naming another live resource still wins: a status alone, written by someone with
-    more than the operator's rights, must not purge another resource's data."""
-    if held and (
-        existing is None
-        or existing.released
-        or not owner_exists
-        or (existing.namespace, existing.name) == (deleted.namespace, deleted.name)
-    ):
-        return Release.PURGE if retention == RetentionPolicy.PURGE else Release.KEEP
-    if (
-        existing is None
-        or existing.released
-        or (existing.namespace, existing.name) != (deleted.namespace, deleted.name)
-    ):
-        return Release.NOTHING
-    return Release.PURGE if retention == RetentionPolicy.PURGE else Release.KEEP
+    missing, released by another namespace, or names a resource the API server no longer holds
+    (`owner_exists` False: a purged owner's record put back) does not keep its retention from
+    being applied. A record naming another live resource still wins: a status alone, written
+    by someone with more than the operator's rights, must not purge another resource's data."""
+    apply = Release.PURGE if retention == RetentionPolicy.PURGE else Release.KEEP
+    if existing is None:
+        return apply if held else Release.NOTHING
+    if (existing.namespace, existing.name) == (deleted.namespace, deleted.name):
+        if existing.uid == deleted.uid:
+            # Already released by its own Keep: a second delete changes nothing, unless its
+            # status holds the name (the record may have been put back in etcd).
+            return apply if held or not existing.released else Release.NOTHING
+        return apply if not existing.released and not owner_exists else Release.NOTHING
+    if held and (existing.released or not owner_exists):
+        return apply
+    return Release.NOTHING

@@ -56,8 +56,9 @@ def test_fan_out_reaches_every_watched_namespace_despite_one_refusal(
             kube=Kube(k8s_api),
             secrets=secrets,
             settings=SimpleNamespace(watch_namespaces=[refusing, ok]),
-            # No resource refused its etcd name: every watched namespace gets a copy.
-            refused_namespaces=set,
+            # A component holding its name in each: every watched namespace gets a copy (the
+            # API server's list of watched namespaces bounds what memory says).
+            keyring_namespaces=lambda: {refusing, ok, unwatched},
         )
         with pytest.raises(KubeError, match=refusing):
             asyncio.run(fan_out_everywhere(rt, keyring))  # type: ignore[arg-type]

@@ -5,12 +5,15 @@ the operator publishes, and dropped when the component is deleted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
-from operator_core_support import NAME, Harness, spec
+import kopf
+from operator_core_support import LOG, NAME, Harness, spec
 from prometheus_client import REGISTRY
 
+from defender_operator import _reconcile, handlers
 from defender_operator._decisions import conditions as cond
-from defender_operator._metrics import forget_component, record_conditions
+from defender_operator._metrics import count_canary_abort, forget_component, record_conditions
 from defender_operator._reconcile import UNFREEZE_ANNOTATION
 
 BASE = {"node_id": "sniffer-01", "version": "1.0.0"}
@@ -141,3 +144,48 @@ def test_the_scrape_text_carries_every_per_component_series_with_help_and_type()
     assert 'defender_operator_heartbeat_age_seconds{component="t-scrape"} 1.25' in text
     forget_component("t-scrape")
     assert 'component="t-scrape"' not in generate_latest(REGISTRY).decode()
+
+
+def test_a_refused_same_named_resource_neither_overwrites_nor_drops_the_owners_series() -> None:
+    # Series are keyed by component name; tenant-b/sniffer is refused the name default/sniffer
+    # holds (Conflict), and is then deleted.
+    forget_component(NAME)  # what earlier tests left of the name
+    h = Harness()
+    asyncio.run(h.reconcile(spec(ETH0)))
+    count_canary_abort(NAME, "Command")
+    owner_status = dict(h.kube.status)
+    twin = {
+        "metadata": {"namespace": "tenant-b", "name": NAME, "uid": "uid-b", "generation": 1},
+        "spec": spec(ETH0),
+        "status": {},
+    }
+    visit = _reconcile.Visit(
+        rt=h.rt,
+        body=twin,
+        namespace="tenant-b",
+        name=NAME,
+        generation=1,
+        status={},
+        annotations={},
+        logger=LOG,
+        holders=h.holder_index(twin),
+    )
+    with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
+        asyncio.run(_reconcile.reconcile(visit, spec(ETH0)))
+    assert h.rt.memory("tenant-b", NAME).conflict is not None
+    # (FakeKube keeps one status: the twin's patch went there.)
+    assert dict(h.kube.status)["conditions"] != owner_status["conditions"]
+    h.kube.status = owner_status
+    assert condition(NAME, cond.CONFLICT, "True") is None
+    assert condition(NAME, cond.CONFIG_SYNCED, "True") == 1
+
+    twin["status"] = {}
+    asyncio.run(
+        handlers.gone(
+            body=twin, namespace="tenant-b", name=NAME, logger=LOG, memo={"runtime": h.rt}
+        )
+    )
+    assert ("tenant-b", NAME) not in h.rt.components
+    assert condition(NAME, cond.CONFIG_SYNCED, "True") == 1
+    assert sample("defender_operator_canary_aborts_total", component=NAME, reason="Command") == 1
+    forget_component(NAME)

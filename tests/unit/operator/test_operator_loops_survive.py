@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 import pytest
 from kubernetes import client as k8s
-from operator_core_support import FakeSecretsApi, Harness, unanswered, until
+from operator_core_support import FakeSecretsApi, Harness, spec, unanswered, until
 
 from defender_config import Keyring
 from defender_operator import _keyguard, _loops, _webhook_setup, _webhook_tls, handlers
@@ -124,15 +124,19 @@ def keyring_harness(api: FakeSecretsApi) -> Harness:
 def test_the_key_rotation_loop_restores_the_secret_once_the_api_server_answers_again() -> None:
     api = FakeSecretsApi()
     h = keyring_harness(api)
+    # A component this replica manages, holding its name: its namespace gets the copy.
+    asyncio.run(h.reconcile(spec()))
+    h.mem.monitors = 1
     unexpected = LOOP_FAILURES.labels("key-rotation")._value.get()
     typed = ERRORS.labels("rotation")._value.get()
 
     async def scenario() -> None:
         task = asyncio.create_task(_loops.key_rotation(h.rt))
         try:
-            # The API server restarts; meanwhile someone deletes the keyring Secret.
+            # The API server restarts; meanwhile someone deletes the keyring Secret and the copy.
             api.down = unanswered()
             del api.stored[SOURCE]
+            del api.stored[COPY]
             calls = api.calls
             await until("several failed rounds", lambda: api.calls >= calls + 3)
             assert not task.done()

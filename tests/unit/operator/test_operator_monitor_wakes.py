@@ -158,7 +158,7 @@ def test_a_change_to_a_component_no_pass_read_or_an_unknown_name_wakes_nothing()
 
 def test_a_forgotten_component_is_not_woken_by_a_change() -> None:
     h = _monitored()
-    h.rt.forget(NAMESPACE, NAME)
+    h.rt.forget(NAMESPACE, NAME, "uid-1")
     h.rt.changes.apply(NAME, 10**9)
     assert not _woken(h)
 
@@ -167,11 +167,11 @@ def test_forgetting_one_namespace_s_component_keeps_the_same_name_elsewhere_wake
     h = _monitored()
     other = h.rt.memory("elsewhere", NAME)
     other.observed = h.mem.observed
-    h.rt.forget(NAMESPACE, NAME)
+    h.rt.forget(NAMESPACE, NAME, "uid-1")
     h.rt.changes.apply(NAME, 10**9)
     assert _woken(h)  # the other namespace's component of that name was read, and changed
     _settle(h)
-    h.rt.forget("elsewhere", NAME)
+    h.rt.forget("elsewhere", NAME, "uid-1")
     h.rt.changes.apply(NAME, 10**9 + 1)
     assert not _woken(h)
     # Nothing is kept of a name no namespace holds any more (names come and go).

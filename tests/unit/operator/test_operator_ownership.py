@@ -17,9 +17,11 @@ from defender_operator._decisions.ownership import (
     Claim,
     ClaimAction,
     Release,
+    Remembered,
     anchor_claim,
     anchored_holders,
     claim_status,
+    copy_namespaces,
     decide_claim,
     decide_release,
     decide_unreadable,
@@ -255,8 +257,28 @@ def test_two_holders_by_status_anchor_nothing_and_nothing_new_is_written() -> No
 )
 def test_the_owner_applies_its_retention(retention: str, expected: Release) -> None:
     assert decide_release(OWNER, OWNER, retention) is expected
-    # A re-created owner not yet reconciled is still the same namespace/name.
-    assert decide_release(OWNER, Claim("default", "firewall", "uid-2"), retention) is expected
+    # A re-created owner not yet reconciled releases its predecessor's claim, once the API
+    # server says that predecessor is gone (asked only then).
+    recreated = Claim("default", "firewall", "uid-2")
+    assert release_lookup_needed(OWNER, recreated, held=False)
+    assert decide_release(OWNER, recreated, retention, owner_exists=False) is expected
+
+
+@pytest.mark.parametrize("retention", ["Purge", "Keep"])
+@pytest.mark.parametrize("held", [True, False])
+def test_a_late_delete_leaves_a_same_named_successors_claim_alone(
+    retention: str, held: bool
+) -> None:
+    # kubectl delete, then apply: the new object (uid-2) took the name over before the old
+    # one's DELETED event was handled. The record names a live uid of the same
+    # namespace/name: not the deleted object's, whether or not its status held the name.
+    successor = Claim("default", "firewall", "uid-2")
+    assert release_lookup_needed(successor, OWNER, held=held)
+    assert decide_release(successor, OWNER, retention, held=held) is Release.NOTHING
+    # Released by the successor's own Keep: its kept data is not the late delete's to purge.
+    kept = Claim("default", "firewall", "uid-2", released=True)
+    assert not release_lookup_needed(kept, OWNER, held=held)
+    assert decide_release(kept, OWNER, retention, held=held) is Release.NOTHING
 
 
 @pytest.mark.parametrize("retention", ["Purge", "Keep"])
@@ -319,19 +341,32 @@ def test_a_resolved_conflict_is_dropped_from_the_status() -> None:
     assert "Audited" in {c["type"] for c in kept}
 
 
-def test_only_namespaces_with_nothing_but_refused_components_lose_the_keyring_copy() -> None:
-    from typing import Any
+def test_only_namespaces_with_a_managed_holder_of_its_name_get_the_keyring_copy() -> None:
+    def known(
+        namespace: str,
+        name: str = "firewall",
+        *,
+        monitored: bool = True,
+        refused: bool = False,
+        status_uid: str | None = "uid-1",
+    ) -> Remembered:
+        status = None if status_uid is None else {NAME_CLAIM_FIELD: claim_status(name, status_uid)}
+        return Remembered(namespace, name, "uid-1", monitored, refused, status)
 
-    from defender_operator._runtime import Runtime
-
-    nothing: Any = None
-    rt = Runtime(nothing, nothing, nothing, nothing, nothing, "op")
-    conflict = cond.Cond(cond.CONFLICT, cond.TRUE, NAME_CLAIMED_ELSEWHERE, "owned elsewhere")
-    rt.memory("default", "firewall")
-    rt.memory("tenant-b", "firewall").conflict = conflict
-    rt.memory("tenant-c", "firewall").conflict = conflict
-    rt.memory("tenant-c", "honeypot")  # owns its own name: tenant-c still needs the key
-    assert rt.refused_namespaces() == {"tenant-b"}
+    components = [
+        known("default"),
+        known("tenant-b", refused=True),  # refused the name default/firewall holds
+        known("tenant-c", refused=True),
+        known("tenant-c", "honeypot"),  # holds its own name: tenant-c still needs the key
+        # Not reconciled by this process yet (a restarted operator's first round): its refusal
+        # may not be known yet, so it waits for its reconcile, which copies once the claim holds.
+        known("tenant-d", status_uid=None),
+        # Published before a re-create (another uid), or restored: not this object's claim.
+        known("tenant-e", status_uid="uid-0"),
+        # Remembered by a replica paused by peering: another replica manages it.
+        known("tenant-f", monitored=False),
+    ]
+    assert copy_namespaces(components) == {"default", "tenant-c"}
 
 
 def test_an_unreadable_record_is_rewritten_only_by_the_one_holder_by_status() -> None:

@@ -206,7 +206,7 @@ def test_the_round_publishes_what_the_status_anchors_and_drops_a_deleted_compone
     asyncio.run(_loops.publish_registrations(h.rt))
     published = h.rt.secrets.published  # type: ignore[attr-defined]
     assert published == {NAMESPACE: {NAME: anchored}}
-    h.rt.forget(NAMESPACE, NAME)  # its deletion handled
+    h.rt.forget(NAMESPACE, NAME, "uid-1")  # its deletion handled
     asyncio.run(_loops.publish_registrations(h.rt))
     assert published == {NAMESPACE: {}}
     assert h.rt.registrations_removed == {}
@@ -226,7 +226,7 @@ def test_a_failed_round_keeps_the_deletion_for_the_next_one(
     asyncio.run(h.reconcile(spec()))
     monitored(h)
     asyncio.run(_loops.publish_registrations(h.rt))
-    h.rt.forget(NAMESPACE, NAME)
+    h.rt.forget(NAMESPACE, NAME, "uid-1")
     failures = ERRORS.labels("registrations")._value.get()
 
     def refused(*_: Any, **__: Any) -> bool:

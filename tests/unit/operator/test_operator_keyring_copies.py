@@ -1,0 +1,98 @@
+"""The keyring fan-out (`_rotation.fan_out_everywhere`, every sixth key-rotation tick and after
+each rotation step) copies into the namespaces of components that hold their name, never into
+one whose only DefenderComponent is refused: not from a restarted operator before its
+reconciles ran, not from a replica paused by peering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import kopf
+from operator_core_support import LOG, NAME, NAMESPACE, FakeSecrets, Harness, spec
+
+from defender_operator import _reconcile, _rotation
+from defender_operator._runtime import Runtime
+from defender_operator._settings import OperatorSettings
+
+TWIN = "tenant-b"
+
+
+def reconcile_twin(h: Harness) -> None:
+    """tenant-b/sniffer, refused the name default/sniffer holds (Conflict)."""
+    body: dict[str, Any] = {
+        "metadata": {"namespace": TWIN, "name": NAME, "uid": "uid-b", "generation": 1},
+        "spec": spec(),
+        "status": {},
+    }
+    owner_status = dict(h.kube.status)  # FakeKube keeps one status: the owner's is put back
+    visit = _reconcile.Visit(
+        rt=h.rt,
+        body=body,
+        namespace=TWIN,
+        name=NAME,
+        generation=1,
+        status={},
+        annotations={},
+        logger=LOG,
+        holders=h.holder_index(body),
+    )
+    with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
+        asyncio.run(_reconcile.reconcile(visit, spec()))
+    h.kube.status = owner_status
+    assert h.rt.memory(TWIN, NAME).conflict is not None
+
+
+def daemons_run(rt: Runtime) -> None:
+    """The monitor daemons of both resources run in `rt` (`_monitor.run` counts itself)."""
+    for namespace, uid in ((NAMESPACE, "uid-1"), (TWIN, "uid-b")):
+        mem = rt.memory(namespace, NAME)
+        mem.monitors, mem.uid = 1, uid
+
+
+def fanned_out(rt: Runtime) -> list[str]:
+    secrets: Any = rt.secrets
+    secrets.fanned_out.clear()
+    asyncio.run(_rotation.fan_out_everywhere(rt, rt.keyring.current()))
+    return sorted(secrets.fanned_out)
+
+
+def test_a_refused_namespace_gets_no_copy_before_or_after_a_restart() -> None:
+    h = Harness()
+    h.kube.namespaces = {NAMESPACE, TWIN}
+    asyncio.run(h.reconcile(spec()))
+    reconcile_twin(h)
+    daemons_run(h.rt)
+    assert fanned_out(h.rt) == [NAMESPACE]
+
+    # The operator restarts: its daemons run, no reconcile has yet (the key-rotation loop's
+    # tick 0). Nothing it knows tells the refused resource from the owner: no copy anywhere.
+    rt = Runtime(
+        OperatorSettings(), h.backend, h.kube, FakeSecrets(h.rt.keyring), h.rt.keyring, "op-1"
+    )  # type: ignore[arg-type]
+    rt.keyring_ready = True
+    rt.post_event, rt.etcd = h.rt.post_event, h.rt.etcd
+    daemons_run(rt)
+    assert fanned_out(rt) == []
+
+    # The owner's resume reconcile (its status holds the name): its namespace only.
+    h.rt = rt
+    asyncio.run(h.reconcile(spec()))
+    assert fanned_out(rt) == [NAMESPACE]
+    reconcile_twin(h)
+    assert fanned_out(rt) == [NAMESPACE]
+
+
+def test_a_replica_paused_by_peering_copies_nothing() -> None:
+    h = Harness()
+    h.kube.namespaces = {NAMESPACE, TWIN}
+    asyncio.run(h.reconcile(spec()))
+    reconcile_twin(h)
+    daemons_run(h.rt)
+    # Paused: kopf stops its daemons; its memory stays, and goes stale.
+    for mem in h.rt.components.values():
+        mem.monitors = 0
+    asked = len(h.kube.requests)
+    assert fanned_out(h.rt) == []
+    assert h.kube.requests[asked:] == []  # not even the list of namespaces

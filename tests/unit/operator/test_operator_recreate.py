@@ -1,0 +1,72 @@
+"""A DefenderComponent deleted and re-created (kubectl delete, then apply): kopf handles each
+uid in its own worker, so the new object may be reconciled before the old one's DELETED event
+is handled. Either order leaves the new object holding its name, its data, its memory and its
+registration."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
+
+from defender_operator._decisions.ownership import OWNER_RECORD_RESTORED, Claim
+from defender_operator._reconcile import gone
+
+ETH0 = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+ETH1 = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth1"}
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+def _recreate(h: Harness) -> None:
+    """The new object: another uid, a status of its own (empty until reconciled)."""
+    h.uid = "uid-2"
+    h.kube.status = {}
+
+
+def _new_object_holds_its_name(h: Harness, active: int) -> None:
+    assert h.backend.read_claim(NAME)[0] == Claim(NAMESPACE, NAME, "uid-2")
+    assert h.backend.state(NAME).active_version == active
+    assert not [a for a in h.backend.raised if a.reason == OWNER_RECORD_RESTORED]
+    assert h.rt.components[NAMESPACE, NAME].uid == "uid-2"
+    h.mem.monitors = 1  # its monitor daemon runs
+    assert NAME in h.rt.anchored_registrations().get(NAMESPACE, {})
+
+
+@pytest.mark.parametrize("retention", ["Keep", "Purge"])
+def test_the_old_objects_late_deletion_leaves_its_successor_alone(retention: str) -> None:
+    # Purge: its finalizer removed by hand, so the object went without the operator's purge.
+    h = Harness()
+    run(h.reconcile(spec(ETH0, retention=retention)))
+    old = h.body(spec(ETH0, retention=retention), {})
+    _recreate(h)
+    run(h.reconcile(spec(ETH1)))  # took the name over: a second version on the kept data
+    assert h.backend.read_claim(NAME)[0] == Claim(NAMESPACE, NAME, "uid-2")
+    h.rt.registrations_removed.clear()
+
+    owned = run(gone(h.rt, old, NAMESPACE, NAME, retention, LOG))
+
+    assert owned is False  # the name's metric series are the successor's now
+    assert h.rt.registrations_removed == {}
+    _new_object_holds_its_name(h, active=2)
+    # Asked the API server whether the record's uid is the successor, alive.
+    assert h.kube.lookups == [(NAMESPACE, NAME, "uid-2")]
+
+
+@pytest.mark.parametrize("retention", ["Keep", "Purge"])
+def test_the_old_objects_deletion_handled_first_is_applied_and_the_successor_starts(
+    retention: str,
+) -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0, retention=retention)))
+    old = h.body(spec(ETH0, retention=retention), {})
+    assert run(gone(h.rt, old, NAMESPACE, NAME, retention, LOG)) is True
+    _recreate(h)
+    run(h.reconcile(spec(ETH1)))
+    # Keep: the kept data taken over (version 2); Purge: seeded afresh (version 1).
+    _new_object_holds_its_name(h, active=2 if retention == "Keep" else 1)
