@@ -301,6 +301,8 @@ async def _steps(
             active_version=state.active_version,
             instances=seen.instances,
             live=judged.live,
+            pods=held,
+            backed=backed,
             now=p.now,
             logger=p.logger,
         )
