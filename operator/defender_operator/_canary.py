@@ -22,6 +22,7 @@ from defender_config.contract import ABORT_ANNOTATION, PROMOTE_ANNOTATION
 from defender_operator import _api
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.backing import Backing, backing
 from defender_operator._decisions.breaker import ActiveChange, lifted_freeze
 from defender_operator._decisions.canary import (
     ABORTED,
@@ -32,6 +33,7 @@ from defender_operator._decisions.canary import (
     RecordAction,
     RolloutView,
     anchor_from_status,
+    departed_canaries,
     judge_canary,
     judge_record,
     pick_canaries,
@@ -88,9 +90,16 @@ async def start(
     status: Mapping[str, Any],
     by: str,
     logger: Logger,
+    pods: Mapping[str, bool],
+    mem: ComponentMemory,
 ) -> Outcome | None:
     """Start (or keep) the canary rollout of `normalized`, instead of a commit. None when the
-    component has no instance to try it on: the caller commits as usual."""
+    component has no instance to try it on: the caller commits as usual.
+
+    `pods`: the selected pods, each with whether it is being deleted. Canaries are picked only
+    among instances whose record names one that is not (`_decisions.backing`): a record alone
+    is plaintext anyone with etcd write access can plant, and a pod being deleted would end the
+    rollout it was picked for as it goes."""
     current = await asyncio.to_thread(rt.backend.rollout, component)
     anchor = anchor_from_status(status.get("rollout"))
     anchored = anchor.sequence if anchor is not None else 0
@@ -98,9 +107,8 @@ async def start(
     if current is not None and current.digest == digest and current.sequence >= max(anchored, 1):
         return _progressing(current, f"canary of version {current.version} in progress")
     instances = await asyncio.to_thread(rt.backend.instances, component)
-    canaries = pick_canaries(
-        [i.instance for i in instances], count=canary.instances, percent=canary.percent
-    )
+    serving = backing(((i.instance, i.pod) for i in instances), pods).serving
+    canaries = pick_canaries(sorted(serving), count=canary.instances, percent=canary.percent)
     if not canaries:
         logger.info("no live instance to try spec.config on: committed without a canary")
         return None
@@ -118,6 +126,8 @@ async def start(
         by=by,
         sequence=sequence,
     )
+    named = {i.instance: i.pod for i in instances}
+    mem.canary_pods = {c: pod for c in record.canaries if (pod := named.get(c)) is not None}
     message = (
         f"version {record.version} goes to {', '.join(record.canaries)} first; promoted after"
         f" {canary.hold_seconds}s healthy"
@@ -310,11 +320,16 @@ async def watch(
     active_version: int | None,
     instances: Sequence[InstanceRecord],
     live: Sequence[InstanceRecord],
+    pods: Mapping[str, bool],
+    backed: Backing,
     now: datetime,
     logger: Logger,
 ) -> Outcome:
     """The monitor's look at a rollout in progress (`record`, as the pass read it): wait,
-    promote, abort or end it."""
+    promote, abort, end it, or name other canaries in place of those whose pod left.
+
+    `pods`: the selected pods, each with whether it is being deleted; `backed`: the pass's
+    instances by what backs them (`_decisions.backing`)."""
     checked = await _check_record(
         rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
     )
@@ -322,6 +337,7 @@ async def watch(
         return checked
     if record is None or record.ended:
         mem.canary_healthy = None
+        mem.canary_pods.clear()
         return Outcome()
     by = f"operator:{rt.identity}"
     handled = status.get("specConfigDigest")
@@ -333,6 +349,19 @@ async def watch(
             fields=rollout_fields(record, SUPERSEDED, message),
         )
     canary = spec.rollout.canary or _api.CanarySpec(instances=1, hold_seconds=0)
+    named = {i.instance: i.pod for i in instances}
+    # The pod a canary's record names while that pod is selected, else the one remembered:
+    # once its pod left, its record may be gone too (its agent revoked its lease).
+    remembered: dict[str, str] = {}
+    for c in record.canaries:
+        pod = named.get(c)
+        if pod is not None and pod in pods:
+            remembered[c] = pod
+        elif c in mem.canary_pods:
+            remembered[c] = mem.canary_pods[c]
+    mem.canary_pods = remembered
+    departed = departed_canaries(record.canaries, named, mem.canary_pods, pods)
+    alive = {i.instance for i in live}
     healthy = mem.canary_healthy
     verdict = judge_canary(
         now=now,
@@ -342,6 +371,8 @@ async def watch(
         healthy_since=healthy[1] if healthy and healthy[0] == record.digest else None,
         hold_seconds=canary.hold_seconds,
         deadline_seconds=canary.progress_deadline_seconds,
+        departed=departed,
+        candidates=sorted(backed.serving & alive),
     )
     mem.canary_healthy = (
         (record.digest, verdict.healthy_since) if verdict.healthy_since is not None else None
@@ -354,6 +385,20 @@ async def watch(
         version = await rt.write(name, rt.backend.promote_rollout, name, by=by)
         logger.info("canary promoted as ACTIVE version %s: %s", version, verdict.message)
         return _promoted(record, version, verdict.message)
+    if verdict.action is Action.REPLACE:
+        return await _replace(
+            rt,
+            name,
+            spec,
+            status,
+            mem,
+            record,
+            verdict.canaries,
+            named,
+            now=now,
+            message=verdict.message,
+            logger=logger,
+        )
     if verdict.action is Action.SUPERSEDED:
         await rt.write(name, rt.backend.end_rollout, name)
         return Outcome(
@@ -372,3 +417,58 @@ async def watch(
     await rt.write(name, rt.backend.alert, "CanaryAborted", name, verdict.message)
     logger.error("canary aborted (%s): %s", verdict.reason, verdict.message)
     return _aborted(record, verdict.message)
+
+
+async def _replace(
+    rt: Runtime,
+    name: str,
+    spec: _api.DefenderComponentSpec,
+    status: Mapping[str, Any],
+    mem: ComponentMemory,
+    record: RolloutRecord,
+    canaries: tuple[str, ...],
+    named: Mapping[str, str | None],
+    *,
+    now: datetime,
+    message: str,
+    logger: Logger,
+) -> Outcome:
+    """Write the rollout again naming `canaries` (some canaries' pods left): the same candidate
+    and author, a sequence above the record's and the anchored one, and a new start, so the
+    new canaries get the whole progress deadline and hold."""
+    anchor = anchor_from_status(status.get("rollout"))
+    sequence = next_record_sequence(
+        anchor.sequence if anchor is not None else 0, record.sequence, now=now
+    )
+    try:
+        replaced = await rt.write(
+            name,
+            rt.backend.start_rollout,
+            name,
+            spec.config,
+            canaries,
+            by=record.by,
+            sequence=sequence,
+            digest=record.digest,
+        )
+    except (ConflictError, ConfigFrozenError, ConfigValidationError) as exc:
+        # As when a replayed rollout cannot be written again (`_check_record`): spec.config
+        # changed or no longer validates (its reconcile handles it), or commits were frozen
+        # meanwhile. The canaries left are no failure of the candidate: ended, not aborted.
+        ended = (
+            f"canary of version {record.version} ended: its canary pod(s) left and it could"
+            f" not be written again ({exc.reason})"
+        )
+        logger.info("%s", ended)
+        await rt.write(name, rt.backend.end_rollout, name)
+        mem.canary_healthy = None
+        return Outcome(
+            conditions=_condition(SUPERSEDED, ended),
+            fields=rollout_fields(record, SUPERSEDED, ended),
+        )
+    mem.canary_healthy = None
+    mem.canary_pods = {c: pod for c in replaced.canaries if (pod := named.get(c)) is not None}
+    logger.info("canaries replaced: %s", message)
+    out = _progressing(replaced, message)
+    out.events.append(normal("CanaryReplaced", message))
+    return out

@@ -130,6 +130,7 @@ class _Series:
     budget_exhausted: float | None = None
     heartbeat_age: float | None = None
     alive: float | None = None
+    unbacked: float | None = None
 
 
 class PerComponentGauges(Collector):
@@ -168,6 +169,10 @@ class PerComponentGauges(Collector):
                 series.heartbeat_age = age
             series.alive = float(alive)
 
+    def record_unbacked(self, component: str, count: int) -> None:
+        with self._lock:
+            self._series(component).unbacked = float(count)
+
     def forget(self, component: str) -> None:
         with self._lock:
             self._by_component.pop(component, None)
@@ -179,21 +184,29 @@ class PerComponentGauges(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             rows = [
-                (name, dict(s.conditions), s.frozen, s.budget_exhausted, s.heartbeat_age, s.alive)
+                (
+                    name,
+                    dict(s.conditions),
+                    s.frozen,
+                    s.budget_exhausted,
+                    s.heartbeat_age,
+                    s.alive,
+                    s.unbacked,
+                )
                 for name, s in self._by_component.items()
             ]
-        conditions, frozen, budget, age, alive = self._families()
-        for name, kinds, is_frozen, exhausted, seconds, count in rows:
+        conditions, frozen, budget, age, alive, unbacked = self._families()
+        for name, kinds, is_frozen, exhausted, seconds, count, ghosts in rows:
             for kind, status in kinds.items():
                 for s in _STATUSES:
                     conditions.add_metric([name, kind, s], 1.0 if s == status else 0.0)
             for family, value in ((frozen, is_frozen), (budget, exhausted)):
                 if value is not None:
                     family.add_metric([name], value)
-            for family, value in ((age, seconds), (alive, count)):
+            for family, value in ((age, seconds), (alive, count), (unbacked, ghosts)):
                 if value is not None:
                     family.add_metric([name], value)
-        yield from (conditions, frozen, budget, age, alive)
+        yield from (conditions, frozen, budget, age, alive, unbacked)
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -225,6 +238,12 @@ class PerComponentGauges(Collector):
                 "Instances with a live heartbeat",
                 labels=["component"],
             ),
+            GaugeMetricFamily(
+                "defender_operator_instances_unbacked",
+                "Instance records in etcd naming no pod the component selects (ignored by the"
+                " breaker and the canaries)",
+                labels=["component"],
+            ),
         )
 
 
@@ -242,6 +261,11 @@ def record_heartbeats(component: str, age_seconds: float | None, alive: int) -> 
     """The component's newest heartbeat age (None: none seen, the last value stays) and how
     many instances are alive."""
     PER_COMPONENT.record_heartbeats(component, age_seconds, alive)
+
+
+def record_unbacked(component: str, count: int) -> None:
+    """How many of the component's instance records name no pod it selects."""
+    PER_COMPONENT.record_unbacked(component, count)
 
 
 def count_canary_abort(component: str, reason: str) -> None:

@@ -35,6 +35,7 @@ from defender_operator._backend import (
 )
 from defender_operator._bodies import shed_managed_fields
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.backing import Backing, backing, unbacked_to_report
 from defender_operator._decisions.breaker import (
     BreakerPolicy,
     evaluate_breaker,
@@ -70,6 +71,7 @@ from defender_operator._metrics import (
     MONITOR_READS,
     RESTARTS,
     record_heartbeats,
+    record_unbacked,
 )
 from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
 from defender_operator._pods import PodIndex, select_pods
@@ -225,6 +227,8 @@ class Judged:
     policy: HeartbeatPolicy
     expected: int
     live: Sequence[InstanceRecord]
+    alive: int = 0
+    """Selected pods, not being deleted, with an instance in `live`."""
 
 
 async def tick(p: Pass, mem: ComponentMemory, pod_index: PodIndex) -> datetime | None:
@@ -254,9 +258,15 @@ async def _steps(
     pods = select_pods(pod_index, p.namespace, p.spec.selector.match_labels)
     seen = await observe(p, mem)
     track(mem, seen.instances, pods)
+    # What backs each instance record (`_decisions.backing`): only a selected pod's, not being
+    # deleted, steers the breaker and the canaries or counts as alive.
+    held = held_pods(pods)
+    backed = backing(((i.instance, i.pod) for i in seen.instances), held)
     if seen.etcd_ok:
         take(mem, found, await cadence_step(p, seen, mem))
-    judged, heard = await heartbeat_step(p, mem, pods, seen.instances, read_ok=seen.etcd_ok)
+    judged, heard = await heartbeat_step(
+        p, mem, pods, seen.instances, read_ok=seen.etcd_ok, backed=backed
+    )
     take(mem, found, heard)
     misconfig_ages: datetime | None = None
     if seen.etcd_ok:
@@ -278,7 +288,8 @@ async def _steps(
             state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
         state, dropped = await drop_replayed_freeze(rt, p.name, p.status, state, p.logger)
         take(mem, found, dropped)
-        state, tripped = await breaker_step(p, mem, state, seen.instances, judged)
+        take(mem, found, unbacked_step(p, mem, seen.instances, backed, judged.policy))
+        state, tripped = await breaker_step(p, mem, state, seen.instances, judged, backed)
         take(mem, found, tripped)
         rolled = await _canary.watch(
             rt,
@@ -290,6 +301,8 @@ async def _steps(
             active_version=state.active_version,
             instances=seen.instances,
             live=judged.live,
+            pods=held,
+            backed=backed,
             now=p.now,
             logger=p.logger,
         )
@@ -435,11 +448,14 @@ async def heartbeat_step(
     instances: Sequence[InstanceRecord],
     *,
     read_ok: bool = True,
+    backed: Backing,
 ) -> tuple[Judged, Outcome]:
     """Decide whether a pod missed its heartbeats and restart it (within the budget). When
     this pass could not read etcd (`read_ok` False), etcd counts as unreachable whatever the
     last health check said: a heartbeat missing from a read that failed says nothing about
-    the pod, and the newest heartbeats known may be a lease's TTL old (reused sightings)."""
+    the pod, and the newest heartbeats known may be a lease's TTL old (reused sightings).
+    Alive are the selected pods not being deleted with a live instance (`backed`): a record
+    naming no such pod is not one."""
     hb, rb = p.spec.heartbeat, p.spec.restart_budget
     policy = HeartbeatPolicy(
         hb.interval_seconds, hb.missed_before_restart, hb.startup_grace_seconds
@@ -470,19 +486,24 @@ async def heartbeat_step(
         out.fields["restarts"] += await _restart(p, mem, pods, decision, out)
     expected = sum(1 for pod in pods if not pod.deleting)
     live = [i for i in instances if p.now - i.time <= policy.patience(i.lease_ttl_seconds)]
-    alive = len({i.pod or i.instance for i in live})
+    alive = len({i.pod for i in live if i.instance in backed.serving})
     mem.degraded_reported, announce = budget_report(
         decision.action, mem.degraded_reported, recovered=0 < expected <= alive
     )
     if announce:
         out.events.append(warning("RestartBudgetExhausted", decision.message))
         p.logger.error("restart budget exhausted: %s", decision.message)
-    out.conditions[cond.HEARTBEATING] = heartbeat_condition(
-        decision, alive, expected, mem.degraded_reported
-    )
+    judgement = heartbeat_condition(decision, alive, expected, mem.degraded_reported)
+    if backed.unbacked:
+        judgement = dataclasses.replace(
+            judgement,
+            message=f"{judgement.message}; {len(backed.unbacked)} heartbeat record(s) name no"
+            " selected pod (ignored)",
+        )
+    out.conditions[cond.HEARTBEATING] = judgement
     out.fields.update(instances={"alive": alive, "expected": expected})
     out.fields["instanceSummary"] = f"{alive}/{expected}"
-    return Judged(decision, policy, expected, live), out
+    return Judged(decision, policy, expected, live, alive), out
 
 
 async def _restart(
@@ -535,6 +556,46 @@ async def misconfig_step(
     return out, verdict.changes_at
 
 
+def unbacked_step(
+    p: Pass,
+    mem: ComponentMemory,
+    instances: Sequence[InstanceRecord],
+    backed: Backing,
+    policy: HeartbeatPolicy,
+) -> Outcome:
+    """Report instance records that name no selected pod (`_decisions.backing`): they steer
+    nothing (the breaker and the canaries ignore them), but one that outlives what a real
+    pod's record would is a leftover or a forgery, worth a look. Exported as a gauge each
+    pass; a Warning Event once per record."""
+    for gone in set(mem.unbacked_since) - backed.unbacked:
+        del mem.unbacked_since[gone]
+    for name in backed.unbacked:
+        mem.unbacked_since.setdefault(name, p.now)
+    record_unbacked(p.name, len(backed.unbacked))
+    patience = {
+        i.instance: policy.patience(i.lease_ttl_seconds)
+        for i in instances
+        if i.instance in backed.unbacked
+    }
+    mem.unbacked_reported, new = unbacked_to_report(
+        mem.unbacked_since, patience, mem.unbacked_reported, p.now
+    )
+    if not new:
+        return Outcome()
+    message = (
+        f"{len(new)} heartbeat record(s) name no pod this component selects: {', '.join(new)};"
+        " ignored by the breaker and the canaries. A record no agent keeps alive lingers until"
+        " deleted; one nobody wrote means someone else can write this component's instance keys"
+    )
+    p.logger.warning("%s", message)
+    return Outcome(events=[warning("UnbackedInstances", message)])
+
+
+def held_pods(pods: Sequence[Pod]) -> dict[str, bool]:
+    """The selected pods by name, each with whether it is being deleted."""
+    return {pod.name: pod.deleting for pod in pods}
+
+
 def pod_views(pods: Sequence[Pod]) -> list[PodView]:
     """The pods as the restart decision sees them."""
     return [PodView(p.name, p.created, p.deleting, p.started, p.starting) for p in pods]
@@ -580,7 +641,7 @@ def pass_fields(
 ) -> dict[str, Any]:
     """The status fields every pass publishes (besides the steps' own)."""
     rt = p.rt
-    alive = len({i.pod or i.instance for i in judged.live})
+    alive = judged.alive
     fields: dict[str, Any] = {
         **_history_fields(mem, p.spec.restart_budget.max_restarts),
         "rotationStage": rt.rotation_stage,
@@ -657,11 +718,20 @@ async def breaker_step(
     state: ComponentState,
     instances: Sequence[InstanceRecord],
     judged: Judged,
+    backed: Backing,
 ) -> tuple[ComponentState, Outcome]:
     """Trip the blast-radius breaker when too many instances turned unhealthy soon after a
-    change of ACTIVE: freeze commits and revert ACTIVE to the version before the change."""
+    change of ACTIVE: freeze commits and revert ACTIVE to the version before the change.
+
+    Only errors reported by instances of selected pods not being deleted count (`backed`):
+    a record naming no such pod is plaintext anyone with etcd write access can plant, and
+    counting it would let one revert ACTIVE and freeze commits."""
     rt, now = p.rt, p.now
-    unhealthy = {i.instance for i in instances if i.last_error_reason in MISCONFIG_REASONS}
+    unhealthy = {
+        i.instance
+        for i in instances
+        if i.instance in backed.serving and i.last_error_reason in MISCONFIG_REASONS
+    }
     unhealthy |= set(judged.decision.stale_pods)
     for key in list(mem.unhealthy_since):
         if key not in unhealthy:

@@ -91,6 +91,7 @@ from defender_operator._outcome import (
     take,
     warning,
 )
+from defender_operator._pods import PodIndex, select_pods
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 
@@ -216,6 +217,9 @@ class Visit:
     logger: Logger
     holders: HolderIndex
     """kopf's index of who holds each etcd name by status (`handlers.name_holders`)."""
+    pods: PodIndex
+    """kopf's index of pods by label (`handlers.defender_pods`): canaries are picked among
+    instances of the component's pods."""
 
     @property
     def component(self) -> str:
@@ -963,6 +967,7 @@ async def commit(
     )
     if spec.rollout.canary is not None and previous > 0:
         # A canary first: ACTIVE stays as it is until the monitor promotes the candidate.
+        pods = select_pods(v.pods, v.namespace, spec.selector.match_labels)
         started = await _canary.start(
             rt,
             component,
@@ -971,6 +976,8 @@ async def commit(
             status=v.status,
             by=author,
             logger=v.logger,
+            pods={pod.name: pod.deleting for pod in pods},
+            mem=rt.memory(v.namespace, v.name),
         )
         if started is not None:
             started.fields.update(

@@ -76,6 +76,13 @@ class ComponentMemory:
     # on the candidate (keyed by its digest, so a new candidate starts the hold again).
     rollout_condition: Cond | None = None
     canary_healthy: tuple[str, datetime] | None = None
+    # The pod each canary was last seen in: its record goes when its agent revokes its lease
+    # on the way out, and a canary whose pod left is replaced, not judged failed.
+    canary_pods: dict[str, str] = field(default_factory=dict)
+    # Instance records naming no selected pod (`_decisions.backing`): since when each has,
+    # and those already reported (an Event each, once).
+    unbacked_since: dict[str, datetime] = field(default_factory=dict)
+    unbacked_reported: frozenset[str] = frozenset()
     # The last monitor pass's read of the component (`_monitor.observe`) and when, at which
     # revision: reused while the change watch says nothing it read changed
     # (`_decisions.reads`). The same objects the pass judged, no copies; None after a read

@@ -176,6 +176,7 @@ async def reconcile_component(
             annotations=dict(meta.annotations),
             logger=logger,
             holders=kwargs["name_holders"],
+            pods=kwargs["defender_pods"],
         )
         # The essence as `fetch` builds it for the next event (kopf's `new` has been through
         # its progress storage's clearing, which `fetch` does not repeat).

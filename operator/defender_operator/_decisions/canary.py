@@ -39,6 +39,39 @@ def pick_canaries(
     return tuple(names[: max(1, min(wanted, len(names)))])
 
 
+def departed_canaries(
+    canaries: Sequence[str],
+    records: Mapping[str, str | None],
+    remembered: Mapping[str, str],
+    pods: Mapping[str, bool],
+) -> frozenset[str]:
+    """The canaries whose pod went away during the rollout: judged neither healthy nor failed,
+    but replaced (`judge_canary`).
+
+    `records`: the pod each instance record present names; `remembered`: the pod each canary
+    was last seen in (its record is gone once its agent revoked its lease on the way out);
+    `pods`: the selected pods, each with whether it is being deleted. A canary is departed when
+    the pod it names (or last named) is being deleted or no longer selected, and when its record
+    names no selected pod at all (it cannot be told from a forged one, so it is not judged). A
+    canary whose record is gone and whose pod is unknown stays: its heartbeat is lost."""
+    out: set[str] = set()
+    for name in canaries:
+        pod = records[name] if name in records else remembered.get(name)
+        if name not in records and pod is None:
+            continue
+        if pod is None or pod not in pods or pods[pod]:
+            out.add(name)
+    return frozenset(out)
+
+
+def repick(kept: Sequence[str], candidates: Sequence[str], *, wanted: int) -> tuple[str, ...]:
+    """The canaries after some left: those `kept`, topped up to `wanted` with the first
+    `candidates` by name (live instances of selected pods, as at the start) not already kept."""
+    chosen = sorted(set(kept))
+    extra = sorted(set(candidates) - set(chosen))
+    return tuple(sorted(chosen + extra[: max(wanted - len(chosen), 0)]))
+
+
 @dataclass(frozen=True)
 class CanaryBeat:
     """What a canary's heartbeat says this pass; `alive` False when its key is gone (lease
@@ -55,6 +88,7 @@ class Action(enum.Enum):
     PROMOTE = "promote"
     ABORT = "abort"
     SUPERSEDED = "superseded"
+    REPLACE = "replace"  # write the rollout again naming `CanaryVerdict.canaries`
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,8 @@ class CanaryVerdict:
     message: str
     healthy_since: datetime | None = None
     failed: tuple[str, ...] = ()
+    canaries: tuple[str, ...] = ()
+    """For REPLACE: the canaries to name from now on."""
 
 
 def judge_canary(
@@ -88,13 +124,21 @@ def judge_canary(
     healthy_since: datetime | None,
     hold_seconds: int,
     deadline_seconds: int,
+    departed: frozenset[str] = frozenset(),
+    candidates: Sequence[str] = (),
 ) -> CanaryVerdict:
     """One look at a rollout in progress.
 
     ABORT as soon as one canary fails (gone, or reporting a failure reason); PROMOTE once every
     canary has reported the candidate's digest, healthy, for `hold_seconds` without a break;
     ABORT when they have not all taken it within `deadline_seconds`; SUPERSEDED when ACTIVE is
-    no longer the version the rollout was built on (someone rolled back or committed)."""
+    no longer the version the rollout was built on (someone rolled back or committed).
+
+    Canaries in `departed` (their pod is being deleted or gone: `departed_canaries`) are not
+    judged: a pod leaving says nothing about the candidate. Unless another canary failed, they
+    are REPLACEd by the first of `candidates` (live instances of selected pods that are not
+    being deleted) not already canaries; with none to take their place and no canary left, the
+    rollout WAITs for one."""
     v = rollout.version
     if active_version != rollout.base_version:
         return CanaryVerdict(
@@ -105,7 +149,8 @@ def judge_canary(
         )
     failed: list[str] = []
     why: list[str] = []
-    for name in rollout.canaries:
+    present = tuple(n for n in rollout.canaries if n not in departed)
+    for name in present:
         beat = beats.get(name)
         if beat is None or not beat.alive:
             failed.append(name)
@@ -121,6 +166,22 @@ def judge_canary(
             f" version {rollout.base_version}'s config and commits are frozen. Fix spec.config,"
             f" then `kubectl annotate {SINGULAR} <name> {UNFREEZE_ANNOTATION}=now`",
             failed=tuple(failed),
+        )
+    if len(present) < len(rollout.canaries):
+        gone = ", ".join(sorted(set(rollout.canaries) - set(present)))
+        now_named = repick(present, candidates, wanted=len(rollout.canaries))
+        if not now_named:
+            return CanaryVerdict(
+                Action.WAIT,
+                "WaitingForInstances",
+                f"canary pod(s) of {gone} left; waiting for a live instance to try version {v} on",
+            )
+        return CanaryVerdict(
+            Action.REPLACE,
+            "CanaryReplaced",
+            f"canary pod(s) of {gone} left during the rollout of version {v} (not a failure);"
+            f" it goes to {', '.join(now_named)} instead",
+            canaries=now_named,
         )
     waiting = sorted(n for n in rollout.canaries if beats[n].digest != rollout.digest)
     if waiting:

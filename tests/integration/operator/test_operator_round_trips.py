@@ -125,7 +125,7 @@ def beating(library: LibraryBackend) -> Iterator[Heartbeater]:
     keyring = library.client.envelope.keyring()
     assert keyring is not None
     pod = DefenderClient(library.client.settings, keyring, registry=CollectorRegistry())
-    hb = Heartbeater(pod, NAME, "pod-0", interval_seconds=1, allowed_misses=10)
+    hb = Heartbeater(pod, NAME, "pod-0", interval_seconds=1, allowed_misses=10, pod="pod-0")
     hb.start()
     try:
         yield hb
@@ -136,6 +136,8 @@ def beating(library: LibraryBackend) -> Iterator[Heartbeater]:
 
 def seen_beating(library: LibraryBackend) -> Harness:
     h = Harness(backend=library)  # type: ignore[arg-type]
+    # Its pod, selected: only an instance of one counts as alive.
+    h.add_pod("pod-0")
     watched(h, library.all_instances())
     assert h.rt.heartbeats.instances(NAME)
     return h

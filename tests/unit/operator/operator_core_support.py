@@ -278,6 +278,7 @@ class Harness:
             annotations=dict(annotations or {}),
             logger=LOG,
             holders=self.holder_index(body),
+            pods=self.index(),
         )
         then = None
         if first_pass:

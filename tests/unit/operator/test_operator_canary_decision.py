@@ -12,8 +12,10 @@ from defender_operator._decisions.canary import (
     CanaryBeat,
     CanaryVerdict,
     RolloutView,
+    departed_canaries,
     judge_canary,
     pick_canaries,
+    repick,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -119,3 +121,67 @@ def test_canaries_that_never_take_the_version_abort_at_the_deadline() -> None:
 def test_an_active_that_moved_on_supersedes_the_rollout() -> None:
     v = judge({"p-1": ON_NEW, "p-2": ON_NEW}, active_version=6)
     assert v.action is Action.SUPERSEDED
+
+
+# --- canaries whose pod left --------------------------------------------------------------------
+
+SELECTED = {"p-1": False, "p-2": False, "p-3": False}
+
+
+def test_a_canary_whose_pod_is_being_deleted_has_departed() -> None:
+    pods = {**SELECTED, "p-1": True}
+    assert departed_canaries(("p-1", "p-2"), {"p-1": "p-1", "p-2": "p-2"}, {}, pods) == {"p-1"}
+
+
+def test_a_canary_whose_record_and_pod_are_gone_has_departed_by_its_remembered_pod() -> None:
+    pods = {"p-2": False, "p-3": False}
+    assert departed_canaries(("p-1", "p-2"), {"p-2": "p-2"}, {"p-1": "p-1"}, pods) == {"p-1"}
+
+
+def test_a_canary_whose_record_is_gone_but_whose_pod_lives_has_not_departed() -> None:
+    # Its heartbeat is lost (judged a failure), as before: the pod did not go away.
+    assert departed_canaries(("p-1",), {}, {"p-1": "p-1"}, SELECTED) == frozenset()
+    # Nothing known of its pod: judged as lost too, never guessed departed.
+    assert departed_canaries(("p-1",), {}, {}, SELECTED) == frozenset()
+
+
+def test_a_canary_whose_record_names_no_selected_pod_is_not_judged() -> None:
+    records: dict[str, str | None] = {"p-1": None, "p-2": "elsewhere"}
+    assert departed_canaries(("p-1", "p-2"), records, {}, SELECTED) == {"p-1", "p-2"}
+
+
+def test_repick_keeps_the_canaries_left_and_tops_up_by_name() -> None:
+    assert repick(("p-2",), ["p-4", "p-3", "p-2"], wanted=2) == ("p-2", "p-3")
+    assert repick((), ["p-4", "p-3"], wanted=1) == ("p-3",)
+    assert repick(("p-2",), [], wanted=2) == ("p-2",)
+    assert repick((), [], wanted=1) == ()
+
+
+def test_departed_canaries_are_replaced_not_judged_failed() -> None:
+    verdict = judge({"p-2": ON_NEW}, departed=frozenset({"p-1"}), candidates=["p-3", "p-2"])
+    assert verdict.action is Action.REPLACE
+    assert verdict.canaries == ("p-2", "p-3")
+    assert "p-1" in verdict.message and "not a failure" in verdict.message
+
+
+def test_departed_canaries_with_no_one_to_take_over_leave_the_others() -> None:
+    verdict = judge({"p-2": ON_NEW}, departed=frozenset({"p-1"}), candidates=["p-2"])
+    assert (verdict.action, verdict.canaries) == (Action.REPLACE, ("p-2",))
+
+
+def test_every_canary_departed_and_no_live_instance_waits() -> None:
+    # Past the progress deadline too: nothing was tried, so nothing is aborted.
+    verdict = judge(
+        {},
+        departed=frozenset({"p-1", "p-2"}),
+        candidates=[],
+        now=T0 + timedelta(seconds=500),
+    )
+    assert (verdict.action, verdict.reason) == (Action.WAIT, "WaitingForInstances")
+
+
+def test_a_failing_canary_still_aborts_when_another_departed() -> None:
+    failing = CanaryBeat(alive=True, digest=NEW, error_reason="HealthCheckFailed")
+    verdict = judge({"p-2": failing}, departed=frozenset({"p-1"}), candidates=["p-3"])
+    assert verdict.action is Action.ABORT
+    assert verdict.failed == ("p-2",)

@@ -13,11 +13,12 @@ from operator_core_support import NAME, Harness, spec
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from defender_config import ChangeKind, config_digest, contract, validate_config
+from defender_config import ChangeKind, ConfigFrozenError, config_digest, contract, validate_config
 from defender_operator import _api, _monitor
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.canary import Action, CanaryBeat, RolloutView, judge_canary
+from defender_operator._kube import Pod
 from defender_operator._metrics import CANARY_ABORT_REASONS, forget_component
 from defender_operator._runtime import utcnow
 
@@ -391,3 +392,152 @@ def test_a_canary_in_progress_is_looked_at_again_within_the_rollout_poll() -> No
     assert due is not None
     assert due <= utcnow() + timedelta(seconds=_monitor.ROLLOUT_POLL_SECONDS)
     assert h.rt.settings.monitor_interval_seconds > _monitor.ROLLOUT_POLL_SECONDS
+
+
+# --- canaries are instances of live pods --------------------------------------------------------
+
+
+def leaving(h: Harness, pod: str) -> None:
+    """A rolling update or a scale-down deletes `pod` (its agent beats until SIGTERM ends it)."""
+    old = h.pods[pod]
+    h.pods[pod] = Pod(old.name, old.uid, old.created, deleting=True)
+
+
+def test_a_planted_record_naming_no_pod_is_never_picked_nor_promoted() -> None:
+    h = Harness()
+    run(h.reconcile(canary_spec(ETH0)))
+    for pod in ("sniffer-a", "sniffer-b"):
+        h.add_pod(pod)
+        beat(h, pod, stored(ETH0))
+    asyncio.run(h.monitor(canary_spec(ETH0)))
+    # etcd write access alone: a key that sorts first, no pod behind it.
+    h.backend.add_instance(
+        NAME, InstanceRecord(instance="aaa-ghost", pod=None, time=utcnow(), status="RUNNING")
+    )
+    run(h.reconcile(canary_spec(ETH1)))
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-a",)
+    h.backend.add_instance(
+        NAME,
+        InstanceRecord(
+            instance="aaa-ghost",
+            pod=None,
+            time=utcnow(),
+            status="RUNNING",
+            config_digest=stored(ETH1),
+        ),
+    )
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.state(NAME).active_version == 1
+    assert "CanaryPromoted" not in h.reasons()
+
+
+def test_a_pod_being_deleted_is_never_picked() -> None:
+    h = Harness()
+    run(h.reconcile(canary_spec(ETH0)))
+    for pod in PODS:
+        h.add_pod(pod)
+        beat(h, pod, stored(ETH0))
+    asyncio.run(h.monitor(canary_spec(ETH0)))
+    leaving(h, "sniffer-a")
+    run(h.reconcile(canary_spec(ETH1)))
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-b",)
+
+
+def test_only_pods_being_deleted_means_no_canary_and_a_plain_commit() -> None:
+    h = Harness()
+    run(h.reconcile(canary_spec(ETH0)))
+    h.add_pod("sniffer-a")
+    beat(h, "sniffer-a", stored(ETH0))
+    asyncio.run(h.monitor(canary_spec(ETH0)))
+    leaving(h, "sniffer-a")
+    run(h.reconcile(canary_spec(ETH1)))
+    assert NAME not in h.backend.rollouts
+    assert h.backend.state(NAME).active_version == 2
+
+
+def test_a_canary_whose_pod_is_deleted_is_replaced_not_failed() -> None:
+    h = started()
+    first = h.backend.rollouts[NAME][0]
+    leaving(h, "sniffer-a")
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    record = h.backend.rollouts[NAME][0]
+    assert record.canaries == ("sniffer-b",)
+    assert (record.version, record.digest, record.by) == (first.version, first.digest, first.by)
+    assert record.sequence > first.sequence
+    assert h.kube.status["rollout"]["sequence"] == record.sequence
+    assert h.kube.status["rollout"]["canaries"] == ["sniffer-b"]
+    assert h.reasons()[-1] == "CanaryReplaced"
+    assert not h.backend.state(NAME).frozen
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
+    # The new canary takes the candidate: promoted as usual.
+    beat(h, "sniffer-b", stored(ETH1))
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.state(NAME).active_digest == stored(ETH1)
+    assert h.reasons()[-1] == "CanaryPromoted"
+
+
+def test_a_canary_whose_pod_and_record_are_gone_is_replaced_not_failed() -> None:
+    h = started()
+    asyncio.run(h.monitor(canary_spec(ETH1)))  # sees sniffer-a's record naming its pod
+    # The pod terminates normally: its agent revokes its lease, then the pod is gone.
+    h.backend.remove_instance(NAME, "sniffer-a")
+    del h.pods["sniffer-a"]
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-b",)
+    assert not h.backend.state(NAME).frozen
+    assert "CanaryAborted" not in h.reasons()
+
+
+def test_a_canary_picked_as_its_pod_went_is_replaced_without_a_pass_between() -> None:
+    # The pod a canary was picked in is remembered from the pick: no pass saw its record.
+    h = started()
+    h.backend.remove_instance(NAME, "sniffer-a")
+    del h.pods["sniffer-a"]
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-b",)
+    assert "CanaryAborted" not in h.reasons()
+
+
+def test_a_canary_record_rewritten_to_name_no_pod_is_replaced_not_promoted() -> None:
+    h = started()
+    h.backend.add_instance(
+        NAME,
+        InstanceRecord(
+            instance="sniffer-a",
+            pod=None,
+            time=utcnow(),
+            status="RUNNING",
+            config_digest=stored(ETH1),
+        ),
+    )
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.state(NAME).active_version == 1
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-b",)
+
+
+def test_with_every_pod_going_the_rollout_waits() -> None:
+    h = started()
+    for pod in PODS:
+        leaving(h, pod)
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-a",)
+    assert not h.backend.state(NAME).frozen
+    assert h.condition(cond.ROLLOUT)["reason"] == "Progressing"
+    assert "waiting for a live instance" in h.kube.status["rollout"]["message"]
+    # A new pod comes up: it takes over.
+    h.add_pod("sniffer-d")
+    beat(h, "sniffer-d", stored(ETH0))
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-d",)
+
+
+def test_a_replacement_that_cannot_be_written_ends_the_rollout_without_freezing() -> None:
+    h = started()
+    leaving(h, "sniffer-a")
+    h.backend.fail("start_rollout", ConfigFrozenError(NAME, why="frozen meanwhile"))
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert NAME not in h.backend.rollouts
+    assert h.condition(cond.ROLLOUT)["reason"] == "Superseded"
+    assert "could not be written again" in h.kube.status["rollout"]["message"]
+    assert "CanaryAborted" not in h.reasons()
+    assert not h.backend.state(NAME).frozen
