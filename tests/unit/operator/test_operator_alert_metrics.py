@@ -169,6 +169,7 @@ def test_a_refused_same_named_resource_neither_overwrites_nor_drops_the_owners_s
         annotations={},
         logger=LOG,
         holders=h.holder_index(twin),
+        pods=h.index(),
     )
     with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
         asyncio.run(_reconcile.reconcile(visit, spec(ETH0)))

@@ -37,6 +37,7 @@ def reconcile_twin(h: Harness) -> None:
         annotations={},
         logger=LOG,
         holders=h.holder_index(body),
+        pods=h.index(),
     )
     with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
         asyncio.run(_reconcile.reconcile(visit, spec()))
