@@ -298,9 +298,14 @@ def load_settings(path: str | Path | None = None) -> LibrarySettings:
         file_path = Path(path)
         shown = str(file_path)
         data = _read_file(file_path)
+    # Neither error is chained: a logged traceback prints the cause, and pydantic's quotes each
+    # rejected input (a password typed under a misspelt key, `pasword:`).
     try:
         return LibrarySettings(**data)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc), path=shown) from exc
+        raise SettingsError(_describe(exc), path=shown) from None
     except ValueError as exc:  # pydantic-settings raises plain ValueError for undecodable env
-        raise SettingsError(f"{exc}; check the DEFENDER_* environment", path=shown) from exc
+        # Its message names the field and the source; the JSON decoder's, its cause, a position.
+        cause = exc.__cause__
+        where = f" ({cause})" if isinstance(cause, json.JSONDecodeError) else ""
+        raise SettingsError(f"{exc}{where}; check the DEFENDER_* environment", path=shown) from None
