@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,6 +14,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from defender_config import (
+    ActiveConfig,
+    Alert,
+    CallableSink,
+    ComponentOverview,
+    ConfigStore,
     DefenderClient,
     EnvelopeError,
     EnvelopeOptions,
@@ -20,11 +26,14 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     RecordAuthError,
+    Rollouts,
     sign_record,
     verify_record,
 )
 from defender_config._codecs import AES256GCM
+from defender_config._component_view import view_from
 from defender_config._records import _mac_key
+from defender_config.store import StoredValue
 
 PATH = "/ml-defender/components/firewall/metadata"
 RECORD: dict[str, Any] = {
@@ -199,3 +208,44 @@ def test_client_signs_only_with_a_keyring(keyring: Keyring) -> None:
     finally:
         keyed.close()
         plain.close()
+
+
+class _Gets:
+    """The one store call a reader of the rollout record makes, on a dict."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, StoredValue] = {}
+
+    def get(self, path: str, revision: int | None = None) -> StoredValue | None:
+        return self.values.get(path)
+
+
+def test_a_rollout_record_that_is_an_envelope_is_ignored_like_an_unauthenticated_one(
+    keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Anyone with etcd write access can put the envelope magic where the plaintext record
+    # belongs: the instance runs ACTIVE and the operator's view shows no rollout, as for junk.
+    alerts: list[Alert] = []
+    store = _Gets()
+    client = DefenderClient(
+        LibrarySettings(etcd=EtcdSettings(endpoints=["127.0.0.1:1"])),
+        keyring,
+        store=store,  # type: ignore[arg-type]
+        alert_sinks=[CallableSink(alerts.append)],
+    )
+    configs = ConfigStore(client)
+    active = ActiveConfig("fw", {"v": 1}, 1, "ab" * 32, mod_revision=5)
+    monkeypatch.setattr(configs, "get_active", lambda component: active)
+    path = client.layout.rollout("fw")
+    store.values[path] = StoredValue(path, b"\x89DFC", 7, 7, 1)  # the envelope magic
+    assert Rollouts(configs).effective("fw", "fw-0") is active
+    seen = view_from(
+        configs,
+        "fw",
+        ComponentOverview(None, None, None),
+        [(), (store.values[path],), ()],
+        revision=7,
+        since=datetime(2000, 1, 1, tzinfo=UTC),
+    )
+    assert seen.rollout is None
+    assert [(a.kind, a.path) for a in alerts] == [("UnexpectedEnvelope", path)] * 2
