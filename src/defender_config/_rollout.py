@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,7 +88,7 @@ class RolloutRecord(BaseModel):
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     record: RolloutRecord
-    config: dict[str, Any]
+    config: dict[str, Any] = field(repr=False)
     mod_revision: int
 
 
