@@ -168,7 +168,9 @@ class _QuotingError(ValueError):
 
 # --- firewall ------------------------------------------------------------------------------------
 
-_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+# fullmatch: `$` would let "8000\n" through, and the port list keeps the text as given; [0-9],
+# not \d, which takes any script's digits ("٨٠٨٠"), and int() reads them.
+_PORT_RE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 
 
 class AclRule(_Strict):
@@ -207,7 +209,7 @@ class AclRule(_Strict):
             if isinstance(port, int):
                 lo = hi = port
             else:
-                match = _PORT_RE.match(port)
+                match = _PORT_RE.fullmatch(port)
                 if not match:
                     raise _QuotingError(
                         f"port {port!r} must be a number or a range like 8000-8080",

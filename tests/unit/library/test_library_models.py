@@ -166,6 +166,24 @@ def _with(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
             "firewall",
             _with(
                 FIREWALL,
+                rules=[{"id": "x", "action": "allow", "proto": "tcp", "ports": ["8000\n"]}],
+            ),
+            "rules.0.ports",
+            "a number or a range",
+        ),
+        (
+            "firewall",
+            _with(
+                FIREWALL,
+                rules=[{"id": "x", "action": "allow", "proto": "tcp", "ports": ["٨٠٨٠"]}],
+            ),
+            "rules.0.ports",
+            "a number or a range",
+        ),
+        (
+            "firewall",
+            _with(
+                FIREWALL,
                 rules=[
                     {"id": "x", "action": "allow", "src_cidr": "10.0.0.0/8", "dst_cidr": "::/0"}
                 ],

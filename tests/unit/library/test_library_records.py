@@ -122,8 +122,9 @@ def test_retired_key_fails_and_rotation_keeps_old_records_valid(keyring: Keyring
         (lambda d: d.update(extra="field"), "does not match"),
         (lambda d: d["auth"].update(mac=_flip_hex(d["auth"]["mac"])), "does not match"),
         (lambda d: d["auth"].update(mac=d["auth"]["mac"].upper()), "64 hex digits"),
+        (lambda d: d["auth"].update(mac=d["auth"]["mac"] + "\n"), "64 hex digits"),
     ],
-    ids=["version", "storage", "digest", "type", "added-field", "mac-byte", "mac-case"],
+    ids=["version", "storage", "digest", "type", "added-field", "mac-byte", "mac-case", "mac-nl"],
 )
 def test_tampered_byte_fails(keyring: Keyring, edit: Any, phrase: str) -> None:
     signed = roundtrip(sign_record(keyring, PATH, RECORD))
