@@ -51,7 +51,8 @@ class DumpEntry:
     size: int
     sealed: bool
     header: dict[str, Any] | None
-    value: Any
+    value: Any = field(repr=False)
+    """Not in the repr: opened, it is a decrypted config."""
     error: str | None = None
 
 

@@ -165,7 +165,7 @@ class ComponentOverview:
     """What `ConfigStore.overview` read: None where the record is absent."""
 
     metadata: ConfigMetadata | None
-    master: dict[str, Any] | None
+    master: dict[str, Any] | None = field(repr=False)
     frozen: FreezeInfo | None
     master_error: EnvelopeError | None = None
     """Why MASTER did not open, when `overview(..., tolerate_master=True)` read it (then

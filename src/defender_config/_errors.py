@@ -656,8 +656,8 @@ class ConfigFrozenError(DefenderConfigError):
 
 @dataclass(frozen=True, slots=True)
 class FieldError:
-    """One readable validation problem: where (dotted location) and what. ``unquoted``: the
-    message without the config value it quotes (None when it quotes none), for records."""
+    """One readable validation problem: where (dotted location) and what. ``unquoted``: what
+    records say instead, without any config value (None when the message quotes none)."""
 
     location: str
     message: str

@@ -58,7 +58,7 @@ log = logging.getLogger("defender_config.keyring")
 
 KEYRING_FILE = "keyring.json"
 KEY_BYTES = 32
-_KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fullmatch: `$` would let "k1\n" through
 _FP_DOMAIN = b"ml-defender key fingerprint v1\x00"
 
 
@@ -92,7 +92,7 @@ class Key:
     created: datetime
 
     def __post_init__(self) -> None:
-        if not _KEY_ID_RE.match(self.key_id):
+        if not _KEY_ID_RE.fullmatch(self.key_id):
             raise KeyringError(
                 f"key id {self.key_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
             )

@@ -30,9 +30,10 @@ from .contract import HIGHEST_VERSION, VERSION_DIGITS
 __all__ = ["KeyKind", "Layout", "ParsedKey", "check_name"]
 
 # A name is one path segment that etcdctl users can type without quoting: Kubernetes object
-# names (DNS-1123), pod names and hostnames all fit.
-_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
-_PREFIX_RE = re.compile(r"^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$")
+# names (DNS-1123), pod names and hostnames all fit. Validators use `fullmatch`: with `match`,
+# `$` also matches before a final newline, and "fw\n" would pass.
+_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+_PREFIX_RE = re.compile(r"/[A-Za-z0-9._/-]*[A-Za-z0-9._-]")
 
 KeyKind = Literal[
     "master_config",
@@ -56,7 +57,7 @@ _COMPONENT_LEAVES: frozenset[str] = frozenset(
 
 def check_name(name: str, what: str = "name") -> str:
     """Return `name` if it is a safe single key segment, else raise ValueError saying why."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"{what} {name!r} is not a valid key segment: use 1-253 letters, digits, '.', '_' "
             "or '-', starting and ending with a letter or digit (no '/')"
@@ -79,7 +80,7 @@ class Layout:
     """Builds and parses the keys of one deployment, all under `prefix`."""
 
     def __init__(self, prefix: str = "/ml-defender") -> None:
-        if not _PREFIX_RE.match(prefix):
+        if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(
                 f"prefix {prefix!r} must start with '/', not end with '/', and use only letters, "
                 "digits, '.', '_', '-' and '/'"
@@ -180,7 +181,7 @@ class Layout:
         if not text.startswith(root):
             return None
         parts = text[len(root) :].split("/")
-        if not all(_NAME_RE.match(p) for p in parts):
+        if not all(_NAME_RE.fullmatch(p) for p in parts):
             return None
         match parts:
             case ["components", comp, leaf] if leaf in _COMPONENT_LEAVES:

@@ -30,7 +30,8 @@ from ._errors import (
 from ._store import EtcdStore
 from ._store_types import HealthReport, MemberHealth
 
-SNAPSHOT_PATTERN = re.compile(r"^defender-etcd-(\d{8}T\d{6}Z)-r(\d+)\.db$")
+# For fullmatch: `$` would also match before a final newline.
+SNAPSHOT_PATTERN = re.compile(r"defender-etcd-(\d{8}T\d{6}Z)-r(\d+)\.db")
 _ETCDUTL_TIMEOUT_SECONDS = 120.0
 
 
@@ -57,7 +58,7 @@ def snapshots_to_prune(names: Sequence[str], keep: int) -> list[str]:
         raise ValueError("keep at least one snapshot")
     ours = []
     for name in names:
-        match = SNAPSHOT_PATTERN.match(name)
+        match = SNAPSHOT_PATTERN.fullmatch(name)
         if match:
             ours.append((match.group(1), int(match.group(2)), name))
     ours.sort(reverse=True)

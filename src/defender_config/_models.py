@@ -12,7 +12,7 @@ import importlib
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import jsonschema
@@ -169,7 +169,9 @@ class _QuotingError(ValueError):
 
 # --- firewall ------------------------------------------------------------------------------------
 
-_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+# fullmatch: `$` would let "8000\n" through, and the port list keeps the text as given; [0-9],
+# not \d, which takes any script's digits ("٨٠٨٠"), and int() reads them.
+_PORT_RE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 
 
 class AclRule(_Strict):
@@ -208,7 +210,7 @@ class AclRule(_Strict):
             if isinstance(port, int):
                 lo = hi = port
             else:
-                match = _PORT_RE.match(port)
+                match = _PORT_RE.fullmatch(port)
                 if not match:
                     raise _QuotingError(
                         f"port {port!r} must be a number or a range like 8000-8080",
@@ -389,18 +391,131 @@ def _schema_errors(config: Mapping[str, Any], schema: dict[str, Any], who: str) 
     return [FieldError(".".join(str(p) for p in e.path), e.message, _unquoted(e)) for e in errors]
 
 
-def _unquoted(error: jsonschema.ValidationError) -> str | None:
-    """`error.message` without the config value jsonschema quotes in it (``'s3cret' is not of
-    type 'integer'``), None when it quotes none. jsonschema puts the value's repr first (or,
-    for a false schema, last); a message that holds it anywhere else is replaced whole."""
-    shown, message = repr(error.instance), error.message
-    if message.startswith(shown):
-        return "the value" + message[len(shown) :]
-    if message.endswith(shown):
-        return message[: -len(shown)] + "the value"
-    if shown in message:
-        return f"the value fails the schema's {error.validator!r} rule"
-    return None
+def _unquoted(error: jsonschema.ValidationError) -> str:
+    """What `error` says, for records, made from its keyword and the schema alone.
+
+    jsonschema's messages quote the config's values in many shapes: the whole value, the extra
+    items (`items: false`, `additionalItems`, `unevaluatedItems`), the extra property names, a
+    value inside a list of schemas. No test of the message can tell them all apart, so records
+    never read it: the text comes from the schema, which etcd keeps in plaintext anyway
+    (metadata). A keyword this table lacks gets the generic text."""
+    keyword, value = error.validator, error.validator_value
+    if keyword is None:  # a `false` schema: jsonschema sets no keyword
+        return "False schema does not allow the value"
+    describe = _RECORD_TEXTS.get(str(keyword))
+    if describe is None:
+        return f"the value fails the schema's {str(keyword)!r} rule"
+    return describe(value, error)
+
+
+def _schema_of(error: jsonschema.ValidationError) -> Mapping[str, Any]:
+    # The schema holding the keyword (a `true`/`false` schema has no keyword to fail).
+    return error.schema if isinstance(error.schema, Mapping) else {}
+
+
+def _listed(value: Any) -> list[Any]:
+    return [value] if isinstance(value, str) else list(value) if isinstance(value, list) else []
+
+
+def _type_names(value: Any, _: jsonschema.ValidationError) -> str:
+    # Draft 3 allows schemas among the types; jsonschema names them by their `name`.
+    names = [t.get("name", t) if isinstance(t, dict) else t for t in _listed(value)]
+    return f"the value is not of type {', '.join(repr(n) for n in names)}"
+
+
+def _bound(word: str, edge: str) -> _RecordText:
+    def describe(value: Any, error: jsonschema.ValidationError) -> str:
+        # Drafts 3 and 4 make `minimum`/`maximum` exclusive with a boolean beside them.
+        exclusive = edge == "exclusive" or _schema_of(error).get(f"exclusive{word.title()}") is True
+        relation = "less" if word == "minimum" else "greater"
+        return (
+            f"the value is {relation} than{' or equal to' if exclusive else ''} the {word} of"
+            f" {value!r}"
+        )
+
+    return describe
+
+
+def _schema_named(candidates: list[str], error: jsonschema.ValidationError) -> str | None:
+    # The message names a property of the schema here; it is picked among texts made from the
+    # schema, so what is returned is one of those, never the message.
+    return next((c for c in candidates if c == error.message), None)
+
+
+def _required(value: Any, error: jsonschema.ValidationError) -> str:
+    names = _listed(value)
+    if not names:  # draft 3: `required: true` inside each property's schema
+        properties = _schema_of(error).get("properties")
+        names = list(properties) if isinstance(properties, dict) else []
+    named = _schema_named([f"{n!r} is a required property" for n in names], error)
+    return named or "a required property is missing"
+
+
+def _dependency(value: Any, error: jsonschema.ValidationError) -> str:
+    pairs = value.items() if isinstance(value, dict) else ()
+    texts = [f"{d!r} is a dependency of {p!r}" for p, deps in pairs for d in _listed(deps)]
+    return _schema_named(texts, error) or "a property another one depends on is missing"
+
+
+def _extra_items(value: Any, error: jsonschema.ValidationError) -> str:
+    # How many items the schema allows before the extra ones: `prefixItems` (2020-12) or an
+    # array of `items` (before it).
+    schema = _schema_of(error)
+    allowed = schema.get("prefixItems", schema.get("items"))
+    count = len(allowed) if isinstance(allowed, list) else 0
+    plural = "s" if count != 1 else ""
+    return f"the value has more than {count} item{plural}, which the schema forbids"
+
+
+def _one_of(_: Any, error: jsonschema.ValidationError) -> str:
+    # jsonschema gives the error of "none valid" the subschemas' errors, that of "more than one
+    # valid" none.
+    if error.context:
+        return "the value is not valid under any of the given schemas"
+    return "the value is valid under more than one of the given schemas"
+
+
+_RecordText = Callable[[Any, jsonschema.ValidationError], str]
+
+_RECORD_TEXTS: dict[str, _RecordText] = {
+    "type": _type_names,
+    "enum": lambda v, _: f"the value is not one of {v!r}",
+    "const": lambda v, _: f"{v!r} was expected",
+    "minimum": _bound("minimum", "inclusive"),
+    "maximum": _bound("maximum", "inclusive"),
+    "exclusiveMinimum": _bound("minimum", "exclusive"),
+    "exclusiveMaximum": _bound("maximum", "exclusive"),
+    "multipleOf": lambda v, _: f"the value is not a multiple of {v!r}",
+    "divisibleBy": lambda v, _: f"the value is not a multiple of {v!r}",
+    "minLength": lambda v, _: f"the value is shorter than {v!r} characters",
+    "maxLength": lambda v, _: f"the value is longer than {v!r} characters",
+    "pattern": lambda v, _: f"the value does not match {v!r}",
+    "format": lambda v, _: f"the value is not a {v!r}",
+    "minItems": lambda v, _: f"the value has fewer than {v!r} items",
+    "maxItems": lambda v, _: f"the value has more than {v!r} items",
+    "uniqueItems": lambda v, _: "the value has non-unique elements",
+    "items": _extra_items,
+    "additionalItems": _extra_items,
+    "unevaluatedItems": lambda v, _: "the value has items the schema does not evaluate or allow",
+    "contains": lambda v, _: "the value does not contain items matching the given schema",
+    "minContains": lambda v, _: f"fewer than {v!r} items match the given schema",
+    "maxContains": lambda v, _: f"more than {v!r} items match the given schema",
+    "minProperties": lambda v, _: f"the value has fewer than {v!r} properties",
+    "maxProperties": lambda v, _: f"the value has more than {v!r} properties",
+    "required": _required,
+    "dependentRequired": _dependency,
+    "dependencies": _dependency,
+    "additionalProperties": lambda v, _: "the value has properties the schema does not allow",
+    "unevaluatedProperties": lambda v, _: (
+        "the value has properties the schema does not evaluate or allow"
+    ),
+    "anyOf": lambda v, _: "the value is not valid under any of the given schemas",
+    "oneOf": _one_of,
+    "not": lambda v, _: f"the value should not be valid under {v!r}",
+    "disallow": lambda v, _: (
+        f"the value is of a disallowed type ({', '.join(repr(t) for t in _listed(v))})"
+    ),
+}
 
 
 def _unresolvable(exc: referencing.exceptions.Unresolvable) -> str:

@@ -49,7 +49,7 @@ AUTH_FIELD = "auth"
 RECORD_AUTH_VERSION = 1
 _LABEL = b"ml-defender/control-record/v1"
 _HKDF_INFO = _LABEL + b"/hmac-sha256"
-_MAC_RE = re.compile(r"^[0-9a-f]{64}$")
+_MAC_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: `$` would let a final newline through
 
 _keys: dict[bytes, bytes] = {}
 _keys_lock = threading.Lock()
@@ -126,7 +126,7 @@ def verify_record(keyring: Keyring, path: str, data: Any) -> dict[str, Any]:
         raise RecordAuthError(path, f"'auth.v' is {version!r}, this library checks version 1")
     if not isinstance(kid, str) or not kid:
         raise RecordAuthError(path, "'auth.kid' is missing")
-    if not isinstance(mac, str) or not _MAC_RE.match(mac):
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac):
         raise RecordAuthError(path, "'auth.mac' is missing or not 64 hex digits", key_id=kid)
     try:
         key = keyring.decryption_key(kid, path)

@@ -38,7 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from ._cadence import Cadence, lease_ttl, read_cadence
 from ._cadence_feed import cadence_feed
 from ._client import DefenderClient
-from ._configs import ActiveConfig, ConfigStore, SeedResult
+from ._configs import (
+    ActiveConfig,
+    ConfigMetadata,
+    ConfigStore,
+    SeedResult,
+    _first_error,
+    _parse_metadata,
+)
 from ._errors import DefenderConfigError, NotFoundError, StoreError
 from ._models import ComponentType
 from ._store import WatchHandle
@@ -674,8 +681,22 @@ class Registry:
         self.client.put_json(self.layout.status(component), record.model_dump(mode="json"))
 
     def get_status(self, component: str) -> StatusRecord | None:
-        got = self.client.get_json(self.layout.status(component))
-        return StatusRecord.model_validate(got[0]) if got is not None else None
+        """The status record, None when absent. StoreError when it is not one (not JSON, an
+        unknown status: written by hand), UnexpectedEnvelopeError (alerted) when sealed."""
+        path = self.layout.status(component)
+        try:
+            got = self.client.get_json(path)
+            return StatusRecord.model_validate(got[0]) if got is not None else None
+        except ValidationError as exc:
+            problem = f"{exc.error_count()} problems: {_first_error(exc)}"
+        except ValueError as exc:  # not JSON, not UTF-8, nested too deeply: no input quoted
+            problem = f"not JSON: {exc}"
+        # Not chained: pydantic's error quotes the record's values.
+        raise StoreError(
+            f"status at {path!r} is not a valid record ({problem}); it was edited by hand: the"
+            " next status an instance reports replaces it, or delete it",
+            path=path,
+        ) from None
 
     def list_instances(self, component: str) -> list[Heartbeat]:
         """The live instances of `component` (expired leases are already gone)."""
@@ -756,7 +777,7 @@ class Registry:
         """Every registered component with type, status, ACTIVE version and live instances, from
         one range read. `fresh`: never from the cache of an earlier read (StoreUnavailableError
         while etcd is unreachable)."""
-        meta: dict[str, dict[str, Any]] = {}
+        meta: dict[str, ConfigMetadata] = {}
         status: dict[str, ComponentStatus] = {}
         instances: dict[str, list[Heartbeat]] = {}
         names: set[str] = set()
@@ -767,10 +788,11 @@ class Registry:
             names.add(parsed.component)
             try:
                 if parsed.kind == "metadata":
-                    # Shown only: a record failing its MAC is skipped here and alerted by the
-                    # readers that would act on it.
-                    meta[parsed.component] = self.client.decode_record(
-                        sv.key, sv.value, report=False
+                    # Shown only: a record failing its MAC, or not a metadata record (possible
+                    # without a keyring, which takes any JSON unverified), is skipped here and
+                    # alerted by the readers that would act on it.
+                    meta[parsed.component] = _parse_metadata(
+                        sv.key, self.client.decode_record(sv.key, sv.value, report=False)
                     )
                 elif parsed.kind == "status":
                     status[parsed.component] = StatusRecord.model_validate(
@@ -784,16 +806,15 @@ class Registry:
                 log.warning("skipping unreadable %s: %s", sv.key, exc)
         out = []
         for name in sorted(names):
-            m = meta.get(name, {})
-            last = m.get("last_modified")
+            m = meta.get(name)
             out.append(
                 ComponentSummary(
                     name=name,
-                    type=m.get("type"),
+                    type=m.type if m is not None else None,
                     status=status.get(name),
-                    active_version=m.get("version"),
-                    last_modified=datetime.fromisoformat(last) if isinstance(last, str) else None,
-                    modified_by=m.get("modified_by"),
+                    active_version=m.version if m is not None else None,
+                    last_modified=m.last_modified if m is not None else None,
+                    modified_by=m.modified_by if m is not None else None,
                     instances=tuple(instances.get(name, [])),
                 )
             )

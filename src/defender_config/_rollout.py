@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +49,6 @@ from ._errors import (
     DefenderConfigError,
     EnvelopeError,
     NotFoundError,
-    RecordAuthError,
     RecordReplayError,
     StoreError,
 )
@@ -89,7 +88,7 @@ class RolloutRecord(BaseModel):
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     record: RolloutRecord
-    config: dict[str, Any]
+    config: dict[str, Any] = field(repr=False)
     mod_revision: int
 
 
@@ -241,7 +240,8 @@ class Rollouts:
 
     def record(self, component: str, *, ended: bool = False) -> RolloutRecord | None:
         """The rollout in progress, if its record is present and authentic. One that fails
-        its MAC (or has no keyring to check it with) is reported and ignored: never obeyed.
+        its MAC or is a sealed envelope (or has no keyring to check it with) is reported and
+        ignored: never obeyed.
         An ended rollout's record counts as none unless `ended`."""
         path = self.layout.rollout(component)
         return self.decode(component, self.client.store.get(path), ended=ended)
@@ -265,7 +265,10 @@ class Rollouts:
         try:
             data = self.client.decode_record(stored.key, stored.value, component=component)
             return RolloutRecord.model_validate(data)
-        except RecordAuthError as exc:
+        except EnvelopeError as exc:
+            # A RecordAuthError, or a sealed envelope where the plaintext record belongs
+            # (anyone with etcd write access can put one there): alerted by decode_record, and
+            # ignored alike, so the instance runs ACTIVE instead of failing its reads.
             log.warning("rollout record of %s ignored: %s", component, exc)
             return None
         except ValidationError as exc:

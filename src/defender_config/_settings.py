@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -239,6 +240,17 @@ def _yaml_part(text: str, mark: yaml.Mark | None) -> str:
     return _QUOTED.sub("'…'", text) + where
 
 
+def _unconvertible(suffix: str) -> str:
+    digits = sys.get_int_max_str_digits()
+    if suffix == ".json":
+        return f"not valid JSON: it holds a number over {digits} digits, more than Python reads"
+    return (
+        "not valid YAML: a value cannot be read as the type YAML takes it for (a date that does"
+        f" not exist such as 2020-13-45, an integer over {digits} digits, or a tag such as !!int"
+        " on a value not of its type); quote a value that is meant as a string"
+    )
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -268,6 +280,13 @@ def _read_file(path: Path) -> dict[str, Any]:
     except RecursionError:
         # Both parsers recurse per level: a file nested thousands deep is no settings file.
         raise SettingsError("nested too deeply to parse", path=str(path)) from None
+    except (ValueError, OverflowError, LookupError, TypeError, AttributeError):
+        # Past the syntax, both parsers convert each value to the type it reads as, and fail
+        # with whatever the conversion raises: ValueError for an integer over Python's digit
+        # limit or a date that does not exist (`2020-13-45`); PyYAML also raises the others for
+        # an explicit tag on a value not of its type (`!!bool x`, `!!timestamp [..]`). Those
+        # messages quote the value, which may be the password: neither shown nor chained.
+        raise SettingsError(_unconvertible(suffix), path=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -298,9 +317,14 @@ def load_settings(path: str | Path | None = None) -> LibrarySettings:
         file_path = Path(path)
         shown = str(file_path)
         data = _read_file(file_path)
+    # Neither error is chained: a logged traceback prints the cause, and pydantic's quotes each
+    # rejected input (a password typed under a misspelt key, `pasword:`).
     try:
         return LibrarySettings(**data)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc), path=shown) from exc
+        raise SettingsError(_describe(exc), path=shown) from None
     except ValueError as exc:  # pydantic-settings raises plain ValueError for undecodable env
-        raise SettingsError(f"{exc}; check the DEFENDER_* environment", path=shown) from exc
+        # Its message names the field and the source; the JSON decoder's, its cause, a position.
+        cause = exc.__cause__
+        where = f" ({cause})" if isinstance(cause, json.JSONDecodeError) else ""
+        raise SettingsError(f"{exc}{where}; check the DEFENDER_* environment", path=shown) from None

@@ -189,7 +189,7 @@ def test_records_nested_too_deeply_to_parse_are_refused_like_malformed_ones(
     with pytest.raises(RecordAuthError, match="not JSON"):
         configs.get_metadata("sniffer")
     assert ("RecordUnauthenticated", lay.metadata("sniffer")) in [(a.kind, a.path) for a in alerts]
-    with pytest.raises(ValueError, match="nested too deeply"):
+    with pytest.raises(StoreError, match="nested too deeply"):
         registry.get_status("sniffer")
     assert registry.list_instances("sniffer") == []
     assert [c.name for c in registry.list_components()] == ["sniffer"]

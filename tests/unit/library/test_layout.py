@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from defender_config import Layout, ParsedKey, viewed_component
+from defender_config._layout import check_name
 
 
 def test_keys_match_the_contract() -> None:
@@ -75,13 +76,25 @@ def test_parse_round_trips_every_builder() -> None:
     assert lay.parse(lay.cadence("x")) == ParsedKey("cadence", "x")
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "-lead", "trail-", "spa ce", "ü", "x" * 254, "..a/"])
+@pytest.mark.parametrize(
+    "name", ["", "a/b", "-lead", "trail-", "spa ce", "ü", "x" * 254, "..a/", "fw\n", "fw\r"]
+)
 def test_bad_names_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="not a valid key segment"):
         Layout().active_config(name)
+    with pytest.raises(ValueError, match="not a valid key segment"):
+        check_name(name)
 
 
-@pytest.mark.parametrize("prefix", ["", "no-slash", "/trailing/", "/sp ace", "/"])
+def test_a_key_with_a_name_ending_in_a_newline_is_not_ours() -> None:
+    # `$` with `match` also matches before a final newline: "fw\n" passed as a name.
+    lay = Layout("/p")
+    assert lay.parse("/p/components/fw\n/status") is None
+    assert lay.parse("/p/components/fw/instances/fw-0\n") is None
+    assert lay.parse("/p/control/fw/freeze") == ParsedKey("freeze", "fw")
+
+
+@pytest.mark.parametrize("prefix", ["", "no-slash", "/trailing/", "/sp ace", "/", "/p\n"])
 def test_bad_prefixes_are_refused(prefix: str) -> None:
     with pytest.raises(ValueError, match="prefix"):
         Layout(prefix)

@@ -126,3 +126,60 @@ def test_the_store_layer_has_its_own_public_face() -> None:
     assert public == set(names)
     # Split, not duplicated: the domain API does not re-export the store's names.
     assert not set(names) & set(defender_config.__all__)
+
+
+def test_no_result_shows_a_config_in_its_repr() -> None:
+    # Results get logged and printed whole (`log.debug("%s", result)`, a REPL, a debugger):
+    # the decrypted config they carry (MASTER, ACTIVE, a history entry, a candidate, a
+    # decrypting dump) stays out of their repr.
+    from datetime import UTC, datetime
+
+    from defender_config import (
+        ActiveConfig,
+        ComponentOverview,
+        ComponentView,
+        ConfigMetadata,
+        DumpEntry,
+        HistoryEntry,
+        Registration,
+        RolloutRecord,
+        SealedValue,
+        SeedResult,
+    )
+    from defender_config._rollout import _Candidate
+    from defender_config.store import StoredValue
+
+    secret = {"api_token": "S3CRET-9f8e7d"}
+    meta = ConfigMetadata(
+        version=1,
+        last_modified=datetime(2026, 1, 1, tzinfo=UTC),
+        modified_by="ops",
+        digest="ab" * 32,
+        type="custom",
+    )
+    overview = ComponentOverview(meta, secret, None)
+    seed = SeedResult(True, meta, True, overview=overview)
+    active = ActiveConfig("fw", secret, 1, "ab" * 32, 5, metadata=meta)
+    record = RolloutRecord(
+        version=2,
+        base_version=1,
+        digest="cd" * 32,
+        canaries=("fw-0",),
+        since=datetime(2026, 1, 1, tzinfo=UTC),
+        by="ops",
+    )
+    stored = StoredValue("/p/components/fw/active_config", b"sealed", 5, 5, 1)
+    results: list[object] = [
+        overview,
+        seed,
+        active,
+        HistoryEntry(1, secret, "ab" * 32),
+        ComponentView(overview=overview, cadence=None, rollout=None, alerts=()),
+        Registration("fw", "fw-0", seed, active, heartbeater=None),  # type: ignore[arg-type]
+        _Candidate(record, secret, 5),
+        DumpEntry(stored.key, 5, 1, 0, 6, True, None, secret),
+        SealedValue(b'{"api_token": "S3CRET-9f8e7d"}', stored),
+    ]
+    for result in results:
+        assert "S3CRET" not in repr(result), type(result).__name__
+        assert "S3CRET" not in str(result), type(result).__name__

@@ -79,6 +79,7 @@ def test_generate() -> None:
     [
         ("bad id!", os.urandom(32), NOW, "must be 1-64"),
         ("k" * 65, os.urandom(32), NOW, "must be 1-64"),
+        ("k1\n", os.urandom(32), NOW, "must be 1-64"),  # `$` matches before a final newline
         ("k1", os.urandom(16), NOW, "16 bytes of material, need 32"),
         ("k1", os.urandom(32), datetime(2026, 1, 1), "without a time zone"),
     ],

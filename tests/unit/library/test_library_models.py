@@ -166,6 +166,24 @@ def _with(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
             "firewall",
             _with(
                 FIREWALL,
+                rules=[{"id": "x", "action": "allow", "proto": "tcp", "ports": ["8000\n"]}],
+            ),
+            "rules.0.ports",
+            "a number or a range",
+        ),
+        (
+            "firewall",
+            _with(
+                FIREWALL,
+                rules=[{"id": "x", "action": "allow", "proto": "tcp", "ports": ["٨٠٨٠"]}],
+            ),
+            "rules.0.ports",
+            "a number or a range",
+        ),
+        (
+            "firewall",
+            _with(
+                FIREWALL,
                 rules=[
                     {"id": "x", "action": "allow", "src_cidr": "10.0.0.0/8", "dst_cidr": "::/0"}
                 ],
@@ -437,6 +455,121 @@ def test_schema_errors_quote_values_to_the_submitter_never_to_records() -> None:
     assert "workers: the value is less than the minimum of 1" in record
     assert "False schema does not allow the value" in record
     assert "s3cret" not in Alert.from_error(err, "plugin").detail
+
+
+_SECRET = "sk-LIVE-9f8e7d6c5b4a"
+_DRAFT_2020 = "https://json-schema.org/draft/2020-12/schema"
+_DRAFT_7 = "http://json-schema.org/draft-07/schema#"
+_DRAFT_4 = "http://json-schema.org/draft-04/schema#"
+_DRAFT_3 = "http://json-schema.org/draft-03/schema#"
+
+
+@pytest.mark.parametrize(
+    ("schema", "config", "record"),
+    [
+        # Messages that quote only part of the value: the extra items, the extra names.
+        (
+            {"$schema": _DRAFT_2020, "prefixItems": [{"type": "string"}], "items": False},
+            ["k1", _SECRET],
+            "the value has more than 1 item, which the schema forbids",
+        ),
+        (
+            {"$schema": _DRAFT_7, "items": [{}, {}], "additionalItems": False},
+            ["k1", "k2", _SECRET],
+            "the value has more than 2 items, which the schema forbids",
+        ),
+        (
+            {"$schema": _DRAFT_2020, "prefixItems": [{}], "unevaluatedItems": False},
+            ["k1", _SECRET],
+            "the value has items the schema does not evaluate or allow",
+        ),
+        (
+            {"type": "object", "properties": {"a": {}}, "additionalProperties": False},
+            {"a": 1, _SECRET: 1},
+            "the value has properties the schema does not allow",
+        ),
+        (
+            {"type": "object", "patternProperties": {"^a": {}}, "additionalProperties": False},
+            {_SECRET: 1},
+            "the value has properties the schema does not allow",
+        ),
+        (
+            {"$schema": _DRAFT_2020, "properties": {"a": {}}, "unevaluatedProperties": False},
+            {_SECRET: 1},
+            "the value has properties the schema does not evaluate or allow",
+        ),
+        # Messages that quote the whole value, first or inside.
+        ({"enum": ["a", "b"]}, _SECRET, "the value is not one of ['a', 'b']"),
+        ({"const": "a"}, _SECRET, "'a' was expected"),
+        ({"pattern": "^x"}, _SECRET, "the value does not match '^x'"),
+        ({"maxLength": 4}, _SECRET, "the value is longer than 4 characters"),
+        ({"minLength": 40}, _SECRET, "the value is shorter than 40 characters"),
+        ({"type": "integer"}, _SECRET, "the value is not of type 'integer'"),
+        ({"uniqueItems": True}, [_SECRET, _SECRET], "the value has non-unique elements"),
+        ({"maxItems": 0}, [_SECRET], "the value has more than 0 items"),
+        ({"contains": {"type": "integer"}}, [_SECRET], "the value does not contain items"),
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, _SECRET, "not valid under any"),
+        ({"oneOf": [{"type": "string"}, {"minLength": 1}]}, _SECRET, "more than one"),
+        ({"not": {"type": "string"}}, _SECRET, "should not be valid under {'type': 'string'}"),
+        ({"propertyNames": {"maxLength": 3}}, {_SECRET: 1}, "longer than 3 characters"),
+        ({"maxProperties": 0}, {_SECRET: 1}, "the value has more than 0 properties"),
+        ({"$schema": _DRAFT_7, "items": False}, [_SECRET], "False schema does not allow the value"),
+        ({"required": ["b"]}, {"a": _SECRET}, "'b' is a required property"),
+        ({"dependentRequired": {"a": ["b"]}}, {"a": _SECRET}, "'b' is a dependency of 'a'"),
+        (
+            {"$schema": _DRAFT_4, "minimum": 5, "exclusiveMinimum": True},
+            5,
+            "the value is less than or equal to the minimum of 5",
+        ),
+        ({"exclusiveMaximum": 5}, 5, "the value is greater than or equal to the maximum of 5"),
+        (
+            {"$schema": _DRAFT_3, "properties": {"b": {"required": True}}},
+            {"a": _SECRET},
+            "field.b: 'b' is a required property",
+        ),
+        ({"$schema": _DRAFT_3, "dependencies": {"a": "b"}}, {"a": _SECRET}, "'b' is a dependency"),
+        ({"$schema": _DRAFT_3, "disallow": "string"}, _SECRET, "disallowed type ('string')"),
+    ],
+)
+def test_schema_error_records_quote_no_part_of_the_value(
+    schema: dict[str, Any], config: Any, record: str
+) -> None:
+    # jsonschema quotes a config's values in many shapes, parts of it too (the extra items of
+    # `items: false`); records are made from the keyword and the schema alone.
+    from defender_config import Alert
+
+    schema = {"type": "object", "properties": {"field": schema}}
+    if "$schema" in schema["properties"]["field"]:
+        schema["$schema"] = schema["properties"]["field"].pop("$schema")
+    with pytest.raises(ConfigValidationError) as info:
+        validate_config("custom", {"field": config}, schema, component="plugin")
+    err = info.value
+    assert len(err.errors) == 1, err.errors
+    assert err.errors[0].location.startswith("field")
+    assert record in err.errors[0].for_record()
+    assert _SECRET not in err.errors[0].for_record()
+    assert _SECRET not in err.record_message
+    assert _SECRET not in Alert.from_error(err, "plugin").detail
+
+
+def test_a_schema_error_record_never_falls_back_on_the_message() -> None:
+    # A keyword the record texts do not know (a newer jsonschema's), or a message that names no
+    # property of the schema: the record says the rule, not what jsonschema says.
+    import jsonschema
+
+    from defender_config._models import _unquoted
+
+    def error(keyword: str, value: Any) -> jsonschema.ValidationError:
+        return jsonschema.ValidationError(
+            f"{_SECRET!r} is wrong", validator=keyword, validator_value=value, schema={}
+        )
+
+    assert _unquoted(error("newKeyword", 1)) == "the value fails the schema's 'newKeyword' rule"
+    assert _unquoted(error("required", ["a"])) == "a required property is missing"
+    assert _unquoted(error("required", True)) == "a required property is missing"
+    assert _unquoted(error("dependentRequired", {"a": ["b"]})) == (
+        "a property another one depends on is missing"
+    )
 
 
 def test_records_of_a_builtin_model_do_not_quote_networks_or_ports() -> None:

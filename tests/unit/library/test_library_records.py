@@ -1,11 +1,14 @@
 """The control-record MAC (sign_record / verify_record): what it binds (every field, the etcd
-path, the key id) and every way a record can fail it, without a cluster."""
+path, the key id) and every way a record can fail it, without a cluster; and what readers do
+with a record that is not one (a rollout record, metadata, a status)."""
 
 from __future__ import annotations
 
 import base64
 import copy
 import json
+import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,6 +16,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from defender_config import (
+    ActiveConfig,
+    Alert,
+    CallableSink,
+    ComponentOverview,
+    ConfigStore,
     DefenderClient,
     EnvelopeError,
     EnvelopeOptions,
@@ -20,11 +28,16 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     RecordAuthError,
+    Registry,
+    Rollouts,
+    StoreError,
     sign_record,
     verify_record,
 )
 from defender_config._codecs import AES256GCM
+from defender_config._component_view import view_from
 from defender_config._records import _mac_key
+from defender_config.store import StoredValue
 
 PATH = "/ml-defender/components/firewall/metadata"
 RECORD: dict[str, Any] = {
@@ -109,8 +122,9 @@ def test_retired_key_fails_and_rotation_keeps_old_records_valid(keyring: Keyring
         (lambda d: d.update(extra="field"), "does not match"),
         (lambda d: d["auth"].update(mac=_flip_hex(d["auth"]["mac"])), "does not match"),
         (lambda d: d["auth"].update(mac=d["auth"]["mac"].upper()), "64 hex digits"),
+        (lambda d: d["auth"].update(mac=d["auth"]["mac"] + "\n"), "64 hex digits"),
     ],
-    ids=["version", "storage", "digest", "type", "added-field", "mac-byte", "mac-case"],
+    ids=["version", "storage", "digest", "type", "added-field", "mac-byte", "mac-case", "mac-nl"],
 )
 def test_tampered_byte_fails(keyring: Keyring, edit: Any, phrase: str) -> None:
     signed = roundtrip(sign_record(keyring, PATH, RECORD))
@@ -199,3 +213,101 @@ def test_client_signs_only_with_a_keyring(keyring: Keyring) -> None:
     finally:
         keyed.close()
         plain.close()
+
+
+class _Reads:
+    """The store reads of the readers below, on a dict."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, StoredValue] = {}
+
+    def put(self, path: str, value: bytes) -> None:
+        self.values[path] = StoredValue(path, value, 7, 7, 1)
+
+    def get(self, path: str, revision: int | None = None) -> StoredValue | None:
+        return self.values.get(path)
+
+    def list_prefix(self, prefix: str, *, stale_ok: bool = True) -> list[StoredValue]:
+        return [v for k, v in sorted(self.values.items()) if k.startswith(prefix)]
+
+
+def test_a_rollout_record_that_is_an_envelope_is_ignored_like_an_unauthenticated_one(
+    keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Anyone with etcd write access can put the envelope magic where the plaintext record
+    # belongs: the instance runs ACTIVE and the operator's view shows no rollout, as for junk.
+    alerts: list[Alert] = []
+    store = _Reads()
+    client = DefenderClient(
+        LibrarySettings(etcd=EtcdSettings(endpoints=["127.0.0.1:1"])),
+        keyring,
+        store=store,  # type: ignore[arg-type]
+        alert_sinks=[CallableSink(alerts.append)],
+    )
+    configs = ConfigStore(client)
+    active = ActiveConfig("fw", {"v": 1}, 1, "ab" * 32, mod_revision=5)
+    monkeypatch.setattr(configs, "get_active", lambda component: active)
+    path = client.layout.rollout("fw")
+    store.put(path, b"\x89DFC")  # the envelope magic
+    assert Rollouts(configs).effective("fw", "fw-0") is active
+    seen = view_from(
+        configs,
+        "fw",
+        ComponentOverview(None, None, None),
+        [(), (store.values[path],), ()],
+        revision=7,
+        since=datetime(2000, 1, 1, tzinfo=UTC),
+    )
+    assert seen.rollout is None
+    assert [(a.kind, a.path) for a in alerts] == [("UnexpectedEnvelope", path)] * 2
+
+
+def _keyless(store: _Reads) -> DefenderClient:
+    settings = LibrarySettings(
+        etcd=EtcdSettings(endpoints=["127.0.0.1:1"]), envelope=EnvelopeOptions(encrypt=False)
+    )
+    return DefenderClient(settings, None, store=store, alert_sinks=[])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value", [b"[1,2]", b'"x"', b'{"last_modified": "not a time"}', b"{not json", b"[" * 100_000]
+)
+def test_a_listing_without_a_keyring_skips_metadata_that_is_not_a_record(
+    value: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without a keyring any JSON is taken unverified: what is not a metadata record is skipped
+    # (logged) as one failing its MAC is, and the component is still listed.
+    store = _Reads()
+    client = _keyless(store)
+    good = {**RECORD, "modified_by": "ops"}
+    store.put(client.layout.metadata("fw"), value)
+    store.put(client.layout.metadata("rag"), json.dumps(good).encode())
+    with caplog.at_level(logging.WARNING, logger="defender_config"):
+        fw, rag = Registry(client).list_components()
+    assert (fw.name, fw.type, fw.active_version, fw.last_modified) == ("fw", None, None, None)
+    assert (rag.type, rag.active_version, rag.modified_by) == ("firewall", 3, "ops")
+    assert rag.last_modified == datetime(2026, 12, 1, 20, 0, tzinfo=UTC)
+    assert f"skipping unreadable {client.layout.metadata('fw')}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe{}", "not JSON"),
+        (b"[" * 100_000, "not JSON: JSON nested too deeply"),
+        (b'{"status": "bogus", "time": "2026-12-01T20:00:00Z"}', "1 problems: status: Input"),
+        (b'{"status": "RUNNING", "time": "not a time"}', "1 problems: time: Input"),
+        (b"[]", "1 problems: : Input should be a valid dictionary"),
+    ],
+)
+def test_a_status_that_is_not_a_record_is_a_store_error(value: bytes, problem: str) -> None:
+    store = _Reads()
+    client = _keyless(store)
+    path = client.layout.status("fw")
+    store.put(path, value)
+    with pytest.raises(StoreError, match="is not a valid record") as info:
+        Registry(client).get_status("fw")
+    assert type(info.value) is StoreError and info.value.path == path
+    assert problem in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__

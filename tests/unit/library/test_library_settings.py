@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,39 @@ def test_yaml_errors_name_the_place_never_the_text(
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+_DIGITS = "7" * 5000
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "shown"),
+    [
+        ("s.json", '{"history_limit": ' + _DIGITS + "}", "not valid JSON: it holds a number over"),
+        ("s.yaml", f"history_limit: {_DIGITS}\n", "not valid YAML: a value cannot be read"),
+        ("s.yaml", "prefix: 2020-13-45\n", "a date that does not exist"),
+        # Read as a date, the password is quoted by the ValueError of the day out of range.
+        ("s.yaml", "etcd:\n  user: u\n  password: 2024-02-30\n", "a date that does not exist"),
+        # Tags on values not of their type: ValueError, KeyError, IndexError, TypeError,
+        # AttributeError, each from deep in PyYAML, the first two quoting the value.
+        ("s.yaml", "etcd:\n  password: !!int s3cr3t-Pa55\n", "a tag such as !!int"),
+        ("s.yaml", "etcd:\n  password: !!bool s3cr3t-Pa55\n", "a tag such as !!int"),
+        ("s.yaml", "etcd:\n  password: !!int\n", "a tag such as !!int"),
+        ("s.yaml", "etcd: !!timestamp\n  =: s3cr3t-Pa55\n", "a tag such as !!int"),
+        ("s.yaml", "etcd: !!timestamp s3cr3t-Pa55\n", "a tag such as !!int"),
+    ],
+)
+def test_a_value_the_parser_cannot_convert_is_a_settings_error(
+    tmp_path: Path, name: str, content: str, shown: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SettingsError, match=shown) as info:
+        load_settings(path)
+    assert info.value.path == str(path)
+    logged = "".join(traceback.format_exception(info.value))
+    for quoted in ("s3cr3t", "2024-02-30", _DIGITS[:100]):
+        assert quoted not in logged
+
+
 def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEFENDER_ETCD__RETRIES", "many")
     with pytest.raises(SettingsError, match="DEFENDER_ETCD__RETRIES"):
@@ -196,9 +230,49 @@ def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_undecodable_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEFENDER_ENVELOPE", "{broken")
-    with pytest.raises(SettingsError, match="DEFENDER_"):
+    monkeypatch.setenv("DEFENDER_ENVELOPE", '{"s3cr3t-Pa55": broken')
+    with pytest.raises(SettingsError, match="DEFENDER_") as info:
         load_settings()
+    # The decoder's position stays in the message, the chain (and the text it parsed) goes.
+    assert "line 1 column 17" in str(info.value)
+    assert "s3cr3t" not in "".join(traceback.format_exception(info.value))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "shown"),
+    [
+        # A password under a misspelt key, or of the wrong type: pydantic's error quotes it.
+        (
+            "s.yaml",
+            'etcd:\n  user: defender\n  pasword: "s3cr3t-Pa55"\n',
+            "etcd.pasword: Extra inputs are not permitted",
+        ),
+        (
+            "s.json",
+            '{"etcd": {"user": "defender", "password": 918273645}}',
+            "etcd.password: Input should be a valid string",
+        ),
+    ],
+)
+def test_a_rejected_file_value_reaches_no_message_or_traceback(
+    tmp_path: Path, name: str, content: str, shown: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SettingsError, match=shown) as info:
+        load_settings(path)
+    logged = "".join(traceback.format_exception(info.value))
+    for secret in ("s3cr3t", "918273645"):
+        assert secret not in logged and secret not in repr(info.value)
+
+
+def test_a_rejected_env_value_reaches_no_message_or_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DEFENDER_ETCD", '{"user": "defender", "pasword": "s3cr3t-Pa55"}')
+    with pytest.raises(SettingsError, match=r"etcd\.pasword: Extra inputs") as info:
+        load_settings()
+    assert "s3cr3t" not in "".join(traceback.format_exception(info.value))
 
 
 def test_password_is_hidden() -> None:

@@ -144,7 +144,7 @@ def test_a_member_is_short_of_room_when_the_largest_write_would_take_it_over_its
 def test_only_our_snapshots_beyond_keep_are_pruned_oldest_first() -> None:
     t = [datetime(2026, 1, d, tzinfo=UTC) for d in (1, 2, 3)]
     names = [snapshot_name(t[0], 5), snapshot_name(t[2], 9), snapshot_name(t[1], 7)]
-    names += ["notes.txt", "defender-etcd-garbage.db"]
+    names += ["notes.txt", "defender-etcd-garbage.db", snapshot_name(t[0], 1) + "\n"]
     assert snapshots_to_prune(names, 2) == [snapshot_name(t[0], 5)]
     assert snapshots_to_prune(names, 5) == []
 
