@@ -605,6 +605,13 @@ def test_operator_backend_resigns_on_its_next_pass(scene: Scene) -> None:
         assert state.active_version == 1 and state.active_digest == config_digest(GOOD_N)
         meta = scene.configs.get_metadata("firewall")
         assert meta is not None and meta.type == "firewall"
+        # A sealed value (here: ACTIVE's own) put where the record belongs is no record
+        # either: re-signed the same way, not an error at every pass.
+        scene.forge(metadata=scene.raw(scene.layout.active_config("firewall")))
+        state = backend.state("firewall")
+        assert state.active_version == 1 and state.active_digest == config_digest(GOOD_N)
+        meta = scene.configs.get_metadata("firewall")
+        assert meta is not None and meta.type == "firewall"
         # A component stored unencrypted: readable by the operator only once its spec says so.
         plain = EnvelopeOptions(compress=False, encrypt=False)
         rag = {"node_id": "rag-01", "version": "1.0.0"}

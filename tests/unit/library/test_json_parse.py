@@ -196,3 +196,16 @@ def test_an_alert_is_skipped(keyed: DefenderClient) -> None:
         stored("/a/2", keyed.encode_json(good.model_dump(mode="json"))),
     ]
     assert [a.kind for a in decode_alerts(keyed, values, good.time)] == ["First"]
+
+
+def test_a_sealed_value_where_a_record_belongs_is_an_unauthenticated_record(
+    keyed: DefenderClient, alerts: list[Alert]
+) -> None:
+    # Callers repair or ignore a RecordAuthError (the operator re-signs, rollouts fall back to
+    # ACTIVE); an envelope's magic must not give them another error to trip on.
+    path = keyed.layout.metadata("sniffer")
+    sealed = keyed.seal(keyed.layout.active_config("sniffer"), b"{}", None)
+    for blob in (sealed, b"\x89DFC"):
+        with pytest.raises(RecordAuthError, match="sealed value, not a plaintext record"):
+            keyed.decode_record(path, blob)
+    assert [a.kind for a in alerts] == ["RecordUnauthenticated"] * 2
