@@ -25,6 +25,7 @@ from packaging_chart import (
     Render,
     chart_at,
     find,
+    render_with_live,
 )
 
 AGENTS = "agent.components[0].name=firewall,agent.components[0].namespace=edge," + (
@@ -130,6 +131,42 @@ def test_helm_template_without_a_cluster_mints_new_material_each_time(render: Re
     assert first.keys() == second.keys() == {"root", "operator", "health"}
     assert all(first[k] != second[k] for k in first)
     assert all(len(base64.b64decode(v)) == 32 for v in first.values())
+
+
+def _secrets(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (o["metadata"]["namespace"], o["metadata"]["name"]): o
+        for o in objects
+        if o["kind"] == "Secret"
+    }
+
+
+def test_uninstall_keeps_every_generated_secret(render: Render) -> None:
+    # The etcd PVCs outlive `helm uninstall`, with auth on and users checked against the root
+    # password; agents elsewhere keep their password and CA. Losing any of these Secrets locks a
+    # reinstall out (docs/install.md#uninstalling).
+    secrets = _secrets(render("--set", AGENTS))
+    assert set(secrets) == {
+        ("ml-defender", "rel-ml-defender-etcd-client-tls"),
+        ("ml-defender", "rel-ml-defender-etcd-peer-tls"),
+        ("ml-defender", "rel-ml-defender-etcd-auth"),
+        ("edge", "rel-ml-defender-etcd-agent-firewall"),
+        ("core", "rel-ml-defender-etcd-agent-sniffer"),
+        ("edge", "rel-ml-defender-etcd-ca"),
+        ("core", "rel-ml-defender-etcd-ca"),
+    }
+    for ref, secret in secrets.items():
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", ref
+
+
+def test_a_reinstall_reuses_the_kept_secrets(render: Render, tmp_path: Path) -> None:
+    # What `helm install` after `helm uninstall` renders: lookup finds the kept Secrets (the
+    # same code path as `helm upgrade`), so the kept etcd still takes the root password.
+    first = _secrets(render("--set", AGENTS))
+    again = _secrets(render_with_live(render, list(first.values()), tmp_path, "--set", AGENTS))
+    assert again.keys() == first.keys()
+    for ref, secret in first.items():
+        assert again[ref]["data"] == secret["data"], ref
 
 
 def test_clients_get_the_ca_and_never_a_member_key(render: Render) -> None:
