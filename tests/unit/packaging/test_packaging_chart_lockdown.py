@@ -421,7 +421,9 @@ def test_example_component_chart_carries_the_label_and_the_credentials(helm_bin:
 # ------------------------------------------------------------------------------------ network
 
 
-def test_network_policy_admits_only_operator_agents_and_peers(render: Render) -> None:
+def test_network_policy_admits_only_operator_agents_maintenance_and_members(
+    render: Render,
+) -> None:
     objects = render()
     policy = find(objects, "NetworkPolicy")
     sts = find(objects, "StatefulSet")
@@ -432,7 +434,7 @@ def test_network_policy_admits_only_operator_agents_and_peers(render: Render) ->
     assert set(rules) == {"client", "peer", "metrics"}
     operator = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     client_from = rules["client"]["from"]
-    assert len(client_from) == 3
+    assert len(client_from) == 4
     assert client_from[0]["podSelector"]["matchLabels"].items() <= operator.items()
     assert "namespaceSelector" not in client_from[0], "operator pods: the release namespace"
     assert client_from[1] == {
@@ -444,6 +446,25 @@ def test_network_policy_admits_only_operator_agents_and_peers(render: Render) ->
         maintenance["metadata"]["labels"].items()
     )
     assert "namespaceSelector" not in client_from[2], "maintenance pods: the release namespace"
+    # The members' own member tool (replacing a lost member) calls the others' client port.
+    assert client_from[3] == {"podSelector": {"matchLabels": etcd_labels}}
+    assert "namespaceSelector" not in client_from[3], "members: the release namespace"
+    assert etcd_labels.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    member_tool = [
+        c["name"]
+        for c in (
+            sts["spec"]["template"]["spec"]["initContainers"]
+            + sts["spec"]["template"]["spec"]["containers"]
+        )
+        if "defender_config.etcd_member" in c.get("command", [])
+    ]
+    assert member_tool == ["member", "member-promote"]
+    # Nothing broader: every source is a pod selector with labels, none an IP block, and only
+    # the agents' label reaches beyond the release namespace.
+    for source in client_from:
+        assert source.keys() <= {"podSelector", "namespaceSelector"}, source
+        assert source["podSelector"]["matchLabels"], source
+    assert [s for s in client_from if "namespaceSelector" in s] == [client_from[1]]
     assert rules["peer"]["from"] == [{"podSelector": {"matchLabels": etcd_labels}}]
     # The member ports the policy names exist on the pods.
     ports = {p["name"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
