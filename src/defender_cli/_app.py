@@ -74,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubectl defender",
         description="Look at and steer the ML Defender config plane (etcd + operator).",
-        epilog="Reach etcd from outside the cluster with "
-        "`kubectl -n ml-defender port-forward svc/ml-defender-etcd 2379` and "
-        "--etcd-endpoints http://127.0.0.1:2379.",
+        # A port-forward per member: defrag needs every member, status shows each one's health
+        # through its own endpoint. The chart's certificates name 127.0.0.1.
+        epilog="Reach etcd from outside the cluster with one port-forward per member, e.g. "
+        "`kubectl -n ml-defender port-forward pod/ml-defender-etcd-0 23790:2379` (and -1, -2), "
+        "then --etcd-endpoints https://127.0.0.1:23790,https://127.0.0.1:23791,"
+        "https://127.0.0.1:23792 with the CA and an etcd user in DEFENDER_ETCD__CA_FILE, "
+        "DEFENDER_ETCD__USER and DEFENDER_ETCD__PASSWORD (docs/operations.md#reaching-etcd).",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

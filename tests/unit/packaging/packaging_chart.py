@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -75,6 +76,26 @@ def render_chart(
         *args,
     )
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def render_notes(helm: Path, out: Path, *args: str, release: str = "rel") -> str:
+    """The chart's NOTES.txt as `helm install` would print it, without a cluster.
+
+    `helm template` leaves NOTES out, and `helm install --dry-run` needs an API server. Every
+    file of a chart is a named template, so a copy of the chart gets one more template that
+    includes NOTES.txt into a ConfigMap, and `helm template --show-only` renders just that.
+    """
+    chart = out / "notes-chart"
+    shutil.copytree(CHART, chart)
+    name = yaml.safe_load((CHART / "Chart.yaml").read_text())["name"]
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-probe\ndata:\n"
+        f'  notes: {{{{ include "{name}/templates/NOTES.txt" . | toJson }}}}\n'
+    )
+    objects = render_chart(
+        helm, "--show-only", "templates/notes-probe.yaml", *args, chart=chart, release=release
+    )
+    return str(find(objects, "ConfigMap", "notes-probe")["data"]["notes"])
 
 
 def chart_at(commit: str, out: Path) -> Path:
