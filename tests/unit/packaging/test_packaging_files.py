@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,52 @@ def test_install_yaml_creates_its_namespace_first() -> None:
     assert docs[0]["kind"] == "Namespace" and docs[0]["metadata"]["name"] == "ml-defender"
     assert not [d for d in docs if d["kind"] == "Pod"], "helm test pods do not belong in it"
     assert {d["kind"] for d in docs} >= {"StatefulSet", "Deployment", "CustomResourceDefinition"}
+
+
+INSTALL_PAGES = [
+    REPO / "README.md",
+    CHART / "README.md.in",
+    REPO / "manifests" / "install.yaml",
+    *sorted((REPO / "docs").glob("*.md")),
+]
+
+
+def _code_blocks(text: str) -> list[str]:
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            if current is None:
+                current = []
+            else:
+                blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_every_helm_install_names_its_namespace_and_owns_the_crd() -> None:
+    # The chart renders the CRD: a `kubectl apply -f crds/` before `helm install` makes Helm
+    # refuse it (not its own) unless told to take it over or leave it out; without a namespace
+    # the release lands in `default` while every doc and NOTES say ml-defender.
+    seen = 0
+    for page in INSTALL_PAGES:
+        for block in _code_blocks(page.read_text()):
+            crds_applied = False
+            for line in block.replace("\\\n", " ").splitlines():
+                if re.search(r"kubectl apply .*-f crds/", line):
+                    crds_applied = True
+                if not re.search(
+                    r"helm (install|upgrade --install) \S+ charts/ml-defender(\s|$)", line
+                ):
+                    continue
+                seen += 1
+                where = f"{page.name}: {line}"
+                assert re.search(r"(-n|--namespace)[ =]\S", line), where
+                if crds_applied:
+                    assert "--take-ownership" in line or "crds.enabled=false" in line, where
+    assert seen >= 4
 
 
 def test_schema_is_generated_from_values() -> None:
