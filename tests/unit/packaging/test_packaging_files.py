@@ -52,12 +52,51 @@ def test_install_yaml_creates_its_namespace_first() -> None:
     assert {d["kind"] for d in docs} >= {"StatefulSet", "Deployment", "CustomResourceDefinition"}
 
 
+def _secrets_used(node: object) -> set[str]:
+    """Names of the Secrets a manifest mounts or reads an env variable from."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if isinstance(node.get("secret"), dict):
+            found.add(node["secret"]["secretName"])
+        if isinstance(node.get("secretKeyRef"), dict):
+            found.add(node["secretKeyRef"]["name"])
+        for value in node.values():
+            found |= _secrets_used(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _secrets_used(value)
+    return found
+
+
 INSTALL_PAGES = [
     REPO / "README.md",
     CHART / "README.md.in",
     REPO / "manifests" / "install.yaml",
     *sorted((REPO / "docs").glob("*.md")),
 ]
+SECRETS_RENDER = "--show-only templates/etcd-secrets.yaml | kubectl apply -f -"
+
+
+def test_the_documented_secrets_render_gives_every_secret_install_yaml_needs(
+    render: Render,
+) -> None:
+    # install.yaml leaves the generated Secrets out; the documented command must make each one
+    # its pods use, or they stay ContainerCreating (the keyring: the operator creates it).
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    used = _secrets_used(docs) - {"ml-defender-keyring"}
+    assert used, "the default install mounts the generated Secrets"
+    made = render("--show-only", "templates/etcd-secrets.yaml", release="ml-defender")
+    assert used <= {d["metadata"]["name"] for d in made}
+
+
+def test_every_plain_manifests_install_renders_the_secrets_first() -> None:
+    for page in INSTALL_PAGES:
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.search(r"kubectl apply .*-f manifests/install\.yaml", line):
+                before = " ".join(lines[max(0, i - 4) : i]).replace("\\ ", "")
+                assert SECRETS_RENDER in " ".join(before.split()), f"{page.name}:{i + 1}: {line}"
 
 
 def _code_blocks(text: str) -> list[str]:
