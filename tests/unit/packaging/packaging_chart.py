@@ -173,6 +173,7 @@ def secrets_api(secrets: list[dict[str, Any]], out: Path) -> Iterator[Path]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    out.mkdir(parents=True, exist_ok=True)
     kubeconfig = out / "kubeconfig"
     port = server.server_address[1]
     kubeconfig.write_text(

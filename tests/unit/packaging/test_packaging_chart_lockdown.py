@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import shutil
@@ -167,6 +168,44 @@ def test_a_reinstall_reuses_the_kept_secrets(render: Render, tmp_path: Path) -> 
     assert again.keys() == first.keys()
     for ref, secret in first.items():
         assert again[ref]["data"] == secret["data"], ref
+
+
+def _ca_checksums(objects: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    sts = find(objects, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+    dep = find(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    return sts.get("checksum/etcd-ca"), dep.get("checksum/etcd-ca")
+
+
+def test_reissued_certificates_roll_the_members_and_the_operator(
+    render: Render, tmp_path: Path
+) -> None:
+    # etcd and the library load the trusted CA only at start: pods must restart when the chart
+    # re-issues (docs/install.md, "Renewing the generated certificates"), and only then.
+    first = render()
+    ca = _b64(find(first, "Secret", "rel-ml-defender-etcd-client-tls"), "ca.crt")
+    digest = hashlib.sha256(ca).hexdigest()
+    assert _ca_checksums(first) == (digest, digest)
+    live = list(_secrets(first).values())
+    kept = render_with_live(render, live, tmp_path / "kept")
+    assert _ca_checksums(kept) == (digest, digest), "an upgrade that keeps them rolls nothing"
+    without_tls = [s for s in live if not s["metadata"]["name"].endswith("-tls")]
+    reissued = render_with_live(render, without_tls, tmp_path / "reissued")
+    new_ca = _b64(find(reissued, "Secret", "rel-ml-defender-etcd-client-tls"), "ca.crt")
+    assert new_ca != ca
+    new = hashlib.sha256(new_ca).hexdigest()
+    assert _ca_checksums(reissued) == (new, new)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        "etcd.tls.client.secretName=mine-client,etcd.tls.peer.secretName=mine-peer",
+        "etcd.tls.certManager.enabled=true,etcd.tls.certManager.issuerRef.name=ca",
+        "etcd.tls.client.enabled=false,etcd.tls.peer.enabled=false",
+    ],
+)
+def test_no_ca_checksum_where_the_chart_makes_no_ca(render: Render, values: str) -> None:
+    assert _ca_checksums(render("--set", values)) == (None, None)
 
 
 def test_clients_get_the_ca_and_never_a_member_key(render: Render) -> None:
