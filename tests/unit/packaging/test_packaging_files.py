@@ -185,6 +185,77 @@ def test_kind_script_explains_itself() -> None:
     assert "hack/kind.sh up" in proc.stderr and "helm-install" in proc.stderr
 
 
+STUB_TOOLS = """#!/usr/bin/env bash
+echo "tools.sh $*" >> "$LOG"
+case "${1:-}" in
+  --bindir) echo "$STUB_BINDIR" ;;
+  --helm)
+    printf '#!/usr/bin/env bash\\necho "built helm $*" >> "$LOG"\\n' > "$STUB_BINDIR/helm"
+    chmod +x "$STUB_BINDIR/helm"
+    echo "$STUB_BINDIR" ;;
+esac
+"""
+
+
+def _packaging_make(tmp_path: Path, target: str, helm_on_path: bool) -> list[str]:
+    """`make <target>` of the real Makefile, with hack/tools.sh stubbed (it records its calls
+    and, for --helm, writes a helm that records its own) and a PATH of basic tools only."""
+    root = tmp_path / "repo"
+    (root / "hack").mkdir(parents=True)
+    shutil.copy(REPO / "Makefile", root / "Makefile")
+    tools = root / "hack" / "tools.sh"
+    tools.write_text(STUB_TOOLS)
+    tools.chmod(0o755)
+    pinned, path = tmp_path / "pinned", tmp_path / "path"
+    pinned.mkdir()
+    path.mkdir()
+    for name in ("bash", "chmod", "make"):
+        found = shutil.which(name)
+        assert found, name
+        (path / name).symlink_to(found)
+    if helm_on_path:
+        (path / "helm").write_text('#!/usr/bin/env bash\necho "path helm $*" >> "$LOG"\n')
+        (path / "helm").chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {"PATH": str(path), "LOG": str(log), "STUB_BINDIR": str(pinned), "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        ["make", "-s", target], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return log.read_text().splitlines()
+
+
+def test_helm_lint_uses_the_helm_on_path_and_builds_nothing(tmp_path: Path) -> None:
+    calls = _packaging_make(tmp_path, "helm-lint", helm_on_path=True)
+    assert "path helm lint charts/ml-defender" in calls
+    assert {c for c in calls if c.startswith("tools.sh")} == {"tools.sh --bindir"}
+
+
+def test_helm_lint_without_helm_builds_helm_alone(tmp_path: Path) -> None:
+    # A kind user without Go's whole toolchain (or root): helm only, never the full `make tools`.
+    calls = _packaging_make(tmp_path, "helm-lint", helm_on_path=False)
+    assert "tools.sh --helm" in calls
+    assert {c for c in calls if c.startswith("tools.sh")} == {
+        "tools.sh --bindir",
+        "tools.sh --helm",
+    }
+    assert "built helm lint charts/ml-defender" in calls
+
+
+def test_tools_helm_asks_for_helm_alone(tmp_path: Path) -> None:
+    # A directory given by DEFENDER_TOOLS_DIR is taken as it is when it has what is asked for:
+    # with --helm that is helm alone; the full set still needs every binary.
+    (tmp_path / "helm").write_text("#!/bin/sh\n")
+    (tmp_path / "helm").chmod(0o755)
+    env = {**os.environ, "DEFENDER_TOOLS_DIR": str(tmp_path)}
+    helm_only = _run(str(REPO / "hack" / "tools.sh"), "--helm", env=env)
+    assert helm_only.returncode == 0, helm_only.stderr
+    assert helm_only.stdout.strip().splitlines()[-1] == str(tmp_path)
+    everything = _run(str(REPO / "hack" / "tools.sh"), env=env)
+    assert everything.returncode == 1 and "lacks some of" in everything.stderr
+
+
 def test_image_script_says_when_docker_is_missing(tmp_path: Path) -> None:
     # A PATH without docker: the script must stop with a message, not half-build.
     bindir = tmp_path / "bin"
