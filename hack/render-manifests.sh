@@ -41,6 +41,8 @@ render() {
     echo "#   kubectl create namespace $namespace"
     echo "#   helm template $release charts/ml-defender -n $namespace --show-only templates/etcd-secrets.yaml | kubectl apply -f -"
     echo "#   kubectl apply -f manifests/install.yaml"
+    echo "# It holds the Namespace and the CRDs: \`kubectl delete -f\` of it deletes every stored config"
+    echo "# and DefenderComponent. Uninstall as docs/install.md, \"Uninstalling plain manifests\", says."
     echo "---"
     echo "apiVersion: v1"
     echo "kind: Namespace"

@@ -137,6 +137,48 @@ def test_every_helm_install_names_its_namespace_and_owns_the_crd() -> None:
     assert seen >= 4
 
 
+def _plain_uninstall() -> list[tuple[bool, set[str], dict[str, str]]]:
+    """The keep-the-data commands of docs/install.md: (namespaced, kinds, label selector)."""
+    text = (REPO / "docs" / "install.md").read_text()
+    section = text.split("\n### Uninstalling plain manifests\n", 1)[1].split("\n## ", 1)[0]
+    block = _code_blocks(section)[0].replace("\\\n", " ")
+    commands = []
+    for line in block.splitlines():
+        found = re.search(r"kubectl (-n \S+ )?delete (\S+)\s+-l (\S+)", line)
+        assert found, line
+        selector = dict(pair.split("=", 1) for pair in found.group(3).split(","))
+        commands.append((found.group(1) is not None, set(found.group(2).split(",")), selector))
+    return commands
+
+
+def test_the_plain_uninstall_keeps_the_namespace_and_crds_and_deletes_the_rest() -> None:
+    # `kubectl delete -f manifests/install.yaml` would delete the namespace (etcd PVCs, Secrets,
+    # keyring) and the CRD (every DefenderComponent): the documented way must leave exactly
+    # those and reach every other object of the file.
+    commands = _plain_uninstall()
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
+    kept = {"Namespace", "CustomResourceDefinition"}
+    for doc in docs:
+        meta = doc["metadata"]
+        kind = doc["kind"].lower()
+        hits = [
+            c
+            for c in commands
+            if kind in c[1]
+            and c[0] == ("namespace" in meta)
+            and c[2].items() <= meta.get("labels", {}).items()
+        ]
+        if doc["kind"] in kept:
+            assert not hits, f"{doc['kind']} {meta['name']} must stay"
+        else:
+            assert hits, f"{doc['kind']} {meta['name']} is left behind"
+    for _, kinds, _ in commands:
+        assert not kinds & {"namespace", "customresourcedefinition", "secret", "pvc"}
+        assert not kinds & {"persistentvolumeclaim", "crd", "ns", "all"}
+    text = (REPO / "manifests" / "install.yaml").read_text()
+    assert "Uninstalling plain manifests" in text.split("\n---\n", 1)[0]
+
+
 def test_schema_is_generated_from_values() -> None:
     proc = _run(sys.executable, str(REPO / "hack" / "chart-schema.py"), "--check")
     assert proc.returncode == 0, proc.stderr
