@@ -104,3 +104,22 @@ def test_no_page_reaches_the_chart_etcd_another_way() -> None:
         text = page.read_text()
         assert not re.search(r"port-forward svc/\S*etcd", text), page.name
         assert not re.search(r"kubectl defender .*http://127\.0\.0\.1", text), page.name
+
+
+def test_notes_with_an_external_etcd_name_no_chart_etcd(helm_bin: Path, tmp_path: Path) -> None:
+    external = ["https://etcd-a.infra:2379", "https://etcd-b.infra:2379"]
+    notes = render_notes(
+        helm_bin,
+        tmp_path,
+        "--set",
+        f"etcd.enabled=false,externalEtcd.endpoints={{{','.join(external)}}},"
+        "externalEtcd.tls.secretName=ext-etcd,"
+        # Ignored without the chart's etcd: no warning about them either.
+        "etcd.persistence.enabled=false,etcd.allowUnsafeReplicaCount=true",
+    )
+    # Nothing of the StatefulSet, its Service, pods or Secrets the release does not have.
+    assert "statefulset" not in notes and "port-forward" not in notes, notes
+    assert "rel-ml-defender-etcd" not in notes and "WARNING" not in notes, notes
+    assert f"export DEFENDER_ETCD__ENDPOINTS={','.join(external)}" in notes
+    assert "get secret ext-etcd" in notes and "DEFENDER_ETCD__KEY_FILE" in notes
+    assert "rollout status deployment/rel-ml-defender-operator" in notes
