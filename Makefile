@@ -150,8 +150,15 @@ fuzz: venv ## Fuzz the envelope decoder with >= 1 M generated inputs (only typed
 
 ##@ Packaging (kind and image targets need Docker, which the dev machine does not have)
 
+# The packaging targets need helm alone: the pinned one if `make tools` built it (first on PATH),
+# else any helm on PATH (a kind user's), else helm built by itself (Go, no root) rather than the
+# whole toolchain. `make test` and CI still build everything through `deps`.
+.PHONY: helm-tool
+helm-tool:
+	@command -v helm >/dev/null || hack/tools.sh --helm >/dev/null
+
 .PHONY: helm-lint
-helm-lint: tools ## helm lint the chart.
+helm-lint: helm-tool ## helm lint the chart (helm from PATH, else builds helm only).
 	helm lint charts/ml-defender
 
 .PHONY: image
@@ -167,7 +174,7 @@ kind-load: ## Build the image and load it into the kind cluster.
 	hack/kind.sh load
 
 .PHONY: helm-install
-helm-install: tools ## helm upgrade --install the chart into the kind cluster, then helm test.
+helm-install: helm-tool ## helm upgrade --install the chart into the kind cluster, then helm test (helm from PATH, else builds helm only).
 	hack/kind.sh helm-install
 
 .PHONY: kind-down

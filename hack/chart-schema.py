@@ -119,7 +119,8 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "etcd.readinessProbe.timeoutSeconds": {"minimum": 1},
     "etcd.readinessProbe.failureThreshold": {"minimum": 1},
     "etcd.service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-    "etcd.pdb.minAvailable": {"minimum": 0},
+    # null: the quorum of etcd.replicaCount (templates/_helpers.tpl).
+    "etcd.pdb.minAvailable": {"type": ["integer", "null"], "minimum": 0},
     "etcd.tls.validityDays": {"minimum": 1, "maximum": 36500},
     "etcd.tls.certManager.issuerRef": {
         "required": ["name", "kind"],

@@ -4,6 +4,8 @@
 #   hack/tools.sh            build what is missing, print the bin directory on the last line
 #   hack/tools.sh --bindir   print the bin directory only
 #   hack/tools.sh --no-node  only the control-plane tools (no kubelet, containerd, CoreDNS, ...)
+#   hack/tools.sh --helm     only helm (what `make helm-lint` / `make helm-install` need when no
+#                            helm is on PATH: Go, but no root and no Kubernetes build)
 #
 # The node group (kubelet, kube-proxy, CoreDNS from Go modules; containerd, runc and the CNI
 # plugins from Debian packages, linked into the bin dir) has its own stamps in the same bin dir,
@@ -29,6 +31,8 @@ pkg_links=(containerd:/usr/bin/containerd ctr:/usr/bin/ctr runc:/usr/sbin/runc c
 if [[ "${1:-}" == "--bindir" ]]; then echo "$bindir"; exit 0; fi
 with_node=1
 if [[ "${1:-}" == "--no-node" ]]; then with_node=0; fi
+only_helm=0
+if [[ "${1:-}" == "--helm" ]]; then only_helm=1; all_bins=(helm); fi
 
 have_all() { for b in "$@"; do [[ -x "$bindir/$b" ]] || return 1; done; }
 # A stamp per tool group records what it was built from (version + flags), so changing either
@@ -232,6 +236,7 @@ build_node_packages() {
   log "node packages: linked ($versions)"
 }
 
+if ((only_helm)); then build_helm; echo "$bindir"; exit 0; fi
 build_etcd
 build_etcdutl
 build_helm

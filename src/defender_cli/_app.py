@@ -74,17 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubectl defender",
         description="Look at and steer the ML Defender config plane (etcd + operator).",
-        epilog="Reach etcd from outside the cluster with "
-        "`kubectl -n ml-defender port-forward svc/ml-defender-etcd 2379` and "
-        "--etcd-endpoints http://127.0.0.1:2379.",
+        # A port-forward per member: defrag needs every member, status shows each one's health
+        # through its own endpoint. The chart's certificates name 127.0.0.1.
+        epilog="Reach etcd from outside the cluster with one port-forward per member, e.g. "
+        "`kubectl -n ml-defender port-forward pod/ml-defender-etcd-0 23790:2379` (and -1, -2), "
+        "then --etcd-endpoints https://127.0.0.1:23790,https://127.0.0.1:23791,"
+        "https://127.0.0.1:23792 with the CA and an etcd user in DEFENDER_ETCD__CA_FILE, "
+        "DEFENDER_ETCD__USER and DEFENDER_ETCD__PASSWORD (docs/operations.md#reaching-etcd).",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-o", "--output", choices=("table", "json"), default="table", help="output format"
     )
     colour = common.add_mutually_exclusive_group()
-    colour.add_argument("--color", dest="colour", action="store_true", default=None)
-    colour.add_argument("--no-color", dest="colour", action="store_false")
+    colour.add_argument(
+        "--color",
+        dest="colour",
+        action="store_true",
+        default=None,
+        help="colour the table even when not on a terminal (default: only on a terminal,"
+        " never with NO_COLOR set)",
+    )
+    colour.add_argument(
+        "--no-color", dest="colour", action="store_false", help="never colour the table"
+    )
     add_connection_flags(common)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -92,15 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         "status", parents=[common], help="components, versions, instances, heartbeats, alerts"
     )
     p.add_argument("component", nargs="?", help="only this component")
-    p.add_argument("--alerts-since", type=duration, default=timedelta(hours=1), metavar="DURATION")
+    p.add_argument(
+        "--alerts-since",
+        type=duration,
+        default=timedelta(hours=1),
+        metavar="DURATION",
+        help="the ALERTS column counts alerts this recent, e.g. 30m, 2h, 7d (default 1h)",
+    )
 
     p = sub.add_parser(
         "diff", parents=[common], help="MASTER vs ACTIVE config (exit 1 when they differ)"
     )
-    p.add_argument("component")
+    p.add_argument("component", help="the component (its etcd name)")
 
     p = sub.add_parser("history", parents=[common], help="kept versions of ACTIVE")
-    p.add_argument("component")
+    p.add_argument("component", help="the component (its etcd name)")
     p.add_argument(
         "--show", type=int, metavar="VERSION", help="print that version's config (decrypts)"
     )
@@ -142,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "rotate-key", parents=[common], help="ask the operator to rotate the shared key"
     )
-    p.add_argument("--operator-namespace", type=kube_name, default=DEFAULT_OPERATOR_NAMESPACE)
+    p.add_argument(
+        "--operator-namespace",
+        type=kube_name,
+        default=DEFAULT_OPERATOR_NAMESPACE,
+        help="namespace of the operator and its keyring Secret"
+        f" (default {DEFAULT_OPERATOR_NAMESPACE})",
+    )
     p.add_argument(
         "--secret", type=kube_name, default=DEFAULT_KEYRING_SECRET, help="the keyring Secret's name"
     )
@@ -158,7 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         k = actions.add_parser(action, parents=[common], help=helptext)
         k.add_argument("-f", "--file", required=True, type=Path, help="the export file")
-        k.add_argument("--operator-namespace", type=kube_name, default=DEFAULT_OPERATOR_NAMESPACE)
+        k.add_argument(
+            "--operator-namespace",
+            type=kube_name,
+            default=DEFAULT_OPERATOR_NAMESPACE,
+            help="namespace of the operator and its keyring Secret"
+            f" (default {DEFAULT_OPERATOR_NAMESPACE})",
+        )
         k.add_argument(
             "--secret", type=kube_name, default=DEFAULT_KEYRING_SECRET, help="the keyring Secret"
         )
@@ -179,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
 
     p = sub.add_parser("alerts", parents=[common], help="misconfiguration alerts, newest first")
-    p.add_argument("component", nargs="?")
+    p.add_argument("component", nargs="?", help="only this component")
     p.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 30m, 2h, 7d")
     p.add_argument("--limit", type=count, default=50, help="at most this many (0: all)")
 
@@ -197,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="verify a snapshot and print (or --run) the etcdutl restore of every member",
     )
-    p.add_argument("--snapshot", required=True, type=Path)
+    p.add_argument(
+        "--snapshot", required=True, type=Path, help="the snapshot file (from `backup`) to restore"
+    )
     p.add_argument(
         "--member",
         action="append",

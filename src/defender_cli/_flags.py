@@ -44,8 +44,10 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--etcd-endpoints",
         metavar="URLS",
-        help="comma-separated etcd client URLs, e.g. http://127.0.0.1:2379 after"
-        " `kubectl -n ml-defender port-forward svc/ml-defender-etcd 2379`",
+        help="comma-separated etcd client URLs, one per member, e.g."
+        " https://127.0.0.1:23790,https://127.0.0.1:23791,https://127.0.0.1:23792 after a"
+        " port-forward to each member (docs/operations.md#reaching-etcd); default from settings"
+        " (DEFENDER_ETCD__ENDPOINTS)",
     )
     group.add_argument("--prefix", help="etcd key prefix (default from settings: /ml-defender)")
     group.add_argument(

@@ -549,7 +549,7 @@ class ConflictError(StoreError):
 class StoreNoSpaceError(StoreError):
     """etcd refused a write because its database reached the backend quota (the NOSPACE alarm
     is raised cluster-wide; reads still work). Never retried: only compaction, defragmentation
-    and disarming the alarm bring writes back (docs/troubleshooting.md#nospace)."""
+    and disarming the alarm bring writes back (docs/troubleshooting.md#storenospace)."""
 
     reason = "StoreNoSpace"
 
@@ -558,7 +558,7 @@ class StoreNoSpaceError(StoreError):
         super().__init__(
             f"etcd refused the write{_at(path)}: its database is full ({detail}); run"
             " `kubectl defender defrag --compact --disarm-nospace` or raise"
-            " etcd.quotaBackendBytes (docs/troubleshooting.md#nospace)",
+            " etcd.quotaBackendBytes (docs/troubleshooting.md#storenospace)",
             path=path,
         )
 

@@ -167,6 +167,19 @@ library can fail over itself instead of relying on the Service's connection bala
 {{- end -}}
 {{- end -}}
 
+{{/*
+Members the PodDisruptionBudget keeps up: etcd.pdb.minAvailable when set, else the quorum of
+etcd.replicaCount, so changing the member count alone keeps drains safe (5 members: 3).
+*/}}
+{{- define "ml-defender.etcd.pdbMinAvailable" -}}
+{{- $set := .Values.etcd.pdb.minAvailable -}}
+{{- if kindIs "invalid" $set -}}
+{{- add (div (int .Values.etcd.replicaCount) 2) 1 -}}
+{{- else -}}
+{{- int $set -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The Secret of a listener: the user's, or the generated/cert-manager one. */}}
 {{- define "ml-defender.etcd.clientServerSecret" -}}
 {{- default (printf "%s-client-tls" (include "ml-defender.etcd.fullname" .)) .Values.etcd.tls.client.secretName -}}

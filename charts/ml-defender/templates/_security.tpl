@@ -73,6 +73,21 @@ replaced together), else freshly generated.
 {{- toJson (get .Values "_mlDefenderTls") -}}
 {{- end -}}
 
+{{/*
+Pod-template annotation of the members and the operator: the checksum of the generated CA. etcd
+and the library read the trusted CA only at start, so pods that kept running after the chart
+re-issued the certificates (the Secrets deleted, then `helm upgrade`) would refuse the new ones;
+the changed checksum rolls them. Lookup reuse keeps it put on every other upgrade. Generated
+certificates only: cert-manager renews the members' certificates under the same CA (etcd reloads
+those files itself), and the chart does not read your own Secrets. hack/render-manifests.sh
+leaves it out of install.yaml (`helm template` mints a new CA at every render).
+*/}}
+{{- define "ml-defender.etcd.caChecksum" -}}
+{{- if include "ml-defender.etcd.tlsGenerated" . -}}
+checksum/etcd-ca: {{ (include "ml-defender.etcd.generatedTls" . | fromJson).ca | sha256sum }}
+{{- end -}}
+{{- end -}}
+
 {{/* The PEM CA the clients trust, when the chart knows it (generated, or issued by cert-manager already). */}}
 {{- define "ml-defender.etcd.caPem" -}}
 {{- if include "ml-defender.etcd.tlsManaged" . -}}

@@ -25,6 +25,26 @@ def test_five_members_with_quorum_pdb_render(render: Render) -> None:
     assert find(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 3
 
 
+@pytest.mark.parametrize(("members", "quorum"), [(3, 2), (5, 3), (7, 4), (9, 5)])
+def test_the_pdb_follows_the_member_count_when_left_unset(
+    render: Render, members: int, quorum: int
+) -> None:
+    # docs/install.md: `etcd.replicaCount=5` alone is enough; the budget keeps the quorum.
+    objects = render("--set", f"etcd.replicaCount={members}")
+    assert find(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == quorum
+
+
+def test_a_pdb_set_by_hand_wins(render: Render) -> None:
+    objects = render("--set", "etcd.replicaCount=5,etcd.pdb.minAvailable=4")
+    assert find(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 4
+
+
+def test_one_member_with_a_pdb_is_refused_without_naming_an_unset_value(render: Render) -> None:
+    with pytest.raises(HelmFailed, match=r"Set etcd.pdb.create=false") as caught:
+        render("--set", "etcd.replicaCount=1,etcd.allowUnsafeReplicaCount=true")
+    assert "etcd.pdb.minAvailable=" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import shutil
@@ -25,6 +26,7 @@ from packaging_chart import (
     Render,
     chart_at,
     find,
+    render_with_live,
 )
 
 AGENTS = "agent.components[0].name=firewall,agent.components[0].namespace=edge," + (
@@ -130,6 +132,80 @@ def test_helm_template_without_a_cluster_mints_new_material_each_time(render: Re
     assert first.keys() == second.keys() == {"root", "operator", "health"}
     assert all(first[k] != second[k] for k in first)
     assert all(len(base64.b64decode(v)) == 32 for v in first.values())
+
+
+def _secrets(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (o["metadata"]["namespace"], o["metadata"]["name"]): o
+        for o in objects
+        if o["kind"] == "Secret"
+    }
+
+
+def test_uninstall_keeps_every_generated_secret(render: Render) -> None:
+    # The etcd PVCs outlive `helm uninstall`, with auth on and users checked against the root
+    # password; agents elsewhere keep their password and CA. Losing any of these Secrets locks a
+    # reinstall out (docs/install.md#uninstalling).
+    secrets = _secrets(render("--set", AGENTS))
+    assert set(secrets) == {
+        ("ml-defender", "rel-ml-defender-etcd-client-tls"),
+        ("ml-defender", "rel-ml-defender-etcd-peer-tls"),
+        ("ml-defender", "rel-ml-defender-etcd-auth"),
+        ("edge", "rel-ml-defender-etcd-agent-firewall"),
+        ("core", "rel-ml-defender-etcd-agent-sniffer"),
+        ("edge", "rel-ml-defender-etcd-ca"),
+        ("core", "rel-ml-defender-etcd-ca"),
+    }
+    for ref, secret in secrets.items():
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", ref
+
+
+def test_a_reinstall_reuses_the_kept_secrets(render: Render, tmp_path: Path) -> None:
+    # What `helm install` after `helm uninstall` renders: lookup finds the kept Secrets (the
+    # same code path as `helm upgrade`), so the kept etcd still takes the root password.
+    first = _secrets(render("--set", AGENTS))
+    again = _secrets(render_with_live(render, list(first.values()), tmp_path, "--set", AGENTS))
+    assert again.keys() == first.keys()
+    for ref, secret in first.items():
+        assert again[ref]["data"] == secret["data"], ref
+
+
+def _ca_checksums(objects: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    sts = find(objects, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+    dep = find(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    return sts.get("checksum/etcd-ca"), dep.get("checksum/etcd-ca")
+
+
+def test_reissued_certificates_roll_the_members_and_the_operator(
+    render: Render, tmp_path: Path
+) -> None:
+    # etcd and the library load the trusted CA only at start: pods must restart when the chart
+    # re-issues (docs/install.md, "Renewing the generated certificates"), and only then.
+    first = render()
+    ca = _b64(find(first, "Secret", "rel-ml-defender-etcd-client-tls"), "ca.crt")
+    digest = hashlib.sha256(ca).hexdigest()
+    assert _ca_checksums(first) == (digest, digest)
+    live = list(_secrets(first).values())
+    kept = render_with_live(render, live, tmp_path / "kept")
+    assert _ca_checksums(kept) == (digest, digest), "an upgrade that keeps them rolls nothing"
+    without_tls = [s for s in live if not s["metadata"]["name"].endswith("-tls")]
+    reissued = render_with_live(render, without_tls, tmp_path / "reissued")
+    new_ca = _b64(find(reissued, "Secret", "rel-ml-defender-etcd-client-tls"), "ca.crt")
+    assert new_ca != ca
+    new = hashlib.sha256(new_ca).hexdigest()
+    assert _ca_checksums(reissued) == (new, new)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        "etcd.tls.client.secretName=mine-client,etcd.tls.peer.secretName=mine-peer",
+        "etcd.tls.certManager.enabled=true,etcd.tls.certManager.issuerRef.name=ca",
+        "etcd.tls.client.enabled=false,etcd.tls.peer.enabled=false",
+    ],
+)
+def test_no_ca_checksum_where_the_chart_makes_no_ca(render: Render, values: str) -> None:
+    assert _ca_checksums(render("--set", values)) == (None, None)
 
 
 def test_clients_get_the_ca_and_never_a_member_key(render: Render) -> None:
@@ -384,7 +460,9 @@ def test_example_component_chart_carries_the_label_and_the_credentials(helm_bin:
 # ------------------------------------------------------------------------------------ network
 
 
-def test_network_policy_admits_only_operator_agents_and_peers(render: Render) -> None:
+def test_network_policy_admits_only_operator_agents_maintenance_and_members(
+    render: Render,
+) -> None:
     objects = render()
     policy = find(objects, "NetworkPolicy")
     sts = find(objects, "StatefulSet")
@@ -395,7 +473,7 @@ def test_network_policy_admits_only_operator_agents_and_peers(render: Render) ->
     assert set(rules) == {"client", "peer", "metrics"}
     operator = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     client_from = rules["client"]["from"]
-    assert len(client_from) == 3
+    assert len(client_from) == 4
     assert client_from[0]["podSelector"]["matchLabels"].items() <= operator.items()
     assert "namespaceSelector" not in client_from[0], "operator pods: the release namespace"
     assert client_from[1] == {
@@ -407,6 +485,25 @@ def test_network_policy_admits_only_operator_agents_and_peers(render: Render) ->
         maintenance["metadata"]["labels"].items()
     )
     assert "namespaceSelector" not in client_from[2], "maintenance pods: the release namespace"
+    # The members' own member tool (replacing a lost member) calls the others' client port.
+    assert client_from[3] == {"podSelector": {"matchLabels": etcd_labels}}
+    assert "namespaceSelector" not in client_from[3], "members: the release namespace"
+    assert etcd_labels.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    member_tool = [
+        c["name"]
+        for c in (
+            sts["spec"]["template"]["spec"]["initContainers"]
+            + sts["spec"]["template"]["spec"]["containers"]
+        )
+        if "defender_config.etcd_member" in c.get("command", [])
+    ]
+    assert member_tool == ["member", "member-promote"]
+    # Nothing broader: every source is a pod selector with labels, none an IP block, and only
+    # the agents' label reaches beyond the release namespace.
+    for source in client_from:
+        assert source.keys() <= {"podSelector", "namespaceSelector"}, source
+        assert source["podSelector"]["matchLabels"], source
+    assert [s for s in client_from if "namespaceSelector" in s] == [client_from[1]]
     assert rules["peer"]["from"] == [{"podSelector": {"matchLabels": etcd_labels}}]
     # The member ports the policy names exist on the pods.
     ports = {p["name"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}

@@ -441,3 +441,61 @@ def test_members_start_through_the_member_tool(render: Render) -> None:
     )["spec"]["template"]["spec"]
     args = next(c for c in plain["initContainers"] if c["name"] == "member")["args"]
     assert not [a for a in args if a.startswith(("--ca-file", "--user", "--password-file"))]
+
+
+# Every workload the chart can render, with the optional ones switched on.
+ALL_WORKLOADS = (
+    "--set",
+    "etcd.backup.enabled=true,etcd.defrag.enabled=true,tests.enabled=true,"
+    "operator.replicaCount=2,operator.admission.enabled=true",
+)
+
+
+def _containers(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind/name/container, container) of every container of every pod the objects make."""
+    out = []
+    for obj in objects:
+        spec = {
+            "Pod": lambda o: o["spec"],
+            "Deployment": lambda o: o["spec"]["template"]["spec"],
+            "StatefulSet": lambda o: o["spec"]["template"]["spec"],
+            "DaemonSet": lambda o: o["spec"]["template"]["spec"],
+            "Job": lambda o: o["spec"]["template"]["spec"],
+            "CronJob": lambda o: o["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        }.get(obj["kind"], lambda o: None)(obj)
+        if spec is None:
+            continue
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            out.append((f"{obj['kind']}/{obj['metadata']['name']}/{container['name']}", container))
+    return out
+
+
+def test_every_container_has_requests_and_a_memory_limit(render: Render) -> None:
+    # Without requests the scheduler packs blind; without a memory limit one leaking container
+    # takes its node's memory (no CPU limit: throttling only slows it down, by design).
+    containers = _containers(render(*ALL_WORKLOADS))
+    names = {where.rsplit("/", 1)[1] for where, _ in containers}
+    assert {"member", "member-promote", "backup", "defrag", "etcdctl", "healthz"} <= names
+    for where, container in containers:
+        resources = container.get("resources", {})
+        assert {"cpu", "memory"} <= resources.get("requests", {}).keys(), where
+        assert "memory" in resources.get("limits", {}), where
+
+
+@pytest.mark.parametrize(
+    ("value", "container"),
+    [
+        ("etcd.memberResources", "member"),
+        ("etcd.memberResources", "member-promote"),
+        ("etcd.backup.resources", "backup"),
+        ("etcd.defrag.resources", "defrag"),
+        ("tests.resources", "etcdctl"),
+        ("tests.resources", "healthz"),
+    ],
+)
+def test_each_containers_resources_come_from_its_value(
+    render: Render, value: str, container: str
+) -> None:
+    objects = render(*ALL_WORKLOADS, "--set", f"{value}.limits.memory=777Mi")
+    [limits] = [c["resources"]["limits"] for w, c in _containers(objects) if w.endswith(container)]
+    assert limits["memory"] == "777Mi"

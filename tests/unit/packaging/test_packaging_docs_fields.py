@@ -1,7 +1,8 @@
 """Field names the docs quote exist, so a renamed field cannot linger in prose: a `spec.x.y` /
-`status.x` path must resolve in the DefenderComponent CRD's schema, and a camelCase name in a
-code span must be a CRD field, a chart value, a name the chart's templates use, or one of the
-few outside names listed here."""
+`status.x` path must resolve in the DefenderComponent CRD's schema, a chart value path
+(`operator.keyring.secretName`) in values.yaml, and a camelCase name in a code span must be a
+CRD field, a chart value, a name the chart's templates use, or one of the few outside names
+listed here."""
 
 from __future__ import annotations
 
@@ -158,3 +159,64 @@ def test_misnamed_fields_are_reported_and_real_ones_pass(
     doc = tmp_path / "probe.md"
     doc.write_text(text + "\n")
     assert len(drift([doc])) == reported
+
+
+# A dotted path under one of values.yaml's top-level keys, `*` for any key (`etcd.tls.*.enabled`).
+_FILE_SUFFIX = re.compile(r"\.(md|ya?ml|py|json|tpl|txt|sh|go|tar|gz|db|crt|key)$")
+CHART_README_IN = REPO / "charts" / "ml-defender" / "README.md.in"
+
+
+def _value_path_pattern(values: dict[str, Any]) -> re.Pattern[str]:
+    roots = "|".join(sorted(map(re.escape, values), key=len, reverse=True))
+    return re.compile(rf"(?<![\w./<>-])((?:{roots})(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|\*))+)")
+
+
+def _value_resolves(node: Any, parts: list[str]) -> bool:
+    if not parts:
+        return True
+    if isinstance(node, list):
+        # A list of objects (agent.components): its items' keys, or anything if it is empty.
+        return not node or any(_value_resolves(item, parts) for item in node)
+    if not isinstance(node, dict):
+        return False
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        return any(_value_resolves(sub, rest) for sub in node.values())
+    return head in node and _value_resolves(node[head], rest)
+
+
+def value_drift(docs: list[Path]) -> list[str]:
+    """Every chart value path quoted in the docs that values.yaml does not define."""
+    values = yaml.safe_load(VALUES.read_text())
+    pattern = _value_path_pattern(values)
+    problems = []
+    for doc in docs:
+        where = doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc.name
+        for span in _CODE_SPAN.findall(doc.read_text()):
+            for path in pattern.findall(span):
+                if not _FILE_SUFFIX.search(path) and not _value_resolves(values, path.split(".")):
+                    problems.append(f"{where}: `{path}` is not a chart value")
+    return problems
+
+
+def test_chart_value_paths_quoted_in_docs_exist() -> None:
+    problems = value_drift([*DOC_FILES, CHART_README_IN])
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("text", "reported"),
+    [
+        ("the copy (`operator.keyring.fanOutSecretName`)", 1),
+        ("set `etcd.tls.client.secretNames`", 1),
+        ("`operator.keyring.secretName`, `etcd.tls.*.secretName`, `agent.components`", 0),
+        ("`--set etcd.auth.enabled=true` and `config.envelope.cipher=chacha20-poly1305`", 0),
+        ("see `operator.md` and `etcd.tar`", 0),
+    ],
+)
+def test_misnamed_value_paths_are_reported_and_real_ones_pass(
+    tmp_path: Path, text: str, reported: int
+) -> None:
+    doc = tmp_path / "probe.md"
+    doc.write_text(text + "\n")
+    assert len(value_drift([doc])) == reported

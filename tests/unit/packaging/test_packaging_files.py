@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,166 @@ def test_install_yaml_creates_its_namespace_first() -> None:
     assert {d["kind"] for d in docs} >= {"StatefulSet", "Deployment", "CustomResourceDefinition"}
 
 
+def _secrets_used(node: object) -> set[str]:
+    """Names of the Secrets a manifest mounts or reads an env variable from."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if isinstance(node.get("secret"), dict):
+            found.add(node["secret"]["secretName"])
+        if isinstance(node.get("secretKeyRef"), dict):
+            found.add(node["secretKeyRef"]["name"])
+        for value in node.values():
+            found |= _secrets_used(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _secrets_used(value)
+    return found
+
+
+INSTALL_PAGES = [
+    REPO / "README.md",
+    CHART / "README.md.in",
+    REPO / "manifests" / "install.yaml",
+    *sorted((REPO / "docs").glob("*.md")),
+]
+SECRETS_RENDER = "--show-only templates/etcd-secrets.yaml | kubectl apply -f -"
+
+
+def test_the_documented_secrets_render_gives_every_secret_install_yaml_needs(
+    render: Render,
+) -> None:
+    # install.yaml leaves the generated Secrets out; the documented command must make each one
+    # its pods use, or they stay ContainerCreating (the keyring: the operator creates it).
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    used = _secrets_used(docs) - {"ml-defender-keyring"}
+    assert used, "the default install mounts the generated Secrets"
+    made = render("--show-only", "templates/etcd-secrets.yaml", release="ml-defender")
+    assert used <= {d["metadata"]["name"] for d in made}
+
+
+def test_every_plain_manifests_install_renders_the_secrets_first() -> None:
+    for page in INSTALL_PAGES:
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.search(r"kubectl apply .*-f manifests/install\.yaml", line):
+                before = " ".join(lines[max(0, i - 4) : i]).replace("\\ ", "")
+                assert SECRETS_RENDER in " ".join(before.split()), f"{page.name}:{i + 1}: {line}"
+
+
+def _code_blocks(text: str) -> list[str]:
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            if current is None:
+                current = []
+            else:
+                blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_every_helm_install_names_its_namespace_and_owns_the_crd() -> None:
+    # The chart renders the CRD: a `kubectl apply -f crds/` before `helm install` makes Helm
+    # refuse it (not its own) unless told to take it over or leave it out; without a namespace
+    # the release lands in `default` while every doc and NOTES say ml-defender.
+    seen = 0
+    for page in INSTALL_PAGES:
+        for block in _code_blocks(page.read_text()):
+            crds_applied = False
+            for line in block.replace("\\\n", " ").splitlines():
+                if re.search(r"kubectl apply .*-f crds/", line):
+                    crds_applied = True
+                if not re.search(
+                    r"helm (install|upgrade --install) \S+ charts/ml-defender(\s|$)", line
+                ):
+                    continue
+                seen += 1
+                where = f"{page.name}: {line}"
+                assert re.search(r"(-n|--namespace)[ =]\S", line), where
+                if crds_applied:
+                    assert "--take-ownership" in line or "crds.enabled=false" in line, where
+    assert seen >= 4
+
+
+def _plain_uninstall() -> list[tuple[bool, set[str], dict[str, str]]]:
+    """The keep-the-data commands of docs/install.md: (namespaced, kinds, label selector)."""
+    text = (REPO / "docs" / "install.md").read_text()
+    section = text.split("\n### Uninstalling plain manifests\n", 1)[1].split("\n## ", 1)[0]
+    block = _code_blocks(section)[0].replace("\\\n", " ")
+    commands = []
+    for line in block.splitlines():
+        found = re.search(r"kubectl (-n \S+ )?delete (\S+)\s+-l (\S+)", line)
+        assert found, line
+        selector = dict(pair.split("=", 1) for pair in found.group(3).split(","))
+        commands.append((found.group(1) is not None, set(found.group(2).split(",")), selector))
+    return commands
+
+
+def test_the_plain_uninstall_keeps_the_namespace_and_crds_and_deletes_the_rest() -> None:
+    # `kubectl delete -f manifests/install.yaml` would delete the namespace (etcd PVCs, Secrets,
+    # keyring) and the CRD (every DefenderComponent): the documented way must leave exactly
+    # those and reach every other object of the file.
+    commands = _plain_uninstall()
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
+    kept = {"Namespace", "CustomResourceDefinition"}
+    for doc in docs:
+        meta = doc["metadata"]
+        kind = doc["kind"].lower()
+        hits = [
+            c
+            for c in commands
+            if kind in c[1]
+            and c[0] == ("namespace" in meta)
+            and c[2].items() <= meta.get("labels", {}).items()
+        ]
+        if doc["kind"] in kept:
+            assert not hits, f"{doc['kind']} {meta['name']} must stay"
+        else:
+            assert hits, f"{doc['kind']} {meta['name']} is left behind"
+    for _, kinds, _ in commands:
+        assert not kinds & {"namespace", "customresourcedefinition", "secret", "pvc"}
+        assert not kinds & {"persistentvolumeclaim", "crd", "ns", "all"}
+    text = (REPO / "manifests" / "install.yaml").read_text()
+    assert "Uninstalling plain manifests" in text.split("\n---\n", 1)[0]
+
+
+# `make status-etcd` is named in docs/operations.md as the old design's target, not as one to run.
+HISTORIC_MAKE_TARGETS = {"status-etcd"}
+
+
+def test_every_make_command_in_the_docs_exists() -> None:
+    # make reads `--node` as its own (unknown) option; a variable is NAME=value.
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-zA-Z0-9_-]+):", makefile, flags=re.M))
+    problems, seen = [], 0
+    # docs/bench/ is written by bench/run.py (bench/report.py), not by hand.
+    for page in [
+        *sorted((REPO / "docs").glob("*.md")),
+        REPO / "README.md",
+        CHART / "README.md.in",
+    ]:
+        text = page.read_text()
+        commands = re.findall(r"`(make [^`]+)`", text)
+        for block in _code_blocks(text):
+            commands += re.findall(r"^\s*(make [^\n#]+)", block, flags=re.M)
+        for command in commands:
+            for word in command.split()[1:]:
+                if word.startswith("-"):
+                    problems.append(f"{page.name}: `{command}`: make has no {word}")
+                elif "=" in word or not re.fullmatch(r"[a-z][\w-]*", word):
+                    continue
+                elif word not in targets | HISTORIC_MAKE_TARGETS:
+                    problems.append(f"{page.name}: `{command}`: no target {word}")
+                else:
+                    seen += 1
+    assert seen > 10
+    assert not problems, "\n".join(problems)
+
+
 def test_schema_is_generated_from_values() -> None:
     proc = _run(sys.executable, str(REPO / "hack" / "chart-schema.py"), "--check")
     assert proc.returncode == 0, proc.stderr
@@ -97,6 +258,77 @@ def test_kind_script_explains_itself() -> None:
     proc = _run(str(REPO / "hack" / "kind.sh"))
     assert proc.returncode == 2
     assert "hack/kind.sh up" in proc.stderr and "helm-install" in proc.stderr
+
+
+STUB_TOOLS = """#!/usr/bin/env bash
+echo "tools.sh $*" >> "$LOG"
+case "${1:-}" in
+  --bindir) echo "$STUB_BINDIR" ;;
+  --helm)
+    printf '#!/usr/bin/env bash\\necho "built helm $*" >> "$LOG"\\n' > "$STUB_BINDIR/helm"
+    chmod +x "$STUB_BINDIR/helm"
+    echo "$STUB_BINDIR" ;;
+esac
+"""
+
+
+def _packaging_make(tmp_path: Path, target: str, helm_on_path: bool) -> list[str]:
+    """`make <target>` of the real Makefile, with hack/tools.sh stubbed (it records its calls
+    and, for --helm, writes a helm that records its own) and a PATH of basic tools only."""
+    root = tmp_path / "repo"
+    (root / "hack").mkdir(parents=True)
+    shutil.copy(REPO / "Makefile", root / "Makefile")
+    tools = root / "hack" / "tools.sh"
+    tools.write_text(STUB_TOOLS)
+    tools.chmod(0o755)
+    pinned, path = tmp_path / "pinned", tmp_path / "path"
+    pinned.mkdir()
+    path.mkdir()
+    for name in ("bash", "chmod", "make"):
+        found = shutil.which(name)
+        assert found, name
+        (path / name).symlink_to(found)
+    if helm_on_path:
+        (path / "helm").write_text('#!/usr/bin/env bash\necho "path helm $*" >> "$LOG"\n')
+        (path / "helm").chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {"PATH": str(path), "LOG": str(log), "STUB_BINDIR": str(pinned), "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        ["make", "-s", target], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return log.read_text().splitlines()
+
+
+def test_helm_lint_uses_the_helm_on_path_and_builds_nothing(tmp_path: Path) -> None:
+    calls = _packaging_make(tmp_path, "helm-lint", helm_on_path=True)
+    assert "path helm lint charts/ml-defender" in calls
+    assert {c for c in calls if c.startswith("tools.sh")} == {"tools.sh --bindir"}
+
+
+def test_helm_lint_without_helm_builds_helm_alone(tmp_path: Path) -> None:
+    # A kind user without Go's whole toolchain (or root): helm only, never the full `make tools`.
+    calls = _packaging_make(tmp_path, "helm-lint", helm_on_path=False)
+    assert "tools.sh --helm" in calls
+    assert {c for c in calls if c.startswith("tools.sh")} == {
+        "tools.sh --bindir",
+        "tools.sh --helm",
+    }
+    assert "built helm lint charts/ml-defender" in calls
+
+
+def test_tools_helm_asks_for_helm_alone(tmp_path: Path) -> None:
+    # A directory given by DEFENDER_TOOLS_DIR is taken as it is when it has what is asked for:
+    # with --helm that is helm alone; the full set still needs every binary.
+    (tmp_path / "helm").write_text("#!/bin/sh\n")
+    (tmp_path / "helm").chmod(0o755)
+    env = {**os.environ, "DEFENDER_TOOLS_DIR": str(tmp_path)}
+    helm_only = _run(str(REPO / "hack" / "tools.sh"), "--helm", env=env)
+    assert helm_only.returncode == 0, helm_only.stderr
+    assert helm_only.stdout.strip().splitlines()[-1] == str(tmp_path)
+    everything = _run(str(REPO / "hack" / "tools.sh"), env=env)
+    assert everything.returncode == 1 and "lacks some of" in everything.stderr
 
 
 def test_image_script_says_when_docker_is_missing(tmp_path: Path) -> None:
