@@ -42,6 +42,7 @@ from defender_config.contract import (
 from defender_operator import _api, _attribution, _canary
 from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions import keycopy
 from defender_operator._decisions.breaker import (
     ActiveChange,
     freeze_lifted_elsewhere,
@@ -80,7 +81,15 @@ from defender_operator._decisions.registration import (
 )
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
-from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
+from defender_operator._errors import (
+    RETRY_KEYRING,
+    RETRY_STORE_UNAVAILABLE,
+    ForeignSecretError,
+    KeyDropRefusedError,
+    KeySecretError,
+    OwnerRecordError,
+    kopf_errors,
+)
 from defender_operator._metrics import COMMITS, record_conditions
 from defender_operator._outcome import (
     ConfigVerdict,
@@ -182,6 +191,8 @@ def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
         mem.conflict = conflict  # refused before: the monitor judges nothing until reconciled
     if mem.heartbeat is not None and mem.heartbeat.reason == "RestartBudgetExhausted":
         mem.degraded_reported = True  # already told: no second Event from a new operator
+    if mem.key is not None and mem.key.reason == cond.KEYRING_COPY_BLOCKED:
+        mem.copy_block_announced = mem.key.message  # the same: no second Event either
 
 
 def state_fields(state: ComponentState) -> dict[str, Any]:
@@ -316,7 +327,7 @@ async def _steps(
     take(mem, found, Outcome(fields={NAME_CLAIM_FIELD: claim_status(v.component, _uid(v.body))}))
     # Only once the name is this resource's: a refused resource must not make the operator
     # read its component unencrypted, nor get its namespace a keyring copy.
-    await prepare(v, spec)
+    take(mem, found, await keyring_copy(v, mem, spec))
     take(mem, found, await unfreeze_command(v))
     take(mem, found, await rollback_command(v))
     take(
@@ -394,6 +405,8 @@ _COMMITTING = "committing spec.config"
 
 
 def _temporary(exc: kopf.TemporaryError, found: Outcome) -> Outcome:
+    if isinstance(exc, _CopyBlocked):
+        return exc.outcome
     if isinstance(exc.__cause__, StoreUnavailableError):
         return Outcome(config=ConfigVerdict(cond.ConfigState.STORE_UNAVAILABLE, str(exc)))
     if isinstance(exc.__cause__, RegistrationReplayError):
@@ -613,6 +626,58 @@ def _claimed(
         v.logger.info(message)
         out.events.append(normal("NameAdopted", message))
     return out
+
+
+async def keyring_copy(v: Visit, mem: ComponentMemory, spec: _api.DefenderComponentSpec) -> Outcome:
+    """`prepare`, and what its keyring copy's failure or recovery shows (`_decisions.keycopy`).
+    A failure ends the visit as a retry (kopf's TemporaryError): fixing the cause heals the
+    component at the next attempt, without an edit of the resource. What the failure shows
+    travels with the error (`_CopyBlocked.outcome`), which `reconcile` publishes as it does
+    every retry's (`_temporary`)."""
+    try:
+        await prepare(v, spec)
+    except (KeySecretError, KeyDropRefusedError) as exc:
+        kind = keycopy.classify(
+            getattr(exc, "status", None),
+            foreign=isinstance(exc, ForeignSecretError),
+            key_drop=isinstance(exc, KeyDropRefusedError),
+        )
+        secret = getattr(exc, "name", None) or v.rt.secrets.name
+        failure = keycopy.CopyFailure(kind, v.namespace, secret, str(exc))
+        blocked = keycopy.blocked_condition(failure)
+        out = Outcome(
+            conditions={cond.KEY_CURRENT: blocked},
+            # Not reconciled past the copy: whatever ConfigSynced said is not this
+            # generation's verdict.
+            config=ConfigVerdict(
+                cond.ConfigState.UNKNOWN,
+                "not reconciled: the namespace's keyring copy could not be written (see"
+                " KeyCurrent); retrying",
+            ),
+        )
+        if keycopy.announce(mem.copy_block_announced, blocked):
+            out.events.append(warning(cond.KEYRING_COPY_BLOCKED, blocked.message))
+            mem.copy_block_announced = blocked.message
+        v.logger.warning("keyring copy in %s not written, retrying: %s", v.namespace, exc)
+        raise _CopyBlocked(str(blocked.message), out) from exc
+    out = Outcome()
+    if mem.key is not None and mem.key.reason in keycopy.BLOCKED_REASONS:
+        # Written now: the monitor's pass judges KeyCurrent again (copy and instances).
+        out.conditions[cond.KEY_CURRENT] = None
+    if mem.copy_block_announced is not None:
+        mem.copy_block_announced = None
+        out.events.append(
+            normal("KeyringCopied", f"the keyring copy in {v.namespace} is written; resuming")
+        )
+    return out
+
+
+class _CopyBlocked(kopf.TemporaryError):
+    """A keyring copy that could not be written, with what the resource shows about it."""
+
+    def __init__(self, message: str, outcome: Outcome) -> None:
+        super().__init__(message, delay=RETRY_STORE_UNAVAILABLE)
+        self.outcome = outcome
 
 
 async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:

@@ -68,6 +68,9 @@ class ComponentMemory:
     # Set while another DefenderComponent owns this name in etcd: nothing is written or judged.
     conflict: Cond | None = None
     degraded_reported: bool = False
+    # The message of the KeyringCopyBlocked Warning Event posted last (`_decisions.keycopy`):
+    # once per cause, not once per retry; None once the copy is written.
+    copy_block_announced: str | None = None
     # The scrub (`_scrub`): when it last ran, its condition, the failures already announced.
     scrubbed_at: datetime | None = None
     corrupt: Cond | None = None

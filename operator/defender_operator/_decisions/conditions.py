@@ -29,6 +29,10 @@ ROLLOUT = "Rollout"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
+# KeyCurrent's reason while the namespace's keyring copy cannot be written and a person must
+# act (`keycopy`): the reconcile stops there, so Ready names it before anything else.
+KEYRING_COPY_BLOCKED = "KeyringCopyBlocked"
+
 
 @dataclass(frozen=True)
 class Cond:
@@ -138,6 +142,10 @@ def compute(obs: Observation) -> list[Cond]:
     # Ready is True only when everything a person cares about is fine; its reason names the
     # first thing that is not, in order of how much it matters.
     blockers = [c for c in (config, heartbeat, key) if c.status != TRUE]
+    if key.reason == KEYRING_COPY_BLOCKED:
+        # Nothing else of the reconcile ran: ConfigSynced and Heartbeating wait for it.
+        blockers.remove(key)
+        blockers.insert(0, key)
     if misconfig.status == TRUE:
         blockers.insert(0, misconfig)
     corrupt = obs.corrupt if obs.corrupt is not None and obs.corrupt.status == TRUE else None
