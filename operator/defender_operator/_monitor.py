@@ -927,7 +927,9 @@ def _visit(
     if mem.spec is None or mem.spec[0] != raw:
         # Parsed once per spec, not per pass (a thousand components pass every few seconds);
         # kept as a copy, so a body kopf changes in place is still compared with what was parsed.
-        mem.spec = (copy.deepcopy(dict(raw)), _api.parse_spec(dict(raw)))
+        # An older object's values this API refuses run as its bounds (`lift_legacy`; the
+        # reconcile says so).
+        mem.spec = (copy.deepcopy(dict(raw)), _api.parse_stored_spec(raw)[0])
     return Pass(
         rt=rt,
         body=body,

@@ -313,6 +313,10 @@ async def _steps(
     if not take(mem, found, claimed.outcome):
         return
     spec = parsed.spec_or_refusal()
+    for note in parsed.lifted:
+        # Each reconcile (a generation, or the operator's resume) until the spec is edited.
+        v.logger.warning("%s", note)
+        take(mem, found, Outcome(events=[warning(_api.HEARTBEAT_MISSES_RAISED, note)]))
     normalized, checked = parsed.normalized, reported(v, parsed)
     seeded_new = None
     if claimed.pending is not None and normalized is not None:
@@ -461,6 +465,8 @@ class CheckedSpec:
     normalized: dict[str, Any] | None = None  # spec.config normalized; None when refused
     invalid: ConfigValidationError | None = None
     unparsed: ValueError | None = None
+    lifted: tuple[str, ...] = ()
+    """What `_api.lift_legacy` raised to this API's bounds (run so, and said so)."""
 
     def spec_or_refusal(self) -> _api.DefenderComponentSpec:
         if self.spec is None:
@@ -473,16 +479,17 @@ class CheckedSpec:
 
 def check_spec(v: Visit, raw_spec: Mapping[str, Any]) -> CheckedSpec:
     try:
-        spec = _api.parse_spec(dict(raw_spec))
+        spec, notes = _api.parse_stored_spec(raw_spec)
     except ValueError as exc:  # pydantic's
         return CheckedSpec(None, unparsed=exc)
+    lifted = tuple(notes)
     try:
         normalized = validate_config(
             spec.component_type.value, spec.config, spec.custom_schema, component=v.component
         )
     except ConfigValidationError as exc:
-        return CheckedSpec(spec, invalid=exc)
-    return CheckedSpec(spec, normalized)
+        return CheckedSpec(spec, invalid=exc, lifted=lifted)
+    return CheckedSpec(spec, normalized, lifted=lifted)
 
 
 def seeds_first(v: Visit, parsed: CheckedSpec) -> bool:

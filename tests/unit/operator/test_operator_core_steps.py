@@ -587,10 +587,10 @@ def test_the_breaker_reverts_a_change_that_breaks_instances_and_freezes_commits(
 
 def test_a_pod_that_stops_beating_is_restarted() -> None:
     h = Harness()
-    run(h.reconcile(spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 1})))
+    run(h.reconcile(spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 2})))
     h.add_pod("sniffer-a")
     h.mem.watch_started = h.pods["sniffer-a"].created  # watched for longer than the deadline
-    run_monitor(h, spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 1}))
+    run_monitor(h, spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 2}))
     assert h.kube.deleted == ["sniffer-a"]
     assert "PodRestarted" in h.reasons()
     assert h.kube.status["restarts"] == 1
@@ -772,3 +772,20 @@ def test_a_pass_that_cannot_read_etcd_judges_nothing_and_still_publishes() -> No
     assert h.kube.deleted == []
     # No heartbeat read is no missed heartbeat: nothing is blamed on the pod.
     assert h.condition(cond.HEARTBEATING)["status"] != cond.FALSE
+
+
+def test_a_resource_stored_with_one_miss_is_run_with_two_and_warned() -> None:
+    """An object the API server kept from before the minimum became 2: reconciled, its cadence
+    published with 2 misses, a HeartbeatMissesRaised Warning Event; the monitor judges it."""
+    h = Harness()
+    legacy = spec(ETH0, heartbeat={"intervalSeconds": 5, "missedBeforeRestart": 1})
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    run(h.reconcile(legacy, first_pass=True))
+    assert h.reasons() == ["HeartbeatMissesRaised"]
+    assert h.events[0].type == "Warning" and "run as 2" in h.events[0].message
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    cadence = h.backend.cadences.get(NAME)
+    assert cadence is not None and (cadence.interval_seconds, cadence.allowed_misses) == (5, 2)
+    run_monitor(h, legacy)
+    assert h.condition(cond.READY)["status"] == cond.TRUE
