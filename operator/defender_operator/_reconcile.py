@@ -154,6 +154,9 @@ async def publish_status(
         cond.compute(obs),
         now=utcnow(),
         generation=generation,
+        judged=cond.config_generations(
+            generation, mem.config_generation, conflict=mem.conflict is not None
+        ),
     )
     if mem.conflict is None:
         # Series are keyed by component name, and a refused resource's name is its owner's
@@ -183,6 +186,7 @@ def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
     conditions = status.get("conditions")
     if mem.config_state is cond.ConfigState.UNKNOWN:
         mem.config_state, mem.config_message = cond.last_config_state(conditions)
+        mem.config_generation = cond.observed_generation(conditions, cond.CONFIG_SYNCED)
     mem.heartbeat = mem.heartbeat or cond.last_known(conditions, cond.HEARTBEATING)
     mem.key = mem.key or cond.last_known(conditions, cond.KEY_CURRENT)
     mem.misconfig = mem.misconfig or cond.last_known(conditions, cond.MISCONFIGURED)
@@ -265,16 +269,19 @@ async def reconcile(
             with kopf_errors():
                 await _steps(v, mem, raw_spec, found)
                 take(mem, found, Outcome(fields=dict(handled or {})))
+                _judged_on(v, mem, found)
                 judged = await _finish(v, mem, found, first_pass)
         except kopf.TemporaryError as exc:
             # Conditions appear even when the first visit fails, saying why where known.
             take(mem, found, _temporary(exc, found))
+            _judged_on(v, mem, found)
             await _finish(v, mem, found)
             raise
         except kopf.PermanentError as exc:
             # Not retried: a person must act, so the resource says what and why.
             v.logger.error("refused, not retried: %s", exc)
             take(mem, found, refused(exc))
+            _judged_on(v, mem, found)
             await _finish(v, mem, found)
             raise
     if not judged:
@@ -282,6 +289,13 @@ async def reconcile(
         # away rather than at its next interval (a new component is Ready once instances are
         # seen). After one that ran, its daemon's next pass comes when that pass said.
         v.rt.wake(v.name, "reconciled")
+
+
+def _judged_on(v: Visit, mem: ComponentMemory, found: Outcome) -> None:
+    """The visit judged ConfigSynced (`found.config`): on this generation. A visit that failed
+    before judging it leaves the generation of the verdict shown."""
+    if found.config is not None:
+        mem.config_generation = v.generation
 
 
 async def _finish(

@@ -62,6 +62,9 @@ class ComponentMemory:
     config_state: ConfigState = ConfigState.UNKNOWN
     config_message: str = ""
     config_reason: str = ""  # for ConfigState.REFUSED: the library error's reason
+    # The generation the config verdict above was judged on (`conditions.config_generations`);
+    # None before any reconcile gave one.
+    config_generation: int | None = None
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None

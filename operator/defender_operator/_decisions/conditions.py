@@ -210,10 +210,13 @@ def merge(
     *,
     now: datetime,
     generation: int,
+    judged: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """New condition list in wire form. lastTransitionTime changes only when status changes;
     conditions of other types (set by someone else) are kept, a Conflict no longer desired is
-    dropped."""
+    dropped. observedGeneration is `generation`, or for a type in `judged` the generation it
+    was judged on (`config_generations`)."""
+    judged = judged or {}
     by_type = {c.get("type"): c for c in existing}
     out: list[dict[str, Any]] = []
     for cond in desired:
@@ -229,8 +232,33 @@ def merge(
                 "reason": cond.reason,
                 "message": _bounded(cond.message),
                 "lastTransitionTime": when,
-                "observedGeneration": generation,
+                "observedGeneration": judged.get(cond.type, generation),
             }
         )
     out.extend(dict(c) for c in by_type.values() if c.get("type") != CONFLICT)
     return out
+
+
+def config_generations(
+    generation: int, config_generation: int | None, *, conflict: bool
+) -> dict[str, int]:
+    """The generation ConfigSynced, and Ready with it, were judged on: the one the last
+    reconcile that gave a verdict handled (`config_generation`), not the newest the body has
+    (a failed reconcile or a monitor pass before kopf retries judged nothing of that one). A
+    Conflict, or no verdict yet, is judged on `generation`."""
+    if conflict or config_generation is None:
+        return {}
+    judged = min(config_generation, generation)
+    return {CONFIG_SYNCED: judged, READY: judged}
+
+
+def observed_generation(conditions: object, ctype: str) -> int | None:
+    """observedGeneration of condition `ctype` as a status holds it (None: absent, or not an
+    int: a person can edit the status)."""
+    if not isinstance(conditions, list):
+        return None
+    for c in conditions:
+        if isinstance(c, Mapping) and c.get("type") == ctype:
+            found = c.get("observedGeneration")
+            return found if type(found) is int else None
+    return None
