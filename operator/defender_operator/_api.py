@@ -10,6 +10,7 @@ Every field carries a description because `kubectl explain defendercomponent.spe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -50,6 +51,12 @@ class Selector(_Model):
     )
 
 
+# A lease of one interval expires whenever a renewal is late at all; two leave a whole interval
+# for a slow health check, a GC pause or a loaded etcd.
+MIN_MISSED_BEFORE_RESTART = 2
+HEARTBEAT_MISSES_RAISED = "HeartbeatMissesRaised"
+
+
 class HeartbeatSpec(_Model):
     interval_seconds: int = Field(
         default=30,
@@ -59,10 +66,14 @@ class HeartbeatSpec(_Model):
     )
     missed_before_restart: int = Field(
         default=3,
-        ge=1,
+        ge=MIN_MISSED_BEFORE_RESTART,
         le=100,
         description=(
             "How many consecutive intervals an instance may miss before its pod is restarted."
+            " At least 2: the lease lasts intervalSeconds x missedBeforeRestart and is renewed"
+            " once per interval, so with 1 any beat a moment late (a slow health check, a pause)"
+            " would let it expire and restart a healthy pod. An object stored with 1 before"
+            " this minimum is run as 2 (a HeartbeatMissesRaised Warning Event says so)."
         ),
     )
     startup_grace_seconds: int = Field(
@@ -539,3 +550,31 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 def parse_spec(spec: dict[str, Any]) -> DefenderComponentSpec:
     """Validate a spec as it arrives from the API server (camelCase keys)."""
     return DefenderComponentSpec.model_validate(spec)
+
+
+def lift_legacy(spec: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A spec as stored, with what an older API allowed and this one refuses lifted to its
+    bound, and a note per lift. The API server keeps objects written under the older schema
+    (it validates only writes), and refusing them would leave running components unmonitored:
+    `spec.heartbeat.missedBeforeRestart: 1` (allowed before the minimum became 2) runs as 2."""
+    heartbeat = spec.get("heartbeat")
+    if not isinstance(heartbeat, Mapping):
+        return dict(spec), []
+    misses = heartbeat.get("missedBeforeRestart")
+    # `type is int`: a JSON true is not a 1 (parse_spec refuses it as it is).
+    if type(misses) is not int or misses >= MIN_MISSED_BEFORE_RESTART or misses < 1:
+        return dict(spec), []
+    lifted = {**heartbeat, "missedBeforeRestart": MIN_MISSED_BEFORE_RESTART}
+    note = (
+        f"spec.heartbeat.missedBeforeRestart is {misses}, stored before the minimum became"
+        f" {MIN_MISSED_BEFORE_RESTART}: run as {MIN_MISSED_BEFORE_RESTART} (with one, a beat"
+        " a moment late restarts a healthy pod); set it to 2 or more to silence this"
+    )
+    return {**spec, "heartbeat": lifted}, [note]
+
+
+def parse_stored_spec(spec: Mapping[str, Any]) -> tuple[DefenderComponentSpec, list[str]]:
+    """`parse_spec` for an object the API server already holds (the operator's reconciles and
+    passes), with `lift_legacy`'s notes. The admission webhook and the CRD stay strict."""
+    lifted, notes = lift_legacy(spec)
+    return parse_spec(lifted), notes

@@ -4,6 +4,7 @@
 OperatorError
 ├── OperatorConfigurationError   bad DEFENDER_OPERATOR_* settings (fail at start-up)
 ├── KeySecretError               the keyring Secret cannot be read or written
+│   └── ForeignSecretError       a copy's name is taken by a Secret the operator does not manage
 ├── KeyDropRefusedError          a copy would lose a key that stored values still use
 ├── OwnerRecordError             a component's owner record in etcd is not one of ours
 ├── KubeError                    another Kubernetes API call failed
@@ -59,9 +60,25 @@ class KeySecretError(OperatorError):
 
     def __init__(self, action: str, namespace: str, name: str, status: int | None, why: str):
         self.status = status
+        self.namespace = namespace
+        self.name = name
+        # No status: not a refused request (`ForeignSecretError`), so no HTTP code or RBAC hint.
+        failure = why if status is None else _api_failure(status, why, "secrets in that namespace")
+        super().__init__(f"cannot {action} Secret {namespace}/{name}: {failure}")
+
+
+class ForeignSecretError(KeySecretError):
+    """A Secret of the keyring copy's name exists in a component namespace without the
+    operator's label: never overwritten (see `_decisions.keycopy`)."""
+
+    def __init__(self, namespace: str, name: str) -> None:
         super().__init__(
-            f"cannot {action} Secret {namespace}/{name}:"
-            f" {_api_failure(status, why, 'secrets in that namespace')}"
+            "update",
+            namespace,
+            name,
+            None,
+            "it exists but is not managed by the operator; rename or delete it, or move the"
+            " DefenderComponent to another namespace",
         )
 
 

@@ -49,7 +49,12 @@ from defender_operator._api import RotationStage
 from defender_operator._decisions.keyring import may_replace_copy
 from defender_operator._decisions.registration import registrations_to_publish
 from defender_operator._decisions.rotation import RotationState
-from defender_operator._errors import KeyDropRefusedError, KeySecretError, api_errors_only
+from defender_operator._errors import (
+    ForeignSecretError,
+    KeyDropRefusedError,
+    KeySecretError,
+    api_errors_only,
+)
 
 log = logging.getLogger("defender_operator.keys")
 
@@ -362,13 +367,7 @@ class KeyringSecrets:
             log.info("copied the keyring to %s/%s (%s)", namespace, self.name, digest)
             return True
         if not _managed(current):
-            raise KeySecretError(
-                "update",
-                namespace,
-                self.name,
-                None,
-                "exists but is not managed by the operator; rename or delete it",
-            )
+            raise ForeignSecretError(namespace, self.name)
         if (current.metadata.annotations or {}).get(A_DIGEST) == digest:
             self._copies[namespace] = (digest, time.monotonic())
             return False

@@ -48,6 +48,7 @@ from defender_operator._decisions.cadence import (
     SpecCadence,
     cadence_condition,
 )
+from defender_operator._decisions.keycopy import copy_condition
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
 from defender_operator._decisions.reads import ReadReason, ViewRead, must_read
 from defender_operator._decisions.restarts import (
@@ -60,7 +61,7 @@ from defender_operator._decisions.restarts import (
     decide_restart,
     next_deadline,
 )
-from defender_operator._errors import OperatorError
+from defender_operator._errors import KeySecretError, OperatorError
 from defender_operator._executors import enter_monitor
 from defender_operator._keys import keyring_digest
 from defender_operator._kube import Pod
@@ -143,15 +144,24 @@ def _seals_with(instance: InstanceRecord, primary: str) -> bool:
 
 
 def key_condition(
-    primary: str, instances: Sequence[InstanceRecord], copy_digest: str | None, source_digest: str
+    primary: str,
+    instances: Sequence[InstanceRecord],
+    copy_digest: str | None,
+    source_digest: str,
+    *,
+    unreadable: str | None = None,
+    previous: cond.Cond | None = None,
 ) -> cond.Cond:
-    if copy_digest != source_digest:
-        return cond.Cond(
-            cond.KEY_CURRENT,
-            cond.FALSE,
-            "CopyOutOfSync",
-            "the namespace's keyring Secret differs from the source; the operator is updating it",
-        )
+    """KeyCurrent: the copy first (`keycopy.copy_condition`: `unreadable` says why it could
+    not be read, `previous` is the condition shown), then the instances' keys."""
+    copied = copy_condition(
+        copy_digest=copy_digest,
+        source_digest=source_digest,
+        unreadable=unreadable,
+        previous=previous,
+    )
+    if copied is not None:
+        return copied
     behind = sorted(i.instance for i in instances if not _seals_with(i, primary))
     if behind:
         return cond.Cond(
@@ -309,7 +319,7 @@ async def _steps(
         if take(mem, found, rolled) and "rollout" in rolled.fields:
             state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
         take(mem, found, divergence(p, mem, state))
-    take(mem, found, await key_step(p, judged.live))
+    take(mem, found, await key_step(p, mem, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
     post_events(rt.post_event, p.body, found)
     await p.publish(found.fields, partial(heartbeat_rider, seen.instances))
@@ -615,25 +625,34 @@ def divergence(p: Pass, mem: ComponentMemory, state: ComponentState) -> Outcome:
     return out
 
 
-async def key_step(p: Pass, live: Sequence[InstanceRecord]) -> Outcome:
+async def key_step(p: Pass, mem: ComponentMemory, live: Sequence[InstanceRecord]) -> Outcome:
     """KeyCurrent: the namespace's keyring copy matches the source and the live instances seal
-    with the primary key."""
+    with the primary key. A copy that cannot be read (403, an API server that fails) is judged
+    Unknown rather than failing the pass: the pass has acted already (restarts), and its
+    status, `recentRestartTimes` with it, must still be published."""
     rt = p.rt
     source_digest = keyring_digest(rt.keyring.current())
     max_age = rt.settings.secret_copy_check_seconds
     copy_digest: str | None
+    unreadable = None
     if p.namespace == rt.secrets.namespace:
         copy_digest = source_digest  # the source itself
     else:
         copy_digest, fresh = rt.secrets.known_copy_digest(p.namespace, max_age=max_age)
         if not fresh:
-            copy_digest = await asyncio.to_thread(
-                rt.secrets.copy_digest, p.namespace, max_age=max_age
-            )
+            try:
+                copy_digest = await asyncio.to_thread(
+                    rt.secrets.copy_digest, p.namespace, max_age=max_age
+                )
+            except KeySecretError as exc:
+                ERRORS.labels("key_copy_read").inc()
+                p.logger.warning("cannot read the keyring copy: %s", exc)
+                unreadable = str(exc)
     primary = rt.keyring.current().primary_fingerprint
-    return Outcome(
-        conditions={cond.KEY_CURRENT: key_condition(primary, live, copy_digest, source_digest)}
+    judged = key_condition(
+        primary, live, copy_digest, source_digest, unreadable=unreadable, previous=mem.key
     )
+    return Outcome(conditions={cond.KEY_CURRENT: judged})
 
 
 def pass_fields(
@@ -908,7 +927,9 @@ def _visit(
     if mem.spec is None or mem.spec[0] != raw:
         # Parsed once per spec, not per pass (a thousand components pass every few seconds);
         # kept as a copy, so a body kopf changes in place is still compared with what was parsed.
-        mem.spec = (copy.deepcopy(dict(raw)), _api.parse_spec(dict(raw)))
+        # An older object's values this API refuses run as its bounds (`lift_legacy`; the
+        # reconcile says so).
+        mem.spec = (copy.deepcopy(dict(raw)), _api.parse_stored_spec(raw)[0])
     return Pass(
         rt=rt,
         body=body,

@@ -42,6 +42,7 @@ from defender_config.contract import (
 from defender_operator import _api, _attribution, _canary
 from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions import keycopy
 from defender_operator._decisions.breaker import (
     ActiveChange,
     freeze_lifted_elsewhere,
@@ -80,7 +81,15 @@ from defender_operator._decisions.registration import (
 )
 from defender_operator._decisions.restarts import restart_history
 from defender_operator._decisions.seeding import StoredState, plan_seed
-from defender_operator._errors import RETRY_KEYRING, OwnerRecordError, kopf_errors
+from defender_operator._errors import (
+    RETRY_KEYRING,
+    RETRY_STORE_UNAVAILABLE,
+    ForeignSecretError,
+    KeyDropRefusedError,
+    KeySecretError,
+    OwnerRecordError,
+    kopf_errors,
+)
 from defender_operator._metrics import COMMITS, record_conditions
 from defender_operator._outcome import (
     ConfigVerdict,
@@ -145,6 +154,9 @@ async def publish_status(
         cond.compute(obs),
         now=utcnow(),
         generation=generation,
+        judged=cond.config_generations(
+            generation, mem.config_generation, conflict=mem.conflict is not None
+        ),
     )
     if mem.conflict is None:
         # Series are keyed by component name, and a refused resource's name is its owner's
@@ -174,6 +186,7 @@ def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
     conditions = status.get("conditions")
     if mem.config_state is cond.ConfigState.UNKNOWN:
         mem.config_state, mem.config_message = cond.last_config_state(conditions)
+        mem.config_generation = cond.observed_generation(conditions, cond.CONFIG_SYNCED)
     mem.heartbeat = mem.heartbeat or cond.last_known(conditions, cond.HEARTBEATING)
     mem.key = mem.key or cond.last_known(conditions, cond.KEY_CURRENT)
     mem.misconfig = mem.misconfig or cond.last_known(conditions, cond.MISCONFIGURED)
@@ -182,6 +195,8 @@ def recall(mem: ComponentMemory, status: Mapping[str, Any]) -> None:
         mem.conflict = conflict  # refused before: the monitor judges nothing until reconciled
     if mem.heartbeat is not None and mem.heartbeat.reason == "RestartBudgetExhausted":
         mem.degraded_reported = True  # already told: no second Event from a new operator
+    if mem.key is not None and mem.key.reason == cond.KEYRING_COPY_BLOCKED:
+        mem.copy_block_announced = mem.key.message  # the same: no second Event either
 
 
 def state_fields(state: ComponentState) -> dict[str, Any]:
@@ -254,16 +269,19 @@ async def reconcile(
             with kopf_errors():
                 await _steps(v, mem, raw_spec, found)
                 take(mem, found, Outcome(fields=dict(handled or {})))
+                _judged_on(v, mem, found)
                 judged = await _finish(v, mem, found, first_pass)
         except kopf.TemporaryError as exc:
             # Conditions appear even when the first visit fails, saying why where known.
             take(mem, found, _temporary(exc, found))
+            _judged_on(v, mem, found)
             await _finish(v, mem, found)
             raise
         except kopf.PermanentError as exc:
             # Not retried: a person must act, so the resource says what and why.
             v.logger.error("refused, not retried: %s", exc)
             take(mem, found, refused(exc))
+            _judged_on(v, mem, found)
             await _finish(v, mem, found)
             raise
     if not judged:
@@ -271,6 +289,13 @@ async def reconcile(
         # away rather than at its next interval (a new component is Ready once instances are
         # seen). After one that ran, its daemon's next pass comes when that pass said.
         v.rt.wake(v.name, "reconciled")
+
+
+def _judged_on(v: Visit, mem: ComponentMemory, found: Outcome) -> None:
+    """The visit judged ConfigSynced (`found.config`): on this generation. A visit that failed
+    before judging it leaves the generation of the verdict shown."""
+    if found.config is not None:
+        mem.config_generation = v.generation
 
 
 async def _finish(
@@ -302,6 +327,10 @@ async def _steps(
     if not take(mem, found, claimed.outcome):
         return
     spec = parsed.spec_or_refusal()
+    for note in parsed.lifted:
+        # Each reconcile (a generation, or the operator's resume) until the spec is edited.
+        v.logger.warning("%s", note)
+        take(mem, found, Outcome(events=[warning(_api.HEARTBEAT_MISSES_RAISED, note)]))
     normalized, checked = parsed.normalized, reported(v, parsed)
     seeded_new = None
     if claimed.pending is not None and normalized is not None:
@@ -316,7 +345,7 @@ async def _steps(
     take(mem, found, Outcome(fields={NAME_CLAIM_FIELD: claim_status(v.component, _uid(v.body))}))
     # Only once the name is this resource's: a refused resource must not make the operator
     # read its component unencrypted, nor get its namespace a keyring copy.
-    await prepare(v, spec)
+    take(mem, found, await keyring_copy(v, mem, spec))
     take(mem, found, await unfreeze_command(v))
     take(mem, found, await rollback_command(v))
     take(
@@ -394,6 +423,8 @@ _COMMITTING = "committing spec.config"
 
 
 def _temporary(exc: kopf.TemporaryError, found: Outcome) -> Outcome:
+    if isinstance(exc, _CopyBlocked):
+        return exc.outcome
     if isinstance(exc.__cause__, StoreUnavailableError):
         return Outcome(config=ConfigVerdict(cond.ConfigState.STORE_UNAVAILABLE, str(exc)))
     if isinstance(exc.__cause__, RegistrationReplayError):
@@ -448,6 +479,8 @@ class CheckedSpec:
     normalized: dict[str, Any] | None = None  # spec.config normalized; None when refused
     invalid: ConfigValidationError | None = None
     unparsed: ValueError | None = None
+    lifted: tuple[str, ...] = ()
+    """What `_api.lift_legacy` raised to this API's bounds (run so, and said so)."""
 
     def spec_or_refusal(self) -> _api.DefenderComponentSpec:
         if self.spec is None:
@@ -460,16 +493,17 @@ class CheckedSpec:
 
 def check_spec(v: Visit, raw_spec: Mapping[str, Any]) -> CheckedSpec:
     try:
-        spec = _api.parse_spec(dict(raw_spec))
+        spec, notes = _api.parse_stored_spec(raw_spec)
     except ValueError as exc:  # pydantic's
         return CheckedSpec(None, unparsed=exc)
+    lifted = tuple(notes)
     try:
         normalized = validate_config(
             spec.component_type.value, spec.config, spec.custom_schema, component=v.component
         )
     except ConfigValidationError as exc:
-        return CheckedSpec(spec, invalid=exc)
-    return CheckedSpec(spec, normalized)
+        return CheckedSpec(spec, invalid=exc, lifted=lifted)
+    return CheckedSpec(spec, normalized, lifted=lifted)
 
 
 def seeds_first(v: Visit, parsed: CheckedSpec) -> bool:
@@ -613,6 +647,58 @@ def _claimed(
         v.logger.info(message)
         out.events.append(normal("NameAdopted", message))
     return out
+
+
+async def keyring_copy(v: Visit, mem: ComponentMemory, spec: _api.DefenderComponentSpec) -> Outcome:
+    """`prepare`, and what its keyring copy's failure or recovery shows (`_decisions.keycopy`).
+    A failure ends the visit as a retry (kopf's TemporaryError): fixing the cause heals the
+    component at the next attempt, without an edit of the resource. What the failure shows
+    travels with the error (`_CopyBlocked.outcome`), which `reconcile` publishes as it does
+    every retry's (`_temporary`)."""
+    try:
+        await prepare(v, spec)
+    except (KeySecretError, KeyDropRefusedError) as exc:
+        kind = keycopy.classify(
+            getattr(exc, "status", None),
+            foreign=isinstance(exc, ForeignSecretError),
+            key_drop=isinstance(exc, KeyDropRefusedError),
+        )
+        secret = getattr(exc, "name", None) or v.rt.secrets.name
+        failure = keycopy.CopyFailure(kind, v.namespace, secret, str(exc))
+        blocked = keycopy.blocked_condition(failure)
+        out = Outcome(
+            conditions={cond.KEY_CURRENT: blocked},
+            # Not reconciled past the copy: whatever ConfigSynced said is not this
+            # generation's verdict.
+            config=ConfigVerdict(
+                cond.ConfigState.UNKNOWN,
+                "not reconciled: the namespace's keyring copy could not be written (see"
+                " KeyCurrent); retrying",
+            ),
+        )
+        if keycopy.announce(mem.copy_block_announced, blocked):
+            out.events.append(warning(cond.KEYRING_COPY_BLOCKED, blocked.message))
+            mem.copy_block_announced = blocked.message
+        v.logger.warning("keyring copy in %s not written, retrying: %s", v.namespace, exc)
+        raise _CopyBlocked(str(blocked.message), out) from exc
+    out = Outcome()
+    if mem.key is not None and mem.key.reason in keycopy.BLOCKED_REASONS:
+        # Written now: the monitor's pass judges KeyCurrent again (copy and instances).
+        out.conditions[cond.KEY_CURRENT] = None
+    if mem.copy_block_announced is not None:
+        mem.copy_block_announced = None
+        out.events.append(
+            normal("KeyringCopied", f"the keyring copy in {v.namespace} is written; resuming")
+        )
+    return out
+
+
+class _CopyBlocked(kopf.TemporaryError):
+    """A keyring copy that could not be written, with what the resource shows about it."""
+
+    def __init__(self, message: str, outcome: Outcome) -> None:
+        super().__init__(message, delay=RETRY_STORE_UNAVAILABLE)
+        self.outcome = outcome
 
 
 async def prepare(v: Visit, spec: _api.DefenderComponentSpec) -> None:

@@ -62,12 +62,18 @@ class ComponentMemory:
     config_state: ConfigState = ConfigState.UNKNOWN
     config_message: str = ""
     config_reason: str = ""  # for ConfigState.REFUSED: the library error's reason
+    # The generation the config verdict above was judged on (`conditions.config_generations`);
+    # None before any reconcile gave one.
+    config_generation: int | None = None
     heartbeat: Cond | None = None
     key: Cond | None = None
     misconfig: Cond | None = None
     # Set while another DefenderComponent owns this name in etcd: nothing is written or judged.
     conflict: Cond | None = None
     degraded_reported: bool = False
+    # The message of the KeyringCopyBlocked Warning Event posted last (`_decisions.keycopy`):
+    # once per cause, not once per retry; None once the copy is written.
+    copy_block_announced: str | None = None
     # The scrub (`_scrub`): when it last ran, its condition, the failures already announced.
     scrubbed_at: datetime | None = None
     corrupt: Cond | None = None

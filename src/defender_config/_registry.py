@@ -555,6 +555,7 @@ class Heartbeater:
     def _run(self) -> None:
         failures = 0
         s = self.client.settings.etcd
+        began = time.monotonic()  # when the last beat began (`start`'s, just before)
         while not self._stopped.is_set():
             delay: float | None
             if failures:
@@ -565,7 +566,10 @@ class Heartbeater:
             elif self._hand_over():
                 delay = None  # the keeper beats; sleep until something needs this thread
             else:
-                delay = self.interval
+                # One interval from the last beat's start, not its end: the lease lasts
+                # interval x misses, and a gate's health check (or a slow renewal) inside each
+                # beat must not stretch every period past the interval the lease is counted in.
+                delay = max(0.0, self.interval - (time.monotonic() - began))
             self._wake.wait(delay)
             self._wake.clear()
             self._take_back()
@@ -574,6 +578,7 @@ class Heartbeater:
             if self.client.store.closed:
                 log.warning("heartbeat %s: the store was closed; heartbeats end", self.key)
                 break
+            began = time.monotonic()
             try:
                 self._beat()
                 failures = 0

@@ -89,6 +89,7 @@ CASES: list[tuple[str, Mutation, tuple[str, ...]]] = [
     bad("hb-interval-2h", "spec.heartbeat.intervalSeconds", 7200, f"{LE} 3600"),
     bad("hb-interval-text", "spec.heartbeat.intervalSeconds", "30s", "must be of type integer"),
     bad("hb-misses-101", "spec.heartbeat.missedBeforeRestart", 101, f"{LE} 100"),
+    bad("hb-misses-1", "spec.heartbeat.missedBeforeRestart", 1, f"{GE} 2"),
     bad("hb-grace-negative", "spec.heartbeat.startupGraceSeconds", -1, f"{GE} 0"),
     bad("zstd-level-23", "spec.storage.compression.level", 23, f"{LE} 22"),
     bad("zstd-level-0", "spec.storage.compression.level", 0, f"{GE} 1"),

@@ -29,6 +29,10 @@ ROLLOUT = "Rollout"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
+# KeyCurrent's reason while the namespace's keyring copy cannot be written and a person must
+# act (`keycopy`): the reconcile stops there, so Ready names it before anything else.
+KEYRING_COPY_BLOCKED = "KeyringCopyBlocked"
+
 
 @dataclass(frozen=True)
 class Cond:
@@ -138,6 +142,10 @@ def compute(obs: Observation) -> list[Cond]:
     # Ready is True only when everything a person cares about is fine; its reason names the
     # first thing that is not, in order of how much it matters.
     blockers = [c for c in (config, heartbeat, key) if c.status != TRUE]
+    if key.reason == KEYRING_COPY_BLOCKED:
+        # Nothing else of the reconcile ran: ConfigSynced and Heartbeating wait for it.
+        blockers.remove(key)
+        blockers.insert(0, key)
     if misconfig.status == TRUE:
         blockers.insert(0, misconfig)
     corrupt = obs.corrupt if obs.corrupt is not None and obs.corrupt.status == TRUE else None
@@ -202,10 +210,13 @@ def merge(
     *,
     now: datetime,
     generation: int,
+    judged: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """New condition list in wire form. lastTransitionTime changes only when status changes;
     conditions of other types (set by someone else) are kept, a Conflict no longer desired is
-    dropped."""
+    dropped. observedGeneration is `generation`, or for a type in `judged` the generation it
+    was judged on (`config_generations`)."""
+    judged = judged or {}
     by_type = {c.get("type"): c for c in existing}
     out: list[dict[str, Any]] = []
     for cond in desired:
@@ -221,8 +232,33 @@ def merge(
                 "reason": cond.reason,
                 "message": _bounded(cond.message),
                 "lastTransitionTime": when,
-                "observedGeneration": generation,
+                "observedGeneration": judged.get(cond.type, generation),
             }
         )
     out.extend(dict(c) for c in by_type.values() if c.get("type") != CONFLICT)
     return out
+
+
+def config_generations(
+    generation: int, config_generation: int | None, *, conflict: bool
+) -> dict[str, int]:
+    """The generation ConfigSynced, and Ready with it, were judged on: the one the last
+    reconcile that gave a verdict handled (`config_generation`), not the newest the body has
+    (a failed reconcile or a monitor pass before kopf retries judged nothing of that one). A
+    Conflict, or no verdict yet, is judged on `generation`."""
+    if conflict or config_generation is None:
+        return {}
+    judged = min(config_generation, generation)
+    return {CONFIG_SYNCED: judged, READY: judged}
+
+
+def observed_generation(conditions: object, ctype: str) -> int | None:
+    """observedGeneration of condition `ctype` as a status holds it (None: absent, or not an
+    int: a person can edit the status)."""
+    if not isinstance(conditions, list):
+        return None
+    for c in conditions:
+        if isinstance(c, Mapping) and c.get("type") == ctype:
+            found = c.get("observedGeneration")
+            return found if type(found) is int else None
+    return None

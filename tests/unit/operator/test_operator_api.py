@@ -116,3 +116,30 @@ def test_unknown_spec_fields_and_bad_ranges_are_refused() -> None:
         _api.parse_spec(_spec(selector={"matchLabels": {}}))
     with pytest.raises(ValidationError):
         _api.parse_spec(_spec(componentType="toaster"))
+
+
+def test_a_single_missed_heartbeat_is_refused_and_the_crd_says_why() -> None:
+    """With one, the lease (interval x misses) expires whenever a renewal is a moment late."""
+    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+        _api.parse_spec(_spec(heartbeat={"missedBeforeRestart": 1}))
+    assert _api.parse_spec(_spec(heartbeat={"missedBeforeRestart": 2}))
+    doc = yaml.safe_load(CRD_FILE.read_text())
+    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    misses = spec["properties"]["heartbeat"]["properties"]["missedBeforeRestart"]
+    assert misses["minimum"] == 2
+    assert "healthy pod" in misses["description"]
+
+
+def test_an_object_stored_with_one_miss_runs_as_two_and_says_so() -> None:
+    stored = _spec(heartbeat={"intervalSeconds": 5, "missedBeforeRestart": 1})
+    parsed, notes = _api.parse_stored_spec(stored)
+    assert parsed.heartbeat.missed_before_restart == 2
+    assert parsed.heartbeat.interval_seconds == 5
+    assert len(notes) == 1 and "run as 2" in notes[0]
+    assert stored["heartbeat"]["missedBeforeRestart"] == 1  # the body kopf holds, untouched
+    assert _api.parse_stored_spec(_spec(heartbeat={"missedBeforeRestart": 3}))[1] == []
+    assert _api.parse_stored_spec(_spec())[1] == []
+    # Not a stored 1: refused as before.
+    for value in (True, 0):
+        with pytest.raises(ValidationError):
+            _api.parse_stored_spec(_spec(heartbeat={"missedBeforeRestart": value}))

@@ -143,3 +143,22 @@ def test_last_config_state_reads_config_synced_back_from_status() -> None:
     odd = [{"type": c.CONFIG_SYNCED, "status": "True", "reason": "SomethingElse"}]
     assert c.last_config_state(odd) == (c.ConfigState.UNKNOWN, "")
     assert c.last_config_state(None) == (c.ConfigState.UNKNOWN, "")
+
+
+def test_config_synced_and_ready_are_stamped_with_the_generation_judged() -> None:
+    judged = c.config_generations(3, 1, conflict=False)
+    assert judged == {c.CONFIG_SYNCED: 1, c.READY: 1}
+    assert c.config_generations(3, None, conflict=False) == {}
+    assert c.config_generations(3, 1, conflict=True) == {}  # the refusal is judged now
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    merged = c.merge([], c.compute(c.Observation()), now=now, generation=3, judged=judged)
+    stamped = {m["type"]: m["observedGeneration"] for m in merged}
+    assert stamped[c.CONFIG_SYNCED] == stamped[c.READY] == 1
+    assert stamped[c.HEARTBEATING] == stamped[c.KEY_CURRENT] == 3
+    assert c.observed_generation(merged, c.CONFIG_SYNCED) == 1
+    assert (
+        c.observed_generation(
+            [{"type": c.CONFIG_SYNCED, "observedGeneration": "1"}], c.CONFIG_SYNCED
+        )
+        is None
+    )

@@ -587,10 +587,10 @@ def test_the_breaker_reverts_a_change_that_breaks_instances_and_freezes_commits(
 
 def test_a_pod_that_stops_beating_is_restarted() -> None:
     h = Harness()
-    run(h.reconcile(spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 1})))
+    run(h.reconcile(spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 2})))
     h.add_pod("sniffer-a")
     h.mem.watch_started = h.pods["sniffer-a"].created  # watched for longer than the deadline
-    run_monitor(h, spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 1}))
+    run_monitor(h, spec(ETH0, heartbeat={"intervalSeconds": 1, "missedBeforeRestart": 2}))
     assert h.kube.deleted == ["sniffer-a"]
     assert "PodRestarted" in h.reasons()
     assert h.kube.status["restarts"] == 1
@@ -772,3 +772,59 @@ def test_a_pass_that_cannot_read_etcd_judges_nothing_and_still_publishes() -> No
     assert h.kube.deleted == []
     # No heartbeat read is no missed heartbeat: nothing is blamed on the pod.
     assert h.condition(cond.HEARTBEATING)["status"] != cond.FALSE
+
+
+def test_a_resource_stored_with_one_miss_is_run_with_two_and_warned() -> None:
+    """An object the API server kept from before the minimum became 2: reconciled, its cadence
+    published with 2 misses, a HeartbeatMissesRaised Warning Event; the monitor judges it."""
+    h = Harness()
+    legacy = spec(ETH0, heartbeat={"intervalSeconds": 5, "missedBeforeRestart": 1})
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    run(h.reconcile(legacy, first_pass=True))
+    assert h.reasons() == ["HeartbeatMissesRaised"]
+    assert h.events[0].type == "Warning" and "run as 2" in h.events[0].message
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    cadence = h.backend.cadences.get(NAME)
+    assert cadence is not None and (cadence.interval_seconds, cadence.allowed_misses) == (5, 2)
+    run_monitor(h, legacy)
+    assert h.condition(cond.READY)["status"] == cond.TRUE
+
+
+def test_config_synced_keeps_the_generation_it_was_judged_on() -> None:
+    """A reconcile of generation 2 that fails before judging spec.config, and the passes while
+    kopf waits to retry, leave ConfigSynced and Ready at generation 1: they say nothing of 2.
+    A restarted operator keeps that generation; the next reconcile that judges moves it."""
+    h = Harness()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    run(h.reconcile(spec(ETH0), first_pass=True))
+    assert h.condition(cond.CONFIG_SYNCED)["observedGeneration"] == 1
+    read_claim = h.backend.read_claim
+
+    def unreachable(*_: object, **__: object) -> object:
+        raise KubeError("the owner record could not be read")
+
+    h.backend.read_claim = unreachable  # type: ignore[method-assign]
+    with pytest.raises(kopf.TemporaryError):
+        run(h.reconcile(spec(ETH1), first_pass=True))
+    h.generation += 1  # generation 3, not reconciled either
+    run_monitor(h, spec(ETH1))
+
+    def judged_on(ctype: str) -> object:
+        return h.condition(ctype)["observedGeneration"]
+
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    assert (judged_on(cond.CONFIG_SYNCED), judged_on(cond.READY)) == (1, 1)
+    assert judged_on(cond.HEARTBEATING) == 3  # judged now
+    assert h.kube.status["observedGeneration"] == 1
+
+    restarted = Harness(backend=h.backend, kube=h.kube)
+    restarted.add_pod("sniffer-a")
+    restarted.generation = h.generation
+    run_monitor(restarted, spec(ETH1))
+    assert restarted.condition(cond.CONFIG_SYNCED)["observedGeneration"] == 1
+
+    h.backend.read_claim = read_claim  # type: ignore[method-assign]
+    run(h.reconcile(spec(ETH1), first_pass=True))
+    assert judged_on(cond.CONFIG_SYNCED) == judged_on(cond.READY) == 4
