@@ -636,7 +636,7 @@ def section_plugin(d: dict[str, Any]) -> list[str]:
 
 def section_fuzz(d: dict[str, Any]) -> list[str]:
     return [
-        "## Envelope decoder fuzz (`make bench-fuzz`)",
+        "## Envelope decoder fuzz (`make fuzz`)",
         "",
         f"{d['inputs']:,} generated inputs (seed {d['seed']}) in {d['seconds']:.0f} s "
         f"({d['inputs_per_second']:,.0f}/s), each through `inspect`, an authenticated reader "

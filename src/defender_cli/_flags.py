@@ -16,7 +16,7 @@ _KUBE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 def kube_name(text: str) -> str:
     """A Kubernetes object name. An empty one would turn a get into a list (of every namespace's
     Secrets, say) in the client; any other bad one into an API error far from the flag."""
-    if not _KUBE_NAME.match(text):
+    if not _KUBE_NAME.fullmatch(text):  # `$` alone would let "ns\n" through
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a Kubernetes name (lowercase letters, digits, '-' and '.',"
             " starting and ending with a letter or digit)"

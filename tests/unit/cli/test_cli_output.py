@@ -197,7 +197,7 @@ def test_a_keyring_secret_is_namespace_and_name() -> None:
 def test_kubernetes_names_pass_as_they_are() -> None:
     for name in ("default", "ml-defender", "ml-defender-keyring", "a", "a.b-1", "x" * 253):
         assert kube_name(name) == name
-    for bad in ("", "A", "a_b", "-a", "a-", "a/b", ".a", "x" * 254):
+    for bad in ("", "A", "a_b", "-a", "a-", "a/b", ".a", "x" * 254, "ns\n", "ns\r"):
         with pytest.raises(argparse.ArgumentTypeError):
             kube_name(bad)
 
