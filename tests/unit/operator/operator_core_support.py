@@ -5,6 +5,7 @@ deletes, keyring copies). Imported by name (pytest puts this folder on sys.path)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import kopf
 import urllib3.exceptions
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -286,6 +288,34 @@ class Harness:
                 _monitor.after_reconcile, self.rt, visit.body, NAMESPACE, NAME, LOG, self.index()
             )
         await _reconcile.reconcile(visit, raw_spec, then)
+
+    def reconcile_refused_twin(self, namespace: str, raw_spec: Mapping[str, Any]) -> dict[str, Any]:
+        """A resource of the same name in `namespace`, reconciled once while this harness's
+        component holds the name: refused (Conflict); returns its body. FakeKube keeps one
+        status, so the twin's patch lands there; the owner's is put back afterwards."""
+        body: dict[str, Any] = {
+            "metadata": {"namespace": namespace, "name": NAME, "uid": "uid-b", "generation": 1},
+            "spec": dict(raw_spec),
+            "status": {},
+        }
+        owner_status = dict(self.kube.status)
+        visit = _reconcile.Visit(
+            rt=self.rt,
+            body=body,
+            namespace=namespace,
+            name=NAME,
+            generation=1,
+            status={},
+            annotations={},
+            logger=LOG,
+            holders=self.holder_index(body),
+            pods=self.index(),
+        )
+        with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
+            asyncio.run(_reconcile.reconcile(visit, raw_spec))
+        self.kube.status = owner_status
+        assert self.rt.memory(namespace, NAME).conflict is not None
+        return body
 
     async def monitor(self, raw_spec: Mapping[str, Any]) -> datetime | None:
         """One pass of the monitor daemon (as `_monitor.run` makes it)."""

@@ -5,13 +5,11 @@ the operator publishes, and dropped when the component is deleted."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-import kopf
 from operator_core_support import LOG, NAME, Harness, spec
 from prometheus_client import REGISTRY
 
-from defender_operator import _reconcile, handlers
+from defender_operator import handlers
 from defender_operator._decisions import conditions as cond
 from defender_operator._metrics import count_canary_abort, forget_component, record_conditions
 from defender_operator._reconcile import UNFREEZE_ANNOTATION
@@ -153,30 +151,7 @@ def test_a_refused_same_named_resource_neither_overwrites_nor_drops_the_owners_s
     h = Harness()
     asyncio.run(h.reconcile(spec(ETH0)))
     count_canary_abort(NAME, "Command")
-    owner_status = dict(h.kube.status)
-    twin = {
-        "metadata": {"namespace": "tenant-b", "name": NAME, "uid": "uid-b", "generation": 1},
-        "spec": spec(ETH0),
-        "status": {},
-    }
-    visit = _reconcile.Visit(
-        rt=h.rt,
-        body=twin,
-        namespace="tenant-b",
-        name=NAME,
-        generation=1,
-        status={},
-        annotations={},
-        logger=LOG,
-        holders=h.holder_index(twin),
-        pods=h.index(),
-    )
-    with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
-        asyncio.run(_reconcile.reconcile(visit, spec(ETH0)))
-    assert h.rt.memory("tenant-b", NAME).conflict is not None
-    # (FakeKube keeps one status: the twin's patch went there.)
-    assert dict(h.kube.status)["conditions"] != owner_status["conditions"]
-    h.kube.status = owner_status
+    twin = h.reconcile_refused_twin("tenant-b", spec(ETH0))
     assert condition(NAME, cond.CONFLICT, "True") is None
     assert condition(NAME, cond.CONFIG_SYNCED, "True") == 1
 

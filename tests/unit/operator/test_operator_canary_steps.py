@@ -403,6 +403,17 @@ def leaving(h: Harness, pod: str) -> None:
     h.pods[pod] = Pod(old.name, old.uid, old.created, deleting=True)
 
 
+def podless(h: Harness, instance: str, digest: str | None = None) -> None:
+    """A record naming no pod, as etcd write access alone can put one (`digest`: the config it
+    claims to run)."""
+    h.backend.add_instance(
+        NAME,
+        InstanceRecord(
+            instance=instance, pod=None, time=utcnow(), status="RUNNING", config_digest=digest
+        ),
+    )
+
+
 def test_a_planted_record_naming_no_pod_is_never_picked_nor_promoted() -> None:
     h = Harness()
     run(h.reconcile(canary_spec(ETH0)))
@@ -411,21 +422,10 @@ def test_a_planted_record_naming_no_pod_is_never_picked_nor_promoted() -> None:
         beat(h, pod, stored(ETH0))
     asyncio.run(h.monitor(canary_spec(ETH0)))
     # etcd write access alone: a key that sorts first, no pod behind it.
-    h.backend.add_instance(
-        NAME, InstanceRecord(instance="aaa-ghost", pod=None, time=utcnow(), status="RUNNING")
-    )
+    podless(h, "aaa-ghost")
     run(h.reconcile(canary_spec(ETH1)))
     assert h.backend.rollouts[NAME][0].canaries == ("sniffer-a",)
-    h.backend.add_instance(
-        NAME,
-        InstanceRecord(
-            instance="aaa-ghost",
-            pod=None,
-            time=utcnow(),
-            status="RUNNING",
-            config_digest=stored(ETH1),
-        ),
-    )
+    podless(h, "aaa-ghost", stored(ETH1))
     asyncio.run(h.monitor(canary_spec(ETH1)))
     assert h.backend.state(NAME).active_version == 1
     assert "CanaryPromoted" not in h.reasons()
@@ -500,16 +500,7 @@ def test_a_canary_picked_as_its_pod_went_is_replaced_without_a_pass_between() ->
 
 def test_a_canary_record_rewritten_to_name_no_pod_is_replaced_not_promoted() -> None:
     h = started()
-    h.backend.add_instance(
-        NAME,
-        InstanceRecord(
-            instance="sniffer-a",
-            pod=None,
-            time=utcnow(),
-            status="RUNNING",
-            config_digest=stored(ETH1),
-        ),
-    )
+    podless(h, "sniffer-a", stored(ETH1))
     asyncio.run(h.monitor(canary_spec(ETH1)))
     assert h.backend.state(NAME).active_version == 1
     assert h.backend.rollouts[NAME][0].canaries == ("sniffer-b",)

@@ -6,13 +6,11 @@ reconciles ran, not from a replica paused by peering."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
-import kopf
-from operator_core_support import LOG, NAME, NAMESPACE, FakeSecrets, Harness, spec
+from operator_core_support import NAME, NAMESPACE, FakeSecrets, Harness, spec
 
-from defender_operator import _reconcile, _rotation
+from defender_operator import _rotation
 from defender_operator._runtime import Runtime
 from defender_operator._settings import OperatorSettings
 
@@ -21,28 +19,7 @@ TWIN = "tenant-b"
 
 def reconcile_twin(h: Harness) -> None:
     """tenant-b/sniffer, refused the name default/sniffer holds (Conflict)."""
-    body: dict[str, Any] = {
-        "metadata": {"namespace": TWIN, "name": NAME, "uid": "uid-b", "generation": 1},
-        "spec": spec(),
-        "status": {},
-    }
-    owner_status = dict(h.kube.status)  # FakeKube keeps one status: the owner's is put back
-    visit = _reconcile.Visit(
-        rt=h.rt,
-        body=body,
-        namespace=TWIN,
-        name=NAME,
-        generation=1,
-        status={},
-        annotations={},
-        logger=LOG,
-        holders=h.holder_index(body),
-        pods=h.index(),
-    )
-    with contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
-        asyncio.run(_reconcile.reconcile(visit, spec()))
-    h.kube.status = owner_status
-    assert h.rt.memory(TWIN, NAME).conflict is not None
+    h.reconcile_refused_twin(TWIN, spec())
 
 
 def daemons_run(rt: Runtime) -> None:
