@@ -485,6 +485,22 @@ def _helm_uninstall(kubectl: Kubectl, journey: Journey) -> None:
     assert {p["status"]["phase"] for p in after} == {"Bound"}
 
 
+def _helm_reinstall(kubectl: Kubectl, journey: Journey) -> None:
+    """Installing again after `helm uninstall` finds the store as it was: the kept PVCs hold
+    etcd with authentication on, so the generated etcd Secrets (root password, TLS) must have
+    been kept too, or the new operator is locked out (docs/install.md, "Uninstalling")."""
+    auth = kubectl.get("-n", NAMESPACE, "secret", f"{RELEASE}-etcd-auth")
+    journey.install()
+    reinstalled = datetime.now(UTC)
+    again = kubectl.get("-n", NAMESPACE, "secret", f"{RELEASE}-etcd-auth")
+    assert again["metadata"]["uid"] == auth["metadata"]["uid"]
+    assert again["data"] == auth["data"]
+    # Ready from heartbeats the new operator judged, on the configs the old one stored.
+    journey.wait_ready(
+        timeout=600, also=lambda d: _time(d["status"]["lastHeartbeatTime"]) > reinstalled
+    )
+
+
 def _published_in_mounts(kubectl: Kubectl, journey: Journey) -> bool:
     """Whether every component's agent reads, in its keyring Secret mount, the registration its
     DefenderComponent's status anchors (registrations.json, published by the operator, put in
@@ -596,7 +612,9 @@ def test_the_whole_journey_on_a_node(
         print(journey.summary(), flush=True)
         phases.restart()
         _helm_uninstall(kubectl, journey)
-        phases.mark("helm uninstall (CRD, components, PVCs kept)")
+        phases.mark("helm uninstall (CRD, components, PVCs, etcd Secrets kept)")
+        _helm_reinstall(kubectl, journey)
+        phases.mark("helm install again -> every component Ready on the kept store")
     finally:
         journey.uninstall()
         # The operator is gone: nothing would remove the components' finalizer, and the next
@@ -606,3 +624,7 @@ def test_the_whole_journey_on_a_node(
                         "-p", '{"metadata":{"finalizers":null}}', check=False)  # fmt: skip
         kubectl.run("-n", NAMESPACE, "delete", "pvc", "-l", "app.kubernetes.io/component=etcd",
                     "--wait=false", check=False)  # fmt: skip
+        # Kept by `helm uninstall` with the PVCs (resource-policy keep): gone with them.
+        kubectl.run("-n", NAMESPACE, "delete", "secret", "-l",
+                    f"app.kubernetes.io/instance={RELEASE}", "--wait=false",
+                    check=False)  # fmt: skip
