@@ -5,6 +5,7 @@ period past it, since the lease (interval x misses) is counted in intervals."""
 from __future__ import annotations
 
 import itertools
+import statistics
 import threading
 import time
 
@@ -42,7 +43,7 @@ def test_beats_start_one_interval_apart_whatever_the_check_takes() -> None:
             # The beat as the gate and the renewal make it: the check's time, no etcd.
             starts.append(time.monotonic())
             time.sleep(CHECK)
-            if len(starts) >= 5:
+            if len(starts) >= 7:
                 enough.set()
 
         beat._beat = slow_beat  # type: ignore[method-assign]
@@ -55,5 +56,6 @@ def test_beats_start_one_interval_apart_whatever_the_check_takes() -> None:
             beat._wake.set()
             thread.join(5)
         periods = [b - a for a, b in itertools.pairwise(starts[1:])]
-        # Scheduled from the end, each period would be INTERVAL + CHECK (0.7 s).
-        assert all(p < INTERVAL + CHECK / 2 for p in periods), periods
+        # Scheduled from the end, no period could be under INTERVAL + CHECK (0.7 s: both are
+        # sleeps). The median, not every period: a loaded machine may delay one or two.
+        assert statistics.median(periods) < INTERVAL + CHECK / 2, periods
