@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -127,7 +127,7 @@ async def start(
         sequence=sequence,
     )
     named = {i.instance: i.pod for i in instances}
-    mem.canary_pods = {c: pod for c in record.canaries if (pod := named.get(c)) is not None}
+    mem.canary_pods = _pods_of(record.canaries, named)
     message = (
         f"version {record.version} goes to {', '.join(record.canaries)} first; promoted after"
         f" {canary.hold_seconds}s healthy"
@@ -467,8 +467,13 @@ async def _replace(
             fields=rollout_fields(record, SUPERSEDED, ended),
         )
     mem.canary_healthy = None
-    mem.canary_pods = {c: pod for c in replaced.canaries if (pod := named.get(c)) is not None}
+    mem.canary_pods = _pods_of(replaced.canaries, named)
     logger.info("canaries replaced: %s", message)
     out = _progressing(replaced, message)
     out.events.append(normal("CanaryReplaced", message))
     return out
+
+
+def _pods_of(canaries: Iterable[str], named: Mapping[str, str | None]) -> dict[str, str]:
+    """The pod each canary's record names (none: not remembered)."""
+    return {c: pod for c in canaries if (pod := named.get(c)) is not None}

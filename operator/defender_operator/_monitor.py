@@ -75,7 +75,7 @@ from defender_operator._metrics import (
     record_unbacked,
 )
 from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
-from defender_operator._pods import PodIndex, select_pods
+from defender_operator._pods import PodIndex, held_pods, select_pods
 from defender_operator._reconcile import (
     drop_replayed_freeze,
     publish_status,
@@ -599,11 +599,6 @@ def unbacked_step(
     )
     p.logger.warning("%s", message)
     return Outcome(events=[warning("UnbackedInstances", message)])
-
-
-def held_pods(pods: Sequence[Pod]) -> dict[str, bool]:
-    """The selected pods by name, each with whether it is being deleted."""
-    return {pod.name: pod.deleting for pod in pods}
 
 
 def pod_views(pods: Sequence[Pod]) -> list[PodView]:

@@ -110,3 +110,9 @@ def select_pods(index: PodIndex, namespace: str, match_labels: Mapping[str, str]
 
 # A woken pass waits this long after a pod event: kopf files the pod after the handler returns.
 WAKE_DELAY_SECONDS = 0.1
+
+
+def held_pods(pods: Iterable[Pod]) -> dict[str, bool]:
+    """The selected pods by name, each with whether it is being deleted (what
+    `_decisions.backing` and the canary pick judge records against)."""
+    return {pod.name: pod.deleting for pod in pods}

@@ -100,7 +100,7 @@ from defender_operator._outcome import (
     take,
     warning,
 )
-from defender_operator._pods import PodIndex, select_pods
+from defender_operator._pods import PodIndex, held_pods, select_pods
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 
 
@@ -1062,7 +1062,7 @@ async def commit(
             status=v.status,
             by=author,
             logger=v.logger,
-            pods={pod.name: pod.deleting for pod in pods},
+            pods=held_pods(pods),
             mem=rt.memory(v.namespace, v.name),
         )
         if started is not None:
