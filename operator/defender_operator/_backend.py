@@ -80,6 +80,10 @@ class InstanceRecord:
     interval_seconds: float | None = None
     # The etcd lease the key is bound to (0: unknown); its keep-alives are the beats.
     lease_id: int = 0
+    # Whether its MAC verified over its etcd path and lease (a key holder wrote it); only
+    # verified records steer anything. `unverified` says why not (no key bytes).
+    verified: bool = True
+    unverified: str | None = None
 
     def holds(self, fingerprint: str) -> bool:
         return fingerprint in self.key_fingerprints or fingerprint == self.key_fingerprint

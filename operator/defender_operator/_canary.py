@@ -22,7 +22,7 @@ from defender_config.contract import ABORT_ANNOTATION, PROMOTE_ANNOTATION
 from defender_operator import _api
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
-from defender_operator._decisions.backing import Backing, backing
+from defender_operator._decisions.backing import Backing, authentic, backing
 from defender_operator._decisions.breaker import ActiveChange, lifted_freeze
 from defender_operator._decisions.canary import (
     ABORTED,
@@ -106,7 +106,7 @@ async def start(
     digest = config_digest(normalized)
     if current is not None and current.digest == digest and current.sequence >= max(anchored, 1):
         return _progressing(current, f"canary of version {current.version} in progress")
-    instances = await asyncio.to_thread(rt.backend.instances, component)
+    instances, _ = authentic(await asyncio.to_thread(rt.backend.instances, component))
     serving = backing(((i.instance, i.pod) for i in instances), pods).serving
     canaries = pick_canaries(sorted(serving), count=canary.instances, percent=canary.percent)
     if not canaries:

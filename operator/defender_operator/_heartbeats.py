@@ -19,6 +19,10 @@ from defender_operator._backend import InstanceRecord
 from defender_operator._metrics import HEARTBEAT_EVENTS, MONITOR_WAKES
 
 
+def _replayed(before: InstanceRecord | None, record: InstanceRecord) -> bool:
+    return before is not None and before.verified and record.verified and record.time < before.time
+
+
 @dataclass(frozen=True)
 class _Entry:
     record: InstanceRecord
@@ -101,10 +105,16 @@ class HeartbeatView:
             # Judge now rather than at the next interval.
             self.wake(component, "instance-gone")
             return
-        HEARTBEAT_EVENTS.labels("put").inc()
         known = self._entries.setdefault(component, {})
         self._tombstones.pop((component, instance), None)
         before = known.get(instance)
+        if _replayed(before.record if before is not None else None, record):
+            # An authentic record older than the one it replaces, with no delete in between:
+            # put back by someone with etcd write access (an agent stamps every record it
+            # writes, a new lease's too, so its own come in time order). The newer one stays.
+            HEARTBEAT_EVENTS.labels("replayed").inc()
+            return
+        HEARTBEAT_EVENTS.labels("put").inc()
         if before is None or replace(before.record, time=record.time) != record:
             # A new instance, or one whose status, version, keys or error changed: judge it
             # now. A put that only moves the time (a heartbeater from before one RPC per beat
@@ -124,6 +134,11 @@ class HeartbeatView:
         read the view is not trusted."""
         self.synced = False
         self.resync_requested.set()
+
+    def reverify(self) -> None:
+        """The keyring changed: each record was verified with the one held when it was read,
+        so the view is not trusted until a full list has read every record with this one."""
+        self.watch_failed()
 
     def begin_resync(self) -> int:
         self.resync_requested.clear()

@@ -94,6 +94,10 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         lease_ttl_seconds=hb.lease_ttl_seconds,
         interval_seconds=hb.interval_seconds,
         lease_id=hb.lease_id,
+        verified=hb.verified,
+        unverified=None
+        if hb.verified
+        else hb.unverified or "read while the operator held no keyring to check its MAC",
     )
 
 

@@ -343,7 +343,12 @@ async def key_rotation(rt: Runtime) -> None:
             except (DefenderConfigError, OperatorError) as exc:
                 ERRORS.labels("rotation").inc()
                 log.warning("key rotation step failed, retrying: %s", exc)
-        if _key_facts(rt) != before:
+        after = _key_facts(rt)
+        if after[2] != before[2]:
+            # Records were verified with the keyring held when read (none before it was
+            # loaded): read them all again with this one.
+            rt.heartbeats.reverify()
+        if after != before:
             # Every pass judges the keyring (KeyCurrent, the rotation stage it publishes).
             rt.wake_all("keyring")
         ticks += 1

@@ -61,7 +61,8 @@ ETCD_ALARM = Gauge(
 )
 HEARTBEAT_EVENTS = Counter(
     "defender_operator_heartbeat_events_total",
-    "Instance key events from the heartbeat watch (a delete: stopped or lease expired)",
+    "Instance key events from the heartbeat watch (a delete: stopped or lease expired;"
+    " replayed: an authentic record older than the one it replaced, ignored)",
     ["kind"],
 )
 HEARTBEAT_RESYNCS = Counter(
@@ -131,6 +132,7 @@ class _Series:
     heartbeat_age: float | None = None
     alive: float | None = None
     unbacked: float | None = None
+    unverified: float | None = None
 
 
 class PerComponentGauges(Collector):
@@ -173,6 +175,10 @@ class PerComponentGauges(Collector):
         with self._lock:
             self._series(component).unbacked = float(count)
 
+    def record_unverified(self, component: str, count: int) -> None:
+        with self._lock:
+            self._series(component).unverified = float(count)
+
     def forget(self, component: str) -> None:
         with self._lock:
             self._by_component.pop(component, None)
@@ -192,21 +198,27 @@ class PerComponentGauges(Collector):
                     s.heartbeat_age,
                     s.alive,
                     s.unbacked,
+                    s.unverified,
                 )
                 for name, s in self._by_component.items()
             ]
-        conditions, frozen, budget, age, alive, unbacked = self._families()
-        for name, kinds, is_frozen, exhausted, seconds, count, ghosts in rows:
+        conditions, frozen, budget, age, alive, unbacked, unverified = self._families()
+        for name, kinds, is_frozen, exhausted, seconds, count, ghosts, forged in rows:
             for kind, status in kinds.items():
                 for s in _STATUSES:
                     conditions.add_metric([name, kind, s], 1.0 if s == status else 0.0)
             for family, value in ((frozen, is_frozen), (budget, exhausted)):
                 if value is not None:
                     family.add_metric([name], value)
-            for family, value in ((age, seconds), (alive, count), (unbacked, ghosts)):
+            for family, value in (
+                (age, seconds),
+                (alive, count),
+                (unbacked, ghosts),
+                (unverified, forged),
+            ):
                 if value is not None:
                     family.add_metric([name], value)
-        yield from (conditions, frozen, budget, age, alive, unbacked)
+        yield from (conditions, frozen, budget, age, alive, unbacked, unverified)
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -244,6 +256,11 @@ class PerComponentGauges(Collector):
                 " breaker and the canaries)",
                 labels=["component"],
             ),
+            GaugeMetricFamily(
+                "defender_operator_instances_unverified",
+                "Instance records in etcd whose MAC does not verify (ignored by every judgement)",
+                labels=["component"],
+            ),
         )
 
 
@@ -266,6 +283,11 @@ def record_heartbeats(component: str, age_seconds: float | None, alive: int) -> 
 def record_unbacked(component: str, count: int) -> None:
     """How many of the component's instance records name no pod it selects."""
     PER_COMPONENT.record_unbacked(component, count)
+
+
+def record_unverified(component: str, count: int) -> None:
+    """How many of the component's instance records fail authentication."""
+    PER_COMPONENT.record_unverified(component, count)
 
 
 def count_canary_abort(component: str, reason: str) -> None:

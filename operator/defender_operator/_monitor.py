@@ -35,7 +35,13 @@ from defender_operator._backend import (
 )
 from defender_operator._bodies import shed_managed_fields
 from defender_operator._decisions import conditions as cond
-from defender_operator._decisions.backing import Backing, backing, unbacked_to_report
+from defender_operator._decisions.backing import (
+    Backing,
+    authentic,
+    backing,
+    unbacked_to_report,
+    unverified_to_report,
+)
 from defender_operator._decisions.breaker import (
     BreakerPolicy,
     evaluate_breaker,
@@ -73,6 +79,7 @@ from defender_operator._metrics import (
     RESTARTS,
     record_heartbeats,
     record_unbacked,
+    record_unverified,
 )
 from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
 from defender_operator._pods import PodIndex, held_pods, select_pods
@@ -227,6 +234,8 @@ class Observed:
     state: ComponentState | None = None
     cadence: Cadence | None = None
     rollout: RolloutRecord | None = None
+    unverified: Sequence[InstanceRecord] = ()
+    """Records whose MAC does not verify: reported, left out of `instances`."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +284,7 @@ async def _steps(
     if seen.etcd_ok:
         take(mem, found, await cadence_step(p, seen, mem))
     judged, heard = await heartbeat_step(
-        p, mem, pods, seen.instances, read_ok=seen.etcd_ok, backed=backed
+        p, mem, pods, seen.instances, read_ok=seen.etcd_ok, backed=backed, forged=seen.unverified
     )
     take(mem, found, heard)
     misconfig_ages: datetime | None = None
@@ -299,6 +308,7 @@ async def _steps(
         state, dropped = await drop_replayed_freeze(rt, p.name, p.status, state, p.logger)
         take(mem, found, dropped)
         take(mem, found, unbacked_step(p, mem, seen.instances, backed, judged.policy))
+        take(mem, found, unverified_step(p, mem, seen.unverified))
         state, tripped = await breaker_step(p, mem, state, seen.instances, judged, backed)
         take(mem, found, tripped)
         rolled = await _canary.watch(
@@ -355,7 +365,16 @@ async def _last_seen(rt: Runtime, instances: Sequence[InstanceRecord]) -> list[I
 async def observe(p: Pass, mem: ComponentMemory) -> Observed:
     """The instances' heartbeats and recent alerts, when etcd is healthy and answers. The
     component's records are the last pass's read when nothing it read changed since
-    (`_decisions.reads`), else read again."""
+    (`_decisions.reads`), else read again. Heartbeat records whose MAC does not verify are
+    left out of `instances` (`_decisions.backing.authentic`): nothing judges them."""
+    seen = await _observe(p, mem)
+    good, bad = authentic(seen.instances)
+    if not bad:
+        return seen
+    return dataclasses.replace(seen, instances=good, unverified=bad)
+
+
+async def _observe(p: Pass, mem: ComponentMemory) -> Observed:
     rt = p.rt
     etcd = rt.etcd.view()
     if not (etcd.reachable and etcd.quorum):
@@ -459,6 +478,7 @@ async def heartbeat_step(
     *,
     read_ok: bool = True,
     backed: Backing,
+    forged: Sequence[InstanceRecord] = (),
 ) -> tuple[Judged, Outcome]:
     """Decide whether a pod missed its heartbeats and restart it (within the budget). When
     this pass could not read etcd (`read_ok` False), etcd counts as unreachable whatever the
@@ -509,6 +529,12 @@ async def heartbeat_step(
             judgement,
             message=f"{judgement.message}; {len(backed.unbacked)} heartbeat record(s) name no"
             " selected pod (ignored)",
+        )
+    if forged:
+        judgement = dataclasses.replace(
+            judgement,
+            message=f"{judgement.message}; {len(forged)} heartbeat record(s) fail"
+            " authentication (ignored)",
         )
     out.conditions[cond.HEARTBEATING] = judgement
     out.fields.update(instances={"alive": alive, "expected": expected})
@@ -599,6 +625,36 @@ def unbacked_step(
     )
     p.logger.warning("%s", message)
     return Outcome(events=[warning("UnbackedInstances", message)])
+
+
+# Instances an Event names at most (anyone with etcd write access can invent any number).
+_NAMED = 5
+
+
+def unverified_step(p: Pass, mem: ComponentMemory, forged: Sequence[InstanceRecord]) -> Outcome:
+    """Report instance records whose MAC does not verify: nothing judges them (not the
+    restart decision, the breaker, the canaries, the key rotation or the alive count). An
+    agent signs its record with the keyring it mounts, so one that fails was written without
+    it: by someone with etcd write access alone, put back from an earlier lease, or by an agent
+    older than record signing. Exported as a gauge each pass; a Warning Event once per record
+    while it lasts."""
+    record_unverified(p.name, len(forged))
+    mem.unverified_reported, new = unverified_to_report(
+        [i.instance for i in forged], mem.unverified_reported
+    )
+    if not new:
+        return Outcome()
+    why = {i.instance: i.unverified for i in forged}
+    shown = "; ".join(f"{name} ({why[name]})" for name in new[:_NAMED])
+    more = f" and {len(new) - _NAMED} more" if len(new) > _NAMED else ""
+    message = (
+        f"{len(new)} heartbeat record(s) fail authentication: {shown}{more}. Ignored: the"
+        " pod they name is judged by its own signed record only. An agent"
+        " older than record signing writes none (upgrade it); otherwise someone without the"
+        " keyring writes this component's instance keys"
+    )
+    p.logger.warning("%s", message)
+    return Outcome(events=[warning("UnverifiedInstances", message)])
 
 
 def pod_views(pods: Sequence[Pod]) -> list[PodView]:

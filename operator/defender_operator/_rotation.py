@@ -22,6 +22,7 @@ from defender_operator._decisions.rotation import (
     RotationState,
     RotationStep,
     RotationTimings,
+    instance_keys,
     next_rotation_step,
     resumed_rotation,
     schedule_due,
@@ -102,14 +103,7 @@ async def step(rt: Runtime) -> RotationStep:
     live: dict[str, frozenset[str]] = {}
     primaries: dict[str, str | None] = {}
     if state.stage in (RotationStage.DISTRIBUTING, RotationStage.PROMOTED):
-        everything = await asyncio.to_thread(rt.backend.all_instances)
-        for component, records in everything.items():
-            for rec in records:
-                fps = set(rec.key_fingerprints)
-                if rec.key_fingerprint:
-                    fps.add(rec.key_fingerprint)
-                live[f"{component}/{rec.instance}"] = frozenset(fps)
-                primaries[f"{component}/{rec.instance}"] = rec.key_fingerprint
+        live, primaries = instance_keys(await asyncio.to_thread(rt.backend.all_instances))
     decided = next_rotation_step(
         now=now,
         state=state,

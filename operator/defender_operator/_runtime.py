@@ -89,6 +89,7 @@ class ComponentMemory:
     # and those already reported (an Event each, once).
     unbacked_since: dict[str, datetime] = field(default_factory=dict)
     unbacked_reported: frozenset[str] = frozenset()
+    unverified_reported: frozenset[str] = frozenset()
     # The last monitor pass's read of the component (`_monitor.observe`) and when, at which
     # revision: reused while the change watch says nothing it read changed
     # (`_decisions.reads`). The same objects the pass judged, no copies; None after a read

@@ -15,6 +15,12 @@ record change, a cadence push, a lease the keeper gave back, stop), so a steady 
 thread of its own. At a hundred heartbeaters per process those wake-ups cost more CPU than the
 keep-alive itself.
 
+With a keyring the record is signed like the other control records (`_records`), over its etcd
+path and the lease it is bound to (the `lease` field, hex): write access to etcd alone can
+neither forge an instance's record nor put back one from another of its leases. A reader with a
+keyring marks each record it reads `verified` or not (`Heartbeat.verified`, and why not); the
+operator acts only on verified ones.
+
 The interval and misses come from the component's published cadence (`_cadence`, written by the
 operator from `spec.heartbeat`), pushed to the heartbeaters by one watch per component per client
 (`_cadence_feed`); the instance's own setting is only the fallback while no readable cadence is
@@ -46,7 +52,7 @@ from ._configs import (
     _first_error,
     _parse_metadata,
 )
-from ._errors import DefenderConfigError, NotFoundError, StoreError
+from ._errors import DefenderConfigError, NotFoundError, RecordAuthError, StoreError
 from ._models import ComponentType
 from ._store import WatchHandle
 from ._store_types import Lease, WatchEvent, backoff_delay
@@ -105,13 +111,31 @@ class Heartbeat(BaseModel):
     software_version: str | None = None
     lease_ttl_seconds: int | None = None
     interval_seconds: float | None = None
+    # The lease the writer bound the record to (hex), covered by the MAC: a record put back
+    # under another lease does not verify.
+    lease: str | None = None
 
     # The lease the key is bound to, as read from etcd (not part of the stored JSON).
     _lease_id: int = PrivateAttr(default=0)
+    # Whether the reader checked the record's MAC and lease (False without a keyring).
+    _verified: bool = PrivateAttr(default=False)
+    _unverified: str | None = PrivateAttr(default=None)
 
     @property
     def lease_id(self) -> int:
         return self._lease_id
+
+    @property
+    def verified(self) -> bool:
+        """True when the reader holds a keyring and the record's MAC verifies over its etcd path
+        and the lease etcd binds the key to: a key holder wrote it for this key and lease."""
+        return self._verified
+
+    @property
+    def unverified(self) -> str | None:
+        """Why a reader with a keyring did not verify the record (None: verified, or the
+        reader holds no keyring). Names what is wrong, never key bytes."""
+        return self._unverified
 
 
 class StatusRecord(BaseModel):
@@ -442,8 +466,9 @@ class Heartbeater:
         return False
 
     def _write(self, record: Heartbeat, lease: Lease) -> None:
-        body = self.client.encode_json(record.model_dump(mode="json"))
-        self.client.store.put(self.key, body, lease=lease)
+        bound = record.model_dump(mode="json")
+        bound["lease"] = f"{lease.id:x}"
+        self.client.store.put(self.key, self.client.encode_record(self.key, bound), lease=lease)
         self._written = _content(record)
         self._same_as_written = record
         self.writes += 1
@@ -856,10 +881,36 @@ class Registry:
         return self.client.store.watch_prefix(prefix, on_event, on_error=on_error)
 
     def _heartbeat(self, key: str, value: bytes, lease_id: int = 0) -> Heartbeat | None:
+        """The record at `key`, marked verified or not; None when it is no heartbeat at all."""
+        client = self.client
+        unverified: str | None = None
         try:
-            hb = Heartbeat.model_validate(self.client.decode_json(key, value))
+            if client.verifies_records:
+                try:
+                    data = client.decode_record(key, value, report=False)
+                except RecordAuthError as exc:
+                    # Read anyway, to be shown and reported; nothing acts on it.
+                    unverified = exc.problem
+                    data = _without_auth(client.decode_json(key, value))
+            else:
+                data = _without_auth(client.decode_json(key, value))
+            hb = Heartbeat.model_validate(data)
         except (DefenderConfigError, ValidationError, ValueError) as exc:
             log.warning("unreadable heartbeat %s: %s", key, exc)
             return None
         hb._lease_id = lease_id
+        if client.verifies_records:
+            if unverified is None and hb.lease != f"{lease_id:x}":
+                unverified = (
+                    f"it was signed for lease {hb.lease!r} but etcd binds the key to lease"
+                    f" {lease_id:x} (an earlier record of this key put back)"
+                )
+            hb._verified = unverified is None
+            hb._unverified = unverified
         return hb
+
+
+def _without_auth(data: Any) -> Any:
+    if isinstance(data, dict) and "auth" in data:
+        return {k: v for k, v in data.items() if k != "auth"}
+    return data

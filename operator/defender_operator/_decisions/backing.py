@@ -6,13 +6,45 @@ write access or a stolen agent password). The records alone therefore steer noth
 components run: the breaker counts, and canaries are picked and judged from, only records that
 name a pod the component's selector matches (the pod index the monitor already reads from the
 API server) and that is not being deleted. Records naming no such pod are reported, not acted on.
+Before that, only records whose MAC verifies count at all (`authentic`): a forged record could
+name a real pod.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol, TypeVar
+
+
+class _Checked(Protocol):
+    @property
+    def verified(self) -> bool: ...
+
+
+_R = TypeVar("_R", bound=_Checked)
+
+
+def authentic(records: Iterable[_R]) -> tuple[list[_R], list[_R]]:
+    """(the records whose MAC verified, the others). Only the first steer anything: a record
+    that does not verify was written without the keyring (by someone with etcd write access
+    alone, or put back from another lease), whatever pod it names."""
+    good: list[_R] = []
+    bad: list[_R] = []
+    for record in records:
+        (good if record.verified else bad).append(record)
+    return good, bad
+
+
+def unverified_to_report(
+    unverified: Sequence[str], reported: frozenset[str]
+) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(the unverified instances reported from now on, the ones newly reported this pass):
+    each once while it lasts; one that goes away is forgotten (reported again if it comes
+    back). No patience, unlike unbacked records: no agent writes a record that fails."""
+    now = frozenset(unverified)
+    return now, tuple(sorted(now - reported))
 
 
 @dataclass(frozen=True)

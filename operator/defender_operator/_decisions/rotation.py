@@ -17,8 +17,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Protocol
 
 from defender_config.contract import RotationStage
+
+from .backing import authentic
+
+
+class _KeyReport(Protocol):
+    @property
+    def instance(self) -> str: ...
+    @property
+    def key_fingerprint(self) -> str | None: ...
+    @property
+    def key_fingerprints(self) -> frozenset[str]: ...
+    @property
+    def verified(self) -> bool: ...
 
 
 class RotationAction(StrEnum):
@@ -145,6 +159,26 @@ def next_rotation_step(
         "GracePeriod",
         f"old key kept decrypt-only until {(since + timedelta(seconds=timings.grace_seconds))}",
     )
+
+
+def instance_keys(
+    records: Mapping[str, Sequence[_KeyReport]],
+) -> tuple[dict[str, frozenset[str]], dict[str, str | None]]:
+    """(the key fingerprints each instance holds, the one it seals with), by
+    "component/instance", from the instances' records: `next_rotation_step`'s
+    `live_fingerprints` and `live_primaries`. Only signed records count: one written with etcd
+    write access alone could otherwise hold a stage until its timeout."""
+    held: dict[str, frozenset[str]] = {}
+    primaries: dict[str, str | None] = {}
+    for component, found in records.items():
+        for rec in authentic(found)[0]:
+            name = f"{component}/{rec.instance}"
+            fps = set(rec.key_fingerprints)
+            if rec.key_fingerprint:
+                fps.add(rec.key_fingerprint)
+            held[name] = frozenset(fps)
+            primaries[name] = rec.key_fingerprint
+    return held, primaries
 
 
 def schedule_due(now: datetime, last_rotation: datetime | None, every_seconds: int) -> bool:

@@ -5,6 +5,7 @@ and the promote / abort commands."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -426,6 +427,31 @@ def test_a_planted_record_naming_no_pod_is_never_picked_nor_promoted() -> None:
     run(h.reconcile(canary_spec(ETH1)))
     assert h.backend.rollouts[NAME][0].canaries == ("sniffer-a",)
     podless(h, "aaa-ghost", stored(ETH1))
+    asyncio.run(h.monitor(canary_spec(ETH1)))
+    assert h.backend.state(NAME).active_version == 1
+    assert "CanaryPromoted" not in h.reasons()
+
+
+def test_an_unverified_record_naming_a_real_pod_is_never_picked_nor_promoted() -> None:
+    h = Harness()
+    run(h.reconcile(canary_spec(ETH0)))
+    for pod in ("sniffer-a", "sniffer-b"):
+        h.add_pod(pod)
+        beat(h, pod, stored(ETH0))
+    asyncio.run(h.monitor(canary_spec(ETH0)))
+    # etcd write access alone, naming a real pod this time: its MAC fails.
+    forged = InstanceRecord(
+        instance="aaa-forged",
+        pod="sniffer-b",
+        time=utcnow(),
+        status="RUNNING",
+        verified=False,
+        unverified="it carries no MAC (no 'auth' field)",
+    )
+    h.backend.add_instance(NAME, forged)
+    run(h.reconcile(canary_spec(ETH1)))
+    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-a",)
+    h.backend.add_instance(NAME, dataclasses.replace(forged, config_digest=stored(ETH1)))
     asyncio.run(h.monitor(canary_spec(ETH1)))
     assert h.backend.state(NAME).active_version == 1
     assert "CanaryPromoted" not in h.reasons()

@@ -93,11 +93,16 @@ def test_an_instance_that_changes_its_record_wakes_and_one_that_only_beats_does_
     wake.clear()
     view.apply(utcnow(), NAME, "a-0", _record("a", time=utcnow() + timedelta(seconds=5)))
     assert not wake.is_set()  # the same record, a later time: an older heartbeater's beat
-    view.apply(utcnow(), NAME, "a-0", _record("a", last_error_reason="UnknownKey"))
+    # Later records (an agent stamps each it writes; an older one would be a replay).
+    later = utcnow() + timedelta(seconds=6)
+    view.apply(utcnow(), NAME, "a-0", _record("a", last_error_reason="UnknownKey", time=later))
     assert wake.is_set()  # an error reported
     wake.clear()
     view.apply(
-        utcnow(), NAME, "a-0", _record("a", last_error_reason="UnknownKey", status="STOPPED")
+        utcnow(),
+        NAME,
+        "a-0",
+        _record("a", last_error_reason="UnknownKey", status="STOPPED", time=later),
     )
     assert wake.is_set()
     wake.clear()
@@ -119,7 +124,9 @@ def test_each_wake_is_counted_by_what_asked_for_it() -> None:
     before = {r: _wakes(r) for r in ("instance-new", "instance-changed", "instance-gone")}
     view.apply(utcnow(), NAME, "a-0", _record("a"))
     view.apply(utcnow(), NAME, "a-0", _record("a", time=utcnow() + timedelta(seconds=5)))
-    view.apply(utcnow(), NAME, "a-0", _record("a", status="STOPPED"))
+    view.apply(
+        utcnow(), NAME, "a-0", _record("a", status="STOPPED", time=utcnow() + timedelta(seconds=6))
+    )
     view.apply(utcnow(), NAME, "a-0", None)
     # The beat that only moved the time asked for nothing, so it is not counted.
     assert {r: _wakes(r) - n for r, n in before.items()} == {

@@ -1,0 +1,148 @@
+"""Instance (heartbeat) records are signed over their etcd key and lease: a reader with the
+keyring tells a key holder's record from one written with etcd write access alone, or put
+back from another lease. Attacks are played on the bytes a heartbeater really writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from defender_config import (
+    DefenderClient,
+    EnvelopeOptions,
+    EtcdSettings,
+    Heartbeat,
+    Heartbeater,
+    Keyring,
+    LibrarySettings,
+    Registry,
+)
+from defender_config._store_types import Lease
+
+ETCD = EtcdSettings(endpoints=["127.0.0.1:1"])  # never contacted
+LEASE = Lease(id=0x5EED, ttl=3)
+
+
+@pytest.fixture
+def keyed(keyring: Keyring) -> Iterator[DefenderClient]:
+    with DefenderClient(LibrarySettings(etcd=ETCD), keyring, alert_sinks=[]) as client:
+        yield client
+
+
+@pytest.fixture
+def plain() -> Iterator[DefenderClient]:
+    settings = LibrarySettings(etcd=ETCD, envelope=EnvelopeOptions(encrypt=False))
+    with DefenderClient(settings, None, alert_sinks=[]) as client:
+        yield client
+
+
+def written(client: DefenderClient, lease: Lease = LEASE, **fields: Any) -> tuple[str, bytes]:
+    """(key, bytes) a heartbeater of `client` puts for instance sniffer-0."""
+    beat = Heartbeater(client, "sniffer", "sniffer-0", follow_cadence=False, **fields)
+    puts: list[tuple[str, bytes]] = []
+    client.store.put = lambda key, value, **_: puts.append((key, value)) or 1  # type: ignore[method-assign]
+    beat._write(beat.record, lease)
+    assert len(puts) == 1
+    return puts[0]
+
+
+def read(client: DefenderClient, key: str, blob: bytes, lease_id: int) -> Heartbeat:
+    hb = Registry(client)._heartbeat(key, blob, lease_id)
+    assert hb is not None
+    return hb
+
+
+def test_a_heartbeaters_record_is_signed_for_its_key_and_lease(keyed: DefenderClient) -> None:
+    key, blob = written(keyed, pod="sniffer-0")
+    data = json.loads(blob)
+    assert data["lease"] == "5eed" and data["auth"]["v"] == 1
+    hb = read(keyed, key, blob, LEASE.id)
+    assert hb.verified and hb.unverified is None
+    assert hb.pod == "sniffer-0" and hb.lease_id == LEASE.id
+
+
+def test_a_record_without_a_mac_is_read_but_not_verified(
+    keyed: DefenderClient, plain: DefenderClient
+) -> None:
+    # An agent without the keyring, or anyone with etcd write access: readable, not trusted.
+    key, blob = written(plain, pod="sniffer-0")
+    assert "auth" not in json.loads(blob)
+    hb = read(keyed, key, blob, LEASE.id)
+    assert not hb.verified
+    assert hb.unverified is not None and "no MAC" in hb.unverified
+    assert hb.pod == "sniffer-0"
+
+
+def test_an_edited_record_does_not_verify(keyed: DefenderClient) -> None:
+    key, blob = written(keyed, pod="sniffer-0")
+    data = json.loads(blob)
+    data["last_error"] = {"reason": "ConfigRejected", "detail": "forged"}
+    hb = read(keyed, key, json.dumps(data).encode(), LEASE.id)
+    assert not hb.verified and "does not match" in (hb.unverified or "")
+
+
+def test_a_record_moved_to_another_instance_key_does_not_verify(keyed: DefenderClient) -> None:
+    key, blob = written(keyed, pod="sniffer-0")
+    other = key.replace("sniffer-0", "sniffer-1")
+    assert other != key
+    assert not read(keyed, other, blob, LEASE.id).verified
+
+
+def test_a_record_put_back_under_another_lease_does_not_verify(keyed: DefenderClient) -> None:
+    # An authentic record of an earlier lease (or another instance's) put on a lease the
+    # attacker keeps alive.
+    key, blob = written(keyed, pod="sniffer-0")
+    hb = read(keyed, key, blob, LEASE.id + 1)
+    assert not hb.verified
+    assert hb.unverified is not None and "lease '5eed'" in hb.unverified
+
+
+def test_a_record_signed_with_another_deployments_key_does_not_verify(
+    keyed: DefenderClient,
+) -> None:
+    with DefenderClient(LibrarySettings(etcd=ETCD), Keyring.generate(), alert_sinks=[]) as other:
+        key, blob = written(other, pod="sniffer-0")
+    hb = read(keyed, key, blob, LEASE.id)
+    assert not hb.verified and "does not hold" in (hb.unverified or "")
+
+
+def test_a_record_signed_with_the_old_key_verifies_until_it_is_retired(keyring: Keyring) -> None:
+    with DefenderClient(LibrarySettings(etcd=ETCD), keyring, alert_sinks=[]) as old_writer:
+        key, blob = written(old_writer, pod="sniffer-0")
+    staged = keyring.with_new_decrypt_only()
+    new_id = next(k for k in staged.key_ids if k != keyring.primary.key_id)
+    promoted = staged.promote(new_id)
+    with DefenderClient(LibrarySettings(etcd=ETCD), promoted, alert_sinks=[]) as reader:
+        assert read(reader, key, blob, LEASE.id).verified
+    retired = promoted.retire(keyring.primary.key_id)
+    with DefenderClient(LibrarySettings(etcd=ETCD), retired, alert_sinks=[]) as reader:
+        hb = read(reader, key, blob, LEASE.id)
+        assert not hb.verified and "retired" in (hb.unverified or "")
+
+
+def test_a_reader_without_a_keyring_verifies_nothing_and_says_no_reason(
+    keyed: DefenderClient, plain: DefenderClient
+) -> None:
+    key, blob = written(keyed, pod="sniffer-0")
+    hb = read(plain, key, blob, LEASE.id)
+    assert not hb.verified and hb.unverified is None
+    assert hb.pod == "sniffer-0"
+
+
+@pytest.mark.parametrize("blob", [b"", b"not json", b"[1, 2]", b'{"component": "sniffer"}'])
+def test_junk_at_an_instance_key_is_no_heartbeat(keyed: DefenderClient, blob: bytes) -> None:
+    assert Registry(keyed)._heartbeat("/defender/components/sniffer/instances/x", blob, 1) is None
+
+
+def test_the_reason_names_no_key_material(keyring: Keyring, keyed: DefenderClient) -> None:
+    key, blob = written(keyed, pod="sniffer-0")
+    data = json.loads(blob)
+    data["status"] = "STOPPED"
+    hb = read(keyed, key, json.dumps(data).encode(), LEASE.id)
+    text = hb.unverified or ""
+    for k in keyring.key_ids:
+        material = keyring.decryption_key(k).material
+        assert material.hex() not in text and material.hex().upper() not in text
