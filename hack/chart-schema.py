@@ -88,7 +88,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "agent.heartbeatIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
     "agent.extraEnv": _ENV_LIST,
     "agent.etcdEndpoints": {"items": {"type": "string", "pattern": r"^https?://[^/]+:[0-9]+/?$"}},
-    "agent.heartbeatMisses": {"minimum": 1},
+    "agent.heartbeatMisses": {"minimum": 2},
     "agent.logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
     "agent.reload.method": {"enum": ["signal", "http", "none"]},
     "agent.reload.httpMethod": {"enum": ["GET", "POST", "PUT"]},

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 # The vocabulary has one home, the library's contract: re-exported for the operator's modules.
+from defender_config import MIN_ALLOWED_MISSES
 from defender_config.contract import CATEGORIES as CATEGORIES
 from defender_config.contract import KIND as KIND
 from defender_config.contract import PLURAL as PLURAL
@@ -53,7 +54,7 @@ class Selector(_Model):
 
 # A lease of one interval expires whenever a renewal is late at all; two leave a whole interval
 # for a slow health check, a GC pause or a loaded etcd.
-MIN_MISSED_BEFORE_RESTART = 2
+MIN_MISSED_BEFORE_RESTART = MIN_ALLOWED_MISSES
 HEARTBEAT_MISSES_RAISED = "HeartbeatMissesRaised"
 
 

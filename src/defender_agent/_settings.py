@@ -173,8 +173,9 @@ class AgentSettings(BaseSettings):
     heartbeat_interval_seconds: float | None = Field(default=None, gt=0)
     """Seconds between heartbeats (lease keep-alives); default from the settings file (30)."""
 
-    heartbeat_misses: int | None = Field(default=None, ge=1)
-    """Missed heartbeats before the lease expires and the operator restarts the pod."""
+    heartbeat_misses: int | None = Field(default=None, ge=2)
+    """Missed heartbeats before the lease expires and the operator restarts the pod (at least
+    2, as `spec.heartbeat.missedBeforeRestart`: one expires whenever a beat is late at all)."""
 
     health_check: HealthCheckKind = "none"
     """How the agent checks that the component itself is well before each heartbeat:

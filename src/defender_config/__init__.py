@@ -17,7 +17,14 @@ from ._alerts import (
     LoggingSink,
     decode_alerts,
 )
-from ._cadence import Cadence, cadence_put, lease_ttl, read_cadence, write_cadence
+from ._cadence import (
+    MIN_ALLOWED_MISSES,
+    Cadence,
+    cadence_put,
+    lease_ttl,
+    read_cadence,
+    write_cadence,
+)
 from ._client import DefenderClient, DumpEntry, SealedValue
 from ._codecs import Cipher, Compressor, register_cipher, register_compressor
 from ._component_view import (
@@ -153,6 +160,7 @@ from .contract import (
 )
 
 __all__ = [
+    "MIN_ALLOWED_MISSES",
     "REGISTRATIONS_FILE",
     "AclRule",
     "ActiveConfig",

@@ -29,6 +29,7 @@ from ._records import AUTH_FIELD, is_signed, verify_record
 from ._store_types import PutOp, StoredValue
 
 __all__ = [
+    "MIN_ALLOWED_MISSES",
     "Cadence",
     "cadence_put",
     "decode_cadence",
@@ -43,6 +44,9 @@ log = logging.getLogger("defender_config.cadence")
 # by the operator and is ignored like a garbled one.
 _MAX_INTERVAL_SECONDS = 3600
 _MAX_MISSES = 100
+# A lease of one interval expires whenever a renewal is late at all (a slow health check, a GC
+# pause, a loaded etcd) and the operator restarts a healthy pod: two leave a whole interval.
+MIN_ALLOWED_MISSES = 2
 
 # The revision of each unreadable record already warned about: every instance reads the record
 # at every beat, and one bad write must not fill the log.
@@ -62,7 +66,7 @@ class Cadence(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     interval_seconds: float = Field(gt=0, le=_MAX_INTERVAL_SECONDS)
-    allowed_misses: int = Field(ge=1, le=_MAX_MISSES)
+    allowed_misses: int = Field(ge=MIN_ALLOWED_MISSES, le=_MAX_MISSES)
     # When the operator wrote this cadence: an instance that beat later and still runs
     # another one does not follow it.
     since: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from ._cadence import Cadence, lease_ttl, read_cadence
+from ._cadence import MIN_ALLOWED_MISSES, Cadence, lease_ttl, read_cadence
 from ._cadence_feed import cadence_feed
 from ._client import DefenderClient
 from ._configs import (
@@ -52,7 +52,13 @@ from ._configs import (
     _first_error,
     _parse_metadata,
 )
-from ._errors import DefenderConfigError, NotFoundError, RecordAuthError, StoreError
+from ._errors import (
+    DefenderConfigError,
+    NotFoundError,
+    RecordAuthError,
+    SettingsError,
+    StoreError,
+)
 from ._models import ComponentType
 from ._store import WatchHandle
 from ._store_types import Lease, WatchEvent, backoff_delay
@@ -234,6 +240,11 @@ class Heartbeater:
         **fields: Any,
     ) -> None:
         s = client.settings
+        if allowed_misses is not None and allowed_misses < MIN_ALLOWED_MISSES:
+            raise SettingsError(
+                f"heartbeat allowed_misses is {allowed_misses}; at least {MIN_ALLOWED_MISSES}: a"
+                " lease of one interval expires whenever a beat is late at all"
+            )
         self.client = client
         self.component = component
         self.instance = instance

@@ -193,8 +193,9 @@ class LibrarySettings(BaseSettings):
     """Versions of ACTIVE kept under `history/`."""
     heartbeat_interval_seconds: float = Field(default=30.0, gt=0)
     """Heartbeat refresh interval (the old design used 30 s)."""
-    heartbeat_allowed_misses: int = Field(default=3, ge=1)
-    """Lease TTL = interval x allowed misses: an instance is gone after this many misses."""
+    heartbeat_allowed_misses: int = Field(default=3, ge=2)
+    """Lease TTL = interval x allowed misses: an instance is gone after this many misses. At
+    least 2: a lease of one interval expires whenever a renewal is late at all."""
 
     @field_validator("plaintext_components", mode="before")
     @classmethod

@@ -95,6 +95,8 @@ def test_signal_by_short_name() -> None:
         ([*BASE, "--instance", "i", "--file-mode", "rw-r"], "octal"),
         ([*BASE, "--instance", "i", "--etcd-endpoints", " , "], "endpoint"),
         ([*BASE, "--instance", "i", "--heartbeat-interval-seconds", "0"], "heartbeat_interval"),
+        # A lease of one interval expires whenever a beat is late at all.
+        ([*BASE, "--instance", "i", "--heartbeat-misses", "1"], "heartbeat_misses"),
         (
             [
                 "--component",

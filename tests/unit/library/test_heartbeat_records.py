@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from defender_config import (
     DefenderClient,
@@ -19,8 +20,10 @@ from defender_config import (
     Keyring,
     LibrarySettings,
     Registry,
+    SettingsError,
 )
-from defender_config._store_types import Lease
+from defender_config._cadence import decode_cadence
+from defender_config._store_types import Lease, StoredValue
 
 ETCD = EtcdSettings(endpoints=["127.0.0.1:1"])  # never contacted
 LEASE = Lease(id=0x5EED, ttl=3)
@@ -146,3 +149,29 @@ def test_the_reason_names_no_key_material(keyring: Keyring, keyed: DefenderClien
     for k in keyring.key_ids:
         material = keyring.decryption_key(k).material
         assert material.hex() not in text and material.hex().upper() not in text
+
+
+# --- at least two misses ------------------------------------------------------------------------
+
+
+def test_a_heartbeater_allowing_one_miss_is_refused(plain: DefenderClient) -> None:
+    with pytest.raises(SettingsError, match="allowed_misses is 1; at least 2"):
+        Heartbeater(plain, "sniffer", "sniffer-0", allowed_misses=1, follow_cadence=False)
+    assert Heartbeater(plain, "sniffer", "sniffer-0", allowed_misses=2).ttl >= 2
+
+
+def test_settings_allowing_one_miss_are_refused() -> None:
+    with pytest.raises(ValidationError, match="heartbeat_allowed_misses"):
+        LibrarySettings(etcd=ETCD, heartbeat_allowed_misses=1)
+
+
+def test_a_cadence_of_one_miss_is_not_followed(plain: DefenderClient) -> None:
+    # An older operator published 1 for `missedBeforeRestart: 1`; this one writes 2.
+    key = plain.layout.cadence("sniffer")
+
+    def stored(misses: int) -> StoredValue:
+        body = b'{"interval_seconds": 5, "allowed_misses": %d}' % misses
+        return StoredValue(key, body, mod_revision=misses, create_revision=1, version=misses)
+
+    assert decode_cadence(plain, key, stored(2)) is not None
+    assert decode_cadence(plain, key, stored(1)) is None

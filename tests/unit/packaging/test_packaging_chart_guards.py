@@ -82,6 +82,8 @@ def test_impossible_combinations_fail(render: Render, values: str, message: str)
         ("fullnameOverride=" + "x" * 41, r"/fullnameOverride"),
         ("etcd.backup.keep=0", r"/etcd/backup/keep"),
         ("etcd.defrag.schedule=daily", r"/etcd/defrag/schedule"),
+        # A lease of one interval expires whenever a beat is late at all.
+        ("agent.heartbeatMisses=1", r"/agent/heartbeatMisses"),
     ],
 )
 def test_schema_rejects_bad_values(render: Render, values: str, message: str) -> None:
