@@ -889,16 +889,17 @@ async def run(
     instance, pod or etcd key of this component changed, or etcd's health or the keyring:
     `Runtime.wake`), when a pod's heartbeat deadline comes, and at the latest every
     monitor_interval_seconds."""
+    uid = _uid(body)
+    mem = rt.memory_of(namespace, name, uid)
+    if mem is None:
+        return  # deleted, or a same-named successor is handled already
     # This daemon's blocking calls take the monitor pool, never a reconcile's thread.
     enter_monitor()
     wake = rt.heartbeats.attach(name)
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
-    uid = _uid(body)
-    mem = rt.memory(namespace, name)
-    mem.uid = uid
     mem.monitors += 1
     try:
-        while not stopped and not rt.is_gone(uid):
+        while not stopped and not rt.ended(uid):
             wake.clear()
             began = time.monotonic()
             pause = rt.settings.monitor_interval_seconds
@@ -914,7 +915,7 @@ async def run(
                 ERRORS.labels("monitor").inc()
                 logger.warning("monitor pass failed, next pass in %ss: %s", pause, exc)
             await asyncio.sleep(_MIN_PAUSE_SECONDS)
-            if not stopped and not rt.is_gone(uid):
+            if not stopped and not rt.ended(uid):
                 await _pause(wake, pause)
     finally:
         mem.monitors -= 1
@@ -938,11 +939,11 @@ async def _pass(
     `began` (when the daemon cleared its wake-up), none when a pass that began since then
     completed meanwhile (a reconcile's, while this one waited for the lock): that pass saw
     every change that woke this one, and its answer of when the next is due stands."""
-    if rt.is_gone(_uid(body)):
+    if rt.ended(_uid(body)):
         return None  # not even a memory of it again
     mem = rt.memory(namespace, name)
     async with mem.lock:
-        if rt.is_gone(_uid(body)):
+        if rt.ended(_uid(body)):
             return None  # deleted while this pass waited for the lock: nothing to judge
         if began is not None and mem.last_pass is not None and mem.last_pass[0] >= began:
             return mem.last_pass[1]

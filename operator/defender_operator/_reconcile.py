@@ -260,8 +260,15 @@ async def reconcile(
     """Run the steps under the component's lock, then publish what they found: conditions and
     status fields always (a refusal included), Events in the order the steps produced them.
     `handled`: status fields published only when the steps succeed (kopf's diff base)."""
-    mem = v.rt.memory(v.namespace, v.name)
-    mem.uid = _uid(v.body)
+    found_mem = v.rt.memory_of(v.namespace, v.name, _uid(v.body))
+    if found_mem is None:
+        # A late event of an object deleted since: its same-named successor (or nobody) is
+        # what the API server holds now.
+        v.logger.info(
+            "%s/%s uid %s is gone: nothing to reconcile", v.namespace, v.name, _uid(v.body)
+        )
+        return
+    mem = found_mem
     async with mem.lock:
         recall(mem, v.status)
         found = Outcome()

@@ -207,6 +207,9 @@ class Runtime:
         # uid -> when its deletion was seen: a resource without a finalizer (retention Keep)
         # goes at once and kopf forgets it without stopping its daemon; the daemon ends itself.
         self._gone: dict[str, float] = {}
+        # Objects whose same-named successor has been handled (its DELETED event may not have
+        # been yet): their handlers stop, their memory is not the successor's.
+        self._superseded: dict[str, float] = {}
         self.rotation_stage = "Idle"
         # Set by `_keyguard.settle`: ready once a keyring was checked against the store; while
         # `keyring_refused` is set, commits, rotations, copies and restarts wait.
@@ -251,6 +254,26 @@ class Runtime:
             mem = self.components[namespace, name] = ComponentMemory()
             self._namespaces_of.setdefault(name, set()).add(namespace)
             self._names_in.setdefault(namespace, set()).add(name)
+        return mem
+
+    def memory_of(self, namespace: str, name: str, uid: str) -> ComponentMemory | None:
+        """The memory of object `uid` of namespace/name; None when that object has ended
+        (deleted, or superseded by a same-named successor).
+
+        Memory is kept by namespace/name, and kopf handles each uid in its own worker: after a
+        delete and re-create the new object may be handled before the old one's DELETED event.
+        Two objects of one name never exist in the API server at once, so the first handler of
+        another uid means the one remembered is gone: the successor starts from a fresh memory
+        (no restart history, canary or status of its predecessor), and the predecessor's
+        handlers (a monitor pass still due, a late event) find it ended."""
+        if self.ended(uid):
+            return None
+        mem = self.memory(namespace, name)
+        if uid and mem.uid and mem.uid != uid:
+            self._superseded[mem.uid] = time.monotonic()
+            mem = self.components[namespace, name] = ComponentMemory()
+        if uid:
+            mem.uid = uid
         return mem
 
     def adopt_status(self, namespace: str, name: str, status: Any) -> None:
@@ -333,12 +356,19 @@ class Runtime:
         """The resource with this uid was deleted: its monitor daemon stops at its next wake."""
         now = time.monotonic()
         # A daemon sees the mark within a pass; one never spawned would leave it forever.
-        for old in [u for u, at in self._gone.items() if now - at > _GONE_KEPT_SECONDS]:
-            del self._gone[old]
+        for marks in (self._gone, self._superseded):
+            for old in [u for u, at in marks.items() if now - at > _GONE_KEPT_SECONDS]:
+                del marks[old]
         self._gone[uid] = now
 
     def is_gone(self, uid: str) -> bool:
+        """Whether the DELETED event (or the finalizer's handler) of `uid` was handled."""
         return bool(uid) and uid in self._gone
+
+    def ended(self, uid: str) -> bool:
+        """Whether `uid` is gone or superseded by a same-named successor (`memory_of`): its
+        handlers judge and write nothing more."""
+        return bool(uid) and (uid in self._gone or uid in self._superseded)
 
     def keyring_namespaces(self) -> set[str]:
         """Namespaces whose keyring copy the fan-out keeps current (`copy_namespaces`)."""

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
+from defender_operator import _monitor
 from defender_operator._decisions.ownership import OWNER_RECORD_RESTORED, Claim
 from defender_operator._reconcile import gone
+from defender_operator._runtime import utcnow
 
 ETH0 = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
 ETH1 = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth1"}
@@ -70,3 +72,34 @@ def test_the_old_objects_deletion_handled_first_is_applied_and_the_successor_sta
     run(h.reconcile(spec(ETH1)))
     # Keep: the kept data taken over (version 2); Purge: seeded afresh (version 1).
     _new_object_holds_its_name(h, active=2 if retention == "Keep" else 1)
+
+
+def test_the_successor_starts_from_a_fresh_memory_and_the_old_object_ends() -> None:
+    """Memory is kept by namespace/name: the successor handled before the old object's DELETED
+    event must not inherit its restart history, canary or status, and the old object's
+    handlers (a monitor pass still due, a late event) judge and write nothing more."""
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    run(h.monitor(spec(ETH0)))
+    old_body = h.body(spec(ETH0), {})
+    old_mem = h.mem
+    old_mem.restart_times.append(utcnow())
+    old_mem.canary_pods["sniffer-a-0"] = "sniffer-a"
+    _recreate(h)
+    run(h.reconcile(spec(ETH1)))
+    mem = h.mem
+    assert mem is not old_mem and mem.uid == "uid-2"
+    assert mem.restart_times == [] and mem.canary_pods == {}
+    assert h.rt.ended("uid-1") and not h.rt.is_gone("uid-1")  # its retention still applies
+    # The old object's daemon, due for a pass, finds it ended: no pass, no status written.
+    status, patches = dict(h.kube.status), len(h.kube.patches)
+    assert run(_monitor._pass(h.rt, old_body, NAMESPACE, NAME, LOG, h.index())) is None
+    assert h.kube.status == status and len(h.kube.patches) == patches
+    # A late event of the old object reconciles nothing either.
+    h.uid = "uid-1"
+    before = h.backend.state(NAME)
+    run(h.reconcile(spec(ETH0)))
+    assert h.backend.state(NAME) == before
+    assert h.rt.components[NAMESPACE, NAME] is mem
