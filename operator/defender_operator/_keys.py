@@ -180,6 +180,11 @@ def _annotations(
     }
 
 
+# Creates answered 409 (it exists) while reads answer 404 (it does not) before giving up: one is
+# a race with another writer; more is an API server that contradicts itself, not to be looped on.
+_CREATE_RACES = 3
+
+
 def _fail(action: str, namespace: str, name: str, exc: ApiException) -> KeySecretError:
     return KeySecretError(action, namespace, name, exc.status, str(exc.reason))
 
@@ -334,6 +339,7 @@ class KeyringSecrets:
         *,
         max_age: float = 0.0,
         referenced: Callable[[], frozenset[str]] | None = None,
+        _races: int = 0,
     ) -> bool:
         """Create or update the copy in `namespace`. True when something was written.
 
@@ -360,8 +366,11 @@ class KeyringSecrets:
             try:
                 self._core.create_namespaced_secret(namespace, body)
             except ApiException as exc:
-                if exc.status == 409:
-                    return self.fan_out(keyring, namespace, referenced=referenced)
+                if exc.status == 409 and _races < _CREATE_RACES:
+                    # Someone created it since the read: read it again and judge that one.
+                    return self.fan_out(
+                        keyring, namespace, referenced=referenced, _races=_races + 1
+                    )
                 raise _fail("create", namespace, self.name, exc) from None
             self._copies[namespace] = (digest, time.monotonic())
             log.info("copied the keyring to %s/%s (%s)", namespace, self.name, digest)

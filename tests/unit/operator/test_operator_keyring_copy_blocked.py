@@ -14,6 +14,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from operator_core_support import NAMESPACE, FakeSecretsApi, Harness, spec
 
+from defender_config import Keyring
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions import keycopy
 from defender_operator._errors import KeySecretError
@@ -165,3 +166,42 @@ def test_a_block_stands_until_the_copy_is_current() -> None:
     assert keycopy.classify(403) is keycopy.CopyBlock.FORBIDDEN
     assert keycopy.classify(None, foreign=True) is keycopy.CopyBlock.FOREIGN
     assert keycopy.classify(0) is keycopy.CopyBlock.FAILED
+
+
+class ContradictingApi(FakeSecretsApi):
+    """An API server whose creates say the Secret exists while its reads say it does not."""
+
+    def create_namespaced_secret(self, namespace: str, body: client.V1Secret) -> client.V1Secret:
+        self._answer()
+        raise ApiException(status=409, reason="AlreadyExists")
+
+
+def test_a_create_that_keeps_conflicting_with_the_read_gives_up_typed() -> None:
+    api = ContradictingApi()
+    secrets = KeyringSecrets(api, "ml-defender", SECRET)  # type: ignore[arg-type]
+    with pytest.raises(KeySecretError, match="409") as info:
+        secrets.fan_out(Keyring.generate(), NAMESPACE)
+    assert info.value.status == 409
+    assert api.calls == 8  # the first read and create, then three more of each: no loop
+
+
+def test_a_create_that_lost_a_race_judges_the_copy_it_lost_to() -> None:
+    api = FakeSecretsApi()
+    secrets = KeyringSecrets(api, "ml-defender", SECRET)  # type: ignore[arg-type]
+    keyring = Keyring.generate()
+    real_read = api.read_namespaced_secret
+    reads = 0
+
+    def read_before_the_other_writer(name: str, namespace: str) -> client.V1Secret:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            # Another replica writes the same copy between this read and the create.
+            other = KeyringSecrets(FakeSecretsApi(stored=api.stored), "ml-defender", SECRET)  # type: ignore[arg-type]
+            other.fan_out(keyring, namespace)
+            raise ApiException(status=404, reason="Not Found")
+        return real_read(name, namespace)
+
+    api.read_namespaced_secret = read_before_the_other_writer  # type: ignore[method-assign]
+    assert secrets.fan_out(keyring, NAMESPACE) is False  # already the same keyring
+    assert reads == 2
