@@ -152,7 +152,11 @@ class ExecCheck:
     timeout_seconds: float = 2.0
 
     def describe(self) -> str:
-        return f"exec {shlex.join(self.command)}"
+        # The program only: its arguments may carry a token (`curl -H "Authorization: ..."`),
+        # and this text reaches the heartbeat record in etcd, /status and the agent's log.
+        program, args = self.command[0], len(self.command) - 1
+        more = f" (+{args} argument{'s' if args != 1 else ''})" if args else ""
+        return f"exec {shlex.quote(program)}{more}"
 
     def check(self) -> str | None:
         try:

@@ -159,12 +159,20 @@ def test_tcp_check() -> None:
 def test_exec_check(tmp_path: Path) -> None:
     assert ExecCheck(["true"]).check() is None
     failing = ExecCheck(["sh", "-c", "echo 'queue stuck' >&2; exit 3"])
-    assert (
-        failing.check()
-        == "exec sh -c 'echo '\"'\"'queue stuck'\"'\"' >&2; exit 3' exited 3: queue stuck"
-    )
+    assert failing.check() == "exec sh (+2 arguments) exited 3: queue stuck"
     assert "did not finish within 0.2s" in (ExecCheck(["sleep", "5"], 0.2).check() or "")
     assert "could not run" in (ExecCheck([str(tmp_path / "missing")]).check() or "")
+
+
+def test_exec_check_text_names_the_program_not_its_arguments() -> None:
+    # Arguments may carry a token; the text reaches etcd (the heartbeat) and /status.
+    token = "Bearer s3cr3t-t0ken"
+    check = ExecCheck(["sh", "-c", f"echo nope >&2; exit 1 # {token}"])
+    assert check.describe() == "exec sh (+2 arguments)"
+    assert check.check() == "exec sh (+2 arguments) exited 1: nope"
+    assert ExecCheck(["true"]).describe() == "exec true"
+    assert ExecCheck(["pgrep", "x"]).describe() == "exec pgrep (+1 argument)"
+    assert token not in (ExecCheck(["sleep", "5", token], 0.1).check() or "")
 
 
 def test_file_check(tmp_path: Path) -> None:
