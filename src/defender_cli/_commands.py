@@ -138,6 +138,10 @@ def collect_status(
                     "heartbeatTime": seen.isoformat(),
                     "heartbeatAgeSeconds": seconds_since(seen, now),
                     "lastError": hb.last_error.model_dump() if hb.last_error else None,
+                    # With a keyring: whether its MAC verified (the operator ignores the
+                    # others) and why not; without one nothing can be told (None).
+                    "verified": hb.verified if client.verifies_records else None,
+                    "unverified": hb.unverified,
                 }
             )
         components.append(
@@ -298,10 +302,13 @@ def show_status(printer: Printer, data: dict[str, Any]) -> None:
             elif c["activeVersion"] and i["configVersion"] != c["activeVersion"]:
                 version = printer.paint(f"{version} (behind)", "yellow")
             error = i["lastError"]
+            name = i["instance"]
+            if i.get("verified") is False:
+                name = printer.paint(f"{name} (unverified)", "red")
             instance_rows.append(
                 [
                     c["name"],
-                    i["instance"],
+                    name,
                     i["node"] or "-",
                     printer.status(i["status"]),
                     version,

@@ -126,3 +126,14 @@ def test_status_without_a_rollout_and_a_frozen_component() -> None:
     )
     instances = {row[1]: row for row in _cells(text, "sniffer")[1:] if len(row) > 4}
     assert "(behind)" in instances["sniffer-a"], "without a rollout version 2 is not ACTIVE's"
+
+
+def test_status_marks_an_instance_whose_record_does_not_verify() -> None:
+    # Read with a keyring: the operator ignores such a record, the table says so.
+    forged = {**_instance("sniffer-x", 2, NEW), "verified": False, "unverified": "no MAC"}
+    signed = {**_instance("sniffer-a", 2, NEW), "verified": True, "unverified": None}
+    unknown = {**_instance("sniffer-b", 1, OLD), "verified": None, "unverified": None}
+    text = render_sniffer([forged, signed, unknown], None)
+    rows = {row[1]: row for row in _cells(text, "sniffer")[1:]}
+    assert rows["sniffer-x"][2] == "(unverified)"
+    assert "(unverified)" not in rows["sniffer-a"] and "(unverified)" not in rows["sniffer-b"]
