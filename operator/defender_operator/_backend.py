@@ -84,6 +84,8 @@ class InstanceRecord:
     # verified records steer anything. `unverified` says why not (no key bytes).
     verified: bool = True
     unverified: str | None = None
+    # The writer's count of its writes (None: a heartbeater from before it was counted).
+    seq: int | None = None
 
     def holds(self, fingerprint: str) -> bool:
         return fingerprint in self.key_fingerprints or fingerprint == self.key_fingerprint

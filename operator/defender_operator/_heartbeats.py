@@ -20,7 +20,14 @@ from defender_operator._metrics import HEARTBEAT_EVENTS, MONITOR_WAKES
 
 
 def _replayed(before: InstanceRecord | None, record: InstanceRecord) -> bool:
-    return before is not None and before.verified and record.verified and record.time < before.time
+    """An authentic record older than the authentic one it replaces: of one lease (one writer
+    process), by the writer's count of its writes, which no clock step moves; across leases
+    (a restarted agent, a regranted lease) by its time."""
+    if before is None or not (before.verified and record.verified):
+        return False
+    if record.lease_id == before.lease_id and record.seq is not None and before.seq is not None:
+        return record.seq < before.seq
+    return record.time < before.time
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,8 @@ class HeartbeatView:
         before = known.get(instance)
         if _replayed(before.record if before is not None else None, record):
             # An authentic record older than the one it replaces, with no delete in between:
-            # put back by someone with etcd write access (an agent stamps every record it
-            # writes, a new lease's too, so its own come in time order). The newer one stays.
+            # put back by someone with etcd write access (an agent numbers and stamps every
+            # record it writes, so its own come in order). The newer one stays.
             HEARTBEAT_EVENTS.labels("replayed").inc()
             return
         HEARTBEAT_EVENTS.labels("put").inc()

@@ -95,6 +95,7 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         interval_seconds=hb.interval_seconds,
         lease_id=hb.lease_id,
         verified=hb.verified,
+        seq=hb.seq,
         unverified=None
         if hb.verified
         else hb.unverified or "read while the operator held no keyring to check its MAC",

@@ -120,6 +120,9 @@ class Heartbeat(BaseModel):
     # The lease the writer bound the record to (hex), covered by the MAC: a record put back
     # under another lease does not verify.
     lease: str | None = None
+    # The writer's count of its writes (from 1 in each process), covered by the MAC: of two
+    # records of one lease, the lower was put back. Unlike `time`, no clock step moves it.
+    seq: int | None = None
 
     # The lease the key is bound to, as read from etcd (not part of the stored JSON).
     _lease_id: int = PrivateAttr(default=0)
@@ -280,6 +283,8 @@ class Heartbeater:
         self._thread: threading.Thread | None = None
         # The record's content (without `time`) as last put; None: nothing written yet.
         self._written: dict[str, Any] | None = None
+        # Records written by this heartbeater (each carries its number: `Heartbeat.seq`).
+        self._seq = 0
         # The record object `_written` was last compared with and found equal (records are
         # immutable and replaced on every change, so the same object needs no new compare).
         self._same_as_written: Heartbeat | None = None
@@ -477,8 +482,10 @@ class Heartbeater:
         return False
 
     def _write(self, record: Heartbeat, lease: Lease) -> None:
+        self._seq += 1
         bound = record.model_dump(mode="json")
         bound["lease"] = f"{lease.id:x}"
+        bound["seq"] = self._seq
         self.client.store.put(self.key, self.client.encode_record(self.key, bound), lease=lease)
         self._written = _content(record)
         self._same_as_written = record

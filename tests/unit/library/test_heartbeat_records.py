@@ -67,6 +67,17 @@ def test_a_heartbeaters_record_is_signed_for_its_key_and_lease(keyed: DefenderCl
     assert hb.pod == "sniffer-0" and hb.lease_id == LEASE.id
 
 
+def test_each_write_carries_the_writers_count(keyed: DefenderClient) -> None:
+    beat = Heartbeater(keyed, "sniffer", "sniffer-0", follow_cadence=False, pod="sniffer-0")
+    puts: list[bytes] = []
+    keyed.store.put = lambda key, value, **_: puts.append(value) or 1  # type: ignore[method-assign]
+    beat._write(beat.record, LEASE)
+    beat._write(beat.record, Lease(id=LEASE.id + 1, ttl=3))
+    assert [json.loads(p)["seq"] for p in puts] == [1, 2]
+    key = keyed.layout.instance("sniffer", "sniffer-0")
+    assert read(keyed, key, puts[1], LEASE.id + 1).seq == 2
+
+
 def test_a_record_without_a_mac_is_read_but_not_verified(
     keyed: DefenderClient, plain: DefenderClient
 ) -> None:

@@ -100,6 +100,23 @@ def test_the_view_keeps_a_newer_authentic_record_over_a_replayed_older_one() -> 
     assert view.instances("sniffer") == [failing]
 
 
+def test_within_one_lease_the_writers_count_decides_not_the_clock() -> None:
+    # The agent's node clock stepped back between two writes: its newer record (seq 2) still
+    # wins; a record of seq 1 put back does not, whatever its time.
+    view = HeartbeatView(T0)
+    first = record("a", at=T0 + timedelta(seconds=10), lease_id=7, seq=1)
+    second = record("a", at=T0, lease_id=7, seq=2, last_error_reason="ConfigRejected")
+    view.apply(T0, "sniffer", "a", first)
+    view.apply(T0, "sniffer", "a", second)
+    assert view.instances("sniffer") == [second]
+    view.apply(T0, "sniffer", "a", dataclasses.replace(first, time=T0 + timedelta(hours=1)))
+    assert view.instances("sniffer") == [second]
+    # Another lease (a restarted agent counts from 1 again): by time.
+    restarted = record("a", at=T0 + timedelta(seconds=30), lease_id=8, seq=1)
+    view.apply(T0, "sniffer", "a", restarted)
+    assert view.instances("sniffer") == [restarted]
+
+
 def test_the_view_holds_an_unverified_record_as_etcd_does() -> None:
     # The pass leaves it out (and reports it); the view only mirrors etcd.
     view = HeartbeatView(T0)
