@@ -270,6 +270,46 @@ def test_breaker_freezes_and_reverts_a_bad_change(operator_run: OperatorRun) -> 
     assert active.metadata is not None and active.metadata.change is ChangeKind.COMMIT
 
 
+def test_forged_heartbeats_naming_real_pods_do_not_trip_the_breaker(
+    operator_run: OperatorRun,
+) -> None:
+    """etcd write access alone: records naming both real pods, reporting a decode error right
+    after the change, under a lease the attacker keeps. Unsigned, they steer nothing: reported,
+    and version 2 stays."""
+    run = operator_run
+    pods = _two_instances_on_version_2(run)
+    client = run.client()
+    store = client.store
+    lease = store.grant_lease(60)
+    try:
+        for pod in sorted(pods):
+            record = {
+                "component": "sniffer",
+                "instance": f"{pod}-x",
+                "pod": pod,
+                "status": "RUNNING",
+                "time": "2026-12-05T00:00:00+00:00",
+                "config_version": 2,
+                "last_error": {"reason": "CodecMismatch", "detail": "forged"},
+            }
+            store.put(
+                client.layout.instance("sniffer", f"{pod}-x"),
+                json.dumps(record).encode(),
+                lease=lease,
+            )
+        run.wait_event("sniffer", "UnverifiedInstances")
+        [event] = [e for e in run.events("sniffer") if e.reason == "UnverifiedInstances"]
+        assert "no MAC" in event.message
+        heartbeating = run.wait_condition("sniffer", "Heartbeating", status="True")
+        assert "2 heartbeat record(s) fail authentication (ignored)" in heartbeating["message"]
+        assert run.get("sniffer")["status"]["instances"] == {"alive": 2, "expected": 2}
+        assert run.get("sniffer")["status"].get("frozen") is not True
+        assert run.configs().get_active("sniffer").version == 2
+        assert run.condition("sniffer", "Misconfigured")["status"] == "False"  # type: ignore[index]
+    finally:
+        store.revoke_lease(lease)
+
+
 def _frozen_with_saved_marker(run: OperatorRun) -> tuple[ConfigStore, str, bytes]:
     """Version 2 on two instances, the breaker tripped on it; the freeze marker as someone
     who can read etcd saves it."""

@@ -283,3 +283,39 @@ def test_heartbeats_end_when_the_store_is_closed(
     assert thread is not None and thread.is_alive()
     c.close()
     wait_for("the heartbeat thread to end", lambda: not thread.is_alive(), timeout=20)
+
+
+def test_a_forged_or_moved_heartbeat_does_not_verify_on_a_real_store(
+    client: DefenderClient,
+) -> None:
+    """The record a heartbeater signs verifies as etcd returns it (list and watch alike); one
+    written with etcd write access alone, or put back under another lease, does not."""
+    reg = Registry(client)
+    beat = Heartbeater(
+        client, "fw-signed", "fw-0", interval_seconds=30, allowed_misses=3, pod="fw-0"
+    ).start()
+    events: list[Any] = []
+    watch = reg.watch_instances(events.append, component="fw-signed")
+    try:
+        [hb] = reg.list_instances("fw-signed")
+        assert hb.verified and hb.unverified is None and hb.seq == 1
+        key = client.layout.instance("fw-signed", "fw-0")
+        signed = client.store.get(key)
+        assert signed is not None
+        # Without the keyring, under a lease the attacker keeps (the agent's own stays alive).
+        theirs = client.store.grant_lease(30)
+        forged = {**hb.model_dump(mode="json"), "last_error": {"reason": "X", "detail": "y"}}
+        client.store.put(key, client.encode_json(forged), lease=theirs)
+        wait_for(
+            "the forged put", lambda: any(e.heartbeat and not e.heartbeat.verified for e in events)
+        )
+        [hb] = reg.list_instances("fw-signed")
+        assert not hb.verified and "no MAC" in (hb.unverified or "")
+        # The agent's own signed bytes, put back under the attacker's lease.
+        client.store.put(key, signed.value, lease=theirs)
+        [hb] = reg.list_instances("fw-signed")
+        assert not hb.verified and "lease" in (hb.unverified or "")
+        client.store.revoke_lease(theirs)
+    finally:
+        watch.cancel()
+        beat.stop()

@@ -360,3 +360,45 @@ async def until(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(every)
+
+
+def changed_after_beats(
+    pods: Iterable[str], before: Mapping[str, Any], after: Mapping[str, Any]
+) -> Harness:
+    """Pods beating on version 1 (`before`), then version 2 (`after`) committed and beaten on:
+    the breaker's window open."""
+    h = Harness()
+    asyncio.run(h.reconcile(spec(before)))
+    for pod in pods:
+        h.add_pod(pod)
+        h.beat(pod)
+    asyncio.run(h.monitor(spec(before)))
+    asyncio.run(h.reconcile(spec(after)))
+    for pod in pods:
+        h.beat(pod)
+    return h
+
+
+def plant(
+    h: Harness,
+    instance: str,
+    pod: str | None,
+    error: str | None = None,
+    *,
+    unverified: str | None = None,
+) -> None:
+    """An instance record written with etcd write access alone, naming `pod` (None: no pod)
+    and reporting `error`; with `unverified`, one whose MAC the backend found wrong (why)."""
+    h.backend.add_instance(
+        NAME,
+        InstanceRecord(
+            instance=instance,
+            pod=pod,
+            time=utcnow(),
+            status="RUNNING",
+            last_error_reason=error,
+            last_error_detail="forged" if error else "",
+            verified=unverified is None,
+            unverified=unverified,
+        ),
+    )

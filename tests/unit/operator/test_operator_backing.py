@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from operator_core_support import NAME, Harness, spec
+from operator_core_support import NAME, Harness, changed_after_beats, plant, spec
 from prometheus_client import REGISTRY
 
-from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.backing import backing, unbacked_to_report
 from defender_operator._kube import Pod
-from defender_operator._runtime import utcnow
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ETH0 = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
@@ -62,31 +60,12 @@ def test_an_unbacked_record_is_reported_once_after_its_patience() -> None:
 
 def forge(h: Harness, instance: str, pod: str | None, error: str | None = None) -> None:
     """An instance record written with etcd write access alone: no pod of ours, no lease."""
-    h.backend.add_instance(
-        NAME,
-        InstanceRecord(
-            instance=instance,
-            pod=pod,
-            time=utcnow(),
-            status="RUNNING",
-            last_error_reason=error,
-            last_error_detail="forged" if error else "",
-        ),
-    )
+    plant(h, instance, pod, error)
 
 
 def changed() -> Harness:
     """Three beating pods on version 1, then version 2 committed (the breaker's window open)."""
-    h = Harness()
-    run(h.reconcile(spec(ETH0)))
-    for pod in PODS:
-        h.add_pod(pod)
-        h.beat(pod)
-    run(h.monitor(spec(ETH0)))
-    run(h.reconcile(spec(ETH1)))
-    for pod in PODS:
-        h.beat(pod)
-    return h
+    return changed_after_beats(PODS, ETH0, ETH1)
 
 
 def test_forged_records_naming_no_pod_do_not_trip_the_breaker() -> None:

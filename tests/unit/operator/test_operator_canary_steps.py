@@ -5,7 +5,6 @@ and the promote / abort commands."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -404,54 +403,47 @@ def leaving(h: Harness, pod: str) -> None:
     h.pods[pod] = Pod(old.name, old.uid, old.created, deleting=True)
 
 
-def podless(h: Harness, instance: str, digest: str | None = None) -> None:
-    """A record naming no pod, as etcd write access alone can put one (`digest`: the config it
-    claims to run)."""
+def podless(
+    h: Harness,
+    instance: str,
+    digest: str | None = None,
+    *,
+    pod: str | None = None,
+    verified: bool = True,
+) -> None:
+    """A record etcd write access alone can put (`digest`: the config it claims to run): naming
+    no pod, or naming `pod` with a MAC that does not verify (`verified` False)."""
     h.backend.add_instance(
         NAME,
         InstanceRecord(
-            instance=instance, pod=None, time=utcnow(), status="RUNNING", config_digest=digest
+            instance=instance,
+            pod=pod,
+            time=utcnow(),
+            status="RUNNING",
+            config_digest=digest,
+            verified=verified,
+            unverified=None if verified else "it carries no MAC (no 'auth' field)",
         ),
     )
 
 
-def test_a_planted_record_naming_no_pod_is_never_picked_nor_promoted() -> None:
+@pytest.mark.parametrize(
+    ("pod", "verified"),
+    [(None, True), ("sniffer-b", False)],
+    ids=["naming-no-pod", "unverified-naming-a-real-pod"],
+)
+def test_a_planted_record_is_never_picked_nor_promoted(pod: str | None, verified: bool) -> None:
     h = Harness()
     run(h.reconcile(canary_spec(ETH0)))
-    for pod in ("sniffer-a", "sniffer-b"):
-        h.add_pod(pod)
-        beat(h, pod, stored(ETH0))
+    for real in ("sniffer-a", "sniffer-b"):
+        h.add_pod(real)
+        beat(h, real, stored(ETH0))
     asyncio.run(h.monitor(canary_spec(ETH0)))
-    # etcd write access alone: a key that sorts first, no pod behind it.
-    podless(h, "aaa-ghost")
+    # etcd write access alone: a key that sorts first, naming no pod or failing its MAC.
+    podless(h, "aaa-ghost", pod=pod, verified=verified)
     run(h.reconcile(canary_spec(ETH1)))
     assert h.backend.rollouts[NAME][0].canaries == ("sniffer-a",)
-    podless(h, "aaa-ghost", stored(ETH1))
-    asyncio.run(h.monitor(canary_spec(ETH1)))
-    assert h.backend.state(NAME).active_version == 1
-    assert "CanaryPromoted" not in h.reasons()
-
-
-def test_an_unverified_record_naming_a_real_pod_is_never_picked_nor_promoted() -> None:
-    h = Harness()
-    run(h.reconcile(canary_spec(ETH0)))
-    for pod in ("sniffer-a", "sniffer-b"):
-        h.add_pod(pod)
-        beat(h, pod, stored(ETH0))
-    asyncio.run(h.monitor(canary_spec(ETH0)))
-    # etcd write access alone, naming a real pod this time: its MAC fails.
-    forged = InstanceRecord(
-        instance="aaa-forged",
-        pod="sniffer-b",
-        time=utcnow(),
-        status="RUNNING",
-        verified=False,
-        unverified="it carries no MAC (no 'auth' field)",
-    )
-    h.backend.add_instance(NAME, forged)
-    run(h.reconcile(canary_spec(ETH1)))
-    assert h.backend.rollouts[NAME][0].canaries == ("sniffer-a",)
-    h.backend.add_instance(NAME, dataclasses.replace(forged, config_digest=stored(ETH1)))
+    podless(h, "aaa-ghost", stored(ETH1), pod=pod, verified=verified)
     asyncio.run(h.monitor(canary_spec(ETH1)))
     assert h.backend.state(NAME).active_version == 1
     assert "CanaryPromoted" not in h.reasons()

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
-from operator_core_support import NAME, Harness, spec
+from operator_core_support import NAME, Harness, changed_after_beats, plant, spec
 from prometheus_client import REGISTRY
 
 from defender_operator._backend import InstanceRecord
@@ -139,35 +139,13 @@ def test_a_new_keyring_makes_the_view_read_every_record_again() -> None:
 
 
 def forge(h: Harness, instance: str, pod: str, error: str | None = None) -> None:
-    """A record naming a real pod, written without the keyring (the backend read it and found
-    its MAC wrong)."""
-    h.backend.add_instance(
-        NAME,
-        InstanceRecord(
-            instance=instance,
-            pod=pod,
-            time=utcnow(),
-            status="RUNNING",
-            last_error_reason=error,
-            last_error_detail="forged" if error else "",
-            verified=False,
-            unverified=WHY,
-        ),
-    )
+    """A record naming a real pod, written without the keyring."""
+    plant(h, instance, pod, error, unverified=WHY)
 
 
 def changed() -> Harness:
     """Three beating pods on version 1, then version 2 committed (the breaker's window open)."""
-    h = Harness()
-    run(h.reconcile(spec(ETH0)))
-    for pod in PODS:
-        h.add_pod(pod)
-        h.beat(pod)
-    run(h.monitor(spec(ETH0)))
-    run(h.reconcile(spec(ETH1)))
-    for pod in PODS:
-        h.beat(pod)
-    return h
+    return changed_after_beats(PODS, ETH0, ETH1)
 
 
 def test_forged_records_naming_real_pods_do_not_trip_the_breaker() -> None:
