@@ -297,11 +297,19 @@ def test_forged_heartbeats_naming_real_pods_do_not_trip_the_breaker(
                 json.dumps(record).encode(),
                 lease=lease,
             )
+        # A pass may come between the two puts: wait for the one that saw both.
+        wait_for(
+            "both forged records reported",
+            lambda: (
+                "2 heartbeat record(s) fail authentication (ignored)"
+                in (run.condition("sniffer", "Heartbeating") or {}).get("message", "")
+            ),
+            timeout=60,
+        )
         run.wait_event("sniffer", "UnverifiedInstances")
-        [event] = [e for e in run.events("sniffer") if e.reason == "UnverifiedInstances"]
-        assert "no MAC" in event.message
-        heartbeating = run.wait_condition("sniffer", "Heartbeating", status="True")
-        assert "2 heartbeat record(s) fail authentication (ignored)" in heartbeating["message"]
+        events = [e for e in run.events("sniffer") if e.reason == "UnverifiedInstances"]
+        assert all("no MAC" in e.message for e in events)
+        assert run.condition("sniffer", "Heartbeating")["status"] == "True"  # type: ignore[index]
         assert run.get("sniffer")["status"]["instances"] == {"alive": 2, "expected": 2}
         assert run.get("sniffer")["status"].get("frozen") is not True
         assert run.configs().get_active("sniffer").version == 2
