@@ -653,16 +653,20 @@ def section_findings() -> list[str]:
     return [
         "## Findings",
         "",
-        "- **Issue 17, operator, session 25 (2026-12-05): re-measured after session 24's "
-        "changes; no change on the create path.** Session 24 changed how a failed keyring "
-        "copy is reported and filtered canary picks and heartbeat judgements by pod; session "
-        "25 signs heartbeat records (one HMAC per record written, one verification per record "
-        "the operator reads: records are written only when their content changes, so neither "
-        "is on a steady beat). Run on 46e00a5 with the VM slower than session 23's (the "
-        "baseline's 1,000 creates took 19.0 s against 11.5 s): 1,000 p50 0.12 s, p99 0.37 s "
-        "against the baseline's 0.03 / 0.21 s (3.6x / 1.8x, session 23: 4.1x / 2.5x), the "
-        "floor 1.7x / 1.0x, RSS 218 MiB. The ratio target is NOT met, for the reasons below "
-        "the table.",
+        "- **Issue 17, operator, session 25 (2026-12-05): re-measured twice, no change on the "
+        "create path.** Session 24 changed how a failed keyring copy is reported and filtered "
+        "canary picks and heartbeat judgements by pod; session 25 signs heartbeat records (one "
+        "HMAC per record written, one verification per record the operator reads: records are "
+        "written only when their content changes, so neither is on a steady beat). On 46e00a5 "
+        "(session 24), the VM slower than in session 23 (the baseline's 1,000 creates took "
+        "19.0 s against 11.5 s): 1,000 p50 0.12 s, p99 0.37 s against the baseline's 0.03 / "
+        "0.21 s (3.6x / 1.8x), the floor 1.7x / 1.0x, operator CPU 15.4 ms per component, RSS "
+        "218 MiB. On the final code (run of record, above): p50 0.09 s, p99 0.42 s against "
+        "0.027 / 0.10 s (3.3x / 4.1x: the baseline's p99 was half the earlier run's, ours "
+        "slightly higher), the floor 1.2x / 0.9x, operator CPU 11.4 ms per component, RSS 225 "
+        "MiB. The p99 ratio moves by 2x between two runs of the same create path, so one run "
+        "decides nothing at the tail; the p50 ratio stays 3.3-4.1x in every run since session "
+        "22. The ratio target is NOT met, for the reasons below the table.",
         "- **Issue 17, operator, session 23 (2026-12-05): what a status costs the API server is "
         "its fields, not its bytes.** An A/B on an idle control plane (2,000 objects, their "
         "first status patches interleaved in blocks of 25, run in both orders): our full "
