@@ -619,7 +619,8 @@ def unbacked_step(
     if not new:
         return Outcome()
     message = (
-        f"{len(new)} heartbeat record(s) name no pod this component selects: {', '.join(new)};"
+        f"{len(new)} heartbeat record(s) name no pod this component selects:"
+        f" {_some(new, lambda name: name)};"
         " ignored by the breaker and the canaries. A record no agent keeps alive lingers until"
         " deleted; one nobody wrote means someone else can write this component's instance keys"
     )
@@ -627,8 +628,20 @@ def unbacked_step(
     return Outcome(events=[warning("UnbackedInstances", message)])
 
 
-# Instances an Event names at most (anyone with etcd write access can invent any number).
+# Instances an Event names at most, and the characters of each name and reason shown: anyone
+# with etcd write access can invent any number of them, of any length.
 _NAMED = 5
+_SHOWN_CHARS = 200
+
+
+def _some(names: Sequence[str], show: Callable[[str], str]) -> str:
+    """The first `_NAMED` of `names`, each as `show` puts it, cut to `_SHOWN_CHARS`."""
+    shown = "; ".join(_cut(show(name)) for name in names[:_NAMED])
+    return shown + (f" and {len(names) - _NAMED} more" if len(names) > _NAMED else "")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
 
 
 def unverified_step(p: Pass, mem: ComponentMemory, forged: Sequence[InstanceRecord]) -> Outcome:
@@ -645,10 +658,9 @@ def unverified_step(p: Pass, mem: ComponentMemory, forged: Sequence[InstanceReco
     if not new:
         return Outcome()
     why = {i.instance: i.unverified for i in forged}
-    shown = "; ".join(f"{name} ({why[name]})" for name in new[:_NAMED])
-    more = f" and {len(new) - _NAMED} more" if len(new) > _NAMED else ""
+    shown = _some(new, lambda name: f"{name} ({why[name]})")
     message = (
-        f"{len(new)} heartbeat record(s) fail authentication: {shown}{more}. Ignored: the"
+        f"{len(new)} heartbeat record(s) fail authentication: {shown}. Ignored: the"
         " pod they name is judged by its own signed record only. An agent"
         " older than record signing writes none (upgrade it); otherwise someone without the"
         " keyring writes this component's instance keys"

@@ -122,7 +122,7 @@ def test_unbacked_records_are_not_alive_and_are_reported() -> None:
     run(h.monitor(spec(ETH1)))
     assert h.reasons().count("UnbackedInstances") == 1
     event = next(e for e in h.events if e.reason == "UnbackedInstances")
-    assert "ghost-1, ghost-2" in event.message
+    assert "ghost-1; ghost-2" in event.message
     run(h.monitor(spec(ETH1)))
     assert h.reasons().count("UnbackedInstances") == 1  # once per record
     # Gone: the gauge and the message say so.

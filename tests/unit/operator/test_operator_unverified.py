@@ -216,3 +216,20 @@ def test_an_event_names_a_few_of_many_unverified_records() -> None:
     assert event.message.startswith("12 heartbeat record(s) fail authentication: junk-00")
     assert "junk-04" in event.message and "junk-05" not in event.message
     assert "and 7 more" in event.message
+
+
+def test_invented_names_and_reasons_are_cut_in_what_is_reported() -> None:
+    # Anyone with etcd write access picks instance names and, in an auth block, key ids of
+    # any length: the Event and the log line stay short.
+    h = changed()
+    long_name = "n" * 500
+    plant(h, long_name, "sniffer-a", unverified="it names key '" + "k" * 5000 + "'")
+    for i in range(7):
+        plant(h, f"ghost-{i}", None)
+        h.mem.unbacked_since[f"ghost-{i}"] = utcnow() - timedelta(hours=1)
+    run(h.monitor(spec(ETH1)))
+    unverified = next(e for e in h.events if e.reason == "UnverifiedInstances")
+    assert len(unverified.message) < 600 and "n" * 200 not in unverified.message
+    run(h.monitor(spec(ETH1)))
+    unbacked = next(e for e in h.events if e.reason == "UnbackedInstances")
+    assert "ghost-0; ghost-1; ghost-2; ghost-3; ghost-4 and 2 more" in unbacked.message
