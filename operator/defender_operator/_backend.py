@@ -84,8 +84,13 @@ class InstanceRecord:
     # verified records steer anything. `unverified` says why not (no key bytes).
     verified: bool = True
     unverified: str | None = None
-    # The writer's count of its writes (None: a heartbeater from before it was counted).
+    # Who wrote it (random per heartbeater) and its count of its writes: a writer's records are
+    # ordered by it. None: not signed.
+    writer: str | None = None
     seq: int | None = None
+    # Whether its MAC was checked at all: False when it was read while the operator held no
+    # keyring (read again once it does, never judged as it is).
+    checked: bool = True
 
     def holds(self, fingerprint: str) -> bool:
         return fingerprint in self.key_fingerprints or fingerprint == self.key_fingerprint

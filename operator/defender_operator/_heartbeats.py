@@ -20,14 +20,19 @@ from defender_operator._metrics import HEARTBEAT_EVENTS, MONITOR_WAKES
 
 
 def _replayed(before: InstanceRecord | None, record: InstanceRecord) -> bool:
-    """An authentic record older than the authentic one it replaces: of one lease (one writer
-    process), by the writer's count of its writes, which no clock step moves; across leases
-    (a restarted agent, a regranted lease) by its time."""
-    if before is None or not (before.verified and record.verified):
-        return False
-    if record.lease_id == before.lease_id and record.seq is not None and before.seq is not None:
-        return record.seq < before.seq
-    return record.time < before.time
+    """An authentic record older than the authentic one of the same writer it replaces, by
+    the writer's count of its writes (under the MAC), which no clock step moves. Records of
+    another writer (a restarted agent) are not ordered: each is taken as it comes."""
+    return (
+        before is not None
+        and before.verified
+        and record.verified
+        and before.writer is not None
+        and record.writer == before.writer
+        and record.seq is not None
+        and before.seq is not None
+        and record.seq < before.seq
+    )
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,14 @@ class HeartbeatView:
         """
         fresh: dict[str, dict[str, _Entry]] = {}
         for component, records in listing.items():
+            known = self._entries.get(component, {})
             for rec in records:
                 if self._tombstones.get((component, rec.instance), 0) > since:
+                    continue
+                held = known.get(rec.instance)
+                if held is not None and _replayed(held.record, rec):
+                    # What etcd holds is an older record put back: the newer one stays.
+                    fresh.setdefault(component, {})[rec.instance] = held
                     continue
                 fresh.setdefault(component, {})[rec.instance] = _Entry(rec, since)
         for component, known in self._entries.items():

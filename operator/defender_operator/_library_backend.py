@@ -95,7 +95,9 @@ def _instance(hb: Heartbeat) -> InstanceRecord:
         interval_seconds=hb.interval_seconds,
         lease_id=hb.lease_id,
         verified=hb.verified,
+        writer=hb.writer,
         seq=hb.seq,
+        checked=hb.verified or hb.unverified is not None,
         unverified=None
         if hb.verified
         else hb.unverified or "read while the operator held no keyring to check its MAC",

@@ -209,11 +209,18 @@ class Pass:
     carry: Mapping[str, Any] = field(default_factory=dict)
     stored: Mapping[str, Any] | None = None
 
-    def publish(
+    async def publish(
         self, fields: Mapping[str, Any], riders: Callable[[], Mapping[str, Any]] | None = None
-    ) -> Any:
+    ) -> None:
+        if self.rt.ended(_uid(self.body)):
+            # Deleted, or a same-named successor handled, while this pass ran: the status by
+            # that name is not this object's any more.
+            self.logger.info(
+                "%s/%s ended during the pass: nothing published", self.namespace, self.name
+            )
+            return
         shown = self.stored if self.stored is not None else self.status
-        return publish_status(
+        await publish_status(
             self.rt,
             self.namespace,
             self.name,
@@ -380,10 +387,12 @@ async def _observe(p: Pass, mem: ComponentMemory) -> Observed:
     if not (etcd.reachable and etcd.quorum):
         return Observed()
     try:
-        if rt.heartbeats.trusted:
-            instances: Sequence[InstanceRecord] = rt.heartbeats.instances(p.name)
-        else:
-            # Before the first resync, or after a watch outage until the next one.
+        instances: Sequence[InstanceRecord] = (
+            rt.heartbeats.instances(p.name) if rt.heartbeats.trusted else ()
+        )
+        if not rt.heartbeats.trusted or not all(i.checked for i in instances):
+            # Before the first resync, after a watch outage until the next one, or records
+            # the view read while no keyring was held (the view reads them all again soon).
             HEARTBEAT_DIRECT_READS.inc()
             instances = await asyncio.to_thread(rt.backend.instances, p.name)
         # Beats are lease keep-alives that leave the record alone: when each instance last

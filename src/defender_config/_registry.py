@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -54,12 +55,15 @@ from ._configs import (
 )
 from ._errors import (
     DefenderConfigError,
+    KeyringError,
     NotFoundError,
     RecordAuthError,
     SettingsError,
     StoreError,
 )
+from ._keyring import Keyring
 from ._models import ComponentType
+from ._records import verify_record
 from ._store import WatchHandle
 from ._store_types import Lease, WatchEvent, backoff_delay
 
@@ -120,8 +124,9 @@ class Heartbeat(BaseModel):
     # The lease the writer bound the record to (hex), covered by the MAC: a record put back
     # under another lease does not verify.
     lease: str | None = None
-    # The writer's count of its writes (from 1 in each process), covered by the MAC: of two
-    # records of one lease, the lower was put back. Unlike `time`, no clock step moves it.
+    # Who wrote it (random per heartbeater) and its count of its writes, covered by the MAC:
+    # of two records of one writer the lower count was put back, whatever the clocks say.
+    writer: str | None = None
     seq: int | None = None
 
     # The lease the key is bound to, as read from etcd (not part of the stored JSON).
@@ -283,8 +288,10 @@ class Heartbeater:
         self._thread: threading.Thread | None = None
         # The record's content (without `time`) as last put; None: nothing written yet.
         self._written: dict[str, Any] | None = None
-        # Records written by this heartbeater (each carries its number: `Heartbeat.seq`).
+        # Records written by this heartbeater (each carries its number: `Heartbeat.seq`) and
+        # who it is (`Heartbeat.writer`: a new one per heartbeater, so its numbers are ordered).
         self._seq = 0
+        self._writer = secrets.token_hex(8)
         # The record object `_written` was last compared with and found equal (records are
         # immutable and replaced on every change, so the same object needs no new compare).
         self._same_as_written: Heartbeat | None = None
@@ -485,6 +492,7 @@ class Heartbeater:
         self._seq += 1
         bound = record.model_dump(mode="json")
         bound["lease"] = f"{lease.id:x}"
+        bound["writer"] = self._writer
         bound["seq"] = self._seq
         self.client.store.put(self.key, self.client.encode_record(self.key, bound), lease=lease)
         self._written = _content(record)
@@ -900,24 +908,22 @@ class Registry:
 
     def _heartbeat(self, key: str, value: bytes, lease_id: int = 0) -> Heartbeat | None:
         """The record at `key`, marked verified or not; None when it is no heartbeat at all."""
-        client = self.client
+        keyring = _held_keyring(self.client)
         unverified: str | None = None
         try:
-            if client.verifies_records:
+            data = self.client.decode_json(key, value)
+            if keyring is not None:
                 try:
-                    data = client.decode_record(key, value, report=False)
+                    data = verify_record(keyring, key, data)
                 except RecordAuthError as exc:
                     # Read anyway, to be shown and reported; nothing acts on it.
                     unverified = exc.problem
-                    data = _without_auth(client.decode_json(key, value))
-            else:
-                data = _without_auth(client.decode_json(key, value))
-            hb = Heartbeat.model_validate(data)
+            hb = Heartbeat.model_validate(_without_auth(data))
         except (DefenderConfigError, ValidationError, ValueError) as exc:
             log.warning("unreadable heartbeat %s: %s", key, exc)
             return None
         hb._lease_id = lease_id
-        if client.verifies_records:
+        if keyring is not None:
             if unverified is None and hb.lease != f"{lease_id:x}":
                 unverified = (
                     f"it was signed for lease {hb.lease!r} but etcd binds the key to lease"
@@ -926,6 +932,16 @@ class Registry:
             hb._verified = unverified is None
             hb._unverified = unverified
         return hb
+
+
+def _held_keyring(client: DefenderClient) -> Keyring | None:
+    """The keyring to check records with; None while the client holds none (an operator whose
+    keyring is not settled yet raises rather than answer None): records are then read
+    unchecked, not dropped."""
+    try:
+        return client.envelope.keyring()
+    except KeyringError:
+        return None
 
 
 def _without_auth(data: Any) -> Any:

@@ -18,6 +18,7 @@ from defender_config import (
     Heartbeat,
     Heartbeater,
     Keyring,
+    KeyringError,
     LibrarySettings,
     Registry,
     SettingsError,
@@ -186,3 +187,27 @@ def test_a_cadence_of_one_miss_is_not_followed(plain: DefenderClient) -> None:
 
     assert decode_cadence(plain, key, stored(2)) is not None
     assert decode_cadence(plain, key, stored(1)) is None
+
+
+class _NotSettled:
+    """A keyring source that holds none yet (as the operator's before its keyring settles)."""
+
+    def current(self) -> Keyring:
+        raise KeyringError("no keyring held yet")
+
+
+def test_a_reader_whose_keyring_is_not_settled_reads_records_unchecked(
+    keyed: DefenderClient,
+) -> None:
+    key, blob = written(keyed, pod="sniffer-0")
+    with DefenderClient(LibrarySettings(etcd=ETCD), _NotSettled(), alert_sinks=[]) as waiting:  # type: ignore[arg-type]
+        hb = read(waiting, key, blob, LEASE.id)
+    # Neither dropped nor judged: unchecked (no reason), to be read again with the keyring.
+    assert not hb.verified and hb.unverified is None and hb.pod == "sniffer-0"
+
+
+def test_each_heartbeater_signs_as_a_writer_of_its_own(keyed: DefenderClient) -> None:
+    key, first = written(keyed, pod="sniffer-0")
+    _, second = written(keyed, pod="sniffer-0")
+    a, b = read(keyed, key, first, LEASE.id), read(keyed, key, second, LEASE.id)
+    assert a.writer and b.writer and a.writer != b.writer and a.seq == b.seq == 1

@@ -103,3 +103,27 @@ def test_the_successor_starts_from_a_fresh_memory_and_the_old_object_ends() -> N
     run(h.reconcile(spec(ETH0)))
     assert h.backend.state(NAME) == before
     assert h.rt.components[NAMESPACE, NAME] is mem
+
+
+def test_a_pass_under_way_when_the_successor_arrives_publishes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    run(h.monitor(spec(ETH0)))
+    old_body = h.body(spec(ETH0), {})
+    patches = len(h.kube.patches)
+    observe = _monitor.observe
+
+    async def successor_arrives(p: Any, mem: Any) -> Any:
+        # The re-created object's handler runs while this pass waits on etcd.
+        assert h.rt.memory_of(NAMESPACE, NAME, "uid-2") is not None
+        return await observe(p, mem)
+
+    monkeypatch.setattr(_monitor, "observe", successor_arrives)
+    h.mem.last_pass = None
+    run(_monitor._pass(h.rt, old_body, NAMESPACE, NAME, LOG, h.index()))
+    assert h.rt.ended("uid-1")
+    assert len(h.kube.patches) == patches  # the status by that name is the successor's now

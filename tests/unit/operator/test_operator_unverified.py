@@ -86,12 +86,15 @@ def test_the_rotation_counts_only_signed_records() -> None:
 
 def test_the_view_keeps_a_newer_authentic_record_over_a_replayed_older_one() -> None:
     view = HeartbeatView(T0)
-    healthy = record("a", at=T0 + timedelta(seconds=10))
-    failing = record("a", at=T0, last_error_reason="ConfigRejected")
+    failing = record("a", writer="w1", seq=1, last_error_reason="ConfigRejected")
+    healthy = record("a", at=T0 + timedelta(seconds=10), writer="w1", seq=2)
     view.apply(T0, "sniffer", "a", healthy)
     view.apply(T0, "sniffer", "a", failing)  # put back by someone with etcd write access
     assert view.instances("sniffer") == [healthy]
-    later = record("a", at=T0 + timedelta(seconds=20), last_error_reason="ConfigRejected")
+    # The periodic full list reads what etcd holds (the replay): the newer one stays.
+    view.resync(T0, view.begin_resync(), {"sniffer": [failing]})
+    assert view.instances("sniffer") == [healthy]
+    later = record("a", at=T0 + timedelta(seconds=20), writer="w1", seq=3, last_error_reason="X")
     view.apply(T0, "sniffer", "a", later)  # the agent's own, newer
     assert view.instances("sniffer") == [later]
     # After the key went away (stopped, lease expired) nothing older is remembered.
@@ -100,19 +103,20 @@ def test_the_view_keeps_a_newer_authentic_record_over_a_replayed_older_one() -> 
     assert view.instances("sniffer") == [failing]
 
 
-def test_within_one_lease_the_writers_count_decides_not_the_clock() -> None:
-    # The agent's node clock stepped back between two writes: its newer record (seq 2) still
-    # wins; a record of seq 1 put back does not, whatever its time.
+def test_the_writers_count_decides_not_the_clock() -> None:
+    # The agent's node clock stepped back between two writes, also across its own leases (a
+    # cadence change moves the key to a new one): its newer record still wins; one it wrote
+    # earlier put back does not, whatever its time.
     view = HeartbeatView(T0)
-    first = record("a", at=T0 + timedelta(seconds=10), lease_id=7, seq=1)
-    second = record("a", at=T0, lease_id=7, seq=2, last_error_reason="ConfigRejected")
+    first = record("a", at=T0 + timedelta(seconds=10), lease_id=7, writer="w1", seq=1)
+    second = record("a", at=T0, lease_id=8, writer="w1", seq=2, last_error_reason="X")
     view.apply(T0, "sniffer", "a", first)
     view.apply(T0, "sniffer", "a", second)
     assert view.instances("sniffer") == [second]
     view.apply(T0, "sniffer", "a", dataclasses.replace(first, time=T0 + timedelta(hours=1)))
     assert view.instances("sniffer") == [second]
-    # Another lease (a restarted agent counts from 1 again): by time.
-    restarted = record("a", at=T0 + timedelta(seconds=30), lease_id=8, seq=1)
+    # Another writer (a restarted agent counts from 1 again, its clock behind): taken.
+    restarted = record("a", at=T0 - timedelta(hours=1), lease_id=9, writer="w2", seq=1)
     view.apply(T0, "sniffer", "a", restarted)
     assert view.instances("sniffer") == [restarted]
 
@@ -233,3 +237,22 @@ def test_invented_names_and_reasons_are_cut_in_what_is_reported() -> None:
     run(h.monitor(spec(ETH1)))
     unbacked = next(e for e in h.events if e.reason == "UnbackedInstances")
     assert "ghost-0; ghost-1; ghost-2; ghost-3; ghost-4 and 2 more" in unbacked.message
+
+
+def test_records_read_before_the_keyring_are_read_again_not_judged() -> None:
+    # The view read them while the operator held no keyring (unchecked); a pass once the
+    # keyring is held reads the instances itself instead of restarting pods it thinks silent.
+    h = changed()
+    h.inform()
+    view = h.rt.heartbeats
+    view.watching = True
+    unchecked = [
+        dataclasses.replace(r, verified=False, checked=False, unverified="no keyring")
+        for r in h.backend.instances(NAME)
+    ]
+    view.resync(utcnow(), view.begin_resync(), {NAME: unchecked})
+    assert view.trusted
+    h.mem.last_seen.clear()
+    run(h.monitor(spec(ETH1)))
+    assert h.kube.status["instances"] == {"alive": 3, "expected": 3}
+    assert "UnverifiedInstances" not in h.reasons() and h.kube.deleted == []
