@@ -74,16 +74,21 @@ def test_the_old_objects_deletion_handled_first_is_applied_and_the_successor_sta
     _new_object_holds_its_name(h, active=2 if retention == "Keep" else 1)
 
 
-def test_the_successor_starts_from_a_fresh_memory_and_the_old_object_ends() -> None:
-    """Memory is kept by namespace/name: the successor handled before the old object's DELETED
-    event must not inherit its restart history, canary or status, and the old object's
-    handlers (a monitor pass still due, a late event) judge and write nothing more."""
+def _monitored() -> tuple[Harness, dict[str, Any]]:
+    """The old object (uid-1), reconciled and monitored with one beating pod; its body."""
     h = Harness()
     run(h.reconcile(spec(ETH0)))
     h.add_pod("sniffer-a")
     h.beat("sniffer-a")
     run(h.monitor(spec(ETH0)))
-    old_body = h.body(spec(ETH0), {})
+    return h, h.body(spec(ETH0), {})
+
+
+def test_the_successor_starts_from_a_fresh_memory_and_the_old_object_ends() -> None:
+    """Memory is kept by namespace/name: the successor handled before the old object's DELETED
+    event must not inherit its restart history, canary or status, and the old object's
+    handlers (a monitor pass still due, a late event) judge and write nothing more."""
+    h, old_body = _monitored()
     old_mem = h.mem
     old_mem.restart_times.append(utcnow())
     old_mem.canary_pods["sniffer-a-0"] = "sniffer-a"
@@ -108,12 +113,7 @@ def test_the_successor_starts_from_a_fresh_memory_and_the_old_object_ends() -> N
 def test_a_pass_under_way_when_the_successor_arrives_publishes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    h = Harness()
-    run(h.reconcile(spec(ETH0)))
-    h.add_pod("sniffer-a")
-    h.beat("sniffer-a")
-    run(h.monitor(spec(ETH0)))
-    old_body = h.body(spec(ETH0), {})
+    h, old_body = _monitored()
     patches = len(h.kube.patches)
     observe = _monitor.observe
 
