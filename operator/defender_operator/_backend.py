@@ -81,8 +81,9 @@ class InstanceRecord:
     # The etcd lease the key is bound to (0: unknown); its keep-alives are the beats.
     lease_id: int = 0
     # Whether its MAC verified over its etcd path and lease (a key holder wrote it); only
-    # verified records steer anything. `unverified` says why not (no key bytes).
-    verified: bool = True
+    # verified records steer anything. `unverified` says why not (no key bytes). False unless
+    # a reader says so: a record built without checking must not be trusted by default.
+    verified: bool = False
     unverified: str | None = None
     # Who wrote it (random per heartbeater) and its count of its writes: a writer's records are
     # ordered by it. None: not signed.

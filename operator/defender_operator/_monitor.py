@@ -645,12 +645,8 @@ _SHOWN_CHARS = 200
 
 def _some(names: Sequence[str], show: Callable[[str], str]) -> str:
     """The first `_NAMED` of `names`, each as `show` puts it, cut to `_SHOWN_CHARS`."""
-    shown = "; ".join(_cut(show(name)) for name in names[:_NAMED])
+    shown = "; ".join(cond.bounded(show(name), _SHOWN_CHARS) for name in names[:_NAMED])
     return shown + (f" and {len(names) - _NAMED} more" if len(names) > _NAMED else "")
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
 
 
 def unverified_step(p: Pass, mem: ComponentMemory, forged: Sequence[InstanceRecord]) -> Outcome:
@@ -666,7 +662,7 @@ def unverified_step(p: Pass, mem: ComponentMemory, forged: Sequence[InstanceReco
     )
     if not new:
         return Outcome()
-    why = {i.instance: i.unverified for i in forged}
+    why = {i.instance: i.unverified or "not verified" for i in forged}
     shown = _some(new, lambda name: f"{name} ({why[name]})")
     message = (
         f"{len(new)} heartbeat record(s) fail authentication: {shown}. Ignored: the"

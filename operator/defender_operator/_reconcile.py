@@ -298,6 +298,16 @@ async def reconcile(
         v.rt.wake(v.name, "reconciled")
 
 
+def _ended(v: Visit) -> bool:
+    """Whether this object was deleted, or a same-named successor handled, while its reconcile
+    ran (kopf handles each uid in its own worker): its spec is not what the name holds any
+    more, so it seeds, commits and publishes nothing from here on."""
+    if not v.rt.ended(_uid(v.body)):
+        return False
+    v.logger.info("%s/%s ended during the reconcile: stopped there", v.namespace, v.name)
+    return True
+
+
 def _judged_on(v: Visit, mem: ComponentMemory, found: Outcome) -> None:
     """The visit judged ConfigSynced (`found.config`): on this generation. A visit that failed
     before judging it leaves the generation of the verdict shown."""
@@ -308,7 +318,10 @@ def _judged_on(v: Visit, mem: ComponentMemory, found: Outcome) -> None:
 async def _finish(
     v: Visit, mem: ComponentMemory, found: Outcome, first_pass: FirstPass | None = None
 ) -> bool:
-    """Publish; True when the first monitor pass ran and published with it."""
+    """Publish; True when the first monitor pass ran and published with it (or when there
+    is nothing of this object's to publish any more)."""
+    if _ended(v):
+        return True
     post_events(v.rt.post_event, v.body, found)  # once, even if publishing fails after
     stored = mem.status if mem.status is not None else v.status
     if first_pass is not None and await first_pass(stored, found.fields):
@@ -372,6 +385,8 @@ async def _steps(
         take(mem, found, checked)
         take(mem, found, await refuse_invalid(v, spec))
         return
+    if _ended(v):
+        return
     if seeded_new is None:
         seeded_new = await seed(v, spec, normalized)
     state, commit_due, seeded = seeded_new
@@ -388,6 +403,8 @@ async def _steps(
     if commit_due and (state.frozen or observed_freeze(v.status) is not None):
         state, dropped = await drop_replayed_freeze(v.rt, v.component, v.status, state, v.logger)
         take(mem, found, dropped)
+    if commit_due and _ended(v):
+        return
     if commit_due:
         # Until the commit lands: what a failed attempt leaves (see `_temporary`), never the
         # Synced of an earlier generation.

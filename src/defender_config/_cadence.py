@@ -25,7 +25,7 @@ from ._client import DefenderClient
 from ._envelope import expect_plaintext
 from ._errors import DefenderConfigError, RecordAuthError
 from ._json_parse import parse_json
-from ._records import AUTH_FIELD, is_signed, verify_record
+from ._records import verify_record, without_auth
 from ._store_types import PutOp, StoredValue
 
 __all__ = [
@@ -118,10 +118,7 @@ def decode_cadence(client: DefenderClient, key: str, stored: StoredValue | None)
         # Not client.decode_record: that alerts on every read, and this is read every beat.
         data = parse_json(expect_plaintext(stored.value, key))
         keyring = client.envelope.keyring()
-        if keyring is not None:
-            data = verify_record(keyring, key, data)
-        elif is_signed(data):
-            data = {k: v for k, v in data.items() if k != AUTH_FIELD}
+        data = verify_record(keyring, key, data) if keyring is not None else without_auth(data)
         return Cadence.model_validate(data)
     except (DefenderConfigError, ValidationError, ValueError) as exc:
         with _warned_lock:

@@ -17,7 +17,7 @@ from ._errors import DefenderConfigError, EnvelopeError, RecordAuthError, Settin
 from ._json_parse import parse_json
 from ._keyring import Keyring, KeyringSource
 from ._layout import Layout
-from ._records import is_signed, sign_record, verify_record
+from ._records import sign_record, verify_record, without_auth
 from ._settings import EnvelopeOptions, LibrarySettings
 from ._store import EtcdStore
 from ._store_types import Lease, StoredValue
@@ -226,7 +226,7 @@ class DefenderClient:
                 self.report(exc, path=path, component=component)
             raise exc from None
         if keyring is None:
-            return {k: v for k, v in data.items() if k != "auth"} if is_signed(data) else data
+            return without_auth(data)
         try:
             return verify_record(keyring, path, data)
         except RecordAuthError as exc:

@@ -43,6 +43,7 @@ __all__ = [
     "record_key_id",
     "sign_record",
     "verify_record",
+    "without_auth",
 ]
 
 AUTH_FIELD = "auth"
@@ -94,6 +95,14 @@ def sign_record(keyring: Keyring, path: str, record: Mapping[str, Any]) -> dict[
             "mac": _mac(key.material, path, body),
         },
     }
+
+
+def without_auth(data: Any) -> Any:
+    """`data` without its `auth` block (anything else as it is): what a reader that does not
+    verify, or not yet, reads of a record."""
+    if is_signed(data):
+        return {k: v for k, v in data.items() if k != AUTH_FIELD}
+    return data
 
 
 def is_signed(data: Any) -> bool:

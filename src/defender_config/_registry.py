@@ -63,7 +63,7 @@ from ._errors import (
 )
 from ._keyring import Keyring
 from ._models import ComponentType
-from ._records import verify_record
+from ._records import verify_record, without_auth
 from ._store import WatchHandle
 from ._store_types import Lease, WatchEvent, backoff_delay
 
@@ -918,7 +918,7 @@ class Registry:
                 except RecordAuthError as exc:
                     # Read anyway, to be shown and reported; nothing acts on it.
                     unverified = exc.problem
-            hb = Heartbeat.model_validate(_without_auth(data))
+            hb = Heartbeat.model_validate(without_auth(data))
         except (DefenderConfigError, ValidationError, ValueError) as exc:
             log.warning("unreadable heartbeat %s: %s", key, exc)
             return None
@@ -942,9 +942,3 @@ def _held_keyring(client: DefenderClient) -> Keyring | None:
         return client.envelope.keyring()
     except KeyringError:
         return None
-
-
-def _without_auth(data: Any) -> Any:
-    if isinstance(data, dict) and "auth" in data:
-        return {k: v for k, v in data.items() if k != "auth"}
-    return data

@@ -198,10 +198,11 @@ MESSAGE_MAX_CHARS = 32768
 whole status patch, and every other field of it with the message."""
 
 
-def _bounded(message: str) -> str:
-    if len(message) <= MESSAGE_MAX_CHARS:
-        return message
-    return message[: MESSAGE_MAX_CHARS - 1] + "…"
+def bounded(text: str, limit: int = MESSAGE_MAX_CHARS) -> str:
+    """`text` cut to `limit` characters (its last one an ellipsis when cut)."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
 
 
 def merge(
@@ -230,7 +231,7 @@ def merge(
                 "type": cond.type,
                 "status": cond.status,
                 "reason": cond.reason,
-                "message": _bounded(cond.message),
+                "message": bounded(cond.message),
                 "lastTransitionTime": when,
                 "observedGeneration": judged.get(cond.type, generation),
             }

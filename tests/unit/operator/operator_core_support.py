@@ -346,6 +346,7 @@ class Harness:
                 key_fingerprint=self.rt.keyring.current().primary_fingerprint,
                 last_error_reason=error,
                 last_error_detail=f"{error} (reported by the instance)" if error else "",
+                verified=True,
             ),
         )
 
@@ -385,10 +386,12 @@ def plant(
     pod: str | None,
     error: str | None = None,
     *,
+    digest: str | None = None,
     unverified: str | None = None,
 ) -> None:
-    """An instance record written with etcd write access alone, naming `pod` (None: no pod)
-    and reporting `error`; with `unverified`, one whose MAC the backend found wrong (why)."""
+    """An instance record written with etcd write access alone, naming `pod` (None: no pod),
+    claiming to run config `digest` and reporting `error`; with `unverified`, one whose MAC the
+    backend found wrong (why)."""
     h.backend.add_instance(
         NAME,
         InstanceRecord(
@@ -396,6 +399,7 @@ def plant(
             pod=pod,
             time=utcnow(),
             status="RUNNING",
+            config_digest=digest,
             last_error_reason=error,
             last_error_detail="forged" if error else "",
             verified=unverified is None,

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from operator_core_support import NAME, Harness, spec
+from operator_core_support import NAME, Harness, plant, spec
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
@@ -55,6 +55,7 @@ def beat(h: Harness, pod: str, digest: str, error: str | None = None) -> None:
             key_fingerprint=h.rt.keyring.current().primary_fingerprint,
             last_error_reason=error,
             last_error_detail="probe failed" if error else "",
+            verified=True,
         ),
     )
 
@@ -413,18 +414,8 @@ def podless(
 ) -> None:
     """A record etcd write access alone can put (`digest`: the config it claims to run): naming
     no pod, or naming `pod` with a MAC that does not verify (`verified` False)."""
-    h.backend.add_instance(
-        NAME,
-        InstanceRecord(
-            instance=instance,
-            pod=pod,
-            time=utcnow(),
-            status="RUNNING",
-            config_digest=digest,
-            verified=verified,
-            unverified=None if verified else "it carries no MAC (no 'auth' field)",
-        ),
-    )
+    unverified = None if verified else "it carries no MAC (no 'auth' field)"
+    plant(h, instance, pod, digest=digest, unverified=unverified)
 
 
 @pytest.mark.parametrize(

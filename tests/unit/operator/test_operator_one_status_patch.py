@@ -131,6 +131,7 @@ def _beat_at(h: Harness, pod: str, when: datetime) -> None:
             time=when,
             status="RUNNING",
             key_fingerprint=h.rt.keyring.current().primary_fingerprint,
+            verified=True,
         ),
     )
 

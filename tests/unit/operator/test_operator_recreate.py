@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
-from defender_operator import _monitor
+from defender_operator import _monitor, _reconcile
 from defender_operator._decisions.ownership import OWNER_RECORD_RESTORED, Claim
 from defender_operator._reconcile import gone
 from defender_operator._runtime import utcnow
@@ -127,3 +127,29 @@ def test_a_pass_under_way_when_the_successor_arrives_publishes_nothing(
     run(_monitor._pass(h.rt, old_body, NAMESPACE, NAME, LOG, h.index()))
     assert h.rt.ended("uid-1")
     assert len(h.kube.patches) == patches  # the status by that name is the successor's now
+
+
+@pytest.mark.parametrize("arrives_in", ["claim", "commit"])
+def test_a_reconcile_under_way_when_the_successor_arrives_commits_and_publishes_nothing(
+    monkeypatch: pytest.MonkeyPatch, arrives_in: str
+) -> None:
+    # The old object was edited (ETH1) just before `kubectl delete` and a re-create with ETH0:
+    # its reconcile must not make ETH1 what the successor's name runs, nor write its status.
+    h, _ = _monitored()
+    patches, events = len(h.kube.patches), len(h.events)
+    step = getattr(_reconcile, arrives_in)
+
+    async def successor_arrives(*args: Any, **kwargs: Any) -> Any:
+        assert h.rt.memory_of(NAMESPACE, NAME, "uid-2") is not None
+        return await step(*args, **kwargs)
+
+    monkeypatch.setattr(_reconcile, arrives_in, successor_arrives)
+    if arrives_in == "commit":
+        # Arriving while the commit is under way: what it already wrote stays (one CAS in
+        # etcd), but nothing is published for the object that ended.
+        run(h.reconcile(spec(ETH1)))
+        assert len(h.kube.patches) == patches and len(h.events) == events
+        return
+    run(h.reconcile(spec(ETH1)))
+    assert h.backend.state(NAME).active_version == 1  # ETH1 never committed
+    assert len(h.kube.patches) == patches and len(h.events) == events

@@ -55,6 +55,21 @@ def test_only_verified_records_are_authentic() -> None:
     assert [r.instance for r in bad] == ["b"]
 
 
+def test_a_record_built_without_a_verdict_is_not_trusted() -> None:
+    # A reader that forgets to check must not make a record steer anything by omission.
+    bare = InstanceRecord(instance="a", pod="a", time=T0, status="RUNNING")
+    assert not bare.verified
+    assert authentic([bare]) == ([], [bare])
+
+
+def test_a_record_without_a_reason_is_reported_as_not_verified() -> None:
+    h = changed()
+    h.backend.add_instance(NAME, InstanceRecord("bare-x", "sniffer-a", utcnow(), "RUNNING"))
+    run(h.monitor(spec(ETH1)))
+    event = next(e for e in h.events if e.reason == "UnverifiedInstances")
+    assert "bare-x (not verified)" in event.message and "None" not in event.message
+
+
 def test_an_unverified_record_is_reported_once_while_it_lasts() -> None:
     reported, new = unverified_to_report(["x", "y"], frozenset())
     assert (reported, new) == ({"x", "y"}, ("x", "y"))
