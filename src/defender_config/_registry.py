@@ -61,6 +61,7 @@ from ._errors import (
     SettingsError,
     StoreError,
 )
+from ._instance_guard import instance_guard, overwritten
 from ._keyring import Keyring
 from ._models import ComponentType
 from ._records import verify_record, without_auth
@@ -298,6 +299,13 @@ class Heartbeater:
         # A cadence pushed by the feed, applied by the beat thread: (cadence,) or None.
         self._pushed: tuple[Cadence | None] | None = None
         self._feed_token: int | None = None
+        # Someone else's writes to this key (`_instance_guard`): the revision of this
+        # heartbeater's last acknowledged put, the bytes of the put under way, whether a change
+        # not its own came since (the next beat writes again), and whether it is watched.
+        self._written_revision = 0
+        self._in_flight: bytes | None = None
+        self._overwritten = False
+        self._guarded = False
         # The lease the store's keeper renews for this heartbeater (None: this thread renews).
         self._kept: Lease | None = None
         self.beats = 0
@@ -305,6 +313,7 @@ class Heartbeater:
         self.failures = 0
         self.regrants = 0
         self.held_beats = 0
+        self.overwrites = 0
 
     def _key_fields(self) -> dict[str, Any]:
         # A codec the component reported (how its ACTIVE is really stored) wins over the
@@ -392,6 +401,9 @@ class Heartbeater:
         if self._feed_token is not None:
             cadence_feed(self.client).unsubscribe(self.component, self._feed_token)
             self._feed_token = None
+        if self._guarded:
+            instance_guard(self.client).unsubscribe(self.component, self.key)
+            self._guarded = False
         with self._lock:
             self._record = self._record.model_copy(update={"status": ComponentStatus(status)})
         lease = self._lease
@@ -463,10 +475,32 @@ class Heartbeater:
             self._pushed = (published,)
         self._wake.set()
 
+    def _on_own_key(self, event: WatchEvent) -> None:
+        """From the guard's watch thread: a change of this heartbeater's key. One that is not
+        its own (a record put back or forged, the key deleted) wakes the beat thread to write
+        the record again, so what readers see is this heartbeater's newest word."""
+        with self._lock:
+            if not overwritten(
+                event, self._written_revision, self._in_flight, self._stopped.is_set()
+            ):
+                return
+            self._overwritten = True
+            self.overwrites += 1
+            count = self.overwrites
+        if count == 1 or count % 100 == 0:
+            log.warning(
+                "heartbeat %s: %s by someone else at revision %s (%s time(s)); written again",
+                self.key,
+                "deleted" if event.kind == "delete" else "written",
+                event.mod_revision,
+                count,
+            )
+        self._wake.set()
+
     def _hold(self, reason: ErrorInfo) -> None:
         """The gate failed: say why in the record, but do not renew the lease."""
         self.held_beats += 1
-        first = self._held != reason
+        first = self._held != reason or self._overwritten
         self._held = reason
         lease = self._lease
         if not first or lease is None:
@@ -494,7 +528,18 @@ class Heartbeater:
         bound["lease"] = f"{lease.id:x}"
         bound["writer"] = self._writer
         bound["seq"] = self._seq
-        self.client.store.put(self.key, self.client.encode_record(self.key, bound), lease=lease)
+        blob = self.client.encode_record(self.key, bound)
+        with self._lock:
+            # What came before this put is answered by it; what comes after is not.
+            self._overwritten = False
+            self._in_flight = blob
+        revision = 0
+        try:
+            revision = self.client.store.put(self.key, blob, lease=lease)
+        finally:
+            with self._lock:
+                self._written_revision = max(self._written_revision, revision)
+                self._in_flight = None
         self._written = _content(record)
         self._same_as_written = record
         self.writes += 1
@@ -509,6 +554,10 @@ class Heartbeater:
                 )
             # The first lease already gets the published TTL.
             self._adopt(read_cadence(self.client, self.component))
+        if initial and not self._guarded:
+            # Watched before the first write: a change in between is seen.
+            instance_guard(self.client).subscribe(self.component, self.key, self._on_own_key)
+            self._guarded = True
         with self._lock:
             pushed, self._pushed = self._pushed, None
         if pushed is not None:
@@ -533,7 +582,7 @@ class Heartbeater:
                 log.warning("heartbeat %s: old lease not revoked (it expires): %s", self.key, exc)
             self._count_beat()
             return
-        must_write = initial or self._changed(record)
+        must_write = initial or self._overwritten or self._changed(record)
         if lease is not None and not initial and store.refresh_lease(lease) <= 0:
             log.warning("heartbeat %s: lease expired, granting a new one", self.key)
             self.regrants += 1

@@ -24,6 +24,7 @@ from defender_config import (
     Registry,
     StoreError,
 )
+from defender_config._instance_guard import instance_guard
 from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
@@ -104,12 +105,15 @@ def test_a_lease_revoked_behind_its_back_is_regranted_and_the_record_rewritten(
     client: DefenderClient, events: list[InstanceEvent]
 ) -> None:
     hb = beater(client, "s-0")
+    key = client.layout.instance("sniffer", "s-0")
+    # The keeper's own path: the watch on the heartbeater's key (`_instance_guard`) would see
+    # the key deleted first and answer it (test_registry_etcd.py).
+    instance_guard(client).unsubscribe("sniffer", key)
     try:
         wait_for("kept", lambda: kept(client, hb), timeout=10)
         first = hb.lease
         assert first is not None
         client.store.revoke_lease(first)  # what a long etcd outage does to a lease
-        key = client.layout.instance("sniffer", "s-0")
 
         def rewritten() -> bool:
             stored = client.store.get(key)

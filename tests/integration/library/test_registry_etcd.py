@@ -289,12 +289,13 @@ def test_a_forged_or_moved_heartbeat_does_not_verify_on_a_real_store(
     client: DefenderClient,
 ) -> None:
     """The record a heartbeater signs verifies as etcd returns it (list and watch alike); one
-    written with etcd write access alone, or put back under another lease, does not."""
+    written with etcd write access alone, or put back under another lease, does not. Each is
+    seen by a watch at its revision; the heartbeater then writes its own record again."""
     reg = Registry(client)
     beat = Heartbeater(
         client, "fw-signed", "fw-0", interval_seconds=30, allowed_misses=3, pod="fw-0"
     ).start()
-    events: list[Any] = []
+    events: list[InstanceEvent] = []
     watch = reg.watch_instances(events.append, component="fw-signed")
     try:
         [hb] = reg.list_instances("fw-signed")
@@ -305,17 +306,64 @@ def test_a_forged_or_moved_heartbeat_does_not_verify_on_a_real_store(
         # Without the keyring, under a lease the attacker keeps (the agent's own stays alive).
         theirs = client.store.grant_lease(30)
         forged = {**hb.model_dump(mode="json"), "last_error": {"reason": "X", "detail": "y"}}
-        client.store.put(key, client.encode_json(forged), lease=theirs)
-        wait_for(
-            "the forged put", lambda: any(e.heartbeat and not e.heartbeat.verified for e in events)
-        )
-        [hb] = reg.list_instances("fw-signed")
-        assert not hb.verified and "no MAC" in (hb.unverified or "")
+        at = client.store.put(key, client.encode_json(forged), lease=theirs)
+        seen = wait_for("the forged put", lambda: _event_at(events, at))
+        assert not seen.verified and "no MAC" in (seen.unverified or "")
         # The agent's own signed bytes, put back under the attacker's lease.
-        client.store.put(key, signed.value, lease=theirs)
+        at = client.store.put(key, signed.value, lease=theirs)
+        seen = wait_for("the put back", lambda: _event_at(events, at))
+        assert not seen.verified and "lease" in (seen.unverified or "")
+        # Neither stays: the heartbeater wrote its record again, signed, on its own lease.
+        wait_for("written again", lambda: _verified_after(reg, "fw-signed", at))
         [hb] = reg.list_instances("fw-signed")
-        assert not hb.verified and "lease" in (hb.unverified or "")
+        assert beat.lease is not None and hb.lease_id == beat.lease.id
         client.store.revoke_lease(theirs)
     finally:
         watch.cancel()
         beat.stop()
+
+
+def _event_at(events: list[InstanceEvent], revision: int) -> Any:
+    """The heartbeat a watch delivered for the put at `revision`, if it has yet."""
+    return next((e.heartbeat for e in list(events) if e.revision == revision), None)
+
+
+def _verified_after(reg: Registry, component: str, revision: int) -> bool:
+    found = reg.client.store.get(reg.client.layout.instance(component, "fw-0"))
+    if found is None or found.mod_revision <= revision:
+        return False
+    [hb] = reg.list_instances(component)
+    return hb.verified
+
+
+def test_a_heartbeater_writes_its_record_again_when_it_is_put_back_or_deleted(
+    client: DefenderClient,
+) -> None:
+    """An authentic older record of the same writer put back on its own lease (what a reader
+    that did not see the newer one, an operator just restarted, would take for the pod's word),
+    or the key deleted: the heartbeater writes its newest record again at once, not at its
+    next change or after its lease would have run out."""
+    reg = Registry(client)
+    beat = Heartbeater(
+        client, "fw-guard", "fw-0", interval_seconds=30, allowed_misses=3, pod="fw-0"
+    ).start()
+    try:
+        key = client.layout.instance("fw-guard", "fw-0")
+        older = client.store.get(key)
+        assert older is not None and beat.lease is not None
+        beat.update(config_version=7)
+        wait_for("seq 2", lambda: reg.list_instances("fw-guard")[0].seq == 2)
+        at = client.store.put(key, older.value, lease=beat.lease)
+        wait_for("written again", lambda: _verified_after(reg, "fw-guard", at))
+        [hb] = reg.list_instances("fw-guard")
+        assert hb.verified and hb.seq == 3 and hb.config_version == 7
+        assert beat.overwrites == 1
+        at = client.store.put(key, b"", lease=beat.lease)  # overwritten with junk
+        client.store.delete(key)
+        wait_for("back after the delete", lambda: _verified_after(reg, "fw-guard", at + 1))
+        [hb] = reg.list_instances("fw-guard")
+        assert hb.config_version == 7 and hb.seq is not None and hb.seq >= 4
+    finally:
+        beat.stop()
+    # Its own revoke at stop is not answered: the key stays gone.
+    assert client.store.get(client.layout.instance("fw-guard", "fw-0")) is None
