@@ -237,6 +237,8 @@ class Agent:
                 "source": "published" if beat.cadence is not None else "local",
             },
             "beats": beat.beats if beat is not None else 0,
+            # Puts or deletes of its key by someone else, each answered by writing it again.
+            "overwritten": beat.overwrites if beat is not None else 0,
             "config_version": self.applier.config_version,
             "last_error": (
                 beat.held.model_dump()

@@ -18,6 +18,7 @@ import pytest
 from agent_e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, Plane
 
 from defender_config import Cadence, write_cadence
+from defender_config._store_types import WatchEvent
 from defender_devcluster import wait_for
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(180)]
@@ -126,3 +127,42 @@ def test_stopped_component_stops_the_heartbeat(plane: Plane, record_property: An
     # Well again: the key comes back, without the reason.
     plane.wait_heartbeat(agent, lambda h: h.get("last_error") is None, "the key back, no error")
     assert wait_for("status 200", lambda: _status(port)[0] == 200)
+
+
+def test_the_agent_writes_its_record_again_over_a_replay_or_a_delete(plane: Plane) -> None:
+    """Someone with etcd write access puts the agent's own earlier record back (its lease, its
+    bytes: it verifies) or deletes the key: the agent writes its newest record again at once,
+    warns, and counts it in /status, so no reader is left with the old word."""
+    _seed(plane)
+    port = _free_port()
+    puts: list[WatchEvent] = []
+    watch = plane.client.store.watch_prefix(
+        plane.client.layout.instances_dir(plane.component),
+        lambda e: puts.append(e) if e.kind == "put" else None,
+    )
+    try:
+        agent = plane.start_agent(None, "--status-port", str(port), "--status-address", "127.0.0.1")
+        key = plane.client.layout.instance(plane.component, agent.instance)
+        newer = plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "RUNNING")
+        wait_for("the first put seen", lambda: bool(puts))
+    finally:
+        watch.cancel()
+    older = puts[0]
+    assert json.loads(older.value)["seq"] == 1 and newer["seq"] > 1
+    at = plane.client.store.put(key, older.value, lease=older.lease_id)
+
+    def answered(revision: int) -> tuple[int, dict[str, Any]] | None:
+        stored = plane.client.store.get(key)
+        if stored is None or stored.mod_revision <= revision:
+            return None
+        return stored.mod_revision, json.loads(stored.value)
+
+    at, again = wait_for("the record written again", lambda: answered(at), timeout=10)
+    assert again["status"] == "RUNNING" and again["seq"] > newer["seq"]
+    plane.client.store.delete(key)
+    _, back = wait_for("the key back", lambda: answered(at), timeout=10)
+    assert back["seq"] > again["seq"]
+    code, body = wait_for("status", lambda: _status(port))
+    assert code == 200 and body["overwritten"] == 2
+    assert any("by someone else" in e.get("message", "") for e in agent.log_lines())
+    assert agent.proc.poll() is None

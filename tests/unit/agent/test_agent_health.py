@@ -392,6 +392,7 @@ def test_status_before_registration(tmp_path: Path) -> None:
     snap = agent.status_snapshot()
     assert snap["healthy"] is False and snap["renewing"] is False
     assert snap["cadence"] is None and snap["health_check"] == "none"
+    assert snap["beats"] == 0 and snap["overwritten"] == 0
 
 
 class _Proxy(http.server.BaseHTTPRequestHandler):
