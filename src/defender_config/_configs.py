@@ -1992,10 +1992,16 @@ class ConfigStore:
         return report
 
     def _resign_record(self, sv: StoredValue, report: RewrapReport) -> None:
-        """Re-sign a control record MAC'd with another key than the primary (rotation)."""
+        """Re-sign a control record MAC'd with another key than the primary (rotation).
+        Heartbeat records are their heartbeaters' word: each re-signs its own once it holds the
+        new primary (its key fields change), one that never loads it stays on the retired key
+        and is seen as such, and a heartbeater writes over any put it did not make."""
         c = self.client
         keyring = c.envelope.keyring()
         if keyring is None:
+            return
+        parsed = self.layout.parse(sv.key)
+        if parsed is not None and parsed.kind == "instance":
             return
         try:
             data = parse_json(sv.value)

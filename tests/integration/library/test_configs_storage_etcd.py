@@ -20,6 +20,7 @@ from defender_config import (
     DefenderClient,
     DefenderConfigError,
     EnvelopeOptions,
+    Heartbeater,
     Keyring,
     LibrarySettings,
     NotAnEnvelopeError,
@@ -220,21 +221,29 @@ def test_rewrap_keeps_each_components_policy(
 ) -> None:
     seed(configs, "plain", EnvelopeOptions(encrypt=False))
     seed(configs, "sealed", None)
+    # A heartbeat record signed with the old key: its heartbeater's word, left as it is.
+    beat = Heartbeater(configs.client, "sealed", "s-0", follow_cadence=False).start()
+    instance = configs.client.layout.instance("sealed", "s-0")
+    signed = raw(configs.client, instance)
     staged = keyring.with_new_decrypt_only()
     new_id = next(k for k in staged.key_ids if k != keyring.primary.key_id)
-    with DefenderClient(
-        settings, staged.promote(new_id), registry=CollectorRegistry(), alert_sinks=[]
-    ) as c2:
-        report = ConfigStore(c2).rewrap_all()
-        # "sealed": MASTER, ACTIVE, hist/1; and both metadata records are re-signed
-        assert report.failed == 0 and report.rewrapped == 5
-        for path in sealed_paths(c2, "plain"):
-            assert not inspect(raw(c2, path)).encrypted, path
-        for path in sealed_paths(c2, "sealed"):
-            assert inspect(raw(c2, path)).key_id == new_id, path
-        assert ConfigStore(c2, plaintext_components=PLAINTEXT).get_active("plain").config == (
-            config()
-        )
+    try:
+        with DefenderClient(
+            settings, staged.promote(new_id), registry=CollectorRegistry(), alert_sinks=[]
+        ) as c2:
+            report = ConfigStore(c2).rewrap_all()
+            assert raw(c2, instance) == signed and beat.overwrites == 0
+            # "sealed": MASTER, ACTIVE, hist/1; and both metadata records are re-signed
+            assert report.failed == 0 and report.rewrapped == 5
+            for path in sealed_paths(c2, "plain"):
+                assert not inspect(raw(c2, path)).encrypted, path
+            for path in sealed_paths(c2, "sealed"):
+                assert inspect(raw(c2, path)).key_id == new_id, path
+            assert ConfigStore(c2, plaintext_components=PLAINTEXT).get_active("plain").config == (
+                config()
+            )
+    finally:
+        beat.stop()
 
 
 def test_set_storage_reseals_without_a_new_version(
