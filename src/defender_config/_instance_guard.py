@@ -8,17 +8,16 @@ one watch per component on `<prefix>/components/<component>/instances/` and hand
 of a key to the heartbeater that owns it, which writes its record again when the change is not
 its own (`overwritten`). One watch per component, not one per key: a watch is a thread, and a
 process may beat for a thousand instances (an agent's etcd role may read and write its
-component's instance keys). It ends when the last heartbeater of its component stops.
+component's instance keys; `_component_watches`). It ends when the last heartbeater of its
+component stops.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Callable
 
 from ._client import DefenderClient
-from ._store import WatchHandle
+from ._component_watches import ComponentWatches, per_client
 from ._store_types import WatchEvent
 
 InstanceCallback = Callable[[WatchEvent], None]
@@ -40,47 +39,24 @@ def overwritten(
 class InstanceGuard:
     def __init__(self, client: DefenderClient) -> None:
         self._client = client
-        self._lock = threading.Lock()
-        self._owners: dict[str, dict[str, InstanceCallback]] = {}
-        self._handles: dict[str, WatchHandle] = {}
+        self._watches: ComponentWatches[str, InstanceCallback] = ComponentWatches(
+            client, client.layout.instances_dir, self._on_event
+        )
 
     def subscribe(self, component: str, key: str, callback: InstanceCallback) -> None:
         """Call `callback` with every change of `key` (an instance key of `component`) from
         now on. Subscribe before the first write: nothing falls in between."""
-        with self._lock:
-            if component not in self._handles:
-                self._handles[component] = self._client.store.watch_prefix(
-                    self._client.layout.instances_dir(component), self._on_event
-                )
-            self._owners.setdefault(component, {})[key] = callback
+        self._watches.add(component, key, callback)
 
     def unsubscribe(self, component: str, key: str) -> None:
-        with self._lock:
-            owners = self._owners.get(component, {})
-            owners.pop(key, None)
-            handle = None
-            if not owners:
-                self._owners.pop(component, None)
-                handle = self._handles.pop(component, None)
-        if handle is not None:
-            handle.cancel()
+        self._watches.remove(component, key)
 
     def _on_event(self, event: WatchEvent) -> None:
         component = event.key.removeprefix(self._client.layout.components_dir).partition("/")[0]
-        with self._lock:
-            callback = self._owners.get(component, {}).get(event.key)
+        callback = self._watches.subscribers(component).get(event.key)
         if callback is not None:
             callback(event)
 
 
-_guards: weakref.WeakKeyDictionary[DefenderClient, InstanceGuard] = weakref.WeakKeyDictionary()
-_guards_lock = threading.Lock()
-
-
-def instance_guard(client: DefenderClient) -> InstanceGuard:
-    """The one guard of `client`."""
-    with _guards_lock:
-        guard = _guards.get(client)
-        if guard is None:
-            guard = _guards[client] = InstanceGuard(client)
-        return guard
+instance_guard = per_client(InstanceGuard)
+"""The one guard of a client."""
