@@ -739,9 +739,8 @@ def pass_fields(
         fields["lastHeartbeatTime"] = heartbeat_time_field(
             p.status.get("lastHeartbeatTime"),
             newest,
-            rt.settings.status_heartbeat_refresh_seconds if mem.heartbeat_time_published else 0,
+            rt.settings.status_heartbeat_refresh_seconds,
         )
-        mem.heartbeat_time_published = True
     record_heartbeats(
         p.name, (p.now - newest).total_seconds() if newest is not None else None, alive
     )

@@ -90,10 +90,6 @@ class ComponentMemory:
     unbacked_since: dict[str, datetime] = field(default_factory=dict)
     unbacked_reported: frozenset[str] = frozenset()
     unverified_reported: frozenset[str] = frozenset()
-    # Whether this process has published status.lastHeartbeatTime yet: its first pass shows
-    # the newest heartbeat whatever the refresh interval says, so `kubectl get dfc` after an
-    # operator restart or upgrade shows this operator's reading, not the previous one's.
-    heartbeat_time_published: bool = False
     # The last monitor pass's read of the component (`_monitor.observe`) and when, at which
     # revision: reused while the change watch says nothing it read changed
     # (`_decisions.reads`). The same objects the pass judged, no copies; None after a read
