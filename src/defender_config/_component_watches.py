@@ -65,6 +65,12 @@ class ComponentWatches(Generic[K, C]):
         with self._lock:
             return dict(self._subscribers.get(component, {}))
 
+    def subscriber(self, component: str, ident: K) -> C | None:
+        """One subscriber's callback, without copying the component's others: an instance key's
+        event concerns one heartbeater of perhaps a thousand."""
+        with self._lock:
+            return self._subscribers.get(component, {}).get(ident)
+
 
 def per_client(make: Callable[[DefenderClient], T]) -> Callable[[DefenderClient], T]:
     """`make(client)` once per client, kept as long as the client lives."""

@@ -53,7 +53,7 @@ class InstanceGuard:
 
     def _on_event(self, event: WatchEvent) -> None:
         component = event.key.removeprefix(self._client.layout.components_dir).partition("/")[0]
-        callback = self._watches.subscribers(component).get(event.key)
+        callback = self._watches.subscriber(component, event.key)
         if callback is not None:
             callback(event)
 
