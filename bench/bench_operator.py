@@ -502,6 +502,18 @@ def bare_pod(name: str, labels: dict[str, str]) -> k8s.V1Pod:
     )
 
 
+def write_keyring(run: OperatorRun, tag: str) -> Path:
+    """The namespace's keyring copy in a file for instance processes: they sign their heartbeat
+    records with it, and the operator judges only signed records."""
+    # Inside the run's temporary directory, owner-only: a mkdtemp of its own outlived the run
+    # and left the keyring world-readable in /tmp.
+    path = run.log_path.parent / f"{tag}-keyring.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(run.keyring_copy().to_json())
+    return path
+
+
 def batch(
     run: OperatorRun,
     watcher: ReadyWatch,
@@ -539,12 +551,7 @@ def batch(
     if processes:
         # Instances in child processes: a thousand Heartbeater threads in this process would
         # take the GIL from the create calls and the Ready watch being measured.
-        # Inside the run's temporary directory, owner-only: a mkdtemp of its own outlived
-        # the run and left the keyring world-readable in /tmp.
-        keyring_file = run.log_path.parent / f"{tag}-keyring.json"
-        fd = os.open(keyring_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(run.keyring_copy().to_json())
+        keyring_file = write_keyring(run, tag)
         for part in range(processes):
             plan = keyring_file.parent / f"{tag}-plan-{part}.json"
             plan.write_text(
@@ -699,6 +706,7 @@ def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[d
     operator's restart call (the pod gets a deletionTimestamp or disappears)."""
     out: list[dict[str, Any]] = []
     registry = Registry(run.client())
+    keyring_file = write_keyring(run, "restart")
     for t in range(trials):
         name = f"rs-{t}"
         run.deployment(name, {"app": name})
@@ -726,13 +734,13 @@ def restart_trials(run: OperatorRun, watcher: ReadyWatch, trials: int) -> list[d
                 pod_name,
                 "1",
                 "3",
+                str(keyring_file),
             ],
             stdout=subprocess.PIPE,
             text=True,
         )
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == "READY"
-            # Heartbeating, not Ready: this instance holds no keyring, so KeyCurrent stays False.
             wait_for(
                 f"{name} Heartbeating", lambda nm=name: nm in watcher.heartbeating, timeout=120
             )
