@@ -832,6 +832,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
     ]
     runs = []
     restarts: list[dict[str, Any]] = []
+    restarts_failed: str | None = None
     logs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="defender-bench-op-") as tmp:
         flags, audit_log = audit_flags(Path(tmp))
@@ -952,6 +953,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                     restarts = restart_trials(op, watcher, trials) if trials else []
                 except AssertionError as exc:
                     # Reported, not fatal: the batches above are measured already.
+                    restarts_failed = str(exc)
                     notes.append(
                         f"Restart trials failed: {exc}; operator log tail: " + op.log_tail(30)
                     )
@@ -1036,6 +1038,7 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
         "Ready p50 and p99 <= 1.5 x the baseline operator's create → status seen at 1,000",
         "runs": runs,
         "restart_trials": restarts,
+        "restart_trials_failed": restarts_failed,
         "logs": logs,
         "notes": notes,
         "latency_target_met": latency_met,

@@ -309,6 +309,41 @@ def section_heartbeaters(d: dict[str, Any]) -> list[str]:
     return [*out, "", f"![heartbeaters]({save(fig, 'heartbeaters')})", ""]
 
 
+def _restart_lines(d: dict[str, Any]) -> list[str]:
+    """The restart trials and their verdict; a run where none finished says so beside the
+    target, not only in the notes."""
+    out: list[str] = []
+    trials = d.get("restart_trials", [])
+    if trials:
+        out += [
+            "",
+            "| restart trial | kill → lease expiry (detection) s | detection → restart call s | "
+            "kill → restart s |",
+            "|---|---|---|---|",
+        ]
+
+        def fmt(x: float | None) -> str:
+            return "never" if x is None else f"{x:.2f}"
+
+        for i, r in enumerate(trials):
+            out.append(
+                f"| {i} | {fmt(r['detection_after_death_seconds'])} | "
+                f"{fmt(r['restart_after_detection_seconds'])} | "
+                f"{fmt(r['restart_after_death_seconds'])} |"
+            )
+        out += [
+            "",
+            f"Restart call ≤ 2 s after detection: {verdict(d.get('restart_target_met'))}.",
+        ]
+    elif d.get("restart_trials_failed"):
+        out += [
+            "",
+            "Restart call ≤ 2 s after detection: **NOT met**: no trial finished "
+            f"({d['restart_trials_failed']}; the operator's log is in the notes below).",
+        ]
+    return out
+
+
 def section_operator(d: dict[str, Any]) -> list[str]:
     out = [
         "## Operator: create → Ready, memory",
@@ -450,28 +485,7 @@ def section_operator(d: dict[str, Any]) -> list[str]:
                     f"  - one component's writes in order (until Ready, then after), with the "
                     f"fields each set: {example}"
                 )
-    trials = d.get("restart_trials", [])
-    if trials:
-        out += [
-            "",
-            "| restart trial | kill → lease expiry (detection) s | detection → restart call s | "
-            "kill → restart s |",
-            "|---|---|---|---|",
-        ]
-
-        def fmt(x: float | None) -> str:
-            return "never" if x is None else f"{x:.2f}"
-
-        for i, r in enumerate(trials):
-            out.append(
-                f"| {i} | {fmt(r['detection_after_death_seconds'])} | "
-                f"{fmt(r['restart_after_detection_seconds'])} | "
-                f"{fmt(r['restart_after_death_seconds'])} |"
-            )
-        out += [
-            "",
-            f"Restart call ≤ 2 s after detection: {verdict(d.get('restart_target_met'))}.",
-        ]
+    out += _restart_lines(d)
     logs = d.get("logs") or {}
     if logs:
         out += [

@@ -79,3 +79,20 @@ def test_kv_names_every_row_over_the_target_and_only_those() -> None:
     assert "config 1 KiB get 1.07" in text and "random 16 KiB put 1.09" in text
     assert "config 1 KiB put" not in text and "random 16 KiB get" not in text
     assert report._why_kv_not_met(_kv([("config", 1024, 1.0, 1.05)])) == []
+
+
+def test_restart_trials_that_never_finished_are_a_miss_beside_the_target() -> None:
+    report = _report()
+    failed = {"restart_trials": [], "restart_trials_failed": "timed out waiting for rs-0"}
+    text = "\n".join(report._restart_lines(failed))
+    assert "**NOT met**: no trial finished (timed out waiting for rs-0" in text
+    trial = {
+        "detection_after_death_seconds": 2.5,
+        "restart_after_detection_seconds": 0.03,
+        "restart_after_death_seconds": 2.53,
+    }
+    done = {"restart_trials": [trial], "restart_target_met": True}
+    text = "\n".join(report._restart_lines(done))
+    assert "| 0 | 2.50 | 0.03 | 2.53 |" in text and "**met**" in text
+    # A run told to make no trial claims nothing either way.
+    assert report._restart_lines({"restart_trials": []}) == []
