@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,6 +71,40 @@ class Printer:
 
     def json(self, data: Any) -> None:
         self.out.write(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+# Bidirectional embeddings, overrides and isolates: they reorder what follows on the line, so a
+# value could make a row read as something else (format characters, not control ones).
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (C0, DEL, C1) and bidi override written as a
+    visible escape (``\\x1b``, ``\\u202e``). What the plugin shows comes from etcd, where anyone
+    with etcd write (no key needed) can put an alert or heartbeat: raw, its escape sequences
+    would clear the operator's screen, hide or recolour text, or start a fake row."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) == "Cc" or ch in _BIDI:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def printable_data(data: Any) -> Any:
+    """``data`` (a command's result, as ``-o json`` shows it) with :func:`printable` applied to
+    every string in it, keys included, for the table output (JSON escapes them itself)."""
+    if isinstance(data, str):
+        return printable(data)
+    if isinstance(data, dict):
+        return {printable_data(k): printable_data(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [printable_data(v) for v in data]
+    return data
 
 
 def _json_default(value: Any) -> Any:
