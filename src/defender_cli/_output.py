@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,26 +72,23 @@ class Printer:
         self.out.write(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-# Bidirectional embeddings, overrides and isolates: they reorder what follows on the line, so a
-# value could make a row read as something else (format characters, not control ones).
-_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Control characters (C0, DEL, C1: what starts a terminal escape sequence, moves the cursor or
+# ends the line) and the bidirectional embeddings, overrides and isolates, which reorder what
+# follows on the line so that a row reads as something else.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def printable(text: str) -> str:
-    """``text`` with every control character (C0, DEL, C1) and bidi override written as a
-    visible escape (``\\x1b``, ``\\u202e``). What the plugin shows comes from etcd, where anyone
-    with etcd write (no key needed) can put an alert or heartbeat: raw, its escape sequences
-    would clear the operator's screen, hide or recolour text, or start a fake row."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) == "Cc" or ch in _BIDI:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    """``text`` with every control character and bidi override written as a visible escape
+    (``\\x1b``, ``\\u202e``). What the plugin shows comes from etcd, where anyone with etcd
+    write (no key needed) can put an alert or heartbeat: raw, its escape sequences would clear
+    the operator's screen, hide or recolour text, or start a fake row."""
+    return _UNPRINTABLE.sub(_escape, text)
 
 
 def printable_data(data: Any) -> Any:
