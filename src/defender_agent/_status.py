@@ -8,9 +8,12 @@ the agent itself runs (its liveness probe).
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +30,31 @@ log = logging.getLogger("defender_agent")
 REQUEST_TIMEOUT_SECONDS = 5.0
 
 
+class _RequestDeadline(io.RawIOBase):
+    """The socket as the handler's ``rfile``, with one deadline for the whole request. A
+    socket timeout alone bounds each read: a client that sends a byte just inside it every time
+    (the request line, then header after header) held its thread for ever."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self._sock = sock
+        self._seconds = seconds
+        self._deadline = time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request was not complete in time")
+        self._sock.settimeout(remaining)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            # The answer is written with the whole timeout, not what was left of the request's.
+            self._sock.settimeout(self._seconds)
+
+
 class StatusServer:
     def __init__(
         self,
@@ -40,6 +68,13 @@ class StatusServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             timeout = request_timeout_seconds
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()  # the plain socket file it made; replaced by the bounded one
+                self.rfile = io.BufferedReader(
+                    _RequestDeadline(self.connection, request_timeout_seconds)
+                )
 
             def do_GET(self) -> None:
                 if self.path == "/healthz":

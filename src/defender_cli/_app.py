@@ -22,7 +22,7 @@ from ._flags import (
     add_connection_flags,
     kube_name,
 )
-from ._output import Printer
+from ._output import Printer, printable_data
 
 if TYPE_CHECKING:
     from defender_config import RollbackTarget
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         if args.output == "json":
             printer.json(data)
         else:
-            show(printer, data)
+            show(printer, printable_data(data))
         return exit_code
     finally:
         conn.close()

@@ -72,6 +72,37 @@ class Printer:
         self.out.write(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+# Control characters (C0, DEL, C1: what starts a terminal escape sequence, moves the cursor or
+# ends the line) and the bidirectional embeddings, overrides and isolates, which reorder what
+# follows on the line so that a row reads as something else.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character and bidi override written as a visible escape
+    (``\\x1b``, ``\\u202e``). What the plugin shows comes from etcd, where anyone with etcd
+    write (no key needed) can put an alert or heartbeat: raw, its escape sequences would clear
+    the operator's screen, hide or recolour text, or start a fake row."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def printable_data(data: Any) -> Any:
+    """``data`` (a command's result, as ``-o json`` shows it) with :func:`printable` applied to
+    every string in it, keys included, for the table output (JSON escapes them itself)."""
+    if isinstance(data, str):
+        return printable(data)
+    if isinstance(data, dict):
+        return {printable_data(k): printable_data(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [printable_data(v) for v in data]
+    return data
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()

@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -339,6 +340,30 @@ def test_status_endpoint_hangs_up_on_a_client_that_sends_nothing() -> None:
             started = time.monotonic()
             assert idle.recv(1024) == b""  # the server closed the connection
             assert time.monotonic() - started < 10
+        assert _get(f"http://127.0.0.1:{server.port}/healthz") == (200, {"ok": True})
+    finally:
+        server.stop()
+
+
+def test_status_endpoint_hangs_up_on_a_client_that_dribbles_its_request() -> None:
+    # One byte every 0.2 s never lets a 1 s read time out; the request as a whole must.
+    server = StatusServer(
+        "127.0.0.1", 0, lambda: {"healthy": True}, request_timeout_seconds=1.0
+    ).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as slow:
+            slow.sendall(b"GET /status HTTP/1.1\r\n")
+            started = time.monotonic()
+            hung_up = False
+            while not hung_up and time.monotonic() - started < 8:
+                try:
+                    slow.sendall(b"X")
+                    readable, _, _ = select.select([slow], [], [], 0.2)
+                    hung_up = bool(readable) and slow.recv(1024) == b""
+                except OSError:  # a reset: the server closed it
+                    hung_up = True
+            assert hung_up, "the dribbling client still held its handler thread"
+            assert time.monotonic() - started < 4
         assert _get(f"http://127.0.0.1:{server.port}/healthz") == (200, {"ok": True})
     finally:
         server.stop()
