@@ -176,6 +176,7 @@ def stopped_component_trials(
                     done.set()
 
             watch = registry.watch_instances(on_event, component=component)
+            agent_log = workdir / f"agent-{instance}.log"
             comp = subprocess.Popen([name, "-c", SLEEPER], executable=sys.executable)
             agent = subprocess.Popen(
                 [
@@ -193,13 +194,15 @@ def stopped_component_trials(
                 ],
                 env={**env, "POD_NAME": instance},
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=agent_log.open("wb"),
             )  # fmt: skip
             try:
                 deadline = time.monotonic() + 30
-                while len(puts) < 2:
+                # Its record is put once (a steady beat is a lease keep-alive, no put).
+                while not puts:
                     if time.monotonic() > deadline or agent.poll() is not None:
-                        raise RuntimeError("the agent did not start heartbeating")
+                        tail = agent_log.read_text(errors="replace")[-2000:]
+                        raise RuntimeError(f"the agent did not start heartbeating:\n{tail}")
                     time.sleep(0.05)
                 time.sleep(2 * interval + random.uniform(0, interval))
                 stopped = time.perf_counter()
