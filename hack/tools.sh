@@ -7,7 +7,7 @@
 #   hack/tools.sh --helm     only helm (what `make helm-lint` / `make helm-install` need when no
 #                            helm is on PATH: Go, but no root and no Kubernetes build)
 #
-# The node group (kubelet, kube-proxy, CoreDNS from Go modules; containerd, runc and the CNI
+# The node group (kubelet, kube-proxy, CoreDNS, kube-router from Go modules; containerd, runc and the CNI
 # plugins from Debian packages, linked into the bin dir) has its own stamps in the same bin dir,
 # so adding it never rebuilds the control-plane binaries.
 #
@@ -210,6 +210,17 @@ MOD
   log "coredns: built"
 }
 
+build_kube_router() {
+  # Only its firewall runs (--run-router=false --run-service-proxy=false): NetworkPolicy on the
+  # node, as on a default k3s.
+  local ld="-s -w"
+  if have_all kube-router && stamp_ok kube-router "$KUBE_ROUTER_VERSION $ld"; then log "kube-router $KUBE_ROUTER_VERSION: cached"; return; fi
+  log "kube-router $KUBE_ROUTER_VERSION: go install"
+  GOBIN="$bindir" go install -ldflags "$ld" "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@$KUBE_ROUTER_VERSION"
+  stamp kube-router "$KUBE_ROUTER_VERSION $ld"
+  log "kube-router: built"
+}
+
 build_node_packages() {
   # containerd, runc and the CNI plugins come from Debian (see docs/local-cluster.md: why).
   # apt only when a package is missing, so a second run changes nothing.
@@ -246,5 +257,6 @@ if ((with_node)); then
   build_node_packages
   build_kubernetes_node
   build_coredns
+  build_kube_router
 fi
 echo "$bindir"

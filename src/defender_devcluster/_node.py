@@ -1,5 +1,6 @@
-"""A real node for the local cluster: containerd + kubelet + kube-proxy + CoreDNS in the node's
-network namespace (``_nodenet.py``), static PersistentVolumes for PVCs.
+"""A real node for the local cluster: containerd + kubelet + kube-proxy + CoreDNS + kube-router's
+firewall (NetworkPolicy) in the node's network namespace (``_nodenet.py``), static
+PersistentVolumes for PVCs.
 
 Everything lives in ``<run dir>/node``:
 
@@ -66,11 +67,20 @@ PAUSE_REPOSITORY = "registry.k8s.io/pause"
 STORAGE_CLASS = "defender-local"
 PERSISTENT_VOLUMES = 12
 PV_SIZE = "2Gi"
-NODE_BINARIES = ("containerd", "runc", "kubelet", "kube-proxy", "coredns", "ctr")
+NODE_BINARIES = (
+    "containerd",
+    "runc",
+    "kubelet",
+    "kube-proxy",
+    "coredns",
+    "kube-router",
+    "ctr",
+)
 _KUBELET_PORT = 10250
 _KUBELET_HEALTHZ_PORT = 10248
 _PROXY_HEALTHZ_PORT = 10256
 _COREDNS_READY_PORT = 8181
+_ROUTER_HEALTH_PORT = 20244
 
 
 def default_node_images() -> list[Path]:
@@ -120,6 +130,8 @@ class Node:
         self.kubelet: ManagedProcess | None = None
         self.kube_proxy: ManagedProcess | None = None
         self.coredns: ManagedProcess | None = None
+        self.kube_router: ManagedProcess | None = None
+        self.service_cidr: str | None = None
         self.start_seconds: float | None = None
 
     # ------------------------------------------------------------------ paths
@@ -138,7 +150,7 @@ class Node:
 
     def processes(self) -> list[ManagedProcess]:
         """Started processes, in the order they should be stopped."""
-        procs = [self.kubelet, self.kube_proxy, self.coredns, self.containerd]
+        procs = [self.kubelet, self.kube_router, self.kube_proxy, self.coredns, self.containerd]
         return [p for p in procs if p is not None]
 
     # ------------------------------------------------------------------ lifecycle
@@ -152,6 +164,7 @@ class Node:
         teardown_node(self.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.network = create_network(self.run_dir, service_cidr)
+        self.service_cidr = service_cidr
         return self.network
 
     def start(self, control_plane: ControlPlane) -> Node:
@@ -210,6 +223,29 @@ class Node:
                 deadline,
             )
             self._apply_cluster_objects(cp)
+            # NetworkPolicy enforced, as on a default k3s (kube-router's firewall, nothing else
+            # of it): the chart's etcd policy is a security claim (docs/security.md), tested on
+            # real pods only where it holds.
+            self.kube_router = self._start(
+                "kube-router",
+                [
+                    str(tool("kube-router")),
+                    f"--kubeconfig={self._kubeconfig(cp, 'kube-router')}",
+                    f"--hostname-override={NODE_NAME}",
+                    f"--service-cluster-ip-range={self.service_cidr}",
+                    "--run-firewall=true",
+                    "--run-router=false",
+                    "--run-service-proxy=false",
+                    "--run-loadbalancer=false",
+                    # The bridge CNI and kube-proxy own the pod network and its masquerading.
+                    "--enable-cni=false",
+                    "--enable-pod-egress=false",
+                    f"--health-port={_ROUTER_HEALTH_PORT}",
+                    "--v=1",
+                ],
+                lambda: http_ok(f"http://{self.node_ip}:{_ROUTER_HEALTH_PORT}/healthz"),
+                deadline,
+            )
             self.coredns = self._start(
                 "coredns",
                 [str(tool("coredns")), "-conf", str(self._write_corefile(cp))],
@@ -475,40 +511,27 @@ disabled_plugins = [
 
         volumes = self.dir / "volumes"
         docs: list[dict[str, Any]] = [
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRole",
-                "metadata": {"name": "defender-devcluster:coredns"},
-                "rules": [
+            *_cluster_reader(
+                "coredns",
+                [
                     {
                         "apiGroups": [""],
                         "resources": ["endpoints", "services", "pods", "namespaces"],
-                        "verbs": ["list", "watch"],
                     },
+                    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"]},
+                ],
+            ),
+            *_cluster_reader(
+                "kube-router",
+                [
                     {
-                        "apiGroups": ["discovery.k8s.io"],
-                        "resources": ["endpointslices"],
-                        "verbs": ["list", "watch"],
+                        "apiGroups": [""],
+                        "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
                     },
+                    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"]},
+                    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"]},
                 ],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding",
-                "metadata": {"name": "defender-devcluster:coredns"},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": "defender-devcluster:coredns",
-                },
-                "subjects": [
-                    {
-                        "apiGroup": "rbac.authorization.k8s.io",
-                        "kind": "User",
-                        "name": "system:coredns",
-                    }
-                ],
-            },
+            ),
             {
                 "apiVersion": "v1",
                 "kind": "Service",
@@ -580,6 +603,33 @@ disabled_plugins = [
             )
         stream = yaml.safe_dump_all(docs, sort_keys=False)
         kubectl(cp.kubeconfig, "apply", "-f", "-", stdin=stream)
+
+
+def _cluster_reader(user: str, reads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A ClusterRole that reads, lists and watches `reads`, bound to the node process `user` (its
+    client certificate's CN is `system:<user>`, _pki.CLIENTS)."""
+    name = f"defender-devcluster:{user}"
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": [{**r, "verbs": ["get", "list", "watch"]} for r in reads],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": name,
+            },
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": f"system:{user}"}
+            ],
+        },
+    ]
 
 
 def _api_get_json(cp: ControlPlane, path: str) -> dict[str, Any] | None:

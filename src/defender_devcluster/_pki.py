@@ -60,6 +60,7 @@ CLIENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kubelet": ("system:node:defender-node", ("system:nodes",)),
     "kube-proxy": ("system:kube-proxy", ()),
     "coredns": ("system:coredns", ()),
+    "kube-router": ("system:kube-router", ()),
     "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", ("system:masters",)),
 }
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_support import Kubectl
+from node_support import Kubectl, busybox_pod, tcp_connects, wait_pod_ready
 
 from defender_devcluster._journey import NAMESPACE, RELEASE
 
@@ -90,6 +90,25 @@ class ChartEtcd:
             key.removeprefix(prefix): json.loads(value)
             for key, value in self.get_prefix(0, prefix).items()
         }
+
+
+def etcd_admits_only_its_clients(kubectl: Kubectl, ns: str, image: str) -> None:
+    """docs/security.md, "A NetworkPolicy": the client port only from labelled pods (any
+    namespace) and the chart's own; the metrics port from anyone."""
+    client = busybox_pod(image, "etcd-client", ns, "sleep 3600")
+    client["metadata"]["labels"]["mldefender.io/etcd-client"] = "true"
+    kubectl.apply(client)
+    kubectl.apply(busybox_pod(image, "stranger", ns, "sleep 3600"))
+    wait_pod_ready(kubectl, ns, "etcd-client")
+    wait_pod_ready(kubectl, ns, "stranger")
+    member = kubectl.get("-n", NAMESPACE, "pod", f"{ETCD}-0")["status"]["podIP"]
+    service = kubectl.get("-n", NAMESPACE, "service", ETCD)["spec"]["clusterIP"]
+    for ip in (member, service):
+        assert tcp_connects(kubectl, ns, "etcd-client", ip, 2379), ip
+        assert not tcp_connects(kubectl, ns, "stranger", ip, 2379), ip
+    # The stranger reaches the member itself: the refusal above is the policy's.
+    assert tcp_connects(kubectl, ns, "stranger", member, 2381)
+    assert not tcp_connects(kubectl, ns, "stranger", member, 2380)
 
 
 def agent_pid(pod: str) -> int:

@@ -100,6 +100,23 @@ def wait_pod_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float =
     return wait_for(f"pod {namespace}/{name} Ready", ready, timeout=timeout, every=0.5)
 
 
+def tcp_connects(kubectl: Kubectl, namespace: str, pod: str, ip: str, port: int) -> bool:
+    """Whether `pod` opens a TCP connection to ip:port. False when the connection is refused or
+    times out (a NetworkPolicy rejects or drops its first packet); any other failure fails the
+    test. A caller shows that a refusal is the policy's by a connection that succeeds from
+    another pod, or to another port, at the same time."""
+    probe = f"nc -w 3 {ip} {port} </dev/null"
+    out = kubectl.run("-n", namespace, "exec", pod, "--", "sh", "-c", probe, check=False)
+    if out.returncode == 0:
+        return True
+    assert "timed out" in out.stderr or "Connection refused" in out.stderr, (
+        out.returncode,
+        out.stdout,
+        out.stderr,
+    )
+    return False
+
+
 __all__ = [
     "TEST_IMAGES",
     "ImageInputMissing",
@@ -107,5 +124,6 @@ __all__ = [
     "build_images",
     "busybox_pod",
     "node_test_images",
+    "tcp_connects",
     "wait_pod_ready",
 ]

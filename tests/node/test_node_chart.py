@@ -1,6 +1,7 @@
 """The chart installed for real on the harness's node: its etcd StatefulSet forms a 3-member
-cluster in pods (peers found through the headless Service's DNS names, data on PVCs) and the
-operator runs in-cluster with the chart's ServiceAccount and RBAC.
+cluster in pods (peers found through the headless Service's DNS names, data on PVCs), the
+operator runs in-cluster with the chart's ServiceAccount and RBAC, and the etcd NetworkPolicy
+keeps pods without the client label off the client port (the node enforces NetworkPolicy).
 
 Marked slow: the project image is a Debian root built with debootstrap (minutes, cached).
 """
@@ -11,6 +12,7 @@ import subprocess
 from typing import Any
 
 import pytest
+from journey_support import etcd_admits_only_its_clients
 from node_support import Kubectl, build_images
 
 from defender_devcluster import LocalCluster, tool, wait_for
@@ -36,7 +38,7 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 
 def test_helm_install_runs_the_etcd_members_and_the_operator_in_pods(
-    node_cluster: LocalCluster, node_kubectl: Kubectl
+    node_cluster: LocalCluster, node_kubectl: Kubectl, node_namespace: str, busybox_image: str
 ) -> None:
     assert node_cluster.node is not None
     node_cluster.node.import_images(list(build_images(("etcd", "project")).values()))
@@ -74,6 +76,7 @@ def test_helm_install_runs_the_etcd_members_and_the_operator_in_pods(
             "etcdctl", "member", "list", "-w", "simple",
         )  # fmt: skip
         assert out.count(", started, ") == 3, out
+        etcd_admits_only_its_clients(node_kubectl, node_namespace, busybox_image)
         # The chart's own test pods (etcd health through the client Service, operator health).
         tested = _helm(node_cluster, "test", RELEASE, "--namespace", NAMESPACE, "--timeout", "5m")
         assert "Phase:          Succeeded" in tested and "Failed" not in tested, tested

@@ -28,7 +28,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from journey_support import ETCD, ChartEtcd, EtcdctlError, Phases, agent_pid, process_gone
+from journey_support import (
+    ETCD,
+    ChartEtcd,
+    EtcdctlError,
+    Phases,
+    agent_pid,
+    etcd_admits_only_its_clients,
+    process_gone,
+)
 from node_support import Kubectl, build_images
 
 from defender_devcluster import LocalCluster, wait_for
@@ -529,6 +537,7 @@ def test_the_whole_journey_on_a_node(
     node_kubectl: Kubectl,
     busybox_image: str,
     journey_phases: Phases,
+    node_namespace: str,
 ) -> None:
     assert node_cluster.node is not None
     kubectl = node_kubectl
@@ -543,6 +552,10 @@ def test_the_whole_journey_on_a_node(
         journey.wait_ready(timeout=600)
         phases.mark("all four components Ready 1/1, fresh heartbeat (cold)")
         print(journey.summary(), flush=True)
+        # The node enforces NetworkPolicy: the components above reached etcd through the chart's
+        # policy, and a pod without the client label does not.
+        etcd_admits_only_its_clients(kubectl, node_namespace, busybox_image)
+        phases.mark("etcd's NetworkPolicy: labelled pods in, others out")
         # A short cadence for the component whose agent will hang (a user's spec.heartbeat):
         # the agent follows it within one old interval, by the time that step comes.
         kubectl("-n", SAMPLES_NAMESPACE, "patch", "dfc", "ml-detector", "--type=merge", "-p",

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from node_support import Kubectl, busybox_pod, wait_pod_ready
+from node_support import Kubectl, busybox_pod, tcp_connects, wait_pod_ready
 
 from defender_devcluster import LocalCluster, wait_for
 from defender_devcluster._kube import SERVICE_CIDR
@@ -138,6 +138,53 @@ def test_a_pvc_binds_to_a_harness_volume_and_keeps_what_a_pod_wrote(
         timeout=30,
         every=0.5,
     )
+
+
+def test_a_network_policy_admits_only_the_pods_it_names(
+    node_kubectl: Kubectl, node_namespace: str, busybox_image: str
+) -> None:
+    """The node enforces NetworkPolicy (kube-router's firewall, as on a default k3s), so the
+    chart's etcd policy can be tested on real pods (test_node_chart.py)."""
+    ns = node_namespace
+    www = "/tmp/www"
+    serve = f"mkdir -p {www} && echo served-by-web > {www}/index.html && httpd -f -p 8080 -h {www}"
+    node_kubectl.apply(busybox_pod(busybox_image, "web", ns, serve))
+    friend = busybox_pod(busybox_image, "friend", ns, "sleep 3600")
+    friend["metadata"]["labels"]["role"] = "friend"
+    node_kubectl.apply(friend)
+    node_kubectl.apply(busybox_pod(busybox_image, "stranger", ns, "sleep 3600"))
+    ip = wait_pod_ready(node_kubectl, ns, "web")["status"]["podIP"]
+    wait_pod_ready(node_kubectl, ns, "friend")
+    wait_pod_ready(node_kubectl, ns, "stranger")
+    # Without a policy both get in (once httpd listens): a refusal below is the policy's.
+    wait_for(
+        "web answering",
+        lambda: tcp_connects(node_kubectl, ns, "friend", ip, 8080),
+        timeout=60,
+        every=0.5,
+    )
+    assert tcp_connects(node_kubectl, ns, "stranger", ip, 8080)
+
+    node_kubectl.apply(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "web", "namespace": ns},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "friend"}}}]}],
+            },
+        }
+    )
+    wait_for(
+        "the stranger shut out",
+        lambda: not tcp_connects(node_kubectl, ns, "stranger", ip, 8080),
+        timeout=60,
+        every=1.0,
+    )
+    assert tcp_connects(node_kubectl, ns, "friend", ip, 8080)
+    assert not tcp_connects(node_kubectl, ns, "stranger", ip, 8080)
 
 
 def test_a_pod_cannot_reach_anything_outside_the_machine(
