@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from journey_support import etcd_admits_only_its_clients
+from journey_support import ChartEtcd, etcd_admits_only_its_clients
 from node_support import Kubectl, build_images
 
 from defender_devcluster import LocalCluster, tool, wait_for
@@ -70,12 +70,11 @@ def test_helm_install_runs_the_etcd_members_and_the_operator_in_pods(
 
         pod = wait_for("the operator pod Running and Ready", operator_running, timeout=300)
         assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-operator"
-        # The member list, asked from inside a member: three started members.
-        out = node_kubectl(
-            "-n", NAMESPACE, "exec", f"{RELEASE}-etcd-0", "--",
-            "etcdctl", "member", "list", "-w", "simple",
-        )  # fmt: skip
-        assert out.count(", started, ") == 3, out
+        # The member list, asked from inside a member (TLS and etcd auth are on by default):
+        # three started members.
+        out = ChartEtcd(node_kubectl).run(0, "member", "list", "-w", "simple", own=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count(", started, ") == 3, out.stdout
         etcd_admits_only_its_clients(node_kubectl, node_namespace, busybox_image)
         # The chart's own test pods (etcd health through the client Service, operator health).
         tested = _helm(node_cluster, "test", RELEASE, "--namespace", NAMESPACE, "--timeout", "5m")
