@@ -678,7 +678,14 @@ def section_findings() -> list[str]:
         "0.02-0.08 s after the lease expiry (met); 1,000 create -> Ready p50 0.16 s, p99 "
         "0.57 s against the baseline's 0.033 / 0.25 s (4.7x / 2.3x), the floor 1.3x / 0.7x, "
         "operator CPU 12.1 ms per component, RSS 223 MiB (met), 1.00 API write per "
-        "component. NOT met, for the reasons below the table.",
+        "component. NOT met, for the reasons below the table. Every other benchmark was run "
+        "again too (several dated back to 2026-11-25). `bench_heartbeat`'s stopped-component "
+        "trials waited for a second put of the agent's record, which never comes since a "
+        "steady beat is a keep-alive, so `make bench` stopped there: they wait for the one "
+        "put now (detection 2.5-2.75 s after SIGSTOP with a 3 s TTL, met). Library vs raw "
+        "(point 7), with a node journey running beside it: config puts 0.61-1.02x, config "
+        "gets 1 KiB-16 KiB 1.05 / 1.06 / 1.03x, random values 1 KiB-256 KiB 1.01-1.08x: NOT "
+        "met, as before and for the reasons given there.",
         "- **Issue 17, session 26 (2026-12-05): heartbeaters watch their own keys; both "
         "re-measured.** Every heartbeater now keeps one watch per component per client on its "
         "instance keys (a put it did not make, or a delete, is written over: docs/security.md, "
