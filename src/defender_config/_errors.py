@@ -573,6 +573,24 @@ class NotFoundError(StoreError):
         super().__init__(f"no value at {path!r}{extra}", path=path)
 
 
+class VersionNotKeptError(NotFoundError):
+    """A rollback names a version the history does not hold (never written, or pruned). Its
+    own type, not only a NotFoundError: retrying cannot make the version appear, so the
+    operator refuses the command instead of retrying it (and holding up every later edit of
+    the component while it does)."""
+
+    reason = "VersionNotKept"
+
+    def __init__(self, path: str, version: int, kept: list[int]) -> None:
+        self.version = version
+        self.kept = list(kept)
+        super().__init__(
+            path,
+            detail=f"version {version} is not kept (history holds {self.kept}); "
+            "roll back to one of those or to master",
+        )
+
+
 class MaintenanceError(DefenderConfigError):
     """A maintenance step (snapshot, defragmentation, restore) refused to run or stopped: the
     cluster is not healthy enough, or a restore would overwrite a member's data."""
