@@ -245,7 +245,7 @@ def try_lines(namespace: str = SAMPLES_NAMESPACE) -> list[str]:
     """What to try next on a node cluster with the journey installed."""
     return [
         f"kubectl get dfc -n {namespace} -o wide",
-        f"kubectl -n {namespace} logs deploy/sniffer -c sniffer -f     # the stand-in's config loads",
+        f"kubectl -n {namespace} logs deploy/sniffer -c sniffer -f   # the stand-in's config loads",
         f"kubectl -n {namespace} patch dfc sniffer --type=merge "
         """-p '{"spec":{"config":{"version":"1.0.1"}}}'   # a new config version""",
         f"kubectl -n {namespace} delete pod -l app.kubernetes.io/name=firewall   # comes back",
