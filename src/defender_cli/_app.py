@@ -8,6 +8,7 @@ the plugin's start-up time. A command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -458,6 +459,13 @@ def main(
 
     try:
         return run(args, printer)
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): not the command's failure, and no traceback.
+        # Stdout goes to /dev/null so the interpreter's last flush does not raise again; 141
+        # is what a shell reports for a writer that SIGPIPE ended.
+        if out is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CliError as exc:
         errors.write(f"kubectl defender {args.command}: {exc}\n")
         return exc.exit_code
