@@ -107,8 +107,12 @@ def write_env_file(state: ClusterState) -> Path:
     path = Path(state.run_dir) / ENV_FILE
     header = f"# ML Defender local cluster (run dir {state.run_dir}); `make down` stops it.\n"
     path.write_text(header + "\n".join(_exports(state)) + "\n")
+    etcd_sh = Path(state.run_dir) / ETCD_ENV_FILE
     if state.node_ip is not None:
-        (Path(state.run_dir) / ETCD_ENV_FILE).write_text(_etcd_script(state))
+        etcd_sh.write_text(_etcd_script(state))
+    else:
+        # A node run's, left in the same run dir: it would forward to pods that do not exist.
+        etcd_sh.unlink(missing_ok=True)
     return path
 
 

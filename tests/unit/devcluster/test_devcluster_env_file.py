@@ -29,6 +29,7 @@ def _state(run_dir: Path, node_ip: str | None) -> ClusterState:
 
 
 def test_without_a_node_the_plugin_is_pointed_at_the_harness_etcd(tmp_path: Path) -> None:
+    write_env_file(_state(tmp_path, "10.253.1.2"))  # an earlier node run in the same run dir
     env = write_env_file(_state(tmp_path, None)).read_text()
     assert "export DEFENDER_ETCD__ENDPOINTS=" in env and HARNESS_ETCD[0] in env
     assert not (tmp_path / ETCD_ENV_FILE).exists()
