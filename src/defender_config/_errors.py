@@ -30,6 +30,7 @@ DefenderConfigError                          reason
 │   ├── StoreAuthError                       StoreAuth         bad user/password/cert
 │   ├── ConflictError                        Conflict
 │   ├── NotFoundError                        NotFound
+│   │   └── VersionNotKeptError              VersionNotKept    rollback to a version not in history
 │   └── StoreNoSpaceError                    StoreNoSpace      etcd NOSPACE alarm: writes refused
 ├── MaintenanceError                         MaintenanceRefused  etcd unfit for it / would overwrite
 │   ├── SnapshotInvalidError                 SnapshotInvalid   hash or etcdutl check failed
