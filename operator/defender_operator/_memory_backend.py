@@ -54,6 +54,7 @@ from defender_config import (
     StoragePolicy,
     StoreUnavailableError,
     ValueTooLargeError,
+    VersionNotKeptError,
     canonical_json,
     config_digest,
     next_record_sequence,
@@ -535,9 +536,10 @@ class MemoryBackend:
         elif to_version in stored.history:
             target = stored.history[to_version]
         else:
-            raise NotFoundError(
+            raise VersionNotKeptError(
                 f"/memory/components/{component}/history/{to_version}",
-                detail=f"version {to_version} is not kept (history holds {sorted(stored.history)})",
+                to_version,
+                sorted(stored.history),
             )
         what = "master" if to_version is None else to_version
         version = self._write_version(component, stored, target, modified_by, change, storage)

@@ -29,6 +29,7 @@ from defender_config import (
     RegistrationReplayError,
     StoragePolicy,
     StoreUnavailableError,
+    VersionNotKeptError,
     config_digest,
     parse_rollback_target,
     validate_config,
@@ -809,9 +810,17 @@ async def rollback_command(v: Visit) -> Outcome:
         )
         return Outcome(events=[warning("RollbackRefused", f"{_api.ROLLBACK_ANNOTATION}: {exc}")])
     to_version = None if parsed == "master" else parsed
-    version = await rt.write(
-        v.component, rt.backend.rollback, v.component, to_version, modified_by=v.who
-    )
+    try:
+        version = await rt.write(
+            v.component, rt.backend.rollback, v.component, to_version, modified_by=v.who
+        )
+    except VersionNotKeptError as exc:
+        # No retry brings the version back, and a retried command would hold up every later
+        # spec.config edit of the component behind it.
+        await asyncio.to_thread(
+            rt.kube.remove_annotation, v.namespace, v.name, _api.ROLLBACK_ANNOTATION
+        )
+        return Outcome(events=[warning("RollbackRefused", f"{_api.ROLLBACK_ANNOTATION}: {exc}")])
     # The command is done: remove it so a later reconcile does not roll back again.
     await asyncio.to_thread(
         rt.kube.remove_annotation, v.namespace, v.name, _api.ROLLBACK_ANNOTATION

@@ -8,6 +8,7 @@ the plugin's start-up time. A command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -453,19 +454,33 @@ def main(
     args = build_parser().parse_args(argv)
     printer = Printer.for_stream(out, args.colour)
     errors = err if err is not None else sys.stderr
+    # gRPC's core logs every failed TLS handshake to stderr at INFO, some twenty lines before
+    # the plugin's own one-line error; set before the library imports grpc. An explicit
+    # setting of the caller's is kept.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # Parsing succeeded, so the command runs and needs the library anyway.
     from defender_config import DefenderConfigError, EnvelopeError, StoreUnavailableError
 
     try:
         return run(args, printer)
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): not the command's failure, and no traceback.
+        # Stdout goes to /dev/null so the interpreter's last flush does not raise again; 141
+        # is what a shell reports for a writer that SIGPIPE ended.
+        if out is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CliError as exc:
         errors.write(f"kubectl defender {args.command}: {exc}\n")
         return exc.exit_code
     except StoreUnavailableError as exc:
-        errors.write(
-            f"kubectl defender {args.command}: etcd is unavailable ({exc}); check --etcd-endpoints,"
-            " the port-forward and `kubectl -n ml-defender get pods`\n"
-        )
+        check = "check --etcd-endpoints, the port-forward and `kubectl -n ml-defender get pods`"
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            check = (
+                "the members' certificates do not verify: set DEFENDER_ETCD__CA_FILE to the etcd"
+                " CA (docs/operations.md#reaching-etcd)"
+            )
+        errors.write(f"kubectl defender {args.command}: etcd is unavailable ({exc}); {check}\n")
         return 2
     except EnvelopeError as exc:
         errors.write(

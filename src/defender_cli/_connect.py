@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from defender_config import (
     DefenderClient,
@@ -20,6 +21,23 @@ from defender_config import (
 )
 
 from ._errors import CliError, NeedsKeyringError
+
+
+class _FlagsApplied(LibrarySettings):
+    """LibrarySettings validated from the values given alone. `load_settings` has read the
+    DEFENDER_* environment once; read again here, it would override the command's flags
+    (`--etcd-endpoints` ignored whenever DEFENDER_ETCD__ENDPOINTS is set)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 @dataclass
@@ -53,7 +71,7 @@ class Connection:
             # plaintext records and envelope headers only.
             update["envelope"] = settings.envelope.model_copy(update={"encrypt": False})
         try:
-            return LibrarySettings.model_validate({**settings.model_dump(), **_dumped(update)})
+            return _FlagsApplied.model_validate({**settings.model_dump(), **_dumped(update)})
         except ValidationError as exc:
             raise _refused(exc, flags) from None
 

@@ -84,6 +84,7 @@ from ._errors import (
     UnknownKeyError,
     UnsupportedFormatError,
     ValueTooLargeError,
+    VersionNotKeptError,
     WrongPassphraseError,
     brief_listing,
 )
@@ -267,6 +268,7 @@ __all__ = [
     "UnsupportedFormatError",
     "ValueCheck",
     "ValueTooLargeError",
+    "VersionNotKeptError",
     "WrongPassphraseError",
     "brief_listing",
     "cadence_put",

@@ -35,6 +35,7 @@ from ._errors import (
     StoreError,
     StoreUnavailableError,
     ValueTooLargeError,
+    VersionNotKeptError,
 )
 from ._json_parse import parse_json
 from ._models import canonical_json, config_digest, validate_config
@@ -1194,11 +1195,7 @@ class ConfigStore:
             stored = self.client.store.get(path)
             if stored is None:
                 kept = [e.version for e in self.history(component)]
-                raise NotFoundError(
-                    path,
-                    detail=f"version {to} is not kept (history holds {kept}); "
-                    "roll back to one of those or to master",
-                )
+                raise VersionNotKeptError(path, int(to), kept)
             target = self._open_config(
                 path,
                 stored.value,

@@ -30,6 +30,7 @@ DefenderConfigError                          reason
 │   ├── StoreAuthError                       StoreAuth         bad user/password/cert
 │   ├── ConflictError                        Conflict
 │   ├── NotFoundError                        NotFound
+│   │   └── VersionNotKeptError              VersionNotKept    rollback to a version not in history
 │   └── StoreNoSpaceError                    StoreNoSpace      etcd NOSPACE alarm: writes refused
 ├── MaintenanceError                         MaintenanceRefused  etcd unfit for it / would overwrite
 │   ├── SnapshotInvalidError                 SnapshotInvalid   hash or etcdutl check failed
@@ -571,6 +572,24 @@ class NotFoundError(StoreError):
     def __init__(self, path: str, *, detail: str = "") -> None:
         extra = f"; {detail}" if detail else ""
         super().__init__(f"no value at {path!r}{extra}", path=path)
+
+
+class VersionNotKeptError(NotFoundError):
+    """A rollback names a version the history does not hold (never written, or pruned). Its
+    own type, not only a NotFoundError: retrying cannot make the version appear, so the
+    operator refuses the command instead of retrying it (and holding up every later edit of
+    the component while it does)."""
+
+    reason = "VersionNotKept"
+
+    def __init__(self, path: str, version: int, kept: list[int]) -> None:
+        self.version = version
+        self.kept = list(kept)
+        super().__init__(
+            path,
+            detail=f"version {version} is not kept (history holds {self.kept}); "
+            "roll back to one of those or to master",
+        )
 
 
 class MaintenanceError(DefenderConfigError):

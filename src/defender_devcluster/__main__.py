@@ -18,6 +18,8 @@ from pathlib import Path
 from ._cluster import ClusterState, LocalCluster, etcd_health, process_alive, stop_run_dir
 from ._errors import DevClusterError, StateError
 from ._http import get_text, http_ok
+from ._journey import NAMESPACE as JOURNEY_NAMESPACE
+from ._journey import RELEASE as JOURNEY_RELEASE
 from ._journey import try_lines as journey_try_lines
 from ._node import recover_stale_nodes
 from ._system import stop_operator, system_up
@@ -38,37 +40,92 @@ def _readyz(state: ClusterState) -> str:
 
 
 ENV_FILE = "env.sh"
+# With a node: the plugin's way to the chart's etcd, to `source` after env.sh.
+ETCD_ENV_FILE = "etcd.sh"
+# The chart's default member count, which the journey keeps; one local port per member.
+CHART_ETCD_MEMBERS = 3
+ETCD_FORWARD_PORT_BASE = 23790
 
 
 def _exports(state: ClusterState) -> list[str]:
     # The built kubectl and the venv's kubectl-defender plugin first on PATH; the plugin and the
     # library read the defender etcd endpoints from DEFENDER_ETCD__ENDPOINTS.
     path = f"{tools_bin()}:{Path(sys.executable).parent}"
-    endpoints = json.dumps(list(state.etcd_endpoints))
-    return [
+    exports = [
         f"export KUBECONFIG={shlex.quote(state.kubeconfig)}",
         f'export PATH="{path}:$PATH"',
-        f"export DEFENDER_ETCD__ENDPOINTS={shlex.quote(endpoints)}",
     ]
+    if state.node_ip is not None:
+        # The components' etcd is then the chart's, in pods; the harness's three members
+        # serve nothing of the system, and pointing the plugin at them showed "No components
+        # registered" on a running system.
+        etcd_sh = shlex.quote(str(Path(state.run_dir) / ETCD_ENV_FILE))
+        return [*exports, f"# kubectl defender needs the chart's etcd: source {etcd_sh}"]
+    endpoints = json.dumps(list(state.etcd_endpoints))
+    return [*exports, f"export DEFENDER_ETCD__ENDPOINTS={shlex.quote(endpoints)}"]
+
+
+def _etcd_script(state: ClusterState) -> str:
+    """docs/operations.md "Reaching etcd" for the journey's release, as a file to `source`."""
+    ns, release = JOURNEY_NAMESPACE, JOURNEY_RELEASE
+    ports = [ETCD_FORWARD_PORT_BASE + i for i in range(CHART_ETCD_MEMBERS)]
+    ca = shlex.quote(str(Path(state.run_dir) / "etcd-ca.crt"))
+    endpoints = ",".join(f"https://127.0.0.1:{p}" for p in ports)
+    return "\n".join(
+        [
+            f"# kubectl defender on the chart's etcd of the cluster in {state.run_dir}:",
+            "# one port-forward per member, the CA, the operator's etcd user (docs/operations.md,",
+            '# "Reaching etcd"). `kill $DEFENDER_PORT_FORWARDS` stops the forwards; `make down`',
+            "# ends them too.",
+            "DEFENDER_PORT_FORWARDS=",
+            f"for i in {' '.join(str(i) for i in range(CHART_ETCD_MEMBERS))}; do",
+            f"  kubectl -n {ns} port-forward pod/{release}-etcd-$i"
+            f" $(({ETCD_FORWARD_PORT_BASE} + i)):2379 >/dev/null &",
+            '  DEFENDER_PORT_FORWARDS="$DEFENDER_PORT_FORWARDS $!"',
+            "done",
+            f"kubectl -n {ns} get secret {release}-etcd-client-tls"
+            f" -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > {ca}",
+            f"export DEFENDER_ETCD__ENDPOINTS={endpoints}",
+            f"export DEFENDER_ETCD__CA_FILE={ca}",
+            f"export DEFENDER_ETCD__USER={release}-operator",
+            f'export DEFENDER_ETCD__PASSWORD="$(kubectl -n {ns} get secret {release}-etcd-auth'
+            " -o jsonpath='{.data.operator}' | base64 -d)\"",
+            "# A forward listens a moment after it starts: the next command must find it.",
+            f"for p in {' '.join(map(str, ports))}; do",
+            "  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break;"
+            " sleep 0.2; done",
+            "done",
+            "",
+        ]
+    )
 
 
 def write_env_file(state: ClusterState) -> Path:
     """The exports for a shell that uses this cluster, as `<run dir>/env.sh` to `source`: kept
     out of the shell's profile, so they are gone with the shell (the test suite ignores them
-    anyway, see `pytest_plugin`)."""
+    anyway, see `pytest_plugin`). With a node, also `etcd.sh` for the plugin."""
     path = Path(state.run_dir) / ENV_FILE
     header = f"# ML Defender local cluster (run dir {state.run_dir}); `make down` stops it.\n"
     path.write_text(header + "\n".join(_exports(state)) + "\n")
+    etcd_sh = Path(state.run_dir) / ETCD_ENV_FILE
+    if state.node_ip is not None:
+        etcd_sh.write_text(_etcd_script(state))
+    else:
+        # A node run's, left in the same run dir: it would forward to pods that do not exist.
+        etcd_sh.unlink(missing_ok=True)
     return path
 
 
 def _try_lines(state: ClusterState) -> list[str]:
-    return [
+    lines = [
         f"source {shlex.quote(str(write_env_file(state)))}",
         "kubectl get --raw /readyz",
         "kubectl get defendercomponents -A",
-        "kubectl defender status",
     ]
+    if state.node_ip is not None:
+        etcd_sh = shlex.quote(str(Path(state.run_dir) / ETCD_ENV_FILE))
+        lines.append(f"source {etcd_sh}     # port-forwards to the chart's etcd, for the plugin")
+    return [*lines, "kubectl defender status"]
 
 
 def cmd_up(run_dir: Path, node: bool = False, images: tuple[Path, ...] | None = None) -> int:
@@ -141,7 +198,7 @@ def cmd_system_up(run_dir: Path) -> int:
         print(*_try_lines(state), sep="\n")
     else:
         # The components' etcd is the chart's, in pods (TLS, etcd auth), not the harness's.
-        print(*_try_lines(state)[:2], *journey_try_lines(), sep="\n")
+        print(*_try_lines(state)[:2], *journey_try_lines(), *_try_lines(state)[3:], sep="\n")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import DevClusterError
-from ._system import ensure_namespace, kubectl
+from ._system import KubectlError, ensure_namespace, kubectl
 from ._tools import REPO_ROOT, tool
 from ._wait import poll
 
@@ -41,6 +41,21 @@ SHARED_PATH = "/var/run/ml-defender/config"
 STAND_IN_PROCESS = "stand-in"
 # Fresh: within the samples' lease (3 heartbeats of 30 s) of now.
 FRESH_HEARTBEAT_SECONDS = 90.0
+# What the operator's mutating webhook seals a spec.config's author with
+# (defender_config.contract; the harness never imports the library it tests).
+STAMP_SEAL_ANNOTATION = "mldefender.io/last-modified-by-seal"
+# Asked of the API server in a server-side dry run only: never stored. A name no sample has,
+# so the webhook sees a create and stamps it whatever the samples' stored annotations are.
+ADMISSION_PROBE: Mapping[str, Any] = {
+    "apiVersion": "mldefender.io/v1alpha1",
+    "kind": "DefenderComponent",
+    "metadata": {"name": "journey-admission-probe"},
+    "spec": {
+        "componentType": "sniffer",
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "journey-admission-probe"}},
+        "config": {"node_id": "journey-admission-probe", "version": "0.0.0", "interface": "eth0"},
+    },
+}
 
 
 class HelmError(DevClusterError):
@@ -82,6 +97,12 @@ def workload_args(component: str, component_type: str, image: str) -> list[str]:
     ]  # fmt: skip
 
 
+def stamped(dfc: Mapping[str, Any]) -> bool:
+    """The object went through the operator's mutating webhook (it carries the seal)."""
+    annotations = (dfc.get("metadata") or {}).get("annotations") or {}
+    return STAMP_SEAL_ANNOTATION in annotations
+
+
 def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -110,8 +131,8 @@ class Journey:
     namespace: str = SAMPLES_NAMESPACE
     samples_dir: Path = SAMPLES_DIR
 
-    def kubectl(self, *args: str, timeout: float = 120.0) -> str:
-        return kubectl(self.kubeconfig, *args, timeout=timeout)
+    def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120.0) -> str:
+        return kubectl(self.kubeconfig, *args, stdin=stdin, timeout=timeout)
 
     def install(self) -> list[str]:
         """The chart, the samples and the workloads; lines for the user."""
@@ -124,6 +145,7 @@ class Journey:
             *chart_args(self.components, self.namespace),
         )  # fmt: skip
         lines = [f"chart {CHART.name} installed: release {RELEASE} in namespace {NAMESPACE}"]
+        self.wait_admission()
         self.kubectl("-n", self.namespace, "apply", "-f", str(self.samples_dir))
         lines.append(f"samples applied in namespace {self.namespace}: {', '.join(self.components)}")
         for name, ctype in self.components.items():
@@ -138,6 +160,28 @@ class Journey:
             + ", ".join(self.components)
         )
         return lines
+
+    def wait_admission(self, timeout: float = 600.0) -> None:
+        """Until the operator's admission webhook answers, as docs/install.md waits for the
+        operator before `kubectl apply` of the samples. Applied before (failurePolicy Ignore),
+        every sample was admitted unchecked: a ModifierUnverified Warning on each and
+        `unattributed` as the author of its version 1 (docs/security.md)."""
+
+        def answered() -> bool:
+            out = self.kubectl(
+                "-n", self.namespace, "create", "--dry-run=server", "-o", "json", "-f", "-",
+                stdin=json.dumps(ADMISSION_PROBE),
+            )  # fmt: skip
+            return stamped(json.loads(out))
+
+        # KubectlError: the CRD not served yet, or the webhook refusing while it starts.
+        done, last = poll(answered, timeout, 2.0, ignore=(KubectlError,))
+        if done is None:
+            pods = self.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide")
+            raise JourneyNotReady(
+                f"the operator's admission webhook did not answer within {timeout:.0f}s"
+                f" (last: {last or 'admitted without it'})\n{pods}"
+            )
 
     def components_json(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = json.loads(
@@ -201,7 +245,7 @@ def try_lines(namespace: str = SAMPLES_NAMESPACE) -> list[str]:
     """What to try next on a node cluster with the journey installed."""
     return [
         f"kubectl get dfc -n {namespace} -o wide",
-        f"kubectl -n {namespace} logs deploy/sniffer -c sniffer -f     # the stand-in's loads",
+        f"kubectl -n {namespace} logs deploy/sniffer -c sniffer -f   # the stand-in's config loads",
         f"kubectl -n {namespace} patch dfc sniffer --type=merge "
         """-p '{"spec":{"config":{"version":"1.0.1"}}}'   # a new config version""",
         f"kubectl -n {namespace} delete pod -l app.kubernetes.io/name=firewall   # comes back",

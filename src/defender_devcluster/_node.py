@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import ssl
 import subprocess
 import time
@@ -163,6 +164,7 @@ class Node:
         recover_stale_nodes(keep=None)
         teardown_node(self.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        clear_volumes(self.dir / "volumes")
         self.network = create_network(self.run_dir, service_cidr)
         self.service_cidr = service_cidr
         return self.network
@@ -709,6 +711,23 @@ def _remove_log_links(directory: Path) -> None:
         with contextlib.suppress(OSError):
             if link.is_symlink() and Path(os.readlink(link)).is_relative_to(directory):
                 link.unlink()
+
+
+def clear_volumes(volumes: Path) -> None:
+    """Empty what the PersistentVolumes of an earlier run in this run dir held. Each start
+    registers its volumes afresh (a new API server), so a claim binds to any of them: one that
+    kept an earlier run's etcd member made the new member rejoin a cluster that no longer
+    exists (raft panic, CrashLoopBackOff) on the second `make up` after a `make down`."""
+    if not volumes.is_dir():
+        return
+    # rmtree would descend into a mount (teardown_node unmounted everything it could).
+    held = mounts_under(volumes)
+    if held:
+        raise NodeSetupError(
+            f"cannot clear {volumes} of an earlier run: still mounted there: "
+            + ", ".join(map(str, held))
+        )
+    shutil.rmtree(volumes)
 
 
 def teardown_node(run_dir: Path) -> None:

@@ -33,6 +33,7 @@ from defender_config import (
     Rollouts,
     StoreError,
     UnknownKeyError,
+    VersionNotKeptError,
     cadence_put,
     inspect,
     read_cadence,
@@ -348,8 +349,10 @@ def test_rollback_to_master_and_to_version(configs: ConfigStore) -> None:
     assert active.version == 5 and active.config == configs.get_master("sniffer")
     meta = configs.get_metadata("sniffer")
     assert meta is not None and meta.note == "rollback to master"
-    with pytest.raises(NotFoundError, match="not kept"):
+    with pytest.raises(VersionNotKeptError, match="not kept") as pruned:
         configs.rollback("sniffer", 1, by="ops")  # pruned (limit 3 keeps 3..5)
+    assert (pruned.value.version, pruned.value.kept) == (1, [3, 4, 5])
+    assert isinstance(pruned.value, NotFoundError)
     # Numbers no history key can name: the typed refusal the annotation's parser gives.
     for impossible in (0, -2, 10**10, 10**5000):
         with pytest.raises(InvalidRollbackTargetError):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from defender_devcluster import _node
+from defender_devcluster._errors import NodeSetupError
 from defender_devcluster._mounts import _unescape, mounts_under
 from defender_devcluster._nodenet import NodeNetwork, run_dir_hash
 
@@ -69,3 +71,29 @@ def test_a_process_is_named_by_pid_and_start_time_even_after_it_exits() -> None:
     child.kill()
     child.wait()
     assert process_start_time(child.pid) is None
+
+
+def _volumes_of_an_earlier_run(tmp_path: Path) -> Path:
+    volumes = tmp_path / "node" / "volumes"
+    member = volumes / "pv-0" / "member" / "snap"
+    member.mkdir(parents=True)
+    (member / "db").write_bytes(b"an earlier run's etcd member")
+    return volumes
+
+
+def test_a_start_clears_what_an_earlier_runs_volumes_held(tmp_path: Path) -> None:
+    # A claim of the new run bound to pv-0 and its etcd member panicked on the old raft log.
+    volumes = _volumes_of_an_earlier_run(tmp_path)
+    _node.clear_volumes(volumes)
+    assert not volumes.exists()
+    _node.clear_volumes(volumes)  # nothing there: nothing to do
+
+
+def test_volumes_with_a_mount_left_under_them_are_not_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volumes = _volumes_of_an_earlier_run(tmp_path)
+    monkeypatch.setattr(_node, "mounts_under", lambda d: [d / "pv-0"])
+    with pytest.raises(NodeSetupError, match=r"still mounted there: .*pv-0"):
+        _node.clear_volumes(volumes)
+    assert (volumes / "pv-0" / "member" / "snap" / "db").exists()

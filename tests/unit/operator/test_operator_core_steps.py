@@ -259,6 +259,22 @@ def test_a_rollback_command_that_names_no_version_is_refused(target: str) -> Non
     assert h.reasons()[-1] == "RollbackRefused"
 
 
+def test_a_rollback_to_a_version_that_is_not_kept_is_refused_and_holds_nothing_up() -> None:
+    # Retried, the command failed every 10 s for good and every later spec.config edit of the
+    # component waited behind it; `kubectl defender rollback --to 99` sends one.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(ETH0), {_api.ROLLBACK_ANNOTATION: "99"}))
+    assert h.kube.removed == [_api.ROLLBACK_ANNOTATION]
+    assert h.reasons()[-1] == "RollbackRefused"
+    assert h.events[-1].type == "Warning"
+    assert "version 99 is not kept (history holds [1])" in h.events[-1].message
+    assert h.backend.state(NAME).active_version == 1
+    run(h.reconcile(spec(ETH1)))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (2, stored(ETH1))
+
+
 def test_a_permanent_error_still_publishes_conditions_and_reason() -> None:
     h = Harness()
     run(h.reconcile(spec(ETH0)))
