@@ -382,7 +382,9 @@ def _show_status(printer: Printer, data: dict[str, Any]) -> None:
 def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
     from . import _keyring_commands as keys
 
-    passphrase = keys.read_passphrase(args.passphrase_file, args.passphrase_env)
+    passphrase = keys.read_passphrase(
+        args.passphrase_file, args.passphrase_env, exporting=args.keyring_command == "export"
+    )
     if args.keyring_command == "export":
         return keys.export_keyring(
             conn.kube(),

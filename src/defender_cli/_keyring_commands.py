@@ -40,9 +40,26 @@ def _listed(keyring: Keyring) -> list[dict[str, str]]:
     ]
 
 
-def read_passphrase(file: str | None, env: str | None) -> str | None:
+# An export holds every key; scrypt makes each guess slow, so only the passphrase's length
+# keeps an offline attack on a copied file from succeeding.
+MIN_EXPORT_PASSPHRASE = 12
+
+
+def read_passphrase(file: str | None, env: str | None, *, exporting: bool = False) -> str | None:
     """The passphrase from --passphrase-file (first line) or --passphrase-env NAME; None when
-    neither was given."""
+    neither was given. `exporting`: one shorter than MIN_EXPORT_PASSPHRASE characters is
+    refused (an import takes what an older export was wrapped with)."""
+    passphrase = _passphrase(file, env)
+    if exporting and passphrase is not None and len(passphrase) < MIN_EXPORT_PASSPHRASE:
+        raise CliError(
+            f"the passphrase has {len(passphrase)} characters; an export needs at least"
+            f" {MIN_EXPORT_PASSPHRASE}: the file holds every key, and a short passphrase falls to"
+            " guessing despite scrypt"
+        )
+    return passphrase
+
+
+def _passphrase(file: str | None, env: str | None) -> str | None:
     if file:
         try:
             text = Path(file).read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ import pytest
 
 from defender_cli._app import build_parser, main
 from defender_cli._errors import CliError
-from defender_cli._keyring_commands import load_import, read_passphrase
+from defender_cli._keyring_commands import MIN_EXPORT_PASSPHRASE, load_import, read_passphrase
 from defender_config import (
     Keyring,
     KeyringBackupError,
@@ -54,6 +54,21 @@ def test_passphrase_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("KEYRING_TEST_UNSET", raising=False)
     with pytest.raises(CliError, match="not set or empty"):
         read_passphrase(None, "KEYRING_TEST_UNSET")
+
+
+def test_an_export_refuses_a_short_passphrase_an_import_takes_it(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("x" * (MIN_EXPORT_PASSPHRASE - 1) + "\n")
+    with pytest.raises(CliError, match="11 characters; an export needs at least 12") as caught:
+        read_passphrase(str(short), None, exporting=True)
+    assert "xxxx" not in str(caught.value)  # never echoed
+    # An older export wrapped with it still imports.
+    assert read_passphrase(str(short), None) == "x" * (MIN_EXPORT_PASSPHRASE - 1)
+    enough = tmp_path / "enough"
+    enough.write_text("y" * MIN_EXPORT_PASSPHRASE)
+    assert read_passphrase(str(enough), None, exporting=True) == "y" * MIN_EXPORT_PASSPHRASE
+    # No passphrase at all is a clear-text export, asked for on purpose (documented).
+    assert read_passphrase(None, None, exporting=True) is None
 
 
 def test_load_import_forms_and_errors(tmp_path: Path) -> None:
