@@ -451,6 +451,11 @@ def remove_network(netns: str, host_if: str) -> None:
         _run(["ip", "link", "del", host_if], check=False)
     (REGISTRY / f"{netns}.json").unlink(missing_ok=True)
     fd = _HELD.pop(netns, None)
+    if fd is None:
+        # Removed by another process than the one that made it (`make down` after `make up`):
+        # its lock file goes too, unless a live run holds it; left, the next sweep took it for
+        # a dead run's and warned.
+        fd = try_lock(netns)
     if fd is not None:
         release_lock(netns, fd, remove=True)
 
