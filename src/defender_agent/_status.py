@@ -55,6 +55,53 @@ class _RequestDeadline(io.RawIOBase):
             self._sock.settimeout(self._seconds)
 
 
+# Each open connection holds a thread for up to REQUEST_TIMEOUT_SECONDS. One client (a pod that
+# reaches the port) may hold a few; all of them together a bounded number, so a flood costs a
+# bounded amount of memory, and the kubelet's probes, from another address, still get in.
+CONNECTIONS_PER_SOURCE = 8
+CONNECTIONS_TOTAL = 64
+# The kernel's queue of connections not accepted yet (Python's default is 5): under a burst
+# a probe waits in it rather than being refused.
+LISTEN_BACKLOG = 128
+
+
+class _BoundedServer(http.server.ThreadingHTTPServer):
+    """A connection beyond its source's share or the total is closed at once, unanswered."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple[str, int], handler: type[Any]) -> None:
+        self._open: dict[str, int] = {}
+        self._open_lock = threading.Lock()
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        source = str(client_address[0])
+        with self._open_lock:
+            if (
+                self._open.get(source, 0) >= CONNECTIONS_PER_SOURCE
+                or sum(self._open.values()) >= CONNECTIONS_TOTAL
+            ):
+                self.refused += 1
+                return False
+            self._open[source] = self._open.get(source, 0) + 1
+            return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            source = str(client_address[0])
+            with self._open_lock:
+                left = self._open.get(source, 1) - 1
+                if left:
+                    self._open[source] = left
+                else:
+                    self._open.pop(source, None)
+
+
 class StatusServer:
     def __init__(
         self,
@@ -98,12 +145,11 @@ class StatusServer:
 
         self._started = False
         try:
-            self._server = http.server.ThreadingHTTPServer((address, port), Handler)
+            self._server = _BoundedServer((address, port), Handler)
         except OSError as exc:
             raise AgentSettingsError(
                 f"cannot serve the status endpoint on {address}:{port}: {exc.strerror or exc}"
             ) from exc
-        self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="defender-agent-status", daemon=True
         )
@@ -111,6 +157,11 @@ class StatusServer:
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    @property
+    def refused(self) -> int:
+        """Connections closed unanswered: over their source's share or the total."""
+        return self._server.refused
 
     def start(self) -> StatusServer:
         self._started = True

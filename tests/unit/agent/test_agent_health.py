@@ -34,7 +34,7 @@ from defender_agent._health import (
     process_state,
 )
 from defender_agent._http import http_request
-from defender_agent._status import StatusServer
+from defender_agent._status import CONNECTIONS_PER_SOURCE, CONNECTIONS_TOTAL, StatusServer
 from defender_devcluster import wait_for
 
 BASE = ["--component", "sniffer", "--output-path", "/shared/sniffer.json"]
@@ -366,6 +366,54 @@ def test_status_endpoint_hangs_up_on_a_client_that_dribbles_its_request() -> Non
             assert time.monotonic() - started < 4
         assert _get(f"http://127.0.0.1:{server.port}/healthz") == (200, {"ok": True})
     finally:
+        server.stop()
+
+
+def _answered(port: int, source: str = "127.0.0.1") -> bool:
+    """Whether a GET /healthz from `source` gets an answer (False: closed unanswered)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as c:
+        c.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        try:
+            return c.recv(1024).startswith(b"HTTP/1.0 200")
+        except ConnectionResetError:
+            return False
+
+
+def test_status_endpoint_bounds_the_connections_one_source_holds() -> None:
+    # Idle connections from one address (a flood) take their share of handler threads; the next
+    # is closed unanswered, while another address (the kubelet's probes) still gets in.
+    server = StatusServer("127.0.0.1", 0, lambda: {"healthy": True}).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(CONNECTIONS_PER_SOURCE):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+        assert not _answered(server.port)
+        assert server.refused == 1
+        assert _answered(server.port, source="127.0.0.2")
+        # A share given back is free again.
+        idle.pop().close()
+        wait_for("a freed share answered", lambda: _answered(server.port), timeout=5, every=0.1)
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()
+
+
+def test_status_endpoint_bounds_the_connections_all_sources_hold() -> None:
+    server = StatusServer("127.0.0.1", 0, lambda: {"healthy": True}).start()
+    idle: list[socket.socket] = []
+    sources = [f"127.0.1.{i}" for i in range(1, CONNECTIONS_TOTAL // CONNECTIONS_PER_SOURCE + 1)]
+    try:
+        for source in sources:
+            for _ in range(CONNECTIONS_PER_SOURCE):
+                idle.append(
+                    socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
+                )
+        assert not _answered(server.port, source="127.0.2.1")  # a source that holds none
+        assert server.refused == 1
+    finally:
+        for conn in idle:
+            conn.close()
         server.stop()
 
 
