@@ -47,6 +47,8 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.core = api_errors_only(client.CoreV1Api(api))
         self.custom = api_errors_only(client.CustomObjectsApi(api))
+        self.crds = api_errors_only(client.ApiextensionsV1Api(api))
+        self._api = api
 
     def delete_pod(self, namespace: str, pod: Pod) -> bool:
         """Delete exactly this pod (uid precondition: never its same-named replacement).
@@ -173,6 +175,52 @@ class Kube:
                 exc.status,
                 exc.reason,
             )
+
+    def crd(self, name: str) -> dict[str, Any] | None:
+        """The CustomResourceDefinition `name` (None when absent). A list with a field selector:
+        the operator's RBAC grants list and watch on CRDs (what kopf needs), not get."""
+        try:
+            found: Any = self.crds.list_custom_resource_definition(
+                field_selector=f"metadata.name={name}"
+            )
+        except ApiException as exc:
+            raise KubeError(f"cannot list CRD {name} ({exc.status} {exc.reason})") from exc
+        items = list(found.items or [])
+        return dict(self._api.sanitize_for_serialization(items[0])) if items else None
+
+    def component_items(self, watched: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every DefenderComponent (in `watched` namespaces when given), whole."""
+        try:
+            if not watched:
+                found: Any = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
+                return list(found.get("items", []))
+            items: list[dict[str, Any]] = []
+            for ns in watched:
+                page: Any = self.custom.list_namespaced_custom_object(
+                    API_GROUP, API_VERSION, ns, PLURAL
+                )
+                items += page.get("items", [])
+            return items
+        except ApiException as exc:
+            raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
+
+    def set_finalizers(
+        self, namespace: str, name: str, resource_version: str, finalizers: list[str]
+    ) -> bool:
+        """Replace the object's finalizers, only if it is still at `resource_version` (a merge
+        patch carrying it: 409 otherwise). False when it changed or went meanwhile."""
+        body = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
+        try:
+            self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, body
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise KubeError(
+                f"cannot remove the finalizer of {namespace}/{name} ({exc.status} {exc.reason})"
+            ) from exc
+        return True
 
     def remove_annotation(self, namespace: str, name: str, key: str) -> None:
         body = {"metadata": {"annotations": {key: None}}}

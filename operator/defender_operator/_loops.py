@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from defender_config import DefenderConfigError
-from defender_operator import _keyguard, _rotation
+from defender_operator import _crd_deletion, _keyguard, _rotation
 from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord, Watching
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
@@ -104,6 +104,7 @@ def start(rt: Runtime) -> list[asyncio.Task[None]]:
         asyncio.create_task(heartbeat_watch(rt), name="heartbeat-watch"),
         asyncio.create_task(change_watch(rt), name="change-watch"),
         asyncio.create_task(registrations(rt), name="registrations"),
+        asyncio.create_task(crd_deletion(rt), name="crd-deletion"),
     ]
     for task in tasks:
         task.add_done_callback(_report_end)
@@ -353,6 +354,16 @@ async def key_rotation(rt: Runtime) -> None:
             rt.wake_all("keyring")
         ticks += 1
         await asyncio.sleep(rt.settings.rotation_interval_seconds)
+
+
+async def crd_deletion(rt: Runtime) -> None:
+    """Apply the retention kopf cannot while the DefenderComponent CRD is being deleted
+    (`_crd_deletion`): without it, `kubectl delete crd` waits for good on every Purge resource."""
+    survive = _Survive("crd-deletion")
+    while True:
+        await asyncio.sleep(rt.settings.monitor_interval_seconds)
+        async with survive:
+            await _crd_deletion.finalize_round(rt)
 
 
 async def registrations(rt: Runtime) -> None:

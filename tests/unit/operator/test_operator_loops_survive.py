@@ -337,7 +337,14 @@ def test_the_probe_fails_when_a_loop_has_ended_and_names_how(
 
 def test_started_loops_run_until_stopped() -> None:
     h = keyring_harness(FakeSecretsApi())
-    names = ["etcd-health", "key-rotation", "heartbeat-watch", "change-watch", "registrations"]
+    names = [
+        "etcd-health",
+        "key-rotation",
+        "heartbeat-watch",
+        "change-watch",
+        "registrations",
+        "crd-deletion",
+    ]
     before = [LOOP_FAILURES.labels(name)._value.get() for name in names]
 
     async def scenario() -> None:
