@@ -14,12 +14,14 @@ import logging
 from defender_config import contract
 from defender_operator import _diffbase, _reconcile
 from defender_operator._decisions.crd_deletion import Held, crd_deleting, held_by_retention
+from defender_operator._kube import ObjectRef
 from defender_operator._metrics import forget_component
 from defender_operator._runtime import Runtime
 
 log = logging.getLogger("defender_operator.crd_deletion")
 
 CRD_NAME = f"{contract.PLURAL}.{contract.API_GROUP}"
+REASON = "RetentionAppliedOnCrdDeletion"
 
 
 async def finalize_round(rt: Runtime) -> int:
@@ -68,10 +70,12 @@ async def _finalize(rt: Runtime, one: Held) -> int:
     if owned:
         forget_component(one.name)
     _diffbase.DIFFBASE.forget(one.body)
-    log.info(
-        "retention %s applied to %s/%s during the CRD's deletion; finalizer removed",
-        retention,
-        one.namespace,
-        one.name,
+    message = (
+        f"the CRD {CRD_NAME} is being deleted: retention {retention} applied by the operator"
+        " (kopf serves no resource of a terminating CRD) and the finalizer removed"
     )
+    log.info("%s/%s: %s", one.namespace, one.name, message)
+    # Outlives the resource (Events stay about an hour): says what became of its data.
+    ref = ObjectRef(contract.GROUP_VERSION, contract.KIND, one.namespace, one.name, one.uid)
+    await asyncio.to_thread(rt.kube.post_event, ref, "Warning", REASON, message)
     return 1

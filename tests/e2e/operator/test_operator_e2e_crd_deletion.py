@@ -65,5 +65,18 @@ def test_deleting_the_crd_applies_each_retention_and_is_not_held_for_good(
         assert store.list_prefix(f"{run.prefix}/components/sniffer/") == []
         assert run.configs().get_active("firewall").version == 1
         assert operator.poll() is None
+        # The resource is gone; its Event says what became of its data.
+        wait_for(
+            "the RetentionAppliedOnCrdDeletion event",
+            lambda: (
+                any(
+                    e.reason == "RetentionAppliedOnCrdDeletion" and "Purge" in (e.message or "")
+                    for e in run.core.list_namespaced_event(
+                        run.namespace, field_selector="involvedObject.name=sniffer"
+                    ).items
+                )
+                or None
+            ),
+        )
     finally:
         _put_the_crd_back(run, crds)
