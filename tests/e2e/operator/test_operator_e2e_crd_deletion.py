@@ -80,3 +80,25 @@ def test_deleting_the_crd_applies_each_retention_and_is_not_held_for_good(
         )
     finally:
         _put_the_crd_back(run, crds)
+
+
+def test_a_crd_deleted_while_no_operator_ran_goes_once_one_starts(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    crds = k8s.ApiextensionsV1Api(run.api)
+    run.start()
+    run.apply_sample("sniffer", retention="Purge")
+    run.wait_active_version("sniffer", 1)
+    run.stop()
+    store = run.client(run.operator_keyring()).store
+    try:
+        kubectl("delete", "crd", CRD_NAME, "--wait=false")
+        # Nobody removes the finalizer: the data stays and the CRD waits.
+        assert not _crd_gone(crds)
+        run.start()
+        wait_for("the CRD deleted", lambda: _crd_gone(crds) or None, timeout=45)
+        assert store.list_prefix(f"{run.prefix}/components/sniffer/") == []
+        assert run.procs[0].poll() is None
+    finally:
+        _put_the_crd_back(run, crds)
