@@ -100,36 +100,12 @@ class Kube:
     def component_namespaces(self, watched: list[str] | None = None) -> set[str]:
         """Namespaces holding DefenderComponents. With `watched` the operator only looks there:
         its RBAC may not allow a cluster-wide list, and components elsewhere are not its own."""
-        try:
-            if not watched:
-                found: Any = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
-                return {item["metadata"]["namespace"] for item in found.get("items", [])}
-            holding: set[str] = set()
-            for ns in watched:
-                page: Any = self.custom.list_namespaced_custom_object(
-                    API_GROUP, API_VERSION, ns, PLURAL, limit=1
-                )
-                if page.get("items"):
-                    holding.add(ns)
-            return holding
-        except ApiException as exc:
-            raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
+        # One item per watched namespace says whether it holds any.
+        items = self.component_items(watched, per_namespace=1)
+        return {item["metadata"]["namespace"] for item in items}
 
     def components(self, watched: list[str] | None = None) -> list[ObjectRef]:
         """Every DefenderComponent (in `watched` namespaces when given), as Event targets."""
-        try:
-            if not watched:
-                found: Any = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
-                items = list(found.get("items", []))
-            else:
-                items = []
-                for ns in watched:
-                    page: Any = self.custom.list_namespaced_custom_object(
-                        API_GROUP, API_VERSION, ns, PLURAL
-                    )
-                    items += page.get("items", [])
-        except ApiException as exc:
-            raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
         return [
             ObjectRef(
                 GROUP_VERSION,
@@ -138,8 +114,33 @@ class Kube:
                 item["metadata"]["name"],
                 item["metadata"].get("uid", ""),
             )
-            for item in items
+            for item in self.component_items(watched)
         ]
+
+    def component_items(
+        self, watched: list[str] | None = None, *, per_namespace: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Every DefenderComponent (in `watched` namespaces when given, at most `per_namespace`
+        of each), whole."""
+        try:
+            if not watched:
+                found: Any = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
+                return list(found.get("items", []))
+            items: list[dict[str, Any]] = []
+            for ns in watched:
+                page: Any = self.custom.list_namespaced_custom_object(
+                    API_GROUP, API_VERSION, ns, PLURAL, limit=per_namespace
+                )
+                items += page.get("items", [])
+            return items
+        except ApiException as exc:
+            if exc.status == 404:
+                # Every round of the keyring and rotation loops says it: say what to do.
+                raise KubeError(
+                    f"cannot list DefenderComponents: the CRD {PLURAL}.{API_GROUP} is not"
+                    " installed (404); apply crds/ or the chart's CRDs"
+                ) from exc
+            raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
 
     def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
         """An Event about `ref` for people (`kubectl describe`). Never raises: an Event that
@@ -187,22 +188,6 @@ class Kube:
             raise KubeError(f"cannot list CRD {name} ({exc.status} {exc.reason})") from exc
         items = list(found.items or [])
         return dict(self._api.sanitize_for_serialization(items[0])) if items else None
-
-    def component_items(self, watched: list[str] | None = None) -> list[dict[str, Any]]:
-        """Every DefenderComponent (in `watched` namespaces when given), whole."""
-        try:
-            if not watched:
-                found: Any = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
-                return list(found.get("items", []))
-            items: list[dict[str, Any]] = []
-            for ns in watched:
-                page: Any = self.custom.list_namespaced_custom_object(
-                    API_GROUP, API_VERSION, ns, PLURAL
-                )
-                items += page.get("items", [])
-            return items
-        except ApiException as exc:
-            raise KubeError(f"cannot list DefenderComponents ({exc.status} {exc.reason})") from exc
 
     def set_finalizers(
         self, namespace: str, name: str, resource_version: str, finalizers: list[str]

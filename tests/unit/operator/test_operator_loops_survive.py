@@ -5,8 +5,11 @@ after a pause, and a loop that ends all the same fails the liveness probe."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -357,3 +360,35 @@ def test_started_loops_run_until_stopped() -> None:
 
     asyncio.run(scenario())
     assert [LOOP_FAILURES.labels(name)._value.get() for name in names] == before
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """An API server without the DefenderComponent CRD: every list is a 404."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"kind": "Status", "code": 404, "reason": "NotFound"}).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_listing_components_without_the_crd_says_it_is_not_installed() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = k8s.ApiClient(k8s.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}"))
+    try:
+        kube = Kube(api)
+        for call in (kube.component_namespaces, kube.components, kube.component_items):
+            with pytest.raises(KubeError, match=r"the CRD defendercomponents\.mldefender\.io is"):
+                call()
+        with pytest.raises(KubeError, match="not installed"):
+            kube.component_namespaces(["default"])
+    finally:
+        api.close()
+        server.shutdown()
+        server.server_close()
