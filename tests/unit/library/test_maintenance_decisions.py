@@ -171,6 +171,19 @@ def test_restore_plan_gives_every_member_the_same_cluster_and_its_own_dir() -> N
     assert "--initial-cluster-token=t1" in steps[0].argv
 
 
+def test_restore_plan_on_own_volumes_keeps_one_path_for_every_member() -> None:
+    # The chart's members each read /var/lib/etcd/data on their own PVC.
+    steps = restore_plan(
+        "/b/s.db",
+        [("a", "http://a:2380"), ("b", "http://b:2380")],
+        data_dir="/var/lib/etcd/data",
+        token="t1",
+        own_volumes=True,
+    )
+    assert [s.data_dir for s in steps] == ["/var/lib/etcd/data", "/var/lib/etcd/data"]
+    assert "--name=b" in steps[1].argv
+
+
 @pytest.mark.parametrize(
     ("members", "data_dir", "message"),
     [
