@@ -80,8 +80,10 @@ def plan_defrag(report: HealthReport) -> DefragPlan:
     down = [m.endpoint for m in report.members if not m.serving]
     if down or len(report.members) < report.cluster_size:
         missing = report.cluster_size - len(report.members)
-        parts = [*down, *([f"{missing} member(s) not in the endpoints"] if missing else [])]
-        return DefragPlan((), f"cluster not healthy, skipped: {', '.join(parts)} not serving")
+        parts = [f"{', '.join(down)} not serving"] if down else []
+        if missing:
+            parts.append(f"{missing} member(s) not in the endpoints")
+        return DefragPlan((), f"cluster not healthy, skipped: {'; '.join(parts)}")
     leaders = [m for m in report.members if m.is_leader]
     if len(leaders) != 1:
         return DefragPlan((), "cluster not healthy, skipped: no single leader")

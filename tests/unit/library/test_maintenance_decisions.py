@@ -76,7 +76,16 @@ def test_defrag_is_refused_while_a_member_is_down() -> None:
 
 def test_defrag_is_refused_when_a_member_is_missing_from_the_endpoints() -> None:
     plan = plan_defrag(report(member(0, leader=True), member(1), size=3))
-    assert plan.order == () and "1 member(s) not in the endpoints" in (plan.refused or "")
+    # Said on its own: "1 member(s) not in the endpoints not serving" read as nonsense.
+    assert plan.order == ()
+    assert plan.refused == "cluster not healthy, skipped: 1 member(s) not in the endpoints"
+
+
+def test_defrag_refusal_names_the_down_member_and_the_missing_one_apart() -> None:
+    plan = plan_defrag(report(member(0, leader=True), member(1, serving=False), size=3))
+    assert plan.refused == (
+        "cluster not healthy, skipped: m1:2379 not serving; 1 member(s) not in the endpoints"
+    )
 
 
 def test_defrag_is_refused_without_a_single_leader() -> None:
