@@ -176,6 +176,7 @@ def restore(
         data_dir=data_dir,
         token=token,
         etcdutl=etcdutl or "etcdutl",
+        own_volumes=not run,
     )
     if run:
         if etcdutl is None:

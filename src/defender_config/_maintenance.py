@@ -80,8 +80,10 @@ def plan_defrag(report: HealthReport) -> DefragPlan:
     down = [m.endpoint for m in report.members if not m.serving]
     if down or len(report.members) < report.cluster_size:
         missing = report.cluster_size - len(report.members)
-        parts = [*down, *([f"{missing} member(s) not in the endpoints"] if missing else [])]
-        return DefragPlan((), f"cluster not healthy, skipped: {', '.join(parts)} not serving")
+        parts = [f"{', '.join(down)} not serving"] if down else []
+        if missing:
+            parts.append(f"{missing} member(s) not in the endpoints")
+        return DefragPlan((), f"cluster not healthy, skipped: {'; '.join(parts)}")
     leaders = [m for m in report.members if m.is_leader]
     if len(leaders) != 1:
         return DefragPlan((), "cluster not healthy, skipped: no single leader")
@@ -145,15 +147,22 @@ def restore_plan(
     data_dir: str,
     token: str,
     etcdutl: str = "etcdutl",
+    own_volumes: bool = False,
 ) -> list[RestoreStep]:
     """One `etcdutl snapshot restore` per member of a fresh cluster: `members` are (name, peer
     URL) in cluster order, `data_dir` a path with `{name}` in it. Every member is restored from
     the same file with the same --initial-cluster and a token of its own, so the new cluster
-    never mixes with a survivor of the old one."""
+    never mixes with a survivor of the old one. `own_volumes`: each line runs where only that
+    member's volume is mounted, so one path without `{name}` is allowed."""
     if not members:
         raise MaintenanceError("a restore needs at least one member (name=peer URL)")
-    if "{name}" not in data_dir and len(members) > 1:
-        raise MaintenanceError("--data-dir must contain {name}: each member needs its own")
+    # The chart's members all use /var/lib/etcd/data, each on its own PVC: a printed plan run
+    # in one debug pod per member needs that path as it is. Run here, one path would be one
+    # directory shared by every member.
+    if "{name}" not in data_dir and len(members) > 1 and not own_volumes:
+        raise MaintenanceError(
+            "--data-dir must contain {name} with --run: each member needs its own directory"
+        )
     names = [name for name, _ in members]
     if len(set(names)) != len(names):
         raise MaintenanceError(f"member names repeat: {', '.join(names)}")

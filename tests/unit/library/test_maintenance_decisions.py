@@ -76,7 +76,16 @@ def test_defrag_is_refused_while_a_member_is_down() -> None:
 
 def test_defrag_is_refused_when_a_member_is_missing_from_the_endpoints() -> None:
     plan = plan_defrag(report(member(0, leader=True), member(1), size=3))
-    assert plan.order == () and "1 member(s) not in the endpoints" in (plan.refused or "")
+    # Said on its own: "1 member(s) not in the endpoints not serving" read as nonsense.
+    assert plan.order == ()
+    assert plan.refused == "cluster not healthy, skipped: 1 member(s) not in the endpoints"
+
+
+def test_defrag_refusal_names_the_down_member_and_the_missing_one_apart() -> None:
+    plan = plan_defrag(report(member(0, leader=True), member(1, serving=False), size=3))
+    assert plan.refused == (
+        "cluster not healthy, skipped: m1:2379 not serving; 1 member(s) not in the endpoints"
+    )
 
 
 def test_defrag_is_refused_without_a_single_leader() -> None:
@@ -169,6 +178,19 @@ def test_restore_plan_gives_every_member_the_same_cluster_and_its_own_dir() -> N
     assert "--initial-cluster=a=http://a:2380,b=http://b:2380" in steps[0].argv
     assert "--initial-advertise-peer-urls=http://b:2380" in steps[1].argv
     assert "--initial-cluster-token=t1" in steps[0].argv
+
+
+def test_restore_plan_on_own_volumes_keeps_one_path_for_every_member() -> None:
+    # The chart's members each read /var/lib/etcd/data on their own PVC.
+    steps = restore_plan(
+        "/b/s.db",
+        [("a", "http://a:2380"), ("b", "http://b:2380")],
+        data_dir="/var/lib/etcd/data",
+        token="t1",
+        own_volumes=True,
+    )
+    assert [s.data_dir for s in steps] == ["/var/lib/etcd/data", "/var/lib/etcd/data"]
+    assert "--name=b" in steps[1].argv
 
 
 @pytest.mark.parametrize(
