@@ -15,11 +15,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from node_support import Kubectl, busybox_pod, tcp_connects, wait_pod_ready
 
+from defender_devcluster import wait_for
 from defender_devcluster._journey import NAMESPACE, RELEASE
 
 ETCD = f"{RELEASE}-etcd"
@@ -104,7 +106,14 @@ def etcd_admits_only_its_clients(kubectl: Kubectl, ns: str, image: str) -> None:
     member = kubectl.get("-n", NAMESPACE, "pod", f"{ETCD}-0")["status"]["podIP"]
     service = kubectl.get("-n", NAMESPACE, "service", ETCD)["spec"]["clusterIP"]
     for ip in (member, service):
-        assert tcp_connects(kubectl, ns, "etcd-client", ip, 2379), ip
+        # The firewall admits a new pod once its sync has put the pod's IP in the policy's
+        # set (soon after the pod starts); a pod it does not know is refused at once.
+        wait_for(
+            f"the labelled pod admitted to {ip}:2379",
+            partial(tcp_connects, kubectl, ns, "etcd-client", ip, 2379),
+            timeout=60,
+            every=1.0,
+        )
         assert not tcp_connects(kubectl, ns, "stranger", ip, 2379), ip
     # The stranger reaches the member itself: the refusal above is the policy's.
     assert tcp_connects(kubectl, ns, "stranger", member, 2381)
