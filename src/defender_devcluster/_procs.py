@@ -109,9 +109,25 @@ def _spawn_dying_with_parent(
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             return spawn(argv, _set_pdeathsig)
-        return spawn([setpriv, "--pdeathsig", "KILL", "--", *argv], None)
+        child = spawn([setpriv, "--pdeathsig", "KILL", "--", *argv], None)
+        _await_exec_past(child)
+        return child
 
     return _spawner.submit(fork).result()
+
+
+def _await_exec_past(child: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Return once setpriv has exec'd the target (it sets the death signal just before).
+
+    Popen returns when setpriv itself is exec'd; a parent dying in the moment before setpriv's
+    prctl leaves a child the kernel never kills (seen in CI: an orphan holding a test's pipe).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        argv = read_cmdline(child.pid)
+        if argv is None or "--pdeathsig" not in argv:
+            return
+        time.sleep(0.001)
 
 
 def popen_dying_with_parent(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -218,6 +220,49 @@ def test_popen_dying_with_parent_leaves_no_orphan(tmp_path: Path) -> None:
     while pid_matches(pid, marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_matches(pid, marker), f"pid {pid} outlived its parent"
+
+
+def test_popen_dying_with_parent_covers_a_parent_dying_before_the_death_signal_is_set(
+    tmp_path: Path,
+) -> None:
+    # CI once hung on the test above: the parent exited between setpriv's exec and its prctl, so
+    # the kernel never killed the child. A slow setpriv widens that window to half a second.
+    real = shutil.which("setpriv")
+    assert real is not None
+    fake_dir = tmp_path / "bin"
+    fake_dir.mkdir()
+    fake = fake_dir / "setpriv"
+    fake.write_text(f'#!/bin/sh\nsleep 0.5\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    marker = f"orphan-{uuid.uuid4().hex[:8]}"
+    pid_file = tmp_path / "child.pid"
+    script = textwrap.dedent(
+        f"""\
+        import os, subprocess, sys
+        from pathlib import Path
+        from defender_devcluster import popen_dying_with_parent
+        child = popen_dying_with_parent(
+            [sys.executable, "-c", "import time; time.sleep(300)", {marker!r}],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        Path({str(pid_file)!r}).write_text(str(child.pid))
+        os._exit(9)
+        """
+    )
+    env = {**os.environ, "PATH": f"{fake_dir}:{os.environ.get('PATH', '')}"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 9, out.stderr
+    pid = int(pid_file.read_text())
+    try:
+        deadline = time.monotonic() + 10
+        while pid_matches(pid, marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_matches(pid, marker), f"pid {pid} outlived its parent"
+    finally:
+        if pid_matches(pid, marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_local_cluster_refuses_an_etcd_inside_its_run_dir(tmp_path: Path) -> None:
