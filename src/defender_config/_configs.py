@@ -373,6 +373,9 @@ class ConfigStore:
         # this reader accepted.
         self._accepted: dict[str, tuple[int, str, int]] = {}
         self._accepted_lock = threading.Lock()
+        # Versions and sequences are remembered per etcd cluster: a restored one (new cluster
+        # id) legitimately starts again below them (`_follow_cluster`).
+        self._cluster_changes = client.store.cluster_changes
         # component -> highest rollout sequence seen in an authentic rollout record (`Rollouts`).
         self._rollout_marks: dict[str, int] = {}
         # component -> the registration this reader holds (the newest authentic one it
@@ -738,10 +741,23 @@ class ConfigStore:
         except DefenderConfigError:
             return None
 
+    def _follow_cluster(self) -> None:
+        """Forget accepted versions and rollout sequences once etcd answers as another cluster
+        (called with `_accepted_lock` held). A restore brings back older versions, and the
+        next commit numbers on from the snapshot's; refusing those as replays would leave a
+        running component on its config for good, while a new process would take them. Only
+        the members set the cluster id, so etcd write access alone cannot cause this."""
+        changes = self.client.store.cluster_changes
+        if changes != self._cluster_changes:
+            self._cluster_changes = changes
+            self._accepted.clear()
+            self._rollout_marks.clear()
+
     def _remember_rollout(self, component: str, sequence: int) -> int:
         """Remember `sequence` of an authentic rollout record; returns the highest this reader
         has seen for `component`, this one included (a higher one means a replay)."""
         with self._accepted_lock:
+            self._follow_cluster()
             highest = max(self._rollout_marks.get(component, 0), sequence)
             self._rollout_marks[component] = highest
             return highest
@@ -753,6 +769,7 @@ class ConfigStore:
         (a watch event handled after a newer get): False, nothing remembered."""
         self._check_registration(component, meta)
         with self._accepted_lock:
+            self._follow_cluster()
             seen = self._accepted.get(component)
             if seen is None or meta.version > seen[0] or (meta.version, meta.digest) == seen[:2]:
                 if seen is None or mod_revision >= seen[2] or meta.version > seen[0]:

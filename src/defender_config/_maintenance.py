@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ._errors import (
     CompactionLagError,
@@ -140,6 +140,14 @@ class RestoreStep:
     argv: tuple[str, ...]
 
 
+# Clients that ran through the restore saw revisions past the snapshot's. Without a bump the
+# restored cluster hands those numbers out again: a watch resuming "after what it saw" would wait
+# for a future revision and drop the new writes as already delivered. Bumped past anything seen
+# and marked compacted, a resuming watch is told "compacted" and reloads the current state
+# (etcd's own disaster-recovery advice; a billion is more writes than any snapshot age here).
+RESTORE_REVISION_BUMP: Final = 1_000_000_000
+
+
 def restore_plan(
     snapshot: str,
     members: Sequence[tuple[str, str]],
@@ -184,6 +192,8 @@ def restore_plan(
                     f"--initial-cluster-token={token}",
                     f"--initial-advertise-peer-urls={url}",
                     f"--data-dir={target}",
+                    f"--bump-revision={RESTORE_REVISION_BUMP}",
+                    "--mark-compacted",
                 ),
             )
         )

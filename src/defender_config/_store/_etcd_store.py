@@ -100,6 +100,12 @@ class EtcdStore:
         self._watches_lock = threading.Lock()
         self._auth_lock = threading.Lock()
         self.endpoints: tuple[str, ...] = tuple(settings.endpoints)
+        # The cluster id in etcd's response headers, and how often it changed under this store.
+        # A restore from a snapshot makes a new cluster (a new token, new member ids): readers
+        # that remember versions per cluster (`ConfigStore`'s replay guard) start over then.
+        self._cluster_id = 0
+        self.cluster_changes = 0
+        self._cluster_lock = threading.Lock()
         self._client = self._build_client()
         self._keepalive = KeepAliveMux()
         self._keeper = LeaseKeeper(self._keepalive, lambda: self._client, self.metrics)
@@ -213,7 +219,11 @@ class EtcdStore:
         try:
             while True:
                 try:
-                    return fn(self._client)
+                    result = fn(self._client)
+                    header = getattr(result, "header", None)
+                    if header is not None:
+                        self.observe_cluster(header.cluster_id)
+                    return result
                 except Exception as exc:
                     rule = classify_error(exc)
                     if rule is None:
@@ -251,6 +261,25 @@ class EtcdStore:
                     raise self._typed(rule, exc, path, attempt + 1) from exc
         finally:
             stats.finish(time.perf_counter() - started)
+
+    def observe_cluster(self, cluster_id: int) -> None:
+        """Note the cluster id of a response; a different one than before counts as a change.
+        Only the members can set it: write access to etcd cannot fake one."""
+        if not cluster_id or cluster_id == self._cluster_id:
+            return
+        with self._cluster_lock:
+            if cluster_id == self._cluster_id:
+                return
+            if self._cluster_id:
+                self.cluster_changes += 1
+                log.warning(
+                    "etcd answers as another cluster (id %x, was %x): restored from a snapshot?"
+                    " versions remembered from the old one are forgotten",
+                    cluster_id,
+                    self._cluster_id,
+                    extra={"event": "etcd_cluster_changed"},
+                )
+            self._cluster_id = cluster_id
 
     def _typed(self, rule: ErrorRule, exc: BaseException, path: str | None, n: int) -> StoreError:
         detail = f"{rule.hint} ({_details(exc)})"

@@ -206,6 +206,7 @@ class WatchHandle:
         self.next_revision = int(revision) + 1
 
     def _dispatch(self, response: Any) -> None:
+        self._store.observe_cluster(response.header.cluster_id)
         delivered = False
         # Every key of one transaction shares one revision and arrives in one response: compare
         # against the floor as it was before this response, else only the first key gets through.

@@ -14,13 +14,15 @@ from defender_config import (
     ConfigStore,
     DefenderClient,
     EtcdSettings,
+    Heartbeater,
     Keyring,
     LibrarySettings,
+    Registry,
     SnapshotInvalidError,
     UnknownKeyError,
     take_backup,
 )
-from defender_devcluster import EtcdCluster, etcd_client_settings
+from defender_devcluster import EtcdCluster, etcd_client_settings, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -274,3 +276,47 @@ def test_a_snapshot_is_owner_only_even_over_a_world_readable_file(
     assert taken.hash_ok and taken.size_bytes == dest.stat().st_size
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
     assert [p.name for p in dest.parent.iterdir()] == ["etcd.db"]  # no temporary file left
+
+
+def test_clients_running_through_a_restore_resume_on_the_restored_cluster(
+    fresh_etcd: EtcdCluster, tmp_path: Path, etcdutl: str
+) -> None:
+    # An agent does not restart when etcd is restored under it: its config watch must deliver
+    # the next commit and its heartbeat must be back on the restored cluster, although that
+    # cluster starts at the snapshot's revision, older than what the client last saw.
+    keyring = Keyring.generate()
+    configs_seen: list[tuple[int, Any]] = []
+    with client_for(fresh_etcd, keyring) as agent:
+        write_deployment(agent)
+        taken = backup(fresh_etcd, tmp_path / "backups", etcdutl)
+        assert taken.code == 0, taken.err
+        configs = ConfigStore(agent)
+        watch = configs.watch_active(
+            "sniffer", lambda a: configs_seen.append((a.version, a.config))
+        )
+        hb = Heartbeater(agent, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4)
+        hb.start()
+        try:
+            # Written after the snapshot, so the client has seen revisions the restore loses.
+            for batch in range(300, 310):
+                configs.commit("sniffer", {**SNIFFER, "batch": batch}, by="later")
+            wait_for("the ten commits delivered", lambda: len(configs_seen) >= 11, 10)
+            destroy_and_restore(fresh_etcd, taken.json()["path"], etcdutl)
+            with client_for(fresh_etcd, keyring) as operator:
+                committed = ConfigStore(operator).commit(
+                    "sniffer", {**SNIFFER, "batch": 4242}, by="after-restore"
+                )
+                wait_for(
+                    f"version {committed} delivered after the restore",
+                    lambda: (committed, {**SNIFFER, "batch": 4242}) in configs_seen,
+                )
+                registry = Registry(operator)
+
+                def beating() -> bool:
+                    found = [h for h in registry.list_instances("sniffer") if h.instance == "s-0"]
+                    return bool(found) and operator.store.lease_ttl(found[0].lease_id) > 0
+
+                wait_for("the heartbeat back on the restored cluster", beating)
+        finally:
+            hb.stop()
+            watch.cancel()

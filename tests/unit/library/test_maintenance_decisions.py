@@ -17,7 +17,7 @@ from defender_config import (
     snapshot_member,
     snapshots_to_prune,
 )
-from defender_config._maintenance import snapshot_name
+from defender_config._maintenance import RESTORE_REVISION_BUMP, snapshot_name
 from defender_config._store import classify_error
 from defender_config._store._maintenance import status_extras
 from defender_config.store import HealthReport, MemberHealth
@@ -178,6 +178,10 @@ def test_restore_plan_gives_every_member_the_same_cluster_and_its_own_dir() -> N
     assert "--initial-cluster=a=http://a:2380,b=http://b:2380" in steps[0].argv
     assert "--initial-advertise-peer-urls=http://b:2380" in steps[1].argv
     assert "--initial-cluster-token=t1" in steps[0].argv
+    # Every member bumps alike, past the revisions clients saw, so their watches reload.
+    for step in steps:
+        assert f"--bump-revision={RESTORE_REVISION_BUMP}" in step.argv
+        assert "--mark-compacted" in step.argv
 
 
 def test_restore_plan_on_own_volumes_keeps_one_path_for_every_member() -> None:

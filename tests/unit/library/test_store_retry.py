@@ -296,3 +296,20 @@ def test_get_and_put_fail_over_from_the_endpoint_their_call_used(dead_store: Etc
     assert client.endpoints[second].is_failed()
     assert client._kv is None
     dead_store.close()
+
+
+def test_the_store_counts_a_change_of_cluster_id_not_the_first_sighting(
+    dead_store: EtcdStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Readers forget remembered versions on a change (a restored cluster numbers on from its
+    # snapshot); the first answer, a repeat, or a header without an id (0) is no change.
+    for cluster_id in (0, 0x51, 0x51, 0):
+        dead_store.observe_cluster(cluster_id)
+    assert dead_store.cluster_changes == 0
+    dead_store.observe_cluster(0x52)
+    dead_store.observe_cluster(0x52)
+    assert dead_store.cluster_changes == 1
+    assert "another cluster (id 52, was 51)" in caplog.text
+    dead_store.observe_cluster(0x51)
+    assert dead_store.cluster_changes == 2
+    dead_store.close()
