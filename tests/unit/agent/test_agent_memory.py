@@ -148,6 +148,7 @@ class MemoryStore:
         self.values: dict[str, StoredValue] = {}
         self.revision = 0
         self.watchers: list[tuple[str, Callable[[Any], None]]] = []
+        self.cluster_changes = 0  # one cluster: never restored
 
     def put(self, key: str, value: bytes) -> None:
         self.revision += 1

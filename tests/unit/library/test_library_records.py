@@ -220,6 +220,7 @@ class _Reads:
 
     def __init__(self) -> None:
         self.values: dict[str, StoredValue] = {}
+        self.cluster_changes = 0  # one cluster: never restored
 
     def put(self, path: str, value: bytes) -> None:
         self.values[path] = StoredValue(path, value, 7, 7, 1)
