@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token",
-        default="ml-defender-etcd-restored",
-        help="initial cluster token of the new cluster (differ from the old one)",
+        help="initial cluster token of the new cluster, never one used before (default: one"
+        " named for the time, ml-defender-etcd-restored-YYYYMMDDTHHMMSSZ)",
     )
     p.add_argument("--etcdutl", help="etcdutl binary (default: on PATH)")
     p.add_argument(
@@ -313,7 +313,12 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         elif args.command == "restore":
             tool = etcd.find_etcdutl(args.etcdutl)
             data = etcd.restore(
-                args.snapshot, args.member, args.data_dir, args.token, tool, run=args.run
+                args.snapshot,
+                args.member,
+                args.data_dir,
+                args.token,
+                tool,
+                run=args.run,
             )
             show = etcd.show_restore
         elif args.command == "defrag":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from defender_config import (
     MaintenanceError,
     defragment_cluster,
     restore_plan,
+    restore_token,
     take_backup,
     verify_snapshot,
 )
@@ -160,13 +162,14 @@ def restore(
     snapshot: Path,
     members: list[str],
     data_dir: str,
-    token: str,
+    token: str | None,
     etcdutl: str | None,
     *,
     run: bool,
 ) -> dict[str, Any]:
     """Verify the snapshot, then print (or, with --run, execute) one etcdutl restore per
-    member. --run never touches a data directory that already has content."""
+    member. --run never touches a data directory that already has content. Without `token`,
+    one named for the time (`restore_token`)."""
     if not snapshot.is_file():
         raise CliError(f"snapshot {snapshot} does not exist")
     status = verify_snapshot(str(snapshot), etcdutl=etcdutl)
@@ -174,7 +177,7 @@ def restore(
         str(snapshot.resolve()),
         [parse_member(m) for m in members],
         data_dir=data_dir,
-        token=token,
+        token=token or restore_token(datetime.now(UTC)),
         etcdutl=etcdutl or "etcdutl",
         own_volumes=not run,
     )

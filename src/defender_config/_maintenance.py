@@ -51,6 +51,13 @@ def snapshot_name(now: datetime, revision: int) -> str:
     return f"defender-etcd-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-r{revision}.db"
 
 
+def restore_token(now: datetime) -> str:
+    """A cluster token of its own for each restore. The token picks the member ids and so the
+    cluster id: a second restore with the first one's token and members would come back as the
+    same cluster, and clients that ran through both would not see that it changed."""
+    return f"ml-defender-etcd-restored-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+
+
 def snapshots_to_prune(names: Sequence[str], keep: int) -> list[str]:
     """The snapshot files (by our naming) beyond the newest `keep`; other files are not ours and
     never pruned. Newest = latest time, then highest revision."""

@@ -303,6 +303,7 @@ class Heartbeater:
         # heartbeater's last acknowledged put, the bytes of the put under way, whether a change
         # not its own came since (the next beat writes again), and whether it is watched.
         self._written_revision = 0
+        self._written_cluster = client.store.cluster_changes
         self._in_flight: bytes | None = None
         self._overwritten = False
         self._guarded = False
@@ -538,7 +539,13 @@ class Heartbeater:
             revision = self.client.store.put(self.key, blob, lease=lease)
         finally:
             with self._lock:
-                self._written_revision = max(self._written_revision, revision)
+                changes = self.client.store.cluster_changes
+                if changes != self._written_cluster:
+                    # A restored cluster numbers its revisions anew: the old mark means nothing.
+                    self._written_cluster = changes
+                    self._written_revision = revision
+                else:
+                    self._written_revision = max(self._written_revision, revision)
                 self._in_flight = None
         self._written = _content(record)
         self._same_as_written = record

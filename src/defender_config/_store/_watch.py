@@ -49,6 +49,10 @@ class WatchHandle:
         self._prev_kv = prev_kv
         self.next_revision = start_revision
         self.restarts = 0
+        # The store's count of cluster changes this watch's revisions belong to, and whether a
+        # change seen after a lost stream still needs the current state handed out.
+        self._cluster_changes = store.cluster_changes
+        self._cluster_resync = False
         self._queue: queue.Queue[_Item] = queue.Queue()
         self._generation = 0
         self._watch_id: int | None = None
@@ -87,6 +91,9 @@ class WatchHandle:
         while not self._stopped.is_set():
             if self._watch_id is None:
                 try:
+                    if self._cluster_resync or (self.restarts and self._cluster_moved()):
+                        self._cluster_resync = not self._resync()
+                        continue
                     self._establish()
                 except StoreError as exc:
                     if _is_compacted(exc):
@@ -173,8 +180,23 @@ class WatchHandle:
             self.next_revision,
         )
 
-    def _resync(self) -> None:
-        """The revision to resume from was compacted: hand out the current state instead."""
+    def _cluster_moved(self) -> bool:
+        """After a lost stream: whether etcd now answers as another cluster (restored from a
+        snapshot). Its revisions are not this watch's: resuming "after the last one seen" could
+        wait for one the new cluster hands out much later, or drop its writes as delivered
+        (when the restore bumped them past, etcd says "compacted" anyway; not when the same
+        snapshot is restored twice). One read asks; StoreError as for establishing the watch."""
+        self._store.current_revision(self.key)
+        changes = self._store.cluster_changes
+        if changes == self._cluster_changes:
+            return False
+        self._cluster_changes = changes
+        log.info("watch on %s: etcd is another cluster now; handing out its state", self.key)
+        return True
+
+    def _resync(self) -> bool:
+        """The revision to resume from was compacted (or is another cluster's): hand out the
+        current state instead. False when it could not be read (waited a little)."""
         try:
             if self._range_end is None:
                 response = self._store._call(
@@ -186,11 +208,11 @@ class WatchHandle:
         except StoreError as exc:
             log.warning("watch resync of %s failed: %s", self.key, exc)
             self._stopped.wait(self._store.settings.backoff_base_seconds)
-            return
+            return False
         if not revision:
             # Served from the stale cache: no revision to resume from. Try again later.
             self._stopped.wait(self._store.settings.backoff_base_seconds)
-            return
+            return False
         self._watcher, self._watch_id = None, None
         for v in values:
             event = WatchEvent(
@@ -204,6 +226,7 @@ class WatchHandle:
             )
             _safe(self._callback, event)
         self.next_revision = int(revision) + 1
+        return True
 
     def _dispatch(self, response: Any) -> None:
         self._store.observe_cluster(response.header.cluster_id)

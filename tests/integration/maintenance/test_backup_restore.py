@@ -4,6 +4,7 @@ and alerts written through the library come back after every member's data is de
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +82,18 @@ def backup(cluster: EtcdCluster, directory: Path, etcdutl: str, keep: int = 3) -
     )  # fmt: skip
 
 
-def destroy_and_restore(cluster: EtcdCluster, snapshot: str, etcdutl: str) -> Result:
+def destroy_and_restore(
+    cluster: EtcdCluster, snapshot: str, etcdutl: str, token: str | None = "restored-in-test"
+) -> Result:
+    """`token` None: the plugin's default (one of its own per restore)."""
     cluster.stop()
     cluster.wipe_member_data()
     members = [f"--member={cluster.member_name(i)}={cluster.peer_url(i)}" for i in range(3)]
     result = run_cli(
         "restore", "--snapshot", snapshot, *members,
         "--data-dir", str(cluster.dir / "{name}.data"),
-        "--token", "restored-in-test", "--etcdutl", etcdutl, "--run", "-o", "json",
+        *(["--token", token] if token else []),
+        "--etcdutl", etcdutl, "--run", "-o", "json",
     )  # fmt: skip
     assert result.code == 0, result.err
     # Every member at once: one alone has no quorum.
@@ -278,12 +283,19 @@ def test_a_snapshot_is_owner_only_even_over_a_world_readable_file(
     assert [p.name for p in dest.parent.iterdir()] == ["etcd.db"]  # no temporary file left
 
 
+def beating(client: DefenderClient, component: str, instance: str) -> bool:
+    """The instance's record is there and its lease alive."""
+    found = [h for h in Registry(client).list_instances(component) if h.instance == instance]
+    return bool(found) and client.store.lease_ttl(found[0].lease_id) > 0
+
+
 def test_clients_running_through_a_restore_resume_on_the_restored_cluster(
     fresh_etcd: EtcdCluster, tmp_path: Path, etcdutl: str
 ) -> None:
     # An agent does not restart when etcd is restored under it: its config watch must deliver
     # the next commit and its heartbeat must be back on the restored cluster, although that
-    # cluster starts at the snapshot's revision, older than what the client last saw.
+    # cluster starts from the snapshot: its versions are older than those the client accepted
+    # and, restored a second time, its revisions older than those the client saw.
     keyring = Keyring.generate()
     configs_seen: list[tuple[int, Any]] = []
     with client_for(fresh_etcd, keyring) as agent:
@@ -301,22 +313,23 @@ def test_clients_running_through_a_restore_resume_on_the_restored_cluster(
             for batch in range(300, 310):
                 configs.commit("sniffer", {**SNIFFER, "batch": batch}, by="later")
             wait_for("the ten commits delivered", lambda: len(configs_seen) >= 11, 10)
-            destroy_and_restore(fresh_etcd, taken.json()["path"], etcdutl)
-            with client_for(fresh_etcd, keyring) as operator:
-                committed = ConfigStore(operator).commit(
-                    "sniffer", {**SNIFFER, "batch": 4242}, by="after-restore"
-                )
-                wait_for(
-                    f"version {committed} delivered after the restore",
-                    lambda: (committed, {**SNIFFER, "batch": 4242}) in configs_seen,
-                )
-                registry = Registry(operator)
-
-                def beating() -> bool:
-                    found = [h for h in registry.list_instances("sniffer") if h.instance == "s-0"]
-                    return bool(found) and operator.store.lease_ttl(found[0].lease_id) > 0
-
-                wait_for("the heartbeat back on the restored cluster", beating)
+            # The second restore, of the same snapshot with the plugin's default token, comes
+            # back below the revisions the first restored cluster handed out since.
+            for batch, token in ((4242, "restored-in-test"), (4343, None)):
+                destroy_and_restore(fresh_etcd, taken.json()["path"], etcdutl, token)
+                with client_for(fresh_etcd, keyring) as operator:
+                    config = {**SNIFFER, "batch": batch}
+                    for extra in range(20):  # revisions for the next restore to fall below
+                        ConfigStore(operator).commit("sniffer", {**config, "x": extra}, by="op")
+                    committed = ConfigStore(operator).commit("sniffer", config, by="op")
+                    wait_for(
+                        f"version {committed} delivered after the restore",
+                        lambda: (committed, config) in configs_seen,  # noqa: B023
+                    )
+                    wait_for(
+                        "the heartbeat back on the restored cluster",
+                        partial(beating, operator, "sniffer", "s-0"),
+                    )
         finally:
             hb.stop()
             watch.cancel()
