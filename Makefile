@@ -127,7 +127,7 @@ crds: venv ## Regenerate crds/ from the operator's API models.
 	$(PY) -m defender_operator.crdgen
 
 .PHONY: manifests
-manifests: crds tools ## Regenerate crds/, the chart's CRD copies, values.schema.json and manifests/install.yaml.
+manifests: crds tools ## Regenerate crds/, the chart's CRD copies, values.schema.json, manifests/install.yaml and the agent-sidecar example's helper copies.
 	hack/render-manifests.sh
 
 .PHONY: verify-manifests

@@ -11,10 +11,17 @@
 # generator output) stays the source of truth. The DefenderComponent CRD goes to files/crds/ (the
 # chart templates it, so upgrades reach it); kopf's peering CRDs go to the chart's crds/ folder,
 # which Helm installs before the KopfPeering objects that need them.
+#
+# The example chart examples/agent-sidecar holds copies of the chart's agent helpers, as a
+# component chart of a user's would: helm warns about every symlink in a chart ("found symbolic
+# link in path"), so links will not do, and a copy that drifted would show an example the chart
+# no longer matches.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 chart="$root/charts/ml-defender"
 out="$root/manifests/install.yaml"
+example="$chart/examples/agent-sidecar"
+example_helpers=(_agent.tpl _helpers.tpl)
 release=ml-defender
 namespace=ml-defender
 # shellcheck source=tools.env
@@ -87,6 +94,10 @@ if $check; then
     copy="$(chart_copy "$f")"
     cmp -s "$f" "$chart/$copy" || stale+=("charts/ml-defender/$copy")
   done
+  for f in "${example_helpers[@]}"; do
+    cmp -s "$chart/templates/$f" "$example/templates/$f" \
+      || stale+=("charts/ml-defender/examples/agent-sidecar/templates/$f")
+  done
   "$python" "$root/hack/chart-schema.py" --check || stale+=("charts/ml-defender/values.schema.json or README.md")
   render "$chart" > "$tmp/install.yaml"
   cmp -s "$tmp/install.yaml" "$out" || stale+=("manifests/install.yaml")
@@ -102,8 +113,12 @@ mkdir -p "$chart/files/crds" "$chart/crds"
 for f in "$root"/crds/*.yaml; do
   cp "$f" "$chart/$(chart_copy "$f")"
 done
+for f in "${example_helpers[@]}"; do
+  rm -f "$example/templates/$f"  # a symlink of old: cp would write through it
+  cp "$chart/templates/$f" "$example/templates/$f"
+done
 "$python" "$root/hack/chart-schema.py"
 render "$chart" > "$tmp/install.yaml"
 mkdir -p "$(dirname "$out")"
 mv "$tmp/install.yaml" "$out"
-echo "render-manifests: wrote manifests/install.yaml, charts/ml-defender/files/crds/, values.schema.json, README.md" >&2
+echo "render-manifests: wrote manifests/install.yaml, charts/ml-defender/files/crds/, values.schema.json, README.md, the example's helper copies" >&2

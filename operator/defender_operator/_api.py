@@ -422,7 +422,17 @@ class DefenderComponentStatus(_Model):
     )
     instance_summary: str = Field(default="0/0", description="alive/expected, for `kubectl get`.")
     last_heartbeat_time: datetime | None = Field(
-        default=None, description="Newest heartbeat seen from any instance."
+        default=None,
+        description=(
+            "Newest heartbeat the operator has confirmed from any instance (its lease's last"
+            " renewal). Not a live reading: rewritten on its own at most every"
+            " STATUS_HEARTBEAT_REFRESH_SECONDS (60 s), and a lease is asked again only once"
+            " the TTL last seen could have run out, so on a healthy component its age climbs"
+            " to about the larger of the two (the TTL is heartbeat.intervalSeconds x"
+            " missedBeforeRestart, 90 s by default) before it drops back. Liveness is the"
+            " Heartbeating condition, judged every pass; `kubectl defender status` shows each"
+            " instance's last beat to the second."
+        ),
     )
     restarts: int = Field(default=0, ge=0, description="Pods restarted for missed heartbeats.")
     recent_restart_times: list[datetime] = Field(
@@ -531,7 +541,18 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     },
     {"name": "Active", "type": "integer", "jsonPath": ".status.activeVersion"},
     {"name": "Instances", "type": "string", "jsonPath": ".status.instanceSummary"},
-    {"name": "Heartbeat", "type": "date", "jsonPath": ".status.lastHeartbeatTime"},
+    # The newest confirmed heartbeat, refreshed lazily (status writes are what scale with the
+    # fleet): its age is not liveness, READY and INSTANCES are.
+    {
+        "name": "Heartbeat",
+        "type": "date",
+        "jsonPath": ".status.lastHeartbeatTime",
+        "description": (
+            "Age of status.lastHeartbeatTime, refreshed about once a minute: on a healthy"
+            " component it climbs to about the lease TTL (90 s by default) before it drops"
+            " back. READY and INSTANCES judge liveness every pass."
+        ),
+    },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {

@@ -17,8 +17,10 @@ from defender_config import (
     Keyring,
     KeyringError,
     LibrarySettings,
+    StoreUnavailableError,
     load_settings,
 )
+from defender_config.store import EtcdStore
 
 from ._errors import CliError, NeedsKeyringError
 
@@ -103,9 +105,19 @@ class Connection:
     def client(self, *, keyring: Keyring | None = None) -> DefenderClient:
         settings = self.settings(decrypting=keyring is not None)
         try:
-            # No alert sinks: a read-only look must not write alerts into the store.
-            client = DefenderClient(settings, keyring, alert_sinks=[])
+            # Logged in now: an etcd that does not answer is one StoreUnavailableError, which
+            # main() words with what to check, not a "login deferred" warning followed by
+            # the same failure (and the same retries) at the command's first call.
+            store = EtcdStore(settings.etcd, defer_login=False)
+        except StoreUnavailableError:
+            raise
         except DefenderConfigError as exc:
+            raise CliError(str(exc)) from exc
+        try:
+            # No alert sinks: a read-only look must not write alerts into the store.
+            client = DefenderClient(settings, keyring, store=store, alert_sinks=[])
+        except DefenderConfigError as exc:
+            store.close()
             raise CliError(str(exc)) from exc
         self._clients.append(client)
         return client
@@ -125,6 +137,8 @@ class Connection:
     def close(self) -> None:
         for client in self._clients:
             client.close()
+            # Passed in by `client()`, so the client leaves it open.
+            client.store.close()
         self._clients.clear()
         if self._kube is not None:
             self._kube.close()

@@ -90,7 +90,13 @@ class EtcdStore:
         registry: CollectorRegistry | None = None,
         cache_entries: int = 10_000,
         rng: random.Random | None = None,
+        defer_login: bool = True,
     ) -> None:
+        """With `settings.user`, log in now. An etcd that does not answer is a warning and a
+        login at the first call (a process may start before its etcd), unless `defer_login`
+        is False: then StoreUnavailableError, for a one-shot command that would otherwise
+        wait out the retries twice and report the same failure twice. Wrong credentials are
+        StoreAuthError either way."""
         self.settings = settings
         self.metrics = StoreMetrics(registry)
         self._rng = rng or random.Random()
@@ -114,6 +120,9 @@ class EtcdStore:
             try:
                 self._authenticate()
             except StoreUnavailableError as exc:
+                if not defer_login:
+                    self.close()
+                    raise
                 # Start anyway, like without auth: the first call logs in once etcd answers.
                 # Wrong credentials (StoreAuthError) still fail here, at start-up.
                 log.warning("etcd login deferred: %s", exc)

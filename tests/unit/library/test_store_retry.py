@@ -168,6 +168,37 @@ def test_unreachable_endpoints_exhaust_retries(dead_store: EtcdStore) -> None:
     dead_store.close()
 
 
+def _login_settings() -> EtcdSettings:
+    return EtcdSettings(
+        endpoints=[f"127.0.0.1:{_closed_port()}"],
+        user="root",
+        password="rootpw",
+        retries=1,
+        timeout_seconds=1.0,
+        backoff_base_seconds=0.001,
+        backoff_max_seconds=0.002,
+    )
+
+
+def test_a_login_without_an_answer_is_deferred_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with EtcdStore(_login_settings(), registry=CollectorRegistry()) as store:
+        assert [r.getMessage()[:21] for r in caplog.records] == ["etcd login deferred: "]
+        # The first call logs in, and fails as the login did.
+        with pytest.raises(StoreUnavailableError):
+            store.put("/k", b"v")
+
+
+def test_a_login_that_may_not_wait_raises_at_once_and_warns_of_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(StoreUnavailableError) as info:
+        EtcdStore(_login_settings(), registry=CollectorRegistry(), defer_login=False)
+    assert info.value.attempts == 2
+    assert caplog.records == []
+
+
 @pytest.mark.parametrize(
     ("exc", "typed"),
     [

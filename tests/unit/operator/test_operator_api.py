@@ -90,6 +90,23 @@ def test_plain_printer_columns_point_at_fields_the_schema_has() -> None:
             node = node["properties"][part]
 
 
+def test_the_heartbeat_column_and_field_say_how_far_behind_they_may_be() -> None:
+    """status.lastHeartbeatTime is refreshed lazily (status writes per component are what scale
+    with the fleet): the column's and the field's descriptions (`kubectl explain`) say so, with
+    the refresh the operator really uses, and point at what judges liveness."""
+    from defender_operator._settings import OperatorSettings
+
+    refresh = int(OperatorSettings.model_fields["status_heartbeat_refresh_seconds"].default)
+    version = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]
+    [column] = [c for c in version["additionalPrinterColumns"] if c["name"] == "Heartbeat"]
+    assert refresh == 60 and "once a minute" in column["description"]
+    assert "READY and INSTANCES judge liveness" in column["description"]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    field = " ".join(status["lastHeartbeatTime"]["description"].split())
+    assert f"STATUS_HEARTBEAT_REFRESH_SECONDS ({refresh} s)" in field
+    assert "Heartbeating condition" in field
+
+
 def test_spec_defaults_match_the_brief() -> None:
     spec = _api.parse_spec(_spec())
     assert spec.heartbeat.interval_seconds == 30

@@ -444,6 +444,7 @@ def test_example_component_chart_carries_the_label_and_the_credentials(helm_bin:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
     [dep] = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "Deployment"]
     pod = dep["spec"]["template"]
     assert pod["metadata"]["labels"]["mldefender.io/etcd-client"] == "true"

@@ -45,6 +45,41 @@ def test_stale_manifests_are_reported(helm_bin: Path, tmp_path: Path) -> None:
     assert "stale" in proc.stderr and "manifests/install.yaml" in proc.stderr
 
 
+EXAMPLE_HELPERS = ("_agent.tpl", "_helpers.tpl")
+
+
+def test_the_agent_example_holds_current_copies_of_the_chart_helpers() -> None:
+    # Copies, not links: helm warns about every symlinked file in a chart it renders.
+    for name in EXAMPLE_HELPERS:
+        copy = CHART / "examples" / "agent-sidecar" / "templates" / name
+        assert not copy.is_symlink(), f"{copy} is a symlink; run `make manifests` to copy it"
+        assert copy.read_bytes() == (CHART / "templates" / name).read_bytes(), (
+            f"{copy} differs from the chart's templates/{name}; run `make manifests`"
+        )
+
+
+def test_a_stale_helper_copy_in_the_agent_example_is_reported(
+    helm_bin: Path, tmp_path: Path
+) -> None:
+    for part in ("hack", "crds", "manifests"):
+        shutil.copytree(REPO / part, tmp_path / part)
+    chart = tmp_path / "charts" / "ml-defender"
+    shutil.copytree(CHART, chart)
+    helper = chart / "templates" / "_agent.tpl"
+    helper.write_text(helper.read_text() + "{{/* changed after the copy */}}\n")
+    script = str(tmp_path / "hack" / "render-manifests.sh")
+    proc = _run(script, "--check", env=_script_env(helm_bin))
+    assert proc.returncode == 1
+    assert "examples/agent-sidecar/templates/_agent.tpl" in proc.stderr, proc.stderr
+    assert "manifests/install.yaml" not in proc.stderr, proc.stderr
+    proc = _run(script, env=_script_env(helm_bin))
+    assert proc.returncode == 0, proc.stderr
+    for name in EXAMPLE_HELPERS:
+        copy = chart / "examples" / "agent-sidecar" / "templates" / name
+        assert copy.read_bytes() == (chart / "templates" / name).read_bytes()
+    assert _run(script, "--check", env=_script_env(helm_bin)).returncode == 0
+
+
 def test_install_yaml_creates_its_namespace_first() -> None:
     docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
     assert docs[0]["kind"] == "Namespace" and docs[0]["metadata"]["name"] == "ml-defender"
