@@ -731,7 +731,9 @@ async def regression_step(
         holders={},  # a commit claims nothing: the name is this resource's (it has a status)
         pods=pod_index,
     )
-    state, committed = await commit(visit, spec, normalized, state, canary=False)
+    state, committed = await commit(
+        visit, spec, normalized, state, canary=False, above=regression.seen_version
+    )
     # Refused while frozen, it says which generation it judged: the reconcile's to say.
     committed.fields.pop("observedGeneration", None)
     out.add(committed)

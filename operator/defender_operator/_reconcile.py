@@ -423,7 +423,11 @@ async def _steps(
         # Synced of an earlier generation.
         take(mem, found, Outcome(config=ConfigVerdict(cond.ConfigState.UNKNOWN, _COMMITTING)))
         recommit = regression is not None and regression.recommit
-        state, committed = await commit(v, spec, normalized, state, canary=not recommit)
+        # Above the version the operator saw last: readers may have accepted it.
+        above = regression.seen_version if regression is not None and recommit else 0
+        state, committed = await commit(
+            v, spec, normalized, state, canary=not recommit, above=above
+        )
         if not take(mem, found, committed):
             return
         if regression is not None and recommit:
@@ -1085,9 +1089,11 @@ async def commit(
     state: ComponentState,
     *,
     canary: bool = True,
+    above: int = 0,
 ) -> tuple[ComponentState, Outcome]:
-    """Write spec.config as the next ACTIVE version, unless the breaker froze commits; on
-    canaries first when spec.rollout.canary says so and `canary` allows it."""
+    """Write spec.config as the next ACTIVE version (above `above` too: a version etcd no
+    longer shows), unless the breaker froze commits; on canaries first when
+    spec.rollout.canary says so and `canary` allows it."""
     rt, component = v.rt, v.component
     if state.frozen:
         message = (
@@ -1136,6 +1142,7 @@ async def commit(
         modified_by=author,
         history_limit=spec.rollout.history_limit,
         storage=storage_policy(spec.storage),
+        above=above,
     )
     COMMITS.labels(component).inc()
     v.logger.info("committed ACTIVE version %s (was %s) by %s", version, previous, author)

@@ -328,7 +328,8 @@ def test_a_spec_edit_lost_in_a_restore_is_committed_again_and_a_rollback_is_not(
     )
     reader = run.configs()  # a reader that saw none of the lost versions
 
-    # The operator's own commit of spec.config was lost: committed again, as version 2.
+    # The operator's own commit of spec.config was lost: committed again, as version 3 (above
+    # version 2, which readers may have accepted before the restore).
     wait_for(
         "sniffer's ACTIVE to be spec.config again",
         lambda: reader.get_active("sniffer").config["version"] == "1.0.1",
@@ -339,9 +340,9 @@ def test_a_spec_edit_lost_in_a_restore_is_committed_again_and_a_rollback_is_not(
     assert active.config == configs.get_active("sniffer").config
     assert active.digest == run.get("sniffer")["status"]["specConfigDigest"]
     assert active.config["version"] == "1.0.1"
-    assert active.version == 2 and status_version(run, "sniffer") == 2
+    assert active.version == 3 and status_version(run, "sniffer") == 3
     synced = run.wait_condition("sniffer", "ConfigSynced", status="True", reason="Committed")
-    assert "committed again as version 2" in synced["message"]
+    assert "committed again as version 3" in synced["message"]
 
     # Longer than several monitor passes (1 s each) after the restored data was first judged.
     time.sleep(5)
@@ -363,9 +364,9 @@ def test_a_spec_edit_lost_in_a_restore_is_committed_again_and_a_rollback_is_not(
 
     # A rollback after the restore is a higher version again: never overwritten either.
     run.patch("sniffer", {"metadata": {"annotations": {contract.ROLLBACK_ANNOTATION: "master"}}})
-    run.wait_active_version("sniffer", 3)
+    run.wait_active_version("sniffer", 4)
     time.sleep(3)
     active = reader.get_active("sniffer")
-    assert (active.version, active.config) == (3, originals["sniffer"])
+    assert (active.version, active.config) == (4, originals["sniffer"])
     run.wait_condition("sniffer", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec")
     assert [e.reason for e in run.events("sniffer")].count("SpecRecommittedAfterRestore") == 1

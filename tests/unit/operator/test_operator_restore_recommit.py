@@ -148,15 +148,16 @@ def synced(h: Harness) -> tuple[str, str]:
 
 
 def test_a_running_operator_commits_spec_again_after_a_restore() -> None:
+    # As version 3: above version 2, which readers may have accepted before the restore.
     h, saved = committed_after_snapshot()
     restore(h, saved)
     run(h.monitor(spec(ETH1)))
     state = h.backend.state(NAME)
     assert interface(h) == "eth1"
-    assert state.active_version == 2
-    assert h.kube.status["activeVersion"] == 2
+    assert state.active_version == 3
+    assert h.kube.status["activeVersion"] == 3
     assert synced(h) == ("True", "Committed")
-    assert "committed again as version 2" in h.condition(cond.CONFIG_SYNCED)["message"]
+    assert "committed again as version 3" in h.condition(cond.CONFIG_SYNCED)["message"]
     assert h.reasons()[-2:] == ["Committed", RECOMMITTED]
     assert h.events[-1].type == "Warning"
     assert h.backend.components[NAME].modified_by == "operator:op-0"  # attributed as usual
@@ -169,14 +170,30 @@ def test_a_restarted_operator_commits_spec_again_on_resume() -> None:
     fresh = Harness(backend=h.backend, kube=h.kube, generation=h.generation - 1)
     run(fresh.reconcile(spec(ETH1)))
     assert interface(h) == "eth1"
-    assert h.backend.state(NAME).active_version == 2
-    assert fresh.kube.status["activeVersion"] == 2
+    assert h.backend.state(NAME).active_version == 3
+    assert fresh.kube.status["activeVersion"] == 3
     assert synced(fresh) == ("True", "Committed")
     assert fresh.reasons()[-2:] == ["Committed", RECOMMITTED]
     # Nothing left to do: another pass commits nothing more.
     run(fresh.monitor(spec(ETH1)))
     assert fresh.reasons().count(RECOMMITTED) == 1
-    assert h.backend.state(NAME).active_version == 2
+    assert h.backend.state(NAME).active_version == 3
+
+
+def test_the_recommit_goes_above_every_version_the_operator_saw() -> None:
+    # Versions 2 and 3 (spec.config) lost: readers may have accepted 3, so not 2 again.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    saved = snapshot(h)
+    run(h.reconcile(spec(ETH2)))
+    run(h.reconcile(spec(ETH1)))
+    run(h.monitor(spec(ETH1)))
+    assert h.kube.status["activeVersion"] == 3
+    restore(h, saved)
+    run(h.monitor(spec(ETH1)))
+    assert interface(h) == "eth1"
+    assert h.backend.state(NAME).active_version == 4
+    assert h.kube.status["activeVersion"] == 4
 
 
 def test_the_recommit_happens_once() -> None:
@@ -186,7 +203,7 @@ def test_the_recommit_happens_once() -> None:
     run(h.monitor(spec(ETH1)))
     run(h.reconcile(spec(ETH1)))
     assert h.reasons().count(RECOMMITTED) == 1
-    assert h.backend.state(NAME).active_version == 2
+    assert h.backend.state(NAME).active_version == 3
 
 
 def test_a_rollback_by_annotation_is_not_overwritten() -> None:
@@ -251,5 +268,5 @@ def test_deleting_the_newer_versions_only_brings_spec_back() -> None:
     del h.backend.components[NAME].history[2]
     run(h.monitor(spec(ETH1)))
     assert interface(h) == "eth1"
-    assert h.backend.state(NAME).active_version == 2
+    assert h.backend.state(NAME).active_version == 3
     assert h.reasons()[-1] == RECOMMITTED
