@@ -13,7 +13,8 @@ What was lost decides what is done:
 - the version the operator saw last was spec.config, as handled (`status.specConfigDigest`):
   the operator's own commit is gone, so it commits spec.config again (RECOMMIT). That writes
   only what the resource says, through the same commit as any edit (attributed, refused
-  while frozen), at a version above the one in etcd: the safe direction whoever did it;
+  while frozen), above the version the operator saw last (readers may have accepted it): the
+  safe direction whoever did it;
 - it was a deliberate difference (a rollback, a breaker revert, a commit by rag), or commits
   were frozen when the operator saw it last: not the operator's to redo; a person is told
   (KEEP), and ACTIVE stays as found.
