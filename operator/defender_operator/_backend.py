@@ -212,9 +212,11 @@ class Backend(Protocol):
         modified_by: str,
         history_limit: int,
         storage: StoragePolicy | None = None,
+        above: int = 0,
     ) -> int:
         """Validate `config` against its type's model and `json_schema` (which becomes the
-        component's recorded schema) and write a new ACTIVE version; returns it.
+        component's recorded schema) and write a new ACTIVE version, above `above` too (a
+        version etcd no longer shows: `ConfigStore.commit`); returns it.
         ConfigValidationError / ConfigFrozenError leave ACTIVE untouched."""
         ...
 

@@ -331,6 +331,7 @@ class LibraryBackend:
         modified_by: str,
         history_limit: int,
         storage: StoragePolicy | None = None,
+        above: int = 0,
     ) -> int:
         store = ConfigStore(
             self.client,
@@ -343,6 +344,7 @@ class LibraryBackend:
             modified_by,
             options=self._options(storage),
             json_schema=json_schema,
+            above=above,
         )
         self._sealed_as(component, storage)
         return version

@@ -287,9 +287,10 @@ class MemoryBackend:
         by: str,
         change: ChangeKind,
         storage: StoragePolicy | None,
+        above: int = 0,
     ) -> int:
         self._check_size(component, config, copies=2)
-        version = max(stored.version, max(stored.history, default=0)) + 1
+        version = max(stored.version, max(stored.history, default=0), above) + 1
         if stored.registration is None:
             # As the library: a record from before registrations gets one at its next write.
             stored.registration = next_record_sequence(now=_now())
@@ -501,6 +502,7 @@ class MemoryBackend:
         modified_by: str,
         history_limit: int,
         storage: StoragePolicy | None = None,
+        above: int = 0,
     ) -> int:
         self._enter("commit")
         if component in self.frozen:
@@ -515,7 +517,7 @@ class MemoryBackend:
         limit, self.history_limit = self.history_limit, history_limit
         try:
             return self._write_version(
-                component, stored, normalized, modified_by, ChangeKind.COMMIT, storage
+                component, stored, normalized, modified_by, ChangeKind.COMMIT, storage, above
             )
         finally:
             self.history_limit = limit

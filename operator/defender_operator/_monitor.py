@@ -22,9 +22,11 @@ from typing import Any
 from defender_config import (
     Cadence,
     ChangeKind,
+    ConfigValidationError,
     DefenderConfigError,
     RolloutRecord,
     StoreError,
+    validate_config,
 )
 from defender_operator import _api, _canary
 from defender_operator._backend import (
@@ -67,6 +69,7 @@ from defender_operator._decisions.restarts import (
     decide_restart,
     next_deadline,
 )
+from defender_operator._decisions.restore import seen_active, went_backwards
 from defender_operator._errors import KeySecretError, OperatorError
 from defender_operator._executors import enter_monitor
 from defender_operator._keys import keyring_digest
@@ -84,11 +87,16 @@ from defender_operator._metrics import (
 from defender_operator._outcome import ConfigVerdict, Outcome, post_events, take, warning
 from defender_operator._pods import PodIndex, held_pods, select_pods
 from defender_operator._reconcile import (
+    Visit,
+    commit,
     drop_replayed_freeze,
     publish_status,
     recall,
+    recommitted,
+    regression_told,
     state_fields,
     wanted_cadence,
+    went_back,
 )
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
 from defender_operator._scrub import scrub_step
@@ -314,6 +322,8 @@ async def _steps(
             state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
         state, dropped = await drop_replayed_freeze(rt, p.name, p.status, state, p.logger)
         take(mem, found, dropped)
+        state, regressed = await regression_step(p, mem, state, pod_index)
+        take(mem, found, regressed)
         take(mem, found, unbacked_step(p, mem, seen.instances, backed, judged.policy))
         take(mem, found, unverified_step(p, mem, seen.unverified))
         state, tripped = await breaker_step(p, mem, state, seen.instances, judged, backed)
@@ -677,6 +687,59 @@ def unverified_step(p: Pass, mem: ComponentMemory, forged: Sequence[InstanceReco
 def pod_views(pods: Sequence[Pod]) -> list[PodView]:
     """The pods as the restart decision sees them."""
     return [PodView(p.name, p.created, p.deleting, p.started, p.starting) for p in pods]
+
+
+async def regression_step(
+    p: Pass, mem: ComponentMemory, state: ComponentState, pod_index: PodIndex
+) -> tuple[ComponentState, Outcome]:
+    """ACTIVE in etcd went below the version this operator published last (an etcd restore
+    under a running operator): spec.config committed again, or a person told, as the
+    reconcile does (`_reconcile.went_back`); judged before this pass publishes the lower
+    version, which would leave nothing to tell it from."""
+    if not went_backwards(seen_active(p.status), state.active_version):
+        return state, Outcome()
+    spec = p.spec
+    try:
+        # A custom schema may take its whole budget: off the event loop, as the reconcile.
+        normalized = await asyncio.to_thread(
+            partial(
+                validate_config,
+                spec.component_type.value,
+                spec.config,
+                spec.custom_schema,
+                component=p.name,
+            )
+        )
+    except ConfigValidationError:
+        return state, Outcome()  # an invalid spec.config is the reconcile's to report
+    regression = went_back(p.status, state, normalized)
+    if regression is None:
+        return state, Outcome()
+    out = Outcome()
+    out.add(regression_told(p.logger, regression))
+    if not regression.recommit:
+        return state, out
+    visit = Visit(
+        rt=p.rt,
+        body=p.body,
+        namespace=p.namespace,
+        name=p.name,
+        generation=p.generation,
+        status=p.status,
+        annotations=(p.body.get("metadata") or {}).get("annotations") or {},
+        logger=p.logger,
+        holders={},  # a commit claims nothing: the name is this resource's (it has a status)
+        pods=pod_index,
+    )
+    state, committed = await commit(
+        visit, spec, normalized, state, canary=False, above=regression.seen_version
+    )
+    # Refused while frozen, it says which generation it judged: the reconcile's to say.
+    committed.fields.pop("observedGeneration", None)
+    out.add(committed)
+    if not committed.done:
+        out.add(recommitted(p.logger, regression, state))
+    return state, out
 
 
 def divergence(p: Pass, mem: ComponentMemory, state: ComponentState) -> Outcome:

@@ -81,6 +81,13 @@ from defender_operator._decisions.registration import (
     seeded_registration,
 )
 from defender_operator._decisions.restarts import restart_history
+from defender_operator._decisions.restore import (
+    RECOMMITTED,
+    WENT_BACK,
+    Regression,
+    judge_regression,
+    seen_active,
+)
 from defender_operator._decisions.seeding import StoredState, plan_seed
 from defender_operator._errors import (
     RETRY_KEYRING,
@@ -401,20 +408,34 @@ async def _steps(
     )
     if registration is RegistrationAction.REPLAYED:
         await registration_replayed(v, state, anchored)
+    regression = went_back(mem.status if mem.status is not None else v.status, state, normalized)
+    if regression is not None:
+        take(mem, found, regression_told(v.logger, regression))
+        commit_due = commit_due or regression.recommit
     if commit_due and (state.frozen or observed_freeze(v.status) is not None):
         state, dropped = await drop_replayed_freeze(v.rt, v.component, v.status, state, v.logger)
         take(mem, found, dropped)
     if commit_due and _ended(v):
         return
+    synced = ConfigVerdict(cond.ConfigState.SYNCED)
     if commit_due:
         # Until the commit lands: what a failed attempt leaves (see `_temporary`), never the
         # Synced of an earlier generation.
         take(mem, found, Outcome(config=ConfigVerdict(cond.ConfigState.UNKNOWN, _COMMITTING)))
-        state, committed = await commit(v, spec, normalized, state)
+        recommit = regression is not None and regression.recommit
+        # Above the version the operator saw last: readers may have accepted it.
+        above = regression.seen_version if regression is not None and recommit else 0
+        state, committed = await commit(
+            v, spec, normalized, state, canary=not recommit, above=above
+        )
         if not take(mem, found, committed):
             return
+        if regression is not None and recommit:
+            told = recommitted(v.logger, regression, state)
+            take(mem, found, told)
+            synced = told.config or synced
     # Only now, with ACTIVE as intended: a failed commit above never shows Synced.
-    take(mem, found, Outcome(config=ConfigVerdict(cond.ConfigState.SYNCED)))
+    take(mem, found, Outcome(config=synced))
     state, resealed = await apply_storage(v, spec, state)
     take(mem, found, resealed)
     fields = {
@@ -1066,8 +1087,13 @@ async def commit(
     spec: _api.DefenderComponentSpec,
     normalized: Mapping[str, Any],
     state: ComponentState,
+    *,
+    canary: bool = True,
+    above: int = 0,
 ) -> tuple[ComponentState, Outcome]:
-    """Write spec.config as the next ACTIVE version, unless the breaker froze commits."""
+    """Write spec.config as the next ACTIVE version (above `above` too: a version etcd no
+    longer shows), unless the breaker froze commits; on canaries first when
+    spec.rollout.canary says so and `canary` allows it."""
     rt, component = v.rt, v.component
     if state.frozen:
         message = (
@@ -1084,7 +1110,7 @@ async def commit(
     author = _attribution.author(
         rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
     )
-    if spec.rollout.canary is not None and previous > 0:
+    if canary and spec.rollout.canary is not None and previous > 0:
         # A canary first: ACTIVE stays as it is until the monitor promotes the candidate.
         pods = select_pods(v.pods, v.namespace, spec.selector.match_labels)
         started = await _canary.start(
@@ -1116,6 +1142,7 @@ async def commit(
         modified_by=author,
         history_limit=spec.rollout.history_limit,
         storage=storage_policy(spec.storage),
+        above=above,
     )
     COMMITS.labels(component).inc()
     v.logger.info("committed ACTIVE version %s (was %s) by %s", version, previous, author)
@@ -1123,6 +1150,42 @@ async def commit(
     return state, Outcome(
         events=[normal("Committed", f"ACTIVE version {version} committed by {author}")],
         change=ActiveChange(version=version, previous_version=previous, time=utcnow()),
+    )
+
+
+def went_back(
+    shown: Mapping[str, Any], state: ComponentState, normalized: Mapping[str, Any]
+) -> Regression | None:
+    """Whether ACTIVE in etcd went below the version the operator published last (`shown`:
+    the status as last written), and what to do about it (`_decisions.restore`)."""
+    return judge_regression(
+        seen_active(shown),
+        state.active_version,
+        state.active_digest,
+        config_digest(normalized),
+        str(shown.get("specConfigDigest") or ""),
+    )
+
+
+def regression_told(logger: Logger, regression: Regression) -> Outcome:
+    """What a person sees of ACTIVE gone back, before anything is done about it: a Warning
+    Event when nothing will be (a deliberate difference lost); a log line otherwise, the Event
+    follows the commit (`recommitted`)."""
+    if regression.recommit:
+        logger.warning("%s; committing spec.config again", regression.message.partition("; ")[0])
+        return Outcome()
+    logger.warning("%s", regression.message)
+    return Outcome(events=[warning(WENT_BACK, regression.message)])
+
+
+def recommitted(logger: Logger, regression: Regression, state: ComponentState) -> Outcome:
+    """spec.config committed again after ACTIVE went back: a Warning Event (etcd went back,
+    whoever did it, is worth a look), and ConfigSynced saying why it is in sync."""
+    message = f"{regression.message} as version {state.active_version}"
+    logger.warning("%s", message)
+    return Outcome(
+        events=[warning(RECOMMITTED, message)],
+        config=ConfigVerdict(cond.ConfigState.SYNCED, message),
     )
 
 

@@ -1044,8 +1044,14 @@ class ConfigStore:
         note: str | None = None,
         options: EnvelopeOptions | None = None,
         json_schema: Mapping[str, Any] | _Recorded | None = RECORDED,
+        above: int = 0,
     ) -> int:
         """Validate and write a new ACTIVE version; returns the version now active.
+
+        `above`: a version the new one must also be above, though etcd no longer shows it (the
+        version the operator saw last, when etcd went back: a restore, or newer versions
+        deleted). Readers refuse a version below one they accepted, so a version they may
+        have accepted is never written again.
 
         `json_schema` is the schema to validate against (a `custom` component's, or one added
         to a typed component's model): RECORDED (the default) uses the one in the metadata, a
@@ -1110,6 +1116,7 @@ class ConfigStore:
                 validated_with=_schema_digest(schema),
                 freeze_revision=freeze_revision,
                 options=options,
+                above=above,
             )
         except ConflictError:
             # A write retried after a lost response finds its own first attempt applied and
@@ -1117,7 +1124,7 @@ class ConfigStore:
             now = self.get_metadata(component)
             if (
                 now is not None
-                and now.version == meta.version + 1
+                and now.version == max(meta.version, above) + 1
                 and now.digest == digest
                 and now.modified_by == by
             ):
@@ -1256,14 +1263,16 @@ class ConfigStore:
         validated_with: str | None,
         freeze_revision: int | None,
         options: EnvelopeOptions | None = None,
+        above: int = 0,
     ) -> int:
         """`freeze_revision`: the freeze key's mod_revision as the caller saw it (0: absent, or
-        a forged marker's revision), guarding the write; None ignores the freeze (rollback)."""
+        a forged marker's revision), guarding the write; None ignores the freeze (rollback).
+        `above`: as in `commit`."""
         lay, c = self.layout, self.client
         respect_freeze = freeze_revision is not None
         # Versions only grow, even after an authentic old record was put back (replay): readers
         # refuse a version lower than one they accepted, so the next one must pass them all.
-        version = max(meta.version, self._newest_authentic(component, meta)) + 1
+        version = max(meta.version, self._newest_authentic(component, meta), above) + 1
         if version > HIGHEST_VERSION:
             raise ConflictError(
                 lay.metadata(component),

@@ -10,6 +10,12 @@ revision past every one the watches saw and marks the rest compacted, so they re
 waiting for revisions the restored cluster would hand out again. What must hold: no pod
 deleted, no decode error (no condition, Event or alert of one), every component Ready and
 ConfigSynced again, the scrub verifying every sealed value of the restored data.
+
+A spec.config edit the operator committed after the snapshot is gone with it (ACTIVE in etcd
+is the older version): the operator commits spec.config again (SpecRecommittedAfterRestore),
+and only that. A rollback made after the snapshot, or a commit by rag, is a deliberate
+difference: never overwritten with spec.config; one that the restore lost is told
+(ActiveWentBack), not redone.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from operator_e2e_support import (
 )
 
 from defender_cli import main as cli_main
-from defender_config import Alert, ConfigStore
+from defender_config import Alert, ConfigStore, contract
 from defender_devcluster import EtcdCluster
 from defender_devcluster.pytest_plugin import private_etcd
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS
@@ -242,3 +248,127 @@ def test_restore_restarts_no_pod_and_decodes_everything(
                 assert (got.version, got.config) == (actives[name].version, actives[name].config)
     assert decode_trouble(run) == []
     assert "ConfigDecodeError" not in run.log_path.read_text(errors="replace")
+
+
+def status_version(run: OperatorRun, name: str) -> int:
+    return int(run.get(name).get("status", {}).get("activeVersion") or 0)
+
+
+def snapshot_and_restore(
+    run: OperatorRun,
+    etcd: EtcdCluster,
+    etcdutl: str,
+    tmp_path: Path,
+    after: Any,
+    *,
+    stop_operator: bool,
+) -> None:
+    """`kubectl defender backup`, then `after()` (what the snapshot misses), then every
+    member's data destroyed and `kubectl defender restore --run`, with the operator stopped
+    meanwhile (docs/operations.md#restore) or left running."""
+    backups = tmp_path / "backups"
+    cli("backup", "--dir", str(backups), "--keep", "2", "--etcdutl", etcdutl,
+        "--etcd-endpoints", ",".join(etcd.endpoints), "--prefix", run.prefix)  # fmt: skip
+    (snapshot,) = backups.glob("defender-etcd-*.db")
+    after()
+    if stop_operator:
+        run.stop()
+    etcd.stop()
+    etcd.wipe_member_data()
+    cli(
+        "restore", "--snapshot", str(snapshot),
+        *[f"--member={etcd.member_name(i)}={etcd.peer_url(i)}" for i in range(3)],
+        "--data-dir", str(etcd.dir / "{name}.data"), "--token", "restored-under-operator",
+        "--etcdutl", etcdutl, "--run",
+    )  # fmt: skip
+    etcd.restart_members([0, 1, 2])
+    if stop_operator:
+        run.start()
+
+
+@pytest.mark.parametrize("operator_during_restore", ["stopped", "running"])
+def test_a_spec_edit_lost_in_a_restore_is_committed_again_and_a_rollback_is_not(
+    run: OperatorRun,
+    restorable_etcd: EtcdCluster,
+    etcdutl: str,
+    tmp_path: Path,
+    operator_during_restore: str,
+) -> None:
+    run.start()
+    samples = {name: run.apply_sample(name) for name in ("sniffer", "ml-detector", "firewall")}
+    for name in samples:
+        run.wait_active_version(name, 1, timeout=120)
+    configs = run.configs()
+    originals = {name: configs.get_active(name).config for name in samples}
+    edited = {name: dict(doc["spec"]["config"], version="1.0.1") for name, doc in samples.items()}
+
+    def after_the_snapshot() -> None:
+        # sniffer: spec.config edited, committed by the operator as version 2.
+        # ml-detector: the same, then rolled back to MASTER by the annotation (version 3).
+        # firewall: the same, then a commit by rag (version 3).
+        for name in samples:
+            run.patch(name, {"spec": {"config": edited[name]}})
+            run.wait_active_version(name, 2)
+        run.patch(
+            "ml-detector", {"metadata": {"annotations": {contract.ROLLBACK_ANNOTATION: "master"}}}
+        )
+        run.wait_active_version("ml-detector", 3)
+        by_rag = dict(edited["firewall"], description="tuned by rag")
+        assert configs.commit("firewall", by_rag, by="rag") == 3
+        run.wait_active_version("firewall", 3)
+        run.wait_condition(
+            "firewall", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec"
+        )
+
+    snapshot_and_restore(
+        run,
+        restorable_etcd,
+        etcdutl,
+        tmp_path,
+        after_the_snapshot,
+        stop_operator=operator_during_restore == "stopped",
+    )
+    reader = run.configs()  # a reader that saw none of the lost versions
+
+    # The operator's own commit of spec.config was lost: committed again, as version 3 (above
+    # version 2, which readers may have accepted before the restore).
+    wait_for(
+        "sniffer's ACTIVE to be spec.config again",
+        lambda: reader.get_active("sniffer").config["version"] == "1.0.1",
+        timeout=120,
+    )
+    run.wait_event("sniffer", "SpecRecommittedAfterRestore")
+    active = reader.get_active("sniffer")
+    assert active.config == configs.get_active("sniffer").config
+    assert active.digest == run.get("sniffer")["status"]["specConfigDigest"]
+    assert active.config["version"] == "1.0.1"
+    assert active.version == 3 and status_version(run, "sniffer") == 3
+    synced = run.wait_condition("sniffer", "ConfigSynced", status="True", reason="Committed")
+    assert "committed again as version 3" in synced["message"]
+
+    # Longer than several monitor passes (1 s each) after the restored data was first judged.
+    time.sleep(5)
+    # The rollback made after the snapshot: ACTIVE went back to version 1, which holds what
+    # the rollback had made ACTIVE (MASTER). Not overwritten with spec.config, and nothing to
+    # tell: the config is the one the operator saw last.
+    # The commit by rag made after the snapshot: lost by the restore, told, not redone.
+    for name in ("ml-detector", "firewall"):
+        active = reader.get_active(name)
+        assert (active.version, active.config) == (1, originals[name]), name
+        assert "SpecRecommittedAfterRestore" not in run.event_reasons(name)
+    run.wait_event("firewall", "ActiveWentBack")
+    for name in ("ml-detector", "firewall"):
+        assert status_version(run, name) == 1
+        c = run.condition(name, "ConfigSynced")
+        assert c is not None and (c["status"], c["reason"]) == ("True", "ActiveDiffersFromSpec")
+    assert "ActiveWentBack" not in run.event_reasons("ml-detector")
+    assert "ActiveWentBack" not in run.event_reasons("sniffer")
+
+    # A rollback after the restore is a higher version again: never overwritten either.
+    run.patch("sniffer", {"metadata": {"annotations": {contract.ROLLBACK_ANNOTATION: "master"}}})
+    run.wait_active_version("sniffer", 4)
+    time.sleep(3)
+    active = reader.get_active("sniffer")
+    assert (active.version, active.config) == (4, originals["sniffer"])
+    run.wait_condition("sniffer", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec")
+    assert [e.reason for e in run.events("sniffer")].count("SpecRecommittedAfterRestore") == 1

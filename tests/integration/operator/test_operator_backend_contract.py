@@ -83,6 +83,27 @@ def commit(backend: Backend, config: dict[str, Any], history_limit: int = 10) ->
     )
 
 
+def test_a_commit_above_a_version_etcd_no_longer_shows_passes_it(backend: Backend) -> None:
+    # The operator's commit of spec.config again after ACTIVE went back (an etcd restore):
+    # above the version it saw last, which readers may have accepted.
+    seed(backend)
+    assert (
+        backend.commit(
+            "firewall",
+            "firewall",
+            FW_ALLOW,
+            json_schema=None,
+            modified_by=BY,
+            history_limit=10,
+            above=4,
+        )
+        == 5
+    )
+    assert backend.state("firewall").active_version == 5
+    assert commit(backend, FW_TTL) == 6
+    assert backend.rollback("firewall", 5, modified_by=BY) == 7
+
+
 def test_an_absent_component_has_nothing(backend: Backend) -> None:
     state = backend.state("firewall")
     assert (state.master_digest, state.active_digest, state.active_version) == (None, None, None)
