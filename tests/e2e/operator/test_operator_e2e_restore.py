@@ -155,6 +155,17 @@ def decode_trouble(run: OperatorRun) -> list[str]:
     return found
 
 
+def rebuild(etcd: EtcdCluster, snapshot: Path, etcdutl: str) -> None:
+    """Every (stopped) member's data destroyed, `kubectl defender restore --run`, all started."""
+    etcd.wipe_member_data()
+    cli(
+        "restore", "--snapshot", str(snapshot),
+        *[f"--member={etcd.member_name(i)}={etcd.peer_url(i)}" for i in range(3)],
+        "--data-dir", str(etcd.dir / "{name}.data"), "--etcdutl", etcdutl, "--run",
+    )  # fmt: skip
+    etcd.restart_members([0, 1, 2])
+
+
 @pytest.mark.parametrize("operator_during_restore", ["stopped", "running"])
 def test_restore_restarts_no_pod_and_decodes_everything(
     run: OperatorRun,
@@ -209,14 +220,7 @@ def test_restore_restarts_no_pod_and_decodes_everything(
         name: (0.0 if operator_during_restore == "stopped" else scrubs(port, name))
         for name in COMPONENTS
     }
-    etcd.wipe_member_data()
-    cli(
-        "restore", "--snapshot", str(snapshot),
-        *[f"--member={etcd.member_name(i)}={etcd.peer_url(i)}" for i in range(3)],
-        "--data-dir", str(etcd.dir / "{name}.data"), "--token", "restored-under-operator",
-        "--etcdutl", etcdutl, "--run",
-    )  # fmt: skip
-    etcd.restart_members([0, 1, 2])
+    rebuild(etcd, snapshot, etcdutl)
     if operator_during_restore == "stopped":
         run.start(**env)
     restored_at = time.time()
@@ -274,14 +278,7 @@ def snapshot_and_restore(
     if stop_operator:
         run.stop()
     etcd.stop()
-    etcd.wipe_member_data()
-    cli(
-        "restore", "--snapshot", str(snapshot),
-        *[f"--member={etcd.member_name(i)}={etcd.peer_url(i)}" for i in range(3)],
-        "--data-dir", str(etcd.dir / "{name}.data"), "--token", "restored-under-operator",
-        "--etcdutl", etcdutl, "--run",
-    )  # fmt: skip
-    etcd.restart_members([0, 1, 2])
+    rebuild(etcd, snapshot, etcdutl)
     if stop_operator:
         run.start()
 
