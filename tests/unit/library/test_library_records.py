@@ -218,6 +218,8 @@ def test_client_signs_only_with_a_keyring(keyring: Keyring) -> None:
 class _Reads:
     """The store reads of the readers below, on a dict."""
 
+    cluster_changes = 0  # one etcd cluster throughout (ConfigStore forgets versions on a change)
+
     def __init__(self) -> None:
         self.values: dict[str, StoredValue] = {}
 
