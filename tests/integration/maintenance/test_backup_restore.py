@@ -396,7 +396,8 @@ def test_clients_logged_in_to_etcd_resume_after_a_restore(
                 wait_for("the heartbeat back on the restored cluster", beating, RESUME_SECONDS)
                 # Still far below the agent's old token: it resumed by logging in again, not
                 # because the restored log caught up.
-                assert operator.store.health().members[0].raft_index < RAFT_ENTRIES_AHEAD
+                raft_index = operator.store.health().members[0].raft_index
+                assert raft_index is not None and raft_index < RAFT_ENTRIES_AHEAD
         finally:
             hb.stop()
             watch.cancel()
