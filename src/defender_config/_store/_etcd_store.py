@@ -69,6 +69,20 @@ from ._watch import WatchHandle
 
 log = logging.getLogger("defender_config.store")
 
+# A simple token ("<random>.<raft index>", etcd's default; the chart's) is checked by a member
+# only once its own raft log has reached the index in the token: until then the call waits, for
+# as long as its deadline. A cluster restored from a snapshot starts a new log, far below the
+# old one's, so every call carrying a token of the old cluster timed out (keep-alives, watches,
+# reads) for minutes, until the new log caught up, instead of being refused and logged in again.
+# A call that timed out therefore logs in again first, when the token is a simple one and no
+# login happened in the last request timeout (a slow cluster is not asked for a login per call).
+
+
+def _is_simple_token(token: str) -> bool:
+    random_part, dot, index = token.rpartition(".")
+    return bool(dot) and "." not in random_part and index.isdigit()
+
+
 # A snapshot streams the whole database, a defrag rewrites it: both outlast a KV call's timeout.
 _SNAPSHOT_TIMEOUT_SECONDS = 300.0
 _DEFRAG_TIMEOUT_SECONDS = 120.0
@@ -105,6 +119,11 @@ class EtcdStore:
         self._watches: set[WatchHandle] = set()
         self._watches_lock = threading.Lock()
         self._auth_lock = threading.Lock()
+        # Bumped by every login (under `_auth_lock`): a call that failed with an older token
+        # than the current one just tries again, without logging in once more.
+        self._token_generation = 0
+        self._token_simple = False
+        self._login_at = float("-inf")  # monotonic time of the last login attempt
         self.endpoints: tuple[str, ...] = tuple(settings.endpoints)
         # The cluster id in etcd's response headers, and how often it changed under this store.
         # A restore from a snapshot makes a new cluster (a new token, new member ids): readers
@@ -185,6 +204,7 @@ class EtcdStore:
                 c._manage_grpc_errors(exc)
                 raise
 
+        self._login_at = time.monotonic()
         try:
             response = self._call("authenticate", call, renew_auth=False)
         except StoreAuthError:
@@ -201,6 +221,8 @@ class EtcdStore:
             self._client.call_credentials = None
             # Watch streams carry the token they were opened with: reopen them.
             self._client._clear_old_stubs()
+        self._token_simple = _is_simple_token(str(response.token))
+        self._token_generation += 1
         self._token_ready = True
 
     # --- the retry loop -------------------------------------------------------------------------
@@ -227,6 +249,7 @@ class EtcdStore:
         renewed = False
         try:
             while True:
+                token = self._token_generation
                 try:
                     result = fn(self._client)
                     header = getattr(result, "header", None)
@@ -238,15 +261,13 @@ class EtcdStore:
                     if rule is None:
                         raise
                     if (
-                        rule.reason == "unauthenticated"
-                        and renew_auth
+                        renew_auth
                         and not renewed
                         and self.settings.user is not None
+                        and rule.reason in ("unauthenticated", "deadline_exceeded")
+                        and self._login_again(rule, token)
                     ):
-                        # Simple tokens expire (5 min by default): log in again once.
                         renewed = True
-                        with self._auth_lock:
-                            self._authenticate()
                         continue
                     if rule.transient and retry and attempt < self.settings.retries:
                         delay = backoff_delay(
@@ -270,6 +291,38 @@ class EtcdStore:
                     raise self._typed(rule, exc, path, attempt + 1) from exc
         finally:
             stats.finish(time.perf_counter() - started)
+
+    def _login_again(self, rule: ErrorRule, token: int) -> bool:
+        """After a call failed with token generation `token`: whether to try it again with a
+        new login. Refused: simple tokens expire (5 min by default), log in again. Timed out:
+        a simple token of a cluster since restored makes every call wait out its deadline (see
+        `_is_simple_token`), log in again unless a login was tried within the request timeout.
+        Either way, a token already replaced by another thread is simply tried."""
+        with self._auth_lock:
+            if self._token_generation != token:
+                relogged = True
+            elif rule.reason == "unauthenticated":
+                self._authenticate()
+                relogged = True
+            elif (
+                not self._token_simple
+                or time.monotonic() - self._login_at < self.settings.timeout_seconds
+            ):
+                return False
+            else:
+                try:
+                    self._authenticate()
+                except StoreUnavailableError as exc:
+                    # No member answers a login either: an outage, not an old token.
+                    log.debug("etcd login after a timeout failed: %s", exc)
+                    return False
+                log.info(
+                    "etcd call timed out: logged in again (a token of a cluster since restored"
+                    " waits out every deadline)",
+                    extra={"event": "etcd_relogin_after_timeout"},
+                )
+                relogged = True
+        return relogged
 
     def observe_cluster(self, cluster_id: int) -> None:
         """Note the cluster id of a response; a different one than before counts as a change.

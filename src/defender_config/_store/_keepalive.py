@@ -167,6 +167,8 @@ class _Stream:
         self._pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
         stub = client.leasestub  # picks the endpoint (and fails over) like every other call
         self.label: str = _call_endpoint.label
+        # The login token travels once, when the stream opens: a new login needs a new stream.
+        self.metadata = client.metadata
         # No deadline: the stream lives as long as the store; each caller bounds its own wait.
         self.call = stub.LeaseKeepAlive(
             _requests(self._pending),
@@ -285,14 +287,28 @@ class KeepAliveMux:
         stream.fail(why)
 
     def _stream_for(self, client: _SharedClient) -> _Stream:
+        replaced: _Stream | None = None
         with self._lock:
             if self._closed:
                 raise StoreError("the EtcdStore is closed; create a new one")
             stream = self._stream
+            if stream is not None and stream.alive and stream.metadata != client.metadata:
+                # Opened with a token since replaced (a new login): after a restore from a
+                # snapshot that old token makes etcd hold every request until its deadline.
+                replaced, stream = stream, None
             if stream is None or not stream.alive:
                 self._generation += 1
                 stream = self._stream = _Stream(client, self._generation)
-            return stream
+        if replaced is not None:
+            # Outside the lock: failing it runs the keeper's callbacks on this thread. Its
+            # callers get UNAUTHENTICATED and try again with the new token (`EtcdStore._call`).
+            replaced.fail(
+                _Failure(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "the stream carried a token replaced by a new login; reopened",
+                )
+            )
+        return stream
 
     def close(self, timeout: float = 10.0) -> None:
         """Fail waiting callers with StoreError, end the stream and its reader thread."""

@@ -191,15 +191,24 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             raise  # unreachable: _manage_grpc_errors always raises
 
     def add_watch(self, key: str, callback: Callable[[Any], None], **kwargs: Any) -> Any:
-        """Create a watch; returns (the watcher stream it lives on, its id)."""
+        """Create a watch; returns (the watcher stream it lives on, its id). WatchRefusedError
+        when etcd refused it."""
         watcher = self.watcher
         try:
-            return watcher, watcher.add_callback(key, callback, **kwargs)
+            watch_id = watcher.add_callback(key, callback, **kwargs)
         except grpc.RpcError as exc:
             self._manage_grpc_errors(exc)
             raise
         except queue.Empty as exc:
             raise etcd_exc.WatchTimedOut() from exc
+        if watch_id == _REFUSED_WATCH_ID:
+            # etcd answers a watch it refuses (a token it does not know, a user without read
+            # permission) with "created" and "canceled" at once, id -1; pyetcd hands that id out
+            # as if the watch ran, and it would never deliver an event.
+            with watcher._lock:
+                watcher._callbacks.pop(watch_id, None)
+            raise WatchRefusedError(key)
+        return watcher, watch_id
 
     def range(
         self,
@@ -235,6 +244,28 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             _call_endpoint.label = label
             self._manage_grpc_errors(exc)
             raise
+
+
+# The id etcd gives a watch it refused on creation (clientv3.InvalidWatchID).
+_REFUSED_WATCH_ID: Final = -1
+
+
+class WatchRefusedError(grpc.RpcError):  # type: ignore[misc]
+    """etcd refused to create a watch. Its reason does not reach us (pyetcd drops it); with
+    authentication on it is a token etcd does not accept or a user who may not read the key,
+    hence UNAUTHENTICATED: the store logs in again once, then reports an auth error."""
+
+    def __init__(self, key: str) -> None:
+        self._details = (
+            f"etcd refused the watch on {key} (a token it does not accept, or no read permission)"
+        )
+        super().__init__(self._details)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    def details(self) -> str:
+        return self._details
 
 
 # pyetcd's own choices (client.py): which codes fail an endpoint, which become its exceptions.

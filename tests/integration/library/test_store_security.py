@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from defender_config import EtcdSettings, StoreAuthError, StoreUnavailableError
+from defender_config import EtcdSettings, StoreAuthError, StoreError, StoreUnavailableError
 from defender_config._store._keepalive import _Failure
 from defender_config.store import EtcdStore, WatchEvent
 from defender_devcluster import EtcdCluster, etcd_member_healthy, tool, wait_for
@@ -216,6 +216,45 @@ def test_missing_permission_is_an_auth_error_not_retried(auth_etcd: str, etcd_pr
         assert report.quorum and report.healthy_count == 1 and report.leader is not None
         assert s.has_quorum()
     assert registry.get_sample_value("defender_etcd_retries_total", {"op": "put"}) is None
+
+
+def test_a_watch_etcd_refuses_is_an_auth_error_not_a_silent_one(
+    auth_etcd: str, etcd_prefix: str
+) -> None:
+    # etcd answers a watch it refuses with "created" and "canceled" at once (id -1). Taken for
+    # a running watch, it never delivered an event and never said why.
+    with EtcdStore(
+        _auth_settings(auth_etcd, "reader", "readerpw"), registry=CollectorRegistry()
+    ) as s:
+        errors: list[StoreError] = []
+        handle = s.watch_prefix(
+            "/outside/the/granted/prefix/",
+            lambda _e: None,
+            on_error=errors.append,
+            start_revision=1,
+        )
+        try:
+            wait_for("the refused watch reported", lambda: errors, timeout=10)
+            assert isinstance(errors[0], StoreAuthError), errors
+            assert "refused the watch" in str(errors[0])
+            assert not handle.connected
+        finally:
+            handle.cancel()
+        # A token etcd does not know: refused, logged in again, the watch runs.
+        events: list[WatchEvent] = []
+        with s._client._ep_lock:
+            s._client.metadata = (("token", "abcdefghijklmnop.1"),)
+            s._client._clear_old_stubs()
+        handle = s.watch_prefix(etcd_prefix, events.append, start_revision=1)
+        try:
+            assert handle.wait_connected(10)
+            with EtcdStore(
+                _auth_settings(auth_etcd, "app", "apppw"), registry=CollectorRegistry()
+            ) as w:
+                w.put(etcd_prefix + "k", b"seen")
+            wait_for("the event after the new login", lambda: events, timeout=10)
+        finally:
+            handle.cancel()
 
 
 def test_login_is_deferred_while_etcd_is_down(tmp_path: Path, etcd_prefix: str) -> None:

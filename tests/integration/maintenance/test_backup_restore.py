@@ -4,6 +4,7 @@ and alerts written through the library come back after every member's data is de
 from __future__ import annotations
 
 import json
+import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,20 @@ pytestmark = pytest.mark.etcd
 PREFIX = "/ml-defender"
 SNIFFER = {"interface": "eth0", "batch": 64}
 DETECTOR = {"ddos": {"threshold": 0.8}, "interval": 5}
+# Raft entries written before a client logs in, so that its token names an index a restored
+# cluster reaches only long after the test (it writes a few dozen entries after the restore).
+RAFT_ENTRIES_AHEAD = 400
+# How long a client running through a restore may take to resume there: some seconds (a request
+# timeout of 5 s, then a new login), far below the heartbeat threshold of the operator.
+RESUME_SECONDS = 30.0
 
 
-def client_for(cluster: EtcdCluster, keyring: Keyring) -> DefenderClient:
+def client_for(
+    cluster: EtcdCluster, keyring: Keyring, user: tuple[str, str] | None = None
+) -> DefenderClient:
+    login = {"user": user[0], "password": user[1]} if user else {}
     settings = LibrarySettings(
-        etcd=EtcdSettings.model_validate(etcd_client_settings(cluster.endpoints)),
+        etcd=EtcdSettings.model_validate({**etcd_client_settings(cluster.endpoints), **login}),
         prefix=PREFIX,
         history_limit=5,
     )
@@ -330,6 +340,75 @@ def test_clients_running_through_a_restore_resume_on_the_restored_cluster(
                         "the heartbeat back on the restored cluster",
                         partial(beating, operator, "sniffer", "s-0"),
                     )
+        finally:
+            hb.stop()
+            watch.cancel()
+
+
+def test_clients_logged_in_to_etcd_resume_after_a_restore(
+    fresh_etcd: EtcdCluster, tmp_path: Path, etcdutl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chart's etcd has authentication on, with simple tokens. A simple token names the raft
+    # index it was issued at, and a member checking one first waits until its own log reaches
+    # that index. A restored cluster starts a new log far below the old one's: every call with
+    # a token of the old cluster waited out its deadline instead of being refused, so an agent's
+    # watches and keep-alives timed out for minutes (until the new log caught up) and the
+    # operator restarted its pod. The client must log in again and resume within seconds.
+    ep = fresh_etcd.endpoints[0]
+    etcdctl = str(Path(etcdutl).with_name("etcdctl"))
+    subprocess.run(
+        [etcdctl, f"--endpoints={ep}", "user", "add", "root:rootpw", "--interactive=false"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [etcdctl, f"--endpoints={ep}", "auth", "enable"], check=True, capture_output=True
+    )
+    keyring = Keyring.generate()
+    configs_seen: list[tuple[int, Any]] = []
+    with client_for(fresh_etcd, keyring, user=("root", "rootpw")) as writer:
+        write_deployment(writer)
+        # Raft entries the restored cluster's log will not have for a long while: the agent's
+        # token, issued after them, names an index the restored members only reach much later.
+        for i in range(RAFT_ENTRIES_AHEAD):
+            writer.store.put(f"{PREFIX}/padding/{i}", b"x")
+    with client_for(fresh_etcd, keyring, user=("root", "rootpw")) as agent:
+        with monkeypatch.context() as env:  # the plugin's login (snapshots are root's)
+            env.setenv("DEFENDER_ETCD__USER", "root")
+            env.setenv("DEFENDER_ETCD__PASSWORD", "rootpw")
+            taken = backup(fresh_etcd, tmp_path / "backups", etcdutl)
+        assert taken.code == 0, taken.err
+        configs = ConfigStore(agent)
+        watch = configs.watch_active(
+            "sniffer", lambda a: configs_seen.append((a.version, a.config))
+        )
+        hb = Heartbeater(agent, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4)
+        hb.start()
+        try:
+            configs.commit("sniffer", {**SNIFFER, "batch": 300}, by="later")
+            wait_for(
+                "the commit delivered",
+                lambda: any(c == {**SNIFFER, "batch": 300} for _, c in configs_seen),
+            )
+            destroy_and_restore(fresh_etcd, taken.json()["path"], etcdutl)
+            with client_for(fresh_etcd, keyring, user=("root", "rootpw")) as operator:
+                committed = ConfigStore(operator).commit(
+                    "sniffer", {**SNIFFER, "batch": 4242}, by="after-restore"
+                )
+                wait_for(
+                    f"version {committed} delivered after the restore",
+                    lambda: (committed, {**SNIFFER, "batch": 4242}) in configs_seen,
+                    timeout=RESUME_SECONDS,
+                )
+                wait_for(
+                    "the heartbeat back on the restored cluster",
+                    partial(beating, operator, "sniffer", "s-0"),
+                    RESUME_SECONDS,
+                )
+                # Still far below the agent's old token: it resumed by logging in again, not
+                # because the restored log caught up.
+                raft_index = operator.store.health().members[0].raft_index
+                assert raft_index is not None and raft_index < RAFT_ENTRIES_AHEAD
         finally:
             hb.stop()
             watch.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
 
 import grpc
 import pytest
@@ -23,6 +24,7 @@ from defender_config import (
     StoreUnavailableError,
 )
 from defender_config._store import classify_error, parse_endpoint
+from defender_config._store._etcd_store import _is_simple_token
 from defender_config._store_types import backoff_delay
 from defender_config.store import EtcdStore
 
@@ -344,3 +346,88 @@ def test_the_store_counts_a_change_of_cluster_id_not_the_first_sighting(
     dead_store.observe_cluster(0x51)
     assert dead_store.cluster_changes == 2
     dead_store.close()
+
+
+@pytest.mark.parametrize(
+    ("token", "simple"),
+    [
+        ("gpkWUmdDdAhUpHzA.1029", True),  # etcd's simple token: random part and raft index
+        ("eyJhbGciOiJSUzI1NiJ9.eyJyZXZpc2lvbiI6Mn0.c2lnbmF0dXJl", False),  # a JWT
+        ("gpkWUmdDdAhUpHzA", False),
+        ("gpkWUmdDdAhUpHzA.x1", False),
+    ],
+)
+def test_a_simple_token_is_told_from_a_jwt(token: str, simple: bool) -> None:
+    assert _is_simple_token(token) is simple
+
+
+def _login_store(token: str) -> tuple[EtcdStore, list[str]]:
+    """A store with a user whose logins are recorded instead of sent (what `_authenticate`
+    notes after a successful one)."""
+    settings = EtcdSettings(
+        endpoints=[f"127.0.0.1:{_closed_port()}"],
+        user="agent",
+        password="pw",
+        retries=2,
+        timeout_seconds=1.0,
+        backoff_base_seconds=0.001,
+        backoff_max_seconds=0.002,
+    )
+    store = EtcdStore(settings, registry=CollectorRegistry())  # its first login is deferred
+    logins: list[str] = []
+
+    def login() -> None:
+        store._login_at = time.monotonic()
+        store._token_simple = _is_simple_token(token)
+        store._token_generation += 1
+        store._token_ready = True
+        logins.append(token)
+
+    store._authenticate = login  # type: ignore[method-assign]
+    return store, logins
+
+
+def _timing_out_once() -> tuple[list[BaseException | str], object]:
+    outcomes: list[BaseException | str] = [StatusError(grpc.StatusCode.DEADLINE_EXCEEDED), "ok"]
+
+    def call(_client: object) -> str:
+        item = outcomes.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    return outcomes, call
+
+
+def test_a_timed_out_call_logs_in_again_with_a_simple_token() -> None:
+    # A simple token of a cluster since restored makes every call wait out its deadline: the
+    # store logs in again and tries once more, without counting a retry.
+    store, logins = _login_store("gpkWUmdDdAhUpHzA.1029")
+    try:
+        store._authenticate()
+        store._login_at -= 10.0  # logged in a while ago
+        _, call = _timing_out_once()
+        assert store._call("get", call) == "ok"  # type: ignore[arg-type]
+        assert len(logins) == 2
+        retries = store.metrics.registry.get_sample_value(
+            "defender_etcd_retries_total", {"op": "get"}
+        )
+        assert not retries
+        # Just logged in: the next timeout is retried as usual, without another login.
+        _, call = _timing_out_once()
+        assert store._call("get", call) == "ok"  # type: ignore[arg-type]
+        assert len(logins) == 2
+    finally:
+        store.close()
+
+
+def test_a_timed_out_call_keeps_a_jwt() -> None:
+    store, logins = _login_store("eyJhbGciOiJSUzI1NiJ9.eyJyZXZpc2lvbiI6Mn0.c2lnbmF0dXJl")
+    try:
+        store._authenticate()
+        store._login_at -= 10.0
+        _, call = _timing_out_once()
+        assert store._call("get", call) == "ok"  # type: ignore[arg-type]
+        assert len(logins) == 1
+    finally:
+        store.close()
