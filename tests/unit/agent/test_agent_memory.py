@@ -144,7 +144,6 @@ def test_max_config_bytes_setting_from_flag_and_environment(
 class MemoryStore:
     """The few EtcdStore calls a reader of ACTIVE makes, on a dict; watches fire on put."""
 
-
     def __init__(self) -> None:
         self.values: dict[str, StoredValue] = {}
         self.revision = 0

@@ -218,7 +218,6 @@ def test_client_signs_only_with_a_keyring(keyring: Keyring) -> None:
 class _Reads:
     """The store reads of the readers below, on a dict."""
 
-
     def __init__(self) -> None:
         self.values: dict[str, StoredValue] = {}
         self.cluster_changes = 0  # one cluster: never restored
