@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from node_support import Kubectl, busybox_pod, tcp_connects, wait_pod_ready
 
 from defender_devcluster import wait_for
-from defender_devcluster._journey import NAMESPACE, RELEASE
+from defender_devcluster._journey import NAMESPACE, RELEASE, SAMPLES_NAMESPACE
 
 ETCD = f"{RELEASE}-etcd"
 # The chart's default prefix (config.prefix / agent.prefix).
@@ -92,6 +93,27 @@ class ChartEtcd:
             key.removeprefix(prefix): json.loads(value)
             for key, value in self.get_prefix(0, prefix).items()
         }
+
+
+def parse_time(value: str) -> datetime:
+    """An RFC 3339 time as Kubernetes and the heartbeat records write it."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def stand_in_versions(kubectl: Kubectl, component: str) -> list[str]:
+    """Config versions the component's stand-in logged as loaded, oldest first."""
+    out = kubectl.run(
+        "-n", SAMPLES_NAMESPACE, "logs", f"deploy/{component}", "-c", component, check=False
+    )  # fmt: skip
+    versions = []
+    for line in out.stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("event") == "loaded":
+            versions.append(str(event["version"]))
+    return versions
 
 
 def etcd_admits_only_its_clients(kubectl: Kubectl, ns: str, image: str) -> None:

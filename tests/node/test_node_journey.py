@@ -35,7 +35,9 @@ from journey_support import (
     Phases,
     agent_pid,
     etcd_admits_only_its_clients,
+    parse_time,
     process_gone,
+    stand_in_versions,
 )
 from node_support import Kubectl, build_images
 
@@ -48,26 +50,6 @@ from defender_devcluster._journey import (
     Journey,
     helm,
 )
-
-
-def _time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _stand_in_versions(kubectl: Kubectl, component: str) -> list[str]:
-    """Config versions the component's stand-in logged as loaded, oldest first."""
-    out = kubectl.run(
-        "-n", SAMPLES_NAMESPACE, "logs", f"deploy/{component}", "-c", component, check=False
-    )  # fmt: skip
-    versions = []
-    for line in out.stdout.splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event.get("event") == "loaded":
-            versions.append(str(event["version"]))
-    return versions
 
 
 def _pods(kubectl: Kubectl, component: str) -> list[dict[str, Any]]:
@@ -91,7 +73,7 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 def _heartbeat_after(etcd: ChartEtcd, component: str, pod: str, since: datetime) -> bool:
     beat = etcd.heartbeats(component).get(pod)
-    return beat is not None and _time(beat["time"]) > since
+    return beat is not None and parse_time(beat["time"]) > since
 
 
 def _admission_in_cluster(kubectl: Kubectl) -> None:
@@ -194,7 +176,7 @@ def _agent_hang(kubectl: Kubectl, etcd: ChartEtcd, journey: Journey, phases: Pha
         journey.wait_ready(
             timeout=180,
             names=["ml-detector"],
-            also=lambda d: _time(d["status"]["lastHeartbeatTime"]) > gone,
+            also=lambda d: parse_time(d["status"]["lastHeartbeatTime"]) > gone,
         )
         phases.mark("registered -> component Ready 1/1")
         # The operator says it restarted the pod (its alert record names it and the reason).
@@ -459,7 +441,7 @@ def _helm_upgrade(kubectl: Kubectl, journey: Journey, phases: Phases) -> None:
     phases.mark("helm upgrade -> new operator pod Ready")
     # The new operator sees every component Ready from fresh heartbeats.
     journey.wait_ready(
-        timeout=180, also=lambda d: _time(d["status"]["lastHeartbeatTime"]) > upgraded
+        timeout=180, also=lambda d: parse_time(d["status"]["lastHeartbeatTime"]) > upgraded
     )
     phases.mark("new operator -> every component Ready again")
     assert snapshot() == before
@@ -505,7 +487,7 @@ def _helm_reinstall(kubectl: Kubectl, journey: Journey) -> None:
     assert again["data"] == auth["data"]
     # Ready from heartbeats the new operator judged, on the configs the old one stored.
     journey.wait_ready(
-        timeout=600, also=lambda d: _time(d["status"]["lastHeartbeatTime"]) > reinstalled
+        timeout=600, also=lambda d: parse_time(d["status"]["lastHeartbeatTime"]) > reinstalled
     )
 
 
@@ -565,13 +547,13 @@ def test_the_whole_journey_on_a_node(
 
         # A config edit reaches the running process: the operator publishes it, the agent
         # writes it to the shared volume and SIGHUPs the stand-in, which logs the version.
-        assert _stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.0"]
+        assert stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.0"]
         patch = {"spec": {"config": {"version": "1.0.1"}}}
         kubectl("-n", SAMPLES_NAMESPACE, "patch", "dfc", "sniffer", "--type=merge",
                 "-p", json.dumps(patch))  # fmt: skip
         wait_for(
             "the sniffer's stand-in logs config version 1.0.1",
-            lambda: _stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.1"],
+            lambda: stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.1"],
             timeout=180,
             every=1.0,
         )
@@ -602,7 +584,7 @@ def test_the_whole_journey_on_a_node(
         journey.wait_ready(
             timeout=300,
             names=["firewall"],
-            also=lambda d: _time(d["status"]["lastHeartbeatTime"]) > gone,
+            also=lambda d: parse_time(d["status"]["lastHeartbeatTime"]) > gone,
         )
         phases.mark("pod deleted -> recreated, registered, Ready again (warm)")
 

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from journey_support import ETCD, ChartEtcd, EtcdctlError, Phases
+from journey_support import (
+    ETCD,
+    ChartEtcd,
+    EtcdctlError,
+    Phases,
+    parse_time,
+    stand_in_versions,
+)
 from node_support import Kubectl, build_images
 
 from defender_cli import main as plugin
@@ -44,25 +51,6 @@ OPERATOR = f"{RELEASE}-operator"
 HEARTBEAT_THRESHOLD_SECONDS = 90
 # A member's uid/gid (the chart's etcd.podSecurityContext).
 ETCD_UID = 65532
-
-
-def _time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _stand_in_versions(kubectl: Kubectl, component: str) -> list[str]:
-    out = kubectl.run(
-        "-n", SAMPLES_NAMESPACE, "logs", f"deploy/{component}", "-c", component, check=False
-    )  # fmt: skip
-    versions = []
-    for line in out.stdout.splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event.get("event") == "loaded":
-            versions.append(str(event["version"]))
-    return versions
 
 
 def _pod_states(kubectl: Kubectl) -> dict[str, tuple[str, dict[str, int]]]:
@@ -100,7 +88,8 @@ def _component_warnings(kubectl: Kubectl, since: datetime) -> list[str]:
         for e in events
         if e["type"] == "Warning"
         and e["involvedObject"]["kind"] == "DefenderComponent"
-        and _time(e.get("lastTimestamp") or e.get("eventTime") or "1970-01-01T00:00:00Z") >= since
+        and parse_time(e.get("lastTimestamp") or e.get("eventTime") or "1970-01-01T00:00:00Z")
+        >= since
     ]
 
 
@@ -132,7 +121,7 @@ def test_agents_run_through_an_etcd_restore_without_a_pod_restart(
                 "-p", '{"spec":{"config":{"version":"1.0.1"}}}')  # fmt: skip
         wait_for(
             "the sniffer's stand-in loads 1.0.1",
-            lambda: _stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.1"],
+            lambda: stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.1"],
             timeout=120,
             every=1.0,
         )
@@ -179,7 +168,7 @@ def test_agents_run_through_an_etcd_restore_without_a_pod_restart(
             fresh = []
             for name in journey.components:
                 beats = etcd.heartbeats(name)
-                fresh.append(any(_time(b["time"]) > started for b in beats.values()))
+                fresh.append(any(parse_time(b["time"]) > started for b in beats.values()))
             return all(fresh)
 
         wait_for(
@@ -203,7 +192,7 @@ def test_agents_run_through_an_etcd_restore_without_a_pod_restart(
         )
         wait_for(
             "the sniffer's stand-in loads 1.0.1 again",
-            lambda: _stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.1"],
+            lambda: stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.1"],
             timeout=60,
             every=1.0,
         )
@@ -213,7 +202,7 @@ def test_agents_run_through_an_etcd_restore_without_a_pod_restart(
                 "-p", '{"spec":{"config":{"version":"1.0.2"}}}')  # fmt: skip
         wait_for(
             "the sniffer's stand-in loads 1.0.2 from the restored cluster",
-            lambda: _stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.2"],
+            lambda: stand_in_versions(kubectl, "sniffer")[-1:] == ["1.0.2"],
             timeout=60,
             every=1.0,
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -293,6 +295,22 @@ def test_a_snapshot_is_owner_only_even_over_a_world_readable_file(
     assert [p.name for p in dest.parent.iterdir()] == ["etcd.db"]  # no temporary file left
 
 
+@contextmanager
+def running_agent(client: DefenderClient) -> Iterator[tuple[ConfigStore, list[tuple[int, Any]]]]:
+    """What an agent of the sniffer runs on `client`: a watch of ACTIVE, recording (version,
+    config) of every delivery, and a heartbeat of instance s-0."""
+    seen: list[tuple[int, Any]] = []
+    configs = ConfigStore(client)
+    watch = configs.watch_active("sniffer", lambda a: seen.append((a.version, a.config)))
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4)
+    hb.start()
+    try:
+        yield configs, seen
+    finally:
+        hb.stop()
+        watch.cancel()
+
+
 def beating(client: DefenderClient, component: str, instance: str) -> bool:
     """The instance's record is there and its lease alive."""
     found = [h for h in Registry(client).list_instances(component) if h.instance == instance]
@@ -307,18 +325,11 @@ def test_clients_running_through_a_restore_resume_on_the_restored_cluster(
     # cluster starts from the snapshot: its versions are older than those the client accepted
     # and, restored a second time, its revisions older than those the client saw.
     keyring = Keyring.generate()
-    configs_seen: list[tuple[int, Any]] = []
     with client_for(fresh_etcd, keyring) as agent:
         write_deployment(agent)
         taken = backup(fresh_etcd, tmp_path / "backups", etcdutl)
         assert taken.code == 0, taken.err
-        configs = ConfigStore(agent)
-        watch = configs.watch_active(
-            "sniffer", lambda a: configs_seen.append((a.version, a.config))
-        )
-        hb = Heartbeater(agent, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4)
-        hb.start()
-        try:
+        with running_agent(agent) as (configs, configs_seen):
             # Written after the snapshot, so the client has seen revisions the restore loses.
             for batch in range(300, 310):
                 configs.commit("sniffer", {**SNIFFER, "batch": batch}, by="later")
@@ -340,9 +351,6 @@ def test_clients_running_through_a_restore_resume_on_the_restored_cluster(
                         "the heartbeat back on the restored cluster",
                         partial(beating, operator, "sniffer", "s-0"),
                     )
-        finally:
-            hb.stop()
-            watch.cancel()
 
 
 def test_clients_logged_in_to_etcd_resume_after_a_restore(
@@ -365,7 +373,6 @@ def test_clients_logged_in_to_etcd_resume_after_a_restore(
         [etcdctl, f"--endpoints={ep}", "auth", "enable"], check=True, capture_output=True
     )
     keyring = Keyring.generate()
-    configs_seen: list[tuple[int, Any]] = []
     with client_for(fresh_etcd, keyring, user=("root", "rootpw")) as writer:
         write_deployment(writer)
         # Raft entries the restored cluster's log will not have for a long while: the agent's
@@ -378,13 +385,7 @@ def test_clients_logged_in_to_etcd_resume_after_a_restore(
             env.setenv("DEFENDER_ETCD__PASSWORD", "rootpw")
             taken = backup(fresh_etcd, tmp_path / "backups", etcdutl)
         assert taken.code == 0, taken.err
-        configs = ConfigStore(agent)
-        watch = configs.watch_active(
-            "sniffer", lambda a: configs_seen.append((a.version, a.config))
-        )
-        hb = Heartbeater(agent, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4)
-        hb.start()
-        try:
+        with running_agent(agent) as (configs, configs_seen):
             configs.commit("sniffer", {**SNIFFER, "batch": 300}, by="later")
             wait_for(
                 "the commit delivered",
@@ -409,6 +410,3 @@ def test_clients_logged_in_to_etcd_resume_after_a_restore(
                 # because the restored log caught up.
                 raft_index = operator.store.health().members[0].raft_index
                 assert raft_index is not None and raft_index < RAFT_ENTRIES_AHEAD
-        finally:
-            hb.stop()
-            watch.cancel()
