@@ -116,6 +116,20 @@ def stand_in_versions(kubectl: Kubectl, component: str) -> list[str]:
     return versions
 
 
+def remove_release_leftovers(kubectl: Kubectl, components: list[str]) -> None:
+    """After `Journey.uninstall()`: what the release keeps goes too, so the next install on this
+    node starts from an empty store. The operator is gone, so nothing would remove the
+    components' finalizer; `helm uninstall` keeps the etcd PVCs and, with them (resource-policy
+    keep), the release's Secrets."""
+    for name in components:
+        kubectl.run("-n", SAMPLES_NAMESPACE, "patch", "dfc", name, "--type=merge",
+                    "-p", '{"metadata":{"finalizers":null}}', check=False)  # fmt: skip
+    kubectl.run("-n", NAMESPACE, "delete", "pvc", "-l", "app.kubernetes.io/component=etcd",
+                "--wait=false", check=False)  # fmt: skip
+    kubectl.run("-n", NAMESPACE, "delete", "secret", "-l",
+                f"app.kubernetes.io/instance={RELEASE}", "--wait=false", check=False)  # fmt: skip
+
+
 def etcd_admits_only_its_clients(kubectl: Kubectl, ns: str, image: str) -> None:
     """docs/security.md, "A NetworkPolicy": the client port only from labelled pods (any
     namespace) and the chart's own; the metrics port from anyone."""

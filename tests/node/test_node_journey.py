@@ -37,6 +37,7 @@ from journey_support import (
     etcd_admits_only_its_clients,
     parse_time,
     process_gone,
+    remove_release_leftovers,
     stand_in_versions,
 )
 from node_support import Kubectl, build_images
@@ -612,14 +613,4 @@ def test_the_whole_journey_on_a_node(
         phases.mark("helm install again -> every component Ready on the kept store")
     finally:
         journey.uninstall()
-        # The operator is gone: nothing would remove the components' finalizer, and the next
-        # install on this node starts from an empty store.
-        for name in journey.components:
-            kubectl.run("-n", SAMPLES_NAMESPACE, "patch", "dfc", name, "--type=merge",
-                        "-p", '{"metadata":{"finalizers":null}}', check=False)  # fmt: skip
-        kubectl.run("-n", NAMESPACE, "delete", "pvc", "-l", "app.kubernetes.io/component=etcd",
-                    "--wait=false", check=False)  # fmt: skip
-        # Kept by `helm uninstall` with the PVCs (resource-policy keep): gone with them.
-        kubectl.run("-n", NAMESPACE, "delete", "secret", "-l",
-                    f"app.kubernetes.io/instance={RELEASE}", "--wait=false",
-                    check=False)  # fmt: skip
+        remove_release_leftovers(kubectl, journey.components)

@@ -35,6 +35,7 @@ from journey_support import (
     EtcdctlError,
     Phases,
     parse_time,
+    remove_release_leftovers,
     stand_in_versions,
 )
 from node_support import Kubectl, build_images
@@ -230,11 +231,4 @@ def test_agents_run_through_an_etcd_restore_without_a_pod_restart(
         phases.mark("past two heartbeat thresholds: no pod restarted, every component Ready")
     finally:
         journey.uninstall()
-        for name in journey.components:
-            kubectl.run("-n", SAMPLES_NAMESPACE, "patch", "dfc", name, "--type=merge",
-                        "-p", '{"metadata":{"finalizers":null}}', check=False)  # fmt: skip
-        kubectl.run("-n", NAMESPACE, "delete", "pvc", "-l", "app.kubernetes.io/component=etcd",
-                    "--wait=false", check=False)  # fmt: skip
-        kubectl.run("-n", NAMESPACE, "delete", "secret", "-l",
-                    f"app.kubernetes.io/instance={RELEASE}", "--wait=false",
-                    check=False)  # fmt: skip
+        remove_release_leftovers(kubectl, journey.components)
