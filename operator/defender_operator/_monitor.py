@@ -519,17 +519,30 @@ async def heartbeat_step(
     etcd = p.rt.etcd.view()
     if not read_ok and etcd.reachable and etcd.quorum:
         etcd = dataclasses.replace(etcd, reachable=False, healthy_since=None)
-    decision = decide_restart(
-        now=p.now,
-        pods=pod_views(pods),
-        last_seen=mem.last_seen,
-        watch_started=mem.watch_started,
-        etcd=etcd,
-        policy=policy,
-        budget=budget,
-        restart_times=mem.restart_times,
-        lease_ttls=mem.lease_ttls,
-    )
+
+    def decide() -> RestartDecision:
+        return decide_restart(
+            now=p.now,
+            pods=pod_views(pods),
+            last_seen=mem.last_seen,
+            watch_started=mem.watch_started,
+            etcd=etcd,
+            policy=policy,
+            budget=budget,
+            restart_times=mem.restart_times,
+            lease_ttls=mem.lease_ttls,
+        )
+
+    decision = decide()
+    if decision.action is RestartAction.RESTART and read_ok:
+        # Deleting a pod cannot be undone, and the records judged may be a moment old (the
+        # view's, read before this pass's other steps): an instance that has just moved to a
+        # new lease (a cadence change) left its old one revoked, which reads as a silence.
+        # Judge once more on the component's records read now; a read that fails says
+        # nothing about the pod, as for the pass's own read (etcd counts as unreachable).
+        if not await _heard_since(p, mem, pods):
+            etcd = dataclasses.replace(etcd, reachable=False, healthy_since=None)
+        decision = decide()
     out = Outcome(fields={"restarts": int(p.status.get("restarts") or 0)})
     if decision.action is RestartAction.RESTART and decision.pod is not None:
         out.fields["restarts"] += await _restart(p, mem, pods, decision, out)
@@ -559,6 +572,19 @@ async def heartbeat_step(
     out.fields.update(instances={"alive": alive, "expected": expected})
     out.fields["instanceSummary"] = f"{alive}/{expected}"
     return Judged(decision, policy, expected, live, alive), out
+
+
+async def _heard_since(p: Pass, mem: ComponentMemory, pods: Sequence[Pod]) -> bool:
+    """Read the component's heartbeat records from etcd (authentic ones only) and track them;
+    False when that read failed."""
+    try:
+        fresh = await asyncio.to_thread(p.rt.backend.instances, p.name)
+        good, _ = authentic(fresh)
+        track(mem, await _last_seen(p.rt, good), pods)
+    except DefenderConfigError as exc:
+        p.logger.warning("cannot read heartbeats again before a restart: %s", exc)
+        return False
+    return True
 
 
 async def _restart(

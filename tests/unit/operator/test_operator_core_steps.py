@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ from defender_config import (
     validate_config,
 )
 from defender_operator import _api
+from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.keyring import KeyringAction, KeyringPlan
 from defender_operator._decisions.ownership import (
@@ -611,6 +613,31 @@ def test_a_pod_that_stops_beating_is_restarted() -> None:
     assert "PodRestarted" in h.reasons()
     assert h.kube.status["restarts"] == 1
     assert [a.reason for a in h.backend.raised if a.reason == "PodRestarted"] == ["PodRestarted"]
+
+
+def test_a_pod_heard_from_on_a_fresh_read_before_its_restart_is_not_restarted() -> None:
+    # Seen in CI: an agent moved to a new lease (a cadence change) just after the pass read its
+    # record; the old lease, revoked, read as a silence. The restart is judged again on a
+    # fresh read first.
+    h = Harness()
+    hb = {"intervalSeconds": 1, "missedBeforeRestart": 2}
+    run(h.reconcile(spec(ETH0, heartbeat=hb)))
+    h.add_pod("sniffer-a")
+    h.mem.watch_started = h.pods["sniffer-a"].created
+    read = h.backend.instances
+    reads: list[str] = []
+
+    def instances(component: str) -> Sequence[InstanceRecord]:
+        reads.append(component)
+        if len(reads) == 2:
+            h.beat("sniffer-a")  # written between the pass's read and its verdict
+        return read(component)
+
+    h.backend.instances = instances  # type: ignore[method-assign]
+    run_monitor(h, spec(ETH0, heartbeat=hb))
+    assert reads == [NAME, NAME]
+    assert h.kube.deleted == []
+    assert "PodRestarted" not in h.reasons()
 
 
 @pytest.mark.parametrize("who", ["reconcile", "monitor"])
