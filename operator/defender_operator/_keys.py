@@ -273,7 +273,9 @@ class KeyringSecrets:
     def ensure(self, known: Keyring) -> StoredKeyring:
         """The source keyring; if the Secret is missing, it is written back from `known`, the
         keyring this process checked against the store. Never generates: that is decided by
-        `_keyguard` (`_decisions.keyring`), only for an empty store."""
+        `_keyguard` (`_decisions.keyring`), only for an empty store. For the rotation step
+        (`_rotation.step`), which runs right after `_keyguard.settle` judged the Secret: one
+        deleted in between is written back here, from the keyring just verified."""
         found = self.load()
         if found is not None:
             return found
