@@ -30,6 +30,14 @@ bindir="${DEFENDER_TOOLS_BIN:-$("$root/hack/tools.sh" --bindir)}"
 helm="$bindir/helm"
 python="${PYTHON:-$root/.venv/bin/python}"
 [[ -x "$helm" ]] || { echo "render-manifests: $helm not found; run make tools" >&2; exit 1; }
+# hack/chart-schema.py runs in the repo's venv: a worktree without one must be told so, not that
+# the schema is stale (the `|| stale+=` of --check below cannot tell the two apart).
+command -v "$python" >/dev/null || {
+  echo "render-manifests: $python not found: the venv that runs hack/chart-schema.py is" \
+    "missing; create it with \`make venv\` in $root, or set PYTHON to a python with the dev" \
+    "requirements" >&2
+  exit 1
+}
 check=false
 [[ "${1:-}" == "--check" ]] && check=true
 

@@ -39,13 +39,11 @@ from defender_operator._decisions.keyring import (
     describe_missing,
 )
 from defender_operator._errors import UNANSWERED, KeySecretError, OperatorError
-from defender_operator._keys import A_RESTORED, StoredKeyring
+from defender_operator._keys import MEMORY, StoredKeyring
 from defender_operator._kube import ObjectRef
 from defender_operator._runtime import Runtime
 
 log = logging.getLogger("defender_operator.keyguard")
-
-MEMORY = "the operator's memory"
 
 
 def _holder(rt: Runtime, name: str, keyring: Keyring, usage: KeyUsage) -> Holder:
@@ -117,9 +115,7 @@ async def settle(rt: Runtime) -> bool:
         return True
     if plan.action is KeyringAction.RESTORE and plan.holder is not None:
         keyring = keyrings[plan.holder]
-        written, created = await asyncio.to_thread(
-            rt.secrets.create, keyring, {A_RESTORED: plan.holder}
-        )
+        written, created = await asyncio.to_thread(rt.secrets.restore, keyring, plan.holder)
         if not created:
             return False  # someone else wrote the source meanwhile: judge it next time
         log.warning(

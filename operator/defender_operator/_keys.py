@@ -71,6 +71,8 @@ A_EXPORTED = EXPORTED_ANNOTATION
 A_RESTORED = RESTORED_ANNOTATION
 # Annotations a person's tools or a restore add; kept across the operator's own rewrites.
 _KEPT = (A_EXPORTED, A_RESTORED)
+# The holder named in A_RESTORED when the operator writes the source back from what it holds.
+MEMORY = "the operator's memory"
 
 
 class KeyringUnavailableError(KeyringError):
@@ -157,6 +159,27 @@ def _time(value: str | None) -> datetime | None:
         return None  # a person's edit; read as absent
 
 
+@dataclass(frozen=True)
+class ExportSeen:
+    """The last-export stamp last seen on the source Secret, and the digest of the keyring
+    the Secret held then."""
+
+    digest: str
+    stamp: str
+
+
+def restore_annotations(holder: str, keyring: Keyring, seen: ExportSeen | None) -> dict[str, str]:
+    """The annotations of a source Secret written back with `keyring` from `holder`: where it
+    came from, and the last-export stamp the Secret had with this keyring. The export exists
+    whether or not the Secret does: without the stamp an operator started later warns
+    NoKeyringExport and asks for one again. A stamp seen with another keyring is not carried:
+    it tells of an export of what that Secret held, not of this keyring."""
+    annotations = {A_RESTORED: holder}
+    if seen is not None and seen.digest == keyring_digest(keyring):
+        annotations[A_EXPORTED] = seen.stamp
+    return annotations
+
+
 def _rotation_from(annotations: dict[str, str]) -> RotationState:
     return RotationState(
         stage=RotationStage(annotations.get(A_STAGE, RotationStage.IDLE.value)),
@@ -203,6 +226,9 @@ class KeyringSecrets:
         # or written): carried into every rewrite of that Secret, so a rotation or a copy
         # re-created after a delete does not leave readers without it until the next publish.
         self._registrations: dict[str, tuple[dict[str, int], float]] = {}
+        # The last-export stamp last read on the source Secret: carried into a Secret written
+        # back after a delete (`restore`).
+        self._export_seen: ExportSeen | None = None
 
     def _registrations_data(self, namespace: str) -> dict[str, str]:
         held = self._registrations.get(namespace)
@@ -229,6 +255,8 @@ class KeyringSecrets:
         source = f"Secret {self.namespace}/{self.name}"
         keyring = Keyring.from_secret_data(secret.data or {}, source=source)
         annotations = dict(secret.metadata.annotations or {})
+        if annotations.get(A_EXPORTED):
+            self._export_seen = ExportSeen(keyring_digest(keyring), annotations[A_EXPORTED])
         return StoredKeyring(
             keyring=keyring,
             rotation=_rotation_from(annotations),
@@ -245,11 +273,13 @@ class KeyringSecrets:
     def ensure(self, known: Keyring) -> StoredKeyring:
         """The source keyring; if the Secret is missing, it is written back from `known`, the
         keyring this process checked against the store. Never generates: that is decided by
-        `_keyguard` (`_decisions.keyring`), only for an empty store."""
+        `_keyguard` (`_decisions.keyring`), only for an empty store. For the rotation step
+        (`_rotation.step`), which runs right after `_keyguard.settle` judged the Secret: one
+        deleted in between is written back here, from the keyring just verified."""
         found = self.load()
         if found is not None:
             return found
-        stored, created = self.create(known)
+        stored, created = self.restore(known, MEMORY)
         if created:
             log.warning(
                 "the keyring Secret %s/%s was deleted; restored it from the operator's memory"
@@ -259,6 +289,11 @@ class KeyringSecrets:
                 known.primary_fingerprint,
             )
         return stored
+
+    def restore(self, keyring: Keyring, holder: str) -> tuple[StoredKeyring, bool]:
+        """Write the deleted source Secret back with `keyring`, taken from `holder`, as
+        `create` does (`restore_annotations`)."""
+        return self.create(keyring, restore_annotations(holder, keyring, self._export_seen))
 
     def create(
         self, keyring: Keyring, annotations: Mapping[str, str] | None = None

@@ -145,6 +145,10 @@ class EtcdStore:
                 # Start anyway, like without auth: the first call logs in once etcd answers.
                 # Wrong credentials (StoreAuthError) still fail here, at start-up.
                 log.warning("etcd login deferred: %s", exc)
+            except BaseException:
+                # The caller never gets this store to close: its channels would stay open.
+                self.close()
+                raise
 
     # --- construction ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from defender_config import EtcdSettings, StoreAuthError, StoreError, StoreUnavailableError
 from defender_config._store._keepalive import _Failure
+from defender_config._store._pyetcd import _SharedClient
 from defender_config.store import EtcdStore, WatchEvent
 from defender_devcluster import EtcdCluster, etcd_member_healthy, tool, wait_for
 from defender_devcluster._errors import ToolNotFoundError
@@ -197,9 +198,26 @@ def test_user_password_auth_and_token_renewal(auth_etcd: str, etcd_prefix: str) 
         assert calls == 2
 
 
-def test_wrong_password_is_an_auth_error(auth_etcd: str) -> None:
+@pytest.mark.parametrize("defer_login", [True, False])
+def test_wrong_password_is_an_auth_error_and_leaves_no_channel_open(
+    auth_etcd: str, monkeypatch: pytest.MonkeyPatch, defer_login: bool
+) -> None:
+    # The constructor raises: the caller has no store to close, so the store closes its own.
+    closed: list[_SharedClient] = []
+    close = _SharedClient.close
+
+    def recording_close(client: _SharedClient) -> None:
+        closed.append(client)
+        close(client)
+
+    monkeypatch.setattr(_SharedClient, "close", recording_close)
     with pytest.raises(StoreAuthError, match="authentication as 'app' failed"):
-        EtcdStore(_auth_settings(auth_etcd, "app", "wrong"), registry=CollectorRegistry())
+        EtcdStore(
+            _auth_settings(auth_etcd, "app", "wrong"),
+            registry=CollectorRegistry(),
+            defer_login=defer_login,
+        )
+    assert len(closed) == 1
 
 
 def test_missing_permission_is_an_auth_error_not_retried(auth_etcd: str, etcd_prefix: str) -> None:

@@ -14,7 +14,7 @@ from defender_config import REGISTRATIONS_FILE, Keyring, contract, parse_registr
 from defender_operator._api import RotationStage
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeyDropRefusedError, KeySecretError
-from defender_operator._keys import A_DIGEST, MANAGED_BY, KeyringSecrets, keyring_digest
+from defender_operator._keys import A_DIGEST, MANAGED_BY, MEMORY, KeyringSecrets, keyring_digest
 from defender_operator._kube import Kube, ObjectRef
 
 pytestmark = [pytest.mark.cluster]
@@ -33,10 +33,12 @@ def _other_namespace(core: k8s.CoreV1Api) -> str:
 
 
 def test_generated_once_and_kept(core: k8s.CoreV1Api, namespace: str) -> None:
+    # What `_keyguard.settle` writes on a first install (Generate): create-only.
     secrets = KeyringSecrets(core, namespace, NAME)
     assert secrets.load() is None
-    first = secrets.ensure(Keyring.generate())
-    again = KeyringSecrets(core, namespace, NAME).ensure(Keyring.generate())
+    first, created = secrets.create(Keyring.generate())
+    again, created_again = KeyringSecrets(core, namespace, NAME).create(Keyring.generate())
+    assert created and not created_again
     assert again.keyring == first.keyring
     assert first.rotation.stage is RotationStage.IDLE
     secret = core.read_namespaced_secret(NAME, namespace)
@@ -47,17 +49,26 @@ def test_generated_once_and_kept(core: k8s.CoreV1Api, namespace: str) -> None:
 def test_deleted_source_is_restored_from_memory_not_regenerated(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
+    # A rotation step (`_rotation.step`) finding the Secret deleted since `settle` read it.
     secrets = KeyringSecrets(core, namespace, NAME)
-    known = secrets.ensure(Keyring.generate()).keyring
+    known = secrets.create(Keyring.generate())[0].keyring
+    _annotate_source(core, namespace, {contract.EXPORTED_ANNOTATION: "2026-12-01T00:00:00Z"})
+    seen = secrets.load()  # the operator's pass reads the stamp
+    assert seen is not None and seen.exported is not None
     core.delete_namespaced_secret(NAME, namespace)
-    assert secrets.ensure(known).keyring == known
+    restored = secrets.ensure(known)
+    assert restored.keyring == known
+    assert restored.kept == {
+        contract.RESTORED_ANNOTATION: MEMORY,
+        contract.EXPORTED_ANNOTATION: "2026-12-01T00:00:00Z",
+    }
 
 
 def test_copy_created_updated_and_left_alone_when_in_sync(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    keyring = secrets.ensure(Keyring.generate()).keyring
+    keyring = secrets.create(Keyring.generate())[0].keyring
     other = _other_namespace(core)
     try:
         assert secrets.fan_out(keyring, other) is True
@@ -78,7 +89,7 @@ def test_copy_digest_reused_within_max_age_and_read_again_after(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    keyring = secrets.ensure(Keyring.generate()).keyring
+    keyring = secrets.create(Keyring.generate())[0].keyring
     other = _other_namespace(core)
     try:
         assert secrets.copy_digest(other, max_age=60) is None  # absent, and remembered so
@@ -119,7 +130,7 @@ def test_foreign_secret_with_the_same_name_is_not_overwritten(
             k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=NAME), string_data={"x": "mine"}),
         )
         secrets = KeyringSecrets(core, namespace, NAME)
-        keyring = secrets.ensure(Keyring.generate()).keyring
+        keyring = secrets.create(Keyring.generate())[0].keyring
         with caplog.at_level(logging.DEBUG), pytest.raises(KeySecretError) as info:
             secrets.fan_out(keyring, other)
         assert "not managed by the operator" in str(info.value)
@@ -134,7 +145,7 @@ def test_api_refusals_are_typed_and_hold_no_key_material(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    keyring = secrets.ensure(Keyring.generate()).keyring
+    keyring = secrets.create(Keyring.generate())[0].keyring
     with pytest.raises(KeySecretError) as info:
         secrets.fan_out(keyring, f"missing-{uuid.uuid4().hex[:8]}")
     assert info.value.status == 404
@@ -145,7 +156,7 @@ def test_api_refusals_are_typed_and_hold_no_key_material(
 
 def test_save_refuses_a_stale_version(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    stored = secrets.ensure(Keyring.generate())
+    stored = secrets.create(Keyring.generate())[0]
     moved = secrets.save(
         stored.keyring.with_new_decrypt_only(),
         RotationState(RotationStage.DISTRIBUTING),
@@ -165,7 +176,7 @@ def test_copy_never_replaced_by_a_keyring_that_drops_a_used_key(
     """The deleted-source hole: a new keyring must not overwrite the last holder of a key that
     stored values use. Only when no value uses the dropped key is the copy replaced."""
     secrets = KeyringSecrets(core, namespace, NAME)
-    old = secrets.ensure(Keyring.generate()).keyring
+    old = secrets.create(Keyring.generate())[0].keyring
     other = _other_namespace(core)
     try:
         assert secrets.fan_out(old, other) is True
@@ -265,7 +276,7 @@ def test_an_event_that_cannot_be_posted_is_logged_not_raised(
 
 def test_unreadable_time_annotations_read_as_absent(core: k8s.CoreV1Api, namespace: str) -> None:
     secrets = KeyringSecrets(core, namespace, NAME)
-    secrets.ensure(Keyring.generate())
+    secrets.create(Keyring.generate())
     _annotate_source(core, namespace, {contract.EXPORTED_ANNOTATION: "last tuesday"})
     stored = secrets.load()
     assert stored is not None and stored.exported is None
@@ -282,7 +293,7 @@ def test_registrations_published_beside_the_keyring_and_carried_by_its_rewrites(
     # The real API server's update (the verb the chart's RBAC grants on the keyring Secret):
     # the keyring entry kept, a stale resourceVersion refused, rewrites carry the file.
     secrets = KeyringSecrets(core, namespace, NAME)
-    keyring = secrets.ensure(Keyring.generate()).keyring
+    keyring = secrets.create(Keyring.generate())[0].keyring
     other = _other_namespace(core)
     try:
         secrets.fan_out(keyring, other)

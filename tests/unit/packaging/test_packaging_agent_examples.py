@@ -76,3 +76,21 @@ def test_the_pages_point_at_the_example_chart() -> None:
         text = " ".join((REPO / page).read_text().split())
         assert "helm template demo charts/ml-defender/examples/agent-sidecar" in text, page
         assert "render exactly this" not in text, page
+
+
+def test_the_example_adds_only_the_sidecar_and_no_page_makes_ml_defender_a_dependency(
+    render: Render,
+) -> None:
+    # ml-defender as a subchart of a component's chart installs its operator, etcd and CRDs a
+    # second time: it is installed once, and a component's chart copies the helpers.
+    chart = yaml.safe_load((EXAMPLE / "Chart.yaml").read_text())
+    assert "dependencies" not in chart
+    assert {doc["kind"] for doc in render(chart=EXAMPLE, release="demo")} == {"Deployment"}
+    for page in (
+        EXAMPLE / "Chart.yaml",
+        CHART / "templates" / "_agent.tpl",
+        REPO / "docs" / "agent.md",
+        REPO / "README.md",
+    ):
+        text = " ".join(page.read_text().split())
+        assert "as a dependency" not in text, page

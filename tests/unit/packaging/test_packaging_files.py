@@ -45,6 +45,26 @@ def test_stale_manifests_are_reported(helm_bin: Path, tmp_path: Path) -> None:
     assert "stale" in proc.stderr and "manifests/install.yaml" in proc.stderr
 
 
+@pytest.mark.parametrize("args", [("--check",), ()])
+def test_a_missing_venv_is_named_not_blamed_on_the_chart(
+    helm_bin: Path, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # A fresh worktree has no .venv: the script must say so, not call the schema stale.
+    for part in ("hack", "crds", "manifests"):
+        shutil.copytree(REPO / part, tmp_path / part)
+    shutil.copytree(CHART, tmp_path / "charts" / "ml-defender")
+    env = {k: v for k, v in _script_env(helm_bin).items() if k != "PYTHON"}
+    proc = _run(str(tmp_path / "hack" / "render-manifests.sh"), *args, env=env)
+    assert proc.returncode == 1
+    assert f"{tmp_path}/.venv/bin/python not found" in proc.stderr, proc.stderr
+    assert "make venv" in proc.stderr and "stale" not in proc.stderr, proc.stderr
+    # Found before anything is written.
+    copy = tmp_path / "charts" / "ml-defender"
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == sorted(
+        p.relative_to(CHART) for p in CHART.rglob("*")
+    )
+
+
 EXAMPLE_HELPERS = ("_agent.tpl", "_helpers.tpl")
 
 

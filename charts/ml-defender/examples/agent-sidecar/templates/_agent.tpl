@@ -1,7 +1,8 @@
 {{/*
 Sidecar helpers for the defender-agent (docs/agent.md). They put the agent beside any
-component container, in any chart that has this chart's templates loaded (as a dependency,
-or by copying this file and _helpers.tpl):
+component container, in any chart that holds a copy of this file and _helpers.tpl (taken
+from the installed release's chart; not this chart as a subchart, which would install its
+operator and etcd again):
 
   spec:
     shareProcessNamespace: true          # only for reload.method=signal
