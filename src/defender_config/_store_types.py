@@ -65,9 +65,10 @@ class StoredValue:
 class WatchEvent:
     """A change under a watched prefix. A lease expiry arrives as kind="delete".
 
-    `resync` marks synthetic "put" events sent after the watch had to restart from a compacted
-    revision: the callback sees the current value of every key again (deletes in the gap are
-    not replayed)."""
+    `resync` marks synthetic events sent after the watch had to restart from a compacted
+    revision (or on another cluster): a "delete" for every key the watch had handed out as
+    present that is gone (`mod_revision` is the listing's), then a "put" with the current value
+    of every key. A key never handed out that was deleted in the gap is not reported."""
 
     kind: Literal["put", "delete"]
     key: str

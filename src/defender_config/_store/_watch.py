@@ -53,6 +53,9 @@ class WatchHandle:
         # change seen after a lost stream still needs the current state handed out.
         self._cluster_changes = store.cluster_changes
         self._cluster_resync = False
+        # Keys this watch handed out as present (put, not deleted since): a resync tells the
+        # callback which of them are gone, as a delete, since the gap's own deletes are lost.
+        self._present: set[str] = set()
         self._queue: queue.Queue[_Item] = queue.Queue()
         self._generation = 0
         self._watch_id: int | None = None
@@ -196,7 +199,8 @@ class WatchHandle:
 
     def _resync(self) -> bool:
         """The revision to resume from was compacted (or is another cluster's): hand out the
-        current state instead. False when it could not be read (waited a little)."""
+        current state instead, a delete for each key handed out before that is gone, then a put
+        for each key there. False when it could not be read (waited a little)."""
         try:
             if self._range_end is None:
                 response = self._store._call(
@@ -214,7 +218,24 @@ class WatchHandle:
             self._stopped.wait(self._store.settings.backoff_base_seconds)
             return False
         self._watcher, self._watch_id = None, None
+        listed = {v.key for v in values}
+        for key in gone_since(self._present, listed):
+            if self._stopped.is_set():
+                return True
+            # Deleted at or before the listing's revision; exactly when is lost with the gap.
+            gone = WatchEvent(
+                kind="delete",
+                key=key,
+                value=b"",
+                mod_revision=int(revision),
+                version=0,
+                resync=True,
+            )
+            _safe(self._callback, gone)
+        self._present = listed
         for v in values:
+            if self._stopped.is_set():
+                return True
             event = WatchEvent(
                 kind="put",
                 key=v.key,
@@ -241,11 +262,21 @@ class WatchHandle:
             if event.mod_revision < floor:
                 continue  # already delivered before the stream was re-created
             self.next_revision = max(self.next_revision, event.mod_revision + 1)
+            if event.kind == "put":
+                self._present.add(event.key)
+            else:
+                self._present.discard(event.key)
             delivered = True
             _safe(self._callback, event)
         if not delivered and not response.events:
             # A progress notification: nothing changed up to the header revision.
             self.next_revision = max(self.next_revision, int(response.header.revision) + 1)
+
+
+def gone_since(present: set[str], listed: set[str]) -> list[str]:
+    """The keys handed out as present that a listing no longer holds, in key order (the order a
+    listing hands out its puts)."""
+    return sorted(present - listed)
 
 
 def _safe(fn: Callable[[Any], None], arg: Any) -> None:

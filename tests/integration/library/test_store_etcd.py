@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from defender_config import ConflictError, EtcdSettings, NotFoundError
 from defender_config.store import Compare, DeleteOp, EtcdStore, GetOp, PutOp, WatchEvent
-from defender_devcluster import EtcdCluster, tool, wait_for
+from defender_devcluster import EtcdCluster, etcd_client_settings, tool, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -185,6 +185,44 @@ def test_watch_from_compacted_revision_resyncs(
         ("a", b"2", True),
         ("b", b"3", True),
         ("c", b"4", False),
+    ]
+
+
+def test_a_key_deleted_while_a_watch_was_cut_off_and_compacted_is_handed_out_as_deleted(
+    store: EtcdStore, etcd_prefix: str, members_restored: EtcdCluster
+) -> None:
+    # The watching store talks to member 0 only: stopped, its watch cannot resume elsewhere
+    # before the delete and the compaction happen on the other two.
+    cluster = members_restored
+    one = EtcdStore(
+        EtcdSettings.model_validate({**etcd_client_settings(cluster.endpoints[:1]), "retries": 1}),
+        registry=CollectorRegistry(),
+    )
+    events: list[WatchEvent] = []
+    try:
+        handle = one.watch_prefix(etcd_prefix, events.append)
+        store.put(etcd_prefix + "a", b"1")
+        store.put(etcd_prefix + "b", b"2")
+        wait_for("both puts delivered", lambda: len(events) == 2, timeout=15)
+        cluster.stop_member(0)
+        store.delete(etcd_prefix + "b")
+        now = store.put(etcd_prefix + "c", b"3")
+        subprocess.run(
+            [str(tool("etcdctl")), f"--endpoints={cluster.endpoints[1]}", "compaction", str(now)],
+            check=True,
+            capture_output=True,
+        )
+        cluster.restart_member(0)
+        wait_for("the resync", lambda: len(events) >= 5, timeout=60)
+        handle.cancel()
+    finally:
+        one.close()
+    assert [(e.kind, e.key[-1], e.resync) for e in events] == [
+        ("put", "a", False),
+        ("put", "b", False),
+        ("delete", "b", True),
+        ("put", "a", True),
+        ("put", "c", True),
     ]
 
 
