@@ -270,26 +270,6 @@ class KeyringSecrets:
         secret = self._read(self.namespace)
         return None if secret is None else self._parse(secret)
 
-    def ensure(self, known: Keyring) -> StoredKeyring:
-        """The source keyring; if the Secret is missing, it is written back from `known`, the
-        keyring this process checked against the store. Never generates: that is decided by
-        `_keyguard` (`_decisions.keyring`), only for an empty store. For the rotation step
-        (`_rotation.step`), which runs right after `_keyguard.settle` judged the Secret: one
-        deleted in between is written back here, from the keyring just verified."""
-        found = self.load()
-        if found is not None:
-            return found
-        stored, created = self.restore(known, MEMORY)
-        if created:
-            log.warning(
-                "the keyring Secret %s/%s was deleted; restored it from the operator's memory"
-                " (primary %s)",
-                self.namespace,
-                self.name,
-                known.primary_fingerprint,
-            )
-        return stored
-
     def restore(self, keyring: Keyring, holder: str) -> tuple[StoredKeyring, bool]:
         """Write the deleted source Secret back with `keyring`, taken from `holder`, as
         `create` does (`restore_annotations`)."""

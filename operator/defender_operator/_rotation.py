@@ -16,6 +16,7 @@ import logging
 from datetime import datetime
 
 from defender_config import Keyring, KeyState
+from defender_operator import _keyguard
 from defender_operator._api import ROTATE_ANNOTATION, RotationStage
 from defender_operator._decisions.rotation import (
     RotationAction,
@@ -27,7 +28,7 @@ from defender_operator._decisions.rotation import (
     resumed_rotation,
     schedule_due,
 )
-from defender_operator._errors import KubeError, OperatorError
+from defender_operator._errors import KeySecretError, KubeError, OperatorError
 from defender_operator._keys import StoredKeyring
 from defender_operator._metrics import ROTATION_STAGE
 from defender_operator._runtime import Runtime, utcnow
@@ -83,7 +84,27 @@ async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
 
 async def step(rt: Runtime) -> RotationStep:
     """Load the state, decide one step, apply it. Returns the step taken."""
-    current = await asyncio.to_thread(rt.secrets.ensure, rt.keyring.current())
+    current = await asyncio.to_thread(rt.secrets.load)
+    if current is None:
+        # Deleted since `_keyguard.settle` judged it: settle again, which writes it back from
+        # the keyring it verified and says so (Event, alert), rather than a quiet write here.
+        if not await _keyguard.settle(rt):
+            raise KeySecretError(
+                "write back",
+                rt.secrets.namespace,
+                rt.secrets.name,
+                None,
+                "it was deleted and is not written back yet; the next pass tries again",
+            )
+        current = await asyncio.to_thread(rt.secrets.load)
+        if current is None:
+            raise KeySecretError(
+                "read",
+                rt.secrets.namespace,
+                rt.secrets.name,
+                None,
+                "it is gone again right after it was written back; the next pass tries again",
+            )
     now = utcnow()
     # Before the first rotation the primary key's creation time starts the schedule.
     last = current.last_rotation or current.keyring.primary.created

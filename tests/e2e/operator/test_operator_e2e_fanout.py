@@ -49,7 +49,7 @@ def test_fan_out_reaches_every_watched_namespace_despite_one_refusal(
             k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=NAME), string_data={"x": "mine"}),
         )
         secrets = KeyringSecrets(core, namespace, NAME)
-        keyring = secrets.ensure(Keyring.generate()).keyring
+        keyring = (secrets.load() or secrets.create(Keyring.generate())[0]).keyring
         # Sorted order puts the refusing namespace first or second; either way `ok` must get
         # its copy, which is what the old loop (stop at the first error) failed to do.
         rt = SimpleNamespace(

@@ -49,14 +49,15 @@ def test_generated_once_and_kept(core: k8s.CoreV1Api, namespace: str) -> None:
 def test_deleted_source_is_restored_from_memory_not_regenerated(
     core: k8s.CoreV1Api, namespace: str
 ) -> None:
-    # A rotation step (`_rotation.step`) finding the Secret deleted since `settle` read it.
+    # `_keyguard.settle` writing back a Secret deleted since a pass read it.
     secrets = KeyringSecrets(core, namespace, NAME)
     known = secrets.create(Keyring.generate())[0].keyring
     _annotate_source(core, namespace, {contract.EXPORTED_ANNOTATION: "2026-12-01T00:00:00Z"})
     seen = secrets.load()  # the operator's pass reads the stamp
     assert seen is not None and seen.exported is not None
     core.delete_namespaced_secret(NAME, namespace)
-    restored = secrets.ensure(known)
+    restored, created = secrets.restore(known, MEMORY)
+    assert created
     assert restored.keyring == known
     assert restored.kept == {
         contract.RESTORED_ANNOTATION: MEMORY,

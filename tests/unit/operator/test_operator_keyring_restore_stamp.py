@@ -11,7 +11,7 @@ from operator_core_support import FakeSecretsApi, Harness
 
 from defender_config import Keyring
 from defender_config.contract import EXPORTED_ANNOTATION, RESTORED_ANNOTATION
-from defender_operator import _keyguard
+from defender_operator import _keyguard, _rotation
 from defender_operator._keys import (
     MEMORY,
     ExportSeen,
@@ -73,3 +73,24 @@ def test_a_deleted_exported_secret_is_restored_with_its_stamp_and_no_export_is_a
     assert asyncio.run(_keyguard.settle(restarted.rt)) is True
     assert restarted.rt.keyring.current() == keyring
     assert "NoKeyringExport" not in [reason for _, reason in restarted.kube.posted]
+
+
+def test_a_secret_deleted_between_settle_and_the_rotation_step_is_written_back_and_reported() -> (
+    None
+):
+    # The rotation step runs right after settle judged the Secret: one deleted in between is
+    # written back as settle does it (KeyringRestored: Event and alert), not quietly.
+    api, backend = FakeSecretsApi(), MemoryBackend()
+    h = _operator(api, backend)
+    keyring = h.rt.keyring.current()
+    h.backend.record_keyring(keyring)
+    h.rt.secrets.create(keyring)
+    api.stored[SOURCE].metadata.annotations[EXPORTED_ANNOTATION] = STAMP
+    assert asyncio.run(_keyguard.settle(h.rt)) is True
+    del api.stored[SOURCE]
+    asyncio.run(_rotation.step(h.rt))
+    annotations: dict[str, Any] = api.stored[SOURCE].metadata.annotations
+    assert annotations[RESTORED_ANNOTATION] == MEMORY
+    assert annotations[EXPORTED_ANNOTATION] == STAMP
+    assert "KeyringRestored" in [reason for _, reason in h.kube.posted]
+    assert Keyring.from_secret_data(api.stored[SOURCE].data, source="test") == keyring

@@ -20,7 +20,7 @@ from defender_operator._decisions.conditions import Cond
 from defender_operator._decisions.registration import REGISTRATION_FIELD, registrations_to_publish
 from defender_operator._decisions.rotation import RotationState
 from defender_operator._errors import KeySecretError
-from defender_operator._keys import KeyringSecrets
+from defender_operator._keys import MEMORY, KeyringSecrets
 from defender_operator._metrics import ERRORS
 from defender_operator._settings import OperatorSettings
 
@@ -118,7 +118,7 @@ def test_a_rotation_and_a_copy_created_again_carry_the_registrations() -> None:
     assert on_file(api, TENANT) == {"sniffer": 100}
     # The source deleted too: written back from memory, with them.
     del api.stored[SOURCE]
-    secrets.ensure(rotated)
+    secrets.restore(rotated, MEMORY)
     assert on_file(api, SOURCE[0]) == {"rag": 50}
 
 
