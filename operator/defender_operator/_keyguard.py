@@ -30,16 +30,17 @@ import asyncio
 import logging
 from dataclasses import replace
 
-from defender_config import DefenderConfigError, Keyring, KeyringError, KeyUsage
+from defender_config import DefenderConfigError, Keyring, KeyringError, KeyState, KeyUsage
 from defender_operator._decisions.keyring import (
     Holder,
     KeyringAction,
     KeyringPlan,
     decide_keyring,
     describe_missing,
+    export_lacks,
 )
 from defender_operator._errors import UNANSWERED, KeySecretError, OperatorError
-from defender_operator._keys import MEMORY, StoredKeyring
+from defender_operator._keys import A_EXPORTED, MEMORY, StoredKeyring
 from defender_operator._kube import ObjectRef
 from defender_operator._runtime import Runtime
 
@@ -107,7 +108,10 @@ async def settle(rt: Runtime) -> bool:
     stored, source_error = await asyncio.to_thread(_load, rt)
     held = rt.keyring.peek()
     if rt.keyring_ready and stored is not None and held is not None and stored.keyring == held:
-        return True  # the keyring this operator verified or wrote itself
+        # The keyring this operator verified or wrote itself (a rotation step's too: whether
+        # the last export still holds every key is judged here).
+        await _judge_export(rt, stored)
+        return True
     plan, keyrings = await asyncio.to_thread(_gather, rt, stored, source_error)
     if plan.action is KeyringAction.USE_SOURCE and stored is not None:
         await _use(rt, stored)
@@ -177,16 +181,38 @@ async def _use(rt: Runtime, stored: StoredKeyring) -> None:
         )
         log.warning("%s", message)
         await _tell(rt, "Normal", "KeyringAvailable", message, alert=False)
-    if stored.exported is None and not rt.export_warned:
-        rt.export_warned = True
+    await _judge_export(rt, stored)
+
+
+async def _judge_export(rt: Runtime, stored: StoredKeyring) -> None:
+    """Warn (log and an Event on the Secret) when no export was taken, or when the last one
+    lacks a key of the keyring in use (a rotation since): once per process for each gap."""
+    if stored.exported is None:
+        gap, reason = "none", "NoKeyringExport"
         message = (
             "no export of the keyring was ever taken: if this Secret and its copies are lost,"
             " every stored config is unreadable. Run `kubectl defender keyring export -f FILE`"
             " and keep the file apart from etcd snapshots (docs/security.md)"
         )
-        log.warning("%s", message)
-        ref = ObjectRef("v1", "Secret", rt.secrets.namespace, rt.secrets.name)
-        await asyncio.to_thread(rt.kube.post_event, ref, "Warning", "NoKeyringExport", message)
+    else:
+        # A retired key opens nothing any more: an export without it lacks nothing.
+        keys = {k.key_id: k.created for k in stored.keyring.keys if k.state is not KeyState.RETIRED}
+        lacks = export_lacks(keys, stored.exported, stored.exported_keys)
+        if not lacks:
+            return
+        gap, reason = ",".join(lacks), "KeyringExportStale"
+        message = (
+            f"the last keyring export ({stored.kept.get(A_EXPORTED)}) lacks key(s)"
+            f" {', '.join(lacks)} (a rotation since): if this Secret and its copies are lost,"
+            " what is sealed with them is unreadable. Take a new export: `kubectl defender"
+            " keyring export -f FILE` (docs/key-rotation.md)"
+        )
+    if rt.export_warned == gap:
+        return
+    rt.export_warned = gap
+    log.warning("%s", message)
+    ref = ObjectRef("v1", "Secret", rt.secrets.namespace, rt.secrets.name)
+    await asyncio.to_thread(rt.kube.post_event, ref, "Warning", reason, message)
 
 
 async def _report_record(rt: Runtime, plan: KeyringPlan) -> None:

@@ -39,6 +39,7 @@ from defender_config import (
 from defender_config.contract import (
     API_GROUP,
     EXPORTED_ANNOTATION,
+    EXPORTED_KEYS_ANNOTATION,
     KEYRING_LABELS,
     MANAGED_BY,
     RESTORED_ANNOTATION,
@@ -68,9 +69,10 @@ A_LAST = f"{API_GROUP}/last-rotation-time"
 A_DIGEST = f"{API_GROUP}/keyring-digest"
 A_SOURCE = f"{API_GROUP}/source"
 A_EXPORTED = EXPORTED_ANNOTATION
+A_EXPORTED_KEYS = EXPORTED_KEYS_ANNOTATION
 A_RESTORED = RESTORED_ANNOTATION
 # Annotations a person's tools or a restore add; kept across the operator's own rewrites.
-_KEPT = (A_EXPORTED, A_RESTORED)
+_KEPT = (A_EXPORTED, A_EXPORTED_KEYS, A_RESTORED)
 # The holder named in A_RESTORED when the operator writes the source back from what it holds.
 MEMORY = "the operator's memory"
 
@@ -134,6 +136,15 @@ class StoredKeyring:
     def exported(self) -> datetime | None:
         return _time(self.kept.get(A_EXPORTED))
 
+    @property
+    def exported_keys(self) -> frozenset[str] | None:
+        """The key ids the last export holds, as its stamp lists them; None when the stamp
+        lists none (by hand, or an older plugin)."""
+        listed = self.kept.get(A_EXPORTED_KEYS)
+        if listed is None:
+            return None
+        return frozenset(k.strip() for k in listed.split(",") if k.strip())
+
 
 _last_digest: tuple[Keyring, str] | None = None
 
@@ -161,11 +172,12 @@ def _time(value: str | None) -> datetime | None:
 
 @dataclass(frozen=True)
 class ExportSeen:
-    """The last-export stamp last seen on the source Secret, and the digest of the keyring
-    the Secret held then."""
+    """The last-export stamp last seen on the source Secret (its time, and the key ids it
+    lists if it does), and the digest of the keyring the Secret held then."""
 
     digest: str
     stamp: str
+    keys: str | None = None
 
 
 def restore_annotations(holder: str, keyring: Keyring, seen: ExportSeen | None) -> dict[str, str]:
@@ -177,6 +189,8 @@ def restore_annotations(holder: str, keyring: Keyring, seen: ExportSeen | None) 
     annotations = {A_RESTORED: holder}
     if seen is not None and seen.digest == keyring_digest(keyring):
         annotations[A_EXPORTED] = seen.stamp
+        if seen.keys is not None:
+            annotations[A_EXPORTED_KEYS] = seen.keys
     return annotations
 
 
@@ -256,7 +270,9 @@ class KeyringSecrets:
         keyring = Keyring.from_secret_data(secret.data or {}, source=source)
         annotations = dict(secret.metadata.annotations or {})
         if annotations.get(A_EXPORTED):
-            self._export_seen = ExportSeen(keyring_digest(keyring), annotations[A_EXPORTED])
+            self._export_seen = ExportSeen(
+                keyring_digest(keyring), annotations[A_EXPORTED], annotations.get(A_EXPORTED_KEYS)
+            )
         return StoredKeyring(
             keyring=keyring,
             rotation=_rotation_from(annotations),

@@ -222,7 +222,8 @@ class Runtime:
         # from it. Dropping it would leave the source Secret's bad edit as the end of the key.
         self.keyring_kept: Keyring | None = None
         self.keyring_announced: str | None = None
-        self.export_warned = False
+        # What the last export warning was about (`_keyguard._judge_export`): each gap once.
+        self.export_warned: str | None = None
         # How Events reach the resource: kopf's poster; unit tests record them instead.
         self.post_event: EventPoster = kopf_post
         # Set by `_webhook_setup.start` when admission is on: verifies who changed spec.config.

@@ -26,7 +26,7 @@ from defender_config import (
     write_file_atomic,
     write_keyring_backup,
 )
-from defender_config.contract import EXPORTED_ANNOTATION, KEYRING_LABELS
+from defender_config.contract import EXPORTED_ANNOTATION, EXPORTED_KEYS_ANNOTATION, KEYRING_LABELS
 
 from ._errors import CliError, ExportNotStampedError
 
@@ -157,15 +157,25 @@ def _write_export(path: Path, content: bytes, *, force: bool) -> None:
         ) from None
 
 
+def export_stamp(when: str, keyring: Keyring) -> dict[str, str]:
+    """The Secret's annotations recording an export of `keyring` at `when`: the key ids it
+    holds too, so the operator can tell when a rotation added a key the export lacks."""
+    return {
+        EXPORTED_ANNOTATION: when,
+        EXPORTED_KEYS_ANNOTATION: ",".join(sorted(k.key_id for k in keyring.keys)),
+    }
+
+
 def _stamp(kube: Any, namespace: str, secret: str, when: str, path: Path, keyring: Keyring) -> None:
     """Record the export on the Secret (the operator stops warning NoKeyringExport). The file
     is already complete: a failure here keeps it and says so (ExportNotStampedError, exit 3)."""
     from kubernetes.client import CoreV1Api
     from kubernetes.client.exceptions import ApiException
 
+    stamp = export_stamp(when, keyring)
     try:
         CoreV1Api(kube).patch_namespaced_secret(
-            secret, namespace, {"metadata": {"annotations": {EXPORTED_ANNOTATION: when}}}
+            secret, namespace, {"metadata": {"annotations": stamp}}
         )
     except ApiException as exc:
         keys = ", ".join(f"{k.key_id} (fingerprint {k.fingerprint})" for k in keyring.keys)
@@ -182,8 +192,8 @@ def _stamp(kube: Any, namespace: str, secret: str, when: str, path: Path, keyrin
             + ("; you may read it but not patch it" if exc.status == 403 else "")
             + "), so the operator keeps warning NoKeyringExport. Grant `patch` on that"
             " Secret, or let someone who"
-            f" may run: kubectl -n {namespace} annotate --overwrite secret {secret}"
-            f" {EXPORTED_ANNOTATION}={when}"
+            f" may run: kubectl -n {namespace} annotate --overwrite secret {secret} "
+            + " ".join(f"{k}={v}" for k, v in stamp.items())
         ) from None
 
 
@@ -244,7 +254,7 @@ def import_keyring(
             f"Secret {namespace}/{secret} exists; pass --replace to overwrite it with {path}"
             " (checked: the file opens every stored value)"
         )
-    annotations = {EXPORTED_ANNOTATION: exported} if exported else {}
+    annotations = export_stamp(exported, keyring) if exported else {}
     body = V1Secret(
         metadata=V1ObjectMeta(
             name=secret,

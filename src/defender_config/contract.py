@@ -26,6 +26,7 @@ __all__ = [
     "CATEGORIES",
     "ETCD_CLIENT_LABEL",
     "EXPORTED_ANNOTATION",
+    "EXPORTED_KEYS_ANNOTATION",
     "FINALIZER",
     "GROUP_VERSION",
     "HIGHEST_VERSION",
@@ -79,6 +80,8 @@ ABORT_ANNOTATION: Final = f"{API_GROUP}/abort"
 ROTATE_ANNOTATION: Final = f"{API_GROUP}/rotate-key"
 ROTATION_STAGE_ANNOTATION: Final = f"{API_GROUP}/rotation-stage"
 EXPORTED_ANNOTATION: Final = f"{API_GROUP}/last-export-time"
+# The key ids that export holds, comma-separated (ids are not secret).
+EXPORTED_KEYS_ANNOTATION: Final = f"{API_GROUP}/last-export-keys"
 RESTORED_ANNOTATION: Final = f"{API_GROUP}/restored-from"
 # The operator's finalizer: Keep/Purge retention runs before a DefenderComponent goes.
 FINALIZER: Final = f"{API_GROUP}/retention"

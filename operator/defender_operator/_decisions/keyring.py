@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from defender_operator._decisions.conditions import FALSE, KEY_UNAVAILABLE, TRUE, UNKNOWN, Cond
 
@@ -303,6 +304,21 @@ def may_replace_copy(
 def describe_missing(missing: Mapping[str, str | None]) -> str:
     """Key ids and fingerprints as one line, for Events and conditions (never material)."""
     return _describe(missing)
+
+
+def export_lacks(
+    keys: Mapping[str, datetime], exported: datetime | None, exported_keys: frozenset[str] | None
+) -> tuple[str, ...]:
+    """The key ids (of `keys`: id -> created) that the last keyring export does not hold, in
+    id order: a rotation adds a key, and an export taken before it cannot open what is sealed
+    with it once the cluster and its Secrets are lost. `exported_keys` is the export's own list;
+    an export stamped without it (by hand, or by an older plugin) is judged by time: a key
+    created after the export is not in it. No export at all: empty (NoKeyringExport says so)."""
+    if exported is None:
+        return ()
+    if exported_keys is not None:
+        return tuple(sorted(k for k in keys if k not in exported_keys))
+    return tuple(sorted(k for k, created in keys.items() if created > exported))
 
 
 def keyring_condition(ready: bool, refused: KeyringPlan | None) -> Cond:

@@ -105,6 +105,10 @@ def test_every_copy_gone_refuses_then_an_import_recovers_without_restart(
     found = source(run)
     assert found is not None
     assert contract.EXPORTED_ANNOTATION in found.metadata.annotations
+    # What the export holds, so the operator can tell when a rotation adds a key it lacks.
+    assert found.metadata.annotations[contract.EXPORTED_KEYS_ANNOTATION] == ",".join(
+        sorted(k.key_id for k in keyring.keys)
+    )
     again = export_file(run, kubeconfig_path, export, passphrase)
     assert again.code == 2 and "--force" in again.err  # never overwritten silently
 

@@ -19,7 +19,7 @@ from kubernetes import client as k8s
 
 from defender_cli import main
 from defender_cli._errors import ExportNotStampedError
-from defender_cli._keyring_commands import EXPORTED_ANNOTATION, _stamp
+from defender_cli._keyring_commands import EXPORTED_ANNOTATION, EXPORTED_KEYS_ANNOTATION, _stamp
 from defender_config import Keyring, read_keyring_backup
 from defender_operator._keys import KeyringSecrets
 
@@ -73,6 +73,29 @@ def _read_only_kubeconfig(
     return to
 
 
+def test_an_export_stamps_its_time_and_the_key_ids_it_holds(
+    k8s_api: k8s.ApiClient, namespace: str, kubeconfig_path: Path, tmp_path: Path
+) -> None:
+    core = k8s.CoreV1Api(k8s_api)
+    secrets = KeyringSecrets(core, namespace, NAME)
+    keyring = secrets.create(Keyring.generate().with_new_decrypt_only())[0].keyring
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("correct horse\n")
+    path = tmp_path / "export.json"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(
+        ["keyring", "export", "-f", str(path), "--passphrase-file", str(passphrase),
+         "--kubeconfig", str(kubeconfig_path), "--operator-namespace", namespace, "--no-color"],
+        out=out,
+        err=err,
+    )  # fmt: skip
+    assert code == 0, err.getvalue()
+    stored = secrets.load()
+    assert stored is not None and stored.exported is not None
+    assert stored.exported_keys == {k.key_id for k in keyring.keys} and len(keyring.keys) == 2
+    assert read_keyring_backup(path.read_bytes(), "correct horse").keyring == keyring
+
+
 def test_export_that_may_not_patch_the_secret_keeps_the_file_and_says_so(
     k8s_api: k8s.ApiClient, namespace: str, kubeconfig_path: Path, tmp_path: Path
 ) -> None:
@@ -96,6 +119,7 @@ def test_export_that_may_not_patch_the_secret_keeps_the_file_and_says_so(
     assert "403" in message and "you may read it but not patch it" in message
     assert "complete export" in message
     assert f"annotate --overwrite secret {NAME} {EXPORTED_ANNOTATION}=" in message
+    assert f"{EXPORTED_KEYS_ANNOTATION}={keyring.primary.key_id}" in message
     assert keyring.primary.key_id in message and keyring.primary_fingerprint in message
     # The file is the keyring, whole, private; the Secret is unchanged.
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -5,13 +5,17 @@ warn NoKeyringExport (docs/key-rotation.md, "What the operator does to protect t
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from operator_core_support import FakeSecretsApi, Harness
 
+from defender_cli._keyring_commands import export_stamp
 from defender_config import Keyring
 from defender_config.contract import EXPORTED_ANNOTATION, RESTORED_ANNOTATION
 from defender_operator import _keyguard, _rotation
+from defender_operator._decisions.keyring import export_lacks
 from defender_operator._keys import (
     MEMORY,
     ExportSeen,
@@ -94,3 +98,52 @@ def test_a_secret_deleted_between_settle_and_the_rotation_step_is_written_back_a
     assert annotations[EXPORTED_ANNOTATION] == STAMP
     assert "KeyringRestored" in [reason for _, reason in h.kube.posted]
     assert Keyring.from_secret_data(api.stored[SOURCE].data, source="test") == keyring
+
+
+def test_export_lacks_names_the_keys_a_rotation_added_since() -> None:
+    t = datetime(2026, 11, 2, 8, 15, tzinfo=UTC)
+    keys = {"k1": t - timedelta(days=30), "k2": t + timedelta(days=1)}
+    # The export lists what it holds: that decides, whatever the clocks say.
+    assert export_lacks(keys, t, frozenset({"k1"})) == ("k2",)
+    assert export_lacks(keys, t, frozenset({"k1", "k2"})) == ()
+    assert export_lacks(keys, t + timedelta(days=9), frozenset({"k1"})) == ("k2",)
+    # A stamp without the list (by hand, an older plugin): a key created after it is not in it.
+    assert export_lacks(keys, t, None) == ("k2",)
+    assert export_lacks(keys, t + timedelta(days=2), None) == ()
+    # No export at all is NoKeyringExport's business.
+    assert export_lacks(keys, None, frozenset()) == ()
+
+
+def _export_warnings(h: Harness) -> list[str]:
+    return [r for _, r in h.kube.posted if r in ("NoKeyringExport", "KeyringExportStale")]
+
+
+def test_an_export_taken_before_a_rotation_is_reported_stale_once_until_a_new_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api, backend = FakeSecretsApi(), MemoryBackend()
+    h = _operator(api, backend)
+    keyring = h.rt.keyring.current()
+    h.backend.record_keyring(keyring)
+    h.rt.secrets.create(keyring)
+    api.stored[SOURCE].metadata.annotations.update(export_stamp(STAMP, keyring))
+    assert asyncio.run(_keyguard.settle(h.rt)) is True
+    assert _export_warnings(h) == []
+    # A rotation adds a key (the operator's own step writes the Secret and holds the keyring).
+    rotated = keyring.with_new_decrypt_only()
+    before = h.rt.secrets.load()
+    assert before is not None
+    h.rt.secrets.save(rotated, before.rotation, None, before.resource_version, keep=before.kept)
+    h.rt.keyring.set(rotated)
+    h.backend.record_keyring(rotated)
+    for _ in range(3):  # every pass judges it; one Event for this gap
+        assert asyncio.run(_keyguard.settle(h.rt)) is True
+    assert _export_warnings(h) == ["KeyringExportStale"]
+    added = rotated.keys[-1].key_id
+    message = next(r.getMessage() for r in caplog.records if "lacks key(s)" in r.getMessage())
+    assert added in message and "kubectl defender keyring export" in message
+    assert rotated.keys[-1].fingerprint not in message  # ids name keys; nothing more
+    # A new export, listing both keys: nothing more to say.
+    api.stored[SOURCE].metadata.annotations.update(export_stamp(STAMP, rotated))
+    assert asyncio.run(_keyguard.settle(h.rt)) is True
+    assert _export_warnings(h) == ["KeyringExportStale"]
