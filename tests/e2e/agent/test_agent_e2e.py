@@ -551,7 +551,7 @@ def test_store_unavailable_clears_once_etcd_is_back_without_a_config_change(
     # agent; the error must still leave the instance record, with no commit to carry it away.
     seed(plane)
     agent = plane.start_agent(None)
-    before = plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "RUNNING")
+    plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "RUNNING")
     etcd = plane.etcd
 
     def reported_unavailable() -> list[dict[str, Any]]:
@@ -564,6 +564,8 @@ def test_store_unavailable_clears_once_etcd_is_back_without_a_config_change(
     try:
         for i in range(len(etcd.endpoints)):
             etcd.kill_member(i)
+        # Nothing is written while every member is down: a record stamped later is from after.
+        down_at = datetime.now(UTC)
         wait_for("the agent to report StoreUnavailable", reported_unavailable, timeout=90)
         assert agent.proc.poll() is None
     finally:
@@ -573,7 +575,7 @@ def test_store_unavailable_clears_once_etcd_is_back_without_a_config_change(
     # by the new leader, says nothing): the first carries the error, a later one must not.
     hb = plane.wait_heartbeat(
         agent,
-        lambda h: h["seq"] > before["seq"] and h["last_error"] is None,
+        lambda h: datetime.fromisoformat(h["time"]) > down_at and h["last_error"] is None,
         "last_error cleared on the restarted cluster",
         timeout=30,
     )
