@@ -36,6 +36,7 @@ from defender_config import (
     Rollouts,
     StoreAuthError,
     StoreError,
+    StoreUnavailableError,
     parse_json,
 )
 
@@ -125,10 +126,13 @@ class _HeartbeatSink:
         self._agent = agent
 
     def update_heartbeat(self, **fields: Any) -> None:
-        if "last_error" in fields and isinstance(fields["last_error"], dict):
-            fields["last_error"] = ErrorInfo(**fields["last_error"])
-        self._agent._pending_fields.update(fields)
         beat = self._agent.heartbeater
+        if "last_error" in fields and isinstance(fields["last_error"], dict):
+            error = fields["last_error"] = ErrorInfo(**fields["last_error"])
+            if error.reason == StoreUnavailableError.reason:
+                # Only a beat completed after this one proves etcd answers again.
+                self._agent._unavailable_at_beat = beat.beats if beat is not None else 0
+        self._agent._pending_fields.update(fields)
         if beat is not None:
             beat.update(**fields)
 
@@ -161,6 +165,8 @@ class Agent:
         self._watch: Any = None
         # Heartbeat fields set before the heartbeater exists (e.g. the first delivery races it).
         self._pending_fields: dict[str, Any] = {}
+        # The heartbeater's count of beats when StoreUnavailable was last reported.
+        self._unavailable_at_beat = 0
         schema = (
             _read_json_file(settings.schema_path, "JSON schema") if settings.schema_path else None
         )
@@ -512,11 +518,37 @@ class Agent:
                 self._status.start()
             self._start()
             while not self.stop_requested.wait(_TICK_SECONDS):
-                if self.applier.pending:
-                    self.applier.retry()
-                self._poll_registrations()
+                self._tick()
         finally:
             self._shutdown()
+
+    def _tick(self) -> None:
+        """One pass of the main loop."""
+        if self.applier.pending:
+            self.applier.retry()
+        self._poll_registrations()
+        self._clear_unavailable_once_etcd_answers()
+
+    def _clear_unavailable_once_etcd_answers(self) -> None:
+        """Clear ``StoreUnavailable`` once a heartbeat got through after it was reported.
+
+        It is reported by the config side (the watch could not be re-created, a read failed),
+        and nothing there says when etcd is back: a watch re-created from the next revision, or
+        a read that finds the config already delivered, hands nothing to the applier, so the
+        error stayed in the instance record until the next config change. A beat (a lease
+        renewed or the record put) is an answer from etcd itself, never one served from the
+        library's cache as reads are during an outage. Errors of any other reason stay: they
+        are about the config, the keyring or the component, which etcd answering does not fix.
+        """
+        beat = self.heartbeater
+        if beat is None:
+            return
+        # Compared under the applier's lock: a StoreUnavailable reported meanwhile sets its
+        # own mark (the sink runs under that lock), and is not cleared by an earlier beat.
+        if self.applier.clear_error(
+            StoreUnavailableError.reason, when=lambda: beat.beats > self._unavailable_at_beat
+        ):
+            log.info("etcd answers the heartbeat again: StoreUnavailable cleared")
 
     def _shutdown(self) -> None:
         if self._watch is not None:

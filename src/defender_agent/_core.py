@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -225,11 +225,16 @@ class ConfigApplier:
         with self._lock:
             self._fail(exc, version, alerted=alerted)
 
-    def clear_error(self, reason: str) -> None:
-        """The cause of errors with ``reason`` is gone: clear ``last_error`` if it is one."""
+    def clear_error(self, reason: str, *, when: Callable[[], bool] | None = None) -> bool:
+        """The cause of errors with ``reason`` is gone: clear ``last_error`` if it is one (and
+        ``when``, asked under the lock that reporting an error holds, agrees). True if cleared."""
         with self._lock:
-            if self.last_error is not None and self.last_error.reason == reason:
-                self._clear_error()
+            if self.last_error is None or self.last_error.reason != reason:
+                return False
+            if when is not None and not when():
+                return False
+            self._clear_error()
+            return True
 
     @property
     def pending(self) -> bool:

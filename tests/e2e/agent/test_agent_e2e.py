@@ -543,6 +543,46 @@ def test_etcd_member_loss_and_quorum_loss(plane: Plane) -> None:
     assert target.bad_reads() == []
 
 
+def test_store_unavailable_clears_once_etcd_is_back_without_a_config_change(
+    plane: Plane,
+) -> None:
+    # Every member down: the agent's watch cannot be re-created and it reports StoreUnavailable.
+    # Once etcd is back, the watch resumes from the next revision and hands nothing new to the
+    # agent; the error must still leave the instance record, with no commit to carry it away.
+    seed(plane)
+    agent = plane.start_agent(None)
+    plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "RUNNING")
+    etcd = plane.etcd
+
+    def reported_unavailable() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in agent.log_lines()
+            if e.get("level") == "ERROR" and e.get("reason") == "StoreUnavailable"
+        ]
+
+    try:
+        for i in range(len(etcd.endpoints)):
+            etcd.kill_member(i)
+        # Nothing is written while every member is down: a record stamped later is from after.
+        down_at = datetime.now(UTC)
+        wait_for("the agent to report StoreUnavailable", reported_unavailable, timeout=90)
+        assert agent.proc.poll() is None
+    finally:
+        etcd.restart_members()
+        etcd.wait_for_leader()
+    # A record written after the restart (the one from before the outage, its lease extended
+    # by the new leader, says nothing): the first carries the error, a later one must not.
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: datetime.fromisoformat(h["time"]) > down_at and h["last_error"] is None,
+        "last_error cleared on the restarted cluster",
+        timeout=30,
+    )
+    assert hb["config_version"] == 1  # no config change carried it away
+    assert file_config(plane) == config(1)
+
+
 def test_http_reload_reads_the_new_file(plane: Plane) -> None:
     seen: list[dict[str, Any]] = []
     output = plane.output_path
