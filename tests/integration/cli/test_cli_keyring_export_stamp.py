@@ -73,23 +73,29 @@ def _read_only_kubeconfig(
     return to
 
 
+def _export(path: Path, kubeconfig: Path, namespace: str) -> tuple[int, str]:
+    """`kubectl defender keyring export -f PATH`, passphrase-wrapped: exit code and stderr."""
+    passphrase = path.with_name("passphrase")
+    passphrase.write_text("correct horse\n")
+    err = io.StringIO()
+    code = main(
+        ["keyring", "export", "-f", str(path), "--passphrase-file", str(passphrase),
+         "--kubeconfig", str(kubeconfig), "--operator-namespace", namespace, "--no-color"],
+        out=io.StringIO(),
+        err=err,
+    )  # fmt: skip
+    return code, err.getvalue()
+
+
 def test_an_export_stamps_its_time_and_the_key_ids_it_holds(
     k8s_api: k8s.ApiClient, namespace: str, kubeconfig_path: Path, tmp_path: Path
 ) -> None:
     core = k8s.CoreV1Api(k8s_api)
     secrets = KeyringSecrets(core, namespace, NAME)
     keyring = secrets.create(Keyring.generate().with_new_decrypt_only())[0].keyring
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text("correct horse\n")
     path = tmp_path / "export.json"
-    out, err = io.StringIO(), io.StringIO()
-    code = main(
-        ["keyring", "export", "-f", str(path), "--passphrase-file", str(passphrase),
-         "--kubeconfig", str(kubeconfig_path), "--operator-namespace", namespace, "--no-color"],
-        out=out,
-        err=err,
-    )  # fmt: skip
-    assert code == 0, err.getvalue()
+    code, err = _export(path, kubeconfig_path, namespace)
+    assert code == 0, err
     stored = secrets.load()
     assert stored is not None and stored.exported is not None
     assert stored.exported_keys == {k.key_id for k in keyring.keys} and len(keyring.keys) == 2
@@ -104,18 +110,9 @@ def test_export_that_may_not_patch_the_secret_keeps_the_file_and_says_so(
     kubeconfig = _read_only_kubeconfig(
         core, k8s.RbacAuthorizationV1Api(k8s_api), namespace, kubeconfig_path, tmp_path / "kc"
     )
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text("correct horse\n")
     path = tmp_path / "export.json"
-    out, err = io.StringIO(), io.StringIO()
-    code = main(
-        ["keyring", "export", "-f", str(path), "--passphrase-file", str(passphrase),
-         "--kubeconfig", str(kubeconfig), "--operator-namespace", namespace, "--no-color"],
-        out=out,
-        err=err,
-    )  # fmt: skip
-    assert code == 3, err.getvalue()
-    message = err.getvalue()
+    code, message = _export(path, kubeconfig, namespace)
+    assert code == 3, message
     assert "403" in message and "you may read it but not patch it" in message
     assert "complete export" in message
     assert f"annotate --overwrite secret {NAME} {EXPORTED_ANNOTATION}=" in message

@@ -53,17 +53,26 @@ def _operator(api: FakeSecretsApi, backend: MemoryBackend) -> Harness:
     return h
 
 
-def test_a_deleted_exported_secret_is_restored_with_its_stamp_and_no_export_is_asked_again() -> (
-    None
-):
-    api, backend = FakeSecretsApi(), MemoryBackend()
+def _exported_and_settled(
+    api: FakeSecretsApi, backend: MemoryBackend, *, listed: bool = False
+) -> tuple[Harness, Keyring]:
+    """An operator whose keyring Secret was exported (`kubectl defender keyring export`
+    stamps it; with `listed`, as the current plugin does, with the key ids), after a pass."""
     h = _operator(api, backend)
     keyring = h.rt.keyring.current()
     h.backend.record_keyring(keyring)
     h.rt.secrets.create(keyring)
-    # `kubectl defender keyring export` stamps the Secret; the operator's next pass reads it.
-    api.stored[SOURCE].metadata.annotations[EXPORTED_ANNOTATION] = STAMP
+    stamp = export_stamp(STAMP, keyring) if listed else {EXPORTED_ANNOTATION: STAMP}
+    api.stored[SOURCE].metadata.annotations.update(stamp)
     assert asyncio.run(_keyguard.settle(h.rt)) is True
+    return h, keyring
+
+
+def test_a_deleted_exported_secret_is_restored_with_its_stamp_and_no_export_is_asked_again() -> (
+    None
+):
+    api, backend = FakeSecretsApi(), MemoryBackend()
+    h, keyring = _exported_and_settled(api, backend)
     # A careless `kubectl delete secret`: written back from memory, with the stamp.
     del api.stored[SOURCE]
     assert asyncio.run(_keyguard.settle(h.rt)) is True
@@ -85,12 +94,7 @@ def test_a_secret_deleted_between_settle_and_the_rotation_step_is_written_back_a
     # The rotation step runs right after settle judged the Secret: one deleted in between is
     # written back as settle does it (KeyringRestored: Event and alert), not quietly.
     api, backend = FakeSecretsApi(), MemoryBackend()
-    h = _operator(api, backend)
-    keyring = h.rt.keyring.current()
-    h.backend.record_keyring(keyring)
-    h.rt.secrets.create(keyring)
-    api.stored[SOURCE].metadata.annotations[EXPORTED_ANNOTATION] = STAMP
-    assert asyncio.run(_keyguard.settle(h.rt)) is True
+    h, keyring = _exported_and_settled(api, backend)
     del api.stored[SOURCE]
     asyncio.run(_rotation.step(h.rt))
     annotations: dict[str, Any] = api.stored[SOURCE].metadata.annotations
@@ -122,12 +126,7 @@ def test_an_export_taken_before_a_rotation_is_reported_stale_once_until_a_new_on
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     api, backend = FakeSecretsApi(), MemoryBackend()
-    h = _operator(api, backend)
-    keyring = h.rt.keyring.current()
-    h.backend.record_keyring(keyring)
-    h.rt.secrets.create(keyring)
-    api.stored[SOURCE].metadata.annotations.update(export_stamp(STAMP, keyring))
-    assert asyncio.run(_keyguard.settle(h.rt)) is True
+    h, keyring = _exported_and_settled(api, backend, listed=True)
     assert _export_warnings(h) == []
     # A rotation adds a key (the operator's own step writes the Secret and holds the keyring).
     rotated = keyring.with_new_decrypt_only()
