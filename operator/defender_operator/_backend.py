@@ -321,12 +321,14 @@ class Backend(Protocol):
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
 
     def last_seen(
-        self, instances: Sequence[InstanceRecord], *, ask: bool = True
+        self, component: str, instances: Sequence[InstanceRecord], *, ask: bool = True
     ) -> list[InstanceRecord] | None:
-        """The same records with `time` = when each instance last beat, read from its lease
-        (a beat is a keep-alive; the record is rewritten only when its content changes).
-        With `ask` False, only what is known without a request to etcd: None when any
-        instance's lease would have to be asked (never None with `ask`)."""
+        """The same records (of `component`) with `time` = when each instance last beat, read
+        from its lease (a beat is a keep-alive; the record is rewritten only when its content
+        changes). A verified record whose lease is gone because the instance moved to a new
+        one (its cadence changed) since it was read answers from the new lease. With `ask`
+        False, only what is known without a request to etcd: None when any instance's lease
+        would have to be asked (never None with `ask`)."""
         ...
 
     def cadence(self, component: str) -> Cadence | None:

@@ -527,7 +527,7 @@ class LibraryBackend:
         return [_instance(hb) for hb in self.registry.list_instances(component)]
 
     def last_seen(
-        self, instances: Sequence[InstanceRecord], *, ask: bool = True
+        self, component: str, instances: Sequence[InstanceRecord], *, ask: bool = True
     ) -> list[InstanceRecord] | None:
         out = []
         for rec in instances:
@@ -535,8 +535,15 @@ class LibraryBackend:
             # advertised TTL after the last beat: up to MAX_HONOURED_LEASE_TTL_SECONDS.
             ttl = rec.lease_ttl_seconds
             reuse = ttl is not None and ttl <= MAX_HONOURED_LEASE_TTL_SECONDS
-            answer = self.registry.lease_last_seen if ask else self.registry.lease_sighting
-            seen = answer(rec.lease_id, ttl, rec.time, reuse=reuse)
+            seen: datetime | None
+            if ask:
+                # An unverified record's names lead to no other record (nothing judges it).
+                moved = (component, rec.instance) if rec.verified else None
+                seen = self.registry.lease_last_seen(
+                    rec.lease_id, ttl, rec.time, reuse=reuse, instance=moved
+                )
+            else:
+                seen = self.registry.lease_sighting(rec.lease_id, ttl, rec.time, reuse=reuse)
             if seen is None:
                 return None  # only without `ask`: etcd would have to be asked
             out.append(rec if seen == rec.time else dataclasses.replace(rec, time=seen))

@@ -809,7 +809,7 @@ class MemoryBackend:
         self.key_record = dict(keyring.fingerprints())
 
     def last_seen(
-        self, instances: Sequence[InstanceRecord], *, ask: bool = True
+        self, component: str, instances: Sequence[InstanceRecord], *, ask: bool = True
     ) -> list[InstanceRecord] | None:
         # No leases here: an instance's record time is when it last beat (`add_instance`).
         # Known without asking only when `known_sightings` says so (tests of both paths).

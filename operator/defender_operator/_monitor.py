@@ -370,11 +370,13 @@ async def _steps(
     return wake
 
 
-async def _last_seen(rt: Runtime, instances: Sequence[InstanceRecord]) -> list[InstanceRecord]:
-    known = rt.backend.last_seen(instances, ask=False)
+async def _last_seen(
+    rt: Runtime, component: str, instances: Sequence[InstanceRecord]
+) -> list[InstanceRecord]:
+    known = rt.backend.last_seen(component, instances, ask=False)
     if known is not None:
         return known
-    asked = await asyncio.to_thread(rt.backend.last_seen, instances)
+    asked = await asyncio.to_thread(rt.backend.last_seen, component, instances)
     assert asked is not None  # with `ask`, always an answer
     return asked
 
@@ -407,7 +409,7 @@ async def _observe(p: Pass, mem: ComponentMemory) -> Observed:
             instances = await asyncio.to_thread(rt.backend.instances, p.name)
         # Beats are lease keep-alives that leave the record alone: when each instance last
         # beat is read from its lease (a recent sighting answers without a thread).
-        instances = await _last_seen(rt, instances)
+        instances = await _last_seen(rt, p.name, instances)
     except DefenderConfigError as exc:
         # etcd went away between the health check and this read: judge nothing this pass.
         ERRORS.labels("monitor_read").inc()
@@ -580,7 +582,7 @@ async def _heard_since(p: Pass, mem: ComponentMemory, pods: Sequence[Pod]) -> bo
     try:
         fresh = await asyncio.to_thread(p.rt.backend.instances, p.name)
         good, _ = authentic(fresh)
-        track(mem, await _last_seen(p.rt, good), pods)
+        track(mem, await _last_seen(p.rt, p.name, good), pods)
     except DefenderConfigError as exc:
         p.logger.warning("cannot read heartbeats again before a restart: %s", exc)
         return False

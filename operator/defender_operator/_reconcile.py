@@ -1051,13 +1051,13 @@ def _ask_sightings(rt: Runtime, component: str) -> asyncio.Task[None] | None:
     if not rt.heartbeats.trusted:
         return None  # the pass reads the instances from etcd first
     instances = rt.heartbeats.instances(component)
-    if not instances or rt.backend.last_seen(instances, ask=False) is not None:
+    if not instances or rt.backend.last_seen(component, instances, ask=False) is not None:
         return None
 
     async def ask() -> None:
         # A failure is the pass's to report: it asks again.
         with contextlib.suppress(DefenderConfigError):
-            await asyncio.to_thread(rt.backend.last_seen, instances)
+            await asyncio.to_thread(rt.backend.last_seen, component, instances)
 
     return asyncio.create_task(ask())
 

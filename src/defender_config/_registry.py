@@ -826,12 +826,22 @@ class Registry:
         etcd reports the seconds left in whole seconds (rounded down), so this is up to a second
         early: while the lease exists, last seen + TTL is never before now (a live instance is
         not judged stale), and once it expired, the last value read + TTL is no later than the
-        expiry. A lease already gone (the key is being deleted) or unknown leaves the record's
-        time."""
-        return self.lease_last_seen(heartbeat.lease_id, heartbeat.lease_ttl_seconds, heartbeat.time)
+        expiry. A lease already gone leaves the record's time, unless the instance has moved
+        to a new lease meanwhile (a verified record only: see `lease_last_seen`)."""
+        # The names in an unverified record are anyone's: they lead to no other record.
+        instance = (heartbeat.component, heartbeat.instance) if heartbeat.verified else None
+        return self.lease_last_seen(
+            heartbeat.lease_id, heartbeat.lease_ttl_seconds, heartbeat.time, instance=instance
+        )
 
     def lease_last_seen(
-        self, lease_id: int, granted: int | None, written: datetime, *, reuse: bool = False
+        self,
+        lease_id: int,
+        granted: int | None,
+        written: datetime,
+        *,
+        reuse: bool = False,
+        instance: tuple[str, str] | None = None,
     ) -> datetime:
         """`last_seen` from its parts: the lease, the TTL it was granted for, the record's
         time. One LeaseTimeToLive request.
@@ -841,7 +851,19 @@ class Registry:
         request. The time is then older than the newest beat, never newer, and last seen +
         `granted` is still never before now, so a caller that waits at least `granted` after
         the last beat judges no live instance stale; once those seconds ran out the lease is
-        asked again. For callers that judge many instances often (the operator)."""
+        asked again. For callers that judge many instances often (the operator).
+
+        `instance` is (component, instance) of the record the lease came from. A heartbeater
+        moves its key to a new lease when its cadence changes (or after its lease expired)
+        and revokes the old one, so a record read just before that names a lease that is
+        gone while the instance beats on. When the lease is gone, the instance's record is
+        read again (once): if it now verifies (a keyring is held, its MAC checks over the key
+        and the lease etcd binds it to) and is bound to another lease, the answer is that
+        lease's (its TTL left, the TTL the new record was granted, its time). A record gone,
+        on the same lease, unverified or read from the cache while etcd is unreachable leaves
+        the old record's time. A caller judging that answer goes by the cadence it expects
+        (the operator: at least its spec's threshold), not by the old record's TTL alone: a
+        move to a longer lease is a move to a slower cadence."""
         known = self.lease_sighting(lease_id, granted, written, reuse=reuse)
         if known is not None:
             return known
@@ -851,7 +873,19 @@ class Registry:
         if left < 0:
             with self._sightings_lock:
                 self._sightings.pop(lease_id, None)
-            return written
+            moved = self._moved(instance, lease_id) if instance is not None else None
+            if moved is None:
+                return written
+            # Asked here, not through `lease_last_seen`: at most one record read per call.
+            lease_id, granted = moved.lease_id, moved.lease_ttl_seconds
+            written = max(written, moved.time)
+            if not granted:
+                return written
+            asked = time.monotonic()
+            left = self.client.store.lease_ttl(lease_id)
+            if left < 0:
+                # Gone in between too: the new record still says the instance lived then.
+                return written
         seen = max(written, _now() - timedelta(seconds=max(0, granted - left)))
         if reuse:
             # Not past `granted` either: a lease etcd keeps longer than it was asked for (its
@@ -859,6 +893,21 @@ class Registry:
             # deadline a caller computes from `granted`.
             self._remember(lease_id, asked + min(left, granted), seen)
         return seen
+
+    def _moved(self, instance: tuple[str, str], gone: int) -> Heartbeat | None:
+        """The instance's record as etcd holds it now when it verifies and is bound to a lease
+        other than `gone`; None otherwise (absent, unverified, stale, on `gone` still)."""
+        try:
+            key = self.layout.instance(*instance)
+        except ValueError:
+            return None  # names no key could hold: no record to read
+        stored = self.client.store.get(key)
+        if stored is None or stored.stale or stored.lease_id in (0, gone):
+            return None
+        hb = self._heartbeat(key, stored.value, stored.lease_id)
+        if hb is None or not hb.verified:
+            return None
+        return hb
 
     def lease_sighting(
         self, lease_id: int, granted: int | None, written: datetime, *, reuse: bool = False

@@ -110,6 +110,76 @@ def test_the_last_seen_of_a_gone_lease_is_the_records_time(client: DefenderClien
     assert registry.last_seen(listed) == listed.time
 
 
+def test_the_last_seen_of_a_lease_the_instance_moved_off_is_the_new_leases(
+    client: DefenderClient,
+) -> None:
+    # A new cadence moves the key to a new lease and revokes the old one: a reader holding the
+    # record from before must not take the instance for silent since that record's time.
+    registry = Registry(client)
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4).start()
+    try:
+        [listed] = registry.list_instances("sniffer")
+        assert listed.verified and listed.lease_ttl_seconds == 2
+        time.sleep(1)  # the record ages while the lease is renewed
+        write_cadence(client, "sniffer", Cadence(interval_seconds=0.5, allowed_misses=6))
+        wait_for("the move", lambda: client.store.lease_ttl(listed.lease_id) < 0, timeout=10)
+        [moved] = registry.list_instances("sniffer")
+        assert moved.verified and moved.lease_id != listed.lease_id
+        assert moved.lease_ttl_seconds == 3
+        time.sleep(2)  # renewed on the new lease since it was put there
+        seen = registry.last_seen(listed)
+        # From the new lease: after the new record's time, not the old record's time.
+        assert seen > moved.time + timedelta(seconds=0.5)
+        assert datetime.now(UTC) - seen < timedelta(seconds=1.5)
+        # A reused answer is remembered for the new lease, never for the revoked one.
+        ttl, written = listed.lease_ttl_seconds, listed.time
+        instance = ("sniffer", "s-0")
+        again = registry.lease_last_seen(
+            listed.lease_id, ttl, written, reuse=True, instance=instance
+        )
+        assert again > moved.time and set(registry._sightings) == {moved.lease_id}
+        # Without the instance's name there is no record to read again: today's answer.
+        assert registry.lease_last_seen(listed.lease_id, ttl, written) == written
+    finally:
+        hb.stop()  # revokes the new lease: nothing replaces it
+    assert registry.last_seen(listed) == listed.time
+    assert registry.last_seen(moved) == moved.time
+
+
+def test_a_forged_record_on_a_live_lease_is_not_followed(
+    client: DefenderClient, settings: LibrarySettings
+) -> None:
+    # Write access to etcd alone must not keep an instance whose lease is gone looking alive.
+    registry = Registry(client)
+    hb = Heartbeater(client, "sniffer", "s-0", interval_seconds=0.5, allowed_misses=4).start()
+    try:
+        [listed] = registry.list_instances("sniffer")
+    finally:
+        hb.stop()  # revokes the lease, etcd deletes the key
+    key = client.layout.instance("sniffer", "s-0")
+    live = client.store.grant_lease(30)
+    now = datetime.now(UTC).isoformat()
+    forged = {**listed.model_dump(mode="json"), "time": now, "lease": f"{live.id:x}"}
+    other_keyring = DefenderClient(
+        settings, Keyring.generate(), registry=CollectorRegistry(), alert_sinks=[]
+    )
+    try:
+        with other_keyring:
+            badly_signed = other_keyring.encode_record(key, forged)
+        for blob in (client.encode_json(forged), badly_signed):
+            client.store.put(key, blob, lease=live)
+            [read] = registry.list_instances("sniffer")
+            assert read.lease_id == live.id and not read.verified
+            assert registry.last_seen(listed) == listed.time
+            instance = ("sniffer", "s-0")
+            answer = registry.lease_last_seen(
+                listed.lease_id, listed.lease_ttl_seconds, listed.time, instance=instance
+            )
+            assert answer == listed.time
+    finally:
+        client.store.revoke_lease(live)
+
+
 def test_reused_sightings_ask_the_lease_once_while_it_is_certainly_alive(
     client: DefenderClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -404,10 +404,42 @@ def test_last_seen_without_asking_answers_only_what_a_sighting_knows(backend: Ba
     ).start()
     try:
         [rec] = backend.instances("firewall")
-        assert backend.last_seen([rec], ask=False) is None  # never sighted: must ask
-        asked = backend.last_seen([rec])
-        assert asked is not None and backend.last_seen([rec], ask=False) == asked
+        assert backend.last_seen("firewall", [rec], ask=False) is None  # never sighted: must ask
+        asked = backend.last_seen("firewall", [rec])
+        assert asked is not None and backend.last_seen("firewall", [rec], ask=False) == asked
         leaseless = replace(rec, lease_id=0)
-        assert backend.last_seen([leaseless], ask=False) == [leaseless]
+        assert backend.last_seen("firewall", [leaseless], ask=False) == [leaseless]
+    finally:
+        hb.stop()
+
+
+@pytest.mark.parametrize("backend", ["library"], indirect=True)  # leases live in etcd only
+def test_last_seen_follows_an_instance_onto_its_new_lease(backend: Backend) -> None:
+    # A monitor pass that read the record just before a cadence change moved it to a new
+    # lease (the old one revoked) must not judge the instance silent since the old record.
+    assert isinstance(backend, LibraryBackend)
+    hb = Heartbeater(
+        backend.client, "firewall", "fw-0", interval_seconds=0.5, allowed_misses=4
+    ).start()
+    try:
+        [rec] = backend.instances("firewall")
+        assert rec.verified
+        time.sleep(1)  # the record ages while its lease is renewed
+        backend.publish_cadence("firewall", Cadence(interval_seconds=0.5, allowed_misses=6))
+        deadline = time.monotonic() + 10
+        while backend.client.store.lease_ttl(rec.lease_id) >= 0:
+            assert time.monotonic() < deadline, "the heartbeater did not move to a new lease"
+            time.sleep(0.1)
+        [moved] = backend.instances("firewall")
+        assert moved.lease_id != rec.lease_id
+        time.sleep(2)  # renewed on the new lease since
+        asked = backend.last_seen("firewall", [rec])
+        assert asked is not None
+        [seen] = asked
+        assert seen.time > moved.time + timedelta(seconds=0.5)
+        assert utcnow() - seen.time < timedelta(seconds=1.5)
+        # An unverified record leads to no other record: its own time.
+        unverified = replace(rec, verified=False)
+        assert backend.last_seen("firewall", [unverified]) == [unverified]
     finally:
         hb.stop()

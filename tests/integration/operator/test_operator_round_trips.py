@@ -171,7 +171,7 @@ def test_instances_beating_before_their_component_are_asked_beside_the_seed(
     assert sorted(counted.take()) == ["lease_ttl", "txn"]
     # Judged by the first pass on that sighting.
     assert h.kube.status["instances"]["alive"] == 1
-    assert library.last_seen(h.rt.heartbeats.instances(NAME), ask=False) is not None
+    assert library.last_seen(NAME, h.rt.heartbeats.instances(NAME), ask=False) is not None
 
 
 def test_a_failed_sighting_is_asked_again_by_the_pass(
