@@ -54,7 +54,7 @@ from ._errors import (
 )
 from ._models import canonical_json, config_digest
 from ._store import WatchHandle
-from ._store_types import Compare, DeleteOp, PutOp, StoredValue, WatchEvent
+from ._store_types import Compare, DeleteOp, PutOp, StoredValue, WatchEvent, backoff_delay
 from .contract import ChangeKind, next_record_sequence
 
 __all__ = ["CanaryWatch", "RolloutRecord", "Rollouts", "next_record_sequence"]
@@ -400,6 +400,12 @@ class CanaryWatch:
         self._callback, self._on_error = callback, on_error
         self._lock = threading.Lock()
         self._last: str | None = None
+        # A read that failed, or was served from the cache, after an event: the event is spent,
+        # and a watch that resumes after the outage delivers nothing older. So the read is
+        # tried again, with backoff, until etcd answers it (`_read_again`).
+        self._again: threading.Timer | None = None
+        self._attempts = 0
+        self._cancelled = False
         store, layout = rollouts.client.store, rollouts.layout
         paths = (layout.active_config(component), layout.rollout(component))
         start = store.current_revision(paths[0]) + 1
@@ -431,6 +437,11 @@ class CanaryWatch:
             except (EnvelopeError, StoreError) as exc:
                 # Alerted already (client.open, record checks), or transient (etcd away):
                 # the reader's heartbeat says so, not an alert record.
+                if isinstance(exc, StoreError):
+                    retrying = self._attempts > 0
+                    self._read_again()
+                    if retrying:
+                        return  # said once per outage, as the watch's own on_error does
                 self._fail(exc)
                 return
             except DefenderConfigError as exc:
@@ -441,11 +452,38 @@ class CanaryWatch:
                 rollouts.client.report(exc, path=path, component=self._component)
                 self._fail(exc)
                 return
+            if active.stale:
+                self._read_again()  # what etcd holds now is not known yet
+            else:
+                self._attempts = 0
             if active.outdated or active.digest == self._last:
                 return
             self._last = active.digest
             self._callback(active)
 
+    def _read_again(self) -> None:
+        """Refresh once more after a backoff (called under `_lock`); one timer at a time."""
+        if self._cancelled or self._again is not None:
+            return
+        etcd = self._rollouts.client.settings.etcd
+        delay = backoff_delay(self._attempts, etcd.backoff_base_seconds, etcd.backoff_max_seconds)
+        self._attempts += 1
+        self._again = threading.Timer(delay, self._retry)
+        self._again.daemon = True
+        self._again.start()
+
+    def _retry(self) -> None:
+        with self._lock:
+            self._again = None
+            if self._cancelled:
+                return
+        self._refresh()
+
     def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            again, self._again = self._again, None
+        if again is not None:
+            again.cancel()
         for handle in self._handles:
             handle.cancel()

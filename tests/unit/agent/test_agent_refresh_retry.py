@@ -1,0 +1,109 @@
+"""A change announced by the watch whose read then fails (or is served from the cache) is read
+again until etcd answers: the event is spent, and a watch resuming after the outage hands out
+nothing older, so without the retry an instance kept its old config until the next commit.
+
+`Rollouts.watch` (what the agent runs) on a store held in memory whose reads can be cut off."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from test_agent_memory import Alerts, MemoryStore, _client, _json
+
+from defender_config import ActiveConfig, ConfigStore, Rollouts, StoreUnavailableError
+from defender_config.store import StoredValue
+from defender_devcluster import wait_for
+
+
+class FlakyStore(MemoryStore):
+    """Reads fail while `down` is set; with `cached`, they answer what was read last instead,
+    flagged stale (as EtcdStore's last-known-good cache does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = threading.Event()
+        self.cached = False
+        self.last_read: dict[str, StoredValue | None] = {}
+        self.failed_reads = 0
+
+    def get(self, key: str, revision: int | None = None) -> StoredValue | None:
+        if self.down.is_set():
+            self.failed_reads += 1
+            if not self.cached:
+                raise StoreUnavailableError(["http://127.0.0.1:2379"], "connection refused")
+            old = self.last_read.get(key)
+            return (
+                None
+                if old is None
+                else StoredValue(
+                    old.key, old.value, old.mod_revision, old.create_revision, old.version, 0, True
+                )
+            )
+        found = super().get(key, revision)
+        self.last_read[key] = found
+        return found
+
+
+def _watched(cached: bool) -> tuple[FlakyStore, list[ActiveConfig], list[Any], Any, str]:
+    store = FlakyStore()
+    store.cached = cached
+    client = _client(store, Alerts())
+    client.settings.etcd.backoff_base_seconds = 0.01
+    client.settings.etcd.backoff_max_seconds = 0.05
+    configs = ConfigStore(client)
+    active = configs.layout.active_config("demo")
+    store.put(active, _json({"v": 1}))
+    delivered: list[ActiveConfig] = []
+    errors: list[Any] = []
+    watch = Rollouts(configs).watch("demo", "demo-0", delivered.append, on_error=errors.append)
+    return store, delivered, errors, watch, active
+
+
+def _configs(delivered: list[ActiveConfig]) -> list[dict[str, Any]]:
+    return [a.config for a in delivered]
+
+
+def test_a_change_whose_read_failed_is_delivered_once_etcd_answers() -> None:
+    store, delivered, errors, watch, active = _watched(cached=False)
+    try:
+        assert _configs(delivered) == [{"v": 1}]
+        store.down.set()
+        store.put(active, _json({"v": 2}))  # announced; its read fails
+        wait_for("reads tried again", lambda: store.failed_reads >= 3, timeout=5)
+        assert _configs(delivered) == [{"v": 1}]
+        # Told once for the outage, not once per attempt.
+        assert [type(e) for e in errors] == [StoreUnavailableError]
+        store.down.clear()
+        wait_for("the change delivered", lambda: len(delivered) == 2, timeout=5)
+        assert _configs(delivered) == [{"v": 1}, {"v": 2}]
+    finally:
+        watch.cancel()
+    tries = store.failed_reads
+    threading.Event().wait(0.2)
+    assert store.failed_reads == tries  # nothing left reading after the cancel
+
+
+def test_a_change_read_from_the_cache_is_read_again_until_etcd_answers() -> None:
+    store, delivered, _errors, watch, active = _watched(cached=True)
+    try:
+        store.down.set()
+        store.put(active, _json({"v": 2}))  # announced; the read answers the cached v1
+        wait_for("reads tried again", lambda: store.failed_reads >= 3, timeout=5)
+        assert _configs(delivered) == [{"v": 1}]
+        store.down.clear()
+        wait_for("the change delivered", lambda: len(delivered) == 2, timeout=5)
+        assert _configs(delivered) == [{"v": 1}, {"v": 2}]
+    finally:
+        watch.cancel()
+
+
+def test_a_cancelled_watch_stops_reading_again() -> None:
+    store, _delivered, _errors, watch, active = _watched(cached=False)
+    store.down.set()
+    store.put(active, _json({"v": 2}))
+    wait_for("a read tried again", lambda: store.failed_reads >= 2, timeout=5)
+    watch.cancel()
+    tries = store.failed_reads
+    threading.Event().wait(0.2)
+    assert store.failed_reads == tries
