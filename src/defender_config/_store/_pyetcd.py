@@ -7,6 +7,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -17,6 +18,7 @@ from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exc
 from pyetcd import transactions as etcd_txn
 from pyetcd import utils as etcd_utils
+from pyetcd import watch as etcd_watch
 
 from .._errors import SettingsError
 from .._store_types import (
@@ -116,6 +118,17 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             _call_endpoint.label = self._current_endpoint_label
             return watcher
 
+    def get_watcher(self) -> _Watcher:
+        with self._ep_lock:
+            channel = self.channel  # may switch endpoints: read the label after it
+            return _Watcher(
+                etcdrpc.WatchStub(channel),
+                endpoint=self._current_endpoint_label,
+                timeout=self.timeout,
+                call_credentials=self.call_credentials,
+                metadata=self.metadata,
+            )
+
     @property
     def channel(self) -> Any:
         with self._ep_lock:
@@ -192,15 +205,28 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
 
     def add_watch(self, key: str, callback: Callable[[Any], None], **kwargs: Any) -> Any:
         """Create a watch; returns (the watcher stream it lives on, its id). WatchRefusedError
-        when etcd refused it."""
-        watcher = self.watcher
-        try:
-            watch_id = watcher.add_callback(key, callback, **kwargs)
-        except grpc.RpcError as exc:
-            self._manage_grpc_errors(exc)
-            raise
-        except queue.Empty as exc:
-            raise etcd_exc.WatchTimedOut() from exc
+        when etcd refused it.
+
+        A creation whose stream ended or was replaced before etcd answered it is sent again at
+        once on the current stream; one that etcd did not answer in time gives the stream up
+        (see `_watch_timed_out`)."""
+        for _ in range(_WATCH_STREAM_ATTEMPTS):
+            watcher = self.watcher
+            try:
+                watch_id = watcher.add_callback(key, callback, **kwargs)
+            except _StreamGone:
+                continue
+            except grpc.RpcError as exc:
+                self._manage_grpc_errors(exc)
+                raise
+            except (etcd_exc.WatchTimedOut, queue.Empty) as exc:
+                self._watch_timed_out(watcher)
+                raise etcd_exc.WatchTimedOut() from exc
+            break
+        else:
+            # The stream kept being replaced under this creation: a failover in progress,
+            # left to the caller's retry and backoff like any unavailable member.
+            raise etcd_exc.ConnectionFailedError()
         if watch_id == _REFUSED_WATCH_ID:
             # etcd answers a watch it refuses (a token it does not know, a user without read
             # permission) with "created" and "canceled" at once, id -1; pyetcd hands that id out
@@ -209,6 +235,20 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
                 watcher._callbacks.pop(watch_id, None)
             raise WatchRefusedError(key)
         return watcher, watch_id
+
+    def _watch_timed_out(self, watcher: _Watcher) -> None:
+        """A watch creation got no answer within the timeout: the stream's member is dead,
+        frozen, not serving yet, or ignores our token (a cluster restored under a simple
+        token). The stream cannot be used again either way (a late "created" would be taken
+        as the answer to the next creation), so it is dropped, its member marked failed as for
+        a unary call past its deadline, and the creations queued behind it go to a new stream
+        at once instead of each waiting out a timeout of its own."""
+        with self._ep_lock:
+            if watcher.endpoint in self.endpoints:
+                self.endpoints[watcher.endpoint].fail()
+            if self._stubs.get("watcher") is watcher:
+                self._clear_old_stubs()
+        watcher.close()
 
     def range(
         self,
@@ -248,6 +288,110 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
 
 # The id etcd gives a watch it refused on creation (clientv3.InvalidWatchID).
 _REFUSED_WATCH_ID: Final = -1
+# How often one creation is sent again because its stream went away before etcd answered.
+_WATCH_STREAM_ATTEMPTS: Final = 5
+
+
+class _StreamGone(Exception):
+    """The watch stream ended or was dropped before etcd answered a creation on it."""
+
+
+class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
+    """pyetcd's watch stream, where a watch creation never waits on a stream that is gone.
+
+    etcd's "created" answer does not say which request it answers, so pyetcd keeps one
+    creation outstanding per stream and the others wait their turn inside `add_callback`.
+    pyetcd checks whether the stream has ended only *before* that wait: a creation queued
+    behind one whose stream then died (or that the client dropped: a failed endpoint, a new
+    login) was put on a stream nobody sends or reads, and waited out its whole timeout, then
+    the next one behind it: after a restore an agent's watches came back one timeout apart.
+    Here the check follows the wait, and a closed stream fails its pending and queued
+    creations at once (`_StreamGone`), for `_SharedClient.add_watch` to send on the current
+    stream."""
+
+    # pyetcd's, set in its __init__ and guarded by _lock.
+    _new_watch: Any
+    _stopping: bool
+    _callback_thread: threading.Thread | None
+
+    def __init__(self, *args: Any, endpoint: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.endpoint = endpoint
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = self._new_watch
+            if pending is not None and pending.id is None and pending.err is None:
+                pending.err = _StreamGone()
+            self._new_watch_cond.notify_all()
+        super().close()
+
+    def _cancel_no_lock(self, watch_id: int) -> None:
+        # A closed stream sends no more requests (its request iterator ended), and its queue
+        # holds 10: an 11th cancel queued there (watches of the old stream being cancelled)
+        # would block for good, under the watcher's lock.
+        if not self._closed:
+            super()._cancel_no_lock(watch_id)
+
+    def add_callback(
+        self,
+        key: str,
+        callback: Callable[[Any], None],
+        range_end: Any = None,
+        start_revision: int | None = None,
+        progress_notify: bool = False,
+        filters: Any = None,
+        prev_kv: bool = False,
+    ) -> int:
+        request = self._create_watch_request(
+            key,
+            range_end=range_end,
+            start_revision=start_revision,
+            progress_notify=progress_notify,
+            filters=filters,
+            prev_kv=prev_kv,
+        )
+        with self._lock:
+            while self._new_watch is not None and not self._closed:
+                self._new_watch_cond.wait()
+            if self._closed:
+                raise _StreamGone()
+            if self._stopping:
+                # The stream ended (its reader has let go of the lock for good): start another.
+                if self._callback_thread is not None:
+                    self._callback_thread.join()
+                self._callback_thread = None
+                self._stopping = False
+            if self._callback_thread is None:
+                self._callback_thread = threading.Thread(
+                    name=f"pyetcd_watch_{id(self):x}", target=self._run, daemon=True
+                )
+                self._callback_thread.start()
+            new_watch = etcd_watch._NewWatch(callback)
+            self._request_queue.put(request)
+            self._new_watch = new_watch
+            try:
+                deadline = None if self.timeout is None else time.monotonic() + self.timeout
+                while new_watch.id is None and new_watch.err is None and not self._stopping:
+                    if deadline is None:
+                        self._new_watch_cond.wait()
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._new_watch_cond.wait(remaining)
+                if new_watch.id is not None:
+                    return int(new_watch.id)
+                if new_watch.err is not None:
+                    raise new_watch.err
+                if self._stopping:
+                    raise _StreamGone()  # the stream ended without an error
+                raise etcd_exc.WatchTimedOut()
+            finally:
+                self._new_watch = None
+                self._new_watch_cond.notify_all()
 
 
 class WatchRefusedError(grpc.RpcError):  # type: ignore[misc]

@@ -103,6 +103,67 @@ def test_watch_leaves_a_frozen_member(
         store.close()
 
 
+@pytest.mark.parametrize("member", ["killed", "frozen"])
+def test_watches_created_together_on_a_lost_stream_resume_together(
+    members_restored: EtcdCluster,
+    make_etcd_settings: Callable[..., EtcdSettings],
+    etcd_prefix: str,
+    member: str,
+) -> None:
+    # pyetcd keeps one watch creation outstanding per stream; the others wait their turn. When
+    # the member under the stream stopped answering (frozen: the pending creation times out)
+    # or died (killed: the stream fails), each waiting creation was then sent on that dead
+    # stream and waited out a timeout of its own: after a restore an agent's 4 watches came
+    # back one timeout apart. All of them must move to a live member together: only the first
+    # creation on a frozen member waits out a timeout, so two bound all 6 (one each before).
+    cluster = members_restored
+    # Well below the time keep-alive pings take to give a frozen member up (5-15 s): only
+    # dropping the stream that left a creation unanswered moves the others in time.
+    settings = make_etcd_settings(timeout_seconds=2.0)
+    bound = 2 * settings.timeout_seconds
+    store = EtcdStore(settings, registry=CollectorRegistry())
+    victim = member_in_use(store, cluster)
+    others = [e for i, e in enumerate(cluster.endpoints) if i != victim]
+    writer = EtcdStore(make_etcd_settings(endpoints=others), registry=CollectorRegistry())
+    prefixes = [f"{etcd_prefix}w{n}/" for n in range(6)]
+    # Written first, so a watch delivers its put as soon as it runs, whatever the election.
+    start = writer.current_revision() + 1
+    for prefix in prefixes:
+        writer.put(prefix + "k", b"v")
+    pid = cluster.member_pids[victim]
+    assert pid is not None
+    # A stream open on the member before it stops answering, as under a restore.
+    first = store.watch_prefix(etcd_prefix + "first/", lambda e: None)
+    assert first.wait_connected(10)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = True
+    delivered: dict[str, float] = {}
+    try:
+        started = time.monotonic()
+        for prefix in prefixes:
+            store.watch_prefix(
+                prefix,
+                lambda e, p=prefix: delivered.setdefault(p, time.monotonic() - started),
+                start_revision=start,
+            )
+        if member == "killed":
+            # The stream dies under the creation it left unanswered, the others queued behind.
+            time.sleep(settings.timeout_seconds / 4)
+            cluster.kill_member(victim)
+            stopped = False
+        end = started + 3 * bound
+        while len(delivered) < len(prefixes) and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        store.close()
+        writer.close()
+    late = {p.removeprefix(etcd_prefix): round(t, 1) for p, t in delivered.items() if t > bound}
+    missing = [p.removeprefix(etcd_prefix) for p in prefixes if p not in delivered]
+    assert not late and not missing, f"resumed after more than {bound}s: {late}, not: {missing}"
+
+
 def test_many_threads_keep_working_through_a_kill(
     members_restored: EtcdCluster, make_etcd_settings: Callable[..., EtcdSettings], etcd_prefix: str
 ) -> None:

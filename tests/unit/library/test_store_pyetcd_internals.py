@@ -160,6 +160,25 @@ def test_get_watcher_builds_a_watcher_with_add_callback_and_cancel(client: Any) 
     )
     assert _params(etcd_watch.Watcher.cancel) == ["self", "watch_id"]
     assert isinstance(client.get_watcher(), etcd_watch.Watcher)
+    assert isinstance(client.watcher, _pyetcd._Watcher)
+
+
+def test_the_watcher_privates_our_add_callback_works_with() -> None:
+    # _Watcher.add_callback replaces pyetcd's: same lock, condition, pending-creation slot,
+    # stream thread and request queue, read by pyetcd's _run and _handle_response.
+    watcher = etcd_watch.Watcher(etcdrpc.WatchStub(grpc.insecure_channel("127.0.0.1:1")), 1.0)
+    assert watcher._new_watch_cond._lock is watcher._lock
+    assert watcher._new_watch is None and watcher._stopping is False
+    assert watcher._callback_thread is None and watcher._request_queue.empty()
+    assert callable(watcher._run) and callable(watcher._handle_response)
+    assert _params(etcd_watch.Watcher._create_watch_request)[:2] == ["self", "key"]
+    assert {"range_end", "start_revision", "progress_notify", "filters", "prev_kv"} <= set(
+        _params(etcd_watch.Watcher._create_watch_request)
+    )
+    new_watch = etcd_watch._NewWatch(print)
+    assert (new_watch.callback, new_watch.id, new_watch.err) == (print, None, None)
+    assert _params(etcd_watch.Watcher.close) == ["self"]
+    assert "timeout" in _params(etcd_watch.Watcher.__init__)
 
 
 def test_events_keep_the_protobuf_event_in__event() -> None:

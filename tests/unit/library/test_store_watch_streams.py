@@ -1,0 +1,232 @@
+"""Watch creations on one pyetcd watch stream (`_store/_pyetcd._Watcher`), with fake streams
+instead of a member: a creation waiting its turn behind another must never be sent on a stream
+that is gone, nor wait out a timeout there (docs/library.md, "Watches")."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
+
+from defender_config._store import _pyetcd
+from defender_config._store._pyetcd import _SharedClient, _StreamGone, _Watcher
+
+# Long enough that a creation waiting it out fails the join below.
+TIMEOUT = 30.0
+PROMPT = 3.0
+
+
+class _Broken(grpc.RpcError):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "member gone"
+
+
+class _Streams:
+    """A WatchStub: each Watch() call is one stream, told what to do by `plan`, one entry per
+    stream: "silent" takes requests and never answers (a frozen member, or one that ignores
+    our token), "break" fails after its first request (a killed member), "answer" answers
+    every creation with "created" and a new id."""
+
+    def __init__(self, *plan: str) -> None:
+        self.plan = list(plan)
+        self.requests: list[tuple[int, Any]] = []
+        self.streams = 0
+        self.release = threading.Event()
+        self.got_request = threading.Condition()
+
+    def Watch(self, requests: Iterator[Any], credentials: Any = None, metadata: Any = None) -> Any:
+        n = self.streams
+        self.streams += 1
+        kind = self.plan[n] if n < len(self.plan) else "answer"
+        return self._responses(n, kind, requests)
+
+    def _responses(self, n: int, kind: str, requests: Iterator[Any]) -> Iterator[Any]:
+        for i, request in enumerate(requests):
+            with self.got_request:
+                self.requests.append((n, request))
+                self.got_request.notify_all()
+            if kind == "break":
+                raise _Broken()
+            if kind == "answer":
+                yield etcdrpc.WatchResponse(created=True, watch_id=100 * n + i)
+        self.release.wait()  # a half-closed stream stays open on the member's side
+
+    def wait_requests(self, count: int) -> None:
+        with self.got_request:
+            assert self.got_request.wait_for(lambda: len(self.requests) >= count, PROMPT)
+
+
+def _create(watcher: Any, key: str, results: queue.Queue[tuple[str, Any]]) -> threading.Thread:
+    def run() -> None:
+        try:
+            results.put((key, watcher.add_callback(key, lambda _: None)))
+        except BaseException as exc:
+            results.put((key, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _waiting(watcher: Any, thread: threading.Thread) -> None:
+    """Wait until `thread` waits: for an answer to its creation, or its turn behind another."""
+    deadline = threading.Event()
+    for _ in range(100):
+        if thread.is_alive() and watcher._new_watch is not None:
+            deadline.wait(0.05)  # give it the time to reach the wait
+            return
+        deadline.wait(0.02)
+    raise AssertionError("no creation pending")
+
+
+@pytest.fixture
+def streams() -> Iterator[Callable[..., _Streams]]:
+    made: list[_Streams] = []
+
+    def make(*plan: str) -> _Streams:
+        made.append(_Streams(*plan))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.release.set()
+
+
+def test_a_closed_stream_fails_its_pending_and_queued_creations_at_once(
+    streams: Callable[..., _Streams],
+) -> None:
+    # The client drops a stream (failed endpoint, new login) while one creation waits for
+    # etcd's answer on it and another waits its turn: both go elsewhere now, not in 30 s.
+    stub = streams("silent")
+    watcher = _Watcher(stub, endpoint="a:1", timeout=TIMEOUT)
+    results: queue.Queue[tuple[str, Any]] = queue.Queue()
+    first = _create(watcher, "/a", results)
+    stub.wait_requests(1)
+    second = _create(watcher, "/b", results)
+    _waiting(watcher, second)
+
+    watcher.close()
+
+    for t in (first, second):
+        t.join(PROMPT)
+        assert not t.is_alive(), "a creation waited on a closed stream"
+    outcomes = dict(results.get_nowait() for _ in range(2))
+    assert isinstance(outcomes["/a"], _StreamGone)
+    assert isinstance(outcomes["/b"], _StreamGone)
+    assert len(stub.requests) == 1  # nothing was sent on the closed stream
+
+
+def test_a_creation_queued_behind_one_whose_stream_broke_starts_a_new_stream(
+    streams: Callable[..., _Streams],
+) -> None:
+    # The first creation's stream breaks (a killed member): the one waiting behind it used to
+    # be put on the broken stream's queue, read by nobody, and wait out its timeout.
+    stub = streams("break", "answer")
+    gate = threading.Event()
+    original = stub._responses
+
+    def held(n: int, kind: str, requests: Iterator[Any]) -> Iterator[Any]:
+        if n == 0:
+            gate.wait(PROMPT)  # the stream breaks only once the second creation is queued
+        return original(n, kind, requests)
+
+    stub._responses = held  # type: ignore[method-assign]
+    watcher = _Watcher(stub, endpoint="a:1", timeout=TIMEOUT)
+    results: queue.Queue[tuple[str, Any]] = queue.Queue()
+    first = _create(watcher, "/a", results)
+    _waiting(watcher, first)
+    second = _create(watcher, "/b", results)
+    _waiting(watcher, second)
+    gate.set()
+
+    for t in (first, second):
+        t.join(PROMPT)
+        assert not t.is_alive(), "a creation waited out its timeout"
+    outcomes = dict(results.get_nowait() for _ in range(2))
+    assert isinstance(outcomes["/a"], _Broken)
+    assert outcomes["/b"] == 100  # created on the second stream
+    assert [n for n, _ in stub.requests] == [0, 1]
+
+
+def test_watches_of_a_closed_stream_are_cancelled_without_blocking(
+    streams: Callable[..., _Streams],
+) -> None:
+    # Watches stay on a stream the client dropped until they end; their cancels must not
+    # fill the request queue of a stream that sends nothing any more (it holds 10).
+    watcher = _Watcher(streams("answer"), endpoint="a:1", timeout=TIMEOUT)
+    ids = [watcher.add_callback(f"/k{i}", lambda _: None) for i in range(12)]
+    watcher.close()
+    done = threading.Event()
+
+    def cancel_all() -> None:
+        for watch_id in ids:
+            watcher.cancel(watch_id)
+        done.set()
+
+    threading.Thread(target=cancel_all, daemon=True).start()
+    assert done.wait(PROMPT), "cancelling the watches of a closed stream blocked"
+
+
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch, streams: Callable[..., _Streams]) -> Iterator[Any]:
+    stub = streams("silent")
+    monkeypatch.setattr(_pyetcd.etcdrpc, "WatchStub", lambda channel: stub)
+    endpoints = [_pyetcd.pyetcd.Endpoint("127.0.0.1", p, secure=False) for p in (1, 2)]
+    c = _SharedClient(endpoints=endpoints, timeout=0.5, failover=True, on_failover=lambda: None)
+    c.stub = stub
+    yield c
+    c.close()
+
+
+def test_an_unanswered_creation_gives_its_stream_and_member_up(client: Any) -> None:
+    # Nothing answers on the first stream: its creation times out once, and the stream (which
+    # would take a late "created" for the answer to the next creation) is not used again.
+    first_watcher = client.watcher
+    label = first_watcher.endpoint
+    with pytest.raises(etcd_exc.WatchTimedOut):
+        client.add_watch("/a", lambda _: None)
+    assert client.endpoints[label].is_failed()
+    assert client._stubs.get("watcher") is not first_watcher
+
+    watcher, watch_id = client.add_watch("/b", lambda _: None)  # a new stream answers
+    assert watcher is not first_watcher and watch_id == 100
+    assert watcher.endpoint != label
+
+
+def test_a_creation_queued_behind_an_unanswered_one_moves_on_without_its_own_timeout(
+    client: Any,
+) -> None:
+    results: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def create(key: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                results.put((key, client.add_watch(key, lambda _: None)))
+            except BaseException as exc:
+                results.put((key, exc))
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    stuck = client.watcher
+    first = create("/a")
+    client.stub.wait_requests(1)
+    second = create("/b")
+    _waiting(stuck, second)
+    first.join(PROMPT)
+    second.join(client.timeout / 2)  # not a second timeout: it moved on with the first
+    assert not second.is_alive()
+    outcomes = dict(results.get_nowait() for _ in range(2))
+    assert isinstance(outcomes["/a"], etcd_exc.WatchTimedOut)
+    watcher, watch_id = outcomes["/b"]
+    assert watcher is not stuck and watch_id == 100
