@@ -43,7 +43,15 @@ from ._records import is_signed, record_key_id, sign_record, verify_record
 from ._registrations_file import RegistrationsSource
 from ._settings import EnvelopeOptions, LibrarySettings
 from ._store import WatchHandle
-from ._store_types import Compare, DeleteOp, GetOp, PutOp, StoredValue, WatchEvent
+from ._store_types import (
+    Compare,
+    DeleteOp,
+    GetOp,
+    PutOp,
+    StoredValue,
+    WatchEvent,
+    backoff_delay,
+)
 from .contract import (
     HIGHEST_VERSION,
     ChangeKind,
@@ -1924,35 +1932,65 @@ class ConfigStore:
             else:
                 log.error("watch_active %s: %s", component, exc)
 
-        def deliver(value: bytes, mod_revision: int) -> None:
+        def deliver(value: bytes, mod_revision: int, *, again: bool = False) -> bool:
+            """False when a read its checks need failed (etcd away): worth another try."""
             try:
                 active = self._active_from(component, value, mod_revision, stale=False, final=True)
             except EnvelopeError as exc:  # alerted already (client.open, record checks)
                 fail(exc)
-                return
+                return True
+            except StoreError as exc:
+                if not again:  # said once per change, not once per attempt
+                    fail(exc)
+                return False
             except DefenderConfigError as exc:
                 self.client.report(exc, path=path, component=component)
                 fail(exc)
-                return
+                return True
             assert active is not None  # final=True never asks for a re-read
             if active.outdated or active.digest == last_digest[0]:
-                return
+                return True
             last_digest[0] = active.digest
             callback(active)
+            return True
 
         if initial:
             stored = store.get(path)
             if stored is not None:
                 deliver(stored.value, stored.mod_revision)
 
+        made = threading.Event()
+        handle: list[WatchHandle] = []
+
         def on_event(event: WatchEvent) -> None:
-            if event.kind == "put":
-                deliver(event.value, event.mod_revision)
+            if event.kind != "put" or deliver(event.value, event.mod_revision):
+                return
+            # The event is spent, and a watch resuming after the outage announces nothing
+            # older: ACTIVE is read again, with backoff, until etcd answers (on the watch's
+            # thread, which has nothing else to hand out meanwhile; a cancel ends it).
+            made.wait()
+            etcd, attempt = self.client.settings.etcd, 0
+            while not handle[0].wait_stopped(
+                backoff_delay(attempt, etcd.backoff_base_seconds, etcd.backoff_max_seconds)
+            ):
+                attempt += 1
+                try:
+                    stored = store.get(path)
+                except StoreError:
+                    continue
+                if stored is None:
+                    return  # deleted since: nothing to hand out
+                if not stored.stale and deliver(stored.value, stored.mod_revision, again=True):
+                    return
 
         def on_store_error(exc: StoreError) -> None:
             fail(exc)
 
-        return store.watch_key(path, on_event, start_revision=start, on_error=on_store_error)
+        handle.append(
+            store.watch_key(path, on_event, start_revision=start, on_error=on_store_error)
+        )
+        made.set()
+        return handle[0]
 
     # --- key rotation ---------------------------------------------------------------------------
 

@@ -74,6 +74,11 @@ class WatchHandle:
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
 
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` for `cancel()`; True once cancelled (for a callback that waits
+        on the watch's own thread, so a cancel ends its wait)."""
+        return self._stopped.wait(timeout)
+
     def cancel(self) -> None:
         """Stop the watch; no callback runs after this returns (unless called from one)."""
         if self._stopped.is_set():

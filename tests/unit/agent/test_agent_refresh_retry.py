@@ -12,7 +12,7 @@ from typing import Any
 from test_agent_memory import Alerts, MemoryStore, _client, _json
 
 from defender_config import ActiveConfig, ConfigStore, Rollouts, StoreUnavailableError
-from defender_config.store import StoredValue
+from defender_config.store import StoredValue, WatchEvent
 from defender_devcluster import wait_for
 
 
@@ -107,3 +107,77 @@ def test_a_cancelled_watch_stops_reading_again() -> None:
     tries = store.failed_reads
     threading.Event().wait(0.2)
     assert store.failed_reads == tries
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
+
+    def cancel(self) -> None:
+        self._stopped.set()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+class FlakyWatchStore(FlakyStore):
+    """Watches get the put as a `WatchEvent` (what `watch_active` reads the value from)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handles: list[tuple[str, Any, _Handle]] = []
+
+    def put(self, key: str, value: bytes) -> None:
+        super().put(key, value)
+        stored = self.values[key]
+        for watched, callback, handle in list(self.handles):
+            if watched == key and not handle.wait_stopped(0):
+                callback(WatchEvent("put", key, value, stored.mod_revision, stored.version))
+
+    def watch_key(self, key: str, callback: Any, **kw: Any) -> Any:
+        handle = _Handle()
+        self.handles.append((key, callback, handle))
+        return handle
+
+
+def test_watch_active_reads_a_change_again_when_its_checks_could_not_read_etcd() -> None:
+    # `ConfigStore.watch_active` (what Python components call) checks the event's value against
+    # the metadata record as of its revision: a read. Failed, the change was dropped for good.
+    store = FlakyWatchStore()
+    client = _client(store, Alerts())
+    client.settings.etcd.backoff_base_seconds = 0.01
+    client.settings.etcd.backoff_max_seconds = 0.05
+    configs = ConfigStore(client)
+    active = configs.layout.active_config("demo")
+    store.put(active, _json({"v": 1}))
+    delivered: list[ActiveConfig] = []
+    errors: list[Any] = []
+    watch = configs.watch_active("demo", delivered.append, on_error=errors.append)
+    try:
+        store.down.set()
+        # The store calls watch callbacks on the writer's thread: write from another one.
+        writer = threading.Thread(target=store.put, args=(active, _json({"v": 2})))
+        writer.start()
+        wait_for("reads tried again", lambda: store.failed_reads >= 3, timeout=5)
+        assert _configs(delivered) == [{"v": 1}]
+        assert [type(e) for e in errors] == [StoreUnavailableError]
+        store.down.clear()
+        writer.join(timeout=5)
+        assert _configs(delivered) == [{"v": 1}, {"v": 2}]
+    finally:
+        watch.cancel()
+
+
+def test_watch_active_stops_reading_again_when_cancelled() -> None:
+    store = FlakyWatchStore()
+    configs = ConfigStore(_client(store, Alerts()))
+    active = configs.layout.active_config("demo")
+    store.put(active, _json({"v": 1}))
+    watch = configs.watch_active("demo", lambda _a: None, on_error=lambda _e: None)
+    store.down.set()
+    writer = threading.Thread(target=store.put, args=(active, _json({"v": 2})))
+    writer.start()
+    wait_for("a read tried again", lambda: store.failed_reads >= 2, timeout=5)
+    watch.cancel()
+    writer.join(timeout=5)
+    assert not writer.is_alive()
