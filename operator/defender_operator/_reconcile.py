@@ -1059,7 +1059,10 @@ async def seed_or_reseed(
     try:
         return await seed(v, spec, normalized), False
     except RegistrationReplayError as exc:
-        if replay_action(v, exc.found) is not ReplayAction.RESEED:
+        # The metadata record's registration only: a value of another one beside a record of
+        # the anchored registration (a MASTER put back) is no older lifetime restored.
+        of_record = (exc.path or "").endswith(f"/{v.component}/metadata")
+        if not of_record or replay_action(v, exc.found) is not ReplayAction.RESEED:
             raise
         return await reseed_after_restore(v, spec, normalized, exc.found), True
 

@@ -421,3 +421,21 @@ def test_a_record_of_an_older_registration_after_the_declare_on_a_new_cluster_is
     assert state.registration is not None and state.registration > anchored
     assert h.kube.status[REGISTRATION_FIELD] == state.registration
     assert "ReseededAfterRestore" in h.reasons()
+
+
+def test_a_value_of_an_older_registration_beside_the_anchored_record_is_never_reseeded() -> None:
+    # A MASTER of the earlier registration beside a record of the anchored one (put back, and
+    # restored since on another cluster): the record is this lifetime's, so nothing is purged.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    h.backend.cluster_id = RESTORED_CLUSTER
+    master = RegistrationReplayError(
+        f"/memory/components/{NAME}/master", saved.registration, anchored, what="MASTER"
+    )
+    h.backend.fail("declare", master)
+    h.backend.calls.clear()
+    with pytest.raises(kopf.TemporaryError) as info:
+        run(h.reconcile(spec(ETH1)))
+    assert info.value.__cause__ is master
+    assert "purge" not in h.backend.calls and "ReseededAfterRestore" not in h.reasons()
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
