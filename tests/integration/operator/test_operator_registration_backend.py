@@ -168,31 +168,6 @@ def test_a_seed_after_etcd_lost_the_data_moves_the_repairs_to_the_new_registrati
     assert (state.registration, state.active_version, state.active_digest) == (new, 1, digest)
 
 
-def test_the_backend_says_which_cluster_answers_and_seeds_above_a_registration(
-    backend: LibraryBackend,
-) -> None:
-    seen = claim_and_seed(backend, "uid-1", FW)
-    assert seen is not None and seen.state.registration is not None
-    # The real cluster's id, from the response headers of the seed's transaction.
-    assert backend.cluster_id is not None and backend.cluster_id == backend.client.store.cluster_id
-    # A re-seed above a registration readers hold, whatever the clock says.
-    above = seen.state.registration + 10**9
-    backend.purge("firewall")
-    again = backend.claim_and_seed(
-        "firewall",
-        "firewall",
-        FW,
-        claim=Claim("ns", "firewall", "uid-2"),
-        json_schema=None,
-        modified_by=BY,
-        cadence=CADENCE,
-        alerts_since=utcnow(),
-        registration_above=above,
-    )
-    assert again is not None and again.state.registration == above + 1
-    assert backend.configs.held_registration("firewall") == above + 1
-
-
 # --- the reconcile on the real etcd (the unit harness's fake Kubernetes API) -----------------
 
 
