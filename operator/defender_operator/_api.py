@@ -485,6 +485,16 @@ class DefenderComponentStatus(_Model):
             " never a repair's source (docs/security.md)."
         ),
     )
+    registration_cluster: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{1,16}$",
+        description=(
+            "The etcd cluster id (hex) registration was last anchored on. An older"
+            " registration found on another cluster (a snapshot from before a purge,"
+            " restored) is replaced by a new registration seeded from spec"
+            " (ReseededAfterRestore); on the same cluster it is refused as a replay."
+        ),
+    )
     name_claim: NameClaimStatus | None = Field(
         default=None,
         description=(

@@ -153,6 +153,13 @@ class Backend(Protocol):
 
     def health(self) -> EtcdHealth: ...
 
+    @property
+    def cluster_id(self) -> int | None:
+        """The id of the etcd cluster that answered last (None before any answer). Only the
+        members set it: a new one means a restore from a snapshot (a new cluster), never a
+        write to etcd (`_decisions.registration.decide_replayed`)."""
+        ...
+
     def state(self, component: str, *, tolerate_master: bool = False) -> ComponentState:
         """What etcd holds. With `tolerate_master`, a MASTER that does not open is reported in
         `master_error` (the scrub raises it) instead of failing what does not need MASTER."""
@@ -309,8 +316,12 @@ class Backend(Protocol):
         storage: StoragePolicy | None = None,
         cadence: Cadence,
         alerts_since: datetime,
+        registration_above: int = 0,
     ) -> Observation | None:
-        """`write_claim(claim, revision=0)`, `seed` and `publish_cadence(cadence)` in ONE
+        """`registration_above`: the seed's registration is above it too (a re-seed after a
+        restore: readers hold a registration they take only a higher one than).
+
+        `write_claim(claim, revision=0)`, `seed` and `publish_cadence(cadence)` in ONE
         create-only transaction, for a name etcd holds nothing of: written only while none of
         the owner record, the metadata, MASTER, ACTIVE and history/1 exists; the spec is
         declared as `declare` with its digest would. Returns what `observe(alerts_since)` would

@@ -166,6 +166,10 @@ class LibraryBackend:
         record_metrics(report)
         return etcd_health(report)
 
+    @property
+    def cluster_id(self) -> int | None:
+        return self.client.store.cluster_id
+
     def state(self, component: str, *, tolerate_master: bool = False) -> ComponentState:
         try:
             seen = self.configs.overview(component, tolerate_master=tolerate_master)
@@ -307,6 +311,7 @@ class LibraryBackend:
         storage: StoragePolicy | None,
         also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
         reads: Sequence[GetOp] = (),
+        registration_above: int = 0,
     ) -> SeedResult:
         seeded = self.configs.seed(
             component,
@@ -317,6 +322,7 @@ class LibraryBackend:
             options=self._options(storage),
             also=also,
             reads=reads,
+            registration_above=registration_above,
         )
         self._seeded(component, seeded)
         return seeded
@@ -481,6 +487,7 @@ class LibraryBackend:
         storage: StoragePolicy | None = None,
         cadence: Cadence,
         alerts_since: datetime,
+        registration_above: int = 0,
     ) -> Observation | None:
         # The owner record goes into the seed's create-only transaction, compared absent: the
         # claim lands with the data it covers, or neither does. So does the cadence, and what
@@ -498,6 +505,7 @@ class LibraryBackend:
                 storage,
                 also=(compares, [owner, cadence_put(self.client, component, cadence)]),
                 reads=view_reads(layout, component),
+                registration_above=registration_above,
             )
         except (ConflictError, MasterMissingError):
             # The owner record or metadata is there, or what a deleted MASTER left (refused,

@@ -138,6 +138,9 @@ class MemoryBackend:
     identity: str = "memory"
     unavailable: bool = False
     components: dict[str, Stored] = field(default_factory=dict)
+    cluster_id: int | None = 0x5EED
+    """The etcd cluster id (`Backend.cluster_id`): a test restores a snapshot by replacing
+    `components` and setting another one, as `kubectl defender restore` makes a new cluster."""
     frozen: dict[str, str] = field(default_factory=dict)
     freeze_sequences: dict[str, int] = field(default_factory=dict)
     rollouts: dict[str, tuple[RolloutRecord, dict[str, Any]]] = field(default_factory=dict)
@@ -471,11 +474,14 @@ class MemoryBackend:
         json_schema: Mapping[str, Any] | None,
         modified_by: str,
         storage: StoragePolicy | None,
+        registration_above: int = 0,
     ) -> None:
         now = _now()
         # As the library's seed: a registration above the clock in ms, on every value (and
         # above the last one here, so two in the same millisecond differ too).
-        registration = self._registered = next_record_sequence(self._registered, now=now)
+        registration = self._registered = next_record_sequence(
+            self._registered, registration_above, now=now
+        )
         self.components[component] = Stored(
             component_type=component_type,
             json_schema=dict(json_schema) if json_schema is not None else None,
@@ -702,6 +708,7 @@ class MemoryBackend:
         storage: StoragePolicy | None = None,
         cadence: Cadence,
         alerts_since: datetime,
+        registration_above: int = 0,
     ) -> Observation | None:
         self._enter("claim_and_seed")
         normalized = self._validate(component, component_type, config, json_schema)
@@ -710,7 +717,15 @@ class MemoryBackend:
             if component in self.claims or component in self.components:
                 return None  # as the library's compares: nothing written
             self.claims[component] = (claim, self._next_revision())
-        self._register(component, component_type, normalized, json_schema, modified_by, storage)
+        self._register(
+            component,
+            component_type,
+            normalized,
+            json_schema,
+            modified_by,
+            storage,
+            registration_above=registration_above,
+        )
         self.cadences[component] = cadence
         found = self.rollouts.get(component)
         return Observation(

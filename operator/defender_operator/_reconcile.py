@@ -74,9 +74,13 @@ from defender_operator._decisions.ownership import (
 from defender_operator._decisions.reads import ViewRead
 from defender_operator._decisions.registration import (
     REGISTRATION_FIELD,
+    RESEEDED_AFTER_RESTORE,
     RegistrationAction,
+    ReplayAction,
+    anchored_cluster,
     anchored_registration,
     decide_registration,
+    decide_replayed,
     registration_fields,
     seeded_registration,
 )
@@ -395,8 +399,9 @@ async def _steps(
         return
     if _ended(v):
         return
+    reseeded = False
     if seeded_new is None:
-        seeded_new = await seed(v, spec, normalized)
+        seeded_new, reseeded = await seed_or_reseed(v, spec, normalized)
     state, commit_due, seeded = seeded_new
     take(mem, found, seeded)
     anchored = anchored_registration(v.status)
@@ -407,8 +412,20 @@ async def _steps(
         else decide_registration(anchored, state.registration)
     )
     if registration is RegistrationAction.REPLAYED:
-        await registration_replayed(v, state, anchored)
-    regression = went_back(mem.status if mem.status is not None else v.status, state, normalized)
+        if replay_action(v, state.registration) is not ReplayAction.RESEED:
+            await registration_replayed(v, state, anchored)
+        state, commit_due, seeded = await reseed_after_restore(
+            v, spec, normalized, state.registration
+        )
+        take(mem, found, seeded)
+        registration, reseeded = None, True
+    # A re-seed started a new registration at version 1: readers start its versions over, so
+    # the version shown before is no regression to commit above.
+    regression = (
+        None
+        if reseeded
+        else went_back(mem.status if mem.status is not None else v.status, state, normalized)
+    )
     if regression is not None:
         take(mem, found, regression_told(v.logger, regression))
         commit_due = commit_due or regression.recommit
@@ -443,7 +460,7 @@ async def _steps(
         # Anchored once known: the seed's, or the one a commit stamped on data from before
         # registrations (`decide_registration`); never moved to another afterwards.
         **(
-            registration_fields(registration, state.registration)
+            registration_fields(registration, state.registration, v.rt.backend.cluster_id)
             if registration is not None
             else {}
         ),
@@ -963,7 +980,7 @@ async def seed(
         )
         if plan.seed_master:
             # This seed wrote the record: its registration is the current one.
-            out.fields.update(seeded_registration(state.registration))
+            out.fields.update(seeded_registration(state.registration, rt.backend.cluster_id))
         # No Event: a routine success on every create, one API write per component for what
         # status.activeVersion and the ConfigSynced condition already show.
     return state, plan.commit, out
@@ -984,6 +1001,8 @@ async def claim_and_seed(
     spec: _api.DefenderComponentSpec,
     normalized: Mapping[str, Any],
     pending: Claim,
+    *,
+    registration_above: int = 0,
 ) -> tuple[ComponentState, bool, Outcome] | None:
     """A new name: its claim, MASTER, ACTIVE and metadata in one create-only transaction, as
     `seed` returns it; None when the owner record, metadata or a value appeared since the
@@ -1010,6 +1029,7 @@ async def claim_and_seed(
             storage=storage_policy(spec.storage),
             cadence=wanted_cadence(rt, spec),
             alerts_since=utcnow() - timedelta(seconds=rt.settings.misconfig_window_seconds),
+            registration_above=registration_above,
         )
     finally:
         if sightings is not None:
@@ -1026,8 +1046,70 @@ async def claim_and_seed(
     return (
         seen.state,
         plan.commit,
-        Outcome(fields=seeded_registration(seen.state.registration)),
+        Outcome(fields=seeded_registration(seen.state.registration, rt.backend.cluster_id)),
     )
+
+
+async def seed_or_reseed(
+    v: Visit, spec: _api.DefenderComponentSpec, normalized: Mapping[str, Any]
+) -> tuple[tuple[ComponentState, bool, Outcome], bool]:
+    """`seed`, or, when the declare's repair refused etcd's record as another registration's
+    and etcd turns out to be a restored snapshot of an older one (`replay_action`), a re-seed
+    (`reseed_after_restore`; then True). A replay is refused as before."""
+    try:
+        return await seed(v, spec, normalized), False
+    except RegistrationReplayError as exc:
+        # The metadata record's registration only: a value of another one beside a record of
+        # the anchored registration (a MASTER put back) is no older lifetime restored.
+        of_record = (exc.path or "").endswith(f"/{v.component}/metadata")
+        if not of_record or replay_action(v, exc.found) is not ReplayAction.RESEED:
+            raise
+        return await reseed_after_restore(v, spec, normalized, exc.found), True
+
+
+def replay_action(v: Visit, stored: int | None) -> ReplayAction:
+    """Whether a record of registration `stored` (not the anchored one, nothing of the anchored
+    one left) is a replay to refuse or a restored snapshot to re-seed over."""
+    return decide_replayed(
+        anchored_registration(v.status),
+        stored,
+        anchored_on=anchored_cluster(v.status),
+        cluster=v.rt.backend.cluster_id,
+    )
+
+
+async def reseed_after_restore(
+    v: Visit, spec: _api.DefenderComponentSpec, normalized: Mapping[str, Any], found: int | None
+) -> tuple[ComponentState, bool, Outcome]:
+    """etcd was restored from a snapshot taken before this name was purged and registered
+    again: it holds an older registration (`found`) than the status anchors, which every
+    reader refuses and nothing of the anchored one. What a person would do (delete the
+    resource with retention Purge and create it again) done here: the name's data purged, and
+    the claim and a new registration above both seeded from the spec in one transaction.
+    Readers holding the anchored registration take the new, higher one by themselves."""
+    rt, component = v.rt, v.component
+    anchored = anchored_registration(v.status) or 0
+    removed = await rt.write(component, rt.backend.purge, component)
+    pending = pending_claim(Claim(v.namespace, v.name, _uid(v.body)))
+    reseeded = await claim_and_seed(
+        v, spec, normalized, pending, registration_above=max(anchored, found or 0)
+    )
+    if reseeded is None:
+        # Written meanwhile by someone else: decided again on the next visit, on what is there.
+        raise kopf.TemporaryError(
+            f"{component} changed in etcd while it was re-seeded after a restore", delay=1.0
+        )
+    state, commit_due, out = reseeded
+    was = f"registration {found}" if found is not None else "data from before registrations"
+    message = (
+        f"etcd answers as another cluster than registration {anchored} was anchored on (a"
+        f" restore): it held {was} of this name, older than the anchored one, which every"
+        f" reader refuses; that restored older lifetime's values ({removed} key(s)) were"
+        f" replaced by registration {state.registration}, seeded from spec.config"
+    )
+    v.logger.warning("%s", message)
+    out.events.append(warning(RESEEDED_AFTER_RESTORE, message))
+    return state, commit_due, out
 
 
 async def registration_replayed(v: Visit, state: ComponentState, anchored: int | None) -> NoReturn:

@@ -918,6 +918,7 @@ class ConfigStore:
         options: EnvelopeOptions | None = None,
         also: tuple[Sequence[Compare], Sequence[PutOp]] = ((), ()),
         reads: Sequence[GetOp] = (),
+        registration_above: int = 0,
     ) -> SeedResult:
         """Register the component's config: MASTER, ACTIVE v1, metadata and history/1 in ONE
         create-only transaction. If MASTER exists already (another instance won), nothing is
@@ -934,13 +935,17 @@ class ConfigStore:
 
         `options` seals this component's values (instead of the store-wide options) and is
         recorded in the metadata as its StoragePolicy: later commits keep it unless they pass
-        their own, and readers take the encryption requirement from it."""
+        their own, and readers take the encryption requirement from it.
+
+        `registration_above`: the new registration is above it as well as above the clock (the
+        operator re-seeding a name whose readers hold a registration it knows: they take only
+        a higher one, whatever the clock says)."""
         ctype = ComponentType(component_type)
         normalized = self._validate(component, ctype.value, config, json_schema)
         digest = config_digest(normalized)
         data = canonical_json(normalized)
         now = _now()
-        registration = next_record_sequence(now=now)
+        registration = next_record_sequence(registration_above, now=now)
         meta = ConfigMetadata(
             version=1,
             last_modified=now,

@@ -16,6 +16,11 @@ from collections.abc import Collection, Mapping
 from enum import StrEnum
 
 REGISTRATION_FIELD = "registration"
+# The etcd cluster id (hex) the registration was anchored on: what tells a restored snapshot
+# (a new cluster, which only etcd members can make) from a replay by etcd write access.
+REGISTRATION_CLUSTER_FIELD = "registrationCluster"
+# The Warning Event of a re-seed over a restored snapshot of an older registration.
+RESEEDED_AFTER_RESTORE = "ReseededAfterRestore"
 
 
 def anchored_registration(status: Mapping[str, object]) -> int | None:
@@ -25,6 +30,24 @@ def anchored_registration(status: Mapping[str, object]) -> int | None:
     if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
         return raw
     return None
+
+
+def anchored_cluster(status: Mapping[str, object]) -> int | None:
+    """status.registrationCluster: the etcd cluster the anchor was last taken on (None: not
+    recorded, by an operator from before the field, or a value no operator writes)."""
+    raw = status.get(REGISTRATION_CLUSTER_FIELD)
+    if not isinstance(raw, str) or not 1 <= len(raw) <= 16:
+        return None
+    try:
+        cluster = int(raw, 16)
+    except ValueError:
+        return None
+    return cluster or None
+
+
+def cluster_fields(cluster: int | None) -> dict[str, str]:
+    """The status field recording the cluster an anchor is taken on (none while unknown)."""
+    return {REGISTRATION_CLUSTER_FIELD: f"{cluster:x}"} if cluster else {}
 
 
 class RegistrationAction(StrEnum):
@@ -58,17 +81,58 @@ def decide_registration(
     return RegistrationAction.REPLAYED
 
 
-def registration_fields(action: RegistrationAction, stored: int | None) -> dict[str, int]:
-    """The status fields to publish: the anchor, once there is one to write."""
-    if action is RegistrationAction.ANCHOR and stored is not None:
-        return {REGISTRATION_FIELD: stored}
-    return {}
+def registration_fields(
+    action: RegistrationAction, stored: int | None, cluster: int | None = None
+) -> dict[str, int | str]:
+    """The status fields to publish: the anchor, once there is one to write, and the etcd
+    cluster it holds on (`cluster`, the store's current id) whenever etcd holds the anchored
+    registration: a restore of a snapshot of this registration moves it to the new cluster."""
+    if stored is None or action not in (RegistrationAction.ANCHOR, RegistrationAction.KEEP):
+        return {}
+    fields: dict[str, int | str] = dict(cluster_fields(cluster))
+    if action is RegistrationAction.ANCHOR:
+        fields[REGISTRATION_FIELD] = stored
+    return fields
 
 
-def seeded_registration(stored: int | None) -> dict[str, int]:
+def seeded_registration(stored: int | None, cluster: int | None = None) -> dict[str, int | str]:
     """The status fields after this operator's own seed wrote the record: its registration
     is the current one, whatever was anchored before (`decide_registration(seeded=True)`)."""
-    return registration_fields(decide_registration(None, stored, seeded=True), stored)
+    return registration_fields(decide_registration(None, stored, seeded=True), stored, cluster)
+
+
+class ReplayAction(StrEnum):
+    REFUSE = "Refuse"  # a replay (or nothing tells otherwise): refused, alerted, retried
+    RESEED = "Reseed"  # a restored snapshot of an earlier lifetime: seeded again from spec
+
+
+def decide_replayed(
+    anchored: int | None,
+    stored: int | None,
+    *,
+    anchored_on: int | None,
+    cluster: int | None,
+) -> ReplayAction:
+    """What to do about a record in etcd of another registration (`stored`, None: from before
+    registrations) than the anchored one, that the declare's repair could not rebuild from
+    the anchored registration's own values.
+
+    RESEED only for an OLDER registration found on ANOTHER etcd cluster than the one the
+    anchor was last taken on (`anchored_on`, status.registrationCluster; `cluster`, the
+    store's current id): etcd was restored from a snapshot taken before the name was purged
+    and registered again. Only etcd members make a new cluster id, so etcd write access alone
+    never gets here; and a re-seed writes what the resource's spec says as a registration
+    above both, which is what deleting the name's keys (in reach of etcd write access) leads
+    to anyway: nothing of the older registration becomes current.
+
+    REFUSE otherwise, as before: the same cluster (an older registration put back by etcd
+    write access), a cluster not recorded (a status written before the field) or not known
+    yet, or a NEWER registration than the anchored one (no restore makes one)."""
+    if anchored is None or anchored_on is None or cluster is None or cluster == anchored_on:
+        return ReplayAction.REFUSE
+    if stored is not None and stored >= anchored:
+        return ReplayAction.REFUSE
+    return ReplayAction.RESEED
 
 
 def registrations_to_publish(

@@ -328,6 +328,13 @@ class EtcdStore:
                 relogged = True
         return relogged
 
+    @property
+    def cluster_id(self) -> int | None:
+        """The cluster id of the last response (None before any): only the members set it, so
+        etcd write access cannot make a store see another cluster (the operator records it
+        next to a component's registration to tell a restored snapshot from a replay)."""
+        return self._cluster_id or None
+
     def observe_cluster(self, cluster_id: int) -> None:
         """Note the cluster id of a response; a different one than before counts as a change.
         Only the members can set it: write access to etcd cannot fake one."""

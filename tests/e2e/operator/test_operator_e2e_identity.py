@@ -577,6 +577,64 @@ def test_a_purged_registrations_values_put_back_never_become_active_again(
     assert after.metadata is not None and after.metadata.registration == registration
 
 
+def test_a_snapshot_from_before_the_purge_restored_on_another_cluster_is_reseeded(
+    operator_run: OperatorRun,
+) -> None:
+    # docs/operations.md, "Restore": etcd restored from a snapshot taken before the name was
+    # purged and created again holds the earlier registration alone, which every reader
+    # refuses. On another cluster than the anchor's, the operator's reconcile seeds the name
+    # again from the spec, above both registrations, and the readers take it. One etcd plays
+    # both clusters: the anchor is recorded as taken on another one (only etcd members could
+    # make a new id).
+    run = operator_run
+    store, lay, _ = _purged_later(run)
+    comp = lay.component_dir(NAME)
+    _set_ttl(run, run.namespace, 8)
+    run.wait_active_version(NAME, 2)
+    saved = {sv.key: sv.value for sv in store.list_prefix(comp) if "/instances/" not in sv.key}
+    _delete(run, run.namespace)
+    new_doc = _sample()
+    new_doc["spec"]["retention"] = "Purge"
+    _create(run, run.namespace, new_doc)
+    run.wait_active_version(NAME, 1)
+    registration = wait_for(
+        "the new registration anchored", lambda: run.get(NAME)["status"].get("registration")
+    )
+    cluster = wait_for(
+        "its cluster recorded", lambda: run.get(NAME)["status"].get("registrationCluster")
+    )
+    running = run.configs()  # an agent's reader of the new registration
+    assert running.get_active(NAME).version == 1
+
+    elsewhere = f"{int(cluster, 16) ^ 0xFFFF:x}"
+    run.custom.patch_namespaced_custom_object_status(
+        contract.API_GROUP,
+        contract.API_VERSION,
+        run.namespace,
+        contract.PLURAL,
+        NAME,
+        {"status": {"registrationCluster": elsewhere}},
+    )
+    store.delete_prefix(comp)
+    for key, value in saved.items():
+        store.put(key, value)
+    with pytest.raises(RegistrationReplayError):
+        running.get_active(NAME)
+    # A reconcile (the operator's start after a restore makes one; here a spec edit).
+    _set_ttl(run, run.namespace, 13)
+
+    def reseeded() -> int | None:
+        found = run.get(NAME)["status"].get("registration")
+        return found if isinstance(found, int) and found > registration else None
+
+    third = wait_for("a registration above both anchored", reseeded)
+    run.wait_event(NAME, "ReseededAfterRestore")
+    assert run.get(NAME)["status"].get("registrationCluster") == cluster
+    active = running.get_active(NAME)
+    assert active.version == 1 and active.config["block_ttl_seconds"] == 13
+    assert active.metadata is not None and active.metadata.registration == third
+
+
 def _published(run: OperatorRun) -> dict[str, int] | None:
     """registrations.json in the namespace's keyring Secret (None: not there)."""
     secret: Any = run.core.read_namespaced_secret(SECRET, run.namespace)

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.etcd
 
 FIRST: dict[str, Any] = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
 SECOND: dict[str, Any] = {"node_id": "sniffer-02", "version": "2.0.0", "interface": "eth1"}
+THIRD: dict[str, Any] = {"node_id": "sniffer-03", "version": "3.0.0", "interface": "eth2"}
 
 
 def snaplen(base: dict[str, Any], n: int) -> dict[str, Any]:
@@ -535,18 +536,17 @@ def test_an_earlier_registrations_rollout_put_back_with_its_metadata_never_runs(
     assert reader.held_registration("sniffer") == current
 
 
-def test_a_snapshot_from_before_a_purge_restored_is_still_refused_on_the_new_cluster(
+def test_a_snapshot_from_before_a_purge_restored_is_refused_by_readers_until_seeded_above(
     client: DefenderClient, store: EtcdStore, alerts: list[Alert]
 ) -> None:
-    """What happens today when a snapshot taken before a purge and re-creation is restored:
-    etcd holds the earlier registration again, readers and the operator hold the newer one.
-
-    Pinned as it is, a known gap (session 29): versions are forgotten on a cluster change
-    (`ConfigStore._follow_cluster`), registrations are not, so every reader that held the newer
-    registration, or is told it by `registrations.json`, refuses the restored data for good,
-    and the operator's repair with its anchor (`status.registration`) deletes the restored
-    history as replayed entries and then refuses, retried for ever. A fix changes these
-    assertions (docs/operations.md, "Restore").
+    """A snapshot taken before a purge and re-creation, restored: etcd holds the earlier
+    registration again, readers and the operator hold the newer one. Versions are forgotten on
+    a cluster change (`ConfigStore._follow_cluster`), registrations are not: every reader that
+    held the newer registration, or is told it by `registrations.json`, refuses the restored
+    data, and the operator's repair with its anchor (`status.registration`) refuses to rebuild
+    from it. The operator then re-seeds the name above both (`_reconcile.reseed_after_restore`:
+    purge, then a seed with `registration_above`), which those readers take by themselves
+    (docs/operations.md, "Restore").
 
     The restore is played on the same etcd: the component's keys replaced by the ones saved
     before the purge (the snapshot), and a cluster id the store had not seen noted as a
@@ -593,3 +593,15 @@ def test_a_snapshot_from_before_a_purge_restored_is_still_refused_on_the_new_clu
     with pytest.raises(RegistrationReplayError):
         operator_repair(configs, current)
     assert inspect(store.get(lay.active_config("sniffer")).value).registration == old  # type: ignore[union-attr]
+
+    # The operator's re-seed: the name purged, seeded again above both registrations.
+    store.delete_prefix(lay.component_dir("sniffer"))
+    seeded = configs.seed("sniffer", THIRD, "sniffer", by="operator", registration_above=current)
+    third = seeded.metadata.registration
+    assert seeded.created and third is not None and third > current > old
+    assert inspect(store.get(lay.active_config("sniffer")).value).registration == third  # type: ignore[union-attr]
+    # Taken by the readers that refused the older one: version 1 of the new registration.
+    for reader in (running, told):
+        active = reader.get_active("sniffer")
+        assert (active.version, active.config["node_id"]) == (1, THIRD["node_id"])
+        assert reader.held_registration("sniffer") == third

@@ -308,6 +308,33 @@ def test_a_claim_and_a_seed_land_together_only_on_a_name_that_holds_nothing(
     assert backend.state("firewall").master_digest is None
 
 
+def test_a_name_seeded_again_above_a_registration_gets_one_above_it(backend: Backend) -> None:
+    # The operator's re-seed after a restore (`_reconcile.reseed_after_restore`): purged, then
+    # claimed and seeded above the registration readers hold, whatever the clock says.
+    def claim_and_seed(uid: str, above: int = 0) -> Any:
+        return backend.claim_and_seed(
+            "firewall",
+            "firewall",
+            FW,
+            claim=Claim("default", "firewall", uid),
+            json_schema=None,
+            modified_by=BY,
+            cadence=Cadence(interval_seconds=5, allowed_misses=2, by=BY),
+            alerts_since=utcnow(),
+            registration_above=above,
+        )
+
+    seen = claim_and_seed("uid-1")
+    assert seen is not None and seen.state.registration is not None
+    assert backend.cluster_id is not None  # the cluster that answered (etcd: its header)
+    above = seen.state.registration + 10**9
+    backend.purge("firewall")
+    again = claim_and_seed("uid-2", above)
+    assert again is not None and again.state.registration == above + 1
+    assert backend.state("firewall").registration == above + 1
+    assert backend.read_claim("firewall")[0] == Claim("default", "firewall", "uid-2")
+
+
 def test_storage_policy_changes_only_when_different(backend: Backend) -> None:
     policy = StoragePolicy(compress=True, encrypt=True, level=3, threshold_bytes=64)
     backend.seed("firewall", "firewall", FW, json_schema=None, modified_by=BY, storage=policy)

@@ -7,30 +7,41 @@ lifetime")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 
 from defender_config import (
     Alert,
     Cadence,
     CallableSink,
+    ConfigStore,
     EnvelopeOptions,
     Keyring,
     LibrarySettings,
+    RegistrationReplayError,
     StoragePolicy,
     config_digest,
     inspect,
     validate_config,
 )
 from defender_devcluster import EtcdCluster, etcd_client_settings
+from defender_operator import _reconcile
 from defender_operator._decisions.ownership import Claim
 from defender_operator._keys import MutableKeyringSource
 from defender_operator._library_backend import LibraryBackend
 from defender_operator._runtime import utcnow
+
+# The operator harness of the unit tests (fake Kubernetes API, real reconcile and monitor).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "unit" / "operator"))
+from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
 pytestmark = pytest.mark.etcd
 
@@ -155,3 +166,83 @@ def test_a_seed_after_etcd_lost_the_data_moves_the_repairs_to_the_new_registrati
     store.put(meta_key, json.dumps(doc).encode())
     state = backend.observe("firewall", utcnow()).state
     assert (state.registration, state.active_version, state.active_digest) == (new, 1, digest)
+
+
+# --- the reconcile on the real etcd (the unit harness's fake Kubernetes API) -----------------
+
+
+def _harness(backend: LibraryBackend, uid: str) -> Harness:
+    return Harness(backend=backend, uid=uid)  # type: ignore[arg-type]
+
+
+SNIFFER = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+
+
+def _restored_from_before_a_purge(backend: LibraryBackend) -> tuple[Harness, int, int]:
+    """A resource at version 3, its keys saved (the snapshot), deleted with retention Purge and
+    created again (registration two), then the snapshot's keys put back in place of its own.
+    Returns the new resource's harness, the older and the anchored registration."""
+    store, lay = backend.client.store, backend.layout
+    first = _harness(backend, "uid-1")
+    for n in range(3):
+        asyncio.run(first.reconcile(spec({**SNIFFER, "snaplen": 100 + n})))
+    saved = [
+        (sv.key, sv.value)
+        for prefix in (lay.component_dir(NAME), lay.owner(NAME))
+        for sv in store.list_prefix(prefix)
+    ]
+    asyncio.run(
+        _reconcile.apply_retention(
+            first.rt, first.body(spec(SNIFFER), {}), NAMESPACE, NAME, "Purge", LOG
+        )
+    )
+    time.sleep(0.01)  # registrations are stamped from the clock in ms
+    h = _harness(backend, "uid-2")
+    asyncio.run(h.reconcile(spec(SNIFFER)))
+    anchored = h.kube.status["registration"]
+    old = inspect(dict(saved)[lay.active_config(NAME)]).registration
+    assert old is not None and old < anchored
+    store.delete_prefix(lay.component_dir(NAME))
+    for key, value in saved:
+        store.put(key, value)
+    return h, old, anchored
+
+
+def test_a_restored_older_registration_on_another_cluster_is_reseeded_by_the_reconcile(
+    backend: LibraryBackend,
+) -> None:
+    h, old, anchored = _restored_from_before_a_purge(backend)
+    # The anchor was taken on another cluster than the one answering now: a restore (one
+    # etcd plays both; only its members could make a new id).
+    assert h.kube.status["registrationCluster"] == f"{backend.cluster_id:x}"
+    h.kube.status["registrationCluster"] = f"{backend.cluster_id ^ 0xFFFF:x}"
+    h.events.clear()
+    asyncio.run(h.reconcile(spec({**SNIFFER, "interface": "eth1"})))
+    state = backend.state(NAME)
+    assert state.registration is not None and state.registration > anchored > old
+    assert state.active_version == 1
+    assert h.kube.status["registration"] == state.registration
+    assert h.kube.status["registrationCluster"] == f"{backend.cluster_id:x}"
+    assert "ReseededAfterRestore" in h.reasons() and "RegistrationReplayed" not in h.reasons()
+    assert backend.read_claim(NAME)[0] == Claim("default", NAME, "uid-2")
+    lay, store = backend.layout, backend.client.store
+    for sv in store.list_prefix(lay.component_dir(NAME)):
+        if not sv.key.endswith("/metadata"):
+            assert inspect(sv.value).registration == state.registration, sv.key
+    # A reader that held the anchored registration takes the new one.
+    reader = ConfigStore(backend.client)
+    reader.hold_registration(NAME, anchored)
+    assert reader.get_active(NAME).version == 1
+
+
+def test_a_restored_older_registration_on_the_same_cluster_is_refused_by_the_reconcile(
+    backend: LibraryBackend,
+) -> None:
+    h, old, anchored = _restored_from_before_a_purge(backend)
+    with pytest.raises(kopf.TemporaryError) as info:
+        asyncio.run(h.reconcile(spec({**SNIFFER, "interface": "eth1"})))
+    assert isinstance(info.value.__cause__, RegistrationReplayError)
+    active = backend.client.store.get(backend.layout.active_config(NAME))
+    assert active is not None and inspect(active.value).registration == old  # left as it is
+    assert h.kube.status["registration"] == anchored
+    assert "ReseededAfterRestore" not in h.reasons()

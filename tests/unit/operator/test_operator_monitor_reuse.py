@@ -276,6 +276,7 @@ VIEW_WRITES = {
 # rewrap (it re-seals values without changing what they say; the watch still delivers it).
 OTHER_CALLS = {
     "health",
+    "cluster_id",
     "declare_storage",
     "state",
     "rollout",

@@ -13,12 +13,19 @@ from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 from defender_config import RegistrationReplayError, config_digest, validate_config
 from defender_operator._backend import Declared
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.registration import (
+    REGISTRATION_CLUSTER_FIELD,
     REGISTRATION_FIELD,
     RegistrationAction,
+    ReplayAction,
+    anchored_cluster,
     anchored_registration,
+    cluster_fields,
     decide_registration,
+    decide_replayed,
     registration_fields,
+    seeded_registration,
 )
 from defender_operator._memory_backend import Stored
 from defender_operator._reconcile import apply_retention
@@ -61,6 +68,77 @@ def test_the_operators_own_seed_re_anchors_after_etcd_lost_the_data() -> None:
     # An accident that emptied etcd must not lock the resource out of what it seeds again.
     assert decide_registration(200, 300, seeded=True) is RegistrationAction.ANCHOR
     assert decide_registration(200, None, seeded=True) is RegistrationAction.REPLAYED
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("0", None),
+        ("xyz", None),
+        (17, None),
+        ("1" * 17, None),
+        ("c0ffee", 0xC0FFEE),
+        ("ffffffffffffffff", 2**64 - 1),
+    ],
+)
+def test_only_a_hex_cluster_id_in_status_is_recorded(raw: object, expected: int | None) -> None:
+    status = {} if raw is None else {REGISTRATION_CLUSTER_FIELD: raw}
+    assert anchored_cluster(status) == expected
+    if expected is not None:
+        assert cluster_fields(expected) == {REGISTRATION_CLUSTER_FIELD: raw}
+
+
+def test_the_cluster_is_recorded_wherever_etcd_holds_the_anchored_registration() -> None:
+    assert registration_fields(RegistrationAction.ANCHOR, 100, 0xAB) == {
+        REGISTRATION_FIELD: 100,
+        REGISTRATION_CLUSTER_FIELD: "ab",
+    }
+    assert registration_fields(RegistrationAction.KEEP, 100, 0xAB) == {
+        REGISTRATION_CLUSTER_FIELD: "ab"
+    }
+    assert registration_fields(RegistrationAction.REPLAYED, 100, 0xAB) == {}
+    assert registration_fields(RegistrationAction.LEGACY, None, 0xAB) == {}
+    assert registration_fields(RegistrationAction.ANCHOR, 100, None) == {REGISTRATION_FIELD: 100}
+    assert seeded_registration(300, 0xAB) == {
+        REGISTRATION_FIELD: 300,
+        REGISTRATION_CLUSTER_FIELD: "ab",
+    }
+
+
+A_CLUSTER, ANOTHER_CLUSTER = 0xA, 0xB
+
+
+@pytest.mark.parametrize(
+    ("stored", "anchored_on", "cluster", "expected"),
+    [
+        # An older registration (or data from before registrations) on another cluster than
+        # the anchor's: a snapshot from before the purge, restored.
+        (100, A_CLUSTER, ANOTHER_CLUSTER, ReplayAction.RESEED),
+        (None, A_CLUSTER, ANOTHER_CLUSTER, ReplayAction.RESEED),
+        # The same cluster: put back by etcd write access, which cannot change the id.
+        (100, A_CLUSTER, A_CLUSTER, ReplayAction.REFUSE),
+        (None, A_CLUSTER, A_CLUSTER, ReplayAction.REFUSE),
+        # No cluster recorded (a status from before the field), or none seen yet.
+        (100, None, ANOTHER_CLUSTER, ReplayAction.REFUSE),
+        (100, A_CLUSTER, None, ReplayAction.REFUSE),
+        # A newer registration than the anchored one (or the anchored one): no restore.
+        (300, A_CLUSTER, ANOTHER_CLUSTER, ReplayAction.REFUSE),
+        (200, A_CLUSTER, ANOTHER_CLUSTER, ReplayAction.REFUSE),
+    ],
+)
+def test_only_an_older_registration_on_another_cluster_is_reseeded(
+    stored: int | None, anchored_on: int | None, cluster: int | None, expected: ReplayAction
+) -> None:
+    assert decide_replayed(200, stored, anchored_on=anchored_on, cluster=cluster) is expected
+
+
+def test_nothing_anchored_is_never_reseeded() -> None:
+    assert (
+        decide_replayed(None, 100, anchored_on=A_CLUSTER, cluster=ANOTHER_CLUSTER)
+        is ReplayAction.REFUSE
+    )
 
 
 # --- the reconcile, against the in-memory Backend -------------------------------------------------
@@ -216,37 +294,91 @@ def test_the_operators_own_seed_after_etcd_lost_the_data_is_anchored_over_the_ol
     assert h.backend.state(NAME).active_version == 2
 
 
-def test_a_snapshot_from_before_the_purge_restored_is_refused_on_every_pass() -> None:
-    """What the operator does today when etcd is restored from a snapshot taken before the
-    purge and re-creation: etcd holds the earlier registration alone (MASTER, record, ACTIVE,
-    history), the status anchors the newer one. Pinned as it is, a known gap (session 29): the
-    anchor does not follow a cluster change as readers' versions do, so the declare's repair
-    removes the restored history as another registration's and every pass refuses (alerted,
-    retried) without committing: the resource stays refused until a person acts. A fix changes
-    these assertions (docs/operations.md, "Restore").
+RESTORED_CLUSTER = 0xC0FFEE  # the id of the cluster `kubectl defender restore` makes
 
-    The in-memory backend has no cluster id: the restore is the component's data replaced by
-    what was saved before the purge."""
+
+def restored_from_before_the_purge(h: Harness, saved: Stored, *, cluster: int | None) -> None:
+    """etcd restored from a snapshot taken before the purge and re-creation: the name holds
+    the earlier registration alone (MASTER, record, ACTIVE, history) and the earlier
+    resource's owner record. `cluster`: the cluster id etcd answers with afterwards (the
+    backend's before: an etcd-write attacker putting the saved values back instead)."""
+    h.backend.components[NAME] = copy.deepcopy(saved)
+    h.backend.claims[NAME] = (Claim(NAMESPACE, NAME, "uid-1"), h.backend.claims[NAME][1])
+    if cluster is not None:
+        h.backend.cluster_id = cluster
+
+
+def test_the_cluster_the_anchor_was_taken_on_is_recorded_beside_it() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "5eed"
+    # A status from before the field: recorded on the next pass that finds the anchored one.
+    del h.kube.status[REGISTRATION_CLUSTER_FIELD]
+    h.backend.cluster_id = RESTORED_CLUSTER  # e.g. restored since, from a snapshot of it
+    run(h.reconcile(spec(ETH0)))
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
+
+
+def test_a_snapshot_from_before_the_purge_restored_is_reseeded_above_both() -> None:
+    """etcd restored from a snapshot taken before the purge and re-creation (a new cluster
+    id): it holds the earlier registration, which every reader refuses, while the status
+    anchors the newer one. The reconcile seeds the name again from spec.config, as a Purge
+    and re-create would, with a registration above both; readers take it by themselves."""
     h, saved = purged_and_registered_again()
     anchored = h.kube.status[REGISTRATION_FIELD]
     assert saved.registration is not None and saved.registration < anchored
-    assert sorted(saved.history) == [1, 2, 3]
-    h.backend.components[NAME] = copy.deepcopy(saved)  # the restore
+    assert anchored_cluster(h.kube.status) == h.backend.cluster_id
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    h.backend.calls.clear()
+    h.events.clear()
+    run(h.reconcile(spec(ETH1)))
+    state = h.backend.state(NAME)
+    assert state.registration is not None and state.registration > anchored
+    assert (state.active_version, state.active_digest) == (1, digest(ETH1))
+    assert sorted(h.backend.components[NAME].history) == [1]
+    assert h.kube.status[REGISTRATION_FIELD] == state.registration
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
+    assert h.kube.status["activeVersion"] == 1
+    assert {"purge", "claim_and_seed"} <= set(h.backend.calls)
+    assert "commit" not in h.backend.calls  # nothing recommitted above the lost lifetime
+    assert h.backend.claims[NAME][0].uid == "uid-2"  # the name is this resource's again
+    told = [e for e in h.events if e.reason == "ReseededAfterRestore"]
+    assert len(told) == 1 and told[0].type == "Warning"
+    for registration in (saved.registration, anchored, state.registration):
+        assert f"registration {registration}" in told[0].message
+    assert "replaced" in told[0].message
+    assert "RegistrationReplayed" not in h.reasons()
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    assert "RegistrationReplayed" not in alerted(h)  # the restored lifetime's went with it
+    # The next pass keeps it: nothing purged or seeded again, and it commits on it.
+    h.backend.calls.clear()
+    run(h.reconcile(spec(ETH2)))
+    assert "purge" not in h.backend.calls and "claim_and_seed" not in h.backend.calls
+    after = h.backend.state(NAME)
+    assert (after.active_version, after.registration) == (2, state.registration)
+
+
+def test_an_earlier_registration_put_back_on_the_same_cluster_is_refused_on_every_pass() -> None:
+    """The same values put back by someone with etcd write access (the cluster id does not
+    change: only etcd members set it): refused on every pass as a replay, never re-seeded.
+    The way out a person has: delete the resource (retention Purge) and create it again."""
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=None)
     h.backend.calls.clear()
     for attempt in range(1, 4):
         with pytest.raises(kopf.TemporaryError) as info:
             run(h.reconcile(spec(ETH1)))
         assert isinstance(info.value.__cause__, RegistrationReplayError)
-        assert "commit" not in h.backend.calls and "seed" not in h.backend.calls
+        assert not {"commit", "seed", "claim_and_seed", "purge"} & set(h.backend.calls)
         assert h.kube.status[REGISTRATION_FIELD] == anchored
         assert h.backend.state(NAME).registration == saved.registration
         assert alerted(h).count("RegistrationReplayed") == attempt
         assert h.condition(cond.CONFIG_SYNCED)["reason"] == "RegistrationReplayed"
-    # The restored history went on the first pass, as entries of another registration.
+    assert "ReseededAfterRestore" not in h.reasons()
+    # The saved history went on the first pass, as entries of another registration.
     assert h.backend.components[NAME].history == {}
     assert "RegistrationReplayRemoved" in alerted(h)
-    # The way out docs/operations.md gives: delete the resource (retention Purge) and create it
-    # again. Its seed is a registration above both, which running readers take by themselves.
     run(apply_retention(h.rt, h.body(spec(ETH1), {}), NAMESPACE, NAME, "Purge", LOG))
     again = Harness(backend=h.backend, uid="uid-3")
     run(again.reconcile(spec(ETH1)))
@@ -254,3 +386,56 @@ def test_a_snapshot_from_before_the_purge_restored_is_refused_on_every_pass() ->
     assert state.registration is not None and state.registration > anchored
     assert again.kube.status[REGISTRATION_FIELD] == state.registration
     assert (state.active_version, state.active_digest) == (1, digest(ETH1))
+
+
+def test_a_restore_under_a_status_that_recorded_no_cluster_is_refused_as_before() -> None:
+    # Written by an operator from before status.registrationCluster: nothing tells a restore
+    # from a replay, so it is refused (a person re-creates the resource).
+    h, saved = purged_and_registered_again()
+    del h.kube.status[REGISTRATION_CLUSTER_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    h.backend.calls.clear()
+    with pytest.raises(kopf.TemporaryError) as info:
+        run(h.reconcile(spec(ETH1)))
+    assert isinstance(info.value.__cause__, RegistrationReplayError)
+    assert "purge" not in h.backend.calls and "ReseededAfterRestore" not in h.reasons()
+    assert REGISTRATION_CLUSTER_FIELD not in h.kube.status  # never recorded over a refusal
+
+
+def test_a_record_of_an_older_registration_after_the_declare_on_a_new_cluster_is_reseeded() -> None:
+    # The declare saw the anchored registration; the record read after it is the restored
+    # older one (the reconcile's own check): re-seeded all the same.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    declare = h.backend.declare
+
+    def declare_then_restore(*args: Any, **kwargs: Any) -> Declared:
+        declare(*args, **kwargs)
+        restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+        return Declared()  # the caller reads the state again
+
+    h.backend.declare = declare_then_restore  # type: ignore[method-assign]
+    h.events.clear()
+    run(h.reconcile(spec(ETH1)))
+    state = h.backend.state(NAME)
+    assert state.registration is not None and state.registration > anchored
+    assert h.kube.status[REGISTRATION_FIELD] == state.registration
+    assert "ReseededAfterRestore" in h.reasons()
+
+
+def test_a_value_of_an_older_registration_beside_the_anchored_record_is_never_reseeded() -> None:
+    # A MASTER of the earlier registration beside a record of the anchored one (put back, and
+    # restored since on another cluster): the record is this lifetime's, so nothing is purged.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    h.backend.cluster_id = RESTORED_CLUSTER
+    master = RegistrationReplayError(
+        f"/memory/components/{NAME}/master", saved.registration, anchored, what="MASTER"
+    )
+    h.backend.fail("declare", master)
+    h.backend.calls.clear()
+    with pytest.raises(kopf.TemporaryError) as info:
+        run(h.reconcile(spec(ETH1)))
+    assert info.value.__cause__ is master
+    assert "purge" not in h.backend.calls and "ReseededAfterRestore" not in h.reasons()
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
