@@ -500,6 +500,26 @@ def _purged_later(run: OperatorRun) -> tuple[EtcdStore, Layout, dict[str, Any]]:
     return store, lay, doc
 
 
+def _saved_purged_and_created_again(
+    run: OperatorRun, store: EtcdStore, comp: str
+) -> tuple[dict[str, bytes], dict[str, Any], int]:
+    """What etcd read access saved of the component (its heartbeats aside), then the resource
+    deleted with retention Purge and created again: (saved values, the new resource, the new
+    registration once anchored)."""
+    saved = {sv.key: sv.value for sv in store.list_prefix(comp) if "/instances/" not in sv.key}
+    _delete(run, run.namespace)  # Purge: the data goes
+    assert not store.list_prefix(comp)
+    new_doc = _sample()
+    new_doc["spec"]["retention"] = "Purge"
+    _create(run, run.namespace, new_doc)
+    run.wait_active_version(NAME, 1)
+    registration = wait_for(
+        "the new registration anchored", lambda: run.get(NAME)["status"].get("registration")
+    )
+    assert isinstance(registration, int)
+    return saved, new_doc, registration
+
+
 def test_a_purged_registrations_values_put_back_never_become_active_again(
     operator_run: OperatorRun,
 ) -> None:
@@ -515,19 +535,9 @@ def test_a_purged_registrations_values_put_back_never_become_active_again(
     run.wait_active_version(NAME, 2)
     _set_ttl(run, run.namespace, 11)
     run.wait_active_version(NAME, 3)
-    saved = {sv.key: sv.value for sv in store.list_prefix(comp) if "/instances/" not in sv.key}
     old_registration = run.get(NAME)["status"].get("registration")
     assert isinstance(old_registration, int)
-    _delete(run, run.namespace)  # Purge: the data goes
-    assert not store.list_prefix(comp)
-
-    new_doc = _sample()
-    new_doc["spec"]["retention"] = "Purge"
-    _create(run, run.namespace, new_doc)
-    run.wait_active_version(NAME, 1)
-    registration = wait_for(
-        "the new registration anchored", lambda: run.get(NAME)["status"].get("registration")
-    )
+    saved, new_doc, registration = _saved_purged_and_created_again(run, store, comp)
     assert registration != old_registration
     new_config = validate_config(NAME, new_doc["spec"]["config"])
     running = run.configs()  # an agent's reader of the new registration
@@ -591,15 +601,7 @@ def test_a_snapshot_from_before_the_purge_restored_on_another_cluster_is_reseede
     comp = lay.component_dir(NAME)
     _set_ttl(run, run.namespace, 8)
     run.wait_active_version(NAME, 2)
-    saved = {sv.key: sv.value for sv in store.list_prefix(comp) if "/instances/" not in sv.key}
-    _delete(run, run.namespace)
-    new_doc = _sample()
-    new_doc["spec"]["retention"] = "Purge"
-    _create(run, run.namespace, new_doc)
-    run.wait_active_version(NAME, 1)
-    registration = wait_for(
-        "the new registration anchored", lambda: run.get(NAME)["status"].get("registration")
-    )
+    saved, _, registration = _saved_purged_and_created_again(run, store, comp)
     cluster = wait_for(
         "its cluster recorded", lambda: run.get(NAME)["status"].get("registrationCluster")
     )
