@@ -45,15 +45,21 @@ class FlakyStore(MemoryStore):
         return found
 
 
-def _watched(cached: bool) -> tuple[FlakyStore, list[ActiveConfig], list[Any], Any, str]:
-    store = FlakyStore()
-    store.cached = cached
+def _configs_at_v1(store: FlakyStore) -> tuple[ConfigStore, str]:
+    """A reader on `store` with short backoffs, and ACTIVE (its key) at {"v": 1}."""
     client = _client(store, Alerts())
     client.settings.etcd.backoff_base_seconds = 0.01
     client.settings.etcd.backoff_max_seconds = 0.05
     configs = ConfigStore(client)
     active = configs.layout.active_config("demo")
     store.put(active, _json({"v": 1}))
+    return configs, active
+
+
+def _watched(cached: bool) -> tuple[FlakyStore, list[ActiveConfig], list[Any], Any, str]:
+    store = FlakyStore()
+    store.cached = cached
+    configs, active = _configs_at_v1(store)
     delivered: list[ActiveConfig] = []
     errors: list[Any] = []
     watch = Rollouts(configs).watch("demo", "demo-0", delivered.append, on_error=errors.append)
@@ -144,12 +150,7 @@ def test_watch_active_reads_a_change_again_when_its_checks_could_not_read_etcd()
     # `ConfigStore.watch_active` (what Python components call) checks the event's value against
     # the metadata record as of its revision: a read. Failed, the change was dropped for good.
     store = FlakyWatchStore()
-    client = _client(store, Alerts())
-    client.settings.etcd.backoff_base_seconds = 0.01
-    client.settings.etcd.backoff_max_seconds = 0.05
-    configs = ConfigStore(client)
-    active = configs.layout.active_config("demo")
-    store.put(active, _json({"v": 1}))
+    configs, active = _configs_at_v1(store)
     delivered: list[ActiveConfig] = []
     errors: list[Any] = []
     watch = configs.watch_active("demo", delivered.append, on_error=errors.append)
@@ -170,9 +171,7 @@ def test_watch_active_reads_a_change_again_when_its_checks_could_not_read_etcd()
 
 def test_watch_active_stops_reading_again_when_cancelled() -> None:
     store = FlakyWatchStore()
-    configs = ConfigStore(_client(store, Alerts()))
-    active = configs.layout.active_config("demo")
-    store.put(active, _json({"v": 1}))
+    configs, active = _configs_at_v1(store)
     watch = configs.watch_active("demo", lambda _a: None, on_error=lambda _e: None)
     store.down.set()
     writer = threading.Thread(target=store.put, args=(active, _json({"v": 2})))
