@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import zstandard
 from cryptography.hazmat.primitives import hashes
@@ -230,6 +230,8 @@ class ChaChaPolyCipher(Cipher):
         return ChaCha20Poly1305(key)
 
 
+_Codec = TypeVar("_Codec", Compressor, Cipher)
+
 _COMPRESSORS: dict[int, Compressor] = {}
 _COMPRESSORS_BY_NAME: dict[str, Compressor] = {}
 _CIPHERS: dict[int, Cipher] = {}
@@ -238,24 +240,25 @@ _CIPHERS_BY_NAME: dict[str, Cipher] = {}
 
 def register_compressor(codec: Compressor) -> Compressor:
     """Make `codec` known under its id and name. Ids are stored format: ids never change."""
-    if not 0 <= codec.id <= 0xFF:
-        raise ValueError(f"codec id {codec.id} does not fit one byte")
-    if codec.id in _COMPRESSORS or codec.name in _COMPRESSORS_BY_NAME:
-        raise ValueError(f"compression codec id {codec.id} or name {codec.name!r} already taken")
-    _COMPRESSORS[codec.id] = codec
-    _COMPRESSORS_BY_NAME[codec.name] = codec
-    return codec
+    return _register(codec, _COMPRESSORS, _COMPRESSORS_BY_NAME, "compression codec")
 
 
 def register_cipher(cipher: Cipher) -> Cipher:
     """Make `cipher` known under its id and name."""
-    if not 0 <= cipher.id <= 0xFF:
-        raise ValueError(f"cipher id {cipher.id} does not fit one byte")
-    if cipher.id in _CIPHERS or cipher.name in _CIPHERS_BY_NAME:
-        raise ValueError(f"cipher id {cipher.id} or name {cipher.name!r} already taken")
-    _CIPHERS[cipher.id] = cipher
-    _CIPHERS_BY_NAME[cipher.name] = cipher
-    return cipher
+    return _register(cipher, _CIPHERS, _CIPHERS_BY_NAME, "cipher")
+
+
+def _register(
+    codec: _Codec, by_id: dict[int, _Codec], by_name: dict[str, _Codec], what: str
+) -> _Codec:
+    # An envelope's header names its codecs by a one-byte id, and settings by name: neither
+    # may come to mean another codec once values are stored with it.
+    if not 0 <= codec.id <= 0xFF:
+        raise ValueError(f"{what} id {codec.id} does not fit one byte")
+    if codec.id in by_id or codec.name in by_name:
+        raise ValueError(f"{what} id {codec.id} or name {codec.name!r} already taken")
+    by_id[codec.id] = by_name[codec.name] = codec
+    return codec
 
 
 NO_COMPRESSION = register_compressor(NoCompression())

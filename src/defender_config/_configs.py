@@ -39,6 +39,7 @@ from ._errors import (
 )
 from ._json_parse import parse_json
 from ._models import canonical_json, config_digest, validate_config
+from ._read_again import ReadAgain
 from ._records import is_signed, record_key_id, sign_record, verify_record
 from ._registrations_file import RegistrationsSource
 from ._settings import EnvelopeOptions, LibrarySettings
@@ -50,7 +51,6 @@ from ._store_types import (
     PutOp,
     StoredValue,
     WatchEvent,
-    backoff_delay,
 )
 from .contract import (
     HIGHEST_VERSION,
@@ -1937,56 +1937,70 @@ class ConfigStore:
             else:
                 log.error("watch_active %s: %s", component, exc)
 
-        def deliver(value: bytes, mod_revision: int, *, again: bool = False) -> bool:
-            """False when a read its checks need failed (etcd away): worth another try."""
+        def deliver(value: bytes, mod_revision: int) -> None:
+            """StoreError when a read its checks need failed (etcd away): worth another try."""
             try:
                 active = self._active_from(component, value, mod_revision, stale=False, final=True)
             except EnvelopeError as exc:  # alerted already (client.open, record checks)
                 fail(exc)
-                return True
-            except StoreError as exc:
-                if not again:  # said once per change, not once per attempt
-                    fail(exc)
-                return False
+                return
+            except StoreError:
+                raise
             except DefenderConfigError as exc:
                 self.client.report(exc, path=path, component=component)
                 fail(exc)
-                return True
+                return
             assert active is not None  # final=True never asks for a re-read
             if active.outdated or active.digest == last_digest[0]:
-                return True
+                return
             last_digest[0] = active.digest
             callback(active)
-            return True
 
         if initial:
             stored = store.get(path)
             if stored is not None:
-                deliver(stored.value, stored.mod_revision)
+                try:
+                    deliver(stored.value, stored.mod_revision)
+                except StoreError as exc:
+                    fail(exc)
 
         made = threading.Event()
         handle: list[WatchHandle] = []
 
-        def on_event(event: WatchEvent) -> None:
-            if event.kind != "put" or deliver(event.value, event.mod_revision):
-                return
-            # The event is spent, and a watch resuming after the outage announces nothing
-            # older: ACTIVE is read again, with backoff, until etcd answers (on the watch's
-            # thread, which has nothing else to hand out meanwhile; a cancel ends it).
+        def read() -> bool:
+            stored = store.get(path)
+            if stored is None:
+                return True  # deleted since: nothing to hand out
+            if stored.stale:
+                return False
+            deliver(stored.value, stored.mod_revision)
+            return True
+
+        def stopped(delay: float) -> bool:
             made.wait()
-            etcd, attempt = self.client.settings.etcd, 0
-            while not handle[0].wait_stopped(
-                backoff_delay(attempt, etcd.backoff_base_seconds, etcd.backoff_max_seconds)
-            ):
-                attempt += 1
-                try:
-                    stored = store.get(path)
-                except StoreError:
-                    continue
-                if stored is None:
-                    return  # deleted since: nothing to hand out
-                if not stored.stale and deliver(stored.value, stored.mod_revision, again=True):
-                    return
+            return handle[0].wait_stopped(delay)
+
+        # The event is spent, and a watch resuming after the outage announces nothing older:
+        # ACTIVE is read again until etcd answers, on the watch's thread (which has nothing
+        # else to hand out meanwhile; a cancel ends it).
+        etcd = self.client.settings.etcd
+        again = ReadAgain(
+            read,
+            wait=stopped,
+            report=fail,
+            base=etcd.backoff_base_seconds,
+            cap=etcd.backoff_max_seconds,
+            name=f"watch_active {component}",
+            own_thread=False,
+        )
+
+        def on_event(event: WatchEvent) -> None:
+            if event.kind != "put":
+                return
+            try:
+                deliver(event.value, event.mod_revision)
+            except StoreError as exc:
+                again.missed(exc)
 
         def on_store_error(exc: StoreError) -> None:
             fail(exc)

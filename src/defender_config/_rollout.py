@@ -53,8 +53,9 @@ from ._errors import (
     StoreError,
 )
 from ._models import canonical_json, config_digest
+from ._read_again import ReadAgain
 from ._store import WatchHandle
-from ._store_types import Compare, DeleteOp, PutOp, StoredValue, WatchEvent, backoff_delay
+from ._store_types import Compare, DeleteOp, PutOp, StoredValue, WatchEvent
 from .contract import ChangeKind, next_record_sequence
 
 __all__ = ["CanaryWatch", "RolloutRecord", "Rollouts", "next_record_sequence"]
@@ -400,12 +401,20 @@ class CanaryWatch:
         self._callback, self._on_error = callback, on_error
         self._lock = threading.Lock()
         self._last: str | None = None
-        # A read that failed, or was served from the cache, after an event: the event is spent,
-        # and a watch that resumes after the outage delivers nothing older. So the read is
-        # tried again, with backoff, until etcd answers it (`_read_again`).
-        self._again: threading.Timer | None = None
-        self._attempts = 0
-        self._cancelled = False
+        # A read etcd did not answer after an event is read again until it does (`ReadAgain`).
+        # On a thread of its own: the first read is on the caller's thread, and the two watches
+        # go on handing out events meanwhile.
+        self._stopped = threading.Event()
+        etcd = rollouts.client.settings.etcd
+        self._again = ReadAgain(
+            self._read,
+            wait=self._stopped.wait,
+            report=self._fail,
+            base=etcd.backoff_base_seconds,
+            cap=etcd.backoff_max_seconds,
+            name=f"canary watch {component}/{instance}",
+            own_thread=True,
+        )
         store, layout = rollouts.client.store, rollouts.layout
         paths = (layout.active_config(component), layout.rollout(component))
         start = store.current_revision(paths[0]) + 1
@@ -429,21 +438,29 @@ class CanaryWatch:
             log.exception("canary watch on_error callback failed")
 
     def _refresh(self) -> None:
+        try:
+            answered = self._read()
+        except StoreError as exc:
+            # Transient (etcd away): the reader's heartbeat says so, not an alert record.
+            self._again.missed(exc)
+            return
+        if not answered:
+            self._again.missed(None)  # what etcd holds now is not known yet
+
+    def _read(self) -> bool:
+        """Hand out the effective config if it changed. True when etcd answered the read, False
+        when the cache did; StoreError when etcd did not answer."""
         with self._lock:
             try:
                 active = self._rollouts.effective(self._component, self._instance)
             except NotFoundError:
-                return  # not registered yet: nothing to run (as `watch_active`)
-            except (EnvelopeError, StoreError) as exc:
-                # Alerted already (client.open, record checks), or transient (etcd away):
-                # the reader's heartbeat says so, not an alert record.
-                if isinstance(exc, StoreError):
-                    retrying = self._attempts > 0
-                    self._read_again()
-                    if retrying:
-                        return  # said once per outage, as the watch's own on_error does
+                return True  # not registered yet: nothing to run (as `watch_active`)
+            except EnvelopeError as exc:
+                # Alerted already (client.open, record checks).
                 self._fail(exc)
-                return
+                return True
+            except StoreError:
+                raise
             except DefenderConfigError as exc:
                 # As `ConfigStore.watch_active`: an ACTIVE that opens but is not a config (not
                 # a JSON object, say) is alerted here, where it is found, for every reader.
@@ -451,39 +468,13 @@ class CanaryWatch:
                 path = rollouts.layout.active_config(self._component)
                 rollouts.client.report(exc, path=path, component=self._component)
                 self._fail(exc)
-                return
-            if active.stale:
-                self._read_again()  # what etcd holds now is not known yet
-            else:
-                self._attempts = 0
-            if active.outdated or active.digest == self._last:
-                return
-            self._last = active.digest
-            self._callback(active)
-
-    def _read_again(self) -> None:
-        """Refresh once more after a backoff (called under `_lock`); one timer at a time."""
-        if self._cancelled or self._again is not None:
-            return
-        etcd = self._rollouts.client.settings.etcd
-        delay = backoff_delay(self._attempts, etcd.backoff_base_seconds, etcd.backoff_max_seconds)
-        self._attempts += 1
-        self._again = threading.Timer(delay, self._retry)
-        self._again.daemon = True
-        self._again.start()
-
-    def _retry(self) -> None:
-        with self._lock:
-            self._again = None
-            if self._cancelled:
-                return
-        self._refresh()
+                return True
+            if not active.outdated and active.digest != self._last:
+                self._last = active.digest
+                self._callback(active)
+            return not active.stale
 
     def cancel(self) -> None:
-        with self._lock:
-            self._cancelled = True
-            again, self._again = self._again, None
-        if again is not None:
-            again.cancel()
+        self._stopped.set()
         for handle in self._handles:
             handle.cancel()

@@ -89,22 +89,21 @@ class EnvelopeOptions(BaseModel):
     @field_validator("compression")
     @classmethod
     def _known_compression(cls, value: str) -> str:
-        known = [n for n in compression_names() if n != "none"]
-        if value not in known:
-            raise ValueError(
-                f"unknown compression {value!r}; use one of {', '.join(known)} (or compress: false)"
-            )
-        return value
+        return _writing_codec(value, compression_names(), "compression", "compress: false")
 
     @field_validator("cipher")
     @classmethod
     def _known_cipher(cls, value: str) -> str:
-        known = [n for n in cipher_names() if n != "none"]
-        if value not in known:
-            raise ValueError(
-                f"unknown cipher {value!r}; use one of {', '.join(known)} (or encrypt: false)"
-            )
-        return value
+        return _writing_codec(value, cipher_names(), "cipher", "encrypt: false")
+
+
+def _writing_codec(value: str, names: list[str], what: str, off: str) -> str:
+    """`value` if it names a registered codec to write with: not "none", which only marks a
+    value stored without it (`off` is how to say that instead)."""
+    known = [n for n in names if n != "none"]
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(known)} (or {off})")
+    return value
 
 
 class EtcdSettings(BaseModel):

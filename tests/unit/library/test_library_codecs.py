@@ -103,6 +103,19 @@ def test_registration_rules() -> None:
     with pytest.raises(ValueError, match="does not fit one byte"):
         register_cipher(WideCipher())
 
+    # A name is taken as well as an id: settings name codecs, headers number them.
+    class ZstdAgain(_codecs.ZstdCompressor):
+        id = 0xF7
+
+    class AesAgain(AesGcmCipher):
+        id = 0xF7
+
+    with pytest.raises(ValueError, match="name 'zstd' already taken"):
+        register_compressor(ZstdAgain())
+    with pytest.raises(ValueError, match="name 'aes-256-gcm' already taken"):
+        register_cipher(AesAgain())
+    assert 0xF7 not in _codecs._COMPRESSORS and 0xF7 not in _codecs._CIPHERS
+
 
 def test_lookups() -> None:
     assert compressor_by_id(1) is ZSTD and compressor_by_name("zstd") is ZSTD

@@ -142,6 +142,17 @@ def test_a_file_that_is_not_utf8_is_a_settings_error(tmp_path: Path) -> None:
         ),
         ("s.json", '{"envelope": {"compression": "lz4"}}', "unknown compression 'lz4'"),
         ("s.json", '{"envelope": {"cipher": "rot13"}}', "unknown cipher 'rot13'"),
+        # "none" only marks a value stored without: the setting that says so is named.
+        (
+            "s.json",
+            '{"envelope": {"compression": "none"}}',
+            r"unknown compression 'none'; use one of [^;]*zstd[^;]* \(or compress: false\)",
+        ),
+        (
+            "s.json",
+            '{"envelope": {"cipher": "none"}}',
+            r"unknown cipher 'none'; use one of [^;]*aes-256-gcm[^;]* \(or encrypt: false\)",
+        ),
         ("s.json", '{"envelope": {"level": 40}}', r"envelope\.level"),
         ("s.json", '{"prefix": "no-slash"}', "prefix"),
         ("s.json", '{"surprise": 1}', "surprise: Extra inputs"),
