@@ -247,6 +247,42 @@ def test_closing_a_stream_ends_its_call_and_tells_its_watches(
     assert len(stub.calls) == 1  # no stream opened after the close
 
 
+def test_a_creation_pending_on_a_dropped_stream_goes_elsewhere_though_the_stream_failed(
+    streams: Callable[..., _Streams],
+) -> None:
+    # Closing cancels the call, and pyetcd's stream thread then hands the stream's CANCELLED
+    # to the pending creation. That must not become the creation's error (CANCELLED is not
+    # retried): it is _StreamGone, which sends it on the current stream. The creation here
+    # wakes only once the stream thread has done so.
+    stub = streams("silent")
+    watcher = _Watcher(stub, endpoint="a:1", timeout=TIMEOUT)
+    cond = watcher._new_watch_cond
+    plain_wait = cond.wait
+
+    def wait_for_the_stream_thread(timeout: float | None = None) -> bool:
+        woke = plain_wait(timeout)
+        thread = watcher._callback_thread
+        if watcher._closed and thread is not None:
+            watcher._lock.release()
+            thread.join(PROMPT)
+            watcher._lock.acquire()
+        return woke
+
+    cond.wait = wait_for_the_stream_thread  # type: ignore[method-assign]
+    results: queue.Queue[tuple[str, Any]] = queue.Queue()
+    first = _create(watcher, "/a", results)
+    stub.wait_requests(1)
+    _waiting(watcher, first)
+
+    watcher.close()
+
+    first.join(2 * PROMPT)
+    assert not first.is_alive()
+    key, outcome = results.get_nowait()
+    assert key == "/a"
+    assert isinstance(outcome, _StreamGone), outcome
+
+
 def test_a_stream_opened_as_it_is_closed_is_cancelled_at_once(
     streams: Callable[..., _Streams],
 ) -> None:
