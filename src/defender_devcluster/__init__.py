@@ -18,7 +18,13 @@ from ._errors import (
     StateError,
     ToolNotFoundError,
 )
-from ._etcd import EtcdCluster, etcd_client_settings, etcd_member_healthy, etcd_status
+from ._etcd import (
+    EtcdCluster,
+    etcd_client_settings,
+    etcd_member_healthy,
+    etcd_status,
+    etcd_watch_counts,
+)
 from ._images import (
     BuildContext,
     BuiltImage,
@@ -58,6 +64,7 @@ __all__ = [
     "etcd_client_settings",
     "etcd_member_healthy",
     "etcd_status",
+    "etcd_watch_counts",
     "free_ports",
     "import_archives",
     "node_alive",

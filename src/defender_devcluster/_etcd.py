@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from ._errors import LeaderTransferError, PeerProxyError, PortInUseError, ProcessStartError
-from ._http import get_json, post_json
+from ._http import get_json, get_text, post_json
 from ._peerproxy import PeerProxy, socket_owner
 from ._procs import ManagedProcess, free_ports, reap_stale
 from ._tools import tool
@@ -52,6 +52,33 @@ def etcd_status_needs_login(endpoint: str, timeout: float = 2.0) -> bool:
     except (OSError, ValueError):
         return False
     return False
+
+
+_WATCHERS = "etcd_debugging_mvcc_watcher_total"
+_WATCH_STREAMS = "etcd_debugging_mvcc_watch_stream_total"
+
+
+def etcd_watch_counts(endpoint: str, timeout: float = 2.0) -> tuple[int, int]:
+    """(watchers, watch streams) one member holds open now, from its /metrics: how a test sees
+    that a client let go of its watches there. OSError when the member does not answer."""
+    status, body = get_text(f"{endpoint}/metrics", timeout=timeout)
+    if status != 200:
+        raise OSError(f"{endpoint}/metrics answered HTTP {status}")
+    return parse_watch_counts(body)
+
+
+def parse_watch_counts(metrics: str) -> tuple[int, int]:
+    """(watchers, watch streams) from etcd's Prometheus text; ValueError when either is
+    missing (an etcd that renamed them must not read as zero)."""
+    found: dict[str, int] = {}
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (_WATCHERS, _WATCH_STREAMS):
+            found[name] = int(float(value))
+    missing = {_WATCHERS, _WATCH_STREAMS} - set(found)
+    if missing:
+        raise ValueError(f"etcd metrics lack {sorted(missing)}")
+    return found[_WATCHERS], found[_WATCH_STREAMS]
 
 
 def etcd_client_settings(endpoints: Iterable[str]) -> dict[str, Any]:

@@ -223,7 +223,9 @@ class EtcdStore:
             # Only the token metadata: gRPC refuses call credentials on plaintext channels.
             self._client.metadata = (("token", response.token),)
             self._client.call_credentials = None
-            # Watch streams carry the token they were opened with: reopen them.
+            # Streams carry the token they were opened with: reopen them. The watch stream's
+            # call is cancelled (`_Watcher.close`), so its watches resume on a stream of the
+            # new token; a half-closed one stayed open on etcd, where no cancel could reach.
             self._client._clear_old_stubs()
         self._token_simple = _is_simple_token(str(response.token))
         self._token_generation += 1

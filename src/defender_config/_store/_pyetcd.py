@@ -3,6 +3,7 @@ pyetcd/protobuf objects and our records."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -242,7 +243,9 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
         token). The stream cannot be used again either way (a late "created" would be taken
         as the answer to the next creation), so it is dropped, its member marked failed as for
         a unary call past its deadline, and the creations queued behind it go to a new stream
-        at once instead of each waiting out a timeout of its own."""
+        at once instead of each waiting out a timeout of its own. Dropping it cancels its
+        call (`_Watcher.close`): a watch etcd creates late goes with it instead of staying on
+        the member, and the watches already on it resume on the new stream."""
         with self._ep_lock:
             if watcher.endpoint in self.endpoints:
                 self.endpoints[watcher.endpoint].fail()
@@ -307,17 +310,37 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
     the next one behind it: after a restore an agent's watches came back one timeout apart.
     Here the check follows the wait, and a closed stream fails its pending and queued
     creations at once (`_StreamGone`), for `_SharedClient.add_watch` to send on the current
-    stream."""
+    stream.
+
+    Closing also cancels the stream's gRPC call. pyetcd's `close` only ends the requests
+    (a half-close), and etcd keeps a half-closed watch stream open with every watch on it,
+    for as long as the connection lives (measured on etcd 3.6: the watcher and stream counts
+    stay up until the channel closes). A watch cancelled after that could not reach etcd
+    any more, and a creation etcd answered after we gave it up ("created" arriving late) was
+    a watch nobody would ever cancel: both stayed on the member, sending events we drop.
+    Cancelled, the stream ends on both sides, etcd lets go of its watches, and each watch
+    on it gets the CANCELLED error and resumes on the current stream (`WatchHandle`), with
+    the current token after a new login."""
 
     # pyetcd's, set in its __init__ and guarded by _lock.
     _new_watch: Any
     _stopping: bool
     _callback_thread: threading.Thread | None
+    _request_queue: queue.Queue[Any]
 
-    def __init__(self, *args: Any, endpoint: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, watchstub: Any, *args: Any, endpoint: str, **kwargs: Any) -> None:
+        super().__init__(_CallKeepingStub(watchstub, self._opened), *args, **kwargs)
         self.endpoint = endpoint
         self._closed = False
+        self._call: Any = None  # the gRPC call of the stream running now, if any
+
+    def _opened(self, call: Any) -> None:
+        """pyetcd's stream thread opened a stream: keep its call to cancel on close."""
+        with self._lock:
+            self._call = call
+            closed = self._closed
+        if closed:
+            call.cancel()  # closed while the stream thread was starting
 
     def close(self) -> None:
         with self._lock:
@@ -326,12 +349,20 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
             if pending is not None and pending.id is None and pending.err is None:
                 pending.err = _StreamGone()
             self._new_watch_cond.notify_all()
-        super().close()
+            call = self._call
+            if self._callback_thread is not None and not self._stopping:
+                # End the requests, so gRPC's sending thread lets go of the iterator. pyetcd
+                # blocks here, under the lock, when the queue (10) is full: never needed, the
+                # cancel below ends the stream and that thread with it.
+                with contextlib.suppress(queue.Full):
+                    self._request_queue.put_nowait(None)
+        if call is not None:
+            call.cancel()
 
     def _cancel_no_lock(self, watch_id: int) -> None:
         # A closed stream sends no more requests (its request iterator ended), and its queue
-        # holds 10: an 11th cancel queued there (watches of the old stream being cancelled)
-        # would block for good, under the watcher's lock.
+        # holds 10: an 11th cancel queued there would block for good, under the watcher's
+        # lock. Nothing is lost: the stream's call is cancelled, which ends all its watches.
         if not self._closed:
             super()._cancel_no_lock(watch_id)
 
@@ -384,6 +415,10 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
                     self._new_watch_cond.wait(remaining)
                 if new_watch.id is not None:
                     return int(new_watch.id)
+                if self._closed:
+                    # Dropped by the client: its cancel may have replaced our error with the
+                    # stream's CANCELLED by now.
+                    raise _StreamGone()
                 if new_watch.err is not None:
                     raise new_watch.err
                 if self._stopping:
@@ -392,6 +427,20 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
             finally:
                 self._new_watch = None
                 self._new_watch_cond.notify_all()
+
+
+class _CallKeepingStub:
+    """The WatchStub pyetcd's stream thread opens its streams with (`Watcher._run`): hands each
+    call to `opened` before the thread reads from it."""
+
+    def __init__(self, stub: Any, opened: Callable[[Any], None]) -> None:
+        self._stub = stub
+        self._opened = opened
+
+    def Watch(self, requests: Any, **kwargs: Any) -> Any:
+        call = self._stub.Watch(requests, **kwargs)
+        self._opened(call)
+        return call
 
 
 class WatchRefusedError(grpc.RpcError):  # type: ignore[misc]

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from defender_config import EtcdSettings, StoreUnavailableError
 from defender_config.store import EtcdStore, WatchEvent
-from defender_devcluster import EtcdCluster, wait_for
+from defender_devcluster import EtcdCluster, etcd_watch_counts, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -162,6 +162,58 @@ def test_watches_created_together_on_a_lost_stream_resume_together(
     late = {p.removeprefix(etcd_prefix): round(t, 1) for p, t in delivered.items() if t > bound}
     missing = [p.removeprefix(etcd_prefix) for p in prefixes if p not in delivered]
     assert not late and not missing, f"resumed after more than {bound}s: {late}, not: {missing}"
+
+
+def test_a_stream_given_up_for_an_unanswered_creation_ends_on_its_member(
+    members_restored: EtcdCluster,
+    make_etcd_settings: Callable[..., EtcdSettings],
+    etcd_prefix: str,
+) -> None:
+    # A creation left unanswered gives its stream up. The member then wakes and answers it
+    # late: etcd kept the stream open (the client only half-closed it), with the watch it had
+    # and the one created late, which no client would ever cancel; watches cancelled later
+    # could not reach it either. The stream must end on the member, its watches with it.
+    cluster = members_restored
+    settings = make_etcd_settings(timeout_seconds=2.0)
+    store = EtcdStore(settings, registry=CollectorRegistry())
+    victim = member_in_use(store, cluster)
+    others = [e for i, e in enumerate(cluster.endpoints) if i != victim]
+    writer = EtcdStore(make_etcd_settings(endpoints=others), registry=CollectorRegistry())
+    pid = cluster.member_pids[victim]
+    assert pid is not None
+    baseline = etcd_watch_counts(cluster.endpoints[victim])
+    events: list[str] = []
+    try:
+        start = writer.current_revision() + 1
+        first = store.watch_prefix(etcd_prefix + "first/", lambda e: events.append(e.key))
+        assert first.wait_connected(10)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            late = store.watch_prefix(
+                etcd_prefix + "late/", lambda e: events.append(e.key), start_revision=start
+            )
+            # Given up on the frozen member after one timeout, created on another one.
+            assert late.wait_connected(3 * settings.timeout_seconds)
+        finally:
+            # Well before keep-alive pings (10 s, 5 s to answer) would close the connection.
+            os.kill(pid, signal.SIGCONT)
+        assert store._client._current_endpoint_label not in cluster.endpoints[victim]
+
+        def released() -> bool:
+            return etcd_watch_counts(cluster.endpoints[victim]) == baseline
+
+        wait_for("the victim holds none of the store's watches", released, timeout=10)
+        writer.put(etcd_prefix + "first/k", b"1")
+        writer.put(etcd_prefix + "late/k", b"1")
+        wait_for("both watches deliver", lambda: len(events) == 2, timeout=15)
+        assert sorted(events) == [etcd_prefix + "first/k", etcd_prefix + "late/k"]
+        time.sleep(0.5)  # nothing delivered twice
+        assert len(events) == 2
+        first.cancel()
+        late.cancel()
+    finally:
+        store.close()
+        writer.close()
 
 
 def test_many_threads_keep_working_through_a_kill(

@@ -6,7 +6,9 @@ stopped afterwards): one serving TLS with client-certificate auth, one with auth
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,13 @@ from defender_config import EtcdSettings, StoreAuthError, StoreError, StoreUnava
 from defender_config._store._keepalive import _Failure
 from defender_config._store._pyetcd import _SharedClient
 from defender_config.store import EtcdStore, WatchEvent
-from defender_devcluster import EtcdCluster, etcd_member_healthy, tool, wait_for
+from defender_devcluster import (
+    EtcdCluster,
+    etcd_member_healthy,
+    etcd_watch_counts,
+    tool,
+    wait_for,
+)
 from defender_devcluster._errors import ToolNotFoundError
 from defender_devcluster._pki import Pki, make_pki
 from defender_devcluster._procs import ManagedProcess, free_ports
@@ -140,10 +148,11 @@ def _etcdctl(endpoint: str, *args: str, user: str | None = None) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="module")
-def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def _auth_cluster(run_dir: Path, name: str, *extra_args: str) -> Iterator[str]:
+    """One member with users root, app (readwrite /test/) and reader (read /test/), auth on."""
     cluster = EtcdCluster(
-        tmp_path_factory.mktemp("auth-etcd"), members=1, name="auth", die_with_parent=True
+        run_dir, members=1, name=name, die_with_parent=True, extra_args=extra_args
     )
     try:
         cluster.start()
@@ -165,6 +174,23 @@ def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield ep
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with _auth_cluster(tmp_path_factory.mktemp("auth-etcd"), "auth") as ep:
+        yield ep
+
+
+# Simple tokens unused this long are dropped by this member (etcd's default is 5 minutes).
+TOKEN_TTL = 2
+
+
+@pytest.fixture(scope="module")
+def short_token_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    run_dir = tmp_path_factory.mktemp("short-token-etcd")
+    with _auth_cluster(run_dir, "shorttoken", f"--auth-token-ttl={TOKEN_TTL}") as ep:
+        yield ep
 
 
 def _auth_settings(endpoint: str, user: str, password: str) -> EtcdSettings:
@@ -196,6 +222,56 @@ def test_user_password_auth_and_token_renewal(auth_etcd: str, etcd_prefix: str) 
             "defender_etcd_calls_total", {"op": "authenticate"}
         )
         assert calls == 2
+
+
+def test_watches_outlive_expired_tokens_once_each_and_leave_nothing_on_etcd(
+    short_token_etcd: str, etcd_prefix: str
+) -> None:
+    # A token expires unused; the next call is refused, the store logs in again and drops the
+    # watch stream of the old token. That stream was only half-closed, which etcd keeps open:
+    # its watches went on under the old token, but a cancel could no longer reach them, and
+    # they stayed on etcd until the store closed. Through each re-login every watch must
+    # deliver every event once, etcd must hold one watcher per watch (none piling up), and
+    # cancelling the watches must free etcd of them while the store runs on.
+    ep = short_token_etcd
+    baseline = etcd_watch_counts(ep)
+    registry = CollectorRegistry()
+    prefixes = [f"{etcd_prefix}w{i}/" for i in range(3)]
+    events: dict[str, list[str]] = {p: [] for p in prefixes}
+
+    def logins() -> float | None:
+        return registry.get_sample_value("defender_etcd_calls_total", {"op": "authenticate"})
+
+    with EtcdStore(_auth_settings(ep, "app", "apppw"), registry=registry) as s:
+        handles = [s.watch_prefix(p, lambda e, p=p: events[p].append(e.key)) for p in prefixes]
+        for handle in handles:
+            assert handle.wait_connected(10)
+        cycles = 3
+        for cycle in range(cycles):
+            before = logins()
+            time.sleep(TOKEN_TTL + 1.5)  # the token expires unused
+            for p in prefixes:
+                s.put(f"{p}k{cycle}", b"v")
+            assert logins() == (before or 0) + 1, "the expired token was not renewed"
+
+            def delivered(n: int = cycle + 1) -> bool:
+                return all(len(got) == n for got in events.values())
+
+            wait_for(f"the events written after re-login {cycle + 1}", delivered, timeout=10)
+            wait_for(
+                "one watcher per watch on etcd, on one stream",
+                lambda: etcd_watch_counts(ep) == (baseline[0] + 3, baseline[1] + 1),
+                timeout=10,
+            )
+        time.sleep(0.5)  # nothing delivered twice
+        assert events == {p: [f"{p}k{c}" for c in range(cycles)] for p in prefixes}
+        for handle in handles:
+            handle.cancel()
+        wait_for(
+            "etcd lets go of every watcher",
+            lambda: etcd_watch_counts(ep)[0] == baseline[0],
+            timeout=10,
+        )
 
 
 @pytest.mark.parametrize("defer_login", [True, False])

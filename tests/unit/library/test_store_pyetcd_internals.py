@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import queue
 import re
 import tomllib
 from collections.abc import Iterator
@@ -179,6 +180,22 @@ def test_the_watcher_privates_our_add_callback_works_with() -> None:
     assert (new_watch.callback, new_watch.id, new_watch.err) == (print, None, None)
     assert _params(etcd_watch.Watcher.close) == ["self"]
     assert "timeout" in _params(etcd_watch.Watcher.__init__)
+
+
+def test_the_watcher_opens_its_stream_on__watch_stub_and_the_call_can_be_cancelled() -> None:
+    # _Watcher hands pyetcd a stub (`_CallKeepingStub`) that keeps the call `_run` opens, to
+    # cancel it on close: pyetcd's close only half-closes, and etcd keeps such a stream.
+    assert _params(etcd_watch.Watcher.__init__)[:2] == ["self", "watchstub"]
+    stub = etcdrpc.WatchStub(grpc.insecure_channel("127.0.0.1:1"))
+    watcher = etcd_watch.Watcher(stub, 1.0)
+    assert watcher._watch_stub is stub
+    assert "self._watch_stub.Watch(" in inspect.getsource(etcd_watch.Watcher._run)
+    assert isinstance(watcher._request_queue, queue.Queue)
+    call = stub.Watch(iter(()))  # the object _run iterates
+    assert callable(call.cancel)
+    call.cancel()
+    ours = _pyetcd._Watcher(stub, endpoint="127.0.0.1:1", timeout=1.0)
+    assert isinstance(ours._watch_stub, _pyetcd._CallKeepingStub)
 
 
 def test_events_keep_the_protobuf_event_in__event() -> None:

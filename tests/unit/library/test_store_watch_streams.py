@@ -30,6 +30,49 @@ class _Broken(grpc.RpcError):  # type: ignore[misc]
         return "member gone"
 
 
+class _Cancelled(grpc.RpcError):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "Locally cancelled by application!"
+
+
+class _Call:
+    """A streaming gRPC call: iterates a stream's responses until it is cancelled, then fails
+    with CANCELLED as grpc's does (whatever the stream was waiting for)."""
+
+    def __init__(self, responses: Iterator[Any]) -> None:
+        self.cancelled = threading.Event()
+        self._out: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=self._pump, args=(responses,), daemon=True).start()
+
+    def _pump(self, responses: Iterator[Any]) -> None:
+        try:
+            for response in responses:
+                self._out.put(response)
+        except BaseException as exc:
+            self._out.put(exc)
+            return
+        self._out.put(StopIteration())
+
+    def __iter__(self) -> _Call:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._out.get()
+        if isinstance(item, StopIteration):
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> bool:
+        self.cancelled.set()
+        self._out.put(_Cancelled())
+        return True
+
+
 class _Streams:
     """A WatchStub: each Watch() call is one stream, told what to do by `plan`, one entry per
     stream: "silent" takes requests and never answers (a frozen member, or one that ignores
@@ -40,6 +83,7 @@ class _Streams:
         self.plan = list(plan)
         self.requests: list[tuple[int, Any]] = []
         self.streams = 0
+        self.calls: list[_Call] = []
         self.release = threading.Event()
         self.got_request = threading.Condition()
 
@@ -47,7 +91,8 @@ class _Streams:
         n = self.streams
         self.streams += 1
         kind = self.plan[n] if n < len(self.plan) else "answer"
-        return self._responses(n, kind, requests)
+        self.calls.append(_Call(self._responses(n, kind, requests)))
+        return self.calls[-1]
 
     def _responses(self, n: int, kind: str, requests: Iterator[Any]) -> Iterator[Any]:
         for i, request in enumerate(requests):
@@ -58,7 +103,7 @@ class _Streams:
                 raise _Broken()
             if kind == "answer":
                 yield etcdrpc.WatchResponse(created=True, watch_id=100 * n + i)
-        self.release.wait()  # a half-closed stream stays open on the member's side
+        self.release.wait()  # a half-closed stream stays open on the member's side (etcd's)
 
     def wait_requests(self, count: int) -> None:
         with self.got_request:
@@ -160,8 +205,9 @@ def test_a_creation_queued_behind_one_whose_stream_broke_starts_a_new_stream(
 def test_watches_of_a_closed_stream_are_cancelled_without_blocking(
     streams: Callable[..., _Streams],
 ) -> None:
-    # Watches stay on a stream the client dropped until they end; their cancels must not
-    # fill the request queue of a stream that sends nothing any more (it holds 10).
+    # Watches of a stream the client dropped are cancelled (a watch handle stopping) while
+    # the stream ends: their cancels must not fill the request queue of a stream that sends
+    # nothing any more (it holds 10).
     watcher = _Watcher(streams("answer"), endpoint="a:1", timeout=TIMEOUT)
     ids = [watcher.add_callback(f"/k{i}", lambda _: None) for i in range(12)]
     watcher.close()
@@ -174,6 +220,78 @@ def test_watches_of_a_closed_stream_are_cancelled_without_blocking(
 
     threading.Thread(target=cancel_all, daemon=True).start()
     assert done.wait(PROMPT), "cancelling the watches of a closed stream blocked"
+
+
+def test_closing_a_stream_ends_its_call_and_tells_its_watches(
+    streams: Callable[..., _Streams],
+) -> None:
+    # pyetcd's close only ends the requests, and etcd keeps a half-closed watch stream open
+    # with all its watches: the client could never cancel them, nor one created late. The
+    # call is cancelled instead, and each watch learns that its stream is gone (to resume on
+    # the current one).
+    stub = streams("answer")
+    watcher = _Watcher(stub, endpoint="a:1", timeout=TIMEOUT)
+    told: queue.Queue[tuple[str, Any]] = queue.Queue()
+    for key in ("/a", "/b"):
+        watcher.add_callback(key, lambda response, key=key: told.put((key, response)))
+
+    watcher.close()
+
+    assert stub.calls[0].cancelled.is_set()
+    outcomes = dict(told.get(timeout=PROMPT) for _ in range(2))
+    for key in ("/a", "/b"):
+        assert isinstance(outcomes[key], grpc.RpcError), outcomes[key]
+        assert outcomes[key].code() == grpc.StatusCode.CANCELLED
+    with pytest.raises(_StreamGone):
+        watcher.add_callback("/c", lambda _: None)
+    assert len(stub.calls) == 1  # no stream opened after the close
+
+
+def test_a_creation_pending_on_a_dropped_stream_goes_elsewhere_though_the_stream_failed(
+    streams: Callable[..., _Streams],
+) -> None:
+    # Closing cancels the call, and pyetcd's stream thread then hands the stream's CANCELLED
+    # to the pending creation. That must not become the creation's error (CANCELLED is not
+    # retried): it is _StreamGone, which sends it on the current stream. The creation here
+    # wakes only once the stream thread has done so.
+    stub = streams("silent")
+    watcher = _Watcher(stub, endpoint="a:1", timeout=TIMEOUT)
+    cond = watcher._new_watch_cond
+    plain_wait = cond.wait
+
+    def wait_for_the_stream_thread(timeout: float | None = None) -> bool:
+        woke = plain_wait(timeout)
+        thread = watcher._callback_thread
+        if watcher._closed and thread is not None:
+            watcher._lock.release()
+            thread.join(PROMPT)
+            watcher._lock.acquire()
+        return woke
+
+    cond.wait = wait_for_the_stream_thread  # type: ignore[method-assign]
+    results: queue.Queue[tuple[str, Any]] = queue.Queue()
+    first = _create(watcher, "/a", results)
+    stub.wait_requests(1)
+    _waiting(watcher, first)
+
+    watcher.close()
+
+    first.join(2 * PROMPT)
+    assert not first.is_alive()
+    key, outcome = results.get_nowait()
+    assert key == "/a"
+    assert isinstance(outcome, _StreamGone), outcome
+
+
+def test_a_stream_opened_as_it_is_closed_is_cancelled_at_once(
+    streams: Callable[..., _Streams],
+) -> None:
+    # pyetcd's stream thread may open the call just after close() looked for one.
+    stub = streams("answer")
+    watcher = _Watcher(stub, endpoint="a:1", timeout=TIMEOUT)
+    watcher.close()
+    call = watcher._watch_stub.Watch(iter(()))
+    assert call.cancelled.is_set()
 
 
 @pytest.fixture
