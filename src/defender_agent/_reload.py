@@ -307,7 +307,11 @@ class HttpReloader:
                 last = f"HTTP {answer.status} {answer.reason}"
                 if answer.status < 500:
                     if answer.location is not None:
-                        last += f" to {answer.location} (redirects are not followed)"
+                        # The component's own text: shown like the URL (a trailing-slash
+                        # redirect repeats its query, the token) and never at length.
+                        target = shown_url(answer.location)
+                        target = target if len(target) <= 200 else target[:200] + "..."
+                        last += f" to {target} (redirects are not followed)"
                     break
             log.warning(
                 "reload call failed, attempt %d of %d: %s",

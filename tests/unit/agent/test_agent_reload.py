@@ -442,3 +442,40 @@ def test_pidfile_owner_decisions() -> None:
     assert problem(0, (1337, 1337)) is None  # root could signal it itself
     assert problem(10001, None) is None  # unknown (no /proc status): as the start time
     assert "uid 1337" in (problem(10001, (1337, 1337)) or "")
+
+
+@pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        # A trailing-slash redirect keeps the query (Go's ServeMux does): the agent's own token.
+        ("/-/reload/?token=tok-s3cret", "/-/reload/?..."),
+        ("http://agent:pw-s3cret@127.0.0.1:9/login?next=/-/reload", "http://127.0.0.1:9/login?..."),
+    ],
+)
+def test_a_redirect_location_is_shown_without_its_query_or_credentials(
+    location: str, shown: str
+) -> None:
+    # The error reaches the log, the heartbeat, the alert and GET /status, which show the
+    # reload URL itself without its query and credentials: so must they the redirect target.
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(301)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/-/reload?token=tok-s3cret"
+        with pytest.raises(HttpReloadError) as info:
+            HttpReloader(url, retries=1).reload()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert f"to {shown} (redirects are not followed)" in info.value.detail
+    assert "s3cret" not in str(info.value)
