@@ -195,6 +195,11 @@ class ConfigApplier:
             # Kept and written again every tick: a shared volume briefly full, read-only or not
             # yet mounted must not leave the component on the old config until the next commit.
             self._unwritten = (data, digest, version)
+            if changed and file_holds(self._path, data):
+                # Only the directory flush failed: the rename happened and the component may
+                # read the new file already. The retry finds the file holding the config and
+                # would write nothing, so it must still send the reload this write owes.
+                self.reload_pending = True
             if not (again and error_of(exc) == self.last_error):
                 self._fail(exc, version)
             return False

@@ -7,8 +7,10 @@ itself and returns None when it is well, or one line saying what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import threading
@@ -163,11 +165,15 @@ class ExecCheck:
             # stdout is not wanted, and neither is more of stderr than its last line: a check
             # such as `nft list ruleset` can print megabytes each interval, and whatever is
             # captured stays in the agent's memory (a pod limit kills the agent instead).
+            # Its own process group: what it starts (a shell's `curl`, a wrapper's children)
+            # is ended with it, rather than left running, one more each interval, holding
+            # stderr open.
             proc = subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                start_new_session=True,
             )
         except OSError as exc:
             return f"{self.describe()} could not run: {exc.strerror or exc}"
@@ -176,17 +182,26 @@ class ExecCheck:
         try:
             code = proc.wait(timeout=self.timeout_seconds)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_group(proc.pid)
             proc.wait()
             return f"{self.describe()} did not finish within {self.timeout_seconds:g}s"
         finally:
-            # A child it left behind may hold stderr open: do not wait for it long.
+            # The check is over: nothing it started may outlive it. The leader is reaped, but
+            # the kernel gives its id to no new process while a member of its group lives; with
+            # none left the signal finds nobody (reuse needs every other pid taken first).
+            _kill_group(proc.pid)
+            # A child that escaped the group may hold stderr open: do not wait for it long.
             tail.join(1.0)
         if code != 0:
             last = tail.text().strip().splitlines()[-1:]
             said = f": {last[0][:200]}" if last else ""
             return f"{self.describe()} exited {code}{said}"
         return None
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 class _Tail:

@@ -86,11 +86,14 @@ def loopback_peer_problem(sock: socket.socket, host: str) -> str | None:
 def shown_url(url: str) -> str:
     """``url`` as logs, the status endpoint, heartbeats and alerts may show it: without
     credentials (``user:password@``) or the query, where a component's reload or health
-    endpoint may expect a token."""
+    endpoint may expect a token. A relative URL (a redirect's ``Location``, which may repeat
+    the query it was called with) stays relative."""
     parts = urllib.parse.urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     query = "?..." if parts.query else ""
-    return f"{parts.scheme}://{host}{parts.path}{query}"
+    scheme = f"{parts.scheme}:" if parts.scheme else ""
+    origin = f"//{host}" if parts.netloc or parts.scheme else ""
+    return f"{scheme}{origin}{parts.path}{query}"
 
 
 @dataclass(frozen=True)

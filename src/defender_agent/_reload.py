@@ -30,6 +30,7 @@ __all__ = [
     "parse_signal",
     "pidfile_pid_problem",
     "process_started_at",
+    "process_uids",
     "read_pidfile",
     "target_pids",
 ]
@@ -122,7 +123,13 @@ def find_processes(name: str, proc_root: Path = Path("/proc")) -> list[ProcessIn
 
 
 def pidfile_pid_problem(
-    pid: int, *, own_pid: int, started_at: float | None, written_at: float
+    pid: int,
+    *,
+    own_pid: int,
+    started_at: float | None,
+    written_at: float,
+    pidfile_uid: int | None = None,
+    process_uids: tuple[int, ...] | None = None,
 ) -> str | None:
     """Why the ``pid`` read from a pidfile must not be signalled or judged, or None.
 
@@ -131,17 +138,44 @@ def pidfile_pid_problem(
     health check would report the agent, not the component) must not be taken as the component.
     ``started_at`` is the process's start (wall clock, None if unknown) and ``written_at`` the
     pidfile's modification time: a process cannot write its pid before it exists.
+
+    Nor may the pidfile name a process its writer could not signal itself: ``pidfile_uid`` owns
+    the pidfile and ``process_uids`` are the process's real and saved uids (None if unknown).
+    An agent with CAP_KILL (`signalAccess: capKill`) could otherwise be made to signal, for a
+    non-root component, another container's process (a service mesh proxy) that the kernel
+    would not let the component signal. A root-owned pidfile names any process: root could.
     """
     if pid <= 0:
         return f"it holds an invalid pid {pid}"
     if pid == own_pid:
         return f"it holds the agent's own pid {pid}, not the component's"
+    if (
+        pidfile_uid is not None
+        and process_uids is not None
+        and pidfile_uid != 0
+        and pidfile_uid not in process_uids
+    ):
+        return (
+            f"pid {pid} runs as uid {process_uids[0]}, not as uid {pidfile_uid} that owns the "
+            "pidfile: its writer could not signal that process itself"
+        )
     if started_at is not None and started_at > written_at + _PID_REUSE_SLACK_SECONDS:
         return (
             f"pid {pid} belongs to a process started {started_at - written_at:.0f}s after the "
             "pidfile was written (stale pidfile, pid reused)"
         )
     return None
+
+
+def process_uids(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, ...] | None:
+    """The real and saved uid of ``pid`` (whom the kernel lets signal it), None if unknown."""
+    try:
+        status = (proc_root / str(pid) / "status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        real, _effective, saved = (int(field) for field in line.split()[1:4])
+    except (OSError, ValueError, StopIteration):
+        return None
+    return (real, saved)
 
 
 def process_started_at(pid: int, proc_root: Path = Path("/proc")) -> float | None:
@@ -167,6 +201,9 @@ def read_pidfile(path: Path, proc_root: Path = Path("/proc")) -> int:
         # Bounded and regular files only: the component may leave a FIFO or a device here.
         raw = read_regular_file(path, _PIDFILE_MAX_BYTES)
         written_at = os.stat(path).st_mtime
+        # Who put the entry there: for a symbolic link its own owner, not its target's (a
+        # link to a root-owned file holding a pid must not pass for a root-owned pidfile).
+        owner = os.lstat(path).st_uid
     except OSError as exc:
         raise ProcessNotFoundError(what, f"cannot read it: {exc.strerror or exc}") from exc
     text = raw.decode(errors="replace").strip()
@@ -179,6 +216,8 @@ def read_pidfile(path: Path, proc_root: Path = Path("/proc")) -> int:
         own_pid=os.getpid(),
         started_at=process_started_at(pid, proc_root) if pid > 0 else None,
         written_at=written_at,
+        pidfile_uid=owner,
+        process_uids=process_uids(pid, proc_root) if pid > 0 else None,
     )
     if problem is not None:
         raise ProcessNotFoundError(what, problem)
@@ -268,7 +307,11 @@ class HttpReloader:
                 last = f"HTTP {answer.status} {answer.reason}"
                 if answer.status < 500:
                     if answer.location is not None:
-                        last += f" to {answer.location} (redirects are not followed)"
+                        # The component's own text: shown like the URL (a trailing-slash
+                        # redirect repeats its query, the token) and never at length.
+                        target = shown_url(answer.location)
+                        target = target if len(target) <= 200 else target[:200] + "..."
+                        last += f" to {target} (redirects are not followed)"
                     break
             log.warning(
                 "reload call failed, attempt %d of %d: %s",

@@ -78,6 +78,21 @@ def fingerprint_of(material: bytes) -> str:
     return hashlib.sha256(_FP_DOMAIN + material).hexdigest()[:16]
 
 
+def _shape(value: Any) -> str:
+    """What a keyring field holds, without its content (which may be misplaced material)."""
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    return f"a JSON {type(value).__name__}"
+
+
+def _word(value: Any) -> str:
+    """A short word as it is (a mistyped state such as 'active'); anything else by its shape:
+    material (44 characters of base64, ending in '=') is never a word of at most 20 letters."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_-]{1,20}", value):
+        return repr(value)
+    return _shape(value)
+
+
 def _new_key_id(now: datetime) -> str:
     return f"k{now.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
 
@@ -93,8 +108,10 @@ class Key:
 
     def __post_init__(self) -> None:
         if not _KEY_ID_RE.fullmatch(self.key_id):
+            # Not echoed: what a hand edit put there may be the material (fields swapped).
             raise KeyringError(
-                f"key id {self.key_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
+                f"key id ({_shape(self.key_id)}) must be 1-64 characters of letters, digits, "
+                "'.', '_', '-'"
             )
         if len(self.material) != KEY_BYTES:
             raise KeyringError(
@@ -303,9 +320,10 @@ class Keyring:
                 f'{KEYRING_FILE} must be an object with a "keys" list', source=source
             )
         if doc.get("version", 1) != 1:
+            version = doc.get("version")
+            shown = version if type(version) is int else _shape(version)
             raise KeyringError(
-                f"{KEYRING_FILE} version {doc.get('version')!r} is not supported (need 1); "
-                "upgrade this component",
+                f"{KEYRING_FILE} version {shown} is not supported (need 1); upgrade this component",
                 source=source,
             )
         keys = [cls._parse_key(i, entry, source) for i, entry in enumerate(doc["keys"])]
@@ -325,20 +343,29 @@ class Keyring:
         key_id = entry["id"]
         if not isinstance(key_id, str):
             raise KeyringError(f"{where}.id must be a string", source=source)
+        # Values other than the material are shown only when they cannot be it: a hand edit
+        # may have swapped fields, and this message reaches logs, heartbeats and alerts.
+        # Nor is the parser's own error chained: it quotes its input.
+        if not _KEY_ID_RE.fullmatch(key_id):
+            raise KeyringError(
+                f"{where}.id ({_shape(key_id)}) must be 1-64 characters of letters, digits, "
+                "'.', '_', '-'",
+                source=source,
+            )
         where = f"key {key_id!r}"
         try:
             state = KeyState(entry["state"])
-        except ValueError as exc:
+        except ValueError:
             allowed = ", ".join(s.value for s in KeyState)
             raise KeyringError(
-                f"{where} has state {entry['state']!r}; allowed: {allowed}", source=source
-            ) from exc
+                f"{where} has state {_word(entry['state'])}; allowed: {allowed}", source=source
+            ) from None
         try:
             created = datetime.fromisoformat(str(entry["created"]).replace("Z", "+00:00"))
-        except ValueError as exc:
+        except ValueError:
             raise KeyringError(
                 f"{where} has an unreadable created time (need ISO 8601)", source=source
-            ) from exc
+            ) from None
         raw = entry["material"]
         try:
             if not isinstance(raw, str):

@@ -513,3 +513,45 @@ def test_the_agent_takes_its_file_cap_from_the_library_settings(tmp_path: Path) 
     assert agent.applier.last_error is not None
     assert agent.applier.last_error.reason == "ConfigTooLarge"
     assert not (tmp_path / "demo.json").exists()
+
+
+class CountingReloader:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def reload(self) -> str:
+        self.calls += 1
+        return "counted"
+
+
+def test_a_write_whose_directory_flush_failed_still_reloads_the_component(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the directory flush failed (EIO; or the agent may write the directory but not open it
+    # for reading, mode 0333): the rename happened, the new file is in place. The retry finds
+    # the file already holding the config; the component must still be told, or it runs the
+    # old config while the heartbeat reports the new one as delivered.
+    import errno
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    sink = RecordingSink()
+    reloader = CountingReloader()
+    a = applier(tmp_path, sink, reloader=reloader)
+    assert a.apply({"v": 1}, version=1)
+    assert reloader.calls == 1
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert not a.apply({"v": 2}, version=2)
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"v": 2}  # renamed in place
+    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert a.retry()
+    assert sink.heartbeat["config_version"] == 2
+    assert sink.heartbeat["last_error"] is None
+    assert reloader.calls == 2, "the component was never told about version 2"

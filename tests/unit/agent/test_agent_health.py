@@ -677,3 +677,37 @@ def test_the_address_a_connection_reached_is_checked(peer: str, ok: bool) -> Non
 
     problem = loopback_peer_problem(Connected(), "localhost")  # type: ignore[arg-type]
     assert (problem is None) is ok
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed orphan waits for its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+@pytest.mark.parametrize("ends", ["times out", "exits"])
+def test_an_exec_check_leaves_no_process_behind(tmp_path: Path, ends: str) -> None:
+    # The check runs every heartbeat interval. A command that starts a child of its own (a
+    # shell running `curl`, a wrapper script) and hangs, or leaves it running, must not leave
+    # one more process each interval, nor hold the check for as long as the child keeps its
+    # stderr open.
+    left = tmp_path / "left.pid"
+    tail = "wait" if ends == "times out" else "exit 0"
+    check = ExecCheck(["sh", "-c", f"sleep 60 & echo $! > {left}; {tail}"], 1.0)
+    started = time.monotonic()
+    problem = check.check()
+    took = time.monotonic() - started
+    pid = int(left.read_text())
+    try:
+        if ends == "times out":
+            assert "did not finish within 1s" in (problem or "")
+        else:
+            assert problem is None
+        wait_for("the command's child to be gone", lambda: not _running(pid), timeout=5)
+        assert took < 1.9, f"the check took {took:.1f}s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

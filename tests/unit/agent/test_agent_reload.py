@@ -226,16 +226,23 @@ def test_signal_refused_by_kernel() -> None:
         pid = target.pid
     else:
         pid = 1
-    # The pidfile is written after the drop, where `nobody` can read it.
+    # As root the pidfile is written before the drop, readable by `nobody`: a root-owned
+    # pidfile may name any process (a root component could signal it), so the kernel decides.
+    # Unprivileged, our own pidfile naming pid 1 (root's) is refused before any signal unless
+    # the process's uids are unknown: an empty /proc copy leaves the decision to the kernel.
     code = (
         "import os, signal, sys, tempfile\n"
         "from pathlib import Path\n"
         "from defender_agent import SignalReloader, SignalDeliveryError\n"
+        "d = Path(tempfile.mkdtemp()); d.chmod(0o755)\n"
+        "p = d / 'target.pid'; p.write_text(sys.argv[1]); p.chmod(0o644)\n"
+        "proc = Path('/proc')\n"
         "if os.getuid() == 0:\n"
         "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-        "p = Path(tempfile.mkdtemp()) / 'target.pid'; p.write_text(sys.argv[1])\n"
+        "else:\n"
+        "    proc = Path(tempfile.mkdtemp())\n"
         "try:\n"
-        "    SignalReloader(signal.SIGWINCH, pidfile=p).reload()\n"
+        "    SignalReloader(signal.SIGWINCH, pidfile=p, proc_root=proc).reload()\n"
         "except SignalDeliveryError as e:\n"
         "    print(e.reason, e.pid); sys.exit(0)\n"
         "sys.exit(3)\n"
@@ -383,3 +390,92 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _proc_claiming_uid(tmp_path: Path, pid: int, uid: int) -> Path:
+    """A /proc copy where `pid` (its real stat, the real boot time) runs as `uid`: the pidfile's
+    writer and the process then differ in uid whoever runs the test."""
+    root = tmp_path / "proc"
+    (root / str(pid)).mkdir(parents=True)
+    (root / "stat").write_text(Path("/proc/stat").read_text())
+    (root / str(pid) / "stat").write_text(Path(f"/proc/{pid}/stat").read_text())
+    (root / str(pid) / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    return root
+
+
+def test_a_pidfile_naming_a_process_of_another_user_is_refused(
+    spawn_named: Spawn, unique_name: str, tmp_path: Path
+) -> None:
+    # The component writes the pidfile; an agent with CAP_KILL (signalAccess: capKill) can
+    # signal any process of the pod. A non-root component must not make it signal a process
+    # the component could not signal itself (another container's, e.g. a mesh proxy).
+    child, marker = spawn_named(unique_name)
+    pidfile = tmp_path / "component.pid"
+    pidfile.write_text(f"{child.pid}\n")
+    writer = os.lstat(pidfile).st_uid
+    if writer == 0:  # a root-owned pidfile may name anything: make the writer a plain user
+        os.chown(pidfile, 10001, 10001, follow_symlinks=False)
+        writer = 10001
+    other = _proc_claiming_uid(tmp_path, child.pid, writer + 1)
+    with pytest.raises(ProcessNotFoundError, match=f"not as uid {writer}"):
+        SignalReloader(signal.SIGHUP, pidfile=pidfile, proc_root=other).reload()
+    time.sleep(0.2)
+    assert marker.read_text() == "ready"  # no SIGHUP arrived
+    same = _proc_claiming_uid(tmp_path / "same", child.pid, writer)
+    SignalReloader(signal.SIGHUP, pidfile=pidfile, proc_root=same).reload()
+    wait_for("the SIGHUP", lambda: marker.read_text() == "1", timeout=10)
+
+
+def test_pidfile_owner_decisions() -> None:
+    def problem(owner: int, uids: tuple[int, ...] | None) -> str | None:
+        return pidfile_pid_problem(
+            42,
+            own_pid=7,
+            started_at=None,
+            written_at=0.0,
+            pidfile_uid=owner,
+            process_uids=uids,
+        )
+
+    assert problem(10001, (10001, 10001)) is None
+    assert problem(10001, (0, 10001)) is None  # the saved uid: the kernel lets it signal
+    assert problem(0, (1337, 1337)) is None  # root could signal it itself
+    assert problem(10001, None) is None  # unknown (no /proc status): as the start time
+    assert "uid 1337" in (problem(10001, (1337, 1337)) or "")
+
+
+@pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        # A trailing-slash redirect keeps the query (Go's ServeMux does): the agent's own token.
+        ("/-/reload/?token=tok-s3cret", "/-/reload/?..."),
+        ("http://agent:pw-s3cret@127.0.0.1:9/login?next=/-/reload", "http://127.0.0.1:9/login?..."),
+    ],
+)
+def test_a_redirect_location_is_shown_without_its_query_or_credentials(
+    location: str, shown: str
+) -> None:
+    # The error reaches the log, the heartbeat, the alert and GET /status, which show the
+    # reload URL itself without its query and credentials: so must they the redirect target.
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(301)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/-/reload?token=tok-s3cret"
+        with pytest.raises(HttpReloadError) as info:
+            HttpReloader(url, retries=1).reload()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert f"to {shown} (redirects are not followed)" in info.value.detail
+    assert "s3cret" not in str(info.value)

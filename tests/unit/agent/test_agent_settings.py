@@ -321,3 +321,52 @@ def test_a_tcp_check_outside_the_pod_is_refused(target: str, ok: bool) -> None:
     else:
         with pytest.raises(AgentSettingsError, match=r"health_tcp: .*own pod"):
             load_agent_settings(argv)
+
+
+# Each of these was accepted and then crashed the running agent (OverflowError: a socket
+# timeout, a sleep or a lease TTL out of range) or hung it for ever: refused at start instead.
+_DURATIONS = [
+    "--reload-grace-seconds",
+    "--reload-timeout-seconds",
+    "--reload-backoff-seconds",
+    "--heartbeat-interval-seconds",
+    "--health-file-max-age-seconds",
+    "--health-timeout-seconds",
+    "--health-start-grace-seconds",
+    "--keyring-poll-seconds",
+]
+
+
+@pytest.mark.parametrize("flag", _DURATIONS)
+@pytest.mark.parametrize("value", ["inf", "1e12", "nan"])
+def test_a_duration_that_is_not_finite_or_beyond_its_bound_is_refused_in_one_line(
+    flag: str, value: str
+) -> None:
+    name = flag[2:].replace("-", "_")
+    with pytest.raises(AgentSettingsError, match=name) as info:
+        load_agent_settings([*BASE, "--instance", "i", flag, value])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "largest"),
+    [
+        ("--reload-grace-seconds", "86400"),
+        ("--reload-timeout-seconds", "86400"),
+        ("--reload-backoff-seconds", "60"),
+        ("--heartbeat-interval-seconds", "3600"),
+        ("--heartbeat-misses", "100"),
+        ("--health-file-max-age-seconds", "86400"),
+        ("--health-timeout-seconds", "86400"),
+        ("--health-start-grace-seconds", "86400"),
+        ("--keyring-poll-seconds", "86400"),
+    ],
+)
+def test_each_bounded_setting_takes_its_largest_value_and_refuses_more(
+    flag: str, largest: str
+) -> None:
+    name = flag[2:].replace("-", "_")
+    settings = load_agent_settings([*BASE, "--instance", "i", flag, largest])
+    assert getattr(settings, name) == float(largest)
+    with pytest.raises(AgentSettingsError, match=name):
+        load_agent_settings([*BASE, "--instance", "i", flag, str(int(largest) + 1)])

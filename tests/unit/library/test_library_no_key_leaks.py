@@ -136,3 +136,48 @@ def test_reload_logs_never_show_material(tmp_path: Path, caplog: pytest.LogCaptu
         source.current()
     assert "keyring reloaded" in caplog.text and "reload failed" in caplog.text
     _assert_clean(caplog.text, *[k.material for k in new], bytes(range(1, 32)))
+
+
+def _entry(**fields: object) -> dict[str, object]:
+    material = base64.b64encode(bytes(32)).decode()
+    return {
+        "id": "k1",
+        "state": "primary",
+        "created": "2026-01-01T00:00:00Z",
+        "material": material,
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        # A hand edit that swapped two fields, or pasted the material into the wrong one: the
+        # error names the field, never echoes its value (it reaches the agent's log, heartbeat,
+        # alert and unauthenticated GET /status as KeyringInvalid).
+        lambda m: {"keys": [_entry(id=m, material="k1")]},
+        lambda m: {"keys": [_entry(id=m, material=m)]},
+        lambda m: {"keys": [_entry(state=m, material=m)]},
+        lambda m: {"version": m, "keys": [_entry(material=m)]},
+        lambda m: {"keys": [_entry(created=m, material=m)]},
+    ],
+    ids=["id-swapped", "id", "state", "version", "created"],
+)
+def test_keyring_errors_on_material_in_another_field_never_echo_it(
+    doc: Callable[[str], dict[str, object]],
+) -> None:
+    material = bytes(range(7, 39))
+    text = base64.b64encode(material).decode()
+    err = _raised(lambda: Keyring.from_json(json.dumps(doc(text)).encode()))
+    cause = err.__cause__
+    _assert_clean(str(err) + repr(err) + str(cause) + repr(cause), material)
+
+
+def test_a_keyring_error_still_shows_a_plain_wrong_state_and_version() -> None:
+    # What a careless edit usually holds is a word, which helps to see.
+    state = _raised(
+        lambda: Keyring.from_json(json.dumps({"keys": [_entry(state="active")]}).encode())
+    )
+    assert "'active'" in str(state)
+    version = _raised(lambda: Keyring.from_json(json.dumps({"version": 2, "keys": []}).encode()))
+    assert "version 2" in str(version)
