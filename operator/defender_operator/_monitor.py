@@ -261,6 +261,9 @@ class Observed:
     rollout: RolloutRecord | None = None
     unverified: Sequence[InstanceRecord] = ()
     """Records whose MAC does not verify: reported, left out of `instances`."""
+    fresh: bool = False
+    """`state` was read from etcd by this pass, not reused from an earlier one's read (which
+    may come from before a restore, when the cluster that answers now is another)."""
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,7 @@ async def _steps(
         )
         misconfigured, misconfig_ages = await misconfig_step(p, mem, seen)
         take(mem, found, misconfigured)
-        state = seen.state
+        state, fresh = seen.state, seen.fresh
         if restored or state is None:
             # Read again: the scrub changed ACTIVE, or the pass's read failed verification
             # (the read repairs what it can, else raises).
@@ -340,6 +343,7 @@ async def _steps(
                 post_events(rt.post_event, p.body, found)
                 await p.publish(found.fields, partial(heartbeat_rider, seen.instances))
                 return utcnow()
+            fresh = True
         state, dropped = await drop_replayed_freeze(rt, p.name, p.status, state, p.logger)
         take(mem, found, dropped)
         state, regressed = await regression_step(p, mem, state, pod_index)
@@ -365,7 +369,7 @@ async def _steps(
         )
         if take(mem, found, rolled) and "rollout" in rolled.fields:
             state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
-        take(mem, found, divergence(p, mem, state))
+        take(mem, found, divergence(p, mem, state, fresh=fresh))
     take(mem, found, await key_step(p, mem, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
     post_events(rt.post_event, p.body, found)
@@ -471,10 +475,12 @@ async def _observe(p: Pass, mem: ComponentMemory) -> Observed:
         )
     # Own writes counted before the read began: one that landed during it is read again.
     mem.observation, mem.observed = seen, ViewRead(p.now, seen.revision, facts.own_writes)
-    return _observed(instances, seen)
+    return _observed(instances, seen, fresh=True)
 
 
-def _observed(instances: Sequence[InstanceRecord], seen: Observation) -> Observed:
+def _observed(
+    instances: Sequence[InstanceRecord], seen: Observation, *, fresh: bool = False
+) -> Observed:
     return Observed(
         instances,
         _alert_reports(seen.alerts),
@@ -482,6 +488,7 @@ def _observed(instances: Sequence[InstanceRecord], seen: Observation) -> Observe
         state=seen.state,
         cadence=seen.cadence,
         rollout=seen.rollout,
+        fresh=fresh,
     )
 
 
@@ -824,14 +831,19 @@ async def reseed_step(p: Pass, pod_index: PodIndex, refused: RegistrationReplayE
     return reseeded
 
 
-def divergence(p: Pass, mem: ComponentMemory, state: ComponentState) -> Outcome:
-    """What etcd holds, and whether ACTIVE still is what the last reconcile handled."""
+def divergence(
+    p: Pass, mem: ComponentMemory, state: ComponentState, *, fresh: bool = False
+) -> Outcome:
+    """What etcd holds, and whether ACTIVE still is what the last reconcile handled. `fresh`:
+    `state` was read by this pass (not reused), so the cluster that answered last holds it."""
     out = Outcome(fields=state_fields(state))
     kept = decide_registration(anchored_registration(p.status), state.registration)
-    if kept is RegistrationAction.KEEP:
+    if fresh and kept is RegistrationAction.KEEP:
         # etcd holds the anchored registration: on the cluster that answers now (a restore of
         # a snapshot of it, run through, moves it there), so that a restore of an older
-        # lifetime is told from a replay without waiting for a reconcile.
+        # lifetime is told from a replay without waiting for a reconcile. Never from a read
+        # reused from an earlier pass: it may be of the cluster before a restore, which would
+        # record the new cluster beside the older lifetime restored there.
         out.fields.update(registration_fields(kept, state.registration, p.rt.backend.cluster_id))
     handled = p.status.get("specConfigDigest")
     if mem.config_state in (cond.ConfigState.SYNCED, cond.ConfigState.DIVERGED) and handled:

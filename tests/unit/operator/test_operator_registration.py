@@ -378,6 +378,25 @@ def test_a_monitor_pass_records_the_cluster_it_reads_the_anchored_registration_o
     assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
 
 
+def test_a_pass_that_reuses_an_earlier_read_records_no_cluster() -> None:
+    # A read reused from an earlier pass (nothing changed that the change watch delivered)
+    # may be of the cluster before a restore: the new cluster is recorded only beside a
+    # read made on it, else an older lifetime restored there would be refused as a replay.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.inform()
+    run(h.monitor(spec(ETH0)))  # reads, and leaves its read to reuse
+    h.backend.cluster_id = RESTORED_CLUSTER
+    h.backend.calls.clear()
+    run(h.monitor(spec(ETH0)))
+    assert "observe" not in h.backend.calls  # reused
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "5eed"
+    h.backend.touch(NAME)
+    run(h.monitor(spec(ETH0)))
+    assert "observe" in h.backend.calls
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
+
+
 def test_a_snapshot_from_before_the_purge_restored_is_reseeded_above_both() -> None:
     """etcd restored from a snapshot taken before the purge and re-creation (a new cluster
     id): it holds the earlier registration, which every reader refuses, while the status
