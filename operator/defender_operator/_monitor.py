@@ -19,6 +19,8 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
+import kopf
+
 from defender_config import (
     Cadence,
     ChangeKind,
@@ -827,7 +829,12 @@ async def reseed_step(p: Pass, pod_index: PodIndex, refused: RegistrationReplayE
         )
     except ConfigValidationError:
         raise refused from None  # nothing valid to seed: the reconcile reports the spec
-    _, _, reseeded = await reseed_after_restore(visit, spec, normalized, refused.found)
+    try:
+        _, _, reseeded = await reseed_after_restore(visit, spec, normalized, refused.found)
+    except kopf.TemporaryError:
+        # Written meanwhile by someone else: a failed pass (not the daemon's end), and the
+        # next one decides again on what is there.
+        raise refused from None
     return reseeded
 
 

@@ -598,6 +598,19 @@ def test_a_monitor_pass_never_reseeds_over_a_master_of_another_registration() ->
     assert "purge" not in h.backend.calls and "ReseededAfterRestore" not in h.reasons()
 
 
+def test_a_monitor_pass_whose_reseed_finds_the_name_written_meanwhile_fails_as_a_pass() -> None:
+    # The reconcile's step raises kopf's retry; a pass fails as any pass does (the daemon runs
+    # on) and the next one decides again on what etcd holds.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    refused_on_read(h, saved, anchored)
+    h.backend.claim_and_seed = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    with pytest.raises(RegistrationReplayError):
+        run(h.monitor(spec(ETH0)))
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
+
+
 def in_progress(h: Harness, config: dict[str, str]) -> dict[str, Any]:
     """status.rollout of a canary of `config` on ACTIVE version 1, in progress, as `_canary`
     writes it, and a breaker freeze: what the anchored lifetime's status held."""
