@@ -419,6 +419,22 @@ async def watch(
     return _aborted(record, verdict.message)
 
 
+def lifetime_ended(mem: ComponentMemory, status: Mapping[str, Any], message: str) -> Outcome:
+    """The name's data was purged and seeded again (`_reconcile.reseed_after_restore`): a
+    rollout status anchors in progress went with the purged lifetime. Shown ended
+    (Superseded), or the monitor would write that lifetime's candidate again over the new
+    registration (`judge_record`: a record gone while status says in progress). Its sequence
+    stays anchored, so a saved record put back is still a replay; the new lifetime's rollouts
+    take sequences above it from the clock."""
+    mem.canary_healthy = None
+    mem.canary_pods.clear()
+    anchored = status.get("rollout")
+    if not isinstance(anchored, Mapping) or anchored.get("phase") != PROGRESSING:
+        return Outcome()
+    ended = {**anchored, "phase": SUPERSEDED, "healthySince": None, "message": message}
+    return Outcome(conditions=_condition(SUPERSEDED, message), fields={"rollout": ended})
+
+
 async def _replace(
     rt: Runtime,
     name: str,

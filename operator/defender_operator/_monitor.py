@@ -19,11 +19,14 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
+import kopf
+
 from defender_config import (
     Cadence,
     ChangeKind,
     ConfigValidationError,
     DefenderConfigError,
+    RegistrationReplayError,
     RolloutRecord,
     StoreError,
     validate_config,
@@ -59,6 +62,13 @@ from defender_operator._decisions.cadence import (
 from defender_operator._decisions.keycopy import copy_condition
 from defender_operator._decisions.misconfig import MISCONFIG_REASONS, Report, assess
 from defender_operator._decisions.reads import ReadReason, ViewRead, must_read
+from defender_operator._decisions.registration import (
+    RegistrationAction,
+    ReplayAction,
+    anchored_registration,
+    decide_registration,
+    registration_fields,
+)
 from defender_operator._decisions.restarts import (
     HeartbeatPolicy,
     PodView,
@@ -93,7 +103,9 @@ from defender_operator._reconcile import (
     publish_status,
     recall,
     recommitted,
+    refused_action,
     regression_told,
+    reseed_after_restore,
     state_fields,
     wanted_cadence,
     went_back,
@@ -251,6 +263,9 @@ class Observed:
     rollout: RolloutRecord | None = None
     unverified: Sequence[InstanceRecord] = ()
     """Records whose MAC does not verify: reported, left out of `instances`."""
+    fresh: bool = False
+    """`state` was read from etcd by this pass, not reused from an earlier one's read (which
+    may come from before a restore, when the cluster that answers now is another)."""
 
 
 @dataclass(frozen=True)
@@ -315,11 +330,22 @@ async def _steps(
         )
         misconfigured, misconfig_ages = await misconfig_step(p, mem, seen)
         take(mem, found, misconfigured)
-        state = seen.state
+        state, fresh = seen.state, seen.fresh
         if restored or state is None:
             # Read again: the scrub changed ACTIVE, or the pass's read failed verification
             # (the read repairs what it can, else raises).
-            state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
+            try:
+                state = await asyncio.to_thread(
+                    partial(rt.backend.state, p.name, tolerate_master=True)
+                )
+            except RegistrationReplayError as exc:
+                # Re-seeded (else raised): what this pass read is of the purged data. Published
+                # now; the next pass, right after, judges the new registration.
+                take(mem, found, await reseed_step(p, pod_index, exc))
+                post_events(rt.post_event, p.body, found)
+                await p.publish(found.fields, partial(heartbeat_rider, seen.instances))
+                return utcnow()
+            fresh = True
         state, dropped = await drop_replayed_freeze(rt, p.name, p.status, state, p.logger)
         take(mem, found, dropped)
         state, regressed = await regression_step(p, mem, state, pod_index)
@@ -345,7 +371,7 @@ async def _steps(
         )
         if take(mem, found, rolled) and "rollout" in rolled.fields:
             state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
-        take(mem, found, divergence(p, mem, state))
+        take(mem, found, divergence(p, mem, state, fresh=fresh))
     take(mem, found, await key_step(p, mem, judged.live))
     take(mem, found, Outcome(fields=pass_fields(p, mem, seen.instances, judged)))
     post_events(rt.post_event, p.body, found)
@@ -451,10 +477,12 @@ async def _observe(p: Pass, mem: ComponentMemory) -> Observed:
         )
     # Own writes counted before the read began: one that landed during it is read again.
     mem.observation, mem.observed = seen, ViewRead(p.now, seen.revision, facts.own_writes)
-    return _observed(instances, seen)
+    return _observed(instances, seen, fresh=True)
 
 
-def _observed(instances: Sequence[InstanceRecord], seen: Observation) -> Observed:
+def _observed(
+    instances: Sequence[InstanceRecord], seen: Observation, *, fresh: bool = False
+) -> Observed:
     return Observed(
         instances,
         _alert_reports(seen.alerts),
@@ -462,6 +490,7 @@ def _observed(instances: Sequence[InstanceRecord], seen: Observation) -> Observe
         state=seen.state,
         cadence=seen.cadence,
         rollout=seen.rollout,
+        fresh=fresh,
     )
 
 
@@ -747,20 +776,8 @@ async def regression_step(
     out.add(regression_told(p.logger, regression))
     if not regression.recommit:
         return state, out
-    visit = Visit(
-        rt=p.rt,
-        body=p.body,
-        namespace=p.namespace,
-        name=p.name,
-        generation=p.generation,
-        status=p.status,
-        annotations=(p.body.get("metadata") or {}).get("annotations") or {},
-        logger=p.logger,
-        holders={},  # a commit claims nothing: the name is this resource's (it has a status)
-        pods=pod_index,
-    )
     state, committed = await commit(
-        visit, spec, normalized, state, canary=False, above=regression.seen_version
+        as_visit(p, pod_index), spec, normalized, state, canary=False, above=regression.seen_version
     )
     # Refused while frozen, it says which generation it judged: the reconcile's to say.
     committed.fields.pop("observedGeneration", None)
@@ -770,9 +787,71 @@ async def regression_step(
     return state, out
 
 
-def divergence(p: Pass, mem: ComponentMemory, state: ComponentState) -> Outcome:
-    """What etcd holds, and whether ACTIVE still is what the last reconcile handled."""
+def as_visit(p: Pass, pod_index: PodIndex) -> Visit:
+    """The pass as a reconcile's visit, for the reconcile's own steps a pass takes."""
+    return Visit(
+        rt=p.rt,
+        body=p.body,
+        namespace=p.namespace,
+        name=p.name,
+        generation=p.generation,
+        status=p.status,
+        annotations=(p.body.get("metadata") or {}).get("annotations") or {},
+        logger=p.logger,
+        # Neither a commit nor a re-seed consults it: the name is this resource's (it has a
+        # status), and a re-seed writes its claim create-only, beside the seed.
+        holders={},
+        pods=pod_index,
+    )
+
+
+async def reseed_step(p: Pass, pod_index: PodIndex, refused: RegistrationReplayError) -> Outcome:
+    """The library refused the metadata record as another registration's. An older one on
+    another etcd cluster than status.registrationCluster is a snapshot from before a purge
+    and re-creation, restored under this running operator (kopf sees no change of the
+    resource, so no reconcile comes): re-seeded as the reconcile does, by the same decision
+    (`_reconcile.refused_action`) and the same step (`_reconcile.reseed_after_restore`).
+    Anything else is raised: a replay, refused as before (the pass fails)."""
+    visit = as_visit(p, pod_index)
+    if refused_action(visit, refused) is not ReplayAction.RESEED:
+        raise refused
+    spec = p.spec
+    try:
+        # A custom schema may take its whole budget: off the event loop, as the reconcile.
+        normalized = await asyncio.to_thread(
+            partial(
+                validate_config,
+                spec.component_type.value,
+                spec.config,
+                spec.custom_schema,
+                component=p.name,
+            )
+        )
+    except ConfigValidationError:
+        raise refused from None  # nothing valid to seed: the reconcile reports the spec
+    try:
+        _, _, reseeded = await reseed_after_restore(visit, spec, normalized, refused.found)
+    except kopf.TemporaryError:
+        # Written meanwhile by someone else: a failed pass (not the daemon's end), and the
+        # next one decides again on what is there.
+        raise refused from None
+    return reseeded
+
+
+def divergence(
+    p: Pass, mem: ComponentMemory, state: ComponentState, *, fresh: bool = False
+) -> Outcome:
+    """What etcd holds, and whether ACTIVE still is what the last reconcile handled. `fresh`:
+    `state` was read by this pass (not reused), so the cluster that answered last holds it."""
     out = Outcome(fields=state_fields(state))
+    kept = decide_registration(anchored_registration(p.status), state.registration)
+    if fresh and kept is RegistrationAction.KEEP:
+        # etcd holds the anchored registration: on the cluster that answers now (a restore of
+        # a snapshot of it, run through, moves it there), so that a restore of an older
+        # lifetime is told from a replay without waiting for a reconcile. Never from a read
+        # reused from an earlier pass: it may be of the cluster before a restore, which would
+        # record the new cluster beside the older lifetime restored there.
+        out.fields.update(registration_fields(kept, state.registration, p.rt.backend.cluster_id))
     handled = p.status.get("specConfigDigest")
     if mem.config_state in (cond.ConfigState.SYNCED, cond.ConfigState.DIVERGED) and handled:
         diverged = state.active_digest != handled

@@ -79,6 +79,7 @@ from defender_operator._decisions.registration import (
     ReplayAction,
     anchored_cluster,
     anchored_registration,
+    decide_refused_record,
     decide_registration,
     decide_replayed,
     registration_fields,
@@ -1059,10 +1060,7 @@ async def seed_or_reseed(
     try:
         return await seed(v, spec, normalized), False
     except RegistrationReplayError as exc:
-        # The metadata record's registration only: a value of another one beside a record of
-        # the anchored registration (a MASTER put back) is no older lifetime restored.
-        of_record = (exc.path or "").endswith(f"/{v.component}/metadata")
-        if not of_record or replay_action(v, exc.found) is not ReplayAction.RESEED:
+        if refused_action(v, exc) is not ReplayAction.RESEED:
             raise
         return await reseed_after_restore(v, spec, normalized, exc.found), True
 
@@ -1073,6 +1071,21 @@ def replay_action(v: Visit, stored: int | None) -> ReplayAction:
     return decide_replayed(
         anchored_registration(v.status),
         stored,
+        anchored_on=anchored_cluster(v.status),
+        cluster=v.rt.backend.cluster_id,
+    )
+
+
+def refused_action(v: Visit, exc: RegistrationReplayError) -> ReplayAction:
+    """`replay_action` for a value the library refused (a declare's repair, or a monitor
+    pass's read): only the metadata record's registration can be an older lifetime restored,
+    a value of another one beside a record of the anchored registration (a MASTER put back)
+    is not (`decide_refused_record`)."""
+    return decide_refused_record(
+        v.component,
+        exc.path,
+        anchored_registration(v.status),
+        exc.found,
         anchored_on=anchored_cluster(v.status),
         cluster=v.rt.backend.cluster_id,
     )
@@ -1109,7 +1122,30 @@ async def reseed_after_restore(
     )
     v.logger.warning("%s", message)
     out.events.append(warning(RESEEDED_AFTER_RESTORE, message))
+    # The library's alerts of the refusal that led here (RegistrationReplayed, and
+    # RegistrationReplayRemoved for the restored history) went with the purge: what
+    # `kubectl defender alerts` shows of it is what was done.
+    await rt.write(component, rt.backend.alert, RESEEDED_AFTER_RESTORE, component, message)
+    out.add(new_lifetime(v, state))
     return state, commit_due, out
+
+
+def new_lifetime(v: Visit, state: ComponentState) -> Outcome:
+    """What the status and memory keep of the purged lifetime, reset as for a resource created
+    again: ACTIVE and the freeze as etcd holds them now (version 1, no freeze marker), a canary
+    rollout in progress ended (`_canary.lifetime_ended`), the breaker's last change (versions
+    of the purged lifetime) forgotten, and ConfigSynced: spec.config is what was seeded.
+    status.freezeLiftedSequence stays: a saved marker put back is still a replay, and the new
+    lifetime's freezes are written above it."""
+    mem = v.rt.memory(v.namespace, v.name)
+    ended = (
+        f"ended with the registration it belonged to: {v.component} was re-seeded after a restore"
+    )
+    out = Outcome(
+        fields=state_fields(state), config=ConfigVerdict(cond.ConfigState.SYNCED), settled=True
+    )
+    out.add(_canary.lifetime_ended(mem, v.status, ended))
+    return out
 
 
 async def registration_replayed(v: Visit, state: ComponentState, anchored: int | None) -> NoReturn:

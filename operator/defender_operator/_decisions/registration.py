@@ -135,6 +135,27 @@ def decide_replayed(
     return ReplayAction.RESEED
 
 
+def decide_refused_record(
+    component: str,
+    path: str | None,
+    anchored: int | None,
+    stored: int | None,
+    *,
+    anchored_on: int | None,
+    cluster: int | None,
+) -> ReplayAction:
+    """What to do about a refusal (`RegistrationReplayError`) of `path`, a value of registration
+    `stored`, met by a reconcile's declare or by a monitor pass's read alike: one decision, so
+    an operator that ran through a restore re-seeds at its next pass as a reconcile would.
+
+    Only a refusal of the component's metadata record can be an older lifetime restored
+    (`decide_replayed`). A value of another registration beside a record of the anchored one
+    (a MASTER or history entry put back) is no lifetime: refused, as before."""
+    if not (path or "").endswith(f"/{component}/metadata"):
+        return ReplayAction.REFUSE
+    return decide_replayed(anchored, stored, anchored_on=anchored_on, cluster=cluster)
+
+
 def registrations_to_publish(
     on_file: Mapping[str, int], known: Mapping[str, int], removed: Collection[str]
 ) -> dict[str, int]:

@@ -376,3 +376,83 @@ def test_a_spec_edit_lost_in_a_restore_is_committed_again_and_a_rollback_is_not(
     assert (active.version, active.config) == (4, originals["sniffer"])
     run.wait_condition("sniffer", "ConfigSynced", status="True", reason="ActiveDiffersFromSpec")
     assert [e.reason for e in run.events("sniffer")].count("SpecRecommittedAfterRestore") == 1
+
+
+def _registration(run: OperatorRun, name: str) -> int | None:
+    found = run.get(name).get("status", {}).get("registration")
+    return found if isinstance(found, int) else None
+
+
+def test_a_component_purged_after_the_snapshot_is_reseeded_by_an_operator_running_through(
+    run: OperatorRun, restorable_etcd: EtcdCluster, etcdutl: str, tmp_path: Path
+) -> None:
+    # docs/operations.md, "Restore": a component deleted with retention Purge and created again
+    # after the snapshot; the snapshot restored onto a new cluster with the operator left
+    # running. kopf sees no change of the resource, so no reconcile comes: the operator's
+    # monitor pass meets the older registration on another cluster than the anchor's and
+    # seeds the name again from the spec, above both; readers take it. No spec edit, no
+    # restart of the operator.
+    name = "firewall"
+    operator = run.start()
+    run.apply_sample(name, retention="Purge")
+    run.wait_active_version(name, 1, timeout=120)
+    first = wait_for("the first registration anchored", lambda: _registration(run, name))
+    cluster = wait_for(
+        "its cluster recorded", lambda: run.get(name)["status"].get("registrationCluster")
+    )
+    later: dict[str, Any] = {}
+
+    def purged_and_created_again() -> None:
+        run.custom.delete_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, name
+        )
+
+        def gone() -> bool:
+            try:
+                run.get(name)
+            except k8s.ApiException as exc:
+                return exc.status == 404
+            return False
+
+        wait_for(f"{name} deleted", gone)
+        run.apply_sample(name, retention="Purge")
+        run.wait_active_version(name, 1)
+        later["registration"] = wait_for(
+            "the new registration anchored",
+            lambda: (r := _registration(run, name)) != first and r,
+        )
+        later["generation"] = run.get(name)["metadata"]["generation"]
+        reader = run.configs()  # an agent's reader of the new registration
+        assert reader.get_active(name).version == 1
+        later["reader"] = reader
+
+    snapshot_and_restore(
+        run, restorable_etcd, etcdutl, tmp_path, purged_and_created_again, stop_operator=False
+    )
+    second = later["registration"]
+    third = wait_for(
+        "a registration above both anchored",
+        lambda: (r := _registration(run, name)) is not None and r > second and r,
+        timeout=120,
+    )
+    assert first < second
+    run.wait_event(name, "ReseededAfterRestore")
+    status = run.get(name)
+    assert status["metadata"]["generation"] == later["generation"]  # no spec edit
+    assert run.procs == [operator] and operator.poll() is None  # never restarted
+    assert status["status"]["registrationCluster"] not in (None, cluster)
+    assert status["status"]["activeVersion"] == 1
+    reader: ConfigStore = later["reader"]
+    active = reader.get_active(name)
+    assert active.version == 1 and active.metadata is not None
+    assert active.metadata.registration == third
+    # The library's refusals of the restored data went with the purge: the alerts under the
+    # name say what was done.
+    client = run.client()
+    kinds = [
+        Alert.model_validate(client.decode_json(sv.key, sv.value)).kind
+        for sv in client.store.list_prefix(client.layout.component_alerts_dir(name))
+    ]
+    assert "ReseededAfterRestore" in kinds
+    assert "RegistrationReplayed" not in kinds and "RegistrationReplayRemoved" not in kinds
+    run.wait_condition(name, "ConfigSynced", status="True")

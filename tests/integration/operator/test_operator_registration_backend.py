@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,62 @@ def test_a_restored_older_registration_on_the_same_cluster_is_refused_by_the_rec
     assert active is not None and inspect(active.value).registration == old  # left as it is
     assert h.kube.status["registration"] == anchored
     assert "ReseededAfterRestore" not in h.reasons()
+
+
+def _kinds(backend: LibraryBackend) -> list[str]:
+    """The kinds of the alerts etcd holds for the component (`kubectl defender alerts`)."""
+    return [a.reason for a in backend.alerts(NAME, utcnow() - timedelta(hours=1))]
+
+
+def test_a_monitor_pass_reseeds_a_restored_older_registration_on_another_cluster(
+    backend: LibraryBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator that ran through the restore: kopf sees no change of the resource, so no
+    reconcile comes. Its monitor pass meets the library's refusal of the restored record and
+    re-seeds, as the reconcile would; the library's alerts of that refusal go with the purge,
+    the re-seed's own alert is what is left."""
+    h, old, anchored = _restored_from_before_a_purge(backend)
+    raised: list[Alert] = []
+    backend.client.alerter.add_sink(CallableSink(raised.append))
+    # The restored cluster: only its members could make a new id (one etcd plays both here).
+    restored = backend.cluster_id ^ 0xFFFF
+    monkeypatch.setattr(LibraryBackend, "cluster_id", property(lambda self: restored))
+    h.events.clear()
+    generation = h.generation
+    asyncio.run(h.monitor(spec(SNIFFER)))
+    assert h.generation == generation  # no reconcile ran
+    state = backend.state(NAME)
+    assert state.registration is not None and state.registration > anchored > old
+    assert state.active_version == 1
+    assert h.kube.status["registration"] == state.registration
+    assert h.kube.status["registrationCluster"] == f"{restored:x}"
+    assert h.kube.status["activeVersion"] == 1
+    assert h.reasons().count("ReseededAfterRestore") == 1
+    assert backend.read_claim(NAME)[0] == Claim("default", NAME, "uid-2")
+    # The library refused the restored record first (alerted), before the operator decided.
+    assert "RegistrationReplayed" in [a.kind for a in raised]
+    kinds = _kinds(backend)
+    assert kinds.count("ReseededAfterRestore") == 1
+    assert "RegistrationReplayed" not in kinds and "RegistrationReplayRemoved" not in kinds
+    # A reader that held the anchored registration takes the new one; the next pass keeps it.
+    reader = ConfigStore(backend.client)
+    reader.hold_registration(NAME, anchored)
+    assert reader.get_active(NAME).version == 1
+    asyncio.run(h.monitor(spec(SNIFFER)))
+    assert backend.state(NAME).registration == state.registration
+    assert h.reasons().count("ReseededAfterRestore") == 1
+
+
+def test_a_monitor_pass_refuses_a_restored_older_registration_on_the_same_cluster(
+    backend: LibraryBackend,
+) -> None:
+    # Put back by etcd write access (the cluster id does not change): the pass fails on it as
+    # before, every time, and nothing is purged.
+    h, old, anchored = _restored_from_before_a_purge(backend)
+    for _ in range(2):
+        with pytest.raises(RegistrationReplayError):
+            asyncio.run(h.monitor(spec(SNIFFER)))
+    active = backend.client.store.get(backend.layout.active_config(NAME))
+    assert active is not None and inspect(active.value).registration == old
+    assert h.kube.status["registration"] == anchored
+    assert "ReseededAfterRestore" not in h.reasons() + _kinds(backend)

@@ -10,9 +10,18 @@ import kopf
 import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
-from defender_config import RegistrationReplayError, config_digest, validate_config
+from defender_config import (
+    RegistrationReplayError,
+    RolloutRecord,
+    config_digest,
+    next_record_sequence,
+    validate_config,
+)
 from defender_operator._backend import Declared
+from defender_operator._canary import rollout_fields
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.breaker import ActiveChange
+from defender_operator._decisions.canary import PROGRESSING
 from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.registration import (
     REGISTRATION_CLUSTER_FIELD,
@@ -22,6 +31,7 @@ from defender_operator._decisions.registration import (
     anchored_cluster,
     anchored_registration,
     cluster_fields,
+    decide_refused_record,
     decide_registration,
     decide_replayed,
     registration_fields,
@@ -29,6 +39,7 @@ from defender_operator._decisions.registration import (
 )
 from defender_operator._memory_backend import Stored
 from defender_operator._reconcile import apply_retention
+from defender_operator._runtime import utcnow
 
 
 @pytest.mark.parametrize(
@@ -139,6 +150,29 @@ def test_nothing_anchored_is_never_reseeded() -> None:
         decide_replayed(None, 100, anchored_on=A_CLUSTER, cluster=ANOTHER_CLUSTER)
         is ReplayAction.REFUSE
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "cluster", "expected"),
+    [
+        # The record of an older registration, on another cluster: an older lifetime restored.
+        (f"/p/components/{NAME}/metadata", ANOTHER_CLUSTER, ReplayAction.RESEED),
+        # The same record on the anchor's cluster: a replay.
+        (f"/p/components/{NAME}/metadata", A_CLUSTER, ReplayAction.REFUSE),
+        # A value of it beside the anchored record (a MASTER, a history entry put back), or
+        # another component's record: no lifetime, whatever the cluster.
+        (f"/p/components/{NAME}/master", ANOTHER_CLUSTER, ReplayAction.REFUSE),
+        (f"/p/components/{NAME}/history/3", ANOTHER_CLUSTER, ReplayAction.REFUSE),
+        (f"/p/components/x{NAME}/metadata", ANOTHER_CLUSTER, ReplayAction.REFUSE),
+        (None, ANOTHER_CLUSTER, ReplayAction.REFUSE),
+    ],
+)
+def test_only_a_refused_metadata_record_is_judged_a_restored_lifetime(
+    path: str | None, cluster: int, expected: ReplayAction
+) -> None:
+    # One decision for a reconcile's declare and a monitor pass's read alike.
+    found = decide_refused_record(NAME, path, 200, 100, anchored_on=A_CLUSTER, cluster=cluster)
+    assert found is expected
 
 
 # --- the reconcile, against the in-memory Backend -------------------------------------------------
@@ -319,6 +353,50 @@ def test_the_cluster_the_anchor_was_taken_on_is_recorded_beside_it() -> None:
     assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
 
 
+def test_a_monitor_pass_records_the_cluster_it_reads_the_anchored_registration_on() -> None:
+    # A restore of a snapshot of the anchored registration itself, run through by the operator
+    # (no reconcile): its next pass records the new cluster, so an older registration put back
+    # there afterwards by etcd write access is refused as a replay, not re-seeded over.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    h.backend.cluster_id = RESTORED_CLUSTER
+    generation = h.generation
+    run(h.monitor(spec(ETH0)))
+    assert h.generation == generation
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
+    restored_from_before_the_purge(h, saved, cluster=None)
+    refused_on_read(h, saved, anchored)
+    h.backend.calls.clear()
+    with pytest.raises(RegistrationReplayError):
+        run(h.monitor(spec(ETH0)))
+    assert "purge" not in h.backend.calls and "ReseededAfterRestore" not in h.reasons()
+    # Nor does a pass record a cluster beside a record of another registration.
+    h.backend.cluster_id = 0xD1FF
+    h.backend.components[NAME].registration = anchored + 1
+    run(h.monitor(spec(ETH0)))
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
+
+
+def test_a_pass_that_reuses_an_earlier_read_records_no_cluster() -> None:
+    # A read reused from an earlier pass (nothing changed that the change watch delivered)
+    # may be of the cluster before a restore: the new cluster is recorded only beside a
+    # read made on it, else an older lifetime restored there would be refused as a replay.
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    h.inform()
+    run(h.monitor(spec(ETH0)))  # reads, and leaves its read to reuse
+    h.backend.cluster_id = RESTORED_CLUSTER
+    h.backend.calls.clear()
+    run(h.monitor(spec(ETH0)))
+    assert "observe" not in h.backend.calls  # reused
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "5eed"
+    h.backend.touch(NAME)
+    run(h.monitor(spec(ETH0)))
+    assert "observe" in h.backend.calls
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
+
+
 def test_a_snapshot_from_before_the_purge_restored_is_reseeded_above_both() -> None:
     """etcd restored from a snapshot taken before the purge and re-creation (a new cluster
     id): it holds the earlier registration, which every reader refuses, while the status
@@ -439,3 +517,168 @@ def test_a_value_of_an_older_registration_beside_the_anchored_record_is_never_re
     assert info.value.__cause__ is master
     assert "purge" not in h.backend.calls and "ReseededAfterRestore" not in h.reasons()
     assert h.kube.status[REGISTRATION_FIELD] == anchored
+
+
+# --- the monitor pass: an operator that ran through the restore ---------------------------------
+
+
+def refused_on_read(h: Harness, saved: Stored, anchored: int, *, times: int = 1) -> None:
+    """What the library's reader (holding the anchored registration) does with the restored
+    record on a monitor pass's reads (the in-memory Backend does not refuse on reads)."""
+    for operation in ("observe", "state"):
+        refused = RegistrationReplayError(
+            f"/memory/components/{NAME}/metadata",
+            saved.registration,
+            anchored,
+            what="the metadata record",
+        )
+        h.backend.fail(operation, refused, times=times)
+
+
+def test_a_monitor_pass_after_a_restore_on_another_cluster_reseeds_without_a_reconcile() -> None:
+    """The operator ran through the restore (not stopped): kopf sees no change of the resource,
+    so no reconcile comes. Its next monitor pass re-seeds, by the reconcile's decision and
+    step, instead of failing with RegistrationReplayed on every pass."""
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    refused_on_read(h, saved, anchored)
+    h.backend.calls.clear()
+    h.events.clear()
+    generation = h.generation
+    run(h.monitor(spec(ETH0)))
+    assert h.generation == generation  # no reconcile
+    state = h.backend.state(NAME)
+    assert state.registration is not None and state.registration > anchored
+    assert (state.active_version, state.active_digest) == (1, digest(ETH0))
+    assert {"purge", "claim_and_seed"} <= set(h.backend.calls)
+    assert h.backend.claims[NAME][0].uid == "uid-2"
+    assert h.kube.status[REGISTRATION_FIELD] == state.registration
+    assert h.kube.status[REGISTRATION_CLUSTER_FIELD] == "c0ffee"
+    assert h.kube.status["activeVersion"] == 1
+    assert h.reasons().count("ReseededAfterRestore") == 1
+    # The next pass judges the new registration: nothing purged or seeded again.
+    h.backend.calls.clear()
+    run(h.monitor(spec(ETH0)))
+    assert "purge" not in h.backend.calls and "claim_and_seed" not in h.backend.calls
+    assert h.reasons().count("ReseededAfterRestore") == 1
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+
+
+def test_a_monitor_pass_refuses_a_replay_on_the_same_cluster_as_before() -> None:
+    # The same values put back with etcd write access: the pass fails on them as before
+    # (retried, never re-seeded), the status keeps its anchor.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=None)
+    refused_on_read(h, saved, anchored, times=3)
+    h.backend.calls.clear()
+    for _ in range(3):
+        with pytest.raises(RegistrationReplayError):
+            run(h.monitor(spec(ETH0)))
+    assert not {"purge", "claim_and_seed", "seed", "commit"} & set(h.backend.calls)
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
+    assert h.backend.components[NAME].registration == saved.registration
+    assert "ReseededAfterRestore" not in h.reasons()
+
+
+def test_a_monitor_pass_never_reseeds_over_a_master_of_another_registration() -> None:
+    # A MASTER of the older registration refused beside the anchored record: no lifetime.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    h.backend.cluster_id = RESTORED_CLUSTER
+    master = RegistrationReplayError(
+        f"/memory/components/{NAME}/master", saved.registration, anchored, what="MASTER"
+    )
+    h.backend.fail("observe", master)
+    h.backend.fail("state", master)
+    h.backend.calls.clear()
+    with pytest.raises(RegistrationReplayError):
+        run(h.monitor(spec(ETH0)))
+    assert "purge" not in h.backend.calls and "ReseededAfterRestore" not in h.reasons()
+
+
+def test_a_monitor_pass_whose_reseed_finds_the_name_written_meanwhile_fails_as_a_pass() -> None:
+    # The reconcile's step raises kopf's retry; a pass fails as any pass does (the daemon runs
+    # on) and the next one decides again on what etcd holds.
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    refused_on_read(h, saved, anchored)
+    h.backend.claim_and_seed = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    with pytest.raises(RegistrationReplayError):
+        run(h.monitor(spec(ETH0)))
+    assert h.kube.status[REGISTRATION_FIELD] == anchored
+
+
+def in_progress(h: Harness, config: dict[str, str]) -> dict[str, Any]:
+    """status.rollout of a canary of `config` on ACTIVE version 1, in progress, as `_canary`
+    writes it, and a breaker freeze: what the anchored lifetime's status held."""
+    record = RolloutRecord(
+        version=2,
+        base_version=1,
+        digest=digest(config),
+        canaries=("sniffer-a",),
+        since=utcnow(),
+        by="operator:op-0",
+        sequence=next_record_sequence(now=utcnow()),
+    )
+    return {
+        **rollout_fields(record, PROGRESSING, "version 2 goes to sniffer-a first"),
+        "frozen": True,
+        "freezeSequence": next_record_sequence(now=utcnow()),
+    }
+
+
+@pytest.mark.parametrize("through", ["reconcile", "monitor"])
+def test_a_reseed_ends_what_the_status_remembers_of_the_purged_lifetime(through: str) -> None:
+    """A canary rollout and a freeze the status anchors belonged to the purged lifetime: the
+    new one starts without them, as a resource created again does. Left in progress, the
+    rollout would be written again over the new registration (its record "deleted in etcd")."""
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    remembered = in_progress(h, ETH0)
+    h.kube.status.update(remembered)
+    assert h.mem.status is not None
+    h.mem.status = {**h.mem.status, **remembered}
+    h.mem.last_change = ActiveChange(version=3, previous_version=2, time=utcnow())
+    lifted = h.kube.status.get("freezeLiftedSequence")
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    h.events.clear()
+    if through == "reconcile":
+        run(h.reconcile(spec(ETH0)))
+    else:
+        refused_on_read(h, saved, anchored)
+        run(h.monitor(spec(ETH0)))
+    assert "ReseededAfterRestore" in h.reasons()
+    status = h.kube.status
+    assert (status["frozen"], status["freezeSequence"]) == (False, None)
+    assert status.get("freezeLiftedSequence") == lifted
+    rollout = status["rollout"]
+    assert rollout["phase"] == "Superseded" and "re-seeded after a restore" in rollout["message"]
+    assert rollout["sequence"] == remembered["rollout"]["sequence"]  # a replay stays one
+    assert h.condition(cond.ROLLOUT)["reason"] == "Superseded"
+    assert h.mem.last_change is None
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    # The next passes judge the new lifetime alone: the rollout is not written again.
+    h.backend.calls.clear()
+    h.events.clear()
+    for _ in range(2):
+        run(h.monitor(spec(ETH0)))
+    assert "start_rollout" not in h.backend.calls
+    assert h.backend.rollouts.get(NAME) is None
+    assert "RolloutRecordReplayed" not in h.reasons() and "RecordReplayed" not in alerted(h)
+    assert h.kube.status["rollout"]["phase"] == "Superseded"
+
+
+def test_a_reseed_is_alerted_in_place_of_the_refusal_it_ends() -> None:
+    # `kubectl defender alerts` shows the re-seed, not the RegistrationReplayed and
+    # RegistrationReplayRemoved the declare's repair raised on the restored data first.
+    h, saved = purged_and_registered_again()
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    run(h.reconcile(spec(ETH1)))
+    kinds = alerted(h)
+    assert kinds.count("ReseededAfterRestore") == 1
+    assert "RegistrationReplayed" not in kinds and "RegistrationReplayRemoved" not in kinds
+    told = next(a for a in h.backend.raised if a.reason == "ReseededAfterRestore")
+    assert f"registration {saved.registration}" in told.detail
