@@ -1,8 +1,9 @@
-"""What a reader copies from the docs runs: every `make <target>` is a Makefile target, every
-`kubectl defender <command> --flag` a command and flag of the plugin, every `DEFENDER_*`
+"""What a reader copies from the docs runs: every `kubectl defender <command> --flag` is a
+command and flag of the plugin, every `DEFENDER_*`
 variable a setting of the library, the agent or the operator, every agent flag in
 docs/agent.md's settings table a flag of `defender-agent` (and every flag is there), and
-docs/operator.md's settings table names the operator's settings with their real defaults."""
+docs/operator.md's settings table names the operator's settings with their real defaults.
+(`make <target>`: tests/unit/packaging/test_packaging_files.py.)"""
 
 from __future__ import annotations
 
@@ -65,28 +66,6 @@ def _words(command: str, program: str) -> Iterator[list[str]]:
             yield shlex.split(m.group(1))
         except ValueError:  # an unbalanced quote cut by the pattern
             yield m.group(1).split()
-
-
-# --- make ---------------------------------------------------------------------------------
-
-
-def make_targets(makefile: Path = REPO / "Makefile") -> set[str]:
-    return set(re.findall(r"^([A-Za-z0-9_-]+):", makefile.read_text(), flags=re.MULTILINE))
-
-
-def make_drift(doc: Path) -> list[str]:
-    targets = make_targets()
-    problems = []
-    for command in commands(doc.read_text()):
-        if not command.lstrip().startswith("make"):
-            continue  # prose like "make ACTIVE go back" is no command
-        for words in _words(command, "make"):
-            for word in words:
-                if "=" in word or word.startswith(("-", "<", "$", "…")):
-                    continue
-                if word not in targets:
-                    problems.append(f"{doc.name}: `make {word}`: no such target")
-    return problems
 
 
 # --- kubectl defender ---------------------------------------------------------------------
@@ -241,7 +220,7 @@ def agent_table_drift(doc: Path = REPO / "docs" / "agent.md") -> list[str]:
 # --- the tests ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("check", [make_drift, plugin_drift, variable_drift])
+@pytest.mark.parametrize("check", [plugin_drift, variable_drift])
 def test_commands_and_variables_the_docs_show_exist(check: Any) -> None:
     problems = [p for doc in DOC_FILES for p in check(doc)]
     assert not problems, "\n".join(problems)
@@ -268,7 +247,6 @@ def test_the_agent_settings_table_has_every_flag() -> None:
 def test_the_patterns_find_what_the_docs_show() -> None:
     text = "\n".join(doc.read_text() for doc in DOC_FILES)
     lines = list(commands(text))
-    assert sum(1 for c in lines if c.lstrip().startswith("make ")) > 20
     assert sum(1 for c in lines for _ in _words(c, "kubectl defender")) > 50
     assert len(set(re.findall(r"\bDEFENDER_[A-Z0-9_]+", text))) > 30
 
@@ -276,10 +254,6 @@ def test_the_patterns_find_what_the_docs_show() -> None:
 @pytest.mark.parametrize(
     ("snippet", "problems"),
     [
-        ("Run `make up NODE=0` then `make cluster-status`.", 0),
-        ("Run `make status-etcd`.", 1),
-        ("```sh\nmake tools images IMAGES=etcd   # offline\nmake imagez\n```", 1),
-        ('To make ACTIVE go back, `make images IMAGES="project stand-in"` first.', 0),
         ("`kubectl defender backup --dir /srv --keep 48`", 0),
         ("`kubectl defender keyring import --raw -f k.json --replace`", 0),
         ("```sh\nkubectl defender restore \\\n  --snapshot F --run-it\n```", 1),
@@ -296,7 +270,7 @@ def test_drift_is_reported_and_real_commands_pass(
 ) -> None:
     doc = tmp_path / "probe.md"
     doc.write_text(snippet + "\n")
-    found = make_drift(doc) + plugin_drift(doc) + variable_drift(doc)
+    found = plugin_drift(doc) + variable_drift(doc)
     assert len(found) == problems, found
 
 
