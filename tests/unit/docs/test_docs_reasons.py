@@ -24,11 +24,13 @@ THROUGH_VARIABLES = {
     "OwnerRecordUnreadable",
     # the breaker's trip, posted as its verdict's reason
     "BlastRadiusExceeded",
-    # the keyring plan posted when the source Secret is restored, and the refusals
+    # the keyring plan posted when the source Secret is restored, the refusals, and the
+    # export warnings on the keyring Secret
     "KeyringRestored",
     "KeyringMissing",
     "SourceLacksKeys",
     "KeyringExportStale",
+    "NoKeyringExport",
     # the Rollout condition's phases other than True
     "Aborted",
     "Superseded",
