@@ -226,6 +226,33 @@ def test_commands_and_variables_the_docs_show_exist(check: Any) -> None:
     assert not problems, "\n".join(problems)
 
 
+def plugin_row_drift(doc: Path = REPO / "docs" / "architecture.md") -> list[str]:
+    """The commands architecture.md's parts table lists for the plugin, against its parser."""
+    row = next(
+        line for line in doc.read_text().splitlines() if line.startswith("| `kubectl defender`")
+    )
+    listed = set(re.findall(r"[a-z][a-z-]+", row.split("kubectl plugin:", 1)[1].split("(", 1)[0]))
+    real = set(_subcommands(plugin_parser()))
+    return [f"{doc.name}: the plugin row lacks {c}" for c in sorted(real - listed)] + [
+        f"{doc.name}: the plugin has no command {c}" for c in sorted(listed - real)
+    ]
+
+
+def test_the_architecture_table_lists_every_plugin_command() -> None:
+    problems = plugin_row_drift()
+    assert not problems, "\n".join(problems)
+
+
+def test_a_plugin_command_missing_from_the_architecture_table_is_reported(tmp_path: Path) -> None:
+    doc = tmp_path / "architecture.md"
+    real = (REPO / "docs" / "architecture.md").read_text()
+    doc.write_text(real.replace(" defrag,", "").replace(" dump", " dump, undo"))
+    assert plugin_row_drift(doc) == [
+        "architecture.md: the plugin row lacks defrag",
+        "architecture.md: the plugin has no command undo",
+    ]
+
+
 def test_the_harness_variables_are_still_read() -> None:
     code = " ".join(
         p.read_text()
