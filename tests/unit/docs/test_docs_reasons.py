@@ -1,7 +1,8 @@
 """Every reason a person meets on a DefenderComponent is explained in docs/troubleshooting.md:
 the reason of each Warning Event the operator posts, and of each condition it sets other than
-True (a `### <reason>` section, or a row of a table whose first cell quotes it). The library's
-error reasons have their own check (tests/unit/packaging/test_packaging_docs.py)."""
+True (a `### <reason>` section, or a row of a table whose first cell quotes it); and every
+condition type the docs show (`Type=True`) is one the operator sets. The library's error
+reasons have their own check (tests/unit/packaging/test_packaging_docs.py)."""
 
 from __future__ import annotations
 
@@ -177,3 +178,46 @@ def test_a_reason_missing_from_the_doc_is_reported(tmp_path: Path) -> None:
     heading = "### ConfigInvalid\n"
     doc.write_text(real.replace(heading, "### Config invalid\n"))
     assert [m.split(" ")[0] for m in undocumented(doc)] == ["ConfigInvalid"]
+
+
+def condition_types(package: Path = OPERATOR) -> set[str]:
+    """Every condition type the operator sets: the first argument of each `Cond(...)`."""
+    files = sorted(package.rglob("*.py"))
+    constants = _constants(files)
+    found = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func).split(".")[-1] == "Cond"
+                and node.args
+                and (kind := _value(node.args[0], constants))
+            ):
+                found.add(kind)
+    return found
+
+
+def condition_drift(docs: list[Path]) -> list[str]:
+    """`Type=Status` the docs show whose type the operator never sets."""
+    real = condition_types()
+    return [
+        f"{doc.name}: no condition {kind}"
+        for doc in docs
+        for kind in sorted(
+            set(re.findall(r"\b([A-Z]\w+)=(?:True|False|Unknown)\b", doc.read_text()))
+        )
+        if kind not in real
+    ]
+
+
+def test_the_condition_types_the_docs_show_exist() -> None:
+    docs = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
+    assert {"Ready", "ConfigSynced", "EtcdHealthy", "Rollout"} <= condition_types()
+    problems = condition_drift(docs)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_condition_type_the_operator_never_sets_is_reported(tmp_path: Path) -> None:
+    doc = tmp_path / "probe.md"
+    doc.write_text("`KeyCurrent=False`, `Degraded=True` and `Ready=Unknown`\n")
+    assert condition_drift([doc]) == ["probe.md: no condition Degraded"]
