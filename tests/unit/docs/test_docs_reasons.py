@@ -94,9 +94,9 @@ def reasons_in_code(package: Path = OPERATOR) -> Iterator[tuple[str, str]]:
             ):
                 for v in node.values:
                     assert isinstance(v, ast.Tuple)
-                    status, reason = v.elts[0], _value(v.elts[1], constants)
-                    if reason and not _is_true(status) and re.fullmatch(r"[A-Z]\w+", reason):
-                        yield reason, where
+                    status, listed = v.elts[0], _value(v.elts[1], constants)
+                    if listed and not _is_true(status) and re.fullmatch(r"[A-Z]\w+", listed):
+                        yield listed, where
             if not isinstance(node, ast.Call):
                 continue
             func = ast.unparse(node.func)
