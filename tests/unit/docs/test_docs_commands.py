@@ -1,7 +1,8 @@
 """What a reader copies from the docs runs: every `kubectl defender <command> --flag` is a
 command and flag of the plugin, every `DEFENDER_*`
 variable a setting of the library, the agent or the operator, every agent flag in
-docs/agent.md's settings table a flag of `defender-agent` (and every flag is there), and
+docs/agent.md's settings table a flag of `defender-agent` with its real default (and every flag
+is there), architecture.md lists every plugin command, and
 docs/operator.md's settings table names the operator's settings with their real defaults.
 (`make <target>`: tests/unit/packaging/test_packaging_files.py.)"""
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 from pydantic import AliasChoices, BaseModel
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from defender_agent._settings import AgentSettings
@@ -217,6 +219,45 @@ def agent_table_drift(doc: Path = REPO / "docs" / "agent.md") -> list[str]:
     return problems
 
 
+# An agent setting left unset takes the library's (docs/agent.md: "the agent's own ... flags
+# override them"): its documented default is the library's.
+AGENT_FALLBACKS = {
+    "prefix": "prefix",
+    "keyring_poll_seconds": "keyring_poll_seconds",
+    "heartbeat_interval_seconds": "heartbeat_interval_seconds",
+    "heartbeat_misses": "heartbeat_allowed_misses",
+}
+
+
+def agent_default(field: str) -> str | None:
+    """The default the agent runs with, as the table writes it; None when it has no plain one
+    (required, unset, or decided at run time)."""
+    real = AgentSettings.model_fields[field].get_default(call_default_factory=True)
+    if real is None and field in AGENT_FALLBACKS:
+        library = LibrarySettings.model_fields[AGENT_FALLBACKS[field]]
+        real = library.get_default(call_default_factory=True)
+    if field == "file_mode" and isinstance(real, int):
+        return f"0{real:o}"
+    return None if real in (None, PydanticUndefined) else shown(real)
+
+
+def agent_default_drift(doc: Path = REPO / "docs" / "agent.md") -> list[str]:
+    """Defaults of docs/agent.md's settings table against the agent's (and library's)."""
+    problems = []
+    for cells in _table(doc.read_text(), "## Settings", "flag"):
+        flags = [f.replace("-", "_") for f in re.findall(r"`--([a-z-]+)`", cells[0])]
+        defaults = [d.strip().strip("`") for d in cells[1].split(", ")]
+        if len(defaults) != len(flags):
+            defaults = defaults[:1] * len(flags)
+        for field, written in zip(flags, defaults, strict=True):
+            real = agent_default(field) if field in AgentSettings.model_fields else None
+            if real is not None and written != real:
+                problems.append(
+                    f"{doc.name}: --{field.replace('_', '-')} default is {real}, not {written}"
+                )
+    return problems
+
+
 # --- the tests ----------------------------------------------------------------------------
 
 
@@ -266,8 +307,8 @@ def test_the_operator_settings_table_has_every_setting_and_its_default() -> None
     assert not problems, "\n".join(problems)
 
 
-def test_the_agent_settings_table_has_every_flag() -> None:
-    problems = agent_table_drift()
+def test_the_agent_settings_table_has_every_flag_and_its_default() -> None:
+    problems = agent_table_drift() + agent_default_drift()
     assert not problems, "\n".join(problems)
 
 
@@ -316,6 +357,20 @@ def test_a_wrong_default_or_a_missing_setting_in_the_operator_table_is_reported(
     doc.write_text(real.replace(row + "\n", ""))
     assert operator_table_drift(doc) == [
         "operator.md: DEFENDER_OPERATOR_SCRUB_INTERVAL_SECONDS is not documented"
+    ]
+
+
+def test_a_wrong_default_in_the_agent_table_is_reported(tmp_path: Path) -> None:
+    real = (REPO / "docs" / "agent.md").read_text()
+    doc = tmp_path / "agent.md"
+    doc.write_text(
+        real.replace("| `--heartbeat-misses` | 3 |", "| `--heartbeat-misses` | 5 |").replace(
+            "| —, POST, 5, 3, 0.2 |", "| —, POST, 5, 2, 0.2 |"
+        )
+    )
+    assert agent_default_drift(doc) == [
+        "agent.md: --reload-retries default is 3, not 2",
+        "agent.md: --heartbeat-misses default is 3, not 5",
     ]
 
 
