@@ -1,8 +1,7 @@
 """What a reader copies from the docs runs: every `kubectl defender <command> --flag` is a
-command and flag of the plugin, every `DEFENDER_*`
-variable a setting of the library, the agent or the operator, every agent flag in
-docs/agent.md's settings table a flag of `defender-agent` with its real default (and every flag
-is there), architecture.md lists every plugin command, and
+command and flag of the plugin, every `DEFENDER_*` variable a setting of the library, the agent
+or the operator, every agent flag in docs/agent.md's settings table a flag of `defender-agent`
+with its real default (and every flag is there), architecture.md lists every plugin command, and
 docs/operator.md's settings table names the operator's settings with their real defaults.
 (`make <target>`: tests/unit/packaging/test_packaging_files.py.)"""
 
