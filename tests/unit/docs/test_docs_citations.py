@@ -1,7 +1,9 @@
-"""What the docs cite as proof exists: every test file they name, every test function named
-with its file (`tests/x.py::test_y`, or `::test_y` after a file), every bare `test_y` somewhere
-under tests/, and the bare names of docs/security.md's threat table in the file the table says
-they are in. A renamed or deleted test otherwise lingers as a claim nobody backs."""
+"""What the docs cite exists: every repository path they name (`src/...`, `hack/...`,
+`charts/...`: from the repository's root; a Markdown link's target from the page), every test
+file, every test function named with its file (`tests/x.py::test_y`, or `::test_y` after a
+file), every bare `test_y` somewhere under tests/, and the bare names of docs/security.md's
+threat table in the file the table says they are in. A renamed or deleted file or test otherwise
+lingers as a claim nobody backs."""
 
 from __future__ import annotations
 
@@ -97,6 +99,54 @@ def table_drift(doc: Path = SECURITY, repo: Path = REPO) -> list[str]:
             if name not in defined(default):
                 problems.append(f"{doc.name}: {name} is not in {head.group(1)}; name its file")
     return problems
+
+
+# A path from the repository's root: not part of a longer path, a URL or a placeholder.
+_REPO_PATH = re.compile(
+    r"(?<![\w/.~$<>-])((?:src|operator|tests|hack|charts|crds|manifests|bench|requirements"
+    r"|docs|\.ci)/[\w./-]*[\w/])(?![\w<{*…])"
+)
+
+
+def path_drift(doc: Path, repo: Path = REPO) -> list[str]:
+    """Repository paths `doc` names that do not exist."""
+    text = doc.read_text()
+    problems = []
+    for m in _REPO_PATH.finditer(text):
+        path, start, end = m.group(1), m.start(), m.end()
+        if text[start - 2 : start] == "](":  # a link's target: relative to the page
+            exists = (doc.parent / path).exists()
+        elif text[start - 1 : start] == "[" and text[end : end + 2] == "](":
+            continue  # a link's text: its target is checked
+        else:
+            exists = (repo / path.rstrip(".")).exists()
+        if not exists:
+            problems.append(f"{doc.name}: {path} does not exist")
+    return problems
+
+
+def test_every_path_the_docs_name_exists() -> None:
+    problems = [p for doc in DOC_FILES for p in path_drift(doc)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("snippet", "problems"),
+    [
+        ("`hack/chart-schema.py`, `src/defender_cli/`, see charts/ml-defender/values.yaml.", 0),
+        ("`hack/chart_schema.py`", 1),
+        ("`tests/<suite>/x.py`, `~/src/x`, https://github.com/o/r/tree/main/src/gone", 0),
+        ("[bench/library.json](bench/library.json) from docs/", 0),
+        ("[the bench](bench/gone.json)", 1),
+    ],
+)
+def test_a_path_that_is_gone_is_reported(tmp_path: Path, snippet: str, problems: int) -> None:
+    page = tmp_path / "docs" / "probe.md"
+    page.parent.mkdir()
+    (tmp_path / "docs" / "bench").mkdir()
+    (tmp_path / "docs" / "bench" / "library.json").write_text("{}")
+    page.write_text(snippet + "\n")
+    assert len(path_drift(page)) == problems, path_drift(page)
 
 
 def test_every_test_the_docs_cite_exists() -> None:
