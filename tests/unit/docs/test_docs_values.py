@@ -1,6 +1,7 @@
-"""The chart values docs/install.md's table of useful values names have the defaults it states
-(`etcd.replicaCount` 3, `networkPolicy.enabled` on, ...), read from values.yaml. That the
-paths exist at all is tests/unit/packaging/test_packaging_docs_fields.py's check."""
+"""The defaults the docs state are the real ones: the chart values docs/install.md's table
+names (`etcd.replicaCount` 3, `networkPolicy.enabled` on, ...) against values.yaml, and the
+DefenderComponent example of docs/operator.md against the CRD's defaults. That the value paths
+exist at all is tests/unit/packaging/test_packaging_docs_fields.py's check."""
 
 from __future__ import annotations
 
@@ -110,4 +111,50 @@ def test_a_wrong_default_in_the_install_table_is_reported(tmp_path: Path) -> Non
         " not 'ghcr.io/ml-defender/ml-defender-config:latest'",
         "install.md: etcd.replicaCount defaults to '3', not '5'",
         "install.md: networkPolicy.enabled defaults to True, not False",
+    ]
+
+
+OPERATOR = REPO / "docs" / "operator.md"
+CRD = REPO / "crds" / "defendercomponents.yaml"
+
+
+def _example_spec(doc: Path) -> dict[str, Any]:
+    """The `spec` of the DefenderComponent example under "## The resource"."""
+    section = doc.read_text().split("\n## The resource\n", 1)[1]
+    spec: dict[str, Any] = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])[
+        "spec"
+    ]
+    return spec
+
+
+def example_drift(doc: Path = OPERATOR, crd: Path = CRD) -> list[str]:
+    """Scalars of the example whose field has a CRD default the example does not show."""
+    schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    problems = []
+
+    def walk(shown: Any, node: dict[str, Any], path: str) -> None:
+        if isinstance(shown, dict):
+            for key, sub in shown.items():
+                if key in node.get("properties", {}):
+                    walk(sub, node["properties"][key], f"{path}.{key}")
+        elif "default" in node and shown != node["default"]:
+            problems.append(
+                f"{doc.name}: {path} is {shown!r}, the CRD's default {node['default']!r}"
+            )
+
+    walk(_example_spec(doc), schema["properties"]["spec"], "spec")
+    return problems
+
+
+def test_the_resource_example_shows_the_crds_defaults() -> None:
+    problems = example_drift()
+    assert not problems, "\n".join(problems)
+    assert _example_spec(OPERATOR)["heartbeat"]["intervalSeconds"] == 30
+
+
+def test_a_default_the_example_gets_wrong_is_reported(tmp_path: Path) -> None:
+    doc = tmp_path / "operator.md"
+    doc.write_text(OPERATOR.read_text().replace("windowSeconds: 1800", "windowSeconds: 3600"))
+    assert example_drift(doc) == [
+        "operator.md: spec.restartBudget.windowSeconds is 3600, the CRD's default 1800"
     ]
