@@ -234,10 +234,6 @@ def test_the_plain_uninstall_keeps_the_namespace_and_crds_and_deletes_the_rest()
     assert "Uninstalling plain manifests" in text.split("\n---\n", 1)[0]
 
 
-# `make status-etcd` is named in docs/operations.md as the old design's target, not as one to run.
-HISTORIC_MAKE_TARGETS = {"status-etcd"}
-
-
 def test_every_make_command_in_the_docs_exists() -> None:
     # make reads `--node` as its own (unknown) option; a variable is NAME=value.
     makefile = (REPO / "Makefile").read_text()
@@ -259,7 +255,7 @@ def test_every_make_command_in_the_docs_exists() -> None:
                     problems.append(f"{page.name}: `{command}`: make has no {word}")
                 elif "=" in word or not re.fullmatch(r"[a-z][\w-]*", word):
                     continue
-                elif word not in targets | HISTORIC_MAKE_TARGETS:
+                elif word not in targets:
                     problems.append(f"{page.name}: `{command}`: no target {word}")
                 else:
                     seen += 1
