@@ -362,7 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Sidecar that registers a component, keeps its heartbeat, writes its decoded config "
             "to a shared file and tells it to reload. Every flag can also be set as "
-            "DEFENDER_AGENT_<FLAG> in the environment."
+            "DEFENDER_AGENT_<FLAG> in the environment, named after its first spelling ("
+            + "; ".join(
+                f"{alias} is DEFENDER_AGENT_{name.upper()}"
+                for name, aliases in _FLAG_ALIASES.items()
+                for alias in aliases
+            )
+            + ")."
         ),
     )
     for name, info in AgentSettings.model_fields.items():

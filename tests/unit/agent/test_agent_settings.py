@@ -145,6 +145,18 @@ def test_help_lists_documented_flags() -> None:
     assert "shareProcessNamespace" in text
 
 
+def test_help_names_the_variable_of_an_aliased_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DEFENDER_AGENT_SETTINGS (after the alias) is not read: the help must name the one that is.
+    text = " ".join(build_parser().format_help().split())
+    assert "--settings is DEFENDER_AGENT_SETTINGS_FILE" in text
+    shared = tmp_path / "defender.json"
+    shared.write_text(json.dumps({"prefix": "/from-env-file"}))
+    monkeypatch.setenv("DEFENDER_AGENT_SETTINGS_FILE", str(shared))
+    assert load_agent_settings([*BASE, "--instance", "i"]).settings_file == shared
+
+
 def test_library_settings_file_with_agent_overrides(tmp_path: Path) -> None:
     shared = tmp_path / "defender.json"
     shared.write_text(
