@@ -190,7 +190,13 @@ def test_a_failed_sighting_is_asked_again_by_the_pass(
     counted = Counted(library)
     asyncio.run(h.reconcile(spec(), first_pass=True))
     assert not failures  # the early ask failed, and said nothing
-    assert sorted(counted.take()) == ["lease_ttl", "txn"]  # the pass asked itself
+    # The pass asked itself. The instance may have moved to a new lease meanwhile, on adopting
+    # the cadence the seed published: the pass then follows it (its record read again, the new
+    # lease asked), which a loaded machine made happen in a run of the whole directory.
+    assert sorted(counted.take()) in (
+        ["lease_ttl", "txn"],
+        ["get", "lease_ttl", "lease_ttl", "txn"],
+    )
     assert h.kube.status["activeVersion"] == 1
     assert h.kube.status["instances"]["alive"] == 1
 
