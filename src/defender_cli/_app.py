@@ -498,3 +498,23 @@ def main(
     except DefenderConfigError as exc:
         errors.write(f"kubectl defender {args.command}: {type(exc).__name__}: {exc}\n")
         return 2
+    except Exception as exc:
+        unreachable = _api_server_unreachable(exc)
+        if unreachable is None:
+            raise
+        errors.write(
+            f"kubectl defender {args.command}: the Kubernetes API server does not answer"
+            f" ({unreachable}); check --kubeconfig / --context and that the server runs\n"
+        )
+        return 2
+
+
+def _api_server_unreachable(exc: Exception) -> str | None:
+    """Why the Kubernetes client could not talk to the API server (refused, TLS, reset), or None
+    for any other exception. urllib3 is the client's transport; it is loaded only once a command
+    has used Kubernetes, and only then can its error arrive here, so it is not imported for this."""
+    transport = sys.modules.get("urllib3.exceptions")
+    if transport is None or not isinstance(exc, transport.HTTPError):
+        return None
+    reason = getattr(exc, "reason", None) or exc
+    return f"{type(reason).__name__}: {reason}"
