@@ -21,6 +21,7 @@ from ._flags import (
     DEFAULT_KEYRING_SECRET,
     DEFAULT_OPERATOR_NAMESPACE,
     add_connection_flags,
+    component_name,
     kube_name,
 )
 from ._output import Printer, printable_data
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status", parents=[common], help="components, versions, instances, heartbeats, alerts"
     )
-    p.add_argument("component", nargs="?", help="only this component")
+    p.add_argument("component", nargs="?", type=component_name, help="only this component")
     p.add_argument(
         "--alerts-since",
         type=duration,
@@ -117,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "diff", parents=[common], help="MASTER vs ACTIVE config (exit 1 when they differ)"
     )
-    p.add_argument("component", help="the component (its etcd name)")
+    p.add_argument("component", type=component_name, help="the component (its etcd name)")
 
     p = sub.add_parser("history", parents=[common], help="kept versions of ACTIVE")
-    p.add_argument("component", help="the component (its etcd name)")
+    p.add_argument("component", type=component_name, help="the component (its etcd name)")
     p.add_argument(
         "--show", type=int, metavar="VERSION", help="print that version's config (decrypts)"
     )
@@ -128,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "rollback", parents=[common], help="make MASTER or an older version ACTIVE again"
     )
-    p.add_argument("component", help="DefenderComponent name (etcd component name with --direct)")
+    p.add_argument(
+        "component",
+        type=component_name,
+        help="DefenderComponent name (etcd component name with --direct)",
+    )
     p.add_argument(
         "--to", type=rollback_target, default="master", help="master (default) or a version"
     )
@@ -211,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
 
     p = sub.add_parser("alerts", parents=[common], help="misconfiguration alerts, newest first")
-    p.add_argument("component", nargs="?", help="only this component")
+    p.add_argument("component", nargs="?", type=component_name, help="only this component")
     p.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 30m, 2h, 7d")
     p.add_argument("--limit", type=count, default=50, help="at most this many (0: all)")
 
