@@ -72,15 +72,24 @@ def test_odd_names_and_configs_are_components_like_any_other(operator_run: Opera
     for name, config in components.items():
         _create(run, _custom(name, config, retention="Purge"))
     _create(run, _custom("deep", _nested(120), retention="Purge"))
+    # A schema one level too deep for the metadata record that holds it.
+    deep_schema: dict[str, Any] = {"type": "object", "properties": {}}
+    for _ in range(49):
+        deep_schema = {"type": "object", "properties": {"a": deep_schema}}
+    _create(run, _custom("deep-schema", {}, retention="Purge", customSchema=deep_schema))
     for name, config in components.items():
         run.wait_active_version(name, 1)
         assert run.configs().get_active(name).config == config
     refused = run.wait_condition("deep", "ConfigSynced", status="False", reason="ConfigInvalid")
     assert "config for 'deep' rejected" in refused["message"], refused
+    refused = run.wait_condition(
+        "deep-schema", "ConfigSynced", status="False", reason="ConfigInvalid"
+    )
+    assert "metadata record" in refused["message"], refused
     run.wait_active_version("firewall", 1)
     _others_still_commit(run)
     store = run.client(run.operator_keyring()).store
-    for name in [*components, "deep"]:
+    for name in [*components, "deep", "deep-schema"]:
         run.custom.delete_namespaced_custom_object(
             contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, name
         )
@@ -89,7 +98,7 @@ def test_odd_names_and_configs_are_components_like_any_other(operator_run: Opera
         lambda: (
             all(
                 not store.list_prefix(f"{run.prefix}/components/{n}/")
-                for n in [*components, "deep"]
+                for n in [*components, "deep", "deep-schema"]
             )
             or None
         ),
