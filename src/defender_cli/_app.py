@@ -404,14 +404,16 @@ def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
             passphrase,
             force=args.force,
         )
+    # The file first: a wrong one is reported as such, not as whatever reaching Kubernetes or
+    # etcd with it in hand fails with.
+    loaded = keys.load_import(args.file, passphrase, raw=args.raw)
     return keys.import_keyring(
         conn.kube(),
         conn.client(),
         args.operator_namespace,
         args.secret,
         args.file,
-        passphrase,
-        raw=args.raw,
+        loaded,
         replace=args.replace,
     )
 
