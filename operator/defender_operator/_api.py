@@ -10,6 +10,8 @@ Every field carries a description because `kubectl explain defendercomponent.spe
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 # The vocabulary has one home, the library's contract: re-exported for the operator's modules.
-from defender_config import MIN_ALLOWED_MISSES
+from defender_config import MIN_ALLOWED_MISSES, ConfigValidationError, config_digest
 from defender_config.contract import CATEGORIES as CATEGORIES
 from defender_config.contract import KIND as KIND
 from defender_config.contract import PLURAL as PLURAL
@@ -610,3 +612,26 @@ def parse_stored_spec(spec: Mapping[str, Any]) -> tuple[DefenderComponentSpec, l
     passes), with `lift_legacy`'s notes. The admission webhook and the CRD stay strict."""
     lifted, notes = lift_legacy(spec)
     return parse_spec(lifted), notes
+
+
+def raw_config_digest(config: Any) -> str:
+    """Hex SHA-256 of spec.config as given, before validation: what the reconcile and the
+    admission stamp compare raw configs by.
+
+    `config_digest` wherever the library would store the config. One it refuses to store (nested
+    deeper than MAX_JSON_DEPTH, which the API server takes) still needs a digest: the refusal
+    records it to tell a new invalid spec from a resumed one, and without one the refusal
+    itself failed (the policy onInvalidConfig skipped, the message naming no component). Its
+    digest is of the same canonical JSON, without the depth check."""
+    try:
+        return config_digest(config)
+    except ConfigValidationError:
+        pass
+    try:
+        text = json.dumps(
+            config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (RecursionError, TypeError, ValueError):
+        # Not JSON at all (the API server sends nothing such): one digest for all of them.
+        text = "\x00unrepresentable"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

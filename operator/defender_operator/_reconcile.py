@@ -883,7 +883,7 @@ def reported(v: Visit, parsed: CheckedSpec) -> Outcome:
 
 async def refuse_invalid(v: Visit, spec: _api.DefenderComponentSpec) -> Outcome:
     """ACTIVE stays as it is, or reverts to MASTER when the spec says so; the visit ends."""
-    raw_digest = config_digest(spec.config)
+    raw_digest = _api.raw_config_digest(spec.config)
     out = Outcome(done=True)
     # Only when this invalid spec is new: a resume must not roll back once more.
     if (

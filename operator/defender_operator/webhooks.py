@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from defender_config import config_digest, contract
+from defender_config import contract
 from defender_operator import _admission_review, _api
 from defender_operator._decisions import attribution
 from defender_operator._runtime import Runtime
@@ -67,4 +67,4 @@ def stamp_modifier(
 
 def _digest(spec: Mapping[str, Any]) -> str:
     # The raw spec.config, as the reconcile digests it before validation.
-    return config_digest(spec.get("config") or {})
+    return _api.raw_config_digest(spec.get("config") or {})

@@ -21,6 +21,7 @@ from ._flags import (
     DEFAULT_KEYRING_SECRET,
     DEFAULT_OPERATOR_NAMESPACE,
     add_connection_flags,
+    component_name,
     kube_name,
 )
 from ._output import Printer, printable_data
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status", parents=[common], help="components, versions, instances, heartbeats, alerts"
     )
-    p.add_argument("component", nargs="?", help="only this component")
+    p.add_argument("component", nargs="?", type=component_name, help="only this component")
     p.add_argument(
         "--alerts-since",
         type=duration,
@@ -117,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "diff", parents=[common], help="MASTER vs ACTIVE config (exit 1 when they differ)"
     )
-    p.add_argument("component", help="the component (its etcd name)")
+    p.add_argument("component", type=component_name, help="the component (its etcd name)")
 
     p = sub.add_parser("history", parents=[common], help="kept versions of ACTIVE")
-    p.add_argument("component", help="the component (its etcd name)")
+    p.add_argument("component", type=component_name, help="the component (its etcd name)")
     p.add_argument(
         "--show", type=int, metavar="VERSION", help="print that version's config (decrypts)"
     )
@@ -128,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "rollback", parents=[common], help="make MASTER or an older version ACTIVE again"
     )
-    p.add_argument("component", help="DefenderComponent name (etcd component name with --direct)")
+    p.add_argument(
+        "component",
+        type=component_name,
+        help="DefenderComponent name (etcd component name with --direct)",
+    )
     p.add_argument(
         "--to", type=rollback_target, default="master", help="master (default) or a version"
     )
@@ -211,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
 
     p = sub.add_parser("alerts", parents=[common], help="misconfiguration alerts, newest first")
-    p.add_argument("component", nargs="?", help="only this component")
+    p.add_argument("component", nargs="?", type=component_name, help="only this component")
     p.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 30m, 2h, 7d")
     p.add_argument("--limit", type=count, default=50, help="at most this many (0: all)")
 
@@ -399,14 +404,16 @@ def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
             passphrase,
             force=args.force,
         )
+    # The file first: a wrong one is reported as such, not as whatever reaching Kubernetes or
+    # etcd with it in hand fails with.
+    loaded = keys.load_import(args.file, passphrase, raw=args.raw)
     return keys.import_keyring(
         conn.kube(),
         conn.client(),
         args.operator_namespace,
         args.secret,
         args.file,
-        passphrase,
-        raw=args.raw,
+        loaded,
         replace=args.replace,
     )
 
@@ -498,3 +505,23 @@ def main(
     except DefenderConfigError as exc:
         errors.write(f"kubectl defender {args.command}: {type(exc).__name__}: {exc}\n")
         return 2
+    except Exception as exc:
+        unreachable = _api_server_unreachable(exc)
+        if unreachable is None:
+            raise
+        errors.write(
+            f"kubectl defender {args.command}: the Kubernetes API server does not answer"
+            f" ({unreachable}); check --kubeconfig / --context and that the server runs\n"
+        )
+        return 2
+
+
+def _api_server_unreachable(exc: Exception) -> str | None:
+    """Why the Kubernetes client could not talk to the API server (refused, TLS, reset), or None
+    for any other exception. urllib3 is the client's transport; it is loaded only once a command
+    has used Kubernetes, and only then can its error arrive here, so it is not imported for this."""
+    transport = sys.modules.get("urllib3.exceptions")
+    if transport is None or not isinstance(exc, transport.HTTPError):
+        return None
+    reason = getattr(exc, "reason", None) or exc
+    return f"{type(reason).__name__}: {reason}"

@@ -125,6 +125,7 @@ class Connection:
     def kube(self) -> Any:
         if self._kube is None:
             from kubernetes import config
+            from yaml import YAMLError
 
             try:
                 self._kube = config.new_client_from_config(
@@ -132,6 +133,15 @@ class Connection:
                 )
             except (config.ConfigException, OSError) as exc:
                 raise CliError(f"kubeconfig: {exc}; pass --kubeconfig or set KUBECONFIG") from exc
+            except (YAMLError, UnicodeDecodeError, TypeError, AttributeError, ValueError) as exc:
+                # The client's loader fails on a malformed file with whatever its parsing hit
+                # (a YAML error, a list where a mapping belongs, bad base64). Their messages are
+                # not shown: a kubeconfig holds tokens and keys, and they may quote its text.
+                raise CliError(
+                    f"kubeconfig {self.args.kubeconfig or '(from KUBECONFIG or ~/.kube/config)'}"
+                    f" is not a valid kubeconfig ({_malformed(exc)}); check the file, or pass"
+                    " --kubeconfig"
+                ) from None
         return self._kube
 
     def close(self) -> None:
@@ -143,6 +153,22 @@ class Connection:
         if self._kube is not None:
             self._kube.close()
             self._kube = None
+
+
+def _malformed(exc: Exception) -> str:
+    """Where a kubeconfig is malformed, without quoting any of it."""
+    from yaml import MarkedYAMLError, YAMLError
+
+    if isinstance(exc, MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(exc, YAMLError):
+        return "not valid YAML"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, ValueError):
+        return "a value that does not decode, such as base64 certificate data"
+    return "an entry of the wrong shape: clusters, contexts and users must be lists of mappings"
 
 
 def _dumped(update: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,22 @@ def kube_name(text: str) -> str:
     return text
 
 
+# The library's grammar of an etcd component name (`defender_config._layout`), repeated here so
+# a bad name is an argument error before the library loads; a unit test keeps the two equal.
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+
+
+def component_name(text: str) -> str:
+    """An etcd component name: one key segment. Anything else (`a/b`, `../x`) would otherwise
+    reach the library's key layout, whose refusal is a plain ValueError."""
+    if not _COMPONENT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a component name (1-253 letters, digits, '.', '_' and '-',"
+            " starting and ending with a letter or digit; no '/')"
+        )
+    return text
+
+
 def secret_ref(text: str) -> tuple[str, str]:
     """`[NAMESPACE/]NAME` of a Secret as (namespace, name), each part a Kubernetes name."""
     namespace, slash, name = text.rpartition("/")

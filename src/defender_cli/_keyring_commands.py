@@ -21,6 +21,7 @@ from defender_config import (
     KeyringLacksKeysError,
     key_usage,
     keys_opened,
+    read_file_bounded,
     read_key_record,
     read_keyring_backup,
     write_file_atomic,
@@ -45,6 +46,11 @@ def _listed(keyring: Keyring) -> list[dict[str, str]]:
 MIN_EXPORT_PASSPHRASE = 12
 
 
+MAX_PASSPHRASE_FILE_BYTES = 64 * 1024
+# An export wraps a keyring of at most 1 MiB (a Secret's limit) in base64 and JSON.
+MAX_IMPORT_FILE_BYTES = 4 * 1024 * 1024
+
+
 def read_passphrase(file: str | None, env: str | None, *, exporting: bool = False) -> str | None:
     """The passphrase from --passphrase-file (first line) or --passphrase-env NAME; None when
     neither was given. `exporting`: one shorter than MIN_EXPORT_PASSPHRASE characters is
@@ -62,7 +68,8 @@ def read_passphrase(file: str | None, env: str | None, *, exporting: bool = Fals
 def _passphrase(file: str | None, env: str | None) -> str | None:
     if file:
         try:
-            text = Path(file).read_text(encoding="utf-8")
+            # Bounded: only the first line is used, and a wrong path may name a huge file.
+            text = read_file_bounded(file, MAX_PASSPHRASE_FILE_BYTES).decode("utf-8")
         except OSError as exc:
             raise CliError(f"cannot read the passphrase file {file}: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -200,7 +207,7 @@ def _stamp(kube: Any, namespace: str, secret: str, when: str, path: Path, keyrin
 def load_import(path: Path, passphrase: str | None, *, raw: bool) -> tuple[Keyring, str | None]:
     """The keyring in an export file (or with `raw`, a keyring.json) and when it was exported."""
     try:
-        content = path.read_bytes()
+        content = read_file_bounded(path, MAX_IMPORT_FILE_BYTES)
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     if raw:
@@ -238,15 +245,16 @@ def import_keyring(
     namespace: str,
     secret: str,
     path: Path,
-    passphrase: str | None,
+    loaded: tuple[Keyring, str | None],
     *,
-    raw: bool = False,
     replace: bool = False,
 ) -> dict[str, Any]:
+    """Write the keyring `loaded` from `path` (`load_import`) to the Secret, if it opens every
+    stored value."""
     from kubernetes.client import CoreV1Api, V1ObjectMeta, V1Secret
     from kubernetes.client.exceptions import ApiException
 
-    keyring, exported = load_import(path, passphrase, raw=raw)
+    keyring, exported = loaded
     sealed = check_opens_store(client, keyring, str(path))
     existing = _read_secret(kube, namespace, secret)
     if existing is not None and not replace:

@@ -88,7 +88,7 @@ from ._errors import (
     WrongPassphraseError,
     brief_listing,
 )
-from ._files import read_regular_file, write_file_atomic
+from ._files import read_file_bounded, read_regular_file, write_file_atomic
 from ._json_logs import JsonLogFormatter
 from ._json_parse import parse_json
 from ._key_usage import KeyUsage, key_usage, keys_opened, read_key_record, write_key_record
@@ -292,6 +292,7 @@ __all__ = [
     "parse_rollback_target",
     "plan_defrag",
     "read_cadence",
+    "read_file_bounded",
     "read_key_record",
     "read_keyring_backup",
     "read_registrations",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ._errors import FileWriteError
 
-__all__ = ["read_regular_file", "write_file_atomic"]
+__all__ = ["read_file_bounded", "read_regular_file", "write_file_atomic"]
 
 
 def write_file_atomic(
@@ -124,3 +124,16 @@ def read_regular_file(
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def read_file_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """The content of ``path``, opened and read as any file a person names (a FIFO or a process
+    substitution ``<(...)`` included), but never more than ``max_bytes + 1`` bytes: a path to a
+    huge file by mistake, or to /dev/zero, is an error instead of all of memory. Raises OSError
+    as ``open`` does, and ``EFBIG`` (with a ``strerror`` fit for a one-line message) when there
+    is more than ``max_bytes``."""
+    with open(path, "rb") as file:
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes // 1024} KiB", str(path))
+    return data

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import KeyringError, UnknownKeyError
+from ._files import read_file_bounded
 from ._json_parse import parse_json
 
 __all__ = [
@@ -415,10 +416,14 @@ def _keyring_file(path: Path) -> Path:
     return path / KEYRING_FILE if path.is_dir() else path
 
 
+# A keyring comes from a Secret, which holds at most 1 MiB.
+MAX_KEYRING_FILE_BYTES = 1024 * 1024
+
+
 def _read_keyring_file(path: Path) -> tuple[bytes, str]:
     file = _keyring_file(path)
     try:
-        return file.read_bytes(), str(file)
+        return read_file_bounded(file, MAX_KEYRING_FILE_BYTES), str(file)
     except OSError as exc:
         raise KeyringError(
             f"cannot read {file} ({exc.strerror or exc}); check that the keyring Secret is "

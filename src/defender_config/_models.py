@@ -21,7 +21,7 @@ import referencing.exceptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigValidationError, FieldError
-from ._json_parse import MAX_JSON_DEPTH, check_depth
+from ._json_parse import MAX_JSON_DEPTH, check_depth, json_depth_exceeds
 from ._schema_budget import budgeted, check_schema, install, validation_budget
 from .contract import ComponentType
 
@@ -531,6 +531,12 @@ def _unresolvable(exc: referencing.exceptions.Unresolvable) -> str:
     )
 
 
+MAX_SCHEMA_DEPTH = MAX_JSON_DEPTH - 1
+"""The component's metadata record holds its schema one level below the record's top, and
+readers refuse a record nested deeper than MAX_JSON_DEPTH: a deeper schema, stored, would make
+the component's metadata unreadable to every reader (RecordUnauthenticated: "not JSON")."""
+
+
 def _schema_refused(who: str, message: str, location: str = "") -> ConfigValidationError:
     return ConfigValidationError(
         who, [FieldError(f"(schema){'.' + location if location else ''}", message)]
@@ -572,6 +578,12 @@ def validate_config(
             )
         result = json.loads(canonical_json(config, component=who))
     if json_schema is not None:
+        if json_depth_exceeds(json_schema, MAX_SCHEMA_DEPTH):
+            raise _schema_refused(
+                who,
+                f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} objects and arrays, more"
+                " than the component's metadata record can hold",
+            )
         errors = _schema_errors(config, dict(json_schema), who)
         if errors:
             raise ConfigValidationError(who, errors)

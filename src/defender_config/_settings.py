@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from ._codecs import cipher_names, compression_names
 from ._errors import SettingsError
+from ._files import read_file_bounded
 from ._json_parse import parse_json
 
 __all__ = [
@@ -251,9 +252,13 @@ def _unconvertible(suffix: str) -> str:
     )
 
 
+# The chart's settings come from a ConfigMap, which holds at most 1 MiB.
+MAX_SETTINGS_FILE_BYTES = 1024 * 1024
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_file_bounded(path, MAX_SETTINGS_FILE_BYTES).decode("utf-8")
     except OSError as exc:
         raise SettingsError(
             f"cannot read it ({exc.strerror or exc}); check the path and the mount",

@@ -520,6 +520,31 @@ def test_config_too_large_for_one_transaction_is_refused_before_sending(
     assert cs.get_active("bulky").config == big
 
 
+def _schema_of_depth(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = (
+        {"type": "object"} if depth % 2 else {"type": "object", "properties": {}}
+    )
+    for _ in range((depth - 1) // 2):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_a_schema_is_stored_only_as_deep_as_its_metadata_record_reads_back(
+    client: DefenderClient,
+) -> None:
+    """The metadata record holds the schema one level down; readers refuse a record nested
+    deeper than they parse, so a schema that would make it so is refused before any write
+    (it was stored, and then every read of the component failed: RecordUnauthenticated)."""
+    from defender_config._json_parse import MAX_JSON_DEPTH
+
+    cs = ConfigStore(client)
+    cs.seed("deepest", {"x": 1}, "custom", by="t", json_schema=_schema_of_depth(MAX_JSON_DEPTH - 1))
+    assert cs.get_active("deepest").config == {"x": 1}
+    with pytest.raises(ConfigValidationError, match="metadata record"):
+        cs.seed("deeper", {"x": 1}, "custom", by="t", json_schema=_schema_of_depth(MAX_JSON_DEPTH))
+    assert cs.get_metadata("deeper") is None  # nothing was written
+
+
 def test_watch_active_survives_undecodable_values_and_failing_handlers(
     configs: ConfigStore, client: DefenderClient, alerts: list[Alert]
 ) -> None:

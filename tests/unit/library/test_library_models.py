@@ -601,3 +601,27 @@ def test_records_of_a_builtin_model_do_not_quote_networks_or_ports() -> None:
     assert "rules.0.src_cidr: the value is not a network in CIDR form" in record
     assert "rules.1.ports: a port must be a number or a range like 8000-8080" in record
     assert "rules.2.ports: a port must be within 1-65535, low before high" in record
+
+
+def _schema_of_depth(depth: int) -> dict[str, Any]:
+    """A schema nesting `depth` objects (the outermost counts as 1)."""
+    schema: dict[str, Any] = (
+        {"type": "object"} if depth % 2 else {"type": "object", "properties": {}}
+    )
+    for _ in range((depth - 1) // 2):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_a_schema_deeper_than_its_metadata_record_can_hold_is_refused() -> None:
+    from defender_config._json_parse import MAX_JSON_DEPTH, json_depth_exceeds
+
+    deepest, deeper = _schema_of_depth(MAX_JSON_DEPTH - 1), _schema_of_depth(MAX_JSON_DEPTH)
+    assert not json_depth_exceeds({"json_schema": deepest}, MAX_JSON_DEPTH)
+    assert json_depth_exceeds({"json_schema": deeper}, MAX_JSON_DEPTH)
+    assert validate_config("custom", {"x": 1}, deepest, component="c") == {"x": 1}
+    with pytest.raises(ConfigValidationError) as info:
+        validate_config("custom", {"x": 1}, deeper, component="c")
+    (error,) = info.value.errors
+    assert error.location == "(schema)"
+    assert "metadata record" in error.message and info.value.component == "c"

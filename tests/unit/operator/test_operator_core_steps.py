@@ -871,3 +871,42 @@ def test_config_synced_keeps_the_generation_it_was_judged_on() -> None:
     h.backend.read_claim = read_claim  # type: ignore[method-assign]
     run(h.reconcile(spec(ETH1), first_pass=True))
     assert judged_on(cond.CONFIG_SYNCED) == judged_on(cond.READY) == 4
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    node: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        node = {"n": node}
+    return node
+
+
+# Deeper than the library stores (MAX_JSON_DEPTH, 100), shallow enough for the API server and
+# for Python's decoder: `kubectl apply` of such a config reaches the reconcile.
+TOO_DEEP = {**ETH0, "extra": _nested(150)}
+
+
+def test_a_config_nested_too_deep_is_refused_like_any_invalid_config() -> None:
+    h = Harness()
+    run(h.reconcile(spec(ETH0)))
+    run(h.reconcile(spec(TOO_DEEP)))
+    assert h.backend.state(NAME).active_version == 1
+    assert h.reasons() == ["ConfigInvalid"]
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, "ConfigInvalid")
+    assert f"config for '{NAME}'" in synced["message"]
+    # Recorded, so a resume of the same spec is told from a new one (the revert test below).
+    assert h.kube.status["specConfigDigest"] not in ("", stored(ETH0))
+
+
+def test_a_config_nested_too_deep_reverts_to_master_once_when_the_spec_says_so() -> None:
+    h = Harness()
+    revert = {"rollout": {"onInvalidConfig": _api.InvalidConfigPolicy.REVERT_TO_MASTER.value}}
+    run(h.reconcile(spec(ETH0, **revert)))
+    run(h.reconcile(spec(ETH1, **revert)))
+    run(h.reconcile(spec(TOO_DEEP, **revert)))
+    state = h.backend.state(NAME)
+    assert (state.active_version, state.active_digest) == (3, stored(ETH0))
+    assert h.reasons()[-2:] == ["ConfigInvalid", "RevertedToMaster"]
+    run(h.reconcile(spec(TOO_DEEP, **revert)))
+    assert h.backend.state(NAME).active_version == 3
+    assert h.reasons()[-1] == "ConfigInvalid"

@@ -1,0 +1,146 @@
+"""What a careless user (or one with `create` on DefenderComponents) does to the operator:
+odd names, odd configs, a namespace deleted under a component. Each must end in the documented
+state for that component alone: the operator keeps running and the other components keep
+committing (docs/operator.md, docs/security.md)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+from operator_e2e_support import OperatorRun, wait_for
+
+from defender_config import contract
+
+pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
+
+
+def _custom(name: str, config: Any, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": contract.GROUP_VERSION,
+        "kind": contract.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "componentType": "custom",
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "careless"}},
+            "customSchema": {"type": "object"},
+            "config": config,
+            **spec,
+        },
+    }
+
+
+def _create(run: OperatorRun, doc: dict[str, Any], namespace: str | None = None) -> None:
+    run.custom.create_namespaced_custom_object(
+        contract.API_GROUP, contract.API_VERSION, namespace or run.namespace, contract.PLURAL, doc
+    )
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    config: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth):
+        config = {"n": config}
+    return config
+
+
+def _others_still_commit(run: OperatorRun) -> None:
+    run.patch("firewall", {"spec": {"config": {"block_ttl_seconds": 601}}})
+    run.wait_active_version("firewall", 2)
+    assert all(p.poll() is None for p in run.procs)
+
+
+ODD_CONFIGS: dict[str, Any] = {
+    "empty": {},
+    "nul-and-surrogates": {"s": "a\u0000b\ufffd\U0001f600", "\u0000k": ["\u2028"]},
+}
+
+
+def test_odd_names_and_configs_are_components_like_any_other(operator_run: OperatorRun) -> None:
+    """Names with dots and at the 253-character limit, an empty config, NUL and non-BMP
+    characters: each is committed as given and read back equal, and deleted with Purge leaves
+    nothing. A config nested deeper than the library stores (which the API server takes) is
+    refused as ConfigInvalid naming its component. The sample beside them keeps committing."""
+    run = operator_run
+    run.start()
+    run.apply_sample("firewall")
+    longest = ".".join(["x" * 63, "y" * 63, "z" * 63, "w" * 61])
+    assert len(longest) == 253
+    components = {"a.b-c.d9": {"a": 1}, longest: {"a": 1}, **ODD_CONFIGS}
+    for name, config in components.items():
+        _create(run, _custom(name, config, retention="Purge"))
+    _create(run, _custom("deep", _nested(120), retention="Purge"))
+    # A schema one level too deep for the metadata record that holds it.
+    deep_schema: dict[str, Any] = {"type": "object", "properties": {}}
+    for _ in range(49):
+        deep_schema = {"type": "object", "properties": {"a": deep_schema}}
+    _create(run, _custom("deep-schema", {}, retention="Purge", customSchema=deep_schema))
+    for name, config in components.items():
+        run.wait_active_version(name, 1)
+        assert run.configs().get_active(name).config == config
+    refused = run.wait_condition("deep", "ConfigSynced", status="False", reason="ConfigInvalid")
+    assert "config for 'deep' rejected" in refused["message"], refused
+    refused = run.wait_condition(
+        "deep-schema", "ConfigSynced", status="False", reason="ConfigInvalid"
+    )
+    assert "metadata record" in refused["message"], refused
+    run.wait_active_version("firewall", 1)
+    _others_still_commit(run)
+    store = run.client(run.operator_keyring()).store
+    for name in [*components, "deep", "deep-schema"]:
+        run.custom.delete_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, name
+        )
+    wait_for(
+        "every one purged",
+        lambda: (
+            all(
+                not store.list_prefix(f"{run.prefix}/components/{n}/")
+                for n in [*components, "deep", "deep-schema"]
+            )
+            or None
+        ),
+    )
+    assert "failed permanently" not in run.log_tail(3000)
+
+
+def test_deleting_a_component_namespace_purges_and_spares_the_others(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    doomed = f"doomed-{uuid.uuid4().hex[:8]}"
+    run.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=doomed)))
+    run.start("-n", doomed)
+    run.apply_sample("firewall")
+    _create(run, _custom("gone", {"a": 1}, retention="Purge"), doomed)
+    _create(run, _custom("kept", {"a": 1}), doomed)
+    run.wait_active_version("firewall", 1)
+    store = run.client(run.operator_keyring()).store
+
+    def active(ns: str, name: str) -> bool:
+        obj: Any = run.custom.get_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, ns, contract.PLURAL, name
+        )
+        return bool(obj.get("status", {}).get("activeVersion") == 1)
+
+    wait_for(
+        "gone and kept active", lambda: (active(doomed, "gone") and active(doomed, "kept")) or None
+    )
+    run.core.delete_namespace(doomed)
+
+    def namespace_gone() -> bool:
+        try:
+            run.core.read_namespace(doomed)
+        except k8s.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for("the namespace deleted", lambda: namespace_gone() or None, timeout=90)
+    assert store.list_prefix(f"{run.prefix}/components/gone/") == []
+    assert run.configs().get_active("kept").version == 1
+    _others_still_commit(run)
+    time.sleep(5)
+    log = run.log_tail(3000)
+    assert "Traceback" not in log, log
