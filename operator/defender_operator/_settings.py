@@ -6,14 +6,27 @@ etcd connection, prefix and sealing defaults are the library's own `DEFENDER_*` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as EnvDecodeError
 
-from defender_config import LibrarySettings, load_settings
+from defender_config import MAX_SETTING_SECONDS, LibrarySettings, bounded_seconds, load_settings
 from defender_operator._errors import OperatorConfigurationError
+
+# Every duration is finite and bounded (`bounded_seconds`: a day unless said otherwise): inf or
+# 1e12 was accepted, then crashed a loop of the running operator on every turn (OverflowError in
+# a timedelta: the rotation schedule and waits, the misconfiguration window), stopped it for
+# good (a sleep of inf) or turned a liveness check off. A loop's period is at most 5 minutes, a
+# cache's age an hour; a key rotation schedule needs more than a day (30 days is usual) and its
+# grace may (a week).
+_LOOP_SECONDS = 300
+_CACHE_SECONDS = 3600
+_ROTATION_EVERY_MAX_SECONDS = 366 * 86400
+_ROTATION_GRACE_MAX_SECONDS = 7 * 86400
 
 
 class OperatorSettings(BaseSettings):
@@ -30,7 +43,7 @@ class OperatorSettings(BaseSettings):
     library_settings_file: Path | None = None
     """Optional JSON/YAML file of the library settings (env DEFENDER_* still wins)."""
 
-    monitor_interval_seconds: float = Field(default=30.0, gt=0, le=300)
+    monitor_interval_seconds: float = bounded_seconds(30.0, most=_LOOP_SECONDS)
     """The longest a component goes without a monitor pass. A pass runs at once when anything
     it judges changes: an instance appears, goes or changes its record, a pod of the component
     is added or changed, a key the component's view reads changes in etcd, etcd's health or the
@@ -38,21 +51,21 @@ class OperatorSettings(BaseSettings):
     Misconfigured verdict's window runs out; every 5 s during a canary rollout. This bound
     covers what neither an event nor a clock it judged announces (the scrub, the refresh of
     status.lastHeartbeatTime, a pod deleted without a deletionTimestamp first)."""
-    monitor_full_read_seconds: float = Field(default=60.0, ge=0, le=3600)
+    monitor_full_read_seconds: float = bounded_seconds(60.0, most=_CACHE_SECONDS, zero=True)
     """A monitor pass reuses the component as its last pass read it from etcd while the change
     watch saw no change to it and the operator wrote none, for at most this long; then it reads
     again whatever the watch says (a bound on what an unforeseen gap could hide). 0 reads every
     pass."""
-    status_heartbeat_refresh_seconds: float = Field(default=60.0, ge=0, le=3600)
+    status_heartbeat_refresh_seconds: float = bounded_seconds(60.0, most=_CACHE_SECONDS, zero=True)
     """status.lastHeartbeatTime is rewritten on its own only when it is this much behind the
     newest heartbeat; a status write for any other reason carries the newest. Heartbeats live
     in etcd leases (the Heartbeating condition judges them every pass), and each refresh is a
     status write per component: 1,000 components at 30 s kept the API server busy with 33
     writes a second. 0 writes every pass."""
-    secret_copy_check_seconds: float = Field(default=30.0, ge=0, le=3600)
+    secret_copy_check_seconds: float = bounded_seconds(30.0, most=_CACHE_SECONDS, zero=True)
     """How long a read of a namespace's keyring copy (its digest) is reused by monitor passes;
     the operator's own writes update it at once. 0 reads it every pass."""
-    registrations_publish_seconds: float = Field(default=2.0, gt=0, le=300)
+    registrations_publish_seconds: float = bounded_seconds(2.0, most=_LOOP_SECONDS)
     """How often the registrations anchored in components' status are published to the
     keyring Secret of their namespace (registrations.json, read by agents and the library)."""
     worker_threads: int = Field(default=32, ge=4, le=256)
@@ -63,32 +76,32 @@ class OperatorSettings(BaseSettings):
     api_connections: int = Field(default=32, ge=4, le=1024)
     """Connections kopf may open to the API server for requests (plus two per watched
     namespace for its watch streams); a burst of events waits for a free one."""
-    etcd_health_interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    etcd_health_interval_seconds: float = bounded_seconds(5.0, most=_LOOP_SECONDS)
     """How often etcd health (reachable, quorum) is measured."""
-    liveness_etcd_max_unavailable_seconds: float = Field(default=300.0, gt=0)
+    liveness_etcd_max_unavailable_seconds: float = bounded_seconds(300.0)
     """Liveness fails when etcd has been unreachable this long (a restart may help a stuck
     client; a short outage must not restart the operator)."""
-    heartbeat_resync_seconds: float = Field(default=60.0, gt=0, le=3600)
+    heartbeat_resync_seconds: float = bounded_seconds(60.0, most=_CACHE_SECONDS)
     """How often every instance key is re-read in full; the watch delivers changes in between
     (a resync repairs what a watch can miss across compaction)."""
-    liveness_watch_stall_seconds: float = Field(default=300.0, gt=0)
+    liveness_watch_stall_seconds: float = bounded_seconds(300.0)
     """Liveness fails when, with etcd healthy, neither a heartbeat watch event nor a successful
     resync arrived this long; must exceed heartbeat_resync_seconds."""
-    misconfig_window_seconds: int = Field(default=600, ge=1)
+    misconfig_window_seconds: int = Field(default=600, ge=1, le=MAX_SETTING_SECONDS)
     """Reports (heartbeat errors, alerts) older than this no longer count as misconfiguration."""
 
-    scrub_interval_seconds: float = Field(default=300.0, ge=0, le=86400)
+    scrub_interval_seconds: float = bounded_seconds(300.0, zero=True)
     """Each component's sealed values (MASTER, ACTIVE, kept history) are opened and verified
     at most once per this many seconds, from its monitor pass; 0 disables the scrub. Costs one
     etcd read and (history limit + 2) decryptions per component per interval."""
 
-    rotation_every_seconds: int = Field(default=0, ge=0)
+    rotation_every_seconds: int = Field(default=0, ge=0, le=_ROTATION_EVERY_MAX_SECONDS)
     """Rotate the shared key on this schedule; 0 rotates only on command."""
-    rotation_distribute_timeout_seconds: int = Field(default=600, ge=1)
+    rotation_distribute_timeout_seconds: int = Field(default=600, ge=1, le=MAX_SETTING_SECONDS)
     """How long to wait for every live instance to load a new key before promoting anyway."""
-    rotation_grace_seconds: int = Field(default=3600, ge=0)
+    rotation_grace_seconds: int = Field(default=3600, ge=0, le=_ROTATION_GRACE_MAX_SECONDS)
     """How long the old key stays decrypt-only after every value was rewrapped."""
-    rotation_interval_seconds: float = Field(default=5.0, gt=0)
+    rotation_interval_seconds: float = bounded_seconds(5.0, most=_LOOP_SECONDS)
     """How often the rotation stage machine is stepped."""
 
     admission_enabled: bool = False
@@ -155,15 +168,34 @@ def watch_only(namespaces: list[str]) -> None:
 
 
 def load_operator_settings() -> tuple[OperatorSettings, LibrarySettings]:
-    """Both settings objects, or OperatorConfigurationError naming every bad field."""
+    """Both settings objects, or OperatorConfigurationError naming every bad field (the
+    library's own settings raise SettingsError). One line each, which `__main__` prints before
+    it exits 2."""
+    # Neither error is chained: a logged traceback prints the cause, and pydantic's quotes
+    # each rejected input.
     try:
         ours = OperatorSettings()
         if _flag_namespaces:
             ours = ours.model_copy(update={"watch_namespaces": list(_flag_namespaces)})
     except ValidationError as exc:
         problems = "; ".join(
-            f"DEFENDER_OPERATOR_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            f"{_variable(e['loc'])}: {e['msg']}"
             for e in exc.errors(include_url=False, include_input=False)
         )
-        raise OperatorConfigurationError(f"bad operator settings: {problems}") from exc
+        raise OperatorConfigurationError(f"bad operator settings: {problems}") from None
+    except EnvDecodeError as exc:
+        # A list variable that is not JSON (WATCH_NAMESPACES, ADMISSION_CERT_HOSTS): raised by
+        # pydantic-settings before validation, it was no OperatorConfigurationError and the
+        # operator died with a traceback, again at every restart. Its message names the field;
+        # the JSON decoder's, its cause, only a position.
+        cause = exc.__cause__
+        where = f" ({cause})" if isinstance(cause, json.JSONDecodeError) else ""
+        raise OperatorConfigurationError(
+            f'bad operator settings: {exc}{where}; a list is a JSON list such as \'["a", "b"]\''
+        ) from None
     return ours, load_settings(ours.library_settings_file)
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The variable a validation error is about; a rule across fields has none."""
+    return f"DEFENDER_OPERATOR_{'_'.join(str(p) for p in loc).upper()}" if loc else "settings"

@@ -25,7 +25,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from defender_config import ComponentType, EtcdSettings, LibrarySettings, load_settings
+from defender_config import (
+    MAX_ALLOWED_MISSES,
+    MAX_HEARTBEAT_INTERVAL_SECONDS,
+    MIN_ALLOWED_MISSES,
+    ComponentType,
+    EtcdSettings,
+    LibrarySettings,
+    bounded_seconds,
+    load_settings,
+)
 
 from ._errors import AgentSettingsError
 from ._http import loopback_host, loopback_url_problem
@@ -46,14 +55,10 @@ ReloadMethod = Literal["signal", "http", "none"]
 HealthCheckKind = Literal["none", "process", "http", "tcp", "exec", "file"]
 
 
-# Upper bounds of the durations. Python's sleeps, waits and socket timeouts overflow beyond
-# ~9e9 s and `inf` is a float pydantic takes: accepted, such a value crashed the running agent
-# (OverflowError) at its first reload, check, beat or poll instead of exiting 2 at start. A day
-# is more than any of them needs; the heartbeat has the DefenderComponent API's bounds (the
-# published cadence's), and the backoff doubles up to 2**18 times (`reload_retries` <= 20).
-_MAX_SECONDS = 86400.0
-_MAX_INTERVAL_SECONDS = 3600.0
-_MAX_MISSES = 100
+# Every duration is finite and bounded (`bounded_seconds`: a day unless said otherwise): inf or
+# 1e12 was accepted and crashed the running agent (OverflowError) at its first reload, check,
+# beat or poll instead of exiting 2 at start. The backoff doubles up to 2**18 times
+# (`reload_retries` <= 20): a minute is its bound.
 _MAX_BACKOFF_SECONDS = 60.0
 
 # Signals no process can catch: "reload" with them ends or freezes the component.
@@ -167,23 +172,25 @@ class AgentSettings(BaseSettings):
     """URL to call when ``reload_method`` is ``http``: ``http://`` to ``localhost``,
     ``127.x.x.x`` or ``[::1]`` only (the component in this pod)."""
 
-    reload_grace_seconds: float = Field(default=30.0, ge=0, le=_MAX_SECONDS)
+    reload_grace_seconds: float = bounded_seconds(30.0, zero=True)
     """How long a missing target process is normal (the component container still starting:
     it reads the file when it starts) before it is reported as ProcessNotFound."""
 
     reload_http_method: Literal["GET", "POST", "PUT"] = "POST"
     """HTTP method of the reload call."""
-    reload_timeout_seconds: float = Field(default=5.0, gt=0, le=_MAX_SECONDS)
+    reload_timeout_seconds: float = bounded_seconds(5.0)
     """Timeout of one reload call."""
     reload_retries: int = Field(default=3, ge=1, le=20)
     """Attempts of a reload call (connection errors, timeouts and 5xx are retried, 4xx not)."""
-    reload_backoff_seconds: float = Field(default=0.2, ge=0, le=_MAX_BACKOFF_SECONDS)
+    reload_backoff_seconds: float = bounded_seconds(0.2, most=_MAX_BACKOFF_SECONDS, zero=True)
     """First wait between reload call attempts; doubles each attempt."""
 
-    heartbeat_interval_seconds: float | None = Field(default=None, gt=0, le=_MAX_INTERVAL_SECONDS)
+    heartbeat_interval_seconds: float | None = bounded_seconds(
+        None, most=MAX_HEARTBEAT_INTERVAL_SECONDS
+    )
     """Seconds between heartbeats (lease keep-alives); default from the settings file (30)."""
 
-    heartbeat_misses: int | None = Field(default=None, ge=2, le=_MAX_MISSES)
+    heartbeat_misses: int | None = Field(default=None, ge=MIN_ALLOWED_MISSES, le=MAX_ALLOWED_MISSES)
     """Missed heartbeats before the lease expires and the operator restarts the pod (at least
     2, as `spec.heartbeat.missedBeforeRestart`: one expires whenever a beat is late at all)."""
 
@@ -216,14 +223,14 @@ class AgentSettings(BaseSettings):
     health_file: Path | None = None
     """``file`` check: the file the component touches while it works (on the shared volume)."""
 
-    health_file_max_age_seconds: float | None = Field(default=None, gt=0, le=_MAX_SECONDS)
+    health_file_max_age_seconds: float | None = bounded_seconds(None)
     """``file`` check: the oldest the file may be; at least two of the component's touch
     periods, so one late touch is not a failure."""
 
-    health_timeout_seconds: float = Field(default=2.0, gt=0, le=_MAX_SECONDS)
+    health_timeout_seconds: float = bounded_seconds(2.0)
     """Timeout of one ``http``, ``tcp`` or ``exec`` check."""
 
-    health_start_grace_seconds: float = Field(default=30.0, ge=0, le=_MAX_SECONDS)
+    health_start_grace_seconds: float = bounded_seconds(30.0, zero=True)
     """Seconds after the agent starts during which a failing check is reported but the lease
     still renewed: the component container may still be starting."""
 
@@ -234,7 +241,7 @@ class AgentSettings(BaseSettings):
     status_address: str = "0.0.0.0"
     """Address the status endpoint listens on."""
 
-    keyring_poll_seconds: float | None = Field(default=None, gt=0, le=_MAX_SECONDS)
+    keyring_poll_seconds: float | None = bounded_seconds(None)
     """How often the mounted Secret is checked for a new keyring (and new registrations)."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

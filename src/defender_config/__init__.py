@@ -17,6 +17,12 @@ from ._alerts import (
     LoggingSink,
     decode_alerts,
 )
+from ._bounds import (
+    MAX_ALLOWED_MISSES,
+    MAX_HEARTBEAT_INTERVAL_SECONDS,
+    MAX_SETTING_SECONDS,
+    bounded_seconds,
+)
 from ._cadence import (
     MIN_ALLOWED_MISSES,
     Cadence,
@@ -162,6 +168,9 @@ from .contract import (
 )
 
 __all__ = [
+    "MAX_ALLOWED_MISSES",
+    "MAX_HEARTBEAT_INTERVAL_SECONDS",
+    "MAX_SETTING_SECONDS",
     "MIN_ALLOWED_MISSES",
     "REGISTRATIONS_FILE",
     "AclRule",
@@ -271,6 +280,7 @@ __all__ = [
     "ValueTooLargeError",
     "VersionNotKeptError",
     "WrongPassphraseError",
+    "bounded_seconds",
     "brief_listing",
     "cadence_put",
     "canonical_json",

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ._bounds import MAX_ALLOWED_MISSES, MAX_HEARTBEAT_INTERVAL_SECONDS, MIN_ALLOWED_MISSES
 from ._client import DefenderClient
 from ._envelope import expect_plaintext
 from ._errors import DefenderConfigError, RecordAuthError
@@ -40,13 +41,6 @@ __all__ = [
 
 log = logging.getLogger("defender_config.cadence")
 
-# The DefenderComponent API's bounds (spec.heartbeat): a record outside them was not written
-# by the operator and is ignored like a garbled one.
-_MAX_INTERVAL_SECONDS = 3600
-_MAX_MISSES = 100
-# A lease of one interval expires whenever a renewal is late at all (a slow health check, a GC
-# pause, a loaded etcd) and the operator restarts a healthy pod: two leave a whole interval.
-MIN_ALLOWED_MISSES = 2
 
 # The revision of each unreadable record already warned about: every instance reads the record
 # at every beat, and one bad write must not fill the log.
@@ -65,8 +59,10 @@ class Cadence(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    interval_seconds: float = Field(gt=0, le=_MAX_INTERVAL_SECONDS)
-    allowed_misses: int = Field(ge=MIN_ALLOWED_MISSES, le=_MAX_MISSES)
+    # The DefenderComponent API's bounds (spec.heartbeat): a record outside them was not
+    # written by the operator and is ignored like a garbled one.
+    interval_seconds: float = Field(gt=0, le=MAX_HEARTBEAT_INTERVAL_SECONDS)
+    allowed_misses: int = Field(ge=MIN_ALLOWED_MISSES, le=MAX_ALLOWED_MISSES)
     # When the operator wrote this cadence: an instance that beat later and still runs
     # another one does not follow it.
     since: datetime = Field(default_factory=lambda: datetime.now(UTC))

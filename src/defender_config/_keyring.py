@@ -79,19 +79,29 @@ def fingerprint_of(material: bytes) -> str:
     return hashlib.sha256(_FP_DOMAIN + material).hexdigest()[:16]
 
 
-def _shape(value: Any) -> str:
+# A field of a keyring file (or of its export) is quoted in an error only when it cannot be
+# material, else described by its shape: a hand edit may have swapped fields, and the message
+# reaches logs, heartbeats, alerts and the agent's GET /status.
+
+
+def shape_of(value: Any) -> str:
     """What a keyring field holds, without its content (which may be misplaced material)."""
     if isinstance(value, str):
         return f"a string of {len(value)} characters"
     return f"a JSON {type(value).__name__}"
 
 
-def _word(value: Any) -> str:
+def word_or_shape(value: Any) -> str:
     """A short word as it is (a mistyped state such as 'active'); anything else by its shape:
     material (44 characters of base64, ending in '=') is never a word of at most 20 letters."""
     if isinstance(value, str) and re.fullmatch(r"[A-Za-z_-]{1,20}", value):
         return repr(value)
-    return _shape(value)
+    return shape_of(value)
+
+
+def integer_or_shape(value: Any) -> str:
+    """An integer as it is (a format version); anything else, material included, by its shape."""
+    return repr(value) if type(value) is int else shape_of(value)
 
 
 def _new_key_id(now: datetime) -> str:
@@ -111,7 +121,7 @@ class Key:
         if not _KEY_ID_RE.fullmatch(self.key_id):
             # Not echoed: what a hand edit put there may be the material (fields swapped).
             raise KeyringError(
-                f"key id ({_shape(self.key_id)}) must be 1-64 characters of letters, digits, "
+                f"key id ({shape_of(self.key_id)}) must be 1-64 characters of letters, digits, "
                 "'.', '_', '-'"
             )
         if len(self.material) != KEY_BYTES:
@@ -321,8 +331,7 @@ class Keyring:
                 f'{KEYRING_FILE} must be an object with a "keys" list', source=source
             )
         if doc.get("version", 1) != 1:
-            version = doc.get("version")
-            shown = version if type(version) is int else _shape(version)
+            shown = integer_or_shape(doc.get("version"))
             raise KeyringError(
                 f"{KEYRING_FILE} version {shown} is not supported (need 1); upgrade this component",
                 source=source,
@@ -349,7 +358,7 @@ class Keyring:
         # Nor is the parser's own error chained: it quotes its input.
         if not _KEY_ID_RE.fullmatch(key_id):
             raise KeyringError(
-                f"{where}.id ({_shape(key_id)}) must be 1-64 characters of letters, digits, "
+                f"{where}.id ({shape_of(key_id)}) must be 1-64 characters of letters, digits, "
                 "'.', '_', '-'",
                 source=source,
             )
@@ -359,7 +368,8 @@ class Keyring:
         except ValueError:
             allowed = ", ".join(s.value for s in KeyState)
             raise KeyringError(
-                f"{where} has state {_word(entry['state'])}; allowed: {allowed}", source=source
+                f"{where} has state {word_or_shape(entry['state'])}; allowed: {allowed}",
+                source=source,
             ) from None
         try:
             created = datetime.fromisoformat(str(entry["created"]).replace("Z", "+00:00"))

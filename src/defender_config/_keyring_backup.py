@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ._errors import KeyringBackupError, KeyringError, WrongPassphraseError
 from ._json_parse import parse_json
-from ._keyring import Keyring
+from ._keyring import Keyring, integer_or_shape, word_or_shape
 
 __all__ = ["KeyringBackup", "read_keyring_backup", "write_keyring_backup"]
 
@@ -152,9 +152,10 @@ def read_keyring_backup(
             source=source,
         )
     if doc.get("version") != VERSION:
+        # Quoted only when it cannot be material (a hand-edited file may hold the key anywhere).
         raise KeyringBackupError(
-            f"export version {doc.get('version')!r} is not supported (need {VERSION}); use a"
-            " newer kubectl-defender",
+            f"export version {integer_or_shape(doc.get('version'))} is not supported (need"
+            f" {VERSION}); use a newer kubectl-defender",
             source=source,
         )
     try:
@@ -210,7 +211,8 @@ def read_keyring_backup(
         keyring = _parse(plain, source)
     else:
         raise KeyringBackupError(
-            f"unknown protection {protection!r} (known: {PLAIN}, {WRAPPED})", source=source
+            f"unknown protection {word_or_shape(protection)} (known: {PLAIN}, {WRAPPED})",
+            source=source,
         )
     listed = doc.get("keys")
     expected = _clear_part(str(doc.get("created")), keyring, None)["keys"]

@@ -25,6 +25,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ._bounds import (
+    MAX_ALLOWED_MISSES,
+    MAX_HEARTBEAT_INTERVAL_SECONDS,
+    MIN_ALLOWED_MISSES,
+    bounded_seconds,
+)
 from ._codecs import cipher_names, compression_names
 from ._errors import SettingsError
 from ._files import read_file_bounded
@@ -42,6 +48,10 @@ __all__ = [
 #: framing, so the envelope checks key + value against this.
 ETCD_REQUEST_LIMIT_BYTES = 1_572_864
 _MiB = 1024 * 1024
+# The chart's and the API's bounds: more retries only hold a caller longer on an etcd that does
+# not answer; more kept versions than spec.rollout.historyLimit allows are never asked for.
+_MAX_RETRIES = 100
+_MAX_HISTORY_LIMIT = 1000
 
 
 def _split_list(value: Any) -> Any:
@@ -79,7 +89,8 @@ class EnvelopeOptions(BaseModel):
     the gain on tiny values."""
     max_decompressed_bytes: int = Field(default=16 * _MiB, ge=1)
     """Readers refuse values that declare or produce more than this (decompression bombs)."""
-    max_ratio: float = Field(default=1000.0, gt=1.0)
+    # Finite: with `nan` no ratio is ever over it, and the check is silently off.
+    max_ratio: float = Field(default=1000.0, gt=1.0, allow_inf_nan=False)
     """Readers refuse values whose declared size is over `max_ratio` x compressed size, once the
     declared size is over `ratio_floor_bytes`. Real configs compress 3-20x."""
     ratio_floor_bytes: int = Field(default=64 * 1024, ge=0)
@@ -126,13 +137,15 @@ class EtcdSettings(BaseModel):
     """etcd user for password authentication; needs `password`."""
     password: SecretStr | None = None
     """etcd password (never shown in reprs or logs)."""
-    timeout_seconds: float = Field(default=5.0, gt=0)
+    # Every duration and count below is bounded (`_bounds`): inf or 1e12 was accepted and
+    # crashed the running process in a gRPC deadline, a sleep or a wait (OverflowError).
+    timeout_seconds: float = bounded_seconds(5.0)
     """Deadline of one etcd call."""
-    retries: int = Field(default=5, ge=0)
+    retries: int = Field(default=5, ge=0, le=_MAX_RETRIES)
     """Retries of a transient failure (unavailable, deadline) before StoreUnavailableError."""
-    backoff_base_seconds: float = Field(default=0.1, gt=0)
+    backoff_base_seconds: float = bounded_seconds(0.1)
     """First retry delay; doubles per retry, with full jitter."""
-    backoff_max_seconds: float = Field(default=5.0, gt=0)
+    backoff_max_seconds: float = bounded_seconds(5.0)
     """Upper bound of one retry delay."""
 
     @field_validator("endpoints", mode="before")
@@ -187,13 +200,13 @@ class LibrarySettings(BaseSettings):
     component, `spec.storage.encrypt: false`). Every other component must be encrypted when
     `envelope.encrypt` is on, whatever its metadata in etcd says: etcd content never lowers a
     reader's requirement. Env form: comma separated or a JSON list."""
-    keyring_poll_seconds: float = Field(default=2.0, gt=0)
+    keyring_poll_seconds: float = bounded_seconds(2.0)
     """How often the keyring file is checked for a new version."""
-    history_limit: int = Field(default=10, ge=1)
+    history_limit: int = Field(default=10, ge=1, le=_MAX_HISTORY_LIMIT)
     """Versions of ACTIVE kept under `history/`."""
-    heartbeat_interval_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_interval_seconds: float = bounded_seconds(30.0, most=MAX_HEARTBEAT_INTERVAL_SECONDS)
     """Heartbeat refresh interval (the old design used 30 s)."""
-    heartbeat_allowed_misses: int = Field(default=3, ge=2)
+    heartbeat_allowed_misses: int = Field(default=3, ge=MIN_ALLOWED_MISSES, le=MAX_ALLOWED_MISSES)
     """Lease TTL = interval x allowed misses: an instance is gone after this many misses. At
     least 2: a lease of one interval expires whenever a renewal is late at all."""
 

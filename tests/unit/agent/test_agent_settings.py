@@ -382,3 +382,29 @@ def test_each_bounded_setting_takes_its_largest_value_and_refuses_more(
     assert getattr(settings, name) == float(largest)
     with pytest.raises(AgentSettingsError, match=name):
         load_agent_settings([*BASE, "--instance", "i", flag, str(int(largest) + 1)])
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("DEFENDER_HEARTBEAT_INTERVAL_SECONDS", "inf"),
+        ("DEFENDER_ETCD__TIMEOUT_SECONDS", "inf"),
+        ("DEFENDER_KEYRING_POLL_SECONDS", "1e12"),
+        ("DEFENDER_ETCD__BACKOFF_MAX_SECONDS", "1e12"),
+    ],
+)
+def test_a_library_duration_beyond_its_bound_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str
+) -> None:
+    # The library's own variables reach the agent through library_settings(): accepted, each
+    # crashed the running agent (a sleep, a gRPC deadline, a lease TTL out of range).
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("DEFENDER_") and not key.startswith("DEFENDER_AGENT_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv(env, value)
+    settings = load_agent_settings([*BASE, "--instance", "i"])
+    with pytest.raises(SettingsError, match=env) as info:
+        library_settings(settings)
+    assert "\n" not in str(info.value)

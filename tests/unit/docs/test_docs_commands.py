@@ -182,7 +182,8 @@ def operator_table_drift(doc: Path = REPO / "docs" / "operator.md") -> list[str]
     for cells in _table(text, "## Settings", "variable"):
         names = re.findall(r"`([A-Z0-9_]+)`", cells[0])
         # `A` / `B` rows give both defaults the same way; "(chart: ...)" notes are not defaults.
-        defaults = re.sub(r"\s*\(chart:[^)]*\)", "", cells[1]).replace("`", "").split(" / ")
+        # After the default, in parentheses: the chart's value, or the setting's bounds.
+        defaults = re.sub(r"(?<=\S)\s*\([^)]*\)", "", cells[1]).replace("`", "").split(" / ")
         if len(defaults) != len(names):
             defaults = defaults * len(names) if len(defaults) == 1 else defaults
         for name, default in zip(names, defaults, strict=False):
@@ -347,7 +348,7 @@ def test_a_wrong_default_or_a_missing_setting_in_the_operator_table_is_reported(
     real = (REPO / "docs" / "operator.md").read_text()
     doc = tmp_path / "operator.md"
     doc.write_text(
-        real.replace("| `MONITOR_INTERVAL_SECONDS` | 30 |", "| `MONITOR_INTERVAL_SECONDS` | 10 |")
+        real.replace("| `MONITOR_INTERVAL_SECONDS` | 30 (", "| `MONITOR_INTERVAL_SECONDS` | 10 (")
     )
     assert operator_table_drift(doc) == [
         "operator.md: MONITOR_INTERVAL_SECONDS default is 30, not 10"

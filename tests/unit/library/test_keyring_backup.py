@@ -95,6 +95,35 @@ def test_corrupt_plain_files_are_typed(keyring: Keyring, mangle, match: str) -> 
         assert secret not in str(info.value)
 
 
+@pytest.mark.parametrize("field", ["version", "protection"])
+def test_material_pasted_into_a_clear_field_is_never_echoed(keyring: Keyring, field: str) -> None:
+    # A hand-edited export with the key pasted where the version or the protection belongs:
+    # the error describes what the field holds (it reaches the plugin's output and logs).
+    for secret in _material_texts(keyring):
+        content = _edit(write_keyring_backup(keyring), **{field: secret})
+        with pytest.raises(KeyringBackupError) as info:
+            read_keyring_backup(content)
+        shown = str(info.value) + repr(info.value)
+        assert secret not in shown and secret[:16] not in shown
+        assert f"a string of {len(secret)} characters" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("version", 2, "export version 2 is"),
+        ("version", "1", "export version a string of 1 characters is"),
+        ("protection", "scrypt", "unknown protection 'scrypt'"),
+        ("protection", ["none"], "unknown protection a JSON list"),
+    ],
+)
+def test_a_plain_wrong_version_or_protection_is_still_shown(
+    keyring: Keyring, field: str, value: object, shown: str
+) -> None:
+    with pytest.raises(KeyringBackupError, match=shown):
+        read_keyring_backup(_edit(write_keyring_backup(keyring), **{field: value}))
+
+
 @pytest.mark.parametrize(
     ("field", "value", "error", "match"),
     [

@@ -317,3 +317,71 @@ def test_plaintext_components_from_env_and_file(
     # With encryption off store-wide nothing is required, listed or not.
     assert loaded.requires_encryption("rag") is False
     assert loaded.requires_encryption("firewall") is False
+
+
+# Each duration and count the library reads, with its largest value. Beyond it (`inf` and
+# `1e12` included) each was accepted and then crashed the running agent, component or operator
+# (OverflowError: a gRPC deadline, a sleep, a wait or a lease TTL out of range).
+_DURATIONS = {
+    "DEFENDER_ETCD__TIMEOUT_SECONDS": 86400,
+    "DEFENDER_ETCD__BACKOFF_BASE_SECONDS": 86400,
+    "DEFENDER_ETCD__BACKOFF_MAX_SECONDS": 86400,
+    "DEFENDER_KEYRING_POLL_SECONDS": 86400,
+    "DEFENDER_HEARTBEAT_INTERVAL_SECONDS": 3600,
+}
+_COUNTS = {
+    "DEFENDER_ETCD__RETRIES": 100,
+    "DEFENDER_HISTORY_LIMIT": 1000,
+    "DEFENDER_HEARTBEAT_ALLOWED_MISSES": 100,
+}
+
+
+def _field(env: str) -> tuple[str, ...]:
+    return tuple(env.removeprefix("DEFENDER_").lower().split("__"))
+
+
+@pytest.mark.parametrize("env", sorted(_DURATIONS))
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e12", "-1"])
+def test_a_duration_not_finite_or_beyond_its_bound_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError, match=env) as info:
+        load_settings()
+    assert ".".join(_field(env)) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("env", sorted({**_DURATIONS, **_COUNTS}))
+def test_each_bounded_setting_takes_its_largest_value_and_refuses_more(
+    monkeypatch: pytest.MonkeyPatch, env: str
+) -> None:
+    largest = {**_DURATIONS, **_COUNTS}[env]
+    # The base delay may not exceed the longest one.
+    monkeypatch.setenv("DEFENDER_ETCD__BACKOFF_MAX_SECONDS", "86400")
+    monkeypatch.setenv(env, str(largest))
+    settings: object = load_settings()
+    for part in _field(env):
+        settings = getattr(settings, part)
+    assert settings == largest
+    for beyond in (largest + 1, 10**12):
+        monkeypatch.setenv(env, str(beyond))
+        with pytest.raises(SettingsError, match=env):
+            load_settings()
+
+
+def test_a_duration_from_the_file_is_bounded_too(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("keyring_poll_seconds: .inf\netcd:\n  timeout_seconds: 1.0e+12\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert "keyring_poll_seconds: Input should be a finite number" in str(info.value)
+    assert "etcd.timeout_seconds: Input should be less than or equal to 86400" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_the_ratio_cap_is_finite(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    # With nan no value's ratio is ever over the cap: the decompression-bomb check was off.
+    monkeypatch.setenv("DEFENDER_ENVELOPE__MAX_RATIO", value)
+    with pytest.raises(SettingsError, match=r"envelope\.max_ratio: Input should be a finite"):
+        load_settings()

@@ -84,6 +84,17 @@ def test_impossible_combinations_fail(render: Render, values: str, message: str)
         ("etcd.defrag.schedule=daily", r"/etcd/defrag/schedule"),
         # A lease of one interval expires whenever a beat is late at all.
         ("agent.heartbeatMisses=1", r"/agent/heartbeatMisses"),
+        # Beyond the settings' own bounds: refused by helm, not by the pods at start.
+        ("agent.heartbeatMisses=101", r"/agent/heartbeatMisses"),
+        ("agent.heartbeatIntervalSeconds=3601", r"/agent/heartbeatIntervalSeconds"),
+        ("config.etcd.timeoutSeconds=86401", r"/config/etcd/timeoutSeconds"),
+        ("config.etcd.backoffMaxSeconds=86401", r"/config/etcd/backoffMaxSeconds"),
+        ("operator.rotation.everySeconds=31622401", r"/operator/rotation/everySeconds"),
+        ("operator.rotation.graceSeconds=604801", r"/operator/rotation/graceSeconds"),
+        (
+            "operator.rotation.distributeTimeoutSeconds=86401",
+            r"/operator/rotation/distributeTimeoutSeconds",
+        ),
     ],
 )
 def test_schema_rejects_bad_values(render: Render, values: str, message: str) -> None:
