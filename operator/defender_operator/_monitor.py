@@ -757,16 +757,7 @@ async def regression_step(
         return state, Outcome()
     spec = p.spec
     try:
-        # A custom schema may take its whole budget: off the event loop, as the reconcile.
-        normalized = await asyncio.to_thread(
-            partial(
-                validate_config,
-                spec.component_type.value,
-                spec.config,
-                spec.custom_schema,
-                component=p.name,
-            )
-        )
+        normalized = await _validated(p)
     except ConfigValidationError:
         return state, Outcome()  # an invalid spec.config is the reconcile's to report
     regression = went_back(p.status, state, normalized)
@@ -785,6 +776,21 @@ async def regression_step(
     if not committed.done:
         out.add(recommitted(p.logger, regression, state))
     return state, out
+
+
+async def _validated(p: Pass) -> dict[str, Any]:
+    """The pass's spec.config validated (ConfigValidationError when it is not): off the event
+    loop, as the reconcile does, since a custom schema may take its whole budget."""
+    spec = p.spec
+    return await asyncio.to_thread(
+        partial(
+            validate_config,
+            spec.component_type.value,
+            spec.config,
+            spec.custom_schema,
+            component=p.name,
+        )
+    )
 
 
 def as_visit(p: Pass, pod_index: PodIndex) -> Visit:
@@ -817,16 +823,7 @@ async def reseed_step(p: Pass, pod_index: PodIndex, refused: RegistrationReplayE
         raise refused
     spec = p.spec
     try:
-        # A custom schema may take its whole budget: off the event loop, as the reconcile.
-        normalized = await asyncio.to_thread(
-            partial(
-                validate_config,
-                spec.component_type.value,
-                spec.config,
-                spec.custom_schema,
-                component=p.name,
-            )
-        )
+        normalized = await _validated(p)
     except ConfigValidationError:
         raise refused from None  # nothing valid to seed: the reconcile reports the spec
     try:
