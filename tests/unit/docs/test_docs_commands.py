@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docs_tables import table_rows
 from pydantic import AliasChoices, BaseModel
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
@@ -145,17 +146,7 @@ def variable_drift(doc: Path) -> list[str]:
 
 def _table(text: str, heading: str, first: str) -> list[list[str]]:
     """Rows (cells) of the first table under `heading` whose header's first cell is `first`."""
-    section = text.split(f"\n{heading}\n", 1)[1]
-    rows, inside = [], False
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if line.startswith("|") and cells[0].lower() == first:
-            inside = True
-        elif inside and line.startswith("|"):
-            if not set(line) <= set("|-: "):
-                rows.append(cells)
-        elif inside:
-            break
+    rows = table_rows(text.split(f"\n{heading}\n", 1)[1], first)
     assert rows, f"no `{first}` table under {heading}"
     return rows
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from docs_tables import table_rows
 
 REPO = Path(__file__).resolve().parents[3]
 INSTALL = REPO / "docs" / "install.md"
@@ -26,16 +27,7 @@ WORDS: dict[str, Any] = {
 
 def _rows(text: str) -> list[list[str]]:
     """The cells of the `| value | default | ... |` table's rows."""
-    rows, inside = [], False
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if line.startswith("| value | default |"):
-            inside = True
-        elif inside and line.startswith("|"):
-            if not set(line) <= set("|-: "):
-                rows.append(cells)
-        elif inside:
-            break
+    rows = table_rows(text, "value")
     assert rows, "docs/install.md has no `| value | default |` table"
     return rows
 
