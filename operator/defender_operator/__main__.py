@@ -16,6 +16,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from defender_config import DefenderConfigError
+from defender_operator._deep_json import install as tolerate_deep_json
 from defender_operator._errors import OperatorConfigurationError
 from defender_operator._logging import configure
 from defender_operator._settings import load_operator_settings, watch_only
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"defender-operator: {exc}\n")
         return 2
     configure(ours.log_format, ours.log_level)
+    # Before kopf or the kubernetes client decodes any object: one DefenderComponent nested
+    # deeper than Python's recursion limit (the API server takes ~10,000 levels) otherwise
+    # stops the operator for every namespace and keeps it from starting (docs/security.md).
+    tolerate_deep_json()
     limit_malloc_arenas()
     if ours.metrics_port:
         start_http_server(ours.metrics_port)

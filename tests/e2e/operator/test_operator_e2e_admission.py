@@ -234,3 +234,42 @@ def test_with_the_webhook_down_edits_are_admitted_and_the_operator_judges_them_l
     run.wait_active_version("detector", 2)
     assert metadata(run, "detector").modified_by == UNATTRIBUTED
     run.wait_event("detector", "ModifierUnverified")
+
+
+def test_a_config_nested_thousands_deep_is_refused_at_create(
+    operator_run: OperatorRun, admission: dict[str, str], tmp_path: Path
+) -> None:
+    """A config nested 3,000 deep (the API server takes ~10,000; Python's JSON decoder fails
+    near 1,000, and the webhook's failure let failurePolicy Ignore admit it). The webhook
+    decodes it cut at 128 levels, deeper than the library stores: refused, the limit named."""
+    run = operator_run
+    start_serving(run, admission, tmp_path)
+    doc = {
+        "apiVersion": "mldefender.io/v1alpha1",
+        "kind": "DefenderComponent",
+        "metadata": {"name": "t-deep"},
+        "spec": {
+            "componentType": "custom",
+            "customSchema": {"type": "object"},
+            "config": {"PLACEHOLDER": 1},
+            "selector": {"matchLabels": {"app": "t-deep"}},
+        },
+    }
+    depth = 3000
+    text = json.dumps(doc).replace('{"PLACEHOLDER": 1}', '{"n":' * depth + "1" + "}" * depth)
+    path = tmp_path / "t-deep.json"
+    path.write_text(text)
+    try:
+        done = kubectl("create", "-n", run.namespace, "-f", str(path), check=False)
+        assert done.returncode != 0, done.stdout
+        assert 'admission webhook "validate.defendercomponents.mldefender.io" denied' in (
+            done.stderr
+        )
+        assert "nested too deeply (over 100 levels)" in done.stderr, done.stderr
+    finally:
+        # Admitted (the bug): gone before the harness's client lists what it cannot decode.
+        kubectl("delete", "dfc", "t-deep", "-n", run.namespace, "--wait=false", check=False)
+        kubectl(
+            "patch", "dfc", "t-deep", "-n", run.namespace, "--type=merge",
+            "-p", '{"metadata":{"finalizers":null}}', check=False,
+        )  # fmt: skip

@@ -5,13 +5,17 @@ committing (docs/operator.md, docs/security.md)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from operator_e2e_support import OperatorRun, wait_for
+from operator_e2e_support import OperatorRun, kubectl, wait_for
 
 from defender_config import contract
 
@@ -144,3 +148,79 @@ def test_deleting_a_component_namespace_purges_and_spares_the_others(
     time.sleep(5)
     log = run.log_tail(3000)
     assert "Traceback" not in log, log
+
+
+def _nested_text(name: str, depth: int) -> str:
+    """A component whose config nests `depth` levels, as JSON text: the python client (and
+    json.dumps) cannot send it, kubectl can, and the API server takes ~10,000 levels."""
+    doc = json.dumps(_custom(name, {"PLACEHOLDER": 1}, retention="Purge"))
+    return doc.replace('{"PLACEHOLDER": 1}', '{"n":' * depth + '{"leaf":1}' + "}" * depth)
+
+
+def _kubectl_conditions(run: OperatorRun, name: str) -> list[dict[str, Any]]:
+    # kubectl, not the python client: the test's own client cannot decode these objects.
+    out = kubectl(
+        "get", contract.PLURAL, name, "-n", run.namespace, "-o", "jsonpath={.status.conditions}"
+    ).stdout
+    return list(json.loads(out)) if out.strip() else []
+
+
+def _wait_config_invalid(run: OperatorRun, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    def refused() -> dict[str, Any] | None:
+        for c in _kubectl_conditions(run, name):
+            if c["type"] == "ConfigSynced" and c["reason"] == "ConfigInvalid":
+                return c
+        return None
+
+    return wait_for(f"{name} ConfigInvalid", refused, timeout)
+
+
+@contextlib.contextmanager
+def _deleted_by_kubectl(run: OperatorRun, names: list[str]) -> Iterator[None]:
+    # The harness's cleanup lists components with the python client: they must be gone first.
+    try:
+        yield
+    finally:
+        for name in names:
+            kubectl(
+                "delete", contract.PLURAL, name, "-n", run.namespace, "--wait=false", check=False
+            )
+            kubectl(
+                "patch", contract.PLURAL, name, "-n", run.namespace, "--type=merge",
+                "-p", '{"metadata":{"finalizers":null}}', check=False,
+            )  # fmt: skip
+
+
+def test_a_config_nested_thousands_deep_is_refused_and_the_operator_carries_on(
+    operator_run: OperatorRun, tmp_path: Path
+) -> None:
+    """Configs nested 700 and 3,000 deep (kopf's deep copies fail past ~500, Python's JSON
+    decoder past ~990: the operator used to stop serving every component, and fail to start
+    again while the object existed). The operator decodes them cut at 128 levels: each is
+    refused as ConfigInvalid naming the depth limit, with its Event; the sample beside them
+    keeps committing, and an operator restarted with them present starts and serves."""
+    run = operator_run
+    run.start()
+    run.apply_sample("firewall")
+    run.wait_active_version("firewall", 1)
+    deep = {"deep-700": 700, "deep-3000": 3000}
+    with _deleted_by_kubectl(run, list(deep)):
+        for name, depth in deep.items():
+            path = tmp_path / f"{name}.json"
+            path.write_text(_nested_text(name, depth))
+            kubectl("create", "-n", run.namespace, "-f", str(path))
+        for name in deep:
+            refused = _wait_config_invalid(run, name)
+            assert refused["status"] == "False", refused
+            assert "nested too deeply (over 100 levels)" in refused["message"], refused
+            run.wait_event(name, "ConfigInvalid")
+        _others_still_commit(run)
+        run.stop()
+        run.start()
+        run.patch("firewall", {"spec": {"config": {"block_ttl_seconds": 602}}})
+        run.wait_active_version("firewall", 3)
+        for name in deep:
+            assert _wait_config_invalid(run, name)["status"] == "False"
+        log = run.log_tail(3000)
+        assert "RecursionError" not in log, log
+        assert "Traceback" not in log, log
