@@ -392,6 +392,17 @@ def _show_status(printer: Printer, data: dict[str, Any]) -> None:
 def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
     from . import _keyring_commands as keys
 
+    if (
+        args.keyring_command == "import"
+        and args.raw
+        and (args.passphrase_file or args.passphrase_env)
+    ):
+        # A plain keyring.json is not wrapped: a passphrase given with it would be ignored, and
+        # whoever gave it expects it to be used (likely a wrapped export named with --raw).
+        raise CliError(
+            "--raw reads a plain keyring.json, which has no passphrase: drop --passphrase-file /"
+            " --passphrase-env, or drop --raw for a passphrase-protected export"
+        )
     passphrase = keys.read_passphrase(
         args.passphrase_file, args.passphrase_env, exporting=args.keyring_command == "export"
     )
