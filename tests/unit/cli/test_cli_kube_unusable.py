@@ -120,3 +120,21 @@ def test_other_errors_still_show_as_bugs(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(app, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         run("rotate-key", "--kubeconfig", str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("current", ["[x]", f"{{a: {TOKEN}}}"], ids=["a list", "a mapping"])
+def test_a_current_context_that_is_no_string_says_so(tmp_path: Path, current: str) -> None:
+    """The loader's own message showed `<…ConfigNode object at 0x…>`: which field is wrong and
+    what it must be, and none of the file's text."""
+    config = tmp_path / "kubeconfig"
+    config.write_text(kubeconfig("https://127.0.0.1:1", context=current))
+    code, out, err = run("rotate-key", "--kubeconfig", str(config))
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert (
+        f"kubeconfig {config} is not a valid kubeconfig (current-context is a list or mapping;"
+        " it must be a string, the name of an entry of contexts)" in err
+    )
+    assert "ConfigNode" not in err and " at 0x" not in err
+    assert TOKEN not in err
