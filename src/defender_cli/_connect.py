@@ -128,10 +128,12 @@ class Connection:
             from kubernetes import config
             from yaml import YAMLError
 
+            from ._kube import bounded_client
+
             where = self.args.kubeconfig or "(from KUBECONFIG or ~/.kube/config)"
             try:
-                self._kube = config.new_client_from_config(
-                    config_file=self.args.kubeconfig, context=self.args.context
+                self._kube = bounded_client(
+                    self.args.kubeconfig, self.args.context, self.args.request_timeout
                 )
             except config.ConfigException as exc:
                 unnamed = _not_a_name(str(exc))

@@ -4,8 +4,11 @@ for any other mistake a person can fix; never the client's traceback, never the 
 
 from __future__ import annotations
 
+import argparse
 import io
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +141,75 @@ def test_a_current_context_that_is_no_string_says_so(tmp_path: Path, current: st
     )
     assert "ConfigNode" not in err and " at 0x" not in err
     assert TOKEN not in err
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts connections and never answers on them."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_api_server_that_never_answers_ends_within_the_request_timeout(
+    tmp_path: Path, silent_port: int, command: str
+) -> None:
+    """Without a timeout the client waited forever on a server that took the connection and
+    never answered: the command runs in a thread so that a hang fails the test, not the run."""
+    config = tmp_path / "kubeconfig"
+    config.write_text(kubeconfig(f"http://127.0.0.1:{silent_port}"))
+    result: list[tuple[int, str, str]] = []
+    args = [*argv(command, tmp_path, config), "--request-timeout", "1s"]
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: result.append(run(*args)), daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert result, "the command still waits after 20 s with --request-timeout 1s"
+    code, out, err = result[0]
+    assert time.monotonic() - started < 10  # one attempt per request, not one plus retries
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert "the Kubernetes API server does not answer (no answer within 1s, see" in err
+    assert TOKEN not in err
+    assert not (tmp_path / "export").exists()
+
+
+def test_the_request_timeout_flag() -> None:
+    from defender_cli._app import build_parser
+    from defender_cli._flags import DEFAULT_REQUEST_TIMEOUT, request_timeout
+
+    assert DEFAULT_REQUEST_TIMEOUT == 30
+    assert build_parser().parse_args(["rotate-key"]).request_timeout == 30
+    assert [request_timeout(t) for t in ("45", "45s", "2m", "0.5", "1h")] == [
+        45,
+        45,
+        120,
+        0.5,
+        3600,
+    ]
+    for never in ("0", "0s", "2h", "-1", "soon", "1d"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            request_timeout(never)
