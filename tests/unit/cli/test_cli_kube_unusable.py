@@ -9,7 +9,8 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,53 @@ def test_the_request_timeout_flag() -> None:
     for never in ("0", "0s", "2h", "-1", "soon", "1d"):
         with pytest.raises(argparse.ArgumentTypeError):
             request_timeout(never)
+
+
+DEEP = 5000  # far past Python's recursion limit: json.loads ends in RecursionError
+
+
+def _patch_answering(status: int, body: bytes, seen: list[bytes]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_PATCH(self) -> None:
+            seen.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.mark.parametrize("command", ["rollback", "promote"])
+def test_a_component_nested_too_deep_to_decode_is_annotated_all_the_same(
+    tmp_path: Path, serve_http: Callable[[type[BaseHTTPRequestHandler]], str], command: str
+) -> None:
+    """The API server answers a patch with the whole object; a spec.config nested thousands of
+    levels deep made the client's decoding a RecursionError traceback after the annotation was
+    set. The plugin does not need that object and does not read it."""
+    deep = b'{"spec": {"config": ' + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}}"
+    seen: list[bytes] = []
+    url = serve_http(_patch_answering(200, deep, seen))
+    config = tmp_path / "kubeconfig"
+    config.write_text(kubeconfig(url))
+    code, out, err = run(*argv(command, tmp_path, config))
+    assert (code, err) == (0, "")
+    assert "Asked the operator to" in out and "sniffer" in out
+    assert len(seen) == 1 and b"mldefender.io/" in seen[0]
+
+
+def test_a_refused_patch_is_still_an_error_without_reading_the_answer(
+    tmp_path: Path, serve_http: Callable[[type[BaseHTTPRequestHandler]], str]
+) -> None:
+    url = serve_http(_patch_answering(404, b'{"kind": "Status"}', []))
+    config = tmp_path / "kubeconfig"
+    config.write_text(kubeconfig(url))
+    code, out, err = run("promote", "sniffer", "--kubeconfig", str(config))
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        "kubectl defender promote: cannot annotate defendercomponent default/sniffer: 404"
+    )
