@@ -44,6 +44,7 @@ def bounded_client(config_file: str | None, context: str | None, timeout: float)
     configuration = Configuration()
     load_kube_config(config_file=config_file, context=context, client_configuration=configuration)
     # urllib3 retries a failed connection or read three times by default: a timeout would then
-    # cost four times the flag. One attempt; a refused connection fails at once as before.
-    configuration.retries = Retry(total=0, redirect=5, raise_on_redirect=True)
+    # cost four times the flag. One attempt for each; redirects are still followed (up to 3, as
+    # urllib3's default allows).
+    configuration.retries = Retry(total=None, connect=0, read=0, other=0, redirect=3)
     return BoundedApiClient(configuration, timeout)
