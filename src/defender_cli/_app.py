@@ -392,6 +392,17 @@ def _show_status(printer: Printer, data: dict[str, Any]) -> None:
 def _keyring(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
     from . import _keyring_commands as keys
 
+    if (
+        args.keyring_command == "import"
+        and args.raw
+        and (args.passphrase_file or args.passphrase_env)
+    ):
+        # A plain keyring.json is not wrapped: a passphrase given with it would be ignored, and
+        # whoever gave it expects it to be used (likely a wrapped export named with --raw).
+        raise CliError(
+            "--raw reads a plain keyring.json, which has no passphrase: drop --passphrase-file /"
+            " --passphrase-env, or drop --raw for a passphrase-protected export"
+        )
     passphrase = keys.read_passphrase(
         args.passphrase_file, args.passphrase_env, exporting=args.keyring_command == "export"
     )
@@ -506,7 +517,7 @@ def main(
         errors.write(f"kubectl defender {args.command}: {type(exc).__name__}: {exc}\n")
         return 2
     except Exception as exc:
-        unreachable = _api_server_unreachable(exc)
+        unreachable = _api_server_unreachable(exc, getattr(args, "request_timeout", None))
         if unreachable is None:
             raise
         errors.write(
@@ -516,12 +527,19 @@ def main(
         return 2
 
 
-def _api_server_unreachable(exc: Exception) -> str | None:
-    """Why the Kubernetes client could not talk to the API server (refused, TLS, reset), or None
-    for any other exception. urllib3 is the client's transport; it is loaded only once a command
-    has used Kubernetes, and only then can its error arrive here, so it is not imported for this."""
+def _api_server_unreachable(exc: Exception, timeout: float | None) -> str | None:
+    """Why the Kubernetes client could not talk to the API server (refused, TLS, reset, no answer
+    within --request-timeout), or None for any other exception. urllib3 is the client's
+    transport; it is loaded only once a command has used Kubernetes, and only then can its error
+    arrive here, so it is not imported for this."""
     transport = sys.modules.get("urllib3.exceptions")
     if transport is None or not isinstance(exc, transport.HTTPError):
         return None
     reason = getattr(exc, "reason", None) or exc
+    # urllib3 makes a refused connection (NewConnectionError) a kind of connect timeout.
+    timed_out = isinstance(reason, transport.TimeoutError) and not isinstance(
+        reason, transport.NewConnectionError
+    )
+    if timed_out and timeout is not None:
+        return f"no answer within {timeout:g}s, see --request-timeout"
     return f"{type(reason).__name__}: {reason}"

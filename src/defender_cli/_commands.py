@@ -573,9 +573,13 @@ def _annotate_component(kube: Any, namespace: str, name: str, annotation: str, v
 
     body = {"metadata": {"annotations": {annotation: value}}}
     try:
-        CustomObjectsApi(kube).patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, body
+        # The patched object the server answers with is not read: nothing here needs it, and
+        # decoding it would fail on a spec.config nested deeper than Python's recursion limit
+        # (a RecursionError after the annotation was set). A non-2xx is still an ApiException.
+        response: Any = CustomObjectsApi(kube).patch_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, body, _preload_content=False
         )
+        response.close()
     except ApiException as exc:
         raise CliError(
             f"cannot annotate defendercomponent {namespace}/{name}: {exc.status} {exc.reason};"

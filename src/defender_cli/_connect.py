@@ -4,6 +4,7 @@ gets a keyring when a command must decrypt."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,20 +128,33 @@ class Connection:
             from kubernetes import config
             from yaml import YAMLError
 
+            from ._kube import bounded_client
+
+            where = self.args.kubeconfig or "(from KUBECONFIG or ~/.kube/config)"
             try:
-                self._kube = config.new_client_from_config(
-                    config_file=self.args.kubeconfig, context=self.args.context
+                self._kube = bounded_client(
+                    self.args.kubeconfig, self.args.context, self.args.request_timeout
                 )
-            except (config.ConfigException, OSError) as exc:
+            except config.ConfigException as exc:
+                unnamed = _not_a_name(str(exc))
+                if unnamed is None:
+                    raise CliError(
+                        f"kubeconfig: {exc}; pass --kubeconfig or set KUBECONFIG"
+                    ) from exc
+                # The loader's message shows the YAML node's repr, not what is wrong.
+                raise CliError(
+                    f"kubeconfig {where} is not a valid kubeconfig ({unnamed}); check the file,"
+                    " or pass --kubeconfig"
+                ) from None
+            except OSError as exc:
                 raise CliError(f"kubeconfig: {exc}; pass --kubeconfig or set KUBECONFIG") from exc
             except (YAMLError, UnicodeDecodeError, TypeError, AttributeError, ValueError) as exc:
                 # The client's loader fails on a malformed file with whatever its parsing hit
                 # (a YAML error, a list where a mapping belongs, bad base64). Their messages are
                 # not shown: a kubeconfig holds tokens and keys, and they may quote its text.
                 raise CliError(
-                    f"kubeconfig {self.args.kubeconfig or '(from KUBECONFIG or ~/.kube/config)'}"
-                    f" is not a valid kubeconfig ({_malformed(exc)}); check the file, or pass"
-                    " --kubeconfig"
+                    f"kubeconfig {where} is not a valid kubeconfig ({_malformed(exc)}); check the"
+                    " file, or pass --kubeconfig"
                 ) from None
         return self._kube
 
@@ -169,6 +183,28 @@ def _malformed(exc: Exception) -> str:
     if isinstance(exc, ValueError):
         return "a value that does not decode, such as base64 certificate data"
     return "an entry of the wrong shape: clusters, contexts and users must be lists of mappings"
+
+
+# Which field names an entry of which list: the loader looks each name up in its list.
+_NAMED_BY = {
+    "contexts": "current-context",
+    "clusters": "a context's cluster",
+    "users": "a context's user",
+}
+_NODE_IN_LIST = re.compile(
+    r"Expected object with name <[\w.]*ConfigNode object at 0x[0-9a-f]+> in .*/(\w+) list"
+)
+
+
+def _not_a_name(message: str) -> str | None:
+    """For the loader's error on a name that is a list or mapping (`current-context: [x]`): which
+    field, and what it should be. None for any other error. Nothing of the file is quoted."""
+    match = _NODE_IN_LIST.search(message)
+    if match is None:
+        return None
+    listed = match.group(1)
+    field = _NAMED_BY.get(listed, f"a name looked up in {listed}")
+    return f"{field} is a list or mapping; it must be a string, the name of an entry of {listed}"
 
 
 def _dumped(update: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,29 @@ def component_name(text: str) -> str:
     return text
 
 
+# Every request to the Kubernetes API server waits at most this long (connect and answer). kubectl
+# waits forever by default; a plugin run by a CronJob or a person must not hang on an API server
+# that accepts the connection and never answers.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+MAX_REQUEST_TIMEOUT = 3600.0
+_TIMEOUT = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
+_TIMEOUT_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def request_timeout(text: str) -> float:
+    """Seconds, from kubectl's forms (`30`, `30s`, `1m`, `1h`). More than 0: the plugin never
+    waits forever; at most an hour."""
+    match = _TIMEOUT.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timeout like 30s, 2m or 90")
+    seconds = float(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
+    if not 0 < seconds <= MAX_REQUEST_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range: more than 0 and at most {MAX_REQUEST_TIMEOUT:.0f}s"
+        )
+    return seconds
+
+
 def secret_ref(text: str) -> tuple[str, str]:
     """`[NAMESPACE/]NAME` of a Secret as (namespace, name), each part a Kubernetes name."""
     namespace, slash, name = text.rpartition("/")
@@ -82,3 +105,11 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)"
     )
     group.add_argument("--context", help="kubeconfig context")
+    group.add_argument(
+        "--request-timeout",
+        type=request_timeout,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metavar="DURATION",
+        help="how long each Kubernetes API request may take, connecting included, e.g. 10s, 2m"
+        f" (default {DEFAULT_REQUEST_TIMEOUT:.0f}s; unlike kubectl's 0, never unbounded)",
+    )

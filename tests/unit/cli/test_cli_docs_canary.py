@@ -9,6 +9,7 @@ import io
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -79,9 +80,10 @@ def test_promote_and_abort_print_what_the_docs_show(
     )
     patched: list[tuple[Any, ...]] = []
 
-    def patch(self: Any, *args: Any) -> dict[str, Any]:
+    def patch(self: Any, *args: Any, _preload_content: bool = True) -> Any:
         patched.append(args)
-        return {}
+        # The plugin asks for the raw answer (it does not decode the patched object) and closes it.
+        return SimpleNamespace(close=lambda: None)
 
     monkeypatch.setattr(CustomObjectsApi, "patch_namespaced_custom_object", patch)
     out, err = io.StringIO(), io.StringIO()

@@ -201,3 +201,26 @@ def test_export_to_a_path_that_cannot_hold_a_file(
     message = export.err.getvalue()
     assert f"cannot write {tmp_path / where}" in message and why in message
     assert "Traceback" not in message and not export.stamped
+
+
+@pytest.mark.parametrize("flag", ["--passphrase-file", "--passphrase-env"])
+def test_a_raw_import_refuses_a_passphrase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str
+) -> None:
+    """A plain keyring.json has no passphrase; one given with --raw was silently ignored, while
+    its giver expects it to be used. Refused before Kubernetes or etcd is reached."""
+    raw = tmp_path / "keyring.json"
+    raw.write_bytes(Keyring.generate().to_json())
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("a long enough passphrase\n")
+    monkeypatch.setenv("KEYRING_TEST_PASSPHRASE", "a long enough passphrase")
+    value = str(passphrase) if flag == "--passphrase-file" else "KEYRING_TEST_PASSPHRASE"
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["keyring", "import", "-f", str(raw), "--raw", flag, value, "--no-color"]
+    code = main([*argv, "--kubeconfig", str(tmp_path / "absent")], out=out, err=err)
+    assert (code, out.getvalue()) == (2, "")
+    assert err.getvalue() == (
+        "kubectl defender keyring: --raw reads a plain keyring.json, which has no passphrase:"
+        " drop --passphrase-file / --passphrase-env, or drop --raw for a passphrase-protected"
+        " export\n"
+    )
