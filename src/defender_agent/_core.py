@@ -303,11 +303,18 @@ class ConfigApplier:
                 return True
             self._seen = file_signature(self._path)
             self.reload_pending = True
-            self._reload()
+            # An error already reported (the newest commit refused, the keyring unreadable) is
+            # not over because the file was put back: it stays the heartbeat's last_error, and
+            # the drift is the warning and an alert only.
+            standing = self.last_error
+            self._reload(clear=False)
             if not self.reload_pending:
-                # Put back and reloaded: shown until the next check finds the file intact (a
-                # second later), long enough for the heartbeat to carry it.
-                self._report(error_of(drifted), self.config_version)
+                if standing is None or standing.reason == drifted.reason:
+                    # Shown until the next check finds the file intact (a second later), long
+                    # enough for the heartbeat to carry it.
+                    self._report(error_of(drifted), self.config_version)
+                else:
+                    self._alert(error_of(drifted), self.config_version)
             return True
 
     # --- internals --------------------------------------------------------------------------
@@ -329,7 +336,7 @@ class ConfigApplier:
         # committed, now known to be valid.
         return dict(config)
 
-    def _reload(self) -> None:
+    def _reload(self, *, clear: bool = True) -> None:
         now = time.monotonic()
         if self._pending_since is None:
             self._pending_since = now
@@ -349,7 +356,8 @@ class ConfigApplier:
         self.reload_pending = False
         self._pending_since = None
         log.info("reload triggered: %s", what, extra={"config_version": self.config_version})
-        self._clear_error()
+        if clear:
+            self._clear_error()
 
     def _clear_error(self) -> None:
         if self.last_error is not None:
@@ -378,10 +386,12 @@ class ConfigApplier:
         self._sink.update_heartbeat(last_error=error.as_dict())
         if error != self._alerted:
             self._alerted = error
-            if alerted:
-                return
-            detail = error.detail if version is None else f"version {version}: {error.detail}"
-            try:
-                self._sink.alert(error.reason, detail)
-            except Exception:  # an alert that cannot be stored must not stop config delivery
-                log.exception("could not record the %s alert", error.reason)
+            if not alerted:
+                self._alert(error, version)
+
+    def _alert(self, error: LastError, version: int | None) -> None:
+        detail = error.detail if version is None else f"version {version}: {error.detail}"
+        try:
+            self._sink.alert(error.reason, detail)
+        except Exception:  # an alert that cannot be stored must not stop config delivery
+            log.exception("could not record the %s alert", error.reason)

@@ -718,3 +718,21 @@ def test_a_subdirectory_swapped_for_a_link_is_write_failed_not_written_through(
     (sub / "demo.json").unlink()
     assert a.retry()
     assert (sub / "demo.json").read_bytes() == delivered and a.last_error is None
+
+
+def test_putting_the_file_back_leaves_a_standing_error_reported(tmp_path: Path) -> None:
+    # The newest commit was refused: putting the last good file back does not make that
+    # error go away; the drift is an alert (and the warning) beside it.
+    sink, reloader = RecordingSink(), CountingReloader()
+    a = applier(tmp_path, sink, reloader)
+    assert a.apply({"a": 1}, version=1)
+    assert not a.apply(["not", "an", "object"], version=2)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+    path.write_text("{}\n")
+    assert a.check_file() is True
+    assert path.read_bytes() == delivered and reloader.calls == 2
+    assert sink.heartbeat["last_error"]["reason"] == "ConfigInvalid"
+    assert [kind for kind, _ in sink.alerts] == ["ConfigInvalid", "FileDrifted"]
+    assert a.check_file() is False
+    assert a.last_error is not None and a.last_error.reason == "ConfigInvalid"
