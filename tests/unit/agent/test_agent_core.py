@@ -689,37 +689,6 @@ def test_the_main_loop_puts_an_edited_file_back_unless_turned_off(
     assert (path.read_bytes() == delivered) is restored
 
 
-def test_a_subdirectory_swapped_for_a_link_is_write_failed_not_written_through(
-    tmp_path: Path,
-) -> None:
-    sink, reloader = RecordingSink(), CountingReloader()
-    sub, elsewhere = tmp_path / "sub", tmp_path / "elsewhere"
-    sub.mkdir()
-    elsewhere.mkdir()
-    a = ConfigApplier(
-        component="demo",
-        component_type="custom",
-        output_path=sub / "demo.json",
-        reloader=reloader,
-        sink=sink,
-    )
-    assert a.apply({"a": 1}, version=1)
-    delivered = (sub / "demo.json").read_bytes()
-    (elsewhere / "demo.json").write_bytes(delivered)  # a copy, to be taken for the file
-    sub.rename(tmp_path / "old")
-    sub.symlink_to(elsewhere)
-    assert a.check_file() is True
-    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
-    assert "symbolic link" in sink.heartbeat["last_error"]["detail"]
-    assert sorted(p.name for p in elsewhere.iterdir()) == ["demo.json"]
-    assert not a.retry() and reloader.calls == 1
-    sub.unlink()
-    (tmp_path / "old").rename(sub)
-    (sub / "demo.json").unlink()
-    assert a.retry()
-    assert (sub / "demo.json").read_bytes() == delivered and a.last_error is None
-
-
 def test_putting_the_file_back_leaves_a_standing_error_reported(tmp_path: Path) -> None:
     # The newest commit was refused: putting the last good file back does not make that
     # error go away; the drift is an alert (and the warning) beside it.
