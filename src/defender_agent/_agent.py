@@ -526,6 +526,8 @@ class Agent:
         """One pass of the main loop."""
         if self.applier.pending:
             self.applier.retry()
+        elif self.settings.restore_edited_file:
+            self.applier.check_file()
         self._poll_registrations()
         self._clear_unavailable_once_etcd_answers()
 

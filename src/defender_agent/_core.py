@@ -41,12 +41,13 @@ from defender_config import (
 from ._errors import (
     AgentError,
     ConfigTooLargeError,
+    FileDriftedError,
     ProcessNotFoundError,
     ReloadError,
     WriteError,
 )
 from ._reload import Reloader
-from ._writer import file_holds, write_atomic
+from ._writer import file_holds, file_signature, write_atomic
 
 __all__ = ["DEFAULT_MAX_FILE_BYTES", "ConfigApplier", "LastError", "StatusSink", "render_config"]
 
@@ -147,6 +148,10 @@ class ConfigApplier:
         self.applied = 0
         # (bytes, digest, version) of a valid config whose write failed; retried by retry().
         self._unwritten: tuple[bytes, str, int | None] | None = None
+        # The bytes last delivered to the file and its lstat signature then: check_file()
+        # reads the file again only when the signature changed.
+        self._delivered: bytes | None = None
+        self._seen: tuple[int, ...] | None = None
 
     # --- the two ways in --------------------------------------------------------------------
 
@@ -204,6 +209,8 @@ class ConfigApplier:
                 self._fail(exc, version)
             return False
         self._unwritten = None
+        self._delivered = data
+        self._seen = file_signature(self._path)
         self.config_version = version
         self.config_digest = digest
         self.applied += 1
@@ -256,6 +263,60 @@ class ConfigApplier:
                 self._reload()
             return not self.pending
 
+    def check_file(self) -> bool:
+        """Put the delivered config back when the file no longer holds it. True if it did.
+
+        The component's container can write the shared volume, and a person may edit the file
+        by hand: the heartbeat would go on reporting the delivered digest while the component
+        runs (after its next reload or restart) whatever the file now holds, until the next
+        config, keyring change or agent restart. Cheap in the steady state: one ``lstat``; the
+        file is read only when that changed. Reports ``FileDrifted`` (a warning, an alert, the
+        heartbeat's ``last_error``) until a later check finds the file intact; a write-back that
+        fails is ``WriteFailed``, retried like any other write."""
+        with self._lock:
+            data = self._delivered
+            if data is None or self._unwritten is not None:
+                return False  # nothing delivered yet, or retry() is writing it already
+            seen = file_signature(self._path)
+            if seen is not None and seen == self._seen:
+                if self.last_error is not None and self.last_error.reason == "FileDrifted":
+                    self._clear_error()
+                return False
+            if file_holds(self._path, data):
+                self._seen = seen  # touched, or written again with the same bytes
+                return False
+            assert self.config_digest is not None  # set with _delivered
+            drifted = FileDriftedError(str(self._path), self.config_version, self.config_digest)
+            log.warning(
+                "%s: %s",
+                drifted.reason,
+                drifted,
+                extra={"reason": drifted.reason, "config_version": self.config_version},
+            )
+            try:
+                write_atomic(self._path, data, self._mode)
+            except WriteError as exc:
+                self._unwritten = (data, self.config_digest, self.config_version)
+                if file_holds(self._path, data):
+                    self.reload_pending = True  # only the directory flush failed
+                self._fail(exc, self.config_version)
+                return True
+            self._seen = file_signature(self._path)
+            self.reload_pending = True
+            # An error already reported (the newest commit refused, the keyring unreadable) is
+            # not over because the file was put back: it stays the heartbeat's last_error, and
+            # the drift is the warning and an alert only.
+            standing = self.last_error
+            self._reload(clear=False)
+            if not self.reload_pending:
+                if standing is None or standing.reason == drifted.reason:
+                    # Shown until the next check finds the file intact (a second later), long
+                    # enough for the heartbeat to carry it.
+                    self._report(error_of(drifted), self.config_version)
+                else:
+                    self._alert(error_of(drifted), self.config_version)
+            return True
+
     # --- internals --------------------------------------------------------------------------
 
     def _validate(
@@ -275,7 +336,7 @@ class ConfigApplier:
         # committed, now known to be valid.
         return dict(config)
 
-    def _reload(self) -> None:
+    def _reload(self, *, clear: bool = True) -> None:
         now = time.monotonic()
         if self._pending_since is None:
             self._pending_since = now
@@ -295,7 +356,8 @@ class ConfigApplier:
         self.reload_pending = False
         self._pending_since = None
         log.info("reload triggered: %s", what, extra={"config_version": self.config_version})
-        self._clear_error()
+        if clear:
+            self._clear_error()
 
     def _clear_error(self) -> None:
         if self.last_error is not None:
@@ -316,13 +378,20 @@ class ConfigApplier:
             exc_info=None if known else exc,
             extra={"reason": error.reason, "rejected_version": version},
         )
+        self._report(error, version, alerted=alerted)
+
+    def _report(self, error: LastError, version: int | None, *, alerted: bool = False) -> None:
+        """``error`` becomes ``last_error`` in the heartbeat and, once, an alert."""
+        self.last_error = error
         self._sink.update_heartbeat(last_error=error.as_dict())
         if error != self._alerted:
             self._alerted = error
-            if alerted:
-                return
-            detail = error.detail if version is None else f"version {version}: {error.detail}"
-            try:
-                self._sink.alert(error.reason, detail)
-            except Exception:  # an alert that cannot be stored must not stop config delivery
-                log.exception("could not record the %s alert", error.reason)
+            if not alerted:
+                self._alert(error, version)
+
+    def _alert(self, error: LastError, version: int | None) -> None:
+        detail = error.detail if version is None else f"version {version}: {error.detail}"
+        try:
+            self._sink.alert(error.reason, detail)
+        except Exception:  # an alert that cannot be stored must not stop config delivery
+            log.exception("could not record the %s alert", error.reason)

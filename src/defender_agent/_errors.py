@@ -5,6 +5,7 @@ The tree (one root, so a caller can catch everything the agent raises on purpose
     AgentError
     ├── AgentSettingsError        bad flags / environment at start-up
     ├── WriteError                the decoded config could not be written to the shared volume
+    ├── FileDriftedError          the file no longer held the delivered config; it was put back
     ├── ConfigTooLargeError       the config's file would be over the library's cap on a value,
     │                             or the config is more than the agent's memory can parse
     └── ReloadError               the target process could not be told to reload
@@ -28,6 +29,7 @@ __all__ = [
     "AgentError",
     "AgentSettingsError",
     "ConfigTooLargeError",
+    "FileDriftedError",
     "HttpReloadError",
     "ProcessNotFoundError",
     "ReloadError",
@@ -59,6 +61,22 @@ class WriteError(AgentError):
         super().__init__(
             f"could not write {path}: {detail}; check that the shared volume is mounted, "
             "writable by the agent and not full"
+        )
+
+
+class FileDriftedError(AgentError):
+    """The written file no longer held the config the agent delivered (edited by hand or by the
+    component's container, replaced or removed): the agent put it back and told the component
+    to reload. Reported until a later check finds the file intact."""
+
+    reason = "FileDrifted"
+
+    def __init__(self, path: str, version: int | None, digest: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} no longer held config version {version} (digest {digest[:16]}): it was "
+            "edited or replaced in the pod; the agent put it back and told the component to "
+            "reload"
         )
 
 

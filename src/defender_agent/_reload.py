@@ -304,13 +304,14 @@ class HttpReloader:
             else:
                 if 200 <= answer.status < 300:
                     return f"{self.method} {shown} -> {answer.status}"
-                last = f"HTTP {answer.status} {answer.reason}"
+                # The component's own text (a reason phrase may be up to 64 KiB): one
+                # printable line, never at length, in the log, heartbeat, alert and /status.
+                last = f"HTTP {answer.status} {_shown_text(answer.reason)}"
                 if answer.status < 500:
                     if answer.location is not None:
-                        # The component's own text: shown like the URL (a trailing-slash
-                        # redirect repeats its query, the token) and never at length.
-                        target = shown_url(answer.location)
-                        target = target if len(target) <= 200 else target[:200] + "..."
+                        # Shown like the URL too: a trailing-slash redirect repeats its query,
+                        # the token.
+                        target = _shown_text(shown_url(answer.location))
                         last += f" to {target} (redirects are not followed)"
                     break
             log.warning(
@@ -323,6 +324,17 @@ class HttpReloader:
             if attempt < self.retries:
                 time.sleep(self.backoff_seconds * (2 ** (attempt - 1)))
         raise HttpReloadError(shown, attempts, last)
+
+
+#: The most of a component's own text (reason phrase, redirect target) an error quotes.
+SHOWN_TEXT_CHARS = 200
+
+
+def _shown_text(text: str) -> str:
+    """``text`` without control characters (a log line or terminal they could forge or
+    garble), at most SHOWN_TEXT_CHARS characters."""
+    clean = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return clean if len(clean) <= SHOWN_TEXT_CHARS else clean[:SHOWN_TEXT_CHARS] + "..."
 
 
 class NoReload:

@@ -108,6 +108,12 @@ class AgentSettings(BaseSettings):
     file_mode: int = Field(default=0o640, ge=0, le=0o777)
     """Permissions of the written file (default 0640: owner read/write, group read)."""
 
+    restore_edited_file: bool = True
+    """Put the delivered config back (and tell the component to reload) when the file at
+    ``output_path`` no longer holds it, checked every second: edited by hand or by the
+    component's container (``FileDrifted``). Turn off only for a component that rewrites its
+    own config file on purpose, which would otherwise be put back and reloaded each second."""
+
     seed_config_path: Path | None = None
     """Optional JSON file with the component's own default config. On first start it is
     registered as MASTER (create-only: an existing MASTER is never changed)."""

@@ -124,9 +124,12 @@ class StatusServer:
                 )
 
             def do_GET(self) -> None:
-                if self.path == "/healthz":
+                # A probe may add a query (a cache buster, a token its tool always sends):
+                # the endpoint is the path alone.
+                path = self.path.partition("?")[0]
+                if path == "/healthz":
                     self._send(200, {"ok": True})
-                elif self.path == "/status":
+                elif path == "/status":
                     body = snap()
                     self._send(200 if body.get("healthy") else 503, body)
                 else:

@@ -14,7 +14,7 @@ from defender_config import FileWriteError, read_regular_file, write_file_atomic
 
 from ._errors import WriteError
 
-__all__ = ["DEFAULT_FILE_MODE", "file_holds", "write_atomic"]
+__all__ = ["DEFAULT_FILE_MODE", "file_holds", "file_signature", "write_atomic"]
 
 DEFAULT_FILE_MODE = 0o640
 
@@ -43,3 +43,14 @@ def file_holds(path: str | os.PathLike[str], data: bytes) -> bool:
         return read_regular_file(path, len(data), follow_symlinks=False) == data
     except OSError:
         return False
+
+
+def file_signature(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """What ``lstat`` says of the entry at ``path`` (device, inode, type and mode, size, change
+    and modification times), None when there is none: an edit or a replacement changes it, so
+    the content is only read again when it did (one ``lstat`` per check in the steady state)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -462,6 +462,34 @@ def test_a_config_the_volume_could_not_take_is_written_once_it_can(plane: Plane)
     assert json.loads(late.read_text()) == config(1)
 
 
+def test_a_hand_edited_file_is_put_back_and_the_component_reloaded(plane: Plane) -> None:
+    # Someone edits the delivered file in the pod: the heartbeat says version 1 while the
+    # component would run the edit. The agent writes version 1 back and reloads the component.
+    seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(target)
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "version 1 delivered")
+    target_loads(target, 1)
+    delivered = plane.output_path.read_bytes()
+    plane.output_path.write_text(json.dumps(config(99)))
+    wait_for("the file put back", lambda: plane.output_path.read_bytes() == delivered, timeout=10)
+    wait_for("the target reloads v1 again", lambda: len(target_loads(target, 1)) >= 2, timeout=20)
+    assert not [r for r in target.loaded() if r["config"] == config(99)]
+    wait_for(
+        "a FileDrifted alert",
+        lambda: [a for a in plane.alerts() if a["kind"] == "FileDrifted"],
+        timeout=10,
+    )
+    warned = [e for e in agent.log_lines() if e.get("reason") == "FileDrifted"]
+    assert warned and all(e["level"] == "WARNING" for e in warned)
+    plane.wait_heartbeat(
+        agent,
+        lambda h: h["config_version"] == 1 and h["last_error"] is None,
+        "FileDrifted cleared once the file is intact",
+    )
+    assert agent.errors() == []
+
+
 def test_rejected_seed_still_heartbeats_with_the_error(plane: Plane) -> None:
     seed_file = plane.tmp / "seed.json"
     seed_file.write_text(json.dumps(config(1)))

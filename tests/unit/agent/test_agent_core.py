@@ -555,3 +555,153 @@ def test_a_write_whose_directory_flush_failed_still_reloads_the_component(
     assert sink.heartbeat["config_version"] == 2
     assert sink.heartbeat["last_error"] is None
     assert reloader.calls == 2, "the component was never told about version 2"
+
+
+def test_a_hand_edited_file_is_put_back_reloaded_and_reported(tmp_path: Path) -> None:
+    sink, reloader = RecordingSink(), CountingReloader()
+    a = applier(tmp_path, sink, reloader)
+    assert a.apply({"level": "low"}, version=4)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+    assert reloader.calls == 1
+    assert a.check_file() is False  # intact: nothing to do
+    # Same size, new content: what a hand edit of one value looks like.
+    path.write_bytes(delivered.replace(b"low", b"off"))
+    assert a.check_file() is True
+    assert path.read_bytes() == delivered
+    assert reloader.calls == 2
+    assert sink.heartbeat["last_error"]["reason"] == "FileDrifted"
+    assert "version 4" in sink.heartbeat["last_error"]["detail"]
+    assert "off" not in sink.heartbeat["last_error"]["detail"]  # never the file's values
+    assert [kind for kind, _ in sink.alerts] == ["FileDrifted"]
+    assert sink.heartbeat["config_version"] == 4
+    # The next check finds it intact: cleared.
+    assert a.check_file() is False
+    assert a.last_error is None and sink.heartbeat["last_error"] is None
+    assert reloader.calls == 2
+
+
+def test_a_removed_or_replaced_file_is_put_back(tmp_path: Path) -> None:
+    sink, reloader = RecordingSink(), CountingReloader()
+    a = applier(tmp_path, sink, reloader)
+    assert a.apply({"a": 1}, version=1)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+    path.unlink()
+    assert a.check_file() is True
+    assert path.read_bytes() == delivered
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere.json")
+    assert a.check_file() is True
+    assert not path.is_symlink() and path.read_bytes() == delivered
+    assert reloader.calls == 3
+
+
+def test_a_touched_file_with_the_same_bytes_is_not_written_or_reloaded(tmp_path: Path) -> None:
+    sink, reloader = RecordingSink(), CountingReloader()
+    a = applier(tmp_path, sink, reloader)
+    assert a.apply({"a": 1}, version=1)
+    path = tmp_path / "demo.json"
+    inode = path.stat().st_ino
+    os.utime(path, ns=(1, 1))
+    assert a.check_file() is False
+    assert path.stat().st_ino == inode and reloader.calls == 1 and a.last_error is None
+
+
+def test_the_steady_state_check_reads_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One lstat per check; the content is read only when the stat changed.
+    import defender_agent._core as core
+
+    a = applier(tmp_path, RecordingSink())
+    assert a.apply({"a": 1}, version=1)
+    reads: list[Path] = []
+    real = core.file_holds
+
+    def counting(path: Path, data: bytes) -> bool:
+        reads.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(core, "file_holds", counting)
+    for _ in range(50):
+        assert a.check_file() is False
+    assert reads == []
+    os.utime(tmp_path / "demo.json", ns=(5, 5))
+    assert a.check_file() is False
+    assert len(reads) == 1
+
+
+def test_a_failed_write_back_is_write_failed_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import defender_agent._core as core
+    from defender_agent._errors import WriteError
+
+    sink, reloader = RecordingSink(), CountingReloader()
+    a = applier(tmp_path, sink, reloader)
+    assert a.apply({"a": 1}, version=2)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+    path.write_text('{"a": 2}\n')
+    real = core.write_atomic
+
+    def full(*args: Any, **kw: Any) -> None:
+        raise WriteError(str(path), "No space left on device")
+
+    monkeypatch.setattr(core, "write_atomic", full)
+    assert a.check_file() is True
+    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
+    assert a.pending
+    monkeypatch.setattr(core, "write_atomic", real)
+    assert a.retry() is True
+    assert path.read_bytes() == delivered
+    assert reloader.calls == 2 and a.last_error is None
+
+
+def test_nothing_is_checked_before_a_config_was_delivered(tmp_path: Path) -> None:
+    a = applier(tmp_path, RecordingSink())
+    assert a.check_file() is False
+    assert not (tmp_path / "demo.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "restored"), [([], True), (["--restore-edited-file", "false"], False)]
+)
+def test_the_main_loop_puts_an_edited_file_back_unless_turned_off(
+    tmp_path: Path, flag: list[str], restored: bool
+) -> None:
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(tmp_path / "demo.json"), *flag]
+    )  # fmt: skip
+    agent = Agent(settings, LibrarySettings(envelope=EnvelopeOptions(encrypt=False)))
+    agent._pending_fields = {}  # what the heartbeat would carry (no etcd here)
+    assert agent.applier.apply({"a": 1}, version=1)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+    path.write_text("{}\n")
+    agent._tick()
+    assert (path.read_bytes() == delivered) is restored
+
+
+def test_putting_the_file_back_leaves_a_standing_error_reported(tmp_path: Path) -> None:
+    # The newest commit was refused: putting the last good file back does not make that
+    # error go away; the drift is an alert (and the warning) beside it.
+    sink, reloader = RecordingSink(), CountingReloader()
+    a = applier(tmp_path, sink, reloader)
+    assert a.apply({"a": 1}, version=1)
+    assert not a.apply(["not", "an", "object"], version=2)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+    path.write_text("{}\n")
+    assert a.check_file() is True
+    assert path.read_bytes() == delivered and reloader.calls == 2
+    assert sink.heartbeat["last_error"]["reason"] == "ConfigInvalid"
+    assert [kind for kind, _ in sink.alerts] == ["ConfigInvalid", "FileDrifted"]
+    assert a.check_file() is False
+    assert a.last_error is not None and a.last_error.reason == "ConfigInvalid"

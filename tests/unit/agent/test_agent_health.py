@@ -329,6 +329,19 @@ def test_status_endpoint_answers_by_health() -> None:
         server.stop()
 
 
+def test_status_endpoints_ignore_a_query_string() -> None:
+    # A probe that adds a query (a cache buster, a token its tool always sends) still works.
+    server = StatusServer("127.0.0.1", 0, lambda: {"healthy": True}).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert _get(f"{base}/status?x") == (200, {"healthy": True})
+        assert _get(f"{base}/status?probe=1&t=2") == (200, {"healthy": True})
+        assert _get(f"{base}/healthz?x=1") == (200, {"ok": True})
+        assert _get(f"{base}/other?x")[0] == 404
+    finally:
+        server.stop()
+
+
 def test_status_endpoint_hangs_up_on_a_client_that_sends_nothing() -> None:
     # The endpoint may listen on every address: each idle or half-sent request held a handler
     # thread for ever, so enough of them exhausted the agent. They are cut after a few seconds.

@@ -5,6 +5,7 @@ import http.server
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -479,3 +480,33 @@ def test_a_redirect_location_is_shown_without_its_query_or_credentials(
         httpd.server_close()
     assert f"to {shown} (redirects are not followed)" in info.value.detail
     assert "s3cret" not in str(info.value)
+
+
+def test_a_long_or_control_character_reason_phrase_is_cut_and_cleaned() -> None:
+    # The component's reason phrase (up to 64 KiB on the status line) reaches the log, the
+    # heartbeat, the alert and GET /status: one printable line of at most 200 characters.
+    reason = "\x1b[2J\rforged\x07" + "A" * 60_000
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(f"HTTP/1.1 418 {reason}\r\nContent-Length: 0\r\n\r\n".encode())
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/-/reload"
+        with pytest.raises(HttpReloadError) as info:
+            HttpReloader(url, retries=1).reload()
+    finally:
+        thread.join(5)
+        listener.close()
+    detail = info.value.detail
+    assert detail.startswith("HTTP 418 ?[2J?forged?AAA")
+    assert detail.endswith("A...")
+    assert len(detail) <= len("HTTP 418 ") + 200 + len("...")
+    assert all(ch.isprintable() for ch in str(info.value))
