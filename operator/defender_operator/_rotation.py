@@ -105,6 +105,18 @@ async def step(rt: Runtime) -> RotationStep:
                 None,
                 "it is gone again right after it was written back; the next pass tries again",
             )
+    held = rt.keyring.peek()
+    if held is None or current.keyring != held:
+        # Replaced since `_keyguard.settle` judged it (a stranger's keyring put in by hand, with
+        # a rotation request): only the keyring settle verified against the store is rotated;
+        # the next pass judges this one first (and refuses it when it does not open the store).
+        raise KeySecretError(
+            "read",
+            rt.secrets.namespace,
+            rt.secrets.name,
+            None,
+            "it changed after it was judged; the next pass judges it before any rotation step",
+        )
     now = utcnow()
     # Before the first rotation the primary key's creation time starts the schedule.
     last = current.last_rotation or current.keyring.primary.created

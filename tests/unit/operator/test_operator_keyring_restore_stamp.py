@@ -16,6 +16,7 @@ from defender_config import Keyring
 from defender_config.contract import EXPORTED_ANNOTATION, RESTORED_ANNOTATION
 from defender_operator import _keyguard, _rotation
 from defender_operator._decisions.keyring import export_lacks
+from defender_operator._errors import KeySecretError
 from defender_operator._keys import (
     MEMORY,
     ExportSeen,
@@ -102,6 +103,23 @@ def test_a_secret_deleted_between_settle_and_the_rotation_step_is_written_back_a
     assert annotations[EXPORTED_ANNOTATION] == STAMP
     assert "KeyringRestored" in [reason for _, reason in h.kube.posted]
     assert Keyring.from_secret_data(api.stored[SOURCE].data, source="test") == keyring
+
+
+def test_a_secret_replaced_between_settle_and_the_rotation_step_is_not_rotated() -> None:
+    # A stranger's keyring with a rotation request, put in right after settle judged the old
+    # one: the step acts on none of it; the next settle judges it (and refuses it).
+    api, backend = FakeSecretsApi(), MemoryBackend()
+    h, keyring = _exported_and_settled(api, backend)
+    stranger = Keyring.generate()
+    api.stored[SOURCE].data = stranger.to_secret_data()
+    api.stored[SOURCE].metadata.annotations["mldefender.io/rotate-key"] = "now"
+    before = dict(api.stored[SOURCE].metadata.annotations)
+    with pytest.raises(KeySecretError, match="changed after it was judged"):
+        asyncio.run(_rotation.step(h.rt))
+    assert Keyring.from_secret_data(api.stored[SOURCE].data, source="test") == stranger
+    assert api.stored[SOURCE].metadata.annotations == before  # the request not acted on
+    assert h.rt.keyring.current() == keyring
+    assert asyncio.run(_keyguard.settle(h.rt)) is False
 
 
 def test_export_lacks_names_the_keys_a_rotation_added_since() -> None:
