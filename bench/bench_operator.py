@@ -424,7 +424,11 @@ CpuProbe = Callable[[], dict[str, float]]
 
 # The operator's counters of monitor passes: wake requests by what asked, and passes by whether
 # they read etcd (and why) or reused their view.
-PASS_COUNTERS = ("defender_operator_monitor_wakes_total", "defender_operator_monitor_reads_total")
+PASS_COUNTERS = (
+    "defender_operator_monitor_wakes_total",
+    "defender_operator_monitor_reads_total",
+    "defender_operator_monitor_passes_total",
+)
 
 
 def pass_counters(metrics_port: int) -> dict[str, float]:

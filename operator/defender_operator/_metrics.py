@@ -110,6 +110,13 @@ MONITOR_READS = Counter(
     " they read before (skipped), and why (`_decisions.reads.ReadReason`)",
     ["result", "reason"],
 )
+MONITOR_PASSES = Counter(
+    "defender_operator_monitor_passes_total",
+    "Monitor passes by what started them: reconcile (the pass a reconcile runs for its status),"
+    " first (a monitor's first pass), wake (something it judges changed), due (a heartbeat"
+    " deadline or grace came), interval (monitor_interval_seconds passed)",
+    ["trigger"],
+)
 CANARY_ABORTS = Counter(
     "defender_operator_canary_aborts_total",
     "Canary rollouts the operator aborted, by reason: CanaryFailed (a canary lost its heartbeat"

@@ -88,6 +88,7 @@ from defender_operator._metrics import (
     BREAKER_TRIPS,
     ERRORS,
     HEARTBEAT_DIRECT_READS,
+    MONITOR_PASSES,
     MONITOR_READS,
     RESTARTS,
     record_heartbeats,
@@ -1082,25 +1083,31 @@ async def run(
     wake = rt.heartbeats.attach(name)
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
     mem.monitors += 1
+    trigger = "first"
     try:
         while not stopped and not rt.ended(uid):
             wake.clear()
             began = time.monotonic()
             pause = rt.settings.monitor_interval_seconds
+            timed = "interval"
             # kopf keeps the body; the newest event's brought managedFields back (`_bodies`).
             shed_managed_fields(body)
             try:
-                due = await _pass(rt, body, namespace, name, logger, pod_index, began=began)
+                due = await _pass(
+                    rt, body, namespace, name, logger, pod_index, began=began, trigger=trigger
+                )
                 if due is not None:
                     # A hair past the deadline, so the pass sees it passed.
                     until = (due - utcnow()).total_seconds() + 0.05
-                    pause = min(pause, max(until, _MIN_PAUSE_SECONDS))
+                    if until < pause:
+                        pause, timed = max(until, _MIN_PAUSE_SECONDS), "due"
             except (DefenderConfigError, OperatorError, ValueError) as exc:
                 ERRORS.labels("monitor").inc()
                 logger.warning("monitor pass failed, next pass in %ss: %s", pause, exc)
             await asyncio.sleep(_MIN_PAUSE_SECONDS)
             if not stopped and not rt.ended(uid):
                 await _pause(wake, pause)
+            trigger = "wake" if wake.is_set() else timed
     finally:
         mem.monitors -= 1
         rt.heartbeats.detach(name)
@@ -1118,6 +1125,7 @@ async def _pass(
     pod_index: PodIndex,
     *,
     began: float | None = None,
+    trigger: str = "wake",
 ) -> datetime | None:
     """One pass under the component's lock (a reconcile of it waits, and vice versa). With
     `began` (when the daemon cleared its wake-up), none when a pass that began since then
@@ -1145,6 +1153,7 @@ async def _pass(
             return None
         if not rt.etcd.measured:
             return None
+        MONITOR_PASSES.labels(trigger).inc()
         return await tick(_visit(rt, body, namespace, name, logger, status), mem, pod_index)
 
 
@@ -1200,6 +1209,7 @@ async def after_reconcile(
     visit = _visit(
         rt, body, namespace, name, logger, {**stored, **fields}, carry=fields, stored=stored
     )
+    MONITOR_PASSES.labels("reconcile").inc()
     try:
         await tick(visit, mem, pod_index)
     except (DefenderConfigError, OperatorError, ValueError) as exc:

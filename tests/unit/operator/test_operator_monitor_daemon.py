@@ -5,6 +5,7 @@ one waiting task besides its own (not tasks created per pause)."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -38,13 +39,19 @@ async def _until(predicate: Any, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _daemon(monkeypatch: pytest.MonkeyPatch, interval: float) -> tuple[Harness, list[int]]:
+def _daemon(
+    monkeypatch: pytest.MonkeyPatch, interval: float, due: list[datetime] | None = None
+) -> tuple[Harness, list[str]]:
+    """The daemon with its passes faked: each records what started it; the first ones answer
+    the deadlines in `due` (then none)."""
     h = Harness()
     h.rt.settings = OperatorSettings(monitor_interval_seconds=interval)
-    passes: list[int] = []
+    passes: list[str] = []
+    deadlines = list(due or ())
 
-    async def one_pass(*_: Any, **__: Any) -> None:
-        passes.append(1)
+    async def one_pass(*_: Any, trigger: str, **__: Any) -> datetime | None:
+        passes.append(trigger)
+        return deadlines.pop(0) if deadlines else None
 
     monkeypatch.setattr(_monitor, "_pass", one_pass)
     return h, passes
@@ -200,3 +207,22 @@ def test_a_reconcile_whose_pass_ran_does_not_wake_the_daemon_one_without_does(
     h.rt.etcd = type(h.rt.etcd)()
     asyncio.run(h.reconcile(spec(), first_pass=True))
     assert len(ticks) == 1 and wake.is_set()
+
+
+def test_each_pass_says_what_started_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first pass, a deadline the pass answered, the interval, then a wake-up: what
+    # `defender_operator_monitor_passes_total{trigger}` counts (issue #17's bench reads it).
+    soon = datetime.now(UTC) + timedelta(seconds=0.3)
+    h, passes = _daemon(monkeypatch, interval=0.6, due=[soon])
+
+    async def scenario() -> None:
+        stopped, task = _start(h)
+        await _until(lambda: len(passes) == 3, "the deadline's and the interval's passes")
+        assert passes == ["first", "due", "interval"]
+        _wake(h)
+        await _until(lambda: len(passes) == 4, "the woken pass")
+        assert passes[3] == "wake"
+        stopped.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    asyncio.run(scenario())
