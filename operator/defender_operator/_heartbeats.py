@@ -179,10 +179,16 @@ class HeartbeatView:
             for instance, entry in known.items():
                 if entry.seq > since:
                     fresh.setdefault(component, {})[instance] = entry
-        self._entries = fresh
+        before, self._entries = self._entries, fresh
         self._tombstones = {k: v for k, v in self._tombstones.items() if v > since}
         self.synced = True
         self.last_progress = now
+        # An instance that came or went while the watch was down sent no event: its pass
+        # runs now. Monitors plan no pass for a live leased instance's deadline while the
+        # view is trusted (`next_deadline`): its expiry is a delete only a watch delivers.
+        for component in before.keys() | fresh.keys():
+            if before.get(component, {}).keys() != fresh.get(component, {}).keys():
+                self.wake(component, "resync")
 
     def instances(self, component: str) -> list[InstanceRecord]:
         return [e.record for e in self._entries.get(component, {}).values()]

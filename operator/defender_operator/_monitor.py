@@ -75,6 +75,7 @@ from defender_operator._decisions.restarts import (
     RestartAction,
     RestartBudget,
     RestartDecision,
+    announced_pods,
     budget_report,
     decide_restart,
     next_deadline,
@@ -384,6 +385,7 @@ async def _steps(
         mem.watch_started,
         judged.policy,
         mem.lease_ttls,
+        announced=announced_pods(judged.live) if rt.heartbeats.trusted else (),
     )
     # A restart held back by the budget or its backoff, and a Misconfigured whose reports age
     # out of the window, change on the clock: no event announces either.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Protocol
 
 from defender_operator._decisions.conditions import parse_rfc3339
 
@@ -128,15 +129,50 @@ def next_deadline(
     watch_started: datetime,
     policy: HeartbeatPolicy,
     lease_ttls: Mapping[str, int] | None = None,
+    announced: Collection[str] = (),
 ) -> datetime | None:
     """The earliest future moment a pod turns stale if nothing new arrives, so the monitor can
-    judge it then instead of at its next interval; None when no such moment is ahead."""
+    judge it then instead of at its next interval; None when no such moment is ahead.
+
+    Pods in `announced` are left out: each has a live instance on a lease, in a view an etcd
+    watch keeps, so its end arrives as the delete etcd makes when the lease expires. Its
+    deadline cannot come first: while the lease exists, last seen + TTL is never before now
+    (`patience` waits at least the TTL), so a pass at it would find the pod alive, ask etcd
+    for a sighting, and plan the next such pass (at 1 s heartbeats, one pass and one lease
+    request per pod every ~2 s, issue #17)."""
     ahead = []
     for pod in pods:
+        if pod.name in announced:
+            continue
         deadline = _deadline(pod, last_seen, watch_started, policy, lease_ttls)
         if deadline is not None and deadline >= now:
             ahead.append(deadline)
     return min(ahead, default=None)
+
+
+class Leased(Protocol):
+    """What `announced_pods` reads of an instance record."""
+
+    @property
+    def pod(self) -> str | None: ...
+    @property
+    def lease_id(self) -> int: ...
+    @property
+    def lease_ttl_seconds(self) -> int | None: ...
+
+
+def announced_pods(live: Iterable[Leased]) -> frozenset[str]:
+    """The pods of `live` instances whose end etcd announces (`next_deadline`): each bound to
+    a lease whose TTL it advertises and the operator honours. A record without one (an older
+    heartbeater's, or a lease longer than the operator waits out) is judged by its deadline."""
+    return frozenset(
+        i.pod
+        for i in live
+        if i.pod
+        and i.lease_id
+        and i.lease_ttl_seconds is not None
+        and 0 < i.lease_ttl_seconds <= MAX_HONOURED_LEASE_TTL_SECONDS
+    )
 
 
 def _deadline(

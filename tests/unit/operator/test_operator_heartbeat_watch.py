@@ -15,7 +15,13 @@ from defender_config.store import HealthReport, MemberHealth
 from defender_operator import handlers
 from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._decisions.liveness import watch_stalled
-from defender_operator._decisions.restarts import HeartbeatPolicy, PodView, next_deadline
+from defender_operator._decisions.restarts import (
+    MAX_HONOURED_LEASE_TTL_SECONDS,
+    HeartbeatPolicy,
+    PodView,
+    announced_pods,
+    next_deadline,
+)
 from defender_operator._errors import OperatorConfigurationError
 from defender_operator._etcd_health import etcd_health
 from defender_operator._heartbeats import HeartbeatView
@@ -103,6 +109,28 @@ def test_a_tombstone_older_than_the_listing_does_not_hide_a_new_registration() -
     assert times(view, "sniffer") == {"a": T0 + S}
 
 
+def test_a_resync_wakes_the_components_whose_instances_came_or_went_unseen() -> None:
+    # Monitors plan no pass at a live leased instance's deadline while the view is trusted:
+    # an expiry during a watch outage is a delete nobody delivered, so the listing wakes them.
+    view = HeartbeatView(T0)
+    view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0)], "firewall": [rec("f", T0)]})
+    wakes = {c: view.attach(c) for c in ("sniffer", "firewall", "rag", "ml-detector")}
+    view.watch_failed()
+    view.resync(
+        T0 + S,
+        view.begin_resync(),
+        {"firewall": [rec("f", T0 + S)], "rag": [rec("r", T0 + S)]},
+    )
+    assert {c for c, w in wakes.items() if w.is_set()} == {"sniffer", "rag"}
+    # A listing that finds what the view holds (the periodic one) wakes nobody.
+    for w in wakes.values():
+        w.clear()
+    view.resync(
+        T0 + 2 * S, view.begin_resync(), {"firewall": [rec("f", T0)], "rag": [rec("r", T0)]}
+    )
+    assert not any(w.is_set() for w in wakes.values())
+
+
 # --- next deadline ----------------------------------------------------------------------
 
 POLICY = HeartbeatPolicy(interval_seconds=10, missed_before_restart=3, startup_grace_seconds=60)
@@ -121,6 +149,37 @@ def test_next_deadline_ignores_passed_deadlines_and_respects_grace() -> None:
     seen = {"p1": T0 - 40 * S}
     assert next_deadline(T0, pods, seen, OLD, POLICY) == T0 + 50 * S
     assert next_deadline(T0, [PodView("p1", OLD)], seen, OLD, POLICY) is None
+
+
+def test_next_deadline_leaves_out_pods_whose_end_etcd_announces() -> None:
+    pods = [PodView("p1", OLD), PodView("p2", OLD), PodView("new", T0 - 10 * S)]
+    seen = {"p1": T0 - 5 * S, "p2": T0 - 20 * S}
+    assert next_deadline(T0, pods, seen, OLD, POLICY, announced={"p2"}) == T0 + 25 * S
+    assert next_deadline(T0, pods, seen, OLD, POLICY, announced={"p1", "p2"}) == T0 + 50 * S
+    # A pod never seen keeps its grace deadline whatever is announced of others.
+    assert next_deadline(T0, pods[:2], seen, OLD, POLICY, announced={"p1", "p2"}) is None
+
+
+def test_only_live_instances_on_an_honoured_lease_announce_their_pod() -> None:
+    def leased(pod: str | None, lease: int, ttl: int | None) -> InstanceRecord:
+        return InstanceRecord(
+            instance=f"i-{pod}-{lease}-{ttl}",
+            pod=pod,
+            time=T0,
+            lease_id=lease,
+            lease_ttl_seconds=ttl,
+            verified=True,
+        )
+
+    live = [
+        leased("a", 7, 30),
+        leased("b", 0, 30),  # no lease known: nothing etcd would delete
+        leased("c", 8, None),  # an older heartbeater: its TTL unknown
+        leased("d", 9, MAX_HONOURED_LEASE_TTL_SECONDS + 1),  # a lease not waited out
+        leased(None, 10, 30),  # names no pod
+        leased("e", 11, MAX_HONOURED_LEASE_TTL_SECONDS),
+    ]
+    assert announced_pods(live) == {"a", "e"}
 
 
 def test_next_deadline_after_operator_start_waits_a_full_threshold() -> None:
