@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,7 +47,7 @@ from ._errors import (
     WriteError,
 )
 from ._reload import Reloader
-from ._writer import file_holds, file_signature, write_atomic
+from ._writer import OutputDir, file_holds, file_signature, write_atomic
 
 __all__ = ["DEFAULT_MAX_FILE_BYTES", "ConfigApplier", "LastError", "StatusSink", "render_config"]
 
@@ -128,6 +128,7 @@ class ConfigApplier:
         json_schema: Mapping[str, Any] | None = None,
         process_grace_seconds: float = 0.0,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        mount_points: Collection[str] | None = None,
     ) -> None:
         self._component = component
         self._max_file_bytes = max_file_bytes
@@ -135,6 +136,13 @@ class ConfigApplier:
         self._grace = process_grace_seconds
         self._pending_since: float | None = None
         self._path = output_path
+        # Resolved once: a link that appears later in the output path's directories is refused,
+        # not followed (`_writer.OutputDir`). `mount_points`: for tests, default the process's.
+        self._dir = OutputDir.resolve(output_path, mount_points)
+        log.info(
+            "the config file is written in %s, reached from / without following a link",
+            self._dir.path,
+        )
         self._mode = file_mode
         self._schema = json_schema
         self._reloader = reloader
@@ -193,14 +201,14 @@ class ConfigApplier:
         # Called with the lock held. `again`: a retry, which does not report the same failure
         # every tick.
         try:
-            changed = not file_holds(self._path, data)
+            changed = not file_holds(self._path, data, directory=self._dir)
             if changed:
-                write_atomic(self._path, data, self._mode)
+                write_atomic(self._path, data, self._mode, directory=self._dir)
         except WriteError as exc:
             # Kept and written again every tick: a shared volume briefly full, read-only or not
             # yet mounted must not leave the component on the old config until the next commit.
             self._unwritten = (data, digest, version)
-            if changed and file_holds(self._path, data):
+            if changed and file_holds(self._path, data, directory=self._dir):
                 # Only the directory flush failed: the rename happened and the component may
                 # read the new file already. The retry finds the file holding the config and
                 # would write nothing, so it must still send the reload this write owes.
@@ -210,7 +218,7 @@ class ConfigApplier:
             return False
         self._unwritten = None
         self._delivered = data
-        self._seen = file_signature(self._path)
+        self._seen = file_signature(self._path, directory=self._dir)
         self.config_version = version
         self.config_digest = digest
         self.applied += 1
@@ -277,12 +285,12 @@ class ConfigApplier:
             data = self._delivered
             if data is None or self._unwritten is not None:
                 return False  # nothing delivered yet, or retry() is writing it already
-            seen = file_signature(self._path)
+            seen = file_signature(self._path, directory=self._dir)
             if seen is not None and seen == self._seen:
                 if self.last_error is not None and self.last_error.reason == "FileDrifted":
                     self._clear_error()
                 return False
-            if file_holds(self._path, data):
+            if file_holds(self._path, data, directory=self._dir):
                 self._seen = seen  # touched, or written again with the same bytes
                 return False
             assert self.config_digest is not None  # set with _delivered
@@ -294,14 +302,14 @@ class ConfigApplier:
                 extra={"reason": drifted.reason, "config_version": self.config_version},
             )
             try:
-                write_atomic(self._path, data, self._mode)
+                write_atomic(self._path, data, self._mode, directory=self._dir)
             except WriteError as exc:
                 self._unwritten = (data, self.config_digest, self.config_version)
-                if file_holds(self._path, data):
+                if file_holds(self._path, data, directory=self._dir):
                     self.reload_pending = True  # only the directory flush failed
                 self._fail(exc, self.config_version)
                 return True
-            self._seen = file_signature(self._path)
+            self._seen = file_signature(self._path, directory=self._dir)
             self.reload_pending = True
             # An error already reported (the newest commit refused, the keyring unreadable) is
             # not over because the file was put back: it stays the heartbeat's last_error, and

@@ -619,9 +619,9 @@ def test_the_steady_state_check_reads_no_file(
     reads: list[Path] = []
     real = core.file_holds
 
-    def counting(path: Path, data: bytes) -> bool:
+    def counting(path: Path, data: bytes, **kw: Any) -> bool:
         reads.append(path)
-        return real(path, data)
+        return real(path, data, **kw)
 
     monkeypatch.setattr(core, "file_holds", counting)
     for _ in range(50):
@@ -705,3 +705,66 @@ def test_putting_the_file_back_leaves_a_standing_error_reported(tmp_path: Path) 
     assert [kind for kind, _ in sink.alerts] == ["ConfigInvalid", "FileDrifted"]
     assert a.check_file() is False
     assert a.last_error is not None and a.last_error.reason == "ConfigInvalid"
+
+
+def test_a_subdirectory_swapped_for_a_link_is_write_failed_not_written_through(
+    tmp_path: Path,
+) -> None:
+    # `vol` is the shared volume's mount point (as the test says): the component's container
+    # may replace `vol/sub` with a link to somewhere the agent may write.
+    sink, reloader = RecordingSink(), CountingReloader()
+    vol, elsewhere = tmp_path / "vol", tmp_path / "elsewhere"
+    (vol / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    a = ConfigApplier(
+        component="demo",
+        component_type="custom",
+        output_path=vol / "sub" / "demo.json",
+        reloader=reloader,
+        sink=sink,
+        mount_points={"/", str(vol.resolve())},
+    )
+    assert a.apply({"a": 1}, version=1)
+    delivered = (vol / "sub" / "demo.json").read_bytes()
+    (elsewhere / "demo.json").write_bytes(delivered)  # a copy, to be taken for the file
+    (vol / "sub").rename(vol / "old")
+    (vol / "sub").symlink_to(elsewhere)
+    assert a.check_file() is True
+    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
+    assert "symbolic link" in sink.heartbeat["last_error"]["detail"]
+    assert not a.apply({"a": 2}, version=2)  # a new config is refused the same way
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["demo.json"]
+    assert (elsewhere / "demo.json").read_bytes() == delivered
+    assert not a.retry() and reloader.calls == 1
+    assert [kind for kind, _ in sink.alerts] == ["WriteFailed"]
+    (vol / "sub").unlink()
+    (vol / "old").rename(vol / "sub")
+    assert a.retry()
+    assert json.loads((vol / "sub" / "demo.json").read_text()) == {"a": 2}
+    assert a.last_error is None and reloader.calls == 2
+
+
+def test_the_agent_keeps_running_when_its_directory_becomes_a_link(tmp_path: Path) -> None:
+    # With this process's own mount table: whether the test's directory is on a mount or not,
+    # a directory of the output path swapped for a link after start is never written through.
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    sub, elsewhere = tmp_path / "sub", tmp_path / "elsewhere"
+    sub.mkdir()
+    elsewhere.mkdir()
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(sub / "demo.json"), "--restore-edited-file", "true"]
+    )  # fmt: skip
+    agent = Agent(settings, LibrarySettings(envelope=EnvelopeOptions(encrypt=False)))
+    agent._pending_fields = {}  # what the heartbeat would carry (no etcd here)
+    assert agent.applier.apply({"a": 1}, version=1)
+    sub.rename(tmp_path / "old")
+    sub.symlink_to(elsewhere)
+    agent._tick()
+    agent._tick()
+    assert list(elsewhere.iterdir()) == []
+    assert agent.applier.last_error is not None
+    assert agent.applier.last_error.reason == "WriteFailed"
