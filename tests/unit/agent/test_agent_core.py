@@ -768,3 +768,97 @@ def test_the_agent_keeps_running_when_its_directory_becomes_a_link(tmp_path: Pat
     assert list(elsewhere.iterdir()) == []
     assert agent.applier.last_error is not None
     assert agent.applier.last_error.reason == "WriteFailed"
+
+
+# --- FileDrifted alerts: at most one per window -------------------------------------------------
+
+
+def test_drift_alerts_the_first_at_once_then_one_per_window_for_the_rest() -> None:
+    from defender_agent._core import DriftAlerts, next_drift_alert
+
+    state = DriftAlerts()
+    state, count = next_drift_alert(state, 100.0, drifted=False, window=60)
+    assert (state, count) == (DriftAlerts(), 0)  # nothing drifted, nothing to say
+    state, count = next_drift_alert(state, 101.0, drifted=True, window=60)
+    assert count == 1 and state == DriftAlerts(101.0, 0)  # the first: at once
+    for t in range(102, 161):  # drifting every second within the window: counted only
+        state, count = next_drift_alert(state, float(t), drifted=True, window=60)
+        assert count == 0
+    assert state == DriftAlerts(101.0, 59)
+    state, count = next_drift_alert(state, 161.0, drifted=True, window=60)
+    assert count == 60 and state == DriftAlerts(161.0, 0)  # the window is over: one for all
+    state, count = next_drift_alert(state, 170.0, drifted=True, window=60)
+    assert count == 0 and state == DriftAlerts(161.0, 1)
+    state, count = next_drift_alert(state, 200.0, drifted=False, window=60)
+    assert count == 0  # still within the window
+    # It stopped drifting: the first check after the window writes the count anyway.
+    state, count = next_drift_alert(state, 221.0, drifted=False, window=60)
+    assert count == 1 and state == DriftAlerts(221.0, 0)
+    state, count = next_drift_alert(state, 400.0, drifted=False, window=60)
+    assert count == 0 and state == DriftAlerts(221.0, 0)
+    # Long quiet: the next drift alerts at once again.
+    state, count = next_drift_alert(state, 401.0, drifted=True, window=60)
+    assert count == 1 and state == DriftAlerts(401.0, 0)
+
+
+def test_a_component_that_keeps_rewriting_its_file_alerts_once_per_window(
+    tmp_path: Path,
+) -> None:
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(tmp_path / "demo.json"), "--restore-edited-file", "true"]
+    )  # fmt: skip
+    agent = Agent(settings, LibrarySettings(envelope=EnvelopeOptions(encrypt=False)))
+    agent._pending_fields = {}  # what the heartbeat would carry (no etcd here)
+    events: list[tuple[str, str]] = []
+
+    class Alerter:
+        def event(self, kind: str, component: str, detail: str, *, instance: str) -> None:
+            assert (component, instance) == ("demo", "demo-0")
+            events.append((kind, detail))
+
+    class Client:
+        alerter = Alerter()
+
+    agent.client = Client()  # type: ignore[assignment]  # only its alerter is used here
+    now = [1000.0]
+    agent.applier._clock = lambda: now[0]
+    assert agent.applier.apply({"a": 1}, version=7)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+
+    def rewrite_and_tick(n: int) -> None:
+        # The component rewrites its own file every second; each main-loop pass puts it back
+        # (and the next one clears FileDrifted).
+        for _ in range(n):
+            path.write_text('{"a": "mine"}\n')
+            agent._tick()
+            assert path.read_bytes() == delivered
+            now[0] += 1
+            agent._tick()
+            now[0] += 1
+
+    rewrite_and_tick(1)
+    assert [kind for kind, _ in events] == ["FileDrifted"]
+    assert "version 7" in events[0][1] and "times" not in events[0][1]
+    rewrite_and_tick(149)  # 298 s: within the window, 149 drifts put back, none alerted
+    assert len(events) == 1
+    assert agent.heartbeater is None  # no etcd: the heartbeat fields went to _pending_fields
+    rewrite_and_tick(1)  # 300 s after the first alert: one alert for the 150 since
+    assert len(events) == 2
+    kind, detail = events[1]
+    assert kind == "FileDrifted"
+    assert "put back 150 times in the 300 s since the last FileDrifted alert" in detail
+    assert "version 7" in detail and "mine" not in detail  # never the file's values
+    # Three more drifts, then it stops: the first check once the window is over says so, once.
+    rewrite_and_tick(3)
+    assert len(events) == 2
+    for _ in range(1000):
+        agent._tick()
+        now[0] += 1
+    assert len(events) == 3
+    assert events[2][0] == "FileDrifted" and "put back 3 times in the 300 s" in events[2][1]
