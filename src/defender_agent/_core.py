@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,14 +47,54 @@ from ._errors import (
     WriteError,
 )
 from ._reload import Reloader
-from ._writer import file_holds, file_signature, write_atomic
+from ._writer import OutputDir, file_holds, file_signature, write_atomic
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "ConfigApplier", "LastError", "StatusSink", "render_config"]
+__all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
+    "DRIFT_ALERT_WINDOW_SECONDS",
+    "ConfigApplier",
+    "DriftAlerts",
+    "LastError",
+    "StatusSink",
+    "next_drift_alert",
+    "render_config",
+]
 
 log = logging.getLogger("defender_agent")
 
 #: The library's default cap on a decoded value, which the chart's shared volume is sized for.
 DEFAULT_MAX_FILE_BYTES = EnvelopeOptions().max_decompressed_bytes
+
+#: At most one FileDrifted alert per this many seconds: a component that keeps rewriting its own
+#: file is put back every second, and an alert record each time would flood the alert prefix.
+DRIFT_ALERT_WINDOW_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class DriftAlerts:
+    """What the agent remembers of its FileDrifted alerts: when it wrote the last one, and how
+    many drifts it has put back since without one."""
+
+    alerted_at: float | None = None
+    unalerted: int = 0
+
+
+def next_drift_alert(
+    state: DriftAlerts, now: float, *, drifted: bool, window: float = DRIFT_ALERT_WINDOW_SECONDS
+) -> tuple[DriftAlerts, int]:
+    """The state after one check of the file (``drifted``: it was found changed and put back)
+    and how many drifts the alert to write now covers (0: no alert now).
+
+    The first drift alerts at once. Drifts within ``window`` seconds of that alert are only
+    counted; the first check once the window is over writes one alert for all of them (and the
+    drift it found, if any), and a new window starts. A count of 0 when the window is over
+    writes nothing and leaves the window over, so the next drift alerts at once again.
+    """
+    count = state.unalerted + (1 if drifted else 0)
+    over = state.alerted_at is None or now - state.alerted_at >= window
+    if not over or count == 0:
+        return DriftAlerts(state.alerted_at, count), 0
+    return DriftAlerts(now, 0), count
 
 
 @dataclass(frozen=True)
@@ -128,6 +168,9 @@ class ConfigApplier:
         json_schema: Mapping[str, Any] | None = None,
         process_grace_seconds: float = 0.0,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        mount_points: Collection[str] | None = None,
+        drift_alert_window: float = DRIFT_ALERT_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._component = component
         self._max_file_bytes = max_file_bytes
@@ -135,6 +178,13 @@ class ConfigApplier:
         self._grace = process_grace_seconds
         self._pending_since: float | None = None
         self._path = output_path
+        # Resolved once: a link that appears later in the output path's directories is refused,
+        # not followed (`_writer.OutputDir`). `mount_points`: for tests, default the process's.
+        self._dir = OutputDir.resolve(output_path, mount_points)
+        log.info(
+            "the config file is written in %s, reached from / without following a link",
+            self._dir.path,
+        )
         self._mode = file_mode
         self._schema = json_schema
         self._reloader = reloader
@@ -152,6 +202,11 @@ class ConfigApplier:
         # reads the file again only when the signature changed.
         self._delivered: bytes | None = None
         self._seen: tuple[int, ...] | None = None
+        self._drift_window = drift_alert_window
+        self._clock = clock
+        self._drift_alerts = DriftAlerts()
+        # The drift last put back and reported, for a summary alert written without a new one.
+        self._last_drift: LastError | None = None
 
     # --- the two ways in --------------------------------------------------------------------
 
@@ -193,14 +248,14 @@ class ConfigApplier:
         # Called with the lock held. `again`: a retry, which does not report the same failure
         # every tick.
         try:
-            changed = not file_holds(self._path, data)
+            changed = not file_holds(self._path, data, directory=self._dir)
             if changed:
-                write_atomic(self._path, data, self._mode)
+                write_atomic(self._path, data, self._mode, directory=self._dir)
         except WriteError as exc:
             # Kept and written again every tick: a shared volume briefly full, read-only or not
             # yet mounted must not leave the component on the old config until the next commit.
             self._unwritten = (data, digest, version)
-            if changed and file_holds(self._path, data):
+            if changed and file_holds(self._path, data, directory=self._dir):
                 # Only the directory flush failed: the rename happened and the component may
                 # read the new file already. The retry finds the file holding the config and
                 # would write nothing, so it must still send the reload this write owes.
@@ -210,7 +265,7 @@ class ConfigApplier:
             return False
         self._unwritten = None
         self._delivered = data
-        self._seen = file_signature(self._path)
+        self._seen = file_signature(self._path, directory=self._dir)
         self.config_version = version
         self.config_digest = digest
         self.applied += 1
@@ -269,53 +324,96 @@ class ConfigApplier:
         The component's container can write the shared volume, and a person may edit the file
         by hand: the heartbeat would go on reporting the delivered digest while the component
         runs (after its next reload or restart) whatever the file now holds, until the next
-        config, keyring change or agent restart. Cheap in the steady state: one ``lstat``; the
-        file is read only when that changed. Reports ``FileDrifted`` (a warning, an alert, the
-        heartbeat's ``last_error``) until a later check finds the file intact; a write-back that
-        fails is ``WriteFailed``, retried like any other write."""
+        config, keyring change or agent restart. Cheap in the steady state: a walk of the
+        directories and one ``lstat``; the file is read only when that changed. Reports
+        ``FileDrifted`` (a warning, an alert, the heartbeat's ``last_error``) until a later
+        check finds the file intact, with at most one alert per ``drift_alert_window``
+        (:func:`next_drift_alert`); a write-back that fails is ``WriteFailed``, retried like any
+        other write."""
         with self._lock:
-            data = self._delivered
-            if data is None or self._unwritten is not None:
-                return False  # nothing delivered yet, or retry() is writing it already
-            seen = file_signature(self._path)
-            if seen is not None and seen == self._seen:
-                if self.last_error is not None and self.last_error.reason == "FileDrifted":
-                    self._clear_error()
-                return False
-            if file_holds(self._path, data):
-                self._seen = seen  # touched, or written again with the same bytes
-                return False
-            assert self.config_digest is not None  # set with _delivered
-            drifted = FileDriftedError(str(self._path), self.config_version, self.config_digest)
-            log.warning(
-                "%s: %s",
-                drifted.reason,
-                drifted,
-                extra={"reason": drifted.reason, "config_version": self.config_version},
+            restored, drift = self._check_file()
+            self._alert_drift(drift)
+            return restored
+
+    def _check_file(self) -> tuple[bool, LastError | None]:
+        """check_file() but the alert, with the lock held: (put back, the drift to alert if it
+        was put back and the component told)."""
+        data = self._delivered
+        if data is None or self._unwritten is not None:
+            return False, None  # nothing delivered yet, or retry() is writing it already
+        seen = file_signature(self._path, directory=self._dir)
+        if seen is not None and seen == self._seen:
+            if self.last_error is not None and self.last_error.reason == "FileDrifted":
+                self._clear_error()
+            return False, None
+        if file_holds(self._path, data, directory=self._dir):
+            self._seen = seen  # touched, or written again with the same bytes
+            return False, None
+        assert self.config_digest is not None  # set with _delivered
+        drifted = FileDriftedError(str(self._path), self.config_version, self.config_digest)
+        log.warning(
+            "%s: %s",
+            drifted.reason,
+            drifted,
+            extra={"reason": drifted.reason, "config_version": self.config_version},
+        )
+        try:
+            write_atomic(self._path, data, self._mode, directory=self._dir)
+        except WriteError as exc:
+            self._unwritten = (data, self.config_digest, self.config_version)
+            if file_holds(self._path, data, directory=self._dir):
+                self.reload_pending = True  # only the directory flush failed
+            self._fail(exc, self.config_version)
+            return True, None
+        self._seen = file_signature(self._path, directory=self._dir)
+        self.reload_pending = True
+        # An error already reported (the newest commit refused, the keyring unreadable) is
+        # not over because the file was put back: it stays the heartbeat's last_error, and
+        # the drift is the warning and an alert only.
+        standing = self.last_error
+        self._reload(clear=False)
+        if self.reload_pending:
+            return True, None  # the reload's failure is what is reported
+        drift = error_of(drifted)
+        if standing is None or standing.reason == drift.reason:
+            # Shown until the next check finds the file intact (a second later), long
+            # enough for the heartbeat to carry it; the alert is check_file()'s.
+            self._report(drift, self.config_version, alerted=True)
+        return True, drift
+
+    def _alert_drift(self, drift: LastError | None) -> None:
+        """The FileDrifted alert, at most one per window: the first drift at once, those after
+        it counted and written as one alert at the first check once the window is over."""
+        previous = self._drift_alerts
+        now = self._clock()
+        self._drift_alerts, count = next_drift_alert(
+            previous, now, drifted=drift is not None, window=self._drift_window
+        )
+        if drift is not None:
+            self._last_drift = drift
+        last = self._last_drift
+        if count == 0 or last is None:
+            if drift is not None:
+                log.info(
+                    "FileDrifted alert held back: %d drift(s) since the last alert, which are "
+                    "at most one per %g s",
+                    self._drift_alerts.unalerted,
+                    self._drift_window,
+                    extra={"reason": drift.reason},
+                )
+            return
+        detail = last.detail
+        if count > 1 or drift is None:
+            since = (
+                ""
+                if previous.alerted_at is None
+                else f" in the {now - previous.alerted_at:.0f} s since the last FileDrifted alert"
             )
-            try:
-                write_atomic(self._path, data, self._mode)
-            except WriteError as exc:
-                self._unwritten = (data, self.config_digest, self.config_version)
-                if file_holds(self._path, data):
-                    self.reload_pending = True  # only the directory flush failed
-                self._fail(exc, self.config_version)
-                return True
-            self._seen = file_signature(self._path)
-            self.reload_pending = True
-            # An error already reported (the newest commit refused, the keyring unreadable) is
-            # not over because the file was put back: it stays the heartbeat's last_error, and
-            # the drift is the warning and an alert only.
-            standing = self.last_error
-            self._reload(clear=False)
-            if not self.reload_pending:
-                if standing is None or standing.reason == drifted.reason:
-                    # Shown until the next check finds the file intact (a second later), long
-                    # enough for the heartbeat to carry it.
-                    self._report(error_of(drifted), self.config_version)
-                else:
-                    self._alert(error_of(drifted), self.config_version)
-            return True
+            detail = (
+                f"put back {count} times{since} (at most one alert per {self._drift_window:g} s);"
+                f" the last time: {detail}"
+            )
+        self._alert(LastError(last.reason, detail), self.config_version)
 
     # --- internals --------------------------------------------------------------------------
 

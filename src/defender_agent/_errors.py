@@ -55,13 +55,11 @@ class WriteError(AgentError):
 
     reason = "WriteFailed"
 
-    def __init__(self, path: str, detail: str) -> None:
+    def __init__(self, path: str, detail: str, *, hint: str | None = None) -> None:
         self.path = path
         self.detail = detail
-        super().__init__(
-            f"could not write {path}: {detail}; check that the shared volume is mounted, "
-            "writable by the agent and not full"
-        )
+        hint = hint or "check that the shared volume is mounted, writable by the agent and not full"
+        super().__init__(f"could not write {path}: {detail}; {hint}")
 
 
 class FileDriftedError(AgentError):

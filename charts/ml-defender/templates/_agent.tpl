@@ -92,6 +92,11 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
 {{- $tcpHost := regexReplaceAll ":[^:]*$" (toString .healthTcp) "" -}}
 {{- include "ml-defender.agent.ownPodHost" (dict "component" $component "what" "healthTcp" "host" $tcpHost) -}}
 {{- end -}}
+{{- /* Unset (a component chart's values copied before it existed): the agent's default, true. */ -}}
+{{- $restore := $agent.restoreEditedFile -}}
+{{- if not (or (kindIs "invalid" $restore) (kindIs "bool" $restore)) -}}
+{{- fail (printf "ml-defender.agent.sidecar: agent.restoreEditedFile must be true or false, not %q" (toString $restore)) -}}
+{{- end -}}
 {{- $security := deepCopy ($ctx.Values.containerSecurityContext | default dict) -}}
 {{- if eq $reload.method "signal" -}}
 {{- $access := $reload.signalAccess | default "sameUser" -}}
@@ -162,6 +167,10 @@ The agent writes <sharedMountPath>/<component>.json; the component reads it from
       value: {{ $agent.heartbeatMisses | quote }}
     - name: DEFENDER_AGENT_LOG_LEVEL
       value: {{ $agent.logLevel | quote }}
+    {{- if not (kindIs "invalid" $restore) }}
+    - name: DEFENDER_AGENT_RESTORE_EDITED_FILE
+      value: {{ toString $restore | quote }}
+    {{- end }}
     - name: DEFENDER_AGENT_HEALTH_CHECK
       value: {{ $healthType | quote }}
     {{- if eq $healthType "process" }}

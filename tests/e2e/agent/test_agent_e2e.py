@@ -490,6 +490,39 @@ def test_a_hand_edited_file_is_put_back_and_the_component_reloaded(plane: Plane)
     assert agent.errors() == []
 
 
+def test_a_subdirectory_swapped_for_a_link_is_never_written_through(plane: Plane) -> None:
+    # The component's container replaces a subdirectory of the output path with a link to
+    # somewhere the agent may write: the next config is WriteFailed, nothing lands where the
+    # link points, the agent runs on, and writes the config once the directory is back.
+    seed(plane)
+    sub, elsewhere = plane.tmp / "vol" / "sub", plane.tmp / "elsewhere"
+    sub.mkdir(parents=True)
+    elsewhere.mkdir()
+    agent = plane.start_agent(None, "--output-path", str(sub / "demo.json"))
+    plane.wait_heartbeat(agent, lambda h: h["config_version"] == 1, "version 1 delivered")
+    sub.rename(sub.parent / "old")
+    sub.symlink_to(elsewhere)
+    plane.configs.commit(plane.component, config(2), by="e2e")
+    hb = plane.wait_heartbeat(
+        agent,
+        lambda h: (h["last_error"] or {}).get("reason") == "WriteFailed",
+        "WriteFailed in the heartbeat",
+    )
+    assert "symbolic link" in hb["last_error"]["detail"]
+    assert hb["config_version"] == 1
+    time.sleep(2)  # a few retries of the write
+    assert list(elsewhere.iterdir()) == []
+    sub.unlink()
+    (sub.parent / "old").rename(sub)
+    plane.wait_heartbeat(
+        agent,
+        lambda h: h["config_version"] == 2 and h["last_error"] is None,
+        "version 2 written once the directory is back",
+    )
+    assert json.loads((sub / "demo.json").read_text()) == config(2)
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_rejected_seed_still_heartbeats_with_the_error(plane: Plane) -> None:
     seed_file = plane.tmp / "seed.json"
     seed_file.write_text(json.dumps(config(1)))

@@ -6,6 +6,7 @@ component chart would; its rendered env must be accepted by the agent's own sett
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,10 @@ def test_unknown_signal_access_fails(helm: Path) -> None:
 
 
 def _settings_of(agent: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    # Only what the chart rendered: none of the caller's agent variables.
+    for key in list(os.environ):
+        if key.startswith("DEFENDER_AGENT_") or key in ("POD_NAME", "NODE_NAME"):
+            monkeypatch.delenv(key)
     for key, value in env_of(agent).items():
         monkeypatch.setenv(key, value if isinstance(value, str) else "sniffer-6c9d-x2")
     return load_agent_settings([])
@@ -387,3 +392,35 @@ def test_the_agent_memory_limit_takes_any_config_a_defender_component_can_carry(
     ):
         budget = config_budget(_quantity_bytes(limit), idle)
         assert budget is not None and budget >= ETCD_REQUEST_LIMIT_BYTES, limit
+
+
+@pytest.mark.parametrize(
+    ("sets", "restored"), [([], True), (["agent.restoreEditedFile=false"], False)]
+)
+def test_restore_edited_file_is_rendered(
+    helm: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str], restored: bool
+) -> None:
+    agent = containers(deployment(helm, *sets))["defender-agent"]
+    assert env_of(agent)["DEFENDER_AGENT_RESTORE_EDITED_FILE"] == str(restored).lower()
+    assert _settings_of(agent, monkeypatch).restore_edited_file is restored
+
+
+def test_restore_edited_file_unset_leaves_the_agent_default(
+    helm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A component chart's copy of the agent values from before the value existed.
+    agent = containers(deployment(helm, "agent.restoreEditedFile=null"))["defender-agent"]
+    assert "DEFENDER_AGENT_RESTORE_EDITED_FILE" not in env_of(agent)
+    assert _settings_of(agent, monkeypatch).restore_edited_file is True
+
+
+def test_restore_edited_file_that_is_not_a_boolean_fails(helm: Path) -> None:
+    proc = subprocess.run(
+        [str(helm), "template", "demo", str(EXAMPLE), "--set-string", "agent.restoreEditedFile=no"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "agent.restoreEditedFile must be true or false" in proc.stderr

@@ -619,9 +619,9 @@ def test_the_steady_state_check_reads_no_file(
     reads: list[Path] = []
     real = core.file_holds
 
-    def counting(path: Path, data: bytes) -> bool:
+    def counting(path: Path, data: bytes, **kw: Any) -> bool:
         reads.append(path)
-        return real(path, data)
+        return real(path, data, **kw)
 
     monkeypatch.setattr(core, "file_holds", counting)
     for _ in range(50):
@@ -705,3 +705,160 @@ def test_putting_the_file_back_leaves_a_standing_error_reported(tmp_path: Path) 
     assert [kind for kind, _ in sink.alerts] == ["ConfigInvalid", "FileDrifted"]
     assert a.check_file() is False
     assert a.last_error is not None and a.last_error.reason == "ConfigInvalid"
+
+
+def test_a_subdirectory_swapped_for_a_link_is_write_failed_not_written_through(
+    tmp_path: Path,
+) -> None:
+    # `vol` is the shared volume's mount point (as the test says): the component's container
+    # may replace `vol/sub` with a link to somewhere the agent may write.
+    sink, reloader = RecordingSink(), CountingReloader()
+    vol, elsewhere = tmp_path / "vol", tmp_path / "elsewhere"
+    (vol / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    a = ConfigApplier(
+        component="demo",
+        component_type="custom",
+        output_path=vol / "sub" / "demo.json",
+        reloader=reloader,
+        sink=sink,
+        mount_points={"/", str(vol.resolve())},
+    )
+    assert a.apply({"a": 1}, version=1)
+    delivered = (vol / "sub" / "demo.json").read_bytes()
+    (elsewhere / "demo.json").write_bytes(delivered)  # a copy, to be taken for the file
+    (vol / "sub").rename(vol / "old")
+    (vol / "sub").symlink_to(elsewhere)
+    assert a.check_file() is True
+    assert sink.heartbeat["last_error"]["reason"] == "WriteFailed"
+    assert "symbolic link" in sink.heartbeat["last_error"]["detail"]
+    assert not a.apply({"a": 2}, version=2)  # a new config is refused the same way
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["demo.json"]
+    assert (elsewhere / "demo.json").read_bytes() == delivered
+    assert not a.retry() and reloader.calls == 1
+    assert [kind for kind, _ in sink.alerts] == ["WriteFailed"]
+    (vol / "sub").unlink()
+    (vol / "old").rename(vol / "sub")
+    assert a.retry()
+    assert json.loads((vol / "sub" / "demo.json").read_text()) == {"a": 2}
+    assert a.last_error is None and reloader.calls == 2
+
+
+def test_the_agent_keeps_running_when_its_directory_becomes_a_link(tmp_path: Path) -> None:
+    # With this process's own mount table: whether the test's directory is on a mount or not,
+    # a directory of the output path swapped for a link after start is never written through.
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    sub, elsewhere = tmp_path / "sub", tmp_path / "elsewhere"
+    sub.mkdir()
+    elsewhere.mkdir()
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(sub / "demo.json"), "--restore-edited-file", "true"]
+    )  # fmt: skip
+    agent = Agent(settings, LibrarySettings(envelope=EnvelopeOptions(encrypt=False)))
+    agent._pending_fields = {}  # what the heartbeat would carry (no etcd here)
+    assert agent.applier.apply({"a": 1}, version=1)
+    sub.rename(tmp_path / "old")
+    sub.symlink_to(elsewhere)
+    agent._tick()
+    agent._tick()
+    assert list(elsewhere.iterdir()) == []
+    assert agent.applier.last_error is not None
+    assert agent.applier.last_error.reason == "WriteFailed"
+
+
+# --- FileDrifted alerts: at most one per window -------------------------------------------------
+
+
+def test_drift_alerts_the_first_at_once_then_one_per_window_for_the_rest() -> None:
+    from defender_agent._core import DriftAlerts, next_drift_alert
+
+    state = DriftAlerts()
+    state, count = next_drift_alert(state, 100.0, drifted=False, window=60)
+    assert (state, count) == (DriftAlerts(), 0)  # nothing drifted, nothing to say
+    state, count = next_drift_alert(state, 101.0, drifted=True, window=60)
+    assert count == 1 and state == DriftAlerts(101.0, 0)  # the first: at once
+    for t in range(102, 161):  # drifting every second within the window: counted only
+        state, count = next_drift_alert(state, float(t), drifted=True, window=60)
+        assert count == 0
+    assert state == DriftAlerts(101.0, 59)
+    state, count = next_drift_alert(state, 161.0, drifted=True, window=60)
+    assert count == 60 and state == DriftAlerts(161.0, 0)  # the window is over: one for all
+    state, count = next_drift_alert(state, 170.0, drifted=True, window=60)
+    assert count == 0 and state == DriftAlerts(161.0, 1)
+    state, count = next_drift_alert(state, 200.0, drifted=False, window=60)
+    assert count == 0  # still within the window
+    # It stopped drifting: the first check after the window writes the count anyway.
+    state, count = next_drift_alert(state, 221.0, drifted=False, window=60)
+    assert count == 1 and state == DriftAlerts(221.0, 0)
+    state, count = next_drift_alert(state, 400.0, drifted=False, window=60)
+    assert count == 0 and state == DriftAlerts(221.0, 0)
+    # Long quiet: the next drift alerts at once again.
+    state, count = next_drift_alert(state, 401.0, drifted=True, window=60)
+    assert count == 1 and state == DriftAlerts(401.0, 0)
+
+
+def test_a_component_that_keeps_rewriting_its_file_alerts_once_per_window(
+    tmp_path: Path,
+) -> None:
+    from defender_agent import load_agent_settings
+    from defender_agent._agent import Agent
+    from defender_config import EnvelopeOptions, LibrarySettings
+
+    settings = load_agent_settings(
+        ["--component", "demo", "--instance", "demo-0", "--reload-method", "none",
+         "--output-path", str(tmp_path / "demo.json"), "--restore-edited-file", "true"]
+    )  # fmt: skip
+    agent = Agent(settings, LibrarySettings(envelope=EnvelopeOptions(encrypt=False)))
+    agent._pending_fields = {}  # what the heartbeat would carry (no etcd here)
+    events: list[tuple[str, str]] = []
+
+    class Alerter:
+        def event(self, kind: str, component: str, detail: str, *, instance: str) -> None:
+            assert (component, instance) == ("demo", "demo-0")
+            events.append((kind, detail))
+
+    class Client:
+        alerter = Alerter()
+
+    agent.client = Client()  # type: ignore[assignment]  # only its alerter is used here
+    now = [1000.0]
+    agent.applier._clock = lambda: now[0]
+    assert agent.applier.apply({"a": 1}, version=7)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+
+    def rewrite_and_tick(n: int) -> None:
+        # The component rewrites its own file every second; each main-loop pass puts it back
+        # (and the next one clears FileDrifted).
+        for _ in range(n):
+            path.write_text('{"a": "mine"}\n')
+            agent._tick()
+            assert path.read_bytes() == delivered
+            now[0] += 1
+            agent._tick()
+            now[0] += 1
+
+    rewrite_and_tick(1)
+    assert [kind for kind, _ in events] == ["FileDrifted"]
+    assert "version 7" in events[0][1] and "times" not in events[0][1]
+    rewrite_and_tick(149)  # 298 s: within the window, 149 drifts put back, none alerted
+    assert len(events) == 1
+    assert agent.heartbeater is None  # no etcd: the heartbeat fields went to _pending_fields
+    rewrite_and_tick(1)  # 300 s after the first alert: one alert for the 150 since
+    assert len(events) == 2
+    kind, detail = events[1]
+    assert kind == "FileDrifted"
+    assert "put back 150 times in the 300 s since the last FileDrifted alert" in detail
+    assert "version 7" in detail and "mine" not in detail  # never the file's values
+    # Three more drifts, then it stops: the first check once the window is over says so, once.
+    rewrite_and_tick(3)
+    assert len(events) == 2
+    for _ in range(1000):
+        agent._tick()
+        now[0] += 1
+    assert len(events) == 3
+    assert events[2][0] == "FileDrifted" and "put back 3 times in the 300 s" in events[2][1]

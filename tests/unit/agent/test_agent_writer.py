@@ -5,11 +5,12 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from defender_agent import WriteError, write_atomic
-from defender_agent._writer import file_holds
+from defender_agent._writer import OutputDir, file_holds, file_signature, parse_mount_points
 
 
 def test_writes_content_with_mode(tmp_path: Path) -> None:
@@ -48,7 +49,7 @@ def test_no_temp_files_left(tmp_path: Path) -> None:
 
 
 def test_missing_directory_raises_write_error(tmp_path: Path) -> None:
-    with pytest.raises(WriteError, match="temporary file") as info:
+    with pytest.raises(WriteError, match="cannot open the directory") as info:
         write_atomic(tmp_path / "nope" / "config.json", b"x")
     assert info.value.reason == "WriteFailed"
 
@@ -140,3 +141,129 @@ def test_directory_fsync_io_error_is_a_write_error(
     _fail_dir_fsync(monkeypatch, errno.EIO)
     with pytest.raises(WriteError, match="cannot flush the directory"):
         write_atomic(tmp_path / "config.json", b'{"v": 1}')
+
+
+# --- the output path's directories: resolved once, never a link below the volume ---------------
+
+
+def test_mount_points_are_read_from_mountinfo_with_escapes_undone() -> None:
+    text = (
+        "22 1 0:21 / / rw,relatime - overlay overlay rw\n"
+        "35 22 0:33 / /run/ml-defender/config rw,nosuid - tmpfs tmpfs rw,size=33792k\n"
+        "36 22 0:34 / /mnt/with\\040space rw - tmpfs tmpfs rw\n"
+        "\n"
+    )
+    assert parse_mount_points(text) == {"/", "/run/ml-defender/config", "/mnt/with space"}
+
+
+def test_the_default_mount_points_are_this_process_s() -> None:
+    # /proc is a mount in every Linux process's view (and /proc/sys often one of its own).
+    directory = OutputDir.resolve("/proc/sys/kernel/demo.json")
+    assert directory.root in ("/proc", "/proc/sys")
+    assert directory.path == Path("/proc/sys/kernel")
+
+
+def _volume_behind_a_var_run_link(tmp_path: Path) -> tuple[Path, Path, frozenset[str]]:
+    """``<tmp>/run/vol`` is the shared volume (a mount point, as the test says), reached
+    through ``<tmp>/var/run``, a link to ``<tmp>/run``, as /var/run is in Debian images."""
+    volume = tmp_path / "run" / "vol"
+    volume.mkdir(parents=True)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to(tmp_path / "run")
+    return tmp_path / "var" / "run" / "vol", volume, frozenset({"/", str(volume.resolve())})
+
+
+@pytest.mark.parametrize("below", [(), ("sub",), ("sub", "deeper")])
+def test_a_link_above_the_volume_is_followed(tmp_path: Path, below: tuple[str, ...]) -> None:
+    through_link, volume, mounts = _volume_behind_a_var_run_link(tmp_path)
+    volume.joinpath(*below).mkdir(parents=True, exist_ok=True)
+    target = through_link.joinpath(*below, "config.json")
+    directory = OutputDir.resolve(target, mounts)
+    assert directory == OutputDir(str(volume.resolve()), below)
+    write_atomic(target, b"abc", directory=directory)
+    assert volume.joinpath(*below, "config.json").read_bytes() == b"abc"
+    assert file_holds(target, b"abc", directory=directory)
+    assert file_signature(target, directory=directory) is not None
+
+
+def test_a_subdirectory_swapped_for_a_link_after_start_is_refused(tmp_path: Path) -> None:
+    through_link, volume, mounts = _volume_behind_a_var_run_link(tmp_path)
+    (volume / "sub").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = through_link / "sub" / "config.json"
+    directory = OutputDir.resolve(target, mounts)
+    write_atomic(target, b"abc", directory=directory)
+    (elsewhere / "config.json").write_bytes(b"abc")  # a copy, to be taken for the file
+    # The component's container swaps the subdirectory for a link to somewhere the agent
+    # may write.
+    (volume / "sub").rename(volume / "old")
+    (volume / "sub").symlink_to(elsewhere)
+    with pytest.raises(WriteError, match="is a symbolic link") as info:
+        write_atomic(target, b"new", directory=directory)
+    assert info.value.reason == "WriteFailed"
+    assert "put the directory back" in str(info.value) and "not full" not in str(info.value)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["config.json"]  # no temporary file
+    assert (elsewhere / "config.json").read_bytes() == b"abc"  # nothing written there
+    assert not file_holds(target, b"abc", directory=directory)
+    assert file_signature(target, directory=directory) is None
+    # Put back: written again.
+    (volume / "sub").unlink()
+    (volume / "old").rename(volume / "sub")
+    write_atomic(target, b"new", directory=directory)
+    assert (volume / "sub" / "config.json").read_bytes() == b"new"
+
+
+def test_a_link_below_the_volume_at_start_is_refused_too(tmp_path: Path) -> None:
+    # Swapped before the agent started: the names below the volume's mount point are never
+    # followed, whenever the link appeared.
+    through_link, volume, mounts = _volume_behind_a_var_run_link(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (volume / "sub").symlink_to(elsewhere)
+    target = through_link / "sub" / "config.json"
+    directory = OutputDir.resolve(target, mounts)
+    assert directory.below == ("sub",)
+    with pytest.raises(WriteError, match="is a symbolic link"):
+        write_atomic(target, b"new", directory=directory)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_without_a_mount_the_parent_s_real_path_at_start_is_trusted(tmp_path: Path) -> None:
+    # Outside Kubernetes (no mount on the way): the parent's real path as it is at start; a
+    # link that replaces one of its directories later is refused all the same.
+    (tmp_path / "real" / "dir").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    target = tmp_path / "alias" / "dir" / "config.json"
+    directory = OutputDir.resolve(target, frozenset({"/"}))
+    assert directory == OutputDir(str((tmp_path / "real" / "dir").resolve()))
+    write_atomic(target, b"abc", directory=directory)
+    assert (tmp_path / "real" / "dir" / "config.json").read_bytes() == b"abc"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "real" / "dir").rename(tmp_path / "real" / "old")
+    (tmp_path / "real" / "dir").symlink_to(elsewhere)
+    with pytest.raises(WriteError, match="is a symbolic link"):
+        write_atomic(target, b"new", directory=directory)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_directory_the_agent_may_write_but_not_read_still_takes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mode 0333 (root reads it anyway, hence the refusal is simulated): the file is created and
+    # renamed as before the walk existed; only the flush fails, which the caller knows to mean
+    # "the file is in place, the reload still owed".
+    from defender_agent import _writer
+
+    real_open = os.open
+
+    def no_read(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags == _writer._DIR_FLAGS:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_read)
+    with pytest.raises(WriteError, match="cannot flush the directory"):
+        write_atomic(tmp_path / "config.json", b"abc")
+    assert (tmp_path / "config.json").read_bytes() == b"abc"
