@@ -1103,7 +1103,7 @@ async def run(
                 await _pause(wake, pause)
     finally:
         mem.monitors -= 1
-        rt.heartbeats.detach(name)
+        rt.heartbeats.detach(name, wake)
         relay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay
