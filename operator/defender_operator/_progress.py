@@ -2,12 +2,13 @@
 
 kopf keeps each handler's progress (started, retries, success, ...) as JSON in an annotation
 `kopf.zalando.org/<handler id>` and decodes it with `json.loads` at every create, update,
-resume and delete it handles. Annotations belong to whoever may patch the DefenderComponent:
-a tenant with edit rights in one namespace can put any string there. With kopf's own storage,
-one kopf cannot use (not JSON, not an object, a time without a zone, a count that is text,
-nesting beyond Python's recursion limit) raised out of kopf's per-object worker; kopf then
-stops the whole operator ("unrecoverable error"), for every namespace, and again at each
-restart (the resume handler reads it too) until someone removes the annotation by hand.
+resume and delete it handles. Annotations belong to whoever may patch the DefenderComponent.
+With kopf's own storage, a value kopf cannot use (not JSON, not an object, a time without a
+zone, a count that is text, nesting beyond Python's recursion limit) raised in kopf's
+processing of that object: kopf throttled the object (an error traceback in the log at each
+retry, 1 s, 1 s, 2 s, ... apart) and never ran its handlers again while the annotation stayed,
+so its spec changes were never committed and nothing on the resource said why. Other objects
+were not affected (kopf throttles per object; tests/e2e checks the other namespace).
 
 `CheckedProgressStorage` reads the same places as kopf's default storage and hands kopf only a
 record of the shape kopf writes (`checked_record`, pure). Anything else counts as no record:

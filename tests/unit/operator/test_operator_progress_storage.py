@@ -1,9 +1,9 @@
 """kopf's handler progress is read from annotations any editor of a DefenderComponent writes.
 
-A tenant who may patch DefenderComponents in one namespace put a string kopf cannot use in
-`kopf.zalando.org/reconcile_component` (with any spec change, or before an operator restart):
-kopf's own storage raised out of its per-object worker and kopf stopped the whole operator,
-for every namespace, at every restart. These tests read the annotation the way kopf's
+Whoever may patch a DefenderComponent could put a string kopf cannot use in
+`kopf.zalando.org/reconcile_component` (with a spec change, or before an operator restart):
+kopf's own storage raised in kopf's processing of the object, kopf throttled it and never ran
+its handlers again while the annotation stayed. These tests read the annotation the way kopf's
 processing does (`State.from_storage` with the handlers of our registry, then the state's
 `done`, `delays` and counters) with the persistence settings the operator's startup applies.
 """
