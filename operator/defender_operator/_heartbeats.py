@@ -41,12 +41,6 @@ class _Entry:
     seq: int
 
 
-@dataclass
-class _Waker:
-    event: asyncio.Event
-    daemons: int = 0
-
-
 class HeartbeatView:
     def __init__(self, started: datetime) -> None:
         self.started = started
@@ -56,7 +50,8 @@ class HeartbeatView:
         self._seq = 0
         # Only while a monitor daemon of the component runs: names come and go with components
         # (and anyone who can write etcd can invent instance keys), so none is kept for good.
-        self._wakers: dict[str, _Waker] = {}
+        # One event per daemon: see `attach`.
+        self._wakers: dict[str, list[asyncio.Event]] = {}
         self.watching = False
         self.synced = False
         self.last_progress: datetime | None = None
@@ -68,37 +63,47 @@ class HeartbeatView:
         return self.watching and self.synced
 
     def attach(self, component: str) -> asyncio.Event:
-        """The event `component`'s monitor daemon pauses on, until it calls `detach`.
+        """A new event for one monitor daemon of `component` to pause on, until it calls
+        `detach` with it.
 
-        Counted: a same-named component re-created at once has its daemon started before the
-        old one's has ended, and both wait on the one event."""
-        waker = self._wakers.setdefault(component, _Waker(asyncio.Event()))
-        waker.daemons += 1
-        return waker.event
+        Several daemons may run under one name: a same-named component re-created at once has
+        its daemon started before the old one's has ended, and a resource refused in another
+        namespace (`Conflict`) has one for as long as it exists. Each gets an event of its own:
+        a daemon clears its event at the start of every round, and on a shared one the refused
+        resource's quick rounds cleared a wake meant for the owner's daemon, still busy with its
+        pass, which then slept through the change for up to a monitor interval."""
+        event = asyncio.Event()
+        self._wakers.setdefault(component, []).append(event)
+        return event
 
-    def detach(self, component: str) -> None:
-        waker = self._wakers.get(component)
-        if waker is None:
+    def detach(self, component: str, event: asyncio.Event | None = None) -> None:
+        """The daemon that waited on `event` (without one: the oldest) has ended."""
+        events = self._wakers.get(component)
+        if not events:
             return
-        waker.daemons -= 1
-        if waker.daemons <= 0:
+        if event is None:
+            events.pop(0)
+        elif event in events:
+            events.remove(event)
+        if not events:
             del self._wakers[component]
 
     def waker(self, component: str) -> asyncio.Event | None:
-        """The event `component`'s daemons pause on; None while none runs."""
-        waker = self._wakers.get(component)
-        return waker.event if waker is not None else None
+        """The event the oldest daemon of `component` pauses on; None while none runs."""
+        events = self._wakers.get(component)
+        return events[0] if events else None
 
     def wake(self, component: str, reason: str) -> None:
-        """`component`'s monitor runs a pass now (`reason` is only counted).
+        """`component`'s monitors run a pass now (`reason` is only counted).
 
         Without a daemon running there is nothing to wake, and nothing is kept: a daemon's
         first pass comes right after it starts, and reads everything a wake could be about."""
-        waker = self._wakers.get(component)
-        if waker is None:
+        events = self._wakers.get(component)
+        if not events:
             return
         MONITOR_WAKES.labels(reason).inc()
-        waker.event.set()
+        for event in events:
+            event.set()
 
     def apply(
         self, now: datetime, component: str, instance: str, record: InstanceRecord | None
@@ -138,8 +143,9 @@ class HeartbeatView:
         """Every monitor runs a pass now: something all of them judge changed (etcd's health,
         the keyring)."""
         MONITOR_WAKES.labels(reason).inc(len(self._wakers))
-        for waker in self._wakers.values():
-            waker.event.set()
+        for events in self._wakers.values():
+            for event in events:
+                event.set()
 
     def watch_failed(self) -> None:
         """The stream broke: the library re-creates it, but until a fresh full list has been

@@ -1112,7 +1112,7 @@ async def run(
             trigger = "wake" if wake.is_set() else timed
     finally:
         mem.monitors -= 1
-        rt.heartbeats.detach(name)
+        rt.heartbeats.detach(name, wake)
         relay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay

@@ -47,6 +47,7 @@ from defender_operator import (
     _loops,
     _monitor,
     _pods,
+    _progress,
     _reconcile,
     _webhook_setup,
 )
@@ -87,12 +88,20 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
     return await _login.pooled_login(limit, **kwargs)
 
 
-@kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    ours, library = load_operator_settings()
+def configure_persistence(settings: kopf.OperatorSettings) -> None:
+    """Where kopf keeps what it knows of each object between events."""
     settings.persistence.finalizer = FINALIZER
     # kopf's diff base goes out with the reconcile's status patch, not as a write of its own.
     settings.persistence.diffbase_storage = _diffbase.DIFFBASE
+    # kopf's handler progress lives in annotations any editor of the object writes: one that
+    # kopf cannot decode must not leave the object unhandled for good (`_progress`).
+    settings.persistence.progress_storage = _progress.CheckedProgressStorage()
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours, library = load_operator_settings()
+    configure_persistence(settings)
     # Events are posted explicitly (kopf.event) for what a person should act on; log lines
     # are not copied into Events.
     settings.posting.loggers = False

@@ -277,14 +277,36 @@ def test_a_waker_lasts_while_a_daemon_of_its_component_runs() -> None:
     first = view.attach("a")
     assert isinstance(first, asyncio.Event) and view.waker("a") is first
     # A same-named component re-created at once: its daemon starts before the old one ends.
-    assert view.attach("a") is first
-    view.detach("a")
+    second = view.attach("a")
+    view.detach("a", first)
     view.wake("a", "instance-new")
-    assert first.is_set(), "the successor's daemon lost its wake when the old one ended"
-    view.detach("a")
+    assert second.is_set(), "the successor's daemon lost its wake when the old one ended"
+    view.detach("a", second)
     assert view.waker("a") is None
-    view.detach("a")  # a second end of the same daemon is no error, and leaves nothing
-    assert view.waker("a") is None and view.attach("a") is not first
+    view.detach("a", second)  # a second end of the same daemon is no error, and leaves nothing
+    assert view.waker("a") is None and view.attach("a") not in (first, second)
+
+
+def test_a_same_named_daemon_in_another_namespace_never_clears_the_owners_wake() -> None:
+    """A tenant creates a DefenderComponent named like another namespace's (refused,
+    `Conflict`, but its monitor daemon runs). A wake by name reaches both daemons; the refused
+    one's rounds are quick and each begins by clearing its event. On one shared event that
+    cleared the wake the owner's daemon, busy with its pass, had not yet seen: it slept up to a
+    monitor interval through the change (a pod gone, a canary failing)."""
+    view = HeartbeatView(T0)
+    owner = view.attach("firewall")
+    refused = view.attach("firewall")
+    view.wake("firewall", "pod")
+    assert owner.is_set() and refused.is_set()
+    refused.clear()  # the refused daemon's next round
+    assert owner.is_set()
+    view.wake_all("keyring")
+    refused.clear()
+    assert owner.is_set()
+    view.detach("firewall", refused)
+    owner.clear()
+    view.wake("firewall", "etcd-change")
+    assert owner.is_set()
 
 
 def test_a_wake_with_no_daemon_running_keeps_nothing() -> None:

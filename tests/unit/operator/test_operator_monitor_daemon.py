@@ -226,3 +226,46 @@ def test_each_pass_says_what_started_it(monkeypatch: pytest.MonkeyPatch) -> None
         await asyncio.wait_for(task, timeout=10)
 
     asyncio.run(scenario())
+
+
+def test_a_refused_same_named_daemon_does_not_swallow_a_wake_the_owner_has_not_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tenant's resource named like this namespace's component, in its own namespace, is
+    refused but has a monitor daemon. A wake (by name) lands while the owner's pass runs; the
+    refused daemon's quick round begins by clearing its wake. The owner must still run a pass
+    for it at once, not a monitor interval later."""
+    h = Harness()
+    h.rt.settings = OperatorSettings(monitor_interval_seconds=60)
+    passes: dict[str, int] = {NAMESPACE: 0, "tenant": 0}
+    gate = asyncio.Event()
+
+    async def one_pass(rt: Any, body: Any, namespace: str, *_: Any, **__: Any) -> None:
+        passes[namespace] += 1
+        if namespace == NAMESPACE and passes[namespace] == 2:
+            await gate.wait()  # the owner's pass is still reading etcd
+
+    monkeypatch.setattr(_monitor, "_pass", one_pass)
+
+    async def scenario() -> None:
+        stop_owner, owner = _start(h)
+        stop_refused = Stopped()
+        refused = asyncio.create_task(
+            _monitor.run(h.rt, stop_refused, {}, "tenant", NAME, LOG, h.index())
+        )
+        await _until(lambda: passes == {NAMESPACE: 1, "tenant": 1}, "both first passes")
+        await asyncio.sleep(0.3)  # both in their long pause
+        h.rt.wake(NAME, "pod")
+        await _until(lambda: passes[NAMESPACE] == 2, "the owner's second pass begun")
+        await _until(lambda: passes["tenant"] == 2, "the refused one's second pass")
+        await asyncio.sleep(0.3)  # the refused daemon back in its pause
+        h.rt.wake(NAME, "etcd-change")  # what the owner's running pass may have read too early
+        await _until(lambda: passes["tenant"] == 3, "the refused one woken again")
+        await asyncio.sleep(0.3)  # its next round has begun (and cleared its wake)
+        gate.set()
+        await _until(lambda: passes[NAMESPACE] == 3, "the owner's pass for the second wake")
+        for stopped, task in ((stop_owner, owner), (stop_refused, refused)):
+            stopped.set()
+            await asyncio.wait_for(task, timeout=10)
+
+    asyncio.run(scenario())
