@@ -59,6 +59,7 @@ from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
 from defender_operator._metrics import RECONCILES, forget_component
+from defender_operator._progress import CheckedProgressStorage
 from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import load_operator_settings
 from defender_operator._spawning import without_finalizer
@@ -93,6 +94,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.finalizer = FINALIZER
     # kopf's diff base goes out with the reconcile's status patch, not as a write of its own.
     settings.persistence.diffbase_storage = _diffbase.DIFFBASE
+    # kopf's progress annotations, as anyone who may patch a component wrote them: one kopf
+    # cannot use is no record, not a stopped operator (`_progress`).
+    settings.persistence.progress_storage = CheckedProgressStorage()
     # Events are posted explicitly (kopf.event) for what a person should act on; log lines
     # are not copied into Events.
     settings.posting.loggers = False

@@ -1,0 +1,98 @@
+"""kopf's record of each handler's progress, read so that no value in it stops the operator.
+
+kopf keeps a handler's progress (started, retries, delayed...) as JSON in an annotation of the
+object it handles (`kopf.zalando.org/<handler id>`), and reads it back at every change of the
+object before calling any handler. Whoever may patch a DefenderComponent writes its
+annotations: a string there nested 5,000 deep raised RecursionError in kopf's `json.loads`, one
+that is not JSON JSONDecodeError, a list or a field of the wrong type (a time without a zone, a
+count that is text) TypeError or AttributeError a little later. Each of these is raised in the
+object's kopf worker, which kopf takes as a framework bug: the operator stopped for every
+namespace, and stopped again at each start while the annotation stayed.
+
+`_deep_json.install` makes kopf's decoder cut the depth, as for whole objects;
+`CheckedProgressStorage` takes a record kopf could not use as no record (a warning names the
+object, the handler and what is wrong, never the value): the handler runs as for a new change,
+and kopf's own write after it replaces or removes the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Final
+
+import kopf
+from kopf._core.actions.progression import parse_iso8601
+
+__all__ = ["CheckedProgressStorage", "unusable"]
+
+log = logging.getLogger("defender_operator.progress")
+
+_TIMES: Final = ("started", "stopped", "delayed")
+# kopf makes an annotation key of each sub-handler id when it purges a record: one the API
+# server refuses as a key would fail that patch at every change of the object.
+_HANDLER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.<>/-]{0,252}")
+
+
+def unusable(record: Any) -> str | None:
+    """Why kopf could not use `record` (decoded from its annotation) as a handler's progress,
+    or None when it can. What is checked is what kopf would raise on, or fail to write back,
+    as it reads a record; the flags and the message kopf converts itself, and a field it does
+    not know is its to ignore. The answer quotes no value."""
+    if not isinstance(record, dict):
+        return f"JSON {type(record).__name__}, not an object"
+    for name in _TIMES:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return f"{name} is not a string"
+        try:
+            moment = parse_iso8601(value)
+        except ValueError:  # iso8601.ParseError
+            return f"{name} is not an ISO 8601 time"
+        if moment.tzinfo is None:
+            # kopf compares it with an aware `now`: TypeError.
+            return f"{name} has no time zone"
+    retries = record.get("retries")
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)):
+        return "retries is not an integer"
+    purpose = record.get("purpose")
+    if purpose is not None and not isinstance(purpose, str):
+        # kopf counts handlers by purpose in a dict: a list or object is unhashable.
+        return "purpose is not a string"
+    subrefs = record.get("subrefs")
+    if subrefs is not None and not (
+        isinstance(subrefs, list)
+        and all(isinstance(s, str) and _HANDLER_ID.fullmatch(s) for s in subrefs)
+    ):
+        return "subrefs is not a list of handler ids"
+    return None
+
+
+class CheckedProgressStorage(kopf.SmartProgressStorage):
+    """kopf's default progress storage (annotations, and the status stanza it no longer
+    writes), whose `fetch` answers None for a record kopf could not use (`unusable`)."""
+
+    def fetch(self, *, key: kopf.HandlerId, body: kopf.Body) -> kopf.ProgressRecord | None:
+        for storage in self.storages:
+            try:
+                record = storage.fetch(key=key, body=body)
+            except ValueError:  # json.JSONDecodeError
+                problem: str | None = "not JSON"
+            else:
+                if record is None:
+                    continue
+                problem = unusable(record)
+                if problem is None:
+                    return record
+            meta = body.get("metadata") or {}
+            log.warning(
+                "kopf's progress record of handler %s on %s/%s cannot be used (%s): the handler"
+                " runs as for a new change, and kopf writes the record anew",
+                key,
+                meta.get("namespace") or "",
+                meta.get("name") or "",
+                problem,
+            )
+        return None
