@@ -188,16 +188,23 @@ _JSON.__dict__.update({name: getattr(json, name) for name in json.__all__}, load
 
 def install() -> None:
     """Point every decoder that reads Kubernetes objects in this process at `loads`: kopf's
-    watch stream and webhook server, aiohttp responses (kopf's list, get and patch calls) and
-    the kubernetes client. Idempotent. tests/unit/operator/test_operator_deep_json.py pins
+    watch stream and webhook server, aiohttp responses (kopf's list, get and patch calls), the
+    kubernetes client, and kopf's progress and diff-base storages (JSON in an object's
+    annotations and status). Idempotent. tests/unit/operator/test_operator_deep_json.py pins
     each place, so an upgrade that moves one fails there."""
     import aiohttp
     import kopf._cogs.clients.api as kopf_api
+    import kopf._cogs.configs.diffbase as kopf_diffbase
+    import kopf._cogs.configs.progress as kopf_progress
     import kopf._kits.webhooks as kopf_webhooks
     from kubernetes.client import api_client
 
     kopf_api.json = _JSON  # type: ignore[attr-defined]
     kopf_webhooks.json = _JSON  # type: ignore[attr-defined]
+    # kopf's storages decode JSON strings of an object's annotations (handler progress, the
+    # annotation diff base) and status: anyone who may patch the object writes them.
+    kopf_progress.json = _JSON  # type: ignore[attr-defined]
+    kopf_diffbase.json = _JSON  # type: ignore[attr-defined]
     api_client.json = _JSON  # type: ignore[attr-defined]
     # `loads` is a keyword default, bound when aiohttp was imported.
     defaults = aiohttp.ClientResponse.json.__kwdefaults__

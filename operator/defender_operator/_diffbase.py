@@ -29,6 +29,7 @@ from typing import Any, Final, cast
 import kopf
 
 from defender_config.contract import KIND
+from defender_operator import _deep_json
 
 FIELD = "lastHandledDigest"
 LEGACY_FIELD = "lastHandledConfiguration"
@@ -137,7 +138,9 @@ def _legacy(value: Any) -> Any:
     if not isinstance(value, str) or not value:
         return None
     try:
-        essence = json.loads(value)
+        # Cut, not json.loads: whoever may write the object's status wrote this string, and
+        # one nested thousands deep raised RecursionError in kopf's worker (the operator stops).
+        essence = _deep_json.loads(value)
     except ValueError:
         return None
     return essence if isinstance(essence, dict) else None

@@ -105,23 +105,30 @@ async def settle(rt: Runtime) -> bool:
     """Decide and apply; True when the operator holds a keyring that opens every stored value.
     Raises the library's / operator's errors when etcd or the API server cannot be read (the
     state is then left as it was)."""
+    return await settle_source(rt) is not None
+
+
+async def settle_source(rt: Runtime) -> StoredKeyring | None:
+    """`settle`, answering the source Secret as judged (its keyring the one the operator now
+    holds, its resourceVersion as read or written here) instead of True: a rotation step acts
+    on that object and reads none (`_rotation.step`)."""
     stored, source_error = await asyncio.to_thread(_load, rt)
     held = rt.keyring.peek()
     if rt.keyring_ready and stored is not None and held is not None and stored.keyring == held:
         # The keyring this operator verified or wrote itself (a rotation step's too: whether
         # the last export still holds every key is judged here).
         await _judge_export(rt, stored)
-        return True
+        return stored
     plan, keyrings = await asyncio.to_thread(_gather, rt, stored, source_error)
     if plan.action is KeyringAction.USE_SOURCE and stored is not None:
         await _use(rt, stored)
         await _report_record(rt, plan)
-        return True
+        return stored
     if plan.action is KeyringAction.RESTORE and plan.holder is not None:
         keyring = keyrings[plan.holder]
         written, created = await asyncio.to_thread(rt.secrets.restore, keyring, plan.holder)
         if not created:
-            return False  # someone else wrote the source meanwhile: judge it next time
+            return None  # someone else wrote the source meanwhile: judge it next time
         log.warning(
             "%s (primary %s); take a keyring export now: kubectl defender keyring export",
             plan.message,
@@ -130,12 +137,12 @@ async def settle(rt: Runtime) -> bool:
         await _tell(rt, "Warning", plan.reason, plan.message, alert=True)
         await _use(rt, written)
         await _report_record(rt, plan)
-        return True
+        return written
     if plan.action is KeyringAction.GENERATE:
         keyring = Keyring.generate()
         written, created = await asyncio.to_thread(rt.secrets.create, keyring)
         if not created:
-            return False  # another replica generated first: its keyring is judged next time
+            return None  # another replica generated first: its keyring is judged next time
         log.warning(
             "generated a NEW shared keyring (primary %s, key %s) in Secret %s/%s: %s. Export"
             " it and keep the file safe: kubectl defender keyring export",
@@ -146,9 +153,9 @@ async def settle(rt: Runtime) -> bool:
             plan.message,
         )
         await _use(rt, written)
-        return True
+        return written
     await _refuse(rt, plan)
-    return False
+    return None
 
 
 async def first_settle(rt: Runtime, attempts: int = 3) -> None:

@@ -336,8 +336,9 @@ async def key_rotation(rt: Runtime) -> None:
                 # The keyring is checked first: a deleted or replaced source Secret is judged
                 # (restored, or refused) before a rotation step could act on it.
                 etcd_ok = rt.etcd.last.reachable and rt.etcd.last.quorum
-                if etcd_ok and await _keyguard.settle(rt):
-                    await _rotation.step(rt)
+                judged = await _keyguard.settle_source(rt) if etcd_ok else None
+                if judged is not None:
+                    await _rotation.step(rt, judged)
                 if ticks % 6 == 0 and rt.keyring_ready:
                     # Keep copies in sync even if someone edited or deleted one.
                     await _rotation.fan_out_everywhere(rt, rt.keyring.current())

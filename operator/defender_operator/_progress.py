@@ -1,114 +1,99 @@
-"""kopf's handler progress, read back from a place anyone who may edit the object writes.
+"""kopf's record of each handler's progress, read so that no value in it stops the operator.
 
-kopf keeps each handler's progress (started, retries, success, ...) as JSON in an annotation
-`kopf.zalando.org/<handler id>` and decodes it with `json.loads` at every create, update,
-resume and delete it handles. Annotations belong to whoever may patch the DefenderComponent.
-With kopf's own storage, a value kopf cannot use (not JSON, not an object, a time without a
-zone, a count that is text, nesting beyond Python's recursion limit) raised in kopf's
-processing of that object: kopf throttled the object (an error traceback in the log at each
-retry, 1 s, 1 s, 2 s, ... apart) and never ran its handlers again while the annotation stayed,
-so its spec changes were never committed and nothing on the resource said why. Other objects
-were not affected (kopf throttles per object; tests/e2e checks the other namespace).
+kopf keeps a handler's progress (started, retries, delayed...) as JSON in an annotation of the
+object it handles (`kopf.zalando.org/<handler id>`), and reads it back at every change of the
+object before calling any handler. Whoever may patch a DefenderComponent writes its
+annotations: a string there nested 5,000 deep raised RecursionError in kopf's `json.loads`, one
+that is not JSON JSONDecodeError, a list or a field of the wrong type (a time without a zone, a
+count that is text) TypeError or AttributeError a little later. Each of these is raised in the
+object's kopf worker: kopf throttled that object and never ran its handlers again while the
+annotation stayed (its spec changes were never committed; other objects were not affected,
+measured against a real API server in tests/e2e/operator/test_operator_e2e_tenants.py).
 
-`CheckedProgressStorage` reads the same places as kopf's default storage and hands kopf only a
-record of the shape kopf writes (`checked_record`, pure). Anything else counts as no record:
-the handler runs afresh, which is harmless because every handler of ours reconciles the whole
-object, and kopf's next write of its progress replaces the annotation. What the record says
-within that shape (a retry count, a delay) only ever concerns its own object.
+`_deep_json.install` makes kopf's decoder cut the depth, as for whole objects;
+`CheckedProgressStorage` takes a record kopf could not use as no record (a warning names the
+object, the handler and what is wrong, never the value): the handler runs as for a new change,
+and kopf's own write after it replaces or removes the record.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Final, cast
+import re
+from typing import Any, Final
 
-import iso8601
 import kopf
+from kopf._core.actions.progression import parse_iso8601
 
-log = logging.getLogger("defender_operator")
+__all__ = ["CheckedProgressStorage", "unusable"]
+
+log = logging.getLogger("defender_operator.progress")
 
 _TIMES: Final = ("started", "stopped", "delayed")
-_TEXTS: Final = ("purpose", "message")
-_FLAGS: Final = ("success", "failure")
+# kopf makes an annotation key of each sub-handler id when it purges a record: one the API
+# server refuses as a key would fail that patch at every change of the object.
+_HANDLER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.<>/-]{0,252}")
 
 
-class UnusableProgress(ValueError):
-    """A stored progress record kopf could not use. The message names the field at fault and
-    never quotes the value (it is whatever the object's editor wrote)."""
-
-
-def _time(field: str, value: object) -> None:
-    if not isinstance(value, str):
-        raise UnusableProgress(f"{field} is not a string")
-    try:
-        # kopf's own parse (`progression.parse_iso8601`).
-        when = iso8601.parse_date(value, default_timezone=None)
-    except (iso8601.ParseError, ValueError, OverflowError) as exc:
-        raise UnusableProgress(f"{field} is not an ISO 8601 time") from exc
-    # kopf compares it with an aware "now": a naive time raises TypeError there.
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise UnusableProgress(f"{field} has no time zone")
-
-
-def checked_record(value: object) -> kopf.ProgressRecord:
-    """`value` as a progress record kopf can use, keeping only the fields kopf reads; raises
-    UnusableProgress when any of them is not of the type kopf writes."""
-    if not isinstance(value, Mapping):
-        raise UnusableProgress("the record is not a JSON object")
-    record: dict[str, Any] = {}
-    for field in _TIMES:
-        if value.get(field) is not None:
-            _time(field, value[field])
-            record[field] = value[field]
-    for field in _TEXTS:
-        if value.get(field) is not None:
-            if not isinstance(value[field], str):
-                raise UnusableProgress(f"{field} is not a string")
-            record[field] = value[field]
-    for field in _FLAGS:
-        if value.get(field) is not None:
-            if not isinstance(value[field], bool):
-                raise UnusableProgress(f"{field} is not a boolean")
-            record[field] = value[field]
-    retries = value.get("retries")
-    if retries is not None:
-        if not isinstance(retries, int) or isinstance(retries, bool):
-            raise UnusableProgress("retries is not an integer")
-        record["retries"] = retries
-    subrefs = value.get("subrefs")
-    if subrefs is not None:
-        if not isinstance(subrefs, list) or not all(isinstance(s, str) for s in subrefs):
-            raise UnusableProgress("subrefs is not a list of strings")
-        record["subrefs"] = list(subrefs)
-    return cast(kopf.ProgressRecord, record)  # each key and its type checked above
-
-
-def _where(body: Any) -> str:
-    meta = body.get("metadata") or {}
-    return f"{meta.get('namespace') or ''}/{meta.get('name') or ''}"
+def unusable(record: Any) -> str | None:
+    """Why kopf could not use `record` (decoded from its annotation) as a handler's progress,
+    or None when it can. What is checked is what kopf would raise on, or fail to write back,
+    as it reads a record; the flags and the message kopf converts itself, and a field it does
+    not know is its to ignore. The answer quotes no value."""
+    if not isinstance(record, dict):
+        return f"JSON {type(record).__name__}, not an object"
+    for name in _TIMES:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return f"{name} is not a string"
+        try:
+            moment = parse_iso8601(value)
+        except ValueError:  # iso8601.ParseError
+            return f"{name} is not an ISO 8601 time"
+        if moment.tzinfo is None:
+            # kopf compares it with an aware `now`: TypeError.
+            return f"{name} has no time zone"
+    retries = record.get("retries")
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)):
+        return "retries is not an integer"
+    purpose = record.get("purpose")
+    if purpose is not None and not isinstance(purpose, str):
+        # kopf counts handlers by purpose in a dict: a list or object is unhashable.
+        return "purpose is not a string"
+    subrefs = record.get("subrefs")
+    if subrefs is not None and not (
+        isinstance(subrefs, list)
+        and all(isinstance(s, str) and _HANDLER_ID.fullmatch(s) for s in subrefs)
+    ):
+        return "subrefs is not a list of handler ids"
+    return None
 
 
 class CheckedProgressStorage(kopf.SmartProgressStorage):
-    """kopf's default progress storage (annotations, then status), whose `fetch` gives kopf
-    only records `checked_record` accepts."""
+    """kopf's default progress storage (annotations, and the status stanza it no longer
+    writes), whose `fetch` answers None for a record kopf could not use (`unusable`)."""
 
     def fetch(self, *, key: kopf.HandlerId, body: kopf.Body) -> kopf.ProgressRecord | None:
         for storage in self.storages:
             try:
-                content = storage.fetch(key=key, body=body)
-                if content is None:
+                record = storage.fetch(key=key, body=body)
+            except ValueError:  # json.JSONDecodeError
+                problem: str | None = "not JSON"
+            else:
+                if record is None:
                     continue
-                return checked_record(content)
-            # What kopf's decoding raises on any string: JSONDecodeError and an integer of
-            # too many digits are ValueErrors, nesting too deep a RecursionError.
-            except (ValueError, TypeError, RecursionError) as exc:
-                reason = str(exc) if isinstance(exc, UnusableProgress) else type(exc).__name__
-                log.warning(
-                    "%s: ignoring the stored progress of handler %s (%s): %s",
-                    _where(body),
-                    key,
-                    type(storage).__name__,
-                    reason,
-                )
+                problem = unusable(record)
+                if problem is None:
+                    return record
+            meta = body.get("metadata") or {}
+            log.warning(
+                "kopf's progress record of handler %s on %s/%s cannot be used (%s): the handler"
+                " runs as for a new change, and kopf writes the record anew",
+                key,
+                meta.get("namespace") or "",
+                meta.get("name") or "",
+                problem,
+            )
         return None

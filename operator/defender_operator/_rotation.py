@@ -16,7 +16,6 @@ import logging
 from datetime import datetime
 
 from defender_config import Keyring, KeyState
-from defender_operator import _keyguard
 from defender_operator._api import ROTATE_ANNOTATION, RotationStage
 from defender_operator._decisions.rotation import (
     RotationAction,
@@ -28,7 +27,7 @@ from defender_operator._decisions.rotation import (
     resumed_rotation,
     schedule_due,
 )
-from defender_operator._errors import KeySecretError, KubeError, OperatorError
+from defender_operator._errors import KubeError, OperatorError
 from defender_operator._keys import StoredKeyring
 from defender_operator._metrics import ROTATION_STAGE
 from defender_operator._runtime import Runtime, utcnow
@@ -82,41 +81,15 @@ async def fan_out_everywhere(rt: Runtime, keyring: Keyring) -> None:
         )
 
 
-async def step(rt: Runtime) -> RotationStep:
-    """Load the state, decide one step, apply it. Returns the step taken."""
-    current = await asyncio.to_thread(rt.secrets.load)
-    if current is None:
-        # Deleted since `_keyguard.settle` judged it: settle again, which writes it back from
-        # the keyring it verified and says so (Event, alert), rather than a quiet write here.
-        if not await _keyguard.settle(rt):
-            raise KeySecretError(
-                "write back",
-                rt.secrets.namespace,
-                rt.secrets.name,
-                None,
-                "it was deleted and is not written back yet; the next pass tries again",
-            )
-        current = await asyncio.to_thread(rt.secrets.load)
-        if current is None:
-            raise KeySecretError(
-                "read",
-                rt.secrets.namespace,
-                rt.secrets.name,
-                None,
-                "it is gone again right after it was written back; the next pass tries again",
-            )
-    held = rt.keyring.peek()
-    if held is None or current.keyring != held:
-        # Replaced since `_keyguard.settle` judged it (a stranger's keyring put in by hand, with
-        # a rotation request): only the keyring settle verified against the store is rotated;
-        # the next pass judges this one first (and refuses it when it does not open the store).
-        raise KeySecretError(
-            "read",
-            rt.secrets.namespace,
-            rt.secrets.name,
-            None,
-            "it changed after it was judged; the next pass judges it before any rotation step",
-        )
+async def step(rt: Runtime, judged: StoredKeyring) -> RotationStep:
+    """Decide one step for the source Secret `judged`, as `_keyguard.settle_source` judged it
+    (its keyring the one the operator holds), and apply it. Returns the step taken.
+
+    Nothing is read again: every write carries `judged`'s resourceVersion, so a Secret
+    replaced or deleted since (a stranger's keyring with a rotation request put in by hand)
+    makes the write fail (409/404: KeySecretError) and the next pass judges it before any
+    step; a step that writes nothing leaves it to that pass too."""
+    current = judged
     now = utcnow()
     # Before the first rotation the primary key's creation time starts the schedule.
     last = current.last_rotation or current.keyring.primary.created

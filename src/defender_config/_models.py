@@ -563,6 +563,10 @@ def validate_config(
         raise ConfigValidationError(
             who, [FieldError("", f"config must be a JSON object, not {type(config).__name__}")]
         )
+    if json_depth_exceeds(dict(config), MAX_JSON_DEPTH):
+        # Refused by its depth whatever the type: a model would list field errors of the top
+        # level (missing fields, an extra key), hiding why this config cannot be stored.
+        raise ConfigValidationError(who, [_too_deep()])
     result: dict[str, Any]
     model = _MODELS.get(ctype)
     if model is not None:
@@ -590,6 +594,10 @@ def validate_config(
     return result
 
 
+def _too_deep() -> FieldError:
+    return FieldError("", f"nested too deeply (over {MAX_JSON_DEPTH} levels)")
+
+
 def canonical_json(config: Any, *, component: str = "config") -> bytes:
     """Sorted keys, no whitespace, UTF-8, no NaN: equal configs give equal bytes.
 
@@ -603,9 +611,7 @@ def canonical_json(config: Any, *, component: str = "config") -> bytes:
         # than they parse would be lost to every one of them.
         check_depth(config, text.count("[") + text.count("{"))
     except RecursionError:
-        raise ConfigValidationError(
-            component, [FieldError("", f"nested too deeply (over {MAX_JSON_DEPTH} levels)")]
-        ) from None
+        raise ConfigValidationError(component, [_too_deep()]) from None
     except (TypeError, ValueError) as exc:
         raise ConfigValidationError(
             component, [FieldError("", f"not representable as JSON: {exc}")]

@@ -224,3 +224,48 @@ def test_a_config_nested_thousands_deep_is_refused_and_the_operator_carries_on(
         log = run.log_tail(3000)
         assert "RecursionError" not in log, log
         assert "Traceback" not in log, log
+
+
+def test_kopfs_progress_annotations_written_by_hand_leave_the_operator_serving(
+    operator_run: OperatorRun,
+) -> None:
+    """kopf reads each handler's progress from an annotation of the object
+    (`kopf.zalando.org/<handler>`) at every change, and whoever may patch a component writes
+    its annotations. One nested 5,000 deep, one not JSON, one with a time without a zone: each
+    raised in the object's kopf worker, which stopped the operator for every namespace (and
+    again at each start). Each is read as no record now: the change is committed, the sample
+    beside it keeps committing, and an operator restarted with them present serves."""
+    run = operator_run
+    run.start()
+    run.apply_sample("firewall")
+    _create(run, _custom("odd-progress", {"a": 1}, retention="Purge"))
+    run.wait_active_version("firewall", 1)
+    run.wait_active_version("odd-progress", 1)
+    progress = {
+        "kopf.zalando.org/reconcile_component": '{"n":' * 5000 + "1" + "}" * 5000,
+        "kopf.zalando.org/apply_retention": "not json",
+    }
+    run.patch(
+        "odd-progress",
+        {"metadata": {"annotations": progress}, "spec": {"config": {"a": 2}}},
+    )
+    run.wait_active_version("odd-progress", 2)
+    _others_still_commit(run)
+    # Present at the next start (the handler's record was written anew; the other stays).
+    zoneless = '{"started": "2026-12-06T03:00:00", "delayed": "2026-12-06T03:00:00"}'
+    run.patch(
+        "odd-progress",
+        {"metadata": {"annotations": {"kopf.zalando.org/reconcile_component": zoneless}}},
+    )
+    run.stop()
+    run.start()
+    run.patch("odd-progress", {"spec": {"config": {"a": 3}}})
+    run.wait_active_version("odd-progress", 3)
+    run.patch("firewall", {"spec": {"config": {"block_ttl_seconds": 602}}})
+    run.wait_active_version("firewall", 3)
+    assert all(p.poll() is None for p in run.procs)
+    log = run.log_tail(3000)
+    assert "cannot be used (not JSON)" in log, log
+    assert "cannot be used (started has no time zone)" in log, log
+    for crash in ("RecursionError", "Traceback", "unrecoverable error"):
+        assert crash not in log, log

@@ -625,3 +625,34 @@ def test_a_schema_deeper_than_its_metadata_record_can_hold_is_refused() -> None:
     (error,) = info.value.errors
     assert error.location == "(schema)"
     assert "metadata record" in error.message and info.value.component == "c"
+
+
+def _config_of_depth(depth: int, top: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`top` with a key nesting the whole config `depth` objects deep (the outermost counts)."""
+    node: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 2):
+        node = {"n": node}
+    return {**(top or {}), "deep": node}
+
+
+@pytest.mark.parametrize("ctype", [t.value for t in ComponentType])
+@pytest.mark.parametrize("depth", [101, 300, 450])
+def test_a_config_too_deep_to_store_is_refused_by_its_depth_whatever_the_type(
+    ctype: str, depth: int
+) -> None:
+    """A typed component's model listed its field errors (missing fields, an extra key) for a
+    config the library cannot store anyway; every type now says why, as `custom` does."""
+    from defender_config._json_parse import MAX_JSON_DEPTH
+
+    schema = {"type": "object"}
+    with pytest.raises(ConfigValidationError) as info:
+        validate_config(ctype, _config_of_depth(depth), schema, component="c")
+    assert [(e.location, e.message) for e in info.value.errors] == [
+        ("", f"nested too deeply (over {MAX_JSON_DEPTH} levels)")
+    ]
+    # One level less is the model's (or the schema's) to judge, as before.
+    shallow = _config_of_depth(MAX_JSON_DEPTH)
+    try:
+        validate_config(ctype, shallow, schema, component="c")
+    except ConfigValidationError as exc:
+        assert "nested too deeply" not in str(exc)

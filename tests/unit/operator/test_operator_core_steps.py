@@ -894,6 +894,9 @@ def test_a_config_nested_too_deep_is_refused_like_any_invalid_config() -> None:
     synced = h.condition(cond.CONFIG_SYNCED)
     assert (synced["status"], synced["reason"]) == (cond.FALSE, "ConfigInvalid")
     assert f"config for '{NAME}'" in synced["message"]
+    # Why, not the sniffer model's complaint about the extra key that holds it.
+    assert "nested too deeply (over 100 levels)" in synced["message"]
+    assert "extra" not in synced["message"]
     # Recorded, so a resume of the same spec is told from a new one (the revert test below).
     assert h.kube.status["specConfigDigest"] not in ("", stored(ETH0))
 

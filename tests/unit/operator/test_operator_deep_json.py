@@ -9,14 +9,17 @@ import math
 from typing import Any
 
 import aiohttp
+import kopf
 import kopf._cogs.clients.api as kopf_api
+import kopf._cogs.configs.diffbase as kopf_diffbase
+import kopf._cogs.configs.progress as kopf_progress
 import kopf._kits.webhooks as kopf_webhooks
 import pytest
 from kubernetes.client import api_client
 
 from defender_config import ConfigValidationError, validate_config
 from defender_config._json_parse import MAX_JSON_DEPTH
-from defender_operator import _api, _deep_json
+from defender_operator import _api, _deep_json, _diffbase
 from defender_operator._deep_json import CUT_DEPTH, MARKER, loads, parse_iteratively
 
 POD: dict[str, Any] = {
@@ -242,12 +245,13 @@ def test_install_patches_every_decoder_of_kubernetes_objects(
     upgrade moves one, this fails and the new place must be patched instead."""
     defaults = aiohttp.ClientResponse.json.__kwdefaults__
     assert defaults is not None
-    for module in (kopf_api, kopf_webhooks, api_client):
+    modules = (kopf_api, kopf_webhooks, kopf_progress, kopf_diffbase, api_client)
+    for module in modules:
         monkeypatch.setattr(module, "json", json)
     monkeypatch.setitem(defaults, "loads", json.loads)
     _deep_json.install()
     _deep_json.install()  # idempotent
-    for module in (kopf_api, kopf_webhooks, api_client):
+    for module in modules:
         assert module.json.loads is loads, module
         assert module.json.dumps is json.dumps
         assert module.json.JSONDecodeError is json.JSONDecodeError
@@ -260,6 +264,55 @@ def test_install_patches_every_decoder_of_kubernetes_objects(
     assert "json.loads(response_text)" in inspect.getsource(api_client.ApiClient.deserialize)
     for call in ("get", "post", "patch", "delete"):
         assert "await response.json()" in inspect.getsource(getattr(kopf_api, call))
+    for storage in (
+        kopf_progress.AnnotationsProgressStorage,
+        kopf_diffbase.AnnotationsDiffBaseStorage,
+        kopf_diffbase.StatusDiffBaseStorage,
+    ):
+        assert "json.loads(encoded)" in inspect.getsource(storage.fetch), storage
+
+
+def test_kopfs_storages_decode_an_objects_json_strings_cut_after_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kopf reads JSON strings that whoever may patch an object writes: its handlers'
+    progress annotations, and the diff base in an annotation or the status. One nested
+    5,000 deep raised RecursionError in the object's worker, and kopf stopped the operator."""
+    for module in (kopf_progress, kopf_diffbase):
+        monkeypatch.setattr(module, "json", json)
+    deep = nested_text(5000)
+    body = kopf.Body(
+        {
+            "metadata": {
+                "annotations": {
+                    "kopf.zalando.org/reconcile_component": deep,
+                    "kopf.zalando.org/last-handled-configuration": deep,
+                }
+            },
+            "status": {"kopf": {"last-handled-configuration": deep}},
+        }
+    )
+    progress = kopf.AnnotationsProgressStorage()
+    diffbases = (kopf.AnnotationsDiffBaseStorage(), kopf.StatusDiffBaseStorage())
+    with pytest.raises(RecursionError):  # as kopf reads them
+        progress.fetch(key=kopf.HandlerId("reconcile_component"), body=body)
+    _deep_json.install()
+    assert depth_of(progress.fetch(key=kopf.HandlerId("reconcile_component"), body=body)) == (
+        CUT_DEPTH
+    )
+    for storage in diffbases:
+        assert depth_of(storage.fetch(body=body)) == CUT_DEPTH, storage
+
+
+def test_the_legacy_diff_base_in_the_status_is_decoded_cut() -> None:
+    """An earlier operator's diff base (status.lastHandledConfiguration), read while no digest
+    is there: a string nested thousands deep there raised RecursionError in kopf's worker."""
+    status = {_diffbase.LEGACY_FIELD: nested_text(5000)}
+    essence = _diffbase.PublishedDiffBase().fetch(body=kopf.Body({"status": status}))
+    assert depth_of(essence) == CUT_DEPTH
+    # Not JSON at all: no diff base (the object is reconciled once more), as before.
+    status = {_diffbase.LEGACY_FIELD: "[" * 5000}
+    assert _diffbase.PublishedDiffBase().fetch(body=kopf.Body({"status": status})) is None
 
 
 def test_aiohttp_responses_decode_deep_objects_after_install(

@@ -5,6 +5,7 @@ warn NoKeyringExport (docs/key-rotation.md, "What the operator does to protect t
 from __future__ import annotations
 
 import asyncio
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,12 +16,15 @@ from defender_cli._keyring_commands import export_stamp
 from defender_config import Keyring
 from defender_config.contract import EXPORTED_ANNOTATION, RESTORED_ANNOTATION
 from defender_operator import _keyguard, _rotation
+from defender_operator._api import ROTATE_ANNOTATION
 from defender_operator._decisions.keyring import export_lacks
+from defender_operator._decisions.rotation import RotationAction
 from defender_operator._errors import KeySecretError
 from defender_operator._keys import (
     MEMORY,
     ExportSeen,
     KeyringSecrets,
+    StoredKeyring,
     keyring_digest,
     restore_annotations,
 )
@@ -89,15 +93,40 @@ def test_a_deleted_exported_secret_is_restored_with_its_stamp_and_no_export_is_a
     assert "NoKeyringExport" not in [reason for _, reason in restarted.kube.posted]
 
 
+def _edited_by_hand(
+    api: FakeSecretsApi, data: dict[str, str] | None = None, **annotations: str
+) -> None:
+    """`kubectl edit` of the source Secret: replaced whole, so its resourceVersion changes."""
+    edited = copy.deepcopy(api.stored[SOURCE])
+    if data is not None:
+        edited.data = data
+    edited.metadata.annotations.update(annotations)
+    api.replace_namespaced_secret(NAME, NS, edited)
+
+
+def _judged_with_a_rotation_request(api: FakeSecretsApi, h: Harness) -> StoredKeyring:
+    """A person asks for a rotation; the next pass's settle judges the Secret holding it."""
+    _edited_by_hand(api, **{ROTATE_ANNOTATION: "now"})
+    judged = asyncio.run(_keyguard.settle_source(h.rt))
+    assert judged is not None and judged.request_pending
+    return judged
+
+
 def test_a_secret_deleted_between_settle_and_the_rotation_step_is_written_back_and_reported() -> (
     None
 ):
-    # The rotation step runs right after settle judged the Secret: one deleted in between is
-    # written back as settle does it (KeyringRestored: Event and alert), not quietly.
+    # The rotation step acts on the Secret settle judged and reads none: its write for one
+    # deleted in between fails; the next pass's settle writes it back as settle does it
+    # (KeyringRestored: Event and alert), not the step quietly.
     api, backend = FakeSecretsApi(), MemoryBackend()
     h, keyring = _exported_and_settled(api, backend)
+    judged = _judged_with_a_rotation_request(api, h)
     del api.stored[SOURCE]
-    asyncio.run(_rotation.step(h.rt))
+    with pytest.raises(KeySecretError):
+        asyncio.run(_rotation.step(h.rt, judged))
+    assert SOURCE not in api.stored
+    assert h.rt.keyring.current() == keyring
+    assert asyncio.run(_keyguard.settle(h.rt)) is True
     annotations: dict[str, Any] = api.stored[SOURCE].metadata.annotations
     assert annotations[RESTORED_ANNOTATION] == MEMORY
     assert annotations[EXPORTED_ANNOTATION] == STAMP
@@ -107,19 +136,43 @@ def test_a_secret_deleted_between_settle_and_the_rotation_step_is_written_back_a
 
 def test_a_secret_replaced_between_settle_and_the_rotation_step_is_not_rotated() -> None:
     # A stranger's keyring with a rotation request, put in right after settle judged the old
-    # one: the step acts on none of it; the next settle judges it (and refuses it).
+    # one (which had one too): the step's write conflicts, so none of it is acted on; the next
+    # settle judges it (and refuses it).
     api, backend = FakeSecretsApi(), MemoryBackend()
     h, keyring = _exported_and_settled(api, backend)
+    judged = _judged_with_a_rotation_request(api, h)
     stranger = Keyring.generate()
-    api.stored[SOURCE].data = stranger.to_secret_data()
-    api.stored[SOURCE].metadata.annotations["mldefender.io/rotate-key"] = "now"
+    _edited_by_hand(api, stranger.to_secret_data())
     before = dict(api.stored[SOURCE].metadata.annotations)
-    with pytest.raises(KeySecretError, match="changed after it was judged"):
-        asyncio.run(_rotation.step(h.rt))
+    with pytest.raises(KeySecretError) as conflict:
+        asyncio.run(_rotation.step(h.rt, judged))
+    assert conflict.value.status == 409
     assert Keyring.from_secret_data(api.stored[SOURCE].data, source="test") == stranger
     assert api.stored[SOURCE].metadata.annotations == before  # the request not acted on
     assert h.rt.keyring.current() == keyring
     assert asyncio.run(_keyguard.settle(h.rt)) is False
+
+
+def test_the_rotation_step_writes_only_the_secret_settle_judged() -> None:
+    """The step reads the Secret no more: it writes with the resourceVersion settle judged, so
+    a Secret changed in between, even with the same keyring, makes the write conflict (it
+    used to read the Secret again and act on what nobody judged); the next pass judges the
+    Secret as it is now and takes the step."""
+    api, backend = FakeSecretsApi(), MemoryBackend()
+    h, keyring = _exported_and_settled(api, backend)
+    judged = _judged_with_a_rotation_request(api, h)
+    _edited_by_hand(api, **{"example.com/note": "edited after the judgment"})
+    with pytest.raises(KeySecretError) as conflict:
+        asyncio.run(_rotation.step(h.rt, judged))
+    assert conflict.value.status == 409
+    assert Keyring.from_secret_data(api.stored[SOURCE].data, source="test") == keyring
+    rejudged = asyncio.run(_keyguard.settle_source(h.rt))
+    assert rejudged is not None and rejudged.request_pending
+    taken = asyncio.run(_rotation.step(h.rt, rejudged))
+    assert taken.action is RotationAction.ADD_KEY
+    rotated = Keyring.from_secret_data(api.stored[SOURCE].data, source="test")
+    assert len(rotated.keys) == 2 and rotated.primary == keyring.primary
+    assert h.rt.keyring.current() == rotated
 
 
 def test_export_lacks_names_the_keys_a_rotation_added_since() -> None:

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from defender_config import Keyring
 from defender_operator import _keyguard, _loops, _rotation, handlers
 from defender_operator._backend import EtcdHealth, InstanceRecord
+from defender_operator._keys import StoredKeyring
 from defender_operator._runtime import Runtime, utcnow
 
 
@@ -287,14 +288,14 @@ def test_a_key_rotation_round_that_changes_the_keyring_wakes_every_monitor(
     h = _monitored()
     h.rt.keyring_ready = False  # as after a refused keyring: the round settles it again
 
-    async def settle(rt: Runtime) -> bool:
+    async def settle(rt: Runtime) -> StoredKeyring | None:
         rt.keyring_ready = True
-        return False  # no rotation step this round
+        return None  # no rotation step this round
 
     async def fan_out(rt: Runtime, keyring: Keyring) -> None:
         return None
 
-    monkeypatch.setattr(_keyguard, "settle", settle)
+    monkeypatch.setattr(_keyguard, "settle_source", settle)
     monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
 
     _rotate_until(h, "the monitors woken", lambda: _woken(h))
@@ -307,15 +308,15 @@ def test_a_key_rotation_round_that_changes_nothing_wakes_nothing(
     h = _monitored()
     rounds = 0
 
-    async def settle(rt: Runtime) -> bool:
+    async def settle(rt: Runtime) -> StoredKeyring | None:
         nonlocal rounds
         rounds += 1
-        return False
+        return None
 
     async def fan_out(rt: Runtime, keyring: Keyring) -> None:
         return None
 
-    monkeypatch.setattr(_keyguard, "settle", settle)
+    monkeypatch.setattr(_keyguard, "settle_source", settle)
     monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
     monkeypatch.setattr(h.rt.settings, "rotation_interval_seconds", 0.01)
 
@@ -328,13 +329,13 @@ def test_a_key_rotation_round_that_writes_a_copy_wakes_every_monitor(
 ) -> None:
     h = _monitored()
 
-    async def settle(rt: Runtime) -> bool:
-        return False
+    async def settle(rt: Runtime) -> StoredKeyring | None:
+        return None
 
     async def fan_out(rt: Runtime, keyring: Keyring) -> None:
         rt.secrets.fan_out(keyring, "copied-now")
 
-    monkeypatch.setattr(_keyguard, "settle", settle)
+    monkeypatch.setattr(_keyguard, "settle_source", settle)
     monkeypatch.setattr(_rotation, "fan_out_everywhere", fan_out)
 
     _rotate_until(h, "the monitors woken", lambda: _woken(h))
