@@ -129,12 +129,21 @@ class DefenderConfigError(Exception):
 
 
 class SettingsError(DefenderConfigError):
-    """A settings file or environment value is missing, unreadable or invalid."""
+    """A settings file or environment value is missing, unreadable or invalid. ``problems``:
+    from `override_settings`, each refused field's dotted location (``etcd.endpoints``,
+    ``prefix``; ``etcd`` for a rule across its fields) and why, never the value given."""
 
     reason = "InvalidSettings"
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        problems: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.path = path
+        self.problems = problems
         prefix = f"settings file {path}: " if path else "settings: "
         super().__init__(prefix + message)
 
