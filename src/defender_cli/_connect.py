@@ -22,7 +22,7 @@ from defender_config import (
 )
 from defender_config.store import EtcdStore
 
-from ._errors import CliError, NeedsKeyringError
+from ._errors import CliError, NeedsKeyringError, too_deep
 
 
 @dataclass
@@ -76,6 +76,8 @@ class Connection:
 
         try:
             secret = CoreV1Api(self.kube()).read_namespaced_secret(name, namespace)
+        except RecursionError:
+            raise too_deep(f"the API server's answer for Secret {namespace}/{name}") from None
         except ApiException as exc:
             raise CliError(
                 f"cannot read Secret {namespace}/{name}: {exc.status} {exc.reason};"
@@ -115,6 +117,9 @@ class Connection:
                 self._kube = bounded_client(
                     self.args.kubeconfig, self.args.context, self.args.request_timeout
                 )
+            except RecursionError:
+                # Its YAML loader recurses once per level of a flow collection (`[[[...`).
+                raise too_deep(f"kubeconfig {where}") from None
             except config.ConfigException as exc:
                 unnamed = _not_a_name(str(exc))
                 if unnamed is None:
