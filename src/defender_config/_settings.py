@@ -384,7 +384,7 @@ def override_settings(
     for name, value in fields.items():
         data[name] = value.model_dump() if isinstance(value, BaseModel) else value
     try:
-        return _Given.model_validate(data)
+        given = _Given.model_validate(data)
     except ValidationError as exc:
         problems = tuple(
             (
@@ -395,3 +395,8 @@ def override_settings(
         )
         shown = "; ".join(f"{where or '(top)'}: {why}" for where, why in problems)
         raise SettingsError(f"override refused: {shown}", problems=problems) from None
+    # The validated values as the library's own type (built without reading any source).
+    return LibrarySettings.model_construct(
+        given.model_fields_set,
+        **{name: getattr(given, name) for name in LibrarySettings.model_fields},
+    )

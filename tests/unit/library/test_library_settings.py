@@ -411,7 +411,7 @@ def test_overrides_win_over_the_environment_which_is_not_read_again(
     # What was not overridden is the base's: the file's and the environment's.
     assert got.etcd.timeout_seconds == 2 and got.history_limit == 7
     assert override_settings(base).prefix == "/from-env"
-    assert isinstance(got, LibrarySettings)
+    assert type(got) is LibrarySettings
 
 
 @pytest.mark.parametrize(
