@@ -127,7 +127,7 @@ class EtcdAnswers:
 
     # Beats: a lease renewed (keep-alive) or the record put.
     beats: int = 0
-    # Records put: a call etcd authenticates (a keep-alive carries no login of its own).
+    # Records put: a call every etcd version authenticates.
     writes: int = 0
     # Reads of the config the instance runs that etcd answered, not the library's cache.
     reads: int = 0
@@ -143,8 +143,11 @@ def store_error_over(
     - ``StoreUnavailable``: any beat since (etcd answered a keep-alive or a put). With a
       failing health check there are no beats, and only the read proves it.
     - ``StoreAuth`` for refused credentials (a login refused, a token not accepted): a record
-      put since, which etcd accepts only from a user it authenticated. A keep-alive is not
-      proof: etcd renews a lease for any caller that names it. For a missing right
+      put since, which etcd accepts only with a token it takes. Keep-alives are not counted:
+      etcd 3.6 checks the token on each one too (verified against 3.6.16, also on a stream
+      opened before the token was invalidated), but etcd 3.5 did not, as its users report
+      (patroni/patroni#2332); a put is checked by every version, and reporting the error
+      changes the record, so a put follows at once. For a missing right
       (``PERMISSION_DENIED`` on the config's keys) a put of the instance key proves nothing.
     - Any other reason: never; etcd answering does not fix a config, a keyring or a component.
     """

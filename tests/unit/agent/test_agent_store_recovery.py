@@ -243,7 +243,8 @@ THEN = EtcdAnswers(beats=5, writes=3, reads=2)
         (UNAVAILABLE, _down(), EtcdAnswers(5, 3, 2), False),
         (UNAVAILABLE, _down(), EtcdAnswers(6, 3, 2), True),
         (UNAVAILABLE, _down(), EtcdAnswers(5, 3, 3), True),
-        # Credentials refused: a keep-alive names a lease, not a user; a put is authenticated.
+        # Credentials refused: a put proves them taken; keep-alives are not counted (etcd
+        # checks their token only from 3.6 on).
         (AUTH, _refused(), EtcdAnswers(9, 3, 2), False),
         (AUTH, _refused(), EtcdAnswers(6, 4, 2), True),
         (AUTH, _refused(), EtcdAnswers(5, 3, 3), True),
@@ -295,13 +296,13 @@ def test_refused_credentials_clear_at_the_first_record_put_not_at_a_keep_alive(
     tmp_path: Path,
 ) -> None:
     """A password being changed: the watch's login was refused once. The record put after it
-    (etcd authenticated the user) proves the credentials accepted; keep-alives do not."""
+    (etcd took its token) proves the credentials accepted; keep-alives are not counted."""
     pod = Pod(tmp_path)
     pod.put({"v": 1})
     pod.start()
     pod.store.watch_lost(_refused())
     assert pod.reason() == pod.reported() == AUTH
-    pod.beat.beats += 4  # leases renewed: no login in them
+    pod.beat.beats += 4  # leases renewed: not counted
     pod.agent._tick()
     assert pod.reason() == pod.reported() == AUTH
     pod.beat.writes += 1
