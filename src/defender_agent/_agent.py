@@ -13,6 +13,8 @@ import shlex
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -57,7 +59,7 @@ from ._reload import HttpReloader, NoReload, Reloader, SignalReloader
 from ._settings import AgentSettings
 from ._status import StatusServer
 
-__all__ = ["Agent", "build_health_check", "build_reloader"]
+__all__ = ["Agent", "EtcdAnswers", "build_health_check", "build_reloader", "store_error_over"]
 
 log = logging.getLogger("defender_agent")
 
@@ -119,6 +121,46 @@ def _read_json_file(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class EtcdAnswers:
+    """Counts of calls etcd itself answered, as the agent's heartbeater and watch keep them."""
+
+    # Beats: a lease renewed (keep-alive) or the record put.
+    beats: int = 0
+    # Records put: a call every etcd version authenticates.
+    writes: int = 0
+    # Reads of the config the instance runs that etcd answered, not the library's cache.
+    reads: int = 0
+
+
+def store_error_over(
+    reason: str, cause: BaseException | None, then: EtcdAnswers, now: EtcdAnswers
+) -> bool:
+    """Whether a store error reported when the counts were ``then`` is disproved by ``now``.
+
+    - A read of the config answered since proves both: etcd answers, and this user may read
+      the very keys that failed.
+    - ``StoreUnavailable``: any beat since (etcd answered a keep-alive or a put). With a
+      failing health check there are no beats, and only the read proves it.
+    - ``StoreAuth`` for refused credentials (a login refused, a token not accepted): a record
+      put since, which etcd accepts only with a token it takes. Keep-alives are not counted:
+      etcd 3.6 checks the token on each one too (verified against 3.6.16, also on a stream
+      opened before the token was invalidated), but etcd 3.5 did not, as its users report
+      (patroni/patroni#2332); a put is checked by every version, and reporting the error
+      changes the record, so a put follows at once. For a missing right
+      (``PERMISSION_DENIED`` on the config's keys) a put of the instance key proves nothing.
+    - Any other reason: never; etcd answering does not fix a config, a keyring or a component.
+    """
+    if reason not in (StoreUnavailableError.reason, StoreAuthError.reason):
+        return False
+    if now.reads > then.reads:
+        return True
+    if reason == StoreUnavailableError.reason:
+        return now.beats > then.beats
+    refused = isinstance(cause, StoreAuthError) and cause.credentials_refused
+    return refused and now.writes > then.writes
+
+
 class _HeartbeatSink:
     """Connects the applier to the heartbeat record and the library's alerter."""
 
@@ -129,9 +171,9 @@ class _HeartbeatSink:
         beat = self._agent.heartbeater
         if "last_error" in fields and isinstance(fields["last_error"], dict):
             error = fields["last_error"] = ErrorInfo(**fields["last_error"])
-            if error.reason == StoreUnavailableError.reason:
-                # Only a beat completed after this one proves etcd answers again.
-                self._agent._unavailable_at_beat = beat.beats if beat is not None else 0
+            if error.reason in (StoreUnavailableError.reason, StoreAuthError.reason):
+                # Only what etcd answers after this proves the error over.
+                self._agent._store_error_at = self._agent.etcd_answers()
         self._agent._pending_fields.update(fields)
         if beat is not None:
             beat.update(**fields)
@@ -165,8 +207,8 @@ class Agent:
         self._watch: Any = None
         # Heartbeat fields set before the heartbeater exists (e.g. the first delivery races it).
         self._pending_fields: dict[str, Any] = {}
-        # The heartbeater's count of beats when StoreUnavailable was last reported.
-        self._unavailable_at_beat = 0
+        # What etcd had answered when StoreUnavailable or StoreAuth was last reported.
+        self._store_error_at = EtcdAnswers()
         schema = (
             _read_json_file(settings.schema_path, "JSON schema") if settings.schema_path else None
         )
@@ -529,28 +571,38 @@ class Agent:
         elif self.settings.restore_edited_file:
             self.applier.check_file()
         self._poll_registrations()
-        self._clear_unavailable_once_etcd_answers()
+        self._clear_store_error_once_etcd_answers()
 
-    def _clear_unavailable_once_etcd_answers(self) -> None:
-        """Clear ``StoreUnavailable`` once a heartbeat got through after it was reported.
+    def etcd_answers(self) -> EtcdAnswers:
+        beat, watch = self.heartbeater, self._watch
+        return EtcdAnswers(
+            beats=beat.beats if beat is not None else 0,
+            writes=beat.writes if beat is not None else 0,
+            reads=getattr(watch, "answers", 0),
+        )
 
-        It is reported by the config side (the watch could not be re-created, a read failed),
-        and nothing there says when etcd is back: a watch re-created from the next revision, or
-        a read that finds the config already delivered, hands nothing to the applier, so the
-        error stayed in the instance record until the next config change. A beat (a lease
-        renewed or the record put) is an answer from etcd itself, never one served from the
-        library's cache as reads are during an outage. Errors of any other reason stay: they
-        are about the config, the keyring or the component, which etcd answering does not fix.
+    def _clear_store_error_once_etcd_answers(self) -> None:
+        """Clear ``StoreUnavailable`` or ``StoreAuth`` once etcd answered what disproves it
+        (:func:`store_error_over`) after it was reported.
+
+        Both are reported by the config side (the watch could not be re-created, a read
+        failed), and nothing there says when they are over: a watch re-created from the next
+        revision, or a read that finds the config already delivered, hands nothing to the
+        applier, so the error stayed in the instance record until the next config change.
+        Beats and the watch's reads again are answers from etcd itself, never ones served from
+        the library's cache as reads are during an outage. Errors of any other reason stay.
         """
-        beat = self.heartbeater
-        if beat is None:
-            return
-        # Compared under the applier's lock: a StoreUnavailable reported meanwhile sets its
-        # own mark (the sink runs under that lock), and is not cleared by an earlier beat.
-        if self.applier.clear_error(
-            StoreUnavailableError.reason, when=lambda: beat.beats > self._unavailable_at_beat
-        ):
-            log.info("etcd answers the heartbeat again: StoreUnavailable cleared")
+        applier = self.applier
+        for reason in (StoreUnavailableError.reason, StoreAuthError.reason):
+            # Decided under the applier's lock: an error reported meanwhile sets its own mark
+            # (the sink runs under that lock), and is not cleared by an earlier answer.
+            if applier.clear_error(reason, when=partial(self._store_error_over, reason)):
+                log.info("etcd answers again: %s cleared", reason)
+
+    def _store_error_over(self, reason: str) -> bool:
+        error = self.applier.last_error
+        cause = error.cause if error is not None else None
+        return store_error_over(reason, cause, self._store_error_at, self.etcd_answers())
 
     def _shutdown(self) -> None:
         if self._watch is not None:

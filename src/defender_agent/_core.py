@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,10 +99,13 @@ def next_drift_alert(
 
 @dataclass(frozen=True)
 class LastError:
-    """The heartbeat's ``last_error``: a stable reason word and a human detail."""
+    """The heartbeat's ``last_error``: a stable reason word and a human detail; ``cause``, the
+    exception it was made of (not compared, never shown), for a caller that decides from it
+    when the error is over."""
 
     reason: str
     detail: str
+    cause: BaseException | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, str]:
         return {"reason": self.reason, "detail": self.detail}
@@ -149,7 +152,7 @@ def error_of(exc: BaseException) -> LastError:
         reason = "InternalError"
     # The detail goes to the log, the heartbeat and the alert: never a config's values.
     detail = exc.record_message if isinstance(exc, DefenderConfigError) else str(exc)
-    return LastError(reason, detail or type(exc).__name__)
+    return LastError(reason, detail or type(exc).__name__, exc)
 
 
 class ConfigApplier:

@@ -30,10 +30,11 @@ from defender_config import (
     MAX_HEARTBEAT_INTERVAL_SECONDS,
     MIN_ALLOWED_MISSES,
     ComponentType,
-    EtcdSettings,
     LibrarySettings,
+    SettingsError,
     bounded_seconds,
     load_settings,
+    override_settings,
 )
 
 from ._errors import AgentSettingsError
@@ -409,14 +410,13 @@ def load_agent_settings(argv: Sequence[str] | None = None) -> AgentSettings:
         ) from exc
 
 
-def _problems(exc: ValidationError, prefix: str = "") -> str:
+def _problems(exc: ValidationError) -> str:
     """One line naming each bad setting, never the value given (it may be a password) nor
-    pydantic's URLs. ``prefix`` names a nested model's fields as the agent's own settings."""
+    pydantic's URLs."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in err["loc"])
-        name = prefix + loc if loc else prefix.rstrip("_") or "settings"
-        parts.append(f"{name}: {err['msg']}")
+        parts.append(f"{loc or 'settings'}: {err['msg']}")
     return "; ".join(parts)
 
 
@@ -425,18 +425,12 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
     agent's own etcd/prefix/keyring/heartbeat flags on top. Raises ``SettingsError`` (from the
     library) or :class:`AgentSettingsError`."""
     base = load_settings(agent.settings_file)
-    etcd_update: dict[str, Any] = {}
+    etcd: dict[str, Any] = {}
     for field_name in ("endpoints", "ca_file", "cert_file", "key_file", "user", "password"):
         value = getattr(agent, f"etcd_{field_name}")
         if value is not None:
-            etcd_update[field_name] = value
+            etcd[field_name] = value
     update: dict[str, Any] = {}
-    try:
-        if etcd_update:
-            update["etcd"] = EtcdSettings.model_validate({**base.etcd.model_dump(), **etcd_update})
-    except ValidationError as exc:
-        # Named as the agent's own etcd_* settings: those are what the user set here.
-        raise AgentSettingsError(f"invalid agent settings: {_problems(exc, 'etcd_')}") from exc
     if agent.prefix is not None:
         update["prefix"] = agent.prefix
     if agent.keyring_path is not None:
@@ -449,12 +443,22 @@ def library_settings(agent: AgentSettings) -> LibrarySettings:
         update["keyring_poll_seconds"] = agent.keyring_poll_seconds
     if agent.allow_plaintext and agent.component not in base.plaintext_components:
         update["plaintext_components"] = [*base.plaintext_components, agent.component]
-    # model_copy(update=...) validates nothing: each override meets the library's own rules
-    # here, at start-up (exit 2, one line), not when the client is first built (a crash).
-    merged = base.model_copy()
-    for name, value in update.items():
-        try:
-            merged.__pydantic_validator__.validate_assignment(merged, name, value)
-        except ValidationError as exc:
-            raise AgentSettingsError(f"invalid agent settings: {_problems(exc)}") from exc
-    return merged
+    # Each override meets the library's own rules here, at start-up (exit 2, one line), not
+    # when the client is first built (a crash).
+    try:
+        return override_settings(base, etcd=etcd, **update)
+    except SettingsError as exc:
+        if not exc.problems:
+            raise
+        raise AgentSettingsError(f"invalid agent settings: {_named(exc.problems)}") from None
+
+
+def _named(problems: tuple[tuple[str, str], ...]) -> str:
+    """One line naming each bad setting as the agent's own (``etcd.endpoints`` is its
+    ``etcd_endpoints``), never the value given (it may be a password)."""
+    parts = []
+    for where, why in problems:
+        head, _, rest = where.partition(".")
+        name = f"etcd_{rest}" if head == "etcd" and rest else where or "settings"
+        parts.append(f"{name}: {why}")
+    return "; ".join(parts)

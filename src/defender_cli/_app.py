@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._errors import CliError
+from ._errors import TOO_DEEP, CliError
 from ._flags import (
     DEFAULT_KEYRING_SECRET,
     DEFAULT_OPERATOR_NAMESPACE,
@@ -515,6 +515,16 @@ def main(
         return 2
     except DefenderConfigError as exc:
         errors.write(f"kubectl defender {args.command}: {type(exc).__name__}: {exc}\n")
+        return 2
+    except RecursionError:
+        # Decoding someone else's data that the command did not bound itself (the Kubernetes
+        # client's json.loads of an answer, a YAML loader): the data's fault, not a bug; the
+        # stack is unwound by now. Where the command knows what it read, it says so
+        # (`too_deep`); this is the net under every other decoder.
+        errors.write(
+            f"kubectl defender {args.command}: an answer of the API server or a file read is"
+            f" {TOO_DEEP}\n"
+        )
         return 2
     except Exception as exc:
         unreachable = _api_server_unreachable(exc, getattr(args, "request_timeout", None))

@@ -618,7 +618,12 @@ def annotate_rotation(kube: Any, namespace: str, secret: str) -> dict[str, Any]:
     requested = f"{datetime.now(UTC).isoformat()} by {who()}"
     body = {"metadata": {"annotations": {ROTATE_ANNOTATION: requested}}}
     try:
-        CoreV1Api(kube).patch_namespaced_secret(secret, namespace, body)
+        # The patched Secret is not read (as `_annotate_component`): the request is set once
+        # the server answers 2xx, however deep someone nested the Secret's fields.
+        answer: Any = CoreV1Api(kube).patch_namespaced_secret(
+            secret, namespace, body, _preload_content=False
+        )
+        answer.close()
     except ApiException as exc:
         raise CliError(
             f"cannot annotate Secret {namespace}/{secret}: {exc.status} {exc.reason}; check"

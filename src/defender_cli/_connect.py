@@ -9,38 +9,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
-
 from defender_config import (
     DefenderClient,
     DefenderConfigError,
     Keyring,
     KeyringError,
     LibrarySettings,
+    SettingsError,
     StoreUnavailableError,
     load_settings,
+    override_settings,
 )
 from defender_config.store import EtcdStore
 
-from ._errors import CliError, NeedsKeyringError
-
-
-class _FlagsApplied(LibrarySettings):
-    """LibrarySettings validated from the values given alone. `load_settings` has read the
-    DEFENDER_* environment once; read again here, it would override the command's flags
-    (`--etcd-endpoints` ignored whenever DEFENDER_ETCD__ENDPOINTS is set)."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
+from ._errors import CliError, NeedsKeyringError, too_deep
 
 
 @dataclass
@@ -56,16 +38,14 @@ class Connection:
             settings = load_settings(self.args.settings)
         except DefenderConfigError as exc:
             raise CliError(f"settings: {exc}") from exc
-        etcd = settings.etcd
+        etcd: dict[str, Any] = {}
+        update: dict[str, Any] = {}
         flags: dict[str, tuple[str, str]] = {}
         if self.args.etcd_endpoints:
-            flags["endpoints"] = ("--etcd-endpoints", self.args.etcd_endpoints)
-            endpoints = [e.strip() for e in self.args.etcd_endpoints.split(",") if e.strip()]
-            try:
-                etcd = etcd.model_validate({**etcd.model_dump(), "endpoints": endpoints})
-            except ValidationError as exc:
-                raise _refused(exc, flags) from None
-        update: dict[str, Any] = {"etcd": etcd}
+            flags["etcd.endpoints"] = ("--etcd-endpoints", self.args.etcd_endpoints)
+            etcd["endpoints"] = [
+                e.strip() for e in self.args.etcd_endpoints.split(",") if e.strip()
+            ]
         if self.args.prefix:
             flags["prefix"] = ("--prefix", self.args.prefix)
             update["prefix"] = self.args.prefix
@@ -74,9 +54,9 @@ class Connection:
             # plaintext records and envelope headers only.
             update["envelope"] = settings.envelope.model_copy(update={"encrypt": False})
         try:
-            return _FlagsApplied.model_validate({**settings.model_dump(), **_dumped(update)})
-        except ValidationError as exc:
-            raise _refused(exc, flags) from None
+            return override_settings(settings, etcd=etcd, **update)
+        except SettingsError as exc:
+            raise _refused(exc.problems, flags) from None
 
     def keyring(self, command: str) -> Keyring:
         """The keyring from --keyring or --keyring-secret; NeedsKeyringError when neither."""
@@ -96,6 +76,8 @@ class Connection:
 
         try:
             secret = CoreV1Api(self.kube()).read_namespaced_secret(name, namespace)
+        except RecursionError:
+            raise too_deep(f"the API server's answer for Secret {namespace}/{name}") from None
         except ApiException as exc:
             raise CliError(
                 f"cannot read Secret {namespace}/{name}: {exc.status} {exc.reason};"
@@ -135,6 +117,9 @@ class Connection:
                 self._kube = bounded_client(
                     self.args.kubeconfig, self.args.context, self.args.request_timeout
                 )
+            except RecursionError:
+                # Its YAML loader recurses once per level of a flow collection (`[[[...`).
+                raise too_deep(f"kubeconfig {where}") from None
             except config.ConfigException as exc:
                 unnamed = _not_a_name(str(exc))
                 if unnamed is None:
@@ -207,21 +192,17 @@ def _not_a_name(message: str) -> str | None:
     return f"{field} is a list or mapping; it must be a string, the name of an entry of {listed}"
 
 
-def _dumped(update: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in update.items()}
-
-
-def _refused(exc: ValidationError, flags: dict[str, tuple[str, str]]) -> CliError:
-    """One line for what pydantic refused: `--flag 'value': why` for a value given on the command
-    line (`flags` maps a field's dotted location to its flag and value), `settings: field: why`
-    for anything else. Pydantic's own rendering spans lines and links its docs."""
+def _refused(problems: tuple[tuple[str, str], ...], flags: dict[str, tuple[str, str]]) -> CliError:
+    """One line for what the library refused: `--flag 'value': why` for a value given on the
+    command line (`flags` maps a field's dotted location to its flag and value; an item of it,
+    `etcd.endpoints.0`, is the flag's too), `settings: field: why` for anything else."""
     parts = []
-    for err in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in err["loc"])
-        why = err["msg"].removeprefix("Value error, ")
-        if where in flags:
-            flag, value = flags[where]
-            parts.append(f"{flag} {value!r}: {why}")
+    for where, why in problems:
+        flag = next(
+            (f for loc, f in flags.items() if where == loc or where.startswith(loc + ".")), None
+        )
+        if flag is not None:
+            parts.append(f"{flag[0]} {flag[1]!r}: {why}")
         else:
             parts.append(f"settings: {where or '(top)'}: {why}")
     return CliError("; ".join(parts))

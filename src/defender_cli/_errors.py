@@ -1,4 +1,6 @@
-"""Errors the plugin reports to a person. Anything else is a bug and shows a traceback.
+"""Errors the plugin reports to a person. Anything else is a bug and shows a traceback, except
+a RecursionError: data nested past Python's recursion limit, in an answer of the API server or a
+file, is the data's fault, and `main` words it as one line (`TOO_DEEP`), exit 2.
 
 CliError                 exit 2; the message says what is wrong and what to check
 ├── NeedsKeyringError    a command must decrypt and no keyring was given
@@ -39,3 +41,16 @@ class SkippedError(CliError):
     exit 3 and retries at its next schedule."""
 
     exit_code = 3
+
+
+#: What a RecursionError means here: someone else's data, nested thousands of levels deep (the
+#: API server accepts some 10,000 levels in a custom resource, or in a Secret's managedFields).
+TOO_DEEP = (
+    "nested too deeply to decode (past Python's recursion limit): something wrote data nested"
+    " thousands of levels deep into it"
+)
+
+
+def too_deep(what: str) -> CliError:
+    """`what` (the API server's answer for an object, a file) could not be decoded: too deep."""
+    return CliError(f"{what} is {TOO_DEEP}")

@@ -29,7 +29,7 @@ from defender_config import (
 )
 from defender_config.contract import EXPORTED_ANNOTATION, EXPORTED_KEYS_ANNOTATION, KEYRING_LABELS
 
-from ._errors import CliError, ExportNotStampedError
+from ._errors import CliError, ExportNotStampedError, too_deep
 
 LABELS = KEYRING_LABELS
 
@@ -93,6 +93,8 @@ def _read_secret(kube: Any, namespace: str, name: str) -> Any:
 
     try:
         return CoreV1Api(kube).read_namespaced_secret(name, namespace)
+    except RecursionError:
+        raise too_deep(f"the API server's answer for Secret {namespace}/{name}") from None
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -181,9 +183,13 @@ def _stamp(kube: Any, namespace: str, secret: str, when: str, path: Path, keyrin
 
     stamp = export_stamp(when, keyring)
     try:
-        CoreV1Api(kube).patch_namespaced_secret(
-            secret, namespace, {"metadata": {"annotations": stamp}}
+        # The patched Secret the server answers with is not read (as `_annotate_component`):
+        # the stamp is set once it answers 2xx, and a Secret someone nested too deeply to
+        # decode must not turn a recorded export into an error.
+        answer: Any = CoreV1Api(kube).patch_namespaced_secret(
+            secret, namespace, {"metadata": {"annotations": stamp}}, _preload_content=False
         )
+        answer.close()
     except ApiException as exc:
         keys = ", ".join(f"{k.key_id} (fingerprint {k.fingerprint})" for k in keyring.keys)
         kept = f"{path} was written and is a complete export of key(s) {keys}: keep it"
@@ -276,10 +282,13 @@ def import_keyring(
     )
     core = CoreV1Api(kube)
     try:
-        if existing is None:
-            core.create_namespaced_secret(namespace, body)
-        else:
-            core.replace_namespaced_secret(secret, namespace, body)
+        # The Secret written is not read back (as `_stamp`).
+        written: Any = (
+            core.create_namespaced_secret(namespace, body, _preload_content=False)
+            if existing is None
+            else core.replace_namespaced_secret(secret, namespace, body, _preload_content=False)
+        )
+        written.close()
     except ApiException as exc:
         # Only status and reason: the API's body may echo the Secret sent.
         raise CliError(

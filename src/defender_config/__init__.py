@@ -155,6 +155,7 @@ from ._settings import (
     EtcdSettings,
     LibrarySettings,
     load_settings,
+    override_settings,
 )
 from .contract import (
     ChangeKind,
@@ -297,6 +298,7 @@ __all__ = [
     "load_settings",
     "next_record_sequence",
     "over_quota",
+    "override_settings",
     "parse_json",
     "parse_registrations",
     "parse_rollback_target",

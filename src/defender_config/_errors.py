@@ -129,12 +129,21 @@ class DefenderConfigError(Exception):
 
 
 class SettingsError(DefenderConfigError):
-    """A settings file or environment value is missing, unreadable or invalid."""
+    """A settings file or environment value is missing, unreadable or invalid. ``problems``:
+    from `override_settings`, each refused field's dotted location (``etcd.endpoints``,
+    ``prefix``; ``etcd`` for a rule across its fields) and why, never the value given."""
 
     reason = "InvalidSettings"
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        problems: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.path = path
+        self.problems = problems
         prefix = f"settings file {path}: " if path else "settings: "
         super().__init__(prefix + message)
 
@@ -507,12 +516,20 @@ class StoreUnavailableError(StoreError):
 
 class StoreAuthError(StoreError):
     """etcd refused the credentials: wrong user/password, no permission, or an expired token
-    that could not be renewed. Never retried: retrying cannot fix a credential."""
+    that could not be renewed. Never retried: retrying cannot fix a credential.
+
+    ``credentials_refused``: True when etcd refused who the caller is (a login failed, a token
+    it did not accept), False when it knows the user but the user's roles lack a right on the
+    key (``PERMISSION_DENIED``). Only the first is over once any authenticated call succeeds;
+    the second only once a call on the same keys does."""
 
     reason = "StoreAuth"
 
-    def __init__(self, detail: str, *, path: str | None = None) -> None:
+    def __init__(
+        self, detail: str, *, path: str | None = None, credentials_refused: bool = True
+    ) -> None:
         self.detail = detail
+        self.credentials_refused = credentials_refused
         super().__init__(
             f"etcd refused the request{_at(path)}: {detail}; check etcd.user/etcd.password, "
             "the client certificate and the user's role permissions on the prefix",

@@ -401,6 +401,10 @@ class CanaryWatch:
         self._callback, self._on_error = callback, on_error
         self._lock = threading.Lock()
         self._last: str | None = None
+        # Reads of the effective config etcd answered (not the cache): what tells a reader
+        # that an error it reported meanwhile (etcd away, a right missing) is over, also when
+        # the read found nothing new to hand out.
+        self.answers = 0
         # A read etcd did not answer after an event is read again until it does (`ReadAgain`).
         # On a thread of its own: the first read is on the caller's thread, and the two watches
         # go on handing out events meanwhile.
@@ -420,13 +424,19 @@ class CanaryWatch:
         start = store.current_revision(paths[0]) + 1
         self._refresh()
         self._handles: list[WatchHandle] = [
-            store.watch_key(p, self._on_event, start_revision=start, on_error=self._fail)
+            store.watch_key(p, self._on_event, start_revision=start, on_error=self._watch_failed)
             for p in paths
         ]
 
     def _on_event(self, event: WatchEvent) -> None:
         del event  # what changed does not matter: the effective config is read again
         self._refresh()
+
+    def _watch_failed(self, exc: StoreError) -> None:
+        # Reported once, as before, and read again until etcd answers: the watch resumes from
+        # the next revision and hands out nothing, so without a read nothing would say the
+        # outage is over (`answers`) to a reader whose heartbeats are held meanwhile.
+        self._again.missed(exc)
 
     def _fail(self, exc: StoreError | DefenderConfigError) -> None:
         if self._on_error is None:
@@ -469,6 +479,8 @@ class CanaryWatch:
                 rollouts.client.report(exc, path=path, component=self._component)
                 self._fail(exc)
                 return True
+            if not active.stale:
+                self.answers += 1
             if not active.outdated and active.digest != self._last:
                 self._last = active.digest
                 self._callback(active)

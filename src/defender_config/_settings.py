@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "EtcdSettings",
     "LibrarySettings",
     "load_settings",
+    "override_settings",
 ]
 
 #: etcd's default `--max-request-bytes` (1.5 MiB). A put carries the key, the value and a little
@@ -346,3 +348,55 @@ def load_settings(path: str | Path | None = None) -> LibrarySettings:
         cause = exc.__cause__
         where = f" ({cause})" if isinstance(cause, json.JSONDecodeError) else ""
         raise SettingsError(f"{exc}{where}; check the DEFENDER_* environment", path=shown) from None
+
+
+class _Given(LibrarySettings):
+    """LibrarySettings validated from the values given alone: the settings file and the
+    ``DEFENDER_*`` environment were read into the base already, and read again here they
+    would override the overrides."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def override_settings(
+    base: LibrarySettings, *, etcd: Mapping[str, Any] | None = None, **fields: Any
+) -> LibrarySettings:
+    """`base` (as `load_settings` gave it) with a program's own overrides on top: `etcd`, fields
+    of `EtcdSettings` merged over `base.etcd`; `fields`, top-level fields replaced (a model, such
+    as `EnvelopeOptions`, or its plain values). The result meets every rule `load_settings`
+    checks, across fields too (a client certificate without its key, a password without a
+    user), and neither the file nor the environment is read again.
+
+    Raises SettingsError with `problems`: each refused field's dotted location and why, never
+    the value (it may be a password), for the caller to name as its own flag."""
+    data = base.model_dump()
+    if etcd:
+        data["etcd"] = {**data["etcd"], **etcd}
+    for name, value in fields.items():
+        data[name] = value.model_dump() if isinstance(value, BaseModel) else value
+    try:
+        given = _Given.model_validate(data)
+    except ValidationError as exc:
+        problems = tuple(
+            (
+                ".".join(str(p) for p in err["loc"]),
+                str(err["msg"]).removeprefix("Value error, "),
+            )
+            for err in exc.errors(include_url=False, include_input=False)
+        )
+        shown = "; ".join(f"{where or '(top)'}: {why}" for where, why in problems)
+        raise SettingsError(f"override refused: {shown}", problems=problems) from None
+    # The validated values as the library's own type (built without reading any source).
+    return LibrarySettings.model_construct(
+        given.model_fields_set,
+        **{name: getattr(given, name) for name in LibrarySettings.model_fields},
+    )

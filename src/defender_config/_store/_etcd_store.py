@@ -361,7 +361,9 @@ class EtcdStore:
         if rule.kind == "unavailable":
             return StoreUnavailableError(self.endpoints, detail, attempts=n, path=path)
         if rule.kind == "auth":
-            return StoreAuthError(detail, path=path)
+            return StoreAuthError(
+                detail, path=path, credentials_refused=rule.reason != "permission_denied"
+            )
         if rule.kind == "not_found":
             return NotFoundError(path or "?", detail=detail)
         if rule.kind == "nospace":

@@ -166,3 +166,57 @@ def test_the_agent_writes_its_record_again_over_a_replay_or_a_delete(plane: Plan
     assert code == 200 and body["overwritten"] == 2
     assert any("by someone else" in e.get("message", "") for e in agent.log_lines())
     assert agent.proc.poll() is None
+
+
+def test_store_unavailable_clears_while_the_component_fails_its_health_check(
+    plane: Plane,
+) -> None:
+    """No beat is sent while the component is unhealthy, and a beat was all that cleared
+    StoreUnavailable: it stayed until the component recovered. The watch reads the config
+    again until etcd answers, and that answer clears it, heartbeats held or not."""
+    _seed(plane)
+    target = plane.start_target()
+    agent = plane.start_agent(
+        target, "--health-check", "process", "--health-start-grace-seconds", "0"
+    )
+    plane.wait_heartbeat(agent, lambda h: h["status"] == "RUNNING", "RUNNING")
+
+    def logged(message: str, level: str | None = None) -> bool:
+        return any(
+            message in e.get("message", "") and (level is None or e.get("level") == level)
+            for e in agent.log_lines()
+        )
+
+    os.kill(target.proc.pid, signal.SIGSTOP)
+    try:
+        plane.wait_heartbeat(
+            agent,
+            lambda h: (h.get("last_error") or {}).get("reason") == "ComponentUnhealthy",
+            "renewals held",
+        )
+        etcd = plane.etcd
+        try:
+            for i in range(len(etcd.endpoints)):
+                etcd.kill_member(i)
+            wait_for(
+                "the agent to report StoreUnavailable",
+                lambda: any(
+                    e.get("level") == "ERROR" and e.get("reason") == "StoreUnavailable"
+                    for e in agent.log_lines()
+                ),
+                timeout=90,
+            )
+        finally:
+            etcd.restart_members()
+            etcd.wait_for_leader()
+        # Still unhealthy, so still no beat: only the watch's read again can clear it.
+        wait_for(
+            "StoreUnavailable cleared with the heartbeats held",
+            lambda: logged("StoreUnavailable cleared"),  # the old wording too
+            timeout=60,
+        )
+        assert target.proc.poll() is None  # stopped, not gone: the health check still fails
+    finally:
+        os.kill(target.proc.pid, signal.SIGCONT)
+    plane.wait_heartbeat(agent, lambda h: h.get("last_error") is None, "the key back, no error")
+    assert agent.proc.poll() is None

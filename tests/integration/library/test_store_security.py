@@ -287,12 +287,13 @@ def test_wrong_password_is_an_auth_error_and_leaves_no_channel_open(
         close(client)
 
     monkeypatch.setattr(_SharedClient, "close", recording_close)
-    with pytest.raises(StoreAuthError, match="authentication as 'app' failed"):
+    with pytest.raises(StoreAuthError, match="authentication as 'app' failed") as refused:
         EtcdStore(
             _auth_settings(auth_etcd, "app", "wrong"),
             registry=CollectorRegistry(),
             defer_login=defer_login,
         )
+    assert refused.value.credentials_refused is True
     assert len(closed) == 1
 
 
@@ -300,10 +301,14 @@ def test_missing_permission_is_an_auth_error_not_retried(auth_etcd: str, etcd_pr
     registry = CollectorRegistry()
     with EtcdStore(_auth_settings(auth_etcd, "reader", "readerpw"), registry=registry) as s:
         assert s.get(etcd_prefix + "k") is None  # read is granted
-        with pytest.raises(StoreAuthError, match="permission"):
+        with pytest.raises(StoreAuthError, match="permission") as denied:
             s.put(etcd_prefix + "k", b"x")
-        with pytest.raises(StoreAuthError):
+        # A user etcd knows, lacking a right: not refused credentials (the agent clears such
+        # an error only at a read of the same keys, never at a heartbeat put).
+        assert denied.value.credentials_refused is False
+        with pytest.raises(StoreAuthError) as outside:
             s.get("/outside/the/granted/prefix")
+        assert outside.value.credentials_refused is False
         # Health reads a key the user may not read: "permission denied" still proves the member
         # answered through the quorum, as in `etcdctl endpoint health`.
         report = s.health()

@@ -108,10 +108,14 @@ class Exporting:
         monkeypatch.setattr(
             CoreV1Api, "read_namespaced_secret", lambda _, *a: SimpleNamespace(data=data)
         )
-        monkeypatch.setattr(
-            CoreV1Api, "patch_namespaced_secret", lambda _, *a: self.stamped.append(a)
-        )
+        monkeypatch.setattr(CoreV1Api, "patch_namespaced_secret", self._patched)
         self.err = io.StringIO()
+
+    def _patched(self, _api: Any, *args: Any, **kw: Any) -> Any:
+        # Unread, as the plugin asks (`_preload_content=False`): the raw answer, closed.
+        assert kw.get("_preload_content") is False
+        self.stamped.append(args)
+        return SimpleNamespace(close=lambda: None)
 
     def __call__(self, path: Path, *flags: str) -> int:
         self.err = io.StringIO()

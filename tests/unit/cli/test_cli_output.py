@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -202,21 +203,28 @@ def test_kubernetes_names_pass_as_they_are() -> None:
             kube_name(bad)
 
 
-def test_a_refused_settings_field_that_is_no_flag_is_named_as_a_setting() -> None:
-    from pydantic import ValidationError
-
+def test_a_refused_settings_field_that_is_no_flag_is_named_as_a_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from defender_cli._connect import _refused
-    from defender_config import EtcdSettings
+    from defender_config import LibrarySettings, SettingsError, override_settings
 
-    flags = {"endpoints": ("--etcd-endpoints", "http://a:1")}
+    for name in list(os.environ):
+        if name.startswith("DEFENDER_"):
+            monkeypatch.delenv(name)
+    flags = {"etcd.endpoints": ("--etcd-endpoints", "http://a:1")}
     for fields, says in (
         (
             {"timeout_seconds": 0, "retries": -1},
-            "settings: timeout_seconds: Input should be greater than 0"
-            "; settings: retries: Input should be greater than or equal to 0",
+            "settings: etcd.timeout_seconds: Input should be greater than 0"
+            "; settings: etcd.retries: Input should be greater than or equal to 0",
         ),
-        ({"user": "u"}, "settings: (top): user and password must be set together (etcd auth)"),
+        ({"user": "u"}, "settings: etcd: user and password must be set together (etcd auth)"),
+        (
+            {"endpoints": ["ftp://b:2"]},
+            "--etcd-endpoints 'http://a:1': endpoint 'ftp://b:2' must use http:// or https://",
+        ),
     ):
-        with pytest.raises(ValidationError) as caught:
-            EtcdSettings.model_validate(fields)
-        assert str(_refused(caught.value, flags)) == says
+        with pytest.raises(SettingsError) as caught:
+            override_settings(LibrarySettings(), etcd=fields)
+        assert str(_refused(caught.value.problems, flags)) == says

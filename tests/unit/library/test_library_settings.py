@@ -385,3 +385,54 @@ def test_the_ratio_cap_is_finite(monkeypatch: pytest.MonkeyPatch, value: str) ->
     monkeypatch.setenv("DEFENDER_ENVELOPE__MAX_RATIO", value)
     with pytest.raises(SettingsError, match=r"envelope\.max_ratio: Input should be a finite"):
         load_settings()
+
+
+# --- override_settings: a program's own flags on top of the file and the environment ----------
+
+
+def test_overrides_win_over_the_environment_which_is_not_read_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from defender_config import override_settings
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"etcd": {"timeout_seconds": 2}, "history_limit": 7}))
+    monkeypatch.setenv("DEFENDER_PREFIX", "/from-env")
+    monkeypatch.setenv("DEFENDER_ETCD__ENDPOINTS", '["http://env:2379"]')
+    base = load_settings(path)
+    got = override_settings(
+        base,
+        etcd={"endpoints": ["https://flag:2379"]},
+        prefix="/from-flag",
+        envelope=base.envelope.model_copy(update={"encrypt": False}),
+    )
+    assert got.prefix == "/from-flag" and got.etcd.endpoints == ["https://flag:2379"]
+    assert got.envelope.encrypt is False
+    # What was not overridden is the base's: the file's and the environment's.
+    assert got.etcd.timeout_seconds == 2 and got.history_limit == 7
+    assert override_settings(base).prefix == "/from-env"
+    assert type(got) is LibrarySettings
+
+
+@pytest.mark.parametrize(
+    ("etcd", "fields", "where"),
+    [
+        ({"endpoints": ["ftp://x:1"]}, {}, "etcd.endpoints"),
+        # A rule across fields: a password without its user.
+        ({"password": "hunter2-secret"}, {}, "etcd"),
+        ({}, {"prefix": "no-slash/"}, "prefix"),
+        ({}, {"heartbeat_allowed_misses": 1}, "heartbeat_allowed_misses"),
+        ({}, {"no_such_setting": 1}, "no_such_setting"),
+    ],
+)
+def test_a_refused_override_names_its_field_never_its_value(
+    etcd: dict[str, object], fields: dict[str, object], where: str
+) -> None:
+    from defender_config import override_settings
+
+    with pytest.raises(SettingsError) as caught:
+        override_settings(load_settings(), etcd=etcd, **fields)
+    assert [loc for loc, _ in caught.value.problems] == [where]
+    message = str(caught.value)
+    assert "\n" not in message and where in message
+    assert "hunter2" not in message and "errors.pydantic.dev" not in message
