@@ -34,6 +34,7 @@ OUTSIDE = {
     "hostPath",
     "ipMasq",
     "resolvConf",
+    "resourceVersion",
     "subPath",
 }
 
