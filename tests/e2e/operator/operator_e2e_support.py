@@ -18,7 +18,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -441,3 +441,50 @@ def close_operator_run(run: OperatorRun, *, failed: bool) -> None:
 
 def b64(value: str) -> str:
     return base64.b64encode(value.encode()).decode()
+
+
+def custom_component(
+    name: str, config: Any, *, app: str | None = None, **spec: Any
+) -> dict[str, Any]:
+    """A custom-type DefenderComponent named `name` taking any JSON object, whose selector
+    matches pods labelled app.kubernetes.io/name=`app` (default: `name`)."""
+    return {
+        "apiVersion": contract.GROUP_VERSION,
+        "kind": contract.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "componentType": "custom",
+            "selector": {"matchLabels": {"app.kubernetes.io/name": app or name}},
+            "customSchema": {"type": "object"},
+            "config": config,
+            **spec,
+        },
+    }
+
+
+@contextlib.contextmanager
+def extra_namespace(run: OperatorRun, prefix: str) -> Iterator[str]:
+    """A namespace of its own for the test (the operator watches it when started with ``-n``
+    of it), deleted afterwards with its DefenderComponents' finalizers dropped: the operator
+    may be stopped by then, and a finalizer left would hold the namespace forever."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    run.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    try:
+        yield name
+    finally:
+        try:
+            listed: Any = run.custom.list_namespaced_custom_object(
+                contract.API_GROUP, contract.API_VERSION, name, contract.PLURAL
+            )
+            for item in listed["items"]:
+                run.custom.patch_namespaced_custom_object(
+                    contract.API_GROUP,
+                    contract.API_VERSION,
+                    name,
+                    contract.PLURAL,
+                    item["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                )
+        except k8s.ApiException:
+            pass
+        run.core.delete_namespace(name)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from operator_e2e_support import OperatorRun, kubectl, wait_for
+from operator_e2e_support import OperatorRun, custom_component, kubectl, wait_for
 
 from defender_config import contract
 
@@ -23,18 +23,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
 
 def _custom(name: str, config: Any, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": contract.GROUP_VERSION,
-        "kind": contract.KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "componentType": "custom",
-            "selector": {"matchLabels": {"app.kubernetes.io/name": "careless"}},
-            "customSchema": {"type": "object"},
-            "config": config,
-            **spec,
-        },
-    }
+    return custom_component(name, config, app="careless", **spec)
 
 
 def _create(run: OperatorRun, doc: dict[str, Any], namespace: str | None = None) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client as k8s
-from operator_e2e_support import SAMPLES, SECRET, OperatorRun, wait_for
+from operator_e2e_support import SAMPLES, SECRET, OperatorRun, extra_namespace, wait_for
 
 from defender_config import (
     REGISTRATIONS_FILE,
@@ -41,27 +41,8 @@ FAST = {
 @pytest.fixture
 def other_namespace(operator_run: OperatorRun) -> Iterator[str]:
     """A second namespace the operator also watches (start it with ``-n`` of it)."""
-    name = f"t-other-{uuid.uuid4().hex[:8]}"
-    run = operator_run
-    run.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    try:
+    with extra_namespace(operator_run, "t-other") as name:
         yield name
-    finally:
-        try:
-            for item in run.custom.list_namespaced_custom_object(
-                contract.API_GROUP, contract.API_VERSION, name, contract.PLURAL
-            )["items"]:
-                run.custom.patch_namespaced_custom_object(
-                    contract.API_GROUP,
-                    contract.API_VERSION,
-                    name,
-                    contract.PLURAL,
-                    item["metadata"]["name"],
-                    {"metadata": {"finalizers": None}},
-                )
-        except k8s.ApiException:
-            pass
-        run.core.delete_namespace(name)
 
 
 def _sample(**config: Any) -> dict[str, Any]:

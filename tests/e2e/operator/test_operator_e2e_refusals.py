@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from operator_e2e_support import OperatorRun, wait_for
+from operator_e2e_support import OperatorRun, custom_component, wait_for
 
 from defender_config import ConfigStore, Keyring, contract, validate_config
 
@@ -19,18 +19,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
 
 
 def _custom(name: str, config: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": contract.GROUP_VERSION,
-        "kind": contract.KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "componentType": "custom",
-            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
-            "customSchema": {"type": "object"},
-            "config": config,
-            **spec,
-        },
-    }
+    return custom_component(name, config, **spec)
 
 
 def _create(run: OperatorRun, doc: dict[str, Any]) -> None:

@@ -6,14 +6,13 @@ DefenderComponents"). Real API server with RBAC, the tenant impersonated by kube
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from operator_e2e_support import OperatorRun, kubectl, wait_for
+from operator_e2e_support import OperatorRun, custom_component, extra_namespace, kubectl, wait_for
 
 from defender_config import contract
 
@@ -27,59 +26,42 @@ AS_TENANT = ("--as", TENANT)
 def tenant_namespace(operator_run: OperatorRun) -> Iterator[str]:
     """A namespace the operator also watches (start it with ``-n`` of it), where `mallory`
     may edit DefenderComponents, Pods, Secrets, ConfigMaps and Events, and nothing else."""
-    name = f"t-tenant-{uuid.uuid4().hex[:8]}"
     run = operator_run
-    run.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    rbac = k8s.RbacAuthorizationV1Api(run.api)
-    rbac.create_namespaced_role(
-        name,
-        k8s.V1Role(
-            metadata=k8s.V1ObjectMeta(name="tenant-edit"),
-            rules=[
-                k8s.V1PolicyRule(
-                    api_groups=[contract.API_GROUP],
-                    resources=[contract.PLURAL],
-                    verbs=["get", "list", "watch", "create", "update", "patch", "delete"],
-                ),
-                k8s.V1PolicyRule(
-                    api_groups=[""],
-                    resources=["pods", "secrets", "configmaps", "events"],
-                    verbs=["get", "list", "watch", "create", "update", "patch", "delete"],
-                ),
-            ],
-        ),
-    )
-    rbac.create_namespaced_role_binding(
-        name,
-        k8s.V1RoleBinding(
-            metadata=k8s.V1ObjectMeta(name="tenant-edit"),
-            role_ref=k8s.V1RoleRef(
-                api_group="rbac.authorization.k8s.io", kind="Role", name="tenant-edit"
+    with extra_namespace(run, "t-tenant") as name:
+        rbac = k8s.RbacAuthorizationV1Api(run.api)
+        rbac.create_namespaced_role(
+            name,
+            k8s.V1Role(
+                metadata=k8s.V1ObjectMeta(name="tenant-edit"),
+                rules=[
+                    k8s.V1PolicyRule(
+                        api_groups=[contract.API_GROUP],
+                        resources=[contract.PLURAL],
+                        verbs=["get", "list", "watch", "create", "update", "patch", "delete"],
+                    ),
+                    k8s.V1PolicyRule(
+                        api_groups=[""],
+                        resources=["pods", "secrets", "configmaps", "events"],
+                        verbs=["get", "list", "watch", "create", "update", "patch", "delete"],
+                    ),
+                ],
             ),
-            subjects=[
-                k8s.RbacV1Subject(api_group="rbac.authorization.k8s.io", kind="User", name=TENANT)
-            ],
-        ),
-    )
-    try:
+        )
+        rbac.create_namespaced_role_binding(
+            name,
+            k8s.V1RoleBinding(
+                metadata=k8s.V1ObjectMeta(name="tenant-edit"),
+                role_ref=k8s.V1RoleRef(
+                    api_group="rbac.authorization.k8s.io", kind="Role", name="tenant-edit"
+                ),
+                subjects=[
+                    k8s.RbacV1Subject(
+                        api_group="rbac.authorization.k8s.io", kind="User", name=TENANT
+                    )
+                ],
+            ),
+        )
         yield name
-    finally:
-        try:
-            listed: Any = run.custom.list_namespaced_custom_object(
-                contract.API_GROUP, contract.API_VERSION, name, contract.PLURAL
-            )
-            for item in listed["items"]:
-                run.custom.patch_namespaced_custom_object(
-                    contract.API_GROUP,
-                    contract.API_VERSION,
-                    name,
-                    contract.PLURAL,
-                    item["metadata"]["name"],
-                    {"metadata": {"finalizers": None}},
-                )
-        except k8s.ApiException:
-            pass
-        run.core.delete_namespace(name)
 
 
 def _as_tenant(*args: str, check: bool = True) -> str:
@@ -87,18 +69,7 @@ def _as_tenant(*args: str, check: bool = True) -> str:
 
 
 def _tenant_component(name: str, value: int) -> dict[str, Any]:
-    return {
-        "apiVersion": contract.GROUP_VERSION,
-        "kind": contract.KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "componentType": "custom",
-            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
-            "customSchema": {"type": "object"},
-            "config": {"value": value},
-            "retention": "Purge",
-        },
-    }
+    return custom_component(name, {"value": value}, retention="Purge")
 
 
 def _active_version(run: OperatorRun, namespace: str, name: str) -> int | None:
