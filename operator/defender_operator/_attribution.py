@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from defender_operator import _api
 from defender_operator._decisions.attribution import UNATTRIBUTED, verified_author
 from defender_operator._runtime import Runtime
 
@@ -23,11 +24,13 @@ def author(
     namespace: str,
     name: str,
     annotations: Mapping[str, str],
-    raw_config_digest: str,
+    raw_config: Any,
 ) -> str:
     if rt.stamp_key is None:
         return f"operator:{rt.identity}"
-    user = verified_author(rt.stamp_key, namespace, name, annotations, raw_config_digest)
+    # Digested only here: without admission there is no stamp to check it against.
+    digest = _api.raw_config_digest(raw_config)
+    user = verified_author(rt.stamp_key, namespace, name, annotations, digest)
     if user is not None:
         return user
     kopf.event(

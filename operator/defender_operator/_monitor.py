@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import logging
 import time
@@ -29,6 +28,7 @@ from defender_config import (
     RegistrationReplayError,
     RolloutRecord,
     StoreError,
+    config_digest,
     validate_config,
 )
 from defender_operator import _api, _canary
@@ -112,7 +112,7 @@ from defender_operator._reconcile import (
     wanted_cadence,
     went_back,
 )
-from defender_operator._runtime import ComponentMemory, Runtime, utcnow
+from defender_operator._runtime import ComponentMemory, Runtime, spec_key, utcnow
 from defender_operator._scrub import scrub_step
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -763,7 +763,7 @@ async def regression_step(
         normalized = await _validated(p)
     except ConfigValidationError:
         return state, Outcome()  # an invalid spec.config is the reconcile's to report
-    regression = went_back(p.status, state, normalized)
+    regression = went_back(p.status, state, config_digest(normalized))
     if regression is None:
         return state, Outcome()
     out = Outcome()
@@ -1169,14 +1169,13 @@ def _visit(
     **extra: Any,
 ) -> Pass:
     """A pass over `body` as kopf keeps it, judging from `status`."""
-    raw = body.get("spec") or {}
     mem = rt.memory(namespace, name)
-    if mem.spec is None or mem.spec[0] != raw:
-        # Parsed once per spec, not per pass (a thousand components pass every few seconds);
-        # kept as a copy, so a body kopf changes in place is still compared with what was parsed.
-        # An older object's values this API refuses run as its bounds (`lift_legacy`; the
-        # reconcile says so).
-        mem.spec = (copy.deepcopy(dict(raw)), _api.parse_stored_spec(raw)[0])
+    key = spec_key(body)
+    if mem.spec is None or mem.spec[0] != key:
+        # Parsed once per spec, not per pass (a thousand components pass every few seconds),
+        # by whichever comes first, the reconcile or a pass. An older object's values this API
+        # refuses run as its bounds (`lift_legacy`; the reconcile says so).
+        mem.spec = (key, _api.parse_stored_spec(body.get("spec") or {})[0])
     return Pass(
         rt=rt,
         body=body,

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any, NoReturn
@@ -114,7 +114,7 @@ from defender_operator._outcome import (
     warning,
 )
 from defender_operator._pods import PodIndex, held_pods, select_pods
-from defender_operator._runtime import ComponentMemory, Runtime, utcnow
+from defender_operator._runtime import ComponentMemory, Runtime, spec_key, utcnow
 
 
 def storage_policy(storage: _api.StorageSpec) -> StoragePolicy:
@@ -257,6 +257,20 @@ class Visit:
     def who(self) -> str:
         return f"operator:{self.rt.identity}"
 
+    _digests: dict[int, tuple[Mapping[str, Any], str]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def digest(self, normalized: Mapping[str, Any]) -> str:
+        """`config_digest` of a config this visit holds, worked out once per config: the plan,
+        the seed, the regression check and the status each ask for it (canonical JSON and a
+        hash of the whole config, on every reconcile of a thousand at once). The config is
+        kept with its digest, so no other object can take its id during the visit."""
+        known = self._digests.get(id(normalized))
+        if known is None:
+            known = self._digests[id(normalized)] = (normalized, config_digest(normalized))
+        return known[1]
+
 
 # A monitor pass run after a successful reconcile (`_monitor.after_reconcile` bound to the
 # resource): given the status as stored and the reconcile's fields, it publishes both in one
@@ -356,6 +370,9 @@ async def _steps(
         parsed = await asyncio.to_thread(check_spec, v, raw_spec)
     else:
         parsed = check_spec(v, raw_spec)
+    if parsed.spec is not None:
+        # The reconcile's first pass (and the daemon's) judge by this spec: parsed once.
+        mem.spec = (spec_key(v.body), parsed.spec)
     claimed = await claim(v, seeds_first=seeds_first(v, parsed))
     if not take(mem, found, claimed.outcome):
         return
@@ -425,7 +442,9 @@ async def _steps(
     regression = (
         None
         if reseeded
-        else went_back(mem.status if mem.status is not None else v.status, state, normalized)
+        else went_back(
+            mem.status if mem.status is not None else v.status, state, v.digest(normalized)
+        )
     )
     if regression is not None:
         take(mem, found, regression_told(v.logger, regression))
@@ -465,7 +484,7 @@ async def _steps(
             if registration is not None
             else {}
         ),
-        "specConfigDigest": config_digest(normalized),
+        "specConfigDigest": v.digest(normalized),
         "observedGeneration": v.generation,
         "keyFingerprint": v.rt.keyring.current().primary_fingerprint,
     }
@@ -917,7 +936,7 @@ async def seed(
     """Re-sign a metadata record that does not verify, then create MASTER and ACTIVE where
     absent. Returns what etcd holds, whether a commit is due, and what happened."""
     rt, component = v.rt, v.component
-    digest = config_digest(normalized)
+    digest = v.digest(normalized)
     storage = storage_policy(spec.storage)
     out = Outcome()
     declared = await rt.write(
@@ -969,7 +988,7 @@ async def seed(
             normalized,
             json_schema=spec.custom_schema,
             modified_by=_attribution.author(
-                v.rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
+                v.rt, v.body, v.namespace, v.name, v.annotations, spec.config
             ),
             storage=storage,
         )
@@ -1011,7 +1030,7 @@ async def claim_and_seed(
     rt, component = v.rt, v.component
     # What `seed` would plan for a name etcd holds nothing of: seed both, commit nothing.
     absent = StoredState(None, None, None)
-    plan = plan_seed(config_digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
+    plan = plan_seed(v.digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
     # The first pass asks etcd when each instance already beating last did (its lease): asked
     # meanwhile, that request is off the path to the first status.
     sightings = _ask_sightings(rt, component)
@@ -1025,7 +1044,7 @@ async def claim_and_seed(
             claim=pending,
             json_schema=spec.custom_schema,
             modified_by=_attribution.author(
-                v.rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
+                v.rt, v.body, v.namespace, v.name, v.annotations, spec.config
             ),
             storage=storage_policy(spec.storage),
             cadence=wanted_cadence(rt, spec),
@@ -1225,9 +1244,7 @@ async def commit(
             done=True,
         )
     previous = state.active_version or 0
-    author = _attribution.author(
-        rt, v.body, v.namespace, v.name, v.annotations, config_digest(spec.config)
-    )
+    author = _attribution.author(rt, v.body, v.namespace, v.name, v.annotations, spec.config)
     if canary and spec.rollout.canary is not None and previous > 0:
         # A canary first: ACTIVE stays as it is until the monitor promotes the candidate.
         pods = select_pods(v.pods, v.namespace, spec.selector.match_labels)
@@ -1245,7 +1262,7 @@ async def commit(
         if started is not None:
             started.fields.update(
                 state_fields(state),
-                specConfigDigest=config_digest(normalized),
+                specConfigDigest=v.digest(normalized),
                 observedGeneration=v.generation,
             )
             started.done = True
@@ -1271,16 +1288,14 @@ async def commit(
     )
 
 
-def went_back(
-    shown: Mapping[str, Any], state: ComponentState, normalized: Mapping[str, Any]
-) -> Regression | None:
+def went_back(shown: Mapping[str, Any], state: ComponentState, digest: str) -> Regression | None:
     """Whether ACTIVE in etcd went below the version the operator published last (`shown`:
     the status as last written), and what to do about it (`_decisions.restore`)."""
     return judge_regression(
         seen_active(shown),
         state.active_version,
         state.active_digest,
-        config_digest(normalized),
+        digest,
         str(shown.get("specConfigDigest") or ""),
     )
 

@@ -8,6 +8,7 @@ threshold again, see `_decisions.restarts.stale_pods`).
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,18 @@ T = TypeVar("T")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def spec_key(body: Any) -> object:
+    """What tells one spec of an object from another without comparing the specs: the API
+    server raises metadata.generation at every change of the spec (the CRD has a status
+    subresource), and an object created again has another uid. A body without a generation
+    (one no API server handed over) is keyed by a copy of its spec."""
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation")
+    if generation:
+        return (meta.get("uid"), int(generation))
+    return copy.deepcopy(dict(body.get("spec") or {}))
 
 
 @dataclass
@@ -96,8 +109,8 @@ class ComponentMemory:
     # that failed.
     observation: Observation | None = None
     observed: ViewRead | None = None
-    # spec as the last pass read it from the body, and parsed.
-    spec: tuple[dict[str, Any], DefenderComponentSpec] | None = None
+    # The spec last parsed (by a reconcile or a pass), under its `spec_key`.
+    spec: tuple[object, DefenderComponentSpec] | None = None
     # The last pass that completed: when it began (time.monotonic) and when it said the next
     # one is due. A daemon pass that waited while a reconcile's pass began is skipped.
     last_pass: tuple[float, datetime | None] | None = None

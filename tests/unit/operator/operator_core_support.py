@@ -203,6 +203,7 @@ class Harness:
     kube: FakeKube = field(default_factory=FakeKube)
     events: list[Event] = field(default_factory=list)
     generation: int = 0
+    spec_shown: dict[str, Any] | None = None
     uid: str = "uid-1"
     pods: dict[str, Pod] = field(default_factory=dict)
     rt: Runtime = field(init=False)
@@ -269,6 +270,7 @@ class Harness:
         """What kopf's create/update handler does with a new generation of the resource
         (with `first_pass`, as `handlers` wires it: the first monitor pass included)."""
         self.generation += 1
+        self.spec_shown = dict(raw_spec)
         body = self.body(raw_spec, annotations or {})
         visit = _reconcile.Visit(
             rt=self.rt,
@@ -318,7 +320,11 @@ class Harness:
         return body
 
     async def monitor(self, raw_spec: Mapping[str, Any]) -> datetime | None:
-        """One pass of the monitor daemon (as `_monitor.run` makes it)."""
+        """One pass of the monitor daemon (as `_monitor.run` makes it). A spec other than the
+        last one shown is a new generation, not reconciled yet, as the API server numbers it."""
+        if raw_spec != self.spec_shown:
+            self.generation += 1
+            self.spec_shown = dict(raw_spec)
         return await _monitor._pass(
             self.rt, self.body(raw_spec, {}), NAMESPACE, NAME, LOG, self.index()
         )

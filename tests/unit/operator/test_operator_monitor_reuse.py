@@ -373,11 +373,52 @@ def test_the_spec_is_parsed_once_per_change_and_a_change_in_place_is_seen() -> N
     body = h.body(spec(), {})
     first = _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec
     assert _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec is first
-    # kopf may change the body it keeps in place: the parsed spec follows it.
+    # kopf changes the body it keeps in place, with the new generation the API server gave
+    # the changed spec: the parsed spec follows it.
+    assert body["metadata"]["generation"] > 0
     body["spec"]["heartbeat"] = {"intervalSeconds": 7}
+    body["metadata"]["generation"] += 1
     changed = _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec
     assert changed is not first and changed.heartbeat.interval_seconds == 7
     body["spec"]["config"]["interface"] = "eth7"  # nested, in place
+    body["metadata"]["generation"] += 1
     assert _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec.config["interface"] == "eth7"
+    # The same object created again (another uid) at the same generation: parsed anew.
+    body["metadata"]["uid"] = "uid-again"
+    body["spec"]["config"]["interface"] = "eth8"
+    assert _monitor._visit(h.rt, body, NAMESPACE, NAME, LOG, {}).spec.config["interface"] == "eth8"
+    h.spec_shown = None  # the harness numbers the next spec it is shown as a new generation
     asyncio.run(h.monitor(dict(body["spec"])))
     assert h.backend.cadences[NAME].interval_seconds == 7
+
+
+def test_a_new_components_reconcile_parses_and_digests_its_spec_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thousand components created at once (issue 17): the reconcile and the first pass it
+    # runs judge by one parse of the spec, and the plan, the seed and the status by one digest
+    # of the config; a later pass of the same generation parses nothing.
+    parses: list[object] = []
+    digests: list[object] = []
+    real_parse, real_digest = _api.parse_stored_spec, _reconcile.config_digest
+
+    def parse(raw: object) -> object:
+        parses.append(raw)
+        return real_parse(raw)  # type: ignore[arg-type]
+
+    def digest(config: object) -> str:
+        digests.append(config)
+        return real_digest(config)
+
+    monkeypatch.setattr(_api, "parse_stored_spec", parse)
+    monkeypatch.setattr(_reconcile, "config_digest", digest)
+    h = Harness()
+    h.inform()
+    h.add_pod("sniffer-a")
+    h.beat("sniffer-a")
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    assert h.condition(cond.READY)["status"] == cond.TRUE
+    assert len(parses) == 1 and len(digests) == 1, (parses, digests)
+    asyncio.run(h.monitor(spec()))
+    assert len(parses) == 1
+    assert h.kube.status["specConfigDigest"] == real_digest(digests[0])
