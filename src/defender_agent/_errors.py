@@ -4,6 +4,7 @@ The tree (one root, so a caller can catch everything the agent raises on purpose
 
     AgentError
     ├── AgentSettingsError        bad flags / environment at start-up
+    ├── OutputDirError            at start: the output path leads out of its volume through a link
     ├── WriteError                the decoded config could not be written to the shared volume
     ├── FileDriftedError          the file no longer held the delivered config; it was put back
     ├── ConfigTooLargeError       the config's file would be over the library's cap on a value,
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigTooLargeError",
     "FileDriftedError",
     "HttpReloadError",
+    "OutputDirError",
     "ProcessNotFoundError",
     "ReloadError",
     "SignalDeliveryError",
@@ -48,6 +50,23 @@ class AgentSettingsError(AgentError):
     """Flags or environment variables are missing, malformed or contradict each other."""
 
     reason = "AgentSettings"
+
+
+class OutputDirError(AgentError):
+    """At start: a directory of the output path is a symbolic link in a mounted volume (which
+    another container of the pod may have written), or the path holds too many links. The agent
+    does not start: followed, the link could take the config out of its volume, to another one
+    or anywhere the agent may write."""
+
+    reason = "OutputDirRefused"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"refusing the output directory {path}: {detail}; give --output-path as the real "
+            "path in the shared volume, with no link below the volume's mount point"
+        )
 
 
 class WriteError(AgentError):
