@@ -84,7 +84,8 @@ class WriteError(AgentError):
 class FileDriftedError(AgentError):
     """The written file no longer held the config the agent delivered (edited by hand or by the
     component's container, replaced or removed): the agent put it back and told the component
-    to reload. Reported until a later check finds the file intact."""
+    to reload. Reported until a check finds the file intact once no drift was put back for a
+    whole drift window (``_core.drift_quiet``)."""
 
     reason = "FileDrifted"
 
