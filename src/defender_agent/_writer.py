@@ -224,7 +224,14 @@ def _is_link(name: str, dir_fd: int) -> bool:
 
 def _directory_of(path: Path, directory: OutputDir | None) -> OutputDir:
     # Without one resolved at start: the parent's real path now (a caller outside the agent).
-    return directory if directory is not None else OutputDir.resolve(path, ())
+    if directory is not None:
+        return directory
+    try:
+        return OutputDir.resolve(path, ())
+    except OutputDirError:
+        # A loop of links, or one gone while read: the walk fails on it, which each caller
+        # reports its own way (WriteError, False, None), not an error of the agent's start.
+        return OutputDir(os.path.realpath(path.parent))
 
 
 def write_atomic(

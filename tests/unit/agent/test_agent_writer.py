@@ -311,6 +311,19 @@ def test_without_a_mount_the_parent_s_real_path_at_start_is_trusted(tmp_path: Pa
     assert list(elsewhere.iterdir()) == []
 
 
+def test_a_loop_of_links_is_a_write_error_for_a_caller_without_a_resolved_directory(
+    tmp_path: Path,
+) -> None:
+    # write_atomic outside the agent (no directory resolved at start) raises WriteError on any
+    # failure, as documented; the checks answer "not there".
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(WriteError):
+        write_atomic(tmp_path / "a" / "c.json", b"abc")
+    assert not file_holds(tmp_path / "a" / "c.json", b"abc")
+    assert file_signature(tmp_path / "a" / "c.json") is None
+
+
 def test_a_directory_the_agent_may_write_but_not_read_still_takes_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
