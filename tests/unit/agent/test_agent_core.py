@@ -908,8 +908,8 @@ def test_a_component_that_keeps_rewriting_its_file_alerts_once_per_window(
     delivered = path.read_bytes()
 
     def rewrite_and_tick(n: int) -> None:
-        # The component rewrites its own file every second; each main-loop pass puts it back
-        # (and the next one clears FileDrifted).
+        # The component rewrites its own file every other second; each main-loop pass after
+        # an edit puts it back (FileDrifted stays reported while it goes on).
         for _ in range(n):
             path.write_text('{"a": "mine"}\n')
             agent._tick()
