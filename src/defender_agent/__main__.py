@@ -8,6 +8,7 @@ Exit codes (also in docs/agent.md):
 2     invalid settings: flags, ``DEFENDER_AGENT_*``/``DEFENDER_*`` variables or settings file
 3     the keyring could not be loaded at start (Secret not mounted or malformed)
 4     etcd refused the credentials (user/password or client certificate)
+5     the output directory was refused: a symbolic link in a mounted volume on the output path
 ====  =====================================================================================
 
 An unreachable etcd is not an exit: the agent keeps retrying with backoff, because a restart
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 from defender_config import KeyringError, SettingsError, StoreAuthError
 
-from ._errors import AgentSettingsError
+from ._errors import AgentSettingsError, OutputDirError
 from ._harden import forbid_inspection
 from ._logging import configure_logging
 
@@ -31,6 +32,7 @@ EXIT_INTERNAL = 1
 EXIT_SETTINGS = 2
 EXIT_KEYRING = 3
 EXIT_AUTH = 4
+EXIT_OUTPUT_DIR = 5
 
 log = logging.getLogger("defender_agent")
 
@@ -60,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AgentSettingsError, SettingsError) as exc:
         log.error("invalid settings: %s", exc, extra={"reason": exc.reason})
         return EXIT_SETTINGS
+    except OutputDirError as exc:
+        # Not a setting to fix but what the volume holds: maybe another container's doing.
+        log.error("%s", exc, extra={"reason": exc.reason})
+        return EXIT_OUTPUT_DIR
     agent.install_signal_handlers()
     try:
         agent.run()

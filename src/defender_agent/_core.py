@@ -56,6 +56,7 @@ __all__ = [
     "DriftAlerts",
     "LastError",
     "StatusSink",
+    "drift_quiet",
     "next_drift_alert",
     "render_config",
 ]
@@ -95,6 +96,19 @@ def next_drift_alert(
     if not over or count == 0:
         return DriftAlerts(state.alerted_at, count), 0
     return DriftAlerts(now, 0), count
+
+
+def drift_quiet(
+    drifted_at: float | None, now: float, window: float = DRIFT_ALERT_WINDOW_SECONDS
+) -> bool:
+    """Whether ``FileDrifted`` may leave the heartbeat's ``last_error``: no drift was put back
+    in the last ``window`` seconds (``drifted_at``: when the last one was, None: never).
+
+    Cleared at the first intact check, a file rewritten every other second cost two record
+    writes per drift (set, cleared), each an etcd put, for the whole time it went on. Held for
+    the window the alerts are limited to, a run of drifts is one write when it starts and one
+    when it has been over for a window: at most two per window, whatever the rate of edits."""
+    return drifted_at is None or now - drifted_at >= window
 
 
 @dataclass(frozen=True)
@@ -210,6 +224,9 @@ class ConfigApplier:
         self._drift_alerts = DriftAlerts()
         # The drift last put back and reported, for a summary alert written without a new one.
         self._last_drift: LastError | None = None
+        # When a drift was last put back: FileDrifted stays the record's last_error until a
+        # whole window has passed without one (drift_quiet).
+        self._drifted_at: float | None = None
 
     # --- the two ways in --------------------------------------------------------------------
 
@@ -329,10 +346,16 @@ class ConfigApplier:
         runs (after its next reload or restart) whatever the file now holds, until the next
         config, keyring change or agent restart. Cheap in the steady state: a walk of the
         directories and one ``lstat``; the file is read only when that changed. Reports
-        ``FileDrifted`` (a warning, an alert, the heartbeat's ``last_error``) until a later
-        check finds the file intact, with at most one alert per ``drift_alert_window``
-        (:func:`next_drift_alert`); a write-back that fails is ``WriteFailed``, retried like any
-        other write."""
+        ``FileDrifted``: a warning per put-back, at most one alert per ``drift_alert_window``
+        (:func:`next_drift_alert`), and the heartbeat's ``last_error`` until a check finds the
+        file intact once a window has passed without a drift (:func:`drift_quiet`); a
+        write-back that fails is ``WriteFailed``, retried like any other write.
+
+        Every put-back tells the component to reload, even when the bytes put back are what it
+        was last told to load: the agent cannot know it did not read the edit meanwhile (it
+        restarted, someone sent it the signal by hand, it watches its file), and a reload left
+        out then would leave it running the edit while the record shows the delivered digest.
+        What bounds the reloads is the check: at most one per check, whatever the edit rate."""
         with self._lock:
             restored, drift = self._check_file()
             self._alert_drift(drift)
@@ -346,13 +369,18 @@ class ConfigApplier:
             return False, None  # nothing delivered yet, or retry() is writing it already
         seen = file_signature(self._path, directory=self._dir)
         if seen is not None and seen == self._seen:
-            if self.last_error is not None and self.last_error.reason == "FileDrifted":
+            if (
+                self.last_error is not None
+                and self.last_error.reason == FileDriftedError.reason
+                and drift_quiet(self._drifted_at, self._clock(), self._drift_window)
+            ):
                 self._clear_error()
             return False, None
         if file_holds(self._path, data, directory=self._dir):
             self._seen = seen  # touched, or written again with the same bytes
             return False, None
         assert self.config_digest is not None  # set with _delivered
+        self._drifted_at = self._clock()
         drifted = FileDriftedError(str(self._path), self.config_version, self.config_digest)
         log.warning(
             "%s: %s",
@@ -378,9 +406,11 @@ class ConfigApplier:
         if self.reload_pending:
             return True, None  # the reload's failure is what is reported
         drift = error_of(drifted)
-        if standing is None or standing.reason == drift.reason:
-            # Shown until the next check finds the file intact (a second later), long
-            # enough for the heartbeat to carry it; the alert is check_file()'s.
+        if standing is None or (standing.reason == drift.reason and standing != drift):
+            # Shown until a check finds the file intact once the drift window is over (see
+            # drift_quiet); the alert is check_file()'s. Reported again while the record already
+            # says so, it would cost an etcd request per drift (every update wakes the
+            # heartbeater), for nothing a reader would learn.
             self._report(drift, self.config_version, alerted=True)
         return True, drift
 

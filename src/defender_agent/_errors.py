@@ -4,6 +4,7 @@ The tree (one root, so a caller can catch everything the agent raises on purpose
 
     AgentError
     ├── AgentSettingsError        bad flags / environment at start-up
+    ├── OutputDirError            at start: the output path leads out of its volume through a link
     ├── WriteError                the decoded config could not be written to the shared volume
     ├── FileDriftedError          the file no longer held the delivered config; it was put back
     ├── ConfigTooLargeError       the config's file would be over the library's cap on a value,
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigTooLargeError",
     "FileDriftedError",
     "HttpReloadError",
+    "OutputDirError",
     "ProcessNotFoundError",
     "ReloadError",
     "SignalDeliveryError",
@@ -50,6 +52,23 @@ class AgentSettingsError(AgentError):
     reason = "AgentSettings"
 
 
+class OutputDirError(AgentError):
+    """At start: a directory of the output path is a symbolic link in a mounted volume (which
+    another container of the pod may have written), or the path holds too many links. The agent
+    does not start: followed, the link could take the config out of its volume, to another one
+    or anywhere the agent may write."""
+
+    reason = "OutputDirRefused"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"refusing the output directory {path}: {detail}; give --output-path as the real "
+            "path in the shared volume, with no link below the volume's mount point"
+        )
+
+
 class WriteError(AgentError):
     """Writing the config file failed; the previous file is left in place."""
 
@@ -65,7 +84,8 @@ class WriteError(AgentError):
 class FileDriftedError(AgentError):
     """The written file no longer held the config the agent delivered (edited by hand or by the
     component's container, replaced or removed): the agent put it back and told the component
-    to reload. Reported until a later check finds the file intact."""
+    to reload. Reported until a check finds the file intact once no drift was put back for a
+    whole drift window (``_core.drift_quiet``)."""
 
     reason = "FileDrifted"
 

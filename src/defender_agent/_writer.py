@@ -7,15 +7,16 @@ failure is the agent's WriteError (reason ``WriteFailed``, which heartbeats and 
 
 Which directory that is, is decided once, at start (:meth:`OutputDir.resolve`). The component's
 container can write the shared volume, so it could replace a subdirectory of the output path
-with a symbolic link to anywhere else the agent may write, and a path resolved by the kernel at
-every write would take the config (and its temporary files) there. Refusing every link on the
-way is not possible either: the chart's path is under ``/var/run``, a link to ``/run`` in Debian
-images. So the links *above* the volume (the image's, which the component cannot change) are
-resolved at start, down to the deepest mount point the path crosses, and every write opens the
-directories from ``/`` down to the file one at a time without following a link (``O_NOFOLLOW``,
-``openat``): a link that appears on the way after start is ``WriteFailed``, never followed. The
-temporary file, the rename, the flush and the comparison all go through that one directory
-descriptor, so nothing is resolved twice.
+with a symbolic link to anywhere else the agent may write (another volume, ``/``), and a path
+resolved by the kernel at every write would take the config (and its temporary files) there.
+Refusing every link on the way is not possible either: the chart's path is under ``/var/run``, a
+link to ``/run`` in Debian images. So at start a link is followed only on the root file system
+(the image's, which the component cannot change), and a link in any mounted volume stops the
+agent (:class:`OutputDirError`), whoever put it there before the agent started. Every write
+then opens the directories from ``/`` down to the file one at a time without following a link
+(``O_NOFOLLOW``, ``openat``): a link that appears on the way after start is ``WriteFailed``,
+never followed. The temporary file, the rename, the flush and the comparison all go through that
+one directory descriptor, so nothing is resolved twice.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import WriteError
+from ._errors import OutputDirError, WriteError
 
 __all__ = [
     "DEFAULT_FILE_MODE",
@@ -52,6 +53,8 @@ _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _MOUNTINFO = "/proc/self/mountinfo"
+# The kernel's own limit on the links one path lookup follows (MAXSYMLINKS).
+_MAX_LINKS = 40
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
@@ -93,27 +96,23 @@ class OutputDir:
     ) -> OutputDir:
         """Resolve the directory of ``path``, once.
 
-        Links are followed down to the deepest mount point (other than ``/``) the path crosses:
-        the volume shared with the component is a mount, and what is above it is the image's,
-        which the component cannot change. The names below that mount point are kept as they
-        are given and never followed: a link there, now or later, is the component's doing. A
-        path that crosses no mount point (a plain directory, outside Kubernetes) trusts its
-        parent directory's real path as it is at start. ``mount_points`` defaults to what
-        ``/proc/self/mountinfo`` lists.
+        A link is followed only where it lies on the root file system (in no mount point
+        ``mount_points`` lists but ``/``): the image's, which no other container can change,
+        such as ``/var/run`` -> ``/run``. A link in a mounted volume — the one shared with the
+        component, or any other — is :class:`OutputDirError`: planted there before the agent
+        started, it could take the config to another volume or anywhere the agent may write.
+        The directory is then kept as the deepest mount point (other than ``/``) its real path
+        lies in and the names below it, each opened without following a link at every write;
+        a path in no mount (outside Kubernetes) is its real path. ``mount_points`` defaults to
+        what ``/proc/self/mountinfo`` lists.
         """
         parent = Path(os.path.abspath(path)).parent
         mounts = _read_mount_points() if mount_points is None else frozenset(mount_points)
-        names = parent.parts[1:]
-        resolved = "/"
-        volume: tuple[str, int] | None = None
-        for i, name in enumerate(names):
-            resolved = os.path.realpath(os.path.join(resolved, name))
-            if resolved != "/" and resolved in mounts:
-                volume = (resolved, i + 1)
+        real = _real_path(parent, mounts)
+        volume = _mount_of(real, mounts)
         if volume is None:
-            return cls(os.path.realpath(parent))
-        root, depth = volume
-        return cls(root, tuple(names[depth:]))
+            return cls(real)
+        return cls(volume, Path(real).relative_to(volume).parts)
 
     @property
     def path(self) -> Path:
@@ -147,6 +146,64 @@ class OutputDir:
         return fd
 
 
+def _mount_of(path: str, mounts: frozenset[str]) -> str | None:
+    """The deepest mount point other than ``/`` that ``path`` (a real path) is in or at."""
+    inside = [
+        point
+        for point in mounts
+        if point != "/" and (path == point or path.startswith(point.rstrip("/") + "/"))
+    ]
+    return max(inside, key=len, default=None)
+
+
+def _real_path(directory: Path, mounts: frozenset[str]) -> str:
+    """The real path of ``directory`` (absolute, normalized), resolved name by name as the
+    kernel would, refusing a link that lies in a mount (:meth:`OutputDir.resolve`). Names
+    that do not exist (yet) are kept as given, as ``os.path.realpath`` keeps them: the write
+    then fails and is retried."""
+    todo = list(reversed(directory.parts[1:]))  # names still to resolve, the next one last
+    parts: list[str] = []  # the resolved directory, no link in it
+    followed = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if parts:
+                parts.pop()
+            continue
+        here = "/" + "/".join(parts)
+        candidate = os.path.join(here, name)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except OSError:
+            is_link = False
+        if not is_link:
+            parts.append(name)
+            continue
+        mount = _mount_of(here, mounts)
+        if mount is not None:
+            raise OutputDirError(
+                str(directory),
+                f"{candidate} is a symbolic link in the mount {mount}, which the agent does not "
+                "follow: a link is followed only on the image's root file system, and one in a "
+                "volume (another container may write it) could lead out of it",
+            )
+        followed += 1
+        if followed > _MAX_LINKS:
+            raise OutputDirError(str(directory), f"more than {_MAX_LINKS} symbolic links")
+        try:
+            target = os.readlink(candidate)
+        except OSError as exc:  # replaced meanwhile: what it is now decides
+            raise OutputDirError(
+                str(directory), f"cannot read the link {candidate}: {exc.strerror or exc}"
+            ) from exc
+        if target.startswith("/"):
+            parts = []
+        todo.extend(reversed(target.split("/")))
+    return "/" + "/".join(parts)
+
+
 def _open_at(name: str, flags: int, dir_fd: int) -> int:
     try:
         return os.open(name, flags, dir_fd=dir_fd)
@@ -167,7 +224,14 @@ def _is_link(name: str, dir_fd: int) -> bool:
 
 def _directory_of(path: Path, directory: OutputDir | None) -> OutputDir:
     # Without one resolved at start: the parent's real path now (a caller outside the agent).
-    return directory if directory is not None else OutputDir.resolve(path, ())
+    if directory is not None:
+        return directory
+    try:
+        return OutputDir.resolve(path, ())
+    except OutputDirError:
+        # A loop of links, or one gone while read: the walk fails on it, which each caller
+        # reports its own way (WriteError, False, None), not an error of the agent's start.
+        return OutputDir(os.path.realpath(path.parent))
 
 
 def write_atomic(

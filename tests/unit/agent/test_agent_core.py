@@ -559,7 +559,8 @@ def test_a_write_whose_directory_flush_failed_still_reloads_the_component(
 
 def test_a_hand_edited_file_is_put_back_reloaded_and_reported(tmp_path: Path) -> None:
     sink, reloader = RecordingSink(), CountingReloader()
-    a = applier(tmp_path, sink, reloader)
+    now = [1000.0]
+    a = applier(tmp_path, sink, reloader, drift_alert_window=300, clock=lambda: now[0])
     assert a.apply({"level": "low"}, version=4)
     path = tmp_path / "demo.json"
     delivered = path.read_bytes()
@@ -575,10 +576,85 @@ def test_a_hand_edited_file_is_put_back_reloaded_and_reported(tmp_path: Path) ->
     assert "off" not in sink.heartbeat["last_error"]["detail"]  # never the file's values
     assert [kind for kind, _ in sink.alerts] == ["FileDrifted"]
     assert sink.heartbeat["config_version"] == 4
-    # The next check finds it intact: cleared.
+    # Intact, but a drift was put back less than a window ago: still reported.
+    now[0] += 299
+    assert a.check_file() is False
+    assert sink.heartbeat["last_error"]["reason"] == "FileDrifted"
+    # A whole window without a drift: the next check that finds the file intact clears it.
+    now[0] += 1
     assert a.check_file() is False
     assert a.last_error is None and sink.heartbeat["last_error"] is None
     assert reloader.calls == 2
+
+
+def test_a_new_config_clears_a_drift_still_reported(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    a = applier(tmp_path, sink, drift_alert_window=300, clock=lambda: 0.0)
+    assert a.apply({"a": 1}, version=1)
+    (tmp_path / "demo.json").write_text("{}\n")
+    assert a.check_file() is True
+    assert sink.heartbeat["last_error"]["reason"] == "FileDrifted"
+    assert a.apply({"a": 2}, version=2)
+    assert sink.heartbeat["last_error"] is None and sink.heartbeat["config_version"] == 2
+
+
+class HeartbeatLike(RecordingSink):
+    """Counts what the library's heartbeater does with each update: it wakes its thread, which
+    asks etcd (a lease refresh at least), and puts the record when a field changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates = 0
+        self.puts = 0
+
+    def update_heartbeat(self, **fields: Any) -> None:
+        self.updates += 1
+        if any(self.heartbeat.get(k, object()) != v for k, v in fields.items()):
+            self.puts += 1
+        super().update_heartbeat(**fields)
+
+
+@pytest.mark.parametrize(
+    "edit_every",
+    [
+        0.1,  # a tool rewriting the file in a tight loop: a drift at every check
+        2.0,  # every other check: each drift was set, then cleared at the next check
+        7.0,
+    ],
+)
+def test_a_storm_of_edits_costs_two_record_updates_per_window_and_a_reload_per_check(
+    tmp_path: Path, edit_every: float
+) -> None:
+    # 600 checks (one a second, as the main loop does) while something rewrites the file,
+    # then 400 quiet ones. Counts, not time: the clock is the test's.
+    sink, reloader = HeartbeatLike(), CountingReloader()
+    now = [0.0]
+    a = applier(tmp_path, sink, reloader, drift_alert_window=300, clock=lambda: now[0])
+    assert a.apply({"a": 1}, version=1)
+    path = tmp_path / "demo.json"
+    delivered = path.read_bytes()
+    sink.updates = sink.puts = reloader.calls = 0
+    put_backs, edits, next_edit = 0, 0, 0.05
+    for tick in range(1, 1001):
+        while tick <= 600 and next_edit < tick:
+            path.write_text(f'{{"a": "edit {edits}"}}\n')
+            edits += 1
+            next_edit += edit_every
+        now[0] = float(tick)
+        put_backs += a.check_file()
+        # What the component is told to load is the delivered config, every time.
+        assert path.read_bytes() == delivered
+    assert put_backs > 0
+    # A reload per put-back (the component may have read the edit), a put-back at most per
+    # check, whatever the rate of edits.
+    assert reloader.calls == put_backs <= 600
+    # The record: FileDrifted once when the drifts start, cleared once a whole window after the
+    # last one; before, every drift was an update (an etcd request), and an edit every other
+    # second two puts per drift (600 updates and puts in 600 s).
+    assert (sink.updates, sink.puts) == (2, 2)
+    assert a.last_error is None and sink.heartbeat["last_error"] is None
+    assert sink.heartbeat["config_version"] == 1
+    assert [kind for kind, _ in sink.alerts] == ["FileDrifted"] * 3  # at 1 s, 301 s, 601 s
 
 
 def test_a_removed_or_replaced_file_is_put_back(tmp_path: Path) -> None:
@@ -832,8 +908,8 @@ def test_a_component_that_keeps_rewriting_its_file_alerts_once_per_window(
     delivered = path.read_bytes()
 
     def rewrite_and_tick(n: int) -> None:
-        # The component rewrites its own file every second; each main-loop pass puts it back
-        # (and the next one clears FileDrifted).
+        # The component rewrites its own file every other second; each main-loop pass after
+        # an edit puts it back (FileDrifted stays reported while it goes on).
         for _ in range(n):
             path.write_text('{"a": "mine"}\n')
             agent._tick()

@@ -228,3 +228,46 @@ def test_unexpected_crash_exits_1_with_the_traceback_logged(
     assert code == entry.EXIT_INTERNAL == 1
     logged = capsys.readouterr().err
     assert "agent crashed" in logged and "injected bug" in logged
+
+
+def test_a_link_out_of_the_volume_at_start_exits_5_with_a_log_line(
+    tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    # The shared volume (`vol`, a mount in the mount table the agent reads) holds `sub`, a
+    # link to another volume, put there before the agent started: it does not start.
+    from defender_agent import __main__ as entry
+    from defender_agent import _agent, _writer
+
+    # Refused before it runs; were it not, it would start and wait for etcd: return instead.
+    monkeypatch.setattr(_agent.Agent, "run", lambda self: None)
+    monkeypatch.setattr(_agent.Agent, "install_signal_handlers", lambda self: None)
+    vol, other = tmp_path / "vol", tmp_path / "other"
+    vol.mkdir()
+    other.mkdir()
+    (vol / "sub").symlink_to(other)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "1 0 0:1 / / rw - overlay overlay rw\n"
+        f"2 1 0:2 / {vol.resolve()} rw - tmpfs tmpfs rw\n"
+        f"3 1 0:3 / {other.resolve()} rw - tmpfs tmpfs rw\n"
+    )
+    monkeypatch.setattr(_writer, "_MOUNTINFO", str(mountinfo))
+    for name in [k for k in os.environ if k.startswith("DEFENDER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("POD_NAME", "p-link")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        code = entry.main(
+            ["--component", "demo", "--reload-method", "none",
+             "--output-path", str(vol / "sub" / "demo.json"),
+             "--etcd-endpoints", f"http://127.0.0.1:{closed_port()}"]
+        )  # fmt: skip
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert code == entry.EXIT_OUTPUT_DIR == 5
+    assert list(other.iterdir()) == []
+    (line,) = [e for e in json_lines(capsys.readouterr().err) if e.get("level") == "ERROR"]
+    assert line["reason"] == "OutputDirRefused"
+    assert f"{vol.resolve()}/sub is a symbolic link in the mount {vol.resolve()}" in line["message"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from defender_agent import WriteError, write_atomic
+from defender_agent import OutputDirError, WriteError, write_atomic
 from defender_agent._writer import OutputDir, file_holds, file_signature, parse_mount_points
 
 
@@ -215,18 +215,81 @@ def test_a_subdirectory_swapped_for_a_link_after_start_is_refused(tmp_path: Path
 
 
 def test_a_link_below_the_volume_at_start_is_refused_too(tmp_path: Path) -> None:
-    # Swapped before the agent started: the names below the volume's mount point are never
-    # followed, whenever the link appeared.
+    # Put there before the agent started: a link in the volume is refused at start, wherever
+    # it points (here: elsewhere on the root file system), and nothing is ever written there.
     through_link, volume, mounts = _volume_behind_a_var_run_link(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (volume / "sub").symlink_to(elsewhere)
     target = through_link / "sub" / "config.json"
-    directory = OutputDir.resolve(target, mounts)
-    assert directory.below == ("sub",)
-    with pytest.raises(WriteError, match="is a symbolic link"):
-        write_atomic(target, b"new", directory=directory)
+    with pytest.raises(OutputDirError, match="is a symbolic link in the mount") as info:
+        OutputDir.resolve(target, mounts)
+    assert info.value.reason == "OutputDirRefused"
+    assert str(volume.resolve() / "sub") in str(info.value)
     assert list(elsewhere.iterdir()) == []
+
+
+def _another_volume(tmp_path: Path, mounts: frozenset[str]) -> tuple[Path, frozenset[str]]:
+    """``<tmp>/other``: a second volume of the pod (a mount point, as the test says)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    return other, mounts | {str(other.resolve())}
+
+
+def test_a_link_from_the_volume_to_another_volume_s_root_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    # A compromised init container left `sub` in the shared volume pointing at the root of
+    # another volume: resolved like the image's links, the config went there.
+    through_link, volume, mounts = _volume_behind_a_var_run_link(tmp_path)
+    other, mounts = _another_volume(tmp_path, mounts)
+    (volume / "sub").symlink_to(other)
+    with pytest.raises(OutputDirError, match="is a symbolic link in the mount"):
+        OutputDir.resolve(through_link / "sub" / "config.json", mounts)
+    assert list(other.iterdir()) == []
+
+
+def test_a_link_from_the_volume_to_slash_is_refused_at_start(tmp_path: Path) -> None:
+    # `sub` -> `/`, and the names after it lead (from /) to another mount: the config would
+    # have been written at that mount's root.
+    through_link, volume, mounts = _volume_behind_a_var_run_link(tmp_path)
+    other, mounts = _another_volume(tmp_path, mounts)
+    (volume / "sub").symlink_to("/")
+    target = through_link.joinpath("sub", *other.resolve().parts[1:], "config.json")
+    with pytest.raises(OutputDirError, match="is a symbolic link in the mount"):
+        OutputDir.resolve(target, mounts)
+    assert list(other.iterdir()) == []
+
+
+def test_an_image_link_is_not_a_way_through_a_link_in_a_volume(tmp_path: Path) -> None:
+    # The image's link is followed, but its target crosses a link planted in the volume: each
+    # link on the way is judged where it lies, not only the first.
+    through_link, volume, mounts = _volume_behind_a_var_run_link(tmp_path)
+    other, mounts = _another_volume(tmp_path, mounts)
+    (volume / "evil").symlink_to(other)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "config").symlink_to(through_link / "evil")
+    with pytest.raises(OutputDirError, match="is a symbolic link in the mount"):
+        OutputDir.resolve(tmp_path / "etc" / "config" / "config.json", mounts)
+
+
+def test_relative_image_links_resolve_as_the_kernel_does(tmp_path: Path) -> None:
+    # `var/run -> ../run` (as Debian ships it) and a chain of two links on the root file system.
+    volume = tmp_path / "run" / "vol"
+    volume.mkdir(parents=True)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to("../run")
+    (tmp_path / "shortcut").symlink_to(tmp_path / "var" / "run" / "vol")
+    mounts = frozenset({"/", str(volume.resolve())})
+    for target in (tmp_path / "var" / "run" / "vol" / "c.json", tmp_path / "shortcut" / "c.json"):
+        assert OutputDir.resolve(target, mounts) == OutputDir(str(volume.resolve()))
+
+
+def test_a_loop_of_links_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(OutputDirError, match="more than 40 symbolic links"):
+        OutputDir.resolve(tmp_path / "a" / "c.json", frozenset({"/"}))
 
 
 def test_without_a_mount_the_parent_s_real_path_at_start_is_trusted(tmp_path: Path) -> None:
@@ -246,6 +309,19 @@ def test_without_a_mount_the_parent_s_real_path_at_start_is_trusted(tmp_path: Pa
     with pytest.raises(WriteError, match="is a symbolic link"):
         write_atomic(target, b"new", directory=directory)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_loop_of_links_is_a_write_error_for_a_caller_without_a_resolved_directory(
+    tmp_path: Path,
+) -> None:
+    # write_atomic outside the agent (no directory resolved at start) raises WriteError on any
+    # failure, as documented; the checks answer "not there".
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(WriteError):
+        write_atomic(tmp_path / "a" / "c.json", b"abc")
+    assert not file_holds(tmp_path / "a" / "c.json", b"abc")
+    assert file_signature(tmp_path / "a" / "c.json") is None
 
 
 def test_a_directory_the_agent_may_write_but_not_read_still_takes_the_file(
