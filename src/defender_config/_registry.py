@@ -368,8 +368,13 @@ class Heartbeater:
             err = fields["last_error"]
             fields["last_error"] = ErrorInfo(reason=err.reason, detail=str(err)[:2000])
         with self._lock:
-            self._record = self._record.model_copy(update=fields)
-        self._wake.set()
+            before, self._record = self._record, self._record.model_copy(update=fields)
+            same = _content(self._record) == _content(before)
+        if not same:
+            # An update that changes nothing is no news: waking the thread would cost a lease
+            # renewal (an etcd request) for each, and a caller may repeat one often (the agent
+            # reports the same error at every check).
+            self._wake.set()
 
     def refresh_key_fields(self) -> None:
         """Re-read fingerprints and codec from the client's keyring (after a rotation)."""

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from defender_config import (
     DefenderClient,
     EnvelopeOptions,
+    ErrorInfo,
     EtcdSettings,
     Heartbeat,
     Heartbeater,
@@ -211,3 +212,16 @@ def test_each_heartbeater_signs_as_a_writer_of_its_own(keyed: DefenderClient) ->
     _, second = written(keyed, pod="sniffer-0")
     a, b = read(keyed, key, first, LEASE.id), read(keyed, key, second, LEASE.id)
     assert a.writer and b.writer and a.writer != b.writer and a.seq == b.seq == 1
+
+
+def test_an_update_that_changes_nothing_does_not_wake_the_beat(plain: DefenderClient) -> None:
+    # A woken beat renews the lease (an etcd request) even when it writes nothing: an update
+    # repeating what the record says must not cost one.
+    beat = Heartbeater(plain, "sniffer", "sniffer-0", follow_cadence=False, pod="sniffer-0")
+    beat.update(last_error=ErrorInfo(reason="FileDrifted", detail="edited"))
+    assert beat._wake.is_set()
+    beat._wake.clear()
+    beat.update(last_error=ErrorInfo(reason="FileDrifted", detail="edited"))
+    assert not beat._wake.is_set()
+    beat.update(last_error=None)
+    assert beat._wake.is_set() and beat.record.last_error is None
