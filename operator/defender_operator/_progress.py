@@ -10,26 +10,42 @@ object's kopf worker: kopf throttled that object and never ran its handlers agai
 annotation stayed (its spec changes were never committed; other objects were not affected,
 measured against a real API server in tests/e2e/operator/test_operator_e2e_tenants.py).
 
+A well-formed record is no safer: kopf skips a handler whose record says it succeeded or
+failed (`{"success": true}`, whatever the purpose), and puts off one whose record is `delayed`
+(to the year 2999, say), then stores the diff base as if the change was handled. Such a record,
+planted alone (an annotation change is no change to kopf) or with a spec change, made the
+operator skip the next reconcile of that object: its spec change was never committed.
+
 `_deep_json.install` makes kopf's decoder cut the depth, as for whole objects;
-`CheckedProgressStorage` takes a record kopf could not use as no record (a warning names the
-object, the handler and what is wrong, never the value): the handler runs as for a new change,
-and kopf's own write after it replaces or removes the record.
+`CheckedProgressStorage` seals each record it stores (an HMAC, under a key this process draws
+at start-up and never writes anywhere, of the object's uid, the handler id and the record) and
+takes any record without this process's seal, or that kopf could not use, as no record (a
+warning names the object, the handler and what is wrong, never the value): the handler runs as
+for a new change, and kopf's own write after it replaces or removes the record. Every handler
+of the operator is idempotent, so "run again when in doubt" is safe; a record of an operator
+before a restart is such a doubt (its retry comes at once, not after its delay).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import re
+import secrets
 from typing import Any, Final
 
 import kopf
 from kopf._core.actions.progression import parse_iso8601
 
-__all__ = ["CheckedProgressStorage", "unusable"]
+__all__ = ["SEAL", "CheckedProgressStorage", "unusable"]
 
 log = logging.getLogger("defender_operator.progress")
 
 _TIMES: Final = ("started", "stopped", "delayed")
+SEAL: Final = "defenderSeal"
+"""The field of a stored record holding its seal (kopf ignores fields it does not know)."""
 # kopf makes an annotation key of each sub-handler id when it purges a record: one the API
 # server refuses as a key would fail that patch at every change of the object.
 _HANDLER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.<>/-]{0,252}")
@@ -73,7 +89,33 @@ def unusable(record: Any) -> str | None:
 
 class CheckedProgressStorage(kopf.SmartProgressStorage):
     """kopf's default progress storage (annotations, and the status stanza it no longer
-    writes), whose `fetch` answers None for a record kopf could not use (`unusable`)."""
+    writes), whose records carry a seal of this process: `fetch` answers None for a record
+    without it, or that kopf could not use (`unusable`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Per process, never persisted: after a restart no record is trusted, and the handlers
+        # of each object run once more (resume does that anyway).
+        self._key = secrets.token_bytes(32)
+
+    def _seal(self, key: str, body: kopf.Body, record: Any) -> str:
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        # The uid and handler id: a record copied to another object or handler is no record.
+        text = json.dumps([uid, key, record], sort_keys=True, separators=(",", ":"))
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+    def store(
+        self,
+        *,
+        key: kopf.HandlerId,
+        record: kopf.ProgressRecord,
+        body: kopf.Body,
+        patch: kopf.Patch,
+    ) -> None:
+        # As kopf stores it (None is no field), which is what `fetch` gets back.
+        kept = {k: v for k, v in record.items() if v is not None}
+        sealed: Any = {**kept, SEAL: self._seal(key, body, kept)}
+        super().store(key=key, record=sealed, body=body, patch=patch)
 
     def fetch(self, *, key: kopf.HandlerId, body: kopf.Body) -> kopf.ProgressRecord | None:
         for storage in self.storages:
@@ -86,7 +128,17 @@ class CheckedProgressStorage(kopf.SmartProgressStorage):
                     continue
                 problem = unusable(record)
                 if problem is None:
-                    return record
+                    content: Any = {k: v for k, v in record.items() if k != SEAL}
+                    seal = record.get(SEAL)
+                    if isinstance(seal, str) and hmac.compare_digest(
+                        seal, self._seal(key, body, content)
+                    ):
+                        # Without the seal: kopf compares it with what it would store.
+                        return content  # type: ignore[no-any-return]
+                    problem = (
+                        "not one this operator process wrote: an editor of the object, or an"
+                        " operator before a restart"
+                    )
             meta = body.get("metadata") or {}
             log.warning(
                 "kopf's progress record of handler %s on %s/%s cannot be used (%s): the handler"
