@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from kopf._core.intents import causes, registries
 from kopf._core.reactor import processing
 from kopf._core.reactor.inventory import ResourceMemory
 
-from defender_operator import _diffbase, handlers
+from defender_operator import _diffbase, _progress, handlers
 from defender_operator._progress import SEAL, CheckedProgressStorage
 
 RESOURCE = kopf.Resource(*handlers.RESOURCE)
@@ -215,3 +216,61 @@ def test_a_sealed_record_reads_back_as_kopf_stored_it() -> None:
         == record
     )
     assert storage.fetch(key=kopf.HandlerId("apply_retention"), body=kopf.Body(raw)) is None  # type: ignore[arg-type]
+
+
+# --- records read as none: warned about once, removed in kopf's next write --------------------
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, handler: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "defender_operator.progress" and f"handler {handler} on" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("record", ['{"success": true}', "[]", "{not json"])
+def test_a_record_of_a_handler_not_run_goes_with_the_retry_kopf_writes(record: str) -> None:
+    """The delete handler's record on a live object: not run, so kopf itself purged it only
+    once the change was handled; while the reconcile is retried, the retry's patch takes it."""
+    rec = Recorder()
+    rec.fail = True
+    calls, _, patch = _process(_raw({RETENTION: record}), Reason.UPDATE, _settings(), rec)
+    assert calls == ["reconcile_component"]
+    annotations = patch["metadata"]["annotations"]
+    assert annotations[RETENTION] is None
+    assert SEAL in json.loads(annotations[RECONCILE])  # the retry itself is kept
+
+
+def test_a_record_read_as_none_is_warned_about_once_per_object_and_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rec = Recorder()
+    rec.fail = True  # the reconcile is retried: kopf does not purge
+    settings = _settings()
+    with caplog.at_level(logging.WARNING, "defender_operator.progress"):
+        # Twice the same event (as if the patch that removes it had not come back yet).
+        for _ in range(2):
+            _process(_raw({RETENTION: '{"success": true}'}), Reason.UPDATE, settings, rec)
+        assert len(_warnings(caplog, "apply_retention")) == 1
+        _process(_raw({RETENTION: '{"failure": true}'}), Reason.UPDATE, settings, rec)
+        _process(_raw({RETENTION: '{"failure": true}'}, uid="u-2"), Reason.UPDATE, settings, rec)
+    assert len(_warnings(caplog, "apply_retention")) == 3  # another value, another object
+    assert "success" not in caplog.text and "failure" not in caplog.text
+
+
+def test_an_object_kopf_purged_is_forgotten_and_the_memory_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_progress, "IGNORED_OBJECTS", 3)
+    storage = CheckedProgressStorage()
+    settings = _settings(storage)
+    rec = Recorder()
+    # Handled at once: kopf's purge removes the record, and the storage forgets the object.
+    _, _, patch = _process(_raw({RETENTION: "[]"}), Reason.UPDATE, settings, rec)
+    assert patch["metadata"]["annotations"] == {RETENTION: None}
+    assert not storage._ignored
+    rec.fail = True
+    for uid in ("a", "b", "c", "d", "e"):
+        _process(_raw({RETENTION: "[]"}, uid=uid), Reason.UPDATE, settings, rec)
+    assert list(storage._ignored) == ["c", "d", "e"]
