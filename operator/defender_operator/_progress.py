@@ -11,8 +11,8 @@ annotation stayed (its spec changes were never committed; other objects were not
 measured against a real API server in tests/e2e/operator/test_operator_e2e_tenants.py).
 
 A well-formed record is no safer: kopf skips a handler whose record says it succeeded or
-failed (`{"success": true}`, whatever the purpose), and puts off one whose record is `delayed`
-(to the year 2999, say), then stores the diff base as if the change was handled. Such a record,
+failed (`{"success": true}`, whatever the purpose) and stores the diff base as if the change was
+handled, and it puts off one whose record is `delayed` (to the year 2999, say). Such a record,
 planted alone (an annotation change is no change to kopf) or with a spec change, made the
 operator skip the next reconcile of that object: its spec change was never committed.
 
