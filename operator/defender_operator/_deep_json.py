@@ -24,7 +24,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Final
 
-__all__ = ["CUT_DEPTH", "MARKER", "install", "loads"]
+__all__ = ["CUT_DEPTH", "MARKER", "TooDeep", "install", "loads", "loads_uncut"]
 
 CUT_DEPTH: Final = 128
 """Objects and arrays inside one another kept, counting the outermost as 1."""
@@ -62,6 +62,24 @@ def loads(s: str | bytes | bytearray) -> Any:
         # The C decoder gave up part way down; the stack is unwound by now.
         value = parse_iteratively(text)
     return cut(value)
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than CUT_DEPTH where a cut value would be wrong (`loads_uncut`)."""
+
+
+def loads_uncut(s: str | bytes | bytearray) -> Any:
+    """`json.loads(s)` for a value the caller writes back, where a cut one would lose what was
+    cut: nesting deeper than CUT_DEPTH raises TooDeep, malformed input json.JSONDecodeError,
+    both ValueError (never RecursionError)."""
+    openers = s.count("{") + s.count("[") if isinstance(s, str) else s.count(b"{") + s.count(b"[")
+    if openers <= CUT_DEPTH:
+        return json.loads(s)
+    text = s if isinstance(s, str) else s.decode(json.detect_encoding(s), "surrogatepass")
+    if nests_deeper(text, CUT_DEPTH):
+        # Not decoded at all: the nesting measure is string operations, the decoder recursion.
+        raise TooDeep(f"JSON nested deeper than {CUT_DEPTH} levels")
+    return json.loads(text)
 
 
 def nests_deeper(text: str, limit: int) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import os
 import shutil
@@ -30,7 +29,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from defender_config import contract
-from defender_operator import _api, _webhook_tls
+from defender_operator import _api, _deep_json, _webhook_tls
 from defender_operator._errors import AdmissionSetupError, api_errors_only, api_failure
 from defender_operator._runtime import Runtime
 from defender_operator._settings import OperatorSettings
@@ -126,7 +125,20 @@ class _Configs:
             if exc.status == 404:
                 return None
             raise _error("read", kind, name, exc) from exc
-        return dict(json.loads(found.data))  # raw: the typed model drops nothing we keep
+        # Raw, as the typed model would drop fields we write back; uncut for the same reason.
+        try:
+            body = _deep_json.loads_uncut(found.data)
+        except ValueError as exc:  # malformed, nested past what Python decodes, a huge number
+            raise AdmissionSetupError(
+                f"cannot read {kind} {name}: the API server's answer is not JSON the operator"
+                f" decodes ({type(exc).__name__})"
+            ) from None
+        if not isinstance(body, dict):
+            raise AdmissionSetupError(
+                f"cannot read {kind} {name}: the API server's answer is JSON"
+                f" {type(body).__name__}, not an object"
+            )
+        return body
 
     def write(self, body: dict[str, Any], existing: dict[str, Any] | None) -> None:
         kind, name = body["kind"], body["metadata"]["name"]

@@ -94,7 +94,8 @@ def configure_persistence(settings: kopf.OperatorSettings) -> None:
     # kopf's diff base goes out with the reconcile's status patch, not as a write of its own.
     settings.persistence.diffbase_storage = _diffbase.DIFFBASE
     # kopf's handler progress lives in annotations any editor of the object writes: one that
-    # kopf cannot decode must not leave the object unhandled for good (`_progress`).
+    # kopf cannot decode must not leave the object unhandled for good, nor one saying "done"
+    # skip a change (`_progress`: only records this process sealed are honoured).
     settings.persistence.progress_storage = _progress.CheckedProgressStorage()
 
 

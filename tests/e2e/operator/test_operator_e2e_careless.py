@@ -240,7 +240,7 @@ def test_kopfs_progress_annotations_written_by_hand_leave_the_operator_serving(
     )
     run.wait_active_version("odd-progress", 2)
     _others_still_commit(run)
-    # Present at the next start (the handler's record was written anew; the other stays).
+    # Present at the next start (kopf removed both once it handled the change: one planted again).
     zoneless = '{"started": "2026-12-06T03:00:00", "delayed": "2026-12-06T03:00:00"}'
     run.patch(
         "odd-progress",

@@ -139,3 +139,56 @@ def test_a_progress_annotation_kopf_cannot_read_leaves_no_resource_unhandled(
     assert "Throttling for" not in log, log  # kopf giving up on an object for a while
     assert "cannot be used" in log and "progress record of handler" in log, log
     assert "[[[[" not in log and "not json" not in log, "the annotation's value was logged"
+
+
+def _annotations(run: OperatorRun, namespace: str, name: str) -> dict[str, str]:
+    obj: Any = run.custom.get_namespaced_custom_object(
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
+    )
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def test_a_progress_record_the_tenant_writes_does_not_skip_a_reconcile(
+    operator_run: OperatorRun, tenant_namespace: str, tmp_path: Path
+) -> None:
+    """kopf's own storage believed a well-formed record: `{"success": true}` for the reconcile
+    handler (planted alone, which kopf sees as no change) made kopf skip the next spec change and
+    record it as handled; `delayed` to 2999 put it off for good. The operator honours only the
+    records it sealed, so both changes are committed, and kopf's write removes the records."""
+    run = operator_run
+    ns = tenant_namespace
+    run.start("-n", ns)
+    path = tmp_path / "tenant.json"
+    path.write_text(json.dumps(_tenant_component("tenant", 1)))
+    _as_tenant("create", "-n", ns, "-f", str(path))
+    _wait_version(run, ns, "tenant", 1)
+    key = "kopf.zalando.org/reconcile_component"
+
+    # With a record of the delete handler, which is not run on a live object.
+    other = "kopf.zalando.org/apply_retention"
+    _as_tenant(
+        "annotate", contract.PLURAL, "tenant", "-n", ns, "--overwrite",
+        f'{key}={{"success": true}}', f"{other}=[]",
+    )  # fmt: skip
+    _as_tenant(
+        "patch", contract.PLURAL, "tenant", "-n", ns, "--type=merge",
+        "-p", json.dumps({"spec": {"config": {"value": 2}}}),
+    )  # fmt: skip
+    _wait_version(run, ns, "tenant", 2)
+    wait_for(
+        "the planted records removed",
+        lambda: not {key, other} & set(_annotations(run, ns, "tenant")) or None,
+    )
+
+    later = {
+        "metadata": {"annotations": {key: '{"delayed": "2999-01-01T00:00:00+00:00"}'}},
+        "spec": {"config": {"value": 3}},
+    }
+    _as_tenant(
+        "patch", contract.PLURAL, "tenant", "-n", ns, "--type=merge", "-p", json.dumps(later)
+    )
+    _wait_version(run, ns, "tenant", 3)
+    wait_for(f"{key} removed", lambda: key not in _annotations(run, ns, "tenant") or None)
+    log = run.log_tail(3000)
+    assert "not one this operator process wrote" in log, log
+    assert "2999" not in log, "the annotation's value was logged"

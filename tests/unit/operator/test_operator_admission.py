@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import ipaddress
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from kubernetes import client as k8s
 
 from defender_operator._admission_review import refusal, review
 from defender_operator._decisions.attribution import (
@@ -24,7 +26,12 @@ from defender_operator._decisions.attribution import (
 )
 from defender_operator._errors import AdmissionSetupError, OperatorConfigurationError
 from defender_operator._settings import load_operator_settings
-from defender_operator._webhook_setup import STAMP_ID, VALIDATE_ID, webhook_configurations
+from defender_operator._webhook_setup import (
+    STAMP_ID,
+    VALIDATE_ID,
+    _Configs,
+    webhook_configurations,
+)
 from defender_operator._webhook_tls import (
     CA,
     CERT,
@@ -261,3 +268,42 @@ def test_the_certificate_files_are_private_and_removed_at_stop() -> None:
     assert certfile.parent.stat().st_mode & 0o077 == 0
     _webhook_setup.stop()
     assert not keyfile.exists() and not certfile.parent.exists()
+
+
+# --- reading the webhook configurations back ----------------------------------------------------
+
+KIND = "ValidatingWebhookConfiguration"
+
+
+def _answering(data: bytes) -> _Configs:
+    """`_Configs` whose read gets `data` as the API server's raw answer."""
+    configs = _Configs(k8s.AdmissionregistrationV1Api(k8s.ApiClient()))
+
+    def read(name: str, **_: Any) -> Any:
+        return type("Raw", (), {"data": data})()
+
+    configs.kinds[KIND] = (read, *configs.kinds[KIND][1:])
+    return configs
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"webhooks": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"}",
+        b'{"metadata": {"resourceVersion": ' + b"9" * 5_000 + b"}}",
+        b"<html>not json</html>",
+        b'["a list"]',
+    ],
+    ids=["nested-100k", "object-nested-5k", "number-of-5k-digits", "not-json", "a-list"],
+)
+def test_a_webhook_configuration_answer_it_cannot_decode_is_an_admission_setup_error(
+    data: bytes,
+) -> None:
+    """The configuration is written back as read: one nested past Python's decoder raised
+    RecursionError out of start-up (json.loads), and one cut would be written back cut."""
+    with pytest.raises(AdmissionSetupError, match=f"cannot read {KIND} ml-defender") as info:
+        _answering(data).read(KIND, "ml-defender")
+    assert "not json" not in str(info.value) and "a list" not in str(info.value)
+    body = {"kind": KIND, "webhooks": [{"name": "v", "clientConfig": {"caBundle": "x"}}]}
+    assert _answering(json.dumps(body).encode()).read(KIND, "ml-defender") == body

@@ -20,7 +20,14 @@ from kubernetes.client import api_client
 from defender_config import ConfigValidationError, validate_config
 from defender_config._json_parse import MAX_JSON_DEPTH
 from defender_operator import _api, _deep_json, _diffbase
-from defender_operator._deep_json import CUT_DEPTH, MARKER, loads, parse_iteratively
+from defender_operator._deep_json import (
+    CUT_DEPTH,
+    MARKER,
+    TooDeep,
+    loads,
+    loads_uncut,
+    parse_iteratively,
+)
 
 POD: dict[str, Any] = {
     "apiVersion": "v1",
@@ -217,6 +224,20 @@ def test_ordinary_objects_are_json_loads_without_a_walk(monkeypatch: pytest.Monk
     assert loads(text.encode("utf-16")) == POD
     assert loads('{"a": "' + "[" * 1000 + '"}') == {"a": "[" * 1000}
     assert loads(nested_text(CUT_DEPTH)) == json.loads(nested_text(CUT_DEPTH))
+
+
+def test_uncut_decoding_refuses_what_it_would_have_to_cut() -> None:
+    """For a value written back (a webhook configuration the operator reads and replaces): a
+    cut one would lose what was cut, so past CUT_DEPTH it is refused, as a ValueError, without
+    decoding (no RecursionError however deep)."""
+    text = json.dumps(POD)
+    assert loads_uncut(text) == loads_uncut(text.encode()) == POD
+    assert loads_uncut(nested_text(CUT_DEPTH)) == json.loads(nested_text(CUT_DEPTH))
+    for deep in (nested_text(CUT_DEPTH + 1), nested_text(50_000, "[", "]"), "[" * 50_000):
+        with pytest.raises(TooDeep, match=f"deeper than {CUT_DEPTH} levels"):
+            loads_uncut(deep.encode())
+    with pytest.raises(json.JSONDecodeError):
+        loads_uncut(b"{not json")
 
 
 def test_a_cut_config_is_refused_as_too_deep_and_has_a_digest() -> None:
