@@ -1042,6 +1042,7 @@ async def claim_and_seed(
     # The first pass asks etcd when each instance already beating last did (its lease): asked
     # meanwhile, that request is off the path to the first status.
     sightings = _ask_sightings(rt, component)
+    seen = None
     try:
         seen = await rt.write(
             component,
@@ -1060,12 +1061,13 @@ async def claim_and_seed(
             registration_above=registration_above,
         )
     finally:
+        if seen is None and kept:
+            _storage_budget.unreserve(rt, v.namespace, v.name)
         if sightings is not None:
             await sightings
     if seen is None:
         return None
     seeded(rt, rt.memory(v.namespace, v.name), component, seen)
-    rt.memory(v.namespace, v.name).stored_bytes = kept
     v.logger.info(
         "claimed and seeded etcd component %s (ACTIVE version %s)",
         component,
@@ -1254,7 +1256,7 @@ async def commit(
         )
     previous = state.active_version or 0
     # Refused before anything is written, a canary's candidate included: ACTIVE stays.
-    kept = await _storage_budget.check_commit(
+    await _storage_budget.check_commit(
         rt,
         v.namespace,
         v.name,
@@ -1299,8 +1301,6 @@ async def commit(
         above=above,
     )
     COMMITS.labels(component).inc()
-    if kept is not None:
-        rt.memory(v.namespace, v.name).stored_bytes = kept
     v.logger.info("committed ACTIVE version %s (was %s) by %s", version, previous, author)
     state = await asyncio.to_thread(rt.backend.state, component)
     return state, Outcome(

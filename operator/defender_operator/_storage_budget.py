@@ -81,7 +81,16 @@ def check_seed(
     )
     if refused is not None:
         raise refuse(refused)
+    # Reserved before the write, as a commit's (`check_commit`); `unreserve` when nothing
+    # was written.
+    rt.memory(namespace, name).stored_bytes = after
     return after
+
+
+def unreserve(rt: Runtime, namespace: str, name: str) -> None:
+    """A seed that wrote nothing (the name holds something, or the write failed): what the
+    component keeps is measured again once the name is known to be this resource's."""
+    rt.memory(namespace, name).stored_bytes = None
 
 
 async def check_commit(
@@ -114,6 +123,10 @@ async def check_commit(
     )
     if refused is not None:
         raise refuse(refused)
+    # Reserved before the write, with no await between the decision and here: a commit of
+    # another component of the namespace decided meanwhile counts this one's too (a failed
+    # write leaves the reservation until the next measurement, which errs on the safe side).
+    mem.stored_bytes = max(now.total, after)
     return after
 
 

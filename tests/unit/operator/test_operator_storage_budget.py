@@ -13,7 +13,8 @@ import pytest
 from operator_core_support import NAME, NAMESPACE, Harness, spec
 from pydantic import ValidationError
 
-from defender_operator import _api
+from defender_config import StoreUnavailableError
+from defender_operator import _api, _storage_budget
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
@@ -213,3 +214,32 @@ def test_a_rollback_to_master_is_never_refused() -> None:
     state = h.backend.state(NAME)
     assert state.active_version == 3 and state.active_digest == state.master_digest
     assert STORAGE_BUDGET_EXCEEDED not in h.reasons()
+
+
+def test_a_commit_reserves_what_it_will_keep_before_it_writes() -> None:
+    # Two components of one namespace deciding one after the other, neither written yet (their
+    # commits run concurrently): the second counts the first's reservation.
+    h = Harness()
+    budgeted(h, 30_000)
+    config = big("a")
+
+    def check(name: str) -> Any:
+        return _storage_budget.check_commit(
+            h.rt, NAMESPACE, name, name, config, version=2, history_limit=10
+        )
+
+    kept = run(check("first"))
+    assert h.rt.memory(NAMESPACE, "first").stored_bytes == kept > 20_000
+    with pytest.raises(kopf.PermanentError):
+        run(check("second"))
+    # A refused one reserves nothing: what it keeps stays as measured.
+    assert h.rt.memory(NAMESPACE, "second").stored_bytes == 0
+
+
+def test_a_seed_that_wrote_nothing_gives_its_reservation_back() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    h.backend.fail("claim_and_seed", StoreUnavailableError(["memory://"], "injected"))
+    with pytest.raises(kopf.TemporaryError):
+        run(h.reconcile(spec(BASE)))
+    assert h.mem.stored_bytes is None
