@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from prometheus_client import Counter
 
 from defender_config import canonical_json
 from defender_operator._decisions.storage_budget import (
+    StorageBudgetExceededError,
     after_commit,
     decide_budget,
     namespace_budget,
@@ -24,6 +26,12 @@ from defender_operator._decisions.storage_budget import (
     seed_bytes,
 )
 from defender_operator._runtime import Runtime
+
+REFUSALS = Counter(
+    "defender_operator_storage_budget_refusals_total",
+    "Commits and seeds refused by their namespace's storage budget",
+    ["namespace"],
+)
 
 
 def budget(rt: Runtime, namespace: str) -> int:
@@ -47,10 +55,11 @@ def _json_bytes(value: Mapping[str, Any] | None) -> int:
     return len(canonical_json(value)) if value is not None else 0
 
 
-def refuse(error: Exception) -> kopf.PermanentError:
+def refuse(error: StorageBudgetExceededError) -> kopf.PermanentError:
     """Not retried: a person frees space or raises the budget, then applies again. The error
     is the cause: its reason and message become ConfigSynced's and the Warning Event's (and
     the reconcile logs it, as every refusal)."""
+    REFUSALS.labels(error.namespace).inc()
     exc = kopf.PermanentError(str(error))
     exc.__cause__ = error
     return exc

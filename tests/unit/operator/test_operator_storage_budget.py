@@ -112,8 +112,11 @@ def test_a_commit_over_the_budget_is_refused_and_active_left_as_it_is() -> None:
     budgeted(h, 15_000)
     run(h.reconcile(spec(BASE)))
     before = h.backend.state(NAME)
+    refusals = _storage_budget.REFUSALS.labels(NAMESPACE)
+    counted = refusals._value.get()
     with pytest.raises(kopf.PermanentError):
         run(h.reconcile(spec(big("a"))))
+    assert refusals._value.get() == counted + 1
     assert "commit" not in h.backend.calls
     after = h.backend.state(NAME)
     assert (after.active_version, after.active_digest) == (1, before.active_digest)
