@@ -331,9 +331,9 @@ class Backend(Protocol):
         ...
 
     def footprint(self, component: str) -> Footprint:
-        """The bytes `component` keeps under its etcd directory, as stored (one range read;
-        never from a cache: a budget judged on a listing from before an outage could let a
-        namespace past it)."""
+        """The bytes `component` keeps under its etcd directory, as stored, its instances'
+        records aside (one range read; never from a cache: a budget judged on a listing from
+        before an outage could let a namespace past it)."""
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...

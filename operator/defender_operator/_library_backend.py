@@ -536,9 +536,14 @@ class LibraryBackend:
         layout = self.layout
         found = self.client.store.list_prefix(layout.component_dir(component), stale_ok=False)
         active_key, history_dir = layout.active_config(component), layout.history_dir(component)
+        # The instances' lease-bound records are the agents', and go with their pods: a budget
+        # judged on them would move with every pod started or stopped.
+        instances_dir = layout.instances_dir(component)
         total = active = 0
         history: dict[int, int] = {}
         for stored in found:
+            if stored.key.startswith(instances_dir):
+                continue
             size = len(stored.key.encode()) + len(stored.value)
             total += size
             if stored.key == active_key:

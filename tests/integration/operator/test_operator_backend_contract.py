@@ -29,7 +29,7 @@ from defender_config import (
     validate_config,
 )
 from defender_devcluster import etcd_client_settings
-from defender_operator._backend import Backend
+from defender_operator._backend import Backend, InstanceRecord
 from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.storage_budget import Footprint, after_commit, new_value_bytes
 from defender_operator._keys import MutableKeyringSource
@@ -493,3 +493,18 @@ def test_a_footprint_counts_what_the_component_keeps_and_a_commit_never_exceeds_
         # The newest two kept, the rest pruned; the projection never counts less than etcd holds.
         assert set(now.history) == {version - 1, version}
         assert now.total <= projected
+    # An instance's record is the agent's, and goes with its pod: not counted.
+    if isinstance(backend, MemoryBackend):
+        record = InstanceRecord(instance="fw-0", pod="fw-0", time=utcnow(), verified=True)
+        backend.add_instance("firewall", record)
+        assert backend.footprint("firewall") == now
+        return
+    assert isinstance(backend, LibraryBackend)
+    hb = Heartbeater(
+        backend.client, "firewall", "fw-0", interval_seconds=1, allowed_misses=10
+    ).start()
+    try:
+        assert backend.instances("firewall")
+        assert backend.footprint("firewall") == now
+    finally:
+        hb.stop()
