@@ -1433,6 +1433,7 @@ async def apply_retention(
             overruled = held and existing != deleted and release is not Release.NOTHING
             if release is Release.PURGE:
                 removed = await rt.write(component, rt.backend.purge, component)
+                _storage_budget.purged(rt, component)
                 logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
             elif release is Release.KEEP:
                 # The record's uid unless the status decided: a re-created owner not reconciled
@@ -1443,6 +1444,8 @@ async def apply_retention(
                     rt.backend.write_claim, component, released, revision=revision
                 ):
                     raise kopf.TemporaryError(f"owner record of {component} changed", delay=1.0)
+                # Still in etcd: still its namespace's, for the storage budget.
+                _storage_budget.retain(rt, namespace, name, component)
                 logger.info(
                     "retention Keep: etcd data of %s left in place, claim released", component
                 )

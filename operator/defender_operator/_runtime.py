@@ -247,6 +247,9 @@ class Runtime:
         # namespace -> components deleted since their registrations were last published
         # (`_loops.registrations`): dropped from the namespace's registrations.json.
         self.registrations_removed: dict[str, set[str]] = {}
+        # etcd name -> (namespace, bytes) of a component deleted with retention Keep: its data
+        # stays in etcd and counts against that namespace's storage budget (`_storage_budget`).
+        self.storage_retained: dict[str, tuple[str, int]] = {}
 
     async def write(
         self, component: str, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs

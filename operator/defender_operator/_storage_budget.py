@@ -4,7 +4,8 @@ What each component keeps in etcd is remembered in its memory (`ComponentMemory.
 measured by one range read of its directory when unknown (after a restart), and before each
 commit (which prunes what it measured); a new component's is what its seed writes, so its create
 path costs no read. A namespace's usage is the sum over the components this process remembers
-in it: deleted ones are forgotten with their memory.
+in it, and the data its resources deleted with retention Keep left in etcd (`retain`); those
+deleted with Purge are forgotten with their memory.
 """
 
 from __future__ import annotations
@@ -41,14 +42,41 @@ def budget(rt: Runtime, namespace: str) -> int:
     )
 
 
-def others(rt: Runtime, namespace: str, name: str) -> int:
+def others(rt: Runtime, namespace: str, name: str, component: str) -> int:
     """The bytes the namespace's other components keep, as remembered (one not measured yet,
-    right after a restart before its own reconcile ran, counts nothing)."""
-    return sum(
+    right after a restart before its own reconcile ran, counts nothing), those its deleted
+    resources left with retention Keep included."""
+    live = sum(
         mem.stored_bytes or 0
         for (ns, other), mem in rt.components.items()
         if ns == namespace and other != name
     )
+    kept = sum(
+        size
+        for kept_name, (ns, size) in rt.storage_retained.items()
+        if ns == namespace and kept_name != component
+    )
+    return live + kept
+
+
+def _known(rt: Runtime, namespace: str, name: str, component: str, size: int | None) -> None:
+    """What the component keeps, as this resource's: a charge left by a Keep deletion of the
+    name (this namespace's or another's, which this resource took over) ends here."""
+    rt.memory(namespace, name).stored_bytes = size
+    rt.storage_retained.pop(component, None)
+
+
+def retain(rt: Runtime, namespace: str, name: str, component: str) -> None:
+    """The resource was deleted with retention Keep: its data stays in etcd, and is charged to
+    its namespace until a resource takes the name again (or this process ends: not persisted)."""
+    size = rt.memory(namespace, name).stored_bytes
+    if size:
+        rt.storage_retained[component] = (namespace, size)
+
+
+def purged(rt: Runtime, component: str) -> None:
+    """The name's keys were deleted: a charge an earlier Keep deletion of it left goes too."""
+    rt.storage_retained.pop(component, None)
 
 
 def _json_bytes(value: Mapping[str, Any] | None) -> int:
@@ -83,7 +111,7 @@ def check_seed(
         namespace,
         component,
         budget=limit,
-        others=others(rt, namespace, name),
+        others=others(rt, namespace, name, component),
         before=0,
         after=after,
         what="seed",
@@ -92,7 +120,7 @@ def check_seed(
         raise refuse(refused)
     # Reserved before the write, as a commit's (`check_commit`); `unreserve` when nothing
     # was written.
-    rt.memory(namespace, name).stored_bytes = after
+    _known(rt, namespace, name, component, after)
     return after
 
 
@@ -119,14 +147,13 @@ async def check_commit(
     if limit <= 0:
         return None
     now = await asyncio.to_thread(rt.backend.footprint, component)
-    mem = rt.memory(namespace, name)
-    mem.stored_bytes = now.total
+    _known(rt, namespace, name, component, now.total)
     after = after_commit(now, new_value_bytes(_json_bytes(config)), version, history_limit)
     refused = decide_budget(
         namespace,
         component,
         budget=limit,
-        others=others(rt, namespace, name),
+        others=others(rt, namespace, name, component),
         before=now.total,
         after=after,
     )
@@ -135,14 +162,14 @@ async def check_commit(
     # Reserved before the write, with no await between the decision and here: a commit of
     # another component of the namespace decided meanwhile counts this one's too (a failed
     # write leaves the reservation until the next measurement, which errs on the safe side).
-    mem.stored_bytes = max(now.total, after)
+    rt.memory(namespace, name).stored_bytes = max(now.total, after)
     return after
 
 
 async def measure_unknown(rt: Runtime, namespace: str, name: str, component: str) -> None:
     """Measure the component when this process does not know what it keeps (after a restart),
     and only while a budget applies: one range read, once."""
-    mem = rt.memory(namespace, name)
-    if mem.stored_bytes is not None or budget(rt, namespace) <= 0:
+    if rt.memory(namespace, name).stored_bytes is not None or budget(rt, namespace) <= 0:
         return
-    mem.stored_bytes = (await asyncio.to_thread(rt.backend.footprint, component)).total
+    footprint = await asyncio.to_thread(rt.backend.footprint, component)
+    _known(rt, namespace, name, component, footprint.total)

@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 import pytest
-from operator_core_support import NAME, NAMESPACE, Harness, spec
+from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 from pydantic import ValidationError
 
 from defender_config import StoreUnavailableError
@@ -25,6 +25,7 @@ from defender_operator._decisions.storage_budget import (
     namespace_budget,
     seed_bytes,
 )
+from defender_operator._reconcile import apply_retention
 from defender_operator._settings import OperatorSettings
 
 BASE = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
@@ -246,3 +247,42 @@ def test_a_seed_that_wrote_nothing_gives_its_reservation_back() -> None:
     with pytest.raises(kopf.TemporaryError):
         run(h.reconcile(spec(BASE)))
     assert h.mem.stored_bytes is None
+
+
+def test_data_a_keep_deletion_leaves_still_counts_until_the_name_is_taken_again() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    run(h.reconcile(spec(big("a"))))
+    left = h.mem.stored_bytes
+    assert left is not None and left > 20_000
+    run(apply_retention(h.rt, h.body(spec(big("a")), {}), NAMESPACE, NAME, "Keep", LOG))
+    assert (NAMESPACE, NAME) not in h.rt.components  # the resource is gone, its data is not
+
+    def check(namespace: str, name: str) -> Any:
+        return _storage_budget.check_commit(
+            h.rt, namespace, name, name, big("n", filters=4000), version=2, history_limit=10
+        )
+
+    # ~49 KB more: over the budget beside what the deleted resource left, in its namespace only.
+    with pytest.raises(kopf.PermanentError):
+        run(check(NAMESPACE, "neighbour"))
+    run(check("team-b", "elsewhere"))
+    # The name taken again (the resource re-created): counted once, as the new resource's.
+    h.uid = "uid-2"
+    run(h.reconcile(spec(big("a"))))
+    assert NAME not in h.rt.storage_retained
+    assert h.mem.stored_bytes == h.backend.footprint(NAME).total
+
+
+def test_a_purge_deletion_frees_what_the_namespace_counts() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    run(h.reconcile(spec(big("a"))))
+    # What an earlier Keep deletion of the name left, not yet taken over by a measurement of
+    # this resource (its reconcile stopped before one): the purge deletes that data too.
+    h.rt.storage_retained[NAME] = (NAMESPACE, 50_000)
+    run(apply_retention(h.rt, h.body(spec(big("a")), {}), NAMESPACE, NAME, "Purge", LOG))
+    assert NAME not in h.rt.storage_retained
+    assert _storage_budget.others(h.rt, NAMESPACE, "neighbour", "neighbour") == 0
