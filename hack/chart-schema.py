@@ -67,6 +67,11 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "operator.rotation.everySeconds": {"minimum": 0, "maximum": 366 * 86400},
     "operator.rotation.distributeTimeoutSeconds": {"minimum": 1, "maximum": 86400},
     "operator.rotation.graceSeconds": {"minimum": 0, "maximum": 7 * 86400},
+    "operator.storageBudget.defaultBytes": {"minimum": 0},
+    "operator.storageBudget.namespaces": {
+        "additionalProperties": {"type": "integer", "minimum": 0},
+        "propertyNames": {"pattern": _DNS_LABEL},
+    },
     "operator.logFormat": {"enum": ["json", "text"]},
     "operator.logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
     "operator.healthPort": _PORT,

@@ -23,6 +23,7 @@ from defender_config import (
     StoragePolicy,
 )
 from defender_operator._decisions.ownership import Claim
+from defender_operator._decisions.storage_budget import Footprint
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,12 @@ class Backend(Protocol):
         declared as `declare` with its digest would. Returns what `observe(alerts_since)` would
         read right after, from the same transaction, or None when any of them exists (nothing
         written: the caller reads the claim and decides it, then seeds, as always)."""
+        ...
+
+    def footprint(self, component: str) -> Footprint:
+        """The bytes `component` keeps under its etcd directory, as stored, its instances'
+        records aside (one range read; never from a cache: a budget judged on a listing from
+        before an outage could let a namespace past it)."""
         ...
 
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...

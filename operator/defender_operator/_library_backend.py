@@ -71,6 +71,7 @@ from defender_operator._backend import (
 )
 from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.restarts import MAX_HONOURED_LEASE_TTL_SECONDS
+from defender_operator._decisions.storage_budget import Footprint
 from defender_operator._errors import OwnerRecordError
 from defender_operator._etcd_health import etcd_health, record_metrics
 from defender_operator._keys import MutableKeyringSource
@@ -530,6 +531,26 @@ class LibraryBackend:
             since=alerts_since,
         )
         return _observation(seen)
+
+    def footprint(self, component: str) -> Footprint:
+        layout = self.layout
+        found = self.client.store.list_prefix(layout.component_dir(component), stale_ok=False)
+        active_key, history_dir = layout.active_config(component), layout.history_dir(component)
+        # The instances' lease-bound records are the agents', and go with their pods: a budget
+        # judged on them would move with every pod started or stopped.
+        instances_dir = layout.instances_dir(component)
+        total = active = 0
+        history: dict[int, int] = {}
+        for stored in found:
+            if stored.key.startswith(instances_dir):
+                continue
+            size = len(stored.key.encode()) + len(stored.value)
+            total += size
+            if stored.key == active_key:
+                active = size
+            elif stored.key.startswith(history_dir) and stored.key[len(history_dir) :].isdigit():
+                history[int(stored.key[len(history_dir) :])] = size
+        return Footprint(total=total, active=active, history=history)
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]

@@ -75,6 +75,7 @@ from defender_operator._backend import (
     Watching,
 )
 from defender_operator._decisions.ownership import Claim
+from defender_operator._decisions.storage_budget import Footprint
 from defender_operator._errors import OwnerRecordError
 
 ENDPOINTS = ["memory://defender"]
@@ -465,6 +466,22 @@ class MemoryBackend:
         if component not in self.components:
             self._register(component, component_type, normalized, json_schema, modified_by, storage)
         return self._state(component)  # as the library: from the seed's own transaction
+
+    def footprint(self, component: str) -> Footprint:
+        """As the library counts it, with each value stored as its canonical JSON (this
+        backend neither seals nor compresses) plus `_PER_OP_BYTES` for its key."""
+        self._enter("footprint")
+        stored = self.components.get(component)
+        if stored is None:
+            return Footprint()
+
+        def size(value: Mapping[str, Any] | None) -> int:
+            return (len(canonical_json(value)) if value is not None else 0) + _PER_OP_BYTES
+
+        active = size(stored.active)
+        history = {v: size(config) for v, config in stored.history.items()}
+        total = size(stored.master) + active + sum(history.values()) + size(stored.json_schema)
+        return Footprint(total=total, active=active, history=history)
 
     def _register(
         self,

@@ -40,7 +40,7 @@ from defender_config.contract import (
     PROMOTE_ANNOTATION,
     UNFREEZE_ANNOTATION,
 )
-from defender_operator import _api, _attribution, _canary
+from defender_operator import _api, _attribution, _canary, _storage_budget
 from defender_operator._backend import ComponentState, Observation
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions import keycopy
@@ -473,6 +473,7 @@ async def _steps(
             synced = told.config or synced
     # Only now, with ACTIVE as intended: a failed commit above never shows Synced.
     take(mem, found, Outcome(config=synced))
+    await _storage_budget.measure_unknown(v.rt, v.namespace, v.name, v.component)
     state, resealed = await apply_storage(v, spec, state)
     take(mem, found, resealed)
     fields = {
@@ -879,6 +880,9 @@ async def rollback_command(v: Visit) -> Outcome:
             rt.kube.remove_annotation, v.namespace, v.name, _api.ROLLBACK_ANNOTATION
         )
         return Outcome(events=[warning("RollbackRefused", f"{_api.ROLLBACK_ANNOTATION}: {exc}")])
+    # Never refused by the storage budget (the way back to a known-good config); what it
+    # added is measured again by this reconcile.
+    rt.memory(v.namespace, v.name).stored_bytes = None
     # The command is done: remove it so a later reconcile does not roll back again.
     await asyncio.to_thread(
         rt.kube.remove_annotation, v.namespace, v.name, _api.ROLLBACK_ANNOTATION
@@ -998,6 +1002,7 @@ async def seed(
             "created" if plan.seed_master else "kept",
             state.active_version,
         )
+        rt.memory(v.namespace, v.name).stored_bytes = None  # measured by this reconcile
         if plan.seed_master:
             # This seed wrote the record: its registration is the current one.
             out.fields.update(seeded_registration(state.registration, rt.backend.cluster_id))
@@ -1031,9 +1036,13 @@ async def claim_and_seed(
     # What `seed` would plan for a name etcd holds nothing of: seed both, commit nothing.
     absent = StoredState(None, None, None)
     plan = plan_seed(v.digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
+    kept = _storage_budget.check_seed(
+        rt, v.namespace, v.name, component, normalized, spec.custom_schema
+    )
     # The first pass asks etcd when each instance already beating last did (its lease): asked
     # meanwhile, that request is off the path to the first status.
     sightings = _ask_sightings(rt, component)
+    seen = None
     try:
         seen = await rt.write(
             component,
@@ -1052,6 +1061,8 @@ async def claim_and_seed(
             registration_above=registration_above,
         )
     finally:
+        if seen is None and kept:
+            _storage_budget.unreserve(rt, v.namespace, v.name)
         if sightings is not None:
             await sightings
     if seen is None:
@@ -1244,6 +1255,16 @@ async def commit(
             done=True,
         )
     previous = state.active_version or 0
+    # Refused before anything is written, a canary's candidate included: ACTIVE stays.
+    await _storage_budget.check_commit(
+        rt,
+        v.namespace,
+        v.name,
+        component,
+        normalized,
+        version=max(previous, above) + 1,
+        history_limit=spec.rollout.history_limit,
+    )
     author = _attribution.author(rt, v.body, v.namespace, v.name, v.annotations, spec.config)
     if canary and spec.rollout.canary is not None and previous > 0:
         # A canary first: ACTIVE stays as it is until the monitor promotes the candidate.
@@ -1412,6 +1433,7 @@ async def apply_retention(
             overruled = held and existing != deleted and release is not Release.NOTHING
             if release is Release.PURGE:
                 removed = await rt.write(component, rt.backend.purge, component)
+                _storage_budget.purged(rt, component)
                 logger.info("retention Purge: deleted %s etcd key(s) of %s", removed, component)
             elif release is Release.KEEP:
                 # The record's uid unless the status decided: a re-created owner not reconciled
@@ -1422,6 +1444,8 @@ async def apply_retention(
                     rt.backend.write_claim, component, released, revision=revision
                 ):
                     raise kopf.TemporaryError(f"owner record of {component} changed", delay=1.0)
+                # Still in etcd: still its namespace's, for the storage budget.
+                _storage_budget.retain(rt, namespace, name, component)
                 logger.info(
                     "retention Keep: etcd data of %s left in place, claim released", component
                 )

@@ -89,6 +89,9 @@ class ComponentMemory:
     copy_block_announced: str | None = None
     # The scrub (`_scrub`): when it last ran, its condition, the failures already announced.
     scrubbed_at: datetime | None = None
+    # Bytes the component keeps in etcd, for its namespace's storage budget (`_storage_budget`):
+    # None until this process measured it or wrote it.
+    stored_bytes: int | None = None
     corrupt: Cond | None = None
     scrub_announced: frozenset[tuple[str, str]] = frozenset()
     # The canary rollout (`_canary`): its condition, and since when its canaries are healthy
@@ -244,6 +247,9 @@ class Runtime:
         # namespace -> components deleted since their registrations were last published
         # (`_loops.registrations`): dropped from the namespace's registrations.json.
         self.registrations_removed: dict[str, set[str]] = {}
+        # etcd name -> (namespace, bytes) of a component deleted with retention Keep: its data
+        # stays in etcd and counts against that namespace's storage budget (`_storage_budget`).
+        self.storage_retained: dict[str, tuple[str, int]] = {}
 
     async def write(
         self, component: str, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs

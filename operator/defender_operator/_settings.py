@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvDecodeError
 
@@ -95,6 +95,15 @@ class OperatorSettings(BaseSettings):
     at most once per this many seconds, from its monitor pass; 0 disables the scrub. Costs one
     etcd read and (history limit + 2) decryptions per component per interval."""
 
+    namespace_storage_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """The most bytes a namespace's components may keep in etcd (MASTER, ACTIVE, kept history,
+    metadata, as stored): a commit or seed that would take the namespace over it is refused,
+    nothing written. Every namespace shares etcd's backend quota (2 GiB by default), which
+    refuses every namespace's writes once full. 0: unlimited."""
+    namespace_storage_budgets: dict[str, int] = Field(default_factory=dict)
+    """Per-namespace budgets in bytes (0: unlimited) that replace namespace_storage_budget_bytes
+    for the namespaces named, as a JSON object {"namespace": bytes}."""
+
     rotation_every_seconds: int = Field(default=0, ge=0, le=_ROTATION_EVERY_MAX_SECONDS)
     """Rotate the shared key on this schedule; 0 rotates only on command."""
     rotation_distribute_timeout_seconds: int = Field(default=600, ge=1, le=MAX_SETTING_SECONDS)
@@ -141,6 +150,14 @@ class OperatorSettings(BaseSettings):
     log_format: str = Field(default="json", pattern="^(json|text)$")
     """json for machines (the default), text for a terminal."""
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("namespace_storage_budgets")
+    @classmethod
+    def _budgets_not_negative(cls, budgets: dict[str, int]) -> dict[str, int]:
+        negative = sorted(ns for ns, b in budgets.items() if b < 0)
+        if negative:
+            raise ValueError(f"a budget is 0 (unlimited) or more bytes; negative: {negative}")
+        return budgets
 
     @model_validator(mode="after")
     def _stall_after_resync(self) -> OperatorSettings:

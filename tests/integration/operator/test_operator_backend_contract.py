@@ -24,12 +24,14 @@ from defender_config import (
     NotFoundError,
     StoragePolicy,
     ValueTooLargeError,
+    canonical_json,
     config_digest,
     validate_config,
 )
 from defender_devcluster import etcd_client_settings
-from defender_operator._backend import Backend
+from defender_operator._backend import Backend, InstanceRecord
 from defender_operator._decisions.ownership import Claim
+from defender_operator._decisions.storage_budget import Footprint, after_commit, new_value_bytes
 from defender_operator._keys import MutableKeyringSource
 from defender_operator._library_backend import LibraryBackend
 from defender_operator._memory_backend import MemoryBackend
@@ -468,5 +470,41 @@ def test_last_seen_follows_an_instance_onto_its_new_lease(backend: Backend) -> N
         # An unverified record leads to no other record: its own time.
         unverified = replace(rec, verified=False)
         assert backend.last_seen("firewall", [unverified]) == [unverified]
+    finally:
+        hb.stop()
+
+
+def test_a_footprint_counts_what_the_component_keeps_and_a_commit_never_exceeds_its_projection(
+    backend: Backend,
+) -> None:
+    assert backend.footprint("firewall") == Footprint()
+    seed(backend)
+    seeded = backend.footprint("firewall")
+    assert seeded.active > 0 and set(seeded.history) == {1}
+    # MASTER and the metadata are counted beside ACTIVE and the history.
+    assert seeded.total > seeded.active + sum(seeded.history.values())
+    configs = [{**FW, "node_id": f"fw-{n:02d}", "rules": []} for n in range(2, 6)]
+    now = seeded
+    for version, config in enumerate(configs, start=2):
+        size = len(canonical_json(validate_config("firewall", config, None)))
+        projected = after_commit(now, new_value_bytes(size), version, 2)
+        assert commit(backend, config, history_limit=2) == version
+        now = backend.footprint("firewall")
+        # The newest two kept, the rest pruned; the projection never counts less than etcd holds.
+        assert set(now.history) == {version - 1, version}
+        assert now.total <= projected
+    # An instance's record is the agent's, and goes with its pod: not counted.
+    if isinstance(backend, MemoryBackend):
+        record = InstanceRecord(instance="fw-0", pod="fw-0", time=utcnow(), verified=True)
+        backend.add_instance("firewall", record)
+        assert backend.footprint("firewall") == now
+        return
+    assert isinstance(backend, LibraryBackend)
+    hb = Heartbeater(
+        backend.client, "firewall", "fw-0", interval_seconds=1, allowed_misses=10
+    ).start()
+    try:
+        assert backend.instances("firewall")
+        assert backend.footprint("firewall") == now
     finally:
         hb.stop()

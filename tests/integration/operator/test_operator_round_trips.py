@@ -421,3 +421,23 @@ def test_a_deleted_newest_history_entry_does_not_make_the_reconcile_roll_active_
     assert "MetadataResigned" not in h.reasons()
     assert configs.commit(NAME, {**interface, "interface": "eth9"}, by="rag") == 5
     assert running.get_active(NAME).config["interface"] == "eth9"
+
+
+def test_a_commit_under_a_storage_budget_costs_one_range_read_of_the_component(
+    library: LibraryBackend,
+) -> None:
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    asyncio.run(h.reconcile(spec()))
+
+    def commit_ops(interface: str, budget: int) -> list[str]:
+        h.rt.settings = h.rt.settings.model_copy(update={"namespace_storage_budget_bytes": budget})
+        counted = Counted(library)
+        config = {"node_id": "sniffer-01", "version": "1.0.0", "interface": interface}
+        asyncio.run(h.reconcile(spec(config)))
+        return counted.take()
+
+    unlimited = commit_ops("eth1", 0)
+    budgeted = commit_ops("eth2", 1 << 20)
+    assert h.kube.status["activeVersion"] == 3
+    # What the commit prunes and keeps, read once; nothing else changes.
+    assert sorted(budgeted) == sorted([*unlimited, "list"])

@@ -47,6 +47,8 @@ THROUGH_VARIABLES = {
     "RestartsDisabled",
     # refusals without a library reason
     "SpecRefused",
+    # the storage budget's refusal: the operator's own error as a refusal's cause
+    "StorageBudgetExceeded",
 }
 
 

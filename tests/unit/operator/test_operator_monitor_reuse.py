@@ -279,6 +279,7 @@ OTHER_CALLS = {
     "cluster_id",
     "declare_storage",
     "state",
+    "footprint",
     "rollout",
     "read_claim",
     "write_claim",

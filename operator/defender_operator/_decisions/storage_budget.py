@@ -1,0 +1,111 @@
+"""The per-namespace storage budget: how many bytes a namespace's components may keep in etcd.
+
+Every namespace's components share one etcd backend quota: etcd refuses every write of every
+namespace (NOSPACE) once it is full. A tenant allowed to edit DefenderComponents in its own
+namespace could fill it with large configs and a long spec.rollout.historyLimit; the budget
+bounds what each namespace keeps, so one tenant cannot take the others' writes down with it.
+
+Pure decisions: the caller measures (`Footprint`, read from etcd) and remembers (the operator's
+memory of each component), these functions judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from defender_config import DefenderConfigError
+
+STORAGE_BUDGET_EXCEEDED = "StorageBudgetExceeded"
+
+# What a value the operator is about to write takes in etcd beyond its JSON, at most: the
+# envelope's header (fixed part, key id, registration), the AEAD nonce and tag, and the key.
+# A new value is counted at its uncompressed size plus this: never less than it will take
+# (compression only shrinks it; an incompressible one is stored as it is).
+VALUE_OVERHEAD_BYTES = 512
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one component keeps under its etcd directory, in bytes (key + value of each key,
+    as stored: sealed and compressed)."""
+
+    total: int = 0
+    active: int = 0
+    """ACTIVE's key and value (0: absent)."""
+    history: Mapping[int, int] = field(default_factory=dict)
+    """Each kept history entry's bytes, by version."""
+
+
+def new_value_bytes(config_json_bytes: int) -> int:
+    """The most a config whose canonical JSON is `config_json_bytes` long takes as one
+    stored value."""
+    return config_json_bytes + VALUE_OVERHEAD_BYTES
+
+
+def after_commit(now: Footprint, value_bytes: int, version: int, history_limit: int) -> int:
+    """The component's bytes once version `version` (of `value_bytes`, see `new_value_bytes`)
+    is committed with `history_limit`: ACTIVE replaced, the new history entry added and the
+    entries below the oldest kept version pruned, as the library's commit does (it keeps the
+    newest `history_limit` versions, the new one included). A raised historyLimit prunes
+    less: what it keeps is counted."""
+    oldest_kept = version - history_limit + 1
+    pruned = sum(size for kept, size in now.history.items() if kept < oldest_kept)
+    return now.total - now.active - pruned + 2 * value_bytes
+
+
+def seed_bytes(config_json_bytes: int, schema_json_bytes: int = 0) -> int:
+    """The most a new component's seed writes: MASTER, ACTIVE and history entry 1 of the
+    config, and the metadata record (with the custom schema it records)."""
+    return 3 * new_value_bytes(config_json_bytes) + new_value_bytes(schema_json_bytes)
+
+
+def namespace_budget(namespace: str, default_bytes: int, per_namespace: Mapping[str, int]) -> int:
+    """The budget of `namespace` in bytes (0: unlimited): its own entry in the operator's
+    settings, else the default. Never from anything a tenant can edit (its Namespace object)."""
+    return per_namespace.get(namespace, default_bytes)
+
+
+class StorageBudgetExceededError(DefenderConfigError):
+    """A commit or seed would put its namespace over its storage budget: nothing written."""
+
+    reason: ClassVar[str] = STORAGE_BUDGET_EXCEEDED
+
+    def __init__(
+        self, namespace: str, component: str, usage: int, after: int, budget: int, what: str
+    ) -> None:
+        self.namespace, self.component = namespace, component
+        self.usage, self.after, self.budget = usage, after, budget
+        super().__init__(
+            f"{what} of {component!r} refused: namespace {namespace!r} keeps {usage} bytes in"
+            f" etcd and would keep {after} bytes with it, over its storage budget of {budget}"
+            " bytes; ACTIVE is unchanged. Lower spec.rollout.historyLimit or the config's size"
+            " here or on other components of the namespace, delete unused ones, or have the"
+            " cluster admin raise the budget (chart: operator.storageBudget), then apply the"
+            " change again"
+        )
+
+
+def decide_budget(
+    namespace: str,
+    component: str,
+    *,
+    budget: int,
+    others: int,
+    before: int,
+    after: int,
+    what: str = "commit",
+) -> StorageBudgetExceededError | None:
+    """Whether a write that takes `component` from `before` to `after` bytes is refused, with
+    the namespace's other components keeping `others` bytes. A write that does not grow the
+    component is never refused (it frees or keeps space, even in a namespace over its budget
+    because the budget was lowered), nor is any under an unlimited budget (0)."""
+    if budget <= 0 or after <= before:
+        return None
+    usage_after = others + after
+    if usage_after <= budget:
+        return None
+    return StorageBudgetExceededError(
+        namespace, component, others + before, usage_after, budget, what
+    )

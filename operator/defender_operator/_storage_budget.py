@@ -1,0 +1,175 @@
+"""The per-namespace storage budget at work (`_decisions.storage_budget` decides).
+
+What each component keeps in etcd is remembered in its memory (`ComponentMemory.stored_bytes`):
+measured by one range read of its directory when unknown (after a restart), and before each
+commit (which prunes what it measured); a new component's is what its seed writes, so its create
+path costs no read. A namespace's usage is the sum over the components this process remembers
+in it, and the data its resources deleted with retention Keep left in etcd (`retain`); those
+deleted with Purge are forgotten with their memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from prometheus_client import Counter
+
+from defender_config import canonical_json
+from defender_operator._decisions.storage_budget import (
+    StorageBudgetExceededError,
+    after_commit,
+    decide_budget,
+    namespace_budget,
+    new_value_bytes,
+    seed_bytes,
+)
+from defender_operator._runtime import Runtime
+
+REFUSALS = Counter(
+    "defender_operator_storage_budget_refusals_total",
+    "Commits and seeds refused by their namespace's storage budget",
+    ["namespace"],
+)
+
+
+def budget(rt: Runtime, namespace: str) -> int:
+    s = rt.settings
+    return namespace_budget(
+        namespace, s.namespace_storage_budget_bytes, s.namespace_storage_budgets
+    )
+
+
+def others(rt: Runtime, namespace: str, name: str, component: str) -> int:
+    """The bytes the namespace's other components keep, as remembered (one not measured yet,
+    right after a restart before its own reconcile ran, counts nothing), those its deleted
+    resources left with retention Keep included."""
+    live = sum(
+        mem.stored_bytes or 0
+        for (ns, other), mem in rt.components.items()
+        if ns == namespace and other != name
+    )
+    kept = sum(
+        size
+        for kept_name, (ns, size) in rt.storage_retained.items()
+        if ns == namespace and kept_name != component
+    )
+    return live + kept
+
+
+def _known(rt: Runtime, namespace: str, name: str, component: str, size: int | None) -> None:
+    """What the component keeps, as this resource's: a charge left by a Keep deletion of the
+    name (this namespace's or another's, which this resource took over) ends here."""
+    rt.memory(namespace, name).stored_bytes = size
+    rt.storage_retained.pop(component, None)
+
+
+def retain(rt: Runtime, namespace: str, name: str, component: str) -> None:
+    """The resource was deleted with retention Keep: its data stays in etcd, and is charged to
+    its namespace until a resource takes the name again (or this process ends: not persisted)."""
+    size = rt.memory(namespace, name).stored_bytes
+    if size:
+        rt.storage_retained[component] = (namespace, size)
+
+
+def purged(rt: Runtime, component: str) -> None:
+    """The name's keys were deleted: a charge an earlier Keep deletion of it left goes too."""
+    rt.storage_retained.pop(component, None)
+
+
+def _json_bytes(value: Mapping[str, Any] | None) -> int:
+    return len(canonical_json(value)) if value is not None else 0
+
+
+def refuse(error: StorageBudgetExceededError) -> kopf.PermanentError:
+    """Not retried: a person frees space or raises the budget, then applies again. The error
+    is the cause: its reason and message become ConfigSynced's and the Warning Event's (and
+    the reconcile logs it, as every refusal)."""
+    REFUSALS.labels(error.namespace).inc()
+    exc = kopf.PermanentError(str(error))
+    exc.__cause__ = error
+    return exc
+
+
+def check_seed(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    component: str,
+    config: Mapping[str, Any],
+    json_schema: Mapping[str, Any] | None,
+) -> int:
+    """The bytes a new component's seed would keep (0 when no budget applies); raises the
+    refusal when they would take the namespace over its budget. No request to etcd."""
+    limit = budget(rt, namespace)
+    if limit <= 0:
+        return 0
+    after = seed_bytes(_json_bytes(config), _json_bytes(json_schema))
+    refused = decide_budget(
+        namespace,
+        component,
+        budget=limit,
+        others=others(rt, namespace, name, component),
+        before=0,
+        after=after,
+        what="seed",
+    )
+    if refused is not None:
+        raise refuse(refused)
+    # Reserved before the write, as a commit's (`check_commit`); `unreserve` when nothing
+    # was written.
+    _known(rt, namespace, name, component, after)
+    return after
+
+
+def unreserve(rt: Runtime, namespace: str, name: str) -> None:
+    """A seed that wrote nothing (the name holds something, or the write failed): what the
+    component keeps is measured again once the name is known to be this resource's."""
+    rt.memory(namespace, name).stored_bytes = None
+
+
+async def check_commit(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    component: str,
+    config: Mapping[str, Any],
+    *,
+    version: int,
+    history_limit: int,
+) -> int | None:
+    """The bytes the component would keep once `config` is committed as `version` (None when
+    no budget applies: nothing read); raises the refusal when they would take the namespace
+    over its budget. One range read of the component's keys: what the commit prunes."""
+    limit = budget(rt, namespace)
+    if limit <= 0:
+        return None
+    now = await asyncio.to_thread(rt.backend.footprint, component)
+    _known(rt, namespace, name, component, now.total)
+    after = after_commit(now, new_value_bytes(_json_bytes(config)), version, history_limit)
+    refused = decide_budget(
+        namespace,
+        component,
+        budget=limit,
+        others=others(rt, namespace, name, component),
+        before=now.total,
+        after=after,
+    )
+    if refused is not None:
+        raise refuse(refused)
+    # Reserved before the write, with no await between the decision and here: a commit of
+    # another component of the namespace decided meanwhile counts this one's too (a failed
+    # write leaves the reservation until the next measurement, which errs on the safe side).
+    rt.memory(namespace, name).stored_bytes = max(now.total, after)
+    return after
+
+
+async def measure_unknown(rt: Runtime, namespace: str, name: str, component: str) -> None:
+    """Measure the component when this process does not know what it keeps (after a restart),
+    and only while a budget applies: one range read, once."""
+    if rt.memory(namespace, name).stored_bytes is not None or budget(rt, namespace) <= 0:
+        return
+    footprint = await asyncio.to_thread(rt.backend.footprint, component)
+    _known(rt, namespace, name, component, footprint.total)

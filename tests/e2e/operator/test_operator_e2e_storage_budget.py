@@ -1,0 +1,105 @@
+"""The per-namespace storage budget against a real API server and etcd: a namespace with a small
+budget has a commit refused (ConfigSynced, a Warning Event, ACTIVE unchanged in etcd), while a
+namespace under the default budget commits a config of the same size (docs/operator.md,
+"Storage budget per namespace")."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import pytest
+from operator_e2e_support import OperatorRun, custom_component, extra_namespace, wait_for
+
+from defender_config import contract
+
+pytestmark = [pytest.mark.cluster, pytest.mark.etcd]
+
+SMALL_BUDGET = 200_000
+# ~120 KB of random data: incompressible enough that two copies (ACTIVE and its history entry)
+# exceed the small budget wherever it is counted.
+BLOB_BYTES = 90_000
+
+
+def _blob() -> str:
+    return base64.b64encode(os.urandom(BLOB_BYTES)).decode()
+
+
+def _create(run: OperatorRun, namespace: str, name: str, config: dict[str, Any]) -> None:
+    run.custom.create_namespaced_custom_object(
+        contract.API_GROUP,
+        contract.API_VERSION,
+        namespace,
+        contract.PLURAL,
+        custom_component(name, config, retention="Purge"),
+    )
+
+
+def _patch_config(run: OperatorRun, namespace: str, name: str, config: dict[str, Any]) -> None:
+    run.custom.patch_namespaced_custom_object(
+        contract.API_GROUP,
+        contract.API_VERSION,
+        namespace,
+        contract.PLURAL,
+        name,
+        {"spec": {"config": config}},
+    )
+
+
+def _status(run: OperatorRun, namespace: str, name: str) -> dict[str, Any]:
+    obj: Any = run.custom.get_namespaced_custom_object(
+        contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
+    )
+    return dict(obj.get("status") or {})
+
+
+def _wait_version(run: OperatorRun, namespace: str, name: str, version: int) -> None:
+    wait_for(
+        f"{namespace}/{name} status.activeVersion {version}",
+        lambda: _status(run, namespace, name).get("activeVersion") == version or None,
+    )
+
+
+def test_a_namespace_over_its_budget_is_refused_a_commit_another_namespace_makes(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    with extra_namespace(run, "t-budget") as other:
+        # Set here, whatever the caller's environment says: the operator's namespace A gets a
+        # small budget of its own, namespace B the default.
+        run.start(
+            "-n",
+            other,
+            DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGET_BYTES=str(256 * 1024 * 1024),
+            DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS=json.dumps({run.namespace: SMALL_BUDGET}),
+        )
+        _create(run, run.namespace, "budget-a", {"value": 1})
+        _create(run, other, "budget-b", {"value": 1})
+        _wait_version(run, run.namespace, "budget-a", 1)
+        _wait_version(run, other, "budget-b", 1)
+        configs = run.configs()
+        before = configs.get_metadata("budget-a")
+        assert before is not None and before.version == 1
+
+        large = {"value": 2, "blob": _blob()}
+        _patch_config(run, run.namespace, "budget-a", large)
+        synced = run.wait_condition(
+            "budget-a", "ConfigSynced", status="False", reason="StorageBudgetExceeded"
+        )
+        assert f"namespace {run.namespace!r}" in synced["message"]
+        assert f"{SMALL_BUDGET} bytes" in synced["message"]
+        run.wait_event("budget-a", "StorageBudgetExceeded")
+        # Nothing was written: ACTIVE in etcd is the version it was.
+        after = configs.get_metadata("budget-a")
+        assert after is not None
+        assert (after.version, after.digest) == (1, before.digest)
+        assert configs.get_active("budget-a").config == {"value": 1}
+        assert _status(run, run.namespace, "budget-a").get("activeVersion") == 1
+
+        # Namespace B, under the default budget, commits a config of the same size.
+        _patch_config(run, other, "budget-b", {"value": 2, "blob": _blob()})
+        _wait_version(run, other, "budget-b", 2)
+        meta_b = configs.get_metadata("budget-b")
+        assert meta_b is not None and meta_b.version == 2

@@ -1,0 +1,288 @@
+"""The per-namespace storage budget: the pure decision, and reconciles through the in-memory
+harness (a commit or seed that would take its namespace over the budget is refused, nothing
+written; other namespaces, rollbacks and shrinking writes are never refused)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import kopf
+import pytest
+from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
+from pydantic import ValidationError
+
+from defender_config import StoreUnavailableError
+from defender_operator import _api, _storage_budget
+from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.storage_budget import (
+    STORAGE_BUDGET_EXCEEDED,
+    VALUE_OVERHEAD_BYTES,
+    Footprint,
+    after_commit,
+    decide_budget,
+    namespace_budget,
+    seed_bytes,
+)
+from defender_operator._reconcile import apply_retention
+from defender_operator._settings import OperatorSettings
+
+BASE = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+
+
+def big(tag: str, filters: int = 1600) -> dict[str, Any]:
+    """A config of about 6 bytes per filter (~10 KB by default), distinct per `tag`."""
+    return {**BASE, "filters": [f"port {tag}"] + ["tcp"] * filters}
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+def budgeted(h: Harness, every: int, per_namespace: dict[str, int] | None = None) -> None:
+    h.rt.settings = h.rt.settings.model_copy(
+        update={
+            "namespace_storage_budget_bytes": every,
+            "namespace_storage_budgets": dict(per_namespace or {}),
+        }
+    )
+
+
+def with_history(config: dict[str, Any], limit: int) -> dict[str, Any]:
+    return spec(config, rollout={"historyLimit": limit})
+
+
+# --- the decision ---------------------------------------------------------------------------
+
+
+def test_a_write_under_the_budget_is_allowed() -> None:
+    assert decide_budget("a", "c", budget=1000, others=400, before=100, after=600) is None
+
+
+def test_a_write_over_the_budget_is_refused_naming_namespace_usage_and_budget() -> None:
+    refused = decide_budget("team-a", "c", budget=1000, others=400, before=100, after=601)
+    assert refused is not None and refused.reason == STORAGE_BUDGET_EXCEEDED
+    message = str(refused)
+    assert "'team-a'" in message and "500 bytes" in message and "1001 bytes" in message
+    assert "1000 bytes" in message and "ACTIVE is unchanged" in message
+
+
+def test_an_unlimited_budget_refuses_nothing() -> None:
+    assert decide_budget("a", "c", budget=0, others=10**12, before=0, after=10**12) is None
+
+
+def test_a_write_that_does_not_grow_the_component_is_never_refused() -> None:
+    # A namespace over its budget (the budget lowered since) may still shrink or keep.
+    assert decide_budget("a", "c", budget=10, others=1000, before=500, after=500) is None
+    assert decide_budget("a", "c", budget=10, others=1000, before=500, after=200) is None
+
+
+def test_a_commit_prunes_what_falls_below_the_oldest_kept_version() -> None:
+    now = Footprint(total=1000 + 100 + 3 * 200, active=100, history={3: 200, 4: 200, 5: 200})
+    # Version 6 with a limit of 3 keeps 4, 5, 6: history/3 goes.
+    assert after_commit(now, 300, 6, 3) == 1700 - 100 - 200 + 600
+    # A raised limit prunes nothing: what it keeps is counted.
+    assert after_commit(now, 300, 6, 10) == 1700 - 100 + 600
+
+
+def test_a_seed_counts_master_active_history_and_the_metadata() -> None:
+    assert seed_bytes(100, 50) == 3 * (100 + VALUE_OVERHEAD_BYTES) + 50 + VALUE_OVERHEAD_BYTES
+
+
+def test_a_namespace_of_its_own_in_the_settings_replaces_the_default() -> None:
+    assert namespace_budget("a", 100, {"a": 5, "b": 0}) == 5
+    assert namespace_budget("b", 100, {"a": 5, "b": 0}) == 0
+    assert namespace_budget("c", 100, {"a": 5}) == 100
+
+
+def test_the_settings_default_to_256_mib_and_refuse_a_negative_budget() -> None:
+    fields = OperatorSettings.model_fields
+    assert fields["namespace_storage_budget_bytes"].default == 256 * 1024 * 1024
+    with pytest.raises(ValidationError):
+        OperatorSettings(namespace_storage_budgets={"a": -1})
+    with pytest.raises(ValidationError):
+        OperatorSettings(namespace_storage_budget_bytes=-1)
+
+
+# --- reconciles -----------------------------------------------------------------------------
+
+
+def test_a_commit_over_the_budget_is_refused_and_active_left_as_it_is() -> None:
+    h = Harness()
+    budgeted(h, 15_000)
+    run(h.reconcile(spec(BASE)))
+    before = h.backend.state(NAME)
+    refusals = _storage_budget.REFUSALS.labels(NAMESPACE)
+    counted = refusals._value.get()
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec(big("a"))))
+    assert refusals._value.get() == counted + 1
+    assert "commit" not in h.backend.calls
+    after = h.backend.state(NAME)
+    assert (after.active_version, after.active_digest) == (1, before.active_digest)
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, STORAGE_BUDGET_EXCEEDED)
+    assert f"namespace {NAMESPACE!r}" in synced["message"] and "15000 bytes" in synced["message"]
+    assert (h.events[-1].type, h.events[-1].reason) == ("Warning", STORAGE_BUDGET_EXCEEDED)
+    assert h.kube.status["activeVersion"] == 1
+
+
+def test_the_same_commit_goes_through_under_a_larger_budget_of_its_namespace() -> None:
+    h = Harness()
+    budgeted(h, 15_000, {NAMESPACE: 64_000})
+    run(h.reconcile(spec(BASE)))
+    run(h.reconcile(spec(big("a"))))
+    assert h.backend.state(NAME).active_version == 2
+    assert h.condition(cond.CONFIG_SYNCED)["status"] == cond.TRUE
+    # What it keeps now is remembered for the namespace's next decisions.
+    assert h.mem.stored_bytes is not None and h.mem.stored_bytes > 20_000
+
+
+def test_other_components_of_the_namespace_count_and_other_namespaces_do_not() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    h.rt.memory("team-b", "elsewhere").stored_bytes = 10**9  # another namespace: not counted
+    run(h.reconcile(spec(big("a"))))
+    assert h.backend.state(NAME).active_version == 2
+    h.rt.memory(NAMESPACE, "neighbour").stored_bytes = 50_000
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec(big("b"))))
+    assert h.backend.state(NAME).active_version == 2
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == STORAGE_BUDGET_EXCEEDED
+
+
+def test_a_higher_history_limit_is_refused_once_what_it_keeps_exceeds_the_budget() -> None:
+    def commits_until_refused(limit: int) -> int:
+        h = Harness()
+        budgeted(h, 60_000)
+        run(h.reconcile(with_history(BASE, limit)))
+        for n in range(1, 9):
+            try:
+                run(h.reconcile(with_history(big(str(n)), limit)))
+            except kopf.PermanentError:
+                assert h.condition(cond.CONFIG_SYNCED)["reason"] == STORAGE_BUDGET_EXCEEDED
+                return n
+        return 0
+
+    # One kept version: the history does not grow, every commit fits.
+    assert commits_until_refused(1) == 0
+    # Ten kept: each commit keeps ~10 KB more, until the 60 KB budget refuses one.
+    refused_at = commits_until_refused(10)
+    assert 2 <= refused_at <= 6
+
+
+def test_a_new_component_whose_seed_exceeds_the_budget_is_refused_with_nothing_written() -> None:
+    h = Harness()
+    budgeted(h, 15_000)
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec(big("a"))))
+    assert NAME not in h.backend.components and NAME not in h.backend.claims
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == STORAGE_BUDGET_EXCEEDED
+    assert (h.events[-1].type, h.events[-1].reason) == ("Warning", STORAGE_BUDGET_EXCEEDED)
+
+
+def test_a_new_component_costs_no_read_and_an_unknown_one_is_measured_once() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    # The create path: what the seed wrote is known without a read.
+    assert "footprint" not in h.backend.calls and h.mem.stored_bytes
+    # A restarted operator (a new runtime, the same etcd) measures it at its reconcile, once.
+    again = Harness(backend=h.backend, kube=h.kube)
+    budgeted(again, 64_000)
+    again.backend.calls.clear()
+    run(again.reconcile(spec(BASE)))
+    run(again.reconcile(spec(BASE)))
+    assert again.backend.calls.count("footprint") == 1
+    assert again.mem.stored_bytes == h.backend.footprint(NAME).total
+
+
+def test_no_budget_reads_nothing() -> None:
+    h = Harness()
+    budgeted(h, 0)
+    run(h.reconcile(spec(BASE)))
+    run(h.reconcile(spec(big("a", filters=100_000))))  # ~600 KB, no budget to refuse it
+    assert "footprint" not in h.backend.calls
+    assert h.backend.state(NAME).active_version == 2
+
+
+def test_a_rollback_to_master_is_never_refused() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    run(h.reconcile(spec(big("a"))))
+    budgeted(h, 1_000)  # lowered below what the namespace keeps
+    run(h.reconcile(spec(big("a")), {_api.ROLLBACK_ANNOTATION: "master"}))
+    state = h.backend.state(NAME)
+    assert state.active_version == 3 and state.active_digest == state.master_digest
+    assert STORAGE_BUDGET_EXCEEDED not in h.reasons()
+
+
+def test_a_commit_reserves_what_it_will_keep_before_it_writes() -> None:
+    # Two components of one namespace deciding one after the other, neither written yet (their
+    # commits run concurrently): the second counts the first's reservation.
+    h = Harness()
+    budgeted(h, 30_000)
+    config = big("a")
+
+    def check(name: str) -> Any:
+        return _storage_budget.check_commit(
+            h.rt, NAMESPACE, name, name, config, version=2, history_limit=10
+        )
+
+    kept = run(check("first"))
+    assert h.rt.memory(NAMESPACE, "first").stored_bytes == kept > 20_000
+    with pytest.raises(kopf.PermanentError):
+        run(check("second"))
+    # A refused one reserves nothing: what it keeps stays as measured.
+    assert h.rt.memory(NAMESPACE, "second").stored_bytes == 0
+
+
+def test_a_seed_that_wrote_nothing_gives_its_reservation_back() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    h.backend.fail("claim_and_seed", StoreUnavailableError(["memory://"], "injected"))
+    with pytest.raises(kopf.TemporaryError):
+        run(h.reconcile(spec(BASE)))
+    assert h.mem.stored_bytes is None
+
+
+def test_data_a_keep_deletion_leaves_still_counts_until_the_name_is_taken_again() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    run(h.reconcile(spec(big("a"))))
+    left = h.mem.stored_bytes
+    assert left is not None and left > 20_000
+    run(apply_retention(h.rt, h.body(spec(big("a")), {}), NAMESPACE, NAME, "Keep", LOG))
+    assert (NAMESPACE, NAME) not in h.rt.components  # the resource is gone, its data is not
+
+    def check(namespace: str, name: str) -> Any:
+        return _storage_budget.check_commit(
+            h.rt, namespace, name, name, big("n", filters=4000), version=2, history_limit=10
+        )
+
+    # ~49 KB more: over the budget beside what the deleted resource left, in its namespace only.
+    with pytest.raises(kopf.PermanentError):
+        run(check(NAMESPACE, "neighbour"))
+    run(check("team-b", "elsewhere"))
+    # The name taken again (the resource re-created): counted once, as the new resource's.
+    h.uid = "uid-2"
+    run(h.reconcile(spec(big("a"))))
+    assert NAME not in h.rt.storage_retained
+    assert h.mem.stored_bytes == h.backend.footprint(NAME).total
+
+
+def test_a_purge_deletion_frees_what_the_namespace_counts() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    run(h.reconcile(spec(big("a"))))
+    # What an earlier Keep deletion of the name left, not yet taken over by a measurement of
+    # this resource (its reconcile stopped before one): the purge deletes that data too.
+    h.rt.storage_retained[NAME] = (NAMESPACE, 50_000)
+    run(apply_retention(h.rt, h.body(spec(big("a")), {}), NAMESPACE, NAME, "Purge", LOG))
+    assert NAME not in h.rt.storage_retained
+    assert _storage_budget.others(h.rt, NAMESPACE, "neighbour", "neighbour") == 0
