@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import kopf
 from prometheus_client import Counter
 
-from defender_config import canonical_json
+from defender_config import DefenderConfigError, canonical_json
 from defender_operator._decisions.storage_budget import (
-    StorageBudgetExceededError,
+    STORAGE_BUDGET_EXCEEDED,
+    BudgetRefusal,
     after_commit,
     decide_budget,
     namespace_budget,
@@ -83,10 +84,22 @@ def _json_bytes(value: Mapping[str, Any] | None) -> int:
     return len(canonical_json(value)) if value is not None else 0
 
 
-def refuse(error: StorageBudgetExceededError) -> kopf.PermanentError:
+class StorageBudgetExceededError(DefenderConfigError):
+    """A commit or seed would put its namespace over its storage budget: nothing written."""
+
+    reason: ClassVar[str] = STORAGE_BUDGET_EXCEEDED
+
+    def __init__(self, refusal: BudgetRefusal) -> None:
+        self.namespace, self.component = refusal.namespace, refusal.component
+        self.usage, self.after, self.budget = refusal.usage, refusal.after, refusal.budget
+        super().__init__(str(refusal))
+
+
+def refuse(refusal: BudgetRefusal) -> kopf.PermanentError:
     """Not retried: a person frees space or raises the budget, then applies again. The error
     is the cause: its reason and message become ConfigSynced's and the Warning Event's (and
     the reconcile logs it, as every refusal)."""
+    error = StorageBudgetExceededError(refusal)
     REFUSALS.labels(error.namespace).inc()
     exc = kopf.PermanentError(str(error))
     exc.__cause__ = error

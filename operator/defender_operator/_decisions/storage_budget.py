@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from defender_config import DefenderConfigError
-
 STORAGE_BUDGET_EXCEEDED = "StorageBudgetExceeded"
 
 # What a value the operator is about to write takes in etcd beyond its JSON, at most: the
@@ -67,23 +65,28 @@ def namespace_budget(namespace: str, default_bytes: int, per_namespace: Mapping[
     return per_namespace.get(namespace, default_bytes)
 
 
-class StorageBudgetExceededError(DefenderConfigError):
-    """A commit or seed would put its namespace over its storage budget: nothing written."""
+@dataclass(frozen=True)
+class BudgetRefusal:
+    """A commit or seed that would put its namespace over its storage budget (nothing is
+    written): what the refusal says (`str`), raised by the caller as its typed error."""
 
     reason: ClassVar[str] = STORAGE_BUDGET_EXCEEDED
 
-    def __init__(
-        self, namespace: str, component: str, usage: int, after: int, budget: int, what: str
-    ) -> None:
-        self.namespace, self.component = namespace, component
-        self.usage, self.after, self.budget = usage, after, budget
-        super().__init__(
-            f"{what} of {component!r} refused: namespace {namespace!r} keeps {usage} bytes in"
-            f" etcd and would keep {after} bytes with it, over its storage budget of {budget}"
-            " bytes; ACTIVE is unchanged. Lower spec.rollout.historyLimit or the config's size"
-            " here or on other components of the namespace, delete unused ones, or have the"
-            " cluster admin raise the budget (chart: operator.storageBudget), then apply the"
-            " change again"
+    namespace: str
+    component: str
+    usage: int
+    after: int
+    budget: int
+    what: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.what} of {self.component!r} refused: namespace {self.namespace!r} keeps"
+            f" {self.usage} bytes in etcd and would keep {self.after} bytes with it, over its"
+            f" storage budget of {self.budget} bytes; ACTIVE is unchanged. Lower"
+            " spec.rollout.historyLimit or the config's size here or on other components of"
+            " the namespace, delete unused ones, or have the cluster admin raise the budget"
+            " (chart: operator.storageBudget), then apply the change again"
         )
 
 
@@ -96,7 +99,7 @@ def decide_budget(
     before: int,
     after: int,
     what: str = "commit",
-) -> StorageBudgetExceededError | None:
+) -> BudgetRefusal | None:
     """Whether a write that takes `component` from `before` to `after` bytes is refused, with
     the namespace's other components keeping `others` bytes. A write that does not grow the
     component is never refused (it frees or keeps space, even in a namespace over its budget
@@ -106,6 +109,4 @@ def decide_budget(
     usage_after = others + after
     if usage_after <= budget:
         return None
-    return StorageBudgetExceededError(
-        namespace, component, others + before, usage_after, budget, what
-    )
+    return BudgetRefusal(namespace, component, others + before, usage_after, budget, what)
