@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from defender_config import (
     StoragePolicy,
     StoreUnavailableError,
     VersionNotKeptError,
-    config_digest,
+    canonical_json,
     parse_rollback_target,
     validate_config,
 )
@@ -257,19 +258,29 @@ class Visit:
     def who(self) -> str:
         return f"operator:{self.rt.identity}"
 
-    _digests: dict[int, tuple[Mapping[str, Any], str]] = field(
+    _canonical: dict[int, tuple[Mapping[str, Any], bytes, str]] = field(
         default_factory=dict, repr=False, compare=False
     )
+
+    def _known(self, normalized: Mapping[str, Any]) -> tuple[Mapping[str, Any], bytes, str]:
+        # The config is kept with what was worked out of it, so no other object can take its
+        # id during the visit.
+        known = self._canonical.get(id(normalized))
+        if known is None:
+            text = canonical_json(normalized, component=self.component)
+            known = (normalized, text, hashlib.sha256(text).hexdigest())
+            self._canonical[id(normalized)] = known
+        return known
 
     def digest(self, normalized: Mapping[str, Any]) -> str:
         """`config_digest` of a config this visit holds, worked out once per config: the plan,
         the seed, the regression check and the status each ask for it (canonical JSON and a
-        hash of the whole config, on every reconcile of a thousand at once). The config is
-        kept with its digest, so no other object can take its id during the visit."""
-        known = self._digests.get(id(normalized))
-        if known is None:
-            known = self._digests[id(normalized)] = (normalized, config_digest(normalized))
-        return known[1]
+        hash of the whole config, on every reconcile of a thousand at once)."""
+        return self._known(normalized)[2]
+
+    def json_bytes(self, normalized: Mapping[str, Any]) -> int:
+        """The length of its canonical JSON (what the storage budget counts a value by)."""
+        return len(self._known(normalized)[1])
 
 
 # A monitor pass run after a successful reconcile (`_monitor.after_reconcile` bound to the
@@ -1037,7 +1048,7 @@ async def claim_and_seed(
     absent = StoredState(None, None, None)
     plan = plan_seed(v.digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
     kept = _storage_budget.check_seed(
-        rt, v.namespace, v.name, component, normalized, spec.custom_schema
+        rt, v.namespace, v.name, component, v.json_bytes(normalized), spec.custom_schema
     )
     # The first pass asks etcd when each instance already beating last did (its lease): asked
     # meanwhile, that request is off the path to the first status.

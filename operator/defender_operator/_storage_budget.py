@@ -111,7 +111,7 @@ def check_seed(
     namespace: str,
     name: str,
     component: str,
-    config: Mapping[str, Any],
+    config_json_bytes: int,
     json_schema: Mapping[str, Any] | None,
 ) -> int:
     """The bytes a new component's seed would keep (0 when no budget applies); raises the
@@ -119,7 +119,7 @@ def check_seed(
     limit = budget(rt, namespace)
     if limit <= 0:
         return 0
-    after = seed_bytes(_json_bytes(config), _json_bytes(json_schema))
+    after = seed_bytes(config_json_bytes, _json_bytes(json_schema))
     refused = decide_budget(
         namespace,
         component,

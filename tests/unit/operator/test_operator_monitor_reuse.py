@@ -11,11 +11,12 @@ import dataclasses
 import logging
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 
-from defender_config import RecordAuthError, StoreUnavailableError
+from defender_config import RecordAuthError, StoreUnavailableError, config_digest
 from defender_operator import _api, _monitor, _reconcile
 from defender_operator._backend import AlertRecord, Backend
 from defender_operator._decisions import conditions as cond
@@ -401,18 +402,18 @@ def test_a_new_components_reconcile_parses_and_digests_its_spec_once(
     # of the config; a later pass of the same generation parses nothing.
     parses: list[object] = []
     digests: list[object] = []
-    real_parse, real_digest = _api.parse_stored_spec, _reconcile.config_digest
+    real_parse, real_canonical = _api.parse_stored_spec, _reconcile.canonical_json
 
     def parse(raw: object) -> object:
         parses.append(raw)
         return real_parse(raw)  # type: ignore[arg-type]
 
-    def digest(config: object) -> str:
+    def canonical(config: object, **kwargs: Any) -> bytes:
         digests.append(config)
-        return real_digest(config)
+        return real_canonical(config, **kwargs)
 
     monkeypatch.setattr(_api, "parse_stored_spec", parse)
-    monkeypatch.setattr(_reconcile, "config_digest", digest)
+    monkeypatch.setattr(_reconcile, "canonical_json", canonical)
     h = Harness()
     h.inform()
     h.add_pod("sniffer-a")
@@ -422,4 +423,4 @@ def test_a_new_components_reconcile_parses_and_digests_its_spec_once(
     assert len(parses) == 1 and len(digests) == 1, (parses, digests)
     asyncio.run(h.monitor(spec()))
     assert len(parses) == 1
-    assert h.kube.status["specConfigDigest"] == real_digest(digests[0])
+    assert h.kube.status["specConfigDigest"] == config_digest(digests[0])
