@@ -60,7 +60,7 @@ def test_view_is_not_trusted_until_watching_and_resynced() -> None:
 def test_delete_removes_the_instance_and_wakes_its_component() -> None:
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0), rec("b", T0)]})
-    wake, other = view.attach("sniffer"), view.attach("firewall")
+    wake, other = view.attach("sniffer", "ns"), view.attach("firewall", "ns")
     view.apply(T0 + S, "sniffer", "a", None)
     assert set(times(view, "sniffer")) == {"b"}
     assert wake.is_set()
@@ -71,7 +71,7 @@ def test_delete_removes_the_instance_and_wakes_its_component() -> None:
 def test_a_put_updates_and_only_a_new_instance_wakes() -> None:
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0)]})
-    wake = view.attach("sniffer")
+    wake = view.attach("sniffer", "ns")
     view.apply(T0 + S, "sniffer", "a", rec("a", T0 + S))
     assert times(view, "sniffer") == {"a": T0 + S}
     assert not wake.is_set(), "a routine heartbeat must not cost a monitor pass"
@@ -114,7 +114,7 @@ def test_a_resync_wakes_the_components_whose_instances_came_or_went_unseen() -> 
     # an expiry during a watch outage is a delete nobody delivered, so the listing wakes them.
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0)], "firewall": [rec("f", T0)]})
-    wakes = {c: view.attach(c) for c in ("sniffer", "firewall", "rag", "ml-detector")}
+    wakes = {c: view.attach(c, "ns") for c in ("sniffer", "firewall", "rag", "ml-detector")}
     view.watch_failed()
     view.resync(
         T0 + S,
@@ -274,17 +274,17 @@ def test_one_healthy_member_means_quorum() -> None:
 def test_a_waker_lasts_while_a_daemon_of_its_component_runs() -> None:
     view = HeartbeatView(T0)
     assert view.waker("a") is None
-    first = view.attach("a")
+    first = view.attach("a", "ns")
     assert isinstance(first, asyncio.Event) and view.waker("a") is first
     # A same-named component re-created at once: its daemon starts before the old one ends.
-    second = view.attach("a")
+    second = view.attach("a", "ns")
     view.detach("a", first)
     view.wake("a", "instance-new")
     assert second.is_set(), "the successor's daemon lost its wake when the old one ended"
     view.detach("a", second)
     assert view.waker("a") is None
     view.detach("a", second)  # a second end of the same daemon is no error, and leaves nothing
-    assert view.waker("a") is None and view.attach("a") not in (first, second)
+    assert view.waker("a") is None and view.attach("a", "ns") not in (first, second)
 
 
 def test_a_same_named_daemon_in_another_namespace_never_clears_the_owners_wake() -> None:
@@ -294,9 +294,9 @@ def test_a_same_named_daemon_in_another_namespace_never_clears_the_owners_wake()
     cleared the wake the owner's daemon, busy with its pass, had not yet seen: it slept up to a
     monitor interval through the change (a pod gone, a canary failing)."""
     view = HeartbeatView(T0)
-    owner = view.attach("firewall")
-    refused = view.attach("firewall")
-    view.wake("firewall", "pod")
+    owner = view.attach("firewall", "ns")
+    refused = view.attach("firewall", "t-tenant")
+    view.wake("firewall", "instance-new")
     assert owner.is_set() and refused.is_set()
     refused.clear()  # the refused daemon's next round
     assert owner.is_set()
@@ -307,6 +307,22 @@ def test_a_same_named_daemon_in_another_namespace_never_clears_the_owners_wake()
     owner.clear()
     view.wake("firewall", "etcd-change")
     assert owner.is_set()
+
+
+def test_a_wake_with_a_namespace_reaches_only_the_daemons_of_that_namespace() -> None:
+    view = HeartbeatView(T0)
+    owner = view.attach("firewall", "ns")
+    successor = view.attach("firewall", "ns")  # re-created at once, the old daemon not ended
+    refused = view.attach("firewall", "t-tenant")
+    view.wake("firewall", "pod", "t-tenant")
+    assert refused.is_set() and not owner.is_set() and not successor.is_set()
+    refused.clear()
+    view.wake("firewall", "pod", "ns")
+    assert owner.is_set() and successor.is_set() and not refused.is_set()
+    view.wake("firewall", "pod", "elsewhere")  # no daemon there: nothing to wake
+    assert not refused.is_set()
+    assert view.waker("firewall", "t-tenant") is refused and view.waker("firewall") is owner
+    assert view.waker("firewall", "elsewhere") is None
 
 
 def test_a_wake_with_no_daemon_running_keeps_nothing() -> None:
