@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,8 +41,10 @@ class WatchHandle:
         start_revision: int,
         on_error: Callable[[StoreError], None] | None,
         prev_kv: bool,
+        progress_seconds: float | None = None,
     ) -> None:
         self._store = store
+        self._progress_seconds = progress_seconds
         self.key = key
         self._range_end = etcd_utils.prefix_range_end(key.encode()) if prefix else None
         self._callback = callback
@@ -70,6 +73,21 @@ class WatchHandle:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def silent_seconds(self) -> float | None:
+        """Seconds since the stream this watch is on last answered anything (an event of any
+        watch on it, a creation, a progress answer); None while the watch is not on a stream
+        (not established yet, or between streams after an outage).
+
+        With `progress_seconds`, a stream that works never stays silent much longer than that:
+        the watch asks etcd for progress whenever it has been. More silence than that says the
+        stream stalled without an error (a wedged member, a proxy holding it open), which
+        neither etcd nor gRPC reports: events that should come do not."""
+        watcher = self._watcher
+        if watcher is None or not self._connected.is_set():
+            return None
+        heard: float = watcher.heard_at
+        return max(0.0, time.monotonic() - heard)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
@@ -128,7 +146,11 @@ class WatchHandle:
                     )
                 failures = 0
                 reported = False
-            generation, item = self._queue.get()
+            try:
+                generation, item = self._queue.get(timeout=self._progress_seconds)
+            except queue.Empty:
+                self._ask_progress()
+                continue
             if item is _STOP:
                 break
             if generation != self._generation:
@@ -151,19 +173,34 @@ class WatchHandle:
         def enqueue(response: Any) -> None:
             self._queue.put((generation, response))
 
+        # From the revision before the next one wanted (its events, delivered already, are
+        # dropped by `_dispatch`'s floor): etcd withholds progress answers from a stream while
+        # any watch on it starts past its current revision (`progressIfSync`: "rev <
+        # w.startRev"), and the next revision wanted is past it until anything is written.
+        # One watch created that way left every idle stream it shared without an answer.
+        start = self.next_revision - 1 if self.next_revision > 1 else self.next_revision
         self._watcher, self._watch_id = self._store._call(
             "watch",
             lambda c: c.add_watch(
                 self.key,
                 enqueue,
                 range_end=self._range_end,
-                start_revision=self.next_revision,
+                start_revision=start,
                 prev_kv=self._prev_kv,
             ),
             path=self.key,
             retry=False,
         )
         self._connected.set()
+
+    def _ask_progress(self) -> None:
+        """Nothing came for this watch for `progress_seconds`: unless its stream answered
+        meanwhile (another watch's events), ask etcd to say it is there (`silent_seconds`)."""
+        watcher, seconds = self._watcher, self._progress_seconds
+        if watcher is None or seconds is None:
+            return
+        if time.monotonic() - watcher.heard_at >= seconds / 2:
+            watcher.request_progress()
 
     def _cancel_server_watch(self) -> None:
         # Cancel on the stream the watch was created on: watch ids are per stream, so the same
