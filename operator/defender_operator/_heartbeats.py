@@ -11,7 +11,7 @@ loop (`loop.call_soon_threadsafe`), so the view is touched by one thread only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -64,11 +64,40 @@ class HeartbeatView:
         self.synced = False
         self.last_progress: datetime | None = None
         self.resync_requested = asyncio.Event()
+        # How long the watch's stream has been silent (None: on no stream), and how much of
+        # that still counts as live: set by `listen`.
+        self._silent: Callable[[], float | None] | None = None
+        self._silence_limit = 0.0
 
     @property
     def trusted(self) -> bool:
         """True when the view may stand in for a direct read of etcd."""
-        return self.watching and self.synced
+        return self.watching and self.synced and self.live
+
+    def listen(self, silent: Callable[[], float | None], limit: float) -> None:
+        """The watch's stream has been silent `silent()` seconds (None: it is on no stream
+        now); more than `limit` is a stall (`live`)."""
+        self._silent, self._silence_limit = silent, limit
+
+    def silent_for(self) -> float | None:
+        """Seconds the watch's stream has answered nothing; None when not known (no `listen`,
+        or the watch is between streams)."""
+        return self._silent() if self._silent is not None else None
+
+    @property
+    def live(self) -> bool:
+        """Whether the watch's stream answered (an event, a progress answer) within the limit.
+
+        Monitors plan no pass at a live leased instance's deadline while the view is trusted:
+        its expiry is a delete only the watch delivers. A stream can stall without an error (a
+        wedged member, a proxy holding it open; gRPC's pings are answered by the connection),
+        and a view trusted meanwhile left a dead instance to the next interval pass. The
+        watch asks for progress while idle (`heartbeat_watch_progress_seconds`), so a working
+        stream is never silent long. True without `listen` (nothing to judge by)."""
+        if self._silent is None:
+            return True
+        silent = self._silent()
+        return silent is not None and silent <= self._silence_limit
 
     def attach(self, component: str, namespace: str) -> asyncio.Event:
         """A new event for one monitor daemon of `component` in `namespace` to pause on, until

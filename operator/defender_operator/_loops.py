@@ -21,7 +21,7 @@ from types import TracebackType
 
 from defender_config import DefenderConfigError
 from defender_operator import _crd_deletion, _keyguard, _rotation
-from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord, Watching
+from defender_operator._backend import EtcdHealth, InstanceRecord, InstanceWatching, Watching
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
 from defender_operator._keys import keyring_digest
@@ -212,6 +212,12 @@ async def _tell_nospace(rt: Runtime, before: tuple[str, ...], health: EtcdHealth
         log.warning("could not post the NOSPACE event: %s", exc)
 
 
+# A stream silent for this many progress intervals stalled: the watch asks after one, and
+# etcd answers within a round trip (later only while a watch on the stream catches up, and
+# what it then sends is an answer too).
+_SILENT_ROUNDS = 3
+
+
 async def heartbeat_watch(rt: Runtime) -> None:
     """One watch on every instance key feeding `rt.heartbeats`, plus a full re-read every
     heartbeat_resync_seconds (sooner after the watch reported an outage)."""
@@ -225,8 +231,9 @@ async def heartbeat_watch(rt: Runtime) -> None:
         log.warning("heartbeat watch interrupted, it reconnects by itself: %s", exc)
         loop.call_soon_threadsafe(view.watch_failed)
 
-    handle: Cancellable | None = None
+    handle: InstanceWatching | None = None
     survive = _Survive("heartbeat-watch")
+    progress = rt.settings.heartbeat_watch_progress_seconds or None
     try:
         while True:
             wait = rt.settings.heartbeat_resync_seconds
@@ -234,8 +241,13 @@ async def heartbeat_watch(rt: Runtime) -> None:
                 try:
                     if handle is None:
                         handle = await asyncio.to_thread(
-                            rt.backend.watch_instances, on_event, on_error
+                            rt.backend.watch_instances,
+                            on_event,
+                            on_error,
+                            progress_seconds=progress,
                         )
+                        if progress is not None:
+                            view.listen(handle.silent_seconds, _SILENT_ROUNDS * progress)
                         view.watching = True
                     since = view.begin_resync()
                     listing = await asyncio.to_thread(rt.backend.all_instances)

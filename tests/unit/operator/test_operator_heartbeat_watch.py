@@ -10,9 +10,10 @@ from typing import Any
 
 import kopf
 import pytest
+from operator_core_support import Harness, until
 
 from defender_config.store import HealthReport, MemberHealth
-from defender_operator import handlers
+from defender_operator import _loops, handlers
 from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._decisions.restarts import (
@@ -55,6 +56,23 @@ def test_view_is_not_trusted_until_watching_and_resynced() -> None:
     assert view.resync_requested.is_set()
     view.begin_resync()
     assert not view.resync_requested.is_set()
+
+
+def test_the_view_is_trusted_only_while_its_watch_stream_answers() -> None:
+    view = HeartbeatView(T0)
+    view.watching = True
+    view.resync(T0, view.begin_resync(), {})
+    silent: list[float | None] = [0.0]
+    view.listen(lambda: silent[0], 15.0)
+    assert view.live and view.trusted and view.silent_for() == 0.0
+    silent[0] = 15.0
+    assert view.trusted  # at the limit: an idle stream waiting for its progress answer
+    silent[0] = 15.5  # a stream that stalled without an error
+    assert not view.live and not view.trusted
+    silent[0] = None  # between streams, after an outage
+    assert not view.live and not view.trusted and view.silent_for() is None
+    silent[0] = 0.1  # answered again: nothing was lost (the watch resumes where it stopped)
+    assert view.trusted
 
 
 def test_delete_removes_the_instance_and_wakes_its_component() -> None:
@@ -212,6 +230,25 @@ def test_no_stall_while_etcd_is_unhealthy_or_just_recovered() -> None:
     assert not stalled(T0, T0 - 3600 * S, T0 - 10 * S)
 
 
+def test_a_stream_silent_past_the_limit_is_stalled_though_resyncs_succeed() -> None:
+    # A resync shows etcd answers reads, not that the watch delivers: with the stream's
+    # silence known, it is what counts.
+    def silent(seconds: float) -> bool:
+        return watch_stalled(
+            now=T0,
+            started=OLD,
+            last_progress=T0 - S,
+            etcd_healthy_since=OLD,
+            threshold=LIMIT,
+            silent=seconds,
+        )
+
+    assert silent(301.0)
+    assert not silent(299.0)
+    # Not known (progress requests off, or between streams): events and resyncs, as before.
+    assert not stalled(T0, T0 - S, OLD)
+
+
 def test_a_fresh_operator_is_not_stalled() -> None:
     assert not watch_stalled(
         now=T0, started=T0 - 10 * S, last_progress=None, etcd_healthy_since=OLD, threshold=LIMIT
@@ -228,6 +265,20 @@ def test_stall_limit_must_exceed_resync_interval(monkeypatch: pytest.MonkeyPatch
         load_operator_settings()
     monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "301")
     assert OperatorSettings().liveness_watch_stall_seconds == 301
+
+
+def test_stall_limit_must_exceed_three_progress_intervals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "10")
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "20")
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "60")
+    with pytest.raises(OperatorConfigurationError, match="three times heartbeat_watch_progress"):
+        load_operator_settings()
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "61")
+    assert OperatorSettings().heartbeat_watch_progress_seconds == 20
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0")  # off
+    assert OperatorSettings().heartbeat_watch_progress_seconds == 0
 
 
 # --- etcd health ------------------------------------------------------------------------
@@ -353,6 +404,7 @@ def test_the_last_instance_gone_leaves_no_entry_for_its_component() -> None:
 
 def _probe_runtime(monkeypatch: pytest.MonkeyPatch, stall_seconds: str) -> Runtime:
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "1")
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0.5")
     monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", stall_seconds)
     # The probe reads only settings, etcd health and the heartbeat view.
     parts: Any = None
@@ -371,3 +423,49 @@ def test_probe_fails_when_the_watch_stalls_with_etcd_healthy(
         handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
     rt.heartbeats.last_progress = utcnow()
     assert handlers.etcd_probe(memo=kopf.Memo(runtime=rt)) == {"reachable": True, "quorum": True}
+
+
+def test_probe_fails_when_the_watch_stream_is_silent_though_resyncs_succeed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt = _probe_runtime(monkeypatch, "2")
+    now = utcnow()
+    rt.etcd.record(now - timedelta(hours=1), EtcdHealth(reachable=True, quorum=True))
+    rt.heartbeats.started = now - timedelta(hours=1)
+    rt.heartbeats.last_progress = now  # the periodic resync keeps succeeding
+    silent: list[float | None] = [3.0]
+    rt.heartbeats.listen(lambda: silent[0], 1.5)
+    with pytest.raises(kopf.PermanentError, match="its stream answered nothing"):
+        handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
+    silent[0] = 0.3
+    assert handlers.etcd_probe(memo=kopf.Memo(runtime=rt)) == {"reachable": True, "quorum": True}
+
+
+def test_the_heartbeat_loop_asks_for_progress_and_trusts_the_view_while_answered() -> None:
+    h = Harness()
+    h.rt.settings = OperatorSettings(heartbeat_watch_progress_seconds=2.0)
+    asked: list[float | None] = []
+    watch_instances = h.backend.watch_instances
+
+    def recording(*args: Any, progress_seconds: float | None = None) -> Any:
+        asked.append(progress_seconds)
+        return watch_instances(*args, progress_seconds=progress_seconds)
+
+    h.backend.watch_instances = recording  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        view = h.rt.heartbeats
+        task = asyncio.create_task(_loops.heartbeat_watch(h.rt))
+        try:
+            await until("the first resync", lambda: view.trusted)
+            assert asked == [2.0]
+            (watch,) = h.backend._watches
+            watch.silent = 6.5  # over three progress intervals: stalled
+            assert not view.trusted
+            watch.silent = 1.0
+            assert view.trusted
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
