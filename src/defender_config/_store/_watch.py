@@ -63,6 +63,10 @@ class WatchHandle:
         self._generation = 0
         self._watch_id: int | None = None
         self._watcher: Any = None
+        # Whether the watch running now was created one revision early (`_establish`), and
+        # whether the next creation may not be (that revision was compacted).
+        self._started_before = False
+        self._exact_next = False
         self._stopped = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"defender-watch:{key}", daemon=True)
@@ -123,7 +127,8 @@ class WatchHandle:
                     self._establish()
                 except StoreError as exc:
                     if _is_compacted(exc):
-                        self._resync()
+                        if not self._only_before_compacted(exc.__cause__):
+                            self._resync()
                         continue
                     if not reported and self._on_error is not None:
                         reported = True
@@ -157,7 +162,8 @@ class WatchHandle:
                 continue  # leftovers of a stream that was already replaced
             if isinstance(item, etcd_exc.RevisionCompactedError):
                 self._lost_stream(item)
-                self._resync()
+                if not self._only_before_compacted(item):
+                    self._resync()
                 continue
             if item is None or isinstance(item, BaseException):
                 self._lost_stream(item)
@@ -178,7 +184,9 @@ class WatchHandle:
         # any watch on it starts past its current revision (`progressIfSync`: "rev <
         # w.startRev"), and the next revision wanted is past it until anything is written.
         # One watch created that way left every idle stream it shared without an answer.
-        start = self.next_revision - 1 if self.next_revision > 1 else self.next_revision
+        self._started_before = self.next_revision > 1 and not self._exact_next
+        self._exact_next = False
+        start = self.next_revision - 1 if self._started_before else self.next_revision
         self._watcher, self._watch_id = self._store._call(
             "watch",
             lambda c: c.add_watch(
@@ -192,6 +200,17 @@ class WatchHandle:
             retry=False,
         )
         self._connected.set()
+
+    def _only_before_compacted(self, error: BaseException | None) -> bool:
+        """Whether `error`, etcd's "compacted", took only the revision before the next one
+        this watch wants, where `_establish` started it: nothing it needs is gone, and the next
+        creation starts at the next revision instead of re-reading the prefix."""
+        if not self._started_before or not isinstance(error, etcd_exc.RevisionCompactedError):
+            return False
+        if int(error.compacted_revision) > self.next_revision:
+            return False
+        self._exact_next = True
+        return True
 
     def _ask_progress(self) -> None:
         """Nothing came for this watch for `progress_seconds`: unless its stream answered

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pyetcd import exceptions as etcd_exc
 
+from defender_config import StoreError
 from defender_config._store._watch import WatchHandle
 from defender_devcluster import wait_for
 
@@ -111,5 +113,29 @@ def test_a_watch_starts_on_etcd_at_a_revision_it_has_reached() -> None:
         assert handle.wait_connected(5)
         assert [c["start_revision"] for c in store.created] == [41]
         assert handle.next_revision == 42
+    finally:
+        handle.cancel()
+
+
+def test_a_watch_whose_revision_before_was_compacted_starts_at_the_next_one() -> None:
+    # Compacted up to exactly the next revision wanted: starting one before is refused, and
+    # nothing the watch needs is gone, so it is created at the next one, not re-read whole.
+    stream = _Stream(answers=True)
+    store = _Store(stream)
+    starts: list[int] = []
+
+    def add_watch(_key: str, _callback: Any, **kwargs: Any) -> tuple[_Stream, int]:
+        starts.append(kwargs["start_revision"])
+        if kwargs["start_revision"] < 42:
+            raise StoreError("compacted") from etcd_exc.RevisionCompactedError(42)
+        return stream, 1
+
+    store.client = SimpleNamespace(add_watch=add_watch)
+    store_any: Any = store
+    handle = WatchHandle(store_any, "/t/", True, lambda _: None, 42, None, False)
+    handle._start()
+    try:
+        assert handle.wait_connected(5)
+        assert starts == [41, 42]
     finally:
         handle.cancel()
