@@ -24,6 +24,7 @@ from defender_operator import _crd_deletion, _keyguard, _rotation
 from defender_operator._backend import EtcdHealth, InstanceRecord, InstanceWatching, Watching
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
+from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import keyring_digest
 from defender_operator._metrics import CHANGE_RESYNCS, ERRORS, HEARTBEAT_RESYNCS, LOOP_FAILURES
 from defender_operator._runtime import Runtime, utcnow
@@ -234,6 +235,7 @@ async def heartbeat_watch(rt: Runtime) -> None:
     handle: InstanceWatching | None = None
     survive = _Survive("heartbeat-watch")
     progress = rt.settings.heartbeat_watch_progress_seconds or None
+    told_live = True
     try:
         while True:
             wait = rt.settings.heartbeat_resync_seconds
@@ -259,12 +261,50 @@ async def heartbeat_watch(rt: Runtime) -> None:
                     wait = min(wait, rt.settings.etcd_health_interval_seconds)
             if survive.failures:
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)
+            told_live = await _until_resync(view, wait, progress, told_live)
     finally:
         view.watching = False
         if handle is not None:
             await asyncio.to_thread(handle.cancel)
+
+
+async def _until_resync(
+    view: HeartbeatView, wait: float, every: float | None, told_live: bool
+) -> bool:
+    """Until the next resync: `wait` seconds, or sooner when one is requested. With `every`,
+    whether the watch's stream is live is looked at that often meanwhile, and a change is
+    logged (`told_live`: what was logged last; returned updated): a stream stalled without an
+    error is otherwise seen only in the direct reads it costs."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait
+    while True:
+        left = end - loop.time()
+        if left <= 0:
+            return told_live
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                view.resync_requested.wait(), timeout=min(left, every) if every else left
+            )
+            return told_live
+        silent = view.silent_for()
+        live = view.live
+        # Between streams (None) is an outage the watch reports itself, or a moment's
+        # reconnection: only a stream that is up and silent is told.
+        if live == told_live or silent is None:
+            continue
+        told_live = live
+        if live:
+            log.info(
+                "heartbeat watch stream answers again",
+                extra={"silent_seconds": round(silent, 1)},
+            )
+        else:
+            log.warning(
+                "heartbeat watch stream silent for %.0fs (no event, no progress answer):"
+                " monitors read heartbeats from etcd and plan deadline passes until it answers",
+                silent,
+                extra={"silent_seconds": round(silent, 1)},
+            )
 
 
 # While the change watch is (re)connecting: how often to look whether it is up. No etcd call.

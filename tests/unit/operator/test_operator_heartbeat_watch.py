@@ -5,6 +5,7 @@ etcd member health maps to unreachable vs. no quorum."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -469,3 +470,37 @@ def test_the_heartbeat_loop_asks_for_progress_and_trusts_the_view_while_answered
             await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_the_heartbeat_loop_tells_when_its_stream_goes_silent_and_answers_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    h.rt.settings = OperatorSettings(heartbeat_watch_progress_seconds=0.05)
+
+    def told(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    async def scenario() -> None:
+        view = h.rt.heartbeats
+        task = asyncio.create_task(_loops.heartbeat_watch(h.rt))
+        try:
+            await until("the first resync", lambda: view.trusted)
+            (watch,) = h.backend._watches
+            watch.silent = None  # between streams: an outage the watch reports itself
+            await asyncio.sleep(0.2)
+            assert not told("heartbeat watch stream")
+            watch.silent = 7.0
+            await until("the stall told", lambda: told("stream silent for 7s"))
+            watch.silent = 0.01
+            await until("the answer told", lambda: told("stream answers again"))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="defender_operator"):
+        asyncio.run(scenario())
+    messages = [
+        r.getMessage() for r in caplog.records if "heartbeat watch stream" in r.getMessage()
+    ]
+    assert len(messages) == 2, messages  # each change once, not every look
