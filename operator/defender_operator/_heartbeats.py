@@ -65,14 +65,19 @@ class HeartbeatView:
         self.last_progress: datetime | None = None
         self.resync_requested = asyncio.Event()
         # How long the watch's stream has been silent (None: on no stream), and how much of
-        # that still counts as live: set by `listen`.
+        # that still counts as live: set by `listen`. Judged (`judge_stream`) on the event loop
+        # only, like every other input of `trusted`: read twice without an await between (a
+        # pass that takes the view's instances if trusted, and reads etcd if not), it must give
+        # the same answer, or a progress answer landing in between would hand the pass an
+        # empty view as if it were the truth.
         self._silent: Callable[[], float | None] | None = None
         self._silence_limit = 0.0
+        self._stream_live = True
 
     @property
     def trusted(self) -> bool:
         """True when the view may stand in for a direct read of etcd."""
-        return self.watching and self.synced and self.live
+        return self.watching and self.synced and self._stream_live
 
     def listen(self, silent: Callable[[], float | None], limit: float) -> None:
         """The watch's stream has been silent `silent()` seconds (None: it is on no stream
@@ -86,7 +91,13 @@ class HeartbeatView:
 
     @property
     def live(self) -> bool:
-        """Whether the watch's stream answered (an event, a progress answer) within the limit.
+        """Whether the watch's stream answered within the limit when `judge_stream` last
+        looked."""
+        return self._stream_live
+
+    def judge_stream(self) -> bool:
+        """Whether the watch's stream answered (an event, a progress answer) within the limit
+        now; kept as `live` (and so `trusted`) until the next call. Called on the event loop.
 
         Monitors plan no pass at a live leased instance's deadline while the view is trusted:
         its expiry is a delete only the watch delivers. A stream can stall without an error (a
@@ -95,9 +106,12 @@ class HeartbeatView:
         watch asks for progress while idle (`heartbeat_watch_progress_seconds`), so a working
         stream is never silent long. True without `listen` (nothing to judge by)."""
         if self._silent is None:
-            return True
-        silent = self._silent()
-        return silent is not None and silent <= self._silence_limit
+            live = True
+        else:
+            silent = self._silent()
+            live = silent is not None and silent <= self._silence_limit
+        self._stream_live = live
+        return live
 
     def attach(self, component: str, namespace: str) -> asyncio.Event:
         """A new event for one monitor daemon of `component` in `namespace` to pause on, until

@@ -254,6 +254,7 @@ async def heartbeat_watch(rt: Runtime) -> None:
                     since = view.begin_resync()
                     listing = await asyncio.to_thread(rt.backend.all_instances)
                     view.resync(utcnow(), since, listing)
+                    view.judge_stream()
                     HEARTBEAT_RESYNCS.inc()
                 except (DefenderConfigError, OperatorError) as exc:
                     ERRORS.labels("heartbeat_resync").inc()
@@ -261,7 +262,8 @@ async def heartbeat_watch(rt: Runtime) -> None:
                     wait = min(wait, rt.settings.etcd_health_interval_seconds)
             if survive.failures:
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
-            told_live = await _until_resync(view, wait, progress, told_live)
+            # Looked at twice per progress interval: a stall is judged within 3.5 of them.
+            told_live = await _until_resync(view, wait, progress and progress / 2, told_live)
     finally:
         view.watching = False
         if handle is not None:
@@ -272,9 +274,9 @@ async def _until_resync(
     view: HeartbeatView, wait: float, every: float | None, told_live: bool
 ) -> bool:
     """Until the next resync: `wait` seconds, or sooner when one is requested. With `every`,
-    whether the watch's stream is live is looked at that often meanwhile, and a change is
-    logged (`told_live`: what was logged last; returned updated): a stream stalled without an
-    error is otherwise seen only in the direct reads it costs."""
+    whether the watch's stream is live is judged that often meanwhile (`judge_stream`), and a
+    change is logged (`told_live`: what was logged last; returned updated): a stream stalled
+    without an error is otherwise seen only in the direct reads it costs."""
     loop = asyncio.get_running_loop()
     end = loop.time() + wait
     while True:
@@ -286,8 +288,8 @@ async def _until_resync(
                 view.resync_requested.wait(), timeout=min(left, every) if every else left
             )
             return told_live
+        live = view.judge_stream()
         silent = view.silent_for()
-        live = view.live
         # Between streams (None) is an outage the watch reports itself, or a moment's
         # reconnection: only a stream that is up and silent is told.
         if live == told_live or silent is None:
