@@ -111,6 +111,13 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
+class InstanceWatching(Cancellable, Protocol):
+    def silent_seconds(self) -> float | None:
+        """Seconds since the watch's stream last answered anything (an event, a progress
+        answer); None while it is on no stream (re-created after an outage)."""
+        ...
+
+
 class Watching(Cancellable, Protocol):
     @property
     def connected(self) -> bool:
@@ -358,10 +365,16 @@ class Backend(Protocol):
     def all_instances(self) -> Mapping[str, Sequence[InstanceRecord]]: ...
 
     def watch_instances(
-        self, callback: InstanceCallback, on_error: Callable[[Exception], None]
-    ) -> Cancellable:
+        self,
+        callback: InstanceCallback,
+        on_error: Callable[[Exception], None],
+        *,
+        progress_seconds: float | None = None,
+    ) -> InstanceWatching:
         """Watch every instance key; `callback` and `on_error` run on the watch's own thread.
-        The watch survives member outages by itself (`on_error` hears of each once)."""
+        The watch survives member outages by itself (`on_error` hears of each once). With
+        `progress_seconds`, it asks etcd for a progress answer whenever its stream was silent
+        that long (`InstanceWatching.silent_seconds` then tells a stall from quiet)."""
         ...
 
     def watch_changes(

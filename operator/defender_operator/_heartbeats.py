@@ -11,7 +11,7 @@ loop (`loop.call_soon_threadsafe`), so the view is touched by one thread only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -41,6 +41,14 @@ class _Entry:
     seq: int
 
 
+@dataclass(frozen=True, eq=False)
+class _Waker:
+    """One monitor daemon's event, and the namespace of the resource it monitors."""
+
+    namespace: str
+    event: asyncio.Event
+
+
 class HeartbeatView:
     def __init__(self, started: datetime) -> None:
         self.started = started
@@ -50,21 +58,64 @@ class HeartbeatView:
         self._seq = 0
         # Only while a monitor daemon of the component runs: names come and go with components
         # (and anyone who can write etcd can invent instance keys), so none is kept for good.
-        # One event per daemon: see `attach`.
-        self._wakers: dict[str, list[asyncio.Event]] = {}
+        # One event per daemon, with the namespace of its resource: see `attach`.
+        self._wakers: dict[str, list[_Waker]] = {}
         self.watching = False
         self.synced = False
         self.last_progress: datetime | None = None
         self.resync_requested = asyncio.Event()
+        # How long the watch's stream has been silent (None: on no stream), and how much of
+        # that still counts as live: set by `listen`. Judged (`judge_stream`) on the event loop
+        # only, like every other input of `trusted`: read twice without an await between (a
+        # pass that takes the view's instances if trusted, and reads etcd if not), it must give
+        # the same answer, or a progress answer landing in between would hand the pass an
+        # empty view as if it were the truth.
+        self._silent: Callable[[], float | None] | None = None
+        self._silence_limit = 0.0
+        self._stream_live = True
 
     @property
     def trusted(self) -> bool:
         """True when the view may stand in for a direct read of etcd."""
-        return self.watching and self.synced
+        return self.watching and self.synced and self._stream_live
 
-    def attach(self, component: str) -> asyncio.Event:
-        """A new event for one monitor daemon of `component` to pause on, until it calls
-        `detach` with it.
+    def listen(self, silent: Callable[[], float | None], limit: float) -> None:
+        """The watch's stream has been silent `silent()` seconds (None: it is on no stream
+        now); more than `limit` is a stall (`live`)."""
+        self._silent, self._silence_limit = silent, limit
+
+    def silent_for(self) -> float | None:
+        """Seconds the watch's stream has answered nothing; None when not known (no `listen`,
+        or the watch is between streams)."""
+        return self._silent() if self._silent is not None else None
+
+    @property
+    def live(self) -> bool:
+        """Whether the watch's stream answered within the limit when `judge_stream` last
+        looked."""
+        return self._stream_live
+
+    def judge_stream(self) -> bool:
+        """Whether the watch's stream answered (an event, a progress answer) within the limit
+        now; kept as `live` (and so `trusted`) until the next call. Called on the event loop.
+
+        Monitors plan no pass at a live leased instance's deadline while the view is trusted:
+        its expiry is a delete only the watch delivers. A stream can stall without an error (a
+        wedged member, a proxy holding it open; gRPC's pings are answered by the connection),
+        and a view trusted meanwhile left a dead instance to the next interval pass. The
+        watch asks for progress while idle (`heartbeat_watch_progress_seconds`), so a working
+        stream is never silent long. True without `listen` (nothing to judge by)."""
+        if self._silent is None:
+            live = True
+        else:
+            silent = self._silent()
+            live = silent is not None and silent <= self._silence_limit
+        self._stream_live = live
+        return live
+
+    def attach(self, component: str, namespace: str) -> asyncio.Event:
+        """A new event for one monitor daemon of `component` in `namespace` to pause on, until
+        it calls `detach` with it.
 
         Several daemons may run under one name: a same-named component re-created at once has
         its daemon started before the old one's has ended, and a resource refused in another
@@ -73,36 +124,49 @@ class HeartbeatView:
         resource's quick rounds cleared a wake meant for the owner's daemon, still busy with its
         pass, which then slept through the change for up to a monitor interval."""
         event = asyncio.Event()
-        self._wakers.setdefault(component, []).append(event)
+        self._wakers.setdefault(component, []).append(_Waker(namespace, event))
         return event
 
     def detach(self, component: str, event: asyncio.Event | None = None) -> None:
         """The daemon that waited on `event` (without one: the oldest) has ended."""
-        events = self._wakers.get(component)
-        if not events:
+        wakers = self._wakers.get(component)
+        if not wakers:
             return
         if event is None:
-            events.pop(0)
-        elif event in events:
-            events.remove(event)
-        if not events:
+            wakers.pop(0)
+        else:
+            wakers[:] = [w for w in wakers if w.event is not event]
+        if not wakers:
             del self._wakers[component]
 
-    def waker(self, component: str) -> asyncio.Event | None:
-        """The event the oldest daemon of `component` pauses on; None while none runs."""
-        events = self._wakers.get(component)
-        return events[0] if events else None
+    def waker(self, component: str, namespace: str | None = None) -> asyncio.Event | None:
+        """The event the oldest daemon of `component` (in `namespace`, if given) pauses on;
+        None while none runs."""
+        for w in self._wakers.get(component, ()):
+            if namespace is None or w.namespace == namespace:
+                return w.event
+        return None
 
-    def wake(self, component: str, reason: str) -> None:
-        """`component`'s monitors run a pass now (`reason` is only counted).
+    def wake(self, component: str, reason: str, namespace: str | None = None) -> None:
+        """`component`'s monitors run a pass now (`reason` is only counted): with `namespace`,
+        only the daemons of that namespace's resource.
+
+        A wake about one namespace's objects (its pods, its resource's reconcile) is not news
+        to a same-named resource elsewhere (refused with `Conflict`, or not yet gone): woken
+        too, any tenant's pod churn would make another namespace's monitor spin. A wake about
+        the name's data in etcd (instances, keys) passes no namespace: that data is the name's.
 
         Without a daemon running there is nothing to wake, and nothing is kept: a daemon's
         first pass comes right after it starts, and reads everything a wake could be about."""
-        events = self._wakers.get(component)
-        if not events:
+        woken = [
+            w.event
+            for w in self._wakers.get(component, ())
+            if namespace is None or w.namespace == namespace
+        ]
+        if not woken:
             return
         MONITOR_WAKES.labels(reason).inc()
-        for event in events:
+        for event in woken:
             event.set()
 
     def apply(
@@ -143,9 +207,9 @@ class HeartbeatView:
         """Every monitor runs a pass now: something all of them judge changed (etcd's health,
         the keyring)."""
         MONITOR_WAKES.labels(reason).inc(len(self._wakers))
-        for events in self._wakers.values():
-            for event in events:
-                event.set()
+        for wakers in self._wakers.values():
+            for w in wakers:
+                w.event.set()
 
     def watch_failed(self) -> None:
         """The stream broke: the library re-creates it, but until a fresh full list has been

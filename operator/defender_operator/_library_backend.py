@@ -59,13 +59,13 @@ from defender_config import (
 from defender_config.store import Compare, GetOp, PutOp, StoredValue, WatchEvent
 from defender_operator._backend import (
     AlertRecord,
-    Cancellable,
     ChangeCallback,
     ComponentState,
     Declared,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
+    InstanceWatching,
     Observation,
     Watching,
 )
@@ -594,15 +594,21 @@ class LibraryBackend:
         }
 
     def watch_instances(
-        self, callback: InstanceCallback, on_error: Callable[[Exception], None]
-    ) -> Cancellable:
+        self,
+        callback: InstanceCallback,
+        on_error: Callable[[Exception], None],
+        *,
+        progress_seconds: float | None = None,
+    ) -> InstanceWatching:
         def on_event(event: InstanceEvent) -> None:
             if event.kind == "delete":
                 callback(event.component, event.instance, None)
             elif event.heartbeat is not None:  # the library logged an unreadable one
                 callback(event.component, event.instance, _instance(event.heartbeat))
 
-        return self.registry.watch_instances(on_event, on_error=on_error)
+        return self.registry.watch_instances(
+            on_event, on_error=on_error, progress_seconds=progress_seconds
+        )
 
     def watch_changes(
         self,

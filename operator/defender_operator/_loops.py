@@ -21,9 +21,10 @@ from types import TracebackType
 
 from defender_config import DefenderConfigError
 from defender_operator import _crd_deletion, _keyguard, _rotation
-from defender_operator._backend import Cancellable, EtcdHealth, InstanceRecord, Watching
+from defender_operator._backend import EtcdHealth, InstanceRecord, InstanceWatching, Watching
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
+from defender_operator._heartbeats import HeartbeatView
 from defender_operator._keys import keyring_digest
 from defender_operator._metrics import CHANGE_RESYNCS, ERRORS, HEARTBEAT_RESYNCS, LOOP_FAILURES
 from defender_operator._runtime import Runtime, utcnow
@@ -212,6 +213,12 @@ async def _tell_nospace(rt: Runtime, before: tuple[str, ...], health: EtcdHealth
         log.warning("could not post the NOSPACE event: %s", exc)
 
 
+# A stream silent for this many progress intervals stalled: the watch asks after one, and
+# etcd answers within a round trip (later only while a watch on the stream catches up, and
+# what it then sends is an answer too).
+_SILENT_ROUNDS = 3
+
+
 async def heartbeat_watch(rt: Runtime) -> None:
     """One watch on every instance key feeding `rt.heartbeats`, plus a full re-read every
     heartbeat_resync_seconds (sooner after the watch reported an outage)."""
@@ -225,8 +232,10 @@ async def heartbeat_watch(rt: Runtime) -> None:
         log.warning("heartbeat watch interrupted, it reconnects by itself: %s", exc)
         loop.call_soon_threadsafe(view.watch_failed)
 
-    handle: Cancellable | None = None
+    handle: InstanceWatching | None = None
     survive = _Survive("heartbeat-watch")
+    progress = rt.settings.heartbeat_watch_progress_seconds or None
+    told_live = True
     try:
         while True:
             wait = rt.settings.heartbeat_resync_seconds
@@ -234,12 +243,18 @@ async def heartbeat_watch(rt: Runtime) -> None:
                 try:
                     if handle is None:
                         handle = await asyncio.to_thread(
-                            rt.backend.watch_instances, on_event, on_error
+                            rt.backend.watch_instances,
+                            on_event,
+                            on_error,
+                            progress_seconds=progress,
                         )
+                        if progress is not None:
+                            view.listen(handle.silent_seconds, _SILENT_ROUNDS * progress)
                         view.watching = True
                     since = view.begin_resync()
                     listing = await asyncio.to_thread(rt.backend.all_instances)
                     view.resync(utcnow(), since, listing)
+                    view.judge_stream()
                     HEARTBEAT_RESYNCS.inc()
                 except (DefenderConfigError, OperatorError) as exc:
                     ERRORS.labels("heartbeat_resync").inc()
@@ -247,12 +262,51 @@ async def heartbeat_watch(rt: Runtime) -> None:
                     wait = min(wait, rt.settings.etcd_health_interval_seconds)
             if survive.failures:
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)
+            # Looked at twice per progress interval: a stall is judged within 3.5 of them.
+            told_live = await _until_resync(view, wait, progress and progress / 2, told_live)
     finally:
         view.watching = False
         if handle is not None:
             await asyncio.to_thread(handle.cancel)
+
+
+async def _until_resync(
+    view: HeartbeatView, wait: float, every: float | None, told_live: bool
+) -> bool:
+    """Until the next resync: `wait` seconds, or sooner when one is requested. With `every`,
+    whether the watch's stream is live is judged that often meanwhile (`judge_stream`), and a
+    change is logged (`told_live`: what was logged last; returned updated): a stream stalled
+    without an error is otherwise seen only in the direct reads it costs."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait
+    while True:
+        left = end - loop.time()
+        if left <= 0:
+            return told_live
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                view.resync_requested.wait(), timeout=min(left, every) if every else left
+            )
+            return told_live
+        live = view.judge_stream()
+        silent = view.silent_for()
+        # Between streams (None) is an outage the watch reports itself, or a moment's
+        # reconnection: only a stream that is up and silent is told.
+        if live == told_live or silent is None:
+            continue
+        told_live = live
+        if live:
+            log.info(
+                "heartbeat watch stream answers again",
+                extra={"silent_seconds": round(silent, 1)},
+            )
+        else:
+            log.warning(
+                "heartbeat watch stream silent for %.0fs (no event, no progress answer):"
+                " monitors read heartbeats from etcd and plan deadline passes until it answers",
+                silent,
+                extra={"silent_seconds": round(silent, 1)},
+            )
 
 
 # While the change watch is (re)connecting: how often to look whether it is up. No etcd call.

@@ -64,13 +64,13 @@ from defender_config.store import ETCD_REQUEST_LIMIT_BYTES
 from defender_operator._backend import (
     AlertRecord,
     Backend,
-    Cancellable,
     ChangeCallback,
     ComponentState,
     Declared,
     EtcdHealth,
     InstanceCallback,
     InstanceRecord,
+    InstanceWatching,
     Observation,
     Watching,
 )
@@ -113,9 +113,14 @@ class _Watch:
     callback: InstanceCallback
     on_error: Callable[[Exception], None]
     cancelled: bool = False
+    # What `silent_seconds` answers: a test stalls the stream by setting it.
+    silent: float | None = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def silent_seconds(self) -> float | None:
+        return self.silent
 
 
 @dataclass
@@ -771,8 +776,12 @@ class MemoryBackend:
         return {name: list(found.values()) for name, found in self.live.items() if found}
 
     def watch_instances(
-        self, callback: InstanceCallback, on_error: Callable[[Exception], None]
-    ) -> Cancellable:
+        self,
+        callback: InstanceCallback,
+        on_error: Callable[[Exception], None],
+        *,
+        progress_seconds: float | None = None,
+    ) -> InstanceWatching:
         self._enter("watch_instances")
         watch = _Watch(callback, on_error)
         self._watches.append(watch)

@@ -1082,7 +1082,7 @@ async def run(
         return  # deleted, or a same-named successor is handled already
     # This daemon's blocking calls take the monitor pool, never a reconcile's thread.
     enter_monitor()
-    wake = rt.heartbeats.attach(name)
+    wake = rt.heartbeats.attach(name, namespace)
     relay = asyncio.ensure_future(_relay_stop(stopped, wake))
     mem.monitors += 1
     trigger = "first"

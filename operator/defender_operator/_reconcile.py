@@ -333,7 +333,7 @@ async def reconcile(
         # No pass ran with the reconcile: the monitor judges heartbeats, keys and Ready right
         # away rather than at its next interval (a new component is Ready once instances are
         # seen). After one that ran, its daemon's next pass comes when that pass said.
-        v.rt.wake(v.name, "reconciled")
+        v.rt.wake(v.name, "reconciled", v.namespace)
 
 
 def _ended(v: Visit) -> bool:
@@ -1392,7 +1392,7 @@ async def gone(
     uid = _uid(body)
     applied = rt.is_gone(uid)
     rt.mark_gone(uid)
-    rt.wake(name, "deleted")
+    rt.wake(name, "deleted", namespace)
     if applied:
         return False  # the finalizer's handler forgot it, series included
     try:

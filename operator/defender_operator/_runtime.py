@@ -326,10 +326,12 @@ class Runtime:
     # A monitor pass runs when something it judges changed, and at the latest every
     # monitor_interval_seconds (a bound on what no event announces: windows that age, the scrub).
 
-    def wake(self, name: str, reason: str) -> None:
+    def wake(self, name: str, reason: str, namespace: str | None = None) -> None:
         """`name`'s monitor runs a pass now rather than at its interval (`reason`, what asked,
-        is counted: `MONITOR_WAKES`)."""
-        self.heartbeats.wake(name, reason)
+        is counted: `MONITOR_WAKES`). With `namespace` (a wake about that namespace's objects:
+        its pods, its resource), only that namespace's monitor of the name; without (a wake
+        about the name's data in etcd), every monitor of the name (`HeartbeatView.wake`)."""
+        self.heartbeats.wake(name, reason, namespace)
 
     def wake_all(self, reason: str) -> None:
         self.heartbeats.wake_all(reason)
@@ -356,7 +358,7 @@ class Runtime:
                 continue
             wanted = mem.spec[1].selector.match_labels
             if wanted and all(labels.get(k) == v for k, v in wanted.items()):
-                self.wake(name, "pod")
+                self.wake(name, "pod", namespace)
 
     def anchored_registrations(self) -> dict[str, dict[str, int]]:
         """namespace -> {component: the registration its status anchors}, for the components

@@ -84,9 +84,16 @@ class OperatorSettings(BaseSettings):
     heartbeat_resync_seconds: float = bounded_seconds(60.0, most=_CACHE_SECONDS)
     """How often every instance key is re-read in full; the watch delivers changes in between
     (a resync repairs what a watch can miss across compaction)."""
+    heartbeat_watch_progress_seconds: float = bounded_seconds(5.0, most=60.0, zero=True)
+    """The heartbeat watch asks etcd for a progress answer whenever its stream was silent
+    this long; silent for three times this, the stream counts as stalled and the heartbeat
+    view is not trusted (passes read etcd and plan deadline passes) until it answers again.
+    0: no progress requests, and a stream that stalls without an error goes unnoticed."""
     liveness_watch_stall_seconds: float = bounded_seconds(300.0)
-    """Liveness fails when, with etcd healthy, neither a heartbeat watch event nor a successful
-    resync arrived this long; must exceed heartbeat_resync_seconds."""
+    """Liveness fails when, with etcd healthy, the heartbeat watch's stream answered nothing
+    (no event, no progress answer) this long, or (progress requests off, or between streams)
+    neither a heartbeat watch event nor a successful resync arrived this long; must exceed
+    heartbeat_resync_seconds."""
     misconfig_window_seconds: int = Field(default=600, ge=1, le=MAX_SETTING_SECONDS)
     """Reports (heartbeat errors, alerts) older than this no longer count as misconfiguration."""
 
@@ -166,6 +173,13 @@ class OperatorSettings(BaseSettings):
                 f"liveness_watch_stall_seconds ({self.liveness_watch_stall_seconds}) must exceed"
                 f" heartbeat_resync_seconds ({self.heartbeat_resync_seconds}), or a quiet"
                 " cluster with no heartbeat events would fail liveness between resyncs"
+            )
+        if self.liveness_watch_stall_seconds <= 3 * self.heartbeat_watch_progress_seconds:
+            raise ValueError(
+                f"liveness_watch_stall_seconds ({self.liveness_watch_stall_seconds}) must exceed"
+                " three times heartbeat_watch_progress_seconds"
+                f" ({self.heartbeat_watch_progress_seconds}), or an idle watch waiting for its"
+                " next progress answer would fail liveness"
             )
         return self
 

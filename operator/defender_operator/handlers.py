@@ -329,15 +329,22 @@ def etcd_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
             f"defender etcd unreachable for {down:.0f}s ({rt.etcd.last.detail})"
         )
     limit = rt.settings.liveness_watch_stall_seconds
+    silent = rt.heartbeats.silent_for()
     if watch_stalled(
         now=now,
         started=rt.heartbeats.started,
         last_progress=rt.heartbeats.last_progress,
         etcd_healthy_since=rt.etcd.healthy_since,
         threshold=timedelta(seconds=limit),
+        silent=silent,
     ):
+        unheard = (
+            "its stream answered nothing (no event, no progress answer)"
+            if silent is not None
+            else "no instance event and no resync"
+        )
         raise kopf.PermanentError(
-            f"heartbeat watch stalled: no instance event and no resync for over {limit:.0f}s"
+            f"heartbeat watch stalled: {unheard} for over {limit:.0f}s"
             " while defender etcd is healthy"
         )
     return {"reachable": rt.etcd.last.reachable, "quorum": rt.etcd.last.quorum}

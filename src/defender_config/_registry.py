@@ -992,9 +992,12 @@ class Registry:
         *,
         component: str | None = None,
         on_error: Callable[[StoreError], None] | None = None,
+        progress_seconds: float | None = None,
     ) -> WatchHandle:
         """Call `callback` for every instance put/delete (all components, or one). A lease
-        expiry arrives as a delete."""
+        expiry arrives as a delete. `progress_seconds`: see `EtcdStore.watch_prefix` (a
+        reader that trusts the watch to tell it of every expiry checks
+        `WatchHandle.silent_seconds`)."""
         prefix = (
             self.layout.instances_dir(component)
             if component is not None
@@ -1014,7 +1017,9 @@ class Registry:
                 InstanceEvent(event.kind, parsed.component, parsed.instance, hb, event.mod_revision)
             )
 
-        return self.client.store.watch_prefix(prefix, on_event, on_error=on_error)
+        return self.client.store.watch_prefix(
+            prefix, on_event, on_error=on_error, progress_seconds=progress_seconds
+        )
 
     def _heartbeat(self, key: str, value: bytes, lease_id: int = 0) -> Heartbeat | None:
         """The record at `key`, marked verified or not; None when it is no heartbeat at all."""

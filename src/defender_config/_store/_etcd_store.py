@@ -597,13 +597,18 @@ class EtcdStore:
         start_revision: int | None = None,
         on_error: Callable[[StoreError], None] | None = None,
         prev_kv: bool = False,
+        progress_seconds: float | None = None,
     ) -> WatchHandle:
         """Call `callback(event)` for every change under `prefix`, in revision order, from
         `start_revision` (default: changes after this call). The callback runs on the watch's
         own thread; exceptions it raises are logged and do not stop the watch. If the stream
         breaks (member down) the watch is re-created on another endpoint from the next revision,
-        so no event is lost or repeated; `on_error` hears about each outage once."""
-        return self._watch(prefix, True, callback, start_revision, on_error, prev_kv)
+        so no event is lost or repeated; `on_error` hears about each outage once. With
+        `progress_seconds`, the watch asks etcd for a progress answer whenever nothing came for
+        that long, so `WatchHandle.silent_seconds` tells a stalled stream from an idle one."""
+        return self._watch(
+            prefix, True, callback, start_revision, on_error, prev_kv, progress_seconds
+        )
 
     def watch_key(
         self,
@@ -625,10 +630,13 @@ class EtcdStore:
         start_revision: int | None,
         on_error: Callable[[StoreError], None] | None,
         prev_kv: bool,
+        progress_seconds: float | None = None,
     ) -> WatchHandle:
         if start_revision is None:
             start_revision = self.current_revision(key) + 1
-        handle = WatchHandle(self, key, prefix, callback, start_revision, on_error, prev_kv)
+        handle = WatchHandle(
+            self, key, prefix, callback, start_revision, on_error, prev_kv, progress_seconds
+        )
         with self._watches_lock:
             self._watches.add(handle)
         handle._start()

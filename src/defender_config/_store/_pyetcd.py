@@ -293,6 +293,8 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
 _REFUSED_WATCH_ID: Final = -1
 # How often one creation is sent again because its stream went away before etcd answered.
 _WATCH_STREAM_ATTEMPTS: Final = 5
+# A progress request for every watch on a stream (etcd answers with watch id -1).
+_PROGRESS_REQUEST: Final = etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
 
 
 class _StreamGone(Exception):
@@ -333,6 +335,29 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
         self.endpoint = endpoint
         self._closed = False
         self._call: Any = None  # the gRPC call of the stream running now, if any
+        # When the stream last answered anything (time.monotonic): an event of any watch on
+        # it, a creation, a progress answer (`request_progress`). Its creation until then.
+        # Written by the stream's thread, read by any: one float, replaced whole.
+        self.heard_at = time.monotonic()
+
+    def _handle_response(self, rs: Any) -> None:
+        # Before pyetcd's handling, which drops a progress answer for the whole stream (its
+        # watch id is -1, which no callback has): that answer is all an idle stream sends.
+        self.heard_at = time.monotonic()
+        super()._handle_response(rs)
+
+    def request_progress(self) -> None:
+        """Ask etcd for a progress answer on this stream: a header-only response at its current
+        revision, sent once every watch on the stream has been sent everything up to it. An
+        idle stream that gets none is stalled: the member or a proxy on the way holds it open
+        and delivers nothing, which no gRPC keep-alive ping notices (the connection answers).
+        Nothing is sent on a stream that is not running or whose request queue is full (a
+        burst of creations and cancels: their answers prove the stream as well)."""
+        with self._lock:
+            if self._closed or self._stopping or self._callback_thread is None:
+                return
+            with contextlib.suppress(queue.Full):
+                self._request_queue.put_nowait(_PROGRESS_REQUEST)
 
     def _opened(self, call: Any) -> None:
         """pyetcd's stream thread opened a stream: keep its call to cancel on close."""

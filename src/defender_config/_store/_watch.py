@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,8 +41,10 @@ class WatchHandle:
         start_revision: int,
         on_error: Callable[[StoreError], None] | None,
         prev_kv: bool,
+        progress_seconds: float | None = None,
     ) -> None:
         self._store = store
+        self._progress_seconds = progress_seconds
         self.key = key
         self._range_end = etcd_utils.prefix_range_end(key.encode()) if prefix else None
         self._callback = callback
@@ -60,6 +63,10 @@ class WatchHandle:
         self._generation = 0
         self._watch_id: int | None = None
         self._watcher: Any = None
+        # Whether the watch running now was created one revision early (`_establish`), and
+        # whether the next creation may not be (that revision was compacted).
+        self._started_before = False
+        self._exact_next = False
         self._stopped = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"defender-watch:{key}", daemon=True)
@@ -70,6 +77,21 @@ class WatchHandle:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def silent_seconds(self) -> float | None:
+        """Seconds since the stream this watch is on last answered anything (an event of any
+        watch on it, a creation, a progress answer); None while the watch is not on a stream
+        (not established yet, or between streams after an outage).
+
+        With `progress_seconds`, a stream that works never stays silent much longer than that:
+        the watch asks etcd for progress whenever it has been. More silence than that says the
+        stream stalled without an error (a wedged member, a proxy holding it open), which
+        neither etcd nor gRPC reports: events that should come do not."""
+        watcher = self._watcher
+        if watcher is None or not self._connected.is_set():
+            return None
+        heard: float = watcher.heard_at
+        return max(0.0, time.monotonic() - heard)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
@@ -105,7 +127,8 @@ class WatchHandle:
                     self._establish()
                 except StoreError as exc:
                     if _is_compacted(exc):
-                        self._resync()
+                        if not self._only_before_compacted(exc.__cause__):
+                            self._resync()
                         continue
                     if not reported and self._on_error is not None:
                         reported = True
@@ -128,14 +151,19 @@ class WatchHandle:
                     )
                 failures = 0
                 reported = False
-            generation, item = self._queue.get()
+            try:
+                generation, item = self._queue.get(timeout=self._progress_seconds)
+            except queue.Empty:
+                self._ask_progress()
+                continue
             if item is _STOP:
                 break
             if generation != self._generation:
                 continue  # leftovers of a stream that was already replaced
             if isinstance(item, etcd_exc.RevisionCompactedError):
                 self._lost_stream(item)
-                self._resync()
+                if not self._only_before_compacted(item):
+                    self._resync()
                 continue
             if item is None or isinstance(item, BaseException):
                 self._lost_stream(item)
@@ -151,19 +179,47 @@ class WatchHandle:
         def enqueue(response: Any) -> None:
             self._queue.put((generation, response))
 
+        # From the revision before the next one wanted (its events, delivered already, are
+        # dropped by `_dispatch`'s floor): etcd withholds progress answers from a stream while
+        # any watch on it starts past its current revision (`progressIfSync`: "rev <
+        # w.startRev"), and the next revision wanted is past it until anything is written.
+        # One watch created that way left every idle stream it shared without an answer.
+        self._started_before = self.next_revision > 1 and not self._exact_next
+        self._exact_next = False
+        start = self.next_revision - 1 if self._started_before else self.next_revision
         self._watcher, self._watch_id = self._store._call(
             "watch",
             lambda c: c.add_watch(
                 self.key,
                 enqueue,
                 range_end=self._range_end,
-                start_revision=self.next_revision,
+                start_revision=start,
                 prev_kv=self._prev_kv,
             ),
             path=self.key,
             retry=False,
         )
         self._connected.set()
+
+    def _only_before_compacted(self, error: BaseException | None) -> bool:
+        """Whether `error`, etcd's "compacted", took only the revision before the next one
+        this watch wants, where `_establish` started it: nothing it needs is gone, and the next
+        creation starts at the next revision instead of re-reading the prefix."""
+        if not self._started_before or not isinstance(error, etcd_exc.RevisionCompactedError):
+            return False
+        if int(error.compacted_revision) > self.next_revision:
+            return False
+        self._exact_next = True
+        return True
+
+    def _ask_progress(self) -> None:
+        """Nothing came for this watch for `progress_seconds`: unless its stream answered
+        meanwhile (another watch's events), ask etcd to say it is there (`silent_seconds`)."""
+        watcher, seconds = self._watcher, self._progress_seconds
+        if watcher is None or seconds is None:
+            return
+        if time.monotonic() - watcher.heard_at >= seconds / 2:
+            watcher.request_progress()
 
     def _cancel_server_watch(self) -> None:
         # Cancel on the stream the watch was created on: watch ids are per stream, so the same

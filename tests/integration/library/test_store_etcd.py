@@ -188,6 +188,30 @@ def test_watch_from_compacted_revision_resyncs(
     ]
 
 
+def test_a_watch_from_the_compaction_revision_itself_is_no_resync(
+    store: EtcdStore, etcd_prefix: str, defender_etcd: EtcdCluster
+) -> None:
+    # A watch is created on etcd one revision before the next it wants (progress answers need
+    # it); when that one revision is all compaction took, nothing the watch needs is gone.
+    store.put(etcd_prefix + "a", b"1")
+    now = store.put(etcd_prefix + "b", b"2")
+    subprocess.run(
+        [str(tool("etcdctl")), f"--endpoints={defender_etcd.endpoints[0]}", "compaction", str(now)],
+        check=True,
+        capture_output=True,
+    )
+    events: list[WatchEvent] = []
+    handle = store.watch_prefix(etcd_prefix, events.append, start_revision=now)
+    wait_for("the put at the compaction revision", lambda: len(events) >= 1, timeout=15)
+    store.put(etcd_prefix + "c", b"3")
+    wait_for("the next put", lambda: len(events) >= 2, timeout=15)
+    handle.cancel()
+    assert [(e.key[-1], e.value, e.resync) for e in events] == [
+        ("b", b"2", False),
+        ("c", b"3", False),
+    ]
+
+
 def test_a_key_deleted_while_a_watch_was_cut_off_and_compacted_is_handed_out_as_deleted(
     store: EtcdStore, etcd_prefix: str, members_restored: EtcdCluster
 ) -> None:

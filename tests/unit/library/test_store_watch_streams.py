@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -77,7 +78,9 @@ class _Streams:
     """A WatchStub: each Watch() call is one stream, told what to do by `plan`, one entry per
     stream: "silent" takes requests and never answers (a frozen member, or one that ignores
     our token), "break" fails after its first request (a killed member), "answer" answers
-    every creation with "created" and a new id."""
+    every creation with "created" and a new id, and every progress request as etcd does (a
+    header-only response, watch id -1); "stall" answers creations only (a wedged member, a
+    proxy holding the stream open)."""
 
     def __init__(self, *plan: str) -> None:
         self.plan = list(plan)
@@ -101,8 +104,12 @@ class _Streams:
                 self.got_request.notify_all()
             if kind == "break":
                 raise _Broken()
-            if kind == "answer":
+            if kind in ("answer", "stall") and request.HasField("create_request"):
                 yield etcdrpc.WatchResponse(created=True, watch_id=100 * n + i)
+            if kind == "answer" and request.HasField("progress_request"):
+                yield etcdrpc.WatchResponse(
+                    header=etcdrpc.ResponseHeader(revision=7), watch_id=_pyetcd._REFUSED_WATCH_ID
+                )
         self.release.wait()  # a half-closed stream stays open on the member's side (etcd's)
 
     def wait_requests(self, count: int) -> None:
@@ -292,6 +299,33 @@ def test_a_stream_opened_as_it_is_closed_is_cancelled_at_once(
     watcher.close()
     call = watcher._watch_stub.Watch(iter(()))
     assert call.cancelled.is_set()
+
+
+def test_a_progress_answer_is_heard_and_a_stalled_stream_is_not(
+    streams: Callable[..., _Streams],
+) -> None:
+    # etcd answers a progress request for the whole stream with watch id -1, which pyetcd
+    # drops (no callback has that id): `heard_at` is all that tells an idle stream that works
+    # from one that stalled without an error.
+    for kind, answers in (("answer", True), ("stall", False)):
+        stub = streams(kind)
+        watcher = _Watcher(stub, endpoint="a:1", timeout=TIMEOUT)
+        got: list[Any] = []
+        watcher.add_callback("/k", got.append)
+        created = watcher.heard_at
+        time.sleep(0.05)
+        watcher.request_progress()
+        stub.wait_requests(2)
+        assert stub.requests[1][1].HasField("progress_request")
+        time.sleep(0.2)
+        assert (watcher.heard_at > created + 0.04) is answers, kind
+        assert got == []  # no callback sees a progress answer for the whole stream
+        watcher.close()
+    # A closed stream sends nothing more.
+    before = len(stub.requests)
+    watcher.request_progress()
+    time.sleep(0.05)
+    assert len(stub.requests) == before
 
 
 @pytest.fixture

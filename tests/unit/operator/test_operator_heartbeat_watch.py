@@ -5,14 +5,16 @@ etcd member health maps to unreachable vs. no quorum."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
 import pytest
+from operator_core_support import Harness, until
 
 from defender_config.store import HealthReport, MemberHealth
-from defender_operator import handlers
+from defender_operator import _loops, handlers
 from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._decisions.liveness import watch_stalled
 from defender_operator._decisions.restarts import (
@@ -57,10 +59,34 @@ def test_view_is_not_trusted_until_watching_and_resynced() -> None:
     assert not view.resync_requested.is_set()
 
 
+def test_the_view_is_trusted_only_while_its_watch_stream_answers() -> None:
+    view = HeartbeatView(T0)
+    view.watching = True
+    view.resync(T0, view.begin_resync(), {})
+    silent: list[float | None] = [0.0]
+    view.listen(lambda: silent[0], 15.0)
+    assert view.judge_stream() and view.live and view.trusted and view.silent_for() == 0.0
+    silent[0] = 15.0
+    view.judge_stream()
+    assert view.trusted  # at the limit: an idle stream waiting for its progress answer
+    silent[0] = 15.5  # a stream that stalled without an error
+    # Judged on the event loop only: a pass reading `trusted` twice gets one answer.
+    assert view.trusted
+    assert not view.judge_stream() and not view.live and not view.trusted
+    silent[0] = 0.1
+    assert not view.trusted  # until judged again
+    silent[0] = None  # between streams, after an outage
+    view.judge_stream()
+    assert not view.live and not view.trusted and view.silent_for() is None
+    silent[0] = 0.1  # answered again: nothing was lost (the watch resumes where it stopped)
+    view.judge_stream()
+    assert view.trusted
+
+
 def test_delete_removes_the_instance_and_wakes_its_component() -> None:
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0), rec("b", T0)]})
-    wake, other = view.attach("sniffer"), view.attach("firewall")
+    wake, other = view.attach("sniffer", "ns"), view.attach("firewall", "ns")
     view.apply(T0 + S, "sniffer", "a", None)
     assert set(times(view, "sniffer")) == {"b"}
     assert wake.is_set()
@@ -71,7 +97,7 @@ def test_delete_removes_the_instance_and_wakes_its_component() -> None:
 def test_a_put_updates_and_only_a_new_instance_wakes() -> None:
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0)]})
-    wake = view.attach("sniffer")
+    wake = view.attach("sniffer", "ns")
     view.apply(T0 + S, "sniffer", "a", rec("a", T0 + S))
     assert times(view, "sniffer") == {"a": T0 + S}
     assert not wake.is_set(), "a routine heartbeat must not cost a monitor pass"
@@ -114,7 +140,7 @@ def test_a_resync_wakes_the_components_whose_instances_came_or_went_unseen() -> 
     # an expiry during a watch outage is a delete nobody delivered, so the listing wakes them.
     view = HeartbeatView(T0)
     view.resync(T0, view.begin_resync(), {"sniffer": [rec("a", T0)], "firewall": [rec("f", T0)]})
-    wakes = {c: view.attach(c) for c in ("sniffer", "firewall", "rag", "ml-detector")}
+    wakes = {c: view.attach(c, "ns") for c in ("sniffer", "firewall", "rag", "ml-detector")}
     view.watch_failed()
     view.resync(
         T0 + S,
@@ -212,6 +238,25 @@ def test_no_stall_while_etcd_is_unhealthy_or_just_recovered() -> None:
     assert not stalled(T0, T0 - 3600 * S, T0 - 10 * S)
 
 
+def test_a_stream_silent_past_the_limit_is_stalled_though_resyncs_succeed() -> None:
+    # A resync shows etcd answers reads, not that the watch delivers: with the stream's
+    # silence known, it is what counts.
+    def silent(seconds: float) -> bool:
+        return watch_stalled(
+            now=T0,
+            started=OLD,
+            last_progress=T0 - S,
+            etcd_healthy_since=OLD,
+            threshold=LIMIT,
+            silent=seconds,
+        )
+
+    assert silent(301.0)
+    assert not silent(299.0)
+    # Not known (progress requests off, or between streams): events and resyncs, as before.
+    assert not stalled(T0, T0 - S, OLD)
+
+
 def test_a_fresh_operator_is_not_stalled() -> None:
     assert not watch_stalled(
         now=T0, started=T0 - 10 * S, last_progress=None, etcd_healthy_since=OLD, threshold=LIMIT
@@ -228,6 +273,20 @@ def test_stall_limit_must_exceed_resync_interval(monkeypatch: pytest.MonkeyPatch
         load_operator_settings()
     monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "301")
     assert OperatorSettings().liveness_watch_stall_seconds == 301
+
+
+def test_stall_limit_must_exceed_three_progress_intervals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "10")
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "20")
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "60")
+    with pytest.raises(OperatorConfigurationError, match="three times heartbeat_watch_progress"):
+        load_operator_settings()
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "61")
+    assert OperatorSettings().heartbeat_watch_progress_seconds == 20
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0")  # off
+    assert OperatorSettings().heartbeat_watch_progress_seconds == 0
 
 
 # --- etcd health ------------------------------------------------------------------------
@@ -274,17 +333,17 @@ def test_one_healthy_member_means_quorum() -> None:
 def test_a_waker_lasts_while_a_daemon_of_its_component_runs() -> None:
     view = HeartbeatView(T0)
     assert view.waker("a") is None
-    first = view.attach("a")
+    first = view.attach("a", "ns")
     assert isinstance(first, asyncio.Event) and view.waker("a") is first
     # A same-named component re-created at once: its daemon starts before the old one ends.
-    second = view.attach("a")
+    second = view.attach("a", "ns")
     view.detach("a", first)
     view.wake("a", "instance-new")
     assert second.is_set(), "the successor's daemon lost its wake when the old one ended"
     view.detach("a", second)
     assert view.waker("a") is None
     view.detach("a", second)  # a second end of the same daemon is no error, and leaves nothing
-    assert view.waker("a") is None and view.attach("a") not in (first, second)
+    assert view.waker("a") is None and view.attach("a", "ns") not in (first, second)
 
 
 def test_a_same_named_daemon_in_another_namespace_never_clears_the_owners_wake() -> None:
@@ -294,9 +353,9 @@ def test_a_same_named_daemon_in_another_namespace_never_clears_the_owners_wake()
     cleared the wake the owner's daemon, busy with its pass, had not yet seen: it slept up to a
     monitor interval through the change (a pod gone, a canary failing)."""
     view = HeartbeatView(T0)
-    owner = view.attach("firewall")
-    refused = view.attach("firewall")
-    view.wake("firewall", "pod")
+    owner = view.attach("firewall", "ns")
+    refused = view.attach("firewall", "t-tenant")
+    view.wake("firewall", "instance-new")
     assert owner.is_set() and refused.is_set()
     refused.clear()  # the refused daemon's next round
     assert owner.is_set()
@@ -307,6 +366,22 @@ def test_a_same_named_daemon_in_another_namespace_never_clears_the_owners_wake()
     owner.clear()
     view.wake("firewall", "etcd-change")
     assert owner.is_set()
+
+
+def test_a_wake_with_a_namespace_reaches_only_the_daemons_of_that_namespace() -> None:
+    view = HeartbeatView(T0)
+    owner = view.attach("firewall", "ns")
+    successor = view.attach("firewall", "ns")  # re-created at once, the old daemon not ended
+    refused = view.attach("firewall", "t-tenant")
+    view.wake("firewall", "pod", "t-tenant")
+    assert refused.is_set() and not owner.is_set() and not successor.is_set()
+    refused.clear()
+    view.wake("firewall", "pod", "ns")
+    assert owner.is_set() and successor.is_set() and not refused.is_set()
+    view.wake("firewall", "pod", "elsewhere")  # no daemon there: nothing to wake
+    assert not refused.is_set()
+    assert view.waker("firewall", "t-tenant") is refused and view.waker("firewall") is owner
+    assert view.waker("firewall", "elsewhere") is None
 
 
 def test_a_wake_with_no_daemon_running_keeps_nothing() -> None:
@@ -337,6 +412,7 @@ def test_the_last_instance_gone_leaves_no_entry_for_its_component() -> None:
 
 def _probe_runtime(monkeypatch: pytest.MonkeyPatch, stall_seconds: str) -> Runtime:
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "1")
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0.5")
     monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", stall_seconds)
     # The probe reads only settings, etcd health and the heartbeat view.
     parts: Any = None
@@ -355,3 +431,83 @@ def test_probe_fails_when_the_watch_stalls_with_etcd_healthy(
         handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
     rt.heartbeats.last_progress = utcnow()
     assert handlers.etcd_probe(memo=kopf.Memo(runtime=rt)) == {"reachable": True, "quorum": True}
+
+
+def test_probe_fails_when_the_watch_stream_is_silent_though_resyncs_succeed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt = _probe_runtime(monkeypatch, "2")
+    now = utcnow()
+    rt.etcd.record(now - timedelta(hours=1), EtcdHealth(reachable=True, quorum=True))
+    rt.heartbeats.started = now - timedelta(hours=1)
+    rt.heartbeats.last_progress = now  # the periodic resync keeps succeeding
+    silent: list[float | None] = [3.0]
+    rt.heartbeats.listen(lambda: silent[0], 1.5)
+    with pytest.raises(kopf.PermanentError, match="its stream answered nothing"):
+        handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
+    silent[0] = 0.3
+    assert handlers.etcd_probe(memo=kopf.Memo(runtime=rt)) == {"reachable": True, "quorum": True}
+
+
+def test_the_heartbeat_loop_asks_for_progress_and_trusts_the_view_while_answered() -> None:
+    h = Harness()
+    h.rt.settings = OperatorSettings(heartbeat_watch_progress_seconds=2.0)
+    asked: list[float | None] = []
+    watch_instances = h.backend.watch_instances
+
+    def recording(*args: Any, progress_seconds: float | None = None) -> Any:
+        asked.append(progress_seconds)
+        return watch_instances(*args, progress_seconds=progress_seconds)
+
+    h.backend.watch_instances = recording  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        view = h.rt.heartbeats
+        task = asyncio.create_task(_loops.heartbeat_watch(h.rt))
+        try:
+            await until("the first resync", lambda: view.trusted)
+            assert asked == [2.0]
+            (watch,) = h.backend._watches
+            watch.silent = 6.5  # over three progress intervals: stalled
+            await until("the stall judged", lambda: not view.trusted)
+            watch.silent = 1.0
+            await until("the answer judged", lambda: view.trusted)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_the_heartbeat_loop_tells_when_its_stream_goes_silent_and_answers_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    h.rt.settings = OperatorSettings(heartbeat_watch_progress_seconds=0.05)
+
+    def told(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    async def scenario() -> None:
+        view = h.rt.heartbeats
+        task = asyncio.create_task(_loops.heartbeat_watch(h.rt))
+        try:
+            await until("the first resync", lambda: view.trusted)
+            (watch,) = h.backend._watches
+            watch.silent = None  # between streams: an outage the watch reports itself
+            await asyncio.sleep(0.2)
+            assert not told("heartbeat watch stream")
+            watch.silent = 7.0
+            await until("the stall told", lambda: told("stream silent for 7s"))
+            watch.silent = 0.01
+            await until("the answer told", lambda: told("stream answers again"))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="defender_operator"):
+        asyncio.run(scenario())
+    messages = [
+        r.getMessage() for r in caplog.records if "heartbeat watch stream" in r.getMessage()
+    ]
+    assert len(messages) == 2, messages  # each change once, not every look

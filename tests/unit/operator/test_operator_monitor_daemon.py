@@ -200,13 +200,16 @@ def test_a_reconcile_whose_pass_ran_does_not_wake_the_daemon_one_without_does(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     h, ticks = _counting_ticks(monkeypatch)
-    wake = h.rt.heartbeats.attach(NAME)  # the daemon waits
+    wake = h.rt.heartbeats.attach(NAME, NAMESPACE)  # the daemon waits
+    # A same-named resource's daemon in another namespace: this reconcile is no news to it.
+    twin = h.rt.heartbeats.attach(NAME, "t-tenant")
     asyncio.run(h.reconcile(spec(), first_pass=True))
     assert len(ticks) == 1 and not wake.is_set()
     # No pass could run with it (etcd's health not measured yet): the daemon is woken.
     h.rt.etcd = type(h.rt.etcd)()
     asyncio.run(h.reconcile(spec(), first_pass=True))
     assert len(ticks) == 1 and wake.is_set()
+    assert not twin.is_set()
 
 
 def test_each_pass_says_what_started_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,7 +258,7 @@ def test_a_refused_same_named_daemon_does_not_swallow_a_wake_the_owner_has_not_s
         )
         await _until(lambda: passes == {NAMESPACE: 1, "tenant": 1}, "both first passes")
         await asyncio.sleep(0.3)  # both in their long pause
-        h.rt.wake(NAME, "pod")
+        h.rt.wake(NAME, "instance-new")  # the name's data: every daemon of the name
         await _until(lambda: passes[NAMESPACE] == 2, "the owner's second pass begun")
         await _until(lambda: passes["tenant"] == 2, "the refused one's second pass")
         await asyncio.sleep(0.3)  # the refused daemon back in its pause

@@ -60,3 +60,24 @@ def test_a_pod_whose_instance_went_gets_its_deadline_again() -> None:
     due = asyncio.run(h.monitor(SPEC))
     assert due is not None
     assert due <= utcnow() + timedelta(seconds=30)
+
+
+def test_a_stalled_watch_stream_brings_the_deadline_back() -> None:
+    # A stream that stalls without an error (a wedged member, a proxy holding it open) would
+    # never deliver the lease's delete: once it has answered nothing (no event, no progress
+    # answer) past the limit, the view is not trusted and the deadline is planned again.
+    h = _component(lease_id=7, trusted=True)
+    silent: list[float | None] = [1.0]
+    h.rt.heartbeats.listen(lambda: silent[0], 15.0)
+    h.rt.heartbeats.judge_stream()  # as the heartbeat loop does, twice a progress interval
+    assert asyncio.run(h.monitor(SPEC)) is None
+    silent[0] = 16.0
+    h.rt.heartbeats.judge_stream()
+    before = utcnow()
+    due = asyncio.run(h.monitor(SPEC))
+    assert due is not None
+    assert before + timedelta(seconds=25) < due <= utcnow() + timedelta(seconds=30)
+    # It answers again (a progress answer): no pass at the deadline, as before.
+    silent[0] = 0.2
+    h.rt.heartbeats.judge_stream()
+    assert asyncio.run(h.monitor(SPEC)) is None

@@ -14,11 +14,11 @@ from typing import Any
 
 import kopf
 import pytest
-from operator_core_support import LABELS, NAME, NAMESPACE, Harness, spec, until
+from operator_core_support import LABELS, LOG, NAME, NAMESPACE, Harness, spec, until
 from prometheus_client import REGISTRY
 
 from defender_config import Keyring
-from defender_operator import _keyguard, _loops, _rotation, handlers
+from defender_operator import _keyguard, _loops, _reconcile, _rotation, handlers
 from defender_operator._backend import EtcdHealth, InstanceRecord
 from defender_operator._keys import StoredKeyring
 from defender_operator._runtime import Runtime, utcnow
@@ -28,12 +28,12 @@ def _harness() -> Harness:
     """A harness whose component's monitor daemon waits (kopf runs one per component), so a
     wake has somewhere to go."""
     h = Harness()
-    h.rt.heartbeats.attach(NAME)
+    h.rt.heartbeats.attach(NAME, NAMESPACE)
     return h
 
 
 def _waker(h: Harness, name: str = NAME) -> asyncio.Event:
-    waker = h.rt.heartbeats.waker(name)
+    waker = h.rt.heartbeats.waker(name, NAMESPACE)
     assert waker is not None, f"no monitor daemon of {name} waits"
     return waker
 
@@ -115,7 +115,7 @@ def test_an_instance_that_changes_its_record_wakes_and_one_that_only_beats_does_
 
 def test_wake_all_wakes_every_monitor() -> None:
     rt = Harness().rt
-    events = [rt.heartbeats.attach(n) for n in ("sniffer", "firewall", "rag")]
+    events = [rt.heartbeats.attach(n, NAMESPACE) for n in ("sniffer", "firewall", "rag")]
     before = _wakes("keyring")
     rt.wake_all("keyring")
     assert all(e.is_set() for e in events)
@@ -161,7 +161,7 @@ def test_a_change_to_a_component_no_pass_read_or_an_unknown_name_wakes_nothing()
     h.rt.memory(NAMESPACE, NAME)  # remembered, no pass has read it yet: the coming one reads
     h.rt.changes.apply(NAME, 7)
     assert not _woken(h)
-    h.rt.heartbeats.attach("never-seen")
+    h.rt.heartbeats.attach("never-seen", NAMESPACE)
     h.rt.changes.apply("never-seen", 8)
     assert not _woken(h, "never-seen")
 
@@ -245,6 +245,50 @@ def test_the_pod_index_handler_wakes_the_component_once_the_pod_is_filed() -> No
             namespace=NAMESPACE, name="sniffer-y", meta=meta, status={}, memo=kopf.Memo()
         )
     )
+
+
+# --- the same name in another namespace -------------------------------------------------------
+
+
+def _twin(h: Harness, namespace: str = "t-tenant") -> asyncio.Event:
+    """A resource named like the component in another namespace, selecting pods by the same
+    labels (a tenant's, refused with `Conflict`; or the owner, and this one the refused), and
+    the event its monitor daemon waits on."""
+    h.rt.memory(namespace, NAME).spec = h.mem.spec
+    return h.rt.heartbeats.attach(NAME, namespace)
+
+
+def test_a_pod_wakes_only_the_monitor_of_its_own_namespace() -> None:
+    # A tenant's pod churn must not make another namespace's monitor of the name spin.
+    h = _monitored()
+    twin = _twin(h)
+    h.rt.pod_changed("t-tenant", dict(LABELS))
+    assert twin.is_set() and not _woken(h)
+    twin.clear()
+    h.rt.pod_changed(NAMESPACE, dict(LABELS))
+    assert _woken(h) and not twin.is_set()
+
+
+def test_a_deletion_wakes_only_the_monitor_of_the_deleted_resource_s_namespace() -> None:
+    h = _monitored()
+    twin = _twin(h)
+    h.rt.mark_gone("uid-tenant")  # its finalizer's handler ran: `gone` only ends its daemon
+    body = {"metadata": {"uid": "uid-tenant"}}
+    assert not asyncio.run(_reconcile.gone(h.rt, body, "t-tenant", NAME, "Keep", LOG))
+    assert twin.is_set() and not _woken(h)
+
+
+def test_news_about_the_names_data_in_etcd_wakes_every_monitor_of_the_name() -> None:
+    # The instances and keys under a name are the name's, whichever namespace's resource
+    # holds it: each monitor of the name judges them (the refused one, whether it still is).
+    h = _monitored()
+    twin = _twin(h)
+    h.rt.heartbeats.apply(utcnow(), NAME, "a-0", _record("a"))
+    assert _woken(h) and twin.is_set()
+    _settle(h)
+    twin.clear()
+    h.backend.touch(NAME)  # a change the change watch reports, after the last pass's read
+    assert _woken(h) and twin.is_set()
 
 
 # --- etcd's health and the keyring ------------------------------------------------------------

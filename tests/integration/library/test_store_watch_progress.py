@@ -1,0 +1,101 @@
+"""Progress answers on a watch stream against the real 3-member etcd (`watch_prefix`'s
+`progress_seconds`, `WatchHandle.silent_seconds`): an idle watch that asks keeps hearing from
+its member, and a member frozen under it (SIGSTOP: its connection stays open, nothing
+answers) shows as silence seconds before gRPC's keep-alive pings give the connection up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from defender_config import EtcdSettings
+from defender_config.store import EtcdStore, WatchEvent
+from defender_devcluster import EtcdCluster, wait_for
+
+pytestmark = pytest.mark.etcd
+
+PROGRESS = 0.5
+
+
+def _loudest_silence(silent: Callable[[], float | None], seconds: float) -> float:
+    """The longest silence seen over `seconds`, sampled every 50 ms."""
+    end, loudest = time.monotonic() + seconds, 0.0
+    while time.monotonic() < end:
+        now = silent()
+        assert now is not None, "the watch left its stream"
+        loudest = max(loudest, now)
+        time.sleep(0.05)
+    return loudest
+
+
+def test_an_idle_watch_that_asks_keeps_hearing_from_etcd(
+    make_etcd_settings: Callable[..., EtcdSettings], etcd_prefix: str
+) -> None:
+    asking = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    quiet = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    try:
+        events: list[WatchEvent] = []
+        handle = asking.watch_prefix(etcd_prefix, events.append, progress_seconds=PROGRESS)
+        # The same idle prefix on a stream of its own, never asking: what the silence of an
+        # idle stream is without progress answers.
+        control = quiet.watch_prefix(etcd_prefix, lambda e: None)
+        assert handle.wait_connected(10) and control.wait_connected(10)
+        assert _loudest_silence(handle.silent_seconds, 4.0) < 3 * PROGRESS
+        silent = control.silent_seconds()
+        assert silent is not None and silent > 3.5
+        # The answers move nothing the watch delivers: a put after them arrives, once.
+        asking.put(etcd_prefix + "k", b"v")
+        wait_for("the put", lambda: len(events) == 1, timeout=10)
+        time.sleep(2 * PROGRESS)
+        assert [e.key for e in events] == [etcd_prefix + "k"]
+        handle.cancel()
+        control.cancel()
+    finally:
+        asking.close()
+        quiet.close()
+
+
+def test_a_member_frozen_under_the_watch_shows_as_silence_before_keepalive_notices(
+    members_restored: EtcdCluster,
+    make_etcd_settings: Callable[..., EtcdSettings],
+    etcd_prefix: str,
+) -> None:
+    cluster = members_restored
+    store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    try:
+        handle = store.watch_prefix(etcd_prefix, lambda e: None, progress_seconds=PROGRESS)
+        assert handle.wait_connected(10)
+        assert _loudest_silence(handle.silent_seconds, 1.5) < 3 * PROGRESS
+        endpoint = handle._watcher.endpoint
+        victim = [e.split("://")[-1] for e in cluster.endpoints].index(endpoint)
+        pid = cluster.member_pids[victim]
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+
+            def stalled() -> bool:
+                silent = handle.silent_seconds()
+                return silent is not None and silent > 3 * PROGRESS
+
+            # gRPC's keep-alive pings (every 10 s, 5 s to answer) end the stream 5-15 s after
+            # the stop; until then nothing but the unanswered progress requests tells.
+            wait_for("the stream silent past three progress intervals", stalled, timeout=4)
+            assert time.monotonic() - stopped < 4
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        def heard() -> bool:
+            silent = handle.silent_seconds()
+            return silent is not None and silent < 3 * PROGRESS
+
+        # Answered again, on that member's stream or (keep-alive gave it up) another's.
+        wait_for("the stream heard again", heard, timeout=30)
+        handle.cancel()
+    finally:
+        store.close()

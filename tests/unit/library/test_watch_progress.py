@@ -1,0 +1,141 @@
+"""A watch with `progress_seconds` asks etcd for a progress answer whenever nothing came for
+that long, and `WatchHandle.silent_seconds` says how long its stream has answered nothing: an
+idle stream that answers stays near zero, one stalled without an error (a wedged member, a
+proxy holding it open) grows. Driven with a stand-in store and watch stream."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pyetcd import exceptions as etcd_exc
+
+from defender_config import StoreError
+from defender_config._store._watch import WatchHandle
+from defender_devcluster import wait_for
+
+
+class _Stream:
+    """A pyetcd watch stream as `WatchHandle` uses it: `heard_at`, `request_progress`,
+    `cancel`. With `answers`, a progress request is answered at once."""
+
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+        self.asked = 0
+        self.heard_at = time.monotonic()
+
+    def request_progress(self) -> None:
+        self.asked += 1
+        if self.answers:
+            self.heard_at = time.monotonic()
+
+    def cancel(self, _watch_id: int) -> None:
+        pass
+
+
+class _Store:
+    def __init__(self, stream: _Stream) -> None:
+        self.created: list[dict[str, Any]] = []
+
+        def add_watch(_key: str, _callback: Any, **kwargs: Any) -> tuple[_Stream, int]:
+            self.created.append(kwargs)
+            return stream, 1
+
+        self.client = SimpleNamespace(add_watch=add_watch)
+        self.cluster_changes = 0
+        self.settings = SimpleNamespace(backoff_base_seconds=0.01, backoff_max_seconds=0.05)
+        self.metrics = SimpleNamespace(watch_restarts=SimpleNamespace(inc=lambda: None))
+        self._rng = random.Random(0)
+
+    def _call(self, _op: str, fn: Callable[[Any], Any], **_: Any) -> Any:
+        return fn(self.client)
+
+    def _forget(self, _handle: WatchHandle) -> None:
+        pass
+
+
+def _handle(stream: _Stream, progress_seconds: float | None) -> WatchHandle:
+    store: Any = _Store(stream)
+    handle = WatchHandle(
+        store, "/t/", True, lambda _: None, 1, None, False, progress_seconds=progress_seconds
+    )
+    handle._start()
+    assert handle.wait_connected(5)
+    return handle
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_an_idle_watch_asks_for_progress_and_its_silence_says_whether_it_came(
+    answers: bool,
+) -> None:
+    stream = _Stream(answers)
+    handle = _handle(stream, progress_seconds=0.1)
+    try:
+        wait_for("three progress requests", lambda: stream.asked >= 3, timeout=5)
+        silent = handle.silent_seconds()
+        assert silent is not None
+        if answers:
+            assert silent < 0.25
+        else:
+            assert silent >= 0.25  # stalled: asked three times, nothing heard
+    finally:
+        handle.cancel()
+
+
+def test_without_progress_seconds_nothing_is_asked() -> None:
+    stream = _Stream(answers=True)
+    handle = _handle(stream, progress_seconds=None)
+    try:
+        time.sleep(0.3)
+        assert stream.asked == 0
+        silent = handle.silent_seconds()
+        assert silent is not None and silent >= 0.3
+    finally:
+        handle.cancel()
+    assert handle.silent_seconds() is None  # on no stream once cancelled
+
+
+def test_a_watch_starts_on_etcd_at_a_revision_it_has_reached() -> None:
+    # etcd answers no progress request on a stream while a watch on it starts past its
+    # current revision: created at the next revision wanted (past it until anything is
+    # written), a watch would leave its stream silent however well it works. It starts one
+    # before (that revision's events are dropped: delivered already).
+    stream = _Stream(answers=True)
+    store = _Store(stream)
+    store_any: Any = store
+    handle = WatchHandle(store_any, "/t/", True, lambda _: None, 42, None, False)
+    handle._start()
+    try:
+        assert handle.wait_connected(5)
+        assert [c["start_revision"] for c in store.created] == [41]
+        assert handle.next_revision == 42
+    finally:
+        handle.cancel()
+
+
+def test_a_watch_whose_revision_before_was_compacted_starts_at_the_next_one() -> None:
+    # Compacted up to exactly the next revision wanted: starting one before is refused, and
+    # nothing the watch needs is gone, so it is created at the next one, not re-read whole.
+    stream = _Stream(answers=True)
+    store = _Store(stream)
+    starts: list[int] = []
+
+    def add_watch(_key: str, _callback: Any, **kwargs: Any) -> tuple[_Stream, int]:
+        starts.append(kwargs["start_revision"])
+        if kwargs["start_revision"] < 42:
+            raise StoreError("compacted") from etcd_exc.RevisionCompactedError(42)
+        return stream, 1
+
+    store.client = SimpleNamespace(add_watch=add_watch)
+    store_any: Any = store
+    handle = WatchHandle(store_any, "/t/", True, lambda _: None, 42, None, False)
+    handle._start()
+    try:
+        assert handle.wait_connected(5)
+        assert starts == [41, 42]
+    finally:
+        handle.cancel()
