@@ -90,8 +90,10 @@ class ComponentMemory:
     # The scrub (`_scrub`): when it last ran, its condition, the failures already announced.
     scrubbed_at: datetime | None = None
     # Bytes the component keeps in etcd, for its namespace's storage budget (`_storage_budget`):
-    # None until this process measured it or wrote it.
-    stored_bytes: int | None = None
+    # None until this process measured it or wrote it. Set through `stored_bytes`, which keeps
+    # its namespace's sum (`Runtime.storage_used`) with it.
+    _stored_bytes: int | None = field(default=None, repr=False)
+    _usage: tuple[dict[str, int], str] | None = field(default=None, repr=False, compare=False)
     corrupt: Cond | None = None
     scrub_announced: frozenset[tuple[str, str]] = frozenset()
     # The canary rollout (`_canary`): its condition, and since when its canaries are healthy
@@ -131,6 +133,21 @@ class ComponentMemory:
     # the new object may be reconciled before the old one's DELETED event is handled, which
     # must not forget the successor's memory (`Runtime.forget`).
     uid: str = ""
+
+    @property
+    def stored_bytes(self) -> int | None:
+        return self._stored_bytes
+
+    @stored_bytes.setter
+    def stored_bytes(self, size: int | None) -> None:
+        # The namespace's sum moves with each component's: a seed judged against its
+        # namespace reads one number, not every component's (a thousand created at once).
+        if self._usage is not None:
+            used, namespace = self._usage
+            delta = (size or 0) - (self._stored_bytes or 0)
+            if delta:
+                used[namespace] = used.get(namespace, 0) + delta
+        self._stored_bytes = size
 
 
 class EtcdTracker:
@@ -250,6 +267,8 @@ class Runtime:
         # etcd name -> (namespace, bytes) of a component deleted with retention Keep: its data
         # stays in etcd and counts against that namespace's storage budget (`_storage_budget`).
         self.storage_retained: dict[str, tuple[str, int]] = {}
+        # namespace -> the sum of its remembered components' stored_bytes (kept by each).
+        self.storage_used: dict[str, int] = {}
 
     async def write(
         self, component: str, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -271,10 +290,13 @@ class Runtime:
         # read and a lock on every call, several times per monitor pass.
         mem = self.components.get((namespace, name))
         if mem is None:
-            mem = self.components[namespace, name] = ComponentMemory()
+            mem = self.components[namespace, name] = self._fresh(namespace)
             self._namespaces_of.setdefault(name, set()).add(namespace)
             self._names_in.setdefault(namespace, set()).add(name)
         return mem
+
+    def _fresh(self, namespace: str) -> ComponentMemory:
+        return ComponentMemory(_usage=(self.storage_used, namespace))
 
     def memory_of(self, namespace: str, name: str, uid: str) -> ComponentMemory | None:
         """The memory of object `uid` of namespace/name; None when that object has ended
@@ -291,7 +313,8 @@ class Runtime:
         mem = self.memory(namespace, name)
         if uid and mem.uid and mem.uid != uid:
             self._superseded[mem.uid] = time.monotonic()
-            mem = self.components[namespace, name] = ComponentMemory()
+            mem.stored_bytes = None  # out of the namespace's sum with the memory
+            mem = self.components[namespace, name] = self._fresh(namespace)
         if uid:
             mem.uid = uid
         return mem
@@ -316,6 +339,8 @@ class Runtime:
         mem = self.components.get((namespace, name))
         if mem is not None and mem.uid and uid and mem.uid != uid:
             return False
+        if mem is not None:
+            mem.stored_bytes = None  # out of the namespace's sum with the memory
         self.components.pop((namespace, name), None)
         _drop(self._namespaces_of, name, namespace)
         _drop(self._names_in, namespace, name)

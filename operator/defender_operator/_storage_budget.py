@@ -47,11 +47,8 @@ def others(rt: Runtime, namespace: str, name: str, component: str) -> int:
     """The bytes the namespace's other components keep, as remembered (one not measured yet,
     right after a restart before its own reconcile ran, counts nothing), those its deleted
     resources left with retention Keep included."""
-    live = sum(
-        mem.stored_bytes or 0
-        for (ns, other), mem in rt.components.items()
-        if ns == namespace and other != name
-    )
+    own = rt.components.get((namespace, name))
+    live = rt.storage_used.get(namespace, 0) - ((own.stored_bytes or 0) if own else 0)
     kept = sum(
         size
         for kept_name, (ns, size) in rt.storage_retained.items()

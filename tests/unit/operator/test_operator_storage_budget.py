@@ -286,3 +286,35 @@ def test_a_purge_deletion_frees_what_the_namespace_counts() -> None:
     run(apply_retention(h.rt, h.body(spec(big("a")), {}), NAMESPACE, NAME, "Purge", LOG))
     assert NAME not in h.rt.storage_retained
     assert _storage_budget.others(h.rt, NAMESPACE, "neighbour", "neighbour") == 0
+
+
+def test_a_namespaces_usage_is_kept_as_its_components_change_not_summed_per_decision() -> None:
+    # A thousand components created at once in one namespace (issue 17): each seed's decision
+    # summed every remembered component (a quadratic burst, ~10 % of the operator's CPU).
+    h = Harness()
+    rt = h.rt
+    rt.memory("a", "one").stored_bytes = 100
+    rt.memory("a", "two").stored_bytes = 50
+    rt.memory("b", "one").stored_bytes = 7
+    assert rt.storage_used == {"a": 150, "b": 7}
+    rt.memory("a", "two").stored_bytes = 20
+    rt.memory("a", "one").stored_bytes = None  # measured again later
+    assert rt.storage_used["a"] == 20
+    mem = rt.memory_of("a", "two", "uid-1")
+    assert mem is not None and mem.stored_bytes == 20
+    # A same-named successor starts from a fresh memory: the predecessor's bytes leave the sum.
+    successor = rt.memory_of("a", "two", "uid-2")
+    assert successor is not None and successor.stored_bytes is None
+    assert rt.storage_used["a"] == 0
+    successor.stored_bytes = 30
+    rt.forget("a", "two", "uid-2")
+    assert rt.storage_used == {"a": 0, "b": 7}
+
+    class Unlisted(dict[Any, Any]):
+        def items(self) -> Any:
+            raise AssertionError("a decision went through every component")
+
+    rt.memory("a", "three").stored_bytes = 40
+    rt.components = Unlisted(rt.components)
+    assert _storage_budget.others(rt, "a", "four", "four") == 40
+    assert _storage_budget.others(rt, "a", "three", "three") == 0
