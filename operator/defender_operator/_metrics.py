@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +273,50 @@ class PerComponentGauges(Collector):
 
 PER_COMPONENT = PerComponentGauges()
 REGISTRY.register(PER_COMPONENT)
+
+# namespace -> (bytes its components keep in etcd as far as this process knows, its budget in
+# bytes, 0 unlimited): what a scrape reads (`_storage_budget.usage`).
+StorageUsage = Callable[[], Mapping[str, tuple[int, int]]]
+
+
+class StorageGauges(Collector):
+    """Each namespace's storage in etcd against its budget, read from the running operator at
+    scrape time: a series per namespace that goes when the namespace's usage does (a Gauge
+    child would keep the last value of a namespace whose components are all gone)."""
+
+    def __init__(self) -> None:
+        self.source: StorageUsage | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        used, budget = self._families()
+        source = self.source
+        for namespace, (nbytes, limit) in sorted((source() if source else {}).items()):
+            used.add_metric([namespace], float(nbytes))
+            budget.add_metric([namespace], float(limit))
+        yield from (used, budget)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "defender_operator_storage_used_bytes",
+                "Bytes a namespace's components keep in etcd (MASTER, ACTIVE, history, metadata,"
+                " as stored), as this operator measured or wrote them",
+                labels=["namespace"],
+            ),
+            GaugeMetricFamily(
+                "defender_operator_storage_budget_bytes",
+                "The namespace's storage budget in bytes (0: unlimited)",
+                labels=["namespace"],
+            ),
+        )
+
+
+STORAGE = StorageGauges()
+REGISTRY.register(STORAGE)
 
 
 def record_conditions(component: str, conditions: Iterable[Mapping[str, Any]]) -> None:

@@ -57,6 +57,18 @@ def others(rt: Runtime, namespace: str, name: str, component: str) -> int:
     return live + kept
 
 
+def usage(rt: Runtime) -> dict[str, tuple[int, int]]:
+    """namespace -> (bytes its components keep, as `others` counts them; its budget): each
+    namespace keeping bytes or with a budget of its own, for the metrics (`_metrics.STORAGE`). Read
+    from the metrics server's thread: copies first (each copy is one step under the GIL)."""
+    used = dict(rt.storage_used)
+    for namespace, size in list(rt.storage_retained.values()):
+        used[namespace] = used.get(namespace, 0) + size
+    # A namespace keeping nothing known has no series unless it has a budget of its own.
+    shown = {ns for ns, size in used.items() if size} | set(rt.settings.namespace_storage_budgets)
+    return {ns: (used.get(ns, 0), budget(rt, ns)) for ns in sorted(shown)}
+
+
 def _known(rt: Runtime, namespace: str, name: str, component: str, size: int | None) -> None:
     """What the component keeps, as this resource's: a charge left by a Keep deletion of the
     name (this namespace's or another's, which this resource took over) ends here."""

@@ -49,6 +49,7 @@ from defender_operator import (
     _pods,
     _progress,
     _reconcile,
+    _storage_budget,
     _webhook_setup,
 )
 from defender_operator._bodies import shed_managed_fields
@@ -59,7 +60,7 @@ from defender_operator._heap import settle_heap
 from defender_operator._keys import KeyringSecrets, MutableKeyringSource
 from defender_operator._kube import Kube
 from defender_operator._library_backend import LibraryBackend
-from defender_operator._metrics import RECONCILES, forget_component
+from defender_operator._metrics import RECONCILES, STORAGE, forget_component
 from defender_operator._runtime import Runtime, utcnow
 from defender_operator._settings import load_operator_settings
 from defender_operator._spawning import without_finalizer
@@ -126,6 +127,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo["runtime"] = rt
     if ours.admission_enabled:
         await _webhook_setup.start(rt, api, settings)
+    # Each namespace's storage against its budget, read at scrape time.
+    STORAGE.source = functools.partial(_storage_budget.usage, rt)
     memo["tasks"] = _loops.start(rt)
     settle_heap()
     held = keyring.peek()

@@ -11,7 +11,14 @@ import os
 from typing import Any
 
 import pytest
-from operator_e2e_support import OperatorRun, custom_component, extra_namespace, wait_for
+from operator_e2e_support import (
+    OperatorRun,
+    custom_component,
+    extra_namespace,
+    free_port,
+    metric,
+    wait_for,
+)
 
 from defender_config import contract
 
@@ -69,9 +76,11 @@ def test_a_namespace_over_its_budget_is_refused_a_commit_another_namespace_makes
     with extra_namespace(run, "t-budget") as other:
         # Set here, whatever the caller's environment says: the operator's namespace A gets a
         # small budget of its own, namespace B the default.
+        metrics_port = free_port()
         run.start(
             "-n",
             other,
+            DEFENDER_OPERATOR_METRICS_PORT=str(metrics_port),
             DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGET_BYTES=str(256 * 1024 * 1024),
             DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS=json.dumps({run.namespace: SMALL_BUDGET}),
         )
@@ -103,3 +112,12 @@ def test_a_namespace_over_its_budget_is_refused_a_commit_another_namespace_makes
         _wait_version(run, other, "budget-b", 2)
         meta_b = configs.get_metadata("budget-b")
         assert meta_b is not None and meta_b.version == 2
+
+        # Each namespace's usage beside its budget, for an alert before a refusal.
+        def gauge(name: str, namespace: str) -> float:
+            return metric(metrics_port, f'defender_operator_{name}{{namespace="{namespace}"}}')
+
+        assert gauge("storage_budget_bytes", run.namespace) == SMALL_BUDGET
+        assert gauge("storage_budget_bytes", other) == 256 * 1024 * 1024
+        assert 0 < gauge("storage_used_bytes", run.namespace) <= SMALL_BUDGET
+        assert gauge("storage_used_bytes", other) > len(_blob())

@@ -25,6 +25,7 @@ from defender_operator._decisions.storage_budget import (
     namespace_budget,
     seed_bytes,
 )
+from defender_operator._metrics import StorageGauges
 from defender_operator._reconcile import apply_retention
 from defender_operator._settings import OperatorSettings
 
@@ -318,3 +319,31 @@ def test_a_namespaces_usage_is_kept_as_its_components_change_not_summed_per_deci
     rt.components = Unlisted(rt.components)
     assert _storage_budget.others(rt, "a", "four", "four") == 40
     assert _storage_budget.others(rt, "a", "three", "three") == 0
+
+
+def test_each_namespaces_usage_and_budget_are_exported_at_scrape_time() -> None:
+    h = Harness()
+    budgeted(h, 64_000, {"team-c": 1_000})
+    run(h.reconcile(spec(BASE)))
+    h.rt.memory("team-b", "other").stored_bytes = 500
+    h.rt.storage_retained["gone"] = ("team-b", 200)  # deleted with Keep: still in etcd
+    gauges = StorageGauges()
+    assert [f.samples for f in gauges.collect()] == [[], []]  # no operator yet: no series
+    gauges.source = lambda: _storage_budget.usage(h.rt)
+    used, limit = gauges.collect()
+    assert used.name == "defender_operator_storage_used_bytes"
+    assert {s.labels["namespace"]: s.value for s in used.samples} == {
+        NAMESPACE: float(h.mem.stored_bytes or 0),
+        "team-b": 700.0,
+        "team-c": 0.0,  # a budget of its own, nothing stored yet
+    }
+    assert {s.labels["namespace"]: s.value for s in limit.samples} == {
+        NAMESPACE: 64_000.0,
+        "team-b": 64_000.0,
+        "team-c": 1_000.0,
+    }
+    assert (h.mem.stored_bytes or 0) > 0
+    # A namespace whose components are all forgotten leaves the series (no stale value).
+    h.rt.forget("team-b", "other", "")
+    h.rt.storage_retained.clear()
+    assert "team-b" not in {s.labels["namespace"] for s in next(iter(gauges.collect())).samples}
