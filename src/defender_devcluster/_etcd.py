@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import time
 import urllib.error
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._errors import LeaderTransferError, PeerProxyError, PortInUseError, ProcessStartError
+from ._errors import (
+    DevClusterError,
+    LeaderTransferError,
+    PeerProxyError,
+    PortInUseError,
+    ProcessStartError,
+)
 from ._http import get_json, get_text, post_json
 from ._peerproxy import PeerProxy, socket_owner
 from ._procs import ManagedProcess, free_ports, reap_stale
@@ -150,6 +158,27 @@ class EtcdCluster:
     def member_pids(self) -> list[int | None]:
         """PID per member; None for a member that is not running."""
         return [p.pid if p.running() else None for p in self._procs]
+
+    def member_at(self, endpoint: str) -> int:
+        """The index of the member serving `endpoint` (`127.0.0.1:port`, with or without a
+        scheme: what a client reports as the endpoint its stream is on)."""
+        address = endpoint.split("://")[-1]
+        return [e.split("://")[-1] for e in self.endpoints].index(address)
+
+    @contextlib.contextmanager
+    def frozen(self, i: int) -> Iterator[int]:
+        """Member i stopped (SIGSTOP) for the block, continued after it: its connections stay
+        open and nothing answers, what no error or closed stream tells a client (a wedged
+        member, a proxy holding the stream). Yields its PID."""
+        pids = self.member_pids
+        pid = pids[i] if 0 <= i < len(pids) else None
+        if pid is None:
+            raise DevClusterError(f"etcd member {i} is not running: nothing to freeze")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pid
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     @property
     def cluster_token(self) -> str:

@@ -18,6 +18,7 @@ import pytest
 from defender_devcluster import (
     ClusterState,
     ControlPlane,
+    DevClusterError,
     EtcdCluster,
     LocalCluster,
     PortInUseError,
@@ -304,3 +305,14 @@ def test_corrupt_state_file_is_a_state_error_and_down_still_sweeps(tmp_path: Pat
         assert not (tmp_path / "state.json").exists()
     finally:
         crashed.stop()
+
+
+def test_freezing_a_member_that_is_not_running_is_a_harness_error(tmp_path: Path) -> None:
+    cluster = EtcdCluster(tmp_path / "run", members=1)  # never started: no member runs
+    cluster.client_ports = [23790]
+    assert cluster.member_at("127.0.0.1:23790") == 0
+    assert cluster.member_at("http://127.0.0.1:23790") == 0
+    with pytest.raises(ValueError):
+        cluster.member_at("127.0.0.1:1")
+    with pytest.raises(DevClusterError, match="member 0 is not running"), cluster.frozen(0):
+        pass

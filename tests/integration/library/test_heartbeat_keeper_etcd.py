@@ -5,8 +5,6 @@ heartbeater renewing on its own as before the keeper; many heartbeaters share on
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -208,10 +206,7 @@ def test_a_frozen_member_under_the_stream_times_out_and_the_leases_go_back(
         wait_for("all kept", lambda: all(kept(client, hb) for hb in beaters), timeout=10)
         wait_for("a keep-alive stream", lambda: client.store._keepalive._stream, timeout=10)
         assert stream_member(client, cluster) == victim
-        pid = cluster.member_pids[victim]
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with cluster.frozen(victim):
             wait_for(
                 "the leases handed back",
                 lambda: handbacks(client, "stream_failed") + handbacks(client, "timeout") >= 5,
@@ -225,8 +220,6 @@ def test_a_frozen_member_under_the_stream_times_out_and_the_leases_go_back(
                 lambda: all(hb.beats >= b + 3 for hb, b in zip(beaters, beats, strict=True)),
                 timeout=15,
             )
-        finally:
-            os.kill(pid, signal.SIGCONT)
         assert all(hb.regrants == 0 for hb in beaters), "no lease expired meanwhile"
         assert all(hb.own_beats >= 2 for hb in beaters), "each renewed once on its own thread"
     finally:

@@ -5,8 +5,6 @@ answers) shows as silence seconds before gRPC's keep-alive pings give the connec
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -71,12 +69,7 @@ def test_a_member_frozen_under_the_watch_shows_as_silence_before_keepalive_notic
         handle = store.watch_prefix(etcd_prefix, lambda e: None, progress_seconds=PROGRESS)
         assert handle.wait_connected(10)
         assert _loudest_silence(handle.silent_seconds, 1.5) < 3 * PROGRESS
-        endpoint = handle._watcher.endpoint
-        victim = [e.split("://")[-1] for e in cluster.endpoints].index(endpoint)
-        pid = cluster.member_pids[victim]
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with cluster.frozen(cluster.member_at(handle._watcher.endpoint)):
             stopped = time.monotonic()
 
             def stalled() -> bool:
@@ -87,8 +80,6 @@ def test_a_member_frozen_under_the_watch_shows_as_silence_before_keepalive_notic
             # the stop; until then nothing but the unanswered progress requests tells.
             wait_for("the stream silent past three progress intervals", stalled, timeout=4)
             assert time.monotonic() - stopped < 4
-        finally:
-            os.kill(pid, signal.SIGCONT)
 
         def heard() -> bool:
             silent = handle.silent_seconds()

@@ -8,8 +8,6 @@ again."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -90,19 +88,12 @@ def test_a_member_frozen_under_the_heartbeat_watch_untrusts_the_view_until_it_an
             silent: Any = view._silent
             handle = silent.__self__  # the heartbeat watch's WatchHandle
             await until("the watch on a stream", lambda: handle._watcher is not None, timeout=10)
-            endpoint = handle._watcher.endpoint
-            victim = [e.split("://")[-1] for e in cluster.endpoints].index(endpoint)
-            pid = cluster.member_pids[victim]
-            assert pid is not None
-            os.kill(pid, signal.SIGSTOP)
-            try:
+            with cluster.frozen(cluster.member_at(handle._watcher.endpoint)):
                 stopped = time.monotonic()
                 # gRPC's keep-alive pings (every 10 s, 5 s to answer) end the stream 5-15 s
                 # after the stop; only the unanswered progress requests tell before.
                 await until("the view untrusted", lambda: not view.trusted, timeout=4)
                 took = time.monotonic() - stopped
-            finally:
-                os.kill(pid, signal.SIGCONT)
             await until("the view trusted again", lambda: view.trusted, timeout=30)
             return took
         finally:
