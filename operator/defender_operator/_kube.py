@@ -1,14 +1,22 @@
-"""The few Kubernetes calls the operator makes besides Secrets (blocking; run in a thread).
+"""The few Kubernetes calls the operator makes besides Secrets (blocking; run in a thread),
+and the status patch, which a reconcile awaits on the event loop through kopf's own session.
 Pods are not listed here: monitor passes read them from kopf's index (`_pods`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any
 
+import aiohttp
+import kopf
+from kopf._cogs.clients import api as kopf_api
+from kopf._cogs.clients import auth as kopf_auth
+from kopf._cogs.clients import errors as kopf_errors
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -43,12 +51,79 @@ class Pod:
     starting: bool = False
 
 
+class _Unlogged(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """For kopf's request helper, which logs a failed request with the server's whole answer:
+    the KubeError raised instead says what failed (status and reason), once, where caught."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return False
+
+
+_UNLOGGED = _Unlogged(log, {})
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "unknown status"
+
+
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(
+        self, api: client.ApiClient, kopf_settings: kopf.OperatorSettings | None = None
+    ) -> None:
         self.core = api_errors_only(client.CoreV1Api(api))
         self.custom = api_errors_only(client.CustomObjectsApi(api))
         self.crds = api_errors_only(client.ApiextensionsV1Api(api))
         self._api = api
+        self._kopf_settings = kopf_settings
+
+    async def patch_status_soon(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """`patch_status` from the event loop. Under kopf (a handler, a daemon, or a task
+        they started: kopf's credentials are in the context) the patch goes through kopf's
+        own aiohttp session, with no thread hand-off: on a new component's way to Ready the
+        hand-off waited for the GIL twice while a burst kept the loop busy (issue #17).
+        Elsewhere, the blocking client in a thread. Same answers either way: None when the
+        object is gone, KubeError (status and reason, never the body) when refused or
+        unanswered; no retry of its own (kopf retries the handler)."""
+        settings = self._kopf_settings
+        if settings is None or kopf_auth.vault_var.get(None) is None:
+            return await asyncio.to_thread(self.patch_status, namespace, name, status)
+        url = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        try:
+            response = await kopf_api.request(
+                "patch",
+                url,
+                settings=settings,
+                payload={"status": dict(status)},
+                headers={"Content-Type": "application/merge-patch+json"},
+                backoffs=[],
+                logger=_UNLOGGED,
+            )
+            async with response:
+                obj = await response.json()
+        except (aiohttp.ContentTypeError, ValueError) as exc:
+            raise KubeError(f"cannot patch status of {namespace}/{name} (answer not JSON)") from exc
+        except kopf_errors.APINotFoundError:
+            return None  # deleted meanwhile: nothing to report on
+        except kopf_errors.APIError as exc:
+            raise KubeError(
+                f"cannot patch status of {namespace}/{name} ({exc.status} {_phrase(exc.status)})"
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError, kopf_errors.APISessionClosed) as exc:
+            raise KubeError(
+                f"cannot patch status of {namespace}/{name}: no answer from the API server"
+                f" ({type(exc).__name__})"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise KubeError(f"cannot patch status of {namespace}/{name} (answer not an object)")
+        stored = obj.get("status") or {}
+        if not isinstance(stored, dict):
+            raise KubeError(f"cannot patch status of {namespace}/{name} (status not an object)")
+        return dict(stored)
 
     def delete_pod(self, namespace: str, pod: Pod) -> bool:
         """Delete exactly this pod (uid precondition: never its same-named replacement).

@@ -183,7 +183,7 @@ async def publish_status(
         return
     if riders is not None:
         patch.update(riders())
-    stored = await asyncio.to_thread(rt.kube.patch_status, namespace, name, patch)
+    stored = await rt.kube.patch_status_soon(namespace, name, patch)
     mem.status = stored
 
 

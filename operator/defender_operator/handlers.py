@@ -116,7 +116,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         RoutingExecutor(ours.worker_threads, ours.monitor_threads)
     )
     api = await asyncio.to_thread(_api_client, ours.worker_threads + ours.monitor_threads)
-    kube = Kube(api)
+    kube = Kube(api, settings)
     secrets = KeyringSecrets(kube.core, ours.namespace, ours.keyring_secret)
     # No keyring until one is checked against the store (`_keyguard`): the operator starts
     # and stays up either way; the key-rotation loop settles it when this first try cannot.

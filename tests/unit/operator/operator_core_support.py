@@ -82,6 +82,11 @@ class FakeKube:
         self.status.update(status)
         return dict(self.status)
 
+    async def patch_status_soon(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        return self.patch_status(namespace, name, status)
+
     def remove_annotation(self, namespace: str, name: str, key: str) -> None:
         self.requests.append("remove_annotation")
         self.removed.append(key)
