@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+import pydantic
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -125,9 +127,18 @@ class _Configs:
             if exc.status == 404:
                 return None
             raise _error("read", kind, name, exc) from exc
+        try:
+            # The body is read after the call returned: outside `api_errors_only`.
+            data = found.data
+        except urllib3.exceptions.HTTPError as exc:
+            # The class name only: urllib3's text quotes the bytes it read.
+            raise AdmissionSetupError(
+                f"cannot read {kind} {name}: the API server's answer broke off"
+                f" ({type(exc).__name__})"
+            ) from None
         # Raw, as the typed model would drop fields we write back; uncut for the same reason.
         try:
-            body = _deep_json.loads_uncut(found.data)
+            body = _deep_json.loads_uncut(data)
         except ValueError as exc:  # malformed, nested past what Python decodes, a huge number
             raise AdmissionSetupError(
                 f"cannot read {kind} {name}: the API server's answer is not JSON the operator"
@@ -138,19 +149,67 @@ class _Configs:
                 f"cannot read {kind} {name}: the API server's answer is JSON"
                 f" {type(body).__name__}, not an object"
             )
+        problem = _unusable(body)
+        if problem is not None:
+            raise AdmissionSetupError(
+                f"cannot read {kind} {name}: the API server's answer has {problem}"
+            )
         return body
 
     def write(self, body: dict[str, Any], existing: dict[str, Any] | None) -> None:
         kind, name = body["kind"], body["metadata"]["name"]
         _, create, replace = self.kinds[kind]
         try:
+            # Raw: nothing in the answer is used, and the typed model's decoding fails with
+            # ValueError, TypeError or pydantic's errors on an answer of another shape (a
+            # failed write is its status, raised as ApiException either way).
             if existing is None:
-                create(body)
+                answer = create(body, _preload_content=False)
             else:
                 body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                replace(name, body)
+                answer = replace(name, body, _preload_content=False)
         except ApiException as exc:
             raise _error("write", kind, name, exc) from exc
+        except pydantic.ValidationError as exc:
+            # The client checks a body against its model before sending: a configuration read
+            # back with a field it does not know (a newer API server) or lacking one it needs.
+            raise AdmissionSetupError(
+                f"cannot write {kind} {name}: the kubernetes client refuses it as read back"
+                f" ({_refusals(exc)})"
+            ) from None
+        # Read to the end (never raises) so the connection goes back to the pool.
+        answer.drain_conn()
+        answer.release_conn()
+
+
+def _refusals(exc: pydantic.ValidationError) -> str:
+    """Where the client's model refuses a body, the first few places: paths and reasons, not
+    the values (pydantic's text quotes them)."""
+    # loc[0] is the refused argument's position.
+    found = [
+        f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"[:200] for e in exc.errors()[:3]
+    ]
+    more = exc.error_count() - len(found)
+    return "; ".join(found) + (f"; {more} more" if more > 0 else "")
+
+
+def _unusable(body: dict[str, Any]) -> str | None:
+    """What of a configuration read back lacks the shape `write` needs to write over it (None
+    when nothing does): its resourceVersion."""
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("resourceVersion"), str):
+        return "no metadata.resourceVersion string"
+    return None
+
+
+def _hooks_unusable(hooks: Any) -> str | None:
+    """What of a configuration's webhooks read back lacks the shape `fill_ca_bundle` sets
+    each one's clientConfig.caBundle in (None when nothing does)."""
+    if not isinstance(hooks, list) or not all(isinstance(h, dict) for h in hooks):
+        return "webhooks that are not a list of objects"
+    if not all(isinstance(h.get("clientConfig", {}), dict) for h in hooks):
+        return "a webhook whose clientConfig is not an object"
+    return None
 
 
 def _error(action: str, kind: str, name: str, exc: ApiException) -> AdmissionSetupError:
@@ -189,6 +248,12 @@ def fill_ca_bundle(api: client.ApiClient, name: str, ca_pem: bytes) -> None:
                 " the operator run elsewhere, set DEFENDER_OPERATOR_ADMISSION_URL"
             )
         hooks = existing.get("webhooks") or []
+        problem = _hooks_unusable(hooks)
+        if problem is not None:
+            raise AdmissionSetupError(
+                f"cannot fill in the caBundle of {kind} {name}: the API server's answer has"
+                f" {problem}"
+            )
         if all(h.get("clientConfig", {}).get("caBundle") == bundle for h in hooks):
             continue
         for h in hooks:

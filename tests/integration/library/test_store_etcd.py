@@ -164,52 +164,53 @@ def test_watch_callback_errors_do_not_stop_the_watch(store: EtcdStore, etcd_pref
     assert seen == [b"boom", b"after"]
 
 
-def test_watch_from_compacted_revision_resyncs(
-    store: EtcdStore, etcd_prefix: str, defender_etcd: EtcdCluster
+@pytest.mark.parametrize(
+    ("start_at", "expected"),
+    [
+        # Revisions the watch needs are gone: it hands out what etcd holds now, as a resync.
+        pytest.param(
+            "first put",
+            [("a", b"2", True), ("b", b"3", True), ("c", b"4", False)],
+            id="from-a-compacted-revision-resyncs",
+        ),
+        # A watch is created on etcd one revision before the next it wants (progress answers
+        # need it); when that one revision is all compaction took, nothing the watch needs is
+        # gone.
+        pytest.param(
+            "compaction",
+            [("b", b"3", False), ("c", b"4", False)],
+            id="from-the-compaction-revision-itself-is-no-resync",
+        ),
+    ],
+)
+def test_a_watch_started_at_or_before_a_compaction(
+    store: EtcdStore,
+    etcd_prefix: str,
+    defender_etcd: EtcdCluster,
+    start_at: str,
+    expected: list[tuple[str, bytes, bool]],
 ) -> None:
-    old = store.put(etcd_prefix + "a", b"1")
+    first = store.put(etcd_prefix + "a", b"1")
     store.put(etcd_prefix + "a", b"2")
-    now = store.put(etcd_prefix + "b", b"3")
+    compacted_at = store.put(etcd_prefix + "b", b"3")
     subprocess.run(
-        [str(tool("etcdctl")), f"--endpoints={defender_etcd.endpoints[0]}", "compaction", str(now)],
+        [
+            str(tool("etcdctl")),
+            f"--endpoints={defender_etcd.endpoints[0]}",
+            "compaction",
+            str(compacted_at),
+        ],
         check=True,
         capture_output=True,
     )
     events: list[WatchEvent] = []
-    handle = store.watch_prefix(etcd_prefix, events.append, start_revision=old)
-    wait_for("resync events", lambda: len(events) >= 2, timeout=15)
+    start = {"first put": first, "compaction": compacted_at}[start_at]
+    handle = store.watch_prefix(etcd_prefix, events.append, start_revision=start)
+    wait_for("the events before the next put", lambda: len(events) >= len(expected) - 1, timeout=15)
     store.put(etcd_prefix + "c", b"4")
-    wait_for("event after resync", lambda: len(events) >= 3, timeout=15)
+    wait_for("the next put", lambda: len(events) >= len(expected), timeout=15)
     handle.cancel()
-    assert [(e.key[-1], e.value, e.resync) for e in events] == [
-        ("a", b"2", True),
-        ("b", b"3", True),
-        ("c", b"4", False),
-    ]
-
-
-def test_a_watch_from_the_compaction_revision_itself_is_no_resync(
-    store: EtcdStore, etcd_prefix: str, defender_etcd: EtcdCluster
-) -> None:
-    # A watch is created on etcd one revision before the next it wants (progress answers need
-    # it); when that one revision is all compaction took, nothing the watch needs is gone.
-    store.put(etcd_prefix + "a", b"1")
-    now = store.put(etcd_prefix + "b", b"2")
-    subprocess.run(
-        [str(tool("etcdctl")), f"--endpoints={defender_etcd.endpoints[0]}", "compaction", str(now)],
-        check=True,
-        capture_output=True,
-    )
-    events: list[WatchEvent] = []
-    handle = store.watch_prefix(etcd_prefix, events.append, start_revision=now)
-    wait_for("the put at the compaction revision", lambda: len(events) >= 1, timeout=15)
-    store.put(etcd_prefix + "c", b"3")
-    wait_for("the next put", lambda: len(events) >= 2, timeout=15)
-    handle.cancel()
-    assert [(e.key[-1], e.value, e.resync) for e in events] == [
-        ("b", b"2", False),
-        ("c", b"3", False),
-    ]
+    assert [(e.key[-1], e.value, e.resync) for e in events] == expected
 
 
 def test_a_key_deleted_while_a_watch_was_cut_off_and_compacted_is_handed_out_as_deleted(

@@ -5,14 +5,13 @@ proxy holding it open) grows. Driven with a stand-in store and watch stream."""
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from pyetcd import exceptions as etcd_exc
+from watch_support import StandInStore
 
 from defender_config import StoreError
 from defender_config._store._watch import WatchHandle
@@ -37,7 +36,9 @@ class _Stream:
         pass
 
 
-class _Store:
+class _Store(StandInStore):
+    """Records the arguments each watch was created with."""
+
     def __init__(self, stream: _Stream) -> None:
         self.created: list[dict[str, Any]] = []
 
@@ -45,17 +46,7 @@ class _Store:
             self.created.append(kwargs)
             return stream, 1
 
-        self.client = SimpleNamespace(add_watch=add_watch)
-        self.cluster_changes = 0
-        self.settings = SimpleNamespace(backoff_base_seconds=0.01, backoff_max_seconds=0.05)
-        self.metrics = SimpleNamespace(watch_restarts=SimpleNamespace(inc=lambda: None))
-        self._rng = random.Random(0)
-
-    def _call(self, _op: str, fn: Callable[[Any], Any], **_: Any) -> Any:
-        return fn(self.client)
-
-    def _forget(self, _handle: WatchHandle) -> None:
-        pass
+        super().__init__(SimpleNamespace(add_watch=add_watch))
 
 
 def _handle(stream: _Stream, progress_seconds: float | None) -> WatchHandle:

@@ -5,7 +5,6 @@ stream is fed by the test (real pyetcd event and response types)."""
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exc
 from pyetcd.etcdrpc import ResponseHeader, kv_pb2
 from pyetcd.watch import WatchResponse
+from watch_support import StandInStore
 
 from defender_config._store._watch import WatchHandle, gone_since
 from defender_config.store import StoredValue, WatchEvent
@@ -33,32 +33,11 @@ class _Client:
         return SimpleNamespace(cancel=lambda _id: None), len(self.streams)
 
 
-class _Store:
-    """What `WatchHandle` uses of `EtcdStore`; `listing` is what etcd holds at a resync."""
+class _Store(StandInStore):
+    client: _Client
 
     def __init__(self) -> None:
-        self.client = _Client()
-        self.listing: list[StoredValue] = []
-        self.revision = 100
-        self.cluster_changes = 0
-        self.settings = SimpleNamespace(backoff_base_seconds=0.01, backoff_max_seconds=0.05)
-        self.metrics = SimpleNamespace(watch_restarts=SimpleNamespace(inc=lambda: None))
-        self._rng = random.Random(0)
-
-    def _call(self, _op: str, fn: Callable[[Any], Any], **_: Any) -> Any:
-        return fn(self.client)
-
-    def _list(self, _prefix: str) -> tuple[list[StoredValue], int]:
-        return list(self.listing), self.revision
-
-    def current_revision(self, _key: str) -> int:
-        return self.revision
-
-    def observe_cluster(self, _cluster_id: int) -> None:
-        pass
-
-    def _forget(self, _handle: WatchHandle) -> None:
-        pass
+        super().__init__(_Client())
 
 
 def _event(kind: str, key: str, value: bytes, revision: int) -> Any:

@@ -305,5 +305,9 @@ def test_a_webhook_configuration_answer_it_cannot_decode_is_an_admission_setup_e
     with pytest.raises(AdmissionSetupError, match=f"cannot read {KIND} ml-defender") as info:
         _answering(data).read(KIND, "ml-defender")
     assert "not json" not in str(info.value) and "a list" not in str(info.value)
-    body = {"kind": KIND, "webhooks": [{"name": "v", "clientConfig": {"caBundle": "x"}}]}
+    body = {
+        "kind": KIND,
+        "metadata": {"name": "ml-defender", "resourceVersion": "1"},
+        "webhooks": [{"name": "v", "clientConfig": {"caBundle": "x"}}],
+    }
     assert _answering(json.dumps(body).encode()).read(KIND, "ml-defender") == body

@@ -411,42 +411,46 @@ def test_the_last_instance_gone_leaves_no_entry_for_its_component() -> None:
 
 
 def _probe_runtime(monkeypatch: pytest.MonkeyPatch, stall_seconds: str) -> Runtime:
+    """A runtime whose etcd is healthy and whose heartbeat watch started an hour ago: what the
+    probe says then depends on the watch alone."""
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "1")
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0.5")
     monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", stall_seconds)
     # The probe reads only settings, etcd health and the heartbeat view.
     parts: Any = None
-    return Runtime(OperatorSettings(), parts, parts, parts, parts, "unit")
+    rt = Runtime(OperatorSettings(), parts, parts, parts, parts, "unit")
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    rt.etcd.record(an_hour_ago, EtcdHealth(reachable=True, quorum=True))
+    rt.heartbeats.started = an_hour_ago
+    return rt
+
+
+def _probe(rt: Runtime) -> dict[str, Any]:
+    return handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
 
 
 def test_probe_fails_when_the_watch_stalls_with_etcd_healthy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rt = _probe_runtime(monkeypatch, "2")
-    now = utcnow()
-    rt.etcd.record(now - timedelta(hours=1), EtcdHealth(reachable=True, quorum=True))
-    rt.heartbeats.started = now - timedelta(hours=1)
-    rt.heartbeats.last_progress = now - timedelta(seconds=10)
+    rt.heartbeats.last_progress = utcnow() - timedelta(seconds=10)
     with pytest.raises(kopf.PermanentError, match="heartbeat watch stalled"):
-        handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
+        _probe(rt)
     rt.heartbeats.last_progress = utcnow()
-    assert handlers.etcd_probe(memo=kopf.Memo(runtime=rt)) == {"reachable": True, "quorum": True}
+    assert _probe(rt) == {"reachable": True, "quorum": True}
 
 
 def test_probe_fails_when_the_watch_stream_is_silent_though_resyncs_succeed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rt = _probe_runtime(monkeypatch, "2")
-    now = utcnow()
-    rt.etcd.record(now - timedelta(hours=1), EtcdHealth(reachable=True, quorum=True))
-    rt.heartbeats.started = now - timedelta(hours=1)
-    rt.heartbeats.last_progress = now  # the periodic resync keeps succeeding
+    rt.heartbeats.last_progress = utcnow()  # the periodic resync keeps succeeding
     silent: list[float | None] = [3.0]
     rt.heartbeats.listen(lambda: silent[0], 1.5)
     with pytest.raises(kopf.PermanentError, match="its stream answered nothing"):
-        handlers.etcd_probe(memo=kopf.Memo(runtime=rt))
+        _probe(rt)
     silent[0] = 0.3
-    assert handlers.etcd_probe(memo=kopf.Memo(runtime=rt)) == {"reachable": True, "quorum": True}
+    assert _probe(rt) == {"reachable": True, "quorum": True}
 
 
 def test_the_heartbeat_loop_asks_for_progress_and_trusts_the_view_while_answered() -> None:
