@@ -552,6 +552,23 @@ class LibraryBackend:
                 history[int(stored.key[len(history_dir) :])] = size
         return Footprint(total=total, active=active, history=history)
 
+    def owned_by(self, namespace: str) -> list[str]:
+        control = self.layout.control_dir
+        found = self.client.store.list_prefix(control, stale_ok=False)
+        owned = []
+        for stored in found:
+            component, _, leaf = stored.key[len(control) :].partition("/")
+            if leaf != "owner":
+                continue
+            try:
+                claim, _ = self._claim(component, stored)
+            except (OwnerRecordError, ValueError):
+                # Not a record, or not a component's name (ValueError): names nobody.
+                continue
+            if claim is not None and claim.namespace == namespace:
+                owned.append(component)
+        return owned
+
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]
 

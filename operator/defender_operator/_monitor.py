@@ -835,6 +835,11 @@ async def reseed_step(p: Pass, pod_index: PodIndex, refused: RegistrationReplayE
         # Written meanwhile by someone else: a failed pass (not the daemon's end), and the
         # next one decides again on what is there.
         raise refused from None
+    except kopf.PermanentError as exc:
+        # Refused by the namespace's storage budget, nothing written: the pass fails on the
+        # replay as it would without a re-seed, and says why it was not re-seeded.
+        p.logger.warning("not re-seeded after a restore: %s", exc)
+        raise refused from None
     return reseeded
 
 

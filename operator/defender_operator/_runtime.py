@@ -269,6 +269,14 @@ class Runtime:
         self.storage_retained: dict[str, tuple[str, int]] = {}
         # namespace -> the sum of its remembered components' stored_bytes (kept by each).
         self.storage_used: dict[str, int] = {}
+        # Namespaces whose etcd data this process measured (`_storage_budget.measure_namespace`):
+        # what a restart forgot (Keep deletions, components not reconciled yet) is charged.
+        self.storage_measured: set[str] = set()
+        # Components purged while a namespace is being measured: their bytes, read before the
+        # purge, are not charged (None: no measurement under way).
+        self.storage_purged: set[str] | None = None
+        # One measurement at a time: a burst of creates after a restart measures once.
+        self.storage_lock = asyncio.Lock()
 
     async def write(
         self, component: str, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
