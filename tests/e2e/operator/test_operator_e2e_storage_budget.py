@@ -1,7 +1,8 @@
 """The per-namespace storage budget against a real API server and etcd: a namespace with a small
 budget has a commit refused (ConfigSynced, a Warning Event, ACTIVE unchanged in etcd), while a
-namespace under the default budget commits a config of the same size (docs/operator.md,
-"Storage budget per namespace")."""
+namespace under the default budget commits a config of the same size; a restarted operator
+still counts what a resource deleted with retention Keep left (docs/operator.md, "Storage
+budget per namespace")."""
 
 from __future__ import annotations
 
@@ -30,17 +31,19 @@ SMALL_BUDGET = 200_000
 BLOB_BYTES = 90_000
 
 
-def _blob() -> str:
-    return base64.b64encode(os.urandom(BLOB_BYTES)).decode()
+def _blob(size: int = BLOB_BYTES) -> str:
+    return base64.b64encode(os.urandom(size)).decode()
 
 
-def _create(run: OperatorRun, namespace: str, name: str, config: dict[str, Any]) -> None:
+def _create(
+    run: OperatorRun, namespace: str, name: str, config: dict[str, Any], retention: str = "Purge"
+) -> None:
     run.custom.create_namespaced_custom_object(
         contract.API_GROUP,
         contract.API_VERSION,
         namespace,
         contract.PLURAL,
-        custom_component(name, config, retention="Purge"),
+        custom_component(name, config, retention=retention),
     )
 
 
@@ -121,3 +124,53 @@ def test_a_namespace_over_its_budget_is_refused_a_commit_another_namespace_makes
         assert gauge("storage_budget_bytes", other) == 256 * 1024 * 1024
         assert 0 < gauge("storage_used_bytes", run.namespace) <= SMALL_BUDGET
         assert gauge("storage_used_bytes", other) > len(_blob())
+
+
+def test_a_restarted_operator_still_counts_what_a_keep_deletion_left(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    budgets = {
+        "DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS": json.dumps({run.namespace: SMALL_BUDGET})
+    }
+    # ~60 KB of base64: a seed (three copies, counted uncompressed) fits the small budget alone,
+    # not beside what another such component keeps (~45 KB a copy, as stored).
+    seeded_alone = 45_000
+    first = run.start(**budgets)
+    _create(run, run.namespace, "budget-kept", {"blob": _blob(seeded_alone)}, retention="Keep")
+    _wait_version(run, run.namespace, "budget-kept", 1)
+    run.custom.delete_namespaced_custom_object(
+        contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, "budget-kept"
+    )
+    wait_for("budget-kept deleted", lambda: _gone(run, "budget-kept") or None)
+    configs = run.configs()
+    assert configs.get_active("budget-kept").version == 1  # Keep: its data stays in etcd
+    run.stop(first)
+
+    # A new operator remembers nothing of it: it measures the namespace before its first seed.
+    metrics_port = free_port()
+    run.start(DEFENDER_OPERATOR_METRICS_PORT=str(metrics_port), **budgets)
+    _create(run, run.namespace, "budget-new", {"blob": _blob(seeded_alone)})
+    synced = run.wait_condition(
+        "budget-new", "ConfigSynced", status="False", reason="StorageBudgetExceeded"
+    )
+    assert f"namespace {run.namespace!r}" in synced["message"]
+    assert configs.get_metadata("budget-new") is None  # nothing written
+    used = metric(
+        metrics_port, f'defender_operator_storage_used_bytes{{namespace="{run.namespace}"}}'
+    )
+    assert used > seeded_alone
+
+
+def _gone(run: OperatorRun, name: str) -> bool:
+    from kubernetes.client import ApiException
+
+    try:
+        run.custom.get_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return False

@@ -281,6 +281,7 @@ OTHER_CALLS = {
     "declare_storage",
     "state",
     "footprint",
+    "owned_by",
     "rollout",
     "read_claim",
     "write_claim",
