@@ -343,8 +343,8 @@ class Backend(Protocol):
         before an outage could let a namespace past it)."""
         ...
 
-    def owned_by(self, namespace: str) -> list[str]:
-        """The components whose owner record names `namespace`, released ones (retention Keep)
+    def owners(self) -> dict[str, str]:
+        """component -> the namespace its owner record names, released ones (retention Keep)
         included: one range read of the owner records (never from a cache); a record that is
         not readable names nobody."""
         ...

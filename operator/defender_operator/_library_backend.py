@@ -552,10 +552,10 @@ class LibraryBackend:
                 history[int(stored.key[len(history_dir) :])] = size
         return Footprint(total=total, active=active, history=history)
 
-    def owned_by(self, namespace: str) -> list[str]:
+    def owners(self) -> dict[str, str]:
         control = self.layout.control_dir
         found = self.client.store.list_prefix(control, stale_ok=False)
-        owned = []
+        owned: dict[str, str] = {}
         for stored in found:
             component, _, leaf = stored.key[len(control) :].partition("/")
             if leaf != "owner":
@@ -565,8 +565,8 @@ class LibraryBackend:
             except (OwnerRecordError, ValueError):
                 # Not a record, or not a component's name (ValueError): names nobody.
                 continue
-            if claim is not None and claim.namespace == namespace:
-                owned.append(component)
+            if claim is not None:
+                owned[component] = claim.namespace
         return owned
 
     def instances(self, component: str) -> Sequence[InstanceRecord]:

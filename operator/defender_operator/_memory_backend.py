@@ -488,13 +488,13 @@ class MemoryBackend:
         total = size(stored.master) + active + sum(history.values()) + size(stored.json_schema)
         return Footprint(total=total, active=active, history=history)
 
-    def owned_by(self, namespace: str) -> list[str]:
-        self._enter("owned_by")
-        return [
-            component
+    def owners(self) -> dict[str, str]:
+        self._enter("owners")
+        return {
+            component: claim.namespace
             for component, (claim, _) in self.claims.items()
-            if claim.namespace == namespace and component not in self.garbled
-        ]
+            if component not in self.garbled
+        }
 
     def _register(
         self,

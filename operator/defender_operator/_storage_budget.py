@@ -96,12 +96,10 @@ def purged(rt: Runtime, component: str) -> None:
         rt.storage_purged.add(component)
 
 
-def _charged(rt: Runtime, namespace: str, component: str) -> bool:
+def _charged(rt: Runtime, component: str) -> bool:
     """Whether this process counts what the component keeps: measured or written by its
-    resource (the resource named as the component, in the namespace its owner record names),
-    or left by a Keep deletion or a measurement."""
-    mem = rt.components.get((namespace, component))
-    return (mem is not None and mem.stored_bytes is not None) or component in rt.storage_retained
+    resource, or left by a Keep deletion or a measurement."""
+    return component in rt.storage_retained or rt.counts_stored(component)
 
 
 async def measure_namespace(rt: Runtime, namespace: str) -> None:
@@ -109,9 +107,10 @@ async def measure_namespace(rt: Runtime, namespace: str) -> None:
     forgot, the data of each component whose owner record names it (held by a resource not
     reconciled yet, or released by a Keep deletion) that this process does not count yet, as
     measured now, until a resource takes the name over (`_known`) or it is purged. One range
-    read of the owner records and one of each such component's directory, once per namespace;
-    a failed read leaves the namespace unmeasured (the decision waiting on it fails, and the
-    next one measures again). Data no owner record names is charged to no namespace."""
+    read of every owner record, once per process (`Runtime.storage_owners`), and one of each
+    such component's directory, once per namespace; a failed read leaves the namespace
+    unmeasured (the decision waiting on it fails, and the next one measures again). Data no
+    owner record names is charged to no namespace."""
     if namespace in rt.storage_measured:
         return
     # One at a time: the decisions of a burst of creates in the namespace wait for it.
@@ -121,15 +120,18 @@ async def measure_namespace(rt: Runtime, namespace: str) -> None:
         purged_meanwhile: set[str] = set()
         rt.storage_purged = purged_meanwhile
         try:
-            owned = await asyncio.to_thread(rt.backend.owned_by, namespace)
-            for component in owned:
-                if _charged(rt, namespace, component):
+            if rt.storage_owners is None:
+                owners = await asyncio.to_thread(rt.backend.owners)
+                grouped: dict[str, list[str]] = {}
+                for component, owner in owners.items():
+                    grouped.setdefault(owner, []).append(component)
+                rt.storage_owners = grouped
+            for component in rt.storage_owners.get(namespace, ()):
+                if _charged(rt, component):
                     continue
                 size = (await asyncio.to_thread(rt.backend.footprint, component)).total
                 # Measured by its resource, kept or purged while this was read: that counts.
-                if size and not (
-                    _charged(rt, namespace, component) or component in purged_meanwhile
-                ):
+                if size and not (_charged(rt, component) or component in purged_meanwhile):
                     rt.storage_retained[component] = (namespace, size)
         finally:
             rt.storage_purged = None

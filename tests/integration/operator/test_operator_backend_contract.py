@@ -510,10 +510,10 @@ def test_a_footprint_counts_what_the_component_keeps_and_a_commit_never_exceeds_
         hb.stop()
 
 
-def test_the_components_a_namespace_owns_are_named_by_their_owner_records(
+def test_the_namespace_owning_each_component_is_named_by_its_owner_record(
     backend: Backend,
 ) -> None:
-    assert backend.owned_by("team-a") == []
+    assert backend.owners() == {}
     for component, owner in (
         ("firewall", Claim("team-a", "firewall", "uid-1")),
         ("ids", Claim("team-a", "ids", "uid-2", released=True)),  # deleted with retention Keep
@@ -527,5 +527,4 @@ def test_the_components_a_namespace_owns_are_named_by_their_owner_records(
     else:
         assert isinstance(backend, LibraryBackend)
         backend.client.store.put(backend.layout.owner("sniffer"), b"not a record")
-    assert sorted(backend.owned_by("team-a")) == ["firewall", "ids"]
-    assert backend.owned_by("team-b") == ["rag"]
+    assert backend.owners() == {"firewall": "team-a", "ids": "team-a", "rag": "team-b"}

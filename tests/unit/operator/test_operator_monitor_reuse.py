@@ -281,7 +281,7 @@ OTHER_CALLS = {
     "declare_storage",
     "state",
     "footprint",
-    "owned_by",
+    "owners",
     "rollout",
     "read_claim",
     "write_claim",

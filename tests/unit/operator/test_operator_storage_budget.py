@@ -21,7 +21,7 @@ from test_operator_registration import (
     restored_from_before_the_purge,
 )
 
-from defender_config import RegistrationReplayError, StoreUnavailableError
+from defender_config import RegistrationReplayError, StoreUnavailableError, contract
 from defender_operator import _api, _storage_budget
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.ownership import Claim
@@ -451,7 +451,12 @@ def test_after_a_restart_what_the_namespace_keeps_is_measured_before_its_first_d
     assert _storage_budget.usage(h.rt)[NAMESPACE] == (kept + live, 64_000)
     assert "elsewhere" not in h.rt.storage_retained
     # Once per namespace: the next decision reads nothing more of what it keeps.
-    assert (h.backend.calls.count("owned_by"), h.backend.calls.count("footprint")) == (1, 2)
+    assert (h.backend.calls.count("owners"), h.backend.calls.count("footprint")) == (1, 2)
+    # Another namespace's first decision measures what it owns, the owner records read once
+    # per start (every one written since is this operator's own claim).
+    run(_storage_budget.check_seed(h.rt, "team-b", "other", "other", 100, None))
+    assert h.rt.storage_retained["elsewhere"][0] == "team-b"
+    assert (h.backend.calls.count("owners"), h.backend.calls.count("footprint")) == (1, 3)
     # The live resource's reconcile measures it: counted once, as its own.
     run(_storage_budget.measure_unknown(h.rt, NAMESPACE, "live", "live"))
     assert "live" not in h.rt.storage_retained
@@ -461,14 +466,14 @@ def test_after_a_restart_what_the_namespace_keeps_is_measured_before_its_first_d
     h.backend.calls.clear()
     run(h.reconcile(spec(big("a"))))
     assert h.backend.state(NAME).active_version == 1
-    assert "owned_by" not in h.backend.calls and "footprint" not in h.backend.calls
+    assert "owners" not in h.backend.calls and "footprint" not in h.backend.calls
 
 
 def test_a_failed_measurement_fails_the_decision_and_is_made_again_by_the_next() -> None:
     h = Harness()
     budgeted(h, 64_000)
     kept = planted(h, "kept", NAMESPACE, big("k"), released=True)
-    h.backend.fail("owned_by", StoreUnavailableError(["memory://"], "injected"))
+    h.backend.fail("owners", StoreUnavailableError(["memory://"], "injected"))
     with pytest.raises(kopf.TemporaryError):
         run(h.reconcile(spec(BASE)))
     assert NAME not in h.backend.components  # nothing decided, nothing written
@@ -503,3 +508,18 @@ def test_what_is_purged_or_taken_over_while_the_namespace_is_measured_is_not_cha
     assert h.rt.storage_retained == {}
     assert _storage_budget.others(h.rt, NAMESPACE, NAME, NAME) == 123
     assert h.rt.storage_purged is None  # a purge later is no measurement's business
+
+
+def test_a_component_adopted_into_another_namespace_is_charged_to_the_one_measuring_it() -> None:
+    # Its owner record, read at the start, named its earlier namespace; its resource in this
+    # one (adopted) measured it since: the earlier namespace is not charged it too.
+    h = Harness()
+    budgeted(h, 64_000)
+    planted(h, NAME, "team-old", big("a"), released=True)
+    run(_storage_budget.measure_namespace(h.rt, "team-z"))  # the owner records read, once
+    run(h.reconcile(spec(BASE), {contract.ADOPT_ANNOTATION: f"team-old/{NAME}"}))
+    assert h.backend.claims[NAME][0].namespace == NAMESPACE
+    assert h.mem.stored_bytes
+    run(_storage_budget.measure_namespace(h.rt, "team-old"))
+    assert NAME not in h.rt.storage_retained
+    assert _storage_budget.others(h.rt, "team-old", "x", "x") == 0
