@@ -523,3 +523,19 @@ def test_a_component_adopted_into_another_namespace_is_charged_to_the_one_measur
     run(_storage_budget.measure_namespace(h.rt, "team-old"))
     assert NAME not in h.rt.storage_retained
     assert _storage_budget.others(h.rt, "team-old", "x", "x") == 0
+
+
+def test_a_monitor_pass_re_raises_a_reseed_refusal_that_is_not_the_budgets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    refused_on_read(h, saved, anchored)
+
+    async def other_refusal(*args: Any, **kwargs: Any) -> None:
+        raise kopf.PermanentError("refused for another reason")
+
+    monkeypatch.setattr(_storage_budget, "check_seed_in_place", other_refusal)
+    with pytest.raises(kopf.PermanentError, match="another reason"):
+        run(h.monitor(spec(ETH0)))
