@@ -26,6 +26,7 @@ from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
     BudgetRefusal,
     after_commit,
+    after_seed,
     decide_budget,
     namespace_budget,
     new_value_bytes,
@@ -102,7 +103,7 @@ def _charged(rt: Runtime, component: str) -> bool:
     return component in rt.storage_retained or rt.counts_stored(component)
 
 
-async def measure_namespace(rt: Runtime, namespace: str) -> None:
+async def measure_namespace(rt: Runtime, namespace: str, besides: str = "") -> None:
     """Before the namespace's first budget decision in this process: charge it what a restart
     forgot, the data of each component whose owner record names it (held by a resource not
     reconciled yet, or released by a Keep deletion) that this process does not count yet, as
@@ -110,7 +111,8 @@ async def measure_namespace(rt: Runtime, namespace: str) -> None:
     read of every owner record, once per process (`Runtime.storage_owners`), and one of each
     such component's directory, once per namespace; a failed read leaves the namespace
     unmeasured (the decision waiting on it fails, and the next one measures again). Data no
-    owner record names is charged to no namespace."""
+    owner record names is charged to no namespace. `besides`: the component deciding, which
+    its decision measures (or knows empty) itself: not read twice."""
     if namespace in rt.storage_measured:
         return
     # One at a time: the decisions of a burst of creates in the namespace wait for it.
@@ -127,7 +129,7 @@ async def measure_namespace(rt: Runtime, namespace: str) -> None:
                     grouped.setdefault(owner, []).append(component)
                 rt.storage_owners = grouped
             for component in rt.storage_owners.get(namespace, ()):
-                if _charged(rt, component):
+                if component == besides or _charged(rt, component):
                     continue
                 size = (await asyncio.to_thread(rt.backend.footprint, component)).total
                 # Measured by its resource, kept or purged while this was read: that counts.
@@ -178,7 +180,7 @@ async def check_seed(
     limit = budget(rt, namespace)
     if limit <= 0:
         return 0
-    await measure_namespace(rt, namespace)
+    await measure_namespace(rt, namespace, component)
     after = seed_bytes(config_json_bytes, _json_bytes(json_schema))
     return _decide_seed(rt, namespace, name, component, limit, before=0, after=after)
 
@@ -199,11 +201,11 @@ async def check_seed_in_place(
     limit = budget(rt, namespace)
     if limit <= 0:
         return
-    await measure_namespace(rt, namespace)
+    await measure_namespace(rt, namespace, component)
     now = await asyncio.to_thread(rt.backend.footprint, component)
     _known(rt, namespace, name, component, now.total)
     written = seed_bytes(config_json_bytes, _json_bytes(json_schema))
-    after = written if purging else now.total + written
+    after = after_seed(now.total, written, purging=purging)
     _decide_seed(rt, namespace, name, component, limit, before=now.total, after=after)
 
 
@@ -249,7 +251,7 @@ async def check_commit(
     limit = budget(rt, namespace)
     if limit <= 0:
         return None
-    await measure_namespace(rt, namespace)
+    await measure_namespace(rt, namespace, component)
     now = await asyncio.to_thread(rt.backend.footprint, component)
     _known(rt, namespace, name, component, now.total)
     after = after_commit(now, new_value_bytes(_json_bytes(config)), version, history_limit)

@@ -31,6 +31,7 @@ from defender_operator._decisions.storage_budget import (
     VALUE_OVERHEAD_BYTES,
     Footprint,
     after_commit,
+    after_seed,
     decide_budget,
     namespace_budget,
     seed_bytes,
@@ -539,3 +540,18 @@ def test_a_monitor_pass_re_raises_a_reseed_refusal_that_is_not_the_budgets(
     monkeypatch.setattr(_storage_budget, "check_seed_in_place", other_refusal)
     with pytest.raises(kopf.PermanentError, match="another reason"):
         run(h.monitor(spec(ETH0)))
+
+
+def test_a_seed_adds_to_what_the_name_keeps_unless_it_is_purged_first() -> None:
+    assert after_seed(700, 300, purging=False) == 1000
+    assert after_seed(700, 300, purging=True) == 300
+
+
+def test_the_component_deciding_is_measured_by_its_decision_not_twice() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    planted(h, NAME, NAMESPACE, BASE)  # an earlier run's, this resource's (its claim)
+    h.backend.calls.clear()
+    run(h.reconcile(spec(big("a"))))  # a commit: what it prunes read once
+    assert h.backend.calls.count("footprint") == 1
+    assert h.backend.state(NAME).active_version == 2
