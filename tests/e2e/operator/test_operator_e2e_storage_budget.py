@@ -162,6 +162,28 @@ def test_a_restarted_operator_still_counts_what_a_keep_deletion_left(
     assert used > seeded_alone
 
 
+def test_a_seed_into_a_name_whose_data_was_deleted_is_judged_by_the_budget(
+    operator_run: OperatorRun,
+) -> None:
+    # A resource seeded once (its status shows an activeVersion) whose data was then deleted in
+    # etcd: its next reconcile seeds it again through the seed step, not the create's
+    # transaction, and that seed is judged as every other.
+    run = operator_run
+    run.start(DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS=json.dumps({run.namespace: SMALL_BUDGET}))
+    _create(run, run.namespace, "budget-lost", {"value": 1})
+    _wait_version(run, run.namespace, "budget-lost", 1)
+    client = run.client()
+    client.store.delete_prefix(client.layout.component_dir("budget-lost"))
+    # Three copies of ~67 KB of base64 (counted uncompressed): over the small budget.
+    _patch_config(run, run.namespace, "budget-lost", {"value": 2, "blob": _blob(50_000)})
+    synced = run.wait_condition(
+        "budget-lost", "ConfigSynced", status="False", reason="StorageBudgetExceeded"
+    )
+    assert synced["message"].startswith("seed of 'budget-lost' refused")
+    run.wait_event("budget-lost", "StorageBudgetExceeded")
+    assert run.configs().get_metadata("budget-lost") is None  # nothing written
+
+
 def _gone(run: OperatorRun, name: str) -> bool:
     from kubernetes.client import ApiException
 
