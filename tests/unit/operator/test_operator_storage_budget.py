@@ -479,6 +479,8 @@ def test_a_failed_measurement_fails_the_decision_and_is_made_again_by_the_next()
         run(h.reconcile(spec(BASE)))
     assert NAME not in h.backend.components  # nothing decided, nothing written
     assert NAMESPACE not in h.rt.storage_measured
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.UNKNOWN, "StoreUnavailable")
     h.backend.fail("footprint", StoreUnavailableError(["memory://"], "injected"))
     with pytest.raises(kopf.TemporaryError):
         run(h.reconcile(spec(BASE)))
