@@ -343,6 +343,12 @@ class Backend(Protocol):
         before an outage could let a namespace past it)."""
         ...
 
+    def owners(self) -> dict[str, str]:
+        """component -> the namespace its owner record names, released ones (retention Keep)
+        included: one range read of the owner records (never from a cache); a record that is
+        not readable names nobody."""
+        ...
+
     def instances(self, component: str) -> Sequence[InstanceRecord]: ...
 
     def last_seen(

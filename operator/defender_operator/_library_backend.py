@@ -552,6 +552,23 @@ class LibraryBackend:
                 history[int(stored.key[len(history_dir) :])] = size
         return Footprint(total=total, active=active, history=history)
 
+    def owners(self) -> dict[str, str]:
+        control = self.layout.control_dir
+        found = self.client.store.list_prefix(control, stale_ok=False)
+        owned: dict[str, str] = {}
+        for stored in found:
+            component, _, leaf = stored.key[len(control) :].partition("/")
+            if leaf != "owner":
+                continue
+            try:
+                claim, _ = self._claim(component, stored)
+            except (OwnerRecordError, ValueError):
+                # Not a record, or not a component's name (ValueError): names nobody.
+                continue
+            if claim is not None:
+                owned[component] = claim.namespace
+        return owned
+
     def instances(self, component: str) -> Sequence[InstanceRecord]:
         return [_instance(hb) for hb in self.registry.list_instances(component)]
 

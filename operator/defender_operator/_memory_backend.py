@@ -488,6 +488,14 @@ class MemoryBackend:
         total = size(stored.master) + active + sum(history.values()) + size(stored.json_schema)
         return Footprint(total=total, active=active, history=history)
 
+    def owners(self) -> dict[str, str]:
+        self._enter("owners")
+        return {
+            component: claim.namespace
+            for component, (claim, _) in self.claims.items()
+            if component not in self.garbled
+        }
+
     def _register(
         self,
         component: str,

@@ -114,6 +114,7 @@ from defender_operator._reconcile import (
 )
 from defender_operator._runtime import ComponentMemory, Runtime, spec_key, utcnow
 from defender_operator._scrub import scrub_step
+from defender_operator._storage_budget import StorageBudgetExceededError
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -834,6 +835,13 @@ async def reseed_step(p: Pass, pod_index: PodIndex, refused: RegistrationReplayE
     except kopf.TemporaryError:
         # Written meanwhile by someone else: a failed pass (not the daemon's end), and the
         # next one decides again on what is there.
+        raise refused from None
+    except kopf.PermanentError as exc:
+        if not isinstance(exc.__cause__, StorageBudgetExceededError):
+            raise
+        # Refused by the namespace's storage budget, nothing written: the pass fails on the
+        # replay as it would without a re-seed, and says why it was not re-seeded.
+        p.logger.warning("not re-seeded after a restore: %s", exc)
         raise refused from None
     return reseeded
 

@@ -995,25 +995,41 @@ async def seed(
     if plan.master_missing:
         await master_missing(v, state)
     if plan.seed_master or plan.seed_active:
-        state = await rt.write(
-            component,
-            rt.backend.seed,
-            component,
-            spec.component_type.value,
-            normalized,
-            json_schema=spec.custom_schema,
-            modified_by=_attribution.author(
-                v.rt, v.body, v.namespace, v.name, v.annotations, spec.config
-            ),
-            storage=storage,
-        )
+        if plan.seed_master:
+            # MASTER absent (with it, the seed writes nothing): a full seed, beside whatever
+            # else the name keeps; never the create path (`claim_and_seed`), so worth a read.
+            await _storage_budget.check_seed_in_place(
+                rt,
+                v.namespace,
+                v.name,
+                component,
+                v.json_bytes(normalized),
+                spec.custom_schema,
+                purging=False,
+            )
+        try:
+            state = await rt.write(
+                component,
+                rt.backend.seed,
+                component,
+                spec.component_type.value,
+                normalized,
+                json_schema=spec.custom_schema,
+                modified_by=_attribution.author(
+                    v.rt, v.body, v.namespace, v.name, v.annotations, spec.config
+                ),
+                storage=storage,
+            )
+        finally:
+            # Measured by this reconcile (`measure_unknown`): the reservation, written or not,
+            # is no measurement.
+            rt.memory(v.namespace, v.name).stored_bytes = None
         v.logger.info(
             "seeded %s (MASTER %s, ACTIVE version %s)",
             component,
             "created" if plan.seed_master else "kept",
             state.active_version,
         )
-        rt.memory(v.namespace, v.name).stored_bytes = None  # measured by this reconcile
         if plan.seed_master:
             # This seed wrote the record: its registration is the current one.
             out.fields.update(seeded_registration(state.registration, rt.backend.cluster_id))
@@ -1047,7 +1063,7 @@ async def claim_and_seed(
     # What `seed` would plan for a name etcd holds nothing of: seed both, commit nothing.
     absent = StoredState(None, None, None)
     plan = plan_seed(v.digest(normalized), absent, str(v.status.get("specConfigDigest") or ""))
-    kept = _storage_budget.check_seed(
+    kept = await _storage_budget.check_seed(
         rt, v.namespace, v.name, component, v.json_bytes(normalized), spec.custom_schema
     )
     # The first pass asks etcd when each instance already beating last did (its lease): asked
@@ -1143,6 +1159,17 @@ async def reseed_after_restore(
     Readers holding the anchored registration take the new, higher one by themselves."""
     rt, component = v.rt, v.component
     anchored = anchored_registration(v.status) or 0
+    # Before the purge: a refused re-seed leaves the restored data as it is (refused by every
+    # reader, as before the re-seed), not a name emptied.
+    await _storage_budget.check_seed_in_place(
+        rt,
+        v.namespace,
+        v.name,
+        component,
+        v.json_bytes(normalized),
+        spec.custom_schema,
+        purging=True,
+    )
     removed = await rt.write(component, rt.backend.purge, component)
     pending = pending_claim(Claim(v.namespace, v.name, _uid(v.body)))
     reseeded = await claim_and_seed(

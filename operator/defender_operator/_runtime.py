@@ -269,6 +269,18 @@ class Runtime:
         self.storage_retained: dict[str, tuple[str, int]] = {}
         # namespace -> the sum of its remembered components' stored_bytes (kept by each).
         self.storage_used: dict[str, int] = {}
+        # Namespaces whose etcd data this process measured (`_storage_budget.measure_namespace`):
+        # what a restart forgot (Keep deletions, components not reconciled yet) is charged.
+        self.storage_measured: set[str] = set()
+        # namespace -> the components its owner records named when this process first read
+        # them (None: not read yet). Read once: every owner record written since is this
+        # process's own claim, whose bytes it counts (`ComponentMemory.stored_bytes`).
+        self.storage_owners: dict[str, list[str]] | None = None
+        # Components purged while a namespace is being measured: their bytes, read before the
+        # purge, are not charged (None: no measurement under way).
+        self.storage_purged: set[str] | None = None
+        # One measurement at a time: a burst of creates after a restart measures once.
+        self.storage_lock = asyncio.Lock()
 
     async def write(
         self, component: str, call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -360,6 +372,16 @@ class Runtime:
 
     def wake_all(self, reason: str) -> None:
         self.heartbeats.wake_all(reason)
+
+    def counts_stored(self, name: str) -> bool:
+        """Whether a resource named `name` (in any namespace: one adopted since owns it in
+        another than its owner record named before) has what its component keeps measured or
+        written by this process (`_storage_budget`)."""
+        return any(
+            mem.stored_bytes is not None
+            for namespace in self._namespaces_of.get(name, ())
+            if (mem := self.components.get((namespace, name))) is not None
+        )
 
     def changed(self, name: str, revision: int) -> None:
         """The change watch saw a put or delete, at `revision`, of a key `name`'s view reads:

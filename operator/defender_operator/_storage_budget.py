@@ -2,10 +2,14 @@
 
 What each component keeps in etcd is remembered in its memory (`ComponentMemory.stored_bytes`):
 measured by one range read of its directory when unknown (after a restart), and before each
-commit (which prunes what it measured); a new component's is what its seed writes, so its create
-path costs no read. A namespace's usage is the sum over the components this process remembers
-in it, and the data its resources deleted with retention Keep left in etcd (`retain`); those
-deleted with Purge are forgotten with their memory.
+commit or seed beside data already there (a commit prunes what it measured); a new component's
+is what its seed writes, so its create path costs no read. A namespace's usage is the sum over
+the components this process remembers in it, and the data its resources deleted with retention
+Keep left in etcd (`retain`); those deleted with Purge are forgotten with their memory.
+
+A restart forgets both: before its first decision in a namespace, this process measures every
+component whose owner record names the namespace and that it does not remember yet
+(`measure_namespace`), and charges it there until its resource takes it over or it is purged.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
     BudgetRefusal,
     after_commit,
+    after_seed,
     decide_budget,
     namespace_budget,
     new_value_bytes,
@@ -44,9 +49,9 @@ def budget(rt: Runtime, namespace: str) -> int:
 
 
 def others(rt: Runtime, namespace: str, name: str, component: str) -> int:
-    """The bytes the namespace's other components keep, as remembered (one not measured yet,
-    right after a restart before its own reconcile ran, counts nothing), those its deleted
-    resources left with retention Keep included."""
+    """The bytes the namespace's other components keep, as remembered, those its deleted
+    resources left with retention Keep, and those `measure_namespace` found for components not
+    measured by their own resource yet, included."""
     own = rt.components.get((namespace, name))
     live = rt.storage_used.get(namespace, 0) - ((own.stored_bytes or 0) if own else 0)
     kept = sum(
@@ -85,8 +90,54 @@ def retain(rt: Runtime, namespace: str, name: str, component: str) -> None:
 
 
 def purged(rt: Runtime, component: str) -> None:
-    """The name's keys were deleted: a charge an earlier Keep deletion of it left goes too."""
+    """The name's keys were deleted: a charge an earlier Keep deletion of it left goes too (and
+    one a measurement under way read before the purge is not made)."""
     rt.storage_retained.pop(component, None)
+    if rt.storage_purged is not None:
+        rt.storage_purged.add(component)
+
+
+def _charged(rt: Runtime, component: str) -> bool:
+    """Whether this process counts what the component keeps: measured or written by its
+    resource, or left by a Keep deletion or a measurement."""
+    return component in rt.storage_retained or rt.counts_stored(component)
+
+
+async def measure_namespace(rt: Runtime, namespace: str, besides: str = "") -> None:
+    """Before the namespace's first budget decision in this process: charge it what a restart
+    forgot, the data of each component whose owner record names it (held by a resource not
+    reconciled yet, or released by a Keep deletion) that this process does not count yet, as
+    measured now, until a resource takes the name over (`_known`) or it is purged. One range
+    read of every owner record, once per process (`Runtime.storage_owners`), and one of each
+    such component's directory, once per namespace; a failed read leaves the namespace
+    unmeasured (the decision waiting on it fails, and the next one measures again). Data no
+    owner record names is charged to no namespace. `besides`: the component deciding, which
+    its decision measures (or knows empty) itself: not read twice."""
+    if namespace in rt.storage_measured:
+        return
+    # One at a time: the decisions of a burst of creates in the namespace wait for it.
+    async with rt.storage_lock:
+        if namespace in rt.storage_measured:
+            return
+        purged_meanwhile: set[str] = set()
+        rt.storage_purged = purged_meanwhile
+        try:
+            if rt.storage_owners is None:
+                owners = await asyncio.to_thread(rt.backend.owners)
+                grouped: dict[str, list[str]] = {}
+                for component, owner in owners.items():
+                    grouped.setdefault(owner, []).append(component)
+                rt.storage_owners = grouped
+            for component in rt.storage_owners.get(namespace, ()):
+                if component == besides or _charged(rt, component):
+                    continue
+                size = (await asyncio.to_thread(rt.backend.footprint, component)).total
+                # Measured by its resource, kept or purged while this was read: that counts.
+                if size and not (_charged(rt, component) or component in purged_meanwhile):
+                    rt.storage_retained[component] = (namespace, size)
+        finally:
+            rt.storage_purged = None
+        rt.storage_measured.add(namespace)
 
 
 def _json_bytes(value: Mapping[str, Any] | None) -> int:
@@ -115,7 +166,7 @@ def refuse(refusal: BudgetRefusal) -> kopf.PermanentError:
     return exc
 
 
-def check_seed(
+async def check_seed(
     rt: Runtime,
     namespace: str,
     name: str,
@@ -124,25 +175,57 @@ def check_seed(
     json_schema: Mapping[str, Any] | None,
 ) -> int:
     """The bytes a new component's seed would keep (0 when no budget applies); raises the
-    refusal when they would take the namespace over its budget. No request to etcd."""
+    refusal when they would take the namespace over its budget. No request to etcd once the
+    namespace is measured (`measure_namespace`)."""
     limit = budget(rt, namespace)
     if limit <= 0:
         return 0
+    await measure_namespace(rt, namespace, component)
     after = seed_bytes(config_json_bytes, _json_bytes(json_schema))
+    return _decide_seed(rt, namespace, name, component, limit, before=0, after=after)
+
+
+async def check_seed_in_place(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    component: str,
+    config_json_bytes: int,
+    json_schema: Mapping[str, Any] | None,
+    *,
+    purging: bool,
+) -> None:
+    """As `check_seed`, for a name that may hold data already (a seed where MASTER is absent,
+    or a re-seed after a restore): one range read of what it keeps. The seed adds to it, or,
+    `purging`, replaces it (it is purged first). Nothing reserved when no budget applies."""
+    limit = budget(rt, namespace)
+    if limit <= 0:
+        return
+    await measure_namespace(rt, namespace, component)
+    now = await asyncio.to_thread(rt.backend.footprint, component)
+    _known(rt, namespace, name, component, now.total)
+    written = seed_bytes(config_json_bytes, _json_bytes(json_schema))
+    after = after_seed(now.total, written, purging=purging)
+    _decide_seed(rt, namespace, name, component, limit, before=now.total, after=after)
+
+
+def _decide_seed(
+    rt: Runtime, namespace: str, name: str, component: str, limit: int, *, before: int, after: int
+) -> int:
     refused = decide_budget(
         namespace,
         component,
         budget=limit,
         others=others(rt, namespace, name, component),
-        before=0,
+        before=before,
         after=after,
         what="seed",
     )
     if refused is not None:
         raise refuse(refused)
-    # Reserved before the write, as a commit's (`check_commit`); `unreserve` when nothing
-    # was written.
-    _known(rt, namespace, name, component, after)
+    # Reserved before the write, as a commit's (`check_commit`), with no await since the
+    # decision; `unreserve` when nothing was written. A re-seed keeps what it purges until then.
+    _known(rt, namespace, name, component, max(before, after))
     return after
 
 
@@ -168,6 +251,7 @@ async def check_commit(
     limit = budget(rt, namespace)
     if limit <= 0:
         return None
+    await measure_namespace(rt, namespace, component)
     now = await asyncio.to_thread(rt.backend.footprint, component)
     _known(rt, namespace, name, component, now.total)
     after = after_commit(now, new_value_bytes(_json_bytes(config)), version, history_limit)

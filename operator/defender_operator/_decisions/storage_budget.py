@@ -59,6 +59,13 @@ def seed_bytes(config_json_bytes: int, schema_json_bytes: int = 0) -> int:
     return 3 * new_value_bytes(config_json_bytes) + new_value_bytes(schema_json_bytes)
 
 
+def after_seed(kept: int, seed: int, *, purging: bool) -> int:
+    """The component's bytes after a seed of `seed` bytes (`seed_bytes`) into a name that keeps
+    `kept`: the seed only adds keys (it is create-only), unless the name is `purging` first (a
+    re-seed after a restore), when the seed is all that is left."""
+    return seed if purging else kept + seed
+
+
 def namespace_budget(namespace: str, default_bytes: int, per_namespace: Mapping[str, int]) -> int:
     """The budget of `namespace` in bytes (0: unlimited): its own entry in the operator's
     settings, else the default. Never from anything a tenant can edit (its Namespace object)."""

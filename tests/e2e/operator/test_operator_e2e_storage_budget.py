@@ -1,7 +1,8 @@
 """The per-namespace storage budget against a real API server and etcd: a namespace with a small
 budget has a commit refused (ConfigSynced, a Warning Event, ACTIVE unchanged in etcd), while a
-namespace under the default budget commits a config of the same size (docs/operator.md,
-"Storage budget per namespace")."""
+namespace under the default budget commits a config of the same size; a restarted operator
+still counts what a resource deleted with retention Keep left (docs/operator.md, "Storage
+budget per namespace")."""
 
 from __future__ import annotations
 
@@ -30,17 +31,19 @@ SMALL_BUDGET = 200_000
 BLOB_BYTES = 90_000
 
 
-def _blob() -> str:
-    return base64.b64encode(os.urandom(BLOB_BYTES)).decode()
+def _blob(size: int = BLOB_BYTES) -> str:
+    return base64.b64encode(os.urandom(size)).decode()
 
 
-def _create(run: OperatorRun, namespace: str, name: str, config: dict[str, Any]) -> None:
+def _create(
+    run: OperatorRun, namespace: str, name: str, config: dict[str, Any], retention: str = "Purge"
+) -> None:
     run.custom.create_namespaced_custom_object(
         contract.API_GROUP,
         contract.API_VERSION,
         namespace,
         contract.PLURAL,
-        custom_component(name, config, retention="Purge"),
+        custom_component(name, config, retention=retention),
     )
 
 
@@ -121,3 +124,75 @@ def test_a_namespace_over_its_budget_is_refused_a_commit_another_namespace_makes
         assert gauge("storage_budget_bytes", other) == 256 * 1024 * 1024
         assert 0 < gauge("storage_used_bytes", run.namespace) <= SMALL_BUDGET
         assert gauge("storage_used_bytes", other) > len(_blob())
+
+
+def test_a_restarted_operator_still_counts_what_a_keep_deletion_left(
+    operator_run: OperatorRun,
+) -> None:
+    run = operator_run
+    budgets = {
+        "DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS": json.dumps({run.namespace: SMALL_BUDGET})
+    }
+    # ~60 KB of base64: a seed (three copies, counted uncompressed) fits the small budget alone,
+    # not beside what another such component keeps (~45 KB a copy, as stored).
+    seeded_alone = 45_000
+    first = run.start(**budgets)
+    _create(run, run.namespace, "budget-kept", {"blob": _blob(seeded_alone)}, retention="Keep")
+    _wait_version(run, run.namespace, "budget-kept", 1)
+    run.custom.delete_namespaced_custom_object(
+        contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, "budget-kept"
+    )
+    wait_for("budget-kept deleted", lambda: _gone(run, "budget-kept") or None)
+    configs = run.configs()
+    assert configs.get_active("budget-kept").version == 1  # Keep: its data stays in etcd
+    run.stop(first)
+
+    # A new operator remembers nothing of it: it measures the namespace before its first seed.
+    metrics_port = free_port()
+    run.start(DEFENDER_OPERATOR_METRICS_PORT=str(metrics_port), **budgets)
+    _create(run, run.namespace, "budget-new", {"blob": _blob(seeded_alone)})
+    synced = run.wait_condition(
+        "budget-new", "ConfigSynced", status="False", reason="StorageBudgetExceeded"
+    )
+    assert f"namespace {run.namespace!r}" in synced["message"]
+    assert configs.get_metadata("budget-new") is None  # nothing written
+    used = metric(
+        metrics_port, f'defender_operator_storage_used_bytes{{namespace="{run.namespace}"}}'
+    )
+    assert used > seeded_alone
+
+
+def test_a_seed_into_a_name_whose_data_was_deleted_is_judged_by_the_budget(
+    operator_run: OperatorRun,
+) -> None:
+    # A resource seeded once (its status shows an activeVersion) whose data was then deleted in
+    # etcd: its next reconcile seeds it again through the seed step, not the create's
+    # transaction, and that seed is judged as every other.
+    run = operator_run
+    run.start(DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS=json.dumps({run.namespace: SMALL_BUDGET}))
+    _create(run, run.namespace, "budget-lost", {"value": 1})
+    _wait_version(run, run.namespace, "budget-lost", 1)
+    client = run.client()
+    client.store.delete_prefix(client.layout.component_dir("budget-lost"))
+    # Three copies of ~67 KB of base64 (counted uncompressed): over the small budget.
+    _patch_config(run, run.namespace, "budget-lost", {"value": 2, "blob": _blob(50_000)})
+    synced = run.wait_condition(
+        "budget-lost", "ConfigSynced", status="False", reason="StorageBudgetExceeded"
+    )
+    assert synced["message"].startswith("seed of 'budget-lost' refused")
+    run.wait_event("budget-lost", "StorageBudgetExceeded")
+    assert run.configs().get_metadata("budget-lost") is None  # nothing written
+
+
+def _gone(run: OperatorRun, name: str) -> bool:
+    from kubernetes.client import ApiException
+
+    try:
+        run.custom.get_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return False

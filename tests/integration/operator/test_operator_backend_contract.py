@@ -508,3 +508,23 @@ def test_a_footprint_counts_what_the_component_keeps_and_a_commit_never_exceeds_
         assert backend.footprint("firewall") == now
     finally:
         hb.stop()
+
+
+def test_the_namespace_owning_each_component_is_named_by_its_owner_record(
+    backend: Backend,
+) -> None:
+    assert backend.owners() == {}
+    for component, owner in (
+        ("firewall", Claim("team-a", "firewall", "uid-1")),
+        ("ids", Claim("team-a", "ids", "uid-2", released=True)),  # deleted with retention Keep
+        ("rag", Claim("team-b", "rag", "uid-3")),
+        ("sniffer", Claim("team-a", "sniffer", "uid-4")),
+    ):
+        assert backend.write_claim(component, owner, revision=0)
+    # A record that is not readable names nobody.
+    if isinstance(backend, MemoryBackend):
+        backend.garble_claim("sniffer")
+    else:
+        assert isinstance(backend, LibraryBackend)
+        backend.client.store.put(backend.layout.owner("sniffer"), b"not a record")
+    assert backend.owners() == {"firewall": "team-a", "ids": "team-a", "rag": "team-b"}

@@ -25,7 +25,7 @@ from defender_config import (
     StoreUnavailableError,
 )
 from defender_devcluster import EtcdCluster, etcd_client_settings, wait_for
-from defender_operator import _api, _reconcile
+from defender_operator import _api, _reconcile, _storage_budget
 from defender_operator._decisions.ownership import Claim
 from defender_operator._keys import MutableKeyringSource
 from defender_operator._library_backend import LibraryBackend
@@ -69,6 +69,15 @@ def library(defender_etcd: EtcdCluster, etcd_prefix: str) -> Iterator[LibraryBac
         backend.close()
 
 
+def measured(library: LibraryBackend) -> Harness:
+    """The operator on `library`, its namespace measured as by its first budget decision there
+    since its start (`test_the_first_decision_in_a_namespace_since_a_start_measures_it_once`):
+    a new component's create path, as for every one after that decision."""
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    asyncio.run(_storage_budget.measure_namespace(h.rt, NAMESPACE))
+    return h
+
+
 def owner(library: LibraryBackend) -> Claim | None:
     return library.read_claim(NAME)[0]
 
@@ -85,7 +94,7 @@ def watched(h: Harness, listing: Mapping[str, Any] | None = None) -> None:
 def test_a_new_component_is_claimed_seeded_and_judged_in_one_round_trip(
     library: LibraryBackend,
 ) -> None:
-    h = Harness(backend=library)  # type: ignore[arg-type]
+    h = measured(library)
     watched(h)
     counted = Counted(library)
     asyncio.run(h.reconcile(spec(), first_pass=True))
@@ -135,7 +144,7 @@ def beating(library: LibraryBackend) -> Iterator[Heartbeater]:
 
 
 def seen_beating(library: LibraryBackend) -> Harness:
-    h = Harness(backend=library)  # type: ignore[arg-type]
+    h = measured(library)
     # Its pod, selected: only an instance of one counts as alive.
     h.add_pod("pod-0")
     watched(h, library.all_instances())
@@ -247,8 +256,8 @@ def test_a_master_planted_under_a_new_name_is_claimed_by_its_own_write_and_refus
     # claim is written on its own, first, and the planted value is refused, never adopted.
     store, layout = library.client.store, library.layout
     store.put(layout.master_config(NAME), b'{"node_id": "evil", "version": "6.6.6"}')
+    h = measured(library)
     counted = Counted(library)
-    h = Harness(backend=library)  # type: ignore[arg-type]
     with pytest.raises(kopf.PermanentError, match="cannot be rebuilt"):
         asyncio.run(h.reconcile(spec()))
     # The seed with the claim (its compares fail: nothing written), the claim read, the claim
@@ -275,8 +284,8 @@ def test_a_component_sealed_with_another_keyring_is_claimed_then_refused_by_name
         ConfigStore(elsewhere).seed(NAME, theirs, "sniffer", by="elsewhere")
     finally:
         elsewhere.close()
+    h = measured(library)
     counted = Counted(library)
-    h = Harness(backend=library)  # type: ignore[arg-type]
     with pytest.raises(kopf.PermanentError, match="cannot be rebuilt"):
         asyncio.run(h.reconcile(spec()))
     # The seed's read of what is there raised the alert (a lease and a put) on its way.
@@ -296,8 +305,8 @@ def test_metadata_planted_under_a_new_name_is_not_overwritten_by_a_seed_with_a_c
     store, layout = library.client.store, library.layout
     planted = b'{"version": 9, "digest": "00", "type": "sniffer"}'
     store.put(layout.metadata(NAME), planted)
+    h = measured(library)
     counted = Counted(library)
-    h = Harness(backend=library)  # type: ignore[arg-type]
     with pytest.raises(kopf.PermanentError):
         asyncio.run(h.reconcile(spec()))
     assert counted.take()[:3] == ["txn", "get", "txn"]
@@ -441,3 +450,26 @@ def test_a_commit_under_a_storage_budget_costs_one_range_read_of_the_component(
     assert h.kube.status["activeVersion"] == 3
     # What the commit prunes and keeps, read once; nothing else changes.
     assert sorted(budgeted) == sorted([*unlimited, "list"])
+
+
+def test_the_first_decision_in_a_namespace_since_a_start_measures_it_once(
+    library: LibraryBackend,
+) -> None:
+    # What an earlier run of the operator left: a component of the namespace deleted with
+    # retention Keep, and another namespace's.
+    config = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth0"}
+    for component, owner in (
+        ("kept", Claim(NAMESPACE, "kept", "uid-k", released=True)),
+        ("elsewhere", Claim("team-b", "elsewhere", "uid-e")),
+    ):
+        library.seed(component, "sniffer", config, json_schema=None, modified_by="earlier")
+        assert library.write_claim(component, owner, revision=0)
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    watched(h)
+    counted = Counted(library)
+    asyncio.run(h.reconcile(spec(), first_pass=True))
+    # The owner records (one range read), the namespace's component this run does not know
+    # (one), then the create's one transaction.
+    assert counted.take() == ["list", "list", "txn"]
+    assert h.rt.storage_retained == {"kept": (NAMESPACE, library.footprint("kept").total)}
+    assert h.kube.status["activeVersion"] == 1

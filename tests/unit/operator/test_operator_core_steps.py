@@ -22,7 +22,7 @@ from defender_config import (
     contract,
     validate_config,
 )
-from defender_operator import _api
+from defender_operator import _api, _storage_budget
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.keyring import KeyringAction, KeyringPlan
@@ -148,6 +148,9 @@ def test_a_spec_the_schema_refuses_is_a_permanent_refusal_after_the_claim() -> N
 def test_a_new_resource_whose_name_another_holds_is_refused_and_nothing_seeded() -> None:
     h = Harness()
     h.backend.write_claim(NAME, Claim("tenant-b", NAME, "uid-9"), revision=0)
+    # Its namespace measured (the operator's first storage budget decision since its start):
+    # the create path's calls alone.
+    run(_storage_budget.measure_namespace(h.rt, NAMESPACE))
     h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
     # The combined write lost its compare: decided on a read of what is there, as always.
@@ -338,6 +341,9 @@ def test_a_name_owned_by_another_resource_is_refused_and_nothing_is_written() ->
     h = Harness()
     owner = Claim("tenant-a", NAME, "uid-0")
     h.backend.write_claim(NAME, owner, revision=0)
+    # Its namespace measured (the operator's first storage budget decision since its start):
+    # the create path's calls alone.
+    run(_storage_budget.measure_namespace(h.rt, NAMESPACE))
     h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
     assert h.backend.state(NAME).active_version is None
@@ -493,6 +499,10 @@ def test_a_new_component_asks_the_api_server_nothing_to_find_who_holds_its_name(
     # from kopf's index. The create path's one request is its status patch.
     h = Harness()
     h.kube.others.append({"metadata": {"namespace": "tenant-z", "name": "other", "uid": "uid-z"}})
+    # Its namespace measured (the operator's first storage budget decision since its start):
+    # the create path's calls alone.
+    run(_storage_budget.measure_namespace(h.rt, NAMESPACE))
+    h.backend.calls.clear()
     run(h.reconcile(spec(ETH0)))
     assert h.backend.calls[0] == "claim_and_seed"  # claimed with its seed
     assert h.backend.state(NAME).active_version == 1

@@ -281,6 +281,7 @@ OTHER_CALLS = {
     "declare_storage",
     "state",
     "footprint",
+    "owners",
     "rollout",
     "read_claim",
     "write_claim",

@@ -12,15 +12,26 @@ import kopf
 import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 from pydantic import ValidationError
+from test_operator_registration import (
+    ETH0,
+    ETH1,
+    RESTORED_CLUSTER,
+    purged_and_registered_again,
+    refused_on_read,
+    restored_from_before_the_purge,
+)
 
-from defender_config import StoreUnavailableError
+from defender_config import RegistrationReplayError, StoreUnavailableError, contract
 from defender_operator import _api, _storage_budget
 from defender_operator._decisions import conditions as cond
+from defender_operator._decisions.ownership import Claim
+from defender_operator._decisions.registration import REGISTRATION_FIELD
 from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
     VALUE_OVERHEAD_BYTES,
     Footprint,
     after_commit,
+    after_seed,
     decide_budget,
     namespace_budget,
     seed_bytes,
@@ -347,3 +358,202 @@ def test_each_namespaces_usage_and_budget_are_exported_at_scrape_time() -> None:
     h.rt.forget("team-b", "other", "")
     h.rt.storage_retained.clear()
     assert "team-b" not in {s.labels["namespace"] for s in next(iter(gauges.collect())).samples}
+
+
+# --- every seed, and what a restart forgot -----------------------------------------------------
+
+
+def planted(
+    h: Harness, component: str, namespace: str, config: dict[str, Any], **claim: Any
+) -> int:
+    """`component` seeded in etcd and owned by a resource of `namespace` (released: deleted with
+    retention Keep), by an earlier run of the operator: this one remembers nothing of it.
+    Returns what it keeps."""
+    h.backend.seed(component, "sniffer", config, json_schema=None, modified_by="earlier")
+    owner = Claim(namespace, component, f"uid-{component}", **claim)
+    assert h.backend.write_claim(component, owner, revision=0)
+    return h.backend.footprint(component).total
+
+
+def test_a_seed_where_the_name_lost_its_data_is_refused_over_the_budget() -> None:
+    # The resource was seeded (its status shows an activeVersion) and its data then deleted in
+    # etcd: its visit seeds through `seed`, not the create's transaction, a full seed again.
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(spec(BASE)))
+    h.backend.purge(NAME)
+    h.rt.memory(NAMESPACE, "neighbour").stored_bytes = 40_000
+    refusals = _storage_budget.REFUSALS.labels(NAMESPACE)
+    counted = refusals._value.get()
+    h.backend.calls.clear()
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec(big("a"))))
+    assert "seed" not in h.backend.calls and NAME not in h.backend.components
+    assert refusals._value.get() == counted + 1
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, STORAGE_BUDGET_EXCEEDED)
+    assert synced["message"].startswith(f"seed of {NAME!r} refused")
+    assert (h.events[-1].type, h.events[-1].reason) == ("Warning", STORAGE_BUDGET_EXCEEDED)
+    # Room made in the namespace: the same seed goes through, and what it wrote is measured.
+    h.rt.memory(NAMESPACE, "neighbour").stored_bytes = 0
+    run(h.reconcile(spec(big("a"))))
+    assert h.backend.state(NAME).active_version == 1
+    assert h.mem.stored_bytes == h.backend.footprint(NAME).total > 20_000
+
+
+def test_a_reseed_after_a_restore_over_the_budget_purges_nothing() -> None:
+    h, saved = purged_and_registered_again()
+    budgeted(h, 64_000)
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    h.rt.memory(NAMESPACE, "neighbour").stored_bytes = 62_000
+    h.backend.calls.clear()
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec(ETH1)))
+    # The restored data stays as it is (every reader refuses it, as before): no name emptied.
+    assert "purge" not in h.backend.calls and "claim_and_seed" not in h.backend.calls
+    assert h.backend.components[NAME].registration == saved.registration
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == STORAGE_BUDGET_EXCEEDED
+    assert "ReseededAfterRestore" not in h.reasons()
+    # Room made: re-seeded as always.
+    h.rt.memory(NAMESPACE, "neighbour").stored_bytes = 0
+    run(h.reconcile(spec(ETH1)))
+    assert "ReseededAfterRestore" in h.reasons()
+    assert h.backend.state(NAME).active_version == 1
+
+
+def test_a_monitor_pass_whose_reseed_is_over_the_budget_fails_on_the_replay() -> None:
+    h, saved = purged_and_registered_again()
+    budgeted(h, 64_000)
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    refused_on_read(h, saved, anchored)
+    h.rt.memory(NAMESPACE, "neighbour").stored_bytes = 62_000
+    h.backend.calls.clear()
+    with pytest.raises(RegistrationReplayError):
+        run(h.monitor(spec(ETH0)))
+    assert "purge" not in h.backend.calls and "claim_and_seed" not in h.backend.calls
+    assert h.backend.components[NAME].registration == saved.registration
+
+
+def test_after_a_restart_what_the_namespace_keeps_is_measured_before_its_first_decision() -> None:
+    # An earlier run of the operator left, in this namespace, a resource's data deleted with
+    # retention Keep and a resource's not reconciled by this run yet; another namespace's too.
+    h = Harness()
+    budgeted(h, 64_000)
+    kept = planted(h, "kept", NAMESPACE, big("k"), released=True)
+    live = planted(h, "live", NAMESPACE, big("l", filters=800))
+    planted(h, "elsewhere", "team-b", big("e"))
+    h.backend.calls.clear()
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec(big("a"))))
+    assert NAME not in h.backend.components and NAME not in h.backend.claims
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == STORAGE_BUDGET_EXCEEDED
+    assert h.rt.storage_retained == {"kept": (NAMESPACE, kept), "live": (NAMESPACE, live)}
+    assert _storage_budget.usage(h.rt)[NAMESPACE] == (kept + live, 64_000)
+    assert "elsewhere" not in h.rt.storage_retained
+    # Once per namespace: the next decision reads nothing more of what it keeps.
+    assert (h.backend.calls.count("owners"), h.backend.calls.count("footprint")) == (1, 2)
+    # Another namespace's first decision measures what it owns, the owner records read once
+    # per start (every one written since is this operator's own claim).
+    run(_storage_budget.check_seed(h.rt, "team-b", "other", "other", 100, None))
+    assert h.rt.storage_retained["elsewhere"][0] == "team-b"
+    assert (h.backend.calls.count("owners"), h.backend.calls.count("footprint")) == (1, 3)
+    # The live resource's reconcile measures it: counted once, as its own.
+    run(_storage_budget.measure_unknown(h.rt, NAMESPACE, "live", "live"))
+    assert "live" not in h.rt.storage_retained
+    assert _storage_budget.others(h.rt, NAMESPACE, NAME, NAME) == kept + live
+    # The kept data purged (its resource re-created and deleted with Purge): room made.
+    _storage_budget.purged(h.rt, "kept")
+    h.backend.calls.clear()
+    run(h.reconcile(spec(big("a"))))
+    assert h.backend.state(NAME).active_version == 1
+    assert "owners" not in h.backend.calls and "footprint" not in h.backend.calls
+
+
+def test_a_failed_measurement_fails_the_decision_and_is_made_again_by_the_next() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    kept = planted(h, "kept", NAMESPACE, big("k"), released=True)
+    h.backend.fail("owners", StoreUnavailableError(["memory://"], "injected"))
+    with pytest.raises(kopf.TemporaryError):
+        run(h.reconcile(spec(BASE)))
+    assert NAME not in h.backend.components  # nothing decided, nothing written
+    assert NAMESPACE not in h.rt.storage_measured
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.UNKNOWN, "StoreUnavailable")
+    h.backend.fail("footprint", StoreUnavailableError(["memory://"], "injected"))
+    with pytest.raises(kopf.TemporaryError):
+        run(h.reconcile(spec(BASE)))
+    assert NAMESPACE not in h.rt.storage_measured and NAME not in h.backend.components
+    run(h.reconcile(spec(BASE)))
+    assert h.rt.storage_retained == {"kept": (NAMESPACE, kept)}
+    assert h.backend.state(NAME).active_version == 1
+
+
+def test_what_is_purged_or_taken_over_while_the_namespace_is_measured_is_not_charged() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    planted(h, "purged", NAMESPACE, big("p"), released=True)
+    planted(h, "taken", NAMESPACE, big("t"), released=True)
+    measure = h.backend.footprint
+
+    def meanwhile(component: str) -> Any:
+        found = measure(component)
+        # Lands while the read's answer is on its way.
+        if component == "purged":
+            _storage_budget.purged(h.rt, component)
+        else:
+            h.rt.memory(NAMESPACE, component).stored_bytes = 123
+        return found
+
+    h.backend.footprint = meanwhile  # type: ignore[method-assign]
+    run(_storage_budget.measure_namespace(h.rt, NAMESPACE))
+    assert h.rt.storage_retained == {}
+    assert _storage_budget.others(h.rt, NAMESPACE, NAME, NAME) == 123
+    assert h.rt.storage_purged is None  # a purge later is no measurement's business
+
+
+def test_a_component_adopted_into_another_namespace_is_charged_to_the_one_measuring_it() -> None:
+    # Its owner record, read at the start, named its earlier namespace; its resource in this
+    # one (adopted) measured it since: the earlier namespace is not charged it too.
+    h = Harness()
+    budgeted(h, 64_000)
+    planted(h, NAME, "team-old", big("a"), released=True)
+    run(_storage_budget.measure_namespace(h.rt, "team-z"))  # the owner records read, once
+    run(h.reconcile(spec(BASE), {contract.ADOPT_ANNOTATION: f"team-old/{NAME}"}))
+    assert h.backend.claims[NAME][0].namespace == NAMESPACE
+    assert h.mem.stored_bytes
+    run(_storage_budget.measure_namespace(h.rt, "team-old"))
+    assert NAME not in h.rt.storage_retained
+    assert _storage_budget.others(h.rt, "team-old", "x", "x") == 0
+
+
+def test_a_monitor_pass_re_raises_a_reseed_refusal_that_is_not_the_budgets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h, saved = purged_and_registered_again()
+    anchored = h.kube.status[REGISTRATION_FIELD]
+    restored_from_before_the_purge(h, saved, cluster=RESTORED_CLUSTER)
+    refused_on_read(h, saved, anchored)
+
+    async def other_refusal(*args: Any, **kwargs: Any) -> None:
+        raise kopf.PermanentError("refused for another reason")
+
+    monkeypatch.setattr(_storage_budget, "check_seed_in_place", other_refusal)
+    with pytest.raises(kopf.PermanentError, match="another reason"):
+        run(h.monitor(spec(ETH0)))
+
+
+def test_a_seed_adds_to_what_the_name_keeps_unless_it_is_purged_first() -> None:
+    assert after_seed(700, 300, purging=False) == 1000
+    assert after_seed(700, 300, purging=True) == 300
+
+
+def test_the_component_deciding_is_measured_by_its_decision_not_twice() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    planted(h, NAME, NAMESPACE, BASE)  # an earlier run's, this resource's (its claim)
+    h.backend.calls.clear()
+    run(h.reconcile(spec(big("a"))))  # a commit: what it prunes read once
+    assert h.backend.calls.count("footprint") == 1
+    assert h.backend.state(NAME).active_version == 2
