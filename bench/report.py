@@ -667,6 +667,21 @@ def section_findings() -> list[str]:
     return [
         "## Findings",
         "",
+        "- **Issue 17, session 33 (2026-12-06): the status patch on the event loop; ratio "
+        "still NOT met.** A reconcile's status patch now goes through kopf's own aiohttp session "
+        "on the event loop (`Kube.patch_status_soon`) instead of the kubernetes client in a "
+        "thread: one thread hand-off (two GIL waits) less on a new component's way to Ready. "
+        'A/B of the 1,000 batch alone (`BENCH_OPERATOR_SIZES=""`, restart trials off), '
+        "alternating the previous main (d633b5a) and this change on the same machine: before "
+        "3.3x / 3.9x and 3.6x / 4.0x (p50 / p99 against the baseline of the same run), after "
+        "3.8x / 7.7x (a helper's tests running beside it), 3.8x / 3.5x and 3.3x / 2.7x; the "
+        "p99 a little lower, the p50 inside the run-to-run spread; operator CPU per component "
+        "16-18 ms both ways. This session ran on a fresh VM (every tool built anew) on which every "
+        "process takes 1.7-2x the CPU per component of session 32's runs (API server 20-23 ms "
+        "against 13.2, the baseline operator's floor-to-baseline ratio 1.3-1.4x against 1.1x), so "
+        "its absolute figures are not comparable with the table above, which stays session 32's "
+        "run of record. What is left is as described below: kopf's per-event work and the "
+        "machine's two cores shared by everything on the path.",
         "- **Issue 17, session 32 (2026-12-06): operator CPU per component 11.9 -> 8.9 ms; "
         "ratio still NOT met.** A py-spy profile of the operator during the 1,000 burst "
         "(samples of the thread holding the GIL) showed no single hot spot: kopf's per-event "
