@@ -680,8 +680,15 @@ def section_findings() -> list[str]:
         "process takes 1.7-2x the CPU per component of session 32's runs (API server 20-23 ms "
         "against 13.2, the baseline operator's floor-to-baseline ratio 1.3-1.4x against 1.1x), so "
         "its absolute figures are not comparable with the table above, which stays session 32's "
-        "run of record. What is left is as described below: kopf's per-event work and the "
-        "machine's two cores shared by everything on the path.",
+        "run of record. Where a new component's time goes (one probe run with a log line at the "
+        "reconcile handler's start, joined with the API server's audit log; 3.2x / 3.2x, p50 in "
+        "ms): the create in the API server 16, create answered to our handler called 48 (the "
+        "watch, kopf's queueing, indexes and cause detection while the loop serves the burst), "
+        "handler to claimed and seeded 46 (spec check, the seed's sealing and transaction and the "
+        "sightings read, each in a thread), seeded to status patch received 20, the patch in the "
+        "API server 55. No one step dominates: each waits for the same two cores. What is left "
+        "is as described below: kopf's per-event work and the machine's two cores shared by "
+        "everything on the path.",
         "- **Issue 17, session 32 (2026-12-06): operator CPU per component 11.9 -> 8.9 ms; "
         "ratio still NOT met.** A py-spy profile of the operator during the 1,000 burst "
         "(samples of the thread holding the GIL) showed no single hot spot: kopf's per-event "
