@@ -98,6 +98,12 @@ def next_drift_alert(
     return DriftAlerts(now, 0), count
 
 
+def drift_held(state: DriftAlerts, now: float, window: float = DRIFT_ALERT_WINDOW_SECONDS) -> bool:
+    """Whether a drift found ``now`` falls in a window whose alert already went out: it is then
+    only counted (:func:`next_drift_alert`), and its put-back logged at debug."""
+    return state.alerted_at is not None and now - state.alerted_at < window
+
+
 def drift_quiet(
     drifted_at: float | None, now: float, window: float = DRIFT_ALERT_WINDOW_SECONDS
 ) -> bool:
@@ -382,7 +388,13 @@ class ConfigApplier:
         assert self.config_digest is not None  # set with _delivered
         self._drifted_at = self._clock()
         drifted = FileDriftedError(str(self._path), self.config_version, self.config_digest)
-        log.warning(
+        # Inside a window whose alert went out, a put-back is counted into the next alert and
+        # logged at debug: a file rewritten in a loop made three lines a second (this warning,
+        # the reload, the held-back alert). The window's summary is logged with its alert.
+        held = drift_held(self._drift_alerts, self._drifted_at, self._drift_window)
+        level = logging.DEBUG if held else logging.WARNING
+        log.log(
+            level,
             "%s: %s",
             drifted.reason,
             drifted,
@@ -402,7 +414,7 @@ class ConfigApplier:
         # not over because the file was put back: it stays the heartbeat's last_error, and
         # the drift is the warning and an alert only.
         standing = self.last_error
-        self._reload(clear=False)
+        self._reload(clear=False, quiet=held)
         if self.reload_pending:
             return True, None  # the reload's failure is what is reported
         drift = error_of(drifted)
@@ -427,7 +439,7 @@ class ConfigApplier:
         last = self._last_drift
         if count == 0 or last is None:
             if drift is not None:
-                log.info(
+                log.debug(
                     "FileDrifted alert held back: %d drift(s) since the last alert, which are "
                     "at most one per %g s",
                     self._drift_alerts.unalerted,
@@ -446,6 +458,8 @@ class ConfigApplier:
                 f"put back {count} times{since} (at most one alert per {self._drift_window:g} s);"
                 f" the last time: {detail}"
             )
+            # The put-backs counted here were logged at debug only (see _check_file).
+            log.warning("%s: %s", last.reason, detail, extra={"reason": last.reason})
         self._alert(LastError(last.reason, detail), self.config_version)
 
     # --- internals --------------------------------------------------------------------------
@@ -467,7 +481,7 @@ class ConfigApplier:
         # committed, now known to be valid.
         return dict(config)
 
-    def _reload(self, *, clear: bool = True) -> None:
+    def _reload(self, *, clear: bool = True, quiet: bool = False) -> None:
         now = time.monotonic()
         if self._pending_since is None:
             self._pending_since = now
@@ -486,7 +500,12 @@ class ConfigApplier:
             return
         self.reload_pending = False
         self._pending_since = None
-        log.info("reload triggered: %s", what, extra={"config_version": self.config_version})
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "reload triggered: %s",
+            what,
+            extra={"config_version": self.config_version},
+        )
         if clear:
             self._clear_error()
 

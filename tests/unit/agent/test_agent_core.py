@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -655,6 +656,39 @@ def test_a_storm_of_edits_costs_two_record_updates_per_window_and_a_reload_per_c
     assert a.last_error is None and sink.heartbeat["last_error"] is None
     assert sink.heartbeat["config_version"] == 1
     assert [kind for kind, _ in sink.alerts] == ["FileDrifted"] * 3  # at 1 s, 301 s, 601 s
+
+
+def test_a_storm_of_edits_logs_a_few_lines_per_window_not_several_per_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Something rewrites the file at every check for 600 s (a check a second), then stops.
+    sink, reloader = RecordingSink(), CountingReloader()
+    now = [0.0]
+    a = applier(tmp_path, sink, reloader, drift_alert_window=300, clock=lambda: now[0])
+    assert a.apply({"a": 1}, version=1)
+    path = tmp_path / "demo.json"
+    caplog.clear()
+    put_backs = 0
+    with caplog.at_level(logging.DEBUG, logger="defender_agent"):
+        for tick in range(1, 1001):
+            if tick <= 600:
+                path.write_text(f'{{"a": "edit {tick}"}}\n')
+            now[0] = float(tick)
+            put_backs += a.check_file()
+    assert put_backs == 600
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    # Per window: the first put-back (warning, reload), then the window's summary with its
+    # alert; and the recovery once a window passed without a drift. Was 3 lines per check.
+    assert len(shown) <= 8, [r.getMessage() for r in shown]
+    summaries = [r.getMessage() for r in shown if "put back" in r.getMessage()]
+    assert len(summaries) == 2  # at 301 s and 601 s, each counting the window's put-backs
+    # 301 s: the 299 held since 1 s and the one found then; 601 s: the 299 held since 301 s.
+    assert "put back 300 times" in summaries[0] and "put back 299 times" in summaries[1]
+    assert all(r.levelno == logging.WARNING for r in shown if "put back" in r.getMessage())
+    # Nothing is lost: every put-back is still a line at debug.
+    drifted = [r for r in caplog.records if r.funcName == "_check_file"]
+    assert len(drifted) == 600
+    assert [kind for kind, _ in sink.alerts] == ["FileDrifted"] * 3
 
 
 def test_a_removed_or_replaced_file_is_put_back(tmp_path: Path) -> None:
