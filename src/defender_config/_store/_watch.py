@@ -99,7 +99,8 @@ class WatchHandle:
         With `progress_seconds`, a stream that works never stays silent much longer than that:
         the watch asks etcd for progress whenever it has been. More silence than that says the
         stream stalled without an error (a wedged member, a proxy holding it open), which
-        neither etcd nor gRPC reports: events that should come do not."""
+        neither etcd nor gRPC reports: events that should come do not. Past the stall bound
+        the watch gives the stream up and resumes on a new one (`_replace_stalled`)."""
         watcher = self._watcher
         if watcher is None or not self._connected.is_set():
             return None
