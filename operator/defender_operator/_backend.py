@@ -111,14 +111,20 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
-class InstanceWatching(Cancellable, Protocol):
+class StreamWatching(Cancellable, Protocol):
     def silent_seconds(self) -> float | None:
         """Seconds since the watch's stream last answered anything (an event, a progress
-        answer); None while it is on no stream (re-created after an outage)."""
+        answer); None while it is on no stream (re-created after an outage or a stall)."""
         ...
 
 
-class Watching(Cancellable, Protocol):
+class InstanceWatching(StreamWatching, Protocol):
+    """The heartbeat watch (`watch_instances`)."""
+
+
+class Watching(StreamWatching, Protocol):
+    """The component change watch (`watch_changes`)."""
+
     @property
     def connected(self) -> bool:
         """Whether the watch stream is up now (it is re-created by itself after an outage)."""
@@ -389,11 +395,13 @@ class Backend(Protocol):
         on_error: Callable[[Exception], None],
         *,
         start_revision: int | None = None,
+        progress_seconds: float | None = None,
     ) -> Watching:
         """Watch every key an `observe` reads, of every component (one watch); `callback` and
         `on_error` run on the watch's own thread. From `start_revision` (default: changes after
         this call); the watch survives member outages by itself (`on_error` hears of each once)
-        and resumes past a compaction by replaying the current keys (`replayed`)."""
+        and resumes past a compaction by replaying the current keys (`replayed`).
+        `progress_seconds`: as for `watch_instances`."""
         ...
 
     def revision(self) -> int:

@@ -9,7 +9,10 @@ That holds after a resync at a revision <= R and until the watch loses events: a
 (the library then replays the current keys, marked `resync`, but not the deletes in the gap)
 or an outage it reports. Until the next resync the view is not trusted, like `HeartbeatView`,
 and every pass reads. A resync needs no listing: it only says from which revision on the watch
-is complete again; views read before it are read again.
+is complete again; views read before it are read again. Nor is it trusted while the watch's
+stream is silent past its limit (`StreamSilence`): a stream that stalled without an error
+delivers no change, and a view trusted meanwhile would be reused for up to
+monitor_full_read_seconds after etcd changed under it.
 
 Watch callbacks run on the library's watch thread; they only schedule `apply` on the event loop
 (`loop.call_soon_threadsafe`), so the view is touched by one thread only.
@@ -22,10 +25,12 @@ from collections.abc import Callable
 
 from defender_operator._decisions.reads import ChangeFacts
 from defender_operator._metrics import CHANGE_EVENTS
+from defender_operator._stream_silence import StreamSilence
 
 
-class ChangeView:
+class ChangeView(StreamSilence):
     def __init__(self) -> None:
+        super().__init__()
         # By component name (the etcd name, one resource's at a time), never dropped when a
         # resource is deleted: another resource of that name may hold a view. `_changed` is
         # pruned at each resync; `_own_writes` is one int per name ever written.
@@ -42,8 +47,9 @@ class ChangeView:
 
     @property
     def trusted(self) -> bool:
-        """True when a view the watch vouches for may stand in for a read of etcd."""
-        return self.watching and self.synced
+        """True when a view the watch vouches for may stand in for a read of etcd: watching,
+        resynced, and its stream live when last judged (`judge_stream`)."""
+        return self.watching and self.synced and self._stream_live
 
     def apply(self, component: str, revision: int, replayed: bool = False) -> None:
         """A put or delete, at `revision`, of a key `component`'s view reads. `replayed`: the

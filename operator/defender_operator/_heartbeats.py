@@ -11,12 +11,13 @@ loop (`loop.call_soon_threadsafe`), so the view is touched by one thread only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from defender_operator._backend import InstanceRecord
 from defender_operator._metrics import HEARTBEAT_EVENTS, MONITOR_WAKES
+from defender_operator._stream_silence import StreamSilence
 
 
 def _replayed(before: InstanceRecord | None, record: InstanceRecord) -> bool:
@@ -49,8 +50,9 @@ class _Waker:
     event: asyncio.Event
 
 
-class HeartbeatView:
+class HeartbeatView(StreamSilence):
     def __init__(self, started: datetime) -> None:
+        super().__init__()
         self.started = started
         self._entries: dict[str, dict[str, _Entry]] = {}
         # Deletes seen since the last resync began, so an older listing cannot resurrect them.
@@ -64,54 +66,15 @@ class HeartbeatView:
         self.synced = False
         self.last_progress: datetime | None = None
         self.resync_requested = asyncio.Event()
-        # How long the watch's stream has been silent (None: on no stream), and how much of
-        # that still counts as live: set by `listen`. Judged (`judge_stream`) on the event loop
-        # only, like every other input of `trusted`: read twice without an await between (a
-        # pass that takes the view's instances if trusted, and reads etcd if not), it must give
-        # the same answer, or a progress answer landing in between would hand the pass an
-        # empty view as if it were the truth.
-        self._silent: Callable[[], float | None] | None = None
-        self._silence_limit = 0.0
-        self._stream_live = True
 
     @property
     def trusted(self) -> bool:
-        """True when the view may stand in for a direct read of etcd."""
+        """True when the view may stand in for a direct read of etcd: watching, resynced, and
+        its stream live when last judged (`StreamSilence.judge_stream`). Monitors plan no pass
+        at a live leased instance's deadline while the view is trusted: its expiry is a delete
+        only the watch delivers, and a view trusted while its stream stalled left a dead
+        instance to the next interval pass."""
         return self.watching and self.synced and self._stream_live
-
-    def listen(self, silent: Callable[[], float | None], limit: float) -> None:
-        """The watch's stream has been silent `silent()` seconds (None: it is on no stream
-        now); more than `limit` is a stall (`live`)."""
-        self._silent, self._silence_limit = silent, limit
-
-    def silent_for(self) -> float | None:
-        """Seconds the watch's stream has answered nothing; None when not known (no `listen`,
-        or the watch is between streams)."""
-        return self._silent() if self._silent is not None else None
-
-    @property
-    def live(self) -> bool:
-        """Whether the watch's stream answered within the limit when `judge_stream` last
-        looked."""
-        return self._stream_live
-
-    def judge_stream(self) -> bool:
-        """Whether the watch's stream answered (an event, a progress answer) within the limit
-        now; kept as `live` (and so `trusted`) until the next call. Called on the event loop.
-
-        Monitors plan no pass at a live leased instance's deadline while the view is trusted:
-        its expiry is a delete only the watch delivers. A stream can stall without an error (a
-        wedged member, a proxy holding it open; gRPC's pings are answered by the connection),
-        and a view trusted meanwhile left a dead instance to the next interval pass. The
-        watch asks for progress while idle (`heartbeat_watch_progress_seconds`), so a working
-        stream is never silent long. True without `listen` (nothing to judge by)."""
-        if self._silent is None:
-            live = True
-        else:
-            silent = self._silent()
-            live = silent is not None and silent <= self._silence_limit
-        self._stream_live = live
-        return live
 
     def attach(self, component: str, namespace: str) -> asyncio.Event:
         """A new event for one monitor daemon of `component` in `namespace` to pause on, until

@@ -633,6 +633,7 @@ class LibraryBackend:
         on_error: Callable[[Exception], None],
         *,
         start_revision: int | None = None,
+        progress_seconds: float | None = None,
     ) -> Watching:
         layout = self.layout
 
@@ -645,7 +646,11 @@ class LibraryBackend:
                 callback(component, event.mod_revision, event.resync)
 
         return self.client.store.watch_prefix(
-            layout.prefix + "/", on_event, start_revision=start_revision, on_error=on_error
+            layout.prefix + "/",
+            on_event,
+            start_revision=start_revision,
+            on_error=on_error,
+            progress_seconds=progress_seconds,
         )
 
     def revision(self) -> int:

@@ -18,10 +18,12 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from defender_config import DefenderConfigError
 from defender_operator import _crd_deletion, _keyguard, _rotation
 from defender_operator._backend import EtcdHealth, InstanceRecord, InstanceWatching, Watching
+from defender_operator._changes import ChangeView
 from defender_operator._decisions.etcd import NOSPACE_ADVICE, nospace_change
 from defender_operator._errors import OperatorError
 from defender_operator._heartbeats import HeartbeatView
@@ -263,20 +265,38 @@ async def heartbeat_watch(rt: Runtime) -> None:
             if survive.failures:
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
             # Looked at twice per progress interval: a stall is judged within 3.5 of them.
-            told_live = await _until_resync(view, wait, progress and progress / 2, told_live)
+            told_live = await _until_resync(
+                view, wait, progress and progress / 2, told_live, _HEARTBEAT_STREAM
+            )
     finally:
         view.watching = False
         if handle is not None:
             await asyncio.to_thread(handle.cancel)
 
 
+# How each loop's stream is named in its logs, and what its stall costs meanwhile.
+_HEARTBEAT_STREAM: Final = (
+    "heartbeat",
+    "monitors read heartbeats from etcd and plan deadline passes until it answers",
+)
+_CHANGE_STREAM: Final = (
+    "component change",
+    "monitor passes read etcd instead of reusing their views until it answers",
+)
+
+
 async def _until_resync(
-    view: HeartbeatView, wait: float, every: float | None, told_live: bool
+    view: HeartbeatView | ChangeView,
+    wait: float,
+    every: float | None,
+    told_live: bool,
+    stream: tuple[str, str],
 ) -> bool:
     """Until the next resync: `wait` seconds, or sooner when one is requested. With `every`,
     whether the watch's stream is live is judged that often meanwhile (`judge_stream`), and a
-    change is logged (`told_live`: what was logged last; returned updated): a stream stalled
-    without an error is otherwise seen only in the direct reads it costs."""
+    change is logged (`told_live`: what was logged last; returned updated; `stream`: the
+    watch's name in the log and what the stall costs): a stream stalled without an error is
+    otherwise seen only in the direct reads it costs."""
     loop = asyncio.get_running_loop()
     end = loop.time() + wait
     while True:
@@ -297,14 +317,16 @@ async def _until_resync(
         told_live = live
         if live:
             log.info(
-                "heartbeat watch stream answers again",
+                "%s watch stream answers again",
+                stream[0],
                 extra={"silent_seconds": round(silent, 1)},
             )
         else:
             log.warning(
-                "heartbeat watch stream silent for %.0fs (no event, no progress answer):"
-                " monitors read heartbeats from etcd and plan deadline passes until it answers",
+                "%s watch stream silent for %.0fs (no event, no progress answer): %s",
+                stream[0],
                 silent,
+                stream[1],
                 extra={"silent_seconds": round(silent, 1)},
             )
 
@@ -317,7 +339,11 @@ async def change_watch(rt: Runtime) -> None:
     """One watch on every key a monitor pass reads, feeding `rt.changes`; a resync (etcd's
     current revision, once the watch is connected) at start and after every reported outage
     or compaction. No periodic resync: the watch misses nothing it does not report, and the
-    monitor's own bound (monitor_full_read_seconds) caps the age of a reused view."""
+    monitor's own bound (monitor_full_read_seconds) caps the age of a reused view. A stream
+    that stalls reports nothing: as for the heartbeat watch, it asks for progress while idle,
+    and the view is not trusted while its stream is silent past three progress intervals
+    (judged twice per interval); the library replaces such a stream, resuming where it
+    stopped, so no resync is needed once it answers."""
     loop = asyncio.get_running_loop()
     view = rt.changes
 
@@ -330,6 +356,8 @@ async def change_watch(rt: Runtime) -> None:
 
     handle: Watching | None = None
     survive = _Survive("change-watch")
+    progress = rt.settings.heartbeat_watch_progress_seconds or None
+    told_live = True
     try:
         while True:
             # Nothing to do until the watch reports trouble.
@@ -338,8 +366,13 @@ async def change_watch(rt: Runtime) -> None:
                 try:
                     if handle is None:
                         handle = await asyncio.to_thread(
-                            rt.backend.watch_changes, on_change, on_error
+                            rt.backend.watch_changes,
+                            on_change,
+                            on_error,
+                            progress_seconds=progress,
                         )
+                        if progress is not None:
+                            view.listen(handle.silent_seconds, _SILENT_ROUNDS * progress)
                         view.watching = True
                     if not view.synced:
                         if handle.connected:
@@ -356,14 +389,16 @@ async def change_watch(rt: Runtime) -> None:
                             # is lost.)
                             view.resync_requested.clear()
                             wait = _CONNECT_POLL_SECONDS
+                    view.judge_stream()
                 except (DefenderConfigError, OperatorError) as exc:
                     ERRORS.labels("change_resync").inc()
                     log.warning("component change watch/resync failed, retrying: %s", exc)
                     wait = min(wait, rt.settings.etcd_health_interval_seconds)
             if survive.failures:
                 wait = min(wait, rt.settings.etcd_health_interval_seconds)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(view.resync_requested.wait(), timeout=wait)
+            told_live = await _until_resync(
+                view, wait, progress and progress / 2, told_live, _CHANGE_STREAM
+            )
     finally:
         view.watching = False
         if handle is not None:

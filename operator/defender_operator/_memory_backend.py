@@ -132,9 +132,14 @@ class _ChangeWatch:
     # Changes made while disconnected, delivered on reconnect: the library's watch resumes from
     # the next revision it had not delivered, so an outage delays changes but loses none.
     pending: list[tuple[str, int]] = field(default_factory=list)
+    # What `silent_seconds` answers: a test stalls the stream by setting it.
+    silent: float | None = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def silent_seconds(self) -> float | None:
+        return self.silent
 
 
 @dataclass
@@ -801,6 +806,7 @@ class MemoryBackend:
         on_error: Callable[[Exception], None],
         *,
         start_revision: int | None = None,
+        progress_seconds: float | None = None,
     ) -> Watching:
         self._enter("watch_changes")
         watch = _ChangeWatch(callback, on_error)

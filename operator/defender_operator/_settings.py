@@ -85,9 +85,10 @@ class OperatorSettings(BaseSettings):
     """How often every instance key is re-read in full; the watch delivers changes in between
     (a resync repairs what a watch can miss across compaction)."""
     heartbeat_watch_progress_seconds: float = bounded_seconds(5.0, most=60.0, zero=True)
-    """The heartbeat watch asks etcd for a progress answer whenever its stream was silent
-    this long; silent for three times this, the stream counts as stalled and the heartbeat
-    view is not trusted (passes read etcd and plan deadline passes) until it answers again.
+    """The heartbeat and component change watches ask etcd for a progress answer whenever
+    their stream was silent this long; silent for three times this, the stream counts as
+    stalled: the heartbeat and change views are not trusted (passes read etcd and plan
+    deadline passes) until it answers again, and the library replaces it on another member.
     0: no progress requests, and a stream that stalls without an error goes unnoticed."""
     liveness_watch_stall_seconds: float = bounded_seconds(300.0)
     """Liveness fails when, with etcd healthy, the heartbeat watch's stream answered nothing

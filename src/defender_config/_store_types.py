@@ -376,6 +376,12 @@ class StoreMetrics:
             "Watches re-established after their stream broke (member down, failover).",
             registry=self.registry,
         )
+        self.watch_stalls = Counter(
+            "defender_etcd_watch_stalls",
+            "Watch streams given up because they stalled: silent past their bound though"
+            " progress was asked (each watch on one is then re-established, a watch restart).",
+            registry=self.registry,
+        )
         self.kept_keepalives = Counter(
             "defender_etcd_kept_keepalives",
             "Lease keep-alives sent by the store's keeper thread (leases given to keep_lease).",

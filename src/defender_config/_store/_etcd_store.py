@@ -598,6 +598,7 @@ class EtcdStore:
         on_error: Callable[[StoreError], None] | None = None,
         prev_kv: bool = False,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> WatchHandle:
         """Call `callback(event)` for every change under `prefix`, in revision order, from
         `start_revision` (default: changes after this call). The callback runs on the watch's
@@ -605,9 +606,20 @@ class EtcdStore:
         breaks (member down) the watch is re-created on another endpoint from the next revision,
         so no event is lost or repeated; `on_error` hears about each outage once. With
         `progress_seconds`, the watch asks etcd for a progress answer whenever nothing came for
-        that long, so `WatchHandle.silent_seconds` tells a stalled stream from an idle one."""
+        that long, so `WatchHandle.silent_seconds` tells a stalled stream from an idle one, and
+        a stream silent for more than `stall_seconds` (default: 3 x `progress_seconds`) is
+        given up and the watch re-created on another endpoint as after a broken one (a warning,
+        `defender_etcd_watch_stalls_total`). Without `progress_seconds`, `stall_seconds` is
+        ignored: silence then is no sign of a stall."""
         return self._watch(
-            prefix, True, callback, start_revision, on_error, prev_kv, progress_seconds
+            prefix,
+            True,
+            callback,
+            start_revision,
+            on_error,
+            prev_kv,
+            progress_seconds,
+            stall_seconds,
         )
 
     def watch_key(
@@ -631,11 +643,20 @@ class EtcdStore:
         on_error: Callable[[StoreError], None] | None,
         prev_kv: bool,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> WatchHandle:
         if start_revision is None:
             start_revision = self.current_revision(key) + 1
         handle = WatchHandle(
-            self, key, prefix, callback, start_revision, on_error, prev_kv, progress_seconds
+            self,
+            key,
+            prefix,
+            callback,
+            start_revision,
+            on_error,
+            prev_kv,
+            progress_seconds,
+            stall_seconds,
         )
         with self._watches_lock:
             self._watches.add(handle)
@@ -645,6 +666,10 @@ class EtcdStore:
     def _forget(self, handle: WatchHandle) -> None:
         with self._watches_lock:
             self._watches.discard(handle)
+
+    def _drop_stream(self, watcher: Any) -> bool:
+        """Give up the watch stream `watcher` (it stalled): see `_SharedClient.drop_stream`."""
+        return self._client.drop_stream(watcher)
 
     # --- health ---------------------------------------------------------------------------------
 

@@ -246,12 +246,24 @@ class _SharedClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
         at once instead of each waiting out a timeout of its own. Dropping it cancels its
         call (`_Watcher.close`): a watch etcd creates late goes with it instead of staying on
         the member, and the watches already on it resume on the new stream."""
+        self.drop_stream(watcher)
+
+    def drop_stream(self, watcher: _Watcher) -> bool:
+        """Give up a watch stream whose member does not answer on it (a creation past its
+        timeout, progress requests unanswered: `WatchHandle._replace_stalled`): its member is
+        marked failed as for a unary call past its deadline (the next stream goes to another
+        one), the stream is no longer handed out, and it is closed, so every watch on it gets
+        its error and resumes on the next stream. False, and nothing done, when it was closed
+        already (another watch on it gave it up first)."""
         with self._ep_lock:
+            if watcher.closed:
+                return False
             if watcher.endpoint in self.endpoints:
                 self.endpoints[watcher.endpoint].fail()
             if self._stubs.get("watcher") is watcher:
                 self._clear_old_stubs()
         watcher.close()
+        return True
 
     def range(
         self,
@@ -339,6 +351,11 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
         # it, a creation, a progress answer (`request_progress`). Its creation until then.
         # Written by the stream's thread, read by any: one float, replaced whole.
         self.heard_at = time.monotonic()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client dropped this stream (`close`)."""
+        return self._closed
 
     def _handle_response(self, rs: Any) -> None:
         # Before pyetcd's handling, which drops a progress answer for the whole stream (its

@@ -27,6 +27,10 @@ log = logging.getLogger("defender_config.store")
 
 _Item = tuple[int, Any]  # (generation, pyetcd WatchResponse | exception | None | _STOP)
 _STOP: Final = object()
+# A stream silent this many progress intervals stalled (when no `stall_seconds` is given): the
+# watch asks after one, and etcd answers within a round trip (later only while a watch on the
+# stream catches up, and what it then sends is an answer too).
+STALL_ROUNDS: Final = 3
 
 
 class WatchHandle:
@@ -42,9 +46,18 @@ class WatchHandle:
         on_error: Callable[[StoreError], None] | None,
         prev_kv: bool,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> None:
         self._store = store
         self._progress_seconds = progress_seconds
+        # Silent longer than this, the stream stalled and is replaced (`_replace_stalled`).
+        # Only a watch that asks for progress can tell a stall from quiet: an idle stream that
+        # is never asked answers nothing, however well it works.
+        self._stall_seconds: float | None = None
+        if progress_seconds is not None:
+            self._stall_seconds = (
+                stall_seconds if stall_seconds is not None else STALL_ROUNDS * progress_seconds
+            )
         self.key = key
         self._range_end = etcd_utils.prefix_range_end(key.encode()) if prefix else None
         self._callback = callback
@@ -86,7 +99,8 @@ class WatchHandle:
         With `progress_seconds`, a stream that works never stays silent much longer than that:
         the watch asks etcd for progress whenever it has been. More silence than that says the
         stream stalled without an error (a wedged member, a proxy holding it open), which
-        neither etcd nor gRPC reports: events that should come do not."""
+        neither etcd nor gRPC reports: events that should come do not. Past the stall bound
+        the watch gives the stream up and resumes on a new one (`_replace_stalled`)."""
         watcher = self._watcher
         if watcher is None or not self._connected.is_set():
             return None
@@ -154,7 +168,8 @@ class WatchHandle:
             try:
                 generation, item = self._queue.get(timeout=self._progress_seconds)
             except queue.Empty:
-                self._ask_progress()
+                if not self._replace_stalled():
+                    self._ask_progress()
                 continue
             if item is _STOP:
                 break
@@ -221,6 +236,34 @@ class WatchHandle:
         if time.monotonic() - watcher.heard_at >= seconds / 2:
             watcher.request_progress()
 
+    def _replace_stalled(self) -> bool:
+        """Whether the stream this watch is on was silent past the stall bound, and so given up:
+        it answered no progress request, though it reported no error (a wedged member, a proxy
+        holding it open: gRPC's keep-alive pings may be answered for minutes). The store drops
+        it (its member is avoided for a while) and every watch on it resumes on a new stream
+        from the revision after the last event it delivered, as after a broken one; so does
+        this watch, at once (`_lost_stream`: `_establish` and `_dispatch` see to it that
+        nothing is lost or delivered twice). One warning and one count per stream given up:
+        a watch that finds it given up already by another on it only resumes."""
+        silent, bound, watcher = self.silent_seconds(), self._stall_seconds, self._watcher
+        if silent is None or bound is None or silent <= bound:
+            return False
+        if self._store._drop_stream(watcher):
+            self._store.metrics.watch_stalls.inc()
+            log.warning(
+                "watch stream on %s silent for %.1fs (no event, no progress answer), over the"
+                " %.1fs bound: replaced, resuming from revision %d",
+                self.key,
+                silent,
+                bound,
+                self.next_revision,
+                extra={"silent_seconds": round(silent, 1)},
+            )
+            self._leave_stream()
+        else:
+            self._lost_stream("stalled stream replaced")
+        return True
+
     def _cancel_server_watch(self) -> None:
         # Cancel on the stream the watch was created on: watch ids are per stream, so the same
         # id on a newer stream (after a failover) may belong to another watch.
@@ -233,16 +276,21 @@ class WatchHandle:
                 log.debug("watch cancel of %s: %s", self.key, exc)
 
     def _lost_stream(self, why: Any) -> None:
+        self._leave_stream()
+        log.info(
+            "watch stream on %s ended (%s); resuming from revision %d",
+            self.key,
+            _details(why) if isinstance(why, BaseException) else why or "closed",
+            self.next_revision,
+        )
+
+    def _leave_stream(self) -> None:
+        """Off the stream: the loop creates the watch again from `next_revision`. What the old
+        stream still delivers is dropped (`_establish` starts a new generation)."""
         self._watcher, self._watch_id = None, None
         self._connected.clear()
         self.restarts += 1
         self._store.metrics.watch_restarts.inc()
-        log.info(
-            "watch stream on %s ended (%s); resuming from revision %d",
-            self.key,
-            _details(why) if isinstance(why, BaseException) else "closed",
-            self.next_revision,
-        )
 
     def _cluster_moved(self) -> bool:
         """After a lost stream: whether etcd now answers as another cluster (restored from a

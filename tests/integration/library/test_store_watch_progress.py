@@ -1,10 +1,12 @@
 """Progress answers on a watch stream against the real 3-member etcd (`watch_prefix`'s
 `progress_seconds`, `WatchHandle.silent_seconds`): an idle watch that asks keeps hearing from
 its member, and a member frozen under it (SIGSTOP: its connection stays open, nothing
-answers) shows as silence seconds before gRPC's keep-alive pings give the connection up."""
+answers) shows as silence seconds before gRPC's keep-alive pings give the connection up, and
+is replaced by a stream on another member once silent past the stall bound, losing nothing."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -66,7 +68,10 @@ def test_a_member_frozen_under_the_watch_shows_as_silence_before_keepalive_notic
     cluster = members_restored
     store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
     try:
-        handle = store.watch_prefix(etcd_prefix, lambda e: None, progress_seconds=PROGRESS)
+        # A bound past the freeze: what a stalled stream looks like until it is replaced.
+        handle = store.watch_prefix(
+            etcd_prefix, lambda e: None, progress_seconds=PROGRESS, stall_seconds=60
+        )
         assert handle.wait_connected(10)
         assert _loudest_silence(handle.silent_seconds, 1.5) < 3 * PROGRESS
         with cluster.frozen(cluster.member_at(handle._watcher.endpoint)):
@@ -90,3 +95,56 @@ def test_a_member_frozen_under_the_watch_shows_as_silence_before_keepalive_notic
         handle.cancel()
     finally:
         store.close()
+
+
+def test_a_stream_stalled_on_a_frozen_member_is_replaced_on_another_and_loses_nothing(
+    members_restored: EtcdCluster,
+    make_etcd_settings: Callable[..., EtcdSettings],
+    etcd_prefix: str,
+) -> None:
+    cluster = members_restored
+    store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    writer: EtcdStore | None = None
+    try:
+        events: list[WatchEvent] = []
+        handle = store.watch_prefix(etcd_prefix, events.append, progress_seconds=PROGRESS)
+        assert handle.wait_connected(10)
+        store.put(etcd_prefix + "before", b"0")
+        wait_for("the first put", lambda: len(events) == 1, timeout=10)
+        stalled = handle._watcher
+        frozen = cluster.member_at(stalled.endpoint)
+        # Writes go to the other two members (a quorum), so they land while the stream stalls.
+        others = [e for i, e in enumerate(cluster.endpoints) if i != frozen]
+        writer = quorum = EtcdStore(
+            make_etcd_settings(endpoints=others), registry=CollectorRegistry()
+        )
+        with cluster.frozen(frozen):
+            # Written while the stream stalls (the first ones may wait out an election, when
+            # the frozen member led).
+            writes = threading.Thread(
+                target=lambda: [quorum.put(f"{etcd_prefix}k{i}", b"v") for i in range(3)]
+            )
+            writes.start()
+
+            def replaced() -> bool:
+                watcher = handle._watcher
+                return handle.connected and watcher is not None and watcher is not stalled
+
+            wait_for("the watch on a new stream", replaced, timeout=30)
+            writes.join(30)
+            # Given up as stalled (silent past 3 progress intervals), not ended by gRPC's
+            # keep-alive pings (5-15 s after the stop), which count no stall.
+            assert store.metrics.registry.get_sample_value("defender_etcd_watch_stalls_total") == 1
+            assert cluster.member_at(handle._watcher.endpoint) != frozen
+            wait_for("the writes made meanwhile", lambda: len(events) == 4, timeout=10)
+            quorum.put(etcd_prefix + "after", b"v")
+            wait_for("a write after the replacement", lambda: len(events) == 5, timeout=10)
+        time.sleep(3 * PROGRESS)
+        keys = [e.key[len(etcd_prefix) :] for e in events]
+        assert keys == ["before", "k0", "k1", "k2", "after"]  # each once, in order
+        assert not any(e.resync for e in events)  # resumed from its revision, not re-read
+        handle.cancel()
+    finally:
+        store.close()
+        if writer is not None:
+            writer.close()

@@ -1,7 +1,8 @@
 """The component change watch (`_loops.change_watch` feeding `ChangeView`) on the real 3-member
 etcd, through `LibraryBackend`: another client's writes (and deletes) of the keys a monitor
 view reads mark exactly that component changed, other keys do not; an outage the watch reports
-and a compaction it resumes past make the view untrusted until a resync after them; and a
+and a compaction it resumes past make the view untrusted until a resync after them; a member
+frozen under the watch makes it untrusted until the library replaced the stalled stream; and a
 monitor pass's read (`_monitor.observe`) is skipped until another client writes, a forged
 record included."""
 
@@ -84,12 +85,12 @@ async def until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> 
         await asyncio.sleep(0.02)
 
 
-def watching(ours: LibraryBackend, scenario: Callable[[Runtime], Any]) -> None:
+def watching(ours: LibraryBackend, scenario: Callable[[Runtime], Any], **settings: Any) -> None:
     """Run `scenario(rt)` beside the operator's change-watch loop, once it is trusted."""
 
     async def run() -> None:
-        settings = OperatorSettings(etcd_health_interval_seconds=0.2)
-        rt = Runtime(settings, ours, None, None, MutableKeyringSource(None), "op")  # type: ignore[arg-type]
+        ours_settings = OperatorSettings(etcd_health_interval_seconds=0.2, **settings)
+        rt = Runtime(ours_settings, ours, None, None, MutableKeyringSource(None), "op")  # type: ignore[arg-type]
         task = asyncio.create_task(_loops.change_watch(rt))
         try:
             await until("the first resync", lambda: rt.changes.trusted)
@@ -173,7 +174,9 @@ def test_an_outage_the_watch_reports_is_untrusted_until_a_resync_after_it(
         before = view.synced_at
         resyncs = CHANGE_RESYNCS._value.get()
         await asyncio.to_thread(lambda: [cluster.stop_member(i) for i in range(cluster.members)])
-        await until("untrusted", lambda: not view.trusted)
+        # Reported (not only judged silent: a stream between members is that, too, and a
+        # restart quicker than the watch's retries would leave nothing to report).
+        await until("the outage reported", lambda: not view.synced and not view.trusted)
         await asyncio.to_thread(cluster.restart_members)
         await until("trusted again", lambda: view.trusted, timeout=60)
         assert CHANGE_RESYNCS._value.get() > resyncs and view.synced_at >= before
@@ -184,6 +187,43 @@ def test_an_outage_the_watch_reports_is_untrusted_until_a_resync_after_it(
         await until("a change after the outage", lambda: view.facts("rag").changed_at > 0)
 
     watching(ours, scenario)
+
+
+def test_a_member_frozen_under_the_watch_untrusts_the_view_until_its_stream_is_replaced(
+    operator_and_other: tuple[LibraryBackend, LibraryBackend], members_restored: EtcdCluster
+) -> None:
+    # A stream that stalls (SIGSTOP: the connection stays open, nothing answers) reports no
+    # error: its silence past three progress intervals untrusts the view, and the library
+    # replaces the stream on another member, where the view is trusted again though the
+    # member stays frozen, with no resync (the watch resumed where it stopped).
+    ours, other = operator_and_other
+    cluster = members_restored
+    progress = 0.5
+
+    async def scenario(rt: Runtime) -> None:
+        view = rt.changes
+        silent: Any = view._silent
+        handle = silent.__self__  # the change watch's WatchHandle
+        await until("the watch on a stream", lambda: handle._watcher is not None)
+        stalled = handle._watcher
+        frozen = cluster.member_at(stalled.endpoint)
+        resyncs = CHANGE_RESYNCS._value.get()
+        with cluster.frozen(frozen):
+            # Well before gRPC's keep-alive pings (5-15 s after the stop) end the stream.
+            await until("untrusted", lambda: not view.trusted, timeout=4)
+
+            def replaced() -> bool:
+                return view.trusted and handle._watcher not in (None, stalled)
+
+            await until("trusted on a new stream", replaced, timeout=20)
+            assert cluster.member_at(handle._watcher.endpoint) != frozen
+            assert CHANGE_RESYNCS._value.get() == resyncs
+            await asyncio.to_thread(
+                other.publish_cadence, "rag", Cadence(interval_seconds=5, allowed_misses=2, by=BY)
+            )
+            await until("a change on the new stream", lambda: view.facts("rag").changed_at > 0)
+
+    watching(ours, scenario, heartbeat_watch_progress_seconds=progress)
 
 
 def test_a_watch_resumed_past_a_compaction_is_untrusted_until_a_resync(

@@ -16,6 +16,7 @@ def test_metric_names_and_label_names() -> None:
     m.retries.labels("txn").inc()
     m.stale_reads.labels("get").inc()
     m.watch_restarts.inc()
+    m.watch_stalls.inc()
     m.failovers.inc()
     m.kept_keepalives.inc(3)
     m.kept_handbacks.labels("expired").inc()
@@ -27,6 +28,7 @@ def test_metric_names_and_label_names() -> None:
         "defender_etcd_retries",
         "defender_etcd_stale_reads",
         "defender_etcd_watch_restarts",
+        "defender_etcd_watch_stalls",
         "defender_etcd_endpoint_failovers",
         "defender_etcd_kept_keepalives",
         "defender_etcd_kept_lease_handbacks",
@@ -39,6 +41,7 @@ def test_metric_names_and_label_names() -> None:
     assert labels["defender_etcd_errors"] == {"op", "reason"}
     assert labels["defender_etcd_call_duration_seconds"] == {"op"}
     assert labels["defender_etcd_watch_restarts"] == set()
+    assert labels["defender_etcd_watch_stalls"] == set()
     assert labels["defender_etcd_kept_lease_handbacks"] == {"reason"}
     assert (
         m.registry.get_sample_value(

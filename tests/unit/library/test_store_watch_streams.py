@@ -382,3 +382,31 @@ def test_a_creation_queued_behind_an_unanswered_one_moves_on_without_its_own_tim
     assert isinstance(outcomes["/a"], etcd_exc.WatchTimedOut)
     watcher, watch_id = outcomes["/b"]
     assert watcher is not stuck and watch_id == 100
+
+
+def test_a_stalled_stream_given_up_moves_its_watches_to_another_member_once(
+    monkeypatch: pytest.MonkeyPatch, streams: Callable[..., _Streams]
+) -> None:
+    # A stream that answers creations, then nothing (no progress answer): the watch that finds
+    # it stalled gives it up (`WatchHandle._replace_stalled`). Its member is avoided, the
+    # watches on it are told (to resume), and another watch on it finding it given up already
+    # does nothing again (one warning, one count per stream).
+    stub = streams("stall")
+    monkeypatch.setattr(_pyetcd.etcdrpc, "WatchStub", lambda channel: stub)
+    endpoints = [_pyetcd.pyetcd.Endpoint("127.0.0.1", p, secure=False) for p in (1, 2)]
+    c = _SharedClient(endpoints=endpoints, timeout=0.5, failover=True, on_failover=lambda: None)
+    try:
+        told: queue.Queue[Any] = queue.Queue()
+        stalled, _ = c.add_watch("/a", told.put)
+        label = stalled.endpoint
+
+        assert c.drop_stream(stalled)
+
+        assert c.endpoints[label].is_failed()
+        assert stub.calls[0].cancelled.is_set()
+        assert isinstance(told.get(timeout=PROMPT), grpc.RpcError)
+        assert not c.drop_stream(stalled)
+        watcher, watch_id = c.add_watch("/a", lambda _: None)  # a new stream answers
+        assert watcher is not stalled and watcher.endpoint != label and watch_id == 100
+    finally:
+        c.close()

@@ -49,10 +49,20 @@ class _Store(StandInStore):
         super().__init__(SimpleNamespace(add_watch=add_watch))
 
 
-def _handle(stream: _Stream, progress_seconds: float | None) -> WatchHandle:
+def _handle(
+    stream: _Stream, progress_seconds: float | None, stall_seconds: float | None = None
+) -> WatchHandle:
     store: Any = _Store(stream)
     handle = WatchHandle(
-        store, "/t/", True, lambda _: None, 1, None, False, progress_seconds=progress_seconds
+        store,
+        "/t/",
+        True,
+        lambda _: None,
+        1,
+        None,
+        False,
+        progress_seconds=progress_seconds,
+        stall_seconds=stall_seconds,
     )
     handle._start()
     assert handle.wait_connected(5)
@@ -64,7 +74,9 @@ def test_an_idle_watch_asks_for_progress_and_its_silence_says_whether_it_came(
     answers: bool,
 ) -> None:
     stream = _Stream(answers)
-    handle = _handle(stream, progress_seconds=0.1)
+    # A bound past the test: what a stalled stream looks like before it is replaced
+    # (test_watch_stall.py).
+    handle = _handle(stream, progress_seconds=0.1, stall_seconds=60)
     try:
         wait_for("three progress requests", lambda: stream.asked >= 3, timeout=5)
         silent = handle.silent_seconds()

@@ -23,8 +23,11 @@ class StandInStore:
         self.cluster_changes = 0
         # Short backoffs: a restarted watch is back within the tests' waits.
         self.settings = SimpleNamespace(backoff_base_seconds=0.01, backoff_max_seconds=0.05)
-        self.metrics = SimpleNamespace(watch_restarts=SimpleNamespace(inc=lambda: None))
+        self.metrics = SimpleNamespace(watch_restarts=Count(), watch_stalls=Count())
         self._rng = random.Random(0)
+        # The streams given up as stalled (`_drop_stream`), in order; a stream given up twice
+        # is given up by the first only, as the real client's.
+        self.dropped: list[Any] = []
 
     def _call(self, _op: str, fn: Callable[[Any], Any], **_: Any) -> Any:
         return fn(self.client)
@@ -40,3 +43,19 @@ class StandInStore:
 
     def _forget(self, _handle: WatchHandle) -> None:
         pass
+
+    def _drop_stream(self, watcher: Any) -> bool:
+        if any(w is watcher for w in self.dropped):
+            return False
+        self.dropped.append(watcher)
+        return True
+
+
+class Count:
+    """A prometheus Counter as the watch uses one."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1

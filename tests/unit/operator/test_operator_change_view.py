@@ -5,7 +5,9 @@ the loop that keeps it trusted (`_loops.change_watch`) driven with the in-memory
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from operator_core_support import until
@@ -92,6 +94,27 @@ def test_the_view_is_trusted_only_while_watching_and_resynced() -> None:
     view.watching = False
     assert view.resync(view.begin_resync(), 12)
     assert not view.trusted and not view.resync_requested.is_set()
+
+
+def test_the_view_is_not_trusted_while_its_watch_stream_is_silent_past_the_limit() -> None:
+    # A stream that stalled without an error delivers no change: a view trusted meanwhile
+    # would be reused for up to monitor_full_read_seconds after etcd changed under it.
+    view = synced()
+    silent: list[float | None] = [0.0]
+    view.listen(lambda: silent[0], 15.0)
+    assert view.judge_stream() and view.trusted and view.facts("sniffer").trusted
+    silent[0] = 15.0
+    assert view.judge_stream() and view.trusted  # at the limit: waiting for its answer
+    silent[0] = 15.5
+    assert view.trusted  # judged on the event loop only: one answer per pass
+    assert not view.judge_stream() and not view.trusted
+    assert not view.facts("sniffer").trusted
+    silent[0] = None  # the library gave the stream up: between streams
+    assert not view.judge_stream() and not view.trusted
+    # On the new stream, answered: trusted again without a resync (the watch resumed from
+    # the revision after its last event, so it missed nothing).
+    silent[0] = 0.1
+    assert view.judge_stream() and view.trusted and view.synced_at == 10
 
 
 def test_each_component_keeps_its_highest_change() -> None:
@@ -192,6 +215,71 @@ def test_the_loop_resyncs_at_start_and_after_every_outage_and_compaction() -> No
             with pytest.raises(asyncio.CancelledError):
                 await task
         assert not view.watching and all(w.cancelled for w in backend._change_watches)
+
+    asyncio.run(scenario())
+
+
+def test_the_loop_asks_for_progress_and_distrusts_a_silent_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = MemoryBackend()
+    asked: list[float | None] = []
+    watch_changes = backend.watch_changes
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("progress_seconds"))
+        return watch_changes(*args, **kwargs)
+
+    backend.watch_changes = recording  # type: ignore[method-assign]
+
+    def told(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    async def scenario() -> None:
+        rt = runtime(backend, heartbeat_watch_progress_seconds=0.05)
+        view = rt.changes
+        task = asyncio.create_task(_loops.change_watch(rt))
+        try:
+            await until("first resync", lambda: view.trusted)
+            assert asked == [0.05]
+            (watch,) = backend._change_watches
+            watch.silent = 0.2  # over three progress intervals: stalled
+            await until("the stall judged", lambda: not view.trusted)
+            assert told("component change watch stream silent for 0s")
+            watch.silent = None  # given up by the library: between streams
+            await asyncio.sleep(0.2)
+            assert not view.trusted
+            watch.silent = 0.01  # on a new stream, answering
+            await until("the answer judged", lambda: view.trusted)
+            assert told("component change watch stream answers again")
+            resyncs = backend.calls.count("revision")
+            assert resyncs == 1  # resumed where it stopped: nothing to resync
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    with caplog.at_level(logging.INFO, logger="defender_operator"):
+        asyncio.run(scenario())
+
+
+def test_without_progress_requests_the_loop_judges_no_silence() -> None:
+    backend = MemoryBackend()
+
+    async def scenario() -> None:
+        rt = runtime(backend, heartbeat_watch_progress_seconds=0)
+        view = rt.changes
+        task = asyncio.create_task(_loops.change_watch(rt))
+        try:
+            await until("first resync", lambda: view.trusted)
+            (watch,) = backend._change_watches
+            watch.silent = 3600.0  # an idle stream never asked answers nothing
+            await asyncio.sleep(0.3)
+            assert view.trusted and view.judge_stream()
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
     asyncio.run(scenario())
 
