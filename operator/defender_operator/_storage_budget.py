@@ -36,7 +36,7 @@ from defender_operator._runtime import Runtime
 
 REFUSALS = Counter(
     "defender_operator_storage_budget_refusals_total",
-    "Commits and seeds refused by their namespace's storage budget",
+    "Commits, seeds and spec.customSchema changes refused by their namespace's storage budget",
     ["namespace"],
 )
 
@@ -145,7 +145,8 @@ def _json_bytes(value: Mapping[str, Any] | None) -> int:
 
 
 class StorageBudgetExceededError(DefenderConfigError):
-    """A commit or seed would put its namespace over its storage budget: nothing written."""
+    """A commit, seed or spec.customSchema change would put its namespace over its storage
+    budget: nothing written."""
 
     reason: ClassVar[str] = STORAGE_BUDGET_EXCEEDED
 
@@ -270,6 +271,52 @@ async def check_commit(
     # write leaves the reservation until the next measurement, which errs on the safe side).
     rt.memory(namespace, name).stored_bytes = max(now.total, after)
     return after
+
+
+def first_schema_cap(rt: Runtime, namespace: str) -> int | None:
+    """The cap of a reconcile's declare (`Backend.declare`): no growth of the component's
+    metadata record by spec.customSchema is written before `check_schema` judged it (None: no
+    budget applies). A schema that does not grow the record is recorded at once, so an
+    unchanged or smaller one costs no request more than before."""
+    return 0 if budget(rt, namespace) > 0 else None
+
+
+async def check_schema(
+    rt: Runtime, namespace: str, name: str, component: str, growth: int
+) -> int | None:
+    """The cap to declare again with (`growth` itself: the bytes recording spec.customSchema
+    grows the metadata record by, as the declare capped at `first_schema_cap` measured it), or
+    the refusal when it would take the namespace over its budget. One range read of the
+    component's keys, as a commit's (`check_commit`). None: the budget was lifted meanwhile."""
+    limit = budget(rt, namespace)
+    if limit <= 0:
+        return None
+    await measure_namespace(rt, namespace, component)
+    now = await asyncio.to_thread(rt.backend.footprint, component)
+    _known(rt, namespace, name, component, now.total)
+    after = now.total + growth
+    refused = decide_budget(
+        namespace,
+        component,
+        budget=limit,
+        others=others(rt, namespace, name, component),
+        before=now.total,
+        after=after,
+        what="spec.customSchema change",
+    )
+    if refused is not None:
+        raise refuse(refused)
+    # Reserved before the write, as a commit's, with no await since the decision.
+    rt.memory(namespace, name).stored_bytes = max(now.total, after)
+    return growth
+
+
+def schema_recorded(rt: Runtime, namespace: str, name: str, growth: int) -> None:
+    """A declare recorded a schema `growth` bytes larger (negative: smaller) without
+    `check_schema` (which reserved what it judged): what the component keeps moves with it."""
+    mem = rt.memory(namespace, name)
+    if growth and mem.stored_bytes is not None:
+        mem.stored_bytes = max(mem.stored_bytes + growth, 0)
 
 
 async def measure_unknown(rt: Runtime, namespace: str, name: str, component: str) -> None:
