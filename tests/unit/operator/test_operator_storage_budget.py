@@ -35,6 +35,7 @@ from defender_operator._decisions.storage_budget import (
     after_seed,
     decide_budget,
     namespace_budget,
+    schema_fits,
     seed_bytes,
 )
 from defender_operator._metrics import StorageGauges
@@ -573,6 +574,12 @@ def custom(schema: dict[str, Any]) -> dict[str, Any]:
 def described(size: int) -> dict[str, Any]:
     """SCHEMA, `size` bytes larger (its description)."""
     return {**SCHEMA, "description": "x" * size}
+
+
+def test_a_schema_that_does_not_grow_the_record_fits_any_cap() -> None:
+    assert schema_fits(-5, -100) and schema_fits(0, -1)  # a namespace over its budget too
+    assert schema_fits(10**9, None)  # no budget applies
+    assert schema_fits(10, 10) and not schema_fits(11, 10) and not schema_fits(1, 0)
 
 
 def test_a_schema_change_over_the_budget_is_refused_and_nothing_of_it_recorded() -> None:
