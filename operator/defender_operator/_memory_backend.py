@@ -389,6 +389,12 @@ class MemoryBackend:
         if schema_cap is not None and not schema_fits(growth, schema_cap):
             return Declared(replayed=replayed, schema_growth=growth, schema_capped=True)
         if recorded:
+            try:
+                self._validate(component, stored.component_type, stored.active, wanted)
+            except ConfigValidationError:
+                # As the library: recorded with the next commit of spec.config instead.
+                recorded, growth = False, 0
+        if recorded:
             stored.json_schema = wanted
             self._changed(component)  # the library records it in the metadata
         if recorded or resigned or replayed:

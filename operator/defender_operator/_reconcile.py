@@ -970,17 +970,18 @@ async def seed(
         )
 
     declared = await declare(_storage_budget.first_schema_cap(rt, v.namespace))
+    judged = 0
     if declared.schema_capped:
         # spec.customSchema grows the metadata record: judged against the namespace's budget
         # (refused there, nothing written), then declared again with what was judged. Once
         # more only if the record grew meanwhile (a commit by another writer landed).
         while declared.schema_capped:
-            cap = await _storage_budget.check_schema(
-                rt, v.namespace, v.name, component, declared.schema_growth
-            )
+            judged = declared.schema_growth
+            cap = await _storage_budget.check_schema(rt, v.namespace, v.name, component, judged)
             declared = await declare(cap)
     else:
         _storage_budget.schema_recorded(rt, v.namespace, v.name, declared.schema_growth)
+    _storage_budget.schema_unrecorded(rt, v.namespace, v.name, judged, declared)
     if declared.replayed:
         shown = ", ".join(declared.replayed[:5])
         out.events.append(

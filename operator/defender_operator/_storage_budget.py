@@ -24,6 +24,7 @@ import kopf
 from prometheus_client import Counter
 
 from defender_config import DefenderConfigError, canonical_json
+from defender_operator._backend import Declared
 from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
     BudgetRefusal,
@@ -251,13 +252,17 @@ async def check_commit(
     """The bytes the component would keep once `config` is committed as `version` (None when
     no budget applies: nothing read); raises the refusal when they would take the namespace
     over its budget. One range read of the component's keys: what the commit prunes."""
+    mem = rt.memory(namespace, name)
+    # Counted by this judgment only: the next visit's declare judges the schema again.
+    schema_growth, mem.schema_unrecorded = mem.schema_unrecorded, 0
     limit = budget(rt, namespace)
     if limit <= 0:
         return None
     await measure_namespace(rt, namespace, component)
     now = await asyncio.to_thread(rt.backend.footprint, component)
     _known(rt, namespace, name, component, now.total)
-    after = after_commit(now, new_value_bytes(_json_bytes(config)), version, history_limit)
+    value = new_value_bytes(_json_bytes(config))
+    after = after_commit(now, value, version, history_limit, schema_growth)
     refused = decide_budget(
         namespace,
         component,
@@ -311,6 +316,15 @@ async def check_schema(
     # Reserved before the write, as a commit's, with no await since the decision.
     rt.memory(namespace, name).stored_bytes = max(now.total, after)
     return growth
+
+
+def schema_unrecorded(
+    rt: Runtime, namespace: str, name: str, judged: int, declared: Declared
+) -> None:
+    """After the declare: a schema judged to grow the record by `judged` bytes (`check_schema`)
+    that the declare did not record (ACTIVE is not valid under it) is recorded by the commit of
+    spec.config, whose judgment counts it (`check_commit`)."""
+    rt.memory(namespace, name).schema_unrecorded = judged if not declared.schema_growth else 0
 
 
 def schema_recorded(rt: Runtime, namespace: str, name: str, growth: int) -> None:

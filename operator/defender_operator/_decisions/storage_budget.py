@@ -42,15 +42,19 @@ def new_value_bytes(config_json_bytes: int) -> int:
     return config_json_bytes + VALUE_OVERHEAD_BYTES
 
 
-def after_commit(now: Footprint, value_bytes: int, version: int, history_limit: int) -> int:
+def after_commit(
+    now: Footprint, value_bytes: int, version: int, history_limit: int, schema_growth: int = 0
+) -> int:
     """The component's bytes once version `version` (of `value_bytes`, see `new_value_bytes`)
     is committed with `history_limit`: ACTIVE replaced, the new history entry added and the
     entries below the oldest kept version pruned, as the library's commit does (it keeps the
     newest `history_limit` versions, the new one included). A raised historyLimit prunes
-    less: what it keeps is counted."""
+    less: what it keeps is counted. `schema_growth`: what the metadata record grows by when
+    the commit records a custom schema too (one not recorded before: ACTIVE was not valid
+    under it)."""
     oldest_kept = version - history_limit + 1
     pruned = sum(size for kept, size in now.history.items() if kept < oldest_kept)
-    return now.total - now.active - pruned + 2 * value_bytes
+    return now.total - now.active - pruned + 2 * value_bytes + max(schema_growth, 0)
 
 
 def seed_bytes(config_json_bytes: int, schema_json_bytes: int = 0) -> int:

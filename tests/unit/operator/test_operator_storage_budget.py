@@ -21,7 +21,7 @@ from test_operator_registration import (
     restored_from_before_the_purge,
 )
 
-from defender_config import RegistrationReplayError, StoreUnavailableError, contract
+from defender_config import RegistrationReplayError, StoreUnavailableError, canonical_json, contract
 from defender_operator import _api, _storage_budget
 from defender_operator._backend import Declared
 from defender_operator._decisions import conditions as cond
@@ -683,3 +683,25 @@ def test_a_record_grown_between_the_judgment_and_the_write_is_judged_again(
     run(h.reconcile(custom(described(20_000))))
     assert h.backend.components[NAME].json_schema == described(20_000)
     assert len(caps) == 3 and caps[0] == 0 and caps[2] == caps[1] + 10  # type: ignore[operator]
+
+
+def test_a_schema_recorded_by_the_commit_is_counted_by_the_commits_judgment() -> None:
+    # ACTIVE is not valid under the new schema: the declare does not record it, the commit of
+    # spec.config that comes with it does. Each fits alone; together they would not.
+    h = Harness()
+    run(h.reconcile(custom(SCHEMA)))
+    strict = {
+        "type": "object",
+        "properties": {"rate": {"type": "string"}},
+        "description": "x" * 20_000,
+    }
+    growth = len(canonical_json(strict)) - len(canonical_json(SCHEMA))
+    budgeted(h, h.backend.footprint(NAME).total + growth + 50)
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec({"rate": "fast"}, componentType="custom", customSchema=strict)))
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert synced["reason"] == STORAGE_BUDGET_EXCEEDED and synced["message"].startswith("commit")
+    assert h.backend.components[NAME].json_schema == SCHEMA
+    assert h.backend.state(NAME).active_version == 1
+    # Counted by that judgment only: a commit without it is judged on what etcd holds.
+    assert h.mem.schema_unrecorded == 0
