@@ -568,3 +568,34 @@ def test_a_declare_records_a_schema_growing_the_record_past_its_cap_only_once_ju
     unlimited = declare(larger, None)
     assert not unlimited.schema_capped and unlimited.schema_growth == 0
     assert backend.footprint("scorer").total == before + recorded.schema_growth
+
+
+def test_a_declare_leaves_a_schema_active_is_not_valid_under_to_the_next_commit(
+    backend: Backend,
+) -> None:
+    backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
+    before = backend.footprint("scorer").total
+    stricter = {**SCHEMA, "properties": {"threshold": {"type": "integer", "maximum": 2}}}
+    declared = backend.declare(
+        "scorer",
+        "custom",
+        json_schema=stricter,
+        storage=StoragePolicy.from_options(EnvelopeOptions()),
+        digest=config_digest({"threshold": 3}),
+        modified_by=BY,
+        schema_cap=10**6,
+    )
+    # Not recorded (ACTIVE, threshold 3, is not valid under it): nothing grew.
+    assert not declared.schema_capped and declared.schema_growth == 0
+    assert backend.footprint("scorer").total == before
+    assert (
+        backend.commit(
+            "scorer",
+            "custom",
+            {"threshold": 2},
+            json_schema=stricter,
+            modified_by=BY,
+            history_limit=10,
+        )
+        == 2
+    )
