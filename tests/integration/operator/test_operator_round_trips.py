@@ -436,6 +436,10 @@ def test_a_growing_custom_schema_is_judged_by_one_range_read_and_declared_again(
     library: LibraryBackend,
 ) -> None:
     h = Harness(backend=library)  # type: ignore[arg-type]
+    # A budget applies, whatever the caller's environment says.
+    h.rt.settings = h.rt.settings.model_copy(
+        update={"namespace_storage_budget_bytes": 1 << 20, "namespace_storage_budgets": {}}
+    )
     schema: dict[str, Any] = {"type": "object", "properties": {"rate": {"type": "integer"}}}
 
     def custom(schema: dict[str, Any]) -> dict[str, Any]:

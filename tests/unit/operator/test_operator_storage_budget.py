@@ -689,6 +689,7 @@ def test_a_schema_recorded_by_the_commit_is_counted_by_the_commits_judgment() ->
     # ACTIVE is not valid under the new schema: the declare does not record it, the commit of
     # spec.config that comes with it does. Each fits alone; together they would not.
     h = Harness()
+    budgeted(h, 64_000)
     run(h.reconcile(custom(SCHEMA)))
     strict = {
         "type": "object",
