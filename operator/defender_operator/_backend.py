@@ -60,6 +60,13 @@ class Declared:
     replayed: tuple[str, ...] = ()
     """Paths of a metadata record or history entries of another registration than the anchored
     one that the declare refused (the record rebuilt, the entries removed)."""
+    schema_growth: int = 0
+    """With a `schema_cap`: the bytes recording the spec's custom schema grew the metadata
+    record by (negative: it shrank; 0: nothing recorded), or, `schema_capped`, would have."""
+    schema_capped: bool = False
+    """The schema would have grown the record past `schema_cap`: not recorded, nothing of it
+    written (the caller judges the growth against the namespace's budget, then declares again
+    with it as the cap, or refuses)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,7 @@ class Backend(Protocol):
         digest: str,
         modified_by: str,
         registration: int | None = None,
+        schema_cap: int | None = None,
     ) -> Declared:
         """`registration`: the anchored one (`status.registration`, None: none yet): held by
         the backend's reader from now on, and the only one a repair takes values of.
@@ -203,7 +211,9 @@ class Backend(Protocol):
         signed, forged, or an older one put back), rebuilt from authenticated values,
         `component_type`/`json_schema` and, for a plaintext component, only when it holds
         `digest` (the valid spec config's digest). `json_schema` also becomes the schema later
-        commits are validated against. `resigned` when it re-signed; RecordAuthError when it
+        commits are validated against, unless it grows the record by more than `schema_cap`
+        bytes (None: no storage budget applies; `schema_fits`): then `schema_capped`, and
+        nothing of it is written. `resigned` when it re-signed; RecordAuthError when it
         cannot. The existence check, the repair's and the schema's reads are one read where
         they can be, and a new component's state comes back with it."""
         ...

@@ -71,7 +71,7 @@ from defender_operator._backend import (
 )
 from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.restarts import MAX_HONOURED_LEASE_TTL_SECONDS
-from defender_operator._decisions.storage_budget import Footprint
+from defender_operator._decisions.storage_budget import Footprint, schema_fits
 from defender_operator._errors import OwnerRecordError
 from defender_operator._etcd_health import etcd_health, record_metrics
 from defender_operator._keys import MutableKeyringSource
@@ -230,6 +230,7 @@ class LibraryBackend:
         digest: str,
         modified_by: str,
         registration: int | None = None,
+        schema_cap: int | None = None,
     ) -> Declared:
         self.declare_storage(component, storage)
         self._declared[component] = (component_type, json_schema, digest)
@@ -260,6 +261,12 @@ class LibraryBackend:
         # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
         # not valid under it, it is recorded with the next commit of spec.config instead.
         # The record read above is still current unless the repair rewrote it.
+        growth = 0
+        if schema_cap is not None and meta_sv is not None and not resigned:
+            # Judged before anything of it is written (a re-signed record holds the schema).
+            growth = self.configs.schema_growth(component, json_schema, metadata=meta_sv)
+            if not schema_fits(growth, schema_cap):
+                return Declared(replayed=tuple(replays), schema_growth=growth, schema_capped=True)
         recorded = False
         try:
             recorded = self.configs.set_schema(
@@ -269,7 +276,11 @@ class LibraryBackend:
             log.warning("spec.customSchema of %s not recorded yet: %s", component, exc)
         if resigned or recorded or replays:
             # The record (or the history) changed: the caller reads again.
-            return Declared(resigned=resigned, replayed=tuple(replays))
+            return Declared(
+                resigned=resigned,
+                replayed=tuple(replays),
+                schema_growth=growth if recorded else 0,
+            )
         # Nothing written: the read above is the state (the repair verified its record).
         return Declared(state=_state(self.configs.overview_of(component, gets, False)))
 

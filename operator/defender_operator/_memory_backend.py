@@ -75,12 +75,19 @@ from defender_operator._backend import (
     Watching,
 )
 from defender_operator._decisions.ownership import Claim
-from defender_operator._decisions.storage_budget import Footprint
+from defender_operator._decisions.storage_budget import Footprint, schema_fits
 from defender_operator._errors import OwnerRecordError
 
 ENDPOINTS = ["memory://defender"]
 # As the library counts one put of a transaction (key, value and framing).
 _PER_OP_BYTES = 64
+
+
+def _json_size(value: Mapping[str, Any] | None) -> int:
+    """What `footprint` counts for one value: its canonical JSON and its key."""
+    return (len(canonical_json(value)) if value is not None else 0) + _PER_OP_BYTES
+
+
 DEFAULT_HISTORY_LIMIT = 10
 
 
@@ -371,6 +378,7 @@ class MemoryBackend:
         digest: str,
         modified_by: str,
         registration: int | None = None,
+        schema_cap: int | None = None,
     ) -> Declared:
         self._enter("declare")
         stored = self.components.get(component)
@@ -379,13 +387,28 @@ class MemoryBackend:
             return Declared(state=self._state(component))
         replayed, resigned = self._repair_registration(component, stored, registration)
         # As the library: the spec's schema governs the next commit.
-        recorded = stored.json_schema != (dict(json_schema) if json_schema is not None else None)
+        wanted = dict(json_schema) if json_schema is not None else None
+        recorded = stored.json_schema != wanted
+        # As `footprint` counts the schema (the library: the record's size as stored).
+        growth = _json_size(wanted) - _json_size(stored.json_schema) if recorded else 0
+        if schema_cap is not None and not schema_fits(growth, schema_cap):
+            return Declared(replayed=replayed, schema_growth=growth, schema_capped=True)
         if recorded:
-            stored.json_schema = dict(json_schema) if json_schema is not None else None
+            try:
+                self._validate(component, stored.component_type, stored.active, wanted)
+            except ConfigValidationError:
+                # As the library: recorded with the next commit of spec.config instead.
+                recorded, growth = False, 0
+        if recorded:
+            stored.json_schema = wanted
             self._changed(component)  # the library records it in the metadata
         if recorded or resigned or replayed:
             # The record (or the history) changed: the caller reads again.
-            return Declared(resigned=resigned, replayed=replayed)
+            return Declared(
+                resigned=resigned,
+                replayed=replayed,
+                schema_growth=growth if schema_cap is not None else 0,
+            )
         # Nothing here is signed, so nothing needs re-signing; nothing written.
         return Declared(state=self._state(component))
 
@@ -485,12 +508,14 @@ class MemoryBackend:
         if stored is None:
             return Footprint()
 
-        def size(value: Mapping[str, Any] | None) -> int:
-            return (len(canonical_json(value)) if value is not None else 0) + _PER_OP_BYTES
-
-        active = size(stored.active)
-        history = {v: size(config) for v, config in stored.history.items()}
-        total = size(stored.master) + active + sum(history.values()) + size(stored.json_schema)
+        active = _json_size(stored.active)
+        history = {v: _json_size(config) for v, config in stored.history.items()}
+        total = (
+            _json_size(stored.master)
+            + active
+            + sum(history.values())
+            + _json_size(stored.json_schema)
+        )
         return Footprint(total=total, active=active, history=history)
 
     def owners(self) -> dict[str, str]:

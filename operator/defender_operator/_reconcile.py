@@ -42,7 +42,7 @@ from defender_config.contract import (
     UNFREEZE_ANNOTATION,
 )
 from defender_operator import _api, _attribution, _canary, _storage_budget
-from defender_operator._backend import ComponentState, Observation
+from defender_operator._backend import ComponentState, Declared, Observation
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions import keycopy
 from defender_operator._decisions.breaker import (
@@ -954,17 +954,34 @@ async def seed(
     digest = v.digest(normalized)
     storage = storage_policy(spec.storage)
     out = Outcome()
-    declared = await rt.write(
-        component,
-        rt.backend.declare,
-        component,
-        spec.component_type.value,
-        json_schema=spec.custom_schema,
-        storage=storage,
-        digest=digest,
-        modified_by=v.who,
-        registration=anchored_registration(v.status),
-    )
+
+    async def declare(schema_cap: int | None) -> Declared:
+        return await rt.write(
+            component,
+            rt.backend.declare,
+            component,
+            spec.component_type.value,
+            json_schema=spec.custom_schema,
+            storage=storage,
+            digest=digest,
+            modified_by=v.who,
+            registration=anchored_registration(v.status),
+            schema_cap=schema_cap,
+        )
+
+    declared = await declare(_storage_budget.first_schema_cap(rt, v.namespace))
+    judged = 0
+    if declared.schema_capped:
+        # spec.customSchema grows the metadata record: judged against the namespace's budget
+        # (refused there, nothing written), then declared again with what was judged. Once
+        # more only if the record grew meanwhile (a commit by another writer landed).
+        while declared.schema_capped:
+            judged = declared.schema_growth
+            cap = await _storage_budget.check_schema(rt, v.namespace, v.name, component, judged)
+            declared = await declare(cap)
+    else:
+        _storage_budget.schema_recorded(rt, v.namespace, v.name, declared.schema_growth)
+    _storage_budget.schema_unrecorded(rt, v.namespace, v.name, judged, declared)
     if declared.replayed:
         shown = ", ".join(declared.replayed[:5])
         out.events.append(

@@ -93,6 +93,10 @@ class ComponentMemory:
     # None until this process measured it or wrote it. Set through `stored_bytes`, which keeps
     # its namespace's sum (`Runtime.storage_used`) with it.
     _stored_bytes: int | None = field(default=None, repr=False)
+    # What a spec.customSchema judged by the budget but not recorded by the declare (ACTIVE is
+    # not valid under it) adds to the metadata record when the commit of spec.config records
+    # it: counted by that commit's judgment (`_storage_budget.check_commit`).
+    schema_unrecorded: int = 0
     _usage: tuple[dict[str, int], str] | None = field(default=None, repr=False, compare=False)
     corrupt: Cond | None = None
     scrub_announced: frozenset[tuple[str, str]] = frozenset()

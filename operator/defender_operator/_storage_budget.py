@@ -2,7 +2,9 @@
 
 What each component keeps in etcd is remembered in its memory (`ComponentMemory.stored_bytes`):
 measured by one range read of its directory when unknown (after a restart), and before each
-commit or seed beside data already there (a commit prunes what it measured); a new component's
+commit, seed beside data already there or spec.customSchema change that grows its metadata
+record (a commit prunes what it measured; a schema is judged in the declare that records it,
+`Backend.declare`'s schema_cap); a new component's
 is what its seed writes, so its create path costs no read. A namespace's usage is the sum over
 the components this process remembers in it, and the data its resources deleted with retention
 Keep left in etcd (`retain`); those deleted with Purge are forgotten with their memory.
@@ -22,6 +24,7 @@ import kopf
 from prometheus_client import Counter
 
 from defender_config import DefenderConfigError, canonical_json
+from defender_operator._backend import Declared
 from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
     BudgetRefusal,
@@ -36,7 +39,7 @@ from defender_operator._runtime import Runtime
 
 REFUSALS = Counter(
     "defender_operator_storage_budget_refusals_total",
-    "Commits and seeds refused by their namespace's storage budget",
+    "Commits, seeds and spec.customSchema changes refused by their namespace's storage budget",
     ["namespace"],
 )
 
@@ -145,7 +148,8 @@ def _json_bytes(value: Mapping[str, Any] | None) -> int:
 
 
 class StorageBudgetExceededError(DefenderConfigError):
-    """A commit or seed would put its namespace over its storage budget: nothing written."""
+    """A commit, seed or spec.customSchema change would put its namespace over its storage
+    budget: nothing written."""
 
     reason: ClassVar[str] = STORAGE_BUDGET_EXCEEDED
 
@@ -248,13 +252,17 @@ async def check_commit(
     """The bytes the component would keep once `config` is committed as `version` (None when
     no budget applies: nothing read); raises the refusal when they would take the namespace
     over its budget. One range read of the component's keys: what the commit prunes."""
+    mem = rt.memory(namespace, name)
+    # Counted by this judgment only: the next visit's declare judges the schema again.
+    schema_growth, mem.schema_unrecorded = mem.schema_unrecorded, 0
     limit = budget(rt, namespace)
     if limit <= 0:
         return None
     await measure_namespace(rt, namespace, component)
     now = await asyncio.to_thread(rt.backend.footprint, component)
     _known(rt, namespace, name, component, now.total)
-    after = after_commit(now, new_value_bytes(_json_bytes(config)), version, history_limit)
+    value = new_value_bytes(_json_bytes(config))
+    after = after_commit(now, value, version, history_limit, schema_growth)
     refused = decide_budget(
         namespace,
         component,
@@ -270,6 +278,61 @@ async def check_commit(
     # write leaves the reservation until the next measurement, which errs on the safe side).
     rt.memory(namespace, name).stored_bytes = max(now.total, after)
     return after
+
+
+def first_schema_cap(rt: Runtime, namespace: str) -> int | None:
+    """The cap of a reconcile's declare (`Backend.declare`): no growth of the component's
+    metadata record by spec.customSchema is written before `check_schema` judged it (None: no
+    budget applies). A schema that does not grow the record is recorded at once, so an
+    unchanged or smaller one costs no request more than before."""
+    return 0 if budget(rt, namespace) > 0 else None
+
+
+async def check_schema(
+    rt: Runtime, namespace: str, name: str, component: str, growth: int
+) -> int | None:
+    """The cap to declare again with (`growth` itself: the bytes recording spec.customSchema
+    grows the metadata record by, as the declare capped at `first_schema_cap` measured it), or
+    the refusal when it would take the namespace over its budget. One range read of the
+    component's keys, as a commit's (`check_commit`). None: the budget was lifted meanwhile."""
+    limit = budget(rt, namespace)
+    if limit <= 0:
+        return None
+    await measure_namespace(rt, namespace, component)
+    now = await asyncio.to_thread(rt.backend.footprint, component)
+    _known(rt, namespace, name, component, now.total)
+    after = now.total + growth
+    refused = decide_budget(
+        namespace,
+        component,
+        budget=limit,
+        others=others(rt, namespace, name, component),
+        before=now.total,
+        after=after,
+        what="spec.customSchema change",
+    )
+    if refused is not None:
+        raise refuse(refused)
+    # Reserved before the write, as a commit's, with no await since the decision.
+    rt.memory(namespace, name).stored_bytes = max(now.total, after)
+    return growth
+
+
+def schema_unrecorded(
+    rt: Runtime, namespace: str, name: str, judged: int, declared: Declared
+) -> None:
+    """After the declare: a schema judged to grow the record by `judged` bytes (`check_schema`)
+    that the declare did not record (ACTIVE is not valid under it) is recorded by the commit of
+    spec.config, whose judgment counts it (`check_commit`)."""
+    rt.memory(namespace, name).schema_unrecorded = judged if not declared.schema_growth else 0
+
+
+def schema_recorded(rt: Runtime, namespace: str, name: str, growth: int) -> None:
+    """A declare recorded a schema `growth` bytes larger (negative: smaller) without
+    `check_schema` (which reserved what it judged): what the component keeps moves with it."""
+    mem = rt.memory(namespace, name)
+    if growth and mem.stored_bytes is not None:
+        mem.stored_bytes = max(mem.stored_bytes + growth, 0)
 
 
 async def measure_unknown(rt: Runtime, namespace: str, name: str, component: str) -> None:

@@ -1178,6 +1178,22 @@ class ConfigStore:
         log.info("component %s: JSON schema set by %s", component, by)
         return True
 
+    def schema_growth(
+        self, component: str, json_schema: Mapping[str, Any] | None, *, metadata: StoredValue
+    ) -> int:
+        """How many bytes the metadata record (`metadata`, as the caller just read it) would
+        grow by, as stored, were `set_schema` to record `json_schema` in it: 0 when it records
+        it already, negative when it shrinks. Nothing read or written: a caller that keeps a
+        storage budget judges the growth before `set_schema` writes it (guarded by the same
+        record's mod_revision)."""
+        meta = self._decode_metadata(metadata.key, metadata.value, component)
+        if _schema_digest(json_schema) == _schema_digest(meta.json_schema):
+            return 0
+        new_meta = meta.model_copy(
+            update={"json_schema": dict(json_schema) if json_schema is not None else None}
+        )
+        return len(self._encode_metadata(component, new_meta)) - len(metadata.value)
+
     def _record_schema(
         self,
         component: str,

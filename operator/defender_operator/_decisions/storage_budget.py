@@ -42,15 +42,19 @@ def new_value_bytes(config_json_bytes: int) -> int:
     return config_json_bytes + VALUE_OVERHEAD_BYTES
 
 
-def after_commit(now: Footprint, value_bytes: int, version: int, history_limit: int) -> int:
+def after_commit(
+    now: Footprint, value_bytes: int, version: int, history_limit: int, schema_growth: int = 0
+) -> int:
     """The component's bytes once version `version` (of `value_bytes`, see `new_value_bytes`)
     is committed with `history_limit`: ACTIVE replaced, the new history entry added and the
     entries below the oldest kept version pruned, as the library's commit does (it keeps the
     newest `history_limit` versions, the new one included). A raised historyLimit prunes
-    less: what it keeps is counted."""
+    less: what it keeps is counted. `schema_growth`: what the metadata record grows by when
+    the commit records a custom schema too (one not recorded before: ACTIVE was not valid
+    under it)."""
     oldest_kept = version - history_limit + 1
     pruned = sum(size for kept, size in now.history.items() if kept < oldest_kept)
-    return now.total - now.active - pruned + 2 * value_bytes
+    return now.total - now.active - pruned + 2 * value_bytes + max(schema_growth, 0)
 
 
 def seed_bytes(config_json_bytes: int, schema_json_bytes: int = 0) -> int:
@@ -66,6 +70,14 @@ def after_seed(kept: int, seed: int, *, purging: bool) -> int:
     return seed if purging else kept + seed
 
 
+def schema_fits(growth: int, cap: int | None) -> bool:
+    """Whether recording a changed custom schema that grows the component's metadata record by
+    `growth` bytes (as stored) may be written under `cap` (None: no budget applies). A schema
+    that does not grow the record (unchanged, or smaller) always may: it frees or keeps space,
+    even in a namespace over its budget. The declare that records it judges with this."""
+    return cap is None or growth <= 0 or growth <= cap
+
+
 def namespace_budget(namespace: str, default_bytes: int, per_namespace: Mapping[str, int]) -> int:
     """The budget of `namespace` in bytes (0: unlimited): its own entry in the operator's
     settings, else the default. Never from anything a tenant can edit (its Namespace object)."""
@@ -74,8 +86,8 @@ def namespace_budget(namespace: str, default_bytes: int, per_namespace: Mapping[
 
 @dataclass(frozen=True)
 class BudgetRefusal:
-    """A commit or seed that would put its namespace over its storage budget (nothing is
-    written): what the refusal says (`str`), raised by the caller as its typed error."""
+    """A commit, seed or schema change that would put its namespace over its storage budget
+    (nothing is written): what the refusal says (`str`), raised by the caller as its typed error."""
 
     reason: ClassVar[str] = STORAGE_BUDGET_EXCEEDED
 
@@ -91,9 +103,9 @@ class BudgetRefusal:
             f"{self.what} of {self.component!r} refused: namespace {self.namespace!r} keeps"
             f" {self.usage} bytes in etcd and would keep {self.after} bytes with it, over its"
             f" storage budget of {self.budget} bytes; ACTIVE is unchanged. Lower"
-            " spec.rollout.historyLimit or the config's size here or on other components of"
-            " the namespace, delete unused ones, or have the cluster admin raise the budget"
-            " (chart: operator.storageBudget), then apply the change again"
+            " spec.rollout.historyLimit or the size of the config (or spec.customSchema) here"
+            " or on other components of the namespace, delete unused ones, or have the cluster"
+            " admin raise the budget (chart: operator.storageBudget), then apply the change again"
         )
 
 

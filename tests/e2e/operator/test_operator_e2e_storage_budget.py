@@ -1,8 +1,8 @@
 """The per-namespace storage budget against a real API server and etcd: a namespace with a small
 budget has a commit refused (ConfigSynced, a Warning Event, ACTIVE unchanged in etcd), while a
 namespace under the default budget commits a config of the same size; a restarted operator
-still counts what a resource deleted with retention Keep left (docs/operator.md, "Storage
-budget per namespace")."""
+still counts what a resource deleted with retention Keep left; an edit of spec.customSchema is
+judged too (docs/operator.md, "Storage budget per namespace")."""
 
 from __future__ import annotations
 
@@ -182,6 +182,34 @@ def test_a_seed_into_a_name_whose_data_was_deleted_is_judged_by_the_budget(
     assert synced["message"].startswith("seed of 'budget-lost' refused")
     run.wait_event("budget-lost", "StorageBudgetExceeded")
     assert run.configs().get_metadata("budget-lost") is None  # nothing written
+
+
+def test_a_custom_schema_edit_over_the_budget_is_refused_and_not_recorded(
+    operator_run: OperatorRun,
+) -> None:
+    # Only spec.customSchema changes (no commit is due): the metadata record that keeps it
+    # would grow past the small budget, so nothing of it is written.
+    run = operator_run
+    run.start(DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS=json.dumps({run.namespace: SMALL_BUDGET}))
+    _create(run, run.namespace, "budget-schema", {"value": 1})
+    _wait_version(run, run.namespace, "budget-schema", 1)
+    large = {"type": "object", "description": _blob(SMALL_BUDGET)}  # ~270 KB of base64
+    run.custom.patch_namespaced_custom_object(
+        contract.API_GROUP,
+        contract.API_VERSION,
+        run.namespace,
+        contract.PLURAL,
+        "budget-schema",
+        {"spec": {"customSchema": large}},
+    )
+    synced = run.wait_condition(
+        "budget-schema", "ConfigSynced", status="False", reason="StorageBudgetExceeded"
+    )
+    assert synced["message"].startswith("spec.customSchema change of 'budget-schema' refused")
+    assert f"{SMALL_BUDGET} bytes" in synced["message"]
+    run.wait_event("budget-schema", "StorageBudgetExceeded")
+    meta = run.configs().get_metadata("budget-schema")
+    assert meta is not None and meta.json_schema == {"type": "object"}  # as it was
 
 
 def _gone(run: OperatorRun, name: str) -> bool:

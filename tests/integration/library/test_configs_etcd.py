@@ -207,7 +207,13 @@ def test_repair_and_schema_take_the_record_the_caller_read_and_are_guarded_by_it
     )
     assert not configs.set_schema("sniffer", None, "op", metadata=meta_sv)  # already recorded
     assert meta_key not in read  # neither read the record again
+    assert meta_sv is not None
+    assert configs.schema_growth("sniffer", None, metadata=meta_sv) == 0  # already recorded
+    growth = configs.schema_growth("sniffer", schema, metadata=meta_sv)
+    assert growth > len(json.dumps(schema)) // 2 and meta_key not in read  # nothing read
     assert configs.set_schema("sniffer", schema, "op", metadata=meta_sv)
+    written = client.store.get(meta_key)
+    assert written is not None and len(written.value) == len(meta_sv.value) + growth
     # A record read before a write is no base for another: the schema is refused, not lost.
     assert meta_sv is not None
     with pytest.raises(ConflictError):

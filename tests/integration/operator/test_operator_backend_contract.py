@@ -18,6 +18,7 @@ from defender_config import (
     ChangeKind,
     ConfigFrozenError,
     ConfigValidationError,
+    EnvelopeOptions,
     Heartbeater,
     Keyring,
     LibrarySettings,
@@ -29,7 +30,7 @@ from defender_config import (
     validate_config,
 )
 from defender_devcluster import etcd_client_settings
-from defender_operator._backend import Backend, InstanceRecord
+from defender_operator._backend import Backend, Declared, InstanceRecord
 from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.storage_budget import Footprint, after_commit, new_value_bytes
 from defender_operator._keys import MutableKeyringSource
@@ -528,3 +529,73 @@ def test_the_namespace_owning_each_component_is_named_by_its_owner_record(
         assert isinstance(backend, LibraryBackend)
         backend.client.store.put(backend.layout.owner("sniffer"), b"not a record")
     assert backend.owners() == {"firewall": "team-a", "ids": "team-a", "rag": "team-b"}
+
+
+def test_a_declare_records_a_schema_growing_the_record_past_its_cap_only_once_judged(
+    backend: Backend,
+) -> None:
+    backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
+    before = backend.footprint("scorer").total
+    larger = {**SCHEMA, "description": "x" * 2000}
+
+    def declare(schema: dict[str, Any], cap: int | None) -> Declared:
+        return backend.declare(
+            "scorer",
+            "custom",
+            json_schema=schema,
+            storage=StoragePolicy.from_options(EnvelopeOptions()),
+            digest=config_digest({"threshold": 3}),
+            modified_by=BY,
+            schema_cap=cap,
+        )
+
+    capped = declare(larger, 0)
+    assert capped.schema_capped and capped.schema_growth >= 2000
+    assert backend.footprint("scorer").total == before  # nothing of it written
+    below = declare(larger, capped.schema_growth - 1)
+    assert below.schema_capped and below.schema_growth == capped.schema_growth
+    # Within the cap (what the operator judged): recorded, the growth as the footprint counts it.
+    recorded = declare(larger, capped.schema_growth)
+    assert not recorded.schema_capped and recorded.schema_growth == capped.schema_growth
+    assert backend.footprint("scorer").total == before + recorded.schema_growth
+    # The same schema, or a smaller one, passes any cap, a namespace already over its budget's.
+    same = declare(larger, -1)
+    assert not same.schema_capped and same.schema_growth == 0
+    shrunk = declare(SCHEMA, -1)
+    assert not shrunk.schema_capped and shrunk.schema_growth == -recorded.schema_growth
+    assert backend.footprint("scorer").total == before
+    # No budget applies: no cap, nothing measured.
+    unlimited = declare(larger, None)
+    assert not unlimited.schema_capped and unlimited.schema_growth == 0
+    assert backend.footprint("scorer").total == before + recorded.schema_growth
+
+
+def test_a_declare_leaves_a_schema_active_is_not_valid_under_to_the_next_commit(
+    backend: Backend,
+) -> None:
+    backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
+    before = backend.footprint("scorer").total
+    stricter = {**SCHEMA, "properties": {"threshold": {"type": "integer", "maximum": 2}}}
+    declared = backend.declare(
+        "scorer",
+        "custom",
+        json_schema=stricter,
+        storage=StoragePolicy.from_options(EnvelopeOptions()),
+        digest=config_digest({"threshold": 3}),
+        modified_by=BY,
+        schema_cap=10**6,
+    )
+    # Not recorded (ACTIVE, threshold 3, is not valid under it): nothing grew.
+    assert not declared.schema_capped and declared.schema_growth == 0
+    assert backend.footprint("scorer").total == before
+    assert (
+        backend.commit(
+            "scorer",
+            "custom",
+            {"threshold": 2},
+            json_schema=stricter,
+            modified_by=BY,
+            history_limit=10,
+        )
+        == 2
+    )

@@ -432,6 +432,35 @@ def test_a_deleted_newest_history_entry_does_not_make_the_reconcile_roll_active_
     assert running.get_active(NAME).config["interface"] == "eth9"
 
 
+def test_a_growing_custom_schema_is_judged_by_one_range_read_and_declared_again(
+    library: LibraryBackend,
+) -> None:
+    h = Harness(backend=library)  # type: ignore[arg-type]
+    # A budget applies, whatever the caller's environment says.
+    h.rt.settings = h.rt.settings.model_copy(
+        update={"namespace_storage_budget_bytes": 1 << 20, "namespace_storage_budgets": {}}
+    )
+    schema: dict[str, Any] = {"type": "object", "properties": {"rate": {"type": "integer"}}}
+
+    def custom(schema: dict[str, Any]) -> dict[str, Any]:
+        return spec({"rate": 1}, componentType="custom", customSchema=schema)
+
+    asyncio.run(h.reconcile(custom(schema)))
+    counted = Counted(library)
+    asyncio.run(h.reconcile(custom({**schema, "description": "larger"})))
+    ops = counted.take()
+    # The four of every reconcile of an existing component (the declare, capped: nothing
+    # written); what the component keeps (one range read) for the budget's judgment; the
+    # declare again (its read, the repair's history and ACTIVE), the schema check's reads of
+    # ACTIVE and its write; the state read again. The same schema again: the four.
+    four = ["get", "txn", "list", "get"]
+    assert ops == [*four, "list", "txn", "list", "get", "get", "get", "txn", "txn"]
+    asyncio.run(h.reconcile(custom({**schema, "description": "larger"})))
+    assert counted.take() == four
+    meta = library.configs.get_metadata(NAME)
+    assert meta is not None and meta.json_schema == {**schema, "description": "larger"}
+
+
 def test_a_commit_under_a_storage_budget_costs_one_range_read_of_the_component(
     library: LibraryBackend,
 ) -> None:

@@ -21,8 +21,9 @@ from test_operator_registration import (
     restored_from_before_the_purge,
 )
 
-from defender_config import RegistrationReplayError, StoreUnavailableError, contract
+from defender_config import RegistrationReplayError, StoreUnavailableError, canonical_json, contract
 from defender_operator import _api, _storage_budget
+from defender_operator._backend import Declared
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.ownership import Claim
 from defender_operator._decisions.registration import REGISTRATION_FIELD
@@ -34,6 +35,7 @@ from defender_operator._decisions.storage_budget import (
     after_seed,
     decide_budget,
     namespace_budget,
+    schema_fits,
     seed_bytes,
 )
 from defender_operator._metrics import StorageGauges
@@ -557,3 +559,150 @@ def test_the_component_deciding_is_measured_by_its_decision_not_twice() -> None:
     run(h.reconcile(spec(big("a"))))  # a commit: what it prunes read once
     assert h.backend.calls.count("footprint") == 1
     assert h.backend.state(NAME).active_version == 2
+
+
+# --- spec.customSchema changes ----------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"rate": {"type": "integer"}}}
+RATE = {"rate": 1}
+
+
+def custom(schema: dict[str, Any]) -> dict[str, Any]:
+    return spec(RATE, componentType="custom", customSchema=schema)
+
+
+def described(size: int) -> dict[str, Any]:
+    """SCHEMA, `size` bytes larger (its description)."""
+    return {**SCHEMA, "description": "x" * size}
+
+
+def test_a_schema_that_does_not_grow_the_record_fits_any_cap() -> None:
+    assert schema_fits(-5, -100) and schema_fits(0, -1)  # a namespace over its budget too
+    assert schema_fits(10**9, None)  # no budget applies
+    assert schema_fits(10, 10) and not schema_fits(11, 10) and not schema_fits(1, 0)
+
+
+def test_a_schema_change_over_the_budget_is_refused_and_nothing_of_it_recorded() -> None:
+    h = Harness()
+    budgeted(h, 15_000)
+    run(h.reconcile(custom(SCHEMA)))
+    refusals = _storage_budget.REFUSALS.labels(NAMESPACE)
+    counted = refusals._value.get()
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(custom(described(20_000))))
+    assert refusals._value.get() == counted + 1
+    assert h.backend.components[NAME].json_schema == SCHEMA  # the record as it was
+    assert h.backend.state(NAME).active_version == 1
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, STORAGE_BUDGET_EXCEEDED)
+    assert "spec.customSchema change of" in synced["message"] and "15000 bytes" in synced["message"]
+    assert (h.events[-1].type, h.events[-1].reason) == ("Warning", STORAGE_BUDGET_EXCEEDED)
+
+
+def test_schema_changes_are_judged_once_and_counted_for_the_namespace() -> None:
+    h = Harness()
+    budgeted(h, 50_000)
+    run(h.reconcile(custom(SCHEMA)))
+    for size in (20_000, 40_000):
+        h.backend.calls.clear()
+        run(h.reconcile(custom(described(size))))
+        assert h.backend.components[NAME].json_schema == described(size)
+        # Judged on one measurement, then declared again with what was judged.
+        assert h.backend.calls.count("footprint") == 1 and h.backend.calls.count("declare") == 2
+        assert h.mem.stored_bytes == h.backend.footprint(NAME).total
+    # What it keeps now counts against the namespace's other components' changes...
+    with pytest.raises(kopf.PermanentError):
+        run(_storage_budget.check_schema(h.rt, NAMESPACE, "other", "other", 20_000))
+    # ...and its own.
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(custom(described(60_000))))
+    assert h.backend.components[NAME].json_schema == described(40_000)
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == STORAGE_BUDGET_EXCEEDED
+
+
+def test_a_schema_that_does_not_grow_is_never_refused_nor_judged_even_over_the_budget() -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(custom(described(40_000))))
+    budgeted(h, 1_000)  # lowered below what the namespace keeps
+    h.backend.calls.clear()
+    run(h.reconcile(custom(described(40_000))))  # unchanged
+    assert "footprint" not in h.backend.calls and h.backend.calls.count("declare") == 1
+    kept, counted = h.backend.footprint(NAME).total, h.mem.stored_bytes
+    h.backend.calls.clear()
+    run(h.reconcile(custom(described(30_000))))  # smaller
+    assert h.backend.components[NAME].json_schema == described(30_000)
+    assert STORAGE_BUDGET_EXCEEDED not in h.reasons()
+    assert "footprint" not in h.backend.calls and h.backend.calls.count("declare") == 1
+    # What it freed is counted at once.
+    assert counted is not None and h.mem.stored_bytes == counted - 10_000
+    assert h.backend.footprint(NAME).total == kept - 10_000
+
+
+def test_a_schema_change_under_no_budget_is_recorded_unjudged() -> None:
+    h = Harness()
+    budgeted(h, 0)
+    run(h.reconcile(custom(SCHEMA)))
+    h.backend.calls.clear()
+    run(h.reconcile(custom(described(100_000))))
+    assert h.backend.components[NAME].json_schema == described(100_000)
+    assert "footprint" not in h.backend.calls and h.backend.calls.count("declare") == 1
+    # The budget lifted between the declare and its judgment: nothing judged, no cap.
+    assert run(_storage_budget.check_schema(h.rt, NAMESPACE, NAME, NAME, 10**9)) is None
+
+
+def test_a_schema_change_reserves_what_it_grows_before_it_is_written() -> None:
+    # Two components of one namespace judged one after the other, neither declared again yet:
+    # the second counts the first's reservation.
+    h = Harness()
+    budgeted(h, 30_000)
+    assert run(_storage_budget.check_schema(h.rt, NAMESPACE, "first", "first", 20_000)) == 20_000
+    assert h.rt.memory(NAMESPACE, "first").stored_bytes == 20_000
+    with pytest.raises(kopf.PermanentError):
+        run(_storage_budget.check_schema(h.rt, NAMESPACE, "second", "second", 20_000))
+    assert h.rt.memory(NAMESPACE, "second").stored_bytes == 0
+
+
+def test_a_record_grown_between_the_judgment_and_the_write_is_judged_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(custom(SCHEMA)))
+    declare = h.backend.declare
+    caps: list[int | None] = []
+
+    def grown_meanwhile(*args: Any, schema_cap: int | None = None, **kwargs: Any) -> Declared:
+        caps.append(schema_cap)
+        if len(caps) == 2 and schema_cap is not None:
+            # The record grew by 10 bytes since the judgment (a commit landed): over the cap.
+            return Declared(schema_growth=schema_cap + 10, schema_capped=True)
+        return declare(*args, schema_cap=schema_cap, **kwargs)
+
+    monkeypatch.setattr(h.backend, "declare", grown_meanwhile)
+    run(h.reconcile(custom(described(20_000))))
+    assert h.backend.components[NAME].json_schema == described(20_000)
+    assert len(caps) == 3 and caps[0] == 0 and caps[2] == caps[1] + 10  # type: ignore[operator]
+
+
+def test_a_schema_recorded_by_the_commit_is_counted_by_the_commits_judgment() -> None:
+    # ACTIVE is not valid under the new schema: the declare does not record it, the commit of
+    # spec.config that comes with it does. Each fits alone; together they would not.
+    h = Harness()
+    budgeted(h, 64_000)
+    run(h.reconcile(custom(SCHEMA)))
+    strict = {
+        "type": "object",
+        "properties": {"rate": {"type": "string"}},
+        "description": "x" * 20_000,
+    }
+    growth = len(canonical_json(strict)) - len(canonical_json(SCHEMA))
+    budgeted(h, h.backend.footprint(NAME).total + growth + 50)
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(spec({"rate": "fast"}, componentType="custom", customSchema=strict)))
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert synced["reason"] == STORAGE_BUDGET_EXCEEDED and synced["message"].startswith("commit")
+    assert h.backend.components[NAME].json_schema == SCHEMA
+    assert h.backend.state(NAME).active_version == 1
+    # Counted by that judgment only: a commit without it is judged on what etcd holds.
+    assert h.mem.schema_unrecorded == 0
