@@ -28,6 +28,7 @@ from defender_operator._backend import Declared
 from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
     BudgetRefusal,
+    Footprint,
     after_commit,
     after_seed,
     decide_budget,
@@ -186,7 +187,7 @@ async def check_seed(
         return 0
     await measure_namespace(rt, namespace, component)
     after = seed_bytes(config_json_bytes, _json_bytes(json_schema))
-    return _decide_seed(rt, namespace, name, component, limit, before=0, after=after)
+    return _decide(rt, namespace, name, component, limit, before=0, after=after, what="seed")
 
 
 async def check_seed_in_place(
@@ -205,17 +206,37 @@ async def check_seed_in_place(
     limit = budget(rt, namespace)
     if limit <= 0:
         return
+    before = (await _measured(rt, namespace, name, component)).total
+    written = seed_bytes(config_json_bytes, _json_bytes(json_schema))
+    after = after_seed(before, written, purging=purging)
+    _decide(rt, namespace, name, component, limit, before=before, after=after, what="seed")
+
+
+async def _measured(rt: Runtime, namespace: str, name: str, component: str) -> Footprint:
+    """What the component keeps now, read from etcd (one range read of its keys), after its
+    namespace was measured once; remembered as this resource's."""
     await measure_namespace(rt, namespace, component)
     now = await asyncio.to_thread(rt.backend.footprint, component)
     _known(rt, namespace, name, component, now.total)
-    written = seed_bytes(config_json_bytes, _json_bytes(json_schema))
-    after = after_seed(now.total, written, purging=purging)
-    _decide_seed(rt, namespace, name, component, limit, before=now.total, after=after)
+    return now
 
 
-def _decide_seed(
-    rt: Runtime, namespace: str, name: str, component: str, limit: int, *, before: int, after: int
+def _decide(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    component: str,
+    limit: int,
+    *,
+    before: int,
+    after: int,
+    what: str,
 ) -> int:
+    """Refuse a write taking the component from `before` to `after` bytes over the budget,
+    or reserve what it will keep: with no await between the decision and the reservation, a
+    write of another component of the namespace decided meanwhile counts this one's too (one
+    that wrote nothing is `unreserve`d or measured again; until then it errs on the safe side,
+    and a re-seed keeps what it purges)."""
     refused = decide_budget(
         namespace,
         component,
@@ -223,12 +244,10 @@ def _decide_seed(
         others=others(rt, namespace, name, component),
         before=before,
         after=after,
-        what="seed",
+        what=what,
     )
     if refused is not None:
         raise refuse(refused)
-    # Reserved before the write, as a commit's (`check_commit`), with no await since the
-    # decision; `unreserve` when nothing was written. A re-seed keeps what it purges until then.
     _known(rt, namespace, name, component, max(before, after))
     return after
 
@@ -258,26 +277,12 @@ async def check_commit(
     limit = budget(rt, namespace)
     if limit <= 0:
         return None
-    await measure_namespace(rt, namespace, component)
-    now = await asyncio.to_thread(rt.backend.footprint, component)
-    _known(rt, namespace, name, component, now.total)
+    now = await _measured(rt, namespace, name, component)
     value = new_value_bytes(_json_bytes(config))
     after = after_commit(now, value, version, history_limit, schema_growth)
-    refused = decide_budget(
-        namespace,
-        component,
-        budget=limit,
-        others=others(rt, namespace, name, component),
-        before=now.total,
-        after=after,
+    return _decide(
+        rt, namespace, name, component, limit, before=now.total, after=after, what="commit"
     )
-    if refused is not None:
-        raise refuse(refused)
-    # Reserved before the write, with no await between the decision and here: a commit of
-    # another component of the namespace decided meanwhile counts this one's too (a failed
-    # write leaves the reservation until the next measurement, which errs on the safe side).
-    rt.memory(namespace, name).stored_bytes = max(now.total, after)
-    return after
 
 
 def first_schema_cap(rt: Runtime, namespace: str) -> int | None:
@@ -298,23 +303,18 @@ async def check_schema(
     limit = budget(rt, namespace)
     if limit <= 0:
         return None
-    await measure_namespace(rt, namespace, component)
-    now = await asyncio.to_thread(rt.backend.footprint, component)
-    _known(rt, namespace, name, component, now.total)
-    after = now.total + growth
-    refused = decide_budget(
+    before = (await _measured(rt, namespace, name, component)).total
+    after = before + growth
+    _decide(
+        rt,
         namespace,
+        name,
         component,
-        budget=limit,
-        others=others(rt, namespace, name, component),
-        before=now.total,
+        limit,
+        before=before,
         after=after,
         what="spec.customSchema change",
     )
-    if refused is not None:
-        raise refuse(refused)
-    # Reserved before the write, as a commit's, with no await since the decision.
-    rt.memory(namespace, name).stored_bytes = max(now.total, after)
     return growth
 
 
