@@ -121,7 +121,8 @@ class Cancellable(Protocol):
 class StreamWatching(Cancellable, Protocol):
     def silent_seconds(self) -> float | None:
         """Seconds since the watch's stream last answered anything (an event, a progress
-        answer); None while it is on no stream (re-created after an outage or a stall)."""
+        answer); None while it is on no stream (re-created after an outage or a stall) and,
+        with progress requests, until a progress answer proved the watch caught up on it."""
         ...
 
 
@@ -392,11 +393,13 @@ class Backend(Protocol):
         on_error: Callable[[Exception], None],
         *,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> InstanceWatching:
         """Watch every instance key; `callback` and `on_error` run on the watch's own thread.
         The watch survives member outages by itself (`on_error` hears of each once). With
         `progress_seconds`, it asks etcd for a progress answer whenever its stream was silent
-        that long (`InstanceWatching.silent_seconds` then tells a stall from quiet)."""
+        that long (`InstanceWatching.silent_seconds` then tells a stall from quiet), and
+        replaces a stream silent past `stall_seconds` (default: three of them)."""
         ...
 
     def watch_changes(
@@ -406,12 +409,13 @@ class Backend(Protocol):
         *,
         start_revision: int | None = None,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> Watching:
         """Watch every key an `observe` reads, of every component (one watch); `callback` and
         `on_error` run on the watch's own thread. From `start_revision` (default: changes after
         this call); the watch survives member outages by itself (`on_error` hears of each once)
         and resumes past a compaction by replaying the current keys (`replayed`).
-        `progress_seconds`: as for `watch_instances`."""
+        `progress_seconds`, `stall_seconds`: as for `watch_instances`."""
         ...
 
     def revision(self) -> int:

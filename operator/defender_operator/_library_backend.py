@@ -627,6 +627,7 @@ class LibraryBackend:
         on_error: Callable[[Exception], None],
         *,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> InstanceWatching:
         def on_event(event: InstanceEvent) -> None:
             if event.kind == "delete":
@@ -635,7 +636,10 @@ class LibraryBackend:
                 callback(event.component, event.instance, _instance(event.heartbeat))
 
         return self.registry.watch_instances(
-            on_event, on_error=on_error, progress_seconds=progress_seconds
+            on_event,
+            on_error=on_error,
+            progress_seconds=progress_seconds,
+            stall_seconds=stall_seconds,
         )
 
     def watch_changes(
@@ -645,6 +649,7 @@ class LibraryBackend:
         *,
         start_revision: int | None = None,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> Watching:
         layout = self.layout
 
@@ -662,6 +667,7 @@ class LibraryBackend:
             start_revision=start_revision,
             on_error=on_error,
             progress_seconds=progress_seconds,
+            stall_seconds=stall_seconds,
         )
 
     def revision(self) -> int:

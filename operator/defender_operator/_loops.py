@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, TypeVar
 
 from defender_config import DefenderConfigError
 from defender_operator import _crd_deletion, _keyguard, _rotation
@@ -219,6 +219,33 @@ async def _tell_nospace(rt: Runtime, before: tuple[str, ...], health: EtcdHealth
 # etcd answers within a round trip (later only while a watch on the stream catches up, and
 # what it then sends is an answer too).
 _SILENT_ROUNDS = 3
+# ... and is replaced by the library one interval later: a view stops trusting a stalled
+# stream before the replacement, not in a race with it (equal bounds left a view trusted
+# across a whole stall whenever the replacement came between two of its judgements).
+_STALL_ROUNDS = _SILENT_ROUNDS + 1
+_W = TypeVar("_W", InstanceWatching, Watching)
+
+
+async def _start_watch(
+    view: HeartbeatView | ChangeView,
+    start: Callable[..., _W],
+    on_event: Callable[..., None],
+    on_error: Callable[[Exception], None],
+    progress: float | None,
+) -> _W:
+    """Create a view's watch (`start`: the backend's watch call) and tell the view how its
+    stream's silence is judged."""
+    handle = await asyncio.to_thread(
+        start,
+        on_event,
+        on_error,
+        progress_seconds=progress,
+        stall_seconds=progress and _STALL_ROUNDS * progress,
+    )
+    if progress is not None:
+        view.listen(handle.silent_seconds, _SILENT_ROUNDS * progress)
+    view.watching = True
+    return handle
 
 
 async def heartbeat_watch(rt: Runtime) -> None:
@@ -244,15 +271,9 @@ async def heartbeat_watch(rt: Runtime) -> None:
             async with survive:
                 try:
                     if handle is None:
-                        handle = await asyncio.to_thread(
-                            rt.backend.watch_instances,
-                            on_event,
-                            on_error,
-                            progress_seconds=progress,
+                        handle = await _start_watch(
+                            view, rt.backend.watch_instances, on_event, on_error, progress
                         )
-                        if progress is not None:
-                            view.listen(handle.silent_seconds, _SILENT_ROUNDS * progress)
-                        view.watching = True
                     since = view.begin_resync()
                     listing = await asyncio.to_thread(rt.backend.all_instances)
                     view.resync(utcnow(), since, listing)
@@ -365,15 +386,9 @@ async def change_watch(rt: Runtime) -> None:
             async with survive:
                 try:
                     if handle is None:
-                        handle = await asyncio.to_thread(
-                            rt.backend.watch_changes,
-                            on_change,
-                            on_error,
-                            progress_seconds=progress,
+                        handle = await _start_watch(
+                            view, rt.backend.watch_changes, on_change, on_error, progress
                         )
-                        if progress is not None:
-                            view.listen(handle.silent_seconds, _SILENT_ROUNDS * progress)
-                        view.watching = True
                     if not view.synced:
                         if handle.connected:
                             since = view.begin_resync()

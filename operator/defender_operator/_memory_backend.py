@@ -819,6 +819,7 @@ class MemoryBackend:
         on_error: Callable[[Exception], None],
         *,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> InstanceWatching:
         self._enter("watch_instances")
         watch = _Watch(callback, on_error)
@@ -832,6 +833,7 @@ class MemoryBackend:
         *,
         start_revision: int | None = None,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> Watching:
         self._enter("watch_changes")
         watch = _ChangeWatch(callback, on_error)

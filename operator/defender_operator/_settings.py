@@ -88,7 +88,9 @@ class OperatorSettings(BaseSettings):
     """The heartbeat and component change watches ask etcd for a progress answer whenever
     their stream was silent this long; silent for three times this, the stream counts as
     stalled: the heartbeat and change views are not trusted (passes read etcd and plan
-    deadline passes) until it answers again, and the library replaces it on another member.
+    deadline passes) until it answers again; silent for four times this, the library replaces
+    it on another member (the views trust the new stream once it answered a progress request,
+    which etcd sends after the events the watch missed meanwhile).
     0: no progress requests, and a stream that stalls without an error goes unnoticed."""
     liveness_watch_stall_seconds: float = bounded_seconds(300.0)
     """Liveness fails when, with etcd healthy, the heartbeat watch's stream answered nothing
@@ -175,12 +177,12 @@ class OperatorSettings(BaseSettings):
                 f" heartbeat_resync_seconds ({self.heartbeat_resync_seconds}), or a quiet"
                 " cluster with no heartbeat events would fail liveness between resyncs"
             )
-        if self.liveness_watch_stall_seconds <= 3 * self.heartbeat_watch_progress_seconds:
+        if self.liveness_watch_stall_seconds <= 4 * self.heartbeat_watch_progress_seconds:
             raise ValueError(
                 f"liveness_watch_stall_seconds ({self.liveness_watch_stall_seconds}) must exceed"
-                " three times heartbeat_watch_progress_seconds"
-                f" ({self.heartbeat_watch_progress_seconds}), or an idle watch waiting for its"
-                " next progress answer would fail liveness"
+                " four times heartbeat_watch_progress_seconds"
+                f" ({self.heartbeat_watch_progress_seconds}), or a stalled watch would fail"
+                " liveness before its stream is replaced"
             )
         return self
 

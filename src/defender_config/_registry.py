@@ -993,11 +993,12 @@ class Registry:
         component: str | None = None,
         on_error: Callable[[StoreError], None] | None = None,
         progress_seconds: float | None = None,
+        stall_seconds: float | None = None,
     ) -> WatchHandle:
         """Call `callback` for every instance put/delete (all components, or one). A lease
-        expiry arrives as a delete. `progress_seconds`: see `EtcdStore.watch_prefix` (a
-        reader that trusts the watch to tell it of every expiry checks
-        `WatchHandle.silent_seconds`)."""
+        expiry arrives as a delete. `progress_seconds`, `stall_seconds`: see
+        `EtcdStore.watch_prefix` (a reader that trusts the watch to tell it of every expiry
+        checks `WatchHandle.silent_seconds`)."""
         prefix = (
             self.layout.instances_dir(component)
             if component is not None
@@ -1018,7 +1019,11 @@ class Registry:
             )
 
         return self.client.store.watch_prefix(
-            prefix, on_event, on_error=on_error, progress_seconds=progress_seconds
+            prefix,
+            on_event,
+            on_error=on_error,
+            progress_seconds=progress_seconds,
+            stall_seconds=stall_seconds,
         )
 
     def _heartbeat(self, key: str, value: bytes, lease_id: int = 0) -> Heartbeat | None:

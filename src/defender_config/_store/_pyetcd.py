@@ -351,6 +351,10 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
         # it, a creation, a progress answer (`request_progress`). Its creation until then.
         # Written by the stream's thread, read by any: one float, replaced whole.
         self.heard_at = time.monotonic()
+        # When the stream last answered a progress request (None: not yet). etcd sends that
+        # answer only once every watch on the stream has been sent everything up to its
+        # revision, so it is what proves a watch created on the stream has caught up.
+        self.progress_at: float | None = None
 
     @property
     def closed(self) -> bool:
@@ -360,7 +364,10 @@ class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
     def _handle_response(self, rs: Any) -> None:
         # Before pyetcd's handling, which drops a progress answer for the whole stream (its
         # watch id is -1, which no callback has): that answer is all an idle stream sends.
-        self.heard_at = time.monotonic()
+        now = time.monotonic()
+        self.heard_at = now
+        if not (rs.created or rs.canceled or rs.events or rs.compact_revision):
+            self.progress_at = now
         super()._handle_response(rs)
 
     def request_progress(self) -> None:

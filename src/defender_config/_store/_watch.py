@@ -76,6 +76,9 @@ class WatchHandle:
         self._generation = 0
         self._watch_id: int | None = None
         self._watcher: Any = None
+        # When the watch running now was created (time.monotonic): a progress answer after it
+        # proves it caught up (`silent_seconds`).
+        self._established_at = 0.0
         # Whether the watch running now was created one revision early (`_establish`), and
         # whether the next creation may not be (that revision was compacted).
         self._started_before = False
@@ -94,16 +97,31 @@ class WatchHandle:
     def silent_seconds(self) -> float | None:
         """Seconds since the stream this watch is on last answered anything (an event of any
         watch on it, a creation, a progress answer); None while the watch is not on a stream
-        (not established yet, or between streams after an outage).
+        (not established yet, or between streams after an outage) and, with
+        `progress_seconds`, until the stream has answered a progress request since this watch
+        was created on it.
 
         With `progress_seconds`, a stream that works never stays silent much longer than that:
         the watch asks etcd for progress whenever it has been. More silence than that says the
         stream stalled without an error (a wedged member, a proxy holding it open), which
         neither etcd nor gRPC reports: events that should come do not. Past the stall bound
-        the watch gives the stream up and resumes on a new one (`_replace_stalled`)."""
+        the watch gives the stream up and resumes on a new one (`_replace_stalled`).
+
+        Why the wait for a progress answer: a watch created again on a new stream (after a
+        stall or an outage) first catches up on the events written meanwhile, and etcd answers
+        progress only once it has been sent them; before that, a short silence would vouch for
+        a view that still lacks them."""
         watcher = self._watcher
         if watcher is None or not self._connected.is_set():
             return None
+        if self._progress_seconds is not None:
+            proven: float | None = watcher.progress_at
+            if proven is None or proven < self._established_at:
+                return None
+        return self._heard_silence(watcher)
+
+    @staticmethod
+    def _heard_silence(watcher: Any) -> float:
         heard: float = watcher.heard_at
         return max(0.0, time.monotonic() - heard)
 
@@ -214,6 +232,12 @@ class WatchHandle:
             path=self.key,
             retry=False,
         )
+        self._established_at = time.monotonic()
+        if self._progress_seconds is not None:
+            # Asked at once, not after the first idle interval: the answer proves the new
+            # watch caught up (`silent_seconds`), and until it comes the stream is not vouched
+            # for.
+            self._watcher.request_progress()
         self._connected.set()
 
     def _only_before_compacted(self, error: BaseException | None) -> bool:
@@ -229,11 +253,13 @@ class WatchHandle:
 
     def _ask_progress(self) -> None:
         """Nothing came for this watch for `progress_seconds`: unless its stream answered
-        meanwhile (another watch's events), ask etcd to say it is there (`silent_seconds`)."""
+        meanwhile (another watch's events), ask etcd to say it is there (`silent_seconds`).
+        Asked again, however busy the stream, while no answer has proven the watch caught up
+        since it was created on it."""
         watcher, seconds = self._watcher, self._progress_seconds
         if watcher is None or seconds is None:
             return
-        if time.monotonic() - watcher.heard_at >= seconds / 2:
+        if time.monotonic() - watcher.heard_at >= seconds / 2 or self.silent_seconds() is None:
             watcher.request_progress()
 
     def _replace_stalled(self) -> bool:
@@ -245,8 +271,13 @@ class WatchHandle:
         this watch, at once (`_lost_stream`: `_establish` and `_dispatch` see to it that
         nothing is lost or delivered twice). One warning and one count per stream given up:
         a watch that finds it given up already by another on it only resumes."""
-        silent, bound, watcher = self.silent_seconds(), self._stall_seconds, self._watcher
-        if silent is None or bound is None or silent <= bound:
+        watcher, bound = self._watcher, self._stall_seconds
+        if watcher is None or not self._connected.is_set() or bound is None:
+            return False
+        # Heard at all, not proven caught up (`silent_seconds`): a stream busy sending a new
+        # watch its catch-up answers, and a stall is silence.
+        silent = self._heard_silence(watcher)
+        if silent <= bound:
             return False
         if self._store._drop_stream(watcher):
             self._store.metrics.watch_stalls.inc()

@@ -45,6 +45,8 @@ def test_an_idle_watch_that_asks_keeps_hearing_from_etcd(
         # idle stream is without progress answers.
         control = quiet.watch_prefix(etcd_prefix, lambda e: None)
         assert handle.wait_connected(10) and control.wait_connected(10)
+        # Vouched for once etcd answered the progress request sent at creation (it caught up).
+        wait_for("the first progress answer", lambda: handle.silent_seconds() is not None)
         assert _loudest_silence(handle.silent_seconds, 4.0) < 3 * PROGRESS
         silent = control.silent_seconds()
         assert silent is not None and silent > 3.5
@@ -73,6 +75,7 @@ def test_a_member_frozen_under_the_watch_shows_as_silence_before_keepalive_notic
             etcd_prefix, lambda e: None, progress_seconds=PROGRESS, stall_seconds=60
         )
         assert handle.wait_connected(10)
+        wait_for("the first progress answer", lambda: handle.silent_seconds() is not None)
         assert _loudest_silence(handle.silent_seconds, 1.5) < 3 * PROGRESS
         with cluster.frozen(cluster.member_at(handle._watcher.endpoint)):
             stopped = time.monotonic()
@@ -140,8 +143,17 @@ def test_a_stream_stalled_on_a_frozen_member_is_replaced_on_another_and_loses_no
             quorum.put(etcd_prefix + "after", b"v")
             wait_for("a write after the replacement", lambda: len(events) == 5, timeout=10)
         time.sleep(3 * PROGRESS)
+        # Every write etcd applied arrives once, in order. A put retried past an election can
+        # be applied twice (the frozen leader forwards the first attempt once it thaws), and
+        # then it arrives twice, at two revisions: count what etcd holds, not what was sent.
+        names = ["before", "k0", "k1", "k2", "after"]
+        applied = {n: store.get(etcd_prefix + n).version for n in names}  # type: ignore[union-attr]
+        wait_for("every applied write", lambda: len(events) >= sum(applied.values()), timeout=10)
         keys = [e.key[len(etcd_prefix) :] for e in events]
-        assert keys == ["before", "k0", "k1", "k2", "after"]  # each once, in order
+        revisions = [e.mod_revision for e in events]
+        assert revisions == sorted(set(revisions))  # none twice, in order
+        assert sorted(set(keys), key=keys.index) == names
+        assert {n: keys.count(n) for n in names} == applied
         assert not any(e.resync for e in events)  # resumed from its revision, not re-read
         handle.cancel()
     finally:

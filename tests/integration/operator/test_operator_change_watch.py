@@ -194,8 +194,9 @@ def test_a_member_frozen_under_the_watch_untrusts_the_view_until_its_stream_is_r
 ) -> None:
     # A stream that stalls (SIGSTOP: the connection stays open, nothing answers) reports no
     # error: its silence past three progress intervals untrusts the view, and the library
-    # replaces the stream on another member, where the view is trusted again though the
-    # member stays frozen, with no resync (the watch resumed where it stopped).
+    # replaces the stream one interval later on another member, where the view is trusted
+    # again though the member stays frozen, with no resync (the watch resumed where it
+    # stopped). Every judgement is recorded: an untrusted spell between two polls counts.
     ours, other = operator_and_other
     cluster = members_restored
     progress = 0.5
@@ -208,9 +209,19 @@ def test_a_member_frozen_under_the_watch_untrusts_the_view_until_its_stream_is_r
         stalled = handle._watcher
         frozen = cluster.member_at(stalled.endpoint)
         resyncs = CHANGE_RESYNCS._value.get()
+        judged: list[tuple[bool, Any]] = []
+        judge = view.judge_stream
+
+        def recorded() -> bool:
+            live = judge()
+            judged.append((live, handle._watcher))
+            return live
+
+        view.judge_stream = recorded  # type: ignore[method-assign]
         with cluster.frozen(frozen):
-            # Well before gRPC's keep-alive pings (5-15 s after the stop) end the stream.
-            await until("untrusted", lambda: not view.trusted, timeout=4)
+            # Well before gRPC's keep-alive pings (5-15 s after the stop) end the stream,
+            # and on the stalled stream, before its replacement.
+            await until("untrusted", lambda: (False, stalled) in judged, timeout=4)
 
             def replaced() -> bool:
                 return view.trusted and handle._watcher not in (None, stalled)

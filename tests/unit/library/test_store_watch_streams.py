@@ -313,12 +313,15 @@ def test_a_progress_answer_is_heard_and_a_stalled_stream_is_not(
         got: list[Any] = []
         watcher.add_callback("/k", got.append)
         created = watcher.heard_at
+        # A creation is heard, and proves no watch on the stream caught up.
+        assert watcher.progress_at is None
         time.sleep(0.05)
         watcher.request_progress()
         stub.wait_requests(2)
         assert stub.requests[1][1].HasField("progress_request")
         time.sleep(0.2)
         assert (watcher.heard_at > created + 0.04) is answers, kind
+        assert (watcher.progress_at == watcher.heard_at) is answers, kind
         assert got == []  # no callback sees a progress answer for the whole stream
         watcher.close()
     # A closed stream sends nothing more.

@@ -19,18 +19,23 @@ from defender_devcluster import wait_for
 
 
 class _Stream:
-    """A pyetcd watch stream as `WatchHandle` uses it: `heard_at`, `request_progress`,
-    `cancel`. With `answers`, a progress request is answered at once."""
+    """A pyetcd watch stream as `WatchHandle` uses it: `heard_at`, `progress_at`,
+    `request_progress`, `cancel`. With `answers`, a progress request is answered at once."""
 
     def __init__(self, answers: bool) -> None:
         self.answers = answers
         self.asked = 0
         self.heard_at = time.monotonic()
+        self.progress_at: float | None = None
 
     def request_progress(self) -> None:
         self.asked += 1
         if self.answers:
-            self.heard_at = time.monotonic()
+            self.heard_at = self.progress_at = time.monotonic()
+
+    def event(self) -> None:
+        """Another watch's event on the stream: heard, but no progress answer."""
+        self.heard_at = time.monotonic()
 
     def cancel(self, _watch_id: int) -> None:
         pass
@@ -73,18 +78,46 @@ def _handle(
 def test_an_idle_watch_asks_for_progress_and_its_silence_says_whether_it_came(
     answers: bool,
 ) -> None:
-    stream = _Stream(answers)
+    stream = _Stream(answers=True)
     # A bound past the test: what a stalled stream looks like before it is replaced
     # (test_watch_stall.py).
     handle = _handle(stream, progress_seconds=0.1, stall_seconds=60)
     try:
-        wait_for("three progress requests", lambda: stream.asked >= 3, timeout=5)
+        wait_for("the stream's first answer", lambda: handle.silent_seconds() is not None)
+        stream.answers = answers
+        asked = stream.asked
+        wait_for("three progress requests", lambda: stream.asked >= asked + 3, timeout=5)
         silent = handle.silent_seconds()
         assert silent is not None
         if answers:
             assert silent < 0.25
         else:
             assert silent >= 0.25  # stalled: asked three times, nothing heard
+    finally:
+        handle.cancel()
+
+
+def test_a_watch_is_vouched_for_only_once_a_progress_answer_came_after_its_creation() -> None:
+    # A watch created (again) on a stream first catches up on what was written meanwhile, and
+    # etcd answers progress only after that: until an answer comes, the stream's silence
+    # vouches for nothing, however recently it was heard (another watch's events) or proven
+    # before this watch was on it.
+    stream = _Stream(answers=False)
+    stream.progress_at = time.monotonic()  # an answer to whoever was on the stream before
+    handle = _handle(stream, progress_seconds=0.1, stall_seconds=60)
+    try:
+        # Asked at once, not after the first idle interval.
+        assert stream.asked == 1
+        # Busy with other watches' events: still asked, every interval, until answered.
+        for _ in range(30):
+            stream.event()
+            time.sleep(0.01)
+        assert stream.asked >= 2
+        assert handle.silent_seconds() is None
+        stream.answers = True
+        wait_for("the answer", lambda: handle.silent_seconds() is not None, timeout=5)
+        silent = handle.silent_seconds()
+        assert silent is not None and silent < 0.25
     finally:
         handle.cancel()
 

@@ -34,10 +34,11 @@ class _Stream:
         self.start_revision = start_revision
         self.answers = True
         self.heard_at = time.monotonic()
+        self.progress_at: float | None = None
 
     def request_progress(self) -> None:
         if self.answers:
-            self.heard_at = time.monotonic()
+            self.heard_at = self.progress_at = time.monotonic()
 
     def cancel(self, _watch_id: int) -> None:
         pass

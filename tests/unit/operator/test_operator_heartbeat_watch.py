@@ -275,15 +275,16 @@ def test_stall_limit_must_exceed_resync_interval(monkeypatch: pytest.MonkeyPatch
     assert OperatorSettings().liveness_watch_stall_seconds == 301
 
 
-def test_stall_limit_must_exceed_three_progress_intervals(
+def test_stall_limit_must_exceed_four_progress_intervals(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The library replaces a stream silent four intervals: liveness must not fail first.
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "10")
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "20")
-    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "60")
-    with pytest.raises(OperatorConfigurationError, match="three times heartbeat_watch_progress"):
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "80")
+    with pytest.raises(OperatorConfigurationError, match="four times heartbeat_watch_progress"):
         load_operator_settings()
-    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "61")
+    monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", "81")
     assert OperatorSettings().heartbeat_watch_progress_seconds == 20
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0")  # off
     assert OperatorSettings().heartbeat_watch_progress_seconds == 0
