@@ -223,11 +223,11 @@ def test_the_loop_asks_for_progress_and_distrusts_a_silent_stream(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     backend = MemoryBackend()
-    asked: list[float | None] = []
+    asked: list[tuple[float | None, float | None]] = []
     watch_changes = backend.watch_changes
 
     def recording(*args: Any, **kwargs: Any) -> Any:
-        asked.append(kwargs.get("progress_seconds"))
+        asked.append((kwargs.get("progress_seconds"), kwargs.get("stall_seconds")))
         return watch_changes(*args, **kwargs)
 
     backend.watch_changes = recording  # type: ignore[method-assign]
@@ -241,7 +241,7 @@ def test_the_loop_asks_for_progress_and_distrusts_a_silent_stream(
         task = asyncio.create_task(_loops.change_watch(rt))
         try:
             await until("first resync", lambda: view.trusted)
-            assert asked == [0.05]
+            assert asked == [(0.05, 0.2)]
             (watch,) = backend._change_watches
             watch.silent = 0.2  # over three progress intervals: stalled
             await until("the stall judged", lambda: not view.trusted)

@@ -415,7 +415,7 @@ def _probe_runtime(monkeypatch: pytest.MonkeyPatch, stall_seconds: str) -> Runti
     """A runtime whose etcd is healthy and whose heartbeat watch started an hour ago: what the
     probe says then depends on the watch alone."""
     monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_RESYNC_SECONDS", "1")
-    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0.5")
+    monkeypatch.setenv("DEFENDER_OPERATOR_HEARTBEAT_WATCH_PROGRESS_SECONDS", "0.4")
     monkeypatch.setenv("DEFENDER_OPERATOR_LIVENESS_WATCH_STALL_SECONDS", stall_seconds)
     # The probe reads only settings, etcd health and the heartbeat view.
     parts: Any = None
@@ -457,12 +457,12 @@ def test_probe_fails_when_the_watch_stream_is_silent_though_resyncs_succeed(
 def test_the_heartbeat_loop_asks_for_progress_and_trusts_the_view_while_answered() -> None:
     h = Harness()
     h.rt.settings = OperatorSettings(heartbeat_watch_progress_seconds=2.0)
-    asked: list[float | None] = []
+    asked: list[tuple[float | None, float | None]] = []
     watch_instances = h.backend.watch_instances
 
-    def recording(*args: Any, progress_seconds: float | None = None) -> Any:
-        asked.append(progress_seconds)
-        return watch_instances(*args, progress_seconds=progress_seconds)
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append((kwargs.get("progress_seconds"), kwargs.get("stall_seconds")))
+        return watch_instances(*args, **kwargs)
 
     h.backend.watch_instances = recording  # type: ignore[method-assign]
 
@@ -471,7 +471,8 @@ def test_the_heartbeat_loop_asks_for_progress_and_trusts_the_view_while_answered
         task = asyncio.create_task(_loops.heartbeat_watch(h.rt))
         try:
             await until("the first resync", lambda: view.trusted)
-            assert asked == [2.0]
+            # Replaced by the library one interval after the view stops trusting it.
+            assert asked == [(2.0, 8.0)]
             (watch,) = h.backend._watches
             watch.silent = 6.5  # over three progress intervals: stalled
             await until("the stall judged", lambda: not view.trusted)
