@@ -6,6 +6,7 @@ is replaced by a stream on another member once silent past the stall bound, losi
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -160,3 +161,45 @@ def test_a_stream_stalled_on_a_frozen_member_is_replaced_on_another_and_loses_no
         store.close()
         if writer is not None:
             writer.close()
+
+
+def test_every_member_frozen_leaves_the_watch_unvouched_until_one_answers_and_loses_nothing(
+    members_restored: EtcdCluster,
+    make_etcd_settings: Callable[..., EtcdSettings],
+    etcd_prefix: str,
+) -> None:
+    # No member to move to: the stream is given up, every re-creation waits on a frozen
+    # member, and the watch is vouched for by nothing (`silent_seconds` None or past the
+    # bound) for as long as that lasts. Once the members answer again the watch is proven
+    # caught up, and a write made before and after the freeze each arrive once.
+    cluster = members_restored
+    store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
+    try:
+        events: list[WatchEvent] = []
+        handle = store.watch_prefix(etcd_prefix, events.append, progress_seconds=PROGRESS)
+        assert handle.wait_connected(10)
+        store.put(etcd_prefix + "before", b"0")
+        wait_for("the first put", lambda: len(events) == 1, timeout=10)
+        wait_for("vouched for", lambda: handle.silent_seconds() is not None, timeout=10)
+        vouched: list[float | None] = []
+        with contextlib.ExitStack() as frozen:
+            for i in range(cluster.members):
+                frozen.enter_context(cluster.frozen(i))
+            end = time.monotonic() + 8 * PROGRESS
+            while time.monotonic() < end:
+                vouched.append(handle.silent_seconds())
+                time.sleep(0.05)
+            gave_up = store.metrics.registry.get_sample_value("defender_etcd_watch_stalls_total")
+        # Once past the stall bound, never again a silence within it while frozen.
+        late = vouched[len(vouched) // 2 :]
+        assert all(s is None or s > 3 * PROGRESS for s in late), late
+        assert gave_up == 1
+        wait_for("vouched for again", lambda: handle.silent_seconds() is not None, timeout=60)
+        store.put(etcd_prefix + "after", b"1")
+        wait_for("the write after", lambda: len(events) >= 2, timeout=30)
+        time.sleep(3 * PROGRESS)
+        assert [e.key[len(etcd_prefix) :] for e in events] == ["before", "after"]
+        assert not any(e.resync for e in events)
+        handle.cancel()
+    finally:
+        store.close()
