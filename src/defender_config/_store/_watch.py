@@ -79,6 +79,8 @@ class WatchHandle:
         # When the watch running now was created (time.monotonic): a progress answer after it
         # proves it caught up (`silent_seconds`).
         self._established_at = 0.0
+        # The `_established_at` a progress answer proved caught up (`silent_seconds`).
+        self._proven_for: float | None = None
         # Whether the watch running now was created one revision early (`_establish`), and
         # whether the next creation may not be (that revision was compacted).
         self._started_before = False
@@ -114,10 +116,14 @@ class WatchHandle:
         watcher = self._watcher
         if watcher is None or not self._connected.is_set():
             return None
-        if self._progress_seconds is not None:
+        established = self._established_at
+        if self._progress_seconds is not None and self._proven_for != established:
             proven: float | None = watcher.progress_at
-            if proven is None or proven < self._established_at:
+            # And what the stream queued before that answer has reached the callback: nothing
+            # queued is left unhandled (a busy stream may take a few looks to show that).
+            if proven is None or proven < established or self._queue.unfinished_tasks:
                 return None
+            self._proven_for = established
         return self._heard_silence(watcher)
 
     @staticmethod
@@ -189,21 +195,31 @@ class WatchHandle:
                 if not self._replace_stalled():
                     self._ask_progress()
                 continue
-            if item is _STOP:
-                break
-            if generation != self._generation:
-                continue  # leftovers of a stream that was already replaced
-            if isinstance(item, etcd_exc.RevisionCompactedError):
-                self._lost_stream(item)
-                if not self._only_before_compacted(item):
-                    self._resync()
-                continue
-            if item is None or isinstance(item, BaseException):
-                self._lost_stream(item)
-                continue
-            self._dispatch(item)
+            try:
+                if not self._take(generation, item):
+                    break
+            finally:
+                # Counted as handled only once its callbacks ran (`silent_seconds`).
+                self._queue.task_done()
         self._cancel_server_watch()
         self._connected.clear()
+
+    def _take(self, generation: int, item: Any) -> bool:
+        """Handle one queued item; False when it says stop."""
+        if item is _STOP:
+            return False
+        if generation != self._generation:
+            return True  # leftovers of a stream that was already replaced
+        if isinstance(item, etcd_exc.RevisionCompactedError):
+            self._lost_stream(item)
+            if not self._only_before_compacted(item):
+                self._resync()
+            return True
+        if item is None or isinstance(item, BaseException):
+            self._lost_stream(item)
+            return True
+        self._dispatch(item)
+        return True
 
     def _establish(self) -> None:
         self._generation += 1

@@ -59,11 +59,13 @@ def _put(revision: int) -> Any:
 class _Client:
     def __init__(self) -> None:
         self.streams: list[_Stream] = []
+        self.answering = True  # whether a new stream answers progress requests
 
     def add_watch(
         self, _key: str, callback: Callable[[Any], None], **kwargs: Any
     ) -> tuple[_Stream, int]:
         stream = _Stream(callback, kwargs["start_revision"])
+        stream.answers = self.answering
         self.streams.append(stream)
         return stream, len(self.streams)
 
@@ -189,3 +191,42 @@ def test_the_bound_can_be_set_and_without_progress_requests_nothing_is_replaced(
         assert len(store.client.streams) == 1 and not store.dropped
     finally:
         quiet.cancel()
+
+
+def test_a_progress_answer_vouches_for_the_watch_only_once_what_came_before_was_handed_out() -> (
+    None
+):
+    # etcd sends the answer after the events the watch was owed, and the stream's thread
+    # queues those before it reads the answer; the watch's own thread hands them to the
+    # callback a moment later. Until it has, the view the callback feeds still lacks them.
+    store = _Store()
+    store.client.answering = False  # the answer to the request sent at creation is not in yet
+    seen: list[WatchEvent] = []
+    gate = threading.Event()
+    lock = threading.Lock()
+
+    def slow(event: WatchEvent) -> None:
+        gate.wait(5)
+        with lock:
+            seen.append(event)
+
+    store_any: Any = store
+    handle = WatchHandle(
+        store_any, "/t/", True, slow, 1, None, False, progress_seconds=PROGRESS, stall_seconds=60
+    )
+    handle._start()
+    try:
+        assert handle.wait_connected(5)
+        (stream,) = store.client.streams
+        stream.send(5)
+        stream.answers = True
+        stream.request_progress()  # the answer, after event 5
+        time.sleep(2 * PROGRESS)
+        assert handle.silent_seconds() is None  # 5 is still with the callback
+        gate.set()
+        wait_for("vouched for", lambda: handle.silent_seconds() is not None, timeout=5)
+        with lock:
+            assert _revisions(seen) == [5]
+    finally:
+        gate.set()
+        handle.cancel()
