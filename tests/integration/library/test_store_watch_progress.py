@@ -10,12 +10,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from defender_config import EtcdSettings
-from defender_config.store import EtcdStore, WatchEvent
+from defender_config.store import EtcdStore, WatchEvent, WatchHandle
 from defender_devcluster import EtcdCluster, wait_for
 
 pytestmark = pytest.mark.etcd
@@ -34,6 +35,17 @@ def _loudest_silence(silent: Callable[[], float | None], seconds: float) -> floa
     return loudest
 
 
+def _vouched_watch(
+    store: EtcdStore, prefix: str, callback: Callable[[WatchEvent], None], **kwargs: Any
+) -> WatchHandle:
+    """A watch asking for progress, on a stream that has answered since its creation."""
+    handle = store.watch_prefix(prefix, callback, progress_seconds=PROGRESS, **kwargs)
+    assert handle.wait_connected(10)
+    # Vouched for once etcd answered the progress request sent at creation (it caught up).
+    wait_for("the first progress answer", lambda: handle.silent_seconds() is not None)
+    return handle
+
+
 def test_an_idle_watch_that_asks_keeps_hearing_from_etcd(
     make_etcd_settings: Callable[..., EtcdSettings], etcd_prefix: str
 ) -> None:
@@ -41,13 +53,11 @@ def test_an_idle_watch_that_asks_keeps_hearing_from_etcd(
     quiet = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
     try:
         events: list[WatchEvent] = []
-        handle = asking.watch_prefix(etcd_prefix, events.append, progress_seconds=PROGRESS)
+        handle = _vouched_watch(asking, etcd_prefix, events.append)
         # The same idle prefix on a stream of its own, never asking: what the silence of an
         # idle stream is without progress answers.
         control = quiet.watch_prefix(etcd_prefix, lambda e: None)
-        assert handle.wait_connected(10) and control.wait_connected(10)
-        # Vouched for once etcd answered the progress request sent at creation (it caught up).
-        wait_for("the first progress answer", lambda: handle.silent_seconds() is not None)
+        assert control.wait_connected(10)
         assert _loudest_silence(handle.silent_seconds, 4.0) < 3 * PROGRESS
         silent = control.silent_seconds()
         assert silent is not None and silent > 3.5
@@ -72,11 +82,7 @@ def test_a_member_frozen_under_the_watch_shows_as_silence_before_keepalive_notic
     store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
     try:
         # A bound past the freeze: what a stalled stream looks like until it is replaced.
-        handle = store.watch_prefix(
-            etcd_prefix, lambda e: None, progress_seconds=PROGRESS, stall_seconds=60
-        )
-        assert handle.wait_connected(10)
-        wait_for("the first progress answer", lambda: handle.silent_seconds() is not None)
+        handle = _vouched_watch(store, etcd_prefix, lambda e: None, stall_seconds=60)
         assert _loudest_silence(handle.silent_seconds, 1.5) < 3 * PROGRESS
         with cluster.frozen(cluster.member_at(handle._watcher.endpoint)):
             stopped = time.monotonic()
@@ -176,11 +182,9 @@ def test_every_member_frozen_leaves_the_watch_unvouched_until_one_answers_and_lo
     store = EtcdStore(make_etcd_settings(), registry=CollectorRegistry())
     try:
         events: list[WatchEvent] = []
-        handle = store.watch_prefix(etcd_prefix, events.append, progress_seconds=PROGRESS)
-        assert handle.wait_connected(10)
+        handle = _vouched_watch(store, etcd_prefix, events.append)
         store.put(etcd_prefix + "before", b"0")
         wait_for("the first put", lambda: len(events) == 1, timeout=10)
-        wait_for("vouched for", lambda: handle.silent_seconds() is not None, timeout=10)
         vouched: list[float | None] = []
         with contextlib.ExitStack() as frozen:
             for i in range(cluster.members):
