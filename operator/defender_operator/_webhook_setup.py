@@ -6,7 +6,10 @@ Where the API server finds the webhooks:
   MutatingWebhookConfiguration itself, with url + caBundle, failure policy and timeout from
   its settings, limited to the namespaces it watches;
 - unset (in a cluster): the chart renders both with the operator's Service, and the operator
-  fills in caBundle with its self-signed CA (or cert-manager's CA injector does).
+  fills in caBundle with its self-signed CA (or cert-manager's CA injector does). Only the
+  caBundle of each webhook's clientConfig is written, by a JSON patch guarded by the
+  resourceVersion read: fields the operator does not know (a newer API server's) stay as they
+  are, where the typed client refused them and a write of the whole object would drop them.
 The configurations are left in place when the operator stops: with failurePolicy Ignore the
 API server then admits edits unchecked and the operator's reconcile validates them later.
 """
@@ -25,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-import pydantic
 import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -101,7 +103,7 @@ def webhook_configurations(
 
 
 class _Configs:
-    """Read/create/replace for both configuration kinds with one shape."""
+    """Read/create/replace/patch for both configuration kinds with one shape."""
 
     def __init__(self, api: client.AdmissionregistrationV1Api) -> None:
         api = api_errors_only(api)
@@ -111,11 +113,13 @@ class _Configs:
                 api.read_validating_webhook_configuration,
                 api.create_validating_webhook_configuration,
                 api.replace_validating_webhook_configuration,
+                api.patch_validating_webhook_configuration,
             ),
             "MutatingWebhookConfiguration": (
                 api.read_mutating_webhook_configuration,
                 api.create_mutating_webhook_configuration,
                 api.replace_mutating_webhook_configuration,
+                api.patch_mutating_webhook_configuration,
             ),
         }
 
@@ -136,7 +140,8 @@ class _Configs:
                 f"cannot read {kind} {name}: the API server's answer broke off"
                 f" ({type(exc).__name__})"
             ) from None
-        # Raw, as the typed model would drop fields we write back; uncut for the same reason.
+        # Raw: the typed model refuses a field it does not know (a newer API server's). Uncut:
+        # a configuration nested past what Python decodes is refused whole, never read in part.
         try:
             body = _deep_json.loads_uncut(data)
         except ValueError as exc:  # malformed, nested past what Python decodes, a huge number
@@ -157,45 +162,43 @@ class _Configs:
         return body
 
     def write(self, body: dict[str, Any], existing: dict[str, Any] | None) -> None:
+        """Create `body`, or replace `existing` with it (the operator's own configuration)."""
         kind, name = body["kind"], body["metadata"]["name"]
-        _, create, replace = self.kinds[kind]
+        _, create, replace, _ = self.kinds[kind]
+        if existing is None:
+            self._send(kind, name, create, body)
+        else:
+            body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            self._send(kind, name, replace, name, body)
+
+    def patch(self, kind: str, name: str, operations: list[dict[str, Any]]) -> None:
+        """Apply a JSON patch (RFC 6902): it changes what it names and nothing else."""
+        self._send(
+            kind,
+            name,
+            self.kinds[kind][3],
+            name,
+            operations,
+            _content_type="application/json-patch+json",
+        )
+
+    @staticmethod
+    def _send(kind: str, name: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
             # Raw: nothing in the answer is used, and the typed model's decoding fails with
             # ValueError, TypeError or pydantic's errors on an answer of another shape (a
             # failed write is its status, raised as ApiException either way).
-            if existing is None:
-                answer = create(body, _preload_content=False)
-            else:
-                body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                answer = replace(name, body, _preload_content=False)
+            answer = call(*args, _preload_content=False, **kwargs)
         except ApiException as exc:
             raise _error("write", kind, name, exc) from exc
-        except pydantic.ValidationError as exc:
-            # The client checks a body against its model before sending: a configuration read
-            # back with a field it does not know (a newer API server) or lacking one it needs.
-            raise AdmissionSetupError(
-                f"cannot write {kind} {name}: the kubernetes client refuses it as read back"
-                f" ({_refusals(exc)})"
-            ) from None
         # Read to the end (never raises) so the connection goes back to the pool.
         answer.drain_conn()
         answer.release_conn()
 
 
-def _refusals(exc: pydantic.ValidationError) -> str:
-    """Where the client's model refuses a body, the first few places: paths and reasons, not
-    the values (pydantic's text quotes them)."""
-    # loc[0] is the refused argument's position.
-    found = [
-        f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"[:200] for e in exc.errors()[:3]
-    ]
-    more = exc.error_count() - len(found)
-    return "; ".join(found) + (f"; {more} more" if more > 0 else "")
-
-
 def _unusable(body: dict[str, Any]) -> str | None:
-    """What of a configuration read back lacks the shape `write` needs to write over it (None
-    when nothing does): its resourceVersion."""
+    """What of a configuration read back lacks the shape a write over it needs (None when
+    nothing does): its resourceVersion, the guard against writing over a newer version."""
     metadata = body.get("metadata")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("resourceVersion"), str):
         return "no metadata.resourceVersion string"
@@ -254,12 +257,41 @@ def fill_ca_bundle(api: client.ApiClient, name: str, ca_pem: bytes) -> None:
                 f"cannot fill in the caBundle of {kind} {name}: the API server's answer has"
                 f" {problem}"
             )
-        if all(h.get("clientConfig", {}).get("caBundle") == bundle for h in hooks):
+        operations = _ca_bundle_patch(existing["metadata"]["resourceVersion"], hooks, bundle)
+        if operations is None:
             continue
-        for h in hooks:
-            h.setdefault("clientConfig", {})["caBundle"] = bundle
-        configs.write(existing, existing)
+        configs.patch(kind, name, operations)
         log.info("caBundle of %s %s filled in", kind, name)
+
+
+def _ca_bundle_patch(
+    resource_version: str, hooks: list[dict[str, Any]], bundle: str
+) -> list[dict[str, Any]] | None:
+    """The JSON patch that sets `bundle` as the caBundle of every webhook in `hooks` (as read
+    at `resource_version`), None when each has it already. It names nothing else, so every
+    other field, those the operator does not know among them, stays as the server has it."""
+    # The resourceVersion read goes in as a precondition: if the configuration changed since
+    # (webhooks added, removed or reordered, so the indexes below point elsewhere), the API
+    # server answers 409 Conflict instead of applying it, as it did for the whole-object write.
+    operations: list[dict[str, Any]] = [
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": resource_version}
+    ]
+    for index, hook in enumerate(hooks):
+        config = hook.get("clientConfig")
+        if config is None:
+            operations.append(
+                {
+                    "op": "add",
+                    "path": f"/webhooks/{index}/clientConfig",
+                    "value": {"caBundle": bundle},
+                }
+            )
+        elif config.get("caBundle") != bundle:
+            # "add" sets a member whether or not it is there (RFC 6902 4.1).
+            operations.append(
+                {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": bundle}
+            )
+    return operations if len(operations) > 1 else None
 
 
 # kopf's webhook server re-reads the files every few seconds (a change restarts it with the

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jsonpatch
 import pytest
 from kubernetes import client as k8s
 
@@ -66,7 +67,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)  # HTTP/1.0: the connection closes after this
 
-    do_GET = do_POST = do_PUT = answer
+    do_GET = do_POST = do_PUT = do_PATCH = answer
 
     def log_message(self, *_: Any) -> None:
         pass
@@ -90,8 +91,8 @@ def server() -> Iterator[_Server]:
 
 @pytest.fixture
 def api_server(server: _Server) -> Iterator[Callable[[Answers], tuple[k8s.ApiClient, Requests]]]:
-    """A client of an API server answering each method (GET, POST, PUT) with its (status,
-    body), and the requests it got."""
+    """A client of an API server answering each method (GET, POST, PUT, PATCH) with its
+    (status, body), and the requests it got."""
     clients: list[k8s.ApiClient] = []
 
     def start(answers: Answers) -> tuple[k8s.ApiClient, Requests]:
@@ -170,7 +171,9 @@ def test_a_configuration_read_back_that_cannot_be_used_is_an_admission_setup_err
     answer: bytes,
     says: str,
 ) -> None:
-    api, requests = api_server({"GET": (200, answer), "POST": (201, b"{}"), "PUT": (200, b"{}")})
+    api, requests = api_server(
+        {"GET": (200, answer), "POST": (201, b"{}"), "PUT": (200, b"{}"), "PATCH": (200, b"{}")}
+    )
     with pytest.raises(AdmissionSetupError) as info:
         setup(api)
     message = str(info.value)
@@ -204,7 +207,7 @@ def test_webhooks_read_back_that_cannot_take_a_ca_bundle_are_an_admission_setup_
     api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]], webhooks: Any, says: str
 ) -> None:
     answer = configuration(webhooks=webhooks)
-    api, requests = api_server({"GET": (200, answer), "PUT": (200, b"{}")})
+    api, requests = api_server({"GET": (200, answer), "PATCH": (200, b"{}")})
     with pytest.raises(AdmissionSetupError) as info:
         fill(api)
     assert str(info.value) == (
@@ -255,11 +258,11 @@ def test_a_write_the_api_server_accepted_counts_whatever_its_answer_says(
     """Nothing in the answer to a write is used: its 2xx status is the acceptance. The typed
     model's decoding raised JSONDecodeError, TypeError, pydantic's ValidationError or
     RecursionError out of start-up on these."""
-    api, requests = api_server({"GET": (200, VALIDATING), "PUT": (200, answer)})
+    api, requests = api_server({"GET": (200, VALIDATING), "PATCH": (200, answer)})
     fill(api)
-    puts = [json.loads(sent) for method, _, sent in requests if method == "PUT"]
-    assert [p["webhooks"][0]["clientConfig"]["caBundle"] for p in puts] == [BUNDLE, BUNDLE]
-    assert {p["metadata"]["resourceVersion"] for p in puts} == {"7"}
+    assert [json.loads(sent) for method, _, sent in requests if method == "PATCH"] == [
+        filling(["/webhooks/0/clientConfig/caBundle"])
+    ] * 2
 
     api, requests = api_server({"GET": (404, b"not found"), "POST": (201, answer)})
     register_both(api)
@@ -273,64 +276,174 @@ def test_a_write_the_api_server_accepted_counts_whatever_its_answer_says(
 def test_a_refused_write_with_a_body_of_any_kind_is_an_admission_setup_error(
     api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]], status: int
 ) -> None:
-    api, _ = api_server({"GET": (200, VALIDATING), "PUT": (status, b"\xff[[[<html>")})
+    api, _ = api_server({"GET": (200, VALIDATING), "PATCH": (status, b"\xff[[[<html>")})
     with pytest.raises(AdmissionSetupError, match=f"cannot write .* {NAME}: HTTP {status} "):
         fill(api)
 
 
+def filling(paths: list[str], resource_version: str = "7") -> list[dict[str, Any]]:
+    """The JSON patch `fill_ca_bundle` sends to set BUNDLE at each of `paths`."""
+    return [
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": resource_version},
+        *({"op": "add", "path": path, "value": BUNDLE} for path in paths),
+    ]
+
+
+def filled_in(
+    answer: dict[str, Any], api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]]
+) -> list[tuple[str, str, bytes]]:
+    """The PATCH requests `fill_ca_bundle` sends for both kinds with `answer` read back."""
+    api, requests = api_server({"GET": (200, json.dumps(answer).encode()), "PATCH": (200, b"{}")})
+    fill(api)
+    assert [method for method, _, _ in requests] == ["GET", "PATCH", "GET", "PATCH"]
+    return [request for request in requests if request[0] == "PATCH"]
+
+
+FUTURE = {"futureField": {"nested": ["x", 1]}, "futureFlag": True}
+"""Fields of a newer API server, which the kubernetes client's models refuse."""
+
+
 @pytest.mark.parametrize(
-    ("webhook", "says"),
+    "where",
     [
-        pytest.param(
-            {"sideEffects": None}, "webhooks.0.sideEffects: Field required", id="lacking-a-field"
-        ),
-        pytest.param(
-            {"futureField": "x"},
-            "webhooks.0.futureField: Extra inputs are not permitted",
-            id="a-field-the-client-does-not-know",
-        ),
-        pytest.param(
-            {f"future{i}": "x" for i in range(5)},
-            "webhooks.0.future2: Extra inputs are not permitted; 2 more",
-            id="many",
-        ),
+        pytest.param("configuration", id="on-the-configuration"),
+        pytest.param("webhook", id="on-a-webhook"),
+        pytest.param("clientConfig", id="on-a-client-config"),
+        pytest.param("metadata", id="in-metadata"),
     ],
 )
-def test_a_configuration_read_back_the_client_refuses_to_send_is_an_admission_setup_error(
+def test_fields_the_client_does_not_know_are_kept_where_the_ca_bundle_is_filled_in(
+    api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]], where: str
+) -> None:
+    """A newer API server's fields stopped start-up: the kubernetes client refused the
+    configuration as read back (pydantic's "Extra inputs are not permitted"), and writing it
+    whole through the typed client would have dropped them. Now only the caBundle is sent."""
+    answer = json.loads(VALIDATING)
+    hook = answer["webhooks"][0]
+    target = {
+        "configuration": answer,
+        "webhook": hook,
+        "clientConfig": hook["clientConfig"],
+        "metadata": answer["metadata"],
+    }[where]
+    target.update(FUTURE)
+    for _, path, sent in filled_in(answer, api_server):
+        patch = json.loads(sent)
+        assert patch == filling(["/webhooks/0/clientConfig/caBundle"])
+        assert path.endswith(f"webhookconfigurations/{NAME}")
+        # Applied to what the server has, it changes the caBundle and nothing else.
+        expected = json.loads(json.dumps(answer))
+        expected["webhooks"][0]["clientConfig"]["caBundle"] = BUNDLE
+        assert jsonpatch.apply_patch(answer, patch) == expected
+
+
+def test_the_ca_bundle_patch_is_sent_as_a_json_patch(
+    api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]], server: _Server
+) -> None:
+    # A JSON patch names paths: a merge patch would replace the webhooks list whole, and a
+    # strategic merge patch is decoded by the API server into its own (older or newer) types.
+    seen: list[str | None] = []
+
+    class Recording(_Handler):
+        def answer(self) -> None:
+            seen.append(self.headers.get("Content-Type"))
+            super().answer()
+
+        do_GET = do_PATCH = answer
+
+    server.RequestHandlerClass = Recording
+    try:
+        filled_in(json.loads(VALIDATING), api_server)
+    finally:
+        server.RequestHandlerClass = _Handler
+    assert seen[1] == seen[3] == "application/json-patch+json"
+
+
+@pytest.mark.parametrize(
+    ("webhook", "kept"),
+    [
+        pytest.param({"sideEffects": None}, "admissionReviewVersions", id="lacking-a-field"),
+        pytest.param({"futureField": "x"}, "futureField", id="a-field-the-client-does-not-know"),
+        pytest.param({f"future{i}": "x" for i in range(5)}, "future4", id="many"),
+    ],
+)
+def test_a_configuration_read_back_the_client_would_refuse_to_send_is_filled_in(
     api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]],
     webhook: dict[str, Any],
-    says: str,
+    kept: str,
 ) -> None:
-    """The kubernetes client checks a body against its model before sending it, and raised
-    pydantic's ValidationError out of start-up."""
+    """The kubernetes client checks a body against its model before sending it: these were
+    an AdmissionSetupError ("the kubernetes client refuses it as read back") that stopped
+    start-up. The patch sent holds none of the configuration read, so the client has nothing
+    to refuse and the server keeps what it has."""
     answer = json.loads(VALIDATING)
     hook = answer["webhooks"][0]
     hook.update(webhook)
     for field, value in webhook.items():
         if value is None:
             del hook[field]
-    api, requests = api_server({"GET": (200, json.dumps(answer).encode()), "PUT": (200, b"{}")})
-    with pytest.raises(AdmissionSetupError) as info:
-        fill(api)
-    message = str(info.value)
-    assert message.startswith(
-        f"cannot write ValidatingWebhookConfiguration {NAME}: the kubernetes client refuses"
-    )
-    assert says in message
-    assert "'x'" not in message and "input_value" not in message  # no values
-    assert [method for method, _, _ in requests] == ["GET"]
+    for _, _, sent in filled_in(answer, api_server):
+        patched = jsonpatch.apply_patch(answer, json.loads(sent))
+        assert patched["webhooks"][0]["clientConfig"]["caBundle"] == BUNDLE
+        assert patched["webhooks"][0][kept] == hook[kept]
 
 
-def test_a_configuration_read_back_in_good_shape_is_filled_in_and_written_back_whole(
+def test_only_the_webhooks_lacking_the_ca_bundle_are_patched(
     api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]],
 ) -> None:
-    # What the checks let through is written back as read but for its caBundle, fields the
-    # operator itself does not use among it.
+    answer = json.loads(VALIDATING)
+    answer["webhooks"] = [
+        {"name": "has-it", "clientConfig": {"caBundle": BUNDLE, "url": "https://a"}},
+        {"name": "old-one", "clientConfig": {"caBundle": "b2xk", "service": {"name": "s"}}},
+        {"name": "none", "clientConfig": {"url": "https://c", "futureField": 1}},
+        {"name": "no-client-config", "futureField": 2},
+    ]
+    for _, _, sent in filled_in(answer, api_server):
+        patch = json.loads(sent)
+        assert patch == [
+            *filling(["/webhooks/1/clientConfig/caBundle", "/webhooks/2/clientConfig/caBundle"]),
+            {"op": "add", "path": "/webhooks/3/clientConfig", "value": {"caBundle": BUNDLE}},
+        ]
+        patched = jsonpatch.apply_patch(answer, patch)
+        assert [h["clientConfig"]["caBundle"] for h in patched["webhooks"]] == [BUNDLE] * 4
+        assert patched["webhooks"][2]["clientConfig"]["futureField"] == 1
+        assert patched["webhooks"][3]["futureField"] == 2
+
+
+@pytest.mark.parametrize(
+    "webhooks",
+    [
+        pytest.param([{"clientConfig": {"caBundle": BUNDLE}, "futureField": 1}], id="filled"),
+        pytest.param([], id="no-webhooks"),
+        pytest.param(None, id="webhooks-null"),
+    ],
+)
+def test_a_configuration_with_nothing_to_fill_in_is_not_written(
+    api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]], webhooks: Any
+) -> None:
+    api, requests = api_server(
+        {"GET": (200, configuration(webhooks=webhooks)), "PATCH": (500, b"{}")}
+    )
+    fill(api)
+    assert [method for method, _, _ in requests] == ["GET", "GET"]
+
+
+def test_a_configuration_read_back_in_good_shape_is_filled_in_and_the_rest_left_as_read(
+    api_server: Callable[[Answers], tuple[k8s.ApiClient, Requests]],
+) -> None:
+    # The patch, applied to what was read, is what was read but for its caBundle: fields the
+    # operator itself does not use among it. It carries the resourceVersion read, so the API
+    # server refuses it (409 Conflict) if the configuration changed since.
     answer = json.loads(VALIDATING)
     answer["metadata"]["labels"] = {"team": "a"}
+    answer["metadata"]["resourceVersion"] = "12345"
     answer["webhooks"][0].update(timeoutSeconds=3, matchPolicy="Exact")
-    api, requests = api_server({"GET": (200, json.dumps(answer).encode()), "PUT": (200, b"{}")})
-    fill(api)
-    first_put = next(json.loads(sent) for method, _, sent in requests if method == "PUT")
-    answer["webhooks"][0]["clientConfig"]["caBundle"] = BUNDLE
-    assert first_put == answer
+    first_patch = json.loads(filled_in(answer, api_server)[0][2])
+    assert first_patch[0] == {
+        "op": "replace",
+        "path": "/metadata/resourceVersion",
+        "value": "12345",
+    }
+    expected = json.loads(json.dumps(answer))
+    expected["webhooks"][0]["clientConfig"]["caBundle"] = BUNDLE
+    assert jsonpatch.apply_patch(answer, first_patch) == expected
