@@ -141,7 +141,8 @@ class _Configs:
                 f" ({type(exc).__name__})"
             ) from None
         # Raw: the typed model refuses a field it does not know (a newer API server's). Uncut:
-        # a configuration nested past what Python decodes is refused whole, never read in part.
+        # one nested past CUT_DEPTH (no real configuration is) is refused, not read with parts
+        # replaced by a marker.
         try:
             body = _deep_json.loads_uncut(data)
         except ValueError as exc:  # malformed, nested past what Python decodes, a huge number
