@@ -58,6 +58,24 @@ def test_own_namespace_role_covers_only_the_keyring_admission_secret_and_events(
     assert all(name != "rel-ml-defender-operator-admission" for _, _, name, _ in _rules(off))
 
 
+def test_webhook_configurations_are_read_and_patched_only_where_the_operator_fills_the_ca(
+    render: Render,
+) -> None:
+    # fill_ca_bundle reads both configurations and patches their caBundle; it never replaces
+    # them. With cert-manager (its CA injector fills caBundle) the operator touches neither.
+    def rules(*args: str) -> set[Rule]:
+        role = find(render(*args), "ClusterRole", "rel-ml-defender-operator-cluster")
+        return {r for r in _rules(role) if r[0] == "admissionregistration.k8s.io"}
+
+    name = "rel-ml-defender-operator-admission"
+    assert rules() == {
+        ("admissionregistration.k8s.io", resource, name, frozenset({"get", "patch"}))
+        for resource in ("validatingwebhookconfigurations", "mutatingwebhookconfigurations")
+    }
+    assert rules("--set", "operator.admission.certManager.enabled=true") == set()
+    assert rules("--set", "operator.admission.enabled=false") == set()
+
+
 def test_peering_rights_only_with_several_replicas(render: Render) -> None:
     def groups(*args: str) -> set[str]:
         role = find(render(*args), "ClusterRole", "rel-ml-defender-operator-cluster")
