@@ -1179,14 +1179,31 @@ class ConfigStore:
         return True
 
     def schema_growth(
-        self, component: str, json_schema: Mapping[str, Any] | None, *, metadata: StoredValue
+        self,
+        component: str,
+        json_schema: Mapping[str, Any] | None,
+        *,
+        metadata: StoredValue | None,
     ) -> int:
         """How many bytes the metadata record (`metadata`, as the caller just read it) would
         grow by, as stored, were `set_schema` to record `json_schema` in it: 0 when it records
         it already, negative when it shrinks. Nothing read or written: a caller that keeps a
         storage budget judges the growth before `set_schema` writes it (guarded by the same
-        record's mod_revision)."""
-        meta = self._decode_metadata(metadata.key, metadata.value, component)
+        record's mod_revision).
+
+        A record that does not verify (or is absent: None) is one `repair_metadata` re-signs
+        with `json_schema` in it: the growth is then that schema's size beside the one the
+        record holds as stored (unauthenticated, but those are the bytes etcd keeps), so a
+        re-sign is judged like a `set_schema`, before anything is written. Nothing alerted
+        here: the repair reports the record."""
+        if metadata is None:
+            # Re-created: the schema is all of it the caller's spec adds (the rest is the
+            # repair's own bookkeeping).
+            return len(self.client.encode_json(json_schema)) if json_schema is not None else 0
+        try:
+            meta = self._decode_metadata(metadata.key, metadata.value, component, report=False)
+        except DefenderConfigError:
+            return _unverified_schema_growth(self.client, metadata.value, json_schema)
         if _schema_digest(json_schema) == _schema_digest(meta.json_schema):
             return 0
         new_meta = meta.model_copy(
@@ -2255,6 +2272,21 @@ def _registration(meta: ConfigMetadata | None) -> int | _Any | None:
 
 def _schema_digest(schema: Mapping[str, Any] | None) -> str | None:
     return config_digest(schema) if schema is not None else None
+
+
+def _unverified_schema_growth(
+    client: DefenderClient, blob: bytes, json_schema: Mapping[str, Any] | None
+) -> int:
+    """`ConfigStore.schema_growth` of a record that does not verify: the bytes `json_schema`
+    takes in a record beside those of the schema `blob` holds (none when it is not a JSON
+    object), each as the record embeds it."""
+    try:
+        data = parse_json(blob)
+    except (ValueError, UnicodeDecodeError, DefenderConfigError):
+        data = None
+    held = data.get("json_schema") if isinstance(data, dict) else None
+    wanted = dict(json_schema) if json_schema is not None else None
+    return len(client.encode_json(wanted)) - len(client.encode_json(held))
 
 
 def _parse_metadata(path: str, data: Any) -> ConfigMetadata:

@@ -43,7 +43,7 @@ from defender_config import (
     viewed_component,
     write_cadence,
 )
-from defender_config.store import Compare, GetOp, PutOp
+from defender_config.store import Compare, GetOp, PutOp, StoredValue
 from defender_devcluster import wait_for
 
 pytestmark = pytest.mark.etcd
@@ -220,6 +220,35 @@ def test_repair_and_schema_take_the_record_the_caller_read_and_are_guarded_by_it
         configs.set_schema("sniffer", {"type": "object"}, "op", metadata=meta_sv)
     meta = configs.get_metadata("sniffer")
     assert meta is not None and meta.json_schema == schema
+
+
+def test_schema_growth_of_a_record_that_does_not_verify_is_the_schema_beside_the_one_it_holds(
+    configs: ConfigStore, client: DefenderClient
+) -> None:
+    # What a re-sign (`repair_metadata`) would write: the record rebuilt with the schema.
+    meta_key = client.layout.metadata("sniffer")
+    schema = {"type": "object", "properties": {"snaplen": {"type": "integer"}}}
+    size = len(client.encode_json(schema))
+    signed = client.store.get(meta_key)
+    assert signed is not None
+    record = json.loads(signed.value)
+
+    def stored_as(blob: bytes) -> StoredValue:
+        client.store.put(meta_key, blob)
+        found = client.store.get(meta_key)
+        assert found is not None
+        return found
+
+    forged = stored_as(json.dumps({**record, "note": "forged"}).encode())  # its MAC fails
+    assert configs.schema_growth("sniffer", schema, metadata=forged) == size - len(b"null")
+    holding = stored_as(json.dumps({**record, "json_schema": schema}).encode())
+    assert configs.schema_growth("sniffer", schema, metadata=holding) == 0
+    assert configs.schema_growth("sniffer", None, metadata=holding) == len(b"null") - size
+    junk = stored_as(b"not a record")  # holds no schema
+    assert configs.schema_growth("sniffer", schema, metadata=junk) == size - len(b"null")
+    # Absent (re-created by the repair): the schema is what it adds.
+    assert configs.schema_growth("sniffer", schema, metadata=None) == size
+    assert configs.schema_growth("sniffer", None, metadata=None) == 0
 
 
 def test_commit_versions_and_history_pruning(configs: ConfigStore) -> None:
