@@ -233,6 +233,7 @@ class LibraryBackend:
         schema_cap: int | None = None,
     ) -> Declared:
         self.declare_storage(component, storage)
+        judged = self._declared.get(component)
         self._declared[component] = (component_type, json_schema, digest)
         if registration is not None:
             # The status anchors it: this reader refuses any other from now on (the monitor's
@@ -246,6 +247,22 @@ class LibraryBackend:
         if meta_sv is None and master_sv is None:
             # A new component: its seed writes a signed record with the schema.
             return Declared(state=_state(self.configs.overview_of(component, gets, False)))
+        # An edited spec.customSchema governs the next commit even when spec.config did not
+        # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
+        # not valid under it, it is recorded with the next commit of spec.config instead.
+        # Judged before anything is written, the repair included: a record re-signed below is
+        # rebuilt with the spec's schema in it, whatever schema the record held.
+        growth = 0
+        if schema_cap is not None:
+            growth = self.configs.schema_growth(component, json_schema, metadata=meta_sv)
+            if not schema_fits(growth, schema_cap):
+                # Nor does a monitor pass re-sign with it (`_repair`): the schema the last
+                # declare got past its cap, if any.
+                if judged is None:
+                    del self._declared[component]
+                else:
+                    self._declared[component] = (component_type, judged[1], digest)
+                return Declared(schema_growth=growth, schema_capped=True)
         replays: list[str] = []
         resigned = self.configs.repair_metadata(
             component,
@@ -257,16 +274,7 @@ class LibraryBackend:
             registration=registration,
             replays=replays,
         )
-        # An edited spec.customSchema governs the next commit even when spec.config did not
-        # change with it (a commit by rag, say). When ACTIVE (a rollback, a commit by rag) is
-        # not valid under it, it is recorded with the next commit of spec.config instead.
         # The record read above is still current unless the repair rewrote it.
-        growth = 0
-        if schema_cap is not None and meta_sv is not None and not resigned:
-            # Judged before anything of it is written (a re-signed record holds the schema).
-            growth = self.configs.schema_growth(component, json_schema, metadata=meta_sv)
-            if not schema_fits(growth, schema_cap):
-                return Declared(replayed=tuple(replays), schema_growth=growth, schema_capped=True)
         recorded = False
         try:
             recorded = self.configs.set_schema(
@@ -279,7 +287,7 @@ class LibraryBackend:
             return Declared(
                 resigned=resigned,
                 replayed=tuple(replays),
-                schema_growth=growth if recorded else 0,
+                schema_growth=growth if recorded or resigned else 0,
             )
         # Nothing written: the read above is the state (the repair verified its record).
         return Declared(state=_state(self.configs.overview_of(component, gets, False)))

@@ -385,14 +385,24 @@ class MemoryBackend:
         if stored is None:
             # As the library: a new component's state comes from the declare's own read.
             return Declared(state=self._state(component))
-        replayed, resigned = self._repair_registration(component, stored, registration)
         # As the library: the spec's schema governs the next commit.
         wanted = dict(json_schema) if json_schema is not None else None
         recorded = stored.json_schema != wanted
-        # As `footprint` counts the schema (the library: the record's size as stored).
+        # As `footprint` counts the schema (the library: the record's size as stored). Judged
+        # before anything is written, the repair included: its rebuilt record holds `wanted`.
         growth = _json_size(wanted) - _json_size(stored.json_schema) if recorded else 0
         if schema_cap is not None and not schema_fits(growth, schema_cap):
-            return Declared(replayed=replayed, schema_growth=growth, schema_capped=True)
+            return Declared(schema_growth=growth, schema_capped=True)
+        replayed, resigned = self._repair_registration(component, stored, registration)
+        if resigned and recorded:
+            # As the library: the record is rebuilt with the spec's schema, ACTIVE valid
+            # under it or not.
+            stored.json_schema = wanted
+            return Declared(
+                resigned=True,
+                replayed=replayed,
+                schema_growth=growth if schema_cap is not None else 0,
+            )
         if recorded:
             try:
                 self._validate(component, stored.component_type, stored.active, wanted)

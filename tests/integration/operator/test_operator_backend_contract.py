@@ -4,9 +4,10 @@ cannot drift from what the library does without a test here failing."""
 
 from __future__ import annotations
 
+import copy
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -599,3 +600,125 @@ def test_a_declare_leaves_a_schema_active_is_not_valid_under_to_the_next_commit(
         )
         == 2
     )
+
+
+def recorded_schema(backend: Backend, component: str) -> dict[str, Any] | None:
+    """The custom schema the component's metadata record holds (later commits' schema)."""
+    if isinstance(backend, MemoryBackend):
+        return backend.components[component].json_schema
+    assert isinstance(backend, LibraryBackend)
+    meta = backend.configs.get_metadata(component)
+    assert meta is not None
+    return meta.json_schema
+
+
+def record_of_an_earlier_registration_put_back(backend: Backend) -> tuple[int, Callable[[], None]]:
+    """`scorer` (SCHEMA) seeded, its record saved by someone with etcd access, the name purged
+    and seeded again (a new registration), and the saved record put back over the new one's.
+    Returns the new registration (the one a declare anchors, so the record is re-signed) and
+    a way to put the saved record back again."""
+    backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
+    if isinstance(backend, MemoryBackend):
+        saved = copy.deepcopy(backend.components["scorer"])
+
+        def put_back() -> None:
+            backend.put_back("scorer", saved)
+    else:
+        assert isinstance(backend, LibraryBackend)
+        meta_key = backend.layout.metadata("scorer")
+        found = backend.client.store.get(meta_key)
+        assert found is not None
+        saved_record = found.value
+
+        def put_back() -> None:
+            backend.client.store.put(meta_key, saved_record)
+
+    backend.purge("scorer")
+    backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
+    registration = backend.state("scorer").registration
+    assert registration is not None
+    put_back()
+    return registration, put_back
+
+
+def test_a_resign_records_no_schema_growing_the_record_past_its_cap_before_it_is_judged(
+    backend: Backend,
+) -> None:
+    # The declare re-signs a record that is not this registration's, rebuilt with the spec's
+    # schema: a larger one than the record held is judged (capped) first, nothing written.
+    registration, _ = record_of_an_earlier_registration_put_back(backend)
+    before = backend.footprint("scorer").total
+    larger = {**SCHEMA, "description": "x" * 2000}
+
+    def declare(schema: dict[str, Any], cap: int | None) -> Declared:
+        return backend.declare(
+            "scorer",
+            "custom",
+            json_schema=schema,
+            storage=StoragePolicy.from_options(EnvelopeOptions()),
+            digest=config_digest({"threshold": 3}),
+            modified_by=BY,
+            registration=registration,
+            schema_cap=cap,
+        )
+
+    capped = declare(larger, 0)
+    assert capped.schema_capped and capped.schema_growth >= 2000 and not capped.resigned
+    # Nothing written: the record put back is left as it was (not re-signed), the name's
+    # bytes unchanged.
+    assert backend.footprint("scorer").total == before
+    assert recorded_schema(backend, "scorer") == SCHEMA
+    # Within the cap the operator judged: re-signed, holding the schema, its growth said.
+    resigned = declare(larger, capped.schema_growth)
+    assert resigned.resigned and not resigned.schema_capped
+    assert resigned.schema_growth == capped.schema_growth
+    assert recorded_schema(backend, "scorer") == larger
+    assert backend.state("scorer").registration == registration
+
+
+def test_a_resign_with_the_schema_the_record_holds_passes_any_cap(backend: Backend) -> None:
+    # The same content signed again (the spec's schema is the one the record held): never
+    # judged, so never refused, even in a namespace over its budget (a cap below 0).
+    registration, _ = record_of_an_earlier_registration_put_back(backend)
+    resigned = backend.declare(
+        "scorer",
+        "custom",
+        json_schema=SCHEMA,
+        storage=StoragePolicy.from_options(EnvelopeOptions()),
+        digest=config_digest({"threshold": 3}),
+        modified_by=BY,
+        registration=registration,
+        schema_cap=-1,
+    )
+    assert resigned.resigned and not resigned.schema_capped and resigned.schema_growth == 0
+    assert recorded_schema(backend, "scorer") == SCHEMA
+    assert backend.state("scorer").registration == registration
+
+
+def test_a_schema_a_declare_left_capped_is_not_re_signed_by_a_read_meanwhile(
+    backend: Backend,
+) -> None:
+    # A read that finds the record not verifying re-signs it with the spec a declare gave
+    # (the library's monitor reads): never with a schema that declare left capped (the
+    # operator refuses it, or has not judged it yet), but the one the declare before passed.
+    registration, put_back = record_of_an_earlier_registration_put_back(backend)
+
+    def declare(schema: dict[str, Any]) -> Declared:
+        return backend.declare(
+            "scorer",
+            "custom",
+            json_schema=schema,
+            storage=StoragePolicy.from_options(EnvelopeOptions()),
+            digest=config_digest({"threshold": 3}),
+            modified_by=BY,
+            registration=registration,
+            schema_cap=0,
+        )
+
+    assert declare(SCHEMA).resigned
+    put_back()
+    assert declare({**SCHEMA, "description": "x" * 2000}).schema_capped
+    seen = backend.state("scorer")
+    if isinstance(backend, LibraryBackend):  # the in-memory one re-signs in declare only
+        assert seen.registration == registration
+    assert recorded_schema(backend, "scorer") == SCHEMA

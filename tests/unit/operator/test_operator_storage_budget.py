@@ -5,6 +5,7 @@ written; other namespaces, rollbacks and shrinking writes are never refused)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Coroutine
 from typing import Any
 
@@ -21,7 +22,12 @@ from test_operator_registration import (
     restored_from_before_the_purge,
 )
 
-from defender_config import RegistrationReplayError, StoreUnavailableError, canonical_json, contract
+from defender_config import (
+    RegistrationReplayError,
+    StoreUnavailableError,
+    canonical_json,
+    contract,
+)
 from defender_operator import _api, _storage_budget
 from defender_operator._backend import Declared
 from defender_operator._decisions import conditions as cond
@@ -38,6 +44,7 @@ from defender_operator._decisions.storage_budget import (
     schema_fits,
     seed_bytes,
 )
+from defender_operator._memory_backend import Stored
 from defender_operator._metrics import StorageGauges
 from defender_operator._reconcile import apply_retention
 from defender_operator._settings import OperatorSettings
@@ -706,3 +713,51 @@ def test_a_schema_recorded_by_the_commit_is_counted_by_the_commits_judgment() ->
     assert h.backend.state(NAME).active_version == 1
     # Counted by that judgment only: a commit without it is judged on what etcd holds.
     assert h.mem.schema_unrecorded == 0
+
+
+def custom_record_put_back() -> tuple[Harness, Stored]:
+    """A custom component (SCHEMA) whose resource was deleted (Purge) and created again (a new
+    registration), then the earlier registration's record and ACTIVE put back by someone with
+    etcd access: its next declare re-signs the record, rebuilt with the spec's schema."""
+    old = Harness()
+    run(old.reconcile(custom(SCHEMA)))
+    saved = copy.deepcopy(old.backend.components[NAME])
+    run(apply_retention(old.rt, old.body(custom(SCHEMA), {}), NAMESPACE, NAME, "Purge", LOG))
+    h = Harness(backend=old.backend, uid="uid-2")
+    run(h.reconcile(custom(SCHEMA)))
+    h.backend.put_back(NAME, saved)
+    return h, saved
+
+
+def test_a_resign_with_a_larger_schema_over_the_budget_is_refused_and_nothing_re_signed() -> None:
+    h, saved = custom_record_put_back()
+    budgeted(h, h.backend.footprint(NAME).total + 1_000)
+    h.events.clear()
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(custom(described(20_000))))
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, STORAGE_BUDGET_EXCEEDED)
+    assert synced["message"].startswith(f"spec.customSchema change of {NAME!r} refused")
+    assert (h.events[-1].type, h.events[-1].reason) == ("Warning", STORAGE_BUDGET_EXCEEDED)
+    # The name as it was: the record put back is not re-signed, no schema recorded.
+    assert "MetadataResigned" not in h.reasons()
+    assert h.backend.components[NAME].registration == saved.registration
+    assert h.backend.components[NAME].json_schema == SCHEMA
+    # Room made: re-signed with the schema it judged.
+    budgeted(h, 64_000)
+    run(h.reconcile(custom(described(20_000))))
+    assert "MetadataResigned" in h.reasons()
+    assert h.backend.components[NAME].registration == h.kube.status[REGISTRATION_FIELD]
+    assert h.backend.components[NAME].json_schema == described(20_000)
+    assert h.mem.stored_bytes == h.backend.footprint(NAME).total
+    assert h.mem.schema_unrecorded == 0  # recorded by the re-sign: no commit counts it again
+
+
+def test_a_resign_with_the_schema_the_record_holds_is_never_judged_even_over_the_budget() -> None:
+    h, saved = custom_record_put_back()
+    budgeted(h, 1_000)  # lowered below what the namespace keeps
+    h.backend.calls.clear()
+    run(h.reconcile(custom(SCHEMA)))
+    assert "MetadataResigned" in h.reasons() and STORAGE_BUDGET_EXCEEDED not in h.reasons()
+    assert "footprint" not in h.backend.calls and h.backend.calls.count("declare") == 1
+    assert h.backend.components[NAME].registration != saved.registration
