@@ -695,6 +695,39 @@ def test_a_resign_with_the_schema_the_record_holds_passes_any_cap(backend: Backe
     assert backend.state("scorer").registration == registration
 
 
+def test_a_promotion_records_no_schema_a_declare_left_to_the_next_commit(
+    backend: Backend,
+) -> None:
+    # A schema ACTIVE is not valid under waits for a commit of spec.config; a canary's
+    # promotion commits the candidate under the schema the record holds, so the new one is
+    # still unrecorded after it, and the next declare judges it (capped) as any growth.
+    backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
+    stricter = {
+        **SCHEMA,
+        "properties": {"threshold": {"type": "integer", "maximum": 2}},
+        "description": "x" * 2000,
+    }
+
+    def declare(cap: int | None) -> Declared:
+        return backend.declare(
+            "scorer",
+            "custom",
+            json_schema=stricter,
+            storage=StoragePolicy.from_options(EnvelopeOptions()),
+            digest=config_digest({"threshold": 2}),
+            modified_by=BY,
+            schema_cap=cap,
+        )
+
+    assert declare(10**6).schema_growth == 0  # not recorded: ACTIVE (3) is over its maximum
+    backend.start_rollout("scorer", {"threshold": 2}, ["scorer-0"], by=BY)
+    assert backend.promote_rollout("scorer", by=BY) == 2
+    assert recorded_schema(backend, "scorer") == SCHEMA
+    capped = declare(0)
+    assert capped.schema_capped and capped.schema_growth >= 2000
+    assert recorded_schema(backend, "scorer") == SCHEMA
+
+
 def test_a_schema_a_declare_left_capped_is_not_re_signed_by_a_read_meanwhile(
     backend: Backend,
 ) -> None:

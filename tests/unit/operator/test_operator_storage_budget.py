@@ -13,6 +13,7 @@ import kopf
 import pytest
 from operator_core_support import LOG, NAME, NAMESPACE, Harness, spec
 from pydantic import ValidationError
+from test_operator_canary_steps import PODS, beat
 from test_operator_registration import (
     ETH0,
     ETH1,
@@ -26,6 +27,7 @@ from defender_config import (
     RegistrationReplayError,
     StoreUnavailableError,
     canonical_json,
+    config_digest,
     contract,
 )
 from defender_operator import _api, _storage_budget
@@ -761,3 +763,37 @@ def test_a_resign_with_the_schema_the_record_holds_is_never_judged_even_over_the
     assert "MetadataResigned" in h.reasons() and STORAGE_BUDGET_EXCEEDED not in h.reasons()
     assert "footprint" not in h.backend.calls and h.backend.calls.count("declare") == 1
     assert h.backend.components[NAME].registration != saved.registration
+
+
+def test_a_promotion_records_no_schema_and_the_next_declare_judges_it() -> None:
+    # ACTIVE is not valid under the new schema: the canary's start is judged with it (its
+    # commit), but the promotion commits under the schema the record holds, so the schema is
+    # recorded by a later declare, judged then like any spec.customSchema change.
+    h = Harness()
+    budgeted(h, 64_000)
+    canary = {"canary": {"instances": 1, "holdSeconds": 0}}
+    first = spec({"rate": 3}, componentType="custom", customSchema=SCHEMA, rollout=canary)
+    run(h.reconcile(first))
+    for pod in PODS:
+        h.add_pod(pod)
+        beat(h, pod, config_digest({"rate": 3}))
+    run(h.monitor(first))
+    strict = {
+        "type": "object",
+        "properties": {"rate": {"type": "integer", "maximum": 2}},
+        "description": "x" * 20_000,
+    }
+    second = spec({"rate": 2}, componentType="custom", customSchema=strict, rollout=canary)
+    run(h.reconcile(second))
+    assert NAME in h.backend.rollouts and h.backend.components[NAME].json_schema == SCHEMA
+    beat(h, h.backend.rollouts[NAME][0].canaries[0], config_digest({"rate": 2}))
+    budgeted(h, h.backend.footprint(NAME).total + 1_000)  # the namespace filled meanwhile
+    run(h.monitor(second))
+    assert h.reasons()[-1] == "CanaryPromoted" and h.backend.state(NAME).active_version == 2
+    assert h.backend.components[NAME].json_schema == SCHEMA
+    with pytest.raises(kopf.PermanentError):
+        run(h.reconcile(second))
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, STORAGE_BUDGET_EXCEEDED)
+    assert synced["message"].startswith(f"spec.customSchema change of {NAME!r} refused")
+    assert h.backend.components[NAME].json_schema == SCHEMA
