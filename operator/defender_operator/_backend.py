@@ -62,11 +62,13 @@ class Declared:
     one that the declare refused (the record rebuilt, the entries removed)."""
     schema_growth: int = 0
     """With a `schema_cap`: the bytes recording the spec's custom schema grew the metadata
-    record by (negative: it shrank; 0: nothing recorded), or, `schema_capped`, would have."""
+    record by (negative: it shrank; 0: nothing recorded), or, `schema_capped`, would have. A
+    re-sign records it too (its rebuilt record holds the spec's schema): then the schema's
+    bytes beside those of the schema the record held, as stored."""
     schema_capped: bool = False
-    """The schema would have grown the record past `schema_cap`: not recorded, nothing of it
-    written (the caller judges the growth against the namespace's budget, then declares again
-    with it as the cap, or refuses)."""
+    """The schema would have grown the record past `schema_cap`: not recorded, and nothing
+    written at all, a re-sign included (the caller judges the growth against the namespace's
+    budget, then declares again with it as the cap, or refuses)."""
 
 
 @dataclass(frozen=True)
@@ -214,9 +216,10 @@ class Backend(Protocol):
         `digest` (the valid spec config's digest). `json_schema` also becomes the schema later
         commits are validated against, unless it grows the record by more than `schema_cap`
         bytes (None: no storage budget applies; `schema_fits`): then `schema_capped`, and
-        nothing of it is written. `resigned` when it re-signed; RecordAuthError when it
-        cannot. The existence check, the repair's and the schema's reads are one read where
-        they can be, and a new component's state comes back with it."""
+        nothing is written, not the re-sign either (judged first: it records the schema).
+        `resigned` when it re-signed; RecordAuthError when it cannot. The existence check, the
+        repair's and the schema's reads are one read where they can be, and a new component's
+        state comes back with it."""
         ...
 
     def seed(

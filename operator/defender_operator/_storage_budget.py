@@ -4,7 +4,7 @@ What each component keeps in etcd is remembered in its memory (`ComponentMemory.
 measured by one range read of its directory when unknown (after a restart), and before each
 commit, seed beside data already there or spec.customSchema change that grows its metadata
 record (a commit prunes what it measured; a schema is judged in the declare that records it,
-`Backend.declare`'s schema_cap); a new component's
+`Backend.declare`'s schema_cap, a re-sign of the record with it included); a new component's
 is what its seed writes, so its create path costs no read. A namespace's usage is the sum over
 the components this process remembers in it, and the data its resources deleted with retention
 Keep left in etcd (`retain`); those deleted with Purge are forgotten with their memory.
