@@ -2,7 +2,8 @@
 budget has a commit refused (ConfigSynced, a Warning Event, ACTIVE unchanged in etcd), while a
 namespace under the default budget commits a config of the same size; a restarted operator
 still counts what a resource deleted with retention Keep left; an edit of spec.customSchema is
-judged too (docs/operator.md, "Storage budget per namespace")."""
+judged too, and so is a re-sign of the metadata record that would record a larger one
+(docs/operator.md, "Storage budget per namespace")."""
 
 from __future__ import annotations
 
@@ -210,6 +211,56 @@ def test_a_custom_schema_edit_over_the_budget_is_refused_and_not_recorded(
     run.wait_event("budget-schema", "StorageBudgetExceeded")
     meta = run.configs().get_metadata("budget-schema")
     assert meta is not None and meta.json_schema == {"type": "object"}  # as it was
+
+
+def test_a_resign_that_would_record_a_larger_schema_is_judged_and_nothing_re_signed(
+    operator_run: OperatorRun,
+) -> None:
+    # While the operator was down, the metadata record lost its signature (as one written
+    # before records were signed) and spec.customSchema grew: the declare that re-signs the
+    # record rebuilds it with the spec's schema, so that schema is judged first.
+    run = operator_run
+    budgets = {
+        "DEFENDER_OPERATOR_NAMESPACE_STORAGE_BUDGETS": json.dumps({run.namespace: SMALL_BUDGET})
+    }
+    first = run.start(**budgets)
+    _create(run, run.namespace, "budget-resign", {"value": 1})
+    _wait_version(run, run.namespace, "budget-resign", 1)
+    run.stop(first)
+    client = run.client()
+    meta_key = client.layout.metadata("budget-resign")
+    signed = client.store.get(meta_key)
+    assert signed is not None
+    record = json.loads(signed.value)
+    del record["auth"]
+    unsigned = json.dumps(record).encode()
+    client.store.put(meta_key, unsigned)
+
+    def schema(value: dict[str, Any]) -> None:
+        run.custom.patch_namespaced_custom_object(
+            contract.API_GROUP,
+            contract.API_VERSION,
+            run.namespace,
+            contract.PLURAL,
+            "budget-resign",
+            {"spec": {"customSchema": value}},  # a merge patch: None removes a key
+        )
+
+    schema({"type": "object", "description": _blob(SMALL_BUDGET)})  # ~270 KB of base64
+    run.start(**budgets)
+    synced = run.wait_condition(
+        "budget-resign", "ConfigSynced", status="False", reason="StorageBudgetExceeded"
+    )
+    assert synced["message"].startswith("spec.customSchema change of 'budget-resign' refused")
+    run.wait_event("budget-resign", "StorageBudgetExceeded")
+    # Nothing re-signed: the record in etcd is the one left unsigned, byte for byte.
+    left = client.store.get(meta_key)
+    assert left is not None and left.value == unsigned
+    # The schema the record held again: the same content signed again, never judged.
+    schema({"description": None})
+    run.wait_event("budget-resign", "MetadataResigned")
+    meta = run.configs().get_metadata("budget-resign")
+    assert meta is not None and meta.json_schema == {"type": "object"} and meta.version == 1
 
 
 def _gone(run: OperatorRun, name: str) -> bool:
