@@ -667,6 +667,15 @@ def section_findings() -> list[str]:
     return [
         "## Findings",
         "",
+        "- **Issue 17, session 34 (2026-12-06): a cap on kopf's per-object workers is no "
+        "lever.** If a new component's p50 were queueing in a processor-shared burst, letting "
+        "fewer objects run at once (kopf's `settings.queueing.worker_limit` 64, workers idle "
+        "for 0.2 s instead of 5 so their slots free up) would finish early components sooner. "
+        "One A/B of the 1,000 batch alone, with a fresh-clone CI run beside it (so the floor "
+        "came out at 1.4-2.5x the baseline): as shipped p50 0.28 s, p99 1.36 s; capped p50 "
+        "0.29 s, p99 0.90 s; operator CPU per component 19.8 / 19.3 ms. The p50 did not move: "
+        "at 0.3 s a component waits out its own path's steps on two busy cores, not a backlog "
+        "of other components. Not kept.",
         "- **Issue 17, session 33 (2026-12-06): the status patch on the event loop; ratio "
         "still NOT met.** A reconcile's status patch now goes through kopf's own aiohttp session "
         "on the event loop (`Kube.patch_status_soon`) instead of the kubernetes client in a "
