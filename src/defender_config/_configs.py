@@ -1058,8 +1058,13 @@ class ConfigStore:
         options: EnvelopeOptions | None = None,
         json_schema: Mapping[str, Any] | _Recorded | None = RECORDED,
         above: int = 0,
+        history_limit: int | None = None,
     ) -> int:
         """Validate and write a new ACTIVE version; returns the version now active.
+
+        `history_limit`: how many versions this commit keeps, the new one included (older
+        ones are pruned in its transaction); None: the store's `history_limit`. A writer
+        that keeps a limit per component (the operator: spec.rollout.historyLimit) passes it.
 
         `above`: a version the new one must also be above, though etcd no longer shows it (the
         version the operator saw last, when etcd went back: a restore, or newer versions
@@ -1081,6 +1086,7 @@ class ConfigStore:
         version moved on (`expected_version`, or a concurrent commit). A config the component's
         model rejects raises ConfigValidationError after an alert; with policy
         REVERT_TO_MASTER, ACTIVE is rolled back to MASTER first."""
+        keep = self._history_limit(history_limit)
         freeze, freeze_revision = self._freeze_state(component)
         if freeze is not None:
             raise self._frozen_error(component, freeze)
@@ -1130,6 +1136,7 @@ class ConfigStore:
                 freeze_revision=freeze_revision,
                 options=options,
                 above=above,
+                history_limit=keep,
             )
         except ConflictError:
             # A write retried after a lost response finds its own first attempt applied and
@@ -1143,6 +1150,15 @@ class ConfigStore:
             ):
                 return now.version
             raise
+
+    def _history_limit(self, history_limit: int | None) -> int:
+        """The limit a write keeps (the store's when None); refused below 1 before anything
+        is read, as the store's own is when it is built."""
+        if history_limit is None:
+            return self.history_limit
+        if history_limit < 1:
+            raise ValueError(f"history_limit must be at least 1, not {history_limit}")
+        return history_limit
 
     def set_schema(
         self,
@@ -1310,10 +1326,11 @@ class ConfigStore:
         freeze_revision: int | None,
         options: EnvelopeOptions | None = None,
         above: int = 0,
+        history_limit: int | None = None,
     ) -> int:
         """`freeze_revision`: the freeze key's mod_revision as the caller saw it (0: absent, or
         a forged marker's revision), guarding the write; None ignores the freeze (rollback).
-        `above`: as in `commit`."""
+        `above`, `history_limit`: as in `commit` (checked there)."""
         lay, c = self.layout, self.client
         respect_freeze = freeze_revision is not None
         # Versions only grow, even after an authentic old record was put back (replay): readers
@@ -1326,7 +1343,7 @@ class ConfigStore:
                 f"{HIGHEST_VERSION}): purge the component and register it again",
                 retryable=False,
             )
-        oldest_kept = version - self.history_limit + 1
+        oldest_kept = version - (history_limit or self.history_limit) + 1
         authors = {
             v: who for v, who in meta.authors.items() if v.isdigit() and int(v) >= oldest_kept
         }

@@ -204,9 +204,14 @@ class Rollouts:
             )
         return self.client.store.txn([], ops).succeeded
 
-    def promote(self, component: str, by: str) -> int:
+    def promote(self, component: str, by: str, *, history_limit: int | None = None) -> int:
         """Commit the candidate as the next ACTIVE version (guarded on the base version) and
-        end the rollout; returns the version now ACTIVE. NotFoundError without a rollout."""
+        end the rollout; returns the version now ACTIVE. NotFoundError without a rollout.
+
+        `history_limit`: the versions the promotion keeps, as `ConfigStore.commit`'s (None:
+        the store's). The limit in force when it is promoted, not the one when the rollout
+        started: the promotion is the commit that prunes."""
+        keep = self.configs._history_limit(history_limit)
         found = self._candidate(component)
         if found is None:
             raise NotFoundError(
@@ -219,6 +224,7 @@ class Rollouts:
             found.record.by,
             expected_version=found.record.base_version,
             note=f"canary of version {found.record.version} promoted by {by}",
+            history_limit=keep,
         )
         self.end(component)
         return version

@@ -75,6 +75,47 @@ def test_promote_commits_the_candidate_with_its_author(rollouts: Rollouts) -> No
         rollouts.promote("sniffer", by="operator:x")
 
 
+def kept(rollouts: Rollouts) -> list[int]:
+    return [e.version for e in rollouts.configs.history("sniffer")]
+
+
+def test_a_promotion_keeps_the_history_limit_it_is_given_below_the_stores(
+    rollouts: Rollouts,
+) -> None:
+    # The store keeps 3 (the settings'); the component asks for 1, as its commits did.
+    for n in (300, 301, 302):
+        rollouts.configs.commit("sniffer", snaplen(n), "alice", history_limit=1)
+    assert kept(rollouts) == [4]
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert rollouts.promote("sniffer", by="operator:x", history_limit=1) == 5
+    assert kept(rollouts) == [5]
+
+
+def test_a_promotion_keeps_the_history_limit_it_is_given_above_the_stores(
+    rollouts: Rollouts,
+) -> None:
+    # Rollback points the component asked to keep (5) are not pruned to the store's 3.
+    for n in (300, 301, 302, 303):
+        rollouts.configs.commit("sniffer", snaplen(n), "alice", history_limit=5)
+    assert kept(rollouts) == [1, 2, 3, 4, 5]
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert rollouts.promote("sniffer", by="operator:x", history_limit=5) == 6
+    assert kept(rollouts) == [2, 3, 4, 5, 6]
+
+
+def test_a_promotion_with_a_history_limit_below_1_is_refused_with_nothing_written(
+    rollouts: Rollouts,
+) -> None:
+    record = rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        rollouts.promote("sniffer", by="operator:x", history_limit=0)
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        rollouts.configs.commit("sniffer", snaplen(300), "alice", history_limit=0)
+    assert rollouts.configs.get_active("sniffer").version == 1
+    assert rollouts.record("sniffer") == record
+    assert kept(rollouts) == [1]
+
+
 def test_abort_freezes_and_makes_a_replayed_record_stale(rollouts: Rollouts) -> None:
     rollouts.start("sniffer", snaplen(9999), ["pod-a"], by="alice")
     store, layout = rollouts.client.store, rollouts.layout
