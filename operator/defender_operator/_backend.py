@@ -302,8 +302,10 @@ class Backend(Protocol):
         whose digest is not `digest` is refused (ConflictError), nothing written."""
         ...
 
-    def promote_rollout(self, component: str, *, by: str) -> int:
-        """Commit the candidate as ACTIVE and end the rollout; the version now ACTIVE."""
+    def promote_rollout(self, component: str, *, by: str, history_limit: int) -> int:
+        """Commit the candidate as ACTIVE and end the rollout; the version now ACTIVE. Keeps
+        `history_limit` versions as `commit` does: the spec's when it is promoted (a limit
+        edited during the rollout applies), since this is the commit that prunes."""
         ...
 
     def abort_rollout(

@@ -146,9 +146,11 @@ async def command(
     *,
     status: Mapping[str, Any],
     by: str,
+    history_limit: int,
     logger: Logger,
 ) -> Outcome:
-    """`kubectl defender promote|abort`: the annotation is acted on once, then removed."""
+    """`kubectl defender promote|abort`: the annotation is acted on once, then removed.
+    `history_limit`: the spec's spec.rollout.historyLimit now, which a promotion keeps."""
     out = Outcome()
     for annotation, promote in ((PROMOTE_ANNOTATION, True), (ABORT_ANNOTATION, False)):
         if annotation not in annotations:
@@ -166,7 +168,9 @@ async def command(
             )
             out.events.append(warning("RolloutCommandIgnored", f"{annotation}: {why}"))
         elif promote:
-            version = await rt.write(name, rt.backend.promote_rollout, name, by=by)
+            version = await rt.write(
+                name, rt.backend.promote_rollout, name, by=by, history_limit=history_limit
+            )
             message = f"canary of version {record.version} promoted by command as {version}"
             logger.info(message)
             out.add(_promoted(record, version, message))
@@ -382,7 +386,15 @@ async def watch(
         out.fields = rollout_fields(record, PROGRESSING, verdict.message, verdict.healthy_since)
         return out
     if verdict.action is Action.PROMOTE:
-        version = await rt.write(name, rt.backend.promote_rollout, name, by=by)
+        # The limit the spec holds now, not the one the rollout started under: a historyLimit
+        # edited meanwhile is what the person wants kept from this commit on.
+        version = await rt.write(
+            name,
+            rt.backend.promote_rollout,
+            name,
+            by=by,
+            history_limit=spec.rollout.history_limit,
+        )
         logger.info("canary promoted as ACTIVE version %s: %s", version, verdict.message)
         return _promoted(record, version, verdict.message)
     if verdict.action is Action.REPLACE:

@@ -424,8 +424,8 @@ class LibraryBackend:
             component, config, canaries, by, sequence=sequence, since=since, digest=digest
         )
 
-    def promote_rollout(self, component: str, *, by: str) -> int:
-        return Rollouts(self.configs).promote(component, by)
+    def promote_rollout(self, component: str, *, by: str, history_limit: int) -> int:
+        return Rollouts(self.configs).promote(component, by, history_limit=history_limit)
 
     def abort_rollout(
         self, component: str, reason: str, *, by: str, freeze_after: int = 0

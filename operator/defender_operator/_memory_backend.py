@@ -309,6 +309,7 @@ class MemoryBackend:
         change: ChangeKind,
         storage: StoragePolicy | None,
         above: int = 0,
+        history_limit: int | None = None,
     ) -> int:
         self._check_size(component, config, copies=2)
         version = max(stored.version, max(stored.history, default=0), above) + 1
@@ -320,7 +321,8 @@ class MemoryBackend:
         stored.version = version
         stored.history[version] = config
         stored.registrations[version] = stored.registration
-        for old in [v for v in stored.history if v <= version - self.history_limit]:
+        keep = self.history_limit if history_limit is None else history_limit
+        for old in [v for v in stored.history if v <= version - keep]:
             del stored.history[old]
             stored.registrations.pop(old, None)
         stored.modified, stored.modified_by, stored.change = _now(), by, change
@@ -590,13 +592,16 @@ class MemoryBackend:
         same_policy = storage is None or storage == stored.storage
         if config_digest(normalized) == config_digest(stored.active) and same_policy:
             return stored.version
-        limit, self.history_limit = self.history_limit, history_limit
-        try:
-            return self._write_version(
-                component, stored, normalized, modified_by, ChangeKind.COMMIT, storage, above
-            )
-        finally:
-            self.history_limit = limit
+        return self._write_version(
+            component,
+            stored,
+            normalized,
+            modified_by,
+            ChangeKind.COMMIT,
+            storage,
+            above,
+            history_limit=history_limit,
+        )
 
     def rollback(
         self,
@@ -698,14 +703,23 @@ class MemoryBackend:
         self._changed(component)
         return record
 
-    def promote_rollout(self, component: str, *, by: str) -> int:
+    def promote_rollout(self, component: str, *, by: str, history_limit: int) -> int:
         self._enter("promote_rollout")
+        if history_limit < 1:
+            # As the library: refused before anything is touched, the rollout included.
+            raise ValueError(f"history_limit must be at least 1, not {history_limit}")
         found = self.rollouts.pop(component, None)
         if found is None:
             raise NotFoundError(f"/memory/control/{component}/rollout", detail="no rollout")
         stored = self._stored(component)
         return self._write_version(
-            component, stored, found[1], found[0].by, ChangeKind.COMMIT, None
+            component,
+            stored,
+            found[1],
+            found[0].by,
+            ChangeKind.COMMIT,
+            None,
+            history_limit=history_limit,
         )
 
     def abort_rollout(

@@ -419,6 +419,7 @@ async def _steps(
             v.annotations,
             status=v.status,
             by=v.who,
+            history_limit=spec.rollout.history_limit,
             logger=v.logger,
         ),
     )

@@ -177,6 +177,39 @@ def test_history_keeps_only_the_newest_versions(backend: Backend) -> None:
     assert backend.rollback("firewall", 4, modified_by=BY) == 6
 
 
+@pytest.mark.parametrize("limit", [2, 12])
+def test_a_promotion_keeps_the_history_limit_the_spec_gives_not_the_default(
+    backend: Backend, limit: int
+) -> None:
+    # Below the default (10) it must prune what was not budgeted; above it, keep the
+    # rollback points a person asked for. 11 commits: more versions than either keeps.
+    seed(backend)
+    for i in range(11):
+        commit(backend, {**FW, "block_ttl_seconds": 10 + i}, history_limit=limit)
+    before = backend.footprint("firewall")
+    assert set(before.history) == set(range(max(1, 13 - limit), 13))
+    # What the storage budget judged the canary's start by (`check_commit`, the same limit).
+    size = len(canonical_json(validate_config("firewall", FW_ALLOW, None)))
+    projected = after_commit(before, new_value_bytes(size), 13, limit)
+    backend.start_rollout("firewall", FW_ALLOW, ["fw-0"], by=BY)
+    assert backend.promote_rollout("firewall", by=BY, history_limit=limit) == 13
+    promoted = backend.footprint("firewall")
+    assert set(promoted.history) == set(range(14 - limit, 14))
+    assert promoted.total <= projected
+
+
+def test_a_promotion_with_a_history_limit_below_1_is_refused_with_nothing_written(
+    backend: Backend,
+) -> None:
+    seed(backend)
+    record = backend.start_rollout("firewall", FW_ALLOW, ["fw-0"], by=BY)
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        backend.promote_rollout("firewall", by=BY, history_limit=0)
+    assert backend.rollout("firewall") == record
+    assert backend.state("firewall").active_version == 1
+    assert set(backend.footprint("firewall").history) == {1}
+
+
 def test_a_freeze_refuses_commits_but_not_rollbacks(backend: Backend) -> None:
     seed(backend)
     commit(backend, FW_ALLOW)
@@ -721,7 +754,7 @@ def test_a_promotion_records_no_schema_a_declare_left_to_the_next_commit(
 
     assert declare(10**6).schema_growth == 0  # not recorded: ACTIVE (3) is over its maximum
     backend.start_rollout("scorer", {"threshold": 2}, ["scorer-0"], by=BY)
-    assert backend.promote_rollout("scorer", by=BY) == 2
+    assert backend.promote_rollout("scorer", by=BY, history_limit=10) == 2
     assert recorded_schema(backend, "scorer") == SCHEMA
     capped = declare(0)
     assert capped.schema_capped and capped.schema_growth >= 2000

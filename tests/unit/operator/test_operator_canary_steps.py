@@ -156,6 +156,34 @@ def test_promote_and_abort_commands() -> None:
     assert contract.ABORT_ANNOTATION in h.kube.removed
 
 
+def limited(config: dict[str, str], history_limit: int, hold: int = 0) -> dict[str, Any]:
+    out = canary_spec(config, hold)
+    out["rollout"]["historyLimit"] = history_limit
+    return out
+
+
+def test_the_monitor_promotes_with_the_history_limit_the_spec_holds_then() -> None:
+    # Started under the default (10), edited to 1 before the promotion: the promotion is the
+    # commit that prunes, so it keeps what the spec asks for now.
+    h = started()
+    beat(h, "sniffer-a", stored(ETH1))
+    asyncio.run(h.monitor(limited(ETH1, 1)))
+    assert h.backend.state(NAME).active_version == 2
+    assert sorted(h.backend.components[NAME].history) == [2]
+
+
+def test_the_promote_command_keeps_the_spec_history_limit_above_the_backends() -> None:
+    h = started(hold=3600)
+    h.backend.history_limit = 1  # what a promotion without the spec's limit would keep
+    run(h.reconcile(limited(ETH1, 5, 3600), {contract.PROMOTE_ANNOTATION: "now"}))
+    assert h.backend.state(NAME).active_version == 2
+    assert sorted(h.backend.components[NAME].history) == [1, 2]
+
+    h = started(hold=3600)
+    run(h.reconcile(limited(ETH1, 1, 3600), {contract.PROMOTE_ANNOTATION: "now"}))
+    assert sorted(h.backend.components[NAME].history) == [2]
+
+
 def test_a_command_without_a_rollout_is_ignored_with_a_warning() -> None:
     h = Harness()
     run(h.reconcile(spec(ETH0)))
