@@ -1109,6 +1109,7 @@ class ConfigStore:
                         "master",
                         f"{by} (auto: rejected config)",
                         change=ChangeKind.INVALID_REVERT,
+                        history_limit=keep,
                     )
                 except DefenderConfigError as exc:
                     log.error("automatic rollback of %s to MASTER failed: %s", component, exc)
@@ -1259,15 +1260,18 @@ class ConfigStore:
         *,
         options: EnvelopeOptions | None = None,
         change: ChangeKind = ChangeKind.ROLLBACK,
+        history_limit: int | None = None,
     ) -> int:
         """Make MASTER (`to="master"`) or a kept history version ACTIVE again, as a new
-        version. Allowed while frozen: it is the way back to a known-good config. `options` as
-        in `commit`; `change` says who asked (a person, the breaker, the invalid-config
+        version. Allowed while frozen: it is the way back to a known-good config. `options` and
+        `history_limit` as in `commit` (a rollback is a new version, so it prunes like one);
+        `change` says who asked (a person, the breaker, the invalid-config
         policy) and is recorded with the version. The target is validated again with the
         recorded schema, which may have been edited since it was written: every ACTIVE is
         valid under the schema recorded with it, which is what agents check it against
         (ConfigValidationError, alerted, when it is not: restore the schema or pick another
         version)."""
+        keep = self._history_limit(history_limit)
         meta, meta_stored = self._metadata_for_write(component)
         if to == "master":
             target = self.get_master(component)
@@ -1302,6 +1306,7 @@ class ConfigStore:
             validated_with=_schema_digest(meta.json_schema),
             freeze_revision=None,
             options=options,
+            history_limit=keep,
         )
         self.client.alerter.event(
             "ConfigRolledBack",

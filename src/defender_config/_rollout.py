@@ -229,18 +229,33 @@ class Rollouts:
         self.end(component)
         return version
 
-    def abort(self, component: str, reason: str, by: str, *, freeze_after: int = 0) -> int | None:
+    def abort(
+        self,
+        component: str,
+        reason: str,
+        by: str,
+        *,
+        freeze_after: int = 0,
+        history_limit: int | None = None,
+    ) -> int | None:
         """Freeze commits, end the rollout and write the base config again as a new ACTIVE
         version (same config, so no instance reloads; the new version makes a replayed rollout
         record stale). Returns that version, None when there was no authentic rollout.
-        `freeze_after`: as `ConfigStore.freeze`'s `after`."""
+        `freeze_after`: as `ConfigStore.freeze`'s `after`; `history_limit`: the versions that
+        new version keeps, as `promote`'s."""
+        # Checked before the freeze: a refused abort must not leave commits frozen.
+        keep = self.configs._history_limit(history_limit)
         record = self.record(component)
         self.configs.freeze(component, reason, by=by, after=freeze_after)
         self.end(component)
         if record is None:
             return None
         return self.configs.rollback(
-            component, record.base_version, by, change=ChangeKind.CANARY_ABORT
+            component,
+            record.base_version,
+            by,
+            change=ChangeKind.CANARY_ABORT,
+            history_limit=keep,
         )
 
     # --- reads (instances and the operator) -----------------------------------------------------

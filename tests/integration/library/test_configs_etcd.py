@@ -395,6 +395,33 @@ def test_rollback_to_master_and_to_version(configs: ConfigStore) -> None:
     assert configs.get_active("sniffer").version == 5
 
 
+def kept(configs: ConfigStore) -> list[int]:
+    return [e.version for e in configs.history("sniffer")]
+
+
+def test_a_rollback_keeps_the_history_limit_it_is_given_below_and_above_the_stores(
+    configs: ConfigStore,
+) -> None:
+    for n in (100, 101, 102, 103):
+        configs.commit("sniffer", snaplen(n), by="ops", history_limit=5)
+    assert configs.rollback("sniffer", 2, by="ops", history_limit=5) == 6
+    assert kept(configs) == [2, 3, 4, 5, 6]  # the store's 3 would keep [4, 5, 6]
+    assert configs.rollback("sniffer", "master", by="ops", history_limit=1) == 7
+    assert kept(configs) == [7]
+
+
+def test_a_rollback_with_a_history_limit_below_1_is_refused_before_anything_is_read(
+    configs: ConfigStore,
+) -> None:
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        configs.rollback("sniffer", "master", by="ops", history_limit=0)
+    # Not NotFoundError: the limit is refused before the component is looked for.
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not -1"):
+        configs.rollback("absent", "master", by="ops", history_limit=-1)
+    assert configs.get_active("sniffer").version == 1
+    assert kept(configs) == [1]
+
+
 def test_invalid_commit_keeps_active_and_alerts(
     configs: ConfigStore, client: DefenderClient, alerts: list[Alert]
 ) -> None:
@@ -417,6 +444,19 @@ def test_invalid_commit_reverts_to_master_by_policy(
     active = cs.get_active("sniffer")
     assert active.version == 3 and active.config == cs.get_master("sniffer")
     assert [a.kind for a in alerts] == ["ConfigInvalid", "ConfigRolledBack"]
+
+
+def test_the_policys_revert_keeps_the_history_limit_the_commit_was_given(
+    client: DefenderClient,
+) -> None:
+    cs = ConfigStore(client, on_invalid="revert_to_master")
+    cs.seed("sniffer", SNIFFER, "sniffer", by="test")
+    for n in (100, 101, 102):
+        cs.commit("sniffer", snaplen(n), by="ops", history_limit=5)
+    with pytest.raises(ConfigValidationError):
+        cs.commit("sniffer", {**SNIFFER, "capture_mode": "carrier-pigeon"}, "ops", history_limit=5)
+    assert cs.get_active("sniffer").version == 5
+    assert kept(cs) == [1, 2, 3, 4, 5]  # the store's 3 would keep [3, 4, 5]
 
 
 def test_watch_active_delivers_decoded_changes(configs: ConfigStore) -> None:

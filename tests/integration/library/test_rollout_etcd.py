@@ -116,6 +116,33 @@ def test_a_promotion_with_a_history_limit_below_1_is_refused_with_nothing_writte
     assert kept(rollouts) == [1]
 
 
+def test_an_abort_keeps_the_history_limit_it_is_given_below_and_above_the_stores(
+    rollouts: Rollouts,
+) -> None:
+    # The abort writes the base again as a new version: the commit that prunes, like any.
+    for n in (300, 301, 302, 303):
+        rollouts.configs.commit("sniffer", snaplen(n), "alice", history_limit=5)
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert rollouts.abort("sniffer", "canary failed", "operator:x", history_limit=5) == 6
+    assert kept(rollouts) == [2, 3, 4, 5, 6]  # the store's 3 would keep [4, 5, 6]
+    rollouts.configs.unfreeze("sniffer")
+    rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    assert rollouts.abort("sniffer", "canary failed", "operator:x", history_limit=1) == 7
+    assert kept(rollouts) == [7]
+
+
+def test_an_abort_with_a_history_limit_below_1_is_refused_with_nothing_written(
+    rollouts: Rollouts,
+) -> None:
+    record = rollouts.start("sniffer", snaplen(512), ["pod-a"], by="alice")
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        rollouts.abort("sniffer", "canary failed", "operator:x", history_limit=0)
+    # Not frozen, the rollout running, no version: refused before the freeze is written.
+    assert rollouts.configs.frozen("sniffer") is None
+    assert rollouts.record("sniffer") == record
+    assert rollouts.configs.get_active("sniffer").version == 1
+
+
 def test_abort_freezes_and_makes_a_replayed_record_stale(rollouts: Rollouts) -> None:
     rollouts.start("sniffer", snaplen(9999), ["pod-a"], by="alice")
     store, layout = rollouts.client.store, rollouts.layout
