@@ -261,12 +261,14 @@ class Backend(Protocol):
         to_version: int | None,
         *,
         modified_by: str,
+        history_limit: int,
         storage: StoragePolicy | None = None,
         change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
         """Make ACTIVE a copy of MASTER (`to_version` None) or of a history version; returns
         the new ACTIVE version number. `change` (a person's rollback, the breaker's revert,
-        the invalid-config policy's) is recorded with the version."""
+        the invalid-config policy's) is recorded with the version. Keeps `history_limit`
+        versions as `commit` does (the spec's now): a rollback is a new version too."""
         ...
 
     def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:
@@ -309,10 +311,11 @@ class Backend(Protocol):
         ...
 
     def abort_rollout(
-        self, component: str, reason: str, *, by: str, freeze_after: int = 0
+        self, component: str, reason: str, *, by: str, history_limit: int, freeze_after: int = 0
     ) -> int | None:
         """Freeze (above `freeze_after`, as `freeze`), end the rollout and write the base
-        config again as a new ACTIVE version."""
+        config again as a new ACTIVE version, keeping `history_limit` versions as
+        `promote_rollout` does. A limit below 1 is refused before the freeze."""
         ...
 
     def end_rollout(self, component: str, *, sequence: int | None = None) -> None:

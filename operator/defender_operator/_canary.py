@@ -150,7 +150,8 @@ async def command(
     logger: Logger,
 ) -> Outcome:
     """`kubectl defender promote|abort`: the annotation is acted on once, then removed.
-    `history_limit`: the spec's spec.rollout.historyLimit now, which a promotion keeps."""
+    `history_limit`: the spec's spec.rollout.historyLimit now, which a promotion or an
+    abort keeps."""
     out = Outcome()
     for annotation, promote in ((PROMOTE_ANNOTATION, True), (ABORT_ANNOTATION, False)):
         if annotation not in annotations:
@@ -185,6 +186,7 @@ async def command(
                 name,
                 message,
                 by=by,
+                history_limit=history_limit,
                 freeze_after=lifted_freeze(status) or 0,
             )
             count_canary_abort(name, "Command")
@@ -423,6 +425,7 @@ async def watch(
         name,
         verdict.message,
         by=by,
+        history_limit=spec.rollout.history_limit,
         freeze_after=lifted_freeze(status) or 0,
     )
     count_canary_abort(name, verdict.reason)

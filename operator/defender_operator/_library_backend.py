@@ -371,6 +371,8 @@ class LibraryBackend:
             options=self._options(storage),
             json_schema=json_schema,
             above=above,
+            # Given to the commit too: the store takes a falsy limit (0) for its default.
+            history_limit=history_limit,
         )
         self._sealed_as(component, storage)
         return version
@@ -381,6 +383,7 @@ class LibraryBackend:
         to_version: int | None,
         *,
         modified_by: str,
+        history_limit: int,
         storage: StoragePolicy | None = None,
         change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
@@ -390,6 +393,7 @@ class LibraryBackend:
             modified_by,
             options=self._options(storage),
             change=change,
+            history_limit=history_limit,
         )
 
     def set_storage(self, component: str, storage: StoragePolicy, *, modified_by: str) -> bool:
@@ -428,9 +432,11 @@ class LibraryBackend:
         return Rollouts(self.configs).promote(component, by, history_limit=history_limit)
 
     def abort_rollout(
-        self, component: str, reason: str, *, by: str, freeze_after: int = 0
+        self, component: str, reason: str, *, by: str, history_limit: int, freeze_after: int = 0
     ) -> int | None:
-        return Rollouts(self.configs).abort(component, reason, by, freeze_after=freeze_after)
+        return Rollouts(self.configs).abort(
+            component, reason, by, freeze_after=freeze_after, history_limit=history_limit
+        )
 
     def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
         Rollouts(self.configs).end(component, sequence=sequence)

@@ -95,6 +95,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _check_history_limit(history_limit: int) -> None:
+    """As the library: a limit below 1 is refused before anything is touched (a freeze, the
+    rollout record included)."""
+    if history_limit < 1:
+        raise ValueError(f"history_limit must be at least 1, not {history_limit}")
+
+
 @dataclass
 class Stored:
     """One component's values, as the library keeps them under `components/<name>/`."""
@@ -583,6 +590,7 @@ class MemoryBackend:
         above: int = 0,
     ) -> int:
         self._enter("commit")
+        _check_history_limit(history_limit)
         if component in self.frozen:
             raise ConfigFrozenError(component, why=self.frozen[component])
         stored = self._stored(component)
@@ -609,10 +617,12 @@ class MemoryBackend:
         to_version: int | None,
         *,
         modified_by: str,
+        history_limit: int,
         storage: StoragePolicy | None = None,
         change: ChangeKind = ChangeKind.ROLLBACK,
     ) -> int:
         self._enter("rollback")
+        _check_history_limit(history_limit)
         stored = self._stored(component)
         if to_version is None:
             target = stored.master
@@ -625,7 +635,9 @@ class MemoryBackend:
                 sorted(stored.history),
             )
         what = "master" if to_version is None else to_version
-        version = self._write_version(component, stored, target, modified_by, change, storage)
+        version = self._write_version(
+            component, stored, target, modified_by, change, storage, history_limit=history_limit
+        )
         self._alert(
             "ConfigRolledBack",
             component,
@@ -705,9 +717,7 @@ class MemoryBackend:
 
     def promote_rollout(self, component: str, *, by: str, history_limit: int) -> int:
         self._enter("promote_rollout")
-        if history_limit < 1:
-            # As the library: refused before anything is touched, the rollout included.
-            raise ValueError(f"history_limit must be at least 1, not {history_limit}")
+        _check_history_limit(history_limit)
         found = self.rollouts.pop(component, None)
         if found is None:
             raise NotFoundError(f"/memory/control/{component}/rollout", detail="no rollout")
@@ -723,9 +733,10 @@ class MemoryBackend:
         )
 
     def abort_rollout(
-        self, component: str, reason: str, *, by: str, freeze_after: int = 0
+        self, component: str, reason: str, *, by: str, history_limit: int, freeze_after: int = 0
     ) -> int | None:
         self._enter("abort_rollout")
+        _check_history_limit(history_limit)
         self._freeze(component, reason, freeze_after)
         found = self.rollouts.pop(component, None)
         self._changed(component)
@@ -733,7 +744,15 @@ class MemoryBackend:
             return None
         stored = self._stored(component)
         target = stored.history[found[0].base_version]
-        return self._write_version(component, stored, target, by, ChangeKind.CANARY_ABORT, None)
+        return self._write_version(
+            component,
+            stored,
+            target,
+            by,
+            ChangeKind.CANARY_ABORT,
+            None,
+            history_limit=history_limit,
+        )
 
     def end_rollout(self, component: str, *, sequence: int | None = None) -> None:
         self._enter("end_rollout")

@@ -1035,6 +1035,7 @@ async def breaker_step(
         verdict.revert_to,
         modified_by=f"operator:{rt.identity}",
         change=ChangeKind.BREAKER_REVERT,
+        history_limit=ro.history_limit,
     )
     BREAKER_TRIPS.labels(p.name).inc()
     p.logger.error("breaker tripped: %s (ACTIVE now version %s)", verdict.message, version)

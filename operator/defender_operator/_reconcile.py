@@ -408,7 +408,7 @@ async def _steps(
     # read its component unencrypted, nor get its namespace a keyring copy.
     take(mem, found, await keyring_copy(v, mem, spec))
     take(mem, found, await unfreeze_command(v))
-    take(mem, found, await rollback_command(v))
+    take(mem, found, await rollback_command(v, history_limit=spec.rollout.history_limit))
     take(
         mem,
         found,
@@ -868,7 +868,9 @@ async def drop_replayed_freeze(
     return state, out
 
 
-async def rollback_command(v: Visit) -> Outcome:
+async def rollback_command(v: Visit, *, history_limit: int) -> Outcome:
+    """`kubectl defender rollback`; `history_limit`: the spec's now, which the new version
+    keeps as a commit of spec.config would."""
     target = v.annotations.get(_api.ROLLBACK_ANNOTATION)
     if target is None:
         return Outcome()
@@ -883,7 +885,12 @@ async def rollback_command(v: Visit) -> Outcome:
     to_version = None if parsed == "master" else parsed
     try:
         version = await rt.write(
-            v.component, rt.backend.rollback, v.component, to_version, modified_by=v.who
+            v.component,
+            rt.backend.rollback,
+            v.component,
+            to_version,
+            modified_by=v.who,
+            history_limit=history_limit,
         )
     except VersionNotKeptError as exc:
         # No retry brings the version back, and a retried command would hold up every later
@@ -932,6 +939,7 @@ async def refuse_invalid(v: Visit, spec: _api.DefenderComponentSpec) -> Outcome:
             None,
             modified_by=v.who,
             change=ChangeKind.INVALID_REVERT,
+            history_limit=spec.rollout.history_limit,
         )
         out.events.append(
             warning(

@@ -105,7 +105,7 @@ def test_a_commit_above_a_version_etcd_no_longer_shows_passes_it(backend: Backen
     )
     assert backend.state("firewall").active_version == 5
     assert commit(backend, FW_TTL) == 6
-    assert backend.rollback("firewall", 5, modified_by=BY) == 7
+    assert backend.rollback("firewall", 5, modified_by=BY, history_limit=10) == 7
 
 
 def test_an_absent_component_has_nothing(backend: Backend) -> None:
@@ -117,7 +117,7 @@ def test_an_absent_component_has_nothing(backend: Backend) -> None:
     with pytest.raises(NotFoundError):
         commit(backend, FW)
     with pytest.raises(NotFoundError):
-        backend.rollback("firewall", None, modified_by=BY)
+        backend.rollback("firewall", None, modified_by=BY, history_limit=10)
 
 
 def test_seed_writes_master_once(backend: Backend) -> None:
@@ -156,13 +156,13 @@ def test_rollbacks_are_new_versions(backend: Backend) -> None:
     seed(backend)
     commit(backend, FW_ALLOW)
     commit(backend, FW_TTL)
-    assert backend.rollback("firewall", None, modified_by=BY) == 4
+    assert backend.rollback("firewall", None, modified_by=BY, history_limit=10) == 4
     state = backend.state("firewall")
     assert state.active_digest == digest("firewall", FW) and state.active_rollback
-    assert backend.rollback("firewall", 2, modified_by=BY) == 5
+    assert backend.rollback("firewall", 2, modified_by=BY, history_limit=10) == 5
     assert backend.state("firewall").active_digest == digest("firewall", FW_ALLOW)
     with pytest.raises(NotFoundError):
-        backend.rollback("firewall", 99, modified_by=BY)
+        backend.rollback("firewall", 99, modified_by=BY, history_limit=10)
     assert commit(backend, FW_TTL) == 6
     assert not backend.state("firewall").active_rollback
 
@@ -173,8 +173,8 @@ def test_history_keeps_only_the_newest_versions(backend: Backend) -> None:
         commit(backend, {**FW, "block_ttl_seconds": 10 + i}, history_limit=2)
     assert backend.state("firewall").active_version == 5
     with pytest.raises(NotFoundError):
-        backend.rollback("firewall", 2, modified_by=BY)
-    assert backend.rollback("firewall", 4, modified_by=BY) == 6
+        backend.rollback("firewall", 2, modified_by=BY, history_limit=10)
+    assert backend.rollback("firewall", 4, modified_by=BY, history_limit=10) == 6
 
 
 @pytest.mark.parametrize("limit", [2, 12])
@@ -210,6 +210,66 @@ def test_a_promotion_with_a_history_limit_below_1_is_refused_with_nothing_writte
     assert set(backend.footprint("firewall").history) == {1}
 
 
+def eleven_commits(backend: Backend, limit: int) -> None:
+    """Versions 1-12 under `limit`: more versions than either limit below keeps."""
+    seed(backend)
+    for i in range(11):
+        commit(backend, {**FW, "block_ttl_seconds": 10 + i}, history_limit=limit)
+    assert set(backend.footprint("firewall").history) == set(range(max(1, 13 - limit), 13))
+
+
+@pytest.mark.parametrize("limit", [2, 12])
+def test_a_rollback_keeps_the_history_limit_the_spec_gives_not_the_default(
+    backend: Backend, limit: int
+) -> None:
+    # A rollback is a new version: it prunes like a commit, to the spec's limit, not 10.
+    eleven_commits(backend, limit)
+    assert backend.rollback("firewall", 12, modified_by=BY, history_limit=limit) == 13
+    assert set(backend.footprint("firewall").history) == set(range(14 - limit, 14))
+    # To MASTER (the invalid-config policy's revert, the breaker's when it names none).
+    change = ChangeKind.INVALID_REVERT
+    assert backend.rollback("firewall", None, modified_by=BY, change=change, history_limit=limit)
+    assert set(backend.footprint("firewall").history) == set(range(15 - limit, 15))
+
+
+@pytest.mark.parametrize("limit", [2, 12])
+def test_an_abort_keeps_the_history_limit_the_spec_gives_not_the_default(
+    backend: Backend, limit: int
+) -> None:
+    # The base written again is a new version, pruning like the promotion it replaces.
+    eleven_commits(backend, limit)
+    backend.start_rollout("firewall", FW_ALLOW, ["fw-0"], by=BY)
+    assert backend.abort_rollout("firewall", "failed", by=BY, history_limit=limit) == 13
+    assert set(backend.footprint("firewall").history) == set(range(14 - limit, 14))
+    assert backend.state("firewall").frozen
+
+
+def test_a_rollback_or_abort_with_a_history_limit_below_1_is_refused_with_nothing_written(
+    backend: Backend,
+) -> None:
+    seed(backend)
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        backend.rollback("firewall", None, modified_by=BY, history_limit=0)
+    record = backend.start_rollout("firewall", FW_ALLOW, ["fw-0"], by=BY)
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        backend.abort_rollout("firewall", "failed", by=BY, history_limit=0)
+    # Neither frozen nor ended: a refused abort leaves the rollout to be judged again.
+    assert backend.rollout("firewall") == record
+    state = backend.state("firewall")
+    assert (state.active_version, state.frozen) == (1, False)
+    assert set(backend.footprint("firewall").history) == {1}
+
+
+def test_a_commit_with_a_history_limit_below_1_is_refused_with_nothing_written(
+    backend: Backend,
+) -> None:
+    seed(backend)
+    with pytest.raises(ValueError, match="history_limit must be at least 1, not 0"):
+        commit(backend, FW_ALLOW, history_limit=0)
+    assert backend.state("firewall").active_version == 1
+    assert set(backend.footprint("firewall").history) == {1}
+
+
 def test_a_freeze_refuses_commits_but_not_rollbacks(backend: Backend) -> None:
     seed(backend)
     commit(backend, FW_ALLOW)
@@ -217,7 +277,7 @@ def test_a_freeze_refuses_commits_but_not_rollbacks(backend: Backend) -> None:
     assert backend.state("firewall").frozen
     with pytest.raises(ConfigFrozenError):
         commit(backend, FW_TTL)
-    assert backend.rollback("firewall", 1, modified_by=BY) == 3
+    assert backend.rollback("firewall", 1, modified_by=BY, history_limit=10) == 3
     backend.unfreeze("firewall")
     assert not backend.state("firewall").frozen
     assert commit(backend, FW_TTL) == 4
@@ -253,7 +313,9 @@ def test_rollbacks_record_their_kind(backend: Backend) -> None:
     seed(backend)
     commit(backend, FW_ALLOW)
     assert not backend.state("firewall").active_rollback
-    backend.rollback("firewall", 1, modified_by=BY, change=ChangeKind.BREAKER_REVERT)
+    backend.rollback(
+        "firewall", 1, modified_by=BY, change=ChangeKind.BREAKER_REVERT, history_limit=10
+    )
     assert backend.state("firewall").active_rollback
 
 

@@ -337,7 +337,7 @@ def test_master_deleted_after_a_breaker_rollback_is_reported_and_nothing_reseede
     asyncio.run(h.reconcile(spec()))
     rejected = {"node_id": "sniffer-01", "version": "1.0.0", "interface": "eth9"}
     asyncio.run(h.reconcile(spec(rejected)))
-    library.rollback(NAME, 1, modified_by="breaker")
+    library.rollback(NAME, 1, modified_by="breaker", history_limit=10)
     library.freeze(NAME, "breaker tripped")
     store, layout = library.client.store, library.layout
     since = utcnow()

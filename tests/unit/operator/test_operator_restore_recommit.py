@@ -221,7 +221,7 @@ def test_a_rollback_by_annotation_is_not_overwritten() -> None:
 def test_a_rollback_by_the_plugin_not_seen_yet_is_not_overwritten() -> None:
     # `kubectl defender rollback` (the library, no annotation) between two monitor passes.
     h, _ = committed_after_snapshot()
-    h.backend.rollback(NAME, 1, modified_by="plugin:alice")
+    h.backend.rollback(NAME, 1, modified_by="plugin:alice", history_limit=10)
     run(h.monitor(spec(ETH1)))
     run(h.reconcile(spec(ETH1)))
     assert interface(h) == "eth0"
