@@ -223,6 +223,12 @@ _SILENT_ROUNDS = 3
 # stream before the replacement, not in a race with it (equal bounds left a view trusted
 # across a whole stall whenever the replacement came between two of its judgements).
 _STALL_ROUNDS = _SILENT_ROUNDS + 1
+# How often a view whose stream was judged not live is judged again (`_until_resync`).
+_RELOOK_SECONDS: Final = 0.1
+# How long a new watch's first progress answer is waited for before its first resync, and how
+# often it is looked for meanwhile (`_start_watch`).
+_VOUCH_WAIT_SECONDS: Final = 2.0
+_VOUCH_POLL_SECONDS: Final = 0.02
 _W = TypeVar("_W", InstanceWatching, Watching)
 
 
@@ -244,6 +250,12 @@ async def _start_watch(
     )
     if progress is not None:
         view.listen(handle.silent_seconds, _SILENT_ROUNDS * progress)
+        # A new watch is vouched for once etcd answered a progress request after catching it
+        # up (a few hundred ms): waited for here, so the resync that follows is trusted as
+        # soon as it is done instead of at the next judgement.
+        end = asyncio.get_running_loop().time() + _VOUCH_WAIT_SECONDS
+        while handle.silent_seconds() is None and asyncio.get_running_loop().time() < end:
+            await asyncio.sleep(_VOUCH_POLL_SECONDS)
     view.watching = True
     return handle
 
@@ -317,16 +329,20 @@ async def _until_resync(
     whether the watch's stream is live is judged that often meanwhile (`judge_stream`), and a
     change is logged (`told_live`: what was logged last; returned updated; `stream`: the
     watch's name in the log and what the stall costs): a stream stalled without an error is
-    otherwise seen only in the direct reads it costs."""
+    otherwise seen only in the direct reads it costs. Judged not live, it is judged again
+    every `_RELOOK_SECONDS`: a watch just created (or created again) is vouched for within a
+    few hundred ms (`WatchHandle.silent_seconds`), and until it is judged so every pass reads
+    etcd."""
     loop = asyncio.get_running_loop()
     end = loop.time() + wait
     while True:
         left = end - loop.time()
         if left <= 0:
             return told_live
+        step = every if view.live or not every else min(every, _RELOOK_SECONDS)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                view.resync_requested.wait(), timeout=min(left, every) if every else left
+                view.resync_requested.wait(), timeout=min(left, step) if step else left
             )
             return told_live
         live = view.judge_stream()

@@ -31,6 +31,10 @@ _STOP: Final = object()
 # watch asks after one, and etcd answers within a round trip (later only while a watch on the
 # stream catches up, and what it then sends is an answer too).
 STALL_ROUNDS: Final = 3
+# How often a watch not yet proven caught up on its stream asks for progress (`_vouched`):
+# etcd answers none while a watch on the stream is still being caught up (a new watch is for
+# its first ~100 ms), and an unanswered request is not answered later.
+_PROOF_RETRY_SECONDS: Final = 0.1
 
 
 class WatchHandle:
@@ -81,6 +85,7 @@ class WatchHandle:
         self._established_at = 0.0
         # The `_established_at` a progress answer proved caught up (`silent_seconds`).
         self._proven_for: float | None = None
+        self._asked_at = 0.0  # when `_ask_progress` last asked (time.monotonic)
         # Whether the watch running now was created one revision early (`_establish`), and
         # whether the next creation may not be (that revision was compacted).
         self._started_before = False
@@ -114,17 +119,23 @@ class WatchHandle:
         progress only once it has been sent them; before that, a short silence would vouch for
         a view that still lacks them."""
         watcher = self._watcher
-        if watcher is None or not self._connected.is_set():
+        if watcher is None or not self._connected.is_set() or not self._vouched(watcher):
             return None
-        established = self._established_at
-        if self._progress_seconds is not None and self._proven_for != established:
-            proven: float | None = watcher.progress_at
-            # And what the stream queued before that answer has reached the callback: nothing
-            # queued is left unhandled (a busy stream may take a few looks to show that).
-            if proven is None or proven < established or self._queue.unfinished_tasks:
-                return None
-            self._proven_for = established
         return self._heard_silence(watcher)
+
+    def _vouched(self, watcher: Any) -> bool:
+        """Whether the stream answered a progress request since this watch was created on it
+        (always, without `progress_seconds`), and what it queued before that answer has
+        reached the callback: nothing queued is left unhandled (a busy stream may take a few
+        looks to show that). Once true, true until the watch is created again."""
+        established = self._established_at
+        if self._progress_seconds is None or self._proven_for == established:
+            return True
+        proven: float | None = watcher.progress_at
+        if proven is None or proven < established or self._queue.unfinished_tasks:
+            return False
+        self._proven_for = established
+        return True
 
     @staticmethod
     def _heard_silence(watcher: Any) -> float:
@@ -189,8 +200,12 @@ class WatchHandle:
                     )
                 failures = 0
                 reported = False
+            wait = self._progress_seconds
+            unvouched = wait is not None and not self._vouched(self._watcher)
+            if unvouched:
+                wait = _PROOF_RETRY_SECONDS
             try:
-                generation, item = self._queue.get(timeout=self._progress_seconds)
+                generation, item = self._queue.get(timeout=wait)
             except queue.Empty:
                 if not self._replace_stalled():
                     self._ask_progress()
@@ -201,6 +216,8 @@ class WatchHandle:
             finally:
                 # Counted as handled only once its callbacks ran (`silent_seconds`).
                 self._queue.task_done()
+            if unvouched:
+                self._ask_progress()  # a busy stream is not idle long enough to time out
         self._cancel_server_watch()
         self._connected.clear()
 
@@ -249,11 +266,6 @@ class WatchHandle:
             retry=False,
         )
         self._established_at = time.monotonic()
-        if self._progress_seconds is not None:
-            # Asked at once, not after the first idle interval: the answer proves the new
-            # watch caught up (`silent_seconds`), and until it comes the stream is not vouched
-            # for.
-            self._watcher.request_progress()
         self._connected.set()
 
     def _only_before_compacted(self, error: BaseException | None) -> bool:
@@ -270,12 +282,16 @@ class WatchHandle:
     def _ask_progress(self) -> None:
         """Nothing came for this watch for `progress_seconds`: unless its stream answered
         meanwhile (another watch's events), ask etcd to say it is there (`silent_seconds`).
-        Asked again, however busy the stream, while no answer has proven the watch caught up
-        since it was created on it."""
+        Until an answer has proven the watch caught up since it was created on the stream,
+        asked every `_PROOF_RETRY_SECONDS` however busy the stream is."""
         watcher, seconds = self._watcher, self._progress_seconds
         if watcher is None or seconds is None:
             return
-        if time.monotonic() - watcher.heard_at >= seconds / 2 or self.silent_seconds() is None:
+        now = time.monotonic()
+        if now - watcher.heard_at >= seconds / 2 or (
+            now - self._asked_at >= _PROOF_RETRY_SECONDS and not self._vouched(watcher)
+        ):
+            self._asked_at = now
             watcher.request_progress()
 
     def _replace_stalled(self) -> bool:

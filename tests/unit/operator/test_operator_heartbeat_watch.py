@@ -485,6 +485,50 @@ def test_the_heartbeat_loop_asks_for_progress_and_trusts_the_view_while_answered
     asyncio.run(scenario())
 
 
+def test_a_new_watch_is_waited_for_and_an_unvouched_view_judged_again_within_a_moment() -> None:
+    # A watch is vouched for once etcd answered a progress request after catching it up: the
+    # loop waits a moment for that before its first resync, and a view judged not live is
+    # judged again every 0.1 s, not only twice per progress interval (5 s here), so passes
+    # do not read etcd for seconds after the watch could be trusted.
+    h = Harness()
+    h.rt.settings = OperatorSettings(heartbeat_watch_progress_seconds=10.0)
+    watch_instances = h.backend.watch_instances
+
+    def unvouched(*args: Any, **kwargs: Any) -> Any:
+        watch = watch_instances(*args, **kwargs)
+        watch.silent = None  # on a stream not yet proven caught up
+        return watch
+
+    h.backend.watch_instances = unvouched  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        view = h.rt.heartbeats
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        task = asyncio.create_task(_loops.heartbeat_watch(h.rt))
+        try:
+            await until("the watch", lambda: bool(h.backend._watches))
+            (watch,) = h.backend._watches
+            await asyncio.sleep(0.3)
+            assert not view.synced  # the first resync waits for the watch to be vouched for
+            watch.silent = 0.0
+            await until("the first resync", lambda: view.synced, timeout=1)
+            assert view.trusted
+            assert loop.time() - started < 2  # not the whole wait
+            # Between streams again (a replacement): judged not live at the next look ...
+            watch.silent = None
+            await until("judged not live", lambda: not view.trusted, timeout=6)
+            await asyncio.sleep(0.3)
+            # ... and live again within a moment of the new stream's answer.
+            watch.silent = 0.0
+            await until("judged live again", lambda: view.trusted, timeout=1)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
 def test_the_heartbeat_loop_tells_when_its_stream_goes_silent_and_answers_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
