@@ -627,6 +627,27 @@ def test_the_namespace_owning_each_component_is_named_by_its_owner_record(
     assert backend.owners() == {"firewall": "team-a", "ids": "team-a", "rag": "team-b"}
 
 
+def declare_scorer(
+    backend: Backend,
+    schema: dict[str, Any],
+    cap: int | None,
+    *,
+    threshold: int = 3,
+    registration: int | None = None,
+) -> Declared:
+    """The scorer's declare with `schema` under the schema `cap`, for a config of `threshold`."""
+    return backend.declare(
+        "scorer",
+        "custom",
+        json_schema=schema,
+        storage=StoragePolicy.from_options(EnvelopeOptions()),
+        digest=config_digest({"threshold": threshold}),
+        modified_by=BY,
+        registration=registration,
+        schema_cap=cap,
+    )
+
+
 def test_a_declare_records_a_schema_growing_the_record_past_its_cap_only_once_judged(
     backend: Backend,
 ) -> None:
@@ -635,15 +656,7 @@ def test_a_declare_records_a_schema_growing_the_record_past_its_cap_only_once_ju
     larger = {**SCHEMA, "description": "x" * 2000}
 
     def declare(schema: dict[str, Any], cap: int | None) -> Declared:
-        return backend.declare(
-            "scorer",
-            "custom",
-            json_schema=schema,
-            storage=StoragePolicy.from_options(EnvelopeOptions()),
-            digest=config_digest({"threshold": 3}),
-            modified_by=BY,
-            schema_cap=cap,
-        )
+        return declare_scorer(backend, schema, cap)
 
     capped = declare(larger, 0)
     assert capped.schema_capped and capped.schema_growth >= 2000
@@ -672,15 +685,7 @@ def test_a_declare_leaves_a_schema_active_is_not_valid_under_to_the_next_commit(
     backend.seed("scorer", "custom", {"threshold": 3}, json_schema=SCHEMA, modified_by=BY)
     before = backend.footprint("scorer").total
     stricter = {**SCHEMA, "properties": {"threshold": {"type": "integer", "maximum": 2}}}
-    declared = backend.declare(
-        "scorer",
-        "custom",
-        json_schema=stricter,
-        storage=StoragePolicy.from_options(EnvelopeOptions()),
-        digest=config_digest({"threshold": 3}),
-        modified_by=BY,
-        schema_cap=10**6,
-    )
+    declared = declare_scorer(backend, stricter, 10**6)
     # Not recorded (ACTIVE, threshold 3, is not valid under it): nothing grew.
     assert not declared.schema_capped and declared.schema_growth == 0
     assert backend.footprint("scorer").total == before
@@ -746,16 +751,7 @@ def test_a_resign_records_no_schema_growing_the_record_past_its_cap_before_it_is
     larger = {**SCHEMA, "description": "x" * 2000}
 
     def declare(schema: dict[str, Any], cap: int | None) -> Declared:
-        return backend.declare(
-            "scorer",
-            "custom",
-            json_schema=schema,
-            storage=StoragePolicy.from_options(EnvelopeOptions()),
-            digest=config_digest({"threshold": 3}),
-            modified_by=BY,
-            registration=registration,
-            schema_cap=cap,
-        )
+        return declare_scorer(backend, schema, cap, registration=registration)
 
     capped = declare(larger, 0)
     assert capped.schema_capped and capped.schema_growth >= 2000 and not capped.resigned
@@ -775,16 +771,7 @@ def test_a_resign_with_the_schema_the_record_holds_passes_any_cap(backend: Backe
     # The same content signed again (the spec's schema is the one the record held): never
     # judged, so never refused, even in a namespace over its budget (a cap below 0).
     registration, _ = record_of_an_earlier_registration_put_back(backend)
-    resigned = backend.declare(
-        "scorer",
-        "custom",
-        json_schema=SCHEMA,
-        storage=StoragePolicy.from_options(EnvelopeOptions()),
-        digest=config_digest({"threshold": 3}),
-        modified_by=BY,
-        registration=registration,
-        schema_cap=-1,
-    )
+    resigned = declare_scorer(backend, SCHEMA, -1, registration=registration)
     assert resigned.resigned and not resigned.schema_capped and resigned.schema_growth == 0
     assert recorded_schema(backend, "scorer") == SCHEMA
     assert backend.state("scorer").registration == registration
@@ -804,15 +791,7 @@ def test_a_promotion_records_no_schema_a_declare_left_to_the_next_commit(
     }
 
     def declare(cap: int | None) -> Declared:
-        return backend.declare(
-            "scorer",
-            "custom",
-            json_schema=stricter,
-            storage=StoragePolicy.from_options(EnvelopeOptions()),
-            digest=config_digest({"threshold": 2}),
-            modified_by=BY,
-            schema_cap=cap,
-        )
+        return declare_scorer(backend, stricter, cap, threshold=2)
 
     assert declare(10**6).schema_growth == 0  # not recorded: ACTIVE (3) is over its maximum
     backend.start_rollout("scorer", {"threshold": 2}, ["scorer-0"], by=BY)
@@ -832,16 +811,7 @@ def test_a_schema_a_declare_left_capped_is_not_re_signed_by_a_read_meanwhile(
     registration, put_back = record_of_an_earlier_registration_put_back(backend)
 
     def declare(schema: dict[str, Any]) -> Declared:
-        return backend.declare(
-            "scorer",
-            "custom",
-            json_schema=schema,
-            storage=StoragePolicy.from_options(EnvelopeOptions()),
-            digest=config_digest({"threshold": 3}),
-            modified_by=BY,
-            registration=registration,
-            schema_cap=0,
-        )
+        return declare_scorer(backend, schema, 0, registration=registration)
 
     assert declare(SCHEMA).resigned
     put_back()
