@@ -31,10 +31,32 @@ _STOP: Final = object()
 # watch asks after one, and etcd answers within a round trip (later only while a watch on the
 # stream catches up, and what it then sends is an answer too).
 STALL_ROUNDS: Final = 3
-# How often a watch not yet proven caught up on its stream asks for progress (`_vouched`):
-# etcd answers none while a watch on the stream is still being caught up (a new watch is for
-# its first ~100 ms), and an unanswered request is not answered later.
+# How often a watch not yet proven caught up on its stream asks for progress (`_vouched`), at
+# first: etcd answers none while a watch on the stream is still being caught up (a new watch is
+# for its first ~100 ms), and an unanswered request is not answered later.
 _PROOF_RETRY_SECONDS: Final = 0.1
+# How many of those asks come `_PROOF_RETRY_SECONDS` apart before they back off
+# (`proof_retry_seconds`): one second, ten of etcd's catch-up rounds (100 ms, up to 512 watches
+# each), past what even thousands of watches reconnecting together take. An answer still not
+# come is one etcd withholds until something is written (a watch started past its current
+# revision), and asking ten times a second would cost as many messages for nothing.
+_PROOF_FAST_ASKS: Final = 10
+# Doublings past this are capped by any interval a watch could use anyway (0.1 s * 2**30 is
+# three years), and 2.0 ** n overflows a float past ~1000: a quarter of an hour of asks left
+# unanswered at a 1 s interval.
+_PROOF_MAX_DOUBLINGS: Final = 30
+
+
+def proof_retry_seconds(asked: int, progress_seconds: float) -> float:
+    """How long a watch not yet proven caught up on its stream waits before its next progress
+    request, having sent `asked` unanswered since it was (re)created there: `_PROOF_RETRY_SECONDS`
+    for the first `_PROOF_FAST_ASKS` (a new watch is answered within a few hundred ms, and the
+    operator's start-up waits for that answer), then twice as long each time, up to
+    `progress_seconds` (what an idle proven watch asks at anyway)."""
+    if asked < _PROOF_FAST_ASKS:
+        return _PROOF_RETRY_SECONDS
+    doublings = min(asked - _PROOF_FAST_ASKS + 1, _PROOF_MAX_DOUBLINGS)
+    return min(max(_PROOF_RETRY_SECONDS, progress_seconds), _PROOF_RETRY_SECONDS * 2.0**doublings)
 
 
 class WatchHandle:
@@ -86,6 +108,9 @@ class WatchHandle:
         # The `_established_at` a progress answer proved caught up (`silent_seconds`).
         self._proven_for: float | None = None
         self._asked_at = 0.0  # when `_ask_progress` last asked (time.monotonic)
+        # Progress requests sent unanswered since the watch running now was created, while it
+        # was not yet vouched for: how far its asks have backed off (`proof_retry_seconds`).
+        self._proof_asks = 0
         # Whether the watch running now was created one revision early (`_establish`), and
         # whether the next creation may not be (that revision was compacted).
         self._started_before = False
@@ -200,15 +225,11 @@ class WatchHandle:
                     )
                 failures = 0
                 reported = False
-            wait = self._progress_seconds
-            unvouched = wait is not None and not self._vouched(self._watcher)
-            if unvouched:
-                wait = _PROOF_RETRY_SECONDS
+            unvouched = self._progress_seconds is not None and not self._vouched(self._watcher)
             try:
-                generation, item = self._queue.get(timeout=wait)
+                generation, item = self._queue.get(timeout=self._wait_seconds())
             except queue.Empty:
-                if not self._replace_stalled():
-                    self._ask_progress()
+                self._idle()
                 continue
             try:
                 if not self._take(generation, item):
@@ -220,6 +241,26 @@ class WatchHandle:
                 self._ask_progress()  # a busy stream is not idle long enough to time out
         self._cancel_server_watch()
         self._connected.clear()
+
+    def _wait_seconds(self) -> float | None:
+        """How long the loop waits for the next item before `_idle` (None: for ever, when no
+        progress is asked): the progress interval, and for a watch not yet vouched for, until
+        its next ask is due (`proof_retry_seconds`)."""
+        seconds = self._progress_seconds
+        if seconds is None or self._vouched(self._watcher):
+            return seconds
+        return max(0.0, self._proof_due_in(seconds, time.monotonic()))
+
+    def _proof_due_in(self, seconds: float, now: float) -> float:
+        """Seconds from `now` until a watch not yet vouched for asks again (due at 0 or less).
+        One expression for the wait and the ask, so a wait that ends when the ask is due finds
+        it due, not a rounding error short of it."""
+        return self._asked_at + proof_retry_seconds(self._proof_asks, seconds) - now
+
+    def _idle(self) -> None:
+        """Nothing came for `_wait_seconds`: give the stream up if it stalled, else ask."""
+        if not self._replace_stalled():
+            self._ask_progress()
 
     def _take(self, generation: int, item: Any) -> bool:
         """Handle one queued item; False when it says stop."""
@@ -266,6 +307,8 @@ class WatchHandle:
             retry=False,
         )
         self._established_at = time.monotonic()
+        # A new creation is caught up afresh: its first asks come fast again.
+        self._asked_at, self._proof_asks = self._established_at, 0
         self._connected.set()
 
     def _only_before_compacted(self, error: BaseException | None) -> bool:
@@ -283,16 +326,20 @@ class WatchHandle:
         """Nothing came for this watch for `progress_seconds`: unless its stream answered
         meanwhile (another watch's events), ask etcd to say it is there (`silent_seconds`).
         Until an answer has proven the watch caught up since it was created on the stream,
-        asked every `_PROOF_RETRY_SECONDS` however busy the stream is."""
+        asked on `proof_retry_seconds`' schedule however busy or idle the stream is."""
         watcher, seconds = self._watcher, self._progress_seconds
         if watcher is None or seconds is None:
             return
         now = time.monotonic()
-        if now - watcher.heard_at >= seconds / 2 or (
-            now - self._asked_at >= _PROOF_RETRY_SECONDS and not self._vouched(watcher)
-        ):
-            self._asked_at = now
-            watcher.request_progress()
+        if self._vouched(watcher):
+            if now - watcher.heard_at < seconds / 2:
+                return
+        elif self._proof_due_in(seconds, now) > 0:
+            return
+        else:
+            self._proof_asks += 1
+        self._asked_at = now
+        watcher.request_progress()
 
     def _replace_stalled(self) -> bool:
         """Whether the stream this watch is on was silent past the stall bound, and so given up:

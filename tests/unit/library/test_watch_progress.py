@@ -5,6 +5,7 @@ proxy holding it open) grows. Driven with a stand-in store and watch stream."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +15,8 @@ from pyetcd import exceptions as etcd_exc
 from watch_support import StandInStore
 
 from defender_config import StoreError
-from defender_config._store._watch import WatchHandle
+from defender_config._store import _watch
+from defender_config._store._watch import WatchHandle, proof_retry_seconds
 from defender_devcluster import wait_for
 
 
@@ -175,3 +177,118 @@ def test_a_watch_whose_revision_before_was_compacted_starts_at_the_next_one() ->
         assert starts == [41, 42]
     finally:
         handle.cancel()
+
+
+class _Clock:
+    """The watch's `time.monotonic`, moved on by the test only."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _SilentStream:
+    """A stream that never answers a progress request (etcd, while a watch on it starts past
+    its current revision and nothing is written) and records when each was sent."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.heard_at = clock.now
+        self.progress_at: float | None = None
+        self.asks: list[float] = []
+
+    def request_progress(self) -> None:
+        self.asks.append(self.clock.now)
+
+    def cancel(self, _watch_id: int) -> None:
+        pass
+
+
+def _on_clock(monkeypatch: pytest.MonkeyPatch, clock: _Clock, stream: _SilentStream) -> WatchHandle:
+    """A watch created on `stream` at the clock's time, its thread not started: the test runs
+    the loop's steps itself (`_wait_seconds`, `_idle`, `_ask_progress`) on a clock it moves."""
+    monkeypatch.setattr(_watch, "time", clock)
+    silent: Any = stream
+    store: Any = _Store(silent)
+    handle = WatchHandle(
+        store, "/t/", True, lambda _: None, 1, None, False, progress_seconds=5, stall_seconds=600
+    )
+    handle._establish()
+    return handle
+
+
+def _idle_for(handle: WatchHandle, clock: _Clock, seconds: float) -> None:
+    """The loop on an idle stream: wait what it says, then do what a timeout does."""
+    end = clock.now + seconds
+    while True:
+        wait = handle._wait_seconds()
+        assert wait is not None
+        if clock.now + wait > end:
+            clock.now = end
+            return
+        clock.now += wait
+        handle._idle()
+
+
+def _busy_for(handle: WatchHandle, clock: _Clock, stream: _SilentStream, seconds: float) -> None:
+    """The loop on a stream busy with other watches' events, one every 10 ms: heard, never
+    idle long enough to time out, and each event handled is followed by an ask if due."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += 0.01
+        stream.heard_at = clock.now
+        handle._ask_progress()
+
+
+def _gaps(start: float, asks: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise([start, *asks])]
+
+
+# A never-answered watch at progress_seconds=5: ten asks 0.1 s apart, then doubling up to 5 s.
+_BACKED_OFF = [0.1] * 10 + [0.2, 0.4, 0.8, 1.6, 3.2] + [5.0] * 10
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_a_never_answered_watch_asks_fast_at_first_then_ever_less_often(
+    monkeypatch: pytest.MonkeyPatch, busy: bool
+) -> None:
+    # etcd answers no progress request while a watch on the stream starts past its current
+    # revision, until something is written: asked every 0.1 s for good, such a watch cost ten
+    # messages a second for nothing. Its first second of asks stays fast (a new watch is
+    # answered within a few hundred ms), then they back off to one per progress interval.
+    clock = _Clock()
+    stream = _SilentStream(clock)
+    handle = _on_clock(monkeypatch, clock, stream)
+    start = clock.now
+    if busy:
+        _busy_for(handle, clock, stream, 60)
+    else:
+        _idle_for(handle, clock, 60)
+    assert _gaps(start, stream.asks) == pytest.approx(_BACKED_OFF, abs=0.011)
+    assert handle.silent_seconds() is None
+
+
+def test_a_watch_created_again_asks_fast_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A watch re-created (after a stall, an outage) is caught up afresh: the first answer is
+    # a few hundred ms away again, not one progress interval.
+    clock = _Clock()
+    stream = _SilentStream(clock)
+    handle = _on_clock(monkeypatch, clock, stream)
+    start = clock.now
+    _idle_for(handle, clock, 30)
+    assert _gaps(start, stream.asks)[-2:] == pytest.approx([5.0, 5.0])  # backed off
+    handle._leave_stream()
+    handle._establish()
+    again, asked = clock.now, len(stream.asks)
+    _idle_for(handle, clock, 1.05)
+    assert _gaps(again, stream.asks[asked:]) == pytest.approx([0.1] * 10)
+
+
+def test_the_proof_schedule_doubles_from_a_tenth_of_a_second_up_to_the_interval() -> None:
+    assert [proof_retry_seconds(n, 5) for n in range(17)] == pytest.approx(_BACKED_OFF[:17])
+    # A progress interval under the first step does not ask more often than it.
+    assert proof_retry_seconds(20, 0.05) == pytest.approx(0.1)
+    # Asked unanswered for ever: the doubling stops before a float would overflow.
+    assert proof_retry_seconds(10**6, 1e12) == pytest.approx(0.1 * 2**30)
