@@ -394,6 +394,15 @@ class RolloutStatus(_Model):
         default=None, description="Since when every canary reports the version, healthy."
     )
     message: str = Field(default="", description="What the rollout waits for, or why it ended.")
+    judged_history_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "The spec.rollout.historyLimit the storage budget judged the rollout's start under;"
+            " a promotion under a higher one is judged again, and keeps no more than the budget"
+            " allows."
+        ),
+    )
 
 
 class NameClaimStatus(_Model):

@@ -15,17 +15,20 @@ from defender_config import (
     ConfigValidationError,
     ConflictError,
     RolloutRecord,
+    canonical_json,
     config_digest,
     next_record_sequence,
+    validate_config,
 )
 from defender_config.contract import ABORT_ANNOTATION, PROMOTE_ANNOTATION
-from defender_operator import _api
+from defender_operator import _api, _storage_budget
 from defender_operator._backend import InstanceRecord
 from defender_operator._decisions import conditions as cond
 from defender_operator._decisions.backing import Backing, authentic, backing
 from defender_operator._decisions.breaker import ActiveChange, lifted_freeze
 from defender_operator._decisions.canary import (
     ABORTED,
+    JUDGED_HISTORY_LIMIT,
     PROGRESSING,
     PROMOTED,
     Action,
@@ -36,8 +39,10 @@ from defender_operator._decisions.canary import (
     departed_canaries,
     judge_canary,
     judge_record,
+    judged_limit,
     pick_canaries,
 )
+from defender_operator._decisions.storage_budget import STORAGE_BUDGET_EXCEEDED, PromotionLimit
 from defender_operator._metrics import count_canary_abort
 from defender_operator._outcome import ConfigVerdict, Outcome, normal, warning
 from defender_operator._runtime import ComponentMemory, Runtime, utcnow
@@ -92,9 +97,14 @@ async def start(
     logger: Logger,
     pods: Mapping[str, bool],
     mem: ComponentMemory,
+    history_limit: int,
 ) -> Outcome | None:
     """Start (or keep) the canary rollout of `normalized`, instead of a commit. None when the
     component has no instance to try it on: the caller commits as usual.
+
+    `history_limit`: the spec.rollout.historyLimit the storage budget judged this start under
+    (the commit it is), kept in status.rollout: a promotion under a higher one is judged again
+    (`_promote`).
 
     `pods`: the selected pods, each with whether it is being deleted. Canaries are picked only
     among instances whose record names one that is not (`_decisions.backing`): a record alone
@@ -105,7 +115,8 @@ async def start(
     anchored = anchor.sequence if anchor is not None else 0
     digest = config_digest(normalized)
     if current is not None and current.digest == digest and current.sequence >= max(anchored, 1):
-        return _progressing(current, f"canary of version {current.version} in progress")
+        kept = _progressing(current, f"canary of version {current.version} in progress")
+        return _judged_under(kept, history_limit)
     instances, _ = authentic(await asyncio.to_thread(rt.backend.instances, component))
     serving = backing(((i.instance, i.pod) for i in instances), pods).serving
     canaries = pick_canaries(sorted(serving), count=canary.instances, percent=canary.percent)
@@ -133,8 +144,30 @@ async def start(
         f" {canary.hold_seconds}s healthy"
     )
     logger.info("canary rollout started: %s", message)
-    out = _progressing(record, message)
+    out = _judged_under(_progressing(record, message), history_limit)
     out.events.append(normal("CanaryStarted", message))
+    return out
+
+
+def _judged_under(out: Outcome, history_limit: int | None) -> Outcome:
+    """status.rollout names the historyLimit its start was judged under (None: not known)."""
+    written = out.fields.get("rollout")
+    if isinstance(written, dict) and history_limit is not None:
+        written[JUDGED_HISTORY_LIMIT] = history_limit
+    return out
+
+
+def _carried(out: Outcome, status: Mapping[str, Any]) -> Outcome:
+    """status.rollout is written whole: a write of the rollout status anchors (its candidate on
+    the same base: waiting, written again, its canaries replaced, promoted, aborted or ended)
+    keeps the limit its start was judged under, and a write of another rollout names none."""
+    written = out.fields.get("rollout")
+    if not isinstance(written, dict) or JUDGED_HISTORY_LIMIT in written:
+        return out
+    anchor = anchor_from_status(status.get("rollout"))
+    version, digest = written.get("version"), written.get("digest")
+    if isinstance(version, int) and isinstance(digest, str):
+        _judged_under(out, judged_limit(anchor, version, digest))
     return out
 
 
@@ -146,12 +179,13 @@ async def command(
     *,
     status: Mapping[str, Any],
     by: str,
-    history_limit: int,
+    spec: _api.DefenderComponentSpec,
     logger: Logger,
 ) -> Outcome:
     """`kubectl defender promote|abort`: the annotation is acted on once, then removed.
-    `history_limit`: the spec's spec.rollout.historyLimit now, which a promotion or an
-    abort keeps."""
+    An abort keeps spec.rollout.historyLimit as the spec holds it now; a promotion too, within
+    the storage budget (`_promote`)."""
+    history_limit = spec.rollout.history_limit
     out = Outcome()
     for annotation, promote in ((PROMOTE_ANNOTATION, True), (ABORT_ANNOTATION, False)):
         if annotation not in annotations:
@@ -169,12 +203,12 @@ async def command(
             )
             out.events.append(warning("RolloutCommandIgnored", f"{annotation}: {why}"))
         elif promote:
-            version = await rt.write(
-                name, rt.backend.promote_rollout, name, by=by, history_limit=history_limit
+            version, chosen = await _promote(
+                rt, namespace, name, spec, status, record, by=by, logger=logger
             )
             message = f"canary of version {record.version} promoted by command as {version}"
             logger.info(message)
-            out.add(_promoted(record, version, message))
+            out.add(_promoted(record, version, message, chosen))
         else:
             message = (
                 f"canary of version {record.version} aborted by command; commits are frozen"
@@ -193,17 +227,80 @@ async def command(
             logger.warning(message)
             out.add(_aborted(record, message))
         await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, annotation)
-    return out
+    return _carried(out, status)
 
 
-def _promoted(record: RolloutRecord, version: int, message: str) -> Outcome:
-    return Outcome(
+async def _promote(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    spec: _api.DefenderComponentSpec,
+    status: Mapping[str, Any],
+    record: RolloutRecord,
+    *,
+    by: str,
+    logger: Logger,
+) -> tuple[int, PromotionLimit]:
+    """Promote `record`'s candidate; the version now ACTIVE, and the historyLimit it kept.
+    The spec's now, not the one the rollout started under (a limit edited meanwhile is what the
+    person wants kept from this commit on), within the storage budget: its start was judged
+    under the limit then (status.rollout), so a limit raised since, which keeps versions that
+    judgment counted as pruned, is judged again here, and where the namespace has no room for
+    them the promotion keeps what fits instead (`_storage_budget.check_promotion`). Never
+    refused for it: a good canary completes."""
+
+    async def candidate_bytes() -> int | None:
+        # spec.config is the candidate unless it changed since (its reconcile supersedes the
+        # rollout) or no longer validates: then its size is not the candidate's.
+        try:
+            normalized = await asyncio.to_thread(
+                validate_config,
+                spec.component_type.value,
+                spec.config,
+                spec.custom_schema,
+                component=name,
+            )
+        except ConfigValidationError:
+            return None
+        return (
+            len(canonical_json(normalized)) if config_digest(normalized) == record.digest else None
+        )
+
+    chosen = await _storage_budget.check_promotion(
+        rt,
+        namespace,
+        name,
+        name,
+        version=record.version,
+        judged=judged_limit(
+            anchor_from_status(status.get("rollout")), record.version, record.digest
+        ),
+        limit=spec.rollout.history_limit,
+        candidate_bytes=candidate_bytes,
+    )
+    if chosen.limited:
+        logger.warning("%s", chosen)
+    version = await rt.write(
+        name, rt.backend.promote_rollout, name, by=by, history_limit=chosen.limit
+    )
+    return version, chosen
+
+
+def _promoted(record: RolloutRecord, version: int, message: str, chosen: PromotionLimit) -> Outcome:
+    """The promotion's outcome; one that kept fewer versions than the spec asks says why: in
+    the Rollout condition, and as a Warning Event when the storage budget refused the rest."""
+    if chosen.limited:
+        message = f"{message}; {chosen}"
+    out = Outcome(
         events=[normal("CanaryPromoted", message)],
         config=ConfigVerdict(cond.ConfigState.SYNCED),
         conditions=_condition(PROMOTED, message),
         fields=rollout_fields(record, PROMOTED, message),
         change=ActiveChange(version=version, previous_version=record.base_version, time=utcnow()),
     )
+    if chosen.refusal is not None:
+        out.events.append(warning(STORAGE_BUDGET_EXCEEDED, str(chosen)))
+    return out
 
 
 def _aborted(record: RolloutRecord, message: str) -> Outcome:
@@ -317,6 +414,7 @@ def _beats(
 
 async def watch(
     rt: Runtime,
+    namespace: str,
     name: str,
     spec: _api.DefenderComponentSpec,
     status: Mapping[str, Any],
@@ -336,6 +434,42 @@ async def watch(
 
     `pods`: the selected pods, each with whether it is being deleted; `backed`: the pass's
     instances by what backs them (`_decisions.backing`)."""
+    out = await _watch(
+        rt,
+        namespace,
+        name,
+        spec,
+        status,
+        mem,
+        record=record,
+        active_version=active_version,
+        instances=instances,
+        live=live,
+        pods=pods,
+        backed=backed,
+        now=now,
+        logger=logger,
+    )
+    return _carried(out, status)
+
+
+async def _watch(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    spec: _api.DefenderComponentSpec,
+    status: Mapping[str, Any],
+    mem: ComponentMemory,
+    *,
+    record: RolloutRecord | None,
+    active_version: int | None,
+    instances: Sequence[InstanceRecord],
+    live: Sequence[InstanceRecord],
+    pods: Mapping[str, bool],
+    backed: Backing,
+    now: datetime,
+    logger: Logger,
+) -> Outcome:
     checked = await _check_record(
         rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
     )
@@ -388,17 +522,11 @@ async def watch(
         out.fields = rollout_fields(record, PROGRESSING, verdict.message, verdict.healthy_since)
         return out
     if verdict.action is Action.PROMOTE:
-        # The limit the spec holds now, not the one the rollout started under: a historyLimit
-        # edited meanwhile is what the person wants kept from this commit on.
-        version = await rt.write(
-            name,
-            rt.backend.promote_rollout,
-            name,
-            by=by,
-            history_limit=spec.rollout.history_limit,
+        version, chosen = await _promote(
+            rt, namespace, name, spec, status, record, by=by, logger=logger
         )
         logger.info("canary promoted as ACTIVE version %s: %s", version, verdict.message)
-        return _promoted(record, version, verdict.message)
+        return _promoted(record, version, verdict.message, chosen)
     if verdict.action is Action.REPLACE:
         return await _replace(
             rt,

@@ -359,6 +359,7 @@ async def _steps(
         take(mem, found, tripped)
         rolled = await _canary.watch(
             rt,
+            p.namespace,
             p.name,
             p.spec,
             p.status,

@@ -419,7 +419,7 @@ async def _steps(
             v.annotations,
             status=v.status,
             by=v.who,
-            history_limit=spec.rollout.history_limit,
+            spec=spec,
             logger=v.logger,
         ),
     )
@@ -1343,6 +1343,7 @@ async def commit(
             logger=v.logger,
             pods=held_pods(pods),
             mem=rt.memory(v.namespace, v.name),
+            history_limit=spec.rollout.history_limit,
         )
         if started is not None:
             started.fields.update(

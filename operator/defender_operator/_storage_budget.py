@@ -17,7 +17,7 @@ component whose owner record names the namespace and that it does not remember y
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 import kopf
@@ -29,18 +29,22 @@ from defender_operator._decisions.storage_budget import (
     STORAGE_BUDGET_EXCEEDED,
     BudgetRefusal,
     Footprint,
+    PromotionLimit,
     after_commit,
     after_seed,
     decide_budget,
     namespace_budget,
     new_value_bytes,
+    promotion_floor,
+    promotion_limit,
     seed_bytes,
 )
 from defender_operator._runtime import Runtime
 
 REFUSALS = Counter(
     "defender_operator_storage_budget_refusals_total",
-    "Commits, seeds and spec.customSchema changes refused by their namespace's storage budget",
+    "Commits, seeds, spec.customSchema changes and canary promotions' raised historyLimits"
+    " refused by their namespace's storage budget",
     ["namespace"],
 )
 
@@ -342,3 +346,48 @@ async def measure_unknown(rt: Runtime, namespace: str, name: str, component: str
         return
     footprint = await asyncio.to_thread(rt.backend.footprint, component)
     _known(rt, namespace, name, component, footprint.total)
+
+
+async def check_promotion(
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    component: str,
+    *,
+    version: int,
+    judged: int | None,
+    limit: int,
+    candidate_bytes: Callable[[], Awaitable[int | None]],
+) -> PromotionLimit:
+    """The historyLimit the promotion of a canary's `version` prunes under: the spec's `limit`,
+    unless that is above the one its start was judged under (`judged`, see `promotion_floor`)
+    and what it keeps beyond would take the namespace over its budget; then the most that
+    fits, never below the start's (`promotion_limit`). Never a refusal: a good canary is
+    promoted. Only then, and while a budget applies, one range read of the component's keys,
+    as a commit's (`check_commit`), and the candidate's size (`candidate_bytes`: the length of
+    its canonical JSON, None when it is not known). What it will keep is reserved, as a
+    commit's."""
+    floor = promotion_floor(judged, limit)
+    cap = budget(rt, namespace)
+    if limit <= floor or cap <= 0:
+        return PromotionLimit(component, limit, limit, floor)
+    value = await candidate_bytes()
+    if value is None:
+        return PromotionLimit(component, floor, limit, floor)
+    now = await _measured(rt, namespace, name, component)
+    chosen = promotion_limit(
+        now,
+        new_value_bytes(value),
+        version,
+        floor=floor,
+        limit=limit,
+        budget=cap,
+        others=others(rt, namespace, name, component),
+        namespace=namespace,
+        component=component,
+    )
+    if chosen.refusal is not None:
+        REFUSALS.labels(namespace).inc()
+    if chosen.after is not None:
+        _known(rt, namespace, name, component, max(now.total, chosen.after))
+    return chosen

@@ -230,6 +230,13 @@ class RolloutAnchor:
     since: datetime | None
     by: str
     phase: str
+    judged_history_limit: int | None = None
+    """The spec.rollout.historyLimit the storage budget judged the rollout's start under
+    (`JUDGED_HISTORY_LIMIT`; None: not recorded)."""
+
+
+# status.rollout's field holding `RolloutAnchor.judged_history_limit`.
+JUDGED_HISTORY_LIMIT = "judgedHistoryLimit"
 
 
 def anchor_from_status(raw: Any) -> RolloutAnchor | None:
@@ -247,6 +254,7 @@ def anchor_from_status(raw: Any) -> RolloutAnchor | None:
         value = raw.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
+    judged = _int(JUDGED_HISTORY_LIMIT)
     return RolloutAnchor(
         sequence=sequence,
         version=_int("version"),
@@ -256,7 +264,17 @@ def anchor_from_status(raw: Any) -> RolloutAnchor | None:
         since=since,
         by=str(raw.get("by") or ""),
         phase=str(raw.get("phase") or ""),
+        judged_history_limit=judged if judged > 0 else None,
     )
+
+
+def judged_limit(anchor: RolloutAnchor | None, version: int, digest: str) -> int | None:
+    """The historyLimit the start of the rollout of `version` (`digest`: its candidate) was
+    judged under, as status anchors it; None when status anchors another rollout (the start of
+    this one never wrote its status) or one started before the limit was recorded."""
+    if anchor is None or anchor.version != version or anchor.digest != digest:
+        return None
+    return anchor.judged_history_limit
 
 
 class RecordAction(enum.Enum):

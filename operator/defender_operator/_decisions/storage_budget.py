@@ -129,3 +129,109 @@ def decide_budget(
     if usage_after <= budget:
         return None
     return BudgetRefusal(namespace, component, others + before, usage_after, budget, what)
+
+
+def promotion_floor(judged: int | None, limit: int) -> int:
+    """The fewest versions a canary's promotion under the spec's historyLimit `limit` keeps
+    whatever the budget says: its start was judged (as the commit it is) under `judged`, so a
+    promotion keeping that many, or the spec's if lower, keeps no more than was judged. `limit`
+    above it (raised during the canary) keeps versions that judgment counted as pruned, and is
+    judged again (`promotion_limit`). None: the start's limit is not known (status anchors
+    another rollout, or the start's status was never written), and 1 is all that is certain."""
+    if judged is not None and judged >= limit:
+        return limit
+    return judged if judged is not None else 1
+
+
+@dataclass(frozen=True)
+class PromotionLimit:
+    """The historyLimit a canary's promotion prunes under (`limit`), and why when it is not the
+    spec's (`wanted`): what the spec's keeps beyond the start's (`floor`) would take the
+    namespace over its budget (`refusal`), or could not be judged (the candidate's size is not
+    known)."""
+
+    component: str
+    limit: int
+    wanted: int
+    floor: int
+    refusal: BudgetRefusal | None = None
+    after: int | None = None
+    """The bytes the component keeps once promoted under `limit` (None: not judged)."""
+
+    @property
+    def limited(self) -> bool:
+        return self.limit < self.wanted
+
+    def __str__(self) -> str:
+        kept = (
+            f"promoted keeping {self.limit} version(s); spec.rollout.historyLimit applies from"
+            " the next commit, judged then"
+        )
+        r = self.refusal
+        if r is not None:
+            return (
+                f"promotion of {self.component!r} under spec.rollout.historyLimit"
+                f" {self.wanted}, raised since the canary's start was judged under"
+                f" {self.floor}, refused: namespace {r.namespace!r} would keep {r.usage} bytes"
+                f" in etcd with the promotion under {self.floor} and {r.after} bytes under"
+                f" {self.wanted}, over its storage budget of {r.budget} bytes; {kept}"
+            )
+        return (
+            f"promotion of {self.component!r} under spec.rollout.historyLimit {self.wanted},"
+            f" raised since the canary's start was judged under {self.floor}, not judged:"
+            f" spec.config is no longer the candidate, whose size it needs; {kept}"
+        )
+
+
+def promotion_limit(
+    now: Footprint,
+    value_bytes: int | None,
+    version: int,
+    *,
+    floor: int,
+    limit: int,
+    budget: int,
+    others: int,
+    namespace: str,
+    component: str,
+) -> PromotionLimit:
+    """The most versions, between `floor` (`promotion_floor`) and the spec's `limit`, that the
+    promotion of `version` (of `value_bytes`, see `new_value_bytes`) keeps within the budget,
+    the namespace's other components keeping `others` bytes. What it keeps under `floor` is
+    what the start's judgment covered (the other components' judgments counted it since); what
+    a higher limit keeps beyond that is judged (`decide_budget`: a raise keeping nothing more is
+    never refused). Never below `floor`, and never a refusal of the promotion itself: a good
+    canary completes. `value_bytes` None: the candidate's size is not known, so nothing above
+    `floor` can be judged."""
+    if limit <= floor or budget <= 0:
+        return PromotionLimit(component, limit, limit, floor)
+    if value_bytes is None:
+        return PromotionLimit(component, floor, limit, floor)
+    covered = after_commit(now, value_bytes, version, floor)
+
+    def judged(keep: int) -> tuple[int, BudgetRefusal | None]:
+        after = after_commit(now, value_bytes, version, keep)
+        refused = decide_budget(
+            namespace,
+            component,
+            budget=budget,
+            others=others,
+            before=covered,
+            after=after,
+            what="promotion",
+        )
+        return after, refused
+
+    after, refusal = judged(limit)
+    if refusal is None:
+        return PromotionLimit(component, limit, limit, floor, after=after)
+    # A lower limit prunes more, so what it keeps is never more: the largest that fits is
+    # found by halving (up to 1000 versions, so at most ten judgments).
+    low, high = floor, limit - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if judged(mid)[1] is None:
+            low = mid
+        else:
+            high = mid - 1
+    return PromotionLimit(component, low, limit, floor, refusal, judged(low)[0])
