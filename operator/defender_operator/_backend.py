@@ -307,7 +307,9 @@ class Backend(Protocol):
     def promote_rollout(self, component: str, *, by: str, history_limit: int) -> int:
         """Commit the candidate as ACTIVE and end the rollout; the version now ACTIVE. Keeps
         `history_limit` versions as `commit` does: the spec's when it is promoted (a limit
-        edited during the rollout applies), since this is the commit that prunes."""
+        edited during the rollout applies), since this is the commit that prunes, or fewer
+        where the storage budget has no room for a limit raised since the start
+        (`_canary._promote`)."""
         ...
 
     def abort_rollout(

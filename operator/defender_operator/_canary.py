@@ -158,9 +158,10 @@ def _judged_under(out: Outcome, history_limit: int | None) -> Outcome:
 
 
 def _carried(out: Outcome, status: Mapping[str, Any]) -> Outcome:
-    """status.rollout is written whole: a write of the rollout status anchors (its candidate on
-    the same base: waiting, written again, its canaries replaced, promoted, aborted or ended)
-    keeps the limit its start was judged under, and a write of another rollout names none."""
+    """status.rollout is written from the record each time (and compared whole with the status
+    stored, before a write): a write of the rollout status anchors (its candidate on the same
+    base: waiting, written again, its canaries replaced, promoted, aborted or ended) keeps the
+    limit its start was judged under; a write of another rollout names none."""
     written = out.fields.get("rollout")
     if not isinstance(written, dict) or JUDGED_HISTORY_LIMIT in written:
         return out
