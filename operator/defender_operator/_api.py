@@ -22,6 +22,7 @@ from pydantic.alias_generators import to_camel
 # The vocabulary has one home, the library's contract: re-exported for the operator's modules.
 from defender_config import MIN_ALLOWED_MISSES, ConfigValidationError, config_digest
 from defender_config.contract import CATEGORIES as CATEGORIES
+from defender_config.contract import DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT
 from defender_config.contract import KIND as KIND
 from defender_config.contract import PLURAL as PLURAL
 from defender_config.contract import ROLLBACK_ANNOTATION as ROLLBACK_ANNOTATION
@@ -195,9 +196,9 @@ class RolloutSpec(_Model):
         description="How long after an ACTIVE change the breaker watches instance health.",
     )
     history_limit: int = Field(
-        default=10,
+        default=DEFAULT_HISTORY_LIMIT,
         ge=1,
-        le=1000,
+        le=MAX_HISTORY_LIMIT,
         description="How many past ACTIVE versions to keep in etcd for rollback.",
     )
     on_invalid_config: InvalidConfigPolicy = Field(

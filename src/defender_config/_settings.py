@@ -36,6 +36,7 @@ from ._codecs import cipher_names, compression_names
 from ._errors import SettingsError
 from ._files import read_file_bounded
 from ._json_parse import parse_json
+from .contract import DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT
 
 __all__ = [
     "ETCD_REQUEST_LIMIT_BYTES",
@@ -53,7 +54,6 @@ _MiB = 1024 * 1024
 # The chart's and the API's bounds: more retries only hold a caller longer on an etcd that does
 # not answer; more kept versions than spec.rollout.historyLimit allows are never asked for.
 _MAX_RETRIES = 100
-_MAX_HISTORY_LIMIT = 1000
 
 
 def _split_list(value: Any) -> Any:
@@ -204,7 +204,7 @@ class LibrarySettings(BaseSettings):
     reader's requirement. Env form: comma separated or a JSON list."""
     keyring_poll_seconds: float = bounded_seconds(2.0)
     """How often the keyring file is checked for a new version."""
-    history_limit: int = Field(default=10, ge=1, le=_MAX_HISTORY_LIMIT)
+    history_limit: int = Field(default=DEFAULT_HISTORY_LIMIT, ge=1, le=MAX_HISTORY_LIMIT)
     """Versions of ACTIVE kept under `history/`."""
     heartbeat_interval_seconds: float = bounded_seconds(30.0, most=MAX_HEARTBEAT_INTERVAL_SECONDS)
     """Heartbeat refresh interval (the old design used 30 s)."""

@@ -24,6 +24,7 @@ __all__ = [
     "API_GROUP",
     "API_VERSION",
     "CATEGORIES",
+    "DEFAULT_HISTORY_LIMIT",
     "ETCD_CLIENT_LABEL",
     "EXPORTED_ANNOTATION",
     "EXPORTED_KEYS_ANNOTATION",
@@ -33,6 +34,7 @@ __all__ = [
     "KEYRING_LABELS",
     "KIND",
     "MANAGED_BY",
+    "MAX_HISTORY_LIMIT",
     "PLURAL",
     "PROMOTE_ANNOTATION",
     "RESTORED_ANNOTATION",
@@ -188,6 +190,15 @@ class RotationStage(enum.StrEnum):
     DISTRIBUTING = "Distributing"  # new key added decrypt-only, waiting for every instance
     PROMOTED = "Promoted"  # new key is primary, stored values being rewrapped
     GRACE = "Grace"  # everything rewrapped, old key kept until the grace period ends
+
+
+# --- the kept history ---------------------------------------------------------------------------
+
+DEFAULT_HISTORY_LIMIT: Final = 10
+"""Versions of ACTIVE kept for rollback when nothing says otherwise: spec.rollout.historyLimit's
+default (the CRD's) and the library's `history_limit` setting's."""
+MAX_HISTORY_LIMIT: Final = 1000
+"""The most versions spec.rollout.historyLimit (and so any writer of this plane) may keep."""
 
 
 # --- rollback targets ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from defender_agent import _settings as agent_settings
+from defender_cli import _app as cli_app
 from defender_cli import _commands as cli_commands
 from defender_cli import _keyring_commands as cli_keys
 from defender_config import (
@@ -18,6 +19,7 @@ from defender_config import (
     DefenderConfigError,
     InvalidConfigPolicy,
     InvalidRollbackTargetError,
+    LibrarySettings,
     contract,
     format_rollback_target,
     parse_rollback_target,
@@ -103,6 +105,20 @@ def test_the_crd_is_rendered_from_the_contract_names() -> None:
     assert crd["metadata"]["name"] == f"{contract.PLURAL}.{contract.API_GROUP}"
     assert crd["spec"]["names"]["kind"] == contract.KIND
     assert [v["name"] for v in crd["spec"]["versions"]] == [contract.API_VERSION]
+
+
+def test_the_history_limit_bounds_are_the_contracts() -> None:
+    # The CRD's default is what `rollback --direct` keeps for a spec that does not say; the
+    # library's default and the plugin's --history-limit range are the same numbers.
+    schema = crdgen.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    field = schema["properties"]["spec"]["properties"]["rollout"]["properties"]["historyLimit"]
+    assert (field["default"], field["minimum"], field["maximum"]) == (
+        contract.DEFAULT_HISTORY_LIMIT,
+        1,
+        contract.MAX_HISTORY_LIMIT,
+    )
+    assert LibrarySettings().history_limit == contract.DEFAULT_HISTORY_LIMIT
+    assert cli_app.HISTORY_LIMIT_MAX == contract.MAX_HISTORY_LIMIT
 
 
 def _meta(**extra: object) -> dict[str, object]:
