@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._errors import TOO_DEEP, CliError
+from ._errors import TOO_DEEP, CliError, api_server_unreachable
 from ._flags import (
     DEFAULT_KEYRING_SECRET,
     DEFAULT_OPERATOR_NAMESPACE,
@@ -58,6 +58,27 @@ def count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative; 0 means no limit")
+    return value
+
+
+#: spec.rollout.historyLimit's maximum (the library's contract names it, MAX_HISTORY_LIMIT; this
+#: module does not import the library while it parses arguments, and a test keeps them equal).
+HISTORY_LIMIT_MAX = 1000
+
+
+def history_limit(text: str) -> int:
+    """`--history-limit`: 1 to HISTORY_LIMIT_MAX versions, spec.rollout.historyLimit's range. 0
+    would keep no version to roll back to (the library refuses it); more than any spec may hold
+    is a typo, and the operator's next write would prune to the spec anyway."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= HISTORY_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range: keep 1 to {HISTORY_LIMIT_MAX} versions, as"
+            " spec.rollout.historyLimit"
+        )
     return value
 
 
@@ -142,12 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--namespace",
         type=kube_name,
         default="default",
-        help="namespace of the DefenderComponent",
+        help="namespace of the DefenderComponent (with --direct: where its"
+        " spec.rollout.historyLimit is read)",
     )
     p.add_argument(
         "--direct",
         action="store_true",
-        help="write etcd through the library instead of asking the operator (needs a keyring)",
+        help="write etcd through the library instead of asking the operator (needs a keyring);"
+        " break-glass for when the operator is down. Like the operator it prunes the history to"
+        " the DefenderComponent's spec.rollout.historyLimit, read through the Kubernetes API;"
+        " when that cannot be read, to the store's default, said on stderr",
+    )
+    p.add_argument(
+        "--history-limit",
+        type=history_limit,
+        metavar="N",
+        help=f"with --direct: keep N versions of ACTIVE (1 to {HISTORY_LIMIT_MAX}) instead of"
+        " the DefenderComponent's spec.rollout.historyLimit; the resource is then not read",
     )
 
     for action, helptext in (
@@ -350,7 +382,27 @@ def run(args: argparse.Namespace, printer: Printer) -> int:
         elif args.command == "rollback":
             if args.direct:
                 client = conn.client(keyring=conn.keyring("rollback --direct"))
-                data = cmd.rollback_direct(client, args.component, args.to)
+                # The flag, else the resource's spec (read only then), else the store's default
+                # with a warning: a break-glass rollback is not refused for want of the API.
+                found = (
+                    None
+                    if args.history_limit is not None
+                    else cmd.read_component(
+                        conn.kube,
+                        args.namespace,
+                        args.component,
+                        request_timeout=args.request_timeout,
+                    )
+                )
+                choice = cmd.choose_history_limit(
+                    args.history_limit,
+                    found,
+                    cmd.store_history_limit(client),
+                    where=cmd.component_ref(args.namespace, args.component),
+                )
+                if choice.warning is not None:
+                    printer.warn(f"kubectl defender rollback: warning: {choice.warning}")
+                data = cmd.rollback_direct(client, args.component, args.to, choice)
             else:
                 data = cmd.annotate_rollback(conn.kube(), args.namespace, args.component, args.to)
             show = _show_done
@@ -447,6 +499,15 @@ def _show_keyring(printer: Printer, data: dict[str, Any]) -> None:
         )
 
 
+# Where `rollback --direct`'s history limit came from, as the table says it.
+_LIMIT_FROM = {
+    "flag": "--history-limit",
+    "spec": "spec.rollout.historyLimit",
+    "crd-default": "spec.rollout.historyLimit unset: the CRD's default",
+    "store-default": "the store's default",
+}
+
+
 def _show_done(printer: Printer, data: dict[str, Any]) -> None:
     if "annotation" in data:
         printer.line(
@@ -463,7 +524,8 @@ def _show_done(printer: Printer, data: dict[str, Any]) -> None:
     elif data["via"] == "etcd":
         printer.line(
             f"{data['component']}: ACTIVE is now version {data['activeVersion']}"
-            f" (a copy of {data['rolledBackTo']})."
+            f" (a copy of {data['rolledBackTo']}); the history keeps {data['historyLimit']}"
+            f" versions ({_LIMIT_FROM[data['historyLimitFrom']]})."
         )
     else:
         printer.line(
@@ -476,8 +538,12 @@ def _show_done(printer: Printer, data: dict[str, Any]) -> None:
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    args = build_parser().parse_args(argv)
-    printer = Printer.for_stream(out, args.colour)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    conflict = _conflicting_flags(args)
+    if conflict is not None:
+        parser.error(conflict)
+    printer = Printer.for_stream(out, args.colour, err=err)
     errors = err if err is not None else sys.stderr
     # gRPC's core logs every failed TLS handshake to stderr at INFO, some twenty lines before
     # the plugin's own one-line error; set before the library imports grpc. An explicit
@@ -527,7 +593,7 @@ def main(
         )
         return 2
     except Exception as exc:
-        unreachable = _api_server_unreachable(exc, getattr(args, "request_timeout", None))
+        unreachable = api_server_unreachable(exc, getattr(args, "request_timeout", None))
         if unreachable is None:
             raise
         errors.write(
@@ -537,19 +603,12 @@ def main(
         return 2
 
 
-def _api_server_unreachable(exc: Exception, timeout: float | None) -> str | None:
-    """Why the Kubernetes client could not talk to the API server (refused, TLS, reset, no answer
-    within --request-timeout), or None for any other exception. urllib3 is the client's
-    transport; it is loaded only once a command has used Kubernetes, and only then can its error
-    arrive here, so it is not imported for this."""
-    transport = sys.modules.get("urllib3.exceptions")
-    if transport is None or not isinstance(exc, transport.HTTPError):
-        return None
-    reason = getattr(exc, "reason", None) or exc
-    # urllib3 makes a refused connection (NewConnectionError) a kind of connect timeout.
-    timed_out = isinstance(reason, transport.TimeoutError) and not isinstance(
-        reason, transport.NewConnectionError
-    )
-    if timed_out and timeout is not None:
-        return f"no answer within {timeout:g}s, see --request-timeout"
-    return f"{type(reason).__name__}: {reason}"
+def _conflicting_flags(args: argparse.Namespace) -> str | None:
+    """Flags that parse one by one and make no sense together, as an argument error (exit 2):
+    one a person gave expecting it to be used would otherwise be ignored."""
+    if args.command == "rollback" and args.history_limit is not None and not args.direct:
+        return (
+            "rollback --history-limit needs --direct: without it the operator rolls back and"
+            " keeps the DefenderComponent's spec.rollout.historyLimit"
+        )
+    return None

@@ -7,8 +7,10 @@ from __future__ import annotations
 import difflib
 import getpass
 import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -28,13 +30,15 @@ from defender_config.contract import (
     ABORT_ANNOTATION,
     API_GROUP,
     API_VERSION,
+    DEFAULT_HISTORY_LIMIT,
+    MAX_HISTORY_LIMIT,
     PLURAL,
     PROMOTE_ANNOTATION,
     ROLLBACK_ANNOTATION,
     ROTATE_ANNOTATION,
 )
 
-from ._errors import CliError
+from ._errors import TOO_DEEP, CliError, api_server_unreachable
 from ._output import Printer, age, seconds_since, shorten
 
 
@@ -557,12 +561,132 @@ def show_dump(printer: Printer, entries: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------- commands
 
 
-def rollback_direct(client: DefenderClient, component: str, to: RollbackTarget) -> dict[str, Any]:
-    version = ConfigStore(client).rollback(component, to, by=who())
+@dataclass(frozen=True)
+class Unreadable:
+    """The DefenderComponent could not be read: `why`, one clause for a person."""
+
+    why: str
+
+
+HistoryLimitFrom = Literal["flag", "spec", "crd-default", "store-default"]
+
+
+@dataclass(frozen=True)
+class HistoryLimitChoice:
+    """How many versions `rollback --direct` keeps, where that number came from, and the
+    warning to show when it is not the component's own (None: nothing to say)."""
+
+    limit: int
+    source: HistoryLimitFrom
+    warning: str | None = None
+
+
+def component_ref(namespace: str, name: str) -> str:
+    return f"defendercomponent {namespace}/{name}"
+
+
+def choose_history_limit(
+    flag: int | None,
+    found: Mapping[str, Any] | Unreadable | None,
+    store_default: int,
+    *,
+    where: str,
+) -> HistoryLimitChoice:
+    """The history limit of a rollback written without the operator: `--history-limit` when
+    given; else `spec.rollout.historyLimit` of the DefenderComponent `found` (as the API server
+    answered it; the CRD's default when unset), which the operator would have kept; else, the
+    resource unreadable or its value not one the CRD allows, `store_default` and a warning.
+    `found` is None only when the flag made reading it needless. `where` names the resource."""
+    if flag is not None:
+        return HistoryLimitChoice(flag, "flag")
+    if found is None:
+        raise ValueError("without --history-limit the DefenderComponent must have been read")
+    if isinstance(found, Unreadable):
+        problem = f"cannot read {where} ({found.why})"
+    else:
+        spec = found.get("spec", {})
+        rollout = spec.get("rollout", {}) if isinstance(spec, Mapping) else None
+        if not isinstance(rollout, Mapping):
+            problem = f"{where} has no spec.rollout mapping"
+        else:
+            value = rollout.get("historyLimit")
+            if value is None:
+                # The API server fills in the CRD's default when it serves the object; an object
+                # served without it (a CRD of an older release) keeps what that default was.
+                return HistoryLimitChoice(DEFAULT_HISTORY_LIMIT, "crd-default")
+            # bool is an int to Python, not to the CRD.
+            if type(value) is int and 1 <= value <= MAX_HISTORY_LIMIT:
+                return HistoryLimitChoice(value, "spec")
+            problem = (
+                f"{where} has spec.rollout.historyLimit {shorten(repr(value), 40)}, not a whole"
+                f" number from 1 to {MAX_HISTORY_LIMIT}"
+            )
+    return HistoryLimitChoice(
+        store_default,
+        "store-default",
+        f"{problem}; keeping the store's default history limit, {store_default} versions: pass"
+        " --history-limit N to keep another number (or -n for the component's namespace)",
+    )
+
+
+def read_component(
+    kube: Callable[[], Any], namespace: str, name: str, *, request_timeout: float | None = None
+) -> dict[str, Any] | Unreadable:
+    """The DefenderComponent as the API server serves it, or why it could not be read: the
+    kubeconfig unusable, the API server not answering (within `request_timeout`, the flag's,
+    named when it ran out), the resource absent or forbidden, its answer undecodable. `kube`
+    opens the client (the Connection's), so a kubeconfig that does not load is one of those
+    reasons, not the command's failure."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api = CustomObjectsApi(kube())
+        # Decoded here, not by the client, so that an undecodable answer is this function's
+        # to word (the client's own decoding would raise from deep inside it).
+        answer: Any = api.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, _preload_content=False
+        )
+        try:
+            raw = answer.data
+        finally:
+            answer.release_conn()
+        obj = json.loads(raw)
+    except CliError as exc:
+        # The kubeconfig's problems, already worded without quoting the file.
+        return Unreadable(str(exc))
+    except ApiException as exc:
+        return Unreadable(f"{exc.status} {exc.reason}")
+    except RecursionError:
+        return Unreadable(f"the API server's answer is {TOO_DEEP}")
+    except ValueError:
+        # Not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError).
+        return Unreadable("the API server's answer is not JSON")
+    except Exception as exc:
+        unreachable = api_server_unreachable(exc, request_timeout)
+        if unreachable is None:
+            raise
+        return Unreadable(f"the Kubernetes API server does not answer: {unreachable}")
+    if not isinstance(obj, dict):
+        return Unreadable("the API server's answer is not an object")
+    return obj
+
+
+def store_history_limit(client: DefenderClient) -> int:
+    """What the library keeps when not told otherwise (the settings' `history_limit`)."""
+    return ConfigStore(client).history_limit
+
+
+def rollback_direct(
+    client: DefenderClient, component: str, to: RollbackTarget, keep: HistoryLimitChoice
+) -> dict[str, Any]:
+    version = ConfigStore(client).rollback(component, to, by=who(), history_limit=keep.limit)
     return {
         "component": component,
         "rolledBackTo": format_rollback_target(to),
         "activeVersion": version,
+        "historyLimit": keep.limit,
+        "historyLimitFrom": keep.source,
         "via": "etcd",
     }
 

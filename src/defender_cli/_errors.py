@@ -11,6 +11,8 @@ CliError                 exit 2; the message says what is wrong and what to chec
 
 from __future__ import annotations
 
+import sys
+
 
 class CliError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
@@ -54,3 +56,21 @@ TOO_DEEP = (
 def too_deep(what: str) -> CliError:
     """`what` (the API server's answer for an object, a file) could not be decoded: too deep."""
     return CliError(f"{what} is {TOO_DEEP}")
+
+
+def api_server_unreachable(exc: Exception, timeout: float | None) -> str | None:
+    """Why the Kubernetes client could not talk to the API server (refused, TLS, reset, no answer
+    within --request-timeout), or None for any other exception. urllib3 is the client's
+    transport; it is loaded only once a command has used Kubernetes, and only then can its error
+    arrive here, so it is not imported for this."""
+    transport = sys.modules.get("urllib3.exceptions")
+    if transport is None or not isinstance(exc, transport.HTTPError):
+        return None
+    reason = getattr(exc, "reason", None) or exc
+    # urllib3 makes a refused connection (NewConnectionError) a kind of connect timeout.
+    timed_out = isinstance(reason, transport.TimeoutError) and not isinstance(
+        reason, transport.NewConnectionError
+    )
+    if timed_out and timeout is not None:
+        return f"no answer within {timeout:g}s, see --request-timeout"
+    return f"{type(reason).__name__}: {reason}"

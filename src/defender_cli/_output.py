@@ -33,11 +33,20 @@ def use_colour(stream: TextIO, forced: bool | None = None) -> bool:
 class Printer:
     out: TextIO
     colour: bool
+    err: TextIO | None = None
+    """Where warnings go (None: sys.stderr as it is when one is written): never into `out`,
+    which `-o json` and scripts read."""
 
     @classmethod
-    def for_stream(cls, out: TextIO | None = None, colour: bool | None = None) -> Printer:
+    def for_stream(
+        cls, out: TextIO | None = None, colour: bool | None = None, *, err: TextIO | None = None
+    ) -> Printer:
         stream = out if out is not None else sys.stdout
-        return cls(stream, use_colour(stream, colour))
+        return cls(stream, use_colour(stream, colour), err)
+
+    def warn(self, text: str) -> None:
+        """One line on stderr, control characters escaped (it may quote an API server)."""
+        (self.err if self.err is not None else sys.stderr).write(printable(text) + "\n")
 
     def paint(self, text: str, colour: str) -> str:
         if not self.colour or not text:

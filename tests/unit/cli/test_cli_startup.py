@@ -48,7 +48,11 @@ def loaded_after(*argv: str) -> tuple[int, set[str]]:
         ["stauts"],  # unknown command
         ["status", "--alerts-since", "soon"],  # bad duration
         ["defrag", "--settle-timeout", "0s"],  # a wait too short
-        # (A bad rollback target is read with the contract's one grammar, in the library.)
+        ["rollback", "fw", "--direct", "--history-limit", "0"],  # keeps nothing to roll back to
+        ["rollback", "fw", "--direct", "--history-limit", "ten"],
+        # (A bad rollback target is read with the contract's one grammar, in the library; so
+        # is --to's default once a rollback's arguments all parse, which is why --history-limit
+        # without --direct, refused after parsing, is not in this list.)
     ],
 )
 def test_help_and_argument_errors_load_nothing_heavy(argv: list[str]) -> None:
