@@ -404,6 +404,33 @@ def with_floor(row: dict[str, Any], base: dict[str, Any], least: dict[str, Any])
     )
 
 
+def with_status_floor(row: dict[str, Any], base: dict[str, Any], shown: dict[str, Any]) -> None:
+    """The status floor's figures beside ours: its ratio to the baseline (what storing in etcd
+    and saying Ready with our status cost any operator) and ours to it (what our operator's
+    code and kopf's change detection add beyond that)."""
+    ours, theirs = row["create_to_ready_seconds"], base["create_to_status_seen_seconds"]
+    seen = shown["create_to_status_seen_seconds"]
+    row["status_floor_operator"] = shown
+    row["status_floor_ratio_to_baseline"] = {
+        q: seen[q] / theirs[q] if theirs[q] > 0 else float("inf") for q in ("p50", "p99")
+    }
+    row["ratio_to_status_floor"] = {
+        q: ours[q] / seen[q] if seen[q] > 0 else float("inf") for q in ("p50", "p99")
+    }
+    print(
+        f"{row['components']} components: status floor to baseline "
+        f"{row['status_floor_ratio_to_baseline']}, ours to status floor "
+        f"{row['ratio_to_status_floor']}",
+        flush=True,
+    )
+
+
+def our_status(run: OperatorRun, component: str) -> dict[str, Any]:
+    """The status our operator shows for `component` (the status floor writes it)."""
+    body = run.custom.get_namespaced_custom_object(GROUP, VERSION, run.namespace, PLURAL, component)
+    return dict(body["status"])
+
+
 def seed_sizes(run: OperatorRun, component: str) -> list[int]:
     """Sizes of what the project's seed transaction wrote for `component`, as etcd holds them
     (owner record, metadata, MASTER, ACTIVE, history, cadence); the floor operator writes as
@@ -529,13 +556,15 @@ def batch(
     processes: int = 0,
     baseline: Callable[[], dict[str, Any]] | None = None,
     floor: Callable[[], dict[str, Any]] | None = None,
+    status_floor: Callable[[], dict[str, Any]] | None = None,
     cpu: CpuProbe | None = None,
     metrics_port: int | None = None,
 ) -> dict[str, Any]:
     """n components, each with one instance heartbeating before its DefenderComponent exists.
     `baseline` runs once the instances beat, right before the creates: the baseline operator's
     batch under the same background load (the instances' beats, this process's threads);
-    `floor` then, the floor operator's (bench/baseline_operator.py with an etcd plan).
+    `floor` then, the floor operator's (bench/baseline_operator.py with an etcd plan), and
+    `status_floor`, the status floor's (the same with our status), right before ours.
 
     Pods come from Deployments (the controller-manager makes them), or with `bare_pods` are
     created directly: at 1,000 the controller-manager's client rate limit (20 qps) would take
@@ -597,6 +626,8 @@ def batch(
     cpu1 = cpu() if cpu is not None else {}
     least = floor() if floor is not None else None
     cpu1f = cpu() if cpu is not None else {}
+    shown = status_floor() if status_floor is not None else None
+    cpu1s = cpu() if cpu is not None else {}
     passes0 = pass_counters(metrics_port) if metrics_port is not None else {}
     created, create_seconds = create_and_wait(
         run.custom, run.namespace, watcher, names, heartbeat_seconds
@@ -644,16 +675,20 @@ def batch(
         # From the first create until the last Ready (the baseline's: until its last status
         # seen), per component; the other operator idles meanwhile (ours keeps monitoring the
         # components of earlier batches).
-        row["cpu_ms_per_component"] = cpu_per_component(cpu1f, cpu2, n)
+        row["cpu_ms_per_component"] = cpu_per_component(cpu1s, cpu2, n)
         if base is not None:
             base["cpu_ms_per_component"] = cpu_per_component(cpu0, cpu1, n)
         if least is not None:
             least["cpu_ms_per_component"] = cpu_per_component(cpu1, cpu1f, n)
+        if shown is not None:
+            shown["cpu_ms_per_component"] = cpu_per_component(cpu1f, cpu1s, n)
         print(f"{n} components: CPU ms per component {row['cpu_ms_per_component']}", flush=True)
     if base is not None:
         with_baseline(row, base)
         if least is not None:
             with_floor(row, base, least)
+        if shown is not None:
+            with_status_floor(row, base, shown)
     print(
         f"{n} components: {len(latencies)} Ready, p50 "
         f"{row['create_to_ready_seconds']['p50']:.2f}s p99 "
@@ -854,7 +889,8 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
             ns, op_ns = f"bench-{uuid.uuid4().hex[:6]}", f"op-{uuid.uuid4().hex[:6]}"
             base_ns = f"base-{uuid.uuid4().hex[:6]}"
             floor_ns = f"floor-{uuid.uuid4().hex[:6]}"
-            for name in (ns, op_ns, base_ns, floor_ns):
+            shown_ns = f"sfloor-{uuid.uuid4().hex[:6]}"
+            for name in (ns, op_ns, base_ns, floor_ns, shown_ns):
                 core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
                 wait_for(
                     f"default SA in {name}",
@@ -883,8 +919,10 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
             watcher = ReadyWatch(api, ns)
             base_watcher = ReadyWatch(api, base_ns)
             floor_watcher = ReadyWatch(api, floor_ns)
+            shown_watcher = ReadyWatch(api, shown_ns)
             base_proc = start_baseline(base_ns, Path(tmp) / "baseline-operator.log")
             floor_proc: subprocess.Popen[bytes] | None = None
+            shown_proc: subprocess.Popen[bytes] | None = None
             try:
                 # The baseline operator is up once it has marked one object Ready.
                 op.custom.create_namespaced_custom_object(
@@ -918,12 +956,32 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                     GROUP, VERSION, floor_ns, PLURAL, component_doc("warm")
                 )
                 wait_for("floor warm Ready", lambda: "warm" in floor_watcher.ready, timeout=120)
+                shown_plan = Path(tmp) / "status-floor-plan.json"
+                shown_plan.write_text(
+                    json.dumps(
+                        {
+                            **json.loads(floor_plan.read_text()),
+                            "prefix": f"/bench-sfloor-{uuid.uuid4().hex[:6]}",
+                            "status": our_status(op, "warm"),
+                        }
+                    )
+                )
+                shown_proc = start_baseline(
+                    shown_ns, Path(tmp) / "status-floor-operator.log", etcd_plan=shown_plan
+                )
+                op.custom.create_namespaced_custom_object(
+                    GROUP, VERSION, shown_ns, PLURAL, component_doc("warm")
+                )
+                wait_for(
+                    "status floor warm Ready", lambda: "warm" in shown_watcher.ready, timeout=120
+                )
                 cpu = cpu_probe(
                     cluster,
                     {
                         "operator": [op.procs[0].pid],
                         "baseline_operator": [base_proc.pid],
                         "floor_operator": [floor_proc.pid],
+                        "status_floor_operator": [shown_proc.pid],
                     },
                 )
                 notes.append(
@@ -943,6 +1001,9 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                             ),
                             floor=functools.partial(
                                 baseline_batch, op.custom, floor_ns, floor_watcher, n, f"f{n}"
+                            ),
+                            status_floor=functools.partial(
+                                baseline_batch, op.custom, shown_ns, shown_watcher, n, f"s{n}"
                             ),
                             cpu=cpu,
                             metrics_port=metrics_port,
@@ -990,6 +1051,15 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                                 f"g{n}",
                                 heartbeat_seconds=10.0,
                             ),
+                            status_floor=functools.partial(
+                                baseline_batch,
+                                op.custom,
+                                shown_ns,
+                                shown_watcher,
+                                n,
+                                f"t{n}",
+                                heartbeat_seconds=10.0,
+                            ),
                             cpu=cpu,
                             metrics_port=metrics_port,
                         )
@@ -1001,7 +1071,8 @@ def run(quick: bool = False, big: bool = True) -> dict[str, Any]:
                 watcher.stop()
                 base_watcher.stop()
                 floor_watcher.stop()
-                for proc in (base_proc, floor_proc):
+                shown_watcher.stop()
+                for proc in (base_proc, floor_proc, shown_proc):
                     if proc is None:
                         continue
                     proc.terminate()

@@ -54,6 +54,46 @@ def test_a_floor_under_the_target_is_not_called_a_miss() -> None:
     assert "1.3x / 1.3x the baseline" in text and "missed" not in text
 
 
+def _with_status_floor(row: dict[str, Any], ratio: float, ratio_p99: float) -> dict[str, Any]:
+    return {
+        **row,
+        "status_floor_operator": _batch(41.0, 21.0, 0.06),
+        "status_floor_ratio_to_baseline": {"p50": ratio, "p99": ratio_p99},
+    }
+
+
+def test_a_status_floor_over_the_target_is_named_as_the_reason() -> None:
+    row = _with_status_floor(_row(3.2, 1.3), 1.8, 1.2)
+    (_, text) = _report()._why_ratio_not_met(row, 2)
+    # Its cores and CPU beside the others': 41 ms x 1000 / 21 s = 1.95.
+    assert "status floor 1.95" in text and "status floor 41.0 ms" in text
+    assert "is 1.8x / 1.2x: storing a component and saying Ready" in text
+    assert "already misses 1.5x on this machine at the p50." in text
+
+
+def test_a_status_floor_under_the_target_is_not_called_a_miss() -> None:
+    row = _with_status_floor(_row(3.2, 1.3), 1.4, 1.2)
+    (_, text) = _report()._why_ratio_not_met(row, 2)
+    assert "is 1.4x / 1.2x." in text and "misses" not in text
+
+
+def test_the_floor_table_shows_the_status_floor_beside_the_floor() -> None:
+    report = _report()
+    row = {
+        **_with_status_floor(_row(3.2, 1.3), 1.8, 1.2),
+        "ratio_to_floor": {"p50": 2.5, "p99": 2.0},
+        "ratio_to_status_floor": {"p50": 1.9, "p99": 1.6},
+    }
+    without = {**_row(3.2, 1.3), "ratio_to_floor": {"p50": 2.5, "p99": 2.0}}
+    lines = report._floor_table([row, without])
+    assert (
+        "| 1000 | 0.050 | 0.150 | 1.3 | 1.3 | 0.060 | 0.180 | 1.8 | 1.2 | 2.5 | 2.0 | 1.9 | 1.6 |"
+        in lines
+    )
+    # A run from before the status floor existed renders with its cells empty.
+    assert "| 1000 | 0.050 | 0.150 | 1.3 | 1.3 | — | — | — | — | 2.5 | 2.0 | — | — |" in lines
+
+
 def test_a_met_ratio_or_a_smaller_batch_carries_no_reason() -> None:
     report = _report()
     assert report._why_ratio_not_met(_row(1.4, 1.2), 2) == []
