@@ -719,7 +719,7 @@ def section_findings() -> list[str]:
         "and all eight conditions) instead of the baseline's one condition. No kopf change "
         "detection, no key, no sealing, no checks. Three runs of the 1,000 batch alone, other "
         "engineers' tests sharing the machine (load 3-8): status floor / baseline p50 1.68x, "
-        "2.17x and 1.96x (p99 1.13x, 2.2x and 1.61x), the plain floor 1.45x, 1.67x and 1.31x in "
+        "2.17x and 1.96x (p99 1.13x, 2.8x and 1.61x), the plain floor 1.45x, 1.67x and 1.31x in "
         "the same runs (the status floor ran before the floor in the first run, after it in the "
         "others); ours 3.8x, 6.8x and 4.6x the baseline, 2.2x, 3.1x and 2.4x the status floor. "
         "So on this 2-core machine an operator that does only what ours must do to be correct "
