@@ -24,13 +24,15 @@ EXAMPLES = REPO / "charts" / "ml-defender" / "examples"
 DOC_FILES = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
 
 # camelCase names the docs quote that neither the CRD nor the chart defines: kubelet's
-# configuration and CNI (the devcluster node) and Kubernetes volume fields.
+# configuration and CNI (the devcluster node), Kubernetes volume fields and the plugin's
+# `-o json` output (`rollback --direct`).
 OUTSIDE = {
     "cgroupDriver",
     "cgroupsPerQOS",
     "enforceNodeAllocatable",
     "failCgroupV1",
     "failSwapOn",
+    "historyLimitFrom",
     "hostPath",
     "ipMasq",
     "resolvConf",
