@@ -434,6 +434,17 @@ def _read_keyring_file(path: Path) -> tuple[bytes, str]:
     file = _keyring_file(path)
     try:
         return read_file_bounded(file, MAX_KEYRING_FILE_BYTES), str(file)
+    except PermissionError as exc:
+        # The Secret is mounted (the file is there) but its files belong to root and a group:
+        # "check that it is mounted" sent people looking in the wrong place. A non-root
+        # process reads them only through the pod's fsGroup and a group-readable defaultMode.
+        raise KeyringError(
+            f"cannot read {file} ({exc.strerror or exc}): this process (uid {os.getuid()}, gid"
+            f" {os.getgid()}) may not read the mounted keyring; give the pod a"
+            " securityContext.fsGroup of this process's group and the Secret volume a"
+            " group-readable defaultMode (0440), as docs/agent.md shows",
+            source=str(path),
+        ) from exc
     except OSError as exc:
         raise KeyringError(
             f"cannot read {file} ({exc.strerror or exc}); check that the keyring Secret is "

@@ -242,6 +242,28 @@ def test_from_path_dir_file_and_missing(tmp_path: Path) -> None:
         Keyring.from_path(tmp_path)  # a dir without keyring.json
 
 
+def test_from_path_unreadable_names_the_fsgroup_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Secret volume without the pod's fsGroup: the file is there, owned by root, 0440. The
+    # tests run as root, which reads any file, so the refusal open() gives a non-root process
+    # is made here.
+    mount = SecretMount(tmp_path / "secret")
+    mount.write(Keyring.generate().to_json())
+
+    def refuse(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("defender_config._keyring.read_file_bounded", refuse)
+    with pytest.raises(KeyringError) as info:
+        Keyring.from_path(mount.root)
+    message = str(info.value)
+    assert "(Permission denied)" in message
+    assert f"uid {os.getuid()}, gid {os.getgid()}" in message
+    assert "securityContext.fsGroup" in message
+    assert "check that the keyring Secret is mounted" not in message
+
+
 def test_source_reloads_on_kubelet_swap(tmp_path: Path) -> None:
     stage0 = Keyring.generate()
     mount = SecretMount(tmp_path / "secret")

@@ -50,6 +50,12 @@ def test_the_hand_written_sidecar_is_what_the_helpers_render(render: Render, pag
     assert labels["mldefender.io/etcd-client"] == "true"
     # The pod spec as written (the example's own names and labels aside).
     _contained(doc["spec"], rendered["spec"], "spec")
+    # The Secrets are mounted 0440 (owner root): the agent, uid 10001, reads them only through
+    # the pod's fsGroup. README's pod had none and its agent exited on `cannot read
+    # .../keyring.json (Permission denied)`.
+    modes = {v["secret"]["defaultMode"] for v in rendered["spec"]["volumes"] if "secret" in v}
+    assert modes == {0o440}
+    assert "fsGroup" in doc["spec"].get("securityContext", {}), f"{page}: no pod fsGroup"
     # And nothing the agent needs to reach the locked-down etcd is left out.
     agent = {c["name"]: c for c in rendered["spec"]["containers"]}["defender-agent"]
     written = {c["name"]: c for c in doc["spec"]["containers"]}["defender-agent"]
