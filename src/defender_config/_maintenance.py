@@ -72,6 +72,11 @@ def snapshots_to_prune(names: Sequence[str], keep: int) -> list[str]:
     return [name for _, _, name in ours[keep:]]
 
 
+def _not_serving(member: MemberHealth) -> str:
+    said = f" ({member.error})" if member.error else ""
+    return f"{member.endpoint} not serving{said}"
+
+
 @dataclass(frozen=True)
 class DefragPlan:
     """Members in the order to defragment them, or why nothing may run."""
@@ -84,10 +89,13 @@ def plan_defrag(report: HealthReport) -> DefragPlan:
     """Followers first, the leader last, one at a time. Refused unless every member of the
     cluster answers (a defrag blocks its member: with one already down, quorum would hang on
     the member being defragmented). An alarm does not refuse: defrag is how NOSPACE ends."""
-    down = [m.endpoint for m in report.members if not m.serving]
+    down = [m for m in report.members if not m.serving]
     if down or len(report.members) < report.cluster_size:
         missing = report.cluster_size - len(report.members)
-        parts = [f"{', '.join(down)} not serving"] if down else []
+        # With what the member answered: "not serving" alone left a person to guess between a
+        # member that is down and one whose health check ran out of time on a loaded machine
+        # (try again) or refused the credentials.
+        parts = [", ".join(_not_serving(m) for m in down)] if down else []
         if missing:
             parts.append(f"{missing} member(s) not in the endpoints")
         return DefragPlan((), f"cluster not healthy, skipped: {'; '.join(parts)}")

@@ -88,6 +88,17 @@ def test_defrag_refusal_names_the_down_member_and_the_missing_one_apart() -> Non
     )
 
 
+def test_defrag_refusal_says_what_the_down_member_answered() -> None:
+    # Seen on `make up`: "127.0.0.1:23792 not serving" for a member that was healthy a moment
+    # later, with nothing to tell a timed-out health check (try again) from a dead member.
+    down = member(2, serving=False, error="DEADLINE_EXCEEDED: Deadline Exceeded")
+    plan = plan_defrag(report(member(0, leader=True), member(1, serving=False), down))
+    assert plan.refused == (
+        "cluster not healthy, skipped: m1:2379 not serving,"
+        " m2:2379 not serving (DEADLINE_EXCEEDED: Deadline Exceeded)"
+    )
+
+
 def test_defrag_is_refused_without_a_single_leader() -> None:
     assert plan_defrag(report(member(0), member(1), member(2))).refused is not None
 
