@@ -154,6 +154,7 @@ def collect_status(
                 "type": s.type,
                 "status": s.status.value if s.status else None,
                 "activeVersion": s.active_version,
+                "activeDigest": s.active_digest,
                 "lastModified": s.last_modified.isoformat() if s.last_modified else None,
                 "modifiedBy": s.modified_by,
                 "instances": instances,
@@ -167,6 +168,18 @@ def collect_status(
         "alertWindowSeconds": int(window.total_seconds()),
         "components": components,
     }
+
+
+def _behind(instance: dict[str, Any], component: dict[str, Any]) -> bool:
+    """Whether the instance runs something else than ACTIVE. Readers skip a new ACTIVE version
+    whose config they already run (a canary's abort writes the config it built on again, a
+    rollback may name the config in force), so such an instance keeps reporting the older
+    number: judged by the number alone it read as behind for good."""
+    active = component.get("activeVersion")
+    if not active or instance["configVersion"] == active:
+        return False
+    digest = component.get("activeDigest")
+    return digest is None or instance["configDigest"] != digest
 
 
 def _read_rollout(
@@ -303,7 +316,7 @@ def show_status(printer: Printer, data: dict[str, Any]) -> None:
             canary = i["instance"] in rollout.get("canaries", ())
             if canary and i["configDigest"] == rollout.get("digest"):
                 version = printer.paint(f"{version} (canary)", "blue")
-            elif c["activeVersion"] and i["configVersion"] != c["activeVersion"]:
+            elif _behind(i, c):
                 version = printer.paint(f"{version} (behind)", "yellow")
             error = i["lastError"]
             name = i["instance"]

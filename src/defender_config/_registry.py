@@ -185,6 +185,9 @@ class ComponentSummary:
     last_modified: datetime | None
     modified_by: str | None
     instances: tuple[Heartbeat, ...] = field(default=())
+    # `config_digest` of ACTIVE (the metadata's): an instance reporting it runs ACTIVE even
+    # with an older version number (a new version of the same config is not delivered again).
+    active_digest: str | None = None
 
 
 # What a gate says when the instance must not renew its lease: the reason shown as last_error.
@@ -982,6 +985,7 @@ class Registry:
                     last_modified=m.last_modified if m is not None else None,
                     modified_by=m.modified_by if m is not None else None,
                     instances=tuple(instances.get(name, [])),
+                    active_digest=m.digest if m is not None else None,
                 )
             )
         return out

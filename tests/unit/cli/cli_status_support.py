@@ -44,8 +44,11 @@ def render_sniffer(
     frozen: dict[str, Any] | None = None,
     *,
     modified_by: str = "op",
+    active_version: int = 1,
+    active_digest: str | None = None,
 ) -> str:
-    """`kubectl defender status` tables (without the etcd members) for sniffer at version 1."""
+    """`kubectl defender status` tables (without the etcd members) for sniffer at version 1
+    (or `active_version`, whose config has `active_digest`)."""
     data = {
         "prefix": "/ml-defender",
         "alertWindowSeconds": 3600,
@@ -54,7 +57,8 @@ def render_sniffer(
                 "name": "sniffer",
                 "type": "sniffer",
                 "status": "RUNNING",
-                "activeVersion": 1,
+                "activeVersion": active_version,
+                "activeDigest": active_digest,
                 "lastModified": None,
                 "modifiedBy": modified_by,
                 "instances": instances,

@@ -128,6 +128,22 @@ def test_status_without_a_rollout_and_a_frozen_component() -> None:
     assert "(behind)" in instances["sniffer-a"], "without a rollout version 2 is not ACTIVE's"
 
 
+def test_an_instance_on_actives_config_under_an_older_number_is_not_behind() -> None:
+    # Seen on `make up` after `kubectl defender abort`: ACTIVE version 3 is version 2's config
+    # written again, which the instance already ran and was not handed again, so its heartbeat
+    # says 2. It showed "2 (behind)" for good.
+    instances = [
+        _instance("sniffer-a", 2, OLD),  # ACTIVE's config, the older number
+        _instance("sniffer-b", 2, NEW),  # another config: behind
+        _instance("sniffer-c", 3, OLD),
+    ]
+    text = render_sniffer(instances, None, active_version=3, active_digest=OLD)
+    rows = {row[1]: row for row in _cells(text, "sniffer")[1:]}
+    assert rows["sniffer-a"][4] == "2" and "(behind)" not in rows["sniffer-a"]
+    assert rows["sniffer-b"][4:6] == ["2", "(behind)"]
+    assert rows["sniffer-c"][4] == "3" and "(behind)" not in rows["sniffer-c"]
+
+
 def test_status_marks_an_instance_whose_record_does_not_verify() -> None:
     # Read with a keyring: the operator ignores such a record, the table says so.
     forged = {**_instance("sniffer-x", 2, NEW), "verified": False, "unverified": "no MAC"}
