@@ -483,8 +483,16 @@ async def _steps(
             told = recommitted(v.logger, regression, state)
             take(mem, found, told)
             synced = told.config or synced
-    # Only now, with ACTIVE as intended: a failed commit above never shows Synced.
-    take(mem, found, Outcome(config=synced))
+    if not commit_due and state.frozen:
+        # Nothing was committed and the next spec.config would be refused: the freeze stays
+        # what ConfigSynced says, as the monitor's abort and the breaker leave it. Said Synced
+        # here, a `kubectl defender abort` (acted on earlier in this very pass) or a resume
+        # while frozen showed Ready True and ActiveDiffersFromSpec with commits frozen.
+        if mem.config_state is not cond.ConfigState.FROZEN:
+            take(mem, found, Outcome(config=frozen_verdict(v.name)))
+    else:
+        # Only now, with ACTIVE as intended: a failed commit above never shows Synced.
+        take(mem, found, Outcome(config=synced))
     await _storage_budget.measure_unknown(v.rt, v.namespace, v.name, v.component)
     state, resealed = await apply_storage(v, spec, state)
     take(mem, found, resealed)
@@ -1294,6 +1302,15 @@ def seeded(rt: Runtime, mem: ComponentMemory, component: str, seen: Observation)
     mem.scrubbed_at = now
 
 
+def frozen_verdict(name: str) -> ConfigVerdict:
+    """ConfigSynced while commits are frozen, for a pass that did not see the freeze made."""
+    return ConfigVerdict(
+        cond.ConfigState.FROZEN,
+        "commits are frozen by the blast-radius breaker; fix spec.config and run"
+        f" `kubectl annotate defendercomponent {name} {UNFREEZE_ANNOTATION}=now`",
+    )
+
+
 async def commit(
     v: Visit,
     spec: _api.DefenderComponentSpec,
@@ -1308,13 +1325,10 @@ async def commit(
     spec.rollout.canary says so and `canary` allows it."""
     rt, component = v.rt, v.component
     if state.frozen:
-        message = (
-            "commits are frozen by the blast-radius breaker; fix spec.config and run"
-            f" `kubectl annotate defendercomponent {v.name} {UNFREEZE_ANNOTATION}=now`"
-        )
+        verdict = frozen_verdict(v.name)
         return state, Outcome(
-            events=[warning("CommitFrozen", message)],
-            config=ConfigVerdict(cond.ConfigState.FROZEN, message),
+            events=[warning("CommitFrozen", verdict.message)],
+            config=verdict,
             fields={**state_fields(state), "observedGeneration": v.generation},
             done=True,
         )

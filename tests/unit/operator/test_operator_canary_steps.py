@@ -156,6 +156,24 @@ def test_promote_and_abort_commands() -> None:
     assert contract.ABORT_ANNOTATION in h.kube.removed
 
 
+def test_an_abort_by_command_shows_frozen_as_an_abort_by_the_monitor_does() -> None:
+    # Seen on `make up`: after `kubectl defender abort` the same reconcile went on to say
+    # ConfigSynced True/ActiveDiffersFromSpec and Ready True, with commits frozen.
+    h = started(hold=3600)
+    run(h.reconcile(canary_spec(ETH1, 3600), {contract.ABORT_ANNOTATION: "now"}))
+    assert h.backend.state(NAME).frozen
+    synced = h.condition(cond.CONFIG_SYNCED)
+    assert (synced["status"], synced["reason"]) == (cond.FALSE, "Frozen")
+    assert "aborted by command" in synced["message"]
+    assert h.condition(cond.READY)["status"] != cond.TRUE
+    # And the monitor's next pass keeps it (it only moves Synced and ActiveDiffersFromSpec).
+    asyncio.run(h.monitor(canary_spec(ETH1, 3600)))
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == "Frozen"
+    # A reconcile that commits nothing while the freeze holds (the operator's resume) too.
+    run(h.reconcile(canary_spec(ETH1, 3600)))
+    assert h.condition(cond.CONFIG_SYNCED)["reason"] == "Frozen"
+
+
 def limited(config: dict[str, str], history_limit: int, hold: int = 0) -> dict[str, Any]:
     out = canary_spec(config, hold)
     out["rollout"]["historyLimit"] = history_limit
