@@ -42,9 +42,10 @@ def _readyz(state: ClusterState) -> str:
 ENV_FILE = "env.sh"
 # With a node: the plugin's way to the chart's etcd, to `source` after env.sh.
 ETCD_ENV_FILE = "etcd.sh"
-# The chart's default member count, which the journey keeps; one local port per member.
+# The chart's default member count, which the journey keeps; one port-forward per member.
 CHART_ETCD_MEMBERS = 3
-ETCD_FORWARD_PORT_BASE = 23790
+# How long etcd.sh waits for each port-forward to listen (tries of 0.2 s).
+FORWARD_WAIT_TRIES = 150
 
 
 def _exports(state: ClusterState) -> list[str]:
@@ -66,11 +67,17 @@ def _exports(state: ClusterState) -> list[str]:
 
 
 def _etcd_script(state: ClusterState) -> str:
-    """docs/operations.md "Reaching etcd" for the journey's release, as a file to `source`."""
+    """docs/operations.md "Reaching etcd" for the journey's release, as a file to `source`.
+
+    Each forward takes a local port the kernel hands out (`:2379`) and the endpoints are read
+    from what kubectl printed. With fixed ports (23790-23792) a second cluster on the machine
+    (another clone's `make up`, another engineer's) found them taken: its forwards failed, the
+    wait found the first cluster's listening, and the plugin talked to the wrong etcd."""
     ns, release = JOURNEY_NAMESPACE, JOURNEY_RELEASE
-    ports = [ETCD_FORWARD_PORT_BASE + i for i in range(CHART_ETCD_MEMBERS)]
-    ca = shlex.quote(str(Path(state.run_dir) / "etcd-ca.crt"))
-    endpoints = ",".join(f"https://127.0.0.1:{p}" for p in ports)
+    run_dir = Path(state.run_dir)
+    ca = shlex.quote(str(run_dir / "etcd-ca.crt"))
+    log = shlex.quote(str(run_dir / "port-forward-")) + "$i.log"
+    members = " ".join(str(i) for i in range(CHART_ETCD_MEMBERS))
     return "\n".join(
         [
             f"# kubectl defender on the chart's etcd of the cluster in {state.run_dir}:",
@@ -78,23 +85,40 @@ def _etcd_script(state: ClusterState) -> str:
             '# "Reaching etcd"). `kill $DEFENDER_PORT_FORWARDS` stops the forwards; `make down`',
             "# ends them too.",
             "DEFENDER_PORT_FORWARDS=",
-            f"for i in {' '.join(str(i) for i in range(CHART_ETCD_MEMBERS))}; do",
-            f"  kubectl -n {ns} port-forward pod/{release}-etcd-$i"
-            f" $(({ETCD_FORWARD_PORT_BASE} + i)):2379 >/dev/null &",
-            '  DEFENDER_PORT_FORWARDS="$DEFENDER_PORT_FORWARDS $!"',
+            "_defender_endpoints=",
+            f"for i in {members}; do",
+            f"  _defender_log={log}",
+            f"  kubectl -n {ns} port-forward --address 127.0.0.1 pod/{release}-etcd-$i :2379"
+            ' >"$_defender_log" 2>&1 &',
+            "  _defender_pid=$!",
+            '  DEFENDER_PORT_FORWARDS="$DEFENDER_PORT_FORWARDS $_defender_pid"',
+            "  # kubectl prints the port it listens on once it does.",
+            "  _defender_port=",
+            f"  for _ in $(seq {FORWARD_WAIT_TRIES}); do",
+            "    _defender_port=$(sed -n"
+            " 's/^Forwarding from 127\\.0\\.0\\.1:\\([0-9][0-9]*\\) .*/\\1/p' \"$_defender_log\")",
+            '    [ -n "$_defender_port" ] && break',
+            "    kill -0 $_defender_pid 2>/dev/null || break",
+            "    sleep 0.2",
+            "  done",
+            '  if [ -z "$_defender_port" ]; then',
+            f'    echo "etcd.sh: no port-forward to pod/{release}-etcd-$i in namespace {ns}:'
+            ' $(tail -n 3 "$_defender_log")" >&2',
+            "    kill $DEFENDER_PORT_FORWARDS 2>/dev/null",
+            "    DEFENDER_PORT_FORWARDS=",
+            "    return 1",
+            "  fi",
+            '  _defender_endpoints="${_defender_endpoints:+$_defender_endpoints,}'
+            'https://127.0.0.1:$_defender_port"',
             "done",
             f"kubectl -n {ns} get secret {release}-etcd-client-tls"
             f" -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > {ca}",
-            f"export DEFENDER_ETCD__ENDPOINTS={endpoints}",
+            'export DEFENDER_ETCD__ENDPOINTS="$_defender_endpoints"',
             f"export DEFENDER_ETCD__CA_FILE={ca}",
             f"export DEFENDER_ETCD__USER={release}-operator",
             f'export DEFENDER_ETCD__PASSWORD="$(kubectl -n {ns} get secret {release}-etcd-auth'
             " -o jsonpath='{.data.operator}' | base64 -d)\"",
-            "# A forward listens a moment after it starts: the next command must find it.",
-            f"for p in {' '.join(map(str, ports))}; do",
-            "  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break;"
-            " sleep 0.2; done",
-            "done",
+            "unset _defender_log _defender_pid _defender_port _defender_endpoints",
             "",
         ]
     )
