@@ -224,6 +224,9 @@ def test_an_abort_command_ends_a_rollout_and_a_replayed_record_is_stale(
     )
     run.wait_condition("sniffer", "Rollout", status="False", reason="Aborted")
     run.wait_event("sniffer", "CanaryAborted")
+    # Commits are frozen: said so, as after the monitor's abort (the pass that acted on the
+    # command used to go on to True/ActiveDiffersFromSpec, and Ready True).
+    run.wait_condition("sniffer", "ConfigSynced", status="False", reason="Frozen")
     wait_for("the canary back on 256", lambda: canary.snaplens()[-1:] == [256])
     wait_for(
         "the abort annotation removed",
