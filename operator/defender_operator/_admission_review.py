@@ -73,7 +73,15 @@ def _rollback_problems(annotations: Mapping[str, str]) -> list[str]:
     return []
 
 
+# Each problem is cut to this many characters: enough for the longest one this module words
+# itself, a rollback target's (the target quoted to 32 characters, the versions to use, where
+# to list them), whose hint the listing's default of 160 cut off mid-word. A config problem
+# that quotes a long value is still cut.
+PROBLEM_CHARS = 320
+
+
 def refusal(name: str, problems: list[str]) -> str:
     """The one message `kubectl` prints for a refused object."""
     n = len(problems)
-    return f"{name} refused ({n} problem{'s' if n != 1 else ''}): " + brief_listing(problems)
+    listed = brief_listing(problems, chars=PROBLEM_CHARS)
+    return f"{name} refused ({n} problem{'s' if n != 1 else ''}): " + listed

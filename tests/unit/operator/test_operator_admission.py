@@ -107,6 +107,16 @@ def test_a_rollback_command_that_names_no_version_is_refused() -> None:
         assert len(review("d", spec(), None, {"mldefender.io/rollback-to": target})) == 1
 
 
+def test_a_refused_rollback_target_is_said_whole_with_the_versions_to_use() -> None:
+    # On `make up` kubectl printed "... a version number from 1 to 9999999999 (`kubectl
+    # defender h…": the listing's cut took the hint.
+    for target in ("foo", "x" * 5000):
+        problems = review("d", spec(), None, {"mldefender.io/rollback-to": target})
+        message = refusal("d", problems)
+        assert "…" not in message
+        assert message.endswith("(`kubectl defender history <component>` lists the kept versions)")
+
+
 def test_an_update_that_leaves_the_spec_alone_passes_even_an_invalid_stored_spec() -> None:
     # Stored while the webhook was down: the operator's finalizer and annotation writes must
     # still go through.
