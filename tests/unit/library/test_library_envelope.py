@@ -186,6 +186,57 @@ def test_chacha_value_opens_for_a_reader_configured_for_aes(keyring: Keyring) ->
     assert Envelope(keyring).open(blob, PATH) == b"hello" * 100
 
 
+def _nonce_of(blob: bytes) -> bytes:
+    start = inspect(blob).header_length
+    return blob[start : start + 12]
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "chacha20-poly1305"])
+def test_every_seal_draws_a_fresh_96_bit_nonce(
+    keyring: Keyring, config_bytes: bytes, cipher: str
+) -> None:
+    """docs/security.md: "a fresh random 96-bit nonce per value". A nonce repeated under one key
+    leaks the XOR of two plaintexts (and, for GCM, lets the tag key be recovered). The same value
+    at the same path is the worst case for a nonce derived from the input or a counter reset per
+    process: it must get a nonce of its own every time, as must each copy a seed writes."""
+    env = Envelope(keyring, EnvelopeOptions(cipher=cipher))
+    blobs = [env.seal(config_bytes, PATH) for _ in range(200)]
+    blobs += env.seal_many(config_bytes, SEED_PATHS) + env.seal_many(config_bytes, SEED_PATHS)
+    nonces = [_nonce_of(b) for b in blobs]
+    assert {len(n) for n in nonces} == {12}
+    assert len(set(nonces)) == len(nonces), "a nonce was used twice under one key"
+    # The ciphertexts differ too, not only the tags (a repeated nonce keeps the body).
+    bodies = {b[inspect(b).header_length + 12 : -16] for b in blobs[:200]}
+    assert len(bodies) == 200
+    assert all(env.open(b, PATH) == config_bytes for b in blobs[:200])
+
+
+def test_a_key_derived_for_one_cipher_opens_no_value_of_the_other(
+    keyring: Keyring, config_bytes: bytes
+) -> None:
+    """docs/security.md: HKDF "bound to the cipher's name". With one key's material, a value
+    sealed with ChaCha20-Poly1305 does not open under the key HKDF gives AES-256-GCM, nor the
+    reverse: each AEAD gets its own key, never the raw material."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    from defender_config._codecs import CHACHA20_POLY1305
+
+    material = keyring.primary.material
+    attempts = [
+        ("chacha20-poly1305", ChaCha20Poly1305(AES256GCM.derive(material))),
+        ("chacha20-poly1305", ChaCha20Poly1305(material)),
+        ("aes-256-gcm", AESGCM(CHACHA20_POLY1305.derive(material))),
+        ("aes-256-gcm", AESGCM(material)),
+    ]
+    for cipher, aead in attempts:
+        blob = Envelope(keyring, EnvelopeOptions(cipher=cipher)).seal(config_bytes, PATH)
+        start = inspect(blob).header_length
+        header, nonce, sealed = blob[:start], blob[start : start + 12], blob[start + 12 :]
+        with pytest.raises(InvalidTag):
+            aead.decrypt(nonce, sealed, header + PATH.encode())
+
+
 def test_codec_label(envelope: Envelope) -> None:
     assert envelope.codec_label() == "zstd+aes-256-gcm"
     assert envelope.codec_label(PLAIN) == "none+none"
