@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -183,6 +185,73 @@ def test_our_exports_cost_stays_under_the_caps(keyring: Keyring) -> None:
     assert 128 * kdf["n"] * kdf["r"] * 8 <= _keyring_backup._MAX_SCRYPT_MEMORY
     assert kdf["p"] * 4 <= _keyring_backup._MAX_SCRYPT_P
     assert read_keyring_backup(write_keyring_backup(keyring, "pw"), "pw").keyring == keyring
+
+
+def _fingerprint_changed(doc: dict[str, Any]) -> None:
+    doc["keys"][0]["fingerprint"] = "0" * 16
+
+
+def _state_swapped(doc: dict[str, Any]) -> None:
+    doc["keys"][0]["state"], doc["keys"][1]["state"] = (
+        doc["keys"][1]["state"],
+        doc["keys"][0]["state"],
+    )
+
+
+def _created_moved(doc: dict[str, Any]) -> None:
+    doc["created"] = "2020-01-01T00:00:00Z"
+
+
+def _cost_lowered(doc: dict[str, Any]) -> None:
+    doc["kdf"]["n"] = 2**14
+
+
+def _kdf_field_added(doc: dict[str, Any]) -> None:
+    doc["kdf"]["note"] = "harmless"
+
+
+def _key_dropped(doc: dict[str, Any]) -> None:
+    doc["keys"] = doc["keys"][:1]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _fingerprint_changed,
+        _state_swapped,
+        _created_moved,
+        _cost_lowered,
+        _kdf_field_added,
+        _key_dropped,
+    ],
+)
+def test_any_edit_of_a_clear_field_fails_like_a_wrong_passphrase(
+    keyring: Keyring, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    """docs/security.md: "the clear fields are authenticated, so an edited key list fails like a
+    wrong passphrase". The right passphrase must not open a file whose clear part someone
+    changed (the list a person checks before importing, or the cost that slows guessing)."""
+    doc = json.loads(write_keyring_backup(keyring, "correct horse battery"))
+    edit(doc)
+    with pytest.raises(WrongPassphraseError, match="does not open"):
+        read_keyring_backup(json.dumps(doc).encode(), "correct horse battery")
+
+
+def test_each_wrapped_export_has_its_own_salt_and_nonce_and_the_documented_cost(
+    keyring: Keyring,
+) -> None:
+    """docs/security.md: scrypt N=2^15, r=8, p=1, "a random salt per file"; AES-256-GCM under
+    the derived key. A fixed salt would let one precomputed guess list serve every export."""
+    docs = [json.loads(write_keyring_backup(keyring, "correct horse battery")) for _ in range(3)]
+    for doc in docs:
+        assert doc["protection"] == "scrypt+aes-256-gcm"
+        kdf = doc["kdf"]
+        assert (kdf["name"], kdf["n"], kdf["r"], kdf["p"]) == ("scrypt", 2**15, 8, 1)
+        assert len(base64.b64decode(kdf["salt"])) == 16
+        assert len(base64.b64decode(doc["nonce"])) == 12
+    assert len({d["kdf"]["salt"] for d in docs}) == 3
+    assert len({d["nonce"] for d in docs}) == 3
+    assert len({d["ciphertext"] for d in docs}) == 3
 
 
 def test_flipped_ciphertext_is_refused(keyring: Keyring) -> None:

@@ -223,7 +223,7 @@ def test_a_key_derived_for_one_cipher_opens_no_value_of_the_other(
     from defender_config._codecs import CHACHA20_POLY1305
 
     material = keyring.primary.material
-    attempts = [
+    attempts: list[tuple[str, AESGCM | ChaCha20Poly1305]] = [
         ("chacha20-poly1305", ChaCha20Poly1305(AES256GCM.derive(material))),
         ("chacha20-poly1305", ChaCha20Poly1305(material)),
         ("aes-256-gcm", AESGCM(CHACHA20_POLY1305.derive(material))),
