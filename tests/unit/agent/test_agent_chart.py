@@ -424,3 +424,55 @@ def test_restore_edited_file_that_is_not_a_boolean_fails(helm: Path) -> None:
     )
     assert proc.returncode != 0
     assert "agent.restoreEditedFile must be true or false" in proc.stderr
+
+
+# Every way a component chart may call the helpers: the reload and health options, other volume
+# names and paths, the agent's TLS and auth variants, capKill.
+RENDERINGS = [
+    (),
+    ("agent.reload.method=http", "reloadUrl=http://127.0.0.1:8080/-/reload"),
+    (
+        "healthCheck=file",
+        "healthFile=/var/run/ml-defender/config/alive",
+        "healthFileMaxAgeSeconds=60",
+    ),
+    ("healthCheck=process",),
+    (
+        "agent.sharedVolumeName=cfg",
+        "agent.sharedMountPath=/srv/cfg",
+        "agent.sharedSizeLimit=64Mi",
+        "agent.keyringMountPath=/srv/keys",
+    ),
+    ("agent.etcdTlsSecretName=my-etcd-client", "agent.etcdAuth.enabled=false"),
+    ("agent.etcdCaSecretName=", "agent.etcdAuth.enabled=false"),
+    ("agent.reload.signalAccess=capKill",),
+]
+
+
+@pytest.mark.parametrize("sets", RENDERINGS, ids=lambda s: ",".join(s) or "defaults")
+def test_nothing_the_pod_writes_reaches_the_node_s_disk_and_the_key_stays_read_only(
+    helm: Path, sets: tuple[str, ...]
+) -> None:
+    """docs/security.md, "In memory only": the agent writes only the decoded config, to an
+    emptyDir with `medium: Memory`. Whatever the rendering, every volume a container of the pod
+    may write is such an emptyDir (the agent's output path lies on one), the keyring is
+    mounted read-only into the agent and into no other container."""
+    dep = deployment(helm, *sets)
+    pod = dep["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    agent_writes: list[str] = []
+    for container in pod["containers"] + pod.get("initContainers", []):
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if not mount.get("readOnly", False):
+                assert volume.get("emptyDir", {}).get("medium") == "Memory", (container, mount)
+                if container["name"] == "defender-agent":
+                    agent_writes.append(mount["mountPath"])
+            if "secret" in volume and "keyring" in volume["secret"]["secretName"]:
+                assert container["name"] == "defender-agent", "the key reached the component"
+                assert mount.get("readOnly") is True
+    agent = containers(dep)["defender-agent"]
+    output = env_of(agent)["DEFENDER_AGENT_OUTPUT_PATH"]
+    assert any(output.startswith(path + "/") for path in agent_writes), (output, agent_writes)
+    # Nothing else is writable: the root filesystem is read-only.
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
