@@ -474,5 +474,13 @@ def test_nothing_the_pod_writes_reaches_the_node_s_disk_and_the_key_stays_read_o
     agent = containers(dep)["defender-agent"]
     output = env_of(agent)["DEFENDER_AGENT_OUTPUT_PATH"]
     assert any(output.startswith(path + "/") for path in agent_writes), (output, agent_writes)
-    # Nothing else is writable: the root filesystem is read-only.
-    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
+    # Nothing else is writable: the root filesystem is read-only. No privilege either, but
+    # CAP_KILL as root where capKill asks for it (docs/agent.md); else the pod's UID 10001.
+    sc = agent["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    cap_kill = "agent.reload.signalAccess=capKill" in sets
+    assert sc["capabilities"].get("add", []) == (["KILL"] if cap_kill else [])
+    user = sc.get("runAsUser", pod["securityContext"]["runAsUser"])
+    assert user == (0 if cap_kill else 10001)

@@ -632,3 +632,103 @@ def test_only_the_listeners_the_chart_certifies_get_generated_secrets(render: Re
     # peer CA as if it were the client CA.
     own_client = tls_secrets("--set", "etcd.tls.client.secretName=mine")
     assert {s["metadata"]["name"] for s in own_client} == {"rel-ml-defender-etcd-peer-tls"}
+
+
+# ------------------------------------------------------------------------------ every pod
+
+
+# The renderings whose pods differ: the defaults, the maintenance CronJobs, admission with
+# cert-manager, the plain install kept for an upgrade, more members, client certificates.
+LOCKDOWN_RENDERINGS: list[tuple[str, ...]] = [
+    (),
+    ("--set", "etcd.backup.enabled=true", "--set", "etcd.defrag.enabled=true"),
+    (
+        "--set",
+        "operator.admission.enabled=true",
+        "--set",
+        "operator.admission.certManager.enabled=true",
+        "--set",
+        "operator.admission.certManager.issuerRef.name=ca",
+    ),
+    ("-f", str(KEEP_PLAIN)),
+    ("--set", "etcd.replicaCount=5", "--set", "etcd.pdb.minAvailable=3"),
+    ("--set", f"{AGENTS}", "--set", "etcd.backup.enabled=true"),
+]
+# Who may hold etcd's root password (docs/security.md, "etcd itself"): the operator pod's
+# init container, the maintenance CronJobs, the member tool beside etcd. Never etcd itself.
+ROOT_HOLDERS = {"etcd-access", "backup", "defrag", "member", "member-promote"}
+
+
+def _pod_templates(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    pods = []
+    for obj in objects:
+        spec = obj.get("spec", {})
+        if obj["kind"] == "CronJob":
+            pods.append((obj["metadata"]["name"], spec["jobTemplate"]["spec"]["template"]["spec"]))
+        elif obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            pods.append((obj["metadata"]["name"], spec["template"]["spec"]))
+        elif obj["kind"] == "Pod":
+            pods.append((obj["metadata"]["name"], spec))
+    return pods
+
+
+def _reaches_root_password(container: dict[str, Any], pod: dict[str, Any], auth: str) -> bool:
+    for env in container.get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef", {})
+        if ref.get("name") == auth and ref.get("key") == "root":
+            return True
+    if any(e.get("secretRef", {}).get("name") == auth for e in container.get("envFrom", [])):
+        return True
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})  # absent: a claim template (etcd's data)
+        sources = [volume, *volume.get("projected", {}).get("sources", [])]
+        for source in sources:
+            secret = source.get("secret", {})
+            name = secret.get("secretName", secret.get("name"))
+            items = secret.get("items")
+            if name == auth and (items is None or any(i["key"] == "root" for i in items)):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("args", LOCKDOWN_RENDERINGS, ids=lambda a: " ".join(a) or "defaults")
+def test_every_pod_the_chart_renders_is_locked_down_and_etcd_never_holds_root(
+    render: Render, args: tuple[str, ...]
+) -> None:
+    """docs/security.md, "etcd itself": the etcd pods run as non-root with a read-only root
+    filesystem, no capabilities, no service account token; so do the operator and the agent
+    (UID 10001); the root password reaches the operator's `etcd-access` init container, the
+    maintenance CronJobs and the member tool only. Checked on every pod of every rendering,
+    init containers and sidecars included, so a container added later cannot slip out."""
+    objects = render(*args)
+    auth = "rel-ml-defender-etcd-auth"
+    pods = _pod_templates(objects)
+    assert {name for name, _ in pods} >= {"rel-ml-defender-operator", "rel-ml-defender-etcd"}
+    for name, pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            where = f"{name}/{container['name']}"
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert not sc["capabilities"].get("add"), where
+            assert sc.get("runAsNonRoot", True) is True and sc.get("runAsUser", 1) != 0, where
+            assert not sc.get("privileged", False), where
+            if _reaches_root_password(container, pod, auth):
+                assert container["name"] in ROOT_HOLDERS, f"{where} holds etcd's root password"
+        if name != "rel-ml-defender-operator":
+            # Only the operator talks to the API server.
+            assert pod["automountServiceAccountToken"] is False, name
+    operator = dict(pods)["rel-ml-defender-operator"]
+    assert operator["securityContext"]["runAsUser"] == 10001
+    # The operator keeps the keyring in memory: all it may write is a Memory emptyDir.
+    volumes = {v["name"]: v for v in operator["volumes"]}
+    for container in operator.get("initContainers", []) + operator["containers"]:
+        for mount in container.get("volumeMounts", []):
+            if not mount.get("readOnly", False):
+                assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory", mount
+    etcd = dict(pods)["rel-ml-defender-etcd"]
+    (etcd_container,) = [c for c in etcd["containers"] if c["name"] == "etcd"]
+    assert not _reaches_root_password(etcd_container, etcd, auth)
