@@ -480,6 +480,9 @@ def collect_history(
         "activeVersion": meta.version,
         "lastModified": meta.last_modified.isoformat(),
         "modifiedBy": meta.modified_by,
+        # Without a keyring the record's MAC is not checked: who changed what is shown as etcd
+        # holds it, which anyone with etcd write access may have edited.
+        "verified": client.verifies_records,
         "versions": sorted(versions, key=lambda v: v["version"]),
     }
     if show is not None:
@@ -515,6 +518,11 @@ def show_history(printer: Printer, data: dict[str, Any]) -> None:
             ]
         )
     printer.table(headers, rows)
+    if not data["verified"]:
+        printer.line(
+            "(authors as stored in etcd, not verified: --keyring or --keyring-secret checks"
+            " the record's MAC)"
+        )
 
 
 # ------------------------------------------------------------------------------------- dump

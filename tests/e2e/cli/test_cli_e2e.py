@@ -228,6 +228,42 @@ def test_history_lists_versions_and_shows_one(store: Store) -> None:
     assert "ACTIVE is version 2" in table and "active" in table.splitlines()[2]
 
 
+def test_history_never_vouches_for_an_author_forged_in_etcd(store: Store) -> None:
+    """docs/security.md, "Who changed a config": `kubectl defender history` names who changed
+    a config. Someone with etcd write access edits the metadata record's `modified_by` and
+    `authors` (its MAC left as it was): with a keyring the record is refused, never shown;
+    without one it is shown as stored and the output says it was not verified."""
+    register(store, "rag", "rag-01")
+    store.configs.commit("rag", {**DETECTOR, "interval": 7}, by="alice")
+    path = store.client.layout.metadata("rag")
+    stored = store.client.store.get(path)
+    assert stored is not None
+    doc = json.loads(stored.value)
+    assert doc["modified_by"] == "alice" and doc["authors"]["2"] == "alice"
+    doc["modified_by"] = doc["authors"]["2"] = "mallory"
+    store.client.store.put(path, json.dumps(doc).encode())
+
+    checked = store.cli("history", "rag", keyring=True)
+    assert checked.code != 0
+    assert "RecordUnauthenticated" in checked.err or "MAC" in checked.err, checked.err
+    assert "mallory" not in checked.out + checked.err
+    checked_json = store.cli("history", "rag", "-o", "json", keyring=True)
+    assert checked_json.code != 0 and "mallory" not in checked_json.out
+    status = store.cli("status", "-o", "json", keyring=True)
+    assert "mallory" not in status.out, status.out
+
+    unchecked = store.cli("history", "rag", "-o", "json")
+    assert unchecked.code == 0, unchecked.err
+    assert unchecked.json()["verified"] is False
+    table = store.cli("history", "rag").out
+    assert "mallory" in table and "not verified" in table
+    # The authentic record, read with the keyring, says so.
+    store.client.store.put(path, stored.value)
+    verified = store.cli("history", "rag", "-o", "json", keyring=True).json()
+    assert verified["verified"] is True and verified["modifiedBy"] == "alice"
+    assert "not verified" not in store.cli("history", "rag", keyring=True).out
+
+
 def test_history_of_an_unknown_component(store: Store) -> None:
     result = store.cli("history", "nothing")
     assert result.code == 2 and "has no metadata" in result.err
