@@ -103,16 +103,28 @@ def read_key_record(store: EtcdStore, layout: Layout) -> dict[str, str]:
         return dict(UNREADABLE_RECORD)
 
 
+def _recorded_primary(store: EtcdStore, layout: Layout) -> str | None:
+    stored = store.get(layout.keyring_record)
+    try:
+        primary = parse_json(stored.value)["primary"] if stored is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return primary if isinstance(primary, str) else None
+
+
 def write_key_record(store: EtcdStore, layout: Layout, keyring: Keyring) -> bool:
     """Record the keyring's key ids and fingerprints (never material); False when the record
     already says so."""
     keys = keyring.fingerprints()
-    if read_key_record(store, layout) == keys:
+    primary = keyring.primary.key_id
+    # Its primary too: a promotion keeps the ids and fingerprints, and a record left naming the
+    # former primary would say so to whoever reads it with etcdctl.
+    if read_key_record(store, layout) == keys and _recorded_primary(store, layout) == primary:
         return False
     doc = {
         "version": 1,
         "keys": keys,
-        "primary": keyring.primary.key_id,
+        "primary": primary,
         "updated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     store.put(layout.keyring_record, json.dumps(doc, sort_keys=True).encode("utf-8"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -157,6 +158,7 @@ def test_rotation_under_load_has_no_decode_failures(
     assert sealed and {e.header["key_id"] for e in sealed if e.header} == {new.primary.key_id}
     assert ConfigStore(checker).get_master("sniffer")["interface"] == "eth0"
     _assert_no_key_material(run, [old, new])
+    _assert_no_key_in_etcd_or_a_snapshot(run, [old, new], tmp_path)
     wait_for(
         "KeyCurrent on the new key",
         lambda: (
@@ -242,6 +244,68 @@ def _assert_no_key_material(run: OperatorRun, keyrings: list[Keyring]) -> None:
                 assert form not in shown, f"key {key.key_id} material leaked"
             # Fingerprints are what may be shown instead.
     assert keyrings[-1].primary_fingerprint in shown
+
+
+def _key_forms(material: bytes) -> dict[str, bytes]:
+    """Every form a key could be stored in: raw, hex (both cases), base64 (standard, url-safe,
+    padded or not)."""
+    b64, url = base64.b64encode(material), base64.urlsafe_b64encode(material)
+    return {
+        "raw": material,
+        "hex": material.hex().encode(),
+        "HEX": material.hex().upper().encode(),
+        "base64": b64,
+        "base64-unpadded": b64.rstrip(b"="),
+        "base64url": url,
+        "base64url-unpadded": url.rstrip(b"="),
+    }
+
+
+def _assert_no_key_in_etcd_or_a_snapshot(
+    run: OperatorRun, keyrings: list[Keyring], tmp_path: Path
+) -> None:
+    """docs/security.md, "Snapshots": the keyring is never in etcd, the key record holds key
+    ids and fingerprints only. Searched after a whole rotation (new key, promotion, re-seal of
+    every value, retirement): every key and value under the prefix, and a snapshot of the
+    member, which also holds what was overwritten but not yet compacted."""
+    keys = [k for keyring in keyrings for k in keyring.keys]
+    final = keyrings[-1]
+    client = run.client(final)
+    record = wait_for(
+        "the key record naming the new primary",
+        lambda: (
+            (got := client.store.get(client.layout.keyring_record))
+            and json.loads(got.value).get("primary") == final.primary.key_id
+            and json.loads(got.value)
+        ),
+        timeout=30,
+    )
+    assert set(record) <= {"version", "keys", "primary", "updated"}, record
+    assert record["keys"] == final.fingerprints()
+    assert final.primary.key_id in record["keys"]
+    assert all(len(fp) == 16 and int(fp, 16) >= 0 for fp in record["keys"].values())
+    values = client.store.list_prefix(run.prefix + "/")
+    assert len(values) > 5
+    found = [
+        f"{sv.key}: key {k.key_id} as {form}"
+        for sv in values
+        for k in keys
+        for form, needle in _key_forms(k.material).items()
+        if needle in sv.key.encode() + b"\0" + sv.value
+    ]
+    assert found == [], found[:5]
+    snap = client.store.snapshot(run.etcd.endpoints[0], str(tmp_path / "etcd.snapshot"))
+    assert snap.hash_ok
+    data = Path(snap.path).read_bytes()
+    # The search is live: the snapshot holds this run's sealed values and plaintext records.
+    assert client.layout.keyring_record.encode() in data
+    found = [
+        f"snapshot: key {k.key_id} as {form}"
+        for k in keys
+        for form, needle in _key_forms(k.material).items()
+        if needle in data
+    ]
+    assert found == [], found
 
 
 def test_a_value_sealed_with_the_old_key_during_the_grace_period_is_rewrapped_before_retiring(

@@ -3,6 +3,8 @@ values are sealed with (proved by opening one each) and the key record."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -56,3 +58,23 @@ def test_usage_proof_and_record(backend: LibraryBackend) -> None:
     # An unreadable record still says "keys existed": never read as an empty store.
     store.put(backend.layout.keyring_record, b"{not json")
     assert backend.keyring_record() != {}
+
+
+def test_the_record_follows_a_promotion_and_never_holds_material(backend: LibraryBackend) -> None:
+    """A promotion keeps the key ids and fingerprints: the record must still name the new
+    primary (etcd-layout.md), and hold ids and fingerprints only (docs/security.md)."""
+    keyring = backend.client.envelope.keyring()
+    assert keyring is not None
+    staged = keyring.with_new_decrypt_only()
+    backend.record_keyring(staged)
+    promoted = staged.promote(staged.keys[-1].key_id)
+    backend.record_keyring(promoted)
+    stored = backend.client.store.get(backend.layout.keyring_record)
+    assert stored is not None
+    doc = json.loads(stored.value)
+    assert doc["primary"] == promoted.primary.key_id != keyring.primary.key_id
+    assert doc["keys"] == promoted.fingerprints()
+    assert set(doc) == {"version", "keys", "primary", "updated"}
+    for key in promoted.keys:
+        for form in (key.material, key.material.hex().encode(), base64.b64encode(key.material)):
+            assert form not in stored.value
