@@ -488,3 +488,47 @@ def extra_namespace(run: OperatorRun, prefix: str) -> Iterator[str]:
         except k8s.ApiException:
             pass
         run.core.delete_namespace(name)
+
+
+# --- key material ----------------------------------------------------------------------------
+
+
+def key_forms(material: bytes) -> dict[str, bytes]:
+    """Every form a key could leak in: raw, hex (both cases), base64 (standard, url-safe,
+    padded or not)."""
+    b64, url = base64.b64encode(material), base64.urlsafe_b64encode(material)
+    return {
+        "raw": material,
+        "hex": material.hex().encode(),
+        "HEX": material.hex().upper().encode(),
+        "base64": b64,
+        "base64-unpadded": b64.rstrip(b"="),
+        "base64url": url,
+        "base64url-unpadded": url.rstrip(b"="),
+    }
+
+
+def key_material_shown(run: OperatorRun, keyrings: list[Keyring]) -> list[str]:
+    """Where any form of a key of `keyrings` shows (docs/security.md, "What never gets
+    logged"): the operator's log, the Events of the component and operator namespaces, the
+    DefenderComponents with their status, and every etcd key and value under the run's prefix
+    (alert records, heartbeats, metadata, the key record). Empty when nowhere."""
+    places: dict[str, bytes] = {"operator log": run.log_path.read_bytes()}
+    for ns in (run.namespace, run.operator_namespace):
+        events = run.core.list_namespaced_event(ns).items
+        places[f"events in {ns}"] = str([e.to_dict() for e in events]).encode()
+    components = run.custom.list_namespaced_custom_object(
+        contract.API_GROUP, contract.API_VERSION, run.namespace, contract.PLURAL
+    )
+    places["DefenderComponents"] = str(components).encode()
+    store = run.client(keyrings[-1]).store
+    for sv in store.list_prefix(run.prefix + "/"):
+        places[f"etcd {sv.key}"] = sv.key.encode() + b"\0" + sv.value
+    return [
+        f"{where}: key {key.key_id} as {form}"
+        for where, data in places.items()
+        for keyring in keyrings
+        for key in keyring.keys
+        for form, needle in key_forms(key.material).items()
+        if needle in data
+    ]

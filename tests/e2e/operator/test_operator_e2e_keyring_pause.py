@@ -37,6 +37,7 @@ from operator_e2e_support import (
     SECRET,
     SNIFFER_LABELS,
     OperatorRun,
+    key_material_shown,
     kubectl,
     wait_for,
 )
@@ -332,6 +333,9 @@ def test_a_source_replaced_with_a_strangers_keyring_pauses_rotation_and_is_left_
     assert {k: after[k][0] for k in sealed_values(before)} == {
         k: before[k][0] for k in sealed_values(before)
     }
+    # The refusal (log, Event, condition, alerts) names ids and fingerprints, never the
+    # material of the keyring it held nor of the stranger's.
+    assert key_material_shown(run, [keyring, stranger]) == []
 
     # The person puts the right keyring back: everything resumes, under the same key.
     back = cli(run, kubeconfig_path, "keyring", "import", "-f", str(export), "--replace")
