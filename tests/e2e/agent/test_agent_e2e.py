@@ -346,6 +346,14 @@ def test_key_rotation_without_a_failed_read(plane: Plane) -> None:
     for key in retired:
         assert base64.b64encode(key.material).decode() not in log_text
         assert key.material.hex() not in log_text
+    # docs/security.md, "In memory only": what the agent writes to the shared volume is the
+    # decoded config, one file, and nothing of the keys it went through.
+    assert [p.name for p in plane.shared_dir.iterdir()] == [plane.output_path.name]
+    written = plane.output_path.read_bytes()
+    assert json.loads(written) == config(4)
+    for key in retired:
+        for form in (key.material, key.material.hex().encode(), base64.b64encode(key.material)):
+            assert form not in written
 
 
 def test_seed_config_registers_master_once(plane: Plane) -> None:
