@@ -235,6 +235,20 @@ def test_with_the_webhook_down_edits_are_admitted_and_the_operator_judges_them_l
     assert metadata(run, "detector").modified_by == UNATTRIBUTED
     run.wait_event("detector", "ModifierUnverified")
 
+    # docs/security.md, "What never gets logged": the rejected config's value reaches neither
+    # the operator's log, nor an Event, nor an alert record (they name the field and the rule);
+    # a committed config's contents reach none of them either.
+    refused = run.condition("t-mlthr", "ConfigSynced")
+    assert refused is not None and "version: String should match" in refused["message"]
+    shown = run.log_path.read_text(errors="replace")
+    shown += str([e.to_dict() for e in run.core.list_namespaced_event(run.namespace).items])
+    probe = run.client()
+    shown += "".join(
+        sv.value.decode(errors="replace") for sv in probe.store.list_prefix(f"{run.prefix}/alerts/")
+    )
+    assert "one point oh" not in shown
+    assert "batch_size" not in shown
+
 
 def test_a_config_nested_thousands_deep_is_refused_at_create(
     operator_run: OperatorRun, admission: dict[str, str], tmp_path: Path
