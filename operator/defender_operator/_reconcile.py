@@ -1303,11 +1303,13 @@ def seeded(rt: Runtime, mem: ComponentMemory, component: str, seen: Observation)
 
 
 def frozen_verdict(name: str) -> ConfigVerdict:
-    """ConfigSynced while commits are frozen, for a pass that did not see the freeze made."""
+    """ConfigSynced while commits are frozen, for a pass that did not see the freeze made:
+    the breaker's, an aborted canary's or a person's (this pass does not know which)."""
     return ConfigVerdict(
         cond.ConfigState.FROZEN,
-        "commits are frozen by the blast-radius breaker; fix spec.config and run"
-        f" `kubectl annotate defendercomponent {name} {UNFREEZE_ANNOTATION}=now`",
+        "commits are frozen (by the blast-radius breaker, an aborted canary or a person); fix"
+        f" spec.config and run `kubectl annotate defendercomponent {name}"
+        f" {UNFREEZE_ANNOTATION}=now`",
     )
 
 
