@@ -92,24 +92,22 @@ def read_key_record(store: EtcdStore, layout: Layout) -> dict[str, str]:
 
     The record is advisory (anyone with etcd write access can change it): it only tells that
     keys existed when no sealed value is left, and names fingerprints in messages."""
+    return _read_record(store, layout)[0]
+
+
+def _read_record(store: EtcdStore, layout: Layout) -> tuple[dict[str, str], str | None]:
+    """(`read_key_record`'s answer, the primary key id the record names), from one read."""
     stored = store.get(layout.keyring_record)
     if stored is None:
-        return {}
+        return {}, None
     try:
-        keys = parse_json(stored.value)["keys"]
-        return {str(kid): str(fp) for kid, fp in keys.items()}
+        doc = parse_json(stored.value)
+        keys = {str(kid): str(fp) for kid, fp in doc["keys"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("keyring record %s is unreadable", layout.keyring_record)
-        return dict(UNREADABLE_RECORD)
-
-
-def _recorded_primary(store: EtcdStore, layout: Layout) -> str | None:
-    stored = store.get(layout.keyring_record)
-    try:
-        primary = parse_json(stored.value)["primary"] if stored is not None else None
-    except (ValueError, KeyError, TypeError):
-        return None
-    return primary if isinstance(primary, str) else None
+        return dict(UNREADABLE_RECORD), None
+    primary = doc.get("primary")
+    return keys, primary if isinstance(primary, str) else None
 
 
 def write_key_record(store: EtcdStore, layout: Layout, keyring: Keyring) -> bool:
@@ -119,7 +117,7 @@ def write_key_record(store: EtcdStore, layout: Layout, keyring: Keyring) -> bool
     primary = keyring.primary.key_id
     # Its primary too: a promotion keeps the ids and fingerprints, and a record left naming the
     # former primary would say so to whoever reads it with etcdctl.
-    if read_key_record(store, layout) == keys and _recorded_primary(store, layout) == primary:
+    if _read_record(store, layout) == (keys, primary):
         return False
     doc = {
         "version": 1,
