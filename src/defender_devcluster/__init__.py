@@ -34,6 +34,7 @@ from ._images import (
     write_index,
 )
 from ._kube import ControlPlane
+from ._leaks import key_forms
 from ._node import Node, node_alive, node_leftovers, recover_stale_nodes, teardown_node
 from ._procs import free_ports, popen_dying_with_parent
 from ._tools import tool, tools_bin
@@ -67,6 +68,7 @@ __all__ = [
     "etcd_watch_counts",
     "free_ports",
     "import_archives",
+    "key_forms",
     "node_alive",
     "node_leftovers",
     "popen_dying_with_parent",

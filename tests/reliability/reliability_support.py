@@ -7,7 +7,6 @@ creates and the etcd prefixes it writes, every log record of the session is kept
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import random
@@ -31,7 +30,13 @@ from defender_config import (
 )
 from defender_config._envelope import KeyringProvider
 from defender_config.store import EtcdStore
-from defender_devcluster import EtcdCluster, ProcessStartError, etcd_client_settings, wait_for
+from defender_devcluster import (
+    EtcdCluster,
+    ProcessStartError,
+    etcd_client_settings,
+    wait_for,
+)
+from defender_devcluster import key_forms as encodings
 
 # --- clients on the harness cluster --------------------------------------------------------------
 
@@ -93,22 +98,6 @@ def member_index(cluster: EtcdCluster, endpoint: str) -> int:
 
 
 # --- the secrets-hygiene ledger -----------------------------------------------------------------
-
-
-def encodings(material: bytes) -> dict[str, bytes]:
-    """Every form a key could leak in: raw, hex (both cases), base64 (standard, url-safe,
-    padded or not)."""
-    b64 = base64.b64encode(material)
-    url = base64.urlsafe_b64encode(material)
-    return {
-        "raw": material,
-        "hex": material.hex().encode(),
-        "HEX": material.hex().upper().encode(),
-        "base64": b64,
-        "base64-unpadded": b64.rstrip(b"="),
-        "base64url": url,
-        "base64url-unpadded": url.rstrip(b"="),
-    }
 
 
 def search(haystack: bytes, materials: Iterable[bytes]) -> list[str]:

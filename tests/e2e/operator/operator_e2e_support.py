@@ -35,7 +35,7 @@ from defender_config import (
     Registry,
     contract,
 )
-from defender_devcluster import EtcdCluster, popen_dying_with_parent, tools_bin
+from defender_devcluster import EtcdCluster, key_forms, popen_dying_with_parent, tools_bin
 from defender_devcluster import wait_for as shared_wait_for
 
 REPO = Path(__file__).resolve().parents[3]
@@ -491,21 +491,6 @@ def extra_namespace(run: OperatorRun, prefix: str) -> Iterator[str]:
 
 
 # --- key material ----------------------------------------------------------------------------
-
-
-def key_forms(material: bytes) -> dict[str, bytes]:
-    """Every form a key could leak in: raw, hex (both cases), base64 (standard, url-safe,
-    padded or not)."""
-    b64, url = base64.b64encode(material), base64.urlsafe_b64encode(material)
-    return {
-        "raw": material,
-        "hex": material.hex().encode(),
-        "HEX": material.hex().upper().encode(),
-        "base64": b64,
-        "base64-unpadded": b64.rstrip(b"="),
-        "base64url": url,
-        "base64url-unpadded": url.rstrip(b"="),
-    }
 
 
 def key_material_shown(run: OperatorRun, keyrings: list[Keyring]) -> list[str]:
