@@ -374,53 +374,37 @@ def baseline_batch(
     return row
 
 
+def ratios(ours: dict[str, float], theirs: dict[str, float]) -> dict[str, float]:
+    """p50/p50 and p99/p99."""
+    return {q: ours[q] / theirs[q] if theirs[q] > 0 else float("inf") for q in ("p50", "p99")}
+
+
 def with_baseline(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """The project's row with the baseline's figures and the ratios p50/p50, p99/p99."""
-    ours, theirs = row["create_to_ready_seconds"], base["create_to_status_seen_seconds"]
     row["baseline_operator"] = base
-    row["ratio_to_baseline"] = {
-        q: ours[q] / theirs[q] if theirs[q] > 0 else float("inf") for q in ("p50", "p99")
-    }
+    row["ratio_to_baseline"] = ratios(
+        row["create_to_ready_seconds"], base["create_to_status_seen_seconds"]
+    )
     print(f"{row['components']} components: ratio to baseline {row['ratio_to_baseline']}")
     return row
 
 
-def with_floor(row: dict[str, Any], base: dict[str, Any], least: dict[str, Any]) -> None:
-    """The floor operator's figures beside ours: its ratio to the baseline (what storing in
-    etcd first costs any operator) and ours to it (what our operator adds beyond that)."""
-    ours, theirs = row["create_to_ready_seconds"], base["create_to_status_seen_seconds"]
-    floor_seen = least["create_to_status_seen_seconds"]
-    row["floor_operator"] = least
-    row["floor_ratio_to_baseline"] = {
-        q: floor_seen[q] / theirs[q] if theirs[q] > 0 else float("inf") for q in ("p50", "p99")
-    }
-    row["ratio_to_floor"] = {
-        q: ours[q] / floor_seen[q] if floor_seen[q] > 0 else float("inf") for q in ("p50", "p99")
-    }
+def with_reference(
+    row: dict[str, Any], base: dict[str, Any], other: dict[str, Any], key: str
+) -> None:
+    """A reference operator's figures beside ours, as `row[key + "_operator"]`: its ratio to
+    the baseline (`<key>_ratio_to_baseline`) and ours to it (`ratio_to_<key>`). The floor:
+    what storing in etcd first costs any operator, and what ours adds beyond that; the status
+    floor: what storing and saying Ready with our status cost any operator, and what our
+    operator's code and kopf's change detection add beyond that."""
+    seen = other["create_to_status_seen_seconds"]
+    row[f"{key}_operator"] = other
+    row[f"{key}_ratio_to_baseline"] = ratios(seen, base["create_to_status_seen_seconds"])
+    row[f"ratio_to_{key}"] = ratios(row["create_to_ready_seconds"], seen)
+    label = key.replace("_", " ")
     print(
-        f"{row['components']} components: floor to baseline {row['floor_ratio_to_baseline']}, "
-        f"ours to floor {row['ratio_to_floor']}",
-        flush=True,
-    )
-
-
-def with_status_floor(row: dict[str, Any], base: dict[str, Any], shown: dict[str, Any]) -> None:
-    """The status floor's figures beside ours: its ratio to the baseline (what storing in etcd
-    and saying Ready with our status cost any operator) and ours to it (what our operator's
-    code and kopf's change detection add beyond that)."""
-    ours, theirs = row["create_to_ready_seconds"], base["create_to_status_seen_seconds"]
-    seen = shown["create_to_status_seen_seconds"]
-    row["status_floor_operator"] = shown
-    row["status_floor_ratio_to_baseline"] = {
-        q: seen[q] / theirs[q] if theirs[q] > 0 else float("inf") for q in ("p50", "p99")
-    }
-    row["ratio_to_status_floor"] = {
-        q: ours[q] / seen[q] if seen[q] > 0 else float("inf") for q in ("p50", "p99")
-    }
-    print(
-        f"{row['components']} components: status floor to baseline "
-        f"{row['status_floor_ratio_to_baseline']}, ours to status floor "
-        f"{row['ratio_to_status_floor']}",
+        f"{row['components']} components: {label} to baseline "
+        f"{row[f'{key}_ratio_to_baseline']}, ours to {label} {row[f'ratio_to_{key}']}",
         flush=True,
     )
 
@@ -686,9 +670,9 @@ def batch(
     if base is not None:
         with_baseline(row, base)
         if least is not None:
-            with_floor(row, base, least)
+            with_reference(row, base, least, "floor")
         if shown is not None:
-            with_status_floor(row, base, shown)
+            with_reference(row, base, shown, "status_floor")
     print(
         f"{n} components: {len(latencies)} Ready, p50 "
         f"{row['create_to_ready_seconds']['p50']:.2f}s p99 "

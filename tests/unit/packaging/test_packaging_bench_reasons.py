@@ -136,3 +136,22 @@ def test_restart_trials_that_never_finished_are_a_miss_beside_the_target() -> No
     assert "| 0 | 2.50 | 0.03 | 2.53 |" in text and "**met**" in text
     # A run told to make no trial claims nothing either way.
     assert report._restart_lines({"restart_trials": []}) == []
+
+
+def test_the_bench_writes_the_references_under_the_names_the_report_reads() -> None:
+    bench = bench_module("bench_operator")
+    row: dict[str, Any] = {
+        "components": 1000,
+        "create_to_ready_seconds": {"p50": 0.3, "p99": 0.6},
+    }
+    base = _batch(26.0, 13.0, 0.1)
+    bench.with_baseline(row, base)
+    bench.with_reference(row, base, _batch(38.0, 19.0, 0.15), "floor")
+    bench.with_reference(row, base, _batch(41.0, 21.0, 0.2), "status_floor")
+    assert row["status_floor_ratio_to_baseline"]["p50"] == 2.0
+    assert row["ratio_to_floor"]["p50"] == 2.0
+    lines = _report()._floor_table([row])
+    assert (
+        "| 1000 | 0.150 | 0.450 | 1.5 | 1.5 | 0.200 | 0.600 | 2.0 | 2.0 | 2.0 | 1.3 | 1.5 | 1.0 |"
+        in lines
+    )
