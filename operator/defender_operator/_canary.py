@@ -157,7 +157,7 @@ def _judged_under(out: Outcome, history_limit: int | None) -> Outcome:
     return out
 
 
-def _carried(out: Outcome, status: Mapping[str, Any]) -> Outcome:
+def carried(out: Outcome, status: Mapping[str, Any]) -> Outcome:
     """status.rollout is written from the record each time (and compared whole with the status
     stored, before a write): a write of the rollout status anchors (its candidate on the same
     base: waiting, written again, its canaries replaced, promoted, aborted or ended) keeps the
@@ -228,7 +228,7 @@ async def command(
             logger.warning(message)
             out.add(_aborted(record, message))
         await asyncio.to_thread(rt.kube.remove_annotation, namespace, name, annotation)
-    return _carried(out, status)
+    return carried(out, status)
 
 
 async def _promote(
@@ -434,43 +434,8 @@ async def watch(
     promote, abort, end it, or name other canaries in place of those whose pod left.
 
     `pods`: the selected pods, each with whether it is being deleted; `backed`: the pass's
-    instances by what backs them (`_decisions.backing`)."""
-    out = await _watch(
-        rt,
-        namespace,
-        name,
-        spec,
-        status,
-        mem,
-        record=record,
-        active_version=active_version,
-        instances=instances,
-        live=live,
-        pods=pods,
-        backed=backed,
-        now=now,
-        logger=logger,
-    )
-    return _carried(out, status)
-
-
-async def _watch(
-    rt: Runtime,
-    namespace: str,
-    name: str,
-    spec: _api.DefenderComponentSpec,
-    status: Mapping[str, Any],
-    mem: ComponentMemory,
-    *,
-    record: RolloutRecord | None,
-    active_version: int | None,
-    instances: Sequence[InstanceRecord],
-    live: Sequence[InstanceRecord],
-    pods: Mapping[str, bool],
-    backed: Backing,
-    now: datetime,
-    logger: Logger,
-) -> Outcome:
+    instances by what backs them (`_decisions.backing`). The caller passes the outcome
+    through `carried` (status.rollout keeps the historyLimit its start was judged under)."""
     checked = await _check_record(
         rt, name, spec, status, record, active_version=active_version, now=now, logger=logger
     )

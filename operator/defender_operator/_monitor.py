@@ -357,21 +357,24 @@ async def _steps(
         take(mem, found, unverified_step(p, mem, seen.unverified))
         state, tripped = await breaker_step(p, mem, state, seen.instances, judged, backed)
         take(mem, found, tripped)
-        rolled = await _canary.watch(
-            rt,
-            p.namespace,
-            p.name,
-            p.spec,
+        rolled = _canary.carried(
+            await _canary.watch(
+                rt,
+                p.namespace,
+                p.name,
+                p.spec,
+                p.status,
+                mem,
+                record=seen.rollout,
+                active_version=state.active_version,
+                instances=seen.instances,
+                live=judged.live,
+                pods=held,
+                backed=backed,
+                now=p.now,
+                logger=p.logger,
+            ),
             p.status,
-            mem,
-            record=seen.rollout,
-            active_version=state.active_version,
-            instances=seen.instances,
-            live=judged.live,
-            pods=held,
-            backed=backed,
-            now=p.now,
-            logger=p.logger,
         )
         if take(mem, found, rolled) and "rollout" in rolled.fields:
             state = await asyncio.to_thread(partial(rt.backend.state, p.name, tolerate_master=True))
